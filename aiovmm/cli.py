@@ -1,0 +1,85 @@
+"""The `aiovmm` command line.
+
+  aiovmm run KERNEL [--memory MIB] [--cmdline STR]
+
+boots a Xen PV kernel, streams its console to stdout, and exits with a status derived from
+the guest's shutdown reason (EXIT_CODES); a crash also prints a one-line reason on stderr.
+Errors are one line on stderr, never a traceback (use -v for details).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .abi import ShutdownReason
+from .errors import BuildError
+
+EXIT_CODES = {
+    ShutdownReason.poweroff: 0,
+    ShutdownReason.crash: 1,
+    ShutdownReason.reboot: 2,
+    ShutdownReason.suspend: 3,
+    ShutdownReason.watchdog: 4,
+    ShutdownReason.soft_reset: 5,
+}
+EXIT_USAGE = 64
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from .hypervisor import Hypervisor
+
+    out = sys.stdout.buffer
+
+    def console(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    async with Hypervisor(memory_mib=args.machine_memory) as hv:
+        dom = await hv.create(args.kernel, memory_mib=args.memory, cmdline=args.cmdline,
+                              name=args.name, on_console=console)
+        reason = await dom.wait()
+        if reason == ShutdownReason.crash:
+            print(f"aiovmm: d{dom.domid} ({dom.name}) {dom.describe_end()}", file=sys.stderr)
+        elif reason != ShutdownReason.poweroff:
+            print(f"aiovmm: d{dom.domid} ({dom.name}) shut down: {reason.name}", file=sys.stderr)
+        return EXIT_CODES[reason]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="aiovmm", description="Xen PV hypervisor on asyncio")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="boot a Xen PV kernel and stream its console")
+    r.add_argument("kernel", help="guest kernel ELF (Xen PV, x86_64)")
+    r.add_argument("--memory", type=int, default=32, metavar="MIB", help="guest memory (default 32)")
+    r.add_argument("--cmdline", default="", help="guest command line")
+    r.add_argument("--name", default=None, help="domain name")
+    r.add_argument("--machine-memory", type=int, default=2048, metavar="MIB",
+                   help="host memory reserved for all guests (lazily backed; default 2048)")
+    args = p.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.cmd == "run":
+        if args.memory < 1 or args.memory > args.machine_memory:
+            print(f"aiovmm: --memory must be between 1 and {args.machine_memory} MiB", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            import uvloop
+            return uvloop.run(_run(args))
+        except BuildError as e:
+            print(f"aiovmm: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            return 130
+        except Exception as e:
+            if args.verbose:
+                raise
+            print(f"aiovmm: error: {e}", file=sys.stderr)
+            return 70
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""A domain: its frames, P2M, shared_info, event channels, vCPUs and lifecycle.
+
+Lifecycle: built -> running -> (shutdown with a reason | crashed) -> destroyed. A crash is
+logged with the domain id and the reason (vector, RIP); it stops only this domain.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from typing import TYPE_CHECKING, Callable
+
+from .abi import PAGE_SHIFT, ShutdownReason, VcpuInfo, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
+from .events import EventChannels
+
+if TYPE_CHECKING:
+    from .hypervisor import Hypervisor
+    from .vcpu import VCPU
+
+log = logging.getLogger("aiovmm.domain")
+
+
+class Domain:
+    def __init__(self, hv: "Hypervisor", domid: int, name: str, nr_pages: int,
+                 on_console: Callable[[bytes], None] | None = None) -> None:
+        self.hypervisor = hv
+        self.mem = hv.mem
+        self.domid = domid
+        self.name = name
+        self.uuid = uuid.uuid4()
+        self.nr_pages = nr_pages
+        self.frames = self.mem.alloc(domid, nr_pages)
+        self.p2m = list(self.frames)
+        for pfn, mfn in enumerate(self.p2m):
+            self.mem.m2p[mfn] = pfn
+        self.shared_info_mfn = self.mem.alloc(domid)[0]
+        self.frames.append(self.shared_info_mfn)
+        for i in range(XEN_LEGACY_MAX_VCPUS):
+            self.mem.map[self.shared_info_maddr + VCPU_INFO_SIZE * i + VcpuInfo.evtchn_upcall_mask] = 1
+        self.vcpus: list["VCPU"] = []
+        self.evtchn = EventChannels(self)
+        # The toolstack allocates the xenstore port first, then the console's (xen-pv-abi §2.5).
+        self.store_port = self.evtchn.alloc_unbound(0)
+        self.console_port = self.evtchn.alloc_unbound(0)
+        self.vm_assist = 0
+        self.ldt = (0, 0)
+        self.boot_l4 = 0
+        self.paused = False
+        self.shutdown_reason: ShutdownReason | None = None
+        self.shutdown_code: int | None = None
+        self.crash_reason = ""
+        self.console = bytearray()
+        self.console_lines: list[str] = []
+        self._partial = b""
+        self._console_cb = on_console
+        self._line_waiters: list[tuple[re.Pattern, asyncio.Future]] = []
+        self.first_output_ns: int | None = None
+        self.created_ns = hv.system_time_ns()
+        self.done: asyncio.Future[ShutdownReason] = asyncio.get_running_loop().create_future()
+
+    def __repr__(self) -> str:
+        return f"<Domain d{self.domid} {self.name}>"
+
+    @property
+    def shared_info_maddr(self) -> int:
+        return self.shared_info_mfn << PAGE_SHIFT
+
+    def vcpu(self, i: int) -> "VCPU | None":
+        return self.vcpus[i] if 0 <= i < len(self.vcpus) else None
+
+    @property
+    def dying(self) -> bool:
+        return self.shutdown_reason is not None
+
+    # -- console -------------------------------------------------------------------------------
+    def console_write(self, data: bytes) -> None:
+        """Guest console output (console_io). Control bytes other than \\n and \\t are
+        replaced, as Xen filters output of unprivileged domains."""
+        if self.first_output_ns is None and data:
+            self.first_output_ns = self.hypervisor.system_time_ns()
+        data = bytes(b if (32 <= b < 127 or b in (9, 10)) else 0x3F for b in data)
+        self.console += data
+        if self._console_cb:
+            self._console_cb(data)
+        buf = self._partial + data
+        *lines, self._partial = buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode("ascii", "replace")
+            self.console_lines.append(line)
+            log.debug("d%d console: %s", self.domid, line)
+            for pat, fut in list(self._line_waiters):
+                if not fut.done() and pat.search(line):
+                    fut.set_result(line)
+        self._line_waiters = [(p, f) for p, f in self._line_waiters if not f.done()]
+
+    async def wait_for_line(self, pattern: str, timeout: float = 30.0) -> str:
+        """Wait until a console line matches `pattern` (regex); earlier lines count too."""
+        pat = re.compile(pattern)
+        for line in self.console_lines:
+            if pat.search(line):
+                return line
+        fut = asyncio.get_running_loop().create_future()
+        self._line_waiters.append((pat, fut))
+        async with asyncio.timeout(timeout):
+            done, _ = await asyncio.wait([fut, self.done], return_when=asyncio.FIRST_COMPLETED)
+        if fut.done():
+            return fut.result()
+        fut.cancel()
+        raise LookupError(f"d{self.domid} ended ({self.describe_end()}) before a line matched {pattern!r}")
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def shutdown(self, reason: ShutdownReason) -> None:
+        if self.dying:
+            return
+        self.shutdown_reason = reason
+        if reason != ShutdownReason.crash:
+            log.info("d%d (%s): shutdown: %s", self.domid, self.name, reason.name)
+        for v in self.vcpus:
+            v.stop_timers()
+            v.wake()
+        if not self.done.done():
+            self.done.set_result(reason)
+
+    def crash(self, why: str) -> None:
+        if self.dying:
+            return
+        self.crash_reason = why
+        log.error("d%d (%s) crashed: %s", self.domid, self.name, why)
+        self.shutdown(ShutdownReason.crash)
+
+    def describe_end(self) -> str:
+        if self.shutdown_reason is None:
+            return "running"
+        if self.shutdown_reason == ShutdownReason.crash:
+            return f"crashed: {self.crash_reason}" if self.crash_reason else "crashed (guest request)"
+        return self.shutdown_reason.name
+
+    async def wait(self) -> ShutdownReason:
+        return await asyncio.shield(self.done)
+
+    def destroy(self) -> None:
+        """Release everything: engines, frames. Idempotent."""
+        for v in self.vcpus:
+            v.stop_timers()
+            v.engine.close()
+        self.vcpus = []
+        if self.frames:
+            self.mem.release_domain(self.domid, self.frames)
+            self.frames = []

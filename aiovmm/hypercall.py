@@ -1,0 +1,165 @@
+"""The hypercall dispatcher: one table from Xen's numbers to handlers.
+
+Contract for a handler `fn(vcpu, a1, a2, a3, a4, a5) -> int | None`:
+- it reads guest memory only through vcpu.copy_from_guest / read_struct (a bad pointer
+  raises GuestFault, answered with -EFAULT);
+- it refuses with HypercallError(errno) (answered with -errno);
+- it returns the value for RAX, or None when it has set the registers itself (iret);
+- anything else it raises is a hypervisor bug: the domain is crashed and the bug logged,
+  never propagated into the event loop.
+After every hypercall a deliverable event is injected (Xen's test_all_events on exit).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable
+
+from . import events, mmu_ops, scheduler, timers, traps
+from .abi import (
+    CONSOLEIO_read, CONSOLEIO_write, MULTICALL_ENTRY, XEN_VERSION_MAJOR, XEN_VERSION_MINOR,
+    Errno, Hypercall, XenVer, XENFEAT_writable_page_tables, HYPERVISOR_VIRT_START,
+)
+from .errors import DomainCrash, HypercallError
+from .mmu import GuestFault, MMUError
+from .events import EventError
+
+if TYPE_CHECKING:
+    from .vcpu import VCPU
+
+log = logging.getLogger("aiovmm.hypercall")
+Handler = Callable[..., "int | None"]
+MASK64 = (1 << 64) - 1
+
+
+def do_console_io(v: "VCPU", cmd: int, count: int, buf: int, *_) -> int:
+    count &= 0xFFFFFFFF
+    if cmd == CONSOLEIO_write:
+        if count > 1 << 16:
+            raise HypercallError(Errno.EINVAL, "console write too large")
+        v.domain.console_write(v.copy_from_guest(buf, count))
+        return 0
+    if cmd == CONSOLEIO_read:
+        return 0
+    raise HypercallError(Errno.ENOSYS)
+
+
+def _put_string(v: "VCPU", arg: int, text: bytes, size: int) -> int:
+    v.copy_to_guest(arg, text[:size - 1].ljust(size, b"\0"))
+    return 0
+
+
+def do_xen_version(v: "VCPU", cmd: int, arg: int, *_) -> int:
+    if cmd == XenVer.version:
+        return (XEN_VERSION_MAJOR << 16) | XEN_VERSION_MINOR
+    if cmd == XenVer.extraversion:
+        return _put_string(v, arg, b"-aiovmm", 16)
+    if cmd == XenVer.compile_info:
+        info = (b"python".ljust(64, b"\0") + b"aiovmm".ljust(16, b"\0") +
+                b"local".ljust(32, b"\0") + b"2026".ljust(32, b"\0"))
+        v.copy_to_guest(arg, info)
+        return 0
+    if cmd == XenVer.capabilities:
+        return _put_string(v, arg, b"xen-3.0-x86_64 ", 1024)
+    if cmd == XenVer.changeset:
+        return _put_string(v, arg, b"aiovmm", 64)
+    if cmd == XenVer.platform_parameters:
+        v.copy_to_guest(arg, HYPERVISOR_VIRT_START.to_bytes(8, "little"))
+        return 0
+    if cmd == XenVer.get_features:
+        idx = int.from_bytes(v.copy_from_guest(arg, 4), "little")
+        if idx != 0:
+            raise HypercallError(Errno.EINVAL)
+        v.copy_to_guest(arg + 4, (1 << XENFEAT_writable_page_tables).to_bytes(4, "little"))
+        return 0
+    if cmd == XenVer.pagesize:
+        if arg:
+            raise HypercallError(Errno.EINVAL)
+        return 4096
+    if cmd == XenVer.guest_handle:
+        v.copy_to_guest(arg, v.domain.uuid.bytes)
+        return 0
+    if cmd == XenVer.commandline:
+        return _put_string(v, arg, b"<denied>", 1024)
+    raise HypercallError(Errno.ENOSYS)
+
+
+def do_vm_assist(v: "VCPU", cmd: int, type_: int, *_) -> int:
+    if cmd not in (0, 1):
+        raise HypercallError(Errno.ENOSYS)
+    if type_ not in (0, 1, 2, 3, 4, 5, 32):
+        raise HypercallError(Errno.EINVAL)
+    if cmd == 0:
+        v.domain.vm_assist |= 1 << type_
+    else:
+        v.domain.vm_assist &= ~(1 << type_)
+    return 0
+
+
+def do_multicall(v: "VCPU", calls: int, nr: int, *_) -> int:
+    if v.in_multicall:
+        raise HypercallError(Errno.EINVAL, "nested multicall")
+    nr &= 0xFFFFFFFF
+    v.in_multicall = True
+    try:
+        for i in range(nr):
+            va = calls + MULTICALL_ENTRY.size * i
+            op, _result, *args = v.read_struct(va, MULTICALL_ENTRY)
+            ret = call(v, op, *args[:5])
+            if op == Hypercall.iret or v.engine.stop_requested:
+                break
+            v.copy_to_guest(va + 8, ((ret or 0) & MASK64).to_bytes(8, "little"))
+    finally:
+        v.in_multicall = False
+    return 0
+
+
+TABLE: dict[int, Handler] = {
+    Hypercall.set_trap_table: traps.do_set_trap_table,
+    Hypercall.mmu_update: mmu_ops.do_mmu_update,
+    Hypercall.stack_switch: traps.do_stack_switch,
+    Hypercall.set_callbacks: traps.do_set_callbacks,
+    Hypercall.fpu_taskswitch: traps.do_fpu_taskswitch,
+    Hypercall.sched_op_compat: scheduler.do_sched_op_compat,
+    Hypercall.multicall: do_multicall,
+    Hypercall.update_va_mapping: mmu_ops.do_update_va_mapping,
+    Hypercall.set_timer_op: timers.do_set_timer_op,
+    Hypercall.xen_version: do_xen_version,
+    Hypercall.console_io: do_console_io,
+    Hypercall.vm_assist: do_vm_assist,
+    Hypercall.iret: traps.do_iret,
+    Hypercall.vcpu_op: timers.do_vcpu_op,
+    Hypercall.set_segment_base: traps.do_set_segment_base,
+    Hypercall.mmuext_op: mmu_ops.do_mmuext_op,
+    Hypercall.sched_op: scheduler.do_sched_op,
+    Hypercall.callback_op: traps.do_callback_op,
+    Hypercall.event_channel_op: events.do_event_channel_op,
+}
+
+
+def call(v: "VCPU", nr: int, a1: int = 0, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> int | None:
+    """Run one hypercall; map refusals to -errno in this one place."""
+    fn = TABLE.get(nr)
+    if fn is None:
+        return -Errno.ENOSYS
+    try:
+        return fn(v, a1, a2, a3, a4, a5)
+    except GuestFault:
+        return -Errno.EFAULT
+    except (HypercallError, MMUError, EventError) as e:
+        return -e.errno
+    except DomainCrash as e:
+        v.crash(str(e))
+        return None
+
+
+def dispatch(v: "VCPU") -> None:
+    """Entry from the SYSCALL hook in guest kernel mode."""
+    eng = v.engine
+    nr, a1, a2, a3, a4, a5 = eng.hypercall_args()
+    v.hypercalls += 1
+    v.fault_depth = 0
+    ret = call(v, nr, a1, a2, a3, a4, a5)
+    if ret is not None:
+        eng.set_rax(ret)
+    if not eng.stop_requested and v.event_deliverable():
+        traps.deliver_event(v)

@@ -1,0 +1,121 @@
+"""The hypervisor as a library: `async with Hypervisor() as hv: dom = await hv.create(...)`.
+
+Owns machine memory, Xen's area, the page-table bookkeeping, the scheduler and every domain.
+Each domain runs as one task in the hypervisor's TaskGroup (its vCPUs in a nested
+TaskGroup), so nothing outlives `async with`: leaving it destroys all domains.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from . import builder, timers
+from .abi import FLAT_KERNEL_SS, PAGE_SHIFT, ShutdownReason
+from .domain import Domain
+from .errors import BuildError
+from .memory import MachineMemory, OutOfMemory
+from .mmu import PageTables, XenArea
+from .scheduler import Scheduler
+from .vcpu import VCPU
+from .vcpu_engine import VCPUEngine
+from .memory import PageType
+
+log = logging.getLogger("aiovmm.hypervisor")
+
+DEFAULT_MACHINE_MIB = 2048
+
+
+class Hypervisor:
+    def __init__(self, memory_mib: int = DEFAULT_MACHINE_MIB, scheduler: Scheduler | None = None) -> None:
+        self.memory_mib = memory_mib
+        self.scheduler = scheduler or Scheduler()
+        self.domains: dict[int, Domain] = {}
+        self._next_domid = 1
+        self._t0 = time.monotonic_ns()
+        self.boot_unix_ns = time.time_ns() - (time.monotonic_ns() - self._t0)
+        self._tg: asyncio.TaskGroup | None = None
+
+    def system_time_ns(self) -> int:
+        """Xen system time: nanoseconds since this hypervisor started."""
+        return time.monotonic_ns() - self._t0
+
+    async def __aenter__(self) -> "Hypervisor":
+        self.mem = MachineMemory(self.memory_mib << 20)
+        self.xen = XenArea(self.mem)
+        self.pagetables = PageTables(self.mem, self.xen)
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for dom in list(self.domains.values()):
+            if not dom.dying:
+                dom.shutdown(ShutdownReason.poweroff)
+        try:
+            await self._tg.__aexit__(*exc)
+        finally:
+            for dom in list(self.domains.values()):
+                dom.destroy()
+            self.domains.clear()
+            self.mem.close()
+
+    def domain(self, domid: int) -> Domain | None:
+        return self.domains.get(domid)
+
+    async def create(self, kernel: str, *, memory_mib: int = 32, cmdline: str = "",
+                     name: str | None = None,
+                     on_console: Callable[[bytes], None] | None = None) -> Domain:
+        """Build a domain from a Xen PV kernel and start it. Raises BuildError."""
+        if memory_mib < 1:
+            raise BuildError("memory must be at least 1 MiB")
+        img = builder.parse_kernel(kernel)
+        domid = self._next_domid
+        nr_pages = memory_mib << 20 >> PAGE_SHIFT
+        try:
+            dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console)
+        except OutOfMemory as e:
+            raise BuildError(f"not enough machine memory for {memory_mib} MiB: {e}") from None
+        self._next_domid += 1
+        self.domains[domid] = dom
+        try:
+            lay = builder.build(dom, img, cmdline)
+            self._create_vcpu0(dom, img, lay)
+        except BaseException:
+            dom.destroy()
+            del self.domains[domid]
+            raise
+        self._tg.create_task(self._run_domain(dom), name=f"d{domid}")
+        return dom
+
+    def _create_vcpu0(self, dom: Domain, img: builder.KernelImage, lay: builder.Layout) -> None:
+        eng = VCPUEngine(self.mem.fd_address, self.mem.size, name=f"d{dom.domid}v0")
+        v = VCPU(dom, 0, eng)
+        dom.vcpus.append(v)
+        # CR3 reference on the root, as Xen's new_guest_cr3 takes one.
+        self.pagetables.get_type(dom.boot_l4, PageType.l4, dom.domid)
+        v.kernel_root = dom.boot_l4
+        eng.setup_long_mode(dom.boot_l4 << PAGE_SHIFT, self.xen.GDT_VA, self.xen.GDT_LIMIT)
+        stack_top = lay.va(lay.stack_pfn + 1)
+        v.kernel_sp, v.kernel_ss = stack_top, FLAT_KERNEL_SS
+        eng.start_in_stub(self.xen.STUB_VA, self.xen.STUB_STACK_TOP,
+                          {"rsi": lay.va(lay.start_info_pfn)}, img.entry, stack_top, 0x200)
+        timers.write_pvclock(v)
+        timers.write_wallclock(dom)
+
+    async def _run_domain(self, dom: Domain) -> None:
+        try:
+            for v in dom.vcpus:
+                timers.set_periodic(v, timers.DEFAULT_PERIOD_NS)
+            async with asyncio.TaskGroup() as tg:
+                for v in dom.vcpus:
+                    tg.create_task(v.run(), name=repr(v))
+        except Exception as e:                 # a hypervisor bug: contain it to this domain
+            log.exception("d%d: hypervisor error", dom.domid)
+            dom.crash(f"hypervisor error: {e!r}")
+        finally:
+            if not dom.dying:
+                dom.crash("all vCPUs stopped")
+            dom.destroy()
+            self.domains.pop(dom.domid, None)

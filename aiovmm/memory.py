@@ -1,0 +1,157 @@
+"""Machine memory: one memfd of 4 KiB frames, the frame table, the M2P.
+
+Why one memfd: every vCPU engine maps the whole of machine memory ONCE (a single Unicorn
+region, NOTES.md: region counts scale badly), and later backends in other processes can map
+granted frames of the same file. A frame number is an MFN; machine address = MFN << 12.
+Isolation is not done here: a guest reaches a frame only through a validated page-table
+entry (mmu.py), as on Xen.
+
+The memfd is lazily backed: frames cost host memory only once touched.
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import enum
+import mmap
+import os
+import struct
+
+from .abi import DOMID_INVALID, DOMID_XEN, INVALID_M2P_ENTRY, PAGE_SHIFT, PAGE_SIZE
+
+_U64 = struct.Struct("<Q")
+
+
+class PageType(enum.IntEnum):
+    """Xen's PGT_* frame types (page-table levels are 1..4 on purpose)."""
+    none = 0
+    l1 = 1
+    l2 = 2
+    l3 = 3
+    l4 = 4
+    seg_desc = 5
+    shared = 6
+    writable = 7
+
+
+class OutOfMemory(Exception):
+    """Machine memory has no free frames for the request."""
+
+
+class FrameInUse(Exception):
+    """A frame still referenced as a typed page cannot be freed."""
+
+
+class MachineMemory:
+    """All machine frames, their owners and types, and the M2P.
+
+    Per frame: owner domain id (DOMID_INVALID = free), type, type count, pinned flag.
+    The frame table is plain arrays (not objects) so that 1 M frames stay cheap.
+    """
+
+    def __init__(self, size_bytes: int) -> None:
+        if size_bytes % PAGE_SIZE:
+            raise ValueError("machine memory must be a whole number of frames")
+        self.size = size_bytes
+        self.nr_frames = size_bytes >> PAGE_SHIFT
+        self.fd = os.memfd_create("aiovmm-machine", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size_bytes)
+        self.map = mmap.mmap(self.fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.map)
+        # Host address of the mapping, for Unicorn's mem_map_ptr.
+        self._anchor = (ctypes.c_char * size_bytes).from_buffer(self.map)
+        self.fd_address = ctypes.addressof(self._anchor)
+        n = self.nr_frames
+        self.owner = array.array("H", [DOMID_INVALID]) * n
+        self.type = array.array("B", [PageType.none]) * n
+        self.type_count = array.array("I", [0]) * n
+        self.pinned = array.array("B", [0]) * n
+        # The M2P lives in machine frames at the top of memory, owned by Xen, so that guests
+        # can read it through Xen's read-only mapping (L4 slot 256) as on real Xen.
+        self.m2p_frames = (n * 8 + PAGE_SIZE - 1) >> PAGE_SHIFT
+        self.m2p_first = n - self.m2p_frames
+        m2p_off = self.m2p_first << PAGE_SHIFT
+        self.view[m2p_off:m2p_off + self.m2p_frames * PAGE_SIZE] = b"\xff" * (self.m2p_frames * PAGE_SIZE)
+        self.m2p = self.view[m2p_off:m2p_off + n * 8].cast("Q")
+        for mfn in range(self.m2p_first, n):
+            self.owner[mfn] = DOMID_XEN
+        # Free list, handed out lowest first so a domain's frames tend to be contiguous.
+        self._free = list(range(self.m2p_first - 1, -1, -1))
+
+    # -- allocation ---------------------------------------------------------------------
+    @property
+    def free_frames(self) -> int:
+        return len(self._free)
+
+    def alloc(self, owner: int, count: int = 1) -> list[int]:
+        """Allocate `count` zeroed frames for `owner`; all or nothing."""
+        if count > len(self._free):
+            raise OutOfMemory(f"need {count} frames, {len(self._free)} free")
+        frames = [self._free.pop() for _ in range(count)]
+        for mfn in frames:
+            self.owner[mfn] = owner
+            self.type[mfn] = PageType.none
+            self.type_count[mfn] = 0
+            self.pinned[mfn] = 0
+            self.zero(mfn)
+        return frames
+
+    def free(self, frames: list[int], force: bool = False) -> None:
+        """Return frames to the pool.
+
+        Refused (FrameInUse) for a frame that still has a type reference, e.g. a live page
+        table, unless `force`: a dying domain's tables are torn down wholesale.
+        """
+        if not force:
+            for mfn in frames:
+                if self.type_count[mfn] or self.pinned[mfn]:
+                    raise FrameInUse(f"frame {mfn:#x} is in use as {PageType(self.type[mfn]).name}")
+        for mfn in frames:
+            self.owner[mfn] = DOMID_INVALID
+            self.type[mfn] = PageType.none
+            self.type_count[mfn] = 0
+            self.pinned[mfn] = 0
+            self.m2p[mfn] = INVALID_M2P_ENTRY
+            self._free.append(mfn)
+
+    def release_domain(self, domid: int, frames: list[int]) -> None:
+        """Free all frames of a domain that is being destroyed."""
+        self.free([m for m in frames if self.owner[m] == domid], force=True)
+
+    # -- raw access (machine addresses) ---------------------------------------------------
+    def valid_mfn(self, mfn: int) -> bool:
+        return 0 <= mfn < self.nr_frames
+
+    def zero(self, mfn: int) -> None:
+        off = mfn << PAGE_SHIFT
+        self.view[off:off + PAGE_SIZE] = bytes(PAGE_SIZE)
+
+    def read(self, maddr: int, n: int) -> bytes:
+        return bytes(self.view[maddr:maddr + n])
+
+    def write(self, maddr: int, data: bytes) -> None:
+        self.view[maddr:maddr + len(data)] = data
+
+    def read_u64(self, maddr: int) -> int:
+        return _U64.unpack_from(self.map, maddr)[0]
+
+    def write_u64(self, maddr: int, value: int) -> None:
+        _U64.pack_into(self.map, maddr, value & 0xFFFFFFFFFFFFFFFF)
+
+    def frame(self, mfn: int) -> memoryview:
+        off = mfn << PAGE_SHIFT
+        return self.view[off:off + PAGE_SIZE]
+
+    def close(self) -> None:
+        self.m2p.release()
+        self.view.release()
+        del self._anchor
+        try:
+            self.map.close()
+        except BufferError:
+            # An engine still exports a pointer into the mapping; the OS reclaims at exit.
+            pass
+        os.close(self.fd)
+
+
+XEN_OWNER = DOMID_XEN

@@ -1,0 +1,311 @@
+"""The para-virtualized MMU: page types, validation of every page-table entry, Xen's area.
+
+Direct mode, as in Xen: guest page tables hold machine frame numbers and the emulated CPU
+walks them as they are, so every entry must be validated before it can take effect:
+- a guest maps only frames it owns;
+- a page-table frame is never mapped writable, and a writably mapped frame never becomes a
+  page table (frame types with type counts, Xen's PGT_* rules);
+- entries of each level point at frames validated as the next level down;
+- reserved bits, superpages, cache-attribute bits are refused;
+- L4 slots 256-271 are Xen's: filled by the hypervisor, never written by the guest.
+
+Xen's edits are applied as entries become live: kernel-only L1 entries get US and bit 52,
+L2/L3 entries get US, L4 entries get US and A (the guest kernel really runs at CPL 3).
+
+Errors are Xen's: -EINVAL for bad entries, -EBUSY for type conflicts (via MMUError).
+"""
+from __future__ import annotations
+
+import logging
+import struct
+
+from .abi import (
+    DOMID_XEN, Errno, HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, MACH2PHYS_VIRT_START,
+    PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4_FIRST, XEN_L4_LAST, _PAGE_ACCESSED,
+    _PAGE_DIRTY, _PAGE_GLOBAL, _PAGE_GUEST_KERNEL, _PAGE_NX, _PAGE_PAT, _PAGE_PCD, _PAGE_PRESENT,
+    _PAGE_PSE, _PAGE_PWT, _PAGE_RW, _PAGE_USER, FIRST_RESERVED_GDT_BYTE, FLAT_RING0_CS64,
+    FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS, is_canonical,
+)
+from .memory import MachineMemory, PageType
+
+log = logging.getLogger("aiovmm.mmu")
+
+# Bits 12-51 frame; flags allowed per level (Xen's L?_DISALLOW_MASK complement).
+_AVL = 0xE00
+_HIGH_AVL = 0x7FF0000000000000           # bits 52-62
+L1_ALLOWED = (_PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY | _AVL |
+              _PAGE_GLOBAL | _HIGH_AVL | _PAGE_NX | PTE_FRAME_MASK)
+LN_ALLOWED = (_PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY | _AVL | _HIGH_AVL |
+              _PAGE_NX | PTE_FRAME_MASK)
+_AD = _PAGE_ACCESSED | _PAGE_DIRTY
+_LEVEL_TYPE = {1: PageType.l1, 2: PageType.l2, 3: PageType.l3, 4: PageType.l4}
+_PT_TYPES = (PageType.l1, PageType.l2, PageType.l3, PageType.l4)
+
+
+class MMUError(Exception):
+    """A refused MMU operation; `errno` is Xen's."""
+
+    def __init__(self, errno: Errno, msg: str = "") -> None:
+        super().__init__(msg or errno.name)
+        self.errno = errno
+
+
+class GuestFault(Exception):
+    """A guest virtual address could not be accessed (becomes -EFAULT)."""
+
+    def __init__(self, va: int, write: bool) -> None:
+        super().__init__(f"guest {'write' if write else 'read'} fault at {va:#x}")
+        self.va, self.write = va, write
+
+
+def l4_slot(va: int) -> int:
+    return (va >> 39) & 0x1FF
+
+
+# ------------------------------------------------------------------------------------------------
+class XenArea:
+    """The hypervisor's part of every address space (L4 slots 256-271).
+
+    Slot 256: the read-only M2P (guest readable, as on Xen).
+    Slot 261: the GDT (15 pages: 14 guest pages backed by one zero frame, then the page
+    holding Xen's reserved descriptors at 0xE000+), the ring-0 iretq stub that takes a new
+    vCPU into CPL 3, and the stub's stack. Supervisor-only: the guest cannot touch it.
+    Shared by all domains; its frames belong to DOMID_XEN.
+    """
+
+    BASE = 0xFFFF828000000000          # start of L4 slot 261
+    GDT_VA = BASE
+    GDT_PAGES = 15
+    GDT_LIMIT = FIRST_RESERVED_GDT_BYTE + 8 * 8 - 1
+    STUB_VA = BASE + 0x10000
+    STUB_STACK_TOP = BASE + 0x12000 - 64
+    # push $0xe02b; push %rcx; push %rdx; push $0xe033; push %rax;
+    # xor %eax,%eax; xor %ecx,%ecx; xor %edx,%edx; iretq
+    STUB_CODE = bytes.fromhex("682be00000" "51" "52" "6833e00000" "50" "31c0" "31c9" "31d2" "48cf")
+
+    def __init__(self, mem: MachineMemory) -> None:
+        self.mem = mem
+        alloc = lambda: mem.alloc(DOMID_XEN)[0]
+        zero_gdt, gdt, stub, stack = alloc(), alloc(), alloc(), alloc()
+        descs = {FLAT_RING0_CS64: 0x00AF9B000000FFFF, FLAT_RING0_DS: 0x00CF93000000FFFF,
+                 FLAT_RING3_CS32: 0x00CFFB000000FFFF, FLAT_RING3_SS: 0x00CFF3000000FFFF,
+                 FLAT_RING3_CS64: 0x00AFFB000000FFFF}
+        for sel, d in descs.items():
+            mem.write_u64((gdt << PAGE_SHIFT) + (sel & ~7) - FIRST_RESERVED_GDT_BYTE, d)
+        mem.write(stub << PAGE_SHIFT, self.STUB_CODE)
+        l3, l2, l1 = alloc(), alloc(), alloc()
+        sup = _PAGE_PRESENT | _PAGE_ACCESSED
+        for i in range(14):
+            mem.write_u64((l1 << PAGE_SHIFT) + 8 * i, (zero_gdt << PAGE_SHIFT) | sup | _PAGE_NX)
+        mem.write_u64((l1 << PAGE_SHIFT) + 8 * 14, (gdt << PAGE_SHIFT) | sup | _PAGE_NX)
+        mem.write_u64((l1 << PAGE_SHIFT) + 8 * 16, (stub << PAGE_SHIFT) | sup)
+        mem.write_u64((l1 << PAGE_SHIFT) + 8 * 17, (stack << PAGE_SHIFT) | sup | _PAGE_RW | _PAGE_DIRTY | _PAGE_NX)
+        mem.write_u64(l2 << PAGE_SHIFT, (l1 << PAGE_SHIFT) | sup | _PAGE_RW)
+        mem.write_u64(l3 << PAGE_SHIFT, (l2 << PAGE_SHIFT) | sup | _PAGE_RW)
+        self.slots: dict[int, int] = {261: (l3 << PAGE_SHIFT) | sup | _PAGE_RW}
+        self.slots[256] = self._map_m2p()
+
+    def _map_m2p(self) -> int:
+        """Tables mapping the M2P frames read-only (US, NX) at MACH2PHYS_VIRT_START."""
+        mem = self.mem
+        user_ro = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED
+        tables = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED | _PAGE_RW
+        frames = list(range(mem.m2p_first, mem.m2p_first + mem.m2p_frames))
+        l1s = []
+        for i in range(0, len(frames), 512):
+            l1 = mem.alloc(DOMID_XEN)[0]
+            for j, f in enumerate(frames[i:i + 512]):
+                mem.write_u64((l1 << PAGE_SHIFT) + 8 * j, (f << PAGE_SHIFT) | user_ro | _PAGE_NX)
+            l1s.append(l1)
+        l2s = []
+        for i in range(0, len(l1s), 512):
+            l2 = mem.alloc(DOMID_XEN)[0]
+            for j, f in enumerate(l1s[i:i + 512]):
+                mem.write_u64((l2 << PAGE_SHIFT) + 8 * j, (f << PAGE_SHIFT) | tables)
+            l2s.append(l2)
+        if len(l2s) > 512:
+            raise ValueError("machine memory too large for one M2P slot")
+        l3 = mem.alloc(DOMID_XEN)[0]
+        for j, f in enumerate(l2s):
+            mem.write_u64((l3 << PAGE_SHIFT) + 8 * j, (f << PAGE_SHIFT) | tables)
+        return (l3 << PAGE_SHIFT) | tables
+
+    def install(self, l4_mfn: int) -> None:
+        """Write Xen's slots into a guest L4 (done whenever an L4 is validated)."""
+        base = l4_mfn << PAGE_SHIFT
+        for slot in range(XEN_L4_FIRST, XEN_L4_LAST + 1):
+            self.mem.write_u64(base + 8 * slot, self.slots.get(slot, 0))
+
+
+# ------------------------------------------------------------------------------------------------
+class PageTables:
+    """Page-type bookkeeping and validation for all domains (one instance per machine).
+
+    Contract: every present entry of a validated table holds references: an L1 entry one
+    writable type reference on its frame if RW; an L2/L3/L4 entry one type reference on the
+    lower table. A table's own type reference count covers its pin, each higher-level
+    entry pointing at it, and each vCPU using it as a root. When that count drops to zero the
+    table is devalidated and releases everything it held.
+    """
+
+    def __init__(self, mem: MachineMemory, xen: XenArea) -> None:
+        self.mem = mem
+        self.xen = xen
+        self._q = struct.Struct("<512Q")
+
+    # -- frame types ----------------------------------------------------------------------------
+    def get_type(self, mfn: int, ptype: PageType, dom: int) -> None:
+        """Take a type reference on `mfn` as `ptype`, validating it if it becomes a table."""
+        mem = self.mem
+        if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
+            raise MMUError(Errno.EINVAL, f"frame {mfn:#x} is not owned by d{dom}")
+        cur = mem.type[mfn]
+        if mem.type_count[mfn]:
+            if cur != ptype:
+                raise MMUError(Errno.EBUSY, f"frame {mfn:#x} is {PageType(cur).name}, not {ptype.name}")
+            mem.type_count[mfn] += 1
+            return
+        if ptype in _PT_TYPES:
+            self._validate_table(mfn, int(ptype), dom)
+        mem.type[mfn] = ptype
+        mem.type_count[mfn] = 1
+
+    def put_type(self, mfn: int) -> None:
+        mem = self.mem
+        if mem.type_count[mfn] == 0:
+            log.error("type count underflow on frame %#x", mfn)
+            return
+        mem.type_count[mfn] -= 1
+        if mem.type_count[mfn] == 0:
+            t = mem.type[mfn]
+            if t in _PT_TYPES:
+                self._devalidate_table(mfn, int(t))
+            mem.type[mfn] = PageType.none
+
+    def _validate_table(self, mfn: int, level: int, dom: int) -> None:
+        """Check all 512 entries, take their references, apply Xen's bit edits. All or nothing."""
+        base = mfn << PAGE_SHIFT
+        entries = list(self._q.unpack_from(self.mem.map, base))
+        taken: list[int] = []
+        try:
+            for i, e in enumerate(entries):
+                if level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST:
+                    continue
+                if e & _PAGE_PRESENT:
+                    entries[i] = self._get_entry(e, level, dom, self_mfn=mfn)
+                    taken.append(i)
+        except MMUError:
+            for i in taken:
+                self._put_entry(entries[i], level)
+            raise
+        if level == 4:
+            for slot in range(XEN_L4_FIRST, XEN_L4_LAST + 1):
+                entries[slot] = self.xen.slots.get(slot, 0)
+        self._q.pack_into(self.mem.map, base, *entries)
+
+    def _devalidate_table(self, mfn: int, level: int) -> None:
+        entries = self._q.unpack_from(self.mem.map, mfn << PAGE_SHIFT)
+        for i, e in enumerate(entries):
+            if level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST:
+                continue
+            if e & _PAGE_PRESENT:
+                self._put_entry(e, level)
+
+    def _get_entry(self, e: int, level: int, dom: int, self_mfn: int = -1) -> int:
+        """Validate one present entry of a table of `level`, take its reference, return the
+        entry as it will be stored (with Xen's edits)."""
+        mem = self.mem
+        target = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
+        if level == 1:
+            if e & ~L1_ALLOWED:
+                raise MMUError(Errno.EINVAL, f"bad L1 flags {e & ~L1_ALLOWED:#x}")
+            if not mem.valid_mfn(target) or mem.owner[target] != dom:
+                raise MMUError(Errno.EINVAL, f"d{dom} may not map frame {target:#x}")
+            if e & _PAGE_RW:
+                self.get_type(target, PageType.writable, dom)
+            if not e & _PAGE_USER:
+                e |= _PAGE_USER | _PAGE_GUEST_KERNEL
+            return e
+        if e & ~LN_ALLOWED:
+            raise MMUError(Errno.EINVAL, f"bad L{level} flags {e & ~LN_ALLOWED:#x}"
+                           + (" (superpage)" if e & _PAGE_PSE else ""))
+        if not mem.valid_mfn(target) or mem.owner[target] != dom:
+            raise MMUError(Errno.EINVAL, f"d{dom} L{level} entry to foreign frame {target:#x}")
+        if target == self_mfn:
+            raise MMUError(Errno.EINVAL, "linear page tables are not supported")
+        self.get_type(target, _LEVEL_TYPE[level - 1], dom)
+        e |= _PAGE_USER
+        if level == 4:
+            e |= _PAGE_ACCESSED
+        return e
+
+    def _put_entry(self, e: int, level: int) -> None:
+        target = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
+        if level == 1:
+            if e & _PAGE_RW:
+                self.put_type(target)
+        else:
+            self.put_type(target)
+
+    # -- entry updates ---------------------------------------------------------------------------
+    def update_entry(self, dom: int, ptr: int, val: int, preserve_ad: bool = False) -> bool:
+        """A checked write of `val` to the 8-byte entry at machine address `ptr`.
+
+        Returns True if the TLB must be flushed by the caller (an upper-level change);
+        L1 changes are the guest's to flush, as on Xen (aiovmm flushes anyway: Unicorn
+        has no per-page flush the guest could ask for cheaply).
+        """
+        mem = self.mem
+        mfn = ptr >> PAGE_SHIFT
+        if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
+            raise MMUError(Errno.EINVAL, f"page-table frame {mfn:#x} not owned by d{dom}")
+        t = mem.type[mfn]
+        if mem.type_count[mfn] == 0 or t in (PageType.none, PageType.writable):
+            mem.write_u64(ptr, val)        # not a page table: a plain checked store
+            return False
+        if t not in _PT_TYPES:
+            raise MMUError(Errno.EINVAL, f"frame {mfn:#x} is a {PageType(t).name} page")
+        level = int(t)
+        idx = (ptr & (PAGE_SIZE - 1)) >> 3
+        if level == 4 and XEN_L4_FIRST <= idx <= XEN_L4_LAST:
+            raise MMUError(Errno.EINVAL, f"L4 slot {idx} belongs to Xen")
+        old = mem.read_u64(ptr)
+        if preserve_ad:
+            val |= old & _AD
+        new = val
+        if val & _PAGE_PRESENT:
+            new = self._get_entry(val, level, dom, self_mfn=mfn)
+        mem.write_u64(ptr, new)
+        if old & _PAGE_PRESENT:
+            self._put_entry(old, level)
+        return True
+
+    # -- walks --------------------------------------------------------------------------------------
+    def l1_entry_address(self, l4_mfn: int, va: int) -> int:
+        """Machine address of the L1 entry for `va` under root `l4_mfn` (for update_va_mapping)."""
+        mem = self.mem
+        table = l4_mfn
+        for shift in (39, 30, 21):
+            e = mem.read_u64((table << PAGE_SHIFT) + 8 * ((va >> shift) & 0x1FF))
+            if not e & _PAGE_PRESENT:
+                raise MMUError(Errno.EINVAL, f"no page table maps {va:#x}")
+            table = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
+        if mem.type[table] != PageType.l1 or not mem.type_count[table]:
+            raise MMUError(Errno.EINVAL, f"{va:#x} is not mapped through an L1 table")
+        return (table << PAGE_SHIFT) + 8 * ((va >> 12) & 0x1FF)
+
+    def translate(self, cr3: int, va: int, write: bool) -> int:
+        """Guest VA -> machine address, with the checks the CPU makes for a CPL 3 access."""
+        if not is_canonical(va) or HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
+            raise GuestFault(va, write)
+        mem = self.mem
+        table = cr3 >> PAGE_SHIFT
+        need = _PAGE_PRESENT | _PAGE_USER | (_PAGE_RW if write else 0)
+        for shift in (39, 30, 21, 12):
+            e = mem.read_u64((table << PAGE_SHIFT) + 8 * ((va >> shift) & 0x1FF))
+            if e & need != need:
+                raise GuestFault(va, write)
+            table = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
+            if not mem.valid_mfn(table):
+                raise GuestFault(va, write)
+        return (table << PAGE_SHIFT) | (va & (PAGE_SIZE - 1))

@@ -1,0 +1,159 @@
+"""Time: pvclock, wall clock, and the per-vCPU timers (set_timer_op, vcpu_op).
+
+The guest TSC is the hypervisor's system time in nanoseconds (RDTSC is hooked, see
+vcpu_engine.py), so the pvclock parameters are constant: tsc_to_system_mul = 2^31 with
+tsc_shift = +1 is exactly 1 ns per tick, tsc_timestamp = system_time = 0. A guest computing
+`system_time + ((tsc - tsc_timestamp) << 1) * mul >> 32` gets the hypervisor's clock exactly,
+and the fields never need rewriting (they stay valid across slices, blocks and migrations).
+
+Timers are event-loop timers; on expiry they raise VIRQ_TIMER on the vCPU.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from .abi import (
+    SharedInfo, VcpuInfo, VcpuOp, VcpuTimeInfo, Virq, Errno, VCPU_SET_SINGLESHOT_TIMER,
+    XEN_PVCLOCK_TSC_STABLE_BIT,
+)
+from .errors import HypercallError
+
+if TYPE_CHECKING:
+    from .vcpu import VCPU
+    from .domain import Domain
+
+log = logging.getLogger("aiovmm.timers")
+
+TSC_MUL = 1 << 31
+TSC_SHIFT = 1
+_TIME_INFO = struct.Struct("<I4xQQIbB2x")
+DEFAULT_PERIOD_NS = 10_000_000        # Xen arms a 10 ms periodic timer for PV vCPUs
+MIN_PERIOD_NS = 1_000_000
+FAR_FUTURE_NS = 1 << 50
+
+
+def write_pvclock(v: "VCPU") -> None:
+    """Publish vcpu_time_info with Xen's version protocol (odd while writing)."""
+    m = v.domain.mem
+    a = v.info_maddr + VcpuInfo.time
+    ver = struct.unpack_from("<I", m.map, a)[0]
+    struct.pack_into("<I", m.map, a, (ver + 1) | 1)
+    _TIME_INFO.pack_into(m.map, a, (ver + 1) | 1, 0, 0, TSC_MUL, TSC_SHIFT, XEN_PVCLOCK_TSC_STABLE_BIT)
+    struct.pack_into("<I", m.map, a, ((ver + 1) | 1) + 1)
+
+
+def write_wallclock(dom: "Domain") -> None:
+    """Unix time at system time 0, with the wc_version protocol."""
+    m = dom.mem
+    base = dom.shared_info_maddr
+    boot_unix_ns = dom.hypervisor.boot_unix_ns
+    sec, nsec = divmod(boot_unix_ns, 1_000_000_000)
+    ver = struct.unpack_from("<I", m.map, base + SharedInfo.wc_version)[0]
+    struct.pack_into("<I", m.map, base + SharedInfo.wc_version, (ver + 1) | 1)
+    struct.pack_into("<III", m.map, base + SharedInfo.wc_sec, sec & 0xFFFFFFFF, nsec, sec >> 32)
+    struct.pack_into("<I", m.map, base + SharedInfo.wc_version, ((ver + 1) | 1) + 1)
+
+
+def _fire(v: "VCPU") -> None:
+    if not v.domain.dying:
+        v.domain.evtchn.send_virq(Virq.TIMER, v.id)
+
+
+def _delay_s(v: "VCPU", deadline_ns: int) -> float:
+    return max(0, deadline_ns - v.domain.hypervisor.system_time_ns()) / 1e9
+
+
+def set_singleshot(v: "VCPU", deadline_ns: int) -> None:
+    stop_singleshot(v)
+    if deadline_ns >= 1 << 63 or deadline_ns - v.domain.hypervisor.system_time_ns() > FAR_FUTURE_NS:
+        delay = 0.1                   # Xen: absurd timeouts fire after 100 ms
+    else:
+        delay = _delay_s(v, deadline_ns)
+    loop = asyncio.get_running_loop()
+    v.singleshot_handle = loop.call_later(delay, _singleshot_expired, v)
+
+
+def _singleshot_expired(v: "VCPU") -> None:
+    v.singleshot_handle = None
+    _fire(v)
+
+
+def stop_singleshot(v: "VCPU") -> None:
+    if v.singleshot_handle is not None:
+        v.singleshot_handle.cancel()
+        v.singleshot_handle = None
+
+
+def set_periodic(v: "VCPU", period_ns: int) -> None:
+    stop_periodic(v)
+    v.periodic_ns = period_ns
+    if period_ns:
+        nxt = v.domain.hypervisor.system_time_ns() + period_ns
+        v.periodic_handle = asyncio.get_running_loop().call_later(period_ns / 1e9, _periodic_expired, v, nxt)
+
+
+def _periodic_expired(v: "VCPU", due_ns: int) -> None:
+    _fire(v)
+    now = v.domain.hypervisor.system_time_ns()
+    nxt = due_ns + v.periodic_ns
+    if nxt <= now:                    # we fell behind: skip missed ticks, keep the phase
+        nxt = now + v.periodic_ns - (now - due_ns) % v.periodic_ns
+    v.periodic_handle = asyncio.get_running_loop().call_later((nxt - now) / 1e9, _periodic_expired, v, nxt)
+
+
+def stop_periodic(v: "VCPU") -> None:
+    if v.periodic_handle is not None:
+        v.periodic_handle.cancel()
+        v.periodic_handle = None
+    v.periodic_ns = 0
+
+
+# ---------------------------------------------------------------------------- hypercalls
+def do_set_timer_op(v: "VCPU", timeout: int, *_) -> int:
+    if timeout == 0:
+        stop_singleshot(v)
+    else:
+        set_singleshot(v, timeout)
+    return 0
+
+
+def do_vcpu_op(v: "VCPU", cmd: int, vcpuid: int, arg: int, *_) -> int:
+    vcpuid &= 0xFFFFFFFF
+    target = v.domain.vcpu(vcpuid)
+    if target is None:
+        raise HypercallError(Errno.ENOENT, f"no vCPU {vcpuid}")
+    if cmd == VcpuOp.is_up:
+        return 1 if target.online else 0
+    if cmd == VcpuOp.set_periodic_timer:
+        period = int.from_bytes(v.copy_from_guest(arg, 8), "little")
+        if period < MIN_PERIOD_NS:
+            raise HypercallError(Errno.EINVAL, "period below 1 ms")
+        set_periodic(target, period)
+        return 0
+    if cmd == VcpuOp.stop_periodic_timer:
+        stop_periodic(target)
+        return 0
+    if cmd == VcpuOp.set_singleshot_timer:
+        if target is not v:
+            raise HypercallError(Errno.EINVAL)
+        timeout, _flags = v.read_struct(arg, VCPU_SET_SINGLESHOT_TIMER)
+        set_singleshot(v, timeout)
+        return 0
+    if cmd == VcpuOp.stop_singleshot_timer:
+        if target is not v:
+            raise HypercallError(Errno.EINVAL)
+        stop_singleshot(v)
+        return 0
+    if cmd == VcpuOp.get_physid:
+        v.copy_to_guest(arg, vcpuid.to_bytes(8, "little"))
+        return 0
+    if cmd in (VcpuOp.up, VcpuOp.down, VcpuOp.initialise):
+        # Secondary vCPUs arrive with SMP support; vCPU 0 is always up.
+        if cmd == VcpuOp.up and target.online:
+            return 0
+        raise HypercallError(Errno.EINVAL)
+    raise HypercallError(Errno.ENOSYS)

@@ -1,0 +1,250 @@
+"""Traps, callbacks and Xen's 64-bit bounce frame; HYPERVISOR_iret.
+
+Exceptions, event upcalls and guest-user syscalls are delivered the way Xen's
+create_bounce_frame does it (xen-pv-abi.md §5.4): switch to guest kernel mode if needed,
+push [rcx, r11, (error code), rip, cs|saved_mask<<32, rflags, rsp, ss] on the kernel stack
+(16-byte aligned), and continue at the handler. There is no IDT: the hypervisor sets RIP.
+
+A guest that faults with no handler, whose bounce frame cannot be written, or that keeps
+faulting inside its own fault handler is crashed; the host and other domains carry on.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .abi import (
+    CALLBACK_REGISTER, CALLBACKF_mask_events, EXCEPTIONS_WITH_ERROR_CODE, HYPERVISOR_VIRT_END,
+    HYPERVISOR_VIRT_START, IRET_CONTEXT, SEGBASE_FS, SEGBASE_GS_KERNEL, SEGBASE_GS_USER,
+    SEGBASE_GS_USER_SEL, TI_FLAG_MASK_EVENTS, TRAP_INFO, TRAP_NAMES, VGCF_in_syscall, CallbackOp,
+    CallbackType, Errno, VcpuInfo, is_canonical,
+)
+from .errors import HypercallError
+from .mmu import GuestFault
+
+if TYPE_CHECKING:
+    from .vcpu import VCPU
+
+log = logging.getLogger("aiovmm.traps")
+
+RF_CF, RF_TF, RF_IF, RF_DF, RF_IOPL, RF_NT, RF_RF, RF_VM, RF_AC = (
+    1, 0x100, 0x200, 0x400, 0x3000, 0x4000, 0x10000, 0x20000, 0x40000)
+ARCH_FLAGS = 0x3F7FD7            # architectural RFLAGS bits a guest may set
+KERNEL_CS_IN_FRAME = 0xE030      # kernel-mode CS as stored in a frame (RPL cleared)
+USER_CS, USER_SS = 0xE033, 0xE02B
+MAX_NESTED_FAULTS = 16
+
+
+def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_events: bool,
+           rip: int | None = None, rcx: int | None = None, r11: int | None = None,
+           clear_df: bool = False) -> bool:
+    """Build a bounce frame and continue at `handler`. Returns False if the domain crashed."""
+    eng = v.engine
+    cur_rip, rsp, rflags, cur_rcx, cur_r11 = eng.read(("rip", "rsp", "rflags", "rcx", "r11"))
+    if rip is None:
+        rip = cur_rip
+    was_kernel = v.kernel_mode
+    old_mask = v.upcall_mask
+    if not was_kernel:
+        v.switch_to_kernel()
+        stack = v.kernel_sp
+    else:
+        stack = rsp
+    s = stack & ~0xF
+    cs = KERNEL_CS_IN_FRAME if was_kernel else USER_CS
+    saved_flags = (rflags & ~(RF_IF | RF_IOPL)) | (0 if old_mask else RF_IF)
+    frame = [cur_rcx if rcx is None else rcx, cur_r11 if r11 is None else r11]
+    if error_code is not None:
+        frame.append(error_code & 0xFFFFFFFF)
+    frame += [rip, cs | (old_mask << 32), saved_flags, rsp, USER_SS]
+    new_rsp = s - 8 * len(frame)
+    if HYPERVISOR_VIRT_START <= new_rsp < HYPERVISOR_VIRT_END + 64 or not is_canonical(new_rsp):
+        v.crash(f"bounce frame at {new_rsp:#x} lies in Xen's range")
+        return False
+    try:
+        v.copy_to_guest(new_rsp, b"".join(x.to_bytes(8, "little") for x in frame))
+    except GuestFault as f:
+        v.crash(f"cannot write bounce frame at {f.va:#x}")
+        return False
+    if mask_events:
+        v.upcall_mask = 1
+    new_flags = (rflags & ~(RF_TF | RF_NT | RF_RF | RF_VM | RF_AC | (RF_DF if clear_df else 0))) | RF_IF
+    eng.write({"rsp": new_rsp, "rip": handler, "rflags": new_flags})
+    v.last_frame_rsp = new_rsp
+    return True
+
+
+def deliver_event(v: "VCPU") -> None:
+    """Event upcall: evtchn_upcall_pending and not masked, and a callback is registered."""
+    cb = v.callbacks.get(CallbackType.event)
+    if not cb or not cb[0]:
+        return
+    bounce(v, cb[0], mask_events=True)
+
+
+def exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
+    """A CPU exception or software interrupt raised by guest code."""
+    dom = v.domain
+    eng = v.engine
+    name = TRAP_NAMES.get(vector, f"vector {vector}")
+    rip, rsp = eng.read(("rip", "rsp"))
+    software = vector == 0x80 or vector >= 32 or vector in (3, 4)
+    flags, _cs, handler = v.trap_table[vector] if vector < 256 else (0, 0, 0)
+    if software:
+        insn_len = 1 if vector in (3, 4) and _byte_before(v, rip) in (0xCC, 0xCE) else 2
+        dpl = flags & 3
+        allowed = dpl >= 1 if v.kernel_mode else dpl == 3
+        if not allowed or not handler:
+            # Software INT to a gate the guest may not use: #GP(vector<<3 | 2) at the INT.
+            eng.write({"rip": rip - insn_len})
+            return exception(v, 13, (vector << 3) | 2, 0)
+    if vector == 14:
+        m = dom.mem
+        m.write_u64(v.info_maddr + VcpuInfo.arch_cr2, cr2)
+        error = (error & ~4) | (0 if v.kernel_mode else 4)
+    if not handler:
+        v.crash(f"unhandled {name} (error {error:#x}{f', cr2 {cr2:#x}' if vector == 14 else ''})")
+        return
+    if v.kernel_mode and rsp <= v.last_frame_rsp + 64 and v.fault_depth:
+        v.fault_depth += 1
+    else:
+        v.fault_depth = 1
+    if v.fault_depth > MAX_NESTED_FAULTS:
+        v.crash(f"{name} inside its own fault handler ({v.fault_depth} nested)")
+        return
+    log.debug("%r: bounce %s at %#x to %#x", v, name, rip, handler)
+    bounce(v, handler, error if vector in EXCEPTIONS_WITH_ERROR_CODE else None,
+           mask_events=bool(flags & TI_FLAG_MASK_EVENTS))
+
+
+def _byte_before(v: "VCPU", rip: int) -> int:
+    try:
+        return v.copy_from_guest(rip - 1, 1)[0]
+    except GuestFault:
+        return 0
+
+
+def user_syscall(v: "VCPU") -> None:
+    """SYSCALL from guest user mode: to the kernel's syscall callback (§5.6)."""
+    rip_next, rflags = v.engine.read(("rip", "rflags"))
+    cb = v.callbacks.get(CallbackType.syscall)
+    if not cb or not cb[0]:
+        v.engine.write({"rip": rip_next - 2})
+        exception(v, 6, 0, 0)
+        return
+    if bounce(v, cb[0], mask_events=bool(cb[1] & CALLBACKF_mask_events),
+              rcx=rip_next, r11=rflags, clear_df=True):
+        if v.event_deliverable():
+            deliver_event(v)
+
+
+# ---------------------------------------------------------------------- hypercalls of this family
+def do_set_trap_table(v: "VCPU", table: int, *_) -> int:
+    if table == 0:
+        v.trap_table = [(0, 0, 0)] * 256
+        return 0
+    new = list(v.trap_table)
+    for i in range(256):
+        vector, flags, cs, address = v.read_struct(table + 16 * i, TRAP_INFO)
+        if address == 0:
+            break
+        if not is_canonical(address):
+            raise HypercallError(Errno.EINVAL, "non-canonical handler")
+        new[vector] = (flags, cs | 3, address)
+    v.trap_table = new
+    return 0
+
+
+def _register(v: "VCPU", ctype: int, address: int, flags: int) -> None:
+    if not is_canonical(address):
+        raise HypercallError(Errno.EINVAL)
+    if ctype in (CallbackType.event, CallbackType.nmi):
+        flags |= CALLBACKF_mask_events
+    v.callbacks[ctype] = (address, flags)
+
+
+def do_set_callbacks(v: "VCPU", event: int, failsafe: int, syscall: int, *_) -> int:
+    for t, a in ((CallbackType.event, event), (CallbackType.failsafe, failsafe),
+                 (CallbackType.syscall, syscall)):
+        if not is_canonical(a):
+            raise HypercallError(Errno.EINVAL)
+    _register(v, CallbackType.event, event, 0)
+    _register(v, CallbackType.failsafe, failsafe, 0)
+    _register(v, CallbackType.syscall, syscall, 0)
+    return 0
+
+
+def do_callback_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
+    if cmd == CallbackOp.register:
+        ctype, flags, address = v.read_struct(arg, CALLBACK_REGISTER)
+        if ctype not in (CallbackType.event, CallbackType.failsafe, CallbackType.syscall,
+                         CallbackType.nmi, CallbackType.syscall32, CallbackType.sysenter):
+            raise HypercallError(Errno.ENOSYS)
+        _register(v, ctype, address, flags)
+        return 0
+    if cmd == CallbackOp.unregister:
+        ctype = int.from_bytes(v.copy_from_guest(arg, 2), "little")
+        if ctype != CallbackType.nmi:
+            raise HypercallError(Errno.EINVAL)
+        v.callbacks.pop(ctype, None)
+        return 0
+    raise HypercallError(Errno.ENOSYS)
+
+
+def do_iret(v: "VCPU", *_) -> None:
+    """HYPERVISOR_iret (§5.7): the context is on the guest stack at the SYSCALL."""
+    eng = v.engine
+    rsp = eng.get("rsp")
+    try:
+        rax, r11, rcx, flags, rip, cs, rflags, ursp, ss = v.read_struct(rsp, IRET_CONTEXT)
+    except GuestFault:
+        v.crash("HYPERVISOR_iret: unreadable iret context")
+        return None
+    if cs & 3 == 3:
+        if not v.user_root:
+            v.crash("HYPERVISOR_iret to user mode without a user page table")
+            return None
+        v.switch_to_user()
+    new_flags = (rflags & ARCH_FLAGS & ~(RF_IOPL | RF_VM)) | RF_IF | 2
+    regs = {"rip": rip, "rsp": ursp, "rflags": new_flags, "rax": rax}
+    if not flags & VGCF_in_syscall:
+        regs["rcx"] = rcx
+        regs["r11"] = r11
+    eng.write(regs)
+    v.upcall_mask = 0 if rflags & RF_IF else 1
+    v.fault_depth = 0
+    return None
+
+
+def do_stack_switch(v: "VCPU", ss: int, sp: int, *_) -> int:
+    v.kernel_ss = ss | 3
+    v.kernel_sp = sp
+    return 0
+
+
+def do_set_segment_base(v: "VCPU", which: int, base: int, *_) -> int:
+    if which == SEGBASE_GS_USER_SEL:
+        # Only the null selector exists for guests without set_gdt; its base is 0.
+        v.user_gs_base = 0
+        return 0
+    if not is_canonical(base):
+        raise HypercallError(Errno.EINVAL)
+    if which == SEGBASE_FS:
+        v.engine.set("fs_base", base)
+    elif which == SEGBASE_GS_KERNEL:
+        if v.kernel_mode:
+            v.engine.set("gs_base", base)
+        v.kernel_gs_base = base
+    elif which == SEGBASE_GS_USER:
+        if not v.kernel_mode:
+            v.engine.set("gs_base", base)
+        v.user_gs_base = base
+    else:
+        raise HypercallError(Errno.EINVAL)
+    return 0
+
+
+def do_fpu_taskswitch(v: "VCPU", set_: int, *_) -> int:
+    # Virtual CR0.TS is recorded; #NM on first FPU use is not emulated yet (docs/status.md).
+    v.fpu_ts = bool(set_)
+    return 0

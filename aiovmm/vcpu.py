@@ -1,0 +1,225 @@
+"""A virtual CPU: hypervisor-side state and its run loop (an asyncio task).
+
+The engine (vcpu_engine.py) executes guest code; this module keeps what Xen keeps per vCPU
+(guest kernel/user mode, the two page-table roots, trap table, callbacks, kernel stack,
+timers, blocked state) and turns engine exits into hypervisor actions. Handlers run
+synchronously inside emulation hooks on the event-loop thread, so all state stays on the loop.
+
+Events are injected only at precise points: on hypercall return (inside the SYSCALL hook) and
+at the start of a slice (the previous one ended at a block boundary).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from .abi import PAGE_SIZE, VcpuInfo, VCPU_INFO_SIZE
+from .mmu import GuestFault
+from .vcpu_engine import ExitReason, VCPUEngine
+
+if TYPE_CHECKING:
+    from .domain import Domain
+
+log = logging.getLogger("aiovmm.vcpu")
+
+
+class VCPU:
+    def __init__(self, domain: "Domain", vcpu_id: int, engine: VCPUEngine) -> None:
+        self.domain = domain
+        self.id = vcpu_id
+        self.engine = engine
+        self.kernel_mode = True
+        self.kernel_root = 0           # MFN of the kernel L4 (NEW_BASEPTR)
+        self.user_root = 0             # MFN of the user L4 (NEW_USER_BASEPTR), 0 = none
+        self.kernel_gs_base = 0
+        self.user_gs_base = 0
+        self.trap_table: list[tuple[int, int, int]] = [(0, 0, 0)] * 256   # (flags, cs, address)
+        self.callbacks: dict[int, tuple[int, int]] = {}                   # type -> (address, flags)
+        self.kernel_ss = 0
+        self.kernel_sp = 0
+        self.fpu_ts = False
+        self.online = True
+        self.blocked = False
+        self.polling: frozenset[int] | None = None
+        self._wake = asyncio.Event()
+        self.fault_depth = 0
+        self.last_frame_rsp = 0
+        self.periodic_ns = 0
+        self.periodic_handle: asyncio.TimerHandle | None = None
+        self.singleshot_handle: asyncio.TimerHandle | None = None
+        self.poll_timeout_handle: asyncio.TimerHandle | None = None
+        self.hypercalls = 0
+        self.in_multicall = False
+        engine.on_hypercall = self._on_syscall
+        engine.on_exception = self._on_exception
+        engine.on_invalid_opcode = self._on_invalid_opcode
+        engine.rdtsc = domain.hypervisor.system_time_ns
+
+    def __repr__(self) -> str:
+        return f"d{self.domain.domid}v{self.id}"
+
+    # -- vcpu_info -----------------------------------------------------------------------------------
+    @property
+    def info_maddr(self) -> int:
+        return self.domain.shared_info_maddr + VCPU_INFO_SIZE * self.id
+
+    @property
+    def upcall_mask(self) -> int:
+        return self.domain.mem.map[self.info_maddr + VcpuInfo.evtchn_upcall_mask]
+
+    @upcall_mask.setter
+    def upcall_mask(self, v: int) -> None:
+        self.domain.mem.map[self.info_maddr + VcpuInfo.evtchn_upcall_mask] = 1 if v else 0
+
+    @property
+    def upcall_pending(self) -> bool:
+        return bool(self.domain.mem.map[self.info_maddr + VcpuInfo.evtchn_upcall_pending])
+
+    def event_deliverable(self) -> bool:
+        m = self.domain.mem.map
+        a = self.info_maddr
+        return bool(m[a] and not m[a + 1])
+
+    # -- guest memory through the current page tables ---------------------------------------------------
+    @property
+    def current_root(self) -> int:
+        return self.kernel_root if self.kernel_mode else self.user_root
+
+    def copy_from_guest(self, va: int, n: int) -> bytes:
+        mmu = self.domain.hypervisor.pagetables
+        root = self.current_root << 12
+        out = bytearray()
+        mem = self.domain.mem
+        while n > 0:
+            chunk = min(n, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
+            ma = mmu.translate(root, va, False)
+            out += mem.view[ma:ma + chunk]
+            va += chunk
+            n -= chunk
+        return bytes(out)
+
+    def copy_to_guest(self, va: int, data: bytes) -> None:
+        mmu = self.domain.hypervisor.pagetables
+        root = self.current_root << 12
+        mem = self.domain.mem
+        # Translate every page first so a fault leaves guest memory untouched.
+        parts = []
+        off, n, v = 0, len(data), va
+        while n > 0:
+            chunk = min(n, PAGE_SIZE - (v & (PAGE_SIZE - 1)))
+            parts.append((mmu.translate(root, v, True), off, chunk))
+            v += chunk
+            off += chunk
+            n -= chunk
+        for ma, o, c in parts:
+            mem.view[ma:ma + c] = data[o:o + c]
+
+    def read_struct(self, va: int, st: struct.Struct) -> tuple:
+        return st.unpack(self.copy_from_guest(va, st.size))
+
+    def write_struct(self, va: int, st: struct.Struct, *values) -> None:
+        self.copy_to_guest(va, st.pack(*values))
+
+    # -- mode switching ---------------------------------------------------------------------------------
+    def switch_to_kernel(self) -> None:
+        if self.kernel_mode:
+            return
+        self.user_gs_base = self.engine.get("gs_base")
+        self.kernel_mode = True
+        self.engine.write({"cr3": self.kernel_root << 12, "gs_base": self.kernel_gs_base})
+
+    def switch_to_user(self) -> None:
+        if not self.kernel_mode:
+            return
+        self.kernel_gs_base = self.engine.get("gs_base")
+        self.kernel_mode = False
+        self.engine.write({"cr3": self.user_root << 12, "gs_base": self.user_gs_base})
+
+    def load_root(self) -> None:
+        """Reload CR3 after a root change (also flushes the TLB)."""
+        self.engine.set_cr3(self.current_root << 12)
+
+    # -- blocking -------------------------------------------------------------------------------------------
+    def block(self) -> None:
+        """Called from a hypercall handler: end the slice and sleep until kicked."""
+        self.blocked = True
+        self._wake.clear()
+        self.engine.stop()
+
+    def kick(self) -> None:
+        if self.blocked and (self.polling is None):
+            self.blocked = False
+            self._wake.set()
+
+    def poll_kick(self, port: int) -> None:
+        if self.blocked and self.polling is not None and port in self.polling:
+            self.end_poll()
+
+    def end_poll(self) -> None:
+        self.polling = None
+        if self.poll_timeout_handle:
+            self.poll_timeout_handle.cancel()
+            self.poll_timeout_handle = None
+        self.blocked = False
+        self._wake.set()
+
+    # -- exits from emulation ----------------------------------------------------------------------------------
+    def _on_syscall(self) -> None:
+        from . import hypercall, traps
+        if self.domain.dying:
+            self.engine.stop()
+            return
+        if self.kernel_mode:
+            hypercall.dispatch(self)
+        else:
+            traps.user_syscall(self)
+
+    def _on_exception(self, vector: int, error: int, cr2: int) -> None:
+        from . import traps
+        traps.exception(self, vector, error, cr2)
+
+    def _on_invalid_opcode(self) -> None:
+        from . import traps
+        traps.exception(self, 6, 0, 0)
+
+    def crash(self, why: str) -> None:
+        """Crash the whole domain from inside a handler."""
+        rip = self.engine.get("rip")
+        self.domain.crash(f"{why} (vcpu {self.id}, rip {rip:#x})")
+        self.engine.stop()
+
+    # -- the task ------------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        from . import traps
+        dom = self.domain
+        sched = dom.hypervisor.scheduler
+        try:
+            while not dom.dying:
+                if self.blocked or not self.online or dom.paused:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    continue
+                if self.event_deliverable():
+                    traps.deliver_event(self)
+                    if dom.dying:
+                        break
+                reason = self.engine.run(sched.budget(self))
+                if reason is ExitReason.ERROR:
+                    dom.crash(f"vcpu {self.id}: {self.engine.last_error} "
+                              f"(rip {self.engine.get('rip'):#x})")
+                    break
+                await sched.yield_point(self)
+        finally:
+            self.stop_timers()
+
+    def wake(self) -> None:
+        """Let the run loop re-check its state (pause, shutdown)."""
+        self._wake.set()
+
+    def stop_timers(self) -> None:
+        for h in (self.periodic_handle, self.singleshot_handle, self.poll_timeout_handle):
+            if h is not None:
+                h.cancel()
+        self.periodic_handle = self.singleshot_handle = self.poll_timeout_handle = None

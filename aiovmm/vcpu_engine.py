@@ -1,0 +1,393 @@
+"""The vCPU engine: one x86_64 CPU emulated by Unicorn 2.1.4.
+
+This is the only module that imports unicorn. Everything above it sees a small interface
+(`VCPUEngine`): registers by name, run a slice with a block budget, flush the TLB, and
+callbacks for hypercalls (SYSCALL), exceptions and invalid opcodes. A KVM engine can slot in
+behind the same interface later.
+
+Unicorn quirks handled here, each measured in shared/research/unicorn/NOTES.md:
+- Slices end only through the C block hook in aiovmm/_native/preempt.so (budget or preempt
+  flag), never through emu_stop from another thread, timeout= or count= (they re-execute
+  read-modify-write instructions or cost a per-instruction hook).
+- Unicorn bug #1883: env->old_exception is never reset, so the 2nd fault becomes #DF and the
+  3rd a silent triple fault. Every exception hook resets it through the context blob.
+- In the SYSCALL hook RIP is the syscall itself and Unicorn adds 2 after the hook returns, so a
+  RIP written inside the hook is written as target-2 (`set_rip` does this).
+- The TLB is never flushed by Unicorn: callers flush after every page-table change.
+- Hot paths use raw batched uc_reg_read/write calls (1.6-2.3 us), not the binding (5 us each).
+- CS/SS cannot be made CPL3 by reg_write: the first slice starts in a ring-0 stub that runs a
+  real `iretq` into the guest (see `start_in_stub`).
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+import logging
+import os
+import struct
+import time
+from typing import Callable, Iterable, Sequence
+
+from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_INTR, UC_HOOK_INSN, \
+    UC_HOOK_INSN_INVALID, UC_HOOK_BLOCK
+from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib
+
+log = logging.getLogger("aiovmm.vcpu_engine")
+
+_NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native", "preempt.so")
+
+REGS: dict[str, int] = {
+    n: getattr(X, "UC_X86_REG_" + n.upper()) for n in (
+        "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags "
+        "cs ss ds es fs gs fs_base gs_base cr0 cr2 cr3 cr4").split()
+}
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+        "r12", "r13", "r14", "r15", "rip", "rflags")
+
+# Control-register values for long mode with paging (NOTES.md "Paging").
+CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 5, 1 << 9, 1 << 10
+MSR_EFER = 0xC0000080
+MSR_KERNEL_GS_BASE = 0xC0000102
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
+
+_UC_CTL_TLB_FLUSH_WRITE = 11 | (1 << 30)       # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
+_SYSCALL_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+_INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
+_INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
+_RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class _Slice(ctypes.Structure):
+    """Mirror of struct aiovmm_slice in csrc/preempt.c."""
+    _fields_ = [("preempt", ctypes.c_int32), ("reason", ctypes.c_int32),
+                ("budget", ctypes.c_int64), ("blocks", ctypes.c_uint64), ("stop", ctypes.c_void_p)]
+
+
+class ExitReason(enum.Enum):
+    BUDGET = "budget"          # slice budget used up
+    PREEMPT = "preempt"        # preempt flag raised
+    STOPPED = "stopped"        # a handler asked to stop (block, shutdown, crash)
+    ERROR = "error"            # the engine itself failed (message in last_error)
+
+
+class EngineUnavailable(RuntimeError):
+    """The native slice hook is missing (run `make setup`)."""
+
+
+_native_lib: ctypes.CDLL | None = None
+
+
+def _native() -> ctypes.CDLL:
+    global _native_lib
+    if _native_lib is None:
+        if not os.path.exists(_NATIVE):
+            raise EngineUnavailable(f"{_NATIVE} not built: run `make setup`")
+        _native_lib = ctypes.CDLL(_NATIVE)
+    return _native_lib
+
+
+class _RegBatch:
+    """A prepared raw uc_reg_read_batch/uc_reg_write_batch over a fixed register list."""
+
+    def __init__(self, h, names: Sequence[str]) -> None:
+        n = len(names)
+        self.h, self.n, self.names = h, n, tuple(names)
+        self.ids = (ctypes.c_int * n)(*[REGS[x] for x in names])
+        self.vals = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(self.vals)
+        self.ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+
+    def read(self) -> list[int]:
+        uclib.uc_reg_read_batch(self.h, self.ids, self.ptrs, self.n)
+        return self.vals[:]
+
+    def write(self, values: Sequence[int]) -> None:
+        for i, v in enumerate(values):
+            self.vals[i] = v & 0xFFFFFFFFFFFFFFFF
+        uclib.uc_reg_write_batch(self.h, self.ids, self.ptrs, self.n)
+
+
+class _ExcFix:
+    """Work-around for unicorn #1883 (see shared/research/unicorn/excfix.py for the method).
+
+    CPUX86State keeps `error_code` 16 bytes before dr[0] and `old_exception` after dr[8] and
+    4 breakpoint pointers; dr6/dr7 at their reset values anchor the search in the context blob.
+    One context buffer is allocated once and reused (save, patch, restore: ~9 us).
+    """
+
+    def __init__(self, uc: Uc) -> None:
+        self.h = uc._uch
+        self.ctx = ctypes.c_void_p()
+        if uclib.uc_context_alloc(self.h, ctypes.byref(self.ctx)) != 0:
+            raise RuntimeError("uc_context_alloc failed")
+        self.size = uclib.uc_context_size(self.h)
+        uclib.uc_context_save(self.h, self.ctx)
+        blob = ctypes.string_at(self.ctx.value, self.size)
+        pat = struct.pack("<QQ", 0xFFFF0FF0, 0x400)
+        for i in range(0, len(blob) - 16, 8):
+            if blob[i:i + 16] == pat:
+                dr0 = i - 48
+                old = dr0 + 64 + 32
+                if struct.unpack_from("<i", blob, old)[0] == -1:
+                    self.err_off, self.old_off = dr0 - 16, old
+                    return
+        raise RuntimeError("unicorn #1883 work-around: old_exception not found in context")
+
+    def read_error_and_reset(self) -> int:
+        uclib.uc_context_save(self.h, self.ctx)
+        a = self.ctx.value
+        err = ctypes.c_int32.from_address(a + self.err_off).value
+        ctypes.c_int32.from_address(a + self.old_off).value = -1
+        uclib.uc_context_restore(self.h, self.ctx)
+        return err & 0xFFFFFFFF
+
+    def free(self) -> None:
+        if self.ctx:
+            uclib.uc_context_free(self.ctx)
+            self.ctx = ctypes.c_void_p()
+
+
+# Where emulation never legitimately goes: the `until` of every emu_start. It lies in Xen's
+# reserved range, which guests cannot map; reaching it means the guest jumped there.
+UNTIL = 0xFFFF83FFFFFFF000
+
+
+class VCPUEngine:
+    """One emulated x86_64 CPU over the shared machine memory.
+
+    Callbacks (set by the hypervisor's vCPU) run synchronously inside emulation:
+      on_hypercall()                       SYSCALL executed (any mode)
+      on_exception(vector, error, cr2)     CPU exception or software interrupt
+      on_invalid_opcode()                  #UD-class instruction
+      rdtsc() -> int                       value for RDTSC
+    They must never raise: the engine logs and stops the slice if they do.
+    """
+
+    def __init__(self, mem_address: int, mem_size: int, *, name: str = "vcpu") -> None:
+        self.name = name
+        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.h = uc._uch
+        # Hundreds of guests: keep the translation buffer small (NOTES.md: 1 GiB by default).
+        uc.ctl_set_tcg_buffer_size(32 << 20)
+        self._excfix = _ExcFix(uc)            # must probe on a fresh instance
+        uc.mem_map_ptr(0, mem_size, UC_PROT_ALL, mem_address)
+
+        self.on_hypercall: Callable[[], None] = lambda: None
+        self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
+        self.on_invalid_opcode: Callable[[], None] = lambda: None
+        self.rdtsc: Callable[[], int] = lambda: time.monotonic_ns()
+
+        self.in_syscall_hook = False
+        self.stop_requested = False
+        self.last_error = ""
+        self.callback_error: BaseException | None = None
+
+        self.slice = _Slice()
+        self.slice.stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+        lib = _native()
+        self._hooks = []
+        self._add_hook(UC_HOOK_BLOCK, ctypes.cast(lib.aiovmm_block_hook, ctypes.c_void_p),
+                       ctypes.cast(ctypes.byref(self.slice), ctypes.c_void_p))
+        self._cb_syscall = _SYSCALL_CB(self._hook_syscall)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_syscall, ctypes.c_void_p), None,
+                       X.UC_X86_INS_SYSCALL)
+        self._cb_intr = _INTR_CB(self._hook_intr)
+        self._add_hook(UC_HOOK_INTR, ctypes.cast(self._cb_intr, ctypes.c_void_p), None)
+        self._cb_invalid = _INVALID_CB(self._hook_invalid)
+        self._add_hook(UC_HOOK_INSN_INVALID, ctypes.cast(self._cb_invalid, ctypes.c_void_p), None)
+        self._cb_rdtsc = _RDTSC_CB(self._hook_rdtsc)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_rdtsc, ctypes.c_void_p), None,
+                       X.UC_X86_INS_RDTSC)
+
+        # Prepared raw register batches for the hot paths.
+        self.args_batch = _RegBatch(self.h, ("rax", "rdi", "rsi", "rdx", "r10", "r8"))
+        self._rax = _RegBatch(self.h, ("rax",))
+        self._rip = _RegBatch(self.h, ("rip",))
+        self._rdx_rax = _RegBatch(self.h, ("rax", "rdx"))
+        self._batches: dict[tuple[str, ...], _RegBatch] = {}
+
+    def _add_hook(self, htype: int, cb, user_data, insn: int | None = None) -> None:
+        hh = ctypes.c_size_t()
+        if insn is None:
+            err = uclib.uc_hook_add(self.h, ctypes.byref(hh), htype, cb, user_data,
+                                    ctypes.c_uint64(1), ctypes.c_uint64(0))
+        else:
+            err = uclib.uc_hook_add(self.h, ctypes.byref(hh), htype, cb, user_data,
+                                    ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn))
+        if err:
+            raise RuntimeError(f"uc_hook_add({htype}) failed: {err}")
+        self._hooks.append(hh)
+
+    # -- registers ------------------------------------------------------------------------
+    def _batch(self, names: Sequence[str]) -> _RegBatch:
+        key = tuple(names)
+        b = self._batches.get(key)
+        if b is None:
+            b = self._batches[key] = _RegBatch(self.h, key)
+        return b
+
+    def read(self, names: Sequence[str]) -> list[int]:
+        vals = self._batch(names).read()
+        if self.in_syscall_hook and "rip" in names:
+            # Inside the SYSCALL hook RIP is still the syscall; report the architectural
+            # value (the next instruction) so callers need not know the quirk.
+            i = names.index("rip")
+            vals[i] += 2
+        return vals
+
+    def write(self, values: dict[str, int]) -> None:
+        if self.in_syscall_hook and "rip" in values:
+            values = dict(values)
+            values["rip"] -= 2
+        names = tuple(values)
+        self._batch(names).write([values[n] for n in names])
+
+    def get(self, name: str) -> int:
+        return self.read((name,))[0]
+
+    def set(self, name: str, value: int) -> None:
+        self.write({name: value})
+
+    def set_rax(self, value: int) -> None:
+        self._rax.vals[0] = value & 0xFFFFFFFFFFFFFFFF
+        uclib.uc_reg_write_batch(self.h, self._rax.ids, self._rax.ptrs, 1)
+
+    def hypercall_args(self) -> list[int]:
+        """(rax, rdi, rsi, rdx, r10, r8) in one raw batch."""
+        b = self.args_batch
+        uclib.uc_reg_read_batch(self.h, b.ids, b.ptrs, 6)
+        return b.vals[:]
+
+    def set_msr(self, msr: int, value: int) -> None:
+        self.uc.msr_write(msr, value)
+
+    def get_msr(self, msr: int) -> int:
+        return self.uc.msr_read(msr)
+
+    # -- MMU --------------------------------------------------------------------------------
+    def setup_long_mode(self, cr3: int, gdt_base: int, gdt_limit: int) -> None:
+        """Paging on, long mode, NX, SSE; the GDT at a linear address in Xen's area."""
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_CR4, CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT)
+        uc.msr_write(MSR_EFER, EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE)
+        uc.reg_write(X.UC_X86_REG_CR3, cr3)
+        uc.reg_write(X.UC_X86_REG_CR0, CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG)
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, gdt_base, gdt_limit, 0))
+
+    def set_cr3(self, cr3: int) -> None:
+        """Load a page-table root; Unicorn flushes its TLB on a CR3 write."""
+        self.write({"cr3": cr3})
+
+    def flush_tlb(self) -> None:
+        uclib.uc_ctl(self.h, _UC_CTL_TLB_FLUSH_WRITE)
+
+    def flush_code(self) -> None:
+        """Drop translated code (after the hypervisor rewrote guest code bytes)."""
+        self.uc.ctl_flush_tb()
+
+    def start_in_stub(self, stub_va: int, stub_stack_va: int, regs: dict[str, int],
+                      rip: int, rsp: int, rflags: int) -> None:
+        """Arrange for the first slice to enter the guest at CPL3 through a real iretq.
+
+        The ring-0 stub (built by the hypervisor at stub_va) pushes SS, RSP(=rcx),
+        RFLAGS(=rdx), CS, RIP(=rax), zeroes those registers and executes iretq.
+        """
+        init = {n: 0 for n in GPRS if n not in ("rip", "rsp", "rflags")}
+        init.update(regs)
+        # rax/rcx/rdx carry rip/rsp/rflags into the stub, which zeroes them after use.
+        if any(init.get(r) for r in ("rax", "rcx", "rdx")):
+            raise ValueError("rax, rcx and rdx must start at zero")
+        init.update(rax=rip, rcx=rsp, rdx=rflags, rip=stub_va, rsp=stub_stack_va)
+        self.uc.reg_write(X.UC_X86_REG_RIP, stub_va)
+        self.write(init)
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self, budget: int) -> ExitReason:
+        """Run until the block budget is used, a preempt, or a handler's stop()."""
+        s = self.slice
+        s.budget = budget
+        s.reason = 0
+        self.stop_requested = False
+        uclib.uc_reg_read_batch(self.h, self._rip.ids, self._rip.ptrs, 1)
+        err = uclib.uc_emu_start(self.h, self._rip.vals[0], UNTIL, 0, 0)
+        if self.callback_error is not None:
+            e, self.callback_error = self.callback_error, None
+            self.last_error = f"hypervisor error in handler: {e!r}"
+            return ExitReason.ERROR
+        if self.stop_requested:
+            return ExitReason.STOPPED
+        if err:
+            self.last_error = uclib.uc_strerror(err).decode()
+            return ExitReason.ERROR
+        if s.reason == 1:
+            return ExitReason.BUDGET
+        if s.reason == 2:
+            return ExitReason.PREEMPT
+        self.last_error = "guest jumped into the hypervisor's reserved range"
+        return ExitReason.ERROR
+
+    def stop(self) -> None:
+        """End the current slice after the running hook returns (call only from a hook)."""
+        self.stop_requested = True
+        uclib.uc_emu_stop(self.h)
+
+    def preempt(self) -> None:
+        """Ask the running slice to end at the next block boundary (any thread)."""
+        self.slice.preempt = 1
+
+    @property
+    def blocks_executed(self) -> int:
+        return self.slice.blocks
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _fail(self, e: BaseException) -> None:
+        log.exception("%s: handler raised", self.name)
+        self.callback_error = e
+        self.stop_requested = True
+        uclib.uc_emu_stop(self.h)
+
+    def _hook_syscall(self, uc, user_data) -> None:
+        self.in_syscall_hook = True
+        try:
+            self.on_hypercall()
+        except BaseException as e:      # never let an exception unwind through C
+            self._fail(e)
+        finally:
+            self.in_syscall_hook = False
+
+    def _hook_intr(self, uc, vector, user_data) -> None:
+        try:
+            err = self._excfix.read_error_and_reset()
+            cr2 = self.uc.reg_read(X.UC_X86_REG_CR2) if vector == 14 else 0
+            self.on_exception(vector, err, cr2)
+        except BaseException as e:
+            self._fail(e)
+
+    def _hook_invalid(self, uc, user_data) -> bool:
+        try:
+            self.on_invalid_opcode()
+            return True
+        except BaseException as e:
+            self._fail(e)
+            return False
+
+    def _hook_rdtsc(self, uc, user_data) -> int:
+        try:
+            t = self.rdtsc() & 0xFFFFFFFFFFFFFFFF
+            self._rdx_rax.write((t & 0xFFFFFFFF, t >> 32))
+        except BaseException as e:
+            self._fail(e)
+        return 1
+
+    def close(self) -> None:
+        self._excfix.free()
+        for hh in self._hooks:
+            uclib.uc_hook_del(self.h, hh)
+        self._hooks.clear()
+        # Unmap before the machine memory goes away; the Uc itself is freed by its finalizer.
+        try:
+            self.uc.mem_unmap(0, self.uc.mem_regions().__next__()[1] + 1)
+        except Exception:
+            pass

@@ -1,0 +1,38 @@
+/* aiovmm slice hook: a Unicorn UC_HOOK_BLOCK callback, built by `make setup`.
+ *
+ * Why C: a Python block hook would cost microseconds per translation block; this one costs
+ * a few nanoseconds. It ends a vCPU slice precisely, at a block boundary, from inside the
+ * emulation thread itself. Stopping emulation from another thread (uc_emu_stop from outside,
+ * or emu_start(timeout=)) re-executes read-modify-write instructions and corrupts guest state
+ * (shared/research/unicorn/NOTES.md), so it is never done.
+ *
+ * The hypervisor owns one `struct aiovmm_slice` per vCPU. Before each emu_start it sets
+ * `budget` (blocks this slice may run); another thread or the loop may set `preempt` at any
+ * time. The hook counts blocks (cheap CPU accounting) and stops when either fires.
+ * `stop` is Unicorn's uc_emu_stop, passed in so this library need not link libunicorn. */
+#include <stdint.h>
+
+typedef int (*uc_stop_fn)(void *uc);
+
+struct aiovmm_slice {
+    volatile int32_t preempt;   /* set by anyone: stop at the next block boundary */
+    int32_t reason;             /* out: 0 none, 1 budget exhausted, 2 preempted */
+    int64_t budget;             /* blocks left in this slice */
+    uint64_t blocks;            /* blocks executed in total (accounting) */
+    uc_stop_fn stop;            /* uc_emu_stop */
+};
+
+void aiovmm_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    struct aiovmm_slice *s = (struct aiovmm_slice *)user_data;
+    (void)address; (void)size;
+    s->blocks++;
+    if (s->preempt) {
+        s->preempt = 0;
+        s->reason = 2;
+        s->stop(uc);
+    } else if (--s->budget <= 0) {
+        s->reason = 1;
+        s->stop(uc);
+    }
+}

@@ -1,0 +1,16 @@
+/* Domain lifetime: block, poweroff, crash, panic. */
+#ifndef AIOVMM_SCHED_H
+#define AIOVMM_SCHED_H
+
+#include "os.h"
+
+long sched_block(void);
+long sched_yield(void);
+/* Prints "poweroff" then SCHEDOP_shutdown(SHUTDOWN_poweroff). */
+noreturn void poweroff(void);
+/* SCHEDOP_shutdown(SHUTDOWN_crash) without printing anything. */
+noreturn void crash(void);
+/* Prints "panic: <msg>" then crashes. */
+noreturn void panic(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+#endif
