@@ -90,7 +90,8 @@ class Hypervisor:
         return dom
 
     def _create_vcpu0(self, dom: Domain, img: builder.KernelImage, lay: builder.Layout) -> None:
-        eng = VCPUEngine(self.mem.fd_address, self.mem.size, name=f"d{dom.domid}v0")
+        eng = VCPUEngine(self.mem.fd_address, self.mem.size, until=self.xen.UNTIL_VA,
+                         name=f"d{dom.domid}v0")
         v = VCPU(dom, 0, eng)
         dom.vcpus.append(v)
         # CR3 reference on the root, as Xen's new_guest_cr3 takes one.

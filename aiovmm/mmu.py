@@ -78,6 +78,7 @@ class XenArea:
     GDT_PAGES = 15
     GDT_LIMIT = FIRST_RESERVED_GDT_BYTE + 8 * 8 - 1
     STUB_VA = BASE + 0x10000
+    UNTIL_VA = BASE + 0x10F00      # emu_start's `until`: mapped, never executed (vcpu_engine.py)
     STUB_STACK_TOP = BASE + 0x12000 - 64
     # push $0xe02b; push %rcx; push %rdx; push $0xe033; push %rax;
     # xor %eax,%eax; xor %ecx,%ecx; xor %edx,%edx; iretq

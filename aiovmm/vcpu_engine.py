@@ -149,9 +149,12 @@ class _ExcFix:
             self.ctx = ctypes.c_void_p()
 
 
-# Where emulation never legitimately goes: the `until` of every emu_start. It lies in Xen's
-# reserved range, which guests cannot map; reaching it means the guest jumped there.
-UNTIL = 0xFFFF83FFFFFFF000
+# `until` of every emu_start: an address the guest never executes. It MUST be mapped in every
+# address space the vCPU runs on: at emu_start Unicorn translates `until` to invalidate any
+# translated block there, and an unmapped `until` raises a #PF internally (never reported),
+# which leaves env->old_exception set, so the guest's next real fault becomes #DF and the one
+# after a silent triple fault (unicorn #1883). The hypervisor passes a supervisor-only page of
+# Xen's area (mmu.XenArea.UNTIL_VA): mapped in every validated L4, unreachable from CPL 3.
 
 
 class VCPUEngine:
@@ -165,8 +168,9 @@ class VCPUEngine:
     They must never raise: the engine logs and stops the slice if they do.
     """
 
-    def __init__(self, mem_address: int, mem_size: int, *, name: str = "vcpu") -> None:
+    def __init__(self, mem_address: int, mem_size: int, *, until: int, name: str = "vcpu") -> None:
         self.name = name
+        self.until = until
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.h = uc._uch
         # Hundreds of guests: keep the translation buffer small (NOTES.md: 1 GiB by default).
@@ -180,6 +184,7 @@ class VCPUEngine:
         self.rdtsc: Callable[[], int] = lambda: time.monotonic_ns()
 
         self.in_syscall_hook = False
+        self._df_retry_rip = -1
         self.stop_requested = False
         self.last_error = ""
         self.callback_error: BaseException | None = None
@@ -310,8 +315,20 @@ class VCPUEngine:
         s.budget = budget
         s.reason = 0
         self.stop_requested = False
+        # Unicorn raises a #PF internally, never reported, the first time it translates a
+        # block at the start of a page whose previous page is unmapped; that leaves
+        # env->old_exception set (unicorn #1883). Clear it before every slice.
+        self._excfix.read_error_and_reset()
         uclib.uc_reg_read_batch(self.h, self._rip.ids, self._rip.ptrs, 1)
-        err = uclib.uc_emu_start(self.h, self._rip.vals[0], UNTIL, 0, 0)
+        start_rip = self._rip.vals[0]
+        err = uclib.uc_emu_start(self.h, start_rip, self.until, 0, 0)
+        if not err and not s.reason and not self.stop_requested and self.callback_error is None:
+            # A "triple fault" (two unreported internal faults, then a real one) ends
+            # emulation silently. Clear the state and let the faulting instruction retry once.
+            rip = self.get("rip")
+            if rip != self.until:
+                self._excfix.read_error_and_reset()
+                err = uclib.uc_emu_start(self.h, rip, self.until, 0, 0)
         if self.callback_error is not None:
             e, self.callback_error = self.callback_error, None
             self.last_error = f"hypervisor error in handler: {e!r}"
@@ -360,6 +377,17 @@ class VCPUEngine:
     def _hook_intr(self, uc, vector, user_data) -> None:
         try:
             err = self._excfix.read_error_and_reset()
+            if vector == 8:
+                # A PV guest never takes a real #DF (exceptions are not delivered through an
+                # IDT): this is a fault converted to #DF because an unreported internal #PF
+                # left old_exception set. The state is now clear; faults restart at their
+                # instruction, so returning retries it and reports the real vector. A second
+                # #DF at the same RIP is a genuine failure and goes to the handler.
+                rip = self.get("rip")
+                if rip != self._df_retry_rip:
+                    self._df_retry_rip = rip
+                    return
+            self._df_retry_rip = -1
             cr2 = self.uc.reg_read(X.UC_X86_REG_CR2) if vector == 14 else 0
             self.on_exception(vector, err, cr2)
         except BaseException as e:
