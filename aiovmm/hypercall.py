@@ -153,12 +153,24 @@ def call(v: "VCPU", nr: int, a1: int = 0, a2: int = 0, a3: int = 0, a4: int = 0,
 
 
 def dispatch(v: "VCPU") -> None:
-    """Entry from the SYSCALL hook in guest kernel mode."""
+    """Entry from the SYSCALL hook in guest kernel mode (the hot path: keep it lean)."""
     eng = v.engine
     nr, a1, a2, a3, a4, a5 = eng.hypercall_args()
     v.hypercalls += 1
     v.fault_depth = 0
-    ret = call(v, nr, a1, a2, a3, a4, a5)
+    fn = TABLE.get(nr)
+    if fn is None:
+        ret = -Errno.ENOSYS
+    else:
+        try:
+            ret = fn(v, a1, a2, a3, a4, a5)
+        except GuestFault:
+            ret = -Errno.EFAULT
+        except (HypercallError, MMUError, EventError) as e:
+            ret = -e.errno
+        except DomainCrash as e:
+            v.crash(str(e))
+            ret = None
     if ret is not None:
         eng.set_rax(ret)
     if not eng.stop_requested and v.event_deliverable():

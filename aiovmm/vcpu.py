@@ -56,6 +56,8 @@ class VCPU:
         engine.on_exception = self._on_exception
         engine.on_invalid_opcode = self._on_invalid_opcode
         engine.rdtsc = domain.hypervisor.system_time_ns
+        self._map = domain.mem.map
+        self._info = self.info_maddr
 
     def __repr__(self) -> str:
         return f"d{self.domain.domid}v{self.id}"
@@ -78,8 +80,9 @@ class VCPU:
         return bool(self.domain.mem.map[self.info_maddr + VcpuInfo.evtchn_upcall_pending])
 
     def event_deliverable(self) -> bool:
-        m = self.domain.mem.map
-        a = self.info_maddr
+        """evtchn_upcall_pending && !evtchn_upcall_mask (hot: after every hypercall)."""
+        m = self._map
+        a = self._info
         return bool(m[a] and not m[a + 1])
 
     # -- guest memory through the current page tables ---------------------------------------------------
@@ -167,22 +170,18 @@ class VCPU:
 
     # -- exits from emulation ----------------------------------------------------------------------------------
     def _on_syscall(self) -> None:
-        from . import hypercall, traps
-        if self.domain.dying:
+        if self.domain.shutdown_reason is not None:
             self.engine.stop()
-            return
-        if self.kernel_mode:
-            hypercall.dispatch(self)
+        elif self.kernel_mode:
+            _hypercall.dispatch(self)
         else:
-            traps.user_syscall(self)
+            _traps.user_syscall(self)
 
     def _on_exception(self, vector: int, error: int, cr2: int) -> None:
-        from . import traps
-        traps.exception(self, vector, error, cr2)
+        _traps.exception(self, vector, error, cr2)
 
     def _on_invalid_opcode(self) -> None:
-        from . import traps
-        traps.exception(self, 6, 0, 0)
+        _traps.exception(self, 6, 0, 0)
 
     def crash(self, why: str) -> None:
         """Crash the whole domain from inside a handler."""
@@ -223,3 +222,6 @@ class VCPU:
             if h is not None:
                 h.cancel()
         self.periodic_handle = self.singleshot_handle = self.poll_timeout_handle = None
+
+
+from . import hypercall as _hypercall, traps as _traps  # noqa: E402  (they import this module's users)

@@ -36,3 +36,11 @@ void aiovmm_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         s->stop(uc);
     }
 }
+
+/* UC_HOOK_CODE callback counting executed instructions (benchmarks only: a per-instruction
+ * hook halves emulation speed, so it is installed on request, never on the normal path). */
+void aiovmm_insn_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    (void)uc; (void)address; (void)size;
+    (*(volatile uint64_t *)user_data)++;
+}
