@@ -30,12 +30,14 @@ class Domain:
         self.name = name
         self.uuid = uuid.uuid4()
         self.nr_pages = nr_pages
-        self.frames = self.mem.alloc(domid, nr_pages)
-        self.p2m = list(self.frames)
+        frames = self.mem.alloc(domid, nr_pages)
+        self.p2m = list(frames)
         for pfn, mfn in enumerate(self.p2m):
             self.mem.m2p[mfn] = pfn
         self.shared_info_mfn = self.mem.alloc(domid)[0]
-        self.frames.append(self.shared_info_mfn)
+        self.frames: set[int] = set(frames)
+        self.frames.add(self.shared_info_mfn)
+        self.max_pages = nr_pages
         for i in range(XEN_LEGACY_MAX_VCPUS):
             self.mem.map[self.shared_info_maddr + VCPU_INFO_SIZE * i + VcpuInfo.evtchn_upcall_mask] = 1
         self.vcpus: list["VCPU"] = []
@@ -61,6 +63,20 @@ class Domain:
 
     def __repr__(self) -> str:
         return f"<Domain d{self.domid} {self.name}>"
+
+    @property
+    def tot_pages(self) -> int:
+        """Pages the domain owns, as Xen counts them (shared_info is Xen's, not counted)."""
+        return len(self.frames) - 1
+
+    def add_frame(self) -> int:
+        mfn = self.mem.alloc(self.domid)[0]
+        self.frames.add(mfn)
+        return mfn
+
+    def release_frame(self, mfn: int) -> None:
+        self.frames.discard(mfn)
+        self.mem.free([mfn])
 
     @property
     def shared_info_maddr(self) -> int:
@@ -146,5 +162,5 @@ class Domain:
             v.engine.close()
         self.vcpus = []
         if self.frames:
-            self.mem.release_domain(self.domid, self.frames)
-            self.frames = []
+            self.mem.release_domain(self.domid, list(self.frames))
+            self.frames = set()

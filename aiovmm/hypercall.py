@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from . import events, mmu_ops, scheduler, timers, traps
+from . import events, mmu_ops, reservation, scheduler, timers, traps
 from .abi import (
     CONSOLEIO_read, CONSOLEIO_write, MULTICALL_ENTRY, XEN_VERSION_MAJOR, XEN_VERSION_MINOR,
     Errno, Hypercall, XenVer, XENFEAT_writable_page_tables, HYPERVISOR_VIRT_START,
@@ -120,6 +120,7 @@ TABLE: dict[int, Handler] = {
     Hypercall.set_callbacks: traps.do_set_callbacks,
     Hypercall.fpu_taskswitch: traps.do_fpu_taskswitch,
     Hypercall.sched_op_compat: scheduler.do_sched_op_compat,
+    Hypercall.memory_op: reservation.do_memory_op,
     Hypercall.multicall: do_multicall,
     Hypercall.update_va_mapping: mmu_ops.do_update_va_mapping,
     Hypercall.set_timer_op: timers.do_set_timer_op,

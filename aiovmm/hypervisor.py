@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from . import builder, timers
-from .abi import FLAT_KERNEL_SS, PAGE_SHIFT, ShutdownReason
+from .abi import DOMID_XEN, FLAT_KERNEL_SS, PAGE_SHIFT, ShutdownReason
 from .domain import Domain
 from .errors import BuildError
 from .memory import MachineMemory, OutOfMemory
@@ -45,6 +45,7 @@ class Hypervisor:
         self.mem = MachineMemory(self.memory_mib << 20)
         self.xen = XenArea(self.mem)
         self.pagetables = PageTables(self.mem, self.xen)
+        self.ptwr_scratch = self.mem.alloc(DOMID_XEN)[0]     # see ptwr.py
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         return self

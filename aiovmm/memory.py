@@ -66,6 +66,10 @@ class MachineMemory:
         self.type = array.array("B", [PageType.none]) * n
         self.type_count = array.array("I", [0]) * n
         self.pinned = array.array("B", [0]) * n
+        # General references: one per present L1 entry (read-only or not) mapping the frame.
+        # A referenced frame is never freed, so no guest keeps a mapping of a frame that has
+        # been handed to someone else.
+        self.refs = array.array("I", [0]) * n
         # The M2P lives in machine frames at the top of memory, owned by Xen, so that guests
         # can read it through Xen's read-only mapping (L4 slot 256) as on real Xen.
         self.m2p_frames = (n * 8 + PAGE_SIZE - 1) >> PAGE_SHIFT
@@ -93,6 +97,7 @@ class MachineMemory:
             self.type[mfn] = PageType.none
             self.type_count[mfn] = 0
             self.pinned[mfn] = 0
+            self.refs[mfn] = 0
             self.zero(mfn)
         return frames
 
@@ -104,13 +109,15 @@ class MachineMemory:
         """
         if not force:
             for mfn in frames:
-                if self.type_count[mfn] or self.pinned[mfn]:
-                    raise FrameInUse(f"frame {mfn:#x} is in use as {PageType(self.type[mfn]).name}")
+                if self.type_count[mfn] or self.pinned[mfn] or self.refs[mfn]:
+                    raise FrameInUse(f"frame {mfn:#x} is in use ({PageType(self.type[mfn]).name}, "
+                                     f"{self.refs[mfn]} mappings)")
         for mfn in frames:
             self.owner[mfn] = DOMID_INVALID
             self.type[mfn] = PageType.none
             self.type_count[mfn] = 0
             self.pinned[mfn] = 0
+            self.refs[mfn] = 0
             self.m2p[mfn] = INVALID_M2P_ENTRY
             self._free.append(mfn)
 

@@ -224,6 +224,7 @@ class PageTables:
                 raise MMUError(Errno.EINVAL, f"d{dom} may not map frame {target:#x}")
             if e & _PAGE_RW:
                 self.get_type(target, PageType.writable, dom)
+            mem.refs[target] += 1
             if not e & _PAGE_USER:
                 e |= _PAGE_USER | _PAGE_GUEST_KERNEL
             return e
@@ -233,8 +234,16 @@ class PageTables:
         if not mem.valid_mfn(target) or mem.owner[target] != dom:
             raise MMUError(Errno.EINVAL, f"d{dom} L{level} entry to foreign frame {target:#x}")
         if target == self_mfn:
-            raise MMUError(Errno.EINVAL, "linear page tables are not supported")
-        self.get_type(target, _LEVEL_TYPE[level - 1], dom)
+            raise MMUError(Errno.EINVAL, "a table may not map itself")
+        same = _LEVEL_TYPE[level]
+        if mem.type[target] == same and mem.type_count[target]:
+            # A "linear" entry to another validated table of the same level (Xen's rule 7):
+            # read-only only; it holds a same-level type reference so the target stays a table.
+            if e & _PAGE_RW:
+                raise MMUError(Errno.EINVAL, f"linear L{level} entry must be read-only")
+            mem.type_count[target] += 1
+        else:
+            self.get_type(target, _LEVEL_TYPE[level - 1], dom)
         e |= _PAGE_USER
         if level == 4:
             e |= _PAGE_ACCESSED
@@ -243,10 +252,11 @@ class PageTables:
     def _put_entry(self, e: int, level: int) -> None:
         target = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
         if level == 1:
+            self.mem.refs[target] -= 1
             if e & _PAGE_RW:
                 self.put_type(target)
         else:
-            self.put_type(target)
+            self.put_type(target)         # next-level or same-level (linear) reference
 
     # -- entry updates ---------------------------------------------------------------------------
     def update_entry(self, dom: int, ptr: int, val: int, preserve_ad: bool = False) -> bool:

@@ -19,6 +19,7 @@ from .abi import (
     SEGBASE_GS_USER_SEL, TI_FLAG_MASK_EVENTS, TRAP_INFO, TRAP_NAMES, VGCF_in_syscall, CallbackOp,
     CallbackType, Errno, VcpuInfo, is_canonical,
 )
+from . import ptwr
 from .errors import HypercallError
 from .mmu import GuestFault
 
@@ -86,8 +87,17 @@ def exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
     """A CPU exception or software interrupt raised by guest code."""
     dom = v.domain
     eng = v.engine
+    if v.in_ptwr_step:                 # a fault while emulating a page-table store
+        eng.stop()
+        return
     name = TRAP_NAMES.get(vector, f"vector {vector}")
     rip, rsp = eng.read(("rip", "rsp"))
+    if vector == 14:
+        w = ptwr.candidate(v, cr2, error, rip)
+        if w is not None:
+            v.pending_ptwr = w
+            eng.stop()
+            return
     software = vector == 0x80 or vector >= 32 or vector in (3, 4)
     flags, _cs, handler = v.trap_table[vector] if vector < 256 else (0, 0, 0)
     if software:
@@ -115,6 +125,18 @@ def exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
     log.debug("%r: bounce %s at %#x to %#x", v, name, rip, handler)
     bounce(v, handler, error if vector in EXCEPTIONS_WITH_ERROR_CODE else None,
            mask_events=bool(flags & TI_FLAG_MASK_EVENTS))
+
+
+def finish_ptwr(v: "VCPU") -> None:
+    """Complete a trapped page-table store outside emulation; on refusal bounce the #PF."""
+    w, v.pending_ptwr = v.pending_ptwr, None
+    if not ptwr.complete(v, w):
+        v.domain.mem.write_u64(v.info_maddr + VcpuInfo.arch_cr2, w.va)
+        flags, _cs, handler = v.trap_table[14]
+        if not handler:
+            v.domain.crash(f"refused page-table store at rip {w.rip:#x} and no #PF handler")
+            return
+        bounce(v, handler, w.error & ~4, mask_events=bool(flags & TI_FLAG_MASK_EVENTS))
 
 
 def _byte_before(v: "VCPU", rip: int) -> int:

@@ -51,6 +51,9 @@ class VCPU:
         self.singleshot_handle: asyncio.TimerHandle | None = None
         self.poll_timeout_handle: asyncio.TimerHandle | None = None
         self.hypercalls = 0
+        self.ptwr_updates = 0
+        self.in_ptwr_step = False
+        self.pending_ptwr = None
         self.in_multicall = False
         engine.on_hypercall = self._on_syscall
         engine.on_exception = self._on_exception
@@ -200,6 +203,10 @@ class VCPU:
                     await self._wake.wait()
                     self._wake.clear()
                     continue
+                if self.pending_ptwr is not None:
+                    traps.finish_ptwr(self)
+                    if dom.dying:
+                        break
                 if self.event_deliverable():
                     traps.deliver_event(self)
                     if dom.dying:

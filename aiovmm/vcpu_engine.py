@@ -77,6 +77,7 @@ class EngineUnavailable(RuntimeError):
 
 
 _native_lib: ctypes.CDLL | None = None
+_capstone = None
 
 
 def _native() -> ctypes.CDLL:
@@ -309,6 +310,28 @@ class VCPUEngine:
         self.write(init)
 
     # -- running ---------------------------------------------------------------------------------
+    def step_to(self, end: int) -> bool:
+        """Execute from RIP up to (not including) `end`: one instruction when `end` is the
+        next instruction's address. Returns True if RIP reached `end` with no handler stop.
+        Used to emulate a single trapped store (writable page tables)."""
+        self.slice.budget = 1 << 40
+        self.slice.reason = 0
+        self.stop_requested = False
+        self._excfix.read_error_and_reset()
+        uclib.uc_reg_read_batch(self.h, self._rip.ids, self._rip.ptrs, 1)
+        err = uclib.uc_emu_start(self.h, self._rip.vals[0], end, 0, 0)
+        return not err and not self.stop_requested and self.get("rip") == end
+
+    def instruction_length(self, code: bytes) -> int:
+        """Length of the first x86_64 instruction in `code` (0 if undecodable)."""
+        global _capstone
+        if _capstone is None:
+            import capstone
+            _capstone = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        for _addr, size, _m, _o in _capstone.disasm_lite(code, 0, 1):
+            return size
+        return 0
+
     def run(self, budget: int) -> ExitReason:
         """Run until the block budget is used, a preempt, or a handler's stop()."""
         s = self.slice

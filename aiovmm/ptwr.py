@@ -1,0 +1,114 @@
+"""Writable page tables (the seed's "writeable page tables"; Xen's ptwr emulation).
+
+A guest kernel may update its own L1 page tables with ordinary stores although they are
+mapped read-only. The store faults (#PF, present+write, kernel mode); if the faulting page
+is one of the domain's validated L1 tables, the hypervisor emulates the instruction:
+
+1. copy the L1 frame into a scratch frame and point the faulting VA at the scratch copy,
+   writable (a hypervisor write of the L1 entry, not visible as a guest mapping);
+2. execute exactly that one instruction (capstone gives its length; the engine runs to the
+   next instruction), so any store form works (mov, xchg, cmpxchg, or, and ...);
+3. restore the mapping, and apply every 8-byte entry the instruction changed through the
+   normal validation (mmu.PageTables.update_entry): a refused entry is never written, and the
+   guest gets the original #PF instead.
+
+The store is therefore never applied unvalidated. It cannot run inside the fault hook (no
+nested emulation), so the fault hook records the request and ends the slice; the vCPU loop
+completes it before the next slice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from .abi import PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW
+from .memory import PageType
+from .mmu import GuestFault, MMUError
+
+if TYPE_CHECKING:
+    from .vcpu import VCPU
+
+log = logging.getLogger("aiovmm.ptwr")
+_PAGE = struct.Struct("<512Q")
+
+
+@dataclasses.dataclass
+class PendingWrite:
+    rip: int
+    length: int
+    va: int
+    l1e_addr: int          # machine address of the L1 entry mapping the page-table page
+    frame: int             # MFN of the guest L1 table being written
+    error: int             # the #PF error code, for the bounce if emulation is refused
+
+
+def candidate(v: "VCPU", cr2: int, error: int, rip: int) -> PendingWrite | None:
+    """Is this #PF a kernel store to one of the domain's own validated L1 tables?"""
+    if not v.kernel_mode or error & 3 != 3:
+        return None
+    mem = v.domain.mem
+    pt = v.domain.hypervisor.pagetables
+    try:
+        l1e_addr = pt.l1_entry_address(v.kernel_root, cr2)
+    except MMUError:
+        return None
+    l1e = mem.read_u64(l1e_addr)
+    if not l1e & _PAGE_PRESENT or l1e & _PAGE_RW:
+        return None
+    frame = (l1e & PTE_FRAME_MASK) >> PAGE_SHIFT
+    if not mem.valid_mfn(frame) or mem.owner[frame] != v.domain.domid:
+        return None
+    if mem.type[frame] != PageType.l1 or not mem.type_count[frame]:
+        return None
+    try:
+        code = v.copy_from_guest(rip, 15)
+    except GuestFault:
+        try:
+            code = v.copy_from_guest(rip, PAGE_SIZE - (rip & (PAGE_SIZE - 1)))
+        except GuestFault:
+            return None
+    n = v.engine.instruction_length(code)
+    if not n:
+        return None
+    return PendingWrite(rip, n, cr2, l1e_addr, frame, error)
+
+
+def complete(v: "VCPU", w: PendingWrite) -> bool:
+    """Emulate the recorded store. True if done; False: the caller bounces the #PF."""
+    hv = v.domain.hypervisor
+    mem = v.domain.mem
+    scratch = hv.ptwr_scratch
+    before = mem.read(w.frame << PAGE_SHIFT, PAGE_SIZE)
+    mem.write(scratch << PAGE_SHIFT, before)
+    l1e = mem.read_u64(w.l1e_addr)
+    mem.write_u64(w.l1e_addr, (l1e & ~PTE_FRAME_MASK) | (scratch << PAGE_SHIFT) | _PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY)
+    eng = v.engine
+    eng.flush_tlb()
+    v.in_ptwr_step = True
+    try:
+        ok = eng.step_to(w.rip + w.length)
+    finally:
+        v.in_ptwr_step = False
+        mem.write_u64(w.l1e_addr, l1e)
+        eng.flush_tlb()
+    if not ok:
+        eng.set("rip", w.rip)
+        return False
+    after = mem.read(scratch << PAGE_SHIFT, PAGE_SIZE)
+    old, new = _PAGE.unpack(before), _PAGE.unpack(after)
+    pt = hv.pagetables
+    for i, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            try:
+                pt.update_entry(v.domain.domid, (w.frame << PAGE_SHIFT) + 8 * i, b)
+            except MMUError as e:
+                log.info("d%d: writable page-table store refused at %#x: %s", v.domain.domid, w.rip, e)
+                # Registers may already reflect the instruction; re-run it after the fault.
+                eng.set("rip", w.rip)
+                return False
+    for other in v.domain.vcpus:
+        other.engine.flush_tlb()
+    v.ptwr_updates += 1
+    return True

@@ -1,0 +1,96 @@
+"""memory_op (#12): the domain's memory reservation (balloon) and M2P information.
+
+PV semantics (xen-pv-abi.md §8): frame lists hold MFNs (GFN == MFN for PV). A frame is freed
+only when nothing uses it: a frame that is still a typed page (page table, pinned) or still
+mapped by any L1 entry is refused, which ends the batch with a short count, so a guest can
+never keep a mapping of a frame that then goes to another domain.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from .abi import DOMID_SELF, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, PAGE_SIZE, Errno
+from .errors import HypercallError
+from .memory import OutOfMemory
+
+if TYPE_CHECKING:
+    from .vcpu import VCPU
+
+log = logging.getLogger("aiovmm.reservation")
+
+XENMEM_increase_reservation = 0
+XENMEM_decrease_reservation = 1
+XENMEM_maximum_ram_page = 2
+XENMEM_current_reservation = 3
+XENMEM_maximum_reservation = 4
+XENMEM_machphys_mfn_list = 5
+XENMEM_populate_physmap = 6
+XENMEM_memory_map = 9
+XENMEM_machphys_mapping = 12
+XENMEM_maximum_gpfn = 14
+
+RESERVATION = struct.Struct("<QQIIH6x")       # extent_start, nr_extents, order, mem_flags, domid
+MACHPHYS_MAPPING = struct.Struct("<QQQ")
+MAX_EXTENTS = 1 << 20
+
+
+def _self_domid(v: "VCPU", domid: int) -> None:
+    if domid not in (DOMID_SELF, v.domain.domid):
+        raise HypercallError(Errno.EPERM, "memory_op on another domain is privileged")
+
+
+def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
+    dom = v.domain
+    mem = dom.mem
+    op = cmd & 0x3F
+    start_extent = cmd >> 6
+    if op in (XENMEM_increase_reservation, XENMEM_decrease_reservation, XENMEM_populate_physmap):
+        extents, nr, order, _flags, domid = v.read_struct(arg, RESERVATION)
+        _self_domid(v, domid)
+        if nr > MAX_EXTENTS or order != 0:
+            # Only 4 KiB extents: larger orders would need contiguous machine frames.
+            return 0
+        done = start_extent
+        for i in range(start_extent, nr):
+            slot = extents + 8 * i
+            if op == XENMEM_decrease_reservation:
+                mfn = int.from_bytes(v.copy_from_guest(slot, 8), "little")
+                if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom.domid or mfn == dom.shared_info_mfn:
+                    break
+                if mem.type_count[mfn] or mem.pinned[mfn] or mem.refs[mfn]:
+                    log.debug("d%d: decrease_reservation of in-use frame %#x refused", dom.domid, mfn)
+                    break
+                dom.release_frame(mfn)
+            else:
+                if dom.tot_pages >= dom.max_pages:
+                    break
+                pfn = int.from_bytes(v.copy_from_guest(slot, 8), "little") if op == XENMEM_populate_physmap else None
+                try:
+                    mfn = dom.add_frame()
+                except OutOfMemory:
+                    break
+                if pfn is not None and pfn < (1 << 40):
+                    mem.m2p[mfn] = pfn
+                v.copy_to_guest(slot, mfn.to_bytes(8, "little"))
+            done = i + 1
+        return done
+    if op == XENMEM_maximum_ram_page:
+        return mem.nr_frames - 1
+    if op in (XENMEM_current_reservation, XENMEM_maximum_reservation, XENMEM_maximum_gpfn):
+        (domid,) = struct.unpack("<H", v.copy_from_guest(arg, 2))
+        target = dom if domid in (DOMID_SELF, dom.domid) else None
+        if target is None:
+            raise HypercallError(Errno.ESRCH if dom.hypervisor.domain(domid) is None else Errno.EPERM)
+        if op == XENMEM_current_reservation:
+            return target.tot_pages
+        if op == XENMEM_maximum_reservation:
+            return target.max_pages
+        return target.nr_pages - 1
+    if op == XENMEM_machphys_mapping:
+        v.write_struct(arg, MACHPHYS_MAPPING, MACH2PHYS_VIRT_START, MACH2PHYS_VIRT_END, mem.nr_frames - 1)
+        return 0
+    if op == XENMEM_memory_map:
+        raise HypercallError(Errno.ENOSYS)
+    raise HypercallError(Errno.ENOSYS)
