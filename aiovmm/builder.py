@@ -250,6 +250,12 @@ def build(dom: "Domain", img: KernelImage, cmdline: str) -> Layout:
     mem.pinned[l4] = 1
     dom.boot_l4 = l4
 
+    # Reserved grant entries (xg_dom_boot.c): console and xenstore pages to the backends (dom0).
+    from .grants import GTF_permit_access, GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, HOST_DOMID
+    dom.grants.write_entry(GNTTAB_RESERVED_CONSOLE, GTF_permit_access, HOST_DOMID, p2m[lay.console_pfn])
+    dom.grants.write_entry(GNTTAB_RESERVED_XENSTORE, GTF_permit_access, HOST_DOMID, p2m[lay.store_pfn])
+    dom.console_mfn, dom.store_mfn = p2m[lay.console_pfn], p2m[lay.store_pfn]
+
     # start_info
     si = bytearray(PAGE_SIZE)
     si[0:len(START_INFO_MAGIC)] = START_INFO_MAGIC

@@ -11,6 +11,7 @@ import re
 import uuid
 from typing import TYPE_CHECKING, Callable
 
+from .memory import PageType
 from .abi import PAGE_SHIFT, ShutdownReason, VcpuInfo, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
 from .events import EventChannels
 
@@ -38,10 +39,19 @@ class Domain:
         self.frames: set[int] = set(frames)
         self.frames.add(self.shared_info_mfn)
         self.max_pages = nr_pages
+        # Frames Xen shares with the guest (shared_info, grant-table frames): mappable
+        # writable, never retyped (a permanent writable type reference) and never freed
+        # by the guest.
+        self.shared_frames: set[int] = set()
+        self._share(self.shared_info_mfn)
+        self.destroyed = False
+        self.host_mappings: set = set()
         for i in range(XEN_LEGACY_MAX_VCPUS):
             self.mem.map[self.shared_info_maddr + VCPU_INFO_SIZE * i + VcpuInfo.evtchn_upcall_mask] = 1
         self.vcpus: list["VCPU"] = []
         self.evtchn = EventChannels(self)
+        from .grants import GrantTable
+        self.grants: GrantTable | None = GrantTable(self)
         # The toolstack allocates the xenstore port first, then the console's (xen-pv-abi §2.5).
         self.store_port = self.evtchn.alloc_unbound(0)
         self.console_port = self.evtchn.alloc_unbound(0)
@@ -66,8 +76,19 @@ class Domain:
 
     @property
     def tot_pages(self) -> int:
-        """Pages the domain owns, as Xen counts them (shared_info is Xen's, not counted)."""
-        return len(self.frames) - 1
+        """Pages the domain owns, as Xen counts them (Xen's shared frames not counted)."""
+        return len(self.frames) - len(self.shared_frames)
+
+    def _share(self, mfn: int) -> None:
+        self.mem.type[mfn] = PageType.writable
+        self.mem.type_count[mfn] += 1
+        self.shared_frames.add(mfn)
+
+    def add_shared_frame(self) -> int:
+        mfn = self.mem.alloc(self.domid)[0]
+        self.frames.add(mfn)
+        self._share(mfn)
+        return mfn
 
     def add_frame(self) -> int:
         mfn = self.mem.alloc(self.domid)[0]
@@ -156,11 +177,24 @@ class Domain:
         return await asyncio.shield(self.done)
 
     def destroy(self) -> None:
-        """Release everything: engines, frames. Idempotent."""
+        """Release everything: engines, host mappings, frames. Idempotent."""
+        if self.destroyed:
+            return
+        self.destroyed = True
+        for hm in list(self.host_mappings):
+            hm.close()
+        from . import grants
+        grants.release_all(self)
         for v in self.vcpus:
             v.stop_timers()
             v.engine.close()
         self.vcpus = []
         if self.frames:
-            self.mem.release_domain(self.domid, list(self.frames))
+            # Frames another domain still maps through a grant stay allocated (owned by Xen)
+            # until that mapping goes, so they are never handed to a third domain meanwhile.
+            held = grants.frames_mapped_by_others(self)
+            for mfn in held:
+                self.mem.owner[mfn] = grants.ORPHAN_OWNER
+            self.hypervisor.orphan_frames |= held
+            self.mem.release_domain(self.domid, [f for f in self.frames if f not in held])
             self.frames = set()

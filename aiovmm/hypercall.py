@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from . import events, mmu_ops, reservation, scheduler, timers, traps
+from . import events, grants, mmu_ops, reservation, scheduler, timers, traps
 from .abi import (
     CONSOLEIO_read, CONSOLEIO_write, MULTICALL_ENTRY, XEN_VERSION_MAJOR, XEN_VERSION_MINOR,
     Errno, Hypercall, XenVer, XENFEAT_writable_page_tables, HYPERVISOR_VIRT_START,
@@ -127,6 +127,7 @@ TABLE: dict[int, Handler] = {
     Hypercall.xen_version: do_xen_version,
     Hypercall.console_io: do_console_io,
     Hypercall.vm_assist: do_vm_assist,
+    Hypercall.grant_table_op: grants.do_grant_table_op,
     Hypercall.iret: traps.do_iret,
     Hypercall.vcpu_op: timers.do_vcpu_op,
     Hypercall.set_segment_base: traps.do_set_segment_base,

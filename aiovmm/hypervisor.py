@@ -32,6 +32,7 @@ class Hypervisor:
         self.memory_mib = memory_mib
         self.scheduler = scheduler or Scheduler()
         self.domains: dict[int, Domain] = {}
+        self.orphan_frames: set[int] = set()    # granted frames of dead domains still mapped
         self._next_domid = 1
         self._t0 = time.monotonic_ns()
         self.boot_unix_ns = time.time_ns() - (time.monotonic_ns() - self._t0)

@@ -281,6 +281,10 @@ class PageTables:
         if level == 4 and XEN_L4_FIRST <= idx <= XEN_L4_LAST:
             raise MMUError(Errno.EINVAL, f"L4 slot {idx} belongs to Xen")
         old = mem.read_u64(ptr)
+        if level == 1 and old & _PAGE_PRESENT and mem.owner[(old & PTE_FRAME_MASK) >> PAGE_SHIFT] != dom:
+            # A grant mapping: only GNTTABOP_unmap_grant_ref may remove it (Xen refuses an
+            # implicit unmap of a granted PTE).
+            raise MMUError(Errno.EINVAL, "entry holds a grant mapping")
         if preserve_ad:
             val |= old & _AD
         new = val

@@ -57,7 +57,7 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
             slot = extents + 8 * i
             if op == XENMEM_decrease_reservation:
                 mfn = int.from_bytes(v.copy_from_guest(slot, 8), "little")
-                if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom.domid or mfn == dom.shared_info_mfn:
+                if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom.domid or mfn in dom.shared_frames:
                     break
                 if mem.type_count[mfn] or mem.pinned[mfn] or mem.refs[mfn]:
                     log.debug("d%d: decrease_reservation of in-use frame %#x refused", dom.domid, mfn)
