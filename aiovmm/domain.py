@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import uuid
 from typing import TYPE_CHECKING, Callable
@@ -22,9 +23,43 @@ if TYPE_CHECKING:
 log = logging.getLogger("aiovmm.domain")
 
 
+class ConsoleLog:
+    """The per-domain console log file. Appends are buffered on the loop and written by
+    this object's task through a worker thread (no blocking file I/O on the loop)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._buf = bytearray()
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    def close(self) -> None:
+        """Ask run() to write what is buffered and return."""
+        self._closing = True
+        self._wake.set()
+
+    def append(self, data: bytes) -> None:
+        self._buf += data
+        self._wake.set()
+
+    def _write(self, data: bytes) -> None:
+        with open(self.path, "ab") as f:
+            f.write(data)
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            data, self._buf = bytes(self._buf), bytearray()
+            if data:
+                await asyncio.to_thread(self._write, data)
+            if self._closing and not self._buf:
+                return
+
+
 class Domain:
     def __init__(self, hv: "Hypervisor", domid: int, name: str, nr_pages: int,
-                 on_console: Callable[[bytes], None] | None = None) -> None:
+                 on_console: Callable[[bytes], None] | None = None, log_dir: str | None = None) -> None:
         self.hypervisor = hv
         self.mem = hv.mem
         self.domid = domid
@@ -68,6 +103,9 @@ class Domain:
         self._console_cb = on_console
         self._line_waiters: list[tuple[re.Pattern, asyncio.Future]] = []
         self.first_output_ns: int | None = None
+        self.log_path = os.path.join(log_dir, f"{name}-d{domid}.log") if log_dir else None
+        self.console_log = ConsoleLog(self.log_path) if self.log_path else None
+        self.console_backend = None
         self.created_ns = hv.system_time_ns()
         self.done: asyncio.Future[ShutdownReason] = asyncio.get_running_loop().create_future()
 
@@ -118,6 +156,8 @@ class Domain:
             self.first_output_ns = self.hypervisor.system_time_ns()
         data = bytes(b if (32 <= b < 127 or b in (9, 10)) else 0x3F for b in data)
         self.console += data
+        if self.console_log is not None:
+            self.console_log.append(data)
         if self._console_cb:
             self._console_cb(data)
         buf = self._partial + data

@@ -9,6 +9,7 @@ records interdomain peers so that both ends of a channel can be in this hypervis
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import logging
@@ -310,3 +311,89 @@ def do_event_channel_op(v, cmd: int, arg: int, *_) -> int:
     if cmd == EvtchnOp.bind_pirq:
         raise EventError(Errno.EPERM)
     raise EventError(Errno.ENOSYS)
+
+
+# ------------------------------------------------------------------ host-side endpoints
+class HostPort:
+    """A host backend's end of an interdomain event channel (the host is domid 0).
+
+    `await port.wait()` returns when the guest has notified since the last wait (edge
+    events coalesce, as pending bits do); `port.notify()` raises the event in the guest.
+    """
+
+    def __init__(self, host: "HostEvents", port: int) -> None:
+        self.host = host
+        self.port = port
+        self._event = asyncio.Event()
+        self.notifications = 0
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event.clear()
+
+    def pending(self) -> bool:
+        return self._event.is_set()
+
+    def notify(self) -> None:
+        self.host.send(self.port)
+
+    def close(self) -> None:
+        self.host.close(self.port)
+
+
+class HostEvents(EventChannels):
+    """The host's (domid 0) port table: same port semantics as a guest's, but a pending
+    port wakes an asyncio waiter instead of setting bits in a shared_info page."""
+
+    def __init__(self, hv) -> None:
+        self.hypervisor = hv
+        self.domid = 0
+        self.dom = self                      # EventChannels reaches the hypervisor via .dom
+        self.nr_ports = EVTCHN_2L_NR_CHANNELS
+        self.ports = [Port() for _ in range(self.nr_ports)]
+        self.virq_ports = {}
+        self.endpoints: dict[int, HostPort] = {}
+
+    def vcpu(self, i: int):
+        return None
+
+    def set_pending(self, port: int) -> None:
+        ep = self.endpoints.get(port)
+        if ep is not None:
+            ep.notifications += 1
+            ep._event.set()
+
+    def is_pending(self, port: int) -> bool:
+        ep = self.endpoints.get(port)
+        return bool(ep and ep.pending())
+
+    def is_masked(self, port: int) -> bool:
+        return False
+
+    def _clear_bit(self, off: int, port: int) -> None:
+        ep = self.endpoints.get(port)
+        if ep is not None:
+            ep._event.clear()
+
+    def endpoint_alloc_unbound(self, remote_dom: int) -> HostPort:
+        port = self.alloc_unbound(remote_dom)
+        ep = self.endpoints[port] = HostPort(self, port)
+        return ep
+
+    def endpoint_bind(self, remote_dom: int, remote_port: int) -> HostPort:
+        """Bind to a port the guest (or its builder) allocated unbound for domid 0."""
+        port = self._alloc()
+        ep = self.endpoints[port] = HostPort(self, port)
+        try:
+            self.bind_interdomain(remote_dom, remote_port)  # allocates `port` again (lowest free)
+        except EventError:
+            del self.endpoints[port]
+            raise
+        return ep
+
+    def close(self, port: int) -> None:
+        try:
+            super().close(port)
+        except EventError:
+            pass
+        self.endpoints.pop(port, None)

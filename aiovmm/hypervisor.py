@@ -14,6 +14,7 @@ from typing import Callable
 from . import builder, timers
 from .abi import DOMID_XEN, FLAT_KERNEL_SS, PAGE_SHIFT, ShutdownReason
 from .domain import Domain
+from .events import HostEvents
 from .errors import BuildError
 from .memory import MachineMemory, OutOfMemory
 from .mmu import PageTables, XenArea
@@ -28,8 +29,10 @@ DEFAULT_MACHINE_MIB = 2048
 
 
 class Hypervisor:
-    def __init__(self, memory_mib: int = DEFAULT_MACHINE_MIB, scheduler: Scheduler | None = None) -> None:
+    def __init__(self, memory_mib: int = DEFAULT_MACHINE_MIB, scheduler: Scheduler | None = None,
+                 log_dir: str | None = None) -> None:
         self.memory_mib = memory_mib
+        self.log_dir = log_dir
         self.scheduler = scheduler or Scheduler()
         self.domains: dict[int, Domain] = {}
         self.orphan_frames: set[int] = set()    # granted frames of dead domains still mapped
@@ -47,6 +50,9 @@ class Hypervisor:
         self.xen = XenArea(self.mem)
         self.pagetables = PageTables(self.mem, self.xen)
         self.ptwr_scratch = self.mem.alloc(DOMID_XEN)[0]     # see ptwr.py
+        self.host = HostEvents(self)
+        self.host.evtchn = self.host
+        self.host.grants = None
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         return self
@@ -63,7 +69,10 @@ class Hypervisor:
             self.domains.clear()
             self.mem.close()
 
-    def domain(self, domid: int) -> Domain | None:
+    def domain(self, domid: int):
+        """A guest domain, or the host's event-channel endpoint table for domid 0."""
+        if domid == 0:
+            return self.host
         return self.domains.get(domid)
 
     async def create(self, kernel: str, *, memory_mib: int = 32, cmdline: str = "",
@@ -76,7 +85,7 @@ class Hypervisor:
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:
-            dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console)
+            dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console, log_dir=self.log_dir)
         except OutOfMemory as e:
             raise BuildError(f"not enough machine memory for {memory_mib} MiB: {e}") from None
         self._next_domid += 1
@@ -108,12 +117,24 @@ class Hypervisor:
         timers.write_wallclock(dom)
 
     async def _run_domain(self, dom: Domain) -> None:
+        """The domain's lifetime: its vCPUs and backends in one TaskGroup; backends are
+        cancelled once every vCPU has stopped."""
+        from .backends.console import ConsoleBackend
         try:
             for v in dom.vcpus:
                 timers.set_periodic(v, timers.DEFAULT_PERIOD_NS)
+            dom.console_backend = ConsoleBackend(dom)
             async with asyncio.TaskGroup() as tg:
-                for v in dom.vcpus:
-                    tg.create_task(v.run(), name=repr(v))
+                backend_tasks = [tg.create_task(dom.console_backend.run(), name=f"d{dom.domid}-console")]
+                if dom.console_log is not None:
+                    tg.create_task(dom.console_log.run(), name=f"d{dom.domid}-log")
+                vcpu_tasks = [tg.create_task(v.run(), name=repr(v)) for v in dom.vcpus]
+                await asyncio.gather(*vcpu_tasks)
+                dom.console_backend.drain_final()
+                for t in backend_tasks:
+                    t.cancel()
+                if dom.console_log is not None:
+                    dom.console_log.close()
         except Exception as e:                 # a hypervisor bug: contain it to this domain
             log.exception("d%d: hypervisor error", dom.domid)
             dom.crash(f"hypervisor error: {e!r}")
