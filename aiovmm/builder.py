@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import struct
 from typing import TYPE_CHECKING
 
@@ -80,12 +81,29 @@ def _parse_notes(data: bytes) -> dict[int, int | str]:
     return notes
 
 
+_cache: dict[tuple, KernelImage] = {}
+
+
 def parse_kernel(path: str) -> KernelImage:
+    """Parse and check a guest kernel (cached by path, size and mtime: booting the same
+    kernel many times parses it once)."""
     try:
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        if key in _cache:
+            return _cache[key]
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise BuildError(f"{path}: cannot read kernel: {e.strerror}") from None
+    img = _parse(path, raw)
+    if len(_cache) > 64:
+        _cache.clear()
+    _cache[key] = img
+    return img
+
+
+def _parse(path: str, raw: bytes) -> KernelImage:
     try:
         elf = ELFFile(io.BytesIO(raw))
         if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
@@ -93,11 +111,17 @@ def parse_kernel(path: str) -> KernelImage:
         notes: dict[int, int | str] = {}
         loads = []
         for seg in elf.iter_segments():
+            if seg["p_offset"] + seg["p_filesz"] > len(raw) and seg["p_type"] in ("PT_NOTE", "PT_LOAD"):
+                raise BuildError(f"{path}: truncated: a {seg['p_type']} segment ends at byte "
+                                 f"{seg['p_offset'] + seg['p_filesz']}, the file has {len(raw)}")
             if seg["p_type"] == "PT_NOTE":
                 notes.update(_parse_notes(seg.data()))
             elif seg["p_type"] == "PT_LOAD" and seg["p_memsz"]:
                 if seg["p_filesz"] > seg["p_memsz"]:
                     raise BuildError(f"{path}: PT_LOAD with filesz > memsz")
+                if seg["p_offset"] + seg["p_filesz"] > len(raw):
+                    raise BuildError(f"{path}: truncated: a PT_LOAD segment ends at byte "
+                                     f"{seg['p_offset'] + seg['p_filesz']}, the file has {len(raw)}")
                 loads.append((seg["p_paddr"], seg.data(), seg["p_memsz"]))
         e_entry = elf["e_entry"]
     except ELFError as e:

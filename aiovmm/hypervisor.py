@@ -57,12 +57,17 @@ class Hypervisor:
         await self._tg.__aenter__()
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, et, exc, tb) -> None:
+        """Shut every domain down and wait for their tasks. An exception from the body of
+        `async with` propagates as itself (not wrapped in an ExceptionGroup)."""
         for dom in list(self.domains.values()):
             if not dom.dying:
                 dom.shutdown(ShutdownReason.poweroff)
         try:
-            await self._tg.__aexit__(*exc)
+            if et is not None and not issubclass(et, asyncio.CancelledError):
+                await self._tg.__aexit__(None, None, None)
+            else:
+                await self._tg.__aexit__(et, exc, tb)
         finally:
             for dom in list(self.domains.values()):
                 dom.destroy()

@@ -70,6 +70,9 @@ class MachineMemory:
         # A referenced frame is never freed, so no guest keeps a mapping of a frame that has
         # been handed to someone else.
         self.refs = array.array("I", [0]) * n
+        # 1 = the frame may hold old data and must be zeroed before reuse (a fresh memfd
+        # frame reads as zero: no need to touch it, which also keeps it unbacked).
+        self.dirty = array.array("B", [0]) * n
         # The M2P lives in machine frames at the top of memory, owned by Xen, so that guests
         # can read it through Xen's read-only mapping (L4 slot 256) as on real Xen.
         self.m2p_frames = (n * 8 + PAGE_SIZE - 1) >> PAGE_SHIFT
@@ -79,6 +82,7 @@ class MachineMemory:
         self.m2p = self.view[m2p_off:m2p_off + n * 8].cast("Q")
         for mfn in range(self.m2p_first, n):
             self.owner[mfn] = DOMID_XEN
+            self.dirty[mfn] = 1
         # Free list, handed out lowest first so a domain's frames tend to be contiguous.
         self._free = list(range(self.m2p_first - 1, -1, -1))
 
@@ -92,13 +96,12 @@ class MachineMemory:
         if count > len(self._free):
             raise OutOfMemory(f"need {count} frames, {len(self._free)} free")
         frames = [self._free.pop() for _ in range(count)]
+        dirty = self.dirty
         for mfn in frames:
             self.owner[mfn] = owner
-            self.type[mfn] = PageType.none
-            self.type_count[mfn] = 0
-            self.pinned[mfn] = 0
-            self.refs[mfn] = 0
-            self.zero(mfn)
+            if dirty[mfn]:
+                self.zero(mfn)
+                dirty[mfn] = 0
         return frames
 
     def free(self, frames: list[int], force: bool = False) -> None:
@@ -119,6 +122,7 @@ class MachineMemory:
             self.pinned[mfn] = 0
             self.refs[mfn] = 0
             self.m2p[mfn] = INVALID_M2P_ENTRY
+            self.dirty[mfn] = 1
             self._free.append(mfn)
 
     def release_domain(self, domid: int, frames: list[int]) -> None:

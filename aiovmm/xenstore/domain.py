@@ -104,8 +104,11 @@ parse_domid = _domid
 
 
 def introduce(tree: Tree, domains: dict[int, DomainInfo], domid: int, mfn: int = 0,
-              evtchn: int = 0, home_perms: Perms | None = None) -> list[Change]:
+              evtchn: int = 0, home_perms: Perms | None = None,
+              create_home: bool = True) -> list[Change]:
     """Mark `domid` introduced; create /local/domain/<id> if missing; fire @introduceDomain.
+
+    XS_INTRODUCE passes create_home=False (over the wire the toolstack makes the home itself).
 
     The home is created owned by the domain (`n<id>`) unless `home_perms` says otherwise
     (libxl itself uses `n0 r<id>` and makes the guest-writable subdirectories separately).
@@ -118,7 +121,7 @@ def introduce(tree: Tree, domains: dict[int, DomainInfo], domid: int, mfn: int =
     domains[domid] = DomainInfo(domid, mfn, evtchn)
     home = core.domain_path(domid)
     changes: list[Change] = []
-    if tree.get(home) is None:
+    if create_home and tree.get(home) is None:
         changes += core.mkdir(tree, Dom0(), home)
         changes += core.set_perms(tree, Dom0(), home, home_perms or (Perm(domid, core.PERM_NONE),))
     special = tree.get(core.INTRODUCE_DOMAIN)
