@@ -65,6 +65,16 @@ class _Slice(ctypes.Structure):
                 ("budget", ctypes.c_int64), ("blocks", ctypes.c_uint64), ("stop", ctypes.c_void_p)]
 
 
+class _Hcall(ctypes.Structure):
+    """Mirror of struct aiovmm_hcall in csrc/preempt.c."""
+    _fields_ = [("args", ctypes.c_uint64 * 6), ("ret", ctypes.c_uint64), ("set_ret", ctypes.c_int32),
+                ("ids", ctypes.c_int32 * 6), ("rax_id", ctypes.c_int32),
+                ("read_batch", ctypes.c_void_p), ("write_reg", ctypes.c_void_p), ("enter", ctypes.c_void_p)]
+
+
+_ENTER_CB = ctypes.CFUNCTYPE(None)
+
+
 class ExitReason(enum.Enum):
     BUDGET = "budget"          # slice budget used up
     PREEMPT = "preempt"        # preempt flag raised
@@ -202,9 +212,15 @@ class VCPUEngine:
         self._hooks = []
         self._add_hook(UC_HOOK_BLOCK, ctypes.cast(lib.aiovmm_block_hook, ctypes.c_void_p),
                        ctypes.cast(ctypes.byref(self.slice), ctypes.c_void_p))
-        self._cb_syscall = _SYSCALL_CB(self._hook_syscall)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_syscall, ctypes.c_void_p), None,
-                       X.UC_X86_INS_SYSCALL)
+        self._hc = hc = _Hcall()
+        hc.ids[:] = [REGS[n] for n in ("rax", "rdi", "rsi", "rdx", "r10", "r8")]
+        hc.rax_id = REGS["rax"]
+        hc.read_batch = ctypes.cast(uclib.uc_reg_read_batch, ctypes.c_void_p).value
+        hc.write_reg = ctypes.cast(uclib.uc_reg_write, ctypes.c_void_p).value
+        self._cb_syscall = _ENTER_CB(self._hook_syscall)
+        hc.enter = ctypes.cast(self._cb_syscall, ctypes.c_void_p).value
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_syscall_hook, ctypes.c_void_p),
+                       ctypes.cast(ctypes.byref(hc), ctypes.c_void_p), X.UC_X86_INS_SYSCALL)
         self._cb_intr = _INTR_CB(self._hook_intr)
         self._add_hook(UC_HOOK_INTR, ctypes.cast(self._cb_intr, ctypes.c_void_p), None)
         self._cb_invalid = _INVALID_CB(self._hook_invalid)
@@ -263,14 +279,16 @@ class VCPUEngine:
         self.write({name: value})
 
     def set_rax(self, value: int) -> None:
+        if self.in_syscall_hook:          # written back by the C hook after we return
+            self._hc.ret = value & 0xFFFFFFFFFFFFFFFF
+            self._hc.set_ret = 1
+            return
         self._rax.vals[0] = value & 0xFFFFFFFFFFFFFFFF
         uclib.uc_reg_write_batch(self.h, self._rax.ids, self._rax.ptrs, 1)
 
     def hypercall_args(self) -> list[int]:
-        """(rax, rdi, rsi, rdx, r10, r8) in one raw batch."""
-        b = self.args_batch
-        uclib.uc_reg_read_batch(self.h, b.ids, b.ptrs, 6)
-        return b.vals[:]
+        """(rax, rdi, rsi, rdx, r10, r8) as the C hook read them at the SYSCALL."""
+        return self._hc.args[:]
 
     def set_msr(self, msr: int, value: int) -> None:
         self.uc.msr_write(msr, value)
@@ -410,7 +428,7 @@ class VCPUEngine:
         self.stop_requested = True
         uclib.uc_emu_stop(self.h)
 
-    def _hook_syscall(self, uc, user_data) -> None:
+    def _hook_syscall(self) -> None:
         self.in_syscall_hook = True
         try:
             self.on_hypercall()

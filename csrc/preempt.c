@@ -44,3 +44,29 @@ void aiovmm_insn_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     (void)uc; (void)address; (void)size;
     (*(volatile uint64_t *)user_data)++;
 }
+
+/* UC_HOOK_INSN(SYSCALL) callback: the hypercall entry. Reading the six argument registers
+ * and writing RAX back through the Python binding cost ~2.7 us per hypercall; done here they
+ * cost ~0.1 us. The Python handler (`enter`) reads args[] and, to return a value, sets
+ * ret and set_ret. */
+struct aiovmm_hcall {
+    uint64_t args[6];            /* rax rdi rsi rdx r10 r8 */
+    uint64_t ret;
+    int32_t set_ret;
+    int32_t ids[6];              /* UC_X86_REG_* of args[] */
+    int32_t rax_id;
+    int (*read_batch)(void *uc, int *ids, void **vals, int count);
+    int (*write_reg)(void *uc, int id, const void *value);
+    void (*enter)(void);
+};
+
+void aiovmm_syscall_hook(void *uc, void *user_data)
+{
+    struct aiovmm_hcall *h = (struct aiovmm_hcall *)user_data;
+    void *vals[6] = { &h->args[0], &h->args[1], &h->args[2], &h->args[3], &h->args[4], &h->args[5] };
+    h->read_batch(uc, h->ids, vals, 6);
+    h->set_ret = 0;
+    h->enter();
+    if (h->set_ret)
+        h->write_reg(uc, h->rax_id, &h->ret);
+}
