@@ -36,7 +36,8 @@ async def _run(args: argparse.Namespace) -> int:
         out.write(data)
         out.flush()
 
-    async with Hypervisor(memory_mib=args.machine_memory, log_dir=args.log_dir) as hv:
+    async with Hypervisor(memory_mib=args.machine_memory, log_dir=args.log_dir,
+                          xenstore_path=args.xenstore_socket) as hv:
         dom = await hv.create(args.kernel, memory_mib=args.memory, cmdline=args.cmdline,
                               name=args.name, on_console=console)
         reason = await dom.wait()
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cmdline", default="", help="guest command line")
     r.add_argument("--name", default=None, help="domain name")
     r.add_argument("--log-dir", default=None, help="also write the console to <dir>/<name>-d<id>.log")
+    r.add_argument("--xenstore-socket", default=None, metavar="PATH",
+                   help="serve xenstore to host tools here (XENSTORED_PATH=PATH xenstore-ls)")
     r.add_argument("--machine-memory", type=int, default=2048, metavar="MIB",
                    help="host memory reserved for all guests (lazily backed; default 2048)")
     args = p.parse_args(argv)

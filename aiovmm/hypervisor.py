@@ -11,7 +11,8 @@ import logging
 import time
 from typing import Callable
 
-from . import builder, timers
+from . import builder, timers, toolstack
+from .xenstore.server import XenstoreServer
 from .abi import DOMID_XEN, FLAT_KERNEL_SS, PAGE_SHIFT, ShutdownReason
 from .domain import Domain
 from .events import HostEvents
@@ -30,9 +31,12 @@ DEFAULT_MACHINE_MIB = 2048
 
 class Hypervisor:
     def __init__(self, memory_mib: int = DEFAULT_MACHINE_MIB, scheduler: Scheduler | None = None,
-                 log_dir: str | None = None) -> None:
+                 log_dir: str | None = None, xenstore_path: str | None = None) -> None:
+        """`xenstore_path`: also serve xenstore to host tools on this unix socket (Debian's
+        xenstore-utils find it through XENSTORED_PATH)."""
         self.memory_mib = memory_mib
         self.log_dir = log_dir
+        self.xenstore_path = xenstore_path
         self.scheduler = scheduler or Scheduler()
         self.domains: dict[int, Domain] = {}
         self.orphan_frames: set[int] = set()    # granted frames of dead domains still mapped
@@ -53,6 +57,8 @@ class Hypervisor:
         self.host = HostEvents(self)
         self.host.evtchn = self.host
         self.host.grants = None
+        self.xenstore = XenstoreServer(self.xenstore_path)
+        await self.xenstore.__aenter__()
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         return self
@@ -72,6 +78,7 @@ class Hypervisor:
             for dom in list(self.domains.values()):
                 dom.destroy()
             self.domains.clear()
+            await self.xenstore.aclose()
             self.mem.close()
 
     def domain(self, domid: int):
@@ -98,6 +105,7 @@ class Hypervisor:
         try:
             lay = builder.build(dom, img, cmdline)
             self._create_vcpu0(dom, img, lay)
+            toolstack.introduce(self, dom)
         except BaseException:
             dom.destroy()
             del self.domains[domid]
@@ -130,7 +138,8 @@ class Hypervisor:
                 timers.set_periodic(v, timers.DEFAULT_PERIOD_NS)
             dom.console_backend = ConsoleBackend(dom)
             async with asyncio.TaskGroup() as tg:
-                backend_tasks = [tg.create_task(dom.console_backend.run(), name=f"d{dom.domid}-console")]
+                backend_tasks = [tg.create_task(dom.console_backend.run(), name=f"d{dom.domid}-console"),
+                                 tg.create_task(toolstack.serve_store_ring(self, dom), name=f"d{dom.domid}-store")]
                 if dom.console_log is not None:
                     tg.create_task(dom.console_log.run(), name=f"d{dom.domid}-log")
                 vcpu_tasks = [tg.create_task(v.run(), name=repr(v)) for v in dom.vcpus]
@@ -146,5 +155,6 @@ class Hypervisor:
         finally:
             if not dom.dying:
                 dom.crash("all vCPUs stopped")
+            toolstack.release(self, dom)
             dom.destroy()
             self.domains.pop(dom.domid, None)
