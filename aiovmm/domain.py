@@ -106,6 +106,7 @@ class Domain:
         self.log_path = os.path.join(log_dir, f"{name}-d{domid}.log") if log_dir else None
         self.console_log = ConsoleLog(self.log_path) if self.log_path else None
         self.console_backend = None
+        self.backends: list = []          # device backends (netback, blkback) of this domain
         self.created_ns = hv.system_time_ns()
         self.done: asyncio.Future[ShutdownReason] = asyncio.get_running_loop().create_future()
 

@@ -332,6 +332,36 @@ def host_map(dom: "Domain", ref: int, readonly: bool = False) -> HostMapping:
     return hm
 
 
+def host_copy_from(dom: "Domain", ref: int, offset: int, length: int) -> bytes:
+    """A host backend reads `length` bytes at `offset` of grant `ref` (like GNTTABOP_copy
+    from a gref: the entry must permit domid 0; the range must stay inside the page)."""
+    if offset < 0 or length < 0 or offset + length > PAGE_SIZE:
+        raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {length} crosses the page")
+    mfn = dom.grants.acquire(ref, HOST_DOMID, False)
+    try:
+        a = (mfn << PAGE_SHIFT) + offset
+        return bytes(dom.mem.view[a:a + length])
+    finally:
+        dom.grants.release(ref, False)
+
+
+def host_copy_to(dom: "Domain", ref: int, offset: int, data: bytes | memoryview) -> None:
+    """A host backend writes `data` into grant `ref` at `offset` (the entry must permit
+    domid 0 writing)."""
+    n = len(data)
+    if offset < 0 or offset + n > PAGE_SIZE:
+        raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {n} crosses the page")
+    mfn = dom.grants.acquire(ref, HOST_DOMID, True)
+    try:
+        mem = dom.mem
+        if mem.type_count[mfn] and mem.type[mfn] not in (PageType.writable, PageType.none):
+            raise GrantError(GntSt.bad_page, f"granted frame {mfn:#x} is a page table")
+        a = (mfn << PAGE_SHIFT) + offset
+        mem.view[a:a + n] = data
+    finally:
+        dom.grants.release(ref, True)
+
+
 def _copy_side(caller: "Domain", u: int, domid: int, off: int, length: int, is_gref: bool,
                write: bool) -> tuple["Domain", int, int | None]:
     """Resolve one side of a grant copy to (domain, machine address, ref-if-acquired)."""

@@ -31,12 +31,14 @@ DEFAULT_MACHINE_MIB = 2048
 
 class Hypervisor:
     def __init__(self, memory_mib: int = DEFAULT_MACHINE_MIB, scheduler: Scheduler | None = None,
-                 log_dir: str | None = None, xenstore_path: str | None = None) -> None:
+                 log_dir: str | None = None, xenstore_path: str | None = None,
+                 vif_prefix: str = "vif") -> None:
         """`xenstore_path`: also serve xenstore to host tools on this unix socket (Debian's
         xenstore-utils find it through XENSTORED_PATH)."""
         self.memory_mib = memory_mib
         self.log_dir = log_dir
         self.xenstore_path = xenstore_path
+        self.vif_prefix = vif_prefix      # tap names: <prefix><domid>.<devid>
         self.scheduler = scheduler or Scheduler()
         self.domains: dict[int, Domain] = {}
         self.orphan_frames: set[int] = set()    # granted frames of dead domains still mapped
@@ -89,8 +91,18 @@ class Hypervisor:
 
     async def create(self, kernel: str, *, memory_mib: int = 32, cmdline: str = "",
                      name: str | None = None,
-                     on_console: Callable[[bytes], None] | None = None) -> Domain:
-        """Build a domain from a Xen PV kernel and start it. Raises BuildError."""
+                     on_console: Callable[[bytes], None] | None = None,
+                     vifs: "list[VifConfig | str] | None" = None) -> Domain:
+        """Build a domain from a Xen PV kernel and start it. Raises BuildError.
+
+        `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'."""
+        from .backends.net import VifConfig
+        vif_cfgs = []
+        for v in vifs or []:
+            try:
+                vif_cfgs.append(v if isinstance(v, VifConfig) else VifConfig.parse(v))
+            except ValueError as e:
+                raise BuildError(f"vif {v!r}: {e}") from None
         if memory_mib < 1:
             raise BuildError("memory must be at least 1 MiB")
         img = builder.parse_kernel(kernel)
@@ -106,6 +118,11 @@ class Hypervisor:
             lay = builder.build(dom, img, cmdline)
             self._create_vcpu0(dom, img, lay)
             toolstack.introduce(self, dom)
+            from .backends.net import Netback
+            for devid, cfg in enumerate(vif_cfgs):
+                nb = Netback(dom, devid, cfg, ifname_prefix=self.vif_prefix)
+                nb.publish()
+                dom.backends.append(nb)
         except BaseException:
             dom.destroy()
             del self.domains[domid]
@@ -129,6 +146,15 @@ class Hypervisor:
         timers.write_pvclock(v)
         timers.write_wallclock(dom)
 
+    @staticmethod
+    async def _run_backend(dom: Domain, backend) -> None:
+        """A device backend failing (tap cannot be created, frontend misbehaves) stops that
+        device only; the domain and the other devices carry on."""
+        try:
+            await backend.run()
+        except Exception as e:
+            log.error("d%d: device %s stopped: %s", dom.domid, getattr(backend, "ifname", backend), e)
+
     async def _run_domain(self, dom: Domain) -> None:
         """The domain's lifetime: its vCPUs and backends in one TaskGroup; backends are
         cancelled once every vCPU has stopped."""
@@ -142,6 +168,8 @@ class Hypervisor:
                                  tg.create_task(toolstack.serve_store_ring(self, dom), name=f"d{dom.domid}-store")]
                 if dom.console_log is not None:
                     tg.create_task(dom.console_log.run(), name=f"d{dom.domid}-log")
+                for b in dom.backends:
+                    backend_tasks.append(tg.create_task(self._run_backend(dom, b), name=f"d{dom.domid}-{b.ifname}"))
                 vcpu_tasks = [tg.create_task(v.run(), name=repr(v)) for v in dom.vcpus]
                 await asyncio.gather(*vcpu_tasks)
                 dom.console_backend.drain_final()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -63,7 +64,7 @@ class XenstoreServer:
         self.store = store or Store(quotas)
         self.store.on_release = self._close_connections
         self._tg: asyncio.TaskGroup | None = None
-        self._servers: list[tuple[asyncio.AbstractServer, Path]] = []
+        self._listeners: list[tuple[socket.socket, Path, asyncio.Task[None]]] = []
         self._transports: dict[Connection, Transport] = {}
         self._closed = False
         self.stats = {"connections": 0, "protocol_errors": 0, "internal_errors": 0}
@@ -87,37 +88,56 @@ class XenstoreServer:
         if self._closed or self._tg is None:
             return
         self._closed = True
-        for server, path in self._servers:
-            server.close()
+        for sock, path, task in self._listeners:
+            task.cancel()
+            sock.close()
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
         for transport in list(self._transports.values()):
             transport.close()
-        try:
-            await self._tg.__aexit__(*(exc or (None, None, None)))
-        finally:
-            for server, _ in self._servers:
-                await server.wait_closed()
+        await self._tg.__aexit__(*(exc or (None, None, None)))
 
     # ---- listeners and connections ----------------------------------------------------------
     async def listen(self, path: str | os.PathLike[str], *, domid: int = 0,
                      privileged: bool | None = None) -> None:
-        """Accept connections on a unix socket; they act as `domid` (0 = privileged dom0)."""
+        """Accept connections on a unix socket; they act as `domid` (0 = privileged dom0).
+
+        The accept loop is a task of the server's TaskGroup (asyncio.start_unix_server would
+        finish accepting in tasks of its own, outside it).
+        """
+        assert self._tg is not None, "use `async with XenstoreServer(...)`"
         path = Path(path)
         if path.is_socket():
             path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.listen(64)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        task = self._tg.create_task(self._accept_loop(sock, path, domid, privileged),
+                                    name=f"xenstore accept {path.name}")
+        self._listeners.append((sock, path, task))
 
-        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept_loop(self, sock: socket.socket, path: Path, domid: int,
+                           privileged: bool | None) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            client, _ = await loop.sock_accept(sock)
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=client)
+            except BaseException:
+                client.close()
+                raise
             transport = SocketTransport(reader, writer)
             if self._closed:
                 transport.close()
                 return
             self._spawn(transport, domid, privileged, f"sock:{path.name}:dom{domid}")
-
-        server = await asyncio.start_unix_server(accepted, path=str(path))
-        self._servers.append((server, path))
 
     def serve_ring(self, domid: int, page: memoryview | bytearray,
                    notify: Callable[[], None]) -> RingTransport:

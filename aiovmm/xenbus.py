@@ -1,0 +1,87 @@
+"""Host-side xenbus: what backends need from xenstore, in-process (no socket).
+
+Backends and the toolstack use the daemon's Store directly as dom0; a watch is an internal
+privileged connection whose events land in an asyncio queue (Xen's backends wait on
+watches, never poll). XenbusState values and device-directory helpers live here too.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+
+from .xenstore.protocol import MessageReader, Message, XsType
+from .xenstore.store import Store
+
+log = logging.getLogger("aiovmm.xenbus")
+
+
+class XenbusState(enum.IntEnum):
+    Unknown = 0
+    Initialising = 1
+    InitWait = 2
+    Initialised = 3
+    Connected = 4
+    Closing = 5
+    Closed = 6
+    Reconfiguring = 7
+    Reconfigured = 8
+
+
+class Watch:
+    """A xenstore watch on `path` (and its subtree) as an async iterator of changed paths.
+    The initial event Xen sends on registration is delivered too."""
+
+    def __init__(self, store: Store, path: str, token: str = "host") -> None:
+        self.store = store
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self._reader = MessageReader()
+        self.conn = store.connect(0, self._sink, privileged=True, name=f"watch:{path}")
+        store.process(self.conn, Message(XsType.WATCH, 0, 0, path.encode() + b"\0" + token.encode() + b"\0"))
+
+    def _sink(self, data: bytes) -> None:
+        for msg in self._reader.feed(data):
+            if msg.type == XsType.WATCH_EVENT:
+                path = msg.payload.split(b"\0", 1)[0].decode()
+                self.queue.put_nowait(path)
+
+    async def next(self) -> str:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        self.store.disconnect(self.conn)
+
+
+def read_state(store: Store, path: str) -> XenbusState:
+    try:
+        return XenbusState(int(store.read(f"{path}/state").decode() or 0))
+    except Exception:
+        return XenbusState.Unknown
+
+
+def read_str(store: Store, path: str, default: str | None = None) -> str | None:
+    try:
+        return store.read(path).decode()
+    except Exception:
+        return default
+
+
+def write_keys(store: Store, base: str, keys: dict[str, str], perms: list[str]) -> None:
+    store.write(base, "")
+    store.set_perms(base, perms)
+    for k, v in keys.items():
+        store.write(f"{base}/{k}", v)
+        store.set_perms(f"{base}/{k}", perms)
+
+
+async def wait_for_state(store: Store, path: str, states: set[XenbusState]) -> XenbusState:
+    """Wait (on a watch) until <path>/state is one of `states`; returns it."""
+    w = Watch(store, f"{path}/state")
+    try:
+        while True:
+            s = read_state(store, path)
+            if s in states:
+                return s
+            await w.next()
+    finally:
+        w.close()
