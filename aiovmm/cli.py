@@ -39,7 +39,7 @@ async def _run(args: argparse.Namespace) -> int:
     async with Hypervisor(memory_mib=args.machine_memory, log_dir=args.log_dir,
                           xenstore_path=args.xenstore_socket) as hv:
         dom = await hv.create(args.kernel, memory_mib=args.memory, cmdline=args.cmdline,
-                              name=args.name, on_console=console, vifs=args.vif)
+                              name=args.name, on_console=console, vifs=args.vif, disks=args.disk)
         reason = await dom.wait()
         if reason == ShutdownReason.crash:
             print(f"aiovmm: d{dom.domid} ({dom.name}) {dom.describe_end()}", file=sys.stderr)
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--name", default=None, help="domain name")
     r.add_argument("--vif", action="append", default=[], metavar="SPEC",
                    help="network interface, xl syntax: mac=00:16:3e:01:02:03,bridge=br0 (repeatable)")
+    r.add_argument("--disk", action="append", default=[], metavar="SPEC",
+                   help="block device, xl syntax: target=/path/to/img,vdev=xvda,access=rw (repeatable)")
     r.add_argument("--log-dir", default=None, help="also write the console to <dir>/<name>-d<id>.log")
     r.add_argument("--xenstore-socket", default=None, metavar="PATH",
                    help="serve xenstore to host tools here (XENSTORED_PATH=PATH xenstore-ls)")

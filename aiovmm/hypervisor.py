@@ -92,10 +92,12 @@ class Hypervisor:
     async def create(self, kernel: str, *, memory_mib: int = 32, cmdline: str = "",
                      name: str | None = None,
                      on_console: Callable[[bytes], None] | None = None,
-                     vifs: "list[VifConfig | str] | None" = None) -> Domain:
+                     vifs: "list[VifConfig | str] | None" = None,
+                     disks: "list[DiskConfig | str] | None" = None) -> Domain:
         """Build a domain from a Xen PV kernel and start it. Raises BuildError.
 
-        `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'."""
+        `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'.
+        `disks`: block devices, each a DiskConfig or xl syntax 'target=/path,vdev=xvda,access=rw'."""
         from .backends.net import VifConfig
         vif_cfgs = []
         for v in vifs or []:
@@ -103,6 +105,14 @@ class Hypervisor:
                 vif_cfgs.append(v if isinstance(v, VifConfig) else VifConfig.parse(v))
             except ValueError as e:
                 raise BuildError(f"vif {v!r}: {e}") from None
+        disk_cfgs = []
+        if disks:
+            from .backends.block import DiskConfig
+            for d in disks:
+                try:
+                    disk_cfgs.append(d if isinstance(d, DiskConfig) else DiskConfig.parse(d))
+                except ValueError as e:
+                    raise BuildError(f"disk {d!r}: {e}") from None
         if memory_mib < 1:
             raise BuildError("memory must be at least 1 MiB")
         img = builder.parse_kernel(kernel)
@@ -123,6 +133,12 @@ class Hypervisor:
                 nb = Netback(dom, devid, cfg, ifname_prefix=self.vif_prefix)
                 nb.publish()
                 dom.backends.append(nb)
+            if disk_cfgs:
+                from .backends.block import Blkback
+                for devid, cfg in enumerate(disk_cfgs):
+                    bb = Blkback(dom, devid, cfg)
+                    bb.publish()
+                    dom.backends.append(bb)
         except BaseException:
             dom.destroy()
             del self.domains[domid]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from . import core
-from .core import Change, Dom0, Node, Perm, Perms, Tree, XsError
+from .core import Change, Dom0, Perm, Perms, Tree, XsError
 from .protocol import XsType, pack
 
 if TYPE_CHECKING:
@@ -94,15 +94,6 @@ class DomainInfo:
 # --------------------------------------------------------------------------------------------
 # Workers for XS_INTRODUCE / XS_RELEASE and the toolstack API (plain functions over state).
 
-def _domid(text: str) -> int:
-    if not text.isdigit() or int(text) > core.DOMID_MAX:
-        raise XsError(errno.EINVAL, f"bad domid {text!r}")
-    return int(text)
-
-
-parse_domid = _domid
-
-
 def introduce(tree: Tree, domains: dict[int, DomainInfo], domid: int, mfn: int = 0,
               evtchn: int = 0, home_perms: Perms | None = None,
               create_home: bool = True) -> list[Change]:
@@ -150,4 +141,4 @@ def release(tree: Tree, domains: dict[int, DomainInfo], domid: int,
     return changes, info.connections
 
 
-__all__ = ["Quotas", "Connection", "DomainInfo", "introduce", "release", "parse_domid", "Node"]
+__all__ = ["Quotas", "Connection", "DomainInfo", "introduce", "release"]

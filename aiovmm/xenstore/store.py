@@ -11,12 +11,11 @@ dom0 (privileged) and fires watches exactly like the same request over the wire:
 """
 from __future__ import annotations
 
-import errno
 import logging
 from typing import Callable
 
 from . import core, domain, transaction, watch
-from .core import Change, Dom0, Perms, Tree, XsError
+from .core import Change, Dom0, Perms, Tree
 from .domain import Connection, DomainInfo, Quotas
 from .protocol import Message, process
 from .transaction import Transaction
