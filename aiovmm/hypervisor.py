@@ -185,7 +185,7 @@ class Hypervisor:
                 if dom.console_log is not None:
                     tg.create_task(dom.console_log.run(), name=f"d{dom.domid}-log")
                 for b in dom.backends:
-                    backend_tasks.append(tg.create_task(self._run_backend(dom, b), name=f"d{dom.domid}-{b.ifname}"))
+                    backend_tasks.append(tg.create_task(self._run_backend(dom, b), name=f"d{dom.domid}-{type(b).__name__}-{b.devid}"))
                 vcpu_tasks = [tg.create_task(v.run(), name=repr(v)) for v in dom.vcpus]
                 await asyncio.gather(*vcpu_tasks)
                 dom.console_backend.drain_final()

@@ -104,3 +104,36 @@ void evtchn_do_upcall(struct regs *regs)
         }
     }
 }
+
+long evtchn_alloc_unbound(domid_t remote)
+{
+    struct evtchn_alloc_unbound op = { .dom = DOMID_SELF, .remote_dom = remote };
+    long rc = HYPERVISOR_event_channel_op(EVTCHNOP_alloc_unbound, &op);
+    return rc < 0 ? rc : (long)op.port;
+}
+
+long evtchn_bind_interdomain(domid_t remote, evtchn_port_t remote_port)
+{
+    struct evtchn_bind_interdomain op = { .remote_dom = remote, .remote_port = remote_port };
+    long rc = HYPERVISOR_event_channel_op(EVTCHNOP_bind_interdomain, &op);
+    return rc < 0 ? rc : (long)op.local_port;
+}
+
+long evtchn_send(evtchn_port_t port)
+{
+    struct evtchn_send op = { .port = port };
+    return HYPERVISOR_event_channel_op(EVTCHNOP_send, &op);
+}
+
+long evtchn_close(evtchn_port_t port)
+{
+    struct evtchn_close op = { .port = port };
+    return HYPERVISOR_event_channel_op(EVTCHNOP_close, &op);
+}
+
+long evtchn_poll(evtchn_port_t port, u64 timeout_ns)
+{
+    struct sched_poll p = { .nr_ports = 1, .timeout = timeout_ns };
+    set_xen_guest_handle(p.ports, &port);
+    return HYPERVISOR_sched_op(SCHEDOP_poll, &p);
+}

@@ -72,6 +72,12 @@ static inline long HYPERVISOR_event_channel_op(int cmd, void *arg)
 static inline long HYPERVISOR_multicall(void *list, unsigned long n)
 { return _hypercall2(__HYPERVISOR_multicall, list, n); }
 
+static inline long HYPERVISOR_grant_table_op(unsigned cmd, void *uop, unsigned count)
+{ return _hypercall3(__HYPERVISOR_grant_table_op, cmd, uop, count); }
+
+static inline long HYPERVISOR_memory_op(unsigned cmd, void *arg)
+{ return _hypercall2(__HYPERVISOR_memory_op, cmd, arg); }
+
 static inline long HYPERVISOR_callback_op(int cmd, void *arg)
 { return _hypercall2(__HYPERVISOR_callback_op, cmd, arg); }
 

@@ -174,3 +174,43 @@ u64 cmdline_u64(const char *cmd, const char *key, u64 dflt)
     }
     return dflt;
 }
+
+int cmdline_str(const char *cmd, const char *key, char *buf, size_t size)
+{
+    size_t klen = strlen(key);
+    const char *p = cmd;
+    while (*p) {
+        while (*p == ' ') p++;
+        if (!strncmp(p, key, klen) && p[klen] == '=') {
+            const char *q = p + klen + 1;
+            size_t n = 0;
+            while (q[n] && q[n] != ' ') n++;
+            if (size) {
+                if (n > size - 1) n = size - 1;
+                memcpy(buf, q, n);
+                buf[n] = 0;
+            }
+            return 1;
+        }
+        while (*p && *p != ' ') p++;
+    }
+    return 0;
+}
+
+int strcmp(const char *a, const char *b)
+{
+    while (*a && *a == *b) { a++; b++; }
+    return (u8)*a - (u8)*b;
+}
+
+int parse_long(const char *s, long *out)
+{
+    const char *p = s;
+    int neg = 0;
+    if (*p == '-') { neg = 1; p++; }
+    if (*p < '0' || *p > '9') return 0;
+    long v = 0;
+    while (*p >= '0' && *p <= '9') v = v * 10 + (*p++ - '0');
+    *out = neg ? -v : v;
+    return (int)(p - s);
+}

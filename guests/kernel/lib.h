@@ -19,5 +19,10 @@ int snprintf(char *buf, size_t size, const char *fmt, ...)
 
 /* Look up "key=<decimal>" in a space-separated command line. */
 u64 cmdline_u64(const char *cmdline, const char *key, u64 dflt);
+/* Copy the value of "key=<word>" into buf (NUL-terminated); 1 if found. */
+int cmdline_str(const char *cmdline, const char *key, char *buf, size_t size);
+int strcmp(const char *a, const char *b);
+/* Parse a decimal (optionally signed) number; returns chars consumed (0 = none). */
+int parse_long(const char *s, long *out);
 
 #endif

@@ -34,4 +34,22 @@ long unmap_page(unsigned long va);
 long make_readonly(void *va);
 void map_shared_info(void);
 
+/* Machine address of the PTE mapping `va` in the kernel's page tables (walks
+ * the current tables read-only through the kernel mapping; 0 if none). */
+u64 kernel_pte_maddr(unsigned long va);
+/* Extend the kernel's linear mapping VIRT_BASE + pfn<<12 to every frame of
+ * the domain (new L1 tables hooked into the bootstrap L2), so alloc_page()
+ * can hand out all free memory. Idempotent. */
+void mm_map_all(void);
+/* Like alloc_page() but not zeroed. */
+void *alloc_page_raw(void);
+/* Return a page to the allocator; it must be mapped writable again. */
+void free_page(void *va);
+/* A kernel VA with an L1 table but no mapping (its frame is given up):
+ * a place to map grant frames, foreign grants or shared rings. */
+unsigned long alloc_va_hole(void);
+/* MFN -> PFN through Xen's read-only M2P table. */
+static inline unsigned long mfn_to_pfn(unsigned long mfn)
+{ return ((const unsigned long *)HYPERVISOR_VIRT_START)[mfn]; }
+
 #endif

@@ -37,6 +37,7 @@ void panic(const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
+    console_use_hypercall();
     printk("panic: %s\n", buf);
     crash();
 }

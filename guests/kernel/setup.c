@@ -2,6 +2,7 @@
 #include "os.h"
 #include "mm.h"
 #include "sched.h"
+#include "console.h"
 
 start_info_t *start_info;
 shared_info_t *HYPERVISOR_shared_info;
@@ -13,6 +14,7 @@ void start_kernel(start_info_t *si, unsigned long rsp)
     entry_rsp = rsp;
     map_shared_info();
     mm_init();
+    console_init();
     app_main();
     poweroff();
 }
