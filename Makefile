@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-DEBS    := gcc make libxen-dev xenstore-utils lvm2 binutils
+DEBS    := gcc make libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-ping curl
 NATIVE  := aiovmm/_native/preempt.so
 
 .PHONY: setup demo test bench guests clean debs

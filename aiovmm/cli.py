@@ -48,13 +48,29 @@ async def _run(args: argparse.Namespace) -> int:
         return EXIT_CODES[reason]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 64, like every other aiovmm error."""
+
+    def error(self, message: str) -> None:
+        print(f"aiovmm: {message} (see aiovmm --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _mib(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="aiovmm", description="Xen PV hypervisor on asyncio")
+    p = _Parser(prog="aiovmm", description="Xen PV hypervisor on asyncio")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="boot a Xen PV kernel and stream its console")
     r.add_argument("kernel", help="guest kernel ELF (Xen PV, x86_64)")
-    r.add_argument("--memory", type=int, default=32, metavar="MIB", help="guest memory (default 32)")
+    r.add_argument("--memory", type=_mib, default=32, metavar="MIB", help="guest memory (default 32)")
     r.add_argument("--cmdline", default="", help="guest command line")
     r.add_argument("--name", default=None, help="domain name")
     r.add_argument("--vif", action="append", default=[], metavar="SPEC",
@@ -64,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--log-dir", default=None, help="also write the console to <dir>/<name>-d<id>.log")
     r.add_argument("--xenstore-socket", default=None, metavar="PATH",
                    help="serve xenstore to host tools here (XENSTORED_PATH=PATH xenstore-ls)")
-    r.add_argument("--machine-memory", type=int, default=2048, metavar="MIB",
+    r.add_argument("--machine-memory", type=_mib, default=2048, metavar="MIB",
                    help="host memory reserved for all guests (lazily backed; default 2048)")
     args = p.parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose
+    # Quiet by default: the CLI itself prints the one-line outcome; -v shows warnings and
+    # errors from the hypervisor's log, -vv info, -vvv debug.
+    level = {0: logging.CRITICAL + 1, 1: logging.WARNING, 2: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.cmd == "run":
         if args.memory < 1 or args.memory > args.machine_memory:

@@ -119,7 +119,8 @@ class EventChannels:
         raise EventError(Errno.ENOSPC, "no free event channel")
 
     def _port(self, port: int) -> Port:
-        if not 0 < port < self.nr_ports:
+        # Port 0 is valid but reserved (always reads as closed), as in Xen.
+        if not 0 <= port < self.nr_ports:
             raise EventError(Errno.EINVAL, f"bad port {port}")
         return self.ports.get(port, _CLOSED)
 
@@ -142,12 +143,12 @@ class EventChannels:
         if rd is None:
             raise EventError(Errno.ESRCH, f"no domain {remote_dom}")
         rch = rd.evtchn
+        port = self._alloc()                      # Xen's order: ENOSPC before EINVAL
         if not 0 < remote_port < rch.nr_ports:
             raise EventError(Errno.EINVAL, f"bad remote port {remote_port}")
         rp = rch.ports.get(remote_port, _CLOSED)
         if rp.state != EvtchnStat.unbound or rp.remote_dom != self.dom.domid:
             raise EventError(Errno.EINVAL, "remote port is not offered to this domain")
-        port = self._alloc()
         self.ports[port] = Port(EvtchnStat.interdomain, 0, -1, remote_dom, remote_port)
         rp.state = EvtchnStat.interdomain
         rp.remote_dom, rp.remote_port = self.dom.domid, port
@@ -175,7 +176,7 @@ class EventChannels:
 
     def close(self, port: int) -> None:
         p = self._port(port)
-        if p.state == EvtchnStat.closed:
+        if port == 0 or p.state == EvtchnStat.closed:
             raise EventError(Errno.EINVAL, f"port {port} is not in use")
         if p.state == EvtchnStat.virq:
             self.virq_ports.pop((p.virq, p.vcpu), None)
@@ -195,7 +196,7 @@ class EventChannels:
             rd = self.dom.hypervisor.domain(p.remote_dom)
             if rd is not None:
                 rd.evtchn.set_pending(p.remote_port)
-        elif p.state in (EvtchnStat.ipi, EvtchnStat.virq):
+        elif p.state == EvtchnStat.ipi:
             self.set_pending(port)
         elif p.state == EvtchnStat.unbound:
             pass
@@ -204,6 +205,8 @@ class EventChannels:
 
     def unmask(self, port: int) -> None:
         p = self._port(port)
+        if port == 0:
+            return
         a, b = self._bit(SharedInfo.evtchn_mask, port)
         m = self.dom.mem.map
         was = m[a] & b
@@ -212,8 +215,8 @@ class EventChannels:
             self._mark_vcpu_pending(p.vcpu, port >> 6)
 
     def bind_vcpu(self, port: int, vcpu: int) -> None:
+        self._check_vcpu(vcpu)                    # Xen's order: ENOENT before EINVAL
         p = self._port(port)
-        self._check_vcpu(vcpu)
         if p.state in (EvtchnStat.closed,):
             raise EventError(Errno.EINVAL, f"port {port} is closed")
         if p.state == EvtchnStat.ipi or (p.state == EvtchnStat.virq and p.virq in PER_VCPU_VIRQS):

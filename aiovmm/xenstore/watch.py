@@ -37,7 +37,7 @@ class Watch:
 
 
 def add(conn: Connection, watch: Watch, quotas: Quotas) -> None:
-    """Register `watch` on `conn` and send the initial event.  EEXIST, E2BIG (quota)."""
+    """Register `watch` on `conn` (the caller sends the initial event).  EEXIST, E2BIG."""
     if any(w.path == watch.path and w.token == watch.token for w in conn.watches):
         raise XsError(errno.EEXIST, "watch already registered")
     if not conn.privileged and len(conn.watches) >= quotas.max_watches:

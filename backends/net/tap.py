@@ -10,7 +10,9 @@ import fcntl
 import os
 import struct
 
-from pyroute2 import AsyncIPRoute, netns as pr_netns
+import asyncio
+
+from pyroute2 import IPRoute, netns as pr_netns
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -44,15 +46,22 @@ def open_tap(name: str, netns: str | None = None) -> int:
 
 
 async def attach(name: str, bridge: str | None, netns: str | None = None, mtu: int = 1500) -> None:
-    """Bring the tap up, and enslave it to `bridge` if given."""
-    async with AsyncIPRoute(netns=netns) if netns else AsyncIPRoute() as ipr:
-        idx = await ipr.link_lookup(ifname=name)
+    """Bring the tap up, and enslave it to `bridge` if given.
+
+    pyroute2's AsyncIPRoute cannot open its netlink socket on uvloop (AF_NETLINK datagram
+    endpoints are refused), so the synchronous IPRoute runs in a worker thread (~1 ms)."""
+    await asyncio.to_thread(_attach_sync, name, bridge, netns, mtu)
+
+
+def _attach_sync(name: str, bridge: str | None, netns: str | None, mtu: int) -> None:
+    with (IPRoute(netns=netns) if netns else IPRoute()) as ipr:
+        idx = ipr.link_lookup(ifname=name)
         if not idx:
             raise TapError(f"tap {name} vanished")
         kw = {"index": idx[0], "state": "up", "mtu": mtu}
         if bridge:
-            br = await ipr.link_lookup(ifname=bridge)
+            br = ipr.link_lookup(ifname=bridge)
             if not br:
                 raise TapError(f"bridge {bridge!r} does not exist" + (f" in netns {netns}" if netns else ""))
             kw["master"] = br[0]
-        await ipr.link("set", **kw)
+        ipr.link("set", **kw)

@@ -1,0 +1,142 @@
+"""Shared fixtures for the aiovmm test suite.
+
+Everything here runs real guests on the real hypervisor: nothing is mocked.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from aiovmm import Hypervisor
+
+ROOT = Path(__file__).resolve().parents[1]
+GUESTS_DIR = ROOT / "guests"
+BUILD = GUESTS_DIR / "build"
+
+# Machine memory for hypervisors created by tests: small enough to be cheap to set up,
+# large enough for ten 8 MiB guests at once.
+HV_MEMORY_MIB = 256
+
+_REQUIRED = ["kernel.elf"] + [f"tests/{n}.elf" for n in
+                              ("hello", "hcall_errors", "traps", "unhandled_pf",
+                               "fault_in_handler", "trap_after_event")]
+
+
+def kernel() -> str:
+    return str(BUILD / "kernel.elf")
+
+
+def guest(name: str) -> str:
+    """Path of guests/build/tests/<name>.elf."""
+    return str(BUILD / "tests" / f"{name}.elf")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def guests_built() -> Path:
+    """Build the guests once per session if any of them is missing."""
+    if not all((BUILD / p).exists() for p in _REQUIRED):
+        subprocess.run(["make", "-C", str(GUESTS_DIR)], check=True,
+                       stdout=subprocess.DEVNULL)
+    missing = [p for p in _REQUIRED if not (BUILD / p).exists()]
+    assert not missing, f"make -C guests did not produce {missing}"
+    return BUILD
+
+
+@pytest.fixture
+async def hv():
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as h:
+        yield h
+
+
+@dataclass
+class Boot:
+    """What one guest run produced."""
+    lines: list[str]
+    reason: object
+    crash_reason: str
+    end: str
+
+
+async def boot_async(path: str, *, memory_mib: int = 8, cmdline: str = "",
+                     timeout: float = 60.0) -> Boot:
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as h:
+        dom = await h.create(path, memory_mib=memory_mib, cmdline=cmdline)
+        async with asyncio.timeout(timeout):
+            reason = await dom.wait()
+        return Boot(list(dom.console_lines), reason, dom.crash_reason, dom.describe_end())
+
+
+def boot(path: str, **kw) -> Boot:
+    """Boot one guest to completion in a fresh event loop (for module-scoped sync fixtures)."""
+    return asyncio.run(boot_async(path, **kw))
+
+
+def results(lines: list[str]) -> dict[str, str]:
+    """`result <key> <rest>` lines -> {key: rest}; a duplicate key is an error."""
+    out: dict[str, str] = {}
+    for line in lines:
+        m = re.fullmatch(r"result (\S+) ?(.*)", line)
+        if m:
+            assert m.group(1) not in out, f"duplicate result line for {m.group(1)}: {line!r}"
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def _cli_command() -> list[str]:
+    script = Path(sys.executable).parent / "aiovmm"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "aiovmm.cli"]
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run `aiovmm ARGS...` as a subprocess; text stdout/stderr captured."""
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    return subprocess.run(_cli_command() + [str(a) for a in args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def elf_symbols(path: str) -> dict[str, int]:
+    from elftools.elf.elffile import ELFFile
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        symtab = elf.get_section_by_name(".symtab")
+        return {s.name: s["st_value"] for s in symtab.iter_symbols() if s.name}
+
+
+def probe_sites(path: str) -> dict[str, tuple[int, int]]:
+    """{'div0': (insn_va, next_va), ...} from the guest's .probes table (probes.S)."""
+    import struct as _struct
+    from elftools.elf.elffile import ELFFile
+    syms = elf_symbols(path)
+    start, end = syms["__probes_start"], syms["__probes_end"]
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        raw = b""
+        for sec in elf.iter_sections():
+            a, n = sec["sh_addr"], sec["sh_size"]
+            if a and a <= start and end <= a + n and sec["sh_type"] != "SHT_NOBITS":
+                raw = sec.data()[start - a:end - a]
+                break
+    pairs = sorted(_struct.iter_unpack("<QQ", raw))
+    assert pairs, f"no probe table in {path}"
+    out = {}
+    for name, va in syms.items():
+        if name.startswith("probe_") and name != "probe_insn_len":
+            after = [p for p in pairs if p[0] >= va]
+            if after:
+                out[name[len("probe_"):]] = after[0]
+    return out

@@ -1,0 +1,188 @@
+"""Issue acceptance: kernel.elf boots and follows its console contract (guests/README.md),
+timers tick at the requested period, faults are contained to the faulting domain, and many
+guests run side by side."""
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import time
+
+import pytest
+
+from aiovmm import ShutdownReason
+from conftest import boot, guest, kernel, probe_sites
+
+TICK_RE = re.compile(r"timer: tick (\d+) at (\d+)")
+SUMMARY_RE = re.compile(r"timer: (\d+) ticks in (\d+) ns")
+GP_RE = re.compile(r"trap: #GP at 0x([0-9a-f]+) \(privileged instruction\)")
+CMDLINE = "ticks=10 period_ms=10 note=aiovmm-test"
+
+
+@pytest.fixture(scope="module")
+def main_boot():
+    t0 = time.time()
+    b = boot(kernel(), memory_mib=8, cmdline=CMDLINE)
+    b.host_t0, b.host_t1 = t0, time.time()
+    return b
+
+
+def test_poweroff(main_boot):
+    assert main_boot.reason == ShutdownReason.poweroff, main_boot.end
+    assert main_boot.lines[-1] == "poweroff"
+    assert not any(l.startswith("panic:") for l in main_boot.lines)
+
+
+def test_banner_cmdline_version(main_boot):
+    lines = main_boot.lines
+    assert lines[0] == "aiovmm guest kernel 0.1 booting"
+    assert lines[1] == f"cmdline: {CMDLINE}"
+    assert lines[2] == "xen version 4.17"
+
+
+def test_wallclock(main_boot):
+    line = next(l for l in main_boot.lines if l.startswith("time: wallclock "))
+    sec = int(line.split()[-1])
+    assert main_boot.host_t0 - 5 <= sec <= main_boot.host_t1 + 5
+
+
+def test_contract_order(main_boot):
+    """Every line of kernel.elf's contract, in order, and nothing else."""
+    pats = ([r"aiovmm guest kernel 0\.1 booting", r"cmdline: .*", r"xen version \d+\.\d+",
+             r"time: wallclock \d+"]
+            + [rf"timer: tick {i} at \d+" for i in range(1, 11)]
+            + [r"timer: 10 ticks in \d+ ns", r"user: hello from user mode",
+               r"syscall: exit status=42", r"user: round trip ok"]
+            + [r"trap: #GP at 0x[0-9a-f]+ \(privileged instruction\)"] * 2
+            + [r"gp: handled", r"poweroff"])
+    lines = main_boot.lines
+    assert len(lines) == len(pats), lines
+    for line, pat in zip(lines, pats):
+        assert re.fullmatch(pat, line), (pat, line)
+
+
+def _ticks(lines):
+    ticks = [(int(m[1]), int(m[2])) for l in lines if (m := TICK_RE.fullmatch(l))]
+    summary = [(int(m[1]), int(m[2])) for l in lines if (m := SUMMARY_RE.fullmatch(l))]
+    return ticks, summary
+
+
+def _check_ticks(lines, n, period_ms):
+    ticks, summary = _ticks(lines)
+    assert [i for i, _ in ticks] == list(range(1, n + 1))
+    times = [t for _, t in ticks]
+    assert all(b > a for a, b in zip(times, times[1:])), times
+    intervals = [b - a for a, b in zip(times, times[1:])]
+    period = period_ms * 1_000_000
+    med = statistics.median(intervals)
+    assert 0.7 * period <= med <= 1.3 * period, (med, intervals)
+    # No interval may be absurd (a lost or doubled tick).
+    assert min(intervals) >= 0.3 * period, intervals
+    assert max(intervals) <= 3 * period, intervals
+    assert len(summary) == 1 and summary[0][0] == n
+    elapsed = summary[0][1]
+    assert 0.7 * n * period <= elapsed <= 2.0 * n * period, elapsed
+    # The span of the tick timestamps agrees with the reported elapsed time.
+    assert times[-1] - times[0] <= elapsed
+
+
+def test_timer_ticks_10ms(main_boot):
+    _check_ticks(main_boot.lines, 10, 10)
+
+
+async def test_timer_ticks_20ms(hv):
+    dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=8 period_ms=20")
+    t_create = hv.system_time_ns()
+    assert await asyncio.wait_for(dom.wait(), 30) == ShutdownReason.poweroff, dom.describe_end()
+    t_end = hv.system_time_ns()
+    _check_ticks(dom.console_lines, 8, 20)
+    # The guest's pvclock is the hypervisor's system time.
+    ticks, _ = _ticks(dom.console_lines)
+    assert t_create - 50_000_000 <= ticks[0][1] and ticks[-1][1] <= t_end
+
+
+def test_user_mode_round_trip(main_boot):
+    lines = main_boot.lines
+    i = lines.index("user: hello from user mode")
+    assert lines[i + 1:i + 3] == ["syscall: exit status=42", "user: round trip ok"]
+
+
+def test_gp_privileged_instructions(main_boot):
+    lines = main_boot.lines
+    gps = [i for i, l in enumerate(lines) if GP_RE.fullmatch(l)]
+    assert len(gps) == 2 and gps[1] == gps[0] + 1
+    rips = [int(GP_RE.fullmatch(lines[i])[1], 16) for i in gps]
+    probes = probe_sites(kernel())
+    # main.c runs probe_cli() then probe_hlt(); #GP reports the faulting instruction.
+    assert rips == [probes["cli"][0], probes["hlt"][0]]
+    assert lines[gps[1] + 1] == "gp: handled"
+    assert lines[-1] == "poweroff"
+
+
+async def test_unhandled_fault_crashes_only_that_guest(hv):
+    spin_pat = re.compile(r"spin (\d+)")
+    bystander = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0", name="bystander")
+    await bystander.wait_for_line(r"^spin 3$", timeout=30)
+    victim = await hv.create(guest("unhandled_pf"), memory_mib=8, name="victim")
+    assert await asyncio.wait_for(victim.wait(), 30) == ShutdownReason.crash
+    assert "#PF" in victim.crash_reason
+    assert "panic: survived an unhandled page fault" not in victim.console_lines
+    before = sum(1 for l in bystander.console_lines if spin_pat.fullmatch(l))
+    assert not bystander.dying
+    # The bystander keeps running after the crash: ten more timer-driven lines.
+    await bystander.wait_for_line(rf"^spin {before + 10}$", timeout=30)
+    after = sum(1 for l in bystander.console_lines if spin_pat.fullmatch(l))
+    assert after >= before + 10
+    assert not bystander.dying and bystander.crash_reason == ""
+    spins = [int(m[1]) for l in bystander.console_lines if (m := spin_pat.fullmatch(l))]
+    assert spins == list(range(1, len(spins) + 1))
+    assert victim.domid not in hv.domains
+    assert bystander.domid in hv.domains
+
+
+async def test_bystander_shut_down_on_exit():
+    from aiovmm import Hypervisor
+    async with Hypervisor(memory_mib=64) as h:
+        dom = await h.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        await dom.wait_for_line(r"^spin 2$", timeout=30)
+    assert dom.shutdown_reason == ShutdownReason.poweroff
+    assert dom.crash_reason == ""
+    assert h.domains == {}
+
+
+async def test_ten_guests_concurrently(hv):
+    doms = [await hv.create(kernel(), memory_mib=8, cmdline="ticks=2", name=f"g{i}")
+            for i in range(10)]
+    assert len({d.domid for d in doms}) == 10
+    assert len({d.name for d in doms}) == 10
+    reasons = await asyncio.wait_for(asyncio.gather(*(d.wait() for d in doms)), 60)
+    for d, r in zip(doms, reasons):
+        assert r == ShutdownReason.poweroff, (d.name, d.describe_end())
+        assert d.console_lines[0] == "aiovmm guest kernel 0.1 booting"
+        assert "cmdline: ticks=2" in d.console_lines
+        assert "timer: tick 2 at" in "\n".join(d.console_lines)
+        assert "user: round trip ok" in d.console_lines
+        assert d.console_lines[-1] == "poweroff"
+
+
+@pytest.fixture(scope="module")
+def unhandled_pf_boot():
+    return boot(guest("unhandled_pf"), memory_mib=8)
+
+
+def test_unhandled_pf_reason(unhandled_pf_boot):
+    b = unhandled_pf_boot
+    assert b.reason == ShutdownReason.crash
+    assert b.lines == ["about to fault"]
+    assert "#PF" in b.crash_reason
+    assert re.search(r"cr2 0x1000\b", b.crash_reason), b.crash_reason
+    assert b.end.startswith("crashed: ")
+
+
+def test_fault_in_handler_crashes_with_nested_reason():
+    b = boot(guest("fault_in_handler"), memory_mib=8)
+    assert b.reason == ShutdownReason.crash, b.end
+    assert b.lines[0] == "about to fault"
+    assert not any(l.startswith("panic:") or l == "poweroff" for l in b.lines)
+    assert re.search(r"nested|inside its own fault handler|double fault|#DF",
+                     b.crash_reason, re.I), b.crash_reason

@@ -1,0 +1,90 @@
+"""Quotas for unprivileged domains (dom5 socket), with small limits; dom0 is exempt."""
+from __future__ import annotations
+
+import pytest
+
+from aiovmm.xenstore import Quotas, XsType
+
+from .conftest import XsErr
+
+
+@pytest.fixture
+def quotas() -> Quotas:
+    return Quotas(max_nodes=6, max_value_size=16, max_watches=3, max_transactions=2,
+                  max_perms=2)
+
+
+def test_defaults_are_xens():
+    q = Quotas()
+    assert (q.max_nodes, q.max_value_size, q.max_watches, q.max_transactions) == \
+        (1000, 2048, 128, 10)
+
+
+async def test_node_quota(xs, client):
+    d5, dom0 = await client(xs.dom5_sock), await client()
+    # dom5 owns its home already (1 node): 5 more fit, in one go with parents
+    await d5.write("a/b/c", "")
+    await d5.write("a/d", "")
+    await d5.write("a/e", "")
+    with pytest.raises(XsErr, match="ENOSPC"):
+        await d5.write("a/f", "")
+    with pytest.raises(XsErr, match="ENOSPC"):
+        await d5.write("x/y/z", "")                          # nothing half-created
+    assert "x" not in await d5.directory("/local/domain/5")
+    await d5.write("a/e", "rewrite is fine")                  # existing node: no new entry
+    await d5.call(XsType.RM, "a/e")
+    await d5.write("a/f", "")                                 # room again after rm
+    for i in range(10):                                       # dom0 is not limited
+        await dom0.write(f"/local/domain/5/dom0-{i}", "")
+
+
+async def test_node_quota_inside_a_transaction(xs, client):
+    d5 = await client(xs.dom5_sock)
+    tx = await d5.tx_start()
+    for i in range(5):
+        await d5.write(f"n{i}", "", tx)
+    with pytest.raises(XsErr, match="ENOSPC"):
+        await d5.write("n5", "", tx)
+    await d5.tx_end(tx)
+    assert len(await d5.directory("/local/domain/5")) == 5
+
+
+async def test_value_size_quota(xs, client):
+    d5, dom0 = await client(xs.dom5_sock), await client()
+    await d5.write("v", "x" * 16)
+    with pytest.raises(XsErr, match="ENOSPC"):
+        await d5.write("v", "x" * 17)
+    assert await d5.read("v") == b"x" * 16
+    await dom0.write("/local/domain/5/big", "x" * 4000)
+
+
+async def test_watch_quota(xs, client):
+    d5, dom0 = await client(xs.dom5_sock), await client()
+    for i in range(3):
+        await d5.watch(f"w{i}", "t")
+    with pytest.raises(XsErr, match="E2BIG"):
+        await d5.watch("w3", "t")
+    await d5.call(XsType.UNWATCH, "w0", "t")
+    await d5.watch("w3", "t")
+    for i in range(10):
+        await dom0.watch(f"/w{i}", "t")
+
+
+async def test_transaction_quota(xs, client):
+    d5, dom0 = await client(xs.dom5_sock), await client()
+    t1, t2 = await d5.tx_start(), await d5.tx_start()
+    with pytest.raises(XsErr, match="ENOSPC"):
+        await d5.tx_start()
+    await d5.tx_end(t1, commit=False)
+    await d5.tx_start()
+    for _ in range(5):
+        await dom0.tx_start()
+    assert t2
+
+
+async def test_perms_quota(xs, client):
+    d5 = await client(xs.dom5_sock)
+    await d5.write("p", "")
+    await d5.call(XsType.SET_PERMS, "p", "n5", "r1", "r2")
+    with pytest.raises(XsErr, match="ENOSPC"):
+        await d5.call(XsType.SET_PERMS, "p", "n5", "r1", "r2", "r3")
