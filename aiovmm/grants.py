@@ -150,8 +150,9 @@ class GrantTable:
         Returns the granted MFN."""
         flags, domid, frame = self.read_entry(ref)
         if flags & GTF_type_mask != GTF_permit_access or domid != grantee:
-            raise GrantError(GntSt.general_error if flags & GTF_type_mask else GntSt.bad_gntref,
-                             f"d{self.dom.domid} ref {ref} is not granted to d{grantee}")
+            # Xen: an in-range entry that grants nothing to this grantee is general_error;
+            # bad_gntref is only for references past the end of the table.
+            raise GrantError(GntSt.general_error, f"d{self.dom.domid} ref {ref} is not granted to d{grantee}")
         if write and flags & GTF_readonly:
             raise GrantError(GntSt.general_error, f"d{self.dom.domid} ref {ref} is read-only")
         mem = self.dom.mem

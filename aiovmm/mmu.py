@@ -155,15 +155,17 @@ class PageTables:
         self._q = struct.Struct("<512Q")
 
     # -- frame types ----------------------------------------------------------------------------
-    def get_type(self, mfn: int, ptype: PageType, dom: int) -> None:
-        """Take a type reference on `mfn` as `ptype`, validating it if it becomes a table."""
+    def get_type(self, mfn: int, ptype: PageType, dom: int, conflict: Errno = Errno.EINVAL) -> None:
+        """Take a type reference on `mfn` as `ptype`, validating it if it becomes a table.
+        A type conflict fails with `conflict` (Xen: -EINVAL for tables, pins and base
+        pointers; -EBUSY when an L1 entry wants a page table writable)."""
         mem = self.mem
         if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
             raise MMUError(Errno.EINVAL, f"frame {mfn:#x} is not owned by d{dom}")
         cur = mem.type[mfn]
         if mem.type_count[mfn]:
             if cur != ptype:
-                raise MMUError(Errno.EBUSY, f"frame {mfn:#x} is {PageType(cur).name}, not {ptype.name}")
+                raise MMUError(conflict, f"frame {mfn:#x} is {PageType(cur).name}, not {ptype.name}")
             mem.type_count[mfn] += 1
             return
         if ptype in _PT_TYPES:
@@ -220,10 +222,12 @@ class PageTables:
         if level == 1:
             if e & ~L1_ALLOWED:
                 raise MMUError(Errno.EINVAL, f"bad L1 flags {e & ~L1_ALLOWED:#x}")
-            if not mem.valid_mfn(target) or mem.owner[target] != dom:
-                raise MMUError(Errno.EINVAL, f"d{dom} may not map frame {target:#x}")
+            if not mem.valid_mfn(target):
+                raise MMUError(Errno.EPERM, f"frame {target:#x} is not RAM")
+            if mem.owner[target] != dom:
+                raise MMUError(Errno.EBUSY, f"d{dom} may not map frame {target:#x}")
             if e & _PAGE_RW:
-                self.get_type(target, PageType.writable, dom)
+                self.get_type(target, PageType.writable, dom, conflict=Errno.EBUSY)
             mem.refs[target] += 1
             if not e & _PAGE_USER:
                 e |= _PAGE_USER | _PAGE_GUEST_KERNEL

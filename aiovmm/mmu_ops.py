@@ -15,7 +15,7 @@ from .abi import (
 )
 from .errors import HypercallError
 from .memory import PageType
-from .mmu import MMUError
+from .mmu import GuestFault, MMUError
 
 if TYPE_CHECKING:
     from .vcpu import VCPU
@@ -29,10 +29,29 @@ def _flush_all(v: "VCPU") -> None:
         other.engine.flush_tlb()
 
 
-def _add_done(v: "VCPU", done_out: int, n: int) -> None:
+def _set_done(v: "VCPU", done_out: int, n: int) -> None:
+    """*done_out = entries processed by this call (Xen writes the count and ignores a
+    fault on that pointer)."""
     if done_out:
-        cur = int.from_bytes(v.copy_from_guest(done_out, 4), "little")
-        v.copy_to_guest(done_out, ((cur + n) & 0xFFFFFFFF).to_bytes(4, "little"))
+        try:
+            v.copy_to_guest(done_out, (n & 0xFFFFFFFF).to_bytes(4, "little"))
+        except GuestFault:
+            pass
+
+
+def _entries(v: "VCPU", va: int, count: int, size: int):
+    """Yield the guest's request entries, copied a page at a time as they are consumed,
+    so a batch running into an unmapped page processes everything before it (then the
+    caller answers -EFAULT)."""
+    done = 0
+    while done < count:
+        start = va + done * size
+        room = max(1, (PAGE_SIZE - (start & (PAGE_SIZE - 1))) // size)
+        n = min(count - done, room)
+        raw = v.copy_from_guest(start, n * size)       # GuestFault propagates
+        for i in range(n):
+            yield raw[i * size:(i + 1) * size]
+        done += n
 
 
 def _check_foreign(v: "VCPU", foreigndom: int) -> None:
@@ -48,14 +67,22 @@ def do_mmu_update(v: "VCPU", reqs: int, count: int, done_out: int, foreigndom: i
     if count > MAX_BATCH:
         raise HypercallError(Errno.EINVAL)
     _check_foreign(v, foreigndom)
-    raw = v.copy_from_guest(reqs, 16 * count)
     pt = v.domain.hypervisor.pagetables
     dom = v.domain.domid
     mem = v.domain.mem
     done = 0
     err = 0
     flush = False
-    for ptr, val in MMU_UPDATE.iter_unpack(raw):
+    entries = _entries(v, reqs, count, MMU_UPDATE.size)
+    while True:
+        try:
+            entry = next(entries, None)
+        except GuestFault:
+            err = -Errno.EFAULT
+            break
+        if entry is None:
+            break
+        ptr, val = MMU_UPDATE.unpack(entry)
         cmd = ptr & 7
         try:
             if cmd in (MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_PRESERVE_AD, MMU_PT_UPDATE_NO_TRANSLATE):
@@ -74,7 +101,7 @@ def do_mmu_update(v: "VCPU", reqs: int, count: int, done_out: int, foreigndom: i
         done += 1
     if done:
         _flush_all(v)
-    _add_done(v, done_out, done)
+    _set_done(v, done_out, done)
     return err
 
 
@@ -84,10 +111,18 @@ def do_mmuext_op(v: "VCPU", ops: int, count: int, done_out: int, foreigndom: int
         raise HypercallError(Errno.EINVAL)
     if (foreigndom & 0xFFFF) not in (DOMID_SELF, v.domain.domid):
         raise HypercallError(Errno.EPERM)
-    raw = v.copy_from_guest(ops, MMUEXT_OP.size * count)
     done = 0
     err = 0
-    for cmd, arg1, arg2 in MMUEXT_OP.iter_unpack(raw):
+    entries = _entries(v, ops, count, MMUEXT_OP.size)
+    while True:
+        try:
+            entry = next(entries, None)
+        except GuestFault:
+            err = -Errno.EFAULT
+            break
+        if entry is None:
+            break
+        cmd, arg1, arg2 = MMUEXT_OP.unpack(entry)
         try:
             _mmuext_one(v, cmd, arg1, arg2)
         except MMUError as e:
@@ -95,7 +130,7 @@ def do_mmuext_op(v: "VCPU", ops: int, count: int, done_out: int, foreigndom: int
             err = -e.errno
             break
         done += 1
-    _add_done(v, done_out, done)
+    _set_done(v, done_out, done)
     return err
 
 

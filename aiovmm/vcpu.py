@@ -54,10 +54,12 @@ class VCPU:
         self.ptwr_updates = 0
         self.in_ptwr_step = False
         self.pending_ptwr = None
+        self.pending_trap: tuple[int, int, int] | None = None
         self.in_multicall = False
         engine.on_hypercall = self._on_syscall
         engine.on_exception = self._on_exception
         engine.on_invalid_opcode = self._on_invalid_opcode
+        engine.on_port_io = self._on_port_io
         engine.rdtsc = domain.hypervisor.system_time_ns
         self._map = domain.mem.map
         self._info = self.info_maddr
@@ -186,6 +188,13 @@ class VCPU:
     def _on_invalid_opcode(self) -> None:
         _traps.exception(self, 6, 0, 0)
 
+    def _on_port_io(self) -> None:
+        # No I/O privilege (PHYSDEVOP_set_iopl is not granted): #GP(0) at the instruction.
+        # A RIP written inside Unicorn's IN/OUT hook is not honoured, so the slice ends here
+        # and the run loop delivers the fault with RIP back on the instruction.
+        self.pending_trap = (13, 0, self.engine.get("rip"))
+        self.engine.stop()
+
     def crash(self, why: str) -> None:
         """Crash the whole domain from inside a handler."""
         rip = self.engine.get("rip")
@@ -205,6 +214,13 @@ class VCPU:
                     continue
                 if self.pending_ptwr is not None:
                     traps.finish_ptwr(self)
+                    if dom.dying:
+                        break
+                if self.pending_trap is not None:
+                    vector, error, rip = self.pending_trap
+                    self.pending_trap = None
+                    self.engine.set("rip", rip)
+                    traps.exception(self, vector, error, 0)
                     if dom.dying:
                         break
                 if self.event_deliverable():

@@ -57,6 +57,8 @@ _SYSCALL_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 _INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
 _RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
+_IN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p)
+_OUT_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p)
 
 
 class _Slice(ctypes.Structure):
@@ -225,6 +227,13 @@ class VCPUEngine:
         self._add_hook(UC_HOOK_INTR, ctypes.cast(self._cb_intr, ctypes.c_void_p), None)
         self._cb_invalid = _INVALID_CB(self._hook_invalid)
         self._add_hook(UC_HOOK_INSN_INVALID, ctypes.cast(self._cb_invalid, ctypes.c_void_p), None)
+        # Port I/O is not trapped by Unicorn at CPL 3 (NOTES.md): hook it and report #GP,
+        # which is what a PV guest without I/O privilege gets on Xen.
+        self.on_port_io: Callable[[], None] = lambda: None
+        self._cb_in = _IN_CB(self._hook_in)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
+        self._cb_out = _OUT_CB(self._hook_out)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
         self._cb_rdtsc = _RDTSC_CB(self._hook_rdtsc)
         self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_rdtsc, ctypes.c_void_p), None,
                        X.UC_X86_INS_RDTSC)
@@ -337,13 +346,23 @@ class VCPUEngine:
     def step_to(self, end: int) -> bool:
         """Execute from RIP up to (not including) `end`: one instruction when `end` is the
         next instruction's address. Returns True if RIP reached `end` with no handler stop.
-        Used to emulate a single trapped store (writable page tables)."""
-        self.slice.budget = 1 << 40
+        Used to emulate a single trapped store (writable page tables).
+
+        Unicorn checks `until` only when it translates code, so a block translated earlier
+        runs straight past `end`: the blocks covering [rip, end] are dropped before the step
+        and again after it (the step's own translation has `end` built in). The block
+        budget of 2 is a second guard: execution never enters a second block."""
+        uclib.uc_reg_read_batch(self.h, self._rip.ids, self._rip.ptrs, 1)
+        start = self._rip.vals[0]
+        self.uc.ctl_remove_cache(start, end + 1)
+        self.slice.budget = 2
         self.slice.reason = 0
         self.stop_requested = False
         self._excfix.read_error_and_reset()
-        uclib.uc_reg_read_batch(self.h, self._rip.ids, self._rip.ptrs, 1)
-        err = uclib.uc_emu_start(self.h, self._rip.vals[0], end, 0, 0)
+        try:
+            err = uclib.uc_emu_start(self.h, start, end, 0, 0)
+        finally:
+            self.uc.ctl_remove_cache(start, end + 1)
         return not err and not self.stop_requested and self.get("rip") == end
 
     def instruction_length(self, code: bytes) -> int:
@@ -463,6 +482,19 @@ class VCPUEngine:
         except BaseException as e:
             self._fail(e)
             return False
+
+    def _hook_in(self, uc, port, size, user_data) -> int:
+        try:
+            self.on_port_io()
+        except BaseException as e:
+            self._fail(e)
+        return 0xFFFFFFFF
+
+    def _hook_out(self, uc, port, size, value, user_data) -> None:
+        try:
+            self.on_port_io()
+        except BaseException as e:
+            self._fail(e)
 
     def _hook_rdtsc(self, uc, user_data) -> int:
         try:
