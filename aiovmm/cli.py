@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 
 from .abi import ShutdownReason
@@ -40,7 +42,24 @@ async def _run(args: argparse.Namespace) -> int:
                           xenstore_path=args.xenstore_socket) as hv:
         dom = await hv.create(args.kernel, memory_mib=args.memory, cmdline=args.cmdline,
                               name=args.name, on_console=console, vifs=args.vif, disks=args.disk)
-        reason = await dom.wait()
+        loop = asyncio.get_running_loop()
+        interrupted = []
+
+        def stop(signame: str) -> None:
+            interrupted.append(signame)
+            dom.shutdown(ShutdownReason.poweroff)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop, sig.name)
+        stdin_fd = _watch_stdin(loop, dom)
+        try:
+            reason = await dom.wait()
+        finally:
+            if stdin_fd is not None:
+                loop.remove_reader(stdin_fd)
+        if interrupted:
+            print(f"aiovmm: d{dom.domid} ({dom.name}) destroyed on {interrupted[0]}", file=sys.stderr)
+            return 130
         if reason == ShutdownReason.crash:
             print(f"aiovmm: d{dom.domid} ({dom.name}) {dom.describe_end()}", file=sys.stderr)
         elif reason != ShutdownReason.poweroff:
@@ -62,6 +81,39 @@ def _mib(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
     return v
+
+
+def _watch_stdin(loop: asyncio.AbstractEventLoop, dom) -> int | None:
+    """Feed host stdin to the guest's console ring (what is not accepted while the ring is
+    full is kept and retried on the next input or output)."""
+    try:
+        fd = sys.stdin.fileno()
+        os.set_blocking(fd, False)
+    except (AttributeError, OSError, ValueError):
+        return None
+    pending = bytearray()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            return
+        pending.extend(data)
+        backend = dom.console_backend
+        if backend is not None and backend.mapping is not None:
+            n = backend.write_input(bytes(pending))
+            del pending[:n]
+
+    try:
+        loop.add_reader(fd, readable)
+    except (OSError, ValueError, NotImplementedError):
+        return None
+    return fd
 
 
 def main(argv: list[str] | None = None) -> int:
