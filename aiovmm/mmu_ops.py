@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from .vcpu import VCPU
 
 log = logging.getLogger("aiovmm.mmu")
-MAX_BATCH = 1 << 20
+CHUNK = 1024                       # entries per invocation before a continuation
+PREEMPTED = 1 << 31                # Xen's MMU_UPDATE_PREEMPTED marker in `count`
 
 
 def _flush_all(v: "VCPU") -> None:
@@ -39,19 +40,55 @@ def _set_done(v: "VCPU", done_out: int, n: int) -> None:
             pass
 
 
-def _entries(v: "VCPU", va: int, count: int, size: int):
-    """Yield the guest's request entries, copied a page at a time as they are consumed,
-    so a batch running into an unmapped page processes everything before it (then the
-    caller answers -EFAULT)."""
+def _batch(v: "VCPU", va: int, count: int, done_out: int, st, one, what: str) -> int:
+    """A batch hypercall with Xen's continuation: at most CHUNK entries per invocation; if
+    more remain, the SYSCALL is re-executed (RIP rewound) with the request pointer advanced
+    and the count marked PREEMPTED, so the vCPU yields to the loop between chunks and a huge
+    batch never blocks other guests. *done_out accumulates across the continuations."""
+    base = 0
+    if count & PREEMPTED:
+        count &= ~PREEMPTED
+        if done_out:
+            try:
+                base = int.from_bytes(v.copy_from_guest(done_out, 4), "little")
+            except GuestFault:
+                base = 0
+    n = min(count, CHUNK)
+    done, err = _run_batch(v, va, n, st, one, what)
+    if not err and done < count:
+        eng = v.engine
+        _set_done(v, done_out, base + done)
+        rip = eng.get("rip")                          # the instruction after SYSCALL
+        eng.write({"rip": rip - 2, "rdi": va + done * st.size, "rsi": (count - done) | PREEMPTED})
+        eng.stop()
+        return None
+    _set_done(v, done_out, base + done)
+    return err
+
+
+def _run_batch(v: "VCPU", va: int, count: int, st, one, what: str) -> tuple[int, int]:
+    """Apply `one(*fields)` to each entry of a guest batch, as Xen does: entries are copied
+    a page at a time as they are consumed (a batch running into an unmapped page does
+    everything before it, then -EFAULT); the first refused entry stops the batch.
+    Returns (entries done, 0 or -errno)."""
     done = 0
+    size = st.size
     while done < count:
         start = va + done * size
         room = max(1, (PAGE_SIZE - (start & (PAGE_SIZE - 1))) // size)
         n = min(count - done, room)
-        raw = v.copy_from_guest(start, n * size)       # GuestFault propagates
-        for i in range(n):
-            yield raw[i * size:(i + 1) * size]
-        done += n
+        try:
+            raw = v.copy_from_guest(start, n * size)
+        except GuestFault:
+            return done, -Errno.EFAULT
+        for fields in st.iter_unpack(raw):
+            try:
+                one(*fields)
+            except MMUError as e:
+                log.debug("d%d %s #%d refused: %s", v.domain.domid, what, done, e)
+                return done, -e.errno
+            done += 1
+    return done, 0
 
 
 def _check_foreign(v: "VCPU", foreigndom: int) -> None:
@@ -64,74 +101,35 @@ def _check_foreign(v: "VCPU", foreigndom: int) -> None:
 
 def do_mmu_update(v: "VCPU", reqs: int, count: int, done_out: int, foreigndom: int, *_) -> int:
     count &= 0xFFFFFFFF
-    if count > MAX_BATCH:
-        raise HypercallError(Errno.EINVAL)
     _check_foreign(v, foreigndom)
     pt = v.domain.hypervisor.pagetables
     dom = v.domain.domid
     mem = v.domain.mem
-    done = 0
-    err = 0
-    flush = False
-    entries = _entries(v, reqs, count, MMU_UPDATE.size)
-    while True:
-        try:
-            entry = next(entries, None)
-        except GuestFault:
-            err = -Errno.EFAULT
-            break
-        if entry is None:
-            break
-        ptr, val = MMU_UPDATE.unpack(entry)
+
+    def one(ptr: int, val: int) -> None:
         cmd = ptr & 7
-        try:
-            if cmd in (MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_PRESERVE_AD, MMU_PT_UPDATE_NO_TRANSLATE):
-                flush |= pt.update_entry(dom, ptr & ~7, val, preserve_ad=cmd == MMU_PT_UPDATE_PRESERVE_AD)
-            elif cmd == MMU_MACHPHYS_UPDATE:
-                mfn = ptr >> PAGE_SHIFT
-                if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
-                    raise MMUError(Errno.EINVAL, f"M2P update of foreign frame {mfn:#x}")
-                mem.m2p[mfn] = val & 0xFFFFFFFFFFFFFFFF
-            else:
-                raise MMUError(Errno.ENOSYS)
-        except MMUError as e:
-            log.debug("d%d mmu_update #%d refused: %s", dom, done, e)
-            err = -e.errno
-            break
-        done += 1
-    if done:
+        if cmd in (MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_PRESERVE_AD, MMU_PT_UPDATE_NO_TRANSLATE):
+            pt.update_entry(dom, ptr & ~7, val, preserve_ad=cmd == MMU_PT_UPDATE_PRESERVE_AD)
+        elif cmd == MMU_MACHPHYS_UPDATE:
+            mfn = ptr >> PAGE_SHIFT
+            if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
+                raise MMUError(Errno.EINVAL, f"M2P update of foreign frame {mfn:#x}")
+            mem.m2p[mfn] = val & 0xFFFFFFFFFFFFFFFF
+        else:
+            raise MMUError(Errno.ENOSYS)
+
+    try:
+        return _batch(v, reqs, count, done_out, MMU_UPDATE, one, "mmu_update")
+    finally:
         _flush_all(v)
-    _set_done(v, done_out, done)
-    return err
 
 
 def do_mmuext_op(v: "VCPU", ops: int, count: int, done_out: int, foreigndom: int, *_) -> int:
     count &= 0xFFFFFFFF
-    if count > MAX_BATCH:
-        raise HypercallError(Errno.EINVAL)
     if (foreigndom & 0xFFFF) not in (DOMID_SELF, v.domain.domid):
         raise HypercallError(Errno.EPERM)
-    done = 0
-    err = 0
-    entries = _entries(v, ops, count, MMUEXT_OP.size)
-    while True:
-        try:
-            entry = next(entries, None)
-        except GuestFault:
-            err = -Errno.EFAULT
-            break
-        if entry is None:
-            break
-        cmd, arg1, arg2 = MMUEXT_OP.unpack(entry)
-        try:
-            _mmuext_one(v, cmd, arg1, arg2)
-        except MMUError as e:
-            log.debug("d%d mmuext_op #%d (cmd %d) refused: %s", v.domain.domid, done, cmd, e)
-            err = -e.errno
-            break
-        done += 1
-    _set_done(v, done_out, done)
-    return err
+    return _batch(v, ops, count, done_out, MMUEXT_OP,
+                  lambda cmd, a1, a2: _mmuext_one(v, cmd, a1, a2), "mmuext_op")
 
 
 _PIN_LEVEL = {MmuExt.PIN_L1_TABLE: PageType.l1, MmuExt.PIN_L2_TABLE: PageType.l2,
