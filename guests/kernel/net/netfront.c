@@ -120,7 +120,8 @@ static const char *state_name(int s)
     static const char *n[] = { "Unknown", "Initialising", "InitWait", "Initialised",
                                "Connected", "Closing", "Closed", "Reconfiguring",
                                "Reconfigured" };
-    return s >= 0 && s < (int)ARRAY_SIZE(n) ? n[s] : "?";
+    if (s == -110) return "timeout";
+    return s >= 0 && s < (int)ARRAY_SIZE(n) ? n[s] : "error";
 }
 
 struct netfront *netfront_init(const char *nodename)

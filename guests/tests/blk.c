@@ -1,0 +1,346 @@
+/* Block device test guest (blkfront against aiovmm's blkback).
+ *
+ * cmdline (all optional):
+ *   mode=rw|ro|bench|hostile   default rw
+ *   vdev=<devid>               default: the first vbd (lowest devid)
+ *   sectors=<n> pattern=<seed> start=<sector>   the area the pattern covers
+ *   depth=<d>                  requests in flight (1..16, default 8)
+ *   bench=seqread|seqwrite|randread|randwrite ops=<n> span=<sectors>  (mode=bench, 4 KiB requests)
+ *
+ * Prints (see guests/README.md):
+ *   blk: sectors=<total> size=<sector-size> ro=<0|1>
+ *   rw:      result write <n>, result flush <status>, result read_ok <n>, result errors <k>, result io_ns <ns>
+ *   ro:      result ro_write <status>, then the read-back of a pattern the host wrote:
+ *            result read_ok <n>, result errors <k>, result io_ns <ns>
+ *   bench:   result bench_ops <n>, result errors <k>, result io_ns <ns>
+ *   hostile: result hostile_<case> <status> per malformed request, result hostile_after <status>
+ *            (a good read after them), result hostile_disconnect <backend state> after a
+ *            ring-index violation, result other_ok <0|1> (a second vbd still works, if any)
+ * The pattern: sector s, 64-bit word w = splitmix64(seed * 0x9e3779b97f4a7c15 +
+ * s * 0xc2b2ae3d27d4eb4f + w). */
+#include "hypercall.h"
+#include "console.h"
+#include "sched.h"
+#include "events.h"
+#include "gnttab.h"
+#include "xenbus.h"
+#include "blkfront.h"
+#include "time.h"
+#include "lib.h"
+#include "mm.h"
+
+#define MAX_DEPTH 16
+#define CHUNK_SECT 64                           /* 32 KiB per request in rw/ro modes */
+#define CHUNK_BYTES (CHUNK_SECT * BLK_SECTOR)
+
+static u8 bufs[MAX_DEPTH][CHUNK_BYTES] __attribute__((aligned(PAGE_SIZE), section(".bss.page_aligned")));
+
+static u64 pattern_word(u64 seed, u64 sector, unsigned w)
+{
+    u64 x = seed * 0x9e3779b97f4a7c15UL + sector * 0xc2b2ae3d27d4eb4fUL + w;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9UL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebUL;
+    return x ^ (x >> 31);
+}
+
+static void fill(u8 *buf, u64 seed, u64 sector, unsigned nsect)
+{
+    u64 *p = (u64 *)buf;
+    for (unsigned s = 0; s < nsect; s++)
+        for (unsigned w = 0; w < BLK_SECTOR / 8; w++)
+            *p++ = pattern_word(seed, sector + s, w);
+}
+
+static unsigned check(const u8 *buf, u64 seed, u64 sector, unsigned nsect)
+{
+    const u64 *p = (const u64 *)buf;
+    unsigned good = 0;
+    for (unsigned s = 0; s < nsect; s++) {
+        unsigned ok = 1;
+        for (unsigned w = 0; w < BLK_SECTOR / 8; w++)
+            if (p[s * (BLK_SECTOR / 8) + w] != pattern_word(seed, sector + s, w)) ok = 0;
+        good += ok;
+    }
+    return good;
+}
+
+/* ------------------------------------------------ a pipeline of requests */
+struct pipe {
+    struct blkfront_dev *dev;
+    u8 op;
+    u64 seed;
+    int verify;
+    u64 slot_sector[MAX_DEPTH];
+    unsigned slot_nsect[MAX_DEPTH];
+    unsigned free[MAX_DEPTH];
+    unsigned nr_free;
+    u64 ok_sectors, errors, completed;
+};
+
+static void pipe_cb(u64 tag, int status, void *arg)
+{
+    struct pipe *p = arg;
+    unsigned b = (unsigned)tag;
+    p->completed++;
+    if (status) {
+        p->errors++;
+    } else if (p->verify) {
+        unsigned good = check(bufs[b], p->seed, p->slot_sector[b], p->slot_nsect[b]);
+        p->ok_sectors += good;
+        if (good != p->slot_nsect[b]) p->errors++;
+    } else {
+        p->ok_sectors += p->slot_nsect[b];
+    }
+    p->free[p->nr_free++] = b;
+}
+
+/* Issue `nreq` requests; sector_of(i)/nsect give each one's range. */
+typedef u64 (*sector_fn)(u64 i, void *ctx);
+
+static int run_pipe(struct pipe *p, u64 nreq, unsigned depth, sector_fn where, void *ctx,
+                    unsigned nsect_each, u64 total_sect)
+{
+    p->nr_free = 0;
+    for (unsigned b = 0; b < depth; b++) p->free[p->nr_free++] = b;
+    u64 issued = 0;
+    u64 covered = 0;
+    while (p->completed < nreq) {
+        int queued = 0;
+        while (issued < nreq && p->nr_free) {
+            unsigned b = p->free[p->nr_free - 1];
+            u64 sec = where(issued, ctx);
+            unsigned n = nsect_each;
+            if (total_sect && covered + n > total_sect) n = (unsigned)(total_sect - covered);
+            if (p->op == BLKIF_OP_WRITE) fill(bufs[b], p->seed, sec, n);
+            p->slot_sector[b] = sec;
+            p->slot_nsect[b] = n;
+            int rc = blkfront_submit_buf(p->dev, p->op, sec, bufs[b], n, b);
+            if (rc == -1) break;
+            if (rc) { printk("blk: submit failed: %d\n", rc); return rc; }
+            p->nr_free--;
+            issued++;
+            covered += n;
+            queued = 1;
+        }
+        if (queued) blkfront_push(p->dev);
+        int n = blkfront_wait(p->dev, pipe_cb, p, 0);
+        if (n < 0) { printk("blk: timeout with %lu in flight\n", issued - p->completed); return n; }
+    }
+    return 0;
+}
+
+struct linear { u64 start; unsigned step; };
+static u64 linear_at(u64 i, void *ctx)
+{
+    struct linear *l = ctx;
+    return l->start + i * l->step;
+}
+
+struct wrap { u64 span; };
+static u64 wrap_at(u64 i, void *ctx)
+{
+    return (i * 8) % ((struct wrap *)ctx)->span;
+}
+
+struct rnd { u64 state; u64 blocks; };
+static u64 random_at(u64 i, void *ctx)
+{
+    struct rnd *r = ctx;
+    r->state = r->state * 6364136223846793005UL + 1442695040888963407UL;
+    return ((r->state >> 33) % r->blocks) * 8;
+}
+
+/* ------------------------------------------------------ hostile requests */
+static int raw_request(struct blkfront_dev *dev, const blkif_request_t *src)
+{
+    blkif_request_t *req = RING_GET_REQUEST(&dev->ring, dev->ring.req_prod_pvt);
+    *req = *src;
+    dev->ring.req_prod_pvt++;
+    blkfront_push(dev);
+    u64 deadline = monotonic_ns() + 10000000000UL;
+    for (;;) {
+        clear_evtchn(dev->port);
+        mb();
+        if (ACCESS_ONCE(dev->ring.sring->rsp_prod) != dev->ring.rsp_cons) break;
+        if (monotonic_ns() > deadline) return -1000;
+        dev->ring.sring->rsp_event = dev->ring.rsp_cons + 1;
+        mb();
+        if (ACCESS_ONCE(dev->ring.sring->rsp_prod) != dev->ring.rsp_cons) break;
+        evtchn_poll(dev->port, deadline);
+    }
+    rmb();
+    blkif_response_t rsp = *RING_GET_RESPONSE(&dev->ring, dev->ring.rsp_cons);
+    dev->ring.rsp_cons++;
+    return rsp.status;
+}
+
+static void hostile(struct blkfront_dev *dev, struct blkfront_info *info)
+{
+    u8 *page = bufs[0];
+    long good = gnttab_grant_access(dev->backend_id, virt_to_mfn(page), 0);
+    long ro = gnttab_grant_access(dev->backend_id, virt_to_mfn(bufs[1]), 1);
+    long other = gnttab_grant_access(7, virt_to_mfn(bufs[2]), 0);   /* for d7, not dom0 */
+    blkif_request_t r;
+#define BASE(op_, nseg_, sec_) do { memset(&r, 0, sizeof(r)); r.operation = (op_); \
+        r.nr_segments = (nseg_); r.handle = dev->handle; r.id = 0xabc; r.sector_number = (sec_); \
+        for (unsigned i_ = 0; i_ < BLKIF_MAX_SEGMENTS_PER_REQUEST; i_++) { \
+            r.seg[i_].gref = (grant_ref_t)good; r.seg[i_].first_sect = 0; r.seg[i_].last_sect = 7; } } while (0)
+    BASE(BLKIF_OP_READ, 0, 0);
+    printk("result hostile_nseg0 %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 12, 0);
+    printk("result hostile_nseg12 %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 255, 0);
+    printk("result hostile_nseg255 %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].first_sect = 5; r.seg[0].last_sect = 4;
+    printk("result hostile_first_gt_last %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].last_sect = 8;
+    printk("result hostile_last8 %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 1, info->sectors - 4);
+    printk("result hostile_beyond_end %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 1, ~0UL - 3);
+    printk("result hostile_sector_wrap %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].gref = 99999999;
+    printk("result hostile_bad_gref %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].gref = 3;        /* reserved, never granted */
+    printk("result hostile_ungranted %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].gref = (grant_ref_t)other;
+    printk("result hostile_other_domain_grant %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].gref = (grant_ref_t)ro;
+    printk("result hostile_read_into_ro_grant %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_READ, 2, 0); r.seg[1].gref = 99999999;  /* second segment bad */
+    printk("result hostile_second_seg_bad %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_DISCARD, 0, 0);
+    printk("result hostile_discard %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_INDIRECT, 1, 0);
+    printk("result hostile_indirect %d\n", raw_request(dev, &r));
+    BASE(200, 1, 0);
+    printk("result hostile_unknown_op %d\n", raw_request(dev, &r));
+    /* The device still works after all that. */
+    BASE(BLKIF_OP_READ, 1, 0);
+    printk("result hostile_after %d\n", raw_request(dev, &r));
+    printk("result hostile_grant_free %d\n", gnttab_end_access((grant_ref_t)good));
+    gnttab_end_access((grant_ref_t)ro);
+    gnttab_end_access((grant_ref_t)other);
+
+    /* Ring-index violation: publish 1000 requests on a 32-slot ring. */
+    dev->ring.sring->req_prod = dev->ring.req_prod_pvt + 1000;
+    wmb();
+    evtchn_send(dev->port);
+    int st = xenbus_wait_for_state(dev->backend, XenbusStateClosing, 1, 10000000000UL);
+    printk("result hostile_disconnect %d\n", st);
+}
+
+void app_main(void)
+{
+    const char *cmd = (const char *)start_info->cmd_line;
+    char mode[16] = "rw", bench[16] = "seqread";
+    cmdline_str(cmd, "mode", mode, sizeof(mode));
+    cmdline_str(cmd, "bench", bench, sizeof(bench));
+    u64 nsect = cmdline_u64(cmd, "sectors", 64);
+    u64 seed = cmdline_u64(cmd, "pattern", 1);
+    u64 start = cmdline_u64(cmd, "start", 0);
+    unsigned depth = (unsigned)cmdline_u64(cmd, "depth", 8);
+    if (depth < 1) depth = 1;
+    if (depth > MAX_DEPTH) depth = MAX_DEPTH;
+
+    long rc = gnttab_init();
+    if (rc) panic("gnttab_init: %ld", rc);
+    rc = xenbus_init();
+    if (rc) panic("xenbus_init: %ld", rc);
+    struct blkfront_info info;
+    struct blkfront_dev *dev = blkfront_init((unsigned)cmdline_u64(cmd, "vdev", 0), &info);
+    if (!dev) panic("blkfront_init failed");
+    printk("blk: sectors=%lu size=%u ro=%d\n", info.sectors, info.sector_size, info.readonly);
+
+    struct pipe p;
+    memset(&p, 0, sizeof(p));
+    p.dev = dev;
+    p.seed = seed;
+    u64 errors = 0;
+
+    if (!strcmp(mode, "rw") || !strcmp(mode, "ro")) {
+        if (start + nsect > info.sectors) panic("sectors=%lu beyond the disk", nsect);
+        u64 nreq = (nsect + CHUNK_SECT - 1) / CHUNK_SECT;
+        struct linear lin = { start, CHUNK_SECT };
+        u64 t0 = monotonic_ns();
+        if (!strcmp(mode, "rw")) {
+            p.op = BLKIF_OP_WRITE;
+            if (run_pipe(&p, nreq, depth, linear_at, &lin, CHUNK_SECT, nsect)) panic("write pipeline");
+            printk("result write %lu\n", p.ok_sectors);
+            errors += p.errors;
+            int st = blkfront_flush(dev);
+            printk("result flush %d\n", st);
+            if (st) errors++;
+        } else {
+            fill(bufs[0], seed ^ 0xdead, start, 1);
+            int st = blkfront_write(dev, start, bufs[0], 1);
+            printk("result ro_write %d\n", st);
+            printk("result write 0\n");
+        }
+        memset(&p, 0, sizeof(p));
+        p.dev = dev;
+        p.seed = seed;
+        p.op = BLKIF_OP_READ;
+        p.verify = 1;
+        memset(bufs, 0, sizeof(bufs));
+        if (run_pipe(&p, nreq, depth, linear_at, &lin, CHUNK_SECT, nsect)) panic("read pipeline");
+        u64 t1 = monotonic_ns();
+        errors += p.errors;
+        printk("result read_ok %lu\n", p.ok_sectors);
+        printk("result errors %lu\n", errors);
+        printk("result io_ns %lu\n", t1 - t0);
+    } else if (!strcmp(mode, "bench")) {
+        u64 ops = cmdline_u64(cmd, "ops", 1000);
+        u64 span = cmdline_u64(cmd, "span", info.sectors);
+        if (span > info.sectors) span = info.sectors;
+        span &= ~7UL;
+        if (span < 8) panic("disk too small");
+        int rnd = !strncmp(bench, "rand", 4);
+        int wr = !strcmp(bench + (rnd ? 4 : 3), "write");
+        p.op = wr ? BLKIF_OP_WRITE : BLKIF_OP_READ;
+        struct rnd r = { seed, span / 8 };
+        struct wrap w = { span };            /* sequential wraps around the span */
+        u64 t0 = monotonic_ns();
+        int rc2 = rnd ? run_pipe(&p, ops, depth, random_at, &r, 8, 0)
+                      : run_pipe(&p, ops, depth, wrap_at, &w, 8, 0);
+        u64 t1 = monotonic_ns();
+        if (rc2) panic("bench pipeline: %d", rc2);
+        if (wr) {
+            int st = blkfront_flush(dev);
+            if (st) p.errors++;
+        }
+        printk("result bench_ops %lu\n", p.completed);
+        printk("result errors %lu\n", p.errors);
+        printk("result io_ns %lu\n", t1 - t0);
+        printk("result notifications %lu\n", dev->notifications);
+    } else if (!strcmp(mode, "hostile")) {
+        hostile(dev, &info);
+        /* A second vbd keeps working. */
+        char names[256];
+        int n = xenbus_directory(XBT_NIL, "device/vbd", names, sizeof(names));
+        int other_ok = -1;
+        const char *q = names;
+        for (int i = 0; i < n; i++, q += strlen(q) + 1) {
+            long v;
+            if (parse_long(q, &v) && v != dev->handle) {
+                struct blkfront_info i2;
+                struct blkfront_dev *d2 = blkfront_init((unsigned)v, &i2);
+                other_ok = 0;
+                if (d2) {
+                    fill(bufs[3], seed, 0, 8);
+                    int a = blkfront_write(d2, 0, bufs[3], 8);
+                    memset(bufs[3], 0, PAGE_SIZE);
+                    int b = blkfront_read(d2, 0, bufs[3], 8);
+                    other_ok = !a && !b && check(bufs[3], seed, 0, 8) == 8;
+                }
+                break;
+            }
+        }
+        printk("result other_ok %d\n", other_ok);
+        poweroff();
+    } else {
+        panic("unknown mode %s", mode);
+    }
+    blkfront_shutdown(dev);
+    poweroff();
+}
