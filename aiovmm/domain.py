@@ -188,9 +188,11 @@ class Domain:
         raise LookupError(f"d{self.domid} ended ({self.describe_end()}) before a line matched {pattern!r}")
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def shutdown(self, reason: ShutdownReason) -> None:
+    def shutdown(self, reason: ShutdownReason | int = ShutdownReason.poweroff) -> None:
+        """Stop the domain with a reason (the toolstack's `destroy` is poweroff)."""
         if self.dying:
             return
+        reason = ShutdownReason(reason)
         self.shutdown_reason = reason
         if reason != ShutdownReason.crash:
             log.info("d%d (%s): shutdown: %s", self.domid, self.name, reason.name)

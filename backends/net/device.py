@@ -236,7 +236,16 @@ class Netback:
         self._maps.append(rxm)
         self.tx, self.rx = Sring(txm.view, TX_SLOT), Sring(rxm.view, RX_SLOT)
         self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
-        self.fd = taplib.open_tap(self.ifname, self.cfg.netns)
+        try:
+            self.fd = taplib.open_tap(self.ifname, self.cfg.netns)
+        except taplib.TapBusy:
+            if self.cfg.ifname:
+                raise
+            # Another hypervisor process on this host has its own d<domid>: Xen's name is
+            # taken, so add this process's id (still within IFNAMSIZ).
+            self.ifname = f"{self.ifname}-{os.getpid() % 100000}"[:15]
+            self.fd = taplib.open_tap(self.ifname, self.cfg.netns)
+        self.dom.hypervisor.xenstore.store.write(f"{self.back}/vifname", self.ifname)
 
     def close(self) -> None:
         loop = asyncio.get_event_loop()

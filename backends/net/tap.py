@@ -6,6 +6,7 @@ behind if the hypervisor dies. It can be created inside a network namespace (pus
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -24,6 +25,10 @@ class TapError(Exception):
     """The tap could not be created or attached (one-line reason)."""
 
 
+class TapBusy(TapError):
+    """An interface of that name already exists (another process's vif)."""
+
+
 def open_tap(name: str, netns: str | None = None) -> int:
     """Create tap `name` (optionally inside namespace `netns`); returns a non-blocking fd."""
     if len(name.encode()) >= IFNAMSIZ:
@@ -36,7 +41,8 @@ def open_tap(name: str, netns: str | None = None) -> int:
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
         except OSError as e:
             os.close(fd)
-            raise TapError(f"cannot create tap {name}: {e.strerror}") from None
+            cls = TapBusy if e.errno == errno.EBUSY else TapError
+            raise cls(f"cannot create tap {name}: {e.strerror}") from None
     except FileNotFoundError:
         raise TapError("/dev/net/tun is missing (no tun/tap support)") from None
     finally:

@@ -1,0 +1,28 @@
+"""Counters of one vbd (Blkback.stats): what a `top`-like view or a test reads."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class BlkStats:
+    rd_reqs: int = 0              # READ requests completed OKAY
+    wr_reqs: int = 0              # WRITE (and WRITE_BARRIER) requests completed OKAY
+    rd_sectors: int = 0
+    wr_sectors: int = 0
+    flushes: int = 0              # FLUSH_DISKCACHE and barrier fdatasyncs
+    errors: int = 0               # requests answered BLKIF_RSP_ERROR
+    bad_requests: int = 0         # of which: malformed / hostile (validation failed)
+    bad_grants: int = 0           # of which: a segment grant could not be mapped
+    ro_rejects: int = 0           # of which: a write to a read-only vbd
+    io_errors: int = 0            # of which: the host I/O failed (errno)
+    unsupported: int = 0          # requests answered BLKIF_RSP_EOPNOTSUPP
+    batches: int = 0              # ring drains that found work
+    jobs: int = 0                 # thread-pool jobs submitted
+    events_sent: int = 0          # notifications to the frontend (one per batch at most)
+    max_inflight: int = 0
+    bad_indices: int = 0          # ring-index violations (the device was disconnected)
+    io_ns: int = 0                # time spent in preadv/pwritev/fdatasync (all workers)
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
