@@ -37,8 +37,8 @@ class VirtualLan:
         addr, _, plen = host_cidr.partition("/")
         self.host_ip, self.prefixlen = addr, int(plen or 24)
 
-    def vif(self, mac: str = "", ifname: str | None = None) -> VifConfig:
-        return VifConfig(mac=mac, bridge=self.bridge, netns=self.lan_ns, ifname=ifname)
+    def vif(self, mac: str = "", ifname: str | None = None, mtu: int = 1500) -> VifConfig:
+        return VifConfig(mac=mac, bridge=self.bridge, netns=self.lan_ns, ifname=ifname, mtu=mtu)
 
     async def __aenter__(self) -> "VirtualLan":
         try:

@@ -61,10 +61,11 @@ class VifConfig:
     bridge: str | None = None
     netns: str | None = None        # namespace of the bridge (the tap is created there)
     ifname: str | None = None       # default: vif<domid>.<devid>
+    mtu: int = 1500
 
     @classmethod
     def parse(cls, spec: str) -> "VifConfig":
-        """Parse xl syntax: 'mac=00:16:3e:01:02:03,bridge=br0[,netns=ns][,vifname=tap0]'."""
+        """Parse xl syntax: 'mac=00:16:3e:01:02:03,bridge=br0[,mtu=1500][,netns=ns][,vifname=tap0]'."""
         cfg = cls()
         for item in filter(None, (x.strip() for x in spec.split(","))):
             key, _, val = item.partition("=")
@@ -81,6 +82,13 @@ class VifConfig:
                 cfg.netns = val
             elif key == "vifname":
                 cfg.ifname = val
+            elif key == "mtu":
+                try:
+                    cfg.mtu = int(val)
+                except ValueError:
+                    raise ValueError(f"bad mtu {val!r}") from None
+                if not 68 <= cfg.mtu <= 4096 - 18:
+                    raise ValueError(f"mtu {cfg.mtu} outside 68..4078 (a frame must fit one page)")
             else:
                 raise ValueError(f"unknown vif option {key!r}")
         return cfg
@@ -173,7 +181,7 @@ class Netback:
         d = self.dom.domid
         write_keys(st, self.front, {
             "backend": self.back, "backend-id": "0", "state": str(int(XenbusState.Initialising)),
-            "handle": str(self.devid), "mac": self.mac, "mtu": "1500",
+            "handle": str(self.devid), "mac": self.mac, "mtu": str(self.cfg.mtu),
         }, [f"n{d}", "r0"])
         write_keys(st, self.back, {
             "frontend": self.front, "frontend-id": str(d), "online": "1",
@@ -196,7 +204,7 @@ class Netback:
             while read_state(st, self.front) not in (XenbusState.Initialised, XenbusState.Connected):
                 await watch.next()
             self._connect()
-            await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns)
+            await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
             self._set_state(XenbusState.Connected)
             self.connected.set()
             log.info("d%d: vif %d connected: %s mac %s%s", self.dom.domid, self.devid, self.ifname,
