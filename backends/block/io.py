@@ -1,14 +1,13 @@
 """The block I/O path: a backing store (file, block device, LVM extents on a PV) and the
 thread pool that does every blocking call (open, fstat, preadv, pwritev, fdatasync).
 
-Why a thread pool (measured, docs in backends/block/README.md and ../research/hostio/NOTES.md):
+Why a thread pool (measured: backends/block/README.md and ../research/hostio/NOTES.md):
 os.preadv/os.pwritev release the GIL, go straight from the granted guest pages (memoryviews
 of machine memory: zero copies) to the file, and need nothing outside the standard library.
 The cost is the thread hand-off (~90-140 us per round trip on this kind of machine), so the
 backend hands a whole *batch* of requests to the pool in a few jobs (`Backing.run_batch`),
 not one job per request. io_uring would be faster for deep queues but needs a Cython build of
-liburing that is not a project dependency; `IOURING_AVAILABLE` below reports whether it could
-be used, and the seam for it is `Backing.run_batch`.
+liburing that is not a project dependency; the seam for it is `Backing.run_batch`.
 
 Nothing in here touches hypervisor state: jobs receive plain memoryviews and offsets and
 return (status, bytes) results that the loop thread turns into ring responses.
@@ -23,6 +22,7 @@ import os
 import stat
 import struct
 import threading
+import time
 from typing import Callable, Sequence
 
 SECTOR = 512
@@ -179,7 +179,6 @@ class Backing:
 
     def do(self, req: IORequest) -> None:
         """Execute one request (worker thread); errors land in req.error."""
-        import time
         t0 = time.perf_counter_ns()
         try:
             if req.op == "flush":
@@ -214,13 +213,3 @@ def _slice(bufs: Sequence[memoryview], start: int, length: int) -> list[memoryvi
             break
     return out
 
-
-def _iouring_available() -> bool:
-    try:
-        import liburing  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
-IOURING_AVAILABLE = _iouring_available()

@@ -9,7 +9,8 @@
  *
  * Prints (see guests/README.md):
  *   blk: sectors=<total> size=<sector-size> ro=<0|1>
- *   rw:      result write <n>, result flush <status>, result read_ok <n>, result errors <k>, result io_ns <ns>
+ *   rw:      result write <n>, result flush <status>, [result ordered <status> (n >= 32:
+ *            writes + FLUSH + WRITE_BARRIER in one batch)], result read_ok <n>, result errors <k>, result io_ns <ns>
  *   ro:      result ro_write <status>, then the read-back of a pattern the host wrote:
  *            result read_ok <n>, result errors <k>, result io_ns <ns>
  *   bench:   result bench_ops <n>, result errors <k>, result io_ns <ns>
@@ -150,6 +151,34 @@ static u64 random_at(u64 i, void *ctx)
     return ((r->state >> 33) % r->blocks) * 8;
 }
 
+/* Ordering points behind writes in flight: four 4 KiB writes, a FLUSH and a
+ * WRITE_BARRIER (rewriting the same pattern) in one push; 0 if all succeed. */
+struct ord_state { int status; unsigned done; };
+static void ord_cb(u64 tag, int status, void *arg)
+{
+    struct ord_state *o = arg;
+    if (status && !o->status) o->status = status;
+    o->done++;
+}
+
+static int ordered(struct blkfront_dev *dev, u64 seed, u64 start)
+{
+    struct ord_state o = { 0, 0 };
+    for (unsigned i = 0; i < 4; i++) {
+        fill(bufs[i], seed, start + 8 * i, 8);
+        if (blkfront_submit_buf(dev, BLKIF_OP_WRITE, start + 8 * i, bufs[i], 8, i)) return -100;
+    }
+    if (blkfront_submit(dev, BLKIF_OP_FLUSH_DISKCACHE, 0, NULL, 0, 4)) return -101;
+    fill(bufs[5], seed, start, 8);
+    if (blkfront_submit_buf(dev, BLKIF_OP_WRITE_BARRIER, start, bufs[5], 8, 5)) return -102;
+    blkfront_push(dev);
+    while (o.done < 6) {
+        int n = blkfront_wait(dev, ord_cb, &o, 0);
+        if (n < 0) return n;
+    }
+    return o.status;
+}
+
 /* ------------------------------------------------------ hostile requests */
 static int raw_request(struct blkfront_dev *dev, const blkif_request_t *src)
 {
@@ -271,6 +300,11 @@ void app_main(void)
             int st = blkfront_flush(dev);
             printk("result flush %d\n", st);
             if (st) errors++;
+            if (nsect >= 32) {
+                st = ordered(dev, seed, start);
+                printk("result ordered %d\n", st);
+                if (st) errors++;
+            }
         } else {
             fill(bufs[0], seed ^ 0xdead, start, 1);
             int st = blkfront_write(dev, start, bufs[0], 1);

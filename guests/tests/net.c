@@ -3,8 +3,12 @@
  *
  * cmdline: ip=<a.b.c.d/len> [name=<n>] [gw=<a.b.c.d>] [ping=<a.b.c.d>
  *          count=<k> (default 4)] [serve=<seconds>] [vif=<devid> (default 0)]
+ *          [sink=<port>] [blast=<a.b.c.d>:<port> bytes=<n> [size=<payload>]]
  * serve=0 serves forever; without serve= the guest serves forever unless
- * ping= is given, in which case it powers off after the pings. */
+ * ping= or blast= is given, in which case it powers off after them.
+ * sink=: counts the UDP datagrams received on <port>; a datagram "sink?"
+ * prints and answers the count. blast=: sends <n> bytes of UDP payload in
+ * datagrams of <payload> bytes (default 1472) as fast as the tx ring allows. */
 #include "console.h"
 #include "lib.h"
 #include "sched.h"
@@ -71,6 +75,80 @@ static void do_pings(u32 dst, const char *dst_s, unsigned count)
     printk("net: ping done %u/%u\n", received, count);
 }
 
+/* ---- sink: count datagrams on one port ---- */
+static int sink_sock = -1;
+static u16 sink_port;
+static u64 sink_count, sink_bytes, sink_first, sink_last;
+
+static int sink_report(char *buf, size_t size)
+{
+    u64 us = sink_count ? (sink_last - sink_first) / 1000 : 0;
+    return snprintf(buf, size, "count=%lu bytes=%lu us=%lu", sink_count, sink_bytes, us);
+}
+
+static void sink_rx(u32 src, u16 sport, u16 dport, const void *data, int len)
+{
+    if (len == 5 && !memcmp(data, "sink?", 5)) {
+        char r[96];
+        int n = sink_report(r, sizeof(r));
+        printk("net: sink %u %s\n", sink_port, r);
+        udp_sendto(sink_sock, src, sport, r, n);
+        return;
+    }
+    u64 now = monotonic_ns();
+    if (!sink_count) sink_first = now;
+    sink_last = now;
+    sink_count++;
+    sink_bytes += (u64)len;
+}
+
+/* ---- blast: bulk UDP sender ---- */
+static void do_blast(u32 dst, const char *dst_s, u16 port, u64 bytes, unsigned size)
+{
+    static u8 payload[UDP_MAX_PAYLOAD];
+    /* Resolve the peer first (the stack queues only one packet per address). */
+    ping_id = (u16)(monotonic_ns() >> 12) | 1;
+    ping_seq = 1;
+    if (icmp_ping_send(dst, ping_id, ping_seq, 8) == 0)
+        run(monotonic_ns() + 4000000000UL, ping_replied);
+    if (!icmp_ping_done(ping_id, ping_seq, NULL)) {
+        printk("net: blast %s: no reply to ping\n", dst_s);
+        return;
+    }
+    int sock = udp_bind(40000 + (port % 1000), NULL);
+    if (sock < 0) sock = udp_bind(41999, NULL);
+    for (unsigned i = 0; i < size; i++) payload[i] = (u8)(i * 7 + 1);
+    u64 sent = 0, nbytes = 0, seq = 0;
+    u64 t0 = monotonic_ns();
+    while (nbytes < bytes) {
+        if (netfront_tx_space(nf) == 0) {
+            netfront_poll(nf, nf_rx, NULL);
+            if (netfront_tx_space(nf) == 0) netfront_wait(nf, monotonic_ns() + 10000000UL);
+            continue;
+        }
+        unsigned n = (u64)size < bytes - nbytes ? size : (unsigned)(bytes - nbytes);
+        if (n < 8) n = 8;
+        memcpy(payload, &seq, 8);
+        if (udp_sendto(sock, dst, port, payload, (int)n) < 0) {
+            printk("net: blast %s:%u send failed after %lu datagrams\n", dst_s, port, sent);
+            break;
+        }
+        seq++;
+        sent++;
+        nbytes += n;
+        if ((sent & 63) == 0) netfront_poll(nf, nf_rx, NULL);
+    }
+    /* Done when the backend has answered every request. */
+    u64 limit = monotonic_ns() + 5000000000UL;
+    while (netfront_tx_space(nf) < 256 && monotonic_ns() < limit) {
+        netfront_poll(nf, nf_rx, NULL);
+        netfront_wait(nf, monotonic_ns() + 10000000UL);
+    }
+    u64 us = (monotonic_ns() - t0) / 1000;
+    printk("net: blast %s:%u sent=%lu bytes=%lu us=%lu\n", dst_s, port, sent, nbytes, us);
+    udp_close(sock);
+}
+
 void app_main(void)
 {
     const char *cmd = (const char *)start_info->cmd_line;
@@ -89,6 +167,23 @@ void app_main(void)
     u64 count = cmdline_u64(cmd, "count", 4);
     int has_serve = cmdline_str(cmd, "serve", buf, sizeof(buf));
     u64 serve = cmdline_u64(cmd, "serve", 0);
+    sink_port = (u16)cmdline_u64(cmd, "sink", 0);
+    char blast_s[32] = "";
+    u32 blast_dst = 0;
+    u16 blast_port = 0;
+    int do_blast_ = cmdline_str(cmd, "blast", blast_s, sizeof(blast_s));
+    if (do_blast_) {
+        char *colon = blast_s;
+        while (*colon && *colon != ':') colon++;
+        long pl = 0;
+        if (*colon) *colon++ = 0;
+        if (!parse_ipv4(blast_s, &blast_dst) || !parse_long(colon, &pl) || pl <= 0 || pl > 65535)
+            panic("net: bad blast=<a.b.c.d>:<port>");
+        blast_port = (u16)pl;
+    }
+    u64 blast_bytes = cmdline_u64(cmd, "bytes", 1000000);
+    u64 blast_size = cmdline_u64(cmd, "size", UDP_MAX_PAYLOAD);
+    if (blast_size < 8 || blast_size > UDP_MAX_PAYLOAD) panic("net: bad size=%lu", blast_size);
     char node[32];
     snprintf(node, sizeof(node), "device/vif/%lu", cmdline_u64(cmd, "vif", 0));
 
@@ -107,15 +202,24 @@ void app_main(void)
     net_init(&nif);                                   /* sends a gratuitous ARP */
     char mac_s[18];
     fmt_mac(mac_s, nif.mac);
+    if (sink_port && (sink_sock = udp_bind(sink_port, sink_rx)) < 0)
+        panic("net: cannot bind sink port %u", sink_port);
     printk("net: up mac=%s ip=%s\n", mac_s, ip_s);
 
     if (do_ping)
         do_pings(ping_dst, ping_s, (unsigned)count);
-    if (!do_ping || has_serve) {
+    if (do_blast_)
+        do_blast(blast_dst, blast_s, blast_port, blast_bytes, (unsigned)blast_size);
+    if ((!do_ping && !do_blast_) || has_serve) {
         printk("net: serving%s\n", serve ? "" : " forever");
         run(serve ? monotonic_ns() + serve * 1000000000UL : 0, NULL);
     }
 
+    if (sink_port) {
+        char r[96];
+        sink_report(r, sizeof(r));
+        printk("net: sink %u %s\n", sink_port, r);
+    }
     const struct netfront_stats *s = netfront_stats(nf);
     u64 dropped = nif.stats.bad + nif.stats.ignored + s->rx_err + s->rx_bad;
     printk("net: stats rx=%lu tx=%lu dropped=%lu bad=%lu ignored=%lu tx_err=%lu "

@@ -268,6 +268,15 @@ int netfront_xmit(struct netfront *nf, const void *frame, int len)
     return 0;
 }
 
+int netfront_tx_space(struct netfront *nf)
+{
+    if (nf->dead) return 0;
+    tx_reclaim(nf);
+    if (nf->dead) return 0;
+    unsigned ring = RING_FREE_REQUESTS(&nf->tx);
+    return (int)(ring < nf->tx_nfree ? ring : nf->tx_nfree);
+}
+
 /* ---- rx ---- */
 
 static int rx_drain(struct netfront *nf, netfront_rx_t cb, void *arg)

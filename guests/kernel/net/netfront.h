@@ -35,6 +35,9 @@ struct netfront *netfront_init(const char *nodename);
 void netfront_mac(const struct netfront *nf, u8 mac[6]);
 /* Queue one frame (14..PAGE_SIZE bytes); 0, or -1 if refused (counted). */
 int netfront_xmit(struct netfront *nf, const void *frame, int len);
+/* Tx requests that can be queued now without refusal (reclaims completed
+ * ones first); TX ring size (256) when every sent frame was answered. */
+int netfront_tx_space(struct netfront *nf);
 /* Drain both rings (tx completions and received frames, re-posting rx
  * buffers); returns the number of frames delivered to `rx`. */
 int netfront_poll(struct netfront *nf, netfront_rx_t rx, void *arg);
