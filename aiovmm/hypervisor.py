@@ -42,6 +42,7 @@ class Hypervisor:
         self.scheduler = scheduler or Scheduler()
         self.domains: dict[int, Domain] = {}
         self.orphan_frames: set[int] = set()    # granted frames of dead domains still mapped
+        self.disks_in_use: dict = {}            # disk source identity -> {(domid, access)}
         self._next_domid = 1
         self._t0 = time.monotonic_ns()
         self.boot_unix_ns = time.time_ns() - (time.monotonic_ns() - self._t0)
@@ -110,7 +111,10 @@ class Hypervisor:
             from .backends.block import DiskConfig
             for d in disks:
                 try:
-                    disk_cfgs.append(d if isinstance(d, DiskConfig) else DiskConfig.parse(d))
+                    cfg = d if isinstance(d, DiskConfig) else DiskConfig.parse(d)
+                    if hasattr(cfg, "check"):
+                        cfg.check(self.disks_in_use)     # missing, wrong kind, read-only, in use
+                    disk_cfgs.append(cfg)
                 except ValueError as e:
                     raise BuildError(f"disk {d!r}: {e}") from None
         if memory_mib < 1:
@@ -138,8 +142,13 @@ class Hypervisor:
                 for devid, cfg in enumerate(disk_cfgs):
                     bb = Blkback(dom, devid, cfg)
                     bb.publish()
+                    if hasattr(bb, "claim"):
+                        bb.claim(self.disks_in_use)
                     dom.backends.append(bb)
         except BaseException:
+            for b in dom.backends:
+                if hasattr(b, "release"):
+                    b.release(self.disks_in_use)
             dom.destroy()
             del self.domains[domid]
             raise
@@ -200,5 +209,8 @@ class Hypervisor:
             if not dom.dying:
                 dom.crash("all vCPUs stopped")
             toolstack.release(self, dom)
+            for b in dom.backends:
+                if hasattr(b, "release"):
+                    b.release(self.disks_in_use)
             dom.destroy()
             self.domains.pop(dom.domid, None)
