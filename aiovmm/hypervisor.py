@@ -149,6 +149,7 @@ class Hypervisor:
             for b in dom.backends:
                 if hasattr(b, "release"):
                     b.release(self.disks_in_use)
+            toolstack.release(self, dom)
             dom.destroy()
             del self.domains[domid]
             raise
