@@ -228,6 +228,12 @@ class Domain:
             hm.close()
         from . import grants
         grants.release_all(self)
+        # Close every port: interdomain peers (guests or host backends) go back to unbound,
+        # as on Xen when a domain dies.
+        try:
+            self.evtchn.reset()
+        except Exception:
+            log.exception("d%d: closing event channels", self.domid)
         for v in self.vcpus:
             v.stop_timers()
             v.engine.close()

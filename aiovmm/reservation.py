@@ -33,6 +33,7 @@ XENMEM_maximum_gpfn = 14
 
 RESERVATION = struct.Struct("<QQIIH6x")       # extent_start, nr_extents, order, mem_flags, domid
 MACHPHYS_MAPPING = struct.Struct("<QQQ")
+MACHPHYS_MFN_LIST = struct.Struct("<I4xQI4x")   # max_extents, extent_start, nr_extents
 MAX_EXTENTS = 1 << 20
 
 
@@ -88,6 +89,14 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
         if op == XENMEM_maximum_reservation:
             return target.max_pages
         return target.nr_pages - 1
+    if op == XENMEM_machphys_mfn_list:
+        # MFNs of the M2P's 2 MiB chunks (512 frames each), up to max_extents.
+        max_ext, handle, _n = v.read_struct(arg, MACHPHYS_MFN_LIST)
+        chunks = list(range(mem.m2p_first, mem.m2p_first + mem.m2p_frames, 512))[:max_ext]
+        if chunks:
+            v.copy_to_guest(handle, struct.pack(f"<{len(chunks)}Q", *chunks))
+        v.copy_to_guest(arg + 16, struct.pack("<I", len(chunks)))
+        return 0
     if op == XENMEM_machphys_mapping:
         v.write_struct(arg, MACHPHYS_MAPPING, MACH2PHYS_VIRT_START, MACH2PHYS_VIRT_END, mem.nr_frames - 1)
         return 0

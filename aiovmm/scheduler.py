@@ -24,13 +24,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("aiovmm.scheduler")
 
 BUDGET_BLOCKS = 20_000
+SLICE_NS = 2_000_000          # wall-time bound of a slice (hypercall-heavy guests)
 
 
 class Scheduler:
-    """Round-robin over runnable vCPUs, one slice each (FIFO order of the loop)."""
+    """Round-robin over runnable vCPUs, one slice each (FIFO order of the loop). A slice
+    ends after BUDGET_BLOCKS translated blocks or SLICE_NS of wall time, whichever first."""
 
-    def __init__(self, budget_blocks: int = BUDGET_BLOCKS) -> None:
+    def __init__(self, budget_blocks: int = BUDGET_BLOCKS, slice_ns: int = SLICE_NS) -> None:
         self.budget_blocks = budget_blocks
+        self.slice_ns = slice_ns
 
     def budget(self, v: "VCPU") -> int:
         return self.budget_blocks

@@ -227,7 +227,7 @@ class VCPU:
                     traps.deliver_event(self)
                     if dom.dying:
                         break
-                reason = self.engine.run(sched.budget(self))
+                reason = self.engine.run(sched.budget(self), sched.slice_ns)
                 if reason is ExitReason.ERROR:
                     dom.crash(f"vcpu {self.id}: {self.engine.last_error} "
                               f"(rip {self.engine.get('rip'):#x})")

@@ -64,7 +64,8 @@ _OUT_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
 class _Slice(ctypes.Structure):
     """Mirror of struct aiovmm_slice in csrc/preempt.c."""
     _fields_ = [("preempt", ctypes.c_int32), ("reason", ctypes.c_int32),
-                ("budget", ctypes.c_int64), ("blocks", ctypes.c_uint64), ("stop", ctypes.c_void_p)]
+                ("budget", ctypes.c_int64), ("blocks", ctypes.c_uint64), ("stop", ctypes.c_void_p),
+                ("deadline_ns", ctypes.c_int64)]
 
 
 class _Hcall(ctypes.Structure):
@@ -356,6 +357,7 @@ class VCPUEngine:
         start = self._rip.vals[0]
         self.uc.ctl_remove_cache(start, end + 1)
         self.slice.budget = 2
+        self.slice.deadline_ns = 0
         self.slice.reason = 0
         self.stop_requested = False
         self._excfix.read_error_and_reset()
@@ -375,10 +377,12 @@ class VCPUEngine:
             return size
         return 0
 
-    def run(self, budget: int) -> ExitReason:
-        """Run until the block budget is used, a preempt, or a handler's stop()."""
+    def run(self, budget: int, max_ns: int = 0) -> ExitReason:
+        """Run until the block budget or `max_ns` of wall time is used (checked every 64
+        blocks by the C hook), a preempt, or a handler's stop()."""
         s = self.slice
         s.budget = budget
+        s.deadline_ns = time.monotonic_ns() + max_ns if max_ns else 0
         s.reason = 0
         self.stop_requested = False
         # Unicorn raises a #PF internally, never reported, the first time it translates a
@@ -404,7 +408,7 @@ class VCPUEngine:
         if err:
             self.last_error = uclib.uc_strerror(err).decode()
             return ExitReason.ERROR
-        if s.reason == 1:
+        if s.reason in (1, 3):
             return ExitReason.BUDGET
         if s.reason == 2:
             return ExitReason.PREEMPT

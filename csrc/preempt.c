@@ -11,17 +11,22 @@
  * time. The hook counts blocks (cheap CPU accounting) and stops when either fires.
  * `stop` is Unicorn's uc_emu_stop, passed in so this library need not link libunicorn. */
 #include <stdint.h>
+#include <time.h>
 
 typedef int (*uc_stop_fn)(void *uc);
 
 struct aiovmm_slice {
     volatile int32_t preempt;   /* set by anyone: stop at the next block boundary */
-    int32_t reason;             /* out: 0 none, 1 budget exhausted, 2 preempted */
+    int32_t reason;             /* out: 0 none, 1 budget exhausted, 2 preempted, 3 time */
     int64_t budget;             /* blocks left in this slice */
     uint64_t blocks;            /* blocks executed in total (accounting) */
     uc_stop_fn stop;            /* uc_emu_stop */
+    int64_t deadline_ns;        /* CLOCK_MONOTONIC end of the slice (0: none) */
 };
 
+/* The block budget alone does not bound a slice's wall time: a guest that makes a hypercall
+ * in every block spends microseconds of Python per block. So every 64 blocks the hook also
+ * compares the monotonic clock (a vDSO call, ~25 ns) with the slice's deadline. */
 void aiovmm_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     struct aiovmm_slice *s = (struct aiovmm_slice *)user_data;
@@ -34,6 +39,13 @@ void aiovmm_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     } else if (--s->budget <= 0) {
         s->reason = 1;
         s->stop(uc);
+    } else if (s->deadline_ns && (s->blocks & 63) == 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        if ((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec >= s->deadline_ns) {
+            s->reason = 3;
+            s->stop(uc);
+        }
     }
 }
 

@@ -7,10 +7,13 @@ write is checked from the host afterwards by reading the file or device itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
+import signal
 import struct
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -18,8 +21,9 @@ import pytest
 from aiovmm import Hypervisor, ShutdownReason
 from aiovmm.backends.block import Blkback, DiskConfig
 from aiovmm.backends.block.device import vdev_to_devid
+from aiovmm.errors import BuildError
 from aiovmm.xenbus import XenbusState, read_state
-from conftest import BUILD, GUESTS_DIR, HV_MEMORY_MIB, guest, results
+from conftest import BUILD, GUESTS_DIR, HV_MEMORY_MIB, ROOT, _cli_command, guest, results, run_cli
 
 PREFIX = f"aiovmm-blk-{uuid.uuid4().hex[:8]}"
 M64 = (1 << 64) - 1
@@ -93,6 +97,8 @@ def loop_device(tmp_path):
         yield make
     finally:
         for b in made:
+            for dev in _run("losetup", "-j", b, "-O", "NAME", "-n", check=False).stdout.split():
+                _run("blockdev", "--setrw", dev, check=False)
             _detach_all(b)
 
 
@@ -119,6 +125,10 @@ def lvm_volume(loop_device):
         target = f"/dev/{vg}/lv0"
         if os.path.exists("/dev/mapper/control"):
             _run("lvchange", "-q", "-ay", f"{vg}/lv0")
+        with open(dev, "r+b") as f:          # lv1 (extent 2) full of data, not zeros
+            f.seek(pe_start + 2 * (4 << 20))
+            f.write(os.urandom(4 << 20))
+            os.fsync(f.fileno())
         yield {"vg": vg, "dev": dev, "backing": backing, "target": target, "pe_start": pe_start,
                "extent": 4 << 20, "lv0_extents": [0, 1, 3, 4], "lv1_extents": [2]}
     finally:
@@ -168,8 +178,13 @@ def test_diskconfig_parse():
     assert (c.target, c.vdev, c.readonly) == ("/dev/loop7", "xvdc", False)
     c = DiskConfig.parse("/img,raw,xvdd,r")
     assert (c.target, c.vdev, c.readonly) == ("/img", "xvdd", True)
+    c = DiskConfig.parse("lvm:vg0/data,xvdc,w")
+    assert (c.kind, c.target, c.vdev, c.readonly) == ("lvm", "vg0/data", "xvdc", False)
+    c = DiskConfig.parse("vdev=xvdb,no-discard,target=phy:/dev/loop3")
+    assert (c.kind, c.target, c.discard) == ("phy", "/dev/loop3", False)
+    assert DiskConfig.parse("file:/a.img,xvda,w").kind == "file"
     for bad in ("vdev=xvda", "target=/a,format=qcow2", "target=/a,access=x", "target=/a,vdev=floppy",
-                "colour=blue,target=/a"):
+                "colour=blue,target=/a", "lvm:novg,xvda,w", "lvm:/,xvda"):
         with pytest.raises(ValueError):
             DiskConfig.parse(bad)
     assert vdev_to_devid("xvda") == 51712 and vdev_to_devid("xvdb") == 51728
@@ -253,15 +268,25 @@ async def test_lvm_logical_volume(lvm_volume):
     ext = lv["extent"]
     boundary = 2 * ext // 512                  # lv0 sector where its second segment starts
     n, seed, start = 512, 5, boundary - 256
+    pv, pe = lv["dev"], lv["pe_start"]
+    neighbour = lambda: hashlib.sha256(read_host(pv, pe + 2 * ext, ext)).hexdigest()
+    before = neighbour()
     dom, reason, res, (bb,), _ = await run_guest(f"mode=rw sectors={n} pattern={seed} start={start}",
-                                                 [f"target={lv['target']},vdev=xvda,access=rw"])
+                                                 [f"lvm:{lv['vg']}/lv0,xvda,w"])
     assert_rw_ok(dom, reason, res, n)
     assert dom.console_lines[0] == f"blk: sectors={16 * 2048} size=512 ro=0"
-    pv, pe = lv["dev"], lv["pe_start"]
     first = read_host(pv, pe + 1 * ext + ext - 256 * 512, 256 * 512)     # end of extent 1
     second = read_host(pv, pe + 3 * ext, 256 * 512)                      # start of extent 3
     assert first + second == pattern_range(seed, start, n)
-    assert read_host(pv, pe + 2 * ext, ext) == bytes(ext)               # lv1 untouched
+    assert neighbour() == before                                         # lv1 byte-for-byte untouched
+    # The same LV through its /dev path, discarding across the segment boundary: the holes
+    # land in lv0's extents on the PV, lv1 still untouched.
+    dom, reason, res, (bb,), _ = await run_guest(
+        f"mode=discard sectors=1024 pattern=8 start={boundary - 512}",
+        [f"target={lv['target']},vdev=xvda,access=rw"])
+    assert reason == ShutdownReason.poweroff, dom.console_lines
+    assert res["discard"] == "0" and res["discard_zero"] == "512" and res["discard_kept"] == "512", res
+    assert neighbour() == before
 
 
 async def test_hostile_frontend(disk_file):
@@ -275,21 +300,193 @@ async def test_hostile_frontend(disk_file):
               "bad_gref", "ungranted", "other_domain_grant", "read_into_ro_grant", "second_seg_bad"]
     for k in errors:
         assert res[f"hostile_{k}"] == "-1", k
-    for k in ("discard", "indirect", "unknown_op"):
+    # DISCARD is offered (files punch holes): the hostile one (nr_sectors = a segment's bytes)
+    # is out of range.
+    assert res["hostile_discard"] == "-1"
+    for k in ("indirect", "unknown_op"):
         assert res[f"hostile_{k}"] == "-2", k
     assert res["hostile_after"] == "0"
     assert res["hostile_grant_free"] == "1"          # the backend released every grant
     assert int(res["hostile_disconnect"]) >= XenbusState.Closing
     assert res["other_ok"] == "1"
     assert states["xvda"] == XenbusState.Closed
-    assert ba.stats.bad_indices == 1 and ba.stats.bad_requests == 7 and ba.stats.bad_grants == 5
+    assert ba.stats.bad_indices == 1 and ba.stats.bad_requests == 8 and ba.stats.bad_grants == 5
     assert ba.error and "ring" in ba.error
     assert read_host(b, 0, 8 * 512) == pattern_range(9, 0, 8)
 
 
-async def test_missing_target_fails_device_only(tmp_path):
-    dom, reason, res, (bb,), states = await run_guest(
-        "mode=rw sectors=8", [f"target={tmp_path}/{PREFIX}-nonexistent.img,vdev=xvda"])
-    assert states["xvda"] == XenbusState.Closed
-    assert "no such file" in (bb.error or "")
-    assert any("blkfront" in l for l in dom.console_lines)     # the guest saw it and gave up
+async def test_target_vanishing_after_check_fails_device_only(disk_file):
+    """A target that passed the pre-boot check but is gone when the backend opens it: that
+    vbd fails (hotplug-error, Closed), the guest sees it and carries on."""
+    img = disk_file(1, "vanishing.img")
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+        dom = await hv.create(guest("blk"), memory_mib=16, cmdline="mode=rw sectors=8",
+                              disks=[f"target={img},vdev=xvda"])
+        os.unlink(img)                       # before the backend task first runs
+        async with asyncio.timeout(30):
+            await dom.wait()
+        (bb,) = [b for b in dom.backends if isinstance(b, Blkback)]
+        assert read_state(hv.xenstore.store, bb.back) == XenbusState.Closed
+        assert "no such file" in (bb.error or "")
+        assert any("blkfront" in l for l in dom.console_lines)
+
+
+# ------------------------------------------------------------- refusals before boot
+def _cli_refused(*disk_specs: str) -> str:
+    """Run the CLI with these --disk specs; it must refuse before boot: exit 64, one line."""
+    args = ["run", guest("blk"), "--memory", "16", "--cmdline", "mode=rw sectors=8"]
+    for d in disk_specs:
+        args += ["--disk", d]
+    r = run_cli(*args, timeout=30)
+    assert r.returncode == 64, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout == ""                                     # the guest never ran
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aiovmm: disk "), r.stderr
+    return lines[0]
+
+
+def test_refusals_cli(tmp_path, loop_device):
+    missing = tmp_path / f"{PREFIX}-missing.img"
+    assert "no such file or device" in _cli_refused(f"target={missing},vdev=xvda,access=rw")
+    img = tmp_path / f"{PREFIX}-plain.img"
+    img.write_bytes(bytes(1 << 20))
+    assert "is not a block device" in _cli_refused(f"phy:{img},xvda,w")
+    assert "neither a regular file nor a block device" in _cli_refused(f"target={tmp_path}")
+    ro = tmp_path / f"{PREFIX}-ro.img"
+    ro.write_bytes(bytes(1 << 20))
+    ro.chmod(0o444)
+    assert "is not writable (mode 0444)" in _cli_refused(f"target={ro},vdev=xvda,access=rw")
+    dev, _ = loop_device(1)
+    _run("blockdev", "--setro", dev)
+    assert "read-only block device" in _cli_refused(f"phy:{dev},xvda,w")
+    assert "no logical volume" in _cli_refused(f"lvm:{PREFIX.replace('-', '')}/nolv,xvda,w")
+    # The read-only forms of the same sources boot.
+    for spec in (f"target={ro},vdev=xvda,access=ro", f"phy:{dev},xvda,r"):
+        r = run_cli("run", guest("blk"), "--memory", "16", "--cmdline", "mode=ro sectors=8",
+                    "--disk", spec, timeout=30)
+        assert r.returncode == 0 and "result read_ok 0" in r.stdout, (spec, r.stdout, r.stderr)
+
+
+def test_lv_on_readonly_pv_refused(lvm_volume):
+    lv = lvm_volume
+    _run("blockdev", "--setro", lv["dev"])
+    try:
+        with pytest.raises(ValueError, match="read-only block device"):
+            DiskConfig.parse(f"lvm:{lv['vg']}/lv0,xvda,w").check({})
+        DiskConfig.parse(f"lvm:{lv['vg']}/lv0,xvda,r").check({})          # read-only is fine
+    finally:
+        _run("blockdev", "--setrw", lv["dev"], check=False)
+
+
+async def test_shared_image_rules(disk_file):
+    """As xl's block script: a writable user excludes every other user (in this hypervisor:
+    hv.disks_in_use; in other aiovmm processes: a lock); read-only users share."""
+    img, other = disk_file(1, "shared.img"), disk_file(1, "other.img")
+    hold = "mode=rw sectors=8 hold=1"
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+        d1 = await hv.create(guest("blk"), memory_mib=16, cmdline=hold, disks=[f"target={img},vdev=xvda"])
+        for spec in (f"target={img},vdev=xvda,access=rw", f"file:{img},xvdb,r"):
+            with pytest.raises(BuildError, match=r"already in use writable by d1"):
+                await hv.create(guest("blk"), memory_mib=16, cmdline=hold, disks=[spec])
+        # Two disks of one new domain on one image: refused too, and nothing stays claimed.
+        with pytest.raises(BuildError, match="already in use"):
+            await hv.create(guest("blk"), memory_mib=16, cmdline=hold,
+                            disks=[f"target={other},vdev=xvda", f"target={other},vdev=xvdb,access=ro"])
+        # Another aiovmm process is refused as well (cross-process lock).
+        line = _cli_refused(f"target={img},vdev=xvda,access=ro")
+        assert "in use by another aiovmm process" in line
+        d1.shutdown(ShutdownReason.poweroff)
+        await asyncio.wait_for(d1.wait(), 30)
+        for _ in range(100):                          # released when the domain is torn down
+            if not hv.disks_in_use:
+                break
+            await asyncio.sleep(0.02)
+        assert hv.disks_in_use == {}
+        # Read-only users share; then a writer is refused while they run.
+        ro = [await hv.create(guest("blk"), memory_mib=16, cmdline="mode=ro sectors=8 hold=1",
+                              disks=[f"target={img},vdev=xvda,access=ro"]) for _ in range(2)]
+        assert len(next(iter(hv.disks_in_use.values()))) == 2
+        with pytest.raises(BuildError, match=r"read-only by d\d+, d\d+; it cannot also be writable"):
+            await hv.create(guest("blk"), memory_mib=16, cmdline=hold, disks=[f"target={img},vdev=xvda"])
+        for d in ro:
+            d.shutdown(ShutdownReason.poweroff)
+            await asyncio.wait_for(d.wait(), 30)
+        d3 = await hv.create(guest("blk"), memory_mib=16, cmdline="mode=rw sectors=8",
+                             disks=[f"target={img},vdev=xvda"])      # released: writable again
+        assert await asyncio.wait_for(d3.wait(), 30) == ShutdownReason.poweroff
+
+
+# -------------------------------------------------------------- durability
+def test_flush_survives_kill9(disk_file):
+    """write + FLUSH in the guest, SIGKILL the aiovmm process, then the data is in the image
+    (host read) and a second aiovmm (legacy syntax, read-only) reads it back."""
+    img = disk_file(4, "kill9.img")
+    n, seed, start = 300, 77, 8
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.Popen(_cli_command() + [
+        "run", guest("blk"), "--memory", "16",
+        "--cmdline", f"mode=rw sectors={n} pattern={seed} start={start} hold=1",
+        "--disk", f"target={img},vdev=xvda,access=rw"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    lines = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.strip())
+            if line.strip() == "result hold 1":
+                break
+        assert "result flush 0" in lines and lines[-1] == "result hold 1", (lines, proc.poll())
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert read_host(img, start * 512, n * 512) == pattern_range(seed, start, n)
+    r = run_cli("run", guest("blk"), "--memory", "16",
+                "--cmdline", f"mode=ro sectors={n} pattern={seed} start={start}",
+                "--disk", f"file:{img},xvda,r", timeout=30)
+    assert r.returncode == 0, r.stderr
+    res = results(r.stdout.splitlines())
+    assert res["read_ok"] == str(n) and res["ro_write"] == "-1", r.stdout
+
+
+# ----------------------------------------------------------------- DISCARD
+@pytest.mark.parametrize("kind", ["file", "loop"])
+async def test_discard(kind, disk_file, loop_device):
+    if kind == "file":
+        path = backing = disk_file(4, "discard.img")
+        spec = f"target={path},vdev=xvda,access=rw"
+    else:
+        path, backing = loop_device(4)
+        spec = f"phy:{path},xvda,w"
+    n, seed = 1024, 31
+    dom, reason, res, (bb,), _ = await run_guest(f"mode=discard sectors={n} pattern={seed}", [spec])
+    assert reason == ShutdownReason.poweroff, dom.console_lines
+    assert res["feature_discard"] == "1"
+    assert int(res["discard_granularity"]) in (512, 4096) and res["discard_alignment"] == "0"
+    assert res["discard"] == "0" and res["discard_beyond"] == "-1"
+    assert res["discard_zero"] == str(n // 2) and res["discard_kept"] == str(n // 2), res
+    assert res["errors"] == "0"
+    assert bb.stats.discards == 1 and bb.stats.discard_sectors == n // 2
+    # From the host: zeros where discarded, and the file has a hole there now.
+    assert read_host(path, n // 4 * 512, n // 2 * 512) == bytes(n // 2 * 512)
+    assert read_host(path, 0, n // 4 * 512) == pattern_range(seed, 0, n // 4)
+    fd = os.open(backing, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == n // 4 * 512
+    finally:
+        os.close(fd)
+
+
+async def test_no_discard_option(disk_file):
+    img = disk_file(1, "nodiscard.img")
+    dom, reason, res, _, _ = await run_guest("mode=discard sectors=64 pattern=3",
+                                             [f"target={img},vdev=xvda,no-discard"])
+    assert res["feature_discard"] == "0" and res["discard"] == "-2"

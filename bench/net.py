@@ -1,0 +1,330 @@
+"""Network: UDP request/response and bulk UDP through netback, against a pure-Python reference.
+
+Everything runs in private namespaces (aiovmm.testing.VirtualLan: a bridge, a "host" namespace
+198.18.0.1 wired to it). The client programs below run in the host namespace (`ip netns exec`),
+as separate processes; the hypervisor, netback and the reference responder run on this
+process's event loop (uvloop).
+
+(a) reference: a tap on the bridge answered by pure Python on the loop (no guest): batched
+    non-blocking reads (up to 64 frames per wake-up), ARP replies for 198.18.0.50, UDP echo on
+    port 7 built with struct (Ethernet/IP addresses and ports swapped: neither checksum changes).
+(b) the same client against a guest: net.elf (UDP echo on port 7) at 198.18.0.2.
+    Client: UDP request/response with W requests in flight (W=1: latency; W=32: rate), 64-byte
+    payloads, each request carrying its sequence number; a request unanswered for 0.5 s counts
+    lost and is replaced. Reports requests/s and the median and p99 round trip.
+(c) bulk UDP, 1,472-byte payloads (1,514-byte frames) and 18-byte payloads (64-byte frames):
+    guest -> host: net.elf `blast=198.18.0.1:9001 bytes=<n>` into a counting socket on the host
+    (rate = bytes received / time from first to last datagram); host -> guest: a Python sender
+    as fast as it can into net.elf's `sink=9000` (rate = the guest's count over its own
+    first-to-last interval; datagrams the guest never saw are reported as loss).
+--profile: cProfile of the loop thread (netback, vCPU slices, hypercalls) during (b) W=32.
+
+Last line: key=value ... with rr_ref_rps rr_guest_rps ratio (b/a at W=32), latencies (W=1),
+bulk Mbit/s and pps each way.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import struct
+import sys
+import time
+
+import uvloop
+
+from aiovmm import Hypervisor
+from aiovmm.backends.net import tap as taplib
+from aiovmm.testing import VirtualLan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NET = os.path.join(ROOT, "guests/build/tests/net.elf")
+HOST_IP, GUEST_IP, REF_IP = "198.18.0.1", "198.18.0.2", "198.18.0.50"
+REF_MAC = bytes.fromhex("02aa00000050")
+
+RR_CLIENT = r"""
+import socket, sys, time
+dst, inflight, dur, size = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.connect((dst, 7))
+pad = bytes(size - 8)
+pending = {}
+seq = 0
+lat = []
+lost = 0
+now = time.perf_counter
+def send():
+    global seq
+    seq += 1
+    pending[seq] = now()
+    s.send(seq.to_bytes(8, "little") + pad)
+# Warm-up: ARP and caches.
+s.settimeout(3)
+s.send(bytes(size)); s.recv(65536)
+s.settimeout(0.5)
+t0 = now(); end = t0 + dur
+for _ in range(inflight):
+    send()
+while True:
+    t = now()
+    if t >= end:
+        break
+    try:
+        r = s.recv(65536)
+    except socket.timeout:
+        lost += len(pending); pending.clear()
+        for _ in range(inflight):
+            send()
+        continue
+    t1 = now()
+    k = int.from_bytes(r[:8], "little")
+    t_sent = pending.pop(k, None)
+    if t_sent is None:
+        continue
+    lat.append(t1 - t_sent)
+    send()
+el = now() - t0
+lat.sort()
+n = len(lat)
+print(f"n={n} rps={n / el:.0f} median_us={lat[n // 2] * 1e6:.1f} p99_us={lat[min(n - 1, n * 99 // 100)] * 1e6:.1f} lost={lost}")
+"""
+
+BULK_RECV = r"""
+import socket, sys, time
+port, quiet = int(sys.argv[1]), float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+s.bind(("0.0.0.0", port))
+print("ready", flush=True)
+s.settimeout(60)
+n = b = 0
+t0 = t1 = None
+buf = bytearray(65536)
+try:
+    while True:
+        k = s.recv_into(buf)
+        t = time.perf_counter()
+        if t0 is None:
+            t0 = t
+            s.settimeout(quiet)
+        t1 = t
+        n += 1
+        b += k
+except socket.timeout:
+    pass
+print(f"n={n} bytes={b} s={(t1 - t0) if t0 else 0:.6f}")
+"""
+
+BULK_SEND = r"""
+import socket, sys, time
+dst, port, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+s.connect((dst, port))
+p = bytes(size)
+t0 = time.perf_counter()
+sent = 0
+for i in range(n):
+    try:
+        s.send(p)
+        sent += 1
+    except BlockingIOError:
+        pass
+el = time.perf_counter() - t0
+time.sleep(1.0)
+s.settimeout(3)
+for _ in range(3):
+    s.send(b"sink?")
+    try:
+        r = s.recv(200).decode()
+        break
+    except socket.timeout:
+        r = "no answer"
+print(f"sent={sent} send_s={el:.6f} {r}")
+"""
+
+
+def fail(msg: str) -> None:
+    print(f"FAIL: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def kv(s: str) -> dict[str, float]:
+    return {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.]+)", s)}
+
+
+# ---- (a) the reference responder --------------------------------------------------------------
+_ETH = struct.Struct("!6s6sH")
+_ARP = struct.Struct("!HHBBH6s4s6s4s")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+
+
+class RefEcho:
+    """UDP echo (port 7) and ARP for REF_IP on a tap, in pure Python on the loop."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.ip = bytes(map(int, REF_IP.split(".")))
+        self.frames = self.replies = 0
+
+    def on_readable(self) -> None:
+        fd = self.fd
+        for _ in range(64):
+            try:
+                f = os.read(fd, 2048)
+            except BlockingIOError:
+                return
+            self.frames += 1
+            r = self.answer(f)
+            if r is not None:
+                try:
+                    os.write(fd, r)
+                    self.replies += 1
+                except BlockingIOError:
+                    pass
+
+    def answer(self, f: bytes) -> bytes | None:
+        if len(f) < 42:
+            return None
+        dst, src, etype = _ETH.unpack_from(f)
+        if etype == 0x0806:
+            htype, ptype, hlen, plen, op, sha, spa, tha, tpa = _ARP.unpack_from(f, 14)
+            if op != 1 or tpa != self.ip or htype != 1 or ptype != 0x0800:
+                return None
+            return _ETH.pack(src, REF_MAC, 0x0806) + _ARP.pack(1, 0x0800, 6, 4, 2, REF_MAC, self.ip, sha, spa)
+        if etype != 0x0800 or dst != REF_MAC:
+            return None
+        vihl, tos, tlen, ident, frag, ttl, proto, csum, sip, dip = _IPV4.unpack_from(f, 14)
+        if vihl != 0x45 or proto != 17 or dip != self.ip or frag & 0x3FFF or tlen + 14 > len(f):
+            return None
+        sport, dport = struct.unpack_from("!HH", f, 34)
+        if dport != 7 or sport in (7, 19):
+            return None
+        # Swapping addresses and ports changes neither the IP nor the UDP checksum.
+        return b"".join((_ETH.pack(src, REF_MAC, 0x0800), f[14:26], dip, sip,
+                         struct.pack("!HH", dport, sport), f[38:14 + tlen]))
+
+
+async def client(lan: VirtualLan, dst: str, inflight: int, dur: float, size: int = 64) -> dict[str, float]:
+    rc, out = await lan.run(sys.executable, "-c", RR_CLIENT, dst, str(inflight), str(dur), str(size),
+                            timeout=dur + 30)
+    if rc != 0:
+        fail(f"client to {dst}: {out}")
+    return kv(out)
+
+
+async def boot(hv: Hypervisor, lan: VirtualLan, n: int, extra: str):
+    dom = await hv.create(NET, memory_mib=16, name=f"g{n}", cmdline=f"ip=198.18.0.{n}/24 {extra}",
+                          vifs=[lan.vif(f"00:16:3e:00:00:{n:02x}")])
+    await dom.wait_for_line(r"^net: up ", timeout=30)
+    return dom
+
+
+async def bulk_g2h(hv: Hypervisor, lan: VirtualLan, n: int, nbytes: int, size: int) -> dict[str, float]:
+    p = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", lan.host_ns, sys.executable, "-c", BULK_RECV, "9001", "2",
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        assert (await p.stdout.readline()).strip() == b"ready"
+        dom = await boot(hv, lan, n, f"blast={HOST_IP}:9001 bytes={nbytes} size={size}")
+        line = await dom.wait_for_line(r"^net: blast ", timeout=300)
+        out = (await asyncio.wait_for(p.stdout.read(), 30)).decode()
+        await dom.wait()
+    finally:
+        if p.returncode is None:
+            p.kill()
+        await p.wait()
+    g, r = kv(line.split(":", 1)[1]), kv(out)
+    if not r.get("s"):
+        fail(f"guest -> host: nothing received ({line}; {out})")
+    return {"mbps": r["bytes"] * 8 / r["s"] / 1e6, "pps": r["n"] / r["s"], "sent": g["sent"],
+            "received": r["n"], "guest_mbps": g["bytes"] * 8 / g["us"]}
+
+
+async def bulk_h2g(hv: Hypervisor, lan: VirtualLan, n: int, count: int, size: int) -> dict[str, float]:
+    dom = await boot(hv, lan, n, "sink=9000")
+    rc, out = await lan.run(sys.executable, "-c", BULK_SEND, f"198.18.0.{n}", "9000", str(count), str(size),
+                            timeout=300)
+    dom.shutdown()
+    await dom.wait()
+    r = kv(out)
+    if rc != 0 or "count" not in r or not r.get("us"):
+        fail(f"host -> guest: {out}")
+    return {"mbps": r["bytes"] * 8 / r["us"], "pps": r["count"] / r["us"] * 1e6, "sent": r["sent"],
+            "received": r["count"], "sender_pps": r["sent"] / r["send_s"]}
+
+
+async def main(args) -> None:
+    import cProfile
+    import pstats
+    async with VirtualLan(f"{HOST_IP}/24") as lan, Hypervisor(memory_mib=256) as hv:
+        # (a) reference tap
+        loop = asyncio.get_running_loop()
+        fd = taplib.open_tap("ref0", lan.lan_ns)
+        await taplib.attach("ref0", lan.bridge, lan.lan_ns)
+        ref = RefEcho(fd)
+        loop.add_reader(fd, ref.on_readable)
+        # (b) the guest
+        g = await boot(hv, lan, 2, "name=g2")
+        res: dict[str, dict[str, float]] = {}
+        for rep in range(args.reps):
+            for w in (1, 32):
+                res.setdefault(f"ref{w}", []).append(await client(lan, REF_IP, w, args.duration))
+                res.setdefault(f"guest{w}", []).append(await client(lan, GUEST_IP, w, args.duration))
+        for k, runs in res.items():
+            for r in runs:
+                print(f"{k:<8} in flight: {r['rps']:8.0f} req/s  median {r['median_us']:7.1f} us  "
+                      f"p99 {r['p99_us']:7.1f} us  lost {r['lost']:.0f}")
+        best = {k: max(runs, key=lambda r: r["rps"]) for k, runs in res.items()}
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            r = await client(lan, GUEST_IP, 32, args.duration)
+            prof.disable()
+            print(f"profiled guest32: {r['rps']:.0f} req/s (profiler overhead included)")
+            st = pstats.Stats(prof)
+            st.sort_stats("tottime").print_stats(18)
+        loop.remove_reader(fd)
+        os.close(fd)
+        nb = g.backends[0].stats
+        print(f"guest netback: {nb}")
+        g.shutdown()
+        await g.wait()
+
+        # (c) bulk
+        big = bulk_g2h_r = await bulk_g2h(hv, lan, 3, args.bulk_mb * 1_000_000, 1472)
+        small_g2h = await bulk_g2h(hv, lan, 4, args.small_count * 18, 18)
+        big_h2g = await bulk_h2g(hv, lan, 5, args.bulk_mb * 1_000_000 // 1472, 1472)
+        small_h2g = await bulk_h2g(hv, lan, 6, args.small_count, 18)
+        for name, r in (("g2h 1472B", big), ("g2h 18B", small_g2h), ("h2g 1472B", big_h2g),
+                        ("h2g 18B", small_h2g)):
+            print(f"bulk {name:<10} {r['mbps']:8.1f} Mbit/s  {r['pps']:8.0f} pps  sent {r['sent']:.0f} "
+                  f"received {r['received']:.0f} ({100 * (1 - r['received'] / max(r['sent'], 1)):.1f}% lost)"
+                  + (f"  sender {r['sender_pps']:.0f} pps" if "sender_pps" in r else "")
+                  + (f"  guest-timed {r['guest_mbps']:.1f} Mbit/s" if "guest_mbps" in r else ""))
+        del bulk_g2h_r
+
+    a, b = best["ref32"], best["guest32"]
+    a1, b1 = best["ref1"], best["guest1"]
+    print(f"rr_ref_rps={a['rps']:.0f} rr_guest_rps={b['rps']:.0f} ratio={b['rps'] / a['rps']:.3f} "
+          f"ref_median_us={a1['median_us']:.1f} ref_p99_us={a1['p99_us']:.1f} "
+          f"guest_median_us={b1['median_us']:.1f} guest_p99_us={b1['p99_us']:.1f} "
+          f"rr_ref1_rps={a1['rps']:.0f} rr_guest1_rps={b1['rps']:.0f} "
+          f"bulk_g2h_mbps={big['mbps']:.1f} bulk_h2g_mbps={big_h2g['mbps']:.1f} "
+          f"h2g_loss_pct={100 * (1 - big_h2g['received'] / big_h2g['sent']):.1f} "
+          f"small_g2h_pps={small_g2h['pps']:.0f} small_h2g_pps={small_h2g['pps']:.0f}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds per request/response run")
+    ap.add_argument("--reps", type=int, default=2, help="request/response runs per target and window")
+    ap.add_argument("--bulk-mb", type=int, default=20, help="MB per bulk run (1,472-byte datagrams)")
+    ap.add_argument("--small-count", type=int, default=30000, help="datagrams per small-frame run")
+    ap.add_argument("--profile", action="store_true", help="cProfile the loop during a guest W=32 run")
+    args = ap.parse_args()
+    if not os.path.exists(NET):
+        fail(f"{NET} missing: make -C guests")
+    uvloop.run(main(args))
