@@ -378,6 +378,15 @@ def test_lv_on_readonly_pv_refused(lvm_volume):
         _run("blockdev", "--setrw", lv["dev"], check=False)
 
 
+async def _all_released(hv) -> None:
+    """Claims are released when a domain is torn down, just after dom.wait() returns."""
+    for _ in range(250):
+        if not hv.disks_in_use:
+            return
+        await asyncio.sleep(0.02)
+    assert hv.disks_in_use == {}
+
+
 async def test_shared_image_rules(disk_file):
     """As xl's block script: a writable user excludes every other user (in this hypervisor:
     hv.disks_in_use; in other aiovmm processes: a lock); read-only users share."""
@@ -397,11 +406,7 @@ async def test_shared_image_rules(disk_file):
         assert "in use by another aiovmm process" in line
         d1.shutdown(ShutdownReason.poweroff)
         await asyncio.wait_for(d1.wait(), 30)
-        for _ in range(100):                          # released when the domain is torn down
-            if not hv.disks_in_use:
-                break
-            await asyncio.sleep(0.02)
-        assert hv.disks_in_use == {}
+        await _all_released(hv)
         # Read-only users share; then a writer is refused while they run.
         ro = [await hv.create(guest("blk"), memory_mib=16, cmdline="mode=ro sectors=8 hold=1",
                               disks=[f"target={img},vdev=xvda,access=ro"]) for _ in range(2)]
@@ -411,6 +416,7 @@ async def test_shared_image_rules(disk_file):
         for d in ro:
             d.shutdown(ShutdownReason.poweroff)
             await asyncio.wait_for(d.wait(), 30)
+        await _all_released(hv)
         d3 = await hv.create(guest("blk"), memory_mib=16, cmdline="mode=rw sectors=8",
                              disks=[f"target={img},vdev=xvda"])      # released: writable again
         assert await asyncio.wait_for(d3.wait(), 30) == ShutdownReason.poweroff

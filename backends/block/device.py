@@ -27,12 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import logging
+import os
 import re
+import stat
 import struct
+import tempfile
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
+from aiovmm.errors import BuildError
 from aiovmm.xenbus import Watch, XenbusState, read_state, read_str, write_keys
 
 from . import io as bio
@@ -55,17 +60,20 @@ BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE 
 BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT = 5, 6
 BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY = -2, -1, 0
 VDISK_CDROM, VDISK_REMOVABLE, VDISK_READONLY = 1, 2, 4
+BLKROGET = 0x125E
 PROTOCOL = "x86_64-abi"
 
 _U32 = struct.Struct("<I")
 _REQ = struct.Struct("<BBH4xQQ")             # operation nr_segments handle _ id sector_number
+_DISCARD = struct.Struct("<BBH4xQQQ")        # operation flag handle _ id sector_number nr_sectors
+_ORDERING = (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_DISCARD)
 _SEG = struct.Struct("<IBB2x")               # gref first_sect last_sect _
 _RSP = struct.Struct("<QBxh")                # id operation _ status (16-byte slot)
 
 # How a drained batch is handed to the thread pool: each job does its requests one after the
 # other in one worker, so a batch costs a few thread hand-offs (~90-140 us each here) instead
 # of one per request, while big batches still overlap across workers (a cold or real disk).
-# bench/block.py, warm page cache, guest at depth 16: one job per request 9.6k IOPS, 4 jobs
+# the former bench/block.py sweep, warm page cache, guest at depth 16: one job per request 9.6k IOPS, 4 jobs
 # per batch 10.7k, one job per batch 24k; hence jobs of at least REQS_PER_JOB requests.
 JOBS_PER_BATCH = 4
 REQS_PER_JOB = 8
@@ -114,7 +122,25 @@ _FORMATS = ("raw",)
 _ACCESS = {"r": True, "ro": True, "w": False, "rw": False}
 _KEYS = ("target", "vdev", "access", "format", "devtype", "backendtype", "script", "discard",
          "no-discard", "direct-io-safe")
-_PREFIXES = ("phy:", "file:", "aio:", "tap:aio:", "tap2:aio:")
+_PREFIXES = {"phy:": "phy", "file:": "file", "aio:": "file", "tap:aio:": "file",
+             "tap2:aio:": "file", "lvm:": "lvm"}
+
+
+def _strip_prefix(target: str) -> tuple[str, str | None]:
+    for p, kind in _PREFIXES.items():
+        if target.startswith(p):
+            return target[len(p):], kind
+    return target, None
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskSource:
+    """What a disk's target resolves to on this host (DiskConfig.resolve)."""
+    kind: str                   # "file" | "phy" | "lvm"
+    path: str                   # what is opened: the file, the block device, or the LV's PV
+    identity: tuple             # canonical key of the backing store (DiskConfig.check's in_use)
+    lv: tuple[str, str] | None = None     # (VG, LV) for an LV served without device-mapper
+    label: str = ""             # for messages
 
 
 @dataclasses.dataclass
@@ -130,12 +156,16 @@ class DiskConfig:
     - devtype: disk (cdrom is accepted and implies read-only).
 
     The positional form is accepted too: '/path,raw,xvda,rw' and the legacy
-    'phy:/dev/loop0,xvda,w' / 'file:/img,xvdb,r'."""
+    'phy:/dev/loop0,xvda,w' / 'file:/img,xvdb,r' / 'lvm:VG/LV,xvdc,w'. A prefix (also on a
+    target= value) fixes the kind: phy: must be a block device, lvm: an LV named VG/LV."""
     target: str = ""
     vdev: str | None = None
     access: str = "rw"
     format: str = "raw"
     devtype: str = "disk"
+    kind: str | None = None          # "file" | "phy" | "lvm" from a prefix; None: from the target
+    discard: bool = True             # offer DISCARD if the store supports it ('no-discard': never)
+    source: DiskSource | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def readonly(self) -> bool:
@@ -180,19 +210,19 @@ class DiskConfig:
                     if val not in ("disk", "cdrom"):
                         raise ValueError(f"bad devtype {val!r}")
                     cfg.devtype = val
-                elif key in ("backendtype", "script", "discard", "no-discard", "direct-io-safe"):
+                elif key in ("backendtype", "script", "direct-io-safe"):
                     pass        # accepted for compatibility; ignored
                 else:
                     raise ValueError(f"unknown disk option {key!r}")
+            elif item in ("discard", "no-discard"):
+                cfg.discard = item == "discard"
+            elif item == "direct-io-safe":
+                pass
             else:
                 positional.append(item)
             i += 1
         for n, item in enumerate(positional):
             if n == 0 and not cfg.target:
-                for p in _PREFIXES:
-                    if item.startswith(p):
-                        item = item[len(p):]
-                        break
                 cfg.target = item
             elif item in _FORMATS:
                 cfg.format = item
@@ -208,9 +238,154 @@ class DiskConfig:
                 raise ValueError(f"cannot place positional disk parameter {item!r}")
         if not cfg.target:
             raise ValueError("disk has no target")
-        if "\0" in cfg.target:
+        cfg.target, cfg.kind = _strip_prefix(cfg.target)
+        if not cfg.target or "\0" in cfg.target:
             raise ValueError("bad target")
+        if cfg.kind == "lvm":
+            lv = lvm.split_lv_path(cfg.target)
+            if lv is None:
+                raise ValueError(f"lvm:{cfg.target}: want lvm:VG/LV")
+            cfg.target = f"{lv[0]}/{lv[1]}"
         return cfg
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.target}" if self.kind else self.target
+
+    # -- before boot: does the target exist, may it be opened this way, is it in use? ----------
+    def resolve(self) -> DiskSource:
+        """Find the backing store on this host (blocking: stat, ioctl, and `lvm lvs` for an
+        LV without device-mapper). Raises ValueError with a one-line reason: missing target,
+        phy: that is not a block device, neither file nor block device, or (access w) a
+        read-only source: no write permission, read-only file system, read-only block device,
+        read-only LV, or an LV whose PV is read-only."""
+        target = self.target
+        lv = None
+        if self.kind == "lvm":
+            lv = lvm.split_lv_path(target)
+            dm_path = f"/dev/{lv[0]}/{lv[1]}"
+            if os.path.exists(dm_path):        # activated LV (device-mapper): a block device
+                return self._resolve_path(dm_path, want_blk=True)
+            return self._resolve_lv(*lv)
+        if not os.path.exists(target):
+            lv = lvm.split_lv_path(target) if target.startswith("/dev/") else None
+            if lv is not None and not lvm.device_mapper_present() and self.kind != "file":
+                return self._resolve_lv(*lv)
+            raise ValueError(f"{self.label}: no such file or device")
+        return self._resolve_path(target, want_blk=self.kind == "phy")
+
+    def _resolve_path(self, path: str, want_blk: bool) -> DiskSource:
+        label = self.label
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise ValueError(f"{label}: {e.strerror}") from None
+        if stat.S_ISBLK(st.st_mode):
+            if not self.readonly:
+                _check_blk_writable(path, label)
+            return DiskSource("phy", path, ("blk", os.major(st.st_rdev), os.minor(st.st_rdev)), None, label)
+        if want_blk:
+            raise ValueError(f"{label} is not a block device")
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{label} is neither a regular file nor a block device")
+        if not self.readonly:
+            if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
+                ro_fs = False
+                try:
+                    ro_fs = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+                except OSError:
+                    pass
+                why = "is on a read-only file system" if ro_fs else \
+                    f"is not writable (mode {stat.S_IMODE(st.st_mode):04o})"
+                raise ValueError(f"{label} {why}; give access=ro or make it writable")
+        return DiskSource("file", path, ("file", st.st_dev, st.st_ino), None, label)
+
+    def _resolve_lv(self, vg: str, name: str) -> DiskSource:
+        label = self.label
+        try:
+            info = lvm.lv_info_blocking(vg, name)
+        except lvm.LvmError as e:
+            raise ValueError(f"{label}: {e}") from None
+        if not self.readonly:
+            if info["read_only"]:
+                raise ValueError(f"{label}: LV {vg}/{name} is read-only (lvchange -prw {vg}/{name})")
+            _check_blk_writable(info["pv"], f"{label}: its PV {info['pv']}")
+        return DiskSource("lvm", info["pv"], ("lv", info["uuid"]), (vg, name), label)
+
+    def check(self, in_use: dict) -> None:
+        """Refuse this disk before boot (ValueError, one line) if its target is missing, of
+        the wrong kind, read-only while access is w, or in use in a conflicting way:
+        `in_use` maps a backing store's identity (DiskSource.identity: ("file", st_dev,
+        st_ino), ("blk", major, minor) or ("lv", lv_uuid)) to the set of (domid, access)
+        using it, access "r" or "w". As xl's block script: a writable user excludes every
+        other user; any number of read-only users may share. Blocking (stat, ioctl, lvs)."""
+        src = self.resolve()
+        _conflict(in_use, src, self.access_char)
+        self.source = src
+
+    @property
+    def access_char(self) -> str:
+        return "r" if self.readonly else "w"
+
+
+def _check_blk_writable(path: str, label: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ValueError(f"{label}: cannot open: {e.strerror}") from None
+    try:
+        ro = struct.unpack("i", fcntl.ioctl(fd, BLKROGET, b"\0" * 4))[0]
+    except OSError:
+        ro = 0
+    finally:
+        os.close(fd)
+    if ro or not os.access(path, os.W_OK):
+        raise ValueError(f"{label} is a read-only block device; give access=ro")
+
+
+def _conflict(in_use: dict, src: DiskSource, access: str) -> str | None:
+    users = in_use.get(src.identity) or set()
+    writers = sorted(d for d, a in users if a == "w")
+    readers = sorted(d for d, a in users if a != "w")
+    if writers:
+        raise ValueError(f"{src.label} is already in use writable by "
+                         + ", ".join(f"d{d}" for d in writers))
+    if access == "w" and readers:
+        raise ValueError(f"{src.label} is already in use read-only by "
+                         + ", ".join(f"d{d}" for d in readers) + "; it cannot also be writable")
+    return None
+
+
+# Cross-process exclusion (two aiovmm processes on one host): a BSD lock, exclusive for a
+# writable user, shared for a read-only one. Files lock the image itself; block devices and
+# LVs a lock file (udev takes shared locks on block devices while it probes them).
+LOCK_DIR = os.environ.get("AIOVMM_LOCK_DIR", "/run/aiovmm/disks")
+
+
+def _take_lock(src: DiskSource, access: str) -> int:
+    if src.kind == "file":
+        path = src.path
+    else:
+        d = LOCK_DIR
+        try:
+            os.makedirs(d, mode=0o1777, exist_ok=True)
+        except OSError:
+            d = os.path.join(tempfile.gettempdir(), "aiovmm-disks")
+            os.makedirs(d, mode=0o1777, exist_ok=True)
+        path = os.path.join(d, "-".join(str(x) for x in src.identity) + ".lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if src.kind == "file" else os.O_CREAT), 0o666)
+    except OSError as e:
+        raise ValueError(f"{src.label}: cannot open: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if access == "w" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{src.label} is already in use by another aiovmm process"
+                         + ("" if access == "w" else " (writable)")) from None
+    except OSError:
+        pass                            # no locking on this file system: in-process check only
+    return fd
 
 
 # ------------------------------------------------------------------------------- the ring
@@ -313,6 +488,45 @@ class Blkback:
         self._blocked = False                      # an ordering point is queued or running
         self.connected = asyncio.Event()
         self.error: str | None = None
+        self.discard = False                       # feature-discard offered (set by run())
+        self._claim: tuple | None = None          # (identity, (domid, access)) in in_use
+        self._lock_fd = -1
+
+    # -- exclusion (the toolstack's part, before the domain runs) ------------------------------
+    def claim(self, in_use: dict) -> None:
+        """Record this vbd's use of its backing store in `in_use` (see DiskConfig.check) and
+        take the cross-process lock (exclusive if writable, shared if read-only). Raises
+        BuildError (one line) on a conflict, including one with another disk of the same
+        domain or another aiovmm process. Call once per vbd; `release` undoes it."""
+        if self._claim is not None:
+            return
+        cfg = self.cfg
+        access = cfg.access_char
+        try:
+            src = cfg.source or cfg.resolve()
+            _conflict(in_use, src, access)
+            fd = _take_lock(src, access)
+        except ValueError as e:
+            raise BuildError(f"disk {self.vdev}: {e}") from None
+        cfg.source = src
+        self._lock_fd = fd
+        entry = (self.dom.domid, access)
+        in_use.setdefault(src.identity, set()).add(entry)
+        self._claim = (src.identity, entry)
+
+    def release(self, in_use: dict) -> None:
+        """Undo `claim` (idempotent; safe if claim was never called or failed)."""
+        if self._claim is not None:
+            key, entry = self._claim
+            users = in_use.get(key)
+            if users is not None:
+                users.discard(entry)
+                if not users:
+                    del in_use[key]
+            self._claim = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # -- toolstack ------------------------------------------------------------------------------
     def publish(self) -> None:
@@ -326,7 +540,7 @@ class Blkback:
         write_keys(st, self.back, {
             "frontend": self.front, "frontend-id": str(d), "online": "1", "removable": "0",
             "bootable": "1", "state": str(int(XenbusState.Initialising)), "dev": self.vdev,
-            "type": "phy" if self.cfg.target.startswith("/dev/") else "file",
+            "type": "phy" if self.cfg.kind in ("phy", "lvm") or self.cfg.target.startswith("/dev/") else "file",
             "mode": "r" if self.readonly else "w", "params": self.cfg.target,
             "device-type": self.cfg.devtype,
         }, ["n0", f"r{d}"])
@@ -347,9 +561,14 @@ class Blkback:
     async def open_backing(self) -> bio.Backing:
         target = self.cfg.target
         ro = self.readonly
-        if await bio.run(_exists, target):
+        if self.cfg.kind == "lvm":
+            lv = lvm.split_lv_path(target)
+            if await bio.run(_exists, f"/dev/{lv[0]}/{lv[1]}"):
+                return await bio.run(bio.Backing.open_blocking, f"/dev/{lv[0]}/{lv[1]}", ro)
+        elif await bio.run(_exists, target):
             return await bio.run(bio.Backing.open_blocking, target, ro)
-        lv = lvm.split_lv_path(target)
+        else:
+            lv = lvm.split_lv_path(target) if target.startswith("/dev/") else None
         if lv is None:
             raise bio.BackingError(f"{target}: no such file or device")
         if await bio.run(lvm.device_mapper_present):
@@ -376,7 +595,14 @@ class Blkback:
         info = VDISK_READONLY if self.readonly else 0
         if self.cfg.devtype == "cdrom":
             info |= VDISK_CDROM
-        for k, v in {"feature-flush-cache": "1", "feature-barrier": "1", "feature-discard": "0",
+        self.discard = b.discard and self.cfg.discard and not self.readonly
+        features = {"feature-discard": "1" if self.discard else "0"}
+        if self.discard:
+            features.update({"discard-granularity": str(b.discard_granularity),
+                             "discard-alignment": str(b.discard_alignment), "discard-secure": "0"})
+        for k, v in features.items():
+            self._write_back(k, v)
+        for k, v in {"feature-flush-cache": "1", "feature-barrier": "1",
                      "sectors": str(b.sectors), "sector-size": str(SECTOR),
                      "physical-sector-size": str(b.physical_sector_size), "info": str(info),
                      "hotplug-status": "connected", "physical-device-path": b.path}.items():
@@ -541,7 +767,7 @@ class Blkback:
             p = self._prepare(raw)
             if p is None:
                 continue
-            if p.op in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
+            if p.op in _ORDERING:
                 self._submit(batch)
                 batch = []
                 self._blocked = True
@@ -566,6 +792,18 @@ class Blkback:
         st = self.stats
         if op == BLKIF_OP_FLUSH_DISKCACHE:
             return _Pending(rid, op, bio.IORequest("flush"), [], 0)
+        if op == BLKIF_OP_DISCARD and self.discard:
+            # The secure flag is ignored: discard-secure is 0 (blkif.h).
+            _op, _flag, _h, rid, sector, nr = _DISCARD.unpack_from(raw)
+            if self.readonly:
+                st.ro_rejects += 1
+                self._error(rid, op)
+                return None
+            if sector + nr > self.backing.sectors:
+                st.bad_requests += 1
+                self._error(rid, op)
+                return None
+            return _Pending(rid, op, bio.IORequest("discard", sector * SECTOR, (), nr * SECTOR), [], nr)
         if op not in (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER):
             self._error(rid, op, BLKIF_RSP_EOPNOTSUPP)
             return None
@@ -630,7 +868,7 @@ class Blkback:
                 p.io.error = p.io.error or 5
         self._inflight -= len(chunk)
         self._done.extend(chunk)
-        if any(p.op in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER) for p in chunk):
+        if any(p.op in _ORDERING for p in chunk):
             self._blocked = False                # the ordering point itself completed
         elif self._held is not None and self._inflight == 0:
             held, self._held = self._held, None
@@ -660,6 +898,9 @@ class Blkback:
                     st.wr_sectors += p.sectors
                 if io.op == "flush" or io.sync:
                     st.flushes += 1
+                elif io.op == "discard":
+                    st.discards += 1
+                    st.discard_sectors += p.sectors
             r.respond(p.rid, p.op, status)
             self._release(p)
         self._push()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import dataclasses
 import fcntl
 import os
@@ -29,6 +30,38 @@ SECTOR = 512
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 BLKPBSZGET = 0x127B
+BLKDISCARD = 0x1277
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE): the range reads as zeros, its blocks are freed
+    (os.posix_fallocate cannot punch). Raises OSError."""
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def blk_discard(fd: int, offset: int, length: int) -> None:
+    """BLKDISCARD on a block device (opened for writing). Raises OSError."""
+    fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", offset, length))
+
+
+def _sysfs_queue(rdev: int, name: str) -> int | None:
+    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    for d in (f"{base}/queue", f"{base}/../queue"):       # a partition: its disk's queue
+        try:
+            with open(f"{d}/{name}") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+    return None
 
 # One pool for every device of the process: bounded (no thread explosion with many disks),
 # and big enough that a slow device does not starve the others.
@@ -65,7 +98,7 @@ class Extent:
 @dataclasses.dataclass
 class IORequest:
     """One guest request after validation: what a worker thread needs, nothing more."""
-    op: str                          # "read" | "write" | "flush"
+    op: str                          # "read" | "write" | "flush" | "discard"
     offset: int = 0                  # byte offset on the virtual disk
     bufs: Sequence[memoryview] = ()  # guest memory (granted segments), in disk order
     length: int = 0
@@ -90,6 +123,12 @@ class Backing:
         self.kind = kind                  # "file" | "phy" | "lvm"
         self.extents = extents
         self.description = description or path
+        # DISCARD support (probed by open_blocking on a writable store): granularity and
+        # alignment in bytes, as the vbd's discard-granularity / discard-alignment keys.
+        self.discard = False
+        self.discard_granularity = SECTOR
+        self.discard_alignment = 0
+        self._discard_blk = False         # BLKDISCARD (device) rather than punching holes (file)
 
     @property
     def sectors(self) -> int:
@@ -129,10 +168,31 @@ class Backing:
                 size = lv_size if lv_size is not None else sum(e.length for e in extents)
                 kind = "lvm"
             size -= size % SECTOR
-            return cls(path, fd, size, lss, max(pss, lss), readonly, kind, extents, description)
+            b = cls(path, fd, size, lss, max(pss, lss), readonly, kind, extents, description)
+            if not readonly:
+                b._probe_discard(st)
+            return b
         except BaseException:
             os.close(fd)
             raise
+
+    def _probe_discard(self, st: os.stat_result) -> None:
+        if stat.S_ISBLK(st.st_mode):
+            mx = _sysfs_queue(st.st_rdev, "discard_max_bytes")
+            if mx:
+                self.discard, self._discard_blk = True, True
+                self.discard_granularity = max(SECTOR, _sysfs_queue(st.st_rdev, "discard_granularity") or SECTOR)
+        else:
+            # Punching a hole past the end (KEEP_SIZE) changes nothing and tells whether the
+            # file system can punch at all.
+            try:
+                punch_hole(self.fd, st.st_size + (1 << 20), 4096)
+            except OSError:
+                return
+            self.discard = True
+            self.discard_granularity = max(SECTOR, st.st_blksize or SECTOR)
+        if self.extents:
+            self.discard_alignment = self.extents[0].pstart % self.discard_granularity
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -184,6 +244,13 @@ class Backing:
             if req.op == "flush":
                 if not self.readonly:
                     os.fdatasync(self.fd)
+            elif req.op == "discard":
+                if req.length:
+                    for fd_off, nbytes in self.pieces(req.offset, req.length):
+                        if self._discard_blk:
+                            blk_discard(self.fd, fd_off, nbytes)
+                        else:
+                            punch_hole(self.fd, fd_off, nbytes)
             else:
                 self._rw(req)
         except OSError as e:

@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 
 from .io import Extent
 
@@ -135,3 +136,35 @@ async def lv_extents(vg: str, lv: str) -> tuple[str, list[Extent], int]:
 
 def device_mapper_present() -> bool:
     return os.path.exists("/dev/mapper/control")
+
+
+def lv_info_blocking(vg: str, lv: str) -> dict:
+    """{'uuid', 'read_only', 'pv'} of an LV (blocking `lvm lvs`, for the pre-boot check).
+    Raises LvmError with a one-line reason (no such VG/LV, lvm2 missing, several PVs)."""
+    try:
+        r = subprocess.run(["lvm", "lvs", "--reportformat", "json", "--config", LVM_CONFIG,
+                            "-o", "lv_uuid,lv_attr,seg_pe_ranges", f"{vg}/{lv}"],
+                           capture_output=True, text=True, env=_env(), timeout=30,
+                           stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise LvmError("lvm2 is not installed (no `lvm` command)") from None
+    except subprocess.TimeoutExpired:
+        raise LvmError("lvm lvs timed out") from None
+    if r.returncode:
+        msg = " ".join(l.strip() for l in r.stderr.splitlines()
+                       if l.strip() and "WARNING" not in l)
+        raise LvmError(f"no logical volume {vg}/{lv}" + (f" ({msg})" if msg else ""))
+    rows = _report(r.stdout, "lv")
+    if not rows:
+        raise LvmError(f"no logical volume {vg}/{lv}")
+    pvs = set()
+    for row in rows:
+        for rng in row.get("seg_pe_ranges", "").split():
+            m = _RANGE.match(rng)
+            if m:
+                pvs.add(m.group("dev"))
+    if len(pvs) != 1:
+        raise LvmError(f"{vg}/{lv}: expected one PV, found {sorted(pvs) or 'none'}")
+    attr = rows[0].get("lv_attr", "")
+    return {"uuid": rows[0]["lv_uuid"], "read_only": len(attr) > 1 and attr[1] == "r",
+            "pv": pvs.pop()}

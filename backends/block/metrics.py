@@ -11,6 +11,8 @@ class BlkStats:
     rd_sectors: int = 0
     wr_sectors: int = 0
     flushes: int = 0              # FLUSH_DISKCACHE and barrier fdatasyncs
+    discards: int = 0             # DISCARD requests completed OKAY
+    discard_sectors: int = 0
     errors: int = 0               # requests answered BLKIF_RSP_ERROR
     bad_requests: int = 0         # of which: malformed / hostile (validation failed)
     bad_grants: int = 0           # of which: a segment grant could not be mapped

@@ -137,6 +137,9 @@ struct blkfront_dev *blkfront_init(unsigned devid, struct blkfront_info *info)
     in->info = read_u64(dev->backend, "info", &x) ? 0 : (unsigned)x;
     in->flush = !read_u64(dev->backend, "feature-flush-cache", &x) && x;
     in->barrier = !read_u64(dev->backend, "feature-barrier", &x) && x;
+    in->discard = !read_u64(dev->backend, "feature-discard", &x) && x;
+    in->discard_granularity = read_u64(dev->backend, "discard-granularity", &x) ? in->sector_size : (unsigned)x;
+    in->discard_alignment = read_u64(dev->backend, "discard-alignment", &x) ? 0 : (unsigned)x;
     if (read_str(dev->backend, "mode", mode, sizeof(mode)) < 0) { printk("blkfront: no mode\n"); return NULL; }
     in->readonly = mode[0] != 'w' || (in->info & VDISK_READONLY);
     int rc = xenbus_switch_state(XBT_NIL, dev->nodename, XenbusStateConnected);
@@ -190,6 +193,30 @@ int blkfront_submit(struct blkfront_dev *dev, u8 op, u64 sector,
         req->seg[i].first_sect = (u8)first;
         req->seg[i].last_sect = (u8)(first + segs[i].nsect - 1);
     }
+    s->in_use = 1;
+    s->tag = tag;
+    dev->nr_free--;
+    dev->inflight++;
+    dev->ring.req_prod_pvt++;
+    return 0;
+}
+
+int blkfront_submit_discard(struct blkfront_dev *dev, u64 sector, u64 nsect, u64 tag)
+{
+    if (!dev->nr_free || RING_FULL(&dev->ring)) return -1;
+    if (!dev->info.discard) return -2;
+    unsigned id = dev->free_slots[dev->nr_free - 1];
+    struct blkfront_slot *s = &dev->slots[id];
+    blkif_request_t *slot = RING_GET_REQUEST(&dev->ring, dev->ring.req_prod_pvt);
+    memset(slot, 0, sizeof(*slot));
+    blkif_request_discard_t *req = (blkif_request_discard_t *)slot;
+    req->operation = BLKIF_OP_DISCARD;
+    req->flag = 0;
+    req->handle = dev->handle;
+    req->id = id;
+    req->sector_number = sector;
+    req->nr_sectors = nsect;
+    s->nr_grefs = 0;
     s->in_use = 1;
     s->tag = tag;
     dev->nr_free--;
@@ -320,6 +347,19 @@ int blkfront_flush(struct blkfront_dev *dev)
 {
     struct sync_state ss = { 0, 0 };
     int rc = blkfront_submit(dev, BLKIF_OP_FLUSH_DISKCACHE, 0, NULL, 0, 0);
+    if (rc) return rc;
+    blkfront_push(dev);
+    while (!ss.done) {
+        int n = blkfront_wait(dev, sync_cb, &ss, 0);
+        if (n < 0) return n;
+    }
+    return ss.status;
+}
+
+int blkfront_discard(struct blkfront_dev *dev, u64 sector, u64 nsect)
+{
+    struct sync_state ss = { 0, 0 };
+    int rc = blkfront_submit_discard(dev, sector, nsect, 0);
     if (rc) return rc;
     blkfront_push(dev);
     while (!ss.done) {

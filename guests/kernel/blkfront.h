@@ -32,6 +32,9 @@ struct blkfront_info {
     unsigned info;          /* VDISK_* */
     int flush;              /* feature-flush-cache */
     int barrier;            /* feature-barrier */
+    int discard;            /* feature-discard */
+    unsigned discard_granularity;   /* bytes (default: sector-size) */
+    unsigned discard_alignment;     /* bytes (default 0) */
 };
 
 typedef void (*blkfront_cb_t)(u64 tag, int status, void *arg);
@@ -76,6 +79,9 @@ struct blk_seg { void *buf; unsigned nsect; };
  * -3 if the grant table is full. */
 int blkfront_submit(struct blkfront_dev *dev, u8 op, u64 sector,
                     const struct blk_seg *segs, unsigned nseg, u64 tag);
+/* Queue a BLKIF_OP_DISCARD of `nsect` sectors (no data pages). Same returns;
+ * -2 if the backend did not offer feature-discard. */
+int blkfront_submit_discard(struct blkfront_dev *dev, u64 sector, u64 nsect, u64 tag);
 /* Same, for a contiguous (512-aligned) buffer of up to 11 pages' worth. */
 int blkfront_submit_buf(struct blkfront_dev *dev, u8 op, u64 sector, void *buf,
                         unsigned nsect, u64 tag);
@@ -93,5 +99,6 @@ int blkfront_io(struct blkfront_dev *dev, u8 op, u64 sector, void *buf, u64 nsec
 int blkfront_read(struct blkfront_dev *dev, u64 sector, void *buf, u64 nsect);
 int blkfront_write(struct blkfront_dev *dev, u64 sector, const void *buf, u64 nsect);
 int blkfront_flush(struct blkfront_dev *dev);
+int blkfront_discard(struct blkfront_dev *dev, u64 sector, u64 nsect);
 
 #endif

@@ -1,11 +1,19 @@
 /* Block device test guest (blkfront against aiovmm's blkback).
  *
  * cmdline (all optional):
- *   mode=rw|ro|bench|hostile   default rw
+ *   mode=rw|ro|bench|hostile|discard   default rw
  *   vdev=<devid>               default: the first vbd (lowest devid)
  *   sectors=<n> pattern=<seed> start=<sector>   the area the pattern covers
- *   depth=<d>                  requests in flight (1..16, default 8)
- *   bench=seqread|seqwrite|randread|randwrite ops=<n> span=<sectors>  (mode=bench, 4 KiB requests)
+ *   depth=<d>                  requests in flight (1..16 in rw/ro, 1..32 in bench; default 8)
+ *   hold=1                     rw: after "result flush" (ro: after the read-back), print
+ *                              "result hold 1" and wait forever (until the host destroys the
+ *                              domain or kills the hypervisor: durability and sharing tests)
+ *   bench=seqread|seqwrite|randread|randwrite ops=<n> span=<sectors> bs=<sectors>
+ *                              (mode=bench: ops requests of bs sectors, 1..88 (11 pages,
+ *                              the most one request carries), default 8 = 4 KiB;
+ *                              sequential wraps over span, random picks bs-aligned blocks)
+ *   dstart=<sector> dlen=<n>   mode=discard: the range discarded, relative to start
+ *                              (default: the middle half of the pattern area)
  *
  * Prints (see guests/README.md):
  *   blk: sectors=<total> size=<sector-size> ro=<0|1>
@@ -14,6 +22,12 @@
  *   ro:      result ro_write <status>, then the read-back of a pattern the host wrote:
  *            result read_ok <n>, result errors <k>, result io_ns <ns>
  *   bench:   result bench_ops <n>, result errors <k>, result io_ns <ns>
+ *   discard: result feature_discard <0|1>, result discard_granularity <bytes>,
+ *            result discard_alignment <bytes>; the pattern is written and flushed, then
+ *            result discard <status>, result discard_beyond <status> (a range past the
+ *            end: -1), result discard_zero <n> (sectors of the discarded range reading as
+ *            zeros), result discard_kept <n> (pattern sectors around it still intact),
+ *            result errors <k>
  *   hostile: result hostile_<case> <status> per malformed request, result hostile_after <status>
  *            (a good read after them), result hostile_disconnect <backend state> after a
  *            ring-index violation, result other_ok <0|1> (a second vbd still works, if any)
@@ -137,18 +151,95 @@ static u64 linear_at(u64 i, void *ctx)
     return l->start + i * l->step;
 }
 
-struct wrap { u64 span; };
-static u64 wrap_at(u64 i, void *ctx)
+/* ------------------------------------------------------- bench stream */
+struct bstate { u64 done, errors; };
+static void bench_cb(u64 tag, int status, void *arg)
 {
-    return (i * 8) % ((struct wrap *)ctx)->span;
+    struct bstate *b = arg;
+    b->done++;
+    if (status) b->errors++;
 }
 
-struct rnd { u64 state; u64 blocks; };
-static u64 random_at(u64 i, void *ctx)
+/* `ops` requests of `bs` sectors, up to `depth` in flight; each in-flight request uses
+ * its own pages of bufs (as many regions as fit, reused round-robin). */
+static int bench_stream(struct blkfront_dev *dev, u8 op, u64 ops, unsigned depth, unsigned bs,
+                        u64 span, int rnd, u64 seed, struct bstate *b)
 {
-    struct rnd *r = ctx;
-    r->state = r->state * 6364136223846793005UL + 1442695040888963407UL;
-    return ((r->state >> 33) % r->blocks) * 8;
+    unsigned pages = (bs + 7) / 8;
+    unsigned regions = sizeof(bufs) / (pages * PAGE_SIZE);
+    u8 *base = &bufs[0][0];
+    u64 issued = 0, rstate = seed, blocks = span / bs;
+    unsigned slot = 0;
+    while (b->done < ops) {
+        int queued = 0;
+        while (issued < ops && dev->inflight < depth) {
+            u64 sec;
+            if (rnd) {
+                rstate = rstate * 6364136223846793005UL + 1442695040888963407UL;
+                sec = ((rstate >> 33) % blocks) * bs;
+            } else {
+                sec = (issued % blocks) * bs;
+            }
+            u8 *buf = base + (u64)(slot % regions) * pages * PAGE_SIZE;
+            int rc = blkfront_submit_buf(dev, op, sec, buf, bs, issued);
+            if (rc == -1) break;
+            if (rc) return rc;
+            slot++;
+            issued++;
+            queued = 1;
+        }
+        if (queued) blkfront_push(dev);
+        int n = blkfront_wait(dev, bench_cb, b, 0);
+        if (n < 0) return n;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ discard */
+static int is_zero(const u8 *p, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++) if (p[i]) return 0;
+    return 1;
+}
+
+static void discard_test(struct blkfront_dev *dev, struct blkfront_info *info, u64 seed,
+                         u64 start, u64 nsect, u64 dstart, u64 dlen, unsigned depth)
+{
+    u64 errors = 0;
+    printk("result feature_discard %d\n", info->discard);
+    printk("result discard_granularity %u\n", info->discard_granularity);
+    printk("result discard_alignment %u\n", info->discard_alignment);
+    struct pipe p;
+    memset(&p, 0, sizeof(p));
+    p.dev = dev;
+    p.seed = seed;
+    p.op = BLKIF_OP_WRITE;
+    u64 nreq = (nsect + CHUNK_SECT - 1) / CHUNK_SECT;
+    struct linear lin = { start, CHUNK_SECT };
+    if (run_pipe(&p, nreq, depth, linear_at, &lin, CHUNK_SECT, nsect)) panic("write pipeline");
+    errors += p.errors;
+    if (blkfront_flush(dev)) errors++;
+    int st = info->discard ? blkfront_discard(dev, start + dstart, dlen) : -2;
+    printk("result discard %d\n", st);
+    st = info->discard ? blkfront_discard(dev, info->sectors - 1, 2) : -2;
+    printk("result discard_beyond %d\n", st);
+    u64 zero = 0, kept = 0;
+    for (u64 s = 0; s < nsect; s += CHUNK_SECT) {
+        unsigned n = nsect - s < CHUNK_SECT ? (unsigned)(nsect - s) : CHUNK_SECT;
+        memset(bufs[0], 0xee, CHUNK_BYTES);
+        if (blkfront_read(dev, start + s, bufs[0], n)) { errors++; continue; }
+        for (unsigned k = 0; k < n; k++) {
+            u64 rel = s + k;
+            const u8 *sec = bufs[0] + k * BLK_SECTOR;
+            if (rel >= dstart && rel < dstart + dlen)
+                zero += is_zero(sec, BLK_SECTOR);
+            else
+                kept += check(sec, seed, start + rel, 1);
+        }
+    }
+    printk("result discard_zero %lu\n", zero);
+    printk("result discard_kept %lu\n", kept);
+    printk("result errors %lu\n", errors);
 }
 
 /* Ordering points behind writes in flight: four 4 KiB writes, a FLUSH and a
@@ -269,7 +360,8 @@ void app_main(void)
     u64 seed = cmdline_u64(cmd, "pattern", 1);
     u64 start = cmdline_u64(cmd, "start", 0);
     unsigned depth = (unsigned)cmdline_u64(cmd, "depth", 8);
-    if (depth < 1) depth = 1;
+    unsigned bench_depth = depth > BLK_RING_SIZE ? BLK_RING_SIZE : depth;
+    if (depth < 1) depth = bench_depth = 1;
     if (depth > MAX_DEPTH) depth = MAX_DEPTH;
 
     long rc = gnttab_init();
@@ -300,6 +392,10 @@ void app_main(void)
             int st = blkfront_flush(dev);
             printk("result flush %d\n", st);
             if (st) errors++;
+            if (cmdline_u64(cmd, "hold", 0)) {
+                printk("result hold 1\n");
+                for (;;) evtchn_poll(dev->port, monotonic_ns() + 1000000000UL);
+            }
             if (nsect >= 32) {
                 st = ordered(dev, seed, start);
                 printk("result ordered %d\n", st);
@@ -323,30 +419,36 @@ void app_main(void)
         printk("result read_ok %lu\n", p.ok_sectors);
         printk("result errors %lu\n", errors);
         printk("result io_ns %lu\n", t1 - t0);
+        if (!strcmp(mode, "ro") && cmdline_u64(cmd, "hold", 0)) {
+            printk("result hold 1\n");
+            for (;;) evtchn_poll(dev->port, monotonic_ns() + 1000000000UL);
+        }
     } else if (!strcmp(mode, "bench")) {
         u64 ops = cmdline_u64(cmd, "ops", 1000);
         u64 span = cmdline_u64(cmd, "span", info.sectors);
+        unsigned bs = (unsigned)cmdline_u64(cmd, "bs", 8);
+        if (bs < 1 || bs > BLKIF_MAX_SEGMENTS_PER_REQUEST * 8) panic("bs=%u: want 1..88", bs);
         if (span > info.sectors) span = info.sectors;
-        span &= ~7UL;
-        if (span < 8) panic("disk too small");
+        span -= span % bs;
+        if (span < bs) panic("disk too small");
         int rnd = !strncmp(bench, "rand", 4);
         int wr = !strcmp(bench + (rnd ? 4 : 3), "write");
-        p.op = wr ? BLKIF_OP_WRITE : BLKIF_OP_READ;
-        struct rnd r = { seed, span / 8 };
-        struct wrap w = { span };            /* sequential wraps around the span */
+        struct bstate b = { 0, 0 };
         u64 t0 = monotonic_ns();
-        int rc2 = rnd ? run_pipe(&p, ops, depth, random_at, &r, 8, 0)
-                      : run_pipe(&p, ops, depth, wrap_at, &w, 8, 0);
+        int rc2 = bench_stream(dev, wr ? BLKIF_OP_WRITE : BLKIF_OP_READ, ops, bench_depth, bs, span,
+                               rnd, seed, &b);
         u64 t1 = monotonic_ns();
         if (rc2) panic("bench pipeline: %d", rc2);
-        if (wr) {
-            int st = blkfront_flush(dev);
-            if (st) p.errors++;
-        }
-        printk("result bench_ops %lu\n", p.completed);
-        printk("result errors %lu\n", p.errors);
+        if (wr && blkfront_flush(dev)) b.errors++;
+        printk("result bench_ops %lu\n", b.done);
+        printk("result errors %lu\n", b.errors);
         printk("result io_ns %lu\n", t1 - t0);
         printk("result notifications %lu\n", dev->notifications);
+    } else if (!strcmp(mode, "discard")) {
+        if (start + nsect > info.sectors) panic("sectors=%lu beyond the disk", nsect);
+        u64 dstart = cmdline_u64(cmd, "dstart", nsect / 4);
+        u64 dlen = cmdline_u64(cmd, "dlen", nsect / 2);
+        discard_test(dev, &info, seed, start, nsect, dstart, dlen, depth);
     } else if (!strcmp(mode, "hostile")) {
         hostile(dev, &info);
         /* A second vbd keeps working. */
