@@ -112,8 +112,7 @@ class Hypervisor:
             for d in disks:
                 try:
                     cfg = d if isinstance(d, DiskConfig) else DiskConfig.parse(d)
-                    if hasattr(cfg, "check"):
-                        cfg.check(self.disks_in_use)     # missing, wrong kind, read-only, in use
+                    cfg.check(self.disks_in_use)     # missing, wrong kind, read-only, in use
                     disk_cfgs.append(cfg)
                 except ValueError as e:
                     raise BuildError(f"disk {d!r}: {e}") from None
@@ -142,13 +141,10 @@ class Hypervisor:
                 for devid, cfg in enumerate(disk_cfgs):
                     bb = Blkback(dom, devid, cfg)
                     bb.publish()
-                    if hasattr(bb, "claim"):
-                        bb.claim(self.disks_in_use)
+                    bb.claim(self.disks_in_use)
                     dom.backends.append(bb)
         except BaseException:
-            for b in dom.backends:
-                if hasattr(b, "release"):
-                    b.release(self.disks_in_use)
+            self._release_disks(dom)
             toolstack.release(self, dom)
             dom.destroy()
             del self.domains[domid]
@@ -171,6 +167,12 @@ class Hypervisor:
                           {"rsi": lay.va(lay.start_info_pfn)}, img.entry, stack_top, 0x200)
         timers.write_pvclock(v)
         timers.write_wallclock(dom)
+
+    def _release_disks(self, dom: Domain) -> None:
+        from .backends.block import Blkback
+        for b in dom.backends:
+            if isinstance(b, Blkback):
+                b.release(self.disks_in_use)
 
     @staticmethod
     async def _run_backend(dom: Domain, backend) -> None:
@@ -210,8 +212,6 @@ class Hypervisor:
             if not dom.dying:
                 dom.crash("all vCPUs stopped")
             toolstack.release(self, dom)
-            for b in dom.backends:
-                if hasattr(b, "release"):
-                    b.release(self.disks_in_use)
+            self._release_disks(dom)
             dom.destroy()
             self.domains.pop(dom.domid, None)

@@ -259,9 +259,6 @@ async def test_hostile_netfront_leaves_backend_and_neighbours_working():
         assert not g2.dying and not g3.dying
 
 
-@pytest.mark.xfail(strict=True, reason="netback bug: tx extra-info slots are not checked; an unknown "
-                   "type (0xee) or a GSO extra never negotiated (no feature-gso-*) is ignored and the "
-                   "frame transmitted with NETIF_RSP_OKAY (Linux netback treats both as fatal)")
 async def test_hostile_garbage_extra_info_is_rejected():
     async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=256) as hv:
         res, _ = await run_hostile(hv, lan)
@@ -269,10 +266,6 @@ async def test_hostile_garbage_extra_info_is_rejected():
             assert status(res, case) == -1, (case, res[case])
 
 
-@pytest.mark.xfail(strict=True, reason="netback bug: a slot chain longer than 22 is answered ERROR for its "
-                   "first 22 slots only; the backend then parses the rest of the chain as new packets, "
-                   "so a tail that looks like a packet is transmitted (OKAY) and extra-info slots are "
-                   "answered as tx requests with garbage ids")
 async def test_hostile_overlong_chain_is_consumed_whole():
     async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=256) as hv:
         res, _ = await run_hostile(hv, lan)

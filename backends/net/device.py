@@ -40,6 +40,7 @@ NETTXF_more_data, NETTXF_extra_info = 1 << 2, 1 << 3
 NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETIF_RSP_NULL = -2, -1, 0, 1
 XEN_NETIF_EXTRA_FLAG_MORE = 1
 MAX_PACKET = 0xFFFF
+MAX_SLOTS = 18                 # XEN_NETIF_NR_SLOTS_MIN: the most slots a packet may use here
 MAX_FRAME = 1514 + 4
 RX_BATCH = 64
 _U32 = struct.Struct("<I")
@@ -334,20 +335,26 @@ class Netback:
                 if i >= n:
                     incomplete = True          # the frontend has not published it all yet
                     break
-                if i >= 18 + 4:
-                    ok = False                 # more slots than any packet may use
-                    break
+                if i >= RING_SIZE:
+                    self._bad_frontend("a slot chain as long as the ring")
                 off = r.slot_off(r.req_cons + i)
                 if want_extra:
                     kinds.append("extra")
+                    # No extra-info type is negotiated (no GSO, multicast or hash features
+                    # are advertised): any extra makes the packet an error, as in Linux.
+                    ok = False
                     want_extra = bool(r.v[off + 1] & XEN_NETIF_EXTRA_FLAG_MORE)
                 else:
                     req = _TXREQ.unpack_from(r.v, off)
                     slots.append(req)
                     kinds.append("data")
                     flags = req[2]
-                    want_extra = False
+                    if flags & NETTXF_extra_info:
+                        ok = False             # only a packet's first slot may announce extras
+                        want_extra = True
                 i += 1
+            if len(slots) > MAX_SLOTS:
+                ok = False                     # consumed whole, answered ERROR slot by slot
             if incomplete:
                 break
             frame = bytearray()
