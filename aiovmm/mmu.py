@@ -199,7 +199,7 @@ class PageTables:
                     taken.append(i)
         except MMUError:
             for i in taken:
-                self._put_entry(entries[i], level)
+                self._put_entry(entries[i], level, mfn)
             raise
         if level == 4:
             for slot in range(XEN_L4_FIRST, XEN_L4_LAST + 1):
@@ -212,7 +212,7 @@ class PageTables:
             if level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST:
                 continue
             if e & _PAGE_PRESENT:
-                self._put_entry(e, level)
+                self._put_entry(e, level, mfn)
 
     def _get_entry(self, e: int, level: int, dom: int, self_mfn: int = -1) -> int:
         """Validate one present entry of a table of `level`, take its reference, return the
@@ -238,7 +238,11 @@ class PageTables:
         if not mem.valid_mfn(target) or mem.owner[target] != dom:
             raise MMUError(Errno.EINVAL, f"d{dom} L{level} entry to foreign frame {target:#x}")
         if target == self_mfn:
-            raise MMUError(Errno.EINVAL, "a table may not map itself")
+            # A read-only self reference (the classic "linear page table" slot) is allowed,
+            # as in Xen; it takes no reference (it would keep its own table alive forever).
+            if e & _PAGE_RW:
+                raise MMUError(Errno.EINVAL, f"linear L{level} self-entry must be read-only")
+            return e | _PAGE_USER | (_PAGE_ACCESSED if level == 4 else 0)
         same = _LEVEL_TYPE[level]
         if mem.type[target] == same and mem.type_count[target]:
             # A "linear" entry to another validated table of the same level (Xen's rule 7):
@@ -253,8 +257,10 @@ class PageTables:
             e |= _PAGE_ACCESSED
         return e
 
-    def _put_entry(self, e: int, level: int) -> None:
+    def _put_entry(self, e: int, level: int, self_mfn: int = -1) -> None:
         target = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
+        if target == self_mfn and level > 1:
+            return                        # a read-only self reference holds nothing
         if level == 1:
             self.mem.refs[target] -= 1
             if e & _PAGE_RW:
@@ -296,7 +302,7 @@ class PageTables:
             new = self._get_entry(val, level, dom, self_mfn=mfn)
         mem.write_u64(ptr, new)
         if old & _PAGE_PRESENT:
-            self._put_entry(old, level)
+            self._put_entry(old, level, mfn)
         return True
 
     # -- walks --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .vcpu import VCPU
 
 log = logging.getLogger("aiovmm.ptwr")
-_PAGE = struct.Struct("<512Q")
+_U64 = struct.Struct("<Q")
 
 
 @dataclasses.dataclass
@@ -42,6 +42,8 @@ class PendingWrite:
     l1e_addr: int          # machine address of the L1 entry mapping the page-table page
     frame: int             # MFN of the guest L1 table being written
     error: int             # the #PF error code, for the bounce if emulation is refused
+    mnemonic: str = ""     # the store instruction, decoded
+    ops: str = ""
 
 
 def candidate(v: "VCPU", cr2: int, error: int, rip: int) -> PendingWrite | None:
@@ -69,10 +71,55 @@ def candidate(v: "VCPU", cr2: int, error: int, rip: int) -> PendingWrite | None:
             code = v.copy_from_guest(rip, PAGE_SIZE - (rip & (PAGE_SIZE - 1)))
         except GuestFault:
             return None
-    n = v.engine.instruction_length(code)
-    if not n:
+    decoded = v.engine.decode(code)
+    if decoded is None:
         return None
-    return PendingWrite(rip, n, cr2, l1e_addr, frame, error)
+    n, mnemonic, ops = decoded
+    return PendingWrite(rip, n, cr2, l1e_addr, frame, error, mnemonic, ops)
+
+
+_GPR64 = {"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+          "r12", "r13", "r14", "r15"}
+
+
+def try_fast(v: "VCPU", w: PendingWrite) -> bool | None:
+    """The common forms, emulated without stepping: an aligned 8-byte `mov` of a register or
+    immediate, or `xchg` with a register, into the faulting entry. The target is CR2 (the
+    fault address), so only the source needs decoding. Returns True (applied), False
+    (refused by validation: the caller bounces the #PF) or None (another form: step it)."""
+    if w.va & 7:
+        return None
+    mnemonic, ops = w.mnemonic, w.ops
+    if not ops.startswith("qword ptr [") or "], " not in ops:
+        return None
+    src = ops.split("], ", 1)[1].strip()
+    eng = v.engine
+    if mnemonic == "mov":
+        if src in _GPR64:
+            value = eng.get(src)
+        else:
+            try:
+                value = int(src, 0) & 0xFFFFFFFFFFFFFFFF     # imm32, sign-extended by capstone
+            except ValueError:
+                return None
+        regs = {}
+    elif mnemonic == "xchg" and src in _GPR64:
+        value = eng.get(src)
+        regs = {src: v.domain.mem.read_u64((w.frame << PAGE_SHIFT) | (w.va & (PAGE_SIZE - 1)))}
+    else:
+        return None
+    ptr = (w.frame << PAGE_SHIFT) | (w.va & (PAGE_SIZE - 1))
+    try:
+        v.domain.hypervisor.pagetables.update_entry(v.domain.domid, ptr, value)
+    except MMUError as e:
+        log.info("d%d: writable page-table store refused at %#x: %s", v.domain.domid, w.rip, e)
+        return False
+    regs["rip"] = w.rip + w.length
+    eng.write(regs)
+    for other in v.domain.vcpus:
+        other.engine.flush_tlb()
+    v.ptwr_updates += 1
+    return True
 
 
 def complete(v: "VCPU", w: PendingWrite) -> bool:
@@ -96,10 +143,15 @@ def complete(v: "VCPU", w: PendingWrite) -> bool:
     if not ok:
         eng.set("rip", w.rip)
         return False
-    after = mem.read(scratch << PAGE_SHIFT, PAGE_SIZE)
-    old, new = _PAGE.unpack(before), _PAGE.unpack(after)
+    # A single instruction stores at most 16 bytes at CR2 (cmpxchg16b): only the entries
+    # around it can have changed. Compare those instead of the whole page.
+    first = max(0, ((w.va & (PAGE_SIZE - 1)) >> 3) - 1)
+    last = min(511, first + 3)
+    base = scratch << PAGE_SHIFT
     pt = hv.pagetables
-    for i, (a, b) in enumerate(zip(old, new)):
+    for i in range(first, last + 1):
+        a = _U64.unpack_from(before, 8 * i)[0]
+        b = mem.read_u64(base + 8 * i)
         if a != b:
             try:
                 pt.update_entry(v.domain.domid, (w.frame << PAGE_SHIFT) + 8 * i, b)

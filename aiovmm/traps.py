@@ -95,9 +95,14 @@ def exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
     if vector == 14:
         w = ptwr.candidate(v, cr2, error, rip)
         if w is not None:
-            v.pending_ptwr = w
-            eng.stop()
-            return
+            done = ptwr.try_fast(v, w)
+            if done is True:
+                return
+            if done is None:                     # another store form: single-step it
+                v.pending_ptwr = w
+                eng.stop()
+                return
+            # refused: fall through and bounce the #PF to the guest
     software = vector == 0x80 or vector >= 32 or vector in (3, 4)
     flags, _cs, handler = v.trap_table[vector] if vector < 256 else (0, 0, 0)
     if software:

@@ -367,15 +367,16 @@ class VCPUEngine:
             self.uc.ctl_remove_cache(start, end + 1)
         return not err and not self.stop_requested and self.get("rip") == end
 
-    def instruction_length(self, code: bytes) -> int:
-        """Length of the first x86_64 instruction in `code` (0 if undecodable)."""
+    def decode(self, code: bytes) -> tuple[int, str, str] | None:
+        """(length, mnemonic, operands) of the first x86_64 instruction in `code` (Intel
+        syntax, capstone), or None if it does not decode."""
         global _capstone
         if _capstone is None:
             import capstone
             _capstone = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        for _addr, size, _m, _o in _capstone.disasm_lite(code, 0, 1):
-            return size
-        return 0
+        for _addr, size, mnemonic, ops in _capstone.disasm_lite(code, 0, 1):
+            return size, mnemonic, ops
+        return None
 
     def run(self, budget: int, max_ns: int = 0) -> ExitReason:
         """Run until the block budget or `max_ns` of wall time is used (checked every 64
