@@ -37,6 +37,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
+from aiovmm.ring import BackRing
 from aiovmm.errors import BuildError
 from aiovmm.xenbus import Watch, XenbusState, read_state, read_str, write_keys
 
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("aiovmm.backends.block")
 
 RING_SIZE = 32
-SRING_HDR = 64
 SLOT = 112
 SECTOR = 512
 SECTORS_PER_PAGE = 8
@@ -63,7 +63,6 @@ VDISK_CDROM, VDISK_REMOVABLE, VDISK_READONLY = 1, 2, 4
 BLKROGET = 0x125E
 PROTOCOL = "x86_64-abi"
 
-_U32 = struct.Struct("<I")
 _REQ = struct.Struct("<BBH4xQQ")             # operation nr_segments handle _ id sector_number
 _DISCARD = struct.Struct("<BBH4xQQQ")        # operation flag handle _ id sector_number nr_sectors
 _ORDERING = (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_DISCARD)
@@ -397,55 +396,16 @@ class FrontendGone(BlkDisconnect):
     """The frontend closed: the vbd may be reconnected."""
 
 
-class Ring:
-    """The blkif shared ring seen from the backend (indices distrusted)."""
+class Ring(BackRing):
+    """The blkif ring (32 slots of 112 bytes) seen from the backend."""
 
     def __init__(self, view: memoryview) -> None:
-        self.v = view
-        self.req_cons = 0
-        self.rsp_prod_pvt = 0
-
-    def get(self, off: int) -> int:
-        return _U32.unpack_from(self.v, off)[0]
-
-    def put(self, off: int, value: int) -> None:
-        _U32.pack_into(self.v, off, value & 0xFFFFFFFF)
-
-    @staticmethod
-    def slot_off(idx: int) -> int:
-        return SRING_HDR + (idx & (RING_SIZE - 1)) * SLOT
-
-    def unconsumed(self) -> int:
-        """Requests available, or -1 if the frontend's indices are impossible (it published
-        more requests than there are free slots)."""
-        req_prod = self.get(0)
-        if ((req_prod - self.rsp_prod_pvt) & 0xFFFFFFFF) > RING_SIZE:
-            return -1
-        return (req_prod - self.req_cons) & 0xFFFFFFFF
-
-    def take(self) -> bytes:
-        """Copy the next request out of shared memory (once) and consume it."""
-        off = self.slot_off(self.req_cons)
-        raw = bytes(self.v[off:off + SLOT])
-        self.req_cons = (self.req_cons + 1) & 0xFFFFFFFF
-        return raw
+        super().__init__(view, RING_SIZE, SLOT)
 
     def respond(self, rid: int, op: int, status: int) -> None:
-        _RSP.pack_into(self.v, self.slot_off(self.rsp_prod_pvt), rid, op, status)
-        self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & 0xFFFFFFFF
+        _RSP.pack_into(self.v, self.next_response_off(), rid, op, status)
+        self.respond_done()
 
-    def push_responses(self) -> bool:
-        """Publish responses; True if the frontend asked to be notified (event index)."""
-        old = self.get(8)
-        new = self.rsp_prod_pvt
-        self.put(8, new)
-        rsp_event = self.get(12)
-        return ((new - rsp_event) & 0xFFFFFFFF) < ((new - old) & 0xFFFFFFFF)
-
-    def final_check(self) -> bool:
-        """Ask to be notified of the next request; True if one already arrived."""
-        self.put(4, self.req_cons + 1)
-        return ((self.get(0) - self.req_cons) & 0xFFFFFFFF) != 0
 
 
 @dataclasses.dataclass

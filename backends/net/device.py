@@ -24,6 +24,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
+from aiovmm.ring import BackRing
 from aiovmm.xenbus import Watch, XenbusState, read_state, read_str, write_keys
 
 from . import tap as taplib
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("aiovmm.backends.net")
 
 RING_SIZE = 256
-SRING_HDR = 64
 TX_SLOT, RX_SLOT = 12, 8
 NETTXF_more_data, NETTXF_extra_info = 1 << 2, 1 << 3
 NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETIF_RSP_NULL = -2, -1, 0, 1
@@ -43,7 +43,6 @@ MAX_PACKET = 0xFFFF
 MAX_SLOTS = 18                 # XEN_NETIF_NR_SLOTS_MIN: the most slots a packet may use here
 MAX_FRAME = 1514 + 4
 RX_BATCH = 64
-_U32 = struct.Struct("<I")
 _TXREQ = struct.Struct("<IHHHH")       # gref offset flags id size
 _TXRSP = struct.Struct("<Hh")          # id status
 _RXREQ = struct.Struct("<H2xI")        # id gref
@@ -112,49 +111,6 @@ class NetStats:
     bad_indices: int = 0
 
 
-class Sring:
-    """A Xen shared ring page seen from the backend (indices distrusted)."""
-
-    def __init__(self, view: memoryview, slot: int) -> None:
-        self.v = view
-        self.slot = slot
-        self.req_cons = 0
-        self.rsp_prod_pvt = 0
-
-    def get(self, off: int) -> int:
-        return _U32.unpack_from(self.v, off)[0]
-
-    def put(self, off: int, value: int) -> None:
-        _U32.pack_into(self.v, off, value & 0xFFFFFFFF)
-
-    @property
-    def req_prod(self) -> int:
-        return self.get(0)
-
-    def slot_off(self, idx: int) -> int:
-        return SRING_HDR + (idx & (RING_SIZE - 1)) * self.slot
-
-    def unconsumed(self) -> int:
-        """Requests available, or -1 if the frontend's indices are impossible."""
-        n = (self.req_prod - self.req_cons) & 0xFFFFFFFF
-        if n > RING_SIZE or ((self.req_cons - self.rsp_prod_pvt) & 0xFFFFFFFF) > RING_SIZE:
-            return -1
-        return n
-
-    def push_responses(self) -> bool:
-        """Publish responses; True if the frontend asked to be notified (event index)."""
-        old = self.get(8)
-        new = self.rsp_prod_pvt & 0xFFFFFFFF
-        self.put(8, new)
-        rsp_event = self.get(12)
-        return ((new - rsp_event) & 0xFFFFFFFF) < ((new - old) & 0xFFFFFFFF)
-
-    def final_check(self) -> bool:
-        """Ask to be notified for the next request; True if one already arrived."""
-        self.put(4, self.req_cons + 1)
-        return ((self.req_prod - self.req_cons) & 0xFFFFFFFF) != 0
-
-
 class Netback:
     def __init__(self, dom: "Domain", devid: int, cfg: VifConfig, ifname_prefix: str = "vif") -> None:
         self.dom = dom
@@ -166,8 +122,8 @@ class Netback:
         self.back = f"/local/domain/0/backend/vif/{dom.domid}/{devid}"
         self.stats = NetStats()
         self.fd: int | None = None
-        self.tx: Sring | None = None
-        self.rx: Sring | None = None
+        self.tx: BackRing | None = None
+        self.rx: BackRing | None = None
         self.port = None
         self._maps: list = []
         self._kick = asyncio.Event()
@@ -243,7 +199,7 @@ class Netback:
         self._maps.append(txm)
         rxm = grants.host_map(self.dom, rx_ref)
         self._maps.append(rxm)
-        self.tx, self.rx = Sring(txm.view, TX_SLOT), Sring(rxm.view, RX_SLOT)
+        self.tx, self.rx = BackRing(txm.view, RING_SIZE, TX_SLOT), BackRing(rxm.view, RING_SIZE, RX_SLOT)
         self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
         try:
             self.fd = taplib.open_tap(self.ifname, self.cfg.netns)
@@ -309,8 +265,8 @@ class Netback:
 
     def _tx_response(self, rid: int, status: int) -> None:
         r = self.tx
-        _TXRSP.pack_into(r.v, r.slot_off(r.rsp_prod_pvt), rid, status)
-        r.rsp_prod_pvt = (r.rsp_prod_pvt + 1) & 0xFFFFFFFF
+        _TXRSP.pack_into(r.v, r.next_response_off(), rid, status)
+        r.respond_done()
 
     def _process_tx(self) -> bool:
         """Guest -> tap: every complete packet on the tx ring."""
@@ -431,8 +387,8 @@ class Netback:
                 except grants.GrantError:
                     status = NETIF_RSP_ERROR
                     self.stats.rx_dropped += 1
-            _RXRSP.pack_into(r.v, r.slot_off(r.rsp_prod_pvt), rid, 0, 0, status)
-            r.rsp_prod_pvt = (r.rsp_prod_pvt + 1) & 0xFFFFFFFF
+            _RXRSP.pack_into(r.v, r.next_response_off(), rid, 0, 0, status)
+            r.respond_done()
             done += 1
         if done == RX_BATCH:
             self._kick.set()                 # more may be waiting: come back after others ran

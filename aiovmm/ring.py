@@ -1,0 +1,75 @@
+"""Xen shared I/O rings (io/ring.h), back-end side: the one implementation netback and
+blkback share.
+
+The page starts with the sring header (req_prod @0, req_event @4, rsp_prod @8, rsp_event @12,
+padding to 64), then `nr_ents` slots of `slot` bytes (requests and responses share slots).
+All indices are free-running u32. Everything in the page is the frontend's and untrusted:
+the producer index is checked against what the ring can hold before anything is consumed
+(Linux's RING_REQUEST_PROD_OVERFLOW), and requests are copied out once before use.
+"""
+from __future__ import annotations
+
+import struct
+
+SRING_HDR = 64
+_U32 = struct.Struct("<I")
+MASK32 = 0xFFFFFFFF
+
+
+class BackRing:
+    def __init__(self, view: memoryview, nr_ents: int, slot: int) -> None:
+        if nr_ents & (nr_ents - 1) or SRING_HDR + nr_ents * slot > len(view):
+            raise ValueError("ring geometry does not fit the page")
+        self.v = view
+        self.nr_ents = nr_ents
+        self.slot = slot
+        self.req_cons = 0           # next request to consume
+        self.rsp_prod_pvt = 0       # next response slot to fill
+
+    def get(self, off: int) -> int:
+        return _U32.unpack_from(self.v, off)[0]
+
+    def put(self, off: int, value: int) -> None:
+        _U32.pack_into(self.v, off, value & MASK32)
+
+    @property
+    def req_prod(self) -> int:
+        return self.get(0)
+
+    def slot_off(self, idx: int) -> int:
+        return SRING_HDR + (idx & (self.nr_ents - 1)) * self.slot
+
+    def unconsumed(self) -> int:
+        """Requests available, or -1 if the frontend published more requests than the ring
+        has free slots (a misbehaving frontend: disconnect it)."""
+        req_prod = self.get(0)
+        if ((req_prod - self.rsp_prod_pvt) & MASK32) > self.nr_ents:
+            return -1
+        return (req_prod - self.req_cons) & MASK32
+
+    def take(self) -> bytes:
+        """Copy the next request out of shared memory (once) and consume it."""
+        off = self.slot_off(self.req_cons)
+        raw = bytes(self.v[off:off + self.slot])
+        self.req_cons = (self.req_cons + 1) & MASK32
+        return raw
+
+    def next_response_off(self) -> int:
+        """Offset of the next response slot; call respond_done() after filling it."""
+        return self.slot_off(self.rsp_prod_pvt)
+
+    def respond_done(self) -> None:
+        self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & MASK32
+
+    def push_responses(self) -> bool:
+        """Publish responses; True if the frontend asked to be notified (event index)."""
+        old = self.get(8)
+        new = self.rsp_prod_pvt
+        self.put(8, new)
+        rsp_event = self.get(12)
+        return ((new - rsp_event) & MASK32) < ((new - old) & MASK32)
+
+    def final_check(self) -> bool:
+        """Ask to be notified of the next request; True if one already arrived."""
+        self.put(4, self.req_cons + 1)
+        return ((self.get(0) - self.req_cons) & MASK32) != 0
