@@ -121,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="boot a Xen PV kernel and stream its console")
-    r.add_argument("kernel", help="guest kernel ELF (Xen PV, x86_64)")
-    r.add_argument("--memory", type=_mib, default=32, metavar="MIB", help="guest memory (default 32)")
-    r.add_argument("--cmdline", default="", help="guest command line")
+    r.add_argument("kernel", nargs="?", help="guest kernel ELF (Xen PV, x86_64)")
+    r.add_argument("-c", "--config", metavar="FILE",
+                   help="domain configuration in xl.cfg syntax (kernel, memory, name, extra, vif, disk); "
+                        "options given on the command line add to or override it")
+    r.add_argument("--memory", type=_mib, default=None, metavar="MIB", help="guest memory (default 32)")
+    r.add_argument("--cmdline", default=None, help="guest command line")
     r.add_argument("--name", default=None, help="domain name")
     r.add_argument("--vif", action="append", default=[], metavar="SPEC",
                    help="network interface, xl syntax: mac=00:16:3e:01:02:03,bridge=br0 (repeatable)")
@@ -140,6 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     level = {0: logging.CRITICAL + 1, 1: logging.WARNING, 2: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.cmd == "run":
+        from .config import ConfigError, DomainConfig, load
+        try:
+            cfg = load(args.config) if args.config else DomainConfig(kernel=args.kernel or "")
+        except ConfigError as e:
+            print(f"aiovmm: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        args.kernel = args.kernel or cfg.kernel
+        if not args.kernel:
+            print("aiovmm: no kernel given (a KERNEL argument or --config FILE)", file=sys.stderr)
+            return EXIT_USAGE
+        args.memory = args.memory if args.memory is not None else cfg.memory
+        args.cmdline = args.cmdline if args.cmdline is not None else cfg.cmdline
+        args.name = args.name or cfg.name
+        args.vif = cfg.vif + args.vif
+        args.disk = cfg.disk + args.disk
         if args.memory < 1 or args.memory > args.machine_memory:
             print(f"aiovmm: --memory must be between 1 and {args.machine_memory} MiB", file=sys.stderr)
             return EXIT_USAGE

@@ -1,0 +1,109 @@
+"""Domain configuration files in Xen's xl.cfg syntax (the subset aiovmm understands).
+
+    name = "web1"
+    kernel = "guests/build/tests/net.elf"
+    memory = 16
+    extra = "ip=198.18.0.2/24 name=web1"        # the kernel command line (also: cmdline)
+    vif = ['mac=00:16:3e:01:02:03,bridge=br0']
+    disk = ['file:/var/lib/aiovmm/a.img,xvda,w', 'phy:/dev/loop3,xvdb,r']
+
+Values are xl's: quoted strings, integers, and [lists]; `#` starts a comment. Unknown keys
+are refused with the line number, so a typo never silently drops a device.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+
+KNOWN = {"name", "kernel", "memory", "maxmem", "extra", "cmdline", "vif", "disk", "vcpus",
+         "on_poweroff", "on_reboot", "on_crash", "type"}
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used (one-line reason with file and line)."""
+
+
+@dataclasses.dataclass
+class DomainConfig:
+    kernel: str
+    name: str | None = None
+    memory: int = 32
+    cmdline: str = ""
+    vif: list[str] = dataclasses.field(default_factory=list)
+    disk: list[str] = dataclasses.field(default_factory=list)
+
+
+def parse(text: str, path: str = "<config>") -> DomainConfig:
+    values: dict[str, object] = {}
+    pending = ""
+    start = 0
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = _strip_comment(line).strip()
+        if not pending:
+            start = lineno
+        pending = f"{pending} {stripped}".strip() if pending else stripped
+        if not pending:
+            continue
+        if pending.count("[") > pending.count("]"):
+            continue                                     # a list continues on the next line
+        key, sep, raw = pending.partition("=")
+        key = key.strip()
+        pending = ""
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"{path}:{start}: expected `key = value`")
+        if key not in KNOWN:
+            raise ConfigError(f"{path}:{start}: unknown setting {key!r}")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{path}:{start}: {key}: cannot read value {raw.strip()!r}") from None
+        if isinstance(value, tuple):
+            value = list(value)
+        values[key] = value
+    if pending:
+        raise ConfigError(f"{path}:{start}: unterminated list")
+    if values.get("type", "pv") != "pv":
+        raise ConfigError(f"{path}: type = {values['type']!r}: only PV guests are supported")
+    kernel = values.get("kernel")
+    if not isinstance(kernel, str) or not kernel:
+        raise ConfigError(f"{path}: `kernel` must name the guest kernel")
+    if not os.path.isabs(kernel) and path != "<config>":
+        kernel = os.path.join(os.path.dirname(os.path.abspath(path)), kernel)
+    memory = values.get("memory", 32)
+    if not isinstance(memory, int) or memory < 1:
+        raise ConfigError(f"{path}: memory must be a positive number of MiB")
+    for k in ("vif", "disk"):
+        v = values.get(k, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{path}: {k} must be a list of strings")
+    cmdline = values.get("extra", values.get("cmdline", ""))
+    if not isinstance(cmdline, str):
+        raise ConfigError(f"{path}: extra must be a string")
+    name = values.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{path}: name must be a string")
+    return DomainConfig(kernel, name, memory, cmdline, list(values.get("vif", [])),
+                        list(values.get("disk", [])))
+
+
+def load(path: str) -> DomainConfig:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    return parse(text, path)
+
+
+def _strip_comment(line: str) -> str:
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#":
+            return line[:i]
+    return line
