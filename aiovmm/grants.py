@@ -85,6 +85,7 @@ QUERY_SIZE = struct.Struct("<H2xIIh2x")          # dom nr_frames max_nr_frames s
 COPY = struct.Struct("<QHH4xQHH4xHHh2x")         # src.u src.dom src.off _ dst.u dst.dom dst.off _ len flags status (40)
 GET_VERSION = struct.Struct("<HHI")
 _ENTRY = struct.Struct("<HHI")
+_U16 = struct.Struct("<H")
 
 
 class GrantError(Exception):
@@ -146,35 +147,50 @@ class GrantTable:
 
     # -- granter side: acquire / release a use of an entry --------------------------------
     def acquire(self, ref: int, grantee: int, write: bool) -> int:
-        """Check entry `ref` permits `grantee` (for writing if `write`); mark it in use.
-        Returns the granted MFN."""
-        flags, domid, frame = self.read_entry(ref)
+        """Check entry `ref` permits `grantee` (for writing if `write`); mark it in use
+        (GTF_reading, and GTF_writing for a write). Returns the granted MFN.
+
+        On every backend data path (one call per packet or segment), hence written flat."""
+        if not 0 <= ref < len(self.frames) * ENTRIES_PER_FRAME:
+            raise GrantError(GntSt.bad_gntref, f"grant ref {ref} out of range")
+        dom = self.dom
+        mem = dom.mem
+        addr = (self.frames[ref >> 9] << PAGE_SHIFT) + ((ref & 511) << 3)
+        flags, domid, frame = _ENTRY.unpack_from(mem.map, addr)
         if flags & GTF_type_mask != GTF_permit_access or domid != grantee:
             # Xen: an in-range entry that grants nothing to this grantee is general_error;
             # bad_gntref is only for references past the end of the table.
-            raise GrantError(GntSt.general_error, f"d{self.dom.domid} ref {ref} is not granted to d{grantee}")
+            raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is not granted to d{grantee}")
         if write and flags & GTF_readonly:
-            raise GrantError(GntSt.general_error, f"d{self.dom.domid} ref {ref} is read-only")
-        mem = self.dom.mem
-        if not mem.valid_mfn(frame) or mem.owner[frame] != self.dom.domid:
-            raise GrantError(GntSt.bad_page, f"granted frame {frame:#x} is not d{self.dom.domid}'s")
-        use = self.in_use.setdefault(ref, [0, 0])
-        use[1 if write else 0] += 1
-        self._set_flags(ref, GTF_writing | GTF_reading if write else GTF_reading)
+            raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is read-only")
+        if frame >= mem.nr_frames or mem.owner[frame] != dom.domid:
+            raise GrantError(GntSt.bad_page, f"granted frame {frame:#x} is not d{dom.domid}'s")
+        use = self.in_use.get(ref)
+        if use is None:
+            use = self.in_use[ref] = [0, 0]
+        use[write] += 1
+        new = flags | (GTF_reading | GTF_writing if write else GTF_reading)
+        if new != flags:
+            _U16.pack_into(mem.map, addr, new)
         return frame
 
     def release(self, ref: int, write: bool) -> None:
         use = self.in_use.get(ref)
         if not use:
             return
-        use[1 if write else 0] -= 1
+        use[write] -= 1
         clear = 0
         if use[1] == 0:
-            clear |= GTF_writing
-        if use[0] == 0 and use[1] == 0:
-            clear |= GTF_reading
-            del self.in_use[ref]
-        self._set_flags(ref, clear=clear)
+            clear = GTF_writing
+            if use[0] == 0:
+                clear |= GTF_reading
+                del self.in_use[ref]
+        if clear:
+            addr = (self.frames[ref >> 9] << PAGE_SHIFT) + ((ref & 511) << 3)
+            m = self.dom.mem.map
+            f = _U16.unpack_from(m, addr)[0]
+            if f & clear:
+                _U16.pack_into(m, addr, f & ~clear)
 
     # -- grantee side ------------------------------------------------------------------------------
     def new_handle(self, m: Mapping) -> int:
@@ -338,12 +354,12 @@ def host_copy_from(dom: "Domain", ref: int, offset: int, length: int) -> bytes:
     from a gref: the entry must permit domid 0; the range must stay inside the page)."""
     if offset < 0 or length < 0 or offset + length > PAGE_SIZE:
         raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {length} crosses the page")
-    mfn = dom.grants.acquire(ref, HOST_DOMID, False)
-    try:
-        a = (mfn << PAGE_SHIFT) + offset
-        return bytes(dom.mem.view[a:a + length])
-    finally:
-        dom.grants.release(ref, False)
+    g = dom.grants
+    mfn = g.acquire(ref, HOST_DOMID, False)
+    a = (mfn << PAGE_SHIFT) + offset
+    data = bytes(dom.mem.view[a:a + length])
+    g.release(ref, False)
+    return data
 
 
 def host_copy_to(dom: "Domain", ref: int, offset: int, data: bytes | memoryview) -> None:
@@ -352,15 +368,15 @@ def host_copy_to(dom: "Domain", ref: int, offset: int, data: bytes | memoryview)
     n = len(data)
     if offset < 0 or offset + n > PAGE_SIZE:
         raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {n} crosses the page")
-    mfn = dom.grants.acquire(ref, HOST_DOMID, True)
-    try:
-        mem = dom.mem
-        if mem.type_count[mfn] and mem.type[mfn] not in (PageType.writable, PageType.none):
-            raise GrantError(GntSt.bad_page, f"granted frame {mfn:#x} is a page table")
-        a = (mfn << PAGE_SHIFT) + offset
-        mem.view[a:a + n] = data
-    finally:
-        dom.grants.release(ref, True)
+    g = dom.grants
+    mfn = g.acquire(ref, HOST_DOMID, True)
+    mem = dom.mem
+    if mem.type_count[mfn] and mem.type[mfn] != PageType.writable:
+        g.release(ref, True)
+        raise GrantError(GntSt.bad_page, f"granted frame {mfn:#x} is a {PageType(mem.type[mfn]).name} page")
+    a = (mfn << PAGE_SHIFT) + offset
+    mem.view[a:a + n] = data
+    g.release(ref, True)
 
 
 def _copy_side(caller: "Domain", u: int, domid: int, off: int, length: int, is_gref: bool,
