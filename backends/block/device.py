@@ -618,7 +618,6 @@ class Blkback:
         why: list[BaseException] = []
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._events())
                 tg.create_task(self._serve())
                 tg.create_task(self._watch_front(watch))
         except* BlkDisconnect as eg:
@@ -643,6 +642,7 @@ class Blkback:
             raise BlkDisconnect(f"cannot map ring-ref {ring_ref}: {e}") from None
         try:
             self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
+            self.port.link(self._kick)             # guest events wake _serve directly
         except Exception as e:
             self._ring_map.close()
             self._ring_map = None
@@ -685,11 +685,6 @@ class Blkback:
                                                      XenbusState.Unknown):
                 self._set_state(XenbusState.Closing)
                 raise FrontendGone("frontend closed")
-
-    async def _events(self) -> None:
-        while True:
-            await self.port.wait()
-            self._kick.set()
 
     # -- the data path -----------------------------------------------------------------------
     async def _serve(self) -> None:

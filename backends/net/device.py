@@ -168,7 +168,6 @@ class Netback:
                      self.mac, f" on bridge {self.cfg.bridge}" if self.cfg.bridge else "")
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._events())
                     tg.create_task(self._serve())
                     tg.create_task(self._watch_front(watch))
             except* VifDisconnect as eg:
@@ -201,6 +200,7 @@ class Netback:
         self._maps.append(rxm)
         self.tx, self.rx = BackRing(txm.view, RING_SIZE, TX_SLOT), BackRing(rxm.view, RING_SIZE, RX_SLOT)
         self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
+        self.port.link(self._kick)             # guest events wake _serve directly
         try:
             self.fd = taplib.open_tap(self.ifname, self.cfg.netns)
         except taplib.TapBusy:
@@ -232,11 +232,6 @@ class Netback:
             pass
 
     # -- the data path -----------------------------------------------------------------------------
-    async def _events(self) -> None:
-        while True:
-            await self.port.wait()
-            self._kick.set()
-
     def _on_tap_readable(self) -> None:
         self._tap_ready = True
         asyncio.get_running_loop().remove_reader(self.fd)
