@@ -24,7 +24,7 @@ from .abi import DOMID_SELF, DOMID_XEN, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, E
     _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, _PAGE_NX
 from .errors import HypercallError
 from .memory import PageType
-from .mmu import GuestFault, MMUError
+from .mmu import MMUError
 
 if TYPE_CHECKING:
     from .domain import Domain

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import builder, timers, toolstack
 from .xenstore.server import XenstoreServer
@@ -23,6 +23,10 @@ from .scheduler import Scheduler
 from .vcpu import VCPU
 from .vcpu_engine import VCPUEngine
 from .memory import PageType
+
+if TYPE_CHECKING:
+    from .backends.block import DiskConfig
+    from .backends.net import VifConfig
 
 log = logging.getLogger("aiovmm.hypervisor")
 

@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 
 from .abi import (
     DOMID_SELF, MMU_MACHPHYS_UPDATE, MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_NO_TRANSLATE,
-    MMU_PT_UPDATE_PRESERVE_AD, MMU_UPDATE, MMUEXT_OP, PAGE_SHIFT, PAGE_SIZE, UVMF_FLUSHTYPE_MASK,
-    Errno, MmuExt,
+    MMU_PT_UPDATE_PRESERVE_AD, MMU_UPDATE, MMUEXT_OP, PAGE_SHIFT, PAGE_SIZE, Errno, MmuExt,
 )
 from .errors import HypercallError
 from .memory import PageType

@@ -11,7 +11,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from .abi import DOMID_SELF, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, PAGE_SIZE, Errno
+from .abi import DOMID_SELF, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, Errno
 from .errors import HypercallError
 from .memory import OutOfMemory
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import time
 from typing import TYPE_CHECKING
 
 from .abi import (
-    SharedInfo, VcpuInfo, VcpuOp, VcpuTimeInfo, Virq, Errno, VCPU_SET_SINGLESHOT_TIMER,
+    SharedInfo, VcpuInfo, VcpuOp, Virq, Errno, VCPU_SET_SINGLESHOT_TIMER,
     XEN_PVCLOCK_TSC_STABLE_BIT,
 )
 from .errors import HypercallError

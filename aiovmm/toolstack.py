@@ -7,7 +7,6 @@ and its device frontend directories.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 

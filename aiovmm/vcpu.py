@@ -16,7 +16,6 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import PAGE_SIZE, VcpuInfo, VCPU_INFO_SIZE
-from .mmu import GuestFault
 from .vcpu_engine import ExitReason, VCPUEngine
 
 if TYPE_CHECKING:

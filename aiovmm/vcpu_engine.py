@@ -26,7 +26,7 @@ import logging
 import os
 import struct
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_INTR, UC_HOOK_INSN, \
     UC_HOOK_INSN_INVALID, UC_HOOK_BLOCK
@@ -53,7 +53,6 @@ MSR_KERNEL_GS_BASE = 0xC0000102
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 
 _UC_CTL_TLB_FLUSH_WRITE = 11 | (1 << 30)       # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
-_SYSCALL_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 _INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
 _RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
@@ -240,7 +239,6 @@ class VCPUEngine:
                        X.UC_X86_INS_RDTSC)
 
         # Prepared raw register batches for the hot paths.
-        self.args_batch = _RegBatch(self.h, ("rax", "rdi", "rsi", "rdx", "r10", "r8"))
         self._rax = _RegBatch(self.h, ("rax",))
         self._rip = _RegBatch(self.h, ("rip",))
         self._rdx_rax = _RegBatch(self.h, ("rax", "rdx"))
