@@ -30,7 +30,6 @@ import os
 import re
 import struct
 import sys
-import time
 
 import uvloop
 

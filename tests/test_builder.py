@@ -3,7 +3,6 @@ through the library and through the CLI (exit 64, one line on stderr, no traceba
 hypercall page and the initial layout follow Xen's x86_64 PV builder."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import struct
