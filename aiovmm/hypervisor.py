@@ -116,13 +116,15 @@ class Hypervisor:
             for d in disks:
                 try:
                     cfg = d if isinstance(d, DiskConfig) else DiskConfig.parse(d)
-                    cfg.check(self.disks_in_use)     # missing, wrong kind, read-only, in use
+                    await asyncio.to_thread(cfg.check, {k: set(v) for k, v in self.disks_in_use.items()})
                     disk_cfgs.append(cfg)
                 except ValueError as e:
                     raise BuildError(f"disk {d!r}: {e}") from None
         if memory_mib < 1:
             raise BuildError("memory must be at least 1 MiB")
-        img = builder.parse_kernel(kernel)
+        # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
+        # blocking I/O: it runs in a worker thread, never on the loop.
+        img = await asyncio.to_thread(builder.parse_kernel, kernel)
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:

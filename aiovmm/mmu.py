@@ -188,6 +188,10 @@ class PageTables:
         """Check all 512 entries, take their references, apply Xen's bit edits. All or nothing."""
         base = mfn << PAGE_SHIFT
         entries = list(self._q.unpack_from(self.mem.map, base))
+        if level == 1:
+            self._validate_l1(entries, dom)
+            self._q.pack_into(self.mem.map, base, *entries)
+            return
         taken: list[int] = []
         try:
             for i, e in enumerate(entries):
@@ -204,6 +208,43 @@ class PageTables:
             for slot in range(XEN_L4_FIRST, XEN_L4_LAST + 1):
                 entries[slot] = self.xen.slots.get(slot, 0)
         self._q.pack_into(self.mem.map, base, *entries)
+
+    def _validate_l1(self, entries: list[int], dom: int) -> None:
+        """_get_entry(level 1) for a whole table, inlined: L1 validation dominates domain
+        creation (every page of the bootstrap mapping) and fork-like workloads. Same rules,
+        same errors; all or nothing."""
+        mem = self.mem
+        owner, ptype, tcount, refs = mem.owner, mem.type, mem.type_count, mem.refs
+        nr = mem.nr_frames
+        writable = PageType.writable
+        taken: list[int] = []
+        try:
+            for i, e in enumerate(entries):
+                if not e & _PAGE_PRESENT:
+                    continue
+                if e & ~L1_ALLOWED:
+                    raise MMUError(Errno.EINVAL, f"bad L1 flags {e & ~L1_ALLOWED:#x}")
+                t = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
+                if t >= nr:
+                    raise MMUError(Errno.EPERM, f"frame {t:#x} is not RAM")
+                if owner[t] != dom:
+                    raise MMUError(Errno.EBUSY, f"d{dom} may not map frame {t:#x}")
+                if e & _PAGE_RW:
+                    if tcount[t]:
+                        if ptype[t] != writable:
+                            raise MMUError(Errno.EBUSY, f"frame {t:#x} is {PageType(ptype[t]).name}, not writable")
+                        tcount[t] += 1
+                    else:
+                        ptype[t] = writable
+                        tcount[t] = 1
+                refs[t] += 1
+                if not e & _PAGE_USER:
+                    entries[i] = e | _PAGE_USER | _PAGE_GUEST_KERNEL
+                taken.append(i)
+        except MMUError:
+            for i in taken:
+                self._put_entry(entries[i], 1)
+            raise
 
     def _devalidate_table(self, mfn: int, level: int) -> None:
         entries = self._q.unpack_from(self.mem.map, mfn << PAGE_SHIFT)
