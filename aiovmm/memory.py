@@ -123,7 +123,30 @@ class MachineMemory:
             self.refs[mfn] = 0
             self.m2p[mfn] = INVALID_M2P_ENTRY
             self.dirty[mfn] = 1
-            self._free.append(mfn)
+        self._discard(frames)
+        # The free list is a stack: the lowest of these frames is handed out first.
+        self._free.extend(sorted(frames, reverse=True))
+
+    def _discard(self, frames: list[int]) -> None:
+        """Give freed frames' memory back to the host (MADV_REMOVE on the shared memfd
+        mapping): they read as zero afterwards, so the next owner needs no zeroing, and a
+        destroyed guest's memory stops costing RSS. Done per contiguous run."""
+        if not frames:
+            return
+        run = sorted(frames)
+        start = prev = run[0]
+        for mfn in run[1:] + [None]:
+            if mfn is not None and mfn == prev + 1:
+                prev = mfn
+                continue
+            try:
+                self.map.madvise(mmap.MADV_REMOVE, start << PAGE_SHIFT, (prev - start + 1) << PAGE_SHIFT)
+                for f in range(start, prev + 1):
+                    self.dirty[f] = 0
+            except (OSError, AttributeError):
+                pass                            # stays dirty: zeroed when allocated
+            if mfn is not None:
+                start = prev = mfn
 
     def release_domain(self, domid: int, frames: list[int]) -> None:
         """Free all frames of a domain that is being destroyed."""
