@@ -21,6 +21,15 @@ from conftest import guest
 async def _paused(hv, name):
     dom = await hv.create(guest("hello"), memory_mib=4, name=name)
     dom.paused = True            # never scheduled: the test owns its event state
+    # The domain's own backends (console ring, xenstore ring) bind their ports when its task
+    # first runs: let them, so that they never race with the test's event operations.
+    for _ in range(2000):
+        if all(dom.evtchn.ports.get(p) is not None and dom.evtchn.ports[p].state == EvtchnStat.interdomain
+               for p in (dom.store_port, dom.console_port)):
+            break
+        await asyncio.sleep(0.001)
+    else:
+        raise AssertionError("the domain's console and xenstore backends never connected")
     return dom
 
 
@@ -73,12 +82,13 @@ async def two(hv):
 
 # -- start of day --------------------------------------------------------------------------------
 async def test_initial_ports(hv):
-    """The toolstack's ports: xenstore first, then console, both offered to domid 0."""
+    """The toolstack's ports: xenstore first, then console, both offered to domid 0 and bound
+    by the host's xenstore and console backends once the domain runs."""
     a = await _paused(hv, "a")
     assert (a.store_port, a.console_port) == (1, 2)
     for p in (1, 2):
         st_ = a.evtchn.status(p)
-        assert st_.state == EvtchnStat.unbound and st_.remote_dom == 0
+        assert st_.state == EvtchnStat.interdomain and st_.remote_dom == 0
     assert a.evtchn.status(3).state == EvtchnStat.closed
     assert pending_word(a) == 0 and sel(a) == 0 and upcall_pending(a) == 0
 
@@ -312,13 +322,23 @@ async def test_host_endpoint(two):
 class Model:
     """Xen's event_channel.c + event_2l.c for one vCPU per domain, ports < 64."""
 
-    def __init__(self, domids):
+    def __init__(self, domids, host_links=None):
+        """`host_links`: {domid: {port: host_port}} for the ports the domain's own console
+        and xenstore backends (the host, domid 0) have bound; without them, the toolstack's
+        two ports are still unbound. The host is modelled as domain 0, never checked."""
+        host_links = host_links or {}
+        every = [0] + list(domids)
         self.ports = {d: {1: ("unbound", 0, 0), 2: ("unbound", 0, 0)} for d in domids}
-        self.virqs = {d: {} for d in domids}
-        self.pending = {d: set() for d in domids}
-        self.mask = {d: set() for d in domids}
-        self.sel = {d: 0 for d in domids}
-        self.upcall = {d: 0 for d in domids}
+        self.ports[0] = {}
+        for d, links in host_links.items():
+            for p, hp in links.items():
+                self.ports[d][p] = ("interdomain", 0, hp)
+                self.ports[0][hp] = ("interdomain", d, p)
+        self.virqs = {d: {} for d in every}
+        self.pending = {d: set() for d in every}
+        self.mask = {d: set() for d in every}
+        self.sel = {d: 0 for d in every}
+        self.upcall = {d: 0 for d in every}
 
     def free_port(self, d):
         p = 1
@@ -495,7 +515,9 @@ def test_two_level_semantics_property(data):
             b = await _paused(hv, "b")
             doms = {a.domid: a, b.domid: b}
             ops = data.draw(_ops([a.domid, b.domid]))
-            model = Model(list(doms))
+            model = Model(list(doms), {d: {p: dom.evtchn.ports[p].remote_port
+                                              for p in (dom.store_port, dom.console_port)}
+                                          for d, dom in doms.items()})
             for i, op in enumerate(ops):
                 if op[0] == "send":
                     # Sending on a VIRQ port is its own test (test_send_on_virq_port_is_einval).
