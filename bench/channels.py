@@ -19,14 +19,18 @@ Figures (all medians; the guest and reference batches are interleaved, --reps of
                    kernel.elf.
   - xs_util_read_ops: Debian's xenstore-read, one process per call (spawn + connect + read),
                    the way scripts use it (skipped with 0 if xenstore-utils is missing).
-  - xenstore over a guest's ring: not measured. No guest has a loop mode: xenbus.elf runs
-    its ~40 checks once, with 200 ms and 300 ms deliberate timeouts among them.
+  - xs_ring_read_ops, xs_ring_write_ops: xenstore requests per second over a guest's store
+                   ring: guests/build/tests/xenbus.elf `bench=<--ring-ops>` does n xenbus_write
+                   of a 16-byte value to its data/bench, then n xenbus_read of it (one request
+                   in flight), each phase timed with its pvclock (`xenbus: bench writes=<n>
+                   ns=<t>`, `... reads=<n> ns=<t>`); one figure per boot, --ring-boots boots.
 Reference in the same run: pipe_rtt_us, a host round trip through an os.pipe pair on the same
 event loop: write a byte to pipe A; an echo reader (loop.add_reader) reads it and writes it to
 pipe B; the timed side awaits it on B. Same wake-up machinery as a HostPort, no guest.
 
 Last line: evt_rtt_us=<x> pipe_rtt_us=<y> ratio=<x/y> guest_rtt_us=<g> grant_map_us=<m>
-           xs_read_ops=<r> xs_write_ops=<w> xs_util_read_ops=<u>
+           xs_read_ops=<r> xs_write_ops=<w> xs_ring_read_ops=<rr> xs_ring_write_ops=<rw>
+           xs_util_read_ops=<u>
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ from aiovmm.grants import host_map
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRANT_PAIR = os.path.join(ROOT, "guests/build/tests/grant_pair.elf")
 KERNEL = os.path.join(ROOT, "guests/build/kernel.elf")
+XENBUS = os.path.join(ROOT, "guests/build/tests/xenbus.elf")
+XS_BENCH_RE = re.compile(r"xenbus: bench (writes|reads)=(\d+) ns=(\d+)")
 OFFER_RE = re.compile(r"result offer ref=(\d+) port=(\d+)")
 MASK64 = (1 << 64) - 1
 HDR = struct.Struct("<IIII")
@@ -200,12 +206,24 @@ async def xs_util_read(env, path: str) -> float:
     return time.perf_counter() - t0
 
 
+async def xs_ring_boot(hv: Hypervisor, n: int) -> tuple[float, float]:
+    """One boot of xenbus.elf bench=n: (read ops/s, write ops/s) by the guest's pvclock."""
+    dom = await hv.create(XENBUS, memory_mib=8, cmdline=f"bench={n}", name="xsring")
+    await end_ok(dom)
+    got = {m[1]: (int(m[2]), int(m[3]))
+           for l in dom.console_lines if (m := XS_BENCH_RE.fullmatch(l))}
+    if set(got) != {"writes", "reads"} or any(c != n or t <= 0 for c, t in got.values()):
+        fail(f"xenbus.elf bench={n}: console {dom.console_lines}")
+    return n / (got["reads"][1] / 1e9), n / (got["writes"][1] / 1e9)
+
+
 # ------------------------------------------------------------------------------------- main
-async def main(reps: int, batch: int, maps: int, guest_runs: int, xs_ops: int) -> None:
+async def main(reps: int, batch: int, maps: int, guest_runs: int, xs_ops: int,
+               ring_boots: int, ring_ops: int) -> None:
     sdir = tempfile.mkdtemp(prefix="chb", dir="/tmp")
     sock = os.path.join(sdir, "xs.sock")
     pipe_us, evt_us, map_us, guest_us = [], [], [], []
-    xs_r, xs_w, util = [], [], []
+    xs_r, xs_w, util, ring_r, ring_w = [], [], [], [], []
     try:
         async with Hypervisor(memory_mib=512, xenstore_path=sock) as hv:
             pipe = PipeEcho()
@@ -252,6 +270,12 @@ async def main(reps: int, batch: int, maps: int, guest_runs: int, xs_ops: int) -
             writer.close()
             if k.dying:
                 fail(f"kernel.elf: {k.describe_end()}")
+            # --- xenstore over a guest's ring (xenbus.elf bench mode), one figure per boot
+            for _ in range(ring_boots):
+                rr, rw = await xs_ring_boot(hv, ring_ops)
+                ring_r.append(rr)
+                ring_w.append(rw)
+                pipe_us += [await pipe.round() * 1e6 for _ in range(batch // 4)]
             pipe.close()
     finally:
         shutil.rmtree(sdir, ignore_errors=True)
@@ -259,24 +283,27 @@ async def main(reps: int, batch: int, maps: int, guest_runs: int, xs_ops: int) -
     evt, pip = statistics.median(evt_us), statistics.median(pipe_us)
     gst, gmap = statistics.median(guest_us), statistics.median(map_us)
     rd, wr = statistics.median(xs_r), statistics.median(xs_w)
+    rrd, rwr = statistics.median(ring_r), statistics.median(ring_w)
     ut = 1 / statistics.median(util) if util else 0.0
     print(f"{reps} x {batch} host<->guest round trips (grant_pair peer=0), interleaved with "
-          f"pipe round trips; {guest_runs} guest<->guest runs of 5000; {maps} grant maps")
+          f"pipe round trips; {guest_runs} guest<->guest runs of 5000; {maps} grant maps; "
+          f"{ring_boots} xenbus.elf boots of bench={ring_ops}")
     print(spread("event round trip host->guest->host", evt_us, "us"))
     print(spread("pipe round trip (reference)", pipe_us, "us"))
     print(spread("guest<->guest rtt (guest pvclock)", guest_us, "us"))
     print(spread("host_map+close per batch", map_us, "us"))
     print(spread("xenstore read over socket", xs_r, "ops/s"))
     print(spread("xenstore write over socket", xs_w, "ops/s"))
+    print(spread("xenstore read over guest ring", ring_r, "ops/s"))
+    print(spread("xenstore write over guest ring", ring_w, "ops/s"))
     if util:
         print(spread("xenstore-read process per call", [u * 1e3 for u in util], "ms"))
     else:
         print("xenstore-read: xenstore-utils not installed, skipped")
-    print("xenstore over a guest ring: skipped (no guest has a loop mode; xenbus.elf runs once)")
     print(f"event round trip / pipe round trip = {evt / pip:.1f}x")
     print(f"evt_rtt_us={evt:.1f} pipe_rtt_us={pip:.2f} ratio={evt / pip:.1f} guest_rtt_us={gst:.1f} "
           f"grant_map_us={gmap:.2f} xs_read_ops={rd:.0f} xs_write_ops={wr:.0f} "
-          f"xs_util_read_ops={ut:.0f}")
+          f"xs_ring_read_ops={rrd:.0f} xs_ring_write_ops={rwr:.0f} xs_util_read_ops={ut:.0f}")
 
 
 if __name__ == "__main__":
@@ -286,5 +313,10 @@ if __name__ == "__main__":
     ap.add_argument("--maps", type=int, default=10000, help="grant map+unmap in total")
     ap.add_argument("--guest-runs", type=int, default=3)
     ap.add_argument("--xs-ops", type=int, default=2000, help="xenstore requests per rep and kind")
+    ap.add_argument("--ring-boots", type=int, default=3, help="xenbus.elf bench boots")
+    ap.add_argument("--ring-ops", type=int, default=2000,
+                    help="xenstore requests per kind in each xenbus.elf bench boot")
     a = ap.parse_args()
-    uvloop.run(main(a.reps, a.batch, a.maps, a.guest_runs, a.xs_ops))
+    if a.ring_boots < 1 or a.ring_ops < 1:
+        ap.error("--ring-boots and --ring-ops must be >= 1")
+    uvloop.run(main(a.reps, a.batch, a.maps, a.guest_runs, a.xs_ops, a.ring_boots, a.ring_ops))
