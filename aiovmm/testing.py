@@ -82,9 +82,10 @@ class VirtualLan:
 
     async def run(self, *argv: str, timeout: float = 30) -> tuple[int, str]:
         """Run a command in the host namespace; returns (exit status, stdout+stderr)."""
+        ns = self.host_ns
         proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.host_ns, *argv,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=lambda: netns.setns(ns))       # enter the namespace in the child
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
         except asyncio.TimeoutError:
