@@ -84,14 +84,14 @@ def _mib(text: str) -> int:
 
 
 def _watch_stdin(loop: asyncio.AbstractEventLoop, dom) -> int | None:
-    """Feed host stdin to the guest's console ring (what is not accepted while the ring is
-    full is kept and retried on the next input or output)."""
+    """Feed host stdin to the guest's console ring. Input goes to the domain's input queue,
+    which the console backend moves into the ring as space allows (also input that arrives
+    before the backend has connected, and more than the 1 KiB ring holds)."""
     try:
         fd = sys.stdin.fileno()
         os.set_blocking(fd, False)
     except (AttributeError, OSError, ValueError):
         return None
-    pending = bytearray()
 
     def readable() -> None:
         try:
@@ -103,11 +103,9 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, dom) -> int | None:
         if not data:
             loop.remove_reader(fd)
             return
-        pending.extend(data)
-        backend = dom.console_backend
-        if backend is not None and backend.mapping is not None:
-            n = backend.write_input(bytes(pending))
-            del pending[:n]
+        dom.console_input += data
+        if dom.console_backend is not None:
+            dom.console_backend.flush_input()
 
     try:
         loop.add_reader(fd, readable)

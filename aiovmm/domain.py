@@ -98,6 +98,7 @@ class Domain:
         self.shutdown_code: int | None = None
         self.crash_reason = ""
         self.console = bytearray()
+        self.console_input = bytearray()      # host input not yet in the guest's ring
         self.console_lines: list[str] = []
         self._partial = b""
         self._console_cb = on_console

@@ -45,9 +45,22 @@ class ConsoleBackend:
         try:
             while True:
                 self.drain()
+                self.flush_input()
                 await self.port.wait()
         finally:
             self.close()
+
+    def queue_input(self, data: bytes) -> None:
+        """Host input for the guest: kept in the domain's input queue and moved into the
+        ring as space allows (now, at connection, and whenever the guest notifies)."""
+        self.dom.console_input += data
+        self.flush_input()
+
+    def flush_input(self) -> None:
+        pending = self.dom.console_input
+        if pending and self.mapping is not None and not self.mapping.closed:
+            n = self.write_input(bytes(pending))
+            del pending[:n]
 
     def _u32(self, off: int) -> int:
         return _U32.unpack_from(self.mapping.view, off)[0]

@@ -9,10 +9,31 @@
 
 /* Placeholder VA the console page is mapped over. */
 static char cons_page[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE), section(".bss.page_aligned")));
-static struct xencons_interface *ring;
+static struct xencons_interface *ring;        /* output goes here when set */
+/* The mapped console page, for input: set with `ring`, or on first use of
+ * console_read/console_wait_input under console=hypercall. Unlike `ring` it
+ * survives console_use_hypercall(). */
+static struct xencons_interface *in_ring;
+static int in_ring_tried;
 static evtchn_port_t cons_port;
 
 int console_is_ring(void) { return ring != NULL; }
+
+static struct xencons_interface *map_cons_page(void)
+{
+    if (in_ring || in_ring_tried)
+        return in_ring;
+    in_ring_tried = 1;
+    if (!start_info->console.domU.mfn)
+        return NULL;
+    unsigned long va = (unsigned long)cons_page;
+    if (map_frame(va, start_info->console.domU.mfn, PTE_KERNEL_RW))
+        return NULL;
+    cons_port = start_info->console.domU.evtchn;
+    mask_evtchn(cons_port);                     /* we poll it, no upcalls */
+    in_ring = (struct xencons_interface *)va;
+    return in_ring;
+}
 
 void console_init(void)
 {
@@ -20,14 +41,7 @@ void console_init(void)
     if (cmdline_str((const char *)start_info->cmd_line, "console", mode, sizeof(mode)) &&
         !strcmp(mode, "hypercall"))
         return;
-    if (!start_info->console.domU.mfn)
-        return;
-    unsigned long va = (unsigned long)cons_page;
-    if (map_frame(va, start_info->console.domU.mfn, PTE_KERNEL_RW))
-        return;                                 /* stay on console_io */
-    cons_port = start_info->console.domU.evtchn;
-    mask_evtchn(cons_port);                     /* we poll it, no upcalls */
-    ring = (struct xencons_interface *)va;
+    ring = map_cons_page();                     /* NULL: stay on console_io */
 }
 
 /* Ring full: wait for the backend to consume (it notifies the port). */
@@ -106,4 +120,59 @@ int printk(const char *fmt, ...)
     if (n > (int)sizeof(buf) - 1) n = sizeof(buf) - 1;
     console_write(buf, (unsigned)n);
     return n;
+}
+
+/* ---- input: the ring's in[] (backend produces, we consume) ---- */
+
+/* Bytes the backend has published and we have not consumed; 0 for bogus
+ * indices (more than the ring holds). */
+static unsigned input_avail(struct xencons_interface *r)
+{
+    XENCONS_RING_IDX cons = r->in_cons;
+    XENCONS_RING_IDX prod = ACCESS_ONCE(r->in_prod);
+    rmb();                                      /* in_prod before in[] */
+    unsigned n = prod - cons;
+    return n > sizeof(r->in) ? 0 : n;
+}
+
+int console_read(char *buf, int len)
+{
+    struct xencons_interface *r = map_cons_page();
+    if (!r) return -1;
+    if (len <= 0) return 0;
+    XENCONS_RING_IDX cons = r->in_cons;
+    XENCONS_RING_IDX prod = ACCESS_ONCE(r->in_prod);
+    rmb();                                      /* in_prod before in[] */
+    if (prod - cons > sizeof(r->in)) {
+        /* Bogus indices from the backend: drop what is there. */
+        mb();
+        ACCESS_ONCE(r->in_cons) = prod;
+        evtchn_send(cons_port);
+        return 0;
+    }
+    int n = 0;
+    while (cons != prod && n < len)
+        buf[n++] = r->in[MASK_XENCONS_IDX(cons++, r->in)];
+    if (n) {
+        mb();                                   /* in[] reads before in_cons */
+        ACCESS_ONCE(r->in_cons) = cons;
+        evtchn_send(cons_port);
+    }
+    return n;
+}
+
+int console_wait_input(u64 deadline_ns)
+{
+    struct xencons_interface *r = map_cons_page();
+    if (!r) return -1;
+    for (;;) {
+        if (input_avail(r)) return 1;
+        if (deadline_ns && monotonic_ns() >= deadline_ns) return 0;
+        /* The port also signals output progress: clear, recheck, then poll,
+         * so a notification between the check and the poll is not lost. */
+        clear_evtchn(cons_port);
+        mb();
+        if (input_avail(r)) return 1;
+        evtchn_poll(cons_port, deadline_ns);
+    }
 }

@@ -16,6 +16,17 @@ void console_flush(void);
 int console_is_ring(void);
 
 void console_write(const char *s, unsigned len);
+
+/* Input from the host: the ring's in[] (mapped on first use under
+ * console=hypercall too; output stays on console_io there). */
+/* Consume up to `len` available bytes into buf without blocking; returns the
+ * count (0: nothing available), or -1 if the domain has no console ring.
+ * Publishes in_cons and notifies the console event channel. */
+int console_read(char *buf, int len);
+/* Block (SCHEDOP_poll on the console port) until input is available or
+ * system time reaches `deadline_ns` (0 = no deadline). Returns 1 if input is
+ * available, 0 on timeout, -1 if there is no console ring. */
+int console_wait_input(u64 deadline_ns);
 int printk(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 #endif

@@ -118,6 +118,57 @@ static void spin(u64 n)
     irq_enable();
 }
 
+/* ---- console input echo (cmdline echo=1) ---- */
+#define ECHO_LINE_MAX 256
+
+static void echo_line(char *line, unsigned len, u64 *lines)
+{
+    line[len] = 0;
+    printk("echo: %s\n", line);
+    (*lines)++;
+}
+
+/* Echo input lines until `quit` or `echo_timeout` seconds without input.
+ * `\n`, `\r` and `\r\n` end a line; longer lines are echoed in pieces of
+ * ECHO_LINE_MAX bytes. */
+static void echo_loop(void)
+{
+    u64 timeout_s = cmdline_u64(cmdline, "echo_timeout", 30);
+    char line[ECHO_LINE_MAX + 1], buf[128];
+    unsigned len = 0;
+    u64 lines = 0;
+    int last_cr = 0;
+    const char *why = "timeout";
+
+    printk("echo: ready\n");
+    for (;;) {
+        u64 deadline = timeout_s ? monotonic_ns() + timeout_s * 1000000000UL : 0;
+        int rc = console_wait_input(deadline);
+        if (rc < 0) { why = "no console ring"; break; }
+        if (rc == 0) break;
+        int n = console_read(buf, sizeof(buf));
+        for (int i = 0; i < n; i++) {
+            char c = buf[i];
+            if (c == '\n' && last_cr) { last_cr = 0; continue; }
+            last_cr = c == '\r';
+            if (c == '\n' || c == '\r') {
+                if (len == 4 && !memcmp(line, "quit", 4)) { why = "quit"; goto out; }
+                echo_line(line, len, &lines);
+                len = 0;
+                continue;
+            }
+            if (len == ECHO_LINE_MAX) {
+                echo_line(line, len, &lines);
+                len = 0;
+            }
+            line[len++] = c;
+        }
+    }
+    if (len) echo_line(line, len, &lines);       /* unterminated last line */
+out:
+    printk("echo: done lines=%lu reason=%s\n", lines, why);
+}
+
 void app_main(void)
 {
     cmdline = (const char *)start_info->cmd_line;
@@ -147,6 +198,9 @@ void app_main(void)
             has_spin = 1;
     if (has_spin)
         spin(cmdline_u64(cmdline, "spin", 0));
+
+    if (cmdline_u64(cmdline, "echo", 0))
+        echo_loop();
 
     poweroff();
 }
