@@ -8,10 +8,8 @@
 
 static void attack(const char *key, unsigned cmd, unsigned long mfn)
 {
-    unsigned done = 0;
     printk("about to %s\n", key);
-    long rc = mmuext1(cmd, mfn, 0, &done);
-    result_done(key, rc, done);
+    mmuext1_result(key, cmd, mfn);
 }
 
 void app_main(void)

@@ -182,3 +182,10 @@ __asm__(
     "    mov $-1, %rax\n"
     "8:  movq (%rdi), %rax\n"
     "9:  ret\n");
+
+void mmuext1_result(const char *key, unsigned cmd, unsigned long mfn)
+{
+    unsigned done = 0;
+    long rc = mmuext1(cmd, mfn, 0, &done);
+    result_done(key, rc, done);
+}

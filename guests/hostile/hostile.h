@@ -75,6 +75,8 @@ unsigned free_l2_slot(void);
 /* ---- one-shot MMU hypercalls ---- */
 long mmu1(u64 ptr, u64 val, unsigned *done);
 long mmuext1(unsigned cmd, u64 arg1, u64 arg2, unsigned *done);
+/* One mmuext_op on `mfn`, reported as `result <key> <rc>` and `result <key>_done <n>`. */
+void mmuext1_result(const char *key, unsigned cmd, unsigned long mfn);
 long memory_op(unsigned long cmd, void *arg);
 static inline long tlb_flush_local(void) { return mmuext1(MMUEXT_TLB_FLUSH_LOCAL, 0, 0, NULL); }
 

@@ -6,13 +6,6 @@
  * Xen: ABI §6.3 (UNPIN: not pinned -> -EINVAL), §6.6 rules 2-4. */
 #include "hostile.h"
 
-static void r1(const char *key, unsigned cmd, unsigned long mfn)
-{
-    unsigned done = 0;
-    long rc = mmuext1(cmd, mfn, 0, &done);
-    result_done(key, rc, done);
-}
-
 void app_main(void)
 {
     hostile_traps_init();
@@ -20,11 +13,11 @@ void app_main(void)
     if (pt_walk((unsigned long)_text, &w)) panic("code not mapped");
     void *data = alloc_page();
 
-    r1("unpin_data", MMUEXT_UNPIN_TABLE, virt_to_mfn(data));
-    r1("unpin_l1_unpinned", MMUEXT_UNPIN_TABLE, w.mfn[1]);
-    r1("unpin_foreign", MMUEXT_UNPIN_TABLE, foreign_mfn());
+    mmuext1_result("unpin_data", MMUEXT_UNPIN_TABLE, virt_to_mfn(data));
+    mmuext1_result("unpin_l1_unpinned", MMUEXT_UNPIN_TABLE, w.mfn[1]);
+    mmuext1_result("unpin_foreign", MMUEXT_UNPIN_TABLE, foreign_mfn());
     printk("about to unpin the active L4\n");
-    r1("unpin_active_l4", MMUEXT_UNPIN_TABLE, w.mfn[4]);
+    mmuext1_result("unpin_active_l4", MMUEXT_UNPIN_TABLE, w.mfn[4]);
     result("still_running", 1);
 
     /* Tables still validated: a mapping update works, a bad one is refused,
@@ -36,7 +29,7 @@ void app_main(void)
     *(volatile u64 *)data = 9;
     result("data_ok", *(volatile u64 *)data == 9);
 
-    r1("unpin_l4_again", MMUEXT_UNPIN_TABLE, w.mfn[4]);
-    r1("repin_l4", MMUEXT_PIN_L4_TABLE, w.mfn[4]);
+    mmuext1_result("unpin_l4_again", MMUEXT_UNPIN_TABLE, w.mfn[4]);
+    mmuext1_result("repin_l4", MMUEXT_PIN_L4_TABLE, w.mfn[4]);
     poweroff();
 }
