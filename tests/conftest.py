@@ -140,3 +140,17 @@ def probe_sites(path: str) -> dict[str, tuple[int, int]]:
             if after:
                 out[name[len("probe_"):]] = after[0]
     return out
+
+
+@pytest.fixture
+def sock_dir(tmp_path: Path):
+    """A directory for unix sockets: tmp_path, unless it is too long for the 108-byte limit
+    of a socket path."""
+    if len(str(tmp_path)) < 80:
+        yield tmp_path
+        return
+    import shutil
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="av", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -133,17 +133,6 @@ class LoopWatch:
         return max(self.gaps, default=0.0)
 
 
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    """A directory for unix sockets (tmp_path may be too long for the 108-byte limit)."""
-    if len(str(tmp_path)) < 80:
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="ch", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def xenbus_results(lines: list[str]) -> dict[str, str]:
     """results() of xenbus.elf, whose `result dir <name>` lines repeat (one per child)."""
     return results([l for l in lines if not l.startswith("result dir ")])

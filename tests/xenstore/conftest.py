@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -121,15 +120,6 @@ class Client:
             pass
 
 
-@pytest.fixture
-def sock_dir(tmp_path: Path):
-    """tmp_path, unless it is too long for a unix socket path (108 bytes)."""
-    if len(str(tmp_path)) < 80:
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="xs", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
