@@ -40,6 +40,7 @@ INTERFACE_SIZE = 2076  # through `error`; evtchn_port (2076) is newer and unused
 FEATURE_RECONNECTION = 1
 FEATURE_ERROR = 2
 ERROR_NONE, ERROR_COMM, ERROR_RINGIDX, ERROR_PROTO = 0, 1, 2, 3
+MAX_PENDING_OUTPUT = 1 << 20      # bytes queued for a guest that does not read its ring
 
 _U32 = struct.Struct("<I")
 _M32 = 0xFFFFFFFF
@@ -111,8 +112,13 @@ class XenstoreRing:
         return data
 
     def send(self, data: bytes) -> None:
+        """Queue a reply or watch event. A guest that never consumes its responses while it
+        keeps causing output (watch events) would grow this queue without bound: past
+        MAX_PENDING_OUTPUT the ring is failed (ERROR_COMM) and the connection closed."""
         self._out += data
         self.flush()
+        if len(self._out) > MAX_PENDING_OUTPUT:
+            raise self.fail(ERROR_COMM, f"{len(self._out)} bytes of output the guest does not read")
 
     def flush(self) -> int:
         """Write as much queued output as the guest left room for; bytes written."""

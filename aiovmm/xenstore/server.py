@@ -24,7 +24,8 @@ from typing import Callable, Protocol
 
 from .domain import Connection, Quotas
 from .protocol import MessageReader, ProtocolViolation
-from .ring import ERROR_COMM, ERROR_NONE, ERROR_PROTO, RingError, RingTransport, XenstoreRing
+from .ring import (ERROR_COMM, ERROR_NONE, ERROR_PROTO, MAX_PENDING_OUTPUT, RingError, RingTransport,
+                   XenstoreRing)
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,14 @@ class SocketTransport:
         return await self._reader.read(65536)
 
     def send(self, data: bytes) -> None:
+        """Queue output; a client that does not read while output keeps coming (watch
+        events) is disconnected once MAX_PENDING_OUTPUT bytes are waiting."""
         if not self._writer.is_closing():
             self._writer.write(data)
+            if self._writer.transport.get_write_buffer_size() > MAX_PENDING_OUTPUT:
+                log.warning("xenstore: client not reading (%d bytes pending): disconnected",
+                            self._writer.transport.get_write_buffer_size())
+                self._writer.transport.abort()
 
     async def drain(self) -> None:
         await self._writer.drain()

@@ -130,6 +130,21 @@ def test_inconsistent_response_index_fails_the_ring():
     assert U32.unpack_from(page, R.ERROR)[0] == R.ERROR_RINGIDX
 
 
+def test_guest_that_never_reads_its_responses_is_cut_off():
+    """Output queued for a guest that never consumes rsp[] is bounded: past
+    MAX_PENDING_OUTPUT the ring fails with XENSTORE_ERROR_COMM instead of growing host memory."""
+    page = bytearray(4096)
+    Guest(page)
+    ring = XenstoreRing(page, lambda: None)
+    event = b"x" * 4000
+    with pytest.raises(RingError) as e:
+        for _ in range(R.MAX_PENDING_OUTPUT // len(event) + 2):
+            ring.send(event)
+    assert e.value.code == R.ERROR_COMM
+    assert U32.unpack_from(page, R.ERROR)[0] == R.ERROR_COMM
+    assert ring.pending_output() <= R.MAX_PENDING_OUTPUT + len(event)
+
+
 # ---- through the server -----------------------------------------------------------------------
 
 class GuestConn:
