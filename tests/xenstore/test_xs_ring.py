@@ -142,7 +142,7 @@ def test_guest_that_never_reads_its_responses_is_cut_off():
             ring.send(event)
     assert e.value.code == R.ERROR_COMM
     assert U32.unpack_from(page, R.ERROR)[0] == R.ERROR_COMM
-    assert ring.pending_output() <= R.MAX_PENDING_OUTPUT + len(event)
+    assert ring.pending_output <= R.MAX_PENDING_OUTPUT + len(event)
 
 
 # ---- through the server -----------------------------------------------------------------------
