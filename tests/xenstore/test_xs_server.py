@@ -261,3 +261,31 @@ async def test_server_shutdown_closes_clients(sock_dir):
         assert await asyncio.wait_for(reader.read(), 2) == b""
         writer.close()
     assert not (sock_dir / "s.sock").exists()
+
+
+async def test_client_that_never_reads_is_disconnected_not_buffered(xs, client, monkeypatch):
+    """A socket client that sets a watch and never reads while events keep coming is cut
+    off once MAX_PENDING_OUTPUT bytes wait for it (lowered here to keep the test short);
+    other clients carry on."""
+    import socket
+    import struct
+    from aiovmm.xenstore import server as server_mod
+    monkeypatch.setattr(server_mod, "MAX_PENDING_OUTPUT", 32 << 10)
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(str(xs.sock))
+    payload = b"/flood\0tok\0"
+    raw.sendall(struct.pack("<IIII", XsType.WATCH, 1, 0, len(payload)) + payload)
+    await asyncio.sleep(0.1)
+    before = len(xs.store.connections)
+    for batch in range(200):                  # at most 200,000 events (~6 MB)
+        for i in range(1000):
+            xs.store.write(f"/flood/n{i % 50}", "v")
+        await asyncio.sleep(0.01)
+        if len(xs.store.connections) < before:
+            break
+    assert len(xs.store.connections) < before, "the server kept buffering for a client that does not read"
+    raw.close()
+    c = await client()
+    await c.write("/after", "ok")
+    assert await c.read("/after") == b"ok"
