@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiovmm.domain")
 
+# In-memory console history per domain (the log file, if any, keeps everything); the same
+# 1 MiB as xl's console/limit.
+CONSOLE_KEEP_BYTES = 1 << 20
+CONSOLE_KEEP_LINES = 20_000
+
 
 class ConsoleLog:
     """The per-domain console log file. Appends are buffered on the loop and written by
@@ -158,6 +163,8 @@ class Domain:
             self.first_output_ns = self.hypervisor.system_time_ns()
         data = bytes(b if (32 <= b < 127 or b in (9, 10)) else 0x3F for b in data)
         self.console += data
+        if len(self.console) > 2 * CONSOLE_KEEP_BYTES:       # a guest may print forever
+            del self.console[:len(self.console) - CONSOLE_KEEP_BYTES]
         if self.console_log is not None:
             self.console_log.append(data)
         if self._console_cb:
@@ -167,6 +174,8 @@ class Domain:
         for raw in lines:
             line = raw.decode("ascii", "replace")
             self.console_lines.append(line)
+            if len(self.console_lines) > 2 * CONSOLE_KEEP_LINES:   # trimmed in chunks
+                del self.console_lines[:len(self.console_lines) - CONSOLE_KEEP_LINES]
             log.debug("d%d console: %s", self.domid, line)
             for pat, fut in list(self._line_waiters):
                 if not fut.done() and pat.search(line):
