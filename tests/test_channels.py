@@ -138,55 +138,8 @@ def xenbus_results(lines: list[str]) -> dict[str, str]:
     return results([l for l in lines if not l.startswith("result dir ")])
 
 
-# A minimal xenstore wire client (xsd_sockmsg): one request at a time, watch events skipped.
-_HDR = struct.Struct("<IIII")
-XS_DIRECTORY, XS_READ, XS_WRITE, XS_RM, XS_ERROR, XS_WATCH_EVENT = 1, 2, 11, 13, 16, 15
-
-
-class XsErr(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-class XsClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer, self._req = reader, writer, 0
-
-    @classmethod
-    async def open(cls, path) -> "XsClient":
-        return cls(*await asyncio.open_unix_connection(str(path)))
-
-    async def call(self, type_: int, payload: bytes) -> bytes:
-        self._req += 1
-        self.writer.write(_HDR.pack(type_, self._req, 0, len(payload)) + payload)
-        while True:
-            t, r, _tx, n = _HDR.unpack(await asyncio.wait_for(self.reader.readexactly(16), 10))
-            body = await asyncio.wait_for(self.reader.readexactly(n), 10)
-            if t == XS_WATCH_EVENT:
-                continue
-            assert r == self._req, (t, r, body)
-            if t == XS_ERROR:
-                raise XsErr(body.rstrip(b"\0").decode())
-            assert t == type_, (t, body)
-            return body
-
-    async def read(self, path: str) -> bytes:
-        return await self.call(XS_READ, path.encode() + b"\0")
-
-    async def write(self, path: str, value: str | bytes) -> None:
-        v = value.encode() if isinstance(value, str) else value
-        await self.call(XS_WRITE, path.encode() + b"\0" + v)
-
-    async def rm(self, path: str) -> None:
-        await self.call(XS_RM, path.encode() + b"\0")
-
-    async def aclose(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
+# The xenstore wire client of the xenstore conformance tests (xsd_sockmsg).
+from xenstore.conftest import Client as XsClient, XsErr  # noqa: E402
 
 
 def _utils_env(sock: Path) -> dict[str, str]:

@@ -33,6 +33,10 @@ class Client:
         self.events: list[tuple[str, str]] = []
         self._req = 0
 
+    @classmethod
+    async def open(cls, path) -> "Client":
+        return cls(*await asyncio.open_unix_connection(str(path)))
+
     async def read_msg(self, timeout: float = 2.0) -> tuple[int, int, int, bytes]:
         hdr = await asyncio.wait_for(self.reader.readexactly(16), timeout)
         t, r, tx, n = HDR.unpack(hdr)
@@ -72,6 +76,9 @@ class Client:
     async def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
         v = value.encode() if isinstance(value, str) else value
         await self.call(XsType.WRITE, tx=tx, payload=path.encode() + b"\0" + v)
+
+    async def rm(self, path: str, tx: int = 0) -> None:
+        await self.call(XsType.RM, path, tx=tx)
 
     async def directory(self, path: str, tx: int = 0) -> list[str]:
         body = await self.call(XsType.DIRECTORY, path, tx=tx)
