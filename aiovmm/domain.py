@@ -125,8 +125,7 @@ class Domain:
         return len(self.frames) - len(self.shared_frames)
 
     def _share(self, mfn: int) -> None:
-        self.mem.type[mfn] = PageType.writable
-        self.mem.type_count[mfn] += 1
+        self.mem.get_writable(mfn)
         self.shared_frames.add(mfn)
 
     def add_shared_frame(self) -> int:
@@ -230,7 +229,12 @@ class Domain:
         return await asyncio.shield(self.done)
 
     def destroy(self) -> None:
-        """Release everything: engines, host mappings, frames. Idempotent."""
+        """Release everything: engines, host mappings, grant mappings, page tables, frames.
+        Idempotent. Order as Xen's domain_relinquish_resources: this domain's mappings of
+        other domains' grants go first (their references are the grant table's), then its
+        own page tables release every reference they hold, then its frames are freed except
+        those another domain still maps through one of its grants (from the active records):
+        those stay allocated, owned by Xen, until the grantee's last unmap frees them."""
         if self.destroyed:
             return
         self.destroyed = True
@@ -247,13 +251,20 @@ class Domain:
         for v in self.vcpus:
             v.stop_timers()
             v.engine.close()
+            v.kernel_root = v.user_root = 0
         self.vcpus = []
         if self.frames:
-            # Frames another domain still maps through a grant stay allocated (owned by Xen)
-            # until that mapping goes, so they are never handed to a third domain meanwhile.
-            held = grants.frames_mapped_by_others(self)
+            mem = self.mem
+            hv = self.hypervisor
+            hv.pagetables.teardown_domain(self.domid, self.frames)
+            held = grants.held_by_others(self)
+            stray = {f for f in self.frames if mem.refs[f] and f not in held}
+            if stray:
+                log.error("d%d: frames %s still referenced after teardown; kept, not freed",
+                          self.domid, sorted(stray)[:8])
+                held |= stray
             for mfn in held:
-                self.mem.owner[mfn] = grants.ORPHAN_OWNER
-            self.hypervisor.orphan_frames |= held
-            self.mem.release_domain(self.domid, [f for f in self.frames if f not in held])
+                mem.owner[mfn] = grants.ORPHAN_OWNER
+                hv.orphan_frames[mfn] = self.domid
+            mem.release_domain(self.domid, [f for f in self.frames if f not in held])
             self.frames = set()

@@ -7,6 +7,12 @@ grantee, and not for writing if GTF_readonly; while mapped, Xen's GTF_reading/GT
 bits are set in the entry, and the frame holds a general reference (cannot be freed) and, for
 writable maps, a writable type reference (cannot become a page table), as in Xen.
 
+The guest may rewrite its entries at any time, so they are read once, at the first pin, into
+an ActiveGrant record (Xen's active_grant_entry); mappings, unmaps and the granter's death
+use only the record. A grant mapping's L1 entry is registered by machine address in
+PageTables.grant_ptes: page-table teardown recognises it there and never drops the grant's
+references (they are the grant table's, dropped only by unmap).
+
 Host backends (domid 0, the hypervisor itself) map grants as memoryviews of machine memory:
 `GrantTables.host_map(dom, ref, readonly)`.
 
@@ -23,11 +29,13 @@ from typing import TYPE_CHECKING
 from .abi import DOMID_SELF, DOMID_XEN, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, Errno, _PAGE_ACCESSED, \
     _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, _PAGE_NX
 from .errors import HypercallError
-from .memory import PageType
+from .memory import NotWritable
 from .mmu import MMUError
 
 if TYPE_CHECKING:
     from .domain import Domain
+    from .hypervisor import Hypervisor
+    from .memory import MachineMemory
     from .vcpu import VCPU
 
 log = logging.getLogger("aiovmm.grants")
@@ -94,20 +102,55 @@ class GrantError(Exception):
         self.status = status
 
 
-@dataclasses.dataclass
+class ActiveGrant:
+    """Xen's active_grant_entry: the hypervisor's own record of a grant entry in use.
+
+    `frame` is read from the guest's entry ONCE, at the first pin, validated (a frame the
+    granter owns) and kept: every later pin, every unmap and the granter's destruction use
+    this record, never the guest-writable entry again (the guest may rewrite it at any
+    time). One grantee per active entry, as in Xen. `readers`/`writers` count pins (maps and
+    copies in progress); `maps` are the grantee's maptrack handles and `host` the host
+    backends' mappings that hold the frame's references."""
+
+    __slots__ = ("granter", "ref", "grantee", "frame", "readers", "writers", "maps", "host")
+
+    def __init__(self, granter: int, ref: int, grantee: int, frame: int) -> None:
+        self.granter, self.ref, self.grantee, self.frame = granter, ref, grantee, frame
+        self.readers = 0
+        self.writers = 0
+        self.maps: set[int] = set()
+        self.host: set["HostMapping"] = set()
+
+    def __repr__(self) -> str:
+        return (f"<ActiveGrant d{self.granter} ref {self.ref} -> d{self.grantee} frame {self.frame:#x} "
+                f"r{self.readers} w{self.writers} maps {sorted(self.maps)} host {len(self.host)}>")
+
+
+@dataclasses.dataclass(eq=False)
 class Mapping:
     """One entry of a grantee's maptrack: what a handle refers to."""
-    granter: int
-    ref: int
-    mfn: int
+    act: ActiveGrant
     readonly: bool
     host_addr: int = 0        # guest VA with a host_map mapping (0 = none)
-    pte_addr: int = 0         # machine address of the L1 entry we wrote
+    pte_addr: int = 0         # machine address of the L1 entry we wrote (0 = none/detached)
     device: bool = False
+
+    @property
+    def granter(self) -> int:
+        return self.act.granter
+
+    @property
+    def ref(self) -> int:
+        return self.act.ref
+
+    @property
+    def mfn(self) -> int:
+        return self.act.frame
 
 
 class GrantTable:
-    """The grant table of one domain (granter side) and its maptrack (grantee side)."""
+    """The grant table of one domain (granter side, with its active records) and its
+    maptrack (grantee side)."""
 
     def __init__(self, dom: "Domain", max_frames: int = DEFAULT_MAX_FRAMES) -> None:
         self.dom = dom
@@ -115,8 +158,16 @@ class GrantTable:
         self.frames: list[int] = []
         self.maptrack: dict[int, Mapping] = {}
         self._next_handle = 1
-        self.in_use: dict[int, list[int]] = {}        # ref -> [readers, writers]
+        self.active: dict[int, ActiveGrant] = {}
+        # Set when the domain is destroyed: its entry frames are freed, never touched again;
+        # the active records live on in the grantees' mappings until they unmap.
+        self.dead = False
         self.grow(INITIAL_FRAMES)
+
+    @property
+    def in_use(self) -> dict[int, ActiveGrant]:
+        """Active entries by reference (compatibility name)."""
+        return self.active
 
     def grow(self, nr: int) -> None:
         while len(self.frames) < nr:
@@ -133,64 +184,87 @@ class GrantTable:
         return (self.frames[ref // ENTRIES_PER_FRAME] << PAGE_SHIFT) + 8 * (ref % ENTRIES_PER_FRAME)
 
     def read_entry(self, ref: int) -> tuple[int, int, int]:
+        """The guest's entry as it is now: for display and tests, never for a decision."""
         return _ENTRY.unpack_from(self.dom.mem.map, self._entry_addr(ref))
 
     def write_entry(self, ref: int, flags: int, domid: int, frame: int) -> None:
         """Toolstack use (reserved console/xenstore entries)."""
         _ENTRY.pack_into(self.dom.mem.map, self._entry_addr(ref), flags, domid, frame)
 
-    def _set_flags(self, ref: int, set_: int = 0, clear: int = 0) -> None:
-        a = self._entry_addr(ref)
-        m = self.dom.mem.map
-        f = struct.unpack_from("<H", m, a)[0]
-        struct.pack_into("<H", m, a, (f | set_) & ~clear & 0xFFFF)
+    # -- granter side: pin / unpin an entry (Xen's _set_status + active entry) ---------------
+    def acquire(self, ref: int, grantee: int, write: bool, recheck_frame: bool = False) -> ActiveGrant:
+        """Pin entry `ref` for `grantee` (for writing if `write`) and return its active record.
 
-    # -- granter side: acquire / release a use of an entry --------------------------------
-    def acquire(self, ref: int, grantee: int, write: bool) -> int:
-        """Check entry `ref` permits `grantee` (for writing if `write`); mark it in use
-        (GTF_reading, and GTF_writing for a write). Returns the granted MFN.
+        First pin: the entry is read once (flags, domid, frame together), must be
+        GTF_permit_access for exactly `grantee` (general_error), not GTF_readonly for a write
+        (general_error), and name a frame the granter owns (bad_page); GTF_reading (and
+        GTF_writing) are set and the frame is recorded. Later pins by the same grantee use
+        the record; only the first write pin re-reads the flags (GTF_readonly), as Xen's
+        _set_status does. `recheck_frame` (grant copy): that re-read also compares the frame
+        with the record (Xen's acquire_grant_for_copy), a mismatch is general_error.
 
         On every backend data path (one call per packet or segment), hence written flat."""
+        if self.dead:
+            raise GrantError(GntSt.bad_domain, f"d{self.dom.domid} is destroyed")
         if not 0 <= ref < len(self.frames) * ENTRIES_PER_FRAME:
             raise GrantError(GntSt.bad_gntref, f"grant ref {ref} out of range")
         dom = self.dom
         mem = dom.mem
         addr = (self.frames[ref >> 9] << PAGE_SHIFT) + ((ref & 511) << 3)
-        flags, domid, frame = _ENTRY.unpack_from(mem.map, addr)
-        if flags & GTF_type_mask != GTF_permit_access or domid != grantee:
-            # Xen: an in-range entry that grants nothing to this grantee is general_error;
-            # bad_gntref is only for references past the end of the table.
-            raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is not granted to d{grantee}")
-        if write and flags & GTF_readonly:
-            raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is read-only")
-        if frame >= mem.nr_frames or mem.owner[frame] != dom.domid:
-            raise GrantError(GntSt.bad_page, f"granted frame {frame:#x} is not d{dom.domid}'s")
-        use = self.in_use.get(ref)
-        if use is None:
-            use = self.in_use[ref] = [0, 0]
-        use[write] += 1
-        new = flags | (GTF_reading | GTF_writing if write else GTF_reading)
-        if new != flags:
-            _U16.pack_into(mem.map, addr, new)
-        return frame
+        act = self.active.get(ref)
+        if act is not None:
+            if act.grantee != grantee:
+                raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is in use by d{act.grantee}")
+            if write and not act.writers:
+                flags, _domid, frame = _ENTRY.unpack_from(mem.map, addr)
+                if flags & GTF_readonly:
+                    raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is read-only")
+                if recheck_frame and frame != act.frame:
+                    raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref}: frame changed while in use")
+                new = flags | GTF_reading | GTF_writing
+                if new != flags:
+                    _U16.pack_into(mem.map, addr, new)
+        else:
+            flags, domid, frame = _ENTRY.unpack_from(mem.map, addr)
+            if flags & GTF_type_mask != GTF_permit_access or domid != grantee:
+                # Xen: an in-range entry that grants nothing to this grantee is general_error;
+                # bad_gntref is only for references past the end of the table.
+                raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is not granted to d{grantee}")
+            if write and flags & GTF_readonly:
+                raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is read-only")
+            if frame >= mem.nr_frames or mem.owner[frame] != dom.domid:
+                raise GrantError(GntSt.bad_page, f"granted frame {frame:#x} is not d{dom.domid}'s")
+            act = self.active[ref] = ActiveGrant(dom.domid, ref, grantee, frame)
+            new = flags | (GTF_reading | GTF_writing if write else GTF_reading)
+            if new != flags:
+                _U16.pack_into(mem.map, addr, new)
+        if write:
+            act.writers += 1
+        else:
+            act.readers += 1
+        return act
 
-    def release(self, ref: int, write: bool) -> None:
-        use = self.in_use.get(ref)
-        if not use:
+    def release(self, act: ActiveGrant, write: bool) -> None:
+        """Unpin: the last write pin clears GTF_writing, the last pin GTF_reading and ends
+        the record (Xen's unmap_common_complete)."""
+        if write:
+            act.writers -= 1
+        else:
+            act.readers -= 1
+        if act.writers:
             return
-        use[write] -= 1
-        clear = 0
-        if use[1] == 0:
-            clear = GTF_writing
-            if use[0] == 0:
-                clear |= GTF_reading
-                del self.in_use[ref]
-        if clear:
-            addr = (self.frames[ref >> 9] << PAGE_SHIFT) + ((ref & 511) << 3)
-            m = self.dom.mem.map
-            f = _U16.unpack_from(m, addr)[0]
-            if f & clear:
-                _U16.pack_into(m, addr, f & ~clear)
+        clear = GTF_writing
+        if not act.readers:
+            clear |= GTF_reading
+            if self.active.get(act.ref) is act:
+                del self.active[act.ref]
+        if self.dead:
+            return
+        addr = (self.frames[act.ref >> 9] << PAGE_SHIFT) + ((act.ref & 511) << 3)
+        m = self.dom.mem.map
+        f = _U16.unpack_from(m, addr)[0]
+        if f & clear:
+            _U16.pack_into(m, addr, f & ~clear)
 
     # -- grantee side ------------------------------------------------------------------------------
     def new_handle(self, m: Mapping) -> int:
@@ -202,39 +276,41 @@ class GrantTable:
         return h
 
 
-def _take_frame(dom: "Domain", mfn: int, readonly: bool) -> None:
-    """References a mapped granted frame holds (general ref; writable type if RW)."""
-    mem = dom.mem
+def _take_frame(mem: "MachineMemory", mfn: int, readonly: bool) -> None:
+    """References a mapped granted frame holds: a general reference (the frame cannot be
+    freed) and, if writable, a writable type reference (it cannot become a page table)."""
     if not readonly:
-        if mem.type_count[mfn] and mem.type[mfn] != PageType.writable:
-            raise GrantError(GntSt.general_error, f"frame {mfn:#x} is a {PageType(mem.type[mfn]).name} page")
-        if not mem.type_count[mfn]:
-            mem.type[mfn] = PageType.writable
-        mem.type_count[mfn] += 1
+        try:
+            mem.get_writable(mfn)
+        except NotWritable as e:
+            raise GrantError(GntSt.general_error, str(e)) from None
     mem.refs[mfn] += 1
 
 
-def _drop_frame(dom: "Domain", mfn: int, readonly: bool) -> None:
-    mem = dom.mem
+def _drop_frame(hv: "Hypervisor", mfn: int, readonly: bool) -> None:
+    """Drop what _take_frame took; the last reference on an orphaned frame (its granter
+    died while it was mapped) frees it."""
+    mem = hv.mem
     mem.refs[mfn] -= 1
     if not readonly:
-        dom.hypervisor.pagetables.put_type(mfn)
-    hv = dom.hypervisor
-    if mfn in hv.orphan_frames and mem.refs[mfn] == 0:
-        hv.orphan_frames.discard(mfn)
+        mem.put_writable(mfn)
+    if mfn in hv.orphan_frames and not mem.refs[mfn] and not mem.type_count[mfn]:
+        del hv.orphan_frames[mfn]
         mem.free([mfn], force=True)
 
 
 ORPHAN_OWNER = DOMID_XEN
 
 
-def frames_mapped_by_others(dom: "Domain") -> set[int]:
-    """Frames of `dom` that some grantee still maps."""
-    held = set()
-    for ref in dom.grants.in_use if dom.grants else ():
-        _f, _d, frame = dom.grants.read_entry(ref)
-        held.add(frame)
-    return held
+def held_by_others(dom: "Domain") -> set[int]:
+    """Frames of dying `dom` that another domain still maps through a grant, from the active
+    records (never from the guest's entries). The table is marked dead: its entry frames are
+    about to be freed, and the grantees' unmaps will only update the records."""
+    g = dom.grants
+    if g is None:
+        return set()
+    g.dead = True
+    return {act.frame for act in g.active.values() if act.maps or act.host}
 
 
 def release_all(dom: "Domain") -> None:
@@ -244,8 +320,8 @@ def release_all(dom: "Domain") -> None:
     for handle in list(dom.grants.maptrack):
         try:
             unmap_grant(dom, handle, 0)
-        except GrantError:
-            pass
+        except GrantError as e:
+            log.warning("d%d: unmapping handle %d at destroy: %s", dom.domid, handle, e)
 
 
 def _granter(caller: "Domain", domid: int) -> "Domain":
@@ -253,6 +329,11 @@ def _granter(caller: "Domain", domid: int) -> "Domain":
     if d is None or getattr(d, "grants", None) is None:
         raise GrantError(GntSt.bad_domain, f"no domain {domid}")
     return d
+
+
+def _flush(dom: "Domain") -> None:
+    for other in dom.vcpus:
+        other.engine.flush_tlb()
 
 
 def map_grant(v: "VCPU", host_addr: int, flags: int, ref: int, domid: int) -> tuple[int, int]:
@@ -265,6 +346,8 @@ def map_grant(v: "VCPU", host_addr: int, flags: int, ref: int, domid: int) -> tu
     granter = _granter(caller, domid)
     if granter is caller:
         raise GrantError(GntSt.bad_domain, "mapping one's own grant")
+    if len(caller.grants.maptrack) >= 1 << 16:
+        raise GrantError(GntSt.no_space, "maptrack full")
     readonly = bool(flags & GNTMAP_readonly)
     pte_addr = 0
     pt = caller.hypervisor.pagetables
@@ -275,49 +358,65 @@ def map_grant(v: "VCPU", host_addr: int, flags: int, ref: int, domid: int) -> tu
             raise GrantError(GntSt.bad_virt_addr, f"no L1 table maps {host_addr:#x}") from None
         if caller.mem.read_u64(pte_addr) & _PAGE_PRESENT:
             raise GrantError(GntSt.bad_virt_addr, f"{host_addr:#x} is already mapped")
-    mfn = granter.grants.acquire(ref, caller.domid, not readonly)
+    act = granter.grants.acquire(ref, caller.domid, not readonly)
+    mfn = act.frame
     try:
-        _take_frame(caller, mfn, readonly)
+        _take_frame(caller.mem, mfn, readonly)
     except GrantError:
-        granter.grants.release(ref, not readonly)
+        granter.grants.release(act, not readonly)
         raise
+    m = Mapping(act, readonly, host_addr if pte_addr else 0, pte_addr, bool(flags & GNTMAP_device_map))
+    handle = caller.grants.new_handle(m)
+    act.maps.add(handle)
     if pte_addr:
         pte = (mfn << PAGE_SHIFT) | _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED | _PAGE_NX
         if not readonly:
             pte |= _PAGE_RW | _PAGE_DIRTY
         caller.mem.write_u64(pte_addr, pte)
-        for other in caller.vcpus:
-            other.engine.flush_tlb()
-    m = Mapping(granter.domid, ref, mfn, readonly, host_addr if pte_addr else 0, pte_addr,
-                bool(flags & GNTMAP_device_map))
-    return caller.grants.new_handle(m), mfn << PAGE_SHIFT
+        pt.grant_ptes[pte_addr] = (caller.domid, handle)
+        _flush(caller)
+    return handle, mfn << PAGE_SHIFT
 
 
 def unmap_grant(caller: "Domain", handle: int, host_addr: int) -> None:
+    """GNTTABOP_unmap_grant_ref: the only way a grant mapping's references are dropped."""
     m = caller.grants.maptrack.get(handle)
     if m is None:
         raise GrantError(GntSt.bad_handle, f"unknown grant handle {handle}")
     if host_addr and m.host_addr and host_addr != m.host_addr:
         raise GrantError(GntSt.bad_virt_addr, "host_addr does not match the mapping")
     del caller.grants.maptrack[handle]
-    if m.pte_addr:
-        cur = caller.mem.read_u64(m.pte_addr)
-        if (cur & PTE_FRAME_MASK) >> PAGE_SHIFT == m.mfn and cur & _PAGE_PRESENT:
-            caller.mem.write_u64(m.pte_addr, 0)
-        for other in caller.vcpus:
-            other.engine.flush_tlb()
-    _drop_frame(caller, m.mfn, m.readonly)
-    granter = caller.hypervisor.domain(m.granter)
-    if granter is not None and hasattr(granter, "grants"):
-        granter.grants.release(m.ref, not m.readonly)
+    hv = caller.hypervisor
+    if m.pte_addr and hv.pagetables.grant_ptes.get(m.pte_addr) == (caller.domid, handle):
+        del hv.pagetables.grant_ptes[m.pte_addr]
+        caller.mem.write_u64(m.pte_addr, 0)
+        _flush(caller)
+    act = m.act
+    act.maps.discard(handle)
+    _drop_frame(hv, act.frame, m.readonly)
+    granter = hv.domains.get(act.granter)
+    table = granter.grants if granter is not None and granter.grants is not None else None
+    if table is not None and not table.dead:
+        table.release(act, not m.readonly)
+    else:
+        _release_orphaned(act, not m.readonly)
+
+
+def _release_orphaned(act: ActiveGrant, write: bool) -> None:
+    """Unpin a record whose granter is gone (nothing in guest memory to update)."""
+    if write:
+        act.writers -= 1
+    else:
+        act.readers -= 1
 
 
 class HostMapping:
     """A host backend's mapping of a granted frame: `view` is the page (memoryview)."""
 
-    def __init__(self, dom: "Domain", ref: int, mfn: int, readonly: bool) -> None:
-        self.dom, self.ref, self.mfn, self.readonly = dom, ref, mfn, readonly
-        v = dom.mem.frame(mfn)
+    def __init__(self, dom: "Domain", act: ActiveGrant, readonly: bool) -> None:
+        self.dom, self.act, self.readonly = dom, act, readonly
+        self.ref, self.mfn = act.ref, act.frame
+        v = dom.mem.frame(self.mfn)
         self.view = v.toreadonly() if readonly else v
         self.closed = False
 
@@ -327,24 +426,26 @@ class HostMapping:
             return
         self.closed = True
         self.view.release()
-        mem = self.dom.mem
-        if self.dom.grants is not None and not self.dom.destroyed:
-            mem.refs[self.mfn] -= 1
-            if not self.readonly:
-                self.dom.hypervisor.pagetables.put_type(self.mfn)
-            self.dom.grants.release(self.ref, not self.readonly)
+        self.act.host.discard(self)
+        hv = self.dom.hypervisor
+        _drop_frame(hv, self.mfn, self.readonly)
+        if self.dom.grants is not None and not self.dom.grants.dead:
+            self.dom.grants.release(self.act, not self.readonly)
+        else:
+            _release_orphaned(self.act, not self.readonly)
         self.dom.host_mappings.discard(self)
 
 
 def host_map(dom: "Domain", ref: int, readonly: bool = False) -> HostMapping:
     """Map grant `ref` of `dom` for a host backend (grantee domid 0). Raises GrantError."""
-    mfn = dom.grants.acquire(ref, HOST_DOMID, not readonly)
+    act = dom.grants.acquire(ref, HOST_DOMID, not readonly)
     try:
-        _take_frame(dom, mfn, readonly)
+        _take_frame(dom.mem, act.frame, readonly)
     except GrantError:
-        dom.grants.release(ref, not readonly)
+        dom.grants.release(act, not readonly)
         raise
-    hm = HostMapping(dom, ref, mfn, readonly)
+    hm = HostMapping(dom, act, readonly)
+    act.host.add(hm)
     dom.host_mappings.add(hm)
     return hm
 
@@ -355,65 +456,90 @@ def host_copy_from(dom: "Domain", ref: int, offset: int, length: int) -> bytes:
     if offset < 0 or length < 0 or offset + length > PAGE_SIZE:
         raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {length} crosses the page")
     g = dom.grants
-    mfn = g.acquire(ref, HOST_DOMID, False)
-    a = (mfn << PAGE_SHIFT) + offset
+    act = g.acquire(ref, HOST_DOMID, False, recheck_frame=True)
+    a = (act.frame << PAGE_SHIFT) + offset
     data = bytes(dom.mem.view[a:a + length])
-    g.release(ref, False)
+    g.release(act, False)
     return data
 
 
 def host_copy_to(dom: "Domain", ref: int, offset: int, data: bytes | memoryview) -> None:
     """A host backend writes `data` into grant `ref` at `offset` (the entry must permit
-    domid 0 writing)."""
+    domid 0 writing; the frame takes a writable type for the copy, as GNTTABOP_copy)."""
     n = len(data)
     if offset < 0 or offset + n > PAGE_SIZE:
         raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {n} crosses the page")
     g = dom.grants
-    mfn = g.acquire(ref, HOST_DOMID, True)
+    act = g.acquire(ref, HOST_DOMID, True, recheck_frame=True)
     mem = dom.mem
-    if mem.type_count[mfn] and mem.type[mfn] != PageType.writable:
-        g.release(ref, True)
-        raise GrantError(GntSt.bad_page, f"granted frame {mfn:#x} is a {PageType(mem.type[mfn]).name} page")
+    mfn = act.frame
+    try:
+        mem.get_writable(mfn)
+    except NotWritable as e:
+        g.release(act, True)
+        raise GrantError(GntSt.general_error, str(e)) from None
     a = (mfn << PAGE_SHIFT) + offset
     mem.view[a:a + n] = data
-    g.release(ref, True)
+    mem.put_writable(mfn)
+    g.release(act, True)
 
 
-def _copy_side(caller: "Domain", u: int, domid: int, off: int, length: int, is_gref: bool,
-               write: bool) -> tuple["Domain", int, int | None]:
-    """Resolve one side of a grant copy to (domain, machine address, ref-if-acquired)."""
-    if off + length > PAGE_SIZE:
-        raise GrantError(GntSt.bad_copy_arg, "copy crosses a page boundary")
+class _CopyBuf:
+    """One claimed side of a grant copy (Xen's gnttab_copy_buf): what must be released."""
+    __slots__ = ("table", "act", "mfn", "write")
+
+    def __init__(self, table: "GrantTable | None", act: ActiveGrant | None, mfn: int, write: bool) -> None:
+        self.table, self.act, self.mfn, self.write = table, act, mfn, write
+
+
+def _claim(caller: "Domain", u: int, domid: int, is_gref: bool, write: bool) -> _CopyBuf:
+    """Resolve one side of a grant copy (Xen's gnttab_copy_claim_buf): pin the grant or
+    check the frame, and for the destination take a writable type reference (a page table
+    or any other typed frame refuses: general_error)."""
+    mem = caller.mem
     if is_gref:
         d = _granter(caller, domid)
-        mfn = d.grants.acquire(u & 0xFFFFFFFF, caller.domid, write)
-        return d, (mfn << PAGE_SHIFT) + off, u & 0xFFFFFFFF
-    if domid not in (DOMID_SELF, caller.domid):
-        raise GrantError(GntSt.permission_denied, "copy by frame number from another domain")
-    mem = caller.mem
-    if not mem.valid_mfn(u) or mem.owner[u] != caller.domid:
-        raise GrantError(GntSt.bad_page, f"frame {u:#x} is not the caller's")
-    if write and mem.type_count[u] and mem.type[u] != PageType.writable:
-        raise GrantError(GntSt.bad_page, f"frame {u:#x} is a {PageType(mem.type[u]).name} page")
-    return caller, (u << PAGE_SHIFT) + off, None
+        act = d.grants.acquire(u & 0xFFFFFFFF, caller.domid, write, recheck_frame=True)
+        buf = _CopyBuf(d.grants, act, act.frame, write)
+    else:
+        if domid not in (DOMID_SELF, caller.domid):
+            raise GrantError(GntSt.permission_denied, "copy by frame number from another domain")
+        if not mem.valid_mfn(u) or mem.owner[u] != caller.domid:
+            raise GrantError(GntSt.bad_page, f"frame {u:#x} is not the caller's")
+        buf = _CopyBuf(None, None, u, write)
+    if write:
+        try:
+            mem.get_writable(buf.mfn)
+        except NotWritable as e:
+            _unclaim(buf)
+            raise GrantError(GntSt.general_error, str(e)) from None
+    return buf
+
+
+def _unclaim(buf: _CopyBuf) -> None:
+    """Unpin the grant of a claimed side (the writable type is the caller's to drop)."""
+    if buf.act is not None:
+        buf.table.release(buf.act, buf.write)
 
 
 def grant_copy(caller: "Domain", src: tuple, dst: tuple, length: int, flags: int) -> None:
     s_u, s_dom, s_off = src
     d_u, d_dom, d_off = dst
-    sd, sa, sref = _copy_side(caller, s_u, s_dom, s_off, length, bool(flags & GNTCOPY_source_gref), False)
-    try:
-        dd, da, dref = _copy_side(caller, d_u, d_dom, d_off, length, bool(flags & GNTCOPY_dest_gref), True)
-    except GrantError:
-        if sref is not None:
-            sd.grants.release(sref, False)
-        raise
+    if s_off + length > PAGE_SIZE or d_off + length > PAGE_SIZE:
+        raise GrantError(GntSt.bad_copy_arg, "copy crosses a page boundary")
     mem = caller.mem
-    mem.view[da:da + length] = mem.view[sa:sa + length]
-    if sref is not None:
-        sd.grants.release(sref, False)
-    if dref is not None:
-        dd.grants.release(dref, True)
+    sb = _claim(caller, s_u, s_dom, bool(flags & GNTCOPY_source_gref), False)
+    try:
+        db = _claim(caller, d_u, d_dom, bool(flags & GNTCOPY_dest_gref), True)
+    except GrantError:
+        _unclaim(sb)
+        raise
+    sa = (sb.mfn << PAGE_SHIFT) + s_off
+    da = (db.mfn << PAGE_SHIFT) + d_off
+    mem.view[da:da + length] = bytes(mem.view[sa:sa + length])
+    mem.put_writable(db.mfn)
+    _unclaim(db)
+    _unclaim(sb)
 
 
 # ------------------------------------------------------------------- the hypercall (#20)

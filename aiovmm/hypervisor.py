@@ -45,7 +45,8 @@ class Hypervisor:
         self.vif_prefix = vif_prefix      # tap names: <prefix><domid>.<devid>
         self.scheduler = scheduler or Scheduler()
         self.domains: dict[int, Domain] = {}
-        self.orphan_frames: set[int] = set()    # granted frames of dead domains still mapped
+        # Granted frames of dead domains still mapped by a grantee -> the dead granter's domid.
+        self.orphan_frames: dict[int, int] = {}
         self.disks_in_use: dict = {}            # disk source identity -> {(domid, access)}
         self._next_domid = 1
         self._t0 = time.monotonic_ns()
@@ -59,7 +60,7 @@ class Hypervisor:
     async def __aenter__(self) -> "Hypervisor":
         self.mem = MachineMemory(self.memory_mib << 20)
         self.xen = XenArea(self.mem)
-        self.pagetables = PageTables(self.mem, self.xen)
+        self.pagetables = PageTables(self.mem, self.xen, crash_domain=self._crash_domain)
         self.ptwr_scratch = self.mem.alloc(DOMID_XEN)[0]     # see ptwr.py
         self.host = HostEvents(self)
         self.host.evtchn = self.host
@@ -87,6 +88,11 @@ class Hypervisor:
             self.domains.clear()
             await self.xenstore.aclose()
             self.mem.close()
+
+    def _crash_domain(self, domid: int, why: str) -> None:
+        dom = self.domains.get(domid)
+        if dom is not None:
+            dom.crash(why)
 
     def domain(self, domid: int):
         """A guest domain, or the host's event-channel endpoint table for domid 0."""
@@ -217,7 +223,11 @@ class Hypervisor:
         finally:
             if not dom.dying:
                 dom.crash("all vCPUs stopped")
-            toolstack.release(self, dom)
-            self._release_disks(dom)
-            dom.destroy()
-            self.domains.pop(dom.domid, None)
+            try:
+                toolstack.release(self, dom)
+                self._release_disks(dom)
+                dom.destroy()
+            except Exception:             # per-domain crash boundary: never reaches the TaskGroup
+                log.exception("d%d: teardown failed (frames of this domain may be kept)", dom.domid)
+            finally:
+                self.domains.pop(dom.domid, None)

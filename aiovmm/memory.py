@@ -42,6 +42,15 @@ class FrameInUse(Exception):
     """A frame still referenced as a typed page cannot be freed."""
 
 
+class NotWritable(Exception):
+    """A frame holds another type (a page table, a segment-descriptor page): it cannot take
+    a writable type reference (Xen's get_page_type(PGT_writable_page) failing)."""
+
+    def __init__(self, mfn: int, ptype: int) -> None:
+        super().__init__(f"frame {mfn:#x} is a {PageType(ptype).name} page, not writable")
+        self.mfn, self.ptype = mfn, ptype
+
+
 class MachineMemory:
     """All machine frames, their owners and types, and the M2P.
 
@@ -151,6 +160,34 @@ class MachineMemory:
     def release_domain(self, domid: int, frames: list[int]) -> None:
         """Free all frames of a domain that is being destroyed."""
         self.free([m for m in frames if self.owner[m] == domid], force=True)
+
+    # -- writable access: THE place that decides it -------------------------------------------
+    def get_writable(self, mfn: int) -> None:
+        """Take one writable type reference on `mfn` (Xen's get_page_type(PGT_writable_page)).
+
+        Every path that lets a guest, or the hypervisor on a guest's behalf, write a frame
+        calls this and holds the reference for as long as the write access lasts: a validated
+        RW L1 entry, a writable grant mapping (guest or host backend), the destination of a
+        grant copy by reference or by frame, host_copy_to, CLEAR_PAGE/COPY_PAGE, Xen's shared
+        frames. A frame typed as anything else (page table, seg_desc) refuses (NotWritable),
+        and while any writable reference is held the frame can never become a page table.
+        Ownership is the caller's check: each path answers a foreign frame differently."""
+        if self.type_count[mfn]:
+            if self.type[mfn] != PageType.writable:
+                raise NotWritable(mfn, self.type[mfn])
+            self.type_count[mfn] += 1
+        else:
+            self.type[mfn] = PageType.writable
+            self.type_count[mfn] = 1
+
+    def put_writable(self, mfn: int) -> None:
+        """Drop a writable type reference taken by get_writable."""
+        if self.type_count[mfn] == 0 or self.type[mfn] != PageType.writable:
+            raise AssertionError(f"frame {mfn:#x}: writable reference underflow "
+                                 f"({PageType(self.type[mfn]).name}, {self.type_count[mfn]})")
+        self.type_count[mfn] -= 1
+        if self.type_count[mfn] == 0:
+            self.type[mfn] = PageType.none
 
     # -- raw access (machine addresses) ---------------------------------------------------
     def valid_mfn(self, mfn: int) -> bool:

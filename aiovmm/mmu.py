@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from typing import Callable
 
 from .abi import (
     DOMID_XEN, Errno, HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4_FIRST, XEN_L4_LAST, _PAGE_ACCESSED,
@@ -25,7 +26,7 @@ from .abi import (
     _PAGE_PSE, _PAGE_RW, _PAGE_USER, FIRST_RESERVED_GDT_BYTE, FLAT_RING0_CS64,
     FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS, is_canonical,
 )
-from .memory import MachineMemory, PageType
+from .memory import MachineMemory, NotWritable, PageType
 
 log = logging.getLogger("aiovmm.mmu")
 
@@ -146,12 +147,23 @@ class PageTables:
     lower table. A table's own type reference count covers its pin, each higher-level
     entry pointing at it, and each vCPU using it as a root. When that count drops to zero the
     table is devalidated and releases everything it held.
+
+    Exception: an L1 entry written by GNTTABOP_map_grant_ref (recorded in `grant_ptes`, by
+    machine address, never recognised from the entry's guest-visible bits) holds nothing:
+    the grant's references belong to the grant table and only unmap_grant_ref drops them.
+    A teardown that meets one is Xen's "implicit unmap of a granted PTE": refused, the entry
+    cleared, and the domain owning the L1 crashed (`crash_domain`).
     """
 
-    def __init__(self, mem: MachineMemory, xen: XenArea) -> None:
+    def __init__(self, mem: MachineMemory, xen: XenArea,
+                 crash_domain: Callable[[int, str], None] | None = None) -> None:
         self.mem = mem
         self.xen = xen
         self._q = struct.Struct("<512Q")
+        # Machine address of an L1 entry -> (grantee domid, maptrack handle), kept by grants.py.
+        self.grant_ptes: dict[int, tuple[int, int]] = {}
+        self.crash_domain = crash_domain
+        self._dying: int | None = None        # domid being torn down (teardown_domain)
 
     # -- frame types ----------------------------------------------------------------------------
     def get_type(self, mfn: int, ptype: PageType, dom: int, conflict: Errno = Errno.EINVAL) -> None:
@@ -161,6 +173,12 @@ class PageTables:
         mem = self.mem
         if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
             raise MMUError(Errno.EINVAL, f"frame {mfn:#x} is not owned by d{dom}")
+        if ptype == PageType.writable:
+            try:
+                mem.get_writable(mfn)
+            except NotWritable as e:
+                raise MMUError(conflict, str(e)) from None
+            return
         cur = mem.type[mfn]
         if mem.type_count[mfn]:
             if cur != ptype:
@@ -175,7 +193,12 @@ class PageTables:
     def put_type(self, mfn: int) -> None:
         mem = self.mem
         if mem.type_count[mfn] == 0:
+            if self._dying is not None and mem.owner[mfn] == self._dying:
+                return                    # already force-devalidated by teardown_domain
             log.error("type count underflow on frame %#x", mfn)
+            return
+        if mem.type[mfn] == PageType.writable:
+            mem.put_writable(mfn)
             return
         mem.type_count[mfn] -= 1
         if mem.type_count[mfn] == 0:
@@ -202,7 +225,7 @@ class PageTables:
                     taken.append(i)
         except MMUError:
             for i in taken:
-                self._put_entry(entries[i], level, mfn)
+                self._put_entry(entries[i], level, mfn, base + 8 * i)
             raise
         if level == 4:
             for slot in range(XEN_L4_FIRST, XEN_L4_LAST + 1):
@@ -214,9 +237,9 @@ class PageTables:
         creation (every page of the bootstrap mapping) and fork-like workloads. Same rules,
         same errors; all or nothing."""
         mem = self.mem
-        owner, ptype, tcount, refs = mem.owner, mem.type, mem.type_count, mem.refs
+        owner, refs = mem.owner, mem.refs
+        get_writable = mem.get_writable
         nr = mem.nr_frames
-        writable = PageType.writable
         taken: list[int] = []
         try:
             for i, e in enumerate(entries):
@@ -230,13 +253,10 @@ class PageTables:
                 if owner[t] != dom:
                     raise MMUError(Errno.EBUSY, f"d{dom} may not map frame {t:#x}")
                 if e & _PAGE_RW:
-                    if tcount[t]:
-                        if ptype[t] != writable:
-                            raise MMUError(Errno.EBUSY, f"frame {t:#x} is {PageType(ptype[t]).name}, not writable")
-                        tcount[t] += 1
-                    else:
-                        ptype[t] = writable
-                        tcount[t] = 1
+                    try:
+                        get_writable(t)
+                    except NotWritable as err:
+                        raise MMUError(Errno.EBUSY, str(err)) from None
                 refs[t] += 1
                 if not e & _PAGE_USER:
                     entries[i] = e | _PAGE_USER | _PAGE_GUEST_KERNEL
@@ -247,12 +267,13 @@ class PageTables:
             raise
 
     def _devalidate_table(self, mfn: int, level: int) -> None:
-        entries = self._q.unpack_from(self.mem.map, mfn << PAGE_SHIFT)
+        base = mfn << PAGE_SHIFT
+        entries = self._q.unpack_from(self.mem.map, base)
         for i, e in enumerate(entries):
             if level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST:
                 continue
             if e & _PAGE_PRESENT:
-                self._put_entry(e, level, mfn)
+                self._put_entry(e, level, mfn, base + 8 * i)
 
     def _get_entry(self, e: int, level: int, dom: int, self_mfn: int = -1) -> int:
         """Validate one present entry of a table of `level`, take its reference, return the
@@ -297,16 +318,54 @@ class PageTables:
             e |= _PAGE_ACCESSED
         return e
 
-    def _put_entry(self, e: int, level: int, self_mfn: int = -1) -> None:
+    def _put_entry(self, e: int, level: int, self_mfn: int = -1, ptr: int = -1) -> None:
+        """Drop the references entry `e` (stored at machine address `ptr`) took."""
         target = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
         if target == self_mfn and level > 1:
             return                        # a read-only self reference holds nothing
         if level == 1:
+            if ptr in self.grant_ptes:
+                self._implicit_grant_unmap(ptr)
+                return
             self.mem.refs[target] -= 1
             if e & _PAGE_RW:
-                self.put_type(target)
+                self.mem.put_writable(target)
         else:
             self.put_type(target)         # next-level or same-level (linear) reference
+
+    def _implicit_grant_unmap(self, ptr: int) -> None:
+        """A page-table teardown met a grant mapping's L1 entry (Xen's put_page_from_l1e on a
+        _PAGE_GNTTAB entry). Its references are the grant table's: nothing is dropped here.
+        The entry is cleared (the grant mapping is detached from it; unmap_grant_ref still
+        releases the grant) and the L1's owner, a live domain, is crashed as Xen does."""
+        grantee, handle = self.grant_ptes.pop(ptr)
+        self.mem.write_u64(ptr, 0)
+        log.warning("d%d: attempt to implicitly unmap a granted PTE at %#x (handle %d)",
+                    grantee, ptr, handle)
+        if self.crash_domain is not None and grantee != self._dying:
+            self.crash_domain(grantee, f"attempt to implicitly unmap a granted PTE at {ptr:#x}")
+
+    def teardown_domain(self, dom: int, frames: "set[int] | list[int]") -> None:
+        """A dying domain releases every reference its page tables hold (Xen's
+        relinquish_memory): each of its frames still validated as a table is devalidated
+        whatever its type count (pins, vCPU roots and linear-entry cycles included), so the
+        only references left on its frames afterwards are other domains' (grant mappings).
+        Its grant mappings must have been unmapped first."""
+        mem = self.mem
+        self._dying = dom
+        try:
+            for mfn in sorted(frames):
+                if mem.owner[mfn] != dom or not mem.type_count[mfn]:
+                    continue
+                t = mem.type[mfn]
+                if t in _PT_TYPES:
+                    mem.type_count[mfn] = 0
+                    mem.type[mfn] = PageType.none
+                    mem.pinned[mfn] = 0
+                    self._devalidate_table(mfn, int(t))
+                mem.pinned[mfn] = 0
+        finally:
+            self._dying = None
 
     # -- entry updates ---------------------------------------------------------------------------
     def update_entry(self, dom: int, ptr: int, val: int, preserve_ad: bool = False) -> bool:
@@ -331,9 +390,9 @@ class PageTables:
         if level == 4 and XEN_L4_FIRST <= idx <= XEN_L4_LAST:
             raise MMUError(Errno.EINVAL, f"L4 slot {idx} belongs to Xen")
         old = mem.read_u64(ptr)
-        if level == 1 and old & _PAGE_PRESENT and mem.owner[(old & PTE_FRAME_MASK) >> PAGE_SHIFT] != dom:
+        if ptr in self.grant_ptes:
             # A grant mapping: only GNTTABOP_unmap_grant_ref may remove it (Xen refuses an
-            # implicit unmap of a granted PTE).
+            # implicit unmap of a granted PTE). Recognised by address, not by the entry.
             raise MMUError(Errno.EINVAL, "entry holds a grant mapping")
         if preserve_ad:
             val |= old & _AD
@@ -342,7 +401,7 @@ class PageTables:
             new = self._get_entry(val, level, dom, self_mfn=mfn)
         mem.write_u64(ptr, new)
         if old & _PAGE_PRESENT:
-            self._put_entry(old, level, mfn)
+            self._put_entry(old, level, mfn, ptr)
         return True
 
     # -- walks --------------------------------------------------------------------------------------
