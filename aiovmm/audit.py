@@ -1,0 +1,217 @@
+"""A frame-table auditor, like Xen's debug audit (audit_domains): recompute every frame's
+owner, type, type count and reference count from first principles and compare them with
+what the frame table records.
+
+What holds a reference, by the contracts of mmu.py and grants.py:
+- a present L1 entry of a validated L1 table: one general reference on its frame, plus one
+  writable type reference if RW, on a frame the table's owner owns; except an entry that
+  GNTTABOP_map_grant_ref wrote (PageTables.grant_ptes), which holds nothing itself;
+- a present L2/L3/L4 entry of a validated table: one type reference on the next-level table
+  (or on a same-level table for a read-only "linear" entry; a self entry holds nothing);
+- a pin and each vCPU root (kernel and user L4): one type reference;
+- a grantee's grant mapping (maptrack) and a host backend's mapping: one general reference
+  on the active record's frame, plus a writable type reference if writable;
+- Xen's shared frames of a domain (shared_info, grant-table frames): one writable type
+  reference for the domain's lifetime.
+
+A validated table is one the frame table says is (type L1-L4, count > 0): its recomputed
+count must then be non-zero too, so a table nothing reaches any more is reported. Also
+checked: grant records against maptracks and PTEs, frame ownership, orphans (frames of dead
+granters still mapped) and that every frame is free, Xen's, a live domain's or an orphan.
+
+`audit(hv)` returns a list of human-readable discrepancies (empty = consistent). It reads
+only hypervisor state and validated tables; it changes nothing. Cost: one pass over machine
+memory's frame table plus 512 entries per validated table (tests and bench only).
+"""
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from .abi import (DOMID_INVALID, DOMID_XEN, PAGE_SHIFT, PTE_FRAME_MASK, XEN_L4_FIRST, XEN_L4_LAST,
+                  _PAGE_PRESENT, _PAGE_RW)
+from .memory import PageType
+
+if TYPE_CHECKING:
+    from .hypervisor import Hypervisor
+
+_Q512 = struct.Struct("<512Q")
+_PT = {PageType.l1: 1, PageType.l2: 2, PageType.l3: 3, PageType.l4: 4}
+
+
+def audit(hv: "Hypervisor") -> list[str]:
+    mem = hv.mem
+    pt = hv.pagetables
+    out: list[str] = []
+    refs: Counter[int] = Counter()           # recomputed general references
+    writable: Counter[int] = Counter()       # recomputed writable type references
+    table_refs: Counter[int] = Counter()     # recomputed type references as a table
+    table_level: dict[int, int] = {}         # level a reference expects the frame to be
+
+    def want_table(mfn: int, level: int, why: str) -> None:
+        table_refs[mfn] += 1
+        prev = table_level.setdefault(mfn, level)
+        if prev != level:
+            out.append(f"frame {mfn:#x} referenced as L{prev} and as L{level} ({why})")
+
+    live = {d.domid: d for d in hv.domains.values() if not d.destroyed}
+
+    # Roots and pins.
+    for d in live.values():
+        for v in d.vcpus:
+            for name, root in (("kernel", v.kernel_root), ("user", v.user_root)):
+                if root:
+                    want_table(root, 4, f"d{d.domid}v{v.id} {name} root")
+        for mfn in d.shared_frames:
+            writable[mfn] += 1
+    for mfn in range(mem.nr_frames):
+        if mem.pinned[mfn]:
+            t = mem.type[mfn]
+            if t not in _PT or not mem.type_count[mfn]:
+                out.append(f"frame {mfn:#x} pinned but {PageType(t).name} count {mem.type_count[mfn]}")
+                continue
+            want_table(mfn, _PT[PageType(t)], "pin")
+
+    # Entries of every validated table.
+    grant_ptes = pt.grant_ptes
+    for mfn in range(mem.nr_frames):
+        t = mem.type[mfn]
+        if t not in _PT or not mem.type_count[mfn]:
+            continue
+        level = _PT[PageType(t)]
+        owner = mem.owner[mfn]
+        if owner not in live:
+            out.append(f"validated L{level} table {mfn:#x} owned by d{owner}, not a live domain")
+        base = mfn << PAGE_SHIFT
+        for i, e in enumerate(_Q512.unpack_from(mem.map, base)):
+            if not e & _PAGE_PRESENT:
+                continue
+            if level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST:
+                continue
+            target = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
+            where = f"L{level} {mfn:#x}[{i}]"
+            if not mem.valid_mfn(target):
+                out.append(f"{where} maps non-RAM frame {target:#x}")
+                continue
+            if level == 1:
+                if base + 8 * i in grant_ptes:
+                    continue                  # checked with the grant mappings below
+                if mem.owner[target] != owner:
+                    out.append(f"{where} (d{owner}) maps frame {target:#x} owned by d{mem.owner[target]}")
+                refs[target] += 1
+                if e & _PAGE_RW:
+                    writable[target] += 1
+                continue
+            if target == mfn:
+                if e & _PAGE_RW:
+                    out.append(f"{where} is a writable self entry")
+                continue
+            if mem.owner[target] != owner:
+                out.append(f"{where} (d{owner}) points at table {target:#x} owned by d{mem.owner[target]}")
+            same = mem.type[target] == t
+            want_table(target, level if same else level - 1, where)
+
+    # Grant mappings (guest maptracks and host backends) and the active records.
+    pins: Counter[int] = Counter()            # id(act) -> pins the mappings account for
+    acts: dict[int, object] = {}
+    for d in list(live.values()):
+        g = d.grants
+        if g is None:
+            continue
+        for h, m in g.maptrack.items():
+            act = m.act
+            acts[id(act)] = act
+            pins[id(act)] += 1
+            refs[act.frame] += 1
+            if not m.readonly:
+                writable[act.frame] += 1
+            if h not in act.maps or act.grantee != d.domid:
+                out.append(f"d{d.domid} handle {h}: not recorded in {act!r}")
+            if m.pte_addr:
+                reg = grant_ptes.get(m.pte_addr)
+                if reg is None:
+                    # Detached by an implicit unmap, which crashes the grantee.
+                    if not d.dying:
+                        out.append(f"d{d.domid} handle {h}: PTE {m.pte_addr:#x} detached, domain alive")
+                elif reg != (d.domid, h):
+                    out.append(f"d{d.domid} handle {h}: PTE {m.pte_addr:#x} registered to {reg}")
+                else:
+                    e = mem.read_u64(m.pte_addr)
+                    if (e & PTE_FRAME_MASK) >> PAGE_SHIFT != act.frame or not e & _PAGE_PRESENT \
+                            or bool(e & _PAGE_RW) == m.readonly:
+                        out.append(f"d{d.domid} handle {h}: PTE {e:#x} does not map {act.frame:#x} "
+                                   f"{'ro' if m.readonly else 'rw'}")
+                    table = m.pte_addr >> PAGE_SHIFT
+                    if mem.type[table] != PageType.l1 or not mem.type_count[table] or mem.owner[table] != d.domid:
+                        out.append(f"d{d.domid} handle {h}: grant PTE in {table:#x}, not a validated L1 of its own")
+        for hm in d.host_mappings:
+            act = hm.act
+            acts[id(act)] = act
+            pins[id(act)] += 1
+            refs[act.frame] += 1
+            if not hm.readonly:
+                writable[act.frame] += 1
+            if hm not in act.host:
+                out.append(f"d{d.domid} host mapping of ref {act.ref}: not recorded in {act!r}")
+        for ref, act in g.active.items():
+            acts[id(act)] = act
+            if act.ref != ref or act.granter != d.domid:
+                out.append(f"d{d.domid} active[{ref}] is {act!r}")
+            if mem.owner[act.frame] != d.domid:
+                out.append(f"{act!r}: frame owned by d{mem.owner[act.frame]}")
+    for ptr, (domid, h) in grant_ptes.items():
+        d = live.get(domid)
+        m = d.grants.maptrack.get(h) if d is not None and d.grants is not None else None
+        if m is None or m.pte_addr != ptr:
+            out.append(f"grant PTE {ptr:#x} registered for d{domid} handle {h}, which has no such mapping")
+    for key, act in acts.items():
+        if act.readers + act.writers != pins[key]:
+            out.append(f"{act!r}: {act.readers + act.writers} pins, {pins[key]} mappings")
+        if len(act.maps) + len(act.host) != pins[key]:
+            out.append(f"{act!r}: records {len(act.maps) + len(act.host)} users, {pins[key]} found")
+        if act.readers < 0 or act.writers < 0:
+            out.append(f"{act!r}: negative pin count")
+        if act.granter not in live and hv.orphan_frames.get(act.frame) != act.granter:
+            out.append(f"{act!r}: granter gone but frame {act.frame:#x} is not its orphan")
+
+    # Compare with the frame table.
+    own_frames: dict[int, int] = {}
+    for d in live.values():
+        for mfn in d.frames:
+            if mfn in own_frames:
+                out.append(f"frame {mfn:#x} in d{own_frames[mfn]} and d{d.domid}")
+            own_frames[mfn] = d.domid
+            if mem.owner[mfn] != d.domid:
+                out.append(f"d{d.domid} lists frame {mfn:#x} owned by d{mem.owner[mfn]}")
+    for mfn in range(mem.nr_frames):
+        owner = mem.owner[mfn]
+        t = PageType(mem.type[mfn])
+        tc = mem.type_count[mfn]
+        if refs[mfn] != mem.refs[mfn]:
+            out.append(f"frame {mfn:#x} (d{owner}): {mem.refs[mfn]} references recorded, {refs[mfn]} found")
+        w, tr = writable[mfn], table_refs[mfn]
+        if w and tr:
+            out.append(f"frame {mfn:#x} (d{owner}): {w} writable and {tr} table references")
+        found = w + tr
+        if found != tc:
+            out.append(f"frame {mfn:#x} (d{owner}): {t.name} count {tc} recorded, {found} found "
+                       f"({w} writable, {tr} table)")
+        if tc:
+            if w and t != PageType.writable:
+                out.append(f"frame {mfn:#x}: writable references but type {t.name}")
+            if tr and _PT.get(t) != table_level.get(mfn):
+                out.append(f"frame {mfn:#x}: table references as L{table_level.get(mfn)} but type {t.name}")
+        elif t != PageType.none:
+            out.append(f"frame {mfn:#x}: type {t.name} with count 0")
+        if owner == DOMID_INVALID:
+            if tc or mem.refs[mfn] or mem.pinned[mfn]:
+                out.append(f"free frame {mfn:#x} still referenced ({mem.refs[mfn]} refs, {t.name} {tc})")
+        elif mfn in hv.orphan_frames:
+            if owner != DOMID_XEN:
+                out.append(f"orphan {mfn:#x} owned by d{owner}")
+            if not mem.refs[mfn]:
+                out.append(f"orphan {mfn:#x} (of dead d{hv.orphan_frames[mfn]}) has no reference left: leaked")
+        elif owner != DOMID_XEN and mfn not in own_frames:
+            out.append(f"frame {mfn:#x} owned by d{owner}, which is not a live domain: leaked")
+    return out
