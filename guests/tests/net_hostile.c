@@ -11,7 +11,8 @@
  * packet's first slot (NETIF_RSP_ERROR -1, DROPPED -2, OKAY 0, or "none"
  * when the backend answered nothing within 2 s). Rx cases print `result
  * <case> <status>` (the rx response status: bytes, or -1). The last case
- * (insane_indices) publishes a req_prod 1000 requests ahead and prints
+ * (insane_indices) publishes a req_prod 257 requests ahead (one more than
+ * the ring holds: the exact bound) and prints
  * `result insane_indices state=<backend XenbusState> rsp=<responses>`.
  * Then `net_hostile: done` and poweroff.
  *
@@ -345,7 +346,7 @@ static void insane_indices(void)
 {
     RING_IDX prod0 = tx.sring->rsp_prod;
     wmb();
-    tx.sring->req_prod = tx.req_prod_pvt + 1000;
+    tx.sring->req_prod = tx.req_prod_pvt + RING_SIZE(&tx) + 1;
     evtchn_send(port);
     int st = xenbus_wait_for_state(backend, XenbusStateClosing, 1, WAIT_NS);
     printk("result insane_indices state=%d rsp=%u\n", st, tx.sring->rsp_prod - prod0);
