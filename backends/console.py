@@ -84,8 +84,11 @@ class ConsoleBackend:
             return 0
         if avail > OUT_SIZE:
             self.bad_indices += 1
-            log.warning("d%d: console out_prod %d is %d past out_cons: resynchronising",
-                        self.dom.domid, prod, avail)
+            # Logged once per domain (then counted): a guest that keeps doing it must not be
+            # able to fill the host's log.
+            log.log(logging.WARNING if self.bad_indices == 1 else logging.DEBUG,
+                    "d%d: console out_prod %d is %d past out_cons: resynchronising (%d times)",
+                    self.dom.domid, prod, avail, self.bad_indices)
             _U32.pack_into(v, OUT_CONS, prod)
             return 0
         allowed = avail if final else self.dom.console_rate.available()
