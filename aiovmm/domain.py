@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from .memory import PageType
 from .abi import PAGE_SHIFT, ShutdownReason, VcpuInfo, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
 from .events import EventChannels
+from . import console as _console
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -105,7 +106,10 @@ class Domain:
         self.console = bytearray()
         self.console_input = bytearray()      # host input not yet in the guest's ring
         self.console_lines: list[str] = []
-        self._partial = b""
+        self.console_rate = _console.OutputRate()
+        self._console_linebuf = _console.LineBuffer()
+        self._console_lines_bytes = 0
+        self._console_dropping = False
         self._console_cb = on_console
         self._line_waiters: list[tuple[re.Pattern, asyncio.Future]] = []
         self.first_output_ns: int | None = None
@@ -155,12 +159,29 @@ class Domain:
         return self.shutdown_reason is not None
 
     # -- console -------------------------------------------------------------------------------
-    def console_write(self, data: bytes) -> None:
-        """Guest console output (console_io). Control bytes other than \\n and \\t are
-        replaced, as Xen filters output of unprivileged domains."""
+    def console_write(self, data: bytes, *, final: bool = False) -> None:
+        """Guest console output, from console_io and from the xencons ring alike: the one
+        place its cost to the host is bounded. Bytes beyond the domain's output budget
+        (console_rate) are discarded and counted; control bytes other than \\n and \\t are
+        replaced, as Xen filters output of unprivileged domains; the unfinished line is at
+        most LINE_MAX bytes; history is bounded in lines and bytes. `final`: the last ring's
+        worth of a stopped guest, charged but never discarded."""
         if self.first_output_ns is None and data:
             self.first_output_ns = self.hypervisor.system_time_ns()
-        data = bytes(b if (32 <= b < 127 or b in (9, 10)) else 0x3F for b in data)
+        rate = self.console_rate
+        allowed = rate.take(len(data), force=final)
+        if allowed < len(data):
+            if not self._console_dropping:
+                self._console_dropping = True
+                log.warning("d%d: console output over %d bytes/s: discarding", self.domid, rate.rate)
+            data = data[:allowed]
+        elif self._console_dropping:
+            self._console_dropping = False
+            self._console_line_out(f"[aiovmm: console output over {rate.rate} bytes/s "
+                                   f"discarded ({rate.dropped} bytes so far)]".encode())
+        if not data:
+            return
+        data = _console.printable(data)
         self.console += data
         if len(self.console) > 2 * CONSOLE_KEEP_BYTES:       # a guest may print forever
             del self.console[:len(self.console) - CONSOLE_KEEP_BYTES]
@@ -168,18 +189,28 @@ class Domain:
             self.console_log.append(data)
         if self._console_cb:
             self._console_cb(data)
-        buf = self._partial + data
-        *lines, self._partial = buf.split(b"\n")
-        for raw in lines:
-            line = raw.decode("ascii", "replace")
-            self.console_lines.append(line)
-            if len(self.console_lines) > 2 * CONSOLE_KEEP_LINES:   # trimmed in chunks
-                del self.console_lines[:len(self.console_lines) - CONSOLE_KEEP_LINES]
-            log.debug("d%d console: %s", self.domid, line)
-            for pat, fut in list(self._line_waiters):
-                if not fut.done() and pat.search(line):
-                    fut.set_result(line)
+        for raw in self._console_linebuf.feed(data):
+            self._console_line_out(raw)
         self._line_waiters = [(p, f) for p, f in self._line_waiters if not f.done()]
+
+    def _console_line_out(self, raw: bytes) -> None:
+        line = raw.decode("ascii", "replace")
+        lines = self.console_lines
+        lines.append(line)
+        self._console_lines_bytes += len(raw)
+        if len(lines) > 2 * CONSOLE_KEEP_LINES or self._console_lines_bytes > 2 * CONSOLE_KEEP_BYTES:
+            # Trimmed in chunks, down to both limits.
+            cut, size = 0, self._console_lines_bytes
+            while cut < len(lines) and (len(lines) - cut > CONSOLE_KEEP_LINES
+                                        or size > CONSOLE_KEEP_BYTES):
+                size -= len(lines[cut])
+                cut += 1
+            del lines[:cut]
+            self._console_lines_bytes = size
+        log.debug("d%d console: %s", self.domid, line)
+        for pat, fut in self._line_waiters:
+            if not fut.done() and pat.search(line):
+                fut.set_result(line)
 
     async def wait_for_line(self, pattern: str, timeout: float = 30.0) -> str:
         """Wait until a console line matches `pattern` (regex); earlier lines count too."""

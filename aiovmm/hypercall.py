@@ -12,6 +12,7 @@ After every hypercall a deliverable event is injected (Xen's test_all_events on 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Callable
 
 from . import events, grants, mmu_ops, reservation, scheduler, timers, traps
@@ -95,19 +96,70 @@ def do_vm_assist(v: "VCPU", cmd: int, type_: int, *_) -> int:
     return 0
 
 
-def do_multicall(v: "VCPU", calls: int, nr: int, *_) -> int:
+# Sub-calls that may preempt themselves with a continuation (RIP rewound, argument registers
+# rewritten, the engine stopped): inside a multicall their arguments are loaded into the
+# registers first, so that what they rewrite can be carried back into the guest's entry.
+_SELF_CONTINUING = frozenset({Hypercall.mmu_update, Hypercall.mmuext_op,
+                              Hypercall.grant_table_op, Hypercall.memory_op})
+_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8")
+
+
+def _preempt_deadline(v: "VCPU") -> int:
+    """When the running slice must end (monotonic ns): the engine's slice deadline if it has
+    one, else one scheduler slice from now. A multicall checks it between entries, as Xen's
+    do_multicall calls hypercall_preempt_check()."""
+    dl = getattr(getattr(v.engine, "slice", None), "deadline_ns", 0)
+    return dl or time.monotonic_ns() + v.domain.hypervisor.scheduler.slice_ns
+
+
+def _continue_multicall(v: "VCPU", rip: int, calls: int, remaining: int) -> None:
+    """Xen's hypercall_create_continuation(__HYPERVISOR_multicall, "hi", calls, remaining):
+    re-execute the SYSCALL (RIP rewound to it) with the list advanced to the first entry not
+    finished; the vCPU yields to the loop (events are delivered) before it re-enters."""
+    v.engine.write({"rip": rip - 2, "rax": int(Hypercall.multicall),
+                    "rdi": calls & MASK64, "rsi": remaining})
+    v.engine.stop()
+
+
+def do_multicall(v: "VCPU", calls: int, nr: int, *_) -> int | None:
+    """Run `nr` entries of the guest's list, each as its own hypercall, writing each result
+    back into its entry. The guest controls `nr` (up to 2^32-1), so the work per invocation is
+    bounded: between entries the slice deadline is checked and, once it has passed, the rest
+    continues in a later slice (continuation). A sub-call that preempted itself has its
+    rewritten arguments stored back into its entry and the multicall continues at that entry.
+    Nested multicalls are refused (-EINVAL), as in Xen."""
     if v.in_multicall:
         raise HypercallError(Errno.EINVAL, "nested multicall")
     nr &= 0xFFFFFFFF
+    eng = v.engine
+    rip = eng.get("rip")                         # the instruction after the SYSCALL
+    deadline = _preempt_deadline(v)
+    size = MULTICALL_ENTRY.size
     v.in_multicall = True
     try:
         for i in range(nr):
-            va = calls + MULTICALL_ENTRY.size * i
+            va = calls + size * i
+            if i and (eng.stop_requested or time.monotonic_ns() >= deadline):
+                _continue_multicall(v, rip, va, nr - i)
+                return None
             op, _result, *args = v.read_struct(va, MULTICALL_ENTRY)
+            if op in _SELF_CONTINUING:
+                eng.write(dict(zip(_ARG_REGS, args[:5])))
             ret = call(v, op, *args[:5])
-            if op == Hypercall.iret or v.engine.stop_requested:
-                break
-            v.copy_to_guest(va + 8, ((ret or 0) & MASK64).to_bytes(8, "little"))
+            if ret is None:
+                if op == Hypercall.iret or v.domain.dying:
+                    return None                  # registers are the guest's now / crashed
+                if eng.get("rip") == rip - 2:    # the sub-call made a continuation
+                    new = [eng.get(r) for r in _ARG_REGS]
+                    try:
+                        v.copy_to_guest(va, MULTICALL_ENTRY.pack(op, 0, *new, args[5]))
+                    except GuestFault:
+                        eng.set("rip", rip)      # Xen's hypercall_cancel_continuation
+                        raise
+                    _continue_multicall(v, rip, va, nr - i)
+                    return None
+                ret = 0
+            v.copy_to_guest(va + 8, (ret & MASK64).to_bytes(8, "little"))
     finally:
         v.in_multicall = False
     return 0

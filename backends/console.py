@@ -8,6 +8,7 @@ that publishes more than the ring holds has the excess ignored and counted.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ class ConsoleBackend:
         self.bad_indices = 0
         self.bytes_out = 0
         self.bytes_in = 0
+        self._held_back = False        # output left in the ring for lack of budget
 
     def connect(self) -> None:
         hv = self.dom.hypervisor
@@ -42,11 +44,18 @@ class ConsoleBackend:
     async def run(self) -> None:
         """Serve the ring until cancelled (the domain's TaskGroup owns this task)."""
         self.connect()
+        rate = self.dom.console_rate
         try:
             while True:
                 self.drain()
                 self.flush_input()
-                await self.port.wait()
+                if self._held_back:
+                    # Over the domain's output budget: its output stays in the ring (the
+                    # guest waits for room) until the budget allows a ring's worth more, as
+                    # xenconsoled stops reading a domain for the rest of its rate period.
+                    await asyncio.sleep(rate.wait_s(OUT_SIZE))
+                else:
+                    await self.port.wait()
         finally:
             self.close()
 
@@ -65,8 +74,9 @@ class ConsoleBackend:
     def _u32(self, off: int) -> int:
         return _U32.unpack_from(self.mapping.view, off)[0]
 
-    def drain(self) -> int:
-        """Consume guest output now in the ring; returns bytes consumed."""
+    def drain(self, final: bool = False) -> int:
+        """Consume guest output now in the ring, as much as the domain's output budget
+        allows (all of it when `final`); returns bytes consumed."""
         v = self.mapping.view
         cons, prod = self._u32(OUT_CONS), self._u32(OUT_PROD)
         avail = (prod - cons) & 0xFFFFFFFF
@@ -74,26 +84,35 @@ class ConsoleBackend:
             return 0
         if avail > OUT_SIZE:
             self.bad_indices += 1
-            log.warning("d%d: console out_prod %d is %d past out_cons: resynchronising",
-                        self.dom.domid, prod, avail)
+            # Logged once per domain (then counted): a guest that keeps doing it must not be
+            # able to fill the host's log.
+            log.log(logging.WARNING if self.bad_indices == 1 else logging.DEBUG,
+                    "d%d: console out_prod %d is %d past out_cons: resynchronising (%d times)",
+                    self.dom.domid, prod, avail, self.bad_indices)
             _U32.pack_into(v, OUT_CONS, prod)
             return 0
+        allowed = avail if final else self.dom.console_rate.available()
+        self._held_back = avail > allowed
+        if self._held_back:
+            prod = (cons + allowed) & 0xFFFFFFFF           # the rest stays in the ring
         out = bytearray()
         while cons != prod:
             start = cons & (OUT_SIZE - 1)
             n = min((prod - cons) & 0xFFFFFFFF, OUT_SIZE - start)
             out += v[OUT_OFF + start:OUT_OFF + start + n]
             cons = (cons + n) & 0xFFFFFFFF
+        if not out:
+            return 0
         _U32.pack_into(v, OUT_CONS, cons)
         self.bytes_out += len(out)
-        self.dom.console_write(bytes(out).replace(b"\r\n", b"\n"))
+        self.dom.console_write(bytes(out).replace(b"\r\n", b"\n"), final=final)
         self.port.notify()
         return len(out)
 
     def drain_final(self) -> None:
         """Last output a guest left in the ring before it stopped."""
         if self.mapping is not None and not self.mapping.closed:
-            self.drain()
+            self.drain(final=True)
 
     def write_input(self, data: bytes) -> int:
         """Queue host input for the guest; returns bytes accepted (the ring may be full)."""

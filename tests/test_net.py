@@ -271,3 +271,38 @@ async def test_hostile_overlong_chain_is_consumed_whole():
         res, _ = await run_hostile(hv, lan)
         assert res["too_many_slots_tail"] == "-1 n=30 ok=0 err=30 null=0 ids=ok", res["too_many_slots_tail"]
         assert res["extra_endless"].endswith("ids=ok") and " ok=0 " in res["extra_endless"], res["extra_endless"]
+
+
+async def test_hostile_dangling_chain_disconnects_the_vif_without_spinning():
+    """Issue 9 finding 5: one tx request with NETTXF_more_data, its chain never published.
+    Linux netback treats a chain longer than req_prod as fatal: this vif is disconnected (and
+    only it), the backend never re-polls the ring (the host process's CPU time over the
+    following interval stays a small part of that interval; a spin takes all of it), and a
+    neighbour keeps answering pings."""
+    import time
+    async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=256) as hv:
+        g2 = await boot_net(hv, lan, 2)
+        ping = asyncio.create_task(lan.run("ping", "-c", "60", "-i", "0.05", "-W", "2", "198.18.0.2",
+                                           timeout=60))
+        h = await hv.create(HOSTILE, memory_mib=16, name="hostile",
+                            cmdline="ip=198.18.0.9 peer=198.18.0.1 dangling=1 hold_ms=2500",
+                            vifs=[lan.vif("00:16:3e:00:00:09")])
+        line = await h.wait_for_line(r"^result dangling_chain ", timeout=30)
+        interval = 1.0
+        c0, t0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(interval)
+        cpu, wall = time.process_time() - c0, time.monotonic() - t0
+        assert cpu < 0.5 * wall, (cpu, wall)
+        res = results(h.console_lines)
+        assert res["dangling_before"] == "0 n=1 ok=1 err=0 null=0 ids=ok", res
+        # Disconnected (Closing or Closed), the dangling request not answered.
+        assert res["dangling_chain"] in ("state=5 rsp=0", "state=6 rsp=0"), line
+        nb = h.backends[0]
+        assert nb.stats.bad_indices == 1, nb.stats
+        async with asyncio.timeout(30):
+            reason = await h.wait()
+        assert reason == ShutdownReason.poweroff and "net_hostile: done" in h.console_lines, \
+            h.console_lines
+        rc, out = await ping
+        assert rc == 0 and " 0% packet loss" in out, out
+        assert g2.backends[0].stats.bad_indices == 0 and not g2.dying

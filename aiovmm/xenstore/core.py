@@ -6,8 +6,9 @@ rules are testable without a loop (the workers of Xen's tools/xenstored/core.c).
 Tree representation
 -------------------
 A flat dict `absolute path -> Node`.  A `Node` is immutable: every change replaces it with a
-new Node carrying a fresh generation number (`gen`).  Copying the dict therefore gives a
-snapshot in O(nodes) with no deep copy, which is what transactions use (transaction.py).  The
+new Node carrying a fresh generation number (`gen`).  A transaction (transaction.py) works on
+a `TxTree`: an overlay of the nodes it changed over the live tree, with the generation of
+every node it looked at, so opening one costs O(1), not a copy of the tree.  The
 two special watch nodes `@introduceDomain` and `@releaseDomain` live in the same dict (they are
 nobody's child) so they carry permissions like any other node.
 
@@ -222,19 +223,16 @@ class Change:
 
 
 class Tree:
-    """Flat path -> Node map with per-owner node counts (for the node quota).
+    """The live tree: a flat path -> Node map with per-owner node counts (node quota).
 
-    When `tracking` is on (a transaction's copy), every path looked up or modified is
-    recorded in `accessed` with the gen it had in the snapshot (None = absent), and every
-    modified path in `written`: transaction.commit() checks and applies exactly those.
+    A transaction works on a `TxTree` over it (reads fall through, changes go to an overlay),
+    so opening one costs O(1) whatever the size of the tree.
     """
 
     def __init__(self, nodes: dict[str, Node] | None = None,
-                 counts: dict[int, int] | None = None, *, tracking: bool = False) -> None:
+                 counts: dict[int, int] | None = None) -> None:
         self.nodes: dict[str, Node] = nodes if nodes is not None else {}
         self.counts: dict[int, int] = counts if counts is not None else {}
-        self.accessed: dict[str, int | None] | None = {} if tracking else None
-        self.written: set[str] = set()
 
     @classmethod
     def initial(cls) -> Tree:
@@ -249,32 +247,22 @@ class Tree:
             t.put(path, Node(b"", dom0))
         return t
 
-    def snapshot(self) -> Tree:
-        return Tree(dict(self.nodes), dict(self.counts), tracking=True)
-
     def get(self, path: str) -> Node | None:
-        node = self.nodes.get(path)
-        if self.accessed is not None and path not in self.accessed:
-            self.accessed[path] = node.gen if node else None
-        return node
+        return self.nodes.get(path)
 
     def put(self, path: str, node: Node) -> Node:
-        old = self.get(path)
+        old = self.nodes.get(path)
         node = replace(node, gen=next_gen())
         self.nodes[path] = node
-        self.written.add(path)
         if old is not None:
             self.counts[old.owner] -= 1
         self.counts[node.owner] = self.counts.get(node.owner, 0) + 1
         return node
 
     def delete(self, path: str) -> None:
-        old = self.get(path)
-        if old is None:
-            return
-        del self.nodes[path]
-        self.written.add(path)
-        self.counts[old.owner] -= 1
+        old = self.nodes.pop(path, None)
+        if old is not None:
+            self.counts[old.owner] -= 1
 
     def count(self, domid: int) -> int:
         return self.counts.get(domid, 0)
@@ -289,6 +277,62 @@ class Tree:
                 continue
             yield p
             stack.extend(join(p, c) for c in reversed(node.children))
+
+
+class TxTree(Tree):
+    """A transaction's view of the live tree (`base`), in the manner of Xen's C xenstored:
+    a path the transaction changed is read from its own overlay, any other from the live
+    tree. Every path looked up or changed is recorded in `accessed` with the generation it
+    had then (None = absent) and every change in `overlay`/`written`; transaction.commit()
+    checks and applies exactly those. `delta` is the change of each owner's node count.
+
+    `max_tracked` bounds the paths one transaction may record (ENOSPC beyond): what a
+    transaction makes the host keep is bounded, even for one that reads without end.
+    """
+
+    def __init__(self, base: Tree, max_tracked: int | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.overlay: dict[str, Node | None] = {}
+        self.delta: dict[int, int] = {}
+        self.accessed: dict[str, int | None] = {}
+        self.max_tracked = max_tracked
+
+    @property
+    def written(self) -> set[str]:
+        return set(self.overlay)
+
+    def get(self, path: str) -> Node | None:
+        if path in self.overlay:
+            return self.overlay[path]
+        node = self.base.nodes.get(path)
+        if path not in self.accessed:
+            if self.max_tracked is not None and len(self.accessed) >= self.max_tracked:
+                raise XsError(_errno.ENOSPC, f"transaction touches over {self.max_tracked} nodes")
+            self.accessed[path] = node.gen if node else None
+        return node
+
+    def _count(self, domid: int, by: int) -> None:
+        self.delta[domid] = self.delta.get(domid, 0) + by
+
+    def put(self, path: str, node: Node) -> Node:
+        old = self.get(path)
+        node = replace(node, gen=next_gen())
+        self.overlay[path] = node
+        if old is not None:
+            self._count(old.owner, -1)
+        self._count(node.owner, 1)
+        return node
+
+    def delete(self, path: str) -> None:
+        old = self.get(path)
+        if old is None:
+            return
+        self.overlay[path] = None
+        self._count(old.owner, -1)
+
+    def count(self, domid: int) -> int:
+        return self.base.count(domid) + self.delta.get(domid, 0)
 
 
 def _link_child(tree: Tree, path: str) -> None:
@@ -422,7 +466,9 @@ def rm(tree: Tree, who: Caller, path: str) -> list[Change]:
         raise XsError(_errno.EACCES, path)
     removed: dict[str, Perms] = {}
     for p in list(tree.walk(path)):
-        removed[p] = tree.nodes[p].perms
+        node_p = tree.get(p)
+        assert node_p is not None
+        removed[p] = node_p.perms
     for p in reversed(list(removed)):
         tree.delete(p)
     _unlink_child(tree, path)
@@ -453,5 +499,5 @@ __all__ = [
     "XSD_ERRORS", "XsError", "error_name", "ABS_PATH_MAX", "REL_PATH_MAX", "INTRODUCE_DOMAIN",
     "RELEASE_DOMAIN", "SPECIAL_PATHS", "domain_path", "canonical", "is_child", "parent_of",
     "Perm", "Perms", "parse_perms", "format_perms", "perm_for", "Caller", "Dom0", "Node",
-    "Change", "Tree", "PERM_NONE", "PERM_READ", "PERM_WRITE", "PERM_OWNER",
+    "Change", "Tree", "TxTree", "PERM_NONE", "PERM_READ", "PERM_WRITE", "PERM_OWNER",
 ]

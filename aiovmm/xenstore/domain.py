@@ -13,6 +13,7 @@ max_nodes          1000    nodes owned by one domain                            
 max_value_size     2048    bytes in one node's value                               ENOSPC
 max_watches        128     watches on one connection                               E2BIG
 max_transactions   10      open transactions on one connection                     ENOSPC
+max_tx_nodes       4096    paths one transaction reads or changes (aiovmm)        ENOSPC
 max_perms          5       permission entries beyond the owner's on one node       ENOSPC
 =================  ======  =====================================================  =======
 """
@@ -38,6 +39,7 @@ class Quotas:
     max_value_size: int = 2048
     max_watches: int = 128
     max_transactions: int = 10
+    max_tx_nodes: int = 4096       # what one open transaction may make the daemon track
     max_perms: int = 5
 
 

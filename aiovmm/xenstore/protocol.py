@@ -238,7 +238,8 @@ def do_transaction_start(store: Store, conn: Connection, tx: Transaction | None,
         raise XsError(errno.EBUSY, "TRANSACTION_START inside a transaction")
     if not conn.privileged and len(conn.transactions) >= store.quotas.max_transactions:
         raise XsError(errno.ENOSPC, "transaction quota")
-    t = transaction.start(store.tree, conn.new_tx_id())
+    t = transaction.start(store.tree, conn.new_tx_id(),
+                          None if conn.privileged else store.quotas.max_tx_nodes)
     conn.transactions[t.id] = t
     return f"{t.id}\0".encode()
 
@@ -252,7 +253,7 @@ def do_transaction_end(store: Store, conn: Connection, tx: Transaction | None,
         raise XsError(errno.EINVAL, "TRANSACTION_END wants T or F")
     del conn.transactions[tx.id]
     if arg == "T":
-        store.commit(tx)
+        store.commit(tx, conn)
     return ok()
 
 

@@ -63,8 +63,9 @@ class Store:
         elif changes:
             watch.fire(self.connections, changes)
 
-    def commit(self, tx: Transaction) -> None:
-        self.changed(transaction.commit(self.tree, tx))
+    def commit(self, tx: Transaction, who: core.Caller | None = None) -> None:
+        """Commit `tx` on behalf of `who` (its node quota is checked again)."""
+        self.changed(transaction.commit(self.tree, tx, who, self.quotas))
 
     # ---- domains ----------------------------------------------------------------------------
     def introduce(self, domid: int, mfn: int = 0, evtchn: int = 0, *,

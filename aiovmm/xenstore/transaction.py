@@ -2,28 +2,32 @@
 
 Design
 ------
-TRANSACTION_START takes a snapshot of the tree: a copy of the path -> Node dict (Nodes are
-immutable, so this is a shallow copy).  Every request carrying that tx_id runs the ordinary
-workers of core.py against the snapshot, which records
+TRANSACTION_START costs O(1): the transaction gets a `core.TxTree` over the live tree (Xen's C
+xenstored works the same way; aiovmm used to copy the whole tree per transaction).  Every
+request carrying that tx_id runs the ordinary workers of core.py against it: nodes the
+transaction changed are read from its overlay, all others from the live tree, and it records
 
 * `accessed`: each path the transaction looked at or changed, with the generation the node had
-  in the snapshot (None when it did not exist).  Parents consulted for a permission check, or
-  changed because a child was added/removed, are included;
-* `written`: each path it created, changed or removed.
+  when first looked at (None when it did not exist).  Parents consulted for a permission
+  check, or changed because a child was added/removed, are included;
+* `overlay`: each path it created, changed (the new Node) or removed (None);
+* `delta`: how many nodes each owner gains or loses.
 
 Watch events produced meanwhile are held back in `changes`.
 
 TRANSACTION_END "T" commits: if any accessed path has, in the live tree, a generation other
-than the one recorded (changed, created or removed by somebody else since the snapshot), the
-commit fails with EAGAIN and nothing is applied; the client retries the whole transaction.
-Otherwise each written path is copied from the snapshot into the live tree (with a new
-generation) and the held-back watch events fire.  "F" discards everything.  A transaction that
-hit an error in one of its requests may still be committed (as in xenstored, errors are per
-request).  Only conflicts on touched nodes fail a commit: unrelated writes elsewhere do not.
+than the one recorded (changed, created or removed by somebody else since), the commit fails
+with EAGAIN and nothing is applied; the client retries the whole transaction.  Then the node
+quota is checked again against the live counts (Xen re-checks at commit): transactions that
+each fit the quota alone cannot together exceed it; ENOSPC and nothing applied.  Otherwise each
+written path is copied from the overlay into the live tree (with a new generation) and the
+held-back watch events fire.  "F" discards everything.  A transaction that hit an error in one
+of its requests may still be committed (as in xenstored, errors are per request).  Only
+conflicts on touched nodes fail a commit: unrelated writes elsewhere do not.
 
 Worked example 1: a conflict
     live: /a = "1" (gen 10)
-    T1 = start()              snapshot {/a: gen 10}
+    T1 = start()              nothing copied
     T1: read /a  -> "1"       accessed {/a: 10}
     dom0 (no tx): write /a "2"   live /a gen 11
     T1: write /a "3"          accessed {/a: 10}, written {/a}
@@ -34,7 +38,7 @@ Worked example 2: no conflict
     live: /a, /b exist
     T1 = start(); T1: write /a/x "1"     accessed {/a/x: None, /a: g(/a)}  (parent gets a child)
     dom0: write /b "2"                   touches /b only
-    T1: end(T) -> OK                     /a and /a/x unchanged in live tree since the snapshot
+    T1: end(T) -> OK                     /a and /a/x unchanged in live tree since T1 read them
 
 Worked example 3: creation race
     T1 = start(); T1: read /new -> ENOENT    accessed {/new: None}
@@ -42,31 +46,32 @@ Worked example 3: creation race
     T1: end(T) -> EAGAIN                     T1's view of /new as absent is stale
 
 Limits: per connection, at most Quotas.max_transactions open transactions for unprivileged
-callers (ENOSPC beyond); a snapshot costs one dict copy of the tree.  Node quotas are checked
-against the snapshot's counts while the transaction runs, not again at commit.
+callers (ENOSPC beyond, Xen's quota-maxtransaction); each tracks at most
+Quotas.max_tx_nodes paths (ENOSPC beyond); node quotas are checked while the transaction runs
+(live count + its delta) and again at commit.
 """
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
 
-from .core import Change, Tree, XsError
+from .core import Caller, Change, Limits, Tree, TxTree, XsError
 
 
 @dataclass(slots=True)
 class Transaction:
     id: int
-    tree: Tree
+    tree: TxTree
     changes: list[Change] = field(default_factory=list)
 
 
-def start(live: Tree, tx_id: int) -> Transaction:
-    return Transaction(tx_id, live.snapshot())
+def start(live: Tree, tx_id: int, max_tracked: int | None = None) -> Transaction:
+    """O(1): no copy of the tree."""
+    return Transaction(tx_id, TxTree(live, max_tracked))
 
 
 def conflicts(live: Tree, tx: Transaction) -> list[str]:
     """Paths whose live generation differs from what the transaction saw."""
-    assert tx.tree.accessed is not None
     out = []
     for path, gen in tx.tree.accessed.items():
         node = live.nodes.get(path)
@@ -75,12 +80,25 @@ def conflicts(live: Tree, tx: Transaction) -> list[str]:
     return out
 
 
-def commit(live: Tree, tx: Transaction) -> list[Change]:
-    """Apply `tx` to `live`; return the watch events to fire.  EAGAIN on conflict."""
+def check_quota(live: Tree, tx: Transaction, who: Caller | None, limits: Limits | None) -> None:
+    """The node quota again at commit, against the live count (Xen's xenstored re-checks
+    when a transaction ends): several transactions that each fit cannot add up past it."""
+    if who is None or who.privileged or limits is None:
+        return
+    gain = tx.tree.delta.get(who.domid, 0)
+    if gain > 0 and live.count(who.domid) + gain > limits.max_nodes:
+        raise XsError(errno.ENOSPC, f"transaction {tx.id}: node quota of domain {who.domid}")
+
+
+def commit(live: Tree, tx: Transaction, who: Caller | None = None,
+           limits: Limits | None = None) -> list[Change]:
+    """Apply `tx` to `live`; return the watch events to fire.  EAGAIN on conflict, ENOSPC
+    over the node quota of `who` (unprivileged callers only); nothing applied on error."""
     if conflicts(live, tx):
         raise XsError(errno.EAGAIN, f"transaction {tx.id} conflicts")
-    for path in sorted(tx.tree.written, key=lambda p: p.count("/")):
-        node = tx.tree.nodes.get(path)
+    check_quota(live, tx, who, limits)
+    for path in sorted(tx.tree.overlay, key=lambda p: p.count("/")):
+        node = tx.tree.overlay[path]
         if node is None:
             live.delete(path)
         else:

@@ -39,7 +39,9 @@ from typing import TYPE_CHECKING
 from aiovmm import grants
 from aiovmm.ring import BackRing
 from aiovmm.errors import BuildError
+from aiovmm.events import EventError
 from aiovmm.xenbus import Watch, XenbusState, read_state, read_str, write_keys
+from aiovmm.xenstore.core import XsError
 
 from . import io as bio
 from . import lvm
@@ -604,14 +606,14 @@ class Blkback:
             if self.backing is not None:
                 try:
                     await asyncio.shield(bio.run(self.backing.close))
-                except BaseException:
-                    self.backing.close()
+                except (asyncio.CancelledError, OSError):
+                    self.backing.close()         # cancelled while closing: finish it here
                 self.backing = None
             try:
                 if read_state(st, self.back) != XenbusState.Closed:
                     self._set_state(XenbusState.Closed)
-            except Exception:
-                pass
+            except XsError as e:                 # the backend directory went with the domain
+                log.debug("d%d: vbd %s: state Closed not written: %s", self.dom.domid, self.vdev, e)
 
     async def _connected_phase(self, watch: Watch) -> BlkDisconnect:
         """Serve the ring until the frontend closes or misbehaves; returns why it ended."""
@@ -643,7 +645,7 @@ class Blkback:
         try:
             self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
             self.port.link(self._kick)             # guest events wake _serve directly
-        except Exception as e:
+        except EventError as e:
             self._ring_map.close()
             self._ring_map = None
             raise BlkDisconnect(f"cannot bind event channel {evtchn}: {e}") from None
@@ -874,13 +876,12 @@ class Blkback:
         for p in ps:
             self._release(p)
 
-    @staticmethod
-    def _release_all_maps(maps: list) -> None:
+    def _release_all_maps(self, maps: list) -> None:
         for m in maps:
             try:
                 m.close()
-            except Exception:
-                pass
+            except (BufferError, grants.GrantError) as e:   # a view of the page still held
+                log.warning("d%d: vbd %s: unmapping a segment: %s", self.dom.domid, self.vdev, e)
 
 
 def _exists(path: str) -> bool:

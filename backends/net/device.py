@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from aiovmm import grants
 from aiovmm.ring import BackRing
 from aiovmm.xenbus import Watch, XenbusState, read_state, read_str, write_keys
+from aiovmm.xenstore.core import XsError
 
 from . import tap as taplib
 
@@ -224,12 +225,15 @@ class Netback:
             self.port.close()
             self.port = None
         for m in self._maps:
-            m.close()
+            try:
+                m.close()
+            except (BufferError, grants.GrantError) as e:   # a view of the page still held
+                log.warning("d%d: vif %d: unmapping a ring: %s", self.dom.domid, self.devid, e)
         self._maps.clear()
         try:
             self._set_state(XenbusState.Closed)
-        except Exception:
-            pass
+        except XsError as e:                 # the backend directory went with the domain
+            log.debug("d%d: vif %d: state Closed not written: %s", self.dom.domid, self.devid, e)
 
     # -- the data path -----------------------------------------------------------------------------
     def _on_tap_readable(self) -> None:
@@ -239,19 +243,32 @@ class Netback:
         self._kick.set()
 
     async def _serve(self) -> None:
+        """Serve both rings. It goes round again without waiting only after a pass that
+        consumed requests (every pass either consumes what is published or disconnects the
+        vif), and otherwise sleeps on the event channel or the tap: it never spins on state
+        the guest left unfinished."""
         self._tap_ready = True
+        tx, rx = self.tx, self.rx
+        stalled = 0
         while True:
+            before = (tx.req_cons, rx.req_cons)
             notify = self._process_tx()
             notify |= self._process_rx()
             if notify:
                 self.port.notify()
                 self.stats.events_sent += 1
-            again = self.tx.final_check()
-            if self._tap_ready and self.rx.unconsumed() == 0:
-                again |= self.rx.final_check()
+            again = tx.final_check()
+            if self._tap_ready and rx.unconsumed() == 0:
+                again |= rx.final_check()
             if again:
-                await asyncio.sleep(0)
+                # Requests published meanwhile are consumed by the next pass; two passes in
+                # a row that consume nothing would be a spin on guest state: refuse it.
+                stalled = stalled + 1 if (tx.req_cons, rx.req_cons) == before else 0
+                if stalled > 1:
+                    self._bad_frontend("requests published but never consumable")
+                await asyncio.sleep(0)           # more work published: let others run first
                 continue
+            stalled = 0
             if not self._tap_ready and not self._reader_on:
                 asyncio.get_running_loop().add_reader(self.fd, self._on_tap_readable)
                 self._reader_on = True
@@ -280,14 +297,14 @@ class Netback:
             i = 1
             flags = first[2]
             want_extra = bool(flags & NETTXF_extra_info)
-            incomplete = False
             ok = True
             while want_extra or flags & NETTXF_more_data:
                 if i >= n:
-                    incomplete = True          # the frontend has not published it all yet
-                    break
-                if i >= RING_SIZE:
-                    self._bad_frontend("a slot chain as long as the ring")
+                    # A frontend publishes a packet's slots together (one req_prod update):
+                    # a chain running past req_prod is fatal, as in Linux netback's
+                    # xenvif_count_requests. Waiting for the rest would leave the request
+                    # unconsumed and the loop re-polling it.
+                    self._bad_frontend("a packet's slot chain runs past req_prod")
                 off = r.slot_off(r.req_cons + i)
                 if want_extra:
                     kinds.append("extra")
@@ -306,8 +323,6 @@ class Netback:
                 i += 1
             if len(slots) > MAX_SLOTS:
                 ok = False                     # consumed whole, answered ERROR slot by slot
-            if incomplete:
-                break
             frame = bytearray()
             total = first[4]
             if ok:

@@ -11,9 +11,18 @@
  * packet's first slot (NETIF_RSP_ERROR -1, DROPPED -2, OKAY 0, or "none"
  * when the backend answered nothing within 2 s). Rx cases print `result
  * <case> <status>` (the rx response status: bytes, or -1). The last case
- * (insane_indices) publishes a req_prod 1000 requests ahead and prints
+ * (insane_indices) publishes a req_prod 257 requests ahead (one more than
+ * the ring holds: the exact bound) and prints
  * `result insane_indices state=<backend XenbusState> rsp=<responses>`.
- * Then `net_hostile: done` and poweroff. */
+ * Then `net_hostile: done` and poweroff.
+ *
+ * cmdline `dangling=1` runs one other case instead: after a valid packet, a
+ * tx request with NETTXF_more_data is published alone (req_prod covers it,
+ * the rest of its chain never comes). Linux netback treats a chain longer
+ * than what is published as fatal and disconnects the vif; it prints
+ * `result dangling_chain state=<backend XenbusState> rsp=<responses>`,
+ * then holds `hold_ms` (default 1500) with its vCPU blocked, so the host's
+ * CPU use meanwhile can be measured, then `net_hostile: done`. */
 #include "os.h"
 #define xen_mb()  mb()
 #define xen_rmb() rmb()
@@ -337,10 +346,29 @@ static void insane_indices(void)
 {
     RING_IDX prod0 = tx.sring->rsp_prod;
     wmb();
-    tx.sring->req_prod = tx.req_prod_pvt + 1000;
+    tx.sring->req_prod = tx.req_prod_pvt + RING_SIZE(&tx) + 1;
     evtchn_send(port);
     int st = xenbus_wait_for_state(backend, XenbusStateClosing, 1, WAIT_NS);
     printk("result insane_indices state=%d rsp=%u\n", st, tx.sring->rsp_prod - prod0);
+}
+
+static void dangling_chain(u64 hold_ns)
+{
+    grant_ref_t g = (grant_ref_t)tx_gref[0];
+    put_junk_frame(tx_page[0], 60);
+    RING_IDX f = tx.req_prod_pvt;
+    tx_req(g, 0, 0, id(0), 60);
+    tx_case("dangling_before", f);
+    RING_IDX prod0 = tx.sring->rsp_prod;
+    tx_req(g, 0, NETTXF_more_data, id(0), 120);        /* its second slot never comes */
+    kick();
+    int st = xenbus_wait_for_state(backend, XenbusStateClosing, 1, WAIT_NS);
+    printk("result dangling_chain state=%d rsp=%u\n", st, tx.sring->rsp_prod - prod0);
+    u64 end = monotonic_ns() + hold_ns;
+    while (monotonic_ns() < end) {
+        clear_evtchn(port);
+        evtchn_poll(port, end);
+    }
 }
 
 void app_main(void)
@@ -360,6 +388,11 @@ void app_main(void)
     char m[18];
     fmt_mac(m, mac);
     printk("net_hostile: up mac=%s\n", m);
+    if (cmdline_u64(cmd, "dangling", 0)) {
+        dangling_chain(cmdline_u64(cmd, "hold_ms", 1500) * 1000000UL);
+        printk("net_hostile: done\n");
+        poweroff();
+    }
     tx_cases();
     rx_cases();
     insane_indices();

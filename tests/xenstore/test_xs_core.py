@@ -229,3 +229,51 @@ def test_message_reader_splits_and_rejects_oversize():
     assert [(m.type, m.req_id, m.payload) for m in msgs] == [(2, 1, b"/a\0"), (1, 2, b"/\0")]
     with pytest.raises(ProtocolViolation):
         r.feed(b"\2\0\0\0" + b"\0" * 8 + (4097).to_bytes(4, "little"))
+
+
+def test_transaction_start_does_not_copy_the_tree():
+    """Issue 9 finding 8: opening a transaction is O(1) in the size of the tree (it used to
+    copy the whole tree). Measured relative to a small tree in the same run."""
+    import time
+
+    def cost(n_nodes: int) -> float:
+        live = core.Tree.initial()
+        for i in range(n_nodes):
+            core.write(live, Dom0(), f"/d{i % 100}/n{i}", b"v")
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for k in range(300):
+                tx = transaction.start(live, k + 1)
+                core.read(tx.tree, Dom0(), "/d1/n1")
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    small, large = cost(200), cost(40_000)
+    assert large < 3 * small, (small, large)
+
+
+def test_commit_rechecks_the_node_quota():
+    """Two transactions of one unprivileged domain, each within its node quota alone: the
+    second commit is refused (ENOSPC), nothing of it applied."""
+    from aiovmm.xenstore import Quotas
+    from aiovmm.xenstore.domain import Connection
+    live = core.Tree.initial()
+    for parent in ("/x", "/y"):                   # dom0's, writable by dom5
+        core.write(live, Dom0(), parent, b"")
+        core.set_perms(live, Dom0(), parent, core.parse_perms(["n0", "b5"]))
+    q = Quotas(max_nodes=3)
+    who = Connection(5, lambda b: None)
+    t1, t2 = transaction.start(live, 1), transaction.start(live, 2)
+    core.write(t1.tree, who, "/x/a/b", b"", q)
+    core.write(t2.tree, who, "/y/c/d", b"", q)
+    assert live.count(5) == 0 and t1.tree.count(5) == 2 and t2.tree.count(5) == 2
+    transaction.commit(live, t1, who, q)
+    assert live.count(5) == 2
+    # Alone each fits (2 <= 3); together 4 > 3. (Requests inside t2 from now on would be
+    # refused already: a transaction's count is the live count plus its own delta.)
+    assert err(transaction.commit, live, t2, who, q) == "ENOSPC"
+    assert "/y/c" not in live.nodes and live.count(5) == 2
+    assert err(core.write, t2.tree, who, "/y/c/e", b"", q) == "ENOSPC"
+    transaction.commit(live, t2)                  # without a caller's quota: it applies
+    assert "/y/c/d" in live.nodes

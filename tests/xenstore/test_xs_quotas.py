@@ -11,7 +11,7 @@ from .conftest import XsErr
 @pytest.fixture
 def quotas() -> Quotas:
     return Quotas(max_nodes=6, max_value_size=16, max_watches=3, max_transactions=2,
-                  max_perms=2)
+                  max_perms=2, max_tx_nodes=40)
 
 
 def test_defaults_are_xens():
@@ -76,10 +76,67 @@ async def test_transaction_quota(xs, client):
     with pytest.raises(XsErr, match="ENOSPC"):
         await d5.tx_start()
     await d5.tx_end(t1, commit=False)
-    await d5.tx_start()
+    t3 = await d5.tx_start()
+    assert t3 not in (t2,)
     for _ in range(5):
         await dom0.tx_start()
-    assert t2
+    # The transaction opened before the refusal still works and commits.
+    await d5.write("in-t2", "v", t2)
+    await d5.tx_end(t2)
+    assert await d5.read("in-t2") == b"v"
+
+
+async def test_parallel_transactions_cannot_exceed_node_quota_together(xs, client):
+    """Issue 9 finding 8: ten transactions under different parents, each within the node
+    quota on its own (dom5 owns 1 node, quota 6, each adds 3): the quota is checked again at
+    commit against the live count, as in Xen's xenstored, so only the first one commits and
+    the others get ENOSPC with nothing applied."""
+    dom0 = await client()
+    for i in range(10):                     # the parents: dom0's, writable by dom5
+        await dom0.write(f"/local/domain/5/p{i}", "")
+        await dom0.call(XsType.SET_PERMS, f"/local/domain/5/p{i}", "n0", "b5")
+    conns = [await client(xs.dom5_sock) for _ in range(5)]
+    txs = []
+    for i in range(10):
+        c = conns[i // 2]                                    # two open transactions each
+        tx = await c.tx_start()
+        await c.write(f"p{i}/a/b/c", "x", tx)                # 3 new nodes: 1 + 3 fits alone
+        txs.append((c, tx))
+    outcomes = []
+    for c, tx in txs:
+        try:
+            await c.tx_end(tx)
+            outcomes.append("ok")
+        except XsErr as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == "ok", outcomes
+    assert all("ENOSPC" in o for o in outcomes[1:]), outcomes
+    assert await conns[0].directory("/local/domain/5/p0") == ["a"]
+    for i in range(1, 10):
+        assert await conns[0].directory(f"/local/domain/5/p{i}") == []
+    assert xs.store.tree.count(5) == 4
+
+
+async def test_transaction_tracks_a_bounded_number_of_paths(xs, client):
+    """What one open transaction makes the daemon keep is bounded (max_tx_nodes paths read
+    or changed, here 40): reading past it is refused with ENOSPC; dom0 is exempt."""
+    d5, dom0 = await client(xs.dom5_sock), await client()
+    tx = await d5.tx_start()
+    refused = None
+    for i in range(60):
+        try:
+            await d5.read(f"missing{i}", tx)
+        except XsErr as e:
+            if "ENOSPC" in str(e):
+                refused = i
+                break
+            assert "ENOENT" in str(e)
+    assert refused is not None and refused < 40, refused
+    await d5.tx_end(tx, commit=False)
+    t0 = await dom0.tx_start()
+    for i in range(60):
+        with pytest.raises(XsErr, match="ENOENT"):
+            await dom0.read(f"/missing{i}", t0)
 
 
 async def test_perms_quota(xs, client):

@@ -1,0 +1,86 @@
+"""aiovmm/ring.py: the back-end half of Xen's shared I/O rings, on a real page-sized buffer the
+test writes as a frontend would. The producer index is the frontend's: one past what the
+ring can hold is refused (Linux's RING_REQUEST_PROD_OVERFLOW), exactly at the bound it is not.
+"""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from aiovmm.ring import SRING_HDR, BackRing
+
+NR, SLOT = 32, 112                       # blkif geometry
+U32 = struct.Struct("<I")
+
+
+def ring() -> tuple[BackRing, bytearray]:
+    page = bytearray(4096)
+    return BackRing(memoryview(page), NR, SLOT), page
+
+
+def publish(page: bytearray, req_prod: int) -> None:
+    U32.pack_into(page, 0, req_prod & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("start", [0, 0xFFFFFFF0])       # also across the u32 wrap
+def test_producer_overflow_bound_is_exact(start):
+    r, page = ring()
+    r.req_cons = r.rsp_prod_pvt = start
+    publish(page, start + NR)
+    assert r.unconsumed() == NR                          # a full ring is fine
+    publish(page, start + NR + 1)
+    assert r.unconsumed() == -1                          # one more is a broken frontend
+    publish(page, start + 2 * NR)
+    assert r.unconsumed() == -1
+    publish(page, start - 1)                             # behind the responses: huge
+    assert r.unconsumed() == -1
+
+
+def test_requests_in_flight_count_against_the_ring():
+    """Requests consumed but not yet answered still occupy their slots: the frontend may
+    publish only as many new ones as slots are free."""
+    r, page = ring()
+    publish(page, 10)
+    for _ in range(10):
+        r.take()
+    assert r.unconsumed() == 0
+    publish(page, NR)                                    # 22 new + 10 unanswered = 32
+    assert r.unconsumed() == NR - 10
+    publish(page, NR + 1)
+    assert r.unconsumed() == -1
+    for _ in range(10):
+        r.respond_done()
+    publish(page, NR + 10)
+    assert r.unconsumed() == NR
+
+
+def test_take_copies_the_request_once():
+    r, page = ring()
+    off = SRING_HDR
+    page[off:off + SLOT] = bytes(range(SLOT))
+    publish(page, 1)
+    raw = r.take()
+    page[off:off + SLOT] = bytes(SLOT)                   # the frontend rewrites it afterwards
+    assert raw == bytes(range(SLOT)) and r.req_cons == 1
+
+
+def test_event_index_rules():
+    r, page = ring()
+    U32.pack_into(page, 12, 1)                           # rsp_event: notify at the first
+    r.respond_done()
+    assert r.push_responses() is True
+    U32.pack_into(page, 12, 5)
+    r.respond_done()
+    assert r.push_responses() is False                   # 2 published, wants 5
+    publish(page, 0)
+    assert r.final_check() is False and U32.unpack_from(page, 4)[0] == 1
+    publish(page, 1)
+    assert r.final_check() is True
+
+
+def test_geometry_must_fit_the_page():
+    with pytest.raises(ValueError):
+        BackRing(memoryview(bytearray(4096)), 64, SLOT)   # 64 * 112 > a page
+    with pytest.raises(ValueError):
+        BackRing(memoryview(bytearray(4096)), 24, SLOT)   # not a power of two
