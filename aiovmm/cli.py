@@ -114,6 +114,20 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, dom) -> int | None:
     return fd
 
 
+def _forget_loop_signals() -> None:
+    """In a child forked by this process (a library's helper), drop the event loop's signal
+    set-up: the child inherits Python's handler for SIGINT/SIGTERM and the loop's signal
+    wake-up fd, so a SIGTERM sent to the child would be written into the parent's loop and
+    stop the guest (issue 9 #9: pyroute2 stopped its netns helper children with SIGTERM).
+    The netns code no longer forks; this keeps any other forked child from doing the same."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except ValueError:                  # not the interpreter's main thread: nothing inherited
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="aiovmm", description="Xen PV hypervisor on asyncio")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
@@ -159,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory < 1 or args.memory > args.machine_memory:
             print(f"aiovmm: --memory must be between 1 and {args.machine_memory} MiB", file=sys.stderr)
             return EXIT_USAGE
+        os.register_at_fork(after_in_child=_forget_loop_signals)
         try:
             import uvloop
             return uvloop.run(_run(args))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import os
+import stat
 
 KNOWN = {"name", "kernel", "memory", "maxmem", "extra", "cmdline", "vif", "disk", "vcpus",
          "on_poweroff", "on_reboot", "on_crash", "type"}
@@ -87,12 +88,28 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
                         list(values.get("disk", [])))
 
 
+MAX_CONFIG_BYTES = 1 << 20     # xl.cfg files are a few hundred bytes; never read without bound
+
+
 def load(path: str) -> DomainConfig:
+    """Read and parse a configuration file: a regular file of at most MAX_CONFIG_BYTES of
+    UTF-8 text (a device or FIFO is refused before it is read; a bad byte is reported with
+    its line, never as a traceback)."""
     try:
-        with open(path) as f:
-            text = f.read()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"{path}: not a regular file")
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
     return parse(text, path)
 
 

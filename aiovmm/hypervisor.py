@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -31,6 +33,35 @@ if TYPE_CHECKING:
 log = logging.getLogger("aiovmm.hypervisor")
 
 DEFAULT_MACHINE_MIB = 2048
+
+
+class HostConfigError(BuildError):
+    """The hypervisor's own settings cannot be used on this host (machine memory, log
+    directory, xenstore socket path): one line naming the setting, nothing left behind."""
+
+
+def _check_log_dir(path: str) -> None:
+    """Blocking (stat, access): the console logs go there, so refuse it up front."""
+    if not os.path.isdir(path):
+        raise HostConfigError(f"log directory {path}: "
+                              + ("not a directory" if os.path.exists(path) else "does not exist"))
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise HostConfigError(f"log directory {path}: not writable")
+
+
+def _load_kernel(path: str, memory_mib: int) -> builder.KernelImage:
+    """Blocking: refuse what is not a regular file (a device, a FIFO: /dev/zero would be read
+    without end) or is larger than the guest's memory, then parse it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BuildError(f"{path}: cannot read kernel: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BuildError(f"{path}: cannot read kernel: not a regular file")
+    if st.st_size > memory_mib << 20:
+        raise BuildError(f"{path}: kernel file is {st.st_size} bytes, more than the guest's "
+                         f"{memory_mib} MiB of memory")
+    return builder.parse_kernel(path)
 
 
 class Hypervisor:
@@ -58,15 +89,29 @@ class Hypervisor:
         return time.monotonic_ns() - self._t0
 
     async def __aenter__(self) -> "Hypervisor":
-        self.mem = MachineMemory(self.memory_mib << 20)
-        self.xen = XenArea(self.mem)
-        self.pagetables = PageTables(self.mem, self.xen, crash_domain=self._crash_domain)
-        self.ptwr_scratch = self.mem.alloc(DOMID_XEN)[0]     # see ptwr.py
-        self.host = HostEvents(self)
-        self.host.evtchn = self.host
-        self.host.grants = None
-        self.xenstore = XenstoreServer(self.xenstore_path)
-        await self.xenstore.__aenter__()
+        """Raises HostConfigError (a BuildError) for settings this host cannot honour."""
+        if self.log_dir is not None:
+            await asyncio.to_thread(_check_log_dir, self.log_dir)
+        try:
+            self.mem = MachineMemory(self.memory_mib << 20)
+        except (OSError, ValueError, OverflowError) as e:
+            raise HostConfigError(f"cannot reserve {self.memory_mib} MiB of machine memory: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+        try:
+            self.xen = XenArea(self.mem)
+            self.pagetables = PageTables(self.mem, self.xen, crash_domain=self._crash_domain)
+            self.ptwr_scratch = self.mem.alloc(DOMID_XEN)[0]     # see ptwr.py
+            self.host = HostEvents(self)
+            self.host.evtchn = self.host
+            self.host.grants = None
+            self.xenstore = XenstoreServer(self.xenstore_path)
+            try:
+                await self.xenstore.__aenter__()
+            except OSError as e:
+                raise HostConfigError(f"xenstore socket {self.xenstore_path}: {e.strerror or e}") from None
+        except BaseException:
+            self.mem.close()
+            raise
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         return self
@@ -110,11 +155,16 @@ class Hypervisor:
         `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'.
         `disks`: block devices, each a DiskConfig or xl syntax 'target=/path,vdev=xvda,access=rw'."""
         from .backends.net import VifConfig
+        from .backends.net.tap import TapError, check_bridge
         vif_cfgs = []
         for v in vifs or []:
             try:
-                vif_cfgs.append(v if isinstance(v, VifConfig) else VifConfig.parse(v))
-            except ValueError as e:
+                cfg = v if isinstance(v, VifConfig) else VifConfig.parse(v)
+                # Its namespace and bridge must exist now (never created for it): a missing
+                # one is the user's error, reported before anything is built.
+                await asyncio.to_thread(check_bridge, cfg.bridge, cfg.netns)
+                vif_cfgs.append(cfg)
+            except (ValueError, TapError) as e:
                 raise BuildError(f"vif {v!r}: {e}") from None
         disk_cfgs = []
         if disks:
@@ -130,7 +180,7 @@ class Hypervisor:
             raise BuildError("memory must be at least 1 MiB")
         # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
         # blocking I/O: it runs in a worker thread, never on the loop.
-        img = await asyncio.to_thread(builder.parse_kernel, kernel)
+        img = await asyncio.to_thread(_load_kernel, kernel, memory_mib)
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:

@@ -18,6 +18,7 @@ import os
 from pyroute2 import IPRoute, netns
 
 from .backends.net import VifConfig
+from .backends.net.tap import in_netns
 
 _counter = itertools.count()
 
@@ -49,25 +50,43 @@ class VirtualLan:
         return self
 
     def _setup(self) -> None:
-        # Synchronous pyroute2 in a worker thread: AsyncIPRoute does not run on uvloop.
+        # Synchronous pyroute2 in a worker thread that enters the namespace itself (setns):
+        # AsyncIPRoute does not run on uvloop, and IPRoute(netns=...) forks a helper child.
         netns.create(self.lan_ns)
         netns.create(self.host_ns)
-        with IPRoute(netns=self.lan_ns) as ipr:
-            ipr.link("add", ifname=self.bridge, kind="bridge")
+        with in_netns(self.lan_ns), IPRoute() as ipr:
             ipr.link("add", ifname="uplink", kind="veth",
                      peer={"ifname": self.host_if, "net_ns_fd": self.host_ns})
-            br = ipr.link_lookup(ifname=self.bridge)[0]
-            up = ipr.link_lookup(ifname="uplink")[0]
             lo = ipr.link_lookup(ifname="lo")[0]
-            ipr.link("set", index=up, master=br, state="up")
-            ipr.link("set", index=br, state="up")
             ipr.link("set", index=lo, state="up")
-        with IPRoute(netns=self.host_ns) as ipr:
+        self._create_bridge()
+        with in_netns(self.host_ns), IPRoute() as ipr:
             eth = ipr.link_lookup(ifname=self.host_if)[0]
             lo = ipr.link_lookup(ifname="lo")[0]
             ipr.addr("add", index=eth, address=self.host_ip, prefixlen=self.prefixlen)
             ipr.link("set", index=eth, state="up")
             ipr.link("set", index=lo, state="up")
+
+    def _create_bridge(self) -> None:
+        with in_netns(self.lan_ns), IPRoute() as ipr:
+            ipr.link("add", ifname=self.bridge, kind="bridge")
+            br = ipr.link_lookup(ifname=self.bridge)[0]
+            up = ipr.link_lookup(ifname="uplink")[0]
+            ipr.link("set", index=up, master=br, state="up")
+            ipr.link("set", index=br, state="up")
+
+    def _delete_bridge(self) -> None:
+        with in_netns(self.lan_ns), IPRoute() as ipr:
+            ipr.link("del", index=ipr.link_lookup(ifname=self.bridge)[0])
+
+    async def create_bridge(self) -> None:
+        """(Re)create the bridge and put the host's uplink on it (guest taps are not touched:
+        re-attaching them is the hypervisor's job)."""
+        await asyncio.to_thread(self._create_bridge)
+
+    async def delete_bridge(self) -> None:
+        """Delete the bridge, as an admin's `ip link del br0` would (its ports are released)."""
+        await asyncio.to_thread(self._delete_bridge)
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()

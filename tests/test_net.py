@@ -306,3 +306,39 @@ async def test_hostile_dangling_chain_disconnects_the_vif_without_spinning():
         rc, out = await ping
         assert rc == 0 and " 0% packet loss" in out, out
         assert g2.backends[0].stats.bad_indices == 0 and not g2.dying
+
+
+# ---- the bridge goes away and comes back (issue 9 #11) --------------------------------------------
+
+def master_of(ns: str, ifname: str) -> str | None:
+    out = subprocess.run(["ip", "netns", "exec", ns, "ip", "-o", "link", "show", ifname],
+                         capture_output=True, text=True).stdout
+    m = re.search(r" master (\S+) ", out)
+    return m.group(1) if m else None
+
+
+async def test_bridge_deleted_and_recreated_gets_the_taps_back(caplog):
+    caplog.set_level("WARNING", logger="aiovmm.backends.net")
+    async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=256) as hv:
+        g2 = await boot_net(hv, lan, 2)
+        g3 = await boot_net(hv, lan, 3)
+        taps = [f"vif{g.domid}.0" for g in (g2, g3)]
+        rc, out = await lan.run("ping", "-c", "2", "-i", "0.2", "-W", "2", "198.18.0.2")
+        assert rc == 0, out
+        for cycle in range(2):
+            await lan.delete_bridge()
+            async with asyncio.timeout(10):
+                while sum(f"vif 0 down: bridge br0" in r.getMessage() for r in caplog.records) < 2 * (cycle + 1):
+                    await asyncio.sleep(0.02)
+            for g in (g2, g3):
+                assert any(r.getMessage().startswith(f"d{g.domid}: vif 0 down: bridge br0") for r in caplog.records)
+            rc, out = await lan.run("ping", "-c", "1", "-W", "1", "198.18.0.2")
+            assert rc != 0, out                           # nothing to reach it through
+            await lan.create_bridge()
+            async with asyncio.timeout(10):
+                while [master_of(lan.lan_ns, t) for t in taps] != ["br0", "br0"]:
+                    await asyncio.sleep(0.02)
+            for ip in ("198.18.0.2", "198.18.0.3"):
+                rc, out = await lan.run("ping", "-c", "3", "-i", "0.2", "-W", "2", ip)
+                assert rc == 0 and " 0% packet loss" in out, (cycle, ip, out)
+        assert not g2.dying and not g3.dying

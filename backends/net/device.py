@@ -130,6 +130,7 @@ class Netback:
         self._kick = asyncio.Event()
         self._tap_ready = False
         self._reader_on = False
+        self._bridge_watch: taplib.BridgeWatch | None = None
         self.connected = asyncio.Event()
 
     # -- toolstack ------------------------------------------------------------------------------
@@ -162,6 +163,12 @@ class Netback:
             while read_state(st, self.front) not in (XenbusState.Initialised, XenbusState.Connected):
                 await watch.next()
             self._connect()
+            await self._open_tap()
+            if self.cfg.bridge:
+                # Subscribed before the first attach: a bridge recreated in between is seen.
+                self._bridge_watch = taplib.BridgeWatch(self.ifname, self.cfg.bridge, self.cfg.netns,
+                                                        self._bridge_down, self._bridge_up)
+                await self._bridge_watch.open()
             await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
             self._set_state(XenbusState.Connected)
             self.connected.set()
@@ -171,11 +178,37 @@ class Netback:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._serve())
                     tg.create_task(self._watch_front(watch))
+                    if self._bridge_watch is not None:
+                        tg.create_task(self._bridge_watch.run())
             except* VifDisconnect as eg:
                 log.info("d%d: vif %d disconnected: %s", self.dom.domid, self.devid, eg.exceptions[0])
         finally:
             watch.close()
+            if self._bridge_watch is not None:
+                self._bridge_watch.close()
             self.close()
+
+    def _bridge_down(self) -> None:
+        log.warning("d%d: vif %d down: bridge %s%s is gone; %s is re-attached when it is back",
+                    self.dom.domid, self.devid, self.cfg.bridge,
+                    f" (netns {self.cfg.netns})" if self.cfg.netns else "", self.ifname)
+
+    def _bridge_up(self) -> None:
+        log.warning("d%d: vif %d up: %s re-attached to bridge %s", self.dom.domid, self.devid,
+                    self.ifname, self.cfg.bridge)
+
+    async def _open_tap(self) -> None:
+        """Create the tap (in a worker thread: it may enter the vif's network namespace)."""
+        try:
+            self.fd = await asyncio.to_thread(taplib.open_tap, self.ifname, self.cfg.netns)
+        except taplib.TapBusy:
+            if self.cfg.ifname:
+                raise
+            # Another hypervisor process on this host has its own d<domid>: Xen's name is
+            # taken, so add this process's id (still within IFNAMSIZ).
+            self.ifname = f"{self.ifname}-{os.getpid() % 100000}"[:15]
+            self.fd = await asyncio.to_thread(taplib.open_tap, self.ifname, self.cfg.netns)
+        self.dom.hypervisor.xenstore.store.write(f"{self.back}/vifname", self.ifname)
 
     async def _watch_front(self, watch: Watch) -> None:
         st = self.dom.hypervisor.xenstore.store
@@ -202,16 +235,6 @@ class Netback:
         self.tx, self.rx = BackRing(txm.view, RING_SIZE, TX_SLOT), BackRing(rxm.view, RING_SIZE, RX_SLOT)
         self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
         self.port.link(self._kick)             # guest events wake _serve directly
-        try:
-            self.fd = taplib.open_tap(self.ifname, self.cfg.netns)
-        except taplib.TapBusy:
-            if self.cfg.ifname:
-                raise
-            # Another hypervisor process on this host has its own d<domid>: Xen's name is
-            # taken, so add this process's id (still within IFNAMSIZ).
-            self.ifname = f"{self.ifname}-{os.getpid() % 100000}"[:15]
-            self.fd = taplib.open_tap(self.ifname, self.cfg.netns)
-        self.dom.hypervisor.xenstore.store.write(f"{self.back}/vifname", self.ifname)
 
     def close(self) -> None:
         loop = asyncio.get_event_loop()
