@@ -17,6 +17,9 @@ process's event loop (uvloop).
     (rate = bytes received / time from first to last datagram); host -> guest: a Python sender
     as fast as it can into net.elf's `sink=9000` (rate = the guest's count over its own
     first-to-last interval; datagrams the guest never saw are reported as loss).
+(d) paced host -> guest: --paced-count 1,000-byte datagrams at --paced-rate per second (a
+    moderate rate, 40 Mbit/s at 5,000/s) into net.elf's sink; the loss is the figure
+    (tests/test_net.py checks delivery with a window, independent of the machine's speed).
 --profile: cProfile of the loop thread (netback, vCPU slices, hypercalls) during (b) W=32.
 
 Last line: key=value ... with rr_ref_rps rr_guest_rps ratio (b/a at W=32), latencies (W=1),
@@ -145,6 +148,33 @@ print(f"sent={sent} send_s={el:.6f} {r}")
 """
 
 
+# Host-side paced sender: n datagrams of `size` bytes to dst:port at `rate` per second, then
+# asks the guest's sink for its count ("sink?") and prints the answer.
+PACED_SEND = r"""
+import socket, sys, time
+n, rate, size, dst, port = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+t0 = time.perf_counter()
+for i in range(n):
+    d = t0 + i / rate - time.perf_counter()
+    if d > 0:
+        time.sleep(d)
+    s.sendto(i.to_bytes(8, "little") + bytes(size - 8), (dst, port))
+elapsed = time.perf_counter() - t0
+time.sleep(0.3)
+s.settimeout(3)
+r = "no answer"
+for _ in range(3):
+    s.sendto(b"sink?", (dst, port))
+    try:
+        r = s.recv(200).decode()
+        break
+    except socket.timeout:
+        pass
+print(f"sent={n} send_s={elapsed:.3f} {r}")
+"""
+
+
 def fail(msg: str) -> None:
     print(f"FAIL: {msg}", file=sys.stderr)
     sys.exit(1)
@@ -255,6 +285,19 @@ async def bulk_h2g(hv: Hypervisor, lan: VirtualLan, n: int, count: int, size: in
             "received": r["count"], "sender_pps": r["sent"] / r["send_s"]}
 
 
+async def paced_h2g(hv: Hypervisor, lan: VirtualLan, n: int, count: int, rate: float) -> dict[str, float]:
+    dom = await boot(hv, lan, n, "sink=9000")
+    rc, out = await lan.run(sys.executable, "-c", PACED_SEND, str(count), str(rate), "1000",
+                            f"198.18.0.{n}", "9000", timeout=300)
+    dom.shutdown()
+    await dom.wait()
+    r = kv(out)
+    if rc != 0 or "count" not in r:
+        fail(f"paced host -> guest: {out}")
+    return {"sent": r["sent"], "received": r["count"], "send_rate": r["sent"] / r["send_s"],
+            "loss_pct": 100 * (1 - r["count"] / r["sent"])}
+
+
 async def main(args) -> None:
     import cProfile
     import pstats
@@ -304,6 +347,9 @@ async def main(args) -> None:
                   + (f"  sender {r['sender_pps']:.0f} pps" if "sender_pps" in r else "")
                   + (f"  guest-timed {r['guest_mbps']:.1f} Mbit/s" if "guest_mbps" in r else ""))
         del bulk_g2h_r
+        paced = await paced_h2g(hv, lan, 7, args.paced_count, args.paced_rate)
+        print(f"paced h2g {args.paced_rate:.0f}/s: sent {paced['sent']:.0f} at {paced['send_rate']:.0f}/s, "
+              f"received {paced['received']:.0f} ({paced['loss_pct']:.2f}% lost)")
 
     a, b = best["ref32"], best["guest32"]
     a1, b1 = best["ref1"], best["guest1"]
@@ -313,7 +359,8 @@ async def main(args) -> None:
           f"rr_ref1_rps={a1['rps']:.0f} rr_guest1_rps={b1['rps']:.0f} "
           f"bulk_g2h_mbps={big['mbps']:.1f} bulk_h2g_mbps={big_h2g['mbps']:.1f} "
           f"h2g_loss_pct={100 * (1 - big_h2g['received'] / big_h2g['sent']):.1f} "
-          f"small_g2h_pps={small_g2h['pps']:.0f} small_h2g_pps={small_h2g['pps']:.0f}")
+          f"small_g2h_pps={small_g2h['pps']:.0f} small_h2g_pps={small_h2g['pps']:.0f} "
+          f"paced_h2g_loss_pct={paced['loss_pct']:.2f}")
 
 
 if __name__ == "__main__":
@@ -322,6 +369,8 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=2, help="request/response runs per target and window")
     ap.add_argument("--bulk-mb", type=int, default=20, help="MB per bulk run (1,472-byte datagrams)")
     ap.add_argument("--small-count", type=int, default=30000, help="datagrams per small-frame run")
+    ap.add_argument("--paced-count", type=int, default=10000, help="datagrams in the paced run")
+    ap.add_argument("--paced-rate", type=float, default=5000, help="datagrams/s in the paced run")
     ap.add_argument("--profile", action="store_true", help="cProfile the loop during a guest W=32 run")
     args = ap.parse_args()
     if not os.path.exists(NET):

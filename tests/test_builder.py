@@ -275,11 +275,30 @@ def test_hypercall_page_decodes():
         assert struct.unpack_from("<I", page, off)[0] == i
 
 
-def test_hypercall_page_in_loaded_guest(tmp_path):
-    """The builder writes the page at the kernel's HYPERCALL_PAGE note."""
+async def test_hypercall_page_in_loaded_guest(hv):
+    """The builder writes the page at the kernel's HYPERCALL_PAGE note: read back from the
+    frame behind that address in a running guest (which made its console hypercalls through
+    it), it is exactly builder.hypercall_page(), and the rest of the image is as in the ELF."""
     img = builder.parse_kernel(kernel())
     assert img.hypercall_page is not None
     assert img.hypercall_page % PAGE_SIZE == 0 and img.kstart <= img.hypercall_page < img.kend
+    dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1000 period_ms=10")
+    try:
+        await dom.wait_for_line(r"timer: tick 1 at \d+", timeout=30)
+
+        def read_va(va: int) -> bytes:
+            mfn = dom.p2m[(va - img.virt_base) >> PAGE_SHIFT]
+            return bytes(hv.mem.view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT])
+
+        assert read_va(img.hypercall_page) == builder.hypercall_page()
+        # The page the builder filled is the note's, not a neighbour: the pages around it
+        # hold the ELF's own bytes, which are not the stub page.
+        for va in (img.hypercall_page - PAGE_SIZE, img.hypercall_page + PAGE_SIZE):
+            if img.kstart <= va < img.kend:
+                assert read_va(va) != builder.hypercall_page()
+    finally:
+        dom.crash("test done")
+        await dom.wait()
 
 
 # -- layout ------------------------------------------------------------------------------------

@@ -161,7 +161,6 @@ async def xs_util(env, *args, timeout: float = 10.0, check: bool = True) -> tupl
 async def test_grant_pair_10000_round_trips(hv):
     """Offerer grants a page and offers a port to the mapper (its domid is the next one);
     10,000 round trips with both directions' contents checked by the guests."""
-    t0 = time.perf_counter()
     mapper_domid = hv._next_domid + 1
     off = await hv.create(guest("grant_pair"), memory_mib=8, name="offer",
                           cmdline=f"role=offer peer={mapper_domid}")
@@ -172,7 +171,6 @@ async def test_grant_pair_10000_round_trips(hv):
     assert mp.domid == mapper_domid
     assert await ended(mp, 60) == ShutdownReason.poweroff, (mp.describe_end(), mp.console_lines)
     assert await ended(off, 30) == ShutdownReason.poweroff, (off.describe_end(), off.console_lines)
-    elapsed = time.perf_counter() - t0
     ro, rm = results(off.console_lines), results(mp.console_lines)
     assert (ro["rounds"], ro["errors"]) == ("10000", "0"), off.console_lines
     assert (rm["rounds"], rm["errors"]) == ("10000", "0"), mp.console_lines
@@ -180,7 +178,6 @@ async def test_grant_pair_10000_round_trips(hv):
     assert ro["end_access"] == "1"
     assert int(rm["rtt_ns"]) > 0
     assert off.console_lines[-1] == mp.console_lines[-1] == "poweroff"
-    assert elapsed < 60, f"10,000 round trips took {elapsed:.1f} s"
 
 
 # ========================================================================= 2. hostile guests
@@ -435,9 +432,8 @@ async def test_xenstore_node_quota_socket_connection(sock_dir):
             await c2.write(f"/local/domain/{n}/data/other", "y")
             assert store.tree.count(n) == quota
             assert by.describe_end() == "running"
-            before = spins(by)
-            await asyncio.sleep(0.3)
-            assert spins(by) > before
+            last = max(int(m[1]) for l in by.console_lines if (m := re.fullmatch(r"spin (\d+)", l)))
+            await by.wait_for_line(rf"^spin {last + 2}$", timeout=10)      # still ticking
             assert victim.describe_end() == "running"       # refused, not punished
         finally:
             await c.aclose()
@@ -492,8 +488,8 @@ async def test_xenstore_utils_list_and_edit_running_guest(sock_dir):
 
         await xs_util(env, "xenstore-rm", f"{home}/data/k")
         assert not hv.xenstore.store.exists(f"{home}/data/k")
-        rc, _, _ = await xs_util(env, "xenstore-read", f"{home}/data/k", check=False)
-        assert rc != 0
+        rc, _, err = await xs_util(env, "xenstore-read", f"{home}/data/k", check=False)
+        assert (rc, err) == (1, f"xenstore-read: couldn't read path {home}/data/k\n")
         assert dom.describe_end() == "running"
 
 
@@ -558,7 +554,7 @@ def test_xenbus_results(xenbus_run):
     assert r["unwatch"] == "0"
     assert r["event_after_unwatch"] == "0"
     assert r["transaction"] == "0"
-    assert int(r["tx_retries"]) >= 0
+    assert r["tx_retries"] == "0"        # nothing else touches data/ during the transaction
     assert r["tx_value"] == "1"
     assert r["tx_conflict"] == "0 retries=1 value=101"
     assert r["tx_abort_read"] == "-2"
@@ -732,7 +728,13 @@ async def _paused_pair(hv):
         d = await hv.create(guest("hello"), memory_mib=4, name=name)
         pause(d)
         doms.append(d)
-    await asyncio.sleep(0)           # let the backends bind the console/store ports
+    # The domains' own backends bind their console/store ports when their tasks first run:
+    # wait for that, so they never race with the test's event operations.
+    async with asyncio.timeout(10):
+        while not all(d.evtchn.ports.get(p) is not None
+                      and d.evtchn.ports[p].state == EvtchnStat.interdomain
+                      for d in doms for p in (d.store_port, d.console_port)):
+            await asyncio.sleep(0.001)
     return doms
 
 

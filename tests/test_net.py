@@ -127,23 +127,35 @@ for i in range(n):
 print(f"sent={sent.hexdigest()} echoed={back.hexdigest()} lost={lost}")
 """
 
-# Host-side paced sender: n datagrams of `size` bytes to dst:port at `rate` per second, then
-# asks the guest's sink for its count ("sink?") and prints the answer.
-UDP_PACED_SEND = r"""
+# Host-side sender with a window: n datagrams of `size` bytes to dst:port, at most `window`
+# not yet counted by the guest's sink; after each window it asks the sink for its count
+# ("sink?") until every datagram sent so far is counted (the answer is the sink's own count).
+# Delivery is checked, not speed: the rate adapts to the machine. A window that is not
+# fully counted within `patience` seconds is a loss; it prints what the sink last reported.
+UDP_WINDOW_SEND = r"""
 import socket, sys, time
-n, rate, size, dst, port = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+n, window, size, dst, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+patience = 10.0
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-t0 = time.perf_counter()
-for i in range(n):
-    d = t0 + i / rate - time.perf_counter()
-    if d > 0:
-        time.sleep(d)
-    s.sendto(i.to_bytes(8, "little") + bytes(size - 8), (dst, port))
-elapsed = time.perf_counter() - t0
-time.sleep(0.3)
-s.settimeout(3)
-s.sendto(b"sink?", (dst, port))
-print(f"elapsed={elapsed:.3f} {s.recv(200).decode()}")
+s.settimeout(0.5)
+sent, last = 0, ""
+while True:
+    for _ in range(min(window, n - sent)):
+        s.sendto(sent.to_bytes(8, "little") + bytes(size - 8), (dst, port))
+        sent += 1
+    deadline = time.monotonic() + patience
+    while True:
+        s.sendto(b"sink?", (dst, port))
+        try:
+            last = s.recv(200).decode()
+        except socket.timeout:
+            last = last or "no answer"
+        counted = int(last.split("count=")[1].split()[0]) if "count=" in last else -1
+        if counted >= sent or time.monotonic() > deadline:
+            break
+    if counted < sent or sent == n:
+        break
+print(f"sent={sent} {last}")
 """
 
 
@@ -163,14 +175,16 @@ async def test_udp_echo_of_full_size_datagrams_keeps_content():
         assert st.rx_packets >= 200 and st.tx_packets >= 200 and st.tx_errors == 0 and st.rx_dropped == 0, st
 
 
-async def test_ten_thousand_udp_datagrams_at_a_moderate_rate_none_lost():
+async def test_ten_thousand_udp_datagrams_in_windows_none_lost():
+    """10,000 x 1,000-byte datagrams into the guest's sink, at most 64 uncounted at a time
+    (far below the tap queue and the rx ring): every one arrives, whatever the machine's speed.
+    The figure at a fixed rate (5,000/s) and at full speed is bench/net.py's (loss %)."""
     async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=256) as hv:
         g = await boot_net(hv, lan, 2, "sink=9000")
-        # 10,000 x 1,000-byte datagrams at 5,000/s (40 Mbit/s) into the guest's sink.
-        rc, out = await lan.run(*pyrun(UDP_PACED_SEND, 10000, 5000, 1000, "198.18.0.2", 9000), timeout=120)
+        rc, out = await lan.run(*pyrun(UDP_WINDOW_SEND, 10000, 64, 1000, "198.18.0.2", 9000), timeout=300)
         assert rc == 0, out
-        m = re.search(r"count=(\d+) bytes=(\d+)", out)
-        assert m and (int(m.group(1)), int(m.group(2))) == (10000, 10_000_000), out
+        m = re.search(r"sent=(\d+) count=(\d+) bytes=(\d+)", out)
+        assert m and tuple(map(int, m.groups())) == (10000, 10000, 10_000_000), out
         await g.wait_for_line(r"^net: sink 9000 count=10000 bytes=10000000 us=\d+$", timeout=5)
         st = g.backends[0].stats
         assert st.rx_dropped == 0 and st.rx_packets >= 10000, st

@@ -98,6 +98,28 @@ def test_only_privileged_may_change_owner():
                Quotas()) == "ENOSPC"
 
 
+def test_each_change_needs_write_permission_on_the_node():
+    """WRITE (existing node), MKDIR (existing), RM and SET_PERMS each check the caller's
+    access on the node itself (C xenstored: get_node(..., XS_PERM_WRITE) in do_write,
+    do_mkdir, do_rm, do_set_perms): read access is not enough, write access is, and the
+    refused call changes nothing."""
+    t = core.Tree.initial()
+    core.write(t, Dom0(), "/n/leaf", b"v")
+    core.set_perms(t, Dom0(), "/n", core.parse_perms(["b0"]))           # parent: anyone rw
+    core.set_perms(t, Dom0(), "/n/leaf", core.parse_perms(["n0", "r6", "w7", "b8"]))
+    for who in (Dom(6), Dom(9)):                                          # read-only, none
+        assert err(core.rm, t, who, "/n/leaf") == "EACCES"
+        assert err(core.write, t, who, "/n/leaf", b"x") == "EACCES"
+        assert err(core.mkdir, t, who, "/n/leaf") == "EACCES"
+        assert err(core.set_perms, t, who, "/n/leaf", core.parse_perms(["n0"])) == "EACCES"
+    assert t.nodes["/n/leaf"].value == b"v"
+    assert core.format_perms(t.nodes["/n/leaf"].perms) == ["n0", "r6", "w7", "b8"]
+    core.write(t, Dom(7), "/n/leaf", b"w")                                # write-only is enough
+    assert core.mkdir(t, Dom(8), "/n/leaf") == []
+    assert core.rm(t, Dom(8), "/n/leaf")[0].path == "/n/leaf"
+    assert "/n/leaf" not in t.nodes
+
+
 # ---- tree operations ------------------------------------------------------------------------
 
 def test_write_creates_parents_and_rm_removes_subtree():

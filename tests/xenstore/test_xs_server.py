@@ -276,7 +276,9 @@ async def test_client_that_never_reads_is_disconnected_not_buffered(xs, client, 
     raw.connect(str(xs.sock))
     payload = b"/flood\0tok\0"
     raw.sendall(struct.pack("<IIII", XsType.WATCH, 1, 0, len(payload)) + payload)
-    await asyncio.sleep(0.1)
+    async with asyncio.timeout(10):                      # until the watch is registered
+        while not any(w.path == "/flood" for c in xs.store.connections for w in c.watches):
+            await asyncio.sleep(0.005)
     before = len(xs.store.connections)
     for batch in range(200):                  # at most 200,000 events (~6 MB)
         for i in range(1000):
