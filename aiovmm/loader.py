@@ -11,7 +11,21 @@ xg_dom_bzimageloader.c, xg_dom_elfloader.c, xen/common/libelf/libelf-dominfo.c):
   any, in SHT_NOTE sections (libelf's fallback).
 
 Every Xen note is either honoured (ParsedKernel carries it to the builder) or refused with a
-one-line BuildError; nothing is silently dropped that changes how the guest must be built.
+one-line BuildError; nothing is silently dropped that changes how the guest must be built:
+  ENTRY, VIRT_BASE, PADDR_OFFSET   placement and entry (libelf's bounds checks)
+  HYPERCALL_PAGE                   the builder writes Xen's stubs there
+  XEN_VERSION, LOADER, GUEST_OS    must say xen-3.0 and generic/linux (elf_xen_note_check)
+  FEATURES, SUPPORTED_FEATURES     `!` features must be known, supported by the kernel's own
+                                   list and available to a PV domU (PV_PROVIDED_FEATURES)
+  INIT_P2M                         the P2M list mapped at that address (below VIRT_BASE)
+  MOD_START_PFN                    the ramdisk unmapped, announced by pfn (SIF_MOD_START_PFN)
+  BSD_SYMTAB = yes                 refused (aiovmm does not load symbol tables)
+  SUSPEND_CANCEL, L1_MFN_VALID     recorded (they matter to save/restore, not to the build)
+  HV_START_LOW, PAE_MODE           recorded; Xen uses them for 32-bit guests only
+  GUEST_VERSION, PHYS32_ENTRY, others  recorded; PHYS32_* are PVH-only and unknown types are
+                                   ignored, as libelf does
+Malformed notes (sizes past their area, numeric values not 1/2/4/8 bytes, unterminated
+strings) are refused.
 This module is pure parsing (no domain state): it runs in a worker thread.
 """
 from __future__ import annotations
