@@ -49,19 +49,28 @@ def _check_log_dir(path: str) -> None:
         raise HostConfigError(f"log directory {path}: not writable")
 
 
-def _load_kernel(path: str, memory_mib: int) -> builder.KernelImage:
+def _check_file(path: str, what: str, memory_mib: int) -> None:
     """Blocking: refuse what is not a regular file (a device, a FIFO: /dev/zero would be read
-    without end) or is larger than the guest's memory, then parse it."""
+    without end) or is larger than the guest's memory."""
     try:
         st = os.stat(path)
     except OSError as e:
-        raise BuildError(f"{path}: cannot read kernel: {e.strerror}") from None
+        raise BuildError(f"{path}: cannot read {what}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise BuildError(f"{path}: cannot read kernel: not a regular file")
+        raise BuildError(f"{path}: cannot read {what}: not a regular file")
     if st.st_size > memory_mib << 20:
-        raise BuildError(f"{path}: kernel file is {st.st_size} bytes, more than the guest's "
+        raise BuildError(f"{path}: {what} file is {st.st_size} bytes, more than the guest's "
                          f"{memory_mib} MiB of memory")
+
+
+def _load_kernel(path: str, memory_mib: int) -> builder.KernelImage:
+    _check_file(path, "kernel", memory_mib)
     return builder.parse_kernel(path)
+
+
+def _load_ramdisk(path: str, memory_mib: int) -> bytes:
+    _check_file(path, "ramdisk", memory_mib)
+    return builder.read_ramdisk(path)
 
 
 class Hypervisor:
@@ -146,14 +155,15 @@ class Hypervisor:
         return self.domains.get(domid)
 
     async def create(self, kernel: str, *, memory_mib: int = 32, cmdline: str = "",
-                     name: str | None = None,
+                     name: str | None = None, ramdisk: str | None = None,
                      on_console: Callable[[bytes], None] | None = None,
                      vifs: "list[VifConfig | str] | None" = None,
                      disks: "list[DiskConfig | str] | None" = None) -> Domain:
         """Build a domain from a Xen PV kernel and start it. Raises BuildError.
 
         `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'.
-        `disks`: block devices, each a DiskConfig or xl syntax 'target=/path,vdev=xvda,access=rw'."""
+        `disks`: block devices, each a DiskConfig or xl syntax 'target=/path,vdev=xvda,access=rw'.
+        `ramdisk`: a file loaded after the kernel and announced in start_info (mod_start/mod_len)."""
         from .backends.net import VifConfig
         from .backends.net.tap import TapError, check_bridge
         vif_cfgs = []
@@ -181,6 +191,7 @@ class Hypervisor:
         # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
         # blocking I/O: it runs in a worker thread, never on the loop.
         img = await asyncio.to_thread(_load_kernel, kernel, memory_mib)
+        rd = await asyncio.to_thread(_load_ramdisk, ramdisk, memory_mib) if ramdisk else None
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:
@@ -190,7 +201,7 @@ class Hypervisor:
         self._next_domid += 1
         self.domains[domid] = dom
         try:
-            lay = builder.build(dom, img, cmdline)
+            lay = builder.build(dom, img, cmdline, rd)
             self._create_vcpu0(dom, img, lay)
             toolstack.introduce(self, dom)
             from .backends.net import Netback
