@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from . import emulate, events, grants, mmu_ops, physdev, reservation, scheduler, timers, traps
+from . import descriptors, emulate, events, grants, mmu_ops, physdev, reservation, scheduler, timers, traps
 from .abi import (
     CONSOLEIO_read, CONSOLEIO_write, MULTICALL_ENTRY, XEN_VERSION_MAJOR, XEN_VERSION_MINOR,
     Errno, Hypercall, XenVer, XENFEAT_writable_page_tables, HYPERVISOR_VIRT_START,
@@ -145,6 +145,8 @@ TABLE: dict[int, Handler] = {
     Hypercall.callback_op: traps.do_callback_op,
     Hypercall.event_channel_op: events.do_event_channel_op,
     # privileged-operation family (emulate.py, physdev.py)
+    Hypercall.set_gdt: descriptors.do_set_gdt,
+    Hypercall.update_descriptor: descriptors.do_update_descriptor,
     Hypercall.set_debugreg: do_set_debugreg,
     Hypercall.get_debugreg: do_get_debugreg,
     Hypercall.physdev_op: physdev.do_physdev_op,

@@ -19,7 +19,7 @@ from .abi import (
     SEGBASE_GS_USER_SEL, TI_FLAG_MASK_EVENTS, TRAP_INFO, TRAP_NAMES, VGCF_in_syscall, CallbackOp,
     CallbackType, Errno, VcpuInfo, is_canonical,
 )
-from . import emulate, ptwr
+from . import descriptors, emulate, ptwr
 from .errors import HypercallError
 from .mmu import GuestFault
 
@@ -88,6 +88,12 @@ def exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
     to the privileged-operation emulator (emulate.py), as Xen's do_general_protection does."""
     if vector == 13 and not v.in_ptwr_step and emulate.gp_fault(v, error):
         return
+    if vector == 14 and v.desc_window is not None:
+        r = descriptors.ldt_fault(v, cr2, error)
+        if r is not None:
+            if r == (0, 0):
+                return                   # shadow LDT page mapped: retry the instruction
+            error, cr2 = r               # the guest's #PF at its own LDT address
     inject_exception(v, vector, error, cr2)
 
 

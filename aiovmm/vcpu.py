@@ -16,7 +16,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import PAGE_SIZE, VcpuInfo, VCPU_INFO_SIZE
-from . import cpuid, emulate
+from . import cpuid, descriptors, emulate
 from .vcpu_engine import ExitReason, VCPUEngine
 
 if TYPE_CHECKING:
@@ -65,6 +65,14 @@ class VCPU:
         self.tsc_aux = 0
         self.xcr0 = emulate.XCR0_X87
         self.emulated = 0                          # privileged instructions emulated
+        # Descriptor tables (descriptors.py): window in Xen's area, GDT frames, LDT.
+        self.desc_window: int | None = None
+        self.gdt_frames: list[int] = []
+        self.gdt_ents = 0
+        self.ldt_base = 0
+        self.ldt_ents = 0
+        self.ldt_shadow: dict[int, int] = {}       # LDT page index -> mapped frame
+        descriptors.area_of(domain.hypervisor.xen)
         engine.on_hypercall = self._on_syscall
         engine.on_exception = self._on_exception
         engine.on_invalid_opcode = self._on_invalid_opcode
@@ -257,6 +265,7 @@ class VCPU:
                 await sched.yield_point(self)
         finally:
             self.stop_timers()
+            descriptors.release(self)
 
     def wake(self) -> None:
         """Let the run loop re-check its state (pause, shutdown)."""

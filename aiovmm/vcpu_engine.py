@@ -335,6 +335,12 @@ class VCPUEngine:
         uc.reg_write(X.UC_X86_REG_CR0, CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG)
         uc.reg_write(X.UC_X86_REG_GDTR, (0, gdt_base, gdt_limit, 0))
 
+    def set_descriptor_tables(self, gdt_base: int, gdt_limit: int, ldt_base: int, ldt_limit: int) -> None:
+        """Point GDTR and the LDTR cache at linear addresses in Xen's area (descriptors.py);
+        the caller flushes the TLB after changing what those addresses map."""
+        self.uc.reg_write(X.UC_X86_REG_GDTR, (0, gdt_base, gdt_limit, 0))
+        self.uc.reg_write(X.UC_X86_REG_LDTR, (0, ldt_base, ldt_limit, 0x8200 if ldt_limit else 0))
+
     def set_cr3(self, cr3: int) -> None:
         """Load a page-table root; Unicorn flushes its TLB on a CR3 write."""
         self.write({"cr3": cr3})

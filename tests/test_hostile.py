@@ -253,6 +253,38 @@ EXPECTED: dict[str, dict[str, object]] = {
         "priv_int80_err": "0x402",
         "priv_traps": None,       # checked against the count of 13s (test_priv_traps_count)
     },
+    "descriptors": {
+        # pv/descriptor-tables.c. A GDT frame must take the seg_desc type: still
+        # writable-mapped, foreign, a page table, or holding a TSS -> -EINVAL; > 7168
+        # entries -> -EINVAL. check_descriptor: code/data get DPL 3 (stored fixed up);
+        # TSS/LDT/interrupt-gate descriptors and call gates to a Xen selector -> -EINVAL; a
+        # call gate to a guest selector is kept with DPL 0 (its use faults: #GP).
+        "gdt_writable_mapped": EINVAL, "gdt_ok": "0", "gdt_ring0_ds_fixed": "1",
+        "gdt_ring0_cs_fixed": "1", "load_user_ds_trap": "none", "load_user_ds": "43",
+        "load_fixed_ds_trap": "none", "load_empty_ds_trap": "13",
+        # A frame in use as a descriptor page cannot be mapped writable (L1 entry: -EBUSY).
+        "map_gdt_rw": EBUSY,
+        "upd_user_ds": "0", "upd_ring0_cs": "0", "upd_ring0_cs_stored_dpl3": "1",
+        "upd_tss": EINVAL, "upd_ldt_desc": EINVAL, "upd_int_gate": EINVAL,
+        "upd_gate_ring0_cs": EINVAL, "upd_gate_xen_ds": EINVAL,
+        "upd_gate_noncanon": "0", "upd_gate_noncanon_hi": "0", "upd_gate_dpl0": "0",
+        "upd_gate_rpl_keeps_dpl": "3",
+        # update_descriptor: misaligned, foreign frames, page tables -> -EINVAL.
+        "upd_misaligned": EINVAL, "upd_foreign": EINVAL, "upd_pagetable": EINVAL,
+        "upd_l4_unchanged": "1", "use_gate_trap": "13",
+        "gdt_too_many": EINVAL, "gdt_foreign": EINVAL, "gdt_pagetable": EINVAL,
+        "gdt_with_tss": EINVAL, "bad_page_still_writable": "0",
+        "gdt_frame_mapped_rw": EBUSY, "gdt_still_loaded_trap": "none",
+        # MMUEXT_SET_LDT: misaligned, > 8192 entries, in Xen's range -> -EINVAL. The LDT is
+        # mapped on first use: a still-writable page gives the guest a #PF at its LDT
+        # address; a read-only one loads; beyond the entry count #GP; while mapped the frame
+        # cannot become writable.
+        "ldt_misaligned": EINVAL, "ldt_too_many": EINVAL, "ldt_in_xen": EINVAL,
+        "ldt_set_writable": "0", "ldt_writable_trap": "14", "ldt_writable_cr2_ok": "1",
+        "ldt_load_trap": "none", "ldt_load": "7", "ldt_ring0_fixed": "1",
+        "ldt_beyond_trap": "13", "ldt_frame_mapped_rw": EBUSY, "ldt_off": "0",
+        "ldt_off_trap": "13", "gdt_off": "0", "gdt_frame_free_rw": "0",
+    },
     "huge_count": {
         **_mmu("mmu_huge_badptr", HUGE_RC, "0"),
         **_mmu("mmu_huge_noncanon", HUGE_RC, "0"),
