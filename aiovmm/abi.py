@@ -49,6 +49,7 @@ class Hypercall(enum.IntEnum):
     xenoprof_op = 31
     event_channel_op = 32
     physdev_op = 33
+    xenpmu_op = 40
 
 
 class Errno(enum.IntEnum):

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from . import events, grants, mmu_ops, reservation, scheduler, timers, traps
+from . import descriptors, emulate, events, grants, mmu_ops, physdev, reservation, scheduler, timers, traps
 from .abi import (
     CONSOLEIO_read, CONSOLEIO_write, MULTICALL_ENTRY, XEN_VERSION_MAJOR, XEN_VERSION_MINOR,
     Errno, Hypercall, XenVer, XENFEAT_writable_page_tables, HYPERVISOR_VIRT_START,
@@ -165,6 +165,15 @@ def do_multicall(v: "VCPU", calls: int, nr: int, *_) -> int | None:
     return 0
 
 
+def do_set_debugreg(v: "VCPU", reg: int, value: int, *_) -> int:
+    return emulate.set_debugreg(v, reg & 0xFFFFFFFF, value)
+
+
+def do_get_debugreg(v: "VCPU", reg: int, *_) -> int:
+    val = emulate.get_debugreg(v, reg & 0xFFFFFFFF)
+    return -Errno.ENODEV if val is None else val
+
+
 TABLE: dict[int, Handler] = {
     Hypercall.set_trap_table: traps.do_set_trap_table,
     Hypercall.mmu_update: mmu_ops.do_mmu_update,
@@ -187,6 +196,14 @@ TABLE: dict[int, Handler] = {
     Hypercall.sched_op: scheduler.do_sched_op,
     Hypercall.callback_op: traps.do_callback_op,
     Hypercall.event_channel_op: events.do_event_channel_op,
+    # privileged-operation family (emulate.py, physdev.py)
+    Hypercall.set_gdt: descriptors.do_set_gdt,
+    Hypercall.update_descriptor: descriptors.do_update_descriptor,
+    Hypercall.set_debugreg: do_set_debugreg,
+    Hypercall.get_debugreg: do_get_debugreg,
+    Hypercall.physdev_op: physdev.do_physdev_op,
+    Hypercall.platform_op: physdev.do_platform_op,
+    Hypercall.xenpmu_op: physdev.do_xenpmu_op,
 }
 
 

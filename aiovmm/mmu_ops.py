@@ -180,9 +180,8 @@ def _mmuext_one(v: "VCPU", cmd: int, arg1: int, arg2: int) -> None:
     elif cmd in (MmuExt.FLUSH_CACHE, MmuExt.FLUSH_CACHE_GLOBAL):
         raise MMUError(Errno.EACCES, "cache flush needs privilege")
     elif cmd == MmuExt.SET_LDT:
-        if arg1 & (PAGE_SIZE - 1) or (arg2 & 0xFFFFFFFF) > 8192:
-            raise MMUError(Errno.EINVAL)
-        v.domain.ldt = (arg1, arg2 & 0xFFFFFFFF)
+        from . import descriptors
+        descriptors.set_ldt(v, arg1, arg2)
     elif cmd in (MmuExt.CLEAR_PAGE, MmuExt.COPY_PAGE):
         dst = arg1
         pt.get_type(dst, PageType.writable, dom)

@@ -19,7 +19,7 @@ from .abi import (
     SEGBASE_GS_USER_SEL, TI_FLAG_MASK_EVENTS, TRAP_INFO, TRAP_NAMES, VGCF_in_syscall, CallbackOp,
     CallbackType, Errno, VcpuInfo, is_canonical,
 )
-from . import ptwr
+from . import descriptors, emulate, ptwr
 from .errors import HypercallError
 from .mmu import GuestFault
 
@@ -84,7 +84,21 @@ def deliver_event(v: "VCPU") -> None:
 
 
 def exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
-    """A CPU exception or software interrupt raised by guest code."""
+    """A CPU exception or software interrupt reported by the engine: a #GP(0) is first offered
+    to the privileged-operation emulator (emulate.py), as Xen's do_general_protection does."""
+    if vector == 13 and not v.in_ptwr_step and emulate.gp_fault(v, error):
+        return
+    if vector == 14 and v.desc_window is not None:
+        r = descriptors.ldt_fault(v, cr2, error)
+        if r is not None:
+            if r == (0, 0):
+                return                   # shadow LDT page mapped: retry the instruction
+            error, cr2 = r               # the guest's #PF at its own LDT address
+    inject_exception(v, vector, error, cr2)
+
+
+def inject_exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
+    """Deliver an exception to the guest's trap table (no emulation)."""
     dom = v.domain
     eng = v.engine
     if v.in_ptwr_step:                 # a fault while emulating a page-table store
@@ -112,10 +126,11 @@ def exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
         if not allowed or not handler:
             # Software INT to a gate the guest may not use: #GP(vector<<3 | 2) at the INT.
             eng.write({"rip": rip - insn_len})
-            return exception(v, 13, (vector << 3) | 2, 0)
+            return inject_exception(v, 13, (vector << 3) | 2, 0)
     if vector == 14:
         m = dom.mem
         m.write_u64(v.info_maddr + VcpuInfo.arch_cr2, cr2)
+        v.cr2 = cr2
         error = (error & ~4) | (0 if v.kernel_mode else 4)
     if not handler:
         v.crash(f"unhandled {name} (error {error:#x}{f', cr2 {cr2:#x}' if vector == 14 else ''})")
@@ -137,6 +152,7 @@ def finish_ptwr(v: "VCPU") -> None:
     w, v.pending_ptwr = v.pending_ptwr, None
     if not ptwr.complete(v, w):
         v.domain.mem.write_u64(v.info_maddr + VcpuInfo.arch_cr2, w.va)
+        v.cr2 = w.va
         flags, _cs, handler = v.trap_table[14]
         if not handler:
             v.domain.crash(f"refused page-table store at rip {w.rip:#x} and no #PF handler")

@@ -16,6 +16,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import PAGE_SIZE, VcpuInfo, VCPU_INFO_SIZE
+from . import cpuid, descriptors, emulate
 from .vcpu_engine import ExitReason, VCPUEngine
 
 if TYPE_CHECKING:
@@ -55,11 +56,29 @@ class VCPU:
         self.pending_ptwr = None
         self.pending_trap: tuple[int, int, int] | None = None
         self.in_multicall = False
+        # Privileged state Xen keeps per PV vCPU (emulate.py, cpuid.py).
+        self.iopl = 0                              # virtual IOPL 0..3 (PHYSDEVOP_set_iopl)
+        self.iobmp: tuple[int, int] = (0, 0)       # (guest VA, nr_ports) PHYSDEVOP_set_iobitmap
+        self.cr2 = 0
+        self.cr4 = cpuid.fixup_guest_cr4(0)
+        self.dr = [0, 0, 0, 0, 0, 0, emulate.DR6_ONES, emulate.DR7_ONES]
+        self.tsc_aux = 0
+        self.xcr0 = emulate.XCR0_X87
+        self.emulated = 0                          # privileged instructions emulated
+        # Descriptor tables (descriptors.py): window in Xen's area, GDT frames, LDT.
+        self.desc_window: int | None = None
+        self.gdt_frames: list[int] = []
+        self.gdt_ents = 0
+        self.ldt_base = 0
+        self.ldt_ents = 0
+        self.ldt_shadow: dict[int, int] = {}       # LDT page index -> mapped frame
+        descriptors.area_of(domain.hypervisor.xen)
         engine.on_hypercall = self._on_syscall
         engine.on_exception = self._on_exception
         engine.on_invalid_opcode = self._on_invalid_opcode
         engine.on_port_io = self._on_port_io
         engine.rdtsc = domain.hypervisor.system_time_ns
+        engine.cpuid = self._on_cpuid
         self._map = domain.mem.map
         self._info = self.info_maddr
 
@@ -185,14 +204,26 @@ class VCPU:
         _traps.exception(self, vector, error, cr2)
 
     def _on_invalid_opcode(self) -> None:
-        _traps.exception(self, 6, 0, 0)
+        if not emulate.ud_fault(self):
+            _traps.inject_exception(self, 6, 0, 0)
 
-    def _on_port_io(self) -> None:
-        # No I/O privilege (PHYSDEVOP_set_iopl is not granted): #GP(0) at the instruction.
-        # A RIP written inside Unicorn's IN/OUT hook is not honoured, so the slice ends here
-        # and the run loop delivers the fault with RIP back on the instruction.
-        self.pending_trap = (13, 0, self.engine.get("rip"))
-        self.engine.stop()
+    def _on_port_io(self, port: int, size: int, write: bool, value: int) -> int | None:
+        """Port I/O the engine intercepted without a fault (Unicorn at CPL 3). Allowed
+        accesses are answered by the shared emulator; refused ones become #GP(0) at the
+        instruction. A RIP written inside Unicorn's IN/OUT hook is not honoured, so the slice
+        ends here and the run loop delivers the fault with RIP back on the instruction."""
+        if write:
+            ok = emulate.port_out(self, port, size, value)
+            val: int | None = 0 if ok else None
+        else:
+            val = emulate.port_in(self, port, size)
+        if val is None:
+            self.pending_trap = (13, 0, self.engine.get("rip"))
+            self.engine.stop()
+        return val
+
+    def _on_cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        return emulate.cpuid(self, leaf, subleaf)
 
     def crash(self, why: str) -> None:
         """Crash the whole domain from inside a handler."""
@@ -234,6 +265,7 @@ class VCPU:
                 await sched.yield_point(self)
         finally:
             self.stop_timers()
+            descriptors.release(self)
 
     def wake(self) -> None:
         """Let the run loop re-check its state (pause, shutdown)."""

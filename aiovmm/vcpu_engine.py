@@ -50,6 +50,7 @@ CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 <<
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 5, 1 << 9, 1 << 10
 MSR_EFER = 0xC0000080
 MSR_KERNEL_GS_BASE = 0xC0000102
+MSR_TSC_AUX = 0xC0000103
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 
 _UC_CTL_TLB_FLUSH_WRITE = 11 | (1 << 30)       # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
@@ -181,10 +182,22 @@ class VCPUEngine:
 
     Callbacks (set by the hypervisor's vCPU) run synchronously inside emulation:
       on_hypercall()                       SYSCALL executed (any mode)
-      on_exception(vector, error, cr2)     CPU exception or software interrupt
-      on_invalid_opcode()                  #UD-class instruction
-      rdtsc() -> int                       value for RDTSC
+      on_exception(vector, error, cr2)     CPU exception or software interrupt, RIP on the
+                                           faulting instruction (traps: after it)
+      on_invalid_opcode()                  #UD-class instruction, RIP on it
+      on_port_io(port, size, write, value) -> int | None
+                                           IN/OUT that did not fault (Unicorn at CPL 3): the
+                                           value read (IN), or None when refused (the vCPU
+                                           then arranges #GP and stop()s the slice)
+      rdtsc() -> int                       value for RDTSC (and RDTSCP's EDX:EAX)
+      cpuid(leaf, subleaf) -> (a, b, c, d) value for CPUID (the shared policy, cpuid.py)
     They must never raise: the engine logs and stops the slice if they do.
+
+    The privileged-operation emulator (emulate.py) is engine-agnostic: an engine only reports
+    #GP/#UD through on_exception/on_invalid_opcode (an engine on which IN/OUT, CPUID or RDTSC
+    fault reports them the same way: the emulator decodes them from guest memory), and the
+    emulator works through read()/write()/get()/set() of registers (GPRs, rip, rflags,
+    fs_base, gs_base, cr3), set_msr(TSC_AUX), set_descriptor_tables() and flush_tlb().
     """
 
     def __init__(self, mem_address: int, mem_size: int, *, until: int, name: str = "vcpu") -> None:
@@ -229,7 +242,11 @@ class VCPUEngine:
         self._add_hook(UC_HOOK_INSN_INVALID, ctypes.cast(self._cb_invalid, ctypes.c_void_p), None)
         # Port I/O is not trapped by Unicorn at CPL 3 (NOTES.md): hook it and report #GP,
         # which is what a PV guest without I/O privilege gets on Xen.
-        self.on_port_io: Callable[[], None] = lambda: None
+        self.on_port_io: Callable[[int, int, bool, int], int | None] = lambda p, s, w, v: None
+        self.cpuid: Callable[[int, int], tuple[int, int, int, int]] = lambda leaf, sub: (0, 0, 0, 0)
+        self._cb_cpuid = _RDTSC_CB(self._hook_cpuid)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_cpuid, ctypes.c_void_p), None,
+                       X.UC_X86_INS_CPUID)
         self._cb_in = _IN_CB(self._hook_in)
         self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
         self._cb_out = _OUT_CB(self._hook_out)
@@ -237,6 +254,10 @@ class VCPUEngine:
         self._cb_rdtsc = _RDTSC_CB(self._hook_rdtsc)
         self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_rdtsc, ctypes.c_void_p), None,
                        X.UC_X86_INS_RDTSC)
+        # RDTSCP does not go through the RDTSC hook: same clock, ECX = TSC_AUX (set_msr).
+        self._cb_rdtscp = _RDTSC_CB(self._hook_rdtscp)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_rdtscp, ctypes.c_void_p), None,
+                       X.UC_X86_INS_RDTSCP)
 
         # Prepared raw register batches for the hot paths.
         self._rax = _RegBatch(self.h, ("rax",))
@@ -313,6 +334,12 @@ class VCPUEngine:
         uc.reg_write(X.UC_X86_REG_CR3, cr3)
         uc.reg_write(X.UC_X86_REG_CR0, CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG)
         uc.reg_write(X.UC_X86_REG_GDTR, (0, gdt_base, gdt_limit, 0))
+
+    def set_descriptor_tables(self, gdt_base: int, gdt_limit: int, ldt_base: int, ldt_limit: int) -> None:
+        """Point GDTR and the LDTR cache at linear addresses in Xen's area (descriptors.py);
+        the caller flushes the TLB after changing what those addresses map."""
+        self.uc.reg_write(X.UC_X86_REG_GDTR, (0, gdt_base, gdt_limit, 0))
+        self.uc.reg_write(X.UC_X86_REG_LDTR, (0, ldt_base, ldt_limit, 0x8200 if ldt_limit else 0))
 
     def set_cr3(self, cr3: int) -> None:
         """Load a page-table root; Unicorn flushes its TLB on a CR3 write."""
@@ -488,16 +515,36 @@ class VCPUEngine:
 
     def _hook_in(self, uc, port, size, user_data) -> int:
         try:
-            self.on_port_io()
+            val = self.on_port_io(port, size, False, 0)
+            if val is not None:
+                return val & ((1 << (8 * size)) - 1)
         except BaseException as e:
             self._fail(e)
         return 0xFFFFFFFF
 
     def _hook_out(self, uc, port, size, value, user_data) -> None:
         try:
-            self.on_port_io()
+            self.on_port_io(port, size, True, value)
         except BaseException as e:
             self._fail(e)
+
+    def _hook_rdtscp(self, uc, user_data) -> int:
+        try:
+            t = self.rdtsc() & 0xFFFFFFFFFFFFFFFF
+            aux = self.uc.msr_read(MSR_TSC_AUX) & 0xFFFFFFFF
+            self._batch(("rax", "rdx", "rcx")).write((t & 0xFFFFFFFF, t >> 32, aux))
+        except BaseException as e:
+            self._fail(e)
+        return 1
+
+    def _hook_cpuid(self, uc, user_data) -> int:
+        try:
+            leaf, sub = self._batch(("rax", "rcx")).read()
+            a, b, c, d = self.cpuid(leaf & 0xFFFFFFFF, sub & 0xFFFFFFFF)
+            self._batch(("rax", "rbx", "rcx", "rdx")).write((a, b, c, d))
+        except BaseException as e:
+            self._fail(e)
+        return 1
 
     def _hook_rdtsc(self, uc, user_data) -> int:
         try:

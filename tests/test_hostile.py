@@ -239,16 +239,50 @@ EXPECTED: dict[str, dict[str, object]] = {
         "third_unpin_after_enosys": EINVAL,
     },
     "priv_insns": {
+        # Not in Xen's emulation list (emul-priv-op.c validate()) or refused by it: #GP.
+        # cli/sti/in/out: no virtual IOPL; mov cr3 of a foreign frame: new_guest_cr3 fails;
+        # wrmsr EFER 0: only the current value may be written back.
         **{f"priv_{n}": "13" for n in ("hlt", "cli", "sti", "in", "out", "invlpg", "swapgs",
-                                       "int80", "ltr", "lgdt", "lidt", "mov_cr0", "mov_cr3",
+                                       "int80", "ltr", "lgdt", "lidt", "mov_cr3",
                                        "wrmsr_efer")},
-        # Upstream emulates clts (virtual CR0.TS: pv/emul-priv-op.c validate + write_cr) and
-        # ignores wbinvd without cache-flush privilege (cache_op): no fault. Gaps: XFAIL.
-        "priv_clts": "none",
-        "priv_wbinvd": "none",
+        # Emulated as Xen does for a PV kernel: clts (virtual CR0.TS), wbinvd (ignored
+        # without cache-flush privilege), mov to CR0 changing nothing but TS.
+        "priv_clts": "none", "priv_wbinvd": "none", "priv_mov_cr0": "none",
         # int $0x80 with no trap-table entry: #GP, error code = (0x80 << 3) | IDT = 0x402.
         "priv_int80_err": "0x402",
         "priv_traps": None,       # checked against the count of 13s (test_priv_traps_count)
+    },
+    "descriptors": {
+        # pv/descriptor-tables.c. A GDT frame must take the seg_desc type: still
+        # writable-mapped, foreign, a page table, or holding a TSS -> -EINVAL; > 7168
+        # entries -> -EINVAL. check_descriptor: code/data get DPL 3 (stored fixed up);
+        # TSS/LDT/interrupt-gate descriptors and call gates to a Xen selector -> -EINVAL; a
+        # call gate to a guest selector is kept with DPL 0 (its use faults: #GP).
+        "gdt_writable_mapped": EINVAL, "gdt_ok": "0", "gdt_ring0_ds_fixed": "1",
+        "gdt_ring0_cs_fixed": "1", "load_user_ds_trap": "none", "load_user_ds": "43",
+        "load_fixed_ds_trap": "none", "load_empty_ds_trap": "13",
+        # A frame in use as a descriptor page cannot be mapped writable (L1 entry: -EBUSY).
+        "map_gdt_rw": EBUSY,
+        "upd_user_ds": "0", "upd_ring0_cs": "0", "upd_ring0_cs_stored_dpl3": "1",
+        "upd_tss": EINVAL, "upd_ldt_desc": EINVAL, "upd_int_gate": EINVAL,
+        "upd_gate_ring0_cs": EINVAL, "upd_gate_xen_ds": EINVAL,
+        "upd_gate_noncanon": "0", "upd_gate_noncanon_hi": "0", "upd_gate_dpl0": "0",
+        "upd_gate_rpl_keeps_dpl": "3",
+        # update_descriptor: misaligned, foreign frames, page tables -> -EINVAL.
+        "upd_misaligned": EINVAL, "upd_foreign": EINVAL, "upd_pagetable": EINVAL,
+        "upd_l4_unchanged": "1", "use_gate_trap": "13",
+        "gdt_too_many": EINVAL, "gdt_foreign": EINVAL, "gdt_pagetable": EINVAL,
+        "gdt_with_tss": EINVAL, "bad_page_still_writable": "0",
+        "gdt_frame_mapped_rw": EBUSY, "gdt_still_loaded_trap": "none",
+        # MMUEXT_SET_LDT: misaligned, > 8192 entries, in Xen's range -> -EINVAL. The LDT is
+        # mapped on first use: a still-writable page gives the guest a #PF at its LDT
+        # address; a read-only one loads; beyond the entry count #GP; while mapped the frame
+        # cannot become writable.
+        "ldt_misaligned": EINVAL, "ldt_too_many": EINVAL, "ldt_in_xen": EINVAL,
+        "ldt_set_writable": "0", "ldt_writable_trap": "14", "ldt_writable_cr2_ok": "1",
+        "ldt_load_trap": "none", "ldt_load": "7", "ldt_ring0_fixed": "1",
+        "ldt_beyond_trap": "13", "ldt_frame_mapped_rw": EBUSY, "ldt_off": "0",
+        "ldt_off_trap": "13", "gdt_off": "0", "gdt_frame_free_rw": "0",
     },
     "huge_count": {
         **_mmu("mmu_huge_badptr", HUGE_RC, "0"),
@@ -278,10 +312,7 @@ EXPECTED: dict[str, dict[str, object]] = {
 }
 
 # Known gaps: (guest, key) -> reason. The test asserts Xen's value and is xfail(strict).
-XFAIL: dict = {
-    ("priv_insns", "priv_clts"): "aiovmm raises #GP for clts; Xen emulates it (virtual CR0.TS)",
-    ("priv_insns", "priv_wbinvd"): "aiovmm raises #GP for wbinvd; Xen ignores it for a domU",
-}
+XFAIL: dict = {}
 
 
 @dataclass(frozen=True)
