@@ -220,8 +220,9 @@ def plan_layout(img: KernelImage, nr_pages: int) -> Layout:
     return Layout(vb, p2m_pfn, p2m_pages, si, store, cons, pt_pfn, nr_pt, stack_pfn, v_end)
 
 
-def build(dom: "Domain", img: KernelImage, cmdline: str) -> Layout:
-    """Fill the domain's frames; returns the layout (the vCPU is set up by the domain)."""
+def build(dom: "Domain", img: KernelImage, cmdline: str, hcall_page: bytes | None = None) -> Layout:
+    """Fill the domain's frames; returns the layout (the vCPU is set up by the domain).
+    `hcall_page`: the vCPU engine's own hypercall page (default: the syscall stubs)."""
     mem = dom.mem
     if len(cmdline.encode()) >= MAX_GUEST_CMDLINE:
         raise BuildError(f"command line longer than {MAX_GUEST_CMDLINE - 1} bytes")
@@ -243,7 +244,7 @@ def build(dom: "Domain", img: KernelImage, cmdline: str) -> Layout:
     for va, data, _memsz in img.segments:      # frames are zeroed: .bss is 0
         write_va(va, data)
     if img.hypercall_page is not None:
-        write_va(img.hypercall_page, hypercall_page())
+        write_va(img.hypercall_page, hcall_page if hcall_page is not None else hypercall_page())
     # P2M list
     p2m_bytes = struct.pack(f"<{dom.nr_pages}Q", *p2m)
     write_va(lay.va(lay.p2m_pfn), p2m_bytes)

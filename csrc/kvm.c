@@ -1,0 +1,102 @@
+/* aiovmm KVM slice runner, built by `make setup` (aiovmm/_native/kvm.so).
+ *
+ * Why C: a slice must end on time even when the guest never exits (a CPU-bound loop runs
+ * natively under KVM). A per-thread POSIX timer sends AIOVMM_KICK_SIGNAL to the event-loop
+ * thread; its handler, which must be async-signal-safe and cannot be a Python handler (those
+ * run later, after KVM_RUN has returned), sets kvm_run.immediate_exit. That covers both
+ * races: a signal during KVM_RUN makes it return -EINTR; a signal that lands just before
+ * the ioctl makes KVM_RUN return at once instead of running a whole extra slice.
+ *
+ * The hypervisor calls aiovmm_kvm_run() once per KVM_RUN with the slice's absolute
+ * CLOCK_MONOTONIC deadline; all exits are handled in Python (aiovmm/kvm_engine.py). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define KVM_RUN_IOCTL 0xAE80
+#define AIOVMM_KICK_SIGNAL (SIGRTMIN + 7)
+
+static __thread volatile uint8_t *cur_immediate_exit;
+
+static void kick_handler(int sig)
+{
+    (void)sig;
+    volatile uint8_t *p = cur_immediate_exit;
+    if (p)
+        *p = 1;
+}
+
+/* Install the handler (once per process) and create a timer that signals the calling
+ * thread. Returns 0 and stores the timer id, or -errno. */
+int aiovmm_kvm_timer_create(timer_t *out)
+{
+    static int installed;
+    if (!installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = kick_handler;
+        sigemptyset(&sa.sa_mask);
+        sa.sa_flags = 0;                /* no SA_RESTART: KVM_RUN must return -EINTR */
+        if (sigaction(AIOVMM_KICK_SIGNAL, &sa, NULL) < 0)
+            return -errno;
+        installed = 1;
+    }
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = AIOVMM_KICK_SIGNAL;
+    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+    if (timer_create(CLOCK_MONOTONIC, &sev, out) < 0)
+        return -errno;
+    return 0;
+}
+
+int aiovmm_kvm_timer_delete(timer_t t)
+{
+    return timer_delete(t) < 0 ? -errno : 0;
+}
+
+/* One KVM_RUN bounded by `deadline_ns` (CLOCK_MONOTONIC, 0: no bound). `run` is the vCPU's
+ * mmap'ed struct kvm_run (immediate_exit is its byte 1). Returns 0 after an exit the caller
+ * handles (run->exit_reason), -EINTR when the deadline kicked the vCPU out, or -errno. */
+int aiovmm_kvm_run(int vcpu_fd, uint8_t *run, timer_t timer, int64_t deadline_ns)
+{
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    run[1] = 0;
+    cur_immediate_exit = run + 1;
+    if (deadline_ns > 0) {
+        its.it_value.tv_sec = deadline_ns / 1000000000;
+        its.it_value.tv_nsec = deadline_ns % 1000000000;
+        if (timer_settime(timer, TIMER_ABSTIME, &its, NULL) < 0) {
+            cur_immediate_exit = NULL;
+            return -errno;
+        }
+    }
+    int r = ioctl(vcpu_fd, KVM_RUN_IOCTL, 0);
+    int err = r < 0 ? errno : 0;
+    if (deadline_ns > 0) {
+        memset(&its, 0, sizeof its);
+        timer_settime(timer, 0, &its, NULL);
+    }
+    cur_immediate_exit = NULL;
+    run[1] = 0;
+    return err ? -err : 0;
+}
+
+/* KVM_RUN with immediate_exit set: completes a pending I/O instruction (KVM finishes it at
+ * the start of the next KVM_RUN) without entering the guest. */
+int aiovmm_kvm_complete(int vcpu_fd, uint8_t *run)
+{
+    run[1] = 1;
+    int r = ioctl(vcpu_fd, KVM_RUN_IOCTL, 0);
+    int err = r < 0 ? errno : 0;
+    run[1] = 0;
+    return err == EINTR ? 0 : -err;
+}
