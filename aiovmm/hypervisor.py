@@ -150,6 +150,9 @@ class Hypervisor:
         self._next_domid += 1
         self.domains[domid] = dom
         try:
+            if engine_kind == "kvm":            # Xen-area pages KVM needs, before any L4 is validated
+                from .kvm_engine import ring0
+                ring0(self.xen)
             lay = builder.build(dom, img, cmdline, hcall_page=_hypercall_page(engine_kind))
             self._create_vcpu0(dom, img, lay)
             toolstack.introduce(self, dom)

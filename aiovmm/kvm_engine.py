@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from .abi import (
     DOMID_XEN, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
-    _PAGE_RW,
+    _PAGE_RW, _PAGE_USER,
 )
 from .vcpu_engine import ExitReason
 
@@ -131,7 +131,8 @@ RF_TF, RF_IF, RF_DF, RF_NT, RF_AC = 0x100, 0x200, 0x400, 0x4000, 0x40000
 R0_L1_INDEX = 32
 HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: a hypercall
 _STUB_STRIDE = 4                   # vector v's stub at stubs + 4*v: out %al,$v ; hlt ; hlt
-_SYSCALL_STUB = 0x800              # LSTAR target within the stub page
+SYSCALL_PORT = 0x5B               # the SYSCALL entry page's `out`
+SYSCALL_L4_SLOT = 262
 _IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
 TSS_LIMIT = 104 + _IOBITMAP_BYTES
 _ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40 without)
@@ -240,13 +241,13 @@ class _Ring0:
             code[_STUB_STRIDE * v:_STUB_STRIDE * v + 2] = bytes([0xE6, v])
             lo = (h & 0xFFFF) | (FLAT_RING0_CS64 << 16) | (0xEE << 40) | (((h >> 16) & 0xFFFF) << 48)
             mem.write(idt << PAGE_SHIFT | 16 * v, struct.pack("<QQ", lo, h >> 32))
-        code[_SYSCALL_STUB:_SYSCALL_STUB + 2] = bytes([0xE6, 0])
         mem.write(stubs << PAGE_SHIFT, bytes(code))
         mem.write((tss << PAGE_SHIFT) + 4, struct.pack("<Q", self.stack_top))
         # I/O permission bitmap: only HCALL_PORT is open at CPL 3 (an exit); every other port
         # faults #GP natively, as for a Xen PV guest without I/O privilege.
         bitmap = bytearray(b"\xff" * (_IOBITMAP_BYTES + 1))
-        bitmap[HCALL_PORT >> 3] &= ~(1 << (HCALL_PORT & 7))
+        for port in (HCALL_PORT, SYSCALL_PORT):
+            bitmap[port >> 3] &= ~(1 << (port & 7))
         struct.pack_into("<H", mem.map, (tss << PAGE_SHIFT) + 102, 104)
         mem.write((tss << PAGE_SHIFT) + 104, bytes(bitmap))
         # Walk slot 261 (L3 -> L2[0] -> L1) and add the four pages after XenArea's own.
@@ -258,7 +259,18 @@ class _Ring0:
                                           (tss, sup | _PAGE_NX),
                                           (stack, sup | _PAGE_RW | _PAGE_DIRTY | _PAGE_NX))):
             mem.write_u64(l1 + 8 * (R0_L1_INDEX + i), (mfn << PAGE_SHIFT) | flags)
-        self.syscall_va = self.stubs_va + _SYSCALL_STUB
+        # The SYSCALL entry. Measured on kvm-pvm: SYSCALL from CPL 3 jumps to LSTAR but stays
+        # at CPL 3, so a supervisor-only entry page faults. The entry is therefore a page the
+        # guest may execute (it holds one `out` to SYSCALL_PORT, harmless to run directly:
+        # the same as a syscall), in Xen's L4 slot 262, mapped user, read-only.
+        page, e3, e2, e1 = (mem.alloc(DOMID_XEN)[0] for _ in range(4))
+        mem.write(page << PAGE_SHIFT, bytes([0xE6, SYSCALL_PORT]) + b"\xf4" * 14)
+        user = _PAGE_PRESENT | _PAGE_ACCESSED | _PAGE_USER
+        mem.write_u64(e1 << PAGE_SHIFT, (page << PAGE_SHIFT) | user)
+        mem.write_u64(e2 << PAGE_SHIFT, (e1 << PAGE_SHIFT) | user | _PAGE_RW)
+        mem.write_u64(e3 << PAGE_SHIFT, (e2 << PAGE_SHIFT) | user | _PAGE_RW)
+        xen.slots[SYSCALL_L4_SLOT] = (e3 << PAGE_SHIFT) | user | _PAGE_RW
+        self.syscall_va = 0xFFFF000000000000 | (SYSCALL_L4_SLOT << 39)
 
 
 def ring0(xen: "XenArea") -> _Ring0:
@@ -430,7 +442,7 @@ class KVMEngine:
                           ("efer", EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE)):
             struct.pack_into("<Q", s, _SREG_OFF[name], val)
         self._dirty.value |= SYNC_SREGS
-        self._msrs([(MSR_STAR, FLAT_RING0_CS64 << 32), (MSR_LSTAR, self.r0.syscall_va),
+        self._msrs([(MSR_STAR, (FLAT_RING3_CS32 << 48) | (FLAT_RING0_CS64 << 32)), (MSR_LSTAR, self.r0.syscall_va),
                     (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
 
     def set_cr3(self, cr3: int) -> None:
@@ -559,10 +571,10 @@ class KVMEngine:
             rip = self.regs[16]
             r0 = self.r0
             if r0.stubs_va <= rip <= r0.stubs_va + PAGE_SIZE:
-                if r0.syscall_va <= rip <= r0.syscall_va + 2:
-                    self._from_syscall()
-                else:
-                    self._from_vector(port)
+                self._from_vector(port)
+                return True
+            if port == SYSCALL_PORT and r0.syscall_va <= rip <= r0.syscall_va + 2:
+                self._from_syscall()
                 return True
             if port == HCALL_PORT and direction == 1 and size == 1 and count == 1 and self.kernel_mode():
                 if not _IO_RIP_AFTER:
