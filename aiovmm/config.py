@@ -6,6 +6,7 @@
     extra = "ip=198.18.0.2/24 name=web1"        # the kernel command line (also: cmdline)
     vif = ['mac=00:16:3e:01:02:03,bridge=br0']
     disk = ['file:/var/lib/aiovmm/a.img,xvda,w', 'phy:/dev/loop3,xvdb,r']
+    engine = "kvm"                               # vCPU engine: unicorn, kvm or auto
 
 Values are xl's: quoted strings, integers, and [lists]; `#` starts a comment. Unknown keys
 are refused with the line number, so a typo never silently drops a device.
@@ -17,7 +18,7 @@ import dataclasses
 import os
 
 KNOWN = {"name", "kernel", "memory", "maxmem", "extra", "cmdline", "vif", "disk", "vcpus",
-         "on_poweroff", "on_reboot", "on_crash", "type"}
+         "on_poweroff", "on_reboot", "on_crash", "type", "engine"}
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,7 @@ class DomainConfig:
     cmdline: str = ""
     vif: list[str] = dataclasses.field(default_factory=list)
     disk: list[str] = dataclasses.field(default_factory=list)
+    engine: str = "auto"              # vCPU engine: "unicorn", "kvm" or "auto"
 
 
 def parse(text: str, path: str = "<config>") -> DomainConfig:
@@ -83,8 +85,11 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
     name = values.get("name")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{path}: name must be a string")
+    engine = values.get("engine", "auto")
+    if engine not in ("unicorn", "kvm", "auto"):
+        raise ConfigError(f"{path}: engine must be \"unicorn\", \"kvm\" or \"auto\"")
     return DomainConfig(kernel, name, memory, cmdline, list(values.get("vif", [])),
-                        list(values.get("disk", [])))
+                        list(values.get("disk", [])), engine)
 
 
 def load(path: str) -> DomainConfig:

@@ -145,6 +145,7 @@ class Hypervisor:
         try:
             dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console, log_dir=self.log_dir)
             dom.engine_kind = engine_kind
+            log.info("d%d: vCPU engine %s", domid, engine_kind)
         except OutOfMemory as e:
             raise BuildError(f"not enough machine memory for {memory_mib} MiB: {e}") from None
         self._next_domid += 1
