@@ -726,6 +726,7 @@ class KVMEngine:
             low = raw & -raw
             out.add(low.bit_length() - 1)
             raw ^= low
+        out.discard(self.r0.stack_maddr >> PAGE_SHIFT)    # the CPU's exception frames, not guest data
         return out
 
     def close(self) -> None:
