@@ -47,7 +47,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .abi import (
-    DOMID_XEN, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
+    DOMID_XEN, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_USER,
 )
@@ -132,10 +132,21 @@ R0_L1_INDEX = 32
 HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: a hypercall
 _STUB_STRIDE = 4                   # vector v's stub at stubs + 4*v: out %al,$v ; hlt ; hlt
 SYSCALL_PORT = 0x5B               # the SYSCALL entry page's `out`
-SYSCALL_L4_SLOT = 262
+GUEST_L4_SLOT = 257               # the engine's guest-visible pages (M2P alias, SYSCALL entry)
 _IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
 TSS_LIMIT = 104 + _IOBITMAP_BYTES
 _ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40 without)
+
+
+_GPR: dict[str, tuple[int, int]] = {}
+for _i, _n in enumerate("rax rcx rdx rbx rsp rbp rsi rdi".split()):
+    _k = _REG_INDEX[_n]
+    _GPR[_n], _GPR["e" + _n[1:]], _GPR[_n[1:]] = (_k, 8), (_k, 4), (_k, 2)
+for _n in range(8, 16):
+    _k = _REG_INDEX[f"r{_n}"]
+    _GPR[f"r{_n}"], _GPR[f"r{_n}d"], _GPR[f"r{_n}w"], _GPR[f"r{_n}b"] = (_k, 8), (_k, 4), (_k, 2), (_k, 1)
+for _n, _b in (("al", "rax"), ("cl", "rcx"), ("dl", "rdx"), ("bl", "rbx")):
+    _GPR[_n] = (_REG_INDEX[_b], 1)
 
 
 class KVMUnavailable(RuntimeError):
@@ -259,18 +270,27 @@ class _Ring0:
                                           (tss, sup | _PAGE_NX),
                                           (stack, sup | _PAGE_RW | _PAGE_DIRTY | _PAGE_NX))):
             mem.write_u64(l1 + 8 * (R0_L1_INDEX + i), (mfn << PAGE_SHIFT) | flags)
-        # The SYSCALL entry. Measured on kvm-pvm: SYSCALL from CPL 3 jumps to LSTAR but stays
-        # at CPL 3, so a supervisor-only entry page faults. The entry is therefore a page the
-        # guest may execute (it holds one `out` to SYSCALL_PORT, harmless to run directly:
-        # the same as a syscall), in Xen's L4 slot 262, mapped user, read-only.
+        # Guest-visible pages of this engine, in Xen's L4 slot 257 (unused by Xen for PV
+        # guests, outside the slots the hostile suite proves unreadable):
+        # - the M2P again, read-only, from its base: kvm-pvm reserves slot 256 (Xen's M2P
+        #   address), so XENMEM_machphys_mapping reports this one; reads at Xen's fixed
+        #   address fault and are emulated (_emulate_m2p_read);
+        # - the SYSCALL entry (last page of the slot). Measured on kvm-pvm: SYSCALL from CPL 3
+        #   jumps to LSTAR but stays at CPL 3, so a supervisor-only entry page faults. The
+        #   entry holds one `out` to SYSCALL_PORT, harmless to run directly (a syscall).
         page, e3, e2, e1 = (mem.alloc(DOMID_XEN)[0] for _ in range(4))
         mem.write(page << PAGE_SHIFT, bytes([0xE6, SYSCALL_PORT]) + b"\xf4" * 14)
         user = _PAGE_PRESENT | _PAGE_ACCESSED | _PAGE_USER
-        mem.write_u64(e1 << PAGE_SHIFT, (page << PAGE_SHIFT) | user)
-        mem.write_u64(e2 << PAGE_SHIFT, (e1 << PAGE_SHIFT) | user | _PAGE_RW)
-        mem.write_u64(e3 << PAGE_SHIFT, (e2 << PAGE_SHIFT) | user | _PAGE_RW)
-        xen.slots[SYSCALL_L4_SLOT] = (e3 << PAGE_SHIFT) | user | _PAGE_RW
-        self.syscall_va = 0xFFFF000000000000 | (SYSCALL_L4_SLOT << 39)
+        m2p_l3 = xen.slots[256] & PTE_FRAME_MASK
+        mem.write(e3 << PAGE_SHIFT, mem.read(m2p_l3, 8 * 511))
+        mem.write_u64((e1 << PAGE_SHIFT) + 8 * 511, (page << PAGE_SHIFT) | user)
+        mem.write_u64((e2 << PAGE_SHIFT) + 8 * 511, (e1 << PAGE_SHIFT) | user | _PAGE_RW)
+        mem.write_u64((e3 << PAGE_SHIFT) + 8 * 511, (e2 << PAGE_SHIFT) | user | _PAGE_RW)
+        xen.slots[GUEST_L4_SLOT] = (e3 << PAGE_SHIFT) | user | _PAGE_RW
+        self.m2p_va = 0xFFFF000000000000 | (GUEST_L4_SLOT << 39)
+        self.syscall_va = self.m2p_va + (1 << 39) - PAGE_SIZE
+        self.m2p_maddr = mem.m2p_first << PAGE_SHIFT
+        self.m2p_bytes = mem.m2p_frames << PAGE_SHIFT
 
 
 def ring0(xen: "XenArea") -> _Ring0:
@@ -304,6 +324,7 @@ class KVMEngine:
         self.name = name
         self.mem = mem
         self.r0 = ring0(xen)
+        self.m2p_va = self.r0.m2p_va      # announced by XENMEM_machphys_mapping
         lib = _native()
         kvm = _system_fd()
         self.vm_fd = self.vcpu_fd = -1
@@ -635,11 +656,67 @@ class KVMEngine:
         if self._stepping and vector == 1:
             self._step_hit = True
             return
+        if vector in (6, 13):
+            # kvm-pvm turns some `int $n` (measured: int $0x80) into #UD at the instruction
+            # itself; report it as the Unicorn engine and a real CPU with a DPL-3 gate do:
+            # vector n, RIP past the instruction.
+            try:
+                code = self._read_code(rip, 2)
+            except LookupError:
+                code = b""
+            if len(code) == 2 and code[0] == 0xCD:
+                r[16] = rip + 2
+                self._call(self.on_exception, code[1], 0, 0)
+                return
         if vector == 6:
             self._call(self.on_invalid_opcode)
             return
         cr2 = self._sreg_u64(_SREG_OFF["cr2"]) if vector == 14 else 0
+        if vector == 14 and MACH2PHYS_VIRT_START <= cr2 < MACH2PHYS_VIRT_END:
+            if cr2 - MACH2PHYS_VIRT_START < self.r0.m2p_bytes:
+                if not err & 2 and self._emulate_m2p_read(rip, cr2):
+                    return
+                # Xen's M2P is mapped there read-only: a present-page fault, never the
+                # reserved-bit fault kvm-pvm reports for its own slot.
+                err = (err & ~8) | 1
         self._call(self.on_exception, vector, err, cr2)
+
+    def _emulate_m2p_read(self, rip: int, cr2: int) -> bool:
+        """A load from Xen's fixed M2P address (reserved by kvm-pvm): perform it from the M2P
+        frames. Register-destination mov/movzx/movsx/movsxd only; anything else is bounced
+        as the #PF. True if done (RIP advanced)."""
+        try:
+            d = self.decode(self._read_code(rip, 15))
+        except LookupError:
+            return False
+        if d is None:
+            return False
+        n, mnemonic, ops = d
+        if mnemonic not in ("mov", "movzx", "movsx", "movsxd") or ", " not in ops:
+            return False
+        dst, src = ops.split(", ", 1)
+        width = {"qword": 8, "dword": 4, "word": 2, "byte": 1}.get(src.split(" ", 1)[0])
+        reg = _GPR.get(dst)
+        if width is None or reg is None or "[" not in src:
+            return False
+        idx, dwidth = reg
+        off = cr2 - MACH2PHYS_VIRT_START
+        if off + width > self.r0.m2p_bytes:
+            return False
+        val = int.from_bytes(self.mem.read(self.r0.m2p_maddr + off, width), "little")
+        if mnemonic in ("movsx", "movsxd") and val >> (8 * width - 1):
+            val -= 1 << (8 * width)
+        r = self.regs
+        if dwidth == 8:
+            r[idx] = val & 0xFFFFFFFFFFFFFFFF
+        elif dwidth == 4:
+            r[idx] = val & 0xFFFFFFFF                 # 32-bit writes zero-extend
+        else:
+            mask = (1 << (8 * dwidth)) - 1
+            r[idx] = (r[idx] & ~mask) | (val & mask)
+        r[16] = rip + n
+        self._dirty.value |= SYNC_REGS
+        return True
 
     def _guest_io(self, direction: int, size: int, port: int, count: int) -> None:
         """Port I/O by the guest itself (no I/O privilege: #GP at the instruction, as on Xen).
