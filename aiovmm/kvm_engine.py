@@ -164,7 +164,9 @@ def _native() -> ctypes.CDLL:
         if not os.path.exists(_NATIVE):
             raise KVMUnavailable(f"{_NATIVE} not built: run `make setup`")
         lib = ctypes.CDLL(_NATIVE)
-        lib.aiovmm_kvm_run.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        lib.aiovmm_kvm_run.argtypes = [ctypes.c_int]
+        lib.aiovmm_kvm_slice_begin.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        lib.aiovmm_kvm_slice_end.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.aiovmm_kvm_complete.argtypes = [ctypes.c_int, ctypes.c_void_p]
         lib.aiovmm_kvm_timer_create.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_delete.argtypes = [ctypes.c_void_p]
@@ -361,6 +363,7 @@ class KVMEngine:
             raise KVMUnavailable(f"timer_create: {os.strerror(-rc)}")
         self._timer_tid = _gettid()
         self._lib = lib
+        self._kvm_run_fn = lib.aiovmm_kvm_run
 
         self.on_hypercall: Callable[[], None] = lambda: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
@@ -531,51 +534,67 @@ class KVMEngine:
         rf = self.regs[17]
         self.regs[17] = rf | RF_TF
         self._dirty.value |= SYNC_REGS
+        self._begin(time.monotonic_ns() + 50_000_000)
         try:
             for _ in range(4):
-                rc = self._kvm_run(0)
-                if rc < 0 and rc != -errno.EINTR:
-                    return False
-                if rc == 0:
-                    self._handle_exit()
+                rc = self._kvm_run()
+                if rc < 0:
+                    break
+                self._handle_exit()
                 if self._step_hit or self.stop_requested or self.callback_error is not None:
                     break
         finally:
+            self._end()
             self._stepping = False
             self.regs[17] &= ~RF_TF
             self.regs[17] |= rf & RF_TF
             self._dirty.value |= SYNC_REGS
         return self._step_hit and not self.stop_requested and self.regs[16] == end
 
-    def _kvm_run(self, deadline_ns: int) -> int:
-        if self._zap_pending:
-            self._zap()
+    def _begin(self, deadline_ns: int) -> None:
         if _gettid() != self._timer_tid:                # the loop moved to another thread
             self._lib.aiovmm_kvm_timer_delete(self._timer)
             self._lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
             self._timer_tid = _gettid()
+        self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline_ns)
+
+    def _end(self) -> None:
+        self._lib.aiovmm_kvm_slice_end(self._run_ptr, self._timer)
+
+    def _kvm_run(self) -> int:
+        if self._zap_pending:
+            self._zap()
         self.exits += 1
-        return self._lib.aiovmm_kvm_run(self.vcpu_fd, self._run_ptr, self._timer, deadline_ns)
+        return self._kvm_run_fn(self.vcpu_fd)
 
     def run(self, budget: int, max_ns: int = 0) -> ExitReason:
         """Run until `max_ns` of wall time (2 ms if 0) has passed, a handler stops, or a
         preempt. `budget` (Unicorn blocks) has no meaning here."""
         deadline = time.monotonic_ns() + (max_ns or 2_000_000)
         self.stop_requested = False
+        self._begin(deadline)
+        try:
+            return self._run_slice(deadline)
+        finally:
+            self._end()
+
+    def _run_slice(self, deadline: int) -> ExitReason:
+        handle = self._handle_exit
+        run = self._kvm_run
         while True:
-            rc = self._kvm_run(deadline)
+            rc = run()
             if rc == -errno.EINTR:
                 return ExitReason.BUDGET
             if rc < 0:
                 self.last_error = f"KVM_RUN: {os.strerror(-rc)}"
                 return ExitReason.ERROR
-            if not self._handle_exit():
-                return ExitReason.ERROR
-            if self.callback_error is not None:
-                e, self.callback_error = self.callback_error, None
-                self.last_error = f"hypervisor error in handler: {e!r}"
+            if not handle():
                 return ExitReason.ERROR
             if self.stop_requested:
+                if self.callback_error is not None:
+                    e, self.callback_error = self.callback_error, None
+                    self.last_error = f"hypervisor error in handler: {e!r}"
+                    return ExitReason.ERROR
                 return ExitReason.STOPPED
             if self._preempt:
                 self._preempt = False

@@ -7,8 +7,7 @@
  * races: a signal during KVM_RUN makes it return -EINTR; a signal that lands just before
  * the ioctl makes KVM_RUN return at once instead of running a whole extra slice.
  *
- * The hypervisor calls aiovmm_kvm_run() once per KVM_RUN with the slice's absolute
- * CLOCK_MONOTONIC deadline; all exits are handled in Python (aiovmm/kvm_engine.py). */
+ * All exits are handled in Python (aiovmm/kvm_engine.py). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
@@ -62,41 +61,51 @@ int aiovmm_kvm_timer_delete(timer_t t)
     return timer_delete(t) < 0 ? -errno : 0;
 }
 
-/* One KVM_RUN bounded by `deadline_ns` (CLOCK_MONOTONIC, 0: no bound). `run` is the vCPU's
- * mmap'ed struct kvm_run (immediate_exit is its byte 1). Returns 0 after an exit the caller
- * handles (run->exit_reason), -EINTR when the deadline kicked the vCPU out, or -errno. */
-int aiovmm_kvm_run(int vcpu_fd, uint8_t *run, timer_t timer, int64_t deadline_ns)
+/* A slice: arm the timer once at the slice's absolute CLOCK_MONOTONIC deadline, then any
+ * number of aiovmm_kvm_run() calls (one per exit handled in Python), then end it. A kick that
+ * lands while Python handles an exit makes the next KVM_RUN return -EINTR at once, so the
+ * per-exit cost is one ioctl, not two timer_settime calls around it. */
+int aiovmm_kvm_slice_begin(uint8_t *run, timer_t timer, int64_t deadline_ns)
 {
     struct itimerspec its;
     memset(&its, 0, sizeof its);
     run[1] = 0;
     cur_immediate_exit = run + 1;
-    if (deadline_ns > 0) {
-        its.it_value.tv_sec = deadline_ns / 1000000000;
-        its.it_value.tv_nsec = deadline_ns % 1000000000;
-        if (timer_settime(timer, TIMER_ABSTIME, &its, NULL) < 0) {
-            cur_immediate_exit = NULL;
-            return -errno;
-        }
+    its.it_value.tv_sec = deadline_ns / 1000000000;
+    its.it_value.tv_nsec = deadline_ns % 1000000000;
+    if (timer_settime(timer, TIMER_ABSTIME, &its, NULL) < 0) {
+        cur_immediate_exit = NULL;
+        return -errno;
     }
-    int r = ioctl(vcpu_fd, KVM_RUN_IOCTL, 0);
-    int err = r < 0 ? errno : 0;
-    if (deadline_ns > 0) {
-        memset(&its, 0, sizeof its);
-        timer_settime(timer, 0, &its, NULL);
-    }
+    return 0;
+}
+
+int aiovmm_kvm_slice_end(uint8_t *run, timer_t timer)
+{
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    timer_settime(timer, 0, &its, NULL);
     cur_immediate_exit = NULL;
     run[1] = 0;
-    return err ? -err : 0;
+    return 0;
+}
+
+/* One KVM_RUN. Returns 0 after an exit the caller handles (run->exit_reason), -EINTR when
+ * the slice's deadline kicked the vCPU out, or -errno. */
+int aiovmm_kvm_run(int vcpu_fd)
+{
+    return ioctl(vcpu_fd, KVM_RUN_IOCTL, 0) < 0 ? -errno : 0;
 }
 
 /* KVM_RUN with immediate_exit set: completes a pending I/O instruction (KVM finishes it at
  * the start of the next KVM_RUN) without entering the guest. */
 int aiovmm_kvm_complete(int vcpu_fd, uint8_t *run)
 {
+    uint8_t was = run[1];
     run[1] = 1;
     int r = ioctl(vcpu_fd, KVM_RUN_IOCTL, 0);
     int err = r < 0 ? errno : 0;
-    run[1] = 0;
+    if (!was)
+        run[1] = 0;    /* a kick during the call is caught by the caller's deadline check */
     return err == EINTR ? 0 : -err;
 }
