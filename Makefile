@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBS    := gcc make libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-ping curl \
 	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio
-NATIVE  := aiovmm/_native/preempt.so
+NATIVE  := aiovmm/_native/preempt.so aiovmm/_native/kvm.so
 
 .PHONY: setup demo test bench mutants guests linux clean debs
 
@@ -25,9 +25,13 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-$(NATIVE): csrc/preempt.c
+aiovmm/_native/preempt.so: csrc/preempt.c
 	mkdir -p aiovmm/_native
 	gcc -O2 -shared -fPIC -Wall -o $@ $<
+
+aiovmm/_native/kvm.so: csrc/kvm.c
+	mkdir -p aiovmm/_native
+	gcc -O2 -shared -fPIC -Wall -o $@ $< -lrt
 
 guests:
 	$(MAKE) -C guests

@@ -316,8 +316,10 @@ def _write_tables(dom: "Domain", lay: Layout) -> int:
     return p2m[l4]
 
 
-def build(dom: "Domain", img: KernelImage, cmdline: str, ramdisk: bytes | None = None) -> Layout:
-    """Fill the domain's frames; returns the layout (the vCPU is set up by the domain)."""
+def build(dom: "Domain", img: KernelImage, cmdline: str, ramdisk: bytes | None = None,
+          hcall_page: bytes | None = None) -> Layout:
+    """Fill the domain's frames; returns the layout (the vCPU is set up by the domain).
+    `hcall_page`: the vCPU engine's own hypercall page (default: the syscall stubs)."""
     mem = dom.mem
     if len(cmdline.encode()) >= MAX_GUEST_CMDLINE:
         raise BuildError(f"command line longer than {MAX_GUEST_CMDLINE - 1} bytes")
@@ -331,7 +333,7 @@ def build(dom: "Domain", img: KernelImage, cmdline: str, ramdisk: bytes | None =
     for va, data, _memsz in img.segments:      # frames are zeroed: .bss is 0
         write_va(va, data)
     if img.hypercall_page is not None:
-        write_va(img.hypercall_page, hypercall_page())
+        write_va(img.hypercall_page, hcall_page if hcall_page is not None else hypercall_page())
     if ramdisk:
         _write_pfns(dom, lay.ramdisk_pfn, ramdisk)
     _write_pfns(dom, lay.p2m_pfn, array.array("Q", p2m).tobytes())

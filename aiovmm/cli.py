@@ -39,7 +39,7 @@ async def _run(args: argparse.Namespace) -> int:
         out.flush()
 
     async with Hypervisor(memory_mib=args.machine_memory, log_dir=args.log_dir,
-                          xenstore_path=args.xenstore_socket) as hv:
+                          xenstore_path=args.xenstore_socket, engine=args.engine) as hv:
         dom = await hv.create(args.kernel, memory_mib=args.memory, cmdline=args.cmdline,
                               name=args.name, ramdisk=args.ramdisk, on_console=console, vifs=args.vif, disks=args.disk)
         loop = asyncio.get_running_loop()
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--log-dir", default=None, help="also write the console to <dir>/<name>-d<id>.log")
     r.add_argument("--xenstore-socket", default=None, metavar="PATH",
                    help="serve xenstore to host tools here (XENSTORED_PATH=PATH xenstore-ls)")
+    r.add_argument("--engine", choices=("unicorn", "kvm", "auto"), default=None,
+                   help="vCPU engine: emulated (unicorn), KVM, or auto (default; see docs/design.md)")
     r.add_argument("--machine-memory", type=_mib, default=2048, metavar="MIB",
                    help="host memory reserved for all guests (lazily backed; default 2048)")
     args = p.parse_args(argv)
@@ -174,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         args.ramdisk = args.ramdisk or cfg.ramdisk
         args.vif = cfg.vif + args.vif
         args.disk = cfg.disk + args.disk
+        args.engine = args.engine or cfg.engine
+        from .kvm_engine import KVMUnavailable, choose_engine
+        try:
+            choose_engine(args.engine)
+        except KVMUnavailable as e:
+            print(f"aiovmm: --engine kvm: {e}", file=sys.stderr)
+            return EXIT_USAGE
         if args.memory < 1 or args.memory > args.machine_memory:
             print(f"aiovmm: --memory must be between 1 and {args.machine_memory} MiB", file=sys.stderr)
             return EXIT_USAGE

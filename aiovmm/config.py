@@ -9,6 +9,7 @@
     # cmdline = "..."                           # the whole command line (root/extra ignored)
     vif = ['mac=00:16:3e:01:02:03,bridge=br0']
     disk = ['file:/var/lib/aiovmm/a.img,xvda,w', 'phy:/dev/loop3,xvdb,r']
+    engine = "kvm"                               # vCPU engine: unicorn, kvm or auto
 
 Values are xl's: quoted strings, integers, and [lists]; `#` starts a comment. Unknown keys
 are refused with the line number, so a typo never silently drops a device.
@@ -21,7 +22,7 @@ import os
 import stat
 
 KNOWN = {"name", "kernel", "ramdisk", "root", "memory", "maxmem", "extra", "cmdline", "vif", "disk", "vcpus",
-         "on_poweroff", "on_reboot", "on_crash", "type"}
+         "on_poweroff", "on_reboot", "on_crash", "type", "engine"}
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,7 @@ class DomainConfig:
     vif: list[str] = dataclasses.field(default_factory=list)
     disk: list[str] = dataclasses.field(default_factory=list)
     ramdisk: str | None = None
+    engine: str = "auto"              # vCPU engine: "unicorn", "kvm" or "auto"
 
 
 def parse(text: str, path: str = "<config>") -> DomainConfig:
@@ -92,8 +94,11 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
     name = values.get("name")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{path}: name must be a string")
+    engine = values.get("engine", "auto")
+    if engine not in ("unicorn", "kvm", "auto"):
+        raise ConfigError(f"{path}: engine must be \"unicorn\", \"kvm\" or \"auto\"")
     return DomainConfig(kernel, name, memory, cmdline, list(values.get("vif", [])),
-                        list(values.get("disk", [])), ramdisk)
+                        list(values.get("disk", [])), ramdisk, engine)
 
 
 def _cmdline(values: dict[str, object]) -> str:

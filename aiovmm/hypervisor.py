@@ -73,17 +73,28 @@ def _load_ramdisk(path: str, memory_mib: int) -> bytes:
     return builder.read_ramdisk(path)
 
 
+def _hypercall_page(engine_kind: str) -> bytes:
+    """The hypercall page the builder writes: each engine exits its own cheapest way."""
+    if engine_kind == "kvm":
+        from .kvm_engine import hypercall_page
+        return hypercall_page()
+    return builder.hypercall_page()
+
+
 class Hypervisor:
     def __init__(self, memory_mib: int = DEFAULT_MACHINE_MIB, scheduler: Scheduler | None = None,
                  log_dir: str | None = None, xenstore_path: str | None = None,
-                 vif_prefix: str = "vif") -> None:
+                 vif_prefix: str = "vif", engine: str = "auto") -> None:
         """`xenstore_path`: also serve xenstore to host tools on this unix socket (Debian's
-        xenstore-utils find it through XENSTORED_PATH)."""
+        xenstore-utils find it through XENSTORED_PATH). `engine`: the default vCPU engine
+        of new domains, "unicorn", "kvm" or "auto" (kvm_engine.choose_engine)."""
         self.memory_mib = memory_mib
         self.log_dir = log_dir
         self.xenstore_path = xenstore_path
         self.vif_prefix = vif_prefix      # tap names: <prefix><domid>.<devid>
         self.scheduler = scheduler or Scheduler()
+        from .kvm_engine import choose_engine
+        self.engine = choose_engine(engine)
         self.domains: dict[int, Domain] = {}
         # Granted frames of dead domains still mapped by a grantee -> the dead granter's domid.
         self.orphan_frames: dict[int, int] = {}
@@ -158,12 +169,16 @@ class Hypervisor:
                      name: str | None = None, ramdisk: str | None = None,
                      on_console: Callable[[bytes], None] | None = None,
                      vifs: "list[VifConfig | str] | None" = None,
-                     disks: "list[DiskConfig | str] | None" = None) -> Domain:
+                     disks: "list[DiskConfig | str] | None" = None,
+                     engine: str | None = None) -> Domain:
         """Build a domain from a Xen PV kernel and start it. Raises BuildError.
 
         `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'.
         `disks`: block devices, each a DiskConfig or xl syntax 'target=/path,vdev=xvda,access=rw'.
-        `ramdisk`: a file loaded after the kernel and announced in start_info (mod_start/mod_len)."""
+        `ramdisk`: a file loaded after the kernel and announced in start_info (mod_start/mod_len).
+        `engine`: "unicorn", "kvm" or "auto" for this domain (default: the hypervisor's)."""
+        from .kvm_engine import choose_engine
+        engine_kind = choose_engine(engine) if engine else self.engine
         from .backends.net import VifConfig
         from .backends.net.tap import TapError, check_bridge
         vif_cfgs = []
@@ -196,12 +211,17 @@ class Hypervisor:
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:
             dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console, log_dir=self.log_dir)
+            dom.engine_kind = engine_kind
+            log.info("d%d: vCPU engine %s", domid, engine_kind)
         except OutOfMemory as e:
             raise BuildError(f"not enough machine memory for {memory_mib} MiB: {e}") from None
         self._next_domid += 1
         self.domains[domid] = dom
         try:
-            lay = builder.build(dom, img, cmdline, rd)
+            if engine_kind == "kvm":            # Xen-area pages KVM needs, before any L4 is validated
+                from .kvm_engine import ring0
+                ring0(self.xen)
+            lay = builder.build(dom, img, cmdline, rd, hcall_page=_hypercall_page(engine_kind))
             self._create_vcpu0(dom, img, lay)
             toolstack.introduce(self, dom)
             from .backends.net import Netback
@@ -226,9 +246,14 @@ class Hypervisor:
         return dom
 
     def _create_vcpu0(self, dom: Domain, img: builder.KernelImage, lay: builder.Layout) -> None:
-        eng = VCPUEngine(self.mem.fd_address, self.mem.size, until=self.xen.UNTIL_VA,
-                         name=f"d{dom.domid}v0")
+        if dom.engine_kind == "kvm":
+            from .kvm_engine import KVMEngine
+            eng = KVMEngine(self.mem, self.xen, name=f"d{dom.domid}v0")
+        else:
+            eng = VCPUEngine(self.mem.fd_address, self.mem.size, until=self.xen.UNTIL_VA,
+                             name=f"d{dom.domid}v0")
         v = VCPU(dom, 0, eng)
+        eng.kernel_mode = lambda: v.kernel_mode
         dom.vcpus.append(v)
         # CR3 reference on the root, as Xen's new_guest_cr3 takes one.
         self.pagetables.get_type(dom.boot_l4, PageType.l4, dom.domid)

@@ -98,7 +98,10 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
         v.copy_to_guest(arg + 16, struct.pack("<I", len(chunks)))
         return 0
     if op == XENMEM_machphys_mapping:
-        v.write_struct(arg, MACHPHYS_MAPPING, MACH2PHYS_VIRT_START, MACH2PHYS_VIRT_END, mem.nr_frames - 1)
+        # An engine may place the M2P elsewhere (kvm-pvm reserves Xen's slot 256).
+        start = getattr(v.engine, "m2p_va", MACH2PHYS_VIRT_START)
+        v.write_struct(arg, MACHPHYS_MAPPING, start, start + MACH2PHYS_VIRT_END - MACH2PHYS_VIRT_START,
+                       mem.nr_frames - 1)
         return 0
     if op == XENMEM_memory_map:
         raise HypercallError(Errno.ENOSYS)

@@ -41,7 +41,10 @@ def write_pvclock(v: "VCPU") -> None:
     a = v.info_maddr + VcpuInfo.time
     ver = struct.unpack_from("<I", m.map, a)[0]
     struct.pack_into("<I", m.map, a, (ver + 1) | 1)
-    _TIME_INFO.pack_into(m.map, a, (ver + 1) | 1, 0, 0, TSC_MUL, TSC_SHIFT, XEN_PVCLOCK_TSC_STABLE_BIT)
+    params = getattr(v.engine, "pvclock_params", None)      # engines whose guest TSC is real
+    stamp, sys_ns, mul, shift = (params(v.domain.hypervisor.system_time_ns) if params
+                                 else (0, 0, TSC_MUL, TSC_SHIFT))
+    _TIME_INFO.pack_into(m.map, a, (ver + 1) | 1, stamp, sys_ns, mul, shift, XEN_PVCLOCK_TSC_STABLE_BIT)
     struct.pack_into("<I", m.map, a, ((ver + 1) | 1) + 1)
 
 

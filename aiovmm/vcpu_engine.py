@@ -554,6 +554,15 @@ class VCPUEngine:
             self._fail(e)
         return 1
 
+    # -- dirty tracking (migration) -----------------------------------------------------------
+    def start_dirty_log(self) -> None:
+        """Not implemented on this engine yet (the KVM engine has it): the planned mechanism
+        is the TLB-fill write hook measured in shared/research/unicorn/NOTES.md."""
+        raise NotImplementedError("dirty-page tracking is not implemented on the Unicorn engine")
+
+    def get_dirty_log(self) -> set[int]:
+        raise NotImplementedError("dirty-page tracking is not implemented on the Unicorn engine")
+
     def close(self) -> None:
         self._excfix.free()
         for hh in self._hooks:

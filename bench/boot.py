@@ -10,7 +10,10 @@ Per boot, all on the host's perf_counter:
 Reference in the same run, interleaved with the boots: spawning and reaping `/bin/true`
 through asyncio's subprocess API (process_spawn_ms). Medians over all runs.
 
+Where /dev/kvm works the same boots also run on the KVM engine (kvm_* keys).
+
 Last line: boot_ms=<x> create_ms=<y> poweroff_ms=<z> process_spawn_ms=<w> teardown_ms=<t>
+           [kvm_boot_ms kvm_create_ms kvm_poweroff_ms kvm_teardown_ms]
 --profile prints where create() and teardown spend their time (cProfile, extra boots).
 """
 from __future__ import annotations
@@ -111,9 +114,30 @@ async def main(n: int, prof: bool) -> None:
     print(stats("spawn /bin/true", spawn))
     b, s = statistics.median(first), statistics.median(spawn)
     print(f"first byte / process spawn = {b / s:.1f}x")
+    tail = ""
+    from aiovmm.kvm_engine import unavailable_reason
+    if not unavailable_reason():
+        k_create, k_first, k_off, k_down = [], [], [], []
+        async with Hypervisor(memory_mib=1024, engine="kvm") as hv:
+            await boot_once(hv)             # warm-up: first VM, ring-0 pages
+            for _ in range(n):
+                c, f, o, d = await boot_once(hv)
+                k_create.append(c)
+                k_first.append(f)
+                k_off.append(o)
+                k_down.append(d)
+        print("KVM engine, same boots:")
+        print(stats("create()", k_create))
+        print(stats("first console byte", k_first))
+        print(stats("poweroff", k_off))
+        print(stats("teardown (apart)", k_down))
+        tail = (f" kvm_boot_ms={statistics.median(k_first):.2f} kvm_create_ms={statistics.median(k_create):.2f}"
+                f" kvm_poweroff_ms={statistics.median(k_off):.2f} kvm_teardown_ms={statistics.median(k_down):.2f}")
+    else:
+        print(f"KVM engine skipped: {unavailable_reason()}")
     print(f"boot_ms={b:.2f} create_ms={statistics.median(create):.2f} "
           f"poweroff_ms={statistics.median(off):.2f} process_spawn_ms={s:.2f} "
-          f"teardown_ms={statistics.median(down):.2f}")
+          f"teardown_ms={statistics.median(down):.2f}{tail}")
 
 
 if __name__ == "__main__":

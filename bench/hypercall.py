@@ -11,7 +11,12 @@ References, measured in the same run, before and after the guest (medians of bot
     syscall plus the Python->C call overhead (the closest host analogue of our C->Python
     hypercall hook).
 
+With --engine both (default where /dev/kvm works) the same guest also runs on the KVM engine
+(n/20 calls per round: each is a VM exit), and the bare exit floor of this machine is measured
+in the same run: a CPL-3 `out` loop in a minimal VM around KVM_RUN (fcntl.ioctl, no handler).
+
 Last line: hypercall_us=<x> host_syscall_us=<y> ratio=<x/y> ctypes_syscall_us=<z>
+           [kvm_hypercall_us=<k> kvm_exit_floor_us=<f> kvm_floor_ratio=<k/f>]
 """
 from __future__ import annotations
 
@@ -137,7 +142,77 @@ def host_refs(exe: str, c_ns: list[float], py_ns: list[float], reps: int = 3) ->
         py_ns.append(ctypes_syscall_ns())
 
 
-async def main(n: int, rounds: int) -> None:
+def kvm_exit_floor_us(n: int = 5000) -> float:
+    """Median of 3 runs of n `out` exits from CPL 3 in a minimal VM (one identity-mapped
+    2 MiB user page; register state set through KVM_SET_SREGS/REGS), each exit handled by a
+    bare Python loop around KVM_RUN: the floor any KVM hypercall path pays here."""
+    import fcntl
+    import mmap
+    import struct
+    from aiovmm.kvm_engine import Ioctl, _system_fd
+    kvm = _system_fd()
+    runs = []
+    for _ in range(3):
+        vm = fcntl.ioctl(kvm, Ioctl.CREATE_VM, 0)
+        mem = mmap.mmap(-1, 4 << 20)
+        anchor = ctypes.c_char.from_buffer(mem)
+        fcntl.ioctl(vm, Ioctl.SET_USER_MEMORY_REGION,
+                    struct.pack("<IIQQQ", 0, 0, 0, 4 << 20, ctypes.addressof(anchor)))
+        vcpu = fcntl.ioctl(vm, Ioctl.CREATE_VCPU, 0)
+        run = mmap.mmap(vcpu, fcntl.ioctl(kvm, Ioctl.GET_VCPU_MMAP_SIZE), mmap.MAP_SHARED)
+        struct.pack_into("<Q", mem, 0x1000, 0x2000 | 7)
+        struct.pack_into("<Q", mem, 0x2000, 0x3000 | 7)
+        struct.pack_into("<Q", mem, 0x3000, 0x0 | 0x87)               # 2 MiB page at 0
+        sregs = bytearray(fcntl.ioctl(vcpu, Ioctl.GET_SREGS, bytes(312)))
+        for i, (sel, typ, lng, db) in enumerate([(0x33, 0xB, 1, 0)] + [(0x2B, 3, 0, 1)] * 5):
+            struct.pack_into("<QIHBBBBBBBBBx", sregs, 24 * (0 if i == 0 else (1, 2, 3, 4, 5)[i - 1]),
+                             0, 0xFFFFFFFF, sel, typ, 1, 3, db, 1, lng, 1, 0, 0)
+        struct.pack_into("<QQQQQQ", sregs, 224, 0x80050033, 0, 0x1000, 0x620, 0, 0xD01)
+        fcntl.ioctl(vcpu, Ioctl.SET_SREGS, bytes(sregs))
+        code = b"\x48\xbb" + struct.pack("<Q", n) + b"\xe6\x20\x48\xff\xcb\x75\xf9\xe6\x10"
+        mem[0x10000:0x10000 + len(code)] = code
+        regs = [0] * 18
+        regs[16], regs[17], regs[6] = 0x10000, 0x202, 0x100000
+        fcntl.ioctl(vcpu, Ioctl.SET_REGS, struct.pack("<18Q", *regs))
+        count = 0
+        t0 = time.perf_counter_ns()
+        while True:
+            fcntl.ioctl(vcpu, 0xAE80, 0)
+            if struct.unpack_from("<IIBBH", run, 4)[1] != 2 or struct.unpack_from("<H", run, 34)[0] != 0x20:
+                break
+            count += 1
+        runs.append((time.perf_counter_ns() - t0) / max(count, 1) / 1000)
+        if count != n:
+            fail(f"exit floor loop ended after {count} of {n} exits")
+        run.close()
+        del anchor
+        os.close(vcpu)
+        os.close(vm)
+    return statistics.median(runs)
+
+
+async def guest_rounds(engine: str, n: int, rounds: int) -> tuple[list[float], int, float]:
+    """Boot hypercall.elf on `engine`: (us per call per round, hypercalls, wall s)."""
+    async with Hypervisor(memory_mib=1024, engine=engine) as hv:
+        t0 = time.perf_counter()
+        dom = await hv.create(GUEST, memory_mib=16, cmdline=f"n={n} rounds={rounds}")
+        v = dom.vcpus[0]
+        reason = await dom.wait()
+        wall = time.perf_counter() - t0
+        if reason != ShutdownReason.poweroff or "poweroff" not in dom.console_lines:
+            fail(f"hypercall.elf on {engine}: {dom.describe_end()}; console {dom.console_lines}")
+    out = []
+    for line in dom.console_lines:
+        m = LINE.match(line)
+        if m:
+            _, nn, ns = map(int, m.groups())
+            out.append(ns / nn / 1000)
+    if len(out) != rounds:
+        fail(f"{engine}: expected {rounds} rounds, got {len(out)}: {dom.console_lines}")
+    return out, v.hypercalls, wall
+
+
+async def main(n: int, rounds: int, engines: str = "both") -> None:
     c_ns: list[float] = []
     py_ns: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,13 +261,29 @@ async def main(n: int, rounds: int) -> None:
     rest = hc - parts["dispatch(all of the above)"] + parts["python_loop_iteration"]
     print(f"  remainder ~{rest:.3f}: hook entry (C->Python ctypes callback, _hook_syscall, "
           f"_on_syscall), the guest loop and emulation")
+    tail = ""
+    from aiovmm.kvm_engine import unavailable_reason
+    if engines == "both" and not unavailable_reason():
+        floor_a = kvm_exit_floor_us()
+        kvm_us, kvm_calls, kvm_wall = await guest_rounds("kvm", max(n // 20, 100), rounds)
+        floor_b = kvm_exit_floor_us()
+        floor = statistics.median([floor_a, floor_b])
+        k = statistics.median(kvm_us)
+        print(f"KVM engine: {kvm_calls:,} hypercalls in {kvm_wall:.2f} s boot to poweroff; "
+              f"round trip median {k:.2f} us (rounds: {', '.join(f'{x:.1f}' for x in kvm_us)})")
+        print(f"KVM exit floor (bare CPL-3 `out` loop, before/after): {floor_a:.2f} / {floor_b:.2f} us; "
+              f"hypercall / floor = {k / floor:.2f}x")
+        tail = f" kvm_hypercall_us={k:.3f} kvm_exit_floor_us={floor:.3f} kvm_floor_ratio={k / floor:.2f}"
+    elif engines == "both":
+        print(f"KVM engine skipped: {unavailable_reason()}")
     print(f"hypercall_us={hc:.3f} host_syscall_us={host:.4f} ratio={hc / host:.1f} "
-          f"ctypes_syscall_us={py:.4f}")
+          f"ctypes_syscall_us={py:.4f}{tail}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--engines", choices=("both", "unicorn"), default="both")
     a = ap.parse_args()
-    uvloop.run(main(a.n, a.rounds))
+    uvloop.run(main(a.n, a.rounds, a.engines))

@@ -49,9 +49,29 @@ def guests_built() -> Path:
     return BUILD
 
 
+def _kvm_skip_reason() -> str | None:
+    from aiovmm.kvm_engine import unavailable_reason
+    why = unavailable_reason()
+    return f"KVM engine unavailable: {why}" if why else None
+
+
+# vCPU engines a module runs its guests on: `pytestmark = ENGINES` parametrizes the module's
+# `engine` fixture (and so `hv`, and the boot helpers given engine=engine) over both; the
+# KVM half is skipped with the reason where /dev/kvm is absent or unusable.
+ENGINE_PARAMS = ["unicorn", pytest.param("kvm", marks=pytest.mark.skipif(
+    _kvm_skip_reason() is not None, reason=_kvm_skip_reason() or ""))]
+ENGINES = pytest.mark.parametrize("engine", ENGINE_PARAMS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def engine(request) -> str:
+    """The vCPU engine of this test's guests ("unicorn" unless the module uses ENGINES)."""
+    return getattr(request, "param", "unicorn")
+
+
 @pytest.fixture
-async def hv():
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as h:
+async def hv(engine):
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as h:
         yield h
 
 
@@ -65,8 +85,8 @@ class Boot:
 
 
 async def boot_async(path: str, *, memory_mib: int = 8, cmdline: str = "",
-                     timeout: float = 60.0) -> Boot:
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as h:
+                     timeout: float = 60.0, engine: str = "unicorn") -> Boot:
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as h:
         dom = await h.create(path, memory_mib=memory_mib, cmdline=cmdline)
         async with asyncio.timeout(timeout):
             reason = await dom.wait()

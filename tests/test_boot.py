@@ -11,7 +11,9 @@ import time
 import pytest
 
 from aiovmm import ShutdownReason
-from conftest import boot, guest, kernel, probe_sites
+from conftest import ENGINES, boot, guest, kernel, probe_sites
+
+pytestmark = ENGINES
 
 TICK_RE = re.compile(r"timer: tick (\d+) at (\d+)")
 SUMMARY_RE = re.compile(r"timer: (\d+) ticks in (\d+) ns")
@@ -20,9 +22,9 @@ CMDLINE = "ticks=10 period_ms=10 note=aiovmm-test"
 
 
 @pytest.fixture(scope="module")
-def main_boot():
+def main_boot(engine):
     t0 = time.time()
-    b = boot(kernel(), memory_mib=8, cmdline=CMDLINE)
+    b = boot(kernel(), memory_mib=8, cmdline=CMDLINE, engine=engine)
     b.host_t0, b.host_t1 = t0, time.time()
     return b
 
@@ -174,9 +176,9 @@ async def test_unhandled_fault_crashes_only_that_guest(hv):
     assert bystander.domid in hv.domains
 
 
-async def test_bystander_shut_down_on_exit():
+async def test_bystander_shut_down_on_exit(engine):
     from aiovmm import Hypervisor
-    async with Hypervisor(memory_mib=64) as h:
+    async with Hypervisor(memory_mib=64, engine=engine) as h:
         dom = await h.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
         await dom.wait_for_line(r"^spin 2$", timeout=30)
     assert dom.shutdown_reason == ShutdownReason.poweroff
@@ -200,8 +202,8 @@ async def test_ten_guests_concurrently(hv):
 
 
 @pytest.fixture(scope="module")
-def unhandled_pf_boot():
-    return boot(guest("unhandled_pf"), memory_mib=8)
+def unhandled_pf_boot(engine):
+    return boot(guest("unhandled_pf"), memory_mib=8, engine=engine)
 
 
 def test_unhandled_pf_reason(unhandled_pf_boot):
@@ -213,8 +215,8 @@ def test_unhandled_pf_reason(unhandled_pf_boot):
     assert b.end.startswith("crashed: ")
 
 
-def test_fault_in_handler_crashes_with_nested_reason():
-    b = boot(guest("fault_in_handler"), memory_mib=8)
+def test_fault_in_handler_crashes_with_nested_reason(engine):
+    b = boot(guest("fault_in_handler"), memory_mib=8, engine=engine)
     assert b.reason == ShutdownReason.crash, b.end
     assert b.lines[0] == "about to fault"
     assert not any(l.startswith("panic:") or l == "poweroff" for l in b.lines)

@@ -47,7 +47,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from aiovmm import Hypervisor, ShutdownReason
-from conftest import BUILD, HV_MEMORY_MIB, guest, results
+from conftest import BUILD, ENGINES, HV_MEMORY_MIB, guest, results
+
+pytestmark = ENGINES
 
 HOSTILE = BUILD / "hostile"
 GUEST_MIB = 8
@@ -426,10 +428,10 @@ async def _run_fuzz(hv: Hypervisor, seed: int) -> Run:
                             timeout=FUZZ_TIMEOUT)
 
 
-async def _campaign() -> Campaign:
+async def _campaign(engine: str) -> Campaign:
     c = Campaign()
     t_start = time.perf_counter()
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
         by = await hv.create(hostile("bystander"), memory_mib=GUEST_MIB, name="bystander")
         await by.wait_for_line(r"^bystander: ready checksum=0x[0-9a-f]+$", timeout=30)
         c.bystander_frames = len(by.p2m)
@@ -474,17 +476,17 @@ async def _campaign() -> Campaign:
     # set-ups: twice per seed, each time as the first domain of a fresh hypervisor.
     for seed in FUZZ_SEEDS:
         for _ in range(2):
-            async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+            async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
                 c.fuzz_fresh.append(await _run_fuzz(hv, seed))
     c.seconds = time.perf_counter() - t_start
     return c
 
 
 @pytest.fixture(scope="module")
-def campaign() -> Campaign:
+def campaign(engine) -> Campaign:
     missing = [n for n in ATTACKERS + ["bystander", "fuzz"] if not (HOSTILE / f"{n}.elf").exists()]
     assert not missing, f"hostile guests not built (make -C guests hostile): {missing}"
-    return asyncio.run(_campaign())
+    return asyncio.run(_campaign(engine))
 
 
 # ---------------------------------------------------------------------------------------------

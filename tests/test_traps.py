@@ -7,7 +7,9 @@ import re
 import pytest
 
 from aiovmm import ShutdownReason
-from conftest import boot, guest, probe_sites, results
+from conftest import ENGINES, boot, guest, probe_sites, results
+
+pytestmark = ENGINES
 
 TRAP_RE = re.compile(r"rip=0x([0-9a-f]+)(?: err=0x([0-9a-f]+))?(?: cr2=0x([0-9a-f]+))?")
 
@@ -25,13 +27,13 @@ def _parse(rest: str):
 
 
 @pytest.fixture(scope="module")
-def traps_run():
-    return boot(guest("traps"), memory_mib=8)
+def traps_run(engine):
+    return boot(guest("traps"), memory_mib=8, engine=engine)
 
 
 @pytest.fixture(scope="module")
-def after_event_run():
-    return boot(guest("trap_after_event"), memory_mib=8)
+def after_event_run(engine):
+    return boot(guest("trap_after_event"), memory_mib=8, engine=engine)
 
 
 def test_traps_powers_off(traps_run):

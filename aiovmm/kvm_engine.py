@@ -1,0 +1,868 @@
+"""The KVM vCPU engine: guest code runs natively, behind the same interface as VCPUEngine.
+
+Design (shared/design/ARCHITECTURE.md §2b, measured facts in shared/research/kvm/NOTES.md):
+- One KVM VM per vCPU engine (one per domain today: one vCPU per domain). Guest-physical
+  address == machine address: the whole machine memfd mapping is memory slot 0, so a guest's
+  validated PV page tables (entries hold MFNs) are loaded as CR3 as they are.
+- Guest kernel and user both run at CPL 3 (CS 0xe033, SS 0xe02b), as on Xen. Ring 0 holds only
+  single exiting instructions: an IDT whose 256 gates all point at `out %al,$vector` stubs,
+  and a SYSCALL entry (LSTAR) stub that is also one `out`. Every exception, software
+  interrupt and syscall therefore becomes exactly one KVM_EXIT_IO; the host reads the CPU's
+  frame from the ring-0 stack (error code, RIP, RFLAGS, RSP) and CR2 from the synced sregs,
+  and returns to CPL 3 by setting registers (sysret/iret in ring 0 are never executed: kvm-pvm
+  triple-faults on sysretq, and every ring-0 instruction costs ~0.6 us there).
+- The hypercall page this engine's builder writes uses `mov $nr,%eax; out %al,$HCALL_PORT`
+  from CPL 3 (one exit, no ring-0 transition: ~30 vs ~50 us on kvm-pvm).
+- Registers live in kvm_run's sync-regs area (KVM_CAP_SYNC_REGS): one KVM_RUN ioctl per exit,
+  no KVM_GET/SET_REGS calls.
+- Slices: aiovmm/_native/kvm.so arms a per-thread POSIX timer at the slice deadline whose
+  signal sets kvm_run.immediate_exit, so KVM_RUN always returns in time, on the loop thread.
+- Page-table changes made by the hypervisor (mmu_update, ptwr, grants, new roots) are writes
+  to guest memory through the host mapping, which KVM's shadow MMU (kvm-pvm has no EPT)
+  never sees: its write protection traps only guest writes. Measured: neither a CR3 reload
+  nor KVM_SET_SREGS resyncs it; deleting and re-adding a memory slot zaps all shadow pages
+  (~80 us). So `flush_tlb()` marks a zap, done once before the next KVM_RUN (a tiny dummy
+  slot is deleted and re-added). On hardware KVM (EPT/NPT) the same zap is a TLB flush.
+- The guest TSC is the host TSC (kvm-pvm cannot scale it: KVM_SET_TSC_KHZ is refused), so
+  pvclock parameters come from `pvclock_params()` (TSC frequency and a TSC/system-time pair),
+  not the Unicorn engine's 1 tick = 1 ns.
+
+Known differences from the Unicorn engine (guest-visible only to hostile guests):
+- A guest `in`/`ins` is completed by KVM before the #GP is raised; registers are restored, but
+  the string form's store to guest memory has happened.
+- CPUID is KVM's (the shared policy from aiovmm/cpuid.py is not applied yet).
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .abi import (
+    DOMID_XEN, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
+    PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
+    _PAGE_RW, _PAGE_USER,
+)
+from .vcpu_engine import ExitReason
+
+if TYPE_CHECKING:
+    from .memory import MachineMemory
+    from .mmu import XenArea
+
+log = logging.getLogger("aiovmm.kvm_engine")
+
+_NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native", "kvm.so")
+
+
+class Ioctl(enum.IntEnum):
+    """The KVM ioctls this engine uses (linux/kvm.h, x86_64 sizes)."""
+    GET_API_VERSION = 0xAE00
+    CREATE_VM = 0xAE01
+    CHECK_EXTENSION = 0xAE03
+    GET_SUPPORTED_CPUID = 0xC008AE05
+    GET_VCPU_MMAP_SIZE = 0xAE04
+    CREATE_VCPU = 0xAE41
+    SET_USER_MEMORY_REGION = 0x4020AE46
+    GET_DIRTY_LOG = 0x4010AE42
+    GET_REGS = 0x8090AE81
+    SET_REGS = 0x4090AE82
+    GET_SREGS = 0x8138AE83
+    SET_SREGS = 0x4138AE84
+    GET_MSRS = 0xC008AE88
+    SET_MSRS = 0x4008AE89
+    SET_CPUID2 = 0x4008AE90
+    GET_TSC_KHZ = 0xAEA3
+
+
+class Cap(enum.IntEnum):
+    SYNC_REGS = 74
+    IMMEDIATE_EXIT = 136
+
+
+class Exit(enum.IntEnum):
+    """kvm_run.exit_reason values handled here."""
+    UNKNOWN = 0
+    EXCEPTION = 1
+    IO = 2
+    HLT = 5
+    MMIO = 6
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTR = 10
+    INTERNAL_ERROR = 17
+
+
+# struct kvm_run layout (x86_64): exit_reason at 8, the exit union at 32, sync regs at 304.
+_RUN_EXIT_REASON = 8
+_RUN_IO = 32                      # direction u8, size u8, port u16, count u32, data_offset u64
+_RUN_VALID_REGS = 288
+_RUN_DIRTY_REGS = 296
+_RUN_REGS = 304                   # struct kvm_regs (18 u64)
+_RUN_SREGS = 448                  # struct kvm_sregs (312 bytes)
+SYNC_REGS, SYNC_SREGS = 1, 2
+
+# struct kvm_regs order.
+_REG_INDEX = {n: i for i, n in enumerate(
+    "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split())}
+# struct kvm_sregs: 8 segments of 24 bytes (cs ds es fs gs ss tr ldt), gdt, idt, control regs.
+_SEG = {n: 24 * i for i, n in enumerate("cs ds es fs gs ss tr ldt".split())}
+_SEG_FMT = struct.Struct("<QIHBBBBBBBBBx")      # base limit selector type present dpl db s l g avl unusable
+_SREG_OFF = {"gdt": 192, "idt": 208, "cr0": 224, "cr2": 232, "cr3": 240, "cr4": 248, "cr8": 256,
+             "efer": 264}
+_SELECTORS = ("cs", "ss", "ds", "es", "fs", "gs")
+
+CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 5, 1 << 9, 1 << 10
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
+MSR_IA32_TSC = 0x10
+MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
+RF_TF, RF_IF, RF_DF, RF_NT, RF_AC = 0x100, 0x200, 0x400, 0x4000, 0x40000
+
+# The engine's ring-0 pages, in Xen's supervisor-only L4 slot 261 (mmu.XenArea), after the
+# pages XenArea itself uses (L1 index 32 on): IDT, stubs, TSS, ring-0 stack.
+R0_L1_INDEX = 32
+HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: a hypercall
+_STUB_STRIDE = 4                   # vector v's stub at stubs + 4*v: out %al,$v ; hlt ; hlt
+SYSCALL_PORT = 0x5B               # the SYSCALL entry page's `out`
+GUEST_L4_SLOT = 257               # the engine's guest-visible pages (M2P alias, SYSCALL entry)
+_IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
+TSS_LIMIT = 104 + _IOBITMAP_BYTES
+_ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40 without)
+
+
+_GPR: dict[str, tuple[int, int]] = {}
+for _i, _n in enumerate("rax rcx rdx rbx rsp rbp rsi rdi".split()):
+    _k = _REG_INDEX[_n]
+    _GPR[_n], _GPR["e" + _n[1:]], _GPR[_n[1:]] = (_k, 8), (_k, 4), (_k, 2)
+for _n in range(8, 16):
+    _k = _REG_INDEX[f"r{_n}"]
+    _GPR[f"r{_n}"], _GPR[f"r{_n}d"], _GPR[f"r{_n}w"], _GPR[f"r{_n}b"] = (_k, 8), (_k, 4), (_k, 2), (_k, 1)
+for _n, _b in (("al", "rax"), ("cl", "rcx"), ("dl", "rdx"), ("bl", "rbx")):
+    _GPR[_n] = (_REG_INDEX[_b], 1)
+
+
+class KVMUnavailable(RuntimeError):
+    """/dev/kvm is absent, not usable, or lacks a capability this engine needs."""
+
+
+_kvm_fd: int | None = None
+_lib: ctypes.CDLL | None = None
+_unavailable: str | None = None
+
+
+def _native() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        if not os.path.exists(_NATIVE):
+            raise KVMUnavailable(f"{_NATIVE} not built: run `make setup`")
+        lib = ctypes.CDLL(_NATIVE)
+        lib.aiovmm_kvm_run.argtypes = [ctypes.c_int]
+        lib.aiovmm_kvm_slice_begin.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        lib.aiovmm_kvm_slice_end.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.aiovmm_kvm_complete.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        lib.aiovmm_kvm_timer_create.argtypes = [ctypes.c_void_p]
+        lib.aiovmm_kvm_timer_delete.argtypes = [ctypes.c_void_p]
+        _lib = lib
+    return _lib
+
+
+def _system_fd() -> int:
+    global _kvm_fd
+    if _kvm_fd is None:
+        try:
+            fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KVMUnavailable(f"/dev/kvm: {e.strerror}") from None
+        if fcntl.ioctl(fd, Ioctl.GET_API_VERSION) != 12:
+            os.close(fd)
+            raise KVMUnavailable("/dev/kvm: unexpected KVM API version")
+        for cap in (Cap.SYNC_REGS, Cap.IMMEDIATE_EXIT):
+            if not fcntl.ioctl(fd, Ioctl.CHECK_EXTENSION, int(cap)):
+                os.close(fd)
+                raise KVMUnavailable(f"/dev/kvm lacks KVM_CAP_{cap.name}")
+        _kvm_fd = fd
+    return _kvm_fd
+
+
+def unavailable_reason() -> str | None:
+    """None if this engine can run here, else why not (cached)."""
+    global _unavailable
+    if _unavailable is None:
+        try:
+            _system_fd()
+            _native()
+            _unavailable = ""
+        except (KVMUnavailable, OSError) as e:
+            _unavailable = str(e) or type(e).__name__
+    return _unavailable or None
+
+
+def hardware_virtualization() -> bool:
+    """True on VMX/SVM hosts; False on kvm-pvm (no vmx/svm in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "vmx" in flags or "svm" in flags
+    except OSError:
+        pass
+    return False
+
+
+# kvm-pvm reports an I/O exit with RIP already past the instruction; hardware KVM with RIP on
+# it (KVM skips it at the next KVM_RUN unless RIP was changed).
+_IO_RIP_AFTER = not hardware_virtualization()
+
+
+def hypercall_page() -> bytes:
+    """This engine's hypercall page: `mov $nr,%eax; out %al,$HCALL_PORT; ret` per 32-byte
+    stub (no clobbers, unlike syscall); iret (23) pushes rcx, r11, rax first as on Xen."""
+    page = bytearray(b"\xcc" * PAGE_SIZE)
+    out = bytes([0xE6, HCALL_PORT])
+    for i in range(128):
+        if i == 23:
+            stub = b"\x51\x41\x53\x50\xb8" + (23).to_bytes(4, "little") + out
+        else:
+            stub = b"\xb8" + i.to_bytes(4, "little") + out + b"\xc3"
+        page[32 * i:32 * i + len(stub)] = stub
+    return bytes(page)
+
+
+class _Ring0:
+    """IDT, stubs, TSS and ring-0 stack: four DOMID_XEN frames mapped supervisor-only in Xen's
+    slot 261 of every address space. Built once per XenArea (shared by all KVM engines)."""
+
+    def __init__(self, xen: "XenArea") -> None:
+        mem = xen.mem
+        base = xen.BASE + R0_L1_INDEX * PAGE_SIZE
+        self.idt_va, self.stubs_va, self.tss_va, self.stack_va = (base + i * PAGE_SIZE for i in range(4))
+        self.stack_top = self.stack_va + PAGE_SIZE
+        idt, stubs, tss, stack = (mem.alloc(DOMID_XEN)[0] for _ in range(4))
+        self.stack_maddr = stack << PAGE_SHIFT
+        code = bytearray(b"\xf4" * PAGE_SIZE)
+        for v in range(256):
+            h = self.stubs_va + _STUB_STRIDE * v
+            code[_STUB_STRIDE * v:_STUB_STRIDE * v + 2] = bytes([0xE6, v])
+            lo = (h & 0xFFFF) | (FLAT_RING0_CS64 << 16) | (0xEE << 40) | (((h >> 16) & 0xFFFF) << 48)
+            mem.write(idt << PAGE_SHIFT | 16 * v, struct.pack("<QQ", lo, h >> 32))
+        mem.write(stubs << PAGE_SHIFT, bytes(code))
+        mem.write((tss << PAGE_SHIFT) + 4, struct.pack("<Q", self.stack_top))
+        # I/O permission bitmap: only HCALL_PORT is open at CPL 3 (an exit); every other port
+        # faults #GP natively, as for a Xen PV guest without I/O privilege.
+        bitmap = bytearray(b"\xff" * (_IOBITMAP_BYTES + 1))
+        for port in (HCALL_PORT, SYSCALL_PORT):
+            bitmap[port >> 3] &= ~(1 << (port & 7))
+        struct.pack_into("<H", mem.map, (tss << PAGE_SHIFT) + 102, 104)
+        mem.write((tss << PAGE_SHIFT) + 104, bytes(bitmap))
+        # Walk slot 261 (L3 -> L2[0] -> L1) and add the four pages after XenArea's own.
+        l3 = xen.slots[261] & PTE_FRAME_MASK
+        l2 = mem.read_u64(l3) & PTE_FRAME_MASK
+        l1 = mem.read_u64(l2) & PTE_FRAME_MASK
+        sup = _PAGE_PRESENT | _PAGE_ACCESSED
+        for i, (mfn, flags) in enumerate(((idt, sup | _PAGE_NX), (stubs, sup),
+                                          (tss, sup | _PAGE_NX),
+                                          (stack, sup | _PAGE_RW | _PAGE_DIRTY | _PAGE_NX))):
+            mem.write_u64(l1 + 8 * (R0_L1_INDEX + i), (mfn << PAGE_SHIFT) | flags)
+        # Guest-visible pages of this engine, in Xen's L4 slot 257 (unused by Xen for PV
+        # guests, outside the slots the hostile suite proves unreadable):
+        # - the M2P again, read-only, from its base: kvm-pvm reserves slot 256 (Xen's M2P
+        #   address), so XENMEM_machphys_mapping reports this one; reads at Xen's fixed
+        #   address fault and are emulated (_emulate_m2p_read);
+        # - the SYSCALL entry (last page of the slot). Measured on kvm-pvm: SYSCALL from CPL 3
+        #   jumps to LSTAR but stays at CPL 3, so a supervisor-only entry page faults. The
+        #   entry holds one `out` to SYSCALL_PORT, harmless to run directly (a syscall).
+        page, e3, e2, e1 = (mem.alloc(DOMID_XEN)[0] for _ in range(4))
+        mem.write(page << PAGE_SHIFT, bytes([0xE6, SYSCALL_PORT]) + b"\xf4" * 14)
+        user = _PAGE_PRESENT | _PAGE_ACCESSED | _PAGE_USER
+        m2p_l3 = xen.slots[256] & PTE_FRAME_MASK
+        mem.write(e3 << PAGE_SHIFT, mem.read(m2p_l3, 8 * 511))
+        mem.write_u64((e1 << PAGE_SHIFT) + 8 * 511, (page << PAGE_SHIFT) | user)
+        mem.write_u64((e2 << PAGE_SHIFT) + 8 * 511, (e1 << PAGE_SHIFT) | user | _PAGE_RW)
+        mem.write_u64((e3 << PAGE_SHIFT) + 8 * 511, (e2 << PAGE_SHIFT) | user | _PAGE_RW)
+        xen.slots[GUEST_L4_SLOT] = (e3 << PAGE_SHIFT) | user | _PAGE_RW
+        self.m2p_va = 0xFFFF000000000000 | (GUEST_L4_SLOT << 39)
+        self.syscall_va = self.m2p_va + (1 << 39) - PAGE_SIZE
+        self.m2p_maddr = mem.m2p_first << PAGE_SHIFT
+        self.m2p_bytes = mem.m2p_frames << PAGE_SHIFT
+
+
+def ring0(xen: "XenArea") -> _Ring0:
+    r = getattr(xen, "_kvm_ring0", None)
+    if r is None:
+        r = xen._kvm_ring0 = _Ring0(xen)
+    return r
+
+
+def _seg(selector: int, dpl: int, *, code: bool, long: bool = False, db: bool = False) -> bytes:
+    return _SEG_FMT.pack(0, 0xFFFFFFFF, selector, 0xB if code else 0x3, 1, dpl, 1 if db else 0,
+                         1, 1 if long else 0, 1, 0, 0)
+
+
+_CS64 = _seg(FLAT_RING3_CS64, 3, code=True, long=True)
+_CS32 = _seg(FLAT_RING3_CS32, 3, code=True, db=True)
+_SS3 = _seg(FLAT_RING3_SS, 3, code=False, db=True)
+
+
+class KVMEngine:
+    """One x86_64 vCPU on KVM over the shared machine memory (interface of VCPUEngine).
+
+    Callbacks, as VCPUEngine: on_hypercall(), on_exception(vector, error, cr2),
+    on_invalid_opcode(), on_port_io(); plus `kernel_mode() -> bool` (set by the hypervisor):
+    an `out` to HCALL_PORT is a hypercall only from guest kernel mode, else port I/O (#GP).
+    """
+
+    kind = "kvm"
+
+    def __init__(self, mem: "MachineMemory", xen: "XenArea", *, name: str = "vcpu") -> None:
+        self.name = name
+        self.mem = mem
+        self.r0 = ring0(xen)
+        self.m2p_va = self.r0.m2p_va      # announced by XENMEM_machphys_mapping
+        lib = _native()
+        kvm = _system_fd()
+        self.vm_fd = self.vcpu_fd = -1
+        self.vm_fd = fcntl.ioctl(kvm, Ioctl.CREATE_VM, 0)
+        try:
+            self._set_slot(0, 0, mem.size, mem.fd_address)
+            # The zap slot: one private page far above RAM, deleted and re-added to make KVM
+            # drop every shadow page (see the module docstring).
+            self._zap_page = mmap.mmap(-1, PAGE_SIZE)
+            self._zap_anchor = ctypes.c_char.from_buffer(self._zap_page)
+            self._zap_gpa = ((mem.size >> 30) + 1) << 30
+            self._set_slot(1, self._zap_gpa, PAGE_SIZE, ctypes.addressof(self._zap_anchor))
+            self.vcpu_fd = fcntl.ioctl(self.vm_fd, Ioctl.CREATE_VCPU, 0)
+            size = fcntl.ioctl(kvm, Ioctl.GET_VCPU_MMAP_SIZE)
+            self._run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            self.close()
+            raise KVMUnavailable(f"creating a KVM vCPU: {e}") from None
+        self._run_anchor = ctypes.c_char.from_buffer(self._run_map)
+        self._run_ptr = ctypes.addressof(self._run_anchor)
+        self.regs = (ctypes.c_uint64 * 18).from_buffer(self._run_map, _RUN_REGS)
+        self._sregs = memoryview(self._run_map)[_RUN_SREGS:_RUN_SREGS + 312]
+        self._valid = ctypes.c_uint64.from_buffer(self._run_map, _RUN_VALID_REGS)
+        self._dirty = ctypes.c_uint64.from_buffer(self._run_map, _RUN_DIRTY_REGS)
+        # Initial state into the sync area; applied by the first KVM_RUN.
+        self._run_map[_RUN_REGS:_RUN_REGS + 144] = fcntl.ioctl(self.vcpu_fd, Ioctl.GET_REGS, bytes(144))
+        self._sregs[:] = fcntl.ioctl(self.vcpu_fd, Ioctl.GET_SREGS, bytes(312))
+        self._valid.value = SYNC_REGS | SYNC_SREGS
+        self._dirty.value = SYNC_REGS | SYNC_SREGS
+        self._timer = ctypes.c_void_p()
+        rc = lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
+        if rc < 0:
+            self.close()
+            raise KVMUnavailable(f"timer_create: {os.strerror(-rc)}")
+        self._timer_tid = _gettid()
+        self._lib = lib
+        self._kvm_run_fn = lib.aiovmm_kvm_run
+
+        self.on_hypercall: Callable[[], None] = lambda: None
+        self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
+        self.on_invalid_opcode: Callable[[], None] = lambda: None
+        self.on_port_io: Callable[[], None] = lambda: None
+        self.kernel_mode: Callable[[], bool] = lambda: True
+        self.rdtsc: Callable[[], int] = lambda: 0          # unused: RDTSC runs natively
+        self.stop_requested = False
+        self.last_error = ""
+        self.callback_error: BaseException | None = None
+        self._preempt = False
+        self._zap_pending = False
+        self._stepping = False
+        self._step_hit = False
+        self.exits = 0
+        self.zaps = 0
+        self._dirty_log = False
+        self._tsc_khz = 0
+
+    def _set_slot(self, slot: int, gpa: int, size: int, addr: int, flags: int = 0) -> None:
+        fcntl.ioctl(self.vm_fd, Ioctl.SET_USER_MEMORY_REGION, struct.pack("<IIQQQ", slot, flags, gpa, size, addr))
+
+    # -- registers ---------------------------------------------------------------------------
+    def _sreg_u64(self, off: int) -> int:
+        return struct.unpack_from("<Q", self._sregs, off)[0]
+
+    def _get(self, name: str) -> int:
+        i = _REG_INDEX.get(name)
+        if i is not None:
+            return self.regs[i]
+        if name in _SELECTORS:
+            return struct.unpack_from("<H", self._sregs, _SEG[name] + 12)[0]
+        if name in ("fs_base", "gs_base"):
+            return self._sreg_u64(_SEG[name[:2]])
+        return self._sreg_u64(_SREG_OFF[name])
+
+    def _set(self, name: str, value: int) -> None:
+        value &= 0xFFFFFFFFFFFFFFFF
+        i = _REG_INDEX.get(name)
+        if i is not None:
+            self.regs[i] = value
+            self._dirty.value |= SYNC_REGS
+            return
+        if name in _SELECTORS:
+            struct.pack_into("<H", self._sregs, _SEG[name] + 12, value)
+        elif name in ("fs_base", "gs_base"):
+            struct.pack_into("<Q", self._sregs, _SEG[name[:2]], value)
+        else:
+            struct.pack_into("<Q", self._sregs, _SREG_OFF[name], value)
+        self._dirty.value |= SYNC_SREGS
+
+    def read(self, names: Sequence[str]) -> list[int]:
+        return [self._get(n) for n in names]
+
+    def write(self, values: dict[str, int]) -> None:
+        for n, v in values.items():
+            self._set(n, v)
+
+    def get(self, name: str) -> int:
+        return self._get(name)
+
+    def set(self, name: str, value: int) -> None:
+        self._set(name, value)
+
+    def set_rax(self, value: int) -> None:
+        self.regs[0] = value & 0xFFFFFFFFFFFFFFFF
+        self._dirty.value |= SYNC_REGS
+
+    def hypercall_args(self) -> list[int]:
+        """(rax, rdi, rsi, rdx, r10, r8) at the hypercall exit."""
+        r = self.regs
+        return [r[0], r[5], r[4], r[3], r[10], r[8]]
+
+    def _msrs(self, pairs: Sequence[tuple[int, int]]) -> None:
+        buf = bytearray(struct.pack("<II", len(pairs), 0) + b"".join(struct.pack("<IIQ", i, 0, v) for i, v in pairs))
+        if fcntl.ioctl(self.vcpu_fd, Ioctl.SET_MSRS, buf) != len(pairs):
+            raise KVMUnavailable(f"KVM_SET_MSRS refused one of {[hex(i) for i, _ in pairs]}")
+
+    def set_msr(self, msr: int, value: int) -> None:
+        self._msrs([(msr, value)])
+
+    def get_msr(self, msr: int) -> int:
+        buf = bytearray(struct.pack("<IIIIQ", 1, 0, msr, 0, 0))
+        fcntl.ioctl(self.vcpu_fd, Ioctl.GET_MSRS, buf)
+        return struct.unpack_from("<Q", buf, 16)[0]
+
+    # -- MMU --------------------------------------------------------------------------------
+    def setup_long_mode(self, cr3: int, gdt_base: int, gdt_limit: int) -> None:
+        """Long mode with paging, NX, SSE, SYSCALL; CPL 3 flat segments; the engine's IDT,
+        TSS and syscall entry."""
+        s = self._sregs
+        s[_SEG["cs"]:_SEG["cs"] + 24] = _CS64
+        for seg in ("ss", "ds", "es", "fs", "gs"):
+            s[_SEG[seg]:_SEG[seg] + 24] = _SS3
+        s[_SEG["tr"]:_SEG["tr"] + 24] = _SEG_FMT.pack(self.r0.tss_va, TSS_LIMIT, 0, 0xB, 1, 0, 0, 0, 0, 0, 0, 0)
+        struct.pack_into("<QH", s, _SREG_OFF["gdt"], gdt_base, gdt_limit)
+        struct.pack_into("<QH", s, _SREG_OFF["idt"], self.r0.idt_va, 256 * 16 - 1)
+        for name, val in (("cr0", CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG), ("cr3", cr3),
+                          ("cr4", CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT),
+                          ("efer", EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE)):
+            struct.pack_into("<Q", s, _SREG_OFF[name], val)
+        self._dirty.value |= SYNC_SREGS
+        self._msrs([(MSR_STAR, (FLAT_RING3_CS32 << 48) | (FLAT_RING0_CS64 << 32)), (MSR_LSTAR, self.r0.syscall_va),
+                    (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
+
+    def set_cr3(self, cr3: int) -> None:
+        """Load a page-table root that may have been (re)validated: zap shadow pages too."""
+        self._set("cr3", cr3)
+        self._zap_pending = True
+
+    def flush_tlb(self) -> None:
+        """The hypervisor changed page tables: KVM's shadow pages must be rebuilt."""
+        self._zap_pending = True
+
+    def flush_code(self) -> None:
+        """Nothing to do: KVM runs the bytes in memory."""
+
+    def _zap(self) -> None:
+        self._set_slot(1, self._zap_gpa, 0, ctypes.addressof(self._zap_anchor))
+        self._set_slot(1, self._zap_gpa, PAGE_SIZE, ctypes.addressof(self._zap_anchor))
+        self._zap_pending = False
+        self.zaps += 1
+
+    def start_in_stub(self, stub_va: int, stub_stack_va: int, regs: dict[str, int],
+                      rip: int, rsp: int, rflags: int) -> None:
+        """Enter the guest at CPL 3 directly (segments are set from the host; no stub)."""
+        for i in range(18):
+            self.regs[i] = 0
+        vals = dict(regs, rip=rip, rsp=rsp, rflags=rflags | 2)
+        self.write(vals)
+
+    # -- pvclock -------------------------------------------------------------------------------
+    def pvclock_params(self, system_time_ns: Callable[[], int]) -> tuple[int, int, int, int]:
+        """(tsc_timestamp, system_time, tsc_to_system_mul, tsc_shift) for vcpu_time_info:
+        the guest reads the host TSC natively, so the parameters are its frequency and one
+        (guest TSC, system time) pair sampled as tightly as possible."""
+        if not self._tsc_khz:
+            self._tsc_khz = fcntl.ioctl(self.vcpu_fd, Ioctl.GET_TSC_KHZ)
+        best = None
+        for _ in range(5):
+            a = system_time_ns()
+            tsc = self.get_msr(MSR_IA32_TSC)
+            b = system_time_ns()
+            if best is None or b - a < best[0]:
+                best = (b - a, tsc, (a + b) // 2)
+        _, tsc, now = best
+        scale = (1_000_000 << 32) / self._tsc_khz       # ns per tick, in 32.32 fixed point
+        shift = 0
+        while scale >= 1 << 32:
+            scale /= 2
+            shift += 1
+        while scale < 1 << 31:
+            scale *= 2
+            shift -= 1
+        return tsc, now, int(scale), shift
+
+    # -- running -------------------------------------------------------------------------------
+    def decode(self, code: bytes) -> tuple[int, str, str] | None:
+        from .vcpu_engine import VCPUEngine
+        return VCPUEngine.decode(self, code)        # the one capstone decoder (no engine state)
+
+    def step_to(self, end: int) -> bool:
+        """Execute exactly one instruction (RFLAGS.TF: #DB after it, reported by the IDT stub)
+        and return True if RIP reached `end` with no other exception or stop."""
+        self._stepping = True
+        self._step_hit = False
+        self.stop_requested = False
+        rf = self.regs[17]
+        self.regs[17] = rf | RF_TF
+        self._dirty.value |= SYNC_REGS
+        self._begin(time.monotonic_ns() + 50_000_000)
+        try:
+            for _ in range(4):
+                rc = self._kvm_run()
+                if rc < 0:
+                    break
+                self._handle_exit()
+                if self._step_hit or self.stop_requested or self.callback_error is not None:
+                    break
+        finally:
+            self._end()
+            self._stepping = False
+            self.regs[17] &= ~RF_TF
+            self.regs[17] |= rf & RF_TF
+            self._dirty.value |= SYNC_REGS
+        return self._step_hit and not self.stop_requested and self.regs[16] == end
+
+    def _begin(self, deadline_ns: int) -> None:
+        if _gettid() != self._timer_tid:                # the loop moved to another thread
+            self._lib.aiovmm_kvm_timer_delete(self._timer)
+            self._lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
+            self._timer_tid = _gettid()
+        self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline_ns)
+
+    def _end(self) -> None:
+        self._lib.aiovmm_kvm_slice_end(self._run_ptr, self._timer)
+
+    def _kvm_run(self) -> int:
+        if self._zap_pending:
+            self._zap()
+        self.exits += 1
+        return self._kvm_run_fn(self.vcpu_fd)
+
+    def run(self, budget: int, max_ns: int = 0) -> ExitReason:
+        """Run until `max_ns` of wall time (2 ms if 0) has passed, a handler stops, or a
+        preempt. `budget` (Unicorn blocks) has no meaning here."""
+        deadline = time.monotonic_ns() + (max_ns or 2_000_000)
+        self.stop_requested = False
+        self._begin(deadline)
+        try:
+            return self._run_slice(deadline)
+        finally:
+            self._end()
+
+    def _run_slice(self, deadline: int) -> ExitReason:
+        handle = self._handle_exit
+        run = self._kvm_run
+        while True:
+            rc = run()
+            if rc == -errno.EINTR:
+                return ExitReason.BUDGET
+            if rc < 0:
+                self.last_error = f"KVM_RUN: {os.strerror(-rc)}"
+                return ExitReason.ERROR
+            if not handle():
+                return ExitReason.ERROR
+            if self.stop_requested:
+                if self.callback_error is not None:
+                    e, self.callback_error = self.callback_error, None
+                    self.last_error = f"hypervisor error in handler: {e!r}"
+                    return ExitReason.ERROR
+                return ExitReason.STOPPED
+            if self._preempt:
+                self._preempt = False
+                return ExitReason.PREEMPT
+            if time.monotonic_ns() >= deadline:
+                return ExitReason.BUDGET
+
+    def _handle_exit(self) -> bool:
+        """Turn one KVM exit into a callback. False: the engine cannot go on (last_error)."""
+        m = self._run_map
+        reason = struct.unpack_from("<I", m, _RUN_EXIT_REASON)[0]
+        if reason == Exit.IO:
+            direction, size, port, count = struct.unpack_from("<BBHI", m, _RUN_IO)
+            rip = self.regs[16]
+            r0 = self.r0
+            if r0.stubs_va <= rip <= r0.stubs_va + PAGE_SIZE:
+                self._from_vector(port)
+                return True
+            if port == SYSCALL_PORT and r0.syscall_va <= rip <= r0.syscall_va + 2:
+                self._from_syscall()
+                return True
+            if port == HCALL_PORT and direction == 1 and size == 1 and count == 1 and self.kernel_mode():
+                if not _IO_RIP_AFTER:
+                    self.regs[16] = rip + 2
+                    self._dirty.value |= SYNC_REGS
+                self._call(self.on_hypercall)
+                return True
+            self._guest_io(direction, size, port, count)
+            return True
+        if reason == Exit.INTR:
+            return True
+        if reason == Exit.SHUTDOWN:
+            self.last_error = "triple fault (KVM_EXIT_SHUTDOWN)"
+        elif reason == Exit.MMIO:
+            addr = struct.unpack_from("<Q", m, _RUN_IO)[0]
+            self.last_error = f"access to unbacked guest-physical address {addr:#x}"
+        elif reason == Exit.HLT:
+            self.last_error = "HLT in the engine's ring-0 stubs"
+        else:
+            self.last_error = f"unexpected KVM exit {reason}"
+        return False
+
+    def _call(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:          # never let a handler bug unwind through the loop
+            log.exception("%s: handler raised", self.name)
+            self.callback_error = e
+            self.stop_requested = True
+
+    def _back_to_cpl3(self, cs_selector: int) -> None:
+        s = self._sregs
+        s[_SEG["cs"]:_SEG["cs"] + 24] = _CS32 if (cs_selector & ~3) == (FLAT_RING3_CS32 & ~3) else _CS64
+        s[_SEG["ss"]:_SEG["ss"] + 24] = _SS3
+        self._dirty.value |= SYNC_REGS | SYNC_SREGS
+
+    def _from_syscall(self) -> None:
+        """SYSCALL at CPL 3 reached the LSTAR stub: RCX/R11 hold the return RIP/RFLAGS."""
+        r = self.regs
+        r[16], r[17] = r[2], r[11] | 2
+        self._back_to_cpl3(FLAT_RING3_CS64)
+        self._call(self.on_hypercall)
+
+    def _from_vector(self, vector: int) -> None:
+        """An exception or INT n went through the IDT: read the CPU's frame, return to CPL 3
+        state as it was at the fault, and report it."""
+        r = self.regs
+        sp = r[6]
+        has_err = sp == self.r0.stack_top - _ERR_FRAME
+        off = self.r0.stack_maddr + (sp - self.r0.stack_va)
+        if has_err:
+            err, rip, cs, rflags, rsp, _ss = struct.unpack_from("<6Q", self.mem.map, off)
+        else:
+            err = 0
+            rip, cs, rflags, rsp, _ss = struct.unpack_from("<5Q", self.mem.map, off)
+        r[16], r[17], r[6] = rip, rflags & ~RF_TF if self._stepping else rflags, rsp
+        self._back_to_cpl3(cs)
+        if self._stepping and vector == 1:
+            self._step_hit = True
+            return
+        if vector in (6, 13):
+            # kvm-pvm turns some `int $n` (measured: int $0x80) into #UD at the instruction
+            # itself; report it as the Unicorn engine and a real CPU with a DPL-3 gate do:
+            # vector n, RIP past the instruction.
+            try:
+                code = self._read_code(rip, 2)
+            except LookupError:
+                code = b""
+            if len(code) == 2 and code[0] == 0xCD:
+                r[16] = rip + 2
+                self._call(self.on_exception, code[1], 0, 0)
+                return
+        if vector == 6:
+            self._call(self.on_invalid_opcode)
+            return
+        cr2 = self._sreg_u64(_SREG_OFF["cr2"]) if vector == 14 else 0
+        if vector == 14 and MACH2PHYS_VIRT_START <= cr2 < MACH2PHYS_VIRT_END:
+            if cr2 - MACH2PHYS_VIRT_START < self.r0.m2p_bytes:
+                if not err & 2 and self._emulate_m2p_read(rip, cr2):
+                    return
+                # Xen's M2P is mapped there read-only: a present-page fault, never the
+                # reserved-bit fault kvm-pvm reports for its own slot.
+                err = (err & ~8) | 1
+        self._call(self.on_exception, vector, err, cr2)
+
+    def _emulate_m2p_read(self, rip: int, cr2: int) -> bool:
+        """A load from Xen's fixed M2P address (reserved by kvm-pvm): perform it from the M2P
+        frames. Register-destination mov/movzx/movsx/movsxd only; anything else is bounced
+        as the #PF. True if done (RIP advanced)."""
+        try:
+            d = self.decode(self._read_code(rip, 15))
+        except LookupError:
+            return False
+        if d is None:
+            return False
+        n, mnemonic, ops = d
+        if mnemonic not in ("mov", "movzx", "movsx", "movsxd") or ", " not in ops:
+            return False
+        dst, src = ops.split(", ", 1)
+        width = {"qword": 8, "dword": 4, "word": 2, "byte": 1}.get(src.split(" ", 1)[0])
+        reg = _GPR.get(dst)
+        if width is None or reg is None or "[" not in src:
+            return False
+        idx, dwidth = reg
+        off = cr2 - MACH2PHYS_VIRT_START
+        if off + width > self.r0.m2p_bytes:
+            return False
+        val = int.from_bytes(self.mem.read(self.r0.m2p_maddr + off, width), "little")
+        if mnemonic in ("movsx", "movsxd") and val >> (8 * width - 1):
+            val -= 1 << (8 * width)
+        r = self.regs
+        if dwidth == 8:
+            r[idx] = val & 0xFFFFFFFFFFFFFFFF
+        elif dwidth == 4:
+            r[idx] = val & 0xFFFFFFFF                 # 32-bit writes zero-extend
+        else:
+            mask = (1 << (8 * dwidth)) - 1
+            r[idx] = (r[idx] & ~mask) | (val & mask)
+        r[16] = rip + n
+        self._dirty.value |= SYNC_REGS
+        return True
+
+    def _guest_io(self, direction: int, size: int, port: int, count: int) -> None:
+        """Port I/O by the guest itself (no I/O privilege: #GP at the instruction, as on Xen).
+        KVM completes a pending `in` at the next KVM_RUN whatever RIP is, so complete it now
+        and put the registers back as they were before the instruction."""
+        snap = bytes(self._run_map[_RUN_REGS:_RUN_REGS + 144])
+        self._dirty.value &= ~SYNC_REGS
+        self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
+        self._run_map[_RUN_REGS:_RUN_REGS + 144] = snap
+        rip = self.regs[16]
+        if _IO_RIP_AFTER:
+            rip -= self._io_insn_len(rip, direction, size, port)
+        self.regs[16] = rip
+        self._dirty.value |= SYNC_REGS
+        self._call(self.on_port_io)
+
+    def _io_insn_len(self, rip_after: int, direction: int, size: int, port: int) -> int:
+        """Length of the I/O instruction that ends at rip_after (kvm-pvm reports RIP past it):
+        the imm8 forms (E4-E7) are 2 bytes, the DX and string forms 1, plus a 66 operand-size
+        prefix for 16-bit accesses and a rep prefix for string forms."""
+        try:
+            before = self._read_code(rip_after - 4, 4)
+        except LookupError:
+            return 2
+        n = 2 if before[2] in (0xE4, 0xE5, 0xE6, 0xE7) and before[3] == (port & 0xFF) else 1
+        if before[3] in (0x6C, 0x6D, 0x6E, 0x6F) and n == 1 and before[2] in (0xF2, 0xF3):
+            n += 1
+        if size == 2 and before[4 - n - 1] == 0x66:
+            n += 1
+        return n
+
+    def _read_code(self, va: int, n: int) -> bytes:
+        """Bytes at a guest VA through the current page tables (read-only walk)."""
+        mem = self.mem
+        table = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
+        out = b""
+        for a in range(va, va + n):
+            t = table
+            for shift in (39, 30, 21, 12):
+                e = mem.read_u64(t + 8 * ((a >> shift) & 0x1FF))
+                if not e & _PAGE_PRESENT:
+                    raise LookupError(hex(a))
+                t = e & PTE_FRAME_MASK
+                if t >= mem.size:
+                    raise LookupError(hex(a))
+            out += bytes(mem.view[t + (a & 0xFFF):t + (a & 0xFFF) + 1])
+        return out
+
+    def stop(self) -> None:
+        """End the current slice after the running handler returns."""
+        self.stop_requested = True
+
+    def preempt(self) -> None:
+        """End the slice at the next exit (from the loop thread)."""
+        self._preempt = True
+
+    @property
+    def blocks_executed(self) -> int:
+        return self.exits
+
+    def enable_instruction_count(self) -> None:
+        """Not available under KVM (instructions run natively); instructions_executed stays 0."""
+
+    @property
+    def instructions_executed(self) -> int:
+        return 0
+
+    # -- dirty tracking (migration) -------------------------------------------------------------
+    def start_dirty_log(self) -> None:
+        """Track guest writes to machine memory (KVM_MEM_LOG_DIRTY_PAGES on slot 0)."""
+        self._set_slot(0, 0, self.mem.size, self.mem.fd_address, 1)
+        self._dirty_log = True
+
+    def get_dirty_log(self) -> set[int]:
+        """MFNs the guest wrote since the last call (or start_dirty_log); resets the log."""
+        if not self._dirty_log:
+            raise RuntimeError("dirty logging is not started")
+        nbits = self.mem.nr_frames
+        bitmap = ctypes.create_string_buffer(((nbits + 63) // 64) * 8)
+        fcntl.ioctl(self.vm_fd, Ioctl.GET_DIRTY_LOG, struct.pack("<IIQ", 0, 0, ctypes.addressof(bitmap)))
+        raw = int.from_bytes(bitmap.raw, "little")
+        out = set()
+        while raw:
+            low = raw & -raw
+            out.add(low.bit_length() - 1)
+            raw ^= low
+        out.discard(self.r0.stack_maddr >> PAGE_SHIFT)    # the CPU's exception frames, not guest data
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "_lib", None) is not None and self._timer:
+            self._lib.aiovmm_kvm_timer_delete(self._timer)
+            self._timer = ctypes.c_void_p()
+        for attr in ("regs", "_valid", "_dirty", "_run_anchor"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+        if hasattr(self, "_sregs"):
+            self._sregs.release()
+            del self._sregs
+        if hasattr(self, "_run_map"):
+            self._run_map.close()
+            del self._run_map
+        for fd in (self.vcpu_fd, self.vm_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.vcpu_fd = self.vm_fd = -1
+
+
+def _gettid() -> int:
+    return threading.get_native_id()
+
+
+ENGINES = ("unicorn", "kvm", "auto")
+
+
+def choose_engine(kind: str) -> str:
+    """Resolve an engine name. "kvm" requires a usable /dev/kvm (KVMUnavailable otherwise).
+    "auto": KVM on hardware virtualization; on kvm-pvm the emulated engine, because there
+    every exit costs ~30 us and the project's guests are exit-bound, not CPU-bound
+    (docs/design.md, "Which engine `auto` picks")."""
+    if kind not in ENGINES:
+        raise ValueError(f"unknown vCPU engine {kind!r} (choose from {', '.join(ENGINES)})")
+    if kind == "unicorn":
+        return kind
+    why = unavailable_reason()
+    if kind == "kvm":
+        if why:
+            raise KVMUnavailable(why)
+        return kind
+    return "kvm" if not why and hardware_virtualization() else "unicorn"
