@@ -154,11 +154,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="vCPU engine: emulated (unicorn), KVM, or auto (default; see docs/design.md)")
     r.add_argument("--machine-memory", type=_mib, default=2048, metavar="MIB",
                    help="host memory reserved for all guests (lazily backed; default 2048)")
+    from .control.cli_verbs import register as register_verbs
+    register_verbs(sub)                       # xl-style verbs against `aiovmm serve`
     args = p.parse_args(argv)
     # Quiet by default: the CLI itself prints the one-line outcome; -v shows warnings and
     # errors from the hypervisor's log, -vv info, -vvv debug.
     level = {0: logging.CRITICAL + 1, 1: logging.WARNING, 2: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if hasattr(args, "verb_func"):
+        from .control.cli_verbs import dispatch
+        return dispatch(args)
     if args.cmd == "run":
         from .config import ConfigError, DomainConfig, load
         try:

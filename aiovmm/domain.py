@@ -119,6 +119,9 @@ class Domain:
         self.backends: list = []          # device backends (netback, blkback) of this domain
         self.created_ns = hv.system_time_ns()
         self.done: asyncio.Future[ShutdownReason] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task | None = None          # the domain's task in the hypervisor
+        self.device_tg: asyncio.TaskGroup | None = None  # its backends' TaskGroup while running
+        self.hypercall_counts: dict[int, int] = {}     # hypercall number -> calls (known only)
 
     def __repr__(self) -> str:
         return f"<Domain d{self.domid} {self.name}>"
@@ -228,6 +231,21 @@ class Domain:
         raise LookupError(f"d{self.domid} ended ({self.describe_end()}) before a line matched {pattern!r}")
 
     # -- lifecycle ----------------------------------------------------------------------------------
+    def pause(self) -> None:
+        """Stop scheduling the vCPUs (xl pause). Called on the loop, so no slice is running:
+        every vCPU task waits at the top of its run loop until unpause(). Timers still fire
+        and leave events pending, delivered after unpause as on Xen."""
+        if not self.dying:
+            self.paused = True
+            log.info("d%d (%s): paused", self.domid, self.name)
+
+    def unpause(self) -> None:
+        if self.paused:
+            self.paused = False
+            log.info("d%d (%s): unpaused", self.domid, self.name)
+            for v in self.vcpus:
+                v.wake()
+
     def shutdown(self, reason: ShutdownReason | int = ShutdownReason.poweroff) -> None:
         """Stop the domain with a reason (the toolstack's `destroy` is poweroff)."""
         if self.dying:

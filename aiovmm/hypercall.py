@@ -233,6 +233,8 @@ def dispatch(v: "VCPU") -> None:
     if fn is None:
         ret = -Errno.ENOSYS
     else:
+        counts = v.domain.hypercall_counts
+        counts[nr] = counts.get(nr, 0) + 1
         try:
             ret = fn(v, a1, a2, a3, a4, a5)
         except GuestFault:

@@ -242,8 +242,16 @@ class Hypervisor:
             dom.destroy()
             del self.domains[domid]
             raise
-        self._tg.create_task(self._run_domain(dom), name=f"d{domid}")
+        dom.task = self._tg.create_task(self._run_domain(dom), name=f"d{domid}")
         return dom
+
+    def start_backend(self, dom: Domain, backend) -> asyncio.Task:
+        """Hot-plug: run a device backend of a running domain in that domain's TaskGroup
+        (it is cancelled with the domain like the backends given to create())."""
+        if dom.device_tg is None or dom.dying:
+            raise BuildError(f"d{dom.domid} is not running")
+        return dom.device_tg.create_task(self._run_backend(dom, backend),
+                                          name=f"d{dom.domid}-{type(backend).__name__}-{backend.devid}")
 
     def _create_vcpu0(self, dom: Domain, img: builder.KernelImage, lay: builder.Layout) -> None:
         if dom.engine_kind == "kvm":
@@ -290,6 +298,7 @@ class Hypervisor:
                 timers.set_periodic(v, timers.DEFAULT_PERIOD_NS)
             dom.console_backend = ConsoleBackend(dom)
             async with asyncio.TaskGroup() as tg:
+                dom.device_tg = tg
                 backend_tasks = [tg.create_task(dom.console_backend.run(), name=f"d{dom.domid}-console"),
                                  tg.create_task(toolstack.serve_store_ring(self, dom), name=f"d{dom.domid}-store")]
                 if dom.console_log is not None:
@@ -298,6 +307,7 @@ class Hypervisor:
                     backend_tasks.append(tg.create_task(self._run_backend(dom, b), name=f"d{dom.domid}-{type(b).__name__}-{b.devid}"))
                 vcpu_tasks = [tg.create_task(v.run(), name=repr(v)) for v in dom.vcpus]
                 await asyncio.gather(*vcpu_tasks)
+                dom.device_tg = None
                 dom.console_backend.drain_final()
                 for t in backend_tasks:
                     t.cancel()

@@ -1,0 +1,630 @@
+"""`aiovmm serve`: one Hypervisor and the toolstack state around it (the Controller).
+
+The Controller is what xl+libxl are on Xen: it keeps each domain's configuration (for
+reboot), applies xl's semantics (names are unique, on_reboot=restart, on_poweroff and
+on_crash=destroy), writes the toolstack's xenstore keys (memory/target, control/shutdown)
+and hot-plugs devices. Everything runs on the daemon's event loop; the HTTP layer (api.py)
+only translates requests into these calls and ControlError into 4xx answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import platform
+import signal
+import socket
+import ssl
+import stat
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..abi import ShutdownReason
+from ..errors import BuildError
+from ..hypervisor import Hypervisor
+from ..xenbus import XenbusState, read_state, read_str, wait_for_state
+from ..xenstore.core import XsError
+from .metrics import LoopLag, MeteredScheduler
+
+if TYPE_CHECKING:
+    from ..domain import Domain
+
+log = logging.getLogger("aiovmm.control")
+
+DEFAULT_SOCKET = "/run/aiovmm/aiovmm.sock"
+DMESG_LINES = 2000
+CONSOLE_REPLAY_BYTES = 64 << 10      # history a console client gets on attach
+SHUTDOWN_WAIT_S = 60.0
+DETACH_WAIT_S = 5.0
+NAME_MAX = 64
+
+
+class ControlError(Exception):
+    """A request the toolstack refuses: one clear message and an HTTP status (4xx)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def not_found(ref: str) -> ControlError:
+    return ControlError(404, f"no domain {ref!r}")
+
+
+@dataclasses.dataclass
+class DomainSpec:
+    """What a domain was created from: xl's config, kept for reboot and `list -l`."""
+    kernel: str
+    memory: int = 32
+    name: str | None = None
+    cmdline: str = ""
+    vif: list[str] = dataclasses.field(default_factory=list)
+    disk: list[str] = dataclasses.field(default_factory=list)
+    on_reboot: str = "restart"
+
+
+@dataclasses.dataclass
+class Record:
+    spec: DomainSpec
+    dom: "Domain"
+    weight: int = 256
+    cap: int = 0
+    subscribers: set = dataclasses.field(default_factory=set)   # console queues
+    hotplug: dict = dataclasses.field(default_factory=dict)     # (kind, devid) -> task
+
+
+class DmesgHandler(logging.Handler):
+    """The hypervisor's own log as `xl dmesg` shows Xen's console ring."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: collections.deque[str] = collections.deque(maxlen=DMESG_LINES)
+        self.setFormatter(logging.Formatter("(XEN) [%(asctime)s] %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except (ValueError, TypeError):
+            self.handleError(record)
+
+
+class Controller:
+    def __init__(self, hv: Hypervisor, scheduler: MeteredScheduler, dmesg: DmesgHandler) -> None:
+        self.hv = hv
+        self.sched = scheduler
+        self.dmesg = dmesg
+        self.records: dict[int, Record] = {}
+        self.names: set[str] = set()         # taken, including domains being built
+        self.lag = LoopLag()
+        self.started = time.time()
+        self._tg: asyncio.TaskGroup | None = None
+
+    # -- lookup -------------------------------------------------------------------------------
+    def lookup(self, ref: str) -> Record:
+        """A domain by id or by name (xl accepts either)."""
+        if ref.isdigit():
+            rec = self.records.get(int(ref))
+            if rec is not None:
+                return rec
+        for rec in self.records.values():
+            if rec.dom.name == ref:
+                return rec
+        raise not_found(ref)
+
+    def live(self, ref: str) -> Record:
+        rec = self.lookup(ref)
+        if rec.dom.dying:
+            raise ControlError(409, f"d{rec.dom.domid} ({rec.dom.name}) is shutting down")
+        return rec
+
+    # -- creation -----------------------------------------------------------------------------
+    def spec_from_config(self, text: str, path: str | None) -> DomainSpec:
+        from ..config import ConfigError, parse
+        try:
+            cfg = parse(text, path or "<config>")
+        except ConfigError as e:
+            raise ControlError(400, str(e)) from None
+        return DomainSpec(kernel=cfg.kernel, memory=cfg.memory, name=cfg.name, cmdline=cfg.cmdline,
+                          vif=list(cfg.vif), disk=list(cfg.disk))
+
+    async def create(self, spec: DomainSpec) -> Record:
+        """Build and start a domain, or refuse with nothing left behind."""
+        if spec.memory < 1:
+            raise ControlError(400, "memory must be at least 1 MiB")
+        if spec.memory > self.hv.memory_mib:
+            raise ControlError(400, f"memory {spec.memory} MiB is more than the host's {self.hv.memory_mib} MiB")
+        free_mib = self.hv.mem.free_frames >> 8
+        if spec.memory > free_mib:
+            raise ControlError(409, f"not enough free memory for {spec.memory} MiB ({free_mib} MiB free)")
+        if spec.name is not None:
+            if not spec.name or len(spec.name) > NAME_MAX or not spec.name.isprintable() \
+                    or spec.name.isdigit() or "/" in spec.name:
+                raise ControlError(400, f"invalid domain name {spec.name!r}")
+            if spec.name in self.names:
+                raise ControlError(409, f"a domain named {spec.name!r} already exists")
+            self.names.add(spec.name)      # reserved before the first await: no race
+        holder: list[Record] = []
+
+        def console(data: bytes) -> None:
+            if holder:
+                for q in list(holder[0].subscribers):
+                    q.put_nowait(data)
+        try:
+            dom = await self.hv.create(spec.kernel, memory_mib=spec.memory, cmdline=spec.cmdline,
+                                       name=spec.name, on_console=console, vifs=spec.vif,
+                                       disks=spec.disk)
+        except BuildError as e:
+            if spec.name is not None:
+                self.names.discard(spec.name)
+            msg = str(e)
+            raise ControlError(409 if "not enough machine memory" in msg or "in use" in msg else 400,
+                               msg) from None
+        except BaseException:
+            if spec.name is not None:
+                self.names.discard(spec.name)
+            raise
+        if spec.name is None:
+            self.names.add(dom.name)
+        rec = Record(spec, dom)
+        holder.append(rec)
+        self.records[dom.domid] = rec
+        self._tg.create_task(self._watch(rec), name=f"d{dom.domid}-watch")
+        log.info("d%d (%s): created (%d MiB, %s)", dom.domid, dom.name, spec.memory, spec.kernel)
+        return rec
+
+    async def _watch(self, rec: Record) -> None:
+        """xl's on_poweroff/on_crash=destroy, on_reboot=restart: once the domain's task has
+        finished (everything released), forget it; a reboot builds it again."""
+        dom = rec.dom
+        reason = await dom.wait()
+        if dom.task is not None:
+            await asyncio.wait([dom.task])
+        for t in rec.hotplug.values():
+            t.cancel()
+        for q in list(rec.subscribers):
+            q.put_nowait(None)                    # console clients: the domain is gone
+        self.records.pop(dom.domid, None)
+        self.names.discard(dom.name)
+        log.info("d%d (%s): gone (%s)", dom.domid, dom.name, dom.describe_end())
+        if reason == ShutdownReason.reboot and rec.spec.on_reboot == "restart":
+            spec = dataclasses.replace(rec.spec, name=dom.name)
+            try:
+                new = await self.create(spec)
+            except ControlError as e:
+                log.error("d%d (%s): restart after reboot failed: %s", dom.domid, dom.name, e.message)
+                return
+            new.weight, new.cap = rec.weight, rec.cap
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def pause(self, ref: str) -> Record:
+        rec = self.live(ref)
+        rec.dom.pause()
+        return rec
+
+    def unpause(self, ref: str) -> Record:
+        rec = self.live(ref)
+        rec.dom.unpause()
+        return rec
+
+    def _request_shutdown(self, rec: Record, reason: ShutdownReason) -> None:
+        """As xl: write control/shutdown for the guest's PV driver. A guest that has not
+        advertised control/feature-<reason> (the project's kernels have no such driver) is
+        shut down by the hypervisor with that reason, as if it had obeyed at once."""
+        dom = rec.dom
+        st = self.hv.xenstore.store
+        word = {ShutdownReason.poweroff: "poweroff", ShutdownReason.reboot: "reboot"}[reason]
+        st.write(f"/local/domain/{dom.domid}/control/shutdown", word)
+        feature = read_str(st, f"/local/domain/{dom.domid}/control/feature-{word}", "0")
+        if feature != "1":
+            dom.unpause()
+            dom.shutdown(reason)
+        elif dom.paused:
+            dom.unpause()
+
+    async def wait_gone(self, rec: Record, timeout: float) -> None:
+        dom = rec.dom
+        try:
+            async with asyncio.timeout(timeout):
+                await dom.wait()
+                if dom.task is not None:
+                    await asyncio.wait([dom.task])
+        except TimeoutError:
+            raise ControlError(409, f"d{dom.domid} ({dom.name}) did not shut down within {timeout:g} s") from None
+
+    async def shutdown(self, ref: str, wait: bool, timeout: float = SHUTDOWN_WAIT_S) -> Record:
+        rec = self.live(ref)
+        self._request_shutdown(rec, ShutdownReason.poweroff)
+        if wait:
+            await self.wait_gone(rec, timeout)
+        return rec
+
+    def reboot(self, ref: str) -> Record:
+        rec = self.live(ref)
+        self._request_shutdown(rec, ShutdownReason.reboot)
+        return rec
+
+    async def destroy(self, ref: str) -> Record:
+        rec = self.lookup(ref)
+        rec.spec.on_reboot = "destroy"
+        rec.dom.unpause()
+        rec.dom.shutdown(ShutdownReason.poweroff)
+        await self.wait_gone(rec, SHUTDOWN_WAIT_S)
+        return rec
+
+    # -- memory -------------------------------------------------------------------------------------
+    def target_kib(self, dom: "Domain") -> int:
+        v = read_str(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/target", "")
+        return int(v) if v and v.isdigit() else dom.max_pages * 4
+
+    def mem_set(self, ref: str, mib: int) -> Record:
+        """xl mem-set: the balloon target in xenstore (KiB); the guest's balloon driver moves."""
+        rec = self.live(ref)
+        dom = rec.dom
+        if mib < 1:
+            raise ControlError(400, "memory target must be at least 1 MiB")
+        if mib * 256 > dom.max_pages:
+            raise ControlError(400, f"target {mib} MiB is above d{dom.domid}'s maximum {dom.max_pages // 256} MiB")
+        self.hv.xenstore.store.write(f"/local/domain/{dom.domid}/memory/target", str(mib * 1024))
+        log.info("d%d (%s): memory target %d MiB", dom.domid, dom.name, mib)
+        return rec
+
+    def mem_max(self, ref: str, mib: int) -> Record:
+        """xl mem-max: the most the domain may own (memory_op increase_reservation's limit)."""
+        rec = self.live(ref)
+        dom = rec.dom
+        if mib * 1024 < self.target_kib(dom):
+            raise ControlError(400, f"maximum {mib} MiB is below d{dom.domid}'s target {self.target_kib(dom) // 1024} MiB")
+        if mib > self.hv.memory_mib:
+            raise ControlError(400, f"maximum {mib} MiB is more than the host's {self.hv.memory_mib} MiB")
+        dom.max_pages = mib * 256
+        self.hv.xenstore.store.write(f"/local/domain/{dom.domid}/memory/static-max", str(mib * 1024))
+        log.info("d%d (%s): memory maximum %d MiB", dom.domid, dom.name, mib)
+        return rec
+
+    # -- scheduling -----------------------------------------------------------------------------------
+    def sched_credit(self, ref: str, weight: int | None, cap: int | None) -> Record:
+        """Weights and caps are stored and shown; the credit scheduler is a later issue."""
+        rec = self.live(ref)
+        if weight is not None:
+            if not 1 <= weight <= 65535:
+                raise ControlError(400, "weight must be 1..65535")
+            rec.weight = weight
+        if cap is not None:
+            if not 0 <= cap <= 100 * max(1, len(rec.dom.vcpus)):
+                raise ControlError(400, f"cap must be 0..{100 * max(1, len(rec.dom.vcpus))} (percent of one CPU)")
+            rec.cap = cap
+        return rec
+
+    # -- devices --------------------------------------------------------------------------------------
+    @staticmethod
+    def vifs(dom: "Domain") -> list:
+        from ..backends.net import Netback
+        return [b for b in dom.backends if isinstance(b, Netback)]
+
+    @staticmethod
+    def vbds(dom: "Domain") -> list:
+        from ..backends.block import Blkback
+        return [b for b in dom.backends if isinstance(b, Blkback)]
+
+    def network_attach(self, ref: str, spec: str) -> Any:
+        """xl network-attach: publish the device directories and run netback; the guest's
+        frontend sees device/vif/<n> appear (xenbus hot-plug) and connects."""
+        from ..backends.net import Netback, VifConfig
+        rec = self.live(ref)
+        dom = rec.dom
+        try:
+            cfg = VifConfig.parse(spec)
+        except ValueError as e:
+            raise ControlError(400, f"vif {spec!r}: {e}") from None
+        taken = {b.devid for b in self.vifs(dom)}
+        devid = next(i for i in range(len(taken) + 1) if i not in taken)
+        nb = Netback(dom, devid, cfg, ifname_prefix=self.hv.vif_prefix)
+        nb.publish()
+        dom.backends.append(nb)
+        try:
+            rec.hotplug[("vif", devid)] = self.hv.start_backend(dom, nb)
+        except BuildError as e:
+            dom.backends.remove(nb)
+            self._remove_device_nodes(nb)
+            raise ControlError(409, str(e)) from None
+        log.info("d%d (%s): vif %d attached (%s)", dom.domid, dom.name, devid, nb.mac)
+        return nb
+
+    async def block_attach(self, ref: str, spec: str) -> Any:
+        from ..backends.block import Blkback, DiskConfig
+        rec = self.live(ref)
+        dom = rec.dom
+        try:
+            cfg = DiskConfig.parse(spec)
+            await asyncio.to_thread(cfg.check, {k: set(v) for k, v in self.hv.disks_in_use.items()})
+        except ValueError as e:
+            raise ControlError(400, f"disk {spec!r}: {e}") from None
+        if dom.dying:
+            raise ControlError(409, f"d{dom.domid} ({dom.name}) is shutting down")
+        index = len(self.vbds(dom))
+        bb = Blkback(dom, index, cfg)
+        if any(b.devid == bb.devid for b in self.vbds(dom)):
+            raise ControlError(409, f"d{dom.domid} already has a disk {bb.vdev}")
+        try:
+            bb.claim(self.hv.disks_in_use)
+        except ValueError as e:
+            raise ControlError(409, f"disk {spec!r}: {e}") from None
+        bb.publish()
+        dom.backends.append(bb)
+        try:
+            rec.hotplug[("vbd", bb.devid)] = self.hv.start_backend(dom, bb)
+        except BuildError as e:
+            dom.backends.remove(bb)
+            bb.release(self.hv.disks_in_use)
+            self._remove_device_nodes(bb)
+            raise ControlError(409, str(e)) from None
+        log.info("d%d (%s): vbd %s attached (%s)", dom.domid, dom.name, bb.vdev, cfg.target)
+        return bb
+
+    def _find_device(self, rec: Record, kind: str, key: str) -> Any:
+        devs = self.vifs(rec.dom) if kind == "vif" else self.vbds(rec.dom)
+        for b in devs:
+            if str(b.devid) == key or (kind == "vbd" and b.vdev == key) or \
+                    (kind == "vif" and b.mac.lower() == key.lower()):
+                return b
+        raise ControlError(404, f"d{rec.dom.domid} has no {kind} {key!r}")
+
+    async def detach(self, ref: str, kind: str, key: str) -> Any:
+        """xl *-detach: the backend goes Closing, the frontend closes (waited for a short
+        while, as libxl does), then the backend stops and both directories are removed."""
+        rec = self.live(ref)
+        dom = rec.dom
+        dev = self._find_device(rec, kind, key)
+        st = self.hv.xenstore.store
+        st.write(f"{dev.back}/online", "0")
+        st.write(f"{dev.back}/state", str(int(XenbusState.Closing)))
+        try:
+            async with asyncio.timeout(DETACH_WAIT_S):
+                if read_state(st, dev.front) not in (XenbusState.Unknown, XenbusState.Initialising,
+                                                     XenbusState.InitWait):
+                    await wait_for_state(st, dev.front, {XenbusState.Closed, XenbusState.Unknown})
+        except TimeoutError:
+            log.warning("d%d: %s %s: frontend did not close in %g s; removed anyway",
+                        dom.domid, kind, key, DETACH_WAIT_S)
+        task = rec.hotplug.pop((kind, dev.devid), None)
+        if task is None:
+            for t in asyncio.all_tasks():
+                if t.get_name() == f"d{dom.domid}-{type(dev).__name__}-{dev.devid}":
+                    task = t
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        if dev in dom.backends:
+            dom.backends.remove(dev)
+        if kind == "vbd":
+            dev.release(self.hv.disks_in_use)
+        self._remove_device_nodes(dev)
+        log.info("d%d (%s): %s %s detached", dom.domid, dom.name, kind, key)
+        return dev
+
+    def _remove_device_nodes(self, dev: Any) -> None:
+        st = self.hv.xenstore.store
+        for path in (dev.front, dev.back):
+            try:
+                st.rm(path)
+            except XsError as e:
+                log.debug("d%d: rm %s: %s", dev.dom.domid, path, e)
+
+    # -- console --------------------------------------------------------------------------------------
+    def console_input(self, rec: Record, data: bytes) -> None:
+        dom = rec.dom
+        dom.console_input += data
+        if dom.console_backend is not None:
+            dom.console_backend.flush_input()
+
+    # -- views ------------------------------------------------------------------------------------------
+    def cpu_seconds(self, dom: "Domain") -> float:
+        return sum(self.sched.vcpu_seconds(v) for v in dom.vcpus)
+
+    @staticmethod
+    def state_flags(dom: "Domain") -> str:
+        """xl list's State column: r b p s c d."""
+        running = any(not v.blocked for v in dom.vcpus) and not dom.paused and not dom.dying
+        blocked = not running and not dom.paused and not dom.dying
+        crashed = dom.shutdown_reason == ShutdownReason.crash
+        shut = dom.dying and not crashed
+        return "".join(c if on else "-" for c, on in
+                       (("r", running), ("b", blocked), ("p", dom.paused), ("s", shut),
+                        ("c", crashed), ("d", dom.destroyed)))
+
+    def status(self, dom: "Domain") -> str:
+        if dom.dying:
+            return "shutdown"
+        if dom.paused:
+            return "paused"
+        return "running" if "r" in self.state_flags(dom) else "blocked"
+
+    def describe(self, rec: Record, long: bool = False) -> dict:
+        dom = rec.dom
+        now = self.hv.system_time_ns()
+        d: dict[str, Any] = {
+            "id": dom.domid, "name": dom.name, "uuid": str(dom.uuid),
+            "state": self.state_flags(dom), "status": self.status(dom),
+            "memory_kib": dom.tot_pages * 4, "max_memory_kib": dom.max_pages * 4,
+            "target_kib": self.target_kib(dom), "vcpus": len(dom.vcpus),
+            "cpu_time_s": round(self.cpu_seconds(dom), 6),
+            "uptime_s": round((now - dom.created_ns) / 1e9, 3),
+            "weight": rec.weight, "cap": rec.cap,
+            "vifs": [self.describe_vif(b) for b in self.vifs(dom)],
+            "vbds": [self.describe_vbd(b) for b in self.vbds(dom)],
+            "hypercalls": sum(dom.hypercall_counts.values()),
+        }
+        if long:
+            d["config"] = dataclasses.asdict(rec.spec)
+        return d
+
+    def describe_vif(self, b: Any) -> dict:
+        st = self.hv.xenstore.store
+        return {"devid": b.devid, "mac": b.mac, "ifname": b.ifname, "bridge": b.cfg.bridge or "",
+                "backend": b.back, "state": int(read_state(st, b.back)),
+                "frontend_state": int(read_state(st, b.front)),
+                "event_channel": int(read_str(st, f"{b.front}/event-channel", "-1") or -1),
+                "tx_ring_ref": int(read_str(st, f"{b.front}/tx-ring-ref", "-1") or -1),
+                "rx_ring_ref": int(read_str(st, f"{b.front}/rx-ring-ref", "-1") or -1),
+                **{k: getattr(b.stats, k) for k in ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")}}
+
+    def describe_vbd(self, b: Any) -> dict:
+        st = self.hv.xenstore.store
+        return {"devid": b.devid, "vdev": b.vdev, "target": b.cfg.target, "backend": b.back,
+                "readonly": bool(b.readonly), "state": int(read_state(st, b.back)),
+                "frontend_state": int(read_state(st, b.front)),
+                "event_channel": int(read_str(st, f"{b.front}/event-channel", "-1") or -1),
+                "ring_ref": int(read_str(st, f"{b.front}/ring-ref", "-1") or -1),
+                **{k: getattr(b.stats, k) for k in ("rd_reqs", "wr_reqs", "rd_sectors", "wr_sectors")}}
+
+    def vcpu_list(self, rec: Record) -> list[dict]:
+        dom = rec.dom
+        out = []
+        for v in dom.vcpus:
+            state = "p" if dom.paused else ("b" if v.blocked else "r")
+            out.append({"vcpu": v.id, "cpu": 0, "state": state, "online": v.online,
+                        "time_s": round(self.sched.vcpu_seconds(v), 6), "affinity": "all / all"})
+        return out
+
+    def info(self) -> dict:
+        u = platform.uname()
+        return {
+            "host": u.node, "release": u.release, "version": u.version, "machine": u.machine,
+            "nr_cpus": os.cpu_count() or 1, "nr_nodes": 1,
+            "total_memory": self.hv.memory_mib, "free_memory": self.hv.mem.free_frames >> 8,
+            "free_frames": self.hv.mem.free_frames,
+            "xen_major": 4, "xen_minor": 17, "xen_extra": ".0-aiovmm", "xen_version": "4.17.0-aiovmm",
+            "xen_caps": "xen-3.0-x86_64", "xen_scheduler": "credit",
+            "xen_commandline": "", "nr_domains": len(self.records),
+            "uptime_s": round(time.time() - self.started, 3),
+            "event_loop_lag_s": round(self.lag.last, 6),
+            "tasks": len(asyncio.all_tasks()),
+            "xenstore_nodes": _count_nodes(self.hv.xenstore.store),
+            "xend_config_format": 4,
+        }
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            tg.create_task(self.lag.run(), name="loop-lag")
+            await asyncio.Event().wait()
+
+
+def _count_nodes(store: Any) -> int:
+    """Every xenstore node (leak checks, `info`)."""
+    return len(store.tree.nodes)
+
+
+# ----------------------------------------------------------------------------------- serve
+def _bind_unix(path: str) -> socket.socket:
+    """The API socket: mode 0600 from the start (umask while binding), in a 0700 directory
+    we create if missing. A stale socket from a dead daemon is replaced; a live one is not."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+        else:
+            raise OSError(f"{path}: another daemon is listening")
+        finally:
+            probe.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        s.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    s.listen(256)
+    s.setblocking(False)
+    return s
+
+
+@dataclasses.dataclass
+class ServeOptions:
+    socket_path: str = DEFAULT_SOCKET
+    machine_memory: int = 2048
+    listen: str | None = None           # host:port for TCP (TLS + bearer token required)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token_file: str | None = None
+    xenstore_socket: str | None = None
+    log_dir: str | None = None
+    vif_prefix: str = "vif"
+
+
+def check_tcp_options(o: ServeOptions) -> tuple[ssl.SSLContext, str] | None:
+    """TCP only with TLS and a bearer token: anything less is refused before binding."""
+    if o.listen is None:
+        return None
+    if not (o.tls_cert and o.tls_key and o.token_file):
+        raise ValueError("--listen needs --tls-cert, --tls-key and --token-file (TCP is TLS + bearer token only)")
+    host, sep, port = o.listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen {o.listen!r}: expected HOST:PORT")
+    with open(o.token_file) as f:
+        token = f.read().strip()
+    if len(token) < 16:
+        raise ValueError(f"{o.token_file}: the token must be at least 16 characters")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(o.tls_cert, o.tls_key)
+    return ctx, token
+
+
+async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
+    from aiohttp import web
+    from .api import make_app
+    tcp = check_tcp_options(o)
+    dmesg = DmesgHandler()
+    logging.getLogger("aiovmm").addHandler(dmesg)
+    if logging.getLogger("aiovmm").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("aiovmm").setLevel(logging.INFO)
+    sched = MeteredScheduler()
+    sock = _bind_unix(o.socket_path)
+    runner = None
+    try:
+        async with Hypervisor(memory_mib=o.machine_memory, scheduler=sched, log_dir=o.log_dir,
+                              xenstore_path=o.xenstore_socket, vif_prefix=o.vif_prefix) as hv:
+            ctl = Controller(hv, sched, dmesg)
+            app = make_app(ctl, token=tcp[1] if tcp else None)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            if tcp:
+                host, _, port = o.listen.rpartition(":")
+                await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), ssl_context=tcp[0]).start()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            log.info("serving on %s%s", o.socket_path, f" and https://{o.listen}" if tcp else "")
+            if ready is not None:
+                ready.set()
+            async with asyncio.TaskGroup() as tg:
+                ctl_task = tg.create_task(ctl.run(), name="controller")
+                await stop.wait()
+                log.info("stopping: destroying %d domain(s)", len(ctl.records))
+                await runner.cleanup()
+                runner = None
+                for rec in list(ctl.records.values()):
+                    rec.spec.on_reboot = "destroy"
+                    rec.dom.unpause()
+                    rec.dom.shutdown(ShutdownReason.poweroff)
+                ctl_task.cancel()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        try:
+            os.unlink(o.socket_path)
+        except FileNotFoundError:
+            pass
+        logging.getLogger("aiovmm").removeHandler(dmesg)
