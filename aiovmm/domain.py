@@ -67,6 +67,7 @@ class Domain:
     def __init__(self, hv: "Hypervisor", domid: int, name: str, nr_pages: int,
                  on_console: Callable[[bytes], None] | None = None, log_dir: str | None = None) -> None:
         self.hypervisor = hv
+        self.engine_kind = "unicorn"     # set by Hypervisor.create: the domain's vCPU engine
         self.mem = hv.mem
         self.domid = domid
         self.name = name

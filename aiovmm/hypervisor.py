@@ -13,7 +13,7 @@ import stat
 import time
 from typing import TYPE_CHECKING, Callable
 
-from . import builder, timers, toolstack
+from . import builder, descriptors, timers, toolstack
 from .xenstore.server import XenstoreServer
 from .abi import DOMID_XEN, FLAT_KERNEL_SS, PAGE_SHIFT, ShutdownReason
 from .domain import Domain
@@ -121,6 +121,7 @@ class Hypervisor:
             self.xen = XenArea(self.mem)
             self.pagetables = PageTables(self.mem, self.xen, crash_domain=self._crash_domain)
             self.ptwr_scratch = self.mem.alloc(DOMID_XEN)[0]     # see ptwr.py
+            descriptors.area_of(self.xen)      # GDT/LDT windows: Xen's own frames, made once
             self.host = HostEvents(self)
             self.host.evtchn = self.host
             self.host.grants = None
