@@ -469,6 +469,16 @@ class KVMEngine:
         self._msrs([(MSR_STAR, (FLAT_RING3_CS32 << 48) | (FLAT_RING0_CS64 << 32)), (MSR_LSTAR, self.r0.syscall_va),
                     (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
 
+    def set_descriptor_tables(self, gdt_base: int, gdt_limit: int, ldt_base: int, ldt_limit: int) -> None:
+        """GDTR and the LDTR cache at linear addresses in Xen's area (descriptors.py), as the
+        emulated engine does; an empty LDT is marked unusable. The caller flushes the TLB."""
+        s = self._sregs
+        struct.pack_into("<QH", s, _SREG_OFF["gdt"], gdt_base, gdt_limit)
+        s[_SEG["ldt"]:_SEG["ldt"] + 24] = _SEG_FMT.pack(ldt_base if ldt_limit else 0, ldt_limit, 0, 0x2,
+                                                        1 if ldt_limit else 0, 0, 0, 0, 0, 0, 0,
+                                                        0 if ldt_limit else 1)
+        self._dirty.value |= SYNC_SREGS
+
     def set_cr3(self, cr3: int) -> None:
         """Load a page-table root that may have been (re)validated: zap shadow pages too."""
         self._set("cr3", cr3)
