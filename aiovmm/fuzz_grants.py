@@ -77,8 +77,9 @@ class GrantMachine(RuleBasedStateMachine):
         self._sync(make)
 
     def _dom(self, i: int) -> lab.Parked | None:
-        p = self.doms[i]
-        return p if p is not None and not p.dom.destroyed else None
+        """The i-th live domain (modulo how many are alive)."""
+        live = [p for p in self.doms if p is not None and not p.dom.destroyed]
+        return live[i % len(live)] if live else None
 
     def _reap(self) -> None:
         """Destroy domains the hypervisor crashed, as _run_domain's teardown would."""
@@ -178,37 +179,12 @@ class GrantMachine(RuleBasedStateMachine):
                          GNTCOPY_dest_gref)
         self.stats[f"copy into own L{level} {GntSt(st_).name}"] += 1
 
-    @rule(g=i_dom, r=i_ref, grantee=i_dom, k=i_frame, ro=st.booleans(),
-          junk=st.sampled_from([None, 0, 0xFFFFFFFF, 1 << 20]))
-    def write_entry(self, g, r, grantee, k, ro, junk):
-        """The granter writes an entry (even one in use) with a frame of its pool or junk."""
-        p, q = self._dom(g), self._dom(grantee)
-        if p is None:
-            return
-        frame = self._frame(p, k) if junk is None else junk
-        p.write_grant(8 + r, GTF_permit_access | (GTF_readonly if ro else 0),
-                      q.domid if q is not None else 0x7FEF, frame)
-
     @rule(g=i_dom, r=i_ref, flags=st.integers(0, 0xFFFF))
     def scribble_flags(self, g, r, flags):
         p = self._dom(g)
         if p is not None:
             e = p.dom.grants.read_entry(8 + r)
             p.write_grant(8 + r, flags, e[1], e[2])
-
-    @rule(a=i_dom, g=i_dom, r=i_ref, slot=i_slot, ro=st.booleans())
-    def map(self, a, g, r, slot, ro):
-        p, q = self._dom(a), self._dom(g)
-        if p is None or q is None:
-            return
-        va = p.map_va + slot * 4096
-
-        def go():
-            st_, h = p.map_grant(q.domid, 8 + r, va, ro)
-            self.stats[f"map {GntSt(st_).name}"] += 1
-            if st_ == GntSt.okay:
-                self.handles.append((p.domid, h, va))
-        self._sync(go)
 
     @rule(n=st.integers(0, 31), with_va=st.booleans())
     def unmap(self, n, with_va):
@@ -304,6 +280,7 @@ class GrantMachine(RuleBasedStateMachine):
 
     @rule(a=i_dom)
     def destroy(self, a):
+        """Destroy a domain; a new one takes its place (create/destroy cycles)."""
         p = self._dom(a)
         if p is None:
             return
@@ -312,13 +289,14 @@ class GrantMachine(RuleBasedStateMachine):
         self.stats["destroy"] += 1
         self.stats["frames orphaned"] += len(self.hv.orphan_frames) - orphans
         self.handles = [h for h in self.handles if h[0] != p.domid]
-        self.doms[a] = None
+        i = self.doms.index(p)
+        self.doms[i] = None
+        self._new(i)
 
     @precondition(lambda self: any(d is None for d in self.doms))
-    @rule(a=i_dom)
-    def create(self, a):
-        if self.doms[a] is None:
-            self._new(a)
+    @rule()
+    def create(self):
+        self._new(self.doms.index(None))
 
     # -- checks ----------------------------------------------------------------------------------------
     @invariant()

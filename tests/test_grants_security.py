@@ -373,3 +373,31 @@ def test_teardown_failure_stays_in_the_domain():
             lab.destroy(a)
             clean(hv)
     run(main())
+
+
+# ------------------------------------------------------------------------------ found by the fuzzer
+@pytest.mark.parametrize("how", ["pin", "l2_entry"])
+def test_l1_mapping_itself_writable_refused(how):
+    """An L1 whose own entry maps it writable (found by the stateful fuzzer): the frame is
+    typed L1 while its entries are validated, so the RW self entry cannot take a writable
+    type -> -EBUSY, the frame stays untyped and writable. A read-only self entry is fine."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            t = a.spare[0]
+            mem = hv.mem
+            mem.write_u64((t << PAGE_SHIFT) + 8 * 3, (t << PAGE_SHIFT) | PTE_RW)   # untyped: guest-writable
+            l2e = a.l2_entry(a.free_l2_va())
+
+            def make_table() -> int:
+                if how == "pin":
+                    return a.mmuext(MmuExt.PIN_L1_TABLE, t)
+                return a.mmu_update((l2e, (t << PAGE_SHIFT) | TABLE))[0]
+            assert make_table() == -int(Errno.EBUSY)
+            assert mem.type_count[t] == 0 and mem.type[t] == PageType.none and mem.refs[t] == 0
+            clean(hv)
+            assert a.mmu_update(((t << PAGE_SHIFT) + 8 * 3, (t << PAGE_SHIFT) | (PTE_RW & ~_PAGE_RW))) == (0, 1)
+            assert make_table() == 0
+            assert mem.type[t] == PageType.l1 and mem.refs[t] == 1
+            clean(hv)
+    run(main())
