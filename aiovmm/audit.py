@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from itertools import compress
 from typing import TYPE_CHECKING
 
 from .abi import (DOMID_INVALID, DOMID_XEN, PAGE_SHIFT, PTE_FRAME_MASK, XEN_L4_FIRST, XEN_L4_LAST,
@@ -65,8 +66,9 @@ def audit(hv: "Hypervisor") -> list[str]:
                     want_table(root, 4, f"d{d.domid}v{v.id} {name} root")
         for mfn in d.shared_frames:
             writable[mfn] += 1
-    for mfn in range(mem.nr_frames):
-        if mem.pinned[mfn]:
+    frames = range(mem.nr_frames)
+    for mfn in compress(frames, mem.pinned):
+        if True:
             t = mem.type[mfn]
             if t not in _PT or not mem.type_count[mfn]:
                 out.append(f"frame {mfn:#x} pinned but {PageType(t).name} count {mem.type_count[mfn]}")
@@ -75,12 +77,13 @@ def audit(hv: "Hypervisor") -> list[str]:
 
     # Entries of every validated table.
     grant_ptes = pt.grant_ptes
-    for mfn in range(mem.nr_frames):
-        t = mem.type[mfn]
-        if t not in _PT or not mem.type_count[mfn]:
+    owners, types, nr = mem.owner, mem.type, mem.nr_frames
+    for mfn in compress(frames, mem.type_count):
+        t = types[mfn]
+        if t not in _PT:
             continue
         level = _PT[PageType(t)]
-        owner = mem.owner[mfn]
+        owner = owners[mfn]
         if owner not in live:
             out.append(f"validated L{level} table {mfn:#x} owned by d{owner}, not a live domain")
         base = mfn << PAGE_SHIFT
@@ -90,26 +93,26 @@ def audit(hv: "Hypervisor") -> list[str]:
             if level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST:
                 continue
             target = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
-            where = f"L{level} {mfn:#x}[{i}]"
-            if not mem.valid_mfn(target):
-                out.append(f"{where} maps non-RAM frame {target:#x}")
+            if target >= nr:
+                out.append(f"L{level} {mfn:#x}[{i}] maps non-RAM frame {target:#x}")
                 continue
             if level == 1:
                 if base + 8 * i in grant_ptes:
                     continue                  # checked with the grant mappings below
-                if mem.owner[target] != owner:
-                    out.append(f"{where} (d{owner}) maps frame {target:#x} owned by d{mem.owner[target]}")
+                if owners[target] != owner:
+                    out.append(f"L1 {mfn:#x}[{i}] (d{owner}) maps frame {target:#x} owned by d{owners[target]}")
                 refs[target] += 1
                 if e & _PAGE_RW:
                     writable[target] += 1
                 continue
+            where = f"L{level} {mfn:#x}[{i}]"
             if target == mfn:
                 if e & _PAGE_RW:
                     out.append(f"{where} is a writable self entry")
                 continue
-            if mem.owner[target] != owner:
-                out.append(f"{where} (d{owner}) points at table {target:#x} owned by d{mem.owner[target]}")
-            same = mem.type[target] == t
+            if owners[target] != owner:
+                out.append(f"{where} (d{owner}) points at table {target:#x} owned by d{owners[target]}")
+            same = types[target] == t
             want_table(target, level if same else level - 1, where)
 
     # Grant mappings (guest maptracks and host backends) and the active records.
@@ -184,34 +187,41 @@ def audit(hv: "Hypervisor") -> list[str]:
             own_frames[mfn] = d.domid
             if mem.owner[mfn] != d.domid:
                 out.append(f"d{d.domid} lists frame {mfn:#x} owned by d{mem.owner[mfn]}")
-    for mfn in range(mem.nr_frames):
-        owner = mem.owner[mfn]
-        t = PageType(mem.type[mfn])
-        tc = mem.type_count[mfn]
-        if refs[mfn] != mem.refs[mfn]:
-            out.append(f"frame {mfn:#x} (d{owner}): {mem.refs[mfn]} references recorded, {refs[mfn]} found")
-        w, tr = writable[mfn], table_refs[mfn]
+    # Every frame something refers to, or the frame table says is referenced or typed.
+    cand = set(compress(frames, mem.refs)) | set(compress(frames, mem.type_count))
+    cand |= set(compress(frames, mem.type)) | set(compress(frames, mem.pinned))
+    cand |= set(refs) | set(writable) | set(table_refs) | set(hv.orphan_frames)
+    for mfn, owner in enumerate(mem.owner):
+        if owner != DOMID_INVALID and owner != DOMID_XEN and mfn not in own_frames:
+            out.append(f"frame {mfn:#x} owned by d{owner}, which is not a live domain: leaked")
+    rec_refs, rec_tc, pinned = mem.refs, mem.type_count, mem.pinned
+    for mfn in sorted(cand):
+        owner = owners[mfn]
+        t = types[mfn]
+        tc = rec_tc[mfn]
+        r = rec_refs[mfn]
+        w, tr = writable.get(mfn, 0), table_refs.get(mfn, 0)
+        if refs.get(mfn, 0) != r:
+            out.append(f"frame {mfn:#x} (d{owner}): {r} references recorded, {refs.get(mfn, 0)} found")
         if w and tr:
             out.append(f"frame {mfn:#x} (d{owner}): {w} writable and {tr} table references")
-        found = w + tr
-        if found != tc:
-            out.append(f"frame {mfn:#x} (d{owner}): {t.name} count {tc} recorded, {found} found "
+        if w + tr != tc:
+            out.append(f"frame {mfn:#x} (d{owner}): {PageType(t).name} count {tc} recorded, {w + tr} found "
                        f"({w} writable, {tr} table)")
         if tc:
             if w and t != PageType.writable:
-                out.append(f"frame {mfn:#x}: writable references but type {t.name}")
+                out.append(f"frame {mfn:#x}: writable references but type {PageType(t).name}")
             if tr and _PT.get(t) != table_level.get(mfn):
-                out.append(f"frame {mfn:#x}: table references as L{table_level.get(mfn)} but type {t.name}")
+                out.append(f"frame {mfn:#x}: table references as L{table_level.get(mfn)} "
+                           f"but type {PageType(t).name}")
         elif t != PageType.none:
-            out.append(f"frame {mfn:#x}: type {t.name} with count 0")
+            out.append(f"frame {mfn:#x}: type {PageType(t).name} with count 0")
         if owner == DOMID_INVALID:
-            if tc or mem.refs[mfn] or mem.pinned[mfn]:
-                out.append(f"free frame {mfn:#x} still referenced ({mem.refs[mfn]} refs, {t.name} {tc})")
+            if tc or r or pinned[mfn]:
+                out.append(f"free frame {mfn:#x} still referenced ({r} refs, {PageType(t).name} {tc})")
         elif mfn in hv.orphan_frames:
             if owner != DOMID_XEN:
                 out.append(f"orphan {mfn:#x} owned by d{owner}")
-            if not mem.refs[mfn]:
+            if not r:
                 out.append(f"orphan {mfn:#x} (of dead d{hv.orphan_frames[mfn]}) has no reference left: leaked")
-        elif owner != DOMID_XEN and mfn not in own_frames:
-            out.append(f"frame {mfn:#x} owned by d{owner}, which is not a live domain: leaked")
     return out

@@ -185,10 +185,18 @@ class PageTables:
                 raise MMUError(conflict, f"frame {mfn:#x} is {PageType(cur).name}, not {ptype.name}")
             mem.type_count[mfn] += 1
             return
-        if ptype in _PT_TYPES:
-            self._validate_table(mfn, int(ptype), dom)
+        # The frame takes its type BEFORE its entries are validated (Xen: the type is set,
+        # not yet PGT_validated): an entry of the table mapping the table itself writable
+        # must meet a page table, not an untyped frame, or an L1 could map itself RW.
         mem.type[mfn] = ptype
         mem.type_count[mfn] = 1
+        if ptype in _PT_TYPES:
+            try:
+                self._validate_table(mfn, int(ptype), dom)
+            except MMUError:
+                mem.type[mfn] = PageType.none
+                mem.type_count[mfn] = 0
+                raise
 
     def put_type(self, mfn: int) -> None:
         mem = self.mem

@@ -14,7 +14,7 @@ import asyncio
 import pytest
 
 from aiovmm import Hypervisor, lab
-from aiovmm.abi import DOMID_SELF, DOMID_XEN, PAGE_SHIFT, PTE_FRAME_MASK, Errno, MmuExt, _PAGE_ACCESSED, \
+from aiovmm.abi import DOMID_SELF, DOMID_XEN, XEN_L4_FIRST, XEN_L4_LAST, PAGE_SHIFT, PTE_FRAME_MASK, Errno, MmuExt, _PAGE_ACCESSED, \
     _PAGE_PRESENT, _PAGE_RW, _PAGE_USER
 from aiovmm.audit import audit
 from aiovmm.grants import GNTCOPY_dest_gref, GNTCOPY_source_gref, GTF_permit_access, GTF_readonly, \
@@ -170,9 +170,9 @@ def test_teardown_of_table_with_grant_pte(how):
                                     ((l3 << PAGE_SHIFT), (l2 << PAGE_SHIFT) | TABLE),
                                     ((root << PAGE_SHIFT) + 8, (l3 << PAGE_SHIFT) | TABLE)) == (0, 3)
                 s.va = (1 << 39) + 5 * 4096
-                for i in range(256):
+                for i in range(512):
                     e = mem.read_u64((root << PAGE_SHIFT) + 8 * i)
-                    if e & _PAGE_PRESENT and i != 1:
+                    if e & _PAGE_PRESENT and i != 1 and not XEN_L4_FIRST <= i <= XEN_L4_LAST:
                         assert a.mmu_update(((l4b << PAGE_SHIFT) + 8 * i, e)) == (0, 1)
             h = s.map()
             f_refs = mem.refs[s.f]
@@ -371,5 +371,33 @@ def test_teardown_failure_stays_in_the_domain():
             assert await hello.wait() is not None
             assert not by.dying and _p2m_hash(hv, by) == h0
             lab.destroy(a)
+            clean(hv)
+    run(main())
+
+
+# ------------------------------------------------------------------------------ found by the fuzzer
+@pytest.mark.parametrize("how", ["pin", "l2_entry"])
+def test_l1_mapping_itself_writable_refused(how):
+    """An L1 whose own entry maps it writable (found by the stateful fuzzer): the frame is
+    typed L1 while its entries are validated, so the RW self entry cannot take a writable
+    type -> -EBUSY, the frame stays untyped and writable. A read-only self entry is fine."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            t = a.spare[0]
+            mem = hv.mem
+            mem.write_u64((t << PAGE_SHIFT) + 8 * 3, (t << PAGE_SHIFT) | PTE_RW)   # untyped: guest-writable
+            l2e = a.l2_entry(a.free_l2_va())
+
+            def make_table() -> int:
+                if how == "pin":
+                    return a.mmuext(MmuExt.PIN_L1_TABLE, t)
+                return a.mmu_update((l2e, (t << PAGE_SHIFT) | TABLE))[0]
+            assert make_table() == -int(Errno.EBUSY)
+            assert mem.type_count[t] == 0 and mem.type[t] == PageType.none and mem.refs[t] == 0
+            clean(hv)
+            assert a.mmu_update(((t << PAGE_SHIFT) + 8 * 3, (t << PAGE_SHIFT) | (PTE_RW & ~_PAGE_RW))) == (0, 1)
+            assert make_table() == 0
+            assert mem.type[t] == PageType.l1 and mem.refs[t] == 1
             clean(hv)
     run(main())
