@@ -4,7 +4,9 @@ Contract for a handler `fn(vcpu, a1, a2, a3, a4, a5) -> int | None`:
 - it reads guest memory only through vcpu.copy_from_guest / read_struct (a bad pointer
   raises GuestFault, answered with -EFAULT);
 - it refuses with HypercallError(errno) (answered with -errno);
-- it returns the value for RAX, or None when it has set the registers itself (iret);
+- it returns the value for RAX, or None when it has set the registers itself (iret, or a
+  continuation: RIP rewound onto the SYSCALL and the argument registers rewritten; a handler
+  that may do that must be listed in _SELF_CONTINUING so that multicall can carry it);
 - anything else it raises is a hypervisor bug: the domain is crashed and the bug logged,
   never propagated into the event loop.
 After every hypercall a deliverable event is injected (Xen's test_all_events on exit).
@@ -150,6 +152,13 @@ def do_multicall(v: "VCPU", calls: int, nr: int, *_) -> int | None:
                 if op == Hypercall.iret or v.domain.dying:
                     return None                  # registers are the guest's now / crashed
                 if eng.get("rip") == rip - 2:    # the sub-call made a continuation
+                    if op not in _SELF_CONTINUING:
+                        # Its arguments were not in the registers: carrying them back would
+                        # corrupt the guest's entry. A hypervisor bug: add `op` to the set.
+                        log.error("d%d: hypercall %d preempted itself inside a multicall but "
+                                  "is not in _SELF_CONTINUING", v.domain.domid, op)
+                        v.crash(f"hypercall {op} continuation inside a multicall")
+                        return None
                     new = [eng.get(r) for r in _ARG_REGS]
                     try:
                         v.copy_to_guest(va, MULTICALL_ENTRY.pack(op, 0, *new, args[5]))

@@ -59,7 +59,7 @@ class Store:
     def changed(self, changes: list[Change], tx: Transaction | None = None) -> None:
         """Fire watch events now, or hold them until `tx` commits."""
         if tx is not None:
-            tx.changes.extend(changes)
+            tx.hold(changes)
         elif changes:
             watch.fire(self.connections, changes)
 

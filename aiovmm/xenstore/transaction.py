@@ -63,6 +63,25 @@ class Transaction:
     id: int
     tree: TxTree
     changes: list[Change] = field(default_factory=list)
+    # (path, is-removal) -> index in `changes`: one held-back event per changed node
+    _seen: dict[tuple[str, bool], int] = field(default_factory=dict)
+
+    def hold(self, changes: list[Change]) -> None:
+        """Keep watch events until commit, one per (node, write-or-removal): a transaction
+        rewriting one node a million times holds one event, not a million (the held-back
+        events are bounded by the paths the transaction touched). A repeated removal merges
+        the removed subtrees, so every watch below still fires."""
+        for ch in changes:
+            key = (ch.path, ch.removed is not None)
+            i = self._seen.get(key)
+            if i is None:
+                self._seen[key] = len(self.changes)
+                self.changes.append(ch)
+            elif ch.removed is None:
+                self.changes[i] = ch
+            else:
+                old = self.changes[i].removed or {}
+                self.changes[i] = Change(ch.path, ch.perms, {**old, **ch.removed})
 
 
 def start(live: Tree, tx_id: int, max_tracked: int | None = None) -> Transaction:

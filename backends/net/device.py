@@ -311,6 +311,7 @@ class Netback:
         if n < 0:
             self._bad_frontend("tx ring indices")
             return False
+        done = 0
         while n > 0:
             first = _TXREQ.unpack_from(r.v, r.slot_off(r.req_cons))
             # Gather the slots of one packet: more_data chains data slots; extra-info slots
@@ -381,7 +382,8 @@ class Netback:
                 self._tx_response(rid, status if kind == "data" else NETIF_RSP_NULL)
             r.req_cons = (r.req_cons + i) & 0xFFFFFFFF
             n -= i
-            if n == 0:
+            done += i
+            if n == 0 and done < RING_SIZE:        # at most a ring's worth per pass
                 n = max(r.unconsumed(), 0)
         return r.push_responses() if r.rsp_prod_pvt != r.get(8) else False
 

