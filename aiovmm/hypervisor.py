@@ -235,7 +235,7 @@ class Hypervisor:
                 for devid, cfg in enumerate(disk_cfgs):
                     bb = Blkback(dom, devid, cfg)
                     bb.publish()
-                    bb.claim(self.disks_in_use)
+                    await bb.claim(self.disks_in_use)
                     dom.backends.append(bb)
         except BaseException:
             self._release_disks(dom)

@@ -7,10 +7,12 @@ and its device frontend directories.
 """
 from __future__ import annotations
 
+import errno
 import logging
 from typing import TYPE_CHECKING
 
 from . import grants
+from .xenstore.core import XsError
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -65,8 +67,9 @@ def release(hv: "Hypervisor", dom: "Domain") -> None:
                  f"/local/domain/0/backend/vbd/{dom.domid}"):
         try:
             st.rm(path)
-        except Exception:
-            pass
+        except XsError as e:
+            if e.errno != errno.ENOENT:          # absent (no such device) is the normal case
+                log.warning("d%d: cannot remove %s from xenstore: %s", dom.domid, path, e)
 
 
 async def serve_store_ring(hv: "Hypervisor", dom: "Domain") -> None:

@@ -10,6 +10,7 @@ import asyncio
 import enum
 import logging
 
+from .xenstore.core import XsError
 from .xenstore.protocol import MessageReader, Message, XsType
 from .xenstore.store import Store
 
@@ -53,16 +54,19 @@ class Watch:
 
 
 def read_state(store: Store, path: str) -> XenbusState:
+    """<path>/state, or Unknown if it is missing or not a XenbusState: the frontend's node is
+    guest-written, so anything (not a number, not UTF-8, 99) may be there."""
     try:
         return XenbusState(int(store.read(f"{path}/state").decode() or 0))
-    except Exception:
+    except (XsError, ValueError):          # missing node; UnicodeDecodeError is a ValueError
         return XenbusState.Unknown
 
 
 def read_str(store: Store, path: str, default: str | None = None) -> str | None:
+    """The node's value as text, or `default` if it is missing or not UTF-8 (guest-written)."""
     try:
         return store.read(path).decode()
-    except Exception:
+    except (XsError, UnicodeDecodeError):
         return default
 
 

@@ -496,3 +496,24 @@ async def test_no_discard_option(disk_file):
     dom, reason, res, _, _ = await run_guest("mode=discard sectors=64 pattern=3",
                                              [f"target={img},vdev=xvda,no-discard"])
     assert res["feature_discard"] == "0" and res["discard"] == "-2"
+
+
+async def test_concurrent_creates_on_one_writable_image_one_wins(disk_file):
+    """The disk lock (mkdir, open, flock) is taken in a worker thread, so two creates can be
+    at that await together: the in-process claim made before it lets exactly one through."""
+    img = disk_file(1, "race.img")
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+        for _ in range(3):
+            res = await asyncio.gather(
+                *(hv.create(guest("blk"), memory_mib=16, cmdline="mode=rw sectors=8 hold=1",
+                            disks=[f"target={img},vdev=xvda"]) for _ in range(2)),
+                return_exceptions=True)
+            doms = [r for r in res if not isinstance(r, BaseException)]
+            errs = [r for r in res if isinstance(r, BaseException)]
+            assert len(doms) == 1 and len(errs) == 1, res
+            assert isinstance(errs[0], BuildError), errs
+            assert f"already in use writable by d{doms[0].domid}" in str(errs[0]), errs
+            assert list(hv.disks_in_use.values()) == [{(doms[0].domid, "w")}]
+            doms[0].shutdown(ShutdownReason.poweroff)
+            await asyncio.wait_for(doms[0].wait(), 30)
+            await _all_released(hv)

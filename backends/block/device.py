@@ -364,6 +364,8 @@ LOCK_DIR = os.environ.get("AIOVMM_LOCK_DIR", "/run/aiovmm/disks")
 
 
 def _take_lock(src: DiskSource, access: str) -> int:
+    """Blocking (mkdir, open, flock): runs in a worker thread (Blkback.claim). Returns the fd
+    holding the lock; ValueError (one line) if it cannot be had."""
     if src.kind == "file":
         path = src.path
     else:
@@ -372,7 +374,10 @@ def _take_lock(src: DiskSource, access: str) -> int:
             os.makedirs(d, mode=0o1777, exist_ok=True)
         except OSError:
             d = os.path.join(tempfile.gettempdir(), "aiovmm-disks")
-            os.makedirs(d, mode=0o1777, exist_ok=True)
+            try:
+                os.makedirs(d, mode=0o1777, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"{src.label}: cannot create lock directory {d}: {e.strerror}") from None
         path = os.path.join(d, "-".join(str(x) for x in src.identity) + ".lock")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if src.kind == "file" else os.O_CREAT), 0o666)
@@ -387,6 +392,12 @@ def _take_lock(src: DiskSource, access: str) -> int:
     except OSError:
         pass                            # no locking on this file system: in-process check only
     return fd
+
+
+def _close_lock_fd(fut: asyncio.Future) -> None:
+    """Done callback for a lock taken after its claim was cancelled: let it go."""
+    if not fut.cancelled() and fut.exception() is None:
+        os.close(fut.result())
 
 
 # ------------------------------------------------------------------------------- the ring
@@ -455,26 +466,38 @@ class Blkback:
         self._lock_fd = -1
 
     # -- exclusion (the toolstack's part, before the domain runs) ------------------------------
-    def claim(self, in_use: dict) -> None:
+    async def claim(self, in_use: dict) -> None:
         """Record this vbd's use of its backing store in `in_use` (see DiskConfig.check) and
         take the cross-process lock (exclusive if writable, shared if read-only). Raises
         BuildError (one line) on a conflict, including one with another disk of the same
-        domain or another aiovmm process. Call once per vbd; `release` undoes it."""
+        domain or another aiovmm process. Call once per vbd; `release` undoes it.
+
+        The blocking part (resolving the source; the lock's mkdir, open and flock) runs in a
+        worker thread, never on the loop. The in-process record is made on the loop before
+        that await, so two domains created at the same time cannot both claim one image."""
         if self._claim is not None:
             return
         cfg = self.cfg
         access = cfg.access_char
         try:
-            src = cfg.source or cfg.resolve()
+            src = cfg.source or await asyncio.to_thread(cfg.resolve)
             _conflict(in_use, src, access)
-            fd = _take_lock(src, access)
         except ValueError as e:
             raise BuildError(f"disk {self.vdev}: {e}") from None
         cfg.source = src
-        self._lock_fd = fd
         entry = (self.dom.domid, access)
         in_use.setdefault(src.identity, set()).add(entry)
         self._claim = (src.identity, entry)
+        locking = asyncio.get_running_loop().run_in_executor(None, _take_lock, src, access)
+        try:
+            self._lock_fd = await asyncio.shield(locking)
+        except asyncio.CancelledError:
+            locking.add_done_callback(_close_lock_fd)   # the thread finishes regardless
+            self.release(in_use)
+            raise
+        except ValueError as e:
+            self.release(in_use)
+            raise BuildError(f"disk {self.vdev}: {e}") from None
 
     def release(self, in_use: dict) -> None:
         """Undo `claim` (idempotent; safe if claim was never called or failed)."""
