@@ -268,6 +268,9 @@ class _Gen(ast.NodeVisitor):
 def generate(module: str, spec: Module, root: str = ROOT) -> list[Mutant]:
     out: list[Mutant] = []
     for path in spec.files:
+        if not os.path.exists(os.path.join(root, path)):
+            print(f"MODULE FILE MISSING (moved? update MODULES): {path}")
+            continue
         src = open(os.path.join(root, path), encoding="utf-8").read()
         g = _Gen(module, path, src, spec)
         g.visit(ast.parse(src, path))
@@ -477,7 +480,8 @@ def main() -> None:
         k = sum(1 for m in mr.mutants if m.status == "killed")
         total += len(mr.mutants)
         killed += k
-        print(f"{mr.name:<10} killed {k}/{len(mr.mutants)}")
+        secs = sum(m.seconds for m in mr.mutants)
+        print(f"{mr.name:<10} killed {k}/{len(mr.mutants)}  ({secs:.0f} s of test runs)")
         for m in mr.mutants:
             if m.status == "survived":
                 survivors.append(m)
