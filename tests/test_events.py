@@ -283,6 +283,24 @@ async def test_close_send_errors(two):
     assert errno_of(a.evtchn.close, p) == Errno.EINVAL
 
 
+async def test_unmask_and_status_port_range(two):
+    """Ports 0 .. NR_CHANNELS-1 are valid (port 0 is reserved and reads closed), anything
+    else is EINVAL (Xen: port_is_valid in evtchn_unmask and evtchn_status). An out-of-range
+    unmask must not touch shared_info past the mask array."""
+    a, _ = two
+    si = a.shared_info_maddr
+    before = bytes(a.mem.map[si:si + 4096])
+    a.evtchn.unmask(0)                                      # valid: returns 0 in Xen
+    assert a.evtchn.status(0).state == EvtchnStat.closed
+    for port in (EVTCHN_2L_NR_CHANNELS, EVTCHN_2L_NR_CHANNELS + 1, 2 * EVTCHN_2L_NR_CHANNELS - 1,
+                 -1):
+        assert errno_of(a.evtchn.unmask, port) == Errno.EINVAL, port
+        assert errno_of(a.evtchn.status, port) == Errno.EINVAL, port
+    after = bytes(a.mem.map[si:si + 4096])
+    mask_end = SharedInfo.evtchn_mask + EVTCHN_2L_NR_CHANNELS // 8
+    assert after[mask_end:] == before[mask_end:]
+
+
 async def test_bind_vcpu_rules(two):
     a, b = two
     ipi = a.evtchn.bind_ipi(0)

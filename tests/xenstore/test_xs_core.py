@@ -47,6 +47,13 @@ def test_relative_paths_resolve_under_the_domain_home():
     assert err(lambda: core.canonical(0, "@anything", special=True)) == "EINVAL"
 
 
+def test_relative_path_length_boundary():
+    """A relative path of XENSTORE_REL_PATH_MAX (2048) characters is accepted, one more is
+    EINVAL (4.17's is_valid_nodename: strlen > local_off + 2048 is refused)."""
+    assert core.canonical(3, "x" * 2048) == "/local/domain/3/" + "x" * 2048
+    assert err(core.canonical, 3, "x" * 2049) == "EINVAL"
+
+
 def test_is_child_rule():
     assert core.is_child("/a", "/a") and core.is_child("/a/b", "/a")
     assert core.is_child("/a", "/") and not core.is_child("/ab", "/a")

@@ -30,6 +30,39 @@ async def test_read_write_directory_perms_rm(client):
     assert await c.read("/bin") == b"\0\1\xff"
 
 
+@pytest.mark.parametrize("op,args", [
+    (XsType.CONTROL, ("check",)),
+    (XsType.INTRODUCE, ("6", "0", "0")),
+    (XsType.RELEASE, ("5",)),
+    (XsType.IS_DOMAIN_INTRODUCED, ("5",)),
+    (XsType.RESUME, ("5",)),
+    (XsType.SET_TARGET, ("5", "6")),
+], ids=lambda x: getattr(x, "name", None))
+async def test_privileged_requests_are_eacces_for_a_domain(xs, client, op, args):
+    """C xenstored's XS_FLAG_PRIV requests (wire_funcs): an unprivileged caller gets EACCES
+    whatever the arguments and nothing changes; dom0 may make the same request."""
+    d5, dom0 = await client(xs.dom5_sock), await client()
+    xs.store.introduce(6)
+    before = sorted(xs.store.domains)
+    with pytest.raises(XsErr, match="EACCES"):
+        await d5.call(op, *args)
+    assert sorted(xs.store.domains) == before
+    await dom0.call(op, *args)
+
+
+async def test_reply_of_exactly_the_payload_limit_is_sent(xs, client):
+    """Replies up to XENSTORE_PAYLOAD_MAX (4096) bytes go out; one byte more is E2BIG
+    (C xenstored send_reply). The values are written through the Python API: a WRITE
+    request of that size would not fit in one message with its path."""
+    dom0 = await client()
+    xs.store.write("/big/exact", "v" * 4096)
+    xs.store.write("/big/over", "v" * 4097)
+    assert await dom0.read("/big/exact") == b"v" * 4096
+    with pytest.raises(XsErr, match="E2BIG"):
+        await dom0.read("/big/over")
+    assert await dom0.read("/big/exact") == b"v" * 4096        # the connection goes on
+
+
 async def test_unprivileged_domain_permissions(xs, client):
     dom0, d5 = await client(), await client(xs.dom5_sock)
     await d5.write("data/x", "1")                            # relative to /local/domain/5
