@@ -136,7 +136,16 @@ class Hypervisor:
         self._next_domid += 1
         self.domains[domid] = dom
         try:
-            lay = builder.build(dom, img, cmdline, rd)
+            lay = builder.plan(dom, img, cmdline, rd)
+            # The image copy (tens of MB for Linux) runs in a worker thread; if create() is
+            # cancelled meanwhile, the copy is waited for before the frames are freed.
+            copy = asyncio.ensure_future(asyncio.to_thread(builder.copy_image, dom, img, lay, rd))
+            try:
+                await asyncio.shield(copy)
+            except asyncio.CancelledError:
+                await asyncio.wait({copy})
+                raise
+            builder.finish(dom, img, lay, cmdline, rd)
             self._create_vcpu0(dom, img, lay)
             toolstack.introduce(self, dom)
             from .backends.net import Netback
