@@ -273,9 +273,9 @@ def plan_layout(img: KernelImage, nr_pages: int, ramdisk_len: int = 0) -> Layout
 
 
 def _write_pfns(dom: "Domain", pfn: int, data: bytes | memoryview, offset: int = 0) -> None:
-    """Copy `data` into the domain's pfns from (pfn, offset): one slice per run of
+    """Copy `data` into the domain's pfns from (pfn, offset): one write per run of
     machine-contiguous frames (the builder's frames usually form one run)."""
-    p2m, view = dom.p2m, dom.mem.view
+    p2m, fd = dom.p2m, dom.mem.fd
     data = memoryview(data)
     n, done = len(data), 0
     while done < n:
@@ -286,7 +286,11 @@ def _write_pfns(dom: "Domain", pfn: int, data: bytes | memoryview, offset: int =
             k += 1
         take = min((k << PAGE_SHIFT) - offset, n - done)
         base = (mfn << PAGE_SHIFT) + offset
-        view[base:base + take] = data[done:done + take]
+        # pwrite into the memfd: the kernel copies (about 2x a slice assignment into the
+        # mapping, which page-faults per page) and the GIL is released meanwhile.
+        chunk, put = data[done:done + take], 0
+        while put < take:
+            put += os.pwrite(fd, chunk[put:], base + put)
         done += take
         pfn += (offset + take) >> PAGE_SHIFT
         offset = (offset + take) & (PAGE_SIZE - 1)
@@ -316,26 +320,44 @@ def _write_tables(dom: "Domain", lay: Layout) -> int:
     return p2m[l4]
 
 
+def plan(dom: "Domain", img: KernelImage, cmdline: str, ramdisk: bytes | None = None) -> Layout:
+    """Check the request and lay the domain out (no frame written yet)."""
+    if len(cmdline.encode()) >= MAX_GUEST_CMDLINE:
+        raise BuildError(f"command line longer than {MAX_GUEST_CMDLINE - 1} bytes")
+    return plan_layout(img, dom.nr_pages, len(ramdisk) if ramdisk else 0)
+
+
+def copy_image(dom: "Domain", img: KernelImage, lay: Layout, ramdisk: bytes | None = None) -> None:
+    """Copy the kernel's segments and the ramdisk into the domain's frames. Touches only the
+    new domain's own frames (pwrite on the memfd, no Python state changed), so the
+    hypervisor runs it in a worker thread: tens of MB are not copied on the event loop."""
+    vb = img.virt_base
+    for va, data, _memsz in img.segments:      # frames are zeroed: .bss is 0
+        _write_pfns(dom, (va - vb) >> PAGE_SHIFT, data, va & (PAGE_SIZE - 1))
+    if ramdisk:
+        _write_pfns(dom, lay.ramdisk_pfn, ramdisk)
+
+
 def build(dom: "Domain", img: KernelImage, cmdline: str, ramdisk: bytes | None = None,
           hcall_page: bytes | None = None) -> Layout:
     """Fill the domain's frames; returns the layout (the vCPU is set up by the domain).
     `hcall_page`: the vCPU engine's own hypercall page (default: the syscall stubs)."""
+    lay = plan(dom, img, cmdline, ramdisk)
+    copy_image(dom, img, lay, ramdisk)
+    finish(dom, img, lay, cmdline, ramdisk, hcall_page)
+    return lay
+
+
+def finish(dom: "Domain", img: KernelImage, lay: Layout, cmdline: str, ramdisk: bytes | None = None,
+           hcall_page: bytes | None = None) -> None:
+    """Everything after the image copy: hypercall page, P2M list, page tables (validated and
+    pinned), reserved grants, start_info. On the loop: it changes frame-table state."""
     mem = dom.mem
-    if len(cmdline.encode()) >= MAX_GUEST_CMDLINE:
-        raise BuildError(f"command line longer than {MAX_GUEST_CMDLINE - 1} bytes")
-    lay = plan_layout(img, dom.nr_pages, len(ramdisk) if ramdisk else 0)
     p2m = dom.p2m
     vb = img.virt_base
-
-    def write_va(va: int, data: bytes | memoryview) -> None:
-        _write_pfns(dom, (va - vb) >> PAGE_SHIFT, data, va & (PAGE_SIZE - 1))
-
-    for va, data, _memsz in img.segments:      # frames are zeroed: .bss is 0
-        write_va(va, data)
     if img.hypercall_page is not None:
-        write_va(img.hypercall_page, hcall_page if hcall_page is not None else hypercall_page())
-    if ramdisk:
-        _write_pfns(dom, lay.ramdisk_pfn, ramdisk)
+        _write_pfns(dom, (img.hypercall_page - vb) >> PAGE_SHIFT,
+                    hcall_page if hcall_page is not None else hypercall_page())
     _write_pfns(dom, lay.p2m_pfn, array.array("Q", p2m).tobytes())
     l4 = _write_tables(dom, lay)
     # Validate and pin the L4 the way Xen's builder asks Xen to (MMUEXT_PIN_L4_TABLE).
@@ -379,4 +401,3 @@ def build(dom: "Domain", img: KernelImage, cmdline: str, ramdisk: bytes | None =
              vb, lay.v_end, lay.nr_pt,
              f"{lay.ramdisk_len} bytes at {'va' if lay.ramdisk_mapped else 'pfn'} {lay.mod_start:#x}"
              if ramdisk else "none", lay.p2m_va)
-    return lay

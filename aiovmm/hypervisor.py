@@ -222,7 +222,16 @@ class Hypervisor:
             if engine_kind == "kvm":            # Xen-area pages KVM needs, before any L4 is validated
                 from .kvm_engine import ring0
                 ring0(self.xen)
-            lay = builder.build(dom, img, cmdline, rd, hcall_page=_hypercall_page(engine_kind))
+            lay = builder.plan(dom, img, cmdline, rd)
+            # The image copy (tens of MB for Linux) runs in a worker thread; if create() is
+            # cancelled meanwhile, the copy is waited for before the frames are freed.
+            copy = asyncio.ensure_future(asyncio.to_thread(builder.copy_image, dom, img, lay, rd))
+            try:
+                await asyncio.shield(copy)
+            except asyncio.CancelledError:
+                await asyncio.wait({copy})
+                raise
+            builder.finish(dom, img, lay, cmdline, rd, hcall_page=_hypercall_page(engine_kind))
             self._create_vcpu0(dom, img, lay)
             toolstack.introduce(self, dom)
             from .backends.net import Netback

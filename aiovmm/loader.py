@@ -150,17 +150,22 @@ def decompress(path: str, method: Compression, data: memoryview) -> bytes:
         out = _DECOMPRESSORS[method](data)
     except BuildError:
         raise
-    except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error, RuntimeError) as e:
+    except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error, RuntimeError, _zstd_error()) as e:
         raise BuildError(f"{path}: cannot {method.value}-decompress the kernel payload: {e}") from None
     if len(out) > MAX_KERNEL_BYTES:
         raise BuildError(f"{path}: decompressed kernel is larger than {MAX_KERNEL_BYTES >> 20} MiB")
     return out
 
 
+def _zstd_error() -> type[Exception]:
+    import zstandard
+    return zstandard.ZstdError
+
+
 def _gunzip(data: memoryview) -> bytes:
     d = zlib.decompressobj(wbits=31)
     out = d.decompress(data, MAX_KERNEL_BYTES + 1)
-    if not d.eof:
+    if not d.eof and len(out) <= MAX_KERNEL_BYTES:
         raise EOFError("compressed data ended early")
     return out
 
@@ -168,7 +173,7 @@ def _gunzip(data: memoryview) -> bytes:
 def _bunzip2(data: memoryview) -> bytes:
     d = bz2.BZ2Decompressor()
     out = d.decompress(data, MAX_KERNEL_BYTES + 1)
-    if not d.eof:
+    if not d.eof and len(out) <= MAX_KERNEL_BYTES:
         raise EOFError("compressed data ended early")
     return out
 
@@ -177,7 +182,7 @@ def _lzma_like(fmt: int):
     def run(data: memoryview) -> bytes:
         d = lzma.LZMADecompressor(format=fmt)
         out = d.decompress(data, MAX_KERNEL_BYTES + 1)
-        if not d.eof:
+        if not d.eof and len(out) <= MAX_KERNEL_BYTES:
             raise EOFError("compressed data ended early")
         return out
     return run
@@ -185,9 +190,15 @@ def _lzma_like(fmt: int):
 
 def _unzstd(data: memoryview) -> bytes:
     import zstandard
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"zstd: {e}") from None
+    if size > MAX_KERNEL_BYTES:          # the kernel's zstd frames say their size (-1: unknown)
+        raise ValueError(f"zstd frame says {size} bytes, more than {MAX_KERNEL_BYTES >> 20} MiB")
     d = zstandard.ZstdDecompressor().decompressobj()
     out = d.decompress(data)
-    if not d.eof:
+    if not d.eof and len(out) <= MAX_KERNEL_BYTES:
         raise EOFError("compressed data ended early")
     return out
 

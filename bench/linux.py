@@ -89,6 +89,23 @@ class Watch:
         return [ln for ln in bytes(self.buf).decode("utf-8", "replace").splitlines() if ln.strip()][-n:]
 
 
+def _insn_at_rip(end: str) -> str:
+    """The kernel instruction at the crash's rip, from the kernel image itself (the domain's
+    memory is gone by now): names the operation aiovmm did not handle."""
+    m = re.search(r"rip (0x[0-9a-f]+)", end)
+    if not m:
+        return ""
+    rip = int(m.group(1), 16)
+    import capstone
+    for va, data, _memsz in builder.parse_kernel(VMLINUZ).segments:
+        if va <= rip < va + len(data):
+            code = bytes(data[rip - va:rip - va + 16])
+            ins = next(capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64).disasm(code, rip), None)
+            if ins is not None:
+                return f": `{(ins.mnemonic + ' ' + ins.op_str).strip()}`"
+    return ""
+
+
 async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
     w = Watch()
     builder.clear_cache()
@@ -116,7 +133,7 @@ async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
         res["stage"] = "kernel (before /init)" if w.t_init is None else "/init (before the prompt)"
         if w.t_init is not None:
             res["kernel_s"] = w.t_init - t1
-        res["why"] = (dom.describe_end() if dom.done.done()
+        res["why"] = (dom.describe_end() + _insn_at_rip(dom.describe_end()) if dom.done.done()
                       else f"no console progress for {timeout:.0f} s (still running)")
         res["tail"] = w.tail()
     if not dom.done.done():

@@ -195,6 +195,19 @@ def test_bzimage_truncated_payload_refused(tmp_path):
         builder.parse_kernel(str(p))
 
 
+@pytest.mark.parametrize("method", list(COMPRESSORS))
+def test_bzimage_cut_payload_refused(method, tmp_path):
+    """A payload cut in half (payload_length says so) is refused with a one-line BuildError
+    naming the method, for every decompressor."""
+    payload = _compress(method, Path(kernel()).read_bytes())
+    p = tmp_path / f"bz-cut-{method}"
+    p.write_bytes(_bzimage(payload[:len(payload) // 2]))
+    with pytest.raises(BuildError) as ei:
+        builder.parse_kernel(str(p))
+    assert "\n" not in str(ei.value)
+    assert re.search(rf"cannot {method}-decompress|not an ELF|truncat|malformed", str(ei.value)), str(ei.value)
+
+
 def test_bzimage_corrupt_payload_refused(tmp_path):
     payload = bytearray(_compress("xz", Path(kernel()).read_bytes()))
     payload[len(payload) // 2] ^= 0xFF

@@ -69,7 +69,10 @@ def fetch(pkg: str, ver: str, debs: Path, root: Path) -> None:
     for old in debs.glob(f"{pkg}_*.deb"):
         old.unlink()
     # apt-get download drops privileges to _apt when it can; a root-owned folder is fine.
-    sh("apt-get", "download", "-q", f"{pkg}={ver}", cwd=debs)
+    try:
+        sh("apt-get", "download", "-q", f"{pkg}={ver}", cwd=debs)
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"build.py: apt-get download {pkg}={ver} failed: {e.stderr.strip()}") from None
     deb = next(debs.glob(f"{pkg}_*.deb"))
     sh("dpkg-deb", "-x", str(deb), str(root))
     deb.unlink()                                  # unpacked; the .deb is not needed again
@@ -180,6 +183,16 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return build(out)
+    except SystemExit:
+        # A stale package list names versions the mirror no longer has: refresh once.
+        print("build.py: refreshing the package lists (apt-get update) and retrying", file=sys.stderr)
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        return build(out)
+
+
+def build(out: Path) -> int:
     kpkg, kver = kernel_package()
     bver = candidate("busybox-static")
     if not bver:
