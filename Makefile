@@ -4,12 +4,13 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-DEBS    := gcc make libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-ping curl
+DEBS    := gcc make libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-ping curl \
+	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio
 NATIVE  := aiovmm/_native/preempt.so
 
-.PHONY: setup demo test bench guests clean debs
+.PHONY: setup demo test bench guests linux clean debs
 
-setup: debs $(STAMP) $(NATIVE) guests
+setup: debs $(STAMP) $(NATIVE) guests linux
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -30,6 +31,11 @@ $(NATIVE): csrc/preempt.c
 
 guests:
 	$(MAKE) -C guests
+
+# Debian's kernel and busybox (apt-get download + dpkg-deb -x, never installed) and the
+# Linux test initramfs, in guests/build/linux/ (guests/linux/build.py; idempotent).
+linux: $(STAMP)
+	$(VPY) guests/linux/build.py
 
 demo: setup
 	$(VPY) examples/demo.py

@@ -1,26 +1,32 @@
-"""The domain builder: a Xen PV kernel ELF -> a domain's initial memory and vCPU state.
+"""The domain builder: a Xen PV kernel (bzImage or ELF) -> a domain's initial memory and vCPU state.
 
-Lays out the initial address space as Xen's x86_64 PV builder does (xen-pv-abi.md §2.4):
-kernel image at virt_base, then the P2M list, start_info, xenstore page, console page, the
-bootstrap page tables (L4, L3s, L2s, L1s), one boot-stack page, all mapped 1:1 from
-virt_base up to a 4 MiB boundary at least 512 KiB past the stack. Page-table frames are
-mapped read-only; the L4 is validated and pinned like Xen's builder does.
+Lays out the initial address space in the order Xen's x86_64 PV builder uses
+(tools/libs/guest/xg_dom_core.c xc_dom_build_image, xg_dom_x86.c; xen-pv-abi.md §2.4), in
+guest pfns from virt_base:
+  kernel image; the ramdisk, when the kernel maps it (no MOD_START_PFN note); the P2M list,
+  unless the kernel names its own address for it (INIT_P2M); start_info, xenstore page,
+  console page; the bootstrap page tables (L4, L3s, L2s, L1s); one boot-stack page; padding
+  to a 4 MiB boundary at least 512 KiB past the stack (all of this mapped 1:1 from
+  virt_base); then, unmapped, the ramdisk of a MOD_START_PFN kernel (start_info.mod_start
+  is its pfn) and the INIT_P2M list with the page tables that map it at the address the note
+  names (start_info.first_p2m_pfn/nr_p2m_frames). Page-table frames are mapped read-only; the
+  L4 is validated and pinned as Xen's builder asks Xen to.
 
-Bad input (not an ELF, wrong machine, no Xen notes, a kernel larger than memory, an entry
-outside the image) raises BuildError with a one-line reason that names the problem.
+Parsing (bzImage payloads, Xen notes, features) is loader.py's. Bad input raises BuildError
+with a one-line reason that names the problem. Copying the image is one slice per run of
+machine-contiguous frames, so load time is linear in the kernel's size.
 """
 from __future__ import annotations
 
+import array
 import dataclasses
-import io
+import enum
 import logging
 import os
 import struct
 from typing import TYPE_CHECKING
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
+from . import loader
 from .abi import (
     MAX_GUEST_CMDLINE, PAGE_SHIFT, PAGE_SIZE, START_INFO_MAGIC, StartInfo, ElfNote,
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER,
@@ -33,52 +39,38 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiovmm.builder")
 
-_NUMERIC_NOTES = {ElfNote.ENTRY, ElfNote.HYPERCALL_PAGE, ElfNote.VIRT_BASE, ElfNote.PADDR_OFFSET,
-                  ElfNote.HV_START_LOW, ElfNote.INIT_P2M, ElfNote.MOD_START_PFN,
-                  ElfNote.SUPPORTED_FEATURES, ElfNote.PHYS32_ENTRY, ElfNote.SUSPEND_CANCEL}
-_STRING_NOTES = {ElfNote.INFO, ElfNote.XEN_VERSION, ElfNote.GUEST_OS, ElfNote.GUEST_VERSION,
-                 ElfNote.LOADER, ElfNote.PAE_MODE, ElfNote.FEATURES, ElfNote.BSD_SYMTAB}
 MB4 = 4 << 20
+_VA_MASK = (1 << 48) - 1
+_BOOT_PADDING = 512 << 10          # xg_dom_x86.c alloc_pgtables_pv: 512 KiB past the stack
+
+
+class StartInfoFlags(enum.IntFlag):
+    """start_info.flags (public/xen.h SIF_*)."""
+    PRIVILEGED = 1 << 0
+    INITDOMAIN = 1 << 1
+    MULTIBOOT_MOD = 1 << 2
+    MOD_START_PFN = 1 << 3
 
 
 @dataclasses.dataclass
 class KernelImage:
-    """What the builder needs from a guest ELF."""
+    """What the builder needs from a guest kernel (see loader.ParsedKernel)."""
     path: str
     entry: int
     virt_base: int
     hypercall_page: int | None
-    segments: list[tuple[int, bytes, int]]       # (placement VA, file bytes, memsz)
+    segments: list[tuple[int, memoryview, int]]       # (placement VA, file bytes, memsz)
     kstart: int
     kend: int
     notes: dict[int, int | str]
+    p2m_base: int | None = None
+    unmapped_initrd: bool = False
+    compression: str = "none"
+    parsed: loader.ParsedKernel | None = None
 
     @property
     def guest_os(self) -> str:
         return str(self.notes.get(ElfNote.GUEST_OS, ""))
-
-
-def _parse_notes(data: bytes) -> dict[int, int | str]:
-    notes: dict[int, int | str] = {}
-    off = 0
-    while off + 12 <= len(data):
-        namesz, descsz, ntype = struct.unpack_from("<III", data, off)
-        off += 12
-        name = data[off:off + namesz].rstrip(b"\0")
-        off += (namesz + 3) & ~3
-        desc = data[off:off + descsz]
-        off += (descsz + 3) & ~3
-        if name != b"Xen":
-            continue
-        if ntype in _NUMERIC_NOTES:
-            if descsz not in (1, 2, 4, 8):
-                raise BuildError(f"Xen ELF note {ElfNote(ntype).name} has a {descsz}-byte value")
-            notes[ntype] = int.from_bytes(desc, "little")
-        elif ntype in _STRING_NOTES:
-            notes[ntype] = desc.split(b"\0", 1)[0].decode("ascii", "replace")
-        else:
-            notes[ntype] = desc.hex()
-    return notes
 
 
 _cache: dict[tuple, KernelImage] = {}
@@ -86,7 +78,7 @@ _cache: dict[tuple, KernelImage] = {}
 
 def parse_kernel(path: str) -> KernelImage:
     """Parse and check a guest kernel (cached by path, size and mtime: booting the same
-    kernel many times parses it once)."""
+    kernel many times reads and decompresses it once)."""
     try:
         st = os.stat(path)
         key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
@@ -97,66 +89,33 @@ def parse_kernel(path: str) -> KernelImage:
     except OSError as e:
         raise BuildError(f"{path}: cannot read kernel: {e.strerror}") from None
     img = _parse(path, raw)
-    if len(_cache) > 64:
+    if len(_cache) > 8:
         _cache.clear()
     _cache[key] = img
     return img
 
 
+def clear_cache() -> None:
+    """Forget parsed kernels (benchmarks measuring a cold load call this)."""
+    _cache.clear()
+
+
 def _parse(path: str, raw: bytes) -> KernelImage:
+    p = loader.load(path, raw)
+    return KernelImage(path, p.entry, p.virt_base, p.hypercall_page, p.segments, p.kstart, p.kend,
+                       p.notes, p.p2m_base, p.unmapped_initrd, p.compression.value, p)
+
+
+def read_ramdisk(path: str) -> bytes:
+    """The ramdisk file's bytes (blocking: call from a worker thread)."""
     try:
-        elf = ELFFile(io.BytesIO(raw))
-        if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
-            raise BuildError(f"{path}: not an x86_64 ELF64 kernel (class {elf.elfclass}, {elf['e_machine']})")
-        notes: dict[int, int | str] = {}
-        loads = []
-        for seg in elf.iter_segments():
-            if seg["p_offset"] + seg["p_filesz"] > len(raw) and seg["p_type"] in ("PT_NOTE", "PT_LOAD"):
-                raise BuildError(f"{path}: truncated: a {seg['p_type']} segment ends at byte "
-                                 f"{seg['p_offset'] + seg['p_filesz']}, the file has {len(raw)}")
-            if seg["p_type"] == "PT_NOTE":
-                notes.update(_parse_notes(seg.data()))
-            elif seg["p_type"] == "PT_LOAD" and seg["p_memsz"]:
-                if seg["p_filesz"] > seg["p_memsz"]:
-                    raise BuildError(f"{path}: PT_LOAD with filesz > memsz")
-                if seg["p_offset"] + seg["p_filesz"] > len(raw):
-                    raise BuildError(f"{path}: truncated: a PT_LOAD segment ends at byte "
-                                     f"{seg['p_offset'] + seg['p_filesz']}, the file has {len(raw)}")
-                loads.append((seg["p_paddr"], seg.data(), seg["p_memsz"]))
-        e_entry = elf["e_entry"]
-    except ELFError as e:
-        raise BuildError(f"{path}: malformed ELF: {e}") from None
-    except (struct.error, ValueError) as e:
-        raise BuildError(f"{path}: malformed ELF: {e}") from None
-    if not notes:
-        raise BuildError(f"{path}: no Xen ELF notes (is this a Xen PV kernel?)")
-    if not loads:
-        raise BuildError(f"{path}: no loadable segments")
-    loader, guest_os = str(notes.get(ElfNote.LOADER, "")), str(notes.get(ElfNote.GUEST_OS, ""))
-    if not (loader.startswith("generic") or guest_os.startswith("linux")):
-        raise BuildError(f"{path}: Xen note LOADER must be 'generic' (got {loader!r})")
-    xv = str(notes.get(ElfNote.XEN_VERSION, ""))
-    if not xv.startswith("xen-3.0"):
-        raise BuildError(f"{path}: Xen note XEN_VERSION must start with 'xen-3.0' (got {xv!r})")
-    if ElfNote.PADDR_OFFSET in notes and ElfNote.VIRT_BASE not in notes:
-        raise BuildError(f"{path}: Xen note PADDR_OFFSET without VIRT_BASE")
-    virt_base = int(notes.get(ElfNote.VIRT_BASE, 0))
-    paddr_offset = int(notes.get(ElfNote.PADDR_OFFSET, 0))
-    if virt_base & (PAGE_SIZE - 1):
-        raise BuildError(f"{path}: VIRT_BASE {virt_base:#x} is not page aligned")
-    segments = [(pa - paddr_offset + virt_base, data, memsz) for pa, data, memsz in loads]
-    kstart = min(s[0] for s in segments)
-    kend = max(s[0] + s[2] for s in segments)
-    entry = int(notes.get(ElfNote.ENTRY, e_entry))
-    if not virt_base <= kstart <= entry < kend:
-        raise BuildError(f"{path}: entry {entry:#x} outside the image [{kstart:#x}, {kend:#x}) "
-                         f"or image below VIRT_BASE {virt_base:#x}")
-    hp = notes.get(ElfNote.HYPERCALL_PAGE)
-    if hp is not None:
-        hp = int(hp)
-        if hp & (PAGE_SIZE - 1) or not kstart <= hp < kend:
-            raise BuildError(f"{path}: HYPERCALL_PAGE {hp:#x} is not a page inside the image")
-    return KernelImage(path, entry, virt_base, hp, segments, kstart, kend, notes)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BuildError(f"{path}: cannot read ramdisk: {e.strerror}") from None
+    if not data:
+        raise BuildError(f"{path}: ramdisk is empty")
+    return data
 
 
 def hypercall_page() -> bytes:
@@ -178,6 +137,18 @@ def _tables_needed(start: int, end: int) -> tuple[int, int, int]:
     return count(39), count(30), count(21)
 
 
+# Page-table levels: (level, shift of the span one table of that level maps).
+_LEVEL_SPAN = ((3, 39), (2, 30), (1, 21))
+
+
+@dataclasses.dataclass
+class Mapping:
+    """One range of the initial address space: VAs [va, va + pages*4K) -> pfns from `pfn`."""
+    va: int
+    pages: int
+    pfn: int
+
+
 @dataclasses.dataclass
 class Layout:
     virt_base: int
@@ -190,84 +161,181 @@ class Layout:
     nr_pt: int
     stack_pfn: int
     v_end: int
+    ramdisk_pfn: int | None = None
+    ramdisk_len: int = 0
+    ramdisk_mapped: bool = True
+    p2m_va: int = 0                      # start_info.mfn_list
+    p2m_tables_pfn: int = 0              # INIT_P2M: tables mapping the list
+    p2m_nr_pt: int = 0
+    end_pfn: int = 0                     # first pfn not used by the boot layout
+    mappings: list[Mapping] = dataclasses.field(default_factory=list)
+    # (level, VA >> span shift) -> pfn of that page table; level 4 has key (4, 0).
+    tables: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
 
     def va(self, pfn: int) -> int:
         return self.virt_base + (pfn << PAGE_SHIFT)
 
+    @property
+    def mod_start(self) -> int:
+        """start_info.mod_start: a pfn for an unmapped ramdisk, else its virtual address."""
+        if self.ramdisk_pfn is None:
+            return 0
+        return self.ramdisk_pfn if not self.ramdisk_mapped else self.va(self.ramdisk_pfn)
 
-def plan_layout(img: KernelImage, nr_pages: int) -> Layout:
+    @property
+    def mod_len(self) -> int:
+        """start_info.mod_len: Xen gives an unmapped ramdisk's length in whole pages."""
+        if self.ramdisk_pfn is None:
+            return 0
+        if self.ramdisk_mapped:
+            return self.ramdisk_len
+        return _pages(self.ramdisk_len) << PAGE_SHIFT
+
+
+def _pages(nbytes: int) -> int:
+    return (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
+def _new_tables(tables: dict[tuple[int, int], int], va: int, last: int, top: bool) -> list[tuple[int, int]]:
+    """The tables (level, index) that mapping [va, last] needs beyond those in `tables`, in
+    Xen's order: the L4 (first mapping only), L3s, L2s, L1s (count_pgtables)."""
+    want: list[tuple[int, int]] = [(4, 0)] if top else []
+    a, b = va & _VA_MASK, last & _VA_MASK
+    for level, shift in _LEVEL_SPAN:
+        want += [(level, i) for i in range(a >> shift, (b >> shift) + 1) if (level, i) not in tables]
+    return want
+
+
+def plan_layout(img: KernelImage, nr_pages: int, ramdisk_len: int = 0) -> Layout:
+    """Where everything goes, in pfns (xc_dom_build_image's order); refuses a domain too
+    small for it."""
     vb = img.virt_base
-    cursor = ((img.kend - vb) + PAGE_SIZE - 1) >> PAGE_SHIFT
-    p2m_pages = (nr_pages * 8 + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+    def need(end_pfn: int, what: str) -> None:
+        if end_pfn > nr_pages:
+            raise BuildError(f"{img.path}: kernel and boot structures need {end_pfn * 4 >> 10} MiB "
+                             f"({what}), the domain has only {nr_pages * 4 >> 10} MiB")
+
+    cursor = _pages(img.kend - vb)
+    need(cursor, "kernel")
+    ramdisk_pfn, mapped = None, not img.unmapped_initrd
+    if ramdisk_len and mapped:
+        ramdisk_pfn = cursor
+        cursor += _pages(ramdisk_len)
+    p2m_pages = _pages(nr_pages * 8)
     p2m_pfn = cursor
-    cursor += p2m_pages
+    if img.p2m_base is None:
+        cursor += p2m_pages
     si, store, cons = cursor, cursor + 1, cursor + 2
     pt_pfn = cursor + 3
-    nr_pt = 1
+    alloc_end = vb + ((cursor + 3) << PAGE_SHIFT)
+    # alloc_pgtables_pv: grow the mapped area until it holds its own tables, the stack page
+    # and 512 KiB; the area ends on a 4 MiB boundary (round_up(x, 4M-1) + 1).
+    extra = 1 + (_BOOT_PADDING >> PAGE_SHIFT)
+    pages = extra
     while True:
-        stack_pfn = pt_pfn + nr_pt
-        v_end = vb + ((stack_pfn + 1) << PAGE_SHIFT) + (512 << 10)
-        v_end = (v_end + MB4 - 1) & ~(MB4 - 1)
-        l3, l2, l1 = _tables_needed(vb, v_end)
-        need = 1 + l3 + l2 + l1
-        if need <= nr_pt:
+        v_end = ((alloc_end + (pages << PAGE_SHIFT)) | (MB4 - 1)) + 1
+        tables: dict[tuple[int, int], int] = {}
+        want = _new_tables(tables, vb, v_end - 1, True)
+        pages = len(want) + extra
+        if alloc_end + (pages << PAGE_SHIFT) <= v_end:
             break
-        nr_pt = need
-    total = (v_end - vb) >> PAGE_SHIFT
-    if total > nr_pages:
-        raise BuildError(f"{img.path}: kernel and boot structures need {total * 4 >> 10} MiB "
-                         f"mapped, the domain has only {nr_pages * 4 >> 10} MiB")
-    return Layout(vb, p2m_pfn, p2m_pages, si, store, cons, pt_pfn, nr_pt, stack_pfn, v_end)
+    nr_pt = len(want)
+    for i, key in enumerate(want):
+        tables[key] = pt_pfn + i
+    stack_pfn = pt_pfn + nr_pt
+    mapped_pages = (v_end - vb) >> PAGE_SHIFT
+    need(mapped_pages, "the initial mapping")
+    mappings = [Mapping(vb, mapped_pages, 0)]
+    cursor = mapped_pages
+    if ramdisk_len and not mapped:
+        ramdisk_pfn = cursor
+        cursor += _pages(ramdisk_len)
+        need(cursor, "ramdisk")
+    p2m_va = vb + (p2m_pfn << PAGE_SHIFT)
+    p2m_tables_pfn = p2m_nr_pt = 0
+    if img.p2m_base is not None:
+        p2m_pfn, p2m_va = cursor, img.p2m_base
+        last = p2m_va + (p2m_pages << PAGE_SHIFT) - 1
+        if p2m_va < v_end and last >= vb:
+            raise BuildError(f"{img.path}: INIT_P2M {p2m_va:#x} overlaps the initial mapping")
+        p2m_tables_pfn = p2m_pfn + p2m_pages
+        more = _new_tables(tables, p2m_va, last, False)
+        for i, key in enumerate(more):
+            tables[key] = p2m_tables_pfn + i
+        p2m_nr_pt = len(more)
+        mappings.append(Mapping(p2m_va, p2m_pages, p2m_pfn))
+        cursor = p2m_tables_pfn + p2m_nr_pt
+        need(cursor, "the P2M list at INIT_P2M")
+    return Layout(vb, p2m_pfn, p2m_pages, si, store, cons, pt_pfn, nr_pt, stack_pfn, v_end,
+                  ramdisk_pfn, ramdisk_len, mapped, p2m_va, p2m_tables_pfn, p2m_nr_pt,
+                  max(cursor, mapped_pages), mappings, tables)
 
 
-def build(dom: "Domain", img: KernelImage, cmdline: str) -> Layout:
+def _write_pfns(dom: "Domain", pfn: int, data: bytes | memoryview, offset: int = 0) -> None:
+    """Copy `data` into the domain's pfns from (pfn, offset): one slice per run of
+    machine-contiguous frames (the builder's frames usually form one run)."""
+    p2m, view = dom.p2m, dom.mem.view
+    data = memoryview(data)
+    n, done = len(data), 0
+    while done < n:
+        mfn = p2m[pfn]
+        want = (offset + n - done + PAGE_SIZE - 1) >> PAGE_SHIFT
+        k = 1
+        while k < want and p2m[pfn + k] == mfn + k:
+            k += 1
+        take = min((k << PAGE_SHIFT) - offset, n - done)
+        base = (mfn << PAGE_SHIFT) + offset
+        view[base:base + take] = data[done:done + take]
+        done += take
+        pfn += (offset + take) >> PAGE_SHIFT
+        offset = (offset + take) & (PAGE_SIZE - 1)
+
+
+def _write_tables(dom: "Domain", lay: Layout) -> int:
+    """Fill the bootstrap page tables (setup_pgtables_pv); returns the L4's mfn."""
+    p2m, mem = dom.p2m, dom.mem
+    upper = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
+    contents: dict[int, array.array] = {pfn: array.array("Q", bytes(PAGE_SIZE)) for pfn in lay.tables.values()}
+    l4 = lay.tables[(4, 0)]
+    for (level, idx), pfn in lay.tables.items():
+        if level == 4:
+            continue
+        parent = lay.tables[(level + 1, idx >> 9)] if level < 3 else l4
+        contents[parent][idx & 0x1FF] = (p2m[pfn] << PAGE_SHIFT) | upper
+    table_pfns = set(lay.tables.values())
+    leaf = _PAGE_PRESENT | _PAGE_ACCESSED
+    for m in lay.mappings:
+        for i in range(m.pages):
+            va = (m.va + (i << PAGE_SHIFT)) & _VA_MASK
+            pfn = m.pfn + i
+            l1 = contents[lay.tables[(1, va >> 21)]]
+            l1[(va >> PAGE_SHIFT) & 0x1FF] = (p2m[pfn] << PAGE_SHIFT) | leaf | (0 if pfn in table_pfns else _PAGE_RW)
+    for pfn, entries in contents.items():
+        mem.write(p2m[pfn] << PAGE_SHIFT, entries.tobytes())
+    return p2m[l4]
+
+
+def build(dom: "Domain", img: KernelImage, cmdline: str, ramdisk: bytes | None = None) -> Layout:
     """Fill the domain's frames; returns the layout (the vCPU is set up by the domain)."""
     mem = dom.mem
     if len(cmdline.encode()) >= MAX_GUEST_CMDLINE:
         raise BuildError(f"command line longer than {MAX_GUEST_CMDLINE - 1} bytes")
-    lay = plan_layout(img, dom.nr_pages)
+    lay = plan_layout(img, dom.nr_pages, len(ramdisk) if ramdisk else 0)
     p2m = dom.p2m
     vb = img.virt_base
 
-    def maddr(va: int) -> int:
-        pfn = (va - vb) >> PAGE_SHIFT
-        return (p2m[pfn] << PAGE_SHIFT) | (va & (PAGE_SIZE - 1))
-
-    def write_va(va: int, data: bytes) -> None:
-        while data:
-            n = min(len(data), PAGE_SIZE - (va & (PAGE_SIZE - 1)))
-            mem.write(maddr(va), data[:n])
-            va += n
-            data = data[n:]
+    def write_va(va: int, data: bytes | memoryview) -> None:
+        _write_pfns(dom, (va - vb) >> PAGE_SHIFT, data, va & (PAGE_SIZE - 1))
 
     for va, data, _memsz in img.segments:      # frames are zeroed: .bss is 0
         write_va(va, data)
     if img.hypercall_page is not None:
         write_va(img.hypercall_page, hypercall_page())
-    # P2M list
-    p2m_bytes = struct.pack(f"<{dom.nr_pages}Q", *p2m)
-    write_va(lay.va(lay.p2m_pfn), p2m_bytes)
-
-    # Bootstrap page tables: L4, then L3s, L2s, L1s.
-    l3n, l2n, l1n = _tables_needed(vb, lay.v_end)
-    pfn = lay.pt_pfn
-    l4 = p2m[pfn]
-    l3s = [p2m[pfn + 1 + i] for i in range(l3n)]
-    l2s = [p2m[pfn + 1 + l3n + i] for i in range(l2n)]
-    l1s = [p2m[pfn + 1 + l3n + l2n + i] for i in range(l1n)]
-    pt_mfns = set([l4] + l3s + l2s + l1s)
-    upper = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
-    for level_tables, child_tables, shift in (([l4], l3s, 39), (l3s, l2s, 30), (l2s, l1s, 21)):
-        for i, child in enumerate(child_tables):
-            va = (vb >> shift << shift) + (i << shift)
-            parent = level_tables[((va >> (shift + 9)) - (vb >> (shift + 9)))]
-            mem.write_u64((parent << PAGE_SHIFT) + 8 * ((va >> shift) & 0x1FF), (child << PAGE_SHIFT) | upper)
-    for i in range((lay.v_end - vb) >> PAGE_SHIFT):
-        va = vb + (i << PAGE_SHIFT)
-        mfn = p2m[i]
-        flags = _PAGE_PRESENT | _PAGE_ACCESSED | (0 if mfn in pt_mfns else _PAGE_RW)
-        l1 = l1s[(va >> 21) - (vb >> 21)]
-        mem.write_u64((l1 << PAGE_SHIFT) + 8 * ((va >> 12) & 0x1FF), (mfn << PAGE_SHIFT) | flags)
+    if ramdisk:
+        _write_pfns(dom, lay.ramdisk_pfn, ramdisk)
+    _write_pfns(dom, lay.p2m_pfn, array.array("Q", p2m).tobytes())
+    l4 = _write_tables(dom, lay)
     # Validate and pin the L4 the way Xen's builder asks Xen to (MMUEXT_PIN_L4_TABLE).
     pt = dom.hypervisor.pagetables
     pt.get_type(l4, PageType.l4, dom.domid)
@@ -280,22 +348,33 @@ def build(dom: "Domain", img: KernelImage, cmdline: str) -> Layout:
     dom.grants.write_entry(GNTTAB_RESERVED_XENSTORE, GTF_permit_access, HOST_DOMID, p2m[lay.store_pfn])
     dom.console_mfn, dom.store_mfn = p2m[lay.console_pfn], p2m[lay.store_pfn]
 
-    # start_info
+    # start_info (xg_dom_x86.c start_info_x86_64)
+    flags = StartInfoFlags(0)
+    if ramdisk and not lay.ramdisk_mapped:
+        flags |= StartInfoFlags.MOD_START_PFN
     si = bytearray(PAGE_SIZE)
     si[0:len(START_INFO_MAGIC)] = START_INFO_MAGIC
     struct.pack_into("<Q", si, StartInfo.nr_pages, dom.nr_pages)
     struct.pack_into("<Q", si, StartInfo.shared_info, dom.shared_info_maddr)
-    struct.pack_into("<I", si, StartInfo.flags, 0)
+    struct.pack_into("<I", si, StartInfo.flags, int(flags))
     struct.pack_into("<Q", si, StartInfo.store_mfn, p2m[lay.store_pfn])
     struct.pack_into("<I", si, StartInfo.store_evtchn, dom.store_port)
     struct.pack_into("<Q", si, StartInfo.console_mfn, p2m[lay.console_pfn])
     struct.pack_into("<I", si, StartInfo.console_evtchn, dom.console_port)
     struct.pack_into("<Q", si, StartInfo.pt_base, lay.va(lay.pt_pfn))
     struct.pack_into("<Q", si, StartInfo.nr_pt_frames, lay.nr_pt)
-    struct.pack_into("<Q", si, StartInfo.mfn_list, lay.va(lay.p2m_pfn))
+    struct.pack_into("<Q", si, StartInfo.mfn_list, lay.p2m_va)
+    struct.pack_into("<Q", si, StartInfo.mod_start, lay.mod_start)
+    struct.pack_into("<Q", si, StartInfo.mod_len, lay.mod_len)
+    if img.p2m_base is not None:
+        struct.pack_into("<Q", si, StartInfo.first_p2m_pfn, lay.p2m_pfn)
+        struct.pack_into("<Q", si, StartInfo.nr_p2m_frames, lay.p2m_pages + lay.p2m_nr_pt)
     c = cmdline.encode()
     si[StartInfo.cmd_line:StartInfo.cmd_line + len(c)] = c
     mem.write(p2m[lay.start_info_pfn] << PAGE_SHIFT, bytes(si))
-    log.info("d%d: built %s: entry %#x, %d pages, mapped %#x-%#x, %d page tables",
-             dom.domid, img.path, img.entry, dom.nr_pages, vb, lay.v_end, lay.nr_pt)
+    log.info("d%d: built %s (%s): entry %#x, %d pages, mapped %#x-%#x, %d page tables, "
+             "ramdisk %s, p2m at %#x", dom.domid, img.path, img.compression, img.entry, dom.nr_pages,
+             vb, lay.v_end, lay.nr_pt,
+             f"{lay.ramdisk_len} bytes at {'va' if lay.ramdisk_mapped else 'pfn'} {lay.mod_start:#x}"
+             if ramdisk else "none", lay.p2m_va)
     return lay

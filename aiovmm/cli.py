@@ -1,6 +1,6 @@
 """The `aiovmm` command line.
 
-  aiovmm run KERNEL [--memory MIB] [--cmdline STR]
+  aiovmm run KERNEL [--ramdisk FILE] [--memory MIB] [--cmdline STR]
 
 boots a Xen PV kernel, streams its console to stdout, and exits with a status derived from
 the guest's shutdown reason (EXIT_CODES); a crash also prints a one-line reason on stderr.
@@ -41,7 +41,7 @@ async def _run(args: argparse.Namespace) -> int:
     async with Hypervisor(memory_mib=args.machine_memory, log_dir=args.log_dir,
                           xenstore_path=args.xenstore_socket) as hv:
         dom = await hv.create(args.kernel, memory_mib=args.memory, cmdline=args.cmdline,
-                              name=args.name, on_console=console, vifs=args.vif, disks=args.disk)
+                              name=args.name, ramdisk=args.ramdisk, on_console=console, vifs=args.vif, disks=args.disk)
         loop = asyncio.get_running_loop()
         interrupted = []
 
@@ -119,12 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="boot a Xen PV kernel and stream its console")
-    r.add_argument("kernel", nargs="?", help="guest kernel ELF (Xen PV, x86_64)")
+    r.add_argument("kernel", nargs="?", help="guest kernel: ELF or bzImage (Xen PV, x86_64)")
     r.add_argument("-c", "--config", metavar="FILE",
-                   help="domain configuration in xl.cfg syntax (kernel, memory, name, extra, vif, disk); "
+                   help="domain configuration in xl.cfg syntax (kernel, ramdisk, memory, name, extra, root, "
+                        "cmdline, vif, disk); "
                         "options given on the command line add to or override it")
     r.add_argument("--memory", type=_mib, default=None, metavar="MIB", help="guest memory (default 32)")
     r.add_argument("--cmdline", default=None, help="guest command line")
+    r.add_argument("--ramdisk", default=None, metavar="FILE",
+                   help="initial ramdisk (e.g. an initramfs), announced to the guest in start_info")
     r.add_argument("--name", default=None, help="domain name")
     r.add_argument("--vif", action="append", default=[], metavar="SPEC",
                    help="network interface, xl syntax: mac=00:16:3e:01:02:03,bridge=br0 (repeatable)")
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         args.memory = args.memory if args.memory is not None else cfg.memory
         args.cmdline = args.cmdline if args.cmdline is not None else cfg.cmdline
         args.name = args.name or cfg.name
+        args.ramdisk = args.ramdisk or cfg.ramdisk
         args.vif = cfg.vif + args.vif
         args.disk = cfg.disk + args.disk
         if args.memory < 1 or args.memory > args.machine_memory:

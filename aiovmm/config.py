@@ -2,8 +2,11 @@
 
     name = "web1"
     kernel = "guests/build/tests/net.elf"
+    ramdisk = "initrd.img"                      # optional: loaded after the kernel
     memory = 16
-    extra = "ip=198.18.0.2/24 name=web1"        # the kernel command line (also: cmdline)
+    extra = "ip=198.18.0.2/24 name=web1"        # the kernel command line, after root=
+    root = "/dev/xvda"                          # optional: prepended as root=/dev/xvda
+    # cmdline = "..."                           # the whole command line (root/extra ignored)
     vif = ['mac=00:16:3e:01:02:03,bridge=br0']
     disk = ['file:/var/lib/aiovmm/a.img,xvda,w', 'phy:/dev/loop3,xvdb,r']
 
@@ -16,7 +19,7 @@ import ast
 import dataclasses
 import os
 
-KNOWN = {"name", "kernel", "memory", "maxmem", "extra", "cmdline", "vif", "disk", "vcpus",
+KNOWN = {"name", "kernel", "ramdisk", "root", "memory", "maxmem", "extra", "cmdline", "vif", "disk", "vcpus",
          "on_poweroff", "on_reboot", "on_crash", "type"}
 
 
@@ -32,6 +35,7 @@ class DomainConfig:
     cmdline: str = ""
     vif: list[str] = dataclasses.field(default_factory=list)
     disk: list[str] = dataclasses.field(default_factory=list)
+    ramdisk: str | None = None
 
 
 def parse(text: str, path: str = "<config>") -> DomainConfig:
@@ -77,14 +81,31 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
         v = values.get(k, [])
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise ConfigError(f"{path}: {k} must be a list of strings")
-    cmdline = values.get("extra", values.get("cmdline", ""))
-    if not isinstance(cmdline, str):
-        raise ConfigError(f"{path}: extra must be a string")
+    for k in ("extra", "cmdline", "root", "ramdisk"):
+        if k in values and not isinstance(values[k], str):
+            raise ConfigError(f"{path}: {k} must be a string")
+    cmdline = _cmdline(values)
+    ramdisk = values.get("ramdisk") or None
+    if ramdisk and not os.path.isabs(ramdisk) and path != "<config>":
+        ramdisk = os.path.join(os.path.dirname(os.path.abspath(path)), ramdisk)
     name = values.get("name")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{path}: name must be a string")
     return DomainConfig(kernel, name, memory, cmdline, list(values.get("vif", [])),
-                        list(values.get("disk", [])))
+                        list(values.get("disk", [])), ramdisk)
+
+
+def _cmdline(values: dict[str, object]) -> str:
+    """xl's rule (xl_parse.c): `cmdline` is the whole command line and wins over `root` and
+    `extra`; otherwise "root=<root> <extra>"."""
+    if "cmdline" in values:
+        return str(values["cmdline"])
+    root, extra = values.get("root"), values.get("extra")
+    if root and extra:
+        return f"root={root} {extra}"
+    if root:
+        return f"root={root}"
+    return str(extra or "")
 
 
 def load(path: str) -> DomainConfig:

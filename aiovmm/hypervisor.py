@@ -95,14 +95,15 @@ class Hypervisor:
         return self.domains.get(domid)
 
     async def create(self, kernel: str, *, memory_mib: int = 32, cmdline: str = "",
-                     name: str | None = None,
+                     name: str | None = None, ramdisk: str | None = None,
                      on_console: Callable[[bytes], None] | None = None,
                      vifs: "list[VifConfig | str] | None" = None,
                      disks: "list[DiskConfig | str] | None" = None) -> Domain:
         """Build a domain from a Xen PV kernel and start it. Raises BuildError.
 
         `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'.
-        `disks`: block devices, each a DiskConfig or xl syntax 'target=/path,vdev=xvda,access=rw'."""
+        `disks`: block devices, each a DiskConfig or xl syntax 'target=/path,vdev=xvda,access=rw'.
+        `ramdisk`: a file loaded after the kernel and announced in start_info (mod_start/mod_len)."""
         from .backends.net import VifConfig
         vif_cfgs = []
         for v in vifs or []:
@@ -125,6 +126,7 @@ class Hypervisor:
         # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
         # blocking I/O: it runs in a worker thread, never on the loop.
         img = await asyncio.to_thread(builder.parse_kernel, kernel)
+        rd = await asyncio.to_thread(builder.read_ramdisk, ramdisk) if ramdisk else None
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:
@@ -134,7 +136,7 @@ class Hypervisor:
         self._next_domid += 1
         self.domains[domid] = dom
         try:
-            lay = builder.build(dom, img, cmdline)
+            lay = builder.build(dom, img, cmdline, rd)
             self._create_vcpu0(dom, img, lay)
             toolstack.introduce(self, dom)
             from .backends.net import Netback

@@ -1,0 +1,200 @@
+"""Linux boot: Debian's unmodified kernel + the test initramfs, create -> first shell prompt.
+
+Guest: guests/build/linux/vmlinuz (Debian's linux-image-*-amd64 bzImage) with
+guests/build/linux/initramfs.cpio.gz, 256 MiB, "console=hvc0 quiet" (built by `make setup`;
+this script runs guests/linux/build.py itself if they are missing). Per run, on the host's
+perf_counter:
+  - load_s:   `await hv.create()` (read + decompress the bzImage, parse the notes, build the
+              domain, load the ramdisk); the parse cache is cleared first, so every run is
+              a cold load as a new `aiovmm run` would do;
+  - kernel_s: create() returning (vCPU starts at the kernel's entry) -> /init's first line
+              "aiovmm-init: start" on the console;
+  - init_s:   that line -> the shell prompt "aiovmm:/# " on hvc0.
+  prompt_s is the whole: create() called -> prompt.
+Peer in the same run, interleaved: QEMU with TCG (Debian's qemu-system-x86, `-accel tcg`,
+serial console, same kernel and initramfs, "console=ttyS0 quiet"), process spawn -> the same
+prompt on ttyS0. qemu-system-x86 is installed with apt-get if missing.
+
+If the aiovmm guest stops before the prompt (a crash, or no progress for --timeout seconds),
+the script says where: the stage reached, the domain's end reason (the first unhandled
+operation) and the last console lines, still measures QEMU, and exits 1.
+
+Last line: prompt_s=<median> load_s=<..> kernel_s=<..> init_s=<..> qemu_tcg_prompt_s=<median>
+(`-` for a figure the aiovmm guest did not reach).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import uvloop
+
+from aiovmm import Hypervisor, ShutdownReason, builder
+from aiovmm.errors import BuildError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINUX = os.path.join(ROOT, "guests/build/linux")
+VMLINUZ = os.path.join(LINUX, "vmlinuz")
+INITRAMFS = os.path.join(LINUX, "initramfs.cpio.gz")
+MEMORY_MIB = 256
+INIT_MARK = b"aiovmm-init: start"
+PROMPT = re.compile(rb"aiovmm:[^\r\n]*# ")
+
+
+def setup() -> str:
+    """The assets and QEMU, fetched as `make setup` would (idempotent)."""
+    if not (os.path.exists(VMLINUZ) and os.path.exists(INITRAMFS)):
+        subprocess.run([sys.executable, os.path.join(ROOT, "guests/linux/build.py")], check=True)
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        print("installing qemu-system-x86 (apt-get)", file=sys.stderr)
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "qemu-system-x86"],
+                       check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        qemu = shutil.which("qemu-system-x86_64")
+        if qemu is None:
+            raise SystemExit("qemu-system-x86_64 still missing after installing qemu-system-x86")
+    return qemu
+
+
+class Watch:
+    """Console bytes -> the times the markers appeared (the prompt has no newline, so this
+    reads the stream, not lines)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.t_init: float | None = None
+        self.t_prompt: float | None = None
+        self.changed = asyncio.Event()
+        self.last_progress = time.perf_counter()
+
+    def feed(self, data: bytes) -> None:
+        now = time.perf_counter()
+        self.buf += data
+        self.last_progress = now
+        if self.t_init is None and INIT_MARK in self.buf:
+            self.t_init = now
+        if self.t_init is not None and self.t_prompt is None and PROMPT.search(self.buf, self.buf.index(INIT_MARK)):
+            self.t_prompt = now
+        self.changed.set()
+
+    def tail(self, n: int = 6) -> list[str]:
+        return [ln for ln in bytes(self.buf).decode("utf-8", "replace").splitlines() if ln.strip()][-n:]
+
+
+async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
+    w = Watch()
+    builder.clear_cache()
+    t0 = time.perf_counter()
+    try:
+        dom = await hv.create(VMLINUZ, memory_mib=MEMORY_MIB, cmdline="console=hvc0 quiet",
+                              ramdisk=INITRAMFS, on_console=w.feed)
+    except BuildError as e:
+        return {"stage": "load", "why": f"refused: {e}", "tail": []}
+    t1 = time.perf_counter()
+    w.last_progress = t1
+    while w.t_prompt is None and not dom.done.done():
+        w.changed.clear()
+        waiter = asyncio.ensure_future(w.changed.wait())
+        try:
+            await asyncio.wait({waiter, dom.done}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if time.perf_counter() - w.last_progress > timeout:
+            break
+    res = {"load_s": t1 - t0}
+    if w.t_prompt is not None:
+        res.update(prompt_s=w.t_prompt - t0, kernel_s=w.t_init - t1, init_s=w.t_prompt - w.t_init)
+    else:
+        res["stage"] = "kernel (before /init)" if w.t_init is None else "/init (before the prompt)"
+        if w.t_init is not None:
+            res["kernel_s"] = w.t_init - t1
+        res["why"] = (dom.describe_end() if dom.done.done()
+                      else f"no console progress for {timeout:.0f} s (still running)")
+        res["tail"] = w.tail()
+    if not dom.done.done():
+        dom.shutdown(ShutdownReason.poweroff)
+    await dom.wait()
+    return res
+
+
+async def qemu_run(qemu: str, timeout: float) -> dict:
+    w = Watch()
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        qemu, "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", "1", "-nographic", "-no-reboot",
+        "-monitor", "none", "-serial", "stdio", "-kernel", VMLINUZ, "-initrd", INITRAMFS,
+        "-append", "console=ttyS0 quiet", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    try:
+        async with asyncio.timeout(timeout):
+            while w.t_prompt is None:
+                data = await proc.stdout.read(4096)
+                if not data:
+                    break
+                w.feed(data)
+    except TimeoutError:
+        pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    if w.t_prompt is None:
+        return {"why": "QEMU did not reach the prompt", "tail": w.tail()}
+    return {"prompt_s": w.t_prompt - t0, "kernel_s": w.t_init - t0, "init_s": w.t_prompt - w.t_init}
+
+
+def med(runs: list[dict], key: str) -> str:
+    vals = [r[key] for r in runs if key in r]
+    return f"{statistics.median(vals):.2f}" if vals else "-"
+
+
+async def main(args: argparse.Namespace) -> int:
+    qemu = setup()
+    ours: list[dict] = []
+    peer: list[dict] = []
+    stopped: dict | None = None
+    async with Hypervisor(memory_mib=MEMORY_MIB + 256) as hv:
+        for i in range(args.runs):
+            if stopped is None:
+                r = await aiovmm_run(hv, args.timeout)
+                ours.append(r)
+                if "prompt_s" in r:
+                    print(f"aiovmm  run {i + 1}: prompt {r['prompt_s']:.2f} s (load {r['load_s']:.2f}, "
+                          f"kernel {r['kernel_s']:.2f}, init {r['init_s']:.2f})", flush=True)
+                else:
+                    stopped = r
+                    print(f"aiovmm  run {i + 1}: STOPPED in {r['stage']} after load {r.get('load_s', 0):.2f} s: "
+                          f"{r['why']}", flush=True)
+                    for ln in r["tail"]:
+                        print(f"    | {ln}")
+            q = await qemu_run(qemu, args.qemu_timeout)
+            peer.append(q)
+            if "prompt_s" in q:
+                print(f"qemu-tcg run {i + 1}: prompt {q['prompt_s']:.2f} s (/init at {q['kernel_s']:.2f}, "
+                      f"init {q['init_s']:.2f})", flush=True)
+            else:
+                print(f"qemu-tcg run {i + 1}: {q['why']}", flush=True)
+                for ln in q["tail"]:
+                    print(f"    | {ln}")
+    if stopped is not None:
+        print(f"aiovmm: Linux did not reach the shell prompt: stopped in {stopped['stage']}: {stopped['why']}")
+    print(f"prompt_s={med(ours, 'prompt_s')} load_s={med(ours, 'load_s')} kernel_s={med(ours, 'kernel_s')} "
+          f"init_s={med(ours, 'init_s')} qemu_tcg_prompt_s={med(peer, 'prompt_s')}")
+    return 1 if stopped is not None or not any("prompt_s" in q for q in peer) else 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Linux create -> shell prompt, aiovmm vs QEMU TCG")
+    ap.add_argument("--runs", type=int, default=5, help="runs of each (median reported; default 5)")
+    ap.add_argument("--timeout", type=float, default=60.0,
+                    help="aiovmm: give up after this long without console output (s)")
+    ap.add_argument("--qemu-timeout", type=float, default=120.0, help="QEMU: give up after (s)")
+    sys.exit(uvloop.run(main(ap.parse_args())))
