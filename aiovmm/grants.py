@@ -255,6 +255,9 @@ def _granter(caller: "Domain", domid: int) -> "Domain":
     return d
 
 
+GNTMAP_guest_avail0 = 16
+
+
 def map_grant(v: "VCPU", host_addr: int, flags: int, ref: int, domid: int) -> tuple[int, int]:
     """GNTTABOP_map_grant_ref for a guest grantee. Returns (handle, dev_bus_addr)."""
     caller = v.domain
@@ -285,6 +288,9 @@ def map_grant(v: "VCPU", host_addr: int, flags: int, ref: int, domid: int) -> tu
         pte = (mfn << PAGE_SHIFT) | _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED | _PAGE_NX
         if not readonly:
             pte |= _PAGE_RW | _PAGE_DIRTY
+        # XENFEAT_gnttab_map_avail_bits: the guest's GNTMAP_guest_avail bits (16+) go into
+        # the PTE's available bits 9-11, as Xen's grant_to_pte_flags does.
+        pte |= ((flags >> GNTMAP_guest_avail0) & 7) << 9
         caller.mem.write_u64(pte_addr, pte)
         for other in caller.vcpus:
             other.engine.flush_tlb()

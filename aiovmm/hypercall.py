@@ -93,17 +93,18 @@ def do_xen_version(v: "VCPU", cmd: int, arg: int, *_) -> int:
 XENVER_build_id, XENVER_extraversion2, XENVER_capabilities2 = 10, 11, 12
 XENVER_changeset2, XENVER_commandline2 = 13, 14
 XENFEAT_pae_pgdir_above_4gb, XENFEAT_mmu_pt_update_preserve_ad, XENFEAT_highmem_assist = 4, 5, 6
-XENFEAT_direct_mapped = 17
+XENFEAT_gnttab_map_avail_bits, XENFEAT_direct_mapped = 7, 17
 VMASST_TYPE_pae_extended_cr3 = 3
 
 
 def pv_features(v: "VCPU") -> int:
     """XENVER_get_features submap 0 as Xen gives it to a PV domU (common/kernel.c), minus the
     bits for interfaces aiovmm does not implement (vnode info, the phys-area variants of
-    runstate/time registration, grant-map available bits, MSI-X device-model writes).
+    runstate/time registration, MSI-X device-model writes). Linux refuses to boot as a PV
+    guest without gnttab_map_avail_bits.
     Xen sets writable_page_tables only for translated guests, never for PV."""
     feats = (1 << XENFEAT_mmu_pt_update_preserve_ad) | (1 << XENFEAT_highmem_assist) | \
-        (1 << XENFEAT_direct_mapped)
+        (1 << XENFEAT_gnttab_map_avail_bits) | (1 << XENFEAT_direct_mapped)
     if v.domain.vm_assist & (1 << VMASST_TYPE_pae_extended_cr3):
         feats |= 1 << XENFEAT_pae_pgdir_above_4gb
     return feats

@@ -64,6 +64,7 @@ class VCPU:
         self.dr = [0, 0, 0, 0, 0, 0, emulate.DR6_ONES, emulate.DR7_ONES]
         self.tsc_aux = 0
         self.xcr0 = emulate.XCR0_X87
+        self.vmce: dict = {}                       # virtual machine-check MSR values
         self.emulated = 0                          # privileged instructions emulated
         # Descriptor tables (descriptors.py): window in Xen's area, GDT frames, LDT.
         self.desc_window: int | None = None

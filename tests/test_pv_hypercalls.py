@@ -15,7 +15,7 @@ EXPECTED: dict[str, str] = {
     "initialise": "-17",                            # an initialised vCPU: -EEXIST
     "runstate_register": "0", "runstate_state": "0",
     "runstate_register_xen": "-14",                 # area in Xen's range: -EFAULT
-    "runstate_blocked_ms_ok": "1", "runstate_running_after": "0",
+    "runstate_accounts_all_time": "1", "runstate_blocked_grew": "1", "runstate_running_after": "0",
     "get_runstate_info": "0", "runstate_info_consistent": "1",
     "time_area_register": "0", "time_area_mul": str(1 << 31), "time_area_shift": "1",
     "time_area_version_even": "1",
@@ -23,9 +23,9 @@ EXPECTED: dict[str, str] = {
     # (NULL handle: the length; a too-small buffer: -ENOBUFS).
     "build_id": "-1", "extraversion2_len": "7", "extraversion2_small": "-105",
     "commandline2": "-1",
-    # PV domU: mmu_pt_update_preserve_ad | highmem_assist | direct_mapped (no
-    # writable_page_tables: Xen gives that bit to translated guests only).
-    "get_features": "0", "features": "0x20060",
+    # PV domU: mmu_pt_update_preserve_ad | highmem_assist | gnttab_map_avail_bits |
+    # direct_mapped (no writable_page_tables: Xen gives that bit to translated guests only).
+    "get_features": "0", "features": "0x200e0",
     # xl's memmap limit: one RAM entry [0, maxmem).
     "memory_map": "0", "memory_map_entries": "1", "memory_map_ram": "1",
     # Grant v2 disabled: v2 -ENOSYS (version written back: 1), v3 -EINVAL, v1 fine; a v1

@@ -71,16 +71,23 @@ void app_main(void)
     result("runstate_register_xen", vop(VCPUOP_register_runstate_memory_area, 0, &ra));
     ra.addr.v = (void *)&rs;
     vop(VCPUOP_register_runstate_memory_area, 0, &ra);
-    /* Sleep 30 ms in SCHEDOP_block: blocked time must grow by about that. */
+    /* Sleep in SCHEDOP_block until a 30 ms timer fires. The area must account for all
+     * the time: sum(time[]) + (now - state_entry_time) advances exactly with the clock,
+     * and the blocked part grows. */
+    u64 n0 = monotonic_ns();
+    u64 tot0 = rs.time[0] + rs.time[1] + rs.time[2] + rs.time[3] + (n0 - rs.entry);
     u64 b0 = rs.time[2];
+    unsigned ticks0 = ticks;
     struct vcpu_set_singleshot_timer st = { .timeout_abs_ns = monotonic_ns() + 30000000UL };
     vop(VCPUOP_stop_periodic_timer, 0, NULL);
     vop(VCPUOP_set_singleshot_timer, 0, &st);
-    u64 t0 = monotonic_ns();
-    while (monotonic_ns() < t0 + 25000000UL)
+    while (ticks == ticks0)
         sched_block();
-    u64 blocked_ms = (rs.time[2] - b0) / 1000000;
-    result("runstate_blocked_ms_ok", blocked_ms >= 20 && blocked_ms <= 2000);
+    u64 n1 = monotonic_ns();
+    u64 tot1 = rs.time[0] + rs.time[1] + rs.time[2] + rs.time[3] + (n1 - rs.entry);
+    long drift = (long)(tot1 - tot0) - (long)(n1 - n0);
+    result("runstate_accounts_all_time", drift > -1000000 && drift < 1000000);
+    result("runstate_blocked_grew", rs.time[2] > b0);
     result("runstate_running_after", rs.state);
     struct vcpu_runstate_info info;
     result("get_runstate_info", vop(VCPUOP_get_runstate_info, 0, &info));
