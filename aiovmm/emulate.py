@@ -398,9 +398,34 @@ def read_msr(v: "VCPU", msr: int) -> int:
     mce = _vmce(v, msr, None)
     if mce is not None:
         return mce
+    if msr == XEN_MSR_HYPERCALL_PAGE:
+        return 0                                   # guest_rdmsr_xen: reads as zero
     if 0x40000000 <= msr <= 0x400002FF:
-        raise Inject(13)                           # guest_rdmsr_xen: nothing readable
+        raise Inject(13)
     return _refuse_rdmsr(v, msr)
+
+
+XEN_MSR_HYPERCALL_PAGE = 0x40000000
+
+
+def _write_hypercall_page(v: "VCPU", val: int) -> None:
+    """guest_wrmsr_xen: fill an own frame (that can be writable) with the hypercall page."""
+    from .builder import hypercall_page
+    from .memory import PageType
+    mfn, index = val >> 12, val & 0xFFF
+    mem, dom = v.domain.mem, v.domain
+    if index or not mem.valid_mfn(mfn) or mem.owner[mfn] != dom.domid:
+        raise Inject(13)
+    pt = dom.hypervisor.pagetables
+    try:
+        pt.get_type(mfn, PageType.writable, dom.domid)
+    except MMUError:
+        raise Inject(13) from None
+    try:
+        mem.write(mfn << 12, hypercall_page())
+    finally:
+        pt.put_type(mfn)
+    v.engine.flush_code()
 
 
 def _refuse_rdmsr(v: "VCPU", msr: int) -> int:
@@ -456,6 +481,9 @@ def write_msr(v: "VCPU", msr: int, val: int) -> None:
         v.engine.set_msr(Msr.TSC_AUX, val)        # what a native RDTSCP puts in ECX
         return
     if _vmce(v, msr, val) is not None:
+        return
+    if msr == XEN_MSR_HYPERCALL_PAGE:
+        _write_hypercall_page(v, val)
         return
     if msr in (Msr.IA32_PLATFORM_ID, Msr.INTEL_PLATFORM_INFO, Msr.ARCH_CAPABILITIES,
                Msr.SPEC_CTRL, Msr.PRED_CMD):
