@@ -193,6 +193,11 @@ def _user_read_kernel(v: "VCPU", va: int, n: int) -> bytes:
     return bytes(v.domain.mem.view[ma:ma + n])
 
 
+def _addr_ok(a: int) -> bool:
+    """Xen's __addr_ok: below 2^47 or above Xen's range."""
+    return a < 1 << 47 or a >= HYPERVISOR_VIRT_END
+
+
 def port_in(v: "VCPU", port: int, size: int) -> int | None:
     """An IN the domain may issue reads all ones: a domU has no I/O ports granted, so Xen's
     guest_io_read gives ~0 for every port (PIT/CMOS/PCI config are the hardware domain's).
@@ -244,6 +249,9 @@ def _emulate_io(v: "VCPU", insn: Insn) -> None:
     done = 0
     try:
         while done < count and done < 4096:
+            addr = rdi if op in (0x6C, 0x6D) else rsi
+            if not _addr_ok(addr):
+                raise Inject(13)                          # pv_emul_virt_to_linear
             if op in (0x6C, 0x6D):
                 v.copy_to_guest(rdi, ((1 << (8 * size)) - 1).to_bytes(size, "little"))
                 rdi = (rdi + step) & (2**64 - 1)
@@ -251,12 +259,15 @@ def _emulate_io(v: "VCPU", insn: Insn) -> None:
                 v.copy_from_guest(rsi, size)
                 rsi = (rsi + step) & (2**64 - 1)
             done += 1
-    except GuestFault as f:
+    except (GuestFault, Inject) as f:
         regs = {"rdi": rdi, "rsi": rsi}
         if insn.rep:
             regs["rcx"] = rcx - done
         v.engine.write(regs)
-        raise Inject(14, (2 if f.write else 0) | 4 * (not v.kernel_mode) | 1, f.va) from None
+        if isinstance(f, Inject):
+            raise
+        # x86_emul_pagefault(PFEC_write_access for INS, 0 for OUTS, address)
+        raise Inject(14, 2 if f.write else 0, f.va) from None
     regs = {"rdi": rdi, "rsi": rsi}
     if insn.rep:
         regs["rcx"] = rcx - done
