@@ -57,6 +57,7 @@ class Errno(enum.IntEnum):
     EPERM = 1
     ENOENT = 2
     ESRCH = 3
+    ENXIO = 6
     EIO = 5
     E2BIG = 7
     EBADF = 9
@@ -71,8 +72,10 @@ class Errno(enum.IntEnum):
     EINVAL = 22
     ENOSPC = 28
     ENOSYS = 38
+    ENODATA = 61
     ETIME = 62
     EOPNOTSUPP = 95
+    ENOBUFS = 105
 
 
 # start_info (xen.h) -------------------------------------------------------------------

@@ -193,6 +193,11 @@ def _user_read_kernel(v: "VCPU", va: int, n: int) -> bytes:
     return bytes(v.domain.mem.view[ma:ma + n])
 
 
+def _addr_ok(a: int) -> bool:
+    """Xen's __addr_ok: below 2^47 or above Xen's range."""
+    return a < 1 << 47 or a >= HYPERVISOR_VIRT_END
+
+
 def port_in(v: "VCPU", port: int, size: int) -> int | None:
     """An IN the domain may issue reads all ones: a domU has no I/O ports granted, so Xen's
     guest_io_read gives ~0 for every port (PIT/CMOS/PCI config are the hardware domain's).
@@ -244,6 +249,9 @@ def _emulate_io(v: "VCPU", insn: Insn) -> None:
     done = 0
     try:
         while done < count and done < 4096:
+            addr = rdi if op in (0x6C, 0x6D) else rsi
+            if not _addr_ok(addr):
+                raise Inject(13)                          # pv_emul_virt_to_linear
             if op in (0x6C, 0x6D):
                 v.copy_to_guest(rdi, ((1 << (8 * size)) - 1).to_bytes(size, "little"))
                 rdi = (rdi + step) & (2**64 - 1)
@@ -251,12 +259,15 @@ def _emulate_io(v: "VCPU", insn: Insn) -> None:
                 v.copy_from_guest(rsi, size)
                 rsi = (rsi + step) & (2**64 - 1)
             done += 1
-    except GuestFault as f:
+    except (GuestFault, Inject) as f:
         regs = {"rdi": rdi, "rsi": rsi}
         if insn.rep:
             regs["rcx"] = rcx - done
         v.engine.write(regs)
-        raise Inject(14, (2 if f.write else 0) | 4 * (not v.kernel_mode) | 1, f.va) from None
+        if isinstance(f, Inject):
+            raise
+        # x86_emul_pagefault(PFEC_write_access for INS, 0 for OUTS, address)
+        raise Inject(14, 2 if f.write else 0, f.va) from None
     regs = {"rdi": rdi, "rsi": rsi}
     if insn.rep:
         regs["rcx"] = rcx - done
@@ -383,6 +394,8 @@ def read_msr(v: "VCPU", msr: int) -> int:
         return 0
     if msr == Msr.IA32_FEATURE_CONTROL:
         return policy.FEATURE_CONTROL_LOCK
+    if msr == Msr.UCODE_REV:
+        return policy.MODEL_UCODE_REV              # "from Xen's last microcode load"
     if msr == Msr.INTEL_PLATFORM_INFO:
         return 0                                   # no CPUID faulting offered
     if msr == Msr.INTEL_MISC_FEATURES_ENABLES:
@@ -393,9 +406,37 @@ def read_msr(v: "VCPU", msr: int) -> int:
         if not policy.has_rdtscp():
             raise Inject(13)
         return v.tsc_aux
+    mce = _vmce(v, msr, None)
+    if mce is not None:
+        return mce
+    if msr == XEN_MSR_HYPERCALL_PAGE:
+        return 0                                   # guest_rdmsr_xen: reads as zero
     if 0x40000000 <= msr <= 0x400002FF:
-        raise Inject(13)                           # guest_rdmsr_xen: nothing readable
+        raise Inject(13)
     return _refuse_rdmsr(v, msr)
+
+
+XEN_MSR_HYPERCALL_PAGE = 0x40000000
+
+
+def _write_hypercall_page(v: "VCPU", val: int) -> None:
+    """guest_wrmsr_xen: fill an own frame (that can be writable) with the hypercall page."""
+    from .builder import hypercall_page
+    from .memory import PageType
+    mfn, index = val >> 12, val & 0xFFF
+    mem, dom = v.domain.mem, v.domain
+    if index or not mem.valid_mfn(mfn) or mem.owner[mfn] != dom.domid:
+        raise Inject(13)
+    pt = dom.hypervisor.pagetables
+    try:
+        pt.get_type(mfn, PageType.writable, dom.domid)
+    except MMUError:
+        raise Inject(13) from None
+    try:
+        mem.write(mfn << 12, hypercall_page())
+    finally:
+        pt.put_type(mfn)
+    v.engine.flush_code()
 
 
 def _refuse_rdmsr(v: "VCPU", msr: int) -> int:
@@ -436,6 +477,10 @@ def write_msr(v: "VCPU", msr: int, val: int) -> None:
         return
     if msr == Msr.IA32_MISC_ENABLE:
         return                                 # a different value is ignored ("invalid")
+    if msr == Msr.UCODE_REV:
+        if val:                                # Intel: writing 0 before reading it is allowed
+            raise Inject(13)
+        return
     if msr == Msr.INTEL_MISC_FEATURES_ENABLES:
         if val:                                # CPUID faulting not offered
             raise Inject(13)
@@ -446,11 +491,66 @@ def write_msr(v: "VCPU", msr: int, val: int) -> None:
         v.tsc_aux = val
         v.engine.set_msr(Msr.TSC_AUX, val)        # what a native RDTSCP puts in ECX
         return
+    if _vmce(v, msr, val) is not None:
+        return
+    if msr == XEN_MSR_HYPERCALL_PAGE:
+        _write_hypercall_page(v, val)
+        return
     if msr in (Msr.IA32_PLATFORM_ID, Msr.INTEL_PLATFORM_INFO, Msr.ARCH_CAPABILITIES,
                Msr.SPEC_CTRL, Msr.PRED_CMD):
         raise Inject(13)
     log.debug("d%d: WRMSR %#010x val %#x unimplemented", v.domain.domid, msr, val)
     raise Inject(13)
+
+
+# Xen's virtual machine-check MSRs (cpu/mcheck/vmce.c), Intel flavour, 2 banks.
+MCG_CAP, MCG_STATUS, MCG_CTL, MCG_EXT_CTL = 0x179, 0x17A, 0x17B, 0x4D0
+MC0_CTL, MC0_CTL2, P5_MC_ADDR, P5_MC_TYPE = 0x400, 0x280, 0x0, 0x1
+GUEST_MC_BANK_NUM = 2
+MCG_CMCI_P, MCG_TES_P, MCG_SER_P = 1 << 10, 1 << 11, 1 << 24
+GUEST_MCG_CAP = MCG_SER_P | MCG_TES_P | MCG_CMCI_P | GUEST_MC_BANK_NUM
+
+
+def _vmce(v: "VCPU", msr: int, write: int | None) -> int | None:
+    """vmce_rdmsr/vmce_wrmsr: the value read (or 0 for a write done), None if `msr` is not a
+    machine-check MSR; Inject(13) where Xen's vMCE refuses. Nothing is ever injected, so the
+    banks only hold what the guest cleared them to."""
+    bank_msr = MC0_CTL <= msr < 0x480
+    ctl2 = MC0_CTL2 <= msr < 0x2A0
+    if msr not in (MCG_CAP, MCG_STATUS, MCG_CTL, MCG_EXT_CTL, P5_MC_ADDR, P5_MC_TYPE) \
+            and not bank_msr and not ctl2:
+        return None
+    if msr == MCG_EXT_CTL:
+        raise Inject(13)                    # no LMCE offered
+    if write is None:
+        if msr == MCG_CAP:
+            return GUEST_MCG_CAP
+        if msr == MCG_STATUS:
+            return v.vmce.get("mcg_status", 0)
+        if msr == MCG_CTL:
+            return 0                        # no MCG_CTL_P
+        if msr in (P5_MC_ADDR, P5_MC_TYPE):
+            return v.vmce.get((1, 2 if msr == P5_MC_ADDR else 1), 0)
+        if ctl2:
+            return v.vmce.get((msr - MC0_CTL2, 4), 0) if msr - MC0_CTL2 < GUEST_MC_BANK_NUM else 0
+        bank, reg = divmod(msr - MC0_CTL, 4)
+        if reg == 0:
+            return 2**64 - 1                # MCi_CTL reads all ones
+        return v.vmce.get((bank, reg), 0) if bank < GUEST_MC_BANK_NUM else 0
+    if msr == MCG_STATUS:
+        v.vmce["mcg_status"] = write
+    elif ctl2:
+        if msr - MC0_CTL2 < GUEST_MC_BANK_NUM:
+            v.vmce[(msr - MC0_CTL2, 4)] = write
+    elif bank_msr:
+        bank, reg = divmod(msr - MC0_CTL, 4)
+        if reg and write:
+            raise Inject(13)                # STATUS/ADDR/MISC may only be cleared
+        if reg and bank < GUEST_MC_BANK_NUM:
+            v.vmce[(bank, reg)] = 0
+    elif msr in (P5_MC_ADDR, P5_MC_TYPE):
+        raise Inject(13)
+    return 0
 
 
 # ---------------------------------------------------------------------------- time, CPUID

@@ -86,7 +86,8 @@ class EventChannels:
         m[a] = m[a] & ~b & 0xFF
 
     def _mark_vcpu_pending(self, vcpu_id: int, word: int) -> None:
-        vi = self._si + VCPU_INFO_SIZE * vcpu_id
+        v = self.dom.vcpu(vcpu_id)              # its vcpu_info may have moved (register_vcpu_info)
+        vi = v.info_maddr if v is not None else self._si + VCPU_INFO_SIZE * vcpu_id
         sel_addr = vi + VcpuInfo.evtchn_pending_sel
         if self._test_and_set(sel_addr + (word >> 3), 1 << (word & 7)):
             return

@@ -27,7 +27,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import DOMID_SELF, DOMID_XEN, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, Errno, _PAGE_ACCESSED, \
-    _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, _PAGE_NX
+    _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, _PAGE_NX, HYPERVISOR_VIRT_END
 from .errors import HypercallError
 from .memory import NotWritable
 from .mmu import MMUError
@@ -336,6 +336,9 @@ def _flush(dom: "Domain") -> None:
         other.engine.flush_tlb()
 
 
+GNTMAP_guest_avail0 = 16
+
+
 def map_grant(v: "VCPU", host_addr: int, flags: int, ref: int, domid: int) -> tuple[int, int]:
     """GNTTABOP_map_grant_ref for a guest grantee. Returns (handle, dev_bus_addr)."""
     caller = v.domain
@@ -372,6 +375,9 @@ def map_grant(v: "VCPU", host_addr: int, flags: int, ref: int, domid: int) -> tu
         pte = (mfn << PAGE_SHIFT) | _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED | _PAGE_NX
         if not readonly:
             pte |= _PAGE_RW | _PAGE_DIRTY
+        # XENFEAT_gnttab_map_avail_bits: the guest's GNTMAP_guest_avail bits (16+) go into
+        # the PTE's available bits 9-11, as Xen's grant_to_pte_flags does.
+        pte |= ((flags >> GNTMAP_guest_avail0) & 7) << 9
         caller.mem.write_u64(pte_addr, pte)
         pt.grant_ptes[pte_addr] = (caller.domid, handle)
         _flush(caller)
@@ -603,9 +609,28 @@ def do_grant_table_op(v: "VCPU", cmd: int, ops: int, count: int, *_) -> int:
             v.copy_to_guest(va + 36, struct.pack("<h", st))
         return 0
     if cmd == GnttabOp.set_version:
+        # Xen with grant v2 disabled (max_version 1): 1 is a no-op, 2 is -ENOSYS ("behave as
+        # before set_version was introduced"), others -EINVAL; the version in force is
+        # written back in every case.
         version = int.from_bytes(v.copy_from_guest(ops, 4), "little")
-        if version != 1:
-            raise HypercallError(Errno.EINVAL, "only grant table v1")
+        rc = 0 if version == 1 else -Errno.ENOSYS if version == 2 else -Errno.EINVAL
+        v.copy_to_guest(ops, (1).to_bytes(4, "little"))
+        return rc
+    if cmd == GnttabOp.get_status_frames:
+        if count != 1:
+            raise HypercallError(Errno.EINVAL)
+        nr_frames, gdom, _st, frame_list = struct.unpack("<IHhQ", v.copy_from_guest(ops, 16))
+        end = frame_list + 8 * nr_frames
+        if not (end <= 1 << 47 or frame_list >= HYPERVISOR_VIRT_END) or end > 1 << 64:
+            raise HypercallError(Errno.EFAULT)
+        if gdom != DOMID_SELF and dom.hypervisor.domain(gdom) is None:
+            st = GntSt.bad_domain
+        elif gdom not in (DOMID_SELF, dom.domid):
+            st = GntSt.permission_denied
+        else:
+            # A v1 table has no status frames: any request for one is a general error.
+            st = GntSt.okay if nr_frames == 0 else GntSt.general_error
+        v.copy_to_guest(ops + 6, struct.pack("<h", st))
         return 0
     if cmd == GnttabOp.get_version:
         gdom = int.from_bytes(v.copy_from_guest(ops, 2), "little")

@@ -17,10 +17,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from . import descriptors, emulate, events, grants, mmu_ops, physdev, reservation, scheduler, timers, traps
+from . import descriptors, emulate, events, grants, mmu_ops, physdev, reservation, scheduler, timers, traps, vcpu_op
 from .abi import (
     CONSOLEIO_read, CONSOLEIO_write, MULTICALL_ENTRY, XEN_VERSION_MAJOR, XEN_VERSION_MINOR,
-    Errno, Hypercall, XenVer, XENFEAT_writable_page_tables, HYPERVISOR_VIRT_START,
+    Errno, Hypercall, XenVer, HYPERVISOR_VIRT_START,
 )
 from .errors import DomainCrash, HypercallError
 from .mmu import GuestFault, MMUError
@@ -72,7 +72,7 @@ def do_xen_version(v: "VCPU", cmd: int, arg: int, *_) -> int:
         idx = int.from_bytes(v.copy_from_guest(arg, 4), "little")
         if idx != 0:
             raise HypercallError(Errno.EINVAL)
-        v.copy_to_guest(arg + 4, (1 << XENFEAT_writable_page_tables).to_bytes(4, "little"))
+        v.copy_to_guest(arg + 4, pv_features(v).to_bytes(4, "little"))
         return 0
     if cmd == XenVer.pagesize:
         if arg:
@@ -83,7 +83,45 @@ def do_xen_version(v: "VCPU", cmd: int, arg: int, *_) -> int:
         return 0
     if cmd == XenVer.commandline:
         return _put_string(v, arg, b"<denied>", 1024)
+    if cmd in (XENVER_extraversion2, XENVER_capabilities2, XENVER_changeset2):
+        text = {XENVER_extraversion2: b"-aiovmm", XENVER_capabilities2: b"xen-3.0-x86_64",
+                XENVER_changeset2: b"aiovmm"}[cmd]
+        return _varbuf(v, arg, text)
+    if cmd in (XENVER_build_id, XENVER_commandline2):
+        # The dummy XSM policy gives these to privileged domains only (XSM_PRIV).
+        raise HypercallError(Errno.EPERM)
     raise HypercallError(Errno.ENOSYS)
+
+
+XENVER_build_id, XENVER_extraversion2, XENVER_capabilities2 = 10, 11, 12
+XENVER_changeset2, XENVER_commandline2 = 13, 14
+XENFEAT_pae_pgdir_above_4gb, XENFEAT_mmu_pt_update_preserve_ad, XENFEAT_highmem_assist = 4, 5, 6
+XENFEAT_gnttab_map_avail_bits, XENFEAT_direct_mapped = 7, 17
+VMASST_TYPE_pae_extended_cr3 = 3
+
+
+def pv_features(v: "VCPU") -> int:
+    """XENVER_get_features submap 0 as Xen gives it to a PV domU (common/kernel.c), minus the
+    bits for interfaces aiovmm does not implement (vnode info, the phys-area variants of
+    runstate/time registration, MSI-X device-model writes). Linux refuses to boot as a PV
+    guest without gnttab_map_avail_bits.
+    Xen sets writable_page_tables only for translated guests, never for PV."""
+    feats = (1 << XENFEAT_mmu_pt_update_preserve_ad) | (1 << XENFEAT_highmem_assist) | \
+        (1 << XENFEAT_gnttab_map_avail_bits) | (1 << XENFEAT_direct_mapped)
+    if v.domain.vm_assist & (1 << VMASST_TYPE_pae_extended_cr3):
+        feats |= 1 << XENFEAT_pae_pgdir_above_4gb
+    return feats
+
+
+def _varbuf(v: "VCPU", arg: int, text: bytes) -> int:
+    """xenver_varbuf_op: a NULL handle asks for the length; else len, then the bytes."""
+    if arg == 0:
+        return len(text)
+    room = int.from_bytes(v.copy_from_guest(arg, 4), "little")
+    if len(text) > room:
+        raise HypercallError(Errno.ENOBUFS)
+    v.copy_to_guest(arg + 4, text)
+    return len(text)
 
 
 def do_vm_assist(v: "VCPU", cmd: int, type_: int, *_) -> int:
@@ -199,7 +237,7 @@ TABLE: dict[int, Handler] = {
     Hypercall.vm_assist: do_vm_assist,
     Hypercall.grant_table_op: grants.do_grant_table_op,
     Hypercall.iret: traps.do_iret,
-    Hypercall.vcpu_op: timers.do_vcpu_op,
+    Hypercall.vcpu_op: vcpu_op.do_vcpu_op,
     Hypercall.set_segment_base: traps.do_set_segment_base,
     Hypercall.mmuext_op: mmu_ops.do_mmuext_op,
     Hypercall.sched_op: scheduler.do_sched_op,

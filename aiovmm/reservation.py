@@ -30,6 +30,7 @@ XENMEM_populate_physmap = 6
 XENMEM_memory_map = 9
 XENMEM_machphys_mapping = 12
 XENMEM_maximum_gpfn = 14
+E820_RAM = 1
 
 RESERVATION = struct.Struct("<QQIIH6x")       # extent_start, nr_extents, order, mem_flags, domid
 MACHPHYS_MAPPING = struct.Struct("<QQQ")
@@ -104,5 +105,12 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
                        mem.nr_frames - 1)
         return 0
     if op == XENMEM_memory_map:
-        raise HypercallError(Errno.ENOSYS)
+        # The map xl sets for every PV guest (xc_domain_set_memmap_limit): one RAM region
+        # from 0 to the domain's maximum. struct e820entry is packed (20 bytes).
+        nr, buf = struct.unpack("<I4xQ", v.copy_from_guest(arg, 16))
+        entries = [(0, dom.max_pages << 12, E820_RAM)]
+        n = min(nr, len(entries))
+        v.copy_to_guest(buf, b"".join(struct.pack("<QQI", *e) for e in entries[:n]))
+        v.copy_to_guest(arg, struct.pack("<I", n))
+        return 0
     raise HypercallError(Errno.ENOSYS)

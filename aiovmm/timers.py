@@ -1,4 +1,4 @@
-"""Time: pvclock, wall clock, and the per-vCPU timers (set_timer_op, vcpu_op).
+"""Time: pvclock, wall clock, and the per-vCPU timers (set_timer_op; vcpu_op.py uses them).
 
 The guest TSC is the hypervisor's system time in nanoseconds (RDTSC is hooked, see
 vcpu_engine.py), so the pvclock parameters are constant: tsc_to_system_mul = 2^31 with
@@ -16,8 +16,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import (
-    SharedInfo, VcpuInfo, VcpuOp, Virq, Errno, VCPU_SET_SINGLESHOT_TIMER,
-    XEN_PVCLOCK_TSC_STABLE_BIT,
+    SharedInfo, VcpuInfo, Virq, XEN_PVCLOCK_TSC_STABLE_BIT,
 )
 from .errors import HypercallError
 
@@ -121,41 +120,3 @@ def do_set_timer_op(v: "VCPU", timeout: int, *_) -> int:
     else:
         set_singleshot(v, timeout)
     return 0
-
-
-def do_vcpu_op(v: "VCPU", cmd: int, vcpuid: int, arg: int, *_) -> int:
-    vcpuid &= 0xFFFFFFFF
-    target = v.domain.vcpu(vcpuid)
-    if target is None:
-        raise HypercallError(Errno.ENOENT, f"no vCPU {vcpuid}")
-    if cmd == VcpuOp.is_up:
-        return 1 if target.online else 0
-    if cmd == VcpuOp.set_periodic_timer:
-        period = int.from_bytes(v.copy_from_guest(arg, 8), "little")
-        if period < MIN_PERIOD_NS:
-            raise HypercallError(Errno.EINVAL, "period below 1 ms")
-        set_periodic(target, period)
-        return 0
-    if cmd == VcpuOp.stop_periodic_timer:
-        stop_periodic(target)
-        return 0
-    if cmd == VcpuOp.set_singleshot_timer:
-        if target is not v:
-            raise HypercallError(Errno.EINVAL)
-        timeout, _flags = v.read_struct(arg, VCPU_SET_SINGLESHOT_TIMER)
-        set_singleshot(v, timeout)
-        return 0
-    if cmd == VcpuOp.stop_singleshot_timer:
-        if target is not v:
-            raise HypercallError(Errno.EINVAL)
-        stop_singleshot(v)
-        return 0
-    if cmd == VcpuOp.get_physid:
-        v.copy_to_guest(arg, vcpuid.to_bytes(8, "little"))
-        return 0
-    if cmd in (VcpuOp.up, VcpuOp.down, VcpuOp.initialise):
-        # Secondary vCPUs arrive with SMP support; vCPU 0 is always up.
-        if cmd == VcpuOp.up and target.online:
-            return 0
-        raise HypercallError(Errno.EINVAL)
-    raise HypercallError(Errno.ENOSYS)

@@ -16,7 +16,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import PAGE_SIZE, VcpuInfo, VCPU_INFO_SIZE
-from . import cpuid, descriptors, emulate
+from . import cpuid, descriptors, emulate, vcpu_op
 from .vcpu_engine import ExitReason, VCPUEngine
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class VCPU:
         self.dr = [0, 0, 0, 0, 0, 0, emulate.DR6_ONES, emulate.DR7_ONES]
         self.tsc_aux = 0
         self.xcr0 = emulate.XCR0_X87
+        self.vmce: dict = {}                       # virtual machine-check MSR values
         self.emulated = 0                          # privileged instructions emulated
         # Descriptor tables (descriptors.py): window in Xen's area, GDT frames, LDT.
         self.desc_window: int | None = None
@@ -80,15 +81,22 @@ class VCPU:
         engine.rdtsc = domain.hypervisor.system_time_ns
         engine.cpuid = self._on_cpuid
         self._map = domain.mem.map
+        # vcpu_info: in shared_info until VCPUOP_register_vcpu_info moves it (vcpu_op.py).
+        self.info_maddr = domain.shared_info_maddr + VCPU_INFO_SIZE * vcpu_id
         self._info = self.info_maddr
+        self.info_frame = 0
+        self.runstate = vcpu_op.RunState.running
+        self.runstate_entry = domain.hypervisor.system_time_ns()
+        self.runstate_time = [0, 0, 0, 0]
+        self.runstate_area = 0
+        self.time_area = 0
 
     def __repr__(self) -> str:
         return f"d{self.domain.domid}v{self.id}"
 
     # -- vcpu_info -----------------------------------------------------------------------------------
-    @property
-    def info_maddr(self) -> int:
-        return self.domain.shared_info_maddr + VCPU_INFO_SIZE * self.id
+    def set_info_maddr(self, maddr: int) -> None:
+        self.info_maddr = self._info = maddr
 
     @property
     def upcall_mask(self) -> int:
@@ -172,6 +180,7 @@ class VCPU:
         """Called from a hypercall handler: end the slice and sleep until kicked."""
         self.blocked = True
         self._wake.clear()
+        vcpu_op.set_runstate(self, vcpu_op.RunState.blocked)
         self.engine.stop()
 
     def kick(self) -> None:
@@ -242,6 +251,8 @@ class VCPU:
                     await self._wake.wait()
                     self._wake.clear()
                     continue
+                if self.runstate != vcpu_op.RunState.running:
+                    vcpu_op.set_runstate(self, vcpu_op.RunState.running)
                 if self.pending_ptwr is not None:
                     traps.finish_ptwr(self)
                     if dom.dying:
@@ -266,6 +277,7 @@ class VCPU:
         finally:
             self.stop_timers()
             descriptors.release(self)
+            vcpu_op.release(self)
 
     def wake(self) -> None:
         """Let the run loop re-check its state (pause, shutdown)."""

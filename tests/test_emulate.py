@@ -17,6 +17,9 @@ NONE, GP, UD = "none", "13", "6"
 EPERM, EINVAL, ENODEV, EACCES, ENOSYS, EOPNOTSUPP = "-1", "-22", "-19", "-13", "-38", "-95"
 
 EXPECTED: dict[str, str] = {
+    # read_msr's `done:` path: no #GP handler registered and the CPU has the MSR -> 0;
+    # once a handler exists the same read is #GP.
+    "rdmsr_faked_without_handler": "0x0", "rdmsr_sysenter_cs_with_handler_trap": GP,
     # MSRs: FS/GS/shadow-GS bases are real; non-canonical bases #GP.
     "wrmsr_fs_base_trap": NONE, "rdmsr_fs_base": "0x123456789000", "fs_base_effective": "1",
     "wrmsr_fs_noncanon_trap": GP,
@@ -31,6 +34,13 @@ EXPECTED: dict[str, str] = {
     # Unknown MSRs, Xen's range, LSTAR, x2APIC MSRs (HVM only): #GP (the guest has a #GP
     # handler, so no "faking RDMSR").
     "rdmsr_unknown_trap": GP, "rdmsr_xen_range_trap": GP, "wrmsr_unknown_trap": GP,
+    # Xen's MSR 0x40000000 (guest_rdmsr_xen/guest_wrmsr_xen): reads 0; a write fills an own
+    # writable-typeable frame with the hypercall page (which then works); an index in the
+    # low bits, a page table or a foreign frame: #GP.
+    "rdmsr_hypercall_page_trap": NONE, "rdmsr_hypercall_page": "0x0",
+    "wrmsr_hypercall_page_trap": NONE, "hypercall_page_xen_version": "0x40011",
+    "wrmsr_hypercall_page_index_trap": GP, "wrmsr_hypercall_page_l4_trap": GP,
+    "wrmsr_hypercall_page_foreign_trap": GP,
     "wrmsr_lstar_trap": GP, "rdmsr_x2apic_trap": GP,
     # TSC_AUX exists with RDTSCP in the policy.
     "wrmsr_tsc_aux_trap": NONE, "rdmsr_tsc_aux": "0x7",

@@ -286,6 +286,49 @@ EXPECTED: dict[str, dict[str, object]] = {
         "ldt_beyond_trap": "13", "ldt_frame_mapped_rw": EBUSY, "ldt_off": "0",
         "ldt_off_trap": "13", "gdt_off": "0", "gdt_frame_free_rw": "0",
     },
+    "priv_emul": {
+        # emul-priv-op.c write_msr / msr.c guest_wrmsr: syscall/sysenter entry points, EFER
+        # other than its current value, APIC base, speculation controls, microcode loads,
+        # x2APIC (HVM only), MCi_STATUS != 0, MCG_EXT_CTL without LMCE, non-canonical bases,
+        # the hypercall-page MSR on a frame that is Xen's or a page table, CPUID faulting
+        # (not offered): all #GP. Unknown / x2APIC / AMD MSRs on rdmsr: #GP.
+        **{k: "13" for k in (
+            "wrmsr_lstar", "wrmsr_star", "wrmsr_sfmask", "wrmsr_sysenter_eip",
+            "wrmsr_efer_nosce", "wrmsr_apic_base", "wrmsr_spec_ctrl", "wrmsr_pred_cmd",
+            "wrmsr_ucode_write", "wrmsr_ucode_rev_nonzero", "wrmsr_x2apic_icr",
+            "wrmsr_mc0_status", "wrmsr_mcg_ext_ctl", "wrmsr_gs_noncanon",
+            "wrmsr_shadow_gs_noncanon", "wrmsr_hcall_page_xen_frame", "wrmsr_hcall_page_l4",
+            "wrmsr_misc_features", "rdmsr_unknown", "rdmsr_x2apic", "rdmsr_amd_de_cfg",
+            "rdmsr_mcg_ext_ctl")},
+        "efer_unchanged": "1",
+        # write_cr: CR0 may change only in TS; CR4 keeps Xen's visible bits and the guest's
+        # policy-allowed ones (DE here: 0x668); CR8 and CR3 of an L1 table, Xen's frame or
+        # a frame beyond RAM: #GP.
+        "cr0_clear_wp": "13", "cr0_set_cd": "13", "cr0_clear_pe": "13",
+        "cr4_all_ones": "none", "cr4_after_all_ones": str(0x668), "cr8_write": "13",
+        "cr3_l1_table": "13", "cr3_xen_frame": "13", "cr3_huge": "13",
+        # set_debugreg: a breakpoint in Xen's range -EPERM (#GP via mov); I/O breakpoints
+        # are allowed once CR4.DE is set (it is, above); DR6 upper half -EINVAL.
+        "mov_dr0_xen": "13", "set_debugreg_io_bp": "0", "set_debugreg6_high": EINVAL,
+        # No IOPL: every port #GP, reset ports included; bad I/O bitmaps -EINVAL.
+        "in_kbd": "13", "out_kbd_reset": "13", "out_cf9_reset": "13", "outl_cf8": "13",
+        "rep_insb_noiopl": "13", "iobitmap_too_many": EINVAL, "iobitmap_in_xen": EINVAL,
+        # IOPL 3: a domU owns no port, so writes (keyboard-controller and CF9 resets) are
+        # dropped and reads (CMOS) give all ones; string input fills memory with 0xff, and
+        # faults like any guest store (#PF at the read-only page, which stays intact).
+        "set_iopl_3": "0", "out_kbd_reset_iopl": "none", "out_cf9_reset_iopl": "none",
+        "cmos_read": "255", "rep_insb_iopl": "none", "rep_insb_filled": "16",
+        "rep_insb_readonly": "14", "rep_insb_readonly_cr2_ok": "1", "readonly_intact": "1",
+        # String I/O with Xen's range as the buffer: Xen's emulator refuses the address
+        # (pv_emul_virt_to_linear: #GP); the emulated engine executes INS/OUTS itself and
+        # the access faults in the page tables (#PF). Either way nothing is touched.
+        "rep_insb_xen": OneOf(("13", "14"), "emulated engine: native INS/OUTS fault #PF"),
+        "rep_outsb_xen": OneOf(("13", "14"), "emulated engine: native INS/OUTS fault #PF"),
+        # An instruction longer than 15 bytes: #GP; LOCK on rdmsr: #UD; the forced-emulation
+        # prefix emulates CPUID only: #UD.
+        "overlong_rdmsr": "13", "lock_rdmsr": "6", "forced_emulation_rdmsr": "6",
+        "priv_emul_done": "1",
+    },
     "huge_count": {
         **_mmu("mmu_huge_badptr", HUGE_RC, "0"),
         **_mmu("mmu_huge_noncanon", HUGE_RC, "0"),

@@ -110,7 +110,12 @@ static int sig_is_xen(const u32 *r)
 
 void app_main(void)
 {
+    /* No trap table yet: Xen fakes a read of 0 for an MSR the CPU has ("faking RDMSR")
+     * rather than a #GP the guest could not survive. */
+    u64 faked = rdmsr_p(0x174);
     hostile_traps_init();
+    RX("rdmsr_faked_without_handler", faked);
+    T("rdmsr_sysenter_cs_with_handler_trap", rdmsr_p(0x174));
 
     /* ---- MSRs ---- */
     T("wrmsr_fs_base_trap", wrmsr_p(0xc0000100, 0x123456789000UL));
@@ -133,7 +138,21 @@ void app_main(void)
     RX("rdmsr_pat", rdmsr_p(0x277));
     RX("rdmsr_misc_enable", rdmsr_p(0x1a0));
     T("rdmsr_unknown_trap", rdmsr_p(0x12345));
-    T("rdmsr_xen_range_trap", rdmsr_p(0x40000000));
+    T("rdmsr_xen_range_trap", rdmsr_p(0x40000001));
+    u64 hv_msr = 0;
+    T("rdmsr_hypercall_page_trap", hv_msr = rdmsr_p(0x40000000));
+    RX("rdmsr_hypercall_page", hv_msr);
+    /* wrmsr 0x40000000: Xen writes a hypercall page into an own writable frame. */
+    u8 *hpage = alloc_page();
+    T("wrmsr_hypercall_page_trap", wrmsr_p(0x40000000, (u64)virt_to_mfn(hpage) << PAGE_SHIFT));
+    long (*xv)(long, void *) = (long (*)(long, void *))(hpage + 32 * __HYPERVISOR_xen_version);
+    long ver;
+    __asm__ volatile("call *%[f]" : "=a"(ver) : [f] "r"(xv), "D"(0L), "S"(0L)
+                     : "rcx", "r11", "rdx", "r8", "r9", "r10", "memory");
+    RX("hypercall_page_xen_version", ver);
+    T("wrmsr_hypercall_page_index_trap", wrmsr_p(0x40000000, ((u64)virt_to_mfn(hpage) << PAGE_SHIFT) | 8));
+    T("wrmsr_hypercall_page_l4_trap", wrmsr_p(0x40000000, (u64)l4_mfn() << PAGE_SHIFT));
+    T("wrmsr_hypercall_page_foreign_trap", wrmsr_p(0x40000000, (u64)foreign_mfn() << PAGE_SHIFT));
     T("wrmsr_unknown_trap", wrmsr_p(0x12345, 1));
     T("wrmsr_lstar_trap", wrmsr_p(0xc0000082, 0xffffffff81000000UL));
     T("rdmsr_x2apic_trap", rdmsr_p(0x802));
