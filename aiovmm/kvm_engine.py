@@ -105,6 +105,7 @@ _RUN_EXIT_REASON = 8
 _RUN_IO = 32                      # direction u8, size u8, port u16, count u32, data_offset u64
 _RUN_VALID_REGS = 288
 _RUN_DIRTY_REGS = 296
+_EXIT_IO = struct.Struct("<I20xBBHI")   # exit_reason, then the io exit's direction size port count
 _RUN_REGS = 304                   # struct kvm_regs (18 u64)
 _RUN_SREGS = 448                  # struct kvm_sregs (312 bytes)
 SYNC_REGS, SYNC_SREGS = 1, 2
@@ -605,22 +606,29 @@ class KVMEngine:
     def _handle_exit(self) -> bool:
         """Turn one KVM exit into a callback. False: the engine cannot go on (last_error)."""
         m = self._run_map
-        reason = struct.unpack_from("<I", m, _RUN_EXIT_REASON)[0]
+        reason, direction, size, port, count = _EXIT_IO.unpack_from(m, _RUN_EXIT_REASON)
         if reason == Exit.IO:
-            direction, size, port, count = struct.unpack_from("<BBHI", m, _RUN_IO)
             rip = self.regs[16]
             r0 = self.r0
-            if r0.stubs_va <= rip <= r0.stubs_va + PAGE_SIZE:
+            in_stubs = r0.stubs_va <= rip <= r0.stubs_va + PAGE_SIZE
+            if port == HCALL_PORT and not in_stubs and direction == 1 and size == 1 and count == 1 \
+                    and self.kernel_mode():
+                # The hot path: a hypercall through this engine's hypercall page.
+                if not _IO_RIP_AFTER:
+                    self.regs[16] = rip + 2
+                    self._dirty.value |= SYNC_REGS
+                try:
+                    self.on_hypercall()
+                except BaseException as e:      # never let a handler bug unwind the loop
+                    log.exception("%s: handler raised", self.name)
+                    self.callback_error = e
+                    self.stop_requested = True
+                return True
+            if in_stubs:
                 self._from_vector(port)
                 return True
             if port == SYSCALL_PORT and r0.syscall_va <= rip <= r0.syscall_va + 2:
                 self._from_syscall()
-                return True
-            if port == HCALL_PORT and direction == 1 and size == 1 and count == 1 and self.kernel_mode():
-                if not _IO_RIP_AFTER:
-                    self.regs[16] = rip + 2
-                    self._dirty.value |= SYNC_REGS
-                self._call(self.on_hypercall)
                 return True
             self._guest_io(direction, size, port, count)
             return True
