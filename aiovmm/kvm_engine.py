@@ -385,6 +385,7 @@ class KVMEngine:
         self._step_hit = False
         self.exits = 0
         self.zaps = 0
+        self.kicks = 0                # slices ended by the timer inside KVM_RUN
         self._dirty_log = False
         self._tsc_khz = 0
 
@@ -589,6 +590,7 @@ class KVMEngine:
         while True:
             rc = run()
             if rc == -errno.EINTR:
+                self.kicks += 1
                 return ExitReason.BUDGET
             if rc < 0:
                 self.last_error = f"KVM_RUN: {os.strerror(-rc)}"
