@@ -5,7 +5,9 @@ import pytest
 
 from aiovmm import ShutdownReason
 from aiovmm.abi import Errno
-from conftest import boot, guest, results
+from conftest import ENGINES, boot, guest, results
+
+pytestmark = ENGINES
 
 ENOSYS, EFAULT, EINVAL, ENOENT = -38, -14, -22, -2
 # Xen's values, written out rather than taken from aiovmm.abi: this checks the hypervisor.
@@ -34,8 +36,8 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def run():
-    return boot(guest("hcall_errors"), memory_mib=8)
+def run(engine):
+    return boot(guest("hcall_errors"), memory_mib=8, engine=engine)
 
 
 def test_powers_off(run):

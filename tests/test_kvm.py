@@ -74,3 +74,47 @@ async def test_kvm_and_unicorn_guests_side_by_side():
         strip = lambda lines: [l.split(" at ")[0] if l.startswith("timer:") else l for l in lines
                                if not l.startswith(("time: wallclock", "timer: 3 ticks"))]
         assert strip(a.console_lines) == strip(b.console_lines)
+
+
+async def test_cpu_bound_guest_is_sliced_by_the_timer():
+    """cpu.elf computes for ~10-20 ms without a single exit; the per-thread timer must end
+    its slices (kicks), so a neighbour's 10 ms timer keeps ticking meanwhile, and the result
+    is still exact (a kick never corrupts guest state)."""
+    import re
+    from conftest import BUILD
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        ticker = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0 period_ms=10")
+        await ticker.wait_for_line(r"^spin 2$", timeout=30)
+        cpus = [await hv.create(str(BUILD / "bench" / "cpu.elf"), memory_mib=16) for _ in range(3)]
+        engines = [d.vcpus[0].engine for d in cpus]
+        before = sum(1 for l in ticker.console_lines if l.startswith("spin "))
+        for d in cpus:
+            assert await asyncio.wait_for(d.wait(), 60) == ShutdownReason.poweroff, d.describe_end()
+            line = next(l for l in d.console_lines if l.startswith("cpu: result="))
+            assert re.match(r"cpu: result=0xd5bb055a2bea1356 ", line), line
+        assert sum(e.kicks for e in engines) >= 3, [e.kicks for e in engines]
+        await ticker.wait_for_line(rf"^spin {before + 3}$", timeout=10)
+        assert not ticker.dying
+
+
+async def test_m2p_alias_announced_and_readable():
+    """kvm-pvm reserves L4 slot 256: the engine maps the M2P again in slot 257, which
+    XENMEM_machphys_mapping reports; its entries are the M2P's, read through the guest's own
+    page tables."""
+    import struct
+    from aiovmm.abi import MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START
+    from aiovmm.reservation import MACHPHYS_MAPPING, XENMEM_machphys_mapping, do_memory_op
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        await dom.wait_for_line(r"^spin 1$", timeout=30)
+        v = dom.vcpus[0]
+        eng = v.engine
+        assert eng.m2p_va != MACH2PHYS_VIRT_START and eng.m2p_va >> 39 & 511 == 257
+        va = 0xFFFFFFFF80400000 - 4096           # last page of the boot mapping: unused padding
+        assert do_memory_op(v, XENMEM_machphys_mapping, va) == 0
+        start, end, max_mfn = v.read_struct(va, MACHPHYS_MAPPING)
+        assert (start, end - start) == (eng.m2p_va, MACH2PHYS_VIRT_END - MACH2PHYS_VIRT_START)
+        assert max_mfn == hv.mem.nr_frames - 1
+        for mfn in (dom.p2m[0], dom.p2m[7], dom.shared_info_mfn):
+            got = struct.unpack("<Q", eng._read_code(eng.m2p_va + 8 * mfn, 8))[0]
+            assert got == hv.mem.m2p[mfn]
