@@ -37,7 +37,7 @@ DEFAULT_SOCKET = "/run/aiovmm/aiovmm.sock"
 DMESG_LINES = 2000
 CONSOLE_REPLAY_BYTES = 64 << 10      # history a console client gets on attach
 SHUTDOWN_WAIT_S = 60.0
-DETACH_WAIT_S = 5.0
+DETACH_WAIT_S = 3.0
 NAME_MAX = 64
 
 
@@ -595,6 +595,10 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
         async with Hypervisor(memory_mib=o.machine_memory, scheduler=sched, log_dir=o.log_dir,
                               xenstore_path=o.xenstore_socket, vif_prefix=o.vif_prefix) as hv:
             ctl = Controller(hv, sched, dmesg)
+            # What a Xen host's store holds before any guest (dom0's home, /vm, the backend
+            # directories the toolstack fills), so a destroyed guest leaves the count as it was.
+            for path in ("/vm", "/local/domain/0/backend/vif", "/local/domain/0/backend/vbd"):
+                hv.xenstore.store.mkdir(path)
             app = make_app(ctl, token=tcp[1] if tcp else None)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
