@@ -26,6 +26,7 @@ from ..errors import BuildError
 from ..hypervisor import Hypervisor
 from ..xenbus import XenbusState, read_state, read_str, wait_for_state
 from ..xenstore.core import XsError
+from .client import DEFAULT_SOCKET
 from .metrics import LoopLag, MeteredScheduler
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiovmm.control")
 
-DEFAULT_SOCKET = "/run/aiovmm/aiovmm.sock"
 DMESG_LINES = 2000
 CONSOLE_REPLAY_BYTES = 64 << 10      # history a console client gets on attach
 SHUTDOWN_WAIT_S = 60.0
