@@ -39,6 +39,7 @@ CONSOLE_REPLAY_BYTES = 64 << 10      # history a console client gets on attach
 SHUTDOWN_WAIT_S = 60.0
 DETACH_WAIT_S = 3.0
 NAME_MAX = 64
+MAX_DEVICES = 16                    # vifs, and vbds, per domain (hot-plug included)
 
 
 class ControlError(Exception):
@@ -320,6 +321,8 @@ class Controller:
         except ValueError as e:
             raise ControlError(400, f"vif {spec!r}: {e}") from None
         taken = {b.devid for b in self.vifs(dom)}
+        if len(taken) >= MAX_DEVICES:
+            raise ControlError(409, f"d{dom.domid} already has {MAX_DEVICES} vifs")
         devid = next(i for i in range(len(taken) + 1) if i not in taken)
         nb = Netback(dom, devid, cfg, ifname_prefix=self.hv.vif_prefix)
         nb.publish()
@@ -345,6 +348,8 @@ class Controller:
         if dom.dying:
             raise ControlError(409, f"d{dom.domid} ({dom.name}) is shutting down")
         index = len(self.vbds(dom))
+        if index >= MAX_DEVICES:
+            raise ControlError(409, f"d{dom.domid} already has {MAX_DEVICES} vbds")
         bb = Blkback(dom, index, cfg)
         if any(b.devid == bb.devid for b in self.vbds(dom)):
             raise ControlError(409, f"d{dom.domid} already has a disk {bb.vdev}")
@@ -390,13 +395,14 @@ class Controller:
             log.warning("d%d: %s %s: frontend did not close in %g s; removed anyway",
                         dom.domid, kind, key, DETACH_WAIT_S)
         task = rec.hotplug.pop((kind, dev.devid), None)
-        if task is None:
-            for t in asyncio.all_tasks():
-                if t.get_name() == f"d{dom.domid}-{type(dev).__name__}-{dev.devid}":
-                    task = t
+        if task is None:                   # a device from the config: its task by name
+            name = f"d{dom.domid}-{type(dev).__name__}-{dev.devid}"
+            task = next((t for t in dom.backend_tasks if t.get_name() == name), None)
         if task is not None:
             task.cancel()
             await asyncio.wait([task])
+            if task in dom.backend_tasks:
+                dom.backend_tasks.remove(task)
         if dev in dom.backends:
             dom.backends.remove(dev)
         if kind == "vbd":
@@ -602,10 +608,10 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
             app = make_app(ctl, token=tcp[1] if tcp else None)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
-            await web.SockSite(runner, sock).start()
-            if tcp:
+            if tcp:                 # first, so that an answer on the socket means all is up
                 host, _, port = o.listen.rpartition(":")
                 await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), ssl_context=tcp[0]).start()
+            await web.SockSite(runner, sock).start()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -59,7 +59,7 @@ SCHEMAS: dict[str, dict] = {
     "Sched": _obj({"id": INT, "name": STR, "weight": INT, "cap": INT}, ["id", "name", "weight", "cap"]),
     "SchedSet": _obj({"weight": {"type": "integer", "minimum": 1, "maximum": 65535},
                       "cap": {"type": "integer", "minimum": 0, "maximum": 6400}}),
-    "Shutdown": _obj({"wait": BOOL, "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 600}}),
+    "Shutdown": _obj({"wait": BOOL, "timeout": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 600}}),
     "Vcpus": _obj({"id": INT, "name": STR, "vcpus": {"type": "array", "items": _obj({
         "vcpu": INT, "cpu": INT, "state": {"type": "string", "enum": ["r", "b", "p"]}, "online": BOOL,
         "time_s": NUM, "affinity": STR}, ["vcpu", "cpu", "state", "time_s"])}}, ["id", "name", "vcpus"]),
