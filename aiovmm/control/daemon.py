@@ -586,10 +586,32 @@ def check_tcp_options(o: ServeOptions) -> tuple[ssl.SSLContext, str] | None:
     return ctx, token
 
 
+def _quiet_forked_child() -> None:
+    """A child forked by a library (pyroute2 forks to open sockets in a network namespace)
+    inherits the loop's signal wakeup fd; the SIGTERM the library sends that child when done
+    would be written there and read by the daemon as its own SIGTERM. The child gets
+    default dispositions and no wakeup fd instead."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except ValueError:           # not the main thread of the child: nothing was inherited there
+        pass
+
+
+_fork_hook_installed = False
+
+
 async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
     from aiohttp import web
+    from pyroute2 import config as pyroute2_config
     from .api import make_app
+    global _fork_hook_installed
     tcp = check_tcp_options(o)
+    pyroute2_config.disable_mp_signal = True       # its children: SIGTERM = default (die)
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_quiet_forked_child)
+        _fork_hook_installed = True
     dmesg = DmesgHandler()
     logging.getLogger("aiovmm").addHandler(dmesg)
     if logging.getLogger("aiovmm").getEffectiveLevel() > logging.INFO:
@@ -614,8 +636,11 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
             await web.SockSite(runner, sock).start()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
+            def on_signal(sig: signal.Signals) -> None:
+                log.info("%s received", sig.name)
+                stop.set()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal, sig)
             log.info("serving on %s%s", o.socket_path, f" and https://{o.listen}" if tcp else "")
             if ready is not None:
                 ready.set()
