@@ -85,12 +85,23 @@ def _is_unix(req: web.Request) -> bool:
     return sock is not None and sock.family == socket.AF_UNIX
 
 
+def _public(path: str) -> bool:
+    """The web page's own files hold no data: served without the token (the page then
+    sends the token the user gave it with every API call)."""
+    return path == "/" or path.startswith("/web/")
+
+
 def _middlewares(token: str | None) -> list:
     @web.middleware
     async def errors(req: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None and not _is_unix(req):
-            got = req.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+        if token is not None and not _is_unix(req) and not _public(req.path):
+            got = req.headers.get("Authorization", "").encode()
+            ok = hmac.compare_digest(got, f"Bearer {token}".encode())
+            # A browser cannot set headers on a WebSocket: the console takes it as a parameter.
+            qt = req.query.get("access_token") if req.path.endswith("/console/ws") else None
+            if qt is not None:
+                ok = ok or hmac.compare_digest(qt.encode(), token.encode())
+            if not ok:
                 return _err(401, "missing or wrong bearer token")
         try:
             return await handler(req)

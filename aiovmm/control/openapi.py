@@ -119,6 +119,7 @@ QUERY = {
     "listDomains": [("long", "include each domain's configuration (xl list -l)")],
     "getDomain": [("long", "include the configuration")],
     "dmesg": [("clear", "clear the log after reading (xl dmesg -c)")],
+    "consoleWebSocket": [("access_token", "the bearer token, for browsers (TCP listener only)")],
 }
 
 PARAM_DOC = {"dom": "domain id or name", "dev": "device id, vdev (vbd) or MAC (vif)"}
@@ -134,7 +135,8 @@ def document() -> dict:
                   for n in ("dom", "dev") if f"{{{n}}}" in path]
         for q, desc in QUERY.get(op_id, []):
             params.append({"name": q, "in": "query", "required": False, "description": desc,
-                           "schema": {"type": "string", "enum": ["true", "false"]}})
+                           "schema": {"type": "string"} if q == "access_token"
+                           else {"type": "string", "enum": ["true", "false"]}})
         if schema is not None:
             ok = _json(schema)
         elif op_id == "metrics":
