@@ -36,6 +36,7 @@ log = logging.getLogger("aiovmm.control")
 
 DMESG_LINES = 2000
 CONSOLE_REPLAY_BYTES = 64 << 10      # history a console client gets on attach
+CONSOLE_QUEUE_MAX = 4096             # output chunks queued for one console client
 SHUTDOWN_WAIT_S = 60.0
 DETACH_WAIT_S = 3.0
 NAME_MAX = 64
@@ -152,7 +153,10 @@ class Controller:
         def console(data: bytes) -> None:
             if holder:
                 for q in list(holder[0].subscribers):
-                    q.put_nowait(data)
+                    # A client that does not read (or reads slower than the guest prints)
+                    # loses output rather than growing the daemon's memory.
+                    if q.qsize() < CONSOLE_QUEUE_MAX:
+                        q.put_nowait(data)
         try:
             dom = await self.hv.create(spec.kernel, memory_mib=spec.memory, cmdline=spec.cmdline,
                                        name=spec.name, on_console=console, vifs=spec.vif,

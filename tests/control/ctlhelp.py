@@ -116,7 +116,11 @@ class Daemon:
     def wait_console(self, dom: str, pattern: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
         while True:
-            text = self.console_text(dom)
+            status, text = self.request("GET", f"/api/v1/domains/{dom}/console")
+            if status == 404:           # not created yet (or gone: then the timeout tells)
+                text = ""
+            else:
+                assert status == 200, text
             if re.search(pattern, text, re.M):
                 return text
             if time.monotonic() > deadline:

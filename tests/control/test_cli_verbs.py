@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import subprocess
 import time
@@ -210,3 +211,63 @@ def test_info_top_dmesg(daemon):
     assert int(rows[1][4]) == 8192                     # MEM(k)
     assert "d%d (top1): created" % list_rows(daemon)["top1"][0] in daemon.ok("dmesg")
     daemon.ok("destroy", "top1")
+
+
+def test_create_c_attaches_console(daemon):
+    cfg = daemon.write_cfg("cc1", kernel=kernel(), memory=8, extra="ticks=1 echo=1 echo_timeout=0")
+    env = dict(os.environ, AIOVMM_SOCKET=daemon.socket)
+    p = subprocess.Popen(_cli_command() + ["create", cfg, "-c"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        daemon.wait_console("cc1", r"^echo: ready$")
+        p.stdin.write(b"line one\nquit\n")        # the guest powers off: the console ends
+        p.stdin.flush()
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    lines = out.decode().splitlines()
+    assert lines[0] == "aiovmm guest kernel 0.1 booting"
+    assert lines[-3:] == ["echo: line one", "echo: done lines=1 reason=quit", "poweroff"]
+    assert "cc1" not in list_rows(daemon)
+
+
+def test_metrics(daemon):
+    cfg = daemon.write_cfg("met1", kernel=kernel(), memory=8, extra="ticks=100000 period_ms=10 spin=1")
+    daemon.ok("create", cfg)
+    daemon.wait_console("met1", r"timer: tick 20 ")
+    domid = list_rows(daemon)["met1"][0]
+    status, text = daemon.request("GET", "/metrics")
+    assert status == 200
+    from prometheus_client.parser import text_string_to_metric_families
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    lbl = {"domid": str(domid), "name": "met1"}
+
+    def value(fam: str, **extra) -> float:
+        want = {**lbl, **extra}
+        found = [s.value for s in fams[fam].samples if all(s.labels.get(k) == v for k, v in want.items())]
+        assert found, (fam, want)
+        return found[0]
+    assert value("aiovmm_domain_cpu_seconds") > 0
+    assert value("aiovmm_domain_memory_bytes") == 8 << 20
+    assert value("aiovmm_hypercalls", family="sched_op") >= 20          # a block per tick at least
+    assert value("aiovmm_hypercalls", family="set_trap_table") == 1
+    assert value("aiovmm_hypercalls", family="event_channel_op") >= 1     # console ring kicks
+    assert "aiovmm_event_loop_lag_seconds" in fams
+    lag = [s for s in fams["aiovmm_event_loop_lag_seconds"].samples if s.name.endswith("_count")]
+    assert lag and lag[0].value >= 1
+    daemon.ok("destroy", "met1")
+
+
+def test_sigterm_destroys_everything_and_removes_socket():
+    d = Daemon(machine_memory=64)
+    cfg = d.write_cfg("term1", kernel=kernel(), memory=8, extra="ticks=100000 period_ms=100")
+    d.ok("create", cfg)
+    d.wait_console("term1", r"timer: tick 1 ")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(30) == 0
+    assert not os.path.exists(d.socket)
+    log = d.log()
+    assert "SIGTERM received" in log and "destroying 1 domain(s)" in log, log
+    d.stop()
