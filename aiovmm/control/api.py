@@ -55,7 +55,20 @@ def _field(data: dict, key: str, typ: type | tuple, required: bool = False, defa
         raise ControlError(400, f"field {key!r} has the wrong type")
     if not isinstance(v, typ):
         raise ControlError(400, f"field {key!r} has the wrong type")
+    if isinstance(v, str):
+        _check_text(key, v)
     return v
+
+
+def _check_text(key: str, v: str) -> None:
+    """Strings go to file names, xenstore and guests as UTF-8: a lone surrogate (valid JSON,
+    not encodable) or a NUL is refused here, once, for every field."""
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        raise ControlError(400, f"field {key!r} is not valid UTF-8 text") from None
+    if "\0" in v:
+        raise ControlError(400, f"field {key!r} contains a NUL byte")
 
 
 def _int_field(data: dict, key: str, lo: int, hi: int, required: bool = False) -> int | None:
@@ -69,6 +82,8 @@ def _strings(data: dict, key: str) -> list[str]:
     v = _field(data, key, list, default=[])
     if not all(isinstance(x, str) for x in v):
         raise ControlError(400, f"{key} must be a list of strings")
+    for x in v:
+        _check_text(key, x)
     return list(v)
 
 
@@ -133,7 +148,7 @@ async def create_domain(req: web.Request) -> web.Response:
     ctl = _ctl(req)
     data = await _body(req)
     if "config" in data:
-        text = _field(data, "config", str)
+        text = _field(data, "config", str, required=True)
         path = _field(data, "config_path", str)
         if path is not None and not os.path.isabs(path):
             raise ControlError(400, "config_path must be absolute")
@@ -147,8 +162,11 @@ async def create_domain(req: web.Request) -> web.Response:
         spec = DomainSpec(kernel=kernel, memory=_int_field(data, "memory", 1, 1 << 20) or 32,
                           name=_field(data, "name", str), cmdline=_field(data, "cmdline", str, default=""),
                           vif=_strings(data, "vif"), disk=_strings(data, "disk"))
-    if "\0" in spec.kernel or "\0" in spec.cmdline or (spec.name and "\0" in spec.name):
-        raise ControlError(400, "NUL bytes are not allowed")
+    for key, v in (("kernel", spec.kernel), ("cmdline", spec.cmdline), ("name", spec.name or "")):
+        _check_text(key, v)                  # also what came out of a config file
+    for key, vs in (("vif", spec.vif), ("disk", spec.disk)):
+        for v in vs:
+            _check_text(key, v)
     rec = await ctl.create(spec)
     return _json(ctl.describe(rec), 201)
 

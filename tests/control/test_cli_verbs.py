@@ -271,3 +271,23 @@ def test_sigterm_destroys_everything_and_removes_socket():
     log = d.log()
     assert "SIGTERM received" in log and "destroying 1 domain(s)" in log, log
     d.stop()
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"config": None}, 400, "missing field 'config'"),
+    ({"kernel": "\ud800"}, 400, "field 'kernel' is not valid UTF-8 text"),
+    ({"kernel": "/x\0"}, 400, "field 'kernel' contains a NUL byte"),
+    ({"kernel": kernel(), "cmdline": "x" * 5000}, 400, "command line longer than 1023 bytes"),
+    ({"kernel": kernel(), "name": "a/b"}, 400, "invalid domain name 'a/b'"),
+    ({"kernel": kernel(), "name": "42"}, 400, "invalid domain name '42'"),
+    ([1], 400, "request body must be a JSON object"),
+    ({"kernel": kernel(), "memory": 4, "vif": ["bogus=1"]}, 400, "vif 'bogus=1': unknown vif option 'bogus'"),
+    ({"kernel": kernel(), "memory": 4096}, 400, "memory 4096 MiB is more than the host's 256 MiB"),
+    ({"kernel": kernel(), "memory": True}, 400, "field 'memory' has the wrong type"),
+])
+def test_api_create_refusals(daemon, body, status, message):
+    before = snapshot(daemon)
+    got, data = daemon.request("POST", "/api/v1/domains", body)
+    assert (got, data) == (status, {"error": message})
+    assert snapshot(daemon) == before
+    assert daemon.api("GET", "/api/v1/domains") == []

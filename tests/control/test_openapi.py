@@ -123,7 +123,7 @@ parameters = {{ "path.dom" = "stv2" }}
     r = subprocess.run([str(st), "--config-file", str(cfg), "run", f"{tls_daemon.url}/openapi.json",
                         "-H", f"Authorization: Bearer {TOKEN}", "--tls-verify", tls_daemon.cert,
                         "-c", CHECKS, "-n", "5", "--seed", "12", "--phases", "examples,coverage,fuzzing",
-                        "--exclude-operation-id", "consoleWebSocket", "--max-time", "50",
+                        "--exclude-operation-id", "consoleWebSocket", "--max-time", "35",
                         "--request-timeout", "30", "--no-color"],
                        capture_output=True, text=True, timeout=240, cwd=tmp_path)
     tail = r.stdout[-6000:]
