@@ -8,12 +8,22 @@ DEBS    := gcc make libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-pin
 	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio
 NATIVE  := aiovmm/_native/preempt.so aiovmm/_native/kvm.so
 
-.PHONY: setup demo test bench mutants guests linux clean debs
+WEBDEBS := chromium chromium-driver openssl
+
+.PHONY: setup demo test bench mutants guests linux clean debs web-test-deps
 
 setup: debs $(STAMP) $(NATIVE) guests linux
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# The control plane's web-page test drives Debian's chromium (tests/control/test_web.py).
+web-test-deps:
+	@missing=""; for p in $(WEBDEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -44,7 +54,7 @@ linux: $(STAMP)
 demo: setup
 	$(VPY) examples/demo.py
 
-test: setup
+test: setup web-test-deps
 	$(VPY) -m pytest -q tests
 
 bench: setup

@@ -122,6 +122,7 @@ class Domain:
         self.done: asyncio.Future[ShutdownReason] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task | None = None          # the domain's task in the hypervisor
         self.device_tg: asyncio.TaskGroup | None = None  # its backends' TaskGroup while running
+        self.backend_tasks: list[asyncio.Task] = []      # cancelled once the vCPUs have stopped
         self.hypercall_counts: dict[int, int] = {}     # hypercall number -> calls (known only)
 
     def __repr__(self) -> str:

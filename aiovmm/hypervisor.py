@@ -260,8 +260,10 @@ class Hypervisor:
         (it is cancelled with the domain like the backends given to create())."""
         if dom.device_tg is None or dom.dying:
             raise BuildError(f"d{dom.domid} is not running")
-        return dom.device_tg.create_task(self._run_backend(dom, backend),
-                                          name=f"d{dom.domid}-{type(backend).__name__}-{backend.devid}")
+        task = dom.device_tg.create_task(self._run_backend(dom, backend),
+                                         name=f"d{dom.domid}-{type(backend).__name__}-{backend.devid}")
+        dom.backend_tasks.append(task)
+        return task
 
     def _create_vcpu0(self, dom: Domain, img: builder.KernelImage, lay: builder.Layout) -> None:
         if dom.engine_kind == "kvm":
@@ -309,7 +311,8 @@ class Hypervisor:
             dom.console_backend = ConsoleBackend(dom)
             async with asyncio.TaskGroup() as tg:
                 dom.device_tg = tg
-                backend_tasks = [tg.create_task(dom.console_backend.run(), name=f"d{dom.domid}-console"),
+                backend_tasks = dom.backend_tasks
+                backend_tasks += [tg.create_task(dom.console_backend.run(), name=f"d{dom.domid}-console"),
                                  tg.create_task(toolstack.serve_store_ring(self, dom), name=f"d{dom.domid}-store")]
                 if dom.console_log is not None:
                     tg.create_task(dom.console_log.run(), name=f"d{dom.domid}-log")

@@ -55,7 +55,20 @@ def _field(data: dict, key: str, typ: type | tuple, required: bool = False, defa
         raise ControlError(400, f"field {key!r} has the wrong type")
     if not isinstance(v, typ):
         raise ControlError(400, f"field {key!r} has the wrong type")
+    if isinstance(v, str):
+        _check_text(key, v)
     return v
+
+
+def _check_text(key: str, v: str) -> None:
+    """Strings go to file names, xenstore and guests as UTF-8: a lone surrogate (valid JSON,
+    not encodable) or a NUL is refused here, once, for every field."""
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        raise ControlError(400, f"field {key!r} is not valid UTF-8 text") from None
+    if "\0" in v:
+        raise ControlError(400, f"field {key!r} contains a NUL byte")
 
 
 def _int_field(data: dict, key: str, lo: int, hi: int, required: bool = False) -> int | None:
@@ -69,6 +82,8 @@ def _strings(data: dict, key: str) -> list[str]:
     v = _field(data, key, list, default=[])
     if not all(isinstance(x, str) for x in v):
         raise ControlError(400, f"{key} must be a list of strings")
+    for x in v:
+        _check_text(key, x)
     return list(v)
 
 
@@ -85,12 +100,23 @@ def _is_unix(req: web.Request) -> bool:
     return sock is not None and sock.family == socket.AF_UNIX
 
 
+def _public(path: str) -> bool:
+    """The web page's own files hold no data: served without the token (the page then
+    sends the token the user gave it with every API call)."""
+    return path == "/" or path.startswith("/web/")
+
+
 def _middlewares(token: str | None) -> list:
     @web.middleware
     async def errors(req: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None and not _is_unix(req):
-            got = req.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+        if token is not None and not _is_unix(req) and not _public(req.path):
+            got = req.headers.get("Authorization", "").encode()
+            ok = hmac.compare_digest(got, f"Bearer {token}".encode())
+            # A browser cannot set headers on a WebSocket: the console takes it as a parameter.
+            qt = req.query.get("access_token") if req.path.endswith("/console/ws") else None
+            if qt is not None:
+                ok = ok or hmac.compare_digest(qt.encode(), token.encode())
+            if not ok:
                 return _err(401, "missing or wrong bearer token")
         try:
             return await handler(req)
@@ -122,7 +148,7 @@ async def create_domain(req: web.Request) -> web.Response:
     ctl = _ctl(req)
     data = await _body(req)
     if "config" in data:
-        text = _field(data, "config", str)
+        text = _field(data, "config", str, required=True)
         path = _field(data, "config_path", str)
         if path is not None and not os.path.isabs(path):
             raise ControlError(400, "config_path must be absolute")
@@ -136,8 +162,11 @@ async def create_domain(req: web.Request) -> web.Response:
         spec = DomainSpec(kernel=kernel, memory=_int_field(data, "memory", 1, 1 << 20) or 32,
                           name=_field(data, "name", str), cmdline=_field(data, "cmdline", str, default=""),
                           vif=_strings(data, "vif"), disk=_strings(data, "disk"))
-    if "\0" in spec.kernel or "\0" in spec.cmdline or (spec.name and "\0" in spec.name):
-        raise ControlError(400, "NUL bytes are not allowed")
+    for key, v in (("kernel", spec.kernel), ("cmdline", spec.cmdline), ("name", spec.name or "")):
+        _check_text(key, v)                  # also what came out of a config file
+    for key, vs in (("vif", spec.vif), ("disk", spec.disk)):
+        for v in vs:
+            _check_text(key, v)
     rec = await ctl.create(spec)
     return _json(ctl.describe(rec), 201)
 

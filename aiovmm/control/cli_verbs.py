@@ -285,6 +285,7 @@ async def _console_async(c: Client, ref: str) -> int:
         tty.setraw(fd)
     session, base = c.ws_session()
     leave = asyncio.Event()
+    outq: asyncio.Queue[bytes] = asyncio.Queue()      # stdin bytes for the guest
     try:
         async with session:
             try:
@@ -307,7 +308,7 @@ async def _console_async(c: Client, ref: str) -> int:
                         loop.remove_reader(fd)
                         leave.set()
                     if data:
-                        loop.create_task(ws.send_bytes(data))
+                        outq.put_nowait(data)
                 os.set_blocking(fd, False)
                 loop.add_reader(fd, readable)
                 try:
@@ -319,10 +320,18 @@ async def _console_async(c: Client, ref: str) -> int:
                             elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                                 break
                         leave.set()
+                    async def send() -> None:
+                        while True:
+                            await ws.send_bytes(await outq.get())
+                            outq.task_done()
                     async with asyncio.TaskGroup() as tg:
                         rx = tg.create_task(receive())
+                        tx = tg.create_task(send())
                         await leave.wait()
+                        if not ws.closed:
+                            await asyncio.wait_for(outq.join(), 5)   # what was typed before Ctrl-]
                         rx.cancel()
+                        tx.cancel()
                 finally:
                     loop.remove_reader(fd)
                     os.set_blocking(fd, True)

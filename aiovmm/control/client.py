@@ -11,7 +11,7 @@ import ssl
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .daemon import DEFAULT_SOCKET
+DEFAULT_SOCKET = "/run/aiovmm/aiovmm.sock"
 
 
 class ClientError(Exception):

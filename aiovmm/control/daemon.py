@@ -26,6 +26,7 @@ from ..errors import BuildError
 from ..hypervisor import Hypervisor
 from ..xenbus import XenbusState, read_state, read_str, wait_for_state
 from ..xenstore.core import XsError
+from .client import DEFAULT_SOCKET
 from .metrics import LoopLag, MeteredScheduler
 
 if TYPE_CHECKING:
@@ -33,12 +34,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiovmm.control")
 
-DEFAULT_SOCKET = "/run/aiovmm/aiovmm.sock"
 DMESG_LINES = 2000
 CONSOLE_REPLAY_BYTES = 64 << 10      # history a console client gets on attach
+CONSOLE_QUEUE_MAX = 4096             # output chunks queued for one console client
 SHUTDOWN_WAIT_S = 60.0
-DETACH_WAIT_S = 5.0
+DETACH_WAIT_S = 3.0
 NAME_MAX = 64
+MAX_DEVICES = 16                    # vifs, and vbds, per domain (hot-plug included)
 
 
 class ControlError(Exception):
@@ -151,7 +153,10 @@ class Controller:
         def console(data: bytes) -> None:
             if holder:
                 for q in list(holder[0].subscribers):
-                    q.put_nowait(data)
+                    # A client that does not read (or reads slower than the guest prints)
+                    # loses output rather than growing the daemon's memory.
+                    if q.qsize() < CONSOLE_QUEUE_MAX:
+                        q.put_nowait(data)
         try:
             dom = await self.hv.create(spec.kernel, memory_mib=spec.memory, cmdline=spec.cmdline,
                                        name=spec.name, on_console=console, vifs=spec.vif,
@@ -320,6 +325,8 @@ class Controller:
         except ValueError as e:
             raise ControlError(400, f"vif {spec!r}: {e}") from None
         taken = {b.devid for b in self.vifs(dom)}
+        if len(taken) >= MAX_DEVICES:
+            raise ControlError(409, f"d{dom.domid} already has {MAX_DEVICES} vifs")
         devid = next(i for i in range(len(taken) + 1) if i not in taken)
         nb = Netback(dom, devid, cfg, ifname_prefix=self.hv.vif_prefix)
         nb.publish()
@@ -345,6 +352,8 @@ class Controller:
         if dom.dying:
             raise ControlError(409, f"d{dom.domid} ({dom.name}) is shutting down")
         index = len(self.vbds(dom))
+        if index >= MAX_DEVICES:
+            raise ControlError(409, f"d{dom.domid} already has {MAX_DEVICES} vbds")
         bb = Blkback(dom, index, cfg)
         if any(b.devid == bb.devid for b in self.vbds(dom)):
             raise ControlError(409, f"d{dom.domid} already has a disk {bb.vdev}")
@@ -390,13 +399,14 @@ class Controller:
             log.warning("d%d: %s %s: frontend did not close in %g s; removed anyway",
                         dom.domid, kind, key, DETACH_WAIT_S)
         task = rec.hotplug.pop((kind, dev.devid), None)
-        if task is None:
-            for t in asyncio.all_tasks():
-                if t.get_name() == f"d{dom.domid}-{type(dev).__name__}-{dev.devid}":
-                    task = t
+        if task is None:                   # a device from the config: its task by name
+            name = f"d{dom.domid}-{type(dev).__name__}-{dev.devid}"
+            task = next((t for t in dom.backend_tasks if t.get_name() == name), None)
         if task is not None:
             task.cancel()
             await asyncio.wait([task])
+            if task in dom.backend_tasks:
+                dom.backend_tasks.remove(task)
         if dev in dom.backends:
             dom.backends.remove(dev)
         if kind == "vbd":
@@ -580,10 +590,32 @@ def check_tcp_options(o: ServeOptions) -> tuple[ssl.SSLContext, str] | None:
     return ctx, token
 
 
+def _quiet_forked_child() -> None:
+    """A child forked by a library (pyroute2 forks to open sockets in a network namespace)
+    inherits the loop's signal wakeup fd; the SIGTERM the library sends that child when done
+    would be written there and read by the daemon as its own SIGTERM. The child gets
+    default dispositions and no wakeup fd instead."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except ValueError:           # not the main thread of the child: nothing was inherited there
+        pass
+
+
+_fork_hook_installed = False
+
+
 async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
     from aiohttp import web
+    from pyroute2 import config as pyroute2_config
     from .api import make_app
+    global _fork_hook_installed
     tcp = check_tcp_options(o)
+    pyroute2_config.disable_mp_signal = True       # its children: SIGTERM = default (die)
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_quiet_forked_child)
+        _fork_hook_installed = True
     dmesg = DmesgHandler()
     logging.getLogger("aiovmm").addHandler(dmesg)
     if logging.getLogger("aiovmm").getEffectiveLevel() > logging.INFO:
@@ -595,17 +627,24 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
         async with Hypervisor(memory_mib=o.machine_memory, scheduler=sched, log_dir=o.log_dir,
                               xenstore_path=o.xenstore_socket, vif_prefix=o.vif_prefix) as hv:
             ctl = Controller(hv, sched, dmesg)
+            # What a Xen host's store holds before any guest (dom0's home, /vm, the backend
+            # directories the toolstack fills), so a destroyed guest leaves the count as it was.
+            for path in ("/vm", "/local/domain/0/backend/vif", "/local/domain/0/backend/vbd"):
+                hv.xenstore.store.mkdir(path)
             app = make_app(ctl, token=tcp[1] if tcp else None)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
-            await web.SockSite(runner, sock).start()
-            if tcp:
+            if tcp:                 # first, so that an answer on the socket means all is up
                 host, _, port = o.listen.rpartition(":")
                 await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), ssl_context=tcp[0]).start()
+            await web.SockSite(runner, sock).start()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
+            def on_signal(sig: signal.Signals) -> None:
+                log.info("%s received", sig.name)
+                stop.set()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal, sig)
             log.info("serving on %s%s", o.socket_path, f" and https://{o.listen}" if tcp else "")
             if ready is not None:
                 ready.set()

@@ -59,7 +59,7 @@ SCHEMAS: dict[str, dict] = {
     "Sched": _obj({"id": INT, "name": STR, "weight": INT, "cap": INT}, ["id", "name", "weight", "cap"]),
     "SchedSet": _obj({"weight": {"type": "integer", "minimum": 1, "maximum": 65535},
                       "cap": {"type": "integer", "minimum": 0, "maximum": 6400}}),
-    "Shutdown": _obj({"wait": BOOL, "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 600}}),
+    "Shutdown": _obj({"wait": BOOL, "timeout": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 600}}),
     "Vcpus": _obj({"id": INT, "name": STR, "vcpus": {"type": "array", "items": _obj({
         "vcpu": INT, "cpu": INT, "state": {"type": "string", "enum": ["r", "b", "p"]}, "online": BOOL,
         "time_s": NUM, "affinity": STR}, ["vcpu", "cpu", "state", "time_s"])}}, ["id", "name", "vcpus"]),
@@ -119,6 +119,7 @@ QUERY = {
     "listDomains": [("long", "include each domain's configuration (xl list -l)")],
     "getDomain": [("long", "include the configuration")],
     "dmesg": [("clear", "clear the log after reading (xl dmesg -c)")],
+    "consoleWebSocket": [("access_token", "the bearer token, for browsers (TCP listener only)")],
 }
 
 PARAM_DOC = {"dom": "domain id or name", "dev": "device id, vdev (vbd) or MAC (vif)"}
@@ -134,7 +135,8 @@ def document() -> dict:
                   for n in ("dom", "dev") if f"{{{n}}}" in path]
         for q, desc in QUERY.get(op_id, []):
             params.append({"name": q, "in": "query", "required": False, "description": desc,
-                           "schema": {"type": "string", "enum": ["true", "false"]}})
+                           "schema": {"type": "string"} if q == "access_token"
+                           else {"type": "string", "enum": ["true", "false"]}})
         if schema is not None:
             ok = _json(schema)
         elif op_id == "metrics":

@@ -384,3 +384,24 @@ int xenbus_wait_for_state(const char *otherend, XenbusState want, int any_later,
     xenbus_flush_events(token);
     return st;
 }
+
+/* Hot-plug: wait (on a watch, as a frontend driver does on device/) until
+ * `node` exists, e.g. device/vif/0 written by `xl network-attach` after boot. */
+int xenbus_wait_for_node(const char *node, u64 timeout_ns)
+{
+    char buf[8], token[32];
+    static unsigned seq;
+    snprintf(token, sizeof(token), "node-%u", seq++);
+    u64 deadline = monotonic_ns() + (timeout_ns ? timeout_ns : XENBUS_TIMEOUT_NS);
+    int rc = xenbus_watch(node, token);
+    if (rc) return rc;
+    for (;;) {
+        rc = xenbus_read(XBT_NIL, node, buf, sizeof(buf));
+        if (rc >= 0) { rc = 0; break; }
+        rc = xenbus_wait_event(token, NULL, 0, NULL, 0, deadline);
+        if (rc) break;
+    }
+    xenbus_unwatch(node, token);
+    xenbus_flush_events(token);
+    return rc;
+}

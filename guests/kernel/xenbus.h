@@ -56,4 +56,7 @@ int xenbus_read_state(const char *dir);
  * state >= want); returns the last state read, or -errno/-ETIMEDOUT. */
 int xenbus_wait_for_state(const char *otherend, XenbusState want, int any_later, u64 timeout_ns);
 
+/* Wait until `node` exists (device hot-plug); 0 or -ETIMEDOUT/-errno. */
+int xenbus_wait_for_node(const char *node, u64 timeout_ns);
+
 #endif

@@ -12,6 +12,8 @@
  *                              (mode=bench: ops requests of bs sectors, 1..88 (11 pages,
  *                              the most one request carries), default 8 = 4 KiB;
  *                              sequential wraps over span, random picks bs-aligned blocks)
+ *   hotplug=<seconds>          the vbd may not exist at boot (xl block-attach later): wait
+ *                              up to <seconds> for device/vbd/<vdev> (needs vdev=)
  *   dstart=<sector> dlen=<n>   mode=discard: the range discarded, relative to start
  *                              (default: the middle half of the pattern area)
  *
@@ -368,6 +370,16 @@ void app_main(void)
     if (rc) panic("gnttab_init: %ld", rc);
     rc = xenbus_init();
     if (rc) panic("xenbus_init: %ld", rc);
+    u64 hotplug = cmdline_u64(cmd, "hotplug", 0);
+    if (hotplug) {
+        char node[32];
+        u64 vdev = cmdline_u64(cmd, "vdev", 0);
+        if (!vdev) panic("blk: hotplug= needs vdev=");
+        snprintf(node, sizeof(node), "device/vbd/%lu", vdev);
+        printk("blk: waiting for %s\n", node);
+        rc = xenbus_wait_for_node(node, hotplug * 1000000000UL);
+        if (rc) panic("blk: %s did not appear: %ld", node, rc);
+    }
     struct blkfront_info info;
     struct blkfront_dev *dev = blkfront_init((unsigned)cmdline_u64(cmd, "vdev", 0), &info);
     if (!dev) panic("blkfront_init failed");

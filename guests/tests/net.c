@@ -4,6 +4,9 @@
  * cmdline: ip=<a.b.c.d/len> [name=<n>] [gw=<a.b.c.d>] [ping=<a.b.c.d>
  *          count=<k> (default 4)] [serve=<seconds>] [vif=<devid> (default 0)]
  *          [sink=<port>] [blast=<a.b.c.d>:<port> bytes=<n> [size=<payload>]]
+ *          [hotplug=<seconds>]
+ * hotplug=: the vif may not exist at boot (xl network-attach later): wait up
+ * to <seconds> for device/vif/<devid> to appear, then connect.
  * serve=0 serves forever; without serve= the guest serves forever unless
  * ping= or blast= is given, in which case it powers off after them.
  * sink=: counts the UDP datagrams received on <port>; a datagram "sink?"
@@ -191,6 +194,12 @@ void app_main(void)
     if (rc) panic("net: xenbus_init failed: %d", rc);
     long g = gnttab_init();
     if (g) panic("net: gnttab_init failed: %ld", g);
+    u64 hotplug = cmdline_u64(cmd, "hotplug", 0);
+    if (hotplug) {
+        printk("net: waiting for %s\n", node);
+        rc = xenbus_wait_for_node(node, hotplug * 1000000000UL);
+        if (rc) panic("net: %s did not appear: %d", node, rc);
+    }
     nf = netfront_init(node);
     if (!nf) panic("net: netfront init failed");
 

@@ -5,8 +5,20 @@ const API = "/api/v1";
 const prev = new Map();           // domain id -> [time ms, cpu s] for CPU %
 let consoleWs = null;
 
+// Over TCP the daemon wants its bearer token: open the page as https://host:port/#token=...
+// (the fragment never leaves the browser); it is kept for this tab only.
+(function takeToken() {
+  const m = location.hash.match(/token=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem("aiovmm-token", decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname);
+  }
+})();
+const token = () => sessionStorage.getItem("aiovmm-token");
+
 async function call(method, path, body) {
   const opts = { method, headers: {} };
+  if (token()) opts.headers["Authorization"] = "Bearer " + token();
   if (body !== undefined) { opts.body = JSON.stringify(body); opts.headers["Content-Type"] = "application/json"; }
   const r = await fetch(API + path, opts);
   const data = await r.json().catch(() => ({}));
@@ -78,7 +90,8 @@ function openConsole(d) {
   out.textContent = "";
   document.getElementById("console-name").textContent = d.name + " (d" + d.id + ")";
   view.hidden = false;
-  const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + API + "/domains/" + d.id + "/console/ws";
+  let url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + API + "/domains/" + d.id + "/console/ws";
+  if (token()) url += "?access_token=" + encodeURIComponent(token());
   const ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
   const dec = new TextDecoder();
