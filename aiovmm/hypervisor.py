@@ -19,6 +19,7 @@ from .events import HostEvents
 from .errors import BuildError
 from .memory import MachineMemory, OutOfMemory
 from .mmu import PageTables, XenArea
+from . import descriptors
 from .scheduler import Scheduler
 from .vcpu import VCPU
 from .vcpu_engine import VCPUEngine
@@ -61,6 +62,7 @@ class Hypervisor:
         self.xen = XenArea(self.mem)
         self.pagetables = PageTables(self.mem, self.xen)
         self.ptwr_scratch = self.mem.alloc(DOMID_XEN)[0]     # see ptwr.py
+        descriptors.area_of(self.xen)                        # GDT/LDT windows' first table
         self.host = HostEvents(self)
         self.host.evtchn = self.host
         self.host.grants = None
