@@ -118,3 +118,37 @@ async def test_m2p_alias_announced_and_readable():
         for mfn in (dom.p2m[0], dom.p2m[7], dom.shared_info_mfn):
             got = struct.unpack("<Q", eng._read_code(eng.m2p_va + 8 * mfn, 8))[0]
             assert got == hv.mem.m2p[mfn]
+
+
+async def test_step_to_executes_exactly_one_instruction():
+    """The engine's single step (RFLAGS.TF, used to emulate a trapped page-table store):
+    exactly one instruction runs, RIP lands on the next one, and TF is not left set."""
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        await dom.wait_for_line(r"^spin 1$", timeout=30)
+        dom.paused = True
+        await asyncio.sleep(0.05)                      # the vCPU task parks between slices
+        v = dom.vcpus[0]
+        eng = v.engine
+        saved = eng.read(("rip", "rax", "rflags"))
+        code_va = 0xFFFFFFFF80400000 - 4096           # unused padding page of the boot map
+        v.copy_to_guest(code_va, b"\x48\xff\xc0" * 2 + b"\xeb\xfe")   # inc rax; inc rax; jmp .
+        eng.write({"rip": code_va, "rax": 5})
+        assert eng.step_to(code_va + 3)
+        assert eng.read(("rip", "rax")) == [code_va + 3, 6]
+        assert not eng.get("rflags") & 0x100
+        eng.write({"rip": saved[0], "rax": saved[1], "rflags": saved[2]})
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 3$", timeout=30)
+
+
+def test_engine_names():
+    from aiovmm.kvm_engine import choose_engine
+    assert choose_engine("unicorn") == "unicorn"
+    assert choose_engine("kvm") == "kvm"
+    assert choose_engine("auto") in ("unicorn", "kvm")
+    with pytest.raises(ValueError, match="tcg"):
+        choose_engine("tcg")
+    p = run_cli("run", "--engine", "tcg", guest("hello"))
+    assert p.returncode != 0 and "invalid choice" in p.stderr
