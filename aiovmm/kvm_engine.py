@@ -30,7 +30,9 @@ Design (shared/design/ARCHITECTURE.md §2b, measured facts in shared/research/kv
 Known differences from the Unicorn engine (guest-visible only to hostile guests):
 - A guest `in`/`ins` is completed by KVM before the #GP is raised; registers are restored, but
   the string form's store to guest memory has happened.
-- CPUID is KVM's (the shared policy from aiovmm/cpuid.py is not applied yet).
+- CPUID: on kvm-pvm it executes natively at CPL 3 (the host's, outer hypervisor leaves
+  included); `set_cpuid()` installs a table (KVM's supported one by default) that hardware
+  KVM applies, where the shared policy (aiovmm/cpuid.py) can be passed in.
 """
 from __future__ import annotations
 
@@ -206,6 +208,30 @@ def unavailable_reason() -> str | None:
     return _unavailable or None
 
 
+def supported_cpuid() -> list[tuple[int, int, int, int, int, int]]:
+    """KVM's supported CPUID table on this host, as set_cpuid() entries (a base a CPUID
+    policy can edit)."""
+    n = 256
+    buf = bytearray(struct.pack("<II", n, 0) + bytes(40 * n))
+    fcntl.ioctl(_system_fd(), Ioctl.GET_SUPPORTED_CPUID, buf)
+    count = struct.unpack_from("<I", buf, 0)[0]
+    out = []
+    for i in range(count):
+        leaf, sub, _flags, a, b, c, d = struct.unpack_from("<IIIIIII", buf, 8 + 40 * i)
+        out.append((leaf, sub, a, b, c, d))
+    return out
+
+
+_cpuid_cache: list[tuple[int, int, int, int, int, int]] | None = None
+
+
+def _default_cpuid() -> list[tuple[int, int, int, int, int, int]]:
+    global _cpuid_cache
+    if _cpuid_cache is None:
+        _cpuid_cache = supported_cpuid()
+    return _cpuid_cache
+
+
 def hardware_virtualization() -> bool:
     """True on VMX/SVM hosts; False on kvm-pvm (no vmx/svm in /proc/cpuinfo)."""
     try:
@@ -361,6 +387,14 @@ class KVMEngine:
         self._sregs[:] = fcntl.ioctl(self.vcpu_fd, Ioctl.GET_SREGS, bytes(312))
         self._valid.value = SYNC_REGS | SYNC_SREGS
         self._dirty.value = SYNC_REGS | SYNC_SREGS
+        # A CPUID table is needed on hardware KVM before EFER.NX/LME are accepted; the
+        # hypervisor may replace it with the shared policy (set_cpuid). On kvm-pvm CPUID at
+        # CPL 3 runs natively (measured: the table has no effect on what the guest sees).
+        try:
+            self.set_cpuid(_default_cpuid())
+        except OSError as e:
+            self.close()
+            raise KVMUnavailable(f"KVM_SET_CPUID2: {e}") from None
         self._timer = ctypes.c_void_p()
         rc = lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
         if rc < 0:
@@ -455,6 +489,19 @@ class KVMEngine:
         buf = bytearray(struct.pack("<IIIIQ", 1, 0, msr, 0, 0))
         fcntl.ioctl(self.vcpu_fd, Ioctl.GET_MSRS, buf)
         return struct.unpack_from("<Q", buf, 16)[0]
+
+    # -- CPUID -------------------------------------------------------------------------------
+    def set_cpuid(self, entries: Sequence[tuple[int, int, int, int, int, int]]) -> None:
+        """Install the CPUID the guest sees: (leaf, subleaf, eax, ebx, ecx, edx) per entry,
+        each matched on its subleaf (KVM_SET_CPUID2). CPUID at CPL 3 is emulated by KVM from
+        this table, so the shared policy (aiovmm/cpuid.py) reaches the guest unchanged.
+        Call before the first slice; the table must keep long mode, NX and SYSCALL (KVM
+        checks EFER against it)."""
+        ent = struct.Struct("<IIIIIII12x")
+        buf = bytearray(struct.pack("<II", len(entries), 0))
+        for leaf, sub, a, b, c, d in entries:
+            buf += ent.pack(leaf, sub, 1, a, b, c, d)         # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+        fcntl.ioctl(self.vcpu_fd, Ioctl.SET_CPUID2, buf)
 
     # -- MMU --------------------------------------------------------------------------------
     def setup_long_mode(self, cr3: int, gdt_base: int, gdt_limit: int) -> None:

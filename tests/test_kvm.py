@@ -152,3 +152,31 @@ def test_engine_names():
         choose_engine("tcg")
     p = run_cli("run", "--engine", "tcg", guest("hello"))
     assert p.returncode != 0 and "invalid choice" in p.stderr
+
+
+@pytest.mark.skipif(not __import__("aiovmm.kvm_engine").kvm_engine.hardware_virtualization(),
+                    reason="kvm-pvm runs CPUID natively at CPL 3: no table reaches the guest")
+async def test_cpuid_table_reaches_the_guest():
+    """set_cpuid() is what a CPL-3 CPUID returns (the hook for the shared CPUID policy):
+    here KVM's supported table with Xen's hypervisor leaf in place of KVM's."""
+    import struct
+    from aiovmm.kvm_engine import supported_cpuid
+    xen_sig = struct.unpack("<III", b"XenVMMXenVMM")
+    table = [e for e in supported_cpuid() if e[0] != 0x40000000]
+    table.append((0x40000000, 0, 0x40000002, *xen_sig))
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        dom.paused = True                     # before the vCPU task's first slice
+        v = dom.vcpus[0]
+        eng = v.engine
+        eng.set_cpuid(table)
+        code_va = 0xFFFFFFFF80400000 - 4096
+        v.copy_to_guest(code_va, b"\x0f\xa2\xeb\xfe")          # cpuid; jmp .
+        saved = eng.read(("rip",))[0]
+        eng.write({"rip": code_va, "rax": 0x40000000, "rcx": 0})
+        assert eng.step_to(code_va + 2)
+        assert eng.read(("rax", "rbx", "rcx", "rdx")) == [0x40000002, *xen_sig]
+        eng.write({"rip": saved, "rax": 0, "rcx": 0})
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 2$", timeout=30)
