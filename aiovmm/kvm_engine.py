@@ -751,6 +751,15 @@ class KVMEngine:
                 r[16] = rip - 2
                 self._call(self.on_exception, 13, (vector << 3) | 2, 0)
                 return
+        if vector == 13 and has_err and err == 0 and self._int_before(rip) is not None:
+            # kvm-pvm (measured for `int $23`): #GP(0) with RIP already past `cd n`.
+            n = self._int_before(rip)
+            if n < 32 and n not in (3, 4):
+                r[16] = rip - 2
+                self._call(self.on_exception, 13, (n << 3) | 2, 0)
+            else:
+                self._call(self.on_exception, n, 0, 0)
+            return
         if vector in (6, 13):
             # kvm-pvm turns some `int $n` (measured: int $0x80) into #UD at the instruction
             # itself; report it as the Unicorn engine and a real CPU with a DPL-3 gate do:
@@ -789,6 +798,14 @@ class KVMEngine:
                 # reserved-bit fault kvm-pvm reports for its own slot.
                 err = (err & ~8) | 1
         self._call(self.on_exception, vector, err, cr2)
+
+    def _int_before(self, rip: int) -> int | None:
+        """n if the two bytes before `rip` are `int $n` (cd n), else None."""
+        try:
+            b = self._read_code(rip - 2, 2)
+        except LookupError:
+            return None
+        return b[1] if b[0] == 0xCD else None
 
     def _emulate_m2p_read(self, rip: int, cr2: int) -> bool:
         """A load from Xen's fixed M2P address (reserved by kvm-pvm): perform it from the M2P
