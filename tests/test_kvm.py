@@ -208,3 +208,20 @@ async def test_net_guest_on_kvm_answers_ping():
         assert rc == 0 and " 0% packet loss" in out, out
         rc, out = await lan.run("curl", "-s", "-m", "10", "http://198.18.0.2/")
         assert rc == 0 and "aiovmm guest k2" in out, out
+
+
+async def test_domains_release_their_vm():
+    """Each KVM domain owns a VM, a vCPU and a timer; destroying it releases all of them
+    (no descriptor growth over many boots)."""
+    import os
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        async def one():
+            dom = await hv.create(guest("hello"), memory_mib=4)
+            assert await asyncio.wait_for(dom.wait(), 30) == ShutdownReason.poweroff
+            while dom.domid in hv.domains:
+                await asyncio.sleep(0.001)
+        await one()
+        fds = len(os.listdir("/proc/self/fd"))
+        for _ in range(15):
+            await one()
+        assert len(os.listdir("/proc/self/fd")) <= fds
