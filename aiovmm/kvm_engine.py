@@ -128,6 +128,7 @@ EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 MSR_IA32_TSC = 0x10
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 RF_TF, RF_IF, RF_DF, RF_NT, RF_AC = 0x100, 0x200, 0x400, 0x4000, 0x40000
+RF_IOPL, RF_VM = 0x3000, 0x20000
 
 # The engine's ring-0 pages, in Xen's supervisor-only L4 slot 261 (mmu.XenArea), after the
 # pages XenArea itself uses (L1 index 32 on): IDT, stubs, TSS, ring-0 stack.
@@ -717,7 +718,9 @@ class KVMEngine:
     def _from_syscall(self) -> None:
         """SYSCALL at CPL 3 reached the LSTAR stub: RCX/R11 hold the return RIP/RFLAGS."""
         r = self.regs
-        r[16], r[17] = r[2], r[11] | 2
+        # R11 is the guest's RFLAGS only for a real SYSCALL; a guest may also jump to the
+        # entry page with any R11. Never let it raise IOPL or set VM/NT that way.
+        r[16], r[17] = r[2], (r[11] & ~(RF_IOPL | RF_VM | RF_NT)) | 2
         self._back_to_cpl3(FLAT_RING3_CS64)
         self._call(self.on_hypercall)
 
@@ -726,6 +729,12 @@ class KVMEngine:
         state as it was at the fault, and report it."""
         r = self.regs
         sp = r[6]
+        if not self.r0.stack_top - 64 <= sp <= self.r0.stack_top - 40:
+            # Not a frame the CPU pushed from CPL 3 onto our stack: end with an error.
+            self.last_error = f"exception {vector} with ring-0 RSP {sp:#x} outside the engine stack"
+            self.callback_error = RuntimeError(self.last_error)
+            self.stop_requested = True
+            return
         has_err = sp == self.r0.stack_top - _ERR_FRAME
         off = self.r0.stack_maddr + (sp - self.r0.stack_va)
         if has_err:

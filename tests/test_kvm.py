@@ -225,3 +225,37 @@ async def test_domains_release_their_vm():
         for _ in range(15):
             await one()
         assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+async def test_forged_syscall_entry_cannot_raise_iopl():
+    """The SYSCALL entry page is guest-executable (kvm-pvm keeps SYSCALL at CPL 3): a guest
+    jumping there with a forged R11 must not get IOPL 3 (or VM/NT) in its RFLAGS."""
+    from aiovmm.kvm_engine import ring0
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        await dom.wait_for_line(r"^spin 1$", timeout=30)
+        dom.paused = True
+        await asyncio.sleep(0.05)
+        v = dom.vcpus[0]
+        eng = v.engine
+        saved = eng.read(("rip", "rax", "rdi", "rcx", "r11", "rflags"))
+        code_va = 0xFFFFFFFF80400000 - 4096
+        v.copy_to_guest(code_va, b"\xeb\xfe")                       # jmp .
+        eng.write({"rip": ring0(hv.xen).syscall_va, "rax": 17, "rdi": 0, "rcx": code_va,
+                   "r11": 0x3202 | 0x20000 | 0x4000})
+        # One KVM_RUN: the entry page's `out` exits; check the state the engine returns to
+        # CPL 3 with before KVM itself could filter it.
+        import time as _time
+        eng._begin(_time.monotonic_ns() + 50_000_000)
+        try:
+            assert eng._kvm_run() == 0
+            assert eng._handle_exit()
+        finally:
+            eng._end()
+        assert eng.get("rip") == code_va
+        assert eng.get("rflags") & (0x3000 | 0x20000 | 0x4000) == 0
+        assert eng.get("rax") == (4 << 16) | 17                   # xen_version ran
+        eng.write(dict(zip(("rip", "rax", "rdi", "rcx", "r11", "rflags"), saved)))
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 3$", timeout=30)
