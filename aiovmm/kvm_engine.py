@@ -49,7 +49,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .abi import (
-    DOMID_XEN, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
+    DOMID_XEN, XEN_L4_FIRST, XEN_L4_LAST, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_USER,
 )
@@ -334,6 +334,84 @@ def ring0(xen: "XenArea") -> _Ring0:
     return r
 
 
+_ENTRIES = struct.Struct("<512Q")
+_AD_BITS = 0x60                        # accessed/dirty: KVM itself sets them in guest entries
+
+
+class _ShadowGuard:
+    """Decides whether KVM's shadow pages must be zapped after the hypervisor changed page
+    tables (the host writes guest page tables behind KVM's back, docs/design.md).
+
+    KVM can only hold shadow pages of page-table frames reachable from roots this vCPU has
+    loaded since the last zap. Their contents are kept here as last checked. A change that
+    only turns non-present entries present needs no zap: KVM never caches a non-present
+    guest entry, it walks the guest tables again on the fault. Any other change (an entry
+    removed, retargeted or its permissions changed; A/D bits aside, which KVM sets itself)
+    needs the zap. Frames stay tracked until the next zap, reachable or not."""
+
+    def __init__(self, mem: "MachineMemory") -> None:
+        self.mem = mem
+        self.snap: dict[int, tuple[int, bytes]] = {}     # frame -> (level, contents)
+        self.roots: set[int] = set()
+
+    def reset(self, root: int) -> None:
+        """After a zap KVM holds nothing; track from the current root on."""
+        self.snap.clear()
+        self.roots = set()
+        self.add_root(root)
+
+    def add_root(self, root: int) -> None:
+        if root not in self.roots:
+            self.roots.add(root)
+            self._walk(root)
+
+    def _walk(self, top: int, top_level: int = 4) -> None:
+        """Record every table reachable from `top` not tracked yet (with its level)."""
+        m, nr, snap = self.mem.map, self.mem.nr_frames, self.snap
+        todo = [(top, top_level)]
+        while todo:
+            mfn, level = todo.pop()
+            if mfn in snap or not 0 <= mfn < nr:
+                continue
+            raw = m[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]
+            snap[mfn] = (level, raw)
+            if level > 1:
+                todo += self._children(_ENTRIES.unpack(raw), level)
+
+    @staticmethod
+    def _children(entries: Sequence[int], level: int) -> list[tuple[int, int]]:
+        if level == 4:
+            entries = entries[:XEN_L4_FIRST] + entries[XEN_L4_LAST + 1:]   # Xen's slots: static
+        return [((e & PTE_FRAME_MASK) >> PAGE_SHIFT, level - 1) for e in entries if e & _PAGE_PRESENT]
+
+    def needs_zap(self) -> bool:
+        """Compare every tracked frame with memory; True if some change is not a pure
+        addition. Otherwise adopt the new contents and track the tables the new entries
+        reach."""
+        m = self.mem.map                     # mmap slices are bytes: compared by memcmp
+        changed = []
+        for mfn, (level, old) in self.snap.items():
+            a = mfn << PAGE_SHIFT
+            if m[a:a + PAGE_SIZE] == old:
+                continue
+            new = _ENTRIES.unpack_from(m, a)
+            added = []
+            for i, (o, n) in enumerate(zip(_ENTRIES.unpack(old), new)):
+                if o != n:
+                    if o & _PAGE_PRESENT:
+                        if (o ^ n) & ~_AD_BITS:
+                            return True
+                    elif n & _PAGE_PRESENT and not (level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST):
+                        added.append((n & PTE_FRAME_MASK) >> PAGE_SHIFT)
+            changed.append((mfn, level, added))
+        for mfn, level, added in changed:
+            self.snap[mfn] = (level, m[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT])
+            if level > 1:
+                for child in added:
+                    self._walk(child, level - 1)
+        return False
+
+
 def _seg(selector: int, dpl: int, *, code: bool, long: bool = False, db: bool = False) -> bytes:
     return _SEG_FMT.pack(0, 0xFFFFFFFF, selector, 0xB if code else 0x3, 1, dpl, 1 if db else 0,
                          1, 1 if long else 0, 1, 0, 0)
@@ -415,7 +493,8 @@ class KVMEngine:
         self.last_error = ""
         self.callback_error: BaseException | None = None
         self._preempt = False
-        self._zap_pending = False
+        self._check_pending = False
+        self._guard = _ShadowGuard(mem)
         self._stepping = False
         self._step_hit = False
         self.exits = 0
@@ -524,13 +603,14 @@ class KVMEngine:
                     (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
 
     def set_cr3(self, cr3: int) -> None:
-        """Load a page-table root that may have been (re)validated: zap shadow pages too."""
+        """Load a page-table root that may have been (re)validated."""
         self._set("cr3", cr3)
-        self._zap_pending = True
+        self._check_pending = True
 
     def flush_tlb(self) -> None:
-        """The hypervisor changed page tables: KVM's shadow pages must be rebuilt."""
-        self._zap_pending = True
+        """The hypervisor changed page tables: before the next KVM_RUN, zap KVM's shadow
+        pages unless the changes only added entries (_ShadowGuard)."""
+        self._check_pending = True
 
     def flush_code(self) -> None:
         """Nothing to do: KVM runs the bytes in memory."""
@@ -540,7 +620,7 @@ class KVMEngine:
         median vs 82 for delete + re-add) that makes KVM drop every shadow page."""
         self._zap_gpa ^= 1 << 30
         self._set_slot(1, self._zap_gpa, PAGE_SIZE, ctypes.addressof(self._zap_anchor))
-        self._zap_pending = False
+        self._guard.reset(self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT)
         self.zaps += 1
 
     def start_in_stub(self, stub_va: int, stub_stack_va: int, regs: dict[str, int],
@@ -618,8 +698,13 @@ class KVMEngine:
         self._lib.aiovmm_kvm_slice_end(self._run_ptr, self._timer)
 
     def _kvm_run(self) -> int:
-        if self._zap_pending:
-            self._zap()
+        if self._check_pending:
+            self._check_pending = False
+            if self._guard.needs_zap():
+                self._zap()
+            self._guard.add_root(self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT)
+        elif self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT not in self._guard.roots:
+            self._guard.add_root(self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT)
         self.exits += 1
         return self._kvm_run_fn(self.vcpu_fd)
 
