@@ -259,3 +259,41 @@ async def test_forged_syscall_entry_cannot_raise_iopl():
         dom.paused = False
         v.wake()
         await dom.wait_for_line(r"^spin 3$", timeout=30)
+
+
+async def test_unmapped_page_faults_after_host_side_page_table_change():
+    """The hypervisor removes a mapping by writing the guest's L1 from the host (as every
+    mmu_update does): KVM's shadow of that L1 must not keep the old translation."""
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        await dom.wait_for_line(r"^spin 1$", timeout=30)
+        dom.paused = True
+        await asyncio.sleep(0.05)
+        v = dom.vcpus[0]
+        eng = v.engine
+        pt = hv.pagetables
+        saved = eng.read(("rip", "rax"))
+        data_va = 0xFFFFFFFF80400000 - 2 * 4096           # padding pages of the boot map
+        code_va = 0xFFFFFFFF80400000 - 4096
+        v.copy_to_guest(data_va, (0x1122334455667788).to_bytes(8, "little"))
+        v.copy_to_guest(code_va, b"\x48\xa1" + data_va.to_bytes(8, "little") + b"\xeb\xfe")
+        eng.write({"rip": code_va, "rax": 0})
+        assert eng.step_to(code_va + 10) and eng.get("rax") == 0x1122334455667788
+        ptr = pt.l1_entry_address(v.kernel_root, data_va)
+        old = hv.mem.read_u64(ptr)
+        pt.update_entry(dom.domid, ptr, 0)                   # unmap, as mmu_update would
+        eng.flush_tlb()
+        faults = []
+        on_exc, eng.on_exception = eng.on_exception, lambda vec, err, cr2: (faults.append((vec, cr2)), eng.stop())
+        try:
+            eng.write({"rip": code_va, "rax": 0})
+            assert not eng.step_to(code_va + 10)
+        finally:
+            eng.on_exception = on_exc
+        assert faults == [(14, data_va)] and eng.get("rax") == 0
+        pt.update_entry(dom.domid, ptr, old)
+        eng.flush_tlb()
+        eng.write({"rip": saved[0], "rax": saved[1]})
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 3$", timeout=30)
