@@ -21,8 +21,10 @@ Design (shared/design/ARCHITECTURE.md §2b, measured facts in shared/research/kv
   to guest memory through the host mapping, which KVM's shadow MMU (kvm-pvm has no EPT)
   never sees: its write protection traps only guest writes. Measured: neither a CR3 reload
   nor KVM_SET_SREGS resyncs it; deleting or moving a memory slot zaps all shadow pages
-  (~64 us, occasionally ms). So `flush_tlb()` marks a zap, done once before the next KVM_RUN
-  (a tiny dummy slot is moved). On hardware KVM (EPT/NPT) the same zap is a TLB flush.
+  (~64 us idle, milliseconds under load). So `flush_tlb()` marks a check, done once before
+  the next KVM_RUN: _ShadowGuard compares the page tables KVM may have shadowed with memory
+  and the engine zaps (moves a tiny dummy slot) only if an entry was removed, retargeted or
+  lost permissions; entries that only became present need nothing. On hardware KVM (EPT/NPT) the same zap is a TLB flush.
 - The guest TSC is the host TSC (kvm-pvm cannot scale it: KVM_SET_TSC_KHZ is refused), so
   pvclock parameters come from `pvclock_params()` (TSC frequency and a TSC/system-time pair),
   not the Unicorn engine's 1 tick = 1 ns.
