@@ -17,6 +17,8 @@ from aiovmm.abi import (DOMID_SELF, EVTCHN_2L_NR_CHANNELS, Errno, EvtchnStat, Sh
 from aiovmm.events import EventError
 from conftest import guest
 
+ALL_ENGINES = True        # guest-booting tests run on every engine (conftest.py)
+
 
 async def _paused(hv, name):
     dom = await hv.create(guest("hello"), memory_mib=4, name=name)
