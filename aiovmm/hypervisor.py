@@ -90,9 +90,13 @@ class Hypervisor:
             self.mem.close()
 
     def _crash_domain(self, domid: int, why: str) -> None:
+        """PageTables' crash hook (an implicit unmap of a granted PTE): the domain stops at
+        once, its vCPUs do not return into the guest."""
         dom = self.domains.get(domid)
         if dom is not None:
             dom.crash(why)
+            for v in dom.vcpus:
+                v.engine.stop()
 
     def domain(self, domid: int):
         """A guest domain, or the host's event-channel endpoint table for domid 0."""
