@@ -59,6 +59,19 @@ class Pair:
 
 
 @dataclass
+class Hold:
+    """Finding 3 as guests: the granter rewrites its in-use entry and dies."""
+    granter: list[str] = field(default_factory=list)
+    granter_end: str = ""
+    mapper: list[str] = field(default_factory=list)
+    mapper_end: str = ""
+    orphans_while_held: dict = field(default_factory=dict)
+    orphan_owner_xen: bool = False
+    new_domain_got_orphan: bool = True
+    audit_while_held: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Campaign:
     copy: list[str] = field(default_factory=list)
     copy_end: str = ""
@@ -71,6 +84,36 @@ class Campaign:
     free_after: int = 0
     orphans: int = -1
     audit: list[str] = field(default_factory=list)
+    hold: Hold = field(default_factory=Hold)
+
+
+async def _hold(hv: Hypervisor) -> Hold:
+    from aiovmm.abi import DOMID_XEN
+    from conftest import guest
+    h = Hold()
+    elf = hostile("grant_pte_teardown")
+    b = await hv.create(elf, memory_mib=8, name="granter-dies",
+                        cmdline=f"role=granter die=1 peer={hv._next_domid + 1}")
+    line = await b.wait_for_line(r"^result offer ref=\d+$", timeout=TIMEOUT)
+    ref = int(line.rsplit("=", 1)[1])
+    a = await hv.create(elf, memory_mib=8, name="mapper-hold",
+                        cmdline=f"role=mapper peer={b.domid} ref={ref} how=hold")
+    async with asyncio.timeout(TIMEOUT):
+        await b.wait()
+    await _torn_down(hv, b)
+    h.orphans_while_held = dict(hv.orphan_frames)
+    h.orphan_owner_xen = all(hv.mem.owner[f] == DOMID_XEN for f in hv.orphan_frames)
+    h.audit_while_held = audit(hv)
+    c = await hv.create(guest("hello"), memory_mib=8, name="after-granter")
+    h.new_domain_got_orphan = bool(set(hv.orphan_frames) & c.frames)
+    async with asyncio.timeout(TIMEOUT):
+        await c.wait()
+        await a.wait()
+    await _torn_down(hv, a)
+    await _torn_down(hv, c)
+    h.granter, h.granter_end = list(b.console_lines), b.describe_end()
+    h.mapper, h.mapper_end = list(a.console_lines), a.describe_end()
+    return h
 
 
 async def _pair(hv: Hypervisor, how: str) -> Pair:
@@ -104,6 +147,7 @@ async def _campaign() -> Campaign:
         c.copy, c.copy_end = list(d.console_lines), d.describe_end()
         for how in HOWS:
             c.pairs[how] = await _pair(hv, how)
+        c.hold = await _hold(hv)
         c.hash_after = _p2m_hash(hv, by)
         c.bystander_alive = not by.dying
         c.free_after = hv.mem.free_frames
@@ -167,3 +211,19 @@ def test_frames_all_returned(campaign):
 
 def test_audit_clean(campaign):
     assert campaign.audit == [], campaign.audit[:20]
+
+
+def test_granter_dies_with_rewritten_entry(campaign):
+    """Finding 3: the dead granter's frame stays allocated (owned by Xen) for exactly as long
+    as the mapper maps it, whatever the granter wrote into the entry; the next domain never
+    gets it; the mapping keeps working and its unmap frees it (test_frames_all_returned)."""
+    h = campaign.hold
+    g, m = results(h.granter), results(h.mapper)
+    assert g.get("peer_mapped") == "1" and g.get("rewrote_entry") == "1", h.granter
+    assert h.granter_end == "poweroff", h.granter
+    assert len(h.orphans_while_held) == 1, h.orphans_while_held
+    assert h.orphan_owner_xen and not h.new_domain_got_orphan
+    assert h.audit_while_held == [], h.audit_while_held[:10]
+    assert m.get("map") == "0" and m.get("hold_mapping_intact") == "1", h.mapper
+    assert m.get("hold_unmap") == "0", h.mapper
+    assert h.mapper_end == "poweroff", h.mapper

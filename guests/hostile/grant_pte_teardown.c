@@ -16,7 +16,11 @@
  *       l2:      T not pinned, its L2 entry removed;
  *       baseptr: T under a private L3/L2 in L4 slot 1; the kernel switches to a
  *                copy of its L4 without slot 1 (old L4 unpinned first);
- *       destroy: the domain powers off with the mapping in place.
+ *       destroy: the domain powers off with the mapping in place;
+ *       hold:    (granter with die=1) the granter rewrites every field of the
+ *                in-use entry, frame 0xffffffff included, and dies; the mapping
+ *                keeps working (Xen's active entry), the unmap succeeds, and the
+ *                frame is freed only then (finding 3).
  *     Xen never removes a grant mapping implicitly: put_page_from_l1e on a grant
  *     PTE of a live domain is "Attempt to implicitly unmap a granted PTE" and
  *     the domain is crashed; the grant's references stay with the grant table
@@ -60,6 +64,24 @@ static void granter(const char *cmd)
     if (ref < 0) panic("grant_access");
     printk("result offer ref=%ld\n", ref);
     result("peer_mapped", wait_flags((grant_ref_t)ref, GTF_writing, 1));
+    if (cmdline_u64(cmd, "die", 0)) {
+        /* Finding 3: rewrite every field of the in-use entry (frame 0xffffffff), then
+         * die while the peer still maps F. Through a second mapping of our grant frame. */
+        xen_pfn_t frames[1];
+        struct gnttab_setup_table setup = { .dom = DOMID_SELF, .nr_frames = 1 };
+        set_xen_guest_handle(setup.frame_list, frames);
+        if (HYPERVISOR_grant_table_op(GNTTABOP_setup_table, &setup, 1) || setup.status)
+            panic("setup_table");
+        unsigned long va = alloc_va_hole();
+        if (map_frame(va, frames[0], PTE_KERNEL_RW)) panic("map grant frame");
+        volatile grant_entry_v1_t *e = (volatile grant_entry_v1_t *)va + ref;
+        e->frame = 0xFFFFFFFFu;
+        e->domid = 0x7FEF;
+        e->flags = GTF_permit_access | GTF_readonly;
+        result("rewrote_entry", e->frame == 0xFFFFFFFFu);
+        printk("about to power off while the peer maps a rewritten grant\n");
+        poweroff();
+    }
     unsigned done = 0;
     long rc = mmuext1(MMUEXT_PIN_L1_TABLE, mfn, 0, &done);
     result_done("pin_while_mapped", rc, done);
@@ -106,7 +128,7 @@ static void mapper(const char *cmd)
     const char *how = find(cmd, "how=");
     how = how ? how + 4 : "unpin";
     int baseptr = !strncmp(how, "baseptr", 7), pin = !strncmp(how, "unpin", 5) ||
-        !strncmp(how, "destroy", 7), l2only = !strncmp(how, "l2", 2);
+        !strncmp(how, "destroy", 7) || !strncmp(how, "hold", 4), l2only = !strncmp(how, "l2", 2);
     if (gnttab_init()) panic("gnttab_init");
     u64 *t = fresh_ro_page();
     unsigned long tmfn = virt_to_mfn(t);
@@ -143,6 +165,19 @@ static void mapper(const char *cmd)
     unsigned done = 0;
     long rc = mmu1(entry_ma(tmfn, 5), 0, &done);
     result_done("overwrite_grant_pte", rc, done);
+    if (!strncmp(how, "hold", 4)) {
+        /* The granter rewrites the entry and dies meanwhile (its GTF flags cannot be
+         * watched any more): keep using the mapping for 3 s, then unmap it. */
+        u64 until = monotonic_ns() + 3000000000UL;
+        int ok = 1;
+        while (monotonic_ns() < until) {
+            ok &= g[3] == PATTERN + 6 && g[7] == 0x600DF00EUL;
+            sched_yield();
+        }
+        result("hold_mapping_intact", ok);
+        result("hold_unmap", gnttab_unmap(gva, h));
+        poweroff();
+    }
     if (!strncmp(how, "destroy", 7)) {
         printk("about to power off with a grant mapped in an L1\n");
         poweroff();
