@@ -33,6 +33,14 @@ COPY_EXPECTED = {
     "copy_gref_data": "0", "copy_gref_data_arrived": "1", "copy_gref_data_flags": "0",
     "hole_read_trap": "14",
 }
+# l1_self_rw (found by the fuzzer): promote_l1_table fails on the RW self entry -> -EBUSY.
+SELF_EXPECTED = {
+    "pin_self_rw": "-16", "pin_self_rw_done": "0", "hook_self_rw": "-16", "hook_self_rw_done": "0",
+    "still_plain_page": "1", "self_ro_store": "0", "self_ro_store_done": "1",
+    "hook_self_ro": "0", "hook_self_ro_done": "1", "self_ro_readable": "1",
+    # A legal store (0) into the read-only mapped L1: emulated (writable page tables).
+    "self_ro_store_trap": "none", "unhook": "0",
+}
 MAPPER_EXPECTED = {
     "hook_t": "0", "map": "0", "mapped_reads_pattern": "1",
     "overwrite_grant_pte": "-22", "overwrite_grant_pte_done": "0",
@@ -75,6 +83,7 @@ class Hold:
 class Campaign:
     copy: list[str] = field(default_factory=list)
     copy_end: str = ""
+    self_rw: list[str] = field(default_factory=list)
     pairs: dict[str, Pair] = field(default_factory=dict)
     hash_before: str = ""
     hash_after: str = ""
@@ -145,6 +154,11 @@ async def _campaign() -> Campaign:
             await d.wait()
         await _torn_down(hv, d)
         c.copy, c.copy_end = list(d.console_lines), d.describe_end()
+        d = await hv.create(hostile("l1_self_rw"), memory_mib=8, name="l1_self_rw")
+        async with asyncio.timeout(TIMEOUT):
+            await d.wait()
+        await _torn_down(hv, d)
+        c.self_rw = list(d.console_lines)
         for how in HOWS:
             c.pairs[how] = await _pair(hv, how)
         c.hold = await _hold(hv)
@@ -167,6 +181,14 @@ def campaign() -> Campaign:
 def test_copy_into_page_table(campaign, key):
     got = results(campaign.copy).get(key)
     assert got == COPY_EXPECTED[key], f"result {key} = {got}, Xen gives {COPY_EXPECTED[key]}: {campaign.copy}"
+
+
+@pytest.mark.parametrize("key", list(SELF_EXPECTED))
+def test_l1_mapping_itself_writable(campaign, key):
+    got = results(campaign.self_rw).get(key)
+    assert got == SELF_EXPECTED[key], f"result {key} = {got}, Xen gives {SELF_EXPECTED[key]}: {campaign.self_rw}"
+    assert "self_map_writable" not in results(campaign.self_rw)
+    assert campaign.self_rw[-1] == "poweroff"
 
 
 def test_copy_guest_ends(campaign):
