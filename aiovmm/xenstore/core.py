@@ -234,7 +234,10 @@ class Tree:
         self.nodes: dict[str, Node] = nodes if nodes is not None else {}
         self.counts: dict[int, int] = counts if counts is not None else {}
         self.accessed: dict[str, int | None] | None = {} if tracking else None
+        # Only a transaction's copy records what it wrote: the live tree would keep every path
+        # ever written (3.4 KiB per domain created and destroyed, issue 9 #12).
         self.written: set[str] = set()
+        self._track_writes = tracking
 
     @classmethod
     def initial(cls) -> Tree:
@@ -262,19 +265,30 @@ class Tree:
         old = self.get(path)
         node = replace(node, gen=next_gen())
         self.nodes[path] = node
-        self.written.add(path)
+        if self._track_writes:
+            self.written.add(path)
         if old is not None:
-            self.counts[old.owner] -= 1
+            self._uncount(old.owner)
         self.counts[node.owner] = self.counts.get(node.owner, 0) + 1
         return node
+
+    def _uncount(self, owner: int) -> None:
+        """One node fewer for `owner`; an owner with none left has no entry (dead domains'
+        zero counts would otherwise stay forever)."""
+        n = self.counts[owner] - 1
+        if n:
+            self.counts[owner] = n
+        else:
+            del self.counts[owner]
 
     def delete(self, path: str) -> None:
         old = self.get(path)
         if old is None:
             return
         del self.nodes[path]
-        self.written.add(path)
-        self.counts[old.owner] -= 1
+        if self._track_writes:
+            self.written.add(path)
+        self._uncount(old.owner)
 
     def count(self, domid: int) -> int:
         return self.counts.get(domid, 0)
