@@ -358,9 +358,15 @@ class Controller:
         if any(b.devid == bb.devid for b in self.vbds(dom)):
             raise ControlError(409, f"d{dom.domid} already has a disk {bb.vdev}")
         try:
-            bb.claim(self.hv.disks_in_use)
+            await bb.claim(self.hv.disks_in_use)      # the image lock is taken off the loop
         except ValueError as e:
             raise ControlError(409, f"disk {spec!r}: {e}") from None
+        # The world may have moved during that await: the domain dying, or a concurrent
+        # attach of the same vdev. Re-check before anything is published.
+        if dom.dying or any(b.devid == bb.devid for b in self.vbds(dom)):
+            bb.release(self.hv.disks_in_use)
+            raise ControlError(409, f"d{dom.domid} is shutting down" if dom.dying
+                               else f"d{dom.domid} already has a disk {bb.vdev}")
         bb.publish()
         dom.backends.append(bb)
         try:
