@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ctlhelp import Daemon, _cli_command, guest, kernel, ticks, ROOT
+from .ctlhelp import Daemon, _cli_command, guest, kernel, ticks, ROOT
 
 LIST_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([r-][b-][p-][s-][c-][d-])\s+(\d+\.\d)$")
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from aiovmm.testing import VirtualLan
-from ctlhelp import Daemon, guest
+from .ctlhelp import Daemon, guest
 
 N = 100
 
