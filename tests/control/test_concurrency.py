@@ -85,7 +85,7 @@ def test_100_concurrent_create_destroy(lan):
             i = int(ref[1:])
             # (the daemon's lines about that domain, should it have ended on its own)
             assert st == (200 if i in ok else 404), (ref, st, body, [l for l in d.log().splitlines()
-                                                                    if f"({ref})" in l][-5:])
+                                                                    if f"({ref})" in l][-6:])
         end = d.api("GET", "/api/v1/info")
         assert end["nr_domains"] == 0
         assert end["free_frames"] == start["free_frames"]
