@@ -79,6 +79,8 @@ def test_100_concurrent_create_destroy(lan):
                 assert list(body) == ["error"] and "memory" in body["error"], body
         # fully created: each listed with its vif connected and a tap on the bridge
         listed = {x["name"]: x for x in doms}
+        gone = {f"c{i}" for i in ok} - set(listed)
+        assert not gone, [l for l in d.log().splitlines() if any(f"({g})" in l for g in sorted(gone)[:2])]
         assert set(listed) == {f"c{i}" for i in ok}
         assert all(x["vifs"][0]["state"] == 4 for x in doms), [x["vifs"] for x in doms if x["vifs"][0]["state"] != 4]
         for ref, st, body in destroyed:
