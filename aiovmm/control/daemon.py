@@ -194,6 +194,9 @@ class Controller:
         self.records.pop(dom.domid, None)
         self.names.discard(dom.name)
         log.info("d%d (%s): gone (%s)", dom.domid, dom.name, dom.describe_end())
+        if reason == ShutdownReason.crash:
+            for line in dom.console_lines[-3:]:          # why, in the guest's words
+                log.warning("d%d (%s) console: %s", dom.domid, dom.name, line)
         if reason == ShutdownReason.reboot and rec.spec.on_reboot == "restart":
             spec = dataclasses.replace(rec.spec, name=dom.name)
             try:
