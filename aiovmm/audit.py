@@ -47,6 +47,7 @@ def audit(hv: "Hypervisor") -> list[str]:
     out: list[str] = []
     refs: Counter[int] = Counter()           # recomputed general references
     writable: Counter[int] = Counter()       # recomputed writable type references
+    seg: Counter[int] = Counter()            # recomputed seg_desc type references
     table_refs: Counter[int] = Counter()     # recomputed type references as a table
     table_level: dict[int, int] = {}         # level a reference expects the frame to be
 
@@ -66,6 +67,15 @@ def audit(hv: "Hypervisor") -> list[str]:
                     want_table(root, 4, f"d{d.domid}v{v.id} {name} root")
         for mfn in d.shared_frames:
             writable[mfn] += 1
+        # Frames the hypervisor writes on the domain's behalf hold a writable type for as
+        # long as they are registered; installed GDT/LDT frames hold a seg_desc type.
+        for v in d.vcpus:
+            if v.info_frame:
+                writable[v.info_frame] += 1
+            for mfn in list(v.gdt_frames) + list(v.ldt_shadow.values()):
+                seg[mfn] += 1
+        if getattr(d, "pirq_eoi_mfn", 0):
+            writable[d.pirq_eoi_mfn] += 1
     frames = range(mem.nr_frames)
     for mfn in compress(frames, mem.pinned):
         if True:
@@ -190,7 +200,7 @@ def audit(hv: "Hypervisor") -> list[str]:
     # Every frame something refers to, or the frame table says is referenced or typed.
     cand = set(compress(frames, mem.refs)) | set(compress(frames, mem.type_count))
     cand |= set(compress(frames, mem.type)) | set(compress(frames, mem.pinned))
-    cand |= set(refs) | set(writable) | set(table_refs) | set(hv.orphan_frames)
+    cand |= set(refs) | set(writable) | set(table_refs) | set(seg) | set(hv.orphan_frames)
     for mfn, owner in enumerate(mem.owner):
         if owner != DOMID_INVALID and owner != DOMID_XEN and mfn not in own_frames:
             out.append(f"frame {mfn:#x} owned by d{owner}, which is not a live domain: leaked")
@@ -200,17 +210,21 @@ def audit(hv: "Hypervisor") -> list[str]:
         t = types[mfn]
         tc = rec_tc[mfn]
         r = rec_refs[mfn]
-        w, tr = writable.get(mfn, 0), table_refs.get(mfn, 0)
+        w, tr, sd = writable.get(mfn, 0), table_refs.get(mfn, 0), seg.get(mfn, 0)
         if refs.get(mfn, 0) != r:
             out.append(f"frame {mfn:#x} (d{owner}): {r} references recorded, {refs.get(mfn, 0)} found")
         if w and tr:
             out.append(f"frame {mfn:#x} (d{owner}): {w} writable and {tr} table references")
-        if w + tr != tc:
-            out.append(f"frame {mfn:#x} (d{owner}): {PageType(t).name} count {tc} recorded, {w + tr} found "
-                       f"({w} writable, {tr} table)")
+        if (w > 0) + (tr > 0) + (sd > 0) > 1:
+            out.append(f"frame {mfn:#x} (d{owner}): {w} writable, {tr} table and {sd} seg_desc references")
+        if w + tr + sd != tc:
+            out.append(f"frame {mfn:#x} (d{owner}): {PageType(t).name} count {tc} recorded, {w + tr + sd} found "
+                       f"({w} writable, {tr} table, {sd} seg_desc)")
         if tc:
             if w and t != PageType.writable:
                 out.append(f"frame {mfn:#x}: writable references but type {PageType(t).name}")
+            if sd and t != PageType.seg_desc:
+                out.append(f"frame {mfn:#x}: seg_desc references but type {PageType(t).name}")
             if tr and _PT.get(t) != table_level.get(mfn):
                 out.append(f"frame {mfn:#x}: table references as L{table_level.get(mfn)} "
                            f"but type {PageType(t).name}")

@@ -298,8 +298,9 @@ class Domain:
         self.destroyed = True
         for hm in list(self.host_mappings):
             hm.close()
-        from . import grants
+        from . import grants, physdev
         grants.release_all(self)
+        physdev.release(self)
         # Close every port: interdomain peers (guests or host backends) go back to unbound,
         # as on Xen when a domain dies.
         try:

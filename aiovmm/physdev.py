@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING
 
 from .abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, Errno
 from .errors import HypercallError
+from .memory import PageType
+from .mmu import MMUError
 
 if TYPE_CHECKING:
+    from .domain import Domain
     from .vcpu import VCPU
 
 log = logging.getLogger("aiovmm.physdev")
@@ -101,15 +104,31 @@ def do_physdev_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
         mem, dom = v.domain.mem, v.domain
         if not mem.valid_mfn(gmfn) or mem.owner[gmfn] != dom.domid:
             raise HypercallError(Errno.EINVAL, "pirq eoi frame not owned")
+        # Xen keeps a writable type reference on the frame for the domain's lifetime
+        # (get_page_type(PGT_writable_page), -EINVAL for a page table or descriptor page):
+        # the frame can then be neither a page table nor given back while it is the map.
+        pt = dom.hypervisor.pagetables
+        try:
+            pt.get_type(gmfn, PageType.writable, dom.domid)
+        except MMUError:
+            raise HypercallError(Errno.EINVAL, f"pirq eoi frame {gmfn:#x} cannot be writable") from None
         if getattr(dom, "pirq_eoi_mfn", 0):
+            pt.put_type(gmfn)
             raise HypercallError(Errno.EBUSY)
-        # Xen keeps a writable type reference on the frame for the domain's lifetime and
-        # writes EOI bits into it; no PIRQ is ever bound here, so nothing is ever written.
+        # No PIRQ is ever bound here, so nothing is ever written into it.
         dom.pirq_eoi_mfn = gmfn
         return 0
     if cmd in _PRIVILEGED:
         raise HypercallError(Errno.EPERM, f"physdev op {cmd} needs privilege")
     raise HypercallError(Errno.ENOSYS)
+
+
+def release(dom: "Domain") -> None:
+    """Domain teardown (domain_relinquish_resources): drop the EOI map's writable reference."""
+    mfn = getattr(dom, "pirq_eoi_mfn", 0)
+    if mfn:
+        dom.hypervisor.pagetables.put_type(mfn)
+        dom.pirq_eoi_mfn = 0
 
 
 XENPF_INTERFACE_VERSION = 0x03000001
