@@ -601,8 +601,11 @@ class KVMEngine:
                           ("efer", EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE)):
             struct.pack_into("<Q", s, _SREG_OFF[name], val)
         self._dirty.value |= SYNC_SREGS
+        # CSTAR too: SYSCALL from compatibility mode (FLAT_RING3_CS32) enters there, in ring
+        # 0 on hardware KVM (AMD); left at 0 it would run the guest's code at VA 0 in ring 0.
+        # Xen sends a 64-bit PV guest's compat SYSCALL where a 64-bit one goes.
         self._msrs([(MSR_STAR, (FLAT_RING3_CS32 << 48) | (FLAT_RING0_CS64 << 32)), (MSR_LSTAR, self.r0.syscall_va),
-                    (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
+                    (MSR_CSTAR, self.r0.syscall_va), (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
 
     def set_descriptor_tables(self, gdt_base: int, gdt_limit: int, ldt_base: int, ldt_limit: int) -> None:
         """GDTR and the LDTR cache at linear addresses in Xen's area (descriptors.py), as the
