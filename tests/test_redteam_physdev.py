@@ -70,3 +70,28 @@ def test_pirq_eoi_frame_held_until_destroy(op):
             assert hv.mem.type_count[f] == 0
             clean(hv)
     asyncio.run(main())
+
+
+@pytest.mark.xfail(strict=True, reason="Xen's put_page_from_l1e drops the shadow LDT (pv_destroy_ldt) "
+                   "when the owner removes a mapping of a seg_desc page; here the shadow keeps the "
+                   "frame (and its seg_desc type) until the next SET_LDT. Self-only: the frame cannot "
+                   "become writable or be freed meanwhile. Fix belongs in mmu._put_entry.")
+def test_ldt_shadow_dropped_when_its_mapping_goes():
+    from aiovmm import descriptors
+    from aiovmm.abi import PAGE_SHIFT, PAGE_SIZE
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "ldt")
+            f, l1 = a.spare[0], a.spare[1]
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, l1) == 0
+            va = a.free_l2_va()
+            assert a.mmu_update((a.l2_entry(va), (l1 << PAGE_SHIFT) | 0x67)) == (0, 1)
+            assert a.mmu_update((l1 << PAGE_SHIFT, (f << PAGE_SHIFT) | 0x65)) == (0, 1)
+            assert a.mmuext(MmuExt.SET_LDT, va, 512) == 0
+            win = descriptors._area(a.v).va(a.v.desc_window) + 16 * PAGE_SIZE
+            assert descriptors.ldt_fault(a.v, win, 0) == (0, 0)
+            assert hv.mem.type[f] == PageType.seg_desc and hv.mem.type_count[f] == 1
+            assert a.mmu_update((l1 << PAGE_SHIFT, 0)) == (0, 1)
+            assert a.v.ldt_shadow == {} and hv.mem.type_count[f] == 0
+    asyncio.run(main())
