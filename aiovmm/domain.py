@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from .memory import PageType
 from .abi import PAGE_SHIFT, ShutdownReason, VcpuInfo, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
 from .events import EventChannels
+from .scheduler import DomainSched
 from . import console as _console
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ class Domain:
         self.device_tg: asyncio.TaskGroup | None = None  # its backends' TaskGroup while running
         self.backend_tasks: list[asyncio.Task] = []      # cancelled once the vCPUs have stopped
         self.hypercall_counts: dict[int, int] = {}     # hypercall number -> calls (known only)
+        self.sched = DomainSched()                     # credit scheduler weight and cap
 
     def __repr__(self) -> str:
         return f"<Domain d{self.domid} {self.name}>"
@@ -254,6 +256,11 @@ class Domain:
             log.info("d%d (%s): unpaused", self.domid, self.name)
             for v in self.vcpus:
                 v.wake()
+
+    def set_sched(self, weight: int | None = None, cap: int | None = None) -> DomainSched:
+        """xl sched-credit -w/-c: weight (1..65535, default 256) and cap (percent of one CPU,
+        0 = none), effective from the next slice. ValueError when out of range."""
+        return self.hypervisor.scheduler.set_params(self, weight, cap)
 
     def shutdown(self, reason: ShutdownReason | int = ShutdownReason.poweroff) -> None:
         """Stop the domain with a reason (the toolstack's `destroy` is poweroff)."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import weakref
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -25,27 +23,8 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class MeteredScheduler(Scheduler):
-    """The default round-robin, plus the CPU time each vCPU spends in its slices: budget() is
-    called right before a slice runs and yield_point() right after it, so the time between
-    the two is the slice (xl list's Time(s), vcpu-list, top)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._start: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.cpu_ns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def budget(self, v: "VCPU") -> int:
-        self._start[v] = time.perf_counter_ns()
-        return super().budget(v)
-
-    async def yield_point(self, v: "VCPU") -> None:
-        t0 = self._start.pop(v, None)
-        if t0 is not None:
-            self.cpu_ns[v] = self.cpu_ns.get(v, 0) + time.perf_counter_ns() - t0
-        await super().yield_point(v)
-
-    def vcpu_seconds(self, v: "VCPU") -> float:
-        return self.cpu_ns.get(v, 0) / 1e9
+    """The credit scheduler (aiovmm/scheduler.py), which itself accounts each vCPU's CPU
+    time, run-queue wait and host steal (xl list's Time(s), vcpu-list, top, /metrics)."""
 
 
 class LoopLag:
