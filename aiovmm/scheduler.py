@@ -72,9 +72,9 @@ def validate_params(weight: int | None, cap: int | None, nr_vcpus: int = 1) -> N
     """The one check of weight and cap (library, xl.cfg, control plane): Xen's
     csched_dom_cntl accepts weight 1..65535 and cap 0..100*nr_vcpus."""
     if weight is not None and not 1 <= weight <= MAX_WEIGHT:
-        raise ValueError(f"weight must be 1..{MAX_WEIGHT}, not {weight}")
+        raise ValueError(f"weight must be 1..{MAX_WEIGHT}")
     if cap is not None and not 0 <= cap <= 100 * max(1, nr_vcpus):
-        raise ValueError(f"cap must be 0..{100 * max(1, nr_vcpus)} (percent of one CPU), not {cap}")
+        raise ValueError(f"cap must be 0..{100 * max(1, nr_vcpus)} (percent of one CPU)")
 
 
 @dataclasses.dataclass(slots=True, eq=False)

@@ -66,6 +66,8 @@ class DomainSpec:
     vif: list[str] = dataclasses.field(default_factory=list)
     disk: list[str] = dataclasses.field(default_factory=list)
     on_reboot: str = "restart"
+    weight: int | None = None           # xl.cfg weight= / cap= (credit scheduler)
+    cap: int | None = None
 
 
 @dataclasses.dataclass
@@ -130,7 +132,7 @@ class Controller:
         except ConfigError as e:
             raise ControlError(400, str(e)) from None
         return DomainSpec(kernel=cfg.kernel, memory=cfg.memory, name=cfg.name, cmdline=cfg.cmdline,
-                          vif=list(cfg.vif), disk=list(cfg.disk))
+                          vif=list(cfg.vif), disk=list(cfg.disk), weight=cfg.weight, cap=cfg.cap)
 
     async def create(self, spec: DomainSpec) -> Record:
         """Build and start a domain, or refuse with nothing left behind."""
@@ -174,6 +176,8 @@ class Controller:
         if spec.name is None:
             self.names.add(dom.name)
         rec = Record(spec, dom)
+        if spec.weight is not None or spec.cap is not None:
+            self.sched_credit(rec, spec.weight, spec.cap)
         holder.append(rec)
         self.records[dom.domid] = rec
         self._tg.create_task(self._watch(rec), name=f"d{dom.domid}-watch")
@@ -201,7 +205,7 @@ class Controller:
             except ControlError as e:
                 log.error("d%d (%s): restart after reboot failed: %s", dom.domid, dom.name, e.message)
                 return
-            new.weight, new.cap = rec.weight, rec.cap
+            self.sched_credit(new, rec.weight, rec.cap)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def pause(self, ref: str) -> Record:
@@ -290,17 +294,15 @@ class Controller:
         return rec
 
     # -- scheduling -----------------------------------------------------------------------------------
-    def sched_credit(self, ref: str, weight: int | None, cap: int | None) -> Record:
-        """Weights and caps are stored and shown; the credit scheduler is a later issue."""
-        rec = self.live(ref)
-        if weight is not None:
-            if not 1 <= weight <= 65535:
-                raise ControlError(400, "weight must be 1..65535")
-            rec.weight = weight
-        if cap is not None:
-            if not 0 <= cap <= 100 * max(1, len(rec.dom.vcpus)):
-                raise ControlError(400, f"cap must be 0..{100 * max(1, len(rec.dom.vcpus))} (percent of one CPU)")
-            rec.cap = cap
+    def sched_credit(self, ref: "str | Record", weight: int | None, cap: int | None) -> Record:
+        """xl sched-credit: set the domain's weight and/or cap in the credit scheduler
+        (effective from its next slice); the record shows what the scheduler holds."""
+        rec = ref if isinstance(ref, Record) else self.live(ref)
+        try:
+            ds = rec.dom.set_sched(weight=weight, cap=cap)
+        except ValueError as e:
+            raise ControlError(400, str(e)) from None
+        rec.weight, rec.cap = ds.weight, ds.cap
         return rec
 
     # -- devices --------------------------------------------------------------------------------------
@@ -469,6 +471,7 @@ class Controller:
         }
         if long:
             d["config"] = dataclasses.asdict(rec.spec)
+            d["vcpu_accounting"] = self.vcpu_list(rec)
         return d
 
     def describe_vif(self, b: Any) -> dict:
@@ -495,8 +498,12 @@ class Controller:
         out = []
         for v in dom.vcpus:
             state = "p" if dom.paused else ("b" if v.blocked else "r")
+            acct = self.sched.accounting(v)
             out.append({"vcpu": v.id, "cpu": 0, "state": state, "online": v.online,
-                        "time_s": round(self.sched.vcpu_seconds(v), 6), "affinity": "all / all"})
+                        "time_s": round(acct["cpu_ns"] / 1e9, 6), "affinity": "all / all",
+                        "wait_s": round(acct["wait_ns"] / 1e9, 6),
+                        "host_steal_s": round(acct["host_steal_ns"] / 1e9, 6),
+                        "slices": acct["slices"], "priority": acct["pri"], "parked": acct["parked"]})
         return out
 
     def info(self) -> dict:

@@ -86,8 +86,17 @@ class _Collector:
         bl = lbl + ["vdev"]
         vbd = {k: CounterMetricFamily(f"aiovmm_vbd_{k}", f"vbd {k.replace('_', ' ')}", labels=bl)
                for k in ("rd_reqs", "wr_reqs", "rd_sectors", "wr_sectors", "flushes", "errors")}
+        vcl = lbl + ["vcpu"]
+        vcpu_m = {k: CounterMetricFamily(f"aiovmm_vcpu_{k}_seconds", doc, labels=vcl) for k, doc in (
+            ("cpu", "CPU time the vCPU's slices ran"),
+            ("runqueue_wait", "Time the vCPU was runnable but waited for the CPU (guest-visible steal)"),
+            ("host_steal", "Slice wall time the host gave to other threads"))}
         for dom in list(hv.domains.values()):
             ls = [str(dom.domid), dom.name]
+            for v in dom.vcpus:
+                a = ctl.sched.accounting(v)
+                for k, key in (("cpu", "cpu_ns"), ("runqueue_wait", "wait_ns"), ("host_steal", "host_steal_ns")):
+                    vcpu_m[k].add_metric(ls + [str(v.id)], a[key] / 1e9)
             cpu.add_metric(ls, ctl.cpu_seconds(dom))
             mem.add_metric(ls, dom.tot_pages * 4096)
             maxmem.add_metric(ls, dom.max_pages * 4096)
@@ -101,7 +110,7 @@ class _Collector:
             for dev in ctl.vbds(dom):
                 for k, m in vbd.items():
                     m.add_metric(ls + [dev.vdev], getattr(dev.stats, k))
-        yield from (cpu, mem, maxmem, target, paused, hc, *vif.values(), *vbd.values())
+        yield from (cpu, mem, maxmem, target, paused, hc, *vif.values(), *vbd.values(), *vcpu_m.values())
         yield GaugeMetricFamily("aiovmm_domains", "Domains running", value=len(hv.domains))
         yield GaugeMetricFamily("aiovmm_free_memory_bytes", "Free machine memory", value=hv.mem.free_frames * 4096)
         yield GaugeMetricFamily("aiovmm_total_memory_bytes", "Machine memory", value=hv.memory_mib << 20)

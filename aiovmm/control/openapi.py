@@ -42,6 +42,7 @@ SCHEMAS: dict[str, dict] = {
         "vbds": {"type": "array", "items": {"$ref": "#/components/schemas/Vbd"}},
         "hypercalls": INT,
         "config": {"type": "object"},
+        "vcpu_accounting": {"type": "array", "items": {"type": "object"}},
     }, ["id", "name", "uuid", "state", "status", "memory_kib", "max_memory_kib", "target_kib",
         "vcpus", "cpu_time_s", "uptime_s", "weight", "cap", "vifs", "vbds"]),
     "CreateRequest": {"oneOf": [
@@ -62,7 +63,9 @@ SCHEMAS: dict[str, dict] = {
     "Shutdown": _obj({"wait": BOOL, "timeout": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 600}}),
     "Vcpus": _obj({"id": INT, "name": STR, "vcpus": {"type": "array", "items": _obj({
         "vcpu": INT, "cpu": INT, "state": {"type": "string", "enum": ["r", "b", "p"]}, "online": BOOL,
-        "time_s": NUM, "affinity": STR}, ["vcpu", "cpu", "state", "time_s"])}}, ["id", "name", "vcpus"]),
+        "time_s": NUM, "affinity": STR, "wait_s": NUM, "host_steal_s": NUM, "slices": INT,
+        "priority": {"type": "string", "enum": ["BOOST", "UNDER", "OVER"]}, "parked": BOOL},
+        ["vcpu", "cpu", "state", "time_s"])}}, ["id", "name", "vcpus"]),
     "Info": _obj({"host": STR, "release": STR, "machine": STR, "nr_cpus": INT, "total_memory": INT,
                   "free_memory": INT, "free_frames": INT, "xen_major": INT, "xen_minor": INT,
                   "xen_version": STR, "nr_domains": INT, "uptime_s": NUM, "tasks": INT,
