@@ -50,6 +50,8 @@ ACCT_NS = 3 * TICK_NS         # CSCHED_TICKS_PER_ACCT ticks
 MIN_SLICE_NS = 100_000        # a capped vCPU's last slice of a period is at least this
 DEFAULT_WEIGHT = 256          # CSCHED_DEFAULT_WEIGHT
 MAX_WEIGHT = 65535
+SETTLE_ITERATIONS = 4         # loop turns a CPU-bound vCPU grants I/O before its slice
+IO_ACTIVE_NS = 100_000_000    # ... while some vCPU woke from block this recently
 CREDIT_BOUND_NS = ACCT_NS     # |credit| is clamped here (Xen: credits_per_tslice)
 
 
@@ -111,6 +113,7 @@ class Scheduler:
         self.active: set["VCPU"] = set()
         self._acct_handle: asyncio.TimerHandle | None = None
         self._period_start = 0
+        self._last_wake_ns = -IO_ACTIVE_NS
         self.periods = 0
 
     # -- parameters -----------------------------------------------------------------------------
@@ -161,26 +164,59 @@ class Scheduler:
         """v became runnable after blocking: Xen boosts it if it is UNDER (csched_unit_wake),
         so an I/O-bound vCPU runs ahead of CPU hogs."""
         s = self.state(v)
+        self._last_wake_ns = time.perf_counter_ns()
         if s.pri == Pri.UNDER:
             s.pri = Pri.BOOST
             s.boost_run_ns = 0
 
     async def acquire(self, v: "VCPU") -> None:
-        """Wait until v may run its next slice (it then owns the CPU until release())."""
-        from .vcpu_op import RunState, set_runstate
+        """Wait until v may run its next slice (it then owns the CPU until release()).
+
+        Backends run on this same loop, so an I/O round trip is a chain of callbacks (tap
+        readable -> netback -> event channel -> vCPU wake), one loop iteration per link, and
+        a CPU-bound slice would run in each iteration. While vCPUs are waking for I/O, a
+        non-boosted vCPU that got the CPU first lets the loop turn SETTLE_ITERATIONS times,
+        and hands the CPU over if a vCPU was boosted meanwhile: the nearest thing to Xen's
+        preemption of the running vCPU by a boosted one (a slice cannot be interrupted by
+        I/O here, the loop is busy running it)."""
         s = self.state(v)
         self._ensure_ticking()
-        if self.current is v:                 # release() kept the CPU for it
-            return
         if s.parked:
-            set_runstate(v, RunState.runnable)
-            t = time.perf_counter_ns()
-            fut = s.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await fut
-            finally:
-                s.waiter = None
-                s.wait_ns += time.perf_counter_ns() - t
+            await self._wait_unparked(v, s)
+        if self.current is not v:             # release() may have kept the CPU for it
+            await self._take(v, s, front=False)
+        if s.pri == Pri.BOOST or not self._io_active():
+            return
+        try:
+            for _ in range(SETTLE_ITERATIONS):
+                await asyncio.sleep(0)
+                if self.queues[Pri.BOOST] and self.current is v:
+                    self.current = None
+                    self._dispatch()
+                    await self._take(v, s, front=True)
+        except asyncio.CancelledError:
+            if self.current is v:
+                self.current = None
+                self._dispatch()
+            raise
+
+    def _io_active(self) -> bool:
+        return time.perf_counter_ns() - self._last_wake_ns < IO_ACTIVE_NS
+
+    async def _wait_unparked(self, v: "VCPU", s: VcpuSched) -> None:
+        from .vcpu_op import RunState, set_runstate
+        set_runstate(v, RunState.runnable)
+        t = time.perf_counter_ns()
+        fut = s.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await fut
+        finally:
+            s.waiter = None
+            s.wait_ns += time.perf_counter_ns() - t
+
+    async def _take(self, v: "VCPU", s: VcpuSched, front: bool) -> None:
+        """Queue v at its priority (at the head if `front`) until _dispatch() grants it."""
+        from .vcpu_op import RunState, set_runstate
         if self.current is None and not any(self.queues.values()):
             self.current = v
             return
@@ -188,7 +224,8 @@ class Scheduler:
         s.waiter = fut
         s.queued = True
         s.enq_ns = time.perf_counter_ns()
-        self.queues[s.pri].append(v)
+        q = self.queues[s.pri]
+        q.appendleft(v) if front else q.append(v)
         set_runstate(v, RunState.runnable)
         try:
             await fut
