@@ -19,6 +19,7 @@ from .scheduler import DomainSched
 from . import console as _console
 
 if TYPE_CHECKING:
+    from .ratelimit import Limit
     from .hypervisor import Hypervisor
     from .vcpu import VCPU
 
@@ -261,6 +262,18 @@ class Domain:
         """xl sched-credit -w/-c: weight (1..65535, default 256) and cap (percent of one CPU,
         0 = none), effective from the next slice. ValueError when out of range."""
         return self.hypervisor.scheduler.set_params(self, weight, cap)
+
+    def set_io_limit(self, device: str | int, limit: "Limit | None") -> None:
+        """Set or lift (None) the token-bucket limit of a vif (its devid: 0, "0", "vif0")
+        or a vbd (its vdev: "xvda") at run time (aiovmm/ratelimit.py)."""
+        for b in self.backends:
+            if hasattr(b, "set_rate") and str(device) in (str(b.devid), f"vif{b.devid}"):
+                b.set_rate(limit)
+                return
+            if hasattr(b, "set_limit") and device == getattr(b, "vdev", None):
+                b.set_limit(limit)
+                return
+        raise LookupError(f"d{self.domid} has no vif or vbd {device!r}")
 
     def shutdown(self, reason: ShutdownReason | int = ShutdownReason.poweroff) -> None:
         """Stop the domain with a reason (the toolstack's `destroy` is poweroff)."""
