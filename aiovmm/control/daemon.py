@@ -305,6 +305,30 @@ class Controller:
         rec.weight, rec.cap = ds.weight, ds.cap
         return rec
 
+    def io_limit(self, ref: str, dev: str, rate: str | None, iops: int | None, bps: int | None,
+                 burst_ms: int | None) -> dict:
+        """Set or lift a device's token bucket at run time: a vif (devid) takes xl's `rate`
+        string, a vbd (vdev) takes iops/bps/burst_ms; nothing given lifts the limit."""
+        from ..ratelimit import make_limit, parse_vif_rate, DEFAULT_INTERVAL_US
+        rec = self.live(ref)
+        dom = rec.dom
+        try:
+            if any(str(dev) in (str(b.devid), f"vif{b.devid}") for b in self.vifs(dom)):
+                if iops is not None or bps is not None or burst_ms is not None:
+                    raise ValueError("a vif takes `rate` (xl syntax), not iops/bps/burst_ms")
+                limit = parse_vif_rate(rate) if rate else None
+            elif any(b.vdev == dev for b in self.vbds(dom)):
+                if rate is not None:
+                    raise ValueError("a vbd takes iops/bps/burst_ms, not `rate`")
+                limit = (make_limit(bps, iops, burst_ms * 1000 if burst_ms else DEFAULT_INTERVAL_US)
+                         if iops or bps else None)
+            else:
+                raise ControlError(404, f"d{dom.domid} has no vif or vbd {dev!r}")
+            dom.set_io_limit(dev, limit)
+        except ValueError as e:
+            raise ControlError(400, str(e)) from None
+        return {"id": dom.domid, "device": dev, "limit": limit.describe() if limit else None}
+
     # -- devices --------------------------------------------------------------------------------------
     @staticmethod
     def vifs(dom: "Domain") -> list:
