@@ -126,3 +126,13 @@ async def test_io_guest_ping_latency_stays_low_while_four_hogs_run():
         assert med < quiet + 3.0, (quiet, med, loaded)
         assert med < 5.0 or med < 3 * quiet, (quiet, med)
         assert hv.scheduler.state(g.vcpus[0]).pri != Pri.OVER
+
+
+def test_xl_cfg_weight_and_cap():
+    from aiovmm.config import ConfigError, parse
+    c = parse('kernel = "/k"\nweight = 512\ncap = 25\n')
+    assert (c.weight, c.cap) == (512, 25)
+    assert (parse('kernel = "/k"\n').weight, parse('kernel = "/k"\n').cap) == (None, None)
+    for bad in ("weight = 0", "weight = 70000", "cap = -1", "cap = 101", 'weight = "x"'):
+        with pytest.raises(ConfigError):
+            parse(f'kernel = "/k"\n{bad}\n')
