@@ -48,7 +48,7 @@ def rss_kib() -> dict[str, int]:
 
 async def run(a: argparse.Namespace) -> None:
     hv_mib = a.max * a.memory + 64
-    async with Hypervisor(memory_mib=hv_mib) as hv:
+    async with Hypervisor(memory_mib=hv_mib, engine=a.engine) as hv:
         # One guest first, so the process's one-time costs (code, caches) are not counted.
         first = await hv.create(KERNEL, memory_mib=a.memory, name="warm", cmdline="echo=1 echo_timeout=0")
         await first.wait_for_line(r"^echo: ready$", timeout=60)
@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--reserve-mib", type=int, default=2048, help="stop when the host has less available")
     p.add_argument("--idle-s", type=float, default=3.0)
     p.add_argument("--tracemalloc", type=int, default=0, metavar="N", help="show the top N allocation sites")
+    p.add_argument("--engine", default="unicorn", choices=("unicorn", "kvm", "auto"))
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args()
     uvloop.run(run(a))

@@ -52,7 +52,7 @@ async def pings(lan: VirtualLan, n: int) -> list[float]:
 
 
 async def run(a: argparse.Namespace) -> None:
-    async with Hypervisor(memory_mib=64) as hv:
+    async with Hypervisor(memory_mib=64, engine=a.engine) as hv:
         x, y = await hog(hv, "w256"), await hog(hv, "w512")
         x.set_sched(weight=256)
         y.set_sched(weight=512)
@@ -70,7 +70,7 @@ async def run(a: argparse.Namespace) -> None:
         print(f"cap 25 -> {cap_pct:.2f} % (run-queue wait {acct['wait_ns'] / 1e9:.2f} s, "
               f"host steal {acct['host_steal_ns'] / 1e9:.2f} s)")
         x.shutdown()
-    async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=128) as hv:
+    async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=128, engine=a.engine) as hv:
         g = await hv.create(NET, memory_mib=16, name="io", cmdline="ip=198.18.0.2/24 name=io",
                             vifs=[lan.vif("00:16:3e:00:00:02")])
         await g.wait_for_line(r"^net: up ", timeout=60)
@@ -92,6 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--window", type=float, default=3.0)
     p.add_argument("--pings", type=int, default=50)
+    p.add_argument("--engine", default="unicorn", choices=("unicorn", "kvm", "auto"))
     uvloop.run(run(p.parse_args()))
 
 
