@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from control.ctlhelp import guest
+from .ctlhelp import guest
 
 
 def cpu_share(daemon, name: str, seconds: float = 2.0) -> float:
