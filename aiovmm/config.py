@@ -22,7 +22,7 @@ import os
 import stat
 
 KNOWN = {"name", "kernel", "ramdisk", "root", "memory", "maxmem", "extra", "cmdline", "vif", "disk", "vcpus",
-         "on_poweroff", "on_reboot", "on_crash", "type", "engine"}
+         "on_poweroff", "on_reboot", "on_crash", "type", "engine", "weight", "cap"}
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,8 @@ class DomainConfig:
     disk: list[str] = dataclasses.field(default_factory=list)
     ramdisk: str | None = None
     engine: str = "auto"              # vCPU engine: "unicorn", "kvm" or "auto"
+    weight: int | None = None         # credit scheduler (xl.cfg weight=, cap=)
+    cap: int | None = None
 
 
 def parse(text: str, path: str = "<config>") -> DomainConfig:
@@ -97,8 +99,16 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
     engine = values.get("engine", "auto")
     if engine not in ("unicorn", "kvm", "auto"):
         raise ConfigError(f"{path}: engine must be \"unicorn\", \"kvm\" or \"auto\"")
+    weight, cap = values.get("weight"), values.get("cap")
+    from .scheduler import validate_params
+    try:
+        if not all(x is None or isinstance(x, int) for x in (weight, cap)):
+            raise ValueError("weight and cap must be integers")
+        validate_params(weight, cap)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return DomainConfig(kernel, name, memory, cmdline, list(values.get("vif", [])),
-                        list(values.get("disk", [])), ramdisk, engine)
+                        list(values.get("disk", [])), ramdisk, engine, weight, cap)  # type: ignore[arg-type]
 
 
 def _cmdline(values: dict[str, object]) -> str:

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Callable
 from .memory import PageType
 from .abi import PAGE_SHIFT, ShutdownReason, VcpuInfo, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
 from .events import EventChannels
+from .scheduler import DomainSched
 from . import console as _console
 
 if TYPE_CHECKING:
+    from .ratelimit import Limit
     from .hypervisor import Hypervisor
     from .vcpu import VCPU
 
@@ -125,6 +127,7 @@ class Domain:
         self.device_tg: asyncio.TaskGroup | None = None  # its backends' TaskGroup while running
         self.backend_tasks: list[asyncio.Task] = []      # cancelled once the vCPUs have stopped
         self.hypercall_counts: dict[int, int] = {}     # hypercall number -> calls (known only)
+        self.sched = DomainSched()                     # credit scheduler weight and cap
 
     def __repr__(self) -> str:
         return f"<Domain d{self.domid} {self.name}>"
@@ -254,6 +257,23 @@ class Domain:
             log.info("d%d (%s): unpaused", self.domid, self.name)
             for v in self.vcpus:
                 v.wake()
+
+    def set_sched(self, weight: int | None = None, cap: int | None = None) -> DomainSched:
+        """xl sched-credit -w/-c: weight (1..65535, default 256) and cap (percent of one CPU,
+        0 = none), effective from the next slice. ValueError when out of range."""
+        return self.hypervisor.scheduler.set_params(self, weight, cap)
+
+    def set_io_limit(self, device: str | int, limit: "Limit | None") -> None:
+        """Set or lift (None) the token-bucket limit of a vif (its devid: 0, "0", "vif0")
+        or a vbd (its vdev: "xvda") at run time (aiovmm/ratelimit.py)."""
+        for b in self.backends:
+            if hasattr(b, "set_rate") and str(device) in (str(b.devid), f"vif{b.devid}"):
+                b.set_rate(limit)
+                return
+            if hasattr(b, "set_limit") and device == getattr(b, "vdev", None):
+                b.set_limit(limit)
+                return
+        raise LookupError(f"d{self.domid} has no vif or vbd {device!r}")
 
     def shutdown(self, reason: ShutdownReason | int = ShutdownReason.poweroff) -> None:
         """Stop the domain with a reason (the toolstack's `destroy` is poweroff)."""

@@ -1,45 +1,410 @@
-"""vCPU scheduling on the asyncio loop, and sched_op.
+"""vCPU scheduling on the asyncio loop: Xen's credit scheduler, and sched_op.
 
-Each vCPU is an asyncio task that runs a slice (a block budget enforced by the C hook),
-then yields to the loop. Blocked vCPUs await an event and cost nothing. Slices run on the
-loop thread itself: measured, a slice of BUDGET_BLOCKS takes ~0.3-2 ms, which bounds timer
-latency; the hook callbacks (hypercalls, faults) touch hypervisor state and must run on the
-loop anyway (docs/design.md explains the choice).
+Each vCPU is an asyncio task that runs a slice (a block budget or a wall-time bound enforced
+by the engine), then yields to the loop. Slices run on the loop thread itself, so the loop is
+one physical CPU: at most one vCPU runs at a time, and the scheduler decides which one runs
+next and for how long. The vCPU tasks ask it (`acquire` before a slice, `release` after);
+the engine (Unicorn or KVM) does not matter, only the measured wall time of each slice.
 
-`Scheduler` is the seam for the credit scheduler (weights and caps per domain, later issue):
-it decides each slice's budget and what happens between slices.
+The policy is Xen's credit scheduler (xen/common/sched/credit.c), adapted to one CPU:
+- every domain has a weight (default 256) and a cap (percent of one CPU, 0 = none);
+- every ACCT_NS (30 ms, 3 ticks of 10 ms) the CPU time the active vCPUs burnt is handed out
+  again as credit in proportion to weight (zero-sum, as on Xen where a period's credit
+  equals the CPU time there is: here the loop also spends time outside slices, so the time
+  actually burnt is what is distributed);
+- a slice debits its measured wall time from the vCPU's credit at once (Xen's burn_credits);
+- priority: BOOST (woken from block while UNDER, kept until it has run one tick), UNDER
+  (credit >= 0), OVER (credit < 0); FIFO within a priority; OVER vCPUs run when nothing else
+  wants the CPU (work-conserving);
+- a capped domain may run cap% of each period's wall time; a vCPU that used it up is parked
+  (not queued at all) until the next accounting period (Xen parks and unparks in csched_acct);
+- a blocked vCPU is in no queue and has no timer: it costs nothing.
+
+Accounting a user sees (per vCPU, `VcpuSched`): CPU time in slices, run-queue wait (time
+runnable but not running: Xen's RUNSTATE_runnable, which guests see as steal), and host steal
+(wall time of slices the host did not give this thread: wall minus thread CPU time).
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
+import enum
 import logging
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Iterable
 
 from .abi import SCHED_POLL, Errno, SchedOp, ShutdownReason
 from .errors import HypercallError
 
 if TYPE_CHECKING:
+    from .domain import Domain
     from .vcpu import VCPU
 
 log = logging.getLogger("aiovmm.scheduler")
 
 BUDGET_BLOCKS = 20_000
-SLICE_NS = 2_000_000          # wall-time bound of a slice (hypercall-heavy guests)
+SLICE_NS = 2_000_000          # wall-time bound of a slice (timer and I/O latency of others)
+TICK_NS = 10_000_000          # CSCHED_MSECS_PER_TICK
+ACCT_NS = 3 * TICK_NS         # CSCHED_TICKS_PER_ACCT ticks
+MIN_SLICE_NS = 100_000        # a capped vCPU's last slice of a period is at least this
+DEFAULT_WEIGHT = 256          # CSCHED_DEFAULT_WEIGHT
+MAX_WEIGHT = 65535
+SETTLE_ITERATIONS = 4         # loop turns a CPU-bound vCPU grants I/O before its slice
+IO_ACTIVE_NS = 100_000_000    # ... while some vCPU woke from block this recently
+CREDIT_BOUND_NS = ACCT_NS     # |credit| is clamped here (Xen: credits_per_tslice)
+
+
+class Pri(enum.IntEnum):
+    """Xen's CSCHED_PRI_TS_*: higher runs first."""
+    BOOST = 0
+    UNDER = -1
+    OVER = -2
+
+
+@dataclasses.dataclass(slots=True)
+class DomainSched:
+    """Per-domain parameters (xl sched-credit) and the cap's budget for this period."""
+    weight: int = DEFAULT_WEIGHT
+    cap: int = 0                          # percent of one CPU, 0 = uncapped
+    cap_left_ns: int = 0                  # CPU time the domain may still use this period
+
+
+def validate_params(weight: int | None, cap: int | None, nr_vcpus: int = 1) -> None:
+    """The one check of weight and cap (library, xl.cfg, control plane): Xen's
+    csched_dom_cntl accepts weight 1..65535 and cap 0..100*nr_vcpus."""
+    if weight is not None and not 1 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight must be 1..{MAX_WEIGHT}")
+    if cap is not None and not 0 <= cap <= 100 * max(1, nr_vcpus):
+        raise ValueError(f"cap must be 0..{100 * max(1, nr_vcpus)} (percent of one CPU)")
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class VcpuSched:
+    """Per-vCPU scheduler state and accounting."""
+    credit_ns: int = 0
+    pri: Pri = Pri.UNDER
+    boost_run_ns: int = 0                 # run since boosted (boost ends after one tick)
+    parked: bool = False
+    active: bool = False                  # burnt CPU since the last accounting
+    burnt_ns: int = 0                     # since the last accounting
+    queued: bool = False
+    enq_ns: int = 0
+    waiter: asyncio.Future | None = None
+    # Accounting (nanoseconds).
+    cpu_ns: int = 0                       # wall time of its slices
+    wait_ns: int = 0                      # runnable, waiting in the run queue
+    host_steal_ns: int = 0                # slice wall time the host gave to other threads
+    slices: int = 0
+    _t0: int = 0
+    _c0: int = 0
 
 
 class Scheduler:
-    """Round-robin over runnable vCPUs, one slice each (FIFO order of the loop). A slice
-    ends after BUDGET_BLOCKS translated blocks or SLICE_NS of wall time, whichever first."""
+    """Xen's credit scheduler over the one CPU the event loop is (module docstring)."""
 
     def __init__(self, budget_blocks: int = BUDGET_BLOCKS, slice_ns: int = SLICE_NS) -> None:
         self.budget_blocks = budget_blocks
         self.slice_ns = slice_ns
+        self.current: "VCPU | None" = None
+        self.queues: dict[Pri, collections.deque] = {p: collections.deque() for p in
+                                                    sorted(Pri, reverse=True)}
+        self.parked: set["VCPU"] = set()
+        self.active: set["VCPU"] = set()
+        self._acct_handle: asyncio.TimerHandle | None = None
+        self._period_start = 0
+        self._last_wake_ns = -IO_ACTIVE_NS
+        self.periods = 0
 
+    # -- parameters -----------------------------------------------------------------------------
+    @staticmethod
+    def dom_state(dom: "Domain") -> DomainSched:
+        st = getattr(dom, "sched", None)
+        if st is None:
+            st = dom.sched = DomainSched()
+        return st
+
+    @staticmethod
+    def state(v: "VCPU") -> VcpuSched:
+        st = getattr(v, "sched", None)
+        if st is None:
+            st = v.sched = VcpuSched()
+        return st
+
+    def set_params(self, dom: "Domain", weight: int | None = None, cap: int | None = None) -> DomainSched:
+        """Set weight and/or cap at run time; takes effect from the next slice."""
+        validate_params(weight, cap, len(dom.vcpus))
+        ds = self.dom_state(dom)
+        if weight is not None:
+            ds.weight = weight
+        if cap is not None:
+            if cap and not ds.cap:
+                ds.cap_left_ns = cap * ACCT_NS // 100
+            ds.cap = cap
+            if not cap:
+                for v in list(self.parked):
+                    if v.domain is dom:
+                        self._unpark(v)
+        log.info("d%d: sched-credit weight=%d cap=%d", dom.domid, ds.weight, ds.cap)
+        return ds
+
+    # -- the protocol the vCPU tasks follow -------------------------------------------------------
     def budget(self, v: "VCPU") -> int:
         return self.budget_blocks
 
+    def slice_for(self, v: "VCPU") -> int:
+        """Wall-time bound of v's next slice: a capped domain gets no more than its cap's
+        remaining budget this period, so the cap is not overshot by a whole slice."""
+        ds = self.dom_state(v.domain)
+        if ds.cap:
+            return max(MIN_SLICE_NS, min(self.slice_ns, ds.cap_left_ns))
+        return self.slice_ns
+
+    def woke(self, v: "VCPU") -> None:
+        """v became runnable after blocking: Xen boosts it if it is UNDER (csched_unit_wake),
+        so an I/O-bound vCPU runs ahead of CPU hogs."""
+        s = self.state(v)
+        self._last_wake_ns = time.perf_counter_ns()
+        if s.pri == Pri.UNDER:
+            s.pri = Pri.BOOST
+            s.boost_run_ns = 0
+
+    async def acquire(self, v: "VCPU") -> None:
+        """Wait until v may run its next slice (it then owns the CPU until release()).
+
+        Backends run on this same loop, so an I/O round trip is a chain of callbacks (tap
+        readable -> netback -> event channel -> vCPU wake), one loop iteration per link, and
+        a CPU-bound slice would run in each iteration. While vCPUs are waking for I/O, a
+        non-boosted vCPU that got the CPU first lets the loop turn SETTLE_ITERATIONS times,
+        and hands the CPU over if a vCPU was boosted meanwhile: the nearest thing to Xen's
+        preemption of the running vCPU by a boosted one (a slice cannot be interrupted by
+        I/O here, the loop is busy running it)."""
+        s = self.state(v)
+        self._ensure_ticking()
+        if s.parked:
+            await self._wait_unparked(v, s)
+        if self.current is not v:             # release() may have kept the CPU for it
+            await self._take(v, s, front=False)
+        if s.pri == Pri.BOOST or not self._io_active():
+            return
+        try:
+            for _ in range(SETTLE_ITERATIONS):
+                await asyncio.sleep(0)
+                if self.queues[Pri.BOOST] and self.current is v:
+                    self.current = None
+                    self._dispatch()
+                    await self._take(v, s, front=True)
+        except asyncio.CancelledError:
+            if self.current is v:
+                self.current = None
+                self._dispatch()
+            raise
+
+    def _io_active(self) -> bool:
+        return time.perf_counter_ns() - self._last_wake_ns < IO_ACTIVE_NS
+
+    async def _wait_unparked(self, v: "VCPU", s: VcpuSched) -> None:
+        from .vcpu_op import RunState, set_runstate
+        set_runstate(v, RunState.runnable)
+        t = time.perf_counter_ns()
+        fut = s.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await fut
+        finally:
+            s.waiter = None
+            s.wait_ns += time.perf_counter_ns() - t
+
+    async def _take(self, v: "VCPU", s: VcpuSched, front: bool) -> None:
+        """Queue v at its priority (at the head if `front`) until _dispatch() grants it."""
+        from .vcpu_op import RunState, set_runstate
+        if self.current is None and not any(self.queues.values()):
+            self.current = v
+            return
+        fut = asyncio.get_running_loop().create_future()
+        s.waiter = fut
+        s.queued = True
+        s.enq_ns = time.perf_counter_ns()
+        q = self.queues[s.pri]
+        q.appendleft(v) if front else q.append(v)
+        set_runstate(v, RunState.runnable)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if s.queued:
+                s.queued = False
+                self.queues[s.pri].remove(v)
+            elif self.current is v:
+                self.current = None
+                self._dispatch()
+            raise
+        finally:
+            s.waiter = None
+            s.wait_ns += time.perf_counter_ns() - s.enq_ns
+
+    def begin(self, v: "VCPU") -> None:
+        """Right before the engine runs v's slice."""
+        s = self.state(v)
+        s._t0 = time.perf_counter_ns()
+        s._c0 = time.thread_time_ns()
+
+    def release(self, v: "VCPU") -> None:
+        """Right after v's slice (or after acquire when v no longer wants to run): charge
+        the slice and hand the CPU to the next vCPU."""
+        s = self.state(v)
+        if s._t0:
+            wall = time.perf_counter_ns() - s._t0
+            cpu = time.thread_time_ns() - s._c0
+            s._t0 = 0
+            self._charge(v, s, wall, max(0, wall - cpu))
+        if self.current is v:
+            self.current = None
+        if self._wants_cpu(v, s):
+            best = next((p for p, q in self.queues.items() if q), None)
+            if best is None or s.pri > best:
+                self.current = v              # it still outranks every waiter
+                return
+        self._dispatch()
+
+    def sleep(self, v: "VCPU") -> None:
+        """v stops wanting the CPU (blocked, paused, offline) before its next acquire()."""
+        if self.current is v:
+            self.current = None
+            self._dispatch()
+
+    @staticmethod
+    def _wants_cpu(v: "VCPU", s: VcpuSched) -> bool:
+        d = v.domain
+        return not (v.blocked or not v.online or d.paused or d.dying or s.parked)
+
+    def forget(self, v: "VCPU") -> None:
+        """v's task ends (domain destroyed): drop it from every queue."""
+        s = self.state(v)
+        if s.queued:
+            s.queued = False
+            try:
+                self.queues[s.pri].remove(v)
+            except ValueError:
+                pass
+        self.parked.discard(v)
+        self.active.discard(v)
+        if self.current is v:
+            self.current = None
+            self._dispatch()
+
+    # Compatibility with the former seam (subclasses overriding these still work).
     async def yield_point(self, v: "VCPU") -> None:
         await asyncio.sleep(0)
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _charge(self, v: "VCPU", s: VcpuSched, wall: int, steal: int) -> None:
+        s.cpu_ns += wall
+        s.host_steal_ns += steal
+        s.slices += 1
+        s.burnt_ns += wall
+        s.credit_ns = max(-CREDIT_BOUND_NS, s.credit_ns - wall)
+        if not s.active:
+            s.active = True
+            self.active.add(v)
+        if s.pri == Pri.BOOST:
+            s.boost_run_ns += wall
+            if s.boost_run_ns >= TICK_NS:        # consuming CPU, not waiting for I/O
+                s.pri = Pri.UNDER
+        if s.pri != Pri.BOOST:
+            s.pri = Pri.UNDER if s.credit_ns >= 0 else Pri.OVER
+        ds = self.dom_state(v.domain)
+        if ds.cap:
+            ds.cap_left_ns -= wall
+            if ds.cap_left_ns <= 0:
+                self._park(v, s)
+
+    def _park(self, v: "VCPU", s: VcpuSched) -> None:
+        if not s.parked:
+            s.parked = True
+            self.parked.add(v)
+            log.debug("d%d: vcpu %d parked (cap %d%% used up)", v.domain.domid, v.id,
+                      self.dom_state(v.domain).cap)
+
+    def _unpark(self, v: "VCPU") -> None:
+        s = self.state(v)
+        s.parked = False
+        self.parked.discard(v)
+        if s.waiter is not None and not s.queued and not s.waiter.done():
+            s.waiter.set_result(None)         # back to acquire(), which queues it
+
+    def _dispatch(self) -> None:
+        if self.current is not None:
+            return
+        for q in self.queues.values():
+            while q:
+                w = q.popleft()
+                s = self.state(w)
+                s.queued = False
+                if s.waiter is None or s.waiter.done():
+                    continue
+                self.current = w
+                s.waiter.set_result(None)
+                return
+
+    def _ensure_ticking(self) -> None:
+        if self._acct_handle is None:
+            loop = asyncio.get_running_loop()
+            self._period_start = time.perf_counter_ns()
+            self._acct_handle = loop.call_later(ACCT_NS / 1e9, self._acct)
+
+    def _acct(self) -> None:
+        """Every accounting period (Xen's csched_acct): hand the CPU time burnt in the period
+        back out as credit by weight among the active vCPUs, refill caps, unpark. Stops
+        itself when nothing ran (idle guests cost no timer)."""
+        now = time.perf_counter_ns()
+        period = now - self._period_start
+        self._period_start = now
+        self.periods += 1
+        active = [v for v in self.active if not v.domain.dying]
+        burnt = sum(self.state(v).burnt_ns for v in active)
+        weights = {v: self.dom_state(v.domain).weight for v in active}
+        total_w = sum(weights.values())
+        for v in active:
+            s = self.state(v)
+            share = burnt * weights[v] // total_w if total_w else 0
+            s.credit_ns = max(-CREDIT_BOUND_NS, min(CREDIT_BOUND_NS, s.credit_ns + share))
+            if s.pri != Pri.BOOST:
+                s.pri = Pri.UNDER if s.credit_ns >= 0 else Pri.OVER
+            if not s.burnt_ns:                 # idle for a whole period: leaves the active set
+                s.active = False
+                self.active.discard(v)
+                s.credit_ns = s.credit_ns // 2 if s.credit_ns > 0 else s.credit_ns
+            s.burnt_ns = 0
+        seen: set[int] = set()
+        for v in list(self.parked) + active:
+            dom = v.domain
+            if id(dom) in seen:
+                continue
+            seen.add(id(dom))
+            ds = self.dom_state(dom)
+            if ds.cap:
+                # Debt carries over (a slice may overshoot), credit does not accumulate.
+                ds.cap_left_ns = min(0, ds.cap_left_ns) + ds.cap * period // 100
+        for v in list(self.parked):
+            if v.domain.dying or self.dom_state(v.domain).cap_left_ns > 0 or not self.dom_state(v.domain).cap:
+                self._unpark(v)
+        if self.active or self.parked or self.current is not None or any(self.queues.values()):
+            self._acct_handle = asyncio.get_running_loop().call_later(ACCT_NS / 1e9, self._acct)
+        else:
+            self._acct_handle = None
+
+    # -- views ------------------------------------------------------------------------------------------
+    def vcpu_seconds(self, v: "VCPU") -> float:
+        return self.state(v).cpu_ns / 1e9
+
+    def accounting(self, v: "VCPU") -> dict:
+        """What vcpu-list, list -l and /metrics show for one vCPU."""
+        s = self.state(v)
+        return {"cpu_ns": s.cpu_ns, "wait_ns": s.wait_ns, "host_steal_ns": s.host_steal_ns,
+                "slices": s.slices, "credit_ns": s.credit_ns, "pri": s.pri.name,
+                "parked": s.parked}
+
+    def domain_cpu_ns(self, vcpus: Iterable["VCPU"]) -> int:
+        return sum(self.state(v).cpu_ns for v in vcpus)
 
 
 # ------------------------------------------------------------------------------- sched_op

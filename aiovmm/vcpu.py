@@ -244,36 +244,52 @@ class VCPU:
         from . import traps
         dom = self.domain
         sched = dom.hypervisor.scheduler
+        woke = False
         try:
             while not dom.dying:
                 if self.blocked or not self.online or dom.paused:
+                    was_blocked = self.blocked
+                    sched.sleep(self)
                     await self._wake.wait()
                     self._wake.clear()
+                    woke = woke or was_blocked
                     continue
-                if self.runstate != vcpu_op.RunState.running:
-                    vcpu_op.set_runstate(self, vcpu_op.RunState.running)
-                if self.pending_ptwr is not None:
-                    traps.finish_ptwr(self)
-                    if dom.dying:
-                        break
-                if self.pending_trap is not None:
-                    vector, error, rip = self.pending_trap
-                    self.pending_trap = None
-                    self.engine.set("rip", rip)
-                    traps.exception(self, vector, error, 0)
-                    if dom.dying:
-                        break
-                if self.event_deliverable():
-                    traps.deliver_event(self)
-                    if dom.dying:
-                        break
-                reason = self.engine.run(sched.budget(self), sched.slice_ns)
+                if woke:
+                    sched.woke(self)
+                    woke = False
+                await sched.acquire(self)           # the credit scheduler picks who runs
+                reason = None
+                try:
+                    if self.blocked or not self.online or dom.paused or dom.dying:
+                        continue
+                    if self.runstate != vcpu_op.RunState.running:
+                        vcpu_op.set_runstate(self, vcpu_op.RunState.running)
+                    if self.pending_ptwr is not None:
+                        traps.finish_ptwr(self)
+                        if dom.dying:
+                            break
+                    if self.pending_trap is not None:
+                        vector, error, rip = self.pending_trap
+                        self.pending_trap = None
+                        self.engine.set("rip", rip)
+                        traps.exception(self, vector, error, 0)
+                        if dom.dying:
+                            break
+                    if self.event_deliverable():
+                        traps.deliver_event(self)
+                        if dom.dying:
+                            break
+                    sched.begin(self)
+                    reason = self.engine.run(sched.budget(self), sched.slice_for(self))
+                finally:
+                    sched.release(self)
                 if reason is ExitReason.ERROR:
                     dom.crash(f"vcpu {self.id}: {self.engine.last_error} "
                               f"(rip {self.engine.get('rip'):#x})")
                     break
                 await sched.yield_point(self)
         finally:
+            sched.forget(self)
             self.stop_timers()
             descriptors.release(self)
             vcpu_op.release(self)

@@ -242,6 +242,14 @@ async def set_sched(req: web.Request) -> web.Response:
     return _json({"id": rec.dom.domid, "name": rec.dom.name, "weight": rec.weight, "cap": rec.cap})
 
 
+async def set_io_limit(req: web.Request) -> web.Response:
+    ctl = _ctl(req)
+    data = await _body(req)
+    return _json(ctl.io_limit(req.match_info["dom"], req.match_info["dev"], _field(data, "rate", str),
+                              _int_field(data, "iops", 1, 1 << 40), _int_field(data, "bps", 1, 1 << 40),
+                              _int_field(data, "burst_ms", 1, 10_000)))
+
+
 async def list_vifs(req: web.Request) -> web.Response:
     ctl = _ctl(req)
     rec = ctl.lookup(req.match_info["dom"])
@@ -386,6 +394,7 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", f"{API}/domains/{{dom}}/vcpus", vcpus, "listVcpus"),
     ("GET", f"{API}/domains/{{dom}}/sched-credit", get_sched, "getSchedCredit"),
     ("PUT", f"{API}/domains/{{dom}}/sched-credit", set_sched, "setSchedCredit"),
+    ("PUT", f"{API}/domains/{{dom}}/io-limit/{{dev}}", set_io_limit, "setIoLimit"),
     ("GET", f"{API}/domains/{{dom}}/vifs", list_vifs, "listVifs"),
     ("POST", f"{API}/domains/{{dom}}/vifs", attach_vif, "attachVif"),
     ("DELETE", f"{API}/domains/{{dom}}/vifs/{{dev}}", detach_vif, "detachVif"),

@@ -66,6 +66,8 @@ class DomainSpec:
     vif: list[str] = dataclasses.field(default_factory=list)
     disk: list[str] = dataclasses.field(default_factory=list)
     on_reboot: str = "restart"
+    weight: int | None = None           # xl.cfg weight= / cap= (credit scheduler)
+    cap: int | None = None
 
 
 @dataclasses.dataclass
@@ -130,7 +132,7 @@ class Controller:
         except ConfigError as e:
             raise ControlError(400, str(e)) from None
         return DomainSpec(kernel=cfg.kernel, memory=cfg.memory, name=cfg.name, cmdline=cfg.cmdline,
-                          vif=list(cfg.vif), disk=list(cfg.disk))
+                          vif=list(cfg.vif), disk=list(cfg.disk), weight=cfg.weight, cap=cfg.cap)
 
     async def create(self, spec: DomainSpec) -> Record:
         """Build and start a domain, or refuse with nothing left behind."""
@@ -174,6 +176,8 @@ class Controller:
         if spec.name is None:
             self.names.add(dom.name)
         rec = Record(spec, dom)
+        if spec.weight is not None or spec.cap is not None:
+            self.sched_credit(rec, spec.weight, spec.cap)
         holder.append(rec)
         self.records[dom.domid] = rec
         self._tg.create_task(self._watch(rec), name=f"d{dom.domid}-watch")
@@ -204,7 +208,7 @@ class Controller:
             except ControlError as e:
                 log.error("d%d (%s): restart after reboot failed: %s", dom.domid, dom.name, e.message)
                 return
-            new.weight, new.cap = rec.weight, rec.cap
+            self.sched_credit(new, rec.weight, rec.cap)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def pause(self, ref: str) -> Record:
@@ -293,18 +297,40 @@ class Controller:
         return rec
 
     # -- scheduling -----------------------------------------------------------------------------------
-    def sched_credit(self, ref: str, weight: int | None, cap: int | None) -> Record:
-        """Weights and caps are stored and shown; the credit scheduler is a later issue."""
-        rec = self.live(ref)
-        if weight is not None:
-            if not 1 <= weight <= 65535:
-                raise ControlError(400, "weight must be 1..65535")
-            rec.weight = weight
-        if cap is not None:
-            if not 0 <= cap <= 100 * max(1, len(rec.dom.vcpus)):
-                raise ControlError(400, f"cap must be 0..{100 * max(1, len(rec.dom.vcpus))} (percent of one CPU)")
-            rec.cap = cap
+    def sched_credit(self, ref: "str | Record", weight: int | None, cap: int | None) -> Record:
+        """xl sched-credit: set the domain's weight and/or cap in the credit scheduler
+        (effective from its next slice); the record shows what the scheduler holds."""
+        rec = ref if isinstance(ref, Record) else self.live(ref)
+        try:
+            ds = rec.dom.set_sched(weight=weight, cap=cap)
+        except ValueError as e:
+            raise ControlError(400, str(e)) from None
+        rec.weight, rec.cap = ds.weight, ds.cap
         return rec
+
+    def io_limit(self, ref: str, dev: str, rate: str | None, iops: int | None, bps: int | None,
+                 burst_ms: int | None) -> dict:
+        """Set or lift a device's token bucket at run time: a vif (devid) takes xl's `rate`
+        string, a vbd (vdev) takes iops/bps/burst_ms; nothing given lifts the limit."""
+        from ..ratelimit import make_limit, parse_vif_rate, DEFAULT_INTERVAL_US
+        rec = self.live(ref)
+        dom = rec.dom
+        try:
+            if any(str(dev) in (str(b.devid), f"vif{b.devid}") for b in self.vifs(dom)):
+                if iops is not None or bps is not None or burst_ms is not None:
+                    raise ValueError("a vif takes `rate` (xl syntax), not iops/bps/burst_ms")
+                limit = parse_vif_rate(rate) if rate else None
+            elif any(b.vdev == dev for b in self.vbds(dom)):
+                if rate is not None:
+                    raise ValueError("a vbd takes iops/bps/burst_ms, not `rate`")
+                limit = (make_limit(bps, iops, burst_ms * 1000 if burst_ms else DEFAULT_INTERVAL_US)
+                         if iops or bps else None)
+            else:
+                raise ControlError(404, f"d{dom.domid} has no vif or vbd {dev!r}")
+            dom.set_io_limit(dev, limit)
+        except ValueError as e:
+            raise ControlError(400, str(e)) from None
+        return {"id": dom.domid, "device": dev, "limit": limit.describe() if limit else None}
 
     # -- devices --------------------------------------------------------------------------------------
     @staticmethod
@@ -478,6 +504,7 @@ class Controller:
         }
         if long:
             d["config"] = dataclasses.asdict(rec.spec)
+            d["vcpu_accounting"] = self.vcpu_list(rec)
         return d
 
     def describe_vif(self, b: Any) -> dict:
@@ -504,8 +531,12 @@ class Controller:
         out = []
         for v in dom.vcpus:
             state = "p" if dom.paused else ("b" if v.blocked else "r")
+            acct = self.sched.accounting(v)
             out.append({"vcpu": v.id, "cpu": 0, "state": state, "online": v.online,
-                        "time_s": round(self.sched.vcpu_seconds(v), 6), "affinity": "all / all"})
+                        "time_s": round(acct["cpu_ns"] / 1e9, 6), "affinity": "all / all",
+                        "wait_s": round(acct["wait_ns"] / 1e9, 6),
+                        "host_steal_s": round(acct["host_steal_ns"] / 1e9, 6),
+                        "slices": acct["slices"], "priority": acct["pri"], "parked": acct["parked"]})
         return out
 
     def info(self) -> dict:

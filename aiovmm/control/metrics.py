@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import weakref
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -25,27 +23,8 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class MeteredScheduler(Scheduler):
-    """The default round-robin, plus the CPU time each vCPU spends in its slices: budget() is
-    called right before a slice runs and yield_point() right after it, so the time between
-    the two is the slice (xl list's Time(s), vcpu-list, top)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._start: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.cpu_ns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def budget(self, v: "VCPU") -> int:
-        self._start[v] = time.perf_counter_ns()
-        return super().budget(v)
-
-    async def yield_point(self, v: "VCPU") -> None:
-        t0 = self._start.pop(v, None)
-        if t0 is not None:
-            self.cpu_ns[v] = self.cpu_ns.get(v, 0) + time.perf_counter_ns() - t0
-        await super().yield_point(v)
-
-    def vcpu_seconds(self, v: "VCPU") -> float:
-        return self.cpu_ns.get(v, 0) / 1e9
+    """The credit scheduler (aiovmm/scheduler.py), which itself accounts each vCPU's CPU
+    time, run-queue wait and host steal (xl list's Time(s), vcpu-list, top, /metrics)."""
 
 
 class LoopLag:
@@ -107,8 +86,17 @@ class _Collector:
         bl = lbl + ["vdev"]
         vbd = {k: CounterMetricFamily(f"aiovmm_vbd_{k}", f"vbd {k.replace('_', ' ')}", labels=bl)
                for k in ("rd_reqs", "wr_reqs", "rd_sectors", "wr_sectors", "flushes", "errors")}
+        vcl = lbl + ["vcpu"]
+        vcpu_m = {k: CounterMetricFamily(f"aiovmm_vcpu_{k}_seconds", doc, labels=vcl) for k, doc in (
+            ("cpu", "CPU time the vCPU's slices ran"),
+            ("runqueue_wait", "Time the vCPU was runnable but waited for the CPU (guest-visible steal)"),
+            ("host_steal", "Slice wall time the host gave to other threads"))}
         for dom in list(hv.domains.values()):
             ls = [str(dom.domid), dom.name]
+            for v in dom.vcpus:
+                a = ctl.sched.accounting(v)
+                for k, key in (("cpu", "cpu_ns"), ("runqueue_wait", "wait_ns"), ("host_steal", "host_steal_ns")):
+                    vcpu_m[k].add_metric(ls + [str(v.id)], a[key] / 1e9)
             cpu.add_metric(ls, ctl.cpu_seconds(dom))
             mem.add_metric(ls, dom.tot_pages * 4096)
             maxmem.add_metric(ls, dom.max_pages * 4096)
@@ -122,7 +110,7 @@ class _Collector:
             for dev in ctl.vbds(dom):
                 for k, m in vbd.items():
                     m.add_metric(ls + [dev.vdev], getattr(dev.stats, k))
-        yield from (cpu, mem, maxmem, target, paused, hc, *vif.values(), *vbd.values())
+        yield from (cpu, mem, maxmem, target, paused, hc, *vif.values(), *vbd.values(), *vcpu_m.values())
         yield GaugeMetricFamily("aiovmm_domains", "Domains running", value=len(hv.domains))
         yield GaugeMetricFamily("aiovmm_free_memory_bytes", "Free machine memory", value=hv.mem.free_frames * 4096)
         yield GaugeMetricFamily("aiovmm_total_memory_bytes", "Machine memory", value=hv.memory_mib << 20)

@@ -42,6 +42,7 @@ SCHEMAS: dict[str, dict] = {
         "vbds": {"type": "array", "items": {"$ref": "#/components/schemas/Vbd"}},
         "hypercalls": INT,
         "config": {"type": "object"},
+        "vcpu_accounting": {"type": "array", "items": {"type": "object"}},
     }, ["id", "name", "uuid", "state", "status", "memory_kib", "max_memory_kib", "target_kib",
         "vcpus", "cpu_time_s", "uptime_s", "weight", "cap", "vifs", "vbds"]),
     "CreateRequest": {"oneOf": [
@@ -59,10 +60,15 @@ SCHEMAS: dict[str, dict] = {
     "Sched": _obj({"id": INT, "name": STR, "weight": INT, "cap": INT}, ["id", "name", "weight", "cap"]),
     "SchedSet": _obj({"weight": {"type": "integer", "minimum": 1, "maximum": 65535},
                       "cap": {"type": "integer", "minimum": 0, "maximum": 6400}}),
+    "IoLimit": _obj({"rate": {**STR, "description": "vif: xl rate, e.g. 10Mb/s@20ms"},
+                     "iops": {"type": "integer", "minimum": 1}, "bps": {"type": "integer", "minimum": 1},
+                     "burst_ms": {"type": "integer", "minimum": 1, "maximum": 10000}}),
     "Shutdown": _obj({"wait": BOOL, "timeout": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 600}}),
     "Vcpus": _obj({"id": INT, "name": STR, "vcpus": {"type": "array", "items": _obj({
         "vcpu": INT, "cpu": INT, "state": {"type": "string", "enum": ["r", "b", "p"]}, "online": BOOL,
-        "time_s": NUM, "affinity": STR}, ["vcpu", "cpu", "state", "time_s"])}}, ["id", "name", "vcpus"]),
+        "time_s": NUM, "affinity": STR, "wait_s": NUM, "host_steal_s": NUM, "slices": INT,
+        "priority": {"type": "string", "enum": ["BOOST", "UNDER", "OVER"]}, "parked": BOOL},
+        ["vcpu", "cpu", "state", "time_s"])}}, ["id", "name", "vcpus"]),
     "Info": _obj({"host": STR, "release": STR, "machine": STR, "nr_cpus": INT, "total_memory": INT,
                   "free_memory": INT, "free_frames": INT, "xen_major": INT, "xen_minor": INT,
                   "xen_version": STR, "nr_domains": INT, "uptime_s": NUM, "tasks": INT,
@@ -101,6 +107,8 @@ OPS: dict[str, tuple[str, dict | None, int, dict | None, list[int]]] = {
     "listVcpus": ("vCPUs (xl vcpu-list)", None, 200, _ref("Vcpus"), [404]),
     "getSchedCredit": ("Credit scheduler weight and cap (xl sched-credit)", None, 200, _ref("Sched"), [404]),
     "setSchedCredit": ("Set weight and/or cap (xl sched-credit -w/-c)", _ref("SchedSet"), 200, _ref("Sched"), [400, 404, 409]),
+    "setIoLimit": ("Set or lift a vif's rate (xl syntax) or a vbd's iops/bps token bucket", _ref("IoLimit"), 200,
+                   {"type": "object"}, [400, 404, 409]),
     "listVifs": ("Network interfaces (xl network-list)", None, 200, {"type": "array", "items": _ref("Vif")}, [404]),
     "attachVif": ("Hot-plug a network interface (xl network-attach)", _ref("DeviceSpec"), 201, _ref("Vif"), [400, 404, 409]),
     "detachVif": ("Unplug a network interface by devid or MAC (xl network-detach)", None, 200, _ref("DeviceStatus"), [404, 409]),
@@ -152,7 +160,7 @@ def document() -> dict:
         if params:
             op["parameters"] = params
         if req is not None:
-            op["requestBody"] = {"required": op_id not in ("shutdownDomain", "setSchedCredit", "attachVif"),
+            op["requestBody"] = {"required": op_id not in ("shutdownDomain", "setSchedCredit", "attachVif", "setIoLimit"),
                                  "content": {"application/json": {"schema": req}}}
         paths.setdefault(path, {})[method.lower()] = op
     return {

@@ -37,6 +37,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
+from aiovmm.ratelimit import Limit, Limiter, make_limit, parse_size_rate
 from aiovmm.ring import BackRing
 from aiovmm.errors import BuildError
 from aiovmm.events import EventError
@@ -122,7 +123,7 @@ def default_vdev(index: int) -> str:
 _FORMATS = ("raw",)
 _ACCESS = {"r": True, "ro": True, "w": False, "rw": False}
 _KEYS = ("target", "vdev", "access", "format", "devtype", "backendtype", "script", "discard",
-         "no-discard", "direct-io-safe")
+         "no-discard", "direct-io-safe", "iops", "bps", "burst_ms")
 _PREFIXES = {"phy:": "phy", "file:": "file", "aio:": "file", "tap:aio:": "file",
              "tap2:aio:": "file", "lvm:": "lvm"}
 
@@ -166,6 +167,7 @@ class DiskConfig:
     devtype: str = "disk"
     kind: str | None = None          # "file" | "phy" | "lvm" from a prefix; None: from the target
     discard: bool = True             # offer DISCARD if the store supports it ('no-discard': never)
+    limit: Limit | None = None       # iops=/bps=/burst_ms= token buckets (aiovmm/ratelimit.py)
     source: DiskSource | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -211,6 +213,19 @@ class DiskConfig:
                     if val not in ("disk", "cdrom"):
                         raise ValueError(f"bad devtype {val!r}")
                     cfg.devtype = val
+                elif key in ("iops", "bps", "burst_ms"):
+                    lim = cfg.limit or Limit()
+                    try:
+                        if key == "burst_ms":
+                            ms = int(val)
+                            cfg.limit = make_limit(lim.bytes_per_s, lim.ops_per_s, ms * 1000)
+                        else:
+                            n = parse_size_rate(val)
+                            cfg.limit = make_limit(n if key == "bps" else lim.bytes_per_s,
+                                                   n if key == "iops" else lim.ops_per_s,
+                                                   lim.interval_us)
+                    except ValueError as e:
+                        raise ValueError(f"bad {key}={val!r}: {e}") from None
                 elif key in ("backendtype", "script", "direct-io-safe"):
                     pass        # accepted for compatibility; ignored
                 else:
@@ -464,6 +479,9 @@ class Blkback:
         self.discard = False                       # feature-discard offered (set by run())
         self._claim: tuple | None = None          # (identity, (domid, access)) in in_use
         self._lock_fd = -1
+        self.limiter = Limiter(cfg.limit)          # request dispatch waits for tokens
+        self._throttled = False
+        self._throttle_handle: asyncio.TimerHandle | None = None
 
     # -- exclusion (the toolstack's part, before the domain runs) ------------------------------
     async def claim(self, in_use: dict) -> None:
@@ -680,6 +698,10 @@ class Blkback:
     async def _disconnect(self) -> None:
         """Wait for I/O in flight (the pool cannot cancel it, and it writes into granted
         pages), answer nothing more, unmap the ring and close the port."""
+        if self._throttle_handle is not None:
+            self._throttle_handle.cancel()
+            self._throttle_handle = None
+        self._throttled = False
         if self._futures:
             pending = set(self._futures)
             try:
@@ -722,7 +744,7 @@ class Blkback:
                 self._answer()
             elif r.rsp_prod_pvt != r.get(8):
                 self._push()                     # requests refused while draining
-            if not self._blocked and r.final_check():
+            if not self._blocked and not self._throttled and r.final_check():
                 await asyncio.sleep(0)
                 continue
             await self._kick.wait()
@@ -741,12 +763,20 @@ class Blkback:
             return
         self.stats.batches += 1
         batch: list[_Pending] = []
+        self._throttled = False
+        limited = self.limiter.active
         while n > 0:
+            if limited and self._wait_tokens():
+                self._throttled = True            # the rest stays on the ring for the timer
+                break
             raw = r.take()
             n -= 1
             p = self._prepare(raw)
             if p is None:
                 continue
+            if limited:
+                self.limiter.charge(p.io.length if p.op in (BLKIF_OP_READ, BLKIF_OP_WRITE,
+                                                            BLKIF_OP_WRITE_BARRIER) else 0)
             if p.op in _ORDERING:
                 self._submit(batch)
                 batch = []
@@ -758,6 +788,28 @@ class Blkback:
                 return
             batch.append(p)
         self._submit(batch)
+
+    # -- limits ------------------------------------------------------------------------------------
+    def set_limit(self, limit: Limit | None) -> None:
+        """Set or lift (None) the vbd's iops/bps limit at run time."""
+        self.cfg.limit = limit
+        self.limiter.set(limit)
+        log.info("d%d: vbd %s: limit %s", self.dom.domid, self.vdev,
+                 limit.describe() if limit else "none")
+        self._kick.set()
+
+    def _wait_tokens(self) -> bool:
+        """True (one loop timer armed) while the bucket is in debt."""
+        d = self.limiter.delay_s()
+        if not d:
+            return False
+        if self._throttle_handle is None:
+            self._throttle_handle = asyncio.get_running_loop().call_later(d, self._unthrottle)
+        return True
+
+    def _unthrottle(self) -> None:
+        self._throttle_handle = None
+        self._kick.set()
 
     def _error(self, rid: int, op: int, status: int = BLKIF_RSP_ERROR) -> None:
         self.ring.respond(rid, op, status)

@@ -24,6 +24,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
+from aiovmm.ratelimit import Limit, Limiter, parse_vif_rate
 from aiovmm.ring import BackRing
 from aiovmm.xenbus import Watch, XenbusState, read_state, read_str, write_keys
 from aiovmm.xenstore.core import XsError
@@ -63,10 +64,11 @@ class VifConfig:
     netns: str | None = None        # namespace of the bridge (the tap is created there)
     ifname: str | None = None       # default: vif<domid>.<devid>
     mtu: int = 1500
+    rate: Limit | None = None       # xl `rate=10Mb/s@20ms`: token bucket on tx and rx
 
     @classmethod
     def parse(cls, spec: str) -> "VifConfig":
-        """Parse xl syntax: 'mac=00:16:3e:01:02:03,bridge=br0[,mtu=1500][,netns=ns][,vifname=tap0]'."""
+        """Parse xl syntax: 'mac=00:16:3e:01:02:03,bridge=br0[,mtu=1500][,netns=ns][,vifname=tap0][,rate=10Mb/s@20ms]'."""
         cfg = cls()
         for item in filter(None, (x.strip() for x in spec.split(","))):
             key, _, val = item.partition("=")
@@ -83,6 +85,8 @@ class VifConfig:
                 cfg.netns = val
             elif key == "vifname":
                 cfg.ifname = val
+            elif key == "rate":
+                cfg.rate = parse_vif_rate(val)
             elif key == "mtu":
                 try:
                     cfg.mtu = int(val)
@@ -93,6 +97,9 @@ class VifConfig:
             else:
                 raise ValueError(f"unknown vif option {key!r}")
         return cfg
+
+
+VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
 
 
 class VifDisconnect(Exception):
@@ -132,6 +139,11 @@ class Netback:
         self._reader_on = False
         self._bridge_watch: taplib.BridgeWatch | None = None
         self.connected = asyncio.Event()
+        # Token buckets (aiovmm/ratelimit.py): one per direction, both at the vif's rate.
+        self.tx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
+        self.rx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
+        self._tx_throttled = False
+        self._throttle_handle: asyncio.TimerHandle | None = None
 
     # -- toolstack ------------------------------------------------------------------------------
     def publish(self) -> None:
@@ -238,6 +250,9 @@ class Netback:
 
     def close(self) -> None:
         loop = asyncio.get_event_loop()
+        if self._throttle_handle is not None:
+            self._throttle_handle.cancel()
+            self._throttle_handle = None
         if self.fd is not None:
             if self._reader_on:
                 loop.remove_reader(self.fd)
@@ -280,7 +295,7 @@ class Netback:
             if notify:
                 self.port.notify()
                 self.stats.events_sent += 1
-            again = tx.final_check()
+            again = not self._tx_throttled and tx.final_check()
             if self._tap_ready and rx.unconsumed() == 0:
                 again |= rx.final_check()
             if again:
@@ -298,6 +313,29 @@ class Netback:
             await self._kick.wait()
             self._kick.clear()
 
+    # -- rate limit ---------------------------------------------------------------------------------
+    def set_rate(self, limit: Limit | None) -> None:
+        """Set or lift (None) the vif's limit at run time; the next packet sees it."""
+        self.cfg.rate = limit
+        self.tx_limit.set(limit)
+        self.rx_limit.set(limit)
+        log.info("d%d: vif %d: rate %s", self.dom.domid, self.devid,
+                 f"{limit.bytes_per_s} B/s per {limit.interval_us} us" if limit else "unlimited")
+        self._kick.set()
+
+    def _throttled(self, limiter: Limiter) -> bool:
+        """True (and one loop timer armed to come back) when the bucket is in debt."""
+        d = limiter.delay_s()
+        if not d:
+            return False
+        if self._throttle_handle is None:
+            self._throttle_handle = asyncio.get_running_loop().call_later(d, self._unthrottle)
+        return True
+
+    def _unthrottle(self) -> None:
+        self._throttle_handle = None
+        self._kick.set()
+
     def _tx_response(self, rid: int, status: int) -> None:
         r = self.tx
         _TXRSP.pack_into(r.v, r.next_response_off(), rid, status)
@@ -312,7 +350,12 @@ class Netback:
             self._bad_frontend("tx ring indices")
             return False
         done = 0
+        self._tx_throttled = False
+        limited = self.tx_limit.active
         while n > 0:
+            if limited and self._throttled(self.tx_limit):
+                self._tx_throttled = True        # the rest waits on the ring for the timer
+                break
             first = _TXREQ.unpack_from(r.v, r.slot_off(r.req_cons))
             # Gather the slots of one packet: more_data chains data slots; extra-info slots
             # (chained by XEN_NETIF_EXTRA_FLAG_MORE) follow the slot that announced them.
@@ -370,6 +413,8 @@ class Netback:
                     os.write(self.fd, frame)
                     self.stats.tx_packets += 1
                     self.stats.tx_bytes += len(frame)
+                    if limited:
+                        self.tx_limit.charge(len(frame))
                 except BlockingIOError:
                     status = NETIF_RSP_DROPPED
                     self.stats.tx_dropped += 1
@@ -398,7 +443,10 @@ class Netback:
             self._bad_frontend("rx ring indices")
             return False
         done = 0
+        limited = self.rx_limit.active
         while done < RX_BATCH and avail > 0:
+            if limited and self._throttled(self.rx_limit):
+                break                            # frames wait in the tap's queue
             try:
                 frame = os.read(self.fd, 65536)
             except BlockingIOError:
@@ -419,6 +467,8 @@ class Netback:
                     grants.host_copy_to(dom, gref, 0, frame)
                     self.stats.rx_packets += 1
                     self.stats.rx_bytes += len(frame)
+                    if limited:
+                        self.rx_limit.charge(len(frame))
                 except grants.GrantError:
                     status = NETIF_RSP_ERROR
                     self.stats.rx_dropped += 1
