@@ -29,6 +29,7 @@ from .abi import (
 from .memory import MachineMemory, NotWritable, PageType
 
 log = logging.getLogger("aiovmm.mmu")
+_U64_FROM = struct.Struct("<Q").unpack_from
 
 # Bits 12-51 frame; flags allowed per level (Xen's L?_DISALLOW_MASK complement).
 _AVL = 0xE00
@@ -379,9 +380,11 @@ class PageTables:
     def update_entry(self, dom: int, ptr: int, val: int, preserve_ad: bool = False) -> bool:
         """A checked write of `val` to the 8-byte entry at machine address `ptr`.
 
-        Returns True if the TLB must be flushed by the caller (an upper-level change);
-        L1 changes are the guest's to flush, as on Xen (aiovmm flushes anyway: Unicorn
-        has no per-page flush the guest could ask for cheaply).
+        Returns True if the TLB must be flushed by the caller: the entry replaced a present
+        one, which a cached translation may have come from. Replacing a not-present entry
+        needs no flush: no translation was ever cached through it (a TLB caches only
+        successful walks, and every earlier removal of a present entry was flushed), so
+        filling fresh page tables (most of a boot's updates) costs no flush.
         """
         mem = self.mem
         mfn = ptr >> PAGE_SHIFT
@@ -410,7 +413,8 @@ class PageTables:
         mem.write_u64(ptr, new)
         if old & _PAGE_PRESENT:
             self._put_entry(old, level, mfn, ptr)
-        return True
+            return True
+        return False
 
     # -- walks --------------------------------------------------------------------------------------
     def l1_entry_address(self, l4_mfn: int, va: int) -> int:
@@ -430,14 +434,16 @@ class PageTables:
         """Guest VA -> machine address, with the checks the CPU makes for a CPL 3 access."""
         if not is_canonical(va) or HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
             raise GuestFault(va, write)
+        # Hot (every guest buffer a hypercall reads): locals, no helper calls per level.
         mem = self.mem
+        m, nr, unpack = mem.map, mem.nr_frames, _U64_FROM
         table = cr3 >> PAGE_SHIFT
         need = _PAGE_PRESENT | _PAGE_USER | (_PAGE_RW if write else 0)
         for shift in (39, 30, 21, 12):
-            e = mem.read_u64((table << PAGE_SHIFT) + 8 * ((va >> shift) & 0x1FF))
+            e = unpack(m, (table << PAGE_SHIFT) + 8 * ((va >> shift) & 0x1FF))[0]
             if e & need != need:
                 raise GuestFault(va, write)
             table = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
-            if not mem.valid_mfn(table):
+            if table >= nr:
                 raise GuestFault(va, write)
         return (table << PAGE_SHIFT) | (va & (PAGE_SIZE - 1))

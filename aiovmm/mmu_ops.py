@@ -104,11 +104,14 @@ def do_mmu_update(v: "VCPU", reqs: int, count: int, done_out: int, foreigndom: i
     pt = v.domain.hypervisor.pagetables
     dom = v.domain.domid
     mem = v.domain.mem
+    flush = False
 
     def one(ptr: int, val: int) -> None:
+        nonlocal flush
         cmd = ptr & 7
         if cmd in (MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_PRESERVE_AD, MMU_PT_UPDATE_NO_TRANSLATE):
-            pt.update_entry(dom, ptr & ~7, val, preserve_ad=cmd == MMU_PT_UPDATE_PRESERVE_AD)
+            if pt.update_entry(dom, ptr & ~7, val, preserve_ad=cmd == MMU_PT_UPDATE_PRESERVE_AD):
+                flush = True
         elif cmd == MMU_MACHPHYS_UPDATE:
             mfn = ptr >> PAGE_SHIFT
             if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
@@ -120,7 +123,8 @@ def do_mmu_update(v: "VCPU", reqs: int, count: int, done_out: int, foreigndom: i
     try:
         return _batch(v, reqs, count, done_out, MMU_UPDATE, one, "mmu_update")
     finally:
-        _flush_all(v)
+        if flush:                  # once per batch, and only if a present entry changed
+            _flush_all(v)
 
 
 def do_mmuext_op(v: "VCPU", ops: int, count: int, done_out: int, foreigndom: int, *_) -> int:
@@ -206,9 +210,10 @@ def do_update_va_mapping(v: "VCPU", va: int, val: int, flags: int, *_) -> int:
         raise HypercallError(Errno.EINVAL)
     pt = v.domain.hypervisor.pagetables
     ptr = pt.l1_entry_address(v.kernel_root, va)
-    pt.update_entry(v.domain.domid, ptr, val)
-    # Flushed whatever `flags` ask (UVMF_NONE included): Unicorn has no per-page flush, and
-    # a stale writable translation of a frame that has since become a page table would
-    # bypass validation. Cheap: the soft TLB refills in ~0.3 us per page.
-    _flush_all(v)
+    # Flushed whatever `flags` ask (UVMF_NONE included) when a present entry changed:
+    # Unicorn has no per-page flush, and a stale writable translation of a frame that has
+    # since become a page table would bypass validation. A not-present entry was never
+    # cached (mmu.PageTables.update_entry), so mapping a fresh page needs no flush.
+    if pt.update_entry(v.domain.domid, ptr, val):
+        _flush_all(v)
     return 0

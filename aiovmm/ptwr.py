@@ -110,14 +110,15 @@ def try_fast(v: "VCPU", w: PendingWrite) -> bool | None:
         return None
     ptr = (w.frame << PAGE_SHIFT) | (w.va & (PAGE_SIZE - 1))
     try:
-        v.domain.hypervisor.pagetables.update_entry(v.domain.domid, ptr, value)
+        flush = v.domain.hypervisor.pagetables.update_entry(v.domain.domid, ptr, value)
     except MMUError as e:
         log.info("d%d: writable page-table store refused at %#x: %s", v.domain.domid, w.rip, e)
         return False
     regs["rip"] = w.rip + w.length
     eng.write(regs)
-    for other in v.domain.vcpus:
-        other.engine.flush_tlb()
+    if flush:                                  # only a replaced present entry can be cached
+        for other in v.domain.vcpus:
+            other.engine.flush_tlb()
     v.ptwr_updates += 1
     return True
 

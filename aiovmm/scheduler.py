@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiovmm.scheduler")
 
-BUDGET_BLOCKS = 20_000
+BUDGET_BLOCKS = 200_000       # compute-bound slices end on SLICE_NS (fewer slice entries)
 SLICE_NS = 2_000_000          # wall-time bound of a slice (timer and I/O latency of others)
 TICK_NS = 10_000_000          # CSCHED_MSECS_PER_TICK
 ACCT_NS = 3 * TICK_NS         # CSCHED_TICKS_PER_ACCT ticks

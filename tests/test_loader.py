@@ -476,3 +476,35 @@ async def test_config_ramdisk_boots(tmp_path):
     (tmp_path / "g.cfg").write_text(f'kernel = "{kernel()}"\nramdisk = "rd.img"\nmemory = 8\nextra = "ticks=1"\n')
     r = run_cli("run", "-c", str(tmp_path / "g.cfg"))
     assert r.returncode == 0, r.stderr
+
+
+def test_decompressed_payload_cache(tmp_path, monkeypatch):
+    """Big payloads are decompressed once and then read from the on-disk cache, keyed by the
+    compressed bytes: the same payload hits (even with the decompressor broken), a changed
+    payload misses and gets its own entry, AIOVMM_KERNEL_CACHE=off never touches the disk."""
+    import lzma
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AIOVMM_KERNEL_CACHE", str(cache))
+    monkeypatch.setattr(loader, "CACHE_MIN_PAYLOAD", 0)
+    elf = Path(kernel()).read_bytes()
+    payload = lzma.compress(elf, format=lzma.FORMAT_XZ)
+    xz = loader.Compression.xz
+    assert loader.decompress_cached("k", xz, memoryview(payload)) == elf
+    assert len(list(cache.glob("*.elf"))) == 1 and not list(cache.glob("*.part"))
+
+    def broken(_data):
+        raise lzma.LZMAError("decompressor must not run on a cache hit")
+    monkeypatch.setitem(loader._DECOMPRESSORS, xz, broken)
+    assert loader.decompress_cached("k", xz, memoryview(payload)) == elf
+    other = lzma.compress(elf + b"\0", format=lzma.FORMAT_XZ)
+    with pytest.raises(BuildError, match="cannot xz-decompress"):
+        loader.decompress_cached("k", xz, memoryview(other))
+    monkeypatch.undo()
+    monkeypatch.setenv("AIOVMM_KERNEL_CACHE", str(cache))
+    monkeypatch.setattr(loader, "CACHE_MIN_PAYLOAD", 0)
+    assert loader.decompress_cached("k", xz, memoryview(other)) == elf + b"\0"
+    assert len(list(cache.glob("*.elf"))) == 2
+    monkeypatch.setenv("AIOVMM_KERNEL_CACHE", "off")
+    shutil.rmtree(cache)
+    assert loader.decompress_cached("k", xz, memoryview(payload)) == elf
+    assert not cache.exists()
