@@ -101,6 +101,9 @@ class Domain:
         self.ldt = (0, 0)
         self.boot_l4 = 0
         self.paused = False
+        self.suspended = None            # migration.suspend.Suspended while suspended for a save
+        self.suspend_waiter: asyncio.Future | None = None
+        self.suspend_cancel = False      # the kernel declared XEN_ELFNOTE_SUSPEND_CANCEL
         self.shutdown_reason: ShutdownReason | None = None
         self.shutdown_code: int | None = None
         self.crash_reason = ""
@@ -242,7 +245,7 @@ class Domain:
             log.info("d%d (%s): paused", self.domid, self.name)
 
     def unpause(self) -> None:
-        if self.paused:
+        if self.paused and self.suspended is None:
             self.paused = False
             log.info("d%d (%s): unpaused", self.domid, self.name)
             for v in self.vcpus:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import builder, descriptors, timers, toolstack
 from .xenstore.server import XenstoreServer
-from .abi import DOMID_XEN, FLAT_KERNEL_SS, PAGE_SHIFT, ShutdownReason
+from .abi import DOMID_XEN, FLAT_KERNEL_SS, PAGE_SHIFT, ElfNote, ShutdownReason
 from .domain import Domain
 from .events import HostEvents
 from .errors import BuildError
@@ -213,6 +213,7 @@ class Hypervisor:
         try:
             dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console, log_dir=self.log_dir)
             dom.engine_kind = engine_kind
+            dom.suspend_cancel = bool(img.notes.get(ElfNote.SUSPEND_CANCEL, 0))
             log.info("d%d: vCPU engine %s", domid, engine_kind)
         except OutOfMemory as e:
             raise BuildError(f"not enough machine memory for {memory_mib} MiB: {e}") from None
