@@ -279,6 +279,13 @@ class Domain:
             return f"crashed: {self.crash_reason}" if self.crash_reason else "crashed (guest request)"
         return self.shutdown_reason.name
 
+    async def save(self, path: str, *, checkpoint: bool = False, progress=None):
+        """Suspend the guest (Xen's cooperative protocol) and write it to `path` as xl's
+        save file (migration stream v2). The domain is destroyed afterwards, as by
+        `xl save`, unless `checkpoint` (then it resumes: a cancelled suspend)."""
+        from .migration.files import save_file
+        return await save_file(self, path, checkpoint=checkpoint, progress=progress)
+
     async def wait(self) -> ShutdownReason:
         return await asyncio.shield(self.done)
 

@@ -253,7 +253,7 @@ class Hypervisor:
             dom.destroy()
             del self.domains[domid]
             raise
-        dom.task = self._tg.create_task(self._run_domain(dom), name=f"d{domid}")
+        self.start_domain(dom)
         return dom
 
     def start_backend(self, dom: Domain, backend) -> asyncio.Task:
@@ -266,13 +266,29 @@ class Hypervisor:
         dom.backend_tasks.append(task)
         return task
 
-    def _create_vcpu0(self, dom: Domain, img: builder.KernelImage, lay: builder.Layout) -> None:
+    def new_engine(self, dom: Domain, vcpu_id: int):
+        """A vCPU engine of the domain's kind (the builder and restore both use it)."""
         if dom.engine_kind == "kvm":
             from .kvm_engine import KVMEngine
-            eng = KVMEngine(self.mem, self.xen, name=f"d{dom.domid}v0")
-        else:
-            eng = VCPUEngine(self.mem.fd_address, self.mem.size, until=self.xen.UNTIL_VA,
-                             name=f"d{dom.domid}v0")
+            return KVMEngine(self.mem, self.xen, name=f"d{dom.domid}v{vcpu_id}")
+        return VCPUEngine(self.mem.fd_address, self.mem.size, until=self.xen.UNTIL_VA,
+                          name=f"d{dom.domid}v{vcpu_id}")
+
+    def start_domain(self, dom: Domain) -> None:
+        """Run a built (or restored) domain as a task of the hypervisor's TaskGroup."""
+        dom.task = self._tg.create_task(self._run_domain(dom), name=f"d{dom.domid}")
+
+    async def restore(self, path: str, *, name: str | None = None,
+                      on_console: Callable[[bytes], None] | None = None, progress=None) -> Domain:
+        """A domain from a save file (`Domain.save`); raises migration.StreamError for a
+        file it refuses (nothing is left behind)."""
+        from .migration.files import restore_file
+        dom, _stats = await restore_file(self, path, name=name, on_console=on_console,
+                                         progress=progress)
+        return dom
+
+    def _create_vcpu0(self, dom: Domain, img: builder.KernelImage, lay: builder.Layout) -> None:
+        eng = self.new_engine(dom, 0)
         v = VCPU(dom, 0, eng)
         eng.kernel_mode = lambda: v.kernel_mode
         dom.vcpus.append(v)

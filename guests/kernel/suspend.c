@@ -32,7 +32,15 @@ long do_suspend(void)
     console_flush();
     long rc = HYPERVISOR_update_va_mapping((unsigned long)HYPERVISOR_shared_info, 0, UVMF_INVLPG);
     if (rc) panic("suspend: unmapping shared_info failed: %ld", rc);
+    /* The toolstack finds the store and console pages by PFN (as Linux's
+     * xen_pre_suspend leaves them); the new side writes its MFNs back. */
+    start_info->store_mfn = mfn_to_pfn(start_info->store_mfn);
+    start_info->console.domU.mfn = mfn_to_pfn(start_info->console.domU.mfn);
     rc = _hypercall3(__HYPERVISOR_sched_op, SCHEDOP_shutdown, &sd, virt_to_mfn((void *)start_info));
+    if (rc) {                         /* cancelled: the same domain, MFNs unchanged */
+        start_info->store_mfn = pfn_to_mfn(start_info->store_mfn);
+        start_info->console.domU.mfn = pfn_to_mfn(start_info->console.domU.mfn);
+    }
     map_shared_info();
     if (rc == 0) {                    /* a new domain: new event channels */
         console_resume();

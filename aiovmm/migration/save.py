@@ -1,0 +1,206 @@
+"""Save: a suspended domain written as xl's save file (libxl records around a libxc
+stream), in the order Xen's save code writes a PV guest (xg_sr_save.c, xg_sr_save_x86_pv.c):
+X86_PV_INFO, X86_PV_P2M_FRAMES, PAGE_DATA..., X86_TSC_INFO, SHARED_INFO, per vCPU
+BASIC/EXTENDED/MSRS, END.
+
+Page-table pages are canonicalised: every present entry's MFN becomes the PFN it has in
+this domain; Xen's own L4 slots are cleared; an entry naming a frame outside the domain's
+P2M (a foreign grant mapping, shared_info still mapped) makes the save fail, as in Xen
+("Bad mfn for L%d").
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from ..abi import (PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4_FIRST, XEN_L4_LAST,
+                   _PAGE_PRESENT, CallbackType, CALLBACKF_mask_events, StartInfo)
+from ..memory import PageType
+from ..mmu import GuestFault
+from . import stream as S
+from .context import EXT, VGCF, VcpuContext
+from .suspend import Suspended
+
+if TYPE_CHECKING:
+    from ..domain import Domain
+
+log = logging.getLogger("aiovmm.migration")
+
+MSR_TSC_AUX = 0xC0000103
+
+
+class SaveError(Exception):
+    """The domain cannot be saved (its page tables map frames it does not own, ...)."""
+
+
+@dataclass
+class SaveStats:
+    pages: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+Progress = Callable[[int, int], None]          # (pages done, pages total)
+
+
+def config_of(dom: "Domain") -> dict:
+    """The domain's configuration for the xl header (restore recreates devices from it)."""
+    return {"name": dom.name, "nr_pages": dom.nr_pages, "max_pages": dom.max_pages,
+            "engine": dom.engine_kind, "suspend_cancel": dom.suspend_cancel,
+            "vcpus": len(dom.vcpus), "aiovmm": 1}
+
+
+def canonicalise(dom: "Domain", pfn: int, level: int, page: bytes | memoryview) -> bytes:
+    """A page-table page with every present entry's MFN replaced by its PFN."""
+    ents = array.array("Q", bytes(page))
+    m2p, p2m, nr = dom.mem.m2p, dom.p2m, dom.nr_pages
+    for i, e in enumerate(ents):
+        if level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST:
+            ents[i] = 0
+            continue
+        if not e & _PAGE_PRESENT:
+            continue
+        mfn = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
+        p = m2p[mfn] if dom.mem.valid_mfn(mfn) else -1
+        if not (0 <= p < nr and p2m[p] == mfn):
+            raise SaveError(f"d{dom.domid}: L{level} page table at pfn {pfn:#x} entry {i} maps "
+                            f"mfn {mfn:#x} outside the domain's P2M (unmap it before suspending)")
+        ents[i] = (e & ~PTE_FRAME_MASK) | (p << PAGE_SHIFT)
+    return ents.tobytes()
+
+
+def page_type(dom: "Domain", mfn: int) -> int:
+    t = dom.mem.type[mfn]
+    if PageType.l1 <= t <= PageType.l4 and dom.mem.type_count[mfn]:
+        return int(t) | (S.PfnType.pinned if dom.mem.pinned[mfn] else 0)
+    return S.PfnType.notab
+
+
+def _pfn_of(dom: "Domain", mfn: int, what: str) -> int:
+    p = dom.mem.m2p[mfn] if dom.mem.valid_mfn(mfn) else -1
+    if not (0 <= p < dom.nr_pages and dom.p2m[p] == mfn):
+        raise SaveError(f"d{dom.domid}: {what} mfn {mfn:#x} is not in the domain's P2M")
+    return p
+
+
+def p2m_frames(dom: "Domain", start_info_pfn: int) -> list[int]:
+    """PFNs of the guest's own P2M list (start_info.mfn_list, a kernel VA), found through
+    its page tables."""
+    si = dom.p2m[start_info_pfn] << PAGE_SHIFT
+    va = dom.mem.read_u64(si + StartInfo.mfn_list)
+    n = (dom.nr_pages * 8 + PAGE_SIZE - 1) // PAGE_SIZE
+    pt = dom.hypervisor.pagetables
+    root = dom.vcpus[0].kernel_root << PAGE_SHIFT
+    out = []
+    for i in range(n):
+        try:
+            ma = pt.translate(root, va + i * PAGE_SIZE, False)
+        except GuestFault as e:                # the guest unmapped its P2M
+            raise SaveError(f"d{dom.domid}: P2M list page {i} at {va + i * PAGE_SIZE:#x} "
+                            f"is not mapped: {e}") from None
+        out.append(_pfn_of(dom, ma >> PAGE_SHIFT, "P2M list"))
+    return out
+
+
+def vcpu_context(dom: "Domain", vid: int, susp: Suspended) -> tuple[VcpuContext, bytes, list[tuple[int, int]]]:
+    """(basic context with frames as PFNs, extended context, MSRs) of a stopped vCPU."""
+    from ..vcpu_engine import GPRS
+    v = dom.vcpus[vid]
+    if not v.kernel_mode:
+        raise SaveError(f"d{dom.domid}v{vid}: suspended in user mode")
+    eng = v.engine
+    names = [n for n in GPRS] + ["fs_base", "gs_base", "cs", "ss", "ds", "es", "fs", "gs"]
+    regs = dict(zip(names, eng.read(names))) if hasattr(eng, "read") else {n: eng.get(n) for n in names}
+    c = VcpuContext()
+    c.regs = {n: regs[n] for n in GPRS + ("cs", "ss", "ds", "es", "fs", "gs")}
+    c.regs["rdx"] = susp.start_info_pfn if vid == 0 else regs["rdx"]
+    c.flags = VGCF.online | VGCF.in_kernel | VGCF.i387_valid
+    c.traps = list(v.trap_table)
+    if v.ldt_ents or v.gdt_ents:
+        c.ldt_base, c.ldt_ents = v.ldt_base, v.ldt_ents
+        c.gdt_frames = [_pfn_of(dom, f, "GDT frame") for f in v.gdt_frames]
+        c.gdt_ents = v.gdt_ents
+    c.kernel_ss, c.kernel_sp = v.kernel_ss, v.kernel_sp
+    c.ctrlreg[0] = 8 if v.fpu_ts else 0
+    c.ctrlreg[2] = v.cr2
+    c.ctrlreg[3] = _pfn_of(dom, v.kernel_root, "CR3") << PAGE_SHIFT
+    if v.user_root:
+        c.ctrlreg[1] = _pfn_of(dom, v.user_root, "user CR3") << PAGE_SHIFT
+    c.ctrlreg[4] = v.cr4
+    c.debugreg = list(v.dr)
+    cb = v.callbacks
+    c.event_callback = cb.get(CallbackType.event, (0, 0))[0]
+    fs = cb.get(CallbackType.failsafe, (0, 0))
+    sc = cb.get(CallbackType.syscall, (0, 0))
+    c.failsafe_callback, c.syscall_callback = fs[0], sc[0]
+    if fs[1] & CALLBACKF_mask_events:
+        c.flags |= VGCF.failsafe_disables_events
+    if sc[1] & CALLBACKF_mask_events:
+        c.flags |= VGCF.syscall_disables_events
+    c.vm_assist = dom.vm_assist
+    c.fs_base, c.gs_base_kernel, c.gs_base_user = regs["fs_base"], regs["gs_base"], v.user_gs_base
+    s32 = cb.get(CallbackType.syscall32, (0, 0))
+    se = cb.get(CallbackType.sysenter, (0, 0))
+    ext = EXT.pack(vid, EXT.size, s32[0], se[0], 0xE023 if s32[0] else 0, 0xE023 if se[0] else 0,
+                   s32[1] & 1, se[1] & 1, 0, 0, 0, 0)
+    msrs = [(MSR_TSC_AUX, v.tsc_aux)] if v.tsc_aux else []
+    return c, ext, msrs
+
+
+async def write_stream(dom: "Domain", susp: Suspended, write: Callable[[bytes], Awaitable[None]],
+                       progress: Progress | None = None) -> SaveStats:
+    """Write the whole save stream of a suspended domain through `write`."""
+    t0 = time.perf_counter()
+    stats = SaveStats()
+    if dom.suspended is None:
+        raise SaveError(f"d{dom.domid} is not suspended")
+    mem = dom.mem
+    # Everything that can fail is computed before the first byte goes out.
+    ctxs = [vcpu_context(dom, i, susp) for i in range(len(dom.vcpus))]
+    p2m_pfns = p2m_frames(dom, susp.start_info_pfn)
+
+    async def out(data: bytes) -> None:
+        stats.bytes += len(data)
+        await write(data)
+
+    await out(S.xl_header(config_of(dom)) + S.libxl_header()
+              + S.record(S.LibxlRec.libxc_context) + S.libxc_headers())
+    await out(S.record(S.Rec.x86_pv_info, S.X86_PV_INFO.pack(8, 4, 0, 0)))
+    await out(S.record(S.Rec.x86_pv_p2m_frames,
+                       S.P2M_FRAMES_HDR.pack(0, dom.nr_pages - 1)
+                       + struct.pack(f"<{len(p2m_pfns)}Q", *p2m_pfns)))
+    nr = dom.nr_pages
+    for base in range(0, nr, S.PAGES_PER_RECORD):
+        pfns, pages = [], []
+        for pfn in range(base, min(nr, base + S.PAGES_PER_RECORD)):
+            mfn = dom.p2m[pfn]
+            t = page_type(dom, mfn)
+            page = mem.view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]
+            if t != S.PfnType.notab:
+                page = canonicalise(dom, pfn, t & 7, page)
+            pfns.append(pfn | (t << S.TYPE_SHIFT))
+            pages.append(page)
+        await out(S.page_data(pfns, pages))
+        stats.pages += len(pfns)
+        if progress is not None:
+            progress(stats.pages, nr)
+    now_ns = dom.hypervisor.system_time_ns()
+    await out(S.record(S.Rec.x86_tsc_info, S.TSC_INFO.pack(0, 1_000_000, now_ns, 0, 0)))
+    shinfo = bytes(mem.view[dom.shared_info_maddr:dom.shared_info_maddr + PAGE_SIZE])
+    await out(S.record(S.Rec.shared_info, shinfo))
+    for vid, (c, ext, msrs) in enumerate(ctxs):
+        await out(S.vcpu_record(S.Rec.x86_pv_vcpu_basic, vid, c.pack()))
+        await out(S.vcpu_record(S.Rec.x86_pv_vcpu_extended, vid, ext))
+        if msrs:
+            await out(S.vcpu_record(S.Rec.x86_pv_vcpu_msrs, vid,
+                                    b"".join(S.MSR_ENTRY.pack(i, 0, val) for i, val in msrs)))
+    await out(S.record(S.Rec.end) + S.record(S.LibxlRec.end))
+    stats.seconds = time.perf_counter() - t0
+    log.info("d%d: saved %d pages, %d bytes in %.1f ms", dom.domid, stats.pages, stats.bytes,
+             stats.seconds * 1e3)
+    return stats
