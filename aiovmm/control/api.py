@@ -280,6 +280,21 @@ async def detach_vbd(req: web.Request) -> web.Response:
     return _json({"devid": dev.devid, "status": "detached"})
 
 
+async def save_domain(req: web.Request) -> web.Response:
+    data = await _body(req)
+    path = _field(data, "file", str, required=True)
+    checkpoint = _field(data, "checkpoint", bool, default=False)
+    return _json(await _ctl(req).save(req.match_info["dom"], path, checkpoint))
+
+
+async def restore_domain(req: web.Request) -> web.Response:
+    ctl = _ctl(req)
+    data = await _body(req)
+    path = _field(data, "file", str, required=True)
+    rec = await ctl.restore(path, _field(data, "name", str))
+    return _json(ctl.describe(rec), 201)
+
+
 async def console_text(req: web.Request) -> web.Response:
     ctl = _ctl(req)
     rec = ctl.lookup(req.match_info["dom"])
@@ -392,6 +407,8 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", f"{API}/domains/{{dom}}/vbds", list_vbds, "listVbds"),
     ("POST", f"{API}/domains/{{dom}}/vbds", attach_vbd, "attachVbd"),
     ("DELETE", f"{API}/domains/{{dom}}/vbds/{{dev}}", detach_vbd, "detachVbd"),
+    ("POST", f"{API}/domains/{{dom}}/save", save_domain, "saveDomain"),
+    ("POST", f"{API}/restore", restore_domain, "restoreDomain"),
     ("GET", f"{API}/domains/{{dom}}/console", console_text, "getConsole"),
     ("POST", f"{API}/domains/{{dom}}/console", console_input, "sendConsoleInput"),
     ("GET", f"{API}/domains/{{dom}}/console/ws", console_ws, "consoleWebSocket"),

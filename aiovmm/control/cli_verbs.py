@@ -14,6 +14,10 @@ from typing import Any, Callable
 from .client import Client, ClientError, dom_path
 
 EXIT_ERR = 1
+
+
+class ServeOptionsDefaults:
+    SAVE_DIR = "/var/lib/aiovmm/save"      # daemon.DEFAULT_SAVE_DIR (not imported: CLI start-up)
 CTRL_RBRACKET = 0x1D       # Ctrl-]: leave the console (xl's escape)
 
 
@@ -343,12 +347,43 @@ async def _console_async(c: Client, ref: str) -> int:
 
 
 # ------------------------------------------------------------------------------ serve
+def _with_spinner(what: str, call: Callable[[], Any]) -> Any:
+    """Run a blocking API call under a rich status line with the elapsed time (stderr)."""
+    from rich.console import Console
+    con = Console(stderr=True)
+    if not con.is_terminal:
+        return call()
+    with con.status(what):
+        return call()
+
+
+def v_save(a: argparse.Namespace) -> int:
+    c = _client(a)
+    path = os.path.abspath(a.file)
+    r = _with_spinner(f"saving {a.domain} to {a.file}",
+                      lambda: c.post(dom_path(a.domain, "save"), {"file": path, "checkpoint": a.checkpoint}))
+    print(f"Saved d{r['id']} ({r['name']}) to {a.file}: {r['pages']} pages, "
+          f"{r['bytes'] / (1 << 20):.1f} MiB in {r['seconds'] * 1e3:.0f} ms"
+          + (" (still running)" if a.checkpoint else ""), file=sys.stderr)
+    return 0
+
+
+def v_restore(a: argparse.Namespace) -> int:
+    c = _client(a)
+    body = {"file": os.path.abspath(a.file)}
+    if a.name:
+        body["name"] = a.name
+    d = _with_spinner(f"restoring {a.file}", lambda: c.post("/api/v1/restore", body))
+    print(f"Restored {a.file} as d{d['id']} ({d['name']})", file=sys.stderr)
+    return 0
+
+
 def v_serve(a: argparse.Namespace) -> int:
     from .daemon import ServeOptions, check_tcp_options, serve
     o = ServeOptions(socket_path=a.socket or os.environ.get("AIOVMM_SOCKET") or ServeOptions.socket_path,
                      machine_memory=a.machine_memory, listen=a.listen, tls_cert=a.tls_cert,
                      tls_key=a.tls_key, token_file=a.token_file, xenstore_socket=a.xenstore_socket,
-                     log_dir=a.log_dir)
+                     log_dir=a.log_dir, save_dir=a.save_dir)
     try:
         check_tcp_options(o)
     except (ValueError, OSError) as e:
@@ -384,9 +419,18 @@ def register(sub: Any) -> None:
     p.add_argument("--token-file", default=None, help="bearer token for TCP clients")
     p.add_argument("--xenstore-socket", default=None, metavar="PATH")
     p.add_argument("--log-dir", default=None)
+    p.add_argument("--save-dir", default=ServeOptionsDefaults.SAVE_DIR, metavar="DIR",
+                   help="save/restore files only under this directory (default %(default)s)")
     p = add("create", v_create, "create a domain from an xl.cfg file")
     p.add_argument("config", metavar="CFG")
     p.add_argument("-c", dest="console", action="store_true", help="attach to the console")
+    p = add("save", v_save, "suspend a domain and write it to a file (xl save)")
+    p.add_argument("-c", dest="checkpoint", action="store_true", help="leave the domain running")
+    domain(p)
+    p.add_argument("file", metavar="FILE")
+    p = add("restore", v_restore, "a domain from a save file (xl restore)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--name", default=None)
     p = add("list", v_list, "list domains")
     p.add_argument("-l", "--long", action="store_true", help="detailed (JSON) output")
     p.add_argument("domains", nargs="*", metavar="DOMAIN")

@@ -93,6 +93,9 @@ class DmesgHandler(logging.Handler):
             self.handleError(record)
 
 
+DEFAULT_SAVE_DIR = "/var/lib/aiovmm/save"
+
+
 class Controller:
     def __init__(self, hv: Hypervisor, scheduler: MeteredScheduler, dmesg: DmesgHandler) -> None:
         self.hv = hv
@@ -103,6 +106,7 @@ class Controller:
         self.lag = LoopLag()
         self.started = time.time()
         self._tg: asyncio.TaskGroup | None = None
+        self.save_dir = DEFAULT_SAVE_DIR
 
     # -- lookup -------------------------------------------------------------------------------
     def lookup(self, ref: str) -> Record:
@@ -249,6 +253,72 @@ class Controller:
     def reboot(self, ref: str) -> Record:
         rec = self.live(ref)
         self._request_shutdown(rec, ShutdownReason.reboot)
+        return rec
+
+    # -- save / restore (migration/) -------------------------------------------------------------
+    def save_path(self, path: str, *, exists: bool) -> str:
+        """A save file's path, refused unless absolute and inside the daemon's save
+        directory (`serve --save-dir`): the API must not write or read anywhere as root."""
+        if not os.path.isabs(path):
+            raise ControlError(400, "the save file path must be absolute")
+        real = os.path.realpath(path)
+        root = os.path.realpath(self.save_dir)
+        if os.path.commonpath([real, root]) != root or real == root:
+            raise ControlError(400, f"{path}: outside the daemon's save directory {self.save_dir} "
+                                    "(aiovmm serve --save-dir)")
+        if exists and not os.path.isfile(real):
+            raise ControlError(404, f"{path}: no such save file")
+        if not exists and not os.path.isdir(os.path.dirname(real)):
+            raise ControlError(400, f"{path}: the directory does not exist")
+        return real
+
+    async def save(self, ref: str, path: str, checkpoint: bool) -> dict:
+        from ..migration.save import SaveError
+        from ..migration.suspend import SuspendError
+        rec = self.live(ref)
+        real = self.save_path(path, exists=False)
+        dom = rec.dom
+        try:
+            st = await dom.save(real, checkpoint=checkpoint)
+        except (SaveError, SuspendError) as e:
+            raise ControlError(409, str(e)) from None
+        except OSError as e:
+            raise ControlError(400, f"{path}: {e.strerror or e}") from None
+        if not checkpoint:
+            rec.spec.on_reboot = "destroy"
+        return {"id": dom.domid, "name": dom.name, "file": path, "pages": st.pages,
+                "bytes": st.bytes, "seconds": round(st.seconds, 6),
+                "status": "running" if checkpoint else "saved"}
+
+    async def restore(self, path: str, name: str | None) -> Record:
+        from ..migration.stream import StreamError
+        real = self.save_path(path, exists=True)
+        if name is not None and name in self.names:
+            raise ControlError(409, f"a domain named {name!r} already exists")
+        holder: list[Record] = []
+
+        def console(data: bytes) -> None:
+            if holder:
+                for q in list(holder[0].subscribers):
+                    if q.qsize() < CONSOLE_QUEUE_MAX:
+                        q.put_nowait(data)
+        try:
+            dom = await self.hv.restore(real, name=name, on_console=console)
+        except StreamError as e:
+            raise ControlError(400, f"{path}: refused: {e}") from None
+        except BuildError as e:
+            raise ControlError(409, str(e)) from None
+        except OSError as e:
+            raise ControlError(400, f"{path}: {e.strerror or e}") from None
+        if dom.name in self.names:             # a name taken meanwhile: keep both, renamed
+            dom.name = f"{dom.name}-{dom.domid}"
+        self.names.add(dom.name)
+        rec = Record(DomainSpec(kernel=f"(restored from {path})", memory=dom.nr_pages >> 8,
+                                name=dom.name, on_reboot="destroy"), dom)
+        holder.append(rec)
+        self.records[dom.domid] = rec
+        self._tg.create_task(self._watch(rec), name=f"d{dom.domid}-watch")
+        log.info("d%d (%s): restored from %s", dom.domid, dom.name, path)
         return rec
 
     async def destroy(self, ref: str) -> Record:
@@ -569,6 +639,7 @@ class ServeOptions:
     xenstore_socket: str | None = None
     log_dir: str | None = None
     vif_prefix: str = "vif"
+    save_dir: str = DEFAULT_SAVE_DIR     # save/restore files only under this directory
 
 
 def check_tcp_options(o: ServeOptions) -> tuple[ssl.SSLContext, str] | None:
@@ -621,12 +692,14 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
     if logging.getLogger("aiovmm").getEffectiveLevel() > logging.INFO:
         logging.getLogger("aiovmm").setLevel(logging.INFO)
     sched = MeteredScheduler()
+    os.makedirs(o.save_dir, mode=0o700, exist_ok=True)
     sock = _bind_unix(o.socket_path)
     runner = None
     try:
         async with Hypervisor(memory_mib=o.machine_memory, scheduler=sched, log_dir=o.log_dir,
                               xenstore_path=o.xenstore_socket, vif_prefix=o.vif_prefix) as hv:
             ctl = Controller(hv, sched, dmesg)
+            ctl.save_dir = o.save_dir
             # What a Xen host's store holds before any guest (dom0's home, /vm, the backend
             # directories the toolstack fills), so a destroyed guest leaves the count as it was.
             for path in ("/vm", "/local/domain/0/backend/vif", "/local/domain/0/backend/vbd"):

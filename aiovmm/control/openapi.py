@@ -73,6 +73,12 @@ SCHEMAS: dict[str, dict] = {
     "ConsoleInput": _obj({"data": STR}, ["data"]),
     "Queued": _obj({"queued": INT}, ["queued"]),
     "Dmesg": _obj({"lines": {"type": "array", "items": STR}}, ["lines"]),
+    "SaveRequest": _obj({"file": {**STR, "description": "absolute path inside the daemon's save directory"},
+                         "checkpoint": {**BOOL, "description": "keep the domain running (xl save -c)"}}, ["file"]),
+    "Saved": _obj({"id": INT, "name": STR, "file": STR, "pages": INT, "bytes": INT, "seconds": NUM,
+                   "status": {"type": "string", "enum": ["saved", "running"]}},
+                  ["id", "name", "file", "pages", "bytes", "seconds", "status"]),
+    "RestoreRequest": _obj({"file": STR, "name": STR}, ["file"]),
 }
 
 
@@ -107,6 +113,10 @@ OPS: dict[str, tuple[str, dict | None, int, dict | None, list[int]]] = {
     "listVbds": ("Block devices (xl block-list)", None, 200, {"type": "array", "items": _ref("Vbd")}, [404]),
     "attachVbd": ("Hot-plug a block device (xl block-attach)", _ref("DeviceSpec"), 201, _ref("Vbd"), [400, 404, 409]),
     "detachVbd": ("Unplug a block device by devid or vdev (xl block-detach)", None, 200, _ref("DeviceStatus"), [404, 409]),
+    "saveDomain": ("Suspend the guest and write it to a file in Xen's migration stream v2 (xl save [-c])",
+                   _ref("SaveRequest"), 200, _ref("Saved"), [400, 404, 409]),
+    "restoreDomain": ("A domain from a save file (xl restore)", _ref("RestoreRequest"), 201, _ref("Domain"),
+                      [400, 404, 409]),
     "getConsole": ("Recent console output (text)", None, 200, None, [404]),
     "sendConsoleInput": ("Send input to the guest's console", _ref("ConsoleInput"), 200, _ref("Queued"), [400, 404, 409]),
     "consoleWebSocket": ("Interactive console (WebSocket upgrade; xl console)", None, 101, None, [400, 404]),
