@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import aiofiles
 import aiofiles.os
 
-from . import save as _save, restore as _restore
+from ..abi import ShutdownReason
+from . import save as _save, restore as _restore, stream as S
 from .stream import StreamError
 from .suspend import resume_cancelled, suspend
 
@@ -23,24 +24,41 @@ WRITE_CHUNK = 4 << 20
 READ_CHUNK = 4 << 20
 
 
+class _FileSource(S.Source):
+    def __init__(self, f) -> None:
+        self.f = f
+
+    async def read_into(self, view: memoryview) -> int:
+        return await self.f.readinto(view) or 0
+
+
 async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
                     progress=None) -> _save.SaveStats:
+    """Suspend, write the stream to `path` (through `path`.part, renamed when complete),
+    then destroy the domain (or resume it: `checkpoint`, or any failure)."""
     susp = await suspend(dom)
     tmp = f"{path}.part"
     ok = False
     try:
         async with aiofiles.open(tmp, "wb") as f:
-            buf = bytearray()
+            small = bytearray()
 
-            async def write(data: bytes) -> None:
-                buf.extend(data)
-                if len(buf) >= WRITE_CHUNK:
-                    await f.write(bytes(buf))
-                    buf.clear()
+            async def write(data: bytes | memoryview) -> None:
+                # Small records are gathered; page runs (views of guest memory, the guest
+                # is suspended) go to the file as they are.
+                if len(data) < WRITE_CHUNK // 16:
+                    small.extend(data)
+                    if len(small) < WRITE_CHUNK // 16:
+                        return
+                    data, _ = bytes(small), small.clear()
+                elif small:
+                    await f.write(bytes(small))
+                    small.clear()
+                await f.write(data)
 
             stats = await _save.write_stream(dom, susp, write, progress)
-            if buf:
-                await f.write(bytes(buf))
+            if small:
+                await f.write(bytes(small))
         await aiofiles.os.replace(tmp, path)
         ok = True
         return stats
@@ -55,33 +73,11 @@ async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
         else:
             log.info("d%d (%s): saved to %s; destroyed", dom.domid, dom.name, path)
             dom.suspended = None
-            dom.shutdown(_save_reason())
-
-
-def _save_reason():
-    from ..abi import ShutdownReason
-    return ShutdownReason.suspend
+            dom.shutdown(ShutdownReason.suspend)
 
 
 async def restore_file(hv: "Hypervisor", path: str, *, name: str | None = None,
                        on_console=None, progress=None):
-    async with aiofiles.open(path, "rb") as f:
-        buf = bytearray()
-        pos = 0
-
-        async def read(n: int) -> bytes:
-            nonlocal buf, pos
-            while len(buf) - pos < n:
-                chunk = await f.read(max(READ_CHUNK, n - (len(buf) - pos)))
-                if not chunk:
-                    break
-                if pos:
-                    del buf[:pos]
-                    pos = 0
-                buf += chunk
-            out = bytes(buf[pos:pos + n])
-            pos += len(out)
-            return out
-
-        return await _restore.read_stream(hv, read, name=name, on_console=on_console,
+    async with aiofiles.open(path, "rb", buffering=READ_CHUNK) as f:
+        return await _restore.read_stream(hv, _FileSource(f), name=name, on_console=on_console,
                                           progress=progress)

@@ -123,21 +123,6 @@ def _record(dom: "Domain", st: _State, rt: S.Rec, body: bytes) -> None:
             raise S.StreamError("X86_PV_P2M_FRAMES: a frame outside the domain or listed twice")
         st.p2m_pfns = pfns
         st.phase = 2
-    elif rt == S.Rec.page_data:
-        if st.phase != 2:
-            raise S.StreamError("PAGE_DATA out of order (before the P2M frames or after vCPU state)")
-        for pfn, t, page in S.parse_page_data(body, st.nr_pages):
-            mfn = dom.p2m[pfn]
-            if page is None:
-                continue
-            level = t & 7
-            if level:
-                page = localise(dom, pfn, level, page)
-                st.types[pfn] = t
-            else:
-                st.types.pop(pfn, None)
-            mem.view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT] = page
-            st.seen[pfn] = 1
     elif rt in (S.Rec.x86_tsc_info, S.Rec.shared_info, S.Rec.x86_pv_vcpu_basic,
                 S.Rec.x86_pv_vcpu_extended, S.Rec.x86_pv_vcpu_msrs, S.Rec.x86_pv_vcpu_xsave):
         if st.phase not in (2, 3):
@@ -171,6 +156,46 @@ def _record(dom: "Domain", st: _State, rt: S.Rec, body: bytes) -> None:
                 st.msrs[vid] = [(i, v) for i, _f, v in S.MSR_ENTRY.iter_unpack(content)]
     else:
         raise S.StreamError(f"unexpected {rt.name} record")
+
+
+async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> int:
+    """A PAGE_DATA record, its pfn[] checked first; then data pages are read straight into
+    the new domain's frames (runs of contiguous MFNs in one read), page tables into a
+    buffer and localised. Returns the number of pages."""
+    if st.phase != 2:
+        raise S.StreamError("PAGE_DATA out of order (before the P2M frames or after vCPU state)")
+    entries = await rd.page_data_pfns(length, st.nr_pages)
+    mem, p2m = dom.mem, dom.p2m
+    view = mem.view
+    run_start = run_end = -1
+    n = 0
+
+    async def flush() -> None:
+        if run_start >= 0:
+            await rd.into(view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
+    for pfn, t in entries:
+        if t in (S.PfnType.xtab, S.PfnType.broken, S.PfnType.xalloc):
+            continue
+        mfn = p2m[pfn]
+        level = t & 7
+        st.seen[pfn] = 1
+        n += 1
+        if level:
+            await flush()
+            run_start = -1
+            buf = bytearray(PAGE_SIZE)
+            await rd.into(memoryview(buf))
+            view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT] = localise(dom, pfn, level, buf)
+            st.types[pfn] = t
+            continue
+        st.types.pop(pfn, None)
+        if run_start >= 0 and mfn == run_end:
+            run_end += 1
+        else:
+            await flush()
+            run_start, run_end = mfn, mfn + 1
+    await flush()
+    return n
 
 
 def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
@@ -302,7 +327,7 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
     # hypercall ABI allows, and no kernel reads it.
 
 
-async def read_stream(hv: "Hypervisor", read: S.ReadExactly, *, name: str | None = None,
+async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = None,
                       on_console=None, progress: Callable[[int, int], None] | None = None
                       ) -> tuple["Domain", RestoreStats]:
     """Read a whole save stream and return the running new domain (or raise StreamError /
@@ -310,7 +335,7 @@ async def read_stream(hv: "Hypervisor", read: S.ReadExactly, *, name: str | None
     from ..domain import Domain
     t0 = time.perf_counter()
     stats = RestoreStats()
-    rd = S.Reader(read)
+    rd = S.Reader(src)
     cfg = await rd.xl_header()
     cname, nr, engine, cancel = _config(cfg)
     await rd.libxl_header()
@@ -331,13 +356,18 @@ async def read_stream(hv: "Hypervisor", read: S.ReadExactly, *, name: str | None
         if engine_kind == "kvm":
             from ..kvm_engine import ring0
             ring0(hv.xen)
+        done = 0
         while True:
-            rt, body = await rd.record()
+            rt, length = await rd.record_header()
             if rt == S.Rec.end:
+                await rd.body(rt, length)
                 break
-            _record(dom, st, rt, body)
-            if rt == S.Rec.page_data and progress is not None:
-                progress(sum(st.seen), nr)
+            if rt == S.Rec.page_data:
+                done += await _page_data(dom, st, rd, length)
+                if progress is not None:
+                    progress(done, nr)
+                continue
+            _record(dom, st, rt, await rd.body(rt, length))
         await rd.libxl_record({S.LibxlRec.end})
         _finish(hv, dom, st)
         hv.domains[domid] = dom

@@ -152,7 +152,38 @@ def vcpu_context(dom: "Domain", vid: int, susp: Suspended) -> tuple[VcpuContext,
     return c, ext, msrs
 
 
-async def write_stream(dom: "Domain", susp: Suspended, write: Callable[[bytes], Awaitable[None]],
+async def _page_batch(dom: "Domain", pfns: range) -> tuple[list[int], list[bytes | memoryview]]:
+    """(pfn[] with types, page data as few buffers as possible): runs of contiguous MFNs
+    go out as one view of machine memory (no copy); page tables as canonical copies."""
+    mem, p2m = dom.mem, dom.p2m
+    typ, count, pinned = mem.type, mem.type_count, mem.pinned
+    out_pfns: list[int] = []
+    parts: list[bytes | memoryview] = []
+    run_start = run_end = -1
+    for pfn in pfns:
+        mfn = p2m[pfn]
+        t = typ[mfn]
+        if PageType.l1 <= t <= PageType.l4 and count[mfn]:
+            ty = int(t) | (S.PfnType.pinned if pinned[mfn] else 0)
+            if run_start >= 0:
+                parts.append(mem.view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
+                run_start = -1
+            parts.append(canonicalise(dom, pfn, int(t), mem.view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]))
+            out_pfns.append(pfn | (ty << S.TYPE_SHIFT))
+            continue
+        out_pfns.append(pfn)
+        if run_start >= 0 and mfn == run_end:
+            run_end += 1
+        else:
+            if run_start >= 0:
+                parts.append(mem.view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
+            run_start, run_end = mfn, mfn + 1
+    if run_start >= 0:
+        parts.append(mem.view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
+    return out_pfns, parts
+
+
+async def write_stream(dom: "Domain", susp: Suspended, write: Callable[[bytes | memoryview], Awaitable[None]],
                        progress: Progress | None = None) -> SaveStats:
     """Write the whole save stream of a suspended domain through `write`."""
     t0 = time.perf_counter()
@@ -176,16 +207,11 @@ async def write_stream(dom: "Domain", susp: Suspended, write: Callable[[bytes], 
                        + struct.pack(f"<{len(p2m_pfns)}Q", *p2m_pfns)))
     nr = dom.nr_pages
     for base in range(0, nr, S.PAGES_PER_RECORD):
-        pfns, pages = [], []
-        for pfn in range(base, min(nr, base + S.PAGES_PER_RECORD)):
-            mfn = dom.p2m[pfn]
-            t = page_type(dom, mfn)
-            page = mem.view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]
-            if t != S.PfnType.notab:
-                page = canonicalise(dom, pfn, t & 7, page)
-            pfns.append(pfn | (t << S.TYPE_SHIFT))
-            pages.append(page)
-        await out(S.page_data(pfns, pages))
+        pfn_range = range(base, min(nr, base + S.PAGES_PER_RECORD))
+        pfns, parts = await _page_batch(dom, pfn_range)
+        await out(S.page_data_header(pfns, len(pfns)))
+        for part in parts:
+            await out(part)
         stats.pages += len(pfns)
         if progress is not None:
             progress(stats.pages, nr)

@@ -19,11 +19,10 @@ non-zero reserved fields or padding, a truncated stream.
 """
 from __future__ import annotations
 
+import array
 import enum
 import json
 import struct
-from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 PAGE_SIZE = 4096
 
@@ -139,40 +138,48 @@ def libxc_headers() -> bytes:
             + DHDR.pack(DHDR_TYPE_X86_PV, 12, 0, XEN_MAJOR, XEN_MINOR))
 
 
-def page_data(pfns: list[int], pages: list[bytes | memoryview]) -> bytes:
-    """`pfns` carry their type bits; `pages` one 4 KiB page per pfn that has data."""
-    body = bytearray(PAGE_DATA_HDR.pack(len(pfns), 0))
-    body += struct.pack(f"<{len(pfns)}Q", *pfns)
-    for p in pages:
-        body += p
-    return record(Rec.page_data, body)
+def page_data_header(pfns: list[int], nr_data: int) -> bytes:
+    """Record header, count and pfn[] of a PAGE_DATA record whose `nr_data` pages follow
+    (written separately, straight from guest memory). `pfns` carry their type bits."""
+    body_len = PAGE_DATA_HDR.size + 8 * len(pfns) + PAGE_SIZE * nr_data
+    return (RH.pack(Rec.page_data, body_len) + PAGE_DATA_HDR.pack(len(pfns), 0)
+            + array.array("Q", pfns).tobytes())
 
 
 def vcpu_record(rtype: Rec, vcpu: int, content: bytes) -> bytes:
     return record(rtype, VCPU_HDR.pack(vcpu, 0) + content)
 
 
-ReadExactly = Callable[[int], Awaitable[bytes]]
+class Source:
+    """Where a stream comes from: `read_into(view)` fills as much of `view` as it can and
+    returns the byte count (0 at the end). Files (files.py) and sockets implement it."""
+
+    async def read_into(self, view: memoryview) -> int:
+        raise NotImplementedError
 
 
 class Reader:
-    """Reads a stream through `read(n)` (returns exactly n bytes or raises
-    asyncio.IncompleteReadError / EOFError on a short read)."""
+    """Reads a stream from a Source, exactly: a short read is a StreamError."""
 
-    def __init__(self, read: ReadExactly) -> None:
-        self._read = read
+    def __init__(self, src: Source) -> None:
+        self._src = src
         self.offset = 0
 
-    async def exactly(self, n: int) -> bytes:
-        try:
-            data = await self._read(n)
-        except EOFError:
-            data = b""
-        if len(data) != n:
-            raise StreamError(f"stream truncated at byte {self.offset + len(data)} "
-                              f"(wanted {n} more bytes)")
+    async def into(self, view: memoryview) -> None:
+        """Fill `view` completely (page data goes straight into guest frames)."""
+        got, n = 0, len(view)
+        while got < n:
+            k = await self._src.read_into(view[got:])
+            if k <= 0:
+                raise StreamError(f"stream truncated at byte {self.offset + got} "
+                                  f"(wanted {n - got} more bytes)")
+            got += k
         self.offset += n
-        return data
+
+    async def exactly(self, n: int) -> bytes:
+        buf = bytearray(n)
+        await self.into(memoryview(buf))
+        return bytes(buf)
 
     async def xl_header(self) -> dict:
         if await self.exactly(len(XL_MAGIC)) != XL_MAGIC:
@@ -220,9 +227,9 @@ class Reader:
         if gtype != DHDR_TYPE_X86_PV or shift != 12 or r:
             raise StreamError(f"libxc domain header: type {gtype} page shift {shift} (want x86 PV, 12)")
 
-    async def record(self) -> tuple[Rec, bytes]:
-        """The next libxc record: (type, body without padding). Its length is checked
-        against the type's maximum before anything is read."""
+    async def record_header(self) -> tuple[Rec, int]:
+        """The next libxc record's (type, length); the length is checked against the
+        type's maximum before anything of the body is read."""
         rtype, length = RH.unpack(await self.exactly(RH.size))
         try:
             rt = Rec(rtype)
@@ -231,44 +238,48 @@ class Reader:
                               "is not supported") from None
         if length > MAX_LEN[rt]:
             raise StreamError(f"{rt.name} record of {length} bytes (at most {MAX_LEN[rt]})")
+        return rt, length
+
+    async def body(self, rt: Rec, length: int) -> bytes:
         raw = await self.exactly(length + _pad(length))
         if any(raw[length:]):
             raise StreamError(f"{rt.name} record: non-zero padding")
-        return rt, raw[:length]
+        return raw[:length]
 
+    async def record(self) -> tuple[Rec, bytes]:
+        """The next libxc record: (type, body without padding)."""
+        rt, length = await self.record_header()
+        return rt, await self.body(rt, length)
 
-def parse_page_data(body: bytes, nr_pages: int) -> list[tuple[int, int, memoryview | None]]:
-    """[(pfn, type, page or None)]. Every count is checked against the body's length and
-    every pfn against the domain's size before a page is looked at."""
-    if len(body) < PAGE_DATA_HDR.size:
-        raise StreamError("page_data record shorter than its header")
-    count, res = PAGE_DATA_HDR.unpack_from(body)
-    if res:
-        raise StreamError("page_data record: reserved field set")
-    if count == 0 or count > PAGES_PER_RECORD:
-        raise StreamError(f"page_data record with {count} pfns (1..{PAGES_PER_RECORD})")
-    if len(body) < PAGE_DATA_HDR.size + 8 * count:
-        raise StreamError(f"page_data record: {count} pfns do not fit in {len(body)} bytes")
-    raw = struct.unpack_from(f"<{count}Q", body, PAGE_DATA_HDR.size)
-    out: list[tuple[int, int, memoryview | None]] = []
-    view = memoryview(body)
-    off = PAGE_DATA_HDR.size + 8 * count
-    for e in raw:
-        pfn, t = e & PFN_MASK, e >> TYPE_SHIFT
-        if e & PFN_RESERVED:
-            raise StreamError(f"page_data: reserved bits set in pfn entry {e:#x}")
-        if pfn >= nr_pages:
-            raise StreamError(f"page_data: pfn {pfn:#x} beyond the domain's {nr_pages} pages")
-        base = t & 0x7
-        if t in (PfnType.xtab, PfnType.broken, PfnType.xalloc):
-            out.append((pfn, t, None))
-            continue
-        if t & 0x8 and not 1 <= base <= 4 or base > 4:
-            raise StreamError(f"page_data: invalid type {t:#x} for pfn {pfn:#x}")
-        if off + PAGE_SIZE > len(body):
-            raise StreamError("page_data: fewer pages than pfns with data")
-        out.append((pfn, t, view[off:off + PAGE_SIZE]))
-        off += PAGE_SIZE
-    if off != len(body):
-        raise StreamError(f"page_data: {len(body) - off} bytes after the last page")
-    return out
+    async def page_data_pfns(self, length: int, nr_pages: int) -> list[tuple[int, int]]:
+        """The count and pfn[] of a PAGE_DATA record of `length` bytes: [(pfn, type)],
+        checked (count within the record, pfns within the domain, types valid, pages
+        present exactly for the pfns that have data) before any page is read."""
+        if length < PAGE_DATA_HDR.size:
+            raise StreamError("page_data record shorter than its header")
+        count, res = PAGE_DATA_HDR.unpack(await self.exactly(PAGE_DATA_HDR.size))
+        if res:
+            raise StreamError("page_data record: reserved field set")
+        if count == 0 or count > PAGES_PER_RECORD:
+            raise StreamError(f"page_data record with {count} pfns (1..{PAGES_PER_RECORD})")
+        if length < PAGE_DATA_HDR.size + 8 * count:
+            raise StreamError(f"page_data record: {count} pfns do not fit in {length} bytes")
+        raw = array.array("Q", await self.exactly(8 * count))
+        out = []
+        ndata = 0
+        for e in raw:
+            pfn, t = e & PFN_MASK, e >> TYPE_SHIFT
+            if e & PFN_RESERVED:
+                raise StreamError(f"page_data: reserved bits set in pfn entry {e:#x}")
+            if pfn >= nr_pages:
+                raise StreamError(f"page_data: pfn {pfn:#x} beyond the domain's {nr_pages} pages")
+            if t not in (PfnType.xtab, PfnType.broken, PfnType.xalloc):
+                if t & 0x7 > 4 or (t & 0x8 and not t & 0x7):
+                    raise StreamError(f"page_data: invalid type {t:#x} for pfn {pfn:#x}")
+                ndata += 1
+            out.append((pfn, t))
+        want = PAGE_DATA_HDR.size + 8 * count + PAGE_SIZE * ndata
+        if length != want:
+            raise StreamError(f"page_data: {length} bytes for {count} pfns with {ndata} pages "
+                              f"(want {want}: bytes after the last page or fewer pages than pfns)")
+        return out
