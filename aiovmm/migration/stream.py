@@ -158,6 +158,20 @@ class Source:
         raise NotImplementedError
 
 
+class BytesSource(Source):
+    """A stream held in memory (tests, the fuzzer)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    async def read_into(self, view: memoryview) -> int:
+        n = min(len(view), len(self._data) - self._pos)
+        view[:n] = self._data[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
 class Reader:
     """Reads a stream from a Source, exactly: a short read is a StreamError."""
 
