@@ -32,6 +32,17 @@ class _FileSource(S.Source):
         return await self.f.readinto(view) or 0
 
 
+class _PlainSource(S.Source):
+    """The reference for bench/migrate.py: blocking reads on the loop (what aiofiles
+    saves the loop from)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    async def read_into(self, view: memoryview) -> int:
+        return self.f.readinto(view) or 0
+
+
 async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
                     progress=None) -> _save.SaveStats:
     """Suspend, write the stream to `path` (through `path`.part, renamed when complete),
@@ -77,7 +88,12 @@ async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
 
 
 async def restore_file(hv: "Hypervisor", path: str, *, name: str | None = None,
-                       on_console=None, progress=None):
+                       on_console=None, progress=None, plain: bool = False):
+    """`plain`: blocking reads on the loop instead of aiofiles (bench/migrate.py only)."""
+    if plain:
+        with open(path, "rb", buffering=READ_CHUNK) as pf:
+            return await _restore.read_stream(hv, _PlainSource(pf), name=name,
+                                              on_console=on_console, progress=progress)
     async with aiofiles.open(path, "rb", buffering=READ_CHUNK) as f:
         return await _restore.read_stream(hv, _FileSource(f), name=name, on_console=on_console,
                                           progress=progress)

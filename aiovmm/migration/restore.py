@@ -174,9 +174,17 @@ async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> in
         if run_start >= 0:
             await rd.into(view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
     for pfn, t in entries:
-        if t in (S.PfnType.xtab, S.PfnType.broken, S.PfnType.xalloc):
+        if t in (S.PfnType.xtab, S.PfnType.broken):
             continue
         mfn = p2m[pfn]
+        if t == S.PfnType.xalloc:             # populated, no data: a zero page
+            if st.seen[pfn]:
+                await flush()
+                run_start = -1
+                mem.zero(mfn)
+            st.types.pop(pfn, None)
+            st.seen[pfn] = 1
+            continue
         level = t & 7
         st.seen[pfn] = 1
         n += 1

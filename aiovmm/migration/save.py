@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -152,17 +153,47 @@ def vcpu_context(dom: "Domain", vid: int, susp: Suspended) -> tuple[VcpuContext,
     return c, ext, msrs
 
 
-async def _page_batch(dom: "Domain", pfns: range) -> tuple[list[int], list[bytes | memoryview]]:
-    """(pfn[] with types, page data as few buffers as possible): runs of contiguous MFNs
-    go out as one view of machine memory (no copy); page tables as canonical copies."""
+def data_map(dom: "Domain") -> bytearray:
+    """Per MFN up to the domain's highest: 1 if the frame may hold data, 0 if it is a hole
+    in the machine-memory file (never written since it was last freed: all zeros).
+    SEEK_DATA/SEEK_HOLE on the memfd finds the holes without touching a page; such frames
+    go out as XALLOC (populated, no data) and cost nothing on either side."""
+    hi = max(dom.p2m) + 1
+    out = bytearray(hi)
+    fd, end = dom.mem.fd, hi << PAGE_SHIFT
+    off = min(dom.p2m) << PAGE_SHIFT
+    while off < end:
+        try:
+            d = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:                       # ENXIO: no data after off
+            break
+        if d >= end:
+            break
+        h = min(os.lseek(fd, d, os.SEEK_HOLE), end)
+        out[d >> PAGE_SHIFT:(h + PAGE_SIZE - 1) >> PAGE_SHIFT] = b"\1" * (((h + PAGE_SIZE - 1) >> PAGE_SHIFT) - (d >> PAGE_SHIFT))
+        off = h
+    return out
+
+
+async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray
+                      ) -> tuple[list[int], list[bytes | memoryview], int]:
+    """(pfn[] with types, page data as few buffers as possible, data pages): runs of
+    contiguous MFNs go out as one view of machine memory (no copy); page tables as
+    canonical copies; never-written frames as XALLOC without data."""
     mem, p2m = dom.mem, dom.p2m
     typ, count, pinned = mem.type, mem.type_count, mem.pinned
     out_pfns: list[int] = []
     parts: list[bytes | memoryview] = []
     run_start = run_end = -1
+    ndata = 0
+    xalloc = S.PfnType.xalloc << S.TYPE_SHIFT
     for pfn in pfns:
         mfn = p2m[pfn]
         t = typ[mfn]
+        if not has_data[mfn] and not count[mfn]:
+            out_pfns.append(pfn | xalloc)
+            continue
+        ndata += 1
         if PageType.l1 <= t <= PageType.l4 and count[mfn]:
             ty = int(t) | (S.PfnType.pinned if pinned[mfn] else 0)
             if run_start >= 0:
@@ -180,7 +211,7 @@ async def _page_batch(dom: "Domain", pfns: range) -> tuple[list[int], list[bytes
             run_start, run_end = mfn, mfn + 1
     if run_start >= 0:
         parts.append(mem.view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
-    return out_pfns, parts
+    return out_pfns, parts, ndata
 
 
 async def write_stream(dom: "Domain", susp: Suspended, write: Callable[[bytes | memoryview], Awaitable[None]],
@@ -206,10 +237,11 @@ async def write_stream(dom: "Domain", susp: Suspended, write: Callable[[bytes | 
                        S.P2M_FRAMES_HDR.pack(0, dom.nr_pages - 1)
                        + struct.pack(f"<{len(p2m_pfns)}Q", *p2m_pfns)))
     nr = dom.nr_pages
+    has_data = data_map(dom)
     for base in range(0, nr, S.PAGES_PER_RECORD):
         pfn_range = range(base, min(nr, base + S.PAGES_PER_RECORD))
-        pfns, parts = await _page_batch(dom, pfn_range)
-        await out(S.page_data_header(pfns, len(pfns)))
+        pfns, parts, ndata = await _page_batch(dom, pfn_range, has_data)
+        await out(S.page_data_header(pfns, ndata))
         for part in parts:
             await out(part)
         stats.pages += len(pfns)

@@ -51,6 +51,7 @@ void app_main(void)
     traps_init();
     npages = cmdline_u64(cl, "pages", 64);
     if (npages > 256) npages = 256;
+    if (npages > 64) mm_map_all();        /* the boot mapping's spare frames are fewer */
     u64 every = cmdline_u64(cl, "every", 10) ?: 10;
     u64 stop = cmdline_u64(cl, "ticks", 0);
     u64 seed = monotonic_ns();
