@@ -91,9 +91,9 @@ async def restore_file(hv: "Hypervisor", path: str, *, name: str | None = None,
                        on_console=None, progress=None, plain: bool = False):
     """`plain`: blocking reads on the loop instead of aiofiles (bench/migrate.py only)."""
     if plain:
-        with open(path, "rb", buffering=READ_CHUNK) as pf:
-            return await _restore.read_stream(hv, _PlainSource(pf), name=name,
+        with open(path, "rb", buffering=0) as pf:
+            return await _restore.read_stream(hv, S.BufferedSource(_PlainSource(pf)), name=name,
                                               on_console=on_console, progress=progress)
-    async with aiofiles.open(path, "rb", buffering=READ_CHUNK) as f:
-        return await _restore.read_stream(hv, _FileSource(f), name=name, on_console=on_console,
+    async with aiofiles.open(path, "rb", buffering=0) as f:
+        return await _restore.read_stream(hv, S.BufferedSource(_FileSource(f)), name=name, on_console=on_console,
                                           progress=progress)

@@ -190,7 +190,7 @@ async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray
     for pfn in pfns:
         mfn = p2m[pfn]
         t = typ[mfn]
-        if not has_data[mfn] and not count[mfn]:
+        if not has_data[mfn] and not (PageType.l1 <= t <= PageType.l4 and count[mfn]):
             out_pfns.append(pfn | xalloc)
             continue
         ndata += 1

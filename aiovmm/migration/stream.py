@@ -158,6 +158,31 @@ class Source:
         raise NotImplementedError
 
 
+class BufferedSource(Source):
+    """Small reads (record headers, pfn[]) from a buffer filled by one large read; large
+    reads (page runs) straight into their destination when the buffer is empty. Each
+    read of the underlying source may cost a thread hop (aiofiles) or a syscall."""
+
+    def __init__(self, src: Source, size: int = 1 << 20) -> None:
+        self._src = src
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._pos = self._end = 0
+
+    async def read_into(self, view: memoryview) -> int:
+        if self._pos == self._end:
+            if len(view) >= len(self._buf) // 4:
+                return await self._src.read_into(view)
+            self._pos, self._end = 0, await self._src.read_into(self._view)
+            if self._end <= 0:
+                self._end = 0
+                return 0
+        n = min(len(view), self._end - self._pos)
+        view[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
 class BytesSource(Source):
     """A stream held in memory (tests, the fuzzer)."""
 
