@@ -104,6 +104,7 @@ class Domain:
         self.suspended = None            # migration.suspend.Suspended while suspended for a save
         self.suspend_waiter: asyncio.Future | None = None
         self.suspend_cancel = False      # the kernel declared XEN_ELFNOTE_SUSPEND_CANCEL
+        self.start_info_pfn = 0          # set by the builder (or restore)
         self.shutdown_reason: ShutdownReason | None = None
         self.shutdown_code: int | None = None
         self.crash_reason = ""

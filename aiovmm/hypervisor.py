@@ -233,6 +233,7 @@ class Hypervisor:
                 await asyncio.wait({copy})
                 raise
             builder.finish(dom, img, lay, cmdline, rd, hcall_page=_hypercall_page(engine_kind))
+            dom.start_info_pfn = lay.start_info_pfn     # where save/migration find the P2M list
             self._create_vcpu0(dom, img, lay)
             toolstack.introduce(self, dom)
             from .backends.net import Netback

@@ -249,6 +249,7 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
         if not (addr < 1 << 47 or addr >= 0xFFFF800000000000):
             raise S.StreamError(f"vcpu 0: non-canonical address {addr:#x}")
     # start_info: the store and console pages come as PFNs (the guest canonicalised them).
+    dom.start_info_pfn = si_pfn
     si = p2m[si_pfn] << PAGE_SHIFT
     store_pfn = mem.read_u64(si + StartInfo.store_mfn)
     cons_pfn = mem.read_u64(si + StartInfo.console_mfn)
@@ -336,10 +337,11 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
 
 
 async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = None,
-                      on_console=None, progress: Callable[[int, int], None] | None = None
-                      ) -> tuple["Domain", RestoreStats]:
+                      on_console=None, progress: Callable[[int, int], None] | None = None,
+                      start: bool = True) -> tuple["Domain", RestoreStats]:
     """Read a whole save stream and return the running new domain (or raise StreamError /
-    BuildError with nothing left behind)."""
+    BuildError with nothing left behind). `start=False`: built, not yet running (live
+    migration starts it once the sender has let go: `hv.start_domain`, or `discard`)."""
     from ..domain import Domain
     t0 = time.perf_counter()
     stats = RestoreStats()
@@ -387,9 +389,18 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
         toolstack.release(hv, dom)
         dom.destroy()
         raise
-    hv.start_domain(dom)
+    if start:
+        hv.start_domain(dom)
     stats.pages, stats.bytes = sum(st.seen), rd.offset
     stats.seconds = time.perf_counter() - t0
     log.info("d%d: restored %d pages from %d bytes in %.1f ms", domid, stats.pages, stats.bytes,
              stats.seconds * 1e3)
     return dom, stats
+
+
+def discard(hv: "Hypervisor", dom: "Domain") -> None:
+    """Tear down a restored domain that was never started (a live migration called off)."""
+    from .. import toolstack
+    hv.domains.pop(dom.domid, None)
+    toolstack.release(hv, dom)
+    dom.destroy()

@@ -214,6 +214,50 @@ async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray
     return out_pfns, parts, ndata
 
 
+def head(dom: "Domain") -> bytes:
+    """Everything before the page data: xl header, libxl header and LIBXC_CONTEXT, libxc
+    headers, X86_PV_INFO, X86_PV_P2M_FRAMES."""
+    p2m_pfns = p2m_frames(dom, dom.start_info_pfn)
+    return (S.xl_header(config_of(dom)) + S.libxl_header() + S.record(S.LibxlRec.libxc_context)
+            + S.libxc_headers() + S.record(S.Rec.x86_pv_info, S.X86_PV_INFO.pack(8, 4, 0, 0))
+            + S.record(S.Rec.x86_pv_p2m_frames, S.P2M_FRAMES_HDR.pack(0, dom.nr_pages - 1)
+                       + struct.pack(f"<{len(p2m_pfns)}Q", *p2m_pfns)))
+
+
+def tail(dom: "Domain", susp: Suspended) -> bytes:
+    """Everything after the page data of a suspended domain: TSC info, shared_info, vCPU
+    records, END (libxc), END (libxl)."""
+    ctxs = [vcpu_context(dom, i, susp) for i in range(len(dom.vcpus))]
+    out = [S.record(S.Rec.x86_tsc_info, S.TSC_INFO.pack(0, 1_000_000, dom.hypervisor.system_time_ns(), 0, 0))]
+    mem = dom.mem
+    out.append(S.record(S.Rec.shared_info, bytes(mem.view[dom.shared_info_maddr:dom.shared_info_maddr + PAGE_SIZE])))
+    for vid, (c, ext, msrs) in enumerate(ctxs):
+        out.append(S.vcpu_record(S.Rec.x86_pv_vcpu_basic, vid, c.pack()))
+        out.append(S.vcpu_record(S.Rec.x86_pv_vcpu_extended, vid, ext))
+        if msrs:
+            out.append(S.vcpu_record(S.Rec.x86_pv_vcpu_msrs, vid,
+                                     b"".join(S.MSR_ENTRY.pack(i, 0, val) for i, val in msrs)))
+    out.append(S.record(S.Rec.end) + S.record(S.LibxlRec.end))
+    return b"".join(out)
+
+
+async def pages(dom: "Domain", pfns: list[int] | range, write: Callable[[bytes | memoryview], Awaitable[None]],
+                has_data: bytearray | None = None) -> int:
+    """PAGE_DATA records for `pfns` (ascending), at most PAGES_PER_RECORD each; returns
+    the bytes written."""
+    has_data = data_map(dom) if has_data is None else has_data
+    n = 0
+    for i in range(0, len(pfns), S.PAGES_PER_RECORD):
+        batch, parts, ndata = await _page_batch(dom, pfns[i:i + S.PAGES_PER_RECORD], has_data)
+        hdr = S.page_data_header(batch, ndata)
+        await write(hdr)
+        n += len(hdr)
+        for part in parts:
+            await write(part)
+            n += len(part)
+    return n
+
+
 async def write_stream(dom: "Domain", susp: Suspended, write: Callable[[bytes | memoryview], Awaitable[None]],
                        progress: Progress | None = None) -> SaveStats:
     """Write the whole save stream of a suspended domain through `write`."""
@@ -221,43 +265,20 @@ async def write_stream(dom: "Domain", susp: Suspended, write: Callable[[bytes | 
     stats = SaveStats()
     if dom.suspended is None:
         raise SaveError(f"d{dom.domid} is not suspended")
-    mem = dom.mem
+    dom.start_info_pfn = susp.start_info_pfn
     # Everything that can fail is computed before the first byte goes out.
-    ctxs = [vcpu_context(dom, i, susp) for i in range(len(dom.vcpus))]
-    p2m_pfns = p2m_frames(dom, susp.start_info_pfn)
-
-    async def out(data: bytes) -> None:
-        stats.bytes += len(data)
-        await write(data)
-
-    await out(S.xl_header(config_of(dom)) + S.libxl_header()
-              + S.record(S.LibxlRec.libxc_context) + S.libxc_headers())
-    await out(S.record(S.Rec.x86_pv_info, S.X86_PV_INFO.pack(8, 4, 0, 0)))
-    await out(S.record(S.Rec.x86_pv_p2m_frames,
-                       S.P2M_FRAMES_HDR.pack(0, dom.nr_pages - 1)
-                       + struct.pack(f"<{len(p2m_pfns)}Q", *p2m_pfns)))
+    first, last = head(dom), tail(dom, susp)
+    stats.bytes += len(first)
+    await write(first)
     nr = dom.nr_pages
     has_data = data_map(dom)
     for base in range(0, nr, S.PAGES_PER_RECORD):
-        pfn_range = range(base, min(nr, base + S.PAGES_PER_RECORD))
-        pfns, parts, ndata = await _page_batch(dom, pfn_range, has_data)
-        await out(S.page_data_header(pfns, ndata))
-        for part in parts:
-            await out(part)
-        stats.pages += len(pfns)
+        stats.bytes += await pages(dom, range(base, min(nr, base + S.PAGES_PER_RECORD)), write, has_data)
+        stats.pages = min(nr, base + S.PAGES_PER_RECORD)
         if progress is not None:
             progress(stats.pages, nr)
-    now_ns = dom.hypervisor.system_time_ns()
-    await out(S.record(S.Rec.x86_tsc_info, S.TSC_INFO.pack(0, 1_000_000, now_ns, 0, 0)))
-    shinfo = bytes(mem.view[dom.shared_info_maddr:dom.shared_info_maddr + PAGE_SIZE])
-    await out(S.record(S.Rec.shared_info, shinfo))
-    for vid, (c, ext, msrs) in enumerate(ctxs):
-        await out(S.vcpu_record(S.Rec.x86_pv_vcpu_basic, vid, c.pack()))
-        await out(S.vcpu_record(S.Rec.x86_pv_vcpu_extended, vid, ext))
-        if msrs:
-            await out(S.vcpu_record(S.Rec.x86_pv_vcpu_msrs, vid,
-                                    b"".join(S.MSR_ENTRY.pack(i, 0, val) for i, val in msrs)))
-    await out(S.record(S.Rec.end) + S.record(S.LibxlRec.end))
+    stats.bytes += len(last)
+    await write(last)
     stats.seconds = time.perf_counter() - t0
     log.info("d%d: saved %d pages, %d bytes in %.1f ms", dom.domid, stats.pages, stats.bytes,
              stats.seconds * 1e3)
