@@ -175,7 +175,7 @@ def data_map(dom: "Domain") -> bytearray:
     return out
 
 
-async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray
+async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray, skip_tables: bool = False
                       ) -> tuple[list[int], list[bytes | memoryview], int]:
     """(pfn[] with types, page data as few buffers as possible, data pages): runs of
     contiguous MFNs go out as one view of machine memory (no copy); page tables as
@@ -195,6 +195,9 @@ async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray
             continue
         ndata += 1
         if PageType.l1 <= t <= PageType.l4 and count[mfn]:
+            if skip_tables:                   # live pre-copy: tables go in the last round
+                ndata -= 1
+                continue
             ty = int(t) | (S.PfnType.pinned if pinned[mfn] else 0)
             if run_start >= 0:
                 parts.append(mem.view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
@@ -242,13 +245,16 @@ def tail(dom: "Domain", susp: Suspended) -> bytes:
 
 
 async def pages(dom: "Domain", pfns: list[int] | range, write: Callable[[bytes | memoryview], Awaitable[None]],
-                has_data: bytearray | None = None) -> int:
+                has_data: bytearray | None = None, skip_tables: bool = False) -> int:
     """PAGE_DATA records for `pfns` (ascending), at most PAGES_PER_RECORD each; returns
-    the bytes written."""
+    the bytes written. `skip_tables`: page-table pages are left out (a running guest's
+    tables may map frames outside its P2M, e.g. shared_info, until it suspends)."""
     has_data = data_map(dom) if has_data is None else has_data
     n = 0
     for i in range(0, len(pfns), S.PAGES_PER_RECORD):
-        batch, parts, ndata = await _page_batch(dom, pfns[i:i + S.PAGES_PER_RECORD], has_data)
+        batch, parts, ndata = await _page_batch(dom, pfns[i:i + S.PAGES_PER_RECORD], has_data, skip_tables)
+        if not batch:
+            continue
         hdr = S.page_data_header(batch, ndata)
         await write(hdr)
         n += len(hdr)
