@@ -111,11 +111,13 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
         ns, proof = msg[len(MAGIC):len(MAGIC) + NONCE], msg[len(MAGIC) + NONCE:]
         if msg[:len(MAGIC)] != MAGIC or not hmac.compare_digest(proof, _mac(secret, b"sender", nr, ns)):
             log.warning("migration from %s refused: authentication failed", peer)
+            writer.close()
             return None
         writer.write(_mac(secret, b"receiver", ns, nr))
         await writer.drain()
     except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
-        log.warning("migration from %s: handshake failed: %s", peer, e)
+        log.warning("migration from %s: handshake failed: %s", peer, e or type(e).__name__)
+        writer.close()
         return None
     dom = None
     try:
@@ -240,14 +242,18 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
     susp = None
     go_sent = False
     try:
-        async with asyncio.timeout(AUTH_TIMEOUT):
-            hello = await reader.readexactly(len(MAGIC) + NONCE)
-            if hello[:len(MAGIC)] != MAGIC:
-                raise AuthError(f"{host}:{port} is not an aiovmm migration receiver")
-            nr, ns = hello[len(MAGIC):], os.urandom(NONCE)
-            writer.write(MAGIC + ns + _mac(secret, b"sender", nr, ns))
-            await writer.drain()
-            proof = await reader.readexactly(MAC)
+        try:
+            async with asyncio.timeout(AUTH_TIMEOUT):
+                hello = await reader.readexactly(len(MAGIC) + NONCE)
+                if hello[:len(MAGIC)] != MAGIC:
+                    raise AuthError(f"{host}:{port} is not an aiovmm migration receiver")
+                nr, ns = hello[len(MAGIC):], os.urandom(NONCE)
+                writer.write(MAGIC + ns + _mac(secret, b"sender", nr, ns))
+                await writer.drain()
+                proof = await reader.readexactly(MAC)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise AuthError(f"{host}:{port} closed the connection during authentication "
+                            "(wrong secret?)") from None
         if not hmac.compare_digest(proof, _mac(secret, b"receiver", ns, nr)):
             raise AuthError(f"{host}:{port} did not prove the shared secret")
 
