@@ -287,6 +287,16 @@ async def save_domain(req: web.Request) -> web.Response:
     return _json(await _ctl(req).save(req.match_info["dom"], path, checkpoint))
 
 
+async def migrate_domain(req: web.Request) -> web.Response:
+    data = await _body(req)
+    dest = _field(data, "destination", str, required=True)
+    downtime = _field(data, "downtime_ms", (int, float), default=30)
+    bandwidth = _field(data, "bandwidth", (int, float), default=0)
+    if not 0 < downtime <= 10_000 or bandwidth < 0:
+        raise ControlError(400, "downtime_ms must be 0..10000 and bandwidth >= 0")
+    return _json(await _ctl(req).migrate(req.match_info["dom"], dest, float(downtime), float(bandwidth)))
+
+
 async def restore_domain(req: web.Request) -> web.Response:
     ctl = _ctl(req)
     data = await _body(req)
@@ -409,6 +419,7 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("DELETE", f"{API}/domains/{{dom}}/vbds/{{dev}}", detach_vbd, "detachVbd"),
     ("POST", f"{API}/domains/{{dom}}/save", save_domain, "saveDomain"),
     ("POST", f"{API}/restore", restore_domain, "restoreDomain"),
+    ("POST", f"{API}/domains/{{dom}}/migrate", migrate_domain, "migrateDomain"),
     ("GET", f"{API}/domains/{{dom}}/console", console_text, "getConsole"),
     ("POST", f"{API}/domains/{{dom}}/console", console_input, "sendConsoleInput"),
     ("GET", f"{API}/domains/{{dom}}/console/ws", console_ws, "consoleWebSocket"),

@@ -378,14 +378,28 @@ def v_restore(a: argparse.Namespace) -> int:
     return 0
 
 
+def v_migrate(a: argparse.Namespace) -> int:
+    c = _client(a)
+    body = {"destination": a.destination, "downtime_ms": a.downtime_ms, "bandwidth": a.bandwidth}
+    r = _with_spinner(f"migrating {a.domain} to {a.destination}",
+                      lambda: c.post(dom_path(a.domain, "migrate"), body))
+    print(f"Migrated d{r['id']} ({r['name']}) to {r['destination']} as d{r['remote_id']}: "
+          f"{r['rounds']} rounds, {r['pages_sent']} pages ({r['pages_ratio']:.2f} per guest page), "
+          f"downtime {r['downtime_ms']:.1f} ms, total {r['total_s']:.2f} s", file=sys.stderr)
+    return 0
+
+
 def v_serve(a: argparse.Namespace) -> int:
     from .daemon import ServeOptions, check_tcp_options, serve
     o = ServeOptions(socket_path=a.socket or os.environ.get("AIOVMM_SOCKET") or ServeOptions.socket_path,
                      machine_memory=a.machine_memory, listen=a.listen, tls_cert=a.tls_cert,
                      tls_key=a.tls_key, token_file=a.token_file, xenstore_socket=a.xenstore_socket,
-                     log_dir=a.log_dir, save_dir=a.save_dir)
+                     log_dir=a.log_dir, save_dir=a.save_dir, migration_listen=a.migration_listen,
+                     migration_secret_file=a.migration_secret_file)
     try:
         check_tcp_options(o)
+        if o.migration_listen and not o.migration_secret_file:
+            raise ValueError("--migration-listen needs --migration-secret-file")
     except (ValueError, OSError) as e:
         raise ClientError(str(e)) from None
     try:
@@ -419,6 +433,10 @@ def register(sub: Any) -> None:
     p.add_argument("--token-file", default=None, help="bearer token for TCP clients")
     p.add_argument("--xenstore-socket", default=None, metavar="PATH")
     p.add_argument("--log-dir", default=None)
+    p.add_argument("--migration-listen", default=None, metavar="HOST:PORT",
+                   help="accept live migrations (senders prove --migration-secret-file)")
+    p.add_argument("--migration-secret-file", default=None, metavar="FILE",
+                   help="shared secret (>= 16 bytes) proven by HMAC in both directions")
     p.add_argument("--save-dir", default=ServeOptionsDefaults.SAVE_DIR, metavar="DIR",
                    help="save/restore files only under this directory (default %(default)s)")
     p = add("create", v_create, "create a domain from an xl.cfg file")
@@ -428,6 +446,11 @@ def register(sub: Any) -> None:
     p.add_argument("-c", dest="checkpoint", action="store_true", help="leave the domain running")
     domain(p)
     p.add_argument("file", metavar="FILE")
+    p = add("migrate", v_migrate, "live-migrate a domain to another daemon (xl migrate)")
+    domain(p)
+    p.add_argument("destination", metavar="HOST:PORT")
+    p.add_argument("--downtime-ms", type=float, default=30.0)
+    p.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s for pre-copy (0: unlimited)")
     p = add("restore", v_restore, "a domain from a save file (xl restore)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--name", default=None)

@@ -107,6 +107,7 @@ class Controller:
         self.started = time.time()
         self._tg: asyncio.TaskGroup | None = None
         self.save_dir = DEFAULT_SAVE_DIR
+        self.migration_secret: bytes | None = None
 
     # -- lookup -------------------------------------------------------------------------------
     def lookup(self, ref: str) -> Record:
@@ -310,16 +311,47 @@ class Controller:
             raise ControlError(409, str(e)) from None
         except OSError as e:
             raise ControlError(400, f"{path}: {e.strerror or e}") from None
+        return self.adopt(dom, f"restored from {path}", holder)
+
+    def adopt(self, dom: "Domain", origin: str, holder: list | None = None) -> Record:
+        """Take a restored or migrated-in domain under the daemon's management."""
         if dom.name in self.names:             # a name taken meanwhile: keep both, renamed
             dom.name = f"{dom.name}-{dom.domid}"
         self.names.add(dom.name)
-        rec = Record(DomainSpec(kernel=f"(restored from {path})", memory=dom.nr_pages >> 8,
+        rec = Record(DomainSpec(kernel=f"({origin})", memory=dom.nr_pages >> 8,
                                 name=dom.name, on_reboot="destroy"), dom)
+        if holder is None:                     # migrated in: console output from now on
+            holder = []
+
+            def console(data: bytes) -> None:
+                for q in list(rec.subscribers):
+                    if q.qsize() < CONSOLE_QUEUE_MAX:
+                        q.put_nowait(data)
+            dom._console_cb = console
         holder.append(rec)
         self.records[dom.domid] = rec
         self._tg.create_task(self._watch(rec), name=f"d{dom.domid}-watch")
-        log.info("d%d (%s): restored from %s", dom.domid, dom.name, path)
+        log.info("d%d (%s): %s", dom.domid, dom.name, origin)
         return rec
+
+    async def migrate(self, ref: str, dest: str, downtime_ms: float, bandwidth: float) -> dict:
+        from ..migration import live
+        if self.migration_secret is None:
+            raise ControlError(409, "migration needs a shared secret (aiovmm serve --migration-secret-file)")
+        host, sep, port = dest.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ControlError(400, f"{dest!r}: expected HOST:PORT")
+        rec = self.live(ref)
+        try:
+            st = await live.migrate(rec.dom, host.strip("[]"), int(port), self.migration_secret,
+                                    downtime_ms=downtime_ms, bandwidth=bandwidth)
+        except live.MigrationError as e:
+            raise ControlError(409, str(e)) from None
+        rec.spec.on_reboot = "destroy"
+        return {"id": rec.dom.domid, "name": rec.dom.name, "destination": dest, "remote_id": st.domid,
+                "rounds": st.rounds, "pages_sent": st.pages_sent, "bytes_sent": st.bytes_sent,
+                "pages_ratio": round(st.pages_sent / rec.dom.nr_pages, 3),
+                "downtime_ms": round(st.downtime_ms, 2), "total_s": round(st.total_s, 3)}
 
     async def destroy(self, ref: str) -> Record:
         rec = self.lookup(ref)
@@ -640,6 +672,8 @@ class ServeOptions:
     log_dir: str | None = None
     vif_prefix: str = "vif"
     save_dir: str = DEFAULT_SAVE_DIR     # save/restore files only under this directory
+    migration_listen: str | None = None  # host:port for incoming live migrations
+    migration_secret_file: str | None = None   # shared secret (HMAC) for both directions
 
 
 def check_tcp_options(o: ServeOptions) -> tuple[ssl.SSLContext, str] | None:
@@ -700,6 +734,19 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
                               xenstore_path=o.xenstore_socket, vif_prefix=o.vif_prefix) as hv:
             ctl = Controller(hv, sched, dmesg)
             ctl.save_dir = o.save_dir
+            receiver = None
+            if o.migration_secret_file:
+                with open(o.migration_secret_file, "rb") as f:
+                    ctl.migration_secret = f.read().strip()
+                if len(ctl.migration_secret) < 16:
+                    raise ValueError(f"{o.migration_secret_file}: the secret must be at least 16 bytes")
+            if o.migration_listen:
+                from ..migration import live
+                if ctl.migration_secret is None:
+                    raise ValueError("--migration-listen needs --migration-secret-file")
+                mh, _, mp = o.migration_listen.rpartition(":")
+                receiver = await live.serve(hv, mh.strip("[]") or "0.0.0.0", int(mp), ctl.migration_secret,
+                                            lambda d: ctl.adopt(d, "migrated in"))
             # What a Xen host's store holds before any guest (dom0's home, /vm, the backend
             # directories the toolstack fills), so a destroyed guest leaves the count as it was.
             for path in ("/vm", "/local/domain/0/backend/vif", "/local/domain/0/backend/vbd"):
@@ -732,6 +779,8 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
                     rec.dom.unpause()
                     rec.dom.shutdown(ShutdownReason.poweroff)
                 ctl_task.cancel()
+                if receiver is not None:
+                    await receiver.aclose()
     finally:
         if runner is not None:
             await runner.cleanup()

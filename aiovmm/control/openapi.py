@@ -79,6 +79,13 @@ SCHEMAS: dict[str, dict] = {
                    "status": {"type": "string", "enum": ["saved", "running"]}},
                   ["id", "name", "file", "pages", "bytes", "seconds", "status"]),
     "RestoreRequest": _obj({"file": STR, "name": STR}, ["file"]),
+    "MigrateRequest": _obj({"destination": {**STR, "description": "HOST:PORT of the other daemon's --migration-listen"},
+                            "downtime_ms": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10000},
+                            "bandwidth": {"type": "number", "minimum": 0, "description": "bytes/s, 0 = unlimited"}},
+                           ["destination"]),
+    "Migrated": _obj({"id": INT, "name": STR, "destination": STR, "remote_id": INT, "rounds": INT,
+                      "pages_sent": INT, "bytes_sent": INT, "pages_ratio": NUM, "downtime_ms": NUM,
+                      "total_s": NUM}, ["id", "name", "destination", "remote_id", "rounds", "downtime_ms"]),
 }
 
 
@@ -117,6 +124,8 @@ OPS: dict[str, tuple[str, dict | None, int, dict | None, list[int]]] = {
                    _ref("SaveRequest"), 200, _ref("Saved"), [400, 404, 409]),
     "restoreDomain": ("A domain from a save file (xl restore)", _ref("RestoreRequest"), 201, _ref("Domain"),
                       [400, 404, 409]),
+    "migrateDomain": ("Live-migrate the domain to another daemon (xl migrate)", _ref("MigrateRequest"), 200,
+                      _ref("Migrated"), [400, 404, 409]),
     "getConsole": ("Recent console output (text)", None, 200, None, [404]),
     "sendConsoleInput": ("Send input to the guest's console", _ref("ConsoleInput"), 200, _ref("Queued"), [400, 404, 409]),
     "consoleWebSocket": ("Interactive console (WebSocket upgrade; xl console)", None, 101, None, [400, 404]),
