@@ -4,9 +4,11 @@
  * by the tick count at boot, then loops: on every `every=<n>` ticks (default
  * 10) it prints the uptime and the checksum; it serves suspend requests.
  * Stops after `ticks=<n>` ticks (default 0: never) with poweroff.
+ * `dirty=<n>`: rewrite n pages of the pattern on every tick (a busy guest for
+ * live migration; the checksum then changes as it goes).
  *
  *   suspend: ready pages=<n> sum=<hex>
- *   uptime: ticks=<n> sum=<hex>
+ *   uptime: ticks=<n> sum=<hex>     (n = every, 2*every, ...: each milestone once)
  *   suspend: resumed rc=<0|1>
  */
 #include "hypercall.h"
@@ -54,6 +56,8 @@ void app_main(void)
     if (npages > 64) mm_map_all();        /* the boot mapping's spare frames are fewer */
     u64 every = cmdline_u64(cl, "every", 10) ?: 10;
     u64 stop = cmdline_u64(cl, "ticks", 0);
+    u64 dirty = cmdline_u64(cl, "dirty", 0);
+    u64 seen = 0, k = 0;
     u64 seed = monotonic_ns();
     for (unsigned i = 0; i < npages; i++) {
         pages[i] = alloc_page();
@@ -71,9 +75,13 @@ void app_main(void)
         irq_disable();
         u64 t = ticks;
         irq_enable();
-        if (t >= next) {
-            printk("uptime: ticks=%lu sum=0x%lx\n", t, checksum());
-            next = t + every;
+        for (; dirty && seen < t; seen++)
+            for (u64 i = 0; i < dirty && npages; i++, k++)
+                for (unsigned j = 0; j < PAGE_SIZE / 8; j++)
+                    pages[k % npages][j]++;
+        while (t >= next) {              /* every milestone, even if ticks came fast */
+            printk("uptime: ticks=%lu sum=0x%lx\n", next, checksum());
+            next += every;
         }
         if (stop && t >= stop)
             poweroff();
