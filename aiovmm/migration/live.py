@@ -15,7 +15,9 @@ Dirty pages are found by content: a 128-bit BLAKE2b digest per sent page, compar
 each round. That works on both vCPU engines and also sees writes made by the hypervisor and
 backends into guest frames (KVM's dirty log sees only the vCPUs' writes; Unicorn has no
 dirty log: shared/research/unicorn/NOTES.md). Cost: one hash per data page per round (about
-3 µs/page; never-written frames are skipped via SEEK_DATA).
+3 µs/page; never-written frames are skipped via SEEK_DATA). Page tables go in pre-copy
+when they canonicalise; one that still maps a frame outside the P2M (shared_info, until
+the guest unmaps it to suspend) waits for the last round.
 
 Hand-over, so that a guest never runs on both hosts: the receiver builds the domain without
 starting it and answers READY; the sender answers GO and stops treating the source as
@@ -213,17 +215,11 @@ def _changed(dom: "Domain", sent: dict[int, tuple[bytes, int]], has_data: bytear
     return out
 
 
-def _is_table(dom: "Domain", mfn: int) -> bool:
-    return 1 <= dom.mem.type[mfn] <= 4 and dom.mem.type_count[mfn] > 0
-
-
 def _record_sent(dom: "Domain", pfns, sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> None:
-    """Digests of what pre-copy sent (page tables were left out: they stay 'changed')."""
+    """Digests of what pre-copy sent (page tables it could not send yet stay 'changed')."""
     view, p2m, typ = dom.mem.view, dom.p2m, dom.mem.type
     for pfn in pfns:
         mfn = p2m[pfn]
-        if _is_table(dom, mfn):
-            continue
         if has_data[mfn] or pfn in sent:
             sent[pfn] = (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn])
 
@@ -277,8 +273,9 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             has_data = _save.data_map(dom)
             t0 = time.perf_counter()
             b0 = stats.bytes_sent
-            await _save.pages(dom, todo, write, has_data, skip_tables=True)
-            _record_sent(dom, todo, sent, has_data)
+            went: list[int] = []
+            await _save.pages(dom, todo, write, has_data, skip_tables=True, sent=went)
+            _record_sent(dom, went, sent, has_data)
             stats.rounds += 1
             stats.pages_sent += len(todo)
             stats.dirty_per_round.append(len(todo))

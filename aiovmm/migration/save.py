@@ -195,14 +195,18 @@ async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray, skip_tabl
             continue
         ndata += 1
         if PageType.l1 <= t <= PageType.l4 and count[mfn]:
-            if skip_tables:                   # live pre-copy: tables go in the last round
-                ndata -= 1
-                continue
             ty = int(t) | (S.PfnType.pinned if pinned[mfn] else 0)
+            try:
+                canon = canonicalise(dom, pfn, int(t), mem.view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT])
+            except SaveError:
+                if not skip_tables:
+                    raise
+                ndata -= 1                    # live pre-copy: this one goes later (it may
+                continue                      # still map shared_info until the suspend)
             if run_start >= 0:
                 parts.append(mem.view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
                 run_start = -1
-            parts.append(canonicalise(dom, pfn, int(t), mem.view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]))
+            parts.append(canon)
             out_pfns.append(pfn | (ty << S.TYPE_SHIFT))
             continue
         out_pfns.append(pfn)
@@ -245,16 +249,20 @@ def tail(dom: "Domain", susp: Suspended) -> bytes:
 
 
 async def pages(dom: "Domain", pfns: list[int] | range, write: Callable[[bytes | memoryview], Awaitable[None]],
-                has_data: bytearray | None = None, skip_tables: bool = False) -> int:
+                has_data: bytearray | None = None, skip_tables: bool = False,
+                sent: list[int] | None = None) -> int:
     """PAGE_DATA records for `pfns` (ascending), at most PAGES_PER_RECORD each; returns
-    the bytes written. `skip_tables`: page-table pages are left out (a running guest's
-    tables may map frames outside its P2M, e.g. shared_info, until it suspends)."""
+    the bytes written. `skip_tables`: page tables that cannot be canonicalised yet are
+    left out (a running guest's tables may map shared_info, outside its P2M, until it
+    suspends). `sent` collects the pfns that went out."""
     has_data = data_map(dom) if has_data is None else has_data
     n = 0
     for i in range(0, len(pfns), S.PAGES_PER_RECORD):
         batch, parts, ndata = await _page_batch(dom, pfns[i:i + S.PAGES_PER_RECORD], has_data, skip_tables)
         if not batch:
             continue
+        if sent is not None:
+            sent.extend(e & S.PFN_MASK for e in batch)
         hdr = S.page_data_header(batch, ndata)
         await write(hdr)
         n += len(hdr)
