@@ -202,3 +202,20 @@ async def test_hostile_streams_refused(hv, saved, tmp_path):
     t, s = uptime(neighbour)
     await neighbour.wait_for_line(rf"uptime: ticks={t + 10} ", 10)
     assert uptime(neighbour)[1] == s and not neighbour.dying
+
+
+async def test_suspend_with_foreign_start_info_refused(hv):
+    """SCHEDOP_shutdown(suspend) naming a frame the guest does not own (another guest's,
+    Xen's, beyond memory): -EINVAL, the save fails clearly, the guest runs on."""
+    other = await running_guest(hv)
+    for bad in (other.p2m[3], hv.mem.nr_frames - 1, 1 << 40):
+        dom = await hv.create(guest("suspend"), memory_mib=MEM_MIB, cmdline=f"pages=8 every=10 bad_si={bad}")
+        await dom.wait_for_line(r"uptime: ticks=10 ", 20)
+        with pytest.raises(SuspendError, match="does not own"):
+            await suspend(dom, timeout=5)
+        await dom.wait_for_line(rf"suspend: bad start_info {bad:#x} rc=-22", 5)
+        t, _ = uptime(dom)
+        await dom.wait_for_line(rf"uptime: ticks={t + 10} ", 10)
+        assert dom.suspended is None and not dom.dying
+        dom.shutdown()
+    assert not other.dying

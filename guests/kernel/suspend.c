@@ -18,6 +18,7 @@
 #define TOKEN "suspend"
 
 static void (*hook)(void);
+unsigned long bad_start_info;     /* test guests: pass this MFN instead (must be refused) */
 
 int suspend_init(void (*resume_hook)(void))
 {
@@ -64,6 +65,12 @@ int suspend_check(u64 deadline_ns)
         if (rc < 0 || strcmp(val, "suspend"))
             continue;
         xenbus_write(XBT_NIL, "control/shutdown", "");
+        if (bad_start_info) {         /* hostile test: a start_info frame not ours */
+            struct sched_shutdown sd = { .reason = SHUTDOWN_suspend };
+            long r = _hypercall3(__HYPERVISOR_sched_op, SCHEDOP_shutdown, &sd, bad_start_info);
+            printk("suspend: bad start_info 0x%lx rc=%ld\n", bad_start_info, r);
+            return -1;
+        }
         long r = do_suspend();
         printk("suspend: resumed rc=%ld\n", r);
         return (int)r;

@@ -4,6 +4,8 @@
  * by the tick count at boot, then loops: on every `every=<n>` ticks (default
  * 10) it prints the uptime and the checksum; it serves suspend requests.
  * Stops after `ticks=<n>` ticks (default 0: never) with poweroff.
+ * `bad_si=<mfn>`: answer a suspend request with that MFN as start_info (a
+ * hostile guest: the hypervisor must refuse it) and carry on.
  * `dirty=<n>`: rewrite n pages of the pattern on every tick (a busy guest for
  * live migration; the checksum then changes as it goes).
  *
@@ -57,6 +59,7 @@ void app_main(void)
     u64 every = cmdline_u64(cl, "every", 10) ?: 10;
     u64 stop = cmdline_u64(cl, "ticks", 0);
     u64 dirty = cmdline_u64(cl, "dirty", 0);
+    bad_start_info = cmdline_u64(cl, "bad_si", 0);
     u64 seen = 0, k = 0;
     u64 seed = monotonic_ns();
     for (unsigned i = 0; i < npages; i++) {
