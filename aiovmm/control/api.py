@@ -297,6 +297,15 @@ async def migrate_domain(req: web.Request) -> web.Response:
     return _json(await _ctl(req).migrate(req.match_info["dom"], dest, float(downtime), float(bandwidth)))
 
 
+async def get_progress(req: web.Request) -> web.Response:
+    ctl = _ctl(req)
+    rec = ctl.lookup(req.match_info["dom"])
+    p = ctl.progress.get(rec.dom.domid)
+    if p is None:
+        raise ControlError(404, f"d{rec.dom.domid}: no save or migration in progress")
+    return _json(dict(p, id=rec.dom.domid))
+
+
 async def restore_domain(req: web.Request) -> web.Response:
     ctl = _ctl(req)
     data = await _body(req)
@@ -420,6 +429,7 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("POST", f"{API}/domains/{{dom}}/save", save_domain, "saveDomain"),
     ("POST", f"{API}/restore", restore_domain, "restoreDomain"),
     ("POST", f"{API}/domains/{{dom}}/migrate", migrate_domain, "migrateDomain"),
+    ("GET", f"{API}/domains/{{dom}}/progress", get_progress, "getProgress"),
     ("GET", f"{API}/domains/{{dom}}/console", console_text, "getConsole"),
     ("POST", f"{API}/domains/{{dom}}/console", console_input, "sendConsoleInput"),
     ("GET", f"{API}/domains/{{dom}}/console/ws", console_ws, "consoleWebSocket"),

@@ -357,11 +357,48 @@ def _with_spinner(what: str, call: Callable[[], Any]) -> Any:
         return call()
 
 
+def _with_progress(what: str, c: Client, ref: str, call: Callable[[], Any]) -> Any:
+    """Run a blocking API call in a thread and show the daemon's progress for the domain
+    (GET .../progress) as a rich progress bar on stderr while it runs."""
+    import threading
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    con = Console(stderr=True)
+    if not con.is_terminal:
+        return call()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["r"] = call()
+        except BaseException as e:          # re-raised on the caller's thread
+            box["e"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    poll = c                                 # a new connection per request: thread-safe
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=con, transient=True) as bar:
+        task = bar.add_task(what, total=None, info="")
+        while t.is_alive():
+            try:
+                p = poll.get(dom_path(ref, "progress"))
+                info = f"{p['phase']} {p['done']}/{p['total']} pages"
+                if p.get("operation") == "migrate":
+                    info += f", round {p.get('rounds', 0)}, {p.get('dirty', 0)} dirty"
+                bar.update(task, total=max(p["total"], 1), completed=min(p["done"], p["total"]), info=info)
+            except ClientError:
+                pass
+            t.join(0.1)
+    if "e" in box:
+        raise box["e"]
+    return box["r"]
+
+
 def v_save(a: argparse.Namespace) -> int:
     c = _client(a)
     path = os.path.abspath(a.file)
-    r = _with_spinner(f"saving {a.domain} to {a.file}",
-                      lambda: c.post(dom_path(a.domain, "save"), {"file": path, "checkpoint": a.checkpoint}))
+    r = _with_progress(f"saving {a.domain}", c, a.domain,
+                       lambda: c.post(dom_path(a.domain, "save"), {"file": path, "checkpoint": a.checkpoint}))
     print(f"Saved d{r['id']} ({r['name']}) to {a.file}: {r['pages']} pages, "
           f"{r['bytes'] / (1 << 20):.1f} MiB in {r['seconds'] * 1e3:.0f} ms"
           + (" (still running)" if a.checkpoint else ""), file=sys.stderr)
@@ -381,8 +418,8 @@ def v_restore(a: argparse.Namespace) -> int:
 def v_migrate(a: argparse.Namespace) -> int:
     c = _client(a)
     body = {"destination": a.destination, "downtime_ms": a.downtime_ms, "bandwidth": a.bandwidth}
-    r = _with_spinner(f"migrating {a.domain} to {a.destination}",
-                      lambda: c.post(dom_path(a.domain, "migrate"), body))
+    r = _with_progress(f"migrating {a.domain} to {a.destination}", c, a.domain,
+                       lambda: c.post(dom_path(a.domain, "migrate"), body))
     print(f"Migrated d{r['id']} ({r['name']}) to {r['destination']} as d{r['remote_id']}: "
           f"{r['rounds']} rounds, {r['pages_sent']} pages ({r['pages_ratio']:.2f} per guest page), "
           f"downtime {r['downtime_ms']:.1f} ms, total {r['total_s']:.2f} s", file=sys.stderr)

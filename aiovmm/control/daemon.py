@@ -108,6 +108,7 @@ class Controller:
         self._tg: asyncio.TaskGroup | None = None
         self.save_dir = DEFAULT_SAVE_DIR
         self.migration_secret: bytes | None = None
+        self.progress: dict[int, dict] = {}     # domid -> save/migrate progress (GET .../progress)
 
     # -- lookup -------------------------------------------------------------------------------
     def lookup(self, ref: str) -> Record:
@@ -279,12 +280,19 @@ class Controller:
         rec = self.live(ref)
         real = self.save_path(path, exists=False)
         dom = rec.dom
+        self.progress[dom.domid] = {"operation": "save", "phase": "suspend", "done": 0,
+                                    "total": dom.nr_pages}
+
+        def progress(done: int, total: int) -> None:
+            self.progress[dom.domid].update(phase="pages", done=done, total=total)
         try:
-            st = await dom.save(real, checkpoint=checkpoint)
+            st = await dom.save(real, checkpoint=checkpoint, progress=progress)
         except (SaveError, SuspendError) as e:
             raise ControlError(409, str(e)) from None
         except OSError as e:
             raise ControlError(400, f"{path}: {e.strerror or e}") from None
+        finally:
+            self.progress.pop(dom.domid, None)
         if not checkpoint:
             rec.spec.on_reboot = "destroy"
         return {"id": dom.domid, "name": dom.name, "file": path, "pages": st.pages,
@@ -342,11 +350,20 @@ class Controller:
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise ControlError(400, f"{dest!r}: expected HOST:PORT")
         rec = self.live(ref)
+        domid = rec.dom.domid
+        self.progress[domid] = {"operation": "migrate", "phase": "connect", "done": 0,
+                                "total": rec.dom.nr_pages, "rounds": 0, "dirty": 0}
+
+        def progress(phase: str, st) -> None:
+            self.progress[domid].update(phase=phase, done=st.pages_sent, rounds=st.rounds,
+                                        dirty=st.dirty_per_round[-1] if st.dirty_per_round else 0)
         try:
             st = await live.migrate(rec.dom, host.strip("[]"), int(port), self.migration_secret,
-                                    downtime_ms=downtime_ms, bandwidth=bandwidth)
+                                    downtime_ms=downtime_ms, bandwidth=bandwidth, progress=progress)
         except live.MigrationError as e:
             raise ControlError(409, str(e)) from None
+        finally:
+            self.progress.pop(domid, None)
         rec.spec.on_reboot = "destroy"
         return {"id": rec.dom.domid, "name": rec.dom.name, "destination": dest, "remote_id": st.domid,
                 "rounds": st.rounds, "pages_sent": st.pages_sent, "bytes_sent": st.bytes_sent,

@@ -56,6 +56,8 @@ def test_save_restore_verbs(daemon):
 
 
 def test_save_restore_refusals(daemon):
+    status, body = daemon.request("GET", "/api/v1/domains/nosuch/progress")
+    assert status == 404
     r = daemon.cli("save", "nosuch", os.path.join(daemon.save_dir, "x.save"))
     assert r.returncode == 1 and "nosuch" in r.stderr
     status, body = daemon.request("POST", "/api/v1/restore", {"file": "/etc/passwd"})
