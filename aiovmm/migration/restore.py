@@ -351,8 +351,12 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
     await rd.libxl_header()
     await rd.libxl_record({S.LibxlRec.libxc_context})
     await rd.libxc_headers()
-    from ..kvm_engine import choose_engine
-    engine_kind = choose_engine(engine)
+    from ..kvm_engine import KVMUnavailable, choose_engine
+    try:
+        # The source's engine: the guest's hypercall page is that engine's own.
+        engine_kind = choose_engine(engine)
+    except KVMUnavailable as e:
+        raise BuildError(f"the stream is of a KVM-engine guest and KVM is unavailable here: {e}") from None
     domid = hv._next_domid
     try:
         dom = Domain(hv, domid, name or cname, nr, on_console, log_dir=hv.log_dir)

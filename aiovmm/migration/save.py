@@ -258,6 +258,8 @@ async def pages(dom: "Domain", pfns: list[int] | range, write: Callable[[bytes |
     has_data = data_map(dom) if has_data is None else has_data
     n = 0
     for i in range(0, len(pfns), S.PAGES_PER_RECORD):
+        if dom.destroyed:                     # destroyed meanwhile: its frames may be reused
+            raise SaveError(f"d{dom.domid} was destroyed during the save")
         batch, parts, ndata = await _page_batch(dom, pfns[i:i + S.PAGES_PER_RECORD], has_data, skip_tables)
         if not batch:
             continue
