@@ -7,7 +7,10 @@ import tempfile
 
 import pytest
 
-from ctlhelp import Daemon, guest
+try:                                   # tests/control is a package on main
+    from .ctlhelp import Daemon, guest
+except ImportError:
+    from ctlhelp import Daemon, guest
 
 
 @pytest.fixture(scope="module")
