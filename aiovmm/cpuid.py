@@ -271,3 +271,19 @@ _MODEL_MSRS = frozenset({
 
 def model_has_msr(msr: int) -> bool:
     return msr in _MODEL_MSRS
+
+
+def table(v: "VCPU") -> list[tuple[int, int, int, int, int, int]]:
+    """Every (leaf, subleaf, eax, ebx, ecx, edx) of this vCPU's policy, for an engine whose
+    CPU answers CPUID itself from a table (KVM_SET_CPUID2). Entries whose value depends on
+    guest state (leaf 1 OSXSAVE from CR4) must be refreshed when that state changes; with
+    XSAVE hidden none does."""
+    out = []
+    for leaf_ in list(range(0, MAX_BASIC + 1)) + list(range(0x80000000, MAX_EXTD + 1)):
+        subs = range(4) if leaf_ in (4, 7, 0xB, 0xD) else (0,)
+        for sub in subs:
+            out.append((leaf_, sub, *leaf(v, leaf_, sub)))
+    for idx in range(XEN_CPUID_MAX_NUM_LEAVES + 1):
+        for sub in (range(3) if idx == 3 else (0,)):
+            out.append((0x40000000 + idx, sub, *leaf(v, 0x40000000 + idx, sub)))
+    return out

@@ -115,6 +115,7 @@ class Domain:
         self._console_linebuf = _console.LineBuffer()
         self._console_lines_bytes = 0
         self._console_dropping = False
+        self._console_warned_ns = -(1 << 62)
         self._console_cb = on_console
         self._line_waiters: list[tuple[re.Pattern, asyncio.Future]] = []
         self.first_output_ns: int | None = None
@@ -182,7 +183,13 @@ class Domain:
         if allowed < len(data):
             if not self._console_dropping:
                 self._console_dropping = True
-                log.warning("d%d: console output over %d bytes/s: discarding", self.domid, rate.rate)
+                # At most one warning a minute per domain: the host's log is bounded too.
+                now = self.hypervisor.system_time_ns()
+                level = logging.WARNING if now - self._console_warned_ns >= 60_000_000_000 else logging.DEBUG
+                if level == logging.WARNING:
+                    self._console_warned_ns = now
+                log.log(level, "d%d: console output over %d bytes/s: discarding (%d bytes so far)",
+                        self.domid, rate.rate, rate.dropped)
             data = data[:allowed]
         elif self._console_dropping:
             self._console_dropping = False

@@ -100,7 +100,9 @@ class GrantMachine(RuleBasedStateMachine):
     def grant(self, g, grantee, r, k, ro):
         """A well-formed grant of a pool frame to another live domain (or to itself, which
         only copies may use). Returns (granter domid, ref, grantee domid)."""
-        p, q = self._dom(g), self._dom(grantee)
+        p, q = self._dom(g), self._dom(g + grantee)    # grantee: 0 = itself, else another
+        if grantee and q is p:
+            q = self._dom(g + 1)
         if p is None or q is None:
             return (0, 8 + r, 0)
         p.write_grant(8 + r, GTF_permit_access | (GTF_readonly if ro else 0), q.domid, self._frame(p, k))
@@ -108,6 +110,14 @@ class GrantMachine(RuleBasedStateMachine):
 
     def _by_domid(self, domid: int) -> lab.Parked | None:
         return next((d for d in self.doms if d is not None and d.domid == domid and not d.dom.destroyed), None)
+
+    @rule(target=grants, g=i_dom, grantee=st.integers(1, 2), r=i_ref, k=i_frame, ro=st.booleans(),
+          slot=i_slot, map_ro=st.booleans())
+    def grant_and_map(self, g, grantee, r, k, ro, slot, map_ro):
+        """A grant, mapped at once by its grantee (the common way to reach mapped states)."""
+        gr = self.grant(g, grantee, r, k, ro)
+        self.map_granted(gr, slot, map_ro)
+        return gr
 
     @rule(gr=grants, slot=i_slot, ro=st.booleans())
     def map_granted(self, gr, slot, ro):
@@ -156,6 +166,18 @@ class GrantMachine(RuleBasedStateMachine):
         else:
             fl, dm, fr = 0xFFFF, 0xFFFF, 0xFFFFFFFF
         p.write_grant(ref, fl, dm, fr)
+
+    @rule(gr=grants, field=st.sampled_from(["frame", "flags", "domid", "all", "none"]), k=i_frame,
+          junk=st.sampled_from([None, 0, 0xFFFFFFFF]))
+    def granter_dies(self, gr, field, k, junk):
+        """The granter rewrites a grant (maybe in use) and dies (findings 3 and 7)."""
+        gd = gr[0]
+        p = self._by_domid(gd)
+        if p is None:
+            return
+        if field != "none":
+            self.rewrite(gr, field, k, junk)
+        self._destroy(p)
 
     @rule(a=i_dom, level=st.integers(1, 4), r=i_ref, slot=st.integers(0, 511), k=i_frame)
     def copy_into_own_table(self, a, level, r, slot, k):
@@ -278,12 +300,15 @@ class GrantMachine(RuleBasedStateMachine):
         if p is not None and k != 0:
             self._sync(p.decrease_reservation, self._frame(p, k))
 
+    @precondition(lambda self: bool(self.handles))
     @rule(a=i_dom)
     def destroy(self, a):
         """Destroy a domain; a new one takes its place (create/destroy cycles)."""
         p = self._dom(a)
-        if p is None:
-            return
+        if p is not None:
+            self._destroy(p)
+
+    def _destroy(self, p: lab.Parked) -> None:
         orphans = len(self.hv.orphan_frames)
         lab.destroy(p)
         self.stats["destroy"] += 1

@@ -21,6 +21,7 @@ from .events import HostEvents
 from .errors import BuildError
 from .memory import MachineMemory, OutOfMemory
 from .mmu import PageTables, XenArea
+from . import descriptors
 from .scheduler import Scheduler
 from .vcpu import VCPU
 from .vcpu_engine import VCPUEngine
@@ -49,27 +50,31 @@ def _check_log_dir(path: str) -> None:
         raise HostConfigError(f"log directory {path}: not writable")
 
 
-def _check_file(path: str, what: str, memory_mib: int) -> None:
+# libxenguest's limit on a kernel image (XC_DOM_DECOMPRESS_MAX, 1 GiB, from XSA-25). Not the
+# guest's memory: an ELF with debug info may be larger than the memory its loaded parts need.
+MAX_KERNEL_BYTES = 1 << 30
+
+
+def _check_file(path: str, what: str, limit: int, limit_text: str) -> None:
     """Blocking: refuse what is not a regular file (a device, a FIFO: /dev/zero would be read
-    without end) or is larger than the guest's memory."""
+    without end) or is larger than `limit` bytes."""
     try:
         st = os.stat(path)
     except OSError as e:
         raise BuildError(f"{path}: cannot read {what}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise BuildError(f"{path}: cannot read {what}: not a regular file")
-    if st.st_size > memory_mib << 20:
-        raise BuildError(f"{path}: {what} file is {st.st_size} bytes, more than the guest's "
-                         f"{memory_mib} MiB of memory")
+    if st.st_size > limit:
+        raise BuildError(f"{path}: {what} file is {st.st_size} bytes, more than {limit_text}")
 
 
-def _load_kernel(path: str, memory_mib: int) -> builder.KernelImage:
-    _check_file(path, "kernel", memory_mib)
+def _load_kernel(path: str) -> builder.KernelImage:
+    _check_file(path, "kernel", MAX_KERNEL_BYTES, f"{MAX_KERNEL_BYTES >> 20} MiB")
     return builder.parse_kernel(path)
 
 
 def _load_ramdisk(path: str, memory_mib: int) -> bytes:
-    _check_file(path, "ramdisk", memory_mib)
+    _check_file(path, "ramdisk", memory_mib << 20, f"the guest's {memory_mib} MiB of memory")
     return builder.read_ramdisk(path)
 
 
@@ -150,15 +155,22 @@ class Hypervisor:
                 await self._tg.__aexit__(et, exc, tb)
         finally:
             for dom in list(self.domains.values()):
-                dom.destroy()
+                try:
+                    dom.destroy()
+                except Exception:         # deliberate per-domain crash boundary
+                    log.exception("d%d: destroy failed", dom.domid)
             self.domains.clear()
             await self.xenstore.aclose()
             self.mem.close()
 
     def _crash_domain(self, domid: int, why: str) -> None:
+        """PageTables' crash hook (an implicit unmap of a granted PTE): the domain stops at
+        once, its vCPUs do not return into the guest."""
         dom = self.domains.get(domid)
         if dom is not None:
             dom.crash(why)
+            for v in dom.vcpus:
+                v.engine.stop()
 
     def domain(self, domid: int):
         """A guest domain, or the host's event-channel endpoint table for domid 0."""
@@ -206,7 +218,7 @@ class Hypervisor:
             raise BuildError("memory must be at least 1 MiB")
         # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
         # blocking I/O: it runs in a worker thread, never on the loop.
-        img = await asyncio.to_thread(_load_kernel, kernel, memory_mib)
+        img = await asyncio.to_thread(_load_kernel, kernel)
         rd = await asyncio.to_thread(_load_ramdisk, ramdisk, memory_mib) if ramdisk else None
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
@@ -351,10 +363,18 @@ class Hypervisor:
             if not dom.dying:
                 dom.crash("all vCPUs stopped")
             try:
-                toolstack.release(self, dom)
-                self._release_disks(dom)
-                dom.destroy()
-            except Exception:             # per-domain crash boundary: never reaches the TaskGroup
-                log.exception("d%d: teardown failed (frames of this domain may be kept)", dom.domid)
+                self._teardown(dom)
             finally:
                 self.domains.pop(dom.domid, None)
+
+    def _teardown(self, dom: Domain) -> None:
+        """Release a domain's toolstack state, disks and resources. A failure in one step is
+        a hypervisor bug confined to this domain (logged with its traceback; the other steps
+        still run): it never reaches the TaskGroup and the other domains."""
+        for what, step in (("toolstack", lambda: toolstack.release(self, dom)),
+                           ("disks", lambda: self._release_disks(dom)),
+                           ("destroy", dom.destroy)):
+            try:
+                step()
+            except Exception:             # deliberate per-domain crash boundary
+                log.exception("d%d: teardown (%s) failed", dom.domid, what)

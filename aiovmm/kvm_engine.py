@@ -21,8 +21,10 @@ Design (shared/design/ARCHITECTURE.md §2b, measured facts in shared/research/kv
   to guest memory through the host mapping, which KVM's shadow MMU (kvm-pvm has no EPT)
   never sees: its write protection traps only guest writes. Measured: neither a CR3 reload
   nor KVM_SET_SREGS resyncs it; deleting or moving a memory slot zaps all shadow pages
-  (~64 us, occasionally ms). So `flush_tlb()` marks a zap, done once before the next KVM_RUN
-  (a tiny dummy slot is moved). On hardware KVM (EPT/NPT) the same zap is a TLB flush.
+  (~64 us idle, milliseconds under load). So `flush_tlb()` marks a check, done once before
+  the next KVM_RUN: _ShadowGuard compares the page tables KVM may have shadowed with memory
+  and the engine zaps (moves a tiny dummy slot) only if an entry was removed, retargeted or
+  lost permissions; entries that only became present need nothing. On hardware KVM (EPT/NPT) the same zap is a TLB flush.
 - The guest TSC is the host TSC (kvm-pvm cannot scale it: KVM_SET_TSC_KHZ is refused), so
   pvclock parameters come from `pvclock_params()` (TSC frequency and a TSC/system-time pair),
   not the Unicorn engine's 1 tick = 1 ns.
@@ -30,7 +32,9 @@ Design (shared/design/ARCHITECTURE.md §2b, measured facts in shared/research/kv
 Known differences from the Unicorn engine (guest-visible only to hostile guests):
 - A guest `in`/`ins` is completed by KVM before the #GP is raised; registers are restored, but
   the string form's store to guest memory has happened.
-- CPUID is KVM's (the shared policy from aiovmm/cpuid.py is not applied yet).
+- CPUID: on kvm-pvm it executes natively at CPL 3 (the host's, outer hypervisor leaves
+  included); `set_cpuid()` installs a table (KVM's supported one by default) that hardware
+  KVM applies, where the shared policy (aiovmm/cpuid.py) can be passed in.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .abi import (
-    DOMID_XEN, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
+    DOMID_XEN, XEN_L4_FIRST, XEN_L4_LAST, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_USER,
 )
@@ -126,6 +130,7 @@ EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 MSR_IA32_TSC = 0x10
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 RF_TF, RF_IF, RF_DF, RF_NT, RF_AC = 0x100, 0x200, 0x400, 0x4000, 0x40000
+RF_IOPL, RF_VM = 0x3000, 0x20000
 
 # The engine's ring-0 pages, in Xen's supervisor-only L4 slot 261 (mmu.XenArea), after the
 # pages XenArea itself uses (L1 index 32 on): IDT, stubs, TSS, ring-0 stack.
@@ -204,6 +209,30 @@ def unavailable_reason() -> str | None:
         except (KVMUnavailable, OSError) as e:
             _unavailable = str(e) or type(e).__name__
     return _unavailable or None
+
+
+def supported_cpuid() -> list[tuple[int, int, int, int, int, int]]:
+    """KVM's supported CPUID table on this host, as set_cpuid() entries (a base a CPUID
+    policy can edit)."""
+    n = 256
+    buf = bytearray(struct.pack("<II", n, 0) + bytes(40 * n))
+    fcntl.ioctl(_system_fd(), Ioctl.GET_SUPPORTED_CPUID, buf)
+    count = struct.unpack_from("<I", buf, 0)[0]
+    out = []
+    for i in range(count):
+        leaf, sub, _flags, a, b, c, d = struct.unpack_from("<IIIIIII", buf, 8 + 40 * i)
+        out.append((leaf, sub, a, b, c, d))
+    return out
+
+
+_cpuid_cache: list[tuple[int, int, int, int, int, int]] | None = None
+
+
+def _default_cpuid() -> list[tuple[int, int, int, int, int, int]]:
+    global _cpuid_cache
+    if _cpuid_cache is None:
+        _cpuid_cache = supported_cpuid()
+    return _cpuid_cache
 
 
 def hardware_virtualization() -> bool:
@@ -307,6 +336,84 @@ def ring0(xen: "XenArea") -> _Ring0:
     return r
 
 
+_ENTRIES = struct.Struct("<512Q")
+_AD_BITS = 0x60                        # accessed/dirty: KVM itself sets them in guest entries
+
+
+class _ShadowGuard:
+    """Decides whether KVM's shadow pages must be zapped after the hypervisor changed page
+    tables (the host writes guest page tables behind KVM's back, docs/design.md).
+
+    KVM can only hold shadow pages of page-table frames reachable from roots this vCPU has
+    loaded since the last zap. Their contents are kept here as last checked. A change that
+    only turns non-present entries present needs no zap: KVM never caches a non-present
+    guest entry, it walks the guest tables again on the fault. Any other change (an entry
+    removed, retargeted or its permissions changed; A/D bits aside, which KVM sets itself)
+    needs the zap. Frames stay tracked until the next zap, reachable or not."""
+
+    def __init__(self, mem: "MachineMemory") -> None:
+        self.mem = mem
+        self.snap: dict[int, tuple[int, bytes]] = {}     # frame -> (level, contents)
+        self.roots: set[int] = set()
+
+    def reset(self, root: int) -> None:
+        """After a zap KVM holds nothing; track from the current root on."""
+        self.snap.clear()
+        self.roots = set()
+        self.add_root(root)
+
+    def add_root(self, root: int) -> None:
+        if root not in self.roots:
+            self.roots.add(root)
+            self._walk(root)
+
+    def _walk(self, top: int, top_level: int = 4) -> None:
+        """Record every table reachable from `top` not tracked yet (with its level)."""
+        m, nr, snap = self.mem.map, self.mem.nr_frames, self.snap
+        todo = [(top, top_level)]
+        while todo:
+            mfn, level = todo.pop()
+            if mfn in snap or not 0 <= mfn < nr:
+                continue
+            raw = m[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]
+            snap[mfn] = (level, raw)
+            if level > 1:
+                todo += self._children(_ENTRIES.unpack(raw), level)
+
+    @staticmethod
+    def _children(entries: Sequence[int], level: int) -> list[tuple[int, int]]:
+        if level == 4:
+            entries = entries[:XEN_L4_FIRST] + entries[XEN_L4_LAST + 1:]   # Xen's slots: static
+        return [((e & PTE_FRAME_MASK) >> PAGE_SHIFT, level - 1) for e in entries if e & _PAGE_PRESENT]
+
+    def needs_zap(self) -> bool:
+        """Compare every tracked frame with memory; True if some change is not a pure
+        addition. Otherwise adopt the new contents and track the tables the new entries
+        reach."""
+        m = self.mem.map                     # mmap slices are bytes: compared by memcmp
+        changed = []
+        for mfn, (level, old) in self.snap.items():
+            a = mfn << PAGE_SHIFT
+            if m[a:a + PAGE_SIZE] == old:
+                continue
+            new = _ENTRIES.unpack_from(m, a)
+            added = []
+            for i, (o, n) in enumerate(zip(_ENTRIES.unpack(old), new)):
+                if o != n:
+                    if o & _PAGE_PRESENT:
+                        if (o ^ n) & ~_AD_BITS:
+                            return True
+                    elif n & _PAGE_PRESENT and not (level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST):
+                        added.append((n & PTE_FRAME_MASK) >> PAGE_SHIFT)
+            changed.append((mfn, level, added))
+        for mfn, level, added in changed:
+            self.snap[mfn] = (level, m[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT])
+            if level > 1:
+                for child in added:
+                    self._walk(child, level - 1)
+        return False
+
+
 def _seg(selector: int, dpl: int, *, code: bool, long: bool = False, db: bool = False) -> bytes:
     return _SEG_FMT.pack(0, 0xFFFFFFFF, selector, 0xB if code else 0x3, 1, dpl, 1 if db else 0,
                          1, 1 if long else 0, 1, 0, 0)
@@ -361,6 +468,14 @@ class KVMEngine:
         self._sregs[:] = fcntl.ioctl(self.vcpu_fd, Ioctl.GET_SREGS, bytes(312))
         self._valid.value = SYNC_REGS | SYNC_SREGS
         self._dirty.value = SYNC_REGS | SYNC_SREGS
+        # A CPUID table is needed on hardware KVM before EFER.NX/LME are accepted; the
+        # hypervisor may replace it with the shared policy (set_cpuid). On kvm-pvm CPUID at
+        # CPL 3 runs natively (measured: the table has no effect on what the guest sees).
+        try:
+            self.set_cpuid(_default_cpuid())
+        except OSError as e:
+            self.close()
+            raise KVMUnavailable(f"KVM_SET_CPUID2: {e}") from None
         self._timer = ctypes.c_void_p()
         rc = lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
         if rc < 0:
@@ -380,7 +495,8 @@ class KVMEngine:
         self.last_error = ""
         self.callback_error: BaseException | None = None
         self._preempt = False
-        self._zap_pending = False
+        self._check_pending = False
+        self._guard = _ShadowGuard(mem)
         self._stepping = False
         self._step_hit = False
         self.exits = 0
@@ -456,6 +572,19 @@ class KVMEngine:
         fcntl.ioctl(self.vcpu_fd, Ioctl.GET_MSRS, buf)
         return struct.unpack_from("<Q", buf, 16)[0]
 
+    # -- CPUID -------------------------------------------------------------------------------
+    def set_cpuid(self, entries: Sequence[tuple[int, int, int, int, int, int]]) -> None:
+        """Install the CPUID the guest sees: (leaf, subleaf, eax, ebx, ecx, edx) per entry,
+        each matched on its subleaf (KVM_SET_CPUID2). CPUID at CPL 3 is emulated by KVM from
+        this table, so the shared policy (aiovmm/cpuid.py) reaches the guest unchanged.
+        Call before the first slice; the table must keep long mode, NX and SYSCALL (KVM
+        checks EFER against it)."""
+        ent = struct.Struct("<IIIIIII12x")
+        buf = bytearray(struct.pack("<II", len(entries), 0))
+        for leaf, sub, a, b, c, d in entries:
+            buf += ent.pack(leaf, sub, 1, a, b, c, d)         # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+        fcntl.ioctl(self.vcpu_fd, Ioctl.SET_CPUID2, buf)
+
     # -- MMU --------------------------------------------------------------------------------
     def setup_long_mode(self, cr3: int, gdt_base: int, gdt_limit: int) -> None:
         """Long mode with paging, NX, SSE, SYSCALL; CPL 3 flat segments; the engine's IDT,
@@ -486,13 +615,14 @@ class KVMEngine:
         self._dirty.value |= SYNC_SREGS
 
     def set_cr3(self, cr3: int) -> None:
-        """Load a page-table root that may have been (re)validated: zap shadow pages too."""
+        """Load a page-table root that may have been (re)validated."""
         self._set("cr3", cr3)
-        self._zap_pending = True
+        self._check_pending = True
 
     def flush_tlb(self) -> None:
-        """The hypervisor changed page tables: KVM's shadow pages must be rebuilt."""
-        self._zap_pending = True
+        """The hypervisor changed page tables: before the next KVM_RUN, zap KVM's shadow
+        pages unless the changes only added entries (_ShadowGuard)."""
+        self._check_pending = True
 
     def flush_code(self) -> None:
         """Nothing to do: KVM runs the bytes in memory."""
@@ -502,7 +632,7 @@ class KVMEngine:
         median vs 82 for delete + re-add) that makes KVM drop every shadow page."""
         self._zap_gpa ^= 1 << 30
         self._set_slot(1, self._zap_gpa, PAGE_SIZE, ctypes.addressof(self._zap_anchor))
-        self._zap_pending = False
+        self._guard.reset(self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT)
         self.zaps += 1
 
     def start_in_stub(self, stub_va: int, stub_stack_va: int, regs: dict[str, int],
@@ -580,8 +710,13 @@ class KVMEngine:
         self._lib.aiovmm_kvm_slice_end(self._run_ptr, self._timer)
 
     def _kvm_run(self) -> int:
-        if self._zap_pending:
-            self._zap()
+        if self._check_pending:
+            self._check_pending = False
+            if self._guard.needs_zap():
+                self._zap()
+            self._guard.add_root(self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT)
+        elif self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT not in self._guard.roots:
+            self._guard.add_root(self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT)
         self.exits += 1
         return self._kvm_run_fn(self.vcpu_fd)
 
@@ -680,7 +815,9 @@ class KVMEngine:
     def _from_syscall(self) -> None:
         """SYSCALL at CPL 3 reached the LSTAR stub: RCX/R11 hold the return RIP/RFLAGS."""
         r = self.regs
-        r[16], r[17] = r[2], r[11] | 2
+        # R11 is the guest's RFLAGS only for a real SYSCALL; a guest may also jump to the
+        # entry page with any R11. Never let it raise IOPL or set VM/NT that way.
+        r[16], r[17] = r[2], (r[11] & ~(RF_IOPL | RF_VM | RF_NT)) | 2
         self._back_to_cpl3(FLAT_RING3_CS64)
         self._call(self.on_hypercall)
 
@@ -689,6 +826,12 @@ class KVMEngine:
         state as it was at the fault, and report it."""
         r = self.regs
         sp = r[6]
+        if not self.r0.stack_top - 64 <= sp <= self.r0.stack_top - 40:
+            # Not a frame the CPU pushed from CPL 3 onto our stack: end with an error.
+            self.last_error = f"exception {vector} with ring-0 RSP {sp:#x} outside the engine stack"
+            self.callback_error = RuntimeError(self.last_error)
+            self.stop_requested = True
+            return
         has_err = sp == self.r0.stack_top - _ERR_FRAME
         off = self.r0.stack_maddr + (sp - self.r0.stack_va)
         if has_err:
@@ -714,6 +857,15 @@ class KVMEngine:
                 r[16] = rip - 2
                 self._call(self.on_exception, 13, (vector << 3) | 2, 0)
                 return
+        if vector == 13 and has_err and err == 0 and self._int_before(rip) is not None:
+            # kvm-pvm (measured for `int $23`): #GP(0) with RIP already past `cd n`.
+            n = self._int_before(rip)
+            if n < 32 and n not in (3, 4):
+                r[16] = rip - 2
+                self._call(self.on_exception, 13, (n << 3) | 2, 0)
+            else:
+                self._call(self.on_exception, n, 0, 0)
+            return
         if vector in (6, 13):
             # kvm-pvm turns some `int $n` (measured: int $0x80) into #UD at the instruction
             # itself; report it as the Unicorn engine and a real CPU with a DPL-3 gate do:
@@ -752,6 +904,14 @@ class KVMEngine:
                 # reserved-bit fault kvm-pvm reports for its own slot.
                 err = (err & ~8) | 1
         self._call(self.on_exception, vector, err, cr2)
+
+    def _int_before(self, rip: int) -> int | None:
+        """n if the two bytes before `rip` are `int $n` (cd n), else None."""
+        try:
+            b = self._read_code(rip - 2, 2)
+        except LookupError:
+            return None
+        return b[1] if b[0] == 0xCD else None
 
     def _emulate_m2p_read(self, rip: int, cr2: int) -> bool:
         """A load from Xen's fixed M2P address (reserved by kvm-pvm): perform it from the M2P

@@ -73,7 +73,6 @@ class VCPU:
         self.ldt_base = 0
         self.ldt_ents = 0
         self.ldt_shadow: dict[int, int] = {}       # LDT page index -> mapped frame
-        descriptors.area_of(domain.hypervisor.xen)
         engine.on_hypercall = self._on_syscall
         engine.on_exception = self._on_exception
         engine.on_invalid_opcode = self._on_invalid_opcode

@@ -197,7 +197,8 @@ class VCPUEngine:
     #GP/#UD through on_exception/on_invalid_opcode (an engine on which IN/OUT, CPUID or RDTSC
     fault reports them the same way: the emulator decodes them from guest memory), and the
     emulator works through read()/write()/get()/set() of registers (GPRs, rip, rflags,
-    fs_base, gs_base, cr3), set_msr(TSC_AUX), set_descriptor_tables() and flush_tlb().
+    fs_base, gs_base, cr3), set_msr(TSC_AUX), set_descriptor_tables(), flush_tlb() and
+    flush_code() (after it rewrote guest code: the hypercall-page MSR).
     """
 
     def __init__(self, mem_address: int, mem_size: int, *, until: int, name: str = "vcpu") -> None:
@@ -240,8 +241,8 @@ class VCPUEngine:
         self._add_hook(UC_HOOK_INTR, ctypes.cast(self._cb_intr, ctypes.c_void_p), None)
         self._cb_invalid = _INVALID_CB(self._hook_invalid)
         self._add_hook(UC_HOOK_INSN_INVALID, ctypes.cast(self._cb_invalid, ctypes.c_void_p), None)
-        # Port I/O is not trapped by Unicorn at CPL 3 (NOTES.md): hook it and report #GP,
-        # which is what a PV guest without I/O privilege gets on Xen.
+        # Port I/O, CPUID and RDTSC(P) are not trapped by Unicorn at CPL 3 (NOTES.md): hook
+        # them and ask the shared emulator/policy (emulate.py, cpuid.py), as a fault would.
         self.on_port_io: Callable[[int, int, bool, int], int | None] = lambda p, s, w, v: None
         self.cpuid: Callable[[int, int], tuple[int, int, int, int]] = lambda leaf, sub: (0, 0, 0, 0)
         self._cb_cpuid = _RDTSC_CB(self._hook_cpuid)

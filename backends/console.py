@@ -77,6 +77,7 @@ class ConsoleBackend:
     def drain(self, final: bool = False) -> int:
         """Consume guest output now in the ring, as much as the domain's output budget
         allows (all of it when `final`); returns bytes consumed."""
+        self._held_back = False
         v = self.mapping.view
         cons, prod = self._u32(OUT_CONS), self._u32(OUT_PROD)
         avail = (prod - cons) & 0xFFFFFFFF

@@ -4,7 +4,8 @@ weakened?
 For every module in MODULES, the script parses the source (ast), finds the checks and makes
 one mutant per weakening:
 
-  guard-removed   `if <cond>: raise/return ...` -> `if False:` (the check is gone)
+  guard-removed   `if <cond>: raise/return ...` -> `if False:` (the check is gone); not for
+                  `if cmd == X:` sub-operation dispatch, which checks nothing
   or-dropped      one operand of an `or` in such a condition dropped (one clause of the check)
   op-swapped      `<` <-> `<=`, `>` <-> `>=` in such a condition (an off-by-one bound)
   bound-x2        the bound of such a comparison doubled (`x > n` -> `x > (n) * 2`)
@@ -164,6 +165,17 @@ def _refuses(stmt: ast.stmt) -> bool:
     return False
 
 
+DISPATCH_NAMES = {"cmd", "op", "kind", "type_", "typ", "subop"}
+
+
+def _dispatch(test: ast.expr) -> bool:
+    """`if cmd == X:` selects a sub-operation; it checks nothing. Removing it only sends
+    the call to the next branch (or ENOSYS), which is not a weakened check."""
+    return (isinstance(test, ast.Compare) and len(test.ops) == 1
+            and isinstance(test.ops[0], ast.Eq) and isinstance(test.left, ast.Name)
+            and test.left.id in DISPATCH_NAMES)
+
+
 class _Gen(ast.NodeVisitor):
     def __init__(self, module: str, path: str, src: str, spec: Module) -> None:
         self.module, self.path, self.src, self.spec = module, path, src, spec
@@ -219,7 +231,7 @@ class _Gen(ast.NodeVisitor):
     visit_AsyncFunctionDef = visit_FunctionDef
 
     def visit_If(self, node: ast.If) -> None:
-        if self.active() and any(_refuses(s) for s in node.body):
+        if self.active() and any(_refuses(s) for s in node.body) and not _dispatch(node.test):
             self.guard(node.test)
         self.generic_visit(node)
 

@@ -63,6 +63,13 @@ ENGINE_PARAMS = ["unicorn", pytest.param("kvm", marks=pytest.mark.skipif(
 ENGINES = pytest.mark.parametrize("engine", ENGINE_PARAMS, indirect=True, scope="module")
 
 
+def pytest_generate_tests(metafunc) -> None:
+    """A module with `ALL_ENGINES = True` runs every test that boots guests (uses `engine`,
+    directly or through `hv`) on each engine; its other tests run once."""
+    if getattr(metafunc.module, "ALL_ENGINES", False) and "engine" in metafunc.fixturenames:
+        metafunc.parametrize("engine", ENGINE_PARAMS, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
 def engine(request) -> str:
     """The vCPU engine of this test's guests ("unicorn" unless the module uses ENGINES)."""

@@ -91,3 +91,39 @@ def test_output_rate_budget_refills_with_time():
     assert r.available() == 250 and r.take(100) == 100
     now[0] = 100.0
     assert r.available() == 4000              # never more than the burst
+
+
+async def test_ring_held_back_then_rewound_does_not_spin(hv):
+    """The ring is held back (output left in it, budget spent); the guest then rewinds
+    out_prod (its own index) so nothing is left: the backend goes back to waiting for an
+    event. Before the fix a stale held-back state made it loop on a zero-length sleep."""
+    import struct
+    dom = await hv.create(str(BUILD / "hostile" / "bystander.elf"), memory_mib=8)
+    await dom.wait_for_line(r"^bystander: ready", timeout=30)
+    be = dom.console_backend
+    view = be.mapping.view                      # the guest's console page
+    u32 = struct.Struct("<I")
+    out_cons, out_prod = 3080, 3084
+    rate = dom.console_rate
+    ref = await _cpu_share(0.5)                 # the same hypervisor, nothing happening
+    cons = u32.unpack_from(view, out_cons)[0]
+    view[1024:1024 + 2048] = b"x" * 2048        # what the guest writes: a full ring
+    rate.take(rate.available())                 # and the domain's budget is spent
+    u32.pack_into(view, out_prod, cons + 2048)
+    dom.evtchn.send(dom.console_port)
+    async with asyncio.timeout(5):
+        while not be._held_back:                # the backend left output in the ring
+            await asyncio.sleep(0)
+    u32.pack_into(view, out_prod, u32.unpack_from(view, out_cons)[0])   # rewound
+    await asyncio.sleep(0.1)                    # the budget is back above a ring's worth
+    during = await _cpu_share(0.5)
+    # A spinning loop takes whatever share of a core the host gives the process (all of
+    # it when idle, a quarter under heavy load): far above the idle reference either way.
+    assert during < ref + 0.1, (ref, during)
+
+
+async def _cpu_share(interval: float) -> float:
+    """CPU time of this process over `interval` of wall time, as a fraction of it."""
+    c0, t0 = time.process_time(), time.monotonic()
+    await asyncio.sleep(interval)
+    return (time.process_time() - c0) / (time.monotonic() - t0)

@@ -7,15 +7,18 @@ port tables and shared_info pages directly and nothing else touches them.
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from aiovmm import Hypervisor
-from aiovmm.abi import (DOMID_SELF, EVTCHN_2L_NR_CHANNELS, Errno, EvtchnStat, SharedInfo,
-                        VcpuInfo, Virq)
+from aiovmm import Hypervisor, builder, hypercall
+from aiovmm.abi import (DOMID_SELF, EVTCHN_2L_NR_CHANNELS, PAGE_SHIFT, Errno, EvtchnOp,
+                        EvtchnStat, Hypercall, SharedInfo, VcpuInfo, Virq)
 from aiovmm.events import EventError
 from conftest import guest
+
+ALL_ENGINES = True        # guest-booting tests run on every engine (conftest.py)
 
 
 async def _paused(hv, name):
@@ -299,6 +302,51 @@ async def test_unmask_and_status_port_range(two):
     after = bytes(a.mem.map[si:si + 4096])
     mask_end = SharedInfo.evtchn_mask + EVTCHN_2L_NR_CHANNELS // 8
     assert after[mask_end:] == before[mask_end:]
+
+
+def _evtchn_op(dom, cmd: int, payload: bytes) -> tuple[int, bytes]:
+    """HYPERVISOR_event_channel_op(cmd, arg) as the (paused) guest would make it: the
+    argument written into its own memory (pfn 0, mapped read-write), the call through the
+    real dispatcher; returns the result and the argument area afterwards."""
+    v = dom.vcpus[0]
+    va = builder.parse_kernel(guest("hello")).virt_base + 0x800
+    ma = dom.hypervisor.pagetables.translate(v.current_root << PAGE_SHIFT, va, True)
+    dom.mem.write(ma, payload.ljust(32, b"\0"))
+    rc = hypercall.call(v, Hypercall.event_channel_op, cmd, va)
+    return rc, dom.mem.read(ma, 32)
+
+
+async def test_event_channel_op_subops_through_the_hypercall(two):
+    """Each sub-op reaches its handler; operations on another domain's table are EPERM for
+    an unprivileged caller (Xen: xsm checks in evtchn_alloc_unbound / evtchn_status /
+    evtchn_reset); pirqs are not the domain's (EPERM); unknown sub-ops ENOSYS."""
+    a, b = two
+    rc, out = _evtchn_op(a, EvtchnOp.alloc_unbound, struct.pack("<HHI", DOMID_SELF, b.domid, 0))
+    port = struct.unpack_from("<I", out, 4)[0]
+    assert rc == 0 and a.evtchn.status(port).state == EvtchnStat.unbound
+    rc, out = _evtchn_op(a, EvtchnOp.alloc_unbound, struct.pack("<HHI", a.domid, b.domid, 0))
+    assert rc == 0
+    for foreign in (b.domid, 0):
+        assert _evtchn_op(a, EvtchnOp.alloc_unbound,
+                          struct.pack("<HHI", foreign, a.domid, 0))[0] == -Errno.EPERM
+    rc, out = _evtchn_op(a, EvtchnOp.bind_ipi, struct.pack("<II", 0, 0))
+    ipi = struct.unpack_from("<I", out, 4)[0]
+    assert rc == 0 and a.evtchn.status(ipi).state == EvtchnStat.ipi
+    assert _evtchn_op(a, EvtchnOp.bind_vcpu, struct.pack("<II", port, 0))[0] == 0
+    assert _evtchn_op(a, EvtchnOp.bind_vcpu, struct.pack("<II", port, 5))[0] == -Errno.ENOENT
+    rc, out = _evtchn_op(a, EvtchnOp.status, struct.pack("<HxxI", DOMID_SELF, port))
+    assert rc == 0
+    assert struct.unpack_from("<IIH", out, 8) == (EvtchnStat.unbound, 0, b.domid)
+    for foreign in (b.domid, 0):
+        assert _evtchn_op(a, EvtchnOp.status,
+                          struct.pack("<HxxI", foreign, port))[0] == -Errno.EPERM
+        assert _evtchn_op(a, EvtchnOp.reset, struct.pack("<H", foreign))[0] == -Errno.EPERM
+    assert a.evtchn.status(ipi).state == EvtchnStat.ipi       # the refused reset did nothing
+    assert _evtchn_op(a, EvtchnOp.bind_pirq, struct.pack("<III", 1, 0, 0))[0] == -Errno.EPERM
+    assert _evtchn_op(a, 99, b"")[0] == -Errno.ENOSYS
+    assert _evtchn_op(a, EvtchnOp.reset, struct.pack("<H", DOMID_SELF))[0] == 0
+    assert a.evtchn.status(ipi).state == EvtchnStat.closed
+    assert a.evtchn.status(port).state == EvtchnStat.closed
 
 
 async def test_bind_vcpu_rules(two):

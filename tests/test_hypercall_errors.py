@@ -55,3 +55,38 @@ def test_result(run, key):
     res = results(run.lines)
     assert key in res, f"guest printed no 'result {key}' line: {run.lines}"
     assert int(res[key]) == EXPECTED[key], f"{key}: got {res[key]}, Xen returns {EXPECTED[key]}"
+
+
+# -- argument checks of xen_version and vm_assist, through the real dispatcher -----------------
+@pytest.fixture
+async def paused_vcpu(hv):
+    """A hello.elf vCPU that never runs, and a scratch VA in its own read-write memory."""
+    from aiovmm import builder
+    dom = await hv.create(guest("hello"), memory_mib=8, name="hc-args")
+    dom.paused = True                                       # before the next await
+    try:
+        yield dom, dom.vcpus[0], builder.parse_kernel(guest("hello")).virt_base + 0x800
+    finally:
+        dom.crash("test done")
+        await dom.wait()
+
+
+async def test_xen_version_and_vm_assist_argument_checks(paused_vcpu):
+    """Xen (common/kernel.c): XENVER_get_features with a submap index past
+    XENFEAT_NR_SUBMAPS (1) is -EINVAL; XENVER_pagesize with a non-NULL argument -EINVAL;
+    vm_assist with a command other than enable/disable -ENOSYS and the assist unchanged."""
+    from aiovmm import hypercall
+    from aiovmm.abi import PAGE_SHIFT, Hypercall, XenVer
+    dom, v, va = paused_vcpu
+    ma = dom.hypervisor.pagetables.translate(v.current_root << PAGE_SHIFT, va, True)
+    for idx, rc in ((0, 0), (1, EINVAL), (0xFFFFFFFF, EINVAL)):
+        dom.mem.write(ma, idx.to_bytes(4, "little") + b"\xee" * 4)
+        assert hypercall.call(v, Hypercall.xen_version, XenVer.get_features, va) == rc, idx
+        if rc:
+            assert dom.mem.read(ma + 4, 4) == b"\xee" * 4      # nothing written on refusal
+    assert hypercall.call(v, Hypercall.xen_version, XenVer.pagesize, 0) == 4096
+    assert hypercall.call(v, Hypercall.xen_version, XenVer.pagesize, va) == EINVAL
+    before = dom.vm_assist
+    assert hypercall.call(v, Hypercall.vm_assist, 2, 0) == ENOSYS
+    assert hypercall.call(v, Hypercall.vm_assist, 0xFFFFFFFF, 1) == ENOSYS
+    assert dom.vm_assist == before

@@ -85,8 +85,12 @@ async def test_cpu_bound_guest_is_sliced_by_the_timer():
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
         ticker = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0 period_ms=10")
         await ticker.wait_for_line(r"^spin 2$", timeout=30)
-        cpus = [await hv.create(str(BUILD / "bench" / "cpu.elf"), memory_mib=16) for _ in range(3)]
-        engines = [d.vcpus[0].engine for d in cpus]
+        cpus, engines = [], []
+        for _ in range(3):
+            # The engine is taken at once: a cpu.elf may finish (and its vCPUs be dropped)
+            # before the next create returns.
+            cpus.append(await hv.create(str(BUILD / "bench" / "cpu.elf"), memory_mib=16))
+            engines.append(cpus[-1].vcpus[0].engine)
         before = sum(1 for l in ticker.console_lines if l.startswith("spin "))
         for d in cpus:
             assert await asyncio.wait_for(d.wait(), 60) == ShutdownReason.poweroff, d.describe_end()
@@ -118,3 +122,182 @@ async def test_m2p_alias_announced_and_readable():
         for mfn in (dom.p2m[0], dom.p2m[7], dom.shared_info_mfn):
             got = struct.unpack("<Q", eng._read_code(eng.m2p_va + 8 * mfn, 8))[0]
             assert got == hv.mem.m2p[mfn]
+
+
+async def test_step_to_executes_exactly_one_instruction():
+    """The engine's single step (RFLAGS.TF, used to emulate a trapped page-table store):
+    exactly one instruction runs, RIP lands on the next one, and TF is not left set."""
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        await dom.wait_for_line(r"^spin 1$", timeout=30)
+        dom.paused = True
+        await asyncio.sleep(0.05)                      # the vCPU task parks between slices
+        v = dom.vcpus[0]
+        eng = v.engine
+        saved = eng.read(("rip", "rax", "rflags"))
+        code_va = 0xFFFFFFFF80400000 - 4096           # unused padding page of the boot map
+        v.copy_to_guest(code_va, b"\x48\xff\xc0" * 2 + b"\xeb\xfe")   # inc rax; inc rax; jmp .
+        eng.write({"rip": code_va, "rax": 5})
+        assert eng.step_to(code_va + 3)
+        assert eng.read(("rip", "rax")) == [code_va + 3, 6]
+        assert not eng.get("rflags") & 0x100
+        eng.write({"rip": saved[0], "rax": saved[1], "rflags": saved[2]})
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 3$", timeout=30)
+
+
+def test_engine_names():
+    from aiovmm.kvm_engine import choose_engine
+    assert choose_engine("unicorn") == "unicorn"
+    assert choose_engine("kvm") == "kvm"
+    assert choose_engine("auto") in ("unicorn", "kvm")
+    with pytest.raises(ValueError, match="tcg"):
+        choose_engine("tcg")
+    p = run_cli("run", "--engine", "tcg", guest("hello"))
+    assert p.returncode != 0 and "invalid choice" in p.stderr
+
+
+@pytest.mark.skipif(not __import__("aiovmm.kvm_engine").kvm_engine.hardware_virtualization(),
+                    reason="kvm-pvm runs CPUID natively at CPL 3: no table reaches the guest")
+async def test_cpuid_table_reaches_the_guest():
+    """set_cpuid() is what a CPL-3 CPUID returns (the hook for the shared CPUID policy):
+    here KVM's supported table with Xen's hypervisor leaf in place of KVM's."""
+    import struct
+    from aiovmm.kvm_engine import supported_cpuid
+    xen_sig = struct.unpack("<III", b"XenVMMXenVMM")
+    table = [e for e in supported_cpuid() if e[0] != 0x40000000]
+    table.append((0x40000000, 0, 0x40000002, *xen_sig))
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        dom.paused = True                     # before the vCPU task's first slice
+        v = dom.vcpus[0]
+        eng = v.engine
+        eng.set_cpuid(table)
+        code_va = 0xFFFFFFFF80400000 - 4096
+        v.copy_to_guest(code_va, b"\x0f\xa2\xeb\xfe")          # cpuid; jmp .
+        saved = eng.read(("rip",))[0]
+        eng.write({"rip": code_va, "rax": 0x40000000, "rcx": 0})
+        assert eng.step_to(code_va + 2)
+        assert eng.read(("rax", "rbx", "rcx", "rdx")) == [0x40000002, *xen_sig]
+        eng.write({"rip": saved, "rax": 0, "rcx": 0})
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 2$", timeout=30)
+
+
+async def test_block_guest_on_kvm(tmp_path):
+    """blkfront on the KVM engine: grant-mapped requests, events and the ring, end to end."""
+    from conftest import results as parse_results
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4 << 20))
+    n = 64
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(guest("blk"), memory_mib=16, cmdline=f"mode=rw sectors={n} pattern=7 start=3",
+                              disks=[f"target={img},vdev=xvda,access=rw"])
+        assert await asyncio.wait_for(dom.wait(), 120) == ShutdownReason.poweroff, dom.describe_end()
+        res = parse_results(list(dom.console_lines))
+    assert res["write"] == str(n) and res["read_ok"] == str(n) and res["errors"] == "0", res
+    assert img.read_bytes()[:3 * 512] == bytes(3 * 512)
+    assert img.read_bytes()[3 * 512:(3 + n) * 512] != bytes(n * 512)
+
+
+async def test_net_guest_on_kvm_answers_ping():
+    from aiovmm.testing import VirtualLan
+    async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=256, engine="kvm") as hv:
+        dom = await hv.create(guest("net"), memory_mib=16, name="k2", cmdline="ip=198.18.0.2/24 name=k2",
+                              vifs=[lan.vif("00:16:3e:00:00:02")])
+        await dom.wait_for_line(r"^net: up mac=00:16:3e:00:00:02 ip=198\.18\.0\.2$", timeout=60)
+        rc, out = await lan.run("ping", "-c", "3", "-i", "0.2", "-W", "3", "198.18.0.2")
+        assert rc == 0 and " 0% packet loss" in out, out
+        rc, out = await lan.run("curl", "-s", "-m", "10", "http://198.18.0.2/")
+        assert rc == 0 and "aiovmm guest k2" in out, out
+
+
+async def test_domains_release_their_vm():
+    """Each KVM domain owns a VM, a vCPU and a timer; destroying it releases all of them
+    (no descriptor growth over many boots)."""
+    import os
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        async def one():
+            dom = await hv.create(guest("hello"), memory_mib=4)
+            assert await asyncio.wait_for(dom.wait(), 30) == ShutdownReason.poweroff
+            while dom.domid in hv.domains:
+                await asyncio.sleep(0.001)
+        await one()
+        fds = len(os.listdir("/proc/self/fd"))
+        for _ in range(15):
+            await one()
+        assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+async def test_forged_syscall_entry_cannot_raise_iopl():
+    """The SYSCALL entry page is guest-executable (kvm-pvm keeps SYSCALL at CPL 3): a guest
+    jumping there with a forged R11 must not get IOPL 3 (or VM/NT) in its RFLAGS."""
+    from aiovmm.kvm_engine import ring0
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        await dom.wait_for_line(r"^spin 1$", timeout=30)
+        dom.paused = True
+        await asyncio.sleep(0.05)
+        v = dom.vcpus[0]
+        eng = v.engine
+        saved = eng.read(("rip", "rax", "rdi", "rcx", "r11", "rflags"))
+        code_va = 0xFFFFFFFF80400000 - 4096
+        v.copy_to_guest(code_va, b"\xeb\xfe")                       # jmp .
+        eng.write({"rip": ring0(hv.xen).syscall_va, "rax": 17, "rdi": 0, "rcx": code_va,
+                   "r11": 0x3202 | 0x20000 | 0x4000})
+        # One KVM_RUN: the entry page's `out` exits; check the state the engine returns to
+        # CPL 3 with before KVM itself could filter it.
+        import time as _time
+        eng._begin(_time.monotonic_ns() + 50_000_000)
+        try:
+            assert eng._kvm_run() == 0
+            assert eng._handle_exit()
+        finally:
+            eng._end()
+        assert eng.get("rip") == code_va
+        assert eng.get("rflags") & (0x3000 | 0x20000 | 0x4000) == 0
+        assert eng.get("rax") == (4 << 16) | 17                   # xen_version ran
+        eng.write(dict(zip(("rip", "rax", "rdi", "rcx", "r11", "rflags"), saved)))
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 3$", timeout=30)
+
+
+async def test_unmapped_page_faults_after_host_side_page_table_change():
+    """The hypervisor removes a mapping by writing the guest's L1 from the host (as every
+    mmu_update does): KVM's shadow of that L1 must not keep the old translation."""
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        await dom.wait_for_line(r"^spin 1$", timeout=30)
+        dom.paused = True
+        await asyncio.sleep(0.05)
+        v = dom.vcpus[0]
+        eng = v.engine
+        pt = hv.pagetables
+        saved = eng.read(("rip", "rax"))
+        data_va = 0xFFFFFFFF80400000 - 2 * 4096           # padding pages of the boot map
+        code_va = 0xFFFFFFFF80400000 - 4096
+        v.copy_to_guest(data_va, (0x1122334455667788).to_bytes(8, "little"))
+        v.copy_to_guest(code_va, b"\x48\xa1" + data_va.to_bytes(8, "little") + b"\xeb\xfe")
+        eng.write({"rip": code_va, "rax": 0})
+        assert eng.step_to(code_va + 10) and eng.get("rax") == 0x1122334455667788
+        ptr = pt.l1_entry_address(v.kernel_root, data_va)
+        old = hv.mem.read_u64(ptr)
+        pt.update_entry(dom.domid, ptr, 0)                   # unmap, as mmu_update would
+        eng.flush_tlb()
+        faults = []
+        on_exc, eng.on_exception = eng.on_exception, lambda vec, err, cr2: (faults.append((vec, cr2)), eng.stop())
+        try:
+            eng.write({"rip": code_va, "rax": 0})
+            assert not eng.step_to(code_va + 10)
+        finally:
+            eng.on_exception = on_exc
+        assert faults == [(14, data_va)] and eng.get("rax") == 0
+        pt.update_entry(dom.domid, ptr, old)
+        eng.flush_tlb()
+        eng.write({"rip": saved[0], "rax": saved[1]})
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 3$", timeout=30)

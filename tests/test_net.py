@@ -290,23 +290,30 @@ async def test_hostile_overlong_chain_is_consumed_whole():
 async def test_hostile_dangling_chain_disconnects_the_vif_without_spinning():
     """Issue 9 finding 5: one tx request with NETTXF_more_data, its chain never published.
     Linux netback treats a chain longer than req_prod as fatal: this vif is disconnected (and
-    only it), the backend never re-polls the ring (the host process's CPU time over the
-    following interval stays a small part of that interval; a spin takes all of it), and a
-    neighbour keeps answering pings."""
+    only it), the backend never re-polls the ring (the host process's CPU share over the
+    following second stays near the share measured before the attack, with the same
+    neighbour and pings; a spin takes a whole core's worth), and a neighbour keeps answering
+    pings."""
     import time
     async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=256) as hv:
         g2 = await boot_net(hv, lan, 2)
-        ping = asyncio.create_task(lan.run("ping", "-c", "60", "-i", "0.05", "-W", "2", "198.18.0.2",
+        ping = asyncio.create_task(lan.run("ping", "-c", "100", "-i", "0.05", "-W", "2", "198.18.0.2",
                                            timeout=60))
+
+        async def cpu_share(interval: float = 1.0) -> float:
+            c0, t0 = time.process_time(), time.monotonic()
+            await asyncio.sleep(interval)
+            return (time.process_time() - c0) / (time.monotonic() - t0)
+
+        ref = await cpu_share()                 # the neighbour answering the pings
         h = await hv.create(HOSTILE, memory_mib=16, name="hostile",
                             cmdline="ip=198.18.0.9 peer=198.18.0.1 dangling=1 hold_ms=2500",
                             vifs=[lan.vif("00:16:3e:00:00:09")])
         line = await h.wait_for_line(r"^result dangling_chain ", timeout=30)
-        interval = 1.0
-        c0, t0 = time.process_time(), time.monotonic()
-        await asyncio.sleep(interval)
-        cpu, wall = time.process_time() - c0, time.monotonic() - t0
-        assert cpu < 0.5 * wall, (cpu, wall)
+        # A loop re-polling the ring takes whatever share of a core the host gives the
+        # process (all of it on an idle host): far above the reference either way.
+        during = await cpu_share()
+        assert during < ref + 0.1, (ref, during)
         res = results(h.console_lines)
         assert res["dangling_before"] == "0 n=1 ok=1 err=0 null=0 ids=ok", res
         # Disconnected (Closing or Closed), the dangling request not answered.

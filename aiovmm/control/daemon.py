@@ -200,6 +200,9 @@ class Controller:
         self.records.pop(dom.domid, None)
         self.names.discard(dom.name)
         log.info("d%d (%s): gone (%s)", dom.domid, dom.name, dom.describe_end())
+        if reason == ShutdownReason.crash:
+            for line in dom.console_lines[-3:]:          # why, in the guest's words
+                log.warning("d%d (%s) console: %s", dom.domid, dom.name, line)
         if reason == ShutdownReason.reboot and rec.spec.on_reboot == "restart":
             spec = dataclasses.replace(rec.spec, name=dom.name)
             try:
@@ -477,9 +480,15 @@ class Controller:
         if any(b.devid == bb.devid for b in self.vbds(dom)):
             raise ControlError(409, f"d{dom.domid} already has a disk {bb.vdev}")
         try:
-            bb.claim(self.hv.disks_in_use)
+            await bb.claim(self.hv.disks_in_use)      # the image lock is taken off the loop
         except ValueError as e:
             raise ControlError(409, f"disk {spec!r}: {e}") from None
+        # The world may have moved during that await: the domain dying, or a concurrent
+        # attach of the same vdev. Re-check before anything is published.
+        if dom.dying or any(b.devid == bb.devid for b in self.vbds(dom)):
+            bb.release(self.hv.disks_in_use)
+            raise ControlError(409, f"d{dom.domid} is shutting down" if dom.dying
+                               else f"d{dom.domid} already has a disk {bb.vdev}")
         bb.publish()
         dom.backends.append(bb)
         try:

@@ -255,14 +255,23 @@ class Tree:
         node = replace(node, gen=next_gen())
         self.nodes[path] = node
         if old is not None:
-            self.counts[old.owner] -= 1
+            self._uncount(old.owner)
         self.counts[node.owner] = self.counts.get(node.owner, 0) + 1
         return node
+
+    def _uncount(self, owner: int) -> None:
+        """One node fewer for `owner`; an owner with none left has no entry (dead domains'
+        zero counts would otherwise stay forever)."""
+        n = self.counts[owner] - 1
+        if n:
+            self.counts[owner] = n
+        else:
+            del self.counts[owner]
 
     def delete(self, path: str) -> None:
         old = self.nodes.pop(path, None)
         if old is not None:
-            self.counts[old.owner] -= 1
+            self._uncount(old.owner)
 
     def count(self, domid: int) -> int:
         return self.counts.get(domid, 0)

@@ -81,9 +81,11 @@ class Store:
     def release(self, domid: int, *, remove_home: bool = True) -> None:
         """Release `domid` (XS_RELEASE): @releaseDomain; its connections are closed."""
         changes, conns = domain.release(self.tree, self.domains, domid, remove_home)
-        self.changed(changes)
+        # Disconnect first: the released domain's own watches must not fire into its ring,
+        # whose event channel may already be closed (a Linux guest watches its own nodes).
         for conn in conns:
             self.disconnect(conn)
+        self.changed(changes)
         self.on_release(conns)
 
     def is_introduced(self, domid: int) -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctlhelp import Daemon
+from .ctlhelp import Daemon
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ctlhelp import Daemon, _cli_command, guest, kernel, ticks, ROOT
+from .ctlhelp import Daemon, _cli_command, guest, kernel, ticks, ROOT
 
 LIST_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([r-][b-][p-][s-][c-][d-])\s+(\d+\.\d)$")
 
@@ -291,3 +291,43 @@ def test_api_create_refusals(daemon, body, status, message):
     assert (got, data) == (status, {"error": message})
     assert snapshot(daemon) == before
     assert daemon.api("GET", "/api/v1/domains") == []
+
+
+def test_console_on_a_terminal(daemon):
+    """Interactive use: stdin is a terminal (a pty here), put in raw mode so Enter sends \\r
+    and Ctrl-] reaches the client, which leaves and restores the terminal."""
+    import pty
+    import select
+    import termios
+    cfg = daemon.write_cfg("tty1", kernel=kernel(), memory=8, extra="ticks=1 echo=1 echo_timeout=0")
+    daemon.ok("create", cfg)
+    daemon.wait_console("tty1", r"^echo: ready$")
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    env = dict(os.environ, AIOVMM_SOCKET=daemon.socket)
+    p = subprocess.Popen(_cli_command() + ["console", "tty1"], stdin=slave, stdout=slave, stderr=slave,
+                         env=env, cwd=ROOT)
+    out = b""
+
+    def read_until(token: bytes, timeout: float = 30) -> None:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while token not in out and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                out += os.read(master, 4096)
+        assert token in out, out
+    try:
+        read_until(b"echo: ready")
+        time.sleep(0.5)                               # raw mode is set before the first byte
+        os.write(master, b"typed on a tty\r")
+        read_until(b"echo: typed on a tty")
+        os.write(master, b"\x1d")
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        after = termios.tcgetattr(slave)
+        os.close(master)
+        os.close(slave)
+    assert after == before                            # the terminal is restored
+    daemon.ok("destroy", "tty1")

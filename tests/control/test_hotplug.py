@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from aiovmm.testing import VirtualLan
-from ctlhelp import guest
+from .ctlhelp import guest
 
 XVDB = (202 << 8) | 16          # devid of xvdb
 

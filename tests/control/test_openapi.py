@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ctlhelp import Daemon, _cli_command, kernel
+from .ctlhelp import Daemon, _cli_command, kernel
 
 TOKEN = "aiovmm-test-token-0123456789"
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from ctlhelp import ARTIFACTS, kernel, ticks
-from test_openapi import TOKEN, tls_daemon  # noqa: F401  (the TLS daemon fixture)
+from .ctlhelp import ARTIFACTS, kernel, ticks
+from .test_openapi import TOKEN, tls_daemon  # noqa: F401  (the TLS daemon fixture)
 
 CHROMIUM = shutil.which("chromium")
 DRIVER = shutil.which("chromedriver")
