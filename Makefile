@@ -10,9 +10,9 @@ NATIVE  := aiovmm/_native/preempt.so aiovmm/_native/kvm.so
 
 WEBDEBS := chromium chromium-driver openssl
 
-.PHONY: setup demo test bench mutants guests linux clean debs web-test-deps
+.PHONY: xen-utils setup demo test bench mutants guests linux clean debs web-test-deps
 
-setup: debs $(STAMP) $(NATIVE) guests linux
+setup: debs $(STAMP) $(NATIVE) guests linux xen-utils
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -50,6 +50,16 @@ guests:
 # Linux test initramfs, in guests/build/linux/ (guests/linux/build.py; idempotent).
 linux: $(STAMP)
 	$(VPY) guests/linux/build.py
+
+# Xen's verify-stream-v2 (checks aiovmm's save files): Debian's xen-utils-4.17 unpacked,
+# never installed (installing it would pull in the Xen hypervisor and grub).
+XENUTILS := guests/build/xen-utils/usr/lib/xen-4.17/bin/verify-stream-v2
+xen-utils: $(XENUTILS)
+$(XENUTILS):
+	rm -rf guests/build/xen-utils.dl && mkdir -p guests/build/xen-utils.dl
+	cd guests/build/xen-utils.dl && apt-get download -q xen-utils-4.17 2>&1 | grep -v unsandboxed || true
+	dpkg-deb -x guests/build/xen-utils.dl/xen-utils-4.17_*.deb guests/build/xen-utils
+	rm -rf guests/build/xen-utils.dl
 
 demo: setup
 	$(VPY) examples/demo.py

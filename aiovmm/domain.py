@@ -103,6 +103,10 @@ class Domain:
         self.ldt = (0, 0)
         self.boot_l4 = 0
         self.paused = False
+        self.suspended = None            # migration.suspend.Suspended while suspended for a save
+        self.suspend_waiter: asyncio.Future | None = None
+        self.suspend_cancel = False      # the kernel declared XEN_ELFNOTE_SUSPEND_CANCEL
+        self.start_info_pfn = 0          # set by the builder (or restore)
         self.shutdown_reason: ShutdownReason | None = None
         self.shutdown_code: int | None = None
         self.crash_reason = ""
@@ -252,7 +256,7 @@ class Domain:
             log.info("d%d (%s): paused", self.domid, self.name)
 
     def unpause(self) -> None:
-        if self.paused:
+        if self.paused and self.suspended is None:
             self.paused = False
             log.info("d%d (%s): unpaused", self.domid, self.name)
             for v in self.vcpus:
@@ -302,6 +306,13 @@ class Domain:
         if self.shutdown_reason == ShutdownReason.crash:
             return f"crashed: {self.crash_reason}" if self.crash_reason else "crashed (guest request)"
         return self.shutdown_reason.name
+
+    async def save(self, path: str, *, checkpoint: bool = False, progress=None):
+        """Suspend the guest (Xen's cooperative protocol) and write it to `path` as xl's
+        save file (migration stream v2). The domain is destroyed afterwards, as by
+        `xl save`, unless `checkpoint` (then it resumes: a cancelled suspend)."""
+        from .migration.files import save_file
+        return await save_file(self, path, checkpoint=checkpoint, progress=progress)
 
     async def wait(self) -> ShutdownReason:
         return await asyncio.shield(self.done)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import builder, descriptors, timers, toolstack
 from .xenstore.server import XenstoreServer
-from .abi import DOMID_XEN, FLAT_KERNEL_SS, PAGE_SHIFT, ShutdownReason
+from .abi import DOMID_XEN, FLAT_KERNEL_SS, PAGE_SHIFT, ElfNote, ShutdownReason
 from .domain import Domain
 from .events import HostEvents
 from .errors import BuildError
@@ -225,6 +225,7 @@ class Hypervisor:
         try:
             dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console, log_dir=self.log_dir)
             dom.engine_kind = engine_kind
+            dom.suspend_cancel = bool(img.notes.get(ElfNote.SUSPEND_CANCEL, 0))
             log.info("d%d: vCPU engine %s", domid, engine_kind)
         except OutOfMemory as e:
             raise BuildError(f"not enough machine memory for {memory_mib} MiB: {e}") from None
@@ -244,6 +245,7 @@ class Hypervisor:
                 await asyncio.wait({copy})
                 raise
             builder.finish(dom, img, lay, cmdline, rd, hcall_page=_hypercall_page(engine_kind))
+            dom.start_info_pfn = lay.start_info_pfn     # where save/migration find the P2M list
             self._create_vcpu0(dom, img, lay)
             toolstack.introduce(self, dom)
             from .backends.net import Netback
@@ -264,7 +266,7 @@ class Hypervisor:
             dom.destroy()
             del self.domains[domid]
             raise
-        dom.task = self._tg.create_task(self._run_domain(dom), name=f"d{domid}")
+        self.start_domain(dom)
         return dom
 
     def start_backend(self, dom: Domain, backend) -> asyncio.Task:
@@ -277,13 +279,29 @@ class Hypervisor:
         dom.backend_tasks.append(task)
         return task
 
-    def _create_vcpu0(self, dom: Domain, img: builder.KernelImage, lay: builder.Layout) -> None:
+    def new_engine(self, dom: Domain, vcpu_id: int):
+        """A vCPU engine of the domain's kind (the builder and restore both use it)."""
         if dom.engine_kind == "kvm":
             from .kvm_engine import KVMEngine
-            eng = KVMEngine(self.mem, self.xen, name=f"d{dom.domid}v0")
-        else:
-            eng = VCPUEngine(self.mem.fd_address, self.mem.size, until=self.xen.UNTIL_VA,
-                             name=f"d{dom.domid}v0")
+            return KVMEngine(self.mem, self.xen, name=f"d{dom.domid}v{vcpu_id}")
+        return VCPUEngine(self.mem.fd_address, self.mem.size, until=self.xen.UNTIL_VA,
+                          name=f"d{dom.domid}v{vcpu_id}")
+
+    def start_domain(self, dom: Domain) -> None:
+        """Run a built (or restored) domain as a task of the hypervisor's TaskGroup."""
+        dom.task = self._tg.create_task(self._run_domain(dom), name=f"d{dom.domid}")
+
+    async def restore(self, path: str, *, name: str | None = None,
+                      on_console: Callable[[bytes], None] | None = None, progress=None) -> Domain:
+        """A domain from a save file (`Domain.save`); raises migration.StreamError for a
+        file it refuses (nothing is left behind)."""
+        from .migration.files import restore_file
+        dom, _stats = await restore_file(self, path, name=name, on_console=on_console,
+                                         progress=progress)
+        return dom
+
+    def _create_vcpu0(self, dom: Domain, img: builder.KernelImage, lay: builder.Layout) -> None:
+        eng = self.new_engine(dom, 0)
         v = VCPU(dom, 0, eng)
         eng.kernel_mode = lambda: v.kernel_mode
         dom.vcpus.append(v)

@@ -408,11 +408,15 @@ class Scheduler:
 
 
 # ------------------------------------------------------------------------------- sched_op
-def _shutdown(v: "VCPU", reason: int) -> None:
+def _shutdown(v: "VCPU", reason: int, start_info_mfn: int = 0) -> None:
     try:
         r = ShutdownReason(reason)
     except ValueError:
         raise HypercallError(Errno.EINVAL, f"bad shutdown reason {reason}")
+    if r == ShutdownReason.suspend:
+        from .migration.suspend import guest_suspend
+        if guest_suspend(v, start_info_mfn):       # the toolstack asked: the domain waits
+            return
     v.domain.shutdown(r)
     v.engine.stop()
 
@@ -428,7 +432,7 @@ def do_sched_op(v: "VCPU", cmd: int, arg: int, a3: int = 0, *_) -> int:
         return 0
     if cmd == SchedOp.shutdown:
         reason = int.from_bytes(v.copy_from_guest(arg, 4), "little")
-        _shutdown(v, reason)
+        _shutdown(v, reason, a3)
         return 0
     if cmd == SchedOp.shutdown_code:
         reason = int.from_bytes(v.copy_from_guest(arg, 4), "little")

@@ -112,3 +112,28 @@ class VirtualLan:
             out, _ = await proc.communicate()
             return -1, out.decode(errors="replace") + "\n(timeout)"
         return proc.returncode, out.decode(errors="replace")
+
+
+# ------------------------------------------------------------------------------ pytest plugin
+# Registered as a pytest11 entry point (pyproject.toml): a suite that has aiovmm installed
+# gets these fixtures without a conftest. Async fixtures need pytest-asyncio.
+try:
+    import pytest as _pytest
+    import pytest_asyncio as _pytest_asyncio
+except ImportError:                    # used as a library without pytest: no fixtures
+    _pytest = None
+
+if _pytest is not None:
+    @_pytest_asyncio.fixture
+    async def aiovmm_hypervisor():
+        """A Hypervisor with 256 MiB of machine memory; every guest is destroyed after
+        the test."""
+        from .hypervisor import Hypervisor
+        async with Hypervisor(memory_mib=256) as hv:
+            yield hv
+
+    @_pytest_asyncio.fixture
+    async def aiovmm_lan():
+        """A VirtualLan (bridge + "host" namespace, 198.18.0.1/24), removed after the test."""
+        async with VirtualLan("198.18.0.1/24") as lan:
+            yield lan

@@ -77,11 +77,16 @@ async def serve_store_ring(hv: "Hypervisor", dom: "Domain") -> None:
     daemon, and kick the connection on every event from the guest. Runs until cancelled."""
     mapping = grants.host_map(dom, grants.GNTTAB_RESERVED_XENSTORE)
     port = hv.host.endpoint_bind(dom.domid, dom.store_port)
+    transport = None
     try:
         transport = hv.xenstore.serve_ring(dom.domid, mapping.view, port.notify)
         while True:
             await port.wait()
             transport.kick()
     finally:
+        # The connection ends with the port: a watch firing later (the home removed on
+        # release) must not notify a closed port.
+        if transport is not None:
+            transport.close()
         port.close()
         mapping.close()

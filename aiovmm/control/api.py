@@ -288,6 +288,40 @@ async def detach_vbd(req: web.Request) -> web.Response:
     return _json({"devid": dev.devid, "status": "detached"})
 
 
+async def save_domain(req: web.Request) -> web.Response:
+    data = await _body(req)
+    path = _field(data, "file", str, required=True)
+    checkpoint = _field(data, "checkpoint", bool, default=False)
+    return _json(await _ctl(req).save(req.match_info["dom"], path, checkpoint))
+
+
+async def migrate_domain(req: web.Request) -> web.Response:
+    data = await _body(req)
+    dest = _field(data, "destination", str, required=True)
+    downtime = _field(data, "downtime_ms", (int, float), default=30)
+    bandwidth = _field(data, "bandwidth", (int, float), default=0)
+    if not 0 < downtime <= 10_000 or bandwidth < 0:
+        raise ControlError(400, "downtime_ms must be 0..10000 and bandwidth >= 0")
+    return _json(await _ctl(req).migrate(req.match_info["dom"], dest, float(downtime), float(bandwidth)))
+
+
+async def get_progress(req: web.Request) -> web.Response:
+    ctl = _ctl(req)
+    rec = ctl.lookup(req.match_info["dom"])
+    p = ctl.progress.get(rec.dom.domid)
+    if p is None:
+        raise ControlError(404, f"d{rec.dom.domid}: no save or migration in progress")
+    return _json(dict(p, id=rec.dom.domid))
+
+
+async def restore_domain(req: web.Request) -> web.Response:
+    ctl = _ctl(req)
+    data = await _body(req)
+    path = _field(data, "file", str, required=True)
+    rec = await ctl.restore(path, _field(data, "name", str))
+    return _json(ctl.describe(rec), 201)
+
+
 async def console_text(req: web.Request) -> web.Response:
     ctl = _ctl(req)
     rec = ctl.lookup(req.match_info["dom"])
@@ -401,6 +435,10 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", f"{API}/domains/{{dom}}/vbds", list_vbds, "listVbds"),
     ("POST", f"{API}/domains/{{dom}}/vbds", attach_vbd, "attachVbd"),
     ("DELETE", f"{API}/domains/{{dom}}/vbds/{{dev}}", detach_vbd, "detachVbd"),
+    ("POST", f"{API}/domains/{{dom}}/save", save_domain, "saveDomain"),
+    ("POST", f"{API}/restore", restore_domain, "restoreDomain"),
+    ("POST", f"{API}/domains/{{dom}}/migrate", migrate_domain, "migrateDomain"),
+    ("GET", f"{API}/domains/{{dom}}/progress", get_progress, "getProgress"),
     ("GET", f"{API}/domains/{{dom}}/console", console_text, "getConsole"),
     ("POST", f"{API}/domains/{{dom}}/console", console_input, "sendConsoleInput"),
     ("GET", f"{API}/domains/{{dom}}/console/ws", console_ws, "consoleWebSocket"),

@@ -14,6 +14,10 @@ from typing import Any, Callable
 from .client import Client, ClientError, dom_path
 
 EXIT_ERR = 1
+
+
+class ServeOptionsDefaults:
+    SAVE_DIR = "/var/lib/aiovmm/save"      # daemon.DEFAULT_SAVE_DIR (not imported: CLI start-up)
 CTRL_RBRACKET = 0x1D       # Ctrl-]: leave the console (xl's escape)
 
 
@@ -343,14 +347,96 @@ async def _console_async(c: Client, ref: str) -> int:
 
 
 # ------------------------------------------------------------------------------ serve
+def _with_spinner(what: str, call: Callable[[], Any]) -> Any:
+    """Run a blocking API call under a rich status line with the elapsed time (stderr)."""
+    from rich.console import Console
+    con = Console(stderr=True)
+    if not con.is_terminal:
+        return call()
+    with con.status(what):
+        return call()
+
+
+def _with_progress(what: str, c: Client, ref: str, call: Callable[[], Any]) -> Any:
+    """Run a blocking API call in a thread and show the daemon's progress for the domain
+    (GET .../progress) as a rich progress bar on stderr while it runs."""
+    import threading
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    con = Console(stderr=True)
+    if not con.is_terminal:
+        return call()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["r"] = call()
+        except BaseException as e:          # re-raised on the caller's thread
+            box["e"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    poll = c                                 # a new connection per request: thread-safe
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=con, transient=True) as bar:
+        task = bar.add_task(what, total=None, info="")
+        while t.is_alive():
+            try:
+                p = poll.get(dom_path(ref, "progress"))
+                info = f"{p['phase']} {p['done']}/{p['total']} pages"
+                if p.get("operation") == "migrate":
+                    info += f", round {p.get('rounds', 0)}, {p.get('dirty', 0)} dirty"
+                bar.update(task, total=max(p["total"], 1), completed=min(p["done"], p["total"]), info=info)
+            except ClientError:
+                pass
+            t.join(0.1)
+    if "e" in box:
+        raise box["e"]
+    return box["r"]
+
+
+def v_save(a: argparse.Namespace) -> int:
+    c = _client(a)
+    path = os.path.abspath(a.file)
+    r = _with_progress(f"saving {a.domain}", c, a.domain,
+                       lambda: c.post(dom_path(a.domain, "save"), {"file": path, "checkpoint": a.checkpoint}))
+    print(f"Saved d{r['id']} ({r['name']}) to {a.file}: {r['pages']} pages, "
+          f"{r['bytes'] / (1 << 20):.1f} MiB in {r['seconds'] * 1e3:.0f} ms"
+          + (" (still running)" if a.checkpoint else ""), file=sys.stderr)
+    return 0
+
+
+def v_restore(a: argparse.Namespace) -> int:
+    c = _client(a)
+    body = {"file": os.path.abspath(a.file)}
+    if a.name:
+        body["name"] = a.name
+    d = _with_spinner(f"restoring {a.file}", lambda: c.post("/api/v1/restore", body))
+    print(f"Restored {a.file} as d{d['id']} ({d['name']})", file=sys.stderr)
+    return 0
+
+
+def v_migrate(a: argparse.Namespace) -> int:
+    c = _client(a)
+    body = {"destination": a.destination, "downtime_ms": a.downtime_ms, "bandwidth": a.bandwidth}
+    r = _with_progress(f"migrating {a.domain} to {a.destination}", c, a.domain,
+                       lambda: c.post(dom_path(a.domain, "migrate"), body))
+    print(f"Migrated d{r['id']} ({r['name']}) to {r['destination']} as d{r['remote_id']}: "
+          f"{r['rounds']} rounds, {r['pages_sent']} pages ({r['pages_ratio']:.2f} per guest page), "
+          f"downtime {r['downtime_ms']:.1f} ms, total {r['total_s']:.2f} s", file=sys.stderr)
+    return 0
+
+
 def v_serve(a: argparse.Namespace) -> int:
     from .daemon import ServeOptions, check_tcp_options, serve
     o = ServeOptions(socket_path=a.socket or os.environ.get("AIOVMM_SOCKET") or ServeOptions.socket_path,
                      machine_memory=a.machine_memory, listen=a.listen, tls_cert=a.tls_cert,
                      tls_key=a.tls_key, token_file=a.token_file, xenstore_socket=a.xenstore_socket,
-                     log_dir=a.log_dir)
+                     log_dir=a.log_dir, save_dir=a.save_dir, migration_listen=a.migration_listen,
+                     migration_secret_file=a.migration_secret_file)
     try:
         check_tcp_options(o)
+        if o.migration_listen and not o.migration_secret_file:
+            raise ValueError("--migration-listen needs --migration-secret-file")
     except (ValueError, OSError) as e:
         raise ClientError(str(e)) from None
     try:
@@ -384,9 +470,27 @@ def register(sub: Any) -> None:
     p.add_argument("--token-file", default=None, help="bearer token for TCP clients")
     p.add_argument("--xenstore-socket", default=None, metavar="PATH")
     p.add_argument("--log-dir", default=None)
+    p.add_argument("--migration-listen", default=None, metavar="HOST:PORT",
+                   help="accept live migrations (senders prove --migration-secret-file)")
+    p.add_argument("--migration-secret-file", default=None, metavar="FILE",
+                   help="shared secret (>= 16 bytes) proven by HMAC in both directions")
+    p.add_argument("--save-dir", default=ServeOptionsDefaults.SAVE_DIR, metavar="DIR",
+                   help="save/restore files only under this directory (default %(default)s)")
     p = add("create", v_create, "create a domain from an xl.cfg file")
     p.add_argument("config", metavar="CFG")
     p.add_argument("-c", dest="console", action="store_true", help="attach to the console")
+    p = add("save", v_save, "suspend a domain and write it to a file (xl save)")
+    p.add_argument("-c", dest="checkpoint", action="store_true", help="leave the domain running")
+    domain(p)
+    p.add_argument("file", metavar="FILE")
+    p = add("migrate", v_migrate, "live-migrate a domain to another daemon (xl migrate)")
+    domain(p)
+    p.add_argument("destination", metavar="HOST:PORT")
+    p.add_argument("--downtime-ms", type=float, default=30.0)
+    p.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s for pre-copy (0: unlimited)")
+    p = add("restore", v_restore, "a domain from a save file (xl restore)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--name", default=None)
     p = add("list", v_list, "list domains")
     p.add_argument("-l", "--long", action="store_true", help="detailed (JSON) output")
     p.add_argument("domains", nargs="*", metavar="DOMAIN")

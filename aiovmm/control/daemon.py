@@ -95,6 +95,9 @@ class DmesgHandler(logging.Handler):
             self.handleError(record)
 
 
+DEFAULT_SAVE_DIR = "/var/lib/aiovmm/save"
+
+
 class Controller:
     def __init__(self, hv: Hypervisor, scheduler: MeteredScheduler, dmesg: DmesgHandler) -> None:
         self.hv = hv
@@ -105,6 +108,9 @@ class Controller:
         self.lag = LoopLag()
         self.started = time.time()
         self._tg: asyncio.TaskGroup | None = None
+        self.save_dir = DEFAULT_SAVE_DIR
+        self.migration_secret: bytes | None = None
+        self.progress: dict[int, dict] = {}     # domid -> save/migrate progress (GET .../progress)
 
     # -- lookup -------------------------------------------------------------------------------
     def lookup(self, ref: str) -> Record:
@@ -257,6 +263,119 @@ class Controller:
         rec = self.live(ref)
         self._request_shutdown(rec, ShutdownReason.reboot)
         return rec
+
+    # -- save / restore (migration/) -------------------------------------------------------------
+    def save_path(self, path: str, *, exists: bool) -> str:
+        """A save file's path, refused unless absolute and inside the daemon's save
+        directory (`serve --save-dir`): the API must not write or read anywhere as root."""
+        if not os.path.isabs(path):
+            raise ControlError(400, "the save file path must be absolute")
+        real = os.path.realpath(path)
+        root = os.path.realpath(self.save_dir)
+        if os.path.commonpath([real, root]) != root or real == root:
+            raise ControlError(400, f"{path}: outside the daemon's save directory {self.save_dir} "
+                                    "(aiovmm serve --save-dir)")
+        if exists and not os.path.isfile(real):
+            raise ControlError(404, f"{path}: no such save file")
+        if not exists and not os.path.isdir(os.path.dirname(real)):
+            raise ControlError(400, f"{path}: the directory does not exist")
+        return real
+
+    async def save(self, ref: str, path: str, checkpoint: bool) -> dict:
+        from ..migration.save import SaveError
+        from ..migration.suspend import SuspendError
+        rec = self.live(ref)
+        real = self.save_path(path, exists=False)
+        dom = rec.dom
+        self.progress[dom.domid] = {"operation": "save", "phase": "suspend", "done": 0,
+                                    "total": dom.nr_pages}
+
+        def progress(done: int, total: int) -> None:
+            self.progress[dom.domid].update(phase="pages", done=done, total=total)
+        try:
+            st = await dom.save(real, checkpoint=checkpoint, progress=progress)
+        except (SaveError, SuspendError) as e:
+            raise ControlError(409, str(e)) from None
+        except OSError as e:
+            raise ControlError(400, f"{path}: {e.strerror or e}") from None
+        finally:
+            self.progress.pop(dom.domid, None)
+        if not checkpoint:
+            rec.spec.on_reboot = "destroy"
+        return {"id": dom.domid, "name": dom.name, "file": path, "pages": st.pages,
+                "bytes": st.bytes, "seconds": round(st.seconds, 6),
+                "status": "running" if checkpoint else "saved"}
+
+    async def restore(self, path: str, name: str | None) -> Record:
+        from ..migration.stream import StreamError
+        real = self.save_path(path, exists=True)
+        if name is not None and name in self.names:
+            raise ControlError(409, f"a domain named {name!r} already exists")
+        holder: list[Record] = []
+
+        def console(data: bytes) -> None:
+            if holder:
+                for q in list(holder[0].subscribers):
+                    if q.qsize() < CONSOLE_QUEUE_MAX:
+                        q.put_nowait(data)
+        try:
+            dom = await self.hv.restore(real, name=name, on_console=console)
+        except StreamError as e:
+            raise ControlError(400, f"{path}: refused: {e}") from None
+        except BuildError as e:
+            raise ControlError(409, str(e)) from None
+        except OSError as e:
+            raise ControlError(400, f"{path}: {e.strerror or e}") from None
+        return self.adopt(dom, f"restored from {path}", holder)
+
+    def adopt(self, dom: "Domain", origin: str, holder: list | None = None) -> Record:
+        """Take a restored or migrated-in domain under the daemon's management."""
+        if dom.name in self.names:             # a name taken meanwhile: keep both, renamed
+            dom.name = f"{dom.name}-{dom.domid}"
+        self.names.add(dom.name)
+        rec = Record(DomainSpec(kernel=f"({origin})", memory=dom.nr_pages >> 8,
+                                name=dom.name, on_reboot="destroy"), dom)
+        if holder is None:                     # migrated in: console output from now on
+            holder = []
+
+            def console(data: bytes) -> None:
+                for q in list(rec.subscribers):
+                    if q.qsize() < CONSOLE_QUEUE_MAX:
+                        q.put_nowait(data)
+            dom._console_cb = console
+        holder.append(rec)
+        self.records[dom.domid] = rec
+        self._tg.create_task(self._watch(rec), name=f"d{dom.domid}-watch")
+        log.info("d%d (%s): %s", dom.domid, dom.name, origin)
+        return rec
+
+    async def migrate(self, ref: str, dest: str, downtime_ms: float, bandwidth: float) -> dict:
+        from ..migration import live
+        if self.migration_secret is None:
+            raise ControlError(409, "migration needs a shared secret (aiovmm serve --migration-secret-file)")
+        host, sep, port = dest.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ControlError(400, f"{dest!r}: expected HOST:PORT")
+        rec = self.live(ref)
+        domid = rec.dom.domid
+        self.progress[domid] = {"operation": "migrate", "phase": "connect", "done": 0,
+                                "total": rec.dom.nr_pages, "rounds": 0, "dirty": 0}
+
+        def progress(phase: str, st) -> None:
+            self.progress[domid].update(phase=phase, done=st.pages_sent, rounds=st.rounds,
+                                        dirty=st.dirty_per_round[-1] if st.dirty_per_round else 0)
+        try:
+            st = await live.migrate(rec.dom, host.strip("[]"), int(port), self.migration_secret,
+                                    downtime_ms=downtime_ms, bandwidth=bandwidth, progress=progress)
+        except live.MigrationError as e:
+            raise ControlError(409, str(e)) from None
+        finally:
+            self.progress.pop(domid, None)
+        rec.spec.on_reboot = "destroy"
+        return {"id": rec.dom.domid, "name": rec.dom.name, "destination": dest, "remote_id": st.domid,
+                "rounds": st.rounds, "pages_sent": st.pages_sent, "bytes_sent": st.bytes_sent,
+                "pages_ratio": round(st.pages_sent / rec.dom.nr_pages, 3),
+                "downtime_ms": round(st.downtime_ms, 2), "total_s": round(st.total_s, 3)}
 
     async def destroy(self, ref: str) -> Record:
         rec = self.lookup(ref)
@@ -609,6 +728,9 @@ class ServeOptions:
     xenstore_socket: str | None = None
     log_dir: str | None = None
     vif_prefix: str = "vif"
+    save_dir: str = DEFAULT_SAVE_DIR     # save/restore files only under this directory
+    migration_listen: str | None = None  # host:port for incoming live migrations
+    migration_secret_file: str | None = None   # shared secret (HMAC) for both directions
 
 
 def check_tcp_options(o: ServeOptions) -> tuple[ssl.SSLContext, str] | None:
@@ -661,12 +783,27 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
     if logging.getLogger("aiovmm").getEffectiveLevel() > logging.INFO:
         logging.getLogger("aiovmm").setLevel(logging.INFO)
     sched = MeteredScheduler()
+    os.makedirs(o.save_dir, mode=0o700, exist_ok=True)
     sock = _bind_unix(o.socket_path)
     runner = None
     try:
         async with Hypervisor(memory_mib=o.machine_memory, scheduler=sched, log_dir=o.log_dir,
                               xenstore_path=o.xenstore_socket, vif_prefix=o.vif_prefix) as hv:
             ctl = Controller(hv, sched, dmesg)
+            ctl.save_dir = o.save_dir
+            receiver = None
+            if o.migration_secret_file:
+                with open(o.migration_secret_file, "rb") as f:
+                    ctl.migration_secret = f.read().strip()
+                if len(ctl.migration_secret) < 16:
+                    raise ValueError(f"{o.migration_secret_file}: the secret must be at least 16 bytes")
+            if o.migration_listen:
+                from ..migration import live
+                if ctl.migration_secret is None:
+                    raise ValueError("--migration-listen needs --migration-secret-file")
+                mh, _, mp = o.migration_listen.rpartition(":")
+                receiver = await live.serve(hv, mh.strip("[]") or "0.0.0.0", int(mp), ctl.migration_secret,
+                                            lambda d: ctl.adopt(d, "migrated in"))
             # What a Xen host's store holds before any guest (dom0's home, /vm, the backend
             # directories the toolstack fills), so a destroyed guest leaves the count as it was.
             for path in ("/vm", "/local/domain/0/backend/vif", "/local/domain/0/backend/vbd"):
@@ -699,6 +836,8 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
                     rec.dom.unpause()
                     rec.dom.shutdown(ShutdownReason.poweroff)
                 ctl_task.cancel()
+                if receiver is not None:
+                    await receiver.aclose()
     finally:
         if runner is not None:
             await runner.cleanup()

@@ -44,6 +44,15 @@ void console_init(void)
     ring = map_cons_page();                     /* NULL: stay on console_io */
 }
 
+/* After a suspend into a new domain: the console page keeps its VA (its PFN
+ * is the same), but the event channel is a new one. */
+void console_resume(void)
+{
+    if (!in_ring) return;
+    cons_port = start_info->console.domU.evtchn;
+    mask_evtchn(cons_port);
+}
+
 /* Ring full: wait for the backend to consume (it notifies the port). */
 static void wait_for_space(void)
 {

@@ -13,6 +13,7 @@ void console_init(void);
 void console_use_hypercall(void);
 /* Wait (bounded) until the backend has consumed everything in the ring. */
 void console_flush(void);
+void console_resume(void);   /* new console event channel after a suspend */
 int console_is_ring(void);
 
 void console_write(const char *s, unsigned len);

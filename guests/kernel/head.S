@@ -38,6 +38,7 @@
     XEN_NOTE_QUAD XEN_ELFNOTE_PADDR_OFFSET,   VIRT_BASE
     XEN_NOTE_QUAD XEN_ELFNOTE_ENTRY,          _start
     XEN_NOTE_QUAD XEN_ELFNOTE_HYPERCALL_PAGE, hypercall_page
+    XEN_NOTE_QUAD XEN_ELFNOTE_SUSPEND_CANCEL, 1
 
 /* ---- entry ---- */
     .section .text.head, "ax"

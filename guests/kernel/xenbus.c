@@ -46,6 +46,16 @@ int xenbus_init(void)
     return 0;
 }
 
+/* After a suspend into a new domain: the ring keeps its VA (same PFN), the
+ * event channel is new, queued watch events belong to the old xenstored. */
+void xenbus_resume(void)
+{
+    if (!ring) return;
+    store_port = start_info->store_evtchn;
+    mask_evtchn(store_port);
+    ev_head = ev_tail = 0;
+}
+
 /* Wait for a notification (or 100 ms) unless `ready` already holds. */
 static int wait_step(int ready, u64 deadline)
 {

@@ -18,6 +18,7 @@ typedef u32 xenbus_transaction_t;
 
 /* Map the ring, mask the store port (we poll it). 0 or -errno. */
 int xenbus_init(void);
+void xenbus_resume(void);      /* new store event channel after a suspend */
 
 /* Value into buf (NUL-terminated, truncated to size-1); returns the full
  * value length or -errno. */

@@ -1,0 +1,17 @@
+"""Save, restore and (later) live migration in Xen's migration stream v2.
+
+Modules:
+- suspend.py: Xen's cooperative suspend of a PV guest (control/shutdown = suspend, the
+  guest's SCHEDOP_shutdown(SHUTDOWN_suspend) with its start_info frame in RDX), and the
+  resume of a cancelled suspend.
+- stream.py: the record layer: xl's save-file header, libxl records, libxc records
+  (docs/specs/libxc-migration-stream.pandoc, libxl-migration-stream.pandoc), written and
+  read with every length and count checked (the reader treats the stream as untrusted).
+- save.py: a suspended domain -> stream (page-table pages canonicalised MFN -> PFN).
+- restore.py: stream -> a new domain, all-or-nothing (validated before anything is built,
+  torn down on any later failure).
+- context.py: vcpu_guest_context / ext_vcpucontext layouts (X86_PV_VCPU_BASIC/EXTENDED).
+- files.py: save files through aiofiles (`Domain.save`, `Hypervisor.restore`).
+- live.py: daemon-to-daemon live migration (HMAC handshake, pre-copy, READY/GO/DONE).
+- fuzz.py: the mutated-stream fuzzer of the receiver (tests and bench/migrate.py).
+"""

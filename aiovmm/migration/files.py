@@ -1,0 +1,99 @@
+"""Save files: the stream written and read with aiofiles (file I/O off the event loop,
+in aiofiles' worker threads), chunked so a 256 MiB guest never sits in memory twice."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import aiofiles
+import aiofiles.os
+
+from ..abi import ShutdownReason
+from . import save as _save, restore as _restore, stream as S
+from .stream import StreamError
+from .suspend import resume_cancelled, suspend
+
+if TYPE_CHECKING:
+    from ..domain import Domain
+    from ..hypervisor import Hypervisor
+
+log = logging.getLogger("aiovmm.migration")
+
+WRITE_CHUNK = 4 << 20
+READ_CHUNK = 4 << 20
+
+
+class _FileSource(S.Source):
+    def __init__(self, f) -> None:
+        self.f = f
+
+    async def read_into(self, view: memoryview) -> int:
+        return await self.f.readinto(view) or 0
+
+
+class _PlainSource(S.Source):
+    """The reference for bench/migrate.py: blocking reads on the loop (what aiofiles
+    saves the loop from)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    async def read_into(self, view: memoryview) -> int:
+        return self.f.readinto(view) or 0
+
+
+async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
+                    progress=None) -> _save.SaveStats:
+    """Suspend, write the stream to `path` (through `path`.part, renamed when complete),
+    then destroy the domain (or resume it: `checkpoint`, or any failure)."""
+    susp = await suspend(dom)
+    tmp = f"{path}.part"
+    ok = False
+    try:
+        async with aiofiles.open(tmp, "wb") as f:
+            small = bytearray()
+
+            async def write(data: bytes | memoryview) -> None:
+                # Small records are gathered; page runs (views of guest memory, the guest
+                # is suspended) go to the file as they are.
+                if len(data) < WRITE_CHUNK // 16:
+                    small.extend(data)
+                    if len(small) < WRITE_CHUNK // 16:
+                        return
+                    data, _ = bytes(small), small.clear()
+                elif small:
+                    await f.write(bytes(small))
+                    small.clear()
+                await f.write(data)
+
+            stats = await _save.write_stream(dom, susp, write, progress)
+            if small:
+                await f.write(bytes(small))
+        await aiofiles.os.replace(tmp, path)
+        ok = True
+        return stats
+    finally:
+        if not ok:
+            try:
+                await aiofiles.os.remove(tmp)
+            except OSError:
+                pass
+        if checkpoint or not ok:
+            resume_cancelled(dom)          # the guest carries on where it was
+        else:
+            log.info("d%d (%s): saved to %s; destroyed", dom.domid, dom.name, path)
+            dom.suspended = None
+            dom.shutdown(ShutdownReason.suspend)
+
+
+async def restore_file(hv: "Hypervisor", path: str, *, name: str | None = None,
+                       on_console=None, progress=None, plain: bool = False):
+    """`plain`: blocking reads on the loop instead of aiofiles (bench/migrate.py only)."""
+    if plain:
+        with open(path, "rb", buffering=0) as pf:
+            return await _restore.read_stream(hv, S.BufferedSource(_PlainSource(pf)), name=name,
+                                              on_console=on_console, progress=progress)
+    async with aiofiles.open(path, "rb", buffering=0) as f:
+        return await _restore.read_stream(hv, S.BufferedSource(_FileSource(f)), name=name, on_console=on_console,
+                                          progress=progress)

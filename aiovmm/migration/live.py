@@ -1,0 +1,338 @@
+"""Live migration between two hypervisors (daemon to daemon) over TCP.
+
+Authentication comes before any byte of the stream is parsed: both sides prove knowledge of
+a shared secret with HMAC-SHA256 over fresh nonces from both (the receiver reads exactly
+one fixed-size message before that, and drops the connection on a wrong proof). Then the
+sender writes Xen's migration stream v2 (the same records as a save file):
+
+  head (xl/libxl/libxc headers, X86_PV_INFO, X86_PV_P2M_FRAMES)
+  round 0: every page (never-written frames as XALLOC)
+  round 1..n: the pages whose contents changed since they were sent, until the rest fits
+              the downtime target at the measured bandwidth, or no progress, or max_rounds
+  cooperative suspend, the last changed pages, tail (TSC, shared_info, vCPU, END)
+
+Dirty pages are found by content: a 128-bit BLAKE2b digest per sent page, compared after
+each round. That works on both vCPU engines and also sees writes made by the hypervisor and
+backends into guest frames (KVM's dirty log sees only the vCPUs' writes; Unicorn has no
+dirty log: shared/research/unicorn/NOTES.md). Cost: one hash per data page per round (about
+3 µs/page; never-written frames are skipped via SEEK_DATA). Page tables go in pre-copy
+when they canonicalise; one that still maps a frame outside the P2M (shared_info, until
+the guest unmaps it to suspend) waits for the last round.
+
+Hand-over, so that a guest never runs on both hosts: the receiver builds the domain without
+starting it and answers READY; the sender answers GO and stops treating the source as
+live; the receiver starts the domain and answers DONE; the sender destroys the source.
+Any failure before GO (connection dropped, refused stream, timeout) resumes the source as a
+cancelled suspend (or it never stopped running). A failure after GO leaves the source
+suspended and paused (logged): the operator decides, as with xl's "--migratedaway".
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from ..abi import PAGE_SHIFT, PAGE_SIZE, ShutdownReason
+from ..errors import BuildError
+from . import restore as _restore, save as _save, stream as S
+from .suspend import SuspendError, resume_cancelled, suspend
+
+if TYPE_CHECKING:
+    from ..domain import Domain
+    from ..hypervisor import Hypervisor
+
+log = logging.getLogger("aiovmm.migration")
+
+MAGIC = b"aiovmm-migrate-1"
+NONCE = 32
+MAC = 32
+READY, GO, DONE = b"READY\0\0\0", b"GO\0\0\0\0\0\0", b"DONE"
+AUTH_TIMEOUT = 10.0
+IDLE_TIMEOUT = 30.0
+
+
+class MigrationError(Exception):
+    """The migration failed; the source domain is running (unless `source_suspended`)."""
+
+    def __init__(self, msg: str, source_suspended: bool = False) -> None:
+        super().__init__(msg)
+        self.source_suspended = source_suspended
+
+
+class AuthError(MigrationError):
+    pass
+
+
+def _mac(secret: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
+    return hmac.new(secret, MAGIC + label + a + b, hashlib.sha256).digest()
+
+
+@dataclass
+class MigrateStats:
+    rounds: int = 0
+    pages_sent: int = 0
+    bytes_sent: int = 0
+    dirty_per_round: list[int] = field(default_factory=list)
+    downtime_ms: float = 0.0            # guest suspended -> running on the destination
+    total_s: float = 0.0
+    domid: int = -1                     # on the destination
+
+
+Progress = Callable[[str, MigrateStats], None]
+
+
+class _SocketSource(S.Source):
+    def __init__(self, reader: asyncio.StreamReader, timeout: float) -> None:
+        self.r, self.timeout = reader, timeout
+
+    async def read_into(self, view: memoryview) -> int:
+        async with asyncio.timeout(self.timeout):
+            data = await self.r.read(min(len(view), 1 << 20))
+        view[:len(data)] = data
+        return len(data)
+
+
+# ----------------------------------------------------------------------------- receiver
+async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  secret: bytes, on_domain: Callable[["Domain"], None] | None = None) -> "Domain | None":
+    """One incoming migration. Returns the running domain, or None when the sender was
+    refused or the migration failed (nothing is left behind either way)."""
+    peer = writer.get_extra_info("peername")
+    nr = os.urandom(NONCE)
+    try:
+        writer.write(MAGIC + nr)
+        await writer.drain()
+        async with asyncio.timeout(AUTH_TIMEOUT):
+            msg = await reader.readexactly(len(MAGIC) + NONCE + MAC)
+        ns, proof = msg[len(MAGIC):len(MAGIC) + NONCE], msg[len(MAGIC) + NONCE:]
+        if msg[:len(MAGIC)] != MAGIC or not hmac.compare_digest(proof, _mac(secret, b"sender", nr, ns)):
+            log.warning("migration from %s refused: authentication failed", peer)
+            writer.close()
+            return None
+        writer.write(_mac(secret, b"receiver", ns, nr))
+        await writer.drain()
+    except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
+        log.warning("migration from %s: handshake failed: %s", peer, e or type(e).__name__)
+        writer.close()
+        return None
+    dom = None
+    try:
+        dom, st = await _restore.read_stream(hv, S.BufferedSource(_SocketSource(reader, IDLE_TIMEOUT)),
+                                             start=False)
+        writer.write(READY)
+        await writer.drain()
+        async with asyncio.timeout(IDLE_TIMEOUT):
+            go = await reader.readexactly(len(GO))
+        if go != GO:
+            raise S.StreamError("sender did not say GO")
+        hv.start_domain(dom)
+        started, dom = dom, None
+        if on_domain is not None:
+            on_domain(started)
+        writer.write(DONE + struct.pack("<I", started.domid))
+        await writer.drain()
+        log.info("d%d (%s): migrated in from %s (%d pages)", started.domid, started.name, peer, st.pages)
+        return started
+    except (S.StreamError, BuildError) as e:
+        log.warning("migration from %s refused: %s", peer, e)
+    except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
+        log.warning("migration from %s failed: %s", peer, e or type(e).__name__)
+    finally:
+        if dom is not None:
+            _restore.discard(hv, dom)
+        writer.close()
+    return None
+
+
+class Receiver:
+    """Accepts migrations on host:port (`aiovmm serve --migration-listen`). `aclose()`
+    stops listening and waits for the migrations in progress (each one either completes
+    or leaves nothing behind) before the hypervisor may go."""
+
+    def __init__(self, hv: "Hypervisor", secret: bytes,
+                 on_domain: Callable[["Domain"], None] | None = None) -> None:
+        if len(secret) < 16:
+            raise ValueError("the migration secret must be at least 16 bytes")
+        self.hv, self.secret, self.on_domain = hv, secret, on_domain
+        self.server: asyncio.Server | None = None
+        self._active: set[asyncio.Future] = set()
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def start(self, host: str, port: int) -> "Receiver":
+        self.server = await asyncio.start_server(self._handle, host, port)
+        return self
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._active.add(fut)
+        try:
+            await receive(self.hv, r, w, self.secret, self.on_domain)
+        except Exception:                   # per-connection boundary: never kill the server
+            log.exception("migration receiver: unexpected error")
+        finally:
+            fut.set_result(None)
+            self._active.discard(fut)
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        if self._active:
+            await asyncio.wait(list(self._active))
+
+
+async def serve(hv: "Hypervisor", host: str, port: int, secret: bytes,
+                on_domain: Callable[["Domain"], None] | None = None) -> Receiver:
+    return await Receiver(hv, secret, on_domain).start(host, port)
+
+
+# ----------------------------------------------------------------------------- sender
+def _digest(view: memoryview) -> bytes:
+    return hashlib.blake2b(view, digest_size=16).digest()
+
+
+def _changed(dom: "Domain", sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> list[int]:
+    """PFNs whose contents or type differ from what was sent."""
+    mem, p2m, view, typ = dom.mem, dom.p2m, dom.mem.view, dom.mem.type
+    out = []
+    for pfn in range(dom.nr_pages):
+        mfn = p2m[pfn]
+        prev = sent.get(pfn)
+        if not has_data[mfn] and prev is None:
+            continue                        # still a never-written frame, sent as XALLOC
+        d = (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn])
+        if d != prev:
+            out.append(pfn)
+    return out
+
+
+def _record_sent(dom: "Domain", pfns, sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> None:
+    """Digests of what pre-copy sent (page tables it could not send yet stay 'changed')."""
+    view, p2m, typ = dom.mem.view, dom.p2m, dom.mem.type
+    for pfn in pfns:
+        mfn = p2m[pfn]
+        if has_data[mfn] or pfn in sent:
+            sent[pfn] = (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn])
+
+
+async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
+                  downtime_ms: float = 30.0, max_rounds: int = 10,
+                  bandwidth: float = 0.0, progress: Progress | None = None) -> MigrateStats:
+    """Move a running domain to the receiver at host:port. `bandwidth` (bytes/s, 0 =
+    unlimited) caps the pre-copy rate. Raises MigrationError; the source then runs on."""
+    stats = MigrateStats()
+    t_start = time.perf_counter()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), AUTH_TIMEOUT)
+    except (OSError, TimeoutError) as e:
+        raise MigrationError(f"cannot connect to {host}:{port}: {e}") from None
+    susp = None
+    go_sent = False
+    try:
+        try:
+            async with asyncio.timeout(AUTH_TIMEOUT):
+                hello = await reader.readexactly(len(MAGIC) + NONCE)
+                if hello[:len(MAGIC)] != MAGIC:
+                    raise AuthError(f"{host}:{port} is not an aiovmm migration receiver")
+                nr, ns = hello[len(MAGIC):], os.urandom(NONCE)
+                writer.write(MAGIC + ns + _mac(secret, b"sender", nr, ns))
+                await writer.drain()
+                proof = await reader.readexactly(MAC)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise AuthError(f"{host}:{port} closed the connection during authentication "
+                            "(wrong secret?)") from None
+        if not hmac.compare_digest(proof, _mac(secret, b"receiver", ns, nr)):
+            raise AuthError(f"{host}:{port} did not prove the shared secret")
+
+        t_rate = [time.perf_counter(), 0]
+
+        async def write(data: bytes | memoryview) -> None:
+            writer.write(data)
+            stats.bytes_sent += len(data)
+            await writer.drain()
+            if bandwidth:
+                t_rate[1] += len(data)
+                ahead = t_rate[1] / bandwidth - (time.perf_counter() - t_rate[0])
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+
+        sent: dict[int, tuple[bytes, int]] = {}
+        await write(_save.head(dom))
+        todo: list[int] | range = range(dom.nr_pages)
+        prev = None
+        while True:
+            has_data = _save.data_map(dom)
+            t0 = time.perf_counter()
+            b0 = stats.bytes_sent
+            went: list[int] = []
+            await _save.pages(dom, todo, write, has_data, skip_tables=True, sent=went)
+            _record_sent(dom, went, sent, has_data)
+            stats.rounds += 1
+            stats.pages_sent += len(todo)
+            stats.dirty_per_round.append(len(todo))
+            rate = (stats.bytes_sent - b0) / max(time.perf_counter() - t0, 1e-6)
+            if progress is not None:
+                progress("precopy", stats)
+            await asyncio.sleep(0)
+            todo = _changed(dom, sent, _save.data_map(dom))
+            fits = len(todo) * PAGE_SIZE / max(rate, 1.0) * 1e3 <= downtime_ms
+            if fits or stats.rounds >= max_rounds or (prev is not None and len(todo) >= prev):
+                break
+            prev = len(todo)
+        # Stop and copy the rest.
+        susp = await suspend(dom)
+        t_down = time.perf_counter()
+        has_data = _save.data_map(dom)
+        last = _changed(dom, sent, has_data)
+        await _save.pages(dom, last, write, has_data) if last else None
+        stats.pages_sent += len(last)
+        stats.dirty_per_round.append(len(last))
+        await write(_save.tail(dom, susp))
+        if progress is not None:
+            progress("final", stats)
+        async with asyncio.timeout(IDLE_TIMEOUT):
+            ready = await reader.readexactly(len(READY))
+        if ready != READY:
+            raise MigrationError("the receiver did not confirm the stream")
+        writer.write(GO)
+        await writer.drain()
+        go_sent = True
+        async with asyncio.timeout(IDLE_TIMEOUT):
+            done = await reader.readexactly(len(DONE) + 4)
+        if done[:len(DONE)] != DONE:
+            raise MigrationError("no DONE from the receiver")
+        stats.domid = struct.unpack("<I", done[len(DONE):])[0]
+        stats.downtime_ms = (time.perf_counter() - t_down) * 1e3
+    except (OSError, asyncio.IncompleteReadError, TimeoutError, SuspendError, _save.SaveError,
+            MigrationError) as e:
+        why = str(e) or type(e).__name__
+        if go_sent:
+            log.error("d%d: migration to %s:%d failed after GO (%s): the domain stays suspended "
+                      "here; check the destination before resuming or destroying it", dom.domid,
+                      host, port, why)
+            raise MigrationError(f"failed after hand-over: {why}", source_suspended=True) from None
+        if susp is not None:
+            resume_cancelled(dom)
+        log.warning("d%d: migration to %s:%d failed, the domain runs on here: %s", dom.domid,
+                    host, port, why)
+        if isinstance(e, MigrationError):
+            raise
+        raise MigrationError(f"migration to {host}:{port} failed: {why}") from None
+    finally:
+        writer.close()
+    stats.total_s = time.perf_counter() - t_start
+    dom.suspended = None
+    dom.shutdown(ShutdownReason.suspend)       # gone from here, as after xl migrate
+    log.info("d%d (%s): migrated to %s:%d as d%d: %d rounds, %d pages sent (%.2f per page), "
+             "downtime %.1f ms", dom.domid, dom.name, host, port, stats.domid, stats.rounds,
+             stats.pages_sent, stats.pages_sent / dom.nr_pages, stats.downtime_ms)
+    return stats

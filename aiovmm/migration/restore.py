@@ -1,0 +1,410 @@
+"""Restore: an xl save file (or a live stream) becomes a new domain, all or nothing.
+
+The stream is untrusted input. The record layer (stream.py) bounds every length before
+reading; here every number that names guest state is checked against what the stream
+itself declared: PFNs against the domain size from the xl header, page-table entries
+against the PFNs the domain owns (each localised PFN -> new MFN, then validated by the
+same PageTables code that validates a running guest's tables), records against Xen's
+order (X86_PV_INFO, X86_PV_P2M_FRAMES, PAGE_DATA..., then TSC/SHARED_INFO/vCPU records,
+END). Any failure destroys the half-built domain before the error propagates; nothing else
+on the host is touched (the domain's frames are new; xenstore is written only once the
+domain is complete).
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from ..abi import (FLAT_KERNEL_SS, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4_FIRST,
+                   XEN_L4_LAST, XEN_LEGACY_MAX_VCPUS, VCPU_INFO_SIZE, _PAGE_PRESENT,
+                   CallbackType, CALLBACKF_mask_events, StartInfo, ShutdownReason)
+from ..errors import BuildError
+from ..memory import OutOfMemory, PageType
+from ..mmu import MMUError
+from . import stream as S
+from .context import EXT, SIZE as CTX_SIZE, VGCF, VcpuContext
+
+if TYPE_CHECKING:
+    from ..domain import Domain
+    from ..hypervisor import Hypervisor
+
+log = logging.getLogger("aiovmm.migration")
+
+MAX_RESTORE_PAGES = 1 << 22           # 16 GiB: an xl header asking for more is refused
+SHARED_INFO_EVTCHN_PENDING = 2048     # shared_info: vcpu_info[32] (2048 bytes), then
+SHARED_INFO_EVTCHN_MASK = 2048 + 512  # evtchn_pending[64], evtchn_mask[64] (u64 each)
+SHARED_INFO_ARCH = 3072 + 8 + 4       # after wc_version, wc_sec, wc_nsec(+wc_sec_hi): arch
+
+
+@dataclass
+class RestoreStats:
+    pages: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _State:
+    nr_pages: int
+    phase: int = 0                      # 0 pv_info, 1 p2m_frames, 2 pages, 3 state
+    p2m_pfns: list[int] = field(default_factory=list)
+    types: dict[int, int] = field(default_factory=dict)     # pfn -> type (tables only)
+    seen: bytearray = field(default_factory=bytearray)
+    shinfo: bytes | None = None
+    ctx: dict[int, VcpuContext] = field(default_factory=dict)
+    ext: dict[int, bytes] = field(default_factory=dict)
+    msrs: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+
+def _config(cfg: dict) -> tuple[str, int, str, bool]:
+    try:
+        name = str(cfg.get("name", "restored"))
+        nr = int(cfg["nr_pages"])
+        engine = str(cfg.get("engine", "unicorn"))
+        cancel = bool(cfg.get("suspend_cancel", False))
+    except (KeyError, TypeError, ValueError) as e:
+        raise S.StreamError(f"xl header: configuration lacks a valid {e}") from None
+    if not 1 <= nr <= MAX_RESTORE_PAGES:
+        raise S.StreamError(f"xl header: {nr} pages (1..{MAX_RESTORE_PAGES})")
+    if engine not in ("unicorn", "kvm"):
+        raise S.StreamError(f"xl header: unknown engine {engine!r}")
+    if int(cfg.get("vcpus", 1)) != 1:
+        raise S.StreamError("only single-vCPU domains are restored")
+    if not name or len(name) > 64 or not name.isprintable():
+        raise S.StreamError("xl header: bad domain name")
+    return name, nr, engine, cancel
+
+
+def localise(dom: "Domain", pfn: int, level: int, page: memoryview | bytes) -> bytes:
+    """A canonical page-table page with every present entry's PFN replaced by the new MFN;
+    an entry naming a PFN the stream does not own is refused."""
+    ents = array.array("Q", bytes(page))
+    p2m, nr = dom.p2m, dom.nr_pages
+    for i, e in enumerate(ents):
+        if not e & _PAGE_PRESENT:
+            continue
+        if level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST:
+            raise S.StreamError(f"L4 at pfn {pfn:#x}: entry {i} in Xen's slots is set")
+        p = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
+        if p >= nr:
+            raise S.StreamError(f"L{level} page table at pfn {pfn:#x} entry {i} names pfn "
+                                f"{p:#x}, not one of the stream's {nr} pages")
+        ents[i] = (e & ~PTE_FRAME_MASK) | (p2m[p] << PAGE_SHIFT)
+    return ents.tobytes()
+
+
+def _record(dom: "Domain", st: _State, rt: S.Rec, body: bytes) -> None:
+    """Apply one record (checked: order, sizes, every number)."""
+    mem = dom.mem
+    if rt == S.Rec.x86_pv_info:
+        if st.phase != 0 or len(body) != S.X86_PV_INFO.size:
+            raise S.StreamError("X86_PV_INFO out of order or of the wrong size")
+        width, levels, r1, r2 = S.X86_PV_INFO.unpack(body)
+        if (width, levels, r1, r2) != (8, 4, 0, 0):
+            raise S.StreamError(f"X86_PV_INFO: width {width} levels {levels} (only 64-bit, 4 levels)")
+        st.phase = 1
+    elif rt == S.Rec.x86_pv_p2m_frames:
+        if st.phase != 1:
+            raise S.StreamError("X86_PV_P2M_FRAMES out of order")
+        if len(body) < 8 or len(body) % 8:
+            raise S.StreamError("X86_PV_P2M_FRAMES: bad length")
+        start, end = S.P2M_FRAMES_HDR.unpack_from(body)
+        want = (st.nr_pages * 8 + PAGE_SIZE - 1) // PAGE_SIZE
+        pfns = list(struct.unpack_from(f"<{(len(body) - 8) // 8}Q", body, 8))
+        if start != 0 or end != st.nr_pages - 1 or len(pfns) != want:
+            raise S.StreamError(f"X86_PV_P2M_FRAMES: pfns {start}..{end} in {len(pfns)} frames "
+                                f"(the domain has {st.nr_pages} pages: {want} frames)")
+        if any(p >= st.nr_pages for p in pfns) or len(set(pfns)) != len(pfns):
+            raise S.StreamError("X86_PV_P2M_FRAMES: a frame outside the domain or listed twice")
+        st.p2m_pfns = pfns
+        st.phase = 2
+    elif rt in (S.Rec.x86_tsc_info, S.Rec.shared_info, S.Rec.x86_pv_vcpu_basic,
+                S.Rec.x86_pv_vcpu_extended, S.Rec.x86_pv_vcpu_msrs, S.Rec.x86_pv_vcpu_xsave):
+        if st.phase not in (2, 3):
+            raise S.StreamError(f"{rt.name} before the page data")
+        st.phase = 3
+        if rt == S.Rec.shared_info:
+            if len(body) != PAGE_SIZE or st.shinfo is not None:
+                raise S.StreamError("SHARED_INFO: wrong size or repeated")
+            st.shinfo = body
+        elif rt == S.Rec.x86_tsc_info:
+            if len(body) != S.TSC_INFO.size or S.TSC_INFO.unpack(body)[4]:
+                raise S.StreamError("X86_TSC_INFO: wrong size or reserved bits set")
+        else:
+            if len(body) < S.VCPU_HDR.size:
+                raise S.StreamError(f"{rt.name}: shorter than its header")
+            vid, res = S.VCPU_HDR.unpack_from(body)
+            if vid != 0 or res:
+                raise S.StreamError(f"{rt.name}: vcpu {vid} (only vcpu 0) or reserved bits set")
+            content = body[S.VCPU_HDR.size:]
+            if rt == S.Rec.x86_pv_vcpu_basic:
+                if len(content) != CTX_SIZE or vid in st.ctx:
+                    raise S.StreamError(f"X86_PV_VCPU_BASIC: {len(content)} bytes (want {CTX_SIZE}) or repeated")
+                st.ctx[vid] = VcpuContext.unpack(content)
+            elif rt == S.Rec.x86_pv_vcpu_extended:
+                if len(content) != EXT.size:
+                    raise S.StreamError(f"X86_PV_VCPU_EXTENDED: {len(content)} bytes (want {EXT.size})")
+                st.ext[vid] = content
+            elif rt == S.Rec.x86_pv_vcpu_msrs:
+                if len(content) % S.MSR_ENTRY.size:
+                    raise S.StreamError("X86_PV_VCPU_MSRS: not a whole number of entries")
+                st.msrs[vid] = [(i, v) for i, _f, v in S.MSR_ENTRY.iter_unpack(content)]
+    else:
+        raise S.StreamError(f"unexpected {rt.name} record")
+
+
+async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> int:
+    """A PAGE_DATA record, its pfn[] checked first; then data pages are read straight into
+    the new domain's frames (runs of contiguous MFNs in one read), page tables into a
+    buffer and localised. Returns the number of pages."""
+    if st.phase != 2:
+        raise S.StreamError("PAGE_DATA out of order (before the P2M frames or after vCPU state)")
+    entries = await rd.page_data_pfns(length, st.nr_pages)
+    mem, p2m = dom.mem, dom.p2m
+    view = mem.view
+    run_start = run_end = -1
+    n = 0
+
+    async def flush() -> None:
+        if run_start >= 0:
+            await rd.into(view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
+    for pfn, t in entries:
+        if t in (S.PfnType.xtab, S.PfnType.broken):
+            continue
+        mfn = p2m[pfn]
+        if t == S.PfnType.xalloc:             # populated, no data: a zero page
+            if st.seen[pfn]:
+                await flush()
+                run_start = -1
+                mem.zero(mfn)
+            st.types.pop(pfn, None)
+            st.seen[pfn] = 1
+            continue
+        level = t & 7
+        st.seen[pfn] = 1
+        n += 1
+        if level:
+            await flush()
+            run_start = -1
+            buf = bytearray(PAGE_SIZE)
+            await rd.into(memoryview(buf))
+            view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT] = localise(dom, pfn, level, buf)
+            st.types[pfn] = t
+            continue
+        st.types.pop(pfn, None)
+        if run_start >= 0 and mfn == run_end:
+            run_end += 1
+        else:
+            await flush()
+            run_start, run_end = mfn, mfn + 1
+    await flush()
+    return n
+
+
+def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
+    """After END: rewrite the guest's P2M, pin its page tables, seed grants and start_info,
+    build vCPU 0. Every check raises StreamError; the caller destroys the domain then."""
+    from .. import timers
+    from ..grants import GTF_permit_access, GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE, HOST_DOMID
+    mem, p2m = dom.mem, dom.p2m
+    if st.phase != 3 or 0 not in st.ctx or st.shinfo is None:
+        raise S.StreamError("stream ended before the vCPU and shared_info records")
+    # The guest's P2M list: the new MFNs.
+    p2m_bytes = array.array("Q", p2m).tobytes()
+    for i, pfn in enumerate(st.p2m_pfns):
+        chunk = p2m_bytes[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+        mfn = p2m[pfn]
+        mem.view[mfn << PAGE_SHIFT:(mfn << PAGE_SHIFT) + PAGE_SIZE] = chunk + bytes(PAGE_SIZE - len(chunk))
+    # Page tables: pinned ones are pinned again (validated by Xen's rules), top level first.
+    pt = hv.pagetables
+    for level in (4, 3, 2, 1):
+        for pfn, t in sorted(st.types.items()):
+            if t & 7 == level and t & S.PfnType.pinned:
+                try:
+                    pt.get_type(p2m[pfn], PageType(level), dom.domid)
+                except MMUError as e:
+                    raise S.StreamError(f"pinned L{level} table at pfn {pfn:#x} refused: {e}") from None
+                mem.pinned[p2m[pfn]] = 1
+    c = st.ctx[0]
+    if c.gdt_ents or c.ldt_ents:
+        raise S.StreamError("restoring a guest GDT/LDT is not supported yet")
+    cr3_pfn = c.ctrlreg[3] >> PAGE_SHIFT
+    if c.ctrlreg[3] & (PAGE_SIZE - 1) or cr3_pfn >= dom.nr_pages or st.types.get(cr3_pfn, 0) & 7 != 4:
+        raise S.StreamError(f"vcpu 0: CR3 pfn {cr3_pfn:#x} is not an L4 table of the stream")
+    user_pfn = c.ctrlreg[1] >> PAGE_SHIFT
+    if c.ctrlreg[1] and (user_pfn >= dom.nr_pages or st.types.get(user_pfn, 0) & 7 != 4):
+        raise S.StreamError(f"vcpu 0: user CR3 pfn {user_pfn:#x} is not an L4 table of the stream")
+    si_pfn = c.regs.get("rdx", -1)
+    if not 0 <= si_pfn < dom.nr_pages or not st.seen[si_pfn]:
+        raise S.StreamError(f"vcpu 0: start_info pfn {si_pfn:#x} (RDX) is not a page of the stream")
+    if not VGCF.in_kernel & c.flags:
+        raise S.StreamError("vcpu 0 was not suspended in kernel mode")
+    for addr in (c.regs.get("rip", 0), c.event_callback, c.failsafe_callback, c.syscall_callback,
+                 c.fs_base, c.gs_base_kernel, c.gs_base_user, *(a for _f, _c, a in c.traps)):
+        if not (addr < 1 << 47 or addr >= 0xFFFF800000000000):
+            raise S.StreamError(f"vcpu 0: non-canonical address {addr:#x}")
+    # start_info: the store and console pages come as PFNs (the guest canonicalised them).
+    dom.start_info_pfn = si_pfn
+    si = p2m[si_pfn] << PAGE_SHIFT
+    store_pfn = mem.read_u64(si + StartInfo.store_mfn)
+    cons_pfn = mem.read_u64(si + StartInfo.console_mfn)
+    for what, p in (("xenstore", store_pfn), ("console", cons_pfn)):
+        if p >= dom.nr_pages:
+            raise S.StreamError(f"start_info: {what} pfn {p:#x} out of range")
+    dom.store_mfn, dom.console_mfn = p2m[store_pfn], p2m[cons_pfn]
+    mem.write_u64(si + StartInfo.store_mfn, dom.store_mfn)
+    struct.pack_into("<I", mem.map, si + StartInfo.store_evtchn, dom.store_port)
+    mem.write_u64(si + StartInfo.console_mfn, dom.console_mfn)
+    struct.pack_into("<I", mem.map, si + StartInfo.console_evtchn, dom.console_port)
+    mem.write_u64(si + StartInfo.nr_pages, dom.nr_pages)
+    mem.write_u64(si + StartInfo.shared_info, dom.shared_info_maddr)
+    struct.pack_into("<I", mem.map, si + StartInfo.flags, 0)
+    dom.grants.write_entry(GNTTAB_RESERVED_CONSOLE, GTF_permit_access, HOST_DOMID, dom.console_mfn)
+    dom.grants.write_entry(GNTTAB_RESERVED_XENSTORE, GTF_permit_access, HOST_DOMID, dom.store_mfn)
+    # shared_info as Xen's restore leaves it: vcpu_info and arch copied, no event pending,
+    # every event masked (the guest rebinds and unmasks its channels).
+    sh = dom.shared_info_maddr
+    mem.view[sh:sh + VCPU_INFO_SIZE * XEN_LEGACY_MAX_VCPUS] = st.shinfo[:VCPU_INFO_SIZE * XEN_LEGACY_MAX_VCPUS]
+    for i in range(XEN_LEGACY_MAX_VCPUS):
+        mem.write_u64(sh + VCPU_INFO_SIZE * i + 8, 0)          # evtchn_pending_sel
+        mem.map[sh + VCPU_INFO_SIZE * i] = 0                     # evtchn_upcall_pending
+    mem.view[sh + SHARED_INFO_EVTCHN_PENDING:sh + SHARED_INFO_EVTCHN_PENDING + 512] = bytes(512)
+    mem.view[sh + SHARED_INFO_EVTCHN_MASK:sh + SHARED_INFO_EVTCHN_MASK + 512] = b"\xff" * 512
+    _make_vcpu(hv, dom, c, p2m[cr3_pfn], p2m[user_pfn] if c.ctrlreg[1] else 0, st)
+    timers.write_pvclock(dom.vcpus[0])
+    timers.write_wallclock(dom)
+
+
+def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_root: int,
+               st: _State) -> None:
+    from ..vcpu import VCPU
+    eng = hv.new_engine(dom, 0)
+    v = VCPU(dom, 0, eng)
+    eng.kernel_mode = lambda: v.kernel_mode
+    dom.vcpus.append(v)
+    pt = hv.pagetables
+    try:
+        pt.get_type(root, PageType.l4, dom.domid)          # the CR3 reference
+        v.kernel_root = root
+        if user_root:
+            pt.get_type(user_root, PageType.l4, dom.domid)
+            v.user_root = user_root
+    except MMUError as e:
+        raise S.StreamError(f"vcpu 0: page-table root refused: {e}") from None
+    v.trap_table = list(c.traps)
+    v.kernel_ss, v.kernel_sp = c.kernel_ss, c.kernel_sp
+    cb: dict[int, tuple[int, int]] = {}
+    if c.event_callback:
+        cb[CallbackType.event] = (c.event_callback, CALLBACKF_mask_events)
+    if c.failsafe_callback:
+        cb[CallbackType.failsafe] = (c.failsafe_callback,
+                                     CALLBACKF_mask_events if c.flags & VGCF.failsafe_disables_events else 0)
+    if c.syscall_callback:
+        cb[CallbackType.syscall] = (c.syscall_callback,
+                                    CALLBACKF_mask_events if c.flags & VGCF.syscall_disables_events else 0)
+    ext = st.ext.get(0)
+    if ext:
+        _v, _s, s32, se, _c1, _c2, s32m, sem, *_ = EXT.unpack(ext)
+        if s32:
+            cb[CallbackType.syscall32] = (s32, s32m & 1)
+        if se:
+            cb[CallbackType.sysenter] = (se, sem & 1)
+    v.callbacks = cb
+    v.fpu_ts = bool(c.ctrlreg[0] & 8)
+    v.cr2 = c.ctrlreg[2]
+    v.user_gs_base = c.gs_base_user
+    v.kernel_gs_base = c.gs_base_kernel
+    dom.vm_assist = c.vm_assist & 0xFFFFFFFF
+    for idx, val in st.msrs.get(0, []):
+        if idx == 0xC0000103:
+            v.tsc_aux = val & 0xFFFFFFFF
+    eng.setup_long_mode(root << PAGE_SHIFT, hv.xen.GDT_VA, hv.xen.GDT_LIMIT)
+    r = c.regs
+    gprs = {n: r.get(n, 0) for n in ("rbx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
+                                     "r12", "r13", "r14", "r15")}
+    rflags = (r.get("rflags", 0) & 0x3C0DD5) | 0x202      # arithmetic flags, AC, ID; IF on
+    eng.start_in_stub(hv.xen.STUB_VA, hv.xen.STUB_STACK_TOP, gprs, r.get("rip", 0),
+                      r.get("rsp", 0), rflags)
+    eng.write({"fs_base": c.fs_base, "gs_base": c.gs_base_kernel})
+    # SCHEDOP_shutdown returns 0 in the new domain (the stub starts with rax = 0); Xen
+    # also hands the new start_info MFN back in RDX: our stubs clobber RDX, as the
+    # hypercall ABI allows, and no kernel reads it.
+
+
+async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = None,
+                      on_console=None, progress: Callable[[int, int], None] | None = None,
+                      start: bool = True) -> tuple["Domain", RestoreStats]:
+    """Read a whole save stream and return the running new domain (or raise StreamError /
+    BuildError with nothing left behind). `start=False`: built, not yet running (live
+    migration starts it once the sender has let go: `hv.start_domain`, or `discard`)."""
+    from ..domain import Domain
+    t0 = time.perf_counter()
+    stats = RestoreStats()
+    rd = S.Reader(src)
+    cfg = await rd.xl_header()
+    cname, nr, engine, cancel = _config(cfg)
+    await rd.libxl_header()
+    await rd.libxl_record({S.LibxlRec.libxc_context})
+    await rd.libxc_headers()
+    from ..kvm_engine import KVMUnavailable, choose_engine
+    try:
+        # The source's engine: the guest's hypercall page is that engine's own.
+        engine_kind = choose_engine(engine)
+    except KVMUnavailable as e:
+        raise BuildError(f"the stream is of a KVM-engine guest and KVM is unavailable here: {e}") from None
+    domid = hv._next_domid
+    try:
+        dom = Domain(hv, domid, name or cname, nr, on_console, log_dir=hv.log_dir)
+    except OutOfMemory as e:
+        raise BuildError(f"not enough machine memory for {nr} pages: {e}") from None
+    hv._next_domid += 1
+    dom.engine_kind = engine_kind
+    dom.suspend_cancel = cancel
+    st = _State(nr, seen=bytearray(nr))
+    try:
+        if engine_kind == "kvm":
+            from ..kvm_engine import ring0
+            ring0(hv.xen)
+        done = 0
+        while True:
+            rt, length = await rd.record_header()
+            if rt == S.Rec.end:
+                await rd.body(rt, length)
+                break
+            if rt == S.Rec.page_data:
+                done += await _page_data(dom, st, rd, length)
+                if progress is not None:
+                    progress(done, nr)
+                continue
+            _record(dom, st, rt, await rd.body(rt, length))
+        await rd.libxl_record({S.LibxlRec.end})
+        _finish(hv, dom, st)
+        hv.domains[domid] = dom
+        from .. import toolstack
+        toolstack.introduce(hv, dom)
+    except BaseException:
+        hv.domains.pop(domid, None)
+        from .. import toolstack
+        toolstack.release(hv, dom)
+        dom.destroy()
+        raise
+    if start:
+        hv.start_domain(dom)
+    stats.pages, stats.bytes = sum(st.seen), rd.offset
+    stats.seconds = time.perf_counter() - t0
+    log.info("d%d: restored %d pages from %d bytes in %.1f ms", domid, stats.pages, stats.bytes,
+             stats.seconds * 1e3)
+    return dom, stats
+
+
+def discard(hv: "Hypervisor", dom: "Domain") -> None:
+    """Tear down a restored domain that was never started (a live migration called off)."""
+    from .. import toolstack
+    hv.domains.pop(dom.domid, None)
+    toolstack.release(hv, dom)
+    dom.destroy()

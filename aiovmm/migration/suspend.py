@@ -1,0 +1,110 @@
+"""Xen's cooperative suspend of a PV guest.
+
+The toolstack writes "suspend" to the guest's control/shutdown; the guest (watching it)
+acknowledges by clearing the node, quiesces its devices, unmaps shared_info and its grant
+frames, and calls SCHEDOP_shutdown(SHUTDOWN_suspend) with the MFN of its start_info page in
+RDX (Linux's HYPERVISOR_suspend, mini-os's). On Xen the domain then sits in the shutdown
+state "suspended" until the toolstack saves and destroys it, or resumes it: with 1 in RAX
+(a cancelled suspend, XEN_DOMCTL_resumedomain) when the kernel declared
+XEN_ELFNOTE_SUSPEND_CANCEL, otherwise as if it had been restored (0).
+
+Here a suspend only takes effect while the toolstack asked for one (`request()`); a guest
+suspending on its own keeps the old behaviour (the domain ends with reason suspend).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..abi import Errno
+from ..errors import HypercallError
+
+if TYPE_CHECKING:
+    from ..domain import Domain
+    from ..vcpu import VCPU
+
+log = logging.getLogger("aiovmm.migration")
+
+DEFAULT_SUSPEND_TIMEOUT = 10.0
+
+
+class SuspendError(Exception):
+    """The guest did not suspend (no answer, bad start_info frame, it died)."""
+
+
+@dataclass(frozen=True)
+class Suspended:
+    """What the guest handed over when it suspended (validated)."""
+    start_info_pfn: int
+    start_info_mfn: int
+
+
+def guest_suspend(v: "VCPU", start_info_mfn: int) -> bool:
+    """Called from SCHEDOP_shutdown(SHUTDOWN_suspend). Returns False when no suspend was
+    requested (the caller then shuts the domain down as before). The start_info MFN is
+    checked once here and kept: it must be one of the domain's own P2M frames."""
+    dom = v.domain
+    fut: asyncio.Future | None = getattr(dom, "suspend_waiter", None)
+    if fut is None or fut.done():
+        return False
+    mem = dom.mem
+    pfn = mem.m2p[start_info_mfn] if mem.valid_mfn(start_info_mfn) else -1
+    if not (start_info_mfn in dom.frames and 0 <= pfn < dom.nr_pages and dom.p2m[pfn] == start_info_mfn):
+        log.warning("d%d: suspend with start_info mfn %#x the domain does not own", dom.domid,
+                    start_info_mfn)
+        fut.set_exception(SuspendError(
+            f"d{dom.domid}: guest suspended with start_info frame {start_info_mfn:#x} it does not own"))
+        raise HypercallError(Errno.EINVAL, "start_info frame not owned")
+    dom.paused = True                  # every vCPU waits at the top of its run loop
+    dom.suspended = Suspended(pfn, start_info_mfn)
+    log.info("d%d (%s): suspended (start_info pfn %#x)", dom.domid, dom.name, pfn)
+    fut.set_result(dom.suspended)
+    v.engine.stop()
+    return True
+
+
+async def suspend(dom: "Domain", timeout: float = DEFAULT_SUSPEND_TIMEOUT) -> Suspended:
+    """Ask the guest to suspend through xenstore and wait until it has. On timeout the
+    request is withdrawn (control/shutdown cleared) and SuspendError raised."""
+    if dom.dying:
+        raise SuspendError(f"d{dom.domid} is not running ({dom.describe_end()})")
+    if getattr(dom, "suspended", None) is not None:
+        return dom.suspended
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future = loop.create_future()
+    dom.suspend_waiter = fut
+    st = dom.hypervisor.xenstore.store
+    path = f"/local/domain/{dom.domid}/control/shutdown"
+    st.write(path, "suspend")
+    try:
+        async with asyncio.timeout(timeout):
+            done, _ = await asyncio.wait([fut, dom.done], return_when=asyncio.FIRST_COMPLETED)
+        if fut.done():
+            return fut.result()
+        raise SuspendError(f"d{dom.domid} ended ({dom.describe_end()}) instead of suspending")
+    except TimeoutError:
+        raise SuspendError(f"d{dom.domid}: guest did not suspend within {timeout:g} s "
+                           "(does its kernel watch control/shutdown?)") from None
+    finally:
+        dom.suspend_waiter = None
+        if not fut.done():
+            fut.cancel()
+            if not dom.dying and st.exists(path):
+                st.write(path, "")
+
+
+def resume_cancelled(dom: "Domain") -> None:
+    """Resume a suspended domain in place (the save failed, or a checkpoint was taken):
+    SCHEDOP_shutdown returns 1 to a kernel that declared SUSPEND_CANCEL. Xen's slow path
+    for other kernels (reset the domain's event channels and return 0, as after a restore)
+    is not implemented: such a kernel also gets 1 and a warning is logged."""
+    if getattr(dom, "suspended", None) is None or dom.dying:
+        return
+    if not getattr(dom, "suspend_cancel", False):
+        log.warning("d%d: kernel does not declare SUSPEND_CANCEL; resumed with 1 anyway", dom.domid)
+    dom.vcpus[0].engine.set_rax(1)
+    dom.suspended = None
+    log.info("d%d (%s): suspend cancelled, resumed", dom.domid, dom.name)
+    dom.unpause()

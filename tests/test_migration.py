@@ -1,0 +1,221 @@
+"""Save/restore in Xen's migration stream v2 (aiovmm/migration/), with real guests.
+
+guests/tests/suspend.c keeps an uptime counter (timer ticks) and a checksum over a memory
+pattern; both must carry on across save -> restore. The stream is checked by Xen's own
+verify-stream-v2 (Debian's xen-utils-4.17, unpacked by `make setup`), and the receiver is
+fed truncated and hostile streams that must be refused with nothing left behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from aiovmm.migration import stream as S
+from aiovmm.migration.stream import StreamError
+from aiovmm.migration.suspend import SuspendError, suspend
+from conftest import BUILD, ENGINES, ROOT, guest, kernel
+
+pytestmark = ENGINES
+
+XENUTILS = BUILD / "xen-utils" / "usr" / "lib" / "xen-4.17"
+VERIFY = XENUTILS / "bin" / "verify-stream-v2"
+MEM_MIB = 4
+
+
+def verify_stream(path: str) -> subprocess.CompletedProcess:
+    if not VERIFY.exists():
+        subprocess.run(["make", "-C", str(ROOT), "xen-utils"], check=True, capture_output=True)
+    env = dict(os.environ, PYTHONPATH=str(XENUTILS / "lib" / "python"))
+    return subprocess.run([sys.executable, str(VERIFY), "-v", "-f", "xl", "-i", path],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def uptime(dom) -> tuple[int, str]:
+    for line in reversed(dom.console_lines):
+        m = re.fullmatch(r"uptime: ticks=(\d+) sum=(0x[0-9a-f]+)", line)
+        if m:
+            return int(m.group(1)), m.group(2)
+    raise AssertionError(f"no uptime line in {dom.console_lines[-5:]}")
+
+
+async def running_guest(hv, cmdline: str = "pages=32 every=10"):
+    dom = await hv.create(guest("suspend"), memory_mib=MEM_MIB, cmdline=cmdline)
+    await dom.wait_for_line(r"uptime: ticks=20 ", 20)
+    return dom
+
+
+@pytest.fixture
+async def saved(hv, tmp_path):
+    """(hv, path of a save file, (ticks, checksum) at the save)."""
+    dom = await running_guest(hv)
+    path = str(tmp_path / "guest.save")
+    await dom.save(path)
+    assert dom.dying and dom.describe_end() == "suspend"
+    return path, uptime(dom)
+
+
+async def test_save_verified_by_xen(hv, saved):
+    path, _ = saved
+    r = verify_stream(path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    for what in ("x86 PV info", "x86 PV P2M frames", "x86 PV vcpu basic", "Shared info", "TSC info"):
+        assert what in out, out
+
+
+async def test_round_trip_carries_on(hv, saved):
+    path, (ticks, checksum) = saved
+    dom = await hv.restore(path)
+    await dom.wait_for_line(r"suspend: resumed rc=0", 10)
+    await dom.wait_for_line(rf"uptime: ticks={ticks + 20} ", 10)
+    t2, sum2 = uptime(dom)
+    assert t2 > ticks and sum2 == checksum
+    # xenstore works on the new side: a second save of the restored guest round-trips too.
+    path2 = path + ".2"
+    await dom.save(path2)
+    dom3 = await hv.restore(path2)
+    await dom3.wait_for_line(rf"uptime: ticks={t2 + 20} ", 10)
+    assert uptime(dom3)[1] == checksum
+    dom3.shutdown()
+
+
+async def test_checkpoint_resumes_with_cancel(hv, tmp_path):
+    dom = await running_guest(hv)
+    await dom.save(str(tmp_path / "ckpt.save"), checkpoint=True)
+    await dom.wait_for_line(r"suspend: resumed rc=1", 10)
+    t, s = uptime(dom)
+    await dom.wait_for_line(rf"uptime: ticks={t + 20} ", 10)
+    assert not dom.dying and uptime(dom)[1] == s
+    assert verify_stream(str(tmp_path / "ckpt.save")).returncode == 0
+    dom.shutdown()
+
+
+async def test_suspend_timeout_when_guest_ignores(hv):
+    """A kernel that does not watch control/shutdown: the request times out, is withdrawn,
+    and the guest runs on."""
+    dom = await hv.create(kernel(), memory_mib=MEM_MIB, cmdline="ticks=1 spin=100000")
+    await dom.wait_for_line(r"^spin 1$", 20)
+    with pytest.raises(SuspendError, match="did not suspend"):
+        await suspend(dom, timeout=0.3)
+    assert hv.xenstore.store.read(f"/local/domain/{dom.domid}/control/shutdown") == b""
+    n = len(dom.console_lines)
+    await dom.wait_for_line(rf"^spin {int(dom.console_lines[-1].split()[1]) + 3}$", 10)
+    assert not dom.dying and len(dom.console_lines) > n
+    dom.shutdown()
+
+
+# --- the receiver and untrusted streams -------------------------------------------------------
+def _records(data: bytes) -> list[tuple[int, int, int]]:
+    """[(offset, type, length)] of the libxc records in a save file."""
+    optlen = struct.unpack_from("<I", data, 32 + 12)[0]
+    off = 32 + 16 + optlen + S.LIBXL_HDR.size + 8 + S.IHDR.size + S.DHDR.size
+    out = []
+    while True:
+        t, n = S.RH.unpack_from(data, off)
+        out.append((off, t, n))
+        off += 8 + n + (-n & 7)
+        if t == S.Rec.end:
+            return out
+
+
+def _patch(data: bytes, off: int, new: bytes) -> bytes:
+    return data[:off] + new + data[off + len(new):]
+
+
+async def _refused(hv, path: str, data: bytes, match: str) -> None:
+    before = (hv.mem.free_frames, set(hv.domains))
+    with open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(StreamError, match=match):
+        await hv.restore(path)
+    assert (hv.mem.free_frames, set(hv.domains)) == before
+
+
+async def test_hostile_streams_refused(hv, saved, tmp_path):
+    path, _ = saved
+    data = open(path, "rb").read()
+    neighbour = await running_guest(hv)
+    recs = _records(data)
+    by_type = {}
+    for off, t, n in recs:
+        by_type.setdefault(t, []).append((off, n))
+    bad = str(tmp_path / "bad.save")
+    # truncated anywhere: header, a record header, inside page data, before END
+    for cut in (10, 60, recs[2][0] + 4, recs[3][0] + 5000, len(data) - 9):
+        await _refused(hv, bad, data[:cut], "truncated")
+    # a page-table entry naming a frame the stream does not own
+    nr_pages = MEM_MIB << 8
+    for off, n in by_type[S.Rec.page_data]:
+        count = struct.unpack_from("<I", data, off + 8)[0]
+        pfns = struct.unpack_from(f"<{count}Q", data, off + 16)
+        with_data = [p for p in pfns if p >> 60 not in (0xD, 0xE, 0xF)]   # XALLOC etc.: no page
+        tables = [i for i, p in enumerate(with_data) if (p >> 60) & 7]
+        if tables:
+            page_off = off + 16 + 8 * count + 4096 * tables[0]
+            present = next(i for i in range(512) if struct.unpack_from("<Q", data, page_off + 8 * i)[0] & 1)
+            pte = struct.unpack_from("<Q", data, page_off + 8 * present)[0]
+            evil = (pte & ~0x000FFFFFFFFFF000) | ((nr_pages + 5) << 12)
+            await _refused(hv, bad, _patch(data, page_off + 8 * present, struct.pack("<Q", evil)),
+                           "not one of the stream's")
+            break
+    else:
+        pytest.fail("no page-table page in the stream")
+    # a count past what the record holds
+    off, n = by_type[S.Rec.page_data][0]
+    await _refused(hv, bad, _patch(data, off + 8, struct.pack("<I", 1024 + 1)), "pfns")
+    await _refused(hv, bad, _patch(data, off + 8, struct.pack("<I", 3)), "bytes after|fewer")
+    # a pfn beyond the domain
+    await _refused(hv, bad, _patch(data, off + 16, struct.pack("<Q", nr_pages)), "beyond")
+    # an oversized record
+    off, n = by_type[S.Rec.shared_info][0]
+    await _refused(hv, bad, _patch(data, off + 4, struct.pack("<I", 1 << 30)), "at most")
+    # records out of order: P2M_FRAMES (24 bytes here) retyped as TSC_INFO (24 bytes)
+    off, n = by_type[S.Rec.x86_pv_p2m_frames][0]
+    assert n == S.TSC_INFO.size
+    await _refused(hv, bad, _patch(data, off, struct.pack("<I", S.Rec.x86_tsc_info)), "before the page data")
+    # ... and the P2M frames record twice
+    p2m_rec = data[off:off + 8 + n]
+    await _refused(hv, bad, data[:off] + p2m_rec + data[off:], "out of order")
+    # page data after the vCPU state (END moved: drop the record before END)
+    off_basic, _ = by_type[S.Rec.x86_pv_vcpu_basic][0]
+    pd_off, pd_n = by_type[S.Rec.page_data][0]
+    pd = data[pd_off:pd_off + 8 + pd_n]
+    await _refused(hv, bad, data[:recs[-1][0]] + pd + data[recs[-1][0]:], "out of order")
+    # an unknown record type, a domain size the header cannot have
+    await _refused(hv, bad, _patch(data, off, struct.pack("<I", 0x7777)), "not supported")
+    cfg_len = struct.unpack_from("<I", data, 44)[0]
+    cfg = data[48:48 + cfg_len]
+    huge = cfg.replace(b'"nr_pages": %d' % nr_pages, b'"nr_pages": %d' % (1 << 40))
+    assert huge != cfg
+    await _refused(hv, bad, data[:44] + struct.pack("<I", len(huge)) + huge + data[48 + cfg_len:],
+                   "pages")
+    # vCPU state: CR3 naming a data page
+    c_off = off_basic + 8 + 8 + 4984 + 3 * 8
+    await _refused(hv, bad, _patch(data, c_off, struct.pack("<Q", 1 << 12)), "CR3")
+    # the neighbour never noticed
+    t, s = uptime(neighbour)
+    await neighbour.wait_for_line(rf"uptime: ticks={t + 10} ", 10)
+    assert uptime(neighbour)[1] == s and not neighbour.dying
+
+
+async def test_suspend_with_foreign_start_info_refused(hv):
+    """SCHEDOP_shutdown(suspend) naming a frame the guest does not own (another guest's,
+    Xen's, beyond memory): -EINVAL, the save fails clearly, the guest runs on."""
+    other = await running_guest(hv)
+    for bad in (other.p2m[3], hv.mem.nr_frames - 1, 1 << 40):
+        dom = await hv.create(guest("suspend"), memory_mib=MEM_MIB, cmdline=f"pages=8 every=10 bad_si={bad}")
+        await dom.wait_for_line(r"uptime: ticks=10 ", 20)
+        with pytest.raises(SuspendError, match="does not own"):
+            await suspend(dom, timeout=5)
+        await dom.wait_for_line(rf"suspend: bad start_info {bad:#x} rc=-22", 5)
+        t, _ = uptime(dom)
+        await dom.wait_for_line(rf"uptime: ticks={t + 10} ", 10)
+        assert dom.suspended is None and not dom.dying
+        dom.shutdown()
+    assert not other.dying
