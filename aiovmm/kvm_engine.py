@@ -907,6 +907,12 @@ class KVMEngine:
                     self._call(self.on_invalid_opcode)
                     return
         if vector == 6:
+            sel = self._far_transfer_gate(rip)
+            if sel is not None:
+                # kvm-pvm raises #UD for a far call/jmp through a call gate; a CPU (and Xen,
+                # whose gates are stored with DPL 0) gives #GP(selector) at the instruction.
+                self._call(self.on_exception, 13, sel & 0xFFFC, 0)
+                return
             self._call(self.on_invalid_opcode)
             return
         cr2 = self._sreg_u64(_SREG_OFF["cr2"]) if vector == 14 else 0
@@ -918,6 +924,57 @@ class KVMEngine:
                 # reserved-bit fault kvm-pvm reports for its own slot.
                 err = (err & ~8) | 1
         self._call(self.on_exception, vector, err, cr2)
+
+    def _far_transfer_gate(self, rip: int) -> int | None:
+        """The selector if the instruction at `rip` is an indirect far call/jmp (FF /3, /5,
+        optionally REX-prefixed) whose target selector names a call gate in the GDT/LDT the
+        engine has loaded; else None. Read-only walks, so a hostile guest gets at worst #UD."""
+        try:
+            code = self._read_code(rip, 3)
+            i = 1 if 0x40 <= code[0] <= 0x4F else 0
+            if code[i] != 0xFF or (code[i + 1] >> 3) & 7 not in (3, 5) or code[i + 1] >> 6 == 3:
+                return None
+            d = self.decode(self._read_code(rip, 15))
+            if d is None or "[" not in d[2]:
+                return None
+            addr = self._operand_address(rip + d[0], d[2])
+            if addr is None:
+                return None
+            width = 8 if i == 1 and code[0] & 8 else 4
+            sel = int.from_bytes(self._read_code(addr + width, 2), "little")
+            if sel & 4:
+                base, limit = self._sreg_u64(_SEG["ldt"]), struct.unpack_from("<I", self._sregs, _SEG["ldt"] + 8)[0]
+            else:
+                base, limit = struct.unpack_from("<QH", self._sregs, _SREG_OFF["gdt"])
+            off = sel & ~7
+            if off + 7 > limit:
+                return None
+            desc = int.from_bytes(self._read_code(base + off, 8), "little")
+        except LookupError:
+            return None
+        return sel if (desc >> 40) & 0x1F == 0x0C else None      # system, type 0xC: call gate
+
+    def _operand_address(self, rip_next: int, ops: str) -> int | None:
+        """The linear address of a capstone memory operand `[reg + disp]`, `[rip + disp]` or
+        `[disp]` (no index register: enough for the far-pointer operands checked here)."""
+        inner = ops[ops.index("[") + 1:ops.index("]")].replace(" ", "")
+        total = 0
+        for term in inner.replace("-", "+-").split("+"):
+            if not term:
+                continue
+            neg = term.startswith("-")
+            term = term.lstrip("-")
+            if term == "rip":
+                val = rip_next
+            elif term in _GPR and _GPR[term][1] == 8:
+                val = self.regs[_GPR[term][0]]
+            else:
+                try:
+                    val = int(term, 0)
+                except ValueError:
+                    return None
+            total += -val if neg else val
+        return total & 0xFFFFFFFFFFFFFFFF
 
     def _int_before(self, rip: int) -> int | None:
         """n if the two bytes before `rip` are `int $n` (cd n), else None."""
