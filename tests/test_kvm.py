@@ -85,8 +85,10 @@ async def test_cpu_bound_guest_is_sliced_by_the_timer():
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
         ticker = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0 period_ms=10")
         await ticker.wait_for_line(r"^spin 2$", timeout=30)
-        cpus = [await hv.create(str(BUILD / "bench" / "cpu.elf"), memory_mib=16) for _ in range(3)]
-        engines = [d.vcpus[0].engine for d in cpus]
+        cpus, engines = [], []
+        for _ in range(3):          # each engine taken at once: a guest may end before the next create
+            cpus.append(await hv.create(str(BUILD / "bench" / "cpu.elf"), memory_mib=16))
+            engines.append(cpus[-1].vcpus[0].engine)
         before = sum(1 for l in ticker.console_lines if l.startswith("spin "))
         for d in cpus:
             assert await asyncio.wait_for(d.wait(), 60) == ShutdownReason.poweroff, d.describe_end()
