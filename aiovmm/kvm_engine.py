@@ -38,6 +38,7 @@ Known differences from the Unicorn engine (guest-visible only to hostile guests)
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import enum
 import errno
@@ -139,6 +140,11 @@ HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: 
 _STUB_STRIDE = 4                   # vector v's stub at stubs + 4*v: out %al,$v ; hlt ; hlt
 SYSCALL_PORT = 0x5B               # the SYSCALL entry page's `out`
 GUEST_L4_SLOT = 257               # the engine's guest-visible pages (M2P alias, SYSCALL entry)
+# Ports a PV kernel polls in loops (Linux's quick_pit_calibrate reads the PIT 100,000 times
+# during boot): open in the I/O bitmap, so an access exits straight to the host as an I/O exit
+# (one exit, no ring-0 stub, no instruction decode) and is answered by the shared port
+# policy (emulate.port_in/port_out via on_port_io), exactly as the #GP path would.
+_DIRECT_PORTS = (0x40, 0x41, 0x42, 0x43, 0x61)
 _IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
 TSS_LIMIT = 104 + _IOBITMAP_BYTES
 _ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40 without)
@@ -293,7 +299,7 @@ class _Ring0:
         # I/O permission bitmap: only HCALL_PORT is open at CPL 3 (an exit); every other port
         # faults #GP natively, as for a Xen PV guest without I/O privilege.
         bitmap = bytearray(b"\xff" * (_IOBITMAP_BYTES + 1))
-        for port in (HCALL_PORT, SYSCALL_PORT):
+        for port in (HCALL_PORT, SYSCALL_PORT, *_DIRECT_PORTS):
             bitmap[port >> 3] &= ~(1 << (port & 7))
         struct.pack_into("<H", mem.map, (tss << PAGE_SHIFT) + 102, 104)
         mem.write((tss << PAGE_SHIFT) + 104, bytes(bitmap))
@@ -502,6 +508,9 @@ class KVMEngine:
         self.exits = 0
         self.zaps = 0
         self.kicks = 0                # slices ended by the timer inside KVM_RUN
+        # Exits by kind ("hypercall", "syscall", "vector N", "io", "intr", ...): what limits a
+        # guest on this engine (bench/linux.py prints them).
+        self.exit_kinds: collections.Counter[str] = collections.Counter()
         self._dirty_log = False
         self._tsc_khz = 0
 
@@ -770,6 +779,7 @@ class KVMEngine:
             if port == HCALL_PORT and not in_stubs and direction == 1 and size == 1 and count == 1 \
                     and self.kernel_mode():
                 # The hot path: a hypercall through this engine's hypercall page.
+                self.exit_kinds["hypercall"] += 1
                 if not _IO_RIP_AFTER:
                     self.regs[16] = rip + 2
                     self._dirty.value |= SYNC_REGS
@@ -781,14 +791,18 @@ class KVMEngine:
                     self.stop_requested = True
                 return True
             if in_stubs:
+                self.exit_kinds[f"vector {port}"] += 1
                 self._from_vector(port)
                 return True
             if port == SYSCALL_PORT and r0.syscall_va <= rip <= r0.syscall_va + 2:
+                self.exit_kinds["syscall"] += 1
                 self._from_syscall()
                 return True
+            self.exit_kinds["port io"] += 1
             self._guest_io(direction, size, port, count)
             return True
         if reason == Exit.INTR:
+            self.exit_kinds["intr"] += 1
             return True
         if reason == Exit.SHUTDOWN:
             self.last_error = "triple fault (KVM_EXIT_SHUTDOWN)"
@@ -896,6 +910,12 @@ class KVMEngine:
                     self._call(self.on_invalid_opcode)
                     return
         if vector == 6:
+            sel = self._far_transfer_gate(rip)
+            if sel is not None:
+                # kvm-pvm raises #UD for a far call/jmp through a call gate; a CPU (and Xen,
+                # whose gates are stored with DPL 0) gives #GP(selector) at the instruction.
+                self._call(self.on_exception, 13, sel & 0xFFFC, 0)
+                return
             self._call(self.on_invalid_opcode)
             return
         cr2 = self._sreg_u64(_SREG_OFF["cr2"]) if vector == 14 else 0
@@ -907,6 +927,57 @@ class KVMEngine:
                 # reserved-bit fault kvm-pvm reports for its own slot.
                 err = (err & ~8) | 1
         self._call(self.on_exception, vector, err, cr2)
+
+    def _far_transfer_gate(self, rip: int) -> int | None:
+        """The selector if the instruction at `rip` is an indirect far call/jmp (FF /3, /5,
+        optionally REX-prefixed) whose target selector names a call gate in the GDT/LDT the
+        engine has loaded; else None. Read-only walks, so a hostile guest gets at worst #UD."""
+        try:
+            code = self._read_code(rip, 3)
+            i = 1 if 0x40 <= code[0] <= 0x4F else 0
+            if code[i] != 0xFF or (code[i + 1] >> 3) & 7 not in (3, 5) or code[i + 1] >> 6 == 3:
+                return None
+            d = self.decode(self._read_code(rip, 15))
+            if d is None or "[" not in d[2]:
+                return None
+            addr = self._operand_address(rip + d[0], d[2])
+            if addr is None:
+                return None
+            width = 8 if i == 1 and code[0] & 8 else 4
+            sel = int.from_bytes(self._read_code(addr + width, 2), "little")
+            if sel & 4:
+                base, limit = self._sreg_u64(_SEG["ldt"]), struct.unpack_from("<I", self._sregs, _SEG["ldt"] + 8)[0]
+            else:
+                base, limit = struct.unpack_from("<QH", self._sregs, _SREG_OFF["gdt"])
+            off = sel & ~7
+            if off + 7 > limit:
+                return None
+            desc = int.from_bytes(self._read_code(base + off, 8), "little")
+        except LookupError:
+            return None
+        return sel if (desc >> 40) & 0x1F == 0x0C else None      # system, type 0xC: call gate
+
+    def _operand_address(self, rip_next: int, ops: str) -> int | None:
+        """The linear address of a capstone memory operand `[reg + disp]`, `[rip + disp]` or
+        `[disp]` (no index register: enough for the far-pointer operands checked here)."""
+        inner = ops[ops.index("[") + 1:ops.index("]")].replace(" ", "")
+        total = 0
+        for term in inner.replace("-", "+-").split("+"):
+            if not term:
+                continue
+            neg = term.startswith("-")
+            term = term.lstrip("-")
+            if term == "rip":
+                val = rip_next
+            elif term in _GPR and _GPR[term][1] == 8:
+                val = self.regs[_GPR[term][0]]
+            else:
+                try:
+                    val = int(term, 0)
+                except ValueError:
+                    return None
+            total += -val if neg else val
+        return total & 0xFFFFFFFFFFFFFFFF
 
     def _int_before(self, rip: int) -> int | None:
         """n if the two bytes before `rip` are `int $n` (cd n), else None."""
@@ -954,19 +1025,67 @@ class KVMEngine:
         return True
 
     def _guest_io(self, direction: int, size: int, port: int, count: int) -> None:
-        """Port I/O by the guest itself (no I/O privilege: #GP at the instruction, as on Xen).
-        KVM completes a pending `in` at the next KVM_RUN whatever RIP is, so complete it now
-        and put the registers back as they were before the instruction."""
-        snap = bytes(self._run_map[_RUN_REGS:_RUN_REGS + 144])
+        """Port I/O by the guest itself through a port open in the I/O bitmap. KVM completes a
+        pending `in` at the next KVM_RUN whatever RIP is, so complete it now and put the
+        registers back as they were before the instruction. A plain IN/OUT is then answered
+        by the shared port policy through on_port_io(port, size, write, value), as on the
+        emulated engine (a refusal becomes #GP(0) at the instruction there); anything else
+        (INS/OUTS, or an `out` to the hypercall port outside kernel mode) is reported as the
+        #GP(0) a closed port gives, for the shared emulator to decode."""
+        m = self._run_map
+        data_off = struct.unpack_from("<Q", m, _RUN_IO + 8)[0]
+        value = int.from_bytes(m[data_off:data_off + size], "little") if direction == 1 else 0
+        snap = bytes(m[_RUN_REGS:_RUN_REGS + 144])
         self._dirty.value &= ~SYNC_REGS
         self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
-        self._run_map[_RUN_REGS:_RUN_REGS + 144] = snap
+        m[_RUN_REGS:_RUN_REGS + 144] = snap
         rip = self.regs[16]
-        if _IO_RIP_AFTER:
+        # kvm-pvm reports an OUT with RIP past the instruction, an IN (KVM's fast PIO path)
+        # with RIP on it.
+        at = count == 1 and self._plain_io_at(rip, direction, size, port)
+        if not at and _IO_RIP_AFTER:
             rip -= self._io_insn_len(rip, direction, size, port)
         self.regs[16] = rip
         self._dirty.value |= SYNC_REGS
-        self._call(self.on_port_io)
+        plain = count == 1 and port not in (HCALL_PORT, SYSCALL_PORT) and (at or self._plain_io_at(rip, direction, size, port))
+        if not plain:
+            self._call(self.on_exception, 13, 0, 0)
+            return
+        try:
+            val = self.on_port_io(port, size, direction == 1, value)
+        except BaseException as e:          # never let a handler bug unwind through the loop
+            log.exception("%s: handler raised", self.name)
+            self.callback_error = e
+            self.stop_requested = True
+            return
+        if val is None:
+            return                          # refused: the handler queued #GP(0) at `rip`
+        r = self.regs
+        if direction == 0:                  # IN: AL/AX/EAX (a 32-bit write zero-extends)
+            mask = (1 << (8 * size)) - 1
+            r[0] = val & mask if size == 4 else (r[0] & ~mask) | (val & mask)
+        r[16] = rip + self._plain_io_len(rip)
+
+    def _plain_io_at(self, rip: int, direction: int, size: int, port: int) -> bool:
+        """True if the bytes at `rip` are a non-string IN/OUT (E4-E7 imm8 or EC-EF DX form,
+        with an optional 66 prefix for 16-bit accesses)."""
+        try:
+            code = self._read_code(rip, 3)
+        except LookupError:
+            return False
+        if size == 2:
+            if code[0] != 0x66:
+                return False
+            code = code[1:]
+        op = code[0]
+        if op != (0xE4 if direction == 0 else 0xE6) + (size > 1) and op != (0xEC if direction == 0 else 0xEE) + (size > 1):
+            return False
+        return op >= 0xEC or code[1] == port
+
+    def _plain_io_len(self, rip: int) -> int:
+        code = self._read_code(rip, 2)
+        n = 1 if code[0] == 0x66 else 0
+        return n + (2 if code[n] in (0xE4, 0xE5, 0xE6, 0xE7) else 1)
 
     def _io_insn_len(self, rip_after: int, direction: int, size: int, port: int) -> int:
         """Length of the I/O instruction that ends at rip_after (kvm-pvm reports RIP past it):
@@ -984,11 +1103,12 @@ class KVMEngine:
         return n
 
     def _read_code(self, va: int, n: int) -> bytes:
-        """Bytes at a guest VA through the current page tables (read-only walk)."""
+        """Bytes at a guest VA through the current page tables (read-only walk, one per page)."""
         mem = self.mem
         table = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
         out = b""
-        for a in range(va, va + n):
+        a, end = va, va + n
+        while a < end:
             t = table
             for shift in (39, 30, 21, 12):
                 e = mem.read_u64(t + 8 * ((a >> shift) & 0x1FF))
@@ -997,7 +1117,9 @@ class KVMEngine:
                 t = e & PTE_FRAME_MASK
                 if t >= mem.size:
                     raise LookupError(hex(a))
-            out += bytes(mem.view[t + (a & 0xFFF):t + (a & 0xFFF) + 1])
+            take = min(end - a, PAGE_SIZE - (a & 0xFFF))
+            out += bytes(mem.view[t + (a & 0xFFF):t + (a & 0xFFF) + take])
+            a += take
         return out
 
     def stop(self) -> None:

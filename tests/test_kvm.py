@@ -86,9 +86,7 @@ async def test_cpu_bound_guest_is_sliced_by_the_timer():
         ticker = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0 period_ms=10")
         await ticker.wait_for_line(r"^spin 2$", timeout=30)
         cpus, engines = [], []
-        for _ in range(3):
-            # The engine is taken at once: a cpu.elf may finish (and its vCPUs be dropped)
-            # before the next create returns.
+        for _ in range(3):          # each engine taken at once: a guest may end before the next create
             cpus.append(await hv.create(str(BUILD / "bench" / "cpu.elf"), memory_mib=16))
             engines.append(cpus[-1].vcpus[0].engine)
         before = sum(1 for l in ticker.console_lines if l.startswith("spin "))
