@@ -228,6 +228,11 @@ class Netback:
                 while read_state(st, self.front) not in (XenbusState.Initialised, XenbusState.Connected):
                     await watch.next()
                 self._connect()
+                if self._bridge_watch is not None and self._bridge_watch.sock is None:
+                    # Reconnecting: the watch's socket went with the last connection's task;
+                    # subscribe again, then attach (a bridge recreated meanwhile is seen).
+                    await self._bridge_watch.open()
+                    await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
                 if self.fd is None:
                     await self._open_tap()
                     if self.cfg.bridge:
