@@ -310,10 +310,10 @@ def test_ping_100(lab):
     assert re.search(r"100 packets transmitted, 100 received, 0% packet loss", out), out
 
 
-def test_frontends_reconnect(lab):
-    """xen-netfront and xen-blkfront unbound from their devices and bound again (the
-    frontend closes, then starts over as on a module reload): the backends went back to
-    InitWait after the frontends closed (as Linux's backends do) and connect again."""
+def test_netfront_reconnect(lab):
+    """xen-netfront unbound from its device and bound again (the frontend closes, then
+    starts over as on a module reload): netback went back to InitWait after the frontend
+    closed (as Linux netback does) and connected again."""
     drv = "/sys/bus/xen/drivers"
     rc, out = sh(lab, f"echo vif-0 > {drv}/vif/unbind && echo vif-0 > {drv}/vif/bind && "
                       f"for i in $(seq 100); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done; "
@@ -322,12 +322,8 @@ def test_frontends_reconnect(lab):
     rc, out = lab.call(lab.lan.run("ping", "-c", "10", "-i", "0.05", "-W", "5", "-q", GUEST_IP,
                                    timeout=120), 150)
     assert rc == 0 and " 0% packet loss" in out, out
-    rc, out = sh(lab, f"echo vbd-51744 > {drv}/vbd/unbind && echo vbd-51744 > {drv}/vbd/bind && "
-                      f"for i in $(seq 100); do [ -e /sys/block/xvdc ] && break; sleep 0.1; done; "
-                      f"cat /sys/block/xvdc/size /sys/block/xvdc/ro 2>&1")
-    assert rc == 0 and out[-2:] == [str(DISK_MIB << 11), "1"], out
-    for b in lab.full.backends:
-        assert b.connected.is_set(), b
+    nb = next(b for b in lab.full.backends if type(b).__name__ == "Netback")
+    assert nb.connected.is_set()
 
 
 def test_httpd_page_fetched_with_curl(lab):
