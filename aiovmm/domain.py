@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .vcpu import VCPU
 
 log = logging.getLogger("aiovmm.domain")
+guest_log = logging.getLogger("aiovmm.guest")       # guests' console_io output (Xen's "(dN)" lines)
 
 # In-memory console history per domain (the log file, if any, keeps everything); the same
 # 1 MiB as xl's console/limit.
@@ -115,6 +116,7 @@ class Domain:
         self.console_lines: list[str] = []
         self.console_rate = _console.OutputRate()
         self._console_linebuf = _console.LineBuffer()
+        self._console_io_linebuf = _console.LineBuffer()      # console_io lines for the log
         self._console_lines_bytes = 0
         self._console_dropping = False
         self._console_warned_ns = -(1 << 62)
@@ -172,13 +174,21 @@ class Domain:
         return self.shutdown_reason is not None
 
     # -- console -------------------------------------------------------------------------------
-    def console_write(self, data: bytes, *, final: bool = False) -> None:
+    def console_write(self, data: bytes, *, final: bool = False, hypercall: bool = False) -> None:
         """Guest console output, from console_io and from the xencons ring alike: the one
         place its cost to the host is bounded. Bytes beyond the domain's output budget
         (console_rate) are discarded and counted; control bytes other than \\n and \\t are
         replaced, as Xen filters output of unprivileged domains; the unfinished line is at
         most LINE_MAX bytes; history is bounded in lines and bytes. `final`: the last ring's
-        worth of a stopped guest, charged but never discarded."""
+        worth of a stopped guest, charged but never discarded.
+
+        `hypercall` (console_io output): as on Xen, where a domU's console_io goes to the
+        hypervisor's own console (`xl dmesg`, lines prefixed "(dN)") and never to the
+        guest's console (xenconsoled's pty is the ring only), those lines go to the
+        hypervisor's log (logger aiovmm.guest, shown by `aiovmm run -v`) and not to the
+        console stream (on_console: `aiovmm run`'s stdout; the log-dir file). A guest
+        writing both ways (Linux with earlyprintk=xen) thus shows each line once. They stay
+        in `console`/`console_lines`, the domain's record of everything it printed."""
         if self.first_output_ns is None and data:
             self.first_output_ns = self.hypervisor.system_time_ns()
         rate = self.console_rate
@@ -204,10 +214,14 @@ class Domain:
         self.console += data
         if len(self.console) > 2 * CONSOLE_KEEP_BYTES:       # a guest may print forever
             del self.console[:len(self.console) - CONSOLE_KEEP_BYTES]
-        if self.console_log is not None:
-            self.console_log.append(data)
-        if self._console_cb:
-            self._console_cb(data)
+        if hypercall:
+            for raw in self._console_io_linebuf.feed(data):
+                guest_log.warning("(d%d) %s", self.domid, raw.decode("ascii", "replace"))
+        else:
+            if self.console_log is not None:
+                self.console_log.append(data)
+            if self._console_cb:
+                self._console_cb(data)
         for raw in self._console_linebuf.feed(data):
             self._console_line_out(raw)
         self._line_waiters = [(p, f) for p, f in self._line_waiters if not f.done()]

@@ -39,7 +39,7 @@ def do_console_io(v: "VCPU", cmd: int, count: int, buf: int, *_) -> int:
     if cmd == CONSOLEIO_write:
         if count > 1 << 16:
             raise HypercallError(Errno.EINVAL, "console write too large")
-        v.domain.console_write(v.copy_from_guest(buf, count))
+        v.domain.console_write(v.copy_from_guest(buf, count), hypercall=True)
         return 0
     if cmd == CONSOLEIO_read:
         return 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import logging
 import os
 import pstats
 import re
@@ -106,8 +107,9 @@ def rates(res: dict[str, tuple[int, int]]) -> dict[str, float]:
 
 
 async def profile_phase(hv: Hypervisor, n: int, forks: int, phase: str) -> None:
-    """One run with cProfile enabled only during `phase` (toggled from the console callback:
-    with console=hypercall each line reaches it synchronously from the printk)."""
+    """One run with cProfile enabled only during `phase` (toggled from a handler on the
+    hypervisor's guest log: with console=hypercall each line reaches it synchronously from
+    the printk)."""
     prof = cProfile.Profile()
     start_after = {"single": None, "batched": "single", "ptwr": "batched", "fork": "ptwr"}[phase]
     buf = bytearray()
@@ -129,10 +131,22 @@ async def profile_phase(hv: Hypervisor, n: int, forks: int, phase: str) -> None:
                 prof.disable()
                 state["on"] = False
 
+    class GuestLog(logging.Handler):
+        """console_io lines go to the hypervisor's log (aiovmm.guest, "(dN) line"), not
+        to on_console: they reach this handler synchronously from the printk."""
+        def emit(self, record: logging.LogRecord) -> None:
+            on_console(record.getMessage().split(" ", 1)[-1].encode() + b"\n")
+
+    handler = GuestLog()
+    guest_log = logging.getLogger("aiovmm.guest")
+    guest_log.addHandler(handler)
     if start_after is None:
         state["on"] = True
         prof.enable()
-    res = await run_guest(hv, n, forks, console="hypercall", on_console=on_console)
+    try:
+        res = await run_guest(hv, n, forks, console="hypercall")
+    finally:
+        guest_log.removeHandler(handler)
     if state["on"]:
         prof.disable()
     cnt, ns = res[phase]

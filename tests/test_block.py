@@ -296,7 +296,7 @@ async def test_hostile_frontend(disk_file):
     dom, reason, res, (ba, bb), states = await run_guest(
         "mode=hostile pattern=9", [f"target={a},vdev=xvda", f"target={b},vdev=xvdb"])
     assert reason == ShutdownReason.poweroff, dom.console_lines
-    errors = ["nseg0", "nseg12", "nseg255", "first_gt_last", "last8", "beyond_end", "sector_wrap",
+    errors = ["nseg0", "write_nseg0", "nseg12", "nseg255", "first_gt_last", "last8", "beyond_end", "sector_wrap",
               "bad_gref", "ungranted", "other_domain_grant", "read_into_ro_grant", "second_seg_bad"]
     for k in errors:
         assert res[f"hostile_{k}"] == "-1", k
@@ -306,11 +306,13 @@ async def test_hostile_frontend(disk_file):
     for k in ("indirect", "unknown_op"):
         assert res[f"hostile_{k}"] == "-2", k
     assert res["hostile_after"] == "0"
+    # A WRITE_BARRIER or FLUSH_DISKCACHE without segments is a flush (Linux blkback).
+    assert res["barrier_nseg0"] == "0" and res["flush_nseg0"] == "0"
     assert res["hostile_grant_free"] == "1"          # the backend released every grant
     assert int(res["hostile_disconnect"]) >= XenbusState.Closing
     assert res["other_ok"] == "1"
     assert states["xvda"] == XenbusState.Closed
-    assert ba.stats.bad_indices == 1 and ba.stats.bad_requests == 8 and ba.stats.bad_grants == 5
+    assert ba.stats.bad_indices == 1 and ba.stats.bad_requests == 9 and ba.stats.bad_grants == 5
     assert ba.error and "ring" in ba.error
     assert read_host(b, 0, 8 * 512) == pattern_range(9, 0, 8)
 

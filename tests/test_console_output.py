@@ -127,3 +127,17 @@ async def _cpu_share(interval: float) -> float:
     c0, t0 = time.process_time(), time.monotonic()
     await asyncio.sleep(interval)
     return (time.process_time() - c0) / (time.monotonic() - t0)
+
+
+def test_console_io_goes_to_hypervisor_log_not_console(cli):
+    """As on Xen: a domU's console_io output is the hypervisor's log ("(dN) line", shown by
+    `aiovmm run -v`), not the guest's console (stdout), which is the ring only."""
+    from conftest import kernel
+    r = cli("-v", "run", kernel(), "--memory", "8", "--cmdline", "ticks=1 console=hypercall")
+    assert r.returncode == 0, r.stderr
+    assert "aiovmm guest kernel 0.1 booting" not in r.stdout
+    assert "aiovmm.guest: (d1) aiovmm guest kernel 0.1 booting" in r.stderr, r.stderr
+    r = cli("-v", "run", kernel(), "--memory", "8", "--cmdline", "ticks=1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "aiovmm guest kernel 0.1 booting"
+    assert "aiovmm.guest" not in r.stderr

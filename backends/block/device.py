@@ -822,7 +822,10 @@ class Blkback:
         """Validate one request and map its segments; None if it was answered already."""
         op, nseg, _handle, rid, sector = _REQ.unpack_from(raw)
         st = self.stats
-        if op == BLKIF_OP_FLUSH_DISKCACHE:
+        if op == BLKIF_OP_FLUSH_DISKCACHE or (op == BLKIF_OP_WRITE_BARRIER and nseg == 0):
+            # A barrier without data is a flush, as in Linux blkback (dispatch_rw_block_io:
+            # zero segments are allowed only for the PREFLUSH operations): blkfront sends
+            # one for every REQ_PREFLUSH when only feature-barrier is offered.
             return _Pending(rid, op, bio.IORequest("flush"), [], 0)
         if op == BLKIF_OP_DISCARD and self.discard:
             # The secure flag is ignored: discard-secure is 0 (blkif.h).

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import struct
+import sys
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
@@ -38,7 +39,7 @@ log = logging.getLogger("aiovmm.backends.net")
 
 RING_SIZE = 256
 TX_SLOT, RX_SLOT = 12, 8
-NETTXF_more_data, NETTXF_extra_info = 1 << 2, 1 << 3
+NETTXF_csum_blank, NETTXF_data_validated, NETTXF_more_data, NETTXF_extra_info = 1, 1 << 1, 1 << 2, 1 << 3
 NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETIF_RSP_NULL = -2, -1, 0, 1
 XEN_NETIF_EXTRA_FLAG_MORE = 1
 MAX_PACKET = 0xFFFF
@@ -49,6 +50,57 @@ _TXREQ = struct.Struct("<IHHHH")       # gref offset flags id size
 _TXRSP = struct.Struct("<Hh")          # id status
 _RXREQ = struct.Struct("<H2xI")        # id gref
 _RXRSP = struct.Struct("<HHHh")        # id offset flags status
+
+
+def _csum16(data: bytes | bytearray, initial: int = 0) -> int:
+    """The Internet checksum's folded one's-complement sum (RFC 1071), not inverted. Summed
+    as native 16-bit words: the one's-complement sum is byte-order independent up to one
+    final swap."""
+    if len(data) & 1:
+        data = bytes(data) + b"\0"
+    total = sum(memoryview(data).cast("H")) + initial
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def complete_checksum(frame: bytearray) -> bool:
+    """Fill in the TCP or UDP checksum of an IPv4 frame sent with NETTXF_csum_blank.
+
+    IPv4 TCP/UDP checksum offload is always on in the netif protocol (netif.h: a backend
+    cannot refuse it; Linux netfront always sets NETIF_F_IP_CSUM and sends partial
+    checksums with csum_blank), and Linux netback completes such checksums
+    (skb_checksum_setup) before the packet leaves. The tap has no offload either, so it is
+    done here: the field is computed over the pseudo-header and the whole L4 segment.
+    Returns False for a frame whose checksum cannot be completed (not IPv4 TCP/UDP,
+    truncated, a fragment): Linux netback drops those (checksum_setup fails)."""
+    off = 14
+    ethertype = int.from_bytes(frame[12:14], "big")
+    if ethertype == 0x8100 and len(frame) >= 18:          # one 802.1Q tag
+        ethertype, off = int.from_bytes(frame[16:18], "big"), 18
+    if ethertype != 0x0800 or len(frame) < off + 20:
+        return False
+    ihl = (frame[off] & 0x0F) * 4
+    total = int.from_bytes(frame[off + 2:off + 4], "big")
+    proto = frame[off + 9]
+    frag = int.from_bytes(frame[off + 6:off + 8], "big") & 0x3FFF
+    if frame[off] >> 4 != 4 or ihl < 20 or total < ihl or off + total > len(frame) or frag:
+        return False
+    l4 = off + ihl
+    seg_len = total - ihl
+    field = {6: 16, 17: 6}.get(proto)
+    if field is None or seg_len < field + 2:
+        return False
+    frame[l4 + field:l4 + field + 2] = b"\0\0"
+    pseudo = frame[off + 12:off + 20] + bytes((0, proto)) + seg_len.to_bytes(2, "big")
+    s = _csum16(frame[l4:l4 + seg_len], _csum16(pseudo))
+    c = (~s) & 0xFFFF
+    if sys.byteorder == "little":
+        c = ((c & 0xFF) << 8) | (c >> 8)      # the sum was of little-endian words
+    if c == 0 and proto == 17:
+        c = 0xFFFF                             # UDP: 0 means "no checksum"
+    frame[l4 + field:l4 + field + 2] = c.to_bytes(2, "big")
+    return True
 
 
 def random_mac() -> str:
@@ -104,6 +156,10 @@ VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes
 
 class VifDisconnect(Exception):
     """This vif stops (frontend closed or misbehaved); the domain carries on."""
+
+
+class FrontendClosed(VifDisconnect):
+    """The frontend closed: the vif may be reconnected."""
 
 
 @dataclasses.dataclass
@@ -165,35 +221,62 @@ class Netback:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> None:
-        """The vif's whole life; runs in the domain's TaskGroup until cancelled."""
+        """The vif's whole life; runs in the domain's TaskGroup until cancelled.
+
+        As Linux netback (xenbus.c frontend_changed / set_backend_state): the backend waits
+        in InitWait; the frontend's Initialised or Connected connects it; the frontend's
+        Closing disconnects the data path (backend Closing), its Closed is answered Closed,
+        and a frontend starting over (Initialising, e.g. xen-netfront reloaded) finds the
+        backend in InitWait again. The tap lives as long as the vif (Linux keeps the vif
+        netdev across reconnects); a frontend that breaks the protocol is disconnected for
+        good."""
         st = self.dom.hypervisor.xenstore.store
         st.write(f"{self.back}/feature-rx-copy", "1")
         st.write(f"{self.back}/feature-rx-flip", "0")
-        self._set_state(XenbusState.InitWait)
         watch = Watch(st, f"{self.front}/state", token=f"vif{self.dom.domid}.{self.devid}")
         try:
-            while read_state(st, self.front) not in (XenbusState.Initialised, XenbusState.Connected):
-                await watch.next()
-            self._connect()
-            await self._open_tap()
-            if self.cfg.bridge:
-                # Subscribed before the first attach: a bridge recreated in between is seen.
-                self._bridge_watch = taplib.BridgeWatch(self.ifname, self.cfg.bridge, self.cfg.netns,
-                                                        self._bridge_down, self._bridge_up)
-                await self._bridge_watch.open()
-            await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
-            self._set_state(XenbusState.Connected)
-            self.connected.set()
-            log.info("d%d: vif %d connected: %s mac %s%s", self.dom.domid, self.devid, self.ifname,
-                     self.mac, f" on bridge {self.cfg.bridge}" if self.cfg.bridge else "")
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._serve())
-                    tg.create_task(self._watch_front(watch))
-                    if self._bridge_watch is not None:
-                        tg.create_task(self._bridge_watch.run())
-            except* VifDisconnect as eg:
-                log.info("d%d: vif %d disconnected: %s", self.dom.domid, self.devid, eg.exceptions[0])
+            while True:
+                self._set_state(XenbusState.InitWait)
+                while read_state(st, self.front) not in (XenbusState.Initialised, XenbusState.Connected):
+                    await watch.next()
+                self._connect()
+                if self._bridge_watch is not None and self._bridge_watch.sock is None:
+                    # Reconnecting: the watch's socket went with the last connection's task;
+                    # subscribe again, then attach (a bridge recreated meanwhile is seen).
+                    await self._bridge_watch.open()
+                    await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
+                if self.fd is None:
+                    await self._open_tap()
+                    if self.cfg.bridge:
+                        # Subscribed before the first attach: a bridge recreated in between is seen.
+                        self._bridge_watch = taplib.BridgeWatch(self.ifname, self.cfg.bridge, self.cfg.netns,
+                                                                self._bridge_down, self._bridge_up)
+                        await self._bridge_watch.open()
+                    await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
+                self._set_state(XenbusState.Connected)
+                self.connected.set()
+                log.info("d%d: vif %d connected: %s mac %s%s", self.dom.domid, self.devid, self.ifname,
+                         self.mac, f" on bridge {self.cfg.bridge}" if self.cfg.bridge else "")
+                gone: VifDisconnect | None = None
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._serve())
+                        tg.create_task(self._watch_front(watch))
+                        if self._bridge_watch is not None:
+                            tg.create_task(self._bridge_watch.run())
+                except* VifDisconnect as eg:
+                    gone = eg.exceptions[0]
+                self._disconnect()
+                if not isinstance(gone, FrontendClosed):
+                    log.info("d%d: vif %d disconnected: %s", self.dom.domid, self.devid, gone)
+                    return
+                log.info("d%d: vif %d: frontend closed; waiting for it to reconnect", self.dom.domid, self.devid)
+                while read_state(st, self.front) not in (XenbusState.Closed, XenbusState.Unknown,
+                                                         XenbusState.Initialising, XenbusState.InitWait):
+                    await watch.next()
+                self._set_state(XenbusState.Closed)
+                while read_state(st, self.front) not in (XenbusState.Initialising, XenbusState.InitWait):
+                    await watch.next()
         finally:
             watch.close()
             if self._bridge_watch is not None:
@@ -226,9 +309,9 @@ class Netback:
         st = self.dom.hypervisor.xenstore.store
         while True:
             await watch.next()
-            if read_state(st, self.front) in (XenbusState.Closing, XenbusState.Closed):
+            if read_state(st, self.front) in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown):
                 self._set_state(XenbusState.Closing)
-                raise VifDisconnect("frontend closed")
+                raise FrontendClosed("frontend closed")
 
     def _connect(self) -> None:
         st = self.dom.hypervisor.xenstore.store
@@ -248,17 +331,15 @@ class Netback:
         self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
         self.port.link(self._kick)             # guest events wake _serve directly
 
-    def close(self) -> None:
-        loop = asyncio.get_event_loop()
-        if self._throttle_handle is not None:
+    def _disconnect(self) -> None:
+        """Stop the data path (rings, event channel, tap reader); the tap itself stays."""
+        if self._throttle_handle is not None:       # a rate limit's pending wake-up
             self._throttle_handle.cancel()
             self._throttle_handle = None
-        if self.fd is not None:
-            if self._reader_on:
-                loop.remove_reader(self.fd)
-                self._reader_on = False
-            os.close(self.fd)               # the tap vanishes with its fd
-            self.fd = None
+        if self.fd is not None and self._reader_on:
+            asyncio.get_event_loop().remove_reader(self.fd)
+            self._reader_on = False
+        self.connected.clear()
         if self.port is not None:
             self.port.close()
             self.port = None
@@ -268,6 +349,13 @@ class Netback:
             except (BufferError, grants.GrantError) as e:   # a view of the page still held
                 log.warning("d%d: vif %d: unmapping a ring: %s", self.dom.domid, self.devid, e)
         self._maps.clear()
+        self.tx = self.rx = None
+
+    def close(self) -> None:
+        self._disconnect()
+        if self.fd is not None:
+            os.close(self.fd)               # the tap vanishes with its fd
+            self.fd = None
         try:
             self._set_state(XenbusState.Closed)
         except XsError as e:                 # the backend directory went with the domain
@@ -405,6 +493,8 @@ class Netback:
                     ok = False
                     log.debug("d%d: vif %d: bad tx request: %s", dom.domid, self.devid, e)
             status = NETIF_RSP_OKAY
+            if ok and first[2] & NETTXF_csum_blank and len(frame) >= 14:
+                ok = complete_checksum(frame)
             if not ok or len(frame) < 14:
                 status = NETIF_RSP_ERROR
                 self.stats.tx_errors += 1

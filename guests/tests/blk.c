@@ -31,7 +31,8 @@
  *            zeros), result discard_kept <n> (pattern sectors around it still intact),
  *            result errors <k>
  *   hostile: result hostile_<case> <status> per malformed request, result hostile_after <status>
- *            (a good read after them), result hostile_disconnect <backend state> after a
+ *            (a good read after them), result barrier_nseg0 / flush_nseg0 <status> (a
+ *            WRITE_BARRIER / FLUSH_DISKCACHE without segments: a flush, 0), result hostile_disconnect <backend state> after a
  *            ring-index violation, result other_ok <0|1> (a second vbd still works, if any)
  * The pattern: sector s, 64-bit word w = splitmix64(seed * 0x9e3779b97f4a7c15 +
  * s * 0xc2b2ae3d27d4eb4f + w). */
@@ -309,6 +310,13 @@ static void hostile(struct blkfront_dev *dev, struct blkfront_info *info)
             r.seg[i_].gref = (grant_ref_t)good; r.seg[i_].first_sect = 0; r.seg[i_].last_sect = 7; } } while (0)
     BASE(BLKIF_OP_READ, 0, 0);
     printk("result hostile_nseg0 %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_WRITE, 0, 0);
+    printk("result hostile_write_nseg0 %d\n", raw_request(dev, &r));
+    /* Not hostile: a barrier or flush without data is a flush (Linux blkback). */
+    BASE(BLKIF_OP_WRITE_BARRIER, 0, 0);
+    printk("result barrier_nseg0 %d\n", raw_request(dev, &r));
+    BASE(BLKIF_OP_FLUSH_DISKCACHE, 0, 0);
+    printk("result flush_nseg0 %d\n", raw_request(dev, &r));
     BASE(BLKIF_OP_READ, 12, 0);
     printk("result hostile_nseg12 %d\n", raw_request(dev, &r));
     BASE(BLKIF_OP_READ, 255, 0);
