@@ -9,11 +9,13 @@ import asyncio
 
 import pytest
 
-from aiovmm import Hypervisor, lab
-from aiovmm.grants import ENTRIES_PER_FRAME, GntSt, GrantError
+from aiovmm import Hypervisor, grants, lab
+from aiovmm.abi import DOMID_SELF, PAGE_SHIFT
+from aiovmm.grants import ENTRIES_PER_FRAME, GNTCOPY_source_gref, GTF_permit_access, GntSt, GrantError
 from conftest import kernel
 
 MIB = 64
+REF = 10
 
 
 def run(coro):
@@ -39,4 +41,53 @@ def test_entry_access_past_the_table_is_bad_gntref(past):
             for ref in (0, gt.nr_entries - 1):               # the first and the last exist
                 gt.write_entry(ref, 1, 7, 0x1234 + ref)
                 assert gt.read_entry(ref) == (1, 7, 0x1234 + ref)
+    run(main())
+
+
+def test_grant_ops_past_the_table_are_bad_gntref():
+    """GNTTABOP_copy and a host backend's copy naming a reference at or past
+    nr_grant_entries: GNTST_bad_gntref (Xen checks `ref >= nr_grant_entries(rgt)` before
+    reading the entry); the last entry of the table still works."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            b = lab.park(hv, kernel(), 8, "granter")
+            a = lab.park(hv, kernel(), 8, "grantee")
+            gt = b.dom.grants
+            for ref in (gt.nr_entries, gt.nr_entries + 1, (1 << 32) - 1):
+                st = a.grant_copy((ref, b.domid, 0), (a.spare[0], DOMID_SELF, 0), 8,
+                                  GNTCOPY_source_gref)
+                assert st == GntSt.bad_gntref
+            for ref in (gt.nr_entries, -1):
+                with pytest.raises(GrantError) as e:
+                    grants.host_copy_from(b.dom, ref, 0, 8)
+                assert e.value.status == GntSt.bad_gntref
+            last = gt.nr_entries - 1
+            hv.mem.write(b.spare[0] << PAGE_SHIFT, b"granted!")
+            b.write_grant(last, GTF_permit_access, 0, b.spare[0])
+            assert grants.host_copy_from(b.dom, last, 0, 8) == b"granted!"
+    run(main())
+
+
+def test_dead_granters_table_refuses_a_backend():
+    """A backend that still holds a destroyed frontend's domain (its table is dead, its frames
+    freed): every grant access is GNTST_bad_domain, as Xen refuses a dying domain's grants;
+    nothing is read from or written to the freed frames."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            b = lab.park(hv, kernel(), 8, "frontend")
+            f = b.spare[0]
+            b.write_grant(REF, GTF_permit_access, 0, f)
+            assert grants.host_copy_from(b.dom, REF, 0, 4) == bytes(4)
+            dom = b.dom
+            lab.destroy(b)
+            with pytest.raises(GrantError) as e:
+                grants.host_copy_from(dom, REF, 0, 4)
+            assert e.value.status == GntSt.bad_domain
+            with pytest.raises(GrantError) as e:
+                grants.host_copy_to(dom, REF, 0, b"late")
+            assert e.value.status == GntSt.bad_domain
+            with pytest.raises(GrantError) as e:
+                grants.host_map(dom, REF)
+            assert e.value.status == GntSt.bad_domain
+            assert hv.mem.read(f << PAGE_SHIFT, 4) != b"late"
     run(main())
