@@ -341,10 +341,13 @@ class Workspace:
         if bad:
             raise SystemExit(f"mutants: the copy imports modules from outside itself: {bad}")
 
+    kexpr = ""                          # pytest -k expression for every run (--select)
+
     def pytest(self, tests: list[str], timeout: float) -> tuple[str, str]:
         """('pass'|'fail'|'timeout', the first failing test or the tail of the output)."""
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-               "--no-header", "-W", "ignore", *tests]
+               "--no-header", "-W", "ignore", *(["-k", self.kexpr] if self.kexpr else []),
+               *tests]
         p = subprocess.Popen(cmd, cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
@@ -426,8 +429,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="at most N mutants per module")
     ap.add_argument("--timeout-factor", type=float, default=3.0,
                     help="a mutant's timeout = factor x its module's baseline time (min 60 s)")
+    ap.add_argument("--select", default="", metavar="EXPR",
+                    help="pytest -k expression for baseline and mutants, e.g. 'not kvm' (the "
+                         "engine-independent handlers on one engine; a broken engine variant "
+                         "would fail every baseline)")
     args = ap.parse_args()
     names = args.module or list(MODULES)
+    Workspace.kexpr = args.select
 
     runs: list[ModuleRun] = []
     for n in names:
