@@ -11,7 +11,9 @@ import pytest
 
 from aiovmm import Hypervisor, grants, lab
 from aiovmm.abi import DOMID_SELF, PAGE_SHIFT
-from aiovmm.grants import ENTRIES_PER_FRAME, GNTCOPY_source_gref, GTF_permit_access, GntSt, GrantError
+from aiovmm.audit import audit
+from aiovmm.grants import ENTRIES_PER_FRAME, GNTCOPY_dest_gref, GNTCOPY_source_gref, GTF_permit_access, \
+    GTF_readonly, GTF_reading, GntSt, GrantError
 from conftest import kernel
 
 MIB = 64
@@ -90,4 +92,105 @@ def test_dead_granters_table_refuses_a_backend():
                 grants.host_map(dom, REF)
             assert e.value.status == GntSt.bad_domain
             assert hv.mem.read(f << PAGE_SHIFT, 4) != b"late"
+    run(main())
+
+
+def _copy_from(a, b, ref: int) -> int:
+    """A's GNTTABOP_copy of 8 bytes from B's grant `ref` into A's own spare frame."""
+    return a.grant_copy((ref, b.domid, 0), (a.spare[0], DOMID_SELF, 0), 8, GNTCOPY_source_gref)
+
+
+def _copy_into(a, b, ref: int) -> int:
+    """A's GNTTABOP_copy of 8 bytes from its own spare frame into B's grant `ref`."""
+    return a.grant_copy((a.spare[0], DOMID_SELF, 0), (ref, b.domid, 0), 8, GNTCOPY_dest_gref)
+
+
+def test_entry_must_permit_access_to_exactly_this_grantee():
+    """Xen's _set_status: an entry whose type is not GTF_permit_access, or that names another
+    domain, is GNTST_general_error for the caller; nothing is pinned (flags unchanged)."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            b = lab.park(hv, kernel(), 8, "granter")
+            a = lab.park(hv, kernel(), 8, "grantee")
+            f = b.spare[0]
+            for flags, domid in ((GTF_permit_access, a.domid + 7),     # granted to someone else
+                                 (0, a.domid),                           # no grant
+                                 (2, a.domid),                           # GTF_accept_transfer
+                                 (GTF_permit_access | 2, a.domid)):      # type 3
+                b.write_grant(REF, flags, domid, f)
+                assert _copy_from(a, b, REF) == GntSt.general_error
+                assert _copy_into(a, b, REF) == GntSt.general_error
+                assert b.grant_flags(REF) == flags
+            b.write_grant(REF, GTF_permit_access, a.domid, f)
+            assert _copy_from(a, b, REF) == GntSt.okay
+            assert audit(hv) == []
+    run(main())
+
+
+def test_readonly_entry_refuses_every_write_pin():
+    """GTF_readonly: a copy into the grant is general_error while a copy from it works; and
+    with the entry already pinned for reading (a backend's read-only mapping), the first
+    write pin re-reads the flags and still refuses (Xen's _set_status on the upgrade)."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            b = lab.park(hv, kernel(), 8, "granter")
+            a = lab.park(hv, kernel(), 8, "grantee")
+            f = b.spare[0]
+            hv.mem.write(f << PAGE_SHIFT, b"readonly")
+            b.write_grant(REF, GTF_permit_access | GTF_readonly, a.domid, f)
+            assert _copy_into(a, b, REF) == GntSt.general_error
+            assert _copy_from(a, b, REF) == GntSt.okay
+            assert hv.mem.read(f << PAGE_SHIFT, 8) == b"readonly"
+            # The upgrade path: pinned read-only by the host backend, then a write.
+            b.write_grant(REF + 1, GTF_permit_access | GTF_readonly, 0, f)
+            hm = grants.host_map(b.dom, REF + 1, readonly=True)
+            try:
+                with pytest.raises(GrantError) as e:
+                    grants.host_copy_to(b.dom, REF + 1, 0, b"written!")
+                assert e.value.status == GntSt.general_error
+                with pytest.raises(GrantError) as e:
+                    grants.host_map(b.dom, REF + 1)
+                assert e.value.status == GntSt.general_error
+            finally:
+                hm.close()
+            assert hv.mem.read(f << PAGE_SHIFT, 8) == b"readonly"
+            assert audit(hv) == []
+    run(main())
+
+
+def test_entry_in_use_belongs_to_its_grantee():
+    """While the host backend (domid 0) holds B's entry, the active record says who it is
+    for: A's copy through the same reference is general_error, even if B rewrites the
+    entry to name A (the record, not the guest-writable entry, decides)."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            b = lab.park(hv, kernel(), 8, "granter")
+            a = lab.park(hv, kernel(), 8, "grantee")
+            f = b.spare[0]
+            b.write_grant(REF, GTF_permit_access, 0, f)
+            hm = grants.host_map(b.dom, REF, readonly=True)
+            try:
+                assert _copy_from(a, b, REF) == GntSt.general_error
+                b.write_grant(REF, GTF_permit_access | GTF_reading, a.domid, f)
+                assert _copy_from(a, b, REF) == GntSt.general_error
+                assert _copy_into(a, b, REF) == GntSt.general_error
+            finally:
+                hm.close()
+            assert audit(hv) == []
+    run(main())
+
+
+def test_granted_frame_must_be_the_granters():
+    """The frame of an entry must be a frame the granter owns (Xen: GNTST_bad_page): not the
+    grantee's own frame, not a frame past the end of memory."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            b = lab.park(hv, kernel(), 8, "granter")
+            a = lab.park(hv, kernel(), 8, "grantee")
+            for frame in (a.spare[1], hv.mem.nr_frames, hv.mem.nr_frames + 5, 0xFFFFFFFF):
+                b.write_grant(REF, GTF_permit_access, a.domid, frame)
+                assert _copy_from(a, b, REF) == GntSt.bad_page
+                assert _copy_into(a, b, REF) == GntSt.bad_page
+                assert b.grant_flags(REF) == GTF_permit_access
+            assert audit(hv) == []
     run(main())
