@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from aiovmm import Hypervisor, grants, lab
-from aiovmm.abi import DOMID_SELF, PAGE_SHIFT
+from aiovmm.abi import DOMID_SELF, PAGE_SHIFT, PAGE_SIZE
 from aiovmm.audit import audit
 from aiovmm.grants import ENTRIES_PER_FRAME, GNTCOPY_dest_gref, GNTCOPY_source_gref, GTF_permit_access, \
     GTF_readonly, GTF_reading, GntSt, GrantError
@@ -192,5 +192,77 @@ def test_granted_frame_must_be_the_granters():
                 assert _copy_from(a, b, REF) == GntSt.bad_page
                 assert _copy_into(a, b, REF) == GntSt.bad_page
                 assert b.grant_flags(REF) == GTF_permit_access
+            assert audit(hv) == []
+    run(main())
+
+
+@pytest.mark.parametrize("side", ["src", "dst"])
+def test_copy_must_stay_inside_the_page(side):
+    """GNTTABOP_copy: offset + length up to exactly PAGE_SIZE is okay, one byte more is
+    GNTST_bad_copy_arg (Xen's gnttab_copy_one checks both sides before claiming)."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            a = lab.park(hv, kernel(), 8, "copier")
+            s, d = a.spare[0], a.spare[1]
+            hv.mem.write((s << PAGE_SHIFT) + PAGE_SIZE - 8, b"lastword")
+            for off, length, want in ((PAGE_SIZE - 8, 8, GntSt.okay), (PAGE_SIZE - 8, 9, GntSt.bad_copy_arg),
+                                      (PAGE_SIZE - 1, 2, GntSt.bad_copy_arg), (0, PAGE_SIZE, GntSt.okay),
+                                      (1, PAGE_SIZE, GntSt.bad_copy_arg)):
+                so, do = (off, 0) if side == "src" else (0, off)
+                if side == "dst":
+                    so = PAGE_SIZE - 8 if length <= 8 else 0
+                st = a.grant_copy((s, DOMID_SELF, so), (d, DOMID_SELF, do), length, 0)
+                assert st == want, (off, length)
+            assert hv.mem.read((d << PAGE_SHIFT) + PAGE_SIZE - 8, 8) == b"lastword"
+            assert audit(hv) == []
+    run(main())
+
+
+def test_copy_by_frame_only_of_own_frames():
+    """A copy side given by frame number (no GNTCOPY_*_gref) may only name the caller's own
+    frames: another domid is GNTST_permission_denied, a frame it does not own (another
+    domain's, or past memory) GNTST_bad_page, in either direction; nothing is written."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            a = lab.park(hv, kernel(), 8, "copier")
+            b = lab.park(hv, kernel(), 8, "victim")
+            mine, theirs = a.spare[0], b.spare[0]
+            hv.mem.write(theirs << PAGE_SHIFT, b"victim!!")
+            assert a.grant_copy((theirs, b.domid, 0), (mine, DOMID_SELF, 0), 8, 0) == GntSt.permission_denied
+            assert a.grant_copy((mine, DOMID_SELF, 0), (theirs, b.domid, 0), 8, 0) == GntSt.permission_denied
+            for frame in (theirs, hv.mem.nr_frames, hv.mem.nr_frames + 9):
+                for dom in (DOMID_SELF, a.domid):
+                    assert a.grant_copy((frame, dom, 0), (mine, DOMID_SELF, 0), 8, 0) == GntSt.bad_page
+                    assert a.grant_copy((mine, DOMID_SELF, 0), (frame, dom, 0), 8, 0) == GntSt.bad_page
+            assert hv.mem.read(theirs << PAGE_SHIFT, 8) == b"victim!!"
+            assert hv.mem.read(mine << PAGE_SHIFT, 8) != b"victim!!"
+            assert a.grant_copy((mine, a.domid, 0), (a.spare[1], DOMID_SELF, 0), 8, 0) == GntSt.okay
+            assert audit(hv) == []
+    run(main())
+
+
+def test_host_copies_stay_inside_the_granted_page():
+    """A host backend's copy from/to a grant: offset and length are checked against the page
+    (bad_copy_arg), exactly like a guest's GNTTABOP_copy; the edges themselves work."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            b = lab.park(hv, kernel(), 8, "frontend")
+            f = b.spare[0]
+            b.write_grant(REF, GTF_permit_access, 0, f)
+            for off, length in ((-1, 4), (0, -1), (PAGE_SIZE - 3, 4), (PAGE_SIZE, 1), (1, PAGE_SIZE)):
+                with pytest.raises(GrantError) as e:
+                    grants.host_copy_from(b.dom, REF, off, length)
+                assert e.value.status == GntSt.bad_copy_arg
+            for off, n in ((-1, 4), (PAGE_SIZE - 3, 4), (PAGE_SIZE, 1), (1, PAGE_SIZE)):
+                with pytest.raises(GrantError) as e:
+                    grants.host_copy_to(b.dom, REF, off, b"x" * n)
+                assert e.value.status == GntSt.bad_copy_arg
+            grants.host_copy_to(b.dom, REF, 0, b"head")
+            grants.host_copy_to(b.dom, REF, PAGE_SIZE - 4, b"tail")
+            assert grants.host_copy_from(b.dom, REF, 0, 4) == b"head"
+            assert grants.host_copy_from(b.dom, REF, PAGE_SIZE - 4, 4) == b"tail"
+            assert grants.host_copy_from(b.dom, REF, 0, 0) == b""
+            assert len(grants.host_copy_from(b.dom, REF, 0, PAGE_SIZE)) == PAGE_SIZE
+            assert hv.mem.read(f << PAGE_SHIFT, 4) == b"head"
             assert audit(hv) == []
     run(main())
