@@ -1,0 +1,48 @@
+"""ptwr.candidate's filters (which #PF is a writable-page-table store), found unchecked by
+bench/mutants.py. Xen emulates a store only for a kernel-mode write fault on a present,
+read-only mapping of one of the domain's own validated L1 tables (fixup_page_fault gates on
+guest_kernel_mode and PFEC_write_access; ptwr_do_page_fault on PGT_l1_page_table and the
+owner); every other #PF goes to the guest."""
+from __future__ import annotations
+
+import asyncio
+
+from aiovmm import Hypervisor, lab, ptwr
+from aiovmm.abi import PAGE_SHIFT, _PAGE_RW
+from conftest import kernel
+
+STORE = bytes.fromhex("488907")          # mov [rdi], rax
+
+
+def test_only_kernel_write_faults_on_own_l1_tables_are_emulated():
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            d = lab.park(hv, kernel(), 8, "ptwr")
+            v, lay, mem = d.v, d.lay, hv.mem
+            l1_pfn = next(pfn for (lvl, _k), pfn in lay.tables.items() if lvl == 1)
+            l2_pfn = next(pfn for (lvl, _k), pfn in lay.tables.items() if lvl == 2)
+            rip = d.args_va + 0x800
+            v.copy_to_guest(rip, STORE)
+            l1_va = lay.va(l1_pfn)
+            assert not mem.read_u64(d.l1_of(l1_va)) & _PAGE_RW     # mapped read-only
+            w = ptwr.candidate(v, l1_va + 8, 3, rip)
+            assert w is not None and w.frame == d.dom.p2m[l1_pfn] and w.length == len(STORE)
+            # Not a write fault on a present page: read fault, not-present write.
+            assert ptwr.candidate(v, l1_va + 8, 1, rip) is None
+            assert ptwr.candidate(v, l1_va + 8, 2, rip) is None
+            # A user-mode write to the same table: the guest kernel's #PF, never emulated.
+            v.kernel_mode = False
+            try:
+                assert ptwr.candidate(v, l1_va + 8, 3, rip) is None
+                assert ptwr.candidate(v, l1_va + 8, 7, rip) is None
+            finally:
+                v.kernel_mode = True
+            # A read-only mapped L2 table is not an L1: no emulation (Xen: L1 pages only).
+            l2_va = lay.va(l2_pfn)
+            assert not mem.read_u64(d.l1_of(l2_va)) & _PAGE_RW
+            assert ptwr.candidate(v, l2_va + 8, 3, rip) is None
+            # A read-only data page (start_info) is not a page table either.
+            si_va = lay.va(lay.start_info_pfn)
+            if not mem.read_u64(d.l1_of(si_va)) & _PAGE_RW:
+                assert ptwr.candidate(v, si_va, 3, rip) is None
+    asyncio.run(main())
