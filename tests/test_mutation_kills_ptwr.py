@@ -27,6 +27,9 @@ def test_only_kernel_write_faults_on_own_l1_tables_are_emulated():
             assert not mem.read_u64(d.l1_of(l1_va)) & _PAGE_RW     # mapped read-only
             w = ptwr.candidate(v, l1_va + 8, 3, rip)
             assert w is not None and w.frame == d.dom.p2m[l1_pfn] and w.length == len(STORE)
+            # Bytes that decode to no x86_64 instruction (push es): the #PF goes to the guest.
+            v.copy_to_guest(rip + 64, bytes.fromhex("06") * 15)
+            assert ptwr.candidate(v, l1_va + 8, 3, rip + 64) is None
             # Not a write fault on a present page: read fault, not-present write.
             assert ptwr.candidate(v, l1_va + 8, 1, rip) is None
             assert ptwr.candidate(v, l1_va + 8, 2, rip) is None
