@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from aiovmm import Hypervisor, lab, ptwr
-from aiovmm.abi import PAGE_SHIFT, _PAGE_RW
+from aiovmm.abi import MmuExt, _PAGE_RW
 from conftest import kernel
 
 STORE = bytes.fromhex("488907")          # mov [rdi], rax
@@ -34,6 +34,8 @@ def test_only_kernel_write_faults_on_own_l1_tables_are_emulated():
             assert ptwr.candidate(v, l1_va + 8, 1, rip) is None
             assert ptwr.candidate(v, l1_va + 8, 2, rip) is None
             # A user-mode write to the same table: the guest kernel's #PF, never emulated.
+            # (The guest made its user tables the kernel's, so user mode sees the same code.)
+            assert d.mmuext(MmuExt.NEW_USER_BASEPTR, v.kernel_root) == 0
             v.kernel_mode = False
             try:
                 assert ptwr.candidate(v, l1_va + 8, 3, rip) is None
