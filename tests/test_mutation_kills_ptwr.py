@@ -51,3 +51,27 @@ def test_only_kernel_write_faults_on_own_l1_tables_are_emulated():
             if not mem.read_u64(d.l1_of(si_va)) & _PAGE_RW:
                 assert ptwr.candidate(v, si_va, 3, rip) is None
     asyncio.run(main())
+
+
+def test_fast_path_takes_only_aligned_qword_stores():
+    """try_fast applies only an aligned 8-byte mov/xchg into the faulting entry; any other
+    form (a 4-byte store, an unaligned address, a read-modify-write) is left to the
+    single-step path (None), never applied as if it were a whole-entry store."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            d = lab.park(hv, kernel(), 8, "ptwr")
+            v, lay, mem = d.v, d.lay, hv.mem
+            l1_pfn = next(pfn for (lvl, _k), pfn in lay.tables.items() if lvl == 1)
+            l1_va = lay.va(l1_pfn)
+            table = d.dom.p2m[l1_pfn] << 12
+            rip = d.args_va + 0x800
+            before = mem.read(table, 4096)
+            for code, off in (("8907", 8),            # mov dword ptr [rdi], eax
+                              ("488907", 12),         # mov qword ptr [rdi], rax, unaligned
+                              ("48ff07", 8)):         # inc qword ptr [rdi]
+                v.copy_to_guest(rip, bytes.fromhex(code))
+                w = ptwr.candidate(v, l1_va + off, 3, rip)
+                assert w is not None
+                assert ptwr.try_fast(v, w) is None, code
+            assert mem.read(table, 4096) == before
+    asyncio.run(main())
