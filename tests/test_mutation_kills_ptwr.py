@@ -67,6 +67,7 @@ def test_fast_path_takes_only_aligned_qword_stores():
             rip = d.args_va + 0x800
             before = mem.read(table, 4096)
             for code, off in (("8907", 8),            # mov dword ptr [rdi], eax
+                              ("c70778563412", 8),    # mov dword ptr [rdi], 0x12345678
                               ("488907", 12),         # mov qword ptr [rdi], rax, unaligned
                               ("48ff07", 8)):         # inc qword ptr [rdi]
                 v.copy_to_guest(rip, bytes.fromhex(code))
