@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from aiovmm import Hypervisor, lab, mmu_ops
-from aiovmm.abi import MMU_UPDATE, Errno
+from aiovmm.abi import MMU_UPDATE, MMUEXT_OP, Errno, MmuExt
 from conftest import kernel
 
 
@@ -24,4 +24,21 @@ def test_mmu_update_for_a_foreign_domain_is_refused():
                 rc = lab._call(mmu_ops.do_mmu_update, a.v, reqs, 1, 0, fdom)
                 assert rc in (-int(Errno.ESRCH), -int(Errno.EPERM)), (fdom, rc)
             assert hv.mem.read_u64(pte) == before
+    asyncio.run(main())
+
+
+def test_mmuext_op_for_a_foreign_domain_is_refused():
+    """MMUEXT_OP with another domain as FOREIGNDOM from an unprivileged domain: -EPERM
+    before any op runs (the pin it carries is not made)."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            b = lab.park(hv, kernel(), 8, "b")
+            f = a.spare[0]
+            ops = a._args(MMUEXT_OP.pack(MmuExt.PIN_L1_TABLE, f, 0), 64)
+            rc = lab._call(mmu_ops.do_mmuext_op, a.v, ops, 1, 0, b.domid)
+            assert rc == -int(Errno.EPERM)
+            assert not hv.mem.pinned[f]
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, f) == 0          # as DOMID_SELF it works
+            assert hv.mem.pinned[f]
     asyncio.run(main())
