@@ -154,4 +154,23 @@ def ticks(text: str) -> int:
     return int(found[-1]) if found else 0
 
 
-__all__ = ["Daemon", "ARTIFACTS", "BUILD", "guest", "kernel", "ticks"]
+UPTIME_RE = re.compile(r"^uptime: ticks=(\d+) sum=(0x[0-9a-f]+)$", re.M)
+
+
+def uptime(text: str) -> tuple[int, str]:
+    """The last `uptime:` milestone of guests/tests/suspend.c in `text`: (ticks, checksum)."""
+    found = UPTIME_RE.findall(text)
+    assert found, text[-500:]
+    return int(found[-1][0]), found[-1][1]
+
+
+def wait_resumed(d: Daemon, dom: str, timeout: float = 20) -> tuple[int, str]:
+    """Wait until a restored suspend.c guest has printed `suspend: resumed rc=0` and then an
+    uptime milestone; return that milestone. A restored domain's console starts empty and
+    the next milestone comes up to `every` ticks (100 ms) after the resume line: the console
+    must not be read for a milestone as soon as the resume line is there."""
+    text = d.wait_console(dom, r"^suspend: resumed rc=0$(?:\n.*)*?\n^uptime: ticks=\d+ ", timeout)
+    return uptime(text[text.index("suspend: resumed rc=0"):])
+
+
+__all__ = ["Daemon", "ARTIFACTS", "BUILD", "guest", "kernel", "ticks", "uptime", "wait_resumed"]
