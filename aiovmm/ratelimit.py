@@ -22,9 +22,11 @@ suffixes as RATE without `/s`), `burst_ms=<ms>` (bucket depth in time, default 5
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
+from typing import Callable
 
 DEFAULT_INTERVAL_US = 50_000
 _RATE = re.compile(r"^([0-9]+)([GMK]?)([Bb])/s$")
@@ -107,6 +109,38 @@ class Limiter:
             self._bytes.charge(nbytes)
         if self._ops is not None:
             self._ops.charge(ops)
+
+
+class Throttle:
+    """A device's one wake-up timer while one of its limiters is in debt: `blocked()` says
+    whether the next item must wait and, if so, arms a single loop timer (never two) that
+    calls `wake` (the backend's kick) when the debt is repaid. The backend then stops
+    consuming and sleeps on its kick: nothing spins while throttled."""
+
+    __slots__ = ("_wake", "_handle")
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._handle: asyncio.TimerHandle | None = None
+
+    def blocked(self, limiter: Limiter) -> bool:
+        """True (and the timer armed) when `limiter` has no tokens for the next item."""
+        d = limiter.delay_s()
+        if not d:
+            return False
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(d, self._expired)
+        return True
+
+    def _expired(self) -> None:
+        self._handle = None
+        self._wake()
+
+    def cancel(self) -> None:
+        """Drop a pending wake-up (the device disconnects)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def parse_vif_rate(spec: str) -> Limit:

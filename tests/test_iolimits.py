@@ -14,7 +14,7 @@ import pytest
 
 from aiovmm import Hypervisor
 from aiovmm.backends.block import DiskConfig
-from aiovmm.ratelimit import Limit, TokenBucket, make_limit, parse_vif_rate
+from aiovmm.ratelimit import Limit, Limiter, Throttle, TokenBucket, make_limit, parse_vif_rate
 from aiovmm.testing import VirtualLan
 
 from conftest import guest
@@ -60,6 +60,24 @@ def test_token_bucket_long_run_rate_is_exact():
         n += 7
     rate = n / (time.monotonic() - t0)
     assert 900 <= rate <= 1100 + 10 / 0.3, rate
+
+
+async def test_throttle_one_wakeup_when_the_debt_is_repaid():
+    lim = Limiter(make_limit(None, 100, interval_us=10_000))     # 100 ops/s, 1 op of burst
+    woken: list[float] = []
+    th = Throttle(lambda: woken.append(time.monotonic()))
+    assert not th.blocked(lim)
+    lim.charge(0, ops=2)                            # one op of debt: 10 ms
+    t0 = time.monotonic()
+    assert th.blocked(lim) and th.blocked(lim)      # asked twice: still one timer
+    await asyncio.sleep(0.1)
+    assert len(woken) == 1 and 0.009 <= woken[0] - t0 < 0.1, woken
+    assert not th.blocked(lim)                      # repaid
+    lim.charge(0, ops=2)
+    assert th.blocked(lim)
+    th.cancel()                                     # a disconnect drops the wake-up
+    await asyncio.sleep(0.05)
+    assert len(woken) == 1
 
 
 async def rate_over(get, window: float) -> float:

@@ -37,7 +37,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
-from aiovmm.ratelimit import Limit, Limiter, make_limit, parse_size_rate
+from aiovmm.ratelimit import Limit, Limiter, Throttle, make_limit, parse_size_rate
 from aiovmm.ring import BackRing
 from aiovmm.errors import BuildError
 from aiovmm.events import EventError
@@ -481,7 +481,7 @@ class Blkback:
         self._lock_fd = -1
         self.limiter = Limiter(cfg.limit)          # request dispatch waits for tokens
         self._throttled = False
-        self._throttle_handle: asyncio.TimerHandle | None = None
+        self.throttle = Throttle(self._kick.set)
 
     # -- exclusion (the toolstack's part, before the domain runs) ------------------------------
     async def claim(self, in_use: dict) -> None:
@@ -698,9 +698,7 @@ class Blkback:
     async def _disconnect(self) -> None:
         """Wait for I/O in flight (the pool cannot cancel it, and it writes into granted
         pages), answer nothing more, unmap the ring and close the port."""
-        if self._throttle_handle is not None:
-            self._throttle_handle.cancel()
-            self._throttle_handle = None
+        self.throttle.cancel()
         self._throttled = False
         if self._futures:
             pending = set(self._futures)
@@ -766,7 +764,7 @@ class Blkback:
         self._throttled = False
         limited = self.limiter.active
         while n > 0:
-            if limited and self._wait_tokens():
+            if limited and self.throttle.blocked(self.limiter):
                 self._throttled = True            # the rest stays on the ring for the timer
                 break
             raw = r.take()
@@ -796,19 +794,6 @@ class Blkback:
         self.limiter.set(limit)
         log.info("d%d: vbd %s: limit %s", self.dom.domid, self.vdev,
                  limit.describe() if limit else "none")
-        self._kick.set()
-
-    def _wait_tokens(self) -> bool:
-        """True (one loop timer armed) while the bucket is in debt."""
-        d = self.limiter.delay_s()
-        if not d:
-            return False
-        if self._throttle_handle is None:
-            self._throttle_handle = asyncio.get_running_loop().call_later(d, self._unthrottle)
-        return True
-
-    def _unthrottle(self) -> None:
-        self._throttle_handle = None
         self._kick.set()
 
     def _error(self, rid: int, op: int, status: int = BLKIF_RSP_ERROR) -> None:

@@ -25,7 +25,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
-from aiovmm.ratelimit import Limit, Limiter, parse_vif_rate
+from aiovmm.ratelimit import Limit, Limiter, Throttle, parse_vif_rate
 from aiovmm.ring import BackRing
 from aiovmm.xenbus import Watch, XenbusState, read_state, read_str, write_keys
 from aiovmm.xenstore.core import XsError
@@ -199,7 +199,7 @@ class Netback:
         self.tx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
         self.rx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
         self._tx_throttled = False
-        self._throttle_handle: asyncio.TimerHandle | None = None
+        self.throttle = Throttle(self._kick.set)   # one wake-up for both directions
 
     # -- toolstack ------------------------------------------------------------------------------
     def publish(self) -> None:
@@ -333,9 +333,7 @@ class Netback:
 
     def _disconnect(self) -> None:
         """Stop the data path (rings, event channel, tap reader); the tap itself stays."""
-        if self._throttle_handle is not None:       # a rate limit's pending wake-up
-            self._throttle_handle.cancel()
-            self._throttle_handle = None
+        self.throttle.cancel()                     # a rate limit's pending wake-up
         if self.fd is not None and self._reader_on:
             asyncio.get_event_loop().remove_reader(self.fd)
             self._reader_on = False
@@ -411,19 +409,6 @@ class Netback:
                  f"{limit.bytes_per_s} B/s per {limit.interval_us} us" if limit else "unlimited")
         self._kick.set()
 
-    def _throttled(self, limiter: Limiter) -> bool:
-        """True (and one loop timer armed to come back) when the bucket is in debt."""
-        d = limiter.delay_s()
-        if not d:
-            return False
-        if self._throttle_handle is None:
-            self._throttle_handle = asyncio.get_running_loop().call_later(d, self._unthrottle)
-        return True
-
-    def _unthrottle(self) -> None:
-        self._throttle_handle = None
-        self._kick.set()
-
     def _tx_response(self, rid: int, status: int) -> None:
         r = self.tx
         _TXRSP.pack_into(r.v, r.next_response_off(), rid, status)
@@ -441,7 +426,7 @@ class Netback:
         self._tx_throttled = False
         limited = self.tx_limit.active
         while n > 0:
-            if limited and self._throttled(self.tx_limit):
+            if limited and self.throttle.blocked(self.tx_limit):
                 self._tx_throttled = True        # the rest waits on the ring for the timer
                 break
             first = _TXREQ.unpack_from(r.v, r.slot_off(r.req_cons))
@@ -535,7 +520,7 @@ class Netback:
         done = 0
         limited = self.rx_limit.active
         while done < RX_BATCH and avail > 0:
-            if limited and self._throttled(self.rx_limit):
+            if limited and self.throttle.blocked(self.rx_limit):
                 break                            # frames wait in the tap's queue
             try:
                 frame = os.read(self.fd, 65536)
