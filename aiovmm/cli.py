@@ -16,6 +16,7 @@ import signal
 import sys
 
 from .abi import ShutdownReason
+from .console import read_host_input
 from .errors import BuildError
 
 EXIT_CODES = {
@@ -96,14 +97,8 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, dom) -> int | None:
         return None
 
     def readable() -> None:
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
+        data = read_host_input(loop, fd)
         if not data:
-            loop.remove_reader(fd)
             return
         dom.console_input += data
         if dom.console_backend is not None:

@@ -15,6 +15,8 @@ backends/console.py) end in `Domain.console_write`, which uses the two pieces he
 """
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from typing import Callable
 
@@ -22,6 +24,22 @@ LINE_MAX = 4096                  # longest line kept unfinished; then emitted as
 RATE_BYTES_PER_S = 256 * 1024    # sustained console output per domain
 BURST_BYTES = 1 << 20            # output allowed at once (a boot log fits)
 _FILTER = bytes(b if (32 <= b < 127 or b in (9, 10)) else 0x3F for b in range(256))
+
+
+def read_host_input(loop: asyncio.AbstractEventLoop, fd: int) -> bytes | None:
+    """One read of host input (a non-blocking stdin on `loop.add_reader`) for a guest's
+    console, as `aiovmm run` and `aiovmm console` both take it: the bytes read; None when
+    nothing was there after all; b"" at end of input or a read error, with the reader
+    removed, so a closed stdin is not polled again."""
+    try:
+        data = os.read(fd, 4096)
+    except BlockingIOError:
+        return None
+    except OSError:
+        data = b""
+    if not data:
+        loop.remove_reader(fd)
+    return data
 
 
 def printable(data: bytes) -> bytes:

@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from ..console import read_host_input
 from .client import Client, ClientError, dom_path
 
 EXIT_ERR = 1
@@ -298,14 +299,8 @@ async def _console_async(c: Client, ref: str) -> int:
                 raise ClientError(f"console: {e}") from None
             async with ws:
                 def readable() -> None:
-                    try:
-                        data = os.read(fd, 4096)
-                    except BlockingIOError:
-                        return
-                    except OSError:
-                        data = b""
+                    data = read_host_input(loop, fd)
                     if not data:
-                        loop.remove_reader(fd)
                         return
                     if CTRL_RBRACKET in data:
                         data = data[:data.index(CTRL_RBRACKET)]
