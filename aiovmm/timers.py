@@ -90,20 +90,33 @@ def stop_singleshot(v: "VCPU") -> None:
 
 
 def set_periodic(v: "VCPU", period_ns: int) -> None:
+    """VCPUOP_set_periodic_timer (and the 10 ms default every PV vCPU starts with), as Xen's
+    vcpu_set_periodic_timer: the new period is measured from the vCPU's last periodic event,
+    so the first event comes at once if a whole period has passed since then (at once for a
+    vCPU that never had one), else when it has."""
     stop_periodic(v)
     v.periodic_ns = period_ns
     if period_ns:
-        nxt = v.domain.hypervisor.system_time_ns() + period_ns
-        v.periodic_handle = asyncio.get_running_loop().call_later(period_ns / 1e9, _periodic_expired, v, nxt)
+        _periodic_work(v)
 
 
-def _periodic_expired(v: "VCPU", due_ns: int) -> None:
-    _fire(v)
+def _periodic_work(v: "VCPU") -> None:
+    """Xen's vcpu_periodic_timer_work: if a period has passed since the last event, send one
+    and re-arm one period from now (not from when it was due: a late tick moves the phase,
+    and missed ticks are not made up); a timer that fired early re-arms for the due time."""
     now = v.domain.hypervisor.system_time_ns()
-    nxt = due_ns + v.periodic_ns
-    if nxt <= now:                    # we fell behind: skip missed ticks, keep the phase
-        nxt = now + v.periodic_ns - (now - due_ns) % v.periodic_ns
-    v.periodic_handle = asyncio.get_running_loop().call_later((nxt - now) / 1e9, _periodic_expired, v, nxt)
+    nxt = v.periodic_last_ns + v.periodic_ns
+    if now >= nxt:
+        _fire(v)
+        v.periodic_last_ns = now
+        nxt = now + v.periodic_ns
+    v.periodic_handle = asyncio.get_running_loop().call_later((nxt - now) / 1e9, _periodic_expired, v)
+
+
+def _periodic_expired(v: "VCPU") -> None:
+    v.periodic_handle = None
+    if v.periodic_ns:
+        _periodic_work(v)
 
 
 def stop_periodic(v: "VCPU") -> None:

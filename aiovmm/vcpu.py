@@ -47,6 +47,7 @@ class VCPU:
         self.fault_depth = 0
         self.last_frame_rsp = 0
         self.periodic_ns = 0
+        self.periodic_last_ns = 0              # system time of the last periodic event (Xen's periodic_last_event)
         self.periodic_handle: asyncio.TimerHandle | None = None
         self.singleshot_handle: asyncio.TimerHandle | None = None
         self.poll_timeout_handle: asyncio.TimerHandle | None = None
