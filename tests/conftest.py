@@ -5,12 +5,16 @@ Everything here runs real guests on the real hypervisor: nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -181,3 +185,78 @@ def sock_dir(tmp_path: Path):
     d = Path(tempfile.mkdtemp(prefix="av", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ LVM on a loop device
+LVM_CONFIG = "global { activation = 0 }"      # the host's own LVM leaves the test VGs alone
+
+
+def host_run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    """A host tool (losetup, lvm2, blockdev), output captured as text."""
+    env = dict(os.environ, LVM_SUPPRESS_FD_WARNINGS="1")
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, env=env)
+
+
+def attach_loop(backing: str | Path) -> str:
+    """`losetup --find --show`: the new loop device's path (the test skipped if none)."""
+    r = host_run("losetup", "--find", "--show", str(backing), check=False)
+    if r.returncode:
+        pytest.skip(f"cannot attach a loop device: {r.stderr.strip()}")
+    return r.stdout.strip()
+
+
+@dataclass
+class LoopVG:
+    """A volume group on one loop device (4 MiB extents); its PV's data starts at pe_start."""
+    vg: str
+    dev: str
+    backing: str
+    pe_start: int
+    extent: int = 4 << 20
+
+
+@contextlib.contextmanager
+def lvm_on_loop(directory: Path, vg_prefix: str, size_mib: int,
+                lvs: list[tuple[str, str]]) -> Iterator[LoopVG]:
+    """A VG (unique name `vg_prefix` + 8 hex digits) on a loop device over a sparse file in
+    `directory`, with the LVs `lvs` = [(name, size), ...] made in order: a name seen again is
+    extended to the new size (its extents then lie in two segments). The LVs are activated
+    where device-mapper exists (blkback does not need it). Everything is removed on exit, also
+    on failure."""
+    for tool in ("losetup", "vgcreate"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (make setup)")
+    backing = Path(directory) / f"{vg_prefix}-{uuid.uuid4().hex[:8]}-pv.img"
+    with open(backing, "wb") as f:
+        f.truncate(size_mib << 20)
+    dev = attach_loop(backing)
+    vg = f"{vg_prefix}{uuid.uuid4().hex[:8]}"
+    cfg = ["--config", LVM_CONFIG]
+    created_pv = created_vg = False
+    try:
+        host_run("pvcreate", "-q", *cfg, dev)
+        created_pv = True
+        host_run("vgcreate", "-q", *cfg, "-s", "4M", vg, dev)
+        created_vg = True
+        made: list[str] = []
+        for name, size in lvs:
+            if name in made:
+                host_run("lvextend", "-q", *cfg, "-L", size, f"{vg}/{name}")
+            else:
+                host_run("lvcreate", "-q", *cfg, "-an", "-Zn", "-L", size, "-n", name, vg)
+                made.append(name)
+        pe_start = int(host_run("pvs", *cfg, "--noheadings", "--units", "b", "--nosuffix", "-o",
+                                "pe_start", dev).stdout.strip())
+        if os.path.exists("/dev/mapper/control"):
+            for name in made:
+                host_run("lvchange", "-q", "-ay", f"{vg}/{name}")
+        yield LoopVG(vg, dev, str(backing), pe_start)
+    finally:
+        if created_vg:
+            if os.path.exists("/dev/mapper/control"):
+                host_run("vgchange", "-q", "-an", vg, check=False)
+            host_run("vgremove", "-q", "-f", *cfg, vg, check=False)
+        if created_pv:
+            host_run("pvremove", "-q", "-ff", "-y", *cfg, dev, check=False)
+        host_run("blockdev", "--setrw", dev, check=False)
+        host_run("losetup", "-d", dev, check=False)

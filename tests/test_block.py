@@ -23,11 +23,11 @@ from aiovmm.backends.block import Blkback, DiskConfig
 from aiovmm.backends.block.device import vdev_to_devid
 from aiovmm.errors import BuildError
 from aiovmm.xenbus import XenbusState, read_state
-from conftest import BUILD, GUESTS_DIR, HV_MEMORY_MIB, ROOT, _cli_command, guest, results, run_cli
+from conftest import (BUILD, GUESTS_DIR, HV_MEMORY_MIB, ROOT, _cli_command, attach_loop, guest, host_run,
+                      lvm_on_loop, results, run_cli)
 
 PREFIX = f"aiovmm-blk-{uuid.uuid4().hex[:8]}"
 M64 = (1 << 64) - 1
-LVM_CONFIG = "global { activation = 0 }"
 
 
 # ------------------------------------------------------------------------ the pattern
@@ -57,11 +57,6 @@ def blk_guest():
     return str(path)
 
 
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LVM_SUPPRESS_FD_WARNINGS="1")
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, env=env)
-
-
 @pytest.fixture
 def disk_file(tmp_path):
     def make(size_mib: int = 4, name: str = "disk.img") -> str:
@@ -73,9 +68,9 @@ def disk_file(tmp_path):
 
 
 def _detach_all(backing: str) -> None:
-    out = _run("losetup", "-j", backing, "-O", "NAME", "-n", check=False).stdout
+    out = host_run("losetup", "-j", backing, "-O", "NAME", "-n", check=False).stdout
     for dev in out.split():
-        _run("losetup", "-d", dev, check=False)
+        host_run("losetup", "-d", dev, check=False)
 
 
 @pytest.fixture
@@ -89,55 +84,28 @@ def loop_device(tmp_path):
         with open(backing, "wb") as f:
             f.truncate(size_mib << 20)
         made.append(backing)
-        r = _run("losetup", "--find", "--show", backing, check=False)
-        if r.returncode:
-            pytest.skip(f"cannot attach a loop device: {r.stderr.strip()}")
-        return r.stdout.strip(), backing
+        return attach_loop(backing), backing
     try:
         yield make
     finally:
         for b in made:
-            for dev in _run("losetup", "-j", b, "-O", "NAME", "-n", check=False).stdout.split():
-                _run("blockdev", "--setrw", dev, check=False)
+            for dev in host_run("losetup", "-j", b, "-O", "NAME", "-n", check=False).stdout.split():
+                host_run("blockdev", "--setrw", dev, check=False)
             _detach_all(b)
 
 
 @pytest.fixture
-def lvm_volume(loop_device):
+def lvm_volume(tmp_path):
     """A VG on a loop device with two LVs; lv0 is split in two segments around lv1:
     lv0 = extents 0-1 and 3-4, lv1 = extent 2 (4 MiB extents). Yields a dict."""
-    if shutil.which("lvm") is None or shutil.which("vgcreate") is None:
-        pytest.skip("lvm2 tools are not installed (apt-get install lvm2)")
-    dev, backing = loop_device(32)
-    vg = f"aiovmmtest{uuid.uuid4().hex[:8]}"
-    cfg = ["--config", LVM_CONFIG]
-    created_pv = created_vg = False
-    try:
-        _run("pvcreate", "-q", *cfg, dev)
-        created_pv = True
-        _run("vgcreate", "-q", *cfg, "-s", "4M", vg, dev)
-        created_vg = True
-        _run("lvcreate", "-q", *cfg, "-an", "-Zn", "-L", "8M", "-n", "lv0", vg)
-        _run("lvcreate", "-q", *cfg, "-an", "-Zn", "-L", "4M", "-n", "lv1", vg)
-        _run("lvextend", "-q", *cfg, "-L", "16M", f"{vg}/lv0")
-        pe_start = int(_run("pvs", *cfg, "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start",
-                            dev).stdout.strip())
-        target = f"/dev/{vg}/lv0"
-        if os.path.exists("/dev/mapper/control"):
-            _run("lvchange", "-q", "-ay", f"{vg}/lv0")
-        with open(dev, "r+b") as f:          # lv1 (extent 2) full of data, not zeros
-            f.seek(pe_start + 2 * (4 << 20))
-            f.write(os.urandom(4 << 20))
+    with lvm_on_loop(tmp_path, "aiovmmtest", 32, [("lv0", "8M"), ("lv1", "4M"), ("lv0", "16M")]) as v:
+        with open(v.dev, "r+b") as f:          # lv1 (extent 2) full of data, not zeros
+            f.seek(v.pe_start + 2 * v.extent)
+            f.write(os.urandom(v.extent))
             os.fsync(f.fileno())
-        yield {"vg": vg, "dev": dev, "backing": backing, "target": target, "pe_start": pe_start,
-               "extent": 4 << 20, "lv0_extents": [0, 1, 3, 4], "lv1_extents": [2]}
-    finally:
-        if created_vg:
-            if os.path.exists("/dev/mapper/control"):
-                _run("vgchange", "-q", "-an", vg, check=False)
-            _run("vgremove", "-q", "-f", *cfg, vg, check=False)
-        if created_pv:
-            _run("pvremove", "-q", "-ff", "-y", *cfg, dev, check=False)
+        yield {"vg": v.vg, "dev": v.dev, "backing": v.backing, "target": f"/dev/{v.vg}/lv0",
+               "pe_start": v.pe_start, "extent": v.extent, "lv0_extents": [0, 1, 3, 4],
+               "lv1_extents": [2]}
 
 
 async def run_guest(cmdline: str, disks: list, *, timeout: float = 60.0, memory_mib: int = 16):
@@ -359,7 +327,7 @@ def test_refusals_cli(tmp_path, loop_device):
     ro.chmod(0o444)
     assert "is not writable (mode 0444)" in _cli_refused(f"target={ro},vdev=xvda,access=rw")
     dev, _ = loop_device(1)
-    _run("blockdev", "--setro", dev)
+    host_run("blockdev", "--setro", dev)
     assert "read-only block device" in _cli_refused(f"phy:{dev},xvda,w")
     assert "no logical volume" in _cli_refused(f"lvm:{PREFIX.replace('-', '')}/nolv,xvda,w")
     # The read-only forms of the same sources boot.
@@ -371,13 +339,13 @@ def test_refusals_cli(tmp_path, loop_device):
 
 def test_lv_on_readonly_pv_refused(lvm_volume):
     lv = lvm_volume
-    _run("blockdev", "--setro", lv["dev"])
+    host_run("blockdev", "--setro", lv["dev"])
     try:
         with pytest.raises(ValueError, match="read-only block device"):
             DiskConfig.parse(f"lvm:{lv['vg']}/lv0,xvda,w").check({})
         DiskConfig.parse(f"lvm:{lv['vg']}/lv0,xvda,r").check({})          # read-only is fine
     finally:
-        _run("blockdev", "--setrw", lv["dev"], check=False)
+        host_run("blockdev", "--setrw", lv["dev"], check=False)
 
 
 async def _all_released(hv) -> None:

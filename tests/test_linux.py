@@ -13,6 +13,7 @@ Two more boots go through `aiovmm run` (stdin to hvc0): one typed `poweroff` (ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -27,7 +28,7 @@ import pytest
 
 from aiovmm import Hypervisor
 from aiovmm.testing import VirtualLan
-from conftest import BUILD, HV_MEMORY_MIB, ROOT, _cli_command, kernel
+from conftest import BUILD, HV_MEMORY_MIB, ROOT, _cli_command, kernel, lvm_on_loop
 
 LINUX = BUILD / "linux"
 KERNEL, INITRD = LINUX / "vmlinuz", LINUX / "initramfs.cpio.gz"
@@ -37,7 +38,6 @@ MEM_FULL, MEM_PLAIN = 128, 96
 GUEST_IP, HOST_IP = "198.18.7.2", "198.18.7.1"
 DISK_MIB = 16
 PATTERN_BYTES = 512 << 10
-LVM_CONFIG = "global { activation = 0 }"
 TAG = f"aiovmm-lx-{uuid.uuid4().hex[:8]}"
 CLOCK_MIN_S = 30.0
 
@@ -45,10 +45,6 @@ CLOCK_MIN_S = 30.0
 def pattern(seed: int, n: int) -> bytes:
     """The read-only disk's content: numbered lines (what `seq` would print)."""
     return "".join(f"{i}\n" for i in range(seed, seed + n)).encode()[:n]
-
-
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=check)
 
 
 class Shell:
@@ -81,40 +77,6 @@ class Shell:
 
 
 # ------------------------------------------------------------------------------- fixtures
-def _lvm(tmp: Path):
-    """A VG on a loop device with one contiguous LV (unique names); a generator yielding
-    (target for blkback, host path + offset where the LV's bytes are)."""
-    backing = tmp / f"{TAG}-pv.img"
-    with open(backing, "wb") as f:
-        f.truncate(32 << 20)
-    r = _run("losetup", "--find", "--show", str(backing), check=False)
-    if r.returncode:
-        pytest.skip(f"cannot attach a loop device: {r.stderr.strip()}")
-    dev = r.stdout.strip()
-    vg = f"aiovmmlx{uuid.uuid4().hex[:8]}"
-    cfg = ["--config", LVM_CONFIG]
-    created_pv = created_vg = False
-    try:
-        _run("pvcreate", "-q", *cfg, dev)
-        created_pv = True
-        _run("vgcreate", "-q", *cfg, "-s", "4M", vg, dev)
-        created_vg = True
-        _run("lvcreate", "-q", *cfg, "-an", "-Zn", "-L", f"{DISK_MIB}M", "-n", "lv0", vg)
-        pe_start = int(_run("pvs", *cfg, "--noheadings", "--units", "b", "--nosuffix", "-o",
-                            "pe_start", dev).stdout.strip())
-        if os.path.exists("/dev/mapper/control"):
-            _run("lvchange", "-q", "-ay", f"{vg}/lv0")
-        yield f"lvm:{vg}/lv0", (dev, pe_start)
-    finally:
-        if created_vg:
-            if os.path.exists("/dev/mapper/control"):
-                _run("vgchange", "-q", "-an", vg, check=False)
-            _run("vgremove", "-q", "-f", *cfg, vg, check=False)
-        if created_pv:
-            _run("pvremove", "-q", "-ff", "-y", *cfg, dev, check=False)
-        _run("losetup", "-d", dev, check=False)
-
-
 def _cli_popen(tmp: Path, name: str) -> subprocess.Popen:
     (tmp / name).mkdir()
     env = dict(os.environ)
@@ -190,11 +152,12 @@ def lab(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("linux")
     t0 = time.monotonic()
     cli = [CliGuest(tmp, "poweroff"), CliGuest(tmp, "reboot")]
-    lvm = _lvm(tmp)
+    lvm = contextlib.ExitStack()
     lab = Lab()
     try:
-        lv_target, lv_where = next(lvm)
-        lab.lv_where = lv_where
+        vg = lvm.enter_context(lvm_on_loop(tmp, "aiovmmlx", 32, [("lv0", f"{DISK_MIB}M")]))
+        lv_target = f"lvm:{vg.vg}/lv0"
+        lab.lv_where = (vg.dev, vg.pe_start)        # one LV: one contiguous segment
         lab.file_rw = tmp / f"{TAG}-rw.img"
         lab.file_ro = tmp / f"{TAG}-ro.img"
         for p in (lab.file_rw, lab.file_ro):
