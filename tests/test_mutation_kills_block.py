@@ -203,3 +203,19 @@ def test_blk_writable_check_refuses_a_readonly_filesystem(tmp_path):
     w = tmp_path / "w.img"
     w.write_bytes(bytes(512))
     _check_blk_writable(str(w), "disk")
+
+
+def test_read_of_the_last_sector_is_valid(img):
+    """A request ending exactly at the disk's last sector is valid; one sector further is
+    an error response (Linux blkback: sector + nr beyond the device size)."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            f = Front(hv, img)
+            g = f.grant(20, 0)
+            p = f.bb._prepare(f.rw(BLKIF_OP_READ, 5, SECTORS - 2, [(g, 0, 1)]))
+            assert p is not None and p.sectors == 2
+            f.bb._release_all_maps(p.maps)
+            assert f.bb._prepare(f.rw(BLKIF_OP_READ, 6, SECTORS - 1, [(g, 0, 1)])) is None
+            assert f.response(0) == (6, BLKIF_OP_READ, -1)
+            assert audit(hv) == []
+    run(main())
