@@ -106,3 +106,186 @@ def test_truncated_frames_are_refused(n):
     before = bytes(f)
     assert not complete_checksum(f)
     assert bytes(f) == before
+
+
+# -- the tx/rx rings: the real Netback on a parked domain's ring pages and grants ------------------
+import asyncio  # noqa: E402
+import socket  # noqa: E402
+
+from aiovmm import Hypervisor, lab  # noqa: E402
+from aiovmm.audit import audit  # noqa: E402
+from aiovmm.grants import GTF_permit_access, GTF_readonly  # noqa: E402
+from aiovmm.ring import BackRing, SRING_HDR  # noqa: E402
+from backends.net.device import (MAX_PACKET, MAX_SLOTS, NETIF_RSP_ERROR, NETIF_RSP_NULL,  # noqa: E402
+                                 NETIF_RSP_OKAY, NETTXF_extra_info, NETTXF_more_data, RING_SIZE,
+                                 RX_SLOT, TX_SLOT, Netback, VifConfig, VifDisconnect, _TXREQ, _TXRSP)
+from conftest import kernel  # noqa: E402
+
+PKT = bytes(range(6)) * 2 + b"\x08\x00" + bytes(range(50))        # a 64-byte Ethernet frame
+
+
+class Vif:
+    """A parked domain as a netfront: tx ring page (spare 0), data pages granted read-only to
+    the backend. The backend's tap is the host end of a SOCK_SEQPACKET pair (one frame per
+    write, as a tap); `out` reads what it sent."""
+
+    def __init__(self, hv) -> None:
+        self.hv = hv
+        self.d = lab.park(hv, kernel(), 16, "netfront")
+        self.nb = Netback(self.d.dom, 0, VifConfig())
+        self.tx_mfn, self.rx_mfn = self.d.spare[0], self.d.spare[1]
+        self.nb.tx = BackRing(hv.mem.frame(self.tx_mfn), RING_SIZE, TX_SLOT)
+        self.nb.rx = BackRing(hv.mem.frame(self.rx_mfn), RING_SIZE, RX_SLOT)
+        self.host, self.out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.host.setblocking(False)
+        self.out.setblocking(False)
+        self.nb.fd = self.host.fileno()
+        self.prod = 0
+        self.data_ref = 50
+        for i in range(20):                     # grant refs 50.. -> spare data pages
+            f = self.d.spare[2 + i]
+            hv.mem.write(f << 12, PKT * 64)
+            self.d.write_grant(50 + i, GTF_permit_access | GTF_readonly, 0, f)
+
+    def close(self) -> None:
+        self.host.close()
+        self.out.close()
+
+    def push(self, *reqs: tuple[int, int, int, int, int], publish: int | None = None) -> None:
+        m = self.hv.mem.frame(self.tx_mfn)
+        for r in reqs:
+            _TXREQ.pack_into(m, SRING_HDR + (self.prod % RING_SIZE) * TX_SLOT, *r)
+            self.prod += 1
+        struct.pack_into("<I", m, 0, self.prod if publish is None else publish)
+
+    def responses(self, n: int) -> list[tuple[int, int]]:
+        m = self.hv.mem.frame(self.tx_mfn)
+        return [_TXRSP.unpack_from(m, SRING_HDR + (i % RING_SIZE) * TX_SLOT) for i in range(n)]
+
+    def sent(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.out.recv(70000))
+            except BlockingIOError:
+                return out
+
+
+def with_vif(body):
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            v = Vif(hv)
+            try:
+                body(v)
+            finally:
+                v.close()
+            assert audit(hv) == []
+    asyncio.run(main())
+
+
+def test_tx_empty_ring_is_quiet():
+    """No request published: nothing happens (not a protocol error)."""
+    def body(v):
+        assert v.nb._process_tx() is False
+        assert v.nb.stats.bad_indices == 0 and v.sent() == []
+    with_vif(body)
+
+
+def test_tx_index_overflow_disconnects():
+    """req_prod more than a ring ahead of the responses: the vif disconnects."""
+    def body(v):
+        v.push(publish=RING_SIZE + 1)
+        with pytest.raises(VifDisconnect):
+            v.nb._process_tx()
+    with_vif(body)
+
+
+def test_tx_chain_past_req_prod_disconnects():
+    """A packet whose NETTXF_more_data chain runs past req_prod is fatal (Linux netback's
+    xenvif_count_requests), not waited for."""
+    def body(v):
+        v.push((50, 0, NETTXF_more_data, 1, 64), (51, 0, 0, 2, 0), publish=1)
+        with pytest.raises(VifDisconnect):
+            v.nb._process_tx()
+        assert v.sent() == []
+    with_vif(body)
+
+
+def test_tx_extra_info_is_an_error_answered_null():
+    """NETTXF_extra_info with no extra type negotiated: the packet is an error, its extra
+    slot is consumed and answered NETIF_RSP_NULL; a later slot announcing extras makes its
+    packet an error too. The next packet goes out."""
+    def body(v):
+        v.push((50, 0, NETTXF_extra_info, 1, 64), (0, 0, 0, 0xEE, 0),
+               (51, 0, NETTXF_more_data, 3, 64), (52, 0, NETTXF_extra_info, 4, 0), (0, 0, 0, 0xEF, 0),
+               (53, 0, 0, 5, 64))
+        v.nb._process_tx()
+        assert [s for _i, s in v.responses(6)] == [NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_ERROR,
+                                                   NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY]
+        assert v.sent() == [PKT]
+    with_vif(body)
+
+
+@pytest.mark.parametrize("nslots", [MAX_SLOTS, MAX_SLOTS + 1])
+def test_tx_slot_limit(nslots):
+    """A packet of MAX_SLOTS slots is sent; one slot more and it is an error (consumed whole,
+    every slot answered)."""
+    def body(v):
+        reqs = [(50 + i % 20, 0, NETTXF_more_data, i, 4) for i in range(nslots)]
+        reqs[-1] = (reqs[-1][0], 0, 0, nslots - 1, 4)
+        total = 64 + 4 * (nslots - 1)
+        reqs[0] = (50, 0, NETTXF_more_data, 0, total)
+        v.push(*reqs)
+        v.nb._process_tx()
+        want = NETIF_RSP_OKAY if nslots <= MAX_SLOTS else NETIF_RSP_ERROR
+        assert [s for _i, s in v.responses(nslots)] == [want] * nslots
+        assert v.nb.tx.req_cons == nslots
+        sent = v.sent()
+        assert (len(sent), len(sent[0]) if sent else total) == (int(want == NETIF_RSP_OKAY), total)
+    with_vif(body)
+
+
+def test_tx_sizes():
+    """The first slot's size is the packet's total: later slots adding up to more than it
+    (a negative first part) or a total over 64 KiB - 1 are errors; a first slot carrying no
+    data of its own (total == the rest) is a valid packet; so is one of exactly
+    MAX_PACKET bytes."""
+    def body(v):
+        v.push((50, 0, NETTXF_more_data, 1, 30), (51, 0, 0, 2, 64))        # rest > total
+        v.push((50, 0, NETTXF_more_data, 3, 64), (51, 0, 0, 4, 64))        # first carries 0
+        v.nb._process_tx()
+        assert [s for _i, s in v.responses(4)] == [NETIF_RSP_ERROR] * 2 + [NETIF_RSP_OKAY] * 2
+        assert v.sent() == [PKT]
+        for total in (MAX_PACKET, MAX_PACKET + 1):
+            pages, last = divmod(total, 4096)
+            sizes = [4096] * pages + ([last] if last else [])
+            reqs = [(50 + k, 0, NETTXF_more_data, 10 + k, s) for k, s in enumerate(sizes)]
+            reqs[0] = (50, 0, NETTXF_more_data, 10, total)
+            reqs[-1] = (reqs[-1][0], 0, 0, reqs[-1][3], sizes[-1])
+            if total > 0xFFFF:
+                reqs = [(50, 0, NETTXF_more_data, 10, total & 0xFFFF)] + reqs[1:]
+            start = v.prod
+            v.push(*reqs)
+            v.nb._process_tx()
+            st = [s for _i, s in v.responses(v.prod)][start:]
+            assert len(set(st)) == 1
+            if total == MAX_PACKET:
+                assert st[0] == NETIF_RSP_OKAY and len(v.sent()[0]) == MAX_PACKET
+    with_vif(body)
+
+
+def test_rx_waits_for_the_tap_and_checks_indices():
+    """_process_rx does nothing while the tap has nothing to read (no read attempted); rx
+    req_prod more than a ring ahead of the responses disconnects the vif."""
+    def body(v):
+        v.nb._tap_ready = False
+        m = v.hv.mem.frame(v.rx_mfn)
+        struct.pack_into("<I", m, 0, 1)
+        v.out.send(PKT)
+        assert v.nb._process_rx() is False
+        assert v.nb.rx.req_cons == 0
+        v.nb._tap_ready = True
+        struct.pack_into("<I", m, 0, RING_SIZE + 1)
+        with pytest.raises(VifDisconnect):
+            v.nb._process_rx()
+    with_vif(body)
