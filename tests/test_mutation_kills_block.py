@@ -219,3 +219,28 @@ def test_read_of_the_last_sector_is_valid(img):
             assert f.response(0) == (6, BLKIF_OP_READ, -1)
             assert audit(hv) == []
     run(main())
+
+
+def test_a_rate_limited_vbd_leaves_requests_on_the_ring(img):
+    """With an iops limit (1 op/s, a 100 ms bucket), _drain dispatches what the bucket
+    allows and leaves the rest published on the ring for the timer, instead of taking
+    every request at once."""
+    from aiovmm.ratelimit import make_limit
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            f = Front(hv, img)
+            bb = f.bb
+            bb.set_limit(make_limit(None, 1, 100_000))
+            for i in range(4):
+                f.push(f.rw(BLKIF_OP_READ, 10 + i, i, [(f.grant(20 + i, i), 0, 0)]))
+            bb._drain()
+            assert bb._throttled and bb._throttle_handle is not None
+            assert 1 <= bb.ring.req_cons < 4 and bb.ring.unconsumed() == 4 - bb.ring.req_cons
+            bb._throttle_handle.cancel()
+            async with asyncio.timeout(10):
+                while bb._futures:
+                    await asyncio.wait(set(bb._futures))
+            bb._release_all(bb._done)
+            assert audit(hv) == []
+    run(main())
