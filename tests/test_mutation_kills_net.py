@@ -289,3 +289,33 @@ def test_rx_waits_for_the_tap_and_checks_indices():
         with pytest.raises(VifDisconnect):
             v.nb._process_rx()
     with_vif(body)
+
+
+@pytest.mark.parametrize("rx_copy", [None, "0", "2"])
+def test_connect_requires_rx_copy(rx_copy):
+    """A frontend that does not request rx-copy (the only receive mode offered, as Linux
+    netback since flipping was removed) is refused before any ring is mapped; with
+    request-rx-copy = 1 the same keys connect."""
+    from aiovmm.xenbus import write_keys
+    from backends.net import tap as taplib
+
+    def body(v):
+        nb, d = v.nb, v.d
+        nb.tx = nb.rx = None
+        store = v.hv.xenstore.store
+        d.write_grant(8, GTF_permit_access, 0, v.tx_mfn)
+        d.write_grant(9, GTF_permit_access, 0, v.rx_mfn)
+        port = d.dom.evtchn.alloc_unbound(0)
+        keys = {"tx-ring-ref": "8", "rx-ring-ref": "9", "event-channel": str(port)}
+        if rx_copy is not None:
+            keys["request-rx-copy"] = rx_copy
+        write_keys(store, nb.front, keys, [f"n{d.domid}"])
+        with pytest.raises(taplib.TapError):
+            nb._connect()
+        assert nb.tx is None and not nb._maps and 8 not in d.dom.grants.active
+        write_keys(store, nb.front, {**keys, "request-rx-copy": "1"}, [f"n{d.domid}"])
+        nb._connect()
+        assert nb.tx is not None and nb.rx is not None
+        nb._disconnect()
+        assert not d.dom.grants.active
+    with_vif(body)
