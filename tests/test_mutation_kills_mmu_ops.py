@@ -210,19 +210,3 @@ def test_privileged_and_removed_mmuext_ops():
             assert a.mmuext(99) == -int(Errno.ENOSYS)
     asyncio.run(main())
 
-
-def test_update_va_mapping_without_page_tables_is_einval():
-    """update_va_mapping from a vCPU that has no kernel page tables (a vCPU brought up
-    without a CR3, or one whose domain is being torn down): -EINVAL, nothing walked."""
-    async def main():
-        async with Hypervisor(memory_mib=64) as hv:
-            a = lab.park(hv, kernel(), 8, "a")
-            va = a.lay.va(a.lay.start_info_pfn)
-            root = a.v.kernel_root
-            a.v.kernel_root = 0
-            try:
-                assert lab._call(mmu_ops.do_update_va_mapping, a.v, va, 0, 0) == EINVAL
-            finally:
-                a.v.kernel_root = root
-            assert hv.mem.read_u64(a.l1_of(va)) & _PAGE_PRESENT
-    asyncio.run(main())
