@@ -159,8 +159,9 @@ class Domain:
         return mfn
 
     def release_frame(self, mfn: int) -> None:
-        self.frames.discard(mfn)
+        """Free one of this domain's frames; FrameInUse (and the frame stays) if it is."""
         self.mem.free([mfn])
+        self.frames.discard(mfn)
 
     @property
     def shared_info_maddr(self) -> int:

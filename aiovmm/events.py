@@ -144,9 +144,8 @@ class EventChannels:
             raise EventError(Errno.ESRCH, f"no domain {remote_dom}")
         rch = rd.evtchn
         port = self._alloc()                      # Xen's order: ENOSPC before EINVAL
-        if not 0 < remote_port < rch.nr_ports:
-            raise EventError(Errno.EINVAL, f"bad remote port {remote_port}")
-        rp = rch.ports.get(remote_port, _CLOSED)
+        # _port is the one range check (EINVAL); port 0 reads closed, so it is refused below.
+        rp = rch._port(remote_port)
         if rp.state != EvtchnStat.unbound or rp.remote_dom != self.dom.domid:
             raise EventError(Errno.EINVAL, "remote port is not offered to this domain")
         self.ports[port] = Port(EvtchnStat.interdomain, 0, -1, remote_dom, remote_port)
@@ -176,7 +175,7 @@ class EventChannels:
 
     def close(self, port: int) -> None:
         p = self._port(port)
-        if port == 0 or p.state == EvtchnStat.closed:
+        if p.state == EvtchnStat.closed:          # port 0 included: never allocated
             raise EventError(Errno.EINVAL, f"port {port} is not in use")
         if p.state == EvtchnStat.virq:
             self.virq_ports.pop((p.virq, p.vcpu), None)
@@ -205,8 +204,7 @@ class EventChannels:
 
     def unmask(self, port: int) -> None:
         p = self._port(port)
-        if port == 0:
-            return
+        # Port 0 is valid here (Xen's evtchn_unmask treats it as any port_is_valid port).
         a, b = self._bit(SharedInfo.evtchn_mask, port)
         m = self.dom.mem.map
         was = m[a] & b

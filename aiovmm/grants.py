@@ -268,8 +268,8 @@ class GrantTable:
 
     # -- grantee side ------------------------------------------------------------------------------
     def new_handle(self, m: Mapping) -> int:
-        if len(self.maptrack) >= 1 << 16:
-            raise GrantError(GntSt.no_space, "maptrack full")
+        """A maptrack handle for `m`. The maptrack bound is map_grant's check, made before
+        anything is pinned (one place, so a full maptrack leaves no pin behind)."""
         h = self._next_handle
         self._next_handle += 1
         self.maptrack[h] = m
@@ -326,7 +326,7 @@ def release_all(dom: "Domain") -> None:
 
 def _granter(caller: "Domain", domid: int) -> "Domain":
     d = caller.hypervisor.domain(domid) if domid != DOMID_SELF else caller
-    if d is None or getattr(d, "grants", None) is None:
+    if getattr(d, "grants", None) is None:       # no such domain, or the host (no table)
         raise GrantError(GntSt.bad_domain, f"no domain {domid}")
     return d
 

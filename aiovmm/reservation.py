@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .abi import DOMID_SELF, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, Errno
 from .errors import HypercallError
-from .memory import OutOfMemory
+from .memory import FrameInUse, OutOfMemory
 
 if TYPE_CHECKING:
     from .vcpu import VCPU
@@ -61,10 +61,11 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
                 mfn = int.from_bytes(v.copy_from_guest(slot, 8), "little")
                 if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom.domid or mfn in dom.shared_frames:
                     break
-                if mem.type_count[mfn] or mem.pinned[mfn] or mem.refs[mfn]:
+                try:
+                    dom.release_frame(mfn)      # MachineMemory.free decides "in use"
+                except FrameInUse:
                     log.debug("d%d: decrease_reservation of in-use frame %#x refused", dom.domid, mfn)
                     break
-                dom.release_frame(mfn)
             else:
                 if dom.tot_pages >= dom.max_pages:
                     break

@@ -338,8 +338,11 @@ class Workspace:
         link = os.path.join(self.dir, "aiovmm", "backends")
         if not os.path.exists(link):
             os.symlink(os.path.join("..", "backends"), link)
+        # Only the pytest plugins the module tests use (not schemathesis/anyio, which only
+        # tests/control needs): their imports cost ~3 s of CPU per run, paid by every mutant.
         self.env = dict(os.environ, PYTHONPATH=self.dir, PYTHONDONTWRITEBYTECODE="1",
-                        HYPOTHESIS_STORAGE_DIRECTORY=os.path.join(self.dir, ".hypothesis"))
+                        HYPOTHESIS_STORAGE_DIRECTORY=os.path.join(self.dir, ".hypothesis"),
+                        PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
         self.lock = threading.Lock()
 
     def verify(self) -> None:
@@ -358,6 +361,7 @@ class Workspace:
     def pytest(self, tests: list[str], timeout: float) -> tuple[str, str]:
         """('pass'|'fail'|'timeout', the first failing test or the tail of the output)."""
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+               "-p", "asyncio", "-p", "aiovmm.testing", "-p", "_hypothesis_pytestplugin",
                "--no-header", "-W", "ignore", *(["-k", self.kexpr] if self.kexpr else []),
                *tests]
         p = subprocess.Popen(cmd, cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
@@ -374,9 +378,15 @@ class Workspace:
         return "fail", m.group(2) if m else short(out.strip().splitlines()[-1] if out.strip() else "")
 
 
-def test_files(spec: Module) -> list[str]:
+def test_files(spec: Module, name: str = "", override: list[str] | None = None) -> list[str]:
+    """The module's test files; its kill tests (tests/**/test_mutation_kills_<name>*.py,
+    written against survivors of this script) always join. `override` (--tests) replaces
+    the table's list, for a quick screen whose survivors are then re-run with the full one."""
     out: list[str] = []
-    for pat in spec.tests:
+    pats = list(override) if override else list(spec.tests)
+    if name:
+        pats += [f"tests/test_mutation_kills_{name}*.py", f"tests/*/test_*mutation_kills_{name}*.py"]
+    for pat in pats:
         for p in sorted(glob.glob(os.path.join(ROOT, pat))):
             rel = os.path.relpath(p, ROOT)
             if rel not in out:
@@ -441,6 +451,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="at most N mutants per module")
     ap.add_argument("--timeout-factor", type=float, default=3.0,
                     help="a mutant's timeout = factor x its module's baseline time (min 60 s)")
+    ap.add_argument("--tests", action="append", metavar="GLOB",
+                    help="run only these test files (globs; the module's kill tests join) "
+                         "instead of the module's list: a quick screen, not the figure")
+    ap.add_argument("--only", default="", metavar="REGEX",
+                    help="only mutants whose description (file:line func: kind: ...) matches")
     ap.add_argument("--select", default="", metavar="EXPR",
                     help="pytest -k expression for baseline and mutants, e.g. 'not kvm' (the "
                          "engine-independent handlers on one engine; a broken engine variant "
@@ -451,8 +466,10 @@ def main() -> None:
 
     runs: list[ModuleRun] = []
     for n in names:
-        mr = ModuleRun(n, test_files(MODULES[n]))
+        mr = ModuleRun(n, test_files(MODULES[n], n, args.tests))
         mr.mutants = generate(n, MODULES[n])
+        if args.only:
+            mr.mutants = [m for m in mr.mutants if re.search(args.only, m.describe())]
         if args.marked:
             mr.mutants = [m for m in mr.mutants if m.marked]
         if args.limit:

@@ -266,3 +266,186 @@ def test_host_copies_stay_inside_the_granted_page():
             assert hv.mem.read(f << PAGE_SHIFT, 4) == b"head"
             assert audit(hv) == []
     run(main())
+
+
+# -- map_grant / unmap_grant argument checks (mutation survivors of the second run) ------------
+
+def _scene(hv):
+    from test_grants_security import Scene
+    return Scene(hv)
+
+
+def test_map_grant_onto_a_present_pte_is_bad_virt_addr():
+    """GNTTABOP_map_grant_ref at a host_addr whose L1 entry is already present: Xen's
+    create_grant_pv_mapping refuses to replace a present entry (GNTST_general_error from
+    the failed update; here bad_virt_addr). The entry is unchanged, nothing is pinned: the
+    grant entry has no GTF_reading, the granted frame no reference."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            s = _scene(hv)
+            a = s.a
+            va = a.lay.va(a.lay.start_info_pfn)               # present in the bootstrap L1
+            pte = a.l1_of(va)
+            before = hv.mem.read_u64(pte)
+            refs = hv.mem.refs[s.f]
+            for ro in (False, True):
+                st, _h = a.map_grant(s.b.domid, REF, va, readonly=ro)
+                assert st == GntSt.bad_virt_addr
+                assert hv.mem.read_u64(pte) == before
+                assert s.b.grant_flags(REF) == GTF_permit_access
+                assert hv.mem.refs[s.f] == refs and not a.dom.grants.maptrack
+            st, h = a.map_grant(s.b.domid, REF, s.va)        # an empty entry works
+            assert st == GntSt.okay
+            assert a.unmap_grant(h, s.va) == GntSt.okay
+            assert audit(hv) == []
+    run(main())
+
+
+@pytest.mark.parametrize("flags", [0, grants.GNTMAP_readonly, grants.GNTMAP_application_map,
+                                   grants.GNTMAP_host_map | grants.GNTMAP_contains_pte,
+                                   grants.GNTMAP_device_map | grants.GNTMAP_contains_pte])
+def test_map_grant_flags_refused(flags):
+    """Neither GNTMAP_host_map nor GNTMAP_device_map: nothing to map (Xen: GNTST_bad_gntref).
+    GNTMAP_contains_pte (host_addr is a PTE's machine address) is not supported and must
+    not be taken for a virtual address: GNTST_bad_virt_addr. Either way nothing is pinned
+    and the guest's L1 entry at that address stays empty."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            s = _scene(hv)
+            a = s.a
+            pte = a.l1_of(s.va)
+            st, _h = a.map_grant(s.b.domid, REF, s.va, flags=flags)
+            want = GntSt.bad_virt_addr if flags & grants.GNTMAP_contains_pte else GntSt.bad_gntref
+            assert st == want
+            assert hv.mem.read_u64(pte) == 0
+            assert s.b.grant_flags(REF) == GTF_permit_access
+            assert not a.dom.grants.maptrack and hv.mem.refs[s.f] == 0
+            assert audit(hv) == []
+    run(main())
+
+
+def test_maptrack_full_is_no_space_and_pins_nothing():
+    """A grantee may hold 65,536 maptrack handles (Xen's maptrack limit); the next map is
+    GNTST_no_space before the grant is pinned: the active record's pin count, the frame's
+    references and the entry stay as they were (a pin taken and left behind would keep the
+    granter's frame alive forever)."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            s = _scene(hv)
+            a, b = s.a, s.b
+            flags = grants.GNTMAP_device_map | grants.GNTMAP_readonly
+            for _ in range(1 << 16):
+                grants.map_grant(a.v, 0, flags, REF, b.domid)
+            act = b.dom.grants.active[REF]
+            assert (act.readers, act.writers, hv.mem.refs[s.f]) == (1 << 16, 0, 1 << 16)
+            for fl in (flags, grants.GNTMAP_device_map, grants.GNTMAP_host_map):
+                with pytest.raises(GrantError) as e:
+                    grants.map_grant(a.v, s.va, fl, REF, b.domid)
+                assert e.value.status == GntSt.no_space
+            assert (act.readers, act.writers, hv.mem.refs[s.f]) == (1 << 16, 0, 1 << 16)
+            assert hv.mem.type_count[s.f] == 0
+            assert hv.mem.read_u64(a.l1_of(s.va)) == 0
+            assert len(a.dom.grants.maptrack) == 1 << 16
+            h = next(iter(a.dom.grants.maptrack))
+            assert a.unmap_grant(h) == GntSt.okay             # one freed: one more fits
+            grants.map_grant(a.v, 0, flags, REF, b.domid)
+            assert audit(hv) == []
+    run(main())
+
+
+def test_unmap_with_another_host_addr_is_refused():
+    """GNTTABOP_unmap_grant_ref with a host_addr that is not the mapping's: Xen's
+    unmap_common refuses (GNTST_bad_virt_addr for the mismatching address) and the mapping
+    stays (its PTE present, the handle valid); the right address then unmaps it."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            s = _scene(hv)
+            h = s.map()
+            pte = s.a.l1_of(s.va)
+            e = hv.mem.read_u64(pte)
+            assert e & 1
+            for other in (s.va + PAGE_SIZE, s.va - PAGE_SIZE, 1 << PAGE_SHIFT):
+                assert s.a.unmap_grant(h, other) == GntSt.bad_virt_addr
+                assert hv.mem.read_u64(pte) == e and h in s.a.dom.grants.maptrack
+            assert s.a.unmap_grant(h, s.va) == GntSt.okay
+            assert hv.mem.read_u64(pte) == 0
+            assert audit(hv) == []
+    run(main())
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_host_mapping_close_twice_drops_once(readonly):
+    """A backend closing a host mapping twice (an error path and then its teardown): the
+    second close does nothing. Dropping the frame's references twice would underflow them
+    (the frame could then be freed or typed as a page table while another mapping of it
+    lives) and unpin a grant the backend no longer holds."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            b = lab.park(hv, kernel(), 8, "frontend")
+            f = b.spare[0]
+            b.write_grant(REF, GTF_permit_access, 0, f)
+            keep = grants.host_map(b.dom, REF, readonly=True)       # a second holder
+            hm = grants.host_map(b.dom, REF, readonly=readonly)
+            hm.close()
+            hm.close()
+            act = b.dom.grants.active[REF]
+            assert (act.readers, act.writers) == (1, 0)
+            assert hv.mem.refs[f] == 1 and hv.mem.type_count[f] == 0
+            assert b.grant_flags(REF) == GTF_permit_access | GTF_reading
+            assert audit(hv) == []
+            keep.close()
+            assert b.grant_flags(REF) == GTF_permit_access and REF not in b.dom.grants.active
+            assert audit(hv) == []
+    run(main())
+
+
+@pytest.mark.parametrize("domid", [0, 0x7FEF, 0x7FF0 - 1])
+def test_grant_of_a_domain_without_a_table_is_bad_domain(domid):
+    """A grant operation naming a domain that does not exist, or the host (domid 0, the
+    hypervisor's backends: no grant table of its own): GNTST_bad_domain, for map and for
+    copy in both directions."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            a = lab.park(hv, kernel(), 8, "grantee")
+            va = a.free_l2_va()
+            st, _ = a.map_grant(domid, REF, va, flags=grants.GNTMAP_device_map)
+            assert st == GntSt.bad_domain
+            assert _copy_from(a, _Dom(domid), REF) == GntSt.bad_domain
+            assert _copy_into(a, _Dom(domid), REF) == GntSt.bad_domain
+            assert audit(hv) == []
+    run(main())
+
+
+class _Dom:
+    """Only a domain id (for _copy_from/_copy_into against a domain that is not there)."""
+
+    def __init__(self, domid: int) -> None:
+        self.domid = domid
+
+
+def test_entry_stays_writing_while_a_write_pin_remains():
+    """Two writable host mappings of one entry: closing one leaves GTF_reading|GTF_writing
+    set and the active record alive (Xen clears GTF_writing only with the last write pin,
+    GTF_reading only with the last pin); the granter, seeing the flags, knows the frame may
+    still be written. The last close clears both and ends the record."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            b = lab.park(hv, kernel(), 8, "frontend")
+            f = b.spare[0]
+            b.write_grant(REF, GTF_permit_access, 0, f)
+            busy = GTF_permit_access | GTF_reading | grants.GTF_writing
+            h1 = grants.host_map(b.dom, REF)
+            h2 = grants.host_map(b.dom, REF)
+            assert b.grant_flags(REF) == busy
+            h1.close()
+            assert b.grant_flags(REF) == busy
+            act = b.dom.grants.active.get(REF)
+            assert act is not None and (act.readers, act.writers) == (0, 1)
+            assert audit(hv) == []
+            r = grants.host_map(b.dom, REF, readonly=True)    # a reader left after the writer
+            h2.close()
+            assert b.grant_flags(REF) == GTF_permit_access | GTF_reading
+            r.close()
+            assert b.grant_flags(REF) == GTF_permit_access and REF not in b.dom.grants.active
+            assert audit(hv) == []
+    run(main())

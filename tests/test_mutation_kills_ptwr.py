@@ -76,3 +76,35 @@ def test_fast_path_takes_only_aligned_qword_stores():
                 assert ptwr.try_fast(v, w) is None, code
             assert mem.read(table, 4096) == before
     asyncio.run(main())
+
+
+def test_a_store_whose_single_step_faults_is_not_applied():
+    """The slow path steps the store against a scratch copy of the table. If the step itself
+    faults (here `movsq`, whose source operand is unmapped), nothing is applied: complete()
+    answers False (the #PF is bounced to the guest) with RIP back at the instruction and the
+    table unchanged, never counted as an emulated page-table write."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            d = lab.park(hv, kernel(), 8, "ptwr")
+            v, lay, mem = d.v, d.lay, hv.mem
+            l1_pfn = next(pfn for (lvl, _k), pfn in lay.tables.items() if lvl == 1)
+            l1_va = lay.va(l1_pfn)
+            table = d.dom.p2m[l1_pfn] << 12
+            rip = d.args_va + 0x800
+            v.copy_to_guest(rip, bytes.fromhex("48a5"))            # movsq [rdi], [rsi]
+            unmapped = d.free_l2_va()
+            v.engine.write({"rip": rip, "rdi": l1_va + 8, "rsi": unmapped})
+            w = ptwr.candidate(v, l1_va + 8, 3, rip)
+            assert w is not None and ptwr.try_fast(v, w) is None
+            before = mem.read(table, 4096)
+            n = v.ptwr_updates
+            assert ptwr.complete(v, w) is False
+            assert v.engine.get("rip") == rip
+            assert mem.read(table, 4096) == before and v.ptwr_updates == n
+            # The same store with a readable source is emulated (the entry is rewritten
+            # through update_entry: here with the value it already has).
+            v.engine.write({"rip": rip, "rdi": l1_va + 8, "rsi": l1_va + 8})
+            assert ptwr.complete(v, w) is True
+            assert v.engine.get("rip") == rip + 2 and v.ptwr_updates == n + 1
+            assert mem.read(table, 4096) == before
+    asyncio.run(main())

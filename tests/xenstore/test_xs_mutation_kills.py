@@ -41,3 +41,49 @@ async def test_transaction_adding_no_node_commits_over_the_quota(xs, client):
     tx = await d5.tx_start()
     with pytest.raises(XsErr, match="ENOSPC"):                # a new node: over the quota
         await d5.write("b", "new", tx)
+
+
+async def test_privileged_transaction_is_not_held_to_a_node_quota(xs, client):
+    """dom0 (privileged) is not under the per-domain node quota, neither at write nor at the
+    commit-time re-check: a transaction adding more nodes than max_nodes commits."""
+    dom0 = await client()
+    tx = await dom0.tx_start()
+    for i in range(10):
+        await dom0.write(f"/tool/q{i}", "v", tx)
+    await dom0.tx_end(tx)
+    assert await dom0.read("/tool/q9") == b"v"
+    assert xs.store.tree.count(0) > 10
+
+
+def test_commit_without_limits_applies_no_quota():
+    """transaction.commit without limits (the Python API: no quota configured) applies the
+    transaction for an unprivileged caller instead of failing on the missing limits."""
+    from types import SimpleNamespace
+
+    from aiovmm.xenstore import transaction
+    from aiovmm.xenstore.store import Store
+
+    store = Store()
+    store.introduce(5)
+    tree = store.tree
+    who = SimpleNamespace(domid=5, privileged=False, target=None)
+    tx = transaction.start(tree, 1)
+    for i in range(3):
+        core.write(tx.tree, who, f"/local/domain/5/q{i}", b"v")
+    transaction.commit(tree, tx, who, None)
+    assert tree.nodes["/local/domain/5/q2"].value == b"v" and tree.count(5) >= 4
+
+
+def test_commit_without_a_caller_applies_no_quota():
+    """transaction.commit with no caller (the toolstack's own transaction through the Python
+    API) is not a domain's: no node quota, even with tight limits."""
+    from aiovmm.xenstore import transaction
+    from aiovmm.xenstore.store import Store
+
+    store = Store(Quotas(max_nodes=1))
+    tree = store.tree
+    tx = transaction.start(tree, 1)
+    for i in range(4):
+        core.write(tx.tree, core.Dom0(), f"/tool/t{i}", b"v")
+    transaction.commit(tree, tx)
+    assert tree.nodes["/tool/t3"].value == b"v"

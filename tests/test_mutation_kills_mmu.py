@@ -1,0 +1,171 @@
+"""Page-table checks (mmu.py) that bench/mutants.py exercised (issue 9, mutation testing),
+driven as a hostile guest would: a parked domain (lab.park) writes only its own frames and
+makes mmu_update / mmuext_op / grant hypercalls; the auditor checks every count after."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aiovmm import Hypervisor, lab
+from aiovmm.abi import (HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, XEN_L4_FIRST,
+                        XEN_L4_LAST, _PAGE_ACCESSED, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, Errno, MmuExt)
+from aiovmm.audit import audit
+from aiovmm.grants import GTF_permit_access, GntSt
+from aiovmm.memory import PageType
+from aiovmm.mmu import GuestFault
+from conftest import kernel
+
+TABLE = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED
+RO = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED
+EINVAL, EPERM, EBUSY = -int(Errno.EINVAL), -int(Errno.EPERM), -int(Errno.EBUSY)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def clean(hv) -> None:
+    problems = audit(hv)
+    assert not problems, "\n".join(problems[:10])
+
+
+def test_l4_xen_slots_are_xens():
+    """A new L4: whatever the guest left in Xen's slots (256..271, both ends included) is
+    replaced by Xen's entries at validation and never validated as the guest's; the slots
+    next to them (255, 272) are the guest's. mmu_update of a Xen slot is -EINVAL; unpinning
+    the L4 drops no reference on Xen's tables."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            b = lab.park(hv, kernel(), 8, "b")
+            mem = hv.mem
+            l4, l3 = a.spare[0], a.spare[1]
+            foreign = (b.spare[0] << PAGE_SHIFT) | TABLE          # would be refused if validated
+            for slot in (XEN_L4_FIRST, XEN_L4_LAST):
+                mem.write_u64((l4 << PAGE_SHIFT) + 8 * slot, foreign)
+            xen_counts = {s: (mem.type[e >> PAGE_SHIFT & ((1 << 40) - 1)], mem.type_count[e >> PAGE_SHIFT & ((1 << 40) - 1)])
+                          for s, e in hv.xen.slots.items() if e & _PAGE_PRESENT}
+            assert a.mmuext(MmuExt.PIN_L4_TABLE, l4) == 0
+            for slot in range(XEN_L4_FIRST, XEN_L4_LAST + 1):
+                assert mem.read_u64((l4 << PAGE_SHIFT) + 8 * slot) == hv.xen.slots.get(slot, 0)
+            for slot in (XEN_L4_FIRST, XEN_L4_LAST):
+                assert a.mmu_update(((l4 << PAGE_SHIFT) + 8 * slot, (l3 << PAGE_SHIFT) | TABLE)) == (EINVAL, 0)
+            assert mem.type_count[l3] == 0
+            for slot in (XEN_L4_FIRST - 1, XEN_L4_LAST + 1):
+                assert a.mmu_update(((l4 << PAGE_SHIFT) + 8 * slot, (l3 << PAGE_SHIFT) | TABLE)) == (0, 1)
+                assert a.mmu_update(((l4 << PAGE_SHIFT) + 8 * slot, 0)) == (0, 1)
+            clean(hv)
+            assert a.mmuext(MmuExt.UNPIN_TABLE, l4) == 0
+            for s, e in hv.xen.slots.items():
+                if e & _PAGE_PRESENT:
+                    f = e >> PAGE_SHIFT & ((1 << 40) - 1)
+                    assert (mem.type[f], mem.type_count[f]) == xen_counts[s]
+            assert mem.type_count[b.spare[0]] == 0
+            clean(hv)
+    run(main())
+
+
+def test_l1_entries_past_memory_are_eperm():
+    """An L1 entry naming a frame at or past the end of machine memory is not RAM: -EPERM,
+    by mmu_update and by pinning a table containing one; the last frames of memory exist
+    (Xen's M2P, not the guest's: -EBUSY)."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            t = a.spare[0]
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
+            nr = mem.nr_frames
+            for frame in (nr, nr + 1, 2 * nr - 1, (1 << 40) - 1):
+                assert a.mmu_update(((t << PAGE_SHIFT) + 8, (frame << PAGE_SHIFT) | RO)) == (EPERM, 0), frame
+            assert a.mmu_update(((t << PAGE_SHIFT) + 8, ((nr - 1) << PAGE_SHIFT) | RO)) == (EBUSY, 0)
+            u = a.spare[1]
+            for frame in (nr, nr + 1, 2 * nr - 1):
+                mem.write_u64((u << PAGE_SHIFT) + 16, (frame << PAGE_SHIFT) | RO)
+                assert a.mmuext(MmuExt.PIN_L1_TABLE, u) == EPERM, frame
+                assert mem.type_count[u] == 0
+            mem.write_u64((u << PAGE_SHIFT) + 16, 0)
+            clean(hv)
+    run(main())
+
+
+def test_an_l1_mapping_itself_read_only():
+    """An L1 with a read-only entry mapping the L1 itself (Xen allows it: a general
+    reference, no writable type): pin, unpin; every reference it took is dropped."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            t = a.spare[0]
+            mem.write_u64((t << PAGE_SHIFT) + 8, (t << PAGE_SHIFT) | RO)
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
+            assert mem.refs[t] == 1
+            clean(hv)
+            assert a.mmuext(MmuExt.UNPIN_TABLE, t) == 0
+            assert (mem.refs[t], mem.type_count[t]) == (0, 0)
+            clean(hv)
+    run(main())
+
+
+def test_hypervisor_area_is_not_guest_memory():
+    """Guest buffers of hypercalls are guest virtual addresses outside Xen's area: a pointer
+    into 0xffff800000000000.. (where Xen's M2P is mapped read-only) or a non-canonical one
+    faults (-EFAULT) like an unmapped one; the guest's own pages work."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            v = a.v
+            for va in (HYPERVISOR_VIRT_START, HYPERVISOR_VIRT_START + 4096, HYPERVISOR_VIRT_END - 8,
+                       1 << 47, (1 << 63)):
+                with pytest.raises(GuestFault):
+                    v.copy_from_guest(va, 8)
+            assert v.copy_from_guest(a.args_va, 8) is not None
+            with pytest.raises(GuestFault):                      # read-only: no write
+                v.copy_to_guest(a.lay.va(a.lay.pt_pfn), b"x")
+    run(main())
+
+
+def test_grant_map_through_a_linear_l2_entry_is_refused():
+    """A read-only "linear" L2 entry naming another L2 table (Xen allows it): a VA mapped
+    through it is not mapped through an L1, so GNTTABOP_map_grant_ref there is
+    bad_virt_addr and the L2 table is not written."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            b = lab.park(hv, kernel(), 8, "granter")
+            a = lab.park(hv, kernel(), 8, "grantee")
+            mem = hv.mem
+            va = a.free_l2_va()
+            l2e = a.l2_entry(va)
+            l2 = l2e >> PAGE_SHIFT
+            other = a.spare[0]
+            assert a.mmuext(MmuExt.PIN_L2_TABLE, other) == 0
+            assert a.mmu_update((l2e, (other << PAGE_SHIFT) | RO)) == (0, 1)
+            assert mem.type[other] == PageType.l2
+            b.write_grant(10, GTF_permit_access, a.domid, b.spare[0])
+            before = mem.read(other << PAGE_SHIFT, 4096)
+            st, _h = a.map_grant(b.domid, 10, va + 3 * 4096)
+            assert st == GntSt.bad_virt_addr
+            assert mem.read(other << PAGE_SHIFT, 4096) == before
+            assert a.mmu_update((l2e, 0)) == (0, 1)
+            clean(hv)
+    run(main())
+
+
+def test_mmu_update_of_a_writable_data_frame_is_a_plain_store():
+    """MMU_NORMAL_PT_UPDATE on a frame that is not a page table (untyped, or typed writable
+    because the guest maps it RW) is a checked plain store, as Xen's writable-page case."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            t, d = a.spare[0], a.spare[1]
+            assert a.mmu_update(((d << PAGE_SHIFT) + 8, 0x1122334455667788)) == (0, 1)
+            assert mem.read_u64((d << PAGE_SHIFT) + 8) == 0x1122334455667788
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
+            assert a.mmu_update(((t << PAGE_SHIFT) + 8, (d << PAGE_SHIFT) | TABLE)) == (0, 1)
+            assert (mem.type[d], mem.type_count[d]) == (PageType.writable, 1)
+            assert a.mmu_update(((d << PAGE_SHIFT) + 16, 0xABCDEF)) == (0, 1)
+            assert mem.read_u64((d << PAGE_SHIFT) + 16) == 0xABCDEF
+            clean(hv)
+    run(main())
