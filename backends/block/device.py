@@ -41,7 +41,7 @@ from aiovmm.ratelimit import Limit, Limiter, make_limit, parse_size_rate
 from aiovmm.ring import BackRing
 from aiovmm.errors import BuildError
 from aiovmm.events import EventError
-from aiovmm.xenbus import Watch, XenbusState, read_state, read_str, write_keys
+from aiovmm.xenbus import Watch, reraise_cancellation, XenbusState, read_state, read_str, write_keys
 from aiovmm.xenstore.core import XsError
 
 from . import io as bio
@@ -628,6 +628,7 @@ class Blkback:
                 log.info("d%d: vbd %s connected: %s, %d sectors%s", self.dom.domid, self.vdev,
                          b.description, b.sectors, " (read-only)" if self.readonly else "")
                 outcome = await self._connected_phase(watch)
+                reraise_cancellation()
                 await self._disconnect()
                 if isinstance(outcome, FrontendGone):
                     log.info("d%d: vbd %s: frontend closed", self.dom.domid, self.vdev)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from aiovmm import grants
 from aiovmm.ratelimit import Limit, Limiter, parse_vif_rate
 from aiovmm.ring import BackRing
-from aiovmm.xenbus import Watch, XenbusState, read_state, read_str, write_keys
+from aiovmm.xenbus import reraise_cancellation, Watch, XenbusState, read_state, read_str, write_keys
 from aiovmm.xenstore.core import XsError
 
 from . import tap as taplib
@@ -266,6 +266,7 @@ class Netback:
                             tg.create_task(self._bridge_watch.run())
                 except* VifDisconnect as eg:
                     gone = eg.exceptions[0]
+                reraise_cancellation()
                 self._disconnect()
                 if not isinstance(gone, FrontendClosed):
                     log.info("d%d: vif %d disconnected: %s", self.dom.domid, self.devid, gone)
