@@ -18,7 +18,7 @@ import asyncio
 import struct
 
 from aiovmm import Hypervisor, lab, reservation
-from aiovmm.abi import DOMID_INVALID, DOMID_SELF, INVALID_M2P_ENTRY, PAGE_SHIFT, Errno, MmuExt, \
+from aiovmm.abi import DOMID_INVALID, DOMID_SELF, DOMID_XEN, INVALID_M2P_ENTRY, PAGE_SHIFT, Errno, MmuExt, \
     _PAGE_ACCESSED, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER
 from aiovmm.audit import audit
 from aiovmm.grants import GTF_permit_access, GntSt
@@ -119,7 +119,7 @@ def test_not_owned_frames_stop_the_batch():
             assert mem.owner[first] == DOMID_INVALID and mem.owner[last] == a.domid
             clean(hv)
         assert mem.owner[b.spare[0]] == b.domid and mem.read_u64(b.spare[0] << PAGE_SHIFT) == 0x5EC12E7
-        assert mem.owner[mem.m2p_first] == 0x7FF2                    # DOMID_XEN
+        assert mem.owner[mem.m2p_first] == DOMID_XEN
         # The reservation of another domain: privileged.
         for op in (reservation.XENMEM_decrease_reservation, reservation.XENMEM_populate_physmap):
             assert reserve(a, op, [b.spare[1]], domid=b.domid)[0] == -int(Errno.EPERM)
