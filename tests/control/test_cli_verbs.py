@@ -284,6 +284,9 @@ def test_sigterm_destroys_everything_and_removes_socket():
     ({"kernel": kernel(), "memory": 4, "vif": ["bogus=1"]}, 400, "vif 'bogus=1': unknown vif option 'bogus'"),
     ({"kernel": kernel(), "memory": 4096}, 400, "memory 4096 MiB is more than the host's 256 MiB"),
     ({"kernel": kernel(), "memory": True}, 400, "field 'memory' has the wrong type"),
+    ({"kernel": kernel(), "ramdisk": "/nonexistent-initrd"}, 400,
+     "/nonexistent-initrd: cannot read ramdisk: No such file or directory"),
+    ({"kernel": kernel(), "ramdisk": "/dev/zero"}, 400, "/dev/zero: cannot read ramdisk: not a regular file"),
 ])
 def test_api_create_refusals(daemon, body, status, message):
     before = snapshot(daemon)
