@@ -628,11 +628,11 @@ class Blkback:
                 log.info("d%d: vbd %s connected: %s, %d sectors%s", self.dom.domid, self.vdev,
                          b.description, b.sectors, " (read-only)" if self.readonly else "")
                 outcome = await self._connected_phase(watch)
-                reraise_cancellation()
                 await self._disconnect()
                 if isinstance(outcome, FrontendGone):
                     log.info("d%d: vbd %s: frontend closed", self.dom.domid, self.vdev)
                     self._set_state(XenbusState.Closed)
+                    reraise_cancellation()       # a detach's cancel that raced the close
                     # Wait for the frontend to start over before offering the device again.
                     while read_state(st, self.front) not in (XenbusState.Initialising, XenbusState.InitWait):
                         await watch.next()

@@ -266,11 +266,11 @@ class Netback:
                             tg.create_task(self._bridge_watch.run())
                 except* VifDisconnect as eg:
                     gone = eg.exceptions[0]
-                reraise_cancellation()
                 self._disconnect()
                 if not isinstance(gone, FrontendClosed):
                     log.info("d%d: vif %d disconnected: %s", self.dom.domid, self.devid, gone)
                     return
+                reraise_cancellation()           # a detach's cancel that raced the close
                 log.info("d%d: vif %d: frontend closed; waiting for it to reconnect", self.dom.domid, self.devid)
                 while read_state(st, self.front) not in (XenbusState.Closed, XenbusState.Unknown,
                                                          XenbusState.Initialising, XenbusState.InitWait):
