@@ -84,7 +84,8 @@ def reraise_cancellation() -> None:
     Python 3.11's TaskGroup gives a child's error priority over its parent's own
     cancellation: a backend whose frontend closes (a child raises its disconnect) just as the
     toolstack cancels it (detach) sees only the disconnect in its `except*`, and would go on
-    waiting for a reconnect with the cancel lost. Called after such an `except*`."""
+    waiting for a reconnect with the cancel lost. Called just before that wait, after the
+    disconnect's reason has been recorded (so neither the cancel nor the reason is lost)."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
