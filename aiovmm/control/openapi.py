@@ -51,6 +51,8 @@ SCHEMAS: dict[str, dict] = {
               "name": STR}, ["config"]),
         _obj({"kernel": {**STR, "minLength": 1}, "memory": {"type": "integer", "minimum": 1, "maximum": 1 << 20},
               "name": STR, "cmdline": STR, "ramdisk": {**STR, "description": "initial ramdisk (xl ramdisk=)"},
+              "maxmem": {"type": "integer", "minimum": 1, "maximum": 1 << 20,
+                         "description": "MiB the balloon may grow to (xl maxmem=)"},
               "vif": {"type": "array", "items": STR}, "disk": {"type": "array", "items": STR}},
              ["kernel"]),
     ]},
