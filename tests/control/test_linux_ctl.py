@@ -27,7 +27,8 @@ LINUX = BUILD / "linux"
 KERNEL, INITRD = LINUX / "vmlinuz", LINUX / "initramfs.cpio.gz"
 BOOT_TIMEOUT = 600.0
 CMD_TIMEOUT = 120.0
-MEM = 128                       # MiB at boot (maximum = boot memory, as xl without maxmem)
+MEM = 128                       # MiB populated at boot (xl memory=)
+MAXMEM = 160                    # the balloon's ceiling (xl maxmem=): Linux starts 32 MiB ballooned
 BALLOON_TO = 96
 GUEST_IP, HOST_IP = "198.18.9.2", "198.18.9.1"
 XVDB = (202 << 8) | 16
@@ -76,14 +77,14 @@ def xs_exists(d: Daemon, path: str) -> bool:
 
 
 def linux_cfg(d: Daemon, name: str, cmdline: str = "console=hvc0") -> str:
-    return d.write_cfg(name, kernel=str(KERNEL), ramdisk=str(INITRD), memory=MEM, extra=cmdline)
+    return d.write_cfg(name, kernel=str(KERNEL), ramdisk=str(INITRD), memory=MEM, maxmem=MAXMEM, extra=cmdline)
 
 
 @pytest.fixture(scope="module")
 def lx():
     if not KERNEL.exists() or not INITRD.exists():
         pytest.skip(f"{LINUX}: Debian kernel and initramfs not built (make setup)")
-    d = Daemon(machine_memory=MEM + 64)
+    d = Daemon(machine_memory=MAXMEM + 64)
     try:
         d.baseline = snapshot(d)
         d.sh = LinuxShell(d, "lx")
@@ -114,7 +115,8 @@ def test_linux_create_list(lx):
     assert state[2:] == "----" and state[:2] in ("r-", "-b") and cpu > 0
     lx.domid = domid
     d = lx.api("GET", "/api/v1/domains/lx")
-    assert d["memory_kib"] == d["max_memory_kib"] == d["target_kib"] == MEM * 1024
+    assert d["memory_kib"] == d["target_kib"] == MEM * 1024 and d["max_memory_kib"] == MAXMEM * 1024
+    assert xs_read(lx, f"/local/domain/{domid}/memory/static-max") == str(MAXMEM * 1024)
     # Linux's xenbus shutdown watcher announced what it supports (xl's shutdown path).
     assert xs_read(lx, f"/local/domain/{domid}/control/feature-poweroff") == "1"
 
@@ -188,39 +190,48 @@ def _wait_meminfo(sh: LinuxShell, want_kib: int, timeout: float = 180) -> int:
         time.sleep(1)
 
 
+def _wait_list_mem(d: Daemon, mib: int, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while list_rows(d)["lx"][1] != mib and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return list_rows(d)["lx"][1]
+
+
 def test_linux_mem_set_moves_balloon(lx):
     """xl mem-set writes memory/target (KiB); Linux's balloon driver hands pages back with
     XENMEM_decrease_reservation and takes them again with XENMEM_populate_physmap: its
     MemTotal moves by the difference, the hypervisor's free frames with it, and `list`
-    shows the domain's pages."""
+    shows the domain's pages. Above the boot memory (up to maxmem) it fills the space Linux
+    reserved at boot from XENMEM_maximum_reservation."""
     before_kib = meminfo_total_kib(lx.sh)
     free0 = snapshot(lx)[0]
     lx.ok("mem-set", "lx", f"{BALLOON_TO}m")
     assert xs_read(lx, f"/local/domain/{lx.domid}/memory/target") == str(BALLOON_TO * 1024)
     delta = (MEM - BALLOON_TO) * 1024
     assert _wait_meminfo(lx.sh, before_kib - delta) == before_kib - delta
-    deadline = time.monotonic() + 30
-    while list_rows(lx)["lx"][1] != BALLOON_TO and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert list_rows(lx)["lx"][1] == BALLOON_TO
+    assert _wait_list_mem(lx, BALLOON_TO) == BALLOON_TO
     d = lx.api("GET", "/api/v1/domains/lx")
-    assert (d["memory_kib"], d["target_kib"], d["max_memory_kib"]) == (BALLOON_TO * 1024, BALLOON_TO * 1024, MEM * 1024)
+    assert (d["memory_kib"], d["target_kib"], d["max_memory_kib"]) == (BALLOON_TO * 1024, BALLOON_TO * 1024, MAXMEM * 1024)
     assert snapshot(lx)[0] == free0 + delta // 4          # the frames went back to the host
     # The guest's memory still works: 16 MiB of new pages in its tmpfs.
     out = lx.sh.ok("dd if=/dev/zero of=/tmp/big bs=64k count=256 2>/dev/null && wc -c < /tmp/big && rm /tmp/big")
     assert out[-1] == "16777216"
     # Above the maximum: refused by the toolstack, nothing changes.
-    r = lx.cli("mem-set", "lx", f"{MEM + 8}m")
+    r = lx.cli("mem-set", "lx", f"{MAXMEM + 8}m")
     assert r.returncode == 1 and "above" in r.stderr
+    # Up to maxmem: past what it booted with.
+    grow = (MAXMEM - MEM) * 1024
+    lx.ok("mem-set", "lx", f"{MAXMEM}m")
+    assert _wait_meminfo(lx.sh, before_kib + grow) == before_kib + grow
+    assert _wait_list_mem(lx, MAXMEM) == MAXMEM
+    assert snapshot(lx)[0] == free0 - grow // 4
     lx.ok("mem-set", "lx", f"{MEM}m")
     assert _wait_meminfo(lx.sh, before_kib) == before_kib
-    deadline = time.monotonic() + 30
-    while list_rows(lx)["lx"][1] != MEM and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert list_rows(lx)["lx"][1] == MEM
+    assert _wait_list_mem(lx, MEM) == MEM
     assert snapshot(lx)[0] == free0
-    out = lx.sh.ok("dmesg | grep -E 'BUG|WARNING|Oops|Call Trace' || true")
-    assert out == [], out
+    out = lx.sh.ok("cat /sys/devices/system/xen_memory/xen_memory0/info/current_kb; "
+                   "dmesg | grep -E 'BUG|WARNING|Oops|Call Trace' || true")
+    assert out == [str(MEM * 1024)], out
 
 
 def test_linux_network_attach_detach(lx, lan):
