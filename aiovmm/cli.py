@@ -42,7 +42,8 @@ async def _run(args: argparse.Namespace) -> int:
     async with Hypervisor(memory_mib=args.machine_memory, log_dir=args.log_dir,
                           xenstore_path=args.xenstore_socket, engine=args.engine) as hv:
         dom = await hv.create(args.kernel, memory_mib=args.memory, cmdline=args.cmdline,
-                              name=args.name, ramdisk=args.ramdisk, on_console=console, vifs=args.vif, disks=args.disk)
+                              name=args.name, ramdisk=args.ramdisk, on_console=console, vifs=args.vif, disks=args.disk,
+                              max_memory_mib=getattr(args, "maxmem", None))
         if getattr(args, "weight", None) is not None or getattr(args, "cap", None) is not None:
             dom.set_sched(weight=args.weight, cap=args.cap)
         loop = asyncio.get_running_loop()
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         args.disk = cfg.disk + args.disk
         args.engine = args.engine or cfg.engine
         args.weight, args.cap = cfg.weight, cfg.cap
+        args.maxmem = cfg.maxmem
         from .kvm_engine import KVMUnavailable, choose_engine
         try:
             choose_engine(args.engine)

@@ -41,6 +41,7 @@ class DomainConfig:
     engine: str = "auto"              # vCPU engine: "unicorn", "kvm" or "auto"
     weight: int | None = None         # credit scheduler (xl.cfg weight=, cap=)
     cap: int | None = None
+    maxmem: int | None = None         # xl.cfg maxmem= (MiB): the balloon may grow up to it
 
 
 def parse(text: str, path: str = "<config>") -> DomainConfig:
@@ -82,6 +83,9 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
     memory = values.get("memory", 32)
     if not isinstance(memory, int) or memory < 1:
         raise ConfigError(f"{path}: memory must be a positive number of MiB")
+    maxmem = values.get("maxmem")
+    if maxmem is not None and (not isinstance(maxmem, int) or isinstance(maxmem, bool) or maxmem < memory):
+        raise ConfigError(f"{path}: maxmem must be a number of MiB not below memory ({memory})")
     for k in ("vif", "disk"):
         v = values.get(k, [])
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
@@ -108,7 +112,8 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
     return DomainConfig(kernel, name, memory, cmdline, list(values.get("vif", [])),
-                        list(values.get("disk", [])), ramdisk, engine, weight, cap)  # type: ignore[arg-type]
+                        list(values.get("disk", [])), ramdisk, engine, weight, cap,  # type: ignore[arg-type]
+                        maxmem=maxmem)  # type: ignore[arg-type]
 
 
 def _cmdline(values: dict[str, object]) -> str:

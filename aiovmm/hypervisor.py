@@ -183,13 +183,15 @@ class Hypervisor:
                      on_console: Callable[[bytes], None] | None = None,
                      vifs: "list[VifConfig | str] | None" = None,
                      disks: "list[DiskConfig | str] | None" = None,
-                     engine: str | None = None) -> Domain:
+                     engine: str | None = None, max_memory_mib: int | None = None) -> Domain:
         """Build a domain from a Xen PV kernel and start it. Raises BuildError.
 
         `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'.
         `disks`: block devices, each a DiskConfig or xl syntax 'target=/path,vdev=xvda,access=rw'.
         `ramdisk`: a file loaded after the kernel and announced in start_info (mod_start/mod_len).
-        `engine`: "unicorn", "kvm" or "auto" for this domain (default: the hypervisor's)."""
+        `engine`: "unicorn", "kvm" or "auto" for this domain (default: the hypervisor's).
+        `max_memory_mib`: xl's maxmem: the domain's maximum reservation (its balloon may grow
+        to it); `memory_mib` is what is populated at boot (start_info nr_pages)."""
         from .kvm_engine import choose_engine
         engine_kind = choose_engine(engine) if engine else self.engine
         from .backends.net import VifConfig
@@ -216,6 +218,9 @@ class Hypervisor:
                     raise BuildError(f"disk {d!r}: {e}") from None
         if memory_mib < 1:
             raise BuildError("memory must be at least 1 MiB")
+        if max_memory_mib is not None and not memory_mib <= max_memory_mib <= self.memory_mib:
+            raise BuildError(f"maxmem {max_memory_mib} MiB must be at least memory ({memory_mib} MiB) "
+                             f"and at most the host's {self.memory_mib} MiB")
         # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
         # blocking I/O: it runs in a worker thread, never on the loop.
         img = await asyncio.to_thread(_load_kernel, kernel)
@@ -225,6 +230,8 @@ class Hypervisor:
         try:
             dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console, log_dir=self.log_dir)
             dom.engine_kind = engine_kind
+            if max_memory_mib is not None:
+                dom.max_pages = max_memory_mib << 20 >> PAGE_SHIFT
             dom.suspend_cancel = bool(img.notes.get(ElfNote.SUSPEND_CANCEL, 0))
             log.info("d%d: vCPU engine %s", domid, engine_kind)
         except OutOfMemory as e:

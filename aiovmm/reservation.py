@@ -35,7 +35,11 @@ E820_RAM = 1
 RESERVATION = struct.Struct("<QQIIH6x")       # extent_start, nr_extents, order, mem_flags, domid
 MACHPHYS_MAPPING = struct.Struct("<QQQ")
 MACHPHYS_MFN_LIST = struct.Struct("<I4xQI4x")   # max_extents, extent_start, nr_extents
-MAX_EXTENTS = 1 << 20
+MEMOP_EXTENT_SHIFT = 6                        # cmd = op | (start_extent << 6): Xen's continuation
+# Xen refuses a list whose continuation could not be encoded (do_memory_op: nr_extents >
+# UINT_MAX >> MEMOP_EXTENT_SHIFT returns start_extent).
+MAX_EXTENTS = 0xFFFFFFFF >> MEMOP_EXTENT_SHIFT
+CHUNK = 512                                   # extents per invocation before a continuation
 
 
 def _self_domid(v: "VCPU", domid: int) -> None:
@@ -43,7 +47,7 @@ def _self_domid(v: "VCPU", domid: int) -> None:
         raise HypercallError(Errno.EPERM, "memory_op on another domain is privileged")
 
 
-def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
+def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int | None:
     dom = v.domain
     mem = dom.mem
     op = cmd & 0x3F
@@ -53,9 +57,17 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
         _self_domid(v, domid)
         if nr > MAX_EXTENTS or order != 0:
             # Only 4 KiB extents: larger orders would need contiguous machine frames.
-            return 0
+            return start_extent
         done = start_extent
         for i in range(start_extent, nr):
+            if i - start_extent == CHUNK:
+                # Xen's hypercall_preempt_check + continuation: the SYSCALL is re-executed
+                # with the extent to start from in cmd, so a list as long as the domain never
+                # holds the loop (and the other guests) for more than CHUNK extents.
+                eng = v.engine
+                eng.write({"rip": eng.get("rip") - 2, "rdi": op | (i << MEMOP_EXTENT_SHIFT), "rsi": arg})
+                eng.stop()
+                return None
             slot = extents + 8 * i
             if op == XENMEM_decrease_reservation:
                 mfn = int.from_bytes(v.copy_from_guest(slot, 8), "little")

@@ -38,7 +38,7 @@ def introduce(hv: "Hypervisor", dom: "Domain") -> None:
         "name": dom.name,
         "vm": f"/vm/{dom.uuid}",
         "memory/static-max": str(dom.max_pages * 4),
-        "memory/target": str(dom.max_pages * 4),
+        "memory/target": str(dom.nr_pages * 4),
         "memory/videoram": "-1",
         "store/port": str(dom.store_port),
         "store/ring-ref": str(dom.store_mfn),

@@ -78,6 +78,19 @@ def write_keys(store: Store, base: str, keys: dict[str, str], perms: list[str]) 
         store.set_perms(f"{base}/{k}", perms)
 
 
+def reraise_cancellation() -> None:
+    """Re-raise a cancellation of the current task that a TaskGroup swallowed.
+
+    Python 3.11's TaskGroup gives a child's error priority over its parent's own
+    cancellation: a backend whose frontend closes (a child raises its disconnect) just as the
+    toolstack cancels it (detach) sees only the disconnect in its `except*`, and would go on
+    waiting for a reconnect with the cancel lost. Called just before that wait, after the
+    disconnect's reason has been recorded (so neither the cancel nor the reason is lost)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def wait_for_state(store: Store, path: str, states: set[XenbusState]) -> XenbusState:
     """Wait (on a watch) until <path>/state is one of `states`; returns it."""
     w = Watch(store, f"{path}/state")

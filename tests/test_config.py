@@ -22,6 +22,8 @@ disk = ['file:/var/lib/a.img,xvda,w']
     assert cfg.cmdline == "ip=198.18.0.2/24 name=web1 # not a comment"
     assert cfg.vif == ["mac=00:16:3e:01:02:03,bridge=br0", "mac=00:16:3e:01:02:04,bridge=br1"]
     assert cfg.disk == ["file:/var/lib/a.img,xvda,w"]
+    assert cfg.maxmem is None
+    assert parse('kernel = "/k"\nmemory = 16\nmaxmem = 48\n').maxmem == 48
 
 
 @pytest.mark.parametrize("text, message", [
@@ -32,6 +34,8 @@ disk = ['file:/var/lib/a.img,xvda,w']
     ('kernel = "/k"\nvif = \'a\'\n', "vif must be a list"),
     ('kernel = /k\n', "cannot read value"),
     ('kernel = "/k"\ntype = "hvm"\n', "only PV guests"),
+    ('kernel = "/k"\nmemory = 64\nmaxmem = 32\n', "maxmem must be a number of MiB not below memory"),
+    ('kernel = "/k"\nmaxmem = "more"\n', "maxmem must be"),
 ])
 def test_bad_configs_are_refused_with_a_reason(text, message):
     with pytest.raises(ConfigError, match=message):

@@ -161,8 +161,10 @@ async def create_domain(req: web.Request) -> web.Response:
             raise ControlError(400, "kernel must name the guest kernel")
         spec = DomainSpec(kernel=kernel, memory=_int_field(data, "memory", 1, 1 << 20) or 32,
                           name=_field(data, "name", str), cmdline=_field(data, "cmdline", str, default=""),
-                          vif=_strings(data, "vif"), disk=_strings(data, "disk"))
-    for key, v in (("kernel", spec.kernel), ("cmdline", spec.cmdline), ("name", spec.name or "")):
+                          ramdisk=_field(data, "ramdisk", str) or None,
+                          maxmem=_int_field(data, "maxmem", 1, 1 << 20), vif=_strings(data, "vif"), disk=_strings(data, "disk"))
+    for key, v in (("kernel", spec.kernel), ("cmdline", spec.cmdline), ("name", spec.name or ""),
+                   ("ramdisk", spec.ramdisk or "")):
         _check_text(key, v)                  # also what came out of a config file
     for key, vs in (("vif", spec.vif), ("disk", spec.disk)):
         for v in vs:

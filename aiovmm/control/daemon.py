@@ -63,6 +63,8 @@ class DomainSpec:
     memory: int = 32
     name: str | None = None
     cmdline: str = ""
+    ramdisk: str | None = None          # xl.cfg ramdisk= (Linux's initramfs)
+    maxmem: int | None = None           # xl.cfg maxmem= (MiB): the balloon's ceiling
     vif: list[str] = dataclasses.field(default_factory=list)
     disk: list[str] = dataclasses.field(default_factory=list)
     on_reboot: str = "restart"
@@ -138,7 +140,7 @@ class Controller:
         except ConfigError as e:
             raise ControlError(400, str(e)) from None
         return DomainSpec(kernel=cfg.kernel, memory=cfg.memory, name=cfg.name, cmdline=cfg.cmdline,
-                          vif=list(cfg.vif), disk=list(cfg.disk), weight=cfg.weight, cap=cfg.cap)
+                          ramdisk=cfg.ramdisk, maxmem=cfg.maxmem, vif=list(cfg.vif), disk=list(cfg.disk), weight=cfg.weight, cap=cfg.cap)
 
     async def create(self, spec: DomainSpec) -> Record:
         """Build and start a domain, or refuse with nothing left behind."""
@@ -167,7 +169,7 @@ class Controller:
                         q.put_nowait(data)
         try:
             dom = await self.hv.create(spec.kernel, memory_mib=spec.memory, cmdline=spec.cmdline,
-                                       name=spec.name, on_console=console, vifs=spec.vif,
+                                       name=spec.name, ramdisk=spec.ramdisk, max_memory_mib=spec.maxmem, on_console=console, vifs=spec.vif,
                                        disks=spec.disk)
         except BuildError as e:
             if spec.name is not None:

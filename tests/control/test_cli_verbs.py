@@ -284,6 +284,9 @@ def test_sigterm_destroys_everything_and_removes_socket():
     ({"kernel": kernel(), "memory": 4, "vif": ["bogus=1"]}, 400, "vif 'bogus=1': unknown vif option 'bogus'"),
     ({"kernel": kernel(), "memory": 4096}, 400, "memory 4096 MiB is more than the host's 256 MiB"),
     ({"kernel": kernel(), "memory": True}, 400, "field 'memory' has the wrong type"),
+    ({"kernel": kernel(), "ramdisk": "/nonexistent-initrd"}, 400,
+     "/nonexistent-initrd: cannot read ramdisk: No such file or directory"),
+    ({"kernel": kernel(), "ramdisk": "/dev/zero"}, 400, "/dev/zero: cannot read ramdisk: not a regular file"),
 ])
 def test_api_create_refusals(daemon, body, status, message):
     before = snapshot(daemon)
@@ -331,3 +334,27 @@ def test_console_on_a_terminal(daemon):
         os.close(slave)
     assert after == before                            # the terminal is restored
     daemon.ok("destroy", "tty1")
+
+
+def test_maxmem_is_the_balloon_ceiling(daemon):
+    """xl's maxmem=: memory= is populated at boot (target), maxmem= is the domain's maximum
+    reservation and memory/static-max; mem-set may go up to it, not past it."""
+    before = snapshot(daemon)
+    cfg = daemon.write_cfg("mx1", kernel=kernel(), memory=16, maxmem=24, extra="ticks=100000 period_ms=100")
+    daemon.ok("create", cfg)
+    d = daemon.api("GET", "/api/v1/domains/mx1")
+    assert (d["memory_kib"], d["target_kib"], d["max_memory_kib"]) == (16 << 10, 16 << 10, 24 << 10)
+    assert before[0] - snapshot(daemon)[0] < 24 << 8             # only memory= is populated
+    xs = subprocess.run(["xenstore-read", f"/local/domain/{d['id']}/memory/static-max"],
+                        capture_output=True, text=True, env=dict(os.environ, XENSTORED_PATH=daemon.xs_socket))
+    assert xs.stdout.strip() == str(24 << 10)
+    daemon.ok("mem-set", "mx1", "24")
+    r = daemon.cli("mem-set", "mx1", "25")
+    assert r.returncode == 1 and "above" in r.stderr
+    daemon.ok("destroy", "mx1")
+    path = daemon.write_cfg("mx2", kernel=kernel(), memory=16, maxmem=8)
+    r = daemon.cli("create", path)
+    assert r.returncode == 1 and "maxmem must be a number of MiB not below memory" in r.stderr
+    got, data = daemon.request("POST", "/api/v1/domains", {"kernel": kernel(), "memory": 16, "maxmem": 8})
+    assert got == 400 and "maxmem 8 MiB must be at least memory" in data["error"]
+    assert snapshot(daemon) == before
