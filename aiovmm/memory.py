@@ -75,6 +75,7 @@ class MachineMemory:
         self.type = array.array("B", [PageType.none]) * n
         self.type_count = array.array("I", [0]) * n
         self.pinned = array.array("B", [0]) * n
+        self.pt_generation = 0          # bumped by every write_pte
         # General references: one per present L1 entry (read-only or not) mapping the frame.
         # A referenced frame is never freed, so no guest keeps a mapping of a frame that has
         # been handed to someone else.
@@ -208,6 +209,14 @@ class MachineMemory:
 
     def write_u64(self, maddr: int, value: int) -> None:
         _U64.pack_into(self.map, maddr, value & 0xFFFFFFFFFFFFFFFF)
+
+    def write_pte(self, maddr: int, value: int) -> None:
+        """A host-side write of a guest page-table entry. Bumps `pt_generation`, which an
+        engine keeping its own copy of page tables (KVM's shadow pages, kvm_engine) checks
+        before it runs a vCPU again: an entry that only became present needs no TLB flush, but
+        the table it links in must be tracked before the guest can use it."""
+        _U64.pack_into(self.map, maddr, value & 0xFFFFFFFFFFFFFFFF)
+        self.pt_generation += 1
 
     def frame(self, mfn: int) -> memoryview:
         off = mfn << PAGE_SHIFT

@@ -109,3 +109,18 @@ int aiovmm_kvm_complete(int vcpu_fd, uint8_t *run)
         run[1] = 0;    /* a kick during the call is caught by the caller's deadline check */
     return err == EINTR ? 0 : -err;
 }
+
+/* The shadow guard's compare (aiovmm/kvm_engine.py _ShadowGuard): frame i of the list,
+ * machine memory at base + (mfns[i] << 12), against its snapshot at snaps + (slots[i] << 12).
+ * Writes the indices of the frames that differ to out and returns their count. In C because
+ * it runs before every KVM_RUN that follows a page-table write, over every table KVM may
+ * have shadowed (hundreds of frames for Linux). */
+int aiovmm_kvm_changed(const uint8_t *base, const uint32_t *mfns, const uint32_t *slots,
+                       const uint8_t *snaps, int n, int32_t *out)
+{
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (memcmp(base + ((uint64_t)mfns[i] << 12), snaps + ((uint64_t)slots[i] << 12), 4096))
+            out[k++] = i;
+    return k;
+}
