@@ -201,8 +201,7 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_complete.argtypes = [ctypes.c_int, ctypes.c_void_p]
         lib.aiovmm_kvm_timer_create.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_delete.argtypes = [ctypes.c_void_p]
-        lib.aiovmm_kvm_changed.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                           ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        lib.aiovmm_kvm_diff.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         _lib = lib
     return _lib
 
@@ -392,6 +391,7 @@ def ring0(xen: "XenArea") -> _Ring0:
 
 
 _ENTRIES = struct.Struct("<512Q")
+_U64 = struct.Struct("<Q")
 _AD_BITS = 0x60                        # accessed/dirty: KVM itself sets them in guest entries
 
 
@@ -400,18 +400,21 @@ class _ShadowGuard:
     invalidate exactly what the hypervisor changed behind KVM's back (its host-side writes
     to guest page tables, docs/design.md).
 
-    Invariant: for every frame KVM may hold a shadow page of, KVM's view equals memory,
-    except for entries that only became present (KVM never caches a non-present guest entry:
-    it walks the guest tables again on the fault). KVM can only shadow frames reachable from
-    the roots loaded since the last full zap, so those are tracked, each with a snapshot of
-    its contents as last made consistent; a frame linked in by an added entry is tracked
-    from the check after that write, which runs before the next KVM_RUN (the engine checks
-    whenever mem.pt_generation moved, on every TLB flush and root load). `changes()` compares
-    every tracked frame with memory and returns what KVM must forget: each entry removed,
-    retargeted or with changed permissions (A/D bits aside, KVM sets them itself); or the
-    whole frame, when many entries of it changed or it is no longer a page table at all
-    (then it is untracked: KVM keeps no shadow of it, and it can only become reachable again
-    through a root load or an added entry, both of which track it anew)."""
+    Invariant: KVM holds shadow pages only of tracked frames, and for each its view equals
+    the snapshot kept here, except for entries that only became present (KVM never caches a
+    non-present guest entry: it walks the guest tables again on the fault).
+    - KVM can only shadow frames reachable from the roots it was given: every root is walked
+      before the KVM_RUN that uses it, and so is every table an added entry links in (the
+      engine checks before each KVM_RUN that follows a page-table write).
+    - A tracked frame is a validated page table, which only MachineMemory.write_pte changes;
+      the frames it wrote are diffed against their snapshots: every entry removed,
+      retargeted or with changed permissions (A/D bits aside, KVM sets them itself) must be
+      invalidated, or the whole frame if many changed.
+    - A frame that stops being a page table (mmu devalidates it; it may be written as data
+      from then on) has every shadow page of it dropped and is untracked, before the guest
+      runs again. It can only become reachable again through a root load or an added
+      entry, both of which track it anew from its contents then.
+    MachineMemory reports writes and drops into `written` and `dropped`."""
 
     WHOLE_FRAME_OVER = 16            # more changed entries than this: drop the frame's shadows
 
@@ -420,10 +423,17 @@ class _ShadowGuard:
         self.level: dict[int, int] = {}       # frame -> highest level it is reached at
         self.slot: dict[int, int] = {}        # frame -> its snapshot's page in the arena
         self.roots: set[int] = set()
+        self.written: set[int] = set()
+        self.dropped: set[int] = set()
         self._free: list[int] = []
         self._arena = ctypes.create_string_buffer(0)
         self._cap = 0
-        self._lists: tuple | None = None      # (n, mfns, slots, out) for the C compare
+        self._idx = (ctypes.c_int32 * 512)()
+        mem.pt_watchers.append(self)
+
+    def close(self) -> None:
+        if self in self.mem.pt_watchers:
+            self.mem.pt_watchers.remove(self)
 
     def __len__(self) -> int:
         return len(self.level)
@@ -432,8 +442,9 @@ class _ShadowGuard:
         """After a zap KVM holds nothing; track from the current root on."""
         self.level.clear()
         self.slot.clear()
+        self.written.clear()
+        self.dropped.clear()
         self._free = list(range(self._cap - 1, -1, -1))
-        self._lists = None
         self.roots = set()
         self.add_root(root)
 
@@ -449,7 +460,6 @@ class _ShadowGuard:
             if not self._free:
                 self._grow()
             slot = self.slot[mfn] = self._free.pop()
-            self._lists = None
         ctypes.memmove(ctypes.addressof(self._arena) + (slot << PAGE_SHIFT),
                        self.mem.fd_address + (mfn << PAGE_SHIFT), PAGE_SIZE)
 
@@ -461,13 +471,11 @@ class _ShadowGuard:
         self._free.extend(range(cap - 1, self._cap - 1, -1))
         self._cap = cap
 
-    def _snap_entries(self, mfn: int) -> tuple[int, ...]:
-        return _ENTRIES.unpack_from(self._arena, self.slot[mfn] << PAGE_SHIFT)
-
     def _walk(self, top: int, top_level: int = 4) -> None:
-        """Track every table reachable from `top` (memory equals the snapshots here: called
-        right after a check or a reset). A frame seen again at a higher level than before
-        (a linear-table entry reached it first) is descended from that level too."""
+        """Track every table reachable from `top` (the tracked ones are current here: called
+        after the pending writes were diffed, or after a reset). A frame seen again at a
+        higher level than before (a linear-table entry reached it first) is descended from
+        that level too."""
         nr, level_of = self.mem.nr_frames, self.level
         todo = [(top, top_level)]
         while todo:
@@ -481,7 +489,7 @@ class _ShadowGuard:
                 continue
             level_of[mfn] = level
             if level > 1:
-                todo += self._children(self._snap_entries(mfn), level)
+                todo += self._children(_ENTRIES.unpack_from(self._arena, self.slot[mfn] << PAGE_SHIFT), level)
 
     @staticmethod
     def _children(entries: Sequence[int], level: int) -> list[tuple[int, int]]:
@@ -489,43 +497,41 @@ class _ShadowGuard:
             entries = entries[:XEN_L4_FIRST] + entries[XEN_L4_LAST + 1:]   # Xen's slots: static
         return [((e & PTE_FRAME_MASK) >> PAGE_SHIFT, level - 1) for e in entries if e & _PAGE_PRESENT]
 
-    def _changed_frames(self) -> list[int]:
-        if self._lists is None:
-            n = len(self.slot)
-            mfns = (ctypes.c_uint32 * n)(*self.slot.keys())
-            slots = (ctypes.c_uint32 * n)(*self.slot.values())
-            self._lists = (n, mfns, slots, (ctypes.c_int32 * n)())
-        n, mfns, slots, out = self._lists
-        k = _native().aiovmm_kvm_changed(self.mem.fd_address, mfns, slots, self._arena, n, out)
-        return [mfns[out[i]] for i in range(k)]
-
     def changes(self) -> tuple[list[int], list[int]]:
-        """Compare every tracked frame with memory, make the snapshots current, track the
-        tables that added entries reach, and return (machine addresses of entries KVM must
-        forget, frames whose every shadow page KVM must drop)."""
-        entries: list[int] = []
+        """Consume the reported writes and drops: make the snapshots current, track the tables
+        that added entries reach, and return (machine addresses of entries KVM must forget,
+        frames whose every shadow page KVM must drop)."""
         frames: list[int] = []
+        if self.dropped:
+            dropped, self.dropped = self.dropped, set()
+            for mfn in dropped:
+                if mfn in self.level:
+                    frames.append(mfn)
+                    self._untrack(mfn)
+        entries: list[int] = []
+        if not self.written:
+            return entries, frames
+        written, self.written = self.written, set()
         walks = []
-        mem = self.mem
-        types, counts = mem.type, mem.type_count
-        for mfn in self._changed_frames():
-            level = self.level[mfn]
-            old = self._snap_entries(mfn)
-            new = _ENTRIES.unpack_from(mem.map, mfn << PAGE_SHIFT)
+        m, fd_address = self.mem.map, self.mem.fd_address
+        arena = ctypes.addressof(self._arena)
+        diff, idx = _native().aiovmm_kvm_diff, self._idx
+        for mfn in written:
+            level = self.level.get(mfn)
+            if level is None:
+                continue                      # not tracked: KVM holds nothing of it
             base = mfn << PAGE_SHIFT
+            snap = self.slot[mfn] << PAGE_SHIFT
             lost, added = [], []
-            for i, (o, n) in enumerate(zip(old, new)):
-                if o != n:
-                    if o & _PAGE_PRESENT:
-                        if (o ^ n) & ~_AD_BITS:
-                            lost.append(base + 8 * i)
-                    elif n & _PAGE_PRESENT and not (level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST):
-                        added.append((n & PTE_FRAME_MASK) >> PAGE_SHIFT)
-            if not counts[mfn] or not 1 <= types[mfn] <= 4:
-                # No longer a page table: drop KVM's shadows of it and stop tracking it.
-                frames.append(mfn)
-                self._untrack(mfn)
-                continue
+            for k in range(diff(fd_address + base, arena + snap, idx)):
+                i = idx[k]
+                o = _U64.unpack_from(self._arena, snap + 8 * i)[0]
+                n = _U64.unpack_from(m, base + 8 * i)[0]
+                if o & _PAGE_PRESENT:
+                    if (o ^ n) & ~_AD_BITS:
+                        lost.append(base + 8 * i)
+                elif n & _PAGE_PRESENT and not (level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST):
+                    added.append((n & PTE_FRAME_MASK) >> PAGE_SHIFT)
             if len(lost) > self.WHOLE_FRAME_OVER:
                 frames.append(mfn)
             else:
@@ -541,7 +547,6 @@ class _ShadowGuard:
         del self.level[mfn]
         self._free.append(self.slot.pop(mfn))
         self.roots.discard(mfn)
-        self._lists = None
 
 
 def _seg(selector: int, dpl: int, *, code: bool, long: bool = False, db: bool = False) -> bytes:
@@ -629,6 +634,10 @@ class KVMEngine:
         self._preempt = False
         self._check_pending = False
         self._guard = _ShadowGuard(mem)
+        # _read_code's translations (root, VA page) -> machine page, valid while no page
+        # table changes (mem.pt_generation): Linux polls the PIT from one instruction.
+        self._xlate: dict[tuple[int, int], int] = {}
+        self._xlate_gen = -1
         self._pt_gen = -1
         self.invalidations = 0        # ring-0 invalidation runs (targeted, kvm-pvm)
         self.invalidated = 0          # entries and frames they invalidated
@@ -1234,6 +1243,29 @@ class KVMEngine:
         #GP(0) a closed port gives, for the shared emulator to decode."""
         m = self._run_map
         data_off = struct.unpack_from("<Q", m, _RUN_IO + 8)[0]
+        if direction == 0 and count == 1 and port not in (HCALL_PORT, SYSCALL_PORT) \
+                and self._plain_io_at(self.regs[16], 0, size, port):
+            # The hot case (Linux polls the PIT 100,000 times while booting): a plain IN, RIP
+            # on it. An allowed one is answered in the exit's data area and KVM completes it
+            # at the next KVM_RUN (AL/AX merged, EAX zero-extended, RIP advanced; dropped if
+            # RIP was moved meanwhile, e.g. for an event, and then simply executed again).
+            try:
+                val = self.on_port_io(port, size, False, 0)
+            except BaseException as e:      # never let a handler bug unwind through the loop
+                log.exception("%s: handler raised", self.name)
+                self.callback_error = e
+                self.stop_requested = True
+                val = None
+            if val is not None:
+                m[data_off:data_off + size] = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+                return
+            # Refused (#GP(0) queued at the instruction): KVM must not complete it.
+            snap = bytes(m[_RUN_REGS:_RUN_REGS + 144])
+            self._dirty.value &= ~SYNC_REGS
+            self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
+            m[_RUN_REGS:_RUN_REGS + 144] = snap
+            self._dirty.value |= SYNC_REGS
+            return
         value = int.from_bytes(m[data_off:data_off + size], "little") if direction == 1 else 0
         snap = bytes(m[_RUN_REGS:_RUN_REGS + 144])
         self._dirty.value &= ~SYNC_REGS
@@ -1306,17 +1338,27 @@ class KVMEngine:
         """Bytes at a guest VA through the current page tables (read-only walk, one per page)."""
         mem = self.mem
         table = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
+        cache = self._xlate
+        if self._xlate_gen != mem.pt_generation:      # a page table changed: walks are stale
+            cache.clear()
+            self._xlate_gen = mem.pt_generation
         out = b""
         a, end = va, va + n
         while a < end:
-            t = table
-            for shift in (39, 30, 21, 12):
-                e = mem.read_u64(t + 8 * ((a >> shift) & 0x1FF))
-                if not e & _PAGE_PRESENT:
-                    raise LookupError(hex(a))
-                t = e & PTE_FRAME_MASK
-                if t >= mem.size:
-                    raise LookupError(hex(a))
+            key = (table, a >> 12)
+            t = cache.get(key)
+            if t is None:
+                t = table
+                for shift in (39, 30, 21, 12):
+                    e = mem.read_u64(t + 8 * ((a >> shift) & 0x1FF))
+                    if not e & _PAGE_PRESENT:
+                        raise LookupError(hex(a))
+                    t = e & PTE_FRAME_MASK
+                    if t >= mem.size:
+                        raise LookupError(hex(a))
+                if len(cache) > 64:
+                    cache.clear()
+                cache[key] = t
             take = min(end - a, PAGE_SIZE - (a & 0xFFF))
             out += bytes(mem.view[t + (a & 0xFFF):t + (a & 0xFFF) + take])
             a += take
@@ -1364,6 +1406,8 @@ class KVMEngine:
         return out
 
     def close(self) -> None:
+        if getattr(self, "_guard", None) is not None:
+            self._guard.close()
         if getattr(self, "_lib", None) is not None and self._timer:
             self._lib.aiovmm_kvm_timer_delete(self._timer)
             self._timer = ctypes.c_void_p()

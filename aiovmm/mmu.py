@@ -276,6 +276,7 @@ class PageTables:
             raise
 
     def _devalidate_table(self, mfn: int, level: int) -> None:
+        self.mem.pt_dropped(mfn)
         base = mfn << PAGE_SHIFT
         entries = self._q.unpack_from(self.mem.map, base)
         for i, e in enumerate(entries):
