@@ -142,7 +142,7 @@ async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
                       else f"no console progress for {timeout:.0f} s (still running)")
         res["tail"] = w.tail()
     eng = dom.vcpus[0].engine
-    if eng.kind == "kvm":
+    if getattr(eng, "kind", "") == "kvm":
         kinds = ", ".join(f"{k} {n}" for k, n in eng.exit_kinds.most_common(5))
         res["engine_stats"] = (f"exits {eng.exits} ({kinds}); invalidations {eng.invalidations} "
                                f"({eng.invalidated} entries/frames), full zaps {eng.zaps}")
