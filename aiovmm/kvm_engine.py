@@ -21,10 +21,14 @@ Design (shared/design/ARCHITECTURE.md §2b, measured facts in shared/research/kv
   to guest memory through the host mapping, which KVM's shadow MMU (kvm-pvm has no EPT)
   never sees: its write protection traps only guest writes. Measured: neither a CR3 reload
   nor KVM_SET_SREGS resyncs it; deleting or moving a memory slot zaps all shadow pages
-  (~64 us idle, milliseconds under load). So `flush_tlb()` marks a check, done once before
-  the next KVM_RUN: _ShadowGuard compares the page tables KVM may have shadowed with memory
-  and the engine zaps (moves a tiny dummy slot) only if an entry was removed, retargeted or
-  lost permissions; entries that only became present need nothing. On hardware KVM (EPT/NPT) the same zap is a TLB flush.
+  (~64 us idle, milliseconds under load, then every page re-faulted). Before the next
+  KVM_RUN after a change, _ShadowGuard finds what KVM may hold stale (the frames written
+  through MachineMemory.write_pte, diffed against snapshots; tables devalidated since), and
+  on kvm-pvm the engine makes KVM forget exactly that: a ring-0 stub, which kvm-pvm runs in
+  KVM's emulator, stores each changed entry back unchanged through a supervisor-only direct
+  map, and KVM's page-table write tracking zaps the shadow entries made from it
+  (_invalidate). On hardware KVM (EPT/NPT, ring 0 native) the same check ends in the zap,
+  which is a TLB flush there.
 - The guest TSC is the host TSC (kvm-pvm cannot scale it: KVM_SET_TSC_KHZ is refused), so
   pvclock parameters come from `pvclock_params()` (TSC frequency and a TSC/system-time pair),
   not the Unicorn engine's 1 tick = 1 ns.
