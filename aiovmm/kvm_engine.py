@@ -686,6 +686,8 @@ class KVMEngine:
             struct.pack_into("<Q", self._sregs, _SEG[name[:2]], value)
         else:
             struct.pack_into("<Q", self._sregs, _SREG_OFF[name], value)
+            if name == "cr3":
+                self._check_pending = True    # a root to track before the next KVM_RUN
         self._dirty.value |= SYNC_SREGS
 
     def read(self, names: Sequence[str]) -> list[int]:
@@ -752,6 +754,7 @@ class KVMEngine:
                           ("efer", EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE)):
             struct.pack_into("<Q", s, _SREG_OFF[name], val)
         self._dirty.value |= SYNC_SREGS
+        self._check_pending = True
         # CSTAR too: SYSCALL from compatibility mode (FLAT_RING3_CS32) enters there, in ring
         # 0 on hardware KVM (AMD); left at 0 it would run the guest's code at VA 0 in ring 0.
         # Xen sends a 64-bit PV guest's compat SYSCALL where a 64-bit one goes.
@@ -866,12 +869,14 @@ class KVMEngine:
     def _kvm_run(self) -> int:
         gen = self.mem.pt_generation
         if self._check_pending or gen != self._pt_gen:
+            # After a page-table write, a TLB flush or a CR3 load (only the host loads CR3:
+            # _set marks it; the guest's mov-to-CR3 faults).
             self._check_pending = False
             self._pt_gen = gen
             self._sync_shadow()
-        root = self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT
-        if root not in self._guard.roots:
-            self._guard.add_root(root)
+            root = self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT
+            if root not in self._guard.roots:
+                self._guard.add_root(root)
         self.exits += 1
         return self._kvm_run_fn(self.vcpu_fd)
 
