@@ -378,7 +378,7 @@ def map_grant(v: "VCPU", host_addr: int, flags: int, ref: int, domid: int) -> tu
         # XENFEAT_gnttab_map_avail_bits: the guest's GNTMAP_guest_avail bits (16+) go into
         # the PTE's available bits 9-11, as Xen's grant_to_pte_flags does.
         pte |= ((flags >> GNTMAP_guest_avail0) & 7) << 9
-        caller.mem.write_u64(pte_addr, pte)
+        caller.mem.write_pte(pte_addr, pte)
         pt.grant_ptes[pte_addr] = (caller.domid, handle)
         _flush(caller)
     return handle, mfn << PAGE_SHIFT
@@ -395,7 +395,7 @@ def unmap_grant(caller: "Domain", handle: int, host_addr: int) -> None:
     hv = caller.hypervisor
     if m.pte_addr and hv.pagetables.grant_ptes.get(m.pte_addr) == (caller.domid, handle):
         del hv.pagetables.grant_ptes[m.pte_addr]
-        caller.mem.write_u64(m.pte_addr, 0)
+        caller.mem.write_pte(m.pte_addr, 0)
         _flush(caller)
     act = m.act
     act.maps.discard(handle)

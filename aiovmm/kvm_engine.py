@@ -21,10 +21,14 @@ Design (shared/design/ARCHITECTURE.md §2b, measured facts in shared/research/kv
   to guest memory through the host mapping, which KVM's shadow MMU (kvm-pvm has no EPT)
   never sees: its write protection traps only guest writes. Measured: neither a CR3 reload
   nor KVM_SET_SREGS resyncs it; deleting or moving a memory slot zaps all shadow pages
-  (~64 us idle, milliseconds under load). So `flush_tlb()` marks a check, done once before
-  the next KVM_RUN: _ShadowGuard compares the page tables KVM may have shadowed with memory
-  and the engine zaps (moves a tiny dummy slot) only if an entry was removed, retargeted or
-  lost permissions; entries that only became present need nothing. On hardware KVM (EPT/NPT) the same zap is a TLB flush.
+  (~64 us idle, milliseconds under load, then every page re-faulted). Before the next
+  KVM_RUN after a change, _ShadowGuard finds what KVM may hold stale (the frames written
+  through MachineMemory.write_pte, diffed against snapshots; tables devalidated since), and
+  on kvm-pvm the engine makes KVM forget exactly that: a ring-0 stub, which kvm-pvm runs in
+  KVM's emulator, stores each changed entry back unchanged through a supervisor-only direct
+  map, and KVM's page-table write tracking zaps the shadow entries made from it
+  (_invalidate). On hardware KVM (EPT/NPT, ring 0 native) the same check ends in the zap,
+  which is a TLB flush there.
 - The guest TSC is the host TSC (kvm-pvm cannot scale it: KVM_SET_TSC_KHZ is refused), so
   pvclock parameters come from `pvclock_params()` (TSC frequency and a TSC/system-time pair),
   not the Unicorn engine's 1 tick = 1 ns.
@@ -139,6 +143,25 @@ R0_L1_INDEX = 32
 HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: a hypercall
 _STUB_STRIDE = 4                   # vector v's stub at stubs + 4*v: out %al,$v ; hlt ; hlt
 SYSCALL_PORT = 0x5B               # the SYSCALL entry page's `out`
+INVAL_PORT = 0x5C                 # the ring-0 invalidation stub's final `out` (_Ring0)
+_INVAL_STUB_OFF = 0x800           # its offset in the stubs page (after the 256 vector stubs)
+_INVAL_LIST_PAGES = 4             # list of direct-map VAs it stores to (0-terminated)
+INVAL_MAX = _INVAL_LIST_PAGES * 512 - 1
+# Ring-0 code, run from the host (KVMEngine._invalidate), executed by KVM's emulator on
+# kvm-pvm: for each direct-map VA in the 0-terminated list at RSI, load the 8-byte entry there
+# and store it back unchanged (KVM zaps the shadow entries made from it); a VA with bit 0 set
+# gets a 2-byte store instead, which KVM treats as a misaligned page-table write and answers
+# by zapping every shadow page of that frame. Then exit.
+#   1: lodsq; test %rax,%rax; jz 3f; btr $0,%rax; jc 2f
+#      mov (%rax),%rdx; mov %rdx,(%rax); jmp 1b
+#   2: mov (%rax),%dx; mov %dx,(%rax); jmp 1b
+#   3: out %al,$INVAL_PORT; hlt
+_INVAL_CODE = bytes.fromhex("48ad" "4885c0" "7417" "480fbaf000" "7208" "488b10" "488910" "ebea"
+                            "668b10" "668910" "ebe2") + bytes([0xE6, INVAL_PORT, 0xF4])
+# The direct map of machine memory the stub stores through: supervisor-only 2 MiB pages in
+# the engine's L4 slot 257, from L3 index 256 on (below it: the M2P alias).
+_DMAP_L3_FIRST = 256
+_TRACK_MAX = 8192                 # tracked page-table frames (32 MiB of snapshots) before a full zap
 GUEST_L4_SLOT = 257               # the engine's guest-visible pages (M2P alias, SYSCALL entry)
 # Ports a PV kernel polls in loops (Linux's quick_pit_calibrate reads the PIT 100,000 times
 # during boot): open in the I/O bitmap, so an access exits straight to the host as an I/O exit
@@ -182,6 +205,7 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_complete.argtypes = [ctypes.c_int, ctypes.c_void_p]
         lib.aiovmm_kvm_timer_create.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_delete.argtypes = [ctypes.c_void_p]
+        lib.aiovmm_kvm_diff.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         _lib = lib
     return _lib
 
@@ -257,6 +281,10 @@ def hardware_virtualization() -> bool:
 # kvm-pvm reports an I/O exit with RIP already past the instruction; hardware KVM with RIP on
 # it (KVM skips it at the next KVM_RUN unless RIP was changed).
 _IO_RIP_AFTER = not hardware_virtualization()
+# Targeted shadow invalidation needs KVM to emulate the ring-0 stub's stores (kvm-pvm: every
+# CPL-0 instruction is emulated). With hardware virtualization the stub would run natively
+# and its stores would invalidate nothing, so there the engine zaps instead.
+_TARGETED = _IO_RIP_AFTER
 
 
 def hypercall_page() -> bytes:
@@ -333,6 +361,30 @@ class _Ring0:
         self.syscall_va = self.m2p_va + (1 << 39) - PAGE_SIZE
         self.m2p_maddr = mem.m2p_first << PAGE_SHIFT
         self.m2p_bytes = mem.m2p_frames << PAGE_SHIFT
+        if self.m2p_bytes > _DMAP_L3_FIRST << 30:
+            raise ValueError("machine memory too large for the engine's direct map")
+        # Targeted shadow invalidation (_ShadowInvalidator): the stub, its list pages
+        # (supervisor-only, after the IDT/stubs/TSS/stack), and a supervisor-only direct map of
+        # all machine memory (2 MiB pages, A/D preset so KVM's walker writes nothing there).
+        # Nothing in it ever changes, so no shadow of it can go stale; CPL 3 cannot reach it
+        # (the L3 entries lack _PAGE_USER).
+        mem.write((stubs << PAGE_SHIFT) + _INVAL_STUB_OFF, _INVAL_CODE)
+        self.inval_stub_va = self.stubs_va + _INVAL_STUB_OFF
+        self.list_maddrs = []
+        for i in range(_INVAL_LIST_PAGES):
+            f = mem.alloc(DOMID_XEN)[0]
+            mem.write_u64(l1 + 8 * (R0_L1_INDEX + 4 + i),
+                          (f << PAGE_SHIFT) | sup | _PAGE_RW | _PAGE_DIRTY | _PAGE_NX)
+            self.list_maddrs.append(f << PAGE_SHIFT)
+        self.list_va = base + 4 * PAGE_SIZE
+        self.dmap_va = self.m2p_va + (_DMAP_L3_FIRST << 30)
+        sup_rw = _PAGE_PRESENT | _PAGE_ACCESSED | _PAGE_RW
+        big = sup_rw | _PAGE_DIRTY | _PAGE_NX | 0x80               # PS: a 2 MiB page
+        for g in range((mem.size + (1 << 30) - 1) >> 30):
+            l2 = mem.alloc(DOMID_XEN)[0]
+            mem.write((l2 << PAGE_SHIFT), b"".join(
+                struct.pack("<Q", ((g << 30) + (j << 21)) | big) for j in range(512)))
+            mem.write_u64((e3 << PAGE_SHIFT) + 8 * (_DMAP_L3_FIRST + g), (l2 << PAGE_SHIFT) | sup_rw)
 
 
 def ring0(xen: "XenArea") -> _Ring0:
@@ -343,28 +395,60 @@ def ring0(xen: "XenArea") -> _Ring0:
 
 
 _ENTRIES = struct.Struct("<512Q")
+_U64 = struct.Struct("<Q")
 _AD_BITS = 0x60                        # accessed/dirty: KVM itself sets them in guest entries
 
 
 class _ShadowGuard:
-    """Decides whether KVM's shadow pages must be zapped after the hypervisor changed page
-    tables (the host writes guest page tables behind KVM's back, docs/design.md).
+    """Tracks what KVM's shadow pages may hold of the page tables, so that the engine can
+    invalidate exactly what the hypervisor changed behind KVM's back (its host-side writes
+    to guest page tables, docs/design.md).
 
-    KVM can only hold shadow pages of page-table frames reachable from roots this vCPU has
-    loaded since the last zap. Their contents are kept here as last checked. A change that
-    only turns non-present entries present needs no zap: KVM never caches a non-present
-    guest entry, it walks the guest tables again on the fault. Any other change (an entry
-    removed, retargeted or its permissions changed; A/D bits aside, which KVM sets itself)
-    needs the zap. Frames stay tracked until the next zap, reachable or not."""
+    Invariant: KVM holds shadow pages only of tracked frames, and for each its view equals
+    the snapshot kept here, except for entries that only became present (KVM never caches a
+    non-present guest entry: it walks the guest tables again on the fault).
+    - KVM can only shadow frames reachable from the roots it was given: every root is walked
+      before the KVM_RUN that uses it, and so is every table an added entry links in (the
+      engine checks before each KVM_RUN that follows a page-table write).
+    - A tracked frame is a validated page table, which only MachineMemory.write_pte changes;
+      the frames it wrote are diffed against their snapshots: every entry removed,
+      retargeted or with changed permissions (A/D bits aside, KVM sets them itself) must be
+      invalidated, or the whole frame if many changed.
+    - A frame that stops being a page table (mmu devalidates it; it may be written as data
+      from then on) has every shadow page of it dropped and is untracked, before the guest
+      runs again. It can only become reachable again through a root load or an added
+      entry, both of which track it anew from its contents then.
+    MachineMemory reports writes and drops into `written` and `dropped`."""
+
+    WHOLE_FRAME_OVER = 16            # more changed entries than this: drop the frame's shadows
 
     def __init__(self, mem: "MachineMemory") -> None:
         self.mem = mem
-        self.snap: dict[int, tuple[int, bytes]] = {}     # frame -> (level, contents)
+        self.level: dict[int, int] = {}       # frame -> highest level it is reached at
+        self.slot: dict[int, int] = {}        # frame -> its snapshot's page in the arena
         self.roots: set[int] = set()
+        self.written: set[int] = set()
+        self.dropped: set[int] = set()
+        self._free: list[int] = []
+        self._arena = ctypes.create_string_buffer(0)
+        self._cap = 0
+        self._idx = (ctypes.c_int32 * 512)()
+        mem.pt_watchers.append(self)
+
+    def close(self) -> None:
+        if self in self.mem.pt_watchers:
+            self.mem.pt_watchers.remove(self)
+
+    def __len__(self) -> int:
+        return len(self.level)
 
     def reset(self, root: int) -> None:
         """After a zap KVM holds nothing; track from the current root on."""
-        self.snap.clear()
+        self.level.clear()
+        self.slot.clear()
+        self.written.clear()
+        self.dropped.clear()
+        self._free = list(range(self._cap - 1, -1, -1))
         self.roots = set()
         self.add_root(root)
 
@@ -373,18 +457,43 @@ class _ShadowGuard:
             self.roots.add(root)
             self._walk(root)
 
+    def _snapshot(self, mfn: int) -> None:
+        """Copy the frame's current contents into its arena page (allocated if new)."""
+        slot = self.slot.get(mfn)
+        if slot is None:
+            if not self._free:
+                self._grow()
+            slot = self.slot[mfn] = self._free.pop()
+        ctypes.memmove(ctypes.addressof(self._arena) + (slot << PAGE_SHIFT),
+                       self.mem.fd_address + (mfn << PAGE_SHIFT), PAGE_SIZE)
+
+    def _grow(self) -> None:
+        cap = max(64, 2 * self._cap)
+        arena = ctypes.create_string_buffer(cap << PAGE_SHIFT)
+        ctypes.memmove(arena, self._arena, self._cap << PAGE_SHIFT)
+        self._arena = arena
+        self._free.extend(range(cap - 1, self._cap - 1, -1))
+        self._cap = cap
+
     def _walk(self, top: int, top_level: int = 4) -> None:
-        """Record every table reachable from `top` not tracked yet (with its level)."""
-        m, nr, snap = self.mem.map, self.mem.nr_frames, self.snap
+        """Track every table reachable from `top` (the tracked ones are current here: called
+        after the pending writes were diffed, or after a reset). A frame seen again at a
+        higher level than before (a linear-table entry reached it first) is descended from
+        that level too."""
+        nr, level_of = self.mem.nr_frames, self.level
         todo = [(top, top_level)]
         while todo:
             mfn, level = todo.pop()
-            if mfn in snap or not 0 <= mfn < nr:
+            if not 0 <= mfn < nr:
                 continue
-            raw = m[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]
-            snap[mfn] = (level, raw)
+            seen = level_of.get(mfn)
+            if seen is None:
+                self._snapshot(mfn)
+            elif seen >= level:
+                continue
+            level_of[mfn] = level
             if level > 1:
-                todo += self._children(_ENTRIES.unpack(raw), level)
+                todo += self._children(_ENTRIES.unpack_from(self._arena, self.slot[mfn] << PAGE_SHIFT), level)
 
     @staticmethod
     def _children(entries: Sequence[int], level: int) -> list[tuple[int, int]]:
@@ -392,32 +501,56 @@ class _ShadowGuard:
             entries = entries[:XEN_L4_FIRST] + entries[XEN_L4_LAST + 1:]   # Xen's slots: static
         return [((e & PTE_FRAME_MASK) >> PAGE_SHIFT, level - 1) for e in entries if e & _PAGE_PRESENT]
 
-    def needs_zap(self) -> bool:
-        """Compare every tracked frame with memory; True if some change is not a pure
-        addition. Otherwise adopt the new contents and track the tables the new entries
-        reach."""
-        m = self.mem.map                     # mmap slices are bytes: compared by memcmp
-        changed = []
-        for mfn, (level, old) in self.snap.items():
-            a = mfn << PAGE_SHIFT
-            if m[a:a + PAGE_SIZE] == old:
-                continue
-            new = _ENTRIES.unpack_from(m, a)
-            added = []
-            for i, (o, n) in enumerate(zip(_ENTRIES.unpack(old), new)):
-                if o != n:
-                    if o & _PAGE_PRESENT:
-                        if (o ^ n) & ~_AD_BITS:
-                            return True
-                    elif n & _PAGE_PRESENT and not (level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST):
-                        added.append((n & PTE_FRAME_MASK) >> PAGE_SHIFT)
-            changed.append((mfn, level, added))
-        for mfn, level, added in changed:
-            self.snap[mfn] = (level, m[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT])
+    def changes(self) -> tuple[list[int], list[int]]:
+        """Consume the reported writes and drops: make the snapshots current, track the tables
+        that added entries reach, and return (machine addresses of entries KVM must forget,
+        frames whose every shadow page KVM must drop)."""
+        frames: list[int] = []
+        if self.dropped:
+            dropped, self.dropped = self.dropped, set()
+            for mfn in dropped:
+                if mfn in self.level:
+                    frames.append(mfn)
+                    self._untrack(mfn)
+        entries: list[int] = []
+        if not self.written:
+            return entries, frames
+        written, self.written = self.written, set()
+        walks = []
+        m, fd_address = self.mem.map, self.mem.fd_address
+        arena = ctypes.addressof(self._arena)
+        diff, idx = _native().aiovmm_kvm_diff, self._idx
+        for mfn in written:
+            level = self.level.get(mfn)
+            if level is None:
+                continue                      # not tracked: KVM holds nothing of it
+            base = mfn << PAGE_SHIFT
+            snap = self.slot[mfn] << PAGE_SHIFT
+            lost, added = [], []
+            for k in range(diff(fd_address + base, arena + snap, idx)):
+                i = idx[k]
+                o = _U64.unpack_from(self._arena, snap + 8 * i)[0]
+                n = _U64.unpack_from(m, base + 8 * i)[0]
+                if o & _PAGE_PRESENT:
+                    if (o ^ n) & ~_AD_BITS:
+                        lost.append(base + 8 * i)
+                elif n & _PAGE_PRESENT and not (level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST):
+                    added.append((n & PTE_FRAME_MASK) >> PAGE_SHIFT)
+            if len(lost) > self.WHOLE_FRAME_OVER:
+                frames.append(mfn)
+            else:
+                entries += lost
+            self._snapshot(mfn)
             if level > 1:
-                for child in added:
-                    self._walk(child, level - 1)
-        return False
+                walks += [(child, level - 1) for child in added]
+        for child, level in walks:
+            self._walk(child, level)
+        return entries, frames
+
+    def _untrack(self, mfn: int) -> None:
+        del self.level[mfn]
+        self._free.append(self.slot.pop(mfn))
+        self.roots.discard(mfn)
 
 
 def _seg(selector: int, dpl: int, *, code: bool, long: bool = False, db: bool = False) -> bytes:
@@ -426,6 +559,8 @@ def _seg(selector: int, dpl: int, *, code: bool, long: bool = False, db: bool = 
 
 
 _CS64 = _seg(FLAT_RING3_CS64, 3, code=True, long=True)
+_CS0 = _seg(FLAT_RING0_CS64, 0, code=True, long=True)      # the invalidation stub's
+_SS0 = _seg(FLAT_RING0_DS, 0, code=False, db=True)
 _CS32 = _seg(FLAT_RING3_CS32, 3, code=True, db=True)
 _SS3 = _seg(FLAT_RING3_SS, 3, code=False, db=True)
 
@@ -451,12 +586,14 @@ class KVMEngine:
         self.vm_fd = fcntl.ioctl(kvm, Ioctl.CREATE_VM, 0)
         try:
             self._set_slot(0, 0, mem.size, mem.fd_address)
-            # The zap slot: one private page far above RAM, deleted and re-added to make KVM
-            # drop every shadow page (see the module docstring).
+            # The zap slot: one private page far above RAM, moved to make KVM drop every
+            # shadow page (see the module docstring). Registered at the first zap only: a
+            # memslot change costs a synchronize_srcu (milliseconds under load) and, with
+            # targeted invalidation, most VMs never zap.
             self._zap_page = mmap.mmap(-1, PAGE_SIZE)
             self._zap_anchor = ctypes.c_char.from_buffer(self._zap_page)
             self._zap_gpa = ((mem.size >> 30) + 2) << 30    # moves to and fro by 1 GiB
-            self._set_slot(1, self._zap_gpa, PAGE_SIZE, ctypes.addressof(self._zap_anchor))
+            self._zap_slot = False
             self.vcpu_fd = fcntl.ioctl(self.vm_fd, Ioctl.CREATE_VCPU, 0)
             size = fcntl.ioctl(kvm, Ioctl.GET_VCPU_MMAP_SIZE)
             self._run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -503,6 +640,13 @@ class KVMEngine:
         self._preempt = False
         self._check_pending = False
         self._guard = _ShadowGuard(mem)
+        # _read_code's translations (root, VA page) -> machine page, valid while no page
+        # table changes (mem.pt_generation): Linux polls the PIT from one instruction.
+        self._xlate: dict[tuple[int, int], int] = {}
+        self._xlate_gen = -1
+        self._pt_gen = -1
+        self.invalidations = 0        # ring-0 invalidation runs (targeted, kvm-pvm)
+        self.invalidated = 0          # entries and frames they invalidated
         self._stepping = False
         self._step_hit = False
         self.exits = 0
@@ -544,6 +688,8 @@ class KVMEngine:
             struct.pack_into("<Q", self._sregs, _SEG[name[:2]], value)
         else:
             struct.pack_into("<Q", self._sregs, _SREG_OFF[name], value)
+            if name == "cr3":
+                self._check_pending = True    # a root to track before the next KVM_RUN
         self._dirty.value |= SYNC_SREGS
 
     def read(self, names: Sequence[str]) -> list[int]:
@@ -610,6 +756,7 @@ class KVMEngine:
                           ("efer", EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE)):
             struct.pack_into("<Q", s, _SREG_OFF[name], val)
         self._dirty.value |= SYNC_SREGS
+        self._check_pending = True
         # CSTAR too: SYSCALL from compatibility mode (FLAT_RING3_CS32) enters there, in ring
         # 0 on hardware KVM (AMD); left at 0 it would run the guest's code at VA 0 in ring 0.
         # Xen sends a 64-bit PV guest's compat SYSCALL where a 64-bit one goes.
@@ -642,6 +789,9 @@ class KVMEngine:
     def _zap(self) -> None:
         """Move the dummy slot between two addresses: one memslot update (measured 64 us
         median vs 82 for delete + re-add) that makes KVM drop every shadow page."""
+        if not self._zap_slot:
+            self._set_slot(1, self._zap_gpa, PAGE_SIZE, ctypes.addressof(self._zap_anchor))
+            self._zap_slot = True           # created: only a move or delete zaps
         self._zap_gpa ^= 1 << 30
         self._set_slot(1, self._zap_gpa, PAGE_SIZE, ctypes.addressof(self._zap_anchor))
         self._guard.reset(self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT)
@@ -722,15 +872,88 @@ class KVMEngine:
         self._lib.aiovmm_kvm_slice_end(self._run_ptr, self._timer)
 
     def _kvm_run(self) -> int:
-        if self._check_pending:
+        gen = self.mem.pt_generation
+        if self._check_pending or gen != self._pt_gen:
+            # After a page-table write, a TLB flush or a CR3 load (only the host loads CR3:
+            # _set marks it; the guest's mov-to-CR3 faults).
             self._check_pending = False
-            if self._guard.needs_zap():
-                self._zap()
-            self._guard.add_root(self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT)
-        elif self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT not in self._guard.roots:
-            self._guard.add_root(self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT)
+            self._pt_gen = gen
+            self._sync_shadow()
+            root = self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT
+            if root not in self._guard.roots:
+                self._guard.add_root(root)
         self.exits += 1
         return self._kvm_run_fn(self.vcpu_fd)
+
+    def _sync_shadow(self) -> None:
+        """Make KVM forget what the hypervisor changed in page tables since the last check
+        (_ShadowGuard). On kvm-pvm (shadow paging, ring 0 emulated by KVM) exactly the changed
+        entries, through the ring-0 stub (_invalidate); on hardware KVM, or when the change is
+        too large or the stub fails, by zapping every shadow page."""
+        guard = self._guard
+        entries, frames = guard.changes()
+        if not entries and not frames:
+            if len(guard) > _TRACK_MAX:
+                self._zap()
+            return
+        if not _TARGETED or len(entries) + len(frames) > INVAL_MAX or len(guard) > _TRACK_MAX \
+                or not self._invalidate(entries, frames):
+            self._zap()
+
+    def _invalidate(self, entries: list[int], frames: list[int]) -> bool:
+        """Run the ring-0 invalidation stub (_INVAL_CODE) over `entries` (machine addresses of
+        8-byte entries) and `frames` (every shadow page of each dropped). KVM's emulator
+        performs each store, and KVM's page-table write tracking zaps the shadow entries (or
+        pages) made from what was written, in every shadow page of that frame: the same path
+        that keeps shadows right when a guest writes its own page tables. The guest's
+        registers are put back untouched. False if the stub did not complete (the caller
+        then zaps everything)."""
+        r0 = self.r0
+        dmap = r0.dmap_va
+        vas = [dmap + a for a in entries] + [dmap + (f << PAGE_SHIFT) + 1 for f in frames] + [0]
+        m = self.mem.map
+        for i in range(0, len(vas), 512):
+            chunk = vas[i:i + 512]
+            struct.pack_into(f"<{len(chunk)}Q", m, r0.list_maddrs[i >> 9], *chunk)
+        run = self._run_map
+        regs = bytes(run[_RUN_REGS:_RUN_REGS + 144])
+        sregs = bytes(self._sregs)
+        r = self.regs
+        for i in range(18):
+            r[i] = 0
+        r[_REG_INDEX["rsi"]], r[_REG_INDEX["rsp"]] = r0.list_va, r0.stack_top
+        r[16], r[17] = r0.inval_stub_va, 2
+        s = self._sregs
+        s[_SEG["cs"]:_SEG["cs"] + 24] = _CS0
+        s[_SEG["ss"]:_SEG["ss"] + 24] = _SS0
+        self._dirty.value |= SYNC_REGS | SYNC_SREGS
+        kicked = run[1]
+        run[1] = 0
+        ok = False
+        try:
+            for _ in range(64):
+                rc = self._kvm_run_fn(self.vcpu_fd)
+                if rc == -errno.EINTR:
+                    kicked = 1                   # the slice's deadline: keep it for the caller
+                    run[1] = 0
+                    continue
+                if rc < 0:
+                    break
+                reason, direction, _size, port, _count = _EXIT_IO.unpack_from(run, _RUN_EXIT_REASON)
+                ok = reason == Exit.IO and port == INVAL_PORT and direction == 1 \
+                    and r0.inval_stub_va <= r[16] <= r0.inval_stub_va + len(_INVAL_CODE)
+                break
+        finally:
+            run[_RUN_REGS:_RUN_REGS + 144] = regs
+            self._sregs[:] = sregs
+            self._dirty.value |= SYNC_REGS | SYNC_SREGS
+            run[1] = kicked
+        if not ok:
+            log.warning("%s: shadow invalidation stub did not complete; zapping", self.name)
+            return False
+        self.invalidations += 1
+        self.invalidated += len(vas) - 1
+        return True
 
     def run(self, budget: int, max_ns: int = 0) -> ExitReason:
         """Run until `max_ns` of wall time (2 ms if 0) has passed, a handler stops, or a
@@ -1034,6 +1257,29 @@ class KVMEngine:
         #GP(0) a closed port gives, for the shared emulator to decode."""
         m = self._run_map
         data_off = struct.unpack_from("<Q", m, _RUN_IO + 8)[0]
+        if direction == 0 and count == 1 and port not in (HCALL_PORT, SYSCALL_PORT) \
+                and self._plain_io_at(self.regs[16], 0, size, port):
+            # The hot case (Linux polls the PIT 100,000 times while booting): a plain IN, RIP
+            # on it. An allowed one is answered in the exit's data area and KVM completes it
+            # at the next KVM_RUN (AL/AX merged, EAX zero-extended, RIP advanced; dropped if
+            # RIP was moved meanwhile, e.g. for an event, and then simply executed again).
+            try:
+                val = self.on_port_io(port, size, False, 0)
+            except BaseException as e:      # never let a handler bug unwind through the loop
+                log.exception("%s: handler raised", self.name)
+                self.callback_error = e
+                self.stop_requested = True
+                val = None
+            if val is not None:
+                m[data_off:data_off + size] = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+                return
+            # Refused (#GP(0) queued at the instruction): KVM must not complete it.
+            snap = bytes(m[_RUN_REGS:_RUN_REGS + 144])
+            self._dirty.value &= ~SYNC_REGS
+            self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
+            m[_RUN_REGS:_RUN_REGS + 144] = snap
+            self._dirty.value |= SYNC_REGS
+            return
         value = int.from_bytes(m[data_off:data_off + size], "little") if direction == 1 else 0
         snap = bytes(m[_RUN_REGS:_RUN_REGS + 144])
         self._dirty.value &= ~SYNC_REGS
@@ -1106,17 +1352,27 @@ class KVMEngine:
         """Bytes at a guest VA through the current page tables (read-only walk, one per page)."""
         mem = self.mem
         table = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
+        cache = self._xlate
+        if self._xlate_gen != mem.pt_generation:      # a page table changed: walks are stale
+            cache.clear()
+            self._xlate_gen = mem.pt_generation
         out = b""
         a, end = va, va + n
         while a < end:
-            t = table
-            for shift in (39, 30, 21, 12):
-                e = mem.read_u64(t + 8 * ((a >> shift) & 0x1FF))
-                if not e & _PAGE_PRESENT:
-                    raise LookupError(hex(a))
-                t = e & PTE_FRAME_MASK
-                if t >= mem.size:
-                    raise LookupError(hex(a))
+            key = (table, a >> 12)
+            t = cache.get(key)
+            if t is None:
+                t = table
+                for shift in (39, 30, 21, 12):
+                    e = mem.read_u64(t + 8 * ((a >> shift) & 0x1FF))
+                    if not e & _PAGE_PRESENT:
+                        raise LookupError(hex(a))
+                    t = e & PTE_FRAME_MASK
+                    if t >= mem.size:
+                        raise LookupError(hex(a))
+                if len(cache) > 64:
+                    cache.clear()
+                cache[key] = t
             take = min(end - a, PAGE_SIZE - (a & 0xFFF))
             out += bytes(mem.view[t + (a & 0xFFF):t + (a & 0xFFF) + take])
             a += take
@@ -1164,6 +1420,8 @@ class KVMEngine:
         return out
 
     def close(self) -> None:
+        if getattr(self, "_guard", None) is not None:
+            self._guard.close()
         if getattr(self, "_lib", None) is not None and self._timer:
             self._lib.aiovmm_kvm_timer_delete(self._timer)
             self._timer = ctypes.c_void_p()

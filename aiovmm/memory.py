@@ -75,6 +75,9 @@ class MachineMemory:
         self.type = array.array("B", [PageType.none]) * n
         self.type_count = array.array("I", [0]) * n
         self.pinned = array.array("B", [0]) * n
+        self.pt_generation = 0          # bumped by every write_pte and pt_dropped
+        # Objects with `written` and `dropped` sets of frames (kvm_engine._ShadowGuard).
+        self.pt_watchers: list = []
         # General references: one per present L1 entry (read-only or not) mapping the frame.
         # A referenced frame is never freed, so no guest keeps a mapping of a frame that has
         # been handed to someone else.
@@ -208,6 +211,25 @@ class MachineMemory:
 
     def write_u64(self, maddr: int, value: int) -> None:
         _U64.pack_into(self.map, maddr, value & 0xFFFFFFFFFFFFFFFF)
+
+    def write_pte(self, maddr: int, value: int) -> None:
+        """A host-side write of an entry of a validated guest page table: the only way the
+        hypervisor changes one (mmu.py, grants.py, ptwr.py). Engines that keep their own copy
+        of page tables (KVM's shadow pages, kvm_engine) learn which frames changed, and
+        re-check before they run a vCPU again: even an entry that only became present (no
+        TLB flush needed) links in a table that must be tracked before the guest can use it."""
+        _U64.pack_into(self.map, maddr, value & 0xFFFFFFFFFFFFFFFF)
+        self.pt_generation += 1
+        mfn = maddr >> PAGE_SHIFT
+        for w in self.pt_watchers:
+            w.written.add(mfn)
+
+    def pt_dropped(self, mfn: int) -> None:
+        """A page table was devalidated (mmu.py): from now on it may be written as data, so
+        engines must forget their copies of it before they run a vCPU again."""
+        self.pt_generation += 1
+        for w in self.pt_watchers:
+            w.dropped.add(mfn)
 
     def frame(self, mfn: int) -> memoryview:
         off = mfn << PAGE_SHIFT

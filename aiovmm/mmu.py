@@ -276,6 +276,7 @@ class PageTables:
             raise
 
     def _devalidate_table(self, mfn: int, level: int) -> None:
+        self.mem.pt_dropped(mfn)
         base = mfn << PAGE_SHIFT
         entries = self._q.unpack_from(self.mem.map, base)
         for i, e in enumerate(entries):
@@ -348,7 +349,7 @@ class PageTables:
         The entry is cleared (the grant mapping is detached from it; unmap_grant_ref still
         releases the grant) and the L1's owner, a live domain, is crashed as Xen does."""
         grantee, handle = self.grant_ptes.pop(ptr)
-        self.mem.write_u64(ptr, 0)
+        self.mem.write_pte(ptr, 0)
         log.warning("d%d: attempt to implicitly unmap a granted PTE at %#x (handle %d)",
                     grantee, ptr, handle)
         if self.crash_domain is not None and grantee != self._dying:
@@ -410,7 +411,7 @@ class PageTables:
         new = val
         if val & _PAGE_PRESENT:
             new = self._get_entry(val, level, dom, self_mfn=mfn)
-        mem.write_u64(ptr, new)
+        mem.write_pte(ptr, new)
         if old & _PAGE_PRESENT:
             self._put_entry(old, level, mfn, ptr)
             return True

@@ -131,7 +131,7 @@ def complete(v: "VCPU", w: PendingWrite) -> bool:
     before = mem.read(w.frame << PAGE_SHIFT, PAGE_SIZE)
     mem.write(scratch << PAGE_SHIFT, before)
     l1e = mem.read_u64(w.l1e_addr)
-    mem.write_u64(w.l1e_addr, (l1e & ~PTE_FRAME_MASK) | (scratch << PAGE_SHIFT) | _PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY)
+    mem.write_pte(w.l1e_addr, (l1e & ~PTE_FRAME_MASK) | (scratch << PAGE_SHIFT) | _PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY)
     eng = v.engine
     eng.flush_tlb()
     v.in_ptwr_step = True
@@ -139,7 +139,7 @@ def complete(v: "VCPU", w: PendingWrite) -> bool:
         ok = eng.step_to(w.rip + w.length)
     finally:
         v.in_ptwr_step = False
-        mem.write_u64(w.l1e_addr, l1e)
+        mem.write_pte(w.l1e_addr, l1e)
         eng.flush_tlb()
     if not ok:
         eng.set("rip", w.rip)

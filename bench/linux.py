@@ -19,7 +19,12 @@ If the aiovmm guest stops before the prompt (a crash, or no progress for --timeo
 the script says where: the stage reached, the domain's end reason (the first unhandled
 operation) and the last console lines, still measures QEMU, and exits 1.
 
+Where /dev/kvm works, each run also boots the same guest on the KVM engine (interleaved, same
+hypervisor settings), with its figures under kvm_* keys and, per run, what limited it (exits by
+kind, shadow invalidations, full zaps).
+
 Last line: prompt_s=<median> load_s=<..> kernel_s=<..> init_s=<..> qemu_tcg_prompt_s=<median>
+[kvm_prompt_s=<median> kvm_load_s kvm_kernel_s kvm_init_s]
 (`-` for a figure the aiovmm guest did not reach).
 """
 from __future__ import annotations
@@ -136,6 +141,11 @@ async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
         res["why"] = (dom.describe_end() + _insn_at_rip(dom.describe_end()) if dom.done.done()
                       else f"no console progress for {timeout:.0f} s (still running)")
         res["tail"] = w.tail()
+    eng = dom.vcpus[0].engine
+    if getattr(eng, "kind", "") == "kvm":
+        kinds = ", ".join(f"{k} {n}" for k, n in eng.exit_kinds.most_common(5))
+        res["engine_stats"] = (f"exits {eng.exits} ({kinds}); invalidations {eng.invalidations} "
+                               f"({eng.invalidated} entries/frames), full zaps {eng.zaps}")
     if not dom.done.done():
         dom.shutdown(ShutdownReason.poweroff)
     await dom.wait()
@@ -173,25 +183,42 @@ def med(runs: list[dict], key: str) -> str:
     return f"{statistics.median(vals):.2f}" if vals else "-"
 
 
+async def one_run(hv: Hypervisor, label: str, i: int, timeout: float, runs: list[dict]) -> dict | None:
+    """One aiovmm boot; prints it; returns the result if it stopped before the prompt."""
+    r = await aiovmm_run(hv, timeout)
+    runs.append(r)
+    if "prompt_s" in r:
+        print(f"{label} run {i + 1}: prompt {r['prompt_s']:.2f} s (load {r['load_s']:.2f}, "
+              f"kernel {r['kernel_s']:.2f}, init {r['init_s']:.2f})", flush=True)
+    else:
+        print(f"{label} run {i + 1}: STOPPED in {r['stage']} after load {r.get('load_s', 0):.2f} s: "
+              f"{r['why']}", flush=True)
+        for ln in r["tail"]:
+            print(f"    | {ln}")
+    if "engine_stats" in r:
+        print(f"    {r['engine_stats']}", flush=True)
+    return None if "prompt_s" in r else r
+
+
 async def main(args: argparse.Namespace) -> int:
+    from aiovmm.kvm_engine import unavailable_reason
     qemu = setup()
     ours: list[dict] = []
+    kvm: list[dict] = []
     peer: list[dict] = []
     stopped: dict | None = None
-    async with Hypervisor(memory_mib=MEMORY_MIB + 256) as hv:
+    kvm_stopped: dict | None = None
+    kvm_why = None if args.engine in ("both", "kvm") else "not asked for (--engine)"
+    kvm_why = kvm_why or unavailable_reason()
+    if kvm_why:
+        print(f"KVM engine skipped: {kvm_why}")
+    async with Hypervisor(memory_mib=MEMORY_MIB + 256) as hv, \
+            Hypervisor(memory_mib=MEMORY_MIB + 256, engine="unicorn" if kvm_why else "kvm") as hv_kvm:
         for i in range(args.runs):
-            if stopped is None:
-                r = await aiovmm_run(hv, args.timeout)
-                ours.append(r)
-                if "prompt_s" in r:
-                    print(f"aiovmm  run {i + 1}: prompt {r['prompt_s']:.2f} s (load {r['load_s']:.2f}, "
-                          f"kernel {r['kernel_s']:.2f}, init {r['init_s']:.2f})", flush=True)
-                else:
-                    stopped = r
-                    print(f"aiovmm  run {i + 1}: STOPPED in {r['stage']} after load {r.get('load_s', 0):.2f} s: "
-                          f"{r['why']}", flush=True)
-                    for ln in r["tail"]:
-                        print(f"    | {ln}")
+            if stopped is None and args.engine != "kvm":
+                stopped = await one_run(hv, "aiovmm  ", i, args.timeout, ours)
+            if kvm_stopped is None and not kvm_why:
+                kvm_stopped = await one_run(hv_kvm, "aiovmm-kvm", i, args.timeout, kvm)
             q = await qemu_run(qemu, args.qemu_timeout)
             peer.append(q)
             if "prompt_s" in q:
@@ -201,11 +228,17 @@ async def main(args: argparse.Namespace) -> int:
                 print(f"qemu-tcg run {i + 1}: {q['why']}", flush=True)
                 for ln in q["tail"]:
                     print(f"    | {ln}")
-    if stopped is not None:
-        print(f"aiovmm: Linux did not reach the shell prompt: stopped in {stopped['stage']}: {stopped['why']}")
+    for name, st in (("aiovmm", stopped), ("aiovmm (KVM engine)", kvm_stopped)):
+        if st is not None:
+            print(f"{name}: Linux did not reach the shell prompt: stopped in {st['stage']}: {st['why']}")
+    tail = ""
+    if not kvm_why:
+        tail = (f" kvm_prompt_s={med(kvm, 'prompt_s')} kvm_load_s={med(kvm, 'load_s')}"
+                f" kvm_kernel_s={med(kvm, 'kernel_s')} kvm_init_s={med(kvm, 'init_s')}")
     print(f"prompt_s={med(ours, 'prompt_s')} load_s={med(ours, 'load_s')} kernel_s={med(ours, 'kernel_s')} "
-          f"init_s={med(ours, 'init_s')} qemu_tcg_prompt_s={med(peer, 'prompt_s')}")
-    return 1 if stopped is not None or not any("prompt_s" in q for q in peer) else 0
+          f"init_s={med(ours, 'init_s')} qemu_tcg_prompt_s={med(peer, 'prompt_s')}{tail}")
+    failed = stopped is not None or kvm_stopped is not None
+    return 1 if failed or not any("prompt_s" in q for q in peer) else 0
 
 
 if __name__ == "__main__":
@@ -214,4 +247,6 @@ if __name__ == "__main__":
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="aiovmm: give up after this long without console output (s)")
     ap.add_argument("--qemu-timeout", type=float, default=120.0, help="QEMU: give up after (s)")
+    ap.add_argument("--engine", choices=("both", "unicorn", "kvm"), default="both",
+                    help="aiovmm engines to boot on (default both; KVM where /dev/kvm works)")
     sys.exit(uvloop.run(main(ap.parse_args())))

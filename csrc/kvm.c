@@ -109,3 +109,15 @@ int aiovmm_kvm_complete(int vcpu_fd, uint8_t *run)
         run[1] = 0;    /* a kick during the call is caught by the caller's deadline check */
     return err == EINTR ? 0 : -err;
 }
+
+/* The shadow guard's diff (aiovmm/kvm_engine.py _ShadowGuard), run for every page-table frame
+ * the hypervisor wrote before the next KVM_RUN: the indices of the 8-byte entries that differ
+ * between the frame and its snapshot, and their count (out holds up to 512). */
+int aiovmm_kvm_diff(const uint64_t *a, const uint64_t *b, int32_t *out)
+{
+    int k = 0;
+    for (int i = 0; i < 512; i++)
+        if (a[i] != b[i])
+            out[k++] = i;
+    return k;
+}

@@ -8,8 +8,9 @@ import asyncio
 
 import pytest
 
-from aiovmm import Hypervisor, ShutdownReason
+from aiovmm import Hypervisor, ShutdownReason, kvm_engine
 from aiovmm.config import ConfigError, parse
+from aiovmm.memory import PageType
 from conftest import HV_MEMORY_MIB, _kvm_skip_reason, guest, kernel, run_cli
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=_kvm_skip_reason() or "")
@@ -263,9 +264,15 @@ async def test_forged_syscall_entry_cannot_raise_iopl():
         await dom.wait_for_line(r"^spin 3$", timeout=30)
 
 
-async def test_unmapped_page_faults_after_host_side_page_table_change():
+@pytest.mark.parametrize("targeted", [True, False], ids=["targeted", "full_zap"])
+async def test_unmapped_page_faults_after_host_side_page_table_change(targeted, monkeypatch):
     """The hypervisor removes a mapping by writing the guest's L1 from the host (as every
-    mmu_update does): KVM's shadow of that L1 must not keep the old translation."""
+    mmu_update does): KVM's shadow of that L1 must not keep the old translation, whether
+    the engine invalidates that entry (kvm-pvm) or zaps every shadow page (hardware KVM, or
+    the fallback)."""
+    if targeted and not kvm_engine._TARGETED:
+        pytest.skip("targeted invalidation is for kvm-pvm (this host has hardware KVM)")
+    monkeypatch.setattr(kvm_engine, "_TARGETED", targeted)
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
         dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
         await dom.wait_for_line(r"^spin 1$", timeout=30)
@@ -283,6 +290,7 @@ async def test_unmapped_page_faults_after_host_side_page_table_change():
         assert eng.step_to(code_va + 10) and eng.get("rax") == 0x1122334455667788
         ptr = pt.l1_entry_address(v.kernel_root, data_va)
         old = hv.mem.read_u64(ptr)
+        zaps, invalidations = eng.zaps, eng.invalidations
         pt.update_entry(dom.domid, ptr, 0)                   # unmap, as mmu_update would
         eng.flush_tlb()
         faults = []
@@ -293,8 +301,74 @@ async def test_unmapped_page_faults_after_host_side_page_table_change():
         finally:
             eng.on_exception = on_exc
         assert faults == [(14, data_va)] and eng.get("rax") == 0
+        if targeted:                                         # that entry only, no zap
+            assert (eng.zaps, eng.invalidations) == (zaps, invalidations + 1)
+        else:
+            assert (eng.zaps, eng.invalidations) == (zaps + 1, invalidations)
         pt.update_entry(dom.domid, ptr, old)
         eng.flush_tlb()
+        eng.write({"rip": saved[0], "rax": saved[1]})
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 3$", timeout=30)
+
+
+async def test_relinked_page_table_cleared_by_the_host_keeps_no_stale_mapping():
+    """An attacker's sequence against targeted invalidation: an L1 that KVM has shadowed is
+    unlinked and unpinned (it stops being a page table), the host then rewrites it (as
+    MMUEXT_CLEAR_PAGE or a backend filling a granted page would), and the guest pins and
+    links it again: an addition, which needs no TLB flush. The translation through it must
+    be the new (empty) one, never KVM's shadow of the old contents."""
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        await dom.wait_for_line(r"^spin 1$", timeout=30)
+        dom.paused = True
+        await asyncio.sleep(0.05)
+        v = dom.vcpus[0]
+        eng = v.engine
+        pt, mem = hv.pagetables, hv.mem
+        saved = eng.read(("rip", "rax"))
+        code_va = 0xFFFFFFFF80400000 - 4096                 # padding page of the boot map
+        va = 0xFFFFFFFF80000000 + (500 << 21)               # an unused L2 slot of the kernel
+        table = v.kernel_root                               # walk to the L2 holding code_va
+        for shift in (39, 30):
+            table = (mem.read_u64((table << 12) + 8 * ((code_va >> shift) & 0x1FF)) >> 12) & 0xFFFFFFFFFF
+        slot = (table << 12) + 8 * ((va >> 21) & 0x1FF)
+        assert mem.read_u64(slot) == 0
+        x, data, data2 = mem.alloc(dom.domid, 3)
+        mem.write_u64(data << 12, 0x5566778899AABBCC)
+        mem.write_u64(data2 << 12, 0x1234)
+        mem.write_u64(x << 12, (data << 12) | 0x25)         # present, user, accessed: read-only
+        pt.get_type(x, PageType.l1, dom.domid)              # pinned by the "guest"
+        pt.update_entry(dom.domid, slot, (x << 12) | 0x67)  # link: an addition, no flush
+
+        def read_va(addr: int = va) -> tuple[list, int]:
+            v.copy_to_guest(code_va, b"\x48\xa1" + addr.to_bytes(8, "little") + b"\xeb\xfe")
+            faults = []
+            on_exc, eng.on_exception = eng.on_exception, lambda vec, err, cr2: (faults.append((vec, cr2)), eng.stop())
+            try:
+                eng.write({"rip": code_va, "rax": 0})
+                eng.step_to(code_va + 10)
+            finally:
+                eng.on_exception = on_exc
+            return faults, eng.get("rax")
+
+        assert read_va() == ([], 0x5566778899AABBCC)        # KVM now shadows x
+        assert pt.update_entry(dom.domid, slot, 0)          # unlink (a removal: flushed)
+        eng.flush_tlb()
+        pt.put_type(x)                                      # unpin: x is no longer a table
+        assert read_va() == ([(14, va)], 0)
+        mem.zero(x)                                         # host rewrites the former L1
+        mem.write_u64((x << 12) + 8, (data2 << 12) | 0x25)  # (as MMUEXT_COPY_PAGE would)
+        eng.flush_tlb()                                     # any TLB flush in between
+        assert read_va() == ([(14, va)], 0)
+        pt.get_type(x, PageType.l1, dom.domid)              # re-pinned: entry 0 empty
+        pt.update_entry(dom.domid, slot, (x << 12) | 0x67)  # linked again: no flush
+        assert read_va(va + 4096) == ([], 0x1234)           # KVM links its shadow of x in
+        assert read_va() == ([(14, va)], 0)
+        pt.update_entry(dom.domid, slot, 0)
+        eng.flush_tlb()
+        pt.put_type(x)
         eng.write({"rip": saved[0], "rax": saved[1]})
         dom.paused = False
         v.wake()

@@ -9,6 +9,9 @@ module shares them: one hypervisor holds
   mode), both running next to `full` for the side-by-side check.
 Two more boots go through `aiovmm run` (stdin to hvc0): one typed `poweroff` (exit 0), one
 `reboot` (exit 2), started at fixture time so they overlap the library boots.
+The boot/shell/network/disk subset also runs on the KVM engine (the `guest` fixture): one more
+Linux guest with the same vif and file disks in a KVM hypervisor of its own, booted once for
+the module (skipped, with the reason, where /dev/kvm is not usable).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import pytest
 
 from aiovmm import Hypervisor
 from aiovmm.testing import VirtualLan
-from conftest import BUILD, HV_MEMORY_MIB, ROOT, _cli_command, kernel, lvm_on_loop
+from conftest import BUILD, ENGINE_PARAMS, HV_MEMORY_MIB, ROOT, _cli_command, kernel, lvm_on_loop
 
 LINUX = BUILD / "linux"
 KERNEL, INITRD = LINUX / "vmlinuz", LINUX / "initramfs.cpio.gz"
@@ -141,6 +144,31 @@ class Lab:
     def call(self, coro, timeout: float = BOOT_TIMEOUT):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def stop(self) -> None:
+        """Destroy the hypervisor and the LAN (whatever was started), then the loop."""
+        async def stop():
+            for attr in ("hv", "lan"):
+                obj = getattr(self, attr, None)
+                if obj is not None:
+                    await obj.__aexit__(None, None, None)
+        try:
+            self.call(stop(), 120)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+    def make_disks(self, tmp: Path, tag: str) -> None:
+        """The file disks: xvda read-write (empty), xvdc read-only (a known pattern)."""
+        self.file_rw = tmp / f"{tag}-rw.img"
+        self.file_ro = tmp / f"{tag}-ro.img"
+        for p in (self.file_rw, self.file_ro):
+            with open(p, "wb") as f:
+                f.truncate(DISK_MIB << 20)
+        self.ro_before = pattern(7, 256 << 10)
+        with open(self.file_ro, "r+b") as f:
+            f.write(self.ro_before)
+        os.chmod(self.file_ro, 0o444)
+
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
@@ -158,15 +186,7 @@ def lab(tmp_path_factory):
         vg = lvm.enter_context(lvm_on_loop(tmp, "aiovmmlx", 32, [("lv0", f"{DISK_MIB}M")]))
         lv_target = f"lvm:{vg.vg}/lv0"
         lab.lv_where = (vg.dev, vg.pe_start)        # one LV: one contiguous segment
-        lab.file_rw = tmp / f"{TAG}-rw.img"
-        lab.file_ro = tmp / f"{TAG}-ro.img"
-        for p in (lab.file_rw, lab.file_ro):
-            with open(p, "wb") as f:
-                f.truncate(DISK_MIB << 20)
-        lab.ro_before = pattern(7, 256 << 10)
-        with open(lab.file_ro, "r+b") as f:
-            f.write(lab.ro_before)
-        os.chmod(lab.file_ro, 0o444)
+        lab.make_disks(tmp, TAG)
         lab.cli = cli
 
         async def start():
@@ -197,21 +217,56 @@ def lab(tmp_path_factory):
         lab.call(start())
         yield lab
     finally:
-        async def stop():
-            for attr in ("hv", "lan"):
-                obj = getattr(lab, attr, None)
-                if obj is not None:
-                    await obj.__aexit__(None, None, None)
         try:
-            lab.call(stop(), 120)
+            lab.stop()
         finally:
-            lab.loop.call_soon_threadsafe(lab.loop.stop)
-            lab.thread.join(10)
             for c in cli:
                 c.kill()
             lvm.close()
             print(f"\ntest_linux: boots {getattr(lab, 'boot_s', -1):.0f} s, "
                   f"module {time.monotonic() - t0:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def kvm_lab(tmp_path_factory):
+    """One Linux guest on the KVM engine, as `full` but without the LVM disk: a vif on a
+    VirtualLan of its own, xvda (file, rw) and xvdc (file, ro)."""
+    if not KERNEL.exists() or not INITRD.exists():
+        pytest.skip(f"{LINUX}: Debian kernel and initramfs not built (make setup)")
+    tmp = tmp_path_factory.mktemp("linux-kvm")
+    t0 = time.monotonic()
+    lab = Lab()
+    try:
+        lab.make_disks(tmp, f"{TAG}-kvm")
+
+        async def start():
+            lab.hv = Hypervisor(memory_mib=HV_MEMORY_MIB + MEM_FULL + 16, engine="kvm")
+            await lab.hv.__aenter__()
+            lab.lan = VirtualLan(f"{HOST_IP}/24")
+            await lab.lan.__aenter__()
+            lab.full = await lab.hv.create(
+                str(KERNEL), memory_mib=MEM_FULL, ramdisk=str(INITRD), name="full-kvm",
+                cmdline=f"console=hvc0 aiovmm.ip={GUEST_IP}/24",
+                vifs=[lab.lan.vif("00:16:3e:11:22:34")],
+                disks=[f"target={lab.file_rw},vdev=xvda,access=rw",
+                       f"target={lab.file_ro},vdev=xvdc,access=ro"])
+            await lab.full.wait_for_line(r"^aiovmm-init: ready", timeout=BOOT_TIMEOUT)
+            lab.sh = Shell(lab.full)
+            lab.boot_s = time.monotonic() - t0
+
+        lab.call(start())
+        yield lab
+    finally:
+        lab.stop()
+        print(f"\ntest_linux (KVM engine): boot {getattr(lab, 'boot_s', -1):.0f} s, "
+              f"module part {time.monotonic() - t0:.0f} s")
+
+
+@pytest.fixture(scope="module", params=ENGINE_PARAMS)
+def guest(request) -> Lab:
+    """The Linux guest `full` (with .sh, .lan and the file disks) on the engine under test:
+    the module's lab on the emulated engine, or the KVM lab."""
+    return request.getfixturevalue("lab" if request.param == "unicorn" else "kvm_lab")
 
 
 async def clock_sample(sh: Shell) -> tuple[float, float, float]:
@@ -228,12 +283,12 @@ def sh(lab: Lab, cmd: str, timeout: float = CMD_TIMEOUT, shell: Shell | None = N
 
 
 # ---------------------------------------------------------------------------------- tests
-def test_shell_answers_typed_command(lab):
-    rc, out = sh(lab, "echo $((6 * 7)) $(uname -r)")
+def test_shell_answers_typed_command(guest):
+    rc, out = sh(guest, "echo $((6 * 7)) $(uname -r)")
     assert rc == 0
     release = (LINUX / "kernel-release").read_text().strip()
     assert out == [f"42 {release}"], out
-    rc, out = sh(lab, "false")
+    rc, out = sh(guest, "false")
     assert rc == 1 and out == []
 
 
@@ -266,8 +321,8 @@ def test_frontends_connected(lab):
     assert out == ["00:16:3e:11:22:33", sectors, sectors, sectors, "1"], out
 
 
-def test_ping_100(lab):
-    rc, out = lab.call(lab.lan.run("ping", "-c", "100", "-i", "0.02", "-W", "5", "-q", GUEST_IP,
+def test_ping_100(guest):
+    rc, out = guest.call(guest.lan.run("ping", "-c", "100", "-i", "0.02", "-W", "5", "-q", GUEST_IP,
                                    timeout=180), 200)
     assert rc == 0, out
     assert re.search(r"100 packets transmitted, 100 received, 0% packet loss", out), out
@@ -329,11 +384,11 @@ def _host_md5(path: str, offset: int, n: int = PATTERN_BYTES) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def test_dd_to_file_disk_read_back_by_host(lab):
-    md5 = _dd_pattern(lab, "xvda")
-    assert _host_md5(str(lab.file_rw), 0) == md5
+def test_dd_to_file_disk_read_back_by_host(guest):
+    md5 = _dd_pattern(guest, "xvda")
+    assert _host_md5(str(guest.file_rw), 0) == md5
     # The host's bytes, read back by the guest through blkfront (its page cache dropped).
-    rc, out = sh(lab, f"echo 3 > /proc/sys/vm/drop_caches; head -c {PATTERN_BYTES} /dev/xvda | md5sum")
+    rc, out = sh(guest, f"echo 3 > /proc/sys/vm/drop_caches; head -c {PATTERN_BYTES} /dev/xvda | md5sum")
     assert rc == 0 and md5_of(out) == md5, out
 
 
@@ -344,17 +399,17 @@ def test_dd_to_lvm_volume_read_back_by_host(lab):
     assert _host_md5(dev, pe_start) == md5
 
 
-def test_readonly_disk_refuses_writes(lab):
-    rc, out = sh(lab, "dd if=/dev/zero of=/dev/xvdc bs=4k count=1 conv=fsync 2>&1")
+def test_readonly_disk_refuses_writes(guest):
+    rc, out = sh(guest, "dd if=/dev/zero of=/dev/xvdc bs=4k count=1 conv=fsync 2>&1")
     assert rc != 0, out
     assert any(re.search(r"Read-only|Operation not permitted|Permission denied|I/O error", l)
                for l in out), out
     # What the guest reads is the disk's content (its cache, which may hold the refused
     # write, dropped first).
-    rc, out = sh(lab, f"echo 3 > /proc/sys/vm/drop_caches; head -c {len(lab.ro_before)} /dev/xvdc | md5sum")
-    assert rc == 0 and md5_of(out) == hashlib.md5(lab.ro_before).hexdigest(), out
-    with open(lab.file_ro, "rb") as f:
-        assert f.read(len(lab.ro_before)) == lab.ro_before
+    rc, out = sh(guest, f"echo 3 > /proc/sys/vm/drop_caches; head -c {len(guest.ro_before)} /dev/xvdc | md5sum")
+    assert rc == 0 and md5_of(out) == hashlib.md5(guest.ro_before).hexdigest(), out
+    with open(guest.file_ro, "rb") as f:
+        assert f.read(len(guest.ro_before)) == guest.ro_before
 
 
 def test_side_by_side(lab):
@@ -389,8 +444,8 @@ def test_cli_poweroff_exit_0_reboot_exit_2(lab):
     assert len(lines) > 20 and len(lines) == len(set(lines)), [l for l in lines if lines.count(l) > 1][:5]
 
 
-def test_dmesg_clean(lab):
-    rc, out = sh(lab, "dmesg")
+def test_dmesg_clean(guest):
+    rc, out = sh(guest, "dmesg")
     assert rc == 0 and len(out) > 50, out
     bad = [l for l in out if re.search(r"\bBUG\b|WARNING|Oops|Call Trace|unchecked MSR", l)]
     assert not bad, bad
