@@ -303,8 +303,22 @@ async def test_hostile_frontend(disk_file):
     # DISCARD is offered (files punch holes): the hostile one (nr_sectors = a segment's bytes)
     # is out of range.
     assert res["hostile_discard"] == "-1"
-    for k in ("indirect", "unknown_op"):
-        assert res[f"hostile_{k}"] == "-2", k
+    assert res["hostile_unknown_op"] == "-2"
+    # Indirect descriptors (offered, 256 segments at most): valid reads and a write work, and
+    # the write landed; every malformed one is an error: inner op not READ/WRITE, 0 or too
+    # many segments, a descriptor page that cannot be mapped, a bad descriptor in the page,
+    # a segment grant that cannot be mapped for the direction, a range past the end.
+    assert res["indirect_read"] == "0" and res["indirect_write"] == "0" and res["indirect_read256"] == "0"
+    for k in ("op", "nested", "nseg0", "nseg257", "bad_page_gref", "page_other_domain", "last8",
+              "first_gt_last", "bad_seg_gref", "read_into_ro", "beyond_end"):
+        assert res[f"hostile_indirect_{k}"] == "-1", k
+    assert res["indirect_page_free"] == "1" and res["indirect_write_free"] == "1"
+    assert read_host(a, 16 * 512, 8 * 512) == pattern_range(9, 16, 8)
+    # FLUSH_DISKCACHE with a segment is a write followed by the flush (it was answered
+    # OKAY without writing before).
+    assert res["flush_with_data"] == "0"
+    assert read_host(a, 24 * 512, 8 * 512) == pattern_range(9, 24, 8)
+    assert ba.stats.indirect_reqs == 3 + 5        # 3 valid, 5 refused after the descriptors were read
     assert res["hostile_after"] == "0"
     # A WRITE_BARRIER or FLUSH_DISKCACHE without segments is a flush (Linux blkback).
     assert res["barrier_nseg0"] == "0" and res["flush_nseg0"] == "0"
@@ -312,9 +326,32 @@ async def test_hostile_frontend(disk_file):
     assert int(res["hostile_disconnect"]) >= XenbusState.Closing
     assert res["other_ok"] == "1"
     assert states["xvda"] == XenbusState.Closed
-    assert ba.stats.bad_indices == 1 and ba.stats.bad_requests == 9 and ba.stats.bad_grants == 5
+    assert ba.stats.bad_indices == 1 and ba.stats.bad_requests == 9 + 7 and ba.stats.bad_grants == 5 + 4
     assert ba.error and "ring" in ba.error
     assert read_host(b, 0, 8 * 512) == pattern_range(9, 0, 8)
+
+
+async def test_persistent_grants_hostile_frontend(disk_file, monkeypatch):
+    """feature-persistent: the backend keeps the grants it maps. The guest rewrites an entry
+    the backend holds to point at another of its pages, then revokes it: reads still land
+    in the page first granted (never the new one), writes still come from it. The bound
+    (lowered to 2 here) holds: of three fresh grants only one more is kept. Disconnecting
+    releases every persistent grant (the guest's entries lose GTF_reading/GTF_writing)."""
+    from aiovmm.backends.block import device as blkdev
+    monkeypatch.setattr(blkdev, "MAX_PERSISTENT_GRANTS", 2)
+    a = disk_file(1, "p.img")
+    dom, reason, res, (bb,), states = await run_guest("mode=persistent pattern=5",
+                                                      [f"target={a},vdev=xvda"])
+    assert reason == ShutdownReason.poweroff, dom.console_lines
+    assert res["persist_write"] == "0" and res["persist_held"] == "1"
+    assert res["persist_read"] == "0" and res["persist_read_original"] == "8"
+    assert res["persist_repointed_untouched"] == "1"
+    assert res["persist_write_revoked"] == "0"
+    assert read_host(a, 0, 16 * 512) == pattern_range(5, 0, 16)
+    assert res["persist_three"] == "0" and res["persist_bound_held"] == "1"
+    assert res["persist_still_held_after_close"] == "0" and res["persist_end_access"] == "1"
+    assert bb.stats.persistent_hits >= 2 and bb.stats.persistent_grants == 0
+    assert not dom.host_mappings
 
 
 async def test_target_vanishing_after_check_fails_device_only(disk_file):
