@@ -22,6 +22,11 @@ WRITE_BARRIER are ordering points: they wait for every earlier request, run fdat
 barrier after its write) and only then let later requests start. A write is answered OKAY
 only after pwritev returned for all of it, so the data is in the host file (page cache);
 FLUSH makes it durable.
+
+Extensions Linux's blkfront negotiates (backends/block/README.md has the details):
+persistent grants (kept mapped per connection, bounded, released at disconnect), indirect
+descriptors (up to 256 segments in granted descriptor pages, copied out once) and multi-page
+rings (up to 16 pages). FLUSH_DISKCACHE with segments writes its data before the fdatasync.
 """
 from __future__ import annotations
 
@@ -67,8 +72,8 @@ MAX_INDIRECT_PAGES = 8        # BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST
 SEGS_PER_INDIRECT_PAGE = PAGE // 8
 # max-ring-page-order: up to 16 ring pages (512 entries), Linux's XENBUS_MAX_RING_GRANT_ORDER.
 MAX_RING_PAGE_ORDER = 4
-# feature-persistent: at most this many grants stay mapped per vbd (Linux blkback's default
-# max_persistent_grants); beyond it a segment is mapped for its request only.
+# feature-persistent: at most this many grants per ring page stay mapped (Linux blkback's
+# default max_persistent_grants for one page); beyond it a segment is mapped for its request only.
 MAX_PERSISTENT_GRANTS = 1056
 
 BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE = 0, 1, 2, 3
@@ -519,7 +524,7 @@ class Blkback:
         # any host mapping, so the frame stays the guest's and cannot become a page table while
         # mapped, whatever the guest later writes into its grant entry.
         self.persistent = False
-        self.max_persistent = MAX_PERSISTENT_GRANTS
+        self.max_persistent = MAX_PERSISTENT_GRANTS       # x ring pages (set at connect)
         self._pgnts: dict[int, grants.HostMapping] = {}
         self._kick = asyncio.Event()
         self._done: list[_Pending] = []            # completed, not yet answered
@@ -741,6 +746,8 @@ class Blkback:
         if proto != PROTOCOL:
             raise BlkDisconnect(f"unsupported protocol {proto!r}")
         self.persistent = read_str(st, f"{self.front}/feature-persistent", "0") == "1"
+        # Linux blkfront's pool grows with the ring (entries x segments): so does the bound.
+        self.max_persistent = MAX_PERSISTENT_GRANTS * len(refs)
         try:
             for ref in refs:
                 self._ring_maps.append(grants.host_map(self.dom, ref))
