@@ -198,7 +198,21 @@ async def test_bad_disk_spec_is_a_build_error(blk_guest):
             await hv.create(blk_guest, memory_mib=16, disks=["target=/x,format=qcow2"])
 
 
-async def test_file_write_read_back(disk_file):
+def _uring_available() -> bool:
+    try:
+        with open("/proc/sys/kernel/io_uring_disabled") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return os.uname().release >= "5.6"
+
+
+@pytest.mark.parametrize("path", ["uring", "pool"])
+async def test_file_write_read_back(disk_file, monkeypatch, path):
+    """Both I/O paths: reads and writes through io_uring (where the kernel has it) and all of
+    them through the thread pool (AIOVMM_BLK_URING=0, the fallback)."""
+    if path == "uring" and not _uring_available():
+        pytest.skip("io_uring is disabled on this host")
+    monkeypatch.setenv("AIOVMM_BLK_URING", "1" if path == "uring" else "0")
     img = disk_file(4)
     n, seed = 300, 11
     dom, reason, res, (bb,), states = await run_guest(
@@ -211,8 +225,10 @@ async def test_file_write_read_back(disk_file):
     assert read_host(img, (5 + n) * 512, 4096) == bytes(4096)
     s = bb.stats
     assert s.wr_sectors == n + 40 and s.rd_sectors == n and s.flushes == 3 and s.errors == 0
-    assert s.events_sent <= s.batches + s.jobs       # at most one event per batch of completions
+    assert s.events_sent <= s.batches + s.jobs + s.uring_reqs   # at most one event per batch of completions
     assert states["xvda"] == XenbusState.Closed      # the guest closed the device before poweroff
+    # Plain reads and writes (not the barrier) went through io_uring, or none did.
+    assert (s.uring_reqs >= 2 * -(-n // 64)) if path == "uring" else s.uring_reqs == 0, s
 
 
 async def test_vbd_keys(disk_file):

@@ -103,6 +103,7 @@ class IORequest:
     bufs: Sequence[memoryview] = ()  # guest memory (granted segments), in disk order
     length: int = 0
     sync: bool = False               # fdatasync after the write (WRITE_BARRIER)
+    addrs: Sequence[tuple[int, int]] = ()   # (host address, length) of each buf, for io_uring
     # Filled in by the worker:
     error: int = 0                   # errno (0 = success)
     ns: int = 0

@@ -27,6 +27,7 @@ class BlkStats:
     persistent_grants: int = 0    # grants mapped persistently now (feature-persistent)
     persistent_hits: int = 0      # segments served by an already mapped persistent grant
     indirect_reqs: int = 0        # BLKIF_OP_INDIRECT requests accepted
+    uring_reqs: int = 0           # reads/writes submitted through io_uring (not the pool)
     io_ns: int = 0                # time spent in preadv/pwritev/fdatasync (all workers)
 
     def as_dict(self) -> dict[str, int]:
