@@ -347,6 +347,31 @@ async def test_hostile_frontend(disk_file):
     assert read_host(b, 0, 8 * 512) == pattern_range(9, 0, 8)
 
 
+def test_multi_page_ring_geometry_and_straddling_slots():
+    """A 4-page ring (ring-page-order 2, 128 entries): the 112-byte slot 72 straddles pages
+    1 and 2 (it starts at 8128) and comes out whole; responses land in the right page; the
+    entry counts are io/ring.h's for 1..16 pages."""
+    from aiovmm.backends.block.device import _RSP, Ring, ring_entries
+    assert [ring_entries(1 << o) for o in range(5)] == [32, 64, 128, 256, 512]
+    pages = [memoryview(bytearray(4096)) for _ in range(4)]
+    flat = bytearray(4 * 4096)
+    req = bytes(range(112))
+    off = 64 + 72 * 112
+    flat[off:off + 112] = req
+    for i in range(4):
+        pages[i][:] = flat[i * 4096:(i + 1) * 4096]
+    r = Ring(pages)
+    assert r.nr_ents == 128
+    r.req_cons = 72
+    struct.pack_into("<I", pages[0], 0, 73)              # req_prod
+    assert r.unconsumed() == 1 and r.take() == req
+    r.rsp_prod_pvt = 72                                  # slot 72's response: 16 bytes at 8128
+    r.respond(0x1234, 1, -1)
+    assert _RSP.unpack_from(pages[1], off - 4096) == (0x1234, 1, -1)
+    struct.pack_into("<I", pages[0], 0, r.rsp_prod_pvt + 129)   # one more than the ring holds
+    assert r.unconsumed() == -1
+
+
 async def test_persistent_grants_hostile_frontend(disk_file, monkeypatch):
     """feature-persistent: the backend keeps the grants it maps. The guest rewrites an entry
     the backend holds to point at another of its pages, then revokes it: reads still land
