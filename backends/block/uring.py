@@ -107,6 +107,7 @@ class Uring:
         self.cq_mask = _U32.unpack_from(self.cq, p.cq_ring_mask)[0]
         self.sq_tail = _U32.unpack_from(self.sq, p.sq_tail)[0]
         self.to_submit = 0
+        self._queued: list[int] = []            # user_data not yet seen by the kernel, in order
         self.inflight: dict[int, tuple[asyncio.Future, object]] = {}
         self._next = 1
         self.loop = asyncio.get_running_loop()
@@ -143,11 +144,14 @@ class Uring:
         # x86 keeps stores in order: the SQE and array slot are visible before the tail.
         _U32.pack_into(self.sq, self.p.sq_tail, self.sq_tail)
         self.to_submit += 1
+        self._queued.append(ud)
         return fut
 
     def flush(self) -> None:
         """io_uring_enter for everything queued (on the loop thread: buffered reads of cached
-        data complete inside it, other I/O goes to the kernel's workers)."""
+        data complete inside it, other I/O goes to the kernel's workers). If the kernel
+        refuses (anything but EINTR/EAGAIN/EBUSY), the SQEs it has not taken are withdrawn
+        (the tail moves back) and their futures fail with that error: every future ends."""
         while self.to_submit:
             n = _syscall(SYS_io_uring_enter, self.fd, self.to_submit, 0, 0, None, 0)
             if n < 0:
@@ -155,8 +159,19 @@ class Uring:
                 if e in (4, 11, 16):              # EINTR, EAGAIN, EBUSY: completions first
                     self._reap()
                     continue
-                raise OSError(e, f"io_uring_enter: {os.strerror(e)}")
+                err = OSError(e, f"io_uring_enter: {os.strerror(e)}")
+                log.warning("io_uring_enter failed (%s): %d requests fail", err, len(self._queued))
+                self.sq_tail = (self.sq_tail - len(self._queued)) & 0xFFFFFFFF
+                _U32.pack_into(self.sq, self.p.sq_tail, self.sq_tail)
+                for ud in self._queued:
+                    fut = self.inflight.pop(ud)[0]
+                    if not fut.done():
+                        fut.set_exception(err)
+                self._queued.clear()
+                self.to_submit = 0
+                break
             self.to_submit -= n
+            del self._queued[:n]
         self._reap()
 
     def _reap(self) -> None:
