@@ -365,11 +365,17 @@ def linux_part(args: argparse.Namespace) -> dict[str, dict]:
                 systems.append((f"aiovmm/{eng}/nopersist", eng, "xen_blkfront.feature_persistent=0", "1"))
             if args.pool and eng == "unicorn":
                 systems.append((f"aiovmm/{eng}/pool", eng, "", "0"))
+        failed: set[str] = set()
         for name, eng, extra, uring in systems:
+            if eng in failed:
+                print(f"{name:26s} skipped: the engine did not run fio above", flush=True)
+                continue
             os.environ["AIOVMM_BLK_URING"] = uring
             res, note = asyncio.run(aiovmm_fio(eng, extra, image, initrd,
                                                args.kvm_timeout if eng == "kvm" else args.boot_timeout))
             os.environ.pop("AIOVMM_BLK_URING", None)
+            if not res:
+                failed.add(eng)
             results[name] = res
             print(f"{name:26s} " + fio_line(res) + f"   [{note}]", flush=True)
         res, note = asyncio.run(qemu_fio(qemu, image, initrd, args.boot_timeout))
