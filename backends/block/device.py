@@ -735,7 +735,7 @@ class Blkback:
     def _connect(self) -> None:
         st = self.store
         order_s = read_str(st, f"{self.front}/ring-page-order", "0") or "0"
-        if not order_s.isdigit() or int(order_s) > MAX_RING_PAGE_ORDER:
+        if not re.fullmatch(r"[0-9]{1,2}", order_s) or int(order_s) > MAX_RING_PAGE_ORDER:
             raise BlkDisconnect(f"ring-page-order {order_s!r} is not 0..{MAX_RING_PAGE_ORDER}")
         order = int(order_s)
         if read_str(st, f"{self.front}/multi-queue-num-queues", "1") not in ("1", ""):
