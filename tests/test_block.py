@@ -372,6 +372,32 @@ def test_multi_page_ring_geometry_and_straddling_slots():
     assert r.unconsumed() == -1
 
 
+@pytest.mark.parametrize("key,value,why", [
+    ("ring-page-order", "5", "ring-page-order"),          # beyond max-ring-page-order 4
+    ("ring-page-order", "\u00b2", "ring-page-order"),     # not ASCII digits
+    ("ring-page-order", "1", "ring-ref0"),                # 2 pages announced, ring-ref0/1 missing
+    ("multi-queue-num-queues", "2", "queues"),            # not offered
+])
+async def test_bad_ring_parameters_refused(disk_file, key, value, why):
+    """Transport parameters the backend did not offer or cannot use: the vbd fails to
+    connect (Closed, with a reason) and maps nothing; the domain itself is not harmed (the
+    guest's blkfront gives up and panics, as it does for any connection failure)."""
+    a = disk_file(1, "r.img")
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+        dom = await hv.create(guest("blk"), memory_mib=16, cmdline="mode=rw sectors=8",
+                              disks=[f"target={a},vdev=xvda"])
+        # The guest has not run yet (create starts it; nothing has awaited since): the key
+        # is there before its blkfront writes ring-ref and moves to Initialised.
+        (bb,) = [b for b in dom.backends if isinstance(b, Blkback)]
+        hv.xenstore.store.write(f"{bb.front}/{key}", value)
+        async with asyncio.timeout(60):
+            await dom.wait()
+        assert bb.error and why in bb.error, bb.error
+        assert read_state(hv.xenstore.store, bb.back) == XenbusState.Closed
+        assert not bb._ring_maps and not bb._pgnts and bb.ring is None
+        assert any("blkfront" in l for l in dom.console_lines), dom.console_lines
+
+
 async def test_persistent_grants_hostile_frontend(disk_file, monkeypatch):
     """feature-persistent: the backend keeps the grants it maps. The guest rewrites an entry
     the backend holds to point at another of its pages, then revokes it: reads still land
