@@ -166,7 +166,21 @@ async def test_bad_disk_spec_is_a_build_error(blk_guest):
             await hv.create(blk_guest, memory_mib=16, disks=["target=/x,format=qcow2"])
 
 
-async def test_file_write_read_back(disk_file):
+def _uring_available() -> bool:
+    try:
+        with open("/proc/sys/kernel/io_uring_disabled") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return os.uname().release >= "5.6"
+
+
+@pytest.mark.parametrize("path", ["uring", "pool"])
+async def test_file_write_read_back(disk_file, monkeypatch, path):
+    """Both I/O paths: reads and writes through io_uring (where the kernel has it) and all of
+    them through the thread pool (AIOVMM_BLK_URING=0, the fallback)."""
+    if path == "uring" and not _uring_available():
+        pytest.skip("io_uring is disabled on this host")
+    monkeypatch.setenv("AIOVMM_BLK_URING", "1" if path == "uring" else "0")
     img = disk_file(4)
     n, seed = 300, 11
     dom, reason, res, (bb,), states = await run_guest(
@@ -179,8 +193,10 @@ async def test_file_write_read_back(disk_file):
     assert read_host(img, (5 + n) * 512, 4096) == bytes(4096)
     s = bb.stats
     assert s.wr_sectors == n + 40 and s.rd_sectors == n and s.flushes == 3 and s.errors == 0
-    assert s.events_sent <= s.batches + s.jobs       # at most one event per batch of completions
+    assert s.events_sent <= s.batches + s.jobs + s.uring_reqs   # at most one event per batch of completions
     assert states["xvda"] == XenbusState.Closed      # the guest closed the device before poweroff
+    # Plain reads and writes (not the barrier) went through io_uring, or none did.
+    assert (s.uring_reqs >= 2 * -(-n // 64)) if path == "uring" else s.uring_reqs == 0, s
 
 
 async def test_vbd_keys(disk_file):
@@ -271,8 +287,22 @@ async def test_hostile_frontend(disk_file):
     # DISCARD is offered (files punch holes): the hostile one (nr_sectors = a segment's bytes)
     # is out of range.
     assert res["hostile_discard"] == "-1"
-    for k in ("indirect", "unknown_op"):
-        assert res[f"hostile_{k}"] == "-2", k
+    assert res["hostile_unknown_op"] == "-2"
+    # Indirect descriptors (offered, 256 segments at most): valid reads and a write work, and
+    # the write landed; every malformed one is an error: inner op not READ/WRITE, 0 or too
+    # many segments, a descriptor page that cannot be mapped, a bad descriptor in the page,
+    # a segment grant that cannot be mapped for the direction, a range past the end.
+    assert res["indirect_read"] == "0" and res["indirect_write"] == "0" and res["indirect_read256"] == "0"
+    for k in ("op", "nested", "nseg0", "nseg257", "bad_page_gref", "page_other_domain", "last8",
+              "first_gt_last", "bad_seg_gref", "read_into_ro", "beyond_end"):
+        assert res[f"hostile_indirect_{k}"] == "-1", k
+    assert res["indirect_page_free"] == "1" and res["indirect_write_free"] == "1"
+    assert read_host(a, 16 * 512, 8 * 512) == pattern_range(9, 16, 8)
+    # FLUSH_DISKCACHE with a segment is a write followed by the flush (it was answered
+    # OKAY without writing before).
+    assert res["flush_with_data"] == "0"
+    assert read_host(a, 24 * 512, 8 * 512) == pattern_range(9, 24, 8)
+    assert ba.stats.indirect_reqs == 3 + 5        # 3 valid, 5 refused after the descriptors were read
     assert res["hostile_after"] == "0"
     # A WRITE_BARRIER or FLUSH_DISKCACHE without segments is a flush (Linux blkback).
     assert res["barrier_nseg0"] == "0" and res["flush_nseg0"] == "0"
@@ -280,9 +310,83 @@ async def test_hostile_frontend(disk_file):
     assert int(res["hostile_disconnect"]) >= XenbusState.Closing
     assert res["other_ok"] == "1"
     assert states["xvda"] == XenbusState.Closed
-    assert ba.stats.bad_indices == 1 and ba.stats.bad_requests == 9 and ba.stats.bad_grants == 5
+    assert ba.stats.bad_indices == 1 and ba.stats.bad_requests == 9 + 7 and ba.stats.bad_grants == 5 + 4
     assert ba.error and "ring" in ba.error
     assert read_host(b, 0, 8 * 512) == pattern_range(9, 0, 8)
+
+
+def test_multi_page_ring_geometry_and_straddling_slots():
+    """A 4-page ring (ring-page-order 2, 128 entries): the 112-byte slot 72 straddles pages
+    1 and 2 (it starts at 8128) and comes out whole; responses land in the right page; the
+    entry counts are io/ring.h's for 1..16 pages."""
+    from aiovmm.backends.block.device import _RSP, Ring, ring_entries
+    assert [ring_entries(1 << o) for o in range(5)] == [32, 64, 128, 256, 512]
+    pages = [memoryview(bytearray(4096)) for _ in range(4)]
+    flat = bytearray(4 * 4096)
+    req = bytes(range(112))
+    off = 64 + 72 * 112
+    flat[off:off + 112] = req
+    for i in range(4):
+        pages[i][:] = flat[i * 4096:(i + 1) * 4096]
+    r = Ring(pages)
+    assert r.nr_ents == 128
+    r.req_cons = 72
+    struct.pack_into("<I", pages[0], 0, 73)              # req_prod
+    assert r.unconsumed() == 1 and r.take() == req
+    r.rsp_prod_pvt = 72                                  # slot 72's response: 16 bytes at 8128
+    r.respond(0x1234, 1, -1)
+    assert _RSP.unpack_from(pages[1], off - 4096) == (0x1234, 1, -1)
+    struct.pack_into("<I", pages[0], 0, r.rsp_prod_pvt + 129)   # one more than the ring holds
+    assert r.unconsumed() == -1
+
+
+@pytest.mark.parametrize("key,value,why", [
+    ("ring-page-order", "5", "ring-page-order"),          # beyond max-ring-page-order 4
+    ("ring-page-order", "\u00b2", "ring-page-order"),     # not ASCII digits
+    ("ring-page-order", "1", "ring-ref0"),                # 2 pages announced, ring-ref0/1 missing
+    ("multi-queue-num-queues", "2", "queues"),            # not offered
+])
+async def test_bad_ring_parameters_refused(disk_file, key, value, why):
+    """Transport parameters the backend did not offer or cannot use: the vbd fails to
+    connect (Closed, with a reason) and maps nothing; the domain itself is not harmed (the
+    guest's blkfront gives up and panics, as it does for any connection failure)."""
+    a = disk_file(1, "r.img")
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+        dom = await hv.create(guest("blk"), memory_mib=16, cmdline="mode=rw sectors=8",
+                              disks=[f"target={a},vdev=xvda"])
+        # The guest has not run yet (create starts it; nothing has awaited since): the key
+        # is there before its blkfront writes ring-ref and moves to Initialised.
+        (bb,) = [b for b in dom.backends if isinstance(b, Blkback)]
+        hv.xenstore.store.write(f"{bb.front}/{key}", value)
+        async with asyncio.timeout(60):
+            await dom.wait()
+        assert bb.error and why in bb.error, bb.error
+        assert read_state(hv.xenstore.store, bb.back) == XenbusState.Closed
+        assert not bb._ring_maps and not bb._pgnts and bb.ring is None
+        assert any("blkfront" in l for l in dom.console_lines), dom.console_lines
+
+
+async def test_persistent_grants_hostile_frontend(disk_file, monkeypatch):
+    """feature-persistent: the backend keeps the grants it maps. The guest rewrites an entry
+    the backend holds to point at another of its pages, then revokes it: reads still land
+    in the page first granted (never the new one), writes still come from it. The bound
+    (lowered to 2 here) holds: of three fresh grants only one more is kept. Disconnecting
+    releases every persistent grant (the guest's entries lose GTF_reading/GTF_writing)."""
+    from aiovmm.backends.block import device as blkdev
+    monkeypatch.setattr(blkdev, "MAX_PERSISTENT_GRANTS", 2)
+    a = disk_file(1, "p.img")
+    dom, reason, res, (bb,), states = await run_guest("mode=persistent pattern=5",
+                                                      [f"target={a},vdev=xvda"])
+    assert reason == ShutdownReason.poweroff, dom.console_lines
+    assert res["persist_write"] == "0" and res["persist_held"] == "1"
+    assert res["persist_read"] == "0" and res["persist_read_original"] == "8"
+    assert res["persist_repointed_untouched"] == "1"
+    assert res["persist_write_revoked"] == "0"
+    assert read_host(a, 0, 16 * 512) == pattern_range(5, 0, 16)
+    assert res["persist_three"] == "0" and res["persist_bound_held"] == "1"
+    assert res["persist_still_held_after_close"] == "0" and res["persist_end_access"] == "1"
+    assert bb.stats.persistent_hits >= 2 and bb.stats.persistent_grants == 0
+    assert not dom.host_mappings
 
 
 async def test_target_vanishing_after_check_fails_device_only(disk_file):

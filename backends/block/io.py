@@ -6,8 +6,9 @@ os.preadv/os.pwritev release the GIL, go straight from the granted guest pages (
 of machine memory: zero copies) to the file, and need nothing outside the standard library.
 The cost is the thread hand-off (~90-140 us per round trip on this kind of machine), so the
 backend hands a whole *batch* of requests to the pool in a few jobs (`Backing.run_batch`),
-not one job per request. io_uring would be faster for deep queues but needs a Cython build of
-liburing that is not a project dependency; the seam for it is `Backing.run_batch`.
+not one job per request. Plain reads and writes now go through io_uring where the kernel
+has it (uring.py, raw system calls); this pool keeps fdatasync, discard, LV extents, short
+transfers, and everything where io_uring is unavailable.
 
 Nothing in here touches hypervisor state: jobs receive plain memoryviews and offsets and
 return (status, bytes) results that the loop thread turns into ring responses.
@@ -103,6 +104,7 @@ class IORequest:
     bufs: Sequence[memoryview] = ()  # guest memory (granted segments), in disk order
     length: int = 0
     sync: bool = False               # fdatasync after the write (WRITE_BARRIER)
+    addrs: Sequence[tuple[int, int]] = ()   # (host address, length) of each buf, for io_uring
     # Filled in by the worker:
     error: int = 0                   # errno (0 = success)
     ns: int = 0

@@ -24,6 +24,10 @@ class BlkStats:
     events_sent: int = 0          # notifications to the frontend (one per batch at most)
     max_inflight: int = 0
     bad_indices: int = 0          # ring-index violations (the device was disconnected)
+    persistent_grants: int = 0    # grants mapped persistently now (feature-persistent)
+    persistent_hits: int = 0      # segments served by an already mapped persistent grant
+    indirect_reqs: int = 0        # BLKIF_OP_INDIRECT requests accepted
+    uring_reqs: int = 0           # reads/writes submitted through io_uring (not the pool)
     io_ns: int = 0                # time spent in preadv/pwritev/fdatasync (all workers)
 
     def as_dict(self) -> dict[str, int]:

@@ -1,7 +1,9 @@
 /* Block device test guest (blkfront against aiovmm's blkback).
  *
  * cmdline (all optional):
- *   mode=rw|ro|bench|hostile|discard   default rw
+ *   mode=rw|ro|bench|hostile|discard|persistent   default rw
+ *                              (persistent: offers feature-persistent, then rewrites and
+ *                              revokes a grant the backend holds; see persistent_test)
  *   vdev=<devid>               default: the first vbd (lowest devid)
  *   sectors=<n> pattern=<seed> start=<sector>   the area the pattern covers
  *   depth=<d>                  requests in flight (1..16 in rw/ro, 1..32 in bench; default 8)
@@ -297,7 +299,7 @@ static int raw_request(struct blkfront_dev *dev, const blkif_request_t *src)
     return rsp.status;
 }
 
-static void hostile(struct blkfront_dev *dev, struct blkfront_info *info)
+static void hostile(struct blkfront_dev *dev, struct blkfront_info *info, u64 seed)
 {
     u8 *page = bufs[0];
     long good = gnttab_grant_access(dev->backend_id, virt_to_mfn(page), 0);
@@ -341,8 +343,54 @@ static void hostile(struct blkfront_dev *dev, struct blkfront_info *info)
     printk("result hostile_second_seg_bad %d\n", raw_request(dev, &r));
     BASE(BLKIF_OP_DISCARD, 0, 0);
     printk("result hostile_discard %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_INDIRECT, 1, 0);
-    printk("result hostile_indirect %d\n", raw_request(dev, &r));
+    /* BLKIF_OP_INDIRECT (feature-max-indirect-segments): the segment descriptors are in a
+     * page granted read-only; a valid read and write first, then malformed ones. */
+    {
+        struct blkif_request_segment *ip = (struct blkif_request_segment *)bufs[3];
+        long ind = gnttab_grant_access(dev->backend_id, virt_to_mfn(ip), 1);
+        long wr = gnttab_grant_access(dev->backend_id, virt_to_mfn(bufs[4]), 1);
+        blkif_request_indirect_t *ir = (blkif_request_indirect_t *)&r;
+#define IND(iop_, nseg_, sec_) do { memset(&r, 0, sizeof(r)); ir->operation = BLKIF_OP_INDIRECT; \
+        ir->indirect_op = (iop_); ir->nr_segments = (nseg_); ir->handle = dev->handle; ir->id = 0xdef; \
+        ir->sector_number = (sec_); ir->indirect_grefs[0] = (grant_ref_t)ind; \
+        for (unsigned i_ = 0; i_ < 512; i_++) { ip[i_].gref = (grant_ref_t)good; \
+            ip[i_].first_sect = 0; ip[i_].last_sect = 7; } } while (0)
+        IND(BLKIF_OP_READ, 1, 0);
+        printk("result indirect_read %d\n", raw_request(dev, &r));
+        fill(bufs[4], seed, 16, 8);
+        IND(BLKIF_OP_WRITE, 1, 16); ip[0].gref = (grant_ref_t)wr;
+        printk("result indirect_write %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_READ, 256, 0);                    /* 1 MiB, the most offered */
+        printk("result indirect_read256 %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_WRITE_BARRIER, 1, 0);             /* only READ or WRITE */
+        printk("result hostile_indirect_op %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_INDIRECT, 1, 0);
+        printk("result hostile_indirect_nested %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_READ, 0, 0);
+        printk("result hostile_indirect_nseg0 %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_READ, 257, 0);
+        printk("result hostile_indirect_nseg257 %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_READ, 1, 0); ir->indirect_grefs[0] = 99999999;
+        printk("result hostile_indirect_bad_page_gref %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_READ, 1, 0); ir->indirect_grefs[0] = (grant_ref_t)other;
+        printk("result hostile_indirect_page_other_domain %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_READ, 3, 0); ip[2].last_sect = 8;
+        printk("result hostile_indirect_last8 %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_READ, 3, 0); ip[1].first_sect = 6; ip[1].last_sect = 5;
+        printk("result hostile_indirect_first_gt_last %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_READ, 200, 0); ip[199].gref = 99999999;
+        printk("result hostile_indirect_bad_seg_gref %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_READ, 2, 0); ip[1].gref = (grant_ref_t)ro;
+        printk("result hostile_indirect_read_into_ro %d\n", raw_request(dev, &r));
+        IND(BLKIF_OP_READ, 256, info->sectors - 2047);  /* one sector past the end */
+        printk("result hostile_indirect_beyond_end %d\n", raw_request(dev, &r));
+        /* FLUSH_DISKCACHE with data (a REQ_PREFLUSH write): the data is written too. */
+        fill(bufs[4], seed, 24, 8);
+        BASE(BLKIF_OP_FLUSH_DISKCACHE, 1, 24); r.seg[0].gref = (grant_ref_t)wr;
+        printk("result flush_with_data %d\n", raw_request(dev, &r));
+        printk("result indirect_page_free %d\n", gnttab_end_access((grant_ref_t)ind));
+        printk("result indirect_write_free %d\n", gnttab_end_access((grant_ref_t)wr));
+    }
     BASE(200, 1, 0);
     printk("result hostile_unknown_op %d\n", raw_request(dev, &r));
     /* The device still works after all that. */
@@ -358,6 +406,92 @@ static void hostile(struct blkfront_dev *dev, struct blkfront_info *info)
     evtchn_send(dev->port);
     int st = xenbus_wait_for_state(dev->backend, XenbusStateClosing, 1, 10000000000UL);
     printk("result hostile_disconnect %d\n", st);
+}
+
+/* ------------------------------------------------- persistent grants (attacker) */
+/* A second, writable mapping of our grant table: to rewrite an entry the backend holds. */
+static volatile grant_entry_v1_t *grant_entries(void)
+{
+    xen_pfn_t frames[1];
+    struct gnttab_setup_table setup = { .dom = DOMID_SELF, .nr_frames = 1 };
+    set_xen_guest_handle(setup.frame_list, frames);
+    if (HYPERVISOR_grant_table_op(GNTTABOP_setup_table, &setup, 1) || setup.status)
+        panic("setup_table");
+    unsigned long va = alloc_va_hole();
+    if (map_frame(va, frames[0], PTE_KERNEL_RW)) panic("map grant frame");
+    return (volatile grant_entry_v1_t *)va;
+}
+
+static int one_seg(struct blkfront_dev *dev, u8 op, u64 sector, grant_ref_t g)
+{
+    blkif_request_t r;
+    memset(&r, 0, sizeof(r));
+    r.operation = op;
+    r.nr_segments = 1;
+    r.handle = dev->handle;
+    r.id = 0x9e5;
+    r.sector_number = sector;
+    r.seg[0].gref = g;
+    r.seg[0].last_sect = 7;
+    return raw_request(dev, &r);
+}
+
+/* The frontend wrote feature-persistent=1, so the backend keeps the grants it maps. A guest
+ * may rewrite or revoke an entry the backend holds at any time: the backend must go on
+ * using the frame it mapped (still ours, pinned by the mapping), never the new one, and
+ * must release every persistent grant when the device disconnects. */
+static void persistent_test(struct blkfront_dev *dev, u64 seed)
+{
+    volatile grant_entry_v1_t *e = grant_entries();
+    u8 *p1 = bufs[0], *p2 = bufs[1];
+    grant_ref_t g = (grant_ref_t)gnttab_grant_access(dev->backend_id, virt_to_mfn(p1), 0);
+    fill(p1, seed, 0, 8);
+    printk("result persist_write %d\n", one_seg(dev, BLKIF_OP_WRITE, 0, g));
+    printk("result persist_held %d\n", (e[g].flags & (GTF_reading | GTF_writing)) != 0);
+    /* Re-point the entry at p2 behind the backend's back, then read into "g". */
+    memset(p1, 0, PAGE_SIZE);
+    memset(p2, 0xaa, PAGE_SIZE);
+    u32 frame = e[g].frame;
+    e[g].frame = (u32)virt_to_mfn(p2);
+    wmb();
+    printk("result persist_read %d\n", one_seg(dev, BLKIF_OP_READ, 0, g));
+    printk("result persist_read_original %u\n", check(p1, seed, 0, 8));
+    unsigned untouched = 1;
+    for (unsigned i = 0; i < PAGE_SIZE; i++) if (p2[i] != 0xaa) untouched = 0;
+    printk("result persist_repointed_untouched %u\n", untouched);
+    /* Revoke it (flags 0) and write from it: still p1's bytes that reach the disk. */
+    u16 flags = e[g].flags;
+    fill(p1, seed, 8, 8);
+    e[g].flags = 0;
+    wmb();
+    printk("result persist_write_revoked %d\n", one_seg(dev, BLKIF_OP_WRITE, 8, g));
+    e[g].frame = frame;
+    e[g].flags = flags;
+    wmb();
+    /* The bound: three fresh grants in one request; only what fits stays mapped. */
+    grant_ref_t h[3];
+    blkif_request_t r;
+    memset(&r, 0, sizeof(r));
+    r.operation = BLKIF_OP_READ;
+    r.nr_segments = 3;
+    r.handle = dev->handle;
+    r.id = 0x9e6;
+    r.sector_number = 0;
+    for (unsigned i = 0; i < 3; i++) {
+        h[i] = (grant_ref_t)gnttab_grant_access(dev->backend_id, virt_to_mfn(bufs[2 + i]), 0);
+        r.seg[i].gref = h[i];
+        r.seg[i].last_sect = 7;
+    }
+    printk("result persist_three %d\n", raw_request(dev, &r));
+    unsigned held = 0;
+    for (unsigned i = 0; i < 3; i++) held += (e[h[i]].flags & (GTF_reading | GTF_writing)) != 0;
+    printk("result persist_bound_held %u\n", held);
+    /* Disconnect: the backend lets go of everything. */
+    blkfront_shutdown(dev);
+    unsigned still = (e[g].flags & (GTF_reading | GTF_writing)) != 0;
+    for (unsigned i = 0; i < 3; i++) still += (e[h[i]].flags & (GTF_reading | GTF_writing)) != 0;
+    printk("result persist_still_held_after_close %u\n", still);
+    printk("result persist_end_access %d\n", gnttab_end_access(g));
 }
 
 void app_main(void)
@@ -387,6 +521,16 @@ void app_main(void)
         printk("blk: waiting for %s\n", node);
         rc = xenbus_wait_for_node(node, hotplug * 1000000000UL);
         if (rc) panic("blk: %s did not appear: %ld", node, rc);
+    }
+    if (!strcmp(mode, "persistent")) {
+        /* Offer feature-persistent on every vbd before connecting (as Linux's blkfront). */
+        char names[256], path[64];
+        int n = xenbus_directory(XBT_NIL, "device/vbd", names, sizeof(names));
+        const char *q = names;
+        for (int i = 0; i < n; i++, q += strlen(q) + 1) {
+            snprintf(path, sizeof(path), "device/vbd/%s/feature-persistent", q);
+            if (xenbus_write(XBT_NIL, path, "1")) panic("write %s", path);
+        }
     }
     struct blkfront_info info;
     struct blkfront_dev *dev = blkfront_init((unsigned)cmdline_u64(cmd, "vdev", 0), &info);
@@ -469,8 +613,11 @@ void app_main(void)
         u64 dstart = cmdline_u64(cmd, "dstart", nsect / 4);
         u64 dlen = cmdline_u64(cmd, "dlen", nsect / 2);
         discard_test(dev, &info, seed, start, nsect, dstart, dlen, depth);
+    } else if (!strcmp(mode, "persistent")) {
+        persistent_test(dev, seed);
+        poweroff();
     } else if (!strcmp(mode, "hostile")) {
-        hostile(dev, &info);
+        hostile(dev, &info, seed);
         /* A second vbd keeps working. */
         char names[256];
         int n = xenbus_directory(XBT_NIL, "device/vbd", names, sizeof(names));
