@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..abi import PAGE_SHIFT, PAGE_SIZE, ShutdownReason
 from ..errors import BuildError
-from . import restore as _restore, save as _save, stream as S
+from . import devices, restore as _restore, save as _save, stream as S
 from .suspend import SuspendError, resume_cancelled, suspend
 
 if TYPE_CHECKING:
@@ -124,13 +124,14 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
     dom = None
     try:
         dom, st = await _restore.read_stream(hv, S.BufferedSource(_SocketSource(reader, IDLE_TIMEOUT)),
-                                             start=False)
+                                             start=False, claim=False)
         writer.write(READY)
         await writer.drain()
         async with asyncio.timeout(IDLE_TIMEOUT):
             go = await reader.readexactly(len(GO))
         if go != GO:
             raise S.StreamError("sender did not say GO")
+        await devices.claim(hv, dom)          # the sender let go of the disks before GO
         hv.start_domain(dom)
         started, dom = dom, None
         if on_domain is not None:
@@ -291,6 +292,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         # Stop and copy the rest.
         susp = await suspend(dom)
         t_down = time.perf_counter()
+        await devices.quiesce(dom)            # block requests in flight answered first
         has_data = _save.data_map(dom)
         last = _changed(dom, sent, has_data)
         await _save.pages(dom, last, write, has_data) if last else None
@@ -303,9 +305,10 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             ready = await reader.readexactly(len(READY))
         if ready != READY:
             raise MigrationError("the receiver did not confirm the stream")
+        go_sent = True                        # from here on the guest belongs to the receiver
+        devices.release(dom.hypervisor, dom)  # disks: the receiver claims them after GO
         writer.write(GO)
         await writer.drain()
-        go_sent = True
         async with asyncio.timeout(IDLE_TIMEOUT):
             done = await reader.readexactly(len(DONE) + 4)
         if done[:len(DONE)] != DONE:

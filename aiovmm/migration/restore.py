@@ -338,16 +338,23 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
 
 async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = None,
                       on_console=None, progress: Callable[[int, int], None] | None = None,
-                      start: bool = True) -> tuple["Domain", RestoreStats]:
+                      start: bool = True, claim: bool = True,
+                      announce: bool = True) -> tuple["Domain", RestoreStats]:
     """Read a whole save stream and return the running new domain (or raise StreamError /
     BuildError with nothing left behind). `start=False`: built, not yet running (live
-    migration starts it once the sender has let go: `hv.start_domain`, or `discard`)."""
+    migration starts it once the sender has let go: `hv.start_domain`, or `discard`).
+    Devices are recreated from the xl header (devices.py); `claim=False` leaves the disks'
+    claims to the caller (live migration claims after GO); `announce`: the vifs announce
+    the guest on this host when it starts."""
     from ..domain import Domain
+    from . import devices
     t0 = time.perf_counter()
     stats = RestoreStats()
     rd = S.Reader(src)
     cfg = await rd.xl_header()
     cname, nr, engine, cancel = _config(cfg)
+    vifs, disks = devices.parse(hv, cfg)
+    await devices.check(hv, vifs, disks)
     await rd.libxl_header()
     await rd.libxl_record({S.LibxlRec.libxc_context})
     await rd.libxc_headers()
@@ -387,9 +394,13 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
         hv.domains[domid] = dom
         from .. import toolstack
         toolstack.introduce(hv, dom)
+        devices.create(hv, dom, vifs, disks, announce=announce)
+        if claim:
+            await devices.claim(hv, dom)
     except BaseException:
         hv.domains.pop(domid, None)
         from .. import toolstack
+        devices.release(hv, dom)
         toolstack.release(hv, dom)
         dom.destroy()
         raise
@@ -405,6 +416,8 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
 def discard(hv: "Hypervisor", dom: "Domain") -> None:
     """Tear down a restored domain that was never started (a live migration called off)."""
     from .. import toolstack
+    from . import devices
     hv.domains.pop(dom.domid, None)
+    devices.release(hv, dom)
     toolstack.release(hv, dom)
     dom.destroy()

@@ -200,6 +200,13 @@ class Netback:
         self.rx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
         self._tx_throttled = False
         self._throttle_handle: asyncio.TimerHandle | None = None
+        # IPv4 addresses the guest used as its own on this vif (ARP sender, IPv4 source),
+        # for the announce on a new host (aiovmm/migration/devices.py); bounded.
+        self.ipv4: list[str] = []
+        self.announce_schedule = None          # set on a migrated-in vif: announce at start
+        self.announced = 0                     # frames of that announce sent
+        self.announce_t0: float | None = None  # perf_counter of its first frame
+        self._attach_lock = asyncio.Lock()
 
     # -- toolstack ------------------------------------------------------------------------------
     def publish(self) -> None:
@@ -221,6 +228,66 @@ class Netback:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> None:
+        """The vif's whole life (`_run`); a vif that arrived with a migrated or restored
+        guest first announces the guest on this host (tap attached before the frontend
+        reconnects: the announce does not depend on the guest)."""
+        if self.announce_schedule is None:
+            return await self._run()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._announce())
+            await self._run()
+
+    async def _announce(self) -> None:
+        from aiovmm.migration.announce import announce
+        import time
+        try:
+            await self.open_and_attach()
+        except taplib.TapError as e:
+            log.warning("d%d: vif %d: no announce: %s", self.dom.domid, self.devid, e)
+            return
+
+        def send(frame: bytes) -> None:
+            if self.fd is None:
+                raise OSError("tap closed")
+            if self.announce_t0 is None:
+                self.announce_t0 = time.perf_counter()
+            os.write(self.fd, frame)
+            self.announced += 1
+        await announce(send, self.mac, list(self.ipv4), schedule=self.announce_schedule,
+                       tag=f"d{self.dom.domid}: vif {self.devid}: ")
+
+    async def open_and_attach(self) -> None:
+        """Create the tap and put it on the bridge (once; the bridge watch with it)."""
+        async with self._attach_lock:
+            if self.fd is not None:
+                return
+            await self._open_tap()
+            if self.cfg.bridge:
+                # Subscribed before the first attach: a bridge recreated in between is seen.
+                self._bridge_watch = taplib.BridgeWatch(self.ifname, self.cfg.bridge, self.cfg.netns,
+                                                        self._bridge_down, self._bridge_up)
+                await self._bridge_watch.open()
+            await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
+
+    def learn_ipv4(self, frame: bytes | bytearray) -> None:
+        """Note the guest's own IPv4 address from an ARP it sends (sender = its MAC) or an
+        IPv4 packet's source (at most 8 addresses; 0.0.0.0 and multicast ignored)."""
+        if len(self.ipv4) >= 8 or len(frame) < 34:
+            return
+        et = frame[12:14]
+        if et == b"\x08\x06" and len(frame) >= 42 and frame[22:28] == frame[6:12]:
+            a = bytes(frame[28:32])
+        elif et == b"\x08\x00" and frame[14] >> 4 == 4:
+            a = bytes(frame[26:30])
+        else:
+            return
+        if a[0] == 0 or a[0] >= 224:
+            return
+        ip = ".".join(map(str, a))
+        if ip not in self.ipv4:
+            self.ipv4.append(ip)
+
+    async def _run(self) -> None:
         """The vif's whole life; runs in the domain's TaskGroup until cancelled.
 
         As Linux netback (xenbus.c frontend_changed / set_backend_state): the backend waits
@@ -245,14 +312,7 @@ class Netback:
                     # subscribe again, then attach (a bridge recreated meanwhile is seen).
                     await self._bridge_watch.open()
                     await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
-                if self.fd is None:
-                    await self._open_tap()
-                    if self.cfg.bridge:
-                        # Subscribed before the first attach: a bridge recreated in between is seen.
-                        self._bridge_watch = taplib.BridgeWatch(self.ifname, self.cfg.bridge, self.cfg.netns,
-                                                                self._bridge_down, self._bridge_up)
-                        await self._bridge_watch.open()
-                    await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
+                await self.open_and_attach()
                 self._set_state(XenbusState.Connected)
                 self.connected.set()
                 log.info("d%d: vif %d connected: %s mac %s%s", self.dom.domid, self.devid, self.ifname,
@@ -501,6 +561,8 @@ class Netback:
             else:
                 try:
                     os.write(self.fd, frame)
+                    if len(self.ipv4) < 8:
+                        self.learn_ipv4(frame)
                     self.stats.tx_packets += 1
                     self.stats.tx_bytes += len(frame)
                     if limited:
