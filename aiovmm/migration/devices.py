@@ -108,9 +108,10 @@ async def check(hv: "Hypervisor", vifs: list, disks: list) -> None:
 
 
 def create(hv: "Hypervisor", dom: "Domain", vifs: list, disks: list, announce: bool = True) -> None:
-    """Backends for a restored domain, xenstore directories written (states Initialising):
-    the guest's frontends find them when it resumes. `announce`: each vif announces the
-    guest as soon as it runs (migration.announce, QEMU's schedule)."""
+    """Backends for a restored domain (xenstore directories written by `publish` once the
+    domain is introduced): the guest's frontends find them when it resumes. `announce`:
+    each vif announces the guest as soon as it runs (migration.announce, QEMU's
+    schedule)."""
     from ..backends.block import Blkback
     from ..backends.net import Netback
     from .announce import Schedule
@@ -119,12 +120,28 @@ def create(hv: "Hypervisor", dom: "Domain", vifs: list, disks: list, announce: b
         nb.ipv4 = list(ips)
         if announce:
             nb.announce_schedule = Schedule()
-        nb.publish()
         dom.backends.append(nb)
     for idx, dc in disks:
-        bb = Blkback(dom, idx, dc)
-        bb.publish()
-        dom.backends.append(bb)
+        dom.backends.append(Blkback(dom, idx, dc))
+
+
+def publish(dom: "Domain") -> None:
+    """Write the devices' xenstore directories (states Initialising), as at creation."""
+    for b in dom.backends:
+        b.publish()
+
+
+def announce_now(dom: "Domain") -> None:
+    """The first announce round of every prepared vif, at once; the vif's own task sends
+    the later rounds when the domain runs. Live migration calls this as soon as the whole
+    stream is in: the guest is suspended on the source then and no longer takes frames
+    there, so the switch is turned to this host before the domain is finished and
+    started; frames for the guest wait in its tap (the tap's queue) instead of being lost
+    on the source, and its frontend receives them after it reconnects."""
+    from ..backends.net import Netback
+    for b in dom.backends:
+        if isinstance(b, Netback):
+            b.announce_first()
 
 
 async def claim(hv: "Hypervisor", dom: "Domain", wait_s: float = CLAIM_WAIT_S) -> None:
@@ -144,6 +161,52 @@ async def claim(hv: "Hypervisor", dom: "Domain", wait_s: float = CLAIM_WAIT_S) -
                 if loop.time() >= deadline:
                     raise
                 await asyncio.sleep(0.002)
+
+
+async def prepare(dom: "Domain") -> None:
+    """Create the vifs' taps and put them on their bridges now (before the guest is handed
+    over), so the announce goes out the moment the guest starts. A tap that cannot be made
+    is a BuildError (the migration is refused, the source runs on)."""
+    from ..backends.net import Netback
+    from ..backends.net.tap import TapError
+    for b in dom.backends:
+        if isinstance(b, Netback):
+            try:
+                await b.open_and_attach()
+            except TapError as e:
+                raise BuildError(f"vif {b.devid}: {e}") from None
+
+
+def close(dom: "Domain") -> None:
+    """Close the taps of a restored domain that never ran (a migration called off)."""
+    from ..backends.net import Netback
+    for b in dom.backends:
+        if isinstance(b, Netback):
+            b.close()
+
+
+def hold(dom: "Domain", on: bool) -> None:
+    """The source's vifs keep frames for the suspended guest in their taps (Netback.hold)."""
+    from ..backends.net import Netback
+    for b in dom.backends:
+        if isinstance(b, Netback):
+            b.hold(on)
+
+
+def forward(dom: "Domain") -> int:
+    """After the hand-over: the held frames go on to the guest's new host (Netback.forward)."""
+    from ..backends.net import Netback
+    return sum(b.forward() for b in dom.backends if isinstance(b, Netback))
+
+
+def reannounce(dom: "Domain") -> None:
+    """A migration called off after the receiver may have announced the guest: one
+    announce round from the source's own taps turns the switch back."""
+    from ..backends.net import Netback
+    from .announce import send_round
+    for b in dom.backends:
+        if isinstance(b, Netback) and b.fd is not None:
+            send_round(b._announce_send, b.mac, list(b.ipv4), tag=f"d{dom.domid}: vif {b.devid}: ")
 
 
 def release(hv: "Hypervisor", dom: "Domain") -> None:

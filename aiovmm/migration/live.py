@@ -82,6 +82,8 @@ class MigrateStats:
     downtime_ms: float = 0.0            # guest suspended -> running on the destination
     total_s: float = 0.0
     domid: int = -1                     # on the destination
+    phases_ms: dict[str, float] = field(default_factory=dict)   # where the downtime went
+    forwarded: int = 0                  # frames held at the source, sent on after DONE
 
 
 Progress = Callable[[str, MigrateStats], None]
@@ -124,7 +126,8 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
     dom = None
     try:
         dom, st = await _restore.read_stream(hv, S.BufferedSource(_SocketSource(reader, IDLE_TIMEOUT)),
-                                             start=False, claim=False)
+                                             start=False, claim=False, prepare=True,
+                                             on_end=devices.announce_now)
         writer.write(READY)
         await writer.drain()
         async with asyncio.timeout(IDLE_TIMEOUT):
@@ -292,19 +295,31 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         # Stop and copy the rest.
         susp = await suspend(dom)
         t_down = time.perf_counter()
+        devices.hold(dom, True)               # frames for the guest wait in its taps
+        ph = stats.phases_ms
+
+        def mark(name: str, t=[t_down]) -> None:
+            now = time.perf_counter()
+            ph[name] = (now - t[0]) * 1e3
+            t[0] = now
         await devices.quiesce(dom)            # block requests in flight answered first
+        mark("quiesce")
         has_data = _save.data_map(dom)
         last = _changed(dom, sent, has_data)
+        mark("scan")
         await _save.pages(dom, last, write, has_data) if last else None
+        mark("last_pages")
         stats.pages_sent += len(last)
         stats.dirty_per_round.append(len(last))
         await write(_save.tail(dom, susp))
+        mark("tail")
         if progress is not None:
             progress("final", stats)
         async with asyncio.timeout(IDLE_TIMEOUT):
             ready = await reader.readexactly(len(READY))
         if ready != READY:
             raise MigrationError("the receiver did not confirm the stream")
+        mark("ready")
         go_sent = True                        # from here on the guest belongs to the receiver
         devices.release(dom.hypervisor, dom)  # disks: the receiver claims them after GO
         writer.write(GO)
@@ -314,6 +329,8 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         if done[:len(DONE)] != DONE:
             raise MigrationError("no DONE from the receiver")
         stats.domid = struct.unpack("<I", done[len(DONE):])[0]
+        mark("done")
+        stats.forwarded = devices.forward(dom)
         stats.downtime_ms = (time.perf_counter() - t_down) * 1e3
     except (OSError, asyncio.IncompleteReadError, TimeoutError, SuspendError, _save.SaveError,
             MigrationError) as e:
@@ -325,6 +342,8 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             raise MigrationError(f"failed after hand-over: {why}", source_suspended=True) from None
         if susp is not None:
             resume_cancelled(dom)
+            devices.hold(dom, False)
+            devices.reannounce(dom)           # the receiver may have announced it already
         log.warning("d%d: migration to %s:%d failed, the domain runs on here: %s", dom.domid,
                     host, port, why)
         if isinstance(e, MigrationError):

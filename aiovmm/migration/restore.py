@@ -338,14 +338,18 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
 
 async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = None,
                       on_console=None, progress: Callable[[int, int], None] | None = None,
-                      start: bool = True, claim: bool = True,
-                      announce: bool = True) -> tuple["Domain", RestoreStats]:
+                      start: bool = True, claim: bool = True, announce: bool = True,
+                      prepare: bool = False,
+                      on_end: Callable[["Domain"], None] | None = None) -> tuple["Domain", RestoreStats]:
     """Read a whole save stream and return the running new domain (or raise StreamError /
     BuildError with nothing left behind). `start=False`: built, not yet running (live
     migration starts it once the sender has let go: `hv.start_domain`, or `discard`).
     Devices are recreated from the xl header (devices.py); `claim=False` leaves the disks'
     claims to the caller (live migration claims after GO); `announce`: the vifs announce
-    the guest on this host when it starts."""
+    the guest on this host when it starts; `prepare`: their taps are made and attached
+    while the pages arrive (devices.prepare), off the migration's downtime; `on_end` is
+    called once the whole stream is in and the taps are ready, before the domain is
+    finished (live migration announces the guest here: see live.receive)."""
     from ..domain import Domain
     from . import devices
     t0 = time.perf_counter()
@@ -373,7 +377,11 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
     dom.engine_kind = engine_kind
     dom.suspend_cancel = cancel
     st = _State(nr, seen=bytearray(nr))
+    prep: asyncio.Future | None = None
     try:
+        devices.create(hv, dom, vifs, disks, announce=announce)
+        if prepare:                           # awaited on every path below
+            prep = asyncio.ensure_future(devices.prepare(dom))
         if engine_kind == "kvm":
             from ..kvm_engine import ring0
             ring0(hv.xen)
@@ -390,17 +398,27 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
                 continue
             _record(dom, st, rt, await rd.body(rt, length))
         await rd.libxl_record({S.LibxlRec.end})
+        if prep is not None:
+            await prep
+        if on_end is not None:
+            on_end(dom)
         _finish(hv, dom, st)
         hv.domains[domid] = dom
         from .. import toolstack
         toolstack.introduce(hv, dom)
-        devices.create(hv, dom, vifs, disks, announce=announce)
+        devices.publish(dom)
+        if prep is not None:
+            await prep
         if claim:
             await devices.claim(hv, dom)
     except BaseException:
+        if prep is not None and not prep.done():
+            prep.cancel()
+            await asyncio.wait([prep])
         hv.domains.pop(domid, None)
         from .. import toolstack
         devices.release(hv, dom)
+        devices.close(dom)
         toolstack.release(hv, dom)
         dom.destroy()
         raise
@@ -419,5 +437,6 @@ def discard(hv: "Hypervisor", dom: "Domain") -> None:
     from . import devices
     hv.domains.pop(dom.domid, None)
     devices.release(hv, dom)
+    devices.close(dom)
     toolstack.release(hv, dom)
     dom.destroy()

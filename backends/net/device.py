@@ -22,6 +22,7 @@ import os
 import random
 import struct
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
@@ -206,6 +207,8 @@ class Netback:
         self.announce_schedule = None          # set on a migrated-in vif: announce at start
         self.announced = 0                     # frames of that announce sent
         self.announce_t0: float | None = None  # perf_counter of its first frame
+        self._round0 = False                   # announce_first() sent round 0
+        self.held = False                      # migration: frames stay in the tap (hold)
         self._attach_lock = asyncio.Lock()
 
     # -- toolstack ------------------------------------------------------------------------------
@@ -237,24 +240,33 @@ class Netback:
             tg.create_task(self._announce())
             await self._run()
 
+    def _announce_send(self, frame: bytes) -> None:
+        if self.fd is None:
+            raise OSError("tap closed")
+        if self.announce_t0 is None:
+            self.announce_t0 = time.perf_counter()
+            log.debug("d%d: vif %d: first announce frame", self.dom.domid, self.devid)
+        os.write(self.fd, frame)
+        self.announced += 1
+
+    def announce_first(self) -> None:
+        """Round 0 of the announce now, from the caller (the tap must be open: the
+        migration receiver prepared it); `_announce` sends the rest on the schedule."""
+        from aiovmm.migration.announce import send_round
+        if self.fd is not None and self.announce_schedule is not None and not self._round0:
+            self._round0 = True
+            send_round(self._announce_send, self.mac, list(self.ipv4),
+                       tag=f"d{self.dom.domid}: vif {self.devid}: ")
+
     async def _announce(self) -> None:
         from aiovmm.migration.announce import announce
-        import time
         try:
             await self.open_and_attach()
         except taplib.TapError as e:
             log.warning("d%d: vif %d: no announce: %s", self.dom.domid, self.devid, e)
             return
-
-        def send(frame: bytes) -> None:
-            if self.fd is None:
-                raise OSError("tap closed")
-            if self.announce_t0 is None:
-                self.announce_t0 = time.perf_counter()
-            os.write(self.fd, frame)
-            self.announced += 1
-        await announce(send, self.mac, list(self.ipv4), schedule=self.announce_schedule,
-                       tag=f"d{self.dom.domid}: vif {self.devid}: ")
+        await announce(self._announce_send, self.mac, list(self.ipv4), schedule=self.announce_schedule,
+                       tag=f"d{self.dom.domid}: vif {self.devid}: ", first_sent=self._round0)
 
     async def open_and_attach(self) -> None:
         """Create the tap and put it on the bridge (once; the bridge watch with it)."""
@@ -268,6 +280,41 @@ class Netback:
                                                         self._bridge_down, self._bridge_up)
                 await self._bridge_watch.open()
             await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
+
+    def hold(self, on: bool) -> None:
+        """Migration: while the guest is suspended, frames for it stay in the tap's queue
+        instead of going into rx buffers the new side will not see (`forward` sends them
+        on after the hand-over); released again if the migration is called off."""
+        self.held = on
+        if not on:
+            self._kick.set()
+
+    def forward(self) -> int:
+        """After the hand-over: the unicast frames for the guest waiting in the tap go back
+        into the bridge, which by now has learnt the guest's MAC behind its uplink (the
+        destination's announce reached it through the switch), so they reach the guest on
+        its new host (queued there in the new tap until its frontend reconnects).
+        Broadcasts are dropped (already flooded everywhere). Returns the frames sent on."""
+        if self.fd is None:
+            return 0
+        mac = bytes.fromhex(self.mac.replace(":", ""))
+        n = 0
+        for _ in range(4096):
+            try:
+                frame = os.read(self.fd, 65536)
+            except OSError:                      # BlockingIOError: the queue is empty
+                break
+            if frame[:6] != mac:
+                continue
+            try:
+                os.write(self.fd, frame)
+                n += 1
+            except OSError:
+                break
+        if n:
+            log.info("d%d: vif %d: %d frames sent on to the guest's new host", self.dom.domid,
+                     self.devid, n)
+        return n
 
     def learn_ipv4(self, frame: bytes | bytearray) -> None:
         """Note the guest's own IPv4 address from an ARP it sends (sender = its MAC) or an
@@ -586,7 +633,7 @@ class Netback:
 
     def _process_rx(self) -> bool:
         """Tap -> guest: one frame per posted rx buffer, up to RX_BATCH per wake-up."""
-        if not self._tap_ready:
+        if not self._tap_ready or self.held:
             return False
         r = self.rx
         dom = self.dom
