@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -100,12 +101,29 @@ class _SocketSource(S.Source):
         return len(data)
 
 
+IN_FLIGHT = 256 << 10
+
+
+def _bound_in_flight(writer: asyncio.StreamWriter) -> None:
+    """Small socket buffers on both ends (and the transport's): the sender's writes then
+    wait for the receiver, so what pre-copy measures is the rate the receiver takes pages
+    at, and when the guest is suspended the receiver is at most this far behind (with the
+    kernel's default buffers it could be megabytes behind, all of it downtime)."""
+    import socket
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, IN_FLIGHT)
+    writer.transport.set_write_buffer_limits(high=IN_FLIGHT)
+
+
 # ----------------------------------------------------------------------------- receiver
 async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                   secret: bytes, on_domain: Callable[["Domain"], None] | None = None) -> "Domain | None":
     """One incoming migration. Returns the running domain, or None when the sender was
     refused or the migration failed (nothing is left behind either way)."""
     peer = writer.get_extra_info("peername")
+    _bound_in_flight(writer)
     nr = os.urandom(NONCE)
     try:
         writer.write(MAGIC + nr)
@@ -205,16 +223,20 @@ def _digest(view: memoryview) -> bytes:
 
 
 def _changed(dom: "Domain", sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> list[int]:
-    """PFNs whose contents or type differ from what was sent."""
-    mem, p2m, view, typ = dom.mem, dom.p2m, dom.mem.view, dom.mem.type
+    """PFNs whose contents or type differ from what was sent. Only pages sent before or
+    holding data now are looked at: runs of data frames are found in `has_data` at C speed
+    (an idle guest's memory is mostly never-written frames)."""
+    p2m, m2p, view, typ, nr = dom.p2m, dom.mem.m2p, dom.mem.view, dom.mem.type, dom.nr_pages
+    cand = set(sent)
+    for m in re.finditer(rb"\x01+", has_data):
+        for mfn in range(m.start(), m.end()):
+            pfn = m2p[mfn]
+            if 0 <= pfn < nr and p2m[pfn] == mfn:
+                cand.add(pfn)
     out = []
-    for pfn in range(dom.nr_pages):
+    for pfn in sorted(cand):
         mfn = p2m[pfn]
-        prev = sent.get(pfn)
-        if not has_data[mfn] and prev is None:
-            continue                        # still a never-written frame, sent as XALLOC
-        d = (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn])
-        if d != prev:
+        if (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn]) != sent.get(pfn):
             out.append(pfn)
     return out
 
@@ -239,6 +261,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), AUTH_TIMEOUT)
     except (OSError, TimeoutError) as e:
         raise MigrationError(f"cannot connect to {host}:{port}: {e}") from None
+    _bound_in_flight(writer)
     susp = None
     go_sent = False
     try:

@@ -158,6 +158,28 @@ def _record(dom: "Domain", st: _State, rt: S.Rec, body: bytes) -> None:
         raise S.StreamError(f"unexpected {rt.name} record")
 
 
+async def _page_run(dom: "Domain", st: _State, rd: S.Reader, run: S.PfnRun) -> int | None:
+    """Consecutive pfns of one type whose frames are consecutive MFNs (a new domain's
+    usually are): one read for the data, or nothing for XALLOC pages not seen before.
+    None: not that simple, the caller goes entry by entry."""
+    p0, n = run.first, run.count
+    m0 = dom.p2m[p0]
+    if dom.p2m[p0:p0 + n] != list(range(m0, m0 + n)):
+        return None
+    if run.type == S.PfnType.xalloc:
+        if st.seen[p0:p0 + n].count(1):
+            return None                       # some were sent before: zeroed one by one
+        data = 0
+    else:
+        await rd.into(dom.mem.view[m0 << PAGE_SHIFT:(m0 + n) << PAGE_SHIFT])
+        data = n
+    st.seen[p0:p0 + n] = b"\1" * n
+    if st.types:
+        for p in [p for p in st.types if p0 <= p < p0 + n]:
+            del st.types[p]
+    return data
+
+
 async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> int:
     """A PAGE_DATA record, its pfn[] checked first; then data pages are read straight into
     the new domain's frames (runs of contiguous MFNs in one read), page tables into a
@@ -167,6 +189,11 @@ async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> in
     entries = await rd.page_data_pfns(length, st.nr_pages)
     mem, p2m = dom.mem, dom.p2m
     view = mem.view
+    if isinstance(entries, S.PfnRun):
+        done = await _page_run(dom, st, rd, entries)
+        if done is not None:
+            return done
+        entries = [(p, entries.type) for p in range(entries.first, entries.first + entries.count)]
     run_start = run_end = -1
     n = 0
 
