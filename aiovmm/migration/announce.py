@@ -82,10 +82,12 @@ def send_round(send: Callable[[bytes], None], mac: str, ipv4: list[str] = (),
 
 async def announce(send: Callable[[bytes], None], mac: str, ipv4: list[str] = (),
                    ipv6: list[str] = (), schedule: Schedule = Schedule(), *, tag: str = "",
-                   first_sent: bool = False) -> int:
+                   first_sent: bool = False, round_frames: list[bytes] | None = None) -> int:
     """Send every round on the schedule (`first_sent`: round 0 went already, at the
-    moment this is called); returns the number of frames sent by this call."""
-    round_frames = frames(mac, list(ipv4), list(ipv6))
+    moment this is called); returns the number of frames sent by this call.
+    `round_frames`: the frames, built beforehand (else from mac/ipv4/ipv6)."""
+    if round_frames is None:
+        round_frames = frames(mac, list(ipv4), list(ipv6))
     sent = 0
     for i, delay in enumerate([0] + schedule.delays_ms()):
         if delay:

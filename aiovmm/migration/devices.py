@@ -24,7 +24,7 @@ import re
 from typing import TYPE_CHECKING
 
 from ..errors import BuildError
-from . import stream as S
+from . import announce as _announce, stream as S      # scapy loads here, not mid-migration
 
 if TYPE_CHECKING:
     from ..domain import Domain
@@ -114,12 +114,11 @@ def create(hv: "Hypervisor", dom: "Domain", vifs: list, disks: list, announce: b
     schedule)."""
     from ..backends.block import Blkback
     from ..backends.net import Netback
-    from .announce import Schedule
     for devid, vc, ips in vifs:
         nb = Netback(dom, devid, vc, ifname_prefix=hv.vif_prefix)
         nb.ipv4 = list(ips)
         if announce:
-            nb.announce_schedule = Schedule()
+            nb.announce_schedule = _announce.Schedule()
         dom.backends.append(nb)
     for idx, dc in disks:
         dom.backends.append(Blkback(dom, idx, dc))
@@ -175,6 +174,7 @@ async def prepare(dom: "Domain") -> None:
                 await b.open_and_attach()
             except TapError as e:
                 raise BuildError(f"vif {b.devid}: {e}") from None
+            b.announce_frames()
 
 
 def close(dom: "Domain") -> None:
@@ -203,10 +203,10 @@ def reannounce(dom: "Domain") -> None:
     """A migration called off after the receiver may have announced the guest: one
     announce round from the source's own taps turns the switch back."""
     from ..backends.net import Netback
-    from .announce import send_round
     for b in dom.backends:
         if isinstance(b, Netback) and b.fd is not None:
-            send_round(b._announce_send, b.mac, list(b.ipv4), tag=f"d{dom.domid}: vif {b.devid}: ")
+            _announce.send_round(b._announce_send, b.mac, tag=f"d{dom.domid}: vif {b.devid}: ",
+                                 round_frames=b.announce_frames())
 
 
 def release(hv: "Hypervisor", dom: "Domain") -> None:

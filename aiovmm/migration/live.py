@@ -222,7 +222,10 @@ def _digest(view: memoryview) -> bytes:
     return hashlib.blake2b(view, digest_size=16).digest()
 
 
-def _changed(dom: "Domain", sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> list[int]:
+YIELD_EVERY = 256          # pages hashed between two yields to the loop (guests run there)
+
+
+async def _changed(dom: "Domain", sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> list[int]:
     """PFNs whose contents or type differ from what was sent. Only pages sent before or
     holding data now are looked at: runs of data frames are found in `has_data` at C speed
     (an idle guest's memory is mostly never-written frames)."""
@@ -234,17 +237,21 @@ def _changed(dom: "Domain", sent: dict[int, tuple[bytes, int]], has_data: bytear
             if 0 <= pfn < nr and p2m[pfn] == mfn:
                 cand.add(pfn)
     out = []
-    for pfn in sorted(cand):
+    for i, pfn in enumerate(sorted(cand)):
+        if i % YIELD_EVERY == YIELD_EVERY - 1:
+            await asyncio.sleep(0)
         mfn = p2m[pfn]
         if (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn]) != sent.get(pfn):
             out.append(pfn)
     return out
 
 
-def _record_sent(dom: "Domain", pfns, sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> None:
+async def _record_sent(dom: "Domain", pfns, sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> None:
     """Digests of what pre-copy sent (page tables it could not send yet stay 'changed')."""
     view, p2m, typ = dom.mem.view, dom.p2m, dom.mem.type
-    for pfn in pfns:
+    for i, pfn in enumerate(pfns):
+        if i % YIELD_EVERY == YIELD_EVERY - 1:
+            await asyncio.sleep(0)
         mfn = p2m[pfn]
         if has_data[mfn] or pfn in sent:
             sent[pfn] = (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn])
@@ -302,7 +309,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             b0 = stats.bytes_sent
             went: list[int] = []
             await _save.pages(dom, todo, write, has_data, skip_tables=True, sent=went)
-            _record_sent(dom, went, sent, has_data)
+            await _record_sent(dom, went, sent, has_data)
             stats.rounds += 1
             stats.pages_sent += len(todo)
             stats.dirty_per_round.append(len(todo))
@@ -310,7 +317,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             if progress is not None:
                 progress("precopy", stats)
             await asyncio.sleep(0)
-            todo = _changed(dom, sent, _save.data_map(dom))
+            todo = await _changed(dom, sent, _save.data_map(dom))
             fits = len(todo) * PAGE_SIZE / max(rate, 1.0) * 1e3 <= downtime_ms
             if fits or stats.rounds >= max_rounds or (prev is not None and len(todo) >= prev):
                 break
@@ -328,7 +335,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         await devices.quiesce(dom)            # block requests in flight answered first
         mark("quiesce")
         has_data = _save.data_map(dom)
-        last = _changed(dom, sent, has_data)
+        last = await _changed(dom, sent, has_data)
         mark("scan")
         await _save.pages(dom, last, write, has_data) if last else None
         mark("last_pages")

@@ -208,6 +208,7 @@ class Netback:
         self.announced = 0                     # frames of that announce sent
         self.announce_t0: float | None = None  # perf_counter of its first frame
         self._round0 = False                   # announce_first() sent round 0
+        self._frames: list[bytes] | None = None
         self.held = False                      # migration: frames stay in the tap (hold)
         self._attach_lock = asyncio.Lock()
 
@@ -249,14 +250,21 @@ class Netback:
         os.write(self.fd, frame)
         self.announced += 1
 
+    def announce_frames(self) -> list[bytes]:
+        """One round's frames (built once, with scapy: not in the middle of a hand-over)."""
+        if self._frames is None:
+            from aiovmm.migration.announce import frames
+            self._frames = frames(self.mac, list(self.ipv4))
+        return self._frames
+
     def announce_first(self) -> None:
         """Round 0 of the announce now, from the caller (the tap must be open: the
         migration receiver prepared it); `_announce` sends the rest on the schedule."""
         from aiovmm.migration.announce import send_round
         if self.fd is not None and self.announce_schedule is not None and not self._round0:
             self._round0 = True
-            send_round(self._announce_send, self.mac, list(self.ipv4),
-                       tag=f"d{self.dom.domid}: vif {self.devid}: ")
+            send_round(self._announce_send, self.mac, tag=f"d{self.dom.domid}: vif {self.devid}: ",
+                       round_frames=self.announce_frames())
 
     async def _announce(self) -> None:
         from aiovmm.migration.announce import announce
@@ -266,7 +274,8 @@ class Netback:
             log.warning("d%d: vif %d: no announce: %s", self.dom.domid, self.devid, e)
             return
         await announce(self._announce_send, self.mac, list(self.ipv4), schedule=self.announce_schedule,
-                       tag=f"d{self.dom.domid}: vif {self.devid}: ", first_sent=self._round0)
+                       tag=f"d{self.dom.domid}: vif {self.devid}: ", first_sent=self._round0,
+                       round_frames=self.announce_frames())
 
     async def open_and_attach(self) -> None:
         """Create the tap and put it on the bridge (once; the bridge watch with it)."""
