@@ -225,3 +225,29 @@ async def test_save_restore_reconnects_devices(two_hosts, tmp_path):
     new.shutdown()
     await asyncio.wait([new.task])
     _check_disk(disk, 600)
+
+
+async def test_destination_without_the_bridge_refuses(tmp_path):
+    """The destination has no bridge of the vif's name: it refuses the stream (the device
+    check runs before anything is built), the source guest runs on and answers, and the
+    destination is left without a domain or a tap."""
+    async with TwoHostLan("198.18.0.1/24") as lan:
+        async with Hypervisor(memory_mib=HV_MEMORY_MIB, netns=lan.host_ns["a"]) as a, \
+                Hypervisor(memory_mib=HV_MEMORY_MIB, netns=lan.client_ns) as b:
+            rx = await live.serve(b, "127.0.0.1", 0, SECRET)
+            try:
+                disk = str(tmp_path / "disk.img")
+                with open(disk, "wb") as f:
+                    f.truncate(1 << 20)
+                dom = await _netguest(a, lan, disk, records=50)
+                free = b.mem.free_frames
+                with pytest.raises(live.MigrationError):
+                    await live.migrate(dom, "127.0.0.1", rx.port, SECRET)
+                assert not dom.dying and not b.domains and b.mem.free_frames == free
+                rc, out = await lan.run("ping", "-c", "2", "-i", "0.2", "-W", "2", GUEST_IP)
+                assert rc == 0, out
+                await dom.wait_for_line(r"disk: done 50", 30)
+                rc, out = await lan.run("ip", "-o", "link", "show")
+                assert "vif" not in out, out
+            finally:
+                await rx.aclose()
