@@ -101,7 +101,7 @@ async def test_live_migration_on_a_switched_lan(two_hosts, tmp_path):
     client_cap = await asyncio.to_thread(lan.capture_client, (0x0806,))
     rc, out = await lan.run("ip", "neigh", "show", GUEST_IP, "dev", "eth0")
     assert f"lladdr {MAC} REACHABLE" in out, out
-    ping = asyncio.ensure_future(lan.run("ping", "-n", "-i", "0.01", "-w", "6", "-W", "1", GUEST_IP,
+    ping = asyncio.ensure_future(lan.run("ping", "-n", "-i", "0.01", "-c", "400", "-W", "2", GUEST_IP,
                                          timeout=15))
     download = asyncio.ensure_future(lan.run(
         "sh", "-c", f"curl -sS -m 30 http://{GUEST_IP}/stream/{DOWNLOAD} | sha256sum", timeout=40))
@@ -162,7 +162,7 @@ async def test_live_migration_on_a_switched_lan(two_hosts, tmp_path):
           f"pings {sent} sent {sent - got} lost; first announce frame "
           f"{(rarp[0][0] - t_done) / 1e6:.1f} ms after DONE; announce frames {nb.announced}; forwarded {st.forwarded}; "
           f"{ {k: round(v, 1) for k, v in st.phases_ms.items()} }; lost icmp_seq {lost}")
-    assert sent >= 200
+    assert sent == 400
     assert sent - got <= PING_LOSS_MAX, pout[-300:]
 
     # The download that ran across the migration.

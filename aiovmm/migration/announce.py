@@ -82,16 +82,19 @@ def send_round(send: Callable[[bytes], None], mac: str, ipv4: list[str] = (),
 
 async def announce(send: Callable[[bytes], None], mac: str, ipv4: list[str] = (),
                    ipv6: list[str] = (), schedule: Schedule = Schedule(), *, tag: str = "",
-                   first_sent: bool = False, round_frames: list[bytes] | None = None) -> int:
-    """Send every round on the schedule (`first_sent`: round 0 went already, at the
-    moment this is called); returns the number of frames sent by this call.
+                   first_sent: bool | float = False, round_frames: list[bytes] | None = None) -> int:
+    """Send every round on the schedule (`first_sent`: round 0 went already, at that
+    loop time if a float, else just now); returns the number of frames sent by this call.
     `round_frames`: the frames, built beforehand (else from mac/ipv4/ipv6)."""
     if round_frames is None:
         round_frames = frames(mac, list(ipv4), list(ipv6))
     sent = 0
+    loop = asyncio.get_running_loop()
+    last = first_sent if isinstance(first_sent, float) else loop.time()
     for i, delay in enumerate([0] + schedule.delays_ms()):
-        if delay:
-            await asyncio.sleep(delay / 1000)
+        if delay:                             # the gap counts from the previous round
+            await asyncio.sleep(max(0.0, last + delay / 1000 - loop.time()))
+            last = loop.time()
         if i == 0 and first_sent:
             continue
         sent += send_round(send, mac, tag=tag, index=i, round_frames=round_frames)

@@ -207,7 +207,7 @@ class Netback:
         self.announce_schedule = None          # set on a migrated-in vif: announce at start
         self.announced = 0                     # frames of that announce sent
         self.announce_t0: float | None = None  # perf_counter of its first frame
-        self._round0 = False                   # announce_first() sent round 0
+        self._round0: float | bool = False     # loop time announce_first() sent round 0
         self._frames: list[bytes] | None = None
         self.held = False                      # migration: frames stay in the tap (hold)
         self._attach_lock = asyncio.Lock()
@@ -262,7 +262,7 @@ class Netback:
         migration receiver prepared it); `_announce` sends the rest on the schedule."""
         from aiovmm.migration.announce import send_round
         if self.fd is not None and self.announce_schedule is not None and not self._round0:
-            self._round0 = True
+            self._round0 = asyncio.get_running_loop().time()
             send_round(self._announce_send, self.mac, tag=f"d{self.dom.domid}: vif {self.devid}: ",
                        round_frames=self.announce_frames())
 
