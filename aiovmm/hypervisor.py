@@ -89,10 +89,13 @@ def _hypercall_page(engine_kind: str) -> bytes:
 class Hypervisor:
     def __init__(self, memory_mib: int = DEFAULT_MACHINE_MIB, scheduler: Scheduler | None = None,
                  log_dir: str | None = None, xenstore_path: str | None = None,
-                 vif_prefix: str = "vif", engine: str = "auto") -> None:
+                 vif_prefix: str = "vif", engine: str = "auto", netns: str | None = None) -> None:
         """`xenstore_path`: also serve xenstore to host tools on this unix socket (Debian's
         xenstore-utils find it through XENSTORED_PATH). `engine`: the default vCPU engine
-        of new domains, "unicorn", "kvm" or "auto" (kvm_engine.choose_engine)."""
+        of new domains, "unicorn", "kvm" or "auto" (kvm_engine.choose_engine). `netns`:
+        the network namespace of this host's bridges, where the taps of guests restored
+        or migrated in are created (None: the hypervisor's own)."""
+        self.netns = netns
         self.memory_mib = memory_mib
         self.log_dir = log_dir
         self.xenstore_path = xenstore_path

@@ -12,6 +12,7 @@ Traffic stays inside the namespaces it creates (the project's network rule).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import os
 
@@ -114,6 +115,176 @@ class VirtualLan:
         return proc.returncode, out.decode(errors="replace")
 
 
+class TwoHostLan:
+    """Two "hosts" on one switch, and a client on it, each in a network namespace of its
+    own (unique names, all removed on exit, also on failure):
+
+        client (eth0, client_cidr) ── sw0 (switch ns: a learning bridge) ── up-a / up-b
+        host A: br0 + uplink (veth to up-a)      host B: br0 + uplink (veth to up-b)
+
+    A hypervisor per host: `Hypervisor(netns=lan.host_ns["a"])`, its guests' vifs on that
+    host's br0 (`lan.vif("a", mac)`). The switch learns where a MAC is from the frames it
+    sees, as a physical switch: after a migration from A to B the guest's MAC must move to
+    port up-b (`fdb_port`). `capture` records every frame that enters the switch on one
+    port (kernel timestamps) for dissection with scapy."""
+
+    def __init__(self, client_cidr: str = "198.18.0.1/24", prefix: str | None = None) -> None:
+        self.prefix = prefix or unique_prefix("th")
+        self.switch_ns = f"{self.prefix}-sw"
+        self.client_ns = f"{self.prefix}-cl"
+        self.host_ns = {"a": f"{self.prefix}-a", "b": f"{self.prefix}-b"}
+        self.switch = "sw0"
+        self.bridge = "br0"
+        self.port = {"a": "up-a", "b": "up-b"}
+        addr, _, plen = client_cidr.partition("/")
+        self.client_ip, self.prefixlen = addr, int(plen or 24)
+
+    def vif(self, host: str, mac: str = "", mtu: int = 1500) -> VifConfig:
+        return VifConfig(mac=mac, bridge=self.bridge, netns=self.host_ns[host], mtu=mtu)
+
+    def _namespaces(self) -> list[str]:
+        return [self.client_ns, *self.host_ns.values(), self.switch_ns]
+
+    async def __aenter__(self) -> "TwoHostLan":
+        try:
+            await asyncio.to_thread(self._setup)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def _setup(self) -> None:
+        for ns in self._namespaces():
+            netns.create(ns)
+        with in_netns(self.switch_ns), IPRoute() as ipr:
+            ipr.link("add", ifname=self.switch, kind="bridge")
+            sw = ipr.link_lookup(ifname=self.switch)[0]
+            ipr.link("add", ifname="cl", kind="veth", peer={"ifname": "eth0", "net_ns_fd": self.client_ns})
+            for h, port in self.port.items():
+                ipr.link("add", ifname=port, kind="veth", peer={"ifname": "uplink", "net_ns_fd": self.host_ns[h]})
+            for name in ("cl", *self.port.values()):
+                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], master=sw, state="up")
+            ipr.link("set", index=sw, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        for ns in self.host_ns.values():
+            with in_netns(ns), IPRoute() as ipr:
+                ipr.link("add", ifname=self.bridge, kind="bridge")
+                br = ipr.link_lookup(ifname=self.bridge)[0]
+                ipr.link("set", index=ipr.link_lookup(ifname="uplink")[0], master=br, state="up")
+                ipr.link("set", index=br, state="up")
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        with in_netns(self.client_ns), IPRoute() as ipr:
+            eth = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=eth, address=self.client_ip, prefixlen=self.prefixlen)
+            ipr.link("set", index=eth, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+    async def aclose(self) -> None:
+        for ns in self._namespaces():
+            try:
+                netns.remove(ns)
+            except OSError:
+                pass
+
+    async def run(self, *argv: str, timeout: float = 30) -> tuple[int, str]:
+        """Run a command in the client namespace; (exit status, stdout+stderr)."""
+        return await _run_in(self.client_ns, argv, timeout)
+
+    def fdb_port(self, mac: str) -> str | None:
+        """The switch port its forwarding database has for `mac` (None: not learnt).
+        Blocking (netlink in the switch namespace): asyncio.to_thread."""
+        mac = mac.lower()
+        with in_netns(self.switch_ns), IPRoute() as ipr:
+            names = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+            for e in ipr.fdb("dump"):
+                if (e.get_attr("NDA_LLADDR") or "").lower() == mac and e["ifindex"] in names \
+                        and names[e["ifindex"]] in self.port.values():
+                    return names[e["ifindex"]]
+        return None
+
+    def capture(self, port: str, ethertypes: tuple[int, ...] = ()) -> "Capture":
+        """Frames entering the switch through `port` (e.g. "up-b"), from now on; only
+        those of `ethertypes` if given (a kernel filter: bulk traffic does not crowd the
+        socket's buffer). Blocking: asyncio.to_thread."""
+        return Capture(self.switch_ns, port, ethertypes)
+
+    def capture_client(self, ethertypes: tuple[int, ...] = ()) -> "Capture":
+        """Frames the client receives on its eth0 (see `capture`)."""
+        return Capture(self.client_ns, "eth0", ethertypes)
+
+
+SO_TIMESTAMPNS = 35            # asm-generic/socket.h (Python's socket module lacks them)
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+
+
+class Capture:
+    """An AF_PACKET socket on one interface of a namespace; `frames()` returns what it
+    received so far as (kernel timestamp in ns, CLOCK_REALTIME; frame bytes). Incoming
+    frames only (PACKET_OUTGOING ones are skipped)."""
+
+    def __init__(self, ns: str, ifname: str, ethertypes: tuple[int, ...] = ()) -> None:
+        import socket
+        import struct
+        with in_netns(ns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            if ethertypes:
+                # Classic BPF: ldh [12]; jeq type_i -> accept ...; ret 0; ret 0xffff.
+                n = len(ethertypes)
+                prog = [(0x28, 0, 0, 12)]
+                prog += [(0x15, n - i, 0, t) for i, t in enumerate(ethertypes)]
+                prog += [(0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFF)]
+                raw = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+                self._prog = ctypes.create_string_buffer(raw)
+                fprog = struct.pack("HL", len(prog), ctypes.addressof(self._prog))
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            self.sock.bind((ifname, 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        self.sock.setblocking(False)
+        self._got: list[tuple[int, bytes]] = []
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        import socket
+        import struct
+        while True:
+            try:
+                data, anc, _flags, addr = self.sock.recvmsg(65536, 64)
+            except BlockingIOError:
+                break
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue
+            ts = 0
+            for level, typ, raw in anc:
+                if level == socket.SOL_SOCKET and typ == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", raw[:16])
+                    ts = sec * 1_000_000_000 + nsec
+            self._got.append((ts, data))
+        return list(self._got)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def _run_in(ns: str, argv, timeout: float) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=lambda: netns.setns(ns))
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+        return -1, out.decode(errors="replace") + "\n(timeout)"
+    return proc.returncode, out.decode(errors="replace")
+
+
 # ------------------------------------------------------------------------------ pytest plugin
 # Registered as a pytest11 entry point (pyproject.toml): a suite that has aiovmm installed
 # gets these fixtures without a conftest. Async fixtures need pytest-asyncio.
@@ -131,6 +302,13 @@ if _pytest is not None:
         from .hypervisor import Hypervisor
         async with Hypervisor(memory_mib=256) as hv:
             yield hv
+
+    @_pytest_asyncio.fixture
+    async def aiovmm_two_hosts():
+        """A TwoHostLan (client 198.18.0.1/24 on a learning switch, hosts "a" and "b"),
+        removed after the test."""
+        async with TwoHostLan("198.18.0.1/24") as lan:
+            yield lan
 
     @_pytest_asyncio.fixture
     async def aiovmm_lan():

@@ -12,8 +12,12 @@ Files go to /dev/shm (tmpfs), so the figures are the hypervisor's, not the disk'
 Live migration between two hypervisors in this process over loopback TCP, idle and busy
 (the guest rewrites `dirty` pages of 4 KiB every 10 ms tick): total time, pre-copy rounds,
 pages sent per guest page, downtime (guest suspended -> running at the destination, as the
-sender sees it). Not measured: downtime as a client's pings see it and the time to the
-first announce frame (the hypervisor does not announce yet: no vif on restored domains).
+sender sees it). On a switched LAN (aiovmm.testing.TwoHostLan, the 64 MiB network guest
+guests/tests/net.c, idle): downtime as a client's 1 ms pings see it (the longest gap
+between two replies; the source holds frames for the suspended guest and sends them on,
+so late replies count), pings lost, and the time from the guest's start on the destination
+to the first announce frame seen on the switch (negative: the destination announces as
+soon as it has the whole stream, before it starts the guest).
 Last line: key=value (64 MiB unicorn guest; kvm_ keys beside).
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ from aiovmm.migration import files, fuzz                   # noqa: E402
 from aiovmm.migration.suspend import suspend               # noqa: E402
 
 GUEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "guests", "build", "tests", "suspend.elf")
+NETGUEST = os.path.join(os.path.dirname(GUEST), "net.elf")
 
 
 async def one(engine: str, mib: int, d: str) -> dict[str, float]:
@@ -91,6 +96,41 @@ async def live_one(engine: str, mib: int, dirty: int) -> dict[str, float]:
             await rx.aclose()
     return {"total_ms": total * 1e3, "rounds": st.rounds, "ratio": st.pages_sent / (mib << 8),
             "downtime_ms": st.downtime_ms, "mib_sent": st.bytes_sent / (1 << 20)}
+
+
+async def lan_one(engine: str, mib: int) -> dict[str, float]:
+    import re
+    from aiovmm.migration import live
+    from aiovmm.testing import TwoHostLan
+    mac, ip = "00:16:3e:4d:0b:01", "198.18.0.2"
+    async with TwoHostLan("198.18.0.1/24") as lan:
+        async with Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["a"]) as src, \
+                Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["b"]) as dst:
+            started: list[int] = []
+            rx = await live.serve(dst, "127.0.0.1", 0, SECRET, lambda d: started.append(time.time_ns()))
+            try:
+                dom = await src.create(NETGUEST, memory_mib=mib, cmdline=f"ip={ip}/24 suspend=1",
+                                       vifs=[lan.vif("a", mac)])
+                await dom.wait_for_line(r"net: serving", 30)
+                await lan.run("ping", "-c", "2", "-i", "0.2", ip)
+                cap = await asyncio.to_thread(lan.capture, "up-b", (0x8035,))
+                ping = asyncio.ensure_future(lan.run("ping", "-D", "-n", "-i", "0.001", "-w", "4",
+                                                     "-W", "1", ip, timeout=15))
+                await asyncio.sleep(1.0)
+                st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30)
+                _rc, out = await ping
+                await asyncio.sleep(0.2)
+                frames = cap.frames()
+                cap.close()
+            finally:
+                await rx.aclose()
+    stamps = [float(t) for t in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
+    gap = max(b - a for a, b in zip(stamps, stamps[1:])) * 1e3 if len(stamps) > 1 else float("nan")
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    lost = int(m.group(1)) - int(m.group(2)) if m else -1
+    first = frames[0][0] if frames else 0
+    return {"ping_gap_ms": gap, "lost": lost, "announce_ms": (first - started[0]) / 1e6 if frames else float("nan"),
+            "downtime_ms": st.downtime_ms}
 
 
 async def fuzz_run(n: int, d: str) -> tuple[int, int, float]:
@@ -159,6 +199,17 @@ async def main() -> None:
                         keys[f"{pre}downtime_{label}_ms"] = f"{r['downtime_ms']:.1f}"
                         if label == "idle":
                             keys[f"{pre}pages_ratio_idle"] = f"{r['ratio']:.2f}"
+            if 64 in [int(x) for x in a.sizes.split(",")]:
+                runs = [await lan_one(engine, 64) for _ in range(3)]
+                r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+                print(f"{engine:8s}   64 MiB live on a switched LAN (1 ms pings): longest gap between "
+                      f"replies {r['ping_gap_ms']:.1f} ms, {r['lost']:.0f} pings lost, first announce "
+                      f"frame {r['announce_ms']:+.1f} ms from the start on the destination, downtime "
+                      f"{r['downtime_ms']:.1f} ms (gaps: " + ", ".join(f"{x['ping_gap_ms']:.1f}" for x in runs)
+                      + ")", flush=True)
+                pre = "" if engine == "unicorn" else "kvm_"
+                keys[f"{pre}downtime_ping_ms"] = f"{r['ping_gap_ms']:.1f}"
+                keys[f"{pre}announce_ms"] = f"{r['announce_ms']:.1f}"
         if a.fuzz:
             ref, acc, dt = await fuzz_run(a.fuzz, d)
             print(f"fuzzer: {a.fuzz} cases, {ref} refused, {acc} accepted (and destroyed), "

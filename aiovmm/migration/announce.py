@@ -65,21 +65,39 @@ def frames(mac: str, ipv4: list[str] = (), ipv6: list[str] = ()) -> list[bytes]:
     return [rarp(mac)] + [garp(mac, ip) for ip in ipv4] + [unsolicited_na(mac, ip) for ip in ipv6]
 
 
-async def announce(send: Callable[[bytes], None], mac: str, ipv4: list[str] = (),
-                   ipv6: list[str] = (), schedule: Schedule = Schedule(), *, tag: str = "") -> int:
-    """Send every round on the schedule; returns the number of frames sent. A frame the
-    sink refuses (OSError: tap full or gone) is logged and skipped."""
-    round_frames = frames(mac, list(ipv4), list(ipv6))
+def send_round(send: Callable[[bytes], None], mac: str, ipv4: list[str] = (),
+               ipv6: list[str] = (), *, tag: str = "", index: int = 0,
+               round_frames: list[bytes] | None = None) -> int:
+    """One round now; returns the frames sent. A frame the sink refuses (OSError: tap
+    full or gone) is logged and skipped."""
     sent = 0
+    for f in round_frames if round_frames is not None else frames(mac, list(ipv4), list(ipv6)):
+        try:
+            send(f)
+            sent += 1
+        except OSError as e:
+            log.warning("%sannounce round %d for %s: %s", tag, index, mac, e)
+    return sent
+
+
+async def announce(send: Callable[[bytes], None], mac: str, ipv4: list[str] = (),
+                   ipv6: list[str] = (), schedule: Schedule = Schedule(), *, tag: str = "",
+                   first_sent: bool | float = False, round_frames: list[bytes] | None = None) -> int:
+    """Send every round on the schedule (`first_sent`: round 0 went already, at that
+    loop time if a float, else just now); returns the number of frames sent by this call.
+    `round_frames`: the frames, built beforehand (else from mac/ipv4/ipv6)."""
+    if round_frames is None:
+        round_frames = frames(mac, list(ipv4), list(ipv6))
+    sent = 0
+    loop = asyncio.get_running_loop()
+    last = first_sent if isinstance(first_sent, float) else loop.time()
     for i, delay in enumerate([0] + schedule.delays_ms()):
-        if delay:
-            await asyncio.sleep(delay / 1000)
-        for f in round_frames:
-            try:
-                send(f)
-                sent += 1
-            except OSError as e:
-                log.warning("%sannounce round %d for %s: %s", tag, i, mac, e)
+        if delay:                             # the gap counts from the previous round
+            await asyncio.sleep(max(0.0, last + delay / 1000 - loop.time()))
+            last = loop.time()
+        if i == 0 and first_sent:
+            continue
+        sent += send_round(send, mac, tag=tag, index=i, round_frames=round_frames)
     log.info("%sannounced %s (%d IPv4, %d IPv6) in %d rounds", tag, mac, len(ipv4), len(ipv6),
              schedule.rounds)
     return sent

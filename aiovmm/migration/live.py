@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..abi import PAGE_SHIFT, PAGE_SIZE, ShutdownReason
 from ..errors import BuildError
-from . import restore as _restore, save as _save, stream as S
+from . import devices, restore as _restore, save as _save, stream as S
 from .suspend import SuspendError, resume_cancelled, suspend
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ class MigrateStats:
     downtime_ms: float = 0.0            # guest suspended -> running on the destination
     total_s: float = 0.0
     domid: int = -1                     # on the destination
+    phases_ms: dict[str, float] = field(default_factory=dict)   # where the downtime went
+    forwarded: int = 0                  # frames held at the source, sent on after DONE
 
 
 Progress = Callable[[str, MigrateStats], None]
@@ -98,12 +101,29 @@ class _SocketSource(S.Source):
         return len(data)
 
 
+IN_FLIGHT = 256 << 10
+
+
+def _bound_in_flight(writer: asyncio.StreamWriter) -> None:
+    """Small socket buffers on both ends (and the transport's): the sender's writes then
+    wait for the receiver, so what pre-copy measures is the rate the receiver takes pages
+    at, and when the guest is suspended the receiver is at most this far behind (with the
+    kernel's default buffers it could be megabytes behind, all of it downtime)."""
+    import socket
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, IN_FLIGHT)
+    writer.transport.set_write_buffer_limits(high=IN_FLIGHT)
+
+
 # ----------------------------------------------------------------------------- receiver
 async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                   secret: bytes, on_domain: Callable[["Domain"], None] | None = None) -> "Domain | None":
     """One incoming migration. Returns the running domain, or None when the sender was
     refused or the migration failed (nothing is left behind either way)."""
     peer = writer.get_extra_info("peername")
+    _bound_in_flight(writer)
     nr = os.urandom(NONCE)
     try:
         writer.write(MAGIC + nr)
@@ -124,13 +144,15 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
     dom = None
     try:
         dom, st = await _restore.read_stream(hv, S.BufferedSource(_SocketSource(reader, IDLE_TIMEOUT)),
-                                             start=False)
+                                             start=False, claim=False, prepare=True,
+                                             on_end=devices.announce_now)
         writer.write(READY)
         await writer.drain()
         async with asyncio.timeout(IDLE_TIMEOUT):
             go = await reader.readexactly(len(GO))
         if go != GO:
             raise S.StreamError("sender did not say GO")
+        await devices.claim(hv, dom)          # the sender let go of the disks before GO
         hv.start_domain(dom)
         started, dom = dom, None
         if on_domain is not None:
@@ -200,25 +222,36 @@ def _digest(view: memoryview) -> bytes:
     return hashlib.blake2b(view, digest_size=16).digest()
 
 
-def _changed(dom: "Domain", sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> list[int]:
-    """PFNs whose contents or type differ from what was sent."""
-    mem, p2m, view, typ = dom.mem, dom.p2m, dom.mem.view, dom.mem.type
+YIELD_EVERY = 256          # pages hashed between two yields to the loop (guests run there)
+
+
+async def _changed(dom: "Domain", sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> list[int]:
+    """PFNs whose contents or type differ from what was sent. Only pages sent before or
+    holding data now are looked at: runs of data frames are found in `has_data` at C speed
+    (an idle guest's memory is mostly never-written frames)."""
+    p2m, m2p, view, typ, nr = dom.p2m, dom.mem.m2p, dom.mem.view, dom.mem.type, dom.nr_pages
+    cand = set(sent)
+    for m in re.finditer(rb"\x01+", has_data):
+        for mfn in range(m.start(), m.end()):
+            pfn = m2p[mfn]
+            if 0 <= pfn < nr and p2m[pfn] == mfn:
+                cand.add(pfn)
     out = []
-    for pfn in range(dom.nr_pages):
+    for i, pfn in enumerate(sorted(cand)):
+        if i % YIELD_EVERY == YIELD_EVERY - 1:
+            await asyncio.sleep(0)
         mfn = p2m[pfn]
-        prev = sent.get(pfn)
-        if not has_data[mfn] and prev is None:
-            continue                        # still a never-written frame, sent as XALLOC
-        d = (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn])
-        if d != prev:
+        if (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn]) != sent.get(pfn):
             out.append(pfn)
     return out
 
 
-def _record_sent(dom: "Domain", pfns, sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> None:
+async def _record_sent(dom: "Domain", pfns, sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> None:
     """Digests of what pre-copy sent (page tables it could not send yet stay 'changed')."""
     view, p2m, typ = dom.mem.view, dom.p2m, dom.mem.type
-    for pfn in pfns:
+    for i, pfn in enumerate(pfns):
+        if i % YIELD_EVERY == YIELD_EVERY - 1:
+            await asyncio.sleep(0)
         mfn = p2m[pfn]
         if has_data[mfn] or pfn in sent:
             sent[pfn] = (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn])
@@ -235,6 +268,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), AUTH_TIMEOUT)
     except (OSError, TimeoutError) as e:
         raise MigrationError(f"cannot connect to {host}:{port}: {e}") from None
+    _bound_in_flight(writer)
     susp = None
     go_sent = False
     try:
@@ -275,7 +309,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             b0 = stats.bytes_sent
             went: list[int] = []
             await _save.pages(dom, todo, write, has_data, skip_tables=True, sent=went)
-            _record_sent(dom, went, sent, has_data)
+            await _record_sent(dom, went, sent, has_data)
             stats.rounds += 1
             stats.pages_sent += len(todo)
             stats.dirty_per_round.append(len(todo))
@@ -283,7 +317,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             if progress is not None:
                 progress("precopy", stats)
             await asyncio.sleep(0)
-            todo = _changed(dom, sent, _save.data_map(dom))
+            todo = await _changed(dom, sent, _save.data_map(dom))
             fits = len(todo) * PAGE_SIZE / max(rate, 1.0) * 1e3 <= downtime_ms
             if fits or stats.rounds >= max_rounds or (prev is not None and len(todo) >= prev):
                 break
@@ -291,26 +325,42 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         # Stop and copy the rest.
         susp = await suspend(dom)
         t_down = time.perf_counter()
+        devices.hold(dom, True)               # frames for the guest wait in its taps
+        ph = stats.phases_ms
+
+        def mark(name: str, t=[t_down]) -> None:
+            now = time.perf_counter()
+            ph[name] = (now - t[0]) * 1e3
+            t[0] = now
+        await devices.quiesce(dom)            # block requests in flight answered first
+        mark("quiesce")
         has_data = _save.data_map(dom)
-        last = _changed(dom, sent, has_data)
+        last = await _changed(dom, sent, has_data)
+        mark("scan")
         await _save.pages(dom, last, write, has_data) if last else None
+        mark("last_pages")
         stats.pages_sent += len(last)
         stats.dirty_per_round.append(len(last))
         await write(_save.tail(dom, susp))
+        mark("tail")
         if progress is not None:
             progress("final", stats)
         async with asyncio.timeout(IDLE_TIMEOUT):
             ready = await reader.readexactly(len(READY))
         if ready != READY:
             raise MigrationError("the receiver did not confirm the stream")
+        mark("ready")
+        go_sent = True                        # from here on the guest belongs to the receiver
+        devices.release(dom.hypervisor, dom)  # disks: the receiver claims them after GO
         writer.write(GO)
         await writer.drain()
-        go_sent = True
         async with asyncio.timeout(IDLE_TIMEOUT):
             done = await reader.readexactly(len(DONE) + 4)
         if done[:len(DONE)] != DONE:
             raise MigrationError("no DONE from the receiver")
         stats.domid = struct.unpack("<I", done[len(DONE):])[0]
+        mark("done")
+        stats.forwarded = devices.forward(dom)
         stats.downtime_ms = (time.perf_counter() - t_down) * 1e3
     except (OSError, asyncio.IncompleteReadError, TimeoutError, SuspendError, _save.SaveError,
             MigrationError) as e:
@@ -322,6 +372,8 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             raise MigrationError(f"failed after hand-over: {why}", source_suspended=True) from None
         if susp is not None:
             resume_cancelled(dom)
+            devices.hold(dom, False)
+            devices.reannounce(dom)           # the receiver may have announced it already
         log.warning("d%d: migration to %s:%d failed, the domain runs on here: %s", dom.domid,
                     host, port, why)
         if isinstance(e, MigrationError):

@@ -158,6 +158,28 @@ def _record(dom: "Domain", st: _State, rt: S.Rec, body: bytes) -> None:
         raise S.StreamError(f"unexpected {rt.name} record")
 
 
+async def _page_run(dom: "Domain", st: _State, rd: S.Reader, run: S.PfnRun) -> int | None:
+    """Consecutive pfns of one type whose frames are consecutive MFNs (a new domain's
+    usually are): one read for the data, or nothing for XALLOC pages not seen before.
+    None: not that simple, the caller goes entry by entry."""
+    p0, n = run.first, run.count
+    m0 = dom.p2m[p0]
+    if dom.p2m[p0:p0 + n] != list(range(m0, m0 + n)):
+        return None
+    if run.type == S.PfnType.xalloc:
+        if st.seen[p0:p0 + n].count(1):
+            return None                       # some were sent before: zeroed one by one
+        data = 0
+    else:
+        await rd.into(dom.mem.view[m0 << PAGE_SHIFT:(m0 + n) << PAGE_SHIFT])
+        data = n
+    st.seen[p0:p0 + n] = b"\1" * n
+    if st.types:
+        for p in [p for p in st.types if p0 <= p < p0 + n]:
+            del st.types[p]
+    return data
+
+
 async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> int:
     """A PAGE_DATA record, its pfn[] checked first; then data pages are read straight into
     the new domain's frames (runs of contiguous MFNs in one read), page tables into a
@@ -167,6 +189,11 @@ async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> in
     entries = await rd.page_data_pfns(length, st.nr_pages)
     mem, p2m = dom.mem, dom.p2m
     view = mem.view
+    if isinstance(entries, S.PfnRun):
+        done = await _page_run(dom, st, rd, entries)
+        if done is not None:
+            return done
+        entries = [(p, entries.type) for p in range(entries.first, entries.first + entries.count)]
     run_start = run_end = -1
     n = 0
 
@@ -338,16 +365,27 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
 
 async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = None,
                       on_console=None, progress: Callable[[int, int], None] | None = None,
-                      start: bool = True) -> tuple["Domain", RestoreStats]:
+                      start: bool = True, claim: bool = True, announce: bool = True,
+                      prepare: bool = False,
+                      on_end: Callable[["Domain"], None] | None = None) -> tuple["Domain", RestoreStats]:
     """Read a whole save stream and return the running new domain (or raise StreamError /
     BuildError with nothing left behind). `start=False`: built, not yet running (live
-    migration starts it once the sender has let go: `hv.start_domain`, or `discard`)."""
+    migration starts it once the sender has let go: `hv.start_domain`, or `discard`).
+    Devices are recreated from the xl header (devices.py); `claim=False` leaves the disks'
+    claims to the caller (live migration claims after GO); `announce`: the vifs announce
+    the guest on this host when it starts; `prepare`: their taps are made and attached
+    while the pages arrive (devices.prepare), off the migration's downtime; `on_end` is
+    called once the whole stream is in and the taps are ready, before the domain is
+    finished (live migration announces the guest here: see live.receive)."""
     from ..domain import Domain
+    from . import devices
     t0 = time.perf_counter()
     stats = RestoreStats()
     rd = S.Reader(src)
     cfg = await rd.xl_header()
     cname, nr, engine, cancel = _config(cfg)
+    vifs, disks = devices.parse(hv, cfg)
+    await devices.check(hv, vifs, disks)
     await rd.libxl_header()
     await rd.libxl_record({S.LibxlRec.libxc_context})
     await rd.libxc_headers()
@@ -366,7 +404,11 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
     dom.engine_kind = engine_kind
     dom.suspend_cancel = cancel
     st = _State(nr, seen=bytearray(nr))
+    prep: asyncio.Future | None = None
     try:
+        devices.create(hv, dom, vifs, disks, announce=announce)
+        if prepare:                           # awaited on every path below
+            prep = asyncio.ensure_future(devices.prepare(dom))
         if engine_kind == "kvm":
             from ..kvm_engine import ring0
             ring0(hv.xen)
@@ -383,13 +425,27 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
                 continue
             _record(dom, st, rt, await rd.body(rt, length))
         await rd.libxl_record({S.LibxlRec.end})
+        if prep is not None:
+            await prep
+        if on_end is not None:
+            on_end(dom)
         _finish(hv, dom, st)
         hv.domains[domid] = dom
         from .. import toolstack
         toolstack.introduce(hv, dom)
+        devices.publish(dom)
+        if prep is not None:
+            await prep
+        if claim:
+            await devices.claim(hv, dom)
     except BaseException:
+        if prep is not None and not prep.done():
+            prep.cancel()
+            await asyncio.wait([prep])
         hv.domains.pop(domid, None)
         from .. import toolstack
+        devices.release(hv, dom)
+        devices.close(dom)
         toolstack.release(hv, dom)
         dom.destroy()
         raise
@@ -405,6 +461,9 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
 def discard(hv: "Hypervisor", dom: "Domain") -> None:
     """Tear down a restored domain that was never started (a live migration called off)."""
     from .. import toolstack
+    from . import devices
     hv.domains.pop(dom.domid, None)
+    devices.release(hv, dom)
+    devices.close(dom)
     toolstack.release(hv, dom)
     dom.destroy()

@@ -51,9 +51,10 @@ Progress = Callable[[int, int], None]          # (pages done, pages total)
 
 def config_of(dom: "Domain") -> dict:
     """The domain's configuration for the xl header (restore recreates devices from it)."""
+    from .devices import describe
     return {"name": dom.name, "nr_pages": dom.nr_pages, "max_pages": dom.max_pages,
             "engine": dom.engine_kind, "suspend_cancel": dom.suspend_cancel,
-            "vcpus": len(dom.vcpus), "aiovmm": 1}
+            "vcpus": len(dom.vcpus), "aiovmm": 1, **describe(dom)}
 
 
 def canonicalise(dom: "Domain", pfn: int, level: int, page: bytes | memoryview) -> bytes:
@@ -271,6 +272,7 @@ async def pages(dom: "Domain", pfns: list[int] | range, write: Callable[[bytes |
         for part in parts:
             await write(part)
             n += len(part)
+        await asyncio.sleep(0)                # the guests run on this loop too
     return n
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import enum
 import json
+from dataclasses import dataclass
 import struct
 
 PAGE_SIZE = 4096
@@ -148,6 +149,31 @@ def page_data_header(pfns: list[int], nr_data: int) -> bytes:
 
 def vcpu_record(rtype: Rec, vcpu: int, content: bytes) -> bytes:
     return record(rtype, VCPU_HDR.pack(vcpu, 0) + content)
+
+
+@dataclass(frozen=True)
+class PfnRun:
+    """A PAGE_DATA record's pfn[] that is `count` consecutive pfns from `first`, all of
+    type `type` (notab or XALLOC)."""
+    first: int
+    count: int
+    type: int
+
+
+def uniform_run(raw: array.array, nr_pages: int) -> tuple[int, int] | None:
+    """(type, first pfn) if `raw` (pfn[] entries) is consecutive pfns below `nr_pages`, all
+    notab or all XALLOC, reserved bits clear; else None (the entry-by-entry checks run)."""
+    n = len(raw)
+    first = raw[0]
+    t = first >> TYPE_SHIFT
+    if t not in (PfnType.notab, PfnType.xalloc):
+        return None
+    pfn0 = first & PFN_MASK
+    if first & PFN_RESERVED or pfn0 + n > nr_pages:
+        return None
+    if raw != array.array("Q", range(first, first + n)):
+        return None
+    return t, pfn0
 
 
 class Source:
@@ -290,9 +316,10 @@ class Reader:
         rt, length = await self.record_header()
         return rt, await self.body(rt, length)
 
-    async def page_data_pfns(self, length: int, nr_pages: int) -> list[tuple[int, int]]:
-        """The count and pfn[] of a PAGE_DATA record of `length` bytes: [(pfn, type)],
-        checked (count within the record, pfns within the domain, types valid, pages
+    async def page_data_pfns(self, length: int, nr_pages: int) -> "list[tuple[int, int]] | PfnRun":
+        """The count and pfn[] of a PAGE_DATA record of `length` bytes: [(pfn, type)], or a
+        PfnRun when they are consecutive pfns of one type (plain data or XALLOC: what most
+        records are), checked (count within the record, pfns within the domain, types valid, pages
         present exactly for the pfns that have data) before any page is read."""
         if length < PAGE_DATA_HDR.size:
             raise StreamError("page_data record shorter than its header")
@@ -304,6 +331,15 @@ class Reader:
         if length < PAGE_DATA_HDR.size + 8 * count:
             raise StreamError(f"page_data record: {count} pfns do not fit in {length} bytes")
         raw = array.array("Q", await self.exactly(8 * count))
+        run = uniform_run(raw, nr_pages)
+        if run is not None:                  # one type, consecutive pfns: checked at C speed
+            t, first = run
+            ndata = 0 if t == PfnType.xalloc else count
+            want = PAGE_DATA_HDR.size + 8 * count + PAGE_SIZE * ndata
+            if length != want:
+                raise StreamError(f"page_data: {length} bytes for {count} pfns with {ndata} pages "
+                                  f"(want {want}: bytes after the last page or fewer pages than pfns)")
+            return PfnRun(first, count, t)
         out = []
         ndata = 0
         for e in raw:

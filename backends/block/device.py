@@ -812,6 +812,20 @@ class Blkback:
             self.uring = None
         self.connected.clear()
 
+    async def quiesce(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until no request is in flight and every completed one has its
+        response in the ring: the guest is suspended and its last pages are about to be
+        copied (migration: an acknowledged write must be in the copy)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while (self._futures or self._done or self._held is not None) and self.ring is not None:
+            if loop.time() >= end:
+                log.warning("d%d: vbd %s: requests still in flight after %.1f s", self.dom.domid,
+                            self.vdev, timeout)
+                return
+            self._kick.set()
+            await asyncio.sleep(0.001)
+
     async def _watch_front(self, watch: Watch) -> None:
         while True:
             await watch.next()

@@ -22,6 +22,7 @@ import os
 import random
 import struct
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
@@ -200,6 +201,16 @@ class Netback:
         self.rx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
         self._tx_throttled = False
         self.throttle = Throttle(self._kick.set)   # one wake-up for both directions
+        # IPv4 addresses the guest used as its own on this vif (ARP sender, IPv4 source),
+        # for the announce on a new host (aiovmm/migration/devices.py); bounded.
+        self.ipv4: list[str] = []
+        self.announce_schedule = None          # set on a migrated-in vif: announce at start
+        self.announced = 0                     # frames of that announce sent
+        self.announce_t0: float | None = None  # perf_counter of its first frame
+        self._round0: float | bool = False     # loop time announce_first() sent round 0
+        self._frames: list[bytes] | None = None
+        self.held = False                      # migration: frames stay in the tap (hold)
+        self._attach_lock = asyncio.Lock()
 
     # -- toolstack ------------------------------------------------------------------------------
     def publish(self) -> None:
@@ -221,6 +232,118 @@ class Netback:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> None:
+        """The vif's whole life (`_run`); a vif that arrived with a migrated or restored
+        guest first announces the guest on this host (tap attached before the frontend
+        reconnects: the announce does not depend on the guest)."""
+        if self.announce_schedule is None:
+            return await self._run()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._announce())
+            await self._run()
+
+    def _announce_send(self, frame: bytes) -> None:
+        if self.fd is None:
+            raise OSError("tap closed")
+        if self.announce_t0 is None:
+            self.announce_t0 = time.perf_counter()
+            log.debug("d%d: vif %d: first announce frame", self.dom.domid, self.devid)
+        os.write(self.fd, frame)
+        self.announced += 1
+
+    def announce_frames(self) -> list[bytes]:
+        """One round's frames (built once, with scapy: not in the middle of a hand-over)."""
+        if self._frames is None:
+            from aiovmm.migration.announce import frames
+            self._frames = frames(self.mac, list(self.ipv4))
+        return self._frames
+
+    def announce_first(self) -> None:
+        """Round 0 of the announce now, from the caller (the tap must be open: the
+        migration receiver prepared it); `_announce` sends the rest on the schedule."""
+        from aiovmm.migration.announce import send_round
+        if self.fd is not None and self.announce_schedule is not None and not self._round0:
+            self._round0 = asyncio.get_running_loop().time()
+            send_round(self._announce_send, self.mac, tag=f"d{self.dom.domid}: vif {self.devid}: ",
+                       round_frames=self.announce_frames())
+
+    async def _announce(self) -> None:
+        from aiovmm.migration.announce import announce
+        try:
+            await self.open_and_attach()
+        except taplib.TapError as e:
+            log.warning("d%d: vif %d: no announce: %s", self.dom.domid, self.devid, e)
+            return
+        await announce(self._announce_send, self.mac, list(self.ipv4), schedule=self.announce_schedule,
+                       tag=f"d{self.dom.domid}: vif {self.devid}: ", first_sent=self._round0,
+                       round_frames=self.announce_frames())
+
+    async def open_and_attach(self) -> None:
+        """Create the tap and put it on the bridge (once; the bridge watch with it)."""
+        async with self._attach_lock:
+            if self.fd is not None:
+                return
+            await self._open_tap()
+            if self.cfg.bridge:
+                # Subscribed before the first attach: a bridge recreated in between is seen.
+                self._bridge_watch = taplib.BridgeWatch(self.ifname, self.cfg.bridge, self.cfg.netns,
+                                                        self._bridge_down, self._bridge_up)
+                await self._bridge_watch.open()
+            await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
+
+    def hold(self, on: bool) -> None:
+        """Migration: while the guest is suspended, frames for it stay in the tap's queue
+        instead of going into rx buffers the new side will not see (`forward` sends them
+        on after the hand-over); released again if the migration is called off."""
+        self.held = on
+        if not on:
+            self._kick.set()
+
+    def forward(self) -> int:
+        """After the hand-over: the unicast frames for the guest waiting in the tap go back
+        into the bridge, which by now has learnt the guest's MAC behind its uplink (the
+        destination's announce reached it through the switch), so they reach the guest on
+        its new host (queued there in the new tap until its frontend reconnects).
+        Broadcasts are dropped (already flooded everywhere). Returns the frames sent on."""
+        if self.fd is None:
+            return 0
+        mac = bytes.fromhex(self.mac.replace(":", ""))
+        n = 0
+        for _ in range(4096):
+            try:
+                frame = os.read(self.fd, 65536)
+            except OSError:                      # BlockingIOError: the queue is empty
+                break
+            if frame[:6] != mac:
+                continue
+            try:
+                os.write(self.fd, frame)
+                n += 1
+            except OSError:
+                break
+        if n:
+            log.info("d%d: vif %d: %d frames sent on to the guest's new host", self.dom.domid,
+                     self.devid, n)
+        return n
+
+    def learn_ipv4(self, frame: bytes | bytearray) -> None:
+        """Note the guest's own IPv4 address from an ARP it sends (sender = its MAC) or an
+        IPv4 packet's source (at most 8 addresses; 0.0.0.0 and multicast ignored)."""
+        if len(self.ipv4) >= 8 or len(frame) < 34:
+            return
+        et = frame[12:14]
+        if et == b"\x08\x06" and len(frame) >= 42 and frame[22:28] == frame[6:12]:
+            a = bytes(frame[28:32])
+        elif et == b"\x08\x00" and frame[14] >> 4 == 4:
+            a = bytes(frame[26:30])
+        else:
+            return
+        if a[0] == 0 or a[0] >= 224:
+            return
+        ip = ".".join(map(str, a))
+        if ip not in self.ipv4:
+            self.ipv4.append(ip)
+
+    async def _run(self) -> None:
         """The vif's whole life; runs in the domain's TaskGroup until cancelled.
 
         As Linux netback (xenbus.c frontend_changed / set_backend_state): the backend waits
@@ -245,14 +368,7 @@ class Netback:
                     # subscribe again, then attach (a bridge recreated meanwhile is seen).
                     await self._bridge_watch.open()
                     await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
-                if self.fd is None:
-                    await self._open_tap()
-                    if self.cfg.bridge:
-                        # Subscribed before the first attach: a bridge recreated in between is seen.
-                        self._bridge_watch = taplib.BridgeWatch(self.ifname, self.cfg.bridge, self.cfg.netns,
-                                                                self._bridge_down, self._bridge_up)
-                        await self._bridge_watch.open()
-                    await taplib.attach(self.ifname, self.cfg.bridge, self.cfg.netns, mtu=self.cfg.mtu)
+                await self.open_and_attach()
                 self._set_state(XenbusState.Connected)
                 self.connected.set()
                 log.info("d%d: vif %d connected: %s mac %s%s", self.dom.domid, self.devid, self.ifname,
@@ -487,6 +603,8 @@ class Netback:
             else:
                 try:
                     os.write(self.fd, frame)
+                    if len(self.ipv4) < 8:
+                        self.learn_ipv4(frame)
                     self.stats.tx_packets += 1
                     self.stats.tx_bytes += len(frame)
                     if limited:
@@ -510,7 +628,7 @@ class Netback:
 
     def _process_rx(self) -> bool:
         """Tap -> guest: one frame per posted rx buffer, up to RX_BATCH per wake-up."""
-        if not self._tap_ready:
+        if not self._tap_ready or self.held:
             return False
         r = self.rx
         dom = self.dom

@@ -61,6 +61,42 @@ static int find_node(unsigned devid, char *node, size_t size)
     return 0;
 }
 
+/* Publish ring-ref, event-channel, protocol and Initialised in one
+ * transaction; wait for the backend's Connected. 0 or -1 (printed). */
+static int handshake(struct blkfront_dev *dev)
+{
+    int st;
+    char path[192];
+    for (int tries = 0;; tries++) {
+        xenbus_transaction_t t;
+        int rc = xenbus_transaction_start(&t);
+        if (rc) { printk("blkfront: transaction_start: %d\n", rc); return -1; }
+        snprintf(path, sizeof(path), "%s/ring-ref", dev->nodename);
+        rc = xenbus_printf(t, path, "%u", dev->ring_ref);
+        snprintf(path, sizeof(path), "%s/event-channel", dev->nodename);
+        if (!rc) rc = xenbus_printf(t, path, "%u", dev->port);
+        snprintf(path, sizeof(path), "%s/protocol", dev->nodename);
+        if (!rc) rc = xenbus_write(t, path, XEN_IO_PROTO_ABI_X86_64);
+        if (!rc) rc = xenbus_switch_state(t, dev->nodename, XenbusStateInitialised);
+        if (rc) {
+            xenbus_transaction_end(t, 1);
+            printk("blkfront: writing %s: %d\n", dev->nodename, rc);
+            return -1;
+        }
+        rc = xenbus_transaction_end(t, 0);
+        if (rc == -EAGAIN && tries < 10) continue;
+        if (rc) { printk("blkfront: transaction_end: %d\n", rc); return -1; }
+        break;
+    }
+
+    st = xenbus_wait_for_state(dev->backend, XenbusStateConnected, 0, HANDSHAKE_NS);
+    if (st != XenbusStateConnected) {
+        printk("blkfront: backend %s did not connect (state %d)\n", dev->backend, st);
+        return -1;
+    }
+    return 0;
+}
+
 struct blkfront_dev *blkfront_init(unsigned devid, struct blkfront_info *info)
 {
     if (nr_devs == ARRAY_SIZE(the_devs)) { printk("blkfront: too many devices\n"); return NULL; }
@@ -101,34 +137,7 @@ struct blkfront_dev *blkfront_init(unsigned devid, struct blkfront_info *info)
         dev->free_slots[i] = BLK_RING_SIZE - 1 - i;
     dev->nr_free = BLK_RING_SIZE;
 
-    char path[192];
-    for (int tries = 0;; tries++) {
-        xenbus_transaction_t t;
-        int rc = xenbus_transaction_start(&t);
-        if (rc) { printk("blkfront: transaction_start: %d\n", rc); return NULL; }
-        snprintf(path, sizeof(path), "%s/ring-ref", dev->nodename);
-        rc = xenbus_printf(t, path, "%u", dev->ring_ref);
-        snprintf(path, sizeof(path), "%s/event-channel", dev->nodename);
-        if (!rc) rc = xenbus_printf(t, path, "%u", dev->port);
-        snprintf(path, sizeof(path), "%s/protocol", dev->nodename);
-        if (!rc) rc = xenbus_write(t, path, XEN_IO_PROTO_ABI_X86_64);
-        if (!rc) rc = xenbus_switch_state(t, dev->nodename, XenbusStateInitialised);
-        if (rc) {
-            xenbus_transaction_end(t, 1);
-            printk("blkfront: writing %s: %d\n", dev->nodename, rc);
-            return NULL;
-        }
-        rc = xenbus_transaction_end(t, 0);
-        if (rc == -EAGAIN && tries < 10) continue;
-        if (rc) { printk("blkfront: transaction_end: %d\n", rc); return NULL; }
-        break;
-    }
-
-    st = xenbus_wait_for_state(dev->backend, XenbusStateConnected, 0, HANDSHAKE_NS);
-    if (st != XenbusStateConnected) {
-        printk("blkfront: backend %s did not connect (state %d)\n", dev->backend, st);
-        return NULL;
-    }
+    if (handshake(dev)) return NULL;
     u64 x;
     char mode[8];
     struct blkfront_info *in = &dev->info;
@@ -147,6 +156,47 @@ struct blkfront_dev *blkfront_init(unsigned devid, struct blkfront_info *info)
     if (info) *info = *in;
     nr_devs++;
     return dev;
+}
+
+int blkfront_resume(struct blkfront_dev *dev)
+{
+    /* A new domain after a save or migration: a new backend, a new event
+     * channel. Requests the old backend had not answered are copied out of
+     * the ring page (it came along with the guest's memory) and issued again
+     * on the new ring, as Linux's blkfront recovery does; their grants were
+     * rebuilt by gnttab_resume. A request the old backend had completed but
+     * whose response was not consumed is done twice (same data, same place). */
+    static blkif_request_t pending[BLK_RING_SIZE];
+    unsigned n = 0;
+    for (RING_IDX i = dev->ring.rsp_cons; i != dev->ring.req_prod_pvt && n < BLK_RING_SIZE; i++)
+        pending[n++] = *RING_GET_REQUEST(&dev->ring, i);
+    u64 bid;                          /* the backend's path names the new domain id */
+    if (read_str(dev->nodename, "backend", dev->backend, sizeof(dev->backend)) < 0 ||
+        read_u64(dev->nodename, "backend-id", &bid)) {
+        printk("blkfront: resume: %s has no backend\n", dev->nodename);
+        return -1;
+    }
+    dev->backend_id = (domid_t)bid;
+    int st = xenbus_wait_for_state(dev->backend, XenbusStateInitWait, 1, HANDSHAKE_NS);
+    if (st != XenbusStateInitWait && st != XenbusStateConnected) {
+        printk("blkfront: resume: backend %s in state %d, not InitWait\n", dev->backend, st);
+        return -1;
+    }
+    blkif_sring_t *sring = dev->ring.sring;
+    SHARED_RING_INIT(sring);
+    FRONT_RING_INIT(&dev->ring, sring, PAGE_SIZE);
+    for (unsigned i = 0; i < n; i++)
+        *RING_GET_REQUEST(&dev->ring, dev->ring.req_prod_pvt++) = pending[i];
+    long port = evtchn_alloc_unbound(dev->backend_id);
+    if (port < 0) { printk("blkfront: resume: alloc_unbound failed: %ld\n", port); return -1; }
+    dev->port = (evtchn_port_t)port;
+    mask_evtchn(dev->port);
+    if (handshake(dev)) return -1;
+    int rc = xenbus_switch_state(XBT_NIL, dev->nodename, XenbusStateConnected);
+    if (rc) { printk("blkfront: resume: switch to Connected: %d\n", rc); return -1; }
+    if (n) printk("blkfront: resume: %u requests issued again\n", n);
+    blkfront_push(dev);
+    return 0;
 }
 
 void blkfront_shutdown(struct blkfront_dev *dev)

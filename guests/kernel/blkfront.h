@@ -66,6 +66,9 @@ struct blkfront_dev {
 /* Connect vbd `devid` (0: the first one in device/vbd). NULL on failure
  * (the reason is printed). */
 struct blkfront_dev *blkfront_init(unsigned devid, struct blkfront_info *info);
+/* After a resume in a new domain (suspend hook): reconnect to the new
+ * backend; unanswered requests are issued again. 0 or -1. */
+int blkfront_resume(struct blkfront_dev *dev);
 /* Closing -> wait for the backend -> Closed; frees the ring's grant. */
 void blkfront_shutdown(struct blkfront_dev *dev);
 

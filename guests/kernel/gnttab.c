@@ -13,7 +13,12 @@ static grant_entry_v1_t *gnttab_table;
 static grant_ref_t free_refs[GNTTAB_NR_ENTRIES];
 static unsigned nr_free_refs;
 
-long gnttab_init(void)
+/* What each live grant names, by PFN: the table's frames are Xen's, not part
+ * of a saved image, and MFNs change across a migration, so a resume in a new
+ * domain rebuilds every entry from here (Linux's frontends re-grant instead). */
+static struct { u32 pfn; u16 domid; u16 flags; } shadow[GNTTAB_NR_ENTRIES];
+
+static long map_table(void)
 {
     xen_pfn_t frames[GNTTAB_NR_FRAMES];
     struct gnttab_setup_table setup = { .dom = DOMID_SELF, .nr_frames = GNTTAB_NR_FRAMES };
@@ -25,7 +30,15 @@ long gnttab_init(void)
         rc = map_frame((unsigned long)gnttab_area + i * PAGE_SIZE, frames[i], PTE_KERNEL_RW);
         if (rc) return rc;
     }
+    return 0;
+}
+
+long gnttab_init(void)
+{
+    long rc = map_table();
+    if (rc) return rc;
     gnttab_table = (grant_entry_v1_t *)gnttab_area;
+    memset(shadow, 0, sizeof(shadow));
     nr_free_refs = 0;
     for (grant_ref_t r = GNTTAB_NR_ENTRIES - 1; r >= GNTTAB_NR_RESERVED_ENTRIES; r--)
         free_refs[nr_free_refs++] = r;          /* lowest ref on top */
@@ -38,6 +51,9 @@ long gnttab_grant_access(domid_t domid, unsigned long mfn, int readonly)
     if (!nr_free_refs) return -1;
     grant_ref_t ref = free_refs[--nr_free_refs];
     grant_entry_v1_t *e = &gnttab_table[ref];
+    shadow[ref].pfn = (u32)mfn_to_pfn(mfn);
+    shadow[ref].domid = domid;
+    shadow[ref].flags = GTF_permit_access | (readonly ? GTF_readonly : 0);
     e->domid = domid;
     e->frame = (u32)mfn;
     wmb();                                      /* frame and domid before flags */
@@ -61,8 +77,35 @@ int gnttab_end_access(grant_ref_t ref)
             return 0;                           /* still in use by the grantee */
     } while (!__atomic_compare_exchange_n(pflags, &flags, 0, 0,
                                           __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    shadow[ref].flags = 0;
     free_refs[nr_free_refs++] = ref;
     return 1;
+}
+
+int gnttab_suspend(void)
+{
+    if (!gnttab_table) return 0;
+    for (unsigned i = 0; i < GNTTAB_NR_FRAMES; i++) {
+        long rc = unmap_page((unsigned long)gnttab_area + i * PAGE_SIZE);
+        if (rc) return (int)rc;
+    }
+    return 0;
+}
+
+int gnttab_resume(int new_domain)
+{
+    if (!gnttab_table) return 0;
+    long rc = map_table();
+    if (rc || !new_domain) return (int)rc;
+    for (grant_ref_t r = GNTTAB_NR_RESERVED_ENTRIES; r < GNTTAB_NR_ENTRIES; r++) {
+        grant_entry_v1_t *e = &gnttab_table[r];
+        if (!shadow[r].flags) continue;
+        e->domid = shadow[r].domid;
+        e->frame = (u32)pfn_to_mfn(shadow[r].pfn);
+        wmb();
+        ACCESS_ONCE(e->flags) = shadow[r].flags;
+    }
+    return 0;
 }
 
 int gnttab_map(domid_t domid, grant_ref_t ref, unsigned long va, int readonly,

@@ -22,6 +22,13 @@ int gnttab_end_access(grant_ref_t ref);
 /* Current flags of one of our entries. */
 u16 gnttab_flags(grant_ref_t ref);
 
+/* Suspend: unmap the table's frames (they are Xen's: a saved image must not
+ * map them). Resume: map them again; in a new domain (resumed after a save
+ * or migration) rewrite every live entry with the frame's new MFN. 0 or the
+ * hypercall error; both do nothing before gnttab_init(). */
+int gnttab_suspend(void);
+int gnttab_resume(int new_domain);
+
 /* Map grant `ref` of `domid` at `va` (an L1 table must exist and the VA be
  * unmapped, e.g. alloc_va_hole()). Returns the GNTST status; *handle set on
  * success. */

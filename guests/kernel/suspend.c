@@ -3,8 +3,9 @@
  * unmap shared_info (a save refuses page tables that map frames outside the
  * guest's P2M), SCHEDOP_shutdown(SHUTDOWN_suspend) with the start_info MFN in
  * RDX, then re-map shared_info from start_info and re-init what lives on
- * event channels. Grant-table frames are not handled: guests that use
- * gnttab/netfront/blkfront do not suspend yet. */
+ * event channels. The grant table's frames are unmapped too and mapped
+ * again on resume (gnttab.c rebuilds the entries in a new domain); the
+ * resume hook reconnects the frontends (netfront_resume, blkfront_resume). */
 #include "suspend.h"
 #include "hypercall.h"
 #include "xenbus.h"
@@ -14,6 +15,7 @@
 #include "lib.h"
 #include "sched.h"
 #include "time.h"
+#include "gnttab.h"
 
 #define TOKEN "suspend"
 
@@ -33,6 +35,8 @@ long do_suspend(void)
     console_flush();
     long rc = HYPERVISOR_update_va_mapping((unsigned long)HYPERVISOR_shared_info, 0, UVMF_INVLPG);
     if (rc) panic("suspend: unmapping shared_info failed: %ld", rc);
+    rc = gnttab_suspend();
+    if (rc) panic("suspend: unmapping the grant table failed: %ld", rc);
     /* The toolstack finds the store and console pages by PFN (as Linux's
      * xen_pre_suspend leaves them); the new side writes its MFNs back. */
     start_info->store_mfn = mfn_to_pfn(start_info->store_mfn);
@@ -43,6 +47,8 @@ long do_suspend(void)
         start_info->console.domU.mfn = pfn_to_mfn(start_info->console.domU.mfn);
     }
     map_shared_info();
+    long g = gnttab_resume(rc == 0);
+    if (g) panic("suspend: mapping the grant table again failed: %ld", g);
     if (rc == 0) {                    /* a new domain: new event channels */
         console_resume();
         xenbus_resume();

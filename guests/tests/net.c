@@ -4,8 +4,15 @@
  * cmdline: ip=<a.b.c.d/len> [name=<n>] [gw=<a.b.c.d>] [ping=<a.b.c.d>
  *          count=<k> (default 4)] [serve=<seconds>] [vif=<devid> (default 0)]
  *          [sink=<port>] [blast=<a.b.c.d>:<port> bytes=<n> [size=<payload>]]
- *          [hotplug=<seconds>]
- * hotplug=: the vif may not exist at boot (xl network-attach later): wait up
+ *          [hotplug=<seconds>] [suspend=1] [disk=<records>]
+ * suspend=1: serve Xen's cooperative suspend (control/shutdown) while
+ * serving; after a resume in a new domain the vif (and disk) reconnect to the
+ * new backends: "net: resumed rc=<0|1>". The guest sends no ARP of its own
+ * then (the hypervisor announces it).
+ * disk=<n>: write records 0..n-1 to the first vbd, one 512-byte sector each
+ * (record k at sector k: "rec <k>" then bytes (k*131+i)&255), one every
+ * 2 ms while serving, synchronously; "disk: acked <k>" after every 20th
+ * acknowledged write (k = records acknowledged so far), "disk: done <n>".  * hotplug=: the vif may not exist at boot (xl network-attach later): wait up
  * to <seconds> for device/vif/<devid> to appear, then connect.
  * serve=0 serves forever; without serve= the guest serves forever unless
  * ping= or blast= is given, in which case it powers off after them.
@@ -20,9 +27,35 @@
 #include "xenbus.h"
 #include "net/ip.h"
 #include "net/netfront.h"
+#include "suspend.h"
+#include "blkfront.h"
 
 static struct netif nif;
 static struct netfront *nf;
+static int suspend_on;
+static struct blkfront_dev *blk;
+static u64 disk_records, disk_acked, disk_next;
+static u8 disk_buf[512] __attribute__((aligned(512)));
+
+static void disk_step(u64 now)
+{
+    if (!blk || disk_acked >= disk_records || now < disk_next) return;
+    u64 k = disk_acked;
+    int n = snprintf((char *)disk_buf, sizeof(disk_buf), "rec %lu\n", k);
+    for (int i = n; i < 512; i++) disk_buf[i] = (u8)((k * 131 + (u64)i) & 255);
+    int rc = blkfront_write(blk, k, disk_buf, 1);
+    if (rc) { printk("disk: write %lu failed: %d\n", k, rc); blk = NULL; return; }
+    disk_acked = k + 1;
+    if (disk_acked % 20 == 0) printk("disk: acked %lu\n", disk_acked);
+    if (disk_acked == disk_records) printk("disk: done %lu\n", disk_acked);
+    disk_next = now + 2000000UL;
+}
+
+static void on_resume(void)
+{
+    if (netfront_resume(nf)) printk("net: resume: vif did not reconnect\n");
+    if (blk && blkfront_resume(blk)) { printk("disk: resume: vbd did not reconnect\n"); blk = NULL; }
+}
 
 static int nf_xmit(struct netif *n, const void *frame, int len)
 {
@@ -38,13 +71,20 @@ static void nf_rx(void *arg, const void *frame, int len, unsigned flags)
 static void run(u64 deadline, int (*done)(void))
 {
     for (;;) {
+        if (suspend_on) {
+            int r = suspend_check(1);             /* a request queued? (no wait) */
+            if (r >= 0) printk("net: resumed rc=%d\n", r);
+        }
         netfront_poll(nf, nf_rx, NULL);
         u64 t = net_tick(&nif);
         if (done && done()) return;
         u64 now = monotonic_ns();
+        disk_step(now);
         if (deadline && now >= deadline) return;
         u64 wake = deadline;
         if (t && (!wake || t < wake)) wake = t;
+        if (blk && disk_acked < disk_records && (!wake || disk_next < wake)) wake = disk_next;
+        if (suspend_on && (!wake || wake > now + 10000000UL)) wake = now + 10000000UL;
         netfront_wait(nf, wake);
     }
 }
@@ -202,6 +242,16 @@ void app_main(void)
     }
     nf = netfront_init(node);
     if (!nf) panic("net: netfront init failed");
+    disk_records = cmdline_u64(cmd, "disk", 0);
+    if (disk_records) {
+        struct blkfront_info bi;
+        blk = blkfront_init(0, &bi);
+        if (!blk) panic("disk: blkfront init failed");
+        if (disk_records > bi.sectors) disk_records = bi.sectors;
+        printk("disk: writing %lu records\n", disk_records);
+    }
+    suspend_on = (int)cmdline_u64(cmd, "suspend", 0);
+    if (suspend_on && suspend_init(on_resume)) panic("net: suspend_init failed");
 
     netfront_mac(nf, nif.mac);
     nif.xmit = nf_xmit;

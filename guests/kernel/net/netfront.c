@@ -124,6 +124,8 @@ static const char *state_name(int s)
     return s >= 0 && s < (int)ARRAY_SIZE(n) ? n[s] : "error";
 }
 
+static int connect(struct netfront *nf);
+
 struct netfront *netfront_init(const char *nodename)
 {
     struct netfront *nf = &dev;
@@ -183,19 +185,25 @@ struct netfront *netfront_init(const char *nodename)
         }
         post_rx(nf, i);
     }
-    int unused;
+    return connect(nf) ? NULL : nf;
+}
+
+/* Event channel, keys, XenbusState handshake (rx buffers are posted). */
+static int connect(struct netfront *nf)
+{
+    int st, unused;
     RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&nf->rx, unused);
     (void)unused;
 
     long port = evtchn_alloc_unbound(nf->backend_id);
     if (port < 0) {
         printk("net: evtchn_alloc_unbound(%u) failed: %ld\n", nf->backend_id, port);
-        return NULL;
+        return -1;
     }
     nf->port = (evtchn_port_t)port;
     mask_evtchn(nf->port);                     /* we wait with SCHEDOP_poll */
 
-    if (publish(nf)) return NULL;
+    if (publish(nf)) return -1;
 
     /* Wait for the backend to connect. A backend that (like Linux netback)
      * only connects once the frontend says Connected gets that after a
@@ -207,15 +215,57 @@ struct netfront *netfront_init(const char *nodename)
     }
     if (st != XenbusStateConnected) {
         printk("net: backend did not connect: state %d (%s)\n", st, state_name(st));
-        return NULL;
+        return -1;
     }
     int rc = xenbus_switch_state(XBT_NIL, nf->node, XenbusStateConnected);
     if (rc) {
         printk("net: switch to Connected failed: %d\n", rc);
-        return NULL;
+        return -1;
     }
     notify(nf);                                /* rx buffers are waiting */
-    return nf;
+    return 0;
+}
+
+int netfront_resume(struct netfront *nf)
+{
+    /* A new domain after a save or migration: a new backend (it offers InitWait
+     * again) and new event channels. The ring pages and buffers keep their
+     * PFNs and grant refs (gnttab_resume re-granted them); the rings start
+     * empty, frames in flight at the suspend are lost, as on a wire. The
+     * backend's path names the domain id, which changed: read it again. */
+    char buf[16];
+    long v;
+    if (read_node(nf, "backend", nf->backend, sizeof(nf->backend)) < 0 ||
+        read_node(nf, "backend-id", buf, sizeof(buf)) < 0 || !parse_long(buf, &v) ||
+        v < 0 || v >= DOMID_FIRST_RESERVED) {
+        nf->dead = 1;
+        return -1;
+    }
+    nf->backend_id = (domid_t)v;
+    int st = xenbus_wait_for_state(nf->backend, XenbusStateInitWait, 1, CONNECT_TIMEOUT_NS);
+    if (st < 0 || st > XenbusStateConnected) {
+        printk("net: resume: backend %s not ready: state %d (%s)\n", nf->backend, st, state_name(st));
+        nf->dead = 1;
+        return -1;
+    }
+    SHARED_RING_INIT(nf->tx.sring);
+    SHARED_RING_INIT(nf->rx.sring);
+    FRONT_RING_INIT(&nf->tx, nf->tx.sring, PAGE_SIZE);
+    FRONT_RING_INIT(&nf->rx, nf->rx.sring, PAGE_SIZE);
+    nf->tx_nfree = 0;
+    for (unsigned i = 0; i < TX_SLOTS; i++) {
+        nf->tx_busy[i] = 0;
+        nf->tx_free[nf->tx_nfree++] = (u16)(TX_SLOTS - 1 - i);
+    }
+    for (unsigned i = 0; i < RX_SLOTS; i++)
+        post_rx(nf, i);
+    nf->rx_skip_extra = nf->rx_in_chain = 0;
+    nf->dead = 0;
+    if (connect(nf)) {
+        nf->dead = 1;
+        return -1;
+    }
+    return 0;
 }
 
 /* ---- tx ---- */

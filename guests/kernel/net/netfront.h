@@ -44,6 +44,9 @@ int netfront_poll(struct netfront *nf, netfront_rx_t rx, void *arg);
 /* Block until the backend signals or until system time `deadline_ns`
  * (0 = no deadline). Returns at once if work is already pending. */
 void netfront_wait(struct netfront *nf, u64 deadline_ns);
+/* After a resume in a new domain (suspend hook): reconnect to the new
+ * backend with the same grants (rings reset). 0, or -1 (device dead). */
+int netfront_resume(struct netfront *nf);
 /* Closing -> Closed handshake, revoke grants. */
 void netfront_shutdown(struct netfront *nf);
 const struct netfront_stats *netfront_stats(const struct netfront *nf);

@@ -1,5 +1,8 @@
 /* A minimal TCP server: passive open on port 80 only, one HTTP/1.0 request
- * per connection, the response and our FIN sent in one segment, our
+ * per connection, the response and our FIN sent in one segment (or, for
+ * GET /stream/<bytes>, a generated body streamed in MSS-sized segments within
+ * the peer's window, go-back-N on timeout: a download that outlives a
+ * migration), our
  * unacknowledged segments retransmitted with an exponential timer, RST for
  * everything addressed to a closed port or an unknown connection.
  *
@@ -14,6 +17,9 @@
 #define TCP_CONNS     8
 #define REQ_MAX       1024
 #define RESP_MAX      536          /* fits the default MSS: one segment */
+#define SEG_MAX       1400         /* stream segments (a LAN peer's MSS is 1460) */
+#define STREAM_WND    (32 * SEG_MAX)
+#define STREAM_MAX    (256u << 20)
 #define TCP_RTO_NS    300000000UL
 #define TCP_RETRIES   6
 #define TIME_WAIT_NS  2000000000UL
@@ -40,6 +46,9 @@ struct tcb {
     u64 rto, rto_deadline, deadline;   /* retransmission / state timeout */
     int retries;
     int req_len, resp_len;
+    u32 stream_len;                    /* GET /stream/<n>: body bytes after resp */
+    u32 snd_max;                       /* stream: next sequence number to transmit */
+    u32 snd_wnd;                       /* stream: the peer's window */
     char req[REQ_MAX];
     char resp[RESP_MAX];
 };
@@ -77,9 +86,9 @@ void tcp_init(void)
 static int tcp_send_raw(u32 dst, u16 sport, u16 dport, u32 seq, u32 ack, u8 flags,
                         u16 win, const void *data, int len, int mss_opt)
 {
-    static u8 buf[24 + RESP_MAX];
+    static u8 buf[24 + SEG_MAX];
     int hl = mss_opt ? 24 : 20;
-    if (len > RESP_MAX) return -1;
+    if (len > SEG_MAX) return -1;
     put16(buf, sport);
     put16(buf + 2, dport);
     put32(buf + 4, seq);
@@ -110,6 +119,40 @@ static void send_ack(struct tcb *c)
     tcp_send_raw(c->rip, HTTP_PORT, c->rport, c->snd_nxt, c->rcv_nxt, TH_ACK, rcv_wnd(c), 0, 0, 0);
 }
 
+/* Byte `off` of a /stream body (tests compute the same). */
+static u8 stream_byte(u32 off)
+{
+    return (u8)((off ^ (off >> 8) ^ (off >> 16)) * 167u + 13u);
+}
+
+/* Stream: transmit from snd_max while the peer's window (capped) allows; the
+ * header from resp, then the body, then our FIN. `probe`: a zero window still
+ * gets one byte (the retransmission timer's window probe). */
+static void stream_push(struct tcb *c, int probe)
+{
+    static u8 seg[SEG_MAX];
+    u32 base = c->iss + 1, data_end = c->snd_nxt - 1;
+    u32 wnd = c->snd_wnd < STREAM_WND ? c->snd_wnd : STREAM_WND;
+    if (!wnd && probe) wnd = 1;
+    u32 limit = c->snd_una + wnd;
+    if (SEQ_LT(c->snd_max, c->snd_una)) c->snd_max = c->snd_una;
+    while (SEQ_LT(c->snd_max, c->snd_nxt)) {
+        u32 n = data_end - c->snd_max;
+        if (n > SEG_MAX) n = SEG_MAX;
+        if (SEQ_LT(limit, c->snd_max + n)) n = limit - c->snd_max;
+        int fin = c->snd_max + n == data_end;
+        if (!n && !fin) break;                      /* window full */
+        u32 off = c->snd_max - base;
+        for (u32 i = 0; i < n; i++, off++)
+            seg[i] = off < (u32)c->resp_len ? (u8)c->resp[off] : stream_byte(off - (u32)c->resp_len);
+        u8 fl = TH_ACK | (fin ? TH_FIN | TH_PSH : 0);
+        if (tcp_send_raw(c->rip, HTTP_PORT, c->rport, c->snd_max, c->rcv_nxt, fl, rcv_wnd(c),
+                         seg, (int)n, 0) < 0)
+            break;                                  /* tx ring full: ACK or timer resumes */
+        c->snd_max += n + (u32)fin;
+    }
+}
+
 /* (Re)send everything from snd_una: the SYN-ACK, or the rest of the
  * response followed by our FIN. */
 static void send_pending(struct tcb *c)
@@ -117,6 +160,11 @@ static void send_pending(struct tcb *c)
     if (c->state == SYN_RCVD) {
         tcp_send_raw(c->rip, HTTP_PORT, c->rport, c->iss, c->rcv_nxt, TH_SYN | TH_ACK,
                      rcv_wnd(c), 0, 0, 1);
+        return;
+    }
+    if (c->stream_len) {                       /* go back to the first unacked byte */
+        c->snd_max = c->snd_una;
+        stream_push(c, 1);
         return;
     }
     u32 off = c->snd_una - (c->iss + 1);       /* response bytes already acked */
@@ -155,6 +203,22 @@ static void build_response(struct tcb *c)
     int head_only = c->req_len >= 5 && !memcmp(c->req, "HEAD ", 5);
     int get = c->req_len >= 4 && !memcmp(c->req, "GET ", 4);
     int n;
+    long want;
+    c->stream_len = 0;
+    if (get && c->req_len > 12 && !memcmp(c->req + 4, "/stream/", 8)) {
+        char num[12];
+        int i = 0;
+        for (; i < 11 && 12 + i < c->req_len && c->req[12 + i] >= '0' && c->req[12 + i] <= '9'; i++)
+            num[i] = c->req[12 + i];
+        num[i] = 0;
+        if (i && parse_long(num, &want) && want > 0 && want <= (long)STREAM_MAX) {
+            c->stream_len = (u32)want;
+            c->resp_len = snprintf(c->resp, RESP_MAX, "HTTP/1.0 200 OK\r\nContent-Type: "
+                                   "application/octet-stream\r\nContent-Length: %u\r\n"
+                                   "Connection: close\r\n\r\n", c->stream_len);
+            return;
+        }
+    }
     if (get || head_only) {
         n = snprintf(c->resp, RESP_MAX, "HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n"
                      "Content-Length: %d\r\nConnection: close\r\n\r\n", blen);
@@ -183,7 +247,7 @@ static int request_complete(const struct tcb *c)
 static void respond(struct tcb *c, u64 now)
 {
     build_response(c);
-    c->snd_nxt = c->iss + 1 + (u32)c->resp_len + 1;    /* data + FIN */
+    c->snd_nxt = c->iss + 1 + (u32)c->resp_len + c->stream_len + 1;    /* data + FIN */
     c->state = c->peer_fin ? LAST_ACK : FIN_WAIT_1;
     tcp_stats.served++;
     send_pending(c);
@@ -278,6 +342,9 @@ void tcp_input(u32 src, u32 dst, const u8 *th, int len, int csum_ok)
         c->snd_una = ack;
         arm_rto(c, now);
     }
+    c->snd_wnd = get16(th + 14);
+    if (c->stream_len && c->state != SYN_RCVD)
+        stream_push(c, 0);
     int all_acked = c->snd_una == c->snd_nxt;
     switch (c->state) {
     case SYN_RCVD:
