@@ -468,7 +468,7 @@ class _ShadowGuard:
                        self.mem.fd_address + (mfn << PAGE_SHIFT), PAGE_SIZE)
 
     def _grow(self) -> None:
-        cap = max(64, 2 * self._cap)
+        cap = max(16, 2 * self._cap)
         arena = ctypes.create_string_buffer(cap << PAGE_SHIFT)
         ctypes.memmove(arena, self._arena, self._cap << PAGE_SHIFT)
         self._arena = arena
