@@ -260,3 +260,43 @@ def test_ring_refs_hostile(tmp_path, refs, ok):
         clean(hv)
 
     asyncio.run(with_hv(body))
+
+
+def test_domain_destroyed_while_grants_held(tmp_path):
+    """The domain is destroyed while the backend still holds a persistent and a transient
+    grant (no I/O in flight: Hypervisor._run_domain cancels and drains the backends before
+    Domain.destroy). destroy closes the host mappings itself; the backend's later
+    disconnect must then be harmless: no reference dropped twice, no frame freed twice,
+    the next domain gets clean frames, nothing leaks."""
+    img = make_disk(tmp_path)
+
+    async def body(hv: Hypervisor) -> None:
+        free0 = hv.mem.free_frames
+        a = lab.park(hv, kernel(), 8, "dying")
+        mem = hv.mem
+        bb = await attach(hv, a, img, persistent=True)
+        bb.max_persistent = 1
+        F, T = a.spare[0], a.spare[1]
+        a.write_grant(10, GTF_permit_access, 0, F)
+        a.write_grant(11, GTF_permit_access, 0, T)
+        p = bb._prepare(req(BLKIF_OP_READ, 1, 0, [(10, 0, 7), (11, 0, 7)]))
+        assert p is not None and len(p.maps) == 1 and bb._pgnts[10].mfn == F
+        bb.backing.run_batch([p.io])
+        bb._done.append(p)
+        lab.destroy(a)
+        clean(hv)
+        assert mem.owner[F] == DOMID_INVALID and mem.owner[T] == DOMID_INVALID
+        assert mem.refs[F] == mem.refs[T] == 0
+        await bb._disconnect()
+        bb.backing.close()
+        assert mem.refs[F] == mem.refs[T] == 0 and mem.type_count[F] == mem.type_count[T] == 0
+        assert mem.free_frames == free0
+        clean(hv)
+        c = lab.park(hv, kernel(), 8, "next")
+        assert not c.dom.host_mappings
+        clean(hv)
+        lab.destroy(c)
+        assert mem.free_frames == free0
+        clean(hv)
+
+    asyncio.run(with_hv(body))
