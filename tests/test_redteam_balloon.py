@@ -156,3 +156,33 @@ def test_populate_already_populated_pfn():
         lab.destroy(a)
         clean(hv)
     run(body)
+
+
+def test_frames_xen_writes_into_are_not_given_back():
+    """A frame holding the relocated vcpu_info (VCPUOP_register_vcpu_info: Xen writes
+    event bits and time into it, from a writable type reference) and the domain's own
+    L4 (the running page tables): decrease_reservation refuses both, so Xen never writes
+    into a frame that has gone to someone else."""
+    from aiovmm import vcpu_op
+    from aiovmm.abi import VcpuOp
+
+    def body(hv: Hypervisor) -> None:
+        a = lab.park(hv, kernel(), 8, "vinfo")
+        b = lab.park(hv, kernel(), 8, "bystander")
+        mem = hv.mem
+        x = a.spare[0]
+        arg = a._args(vcpu_op.REGISTER_VCPU_INFO.pack(x, 64, 0), 64)
+        assert lab._call(vcpu_op.do_vcpu_op, a.v, VcpuOp.register_vcpu_info, 0, arg) == 0
+        root = a.v.kernel_root
+        for frame in (x, root):
+            assert reserve(a, reservation.XENMEM_decrease_reservation, [frame])[0] == 0
+            assert mem.owner[frame] == a.domid
+        clean(hv)
+        before = _owned(hv, b)
+        lab.destroy(a)
+        c = lab.park(hv, kernel(), 8, "next")
+        assert _owned(hv, b) == before
+        clean(hv)
+        lab.destroy(c)
+        clean(hv)
+    run(body)
