@@ -186,3 +186,29 @@ def test_frames_xen_writes_into_are_not_given_back():
         lab.destroy(c)
         clean(hv)
     run(body)
+
+
+def test_populate_into_a_read_only_list():
+    """populate_physmap whose extent list is mapped read-only: the guest could never be told
+    the MFN, so nothing is allocated and the count is 0 (Xen allocates, fails the copy and
+    returns the count so far; the frame it took stays the domain's unreported: here none
+    is taken). decrease_reservation only reads the list: a read-only list works."""
+    def body(hv: Hypervisor) -> None:
+        a = lab.park(hv, kernel(), 8, "rolist")
+        mem = hv.mem
+        t, f, g = a.spare[:3]
+        assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
+        va = a.free_l2_va()
+        ro = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED
+        assert a.mmu_update((a.l2_entry(va), (t << PAGE_SHIFT) | TABLE)) == (0, 1)
+        assert a.mmu_update(((t << PAGE_SHIFT), (f << PAGE_SHIFT) | ro)) == (0, 1)
+        mem.write_u64(f << PAGE_SHIFT, g)
+        arg = a._args(reservation.RESERVATION.pack(va, 1, 0, 0, DOMID_SELF), 64)
+        assert lab._call(reservation.do_memory_op, a.v, reservation.XENMEM_decrease_reservation, arg) == 1
+        assert mem.owner[g] == DOMID_INVALID
+        free0, tot0 = mem.free_frames, a.dom.tot_pages
+        assert lab._call(reservation.do_memory_op, a.v, reservation.XENMEM_populate_physmap, arg) == 0
+        assert mem.free_frames == free0 and a.dom.tot_pages == tot0
+        assert mem.read_u64(f << PAGE_SHIFT) == g
+        clean(hv)
+    run(body)
