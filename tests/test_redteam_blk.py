@@ -300,3 +300,36 @@ def test_domain_destroyed_while_grants_held(tmp_path):
         clean(hv)
 
     asyncio.run(with_hv(body))
+
+
+def test_bad_segment_after_transient_maps_releases_them(tmp_path):
+    """Bound at 1: the first segment's grant is kept, the second mapped for the request,
+    the third cannot be mapped. The request is refused and the second's mapping released
+    at once (its entry loses GTF_reading/GTF_writing, its frame's references go); only
+    the persistent one stays. The same gref 11 times in one request is one grant."""
+    img = make_disk(tmp_path)
+
+    async def body(hv: Hypervisor) -> None:
+        a = lab.park(hv, kernel(), 8, "midway")
+        mem = hv.mem
+        bb = await attach(hv, a, img, persistent=True)
+        bb.max_persistent = 1
+        F, T = a.spare[0], a.spare[1]
+        a.write_grant(10, GTF_permit_access, 0, F)
+        a.write_grant(11, GTF_permit_access, 0, T)
+        a.write_grant(12, GTF_permit_access | GTF_readonly, 0, a.spare[2])   # READ needs writable
+        assert bb._prepare(req(BLKIF_OP_READ, 1, 0, [(10, 0, 7), (11, 0, 7), (12, 0, 7)])) is None
+        assert list(bb._pgnts) == [10] and len(a.dom.host_mappings) == 2
+        assert a.grant_flags(11) & (GTF_reading | GTF_writing) == 0 and mem.refs[T] == 0
+        assert a.grant_flags(12) & (GTF_reading | GTF_writing) == 0
+        p = bb._prepare(req(BLKIF_OP_READ, 2, 0, [(10, k, k) for k in range(8)] + [(10, 0, 0)] * 3))
+        assert p is not None and not p.maps and p.sectors == 11
+        bb.backing.run_batch([p.io])
+        bb._release(p)
+        clean(hv)
+        await bb._disconnect()
+        bb.backing.close()
+        assert not a.dom.host_mappings and mem.refs[F] == 0
+        clean(hv)
+
+    asyncio.run(with_hv(body))
