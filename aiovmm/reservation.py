@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .abi import DOMID_SELF, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, Errno
 from .errors import HypercallError
 from .memory import FrameInUse, OutOfMemory
+from .mmu import GuestFault
 
 if TYPE_CHECKING:
     from .vcpu import VCPU
@@ -70,7 +71,10 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int | None:
                 return None
             slot = extents + 8 * i
             if op == XENMEM_decrease_reservation:
-                mfn = int.from_bytes(v.copy_from_guest(slot, 8), "little")
+                try:
+                    mfn = int.from_bytes(v.copy_from_guest(slot, 8), "little")
+                except GuestFault:
+                    break                       # Xen: the copy fails, goto out (count so far)
                 if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom.domid or mfn in dom.shared_frames:
                     break
                 try:
@@ -81,7 +85,13 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int | None:
             else:
                 if dom.tot_pages >= dom.max_pages:
                     break
-                pfn = int.from_bytes(v.copy_from_guest(slot, 8), "little") if op == XENMEM_populate_physmap else None
+                try:
+                    pfn = int.from_bytes(v.copy_from_guest(slot, 8), "little") if op == XENMEM_populate_physmap else None
+                    # Writable before a frame is taken: a slot the guest cannot be told
+                    # the MFN through ends the batch with nothing allocated for it.
+                    v.copy_to_guest(slot, v.copy_from_guest(slot, 8))
+                except GuestFault:
+                    break                       # Xen: the copy fails, goto out (count so far)
                 try:
                     mfn = dom.add_frame()
                 except OutOfMemory:
