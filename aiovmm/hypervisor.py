@@ -183,13 +183,15 @@ class Hypervisor:
                      on_console: Callable[[bytes], None] | None = None,
                      vifs: "list[VifConfig | str] | None" = None,
                      disks: "list[DiskConfig | str] | None" = None,
-                     engine: str | None = None) -> Domain:
+                     engine: str | None = None, vcpus: int = 1) -> Domain:
         """Build a domain from a Xen PV kernel and start it. Raises BuildError.
 
         `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'.
         `disks`: block devices, each a DiskConfig or xl syntax 'target=/path,vdev=xvda,access=rw'.
         `ramdisk`: a file loaded after the kernel and announced in start_info (mod_start/mod_len).
-        `engine`: "unicorn", "kvm" or "auto" for this domain (default: the hypervisor's)."""
+        `engine`: "unicorn", "kvm" or "auto" for this domain (default: the hypervisor's).
+        `vcpus`: 1..vcpu_op.MAX_VCPUS; vCPU 0 starts, the others wait down until the guest
+        initialises and raises them (VCPUOP_initialise, VCPUOP_up), as on Xen."""
         from .kvm_engine import choose_engine
         engine_kind = choose_engine(engine) if engine else self.engine
         from .backends.net import VifConfig
@@ -216,6 +218,9 @@ class Hypervisor:
                     raise BuildError(f"disk {d!r}: {e}") from None
         if memory_mib < 1:
             raise BuildError("memory must be at least 1 MiB")
+        from .vcpu_op import MAX_VCPUS, create_secondary
+        if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+            raise BuildError(f"vcpus must be 1..{MAX_VCPUS}")
         # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
         # blocking I/O: it runs in a worker thread, never on the loop.
         img = await asyncio.to_thread(_load_kernel, kernel)
@@ -247,6 +252,8 @@ class Hypervisor:
             builder.finish(dom, img, lay, cmdline, rd, hcall_page=_hypercall_page(engine_kind))
             dom.start_info_pfn = lay.start_info_pfn     # where save/migration find the P2M list
             self._create_vcpu0(dom, img, lay)
+            for i in range(1, vcpus):
+                create_secondary(dom, i)
             toolstack.introduce(self, dom)
             from .backends.net import Netback
             for devid, cfg in enumerate(vif_cfgs):
@@ -337,7 +344,8 @@ class Hypervisor:
         from .backends.console import ConsoleBackend
         try:
             for v in dom.vcpus:
-                timers.set_periodic(v, timers.DEFAULT_PERIOD_NS)
+                if v.online:            # the others' when they come up (vcpu_op.bring_up)
+                    timers.set_periodic(v, timers.DEFAULT_PERIOD_NS)
             dom.console_backend = ConsoleBackend(dom)
             async with asyncio.TaskGroup() as tg:
                 dom.device_tg = tg

@@ -29,6 +29,21 @@ def _flush_all(v: "VCPU") -> None:
         other.engine.flush_tlb()
 
 
+def vcpumask(v: "VCPU", ptr: int) -> list["VCPU"]:
+    """The vCPUs named by a guest vcpumask (a bitmap of unsigned longs at `ptr`), read once
+    as Xen's vcpumask_to_pcpumask reads it: one word per 64 vCPUs of the domain. A bitmap
+    the guest cannot read is EINVAL (Xen's mmuext_op answer); bits past the last vCPU are
+    ignored."""
+    vcpus = v.domain.vcpus
+    words = (len(vcpus) + 63) // 64
+    try:
+        raw = v.copy_from_guest(ptr, 8 * words)
+    except GuestFault:
+        raise MMUError(Errno.EINVAL, f"vcpumask at {ptr:#x} unreadable") from None
+    mask = int.from_bytes(raw, "little")
+    return [o for o in vcpus if mask >> o.id & 1]
+
+
 def _set_done(v: "VCPU", done_out: int, n: int) -> None:
     """*done_out = entries processed by this call (Xen writes the count and ignores a
     fault on that pointer)."""
@@ -179,7 +194,10 @@ def _mmuext_one(v: "VCPU", cmd: int, arg1: int, arg2: int) -> None:
             v.load_root()
     elif cmd in (MmuExt.TLB_FLUSH_LOCAL, MmuExt.INVLPG_LOCAL):
         v.engine.flush_tlb()
-    elif cmd in (MmuExt.TLB_FLUSH_MULTI, MmuExt.INVLPG_MULTI, MmuExt.TLB_FLUSH_ALL, MmuExt.INVLPG_ALL):
+    elif cmd in (MmuExt.TLB_FLUSH_MULTI, MmuExt.INVLPG_MULTI):
+        for other in vcpumask(v, arg2):
+            other.engine.flush_tlb()
+    elif cmd in (MmuExt.TLB_FLUSH_ALL, MmuExt.INVLPG_ALL):
         _flush_all(v)
     elif cmd in (MmuExt.FLUSH_CACHE, MmuExt.FLUSH_CACHE_GLOBAL):
         raise MMUError(Errno.EACCES, "cache flush needs privilege")

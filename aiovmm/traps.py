@@ -150,6 +150,14 @@ def inject_exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
 def finish_ptwr(v: "VCPU") -> None:
     """Complete a trapped page-table store outside emulation; on refusal bounce the #PF."""
     w, v.pending_ptwr = v.pending_ptwr, None
+    if len(v.domain.vcpus) > 1:
+        # Other vCPUs of the domain may have run since the fault and changed the mapping
+        # or the table: decide again on the state as it is now; if it is not the same
+        # store to the same L1 table, the instruction runs again (and faults again if due).
+        now = ptwr.candidate(v, w.va, w.error, w.rip)
+        if now is None or (now.l1e_addr, now.frame, now.length) != (w.l1e_addr, w.frame, w.length):
+            v.engine.set("rip", w.rip)
+            return
     if not ptwr.complete(v, w):
         v.domain.mem.write_u64(v.info_maddr + VcpuInfo.arch_cr2, w.va)
         v.cr2 = w.va

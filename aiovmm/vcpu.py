@@ -41,6 +41,7 @@ class VCPU:
         self.kernel_sp = 0
         self.fpu_ts = False
         self.online = True
+        self.initialised = True        # vCPUs 1..N-1 wait for VCPUOP_initialise (vcpu_op.py)
         self.blocked = False
         self.polling: frozenset[int] | None = None
         self._wake = asyncio.Event()
