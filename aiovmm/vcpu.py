@@ -42,6 +42,7 @@ class VCPU:
         self.fpu_ts = False
         self.online = True
         self.initialised = True        # vCPUs 1..N-1 wait for VCPUOP_initialise (vcpu_op.py)
+        self.flush_code_pending = False  # drop translated code before the next slice (traps.py)
         self.blocked = False
         self.polling: frozenset[int] | None = None
         self._wake = asyncio.Event()
@@ -269,6 +270,9 @@ class VCPU:
                         traps.finish_ptwr(self)
                         if dom.dying:
                             break
+                    if self.flush_code_pending:
+                        self.flush_code_pending = False
+                        self.engine.flush_code()
                     if self.pending_trap is not None:
                         vector, error, rip = self.pending_trap
                         self.pending_trap = None
