@@ -42,6 +42,7 @@ EXPECTED: dict[str, str] = {
     "both_ran": "1",                    # vCPU 1 made progress while vCPU 0 spun
     "flush_multi": "0", "invlpg_multi": "0", "flush_all": "0", "invlpg_all": "0",
     "flush_multi_badmask": "-22",       # an unreadable vcpumask
+    "uvm_mask": "0", "uvm_badmask": "-14", "uvm_all": "0",     # update_va_mapping: -EFAULT
     "ipi_rc": "0", "ap_pongs": "50", "ap_poll_rc": "0",
     "ap_sel_has_ipi_word": "1",         # the IPI marked vCPU 1's vcpu_info, not vCPU 0's
     "ap_timer_rc": "0", "ap_timer_ok": "1",

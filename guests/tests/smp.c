@@ -231,6 +231,13 @@ void app_main(void)
     R("flush_all", flush(MMUEXT_TLB_FLUSH_ALL, NULL));
     R("invlpg_all", flush(MMUEXT_INVLPG_ALL, NULL));
     R("flush_multi_badmask", flush(MMUEXT_TLB_FLUSH_MULTI, bad));
+    /* update_va_mapping with a vcpumask pointer in flags: read after the update; an
+     * unreadable one is -EFAULT. */
+    void *pg = alloc_page();
+    u64 pte = (virt_to_mfn(pg) << PAGE_SHIFT) | PTE_KERNEL_RW;
+    R("uvm_mask", HYPERVISOR_update_va_mapping((unsigned long)pg, pte, UVMF_INVLPG | (unsigned long)&mask));
+    R("uvm_badmask", HYPERVISOR_update_va_mapping((unsigned long)pg, pte, UVMF_TLB_FLUSH | (unsigned long)bad));
+    R("uvm_all", HYPERVISOR_update_va_mapping((unsigned long)pg, pte, UVMF_TLB_FLUSH | UVMF_ALL));
 
     /* IPI ping-pong. */
     u64 ping0 = monotonic_ns();
