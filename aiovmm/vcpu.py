@@ -185,9 +185,16 @@ class VCPU:
         self.engine.stop()
 
     def kick(self) -> None:
-        if self.blocked and (self.polling is None):
-            self.blocked = False
-            self._wake.set()
+        """An event became pending for this vCPU (vcpu_mark_events_pending): unblock it.
+        As Xen's vcpu_unblock, this also ends a SCHEDOP_poll on other ports ("polling
+        period ends when a VCPU is unblocked"): Linux's PV spinlock waits in poll and must
+        still take an IPI meanwhile, or a lock holder waiting for that IPI deadlocks."""
+        if self.blocked:
+            if self.polling is not None:
+                self.end_poll()
+            else:
+                self.blocked = False
+                self._wake.set()
 
     def poll_kick(self, port: int) -> None:
         if self.blocked and self.polling is not None and port in self.polling:
