@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
+from ..vcpu_op import MAX_VCPUS
 from .daemon import CONSOLE_REPLAY_BYTES, ControlError, Controller, DomainSpec
 from . import metrics, openapi
 
@@ -161,7 +162,8 @@ async def create_domain(req: web.Request) -> web.Response:
             raise ControlError(400, "kernel must name the guest kernel")
         spec = DomainSpec(kernel=kernel, memory=_int_field(data, "memory", 1, 1 << 20) or 32,
                           name=_field(data, "name", str), cmdline=_field(data, "cmdline", str, default=""),
-                          vif=_strings(data, "vif"), disk=_strings(data, "disk"))
+                          vif=_strings(data, "vif"), disk=_strings(data, "disk"),
+                          vcpus=_int_field(data, "vcpus", 1, MAX_VCPUS) or 1)
     for key, v in (("kernel", spec.kernel), ("cmdline", spec.cmdline), ("name", spec.name or "")):
         _check_text(key, v)                  # also what came out of a config file
     for key, vs in (("vif", spec.vif), ("disk", spec.disk)):

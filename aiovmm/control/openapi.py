@@ -50,7 +50,7 @@ SCHEMAS: dict[str, dict] = {
               "config_path": {**STR, "description": "absolute path the config came from (relative kernel paths)"},
               "name": STR}, ["config"]),
         _obj({"kernel": {**STR, "minLength": 1}, "memory": {"type": "integer", "minimum": 1, "maximum": 1 << 20},
-              "name": STR, "cmdline": STR,
+              "name": STR, "cmdline": STR, "vcpus": {"type": "integer", "minimum": 1, "maximum": 32},
               "vif": {"type": "array", "items": STR}, "disk": {"type": "array", "items": STR}},
              ["kernel"]),
     ]},
