@@ -88,6 +88,7 @@ def test_two_processes_run_on_both_cpus(linux2):
     grew = {c: j1[c] - j0[c] for c in j0}
     total = sum(grew.values())
     assert total > 0, grew
+    print(f"\ntest_linux_smp: busy jiffies per CPU during the workload {grew}")
     assert min(grew.values()) >= 0.25 * total, grew      # each CPU did at least a quarter
     cpu_ns = [dom.hypervisor.scheduler.state(v).cpu_ns for v in dom.vcpus]
     assert all(ns > 0 for ns in cpu_ns), cpu_ns
