@@ -43,7 +43,7 @@ async def _run(args: argparse.Namespace) -> int:
                           xenstore_path=args.xenstore_socket, engine=args.engine) as hv:
         dom = await hv.create(args.kernel, memory_mib=args.memory, cmdline=args.cmdline,
                               name=args.name, ramdisk=args.ramdisk, on_console=console, vifs=args.vif, disks=args.disk,
-                              max_memory_mib=getattr(args, "maxmem", None))
+                              max_memory_mib=getattr(args, "maxmem", None), vcpus=args.vcpus)
         if getattr(args, "weight", None) is not None or getattr(args, "cap", None) is not None:
             dom.set_sched(weight=args.weight, cap=args.cap)
         loop = asyncio.get_running_loop()
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         "cmdline, vif, disk); "
                         "options given on the command line add to or override it")
     r.add_argument("--memory", type=_mib, default=None, metavar="MIB", help="guest memory (default 32)")
+    r.add_argument("--vcpus", type=int, default=None, metavar="N", help="virtual CPUs (default 1)")
     r.add_argument("--cmdline", default=None, help="guest command line")
     r.add_argument("--ramdisk", default=None, metavar="FILE",
                    help="initial ramdisk (e.g. an initramfs), announced to the guest in start_info")
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             print("aiovmm: no kernel given (a KERNEL argument or --config FILE)", file=sys.stderr)
             return EXIT_USAGE
         args.memory = args.memory if args.memory is not None else cfg.memory
+        args.vcpus = args.vcpus if args.vcpus is not None else cfg.vcpus
+        from .vcpu_op import MAX_VCPUS
+        if not 1 <= args.vcpus <= MAX_VCPUS:
+            print(f"aiovmm: --vcpus must be between 1 and {MAX_VCPUS}", file=sys.stderr)
+            return EXIT_USAGE
         args.cmdline = args.cmdline if args.cmdline is not None else cfg.cmdline
         args.name = args.name or cfg.name
         args.ramdisk = args.ramdisk or cfg.ramdisk

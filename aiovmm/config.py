@@ -10,6 +10,7 @@
     vif = ['mac=00:16:3e:01:02:03,bridge=br0']
     disk = ['file:/var/lib/aiovmm/a.img,xvda,w', 'phy:/dev/loop3,xvdb,r']
     engine = "kvm"                               # vCPU engine: unicorn, kvm or auto
+    vcpus = 2                                    # vCPUs (1..32; the guest brings up 1..N-1)
 
 Values are xl's: quoted strings, integers, and [lists]; `#` starts a comment. Unknown keys
 are refused with the line number, so a typo never silently drops a device.
@@ -42,6 +43,7 @@ class DomainConfig:
     weight: int | None = None         # credit scheduler (xl.cfg weight=, cap=)
     cap: int | None = None
     maxmem: int | None = None         # xl.cfg maxmem= (MiB): the balloon may grow up to it
+    vcpus: int = 1                    # xl.cfg vcpus= (1..vcpu_op.MAX_VCPUS)
 
 
 def parse(text: str, path: str = "<config>") -> DomainConfig:
@@ -103,17 +105,21 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
     engine = values.get("engine", "auto")
     if engine not in ("unicorn", "kvm", "auto"):
         raise ConfigError(f"{path}: engine must be \"unicorn\", \"kvm\" or \"auto\"")
+    from .vcpu_op import MAX_VCPUS
+    vcpus = values.get("vcpus", 1)
+    if not isinstance(vcpus, int) or isinstance(vcpus, bool) or not 1 <= vcpus <= MAX_VCPUS:
+        raise ConfigError(f"{path}: vcpus must be 1..{MAX_VCPUS}")
     weight, cap = values.get("weight"), values.get("cap")
     from .scheduler import validate_params
     try:
         if not all(x is None or isinstance(x, int) for x in (weight, cap)):
             raise ValueError("weight and cap must be integers")
-        validate_params(weight, cap)  # type: ignore[arg-type]
+        validate_params(weight, cap, vcpus)  # type: ignore[arg-type]
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
     return DomainConfig(kernel, name, memory, cmdline, list(values.get("vif", [])),
                         list(values.get("disk", [])), ramdisk, engine, weight, cap,  # type: ignore[arg-type]
-                        maxmem=maxmem)  # type: ignore[arg-type]
+                        maxmem=maxmem, vcpus=vcpus)  # type: ignore[arg-type]
 
 
 def _cmdline(values: dict[str, object]) -> str:

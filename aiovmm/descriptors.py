@@ -247,6 +247,16 @@ def do_set_gdt(v: "VCPU", frame_list: int, entries: int, *_) -> int:
         raise HypercallError(Errno.EINVAL, "GDT too large")
     nr = (entries + 511) // 512
     frames = list(struct.unpack(f"<{nr}Q", v.copy_from_guest(frame_list, 8 * nr))) if nr else []
+    set_gdt(v, frames, entries)
+    return 0
+
+
+def set_gdt(v: "VCPU", frames: list[int], entries: int) -> None:
+    """Xen's pv_set_gdt, shared by set_gdt and VCPUOP_initialise: every frame must be the
+    domain's and hold only safe descriptors (a seg_desc type reference each), else EINVAL
+    with nothing taken."""
+    if entries > FIRST_RESERVED_GDT_ENTRY or len(frames) != (entries + 511) // 512:
+        raise HypercallError(Errno.EINVAL, "GDT too large")
     taken: list[int] = []
     try:
         for mfn in frames:
@@ -265,7 +275,6 @@ def do_set_gdt(v: "VCPU", frame_list: int, entries: int, *_) -> int:
     v.gdt_frames = frames
     v.gdt_ents = entries
     v.engine.flush_tlb()
-    return 0
 
 
 def do_update_descriptor(v: "VCPU", gaddr: int, desc: int, *_) -> int:

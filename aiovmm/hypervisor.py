@@ -186,7 +186,8 @@ class Hypervisor:
                      on_console: Callable[[bytes], None] | None = None,
                      vifs: "list[VifConfig | str] | None" = None,
                      disks: "list[DiskConfig | str] | None" = None,
-                     engine: str | None = None, max_memory_mib: int | None = None) -> Domain:
+                     engine: str | None = None, max_memory_mib: int | None = None,
+                     vcpus: int = 1) -> Domain:
         """Build a domain from a Xen PV kernel and start it. Raises BuildError.
 
         `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'.
@@ -194,7 +195,9 @@ class Hypervisor:
         `ramdisk`: a file loaded after the kernel and announced in start_info (mod_start/mod_len).
         `engine`: "unicorn", "kvm" or "auto" for this domain (default: the hypervisor's).
         `max_memory_mib`: xl's maxmem: the domain's maximum reservation (its balloon may grow
-        to it); `memory_mib` is what is populated at boot (start_info nr_pages)."""
+        to it); `memory_mib` is what is populated at boot (start_info nr_pages).
+        `vcpus`: 1..vcpu_op.MAX_VCPUS; vCPU 0 starts, the others wait down until the guest
+        initialises and raises them (VCPUOP_initialise, VCPUOP_up), as on Xen."""
         from .kvm_engine import choose_engine
         engine_kind = choose_engine(engine) if engine else self.engine
         from .backends.net import VifConfig
@@ -224,6 +227,9 @@ class Hypervisor:
         if max_memory_mib is not None and not memory_mib <= max_memory_mib <= self.memory_mib:
             raise BuildError(f"maxmem {max_memory_mib} MiB must be at least memory ({memory_mib} MiB) "
                              f"and at most the host's {self.memory_mib} MiB")
+        from .vcpu_op import MAX_VCPUS, create_secondary
+        if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+            raise BuildError(f"vcpus must be 1..{MAX_VCPUS}")
         # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
         # blocking I/O: it runs in a worker thread, never on the loop.
         img = await asyncio.to_thread(_load_kernel, kernel)
@@ -257,6 +263,8 @@ class Hypervisor:
             builder.finish(dom, img, lay, cmdline, rd, hcall_page=_hypercall_page(engine_kind))
             dom.start_info_pfn = lay.start_info_pfn     # where save/migration find the P2M list
             self._create_vcpu0(dom, img, lay)
+            for i in range(1, vcpus):
+                create_secondary(dom, i)
             toolstack.introduce(self, dom)
             from .backends.net import Netback
             for devid, cfg in enumerate(vif_cfgs):
@@ -347,7 +355,8 @@ class Hypervisor:
         from .backends.console import ConsoleBackend
         try:
             for v in dom.vcpus:
-                timers.set_periodic(v, timers.DEFAULT_PERIOD_NS)
+                if v.online:            # the others' when they come up (vcpu_op.bring_up)
+                    timers.set_periodic(v, timers.DEFAULT_PERIOD_NS)
             dom.console_backend = ConsoleBackend(dom)
             async with asyncio.TaskGroup() as tg:
                 dom.device_tg = tg

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from .abi import (
     DOMID_SELF, MMU_MACHPHYS_UPDATE, MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_NO_TRANSLATE,
-    MMU_PT_UPDATE_PRESERVE_AD, MMU_UPDATE, MMUEXT_OP, PAGE_SHIFT, PAGE_SIZE, Errno, MmuExt,
+    MMU_PT_UPDATE_PRESERVE_AD, MMU_UPDATE, MMUEXT_OP, PAGE_SHIFT, PAGE_SIZE, UVMF_ALL,
+    UVMF_FLUSHTYPE_MASK, UVMF_INVLPG, UVMF_TLB_FLUSH, Errno, MmuExt,
 )
 from .errors import HypercallError
 from .memory import PageType
@@ -27,6 +28,18 @@ PREEMPTED = 1 << 31                # Xen's MMU_UPDATE_PREEMPTED marker in `count
 def _flush_all(v: "VCPU") -> None:
     for other in v.domain.vcpus:
         other.engine.flush_tlb()
+
+
+def vcpumask(v: "VCPU", ptr: int) -> list["VCPU"]:
+    """The vCPUs named by a guest vcpumask (a bitmap of unsigned longs at `ptr`), read once
+    as Xen's vcpumask_to_pcpumask reads it: one word per 64 vCPUs of the domain; bits past
+    the last vCPU are ignored. A bitmap the guest cannot read raises GuestFault: mmuext_op
+    answers EINVAL, update_va_mapping EFAULT (as Xen)."""
+    vcpus = v.domain.vcpus
+    words = (len(vcpus) + 63) // 64
+    raw = v.copy_from_guest(ptr, 8 * words)
+    mask = int.from_bytes(raw, "little")
+    return [o for o in vcpus if mask >> o.id & 1]
 
 
 def _set_done(v: "VCPU", done_out: int, n: int) -> None:
@@ -179,7 +192,14 @@ def _mmuext_one(v: "VCPU", cmd: int, arg1: int, arg2: int) -> None:
             v.load_root()
     elif cmd in (MmuExt.TLB_FLUSH_LOCAL, MmuExt.INVLPG_LOCAL):
         v.engine.flush_tlb()
-    elif cmd in (MmuExt.TLB_FLUSH_MULTI, MmuExt.INVLPG_MULTI, MmuExt.TLB_FLUSH_ALL, MmuExt.INVLPG_ALL):
+    elif cmd in (MmuExt.TLB_FLUSH_MULTI, MmuExt.INVLPG_MULTI):
+        try:
+            targets = vcpumask(v, arg2)
+        except GuestFault:
+            raise MMUError(Errno.EINVAL, f"vcpumask at {arg2:#x} unreadable") from None
+        for other in targets:
+            other.engine.flush_tlb()
+    elif cmd in (MmuExt.TLB_FLUSH_ALL, MmuExt.INVLPG_ALL):
         _flush_all(v)
     elif cmd in (MmuExt.FLUSH_CACHE, MmuExt.FLUSH_CACHE_GLOBAL):
         raise MMUError(Errno.EACCES, "cache flush needs privilege")
@@ -216,4 +236,10 @@ def do_update_va_mapping(v: "VCPU", va: int, val: int, flags: int, *_) -> int:
     # cached (mmu.PageTables.update_entry), so mapping a fresh page needs no flush.
     if pt.update_entry(v.domain.domid, ptr, val):
         _flush_all(v)
+    # UVMF_TLB_FLUSH / UVMF_INVLPG with a vcpumask pointer (neither UVMF_LOCAL nor
+    # UVMF_ALL): Xen reads the mask after the update; unreadable is -EFAULT.
+    bmap = flags & ~UVMF_FLUSHTYPE_MASK & 0xFFFFFFFFFFFFFFFF
+    if flags & UVMF_FLUSHTYPE_MASK in (UVMF_TLB_FLUSH, UVMF_INVLPG) and bmap not in (0, UVMF_ALL):   # 0: UVMF_LOCAL
+        for other in vcpumask(v, bmap):        # GuestFault: -EFAULT
+            other.engine.flush_tlb()
     return 0

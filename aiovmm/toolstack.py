@@ -48,8 +48,9 @@ def introduce(hv: "Hypervisor", dom: "Domain") -> None:
         "console/type": "xenconsoled",
         "console/output": "pty",
         "console/backend-id": "0",
-        "cpu/0/availability": "online",
     }
+    for i in range(max(1, len(dom.vcpus))):       # libxl: one per vCPU (Linux's cpu_hotplug)
+        keys[f"cpu/{i}/availability"] = "online"
     for k, v in keys.items():
         st.write(f"{home}/{k}", v)
         st.set_perms(f"{home}/{k}", _perms(0, d))

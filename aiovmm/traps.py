@@ -117,6 +117,8 @@ def inject_exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
                 eng.stop()
                 return
             # refused: fall through and bounce the #PF to the guest
+    if vector == 3 and len(dom.vcpus) > 1 and _stale_int3(v, rip):
+        return
     software = vector == 0x80 or vector >= 32 or vector in (3, 4)
     flags, _cs, handler = v.trap_table[vector] if vector < 256 else (0, 0, 0)
     if software:
@@ -150,6 +152,14 @@ def inject_exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
 def finish_ptwr(v: "VCPU") -> None:
     """Complete a trapped page-table store outside emulation; on refusal bounce the #PF."""
     w, v.pending_ptwr = v.pending_ptwr, None
+    if len(v.domain.vcpus) > 1:
+        # Other vCPUs of the domain may have run since the fault and changed the mapping
+        # or the table: decide again on the state as it is now; if it is not the same
+        # store to the same L1 table, the instruction runs again (and faults again if due).
+        now = ptwr.candidate(v, w.va, w.error, w.rip)
+        if now is None or (now.l1e_addr, now.frame, now.length) != (w.l1e_addr, w.frame, w.length):
+            v.engine.set("rip", w.rip)
+            return
     if not ptwr.complete(v, w):
         v.domain.mem.write_u64(v.info_maddr + VcpuInfo.arch_cr2, w.va)
         v.cr2 = w.va
@@ -158,6 +168,24 @@ def finish_ptwr(v: "VCPU") -> None:
             v.domain.crash(f"refused page-table store at rip {w.rip:#x} and no #PF handler")
             return
         bounce(v, handler, w.error & ~4, mask_events=bool(flags & TI_FLAG_MASK_EVENTS))
+
+
+def _stale_int3(v: "VCPU", rip: int) -> bool:
+    """An int3 executed from translated code that another vCPU has rewritten since. Each
+    emulated vCPU has its own translated-block cache and one vCPU's stores do not
+    invalidate another's; Linux's text_poke_bp puts an int3 into kernel text and takes it
+    out again while other CPUs run it. If memory no longer holds an int3 (CC, or CD 03)
+    before RIP, the hardware would not have trapped: nothing is delivered, RIP goes back
+    to the patched instruction and the vCPU's translated code is dropped before its next
+    slice (not inside the hook)."""
+    b1 = _byte_before(v, rip)
+    if b1 == 0xCC or (b1 == 0x03 and _byte_before(v, rip - 1) == 0xCD):
+        return False
+    log.debug("%r: stale int3 at %#x (memory has %#04x): retranslating", v, rip - 1, b1)
+    v.engine.write({"rip": rip - 1})
+    v.flush_code_pending = True
+    v.engine.stop()
+    return True
 
 
 def _byte_before(v: "VCPU", rip: int) -> int:

@@ -41,6 +41,8 @@ class VCPU:
         self.kernel_sp = 0
         self.fpu_ts = False
         self.online = True
+        self.initialised = True        # vCPUs 1..N-1 wait for VCPUOP_initialise (vcpu_op.py)
+        self.flush_code_pending = False  # drop translated code before the next slice (traps.py)
         self.blocked = False
         self.polling: frozenset[int] | None = None
         self._wake = asyncio.Event()
@@ -184,9 +186,16 @@ class VCPU:
         self.engine.stop()
 
     def kick(self) -> None:
-        if self.blocked and (self.polling is None):
-            self.blocked = False
-            self._wake.set()
+        """An event became pending for this vCPU (vcpu_mark_events_pending): unblock it.
+        As Xen's vcpu_unblock, this also ends a SCHEDOP_poll on other ports ("polling
+        period ends when a VCPU is unblocked"): Linux's PV spinlock waits in poll and must
+        still take an IPI meanwhile, or a lock holder waiting for that IPI deadlocks."""
+        if self.blocked:
+            if self.polling is not None:
+                self.end_poll()
+            else:
+                self.blocked = False
+                self._wake.set()
 
     def poll_kick(self, port: int) -> None:
         if self.blocked and self.polling is not None and port in self.polling:
@@ -269,6 +278,9 @@ class VCPU:
                         traps.finish_ptwr(self)
                         if dom.dying:
                             break
+                    if self.flush_code_pending:
+                        self.flush_code_pending = False
+                        self.engine.flush_code()
                     if self.pending_trap is not None:
                         vector, error, rip = self.pending_trap
                         self.pending_trap = None

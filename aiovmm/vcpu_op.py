@@ -16,8 +16,8 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import (
-    HYPERVISOR_VIRT_END, PAGE_SIZE, VCPU_INFO_SIZE, Errno, ShutdownReason,
-    VcpuInfo, VcpuOp, VCPU_SET_SINGLESHOT_TIMER,
+    HYPERVISOR_VIRT_END, PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS, Errno,
+    ShutdownReason, VcpuInfo, VcpuOp, VCPU_SET_SINGLESHOT_TIMER, is_canonical,
 )
 from .errors import HypercallError
 from .memory import PageType
@@ -25,6 +25,7 @@ from .mmu import GuestFault, MMUError
 from . import timers
 
 if TYPE_CHECKING:
+    from .domain import Domain
     from .vcpu import VCPU
 
 log = logging.getLogger("aiovmm.vcpu_op")
@@ -44,6 +45,11 @@ class RunState(enum.IntEnum):
     runnable = 1
     blocked = 2
     offline = 3
+
+
+# vcpus = N: every vCPU has its vcpu_info slot in shared_info (Xen's legacy 32), so a guest
+# never needs register_vcpu_info to bring one up; and all of them run on the one loop thread.
+MAX_VCPUS = XEN_LEGACY_MAX_VCPUS
 
 
 def _addr_ok(va: int, size: int) -> bool:
@@ -129,6 +135,39 @@ def release(v: "VCPU") -> None:
         v.info_frame = 0
 
 
+# ---------------------------------------------------------------------------- vCPUs 1..N-1
+def create_secondary(dom: "Domain", vcpu_id: int) -> "VCPU":
+    """A vCPU as Xen creates vCPUs 1..N-1 of a PV domain: existing (is_up answers 0,
+    bind_virq/bind_ipi may name it) but down and not initialised until the guest sends
+    VCPUOP_initialise with a vcpu_guest_context (vcpu_context.py) and VCPUOP_up. Its own
+    engine instance; its timers are armed when it first comes up."""
+    from .vcpu import VCPU
+    hv = dom.hypervisor
+    eng = hv.new_engine(dom, vcpu_id)
+    v = VCPU(dom, vcpu_id, eng)
+    eng.kernel_mode = lambda: v.kernel_mode
+    v.online = False
+    v.initialised = False
+    v.runstate = RunState.offline
+    v.periodic_ns = timers.DEFAULT_PERIOD_NS
+    timers.write_pvclock(v)
+    dom.vcpus.append(v)
+    return v
+
+
+def bring_up(v: "VCPU") -> None:
+    """VCPUOP_up (or VGCF_online) of an initialised vCPU: clear "down", wake its task and
+    restart its periodic timer."""
+    if v.online:
+        return
+    v.online = True
+    set_runstate(v, RunState.running)
+    if v.periodic_ns and v.periodic_handle is None:
+        timers.set_periodic(v, v.periodic_ns)
+    log.info("d%d: vcpu %d up", v.domain.domid, v.id)
+    v.wake()
+
+
 # ---------------------------------------------------------------------------- the hypercall
 def do_vcpu_op(v: "VCPU", cmd: int, vcpuid: int, arg: int, *_) -> int:
     cmd &= 0xFFFFFFFF
@@ -140,11 +179,10 @@ def do_vcpu_op(v: "VCPU", cmd: int, vcpuid: int, arg: int, *_) -> int:
     if cmd == VcpuOp.is_up:
         return 1 if target.online else 0
     if cmd == VcpuOp.up:
-        # vCPUs exist only once initialised here (the builder's vCPU 0): wake it if down.
-        if not target.online:
-            target.online = True
-            set_runstate(target, RunState.running)
-            target.wake()
+        # common_vcpu_op: an uninitialised vCPU cannot come up (-EINVAL).
+        if not target.initialised:
+            raise HypercallError(Errno.EINVAL, f"vCPU {target.id} is not initialised")
+        bring_up(target)
         return 0
     if cmd == VcpuOp.down:
         if not any(o.online for o in dom.vcpus if o is not target):
@@ -153,14 +191,20 @@ def do_vcpu_op(v: "VCPU", cmd: int, vcpuid: int, arg: int, *_) -> int:
             if target is v:
                 v.engine.stop()
             return 0
-        target.online = False
-        set_runstate(target, RunState.offline)
+        if target.online:
+            target.online = False
+            set_runstate(target, RunState.offline)
+            if target.periodic_handle is not None:   # runs only while the vCPU is up
+                target.periodic_handle.cancel()
+                target.periodic_handle = None
+            log.info("d%d: vcpu %d down", dom.domid, target.id)
         if target is v:
             v.engine.stop()
         return 0
     if cmd == VcpuOp.initialise:
-        # Only vCPU 0 exists and it is initialised: Xen refuses re-initialisation (-EEXIST).
-        raise HypercallError(Errno.EEXIST)
+        from . import vcpu_context
+        vcpu_context.initialise(v, target, arg)
+        return 0
     if cmd == VcpuOp.get_runstate_info:
         now = dom.hypervisor.system_time_ns()
         times = list(target.runstate_time)

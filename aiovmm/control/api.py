@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
+from ..vcpu_op import MAX_VCPUS
 from .daemon import CONSOLE_REPLAY_BYTES, ControlError, Controller, DomainSpec
 from . import metrics, openapi
 
@@ -162,7 +163,8 @@ async def create_domain(req: web.Request) -> web.Response:
         spec = DomainSpec(kernel=kernel, memory=_int_field(data, "memory", 1, 1 << 20) or 32,
                           name=_field(data, "name", str), cmdline=_field(data, "cmdline", str, default=""),
                           ramdisk=_field(data, "ramdisk", str) or None,
-                          maxmem=_int_field(data, "maxmem", 1, 1 << 20), vif=_strings(data, "vif"), disk=_strings(data, "disk"))
+                          maxmem=_int_field(data, "maxmem", 1, 1 << 20), vif=_strings(data, "vif"), disk=_strings(data, "disk"),
+                          vcpus=_int_field(data, "vcpus", 1, MAX_VCPUS) or 1)
     for key, v in (("kernel", spec.kernel), ("cmdline", spec.cmdline), ("name", spec.name or ""),
                    ("ramdisk", spec.ramdisk or "")):
         _check_text(key, v)                  # also what came out of a config file

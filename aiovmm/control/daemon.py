@@ -70,6 +70,7 @@ class DomainSpec:
     on_reboot: str = "restart"
     weight: int | None = None           # xl.cfg weight= / cap= (credit scheduler)
     cap: int | None = None
+    vcpus: int = 1                      # xl.cfg vcpus=
 
 
 @dataclasses.dataclass
@@ -140,7 +141,8 @@ class Controller:
         except ConfigError as e:
             raise ControlError(400, str(e)) from None
         return DomainSpec(kernel=cfg.kernel, memory=cfg.memory, name=cfg.name, cmdline=cfg.cmdline,
-                          ramdisk=cfg.ramdisk, maxmem=cfg.maxmem, vif=list(cfg.vif), disk=list(cfg.disk), weight=cfg.weight, cap=cfg.cap)
+                          ramdisk=cfg.ramdisk, maxmem=cfg.maxmem, vif=list(cfg.vif), disk=list(cfg.disk), weight=cfg.weight, cap=cfg.cap,
+                          vcpus=cfg.vcpus)
 
     async def create(self, spec: DomainSpec) -> Record:
         """Build and start a domain, or refuse with nothing left behind."""
@@ -170,7 +172,7 @@ class Controller:
         try:
             dom = await self.hv.create(spec.kernel, memory_mib=spec.memory, cmdline=spec.cmdline,
                                        name=spec.name, ramdisk=spec.ramdisk, max_memory_mib=spec.maxmem, on_console=console, vifs=spec.vif,
-                                       disks=spec.disk)
+                                       disks=spec.disk, vcpus=spec.vcpus)
         except BuildError as e:
             if spec.name is not None:
                 self.names.discard(spec.name)

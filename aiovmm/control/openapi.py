@@ -53,6 +53,7 @@ SCHEMAS: dict[str, dict] = {
               "name": STR, "cmdline": STR, "ramdisk": {**STR, "description": "initial ramdisk (xl ramdisk=)"},
               "maxmem": {"type": "integer", "minimum": 1, "maximum": 1 << 20,
                          "description": "MiB the balloon may grow to (xl maxmem=)"},
+              "vcpus": {"type": "integer", "minimum": 1, "maximum": 32},
               "vif": {"type": "array", "items": STR}, "disk": {"type": "array", "items": STR}},
              ["kernel"]),
     ]},

@@ -1,0 +1,175 @@
+"""VCPUOP_initialise: a guest brings up a vCPU of its own from a struct vcpu_guest_context.
+
+Xen's checks and their order (xen/common/domain.c default_initialise_vcpu,
+xen/arch/x86/domain.c arch_set_info_guest), for a 64-bit PV guest:
+1. the whole 5168-byte context is copied once (-EFAULT), then an initialised vCPU is
+   refused (-EEXIST); everything below reads the copy, never guest memory again;
+2. -EINVAL: debugreg[6]/[7] wider than 32 bits, a breakpoint address (debugreg[0..3]) in
+   Xen's range, a non-canonical rip, rsp, kernel_sp, fs_base, gs_base_kernel, gs_base_user,
+   event/syscall/failsafe callback, trap handler, or (with entries) LDT base; an LDT base
+   in Xen's range, not page aligned, or more than 8192 entries;
+3. selectors (cs, ss, kernel_ss, every trap cs) get RPL 3 (fixup_guest_*_selector: the
+   guest kernel runs in ring 3), rflags keeps only architectural bits, IOPL becomes the
+   virtual IOPL, IF is forced on;
+4. -EINVAL: more than 16 GDT frames; a vCPU not starting in kernel mode without a user
+   page-table root (ctrlreg[1]);
+5. the GDT frames are taken as Xen's pv_set_gdt takes them (-EINVAL: not the domain's, or
+   an unsafe descriptor); CR3 (ctrlreg[3]) must be a frame of the domain that validates as
+   an L4 table (a type reference is taken, as by NEW_BASEPTR; -EINVAL for a frame that is
+   not the domain's, the validation's errno otherwise); the same for a user root. On any
+   failure every reference taken is dropped again;
+6. only CR0.TS of ctrlreg[0] is kept, CR4 goes through the PV CR4 policy, debug registers
+   through set_debugreg.
+With VGCF_online in flags the vCPU is up at once; otherwise VCPUOP_up brings it up.
+
+Engines: the vCPU enters the guest at rip/rsp through the engine's start path, in Xen's
+flat 64-bit ring-3 code and stack segments (whatever code selector the context names: a
+64-bit kernel's own GDT code descriptor is equivalent; the first hypercall return loads the
+flat ones on Xen too). rax, rcx and rdx start at zero (the emulated engine's ring-0 stub
+carries rip, rsp and rflags in them); the FPU starts in its reset state (fpu_ctxt ignored).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .abi import FLAT_KERNEL_SS, HYPERVISOR_VIRT_END, PAGE_SHIFT, PAGE_SIZE, CallbackType, Errno, is_canonical
+from .errors import HypercallError
+from .memory import PageType
+from .migration.context import SIZE as CONTEXT_SIZE, VGCF, VcpuContext
+from .mmu import MMUError
+from . import cpuid, descriptors, emulate, timers, vcpu_op
+
+if TYPE_CHECKING:
+    from .vcpu import VCPU
+
+log = logging.getLogger("aiovmm.vcpu_op")
+
+MAX_LDT_ENTS = 8192
+MAX_GDT_FRAMES = 16
+CR0_TS = 1 << 3
+# X86_EFLAGS_ALL without IOPL (virtual), VM (discarded as IRET does), NT/RF/VIF/VIP/TF
+# which the engines cannot honour at entry: arithmetic flags, DF, AC, ID.
+RFLAGS_KEPT = 0x240CD5
+RFLAGS_IF = 0x200
+RFLAGS_MBS = 0x2
+CALLBACKF_mask_events = 1
+
+
+def _rpl3(sel: int) -> int:
+    """Xen's __fixup_guest_selector for a 64-bit PV guest (GUEST_KERNEL_RPL = 3)."""
+    return (sel & 0xFFFF) | 3
+
+
+def _xen_range(a: int) -> bool:
+    """__addr_ok's complement: canonical upper half below Xen's end is Xen's."""
+    return not (a < 1 << 47 or a >= HYPERVISOR_VIRT_END)
+
+
+def check(c: VcpuContext) -> None:
+    """Steps 2 and 4 of the module docstring: refuse a context before anything is taken."""
+    dr = c.debugreg
+    if dr[6] >> 32 or dr[7] >> 32:
+        raise HypercallError(Errno.EINVAL, "debugreg[6]/[7] wider than 32 bits")
+    for i in range(4):
+        if not emulate.breakpoint_addr_ok(dr[i]):
+            raise HypercallError(Errno.EINVAL, f"debugreg[{i}] {dr[i]:#x} in Xen's range")
+    r = c.regs
+    named = {"rip": r.get("rip", 0), "rsp": r.get("rsp", 0), "kernel_sp": c.kernel_sp,
+             "fs_base": c.fs_base, "gs_base_kernel": c.gs_base_kernel,
+             "gs_base_user": c.gs_base_user, "event_callback": c.event_callback,
+             "syscall_callback": c.syscall_callback, "failsafe_callback": c.failsafe_callback}
+    if c.ldt_ents:
+        named["ldt_base"] = c.ldt_base
+    for what, a in named.items():
+        if not is_canonical(a):
+            raise HypercallError(Errno.EINVAL, f"non-canonical {what} {a:#x}")
+    for vec, (_f, _cs, a) in enumerate(c.traps):
+        if not is_canonical(a):
+            raise HypercallError(Errno.EINVAL, f"non-canonical trap {vec} handler {a:#x}")
+    if _xen_range(c.ldt_base) or c.ldt_base & (PAGE_SIZE - 1) or c.ldt_ents > MAX_LDT_ENTS:
+        raise HypercallError(Errno.EINVAL, f"LDT {c.ldt_base:#x}/{c.ldt_ents}")
+    if (c.gdt_ents + 511) // 512 > MAX_GDT_FRAMES:
+        raise HypercallError(Errno.EINVAL, f"{c.gdt_ents} GDT entries")
+    if not c.flags & VGCF.in_kernel and not c.ctrlreg[1]:
+        raise HypercallError(Errno.EINVAL, "user-mode start without a user page-table root")
+
+
+def _take_root(v: "VCPU", cr3: int, what: str) -> int:
+    """A CR3 value of the context -> its MFN with an L4 type reference (NEW_BASEPTR's rule)."""
+    dom = v.domain
+    mem = dom.mem
+    mfn = cr3 >> PAGE_SHIFT
+    if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom.domid:
+        raise HypercallError(Errno.EINVAL, f"{what} {cr3:#x} is not a frame of d{dom.domid}")
+    dom.hypervisor.pagetables.get_type(mfn, PageType.l4, dom.domid)   # MMUError: its errno
+    return mfn
+
+
+def initialise(caller: "VCPU", v: "VCPU", arg: int) -> None:
+    """VCPUOP_initialise of vCPU `v` by `caller` (the module docstring has the rules)."""
+    raw = caller.copy_from_guest(arg, CONTEXT_SIZE)          # GuestFault: -EFAULT
+    if v.initialised:
+        raise HypercallError(Errno.EEXIST, f"vCPU {v.id} is already initialised")
+    c = VcpuContext.unpack(raw)
+    check(c)
+    dom = v.domain
+    hv = dom.hypervisor
+    pt = hv.pagetables
+    in_kernel = bool(c.flags & VGCF.in_kernel)
+    eng = v.engine
+    # The engine's long mode first: the GDT window (set_gdt) points its GDTR after it.
+    eng.setup_long_mode(0, hv.xen.GDT_VA, hv.xen.GDT_LIMIT)
+    taken: list[int] = []
+    try:
+        descriptors.set_gdt(v, list(c.gdt_frames), c.gdt_ents)
+        taken.append(_take_root(v, c.ctrlreg[3], "CR3"))
+        if c.ctrlreg[1]:
+            taken.append(_take_root(v, c.ctrlreg[1], "user CR3"))
+        if c.ldt_ents:
+            descriptors.set_ldt(v, c.ldt_base, c.ldt_ents)
+    except (HypercallError, MMUError):
+        for mfn in taken:
+            pt.put_type(mfn)
+        descriptors.release(v)
+        raise
+    v.kernel_root = taken[0]
+    v.user_root = taken[1] if len(taken) > 1 else 0
+    v.kernel_mode = in_kernel
+    v.trap_table = [(f, _rpl3(cs), a) if a else (0, 0, 0) for f, cs, a in c.traps]
+    v.kernel_ss, v.kernel_sp = _rpl3(c.kernel_ss or FLAT_KERNEL_SS), c.kernel_sp
+    cb: dict[int, tuple[int, int]] = {}
+    if c.event_callback:
+        cb[CallbackType.event] = (c.event_callback, CALLBACKF_mask_events)
+    if c.failsafe_callback:
+        cb[CallbackType.failsafe] = (c.failsafe_callback, CALLBACKF_mask_events
+                                     if c.flags & VGCF.failsafe_disables_events else 0)
+    if c.syscall_callback:
+        cb[CallbackType.syscall] = (c.syscall_callback, CALLBACKF_mask_events
+                                    if c.flags & VGCF.syscall_disables_events else 0)
+    v.callbacks = cb
+    v.fpu_ts = bool(c.ctrlreg[0] & CR0_TS)
+    v.cr2 = 0
+    v.cr4 = cpuid.fixup_guest_cr4(c.ctrlreg[4])
+    v.dr = [0, 0, 0, 0, 0, 0, emulate.DR6_ONES, emulate.DR7_ONES]
+    for i in (0, 1, 2, 3, 6, 7):
+        emulate.set_debugreg(v, i, c.debugreg[i])        # Xen ignores its result here too
+    r = c.regs
+    rflags = r.get("rflags", 0)
+    v.iopl = (rflags >> 12) & 3                          # IOPL privileges are virtualised
+    v.kernel_gs_base, v.user_gs_base = c.gs_base_kernel, c.gs_base_user
+    root = v.kernel_root if in_kernel else v.user_root
+    eng.set_cr3(root << PAGE_SHIFT)
+    gprs = {n: r.get(n, 0) for n in ("rbx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
+                                     "r12", "r13", "r14", "r15")}
+    eng.start_in_stub(hv.xen.STUB_VA, hv.xen.STUB_STACK_TOP, gprs, r.get("rip", 0),
+                      r.get("rsp", 0), (rflags & RFLAGS_KEPT) | RFLAGS_IF | RFLAGS_MBS)
+    eng.write({"fs_base": c.fs_base,
+               "gs_base": c.gs_base_kernel if in_kernel else c.gs_base_user})
+    eng.flush_tlb()
+    timers.write_pvclock(v)
+    v.initialised = True
+    log.info("d%d: vcpu %d initialised by vcpu %d: rip %#x rsp %#x cr3 %#x", dom.domid, v.id,
+             caller.id, r.get("rip", 0), r.get("rsp", 0), v.kernel_root << PAGE_SHIFT)
+    if c.flags & VGCF.online:
+        vcpu_op.bring_up(v)
