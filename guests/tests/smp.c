@@ -264,5 +264,10 @@ void app_main(void)
         sched_yield();
     R("is_up_1_down", HYPERVISOR_vcpu_op(VCPUOP_is_up, 1, NULL));
     printk("smp: done\n");
+    /* hold=1: stay up (blocked) so a toolstack can read the console before destroying it;
+     * a domain that has powered off is gone from the daemon with its console. */
+    if (cmdline_u64((const char *)start_info->cmd_line, "hold", 0))
+        for (;;)
+            sched_block();
     poweroff();
 }

@@ -22,9 +22,10 @@ def test_cfg_vcpus_listed(daemon: Daemon):
 def test_rest_create_vcpus(daemon: Daemon):
     from .ctlhelp import guest
     rec = daemon.api("POST", "/api/v1/domains", {"kernel": guest("smp"), "memory": 8, "name": "smpr",
-                                                 "vcpus": 2, "cmdline": "vcpus=2"})
+                                                 "vcpus": 2, "cmdline": "vcpus=2 hold=1"})
     text = daemon.wait_console("smpr", r"^smp: done$", timeout=120)
     assert re.search(r"^result ap_pongs 50$", text, re.M), text[-1500:]
+    daemon.ok("destroy", "smpr")
     status, _ = daemon.request("POST", "/api/v1/domains", {"kernel": guest("smp"), "vcpus": 33})
     assert status == 400
     assert rec
