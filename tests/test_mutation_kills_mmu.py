@@ -207,3 +207,23 @@ def test_baseptr_past_memory_is_einval():
                     assert a.mmuext(cmd, mfn) == EINVAL
             assert (a.v.kernel_root, a.v.user_root) == (kr, ur)
     run(main())
+
+
+def test_mmu_update_refuses_disallowed_flags():
+    """mmu_update of an L1 entry with a cache-attribute flag (PCD) or of an L2 entry with
+    PSE (a superpage: not for PV guests): -EINVAL, the entry unchanged."""
+    from aiovmm.abi import _PAGE_PCD, _PAGE_PSE
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            t, d = a.spare[0], a.spare[1]
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
+            assert a.mmu_update(((t << PAGE_SHIFT) + 8, (d << PAGE_SHIFT) | RO | _PAGE_PCD)) == (EINVAL, 0)
+            assert mem.read_u64((t << PAGE_SHIFT) + 8) == 0 and mem.refs[d] == 0
+            l2e = a.l2_entry(a.free_l2_va())
+            assert a.mmu_update((l2e, (t << PAGE_SHIFT) | TABLE | _PAGE_PSE)) == (EINVAL, 0)
+            assert mem.read_u64(l2e) == 0 and mem.type_count[t] == 1
+            clean(hv)
+    run(main())
