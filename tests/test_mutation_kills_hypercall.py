@@ -182,3 +182,21 @@ def test_multicall_carries_a_sub_call_continuation():
             assert _result(a, mc, 1) == 0 and _result(a, mc, 2) != 0xDEAD
             eng.slice.deadline_ns = 0
     run(main())
+
+
+def test_multicall_stops_after_a_sub_call_that_crashed_the_domain():
+    """An iret entry whose context is unreadable crashes the domain (Xen: domain_crash);
+    the multicall stops there: no result is written back and the next entry never runs."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            eng = a.v.engine
+            eng.slice.deadline_ns = time.monotonic_ns() + 60 * 10**9
+            va = a._args(bytes(128), 0)
+            _entries(a, va, (Hypercall.iret,), (Hypercall.xen_version, XenVer.version))
+            eng.write({"rsp": a.free_l2_va()})                  # unmapped: no iret context
+            assert hypercall.call(a.v, Hypercall.multicall, va, 2) is None
+            assert a.dom.dying
+            assert _result(a, va, 0) == 0xDEAD and _result(a, va, 1) == 0xDEAD
+            eng.slice.deadline_ns = 0
+    run(main())

@@ -169,3 +169,61 @@ def test_mmu_update_of_a_writable_data_frame_is_a_plain_store():
             assert mem.read_u64((d << PAGE_SHIFT) + 16) == 0xABCDEF
             clean(hv)
     run(main())
+
+
+def test_pinning_an_l1_validates_every_entry():
+    """Pinning an L1 validates all 512 entries as the guest wrote them (Xen's
+    alloc_l1_table): an entry naming another domain's frame is -EBUSY, one with a flag an
+    L1 entry may not carry (PCD/PWT/PAT cache attributes) -EINVAL; nothing is taken."""
+    from aiovmm.abi import _PAGE_PCD
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            b = lab.park(hv, kernel(), 8, "b")
+            mem = hv.mem
+            t, d = a.spare[0], a.spare[1]
+            for e, rc in (((b.spare[0] << PAGE_SHIFT) | RO, EBUSY),
+                          ((d << PAGE_SHIFT) | RO | _PAGE_PCD, EINVAL)):
+                mem.write_u64((t << PAGE_SHIFT) + 8 * 5, (d << PAGE_SHIFT) | RO)
+                mem.write_u64((t << PAGE_SHIFT) + 8 * 9, e)
+                assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == rc
+                assert (mem.type_count[t], mem.refs[d], mem.refs[b.spare[0]]) == (0, 0, 0)
+            mem.write_u64((t << PAGE_SHIFT) + 8 * 9, 0)
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0 and mem.refs[d] == 1
+            clean(hv)
+    run(main())
+
+
+def test_baseptr_past_memory_is_einval():
+    """NEW_BASEPTR / NEW_USER_BASEPTR naming a frame past machine memory: -EINVAL (get_type
+    checks the frame exists before anything else), the roots unchanged."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            kr, ur = a.v.kernel_root, a.v.user_root
+            for cmd in (MmuExt.NEW_BASEPTR, MmuExt.NEW_USER_BASEPTR):
+                for mfn in (hv.mem.nr_frames, hv.mem.nr_frames + 5, (1 << 40) - 1):
+                    assert a.mmuext(cmd, mfn) == EINVAL
+            assert (a.v.kernel_root, a.v.user_root) == (kr, ur)
+    run(main())
+
+
+def test_mmu_update_refuses_disallowed_flags():
+    """mmu_update of an L1 entry with a cache-attribute flag (PCD) or of an L2 entry with
+    PSE (a superpage: not for PV guests): -EINVAL, the entry unchanged."""
+    from aiovmm.abi import _PAGE_PCD, _PAGE_PSE
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            t, d = a.spare[0], a.spare[1]
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
+            assert a.mmu_update(((t << PAGE_SHIFT) + 8, (d << PAGE_SHIFT) | RO | _PAGE_PCD)) == (EINVAL, 0)
+            assert mem.read_u64((t << PAGE_SHIFT) + 8) == 0 and mem.refs[d] == 0
+            l2e = a.l2_entry(a.free_l2_va())
+            assert a.mmu_update((l2e, (t << PAGE_SHIFT) | TABLE | _PAGE_PSE)) == (EINVAL, 0)
+            assert mem.read_u64(l2e) == 0 and mem.type_count[t] == 1
+            clean(hv)
+    run(main())
