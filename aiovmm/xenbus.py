@@ -78,17 +78,12 @@ def write_keys(store: Store, base: str, keys: dict[str, str], perms: list[str]) 
         store.set_perms(f"{base}/{k}", perms)
 
 
-def reraise_cancellation() -> None:
-    """Re-raise a cancellation of the current task that a TaskGroup swallowed.
-
-    Python 3.11's TaskGroup gives a child's error priority over its parent's own
-    cancellation: a backend whose frontend closes (a child raises its disconnect) just as the
-    toolstack cancels it (detach) sees only the disconnect in its `except*`, and would go on
-    waiting for a reconnect with the cancel lost. Called just before that wait, after the
-    disconnect's reason has been recorded (so neither the cancel nor the reason is lost)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+def is_online(store: Store, back: str) -> bool:
+    """Linux's xenbus_dev_is_online: the toolstack writes <backend>/online = 0 before it
+    detaches a device. A backend whose frontend has closed then ends instead of waiting for
+    a reconnect; that is also what ends it when the toolstack's cancel raced the frontend's
+    close (Python 3.11's TaskGroup reports the child's error and drops the cancel)."""
+    return read_str(store, f"{back}/online", "1") != "0"
 
 
 async def wait_for_state(store: Store, path: str, states: set[XenbusState]) -> XenbusState:

@@ -46,7 +46,7 @@ from aiovmm.ratelimit import Limit, Limiter, Throttle, make_limit, parse_size_ra
 from aiovmm.ring import BackRing
 from aiovmm.errors import BuildError
 from aiovmm.events import EventError
-from aiovmm.xenbus import Watch, reraise_cancellation, XenbusState, read_state, read_str, write_keys
+from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
 from aiovmm.xenstore.core import XsError
 
 from . import io as bio
@@ -697,7 +697,8 @@ class Blkback:
                 if isinstance(outcome, FrontendGone):
                     log.info("d%d: vbd %s: frontend closed", self.dom.domid, self.vdev)
                     self._set_state(XenbusState.Closed)
-                    reraise_cancellation()       # a detach's cancel that raced the close
+                    if not is_online(st, self.back):
+                        return                   # being detached: no reconnect (Linux blkback)
                     # Wait for the frontend to start over before offering the device again.
                     while read_state(st, self.front) not in (XenbusState.Initialising, XenbusState.InitWait):
                         await watch.next()

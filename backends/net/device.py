@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from aiovmm import grants
 from aiovmm.ratelimit import Limit, Limiter, Throttle, parse_vif_rate
 from aiovmm.ring import BackRing
-from aiovmm.xenbus import reraise_cancellation, Watch, XenbusState, read_state, read_str, write_keys
+from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
 from aiovmm.xenstore.core import XsError
 
 from . import tap as taplib
@@ -386,12 +386,13 @@ class Netback:
                 if not isinstance(gone, FrontendClosed):
                     log.info("d%d: vif %d disconnected: %s", self.dom.domid, self.devid, gone)
                     return
-                reraise_cancellation()           # a detach's cancel that raced the close
                 log.info("d%d: vif %d: frontend closed; waiting for it to reconnect", self.dom.domid, self.devid)
                 while read_state(st, self.front) not in (XenbusState.Closed, XenbusState.Unknown,
                                                          XenbusState.Initialising, XenbusState.InitWait):
                     await watch.next()
                 self._set_state(XenbusState.Closed)
+                if not is_online(st, self.back):
+                    return                       # being detached: no reconnect (Linux netback)
                 while read_state(st, self.front) not in (XenbusState.Initialising, XenbusState.InitWait):
                     await watch.next()
         finally:
