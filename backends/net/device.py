@@ -211,6 +211,9 @@ class NetStats:
     rx_dropped: int = 0           # no rx buffer posted / bad rx grant
     events_sent: int = 0
     bad_indices: int = 0
+    tx_gso: int = 0               # guest -> tap packets handed over as GSO (TSO) frames
+    rx_gso: int = 0               # tap -> guest GSO packets (with a GSO extra)
+    rx_waits: int = 0             # a frame waited for rx requests (flow control, not a drop)
 
 
 class Netback:
@@ -669,6 +672,7 @@ class Netback:
                 hdr_len = l4 + ((buf[l4 + 12] >> 4) << 2) - VNET_HDR_LEN
                 _VNET.pack_into(buf, 0, VNET_F_NEEDS_CSUM, _GSO_TO_VNET[gtype], hdr_len, size,
                                 l4 - VNET_HDR_LEN, field)
+                self.stats.tx_gso += 1
             else:
                 _VNET.pack_into(buf, 0, VNET_F_NEEDS_CSUM, 0, l4 - VNET_HDR_LEN + field + 2, 0,
                                 l4 - VNET_HDR_LEN, field)
@@ -726,6 +730,7 @@ class Netback:
                 self.stats.rx_dropped += 1
                 continue
             if avail < need:
+                self.stats.rx_waits += 1
                 self._rx_wait(need)
                 break
             self._rx_deliver()
@@ -773,6 +778,7 @@ class Netback:
         extra = _VNET_TO_GSO[gtype] if gtype else 0
         if extra:
             first_flags |= NETRXF_extra_info
+            self.stats.rx_gso += 1
         pos, end, slot, failed = VNET_HDR_LEN, self._rx_len, 0, False
         while pos < end or extra:
             rid, gref = _RXREQ.unpack_from(r.v, r.slot_off(r.req_cons))   # copied once
