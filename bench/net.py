@@ -394,11 +394,13 @@ async def iperf(lan: VirtualLan, ip: str, seconds: float, reverse: bool) -> dict
     for _ in range(30):
         rc, out = await lan.run("iperf3", "-c", ip, "-t", str(seconds), "-J", *(["-R"] if reverse else []),
                                 timeout=seconds + 60)
-        if rc == 0:
+        try:
             end = json.loads(out)["end"]
             return {"mbps": end["sum_received"]["bits_per_second"] / 1e6,
                     "retransmits": end["sum_sent"].get("retransmits", 0)}
-        await asyncio.sleep(1)                   # the guest's server still starting
+        except (ValueError, KeyError):
+            pass                                 # the guest's server starting, or busy
+        await asyncio.sleep(1)
     fail(f"iperf3 to {ip}: {out[-300:]}")
 
 

@@ -1,17 +1,22 @@
 """netback: Xen's netif protocol (xen-pv-abi.md §11) between a guest's rings and a tap.
 
 Handshake: the toolstack writes both xenstore directories (frontend device/vif/<n>, backend
-/local/domain/0/backend/vif/<domid>/<n>); the backend publishes feature-rx-copy and moves to
-InitWait; once the frontend has written tx-ring-ref, rx-ring-ref and event-channel and moved
-to Initialised/Connected, the backend maps the two ring grants, binds the event channel,
-creates the tap, attaches it to the bridge and moves to Connected.
+/local/domain/0/backend/vif/<domid>/<n>); the backend publishes its features (rx-copy,
+sg, gso-tcpv4/tcpv6, ipv6-csum-offload) and moves to InitWait; once the frontend has written
+tx-ring-ref, rx-ring-ref and event-channel and moved to Initialised/Connected, the backend
+reads what the frontend takes, maps the two ring grants, binds the event channel, creates
+the tap (with a virtio_net_hdr on every frame, offloads set to what the frontend takes),
+attaches it to the bridge and moves to Connected.
 
-Data path, batched as the research showed necessary: every wake-up drains the tx ring
-(guest -> tap, grant copy out of the guest's pages) and then as many tap frames as there are
-posted rx buffers (tap -> guest, copied into the granted pages), and pushes responses with one
-event per batch under the event-index rules. Everything the guest writes is untrusted: a bad
-grant, an offset+size beyond the page, an oversized packet or insane ring indices get an error
-response and a counter (or disconnect the vif), never an exception into the loop.
+Data path, batched and driven by callbacks (a guest event schedules one pass, a readable tap
+runs one): every pass drains the tx ring (guest -> tap, grant copy out of the guest's pages,
+checksum and GSO state handed to the kernel in the virtio_net_hdr) and then up to RX_BATCH
+tap frames into posted rx buffers (several per GSO frame, as Linux netback lays them out),
+and pushes responses with one event per pass under the event-index rules. A frame finding too
+few rx requests waits and the tap is not read meanwhile (flow control). Everything the guest
+writes is untrusted: a bad grant, an offset+size beyond the page, an oversized packet, a bad
+GSO extra or insane ring indices get an error response and a counter (or disconnect the
+vif), never an exception into the loop.
 """
 from __future__ import annotations
 
