@@ -1,17 +1,22 @@
 """netback: Xen's netif protocol (xen-pv-abi.md §11) between a guest's rings and a tap.
 
 Handshake: the toolstack writes both xenstore directories (frontend device/vif/<n>, backend
-/local/domain/0/backend/vif/<domid>/<n>); the backend publishes feature-rx-copy and moves to
-InitWait; once the frontend has written tx-ring-ref, rx-ring-ref and event-channel and moved
-to Initialised/Connected, the backend maps the two ring grants, binds the event channel,
-creates the tap, attaches it to the bridge and moves to Connected.
+/local/domain/0/backend/vif/<domid>/<n>); the backend publishes its features (rx-copy,
+sg, gso-tcpv4/tcpv6, ipv6-csum-offload) and moves to InitWait; once the frontend has written
+tx-ring-ref, rx-ring-ref and event-channel and moved to Initialised/Connected, the backend
+reads what the frontend takes, maps the two ring grants, binds the event channel, creates
+the tap (with a virtio_net_hdr on every frame, offloads set to what the frontend takes),
+attaches it to the bridge and moves to Connected.
 
-Data path, batched as the research showed necessary: every wake-up drains the tx ring
-(guest -> tap, grant copy out of the guest's pages) and then as many tap frames as there are
-posted rx buffers (tap -> guest, copied into the granted pages), and pushes responses with one
-event per batch under the event-index rules. Everything the guest writes is untrusted: a bad
-grant, an offset+size beyond the page, an oversized packet or insane ring indices get an error
-response and a counter (or disconnect the vif), never an exception into the loop.
+Data path, batched and driven by callbacks (a guest event schedules one pass, a readable tap
+runs one): every pass drains the tx ring (guest -> tap, grant copy out of the guest's pages,
+checksum and GSO state handed to the kernel in the virtio_net_hdr) and then up to RX_BATCH
+tap frames into posted rx buffers (several per GSO frame, as Linux netback lays them out),
+and pushes responses with one event per pass under the event-index rules. A frame finding too
+few rx requests waits and the tap is not read meanwhile (flow control). Everything the guest
+writes is untrusted: a bad grant, an offset+size beyond the page, an oversized packet, a bad
+GSO extra or insane ring indices get an error response and a counter (or disconnect the
+vif), never an exception into the loop.
 """
 from __future__ import annotations
 
@@ -40,9 +45,13 @@ log = logging.getLogger("aiovmm.backends.net")
 
 RING_SIZE = 256
 TX_SLOT, RX_SLOT = 12, 8
+PAGE = 4096
 NETTXF_csum_blank, NETTXF_data_validated, NETTXF_more_data, NETTXF_extra_info = 1, 1 << 1, 1 << 2, 1 << 3
+NETRXF_data_validated, NETRXF_csum_blank, NETRXF_more_data, NETRXF_extra_info = 1, 1 << 1, 1 << 2, 1 << 3
 NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETIF_RSP_NULL = -2, -1, 0, 1
 XEN_NETIF_EXTRA_FLAG_MORE = 1
+XEN_NETIF_EXTRA_TYPE_GSO = 1
+XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6 = 1, 2
 MAX_PACKET = 0xFFFF
 MAX_SLOTS = 18                 # XEN_NETIF_NR_SLOTS_MIN: the most slots a packet may use here
 MAX_FRAME = 1514 + 4
@@ -51,6 +60,20 @@ _TXREQ = struct.Struct("<IHHHH")       # gref offset flags id size
 _TXRSP = struct.Struct("<Hh")          # id status
 _RXREQ = struct.Struct("<H2xI")        # id gref
 _RXRSP = struct.Struct("<HHHh")        # id offset flags status
+_S16 = struct.Struct("<h")
+_EXTRA_GSO = struct.Struct("<BBHB")             # netif_extra_info: type flags gso.size gso.type
+_EXTRA_GSO_RSP = struct.Struct("<BBHBBH")       # ... gso.pad gso.features (an 8-byte rx slot)
+
+# The tap's virtio_net_hdr (linux/virtio_net.h), in front of every frame both ways.
+_VNET = struct.Struct("<BBHHHH")       # flags gso_type hdr_len gso_size csum_start csum_offset
+VNET_HDR_LEN = _VNET.size
+VNET_F_NEEDS_CSUM, VNET_F_DATA_VALID = 1, 2
+VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_GSO_ECN = 1, 4, 0x80
+_GSO_TO_VNET = {XEN_NETIF_GSO_TYPE_TCPV4: VNET_GSO_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6: VNET_GSO_TCPV6}
+_VNET_TO_GSO = {v: k for k, v in _GSO_TO_VNET.items()}
+_GSO_FAMILY = {XEN_NETIF_GSO_TYPE_TCPV4: 4, XEN_NETIF_GSO_TYPE_TCPV6: 6}
+_CSUM_FIELD = {6: 16, 17: 6}           # offset of the checksum in a TCP / UDP header
+RX_BUF = VNET_HDR_LEN + 14 + 4 + 65535  # the largest frame a tap hands over (GSO, one VLAN tag)
 
 
 def _csum16(data: bytes | bytearray, initial: int = 0) -> int:
@@ -65,43 +88,54 @@ def _csum16(data: bytes | bytearray, initial: int = 0) -> int:
     return total
 
 
-def complete_checksum(frame: bytearray) -> bool:
-    """Fill in the TCP or UDP checksum of an IPv4 frame sent with NETTXF_csum_blank.
+def l4_header(frame: bytes | bytearray, base: int = 0) -> tuple[int, int, int] | None:
+    """(IP version, offset of the TCP/UDP header, protocol) of the Ethernet frame at `base`
+    (one optional 802.1Q tag), or None when it is no unfragmented IPv4 or IPv6 TCP/UDP
+    packet whose headers are all there: what a partial checksum or GSO needs to be found
+    (Linux netback's skb_checksum_setup; IPv6 extension headers are not followed)."""
+    size = len(frame)
+    off = base + 14
+    if size < off:
+        return None
+    ethertype = (frame[base + 12] << 8) | frame[base + 13]
+    if ethertype == 0x8100 and size >= base + 18:
+        ethertype, off = (frame[base + 16] << 8) | frame[base + 17], base + 18
+    if ethertype == 0x0800:
+        if size < off + 20 or frame[off] >> 4 != 4:
+            return None
+        ihl = (frame[off] & 0x0F) * 4
+        total = (frame[off + 2] << 8) | frame[off + 3]
+        if ihl < 20 or total < ihl or off + total > size or ((frame[off + 6] << 8) | frame[off + 7]) & 0x3FFF:
+            return None
+        family, l4, proto = 4, off + ihl, frame[off + 9]
+    elif ethertype == 0x86DD:
+        if size < off + 40 or frame[off] >> 4 != 6:
+            return None
+        family, l4, proto = 6, off + 40, frame[off + 6]
+    else:
+        return None
+    if proto == 6:
+        if size < l4 + 20 or size < l4 + ((frame[l4 + 12] >> 4) << 2):
+            return None
+    elif proto != 17 or size < l4 + 8:
+        return None
+    return family, l4, proto
 
-    IPv4 TCP/UDP checksum offload is always on in the netif protocol (netif.h: a backend
-    cannot refuse it; Linux netfront always sets NETIF_F_IP_CSUM and sends partial
-    checksums with csum_blank), and Linux netback completes such checksums
-    (skb_checksum_setup) before the packet leaves. The tap has no offload either, so it is
-    done here: the field is computed over the pseudo-header and the whole L4 segment.
-    Returns False for a frame whose checksum cannot be completed (not IPv4 TCP/UDP,
-    truncated, a fragment): Linux netback drops those (checksum_setup fails)."""
-    off = 14
-    ethertype = int.from_bytes(frame[12:14], "big")
-    if ethertype == 0x8100 and len(frame) >= 18:          # one 802.1Q tag
-        ethertype, off = int.from_bytes(frame[16:18], "big"), 18
-    if ethertype != 0x0800 or len(frame) < off + 20:
-        return False
-    ihl = (frame[off] & 0x0F) * 4
-    total = int.from_bytes(frame[off + 2:off + 4], "big")
-    proto = frame[off + 9]
-    frag = int.from_bytes(frame[off + 6:off + 8], "big") & 0x3FFF
-    if frame[off] >> 4 != 4 or ihl < 20 or total < ihl or off + total > len(frame) or frag:
-        return False
-    l4 = off + ihl
-    seg_len = total - ihl
-    field = {6: 16, 17: 6}.get(proto)
-    if field is None or seg_len < field + 2:
-        return False
-    frame[l4 + field:l4 + field + 2] = b"\0\0"
-    pseudo = frame[off + 12:off + 20] + bytes((0, proto)) + seg_len.to_bytes(2, "big")
-    s = _csum16(frame[l4:l4 + seg_len], _csum16(pseudo))
-    c = (~s) & 0xFFFF
+
+def set_pseudo_sum(frame: bytearray, base: int, family: int, l4: int, proto: int) -> None:
+    """Store the pseudo-header sum (not inverted) in the L4 checksum field, as a partial
+    checksum expects it (Linux's skb_checksum_setup with recalculation)."""
+    ip = base + 14 if frame[base + 12:base + 14] != b"\x81\x00" else base + 18
+    seg_len = len(frame) - l4
+    if family == 4:
+        addrs = frame[ip + 12:ip + 20]
+    else:
+        addrs = frame[ip + 8:ip + 40]
+    s = _csum16(bytes(addrs) + bytes((0, proto)) + seg_len.to_bytes(2, "big"))
     if sys.byteorder == "little":
-        c = ((c & 0xFF) << 8) | (c >> 8)      # the sum was of little-endian words
-    if c == 0 and proto == 17:
-        c = 0xFFFF                             # UDP: 0 means "no checksum"
-    frame[l4 + field:l4 + field + 2] = c.to_bytes(2, "big")
-    return True
+        s = ((s & 0xFF) << 8) | (s >> 8)
+    field = l4 + _CSUM_FIELD[proto]
+    frame[field:field + 2] = s.to_bytes(2, "big")
 
 
 def random_mac() -> str:
@@ -152,6 +186,15 @@ class VifConfig:
         return cfg
 
 
+class _Kick:
+    """What HostPort.link calls `set()` on: here a plain callback instead of an asyncio
+    Event, so a guest notification schedules netback's pass without waking a task."""
+    __slots__ = ("set",)
+
+    def __init__(self, fn) -> None:
+        self.set = fn
+
+
 VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
 
 
@@ -174,6 +217,9 @@ class NetStats:
     rx_dropped: int = 0           # no rx buffer posted / bad rx grant
     events_sent: int = 0
     bad_indices: int = 0
+    tx_gso: int = 0               # guest -> tap packets handed over as GSO (TSO) frames
+    rx_gso: int = 0               # tap -> guest GSO packets (with a GSO extra)
+    rx_waits: int = 0             # a frame waited for rx requests (flow control, not a drop)
 
 
 class Netback:
@@ -191,16 +237,28 @@ class Netback:
         self.rx: BackRing | None = None
         self.port = None
         self._maps: list = []
-        self._kick = asyncio.Event()
         self._tap_ready = False
         self._reader_on = False
+        self._handle: asyncio.Handle | None = None      # a scheduled _poll
+        self._stop: asyncio.Future | None = None        # the data path failed (VifDisconnect)
+        self._stalled = 0
+        self._rx_buf = bytearray(RX_BUF)                # a tap frame waiting for rx requests
+        self._rx_view = memoryview(self._rx_buf)
+        self._rx_len = 0                                # its length with the header, 0: none
+        self._rx_throttled = False
+        # What the frontend said it takes (read at connect): multi-slot rx packets, GSO
+        # types on rx, partial checksums on rx.
+        self.sg_rx = False
+        self.gso_rx: frozenset[int] = frozenset()
+        self.csum_rx = False
+        self._offload = taplib.TunOffload(0)
         self._bridge_watch: taplib.BridgeWatch | None = None
         self.connected = asyncio.Event()
         # Token buckets (aiovmm/ratelimit.py): one per direction, both at the vif's rate.
         self.tx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
         self.rx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
         self._tx_throttled = False
-        self.throttle = Throttle(self._kick.set)   # one wake-up for both directions
+        self.throttle = Throttle(self._schedule)   # one wake-up for both directions
         # IPv4 addresses the guest used as its own on this vif (ARP sender, IPv4 source),
         # for the announce on a new host (aiovmm/migration/devices.py); bounded.
         self.ipv4: list[str] = []
@@ -247,7 +305,7 @@ class Netback:
         if self.announce_t0 is None:
             self.announce_t0 = time.perf_counter()
             log.debug("d%d: vif %d: first announce frame", self.dom.domid, self.devid)
-        os.write(self.fd, frame)
+        os.write(self.fd, bytes(VNET_HDR_LEN) + frame)   # the tap takes a virtio_net_hdr first
         self.announced += 1
 
     def announce_frames(self) -> list[bytes]:
@@ -296,7 +354,8 @@ class Netback:
         on after the hand-over); released again if the migration is called off."""
         self.held = on
         if not on:
-            self._kick.set()
+            self._tap_ready = True
+            self._schedule()
 
     def forward(self) -> int:
         """After the hand-over: the unicast frames for the guest waiting in the tap go back
@@ -308,12 +367,19 @@ class Netback:
             return 0
         mac = bytes.fromhex(self.mac.replace(":", ""))
         n = 0
+        # Every tap frame carries its virtio_net_hdr (IFF_VNET_HDR), written back as read.
+        # A frame already read and waiting for rx requests goes first.
+        waiting = [bytes(self._rx_buf[:self._rx_len])] if self._rx_len else []
+        self._rx_len = 0
         for _ in range(4096):
-            try:
-                frame = os.read(self.fd, 65536)
-            except OSError:                      # BlockingIOError: the queue is empty
-                break
-            if frame[:6] != mac:
+            if waiting:
+                frame = waiting.pop()
+            else:
+                try:
+                    frame = os.read(self.fd, 65536)
+                except OSError:                  # BlockingIOError: the queue is empty
+                    break
+            if frame[VNET_HDR_LEN:VNET_HDR_LEN + 6] != mac:
                 continue
             try:
                 os.write(self.fd, frame)
@@ -354,8 +420,13 @@ class Netback:
         netdev across reconnects); a frontend that breaks the protocol is disconnected for
         good."""
         st = self.dom.hypervisor.xenstore.store
-        st.write(f"{self.back}/feature-rx-copy", "1")
-        st.write(f"{self.back}/feature-rx-flip", "0")
+        # What Linux netback offers (xenbus.c netback_probe), less multicast control, hashing,
+        # split event channels and several queues: packets of several slots and TSO both
+        # ways, checksum offload for IPv6 too (IPv4's is implied by the protocol).
+        for key, val in (("feature-rx-copy", "1"), ("feature-rx-flip", "0"), ("feature-sg", "1"),
+                         ("feature-gso-tcpv4", "1"), ("feature-gso-tcpv6", "1"),
+                         ("feature-ipv6-csum-offload", "1")):
+            st.write(f"{self.back}/{key}", val)
         watch = Watch(st, f"{self.front}/state", token=f"vif{self.dom.domid}.{self.devid}")
         try:
             while True:
@@ -413,14 +484,15 @@ class Netback:
     async def _open_tap(self) -> None:
         """Create the tap (in a worker thread: it may enter the vif's network namespace)."""
         try:
-            self.fd = await asyncio.to_thread(taplib.open_tap, self.ifname, self.cfg.netns)
+            self.fd = await asyncio.to_thread(taplib.open_tap, self.ifname, self.cfg.netns, True)
         except taplib.TapBusy:
             if self.cfg.ifname:
                 raise
             # Another hypervisor process on this host has its own d<domid>: Xen's name is
             # taken, so add this process's id (still within IFNAMSIZ).
             self.ifname = f"{self.ifname}-{os.getpid() % 100000}"[:15]
-            self.fd = await asyncio.to_thread(taplib.open_tap, self.ifname, self.cfg.netns)
+            self.fd = await asyncio.to_thread(taplib.open_tap, self.ifname, self.cfg.netns, True)
+        taplib.set_offload(self.fd, self._offload)
         self.dom.hypervisor.xenstore.store.write(f"{self.back}/vifname", self.ifname)
 
     async def _watch_front(self, watch: Watch) -> None:
@@ -446,8 +518,43 @@ class Netback:
         rxm = grants.host_map(self.dom, rx_ref)
         self._maps.append(rxm)
         self.tx, self.rx = BackRing(txm.view, RING_SIZE, TX_SLOT), BackRing(rxm.view, RING_SIZE, RX_SLOT)
+        self._frontend_features()
         self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
-        self.port.link(self._kick)             # guest events wake _serve directly
+        self.port.link(_Kick(self._schedule))  # a guest event schedules one pass, no task hop
+        self._rx_len = 0
+
+    def _frontend_features(self) -> None:
+        """Read what the frontend takes on rx and tell the tap (TUNSETOFFLOAD): the kernel
+        then hands over partial checksums and TSO frames only if the guest accepts them,
+        and completes or segments everything else itself. As Linux netback
+        (read_xenbus_vif_flags, xenvif_fix_features): GSO needs scatter-gather; checksum
+        offload is on unless feature-no-csum-offload; here it also needs IPv6's
+        (feature-ipv6-csum-offload), since the tap's switch covers both."""
+        st = self.dom.hypervisor.xenstore.store
+
+        def flag(key: str) -> bool:
+            return read_str(st, f"{self.front}/{key}", "0").strip() == "1"
+
+        self.sg_rx = flag("feature-sg")
+        self.csum_rx = not flag("feature-no-csum-offload") and flag("feature-ipv6-csum-offload")
+        gso = set()
+        if self.sg_rx and self.csum_rx:
+            if flag("feature-gso-tcpv4"):
+                gso.add(XEN_NETIF_GSO_TYPE_TCPV4)
+            if flag("feature-gso-tcpv6"):
+                gso.add(XEN_NETIF_GSO_TYPE_TCPV6)
+        self.gso_rx = frozenset(gso)
+        self._offload = taplib.TunOffload(0)
+        if self.csum_rx:
+            self._offload |= taplib.TunOffload.CSUM
+        if XEN_NETIF_GSO_TYPE_TCPV4 in gso:
+            self._offload |= taplib.TunOffload.TSO4
+        if XEN_NETIF_GSO_TYPE_TCPV6 in gso:
+            self._offload |= taplib.TunOffload.TSO6
+        if self.fd is not None:
+            taplib.set_offload(self.fd, self._offload)
+        log.info("d%d: vif %d: frontend takes sg=%d csum=%d gso=%s", self.dom.domid, self.devid,
+                 self.sg_rx, self.csum_rx, sorted(gso))
 
     def _disconnect(self) -> None:
         """Stop the data path (rings, event channel, tap reader); the tap itself stays."""
@@ -455,6 +562,10 @@ class Netback:
         if self.fd is not None and self._reader_on:
             asyncio.get_event_loop().remove_reader(self.fd)
             self._reader_on = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._rx_len = 0                        # a frame read for the old rings is dropped
         self.connected.clear()
         if self.port is not None:
             self.port.close()
@@ -478,44 +589,74 @@ class Netback:
             log.debug("d%d: vif %d: state Closed not written: %s", self.dom.domid, self.devid, e)
 
     # -- the data path -----------------------------------------------------------------------------
+    # Callbacks, not a task, on the hot path: a guest event schedules one `_poll` with
+    # call_soon (deduplicated), a readable tap calls it directly from the loop's reader; the
+    # `_serve` task only waits for the vif to stop. Every pass drains the tx ring, delivers
+    # up to RX_BATCH tap frames, pushes responses and sends at most one event.
+    def _schedule(self) -> None:
+        if self._handle is None and self.tx is not None:
+            self._handle = asyncio.get_running_loop().call_soon(self._poll)
+
     def _on_tap_readable(self) -> None:
         self._tap_ready = True
-        asyncio.get_running_loop().remove_reader(self.fd)
-        self._reader_on = False
-        self._kick.set()
+        self._poll()
+
+    def _poll(self) -> None:
+        self._handle = None
+        if self.tx is None or self._stop.done():
+            return
+        try:
+            self._pass()
+        except VifDisconnect as e:
+            self._set_reader(False)
+            if not self._stop.done():
+                self._stop.set_exception(e)
+
+    def _pass(self) -> None:
+        tx = self.tx
+        before = tx.req_cons
+        notify = self._process_tx()
+        notify |= self._process_rx()
+        if notify:
+            self.port.notify()
+            self.stats.events_sent += 1
+        # The tap is read while no frame waits for rx slots and the rate allows; a frame
+        # waiting keeps the rest in the kernel's queue (flow control, nothing dropped here).
+        self._set_reader(self._rx_len == 0 and not self._rx_throttled and not self.held)
+        if not self._tx_throttled and tx.final_check():
+            # Requests published meanwhile are consumed by the next pass; two passes in a
+            # row that consume nothing would be a spin on guest state: refuse it.
+            self._stalled = self._stalled + 1 if tx.req_cons == before else 0
+            if self._stalled > 1:
+                self._bad_frontend("requests published but never consumable")
+            self._schedule()                 # let others run first
+        else:
+            self._stalled = 0
+
+    def _set_reader(self, on: bool) -> None:
+        if on == self._reader_on or self.fd is None:
+            return
+        loop = asyncio.get_running_loop()
+        if on:
+            loop.add_reader(self.fd, self._on_tap_readable)
+        else:
+            loop.remove_reader(self.fd)
+        self._reader_on = on
 
     async def _serve(self) -> None:
-        """Serve both rings. It goes round again without waiting only after a pass that
-        consumed requests (every pass either consumes what is published or disconnects the
-        vif), and otherwise sleeps on the event channel or the tap: it never spins on state
-        the guest left unfinished."""
+        """Start the callbacks and wait until the data path fails (VifDisconnect) or the
+        vif's TaskGroup is cancelled."""
+        self._stop = asyncio.get_running_loop().create_future()
         self._tap_ready = True
-        tx, rx = self.tx, self.rx
-        stalled = 0
-        while True:
-            before = (tx.req_cons, rx.req_cons)
-            notify = self._process_tx()
-            notify |= self._process_rx()
-            if notify:
-                self.port.notify()
-                self.stats.events_sent += 1
-            again = not self._tx_throttled and tx.final_check()
-            if self._tap_ready and rx.unconsumed() == 0:
-                again |= rx.final_check()
-            if again:
-                # Requests published meanwhile are consumed by the next pass; two passes in
-                # a row that consume nothing would be a spin on guest state: refuse it.
-                stalled = stalled + 1 if (tx.req_cons, rx.req_cons) == before else 0
-                if stalled > 1:
-                    self._bad_frontend("requests published but never consumable")
-                await asyncio.sleep(0)           # more work published: let others run first
-                continue
-            stalled = 0
-            if not self._tap_ready and not self._reader_on:
-                asyncio.get_running_loop().add_reader(self.fd, self._on_tap_readable)
-                self._reader_on = True
-            await self._kick.wait()
-            self._kick.clear()
+        self._stalled = 0
+        try:
+            self._poll()
+            await self._stop
+        finally:
+            self._set_reader(False)
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
 
     # -- rate limit ---------------------------------------------------------------------------------
     def set_rate(self, limit: Limit | None) -> None:
@@ -525,17 +666,23 @@ class Netback:
         self.rx_limit.set(limit)
         log.info("d%d: vif %d: rate %s", self.dom.domid, self.devid,
                  f"{limit.bytes_per_s} B/s per {limit.interval_us} us" if limit else "unlimited")
-        self._kick.set()
+        self._schedule()
 
-    def _tx_response(self, rid: int, status: int) -> None:
+    # -- guest -> tap ---------------------------------------------------------------------------
+    def _tx_response(self, rid: int | None, status: int) -> None:
+        """One response in the next slot. An extra-info slot (rid None) gets only its status
+        NULL, as Linux netback writes it: the id field stays as the slot holds it."""
         r = self.tx
-        _TXRSP.pack_into(r.v, r.next_response_off(), rid, status)
+        off = r.next_response_off()
+        if rid is None:
+            _S16.pack_into(r.v, off + 2, status)
+        else:
+            _TXRSP.pack_into(r.v, off, rid, status)
         r.respond_done()
 
     def _process_tx(self) -> bool:
-        """Guest -> tap: every complete packet on the tx ring."""
+        """Guest -> tap: every complete packet on the tx ring, at most a ring's worth."""
         r = self.tx
-        dom = self.dom
         n = r.unconsumed()
         if n < 0:
             self._bad_frontend("tx ring indices")
@@ -547,11 +694,14 @@ class Netback:
             if limited and self.throttle.blocked(self.tx_limit):
                 self._tx_throttled = True        # the rest waits on the ring for the timer
                 break
-            first = _TXREQ.unpack_from(r.v, r.slot_off(r.req_cons))
-            # Gather the slots of one packet: more_data chains data slots; extra-info slots
-            # (chained by XEN_NETIF_EXTRA_FLAG_MORE) follow the slot that announced them.
+            base = r.req_cons
+            first = _TXREQ.unpack_from(r.v, r.slot_off(base))
+            # Gather the slots of one packet, each copied out of the ring once: more_data
+            # chains data slots; extra-info slots (chained by XEN_NETIF_EXTRA_FLAG_MORE)
+            # follow the slot that announced them.
             slots = [first]
-            kinds = ["data"]
+            ids: list[int | None] = [first[3]]
+            extras: list[bytes] = []
             i = 1
             flags = first[2]
             want_extra = bool(flags & NETTXF_extra_info)
@@ -563,116 +713,223 @@ class Netback:
                     # xenvif_count_requests. Waiting for the rest would leave the request
                     # unconsumed and the loop re-polling it.
                     self._bad_frontend("a packet's slot chain runs past req_prod")
-                off = r.slot_off(r.req_cons + i)
+                off = r.slot_off(base + i)
                 if want_extra:
-                    kinds.append("extra")
-                    # No extra-info type is negotiated (no GSO, multicast or hash features
-                    # are advertised): any extra makes the packet an error, as in Linux.
-                    ok = False
-                    want_extra = bool(r.v[off + 1] & XEN_NETIF_EXTRA_FLAG_MORE)
+                    ex = bytes(r.v[off:off + 8])
+                    extras.append(ex)
+                    ids.append(None)
+                    want_extra = bool(ex[1] & XEN_NETIF_EXTRA_FLAG_MORE)
                 else:
                     req = _TXREQ.unpack_from(r.v, off)
                     slots.append(req)
-                    kinds.append("data")
+                    ids.append(req[3])
                     flags = req[2]
                     if flags & NETTXF_extra_info:
                         ok = False             # only a packet's first slot may announce extras
                         want_extra = True
                 i += 1
-            if len(slots) > MAX_SLOTS:
+            if len(slots) > MAX_SLOTS or len(extras) > 1:
                 ok = False                     # consumed whole, answered ERROR slot by slot
-            frame = bytearray()
-            total = first[4]
-            if ok:
-                try:
-                    rest = sum(s[4] for s in slots[1:])
-                    first_len = total - rest
-                    if first_len < 0 or total > MAX_PACKET:
-                        raise grants.GrantError(grants.GntSt.bad_copy_arg, "bad sizes")
-                    for k, (gref, off, _fl, _id, size) in enumerate(slots):
-                        ln = first_len if k == 0 else size
-                        frame += grants.host_copy_from(dom, gref, off, ln)
-                except grants.GrantError as e:
-                    ok = False
-                    log.debug("d%d: vif %d: bad tx request: %s", dom.domid, self.devid, e)
-            status = NETIF_RSP_OKAY
-            if ok and first[2] & NETTXF_csum_blank and len(frame) >= 14:
-                ok = complete_checksum(frame)
-            if not ok or len(frame) < 14:
-                status = NETIF_RSP_ERROR
+            status = self._tx_packet(first, slots, extras) if ok else NETIF_RSP_ERROR
+            if status == NETIF_RSP_ERROR:
                 self.stats.tx_errors += 1
-            else:
-                try:
-                    os.write(self.fd, frame)
-                    if len(self.ipv4) < 8:
-                        self.learn_ipv4(frame)
-                    self.stats.tx_packets += 1
-                    self.stats.tx_bytes += len(frame)
-                    if limited:
-                        self.tx_limit.charge(len(frame))
-                except BlockingIOError:
-                    status = NETIF_RSP_DROPPED
-                    self.stats.tx_dropped += 1
-                except OSError:
-                    status = NETIF_RSP_ERROR
-                    self.stats.tx_errors += 1
+            elif status == NETIF_RSP_DROPPED:
+                self.stats.tx_dropped += 1
             # One response per consumed slot, in order; extra-info slots are answered NULL.
-            for idx, kind in enumerate(kinds):
-                rid = _TXREQ.unpack_from(r.v, r.slot_off(r.req_cons + idx))[3]
-                self._tx_response(rid, status if kind == "data" else NETIF_RSP_NULL)
-            r.req_cons = (r.req_cons + i) & 0xFFFFFFFF
+            for rid in ids:
+                self._tx_response(rid, status if rid is not None else NETIF_RSP_NULL)
+            r.req_cons = (base + i) & 0xFFFFFFFF
             n -= i
             done += i
             if n == 0 and done < RING_SIZE:        # at most a ring's worth per pass
                 n = max(r.unconsumed(), 0)
         return r.push_responses() if r.rsp_prod_pvt != r.get(8) else False
 
+    def _tx_packet(self, first: tuple, slots: list[tuple], extras: list[bytes]) -> int:
+        """Copy one validated chain out of the guest's grants and write it to the tap with
+        its virtio_net_hdr; the status for its data slots."""
+        gso: tuple[int, int] | None = None
+        for ex in extras:
+            etype, _eflags, size, gtype = _EXTRA_GSO.unpack_from(ex)
+            # Only a GSO extra is known here (no multicast control or hash is advertised);
+            # its type must be one we advertised and its size non-zero (Linux netback's
+            # xenvif_set_skb_gso: anything else is a bad packet).
+            if etype != XEN_NETIF_EXTRA_TYPE_GSO or size == 0 or gtype not in _GSO_TO_VNET:
+                return NETIF_RSP_ERROR
+            gso = (gtype, size)
+        total = first[4]
+        rest = sum(s[4] for s in slots[1:])
+        first_len = total - rest
+        if first_len < 0 or total > MAX_PACKET or total < 14:
+            return NETIF_RSP_ERROR
+        dom = self.dom
+        buf = bytearray(VNET_HDR_LEN)
+        try:
+            for k, (gref, off, _fl, _id, size) in enumerate(slots):
+                buf += grants.host_copy_from(dom, gref, off, first_len if k == 0 else size)
+        except grants.GrantError as e:
+            log.debug("d%d: vif %d: bad tx request: %s", dom.domid, self.devid, e)
+            return NETIF_RSP_ERROR
+        flags = first[2]
+        if gso is not None or flags & NETTXF_csum_blank:
+            h = l4_header(buf, VNET_HDR_LEN)
+            if h is None:
+                return NETIF_RSP_ERROR         # Linux netback: checksum_setup fails, dropped
+            family, l4, proto = h
+            field = _CSUM_FIELD[proto]
+            if gso is not None:
+                gtype, size = gso
+                if proto != 6 or family != _GSO_FAMILY[gtype]:
+                    return NETIF_RSP_ERROR
+                if not flags & NETTXF_csum_blank:
+                    # A GSO packet is always a partial checksum (Linux netback recalculates
+                    # the pseudo-header sum for a frontend that did not say so).
+                    set_pseudo_sum(buf, VNET_HDR_LEN, family, l4, proto)
+                hdr_len = l4 + ((buf[l4 + 12] >> 4) << 2) - VNET_HDR_LEN
+                _VNET.pack_into(buf, 0, VNET_F_NEEDS_CSUM, _GSO_TO_VNET[gtype], hdr_len, size,
+                                l4 - VNET_HDR_LEN, field)
+                self.stats.tx_gso += 1
+            else:
+                _VNET.pack_into(buf, 0, VNET_F_NEEDS_CSUM, 0, l4 - VNET_HDR_LEN + field + 2, 0,
+                                l4 - VNET_HDR_LEN, field)
+        elif flags & NETTXF_data_validated:
+            buf[0] = VNET_F_DATA_VALID
+        try:
+            os.write(self.fd, buf)
+        except BlockingIOError:
+            return NETIF_RSP_DROPPED
+        except OSError as e:                    # the kernel refused the header (EINVAL)
+            log.debug("d%d: vif %d: tap refused a frame: %s", dom.domid, self.devid, e)
+            return NETIF_RSP_ERROR
+        n = len(buf) - VNET_HDR_LEN
+        if len(self.ipv4) < 8:
+            self.learn_ipv4(memoryview(buf)[VNET_HDR_LEN:])
+        self.stats.tx_packets += 1
+        self.stats.tx_bytes += n
+        if self.tx_limit.active:
+            self.tx_limit.charge(n)
+        return NETIF_RSP_OKAY
+
+    # -- tap -> guest ---------------------------------------------------------------------------
     def _process_rx(self) -> bool:
-        """Tap -> guest: one frame per posted rx buffer, up to RX_BATCH per wake-up."""
-        if not self._tap_ready or self.held:
-            return False
+        """Tap -> guest: up to RX_BATCH frames, each into as many posted rx buffers as it
+        needs (one per page; one more for a GSO extra), copied once, one response per
+        request consumed. A frame that finds too few requests waits in `_rx_buf` and the tap
+        is not read until the guest posts more (flow control: the kernel keeps queueing)."""
+        if self.held:
+            return False                         # migration: frames stay in the tap
+        r = self.rx
+        delivered = False
+        limited = self.rx_limit.active
+        self._rx_throttled = False
+        for _ in range(RX_BATCH):
+            if self._rx_len == 0:
+                if not self._tap_ready:
+                    break
+                if limited and self.throttle.blocked(self.rx_limit):
+                    self._rx_throttled = True      # frames wait in the tap's queue
+                    break
+                try:
+                    self._rx_len = os.readv(self.fd, [self._rx_buf])
+                except (BlockingIOError, InterruptedError):
+                    self._tap_ready = False
+                    break
+                except OSError as e:
+                    log.debug("d%d: vif %d: tap read: %s", self.dom.domid, self.devid, e)
+                    self._tap_ready = False
+                    break
+                if self._rx_len <= VNET_HDR_LEN:
+                    self._rx_len = 0
+                    continue
+            avail = r.unconsumed()
+            if avail < 0:
+                self._bad_frontend("rx ring indices")
+            need = self._rx_slots_needed()
+            if need == 0:                            # undeliverable to this frontend
+                self._rx_len = 0
+                self.stats.rx_dropped += 1
+                continue
+            if avail < need:
+                self.stats.rx_waits += 1
+                self._rx_wait(need)
+                break
+            self._rx_deliver()
+            delivered = True
+        else:
+            self._schedule()                 # more may be waiting: come back after others ran
+        return r.push_responses() if delivered else False
+
+    def _rx_slots_needed(self) -> int:
+        """Requests the waiting frame takes, or 0 if this frontend cannot take it."""
+        n = self._rx_len - VNET_HDR_LEN
+        need = (n + PAGE - 1) // PAGE
+        gtype = self._rx_buf[1] & ~VNET_GSO_ECN
+        if gtype:
+            if _VNET_TO_GSO.get(gtype) not in self.gso_rx:
+                return 0
+            need += 1
+        if need > MAX_SLOTS or (need > 1 and not self.sg_rx):
+            return 0
+        return need
+
+    def _rx_wait(self, need: int) -> None:
+        """Ask for an event when the guest posts its next rx request (req_event =
+        req_prod + 1, as Linux netback's xenvif_rx_ring_slots_available), and come back at
+        once if it posted in between."""
+        r = self.rx
+        prod = r.req_prod
+        r.put(4, prod + 1)
+        if r.req_prod != prod:
+            self._schedule()
+
+    def _rx_deliver(self) -> None:
         r = self.rx
         dom = self.dom
-        avail = r.unconsumed()
-        if avail < 0:
-            self._bad_frontend("rx ring indices")
-            return False
-        done = 0
-        limited = self.rx_limit.active
-        while done < RX_BATCH and avail > 0:
-            if limited and self.throttle.blocked(self.rx_limit):
-                break                            # frames wait in the tap's queue
-            try:
-                frame = os.read(self.fd, 65536)
-            except BlockingIOError:
-                self._tap_ready = False
-                break
-            except OSError:
-                self._tap_ready = False
-                break
-            rid, gref = _RXREQ.unpack_from(r.v, r.slot_off(r.req_cons))
+        buf = self._rx_buf
+        mv = self._rx_view
+        n = self._rx_len - VNET_HDR_LEN
+        vflags, gtype, _hl, gso_size, _cs, _co = _VNET.unpack_from(buf, 0)
+        gtype &= ~VNET_GSO_ECN
+        first_flags = 0
+        if vflags & VNET_F_NEEDS_CSUM:
+            first_flags = NETRXF_csum_blank | NETRXF_data_validated
+        elif vflags & VNET_F_DATA_VALID:
+            first_flags = NETRXF_data_validated
+        extra = _VNET_TO_GSO[gtype] if gtype else 0
+        if extra:
+            first_flags |= NETRXF_extra_info
+            self.stats.rx_gso += 1
+        pos, end, slot, failed = VNET_HDR_LEN, self._rx_len, 0, False
+        while pos < end or extra:
+            rid, gref = _RXREQ.unpack_from(r.v, r.slot_off(r.req_cons))   # copied once
             r.req_cons = (r.req_cons + 1) & 0xFFFFFFFF
-            avail -= 1
-            status = len(frame)
-            if len(frame) > 4096:
-                status = NETIF_RSP_ERROR
-                self.stats.rx_dropped += 1
+            off = r.next_response_off()
+            if slot == 1 and extra:
+                _EXTRA_GSO_RSP.pack_into(r.v, off, XEN_NETIF_EXTRA_TYPE_GSO, 0, gso_size, extra, 0, 0)
+                extra = 0
             else:
+                ln = min(PAGE, end - pos)
                 try:
-                    grants.host_copy_to(dom, gref, 0, frame)
-                    self.stats.rx_packets += 1
-                    self.stats.rx_bytes += len(frame)
-                    if limited:
-                        self.rx_limit.charge(len(frame))
+                    grants.host_copy_to(dom, gref, 0, mv[pos:pos + ln])
+                    status = ln
                 except grants.GrantError:
                     status = NETIF_RSP_ERROR
-                    self.stats.rx_dropped += 1
-            _RXRSP.pack_into(r.v, r.next_response_off(), rid, 0, 0, status)
+                    failed = True
+                pos += ln
+                fl = NETRXF_more_data if pos < end else 0
+                if slot == 0:
+                    fl |= first_flags
+                _RXRSP.pack_into(r.v, off, rid, 0, fl, status)
             r.respond_done()
-            done += 1
-        if done == RX_BATCH:
-            self._kick.set()                 # more may be waiting: come back after others ran
-        return r.push_responses() if done else False
+            slot += 1
+        self._rx_len = 0
+        if failed:
+            self.stats.rx_dropped += 1
+        else:
+            self.stats.rx_packets += 1
+            self.stats.rx_bytes += n
+        if self.rx_limit.active:
+            self.rx_limit.charge(n)
 
     def _bad_frontend(self, what: str) -> None:
         self.stats.bad_indices += 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import enum
 import errno
 import fcntl
 import logging
@@ -33,8 +34,10 @@ from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 log = logging.getLogger("aiovmm.backends.net")
 
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"          # where `ip netns add` (and pyroute2) keep named namespaces
@@ -98,8 +101,13 @@ def in_netns(name: str | None) -> Iterator[None]:
         os.close(target)
 
 
-def open_tap(name: str, netns: str | None = None) -> int:
+def open_tap(name: str, netns: str | None = None, vnet_hdr: bool = False) -> int:
     """Create tap `name` (optionally inside namespace `netns`); returns a non-blocking fd.
+
+    With `vnet_hdr` every frame read or written carries a 10-byte virtio_net_hdr (IFF_VNET_HDR): it says
+    what the checksum and segmentation state of the frame is, which is how netback passes
+    Xen's csum_blank/data_validated flags and GSO extras to the kernel and back. Offloads
+    stay off (the kernel completes checksums and segments) until `set_offload`.
     Blocking (setns, ioctl): call from a worker thread."""
     if len(name.encode()) >= IFNAMSIZ:
         raise TapError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} characters")
@@ -109,12 +117,27 @@ def open_tap(name: str, netns: str | None = None) -> int:
         except FileNotFoundError:
             raise TapError("/dev/net/tun is missing (no tun/tap support)") from None
         try:
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(),
+                                                 IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)))
         except OSError as e:
             os.close(fd)
             cls = TapBusy if e.errno == errno.EBUSY else TapError
             raise cls(f"cannot create tap {name}: {e.strerror}") from None
     return fd
+
+
+class TunOffload(enum.IntFlag):
+    """TUNSETOFFLOAD flags (linux/if_tun.h): what frames read from the tap may still need."""
+    CSUM = 0x01          # partial checksums (virtio_net_hdr NEEDS_CSUM)
+    TSO4 = 0x02          # TCP/IPv4 segmentation left to the reader
+    TSO6 = 0x04
+    TSO_ECN = 0x08
+
+
+def set_offload(fd: int, flags: TunOffload) -> None:
+    """What the reader of `fd` accepts: the kernel hands over partial checksums and GSO
+    frames only when they are switched on here, and otherwise completes them itself."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, int(flags))
 
 
 def _where(netns: str | None) -> str:

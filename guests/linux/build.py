@@ -13,9 +13,12 @@ unchanged.
 Output (guests/build/linux/):
   vmlinuz               Debian's bzImage (CONFIG_XEN_PV=y, HVC_XEN=y)
   initramfs.cpio.gz     busybox, /init (instructions from the kernel command line), the
-                        kernel's own xen-netfront and xen-blkfront modules and the modules
-                        they depend on (from each module's .modinfo `depends=`, which is
-                        what depmod's modules.dep records; the package ships no modules.dep)
+                        kernel's own xen-netfront and xen-blkfront modules (virtio-net and
+                        virtio-pci for QEMU) and the modules they depend on (from each
+                        module's .modinfo `depends=`, which is what depmod's modules.dep
+                        records; the package ships no modules.dep);
+                        iperf3 with its shared libraries and glibc's loader (TOOLS);
+                        udpecho (udpecho.c, built with the host's gcc against that glibc)
   kernel-release        e.g. 6.1.0-57-amd64
 """
 from __future__ import annotations
@@ -32,8 +35,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODULES = ("kernel/drivers/net/xen-netfront.ko", "kernel/drivers/block/xen-blkfront.ko")
-INPUTS = ("init", "inittab", "profile", "build.py")
+MODULES = ("kernel/drivers/net/xen-netfront.ko", "kernel/drivers/block/xen-blkfront.ko",
+           "kernel/drivers/net/virtio_net.ko", "kernel/drivers/virtio/virtio_pci.ko")
+# Debian programs the benchmarks run in the guest: package -> its binaries. Each comes with
+# the shared libraries it loads (DT_NEEDED, closed over), from its lib* dependencies.
+TOOLS = {"iperf3": ("usr/bin/iperf3",)}
+LIBDIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
+INPUTS = ("init", "inittab", "profile", "build.py", "udpecho.c")
 
 
 def sh(*cmd: str, cwd: Path | None = None) -> str:
@@ -76,6 +84,50 @@ def fetch(pkg: str, ver: str, debs: Path, root: Path) -> None:
     deb = next(debs.glob(f"{pkg}_*.deb"))
     sh("dpkg-deb", "-x", str(deb), str(root))
     deb.unlink()                                  # unpacked; the .deb is not needed again
+
+
+def tool_packages() -> dict[str, str]:
+    """TOOLS' packages and their lib* dependencies (Depends, recursively) -> candidate version."""
+    todo, seen = list(TOOLS), {}
+    while todo:
+        pkg = todo.pop()
+        if pkg in seen:
+            continue
+        ver = candidate(pkg)
+        if ver is None:
+            raise SystemExit(f"build.py: apt knows no {pkg}")
+        seen[pkg] = ver
+        for line in sh("apt-cache", "depends", pkg).splitlines():
+            line = line.strip()
+            if line.startswith(("Depends:", "PreDepends:")):
+                dep = line.split(":", 1)[1].strip().split(":")[0]
+                if dep.startswith("lib") and not dep.startswith("<"):
+                    todo.append(dep)
+    return seen
+
+
+def elf_needed(path: Path) -> list[str]:
+    out = sh("readelf", "-d", str(path))
+    return [line.split("[", 1)[1].split("]", 1)[0] for line in out.splitlines() if "(NEEDED)" in line]
+
+
+def tool_files(root: Path) -> dict[str, bytes]:
+    """Initramfs path -> content: TOOLS' binaries, the libraries they need, the loader."""
+    files: dict[str, bytes] = {}
+    todo = [root / b for bins in TOOLS.values() for b in bins]
+    for b in todo:
+        files[str(b.relative_to(root))] = b.read_bytes()
+    while todo:
+        for lib in elf_needed(todo.pop()):
+            if f"lib/x86_64-linux-gnu/{lib}" in files:
+                continue
+            found = next((root / d / lib for d in LIBDIRS if (root / d / lib).exists()), None)
+            if found is None:
+                raise SystemExit(f"build.py: {lib} is in none of the unpacked packages")
+            files[f"lib/x86_64-linux-gnu/{lib}"] = found.resolve().read_bytes()
+            todo.append(found.resolve())
+    files["lib64/ld-linux-x86-64.so.2"] = (root / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2").resolve().read_bytes()
+    return files
 
 
 # -- cpio (newc) ------------------------------------------------------------------------------
@@ -150,8 +202,13 @@ def build_initramfs(root: Path, release: str, out: Path) -> None:
     mods = module_closure(moddir)
     c = Cpio()
     for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "etc",
-              "root", "www", "lib", "lib/modules", f"lib/modules/{release}"):
+              "root", "www", "lib", "lib/modules", f"lib/modules/{release}", "lib/x86_64-linux-gnu", "lib64"):
         c.dir(d)
+    for name, data in sorted(tool_files(root).items()):
+        c.file(name, data, 0o755)
+    echo = out.parent / "udpecho"
+    sh("gcc", "-O2", "-o", str(echo), str(HERE / "udpecho.c"))    # glibc comes with iperf3
+    c.file("usr/bin/udpecho", echo.read_bytes(), 0o755)
     c.chardev("dev/console", 5, 1)
     c.chardev("dev/null", 1, 3)
     c.chardev("dev/hvc0", 229, 0)
@@ -198,7 +255,9 @@ def build(out: Path) -> int:
     if not bver:
         raise SystemExit("build.py: apt knows no busybox-static")
     inputs = hashlib.sha256(b"".join((HERE / f).read_bytes() for f in INPUTS)).hexdigest()
-    want = {"kernel": f"{kpkg}={kver}", "busybox": f"busybox-static={bver}", "inputs": inputs}
+    tools = tool_packages()
+    want = {"kernel": f"{kpkg}={kver}", "busybox": f"busybox-static={bver}", "inputs": inputs,
+            "tools": sorted(f"{p}={v}" for p, v in tools.items())}
     stamp = out / "stamp.json"
     have = json.loads(stamp.read_text()) if stamp.exists() else {}
     root = out / "root"
@@ -218,6 +277,10 @@ def build(out: Path) -> int:
     if have.get("busybox") != want["busybox"] or not (root / "bin/busybox").exists():
         print(f"build.py: fetching busybox-static {bver}")
         fetch("busybox-static", bver, out / "debs", root)
+    if have.get("tools") != want["tools"]:
+        for pkg, ver in sorted(tools.items()):
+            print(f"build.py: fetching {pkg} {ver}")
+            fetch(pkg, ver, out / "debs", root)
     if have != want or not (out / "initramfs.cpio.gz").exists():
         build_initramfs(root, release, out / "initramfs.cpio.gz")
         stamp.write_text(json.dumps(want, indent=1) + "\n")
