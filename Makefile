@@ -5,7 +5,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBS    := gcc make libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-ping curl \
-	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio
+	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio iperf3
 NATIVE  := aiovmm/_native/preempt.so aiovmm/_native/kvm.so
 
 WEBDEBS := chromium chromium-driver openssl
