@@ -227,3 +227,46 @@ def test_mmu_update_refuses_disallowed_flags():
             assert mem.read_u64(l2e) == 0 and mem.type_count[t] == 1
             clean(hv)
     run(main())
+
+
+def test_linear_entry_to_another_domains_table_is_refused():
+    """A read-only "linear" L2 entry naming another domain's validated L2 (same level, so
+    the linear-entry rule would take it without get_type): -EINVAL, because an Ln entry
+    may name only the caller's own frames; the foreign table's type count is unchanged and
+    the L2 slot stays empty. (Accepting it would give read access to every frame b's L1s
+    map.)"""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            b = lab.park(hv, kernel(), 8, "b")
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            foreign = b.spare[0]
+            assert b.mmuext(MmuExt.PIN_L2_TABLE, foreign) == 0
+            count = mem.type_count[foreign]
+            va = a.free_l2_va()
+            l2e = a.l2_entry(va)
+            assert a.mmu_update((l2e, (foreign << PAGE_SHIFT) | RO)) == (EINVAL, 0)
+            assert mem.type_count[foreign] == count
+            assert not mem.read_u64(l2e) & _PAGE_PRESENT
+            clean(hv)
+    run(main())
+
+
+def test_read_only_self_entry_takes_no_reference():
+    """A read-only self entry (an L2 slot naming its own L2, the classic linear slot) is
+    allowed and takes no type reference: writing and clearing it leaves the table's type
+    count as it was (a reference to itself would keep the table alive forever)."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            va = a.free_l2_va()
+            l2e = a.l2_entry(va)
+            l2 = l2e >> PAGE_SHIFT
+            count = mem.type_count[l2]
+            assert a.mmu_update((l2e, (l2 << PAGE_SHIFT) | RO)) == (0, 1)
+            assert mem.type_count[l2] == count
+            assert a.mmu_update((l2e, 0)) == (0, 1)
+            assert mem.type_count[l2] == count
+            clean(hv)
+    run(main())
