@@ -270,3 +270,27 @@ def test_read_only_self_entry_takes_no_reference():
             assert mem.type_count[l2] == count
             clean(hv)
     run(main())
+
+
+def test_writable_linear_entry_is_refused():
+    """A linear L2 entry naming another of the domain's validated L2s must be read-only
+    (Xen's rule): written RW it would map that L2's entries - the L1 tables - writable,
+    so the guest could write any PTE. -EINVAL, the slot stays empty, the target's type
+    count unchanged; the read-only one is accepted."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            other = a.spare[0]
+            assert a.mmuext(MmuExt.PIN_L2_TABLE, other) == 0
+            count = mem.type_count[other]
+            l2e = a.l2_entry(a.free_l2_va())
+            assert a.mmu_update((l2e, (other << PAGE_SHIFT) | TABLE)) == (EINVAL, 0)
+            assert not mem.read_u64(l2e) & _PAGE_PRESENT
+            assert mem.type_count[other] == count
+            assert a.mmu_update((l2e, (other << PAGE_SHIFT) | RO)) == (0, 1)
+            assert mem.type_count[other] == count + 1
+            assert a.mmu_update((l2e, 0)) == (0, 1)
+            assert mem.type_count[other] == count
+            clean(hv)
+    run(main())
