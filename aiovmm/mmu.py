@@ -365,9 +365,9 @@ class PageTables:
         self._dying = dom
         try:
             for mfn in sorted(frames):
-                if mem.owner[mfn] != dom or not mem.type_count[mfn]:
+                if mem.owner[mfn] != dom:
                     continue
-                t = mem.type[mfn]
+                t = mem.type[mfn]          # untyped (count 0) frames are type none: skipped below
                 if t in _PT_TYPES:
                     mem.type_count[mfn] = 0
                     mem.type[mfn] = PageType.none
@@ -392,7 +392,9 @@ class PageTables:
         if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
             raise MMUError(Errno.EINVAL, f"page-table frame {mfn:#x} not owned by d{dom}")
         t = mem.type[mfn]
-        if mem.type_count[mfn] == 0 or t in (PageType.none, PageType.writable):
+        # A type is set and reset together with its count (get_type, put_type, free,
+        # teardown_domain), so the type alone says whether the frame is a page table.
+        if t in (PageType.none, PageType.writable):
             mem.write_u64(ptr, val)        # not a page table: a plain checked store
             return False
         if t not in _PT_TYPES:
@@ -427,7 +429,7 @@ class PageTables:
             if not e & _PAGE_PRESENT:
                 raise MMUError(Errno.EINVAL, f"no page table maps {va:#x}")
             table = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
-        if mem.type[table] != PageType.l1 or not mem.type_count[table]:
+        if mem.type[table] != PageType.l1:      # typed implies a count (see update_entry)
             raise MMUError(Errno.EINVAL, f"{va:#x} is not mapped through an L1 table")
         return (table << PAGE_SHIFT) + 8 * ((va >> 12) & 0x1FF)
 

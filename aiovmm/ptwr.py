@@ -62,7 +62,7 @@ def candidate(v: "VCPU", cr2: int, error: int, rip: int) -> PendingWrite | None:
     frame = (l1e & PTE_FRAME_MASK) >> PAGE_SHIFT
     if not mem.valid_mfn(frame) or mem.owner[frame] != v.domain.domid:
         return None
-    if mem.type[frame] != PageType.l1 or not mem.type_count[frame]:
+    if mem.type[frame] != PageType.l1:      # a type is held with its count (put_type resets both)
         return None
     try:
         code = v.copy_from_guest(rip, 15)

@@ -9,8 +9,9 @@ import asyncio
 import time
 
 from aiovmm import Hypervisor, hypercall, lab, mmu_ops
-from aiovmm.abi import (CONSOLEIO_write, DOMID_SELF, MMU_MACHPHYS_UPDATE, MMU_UPDATE,
-                        MULTICALL_ENTRY, PAGE_SHIFT, PAGE_SIZE, _PAGE_RW, Errno, Hypercall, XenVer)
+from aiovmm.abi import (CONSOLEIO_write, DOMID_SELF, FLAT_RING3_CS64, FLAT_RING3_SS, IRET_CONTEXT,
+                        MMU_MACHPHYS_UPDATE, MMU_UPDATE, MULTICALL_ENTRY, PAGE_SHIFT, PAGE_SIZE,
+                        _PAGE_RW, Errno, Hypercall, MmuExt, XenVer)
 from conftest import kernel
 
 E = Errno
@@ -198,5 +199,60 @@ def test_multicall_stops_after_a_sub_call_that_crashed_the_domain():
             assert hypercall.call(a.v, Hypercall.multicall, va, 2) is None
             assert a.dom.dying
             assert _result(a, va, 0) == 0xDEAD and _result(a, va, 1) == 0xDEAD
+            eng.slice.deadline_ns = 0
+    run(main())
+
+
+def test_multicall_stops_after_a_successful_iret():
+    """A well-formed iret entry (to user mode, a user L4 set by NEW_USER_BASEPTR) loads the
+    guest's new context: the multicall ends there, as Xen's does (the registers are the
+    guest's now). Its result is not written back, the entry after it never runs, and RIP,
+    RSP and RAX are the iret frame's."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            eng = a.v.engine
+            eng.slice.deadline_ns = time.monotonic_ns() + 60 * 10**9
+            assert a.mmuext(MmuExt.NEW_USER_BASEPTR, a.v.kernel_root) == 0
+            va = a._args(bytes(128), 0)
+            frame = _rw_region(a, 1) + PAGE_SIZE - IRET_CONTEXT.size
+            # rax r11 rcx flags rip cs rflags rsp ss
+            a.v.copy_to_guest(frame, IRET_CONTEXT.pack(0x1234, 0, 0, 0, 0x400000, FLAT_RING3_CS64,
+                                                       0x202, 0x7FF000, FLAT_RING3_SS))
+            before = a.dom.vm_assist
+            _entries(a, va, (Hypercall.iret,), (Hypercall.vm_assist, 0, 32))
+            eng.write({"rsp": frame})
+            assert hypercall.call(a.v, Hypercall.multicall, va, 2) is None
+            assert not a.dom.dying
+            assert (eng.get("rip"), eng.get("rsp"), eng.get("rax")) == (0x400000, 0x7FF000, 0x1234)
+            assert _result(a, va, 0) == 0xDEAD and _result(a, va, 1) == 0xDEAD
+            assert a.dom.vm_assist == before                     # the vm_assist entry never ran
+            eng.slice.deadline_ns = 0
+    run(main())
+
+
+def test_multicall_of_a_dying_domain_does_not_continue():
+    """A domain crashed (by another vCPU, or the toolstack) while one of its vCPUs makes a
+    multicall: a sub-call that preempts itself (an mmu_update longer than a chunk) does not
+    make the multicall write its advanced arguments back into the guest's entry nor continue
+    itself: nothing more is written into a dying domain's memory."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            eng = a.v.engine
+            eng.slice.deadline_ns = time.monotonic_ns() + 60 * 10**9
+            f = a.spare[0]
+            count = mmu_ops.CHUNK + 2
+            reqs = _rw_region(a, -(-count * 16 // PAGE_SIZE) + 2)
+            a.v.copy_to_guest(reqs, b"".join(MMU_UPDATE.pack((f << PAGE_SHIFT) | MMU_MACHPHYS_UPDATE, i)
+                                             for i in range(count)))
+            mc = a._args(bytes(128), 0)
+            _entries(a, mc, (Hypercall.mmu_update, reqs, count, 0, DOMID_SELF),
+                     (Hypercall.xen_version, XenVer.version))
+            entry = a.v.copy_from_guest(mc, 128)
+            a.dom.crash("crashed by another vCPU (test)")
+            eng.stop_requested = False
+            assert hypercall.call(a.v, Hypercall.multicall, mc, 2) is None
+            assert a.v.copy_from_guest(mc, 128) == entry            # entry untouched
             eng.slice.deadline_ns = 0
     run(main())

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from aiovmm import Hypervisor, lab
+from aiovmm import Hypervisor, hypercall, lab
 from aiovmm.abi import (HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, XEN_L4_FIRST,
-                        XEN_L4_LAST, _PAGE_ACCESSED, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, Errno, MmuExt)
+                        XEN_L4_LAST, _PAGE_ACCESSED, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, Errno, Hypercall, MmuExt)
 from aiovmm.audit import audit
 from aiovmm.grants import GTF_permit_access, GntSt
 from aiovmm.memory import PageType
@@ -225,5 +225,127 @@ def test_mmu_update_refuses_disallowed_flags():
             l2e = a.l2_entry(a.free_l2_va())
             assert a.mmu_update((l2e, (t << PAGE_SHIFT) | TABLE | _PAGE_PSE)) == (EINVAL, 0)
             assert mem.read_u64(l2e) == 0 and mem.type_count[t] == 1
+            clean(hv)
+    run(main())
+
+
+def test_linear_entry_to_another_domains_table_is_refused():
+    """A read-only "linear" L2 entry naming another domain's validated L2 (same level, so
+    the linear-entry rule would take it without get_type): -EINVAL, because an Ln entry
+    may name only the caller's own frames; the foreign table's type count is unchanged and
+    the L2 slot stays empty. (Accepting it would give read access to every frame b's L1s
+    map.)"""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            b = lab.park(hv, kernel(), 8, "b")
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            foreign = b.spare[0]
+            assert b.mmuext(MmuExt.PIN_L2_TABLE, foreign) == 0
+            count = mem.type_count[foreign]
+            va = a.free_l2_va()
+            l2e = a.l2_entry(va)
+            assert a.mmu_update((l2e, (foreign << PAGE_SHIFT) | RO)) == (EINVAL, 0)
+            assert mem.type_count[foreign] == count
+            assert not mem.read_u64(l2e) & _PAGE_PRESENT
+            clean(hv)
+    run(main())
+
+
+def test_read_only_self_entry_takes_no_reference():
+    """A read-only self entry (an L2 slot naming its own L2, the classic linear slot) is
+    allowed and takes no type reference: writing and clearing it leaves the table's type
+    count as it was (a reference to itself would keep the table alive forever)."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            va = a.free_l2_va()
+            l2e = a.l2_entry(va)
+            l2 = l2e >> PAGE_SHIFT
+            count = mem.type_count[l2]
+            assert a.mmu_update((l2e, (l2 << PAGE_SHIFT) | RO)) == (0, 1)
+            assert mem.type_count[l2] == count
+            assert a.mmu_update((l2e, 0)) == (0, 1)
+            assert mem.type_count[l2] == count
+            clean(hv)
+    run(main())
+
+
+def test_writable_linear_entry_is_refused():
+    """A linear L2 entry naming another of the domain's validated L2s must be read-only
+    (Xen's rule): written RW it would map that L2's entries - the L1 tables - writable,
+    so the guest could write any PTE. -EINVAL, the slot stays empty, the target's type
+    count unchanged; the read-only one is accepted."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            other = a.spare[0]
+            assert a.mmuext(MmuExt.PIN_L2_TABLE, other) == 0
+            count = mem.type_count[other]
+            l2e = a.l2_entry(a.free_l2_va())
+            assert a.mmu_update((l2e, (other << PAGE_SHIFT) | TABLE)) == (EINVAL, 0)
+            assert not mem.read_u64(l2e) & _PAGE_PRESENT
+            assert mem.type_count[other] == count
+            assert a.mmu_update((l2e, (other << PAGE_SHIFT) | RO)) == (0, 1)
+            assert mem.type_count[other] == count + 1
+            assert a.mmu_update((l2e, 0)) == (0, 1)
+            assert mem.type_count[other] == count
+            clean(hv)
+    run(main())
+
+
+def test_mmu_update_of_another_domains_frame_is_refused():
+    """MMU_NORMAL_PT_UPDATE whose ptr lies in another domain's frame (a data frame, or one
+    of its page tables): -EINVAL, the frame unchanged - not a plain store into b's memory."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            b = lab.park(hv, kernel(), 8, "b")
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            for frame in (b.spare[1], b.v.kernel_root):
+                before = mem.read(frame << PAGE_SHIFT, 4096)
+                assert a.mmu_update(((frame << PAGE_SHIFT) + 8, 0x4141414141414000)) == (EINVAL, 0)
+                assert mem.read(frame << PAGE_SHIFT, 4096) == before
+            clean(hv)
+    run(main())
+
+
+def test_mmu_update_of_a_descriptor_page_is_refused():
+    """A frame typed seg_desc (a GDT frame, set by HYPERVISOR_set_gdt) is neither a page
+    table nor a data frame: MMU_NORMAL_PT_UPDATE into it is -EINVAL and it is unchanged."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            gdt = a.spare[0]
+            mem.write(gdt << PAGE_SHIFT, bytes(4096))
+            arg = a._args(gdt.to_bytes(8, "little"), 0)
+            assert hypercall.call(a.v, Hypercall.set_gdt, arg, 16) == 0
+            assert mem.type[gdt] == PageType.seg_desc
+            for val in (0x00CF9A000000FFFF, 0xDEAD0000):          # present, and not present
+                assert a.mmu_update(((gdt << PAGE_SHIFT) + 8, val)) == (EINVAL, 0)
+            assert mem.read(gdt << PAGE_SHIFT, 4096) == bytes(4096)
+    run(main())
+
+
+def test_update_va_mapping_does_not_walk_a_not_present_entry():
+    """A not-present L2 entry is the guest's to fill with any bits (here the frame number of
+    one of its own L1s): update_va_mapping of a VA under it is -EINVAL (no L1 maps it), and
+    that L1 is not written."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            l1 = a.l1_of(a.lay.va(0)) >> PAGE_SHIFT
+            va = a.free_l2_va()
+            l2e = a.l2_entry(va)
+            assert a.mmu_update((l2e, l1 << PAGE_SHIFT)) == (0, 1)   # not present: any bits
+            before = mem.read(l1 << PAGE_SHIFT, 4096)
+            pte = (a.spare[1] << PAGE_SHIFT) | RO
+            assert hypercall.call(a.v, Hypercall.update_va_mapping, va, pte, 0) == EINVAL
+            assert mem.read(l1 << PAGE_SHIFT, 4096) == before
+            assert a.mmu_update((l2e, 0)) == (0, 1)
             clean(hv)
     run(main())
