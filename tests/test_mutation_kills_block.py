@@ -47,7 +47,7 @@ class Front:
         self.bb = bb = Blkback(self.d.dom, 0, cfg)
         bb.backing = bio.Backing.open_blocking(path, cfg.readonly)
         bb.discard = True
-        bb.ring = Ring(hv.mem.frame(self.ring_mfn))
+        bb.ring = Ring([hv.mem.frame(self.ring_mfn)])       # one ring page
         self.prod = 0
 
     def grant(self, ref: int, i: int) -> int:
@@ -162,13 +162,13 @@ def test_connect_refuses_what_is_not_offered(img, keys):
             write_keys(store, bb.front, {**base, **keys}, [f"n{f.d.domid}"])
             with pytest.raises(BlkDisconnect):
                 bb._connect()
-            assert bb._ring_map is None and 9 not in f.d.dom.grants.active
+            assert not bb._ring_maps and 9 not in f.d.dom.grants.active
             write_keys(store, bb.front, {**base, "ring-page-order": "0", "protocol": "x86_64-abi"},
                        [f"n{f.d.domid}"])
             bb._connect()
-            assert bb._ring_map is not None
+            assert len(bb._ring_maps) == 1
             bb.port.close()
-            bb._ring_map.close()
+            bb._release_all_maps(bb._ring_maps)
     run(main())
 
 
@@ -235,9 +235,9 @@ def test_a_rate_limited_vbd_leaves_requests_on_the_ring(img):
             for i in range(4):
                 f.push(f.rw(BLKIF_OP_READ, 10 + i, i, [(f.grant(20 + i, i), 0, 0)]))
             bb._drain()
-            assert bb._throttled and bb._throttle_handle is not None
+            assert bb._throttled and bb.throttle._handle is not None
             assert 1 <= bb.ring.req_cons < 4 and bb.ring.unconsumed() == 4 - bb.ring.req_cons
-            bb._throttle_handle.cancel()
+            bb.throttle.cancel()
             async with asyncio.timeout(10):
                 while bb._futures:
                     await asyncio.wait(set(bb._futures))
