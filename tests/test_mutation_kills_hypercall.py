@@ -150,6 +150,19 @@ def test_multicall_preempts_between_entries():
     run(main())
 
 
+def _long_mmu_update(a) -> tuple[int, int]:
+    """A slice that will not end on its own and, in the guest, an mmu_update request list one
+    longer than a chunk plus one (M2P updates of a spare frame): the sub-call preempts itself.
+    Returns (guest address of the list, its count)."""
+    a.v.engine.slice.deadline_ns = time.monotonic_ns() + 60 * 10**9
+    f = a.spare[0]
+    count = mmu_ops.CHUNK + 2
+    reqs = _rw_region(a, -(-count * 16 // PAGE_SIZE) + 2)
+    a.v.copy_to_guest(reqs, b"".join(MMU_UPDATE.pack((f << PAGE_SHIFT) | MMU_MACHPHYS_UPDATE, i)
+                                     for i in range(count)))
+    return reqs, count
+
+
 def test_multicall_carries_a_sub_call_continuation():
     """An mmu_update longer than one chunk inside a multicall: it preempts itself; its
     advanced arguments are written back into its entry and the multicall continues at that
@@ -158,12 +171,8 @@ def test_multicall_carries_a_sub_call_continuation():
         async with Hypervisor(memory_mib=64) as hv:
             a = lab.park(hv, kernel(), 8, "a")
             eng = a.v.engine
-            eng.slice.deadline_ns = time.monotonic_ns() + 60 * 10**9
-            f = a.spare[0]
-            count = mmu_ops.CHUNK + 2
-            reqs = _rw_region(a, -(-count * 16 // PAGE_SIZE) + 2)
-            a.v.copy_to_guest(reqs, b"".join(MMU_UPDATE.pack((f << PAGE_SHIFT) | MMU_MACHPHYS_UPDATE, i)
-                                             for i in range(count)))
+            reqs, count = _long_mmu_update(a)
+            f = a.spare[0]                       # the frame the list updates
             mc = a._args(bytes(192), 0)
             _entries(a, mc, (Hypercall.xen_version, XenVer.version),
                      (Hypercall.mmu_update, reqs, count, 0, DOMID_SELF),
@@ -240,12 +249,7 @@ def test_multicall_of_a_dying_domain_does_not_continue():
         async with Hypervisor(memory_mib=64) as hv:
             a = lab.park(hv, kernel(), 8, "a")
             eng = a.v.engine
-            eng.slice.deadline_ns = time.monotonic_ns() + 60 * 10**9
-            f = a.spare[0]
-            count = mmu_ops.CHUNK + 2
-            reqs = _rw_region(a, -(-count * 16 // PAGE_SIZE) + 2)
-            a.v.copy_to_guest(reqs, b"".join(MMU_UPDATE.pack((f << PAGE_SHIFT) | MMU_MACHPHYS_UPDATE, i)
-                                             for i in range(count)))
+            reqs, count = _long_mmu_update(a)
             mc = a._args(bytes(128), 0)
             _entries(a, mc, (Hypercall.mmu_update, reqs, count, 0, DOMID_SELF),
                      (Hypercall.xen_version, XenVer.version))
