@@ -258,8 +258,6 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
                     raise S.StreamError(f"pinned L{level} table at pfn {pfn:#x} refused: {e}") from None
                 mem.pinned[p2m[pfn]] = 1
     c = st.ctx[0]
-    if c.gdt_ents or c.ldt_ents:
-        raise S.StreamError("restoring a guest GDT/LDT is not supported yet")
     cr3_pfn = c.ctrlreg[3] >> PAGE_SHIFT
     if c.ctrlreg[3] & (PAGE_SIZE - 1) or cr3_pfn >= dom.nr_pages or st.types.get(cr3_pfn, 0) & 7 != 4:
         raise S.StreamError(f"vcpu 0: CR3 pfn {cr3_pfn:#x} is not an L4 table of the stream")
@@ -351,6 +349,7 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
         if idx == 0xC0000103:
             v.tsc_aux = val & 0xFFFFFFFF
     eng.setup_long_mode(root << PAGE_SHIFT, hv.xen.GDT_VA, hv.xen.GDT_LIMIT)
+    _descriptor_tables(dom, v, c, st)
     r = c.regs
     gprs = {n: r.get(n, 0) for n in ("rbx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
                                      "r12", "r13", "r14", "r15")}
@@ -361,6 +360,28 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
     # SCHEDOP_shutdown returns 0 in the new domain (the stub starts with rax = 0); Xen
     # also hands the new start_info MFN back in RDX: our stubs clobber RDX, as the
     # hypercall ABI allows, and no kernel reads it.
+
+
+def _descriptor_tables(dom: "Domain", v, c: VcpuContext, st: _State) -> None:
+    """The guest's own GDT (Linux's per-CPU GDT page) and LDT, taken as Xen's restore takes
+    them (arch_set_info_guest -> pv_set_gdt): the frames come as PFNs of the stream and
+    each must validate as a descriptor page, the same rule set_gdt applies."""
+    from .. import descriptors
+    from ..errors import HypercallError
+    if not c.gdt_ents and not c.ldt_ents:
+        return
+    frames = []
+    for pfn in c.gdt_frames:
+        if pfn >= dom.nr_pages or not st.seen[pfn]:
+            raise S.StreamError(f"vcpu {v.id}: GDT frame pfn {pfn:#x} is not a page of the stream")
+        frames.append(dom.p2m[pfn])
+    try:
+        if c.gdt_ents:
+            descriptors.set_gdt(v, frames, c.gdt_ents)
+        if c.ldt_ents:
+            descriptors.set_ldt(v, c.ldt_base, c.ldt_ents)
+    except (HypercallError, MMUError) as e:
+        raise S.StreamError(f"vcpu {v.id}: descriptor tables refused: {e}") from None
 
 
 async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = None,
