@@ -49,7 +49,7 @@ def describe(dom: "Domain") -> dict:
                 spec += f",bridge={b.cfg.bridge}"
             if b.cfg.ifname:
                 spec += f",vifname={b.cfg.ifname}"
-            vifs.append({"devid": b.devid, "spec": spec, "ipv4": list(b.ipv4)})
+            vifs.append({"devid": b.devid, "spec": spec, "ipv4": list(b.ipv4), "ipv6": list(b.ipv6)})
         elif isinstance(b, Blkback):
             c = b.cfg
             prefix = f"{c.kind}:" if c.kind else ""
@@ -59,7 +59,7 @@ def describe(dom: "Domain") -> dict:
 
 
 def parse(hv: "Hypervisor", cfg: dict) -> tuple[list, list]:
-    """([(devid, VifConfig, ipv4)], [(index, DiskConfig)]) from an xl header, validated.
+    """([(devid, VifConfig, (ipv4, ipv6))], [(index, DiskConfig)]) from an xl header, validated.
     Raises StreamError."""
     from ..backends.block import DiskConfig
     from ..backends.net import VifConfig
@@ -70,7 +70,9 @@ def parse(hv: "Hypervisor", cfg: dict) -> tuple[list, list]:
     try:
         for v in vifs:
             devid, spec, ips = int(v["devid"]), str(v["spec"]), v.get("ipv4", [])
-            if not 0 <= devid < MAX_DEVICES or not isinstance(ips, list) or len(ips) > 8:
+            ip6s = v.get("ipv6", [])
+            if not 0 <= devid < MAX_DEVICES or not isinstance(ips, list) or len(ips) > 8 or \
+                    not isinstance(ip6s, list) or len(ip6s) > 8:
                 raise ValueError(f"vif {devid}")
             if any(o.startswith("netns=") for o in spec.split(",")):
                 raise ValueError("a vif names a network namespace")
@@ -79,7 +81,8 @@ def parse(hv: "Hypervisor", cfg: dict) -> tuple[list, list]:
                     (vc.ifname and not _IFNAME.fullmatch(vc.ifname)):
                 raise ValueError(f"vif {devid}: {spec!r}")
             vc.netns = hv.netns
-            out_v.append((devid, vc, [str(ipaddress.IPv4Address(str(a))) for a in ips]))
+            out_v.append((devid, vc, ([str(ipaddress.IPv4Address(str(a))) for a in ips],
+                                      [str(ipaddress.IPv6Address(str(a))) for a in ip6s])))
         for d in disks:
             idx = int(d["index"])
             if not 0 <= idx < MAX_DEVICES:
@@ -116,7 +119,7 @@ def create(hv: "Hypervisor", dom: "Domain", vifs: list, disks: list, announce: b
     from ..backends.net import Netback
     for devid, vc, ips in vifs:
         nb = Netback(dom, devid, vc, ifname_prefix=hv.vif_prefix)
-        nb.ipv4 = list(ips)
+        nb.ipv4, nb.ipv6 = list(ips[0]), list(ips[1])
         if announce:
             nb.announce_schedule = _announce.Schedule()
         dom.backends.append(nb)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import random
@@ -262,6 +263,7 @@ class Netback:
         # IPv4 addresses the guest used as its own on this vif (ARP sender, IPv4 source),
         # for the announce on a new host (aiovmm/migration/devices.py); bounded.
         self.ipv4: list[str] = []
+        self.ipv6: list[str] = []              # the same for IPv6 (source addresses)
         self.announce_schedule = None          # set on a migrated-in vif: announce at start
         self.announced = 0                     # frames of that announce sent
         self.announce_t0: float | None = None  # perf_counter of its first frame
@@ -312,7 +314,7 @@ class Netback:
         """One round's frames (built once, with scapy: not in the middle of a hand-over)."""
         if self._frames is None:
             from aiovmm.migration.announce import frames
-            self._frames = frames(self.mac, list(self.ipv4))
+            self._frames = frames(self.mac, list(self.ipv4), list(self.ipv6))
         return self._frames
 
     def announce_first(self) -> None:
@@ -331,7 +333,7 @@ class Netback:
         except taplib.TapError as e:
             log.warning("d%d: vif %d: no announce: %s", self.dom.domid, self.devid, e)
             return
-        await announce(self._announce_send, self.mac, list(self.ipv4), schedule=self.announce_schedule,
+        await announce(self._announce_send, self.mac, list(self.ipv4), list(self.ipv6), schedule=self.announce_schedule,
                        tag=f"d{self.dom.domid}: vif {self.devid}: ", first_sent=self._round0,
                        round_frames=self.announce_frames())
 
@@ -408,6 +410,18 @@ class Netback:
         ip = ".".join(map(str, a))
         if ip not in self.ipv4:
             self.ipv4.append(ip)
+
+    def learn_ipv6(self, frame: bytes | bytearray) -> None:
+        """Note the guest's own IPv6 address from an IPv6 packet's source (at most 8; the
+        unspecified address of duplicate address detection and multicast are ignored)."""
+        if len(self.ipv6) >= 8 or len(frame) < 54 or frame[12:14] != b"\x86\xdd" or frame[14] >> 4 != 6:
+            return
+        a = bytes(frame[22:38])
+        if a[0] == 0xFF or not any(a):
+            return
+        ip = str(ipaddress.IPv6Address(a))
+        if ip not in self.ipv6:
+            self.ipv6.append(ip)
 
     async def _run(self) -> None:
         """The vif's whole life; runs in the domain's TaskGroup until cancelled.
@@ -804,6 +818,8 @@ class Netback:
         n = len(buf) - VNET_HDR_LEN
         if len(self.ipv4) < 8:
             self.learn_ipv4(memoryview(buf)[VNET_HDR_LEN:])
+        if len(self.ipv6) < 8 and buf[VNET_HDR_LEN + 12] == 0x86:     # EtherType 0x86dd
+            self.learn_ipv6(memoryview(buf)[VNET_HDR_LEN:])
         self.stats.tx_packets += 1
         self.stats.tx_bytes += n
         if self.tx_limit.active:
