@@ -54,6 +54,9 @@ class _State:
     phase: int = 0                      # 0 pv_info, 1 p2m_frames, 2 pages, 3 state
     p2m_pfns: list[int] = field(default_factory=list)
     types: dict[int, int] = field(default_factory=dict)     # pfn -> type (tables only)
+    # L1 tables validated as they arrived (one type reference each, `_hold_l1`): the
+    # final pinning then finds them validated; dropped at the end (`_release_held`).
+    held: dict[int, int] = field(default_factory=dict)      # pfn -> mfn
     seen: bytearray = field(default_factory=bytearray)
     shinfo: bytes | None = None
     ctx: dict[int, VcpuContext] = field(default_factory=dict)
@@ -166,6 +169,9 @@ async def _page_run(dom: "Domain", st: _State, rd: S.Reader, run: S.PfnRun) -> i
     m0 = dom.p2m[p0]
     if dom.p2m[p0:p0 + n] != list(range(m0, m0 + n)):
         return None
+    if st.held:
+        for p in [p for p in st.held if p0 <= p < p0 + n]:
+            _unhold(dom, st, p)
     if run.type == S.PfnType.xalloc:
         if st.seen[p0:p0 + n].count(1):
             return None                       # some were sent before: zeroed one by one
@@ -204,6 +210,8 @@ async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> in
         if t in (S.PfnType.xtab, S.PfnType.broken):
             continue
         mfn = p2m[pfn]
+        if pfn in st.held:                    # sent again: its old contents lose their references
+            _unhold(dom, st, pfn)
         if t == S.PfnType.xalloc:             # populated, no data: a zero page
             if st.seen[pfn]:
                 await flush()
@@ -222,6 +230,8 @@ async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> in
             await rd.into(memoryview(buf))
             view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT] = localise(dom, pfn, level, buf)
             st.types[pfn] = t
+            if level == 1:
+                _hold_l1(dom, st, pfn)
             continue
         st.types.pop(pfn, None)
         if run_start >= 0 and mfn == run_end:
@@ -231,6 +241,54 @@ async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> in
             run_start, run_end = mfn, mfn + 1
     await flush()
     return n
+
+
+def _hold_l1(dom: "Domain", st: _State, pfn: int) -> None:
+    """Validate an L1 table as it arrives (pre-copy of a live migration, or the page data
+    of a file), by the same PageTables rules as ever: L1 validation is nearly all of the
+    pinning's cost, and done here it is off the migration's downtime. A table that does
+    not validate yet (the snapshot of a running guest need not be consistent until its
+    last round) is left for the final pinning, which applies the rules again."""
+    mfn = dom.p2m[pfn]
+    try:
+        dom.hypervisor.pagetables.get_type(mfn, PageType.l1, dom.domid)
+    except MMUError:
+        return
+    st.held[pfn] = mfn
+
+
+def _unhold(dom: "Domain", st: _State, pfn: int) -> None:
+    dom.hypervisor.pagetables.put_type(st.held.pop(pfn))
+
+
+def _release_held(dom: "Domain", st: _State) -> None:
+    """Drop the arrival-time references: a table the final page tables use keeps its
+    validation through their references; one they no longer use (a stale copy of a
+    frame the guest stopped using as a table) becomes an ordinary page again."""
+    for pfn in list(st.held):
+        _unhold(dom, st, pfn)
+
+
+def _pin_tables(dom: "Domain", st: _State) -> None:
+    """Pin the stream's pinned tables, top level first (each validated by Xen's rules);
+    all or nothing: on a refusal the pins taken here are dropped again."""
+    pt, mem, p2m = dom.hypervisor.pagetables, dom.mem, dom.p2m
+    done: list[int] = []
+    try:
+        for level in (4, 3, 2, 1):
+            for pfn, t in sorted(st.types.items()):
+                if t & 7 == level and t & S.PfnType.pinned:
+                    try:
+                        pt.get_type(p2m[pfn], PageType(level), dom.domid)
+                    except MMUError as e:
+                        raise S.StreamError(f"pinned L{level} table at pfn {pfn:#x} refused: {e}") from None
+                    mem.pinned[p2m[pfn]] = 1
+                    done.append(p2m[pfn])
+    except S.StreamError:
+        for mfn in reversed(done):
+            mem.pinned[mfn] = 0
+            pt.put_type(mfn)
+        raise
 
 
 def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
@@ -248,15 +306,15 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
         mfn = p2m[pfn]
         mem.view[mfn << PAGE_SHIFT:(mfn << PAGE_SHIFT) + PAGE_SIZE] = chunk + bytes(PAGE_SIZE - len(chunk))
     # Page tables: pinned ones are pinned again (validated by Xen's rules), top level first.
-    pt = hv.pagetables
-    for level in (4, 3, 2, 1):
-        for pfn, t in sorted(st.types.items()):
-            if t & 7 == level and t & S.PfnType.pinned:
-                try:
-                    pt.get_type(p2m[pfn], PageType(level), dom.domid)
-                except MMUError as e:
-                    raise S.StreamError(f"pinned L{level} table at pfn {pfn:#x} refused: {e}") from None
-                mem.pinned[p2m[pfn]] = 1
+    # A stale arrival-time validation (an L1 copy mapping writable a frame that is a table
+    # by the end) can stand in the way: then the pinning starts over without any.
+    try:
+        _pin_tables(dom, st)
+    except S.StreamError:
+        if not st.held:
+            raise
+        _release_held(dom, st)
+        _pin_tables(dom, st)
     c = st.ctx[0]
     cr3_pfn = c.ctrlreg[3] >> PAGE_SHIFT
     if c.ctrlreg[3] & (PAGE_SIZE - 1) or cr3_pfn >= dom.nr_pages or st.types.get(cr3_pfn, 0) & 7 != 4:
@@ -301,6 +359,7 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
     mem.view[sh + SHARED_INFO_EVTCHN_PENDING:sh + SHARED_INFO_EVTCHN_PENDING + 512] = bytes(512)
     mem.view[sh + SHARED_INFO_EVTCHN_MASK:sh + SHARED_INFO_EVTCHN_MASK + 512] = b"\xff" * 512
     _make_vcpu(hv, dom, c, p2m[cr3_pfn], p2m[user_pfn] if c.ctrlreg[1] else 0, st)
+    _release_held(dom, st)
     timers.write_pvclock(dom.vcpus[0])
     timers.write_wallclock(dom)
 
