@@ -57,6 +57,7 @@ class _State:
     # L1 tables validated as they arrived (one type reference each, `_hold_l1`): the
     # final pinning then finds them validated; dropped at the end (`_release_held`).
     held: dict[int, int] = field(default_factory=dict)      # pfn -> mfn
+    engine: object = None               # vCPU 0's engine, made before the pages arrive
     seen: bytearray = field(default_factory=bytearray)
     shinfo: bytes | None = None
     ctx: dict[int, VcpuContext] = field(default_factory=dict)
@@ -367,7 +368,7 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
 def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_root: int,
                st: _State) -> None:
     from ..vcpu import VCPU
-    eng = hv.new_engine(dom, 0)
+    eng, st.engine = st.engine or hv.new_engine(dom, 0), None
     v = VCPU(dom, 0, eng)
     eng.kernel_mode = lambda: v.kernel_mode
     dom.vcpus.append(v)
@@ -492,6 +493,9 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
         if engine_kind == "kvm":
             from ..kvm_engine import ring0
             ring0(hv.xen)
+        # The engine now, not after the stream: making one (a Unicorn instance with
+        # machine memory mapped, or a KVM vCPU) is most of what is left of _finish.
+        st.engine = hv.new_engine(dom, 0)
         done = 0
         while True:
             rt, length = await rd.record_header()
@@ -523,6 +527,8 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
             prep.cancel()
             await asyncio.wait([prep])
         hv.domains.pop(domid, None)
+        if st.engine is not None:             # made, not yet given to a vCPU
+            st.engine.close()
         from .. import toolstack
         devices.release(hv, dom)
         devices.close(dom)
