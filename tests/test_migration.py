@@ -263,3 +263,19 @@ async def test_early_l1_copy_released(hv, saved, tmp_path, variant):
     assert audit(hv) == []
     assert hv.mem.type_count[dom.p2m[p]] == 0
     dom.shutdown()
+
+
+async def test_multi_vcpu_save_refused_before_suspend(hv, tmp_path):
+    """Restore takes one vCPU back; a save of a two-vCPU domain would destroy a guest
+    that cannot come back, so it is refused before the guest is asked to suspend: the
+    guest runs on, untouched, and no file is left."""
+    from aiovmm.migration.save import SaveError
+    dom = await hv.create(guest("smp"), memory_mib=8, cmdline="vcpus=2 hold=1", vcpus=2)
+    path = tmp_path / "smp.save"
+    with pytest.raises(SaveError, match="2 vCPUs"):
+        await dom.save(str(path))
+    assert not dom.dying and dom.suspended is None and not path.exists()
+    st = hv.xenstore.store
+    node = f"/local/domain/{dom.domid}/control/shutdown"
+    assert not st.exists(node) or st.read(node) == ""
+    dom.shutdown()

@@ -47,6 +47,7 @@ async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
                     progress=None) -> _save.SaveStats:
     """Suspend, write the stream to `path` (through `path`.part, renamed when complete),
     then destroy the domain (or resume it: `checkpoint`, or any failure)."""
+    _save.check_saveable(dom)
     susp = await suspend(dom)
     tmp = f"{path}.part"
     ok = False

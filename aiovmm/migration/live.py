@@ -270,6 +270,10 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
     stats = MigrateStats()
     t_start = time.perf_counter()
     try:
+        _save.check_saveable(dom)
+    except _save.SaveError as e:
+        raise MigrationError(str(e)) from None
+    try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), AUTH_TIMEOUT)
     except (OSError, TimeoutError) as e:
         raise MigrationError(f"cannot connect to {host}:{port}: {e}") from None

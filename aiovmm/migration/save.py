@@ -49,6 +49,15 @@ class SaveStats:
 Progress = Callable[[int, int], None]          # (pages done, pages total)
 
 
+def check_saveable(dom: "Domain") -> None:
+    """What restore cannot take back is refused before the guest is asked to suspend (a
+    save that succeeded destroys the source): more than one vCPU (the secondary vCPUs'
+    full register state has no way back into an engine yet)."""
+    if len(dom.vcpus) != 1:
+        raise SaveError(f"d{dom.domid}: {len(dom.vcpus)} vCPUs: only single-vCPU domains are "
+                        "saved or migrated")
+
+
 def config_of(dom: "Domain") -> dict:
     """The domain's configuration for the xl header (restore recreates devices from it)."""
     from .devices import describe
