@@ -188,3 +188,18 @@ def test_announce_carries_learned_ipv4_and_ipv6(lx):
         assert e[ICMPv6NDOptDstLLAddr].lladdr == MAC
         assert any(abs(t - ts) < 50_000_000 for t, _ in garps)
     assert lx.dom2.backends[0].announced >= 5 * 3
+
+
+def test_checkpoint_resumes_linux_in_place(lx, tmp_path):
+    """A checkpoint (save without destroying): Linux declares SUSPEND_CANCEL, so its
+    SCHEDOP_shutdown(suspend) returns 1 and it resumes in place with its old event channels
+    and devices (xen_pv_post_suspend's cancelled path). Last in the module: it works on the
+    restored guest."""
+    path = str(tmp_path / "ckpt.save")
+    lx.call(lx.dom2.save(path, checkpoint=True), 300)
+    assert not lx.dom2.dying and lx.dom2.suspended is None
+    rc, out = run(lx, "md5sum /tmp/blob; echo $((6 * 7))", lx.sh2)
+    assert rc == 0 and out[0].split()[0] == lx.blob_md5 and out[-1] == "42", out
+    rc, out = lx.call(lx.lan.run("ping", "-c", "5", "-i", "0.1", "-W", "5", "-q", GUEST_IP))
+    assert rc == 0 and re.search(r" 0% packet loss", out), out
+    assert os.path.getsize(path) > (MEM << 20) // 2
