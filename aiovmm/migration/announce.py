@@ -9,8 +9,10 @@ announce-step 100 ms): round 0 at once, then initial, initial+step, ... capped a
 
 The frames go into the vif's tap from the host side, so the bridge (and every switch
 behind it) learns the MAC on the new port and neighbours refresh their caches, whether or
-not the guest's own frontend announces too. Wiring into restore waits for devices to be
-recreated on the new side (not done yet): `announce()` takes any frame sink.
+not the guest's own frontend announces too. The addresses are the ones netback learnt
+from the guest's own frames (IPv4: ARP sender and IPv4 source; IPv6: source address) or
+the vif's configuration, carried in the xl header (devices.py); `announce()` takes any
+frame sink.
 """
 from __future__ import annotations
 
