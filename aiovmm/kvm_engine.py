@@ -980,10 +980,10 @@ class KVMEngine:
         reporting it: KVM still holds the exception for its next entry (KVM_GET_VCPU_EVENTS:
         pending, or injected when the kick came during its delivery; KVM_SET_REGS discards
         only a pending one), or the CPU is already in the ring-0 stub before its `out`.
-        The registers then are not a guest context the hypervisor may act on: an event
-        bounced from them is followed by the held exception, which KVM delivers in the
-        bounced context or with the old one over it (issue 11: Linux's Oops 0010 and its
-        lost upcalls)."""
+        The registers then are not a guest context the hypervisor may act on: after an
+        event bounced from them, kvm-pvm delivers the held exception at the bounced RIP
+        with the old error code and CR2, i.e. at the event callback in guest kernel mode
+        (issue 11: a user #PF became Linux's "supervisor instruction fetch" Oops 0010)."""
         if self._get("cs") & 3 == 0:
             return True
         ev = self._events
