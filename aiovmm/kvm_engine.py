@@ -89,6 +89,7 @@ class Ioctl(enum.IntEnum):
     SET_MSRS = 0x4008AE89
     SET_CPUID2 = 0x4008AE90
     GET_TSC_KHZ = 0xAEA3
+    GET_VCPU_EVENTS = 0x8040AE9F
 
 
 class Cap(enum.IntEnum):
@@ -171,6 +172,9 @@ _DIRECT_PORTS = (0x40, 0x41, 0x42, 0x43, 0x61)
 _IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
 TSS_LIMIT = 104 + _IOBITMAP_BYTES
 _ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40 without)
+_EVENTS_SIZE = 64                  # struct kvm_vcpu_events; exception.injected at 0, .pending at 3
+_SETTLE_NS = 1_000_000             # deadline re-armed to let a held exception reach its stub
+_SETTLE_TRIES = 16
 
 
 _GPR: dict[str, tuple[int, int]] = {}
@@ -657,6 +661,8 @@ class KVMEngine:
         self.exit_kinds: collections.Counter[str] = collections.Counter()
         self._dirty_log = False
         self._tsc_khz = 0
+        self._events = bytearray(_EVENTS_SIZE)
+        self.settles = 0              # slice ends deferred until a held exception was reported
 
     def _set_slot(self, slot: int, gpa: int, size: int, addr: int, flags: int = 0) -> None:
         fcntl.ioctl(self.vm_fd, Ioctl.SET_USER_MEMORY_REGION, struct.pack("<IIQQQ", slot, flags, gpa, size, addr))
@@ -848,6 +854,9 @@ class KVMEngine:
         try:
             for _ in range(4):
                 rc = self._kvm_run()
+                if rc == -errno.EINTR and self.delivery_pending():
+                    self._begin(time.monotonic_ns() + _SETTLE_NS)
+                    continue
                 if rc < 0:
                     break
                 self._handle_exit()
@@ -966,12 +975,42 @@ class KVMEngine:
         finally:
             self._end()
 
+    def delivery_pending(self) -> bool:
+        """True if the vCPU stopped between raising an exception and this engine's stub
+        reporting it: KVM still holds the exception for its next entry (KVM_GET_VCPU_EVENTS:
+        pending, or injected when the kick came during its delivery; KVM_SET_REGS discards
+        only a pending one), or the CPU is already in the ring-0 stub before its `out`.
+        The registers then are not a guest context the hypervisor may act on: after an
+        event bounced from them, kvm-pvm delivers the held exception at the bounced RIP
+        with the old error code and CR2, i.e. at the event callback in guest kernel mode
+        (issue 11: a user #PF became Linux's "supervisor instruction fetch" Oops 0010)."""
+        if self._get("cs") & 3 == 0:
+            return True
+        ev = self._events
+        fcntl.ioctl(self.vcpu_fd, Ioctl.GET_VCPU_EVENTS, ev)
+        return bool(ev[0] or ev[3])
+
     def _run_slice(self, deadline: int) -> ExitReason:
         handle = self._handle_exit
         run = self._kvm_run
+        settle = 0
         while True:
             rc = run()
             if rc == -errno.EINTR:
+                if self.delivery_pending():
+                    # Xen bounces an exception the moment the guest raises it, before it
+                    # schedules or delivers an event (x86_64/entry.S: create_bounce_frame
+                    # for the trap_bounce, then test_all_events). The slice's end waits
+                    # until KVM has handed the exception to the stub and it was reported
+                    # through the same path as any other; the re-armed deadline covers only
+                    # that delivery (a few instructions).
+                    settle += 1
+                    if settle > _SETTLE_TRIES:
+                        self.last_error = "an exception's delivery did not complete"
+                        return ExitReason.ERROR
+                    self.settles += 1
+                    self._begin(time.monotonic_ns() + settle * _SETTLE_NS)
+                    continue
                 self.kicks += 1
                 return ExitReason.BUDGET
             if rc < 0:
