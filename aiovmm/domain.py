@@ -84,6 +84,9 @@ class Domain:
         self.frames: set[int] = set(frames)
         self.frames.add(self.shared_info_mfn)
         self.max_pages = nr_pages
+        # The E820 limit the toolstack sets at build (xc_domain_set_memmap_limit): XENMEM_memory_map
+        # keeps answering it when mem-set later lowers max_pages.
+        self.memmap_pages = nr_pages
         # Frames Xen shares with the guest (shared_info, grant-table frames): mappable
         # writable, never retyped (a permanent writable type reference) and never freed
         # by the guest.

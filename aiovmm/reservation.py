@@ -129,9 +129,9 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int | None:
         return 0
     if op == XENMEM_memory_map:
         # The map xl sets for every PV guest (xc_domain_set_memmap_limit): one RAM region
-        # from 0 to the domain's maximum. struct e820entry is packed (20 bytes).
+        # from 0 to the domain's maximum at build. struct e820entry is packed (20 bytes).
         nr, buf = struct.unpack("<I4xQ", v.copy_from_guest(arg, 16))
-        entries = [(0, dom.max_pages << 12, E820_RAM)]
+        entries = [(0, dom.memmap_pages << 12, E820_RAM)]
         n = min(nr, len(entries))
         v.copy_to_guest(buf, b"".join(struct.pack("<QQI", *e) for e in entries[:n]))
         v.copy_to_guest(arg, struct.pack("<I", n))

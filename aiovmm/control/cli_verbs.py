@@ -254,8 +254,8 @@ def v_top(a: argparse.Namespace) -> int:
             wr = sum(v["wr_reqs"] for v in d["vbds"])
             _out("%10.10s %6s %10d %6.1f %10d %6.1f %10d %9.1f %5d %4d %8d %8d %4d %8d %8d %8d" % (
                 d["name"], d["state"], int(d["cpu_time_s"]), pct, d["memory_kib"],
-                100.0 * d["memory_kib"] / total_kib, d["max_memory_kib"],
-                100.0 * d["max_memory_kib"] / total_kib, d["vcpus"], len(d["vifs"]), tx, rx,
+                100.0 * d["memory_kib"] / total_kib, d["max_pages_kib"],     # xentop: the hypervisor's max
+                100.0 * d["max_pages_kib"] / total_kib, d["vcpus"], len(d["vifs"]), tx, rx,
                 len(d["vbds"]), 0, rd, wr))
         sys.stdout.flush()
     return 0

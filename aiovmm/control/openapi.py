@@ -36,7 +36,7 @@ SCHEMAS: dict[str, dict] = {
     "Domain": _obj({
         "id": INT, "name": STR, "uuid": STR, "state": {"type": "string", "pattern": "^[r-][b-][p-][s-][c-][d-]$"},
         "status": {"type": "string", "enum": ["running", "blocked", "paused", "shutdown"]},
-        "memory_kib": INT, "max_memory_kib": INT, "target_kib": INT, "vcpus": INT,
+        "memory_kib": INT, "max_memory_kib": INT, "max_pages_kib": INT, "target_kib": INT, "vcpus": INT,
         "cpu_time_s": NUM, "uptime_s": NUM, "weight": INT, "cap": INT,
         "vifs": {"type": "array", "items": {"$ref": "#/components/schemas/Vif"}},
         "vbds": {"type": "array", "items": {"$ref": "#/components/schemas/Vbd"}},

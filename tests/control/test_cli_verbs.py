@@ -336,6 +336,14 @@ def test_console_on_a_terminal(daemon):
     daemon.ok("destroy", "tty1")
 
 
+def _max_memory_bytes(daemon, domid: int) -> int:
+    """The hypervisor's limit on the domain (max_pages), as /metrics exports it."""
+    _, text = daemon.request("GET", "/metrics")
+    m = re.search(rf'^aiovmm_domain_max_memory_bytes{{domid="{domid}",[^}}]*}} (\S+)$', text, re.M)
+    assert m, text[:500]
+    return int(float(m.group(1)))
+
+
 def test_maxmem_is_the_balloon_ceiling(daemon):
     """xl's maxmem=: memory= is populated at boot (target), maxmem= is the domain's maximum
     reservation and memory/static-max; mem-set may go up to it, not past it."""
@@ -348,7 +356,14 @@ def test_maxmem_is_the_balloon_ceiling(daemon):
     xs = subprocess.run(["xenstore-read", f"/local/domain/{d['id']}/memory/static-max"],
                         capture_output=True, text=True, env=dict(os.environ, XENSTORED_PATH=daemon.xs_socket))
     assert xs.stdout.strip() == str(24 << 10)
+    # xl mem-set enforces: the hypervisor's limit follows the target down (a guest cannot
+    # balloon back past it) and up again to static-max, which stays what `list` shows.
+    daemon.ok("mem-set", "mx1", "12")
+    assert _max_memory_bytes(daemon, d["id"]) == 12 << 20
+    d = daemon.api("GET", "/api/v1/domains/mx1")
+    assert (d["target_kib"], d["max_memory_kib"], d["max_pages_kib"]) == (12 << 10, 24 << 10, 12 << 10)
     daemon.ok("mem-set", "mx1", "24")
+    assert _max_memory_bytes(daemon, d["id"]) == 24 << 20
     r = daemon.cli("mem-set", "mx1", "25")
     assert r.returncode == 1 and "above" in r.stderr
     daemon.ok("destroy", "mx1")

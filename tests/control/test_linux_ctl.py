@@ -197,6 +197,17 @@ def _wait_list_mem(d: Daemon, mib: int, timeout: float = 30) -> int:
     return list_rows(d)["lx"][1]
 
 
+BALLOON_SYSFS = "/sys/devices/system/xen_memory/xen_memory0"
+
+
+def _memory_ops(lx) -> int:
+    """The guest's memory_op hypercalls so far, from /metrics."""
+    _, text = lx.request("GET", "/metrics")
+    m = re.search(rf'^aiovmm_hypercalls_total{{domid="{lx.domid}",name="[^"]*",family="memory_op"}} (\S+)$',
+                  text, re.M)
+    return int(float(m.group(1))) if m else 0
+
+
 def test_linux_mem_set_moves_balloon(lx):
     """xl mem-set writes memory/target (KiB); Linux's balloon driver hands pages back with
     XENMEM_decrease_reservation and takes them again with XENMEM_populate_physmap: its
@@ -213,6 +224,18 @@ def test_linux_mem_set_moves_balloon(lx):
     d = lx.api("GET", "/api/v1/domains/lx")
     assert (d["memory_kib"], d["target_kib"], d["max_memory_kib"]) == (BALLOON_TO * 1024, BALLOON_TO * 1024, MAXMEM * 1024)
     assert snapshot(lx)[0] == free0 + delta // 4          # the frames went back to the host
+    # mem-set lowered the hypervisor's limit too (xl's enforce, XEN_DOMCTL_max_mem): the
+    # guest asking its own balloon driver for the memory back (its sysfs target) is refused.
+    calls = _memory_ops(lx)
+    lx.sh.ok(f"echo {MEM * 1024} > {BALLOON_SYSFS}/target_kb")
+    deadline = time.monotonic() + 30
+    while _memory_ops(lx) == calls and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _memory_ops(lx) > calls, "the balloon driver made no memory_op"
+    time.sleep(0.5)
+    assert lx.sh.ok(f"cat {BALLOON_SYSFS}/info/current_kb") == [str(BALLOON_TO * 1024)]
+    assert _wait_list_mem(lx, BALLOON_TO) == BALLOON_TO and snapshot(lx)[0] == free0 + delta // 4
+    lx.sh.ok(f"echo {BALLOON_TO * 1024} > {BALLOON_SYSFS}/target_kb")
     # The guest's memory still works: 16 MiB of new pages in its tmpfs.
     out = lx.sh.ok("dd if=/dev/zero of=/tmp/big bs=64k count=256 2>/dev/null && wc -c < /tmp/big && rm /tmp/big")
     assert out[-1] == "16777216"
