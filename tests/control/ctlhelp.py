@@ -127,6 +127,26 @@ class Daemon:
                 raise AssertionError(f"{pattern!r} not on d{dom}'s console: {text[-2000:]!r}")
             time.sleep(0.1)
 
+    def console_session(self, dom: str, line: bytes, echoed: str, timeout: float = 30) -> str:
+        """`aiovmm console DOM` as a user runs it: type `line`, wait until the console shows
+        `echoed` (a regex), leave with Ctrl-]; returns what the verb printed (it exits 0)."""
+        env = dict(os.environ, AIOVMM_SOCKET=self.socket)
+        p = subprocess.Popen(_cli_command() + ["console", dom], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        try:
+            p.stdin.write(line)
+            p.stdin.flush()
+            self.wait_console(dom, echoed, timeout=timeout)
+            time.sleep(0.3)
+            p.stdin.write(b"\x1d")                 # Ctrl-] leaves
+            p.stdin.flush()
+            out, err = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 0, err
+        return out.decode(errors="replace")
+
     def write_cfg(self, name: str, **kv) -> str:
         path = os.path.join(self.dir, f"{name}.cfg")
         lines = [f"name = {name!r}"] + [f"{k} = {v!r}" for k, v in kv.items()]

@@ -104,22 +104,8 @@ def test_console_send_line_read_echo(daemon):
     cfg = daemon.write_cfg("echo1", kernel=kernel(), memory=8, extra="ticks=1 echo=1 echo_timeout=0")
     daemon.ok("create", cfg)
     daemon.wait_console("echo1", r"^echo: ready$")
-    env = dict(os.environ, AIOVMM_SOCKET=daemon.socket)
-    p = subprocess.Popen(_cli_command() + ["console", "echo1"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    try:
-        p.stdin.write(b"hello from the console verb\n")
-        p.stdin.flush()
-        daemon.wait_console("echo1", r"^echo: hello from the console verb$", timeout=30)
-        time.sleep(0.3)
-        p.stdin.write(b"\x1d")                 # Ctrl-] leaves
-        p.stdin.flush()
-        out, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 0, err
-    text = out.decode()
+    text = daemon.console_session("echo1", b"hello from the console verb\n",
+                                  r"^echo: hello from the console verb$")
     assert "echo: ready\n" in text                    # the history
     assert "echo: hello from the console verb\n" in text   # the live echo
     assert "echo1" in list_rows(daemon)              # leaving the console leaves the guest running

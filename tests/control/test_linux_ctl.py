@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 from aiovmm.testing import VirtualLan
-from .ctlhelp import BUILD, ROOT, Daemon, _cli_command
+from .ctlhelp import BUILD, Daemon
 from .test_cli_verbs import list_rows, snapshot
 
 LINUX = BUILD / "linux"
@@ -122,22 +122,8 @@ def test_linux_create_list(lx):
 
 
 def test_linux_console_send_line_read_echo(lx):
-    env = dict(os.environ, AIOVMM_SOCKET=lx.socket)
-    p = subprocess.Popen(_cli_command() + ["console", "lx"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    try:
-        p.stdin.write(b"echo through-the-console-$((6 * 7))\n")
-        p.stdin.flush()
-        lx.wait_console("lx", r"^through-the-console-42\r?$", timeout=CMD_TIMEOUT)
-        time.sleep(0.3)
-        p.stdin.write(b"\x1d")                        # Ctrl-] leaves
-        p.stdin.flush()
-        out, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 0, err
-    text = out.decode(errors="replace")
+    text = lx.console_session("lx", b"echo through-the-console-$((6 * 7))\n",
+                              r"^through-the-console-42\r?$", timeout=CMD_TIMEOUT)
     assert "aiovmm-init: ready" in text                     # the history
     assert "echo through-the-console-$((6 * 7))" in text    # the tty's echo of the typed line
     assert re.search(r"^through-the-console-42\r?$", text, re.M)   # the shell's answer
