@@ -19,7 +19,7 @@ import socket
 import ssl
 import stat
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..abi import ShutdownReason
 from ..errors import BuildError
@@ -81,6 +81,19 @@ class Record:
     cap: int = 0
     subscribers: set = dataclasses.field(default_factory=set)   # console queues
     hotplug: dict = dataclasses.field(default_factory=dict)     # (kind, devid) -> task
+
+
+def _console_sink(holder: list[Record]) -> Callable[[bytes], None]:
+    """A domain's console callback for the daemon: output goes to every console client of
+    the record in `holder` (appended once the domain exists; output before that has no
+    client yet). A client that does not read (or reads slower than the guest prints) loses
+    output rather than growing the daemon's memory."""
+    def console(data: bytes) -> None:
+        if holder:
+            for q in list(holder[0].subscribers):
+                if q.qsize() < CONSOLE_QUEUE_MAX:
+                    q.put_nowait(data)
+    return console
 
 
 class DmesgHandler(logging.Handler):
@@ -161,14 +174,7 @@ class Controller:
                 raise ControlError(409, f"a domain named {spec.name!r} already exists")
             self.names.add(spec.name)      # reserved before the first await: no race
         holder: list[Record] = []
-
-        def console(data: bytes) -> None:
-            if holder:
-                for q in list(holder[0].subscribers):
-                    # A client that does not read (or reads slower than the guest prints)
-                    # loses output rather than growing the daemon's memory.
-                    if q.qsize() < CONSOLE_QUEUE_MAX:
-                        q.put_nowait(data)
+        console = _console_sink(holder)
         try:
             dom = await self.hv.create(spec.kernel, memory_mib=spec.memory, cmdline=spec.cmdline,
                                        name=spec.name, ramdisk=spec.ramdisk, max_memory_mib=spec.maxmem, on_console=console, vifs=spec.vif,
@@ -316,12 +322,7 @@ class Controller:
         if name is not None and name in self.names:
             raise ControlError(409, f"a domain named {name!r} already exists")
         holder: list[Record] = []
-
-        def console(data: bytes) -> None:
-            if holder:
-                for q in list(holder[0].subscribers):
-                    if q.qsize() < CONSOLE_QUEUE_MAX:
-                        q.put_nowait(data)
+        console = _console_sink(holder)
         try:
             dom = await self.hv.restore(real, name=name, on_console=console)
         except StreamError as e:
