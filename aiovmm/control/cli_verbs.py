@@ -499,7 +499,7 @@ def register(sub: Any) -> None:
     domain(add("destroy", v_destroy, "terminate a domain at once"))
     domain(add("pause", _simple("pause"), "pause a domain"))
     domain(add("unpause", _simple("unpause"), "unpause a domain"))
-    for name, f, h in (("mem-set", v_mem_set, "balloon target (xenstore memory/target)"),
+    for name, f, h in (("mem-set", v_mem_set, "balloon target (xenstore memory/target) and the hypervisor's limit"),
                        ("mem-max", v_mem_max, "maximum memory")):
         p = add(name, f, h)
         domain(p)
