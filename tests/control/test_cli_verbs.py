@@ -201,17 +201,11 @@ def test_info_top_dmesg(daemon):
 
 def test_create_c_attaches_console(daemon):
     cfg = daemon.write_cfg("cc1", kernel=kernel(), memory=8, extra="ticks=1 echo=1 echo_timeout=0")
-    env = dict(os.environ, AIOVMM_SOCKET=daemon.socket)
-    p = subprocess.Popen(_cli_command() + ["create", cfg, "-c"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    try:
+    with daemon.cli_process("create", cfg, "-c") as p:
         daemon.wait_console("cc1", r"^echo: ready$")
         p.stdin.write(b"line one\nquit\n")        # the guest powers off: the console ends
         p.stdin.flush()
         out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 0, err
     lines = out.decode().splitlines()
     assert lines[0] == "aiovmm guest kernel 0.1 booting"
