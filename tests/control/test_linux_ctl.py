@@ -188,10 +188,10 @@ BALLOON_SYSFS = "/sys/devices/system/xen_memory/xen_memory0"
 
 def _memory_ops(lx) -> int:
     """The guest's memory_op hypercalls so far, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
     _, text = lx.request("GET", "/metrics")
-    m = re.search(rf'^aiovmm_hypercalls_total{{domid="{lx.domid}",name="[^"]*",family="memory_op"}} (\S+)$',
-                  text, re.M)
-    return int(float(m.group(1))) if m else 0
+    return sum(int(s.value) for f in text_string_to_metric_families(text) if f.name == "aiovmm_hypercalls"
+               for s in f.samples if s.labels.get("domid") == str(lx.domid) and s.labels.get("family") == "memory_op")
 
 
 def test_linux_mem_set_moves_balloon(lx):
