@@ -238,4 +238,10 @@ def audit(hv: "Hypervisor") -> list[str]:
                 out.append(f"orphan {mfn:#x} owned by d{owner}")
             if not r:
                 out.append(f"orphan {mfn:#x} (of dead d{hv.orphan_frames[mfn]}) has no reference left: leaked")
+    for mfn, frames in mem.released.items():
+        d = live.get(mem.owner[mfn])
+        if d is None or frames is not d.frames or mfn not in frames:
+            out.append(f"released frame {mfn:#x} not among its owner d{mem.owner[mfn]}'s frames")
+        if not mem.in_use(mfn):
+            out.append(f"released frame {mfn:#x} (d{mem.owner[mfn]}) has no reference left: leaked")
     return out

@@ -84,6 +84,9 @@ class Domain:
         self.frames: set[int] = set(frames)
         self.frames.add(self.shared_info_mfn)
         self.max_pages = nr_pages
+        # The E820 limit the toolstack sets at build (xc_domain_set_memmap_limit): XENMEM_memory_map
+        # keeps answering it when mem-set later lowers max_pages.
+        self.memmap_pages = nr_pages
         # Frames Xen shares with the guest (shared_info, grant-table frames): mappable
         # writable, never retyped (a permanent writable type reference) and never freed
         # by the guest.
@@ -159,9 +162,11 @@ class Domain:
         return mfn
 
     def release_frame(self, mfn: int) -> None:
-        """Free one of this domain's frames; FrameInUse (and the frame stays) if it is."""
-        self.mem.free([mfn])
-        self.frames.discard(mfn)
+        """Give back one of this domain's frames: freed now, or, still referenced, when its
+        last reference drops (counted to the domain until then; MachineMemory.give_back)."""
+        if not self.mem.give_back(mfn, self.frames):
+            log.debug("d%d: frame %#x given back while referenced: freed on its last reference",
+                      self.domid, mfn)
 
     @property
     def shared_info_maddr(self) -> int:
@@ -361,6 +366,7 @@ class Domain:
         if self.frames:
             mem = self.mem
             hv = self.hypervisor
+            mem.forget_released(self.frames)    # freed or orphaned below with the rest
             hv.pagetables.teardown_domain(self.domid, self.frames)
             held = grants.held_by_others(self)
             stray = {f for f in self.frames if mem.refs[f] and f not in held}

@@ -291,9 +291,9 @@ def _drop_frame(hv: "Hypervisor", mfn: int, readonly: bool) -> None:
     """Drop what _take_frame took; the last reference on an orphaned frame (its granter
     died while it was mapped) frees it."""
     mem = hv.mem
-    mem.refs[mfn] -= 1
     if not readonly:
         mem.put_writable(mfn)
+    mem.put_ref(mfn)
     if mfn in hv.orphan_frames and not mem.refs[mfn] and not mem.type_count[mfn]:
         del hv.orphan_frames[mfn]
         mem.free([mfn], force=True)

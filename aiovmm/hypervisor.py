@@ -240,7 +240,7 @@ class Hypervisor:
             dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console, log_dir=self.log_dir)
             dom.engine_kind = engine_kind
             if max_memory_mib is not None:
-                dom.max_pages = max_memory_mib << 20 >> PAGE_SHIFT
+                dom.max_pages = dom.memmap_pages = max_memory_mib << 20 >> PAGE_SHIFT
             dom.suspend_cancel = bool(img.notes.get(ElfNote.SUSPEND_CANCEL, 0))
             log.info("d%d: vCPU engine %s", domid, engine_kind)
         except OutOfMemory as e:

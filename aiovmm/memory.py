@@ -97,6 +97,12 @@ class MachineMemory:
             self.dirty[mfn] = 1
         # Free list, handed out lowest first so a domain's frames tend to be contiguous.
         self._free = list(range(self.m2p_first - 1, -1, -1))
+        # Frames their domain gave back (decrease_reservation) while still referenced: Xen
+        # clears the page's allocation reference (_PGC_allocated) and frees it when its last
+        # reference drops (put_page). Until then it stays owned by, and counted to, the
+        # domain (its frame set, the value here), so it is never handed to anyone else
+        # while a mapping or a type on it lives.
+        self.released: dict[int, set[int]] = {}
 
     # -- allocation ---------------------------------------------------------------------
     @property
@@ -116,6 +122,11 @@ class MachineMemory:
                 dirty[mfn] = 0
         return frames
 
+    def in_use(self, mfn: int) -> bool:
+        """Something still references the frame: a type (page table, pin, writable) or a
+        mapping (an L1 entry, a grant mapping)."""
+        return bool(self.type_count[mfn] or self.pinned[mfn] or self.refs[mfn])
+
     def free(self, frames: list[int], force: bool = False) -> None:
         """Return frames to the pool.
 
@@ -124,10 +135,11 @@ class MachineMemory:
         """
         if not force:
             for mfn in frames:
-                if self.type_count[mfn] or self.pinned[mfn] or self.refs[mfn]:
+                if self.in_use(mfn):
                     raise FrameInUse(f"frame {mfn:#x} is in use ({PageType(self.type[mfn]).name}, "
                                      f"{self.refs[mfn]} mappings)")
         for mfn in frames:
+            self.released.pop(mfn, None)
             self.owner[mfn] = DOMID_INVALID
             self.type[mfn] = PageType.none
             self.type_count[mfn] = 0
@@ -160,6 +172,35 @@ class MachineMemory:
             if mfn is not None:
                 start = prev = mfn
 
+    def give_back(self, mfn: int, frames: set[int]) -> bool:
+        """A domain gives back one of its frames (`frames`: its frame set). Freed now if
+        nothing references it (True); otherwise released: freed by `unreferenced` when the
+        last reference goes (False). Giving back a released frame again changes nothing,
+        as in Xen, where the allocation reference is already gone."""
+        if self.in_use(mfn):
+            self.released[mfn] = frames
+            return False
+        self.free([mfn])
+        frames.discard(mfn)
+        return True
+
+    def unreferenced(self, mfn: int) -> None:
+        """Called wherever a reference on a frame is dropped: a released frame with none
+        left is freed (Xen's put_page dropping the last count)."""
+        if mfn in self.released and not self.in_use(mfn):
+            self.released.pop(mfn).discard(mfn)
+            self.free([mfn])
+
+    def put_ref(self, mfn: int) -> None:
+        """Drop a general reference (a mapping) taken with refs[mfn] += 1."""
+        self.refs[mfn] -= 1
+        self.unreferenced(mfn)
+
+    def forget_released(self, frames: set[int]) -> None:
+        """A dying domain's released frames are torn down with the rest of its frames."""
+        for mfn in [m for m, fs in self.released.items() if fs is frames]:
+            del self.released[mfn]
+
     def release_domain(self, domid: int, frames: list[int]) -> None:
         """Free all frames of a domain that is being destroyed."""
         self.free([m for m in frames if self.owner[m] == domid], force=True)
@@ -191,6 +232,7 @@ class MachineMemory:
         self.type_count[mfn] -= 1
         if self.type_count[mfn] == 0:
             self.type[mfn] = PageType.none
+            self.unreferenced(mfn)
 
     # -- raw access (machine addresses) ---------------------------------------------------
     def valid_mfn(self, mfn: int) -> bool:

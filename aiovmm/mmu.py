@@ -215,6 +215,7 @@ class PageTables:
             if t in _PT_TYPES:
                 self._devalidate_table(mfn, int(t))
             mem.type[mfn] = PageType.none
+            mem.unreferenced(mfn)
 
     def _validate_table(self, mfn: int, level: int, dom: int) -> None:
         """Check all 512 entries, take their references, apply Xen's bit edits. All or nothing."""
@@ -337,9 +338,9 @@ class PageTables:
             if ptr in self.grant_ptes:
                 self._implicit_grant_unmap(ptr)
                 return
-            self.mem.refs[target] -= 1
             if e & _PAGE_RW:
                 self.mem.put_writable(target)
+            self.mem.put_ref(target)
         else:
             self.put_type(target)         # next-level or same-level (linear) reference
 

@@ -1,9 +1,10 @@
 """memory_op (#12): the domain's memory reservation (balloon) and M2P information.
 
 PV semantics (xen-pv-abi.md §8): frame lists hold MFNs (GFN == MFN for PV). A frame is freed
-only when nothing uses it: a frame that is still a typed page (page table, pinned) or still
-mapped by any L1 entry is refused, which ends the batch with a short count, so a guest can
-never keep a mapping of a frame that then goes to another domain.
+only when nothing uses it: a frame given back while still a typed page (page table, pinned)
+or still mapped (an L1 entry, another domain's grant mapping) counts as done, as in Xen, but
+stays the domain's (and counted in its reservation) until its last reference drops, so a
+guest can never keep a mapping of a frame that has gone to another domain.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .abi import DOMID_SELF, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, Errno
 from .errors import HypercallError
-from .memory import FrameInUse, OutOfMemory
+from .memory import OutOfMemory
 from .mmu import GuestFault
 
 if TYPE_CHECKING:
@@ -77,11 +78,10 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int | None:
                     break                       # Xen: the copy fails, goto out (count so far)
                 if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom.domid or mfn in dom.shared_frames:
                     break
-                try:
-                    dom.release_frame(mfn)      # MachineMemory.free decides "in use"
-                except FrameInUse:
-                    log.debug("d%d: decrease_reservation of in-use frame %#x refused", dom.domid, mfn)
-                    break
+                # Xen's guest_remove_page: the extent is done; a frame still referenced
+                # (mapped, a page table, pinned, grant-mapped by another domain) is freed
+                # only when its last reference drops, never reused before.
+                dom.release_frame(mfn)
             else:
                 if dom.tot_pages >= dom.max_pages:
                     break
@@ -129,9 +129,9 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int | None:
         return 0
     if op == XENMEM_memory_map:
         # The map xl sets for every PV guest (xc_domain_set_memmap_limit): one RAM region
-        # from 0 to the domain's maximum. struct e820entry is packed (20 bytes).
+        # from 0 to the domain's maximum at build. struct e820entry is packed (20 bytes).
         nr, buf = struct.unpack("<I4xQ", v.copy_from_guest(arg, 16))
-        entries = [(0, dom.max_pages << 12, E820_RAM)]
+        entries = [(0, dom.memmap_pages << 12, E820_RAM)]
         n = min(nr, len(entries))
         v.copy_to_guest(buf, b"".join(struct.pack("<QQI", *e) for e in entries[:n]))
         v.copy_to_guest(arg, struct.pack("<I", n))

@@ -15,6 +15,7 @@ import asyncio
 import ctypes
 import itertools
 import os
+from typing import Self
 
 from pyroute2 import IPRoute, netns
 
@@ -29,7 +30,52 @@ def unique_prefix(tag: str = "av") -> str:
     return f"{tag}{os.getpid() % 100000}x{next(_counter)}"
 
 
-class VirtualLan:
+def _bridge_uplink(ns: str, bridge: str) -> None:
+    """In namespace `ns`: a bridge with the namespace's "uplink" veth end on it, both up."""
+    with in_netns(ns), IPRoute() as ipr:
+        ipr.link("add", ifname=bridge, kind="bridge")
+        br = ipr.link_lookup(ifname=bridge)[0]
+        ipr.link("set", index=ipr.link_lookup(ifname="uplink")[0], master=br, state="up")
+        ipr.link("set", index=br, state="up")
+
+
+class _OwnNamespaces:
+    """Network namespaces a fixture owns: `_setup` builds them in a worker thread (blocking
+    netlink); every one of `_namespaces()` is removed on exit, also when `_setup` failed
+    half-way. `run` executes a command in `_run_ns`."""
+    _run_ns: str
+
+    def _namespaces(self) -> list[str]:
+        raise NotImplementedError
+
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        try:
+            await asyncio.to_thread(self._setup)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Remove the namespaces (and every interface in them). Idempotent."""
+        for ns in self._namespaces():
+            try:
+                netns.remove(ns)
+            except OSError:
+                pass
+
+    async def run(self, *argv: str, timeout: float = 30) -> tuple[int, str]:
+        """Run a command in the namespace `_run_ns`; returns (exit status, stdout+stderr)."""
+        return await _run_in(self._run_ns, argv, timeout)
+
+
+class VirtualLan(_OwnNamespaces):
     def __init__(self, host_cidr: str = "198.18.0.1/24", prefix: str | None = None) -> None:
         self.prefix = prefix or unique_prefix()
         self.lan_ns = f"{self.prefix}-lan"      # holds the bridge and the guests' taps
@@ -42,13 +88,12 @@ class VirtualLan:
     def vif(self, mac: str = "", ifname: str | None = None, mtu: int = 1500) -> VifConfig:
         return VifConfig(mac=mac, bridge=self.bridge, netns=self.lan_ns, ifname=ifname, mtu=mtu)
 
-    async def __aenter__(self) -> "VirtualLan":
-        try:
-            await asyncio.to_thread(self._setup)
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
+    @property
+    def _run_ns(self) -> str:
+        return self.host_ns                     # `run`: from the host namespace
+
+    def _namespaces(self) -> list[str]:
+        return [self.host_ns, self.lan_ns]
 
     def _setup(self) -> None:
         # Synchronous pyroute2 in a worker thread that enters the namespace itself (setns):
@@ -69,12 +114,7 @@ class VirtualLan:
             ipr.link("set", index=lo, state="up")
 
     def _create_bridge(self) -> None:
-        with in_netns(self.lan_ns), IPRoute() as ipr:
-            ipr.link("add", ifname=self.bridge, kind="bridge")
-            br = ipr.link_lookup(ifname=self.bridge)[0]
-            up = ipr.link_lookup(ifname="uplink")[0]
-            ipr.link("set", index=up, master=br, state="up")
-            ipr.link("set", index=br, state="up")
+        _bridge_uplink(self.lan_ns, self.bridge)
 
     def _delete_bridge(self) -> None:
         with in_netns(self.lan_ns), IPRoute() as ipr:
@@ -89,33 +129,8 @@ class VirtualLan:
         """Delete the bridge, as an admin's `ip link del br0` would (its ports are released)."""
         await asyncio.to_thread(self._delete_bridge)
 
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
 
-    async def aclose(self) -> None:
-        """Remove both namespaces (and every interface in them). Idempotent."""
-        for ns in (self.host_ns, self.lan_ns):
-            try:
-                netns.remove(ns)
-            except OSError:
-                pass
-
-    async def run(self, *argv: str, timeout: float = 30) -> tuple[int, str]:
-        """Run a command in the host namespace; returns (exit status, stdout+stderr)."""
-        ns = self.host_ns
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=lambda: netns.setns(ns))       # enter the namespace in the child
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
-            proc.kill()
-            out, _ = await proc.communicate()
-            return -1, out.decode(errors="replace") + "\n(timeout)"
-        return proc.returncode, out.decode(errors="replace")
-
-
-class TwoHostLan:
+class TwoHostLan(_OwnNamespaces):
     """Two "hosts" on one switch, and a client on it, each in a network namespace of its
     own (unique names, all removed on exit, also on failure):
 
@@ -145,16 +160,9 @@ class TwoHostLan:
     def _namespaces(self) -> list[str]:
         return [self.client_ns, *self.host_ns.values(), self.switch_ns]
 
-    async def __aenter__(self) -> "TwoHostLan":
-        try:
-            await asyncio.to_thread(self._setup)
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
+    @property
+    def _run_ns(self) -> str:
+        return self.client_ns                   # `run`: from the client namespace
 
     def _setup(self) -> None:
         for ns in self._namespaces():
@@ -170,28 +178,14 @@ class TwoHostLan:
             ipr.link("set", index=sw, state="up")
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         for ns in self.host_ns.values():
+            _bridge_uplink(ns, self.bridge)
             with in_netns(ns), IPRoute() as ipr:
-                ipr.link("add", ifname=self.bridge, kind="bridge")
-                br = ipr.link_lookup(ifname=self.bridge)[0]
-                ipr.link("set", index=ipr.link_lookup(ifname="uplink")[0], master=br, state="up")
-                ipr.link("set", index=br, state="up")
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         with in_netns(self.client_ns), IPRoute() as ipr:
             eth = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=eth, address=self.client_ip, prefixlen=self.prefixlen)
             ipr.link("set", index=eth, state="up")
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-
-    async def aclose(self) -> None:
-        for ns in self._namespaces():
-            try:
-                netns.remove(ns)
-            except OSError:
-                pass
-
-    async def run(self, *argv: str, timeout: float = 30) -> tuple[int, str]:
-        """Run a command in the client namespace; (exit status, stdout+stderr)."""
-        return await _run_in(self.client_ns, argv, timeout)
 
     def fdb_port(self, mac: str) -> str | None:
         """The switch port its forwarding database has for `mac` (None: not learnt).

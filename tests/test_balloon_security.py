@@ -6,9 +6,9 @@ Rules (Xen's xen/common/memory.c; the deliberate difference is the one test_host
 documents): a frame the domain does not own (another domain's, Xen's, out of range, already
 given back) stops the batch (guest_remove_page's get_page fails: the count so far is
 returned); a frame still referenced (a live or pinned page table, mapped by the domain's
-own L1s, grant-mapped by another domain) is refused here where Xen reports it done and
-frees it on the last reference: either way nobody keeps a mapping of a frame that goes to
-someone else. A granted but unmapped frame goes back (a grant names a frame, it holds no
+own L1s, grant-mapped by another domain) counts as done, as in Xen, and is freed on its
+last reference, staying the domain's until then: nobody keeps a mapping of a frame that
+goes to someone else. A granted but unmapped frame goes back (a grant names a frame, it holds no
 reference): the grantee's later map of that grant fails. Growing stops at the domain's
 maximum (assign_pages refuses over-allocation); another domain's reservation is EPERM.
 """
@@ -130,43 +130,71 @@ def test_not_owned_frames_stop_the_batch():
     run(body)
 
 
-def test_referenced_frames_are_not_freed():
-    """A pinned table, a frame its own L1 maps read-only, Xen's shared_info: each refused
-    and left as it was; once the reference is gone the frame goes back."""
+def test_referenced_frames_are_freed_on_their_last_reference():
+    """Xen's guest_remove_page: a frame still referenced (a pinned table, a frame its own L1
+    maps) is given back all the same (the extent counts as done) but freed only when its
+    last reference drops; until then it stays the domain's and counts to its reservation,
+    so the domain cannot grow in its place. Xen's shared_info is not the domain's to give."""
     def body(hv: Hypervisor) -> None:
         a = lab.park(hv, kernel(), 8, "holder")
         mem = hv.mem
+        dec = reservation.XENMEM_decrease_reservation
         t, f = a.spare[0], a.spare[1]
         assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
         va = a.free_l2_va()
         assert a.mmu_update((a.l2_entry(va), (t << PAGE_SHIFT) | TABLE)) == (0, 1)
         assert a.mmu_update(((t << PAGE_SHIFT) + 8, (f << PAGE_SHIFT) | PTE_RO)) == (0, 1)
         mem.write_u64(f << PAGE_SHIFT, 0xF00D)
-        for frame in (t, f, a.dom.shared_info_mfn):
-            assert reserve(a, reservation.XENMEM_decrease_reservation, [frame])[0] == 0
-            assert mem.owner[frame] == a.domid
-            clean(hv)
+        total, free0 = a.dom.tot_pages, mem.free_frames
+        assert reserve(a, dec, [a.dom.shared_info_mfn])[0] == 0
+        assert reserve(a, dec, [t, f])[0] == 2
+        for frame in (t, f):
+            assert mem.owner[frame] == a.domid and frame in a.dom.frames
+        assert a.dom.tot_pages == query(a, reservation.XENMEM_current_reservation) == total
+        assert mem.free_frames == free0
         assert mem.read_u64(f << PAGE_SHIFT) == 0xF00D and mem.refs[f] == 1
-        # The mapping goes: f can go. The table is unhooked and unpinned: t can go.
+        assert reserve(a, reservation.XENMEM_populate_physmap, [0x10])[0] == 0   # still at its maximum
+        clean(hv)
+        # Given back again: done again, nothing changes (the allocation reference is gone).
+        assert reserve(a, dec, [f])[0] == 1 and mem.owner[f] == a.domid and mem.free_frames == free0
+        # The mapping goes: f is freed there and then.
         assert a.mmu_update(((t << PAGE_SHIFT) + 8, 0)) == (0, 1)
-        assert reserve(a, reservation.XENMEM_decrease_reservation, [f])[0] == 1
+        assert mem.owner[f] == DOMID_INVALID and f not in a.dom.frames
+        assert (a.dom.tot_pages, mem.free_frames) == (total - 1, free0 + 1)
+        clean(hv)
+        # The table, unhooked, is still pinned: still the domain's. Unpinned, it goes.
         assert a.mmu_update((a.l2_entry(va), 0)) == (0, 1)
-        assert reserve(a, reservation.XENMEM_decrease_reservation, [t])[0] == 0   # still pinned
+        assert mem.owner[t] == a.domid
         assert a.mmuext(MmuExt.UNPIN_TABLE, t) == 0
-        assert reserve(a, reservation.XENMEM_decrease_reservation, [t])[0] == 1
-        assert mem.owner[t] == mem.owner[f] == DOMID_INVALID
+        assert mem.owner[t] == DOMID_INVALID
+        assert (a.dom.tot_pages, mem.free_frames) == (total - 2, free0 + 2)
+        clean(hv)
+        # A frame given back while mapped, then the domain dies: torn down with the rest.
+        g = a.spare[2]
+        va2 = a.free_l2_va()
+        assert a.mmuext(MmuExt.PIN_L1_TABLE, t := a.spare[3]) == 0
+        assert a.mmu_update((a.l2_entry(va2), (t << PAGE_SHIFT) | TABLE)) == (0, 1)
+        assert a.mmu_update(((t << PAGE_SHIFT) + 8, (g << PAGE_SHIFT) | PTE_RO)) == (0, 1)
+        assert reserve(a, dec, [g])[0] == 1
+        clean(hv)
+        before, owned = mem.free_frames, len(a.dom.frames)          # g among them, once
+        lab.destroy(a)
+        assert mem.owner[g] == DOMID_INVALID and not mem.released
+        assert mem.free_frames == before + owned
         clean(hv)
     run(body)
 
 
-def test_granted_frame_mapped_by_another_is_not_freed():
-    """B grants its frame to A and A maps it: B's decrease_reservation must not hand the
-    frame to anyone while A's mapping lives. Unmapped, the frame goes back; A's new map of
-    the same grant then fails (the entry names a frame B no longer owns)."""
+def test_granted_frame_mapped_by_another_is_freed_when_unmapped():
+    """B grants its frame to A and A maps it: B's decrease_reservation counts it done (Xen)
+    but the frame stays B's while A's mapping lives. A's unmap frees it; A's new map of the
+    same grant then fails (the entry names a frame B no longer owns), also once the frame
+    belongs to someone else. If B dies first, the frame is an orphan, freed once by A's unmap."""
     def body(hv: Hypervisor) -> None:
         b = lab.park(hv, kernel(), 8, "granter")
         a = lab.park(hv, kernel(), 8, "grantee")
         mem = hv.mem
+        dec = reservation.XENMEM_decrease_reservation
         f, t = b.spare[0], a.spare[0]
         assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
         va = a.free_l2_va() + 3 * 4096
@@ -175,12 +203,14 @@ def test_granted_frame_mapped_by_another_is_not_freed():
         st, h = a.map_grant(b.domid, REF, va)
         assert st == GntSt.okay
         mem.write_u64(f << PAGE_SHIFT, 0xB0B)
-        assert reserve(b, reservation.XENMEM_decrease_reservation, [f])[0] == 0
-        assert mem.owner[f] == b.domid and mem.read_u64(f << PAGE_SHIFT) == 0xB0B
+        free0, total = mem.free_frames, b.dom.tot_pages
+        assert reserve(b, dec, [f])[0] == 1
+        assert mem.owner[f] == b.domid and f in b.dom.frames and b.dom.tot_pages == total
+        assert mem.free_frames == free0 and mem.read_u64(f << PAGE_SHIFT) == 0xB0B
         clean(hv)
         assert a.unmap_grant(h, va) == GntSt.okay
-        assert reserve(b, reservation.XENMEM_decrease_reservation, [f])[0] == 1
-        assert mem.owner[f] == DOMID_INVALID
+        assert mem.owner[f] == DOMID_INVALID and f not in b.dom.frames
+        assert (mem.free_frames, b.dom.tot_pages) == (free0 + 1, total - 1)
         st, _ = a.map_grant(b.domid, REF, va)
         assert st != GntSt.okay
         assert mem.read_u64(t << PAGE_SHIFT) == 0                  # nothing mapped
@@ -190,6 +220,19 @@ def test_granted_frame_mapped_by_another_is_not_freed():
         assert f in c.dom.frames
         st, _ = a.map_grant(b.domid, REF, va)
         assert st != GntSt.okay
+        clean(hv)
+        # Given back while A maps it, then B dies: an orphan until A's unmap frees it, once.
+        g = b.spare[1]
+        b.write_grant(REF + 1, GTF_permit_access, a.domid, g)
+        st, h = a.map_grant(b.domid, REF + 1, va)
+        assert st == GntSt.okay
+        assert reserve(b, dec, [g])[0] == 1
+        lab.destroy(b)
+        assert mem.owner[g] == DOMID_XEN and g in hv.orphan_frames and not mem.released
+        clean(hv)
+        free1 = mem.free_frames
+        assert a.unmap_grant(h, va) == GntSt.okay
+        assert mem.owner[g] == DOMID_INVALID and mem.free_frames == free1 + 1
         clean(hv)
     run(body)
 

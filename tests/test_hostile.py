@@ -94,9 +94,9 @@ class PairedWith:
 # Upstream checks only the start address of a huge batch (guest_handle_okay) and fails with
 # -EFAULT at the first entry it cannot copy, after doing the earlier ones.
 HUGE_RC = EFAULT
-# aiovmm refuses frames in use (reservation.py, deliberate); upstream reports the extent done
-# (the frame leaves the allocation but stays referenced). README: both are right.
-FREE_LIVE_TABLE = "0"
+# Upstream guest_remove_page reports the extent done: the frame leaves the allocation but
+# stays referenced (and the domain's) until its last reference drops; aiovmm does the same.
+FREE_LIVE_TABLE = "1"
 
 
 def _mmu(key: str, rc: str, done: str) -> dict[str, object]:

@@ -5,6 +5,7 @@ engines; every test here needs a usable /dev/kvm and is skipped with the reason 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -123,27 +124,36 @@ async def test_m2p_alias_announced_and_readable():
             assert got == hv.mem.m2p[mfn]
 
 
-async def test_step_to_executes_exactly_one_instruction():
-    """The engine's single step (RFLAGS.TF, used to emulate a trapped page-table store):
-    exactly one instruction runs, RIP lands on the next one, and TF is not left set."""
+@contextlib.asynccontextmanager
+async def _hand_driven_vcpu(regs: tuple[str, ...]):
+    """The project's kernel on the KVM engine, paused while its vCPU task is parked between
+    slices so that a test can drive the vCPU by hand. Afterwards (when the test passed) the
+    registers `regs` are put back and the guest must run on to its third line."""
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
         dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
         await dom.wait_for_line(r"^spin 1$", timeout=30)
         dom.paused = True
-        await asyncio.sleep(0.05)                      # the vCPU task parks between slices
+        await asyncio.sleep(0.05)
         v = dom.vcpus[0]
+        saved = v.engine.read(regs)
+        yield hv, dom, v
+        v.engine.write(dict(zip(regs, saved)))
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 3$", timeout=30)
+
+
+async def test_step_to_executes_exactly_one_instruction():
+    """The engine's single step (RFLAGS.TF, used to emulate a trapped page-table store):
+    exactly one instruction runs, RIP lands on the next one, and TF is not left set."""
+    async with _hand_driven_vcpu(("rip", "rax", "rflags")) as (hv, dom, v):
         eng = v.engine
-        saved = eng.read(("rip", "rax", "rflags"))
         code_va = 0xFFFFFFFF80400000 - 4096           # unused padding page of the boot map
         v.copy_to_guest(code_va, b"\x48\xff\xc0" * 2 + b"\xeb\xfe")   # inc rax; inc rax; jmp .
         eng.write({"rip": code_va, "rax": 5})
         assert eng.step_to(code_va + 3)
         assert eng.read(("rip", "rax")) == [code_va + 3, 6]
         assert not eng.get("rflags") & 0x100
-        eng.write({"rip": saved[0], "rax": saved[1], "rflags": saved[2]})
-        dom.paused = False
-        v.wake()
-        await dom.wait_for_line(r"^spin 3$", timeout=30)
 
 
 def test_engine_names():
@@ -234,14 +244,8 @@ async def test_forged_syscall_entry_cannot_raise_iopl():
     """The SYSCALL entry page is guest-executable (kvm-pvm keeps SYSCALL at CPL 3): a guest
     jumping there with a forged R11 must not get IOPL 3 (or VM/NT) in its RFLAGS."""
     from aiovmm.kvm_engine import ring0
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
-        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
-        await dom.wait_for_line(r"^spin 1$", timeout=30)
-        dom.paused = True
-        await asyncio.sleep(0.05)
-        v = dom.vcpus[0]
+    async with _hand_driven_vcpu(("rip", "rax", "rdi", "rcx", "r11", "rflags")) as (hv, dom, v):
         eng = v.engine
-        saved = eng.read(("rip", "rax", "rdi", "rcx", "r11", "rflags"))
         code_va = 0xFFFFFFFF80400000 - 4096
         v.copy_to_guest(code_va, b"\xeb\xfe")                       # jmp .
         eng.write({"rip": ring0(hv.xen).syscall_va, "rax": 17, "rdi": 0, "rcx": code_va,
@@ -258,10 +262,6 @@ async def test_forged_syscall_entry_cannot_raise_iopl():
         assert eng.get("rip") == code_va
         assert eng.get("rflags") & (0x3000 | 0x20000 | 0x4000) == 0
         assert eng.get("rax") == (4 << 16) | 17                   # xen_version ran
-        eng.write(dict(zip(("rip", "rax", "rdi", "rcx", "r11", "rflags"), saved)))
-        dom.paused = False
-        v.wake()
-        await dom.wait_for_line(r"^spin 3$", timeout=30)
 
 
 @pytest.mark.parametrize("targeted", [True, False], ids=["targeted", "full_zap"])
@@ -273,15 +273,9 @@ async def test_unmapped_page_faults_after_host_side_page_table_change(targeted, 
     if targeted and not kvm_engine._TARGETED:
         pytest.skip("targeted invalidation is for kvm-pvm (this host has hardware KVM)")
     monkeypatch.setattr(kvm_engine, "_TARGETED", targeted)
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
-        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
-        await dom.wait_for_line(r"^spin 1$", timeout=30)
-        dom.paused = True
-        await asyncio.sleep(0.05)
-        v = dom.vcpus[0]
+    async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
         eng = v.engine
         pt = hv.pagetables
-        saved = eng.read(("rip", "rax"))
         data_va = 0xFFFFFFFF80400000 - 2 * 4096           # padding pages of the boot map
         code_va = 0xFFFFFFFF80400000 - 4096
         v.copy_to_guest(data_va, (0x1122334455667788).to_bytes(8, "little"))
@@ -307,10 +301,6 @@ async def test_unmapped_page_faults_after_host_side_page_table_change(targeted, 
             assert (eng.zaps, eng.invalidations) == (zaps + 1, invalidations)
         pt.update_entry(dom.domid, ptr, old)
         eng.flush_tlb()
-        eng.write({"rip": saved[0], "rax": saved[1]})
-        dom.paused = False
-        v.wake()
-        await dom.wait_for_line(r"^spin 3$", timeout=30)
 
 
 async def test_relinked_page_table_cleared_by_the_host_keeps_no_stale_mapping():
@@ -319,15 +309,9 @@ async def test_relinked_page_table_cleared_by_the_host_keeps_no_stale_mapping():
     MMUEXT_CLEAR_PAGE or a backend filling a granted page would), and the guest pins and
     links it again: an addition, which needs no TLB flush. The translation through it must
     be the new (empty) one, never KVM's shadow of the old contents."""
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
-        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
-        await dom.wait_for_line(r"^spin 1$", timeout=30)
-        dom.paused = True
-        await asyncio.sleep(0.05)
-        v = dom.vcpus[0]
+    async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
         eng = v.engine
         pt, mem = hv.pagetables, hv.mem
-        saved = eng.read(("rip", "rax"))
         code_va = 0xFFFFFFFF80400000 - 4096                 # padding page of the boot map
         va = 0xFFFFFFFF80000000 + (500 << 21)               # an unused L2 slot of the kernel
         table = v.kernel_root                               # walk to the L2 holding code_va
@@ -369,7 +353,3 @@ async def test_relinked_page_table_cleared_by_the_host_keeps_no_stale_mapping():
         pt.update_entry(dom.domid, slot, 0)
         eng.flush_tlb()
         pt.put_type(x)
-        eng.write({"rip": saved[0], "rax": saved[1]})
-        dom.paused = False
-        v.wake()
-        await dom.wait_for_line(r"^spin 3$", timeout=30)

@@ -33,10 +33,11 @@ def _hook_table(a: lab.Parked, pin: bool) -> tuple[int, int]:
     return t, va
 
 
-def test_decrease_reservation_refuses_a_mapped_frame():
-    """A frame the guest still maps, read-only (a general reference, no type): giving it back
-    would leave the guest a mapping of a frame handed to the next domain. Xen: the page
-    still has references, guest_remove_page fails; no extent done. Unmapped, it goes."""
+def test_decrease_reservation_keeps_a_mapped_frame_until_unmapped():
+    """A frame the guest still maps, read-only (a general reference, no type): Xen's
+    guest_remove_page counts it done but the page lives while referenced. Handing it out
+    now would leave the guest a mapping of the next domain's frame: it stays the domain's
+    (and counted) until the mapping goes, then it is freed."""
     async def main():
         async with Hypervisor(memory_mib=MIB) as hv:
             a = lab.park(hv, kernel(), 8, "a")
@@ -45,27 +46,31 @@ def test_decrease_reservation_refuses_a_mapped_frame():
             pte = (t << PAGE_SHIFT) + 8 * 3
             assert a.mmu_update((pte, (f << PAGE_SHIFT) | _PAGE_PRESENT | _PAGE_USER)) == (0, 1)
             assert (hv.mem.refs[f], hv.mem.type_count[f], hv.mem.pinned[f]) == (1, 0, 0)
-            assert a.decrease_reservation(f) == 0
-            assert hv.mem.owner[f] == a.domid and f in a.dom.frames
+            free0 = hv.mem.free_frames
+            assert a.decrease_reservation(f) == 1
+            assert hv.mem.owner[f] == a.domid and f in a.dom.frames and hv.mem.free_frames == free0
             assert audit(hv) == []
             assert a.mmu_update((pte, 0)) == (0, 1)
-            assert a.decrease_reservation(f) == 1
-            assert f not in a.dom.frames and hv.mem.owner[f] != a.domid
+            assert f not in a.dom.frames and hv.mem.owner[f] != a.domid and hv.mem.free_frames == free0 + 1
             assert audit(hv) == []
     run(main())
 
 
-def test_decrease_reservation_refuses_a_live_unpinned_table():
+def test_decrease_reservation_keeps_a_live_unpinned_table_until_unhooked():
     """An L1 table hooked into an L2 but neither pinned nor mapped (a type reference only):
-    freeing it would leave the L2 pointing at a frame the next owner writes. No extent."""
+    freed now, the L2 would point at a frame the next owner writes. Counted done, it stays
+    the domain's, still an L1, until the L2 entry goes."""
     async def main():
         async with Hypervisor(memory_mib=MIB) as hv:
             a = lab.park(hv, kernel(), 8, "a")
             t, va = _hook_table(a, pin=False)
             assert (hv.mem.refs[t], hv.mem.type[t], hv.mem.pinned[t]) == (0, PageType.l1, 0)
             assert hv.mem.type_count[t] == 1
-            assert a.decrease_reservation(t) == 0
-            assert hv.mem.owner[t] == a.domid and hv.mem.type[t] == PageType.l1
+            assert a.decrease_reservation(t) == 1
+            assert hv.mem.owner[t] == a.domid and hv.mem.type[t] == PageType.l1 and t in a.dom.frames
+            assert audit(hv) == []
+            assert a.mmu_update((a.l2_entry(va), 0)) == (0, 1)
+            assert t not in a.dom.frames and hv.mem.owner[t] != a.domid
             assert audit(hv) == []
     run(main())
 

@@ -161,8 +161,9 @@ def test_populate_already_populated_pfn():
 def test_frames_xen_writes_into_are_not_given_back():
     """A frame holding the relocated vcpu_info (VCPUOP_register_vcpu_info: Xen writes
     event bits and time into it, from a writable type reference) and the domain's own
-    L4 (the running page tables): decrease_reservation refuses both, so Xen never writes
-    into a frame that has gone to someone else."""
+    L4 (the running page tables): decrease_reservation counts both done (Xen) but they stay
+    the domain's while referenced, so Xen never writes into a frame that has gone to
+    someone else; the domain's death frees them."""
     from aiovmm import vcpu_op
     from aiovmm.abi import VcpuOp
 
@@ -174,9 +175,11 @@ def test_frames_xen_writes_into_are_not_given_back():
         arg = a._args(vcpu_op.REGISTER_VCPU_INFO.pack(x, 64, 0), 64)
         assert lab._call(vcpu_op.do_vcpu_op, a.v, VcpuOp.register_vcpu_info, 0, arg) == 0
         root = a.v.kernel_root
+        free0 = mem.free_frames
         for frame in (x, root):
-            assert reserve(a, reservation.XENMEM_decrease_reservation, [frame])[0] == 0
-            assert mem.owner[frame] == a.domid
+            assert reserve(a, reservation.XENMEM_decrease_reservation, [frame])[0] == 1
+            assert mem.owner[frame] == a.domid and frame in a.dom.frames
+        assert mem.free_frames == free0
         clean(hv)
         before = _owned(hv, b)
         lab.destroy(a)

@@ -254,8 +254,8 @@ def v_top(a: argparse.Namespace) -> int:
             wr = sum(v["wr_reqs"] for v in d["vbds"])
             _out("%10.10s %6s %10d %6.1f %10d %6.1f %10d %9.1f %5d %4d %8d %8d %4d %8d %8d %8d" % (
                 d["name"], d["state"], int(d["cpu_time_s"]), pct, d["memory_kib"],
-                100.0 * d["memory_kib"] / total_kib, d["max_memory_kib"],
-                100.0 * d["max_memory_kib"] / total_kib, d["vcpus"], len(d["vifs"]), tx, rx,
+                100.0 * d["memory_kib"] / total_kib, d["max_pages_kib"],     # xentop: the hypervisor's max
+                100.0 * d["max_pages_kib"] / total_kib, d["vcpus"], len(d["vifs"]), tx, rx,
                 len(d["vbds"]), 0, rd, wr))
         sys.stdout.flush()
     return 0
@@ -499,7 +499,7 @@ def register(sub: Any) -> None:
     domain(add("destroy", v_destroy, "terminate a domain at once"))
     domain(add("pause", _simple("pause"), "pause a domain"))
     domain(add("unpause", _simple("unpause"), "unpause a domain"))
-    for name, f, h in (("mem-set", v_mem_set, "balloon target (xenstore memory/target)"),
+    for name, f, h in (("mem-set", v_mem_set, "balloon target (xenstore memory/target) and the hypervisor's limit"),
                        ("mem-max", v_mem_max, "maximum memory")):
         p = add(name, f, h)
         domain(p)

@@ -19,7 +19,7 @@ import socket
 import ssl
 import stat
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..abi import ShutdownReason
 from ..errors import BuildError
@@ -81,6 +81,19 @@ class Record:
     cap: int = 0
     subscribers: set = dataclasses.field(default_factory=set)   # console queues
     hotplug: dict = dataclasses.field(default_factory=dict)     # (kind, devid) -> task
+
+
+def _console_sink(holder: list[Record]) -> Callable[[bytes], None]:
+    """A domain's console callback for the daemon: output goes to every console client of
+    the record in `holder` (appended once the domain exists; output before that has no
+    client yet). A client that does not read (or reads slower than the guest prints) loses
+    output rather than growing the daemon's memory."""
+    def console(data: bytes) -> None:
+        if holder:
+            for q in list(holder[0].subscribers):
+                if q.qsize() < CONSOLE_QUEUE_MAX:
+                    q.put_nowait(data)
+    return console
 
 
 class DmesgHandler(logging.Handler):
@@ -161,14 +174,7 @@ class Controller:
                 raise ControlError(409, f"a domain named {spec.name!r} already exists")
             self.names.add(spec.name)      # reserved before the first await: no race
         holder: list[Record] = []
-
-        def console(data: bytes) -> None:
-            if holder:
-                for q in list(holder[0].subscribers):
-                    # A client that does not read (or reads slower than the guest prints)
-                    # loses output rather than growing the daemon's memory.
-                    if q.qsize() < CONSOLE_QUEUE_MAX:
-                        q.put_nowait(data)
+        console = _console_sink(holder)
         try:
             dom = await self.hv.create(spec.kernel, memory_mib=spec.memory, cmdline=spec.cmdline,
                                        name=spec.name, ramdisk=spec.ramdisk, max_memory_mib=spec.maxmem, on_console=console, vifs=spec.vif,
@@ -316,12 +322,7 @@ class Controller:
         if name is not None and name in self.names:
             raise ControlError(409, f"a domain named {name!r} already exists")
         holder: list[Record] = []
-
-        def console(data: bytes) -> None:
-            if holder:
-                for q in list(holder[0].subscribers):
-                    if q.qsize() < CONSOLE_QUEUE_MAX:
-                        q.put_nowait(data)
+        console = _console_sink(holder)
         try:
             dom = await self.hv.restore(real, name=name, on_console=console)
         except StreamError as e:
@@ -394,20 +395,34 @@ class Controller:
         v = read_str(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/target", "")
         return int(v) if v and v.isdigit() else dom.max_pages * 4
 
+    def static_max_kib(self, dom: "Domain") -> int:
+        """memory/static-max (xl's maxmem, what `xl list -l` shows as max_memkb): the ceiling
+        for mem-set. Not the hypervisor's max_pages, which mem-set lowers to the target."""
+        v = read_str(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/static-max", "")
+        return int(v) if v and v.isdigit() else dom.max_pages * 4
+
     def mem_set(self, ref: str, mib: int) -> Record:
-        """xl mem-set: the balloon target in xenstore (KiB); the guest's balloon driver moves."""
+        """xl mem-set (libxl_set_memory_target with enforce): the balloon target in xenstore
+        (KiB), and the hypervisor's limit lowered (or raised) to it (XEN_DOMCTL_max_mem), so a
+        guest cannot balloon back past its target. Our toolstack's build adds no slack to
+        max_pages (libxl's arch extra memory), so neither does this."""
         rec = self.live(ref)
         dom = rec.dom
         if mib < 1:
             raise ControlError(400, "memory target must be at least 1 MiB")
-        if mib * 256 > dom.max_pages:
-            raise ControlError(400, f"target {mib} MiB is above d{dom.domid}'s maximum {dom.max_pages // 256} MiB")
+        static_max = self.static_max_kib(dom)
+        if mib * 1024 > static_max:
+            raise ControlError(400, f"target {mib} MiB is above d{dom.domid}'s maximum {static_max // 1024} MiB")
+        # Xen's max_mem: a limit below tot_pages is allowed; the domain just cannot grow
+        # until its balloon driver has given the difference back.
+        dom.max_pages = mib * 256
         self.hv.xenstore.store.write(f"/local/domain/{dom.domid}/memory/target", str(mib * 1024))
         log.info("d%d (%s): memory target %d MiB", dom.domid, dom.name, mib)
         return rec
 
     def mem_max(self, ref: str, mib: int) -> Record:
-        """xl mem-max: the most the domain may own (memory_op increase_reservation's limit)."""
+        """xl mem-max (libxl_domain_setmaxmem): memory/static-max and the hypervisor's limit
+        (memory_op increase_reservation's), never below the target."""
         rec = self.live(ref)
         dom = rec.dom
         if mib * 1024 < self.target_kib(dom):
@@ -616,7 +631,8 @@ class Controller:
         d: dict[str, Any] = {
             "id": dom.domid, "name": dom.name, "uuid": str(dom.uuid),
             "state": self.state_flags(dom), "status": self.status(dom),
-            "memory_kib": dom.tot_pages * 4, "max_memory_kib": dom.max_pages * 4,
+            "memory_kib": dom.tot_pages * 4, "max_memory_kib": self.static_max_kib(dom),
+            "max_pages_kib": dom.max_pages * 4,      # the hypervisor's limit (mem-set lowers it)
             "target_kib": self.target_kib(dom), "vcpus": len(dom.vcpus),
             "cpu_time_s": round(self.cpu_seconds(dom), 6),
             "uptime_s": round((now - dom.created_ns) / 1e9, 3),

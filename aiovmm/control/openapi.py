@@ -36,7 +36,7 @@ SCHEMAS: dict[str, dict] = {
     "Domain": _obj({
         "id": INT, "name": STR, "uuid": STR, "state": {"type": "string", "pattern": "^[r-][b-][p-][s-][c-][d-]$"},
         "status": {"type": "string", "enum": ["running", "blocked", "paused", "shutdown"]},
-        "memory_kib": INT, "max_memory_kib": INT, "target_kib": INT, "vcpus": INT,
+        "memory_kib": INT, "max_memory_kib": INT, "max_pages_kib": INT, "target_kib": INT, "vcpus": INT,
         "cpu_time_s": NUM, "uptime_s": NUM, "weight": INT, "cap": INT,
         "vifs": {"type": "array", "items": {"$ref": "#/components/schemas/Vif"}},
         "vbds": {"type": "array", "items": {"$ref": "#/components/schemas/Vbd"}},
@@ -121,7 +121,7 @@ OPS: dict[str, tuple[str, dict | None, int, dict | None, list[int]]] = {
     "unpauseDomain": ("Unpause (xl unpause)", None, 200, _ref("Domain"), [404, 409]),
     "shutdownDomain": ("Ask the guest to power off (xl shutdown [-w])", _ref("Shutdown"), 200, _ref("Status"), [400, 404, 409]),
     "rebootDomain": ("Ask the guest to reboot (xl reboot); the domain is built again", None, 200, _ref("Status"), [404, 409]),
-    "setMemoryTarget": ("Balloon target through xenstore memory/target (xl mem-set)", _ref("Memory"), 200, _ref("Domain"), [400, 404, 409]),
+    "setMemoryTarget": ("Balloon target through xenstore memory/target, the hypervisor's limit with it (xl mem-set)", _ref("Memory"), 200, _ref("Domain"), [400, 404, 409]),
     "setMemoryMax": ("Maximum memory (xl mem-max)", _ref("Memory"), 200, _ref("Domain"), [400, 404, 409]),
     "listVcpus": ("vCPUs (xl vcpu-list)", None, 200, _ref("Vcpus"), [404]),
     "getSchedCredit": ("Credit scheduler weight and cap (xl sched-credit)", None, 200, _ref("Sched"), [404]),

@@ -299,103 +299,152 @@ static int raw_request(struct blkfront_dev *dev, const blkif_request_t *src)
     return rsp.status;
 }
 
+/* One request of the hostile run: operation (of an indirect request: its indirect_op),
+ * segment count and sector, then at most one segment changed from the well-formed default
+ * (every segment: the good grant, sectors 0-7). Zero fields change nothing (no case needs a
+ * grant, first or last sector of 0 as its change). */
+#define DESC_PAGE 0xffff            /* `nth` for an indirect request's descriptor-page grant */
+struct req_case {
+    const char *name;
+    u8 op;
+    u16 nseg;
+    u64 sector;
+    u16 nth;                        /* 1 + the segment changed; 0: none */
+    long gref;
+    u8 first, last;
+};
+
+/* A direct request: `nseg` segments from sector `sector`, every segment grant g, sectors 0-7. */
+static void build_request(blkif_request_t *r, struct blkfront_dev *dev, u8 op, u16 nseg,
+                          u64 sector, grant_ref_t g)
+{
+    memset(r, 0, sizeof(*r));
+    r->operation = op;
+    r->nr_segments = (u8)nseg;
+    r->handle = dev->handle;
+    r->id = 0xabc;
+    r->sector_number = sector;
+    for (unsigned i = 0; i < BLKIF_MAX_SEGMENTS_PER_REQUEST; i++) {
+        r->seg[i].gref = g;
+        r->seg[i].first_sect = 0;
+        r->seg[i].last_sect = 7;
+    }
+}
+
+static void change_segment(struct blkif_request_segment *s, const struct req_case *c)
+{
+    if (c->gref) s->gref = (grant_ref_t)c->gref;
+    if (c->first) s->first_sect = c->first;
+    if (c->last) s->last_sect = c->last;
+}
+
+/* Send each case as a direct request; print "result <name> <status>". */
+static void send_direct(struct blkfront_dev *dev, grant_ref_t g, const struct req_case *c, unsigned n)
+{
+    blkif_request_t r;
+    for (; n--; c++) {
+        build_request(&r, dev, c->op, c->nseg, c->sector, g);
+        if (c->nth) change_segment(&r.seg[c->nth - 1], c);
+        printk("result %s %d\n", c->name, raw_request(dev, &r));
+    }
+}
+
+/* Send each case as BLKIF_OP_INDIRECT, its segment descriptors in page ip (granted as ind),
+ * all 512 rewritten to the default before each request. */
+static void send_indirect(struct blkfront_dev *dev, grant_ref_t g, struct blkif_request_segment *ip,
+                          grant_ref_t ind, const struct req_case *c, unsigned n)
+{
+    blkif_request_t r;
+    blkif_request_indirect_t *ir = (blkif_request_indirect_t *)&r;
+    for (; n--; c++) {
+        memset(&r, 0, sizeof(r));
+        ir->operation = BLKIF_OP_INDIRECT;
+        ir->indirect_op = c->op;
+        ir->nr_segments = c->nseg;
+        ir->handle = dev->handle;
+        ir->id = 0xdef;
+        ir->sector_number = c->sector;
+        ir->indirect_grefs[0] = ind;
+        for (unsigned i = 0; i < 512; i++) {
+            ip[i].gref = g;
+            ip[i].first_sect = 0;
+            ip[i].last_sect = 7;
+        }
+        if (c->nth == DESC_PAGE)
+            ir->indirect_grefs[0] = (grant_ref_t)c->gref;
+        else if (c->nth)
+            change_segment(&ip[c->nth - 1], c);
+        printk("result %s %d\n", c->name, raw_request(dev, &r));
+    }
+}
+
+#define NCASES(a) (sizeof(a) / sizeof((a)[0]))
+#define REQ(name_, op_, nseg_, sector_, ...) \
+    { .name = (name_), .op = (op_), .nseg = (nseg_), .sector = (sector_), __VA_ARGS__ }
+
 static void hostile(struct blkfront_dev *dev, struct blkfront_info *info, u64 seed)
 {
     u8 *page = bufs[0];
     long good = gnttab_grant_access(dev->backend_id, virt_to_mfn(page), 0);
     long ro = gnttab_grant_access(dev->backend_id, virt_to_mfn(bufs[1]), 1);
     long other = gnttab_grant_access(7, virt_to_mfn(bufs[2]), 0);   /* for d7, not dom0 */
-    blkif_request_t r;
-#define BASE(op_, nseg_, sec_) do { memset(&r, 0, sizeof(r)); r.operation = (op_); \
-        r.nr_segments = (nseg_); r.handle = dev->handle; r.id = 0xabc; r.sector_number = (sec_); \
-        for (unsigned i_ = 0; i_ < BLKIF_MAX_SEGMENTS_PER_REQUEST; i_++) { \
-            r.seg[i_].gref = (grant_ref_t)good; r.seg[i_].first_sect = 0; r.seg[i_].last_sect = 7; } } while (0)
-    BASE(BLKIF_OP_READ, 0, 0);
-    printk("result hostile_nseg0 %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_WRITE, 0, 0);
-    printk("result hostile_write_nseg0 %d\n", raw_request(dev, &r));
-    /* Not hostile: a barrier or flush without data is a flush (Linux blkback). */
-    BASE(BLKIF_OP_WRITE_BARRIER, 0, 0);
-    printk("result barrier_nseg0 %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_FLUSH_DISKCACHE, 0, 0);
-    printk("result flush_nseg0 %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 12, 0);
-    printk("result hostile_nseg12 %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 255, 0);
-    printk("result hostile_nseg255 %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].first_sect = 5; r.seg[0].last_sect = 4;
-    printk("result hostile_first_gt_last %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].last_sect = 8;
-    printk("result hostile_last8 %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 1, info->sectors - 4);
-    printk("result hostile_beyond_end %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 1, ~0UL - 3);
-    printk("result hostile_sector_wrap %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].gref = 99999999;
-    printk("result hostile_bad_gref %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].gref = 3;        /* reserved, never granted */
-    printk("result hostile_ungranted %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].gref = (grant_ref_t)other;
-    printk("result hostile_other_domain_grant %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 1, 0); r.seg[0].gref = (grant_ref_t)ro;
-    printk("result hostile_read_into_ro_grant %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_READ, 2, 0); r.seg[1].gref = 99999999;  /* second segment bad */
-    printk("result hostile_second_seg_bad %d\n", raw_request(dev, &r));
-    BASE(BLKIF_OP_DISCARD, 0, 0);
-    printk("result hostile_discard %d\n", raw_request(dev, &r));
+    const struct req_case direct[] = {
+        REQ("hostile_nseg0", BLKIF_OP_READ, 0, 0),
+        REQ("hostile_write_nseg0", BLKIF_OP_WRITE, 0, 0),
+        /* Not hostile: a barrier or flush without data is a flush (Linux blkback). */
+        REQ("barrier_nseg0", BLKIF_OP_WRITE_BARRIER, 0, 0),
+        REQ("flush_nseg0", BLKIF_OP_FLUSH_DISKCACHE, 0, 0),
+        REQ("hostile_nseg12", BLKIF_OP_READ, 12, 0),
+        REQ("hostile_nseg255", BLKIF_OP_READ, 255, 0),
+        REQ("hostile_first_gt_last", BLKIF_OP_READ, 1, 0, .nth = 1, .first = 5, .last = 4),
+        REQ("hostile_last8", BLKIF_OP_READ, 1, 0, .nth = 1, .last = 8),
+        REQ("hostile_beyond_end", BLKIF_OP_READ, 1, info->sectors - 4),
+        REQ("hostile_sector_wrap", BLKIF_OP_READ, 1, ~0UL - 3),
+        REQ("hostile_bad_gref", BLKIF_OP_READ, 1, 0, .nth = 1, .gref = 99999999),
+        REQ("hostile_ungranted", BLKIF_OP_READ, 1, 0, .nth = 1, .gref = 3),        /* reserved, never granted */
+        REQ("hostile_other_domain_grant", BLKIF_OP_READ, 1, 0, .nth = 1, .gref = other),
+        REQ("hostile_read_into_ro_grant", BLKIF_OP_READ, 1, 0, .nth = 1, .gref = ro),
+        REQ("hostile_second_seg_bad", BLKIF_OP_READ, 2, 0, .nth = 2, .gref = 99999999),
+        REQ("hostile_discard", BLKIF_OP_DISCARD, 0, 0),
+    };
+    send_direct(dev, (grant_ref_t)good, direct, NCASES(direct));
     /* BLKIF_OP_INDIRECT (feature-max-indirect-segments): the segment descriptors are in a
      * page granted read-only; a valid read and write first, then malformed ones. */
     {
         struct blkif_request_segment *ip = (struct blkif_request_segment *)bufs[3];
         long ind = gnttab_grant_access(dev->backend_id, virt_to_mfn(ip), 1);
         long wr = gnttab_grant_access(dev->backend_id, virt_to_mfn(bufs[4]), 1);
-        blkif_request_indirect_t *ir = (blkif_request_indirect_t *)&r;
-#define IND(iop_, nseg_, sec_) do { memset(&r, 0, sizeof(r)); ir->operation = BLKIF_OP_INDIRECT; \
-        ir->indirect_op = (iop_); ir->nr_segments = (nseg_); ir->handle = dev->handle; ir->id = 0xdef; \
-        ir->sector_number = (sec_); ir->indirect_grefs[0] = (grant_ref_t)ind; \
-        for (unsigned i_ = 0; i_ < 512; i_++) { ip[i_].gref = (grant_ref_t)good; \
-            ip[i_].first_sect = 0; ip[i_].last_sect = 7; } } while (0)
-        IND(BLKIF_OP_READ, 1, 0);
-        printk("result indirect_read %d\n", raw_request(dev, &r));
-        fill(bufs[4], seed, 16, 8);
-        IND(BLKIF_OP_WRITE, 1, 16); ip[0].gref = (grant_ref_t)wr;
-        printk("result indirect_write %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_READ, 256, 0);                    /* 1 MiB, the most offered */
-        printk("result indirect_read256 %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_WRITE_BARRIER, 1, 0);             /* only READ or WRITE */
-        printk("result hostile_indirect_op %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_INDIRECT, 1, 0);
-        printk("result hostile_indirect_nested %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_READ, 0, 0);
-        printk("result hostile_indirect_nseg0 %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_READ, 257, 0);
-        printk("result hostile_indirect_nseg257 %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_READ, 1, 0); ir->indirect_grefs[0] = 99999999;
-        printk("result hostile_indirect_bad_page_gref %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_READ, 1, 0); ir->indirect_grefs[0] = (grant_ref_t)other;
-        printk("result hostile_indirect_page_other_domain %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_READ, 3, 0); ip[2].last_sect = 8;
-        printk("result hostile_indirect_last8 %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_READ, 3, 0); ip[1].first_sect = 6; ip[1].last_sect = 5;
-        printk("result hostile_indirect_first_gt_last %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_READ, 200, 0); ip[199].gref = 99999999;
-        printk("result hostile_indirect_bad_seg_gref %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_READ, 2, 0); ip[1].gref = (grant_ref_t)ro;
-        printk("result hostile_indirect_read_into_ro %d\n", raw_request(dev, &r));
-        IND(BLKIF_OP_READ, 256, info->sectors - 2047);  /* one sector past the end */
-        printk("result hostile_indirect_beyond_end %d\n", raw_request(dev, &r));
+        const struct req_case indirect[] = {
+            REQ("indirect_read", BLKIF_OP_READ, 1, 0),
+            REQ("indirect_write", BLKIF_OP_WRITE, 1, 16, .nth = 1, .gref = wr),
+            REQ("indirect_read256", BLKIF_OP_READ, 256, 0),                 /* 1 MiB, the most offered */
+            REQ("hostile_indirect_op", BLKIF_OP_WRITE_BARRIER, 1, 0),       /* only READ or WRITE */
+            REQ("hostile_indirect_nested", BLKIF_OP_INDIRECT, 1, 0),
+            REQ("hostile_indirect_nseg0", BLKIF_OP_READ, 0, 0),
+            REQ("hostile_indirect_nseg257", BLKIF_OP_READ, 257, 0),
+            REQ("hostile_indirect_bad_page_gref", BLKIF_OP_READ, 1, 0, .nth = DESC_PAGE, .gref = 99999999),
+            REQ("hostile_indirect_page_other_domain", BLKIF_OP_READ, 1, 0, .nth = DESC_PAGE, .gref = other),
+            REQ("hostile_indirect_last8", BLKIF_OP_READ, 3, 0, .nth = 3, .last = 8),
+            REQ("hostile_indirect_first_gt_last", BLKIF_OP_READ, 3, 0, .nth = 2, .first = 6, .last = 5),
+            REQ("hostile_indirect_bad_seg_gref", BLKIF_OP_READ, 200, 0, .nth = 200, .gref = 99999999),
+            REQ("hostile_indirect_read_into_ro", BLKIF_OP_READ, 2, 0, .nth = 2, .gref = ro),
+            REQ("hostile_indirect_beyond_end", BLKIF_OP_READ, 256, info->sectors - 2047),  /* one sector past the end */
+        };
+        fill(bufs[4], seed, 16, 8);                    /* what indirect_write writes */
+        send_indirect(dev, (grant_ref_t)good, ip, (grant_ref_t)ind, indirect, NCASES(indirect));
         /* FLUSH_DISKCACHE with data (a REQ_PREFLUSH write): the data is written too. */
         fill(bufs[4], seed, 24, 8);
-        BASE(BLKIF_OP_FLUSH_DISKCACHE, 1, 24); r.seg[0].gref = (grant_ref_t)wr;
-        printk("result flush_with_data %d\n", raw_request(dev, &r));
+        const struct req_case flush[] = { REQ("flush_with_data", BLKIF_OP_FLUSH_DISKCACHE, 1, 24, .nth = 1, .gref = wr) };
+        send_direct(dev, (grant_ref_t)good, flush, 1);
         printk("result indirect_page_free %d\n", gnttab_end_access((grant_ref_t)ind));
         printk("result indirect_write_free %d\n", gnttab_end_access((grant_ref_t)wr));
     }
-    BASE(200, 1, 0);
-    printk("result hostile_unknown_op %d\n", raw_request(dev, &r));
-    /* The device still works after all that. */
-    BASE(BLKIF_OP_READ, 1, 0);
-    printk("result hostile_after %d\n", raw_request(dev, &r));
+    const struct req_case last[] = {
+        REQ("hostile_unknown_op", 200, 1, 0),
+        /* The device still works after all that. */
+        REQ("hostile_after", BLKIF_OP_READ, 1, 0),
+    };
+    send_direct(dev, (grant_ref_t)good, last, NCASES(last));
     printk("result hostile_grant_free %d\n", gnttab_end_access((grant_ref_t)good));
     gnttab_end_access((grant_ref_t)ro);
     gnttab_end_access((grant_ref_t)other);
@@ -425,14 +474,7 @@ static volatile grant_entry_v1_t *grant_entries(void)
 static int one_seg(struct blkfront_dev *dev, u8 op, u64 sector, grant_ref_t g)
 {
     blkif_request_t r;
-    memset(&r, 0, sizeof(r));
-    r.operation = op;
-    r.nr_segments = 1;
-    r.handle = dev->handle;
-    r.id = 0x9e5;
-    r.sector_number = sector;
-    r.seg[0].gref = g;
-    r.seg[0].last_sect = 7;
+    build_request(&r, dev, op, 1, sector, g);
     return raw_request(dev, &r);
 }
 
@@ -471,16 +513,10 @@ static void persistent_test(struct blkfront_dev *dev, u64 seed)
     /* The bound: three fresh grants in one request; only what fits stays mapped. */
     grant_ref_t h[3];
     blkif_request_t r;
-    memset(&r, 0, sizeof(r));
-    r.operation = BLKIF_OP_READ;
-    r.nr_segments = 3;
-    r.handle = dev->handle;
-    r.id = 0x9e6;
-    r.sector_number = 0;
+    build_request(&r, dev, BLKIF_OP_READ, 3, 0, 0);
     for (unsigned i = 0; i < 3; i++) {
         h[i] = (grant_ref_t)gnttab_grant_access(dev->backend_id, virt_to_mfn(bufs[2 + i]), 0);
         r.seg[i].gref = h[i];
-        r.seg[i].last_sect = 7;
     }
     printk("result persist_three %d\n", raw_request(dev, &r));
     unsigned held = 0;

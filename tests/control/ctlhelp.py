@@ -2,6 +2,7 @@
 against it (--socket). Nothing is mocked: guests boot, consoles echo, taps appear."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -126,6 +128,33 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{pattern!r} not on d{dom}'s console: {text[-2000:]!r}")
             time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def cli_process(self, *args: str) -> Iterator[subprocess.Popen]:
+        """The real CLI against this daemon as a live process with pipes (interactive verbs:
+        console, create -c); killed if still running when the block ends."""
+        env = dict(os.environ, AIOVMM_SOCKET=self.socket)
+        p = subprocess.Popen(_cli_command() + list(args), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        try:
+            yield p
+        finally:
+            if p.poll() is None:
+                p.kill()
+
+    def console_session(self, dom: str, line: bytes, echoed: str, timeout: float = 30) -> str:
+        """`aiovmm console DOM` as a user runs it: type `line`, wait until the console shows
+        `echoed` (a regex), leave with Ctrl-]; returns what the verb printed (it exits 0)."""
+        with self.cli_process("console", dom) as p:
+            p.stdin.write(line)
+            p.stdin.flush()
+            self.wait_console(dom, echoed, timeout=timeout)
+            time.sleep(0.3)
+            p.stdin.write(b"\x1d")                 # Ctrl-] leaves
+            p.stdin.flush()
+            out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        return out.decode(errors="replace")
 
     def write_cfg(self, name: str, **kv) -> str:
         path = os.path.join(self.dir, f"{name}.cfg")

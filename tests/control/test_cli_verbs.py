@@ -104,22 +104,8 @@ def test_console_send_line_read_echo(daemon):
     cfg = daemon.write_cfg("echo1", kernel=kernel(), memory=8, extra="ticks=1 echo=1 echo_timeout=0")
     daemon.ok("create", cfg)
     daemon.wait_console("echo1", r"^echo: ready$")
-    env = dict(os.environ, AIOVMM_SOCKET=daemon.socket)
-    p = subprocess.Popen(_cli_command() + ["console", "echo1"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    try:
-        p.stdin.write(b"hello from the console verb\n")
-        p.stdin.flush()
-        daemon.wait_console("echo1", r"^echo: hello from the console verb$", timeout=30)
-        time.sleep(0.3)
-        p.stdin.write(b"\x1d")                 # Ctrl-] leaves
-        p.stdin.flush()
-        out, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 0, err
-    text = out.decode()
+    text = daemon.console_session("echo1", b"hello from the console verb\n",
+                                  r"^echo: hello from the console verb$")
     assert "echo: ready\n" in text                    # the history
     assert "echo: hello from the console verb\n" in text   # the live echo
     assert "echo1" in list_rows(daemon)              # leaving the console leaves the guest running
@@ -215,17 +201,11 @@ def test_info_top_dmesg(daemon):
 
 def test_create_c_attaches_console(daemon):
     cfg = daemon.write_cfg("cc1", kernel=kernel(), memory=8, extra="ticks=1 echo=1 echo_timeout=0")
-    env = dict(os.environ, AIOVMM_SOCKET=daemon.socket)
-    p = subprocess.Popen(_cli_command() + ["create", cfg, "-c"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    try:
+    with daemon.cli_process("create", cfg, "-c") as p:
         daemon.wait_console("cc1", r"^echo: ready$")
         p.stdin.write(b"line one\nquit\n")        # the guest powers off: the console ends
         p.stdin.flush()
         out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 0, err
     lines = out.decode().splitlines()
     assert lines[0] == "aiovmm guest kernel 0.1 booting"
@@ -336,6 +316,14 @@ def test_console_on_a_terminal(daemon):
     daemon.ok("destroy", "tty1")
 
 
+def _max_memory_bytes(daemon, domid: int) -> int:
+    """The hypervisor's limit on the domain (max_pages), as /metrics exports it."""
+    _, text = daemon.request("GET", "/metrics")
+    m = re.search(rf'^aiovmm_domain_max_memory_bytes{{domid="{domid}",[^}}]*}} (\S+)$', text, re.M)
+    assert m, text[:500]
+    return int(float(m.group(1)))
+
+
 def test_maxmem_is_the_balloon_ceiling(daemon):
     """xl's maxmem=: memory= is populated at boot (target), maxmem= is the domain's maximum
     reservation and memory/static-max; mem-set may go up to it, not past it."""
@@ -348,7 +336,14 @@ def test_maxmem_is_the_balloon_ceiling(daemon):
     xs = subprocess.run(["xenstore-read", f"/local/domain/{d['id']}/memory/static-max"],
                         capture_output=True, text=True, env=dict(os.environ, XENSTORED_PATH=daemon.xs_socket))
     assert xs.stdout.strip() == str(24 << 10)
+    # xl mem-set enforces: the hypervisor's limit follows the target down (a guest cannot
+    # balloon back past it) and up again to static-max, which stays what `list` shows.
+    daemon.ok("mem-set", "mx1", "12")
+    assert _max_memory_bytes(daemon, d["id"]) == 12 << 20
+    d = daemon.api("GET", "/api/v1/domains/mx1")
+    assert (d["target_kib"], d["max_memory_kib"], d["max_pages_kib"]) == (12 << 10, 24 << 10, 12 << 10)
     daemon.ok("mem-set", "mx1", "24")
+    assert _max_memory_bytes(daemon, d["id"]) == 24 << 20
     r = daemon.cli("mem-set", "mx1", "25")
     assert r.returncode == 1 and "above" in r.stderr
     daemon.ok("destroy", "mx1")

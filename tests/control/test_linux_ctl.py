@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 from aiovmm.testing import VirtualLan
-from .ctlhelp import BUILD, ROOT, Daemon, _cli_command
+from .ctlhelp import BUILD, Daemon
 from .test_cli_verbs import list_rows, snapshot
 
 LINUX = BUILD / "linux"
@@ -122,22 +122,8 @@ def test_linux_create_list(lx):
 
 
 def test_linux_console_send_line_read_echo(lx):
-    env = dict(os.environ, AIOVMM_SOCKET=lx.socket)
-    p = subprocess.Popen(_cli_command() + ["console", "lx"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    try:
-        p.stdin.write(b"echo through-the-console-$((6 * 7))\n")
-        p.stdin.flush()
-        lx.wait_console("lx", r"^through-the-console-42\r?$", timeout=CMD_TIMEOUT)
-        time.sleep(0.3)
-        p.stdin.write(b"\x1d")                        # Ctrl-] leaves
-        p.stdin.flush()
-        out, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 0, err
-    text = out.decode(errors="replace")
+    text = lx.console_session("lx", b"echo through-the-console-$((6 * 7))\n",
+                              r"^through-the-console-42\r?$", timeout=CMD_TIMEOUT)
     assert "aiovmm-init: ready" in text                     # the history
     assert "echo through-the-console-$((6 * 7))" in text    # the tty's echo of the typed line
     assert re.search(r"^through-the-console-42\r?$", text, re.M)   # the shell's answer
@@ -197,6 +183,17 @@ def _wait_list_mem(d: Daemon, mib: int, timeout: float = 30) -> int:
     return list_rows(d)["lx"][1]
 
 
+BALLOON_SYSFS = "/sys/devices/system/xen_memory/xen_memory0"
+
+
+def _memory_ops(lx) -> int:
+    """The guest's memory_op hypercalls so far, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    _, text = lx.request("GET", "/metrics")
+    return sum(int(s.value) for f in text_string_to_metric_families(text) if f.name == "aiovmm_hypercalls"
+               for s in f.samples if s.labels.get("domid") == str(lx.domid) and s.labels.get("family") == "memory_op")
+
+
 def test_linux_mem_set_moves_balloon(lx):
     """xl mem-set writes memory/target (KiB); Linux's balloon driver hands pages back with
     XENMEM_decrease_reservation and takes them again with XENMEM_populate_physmap: its
@@ -213,6 +210,18 @@ def test_linux_mem_set_moves_balloon(lx):
     d = lx.api("GET", "/api/v1/domains/lx")
     assert (d["memory_kib"], d["target_kib"], d["max_memory_kib"]) == (BALLOON_TO * 1024, BALLOON_TO * 1024, MAXMEM * 1024)
     assert snapshot(lx)[0] == free0 + delta // 4          # the frames went back to the host
+    # mem-set lowered the hypervisor's limit too (xl's enforce, XEN_DOMCTL_max_mem): the
+    # guest asking its own balloon driver for the memory back (its sysfs target) is refused.
+    calls = _memory_ops(lx)
+    lx.sh.ok(f"echo {MEM * 1024} > {BALLOON_SYSFS}/target_kb")
+    deadline = time.monotonic() + 30
+    while _memory_ops(lx) == calls and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _memory_ops(lx) > calls, "the balloon driver made no memory_op"
+    time.sleep(0.5)
+    assert lx.sh.ok(f"cat {BALLOON_SYSFS}/info/current_kb") == [str(BALLOON_TO * 1024)]
+    assert _wait_list_mem(lx, BALLOON_TO) == BALLOON_TO and snapshot(lx)[0] == free0 + delta // 4
+    lx.sh.ok(f"echo {BALLOON_TO * 1024} > {BALLOON_SYSFS}/target_kb")
     # The guest's memory still works: 16 MiB of new pages in its tmpfs.
     out = lx.sh.ok("dd if=/dev/zero of=/tmp/big bs=64k count=256 2>/dev/null && wc -c < /tmp/big && rm /tmp/big")
     assert out[-1] == "16777216"
