@@ -33,6 +33,8 @@ from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_INTR, UC_H
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
+from .tcg_memory import TcgMemory
+
 log = logging.getLogger("aiovmm.vcpu_engine")
 
 _NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native", "preempt.so")
@@ -53,6 +55,11 @@ MSR_KERNEL_GS_BASE = 0xC0000102
 MSR_TSC_AUX = 0xC0000103
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 
+# Hundreds of guests: keep the translation buffer small (NOTES.md: 1 GiB by default).
+# Not a multiple of 2 MiB: QEMU madvises the buffer MADV_HUGEPAGE and Linux aligns
+# PMD-multiple anonymous mappings, so the first translation touched a whole 2 MiB
+# huge page per vCPU (bench/density.py: 3.3 -> 1.35 MiB host RSS per idle guest).
+_TCG_BUFFER = 31 << 20
 _UC_CTL_TLB_FLUSH_WRITE = 11 | (1 << 30)       # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
 _INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 _INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
@@ -206,13 +213,12 @@ class VCPUEngine:
         self.until = until
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.h = uc._uch
-        # Hundreds of guests: keep the translation buffer small (NOTES.md: 1 GiB by default).
-        # Not a multiple of 2 MiB: QEMU madvises the buffer MADV_HUGEPAGE and Linux aligns
-        # PMD-multiple anonymous mappings, so the first translation touched a whole 2 MiB
-        # huge page per vCPU (bench/density.py: 3.3 -> 1.35 MiB host RSS per idle guest).
-        uc.ctl_set_tcg_buffer_size(31 << 20)
+        uc.ctl_set_tcg_buffer_size(_TCG_BUFFER)
         self._excfix = _ExcFix(uc)            # must probe on a fresh instance
         uc.mem_map_ptr(0, mem_size, UC_PROT_ALL, mem_address)
+        # The TB hash table is 512 KiB of zeros until code is translated (tcg_memory.py).
+        self._tcg = TcgMemory(ctypes.cast(self.h, ctypes.c_void_p).value, _TCG_BUFFER)
+        self._tcg.drop_zero_buckets()
 
         self.on_hypercall: Callable[[], None] = lambda: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
@@ -355,6 +361,13 @@ class VCPUEngine:
     def flush_code(self) -> None:
         """Drop translated code (after the hypervisor rewrote guest code bytes)."""
         self.uc.ctl_flush_tb()
+
+    def release_idle_memory(self) -> int:
+        """The vCPU sleeps: drop its translated code and give the translator's memory back
+        to the kernel (tcg_memory.py). Retranslating on wake costs what the first run did
+        (bench/density.py). Returns bytes released; the caller trims malloc's heap."""
+        self.uc.ctl_flush_tb()
+        return self._tcg.drop_code() + self._tcg.drop_zero_buckets() * 4096
 
     def start_in_stub(self, stub_va: int, stub_stack_va: int, regs: dict[str, int],
                       rip: int, rsp: int, rflags: int) -> None:
