@@ -81,10 +81,22 @@ noreturn void ap_main(u64 cookie)
         sched_yield();
 }
 
+/* What vCPU 1 finds at its first instruction, before anything clobbers it: rax, rcx and
+ * rdx from the context, and the FPU state of its fpu_ctxt (VGCF_i387_valid). */
+u64 ap_rax, ap_rcx, ap_rdx, ap_xmm1;
+u32 ap_mxcsr;
+u16 ap_fcw;
+
 /* The stack switch is in C: vCPU 1 enters at ap_entry with rsp = top of ap_stack. */
 extern char ap_entry[];
 __asm__(".text\n"
         "ap_entry:\n"
+        "    mov %rax, ap_rax(%rip)\n"
+        "    mov %rcx, ap_rcx(%rip)\n"
+        "    mov %rdx, ap_rdx(%rip)\n"
+        "    stmxcsr ap_mxcsr(%rip)\n"
+        "    fnstcw ap_fcw(%rip)\n"
+        "    movq %xmm1, ap_xmm1(%rip)\n"
         "    and $-16, %rsp\n"
         "    call ap_main\n"
         "    ud2\n");
@@ -97,6 +109,15 @@ static void good_context(vcpu_guest_context_t *c)
     c->user_regs.rsp = (unsigned long)(ap_stack + sizeof(ap_stack));
     c->user_regs.rdi = COOKIE;
     c->user_regs.r15 = ~COOKIE;
+    c->user_regs.rax = COOKIE ^ 1;
+    c->user_regs.rcx = COOKIE ^ 2;
+    c->user_regs.rdx = COOKIE ^ 3;
+    c->flags |= VGCF_i387_valid;
+    u8 *fx = (u8 *)c->fpu_ctxt.x;                     /* an FXSAVE image */
+    *(u16 *)(fx + 0) = 0x27f;                        /* FCW: 53-bit precision */
+    *(u32 *)(fx + 24) = 0x7f80;                      /* MXCSR: round toward zero */
+    *(u32 *)(fx + 28) = 0xffff;                      /* MXCSR_MASK */
+    *(u64 *)(fx + 160 + 16) = COOKIE;                /* XMM1 */
     c->user_regs.cs = FLAT_KERNEL_CS;
     c->user_regs.ss = FLAT_KERNEL_SS;
     c->user_regs.rflags = 0x1000;                    /* IOPL 1, as Linux passes */
@@ -214,6 +235,10 @@ void app_main(void)
     R("ap_cookie", ap.alive == COOKIE);
     R("ap_fs_word", ap.fs_word == fs_area[0]);
     R("ap_r15", ap.r15 == ~COOKIE);
+    R("ap_rax_rcx_rdx", ap_rax == (COOKIE ^ 1) && ap_rcx == (COOKIE ^ 2) && ap_rdx == (COOKIE ^ 3));
+    R("ap_fcw", ap_fcw);
+    R("ap_mxcsr", ap_mxcsr);
+    R("ap_xmm1", ap_xmm1 == COOKIE);
 
     /* Both run: vCPU 0 spins without blocking and watches vCPU 1's counter move. */
     u64 seen = ap.spins, moved = 0, t0 = monotonic_ns();
