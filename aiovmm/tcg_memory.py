@@ -35,6 +35,7 @@ PAGE = 4096
 _UC_TCG_CTX = 768            # offsetof(struct uc_struct, tcg_ctx)
 _TCG_HTABLE_MAP = 39096      # offsetof(TCGContext, tb_ctx.htable.map)
 _TCG_PROLOGUE = 144          # offsetof(TCGContext, code_gen_prologue)
+_TCG_INVALIDATIONS = 216     # offsetof(TCGContext, tb_phys_invalidate_count)
 _QHT_BUCKET = 64             # QHT_BUCKET_ALIGN; `next` is the word at offset 56
 _QHT_INITIAL_BUCKETS = 8192  # CODE_GEN_HTABLE_SIZE / QHT_BUCKET_ENTRIES
 _KEEP_PROLOGUE = 16 << 10      # TCG's x86_64 prologue+epilogue: < 1 KiB at the start
@@ -96,6 +97,14 @@ class TcgMemory:
                     return True
         log.warning("unicorn layout not recognised: idle vCPUs keep their translator memory")
         return False
+
+    def invalidations(self) -> int:
+        """How many translated blocks this instance has invalidated: it counts every block
+        dropped because a store of this instance hit its code (QEMU's self-modifying-code
+        detection) and every ctl_remove_cache; tb_flush does not count. 0 when the layout
+        is not recognised. (Offset found as the only TCGContext word that grows by one
+        per removed block and on a guest store into its own translated code.)"""
+        return _word(self.tcg + _TCG_INVALIDATIONS) if self.tcg else 0
 
     def drop_zero_buckets(self) -> int:
         """MADV_DONTNEED every bucket-array page that is all zero; returns pages dropped."""

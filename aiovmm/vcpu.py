@@ -47,6 +47,7 @@ class VCPU:
         self.flush_code_pending = False  # drop translated code before the next slice (traps.py)
         self.blocked = False
         self.idle_released = False     # translator memory released while asleep (_sleep)
+        self.code_writes_seen = 0      # engine.code_invalidations() last seen (_share_code_writes)
         self.polling: frozenset[int] | None = None
         self._wake = asyncio.Event()
         self.fault_depth = 0
@@ -298,6 +299,8 @@ class VCPU:
                     sched.begin(self)
                     reason = self.engine.run(sched.budget(self), sched.slice_for(self))
                     self.idle_released = False
+                    if len(dom.vcpus) > 1:
+                        self._share_code_writes()
                 finally:
                     sched.release(self)
                 if reason is ExitReason.ERROR:
@@ -310,6 +313,22 @@ class VCPU:
             self.stop_timers()
             descriptors.release(self)
             vcpu_op.release(self)
+
+    def _share_code_writes(self) -> None:
+        """This vCPU's stores invalidated some of its translated code (its engine counts
+        them): the other vCPUs' engines keep their own translations of the same bytes, so
+        they drop theirs before their next slice. Covers code that the writing vCPU also
+        ran (kernel text patching: alternatives, jump labels, text_poke); code only other
+        vCPUs translated is not seen (docs/design.md, SMP)."""
+        count = getattr(self.engine, "code_invalidations", None)
+        if count is None:
+            return
+        n = count()
+        if n != self.code_writes_seen:
+            self.code_writes_seen = n
+            for other in self.domain.vcpus:
+                if other is not self:
+                    other.flush_code_pending = True
 
     async def _sleep(self) -> None:
         """Wait for a wake-up. A vCPU asleep for IDLE_RELEASE_S gives its engine's

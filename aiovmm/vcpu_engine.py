@@ -255,6 +255,7 @@ class VCPUEngine:
         # The TB hash table is 512 KiB of zeros until code is translated (tcg_memory.py).
         self._tcg = TcgMemory(ctypes.cast(self.h, ctypes.c_void_p).value, _TCG_BUFFER)
         self._tcg.drop_zero_buckets()
+        self._own_invalidations = 0           # ctl_remove_cache of step_to (not the guest's)
 
         self.on_hypercall: Callable[[], None] = lambda: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
@@ -398,6 +399,13 @@ class VCPUEngine:
         """Drop translated code (after the hypervisor rewrote guest code bytes)."""
         self.uc.ctl_flush_tb()
 
+    def code_invalidations(self) -> int:
+        """Translated blocks the guest's own stores invalidated in this instance (QEMU's
+        self-modifying-code detection), a counter that only grows. The other vCPUs of
+        the domain have their own translations, which no store of this instance reaches:
+        when this grows, the vCPU has them dropped (vcpu.py)."""
+        return self._tcg.invalidations() - self._own_invalidations
+
     def release_idle_memory(self) -> int:
         """The vCPU sleeps: drop its translated code and give the translator's memory back
         to the kernel (tcg_memory.py). Retranslating on wake costs what the first run did
@@ -453,7 +461,10 @@ class VCPUEngine:
         budget of 2 is a second guard: execution never enters a second block."""
         uclib.uc_reg_read_batch(self.h, self._rip.ids, self._rip.ptrs, 1)
         start = self._rip.vals[0]
+        inval = self._tcg.invalidations
+        before = inval()
         self.uc.ctl_remove_cache(start, end + 1)
+        self._own_invalidations += inval() - before
         self.slice.budget = 2
         self.slice.deadline_ns = 0
         self.slice.reason = 0
@@ -462,7 +473,9 @@ class VCPUEngine:
         try:
             err = uclib.uc_emu_start(self.h, start, end, 0, 0)
         finally:
+            before = inval()
             self.uc.ctl_remove_cache(start, end + 1)
+            self._own_invalidations += inval() - before
         return not err and not self.stop_requested and self.get("rip") == end
 
     def decode(self, code: bytes) -> tuple[int, str, str] | None:

@@ -48,6 +48,9 @@ EXPECTED: dict[str, str] = {
     "ipi_rc": "0", "ap_pongs": "50", "ap_poll_rc": "0",
     "ap_sel_has_ipi_word": "1",         # the IPI marked vCPU 1's vcpu_info, not vCPU 0's
     "ap_timer_rc": "0", "ap_timer_ok": "1",
+    # Code vCPU 0 rewrote after both ran it: vCPU 1 runs the new code, not its stale
+    # translation (each Unicorn instance has its own; KVM has none to go stale).
+    "smc_self": "1", "smc_other_before": "1", "smc_other_after": "2",
     "is_up_1_down": "0",                # vCPU 1 took itself down
 }
 

@@ -35,8 +35,19 @@ static struct {
     volatile u64 sel_after_ipi; /* its vcpu_info pending_sel after the first IPI */
     volatile long timer_rc;     /* its own singleshot timer + VIRQ_TIMER */
     volatile u64 timer_ns;
+    volatile u64 patch_ready, patched;
+    volatile long patch_before, patch_after;   /* what patch_fn returned to vCPU 1 */
     volatile u64 done;
 } ap;
+
+/* mov $1, %eax; ret -- vCPU 0 makes it mov $2, %eax after both vCPUs ran it. */
+static u8 patch_code[16] __attribute__((aligned(16))) = { 0xb8, 1, 0, 0, 0, 0xc3 };
+
+static long patch_fn(void)
+{
+    __asm__ volatile("" ::: "memory");
+    return ((int (*)(void))(void *)patch_code)();
+}
 
 static evtchn_port_t ipi_to0, ipi_to1, timer1;
 static u8 ap_stack[16384] __attribute__((aligned(16)));
@@ -75,6 +86,12 @@ noreturn void ap_main(u64 cookie)
         rc = evtchn_poll(timer1, t0 + 1000000000UL);
     ap.timer_rc = rc ? rc : !evtchn_is_pending(timer1);
     ap.timer_ns = monotonic_ns() - t0;
+    /* Code vCPU 0 rewrites after both ran it (cross-vCPU stale translations). */
+    ap.patch_before = patch_fn();
+    ap.patch_ready = 1;
+    while (!ap.patched)
+        sched_yield();
+    ap.patch_after = patch_fn();
     ap.done = 1;
     HYPERVISOR_vcpu_op(VCPUOP_down, 1, NULL);
     for (;;)
@@ -275,7 +292,16 @@ void app_main(void)
     }
     u64 ping_ns = monotonic_ns() - ping0;
     R("ipi_rc", bad_rc);
+    /* vCPU 0 rewrites code that both vCPUs ran: vCPU 1 must run the new code. */
+    long mine = patch_fn();
+    wait_for(&ap.patch_ready, "ran the code to patch");
+    ACCESS_ONCE(patch_code[1]) = 2;
+    long mine_after = patch_fn();
+    ap.patched = 1;
     wait_for(&ap.done, "finished");
+    R("smc_self", mine == 1 && mine_after == 2);
+    R("smc_other_before", ap.patch_before);
+    R("smc_other_after", ap.patch_after);
     R("ap_pongs", ap.pongs);
     R("ap_poll_rc", ap.poll_rc);
     R("ap_sel_has_ipi_word", (ap.sel_after_ipi >> (ipi_to1 / 64)) & 1);
