@@ -92,7 +92,8 @@ class TcgMemory:
                 buckets, n, added, threshold = struct.unpack("<4Q", ctypes.string_at(mp, 32))
                 length = _rwx_mapping_at(code)
                 ok = (buckets % _QHT_BUCKET == 0 and n == _QHT_INITIAL_BUCKETS and added == 0
-                      and threshold == n // 8 and buffer_size - PAGE <= length <= buffer_size + PAGE)
+                      and threshold == n // 8 and buffer_size - PAGE <= length <= buffer_size + PAGE
+                      and _word(tcg + _TCG_INVALIDATIONS) == 0)
                 if ok:
                     return True
         log.warning("unicorn layout not recognised: idle vCPUs keep their translator memory")
