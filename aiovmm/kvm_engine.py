@@ -728,6 +728,18 @@ class KVMEngine:
     def set_msr(self, msr: int, value: int) -> None:
         self._msrs([(msr, value)])
 
+    def load_fpu(self, fxsave: bytes | None) -> None:
+        """x87/SSE state from an FXSAVE image or the reset state (VCPUEngine.load_fpu).
+        KVM_SET_XSAVE with XSTATE_BV = x87|SSE, as Xen's vcpu_setup_fpu builds its area:
+        KVM_SET_FPU leaves XSTATE_BV as it was, and XRSTOR then loads the init state."""
+        from .vcpu_engine import fpu_state
+        st = fpu_state(fxsave)
+        buf = bytearray(4096)                       # struct kvm_xsave: the XSAVE area
+        buf[0:512] = st.raw
+        struct.pack_into("<I", buf, 24, st.mxcsr)
+        struct.pack_into("<Q", buf, 512, 3)         # XSTATE_BV: x87, SSE
+        fcntl.ioctl(self.vcpu_fd, 0x5000AEA5, buf)  # KVM_SET_XSAVE
+
     def get_msr(self, msr: int) -> int:
         buf = bytearray(struct.pack("<IIIIQ", 1, 0, msr, 0, 0))
         fcntl.ioctl(self.vcpu_fd, Ioctl.GET_MSRS, buf)

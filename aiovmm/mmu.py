@@ -81,9 +81,13 @@ class XenArea:
     STUB_VA = BASE + 0x10000
     UNTIL_VA = BASE + 0x10F00      # emu_start's `until`: mapped, never executed (vcpu_engine.py)
     STUB_STACK_TOP = BASE + 0x12000 - 64
-    # push $0xe02b; push %rcx; push %rdx; push $0xe033; push %rax;
-    # xor %eax,%eax; xor %ecx,%ecx; xor %edx,%edx; iretq
-    STUB_CODE = bytes.fromhex("682be00000" "51" "52" "6833e00000" "50" "31c0" "31c9" "31d2" "48cf")
+    # The iretq frame comes from registers the guest never sees (its CR2 and debug
+    # registers are virtual), so every GPR reaches the guest as given (vcpu_engine.py
+    # start_in_stub): push $0xe02b; mov %cr2,%rax; push %rax (RSP); pushfq (RFLAGS, set
+    # before the stub); push $0xe033; mov %dr3,%rax; push %rax (RIP); mov %dr0,%rax;
+    # mov %dr1,%rcx; mov %dr2,%rdx; iretq
+    STUB_CODE = bytes.fromhex("682be00000" "0f20d0" "50" "9c" "6833e00000" "0f21d8" "50"
+                              "0f21c0" "0f21c9" "0f21d2" "48cf")
 
     def __init__(self, mem: MachineMemory) -> None:
         self.mem = mem

@@ -16,13 +16,15 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import PAGE_SIZE, VcpuInfo, VCPU_INFO_SIZE
-from . import cpuid, descriptors, emulate, vcpu_op
+from . import cpuid, descriptors, emulate, tcg_memory, vcpu_op
 from .vcpu_engine import ExitReason, VCPUEngine
 
 if TYPE_CHECKING:
     from .domain import Domain
 
 log = logging.getLogger("aiovmm.vcpu")
+
+IDLE_RELEASE_S = 2.0   # asleep this long: the engine's translator memory goes back (_sleep)
 
 
 class VCPU:
@@ -44,6 +46,8 @@ class VCPU:
         self.initialised = True        # vCPUs 1..N-1 wait for VCPUOP_initialise (vcpu_op.py)
         self.flush_code_pending = False  # drop translated code before the next slice (traps.py)
         self.blocked = False
+        self.idle_released = False     # translator memory released while asleep (_sleep)
+        self.code_writes_seen = 0      # engine.code_invalidations() last seen (_share_code_writes)
         self.polling: frozenset[int] | None = None
         self._wake = asyncio.Event()
         self.fault_depth = 0
@@ -260,7 +264,7 @@ class VCPU:
                 if self.blocked or not self.online or dom.paused:
                     was_blocked = self.blocked
                     sched.sleep(self)
-                    await self._wake.wait()
+                    await self._sleep()
                     self._wake.clear()
                     woke = woke or was_blocked
                     continue
@@ -294,6 +298,9 @@ class VCPU:
                             break
                     sched.begin(self)
                     reason = self.engine.run(sched.budget(self), sched.slice_for(self))
+                    self.idle_released = False
+                    if len(dom.vcpus) > 1:
+                        self._share_code_writes()
                 finally:
                     sched.release(self)
                 if reason is ExitReason.ERROR:
@@ -306,6 +313,40 @@ class VCPU:
             self.stop_timers()
             descriptors.release(self)
             vcpu_op.release(self)
+
+    def _share_code_writes(self) -> None:
+        """This vCPU's stores invalidated some of its translated code (its engine counts
+        them): the other vCPUs' engines keep their own translations of the same bytes, so
+        they drop theirs before their next slice. Covers code that the writing vCPU also
+        ran (kernel text patching: alternatives, jump labels, text_poke); code only other
+        vCPUs translated is not seen (docs/design.md, SMP)."""
+        count = getattr(self.engine, "code_invalidations", None)
+        if count is None:
+            return
+        n = count()
+        if n != self.code_writes_seen:
+            self.code_writes_seen = n
+            for other in self.domain.vcpus:
+                if other is not self:
+                    other.flush_code_pending = True
+
+    async def _sleep(self) -> None:
+        """Wait for a wake-up. A vCPU asleep for IDLE_RELEASE_S gives its engine's
+        translated code and translator tables back to the kernel (the Unicorn engine's
+        release_idle_memory; an engine without it keeps everything): what lets a thousand idle
+        guests fit (bench/density.py). Once per sleep: nothing is retranslated until it runs."""
+        release = getattr(self.engine, "release_idle_memory", None)
+        if release is not None and not self.idle_released:
+            try:
+                async with asyncio.timeout(IDLE_RELEASE_S):
+                    await self._wake.wait()
+                return
+            except TimeoutError:
+                freed = release()
+                self.idle_released = True
+                tcg_memory.trim_heap_soon(asyncio.get_running_loop())
+                log.debug("%r: idle, released %d KiB of translator memory", self, freed >> 10)
+        await self._wake.wait()
 
     def wake(self) -> None:
         """Let the run loop re-check its state (pause, shutdown)."""

@@ -25,8 +25,8 @@ With VGCF_online in flags the vCPU is up at once; otherwise VCPUOP_up brings it 
 Engines: the vCPU enters the guest at rip/rsp through the engine's start path, in Xen's
 flat 64-bit ring-3 code and stack segments (whatever code selector the context names: a
 64-bit kernel's own GDT code descriptor is equivalent; the first hypercall return loads the
-flat ones on Xen too). rax, rcx and rdx start at zero (the emulated engine's ring-0 stub
-carries rip, rsp and rflags in them); the FPU starts in its reset state (fpu_ctxt ignored).
+flat ones on Xen too). Every GPR of user_regs is loaded, as Xen loads them; with
+VGCF_i387_valid the FPU gets fpu_ctxt (an FXSAVE image), else its reset state.
 """
 from __future__ import annotations
 
@@ -160,10 +160,11 @@ def initialise(caller: "VCPU", v: "VCPU", arg: int) -> None:
     v.kernel_gs_base, v.user_gs_base = c.gs_base_kernel, c.gs_base_user
     root = v.kernel_root if in_kernel else v.user_root
     eng.set_cr3(root << PAGE_SHIFT)
-    gprs = {n: r.get(n, 0) for n in ("rbx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
-                                     "r12", "r13", "r14", "r15")}
+    gprs = {n: r.get(n, 0) for n in ("rax", "rcx", "rdx", "rbx", "rsi", "rdi", "rbp", "r8",
+                                     "r9", "r10", "r11", "r12", "r13", "r14", "r15")}
     eng.start_in_stub(hv.xen.STUB_VA, hv.xen.STUB_STACK_TOP, gprs, r.get("rip", 0),
                       r.get("rsp", 0), (rflags & RFLAGS_KEPT) | RFLAGS_IF | RFLAGS_MBS)
+    eng.load_fpu(raw[:512] if c.flags & VGCF.i387_valid else None)   # fpu_ctxt leads
     eng.write({"fs_base": c.fs_base,
                "gs_base": c.gs_base_kernel if in_kernel else c.gs_base_user})
     eng.flush_tlb()

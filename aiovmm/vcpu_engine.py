@@ -26,12 +26,15 @@ import logging
 import os
 import struct
 import time
+import typing
 from typing import Callable, Sequence
 
 from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_INTR, UC_HOOK_INSN, \
     UC_HOOK_INSN_INVALID, UC_HOOK_BLOCK
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
+
+from .tcg_memory import TcgMemory
 
 log = logging.getLogger("aiovmm.vcpu_engine")
 
@@ -53,6 +56,11 @@ MSR_KERNEL_GS_BASE = 0xC0000102
 MSR_TSC_AUX = 0xC0000103
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 
+# Hundreds of guests: keep the translation buffer small (NOTES.md: 1 GiB by default).
+# Not a multiple of 2 MiB: QEMU madvises the buffer MADV_HUGEPAGE and Linux aligns
+# PMD-multiple anonymous mappings, so the first translation touched a whole 2 MiB
+# huge page per vCPU (bench/density.py: 3.3 -> 1.35 MiB host RSS per idle guest).
+_TCG_BUFFER = 31 << 20
 _UC_CTL_TLB_FLUSH_WRITE = 11 | (1 << 30)       # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
 _INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 _INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
@@ -76,6 +84,41 @@ class _Hcall(ctypes.Structure):
 
 
 _ENTER_CB = ctypes.CFUNCTYPE(None)
+
+
+class FpuState(typing.NamedTuple):
+    fcw: int
+    fsw: int
+    ftw: int                         # FXSAVE's abridged tag: bit i set = ST register i valid
+    mxcsr: int
+    st: list[tuple[int, int]]        # ST(0..7): (64-bit mantissa, sign+exponent)
+    xmm: list[int]                   # XMM0..15
+    raw: bytes                       # the image as given (KVM takes its own layout of it)
+
+    @property
+    def tag_word(self) -> int:
+        """The full x87 tag word: 3 (empty) for an abridged 0, 0 (valid) otherwise."""
+        return sum((0 if self.ftw >> i & 1 else 3) << 2 * i for i in range(8))
+
+
+FXSAVE_SIZE = 512
+MXCSR_RESET, FCW_RESET = 0x1F80, 0x37F
+
+
+def fpu_state(fxsave: bytes | None) -> FpuState:
+    """Parse an FXSAVE image once (None: Xen's vcpu_reset_fpu state). MXCSR keeps its 16
+    defined bits: reserved ones make FXRSTOR (and KVM_SET_FPU's restore) fault."""
+    if fxsave is None:
+        img = bytearray(FXSAVE_SIZE)
+        struct.pack_into("<H", img, 0, FCW_RESET)
+        struct.pack_into("<I", img, 24, MXCSR_RESET)
+        fxsave = bytes(img)
+    fxsave = bytes(fxsave[:FXSAVE_SIZE])
+    fcw, fsw, ftw = struct.unpack_from("<HHB", fxsave, 0)
+    mxcsr = struct.unpack_from("<I", fxsave, 24)[0] & 0xFFFF
+    st = [struct.unpack_from("<QH", fxsave, 32 + 16 * i) for i in range(8)]
+    xmm = [int.from_bytes(fxsave[160 + 16 * i:176 + 16 * i], "little") for i in range(16)]
+    return FpuState(fcw, fsw, ftw, mxcsr, st, xmm, fxsave)
 
 
 class ExitReason(enum.Enum):
@@ -206,13 +249,13 @@ class VCPUEngine:
         self.until = until
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.h = uc._uch
-        # Hundreds of guests: keep the translation buffer small (NOTES.md: 1 GiB by default).
-        # Not a multiple of 2 MiB: QEMU madvises the buffer MADV_HUGEPAGE and Linux aligns
-        # PMD-multiple anonymous mappings, so the first translation touched a whole 2 MiB
-        # huge page per vCPU (bench/density.py: 3.3 -> 1.35 MiB host RSS per idle guest).
-        uc.ctl_set_tcg_buffer_size(31 << 20)
+        uc.ctl_set_tcg_buffer_size(_TCG_BUFFER)
         self._excfix = _ExcFix(uc)            # must probe on a fresh instance
         uc.mem_map_ptr(0, mem_size, UC_PROT_ALL, mem_address)
+        # The TB hash table is 512 KiB of zeros until code is translated (tcg_memory.py).
+        self._tcg = TcgMemory(ctypes.cast(self.h, ctypes.c_void_p).value, _TCG_BUFFER)
+        self._tcg.drop_zero_buckets()
+        self._own_invalidations = 0           # ctl_remove_cache of step_to (not the guest's)
 
         self.on_hypercall: Callable[[], None] = lambda: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
@@ -356,21 +399,55 @@ class VCPUEngine:
         """Drop translated code (after the hypervisor rewrote guest code bytes)."""
         self.uc.ctl_flush_tb()
 
+    def code_invalidations(self) -> int:
+        """Translated blocks the guest's own stores invalidated in this instance (QEMU's
+        self-modifying-code detection), a counter that only grows. The other vCPUs of
+        the domain have their own translations, which no store of this instance reaches:
+        when this grows, the vCPU has them dropped (vcpu.py)."""
+        return self._tcg.invalidations() - self._own_invalidations
+
+    def release_idle_memory(self) -> int:
+        """The vCPU sleeps: drop its translated code and give the translator's memory back
+        to the kernel (tcg_memory.py). Retranslating on wake costs what the first run did
+        (bench/density.py). Returns bytes released; the caller trims malloc's heap."""
+        self.uc.ctl_flush_tb()
+        return self._tcg.drop_code() + self._tcg.drop_zero_buckets() * 4096
+
     def start_in_stub(self, stub_va: int, stub_stack_va: int, regs: dict[str, int],
                       rip: int, rsp: int, rflags: int) -> None:
         """Arrange for the first slice to enter the guest at CPL3 through a real iretq.
 
-        The ring-0 stub (built by the hypervisor at stub_va) pushes SS, RSP(=rcx),
-        RFLAGS(=rdx), CS, RIP(=rax), zeroes those registers and executes iretq.
+        The ring-0 stub (built by the hypervisor at stub_va, mmu.XenArea.STUB_CODE) builds
+        the frame from CR2 (RSP), RFLAGS, DR3 (RIP), then loads rax, rcx and rdx from DR0-2
+        and executes iretq: every GPR in `regs` reaches the guest (Xen's arch_set_info_guest
+        loads them all). CR2 and the debug registers of the engine are not the guest's (both
+        are virtual, vcpu.py); a #PF sets CR2 again before anyone reads it.
         """
         init = {n: 0 for n in GPRS if n not in ("rip", "rsp", "rflags")}
         init.update(regs)
-        # rax/rcx/rdx carry rip/rsp/rflags into the stub, which zeroes them after use.
-        if any(init.get(r) for r in ("rax", "rcx", "rdx")):
-            raise ValueError("rax, rcx and rdx must start at zero")
-        init.update(rax=rip, rcx=rsp, rdx=rflags, rip=stub_va, rsp=stub_stack_va)
+        carried = {"dr0": init.pop("rax"), "dr1": init.pop("rcx"), "dr2": init.pop("rdx"),
+                   "dr3": rip, "cr2": rsp}
+        init.update(rax=0, rcx=0, rdx=0, rip=stub_va, rsp=stub_stack_va, rflags=rflags)
         self.uc.reg_write(X.UC_X86_REG_RIP, stub_va)
         self.write(init)
+        for name, value in carried.items():
+            self.uc.reg_write(getattr(X, "UC_X86_REG_" + name.upper()), value)
+
+    def load_fpu(self, fxsave: bytes | None) -> None:
+        """The x87/SSE state from a 512-byte FXSAVE image (vcpu_guest_context.fpu_ctxt with
+        VGCF_i387_valid: Xen's vcpu_setup_fpu), or the reset state for None (vcpu_reset_fpu:
+        FCW 0x37f, MXCSR 0x1f80, all registers empty). fpu_state() parses the image."""
+        st = fpu_state(fxsave)
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_FPCW, st.fcw)
+        uc.reg_write(X.UC_X86_REG_FPSW, st.fsw)
+        uc.reg_write(X.UC_X86_REG_FPTAG, st.tag_word)
+        top = (st.fsw >> 11) & 7
+        for i, (mant, exp) in enumerate(st.st):
+            uc.reg_write(X.UC_X86_REG_FP0 + ((top + i) & 7), (mant, exp))
+        for i, x in enumerate(st.xmm):
+            uc.reg_write(X.UC_X86_REG_XMM0 + i, x)
+        uc.reg_write(X.UC_X86_REG_MXCSR, st.mxcsr)
 
     # -- running ---------------------------------------------------------------------------------
     def step_to(self, end: int) -> bool:
@@ -384,7 +461,10 @@ class VCPUEngine:
         budget of 2 is a second guard: execution never enters a second block."""
         uclib.uc_reg_read_batch(self.h, self._rip.ids, self._rip.ptrs, 1)
         start = self._rip.vals[0]
+        inval = self._tcg.invalidations
+        before = inval()
         self.uc.ctl_remove_cache(start, end + 1)
+        self._own_invalidations += inval() - before
         self.slice.budget = 2
         self.slice.deadline_ns = 0
         self.slice.reason = 0
@@ -393,7 +473,9 @@ class VCPUEngine:
         try:
             err = uclib.uc_emu_start(self.h, start, end, 0, 0)
         finally:
+            before = inval()
             self.uc.ctl_remove_cache(start, end + 1)
+            self._own_invalidations += inval() - before
         return not err and not self.stop_requested and self.get("rip") == end
 
     def decode(self, code: bytes) -> tuple[int, str, str] | None:

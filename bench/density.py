@@ -31,6 +31,7 @@ import tracemalloc
 import uvloop
 
 from aiovmm import Hypervisor
+from aiovmm.vcpu import IDLE_RELEASE_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL = os.path.join(ROOT, "guests/build/kernel.elf")
@@ -52,6 +53,7 @@ async def run(a: argparse.Namespace) -> None:
         # One guest first, so the process's one-time costs (code, caches) are not counted.
         first = await hv.create(KERNEL, memory_mib=a.memory, name="warm", cmdline="echo=1 echo_timeout=0")
         await first.wait_for_line(r"^echo: ready$", timeout=60)
+        await asyncio.sleep(IDLE_RELEASE_S + a.settle_s)      # and its vCPU released, too
         gc.collect()
         r0 = rss_kib()
         if a.tracemalloc:
@@ -86,7 +88,12 @@ async def run(a: argparse.Namespace) -> None:
         ramp_s = time.perf_counter() - t0
         n = len(doms)
         gc.collect()
+        r_ramp = rss_kib()
+        # Idle vCPUs release their translator memory after vcpu.IDLE_RELEASE_S (+ the trim).
+        await asyncio.sleep(IDLE_RELEASE_S + a.settle_s)
+        gc.collect()
         r1 = rss_kib()
+        over_ramp = ((r_ramp["RssAnon"] + r_ramp["RssFile"]) - (r0["RssAnon"] + r0["RssFile"])) / 1024 / max(1, n)
         over = ((r1["RssAnon"] + r1["RssFile"]) - (r0["RssAnon"] + r0["RssFile"])) / 1024 / max(1, n)
         touched = (r1["RssShmem"] - r0["RssShmem"]) / 1024 / max(1, n)
         if a.tracemalloc:
@@ -105,6 +112,8 @@ async def run(a: argparse.Namespace) -> None:
         print(f"guests started: {n} of {a.max} ({stop or 'all'}); ramp {ramp_s:.1f} s = "
               f"{n / ramp_s:.1f} guests/s; touched guest memory {touched:.2f} MiB/guest; "
               f"runnable after the ramp {ticking}")
+        print(f"host overhead right after the ramp {over_ramp:.2f} MiB/guest, "
+              f"after {IDLE_RELEASE_S + a.settle_s:.0f} s idle {over:.2f} MiB/guest")
         print(f"host RSS now {r1['VmRSS'] / 1024:.0f} MiB; free machine frames {hv.mem.free_frames}")
         print(f"guests={n} overhead_mib={over:.2f} idle_cpu_pct={idle:.2f}")
         for d in doms + [first]:
@@ -119,6 +128,7 @@ def main() -> None:
     p.add_argument("--time-budget", type=float, default=240.0)
     p.add_argument("--reserve-mib", type=int, default=2048, help="stop when the host has less available")
     p.add_argument("--idle-s", type=float, default=3.0)
+    p.add_argument("--settle-s", type=float, default=1.0, help="wait past IDLE_RELEASE_S before measuring")
     p.add_argument("--tracemalloc", type=int, default=0, metavar="N", help="show the top N allocation sites")
     p.add_argument("--engine", default="unicorn", choices=("unicorn", "kvm", "auto"))
     p.add_argument("-v", "--verbose", action="store_true")

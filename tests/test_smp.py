@@ -39,6 +39,8 @@ EXPECTED: dict[str, str] = {
     "is_up_1_up": "1",
     # vCPU 1 started with the context's rdi, r15 and fs_base.
     "ap_cookie": "1", "ap_fs_word": "1", "ap_r15": "1",
+    # ... and with its rax, rcx, rdx and (VGCF_i387_valid) fpu_ctxt: FCW, MXCSR, XMM1.
+    "ap_rax_rcx_rdx": "1", "ap_fcw": str(0x27F), "ap_mxcsr": str(0x7F80), "ap_xmm1": "1",
     "both_ran": "1",                    # vCPU 1 made progress while vCPU 0 spun
     "flush_multi": "0", "invlpg_multi": "0", "flush_all": "0", "invlpg_all": "0",
     "flush_multi_badmask": "-22",       # an unreadable vcpumask
@@ -46,6 +48,9 @@ EXPECTED: dict[str, str] = {
     "ipi_rc": "0", "ap_pongs": "50", "ap_poll_rc": "0",
     "ap_sel_has_ipi_word": "1",         # the IPI marked vCPU 1's vcpu_info, not vCPU 0's
     "ap_timer_rc": "0", "ap_timer_ok": "1",
+    # Code vCPU 0 rewrote after both ran it: vCPU 1 runs the new code, not its stale
+    # translation (each Unicorn instance has its own; KVM has none to go stale).
+    "smc_self": "1", "smc_other_before": "1", "smc_other_after": "2",
     "is_up_1_down": "0",                # vCPU 1 took itself down
 }
 

@@ -35,8 +35,19 @@ static struct {
     volatile u64 sel_after_ipi; /* its vcpu_info pending_sel after the first IPI */
     volatile long timer_rc;     /* its own singleshot timer + VIRQ_TIMER */
     volatile u64 timer_ns;
+    volatile u64 patch_ready, patched;
+    volatile long patch_before, patch_after;   /* what patch_fn returned to vCPU 1 */
     volatile u64 done;
 } ap;
+
+/* mov $1, %eax; ret -- vCPU 0 makes it mov $2, %eax after both vCPUs ran it. */
+static u8 patch_code[16] __attribute__((aligned(16))) = { 0xb8, 1, 0, 0, 0, 0xc3 };
+
+static long patch_fn(void)
+{
+    __asm__ volatile("" ::: "memory");
+    return ((int (*)(void))(void *)patch_code)();
+}
 
 static evtchn_port_t ipi_to0, ipi_to1, timer1;
 static u8 ap_stack[16384] __attribute__((aligned(16)));
@@ -75,16 +86,34 @@ noreturn void ap_main(u64 cookie)
         rc = evtchn_poll(timer1, t0 + 1000000000UL);
     ap.timer_rc = rc ? rc : !evtchn_is_pending(timer1);
     ap.timer_ns = monotonic_ns() - t0;
+    /* Code vCPU 0 rewrites after both ran it (cross-vCPU stale translations). */
+    ap.patch_before = patch_fn();
+    ap.patch_ready = 1;
+    while (!ap.patched)
+        sched_yield();
+    ap.patch_after = patch_fn();
     ap.done = 1;
     HYPERVISOR_vcpu_op(VCPUOP_down, 1, NULL);
     for (;;)
         sched_yield();
 }
 
+/* What vCPU 1 finds at its first instruction, before anything clobbers it: rax, rcx and
+ * rdx from the context, and the FPU state of its fpu_ctxt (VGCF_i387_valid). */
+u64 ap_rax, ap_rcx, ap_rdx, ap_xmm1;
+u32 ap_mxcsr;
+u16 ap_fcw;
+
 /* The stack switch is in C: vCPU 1 enters at ap_entry with rsp = top of ap_stack. */
 extern char ap_entry[];
 __asm__(".text\n"
         "ap_entry:\n"
+        "    mov %rax, ap_rax(%rip)\n"
+        "    mov %rcx, ap_rcx(%rip)\n"
+        "    mov %rdx, ap_rdx(%rip)\n"
+        "    stmxcsr ap_mxcsr(%rip)\n"
+        "    fnstcw ap_fcw(%rip)\n"
+        "    movq %xmm1, ap_xmm1(%rip)\n"
         "    and $-16, %rsp\n"
         "    call ap_main\n"
         "    ud2\n");
@@ -97,6 +126,15 @@ static void good_context(vcpu_guest_context_t *c)
     c->user_regs.rsp = (unsigned long)(ap_stack + sizeof(ap_stack));
     c->user_regs.rdi = COOKIE;
     c->user_regs.r15 = ~COOKIE;
+    c->user_regs.rax = COOKIE ^ 1;
+    c->user_regs.rcx = COOKIE ^ 2;
+    c->user_regs.rdx = COOKIE ^ 3;
+    c->flags |= VGCF_i387_valid;
+    u8 *fx = (u8 *)c->fpu_ctxt.x;                     /* an FXSAVE image */
+    *(u16 *)(fx + 0) = 0x27f;                        /* FCW: 53-bit precision */
+    *(u32 *)(fx + 24) = 0x7f80;                      /* MXCSR: round toward zero */
+    *(u32 *)(fx + 28) = 0xffff;                      /* MXCSR_MASK */
+    *(u64 *)(fx + 160 + 16) = COOKIE;                /* XMM1 */
     c->user_regs.cs = FLAT_KERNEL_CS;
     c->user_regs.ss = FLAT_KERNEL_SS;
     c->user_regs.rflags = 0x1000;                    /* IOPL 1, as Linux passes */
@@ -214,10 +252,16 @@ void app_main(void)
     R("ap_cookie", ap.alive == COOKIE);
     R("ap_fs_word", ap.fs_word == fs_area[0]);
     R("ap_r15", ap.r15 == ~COOKIE);
+    R("ap_rax_rcx_rdx", ap_rax == (COOKIE ^ 1) && ap_rcx == (COOKIE ^ 2) && ap_rdx == (COOKIE ^ 3));
+    R("ap_fcw", ap_fcw);
+    R("ap_mxcsr", ap_mxcsr);
+    R("ap_xmm1", ap_xmm1 == COOKIE);
 
     /* Both run: vCPU 0 spins without blocking and watches vCPU 1's counter move. */
     u64 seen = ap.spins, moved = 0, t0 = monotonic_ns();
-    while (monotonic_ns() - t0 < 200000000UL) {
+    /* Until vCPU 1 moved 3 times (5 s at most): slices are bounded by wall time, so on a
+     * loaded host a fixed window saw too few of its turns ("early stall"). */
+    while (moved < 3 && monotonic_ns() - t0 < 5000000000UL) {
         u64 now = ap.spins;
         if (now != seen) { moved++; seen = now; }
     }
@@ -250,7 +294,16 @@ void app_main(void)
     }
     u64 ping_ns = monotonic_ns() - ping0;
     R("ipi_rc", bad_rc);
+    /* vCPU 0 rewrites code that both vCPUs ran: vCPU 1 must run the new code. */
+    long mine = patch_fn();
+    wait_for(&ap.patch_ready, "ran the code to patch");
+    ACCESS_ONCE(patch_code[1]) = 2;
+    long mine_after = patch_fn();
+    ap.patched = 1;
     wait_for(&ap.done, "finished");
+    R("smc_self", mine == 1 && mine_after == 2);
+    R("smc_other_before", ap.patch_before);
+    R("smc_other_after", ap.patch_after);
     R("ap_pongs", ap.pongs);
     R("ap_poll_rc", ap.poll_rc);
     R("ap_sel_has_ipi_word", (ap.sel_after_ipi >> (ipi_to1 / 64)) & 1);
