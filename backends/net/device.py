@@ -195,6 +195,7 @@ class _Kick:
         self.set = fn
 
 
+INLINE_DEFER_TX_EVENT = 2         # Netback.inline_kick: inline pass, tx-only event deferred
 VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
 
 
@@ -240,7 +241,10 @@ class Netback:
         self._tap_ready = False
         self._reader_on = False
         self._handle: asyncio.Handle | None = None      # a scheduled _poll
-        self.inline_kick = True          # a guest event runs the pass in its hypercall (_on_guest_event)
+        # A guest event runs the pass inside its hypercall (_on_guest_event): 0 off (one pass
+        # later on the loop), 1 on, INLINE_DEFER_TX_EVENT on with tx-only events deferred.
+        self.inline_kick = INLINE_DEFER_TX_EVENT
+        self._notify_owed = False                       # an event deferred by an inline pass
         self._stop: asyncio.Future | None = None        # the data path failed (VifDisconnect)
         self._stalled = 0
         self._rx_buf = bytearray(RX_BUF)                # a tap frame waiting for rx requests
@@ -523,6 +527,7 @@ class Netback:
         self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
         self.port.link(_Kick(self._on_guest_event))
         self._rx_len = 0
+        self._notify_owed = False
 
     def _frontend_features(self) -> None:
         """Read what the frontend takes on rx and tell the tap (TUNSETOFFLOAD): the kernel
@@ -612,29 +617,37 @@ class Netback:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        self._poll()
+        self._poll(inline=True)
 
     def _on_tap_readable(self) -> None:
         self._tap_ready = True
         self._poll()
 
-    def _poll(self) -> None:
+    def _poll(self, inline: bool = False) -> None:
         self._handle = None
         if self.tx is None or self._stop.done():
             return
         try:
-            self._pass()
+            self._pass(inline)
         except VifDisconnect as e:
             self._set_reader(False)
             if not self._stop.done():
                 self._stop.set_exception(e)
 
-    def _pass(self) -> None:
+    def _pass(self, inline: bool = False) -> None:
         tx = self.tx
         before = tx.req_cons
-        notify = self._process_tx()
-        notify |= self._process_rx()
-        if notify:
+        tx_notify = self._process_tx()
+        rx_notify = self._process_rx()
+        if inline and tx_notify and not rx_notify and self.inline_kick == INLINE_DEFER_TX_EVENT:
+            # Only tx completions to announce, to a guest that is running (in its notify
+            # hypercall): the event waits for the next pass on the loop, so a guest sending a
+            # stream gets one event per batch, not one per packet (its netfront also reaps
+            # completions itself on its next transmit).
+            self._notify_owed = True
+            self._schedule()
+        elif tx_notify or rx_notify or self._notify_owed:
+            self._notify_owed = False
             self.port.notify()
             self.stats.events_sent += 1
         # The tap is read while no frame waits for rx slots and the rate allows; a frame
