@@ -196,6 +196,7 @@ class _Kick:
 
 
 INLINE_DEFER_TX_EVENT = 2         # Netback.inline_kick: inline pass, tx-only event deferred
+INLINE_TX_ONLY = 3                # Netback.inline_kick: inline tx to the tap, rx and events on the loop
 VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
 
 
@@ -243,7 +244,7 @@ class Netback:
         self._handle: asyncio.Handle | None = None      # a scheduled _poll
         # A guest event runs the pass inside its hypercall (_on_guest_event): 0 off (one pass
         # later on the loop), 1 on, INLINE_DEFER_TX_EVENT on with tx-only events deferred.
-        self.inline_kick = INLINE_DEFER_TX_EVENT
+        self.inline_kick = 0
         self._notify_owed = False                       # an event deferred by an inline pass
         self._stop: asyncio.Future | None = None        # the data path failed (VifDisconnect)
         self._stalled = 0
@@ -638,8 +639,13 @@ class Netback:
         tx = self.tx
         before = tx.req_cons
         tx_notify = self._process_tx()
-        rx_notify = self._process_rx()
-        if inline and tx_notify and not rx_notify and self.inline_kick == INLINE_DEFER_TX_EVENT:
+        rx_notify = False if inline and self.inline_kick == INLINE_TX_ONLY else self._process_rx()
+        if inline and self.inline_kick == INLINE_TX_ONLY:
+            # The guest's packets reach the tap now; rx (the notify may be a refill) and
+            # the event wait for the next pass on the loop, as without an inline pass.
+            self._notify_owed |= tx_notify
+            self._schedule()
+        elif inline and tx_notify and not rx_notify and self.inline_kick == INLINE_DEFER_TX_EVENT:
             # Only tx completions to announce, to a guest that is running (in its notify
             # hypercall): the event waits for the next pass on the loop, so a guest sending a
             # stream gets one event per batch, not one per packet (its netfront also reaps
