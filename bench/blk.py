@@ -331,6 +331,8 @@ async def aiovmm_fio(engine: str, extra: str, image: str, initrd: str, timeout: 
             note = f"no fio within {timeout:.0f} s (console: {list(dom.console_lines)[-2:]})"
             dom.shutdown(ShutdownReason.poweroff)
             await dom.wait()
+        except LookupError:                         # the guest ended before fio started
+            note = f"guest ended: {dom.describe_end()} (console: {list(dom.console_lines)[-3:]})"
         bb = next(b for b in dom.backends if isinstance(b, blkdev.Blkback))
         st = bb.stats
         res = parse_fio(list(dom.console_lines))
