@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import os
 import random
@@ -195,8 +196,20 @@ class _Kick:
         self.set = fn
 
 
-INLINE_DEFER_TX_EVENT = 2         # Netback.inline_kick: inline pass, tx-only event deferred
-INLINE_TX_ONLY = 3                # Netback.inline_kick: inline tx to the tap, rx and events on the loop
+class InlineKick(enum.IntEnum):
+    """What netback does inside the guest's notify hypercall (Netback.inline_kick; issue 14,
+    measured on the KVM engine in docs/design.md). OFF, the default: schedule one pass on the
+    loop. FULL: the whole pass there. DEFER_TX_EVENT: the whole pass, but an event that only
+    announces tx completions waits for the next pass on the loop (halved the events and cut
+    a third of the exits per UDP round trip, but a guest streaming tx fell from 17 to 2
+    Mbit/s: inline rx delivery of the peer's ACKs made TCP ping-pong). TX_ONLY: only the
+    guest's tx reaches the tap there; rx and every event on the loop."""
+    OFF = 0
+    FULL = 1
+    DEFER_TX_EVENT = 2
+    TX_ONLY = 3
+
+
 VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
 
 
@@ -242,9 +255,7 @@ class Netback:
         self._tap_ready = False
         self._reader_on = False
         self._handle: asyncio.Handle | None = None      # a scheduled _poll
-        # A guest event runs the pass inside its hypercall (_on_guest_event): 0 off (one pass
-        # later on the loop), 1 on, INLINE_DEFER_TX_EVENT on with tx-only events deferred.
-        self.inline_kick = 0
+        self.inline_kick = InlineKick.OFF                # _on_guest_event
         self._notify_owed = False                       # an event deferred by an inline pass
         self._stop: asyncio.Future | None = None        # the data path failed (VifDisconnect)
         self._stalled = 0
@@ -606,13 +617,13 @@ class Netback:
 
     def _on_guest_event(self) -> None:
         """The guest notified netback's port. This runs inside the guest's event_channel_op
-        send, its vCPU stopped in the hypercall: with `inline_kick` the pass runs right
-        here, so the tx ring is written to the tap, rx buffers it just posted are filled and
-        the responses pushed before the vCPU resumes; the event for them is delivered on the
-        hypercall's return (no extra exit, no wait for the end of the vCPU's slice, which on
-        KVM is up to 2 ms of guest time with the loop blocked in KVM_RUN). The pass is
-        bounded (a ring's worth of tx, RX_BATCH frames) as on the loop."""
-        if not self.inline_kick or self._stop is None or self._stop.done():
+        send, its vCPU stopped in the hypercall. With `inline_kick` on (InlineKick) the pass
+        runs right here: the tx ring reaches the tap (and rx buffers just posted are filled)
+        before the vCPU resumes, and an event is delivered on the hypercall's return, instead
+        of waiting for the end of the vCPU's slice (on KVM up to 2 ms with the loop blocked
+        in KVM_RUN). The pass is bounded (a ring's worth of tx, RX_BATCH frames) as on the
+        loop. Off by default: the measured modes trade stream throughput for latency."""
+        if self.inline_kick == InlineKick.OFF or self._stop is None or self._stop.done():
             self._schedule()                 # (not serving yet: as before, one pass later)
             return
         if self._handle is not None:
@@ -639,13 +650,13 @@ class Netback:
         tx = self.tx
         before = tx.req_cons
         tx_notify = self._process_tx()
-        rx_notify = False if inline and self.inline_kick == INLINE_TX_ONLY else self._process_rx()
-        if inline and self.inline_kick == INLINE_TX_ONLY:
+        rx_notify = False if inline and self.inline_kick == InlineKick.TX_ONLY else self._process_rx()
+        if inline and self.inline_kick == InlineKick.TX_ONLY:
             # The guest's packets reach the tap now; rx (the notify may be a refill) and
             # the event wait for the next pass on the loop, as without an inline pass.
             self._notify_owed |= tx_notify
             self._schedule()
-        elif inline and tx_notify and not rx_notify and self.inline_kick == INLINE_DEFER_TX_EVENT:
+        elif inline and tx_notify and not rx_notify and self.inline_kick == InlineKick.DEFER_TX_EVENT:
             # Only tx completions to announce, to a guest that is running (in its notify
             # hypercall): the event waits for the next pass on the loop, so a guest sending a
             # stream gets one event per batch, not one per packet (its netfront also reaps
