@@ -246,11 +246,11 @@ for job in @JOBS@; do
     echo "FIO-END $1"
 done
 # The 1 GiB: written then read once through, O_DIRECT, 1 MiB requests (bench.gib=<MiB>).
-GIB=$(sed -n 's/.*bench\.gib=\([0-9]*\).*/\1/p' /proc/cmdline)
+GIB=$(sed -n 's/.*bench\\.gib=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
 if [ -n "$GIB" ]; then
     for rw in write read; do
         echo "FIO-BEGIN ${rw}gib"
-        fio --name="${rw}gib" --filename=$DEV --direct=1 --ioengine=libaio --rw=$rw --bs=1M \
+        fio --name="${rw}gib" --filename=$DEV --direct=1 --ioengine=libaio --rw=$rw --bs=1M \\
             --iodepth=8 --thread --size=${GIB}M --output-format=json
         echo "FIO-END ${rw}gib"
     done
