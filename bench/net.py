@@ -571,7 +571,7 @@ async def linux(args) -> dict[str, float] | None:
             print(f"aiovmm {e} engine: {r['engine_stats']}")
     for e, r in res.items():
         if isinstance(r, dict) and "gib" in r:
-            print(f"{'qemu tcg' if e == 'qemu' else 'aiovmm ' + e}: 1 GiB TCP g2h {r['gib']['g2h_s']:.1f} s, "
+            print(f"{'qemu tcg' if e == 'qemu' else 'aiovmm ' + e}: {args.gib} MiB TCP g2h {r['gib']['g2h_s']:.1f} s, "
                   f"h2g {r['gib']['h2g_s']:.1f} s")
     # The faster engine: the larger TCP sum (the "aiovmm's faster engine").
     fast = max(ours, key=lambda e: ours[e]["g2h_mbps"] + ours[e]["h2g_mbps"])
