@@ -43,6 +43,7 @@ Known differences from the Unicorn engine (guest-visible only to hostile guests)
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import ctypes
 import enum
 import errno
@@ -206,6 +207,16 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_timer_create.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_delete.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_diff.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.aiovmm_kvm_make_vm.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p,
+                                           ctypes.c_void_p, ctypes.c_void_p]
+        lib.aiovmm_kvm_pool_new.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p,
+                                            ctypes.c_size_t, ctypes.c_int]
+        lib.aiovmm_kvm_pool_new.restype = ctypes.c_void_p
+        lib.aiovmm_kvm_pool_take.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.aiovmm_kvm_pool_retire.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lib.aiovmm_kvm_pool_retire.restype = None
+        lib.aiovmm_kvm_pool_free.argtypes = [ctypes.c_void_p]
+        lib.aiovmm_kvm_pool_free.restype = None
         _lib = lib
     return _lib
 
@@ -226,6 +237,16 @@ def _system_fd() -> int:
                 raise KVMUnavailable(f"/dev/kvm lacks KVM_CAP_{cap.name}")
         _kvm_fd = fd
     return _kvm_fd
+
+
+_mmap_size = 0
+
+
+def _vcpu_mmap_size() -> int:
+    global _mmap_size
+    if not _mmap_size:
+        _mmap_size = fcntl.ioctl(_system_fd(), Ioctl.GET_VCPU_MMAP_SIZE)
+    return _mmap_size
 
 
 def unavailable_reason() -> str | None:
@@ -263,6 +284,27 @@ def _default_cpuid() -> list[tuple[int, int, int, int, int, int]]:
     if _cpuid_cache is None:
         _cpuid_cache = supported_cpuid()
     return _cpuid_cache
+
+
+def _cpuid2(entries: Sequence[tuple[int, int, int, int, int, int]]) -> bytes:
+    """struct kvm_cpuid2 of (leaf, subleaf, eax, ebx, ecx, edx) entries, each matched on its
+    subleaf."""
+    ent = struct.Struct("<IIIIIII12x")
+    buf = bytearray(struct.pack("<II", len(entries), 0))
+    for leaf, sub, a, b, c, d in entries:
+        buf += ent.pack(leaf, sub, 1, a, b, c, d)         # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    return bytes(buf)
+
+
+_cpuid2_default: bytes | None = None
+
+
+def _cpuid2_buffer() -> bytes:
+    """The default table (KVM's supported CPUID) as a kvm_cpuid2, built once."""
+    global _cpuid2_default
+    if _cpuid2_default is None:
+        _cpuid2_default = _cpuid2(_default_cpuid())
+    return _cpuid2_default
 
 
 def hardware_virtualization() -> bool:
@@ -392,6 +434,77 @@ def ring0(xen: "XenArea") -> _Ring0:
     if r is None:
         r = xen._kvm_ring0 = _Ring0(xen)
     return r
+
+
+class _VMPool:
+    """Fresh KVM VMs for one machine memory, made ahead of need by a C worker thread
+    (csrc/kvm.c aiovmm_kvm_pool_*), so that a domain's creation takes a ready VM instead of
+    paying KVM_CREATE_VM, memory slot 0 and KVM_CREATE_VCPU on the loop (~5-8 ms of create()
+    under load, measured: mostly KVM_CREATE_VCPU on kvm-pvm). Each VM is one with one vCPU,
+    slot 0 the whole machine memory, KVM's supported CPUID set; never run.
+
+    Honest accounting: the work is not gone, it runs in the worker (when the hypervisor
+    starts, and again after each take) while the loop runs guests; a burst of more than
+    POOL_SIZE creations makes the extra ones build their VM on the loop as before, and a
+    hypervisor's first KVM domain finds the pool still filling if it is created at once.
+    Engines also hand their VM back to be destroyed in the worker (KVM's VM teardown, ~3 ms
+    under load, was on the loop). The pool never reuses a VM that has run: a vCPU that ran
+    holds a previous guest's state (FPU/SSE registers, shadow pages). The worker is C, not a
+    Python thread: its GIL re-acquisitions between ioctls stalled the loop for scheduler
+    latencies on a loaded machine (take() ~1.8 ms median)."""
+
+    POOL_SIZE = 2
+
+    def __init__(self, mem: "MachineMemory") -> None:
+        self.mem = mem
+        self._lib = _native()
+        cpuid = _cpuid2_buffer()
+        self._pool = self._lib.aiovmm_kvm_pool_new(_system_fd(), mem.size, mem.fd_address, cpuid,
+                                                   len(cpuid), self.POOL_SIZE)
+
+    def take(self) -> tuple[int, int]:
+        """(vm_fd, vcpu_fd) of a fresh VM, made here if none is ready. Raises OSError."""
+        fds = (ctypes.c_int * 2)()
+        lib = self._lib
+        if self._pool and lib.aiovmm_kvm_pool_take(self._pool, ctypes.byref(fds, 0), ctypes.byref(fds, 4)) == 0:
+            return fds[0], fds[1]
+        rc = lib.aiovmm_kvm_make_vm(_system_fd(), self.mem.size, self.mem.fd_address, _cpuid2_buffer(),
+                                    ctypes.byref(fds, 0), ctypes.byref(fds, 4))
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return fds[0], fds[1]
+
+    def retire(self, vm_fd: int, vcpu_fd: int) -> None:
+        """Destroy a VM an engine is done with, in the worker."""
+        if self._pool:
+            self._lib.aiovmm_kvm_pool_retire(self._pool, vcpu_fd, vm_fd)
+        else:
+            os.close(vcpu_fd)
+            os.close(vm_fd)
+
+    def close(self) -> None:
+        """Stop the worker once it has destroyed the retired VMs; destroy the ready ones.
+        Blocks for up to one VM creation: call it from a thread."""
+        pool, self._pool = self._pool, None
+        if pool:
+            self._lib.aiovmm_kvm_pool_free(pool)
+
+
+def vm_pool(mem: "MachineMemory") -> _VMPool:
+    """The VM pool of this machine memory (made on first use)."""
+    p = getattr(mem, "_kvm_pool", None)
+    if p is None:
+        p = mem._kvm_pool = _VMPool(mem)
+    return p
+
+
+async def close_vm_pool(mem: "MachineMemory") -> None:
+    """Before the machine memory is unmapped: destroy the pooled VMs, wait for the worker."""
+    p = getattr(mem, "_kvm_pool", None)
+    if p is not None:
+        import asyncio
+        del mem._kvm_pool
+        await asyncio.to_thread(p.close)
 
 
 _ENTRIES = struct.Struct("<512Q")
@@ -581,25 +694,26 @@ class KVMEngine:
         self.r0 = ring0(xen)
         self.m2p_va = self.r0.m2p_va      # announced by XENMEM_machphys_mapping
         lib = _native()
-        kvm = _system_fd()
+        self._pool = vm_pool(mem)
         self.vm_fd = self.vcpu_fd = -1
-        self.vm_fd = fcntl.ioctl(kvm, Ioctl.CREATE_VM, 0)
         try:
-            self._set_slot(0, 0, mem.size, mem.fd_address)
-            # The zap slot: one private page far above RAM, moved to make KVM drop every
-            # shadow page (see the module docstring). Registered at the first zap only: a
-            # memslot change costs a synchronize_srcu (milliseconds under load) and, with
-            # targeted invalidation, most VMs never zap.
-            self._zap_page = mmap.mmap(-1, PAGE_SIZE)
-            self._zap_anchor = ctypes.c_char.from_buffer(self._zap_page)
-            self._zap_gpa = ((mem.size >> 30) + 2) << 30    # moves to and fro by 1 GiB
-            self._zap_slot = False
-            self.vcpu_fd = fcntl.ioctl(self.vm_fd, Ioctl.CREATE_VCPU, 0)
-            size = fcntl.ioctl(kvm, Ioctl.GET_VCPU_MMAP_SIZE)
-            self._run_map = mmap.mmap(self.vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.vm_fd, self.vcpu_fd = self._pool.take()
+        except OSError as e:
+            raise KVMUnavailable(f"creating a KVM VM and vCPU: {e}") from None
+        try:
+            self._run_map = mmap.mmap(self.vcpu_fd, _vcpu_mmap_size(), mmap.MAP_SHARED,
+                                      mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             self.close()
-            raise KVMUnavailable(f"creating a KVM vCPU: {e}") from None
+            raise KVMUnavailable(f"mapping the KVM vCPU: {e}") from None
+        # The zap slot: one private page far above RAM, moved to make KVM drop every
+        # shadow page (see the module docstring). Registered at the first zap only: a
+        # memslot change costs a synchronize_srcu (milliseconds under load) and, with
+        # targeted invalidation, most VMs never zap.
+        self._zap_page = mmap.mmap(-1, PAGE_SIZE)
+        self._zap_anchor = ctypes.c_char.from_buffer(self._zap_page)
+        self._zap_gpa = ((mem.size >> 30) + 2) << 30    # moves to and fro by 1 GiB
+        self._zap_slot = False
         self._run_anchor = ctypes.c_char.from_buffer(self._run_map)
         self._run_ptr = ctypes.addressof(self._run_anchor)
         self.regs = (ctypes.c_uint64 * 18).from_buffer(self._run_map, _RUN_REGS)
@@ -611,14 +725,6 @@ class KVMEngine:
         self._sregs[:] = fcntl.ioctl(self.vcpu_fd, Ioctl.GET_SREGS, bytes(312))
         self._valid.value = SYNC_REGS | SYNC_SREGS
         self._dirty.value = SYNC_REGS | SYNC_SREGS
-        # A CPUID table is needed on hardware KVM before EFER.NX/LME are accepted; the
-        # hypervisor may replace it with the shared policy (set_cpuid). On kvm-pvm CPUID at
-        # CPL 3 runs natively (measured: the table has no effect on what the guest sees).
-        try:
-            self.set_cpuid(_default_cpuid())
-        except OSError as e:
-            self.close()
-            raise KVMUnavailable(f"KVM_SET_CPUID2: {e}") from None
         self._timer = ctypes.c_void_p()
         rc = lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
         if rc < 0:
@@ -734,11 +840,7 @@ class KVMEngine:
         this table, so the shared policy (aiovmm/cpuid.py) reaches the guest unchanged.
         Call before the first slice; the table must keep long mode, NX and SYSCALL (KVM
         checks EFER against it)."""
-        ent = struct.Struct("<IIIIIII12x")
-        buf = bytearray(struct.pack("<II", len(entries), 0))
-        for leaf, sub, a, b, c, d in entries:
-            buf += ent.pack(leaf, sub, 1, a, b, c, d)         # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-        fcntl.ioctl(self.vcpu_fd, Ioctl.SET_CPUID2, buf)
+        fcntl.ioctl(self.vcpu_fd, Ioctl.SET_CPUID2, bytearray(_cpuid2(entries)))
 
     # -- MMU --------------------------------------------------------------------------------
     def setup_long_mode(self, cr3: int, gdt_base: int, gdt_limit: int) -> None:
@@ -1434,9 +1536,8 @@ class KVMEngine:
         if hasattr(self, "_run_map"):
             self._run_map.close()
             del self._run_map
-        for fd in (self.vcpu_fd, self.vm_fd):
-            if fd >= 0:
-                os.close(fd)
+        if self.vm_fd >= 0:
+            self._pool.retire(self.vm_fd, self.vcpu_fd)     # KVM's VM teardown, in the worker
         self.vcpu_fd = self.vm_fd = -1
 
 
