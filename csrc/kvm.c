@@ -103,6 +103,41 @@ int aiovmm_kvm_run(int vcpu_fd)
     return ioctl(vcpu_fd, KVM_RUN_IOCTL, 0) < 0 ? -errno : 0;
 }
 
+/* The engine's per-vCPU run context (aiovmm/kvm_engine.py _RunCtx, same layout). */
+struct aiovmm_kvm_ctx {
+    int32_t vcpu_fd;
+    int32_t hcall_port;
+    uint8_t *run;
+    uint64_t stubs_lo, stubs_hi;   /* RIP range of the ring-0 vector stubs */
+    uint64_t exits;                /* KVM_RUN calls made through here */
+};
+
+/* One KVM_RUN, and the hot exit recognised here rather than in Python: returns 1 for an
+ * `out %al` of one byte to the hypercall port from outside the vector stubs (a hypercall
+ * through the engine's hypercall page, if the guest is in kernel mode: the caller checks),
+ * 0 for any other exit (decoded in Python), -EINTR when the slice's deadline kicked, or
+ * -errno. The register file is kvm_run's sync-regs area (RIP at +304 + 16*8). */
+int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
+{
+    c->exits++;
+    if (ioctl(c->vcpu_fd, KVM_RUN_IOCTL, 0) < 0)
+        return -errno;
+    const uint8_t *run = c->run;
+    uint32_t reason, count;
+    uint16_t port;
+    uint64_t rip;
+    memcpy(&reason, run + 8, 4);
+    if (reason != 2)                                   /* KVM_EXIT_IO */
+        return 0;
+    memcpy(&port, run + 34, 2);
+    memcpy(&count, run + 36, 4);
+    memcpy(&rip, run + 304 + 16 * 8, 8);
+    if (run[32] == 1 && run[33] == 1 && port == c->hcall_port && count == 1
+        && !(rip >= c->stubs_lo && rip <= c->stubs_hi))
+        return 1;
+    return 0;
+}
+
 /* KVM_RUN with immediate_exit set: completes a pending I/O instruction (KVM finishes it at
  * the start of the next KVM_RUN) without entering the guest. */
 int aiovmm_kvm_complete(int vcpu_fd, uint8_t *run)
