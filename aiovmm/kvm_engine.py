@@ -43,7 +43,6 @@ Known differences from the Unicorn engine (guest-visible only to hostile guests)
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import ctypes
 import enum
 import errno
