@@ -141,6 +141,9 @@ class Hypervisor:
         except BaseException:
             self.mem.close()
             raise
+        if self.engine == "kvm":
+            from .kvm_engine import vm_pool
+            vm_pool(self.mem)                   # KVM VMs made ahead, in a worker thread
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         return self
@@ -164,6 +167,8 @@ class Hypervisor:
                     log.exception("d%d: destroy failed", dom.domid)
             self.domains.clear()
             await self.xenstore.aclose()
+            from .kvm_engine import close_vm_pool
+            await close_vm_pool(self.mem)
             self.mem.close()
 
     def _crash_domain(self, domid: int, why: str) -> None:
