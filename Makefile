@@ -64,8 +64,10 @@ $(XENUTILS):
 demo: setup
 	$(VPY) examples/demo.py
 
+# --durations=25: every CI log lists the slowest setups and tests (the suite's budget is
+# 15 minutes on 2 cores; see where the time goes before it is exceeded).
 test: setup web-test-deps
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=25 tests
 
 bench: setup
 	for b in bench/*.py; do [ $$b = bench/mutants.py ] && continue; echo "== $$b"; $(VPY) $$b || exit 1; done
