@@ -89,7 +89,10 @@ static int handshake(struct blkfront_dev *dev)
         break;
     }
 
-    st = xenbus_wait_for_state(dev->backend, XenbusStateConnected, 0, HANDSHAKE_NS);
+    /* Connected or later: a backend that refuses the ring goes to Closing/Closed
+     * (it had been seen in InitWait/Connected above), and waiting out the
+     * timeout for a Connected that cannot come only delays the failure. */
+    st = xenbus_wait_for_state(dev->backend, XenbusStateConnected, 1, HANDSHAKE_NS);
     if (st != XenbusStateConnected) {
         printk("blkfront: backend %s did not connect (state %d)\n", dev->backend, st);
         return -1;
