@@ -440,6 +440,7 @@ class HostMapping:
         else:
             _release_orphaned(self.act, not self.readonly)
         self.dom.host_mappings.discard(self)
+        hv.orphan_host_maps.discard(self)
 
 
 def host_map(dom: "Domain", ref: int, readonly: bool = False) -> HostMapping:
