@@ -120,11 +120,13 @@ class MachineMemory:
         """Return frames to the pool.
 
         Refused (FrameInUse) for a frame that still has a type reference, e.g. a live page
-        table, unless `force`: a dying domain's tables are torn down wholesale.
+        table, unless `force`: a dying domain's tables are torn down wholesale. A pinned
+        frame always has one (a pin holds a type reference: MMUEXT_PIN_* goes through
+        get_type), so the type count says it.
         """
         if not force:
             for mfn in frames:
-                if self.type_count[mfn] or self.pinned[mfn] or self.refs[mfn]:
+                if self.type_count[mfn] or self.refs[mfn]:
                     raise FrameInUse(f"frame {mfn:#x} is in use ({PageType(self.type[mfn]).name}, "
                                      f"{self.refs[mfn]} mappings)")
         for mfn in frames:
@@ -184,8 +186,10 @@ class MachineMemory:
             self.type_count[mfn] = 1
 
     def put_writable(self, mfn: int) -> None:
-        """Drop a writable type reference taken by get_writable."""
-        if self.type_count[mfn] == 0 or self.type[mfn] != PageType.writable:
+        """Drop a writable type reference taken by get_writable. The type is only ever set
+        and reset together with its count (get_writable, put_writable, free), so a frame
+        typed writable has a count: the type test is the underflow check."""
+        if self.type[mfn] != PageType.writable:
             raise AssertionError(f"frame {mfn:#x}: writable reference underflow "
                                  f"({PageType(self.type[mfn]).name}, {self.type_count[mfn]})")
         self.type_count[mfn] -= 1
