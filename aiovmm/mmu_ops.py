@@ -227,8 +227,8 @@ def _mmuext_one(v: "VCPU", cmd: int, arg1: int, arg2: int) -> None:
 
 
 def do_update_va_mapping(v: "VCPU", va: int, val: int, flags: int, *_) -> int:
-    if not v.kernel_root:
-        raise HypercallError(Errno.EINVAL)
+    # A vCPU that makes a hypercall runs, so it has a kernel root: its context took a type
+    # reference on a validated L4 before it ever ran (builder, VCPUOP_initialise, restore).
     pt = v.domain.hypervisor.pagetables
     ptr = pt.l1_entry_address(v.kernel_root, va)
     # Flushed whatever `flags` ask (UVMF_NONE included) when a present entry changed:

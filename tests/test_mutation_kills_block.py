@@ -244,3 +244,35 @@ def test_a_rate_limited_vbd_leaves_requests_on_the_ring(img):
             bb._release_all(bb._done)
             assert audit(hv) == []
     run(main())
+
+
+def test_ring_of_the_largest_offered_order_connects(img):
+    """max-ring-page-order is offered inclusive (blkif.h: the frontend may use any order up
+    to it): order MAX_RING_PAGE_ORDER connects with 2**order granted pages, one more does not
+    (and leaves nothing mapped)."""
+    from backends.block.device import MAX_RING_PAGE_ORDER
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            f = Front(hv, img)
+            bb = f.bb
+            store = hv.xenstore.store
+            n = 1 << MAX_RING_PAGE_ORDER
+            for i in range(n):
+                f.d.write_grant(40 + i, GTF_permit_access, 0, f.d.spare[1 + i])
+            port = f.d.dom.evtchn.alloc_unbound(0)
+            keys = {"event-channel": str(port), "protocol": "x86_64-abi",
+                    **{f"ring-ref{i}": str(40 + i) for i in range(n)}}
+            write_keys(store, bb.front, {**keys, "ring-page-order": str(MAX_RING_PAGE_ORDER + 1)},
+                       [f"n{f.d.domid}"])
+            with pytest.raises(BlkDisconnect):
+                bb._connect()
+            assert not bb._ring_maps and not f.d.dom.host_mappings
+            write_keys(store, bb.front, {**keys, "ring-page-order": str(MAX_RING_PAGE_ORDER)},
+                       [f"n{f.d.domid}"])
+            bb._connect()
+            assert len(bb._ring_maps) == n and bb.ring.nr_ents == 32 * n
+            bb.port.close()
+            bb._release_all_maps(bb._ring_maps)
+            assert not f.d.dom.host_mappings and audit(hv) == []
+    run(main())

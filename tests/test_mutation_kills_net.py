@@ -269,3 +269,69 @@ def test_rate_limit_leaves_the_rest_on_the_rings():
         assert nb._rx_throttled and nb.throttle._handle is not None
         nb.throttle.cancel()
     with_vif(body)
+
+
+def _tcp4_frame(n: int) -> bytes:
+    """An Ethernet frame with an IPv4 (DF) + TCP header and `n` bytes of payload."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + n, 1, 0x4000, 64, 6, 0,
+                     bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2)))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1, 0, 5 << 4, 0x18, 0xFFFF, 0, 0)
+    return bytes(range(6)) * 2 + b"\x08\x00" + ip + tcp + bytes(i & 0xFF for i in range(n))
+
+
+def test_tx_gso_extra_is_checked():
+    """A packet's extra-info slot (netif_extra_info, 8 bytes) may only be one GSO extra
+    (the only extra type advertised) with a non-zero size and a GSO type advertised (TCPv4,
+    TCPv6): Linux netback's xenvif_set_skb_gso / xenvif_get_extras. Anything else, or a
+    second extra chained by XEN_NETIF_EXTRA_FLAG_MORE, makes the packet an error (its extra
+    slots answered NULL); the valid one goes out with its GSO in the virtio_net_hdr."""
+    from backends.net.device import (NETTXF_csum_blank, XEN_NETIF_EXTRA_FLAG_MORE,
+                                     XEN_NETIF_EXTRA_TYPE_GSO, XEN_NETIF_GSO_TYPE_TCPV4, _EXTRA_GSO,
+                                     _VNET, _GSO_TO_VNET)
+
+    def body(v):
+        frame = _tcp4_frame(3000)
+        f = v.d.spare[2]
+        v.hv.mem.write(f << 12, frame)
+        m = v.hv.mem.frame(v.tx_mfn)
+
+        def packet(rid: int, *extras: bytes) -> None:
+            v.push((50, 0, NETTXF_extra_info | NETTXF_csum_blank, rid, len(frame)))
+            for ex in extras:
+                off = SRING_HDR + (v.prod % RING_SIZE) * TX_SLOT
+                m[off:off + 8] = ex
+                v.prod += 1
+            struct.pack_into("<I", m, 0, v.prod)
+
+        gso = lambda etype=XEN_NETIF_EXTRA_TYPE_GSO, flags=0, size=1448, gtype=XEN_NETIF_GSO_TYPE_TCPV4: \
+            _EXTRA_GSO.pack(etype, flags, size, gtype).ljust(8, b"\0")
+        packet(1, gso())                                             # valid
+        packet(2, gso(etype=2))                                      # a multicast-add extra
+        packet(3, gso(size=0))
+        packet(4, gso(gtype=3))                                      # not an advertised type
+        packet(5, gso(flags=XEN_NETIF_EXTRA_FLAG_MORE), gso())      # two extras
+        v.nb._process_tx()
+        OK, ERR, NULL = NETIF_RSP_OKAY, NETIF_RSP_ERROR, NETIF_RSP_NULL
+        assert [s for _i, s in v.responses(v.prod)] == [OK, NULL, ERR, NULL, ERR, NULL, ERR, NULL,
+                                                        ERR, NULL, NULL]
+        raw = v.out.recv(70000)
+        assert raw[VNET_HDR_LEN:] [:54] == frame[:54] and len(raw) == VNET_HDR_LEN + len(frame)
+        _flags, gso_type, _hdr_len, gso_size, _cs, _co = _VNET.unpack_from(raw)
+        assert (gso_type, gso_size) == (_GSO_TO_VNET[XEN_NETIF_GSO_TYPE_TCPV4], 1448)
+        assert v.sent() == []
+    with_vif(body)
+
+
+def test_tx_runt_and_unparsable_partial_checksum_are_errors():
+    """A frame shorter than an Ethernet header (13 bytes) is an error, 14 bytes go out
+    (Linux netback: ETH_HLEN). A frame marked NETTXF_csum_blank (partial checksum) whose
+    TCP/UDP header cannot be found (here IPv4 with version 0) is an error: the host could
+    not complete its checksum (Linux netback's checksum_setup failing drops it)."""
+    from backends.net.device import NETTXF_csum_blank
+
+    def body(v):
+        v.push((50, 0, 0, 1, 13), (50, 0, 0, 2, 14), (50, 0, NETTXF_csum_blank, 3, 64))
+        v.nb._process_tx()
+        assert [s for _i, s in v.responses(3)] == [NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETIF_RSP_ERROR]
+        assert v.sent() == [PKT[:14]]
+    with_vif(body)

@@ -757,10 +757,13 @@ class Netback:
             if etype != XEN_NETIF_EXTRA_TYPE_GSO or size == 0 or gtype not in _GSO_TO_VNET:
                 return NETIF_RSP_ERROR
             gso = (gtype, size)
-        total = first[4]
+        total = first[4]                   # a u16: never above MAX_PACKET (64 KiB - 1)
         rest = sum(s[4] for s in slots[1:])
         first_len = total - rest
-        if first_len < 0 or total > MAX_PACKET or total < 14:
+        # A runt frame is an error (Linux netback: < ETH_HLEN). A negative first part
+        # (later slots adding up to more than the total) is host_copy_from's refusal of a
+        # negative length, the one check of a copy's range: bad_copy_arg, an error below.
+        if total < 14:
             return NETIF_RSP_ERROR
         dom = self.dom
         buf = bytearray(VNET_HDR_LEN)
