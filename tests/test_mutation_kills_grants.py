@@ -449,3 +449,32 @@ def test_entry_stays_writing_while_a_write_pin_remains():
             assert b.grant_flags(REF) == GTF_permit_access and REF not in b.dom.grants.active
             assert audit(hv) == []
     run(main())
+
+
+def test_a_dead_granters_table_is_never_written():
+    """A host backend still maps a grant when its granter dies (Domain.destroy leaves host
+    mappings to their backend). The granter's grant-table frames are freed at once and may
+    belong to the next domain; the backend's later unmap updates only the active record,
+    never the old table (Xen: a dying domain's grant table is not touched after
+    relinquish): the next domain's page is unchanged, the granted frame freed, audit clean."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            mem = hv.mem
+            free0 = mem.free_frames
+            a = lab.park(hv, kernel(), 8, "granter")
+            f = a.spare[0]
+            a.write_grant(REF, GTF_permit_access, 0, f)
+            hm = grants.host_map(a.dom, REF)
+            table = a.dom.grants.frames[0]
+            lab.destroy(a)
+            c = lab.park(hv, kernel(), 8, "next")
+            assert table in c.dom.frames and f not in c.dom.frames
+            mem.frame(table)[:] = b"\xFF" * PAGE_SIZE          # c's data, grant-flag bits set
+            assert audit(hv) == []
+            hm.close()
+            assert bytes(mem.frame(table)) == b"\xFF" * PAGE_SIZE
+            assert not hv.orphan_frames and not hv.orphan_host_maps
+            assert audit(hv) == []
+            lab.destroy(c)
+            assert mem.free_frames == free0
+    run(main())
