@@ -417,3 +417,24 @@ def test_rx_held_and_header_only_frames():
         assert [_RXRSP.unpack_from(m, SRING_HDR + i * RX_SLOT)[::3] for i in (1, 2)] == [(1, 6), (2, len(PKT))]
         assert nb.rx.req_cons == 3 and nb.stats.rx_packets == 3 and nb.stats.rx_dropped == 1
     with_vif(body)
+
+
+def test_rx_gso_only_as_negotiated():
+    """A tap frame with a GSO type the frontend did not negotiate (TCPv6 here, only
+    feature-gso-tcpv4 given) cannot be delivered: dropped and counted; the next frame takes
+    the first request."""
+    from backends.net.device import _RXRSP, _VNET, VNET_GSO_TCPV6, XEN_NETIF_GSO_TYPE_TCPV4
+
+    def body(v):
+        nb = v.nb
+        nb.gso_rx = frozenset({XEN_NETIF_GSO_TYPE_TCPV4})
+        nb.sg_rx = True
+        _post_rx(v, 2)
+        v.out.send(_VNET.pack(0, VNET_GSO_TCPV6, 54, 1448, 0, 0) + PKT)
+        v.out.send(bytes(VNET_HDR_LEN) + PKT)
+        nb._tap_ready = True
+        nb._process_rx()
+        m = v.hv.mem.frame(v.rx_mfn)
+        assert _RXRSP.unpack_from(m, SRING_HDR)[::3] == (0, len(PKT))
+        assert nb.rx.req_cons == 1 and nb.stats.rx_dropped == 1 and nb.stats.rx_packets == 1
+    with_vif(body)
