@@ -305,18 +305,16 @@ ORPHAN_OWNER = DOMID_XEN
 def held_by_others(dom: "Domain") -> set[int]:
     """Frames of dying `dom` that another domain still maps through a grant, from the active
     records (never from the guest's entries). The table is marked dead: its entry frames are
-    about to be freed, and the grantees' unmaps will only update the records."""
+    about to be freed, and the grantees' unmaps will only update the records. Every Domain
+    has a grant table (Domain.__init__); only the host's event table has none, and it never
+    dies."""
     g = dom.grants
-    if g is None:
-        return set()
     g.dead = True
     return {act.frame for act in g.active.values() if act.maps or act.host}
 
 
 def release_all(dom: "Domain") -> None:
     """A dying grantee drops every mapping it holds (maptrack)."""
-    if dom.grants is None:
-        return
     for handle in list(dom.grants.maptrack):
         try:
             unmap_grant(dom, handle, 0)
