@@ -478,3 +478,23 @@ def test_a_dead_granters_table_is_never_written():
             lab.destroy(c)
             assert mem.free_frames == free0
     run(main())
+
+
+def test_mapping_ones_own_grant_is_bad_domain():
+    """A domain whose entry grants its own frame to itself, then maps it (by its domid
+    and by DOMID_SELF): refused with GNTST_bad_domain before anything is pinned (no
+    GTF_reading, no reference on the frame, the PTE stays empty)."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            s = _scene(hv)
+            a = s.a
+            f = a.spare[3]
+            a.write_grant(REF, GTF_permit_access, a.domid, f)
+            refs = hv.mem.refs[f]
+            for dom in (a.domid, DOMID_SELF):
+                st, _h = a.map_grant(dom, REF, s.va)
+                assert st == GntSt.bad_domain
+                assert a.grant_flags(REF) == GTF_permit_access and hv.mem.refs[f] == refs
+                assert hv.mem.read_u64(a.l1_of(s.va)) == 0 and not a.dom.grants.maptrack
+            assert audit(hv) == []
+    run(main())
