@@ -498,3 +498,19 @@ def test_mapping_ones_own_grant_is_bad_domain():
                 assert hv.mem.read_u64(a.l1_of(s.va)) == 0 and not a.dom.grants.maptrack
             assert audit(hv) == []
     run(main())
+
+
+def test_batch_bound_is_4096_inclusive():
+    """GNTTABOP_* batches: a count up to 4096 is taken (an unknown sub-op then answers
+    -ENOSYS, checked after the count), 4097 is -EINVAL before anything is read."""
+    from aiovmm import hypercall
+    from aiovmm.abi import Errno, Hypercall
+
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            call = lambda count: hypercall.call(a.v, Hypercall.grant_table_op, 99, a.args_va, count)
+            assert call(4096) == -int(Errno.ENOSYS)
+            assert call(4097) == -int(Errno.EINVAL)
+            assert call(1 << 32 | 5) == -int(Errno.ENOSYS)          # a 32-bit count
+    run(main())
