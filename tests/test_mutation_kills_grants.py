@@ -514,3 +514,46 @@ def test_batch_bound_is_4096_inclusive():
             assert call(4097) == -int(Errno.EINVAL)
             assert call(1 << 32 | 5) == -int(Errno.ENOSYS)          # a 32-bit count
     run(main())
+
+
+def test_single_op_subcommands_and_foreign_queries():
+    """query_size/setup_table/get_status_frames take exactly one op (count 2: -EINVAL);
+    query_size of another domain's table is permission_denied (a missing one bad_domain),
+    nothing else written; get_version of another domain is -EPERM; get_status_frames'
+    list must be a guest address (the non-canonical hole: -EFAULT), an empty request at
+    the top of the lower half is fine."""
+    from aiovmm import hypercall
+    from aiovmm.abi import Errno, Hypercall
+    from aiovmm.grants import GnttabOp
+
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            b = lab.park(hv, kernel(), 8, "b")
+            v = a.v
+
+            def call(cmd, data: bytes, count=1):
+                va = a._args(data, 64)
+                return hypercall.call(v, Hypercall.grant_table_op, cmd, va, count), va
+
+            EINVAL = -int(Errno.EINVAL)
+            for cmd in (GnttabOp.setup_table, GnttabOp.query_size, GnttabOp.get_status_frames):
+                assert call(cmd, bytes(64), 2)[0] == EINVAL
+            for gdom, want in ((b.domid, GntSt.permission_denied), (999, GntSt.bad_domain)):
+                rc, va = call(GnttabOp.query_size, struct.pack("<H", gdom).ljust(16, b"\xEE"))
+                out = v.copy_from_guest(va, 16)
+                assert rc == 0 and struct.unpack_from("<h", out, 12)[0] == want
+                assert out[4:12] == b"\xEE" * 8                    # no sizes given away
+            rc, va = call(GnttabOp.query_size, struct.pack("<H", a.domid).ljust(16, b"\xEE"))
+            assert rc == 0 and struct.unpack_from("<h", v.copy_from_guest(va, 16), 12)[0] == GntSt.okay
+            assert call(GnttabOp.get_version, struct.pack("<H", b.domid).ljust(8, b"\0"))[0] == -int(Errno.EPERM)
+            assert call(GnttabOp.get_version, struct.pack("<H", a.domid).ljust(8, b"\0"))[0] == 0
+            EFAULT = -int(Errno.EFAULT)
+            for frame_list, nr, want in ((1 << 47, 1, EFAULT), (HVE - 8, 1, EFAULT),
+                                         ((1 << 47) - 8, 1, 0), (HVE, 1, 0), ((1 << 64) - 8, 1, 0),
+                                         ((1 << 64) - 8, 2, EFAULT)):
+                rc, _va = call(GnttabOp.get_status_frames, struct.pack("<IHhQ", nr, DOMID_SELF, 0, frame_list))
+                assert rc == want, (hex(frame_list), nr, rc)
+    import struct
+    from aiovmm.abi import HYPERVISOR_VIRT_END as HVE
+    run(main())
