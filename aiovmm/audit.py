@@ -158,21 +158,22 @@ def audit(hv: "Hypervisor") -> list[str]:
                     table = m.pte_addr >> PAGE_SHIFT
                     if mem.type[table] != PageType.l1 or not mem.type_count[table] or mem.owner[table] != d.domid:
                         out.append(f"d{d.domid} handle {h}: grant PTE in {table:#x}, not a validated L1 of its own")
-        for hm in d.host_mappings:
-            act = hm.act
-            acts[id(act)] = act
-            pins[id(act)] += 1
-            refs[act.frame] += 1
-            if not hm.readonly:
-                writable[act.frame] += 1
-            if hm not in act.host:
-                out.append(f"d{d.domid} host mapping of ref {act.ref}: not recorded in {act!r}")
         for ref, act in g.active.items():
             acts[id(act)] = act
             if act.ref != ref or act.granter != d.domid:
                 out.append(f"d{d.domid} active[{ref}] is {act!r}")
             if mem.owner[act.frame] != d.domid:
                 out.append(f"{act!r}: frame owned by d{mem.owner[act.frame]}")
+    # Host backends' mappings: of live granters, and of dead ones (their orphaned frames).
+    for hm in [hm for d in live.values() for hm in d.host_mappings] + list(hv.orphan_host_maps):
+        act = hm.act
+        acts[id(act)] = act
+        pins[id(act)] += 1
+        refs[act.frame] += 1
+        if not hm.readonly:
+            writable[act.frame] += 1
+        if hm not in act.host:
+            out.append(f"d{hm.dom.domid} host mapping of ref {act.ref}: not recorded in {act!r}")
     for ptr, (domid, h) in grant_ptes.items():
         d = live.get(domid)
         m = d.grants.maptrack.get(h) if d is not None and d.grants is not None else None

@@ -343,12 +343,13 @@ class Domain:
         other domains' grants go first (their references are the grant table's), then its
         own page tables release every reference they hold, then its frames are freed except
         those another domain still maps through one of its grants (from the active records):
-        those stay allocated, owned by Xen, until the grantee's last unmap frees them."""
+        those stay allocated, owned by Xen, until the grantee's last unmap frees them.
+        A host backend (blkback, netback) is such a grantee too: its mappings are not closed
+        here (an I/O in flight may still write through one), they keep their frames until
+        the backend closes them (grants.HostMapping.close frees the orphan)."""
         if self.destroyed:
             return
         self.destroyed = True
-        for hm in list(self.host_mappings):
-            hm.close()
         from . import grants, physdev
         grants.release_all(self)
         physdev.release(self)
@@ -377,5 +378,6 @@ class Domain:
             for mfn in held:
                 mem.owner[mfn] = grants.ORPHAN_OWNER
                 hv.orphan_frames[mfn] = self.domid
+            hv.orphan_host_maps.update(self.host_mappings)
             mem.release_domain(self.domid, [f for f in self.frames if f not in held])
             self.frames = set()

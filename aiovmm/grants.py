@@ -258,7 +258,7 @@ class GrantTable:
             clear |= GTF_reading
             if self.active.get(act.ref) is act:
                 del self.active[act.ref]
-        if self.dead:
+        if self.dead:                      # its entry frames are freed: the record only
             return
         addr = (self.frames[act.ref >> 9] << PAGE_SHIFT) + ((act.ref & 511) << 3)
         m = self.dom.mem.map
@@ -305,18 +305,16 @@ ORPHAN_OWNER = DOMID_XEN
 def held_by_others(dom: "Domain") -> set[int]:
     """Frames of dying `dom` that another domain still maps through a grant, from the active
     records (never from the guest's entries). The table is marked dead: its entry frames are
-    about to be freed, and the grantees' unmaps will only update the records."""
+    about to be freed, and the grantees' unmaps will only update the records. Every Domain
+    has a grant table (Domain.__init__); only the host's event table has none, and it never
+    dies."""
     g = dom.grants
-    if g is None:
-        return set()
     g.dead = True
     return {act.frame for act in g.active.values() if act.maps or act.host}
 
 
 def release_all(dom: "Domain") -> None:
     """A dying grantee drops every mapping it holds (maptrack)."""
-    if dom.grants is None:
-        return
     for handle in list(dom.grants.maptrack):
         try:
             unmap_grant(dom, handle, 0)
@@ -402,7 +400,7 @@ def unmap_grant(caller: "Domain", handle: int, host_addr: int) -> None:
     _drop_frame(hv, act.frame, m.readonly)
     granter = hv.domains.get(act.granter)
     table = granter.grants if granter is not None and granter.grants is not None else None
-    if table is not None and not table.dead:
+    if table is not None:                  # dead or alive: release decides what it may touch
         table.release(act, not m.readonly)
     else:
         _release_orphaned(act, not m.readonly)
@@ -435,11 +433,10 @@ class HostMapping:
         self.act.host.discard(self)
         hv = self.dom.hypervisor
         _drop_frame(hv, self.mfn, self.readonly)
-        if self.dom.grants is not None and not self.dom.grants.dead:
-            self.dom.grants.release(self.act, not self.readonly)
-        else:
-            _release_orphaned(self.act, not self.readonly)
+        # The granter's table, dead or alive (a dead one updates only the record: release).
+        self.dom.grants.release(self.act, not self.readonly)
         self.dom.host_mappings.discard(self)
+        hv.orphan_host_maps.discard(self)
 
 
 def host_map(dom: "Domain", ref: int, readonly: bool = False) -> HostMapping:

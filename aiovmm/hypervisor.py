@@ -106,6 +106,8 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         # Granted frames of dead domains still mapped by a grantee -> the dead granter's domid.
         self.orphan_frames: dict[int, int] = {}
+        # Host backends' mappings (grants.HostMapping) of dead domains' grants, until closed.
+        self.orphan_host_maps: set = set()
         self.disks_in_use: dict = {}            # disk source identity -> {(domid, access)}
         self._next_domid = 1
         self._t0 = time.monotonic_ns()

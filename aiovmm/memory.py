@@ -42,13 +42,21 @@ class FrameInUse(Exception):
     """A frame still referenced as a typed page cannot be freed."""
 
 
-class NotWritable(Exception):
+class TypeConflict(Exception):
+    """A frame holds references of another type: it cannot take this one (Xen's
+    get_page_type failing)."""
+
+    def __init__(self, mfn: int, ptype: int, want: int) -> None:
+        super().__init__(f"frame {mfn:#x} is a {PageType(ptype).name} page, not {PageType(want).name}")
+        self.mfn, self.ptype = mfn, ptype
+
+
+class NotWritable(TypeConflict):
     """A frame holds another type (a page table, a segment-descriptor page): it cannot take
     a writable type reference (Xen's get_page_type(PGT_writable_page) failing)."""
 
     def __init__(self, mfn: int, ptype: int) -> None:
-        super().__init__(f"frame {mfn:#x} is a {PageType(ptype).name} page, not writable")
-        self.mfn, self.ptype = mfn, ptype
+        super().__init__(mfn, ptype, PageType.writable)
 
 
 class MachineMemory:
@@ -123,15 +131,18 @@ class MachineMemory:
         return frames
 
     def in_use(self, mfn: int) -> bool:
-        """Something still references the frame: a type (page table, pin, writable) or a
-        mapping (an L1 entry, a grant mapping)."""
-        return bool(self.type_count[mfn] or self.pinned[mfn] or self.refs[mfn])
+        """Something still references the frame: a type (page table, writable) or a mapping
+        (an L1 entry, a grant mapping). A pin holds a type reference (MMUEXT_PIN_* goes
+        through get_type), so the type count covers pinned frames."""
+        return bool(self.type_count[mfn] or self.refs[mfn])
 
     def free(self, frames: list[int], force: bool = False) -> None:
         """Return frames to the pool.
 
         Refused (FrameInUse) for a frame that still has a type reference, e.g. a live page
-        table, unless `force`: a dying domain's tables are torn down wholesale.
+        table, unless `force`: a dying domain's tables are torn down wholesale. A pinned
+        frame always has one (a pin holds a type reference: MMUEXT_PIN_* goes through
+        get_type), so the type count says it.
         """
         if not force:
             for mfn in frames:
@@ -216,17 +227,28 @@ class MachineMemory:
         frames. A frame typed as anything else (page table, seg_desc) refuses (NotWritable),
         and while any writable reference is held the frame can never become a page table.
         Ownership is the caller's check: each path answers a foreign frame differently."""
+        self.take_type(mfn, PageType.writable)
+
+    def take_type(self, mfn: int, ptype: PageType) -> bool:
+        """One type reference on `mfn` as `ptype` (Xen's get_page_type): the one place that
+        decides a type conflict, for writable access (get_writable) and for page tables and
+        descriptor pages (PageTables.get_type). True if the frame has just taken the type
+        (its count was 0): a page table must then be validated by the caller."""
         if self.type_count[mfn]:
-            if self.type[mfn] != PageType.writable:
-                raise NotWritable(mfn, self.type[mfn])
+            if self.type[mfn] != ptype:
+                raise (NotWritable(mfn, self.type[mfn]) if ptype == PageType.writable
+                       else TypeConflict(mfn, self.type[mfn], ptype))
             self.type_count[mfn] += 1
-        else:
-            self.type[mfn] = PageType.writable
-            self.type_count[mfn] = 1
+            return False
+        self.type[mfn] = ptype
+        self.type_count[mfn] = 1
+        return True
 
     def put_writable(self, mfn: int) -> None:
-        """Drop a writable type reference taken by get_writable."""
-        if self.type_count[mfn] == 0 or self.type[mfn] != PageType.writable:
+        """Drop a writable type reference taken by get_writable. The type is only ever set
+        and reset together with its count (get_writable, put_writable, free), so a frame
+        typed writable has a count: the type test is the underflow check."""
+        if self.type[mfn] != PageType.writable:
             raise AssertionError(f"frame {mfn:#x}: writable reference underflow "
                                  f"({PageType(self.type[mfn]).name}, {self.type_count[mfn]})")
         self.type_count[mfn] -= 1

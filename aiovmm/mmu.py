@@ -26,7 +26,7 @@ from .abi import (
     _PAGE_PSE, _PAGE_RW, _PAGE_USER, FIRST_RESERVED_GDT_BYTE, FLAT_RING0_CS64,
     FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS, is_canonical,
 )
-from .memory import MachineMemory, NotWritable, PageType
+from .memory import MachineMemory, NotWritable, PageType, TypeConflict
 
 log = logging.getLogger("aiovmm.mmu")
 _U64_FROM = struct.Struct("<Q").unpack_from
@@ -129,8 +129,8 @@ class XenArea:
             for j, f in enumerate(l1s[i:i + 512]):
                 mem.write_u64((l2 << PAGE_SHIFT) + 8 * j, (f << PAGE_SHIFT) | tables)
             l2s.append(l2)
-        if len(l2s) > 512:
-            raise ValueError("machine memory too large for one M2P slot")
+        # At most 512 L2s (one L4 slot of M2P, 512 GiB): that is 256 TiB of machine memory,
+        # twice the 128 TiB a process can map on x86_64 (47-bit user space) for MachineMemory.
         l3 = mem.alloc(DOMID_XEN)[0]
         for j, f in enumerate(l2s):
             mem.write_u64((l3 << PAGE_SHIFT) + 8 * j, (f << PAGE_SHIFT) | tables)
@@ -141,6 +141,15 @@ class XenArea:
         base = l4_mfn << PAGE_SHIFT
         for slot in range(XEN_L4_FIRST, XEN_L4_LAST + 1):
             self.mem.write_u64(base + 8 * slot, self.slots.get(slot, 0))
+
+
+def xen_slot(level: int, index: int) -> bool:
+    """Is entry `index` of a table of `level` one of Xen's L4 slots (256..271, inclusive)?
+    Never the guest's: replaced at validation, skipped at devalidation, refused to
+    mmu_update. One rule, one place."""
+    if level == 4 and XEN_L4_FIRST <= index <= XEN_L4_LAST:
+        return True
+    return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,24 +187,14 @@ class PageTables:
         mem = self.mem
         if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
             raise MMUError(Errno.EINVAL, f"frame {mfn:#x} is not owned by d{dom}")
-        if ptype == PageType.writable:
-            try:
-                mem.get_writable(mfn)
-            except NotWritable as e:
-                raise MMUError(conflict, str(e)) from None
-            return
-        cur = mem.type[mfn]
-        if mem.type_count[mfn]:
-            if cur != ptype:
-                raise MMUError(conflict, f"frame {mfn:#x} is {PageType(cur).name}, not {ptype.name}")
-            mem.type_count[mfn] += 1
-            return
         # The frame takes its type BEFORE its entries are validated (Xen: the type is set,
         # not yet PGT_validated): an entry of the table mapping the table itself writable
         # must meet a page table, not an untyped frame, or an L1 could map itself RW.
-        mem.type[mfn] = ptype
-        mem.type_count[mfn] = 1
-        if ptype in _PT_TYPES:
+        try:
+            first = mem.take_type(mfn, ptype)
+        except TypeConflict as e:
+            raise MMUError(conflict, str(e)) from None
+        if first and ptype in _PT_TYPES:
             try:
                 self._validate_table(mfn, int(ptype), dom)
             except MMUError:
@@ -210,10 +209,7 @@ class PageTables:
                 return                    # already force-devalidated by teardown_domain
             log.error("type count underflow on frame %#x", mfn)
             return
-        if mem.type[mfn] == PageType.writable:
-            mem.put_writable(mfn)
-            return
-        mem.type_count[mfn] -= 1
+        mem.type_count[mfn] -= 1             # any type, writable included (put_writable's rule)
         if mem.type_count[mfn] == 0:
             t = mem.type[mfn]
             if t in _PT_TYPES:
@@ -232,7 +228,7 @@ class PageTables:
         taken: list[int] = []
         try:
             for i, e in enumerate(entries):
-                if level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST:
+                if xen_slot(level, i):
                     continue
                 if e & _PAGE_PRESENT:
                     entries[i] = self._get_entry(e, level, dom, self_mfn=mfn)
@@ -285,7 +281,7 @@ class PageTables:
         base = mfn << PAGE_SHIFT
         entries = self._q.unpack_from(self.mem.map, base)
         for i, e in enumerate(entries):
-            if level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST:
+            if xen_slot(level, i):
                 continue
             if e & _PAGE_PRESENT:
                 self._put_entry(e, level, mfn, base + 8 * i)
@@ -406,7 +402,7 @@ class PageTables:
             raise MMUError(Errno.EINVAL, f"frame {mfn:#x} is a {PageType(t).name} page")
         level = int(t)
         idx = (ptr & (PAGE_SIZE - 1)) >> 3
-        if level == 4 and XEN_L4_FIRST <= idx <= XEN_L4_LAST:
+        if xen_slot(level, idx):
             raise MMUError(Errno.EINVAL, f"L4 slot {idx} belongs to Xen")
         old = mem.read_u64(ptr)
         if ptr in self.grant_ptes:
@@ -444,14 +440,14 @@ class PageTables:
             raise GuestFault(va, write)
         # Hot (every guest buffer a hypercall reads): locals, no helper calls per level.
         mem = self.mem
-        m, nr, unpack = mem.map, mem.nr_frames, _U64_FROM
+        m, unpack = mem.map, _U64_FROM
         table = cr3 >> PAGE_SHIFT
         need = _PAGE_PRESENT | _PAGE_USER | (_PAGE_RW if write else 0)
         for shift in (39, 30, 21, 12):
             e = unpack(m, (table << PAGE_SHIFT) + 8 * ((va >> shift) & 0x1FF))[0]
             if e & need != need:
                 raise GuestFault(va, write)
+            # Every entry the walk follows is in a validated table (whose entries _get_entry
+            # admitted as RAM only) or in Xen's own: `table` is RAM, no range check here.
             table = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
-            if table >= nr:
-                raise GuestFault(va, write)
         return (table << PAGE_SHIFT) | (va & (PAGE_SIZE - 1))

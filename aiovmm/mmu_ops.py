@@ -158,11 +158,12 @@ def _mmuext_one(v: "VCPU", cmd: int, arg1: int, arg2: int) -> None:
     dom = v.domain.domid
     if cmd in _PIN_LEVEL:
         mfn = arg1
-        if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
-            raise MMUError(Errno.EINVAL, f"pin of foreign frame {mfn:#x}")
-        if mem.pinned[mfn]:
-            raise MMUError(Errno.EINVAL, "already pinned")
+        # Xen's order: the type reference first (get_type is where a frame's range and
+        # owner are checked: -EINVAL), then the pin bit; already pinned gives it back.
         pt.get_type(mfn, _PIN_LEVEL[cmd], dom)
+        if mem.pinned[mfn]:
+            pt.put_type(mfn)
+            raise MMUError(Errno.EINVAL, "already pinned")
         mem.pinned[mfn] = 1
     elif cmd == MmuExt.UNPIN_TABLE:
         mfn = arg1
@@ -226,8 +227,8 @@ def _mmuext_one(v: "VCPU", cmd: int, arg1: int, arg2: int) -> None:
 
 
 def do_update_va_mapping(v: "VCPU", va: int, val: int, flags: int, *_) -> int:
-    if not v.kernel_root:
-        raise HypercallError(Errno.EINVAL)
+    # A vCPU that makes a hypercall runs, so it has a kernel root: its context took a type
+    # reference on a validated L4 before it ever ran (builder, VCPUOP_initialise, restore).
     pt = v.domain.hypervisor.pagetables
     ptr = pt.l1_entry_address(v.kernel_root, va)
     # Flushed whatever `flags` ask (UVMF_NONE included) when a present entry changed:

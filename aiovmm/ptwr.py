@@ -57,12 +57,17 @@ def candidate(v: "VCPU", cr2: int, error: int, rip: int) -> PendingWrite | None:
     except MMUError:
         return None
     l1e = mem.read_u64(l1e_addr)
-    if not l1e & _PAGE_PRESENT or l1e & _PAGE_RW:
+    # A fault the (KVM) TLB raised from a stale entry may find the PTE no longer present:
+    # its frame bits are then the guest's to choose, never a frame to emulate a write to.
+    if not l1e & _PAGE_PRESENT:
         return None
+    # A present leaf is a validated entry or Xen's own: it names RAM. An RW leaf holds a
+    # writable type on its frame (get_writable), which is then never an L1: the type test
+    # below says both. A type is held with its count (put_type resets both).
     frame = (l1e & PTE_FRAME_MASK) >> PAGE_SHIFT
-    if not mem.valid_mfn(frame) or mem.owner[frame] != v.domain.domid:
+    if mem.owner[frame] != v.domain.domid:
         return None
-    if mem.type[frame] != PageType.l1:      # a type is held with its count (put_type resets both)
+    if mem.type[frame] != PageType.l1:
         return None
     try:
         code = v.copy_from_guest(rip, 15)

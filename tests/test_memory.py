@@ -93,14 +93,17 @@ def test_m2p_visible_in_machine_memory(mem):
         assert mem.read_u64(base + 8 * mfn) == mem.m2p[mfn]
 
 
-@pytest.mark.parametrize("how", ["type_count", "pinned"])
+@pytest.mark.parametrize("how", ["type_count", "pinned", "mapped"])
 def test_frame_in_use(mem, how):
+    """A typed frame (a pin is a type reference too: MMUEXT_PIN_* takes it through
+    get_type, so a pinned frame has a count) or a mapped one is not freed."""
     frames = mem.alloc(3, 3)
-    if how == "type_count":
+    if how == "mapped":
+        mem.refs[frames[1]] = 1
+    else:
         mem.type[frames[1]] = PageType.l1
         mem.type_count[frames[1]] = 1
-    else:
-        mem.pinned[frames[1]] = 1
+        mem.pinned[frames[1]] = int(how == "pinned")
     free = mem.free_frames
     with pytest.raises(FrameInUse):
         mem.free(frames)

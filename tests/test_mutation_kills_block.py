@@ -244,3 +244,69 @@ def test_a_rate_limited_vbd_leaves_requests_on_the_ring(img):
             bb._release_all(bb._done)
             assert audit(hv) == []
     run(main())
+
+
+def test_ring_of_the_largest_offered_order_connects(img):
+    """max-ring-page-order is offered inclusive (blkif.h: the frontend may use any order up
+    to it): order MAX_RING_PAGE_ORDER connects with 2**order granted pages, one more does not
+    (and leaves nothing mapped)."""
+    from backends.block.device import MAX_RING_PAGE_ORDER
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            f = Front(hv, img)
+            bb = f.bb
+            store = hv.xenstore.store
+            n = 1 << MAX_RING_PAGE_ORDER
+            for i in range(n):
+                f.d.write_grant(40 + i, GTF_permit_access, 0, f.d.spare[1 + i])
+            port = f.d.dom.evtchn.alloc_unbound(0)
+            keys = {"event-channel": str(port), "protocol": "x86_64-abi",
+                    **{f"ring-ref{i}": str(40 + i) for i in range(n)}}
+            write_keys(store, bb.front, {**keys, "ring-page-order": str(MAX_RING_PAGE_ORDER + 1)},
+                       [f"n{f.d.domid}"])
+            with pytest.raises(BlkDisconnect):
+                bb._connect()
+            assert not bb._ring_maps and not f.d.dom.host_mappings
+            write_keys(store, bb.front, {**keys, "ring-page-order": str(MAX_RING_PAGE_ORDER)},
+                       [f"n{f.d.domid}"])
+            bb._connect()
+            assert len(bb._ring_maps) == n and bb.ring.nr_ents == 32 * n
+            bb.port.close()
+            bb._release_all_maps(bb._ring_maps)
+            assert not f.d.dom.host_mappings and audit(hv) == []
+    run(main())
+
+
+def test_short_uring_read_is_redone(img):
+    """The image shrank on the host after the vbd opened it (its size is read once): an
+    io_uring READ across the new end completes short. The request is redone in the pool,
+    which reads past the end as zeros, so the guest's buffer holds the disk's data and then
+    zeros, never its own stale bytes reported as read data."""
+    from backends.block.uring import Uring
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            with open(img, "r+b") as fh:
+                fh.write(b"\xAB" * SECTORS * 512)
+            f = Front(hv, img)
+            bb = f.bb
+            bb.uring = Uring.open(32)
+            if bb.uring is None:
+                pytest.skip("io_uring unavailable on this host")
+            page = f.d.spare[1]
+            hv.mem.frame(page)[:] = b"\xCD" * 4096
+            os.truncate(img, (SECTORS - 4) * 512)
+            p = bb._prepare(f.rw(BLKIF_OP_READ, 1, SECTORS - 8, [(f.grant(20, 0), 0, 7)]))
+            assert p is not None
+            bb._submit([p])
+            assert bb.stats.uring_reqs == 1
+            async with asyncio.timeout(10):
+                while bb._futures:
+                    await asyncio.wait(set(bb._futures))
+            assert bb._done == [p] and not p.io.error
+            assert bytes(hv.mem.frame(page)) == b"\xAB" * 2048 + bytes(2048)
+            bb._release_all(bb._done)
+            bb.uring.close()
+            assert audit(hv) == []
+    run(main())

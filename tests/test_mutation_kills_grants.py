@@ -449,3 +449,111 @@ def test_entry_stays_writing_while_a_write_pin_remains():
             assert b.grant_flags(REF) == GTF_permit_access and REF not in b.dom.grants.active
             assert audit(hv) == []
     run(main())
+
+
+def test_a_dead_granters_table_is_never_written():
+    """A host backend still maps a grant when its granter dies (Domain.destroy leaves host
+    mappings to their backend). The granter's grant-table frames are freed at once and may
+    belong to the next domain; the backend's later unmap updates only the active record,
+    never the old table (Xen: a dying domain's grant table is not touched after
+    relinquish): the next domain's page is unchanged, the granted frame freed, audit clean."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            mem = hv.mem
+            free0 = mem.free_frames
+            a = lab.park(hv, kernel(), 8, "granter")
+            f = a.spare[0]
+            a.write_grant(REF, GTF_permit_access, 0, f)
+            hm = grants.host_map(a.dom, REF)
+            table = a.dom.grants.frames[0]
+            lab.destroy(a)
+            c = lab.park(hv, kernel(), 8, "next")
+            assert table in c.dom.frames and f not in c.dom.frames
+            mem.frame(table)[:] = b"\xFF" * PAGE_SIZE          # c's data, grant-flag bits set
+            assert audit(hv) == []
+            hm.close()
+            assert bytes(mem.frame(table)) == b"\xFF" * PAGE_SIZE
+            assert not hv.orphan_frames and not hv.orphan_host_maps
+            assert audit(hv) == []
+            lab.destroy(c)
+            assert mem.free_frames == free0
+    run(main())
+
+
+def test_mapping_ones_own_grant_is_bad_domain():
+    """A domain whose entry grants its own frame to itself, then maps it (by its domid
+    and by DOMID_SELF): refused with GNTST_bad_domain before anything is pinned (no
+    GTF_reading, no reference on the frame, the PTE stays empty)."""
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            s = _scene(hv)
+            a = s.a
+            f = a.spare[3]
+            a.write_grant(REF, GTF_permit_access, a.domid, f)
+            refs = hv.mem.refs[f]
+            for dom in (a.domid, DOMID_SELF):
+                st, _h = a.map_grant(dom, REF, s.va)
+                assert st == GntSt.bad_domain
+                assert a.grant_flags(REF) == GTF_permit_access and hv.mem.refs[f] == refs
+                assert hv.mem.read_u64(a.l1_of(s.va)) == 0 and not a.dom.grants.maptrack
+            assert audit(hv) == []
+    run(main())
+
+
+def test_batch_bound_is_4096_inclusive():
+    """GNTTABOP_* batches: a count up to 4096 is taken (an unknown sub-op then answers
+    -ENOSYS, checked after the count), 4097 is -EINVAL before anything is read."""
+    from aiovmm import hypercall
+    from aiovmm.abi import Errno, Hypercall
+
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            call = lambda count: hypercall.call(a.v, Hypercall.grant_table_op, 99, a.args_va, count)
+            assert call(4096) == -int(Errno.ENOSYS)
+            assert call(4097) == -int(Errno.EINVAL)
+            assert call(1 << 32 | 5) == -int(Errno.ENOSYS)          # a 32-bit count
+    run(main())
+
+
+def test_single_op_subcommands_and_foreign_queries():
+    """query_size/setup_table/get_status_frames take exactly one op (count 2: -EINVAL);
+    query_size of another domain's table is permission_denied (a missing one bad_domain),
+    nothing else written; get_version of another domain is -EPERM; get_status_frames'
+    list must be a guest address (the non-canonical hole: -EFAULT), an empty request at
+    the top of the lower half is fine."""
+    from aiovmm import hypercall
+    from aiovmm.abi import Errno, Hypercall
+    from aiovmm.grants import GnttabOp
+
+    async def main():
+        async with Hypervisor(memory_mib=MIB) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            b = lab.park(hv, kernel(), 8, "b")
+            v = a.v
+
+            def call(cmd, data: bytes, count=1):
+                va = a._args(data, 64)
+                return hypercall.call(v, Hypercall.grant_table_op, cmd, va, count), va
+
+            EINVAL = -int(Errno.EINVAL)
+            for cmd in (GnttabOp.setup_table, GnttabOp.query_size, GnttabOp.get_status_frames):
+                assert call(cmd, bytes(64), 2)[0] == EINVAL
+            for gdom, want in ((b.domid, GntSt.permission_denied), (999, GntSt.bad_domain)):
+                rc, va = call(GnttabOp.query_size, struct.pack("<H", gdom).ljust(16, b"\xEE"))
+                out = v.copy_from_guest(va, 16)
+                assert rc == 0 and struct.unpack_from("<h", out, 12)[0] == want
+                assert out[4:12] == b"\xEE" * 8                    # no sizes given away
+            rc, va = call(GnttabOp.query_size, struct.pack("<H", a.domid).ljust(16, b"\xEE"))
+            assert rc == 0 and struct.unpack_from("<h", v.copy_from_guest(va, 16), 12)[0] == GntSt.okay
+            assert call(GnttabOp.get_version, struct.pack("<H", b.domid).ljust(8, b"\0"))[0] == -int(Errno.EPERM)
+            assert call(GnttabOp.get_version, struct.pack("<H", a.domid).ljust(8, b"\0"))[0] == 0
+            EFAULT = -int(Errno.EFAULT)
+            for frame_list, nr, want in ((1 << 47, 1, EFAULT), (HVE - 8, 1, EFAULT),
+                                         ((1 << 47) - 8, 1, 0), (HVE, 1, 0), ((1 << 64) - 8, 1, 0),
+                                         ((1 << 64) - 8, 2, EFAULT)):
+                rc, _va = call(GnttabOp.get_status_frames, struct.pack("<IHhQ", nr, DOMID_SELF, 0, frame_list))
+                assert rc == want, (hex(frame_list), nr, rc)
+    import struct
+    from aiovmm.abi import HYPERVISOR_VIRT_END as HVE
+    run(main())

@@ -349,3 +349,56 @@ def test_update_va_mapping_does_not_walk_a_not_present_entry():
             assert a.mmu_update((l2e, 0)) == (0, 1)
             clean(hv)
     run(main())
+
+
+def test_first_page_past_xens_area_is_guest_memory():
+    """The first VA past Xen's area (HYPERVISOR_VIRT_END, L4 slot 272) is the guest's: with
+    its own L3/L2/L1 there (Linux maps its direct map from 0xffff888000000000), a hypercall
+    buffer at exactly that address works; 8 bytes below it is Xen's (-EFAULT)."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            v, mem = a.v, hv.mem
+            l3, l2, l1, data = a.spare[:4]
+            root = v.kernel_root << PAGE_SHIFT
+            slot = (HYPERVISOR_VIRT_END >> 39) & 0x1FF
+            assert slot == XEN_L4_LAST + 1
+            assert a.mmu_update(((l3 << PAGE_SHIFT), (l2 << PAGE_SHIFT) | TABLE),
+                                ((l2 << PAGE_SHIFT), (l1 << PAGE_SHIFT) | TABLE),
+                                ((l1 << PAGE_SHIFT), (data << PAGE_SHIFT) | TABLE)) == (0, 3)
+            assert a.mmu_update((root + 8 * slot, (l3 << PAGE_SHIFT) | TABLE)) == (0, 1)
+            v.copy_to_guest(HYPERVISOR_VIRT_END, b"\xAA" * 16)
+            assert mem.read(data << PAGE_SHIFT, 16) == b"\xAA" * 16
+            XENVER_extraversion = 1
+            assert hypercall.call(v, Hypercall.xen_version, XENVER_extraversion, HYPERVISOR_VIRT_END) == 0
+            assert mem.read(data << PAGE_SHIFT, 16) != b"\xAA" * 16
+            assert hypercall.call(v, Hypercall.xen_version, XENVER_extraversion,
+                                  HYPERVISOR_VIRT_END - 8) == -int(Errno.EFAULT)
+            clean(hv)
+    run(main())
+
+
+def test_teardown_of_a_domains_tables_is_silent(caplog):
+    """Destroying a domain devalidates its tables (Xen's relinquish_memory) without a false
+    "type count underflow": the L4 skips Xen's slots (Xen's tables hold no reference of the
+    guest's), and a table already torn down (here an L1 with a lower frame number than the
+    pinned L2 that references it) is not put again. That log line is the hypervisor's alarm
+    for a broken count; a dying domain must not raise it."""
+    import logging
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            free0 = hv.mem.free_frames
+            a = lab.park(hv, kernel(), 8, "a")
+            lo, hi = sorted(a.spare[:2])
+            hv.mem.write_u64(hi << PAGE_SHIFT, (lo << PAGE_SHIFT) | TABLE)
+            assert a.mmuext(MmuExt.PIN_L2_TABLE, hi) == 0
+            assert hv.mem.type[lo] == PageType.l1 and hv.mem.type_count[lo] == 1
+            clean(hv)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="aiovmm"):
+                lab.destroy(a)
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+            assert hv.mem.free_frames == free0
+            clean(hv)
+    run(main())

@@ -104,3 +104,37 @@ def test_a_store_whose_single_step_faults_is_not_applied():
         assert v.engine.get("rip") == rip + 2 and v.ptwr_updates == n + 1
         assert mem.read(table, 4096) == before
     on_parked_l1(check)
+
+
+def test_write_faults_through_a_foreign_or_not_present_entry_are_not_emulated():
+    """Two #PFs whose L1 entry names a validated L1 table that is not the faulting
+    domain's to write: (1) another domain's L1, which the domain maps read-only through a
+    grant (Xen's ptwr_do_page_fault: the owner must be the current domain; emulating would
+    at best turn a refused store into a silently completed one), and (2) a not-present
+    entry whose frame bits name the domain's own L1 (a fault a stale TLB entry can raise
+    under KVM after the PTE was cleared: the guest chose those bits). Neither is emulated."""
+    from test_grants_security import Scene
+    from aiovmm.abi import PAGE_SHIFT, _PAGE_PRESENT
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            s = Scene(hv)
+            a, mem = s.a, hv.mem
+            rip = a.args_va + 0x800
+            a.v.copy_to_guest(rip, STORE)
+            # (1) b's L1 table, granted read-only to a and mapped by a at s.va.
+            assert s.b.mmuext(MmuExt.PIN_L1_TABLE, s.f) == 0
+            s.map(readonly=True)
+            pte = a.l1_of(s.va)
+            assert (mem.read_u64(pte) >> PAGE_SHIFT) & 0xFFFFFFFFFF == s.f
+            assert ptwr.candidate(a.v, s.va + 8, 3, rip) is None
+            # The same kind of mapping of a's own L1 (t, hooked in an L2 slot) is emulated:
+            # the refusal above is the owner's, not the mapping's.
+            own_va = s.va + 4096
+            assert a.mmu_update((a.l1_of(own_va), (s.t << PAGE_SHIFT) | _PAGE_PRESENT)) == (0, 1)
+            w = ptwr.candidate(a.v, own_va + 8, 3, rip)
+            assert w is not None and w.frame == s.t
+            # (2) The entry cleared, its frame bits left naming t.
+            assert a.mmu_update((a.l1_of(own_va), s.t << PAGE_SHIFT)) == (0, 1)
+            assert ptwr.candidate(a.v, own_va + 8, 3, rip) is None
+    asyncio.run(main())

@@ -21,7 +21,7 @@ import struct
 import pytest
 
 from aiovmm import Hypervisor, lab, reservation
-from aiovmm.abi import DOMID_INVALID, PAGE_SHIFT, MmuExt
+from aiovmm.abi import DOMID_INVALID, DOMID_XEN, PAGE_SHIFT, MmuExt
 from aiovmm.audit import audit
 from aiovmm.backends.block import Blkback, DiskConfig
 from aiovmm.backends.block.device import (_INDIRECT, _REQ, _SEG, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
@@ -264,10 +264,12 @@ def test_ring_refs_hostile(tmp_path, refs, ok):
 
 def test_domain_destroyed_while_grants_held(tmp_path):
     """The domain is destroyed while the backend still holds a persistent and a transient
-    grant (no I/O in flight: Hypervisor._run_domain cancels and drains the backends before
-    Domain.destroy). destroy closes the host mappings itself; the backend's later
-    disconnect must then be harmless: no reference dropped twice, no frame freed twice,
-    the next domain gets clean frames, nothing leaks."""
+    grant and a READ into both is still to run (Hypervisor._run_domain stops the backends
+    first, but Domain.destroy must not rely on it). As for a guest grantee (Xen keeps a
+    dying granter's mapped pages until the last unmap), the mapped frames stay allocated,
+    owned by Xen, while the backend maps them: a domain created meanwhile never gets them,
+    and the late I/O lands in the orphaned frames, not in its memory. The backend's
+    disconnect then frees them: no reference dropped twice, nothing leaks."""
     img = make_disk(tmp_path)
 
     async def body(hv: Hypervisor) -> None:
@@ -276,24 +278,31 @@ def test_domain_destroyed_while_grants_held(tmp_path):
         mem = hv.mem
         bb = await attach(hv, a, img, persistent=True)
         bb.max_persistent = 1
-        F, T = a.spare[0], a.spare[1]
+        F, T, R = a.spare[0], a.spare[1], a.spare[-1]          # R: the ring page
         a.write_grant(10, GTF_permit_access, 0, F)
         a.write_grant(11, GTF_permit_access, 0, T)
         p = bb._prepare(req(BLKIF_OP_READ, 1, 0, [(10, 0, 7), (11, 0, 7)]))
         assert p is not None and len(p.maps) == 1 and bb._pgnts[10].mfn == F
-        bb.backing.run_batch([p.io])
-        bb._done.append(p)
         lab.destroy(a)
         clean(hv)
-        assert mem.owner[F] == DOMID_INVALID and mem.owner[T] == DOMID_INVALID
-        assert mem.refs[F] == mem.refs[T] == 0
+        for f in (F, T, R):
+            assert mem.owner[f] == DOMID_XEN and hv.orphan_frames.get(f) == a.domid, hex(f)
+            assert mem.refs[f] == 1 and mem.type_count[f] == 1
+        assert len(hv.orphan_host_maps) == 3
+        c = lab.park(hv, kernel(), 8, "next")
+        assert not {F, T, R} & c.dom.frames
+        before_c = {f: page(hv, f) for f in c.dom.frames}
+        bb.backing.run_batch([p.io])                # the I/O still in flight at destroy
+        bb._done.append(p)
+        assert page(hv, F) == b"".join(sector_bytes(i) for i in range(8))
+        assert page(hv, T) == b"".join(sector_bytes(i) for i in range(8, 16))
+        assert {f: page(hv, f) for f in c.dom.frames} == before_c
+        clean(hv)
         await bb._disconnect()
         bb.backing.close()
-        assert mem.refs[F] == mem.refs[T] == 0 and mem.type_count[F] == mem.type_count[T] == 0
-        assert mem.free_frames == free0
-        clean(hv)
-        c = lab.park(hv, kernel(), 8, "next")
-        assert not c.dom.host_mappings
+        for f in (F, T, R):
+            assert mem.owner[f] == DOMID_INVALID and mem.refs[f] == mem.type_count[f] == 0
+        assert not hv.orphan_frames and not hv.orphan_host_maps
         clean(hv)
         lab.destroy(c)
         assert mem.free_frames == free0

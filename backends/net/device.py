@@ -76,6 +76,9 @@ _VNET_TO_GSO = {v: k for k, v in _GSO_TO_VNET.items()}
 _GSO_FAMILY = {XEN_NETIF_GSO_TYPE_TCPV4: 4, XEN_NETIF_GSO_TYPE_TCPV6: 6}
 _CSUM_FIELD = {6: 16, 17: 6}           # offset of the checksum in a TCP / UDP header
 RX_BUF = VNET_HDR_LEN + 14 + 4 + 65535  # the largest frame a tap hands over (GSO, one VLAN tag)
+# The most rx requests a frame can take, one per page and one for a GSO extra, is within
+# what a packet may use: _rx_slots_needed relies on it (a static fact of these constants).
+assert (RX_BUF - VNET_HDR_LEN + 4095) // 4096 + 1 <= MAX_SLOTS
 
 
 def _csum16(data: bytes | bytearray, initial: int = 0) -> int:
@@ -818,10 +821,13 @@ class Netback:
             if etype != XEN_NETIF_EXTRA_TYPE_GSO or size == 0 or gtype not in _GSO_TO_VNET:
                 return NETIF_RSP_ERROR
             gso = (gtype, size)
-        total = first[4]
+        total = first[4]                   # a u16: never above MAX_PACKET (64 KiB - 1)
         rest = sum(s[4] for s in slots[1:])
         first_len = total - rest
-        if first_len < 0 or total > MAX_PACKET or total < 14:
+        # A runt frame is an error (Linux netback: < ETH_HLEN). A negative first part
+        # (later slots adding up to more than the total) is host_copy_from's refusal of a
+        # negative length, the one check of a copy's range: bad_copy_arg, an error below.
+        if total < 14:
             return NETIF_RSP_ERROR
         dom = self.dom
         buf = bytearray(VNET_HDR_LEN)
@@ -931,9 +937,9 @@ class Netback:
             if _VNET_TO_GSO.get(gtype) not in self.gso_rx:
                 return 0
             need += 1
-        if need > MAX_SLOTS or (need > 1 and not self.sg_rx):
+        if need > 1 and not self.sg_rx:
             return 0
-        return need
+        return need                              # <= MAX_SLOTS: RX_BUF bounds the frame
 
     def _rx_wait(self, need: int) -> None:
         """Ask for an event when the guest posts its next rx request (req_event =
