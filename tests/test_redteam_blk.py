@@ -80,9 +80,11 @@ async def with_hv(fn) -> None:
 
 def test_persistent_grant_repointed_revoked_ballooned(tmp_path):
     """The guest grants F, the backend keeps it; the guest re-points the entry at G and
-    revokes it, then tries to balloon F out and to make F a page table: both refused while
-    held; later requests with that gref still reach F only (never G); disconnect lets go and
-    then F can be given back."""
+    revokes it, then balloons F out and tries to make F a page table. As in Xen's
+    guest_remove_page, giving F back succeeds but F is freed only when its last reference
+    goes: while the backend holds it, F stays the guest's (never handed to anyone else) and
+    cannot become a page table; later requests with that gref still reach F only (never G);
+    disconnect drops the last reference and frees F."""
     img = make_disk(tmp_path)
 
     async def body(hv: Hypervisor) -> None:
@@ -103,8 +105,8 @@ def test_persistent_grant_repointed_revoked_ballooned(tmp_path):
         a.write_grant(10, 0, 0, G)
         assert reservation.do_memory_op(a.v, reservation.XENMEM_decrease_reservation,
                                         a._args(reservation.RESERVATION.pack(
-                                            a._args(struct.pack("<Q", F), 1024), 1, 0, 0, 0x7FF0), 64)) == 0
-        assert hv.mem.owner[F] == a.domid
+                                            a._args(struct.pack("<Q", F), 1024), 1, 0, 0, 0x7FF0), 64)) == 1
+        assert hv.mem.owner[F] == a.domid and F in hv.mem.released
         assert lab._call(lambda: a.mmuext(MmuExt.PIN_L1_TABLE, F)) < 0
         clean(hv)
         # A write through the same gref comes from F, a read lands in F: never G.
@@ -124,10 +126,8 @@ def test_persistent_grant_repointed_revoked_ballooned(tmp_path):
         bb.backing.close()
         assert not a.dom.host_mappings and hv.mem.refs[F] == 0
         assert a.grant_flags(10) & (GTF_reading | GTF_writing) == 0
-        assert reservation.do_memory_op(a.v, reservation.XENMEM_decrease_reservation,
-                                        a._args(reservation.RESERVATION.pack(
-                                            a._args(struct.pack("<Q", F), 1024), 1, 0, 0, 0x7FF0), 64)) == 1
-        assert hv.mem.owner[F] == DOMID_INVALID
+        assert hv.mem.owner[F] == DOMID_INVALID and F not in hv.mem.released
+        assert F not in a.dom.frames
         assert {f: page(hv, f) for f in b.dom.frames} == before_b
         clean(hv)
         lab.destroy(a)

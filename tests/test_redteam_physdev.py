@@ -16,7 +16,7 @@ import struct
 import pytest
 
 from aiovmm import Hypervisor, lab, physdev
-from aiovmm.abi import Errno, MmuExt
+from aiovmm.abi import DOMID_INVALID, Errno, MmuExt
 from aiovmm.audit import audit
 from aiovmm.memory import PageType
 from conftest import kernel
@@ -53,8 +53,10 @@ def test_pirq_eoi_frame_cannot_be_a_page_table(op):
 
 @pytest.mark.parametrize("op", [physdev.PhysdevOp.pirq_eoi_gmfn_v1, physdev.PhysdevOp.pirq_eoi_gmfn_v2])
 def test_pirq_eoi_frame_held_until_destroy(op):
-    """The registered frame holds a writable type: it cannot be pinned as a page table nor
-    given back with decrease_reservation (no extent done); destroy drops the reference."""
+    """The registered frame holds a writable type: it cannot be pinned as a page table.
+    Given back with decrease_reservation, the extent is done (Xen's guest_remove_page) but
+    the frame stays the domain's while the registration references it; destroy drops the
+    reference and the frame is freed."""
     async def main():
         async with Hypervisor(memory_mib=64) as hv:
             a = lab.park(hv, kernel(), 8, "attacker")
@@ -63,11 +65,13 @@ def test_pirq_eoi_frame_held_until_destroy(op):
             assert eoi_gmfn(a, a.spare[2], op) == -int(Errno.EBUSY)
             assert hv.mem.type[f] == PageType.writable and hv.mem.type_count[f] == 1
             assert a.mmuext(MmuExt.PIN_L1_TABLE, f) == EINVAL
-            assert a.decrease_reservation(f) == 0
-            assert hv.mem.owner[f] == a.domid
+            assert a.decrease_reservation(f) == 1
+            assert hv.mem.owner[f] == a.domid and f in hv.mem.released
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, f) == EINVAL
             clean(hv)
             lab.destroy(a)
-            assert hv.mem.type_count[f] == 0
+            assert hv.mem.type_count[f] == 0 and f not in hv.mem.released
+            assert hv.mem.owner[f] == DOMID_INVALID
             clean(hv)
     asyncio.run(main())
 
