@@ -128,17 +128,22 @@ def audit(hv: "Hypervisor") -> list[str]:
     # Grant mappings (guest maptracks and host backends) and the active records.
     pins: Counter[int] = Counter()            # id(act) -> pins the mappings account for
     acts: dict[int, object] = {}
+
+    def count_mapping(act, readonly: bool) -> None:
+        """One mapping through an active grant (a guest's or a host backend's): it pins the
+        record and holds a reference on the frame, and a writable one a writable type."""
+        acts[id(act)] = act
+        pins[id(act)] += 1
+        refs[act.frame] += 1
+        if not readonly:
+            writable[act.frame] += 1
     for d in list(live.values()):
         g = d.grants
         if g is None:
             continue
         for h, m in g.maptrack.items():
             act = m.act
-            acts[id(act)] = act
-            pins[id(act)] += 1
-            refs[act.frame] += 1
-            if not m.readonly:
-                writable[act.frame] += 1
+            count_mapping(act, m.readonly)
             if h not in act.maps or act.grantee != d.domid:
                 out.append(f"d{d.domid} handle {h}: not recorded in {act!r}")
             if m.pte_addr:
@@ -167,11 +172,7 @@ def audit(hv: "Hypervisor") -> list[str]:
     # Host backends' mappings: of live granters, and of dead ones (their orphaned frames).
     for hm in [hm for d in live.values() for hm in d.host_mappings] + list(hv.orphan_host_maps):
         act = hm.act
-        acts[id(act)] = act
-        pins[id(act)] += 1
-        refs[act.frame] += 1
-        if not hm.readonly:
-            writable[act.frame] += 1
+        count_mapping(act, hm.readonly)
         if hm not in act.host:
             out.append(f"d{hm.dom.domid} host mapping of ref {act.ref}: not recorded in {act!r}")
     for ptr, (domid, h) in grant_ptes.items():
