@@ -25,6 +25,12 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def attacker_and_bystander(hv) -> tuple[lab.Parked, lab.Parked]:
+    """Two parked domains of the project's kernel: a, which makes the calls, then b, whose
+    frames a must not reach."""
+    return lab.park(hv, kernel(), 8, "a"), lab.park(hv, kernel(), 8, "b")
+
+
 def clean(hv) -> None:
     problems = audit(hv)
     assert not problems, "\n".join(problems[:10])
@@ -37,8 +43,7 @@ def test_l4_xen_slots_are_xens():
     the L4 drops no reference on Xen's tables."""
     async def main():
         async with Hypervisor(memory_mib=64) as hv:
-            a = lab.park(hv, kernel(), 8, "a")
-            b = lab.park(hv, kernel(), 8, "b")
+            a, b = attacker_and_bystander(hv)
             mem = hv.mem
             l4, l3 = a.spare[0], a.spare[1]
             foreign = (b.spare[0] << PAGE_SHIFT) | TABLE          # would be refused if validated
@@ -179,8 +184,7 @@ def test_pinning_an_l1_validates_every_entry():
 
     async def main():
         async with Hypervisor(memory_mib=64) as hv:
-            a = lab.park(hv, kernel(), 8, "a")
-            b = lab.park(hv, kernel(), 8, "b")
+            a, b = attacker_and_bystander(hv)
             mem = hv.mem
             t, d = a.spare[0], a.spare[1]
             for e, rc in (((b.spare[0] << PAGE_SHIFT) | RO, EBUSY),
