@@ -53,8 +53,12 @@ pytestmark = ENGINES
 
 HOSTILE = BUILD / "hostile"
 GUEST_MIB = 8
-GUEST_TIMEOUT = 30.0          # s; each attacker finishes in well under a second
-FUZZ_TIMEOUT = 60.0           # s; a 10,000-call fuzz run takes ~4 s
+# A run is hung when its guest printed nothing for this long (each attacker finishes in well
+# under a second; the fuzzer prints a progress line every 1000 calls, ~0.4 s apart alone), or
+# when it has not ended after RUN_CAP_S in all.
+GUEST_TIMEOUT = 30.0          # s
+FUZZ_TIMEOUT = 60.0           # s; a 10,000-call fuzz run takes ~4 s alone
+RUN_CAP_S = 600.0
 FUZZ_SEEDS = (1, 2)
 FUZZ_CALLS = 10000
 
@@ -477,14 +481,36 @@ async def _torn_down(hv: Hypervisor, dom, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.002)
 
 
+async def _wait_progressing(dom, stall: float, cap: float = RUN_CAP_S) -> ShutdownReason:
+    """dom.wait(), where a hang is no progress rather than slowness: TimeoutError once the
+    guest has printed nothing new for `stall` seconds, or after `cap` seconds in all. Under a
+    heavy host load (~20 on 2 cores) a fuzz run that takes 4 s alone went past a one-minute
+    limit on the whole run while still printing its progress line every 1000 calls."""
+    loop = asyncio.get_running_loop()
+    ended = asyncio.ensure_future(dom.wait())
+    start = last = loop.time()
+    seen = len(dom.console)
+    try:
+        while True:
+            done, _ = await asyncio.wait({ended}, timeout=0.25)
+            if done:
+                return ended.result()
+            now = loop.time()
+            if len(dom.console) != seen:
+                seen, last = len(dom.console), now
+            if now - last > stall or now - start > cap:
+                raise TimeoutError(f"{dom.name}: no output for {now - last:.0f} s, {now - start:.0f} s in all")
+    finally:
+        ended.cancel()
+
+
 async def _run_guest(hv: Hypervisor, path: str, name: str, cmdline: str = "",
                      timeout: float = GUEST_TIMEOUT) -> Run:
     t0 = time.perf_counter()
     dom = await hv.create(path, memory_mib=GUEST_MIB, cmdline=cmdline, name=name)
     hung = False
     try:
-        async with asyncio.timeout(timeout):
-            reason = await dom.wait()
+        reason = await _wait_progressing(dom, timeout)
     except TimeoutError:
         hung = True             # reported by the tests; stop it so the campaign goes on
         dom.crash("test: guest did not finish (hang)")
