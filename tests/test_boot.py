@@ -125,7 +125,9 @@ def _check_ticks(lines, n, period_ms, host_late: list[int]):
     # The period: a wrong one (x2, /2, ns vs us) or lost or doubled ticks fail these; what
     # the guest sees of each send varies by its wake-up latency, hence median and margins.
     assert statistics.median(gaps) >= 0.95 * period, gaps
-    assert min(gaps) >= 0.5 * period, gaps
+    # A tick the guest saw late followed by one on time is short by that lateness (the sends
+    # themselves are at least a period apart): the bound allows what the host was late.
+    assert min(gaps) >= 0.5 * period - 2 * ref_max, (gaps, host_late)
     assert statistics.median(gaps) <= 1.3 * period + 2 * ref_med, (gaps, host_late)
     assert max(gaps) <= 2 * period + 2 * ref_max, (gaps, host_late)
 
