@@ -30,7 +30,8 @@ def links(ns: str) -> str:
 async def boot_net(hv, lan, n: int, extra: str = ""):
     dom = await hv.create(NET, memory_mib=16, name=f"g{n}", cmdline=f"ip=198.18.0.{n}/24 name=g{n} {extra}",
                           vifs=[lan.vif(f"00:16:3e:00:00:{n:02x}")])
-    await dom.wait_for_line(r"^net: up mac=00:16:3e:00:00:%02x ip=198\.18\.0\.%d$" % (n, n), timeout=30)
+    # The timeout only bounds a failure (netfront waits up to 90 s for the backend).
+    await dom.wait_for_line(r"^net: up mac=00:16:3e:00:00:%02x ip=198\.18\.0\.%d$" % (n, n), timeout=120)
     return dom
 
 
