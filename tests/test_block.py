@@ -302,6 +302,11 @@ async def test_hostile_frontend(disk_file):
     # OKAY without writing before).
     assert res["flush_with_data"] == "0"
     assert read_host(a, 24 * 512, 8 * 512) == pattern_range(9, 24, 8)
+    # So is a WRITE_BARRIER with a segment (Linux blkback: drain, then a REQ_PREFLUSH write).
+    assert res["barrier_with_data"] == "0"
+    assert read_host(a, 32 * 512, 8 * 512) == pattern_range(9, 32, 8)
+    # Each of the four (two with data, two without) was answered after its fdatasync.
+    assert ba.stats.flushes == 4, ba.stats
     assert ba.stats.indirect_reqs == 3 + 5        # 3 valid, 5 refused after the descriptors were read
     assert res["hostile_after"] == "0"
     # A WRITE_BARRIER or FLUSH_DISKCACHE without segments is a flush (Linux blkback).

@@ -432,10 +432,14 @@ static void hostile(struct blkfront_dev *dev, struct blkfront_info *info, u64 se
         };
         fill(bufs[4], seed, 16, 8);                    /* what indirect_write writes */
         send_indirect(dev, (grant_ref_t)good, ip, (grant_ref_t)ind, indirect, NCASES(indirect));
-        /* FLUSH_DISKCACHE with data (a REQ_PREFLUSH write): the data is written too. */
+        /* FLUSH_DISKCACHE with data (a REQ_PREFLUSH write) and WRITE_BARRIER with data
+         * (Linux blkback: a write with REQ_PREFLUSH after draining): the data is written too. */
         fill(bufs[4], seed, 24, 8);
         const struct req_case flush[] = { REQ("flush_with_data", BLKIF_OP_FLUSH_DISKCACHE, 1, 24, .nth = 1, .gref = wr) };
         send_direct(dev, (grant_ref_t)good, flush, 1);
+        fill(bufs[4], seed, 32, 8);
+        const struct req_case barrier[] = { REQ("barrier_with_data", BLKIF_OP_WRITE_BARRIER, 1, 32, .nth = 1, .gref = wr) };
+        send_direct(dev, (grant_ref_t)good, barrier, 1);
         printk("result indirect_page_free %d\n", gnttab_end_access((grant_ref_t)ind));
         printk("result indirect_write_free %d\n", gnttab_end_access((grant_ref_t)wr));
     }
