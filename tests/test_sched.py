@@ -33,11 +33,20 @@ async def start_hog(hv: Hypervisor, name: str):
 
 
 async def shares(hv: Hypervisor, doms: list, window: float = WINDOW_S) -> tuple[list[int], int]:
-    """CPU ns each domain burnt during the window, and the window's wall ns."""
+    """CPU ns each domain burnt during the window, and the window's wall ns.
+
+    The window lasts `window` seconds and until this process has had 80 % of that in CPU
+    time (30 s at most): a slice is accounted in wall time, so one the host preempted for
+    tens of ms counts all of it to whichever guest was running; on a host at load ~20 (this
+    process gets ~10 % of a core) a 2.5 s window holds few slices, each of them noisy. The
+    longer window averages the same number of host preemptions over more slices."""
     sch = hv.scheduler
     before = [sch.domain_cpu_ns(d.vcpus) for d in doms]
     t0 = time.perf_counter_ns()
+    c0 = time.process_time()
     await asyncio.sleep(window)
+    while time.process_time() - c0 < 0.8 * window and time.perf_counter_ns() - t0 < 30e9:
+        await asyncio.sleep(0.1)
     wall = time.perf_counter_ns() - t0
     return [sch.domain_cpu_ns(d.vcpus) - b for d, b in zip(doms, before)], wall
 
