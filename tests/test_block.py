@@ -199,6 +199,23 @@ async def test_file_write_read_back(disk_file, monkeypatch, path):
     assert (s.uring_reqs >= 2 * -(-n // 64)) if path == "uring" else s.uring_reqs == 0, s
 
 
+async def test_frontend_closes_and_reconnects(disk_file):
+    """A frontend that closes (Closing, Closed) and starts over (Initialising, as a reloaded
+    driver does) finds the backend back in InitWait (Linux blkback frontend_changed: "prepare
+    for reconnect") and connects a new ring: the pattern it wrote reads back through it, and
+    the first connection's grants and mappings were all let go."""
+    img = disk_file(1)
+    n, seed = 64, 5
+    dom, reason, res, (bb,), states = await run_guest(
+        f"mode=rw sectors={n} pattern={seed} reconnect=1", [f"target={img},vdev=xvda,access=rw"])
+    assert_rw_ok(dom, reason, res, n)
+    assert res["reconnect_state"] == str(int(XenbusState.InitWait)), dom.console_lines
+    assert res["reconnect_read_ok"] == str(n), dom.console_lines
+    assert bb.stats.rd_sectors == 2 * n and bb.stats.errors == 0, bb.stats
+    assert bb.error is None and states["xvda"] == XenbusState.Closed
+    assert read_host(img, 0, n * 512) == pattern_range(seed, 0, n)
+
+
 async def test_vbd_keys(disk_file):
     img = disk_file(1)
     async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:

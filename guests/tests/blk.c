@@ -14,6 +14,11 @@
  *                              (mode=bench: ops requests of bs sectors, 1..88 (11 pages,
  *                              the most one request carries), default 8 = 4 KiB;
  *                              sequential wraps over span, random picks bs-aligned blocks)
+ *   reconnect=1                rw/ro: after the read-back, close the vbd (Closing, Closed),
+ *                              start over (Initialising, as a reloaded driver), connect again
+ *                              and read the pattern back through the new ring:
+ *                              result reconnect_state <backend state after Initialising>,
+ *                              result reconnect_read_ok <n>
  *   hotplug=<seconds>          the vbd may not exist at boot (xl block-attach later): wait
  *                              up to <seconds> for device/vbd/<vdev> (needs vdev=)
  *   dstart=<sector> dlen=<n>   mode=discard: the range discarded, relative to start
@@ -623,6 +628,24 @@ void app_main(void)
         printk("result read_ok %lu\n", p.ok_sectors);
         printk("result errors %lu\n", errors);
         printk("result io_ns %lu\n", t1 - t0);
+        if (cmdline_u64(cmd, "reconnect", 0)) {
+            /* The frontend closes and starts over: the backend, Closed, goes back to
+             * InitWait on the frontend's Initialising (Linux blkback frontend_changed). */
+            blkfront_shutdown(dev);
+            xenbus_switch_state(XBT_NIL, dev->nodename, XenbusStateInitialising);
+            int st = xenbus_wait_for_state(dev->backend, XenbusStateInitWait, 1, 10000000000UL);
+            printk("result reconnect_state %d\n", st);
+            dev = blkfront_init((unsigned)cmdline_u64(cmd, "vdev", 0), &info);
+            if (!dev) panic("blkfront_init (reconnect) failed");
+            memset(&p, 0, sizeof(p));
+            p.dev = dev;
+            p.seed = seed;
+            p.op = BLKIF_OP_READ;
+            p.verify = 1;
+            memset(bufs, 0, sizeof(bufs));
+            if (run_pipe(&p, nreq, depth, linear_at, &lin, CHUNK_SECT, nsect)) panic("read pipeline (reconnect)");
+            printk("result reconnect_read_ok %lu\n", p.errors ? 0 : p.ok_sectors);
+        }
         if (!strcmp(mode, "ro") && cmdline_u64(cmd, "hold", 0)) {
             printk("result hold 1\n");
             for (;;) evtchn_poll(dev->port, monotonic_ns() + 1000000000UL);
