@@ -89,13 +89,25 @@ async def live_one(engine: str, mib: int, dirty: int) -> dict[str, float]:
             t0 = time.perf_counter()
             st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30)
             total = time.perf_counter() - t0
+            rx_marks = dict(rx.marks)
             await arrived[0].wait_for_line(r"suspend: resumed rc=0", 10)
+            rx_marks["rx_guest_resumed"] = time.perf_counter()
             arrived[0].shutdown()
             await asyncio.wait([arrived[0].task])
         finally:
             await rx.aclose()
     return {"total_ms": total * 1e3, "rounds": st.rounds, "ratio": st.pages_sent / (mib << 8),
-            "downtime_ms": st.downtime_ms, "mib_sent": st.bytes_sent / (1 << 20)}
+            "downtime_ms": st.downtime_ms, "mib_sent": st.bytes_sent / (1 << 20),
+            "downtime_cpu_ms": st.downtime_cpu_ms,
+            "last_pages": st.dirty_per_round[-1], "timeline": timeline(st.marks, rx_marks)}
+
+
+def timeline(tx: dict[str, float], rx: dict[str, float]) -> str:
+    """Both sides' steps of the stop-and-copy (one process, one clock), in ms from the
+    guest's suspend: where the downtime goes."""
+    t0 = tx["suspended"]
+    steps = sorted([(t, k) for k, t in tx.items()] + [(t, k) for k, t in rx.items() if t >= t0 - 1])
+    return " ".join(f"{k}={(t - t0) * 1e3:+.1f}" for t, k in steps)
 
 
 async def lan_one(engine: str, mib: int) -> dict[str, float]:
@@ -170,12 +182,17 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="64,256")
     ap.add_argument("--fuzz", type=int, default=0, help="receiver fuzzer cases (0: none)")
+    ap.add_argument("--parts", default="file,live,lan", help="which of file,live,lan to run")
+    ap.add_argument("--engines", default="unicorn,kvm")
+    ap.add_argument("--runs", type=int, default=3, help="live migrations per case (median)")
+    ap.add_argument("--timeline", action="store_true", help="print each live run's stop-and-copy steps")
     a = ap.parse_args()
-    engines = ["unicorn"] + (["kvm"] if unavailable_reason() is None else [])
+    engines = [e for e in a.engines.split(",") if e == "unicorn" or unavailable_reason() is None]
+    parts = set(a.parts.split(","))
     keys: dict[str, str] = {}
     with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
         for engine in engines:
-            for mib in (int(x) for x in a.sizes.split(",")):
+            for mib in (int(x) for x in a.sizes.split(",")) if "file" in parts else ():
                 r = await one(engine, mib, d)
                 print(f"{engine:8s} {mib:4d} MiB: suspend {r['suspend_ms']:.1f} ms, save {r['save_ms']:.1f} ms "
                       f"({r['file_mib']:.1f} MiB), restore {r['restore_ms']:.1f} ms (plain {r['plain_ms']:.1f} ms), "
@@ -186,10 +203,14 @@ async def main() -> None:
                     keys[f"{pre}restore_ms"] = f"{r['restore_ms']:.1f}"
                     keys[f"{pre}restore_plain_ms"] = f"{r['plain_ms']:.1f}"
                     keys[f"{pre}suspend_ms"] = f"{r['suspend_ms']:.1f}"
-            for mib in (int(x) for x in a.sizes.split(",")):
+            for mib in (int(x) for x in a.sizes.split(",")) if "live" in parts else ():
                 for label, dirty in (("idle", 0), ("busy", 64)):
-                    runs = [await live_one(engine, mib, dirty) for _ in range(3)]
-                    r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+                    runs = [await live_one(engine, mib, dirty) for _ in range(a.runs)]
+                    if a.timeline:
+                        for x in runs:
+                            print(f"  timeline ms ({x['last_pages']} last pages, {x['downtime_cpu_ms']:.1f} ms CPU): "
+                                  f"{x['timeline']}", flush=True)
+                    r = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "timeline"}
                     print(f"{engine:8s} {mib:4d} MiB live {label} (dirty {dirty} pages/10 ms): total "
                           f"{r['total_ms']:.0f} ms, {r['rounds']:.0f} rounds, {r['ratio']:.2f} pages sent per "
                           f"page ({r['mib_sent']:.1f} MiB), downtime {r['downtime_ms']:.1f} ms "
@@ -199,7 +220,7 @@ async def main() -> None:
                         keys[f"{pre}downtime_{label}_ms"] = f"{r['downtime_ms']:.1f}"
                         if label == "idle":
                             keys[f"{pre}pages_ratio_idle"] = f"{r['ratio']:.2f}"
-            if 64 in [int(x) for x in a.sizes.split(",")]:
+            if "lan" in parts and 64 in [int(x) for x in a.sizes.split(",")]:
                 runs = [await lan_one(engine, 64) for _ in range(3)]
                 r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
                 print(f"{engine:8s}   64 MiB live on a switched LAN (1 ms pings): longest gap between "
