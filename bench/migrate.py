@@ -77,17 +77,20 @@ async def one(engine: str, mib: int, d: str) -> dict[str, float]:
 SECRET = b"bench-secret-0123456789"
 
 
+REALTIME = True             # --no-realtime: the stop-and-copy at normal priority (A/B)
+
+
 async def live_one(engine: str, mib: int, dirty: int) -> dict[str, float]:
     from aiovmm.migration import live
     async with Hypervisor(memory_mib=mib + 64, engine=engine) as src, \
             Hypervisor(memory_mib=mib + 64, engine=engine) as dst:
         arrived = []
-        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, arrived.append)
+        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, arrived.append, realtime=REALTIME)
         try:
             dom = await src.create(GUEST, memory_mib=mib, cmdline=f"pages=256 every=10 dirty={dirty}")
             await dom.wait_for_line(r"uptime: ticks=20 ", 30)
             t0 = time.perf_counter()
-            st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30)
+            st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30, realtime=REALTIME)
             total = time.perf_counter() - t0
             rx_marks = dict(rx.marks)
             await arrived[0].wait_for_line(r"suspend: resumed rc=0", 10)
@@ -119,7 +122,8 @@ async def lan_one(engine: str, mib: int) -> dict[str, float]:
         async with Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["a"]) as src, \
                 Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["b"]) as dst:
             started: list[int] = []
-            rx = await live.serve(dst, "127.0.0.1", 0, SECRET, lambda d: started.append(time.time_ns()))
+            rx = await live.serve(dst, "127.0.0.1", 0, SECRET, lambda d: started.append(time.time_ns()),
+                                  realtime=REALTIME)
             try:
                 dom = await src.create(NETGUEST, memory_mib=mib, cmdline=f"ip={ip}/24 suspend=1",
                                        vifs=[lan.vif("a", mac)])
@@ -129,7 +133,7 @@ async def lan_one(engine: str, mib: int) -> dict[str, float]:
                 ping = asyncio.ensure_future(lan.run("ping", "-D", "-n", "-i", "0.001", "-w", "4",
                                                      "-W", "1", ip, timeout=15))
                 await asyncio.sleep(1.0)
-                st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30)
+                st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30, realtime=REALTIME)
                 _rc, out = await ping
                 await asyncio.sleep(0.2)
                 frames = cap.frames()
@@ -186,7 +190,10 @@ async def main() -> None:
     ap.add_argument("--engines", default="unicorn,kvm")
     ap.add_argument("--runs", type=int, default=3, help="live migrations per case (median)")
     ap.add_argument("--timeline", action="store_true", help="print each live run's stop-and-copy steps")
+    ap.add_argument("--no-realtime", action="store_true", help="stop-and-copy at normal priority")
     a = ap.parse_args()
+    global REALTIME
+    REALTIME = not a.no_realtime
     engines = [e for e in a.engines.split(",") if e == "unicorn" or unavailable_reason() is None]
     parts = set(a.parts.split(","))
     keys: dict[str, str] = {}
