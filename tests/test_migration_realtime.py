@@ -1,4 +1,4 @@
-"""The stop-and-copy at real-time priority (live.RealTime): set on the loop thread for the
+"""The stop-and-copy at real-time priority (priority.RealTime): set on the loop thread for the
 hand-over only, shared by the sender and the receiver in one process, the thread's own
 policy back afterwards on every path, and dropped after REALTIME_LIMIT_S whatever happens."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import pytest
 
 from aiovmm import Hypervisor
-from aiovmm.migration import live
+from aiovmm.migration import live, priority
 from conftest import guest
 
 SECRET = b"test-secret-0123456789"
@@ -31,7 +31,7 @@ def privileged():
 
 async def test_nested_boosts_share_one_and_restore_the_policy(privileged):
     assert _policy() == os.SCHED_OTHER
-    a, b = live.RealTime(), live.RealTime()
+    a, b = priority.RealTime(), priority.RealTime()
     a.start()
     assert _policy() == os.SCHED_FIFO and a.active
     b.start()
@@ -40,21 +40,21 @@ async def test_nested_boosts_share_one_and_restore_the_policy(privileged):
     b.stop()
     assert _policy() == os.SCHED_OTHER and not b.active
     b.stop()                                  # idempotent
-    off = live.RealTime(enabled=False)
+    off = priority.RealTime(enabled=False)
     off.start()
     assert _policy() == os.SCHED_OTHER
     off.stop()
 
 
 async def test_the_boost_ends_after_its_limit(privileged, monkeypatch):
-    monkeypatch.setattr(live, "REALTIME_LIMIT_S", 0.05)
-    rt = live.RealTime()
+    monkeypatch.setattr(priority, "REALTIME_LIMIT_S", 0.05)
+    rt = priority.RealTime()
     rt.start()
     assert _policy() == os.SCHED_FIFO
     await asyncio.sleep(0.2)                  # nobody stopped it (a receiver that hangs)
     assert _policy() == os.SCHED_OTHER
     rt.stop()
-    assert _policy() == os.SCHED_OTHER and live.RealTime._depth == 0
+    assert _policy() == os.SCHED_OTHER and priority.RealTime._depth == 0
 
 
 async def test_a_migration_runs_its_hand_over_boosted_and_leaves_the_policy_as_it_was(privileged):
@@ -67,14 +67,14 @@ async def test_a_migration_runs_its_hand_over_boosted_and_leaves_the_policy_as_i
             await dom.wait_for_line(r"uptime: ticks=20 ", 20)
             st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET)
             assert st.realtime and seen == [os.SCHED_FIFO]       # the domain started boosted
-            assert _policy() == os.SCHED_OTHER and live.RealTime._depth == 0
+            assert _policy() == os.SCHED_OTHER and priority.RealTime._depth == 0
             await arrived[0].wait_for_line(r"suspend: resumed rc=0", 10)
             # Refused by the receiver (wrong secret) and not boosted at all: still as it was.
             dom2 = await src.create(guest("suspend"), memory_mib=8, cmdline="pages=64 every=10")
             await dom2.wait_for_line(r"uptime: ticks=20 ", 20)
             with pytest.raises(live.MigrationError):
                 await live.migrate(dom2, "127.0.0.1", rx.port, b"wrong-secret-0123456789")
-            assert _policy() == os.SCHED_OTHER and live.RealTime._depth == 0
+            assert _policy() == os.SCHED_OTHER and priority.RealTime._depth == 0
             st = await live.migrate(dom2, "127.0.0.1", rx.port, SECRET, realtime=False)
             assert not st.realtime
         finally:
