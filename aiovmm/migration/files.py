@@ -10,7 +10,11 @@ import aiofiles
 import aiofiles.os
 
 from ..abi import ShutdownReason
-from . import save as _save, restore as _restore, stream as S
+# devices imports scapy and describes the backends (seconds, the first time): here, with
+# the save code, not inside save.config_of after the guest has been suspended (the first
+# save of a daemon kept its guest suspended for 3-4 s under load, a checkpoint included).
+from ..backends import block as _block, net as _net                         # noqa: F401
+from . import devices, save as _save, restore as _restore, stream as S      # noqa: F401
 from .priority import RealTime
 from .stream import StreamError
 from .suspend import resume_cancelled, suspend
