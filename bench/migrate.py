@@ -134,6 +134,8 @@ async def lan_one(engine: str, mib: int) -> dict[str, float]:
                                                      "-W", "1", ip, timeout=15))
                 await asyncio.sleep(1.0)
                 st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30, realtime=REALTIME)
+                await asyncio.sleep(0.6)
+                rx_marks = dict(rx.marks)
                 _rc, out = await ping
                 await asyncio.sleep(0.2)
                 frames = cap.frames()
@@ -146,7 +148,7 @@ async def lan_one(engine: str, mib: int) -> dict[str, float]:
     lost = int(m.group(1)) - int(m.group(2)) if m else -1
     first = frames[0][0] if frames else 0
     return {"ping_gap_ms": gap, "lost": lost, "announce_ms": (first - started[0]) / 1e6 if frames else float("nan"),
-            "downtime_ms": st.downtime_ms}
+            "downtime_ms": st.downtime_ms, "timeline": timeline(st.marks, rx_marks)}
 
 
 async def fuzz_run(n: int, d: str) -> tuple[int, int, float]:
@@ -228,8 +230,11 @@ async def main() -> None:
                         if label == "idle":
                             keys[f"{pre}pages_ratio_idle"] = f"{r['ratio']:.2f}"
             if "lan" in parts and 64 in [int(x) for x in a.sizes.split(",")]:
-                runs = [await lan_one(engine, 64) for _ in range(3)]
-                r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+                runs = [await lan_one(engine, 64) for _ in range(a.runs)]
+                if a.timeline:
+                    for x in runs:
+                        print(f"  timeline ms (gap {x['ping_gap_ms']:.1f} ms): {x['timeline']}", flush=True)
+                r = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "timeline"}
                 print(f"{engine:8s}   64 MiB live on a switched LAN (1 ms pings): longest gap between "
                       f"replies {r['ping_gap_ms']:.1f} ms, {r['lost']:.0f} pings lost, first announce "
                       f"frame {r['announce_ms']:+.1f} ms from the start on the destination, downtime "
