@@ -18,6 +18,10 @@ between two replies; the source holds frames for the suspended guest and sends t
 so late replies count), pings lost, and the time from the guest's start on the destination
 to the first announce frame seen on the switch (negative: the destination announces as
 soon as it has the whole stream, before it starts the guest).
+--timeline prints each live run's stop-and-copy steps on both sides in ms from the suspend
+(one process, one clock: where the downtime goes) and the CPU time in the downtime;
+--no-realtime runs the stop-and-copy and the restore at normal priority (migration/priority.py);
+--parts/--engines/--runs choose what runs (A/B on a shared machine).
 Last line: key=value (64 MiB unicorn guest; kvm_ keys beside).
 """
 from __future__ import annotations
@@ -58,7 +62,7 @@ async def one(engine: str, mib: int, d: str) -> dict[str, float]:
         await asyncio.wait([dom.task])
         for plain in (False, True, False, True):
             t0 = time.perf_counter()
-            d2, _ = await files.restore_file(hv, path, plain=plain)
+            d2, _ = await files.restore_file(hv, path, plain=plain, realtime=REALTIME)
             t1 = time.perf_counter()
             n = len(d2.console_lines)
             await d2.wait_for_line(r"suspend: resumed rc=0", 10)
