@@ -18,6 +18,10 @@ between two replies; the source holds frames for the suspended guest and sends t
 so late replies count), pings lost, and the time from the guest's start on the destination
 to the first announce frame seen on the switch (negative: the destination announces as
 soon as it has the whole stream, before it starts the guest).
+--timeline prints each live run's stop-and-copy steps on both sides in ms from the suspend
+(one process, one clock: where the downtime goes) and the CPU time in the downtime;
+--no-realtime runs the stop-and-copy and the restore at normal priority (migration/priority.py);
+--parts/--engines/--runs choose what runs (A/B on a shared machine).
 Last line: key=value (64 MiB unicorn guest; kvm_ keys beside).
 """
 from __future__ import annotations
@@ -58,7 +62,7 @@ async def one(engine: str, mib: int, d: str) -> dict[str, float]:
         await asyncio.wait([dom.task])
         for plain in (False, True, False, True):
             t0 = time.perf_counter()
-            d2, _ = await files.restore_file(hv, path, plain=plain)
+            d2, _ = await files.restore_file(hv, path, plain=plain, realtime=REALTIME)
             t1 = time.perf_counter()
             n = len(d2.console_lines)
             await d2.wait_for_line(r"suspend: resumed rc=0", 10)
@@ -77,25 +81,40 @@ async def one(engine: str, mib: int, d: str) -> dict[str, float]:
 SECRET = b"bench-secret-0123456789"
 
 
+REALTIME = True             # --no-realtime: the stop-and-copy at normal priority (A/B)
+
+
 async def live_one(engine: str, mib: int, dirty: int) -> dict[str, float]:
     from aiovmm.migration import live
     async with Hypervisor(memory_mib=mib + 64, engine=engine) as src, \
             Hypervisor(memory_mib=mib + 64, engine=engine) as dst:
         arrived = []
-        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, arrived.append)
+        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, arrived.append, realtime=REALTIME)
         try:
             dom = await src.create(GUEST, memory_mib=mib, cmdline=f"pages=256 every=10 dirty={dirty}")
             await dom.wait_for_line(r"uptime: ticks=20 ", 30)
             t0 = time.perf_counter()
-            st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30)
+            st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30, realtime=REALTIME)
             total = time.perf_counter() - t0
+            rx_marks = dict(rx.marks)
             await arrived[0].wait_for_line(r"suspend: resumed rc=0", 10)
+            rx_marks["rx_guest_resumed"] = time.perf_counter()
             arrived[0].shutdown()
             await asyncio.wait([arrived[0].task])
         finally:
             await rx.aclose()
     return {"total_ms": total * 1e3, "rounds": st.rounds, "ratio": st.pages_sent / (mib << 8),
-            "downtime_ms": st.downtime_ms, "mib_sent": st.bytes_sent / (1 << 20)}
+            "downtime_ms": st.downtime_ms, "mib_sent": st.bytes_sent / (1 << 20),
+            "downtime_cpu_ms": st.downtime_cpu_ms,
+            "last_pages": st.dirty_per_round[-1], "timeline": timeline(st.marks, rx_marks)}
+
+
+def timeline(tx: dict[str, float], rx: dict[str, float]) -> str:
+    """Both sides' steps of the stop-and-copy (one process, one clock), in ms from the
+    guest's suspend: where the downtime goes."""
+    t0 = tx["suspended"]
+    steps = sorted([(t, k) for k, t in tx.items()] + [(t, k) for k, t in rx.items() if t >= t0 - 1])
+    return " ".join(f"{k}={(t - t0) * 1e3:+.1f}" for t, k in steps)
 
 
 async def lan_one(engine: str, mib: int) -> dict[str, float]:
@@ -107,7 +126,8 @@ async def lan_one(engine: str, mib: int) -> dict[str, float]:
         async with Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["a"]) as src, \
                 Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["b"]) as dst:
             started: list[int] = []
-            rx = await live.serve(dst, "127.0.0.1", 0, SECRET, lambda d: started.append(time.time_ns()))
+            rx = await live.serve(dst, "127.0.0.1", 0, SECRET, lambda d: started.append(time.time_ns()),
+                                  realtime=REALTIME)
             try:
                 dom = await src.create(NETGUEST, memory_mib=mib, cmdline=f"ip={ip}/24 suspend=1",
                                        vifs=[lan.vif("a", mac)])
@@ -117,7 +137,9 @@ async def lan_one(engine: str, mib: int) -> dict[str, float]:
                 ping = asyncio.ensure_future(lan.run("ping", "-D", "-n", "-i", "0.001", "-w", "4",
                                                      "-W", "1", ip, timeout=15))
                 await asyncio.sleep(1.0)
-                st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30)
+                st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30, realtime=REALTIME)
+                await asyncio.sleep(0.6)
+                rx_marks = dict(rx.marks)
                 _rc, out = await ping
                 await asyncio.sleep(0.2)
                 frames = cap.frames()
@@ -130,7 +152,7 @@ async def lan_one(engine: str, mib: int) -> dict[str, float]:
     lost = int(m.group(1)) - int(m.group(2)) if m else -1
     first = frames[0][0] if frames else 0
     return {"ping_gap_ms": gap, "lost": lost, "announce_ms": (first - started[0]) / 1e6 if frames else float("nan"),
-            "downtime_ms": st.downtime_ms}
+            "downtime_ms": st.downtime_ms, "timeline": timeline(st.marks, rx_marks)}
 
 
 async def fuzz_run(n: int, d: str) -> tuple[int, int, float]:
@@ -170,12 +192,20 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="64,256")
     ap.add_argument("--fuzz", type=int, default=0, help="receiver fuzzer cases (0: none)")
+    ap.add_argument("--parts", default="file,live,lan", help="which of file,live,lan to run")
+    ap.add_argument("--engines", default="unicorn,kvm")
+    ap.add_argument("--runs", type=int, default=3, help="live migrations per case (median)")
+    ap.add_argument("--timeline", action="store_true", help="print each live run's stop-and-copy steps")
+    ap.add_argument("--no-realtime", action="store_true", help="stop-and-copy at normal priority")
     a = ap.parse_args()
-    engines = ["unicorn"] + (["kvm"] if unavailable_reason() is None else [])
+    global REALTIME
+    REALTIME = not a.no_realtime
+    engines = [e for e in a.engines.split(",") if e == "unicorn" or unavailable_reason() is None]
+    parts = set(a.parts.split(","))
     keys: dict[str, str] = {}
     with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
         for engine in engines:
-            for mib in (int(x) for x in a.sizes.split(",")):
+            for mib in (int(x) for x in a.sizes.split(",")) if "file" in parts else ():
                 r = await one(engine, mib, d)
                 print(f"{engine:8s} {mib:4d} MiB: suspend {r['suspend_ms']:.1f} ms, save {r['save_ms']:.1f} ms "
                       f"({r['file_mib']:.1f} MiB), restore {r['restore_ms']:.1f} ms (plain {r['plain_ms']:.1f} ms), "
@@ -186,10 +216,14 @@ async def main() -> None:
                     keys[f"{pre}restore_ms"] = f"{r['restore_ms']:.1f}"
                     keys[f"{pre}restore_plain_ms"] = f"{r['plain_ms']:.1f}"
                     keys[f"{pre}suspend_ms"] = f"{r['suspend_ms']:.1f}"
-            for mib in (int(x) for x in a.sizes.split(",")):
+            for mib in (int(x) for x in a.sizes.split(",")) if "live" in parts else ():
                 for label, dirty in (("idle", 0), ("busy", 64)):
-                    runs = [await live_one(engine, mib, dirty) for _ in range(3)]
-                    r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+                    runs = [await live_one(engine, mib, dirty) for _ in range(a.runs)]
+                    if a.timeline:
+                        for x in runs:
+                            print(f"  timeline ms ({x['last_pages']} last pages, {x['downtime_cpu_ms']:.1f} ms CPU): "
+                                  f"{x['timeline']}", flush=True)
+                    r = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "timeline"}
                     print(f"{engine:8s} {mib:4d} MiB live {label} (dirty {dirty} pages/10 ms): total "
                           f"{r['total_ms']:.0f} ms, {r['rounds']:.0f} rounds, {r['ratio']:.2f} pages sent per "
                           f"page ({r['mib_sent']:.1f} MiB), downtime {r['downtime_ms']:.1f} ms "
@@ -199,9 +233,12 @@ async def main() -> None:
                         keys[f"{pre}downtime_{label}_ms"] = f"{r['downtime_ms']:.1f}"
                         if label == "idle":
                             keys[f"{pre}pages_ratio_idle"] = f"{r['ratio']:.2f}"
-            if 64 in [int(x) for x in a.sizes.split(",")]:
-                runs = [await lan_one(engine, 64) for _ in range(3)]
-                r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+            if "lan" in parts and 64 in [int(x) for x in a.sizes.split(",")]:
+                runs = [await lan_one(engine, 64) for _ in range(a.runs)]
+                if a.timeline:
+                    for x in runs:
+                        print(f"  timeline ms (gap {x['ping_gap_ms']:.1f} ms): {x['timeline']}", flush=True)
+                r = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "timeline"}
                 print(f"{engine:8s}   64 MiB live on a switched LAN (1 ms pings): longest gap between "
                       f"replies {r['ping_gap_ms']:.1f} ms, {r['lost']:.0f} pings lost, first announce "
                       f"frame {r['announce_ms']:+.1f} ms from the start on the destination, downtime "

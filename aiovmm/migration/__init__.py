@@ -13,5 +13,7 @@ Modules:
 - context.py: vcpu_guest_context / ext_vcpucontext layouts (X86_PV_VCPU_BASIC/EXTENDED).
 - files.py: save files through aiofiles (`Domain.save`, `Hypervisor.restore`).
 - live.py: daemon-to-daemon live migration (HMAC handshake, pre-copy, READY/GO/DONE).
+- dirty.py: the sender's shadow copy of what the receiver has, and the pages changed since.
+- priority.py: real-time priority for the stop-and-copy and a file's restore (the downtime).
 - fuzz.py: the mutated-stream fuzzer of the receiver (tests and bench/migrate.py).
 """

@@ -10,7 +10,12 @@ import aiofiles
 import aiofiles.os
 
 from ..abi import ShutdownReason
-from . import save as _save, restore as _restore, stream as S
+# devices imports scapy and describes the backends (seconds, the first time): here, with
+# the save code, not inside save.config_of after the guest has been suspended (the first
+# save of a daemon kept its guest suspended for 3-4 s under load, a checkpoint included).
+from ..backends import block as _block, net as _net                         # noqa: F401
+from . import devices, save as _save, restore as _restore, stream as S      # noqa: F401
+from .priority import RealTime
 from .stream import StreamError
 from .suspend import resume_cancelled, suspend
 
@@ -89,12 +94,19 @@ async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
 
 
 async def restore_file(hv: "Hypervisor", path: str, *, name: str | None = None,
-                       on_console=None, progress=None, plain: bool = False):
-    """`plain`: blocking reads on the loop instead of aiofiles (bench/migrate.py only)."""
-    if plain:
-        with open(path, "rb", buffering=0) as pf:
-            return await _restore.read_stream(hv, S.BufferedSource(_PlainSource(pf)), name=name,
+                       on_console=None, progress=None, plain: bool = False, realtime: bool = True):
+    """`plain`: blocking reads on the loop instead of aiofiles (bench/migrate.py only).
+    `realtime`: the loop thread runs the restore at real-time priority (priority.py; the
+    guest is down until the restore ends)."""
+    rt = RealTime(realtime)
+    rt.start()
+    try:
+        if plain:
+            with open(path, "rb", buffering=0) as pf:
+                return await _restore.read_stream(hv, S.BufferedSource(_PlainSource(pf)), name=name,
+                                                  on_console=on_console, progress=progress)
+        async with aiofiles.open(path, "rb", buffering=0) as f:
+            return await _restore.read_stream(hv, S.BufferedSource(_FileSource(f)), name=name,
                                               on_console=on_console, progress=progress)
-    async with aiofiles.open(path, "rb", buffering=0) as f:
-        return await _restore.read_stream(hv, S.BufferedSource(_FileSource(f)), name=name, on_console=on_console,
-                                          progress=progress)
+    finally:
+        rt.stop()

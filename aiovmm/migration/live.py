@@ -11,11 +11,13 @@ sender writes Xen's migration stream v2 (the same records as a save file):
               the downtime target at the measured bandwidth, or no progress, or max_rounds
   cooperative suspend, the last changed pages, tail (TSC, shared_info, vCPU, END)
 
-Dirty pages are found by content: a 128-bit BLAKE2b digest per sent page, compared after
-each round. That works on both vCPU engines and also sees writes made by the hypervisor and
-backends into guest frames (KVM's dirty log sees only the vCPUs' writes; Unicorn has no
-dirty log: shared/research/unicorn/NOTES.md). Cost: one hash per data page per round (about
-3 µs/page; never-written frames are skipped via SEEK_DATA). Page tables go in pre-copy
+Dirty pages are found by content: every page is copied into a shadow as it is sent (and
+sent from the copy), and compared with it after each round (dirty.py). That works on both
+vCPU engines and also sees writes made by the hypervisor and backends into guest frames
+(KVM's dirty log sees only the vCPUs' writes; Unicorn has no dirty log:
+shared/research/unicorn/NOTES.md). Cost: a memcmp per data page per round, whole runs at a
+time (never-written frames are skipped via SEEK_DATA). Pages that changed in two rounds in
+a row wait for the last copy. Page tables go in pre-copy
 when they canonicalise; one that still maps a frame outside the P2M (shared_info, until
 the guest unmaps it to suspend) waits for the last round.
 
@@ -33,15 +35,17 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import struct
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from ..abi import PAGE_SHIFT, PAGE_SIZE, ShutdownReason
+from ..abi import PAGE_SIZE, ShutdownReason
 from ..errors import BuildError
 from . import devices, restore as _restore, save as _save, stream as S
+from .dirty import Shadow
+from . import priority
+from .priority import RealTime
 from .suspend import SuspendError, resume_cancelled, suspend
 
 if TYPE_CHECKING:
@@ -81,9 +85,14 @@ class MigrateStats:
     bytes_sent: int = 0
     dirty_per_round: list[int] = field(default_factory=list)
     downtime_ms: float = 0.0            # guest suspended -> running on the destination
+    downtime_cpu_ms: float = 0.0        # this process's CPU time in it (the rest: waiting)
+    realtime: bool = False              # the stop-and-copy ran at real-time priority
     total_s: float = 0.0
     domid: int = -1                     # on the destination
     phases_ms: dict[str, float] = field(default_factory=dict)   # where the downtime went
+    # Absolute time.perf_counter() of each step of the stop-and-copy on this side (the
+    # receiver keeps its own in Receiver.marks; on one host the two clocks are the same).
+    marks: dict[str, float] = field(default_factory=dict)
     forwarded: int = 0                  # frames held at the source, sent on after DONE
 
 
@@ -102,8 +111,6 @@ class _SocketSource(S.Source):
 
 
 IN_FLIGHT = 256 << 10
-
-
 def _bound_in_flight(writer: asyncio.StreamWriter) -> None:
     """Small socket buffers on both ends (and the transport's): the sender's writes then
     wait for the receiver, so what pre-copy measures is the rate the receiver takes pages
@@ -119,9 +126,24 @@ def _bound_in_flight(writer: asyncio.StreamWriter) -> None:
 
 # ----------------------------------------------------------------------------- receiver
 async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  secret: bytes, on_domain: Callable[["Domain"], None] | None = None) -> "Domain | None":
+                  secret: bytes, on_domain: Callable[["Domain"], None] | None = None,
+                  marks: dict[str, float] | None = None, realtime: bool = True) -> "Domain | None":
     """One incoming migration. Returns the running domain, or None when the sender was
-    refused or the migration failed (nothing is left behind either way)."""
+    refused or the migration failed (nothing is left behind either way). `marks` gets the
+    time.perf_counter() of each step of the end of the stream (where the downtime goes).
+    `realtime`: from the end of the stream to DONE the loop thread runs at real-time
+    priority (RealTime): the guest is down on both hosts then."""
+    mk: dict[str, float] = {} if marks is None else marks
+    rt = RealTime(realtime)
+
+    def mark(name: str) -> None:
+        mk[name] = time.perf_counter()
+
+    def on_end(d: "Domain") -> None:
+        mark("rx_stream_in")
+        rt.start()
+        devices.announce_now(d)
+        mark("rx_announced")
     peer = writer.get_extra_info("peername")
     _bound_in_flight(writer)
     nr = os.urandom(NONCE)
@@ -145,20 +167,28 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
     try:
         dom, st = await _restore.read_stream(hv, S.BufferedSource(_SocketSource(reader, IDLE_TIMEOUT)),
                                              start=False, claim=False, prepare=True,
-                                             on_end=devices.announce_now)
+                                             progress=lambda _d, _n: mark("rx_pages"),
+                                             on_end=on_end)
+        mark("rx_finished")
         writer.write(READY)
         await writer.drain()
         async with asyncio.timeout(IDLE_TIMEOUT):
             go = await reader.readexactly(len(GO))
         if go != GO:
             raise S.StreamError("sender did not say GO")
+        mark("rx_go")
         await devices.claim(hv, dom)          # the sender let go of the disks before GO
+        mark("rx_claimed")
         hv.start_domain(dom)
         started, dom = dom, None
         if on_domain is not None:
             on_domain(started)
         writer.write(DONE + struct.pack("<I", started.domid))
         await writer.drain()
+        mark("rx_done")
+        if rt.active:
+            await _vifs_connected(started)
+            mark("rx_vifs_connected")
         log.info("d%d (%s): migrated in from %s (%d pages)", started.domid, started.name, peer, st.pages)
         return started
     except (S.StreamError, BuildError) as e:
@@ -166,10 +196,28 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
     except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
         log.warning("migration from %s failed: %s", peer, e or type(e).__name__)
     finally:
+        rt.stop()
         if dom is not None:
             _restore.discard(hv, dom)
         writer.close()
     return None
+
+
+async def _vifs_connected(dom: "Domain") -> None:
+    """Wait (at most REALTIME_LIMIT_S) until the migrated guest's frontends have reconnected
+    its vifs. What its network peers see as downtime lasts until then: the guest's own
+    resume (xenbus handshakes with this loop's xenstore, ~20 round trips) measured 300-700
+    ms at normal priority under load; the boost covers it (and ends with it)."""
+    from ..backends.net import Netback
+    waits = [b.connected.wait() for b in dom.backends if isinstance(b, Netback)]
+    if not waits:
+        return
+    try:
+        async with asyncio.timeout(priority.REALTIME_LIMIT_S):
+            await asyncio.gather(*waits)
+    except TimeoutError:
+        log.info("d%d: vifs not reconnected within %.1f s of the hand-over", dom.domid,
+                 priority.REALTIME_LIMIT_S)
 
 
 class Receiver:
@@ -178,12 +226,14 @@ class Receiver:
     or leaves nothing behind) before the hypervisor may go."""
 
     def __init__(self, hv: "Hypervisor", secret: bytes,
-                 on_domain: Callable[["Domain"], None] | None = None) -> None:
+                 on_domain: Callable[["Domain"], None] | None = None, realtime: bool = True) -> None:
         if len(secret) < 16:
             raise ValueError("the migration secret must be at least 16 bytes")
         self.hv, self.secret, self.on_domain = hv, secret, on_domain
+        self.realtime = realtime
         self.server: asyncio.Server | None = None
         self._active: set[asyncio.Future] = set()
+        self.marks: dict[str, float] = {}   # the last migration's steps (receive's `marks`)
 
     @property
     def port(self) -> int:
@@ -197,7 +247,8 @@ class Receiver:
         fut = asyncio.get_running_loop().create_future()
         self._active.add(fut)
         try:
-            await receive(self.hv, r, w, self.secret, self.on_domain)
+            self.marks = {}
+            await receive(self.hv, r, w, self.secret, self.on_domain, self.marks, self.realtime)
         except Exception:                   # per-connection boundary: never kill the server
             log.exception("migration receiver: unexpected error")
         finally:
@@ -213,60 +264,18 @@ class Receiver:
 
 
 async def serve(hv: "Hypervisor", host: str, port: int, secret: bytes,
-                on_domain: Callable[["Domain"], None] | None = None) -> Receiver:
-    return await Receiver(hv, secret, on_domain).start(host, port)
+                on_domain: Callable[["Domain"], None] | None = None, realtime: bool = True) -> Receiver:
+    return await Receiver(hv, secret, on_domain, realtime).start(host, port)
 
 
 # ----------------------------------------------------------------------------- sender
-def _digest(view: memoryview) -> bytes:
-    return hashlib.blake2b(view, digest_size=16).digest()
-
-
-YIELD_EVERY = 256          # pages hashed between two yields to the loop (guests run there)
-# The scan after the suspend is downtime: a yield there costs the migration a whole time
-# slice of whatever else runs on the loop (measured: 12 ms for 339 pages with one yield),
-# so it yields only every ~12 ms of hashing (about 3 us a page).
-FINAL_YIELD_EVERY = 4096
-
-
-async def _changed(dom: "Domain", sent: dict[int, tuple[bytes, int]], has_data: bytearray,
-                   yield_every: int = YIELD_EVERY) -> list[int]:
-    """PFNs whose contents or type differ from what was sent. Only pages sent before or
-    holding data now are looked at: runs of data frames are found in `has_data` at C speed
-    (an idle guest's memory is mostly never-written frames)."""
-    p2m, m2p, view, typ, nr = dom.p2m, dom.mem.m2p, dom.mem.view, dom.mem.type, dom.nr_pages
-    cand = set(sent)
-    for m in re.finditer(rb"\x01+", has_data):
-        for mfn in range(m.start(), m.end()):
-            pfn = m2p[mfn]
-            if 0 <= pfn < nr and p2m[pfn] == mfn:
-                cand.add(pfn)
-    out = []
-    for i, pfn in enumerate(sorted(cand)):
-        if i % yield_every == yield_every - 1:
-            await asyncio.sleep(0)
-        mfn = p2m[pfn]
-        if (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn]) != sent.get(pfn):
-            out.append(pfn)
-    return out
-
-
-async def _record_sent(dom: "Domain", pfns, sent: dict[int, tuple[bytes, int]], has_data: bytearray) -> None:
-    """Digests of what pre-copy sent (page tables it could not send yet stay 'changed')."""
-    view, p2m, typ = dom.mem.view, dom.p2m, dom.mem.type
-    for i, pfn in enumerate(pfns):
-        if i % YIELD_EVERY == YIELD_EVERY - 1:
-            await asyncio.sleep(0)
-        mfn = p2m[pfn]
-        if has_data[mfn] or pfn in sent:
-            sent[pfn] = (_digest(view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT]), typ[mfn])
-
-
 async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
                   downtime_ms: float = 30.0, max_rounds: int = 10,
-                  bandwidth: float = 0.0, progress: Progress | None = None) -> MigrateStats:
+                  bandwidth: float = 0.0, progress: Progress | None = None,
+                  realtime: bool = True) -> MigrateStats:
     """Move a running domain to the receiver at host:port. `bandwidth` (bytes/s, 0 =
-    unlimited) caps the pre-copy rate. Raises MigrationError; the source then runs on."""
+    unlimited) caps the pre-copy rate. `realtime`: the stop-and-copy runs at real-time
+    priority (RealTime). Raises MigrationError; the source then runs on."""
     stats = MigrateStats()
     t_start = time.perf_counter()
     try:
@@ -280,6 +289,8 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
     _bound_in_flight(writer)
     susp = None
     go_sent = False
+    shadow = Shadow(dom.nr_pages)             # what the receiver has (dirty.py)
+    rt = RealTime(realtime)
     try:
         try:
             async with asyncio.timeout(AUTH_TIMEOUT):
@@ -308,17 +319,14 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
                 if ahead > 0:
                     await asyncio.sleep(ahead)
 
-        sent: dict[int, tuple[bytes, int]] = {}
         await write(_save.head(dom))
         todo: list[int] | range = range(dom.nr_pages)
-        prev = None
+        prev: list[int] | None = None
         while True:
             has_data = _save.data_map(dom)
             t0 = time.perf_counter()
             b0 = stats.bytes_sent
-            went: list[int] = []
-            await _save.pages(dom, todo, write, has_data, skip_tables=True, sent=went)
-            await _record_sent(dom, went, sent, has_data)
+            await _save.pages(dom, todo, write, has_data, skip_tables=True, shadow=shadow)
             stats.rounds += 1
             stats.pages_sent += len(todo)
             stats.dirty_per_round.append(len(todo))
@@ -326,27 +334,36 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             if progress is not None:
                 progress("precopy", stats)
             await asyncio.sleep(0)
-            todo = await _changed(dom, sent, _save.data_map(dom))
-            fits = len(todo) * PAGE_SIZE / max(rate, 1.0) * 1e3 <= downtime_ms
-            if fits or stats.rounds >= max_rounds or (prev is not None and len(todo) >= prev):
+            changed = shadow.changed(dom, _save.data_map(dom))
+            fits = len(changed) * PAGE_SIZE / max(rate, 1.0) * 1e3 <= downtime_ms
+            if fits or stats.rounds >= max_rounds or (prev is not None and len(changed) >= len(prev)):
                 break
-            prev = len(todo)
+            # Pages that changed in this round and the one before are written all the time:
+            # they wait for the last copy instead of going out in every round.
+            again = set(prev or ()).intersection(changed)
+            todo = [p for p in changed if p not in again] if again else changed
+            prev = changed
         # Stop and copy the rest.
+        stats.marks["suspend_asked"] = time.perf_counter()
         susp = await suspend(dom)
-        t_down = time.perf_counter()
+        rt.start()
+        stats.realtime = rt.active
+        t_down, c_down = time.perf_counter(), time.process_time()
         devices.hold(dom, True)               # frames for the guest wait in its taps
         ph = stats.phases_ms
+
+        stats.marks["suspended"] = t_down
 
         def mark(name: str, t=[t_down]) -> None:
             now = time.perf_counter()
             ph[name] = (now - t[0]) * 1e3
-            t[0] = now
+            stats.marks[name] = t[0] = now
         await devices.quiesce(dom)            # block requests in flight answered first
         mark("quiesce")
         has_data = _save.data_map(dom)
-        last = await _changed(dom, sent, has_data, FINAL_YIELD_EVERY)
+        last = shadow.changed(dom, has_data)
         mark("scan")
-        await _save.pages(dom, last, write, has_data) if last else None
+        await _save.pages(dom, last, write, has_data, shadow=shadow) if last else None
         mark("last_pages")
         stats.pages_sent += len(last)
         stats.dirty_per_round.append(len(last))
@@ -371,6 +388,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         mark("done")
         stats.forwarded = devices.forward(dom)
         stats.downtime_ms = (time.perf_counter() - t_down) * 1e3
+        stats.downtime_cpu_ms = (time.process_time() - c_down) * 1e3
     except (OSError, asyncio.IncompleteReadError, TimeoutError, SuspendError, _save.SaveError,
             MigrationError) as e:
         why = str(e) or type(e).__name__
@@ -389,7 +407,9 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             raise
         raise MigrationError(f"migration to {host}:{port} failed: {why}") from None
     finally:
+        rt.stop()
         writer.close()
+        shadow.close()
     stats.total_s = time.perf_counter() - t_start
     dom.suspended = None
     dom.shutdown(ShutdownReason.suspend)       # gone from here, as after xl migrate

@@ -89,6 +89,17 @@ def localise(dom: "Domain", pfn: int, level: int, page: memoryview | bytes) -> b
     an entry naming a PFN the stream does not own is refused."""
     ents = array.array("Q", bytes(page))
     p2m, nr = dom.p2m, dom.nr_pages
+    if level != 4 and len(p2m) == nr:
+        # One comprehension for the whole table (restore localises every table of the
+        # guest: 5 ms of a 64 MiB restore entry by entry). A PFN past the stream's pages
+        # is an IndexError here (p2m has exactly nr_pages entries; the PFN field cannot
+        # be negative): then the entry-by-entry loop below names it. L4s go entry by
+        # entry (Xen's slots must be empty; one L4 per address space).
+        try:
+            return array.array("Q", [(e & ~PTE_FRAME_MASK) | (p2m[(e & PTE_FRAME_MASK) >> PAGE_SHIFT] << PAGE_SHIFT)
+                                     if e & _PAGE_PRESENT else e for e in ents]).tobytes()
+        except IndexError:
+            pass
     for i, e in enumerate(ents):
         if not e & _PAGE_PRESENT:
             continue

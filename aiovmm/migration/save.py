@@ -29,6 +29,7 @@ from .suspend import Suspended
 
 if TYPE_CHECKING:
     from ..domain import Domain
+    from .dirty import Shadow
 
 log = logging.getLogger("aiovmm.migration")
 
@@ -185,49 +186,65 @@ def data_map(dom: "Domain") -> bytearray:
     return out
 
 
-async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray, skip_tables: bool = False
-                      ) -> tuple[list[int], list[bytes | memoryview], int]:
+async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray, skip_tables: bool = False,
+                      shadow: "Shadow | None" = None) -> tuple[list[int], list[bytes | memoryview], int]:
     """(pfn[] with types, page data as few buffers as possible, data pages): runs of
     contiguous MFNs go out as one view of machine memory (no copy); page tables as
-    canonical copies; never-written frames as XALLOC without data."""
+    canonical copies; never-written frames as XALLOC without data. With a `shadow` (live
+    migration) every page is first copied into it and goes out from the copy (dirty.py),
+    so runs are of consecutive pfns on consecutive MFNs and tables are canonicalised from
+    the copy."""
     mem, p2m = dom.mem, dom.p2m
     typ, count, pinned = mem.type, mem.type_count, mem.pinned
     out_pfns: list[int] = []
     parts: list[bytes | memoryview] = []
-    run_start = run_end = -1
+    run_start = run_end = run_pfn = -1
     ndata = 0
     xalloc = S.PfnType.xalloc << S.TYPE_SHIFT
+
+    def flush() -> None:
+        if run_start < 0:
+            return
+        if shadow is None:
+            parts.append(mem.view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
+        else:
+            n = run_end - run_start
+            parts.append(shadow.take(dom, run_pfn - n, run_start, n))
     for pfn in pfns:
         mfn = p2m[pfn]
         t = typ[mfn]
         if not has_data[mfn] and not (PageType.l1 <= t <= PageType.l4 and count[mfn]):
             out_pfns.append(pfn | xalloc)
+            if shadow is not None:
+                shadow.zero(dom, pfn, mfn)
             continue
         ndata += 1
         if PageType.l1 <= t <= PageType.l4 and count[mfn]:
             ty = int(t) | (S.PfnType.pinned if pinned[mfn] else 0)
+            page = (shadow.take(dom, pfn, mfn) if shadow is not None
+                    else mem.view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT])
             try:
-                canon = canonicalise(dom, pfn, int(t), mem.view[mfn << PAGE_SHIFT:(mfn + 1) << PAGE_SHIFT])
+                canon = canonicalise(dom, pfn, int(t), page)
             except SaveError:
                 if not skip_tables:
                     raise
+                if shadow is not None:
+                    shadow.forget(pfn)
                 ndata -= 1                    # live pre-copy: this one goes later (it may
                 continue                      # still map shared_info until the suspend)
-            if run_start >= 0:
-                parts.append(mem.view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
-                run_start = -1
+            flush()
+            run_start = -1
             parts.append(canon)
             out_pfns.append(pfn | (ty << S.TYPE_SHIFT))
             continue
         out_pfns.append(pfn)
-        if run_start >= 0 and mfn == run_end:
+        if run_start >= 0 and mfn == run_end and (shadow is None or pfn == run_pfn):
             run_end += 1
         else:
-            if run_start >= 0:
-                parts.append(mem.view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
+            flush()
             run_start, run_end = mfn, mfn + 1
-    if run_start >= 0:
-        parts.append(mem.view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
+        run_pfn = pfn + 1
+    flush()
     return out_pfns, parts, ndata
 
 
@@ -260,21 +277,20 @@ def tail(dom: "Domain", susp: Suspended) -> bytes:
 
 async def pages(dom: "Domain", pfns: list[int] | range, write: Callable[[bytes | memoryview], Awaitable[None]],
                 has_data: bytearray | None = None, skip_tables: bool = False,
-                sent: list[int] | None = None) -> int:
+                shadow: "Shadow | None" = None) -> int:
     """PAGE_DATA records for `pfns` (ascending), at most PAGES_PER_RECORD each; returns
     the bytes written. `skip_tables`: page tables that cannot be canonicalised yet are
     left out (a running guest's tables may map shared_info, outside its P2M, until it
-    suspends). `sent` collects the pfns that went out."""
+    suspends). `shadow`: live migration's copy of what was sent (see _page_batch)."""
     has_data = data_map(dom) if has_data is None else has_data
     n = 0
     for i in range(0, len(pfns), S.PAGES_PER_RECORD):
         if dom.destroyed:                     # destroyed meanwhile: its frames may be reused
             raise SaveError(f"d{dom.domid} was destroyed during the save")
-        batch, parts, ndata = await _page_batch(dom, pfns[i:i + S.PAGES_PER_RECORD], has_data, skip_tables)
+        batch, parts, ndata = await _page_batch(dom, pfns[i:i + S.PAGES_PER_RECORD], has_data, skip_tables,
+                                                shadow)
         if not batch:
             continue
-        if sent is not None:
-            sent.extend(e & S.PFN_MASK for e in batch)
         hdr = S.page_data_header(batch, ndata)
         await write(hdr)
         n += len(hdr)

@@ -1,0 +1,81 @@
+"""The stop-and-copy at real-time priority (priority.RealTime): set on the loop thread for the
+hand-over only, shared by the sender and the receiver in one process, the thread's own
+policy back afterwards on every path, and dropped after REALTIME_LIMIT_S whatever happens."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from aiovmm import Hypervisor
+from aiovmm.migration import live, priority
+from conftest import guest
+
+SECRET = b"test-secret-0123456789"
+
+
+def _policy() -> int:
+    return os.sched_getscheduler(0)
+
+
+@pytest.fixture
+def privileged():
+    """Only where the process may use SCHED_FIFO (CAP_SYS_NICE), which tests run with."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except OSError as e:
+        pytest.skip(f"no SCHED_FIFO here: {e}")
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+async def test_nested_boosts_share_one_and_restore_the_policy(privileged):
+    assert _policy() == os.SCHED_OTHER
+    a, b = priority.RealTime(), priority.RealTime()
+    a.start()
+    assert _policy() == os.SCHED_FIFO and a.active
+    b.start()
+    a.stop()                                  # the first one out: still boosted for b
+    assert _policy() == os.SCHED_FIFO
+    b.stop()
+    assert _policy() == os.SCHED_OTHER and not b.active
+    b.stop()                                  # idempotent
+    off = priority.RealTime(enabled=False)
+    off.start()
+    assert _policy() == os.SCHED_OTHER
+    off.stop()
+
+
+async def test_the_boost_ends_after_its_limit(privileged, monkeypatch):
+    monkeypatch.setattr(priority, "REALTIME_LIMIT_S", 0.05)
+    rt = priority.RealTime()
+    rt.start()
+    assert _policy() == os.SCHED_FIFO
+    await asyncio.sleep(0.2)                  # nobody stopped it (a receiver that hangs)
+    assert _policy() == os.SCHED_OTHER
+    rt.stop()
+    assert _policy() == os.SCHED_OTHER and priority.RealTime._depth == 0
+
+
+async def test_a_migration_runs_its_hand_over_boosted_and_leaves_the_policy_as_it_was(privileged):
+    async with Hypervisor(memory_mib=128) as src, Hypervisor(memory_mib=128) as dst:
+        arrived = []
+        seen: list[int] = []
+        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, lambda d: (arrived.append(d), seen.append(_policy())))
+        try:
+            dom = await src.create(guest("suspend"), memory_mib=8, cmdline="pages=64 every=10")
+            await dom.wait_for_line(r"uptime: ticks=20 ", 20)
+            st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET)
+            assert st.realtime and seen == [os.SCHED_FIFO]       # the domain started boosted
+            assert _policy() == os.SCHED_OTHER and priority.RealTime._depth == 0
+            await arrived[0].wait_for_line(r"suspend: resumed rc=0", 10)
+            # Refused by the receiver (wrong secret) and not boosted at all: still as it was.
+            dom2 = await src.create(guest("suspend"), memory_mib=8, cmdline="pages=64 every=10")
+            await dom2.wait_for_line(r"uptime: ticks=20 ", 20)
+            with pytest.raises(live.MigrationError):
+                await live.migrate(dom2, "127.0.0.1", rx.port, b"wrong-secret-0123456789")
+            assert _policy() == os.SCHED_OTHER and priority.RealTime._depth == 0
+            st = await live.migrate(dom2, "127.0.0.1", rx.port, SECRET, realtime=False)
+            assert not st.realtime
+        finally:
+            await rx.aclose()
