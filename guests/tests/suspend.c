@@ -8,6 +8,9 @@
  * hostile guest: the hypervisor must refuse it) and carry on.
  * `dirty=<n>`: rewrite n pages of the pattern on every tick (a busy guest for
  * live migration; the checksum then changes as it goes).
+ * `balloon=<n>`: give back n pages (XENMEM_decrease_reservation), each unmapped
+ * first so that it is freed at once, before the pattern is made:
+ *   balloon: gave back mfn=<hex> pfn=<hex> rc=<n>
  *
  *   suspend: ready pages=<n> sum=<hex>
  *   uptime: ticks=<n> sum=<hex>     (n = every, 2*every, ...: each milestone once)
@@ -23,6 +26,7 @@
 #include "mm.h"
 #include "lib.h"
 #include "traps.h"
+#include <xen/memory.h>
 
 static volatile u64 ticks;
 static long timer_port = -1;
@@ -38,6 +42,24 @@ static void bind_timer(void)
     struct vcpu_set_periodic_timer p = { .period_ns = 10000000UL };
     if (HYPERVISOR_vcpu_op(VCPUOP_set_periodic_timer, 0, &p)) panic("set_periodic failed");
     unmask_evtchn(timer_port);
+}
+
+static void balloon(unsigned n)
+{
+    for (unsigned i = 0; i < n; i++) {
+        void *p = alloc_page();
+        unsigned long mfn = virt_to_mfn(p), pfn = mfn_to_pfn(mfn);
+        long rc = unmap_page((unsigned long)p);
+        if (rc) panic("balloon: unmap failed: %ld", rc);
+        xen_pfn_t list[1] = { mfn };
+        struct xen_memory_reservation r;
+        memset(&r, 0, sizeof(r));
+        set_xen_guest_handle(r.extent_start, list);
+        r.nr_extents = 1;
+        r.domid = DOMID_SELF;
+        rc = HYPERVISOR_memory_op(XENMEM_decrease_reservation, &r);
+        printk("balloon: gave back mfn=0x%lx pfn=0x%lx rc=%ld\n", mfn, pfn, rc);
+    }
 }
 
 static u64 checksum(void)
@@ -60,6 +82,7 @@ void app_main(void)
     u64 stop = cmdline_u64(cl, "ticks", 0);
     u64 dirty = cmdline_u64(cl, "dirty", 0);
     bad_start_info = cmdline_u64(cl, "bad_si", 0);
+    balloon(cmdline_u64(cl, "balloon", 0));
     u64 seen = 0, k = 0;
     u64 seed = monotonic_ns();
     for (unsigned i = 0; i < npages; i++) {
