@@ -125,3 +125,41 @@ async def test_start_info_that_is_an_l1_table_refused(hv, saved, tmp_path):
     new = c.pack()
     data[body:body + len(new)] = new
     await _refused_with_neighbour(hv, str(tmp_path / "si.save"), bytes(data), "start_info")
+
+
+async def test_pinned_table_then_xtab_not_pinned(hv, saved, tmp_path):
+    """A page sent early as a pinned L1 (mapping one of the guest's L1 tables writable),
+    then as XTAB (no page: a live guest ballooned it out meanwhile). Xen's restorer
+    records every entry's type (process_page_data: set_page_type), XTAB included, so the
+    page is not pinned at the end; pinned, its stale entries would keep the mapped table
+    typed writable for good. The guest carries on; nothing holds the page."""
+    path, (ticks, checksum) = saved
+    data = bytearray(open(path, "rb").read())
+    recs = _records(bytes(data))
+    x = p = p_at = None
+    for off, t, _n in recs:
+        if t != S.Rec.page_data:
+            continue
+        count = struct.unpack_from("<I", data, off + 8)[0]
+        for i, e in enumerate(struct.unpack_from(f"<{count}Q", data, off + 16)):
+            if x is None and (e >> 60) & 7 == 1:
+                x = e & S.PFN_MASK
+            if p is None and e >> 60 == S.PfnType.xalloc:
+                p, p_at = e & S.PFN_MASK, off + 16 + 8 * i
+    assert x is not None and p is not None
+    struct.pack_into("<Q", data, p_at, p | (S.PfnType.xtab << 60))
+    page = bytearray(4096)
+    struct.pack_into("<Q", page, 0, (x << 12) | 0x3)              # present, writable
+    extra = S.page_data_header([p | ((S.PfnType.l1 | S.PfnType.pinned) << 60)], 1) + bytes(page)
+    first_pd = next(off for off, t, _n in recs if t == S.Rec.page_data)
+    bad = str(tmp_path / "pinned-xtab.save")
+    with open(bad, "wb") as f:
+        f.write(bytes(data[:first_pd]) + extra + bytes(data[first_pd:]))
+    dom = await hv.restore(bad)
+    await dom.wait_for_line(r"suspend: resumed rc=0", 10)
+    await dom.wait_for_line(rf"uptime: ticks={ticks + 20} ", 10)
+    assert uptime(dom)[1] == checksum
+    mfn = dom.p2m[p]
+    assert (hv.mem.pinned[mfn], hv.mem.type_count[mfn]) == (0, 0)
+    assert audit(hv) == []
+    dom.shutdown()

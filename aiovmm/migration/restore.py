@@ -209,6 +209,7 @@ async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> in
             await rd.into(view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
     for pfn, t in entries:
         if t in (S.PfnType.xtab, S.PfnType.broken):
+            st.types.pop(pfn, None)           # Xen's set_page_type: no page, no table to pin
             continue
         mfn = p2m[pfn]
         if pfn in st.held:                    # sent again: its old contents lose their references
