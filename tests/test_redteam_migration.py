@@ -77,6 +77,33 @@ async def test_given_back_frame_not_saved_from_its_next_owner(hv, tmp_path):
     assert audit(hv) == []
 
 
+async def test_balloon_down_and_up_then_saved(hv, tmp_path):
+    """What Linux's balloon does between two migrations: a pfn given back and populated
+    again has a new frame; the guest's pattern lives in it. The save carries that frame
+    (the restored guest's checksum is the same), not the old one (gone to someone else)."""
+    a = await hv.create(guest("suspend"), memory_mib=MEM_MIB, cmdline="pages=8 every=10 balloon=2 refill=1")
+    await a.wait_for_line(r"uptime: ticks=20 ", 20)
+    gave = {int(p, 16): int(m, 16) for m, p in
+            (re.search(r"mfn=(0x[0-9a-f]+) pfn=(0x[0-9a-f]+)", ln).groups()
+             for ln in a.console_lines if ln.startswith("balloon: gave back"))}
+    refilled = {int(p, 16): int(m, 16) for p, m in
+                (re.search(r"pfn=(0x[0-9a-f]+) mfn=(0x[0-9a-f]+) rc=1", ln).groups()
+                 for ln in a.console_lines if ln.startswith("balloon: refilled"))}
+    assert len(refilled) == 2 and refilled.keys() == gave.keys() and refilled != gave   # swapped
+    assert all(hv.mem.owner[m] == a.domid for m in refilled.values())
+    path = str(tmp_path / "refilled.save")
+    await a.save(path)
+    ticks, checksum = uptime(a)
+    got = [(typ, off) for p, typ, off in _entries(open(path, "rb").read()) if p in refilled]
+    assert got and all(typ == S.PfnType.notab for typ, _off in got), got
+    dom = await hv.restore(path)
+    await dom.wait_for_line(r"suspend: resumed rc=0", 10)
+    await dom.wait_for_line(rf"uptime: ticks={ticks + 20} ", 10)
+    assert uptime(dom)[1] == checksum
+    assert audit(hv) == []
+    dom.shutdown()
+
+
 def _first_l1(data: bytes) -> tuple[int, int]:
     """(pfn, page offset) of the first L1 table in the stream's page data."""
     for p, typ, off in _entries(data):
