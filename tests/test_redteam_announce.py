@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RS, IPv6
 from scapy.layers.l2 import ARP, Ether
@@ -70,6 +72,17 @@ def test_forwarded_and_spoofed_sources_not_learnt():
              bytes(Ether(src=MAC) / IPv6(src="fe80::1", dst="ff02::1") / ICMPv6ND_NA(tgt="::ffff:198.18.0.5")),
              # NDP that was forwarded (hop limit below 255) is not neighbour discovery
              bytes(Ether(src=MAC) / IPv6(src="fe80::99", dst="ff02::2", hlim=254) / ICMPv6ND_RS()))
+        # Frames shaped like a claim that are not one: a RARP request, an ARP for another
+        # protocol, an IPv6 UDP datagram whose port bytes read as an RS type, a non-IPv6
+        # EtherType or version carrying an RS.
+        rs = bytes(Ether(src=MAC) / IPv6(src="2001:db8::61", dst="ff02::2") / ICMPv6ND_RS())
+        not_ip = bytearray(arp("198.18.0.62"))
+        not_ip[16:18] = b"\x86\xdd"
+        feed(nb, arp("198.18.0.61", op=3), bytes(not_ip),
+             bytes(Ether(src=MAC) / IPv6(src="2001:db8::63", dst="2001:db8::1", hlim=255) / UDP(sport=133 << 8)),
+             rs[:12] + b"\x88\xb5" + rs[14:], rs[:14] + bytes([0x40 | rs[14] & 0xF]) + rs[15:],
+             # truncated: an RS cut inside its IPv6 header, an NA cut inside its target
+             rs[:40], bytes(Ether(src=MAC) / IPv6(src="fe80::1", dst="ff02::1") / ICMPv6ND_NA(tgt="2001:db8::64"))[:70])
         assert (nb.ipv4, nb.ipv6) == ([], [])
         # What the guest says of itself: its ARPs, its neighbour discovery.
         feed(nb, arp("198.18.0.42"), arp("198.18.0.42", op=2),
@@ -82,6 +95,9 @@ def test_forwarded_and_spoofed_sources_not_learnt():
         # A flood: still at most 8, the first ones kept.
         feed(nb, *(arp(f"198.18.1.{i}") for i in range(50)))
         assert len(nb.ipv4) == 8 and nb.ipv4[0] == "198.18.0.42"
+        feed(nb, *(bytes(Ether(src=MAC) / IPv6(src=f"2001:db8::1:{i:x}", dst="ff02::2") / ICMPv6ND_RS())
+                   for i in range(50)))
+        assert len(nb.ipv6) == 8 and nb.ipv6[0] == "fe80::216:3eff:fe5a:102"
     _with_netback(f"mac={MAC}", body)
 
 
@@ -94,6 +110,15 @@ def test_ip_setting_is_the_authority():
              bytes(Ether(src=MAC) / IPv6(src="2001:db8::7", dst="ff02::2") / ICMPv6ND_RS()))
         assert (nb.ipv4, nb.ipv6) == (["198.18.0.42"], ["2001:db8::7"])
     _with_netback(f"mac={MAC},ip=198.18.0.42 2001:db8::/64", body)
+
+
+def test_ip_setting_is_bounded():
+    """Every frame netback learns from is checked against each `ip=` entry: at most 8
+    (a stream's header could otherwise carry a megabyte of them)."""
+    spec = f"mac={MAC},ip=" + " ".join(f"198.18.0.{i}" for i in range(8))
+    assert len(VifConfig.parse(spec).ip) == 8
+    with pytest.raises(ValueError, match="at most 8"):
+        VifConfig.parse(spec + " 198.18.0.9")
 
 
 def test_stream_header_addresses_pass_the_same_rule():

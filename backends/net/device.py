@@ -148,6 +148,9 @@ def random_mac() -> str:
     return "00:16:3e:%02x:%02x:%02x" % (random.randint(0, 0x7F), random.randint(0, 255), random.randint(0, 255))
 
 
+MAX_VIF_IPS = 8      # xl `ip=` entries per vif: the announce holds 8 addresses per family
+
+
 @dataclasses.dataclass
 class VifConfig:
     """One vif, in xl's terms: `vif = ['mac=...,bridge=...']`."""
@@ -188,6 +191,9 @@ class VifConfig:
                     cfg.ip = tuple(ipaddress.ip_network(a, strict=False) for a in val.split())
                 except ValueError:
                     raise ValueError(f"bad ip {val!r}") from None
+                if len(cfg.ip) > MAX_VIF_IPS:
+                    # every frame netback learns from is checked against each of them
+                    raise ValueError(f"ip: {len(cfg.ip)} addresses (at most {MAX_VIF_IPS})")
             elif key == "mtu":
                 try:
                     cfg.mtu = int(val)
@@ -428,7 +434,7 @@ class Netback:
         or reply) it sends from the vif's MAC. Not an IPv4 packet's source: a guest that
         routes or bridges for others sends their packets (from its MAC or theirs), and an
         announce of those would draw their traffic to this guest on the new host."""
-        if len(self.ipv4) >= 8 or len(frame) < 42 or frame[12:14] != b"\x08\x06":
+        if len(frame) < 42 or frame[12:14] != b"\x08\x06":
             return
         if frame[14:20] != b"\x00\x01\x08\x00\x06\x04" or frame[20:22] not in (b"\x00\x01", b"\x00\x02"):
             return
@@ -442,7 +448,7 @@ class Netback:
         target of a neighbour advertisement, sent from the vif's MAC with hop limit 255
         (RFC 4861: never forwarded, so never another host's). DAD's unspecified source
         is not an address."""
-        if len(self.ipv6) >= 8 or len(frame) < 58 or frame[12:14] != b"\x86\xdd" or frame[14] >> 4 != 6:
+        if len(frame) < 58 or frame[12:14] != b"\x86\xdd" or frame[14] >> 4 != 6:
             return
         if frame[6:12] != self._mac_bytes or frame[20] != 58 or frame[21] != 255:
             return
@@ -458,8 +464,9 @@ class Netback:
     def _learn(self, known: list[str], ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
         """The one rule for an address the announce may claim for this guest: a unicast
         address (not unspecified, loopback, multicast, broadcast/reserved, 0.0.0.0/8,
-        IPv4-mapped) and, when xl's `ip=` is set, one of those. Learnt from the guest's
-        frames and taken from a migration stream's header alike (adopt)."""
+        IPv4-mapped) and, when xl's `ip=` is set, one of those; at most 8 per family (the
+        tx path stops calling the learners then). Learnt from the guest's frames and taken
+        from a migration stream's header alike (adopt)."""
         if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_reserved:
             return
         if ip.version == 4 and ip.packed[0] == 0:
