@@ -61,7 +61,7 @@ def test_forwarded_and_spoofed_sources_not_learnt():
              bytes(Ether(src=MAC) / IPv6(src="2001:db8::99", dst="2001:db8::1") / ICMPv6EchoRequest()),
              # a bridge inside the guest: frames and ARPs of other MACs
              arp("198.18.0.77", src=OTHER, hwsrc=OTHER),
-             arp("198.18.0.78", hwsrc=OTHER),
+             arp("198.18.0.78", hwsrc=OTHER), arp("198.18.0.79", src=OTHER),
              bytes(Ether(src=OTHER) / IPv6(src="fe80::77", dst="ff02::2") / ICMPv6ND_RS()),
              # not addresses of anyone
              arp("0.0.0.0"), arp("0.1.2.3"), arp("127.0.0.1"), arp("224.0.0.1"), arp("255.255.255.255"),
@@ -81,8 +81,10 @@ def test_forwarded_and_spoofed_sources_not_learnt():
         feed(nb, arp("198.18.0.61", op=3), bytes(not_ip),
              bytes(Ether(src=MAC) / IPv6(src="2001:db8::63", dst="2001:db8::1", hlim=255) / UDP(sport=133 << 8)),
              rs[:12] + b"\x88\xb5" + rs[14:], rs[:14] + bytes([0x40 | rs[14] & 0xF]) + rs[15:],
-             # truncated: an RS cut inside its IPv6 header, an NA cut inside its target
-             rs[:40], bytes(Ether(src=MAC) / IPv6(src="fe80::1", dst="ff02::1") / ICMPv6ND_NA(tgt="2001:db8::64"))[:70])
+             # ARP bytes under another EtherType; truncated: an ARP cut inside its sender
+             # address, an RS inside its IPv6 header or its ICMPv6 body, an NA inside its target
+             arp("198.18.0.65")[:12] + b"\x88\xb5" + arp("198.18.0.65")[14:], arp("198.18.0.66")[:30],
+             rs[:40], rs[:61], bytes(Ether(src=MAC) / IPv6(src="fe80::1", dst="ff02::1") / ICMPv6ND_NA(tgt="2001:db8::64"))[:70])
         assert (nb.ipv4, nb.ipv6) == ([], [])
         # What the guest says of itself: its ARPs, its neighbour discovery.
         feed(nb, arp("198.18.0.42"), arp("198.18.0.42", op=2),

@@ -448,7 +448,7 @@ class Netback:
         target of a neighbour advertisement, sent from the vif's MAC with hop limit 255
         (RFC 4861: never forwarded, so never another host's). DAD's unspecified source
         is not an address."""
-        if len(frame) < 58 or frame[12:14] != b"\x86\xdd" or frame[14] >> 4 != 6:
+        if len(frame) < 62 or frame[12:14] != b"\x86\xdd" or frame[14] >> 4 != 6:   # RS: 8 bytes of ICMPv6
             return
         if frame[6:12] != self._mac_bytes or frame[20] != 58 or frame[21] != 255:
             return
@@ -467,9 +467,9 @@ class Netback:
         IPv4-mapped) and, when xl's `ip=` is set, one of those; at most 8 per family (the
         tx path stops calling the learners then). Learnt from the guest's frames and taken
         from a migration stream's header alike (adopt)."""
-        if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_reserved:
-            return
-        if ip.version == 4 and ip.packed[0] == 0:
+        if ip.is_loopback or ip.is_multicast or ip.is_reserved:     # IPv6 :: and ::ffff:0:0/96
+            return                                                   # are in ::/8, reserved
+        if ip.version == 4 and ip.packed[0] == 0:                    # 0.0.0.0/8
             return
         if self.cfg.ip and not any(ip in net for net in self.cfg.ip if net.version == ip.version):
             return
