@@ -101,7 +101,7 @@ MODULES: dict[str, Module] = {
     # The saver's ownership check and the restorer's own writes into guest frames.
     "migration": Module(("aiovmm/migration/save.py", "aiovmm/migration/restore.py"),
                         ("tests/test_redteam_migration.py", "tests/test_migration.py"),
-                        funcs=r"^(owned_mfn|_page_batch|p2m_frames|_writable|_finish|_page_data)$"),
+                        funcs=r"^(owned_mfn|_page_batch|_writable|_finish|_page_data)$"),
     "block": Module(("backends/block/device.py",), ("tests/test_block.py", "tests/test_redteam_blk.py"),
                     funcs=r"(_prepare|_drain|_answer|_completed|.*valid.*|.*check.*|.*req.*"
                           r"|.*seg.*|.*sector.*|.*ring.*|_connect|_serve|_process.*)"),

@@ -111,10 +111,7 @@ def _pfn_of(dom: "Domain", mfn: int, what: str) -> int:
 def p2m_frames(dom: "Domain", start_info_pfn: int) -> list[int]:
     """PFNs of the guest's own P2M list (start_info.mfn_list, a kernel VA), found through
     its page tables."""
-    si_mfn = owned_mfn(dom, start_info_pfn)
-    if si_mfn is None:
-        raise SaveError(f"d{dom.domid}: start_info pfn {start_info_pfn:#x} is not the domain's")
-    si = si_mfn << PAGE_SHIFT
+    si = dom.p2m[start_info_pfn] << PAGE_SHIFT      # owned: suspend.py checked it, paused since
     va = dom.mem.read_u64(si + StartInfo.mfn_list)
     n = (dom.nr_pages * 8 + PAGE_SIZE - 1) // PAGE_SIZE
     pt = dom.hypervisor.pagetables
