@@ -98,10 +98,6 @@ MODULES: dict[str, Module] = {
     "announce": Module(("backends/net/device.py",),
                        ("tests/test_redteam_announce.py", "tests/test_announce.py"),
                        funcs=r"^(Netback\.)?(learn_ipv4|learn_ipv6|_learn|adopt)$"),
-    # The saver's ownership check and the restorer's own writes into guest frames.
-    "migration": Module(("aiovmm/migration/save.py", "aiovmm/migration/restore.py"),
-                        ("tests/test_redteam_migration.py", "tests/test_migration.py"),
-                        funcs=r"^(owned_mfn|_page_batch|_writable|_finish|_page_data)$"),
     "block": Module(("backends/block/device.py",), ("tests/test_block.py", "tests/test_redteam_blk.py"),
                     funcs=r"(_prepare|_drain|_answer|_completed|.*valid.*|.*check.*|.*req.*"
                           r"|.*seg.*|.*sector.*|.*ring.*|_connect|_serve|_process.*)"),

@@ -190,3 +190,55 @@ async def test_pinned_table_then_xtab_not_pinned(hv, saved, tmp_path):
     assert (hv.mem.pinned[mfn], hv.mem.type_count[mfn]) == (0, 0)
     assert audit(hv) == []
     dom.shutdown()
+
+
+async def test_hostile_vcpu_contexts_refused(hv, saved, tmp_path):
+    """vCPU 0's context names what _finish checks one field at a time (each check alone
+    refuses it: one bad field per stream): CR3 misaligned or beyond the domain, a user CR3
+    beyond it or not an L4, start_info (RDX) beyond the domain, negative or a page the
+    stream never sent, not suspended in kernel mode, a non-canonical RIP or callback.
+    Refused with nothing left behind, the neighbour running, the frame table clean."""
+    from aiovmm.migration.context import VGCF
+    path, _ = saved
+    data = open(path, "rb").read()
+    off = next(off for off, t, _n in _records(data) if t == S.Rec.x86_pv_vcpu_basic)
+    body = off + 8 + S.VCPU_HDR.size
+    nr = MEM_MIB << 8
+    never_sent = next(p for p, typ, _o in _entries(data) if typ == S.PfnType.xtab) \
+        if any(typ == S.PfnType.xtab for _p, typ, _o in _entries(data)) else None
+
+    def ctx_with(edit) -> bytes:
+        c = VcpuContext.unpack(data[body:body + CTX_SIZE])
+        edit(c)
+        return _patch(data, body, c.pack())
+
+    def cr3(c, v):
+        c.ctrlreg[3] = v
+    good_cr3 = VcpuContext.unpack(data[body:body + CTX_SIZE]).ctrlreg[3]
+    cases = [
+        (lambda c: cr3(c, good_cr3 | 8), "CR3"),
+        (lambda c: cr3(c, nr << 12), "CR3"),
+        (lambda c: cr3(c, (2 * nr + 5) << 12), "CR3"),
+        (lambda c: c.ctrlreg.__setitem__(1, nr << 12), "user CR3"),
+        (lambda c: c.ctrlreg.__setitem__(1, 1 << 12), "user CR3"),
+        (lambda c: c.regs.__setitem__("rdx", nr), "start_info"),
+        (lambda c: c.regs.__setitem__("rdx", 2 * nr + 5), "start_info"),
+        (lambda c: setattr(c, "flags", c.flags & ~VGCF.in_kernel), "kernel mode"),
+        (lambda c: c.regs.__setitem__("rip", 1 << 47), "non-canonical"),
+        (lambda c: c.regs.__setitem__("rip", (1 << 48) - 1), "non-canonical"),
+        (lambda c: setattr(c, "event_callback", 0xFFFF7FFFFFFFFFFF), "non-canonical"),
+    ]
+    if never_sent is not None:
+        cases.append((lambda c: c.regs.__setitem__("rdx", never_sent), "start_info"))
+    await _refused_with_neighbour_many(hv, str(tmp_path / "ctx.save"),
+                                       [(ctx_with(edit), match) for edit, match in cases])
+
+
+async def _refused_with_neighbour_many(hv, path: str, streams: list[tuple[bytes, str]]) -> None:
+    neighbour = await running_guest(hv)
+    for data, match in streams:
+        await _refused(hv, path, data, match)
+    assert audit(hv) == []
+    t, s = uptime(neighbour)
+    await neighbour.wait_for_line(rf"uptime: ticks={t + 10} ", 10)
+    assert uptime(neighbour)[1] == s and not neighbour.dying
