@@ -98,6 +98,11 @@ def do_memory_op(v: "VCPU", cmd: int, arg: int, *_) -> int | None:
                     break
                 if pfn is not None and pfn < (1 << 40):
                     mem.m2p[mfn] = pfn
+                    if pfn < len(dom.p2m):
+                        # The guest's P2M names the new frame for this pfn (Linux's
+                        # balloon enters it): the hypervisor's copy, which save and
+                        # migration go by, follows, so the pfn's data goes with it.
+                        dom.p2m[pfn] = mfn
                 v.copy_to_guest(slot, mfn.to_bytes(8, "little"))
             done = i + 1
         return done

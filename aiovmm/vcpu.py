@@ -334,9 +334,13 @@ class VCPU:
         """Wait for a wake-up. A vCPU asleep for IDLE_RELEASE_S gives its engine's
         translated code and translator tables back to the kernel (the Unicorn engine's
         release_idle_memory; an engine without it keeps everything): what lets a thousand idle
-        guests fit (bench/density.py). Once per sleep: nothing is retranslated until it runs."""
+        guests fit (bench/density.py). Once per sleep: nothing is retranslated until it runs.
+        Only in a single-vCPU domain: a store into code is seen only by an instance that
+        translated it (_share_code_writes), so a vCPU whose translations were released
+        would rewrite code another vCPU still runs translated without anyone noticing
+        (tests/test_redteam_smp.py)."""
         release = getattr(self.engine, "release_idle_memory", None)
-        if release is not None and not self.idle_released:
+        if release is not None and not self.idle_released and len(self.domain.vcpus) == 1:
             try:
                 async with asyncio.timeout(IDLE_RELEASE_S):
                     await self._wake.wait()

@@ -129,8 +129,12 @@ def publish_time(v: "VCPU") -> None:
 
 
 def release(v: "VCPU") -> None:
-    """vCPU teardown: drop the writable reference on a registered vcpu_info frame."""
+    """vCPU teardown: point the vCPU back at its shared_info slot, then drop the writable
+    reference on a registered vcpu_info frame (Xen's unmap_guest_area: vcpu_info_reset
+    first). Events still reach a dying domain until its ports close; written into the old
+    frame, they would land in whoever has it next if the guest gave it back."""
     if v.info_frame:
+        v.set_info_maddr(v.domain.shared_info_maddr + VCPU_INFO_SIZE * v.id)
         v.domain.hypervisor.pagetables.put_type(v.info_frame)
         v.info_frame = 0
 

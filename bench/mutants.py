@@ -94,6 +94,10 @@ MODULES: dict[str, Module] = {
     "net": Module(("backends/net/device.py",), ("tests/test_net.py",),
                   funcs=r"(_process_tx|_process_rx|_on_tap_readable|_tx_|_rx_|_serve|.*valid.*"
                         r"|.*check.*|.*req.*|.*slot.*|.*extra.*|.*ring.*|_connect)"),
+    # What netback learns for the migration announce (only what the guest claims as its own).
+    "announce": Module(("backends/net/device.py",),
+                       ("tests/test_redteam_announce.py", "tests/test_announce.py"),
+                       funcs=r"^(Netback\.)?(learn_ipv4|learn_ipv6|_learn|adopt)$"),
     "block": Module(("backends/block/device.py",), ("tests/test_block.py", "tests/test_redteam_blk.py"),
                     funcs=r"(_prepare|_drain|_answer|_completed|.*valid.*|.*check.*|.*req.*"
                           r"|.*seg.*|.*sector.*|.*ring.*|_connect|_serve|_process.*)"),

@@ -49,6 +49,8 @@ def describe(dom: "Domain") -> dict:
                 spec += f",bridge={b.cfg.bridge}"
             if b.cfg.ifname:
                 spec += f",vifname={b.cfg.ifname}"
+            if b.cfg.ip:
+                spec += ",ip=" + " ".join(str(n) for n in b.cfg.ip)
             vifs.append({"devid": b.devid, "spec": spec, "ipv4": list(b.ipv4), "ipv6": list(b.ipv6)})
         elif isinstance(b, Blkback):
             c = b.cfg
@@ -119,7 +121,7 @@ def create(hv: "Hypervisor", dom: "Domain", vifs: list, disks: list, announce: b
     from ..backends.net import Netback
     for devid, vc, ips in vifs:
         nb = Netback(dom, devid, vc, ifname_prefix=hv.vif_prefix)
-        nb.ipv4, nb.ipv6 = list(ips[0]), list(ips[1])
+        nb.adopt(*ips)                  # the same rule as addresses learnt here
         if announce:
             nb.announce_schedule = _announce.Schedule()
         dom.backends.append(nb)

@@ -24,7 +24,7 @@ from ..abi import (FLAT_KERNEL_SS, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4
                    XEN_L4_LAST, XEN_LEGACY_MAX_VCPUS, VCPU_INFO_SIZE, _PAGE_PRESENT,
                    CallbackType, CALLBACKF_mask_events, StartInfo, ShutdownReason)
 from ..errors import BuildError
-from ..memory import OutOfMemory, PageType
+from ..memory import NotWritable, OutOfMemory, PageType
 from ..mmu import MMUError
 from . import stream as S
 from .context import EXT, SIZE as CTX_SIZE, VGCF, VcpuContext
@@ -220,6 +220,7 @@ async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> in
             await rd.into(view[run_start << PAGE_SHIFT:run_end << PAGE_SHIFT])
     for pfn, t in entries:
         if t in (S.PfnType.xtab, S.PfnType.broken):
+            st.types.pop(pfn, None)           # Xen's set_page_type: no page, no table to pin
             continue
         mfn = p2m[pfn]
         if pfn in st.held:                    # sent again: its old contents lose their references
@@ -273,6 +274,18 @@ def _unhold(dom: "Domain", st: _State, pfn: int) -> None:
     dom.hypervisor.pagetables.put_type(st.held.pop(pfn))
 
 
+def _writable(dom: "Domain", pfn: int, what: str) -> int:
+    """The frame of `pfn` with a writable type reference (the caller drops it after its
+    writes): the restorer writes a frame only as Xen's writes it, through a writable
+    mapping, which a page table or descriptor page refuses (rule 2)."""
+    mfn = dom.p2m[pfn]
+    try:
+        dom.mem.get_writable(mfn)
+    except NotWritable as e:
+        raise S.StreamError(f"{what} pfn {pfn:#x} is not writable: {e}") from None
+    return mfn
+
+
 def _release_held(dom: "Domain", st: _State) -> None:
     """Drop the arrival-time references: a table the final page tables use keeps its
     validation through their references; one they no longer use (a stale copy of a
@@ -311,12 +324,11 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
     mem, p2m = dom.mem, dom.p2m
     if st.phase != 3 or 0 not in st.ctx or st.shinfo is None:
         raise S.StreamError("stream ended before the vCPU and shared_info records")
-    # The guest's P2M list: the new MFNs.
-    p2m_bytes = array.array("Q", p2m).tobytes()
-    for i, pfn in enumerate(st.p2m_pfns):
-        chunk = p2m_bytes[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-        mfn = p2m[pfn]
-        mem.view[mfn << PAGE_SHIFT:(mfn << PAGE_SHIFT) + PAGE_SIZE] = chunk + bytes(PAGE_SIZE - len(chunk))
+    # The frames written here (the P2M list, start_info) lose their arrival-time
+    # validation: what they hold is about to change, so it cannot stand for a validation.
+    for pfn in (*st.p2m_pfns, st.ctx[0].regs.get("rdx", -1)):
+        if pfn in st.held:
+            _unhold(dom, st, pfn)
     # Page tables: pinned ones are pinned again (validated by Xen's rules), top level first.
     # A stale arrival-time validation (an L1 copy mapping writable a frame that is a table
     # by the end) can stand in the way: then the pinning starts over without any.
@@ -327,6 +339,14 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
             raise
         _release_held(dom, st)
         _pin_tables(dom, st)
+    # The guest's P2M list: the new MFNs, written after the pinning as Xen's
+    # update_guest_p2m writes them (through a writable mapping, which a table refuses).
+    p2m_bytes = array.array("Q", p2m).tobytes()
+    for i, pfn in enumerate(st.p2m_pfns):
+        chunk = p2m_bytes[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+        mfn = _writable(dom, pfn, "P2M frame")
+        mem.view[mfn << PAGE_SHIFT:(mfn << PAGE_SHIFT) + PAGE_SIZE] = chunk + bytes(PAGE_SIZE - len(chunk))
+        mem.put_writable(mfn)
     c = st.ctx[0]
     cr3_pfn = c.ctrlreg[3] >> PAGE_SHIFT
     if c.ctrlreg[3] & (PAGE_SIZE - 1) or cr3_pfn >= dom.nr_pages or st.types.get(cr3_pfn, 0) & 7 != 4:
@@ -343,22 +363,12 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
                  c.fs_base, c.gs_base_kernel, c.gs_base_user, *(a for _f, _c, a in c.traps)):
         if not (addr < 1 << 47 or addr >= 0xFFFF800000000000):
             raise S.StreamError(f"vcpu 0: non-canonical address {addr:#x}")
-    # start_info: the store and console pages come as PFNs (the guest canonicalised them).
     dom.start_info_pfn = si_pfn
-    si = p2m[si_pfn] << PAGE_SHIFT
-    store_pfn = mem.read_u64(si + StartInfo.store_mfn)
-    cons_pfn = mem.read_u64(si + StartInfo.console_mfn)
-    for what, p in (("xenstore", store_pfn), ("console", cons_pfn)):
-        if p >= dom.nr_pages:
-            raise S.StreamError(f"start_info: {what} pfn {p:#x} out of range")
-    dom.store_mfn, dom.console_mfn = p2m[store_pfn], p2m[cons_pfn]
-    mem.write_u64(si + StartInfo.store_mfn, dom.store_mfn)
-    struct.pack_into("<I", mem.map, si + StartInfo.store_evtchn, dom.store_port)
-    mem.write_u64(si + StartInfo.console_mfn, dom.console_mfn)
-    struct.pack_into("<I", mem.map, si + StartInfo.console_evtchn, dom.console_port)
-    mem.write_u64(si + StartInfo.nr_pages, dom.nr_pages)
-    mem.write_u64(si + StartInfo.shared_info, dom.shared_info_maddr)
-    struct.pack_into("<I", mem.map, si + StartInfo.flags, 0)
+    si_mfn = _writable(dom, si_pfn, "start_info")
+    try:
+        _start_info(dom, si_mfn << PAGE_SHIFT)
+    finally:
+        mem.put_writable(si_mfn)
     dom.grants.write_entry(GNTTAB_RESERVED_CONSOLE, GTF_permit_access, HOST_DOMID, dom.console_mfn)
     dom.grants.write_entry(GNTTAB_RESERVED_XENSTORE, GTF_permit_access, HOST_DOMID, dom.store_mfn)
     # shared_info as Xen's restore leaves it: vcpu_info and arch copied, no event pending,
@@ -374,6 +384,25 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
     _release_held(dom, st)
     timers.write_pvclock(dom.vcpus[0])
     timers.write_wallclock(dom)
+
+
+def _start_info(dom: "Domain", si: int) -> None:
+    """Rewrite start_info (at machine address `si`, held writable by the caller): the
+    store and console pages come as PFNs (the guest canonicalised them)."""
+    mem, p2m = dom.mem, dom.p2m
+    store_pfn = mem.read_u64(si + StartInfo.store_mfn)
+    cons_pfn = mem.read_u64(si + StartInfo.console_mfn)
+    for what, p in (("xenstore", store_pfn), ("console", cons_pfn)):
+        if p >= dom.nr_pages:
+            raise S.StreamError(f"start_info: {what} pfn {p:#x} out of range")
+    dom.store_mfn, dom.console_mfn = p2m[store_pfn], p2m[cons_pfn]
+    mem.write_u64(si + StartInfo.store_mfn, dom.store_mfn)
+    struct.pack_into("<I", mem.map, si + StartInfo.store_evtchn, dom.store_port)
+    mem.write_u64(si + StartInfo.console_mfn, dom.console_mfn)
+    struct.pack_into("<I", mem.map, si + StartInfo.console_evtchn, dom.console_port)
+    mem.write_u64(si + StartInfo.nr_pages, dom.nr_pages)
+    mem.write_u64(si + StartInfo.shared_info, dom.shared_info_maddr)
+    struct.pack_into("<I", mem.map, si + StartInfo.flags, 0)
 
 
 def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_root: int,

@@ -93,6 +93,15 @@ def page_type(dom: "Domain", mfn: int) -> int:
     return S.PfnType.notab
 
 
+def owned_mfn(dom: "Domain", pfn: int) -> int | None:
+    """The frame behind `pfn` in the hypervisor's P2M if the domain still owns it, else
+    None. A frame the guest gave back (decrease_reservation) may belong to another domain
+    by now: Xen's saver goes through the guest's P2M and maps each frame as the guest's,
+    so a frame the domain does not own goes as XTAB, never with the next owner's data."""
+    mfn = dom.p2m[pfn]
+    return mfn if dom.mem.owner[mfn] == dom.domid else None
+
+
 def _pfn_of(dom: "Domain", mfn: int, what: str) -> int:
     p = dom.mem.m2p[mfn] if dom.mem.valid_mfn(mfn) else -1
     if not (0 <= p < dom.nr_pages and dom.p2m[p] == mfn):
@@ -103,7 +112,7 @@ def _pfn_of(dom: "Domain", mfn: int, what: str) -> int:
 def p2m_frames(dom: "Domain", start_info_pfn: int) -> list[int]:
     """PFNs of the guest's own P2M list (start_info.mfn_list, a kernel VA), found through
     its page tables."""
-    si = dom.p2m[start_info_pfn] << PAGE_SHIFT
+    si = dom.p2m[start_info_pfn] << PAGE_SHIFT      # owned: suspend.py checked it, paused since
     va = dom.mem.read_u64(si + StartInfo.mfn_list)
     n = (dom.nr_pages * 8 + PAGE_SIZE - 1) // PAGE_SIZE
     pt = dom.hypervisor.pagetables
@@ -201,6 +210,7 @@ async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray, skip_tabl
     run_start = run_end = run_pfn = -1
     ndata = 0
     xalloc = S.PfnType.xalloc << S.TYPE_SHIFT
+    xtab = S.PfnType.xtab << S.TYPE_SHIFT
 
     def flush() -> None:
         if run_start < 0:
@@ -212,6 +222,11 @@ async def _page_batch(dom: "Domain", pfns: range, has_data: bytearray, skip_tabl
             parts.append(shadow.take(dom, run_pfn - n, run_start, n))
     for pfn in pfns:
         mfn = p2m[pfn]
+        if owned_mfn(dom, pfn) is None:       # given back: maybe another domain's now
+            out_pfns.append(pfn | xtab)
+            if shadow is not None:            # not sent as data: looked at again each round
+                shadow.forget(pfn)
+            continue
         t = typ[mfn]
         if not has_data[mfn] and not (PageType.l1 <= t <= PageType.l4 and count[mfn]):
             out_pfns.append(pfn | xalloc)

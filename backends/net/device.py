@@ -148,6 +148,9 @@ def random_mac() -> str:
     return "00:16:3e:%02x:%02x:%02x" % (random.randint(0, 0x7F), random.randint(0, 255), random.randint(0, 255))
 
 
+MAX_VIF_IPS = 8      # xl `ip=` entries per vif: the announce holds 8 addresses per family
+
+
 @dataclasses.dataclass
 class VifConfig:
     """One vif, in xl's terms: `vif = ['mac=...,bridge=...']`."""
@@ -157,10 +160,14 @@ class VifConfig:
     ifname: str | None = None       # default: vif<domid>.<devid>
     mtu: int = 1500
     rate: Limit | None = None       # xl `rate=10Mb/s@20ms`: token bucket on tx and rx
+    # xl `ip=`: the guest's addresses (space-separated; a prefix covers a network). Xen's
+    # vif scripts let only these source addresses out (vif-common.sh handle_iptable);
+    # here they bound what the migration announce may claim for the guest.
+    ip: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
     def parse(cls, spec: str) -> "VifConfig":
-        """Parse xl syntax: 'mac=00:16:3e:01:02:03,bridge=br0[,mtu=1500][,netns=ns][,vifname=tap0][,rate=10Mb/s@20ms]'."""
+        """Parse xl syntax: 'mac=00:16:3e:01:02:03,bridge=br0[,mtu=1500][,netns=ns][,vifname=tap0][,rate=10Mb/s@20ms][,ip=198.18.0.2 2001:db8::2]'."""
         cfg = cls()
         for item in filter(None, (x.strip() for x in spec.split(","))):
             key, _, val = item.partition("=")
@@ -179,6 +186,14 @@ class VifConfig:
                 cfg.ifname = val
             elif key == "rate":
                 cfg.rate = parse_vif_rate(val)
+            elif key == "ip":
+                try:
+                    cfg.ip = tuple(ipaddress.ip_network(a, strict=False) for a in val.split())
+                except ValueError:
+                    raise ValueError(f"bad ip {val!r}") from None
+                if len(cfg.ip) > MAX_VIF_IPS:
+                    # every frame netback learns from is checked against each of them
+                    raise ValueError(f"ip: {len(cfg.ip)} addresses (at most {MAX_VIF_IPS})")
             elif key == "mtu":
                 try:
                     cfg.mtu = int(val)
@@ -280,10 +295,11 @@ class Netback:
         self.rx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
         self._tx_throttled = False
         self.throttle = Throttle(self._schedule)   # one wake-up for both directions
-        # IPv4 addresses the guest used as its own on this vif (ARP sender, IPv4 source),
-        # for the announce on a new host (aiovmm/migration/devices.py); bounded.
+        # IPv4 addresses the guest claimed as its own on this vif (ARP sender), for the
+        # announce on a new host (aiovmm/migration/devices.py); bounded (learn_ipv4).
         self.ipv4: list[str] = []
-        self.ipv6: list[str] = []              # the same for IPv6 (source addresses)
+        self.ipv6: list[str] = []              # the same for IPv6 (neighbour discovery)
+        self._mac_bytes = bytes.fromhex(self.mac.replace(":", ""))
         self.announce_schedule = None          # set on a migrated-in vif: announce at start
         self.announced = 0                     # frames of that announce sent
         self.announce_t0: float | None = None  # perf_counter of its first frame
@@ -414,34 +430,60 @@ class Netback:
         return n
 
     def learn_ipv4(self, frame: bytes | bytearray) -> None:
-        """Note the guest's own IPv4 address from an ARP it sends (sender = its MAC) or an
-        IPv4 packet's source (at most 8 addresses; 0.0.0.0 and multicast ignored)."""
-        if len(self.ipv4) >= 8 or len(frame) < 34:
+        """Note an IPv4 address the guest claims as its own: the sender of an ARP (request
+        or reply) it sends from the vif's MAC. Not an IPv4 packet's source: a guest that
+        routes or bridges for others sends their packets (from its MAC or theirs), and an
+        announce of those would draw their traffic to this guest on the new host."""
+        if len(frame) < 42 or frame[12:14] != b"\x08\x06":
             return
-        et = frame[12:14]
-        if et == b"\x08\x06" and len(frame) >= 42 and frame[22:28] == frame[6:12]:
-            a = bytes(frame[28:32])
-        elif et == b"\x08\x00" and frame[14] >> 4 == 4:
-            a = bytes(frame[26:30])
-        else:
+        if frame[14:20] != b"\x00\x01\x08\x00\x06\x04" or frame[20:22] not in (b"\x00\x01", b"\x00\x02"):
             return
-        if a[0] == 0 or a[0] >= 224:
+        if frame[6:12] != self._mac_bytes or frame[22:28] != self._mac_bytes:
             return
-        ip = ".".join(map(str, a))
-        if ip not in self.ipv4:
-            self.ipv4.append(ip)
+        self._learn(self.ipv4, ipaddress.IPv4Address(bytes(frame[28:32])))
 
     def learn_ipv6(self, frame: bytes | bytearray) -> None:
-        """Note the guest's own IPv6 address from an IPv6 packet's source (at most 8; the
-        unspecified address of duplicate address detection and multicast are ignored)."""
-        if len(self.ipv6) >= 8 or len(frame) < 54 or frame[12:14] != b"\x86\xdd" or frame[14] >> 4 != 6:
+        """Note an IPv6 address the guest claims as its own: the source of a neighbour
+        discovery message (router/neighbour solicitation, router advertisement) or the
+        target of a neighbour advertisement, sent from the vif's MAC with hop limit 255
+        (RFC 4861: never forwarded, so never another host's). DAD's unspecified source
+        is not an address."""
+        if len(frame) < 62 or frame[12:14] != b"\x86\xdd" or frame[14] >> 4 != 6:   # RS: 8 bytes of ICMPv6
             return
-        a = bytes(frame[22:38])
-        if a[0] == 0xFF or not any(a):
+        if frame[6:12] != self._mac_bytes or frame[20] != 58 or frame[21] != 255:
             return
-        ip = str(ipaddress.IPv6Address(a))
-        if ip not in self.ipv6:
-            self.ipv6.append(ip)
+        icmp = frame[54]
+        if icmp == 136 and len(frame) >= 78:                     # NA: its target
+            a = bytes(frame[62:78])
+        elif icmp in (133, 134, 135):                            # RS, RA, NS: the source
+            a = bytes(frame[22:38])
+        else:
+            return
+        self._learn(self.ipv6, ipaddress.IPv6Address(a))
+
+    def _learn(self, known: list[str], ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        """The one rule for an address the announce may claim for this guest: a unicast
+        address (not unspecified, loopback, multicast, broadcast/reserved, 0.0.0.0/8,
+        IPv4-mapped) and, when xl's `ip=` is set, one of those; at most 8 per family (the
+        tx path stops calling the learners then). Learnt from the guest's frames and taken
+        from a migration stream's header alike (adopt)."""
+        if ip.is_loopback or ip.is_multicast or ip.is_reserved:     # IPv6 :: and ::ffff:0:0/96
+            return                                                   # are in ::/8, reserved
+        if ip.version == 4 and ip.packed[0] == 0:                    # 0.0.0.0/8
+            return
+        if self.cfg.ip and not any(ip in net for net in self.cfg.ip if net.version == ip.version):
+            return
+        a = str(ip)
+        if a not in known and len(known) < 8:
+            known.append(a)
+
+    def adopt(self, ipv4: list[str], ipv6: list[str]) -> None:
+        """The addresses a migration stream's header carries for this vif, through the
+        same rule as learnt ones (the stream comes from a peer the host does not trust)."""
+        for a in ipv4:
+            self._learn(self.ipv4, ipaddress.IPv4Address(a))
+        for a in ipv6:
+            self._learn(self.ipv6, ipaddress.IPv6Address(a))
 
     async def _run(self) -> None:
         """The vif's whole life; runs in the domain's TaskGroup until cancelled.

@@ -297,6 +297,10 @@ void app_main(void)
     /* vCPU 0 rewrites code that both vCPUs ran: vCPU 1 must run the new code. */
     long mine = patch_fn();
     wait_for(&ap.patch_ready, "ran the code to patch");
+    /* idle_patch=1: vCPU 0 first sleeps 2.5 s (past the hypervisor's idle release of
+     * translator memory, vcpu.py _sleep) while vCPU 1 keeps its translation of the code. */
+    if (cmdline_u64((const char *)start_info->cmd_line, "idle_patch", 0))
+        evtchn_poll(ipi_to0, monotonic_ns() + 2500000000UL);
     ACCESS_ONCE(patch_code[1]) = 2;
     long mine_after = patch_fn();
     ap.patched = 1;

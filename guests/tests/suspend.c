@@ -8,6 +8,13 @@
  * hostile guest: the hypervisor must refuse it) and carry on.
  * `dirty=<n>`: rewrite n pages of the pattern on every tick (a busy guest for
  * live migration; the checksum then changes as it goes).
+ * `balloon=<n>` (n <= 16): give back n pages (XENMEM_decrease_reservation), each
+ * unmapped first so that it is freed at once, before the pattern is made:
+ *   balloon: gave back mfn=<hex> pfn=<hex> rc=<n>
+ * `refill=1` (with balloon): populate each pfn again (XENMEM_populate_physmap, as
+ * Linux's balloon does on the way up), map its new frame where the old one was and
+ * enter it in the guest's P2M; these pages are the first of the pattern:
+ *   balloon: refilled pfn=<hex> mfn=<hex> rc=<n>
  *
  *   suspend: ready pages=<n> sum=<hex>
  *   uptime: ticks=<n> sum=<hex>     (n = every, 2*every, ...: each milestone once)
@@ -23,6 +30,7 @@
 #include "mm.h"
 #include "lib.h"
 #include "traps.h"
+#include <xen/memory.h>
 
 static volatile u64 ticks;
 static long timer_port = -1;
@@ -38,6 +46,45 @@ static void bind_timer(void)
     struct vcpu_set_periodic_timer p = { .period_ns = 10000000UL };
     if (HYPERVISOR_vcpu_op(VCPUOP_set_periodic_timer, 0, &p)) panic("set_periodic failed");
     unmask_evtchn(timer_port);
+}
+
+static long reservation(unsigned cmd, xen_pfn_t *list)
+{
+    struct xen_memory_reservation r;
+    memset(&r, 0, sizeof(r));
+    set_xen_guest_handle(r.extent_start, list);
+    r.nr_extents = 1;
+    r.domid = DOMID_SELF;
+    return HYPERVISOR_memory_op(cmd, &r);
+}
+
+/* All n pages are given back first, then refilled in order: the hypervisor hands the
+ * last freed frame out first, so a refilled pfn gets another frame than it had. */
+static unsigned balloon(unsigned n, int refill)
+{
+    void *va[16];
+    unsigned long pfns[16];
+    unsigned kept = 0;
+    if (n > 16) n = 16;
+    for (unsigned i = 0; i < n; i++) {
+        void *p = va[i] = alloc_page();
+        unsigned long mfn = virt_to_mfn(p), pfn = pfns[i] = mfn_to_pfn(mfn);
+        long rc = unmap_page((unsigned long)p);
+        if (rc) panic("balloon: unmap failed: %ld", rc);
+        xen_pfn_t list[1] = { mfn };
+        rc = reservation(XENMEM_decrease_reservation, list);
+        printk("balloon: gave back mfn=0x%lx pfn=0x%lx rc=%ld\n", mfn, pfn, rc);
+    }
+    for (unsigned i = 0; refill && i < n && kept < npages; i++) {
+        xen_pfn_t list[1] = { pfns[i] };
+        long rc = reservation(XENMEM_populate_physmap, list);
+        printk("balloon: refilled pfn=0x%lx mfn=0x%lx rc=%ld\n", pfns[i], list[0], rc);
+        if (rc != 1) panic("balloon: populate failed");
+        ((unsigned long *)start_info->mfn_list)[pfns[i]] = list[0];
+        if (map_frame((unsigned long)va[i], list[0], PTE_KERNEL_RW)) panic("balloon: map failed");
+        pages[kept++] = va[i];
+    }
+    return kept;
 }
 
 static u64 checksum(void)
@@ -60,10 +107,12 @@ void app_main(void)
     u64 stop = cmdline_u64(cl, "ticks", 0);
     u64 dirty = cmdline_u64(cl, "dirty", 0);
     bad_start_info = cmdline_u64(cl, "bad_si", 0);
+    unsigned refilled = balloon(cmdline_u64(cl, "balloon", 0), cmdline_u64(cl, "refill", 0) != 0);
     u64 seen = 0, k = 0;
     u64 seed = monotonic_ns();
     for (unsigned i = 0; i < npages; i++) {
-        pages[i] = alloc_page();
+        if (i >= refilled)
+            pages[i] = alloc_page();
         for (unsigned j = 0; j < PAGE_SIZE / 8; j++)
             pages[i][j] = seed ^ ((u64)i << 32) ^ j;
     }
