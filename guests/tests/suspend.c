@@ -8,6 +8,11 @@
  * hostile guest: the hypervisor must refuse it) and carry on.
  * `dirty=<n>`: rewrite n pages of the pattern on every tick (a busy guest for
  * live migration; the checksum then changes as it goes).
+ * `smp=1`: vCPU 0 brings up vCPU 1 (VCPUOP_initialise + up), which counts for
+ * ever in a general register (r12) and an SSE register (xmm3) at once and
+ * stores the count: registers a save lost would show as a count below the
+ * one in memory or two counts that differ (`bad`). Other vCPUs the domain has stay
+ * down. The uptime line then ends with " ap=<count> bad=<n>".
  *
  *   suspend: ready pages=<n> sum=<hex>
  *   uptime: ticks=<n> sum=<hex>     (n = every, 2*every, ...: each milestone once)
@@ -23,11 +28,57 @@
 #include "mm.h"
 #include "lib.h"
 #include "traps.h"
+#include <xen/vcpu.h>
 
 static volatile u64 ticks;
 static long timer_port = -1;
 static u64 *pages[256];
 static unsigned npages;
+
+/* vCPU 1 (smp=1): r12 and xmm3 count together; every 2^16 rounds it stores the
+ * count and yields (a hypercall clobbers only rax, rcx and r11). */
+volatile u64 ap_count, ap_bad;
+static u8 ap_stack[8192] __attribute__((aligned(16)));
+extern char ap_entry[];
+__asm__(".text\n"
+        "ap_entry:\n"
+        "    xor %r12d, %r12d\n"
+        "    pxor %xmm3, %xmm3\n"
+        "    mov $1, %eax\n"
+        "    movq %rax, %xmm4\n"
+        "1:  inc %r12\n"
+        "    paddq %xmm4, %xmm3\n"
+        "    movq %xmm3, %rax\n"
+        "    cmp %rax, %r12\n"
+        "    je 2f\n"
+        "    incq ap_bad(%rip)\n"
+        "    movq %r12, %xmm3\n"
+        "2:  test $0xffff, %r12w\n"
+        "    jnz 1b\n"
+        "    cmp ap_count(%rip), %r12\n"     /* the count in memory never goes back */
+        "    jae 3f\n"
+        "    incq ap_bad(%rip)\n"
+        "3:  mov %r12, ap_count(%rip)\n"
+        "    xor %edi, %edi\n"                  /* SCHEDOP_yield */
+        "    xor %esi, %esi\n"
+        "    call hypercall_page + 29 * 32\n"   /* __HYPERVISOR_sched_op */
+        "    jmp 1b\n");
+
+static void start_ap(void)
+{
+    static vcpu_guest_context_t c;
+    memset(&c, 0, sizeof(c));
+    c.flags = VGCF_in_kernel | VGCF_online;
+    c.user_regs.rip = (unsigned long)ap_entry;
+    c.user_regs.rsp = (unsigned long)(ap_stack + sizeof(ap_stack));
+    c.user_regs.cs = FLAT_KERNEL_CS;
+    c.user_regs.ss = FLAT_KERNEL_SS;
+    c.kernel_ss = FLAT_KERNEL_SS;
+    c.kernel_sp = (unsigned long)(ap_stack + sizeof(ap_stack));
+    c.ctrlreg[3] = virt_to_mfn((void *)start_info->pt_base) << PAGE_SHIFT;
+    long rc = HYPERVISOR_vcpu_op(VCPUOP_initialise, 1, &c);
+    if (rc) panic("VCPUOP_initialise(1): %ld", rc);
+}
 
 static void on_timer(evtchn_port_t port, struct regs *r) { (void)port; (void)r; ticks++; }
 
@@ -60,6 +111,7 @@ void app_main(void)
     u64 stop = cmdline_u64(cl, "ticks", 0);
     u64 dirty = cmdline_u64(cl, "dirty", 0);
     bad_start_info = cmdline_u64(cl, "bad_si", 0);
+    u64 smp = cmdline_u64(cl, "smp", 0);
     u64 seen = 0, k = 0;
     u64 seed = monotonic_ns();
     for (unsigned i = 0; i < npages; i++) {
@@ -72,6 +124,8 @@ void app_main(void)
     printk("suspend: ready pages=%u sum=0x%lx\n", npages, checksum());
     bind_timer();
     irq_enable();
+    if (smp)
+        start_ap();
     u64 next = every;
     for (;;) {
         suspend_check(monotonic_ns() + 5000000UL);
@@ -83,7 +137,11 @@ void app_main(void)
                 for (unsigned j = 0; j < PAGE_SIZE / 8; j++)
                     pages[k % npages][j]++;
         while (t >= next) {              /* every milestone, even if ticks came fast */
-            printk("uptime: ticks=%lu sum=0x%lx\n", next, checksum());
+            if (smp)
+                printk("uptime: ticks=%lu sum=0x%lx ap=%lu bad=%lu\n", next, checksum(),
+                       ap_count, ap_bad);
+            else
+                printk("uptime: ticks=%lu sum=0x%lx\n", next, checksum());
             next += every;
         }
         if (stop && t >= stop)
