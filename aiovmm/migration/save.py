@@ -52,9 +52,11 @@ Progress = Callable[[int, int], None]          # (pages done, pages total)
 
 def check_saveable(dom: "Domain") -> None:
     """What restore cannot take back is refused before the guest is asked to suspend (a
-    save that succeeded destroys the source). Every vCPU's state goes into the stream
-    now (saved_vcpus), so nothing is refused here at present; the hook stays for the
-    toolstack paths that call it first (files.save_file, live.migrate)."""
+    save that succeeded destroys the source): a domain whose vCPU 0 is down. Xen's stream
+    carries the start_info frame in vCPU 0's state and its restore refuses a stream
+    without vCPU 0's BASIC record ("Sender didn't send vcpu0's basic state")."""
+    if not dom.vcpus or not dom.vcpus[0].online:
+        raise SaveError(f"d{dom.domid}: vCPU 0 is down: a domain is saved with vCPU 0 up")
 
 
 def saved_vcpus(dom: "Domain") -> list["VCPU"]:
@@ -134,6 +136,9 @@ def vcpu_context(dom: "Domain", vid: int, susp: Suspended) -> tuple[VcpuContext,
     again on the new side."""
     from ..vcpu_engine import GPRS
     v = dom.vcpus[vid]
+    if vid == 0 and susp.vcpu != 0:
+        raise SaveError(f"d{dom.domid}: suspended by vCPU {susp.vcpu}: Xen's stream carries "
+                        "the start_info frame in vCPU 0's RDX, so vCPU 0 must suspend")
     if vid == 0 and not v.kernel_mode:
         raise SaveError(f"d{dom.domid}v{vid}: suspended in user mode")
     eng = v.engine
