@@ -287,6 +287,7 @@ async def test_multi_vcpu_save_restore_both_carry_on(hv, tmp_path):
     path = str(tmp_path / "smp.save")
     await dom.save(path)
     assert dom.describe_end() == "suspend"
+    await asyncio.wait([dom.task])                 # gone, its frames freed
     ticks, checksum, ap, bad = smp_uptime(dom)
     assert ap > 0 and bad == 0
     r = verify_stream(path)
@@ -296,6 +297,15 @@ async def test_multi_vcpu_save_restore_both_carry_on(hv, tmp_path):
     for rt in (S.Rec.x86_pv_vcpu_basic, S.Rec.x86_pv_vcpu_extended):
         ids = [struct.unpack_from("<I", data, off + 8)[0] for off, t, _n in _records(data) if t == rt]
         assert ids == [0, 1], (rt, ids)
+    # vCPU 1's record is checked as vCPU 0's: CR3 naming a data page, a non-canonical rip
+    # (arch_set_info_guest's rule), a vCPU id past the domain's: refused, nothing left.
+    basic1 = [off for off, t, _n in _records(data) if t == S.Rec.x86_pv_vcpu_basic][1]
+    bad = str(tmp_path / "bad.save")
+    await _refused(hv, bad, _patch(data, basic1 + 16 + 4984 + 3 * 8, struct.pack("<Q", 1 << 12)),
+                   "vcpu 1: CR3")
+    await _refused(hv, bad, _patch(data, basic1 + 16 + 648, struct.pack("<Q", 1 << 63)),
+                   "vcpu 1: context refused")
+    await _refused(hv, bad, _patch(data, basic1 + 8, struct.pack("<I", 3)), "vcpu 3")
     dom2 = await hv.restore(path)
     assert [(v.online, v.initialised) for v in dom2.vcpus] == [(True, True), (True, True), (False, False)]
     await dom2.wait_for_line(r"suspend: resumed rc=0", 10)
