@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import dataclasses
 import logging
 import struct
 import time
@@ -58,6 +59,7 @@ class _State:
     # final pinning then finds them validated; dropped at the end (`_release_held`).
     held: dict[int, int] = field(default_factory=dict)      # pfn -> mfn
     engine: object = None               # vCPU 0's engine, made before the pages arrive
+    engines: dict[int, object] = field(default_factory=dict)   # vCPUs 1..: the same
     nr_vcpus: int = 1                   # the domain's vCPUs (xl header): ids 0..nr_vcpus-1
     seen: bytearray = field(default_factory=bytearray)
     shinfo: bytes | None = None
@@ -454,11 +456,10 @@ def _secondary_vcpus(dom: "Domain", st: _State) -> None:
     checks as VCPUOP_initialise: vcpu_context.set_context) with its frames turned into
     the new MFNs, and is online; one without (it was down at the save) stays down and
     uninitialised until the guest brings it up again."""
-    import dataclasses
     from .. import vcpu_context, vcpu_op
     from ..errors import HypercallError
     for vid in range(1, st.nr_vcpus):
-        v = vcpu_op.create_secondary(dom, vid)
+        v = vcpu_op.create_secondary(dom, vid, st.engines.pop(vid, None))
         rec = st.ctx.get(vid)
         if rec is None:
             continue
@@ -553,6 +554,8 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
         # The engine now, not after the stream: making one (a Unicorn instance with
         # machine memory mapped, or a KVM vCPU) is most of what is left of _finish.
         st.engine = hv.new_engine(dom, 0)
+        for i in range(1, nr_vcpus):          # and the others' (Unicorn: ~20 ms each)
+            st.engines[i] = hv.new_engine(dom, i)
         done = 0
         while True:
             rt, length = await rd.record_header()
@@ -584,8 +587,9 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
             prep.cancel()
             await asyncio.wait([prep])
         hv.domains.pop(domid, None)
-        if st.engine is not None:             # made, not yet given to a vCPU
-            st.engine.close()
+        for eng in [st.engine, *st.engines.values()]:
+            if eng is not None:               # made, not yet given to a vCPU
+                eng.close()
         from .. import toolstack
         devices.release(hv, dom)
         devices.close(dom)
