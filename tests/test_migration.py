@@ -274,14 +274,17 @@ def smp_uptime(dom) -> tuple[int, str, int, int]:
     raise AssertionError(f"no smp uptime line in {dom.console_lines[-5:]}")
 
 
-async def test_multi_vcpu_save_restore_both_carry_on(hv, tmp_path):
+@pytest.mark.parametrize("mode", ["kernel", "user"])
+async def test_multi_vcpu_save_restore_both_carry_on(hv, tmp_path, mode):
     """A three-vCPU domain whose kernel brought up vCPU 1 (counting in r12 and xmm3 at
-    once) and left vCPU 2 down: the stream has BASIC/EXTENDED records for vCPUs 0 and 1
+    once; in kernel mode, or in user mode on page tables of its own: no VGCF_in_kernel,
+    a user root in ctrlreg[1]) and left vCPU 2 down: the stream has BASIC/EXTENDED records for vCPUs 0 and 1
     only (Xen's write_all_vcpu_information skips a vCPU that is down), verify-stream-v2
     accepts it, and the restored domain has vCPU 1 online where it was, registers and
     SSE state intact (its count goes on from the one in memory, never back), vCPU 2 down
     and uninitialised, and vCPU 0's uptime and memory checksum carrying on."""
-    dom = await hv.create(guest("suspend"), memory_mib=MEM_MIB, cmdline="pages=32 every=10 smp=1",
+    smp = 1 if mode == "kernel" else 2
+    dom = await hv.create(guest("suspend"), memory_mib=MEM_MIB, cmdline=f"pages=32 every=10 smp={smp}",
                           vcpus=3)
     await dom.wait_for_line(r"uptime: ticks=20 .* ap=[1-9]", 30)
     path = str(tmp_path / "smp.save")
@@ -289,6 +292,12 @@ async def test_multi_vcpu_save_restore_both_carry_on(hv, tmp_path):
     assert dom.describe_end() == "suspend"
     await asyncio.wait([dom.task])                 # gone, its frames freed
     ticks, checksum, ap, bad = smp_uptime(dom)
+    basic1 = [off for off, t, _n in _records(open(path, "rb").read()) if t == S.Rec.x86_pv_vcpu_basic][1]
+    with open(path, "rb") as f:
+        f.seek(basic1 + 16)
+        from aiovmm.migration.context import VGCF, VcpuContext
+        c1 = VcpuContext.unpack(f.read(5168))
+    assert bool(c1.flags & VGCF.in_kernel) == (mode == "kernel") and bool(c1.ctrlreg[1]) == (mode == "user")
     assert ap > 0 and bad == 0
     r = verify_stream(path)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -13,6 +13,9 @@
  * stores the count: registers a save lost would show as a count below the
  * one in memory or two counts that differ (`bad`). Other vCPUs the domain has stay
  * down. The uptime line then ends with " ap=<count> bad=<n>".
+ * `smp=2`: the same count, but vCPU 1 starts in user mode (VCPUOP_initialise
+ * without VGCF_in_kernel, a user page-table root of its own) and never leaves
+ * it: its count and bad count live in a user page vCPU 0 reads.
  *
  *   suspend: ready pages=<n> sum=<hex>
  *   uptime: ticks=<n> sum=<hex>     (n = every, 2*every, ...: each milestone once)
@@ -64,7 +67,64 @@ __asm__(".text\n"
         "    call hypercall_page + 29 * 32\n"   /* __HYPERVISOR_sched_op */
         "    jmp 1b\n");
 
-static void start_ap(void)
+/* smp=2: the same loop as user code at AP_USER_VA, its data in a user page. */
+#define AP_USER_VA   0x400000UL
+#define AP_DATA_VA   0x401000UL
+extern char ap_user_start[], ap_user_end[];
+__asm__(".section .rodata.ap_user, \"a\"\n"
+        "ap_user_start:\n"
+        "    xor %r12d, %r12d\n"
+        "    pxor %xmm3, %xmm3\n"
+        "    mov $1, %eax\n"
+        "    movq %rax, %xmm4\n"
+        "1:  inc %r12\n"
+        "    paddq %xmm4, %xmm3\n"
+        "    movq %xmm3, %rax\n"
+        "    cmp %rax, %r12\n"
+        "    je 2f\n"
+        "    incq 0x401008\n"
+        "    movq %r12, %xmm3\n"
+        "2:  test $0xffff, %r12w\n"
+        "    jnz 1b\n"
+        "    cmp 0x401000, %r12\n"
+        "    jae 3f\n"
+        "    incq 0x401008\n"
+        "3:  mov %r12, 0x401000\n"
+        "    jmp 1b\n"
+        "ap_user_end:\n"
+        ".text\n");
+static volatile u64 *ap_user_data;       /* kernel view of the user data page */
+
+/* Page tables for vCPU 1's user mode: code (read-only) and data, pinned L4. */
+static unsigned long user_root(void)
+{
+    void *l4 = alloc_page(), *l3 = alloc_page(), *l2 = alloc_page(), *l1 = alloc_page();
+    void *code = alloc_page(), *data = alloc_page();
+    memcpy(code, ap_user_start, ap_user_end - ap_user_start);
+    ap_user_data = data;
+    void *tables[] = { l4, l3, l2, l1 };
+    for (unsigned i = 0; i < 4; i++)
+        if (make_readonly(tables[i])) panic("smp=2: make_readonly failed");
+#define ENTRY(t, i) ((((u64)virt_to_mfn(t) << PAGE_SHIFT) + (i) * 8) | MMU_NORMAL_PT_UPDATE)
+    mmu_update_t req[] = {
+        { ENTRY(l1, (AP_USER_VA >> 12) & 511), ((u64)virt_to_mfn(code) << PAGE_SHIFT) | PTE_P | PTE_US | PTE_A },
+        { ENTRY(l1, (AP_DATA_VA >> 12) & 511),
+          ((u64)virt_to_mfn(data) << PAGE_SHIFT) | PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D },
+        { ENTRY(l2, (AP_USER_VA >> 21) & 511), ((u64)virt_to_mfn(l1) << PAGE_SHIFT) | PTE_TABLE },
+        { ENTRY(l3, (AP_USER_VA >> 30) & 511), ((u64)virt_to_mfn(l2) << PAGE_SHIFT) | PTE_TABLE },
+        { ENTRY(l4, (AP_USER_VA >> 39) & 511), ((u64)virt_to_mfn(l3) << PAGE_SHIFT) | PTE_TABLE },
+    };
+#undef ENTRY
+    unsigned done = 0;
+    if (HYPERVISOR_mmu_update(req, ARRAY_SIZE(req), &done, DOMID_SELF) || done != ARRAY_SIZE(req))
+        panic("smp=2: mmu_update failed");
+    struct mmuext_op pin = { .cmd = MMUEXT_PIN_L4_TABLE };
+    pin.arg1.mfn = virt_to_mfn(l4);
+    if (HYPERVISOR_mmuext_op(&pin, 1, &done, DOMID_SELF)) panic("smp=2: pin failed");
+    return virt_to_mfn(l4);
+}
+
+static void start_ap(int user)
 {
     static vcpu_guest_context_t c;
     memset(&c, 0, sizeof(c));
@@ -76,6 +136,14 @@ static void start_ap(void)
     c.kernel_ss = FLAT_KERNEL_SS;
     c.kernel_sp = (unsigned long)(ap_stack + sizeof(ap_stack));
     c.ctrlreg[3] = virt_to_mfn((void *)start_info->pt_base) << PAGE_SHIFT;
+    if (user) {
+        c.flags = VGCF_online;
+        c.user_regs.rip = AP_USER_VA;
+        c.user_regs.rsp = AP_DATA_VA + PAGE_SIZE;
+        c.user_regs.cs = FLAT_USER_CS;
+        c.user_regs.ss = FLAT_USER_SS;
+        c.ctrlreg[1] = user_root() << PAGE_SHIFT;
+    }
     long rc = HYPERVISOR_vcpu_op(VCPUOP_initialise, 1, &c);
     if (rc) panic("VCPUOP_initialise(1): %ld", rc);
 }
@@ -125,7 +193,7 @@ void app_main(void)
     bind_timer();
     irq_enable();
     if (smp)
-        start_ap();
+        start_ap(smp == 2);
     u64 next = every;
     for (;;) {
         suspend_check(monotonic_ns() + 5000000UL);
@@ -139,7 +207,8 @@ void app_main(void)
         while (t >= next) {              /* every milestone, even if ticks came fast */
             if (smp)
                 printk("uptime: ticks=%lu sum=0x%lx ap=%lu bad=%lu\n", next, checksum(),
-                       ap_count, ap_bad);
+                       smp == 2 ? ap_user_data[0] : ap_count,
+                       smp == 2 ? ap_user_data[1] : ap_bad);
             else
                 printk("uptime: ticks=%lu sum=0x%lx\n", next, checksum());
             next += every;
