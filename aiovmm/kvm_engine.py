@@ -871,6 +871,13 @@ class KVMEngine:
         struct.pack_into("<Q", buf, 512, 3)         # XSTATE_BV: x87, SSE
         fcntl.ioctl(self.vcpu_fd, 0x5000AEA5, buf)  # KVM_SET_XSAVE
 
+    def save_fpu(self) -> bytes:
+        """The x87/SSE state as a 512-byte FXSAVE image (VCPUEngine.save_fpu): the legacy
+        region of KVM_GET_XSAVE (KVM fills it with the init state where XSTATE_BV says so)."""
+        buf = bytearray(4096)                       # struct kvm_xsave
+        fcntl.ioctl(self.vcpu_fd, 0x9000AEA4, buf)  # KVM_GET_XSAVE
+        return bytes(buf[:512])
+
     def get_msr(self, msr: int) -> int:
         buf = bytearray(struct.pack("<IIIIQ", 1, 0, msr, 0, 0))
         fcntl.ioctl(self.vcpu_fd, Ioctl.GET_MSRS, buf)

@@ -112,6 +112,19 @@ def initialise(caller: "VCPU", v: "VCPU", arg: int) -> None:
     if v.initialised:
         raise HypercallError(Errno.EEXIST, f"vCPU {v.id} is already initialised")
     c = VcpuContext.unpack(raw)
+    set_context(v, c)
+    log.info("d%d: vcpu %d initialised by vcpu %d: rip %#x rsp %#x cr3 %#x", v.domain.domid,
+             v.id, caller.id, c.regs.get("rip", 0), c.regs.get("rsp", 0), v.kernel_root << PAGE_SHIFT)
+    if c.flags & VGCF.online:
+        vcpu_op.bring_up(v)
+
+
+def set_context(v: "VCPU", c: VcpuContext) -> None:
+    """Xen's arch_set_info_guest for a 64-bit PV vCPU not yet initialised: steps 2-6 of
+    the module docstring, frame numbers in `c` being MFNs; its fpu_ctxt is loaded when
+    VGCF_i387_valid. Shared by VCPUOP_initialise and a restore
+    (migration/restore.py, which converts the stream's PFNs first, as Xen's
+    process_vcpu_basic does). The vCPU is left down: the caller brings it up."""
     check(c)
     dom = v.domain
     hv = dom.hypervisor
@@ -164,13 +177,9 @@ def initialise(caller: "VCPU", v: "VCPU", arg: int) -> None:
                                      "r9", "r10", "r11", "r12", "r13", "r14", "r15")}
     eng.start_in_stub(hv.xen.STUB_VA, hv.xen.STUB_STACK_TOP, gprs, r.get("rip", 0),
                       r.get("rsp", 0), (rflags & RFLAGS_KEPT) | RFLAGS_IF | RFLAGS_MBS)
-    eng.load_fpu(raw[:512] if c.flags & VGCF.i387_valid else None)   # fpu_ctxt leads
+    eng.load_fpu(c.fpu if c.flags & VGCF.i387_valid else None)   # fpu_ctxt leads
     eng.write({"fs_base": c.fs_base,
                "gs_base": c.gs_base_kernel if in_kernel else c.gs_base_user})
     eng.flush_tlb()
     timers.write_pvclock(v)
     v.initialised = True
-    log.info("d%d: vcpu %d initialised by vcpu %d: rip %#x rsp %#x cr3 %#x", dom.domid, v.id,
-             caller.id, r.get("rip", 0), r.get("rsp", 0), v.kernel_root << PAGE_SHIFT)
-    if c.flags & VGCF.online:
-        vcpu_op.bring_up(v)

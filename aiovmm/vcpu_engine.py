@@ -449,6 +449,25 @@ class VCPUEngine:
             uc.reg_write(X.UC_X86_REG_XMM0 + i, x)
         uc.reg_write(X.UC_X86_REG_MXCSR, st.mxcsr)
 
+    def save_fpu(self) -> bytes:
+        """The x87/SSE state as a 512-byte FXSAVE image (vcpu_guest_context.fpu_ctxt, as
+        Xen's arch_get_info_guest hands it out): load_fpu's inverse, for a save of the vCPU."""
+        uc = self.uc
+        img = bytearray(FXSAVE_SIZE)
+        fsw = uc.reg_read(X.UC_X86_REG_FPSW)
+        tag = uc.reg_read(X.UC_X86_REG_FPTAG)
+        ftw = sum(1 << i for i in range(8) if (tag >> 2 * i) & 3 != 3)
+        mxcsr = uc.reg_read(X.UC_X86_REG_MXCSR)
+        struct.pack_into("<HHB", img, 0, uc.reg_read(X.UC_X86_REG_FPCW), fsw, ftw)
+        struct.pack_into("<II", img, 24, mxcsr, 0xFFFF)
+        top = (fsw >> 11) & 7
+        for i in range(8):
+            mant, exp = uc.reg_read(X.UC_X86_REG_FP0 + ((top + i) & 7))
+            struct.pack_into("<QH", img, 32 + 16 * i, mant, exp)
+        for i in range(16):
+            img[160 + 16 * i:176 + 16 * i] = uc.reg_read(X.UC_X86_REG_XMM0 + i).to_bytes(16, "little")
+        return bytes(img)
+
     # -- running ---------------------------------------------------------------------------------
     def step_to(self, end: int) -> bool:
         """Execute from RIP up to (not including) `end`: one instruction when `end` is the

@@ -140,14 +140,15 @@ def release(v: "VCPU") -> None:
 
 
 # ---------------------------------------------------------------------------- vCPUs 1..N-1
-def create_secondary(dom: "Domain", vcpu_id: int) -> "VCPU":
+def create_secondary(dom: "Domain", vcpu_id: int, engine=None) -> "VCPU":
     """A vCPU as Xen creates vCPUs 1..N-1 of a PV domain: existing (is_up answers 0,
     bind_virq/bind_ipi may name it) but down and not initialised until the guest sends
     VCPUOP_initialise with a vcpu_guest_context (vcpu_context.py) and VCPUOP_up. Its own
-    engine instance; its timers are armed when it first comes up."""
+    engine instance (`engine`: one made ahead, as a restore does while the pages arrive);
+    its timers are armed when it first comes up."""
     from .vcpu import VCPU
     hv = dom.hypervisor
-    eng = hv.new_engine(dom, vcpu_id)
+    eng = engine if engine is not None else hv.new_engine(dom, vcpu_id)
     v = VCPU(dom, vcpu_id, eng)
     eng.kernel_mode = lambda: v.kernel_mode
     v.online = False

@@ -4,11 +4,17 @@ its per-CPU GDT page, its P2M list), the file checked by Xen's verify-stream-v2,
 restored guest carrying on: console, uptime, a tmpfs file's checksum, its vif (ping) and its
 disk (through blkfront reconnecting to the new blkback).
 
-One Linux boot for the module (boots cost tens of seconds of emulated kernel time): the
-fixture boots the guest with a vif on a VirtualLan and a file disk, writes the tmpfs file and
-a disk pattern, pings it (so netback learns its IPv4 and IPv6 addresses from its traffic),
-saves it, restores it while capturing what reaches the LAN's host behind the bridge, and
-the tests look at the restored guest.
+The guest has two vCPUs: Linux's suspend runs in stop_machine, its second CPU spinning
+with events masked while CPU 0 suspends; Xen saves both vCPUs' state, and after the restore
+Linux takes CPU 1 down and up again around re-registering its vcpu_info (xen_vcpu_restore).
+A shell loop pinned to CPU 1 (`taskset -c 1`, sleeping between counts: CPU 1's timer) keeps
+counting across the save.
+
+One Linux boot per engine (boots cost tens of seconds of emulated kernel time; KVM's half is
+skipped where /dev/kvm is unusable): the fixture boots the guest with a vif on a VirtualLan
+and a file disk, writes the tmpfs file and a disk pattern, pings it (so netback learns its
+IPv4 and IPv6 addresses from its traffic), saves it, restores it while capturing what
+reaches the LAN's host behind the bridge, and the tests look at the restored guest.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from scapy.layers.l2 import ARP, Ether
 
 from aiovmm import Hypervisor
 from aiovmm.testing import Capture, VirtualLan
-from conftest import HV_MEMORY_MIB
+from conftest import ENGINES, HV_MEMORY_MIB
 from test_linux import BOOT_TIMEOUT, INITRD, KERNEL, Lab, Shell
 from test_migration import verify_stream
 
@@ -35,17 +41,40 @@ DISK_MIB = 8
 TMPFS_KIB = 2048
 DISK_KIB = 256
 CMD_TIMEOUT = 180.0
+VCPUS = 2
+# CPU 1's counter: a shell loop pinned to it, one count (a line appended) per 0.1 s sleep.
+CPU1_LOOP = ("taskset -c 1 sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /tmp/c1; sleep 0.1; "
+             "done' >/dev/null 2>&1 &")
+
+pytestmark = ENGINES
+
+
+def wait_c1(at_least: int) -> str:
+    """Shell: wait (up to 60 s: an emulated CPU under load is slow to fork) until CPU 1's
+    count reaches `at_least`, then print it."""
+    count = "$(tail -n 1 /tmp/c1 2>/dev/null)"
+    return (f"t=0; while [ \"{count}\" -lt {at_least} ] 2>/dev/null || [ -z \"{count}\" ]; do "
+            f"[ $t -ge 300 ] && break; sleep 0.2; t=$((t+1)); done; tail -n 1 /tmp/c1")
+
+
+KMSG = re.compile(r"^\[\s*\d+\.\d+\] ")
 
 
 def run(lab: Lab, cmd: str, shell: Shell | None = None, timeout: float = CMD_TIMEOUT):
-    return lab.call((shell or lab.sh).run(cmd, timeout), timeout + 30)
+    """(status, output lines) of `cmd` in the guest's shell. Kernel messages the guest
+    prints on hvc0 meanwhile ("[  12.345] ...") are not the command's: printed, dropped."""
+    rc, out = lab.call((shell or lab.sh).run(cmd, timeout), timeout + 30)
+    for line in out:
+        if KMSG.match(line):
+            print(f"guest kernel: {line}")
+    return rc, [line for line in out if not KMSG.match(line)]
 
 
 @pytest.fixture(scope="module")
-def lx(tmp_path_factory):
+def lx(tmp_path_factory, engine):
     if not KERNEL.exists() or not INITRD.exists():
         pytest.skip("Debian kernel and initramfs not built (make setup)")
-    tmp = tmp_path_factory.mktemp("linux-mig")
+    tmp = tmp_path_factory.mktemp(f"linux-mig-{engine}")
     lab = Lab()
     lab.disk = tmp / "xvda.img"
     with open(lab.disk, "wb") as f:
@@ -58,12 +87,13 @@ def lx(tmp_path_factory):
             await lab.lan.__aenter__()
             # The restored vif is made in the hypervisor's namespace (a save file names no
             # namespace): the LAN's, where its bridge is.
-            lab.hv = Hypervisor(memory_mib=HV_MEMORY_MIB + MEM + 16, netns=lab.lan.lan_ns)
+            lab.hv = Hypervisor(memory_mib=HV_MEMORY_MIB + MEM + 16, netns=lab.lan.lan_ns,
+                                engine=engine)
             await lab.hv.__aenter__()
             lab.dom = await lab.hv.create(
                 str(KERNEL), memory_mib=MEM, ramdisk=str(INITRD), name="lxmig",
                 cmdline=f"console=hvc0 aiovmm.ip={GUEST_IP}/24", vifs=[lab.lan.vif(MAC)],
-                disks=[f"target={lab.disk},vdev=xvda,access=rw"])
+                disks=[f"target={lab.disk},vdev=xvda,access=rw"], vcpus=VCPUS)
             await lab.dom.wait_for_line(r"^aiovmm-init: ready", timeout=BOOT_TIMEOUT)
             lab.sh = Shell(lab.dom)
             lab.boot_s = time.monotonic() - t0
@@ -85,6 +115,9 @@ def lx(tmp_path_factory):
         lab.blob_md5 = out[0].split()[0]
         lab.pat_md5 = out[1].split()[0]
         lab.uptime_before = float(out[2].split()[0])
+        rc, out = run(lab, f"{CPU1_LOOP} {wait_c1(1)}")
+        assert rc == 0, out
+        lab.c1_before = int(out[-1])
         nb = lab.dom.backends[0]
         lab.learned = (list(nb.ipv4), list(nb.ipv6))
 
@@ -107,7 +140,7 @@ def lx(tmp_path_factory):
         if cap is not None:
             cap.close()
         lab.stop()
-        print(f"\ntest_linux_migration: boot {getattr(lab, 'boot_s', -1):.0f} s, save "
+        print(f"\ntest_linux_migration[{engine}]: boot {getattr(lab, 'boot_s', -1):.0f} s, save "
               f"{getattr(lab, 'save_s', -1):.2f} s, restore {getattr(lab, 'restore_s', -1):.2f} s, "
               f"module {time.monotonic() - t0:.0f} s")
 
@@ -132,6 +165,21 @@ def test_memory_checksum_unchanged(lx):
     assert rc == 0 and out[0].split()[0] == lx.blob_md5, out
 
 
+def test_both_cpus_carry_on(lx):
+    """Both vCPUs came back online and run: CPU 1's pinned loop counts on from where it
+    was (the same process, its sleeps woken by CPU 1's timer), and CPU 1 takes interrupts
+    after the restore (its column of /proc/interrupts grows)."""
+    dom = lx.dom2
+    assert len(dom.vcpus) == VCPUS and all(v.online for v in dom.vcpus)
+    cpu1_irqs = "awk '/^ *[0-9]+:/ {s += $3} END {print s}' /proc/interrupts"
+    rc, out = run(lx, f"cat /sys/devices/system/cpu/online; tail -n 1 /tmp/c1; {cpu1_irqs}", lx.sh2)
+    assert rc == 0 and out[0] == "0-1", out
+    c1, irqs = int(out[1]), int(out[2])
+    assert c1 > lx.c1_before, (lx.c1_before, c1)
+    rc, out = run(lx, f"{wait_c1(c1 + 3)}; {cpu1_irqs}", lx.sh2)
+    assert rc == 0 and int(out[0]) >= c1 + 3 and int(out[1]) > irqs, (c1, irqs, out)
+
+
 def test_ping_after_restore(lx):
     assert lx.ping_before[0] == 0, lx.ping_before[1]
     rc, out = lx.call(lx.lan.run("ping", "-c", "10", "-i", "0.1", "-W", "5", "-q", GUEST_IP))
@@ -149,7 +197,7 @@ def test_disk_after_restore(lx):
     assert rc == 0, out
     with open(lx.disk, "rb") as f:
         f.seek(64 * 65536)
-        assert hashlib.md5(f.read(65536)).hexdigest() == out[0].split()[0]
+        assert hashlib.md5(f.read(65536)).hexdigest() == out[0].split()[0], out
 
 
 def test_no_oops_after_restore(lx):

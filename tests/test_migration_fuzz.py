@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 from aiovmm import Hypervisor
@@ -15,10 +16,14 @@ from conftest import HV_MEMORY_MIB, guest
 CASES = int(os.environ.get("AIOVMM_FUZZ_CASES", "60"))
 
 
-def test_mutated_streams_never_crash_the_receiver(tmp_path):
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_mutated_streams_never_crash_the_receiver(tmp_path, vcpus):
+    """`vcpus=2`: the base stream has vCPU 1's records too (suspend.c smp=1), so mutations
+    reach the secondary vCPUs' restore (restore._secondary_vcpus)."""
     async def make() -> bytes:
         async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
-            dom = await hv.create(guest("suspend"), memory_mib=4, cmdline="pages=8 every=10")
+            dom = await hv.create(guest("suspend"), memory_mib=4, vcpus=vcpus,
+                                  cmdline="pages=8 every=10" + (" smp=1" if vcpus > 1 else ""))
             await dom.wait_for_line(r"uptime: ticks=10 ", 20)
             await dom.save(str(tmp_path / "base.save"))
         return (tmp_path / "base.save").read_bytes()

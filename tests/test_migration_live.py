@@ -66,6 +66,26 @@ async def test_live_migration_carries_on(pair):
     new.shutdown()
 
 
+async def test_live_migration_two_vcpus(pair):
+    """A guest whose vCPU 1 counts in r12 and xmm3 (suspend.c smp=1) migrates live: the
+    same stream as a save, so vCPU 1 arrives online with its registers, counting on from
+    the count in its memory; vCPU 0's uptime and checksum carry on."""
+    from test_migration import smp_uptime
+    src, dst, rx, arrived = pair
+    dom = await src.create(guest("suspend"), memory_mib=8, cmdline="pages=64 every=10 smp=1", vcpus=2)
+    await dom.wait_for_line(r"uptime: ticks=20 .* ap=[1-9]", 30)
+    st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30)
+    t, s, ap, bad = smp_uptime(dom)
+    await asyncio.wait([dom.task])
+    assert dom.destroyed and len(arrived) == 1 and arrived[0].domid == st.domid
+    new = arrived[0]
+    assert [v.online for v in new.vcpus] == [True, True]
+    await new.wait_for_line(rf"uptime: ticks={t + 20} ", 20)
+    t2, s2, ap2, bad2 = smp_uptime(new)
+    assert s2 == s and bad == bad2 == 0 and ap2 > ap, (ap, ap2, bad2)
+    new.shutdown()
+
+
 async def test_wrong_secret_refused_before_parsing(pair):
     src, dst, rx, arrived = pair
     dom = await _guest(src)

@@ -58,9 +58,11 @@ class VcpuContext:
     fs_base: int = 0
     gs_base_kernel: int = 0
     gs_base_user: int = 0
+    fpu: bytes = bytes(512)                 # fpu_ctxt: an FXSAVE image (VGCF_i387_valid)
 
     def pack(self) -> bytes:
         out = bytearray(SIZE)
+        out[:512] = self.fpu[:512].ljust(512, b"\0")
         struct.pack_into("<Q", out, OFF_FLAGS, self.flags)
         r = self.regs
         REGS.pack_into(out, OFF_REGS, *(r.get(n, 0) for n in REG_ORDER), 0, 0, r.get("rip", 0),
@@ -81,6 +83,7 @@ class VcpuContext:
         if len(raw) != SIZE:
             raise ValueError(f"vcpu_guest_context of {len(raw)} bytes (want {SIZE})")
         c = cls()
+        c.fpu = bytes(raw[:512])
         c.flags = struct.unpack_from("<Q", raw, OFF_FLAGS)[0]
         v = REGS.unpack_from(raw, OFF_REGS)
         c.regs = dict(zip(REG_ORDER, v[:15]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import dataclasses
 import logging
 import struct
 import time
@@ -58,6 +59,8 @@ class _State:
     # final pinning then finds them validated; dropped at the end (`_release_held`).
     held: dict[int, int] = field(default_factory=dict)      # pfn -> mfn
     engine: object = None               # vCPU 0's engine, made before the pages arrive
+    engines: dict[int, object] = field(default_factory=dict)   # vCPUs 1..: the same
+    nr_vcpus: int = 1                   # the domain's vCPUs (xl header): ids 0..nr_vcpus-1
     seen: bytearray = field(default_factory=bytearray)
     shinfo: bytes | None = None
     ctx: dict[int, VcpuContext] = field(default_factory=dict)
@@ -65,23 +68,25 @@ class _State:
     msrs: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
 
-def _config(cfg: dict) -> tuple[str, int, str, bool]:
+def _config(cfg: dict) -> tuple[str, int, str, bool, int]:
+    from ..vcpu_op import MAX_VCPUS
     try:
         name = str(cfg.get("name", "restored"))
         nr = int(cfg["nr_pages"])
         engine = str(cfg.get("engine", "unicorn"))
         cancel = bool(cfg.get("suspend_cancel", False))
+        vcpus = int(cfg.get("vcpus", 1))
     except (KeyError, TypeError, ValueError) as e:
         raise S.StreamError(f"xl header: configuration lacks a valid {e}") from None
     if not 1 <= nr <= MAX_RESTORE_PAGES:
         raise S.StreamError(f"xl header: {nr} pages (1..{MAX_RESTORE_PAGES})")
     if engine not in ("unicorn", "kvm"):
         raise S.StreamError(f"xl header: unknown engine {engine!r}")
-    if int(cfg.get("vcpus", 1)) != 1:
-        raise S.StreamError("only single-vCPU domains are restored")
+    if not 1 <= vcpus <= MAX_VCPUS:
+        raise S.StreamError(f"xl header: {vcpus} vCPUs (1..{MAX_VCPUS})")
     if not name or len(name) > 64 or not name.isprintable():
         raise S.StreamError("xl header: bad domain name")
-    return name, nr, engine, cancel
+    return name, nr, engine, cancel, vcpus
 
 
 def localise(dom: "Domain", pfn: int, level: int, page: memoryview | bytes) -> bytes:
@@ -154,9 +159,12 @@ def _record(dom: "Domain", st: _State, rt: S.Rec, body: bytes) -> None:
             if len(body) < S.VCPU_HDR.size:
                 raise S.StreamError(f"{rt.name}: shorter than its header")
             vid, res = S.VCPU_HDR.unpack_from(body)
-            if vid != 0 or res:
-                raise S.StreamError(f"{rt.name}: vcpu {vid} (only vcpu 0) or reserved bits set")
+            if vid >= st.nr_vcpus or res:
+                raise S.StreamError(f"{rt.name}: vcpu {vid} (the domain has {st.nr_vcpus}) "
+                                    "or reserved bits set")
             content = body[S.VCPU_HDR.size:]
+            if not content:                   # Xen tolerates empty ones (old senders)
+                return
             if rt == S.Rec.x86_pv_vcpu_basic:
                 if len(content) != CTX_SIZE or vid in st.ctx:
                     raise S.StreamError(f"X86_PV_VCPU_BASIC: {len(content)} bytes (want {CTX_SIZE}) or repeated")
@@ -169,6 +177,8 @@ def _record(dom: "Domain", st: _State, rt: S.Rec, body: bytes) -> None:
                 if len(content) % S.MSR_ENTRY.size:
                     raise S.StreamError("X86_PV_VCPU_MSRS: not a whole number of entries")
                 st.msrs[vid] = [(i, v) for i, _f, v in S.MSR_ENTRY.iter_unpack(content)]
+            elif len(content) < 16:           # XSAVE: xcr0, xcr0_accum, then the area
+                raise S.StreamError("X86_PV_VCPU_XSAVE: shorter than 16 bytes")
     else:
         raise S.StreamError(f"unexpected {rt.name} record")
 
@@ -381,6 +391,7 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
     mem.view[sh + SHARED_INFO_EVTCHN_PENDING:sh + SHARED_INFO_EVTCHN_PENDING + 512] = bytes(512)
     mem.view[sh + SHARED_INFO_EVTCHN_MASK:sh + SHARED_INFO_EVTCHN_MASK + 512] = b"\xff" * 512
     _make_vcpu(hv, dom, c, p2m[cr3_pfn], p2m[user_pfn] if c.ctrlreg[1] else 0, st)
+    _secondary_vcpus(dom, st)
     _release_held(dom, st)
     timers.write_pvclock(dom.vcpus[0])
     timers.write_wallclock(dom)
@@ -432,22 +443,13 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
     if c.syscall_callback:
         cb[CallbackType.syscall] = (c.syscall_callback,
                                     CALLBACKF_mask_events if c.flags & VGCF.syscall_disables_events else 0)
-    ext = st.ext.get(0)
-    if ext:
-        _v, _s, s32, se, _c1, _c2, s32m, sem, *_ = EXT.unpack(ext)
-        if s32:
-            cb[CallbackType.syscall32] = (s32, s32m & 1)
-        if se:
-            cb[CallbackType.sysenter] = (se, sem & 1)
     v.callbacks = cb
     v.fpu_ts = bool(c.ctrlreg[0] & 8)
-    v.cr2 = c.ctrlreg[2]
     v.user_gs_base = c.gs_base_user
     v.kernel_gs_base = c.gs_base_kernel
+    v.iopl = (c.regs.get("rflags", 0) >> 12) & 3           # IOPL privileges are virtual
     dom.vm_assist = c.vm_assist & 0xFFFFFFFF
-    for idx, val in st.msrs.get(0, []):
-        if idx == 0xC0000103:
-            v.tsc_aux = val & 0xFFFFFFFF
+    _extended(v, c, st)
     eng.setup_long_mode(root << PAGE_SHIFT, hv.xen.GDT_VA, hv.xen.GDT_LIMIT)
     _descriptor_tables(dom, v, c, st)
     r = c.regs
@@ -457,9 +459,65 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
     eng.start_in_stub(hv.xen.STUB_VA, hv.xen.STUB_STACK_TOP, gprs, r.get("rip", 0),
                       r.get("rsp", 0), rflags)
     eng.write({"fs_base": c.fs_base, "gs_base": c.gs_base_kernel})
+    eng.load_fpu(c.fpu if c.flags & VGCF.i387_valid else None)
     # SCHEDOP_shutdown returns 0 in the new domain (the stub starts with rax = 0); Xen
     # also hands the new start_info MFN back in RDX: our stubs clobber RDX, as the
     # hypercall ABI allows, and no kernel reads it.
+
+
+def _extended(v, c: VcpuContext, st: _State) -> None:
+    """What a vCPU's BASIC record leaves to the others: CR2, the 32-bit syscall and
+    sysenter callbacks (X86_PV_VCPU_EXTENDED), TSC_AUX (X86_PV_VCPU_MSRS)."""
+    v.cr2 = c.ctrlreg[2]
+    ext = st.ext.get(v.id)
+    if ext:
+        _v, _s, s32, se, _c1, _c2, s32m, sem, *_ = EXT.unpack(ext)
+        if s32:
+            v.callbacks[CallbackType.syscall32] = (s32, s32m & 1)
+        if se:
+            v.callbacks[CallbackType.sysenter] = (se, sem & 1)
+    for idx, val in st.msrs.get(v.id, []):
+        if idx == 0xC0000103:
+            v.tsc_aux = val & 0xFFFFFFFF
+
+
+def _table_pfn(dom: "Domain", st: _State, vid: int, what: str, pfn: int, level: int) -> int:
+    """A frame a vCPU record names, as Xen's process_vcpu_basic checks it: a PFN of the
+    stream with the type the record needs (a GDT frame: no table; a root: an L4)."""
+    if pfn >= dom.nr_pages or not st.seen[pfn] or st.types.get(pfn, 0) & 7 != level:
+        raise S.StreamError(f"vcpu {vid}: {what} pfn {pfn:#x} is not "
+                            f"{'an L4 table' if level else 'a data page'} of the stream")
+    return dom.p2m[pfn]
+
+
+def _secondary_vcpus(dom: "Domain", st: _State) -> None:
+    """vCPUs 1..N-1 as Xen's restore leaves them: each exists (created down, as a new
+    domain's are); one with a BASIC record gets it through arch_set_info_guest (the same
+    checks as VCPUOP_initialise: vcpu_context.set_context) with its frames turned into
+    the new MFNs, and is online; one without (it was down at the save) stays down and
+    uninitialised until the guest brings it up again."""
+    from .. import vcpu_context, vcpu_op
+    from ..errors import HypercallError
+    for vid in range(1, st.nr_vcpus):
+        v = vcpu_op.create_secondary(dom, vid, st.engines.pop(vid, None))
+        rec = st.ctx.get(vid)
+        if rec is None:
+            continue
+        c = dataclasses.replace(rec, ctrlreg=list(rec.ctrlreg), regs=dict(rec.regs))
+        c.gdt_frames = [_table_pfn(dom, st, vid, "GDT frame", p, 0) for p in rec.gdt_frames]
+        if c.ctrlreg[3] & (PAGE_SIZE - 1):
+            raise S.StreamError(f"vcpu {vid}: CR3 {c.ctrlreg[3]:#x} is not a frame")
+        c.ctrlreg[3] = _table_pfn(dom, st, vid, "CR3", c.ctrlreg[3] >> PAGE_SHIFT, 4) << PAGE_SHIFT
+        if c.ctrlreg[1]:
+            c.ctrlreg[1] = _table_pfn(dom, st, vid, "user CR3", c.ctrlreg[1] >> PAGE_SHIFT, 4) << PAGE_SHIFT
+        try:
+            vcpu_context.set_context(v, c)
+        except (HypercallError, MMUError) as e:
+            raise S.StreamError(f"vcpu {vid}: context refused: {e}") from None
+        _extended(v, c, st)
+        v.online = True                       # Xen's restore sets VGCF_online; the domain
+        v.runstate = vcpu_op.RunState.running  # arms its timers when it starts
+        log.debug("d%d: vcpu %d restored at rip %#x", dom.domid, vid, c.regs.get("rip", 0))
 
 
 def _descriptor_tables(dom: "Domain", v, c: VcpuContext, st: _State) -> None:
@@ -504,7 +562,7 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
     stats = RestoreStats()
     rd = S.Reader(src)
     cfg = await rd.xl_header()
-    cname, nr, engine, cancel = _config(cfg)
+    cname, nr, engine, cancel, nr_vcpus = _config(cfg)
     vifs, disks = devices.parse(hv, cfg)
     await devices.check(hv, vifs, disks)
     await rd.libxl_header()
@@ -524,7 +582,7 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
     hv._next_domid += 1
     dom.engine_kind = engine_kind
     dom.suspend_cancel = cancel
-    st = _State(nr, seen=bytearray(nr))
+    st = _State(nr, seen=bytearray(nr), nr_vcpus=nr_vcpus)
     prep: asyncio.Future | None = None
     try:
         devices.create(hv, dom, vifs, disks, announce=announce)
@@ -536,6 +594,8 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
         # The engine now, not after the stream: making one (a Unicorn instance with
         # machine memory mapped, or a KVM vCPU) is most of what is left of _finish.
         st.engine = hv.new_engine(dom, 0)
+        for i in range(1, nr_vcpus):          # and the others' (Unicorn: ~20 ms each)
+            st.engines[i] = hv.new_engine(dom, i)
         done = 0
         while True:
             rt, length = await rd.record_header()
@@ -567,8 +627,9 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
             prep.cancel()
             await asyncio.wait([prep])
         hv.domains.pop(domid, None)
-        if st.engine is not None:             # made, not yet given to a vCPU
-            st.engine.close()
+        for eng in [st.engine, *st.engines.values()]:
+            if eng is not None:               # made, not yet given to a vCPU
+                eng.close()
         from .. import toolstack
         devices.release(hv, dom)
         devices.close(dom)

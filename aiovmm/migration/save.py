@@ -30,6 +30,7 @@ from .suspend import Suspended
 if TYPE_CHECKING:
     from ..domain import Domain
     from .dirty import Shadow
+    from ..vcpu import VCPU
 
 log = logging.getLogger("aiovmm.migration")
 
@@ -52,11 +53,18 @@ Progress = Callable[[int, int], None]          # (pages done, pages total)
 
 def check_saveable(dom: "Domain") -> None:
     """What restore cannot take back is refused before the guest is asked to suspend (a
-    save that succeeded destroys the source): more than one vCPU (the secondary vCPUs'
-    full register state has no way back into an engine yet)."""
-    if len(dom.vcpus) != 1:
-        raise SaveError(f"d{dom.domid}: {len(dom.vcpus)} vCPUs: only single-vCPU domains are "
-                        "saved or migrated")
+    save that succeeded destroys the source): a domain whose vCPU 0 is down. Xen's stream
+    carries the start_info frame in vCPU 0's state and its restore refuses a stream
+    without vCPU 0's BASIC record ("Sender didn't send vcpu0's basic state")."""
+    if not dom.vcpus or not dom.vcpus[0].online:
+        raise SaveError(f"d{dom.domid}: vCPU 0 is down: a domain is saved with vCPU 0 up")
+
+
+def saved_vcpus(dom: "Domain") -> list["VCPU"]:
+    """The vCPUs whose records go into the stream: Xen's write_all_vcpu_information
+    walks every id up to max_vcpu_id and skips a vCPU that is down (VPF_down: never
+    initialised, or taken down with VCPUOP_down); the restore leaves those down."""
+    return [v for v in dom.vcpus if v.id == 0 or v.online]
 
 
 def config_of(dom: "Domain") -> dict:
@@ -129,18 +137,37 @@ def p2m_frames(dom: "Domain", start_info_pfn: int) -> list[int]:
 
 
 def vcpu_context(dom: "Domain", vid: int, susp: Suspended) -> tuple[VcpuContext, bytes, list[tuple[int, int]]]:
-    """(basic context with frames as PFNs, extended context, MSRs) of a stopped vCPU."""
+    """(basic context with frames as PFNs, extended context, MSRs) of a stopped vCPU, as
+    Xen's arch_get_info_guest and write_one_vcpu_basic give it. vCPU 0 stopped in its
+    SCHEDOP_shutdown(suspend): RAX holds the hypercall's result (0, as on Xen once the
+    hypercall has returned) and RDX the start_info PFN. Another vCPU stopped wherever its
+    last slice ended, in kernel or user mode; an instruction the run loop would redo
+    (a bounced fault, a trapped page-table store) is saved as not yet executed: it runs
+    again on the new side."""
     from ..vcpu_engine import GPRS
     v = dom.vcpus[vid]
-    if not v.kernel_mode:
+    if vid == 0 and susp.vcpu != 0:
+        raise SaveError(f"d{dom.domid}: suspended by vCPU {susp.vcpu}: Xen's stream carries "
+                        "the start_info frame in vCPU 0's RDX, so vCPU 0 must suspend")
+    if vid == 0 and not v.kernel_mode:
         raise SaveError(f"d{dom.domid}v{vid}: suspended in user mode")
     eng = v.engine
     names = [n for n in GPRS] + ["fs_base", "gs_base", "cs", "ss", "ds", "es", "fs", "gs"]
     regs = dict(zip(names, eng.read(names))) if hasattr(eng, "read") else {n: eng.get(n) for n in names}
     c = VcpuContext()
     c.regs = {n: regs[n] for n in GPRS + ("cs", "ss", "ds", "es", "fs", "gs")}
-    c.regs["rdx"] = susp.start_info_pfn if vid == 0 else regs["rdx"]
-    c.flags = VGCF.online | VGCF.in_kernel | VGCF.i387_valid
+    if vid == 0:
+        c.regs["rax"], c.regs["rdx"] = 0, susp.start_info_pfn
+    if v.pending_trap is not None:
+        c.regs["rip"] = v.pending_trap[2]
+    elif v.pending_ptwr is not None:
+        c.regs["rip"] = v.pending_ptwr.rip
+    c.regs["rflags"] = (c.regs["rflags"] & ~0x3000) | (v.iopl << 12)     # IOPL is virtual
+    c.flags = VGCF.online | VGCF.i387_valid
+    if v.kernel_mode:
+        c.flags |= VGCF.in_kernel
+    save_fpu = getattr(eng, "save_fpu", None)
+    fpu = save_fpu() if save_fpu is not None else None
     c.traps = list(v.trap_table)
     if v.ldt_ents or v.gdt_ents:
         c.ldt_base, c.ldt_ents = v.ldt_base, v.ldt_ents
@@ -150,8 +177,8 @@ def vcpu_context(dom: "Domain", vid: int, susp: Suspended) -> tuple[VcpuContext,
     c.ctrlreg[0] = 8 if v.fpu_ts else 0
     c.ctrlreg[2] = v.cr2
     c.ctrlreg[3] = _pfn_of(dom, v.kernel_root, "CR3") << PAGE_SHIFT
-    if v.user_root:
-        c.ctrlreg[1] = _pfn_of(dom, v.user_root, "user CR3") << PAGE_SHIFT
+    if v.user_root:                # Xen's stream marks a 64-bit guest's user root with bit 0
+        c.ctrlreg[1] = 1 | _pfn_of(dom, v.user_root, "user CR3") << PAGE_SHIFT
     c.ctrlreg[4] = v.cr4
     c.debugreg = list(v.dr)
     cb = v.callbacks
@@ -164,7 +191,15 @@ def vcpu_context(dom: "Domain", vid: int, susp: Suspended) -> tuple[VcpuContext,
     if sc[1] & CALLBACKF_mask_events:
         c.flags |= VGCF.syscall_disables_events
     c.vm_assist = dom.vm_assist
-    c.fs_base, c.gs_base_kernel, c.gs_base_user = regs["fs_base"], regs["gs_base"], v.user_gs_base
+    c.fs_base = regs["fs_base"]
+    if v.kernel_mode:
+        c.gs_base_kernel, c.gs_base_user = regs["gs_base"], v.user_gs_base
+    else:
+        c.gs_base_kernel, c.gs_base_user = v.kernel_gs_base, regs["gs_base"]
+    if fpu is not None:
+        c.fpu = fpu
+    else:
+        c.flags &= ~VGCF.i387_valid
     s32 = cb.get(CallbackType.syscall32, (0, 0))
     se = cb.get(CallbackType.sysenter, (0, 0))
     ext = EXT.pack(vid, EXT.size, s32[0], se[0], 0xE023 if s32[0] else 0, 0xE023 if se[0] else 0,
@@ -276,11 +311,11 @@ def head(dom: "Domain") -> bytes:
 def tail(dom: "Domain", susp: Suspended) -> bytes:
     """Everything after the page data of a suspended domain: TSC info, shared_info, vCPU
     records, END (libxc), END (libxl)."""
-    ctxs = [vcpu_context(dom, i, susp) for i in range(len(dom.vcpus))]
+    ctxs = [(v.id, *vcpu_context(dom, v.id, susp)) for v in saved_vcpus(dom)]
     out = [S.record(S.Rec.x86_tsc_info, S.TSC_INFO.pack(0, 1_000_000, dom.hypervisor.system_time_ns(), 0, 0))]
     mem = dom.mem
     out.append(S.record(S.Rec.shared_info, bytes(mem.view[dom.shared_info_maddr:dom.shared_info_maddr + PAGE_SIZE])))
-    for vid, (c, ext, msrs) in enumerate(ctxs):
+    for vid, c, ext, msrs in ctxs:
         out.append(S.vcpu_record(S.Rec.x86_pv_vcpu_basic, vid, c.pack()))
         out.append(S.vcpu_record(S.Rec.x86_pv_vcpu_extended, vid, ext))
         if msrs:

@@ -36,9 +36,11 @@ class SuspendError(Exception):
 
 @dataclass(frozen=True)
 class Suspended:
-    """What the guest handed over when it suspended (validated)."""
+    """What the guest handed over when it suspended (validated), and which vCPU made the
+    SCHEDOP_shutdown(suspend) (its hypercall returns 0 or 1 on resume)."""
     start_info_pfn: int
     start_info_mfn: int
+    vcpu: int = 0
 
 
 def guest_suspend(v: "VCPU", start_info_mfn: int) -> bool:
@@ -58,7 +60,7 @@ def guest_suspend(v: "VCPU", start_info_mfn: int) -> bool:
             f"d{dom.domid}: guest suspended with start_info frame {start_info_mfn:#x} it does not own"))
         raise HypercallError(Errno.EINVAL, "start_info frame not owned")
     dom.paused = True                  # every vCPU waits at the top of its run loop
-    dom.suspended = Suspended(pfn, start_info_mfn)
+    dom.suspended = Suspended(pfn, start_info_mfn, v.id)
     log.info("d%d (%s): suspended (start_info pfn %#x)", dom.domid, dom.name, pfn)
     fut.set_result(dom.suspended)
     v.engine.stop()
@@ -104,7 +106,7 @@ def resume_cancelled(dom: "Domain") -> None:
         return
     if not getattr(dom, "suspend_cancel", False):
         log.warning("d%d: kernel does not declare SUSPEND_CANCEL; resumed with 1 anyway", dom.domid)
-    dom.vcpus[0].engine.set_rax(1)
+    dom.vcpus[dom.suspended.vcpu].engine.set_rax(1)
     dom.suspended = None
     log.info("d%d (%s): suspend cancelled, resumed", dom.domid, dom.name)
     dom.unpause()

@@ -15,6 +15,14 @@
  * Linux's balloon does on the way up), map its new frame where the old one was and
  * enter it in the guest's P2M; these pages are the first of the pattern:
  *   balloon: refilled pfn=<hex> mfn=<hex> rc=<n>
+ * `smp=1`: vCPU 0 brings up vCPU 1 (VCPUOP_initialise + up), which counts for
+ * ever in a general register (r12) and an SSE register (xmm3) at once and
+ * stores the count: registers a save lost would show as a count below the
+ * one in memory or two counts that differ (`bad`). Other vCPUs the domain has stay
+ * down. The uptime line then ends with " ap=<count> bad=<n>".
+ * `smp=2`: the same count, but vCPU 1 starts in user mode (VCPUOP_initialise
+ * without VGCF_in_kernel, a user page-table root of its own) and never leaves
+ * it: its count and bad count live in a user page vCPU 0 reads.
  *
  *   suspend: ready pages=<n> sum=<hex>
  *   uptime: ticks=<n> sum=<hex>     (n = every, 2*every, ...: each milestone once)
@@ -31,11 +39,122 @@
 #include "lib.h"
 #include "traps.h"
 #include <xen/memory.h>
+#include <xen/vcpu.h>
 
 static volatile u64 ticks;
 static long timer_port = -1;
 static u64 *pages[256];
 static unsigned npages;
+
+/* vCPU 1 (smp=1): r12 and xmm3 count together; every 2^16 rounds it stores the
+ * count and yields (a hypercall clobbers only rax, rcx and r11). */
+volatile u64 ap_count, ap_bad;
+static u8 ap_stack[8192] __attribute__((aligned(16)));
+extern char ap_entry[];
+__asm__(".text\n"
+        "ap_entry:\n"
+        "    xor %r12d, %r12d\n"
+        "    pxor %xmm3, %xmm3\n"
+        "    mov $1, %eax\n"
+        "    movq %rax, %xmm4\n"
+        "1:  inc %r12\n"
+        "    paddq %xmm4, %xmm3\n"
+        "    movq %xmm3, %rax\n"
+        "    cmp %rax, %r12\n"
+        "    je 2f\n"
+        "    incq ap_bad(%rip)\n"
+        "    movq %r12, %xmm3\n"
+        "2:  test $0xffff, %r12w\n"
+        "    jnz 1b\n"
+        "    cmp ap_count(%rip), %r12\n"     /* the count in memory never goes back */
+        "    jae 3f\n"
+        "    incq ap_bad(%rip)\n"
+        "3:  mov %r12, ap_count(%rip)\n"
+        "    xor %edi, %edi\n"                  /* SCHEDOP_yield */
+        "    xor %esi, %esi\n"
+        "    call hypercall_page + 29 * 32\n"   /* __HYPERVISOR_sched_op */
+        "    jmp 1b\n");
+
+/* smp=2: the same loop as user code at AP_USER_VA, its data in a user page. */
+#define AP_USER_VA   0x400000UL
+#define AP_DATA_VA   0x401000UL
+extern char ap_user_start[], ap_user_end[];
+__asm__(".section .rodata.ap_user, \"a\"\n"
+        "ap_user_start:\n"
+        "    xor %r12d, %r12d\n"
+        "    pxor %xmm3, %xmm3\n"
+        "    mov $1, %eax\n"
+        "    movq %rax, %xmm4\n"
+        "1:  inc %r12\n"
+        "    paddq %xmm4, %xmm3\n"
+        "    movq %xmm3, %rax\n"
+        "    cmp %rax, %r12\n"
+        "    je 2f\n"
+        "    incq 0x401008\n"
+        "    movq %r12, %xmm3\n"
+        "2:  test $0xffff, %r12w\n"
+        "    jnz 1b\n"
+        "    cmp 0x401000, %r12\n"
+        "    jae 3f\n"
+        "    incq 0x401008\n"
+        "3:  mov %r12, 0x401000\n"
+        "    jmp 1b\n"
+        "ap_user_end:\n"
+        ".text\n");
+static volatile u64 *ap_user_data;       /* kernel view of the user data page */
+
+/* Page tables for vCPU 1's user mode: code (read-only) and data, pinned L4. */
+static unsigned long user_root(void)
+{
+    void *l4 = alloc_page(), *l3 = alloc_page(), *l2 = alloc_page(), *l1 = alloc_page();
+    void *code = alloc_page(), *data = alloc_page();
+    memcpy(code, ap_user_start, ap_user_end - ap_user_start);
+    ap_user_data = data;
+    void *tables[] = { l4, l3, l2, l1 };
+    for (unsigned i = 0; i < 4; i++)
+        if (make_readonly(tables[i])) panic("smp=2: make_readonly failed");
+#define ENTRY(t, i) ((((u64)virt_to_mfn(t) << PAGE_SHIFT) + (i) * 8) | MMU_NORMAL_PT_UPDATE)
+    mmu_update_t req[] = {
+        { ENTRY(l1, (AP_USER_VA >> 12) & 511), ((u64)virt_to_mfn(code) << PAGE_SHIFT) | PTE_P | PTE_US | PTE_A },
+        { ENTRY(l1, (AP_DATA_VA >> 12) & 511),
+          ((u64)virt_to_mfn(data) << PAGE_SHIFT) | PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D },
+        { ENTRY(l2, (AP_USER_VA >> 21) & 511), ((u64)virt_to_mfn(l1) << PAGE_SHIFT) | PTE_TABLE },
+        { ENTRY(l3, (AP_USER_VA >> 30) & 511), ((u64)virt_to_mfn(l2) << PAGE_SHIFT) | PTE_TABLE },
+        { ENTRY(l4, (AP_USER_VA >> 39) & 511), ((u64)virt_to_mfn(l3) << PAGE_SHIFT) | PTE_TABLE },
+    };
+#undef ENTRY
+    unsigned done = 0;
+    if (HYPERVISOR_mmu_update(req, ARRAY_SIZE(req), &done, DOMID_SELF) || done != ARRAY_SIZE(req))
+        panic("smp=2: mmu_update failed");
+    struct mmuext_op pin = { .cmd = MMUEXT_PIN_L4_TABLE };
+    pin.arg1.mfn = virt_to_mfn(l4);
+    if (HYPERVISOR_mmuext_op(&pin, 1, &done, DOMID_SELF)) panic("smp=2: pin failed");
+    return virt_to_mfn(l4);
+}
+
+static void start_ap(int user)
+{
+    static vcpu_guest_context_t c;
+    memset(&c, 0, sizeof(c));
+    c.flags = VGCF_in_kernel | VGCF_online;
+    c.user_regs.rip = (unsigned long)ap_entry;
+    c.user_regs.rsp = (unsigned long)(ap_stack + sizeof(ap_stack));
+    c.user_regs.cs = FLAT_KERNEL_CS;
+    c.user_regs.ss = FLAT_KERNEL_SS;
+    c.kernel_ss = FLAT_KERNEL_SS;
+    c.kernel_sp = (unsigned long)(ap_stack + sizeof(ap_stack));
+    c.ctrlreg[3] = virt_to_mfn((void *)start_info->pt_base) << PAGE_SHIFT;
+    if (user) {
+        c.flags = VGCF_online;
+        c.user_regs.rip = AP_USER_VA;
+        c.user_regs.rsp = AP_DATA_VA + PAGE_SIZE;
+        c.user_regs.cs = FLAT_USER_CS;
+        c.user_regs.ss = FLAT_USER_SS;
+        c.ctrlreg[1] = user_root() << PAGE_SHIFT;
+    }
+    long rc = HYPERVISOR_vcpu_op(VCPUOP_initialise, 1, &c);
+    if (rc) panic("VCPUOP_initialise(1): %ld", rc);
+}
 
 static void on_timer(evtchn_port_t port, struct regs *r) { (void)port; (void)r; ticks++; }
 
@@ -108,6 +227,7 @@ void app_main(void)
     u64 dirty = cmdline_u64(cl, "dirty", 0);
     bad_start_info = cmdline_u64(cl, "bad_si", 0);
     unsigned refilled = balloon(cmdline_u64(cl, "balloon", 0), cmdline_u64(cl, "refill", 0) != 0);
+    u64 smp = cmdline_u64(cl, "smp", 0);
     u64 seen = 0, k = 0;
     u64 seed = monotonic_ns();
     for (unsigned i = 0; i < npages; i++) {
@@ -121,6 +241,8 @@ void app_main(void)
     printk("suspend: ready pages=%u sum=0x%lx\n", npages, checksum());
     bind_timer();
     irq_enable();
+    if (smp)
+        start_ap(smp == 2);
     u64 next = every;
     for (;;) {
         suspend_check(monotonic_ns() + 5000000UL);
@@ -132,7 +254,12 @@ void app_main(void)
                 for (unsigned j = 0; j < PAGE_SIZE / 8; j++)
                     pages[k % npages][j]++;
         while (t >= next) {              /* every milestone, even if ticks came fast */
-            printk("uptime: ticks=%lu sum=0x%lx\n", next, checksum());
+            if (smp)
+                printk("uptime: ticks=%lu sum=0x%lx ap=%lu bad=%lu\n", next, checksum(),
+                       smp == 2 ? ap_user_data[0] : ap_count,
+                       smp == 2 ? ap_user_data[1] : ap_bad);
+            else
+                printk("uptime: ticks=%lu sum=0x%lx\n", next, checksum());
             next += every;
         }
         if (stop && t >= stop)
