@@ -141,7 +141,9 @@ RF_IOPL, RF_VM = 0x3000, 0x20000
 # The engine's ring-0 pages, in Xen's supervisor-only L4 slot 261 (mmu.XenArea), after the
 # pages XenArea itself uses (L1 index 32 on): IDT, stubs, TSS, ring-0 stack.
 R0_L1_INDEX = 32
-HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: a hypercall
+HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: a hypercall (iret)
+HCALL_IN_PORT = 0x58               # `in $0x58,%eax` from CPL 3 in kernel mode: a hypercall whose
+                                   # result KVM itself writes (ports 0x58-0x5b open, see below)
 _STUB_STRIDE = 4                   # vector v's stub at stubs + 4*v: out %al,$v ; hlt ; hlt
 SYSCALL_PORT = 0x5B               # the SYSCALL entry page's `out`
 INVAL_PORT = 0x5C                 # the ring-0 invalidation stub's final `out` (_Ring0)
@@ -169,12 +171,21 @@ GUEST_L4_SLOT = 257               # the engine's guest-visible pages (M2P alias,
 # (one exit, no ring-0 stub, no instruction decode) and is answered by the shared port
 # policy (emulate.port_in/port_out via on_port_io), exactly as the #GP path would.
 _DIRECT_PORTS = (0x40, 0x41, 0x42, 0x43, 0x61)
+_ENGINE_PORTS = (HCALL_PORT, SYSCALL_PORT, HCALL_IN_PORT)   # never the port policy's
 _IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
 TSS_LIMIT = 104 + _IOBITMAP_BYTES
 _ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40 without)
 _EVENTS_SIZE = 64                  # struct kvm_vcpu_events; exception.injected at 0, .pending at 3
 _SETTLE_NS = 1_000_000             # deadline re-armed to let a held exception reach its stub
 _SETTLE_TRIES = 16
+# After an exit handled past the slice's deadline, the guest still runs this long (or to its
+# next exit) before the slice ends: the state the handler left (an iret to the interrupted
+# code, a hypercall's return) must run before the next slice delivers the next event. Without
+# it, a vCPU whose event handling took its whole slice (each exit ~0.3 ms on a loaded
+# kvm-pvm host, a 4 ms Linux tick always overdue after the other vCPU's slice) could have
+# the next event bounced at the very RIP it was interrupted at, slice after slice (Linux's
+# soft lockups with an unchanged RIP, 2 vCPUs at load 15+).
+_GRACE_NS = 100_000
 
 
 _GPR: dict[str, tuple[int, int]] = {}
@@ -334,17 +345,27 @@ _TARGETED = _IO_RIP_AFTER
 
 
 def hypercall_page() -> bytes:
-    """This engine's hypercall page: `mov $nr,%eax; out %al,$HCALL_PORT; ret` per 32-byte
-    stub (no clobbers, unlike syscall); iret (23) pushes rcx, r11, rax first as on Xen."""
+    """This engine's hypercall page, one 32-byte stub per hypercall (no clobbers, unlike
+    syscall): `mov $nr,%eax; in $HCALL_IN_PORT,%eax; cltq; ret`. The `in` exits with RIP on
+    it; the host puts the result in the exit's data area and KVM completes the instruction at
+    the next KVM_RUN (EAX, RIP past it), which `cltq` sign-extends: no register write from
+    the host, whose cost on kvm-pvm (KVM_SET_REGS semantics at every entry) the bare exit
+    loop shows. A result outside the int32 range is written to RAX with RIP past `cltq`
+    (KVMEngine.set_rax). iret (23) pushes rcx, r11, rax first as on Xen and exits with
+    `out %al,$HCALL_PORT`: it sets every register anyway."""
     page = bytearray(b"\xcc" * PAGE_SIZE)
     out = bytes([0xE6, HCALL_PORT])
     for i in range(128):
         if i == 23:
             stub = b"\x51\x41\x53\x50\xb8" + (23).to_bytes(4, "little") + out
         else:
-            stub = b"\xb8" + i.to_bytes(4, "little") + out + b"\xc3"
+            stub = b"\xb8" + i.to_bytes(4, "little") + _IN_RESULT + b"\xc3"
         page[32 * i:32 * i + len(stub)] = stub
     return bytes(page)
+
+
+_IN_RESULT = bytes([0xE5, HCALL_IN_PORT, 0x48, 0x98])    # in $HCALL_IN_PORT,%eax; cltq
+_INT32 = 1 << 31
 
 
 class _Ring0:
@@ -370,10 +391,11 @@ class _Ring0:
             mem.write(idt << PAGE_SHIFT | 16 * v, struct.pack("<QQ", lo, h >> 32))
         mem.write(stubs << PAGE_SHIFT, bytes(code))
         mem.write((tss << PAGE_SHIFT) + 4, struct.pack("<Q", self.stack_top))
-        # I/O permission bitmap: only HCALL_PORT is open at CPL 3 (an exit); every other port
-        # faults #GP natively, as for a Xen PV guest without I/O privilege.
+        # I/O permission bitmap: only the engine's ports (HCALL_IN_PORT's 4-byte access spans
+        # 0x58-0x5b) and the directly answered ones are open at CPL 3 (an exit); every other
+        # port faults #GP natively, as for a Xen PV guest without I/O privilege.
         bitmap = bytearray(b"\xff" * (_IOBITMAP_BYTES + 1))
-        for port in (HCALL_PORT, SYSCALL_PORT, *_DIRECT_PORTS):
+        for port in (*range(HCALL_IN_PORT, HCALL_IN_PORT + 4), HCALL_PORT, SYSCALL_PORT, *_DIRECT_PORTS):
             bitmap[port >> 3] &= ~(1 << (port & 7))
         struct.pack_into("<H", mem.map, (tss << PAGE_SHIFT) + 102, 104)
         mem.write((tss << PAGE_SHIFT) + 104, bytes(bitmap))
@@ -444,7 +466,9 @@ class _RunCtx(ctypes.Structure):
     """csrc/kvm.c struct aiovmm_kvm_ctx: what aiovmm_kvm_run_ex needs to recognise a
     hypercall exit without Python decoding kvm_run."""
     _fields_ = [("vcpu_fd", ctypes.c_int32), ("hcall_port", ctypes.c_int32), ("run", ctypes.c_void_p),
-                ("stubs_lo", ctypes.c_uint64), ("stubs_hi", ctypes.c_uint64), ("exits", ctypes.c_uint64)]
+                ("stubs_lo", ctypes.c_uint64), ("stubs_hi", ctypes.c_uint64), ("exits", ctypes.c_uint64),
+                ("hcall_in_port", ctypes.c_int32), ("run_size", ctypes.c_int32),
+                ("timer", ctypes.c_void_p), ("grace_ns", ctypes.c_int64)]
 
 
 class _VMPool:
@@ -746,7 +770,8 @@ class KVMEngine:
         self._lib = lib
         self._kvm_run_fn = lib.aiovmm_kvm_run
         self._ctx = _RunCtx(self.vcpu_fd, HCALL_PORT, self._run_ptr, self.r0.stubs_va,
-                            self.r0.stubs_va + PAGE_SIZE, 0)
+                            self.r0.stubs_va + PAGE_SIZE, 0, HCALL_IN_PORT, len(self._run_map))
+        self._ctx.timer = self._timer.value
         self._ctx_ptr = ctypes.addressof(self._ctx)
         self._run_ex = lib.aiovmm_kvm_run_ex
 
@@ -777,6 +802,9 @@ class KVMEngine:
         # guest on this engine (bench/linux.py prints them).
         self._exit_kinds: collections.Counter[str] = collections.Counter()
         self._hypercalls = 0          # the hot kind, counted apart (exit_kinds adds it)
+        # Between an `in` hypercall exit and the next KVM_RUN: the `in`'s RIP (KVM completes
+        # it then unless the registers are set), else -1.
+        self._in_rip = -1
         self._dirty_log = False
         self._tsc_khz = 0
         self._events = bytearray(_EVENTS_SIZE)
@@ -842,7 +870,22 @@ class KVMEngine:
         self._set(name, value)
 
     def set_rax(self, value: int) -> None:
-        self.regs[0] = value & 0xFFFFFFFFFFFFFFFF
+        """A hypercall's result. After an `in` hypercall (hypercall_page()) a value in the
+        int32 range goes to the exit's data area only, for KVM to complete the `in` with
+        (no register write); RAX is set too, which is what the guest gets if registers are
+        set before the next entry (_kvm_run lets KVM complete the `in` first and applies
+        them over it; `cltq` leaves an int32 value as it is). A wider value is written to
+        RAX with RIP past the `cltq`."""
+        value &= 0xFFFFFFFFFFFFFFFF
+        r = self.regs
+        r[0] = value
+        if self._in_rip >= 0:
+            if (value + _INT32) & 0xFFFFFFFFFFFFFFFF < 1 << 32:
+                m = self._run_map
+                struct.pack_into("<I", m, _U64.unpack_from(m, _RUN_IO + 8)[0], value & 0xFFFFFFFF)
+                return
+            if r[16] == self._in_rip + 2:
+                r[16] += 2
         self._dirty.value |= SYNC_REGS
 
     def hypercall_args(self) -> tuple[int, ...]:
@@ -1014,14 +1057,26 @@ class KVMEngine:
             self._lib.aiovmm_kvm_timer_delete(self._timer)
             self._lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
             self._timer_tid = _gettid()
+            self._ctx.timer = self._timer.value
+        self._ctx.grace_ns = 0
         self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline_ns)
 
     def _end(self) -> None:
+        self._ctx.grace_ns = 0
         self._lib.aiovmm_kvm_slice_end(self._run_ptr, self._timer)
 
     def _kvm_run(self) -> int:
         gen = self.mem.pt_generation
-        if self._check_pending or gen != self._pt_gen:
+        pt_work = self._check_pending or gen != self._pt_gen
+        if self._in_rip >= 0:
+            self._in_rip = -1
+            if pt_work or self._dirty.value:
+                # The host set registers after an `in` hypercall (an event bounce, a
+                # continuation, a wide result), or the invalidation stub runs first: KVM
+                # would complete the `in` into that state, whatever RIP is (measured on
+                # kvm-pvm). Let it complete now, then apply the host's state.
+                self._complete_io_keeping_regs()
+        if pt_work:
             # After a page-table write, a TLB flush or a CR3 load (only the host loads CR3:
             # _set marks it; the guest's mov-to-CR3 faults).
             self._check_pending = False
@@ -1132,14 +1187,17 @@ class KVMEngine:
         handle = self._handle_exit
         run = self._kvm_run
         settle = 0
+        grace = True
         kernel_mode = self.kernel_mode
         hypercall = self.on_hypercall
         monotonic_ns = time.monotonic_ns
         while True:
             rc = run()
-            if rc == 1 and _IO_RIP_AFTER and kernel_mode():
+            if rc == 2 and kernel_mode() or rc == 1 and _IO_RIP_AFTER and kernel_mode():
                 # The hot path (aiovmm_kvm_run_ex recognised the exit): a hypercall through
                 # this engine's hypercall page, as in _handle_exit, with no decoding here.
+                if rc == 2:
+                    self._enter_in_hypercall()
                 self._hypercalls += 1
                 try:
                     hypercall()
@@ -1179,7 +1237,11 @@ class KVMEngine:
                 self._preempt = False
                 return ExitReason.PREEMPT
             if monotonic_ns() >= deadline:
-                return ExitReason.BUDGET
+                if not grace:
+                    return ExitReason.BUDGET
+                grace = False
+                deadline = 0                        # any later exit ends the slice
+                self._ctx.grace_ns = _GRACE_NS      # armed in C right before the entry
 
     def _handle_exit(self) -> bool:
         """Turn one KVM exit into a callback. False: the engine cannot go on (last_error)."""
@@ -1202,6 +1264,12 @@ class KVMEngine:
                     log.exception("%s: handler raised", self.name)
                     self.callback_error = e
                     self.stop_requested = True
+                return True
+            if port == HCALL_IN_PORT and not in_stubs and direction == 0 and size == 4 and count == 1 \
+                    and self.kernel_mode():
+                self._hypercalls += 1                   # as in _run_slice (here from step_to)
+                self._enter_in_hypercall()
+                self._call(self.on_hypercall)
                 return True
             if in_stubs:
                 self._exit_kinds[f"vector {port}"] += 1
@@ -1227,6 +1295,27 @@ class KVMEngine:
         else:
             self.last_error = f"unexpected KVM exit {reason}"
         return False
+
+    def _enter_in_hypercall(self) -> None:
+        """An `in` hypercall exit (aiovmm_kvm_run_ex returned 2: the data area holds EAX):
+        the registers the handlers see have RIP past the `in`, as after the `out` and
+        syscall paths (continuations rewind RIP by 2). Not marked dirty: unless a register is
+        set, KVM completes the `in` at the next entry (set_rax)."""
+        r = self.regs
+        self._in_rip = r[16]
+        r[16] += 2
+
+    def _complete_io_keeping_regs(self) -> None:
+        """Let KVM finish a pending I/O instruction without entering the guest, then put the
+        registers (and segment/control registers) back as the host set them: KVM completes
+        a pending `in` at the next KVM_RUN whatever RIP is by then."""
+        m = self._run_map
+        dirty = self._dirty.value
+        snap = bytes(m[_RUN_REGS:_RUN_SREGS + 312])
+        self._dirty.value = 0
+        self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
+        m[_RUN_REGS:_RUN_SREGS + 312] = snap
+        self._dirty.value = dirty | SYNC_REGS
 
     def _call(self, fn, *args) -> None:
         try:
@@ -1454,7 +1543,7 @@ class KVMEngine:
         #GP(0) a closed port gives, for the shared emulator to decode."""
         m = self._run_map
         data_off = struct.unpack_from("<Q", m, _RUN_IO + 8)[0]
-        if direction == 0 and count == 1 and port not in (HCALL_PORT, SYSCALL_PORT) \
+        if direction == 0 and count == 1 and port not in _ENGINE_PORTS \
                 and self._plain_io_at(self.regs[16], 0, size, port):
             # The hot case (Linux polls the PIT 100,000 times while booting): a plain IN, RIP
             # on it. An allowed one is answered in the exit's data area and KVM completes it
@@ -1471,17 +1560,10 @@ class KVMEngine:
                 m[data_off:data_off + size] = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
                 return
             # Refused (#GP(0) queued at the instruction): KVM must not complete it.
-            snap = bytes(m[_RUN_REGS:_RUN_REGS + 144])
-            self._dirty.value &= ~SYNC_REGS
-            self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
-            m[_RUN_REGS:_RUN_REGS + 144] = snap
-            self._dirty.value |= SYNC_REGS
+            self._complete_io_keeping_regs()
             return
         value = int.from_bytes(m[data_off:data_off + size], "little") if direction == 1 else 0
-        snap = bytes(m[_RUN_REGS:_RUN_REGS + 144])
-        self._dirty.value &= ~SYNC_REGS
-        self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
-        m[_RUN_REGS:_RUN_REGS + 144] = snap
+        self._complete_io_keeping_regs()
         rip = self.regs[16]
         # kvm-pvm reports an OUT with RIP past the instruction, an IN (KVM's fast PIO path)
         # with RIP on it.
@@ -1490,7 +1572,7 @@ class KVMEngine:
             rip -= self._io_insn_len(rip, direction, size, port)
         self.regs[16] = rip
         self._dirty.value |= SYNC_REGS
-        plain = count == 1 and port not in (HCALL_PORT, SYSCALL_PORT) and (at or self._plain_io_at(rip, direction, size, port))
+        plain = count == 1 and port not in _ENGINE_PORTS and (at or self._plain_io_at(rip, direction, size, port))
         if not plain:
             self._call(self.on_exception, 13, 0, 0)
             return
