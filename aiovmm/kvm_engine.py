@@ -42,6 +42,7 @@ Known differences from the Unicorn engine (guest-visible only to hostile guests)
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import ctypes
 import enum
@@ -230,6 +231,8 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_pool_take.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.aiovmm_kvm_pool_retire.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         lib.aiovmm_kvm_pool_retire.restype = None
+        lib.aiovmm_kvm_pool_refill.argtypes = [ctypes.c_void_p]
+        lib.aiovmm_kvm_pool_refill.restype = None
         lib.aiovmm_kvm_pool_free.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_pool_free.restype = None
         _lib = lib
@@ -489,6 +492,7 @@ class _VMPool:
     latencies on a loaded machine (take() ~1.8 ms median)."""
 
     POOL_SIZE = 2
+    REFILL_DELAY_S = 0.02    # after a take: past the new domain's first slices (create -> first byte)
 
     def __init__(self, mem: "MachineMemory") -> None:
         self.mem = mem
@@ -496,18 +500,39 @@ class _VMPool:
         cpuid = _cpuid2_buffer()
         self._pool = self._lib.aiovmm_kvm_pool_new(_system_fd(), mem.size, mem.fd_address, cpuid,
                                                    len(cpuid), self.POOL_SIZE)
+        self._refill: "asyncio.TimerHandle | None" = None
 
     def take(self) -> tuple[int, int]:
         """(vm_fd, vcpu_fd) of a fresh VM, made here if none is ready. Raises OSError."""
         fds = (ctypes.c_int * 2)()
         lib = self._lib
-        if self._pool and lib.aiovmm_kvm_pool_take(self._pool, ctypes.byref(fds, 0), ctypes.byref(fds, 4)) == 0:
-            return fds[0], fds[1]
+        if self._pool:
+            self._schedule_refill()
+            if lib.aiovmm_kvm_pool_take(self._pool, ctypes.byref(fds, 0), ctypes.byref(fds, 4)) == 0:
+                return fds[0], fds[1]
         rc = lib.aiovmm_kvm_make_vm(_system_fd(), self.mem.size, self.mem.fd_address, _cpuid2_buffer(),
                                     ctypes.byref(fds, 0), ctypes.byref(fds, 4))
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
         return fds[0], fds[1]
+
+    def _schedule_refill(self) -> None:
+        """Wake the worker REFILL_DELAY_S from now, on the loop (not during the domain's
+        creation and first slices: the woken worker can preempt the loop thread). Without
+        a running loop (a synchronous caller), at once."""
+        if self._refill is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._refill_now()
+            return
+        self._refill = loop.call_later(self.REFILL_DELAY_S, self._refill_now)
+
+    def _refill_now(self) -> None:
+        self._refill = None
+        if self._pool:
+            self._lib.aiovmm_kvm_pool_refill(self._pool)
 
     def retire(self, vm_fd: int, vcpu_fd: int) -> None:
         """Destroy a VM an engine is done with, in the worker."""
@@ -521,6 +546,9 @@ class _VMPool:
         """Stop the worker once it has destroyed the retired VMs; destroy the ready ones.
         Blocks for up to one VM creation: call it from a thread."""
         pool, self._pool = self._pool, None
+        if self._refill is not None:
+            self._refill.cancel()
+            self._refill = None
         if pool:
             self._lib.aiovmm_kvm_pool_free(pool)
 
@@ -537,7 +565,6 @@ async def close_vm_pool(mem: "MachineMemory") -> None:
     """Before the machine memory is unmapped: destroy the pooled VMs, wait for the worker."""
     p = getattr(mem, "_kvm_pool", None)
     if p is not None:
-        import asyncio
         del mem._kvm_pool
         await asyncio.to_thread(p.close)
 
