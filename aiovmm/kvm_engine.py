@@ -142,9 +142,7 @@ RF_IOPL, RF_VM = 0x3000, 0x20000
 # The engine's ring-0 pages, in Xen's supervisor-only L4 slot 261 (mmu.XenArea), after the
 # pages XenArea itself uses (L1 index 32 on): IDT, stubs, TSS, ring-0 stack.
 R0_L1_INDEX = 32
-HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: a hypercall (iret)
-HCALL_IN_PORT = 0x58               # `in $0x58,%eax` from CPL 3 in kernel mode: a hypercall whose
-                                   # result KVM itself writes (ports 0x58-0x5b open, see below)
+HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: a hypercall
 _STUB_STRIDE = 4                   # vector v's stub at stubs + 4*v: out %al,$v ; hlt ; hlt
 SYSCALL_PORT = 0x5B               # the SYSCALL entry page's `out`
 INVAL_PORT = 0x5C                 # the ring-0 invalidation stub's final `out` (_Ring0)
@@ -172,7 +170,7 @@ GUEST_L4_SLOT = 257               # the engine's guest-visible pages (M2P alias,
 # (one exit, no ring-0 stub, no instruction decode) and is answered by the shared port
 # policy (emulate.port_in/port_out via on_port_io), exactly as the #GP path would.
 _DIRECT_PORTS = (0x40, 0x41, 0x42, 0x43, 0x61)
-_ENGINE_PORTS = (HCALL_PORT, SYSCALL_PORT, HCALL_IN_PORT)   # never the port policy's
+_ENGINE_PORTS = (HCALL_PORT, SYSCALL_PORT)   # never the port policy's
 _IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
 TSS_LIMIT = 104 + _IOBITMAP_BYTES
 _ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40 without)
@@ -233,6 +231,8 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_pool_retire.restype = None
         lib.aiovmm_kvm_pool_refill.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_pool_refill.restype = None
+        lib.aiovmm_kvm_pool_state.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.aiovmm_kvm_pool_state.restype = None
         lib.aiovmm_kvm_pool_free.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_pool_free.restype = None
         _lib = lib
@@ -348,27 +348,17 @@ _TARGETED = _IO_RIP_AFTER
 
 
 def hypercall_page() -> bytes:
-    """This engine's hypercall page, one 32-byte stub per hypercall (no clobbers, unlike
-    syscall): `mov $nr,%eax; in $HCALL_IN_PORT,%eax; cltq; ret`. The `in` exits with RIP on
-    it; the host puts the result in the exit's data area and KVM completes the instruction at
-    the next KVM_RUN (EAX, RIP past it), which `cltq` sign-extends: no register write from
-    the host, whose cost on kvm-pvm (KVM_SET_REGS semantics at every entry) the bare exit
-    loop shows. A result outside the int32 range is written to RAX with RIP past `cltq`
-    (KVMEngine.set_rax). iret (23) pushes rcx, r11, rax first as on Xen and exits with
-    `out %al,$HCALL_PORT`: it sets every register anyway."""
+    """This engine's hypercall page: `mov $nr,%eax; out %al,$HCALL_PORT; ret` per 32-byte
+    stub (no clobbers, unlike syscall); iret (23) pushes rcx, r11, rax first as on Xen."""
     page = bytearray(b"\xcc" * PAGE_SIZE)
     out = bytes([0xE6, HCALL_PORT])
     for i in range(128):
         if i == 23:
             stub = b"\x51\x41\x53\x50\xb8" + (23).to_bytes(4, "little") + out
         else:
-            stub = b"\xb8" + i.to_bytes(4, "little") + _IN_RESULT + b"\xc3"
+            stub = b"\xb8" + i.to_bytes(4, "little") + out + b"\xc3"
         page[32 * i:32 * i + len(stub)] = stub
     return bytes(page)
-
-
-_IN_RESULT = bytes([0xE5, HCALL_IN_PORT, 0x48, 0x98])    # in $HCALL_IN_PORT,%eax; cltq
-_INT32 = 1 << 31
 
 
 class _Ring0:
@@ -394,11 +384,10 @@ class _Ring0:
             mem.write(idt << PAGE_SHIFT | 16 * v, struct.pack("<QQ", lo, h >> 32))
         mem.write(stubs << PAGE_SHIFT, bytes(code))
         mem.write((tss << PAGE_SHIFT) + 4, struct.pack("<Q", self.stack_top))
-        # I/O permission bitmap: only the engine's ports (HCALL_IN_PORT's 4-byte access spans
-        # 0x58-0x5b) and the directly answered ones are open at CPL 3 (an exit); every other
-        # port faults #GP natively, as for a Xen PV guest without I/O privilege.
+        # I/O permission bitmap: only HCALL_PORT is open at CPL 3 (an exit); every other port
+        # faults #GP natively, as for a Xen PV guest without I/O privilege.
         bitmap = bytearray(b"\xff" * (_IOBITMAP_BYTES + 1))
-        for port in (*range(HCALL_IN_PORT, HCALL_IN_PORT + 4), HCALL_PORT, SYSCALL_PORT, *_DIRECT_PORTS):
+        for port in (HCALL_PORT, SYSCALL_PORT, *_DIRECT_PORTS):
             bitmap[port >> 3] &= ~(1 << (port & 7))
         struct.pack_into("<H", mem.map, (tss << PAGE_SHIFT) + 102, 104)
         mem.write((tss << PAGE_SHIFT) + 104, bytes(bitmap))
@@ -470,7 +459,6 @@ class _RunCtx(ctypes.Structure):
     hypercall exit without Python decoding kvm_run."""
     _fields_ = [("vcpu_fd", ctypes.c_int32), ("hcall_port", ctypes.c_int32), ("run", ctypes.c_void_p),
                 ("stubs_lo", ctypes.c_uint64), ("stubs_hi", ctypes.c_uint64), ("exits", ctypes.c_uint64),
-                ("hcall_in_port", ctypes.c_int32), ("run_size", ctypes.c_int32),
                 ("timer", ctypes.c_void_p), ("grace_ns", ctypes.c_int64)]
 
 
@@ -533,6 +521,13 @@ class _VMPool:
         self._refill = None
         if self._pool:
             self._lib.aiovmm_kvm_pool_refill(self._pool)
+
+    def state(self) -> tuple[int, int]:
+        """(VMs ready, retired VMs not closed yet)."""
+        out = (ctypes.c_int * 2)()
+        if self._pool:
+            self._lib.aiovmm_kvm_pool_state(self._pool, ctypes.byref(out, 0), ctypes.byref(out, 4))
+        return out[0], out[1]
 
     def retire(self, vm_fd: int, vcpu_fd: int) -> None:
         """Destroy a VM an engine is done with, in the worker."""
@@ -797,7 +792,7 @@ class KVMEngine:
         self._lib = lib
         self._kvm_run_fn = lib.aiovmm_kvm_run
         self._ctx = _RunCtx(self.vcpu_fd, HCALL_PORT, self._run_ptr, self.r0.stubs_va,
-                            self.r0.stubs_va + PAGE_SIZE, 0, HCALL_IN_PORT, len(self._run_map))
+                            self.r0.stubs_va + PAGE_SIZE, 0)
         self._ctx.timer = self._timer.value
         self._ctx_ptr = ctypes.addressof(self._ctx)
         self._run_ex = lib.aiovmm_kvm_run_ex
@@ -829,9 +824,6 @@ class KVMEngine:
         # guest on this engine (bench/linux.py prints them).
         self._exit_kinds: collections.Counter[str] = collections.Counter()
         self._hypercalls = 0          # the hot kind, counted apart (exit_kinds adds it)
-        # Between an `in` hypercall exit and the next KVM_RUN: the `in`'s RIP (KVM completes
-        # it then unless the registers are set), else -1.
-        self._in_rip = -1
         self._dirty_log = False
         self._tsc_khz = 0
         self._events = bytearray(_EVENTS_SIZE)
@@ -897,22 +889,7 @@ class KVMEngine:
         self._set(name, value)
 
     def set_rax(self, value: int) -> None:
-        """A hypercall's result. After an `in` hypercall (hypercall_page()) a value in the
-        int32 range goes to the exit's data area only, for KVM to complete the `in` with
-        (no register write); RAX is set too, which is what the guest gets if registers are
-        set before the next entry (_kvm_run lets KVM complete the `in` first and applies
-        them over it; `cltq` leaves an int32 value as it is). A wider value is written to
-        RAX with RIP past the `cltq`."""
-        value &= 0xFFFFFFFFFFFFFFFF
-        r = self.regs
-        r[0] = value
-        if self._in_rip >= 0:
-            if (value + _INT32) & 0xFFFFFFFFFFFFFFFF < 1 << 32:
-                m = self._run_map
-                struct.pack_into("<I", m, _U64.unpack_from(m, _RUN_IO + 8)[0], value & 0xFFFFFFFF)
-                return
-            if r[16] == self._in_rip + 2:
-                r[16] += 2
+        self.regs[0] = value & 0xFFFFFFFFFFFFFFFF
         self._dirty.value |= SYNC_REGS
 
     def hypercall_args(self) -> tuple[int, ...]:
@@ -1094,16 +1071,7 @@ class KVMEngine:
 
     def _kvm_run(self) -> int:
         gen = self.mem.pt_generation
-        pt_work = self._check_pending or gen != self._pt_gen
-        if self._in_rip >= 0:
-            self._in_rip = -1
-            if pt_work or self._dirty.value:
-                # The host set registers after an `in` hypercall (an event bounce, a
-                # continuation, a wide result), or the invalidation stub runs first: KVM
-                # would complete the `in` into that state, whatever RIP is (measured on
-                # kvm-pvm). Let it complete now, then apply the host's state.
-                self._complete_io_keeping_regs()
-        if pt_work:
+        if self._check_pending or gen != self._pt_gen:
             # After a page-table write, a TLB flush or a CR3 load (only the host loads CR3:
             # _set marks it; the guest's mov-to-CR3 faults).
             self._check_pending = False
@@ -1220,11 +1188,9 @@ class KVMEngine:
         monotonic_ns = time.monotonic_ns
         while True:
             rc = run()
-            if rc == 2 and kernel_mode() or rc == 1 and _IO_RIP_AFTER and kernel_mode():
+            if rc == 1 and _IO_RIP_AFTER and kernel_mode():
                 # The hot path (aiovmm_kvm_run_ex recognised the exit): a hypercall through
                 # this engine's hypercall page, as in _handle_exit, with no decoding here.
-                if rc == 2:
-                    self._enter_in_hypercall()
                 self._hypercalls += 1
                 try:
                     hypercall()
@@ -1292,12 +1258,6 @@ class KVMEngine:
                     self.callback_error = e
                     self.stop_requested = True
                 return True
-            if port == HCALL_IN_PORT and not in_stubs and direction == 0 and size == 4 and count == 1 \
-                    and self.kernel_mode():
-                self._hypercalls += 1                   # as in _run_slice (here from step_to)
-                self._enter_in_hypercall()
-                self._call(self.on_hypercall)
-                return True
             if in_stubs:
                 self._exit_kinds[f"vector {port}"] += 1
                 self._from_vector(port)
@@ -1323,19 +1283,10 @@ class KVMEngine:
             self.last_error = f"unexpected KVM exit {reason}"
         return False
 
-    def _enter_in_hypercall(self) -> None:
-        """An `in` hypercall exit (aiovmm_kvm_run_ex returned 2: the data area holds EAX):
-        the registers the handlers see have RIP past the `in`, as after the `out` and
-        syscall paths (continuations rewind RIP by 2). Not marked dirty: unless a register is
-        set, KVM completes the `in` at the next entry (set_rax)."""
-        r = self.regs
-        self._in_rip = r[16]
-        r[16] += 2
-
     def _complete_io_keeping_regs(self) -> None:
         """Let KVM finish a pending I/O instruction without entering the guest, then put the
-        registers (and segment/control registers) back as the host set them: KVM completes
-        a pending `in` at the next KVM_RUN whatever RIP is by then."""
+        registers (and segment/control registers) back as they were: KVM completes a pending
+        `in` at the next KVM_RUN whatever RIP is by then."""
         m = self._run_map
         dirty = self._dirty.value
         snap = bytes(m[_RUN_REGS:_RUN_SREGS + 312])

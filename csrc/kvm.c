@@ -106,27 +106,19 @@ int aiovmm_kvm_run(int vcpu_fd)
 /* The engine's per-vCPU run context (aiovmm/kvm_engine.py _RunCtx, same layout). */
 struct aiovmm_kvm_ctx {
     int32_t vcpu_fd;
-    int32_t hcall_port;            /* `out %al` hypercalls (iret) */
+    int32_t hcall_port;
     uint8_t *run;
     uint64_t stubs_lo, stubs_hi;   /* RIP range of the ring-0 vector stubs */
     uint64_t exits;                /* KVM_RUN calls made through here */
-    int32_t hcall_in_port;         /* `in %eax` hypercalls (all others): result through KVM */
-    int32_t run_size;              /* bytes mapped at run (the I/O data page included) */
     timer_t timer;                 /* the slice timer (aiovmm_kvm_slice_begin) */
     int64_t grace_ns;              /* if set: re-arm the slice's end this long after entry */
 };
 
-/* One KVM_RUN, and the hot exits recognised here rather than in Python: returns 1 for an
- * `out %al` of one byte to the hypercall port, 2 for an `in %eax` of four bytes from the
- * result-returning hypercall port, either from outside the vector stubs (a hypercall through
- * the engine's hypercall page, if the guest is in kernel mode: the caller checks), 0 for any
- * other exit (decoded in Python), -EINTR when the slice's deadline kicked, or -errno. The
- * register file is kvm_run's sync-regs area (RAX at +304, RIP at +304 + 16*8).
- *
- * For 2 the exit's data area is pre-filled with EAX (the hypercall number), so that a
- * hypercall that sets no result leaves RAX as it was, as with `out`. KVM completes the `in`
- * at the next KVM_RUN (EAX from the data area, RIP past it) unless the registers were set
- * meanwhile (aiovmm/kvm_engine.py KVMEngine.set_rax). */
+/* One KVM_RUN, and the hot exit recognised here rather than in Python: returns 1 for an
+ * `out %al` of one byte to the hypercall port from outside the vector stubs (a hypercall
+ * through the engine's hypercall page, if the guest is in kernel mode: the caller checks),
+ * 0 for any other exit (decoded in Python), -EINTR when the slice's deadline kicked, or
+ * -errno. The register file is kvm_run's sync-regs area (RIP at +304 + 16*8). */
 int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
 {
     if (c->grace_ns) {
@@ -143,27 +135,19 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
     c->exits++;
     if (ioctl(c->vcpu_fd, KVM_RUN_IOCTL, 0) < 0)
         return -errno;
-    uint8_t *run = c->run;
+    const uint8_t *run = c->run;
     uint32_t reason, count;
     uint16_t port;
-    uint64_t rip, data_off;
+    uint64_t rip;
     memcpy(&reason, run + 8, 4);
     if (reason != 2)                                   /* KVM_EXIT_IO */
         return 0;
     memcpy(&port, run + 34, 2);
     memcpy(&count, run + 36, 4);
     memcpy(&rip, run + 304 + 16 * 8, 8);
-    if (count != 1 || (rip >= c->stubs_lo && rip <= c->stubs_hi))
-        return 0;
-    if (run[32] == 1 && run[33] == 1 && port == c->hcall_port)
+    if (run[32] == 1 && run[33] == 1 && port == c->hcall_port && count == 1
+        && !(rip >= c->stubs_lo && rip <= c->stubs_hi))
         return 1;
-    if (run[32] == 0 && run[33] == 4 && port == c->hcall_in_port) {
-        memcpy(&data_off, run + 40, 8);
-        if (data_off <= (uint64_t)c->run_size - 4) {
-            memcpy(run + data_off, run + 304, 4);      /* EAX */
-            return 2;
-        }
-    }
     return 0;
 }
 
@@ -332,6 +316,15 @@ void aiovmm_kvm_pool_refill(struct aiovmm_kvm_pool *p)
 {
     pthread_mutex_lock(&p->lock);
     pthread_cond_signal(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+}
+
+/* How many VMs are ready, and how many wait to be closed (tests wait for a settled pool). */
+void aiovmm_kvm_pool_state(struct aiovmm_kvm_pool *p, int *ready, int *retired)
+{
+    pthread_mutex_lock(&p->lock);
+    *ready = p->nready;
+    *retired = p->nretired;
     pthread_mutex_unlock(&p->lock);
 }
 
