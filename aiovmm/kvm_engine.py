@@ -171,6 +171,7 @@ GUEST_L4_SLOT = 257               # the engine's guest-visible pages (M2P alias,
 # policy (emulate.port_in/port_out via on_port_io), exactly as the #GP path would.
 _DIRECT_PORTS = (0x40, 0x41, 0x42, 0x43, 0x61)
 _ENGINE_PORTS = (HCALL_PORT, SYSCALL_PORT)   # never the port policy's
+_SYSCALL = "syscall"                          # its exit_kinds key
 _IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
 TSS_LIMIT = 104 + _IOBITMAP_BYTES
 _ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40 without)
@@ -459,7 +460,8 @@ class _RunCtx(ctypes.Structure):
     hypercall exit without Python decoding kvm_run."""
     _fields_ = [("vcpu_fd", ctypes.c_int32), ("hcall_port", ctypes.c_int32), ("run", ctypes.c_void_p),
                 ("stubs_lo", ctypes.c_uint64), ("stubs_hi", ctypes.c_uint64), ("exits", ctypes.c_uint64),
-                ("timer", ctypes.c_void_p), ("grace_ns", ctypes.c_int64)]
+                ("timer", ctypes.c_void_p), ("grace_ns", ctypes.c_int64),
+                ("syscall_port", ctypes.c_int32), ("pad", ctypes.c_int32), ("syscall_va", ctypes.c_uint64)]
 
 
 class _VMPool:
@@ -793,6 +795,7 @@ class KVMEngine:
         self._kvm_run_fn = lib.aiovmm_kvm_run
         self._ctx = _RunCtx(self.vcpu_fd, HCALL_PORT, self._run_ptr, self.r0.stubs_va,
                             self.r0.stubs_va + PAGE_SIZE, 0)
+        self._ctx.syscall_port, self._ctx.syscall_va = SYSCALL_PORT, self.r0.syscall_va
         self._ctx.timer = self._timer.value
         self._ctx_ptr = ctypes.addressof(self._ctx)
         self._run_ex = lib.aiovmm_kvm_run_ex
@@ -1183,6 +1186,7 @@ class KVMEngine:
         run = self._kvm_run
         settle = 0
         grace = True
+        syscalls = self._exit_kinds
         kernel_mode = self.kernel_mode
         hypercall = self.on_hypercall
         monotonic_ns = time.monotonic_ns
@@ -1198,6 +1202,12 @@ class KVMEngine:
                     log.exception("%s: handler raised", self.name)
                     self.callback_error = e
                     self.stop_requested = True
+            elif rc == 3:
+                # A guest `syscall` (aiovmm_kvm_run_ex recognised the entry page's exit), as
+                # in _handle_exit without decoding kvm_run: Linux's hypercalls and its user
+                # processes' system calls, the commonest exit of a Linux guest.
+                syscalls[_SYSCALL] += 1
+                self._from_syscall()
             elif rc == -errno.EINTR:
                 if self.delivery_pending():
                     # Xen bounces an exception the moment the guest raises it, before it
@@ -1263,7 +1273,7 @@ class KVMEngine:
                 self._from_vector(port)
                 return True
             if port == SYSCALL_PORT and r0.syscall_va <= rip <= r0.syscall_va + 2:
-                self._exit_kinds["syscall"] += 1
+                self._exit_kinds[_SYSCALL] += 1
                 self._from_syscall()
                 return True
             self._exit_kinds["port io"] += 1

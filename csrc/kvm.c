@@ -112,12 +112,17 @@ struct aiovmm_kvm_ctx {
     uint64_t exits;                /* KVM_RUN calls made through here */
     timer_t timer;                 /* the slice timer (aiovmm_kvm_slice_begin) */
     int64_t grace_ns;              /* if set: re-arm the slice's end this long after entry */
+    int32_t syscall_port;          /* the SYSCALL entry page's `out` ... */
+    int32_t pad;
+    uint64_t syscall_va;           /* ... at this RIP range (syscall_va .. +2) */
 };
 
-/* One KVM_RUN, and the hot exit recognised here rather than in Python: returns 1 for an
+/* One KVM_RUN, and the hot exits recognised here rather than in Python: returns 1 for an
  * `out %al` of one byte to the hypercall port from outside the vector stubs (a hypercall
  * through the engine's hypercall page, if the guest is in kernel mode: the caller checks),
- * 0 for any other exit (decoded in Python), -EINTR when the slice's deadline kicked, or
+ * 3 for the SYSCALL entry page's `out` (a guest `syscall`: Linux's hypercalls and its user
+ * processes' system calls), 0 for any other exit (decoded in Python), -EINTR when the
+ * slice's deadline kicked, or
  * -errno. The register file is kvm_run's sync-regs area (RIP at +304 + 16*8). */
 int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
 {
@@ -148,6 +153,9 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
     if (run[32] == 1 && run[33] == 1 && port == c->hcall_port && count == 1
         && !(rip >= c->stubs_lo && rip <= c->stubs_hi))
         return 1;
+    if (run[32] == 1 && run[33] == 1 && port == c->syscall_port && count == 1
+        && rip >= c->syscall_va && rip <= c->syscall_va + 2)
+        return 3;
     return 0;
 }
 

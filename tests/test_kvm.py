@@ -294,7 +294,7 @@ async def test_forged_syscall_entry_cannot_raise_iopl():
         import time as _time
         eng._begin(_time.monotonic_ns() + 50_000_000)
         try:
-            assert eng._kvm_run() == 0
+            assert eng._kvm_run() == 3                  # the entry page's exit, recognised in C
             assert eng._handle_exit()
         finally:
             eng._end()
