@@ -42,6 +42,7 @@ Known differences from the Unicorn engine (guest-visible only to hostile guests)
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import ctypes
 import enum
@@ -169,12 +170,22 @@ GUEST_L4_SLOT = 257               # the engine's guest-visible pages (M2P alias,
 # (one exit, no ring-0 stub, no instruction decode) and is answered by the shared port
 # policy (emulate.port_in/port_out via on_port_io), exactly as the #GP path would.
 _DIRECT_PORTS = (0x40, 0x41, 0x42, 0x43, 0x61)
+_ENGINE_PORTS = (HCALL_PORT, SYSCALL_PORT)   # never the port policy's
+_SYSCALL = "syscall"                          # its exit_kinds key
 _IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
 TSS_LIMIT = 104 + _IOBITMAP_BYTES
 _ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40 without)
 _EVENTS_SIZE = 64                  # struct kvm_vcpu_events; exception.injected at 0, .pending at 3
 _SETTLE_NS = 1_000_000             # deadline re-armed to let a held exception reach its stub
 _SETTLE_TRIES = 16
+# After an exit handled past the slice's deadline, the guest still runs this long (or to its
+# next exit) before the slice ends: the state the handler left (an iret to the interrupted
+# code, a hypercall's return) must run before the next slice delivers the next event. Without
+# it, a vCPU whose event handling took its whole slice (each exit ~0.3 ms on a loaded
+# kvm-pvm host, a 4 ms Linux tick always overdue after the other vCPU's slice) could have
+# the next event bounced at the very RIP it was interrupted at, slice after slice (Linux's
+# soft lockups with an unchanged RIP, 2 vCPUs at load 15+).
+_GRACE_NS = 100_000
 
 
 _GPR: dict[str, tuple[int, int]] = {}
@@ -219,6 +230,10 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_pool_take.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.aiovmm_kvm_pool_retire.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         lib.aiovmm_kvm_pool_retire.restype = None
+        lib.aiovmm_kvm_pool_refill.argtypes = [ctypes.c_void_p]
+        lib.aiovmm_kvm_pool_refill.restype = None
+        lib.aiovmm_kvm_pool_state.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.aiovmm_kvm_pool_state.restype = None
         lib.aiovmm_kvm_pool_free.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_pool_free.restype = None
         _lib = lib
@@ -444,7 +459,9 @@ class _RunCtx(ctypes.Structure):
     """csrc/kvm.c struct aiovmm_kvm_ctx: what aiovmm_kvm_run_ex needs to recognise a
     hypercall exit without Python decoding kvm_run."""
     _fields_ = [("vcpu_fd", ctypes.c_int32), ("hcall_port", ctypes.c_int32), ("run", ctypes.c_void_p),
-                ("stubs_lo", ctypes.c_uint64), ("stubs_hi", ctypes.c_uint64), ("exits", ctypes.c_uint64)]
+                ("stubs_lo", ctypes.c_uint64), ("stubs_hi", ctypes.c_uint64), ("exits", ctypes.c_uint64),
+                ("timer", ctypes.c_void_p), ("grace_ns", ctypes.c_int64),
+                ("syscall_port", ctypes.c_int32), ("pad", ctypes.c_int32), ("syscall_va", ctypes.c_uint64)]
 
 
 class _VMPool:
@@ -465,6 +482,7 @@ class _VMPool:
     latencies on a loaded machine (take() ~1.8 ms median)."""
 
     POOL_SIZE = 2
+    REFILL_DELAY_S = 0.02    # after a take: past the new domain's first slices (create -> first byte)
 
     def __init__(self, mem: "MachineMemory") -> None:
         self.mem = mem
@@ -472,18 +490,46 @@ class _VMPool:
         cpuid = _cpuid2_buffer()
         self._pool = self._lib.aiovmm_kvm_pool_new(_system_fd(), mem.size, mem.fd_address, cpuid,
                                                    len(cpuid), self.POOL_SIZE)
+        self._refill: "asyncio.TimerHandle | None" = None
 
     def take(self) -> tuple[int, int]:
         """(vm_fd, vcpu_fd) of a fresh VM, made here if none is ready. Raises OSError."""
         fds = (ctypes.c_int * 2)()
         lib = self._lib
-        if self._pool and lib.aiovmm_kvm_pool_take(self._pool, ctypes.byref(fds, 0), ctypes.byref(fds, 4)) == 0:
-            return fds[0], fds[1]
+        if self._pool:
+            self._schedule_refill()
+            if lib.aiovmm_kvm_pool_take(self._pool, ctypes.byref(fds, 0), ctypes.byref(fds, 4)) == 0:
+                return fds[0], fds[1]
         rc = lib.aiovmm_kvm_make_vm(_system_fd(), self.mem.size, self.mem.fd_address, _cpuid2_buffer(),
                                     ctypes.byref(fds, 0), ctypes.byref(fds, 4))
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
         return fds[0], fds[1]
+
+    def _schedule_refill(self) -> None:
+        """Wake the worker REFILL_DELAY_S from now, on the loop (not during the domain's
+        creation and first slices: the woken worker can preempt the loop thread). Without
+        a running loop (a synchronous caller), at once."""
+        if self._refill is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._refill_now()
+            return
+        self._refill = loop.call_later(self.REFILL_DELAY_S, self._refill_now)
+
+    def _refill_now(self) -> None:
+        self._refill = None
+        if self._pool:
+            self._lib.aiovmm_kvm_pool_refill(self._pool)
+
+    def state(self) -> tuple[int, int]:
+        """(VMs ready, retired VMs not closed yet)."""
+        out = (ctypes.c_int * 2)()
+        if self._pool:
+            self._lib.aiovmm_kvm_pool_state(self._pool, ctypes.byref(out, 0), ctypes.byref(out, 4))
+        return out[0], out[1]
 
     def retire(self, vm_fd: int, vcpu_fd: int) -> None:
         """Destroy a VM an engine is done with, in the worker."""
@@ -497,6 +543,9 @@ class _VMPool:
         """Stop the worker once it has destroyed the retired VMs; destroy the ready ones.
         Blocks for up to one VM creation: call it from a thread."""
         pool, self._pool = self._pool, None
+        if self._refill is not None:
+            self._refill.cancel()
+            self._refill = None
         if pool:
             self._lib.aiovmm_kvm_pool_free(pool)
 
@@ -513,7 +562,6 @@ async def close_vm_pool(mem: "MachineMemory") -> None:
     """Before the machine memory is unmapped: destroy the pooled VMs, wait for the worker."""
     p = getattr(mem, "_kvm_pool", None)
     if p is not None:
-        import asyncio
         del mem._kvm_pool
         await asyncio.to_thread(p.close)
 
@@ -747,6 +795,8 @@ class KVMEngine:
         self._kvm_run_fn = lib.aiovmm_kvm_run
         self._ctx = _RunCtx(self.vcpu_fd, HCALL_PORT, self._run_ptr, self.r0.stubs_va,
                             self.r0.stubs_va + PAGE_SIZE, 0)
+        self._ctx.syscall_port, self._ctx.syscall_va = SYSCALL_PORT, self.r0.syscall_va
+        self._ctx.timer = self._timer.value
         self._ctx_ptr = ctypes.addressof(self._ctx)
         self._run_ex = lib.aiovmm_kvm_run_ex
 
@@ -1021,9 +1071,12 @@ class KVMEngine:
             self._lib.aiovmm_kvm_timer_delete(self._timer)
             self._lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
             self._timer_tid = _gettid()
+            self._ctx.timer = self._timer.value
+        self._ctx.grace_ns = 0
         self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline_ns)
 
     def _end(self) -> None:
+        self._ctx.grace_ns = 0
         self._lib.aiovmm_kvm_slice_end(self._run_ptr, self._timer)
 
     def _kvm_run(self) -> int:
@@ -1139,6 +1192,8 @@ class KVMEngine:
         handle = self._handle_exit
         run = self._kvm_run
         settle = 0
+        grace = True
+        syscalls = self._exit_kinds
         kernel_mode = self.kernel_mode
         hypercall = self.on_hypercall
         monotonic_ns = time.monotonic_ns
@@ -1154,6 +1209,12 @@ class KVMEngine:
                     log.exception("%s: handler raised", self.name)
                     self.callback_error = e
                     self.stop_requested = True
+            elif rc == 3:
+                # A guest `syscall` (aiovmm_kvm_run_ex recognised the entry page's exit), as
+                # in _handle_exit without decoding kvm_run: Linux's hypercalls and its user
+                # processes' system calls, the commonest exit of a Linux guest.
+                syscalls[_SYSCALL] += 1
+                self._from_syscall()
             elif rc == -errno.EINTR:
                 if self.delivery_pending():
                     # Xen bounces an exception the moment the guest raises it, before it
@@ -1186,7 +1247,11 @@ class KVMEngine:
                 self._preempt = False
                 return ExitReason.PREEMPT
             if monotonic_ns() >= deadline:
-                return ExitReason.BUDGET
+                if not grace:
+                    return ExitReason.BUDGET
+                grace = False
+                deadline = 0                        # any later exit ends the slice
+                self._ctx.grace_ns = _GRACE_NS      # armed in C right before the entry
 
     def _handle_exit(self) -> bool:
         """Turn one KVM exit into a callback. False: the engine cannot go on (last_error)."""
@@ -1215,7 +1280,7 @@ class KVMEngine:
                 self._from_vector(port)
                 return True
             if port == SYSCALL_PORT and r0.syscall_va <= rip <= r0.syscall_va + 2:
-                self._exit_kinds["syscall"] += 1
+                self._exit_kinds[_SYSCALL] += 1
                 self._from_syscall()
                 return True
             self._exit_kinds["port io"] += 1
@@ -1234,6 +1299,18 @@ class KVMEngine:
         else:
             self.last_error = f"unexpected KVM exit {reason}"
         return False
+
+    def _complete_io_keeping_regs(self) -> None:
+        """Let KVM finish a pending I/O instruction without entering the guest, then put the
+        registers (and segment/control registers) back as they were: KVM completes a pending
+        `in` at the next KVM_RUN whatever RIP is by then."""
+        m = self._run_map
+        dirty = self._dirty.value
+        snap = bytes(m[_RUN_REGS:_RUN_SREGS + 312])
+        self._dirty.value = 0
+        self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
+        m[_RUN_REGS:_RUN_SREGS + 312] = snap
+        self._dirty.value = dirty | SYNC_REGS
 
     def _call(self, fn, *args) -> None:
         try:
@@ -1461,7 +1538,7 @@ class KVMEngine:
         #GP(0) a closed port gives, for the shared emulator to decode."""
         m = self._run_map
         data_off = struct.unpack_from("<Q", m, _RUN_IO + 8)[0]
-        if direction == 0 and count == 1 and port not in (HCALL_PORT, SYSCALL_PORT) \
+        if direction == 0 and count == 1 and port not in _ENGINE_PORTS \
                 and self._plain_io_at(self.regs[16], 0, size, port):
             # The hot case (Linux polls the PIT 100,000 times while booting): a plain IN, RIP
             # on it. An allowed one is answered in the exit's data area and KVM completes it
@@ -1478,17 +1555,10 @@ class KVMEngine:
                 m[data_off:data_off + size] = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
                 return
             # Refused (#GP(0) queued at the instruction): KVM must not complete it.
-            snap = bytes(m[_RUN_REGS:_RUN_REGS + 144])
-            self._dirty.value &= ~SYNC_REGS
-            self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
-            m[_RUN_REGS:_RUN_REGS + 144] = snap
-            self._dirty.value |= SYNC_REGS
+            self._complete_io_keeping_regs()
             return
         value = int.from_bytes(m[data_off:data_off + size], "little") if direction == 1 else 0
-        snap = bytes(m[_RUN_REGS:_RUN_REGS + 144])
-        self._dirty.value &= ~SYNC_REGS
-        self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
-        m[_RUN_REGS:_RUN_REGS + 144] = snap
+        self._complete_io_keeping_regs()
         rip = self.regs[16]
         # kvm-pvm reports an OUT with RIP past the instruction, an IN (KVM's fast PIO path)
         # with RIP on it.
@@ -1497,7 +1567,7 @@ class KVMEngine:
             rip -= self._io_insn_len(rip, direction, size, port)
         self.regs[16] = rip
         self._dirty.value |= SYNC_REGS
-        plain = count == 1 and port not in (HCALL_PORT, SYSCALL_PORT) and (at or self._plain_io_at(rip, direction, size, port))
+        plain = count == 1 and port not in _ENGINE_PORTS and (at or self._plain_io_at(rip, direction, size, port))
         if not plain:
             self._call(self.on_exception, 13, 0, 0)
             return
