@@ -212,6 +212,7 @@ class InlineKick(enum.IntEnum):
     FULL = 1
     DEFER_TX_EVENT = 2
     TX_ONLY = 3
+    PREEMPT = 4          # the pass on the loop, but the notifying vCPU's slice ends now
 
 
 VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
@@ -260,7 +261,8 @@ class Netback:
         self._reader_on = False
         self._handle: asyncio.Handle | None = None      # a scheduled _poll
         self.inline_kick = InlineKick.OFF                # _on_guest_event
-        self._notify_owed = False                       # an event deferred by an inline pass
+        self._tx_owed_from: int | None = None           # rsp_prod before tx responses whose
+                                                        # event an inline pass deferred
         self._stop: asyncio.Future | None = None        # the data path failed (VifDisconnect)
         self._stalled = 0
         self._rx_buf = bytearray(RX_BUF)                # a tap frame waiting for rx requests
@@ -556,7 +558,7 @@ class Netback:
         self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
         self.port.link(_Kick(self._on_guest_event))
         self._rx_len = 0
-        self._notify_owed = False
+        self._tx_owed_from = None
 
     def _frontend_features(self) -> None:
         """Read what the frontend takes on rx and tell the tap (TUNSETOFFLOAD): the kernel
@@ -640,8 +642,12 @@ class Netback:
         of waiting for the end of the vCPU's slice (on KVM up to 2 ms with the loop blocked
         in KVM_RUN). The pass is bounded (a ring's worth of tx, RX_BATCH frames) as on the
         loop. Off by default: the measured modes trade stream throughput for latency."""
-        if self.inline_kick == InlineKick.OFF or self._stop is None or self._stop.done():
+        if self.inline_kick in (InlineKick.OFF, InlineKick.PREEMPT) or self._stop is None or self._stop.done():
             self._schedule()                 # (not serving yet: as before, one pass later)
+            if self.inline_kick == InlineKick.PREEMPT:
+                v = self.dom.hypervisor.scheduler.current
+                if v is not None and v.domain is self.dom:
+                    v.engine.preempt()
             return
         if self._handle is not None:
             self._handle.cancel()
@@ -666,22 +672,28 @@ class Netback:
     def _pass(self, inline: bool = False) -> None:
         tx = self.tx
         before = tx.req_cons
+        mode = self.inline_kick if inline else InlineKick.OFF
+        tx_from = tx.rsp_prod_pvt                # netback's own: what it last published
         tx_notify = self._process_tx()
-        rx_notify = False if inline and self.inline_kick == InlineKick.TX_ONLY else self._process_rx()
-        if inline and self.inline_kick == InlineKick.TX_ONLY:
-            # The guest's packets reach the tap now; rx (the notify may be a refill) and
-            # the event wait for the next pass on the loop, as without an inline pass.
-            self._notify_owed |= tx_notify
+        rx_notify = False if mode == InlineKick.TX_ONLY else self._process_rx()
+        if mode == InlineKick.TX_ONLY or (mode == InlineKick.DEFER_TX_EVENT and not rx_notify):
+            # Inside the guest's notify, with only tx completions to announce: the event
+            # waits for the next pass on the loop, which asks the ring again (_tx_event_owed).
+            # Netfront reaps its tx ring right after notifying (xennet_start_xmit calls
+            # xennet_tx_buf_gc) and moves rsp_event past what it saw, so a completion it
+            # already took costs no event, upcall and iret; one it did not take still gets
+            # its event. TX_ONLY also leaves rx to that pass (rx in the hypercall made
+            # TCP a per-segment ping-pong, docs/design.md).
+            if tx_notify and self._tx_owed_from is None:
+                self._tx_owed_from = tx_from
+            # Nor is req_event re-armed here: the frontend's next requests stay silent until
+            # that pass (final_check) asks again, so a guest streaming tx notifies once per
+            # loop pass, as without the inline pass, not once per packet.
             self._schedule()
-        elif inline and tx_notify and not rx_notify and self.inline_kick == InlineKick.DEFER_TX_EVENT:
-            # Only tx completions to announce, to a guest that is running (in its notify
-            # hypercall): the event waits for the next pass on the loop, so a guest sending a
-            # stream gets one event per batch, not one per packet (its netfront also reaps
-            # completions itself on its next transmit).
-            self._notify_owed = True
-            self._schedule()
-        elif tx_notify or rx_notify or self._notify_owed:
-            self._notify_owed = False
+            if mode == InlineKick.TX_ONLY:
+                return
+        elif tx_notify or rx_notify or self._tx_event_owed():
+            self._tx_owed_from = None
             self.port.notify()
             self.stats.events_sent += 1
         # The tap is read while no frame waits for rx slots and the rate allows; a frame
@@ -696,6 +708,19 @@ class Netback:
             self._schedule()                 # let others run first
         else:
             self._stalled = 0
+
+    def _tx_event_owed(self) -> bool:
+        """Do the tx responses published since `_tx_owed_from` still need an event? Xen's
+        RING_PUSH_RESPONSES_AND_CHECK_NOTIFY test over that whole range, against the
+        frontend's rsp_event as it is now: a frontend that consumed them all has moved
+        rsp_event beyond and wants none (it asks again on its next final check)."""
+        old = self._tx_owed_from
+        if old is None:
+            return False
+        self._tx_owed_from = None
+        r = self.tx
+        new = r.rsp_prod_pvt
+        return ((new - r.get(12)) & 0xFFFFFFFF) < ((new - old) & 0xFFFFFFFF)
 
     def _set_reader(self, on: bool) -> None:
         if on == self._reader_on or self.fd is None:
