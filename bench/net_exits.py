@@ -48,7 +48,7 @@ def snapshot(dom, nb) -> dict[str, float]:
         s[f"hc:{HC_NAMES.get(nr, nr)}"] = n
     st = nb.stats
     for k in ("tx_packets", "rx_packets", "rx_bytes", "tx_bytes", "events_sent", "rx_gso", "tx_gso",
-              "rx_waits"):
+              "rx_waits", "inline_passes"):
         s[f"nb:{k}"] = getattr(st, k)
     s["nb:guest_notifies"] = nb.port.notifications if nb.port is not None else 0
     s["kicks"] = getattr(eng, "kicks", 0)
@@ -70,7 +70,7 @@ def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 def show(title: str, d: dict[str, float], per: float, unit: str) -> None:
     print(f"  {title}: per {unit} (n={per:.0f}), load {os.getloadavg()[0]:.1f}")
     for k in sorted(d, key=lambda k: -d[k]):
-        if k.startswith(("exit", "hc:", "nb:events", "nb:guest", "kicks", "cpu", "ctx", "slices",
+        if k.startswith(("exit", "hc:", "nb:events", "nb:guest", "nb:inline", "kicks", "cpu", "ctx", "slices",
                          "vcpu_ms", "steal")) or k == "exits":
             print(f"    {k:<28}{d[k] / per:10.2f}")
 

@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import os
 import random
+import select
 import struct
 import sys
 import time
@@ -202,17 +203,25 @@ class _Kick:
 
 class InlineKick(enum.IntEnum):
     """What netback does inside the guest's notify hypercall (Netback.inline_kick; issue 14,
-    measured on the KVM engine in docs/design.md). OFF, the default: schedule one pass on the
-    loop. FULL: the whole pass there. DEFER_TX_EVENT: the whole pass, but an event that only
-    announces tx completions waits for the next pass on the loop (halved the events and cut
-    a third of the exits per UDP round trip, but a guest streaming tx fell from 17 to 2
-    Mbit/s: inline rx delivery of the peer's ACKs made TCP ping-pong). TX_ONLY: only the
-    guest's tx reaches the tap there; rx and every event on the loop."""
+    measured on the KVM engine with bench/net_exits.py, docs/design.md). OFF, the default:
+    schedule one pass on the loop. FULL: the whole pass there. DEFER_TX_EVENT: the whole
+    pass, but an event that only announces tx completions waits for the next pass on the
+    loop, which asks the ring again (Netback._tx_event_owed). TX_ONLY: only the guest's tx
+    reaches the tap there (its event deferred the same way, req_event not re-armed); rx and
+    every event on the loop. PREEMPT: the pass on the loop, and the notifying vCPU's slice
+    ends at once. LONE: TX_ONLY for a lone small packet (a request/response with nothing
+    else in flight), OFF otherwise. Inline rx (FULL, DEFER_TX_EVENT) made TCP a
+    per-segment ping-pong; TX_ONLY and LONE halve the events and cut a third of the exits
+    per UDP round trip (W=1) but lose the loop's batching with 32 requests in flight."""
     OFF = 0
     FULL = 1
     DEFER_TX_EVENT = 2
     TX_ONLY = 3
-    PREEMPT = 4          # the pass on the loop, but the notifying vCPU's slice ends now
+    PREEMPT = 4
+    LONE = 5
+
+
+LONE_MAX = 256           # the largest tx request LONE sends from inside the notify (bytes)
 
 
 VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
@@ -240,6 +249,7 @@ class NetStats:
     tx_gso: int = 0               # guest -> tap packets handed over as GSO (TSO) frames
     rx_gso: int = 0               # tap -> guest GSO packets (with a GSO extra)
     rx_waits: int = 0             # a frame waited for rx requests (flow control, not a drop)
+    inline_passes: int = 0        # passes run inside the guest's notify (InlineKick)
 
 
 class Netback:
@@ -269,6 +279,8 @@ class Netback:
         self._rx_view = memoryview(self._rx_buf)
         self._rx_len = 0                                # its length with the header, 0: none
         self._rx_throttled = False
+        self._last_rx_frames = 0                        # frames the last rx pass delivered
+        self._tap_poll = select.poll()                  # LONE: is a frame queued in the tap?
         # What the frontend said it takes (read at connect): multi-slot rx packets, GSO
         # types on rx, partial checksums on rx.
         self.sg_rx = False
@@ -529,6 +541,7 @@ class Netback:
             self.ifname = f"{self.ifname}-{os.getpid() % 100000}"[:15]
             self.fd = await asyncio.to_thread(taplib.open_tap, self.ifname, self.cfg.netns, True)
         taplib.set_offload(self.fd, self._offload)
+        self._tap_poll.register(self.fd, select.POLLIN)
         self.dom.hypervisor.xenstore.store.write(f"{self.back}/vifname", self.ifname)
 
     async def _watch_front(self, watch: Watch) -> None:
@@ -618,6 +631,10 @@ class Netback:
     def close(self) -> None:
         self._disconnect()
         if self.fd is not None:
+            try:
+                self._tap_poll.unregister(self.fd)
+            except KeyError:
+                pass
             os.close(self.fd)               # the tap vanishes with its fd
             self.fd = None
         try:
@@ -642,7 +659,8 @@ class Netback:
         of waiting for the end of the vCPU's slice (on KVM up to 2 ms with the loop blocked
         in KVM_RUN). The pass is bounded (a ring's worth of tx, RX_BATCH frames) as on the
         loop. Off by default: the measured modes trade stream throughput for latency."""
-        if self.inline_kick in (InlineKick.OFF, InlineKick.PREEMPT) or self._stop is None or self._stop.done():
+        if self.inline_kick in (InlineKick.OFF, InlineKick.PREEMPT) or self._stop is None or self._stop.done() \
+                or (self.inline_kick == InlineKick.LONE and not self._lone()):
             self._schedule()                 # (not serving yet: as before, one pass later)
             if self.inline_kick == InlineKick.PREEMPT:
                 v = self.dom.hypervisor.scheduler.current
@@ -652,7 +670,28 @@ class Netback:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        self.stats.inline_passes += 1
         self._poll(inline=True)
+
+    def _lone(self) -> bool:
+        """LONE's test: one small request on the tx ring and at most one frame delivered by
+        the last pass, i.e. a request/response exchange, not a stream or a burst (sending
+        those from inside the notify trades the loop's batching for latency: more passes,
+        events and exits per packet, measured in docs/design.md). Reads the ring only for
+        this guess; the pass copies and validates the request as always."""
+        r = self.tx
+        if self._last_rx_frames > 1 or r.unconsumed() != 1 or self._rx_len:
+            return False
+        _gref, _off, flags, _id, size = _TXREQ.unpack_from(r.v, r.slot_off(r.req_cons))
+        if size > LONE_MAX or flags & (NETTXF_more_data | NETTXF_extra_info):
+            return False
+        # The guest has taken every rx response (its rsp_event is past them: netfront's
+        # final check after its poll) and the tap holds no frame for it: nothing else is
+        # in flight towards it.
+        rx = self.rx
+        if not 0 < ((rx.get(12) - rx.rsp_prod_pvt) & 0xFFFFFFFF) < 0x80000000:
+            return False
+        return not self._tap_poll.poll(0)
 
     def _on_tap_readable(self) -> None:
         self._tap_ready = True
@@ -673,6 +712,8 @@ class Netback:
         tx = self.tx
         before = tx.req_cons
         mode = self.inline_kick if inline else InlineKick.OFF
+        if mode == InlineKick.LONE:
+            mode = InlineKick.TX_ONLY
         tx_from = tx.rsp_prod_pvt                # netback's own: what it last published
         tx_notify = self._process_tx()
         rx_notify = False if mode == InlineKick.TX_ONLY else self._process_rx()
@@ -718,9 +759,7 @@ class Netback:
         if old is None:
             return False
         self._tx_owed_from = None
-        r = self.tx
-        new = r.rsp_prod_pvt
-        return ((new - r.get(12)) & 0xFFFFFFFF) < ((new - old) & 0xFFFFFFFF)
+        return self.tx.responses_need_event(old)
 
     def _set_reader(self, on: bool) -> None:
         if on == self._reader_on or self.fd is None:
@@ -914,6 +953,7 @@ class Netback:
             return False                         # migration: frames stay in the tap
         r = self.rx
         delivered = False
+        frames = 0
         limited = self.rx_limit.active
         self._rx_throttled = False
         for _ in range(RX_BATCH):
@@ -948,9 +988,12 @@ class Netback:
                 self._rx_wait(need)
                 break
             self._rx_deliver()
+            frames += 1
             delivered = True
         else:
             self._schedule()                 # more may be waiting: come back after others ran
+        if frames:
+            self._last_rx_frames = frames
         return r.push_responses() if delivered else False
 
     def _rx_slots_needed(self) -> int:
