@@ -605,7 +605,7 @@ if __name__ == "__main__":
                          "available here)")
     ap.add_argument("--boot-timeout", type=float, default=420, help="seconds for a Linux guest to reach its shell")
     ap.add_argument("--tcp-seconds", type=float, default=10, help="seconds per iperf3 run")
-    ap.add_argument("--inline-kick", default="OFF", choices=[m.name for m in InlineKick],
+    ap.add_argument("--inline-kick", default="LONE", choices=[m.name for m in InlineKick],
                     help="netback's pass in the guest's notify for the Linux guests (Netback.inline_kick; "
                          "bench/net_exits.py compares them)")
     ap.add_argument("--skip-reference", action="store_true", help="only (e), the Linux guests")

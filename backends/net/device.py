@@ -203,14 +203,14 @@ class _Kick:
 
 class InlineKick(enum.IntEnum):
     """What netback does inside the guest's notify hypercall (Netback.inline_kick; issue 14,
-    measured on the KVM engine with bench/net_exits.py, docs/design.md). OFF, the default:
-    schedule one pass on the loop. FULL: the whole pass there. DEFER_TX_EVENT: the whole
+    measured on the KVM engine with bench/net_exits.py, docs/design.md). OFF: schedule one
+    pass on the loop. FULL: the whole pass there. DEFER_TX_EVENT: the whole
     pass, but an event that only announces tx completions waits for the next pass on the
     loop, which asks the ring again (Netback._tx_event_owed). TX_ONLY: only the guest's tx
     reaches the tap there (its event deferred the same way, req_event not re-armed); rx and
     every event on the loop. PREEMPT: the pass on the loop, and the notifying vCPU's slice
-    ends at once. LONE: TX_ONLY for a lone small packet (a request/response with nothing
-    else in flight), OFF otherwise. Inline rx (FULL, DEFER_TX_EVENT) made TCP a
+    ends at once. LONE, the default: TX_ONLY for a lone small packet (a request/response
+    with nothing else in flight), OFF otherwise. Inline rx (FULL, DEFER_TX_EVENT) made TCP a
     per-segment ping-pong; TX_ONLY and LONE halve the events and cut a third of the exits
     per UDP round trip (W=1) but lose the loop's batching with 32 requests in flight."""
     OFF = 0
@@ -270,7 +270,7 @@ class Netback:
         self._tap_ready = False
         self._reader_on = False
         self._handle: asyncio.Handle | None = None      # a scheduled _poll
-        self.inline_kick = InlineKick.OFF                # _on_guest_event
+        self.inline_kick = InlineKick.LONE               # _on_guest_event
         self._tx_owed_from: int | None = None           # rsp_prod before tx responses whose
                                                         # event an inline pass deferred
         self._stop: asyncio.Future | None = None        # the data path failed (VifDisconnect)
@@ -658,7 +658,8 @@ class Netback:
         before the vCPU resumes, and an event is delivered on the hypercall's return, instead
         of waiting for the end of the vCPU's slice (on KVM up to 2 ms with the loop blocked
         in KVM_RUN). The pass is bounded (a ring's worth of tx, RX_BATCH frames) as on the
-        loop. Off by default: the measured modes trade stream throughput for latency."""
+        loop. The default, LONE, runs the tx pass here only for a lone request/response
+        (`_lone`): the other modes trade stream throughput for latency."""
         if self.inline_kick in (InlineKick.OFF, InlineKick.PREEMPT) or self._stop is None or self._stop.done() \
                 or (self.inline_kick == InlineKick.LONE and not self._lone()):
             self._schedule()                 # (not serving yet: as before, one pass later)
@@ -680,7 +681,7 @@ class Netback:
         events and exits per packet, measured in docs/design.md). Reads the ring only for
         this guess; the pass copies and validates the request as always."""
         r = self.tx
-        if self._last_rx_frames > 1 or r.unconsumed() != 1 or self._rx_len:
+        if r is None or self.fd is None or self._last_rx_frames > 1 or r.unconsumed() != 1 or self._rx_len:
             return False
         _gref, _off, flags, _id, size = _TXREQ.unpack_from(r.v, r.slot_off(r.req_cons))
         if size > LONE_MAX or flags & (NETTXF_more_data | NETTXF_extra_info):
