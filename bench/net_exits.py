@@ -139,7 +139,7 @@ async def main(args) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--modes", default="OFF,TX_ONLY", help="InlineKick names, comma-separated")
+    ap.add_argument("--modes", default="OFF,LONE", help="InlineKick names, comma-separated")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per UDP RR run")
     ap.add_argument("--tcp-seconds", type=float, default=5.0)
