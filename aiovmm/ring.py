@@ -64,10 +64,16 @@ class BackRing:
     def push_responses(self) -> bool:
         """Publish responses; True if the frontend asked to be notified (event index)."""
         old = self.get(8)
+        self.put(8, self.rsp_prod_pvt)
+        return self.responses_need_event(old)
+
+    def responses_need_event(self, old: int) -> bool:
+        """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY's test for the responses published after
+        `old` up to rsp_prod_pvt: does the frontend's rsp_event fall in (old, new]? Asked
+        later than the push (netback's deferred tx event), a frontend that has consumed
+        them all has moved rsp_event beyond `new` and wants no event."""
         new = self.rsp_prod_pvt
-        self.put(8, new)
-        rsp_event = self.get(12)
-        return ((new - rsp_event) & MASK32) < ((new - old) & MASK32)
+        return ((new - self.get(12)) & MASK32) < ((new - old) & MASK32)
 
     def final_check(self) -> bool:
         """Ask to be notified of the next request; True if one already arrived."""

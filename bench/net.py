@@ -56,6 +56,7 @@ import uvloop
 
 from aiovmm import Hypervisor
 from aiovmm.backends.net import tap as taplib
+from aiovmm.backends.net.device import InlineKick
 from aiovmm.testing import VirtualLan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -520,6 +521,7 @@ async def linux(args) -> dict[str, float] | None:
         for e in live:
             only(e)
             nb = doms[e].backends[0]
+            nb.inline_kick = InlineKick[args.inline_kick]
             res[e] = await measure_linux(lan, ips[e], nb.ifname, args,
                                          lambda nb=nb: nb.stats.rx_dropped)
             res[e]["netback"] = str(nb.stats)
@@ -603,6 +605,9 @@ if __name__ == "__main__":
                          "available here)")
     ap.add_argument("--boot-timeout", type=float, default=420, help="seconds for a Linux guest to reach its shell")
     ap.add_argument("--tcp-seconds", type=float, default=10, help="seconds per iperf3 run")
+    ap.add_argument("--inline-kick", default="LONE", choices=[m.name for m in InlineKick],
+                    help="netback's pass in the guest's notify for the Linux guests (Netback.inline_kick; "
+                         "bench/net_exits.py compares them)")
     ap.add_argument("--skip-reference", action="store_true", help="only (e), the Linux guests")
     ap.add_argument("--gib", type=int, default=1024,
                     help="MiB of the sized TCP run each way (iperf3 -n) on the faster aiovmm engine and "

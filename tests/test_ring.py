@@ -79,6 +79,28 @@ def test_event_index_rules():
     assert r.final_check() is True
 
 
+@pytest.mark.parametrize("start", [0, 0xFFFFFFFE])       # also across the u32 wrap
+def test_event_asked_after_the_push(start):
+    """netback's deferred tx event: the same test over the whole range published since
+    `old`, against rsp_event as the frontend left it by the time it is asked."""
+    r, page = ring()
+    r.req_cons = r.rsp_prod_pvt = start
+    U32.pack_into(page, 8, start)
+    U32.pack_into(page, 12, (start + 1) & 0xFFFFFFFF)    # the frontend wants the next one
+    old = r.rsp_prod_pvt
+    r.respond_done()
+    r.put(8, r.rsp_prod_pvt)                             # published, not yet decided
+    r.respond_done()
+    r.put(8, r.rsp_prod_pvt)                             # a second push in the same range
+    assert r.responses_need_event(old) is True           # nothing consumed: still wanted
+    U32.pack_into(page, 12, (start + 2) & 0xFFFFFFFF)    # consumed one, wants the second
+    assert r.responses_need_event(old) is True
+    U32.pack_into(page, 12, (start + 3) & 0xFFFFFFFF)    # consumed both (final check)
+    assert r.responses_need_event(old) is False
+    U32.pack_into(page, 12, start)                       # a stale rsp_event before the range
+    assert r.responses_need_event(old) is False
+
+
 def test_geometry_must_fit_the_page():
     with pytest.raises(ValueError):
         BackRing(memoryview(bytearray(4096)), 64, SLOT)   # 64 * 112 > a page

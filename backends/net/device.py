@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import os
 import random
+import select
 import struct
 import sys
 import time
@@ -217,16 +218,25 @@ class _Kick:
 
 class InlineKick(enum.IntEnum):
     """What netback does inside the guest's notify hypercall (Netback.inline_kick; issue 14,
-    measured on the KVM engine in docs/design.md). OFF, the default: schedule one pass on the
-    loop. FULL: the whole pass there. DEFER_TX_EVENT: the whole pass, but an event that only
-    announces tx completions waits for the next pass on the loop (halved the events and cut
-    a third of the exits per UDP round trip, but a guest streaming tx fell from 17 to 2
-    Mbit/s: inline rx delivery of the peer's ACKs made TCP ping-pong). TX_ONLY: only the
-    guest's tx reaches the tap there; rx and every event on the loop."""
+    measured on the KVM engine with bench/net_exits.py, docs/design.md). OFF: schedule one
+    pass on the loop. FULL: the whole pass there. DEFER_TX_EVENT: the whole
+    pass, but an event that only announces tx completions waits for the next pass on the
+    loop, which asks the ring again (Netback._tx_event_owed). TX_ONLY: only the guest's tx
+    reaches the tap there (its event deferred the same way, req_event not re-armed); rx and
+    every event on the loop. PREEMPT: the pass on the loop, and the notifying vCPU's slice
+    ends at once. LONE, the default: TX_ONLY for a lone small packet (a request/response
+    with nothing else in flight), OFF otherwise. Inline rx (FULL, DEFER_TX_EVENT) made TCP a
+    per-segment ping-pong; TX_ONLY and LONE halve the events and cut a third of the exits
+    per UDP round trip (W=1) but lose the loop's batching with 32 requests in flight."""
     OFF = 0
     FULL = 1
     DEFER_TX_EVENT = 2
     TX_ONLY = 3
+    PREEMPT = 4
+    LONE = 5
+
+
+LONE_MAX = 256           # the largest tx request LONE sends from inside the notify (bytes)
 
 
 VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
@@ -254,6 +264,7 @@ class NetStats:
     tx_gso: int = 0               # guest -> tap packets handed over as GSO (TSO) frames
     rx_gso: int = 0               # tap -> guest GSO packets (with a GSO extra)
     rx_waits: int = 0             # a frame waited for rx requests (flow control, not a drop)
+    inline_passes: int = 0        # passes run inside the guest's notify (InlineKick)
 
 
 class Netback:
@@ -274,14 +285,17 @@ class Netback:
         self._tap_ready = False
         self._reader_on = False
         self._handle: asyncio.Handle | None = None      # a scheduled _poll
-        self.inline_kick = InlineKick.OFF                # _on_guest_event
-        self._notify_owed = False                       # an event deferred by an inline pass
+        self.inline_kick = InlineKick.LONE               # _on_guest_event
+        self._tx_owed_from: int | None = None           # rsp_prod before tx responses whose
+                                                        # event an inline pass deferred
         self._stop: asyncio.Future | None = None        # the data path failed (VifDisconnect)
         self._stalled = 0
         self._rx_buf = bytearray(RX_BUF)                # a tap frame waiting for rx requests
         self._rx_view = memoryview(self._rx_buf)
         self._rx_len = 0                                # its length with the header, 0: none
         self._rx_throttled = False
+        self._last_rx_frames = 0                        # frames the last rx pass delivered
+        self._tap_poll = select.poll()                  # LONE: is a frame queued in the tap?
         # What the frontend said it takes (read at connect): multi-slot rx packets, GSO
         # types on rx, partial checksums on rx.
         self.sg_rx = False
@@ -569,6 +583,7 @@ class Netback:
             self.ifname = f"{self.ifname}-{os.getpid() % 100000}"[:15]
             self.fd = await asyncio.to_thread(taplib.open_tap, self.ifname, self.cfg.netns, True)
         taplib.set_offload(self.fd, self._offload)
+        self._tap_poll.register(self.fd, select.POLLIN)
         self.dom.hypervisor.xenstore.store.write(f"{self.back}/vifname", self.ifname)
 
     async def _watch_front(self, watch: Watch) -> None:
@@ -598,7 +613,7 @@ class Netback:
         self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
         self.port.link(_Kick(self._on_guest_event))
         self._rx_len = 0
-        self._notify_owed = False
+        self._tx_owed_from = None
 
     def _frontend_features(self) -> None:
         """Read what the frontend takes on rx and tell the tap (TUNSETOFFLOAD): the kernel
@@ -658,6 +673,10 @@ class Netback:
     def close(self) -> None:
         self._disconnect()
         if self.fd is not None:
+            try:
+                self._tap_poll.unregister(self.fd)
+            except KeyError:
+                pass
             os.close(self.fd)               # the tap vanishes with its fd
             self.fd = None
         try:
@@ -681,14 +700,41 @@ class Netback:
         before the vCPU resumes, and an event is delivered on the hypercall's return, instead
         of waiting for the end of the vCPU's slice (on KVM up to 2 ms with the loop blocked
         in KVM_RUN). The pass is bounded (a ring's worth of tx, RX_BATCH frames) as on the
-        loop. Off by default: the measured modes trade stream throughput for latency."""
-        if self.inline_kick == InlineKick.OFF or self._stop is None or self._stop.done():
+        loop. The default, LONE, runs the tx pass here only for a lone request/response
+        (`_lone`): the other modes trade stream throughput for latency."""
+        if self.inline_kick in (InlineKick.OFF, InlineKick.PREEMPT) or self._stop is None or self._stop.done() \
+                or (self.inline_kick == InlineKick.LONE and not self._lone()):
             self._schedule()                 # (not serving yet: as before, one pass later)
+            if self.inline_kick == InlineKick.PREEMPT:
+                v = self.dom.hypervisor.scheduler.current
+                if v is not None and v.domain is self.dom:
+                    v.engine.preempt()
             return
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        self.stats.inline_passes += 1
         self._poll(inline=True)
+
+    def _lone(self) -> bool:
+        """LONE's test: one small request on the tx ring and at most one frame delivered by
+        the last pass, i.e. a request/response exchange, not a stream or a burst (sending
+        those from inside the notify trades the loop's batching for latency: more passes,
+        events and exits per packet, measured in docs/design.md). Reads the ring only for
+        this guess; the pass copies and validates the request as always."""
+        r = self.tx
+        if r is None or self.fd is None or self._last_rx_frames > 1 or r.unconsumed() != 1 or self._rx_len:
+            return False
+        _gref, _off, flags, _id, size = _TXREQ.unpack_from(r.v, r.slot_off(r.req_cons))
+        if size > LONE_MAX or flags & (NETTXF_more_data | NETTXF_extra_info):
+            return False
+        # The guest has taken every rx response (its rsp_event is past them: netfront's
+        # final check after its poll) and the tap holds no frame for it: nothing else is
+        # in flight towards it.
+        rx = self.rx
+        if not 0 < ((rx.get(12) - rx.rsp_prod_pvt) & 0xFFFFFFFF) < 0x80000000:
+            return False
+        return not self._tap_poll.poll(0)
 
     def _on_tap_readable(self) -> None:
         self._tap_ready = True
@@ -708,22 +754,30 @@ class Netback:
     def _pass(self, inline: bool = False) -> None:
         tx = self.tx
         before = tx.req_cons
+        mode = self.inline_kick if inline else InlineKick.OFF
+        if mode == InlineKick.LONE:
+            mode = InlineKick.TX_ONLY
+        tx_from = tx.rsp_prod_pvt                # netback's own: what it last published
         tx_notify = self._process_tx()
-        rx_notify = False if inline and self.inline_kick == InlineKick.TX_ONLY else self._process_rx()
-        if inline and self.inline_kick == InlineKick.TX_ONLY:
-            # The guest's packets reach the tap now; rx (the notify may be a refill) and
-            # the event wait for the next pass on the loop, as without an inline pass.
-            self._notify_owed |= tx_notify
+        rx_notify = False if mode == InlineKick.TX_ONLY else self._process_rx()
+        if mode == InlineKick.TX_ONLY or (mode == InlineKick.DEFER_TX_EVENT and not rx_notify):
+            # Inside the guest's notify, with only tx completions to announce: the event
+            # waits for the next pass on the loop, which asks the ring again (_tx_event_owed).
+            # Netfront reaps its tx ring right after notifying (xennet_start_xmit calls
+            # xennet_tx_buf_gc) and moves rsp_event past what it saw, so a completion it
+            # already took costs no event, upcall and iret; one it did not take still gets
+            # its event. TX_ONLY also leaves rx to that pass (rx in the hypercall made
+            # TCP a per-segment ping-pong, docs/design.md).
+            if tx_notify and self._tx_owed_from is None:
+                self._tx_owed_from = tx_from
+            # Nor is req_event re-armed here: the frontend's next requests stay silent until
+            # that pass (final_check) asks again, so a guest streaming tx notifies once per
+            # loop pass, as without the inline pass, not once per packet.
             self._schedule()
-        elif inline and tx_notify and not rx_notify and self.inline_kick == InlineKick.DEFER_TX_EVENT:
-            # Only tx completions to announce, to a guest that is running (in its notify
-            # hypercall): the event waits for the next pass on the loop, so a guest sending a
-            # stream gets one event per batch, not one per packet (its netfront also reaps
-            # completions itself on its next transmit).
-            self._notify_owed = True
-            self._schedule()
-        elif tx_notify or rx_notify or self._notify_owed:
-            self._notify_owed = False
+            if mode == InlineKick.TX_ONLY:
+                return
+        elif tx_notify or rx_notify or self._tx_event_owed():
+            self._tx_owed_from = None
             self.port.notify()
             self.stats.events_sent += 1
         # The tap is read while no frame waits for rx slots and the rate allows; a frame
@@ -738,6 +792,17 @@ class Netback:
             self._schedule()                 # let others run first
         else:
             self._stalled = 0
+
+    def _tx_event_owed(self) -> bool:
+        """Do the tx responses published since `_tx_owed_from` still need an event? Xen's
+        RING_PUSH_RESPONSES_AND_CHECK_NOTIFY test over that whole range, against the
+        frontend's rsp_event as it is now: a frontend that consumed them all has moved
+        rsp_event beyond and wants none (it asks again on its next final check)."""
+        old = self._tx_owed_from
+        if old is None:
+            return False
+        self._tx_owed_from = None
+        return self.tx.responses_need_event(old)
 
     def _set_reader(self, on: bool) -> None:
         if on == self._reader_on or self.fd is None:
@@ -931,6 +996,7 @@ class Netback:
             return False                         # migration: frames stay in the tap
         r = self.rx
         delivered = False
+        frames = 0
         limited = self.rx_limit.active
         self._rx_throttled = False
         for _ in range(RX_BATCH):
@@ -965,9 +1031,12 @@ class Netback:
                 self._rx_wait(need)
                 break
             self._rx_deliver()
+            frames += 1
             delivered = True
         else:
             self._schedule()                 # more may be waiting: come back after others ran
+        if frames:
+            self._last_rx_frames = frames
         return r.push_responses() if delivered else False
 
     def _rx_slots_needed(self) -> int:
