@@ -34,6 +34,7 @@ from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_INTR, UC_H
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
+from .clock import SystemClock
 from .tcg_memory import TcgMemory
 
 log = logging.getLogger("aiovmm.vcpu_engine")
@@ -81,6 +82,12 @@ class _Hcall(ctypes.Structure):
     _fields_ = [("args", ctypes.c_uint64 * 6), ("ret", ctypes.c_uint64), ("set_ret", ctypes.c_int32),
                 ("ids", ctypes.c_int32 * 6), ("rax_id", ctypes.c_int32),
                 ("read_batch", ctypes.c_void_p), ("write_reg", ctypes.c_void_p), ("enter", ctypes.c_void_p)]
+
+
+class _Tsc(ctypes.Structure):
+    """Mirror of struct aiovmm_tsc in csrc/preempt.c."""
+    _fields_ = [("origin_ns", ctypes.c_int64), ("aux", ctypes.c_uint64), ("ids", ctypes.c_int32 * 3),
+                ("write_batch", ctypes.c_void_p)]
 
 
 _ENTER_CB = ctypes.CFUNCTYPE(None)
@@ -260,7 +267,10 @@ class VCPUEngine:
         self.on_hypercall: Callable[[], None] = lambda: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
         self.on_invalid_opcode: Callable[[], None] = lambda: None
-        self.rdtsc: Callable[[], int] = lambda: time.monotonic_ns()
+        self._tsc = _Tsc()
+        self._tsc.ids[:] = [REGS[n] for n in ("rax", "rdx", "rcx")]
+        self._tsc.write_batch = ctypes.cast(uclib.uc_reg_write_batch, ctypes.c_void_p).value
+        self._clock: Callable[[], int] = SystemClock(0)
 
         self.in_syscall_hook = False
         self._df_retry_rip = -1
@@ -298,12 +308,12 @@ class VCPUEngine:
         self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
         self._cb_out = _OUT_CB(self._hook_out)
         self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
-        self._cb_rdtsc = _RDTSC_CB(self._hook_rdtsc)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_rdtsc, ctypes.c_void_p), None,
+        # RDTSC and RDTSCP (which does not go through the RDTSC hook: same clock, ECX =
+        # TSC_AUX) are answered in C from the clock's origin (the `rdtsc` setter).
+        tsc = ctypes.cast(ctypes.byref(self._tsc), ctypes.c_void_p)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_rdtsc_hook, ctypes.c_void_p), tsc,
                        X.UC_X86_INS_RDTSC)
-        # RDTSCP does not go through the RDTSC hook: same clock, ECX = TSC_AUX (set_msr).
-        self._cb_rdtscp = _RDTSC_CB(self._hook_rdtscp)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_rdtscp, ctypes.c_void_p), None,
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_rdtscp_hook, ctypes.c_void_p), tsc,
                        X.UC_X86_INS_RDTSCP)
 
         # Prepared raw register batches for the hot paths.
@@ -368,6 +378,23 @@ class VCPUEngine:
 
     def set_msr(self, msr: int, value: int) -> None:
         self.uc.msr_write(msr, value)
+        if msr == MSR_TSC_AUX:                # RDTSCP's ECX, read by the C hook
+            self._tsc.aux = value & 0xFFFFFFFF
+
+    @property
+    def rdtsc(self) -> Callable[[], int]:
+        """The guest's TSC source: a clock of CLOCK_MONOTONIC nanoseconds since `origin_ns`
+        (Hypervisor.system_time_ns). RDTSC/RDTSCP are answered in C from that origin."""
+        return self._clock
+
+    @rdtsc.setter
+    def rdtsc(self, clock: Callable[[], int]) -> None:
+        origin = getattr(clock, "origin_ns", None)
+        if not isinstance(origin, int):
+            raise TypeError("the Unicorn engine's TSC clock must be monotonic_ns() - origin_ns "
+                            "(it has an int origin_ns)")
+        self._clock = clock
+        self._tsc.origin_ns = origin
 
     def get_msr(self, msr: int) -> int:
         return self.uc.msr_read(msr)
@@ -614,28 +641,11 @@ class VCPUEngine:
         except BaseException as e:
             self._fail(e)
 
-    def _hook_rdtscp(self, uc, user_data) -> int:
-        try:
-            t = self.rdtsc() & 0xFFFFFFFFFFFFFFFF
-            aux = self.uc.msr_read(MSR_TSC_AUX) & 0xFFFFFFFF
-            self._batch(("rax", "rdx", "rcx")).write((t & 0xFFFFFFFF, t >> 32, aux))
-        except BaseException as e:
-            self._fail(e)
-        return 1
-
     def _hook_cpuid(self, uc, user_data) -> int:
         try:
             leaf, sub = self._batch(("rax", "rcx")).read()
             a, b, c, d = self.cpuid(leaf & 0xFFFFFFFF, sub & 0xFFFFFFFF)
             self._batch(("rax", "rbx", "rcx", "rdx")).write((a, b, c, d))
-        except BaseException as e:
-            self._fail(e)
-        return 1
-
-    def _hook_rdtsc(self, uc, user_data) -> int:
-        try:
-            t = self.rdtsc() & 0xFFFFFFFFFFFFFFFF
-            self._rdx_rax.write((t & 0xFFFFFFFF, t >> 32))
         except BaseException as e:
             self._fail(e)
         return 1

@@ -82,3 +82,44 @@ void aiovmm_syscall_hook(void *uc, void *user_data)
     if (h->set_ret)
         h->write_reg(uc, h->rax_id, &h->ret);
 }
+
+/* UC_HOOK_INSN(RDTSC / RDTSCP) callbacks: the guest's TSC. Linux reads it ~100k times
+ * while booting (pvclock reads, the PIT calibration loop); through a Python callback each
+ * read cost microseconds (RDTSCP also read TSC_AUX through the binding). The guest TSC is
+ * Xen system time, nanoseconds of CLOCK_MONOTONIC since the hypervisor's origin: the same
+ * clock as Hypervisor.system_time_ns (time.monotonic_ns() is CLOCK_MONOTONIC), whose
+ * origin the engine copies here. `aux` mirrors the vCPU's TSC_AUX MSR (set_msr keeps it).
+ * Returning 1 tells Unicorn the instruction is handled. */
+struct aiovmm_tsc {
+    int64_t origin_ns;
+    uint64_t aux;
+    int32_t ids[3];              /* UC_X86_REG_RAX, RDX, RCX */
+    int (*write_batch)(void *uc, int *ids, void *const *vals, int count);
+};
+
+static uint64_t guest_tsc(const struct aiovmm_tsc *t)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec - t->origin_ns);
+}
+
+uint32_t aiovmm_rdtsc_hook(void *uc, void *user_data)
+{
+    struct aiovmm_tsc *t = (struct aiovmm_tsc *)user_data;
+    uint64_t now = guest_tsc(t);
+    uint64_t vals[3] = { now & 0xFFFFFFFFu, now >> 32, t->aux & 0xFFFFFFFFu };
+    void *ptrs[3] = { &vals[0], &vals[1], &vals[2] };
+    t->write_batch(uc, t->ids, ptrs, 2);
+    return 1;
+}
+
+uint32_t aiovmm_rdtscp_hook(void *uc, void *user_data)
+{
+    struct aiovmm_tsc *t = (struct aiovmm_tsc *)user_data;
+    uint64_t now = guest_tsc(t);
+    uint64_t vals[3] = { now & 0xFFFFFFFFu, now >> 32, t->aux & 0xFFFFFFFFu };
+    void *ptrs[3] = { &vals[0], &vals[1], &vals[2] };
+    t->write_batch(uc, t->ids, ptrs, 3);
+    return 1;
+}
