@@ -84,6 +84,41 @@ class _Hcall(ctypes.Structure):
                 ("read_batch", ctypes.c_void_p), ("write_reg", ctypes.c_void_p), ("enter", ctypes.c_void_p)]
 
 
+_TIMER_DEFAULT_NS = 2_000_000    # timer slices: the bound of a run() given no max_ns
+
+# uc_struct fields of Unicorn 2.1.4 (include/uc_priv.h), relative to `stop_request`, the
+# one byte uc_emu_stop sets: a fingerprint of the layout, and `no_exit_request`.
+_UC_PAGE_SIZES = 1984 - 1389     # uint32 target_page_size, target_page_align; uint64 x2
+_UC_FLAGS = 2032 - 1389          # bool hook_insert, first_tb, no_exit_request, init_done
+
+
+def _mid_block_exits_off(uc: Uc) -> bool:
+    """Make the translator check Unicorn's exit request only at block starts (as QEMU
+    does), not after every guest load and store, so a uc_emu_stop from another thread ends
+    a slice between two blocks, never in the middle of an instruction. Set before anything
+    is translated. Unicorn has no API for it: the field is located from the byte
+    uc_emu_stop sets, and the layout around it is checked against 2.1.4's before anything
+    is written; False (nothing changed) if it does not match."""
+    base = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    n = _UC_FLAGS + 4 + 4096
+    before = ctypes.string_at(base, n)
+    uclib.uc_emu_stop(uc._uch)
+    after = ctypes.string_at(base, n)
+    changed = [i for i in range(n) if before[i] != after[i]]
+    if len(changed) != 1 or (before[changed[0]], after[changed[0]]) != (0, 1):
+        return False
+    stop = changed[0]
+    ctypes.c_bool.from_address(base + stop).value = False
+    if stop + _UC_FLAGS + 4 > n:
+        return False
+    tps, tpa, hps, rhps = struct.unpack_from("<IIQQ", after, stop + _UC_PAGE_SIZES)
+    hook_insert, _first_tb, no_exit, init_done = after[stop + _UC_FLAGS:stop + _UC_FLAGS + 4]
+    if (tps, tpa, hps, rhps) != (4096, 4095, 4096, 4096) or (hook_insert, no_exit, init_done) != (0, 0, 1):
+        return False
+    ctypes.c_bool.from_address(base + stop + _UC_FLAGS + 2).value = True
+    return True
+
+
 class _Tsc(ctypes.Structure):
     """Mirror of struct aiovmm_tsc in csrc/preempt.c."""
     _fields_ = [("origin_ns", ctypes.c_int64), ("aux", ctypes.c_uint64), ("ids", ctypes.c_int32 * 3),
@@ -149,6 +184,13 @@ def _native() -> ctypes.CDLL:
         if not os.path.exists(_NATIVE):
             raise EngineUnavailable(f"{_NATIVE} not built: run `make setup`")
         _native_lib = ctypes.CDLL(_NATIVE)
+        vp = ctypes.c_void_p
+        _native_lib.aiovmm_timer_new.restype = vp
+        _native_lib.aiovmm_timer_new.argtypes = [vp, vp]
+        _native_lib.aiovmm_timer_arm.argtypes = [vp, ctypes.c_int64]
+        _native_lib.aiovmm_timer_disarm.argtypes = [vp]
+        _native_lib.aiovmm_timer_kick.argtypes = [vp]
+        _native_lib.aiovmm_timer_free.argtypes = [vp]
     return _native_lib
 
 
@@ -251,7 +293,8 @@ class VCPUEngine:
     flush_code() (after it rewrote guest code: the hypercall-page MSR).
     """
 
-    def __init__(self, mem_address: int, mem_size: int, *, until: int, name: str = "vcpu") -> None:
+    def __init__(self, mem_address: int, mem_size: int, *, until: int, name: str = "vcpu",
+                 slices: str | None = None) -> None:
         self.name = name
         self.until = until
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -280,10 +323,27 @@ class VCPUEngine:
 
         self.slice = _Slice()
         self.slice.stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
-        lib = _native()
+        lib = self._lib = _native()
         self._hooks = []
-        self._add_hook(UC_HOOK_BLOCK, ctypes.cast(lib.aiovmm_block_hook, ctypes.c_void_p),
-                       ctypes.cast(ctypes.byref(self.slice), ctypes.c_void_p))
+        # How slices end (csrc/preempt.c): "hook", a C block hook counting blocks (a helper
+        # call per translated block), or "timer", Unicorn's own exit request from a timer
+        # thread, precise only once the translator checks it at block starts alone.
+        self._timer: int | None = None
+        self._in_slice = False
+        self._deadline_ns = 0
+        if slices is None:
+            slices = os.environ.get("AIOVMM_UNICORN_SLICES", "hook")
+        if slices == "timer" and not _mid_block_exits_off(uc):
+            log.warning("%s: this Unicorn's layout is not the one probed: slices use the block hook", name)
+            slices = "hook"
+        if slices == "timer":
+            self._timer = lib.aiovmm_timer_new(self.h, self.slice.stop)
+            if not self._timer:
+                raise RuntimeError("cannot start the slice timer thread")
+        else:
+            self._add_hook(UC_HOOK_BLOCK, ctypes.cast(lib.aiovmm_block_hook, ctypes.c_void_p),
+                           ctypes.cast(ctypes.byref(self.slice), ctypes.c_void_p))
+        self.slices = slices
         self._hc = hc = _Hcall()
         hc.ids[:] = [REGS[n] for n in ("rax", "rdi", "rsi", "rdx", "r10", "r8")]
         hc.rax_id = REGS["rax"]
@@ -497,12 +557,20 @@ class VCPUEngine:
         self.slice.reason = 0
         self.stop_requested = False
         self._excfix.read_error_and_reset()
+        # With timer slices, a step inside a running slice (from a fault hook) must not be
+        # cut by the slice's timer, and the slice must still end at its deadline after it
+        # (the nested emu_start clears a stop already requested): pause, then re-arm.
+        nested = self._timer is not None and self._in_slice
+        if nested:
+            self._lib.aiovmm_timer_disarm(self._timer)
         try:
             err = uclib.uc_emu_start(self.h, start, end, 0, 0)
         finally:
             before = inval()
             self.uc.ctl_remove_cache(start, end + 1)
             self._own_invalidations += inval() - before
+            if nested:
+                self._lib.aiovmm_timer_arm(self._timer, ctypes.c_int64(self._deadline_ns))
         return not err and not self.stop_requested and self.get("rip") == end
 
     def decode(self, code: bytes) -> tuple[int, str, str] | None:
@@ -530,14 +598,15 @@ class VCPUEngine:
         self._excfix.read_error_and_reset()
         uclib.uc_reg_read_batch(self.h, self._rip.ids, self._rip.ptrs, 1)
         start_rip = self._rip.vals[0]
-        err = uclib.uc_emu_start(self.h, start_rip, self.until, 0, 0)
+        self._deadline_ns = time.monotonic_ns() + (max_ns or _TIMER_DEFAULT_NS)
+        err = self._emu_start(start_rip, self.until)
         if not err and not s.reason and not self.stop_requested and self.callback_error is None:
             # A "triple fault" (two unreported internal faults, then a real one) ends
             # emulation silently. Clear the state and let the faulting instruction retry once.
             rip = self.get("rip")
             if rip != self.until:
                 self._excfix.read_error_and_reset()
-                err = uclib.uc_emu_start(self.h, rip, self.until, 0, 0)
+                err = self._emu_start(rip, self.until)
         if self.callback_error is not None:
             e, self.callback_error = self.callback_error, None
             self.last_error = f"hypervisor error in handler: {e!r}"
@@ -554,6 +623,19 @@ class VCPUEngine:
         self.last_error = "guest jumped into the hypervisor's reserved range"
         return ExitReason.ERROR
 
+    def _emu_start(self, rip: int, until: int) -> int:
+        """One uc_emu_start of a slice; with the timer, armed for the slice's deadline
+        (its reason lands in slice.reason as the hook's would)."""
+        if self._timer is None:
+            return uclib.uc_emu_start(self.h, rip, until, 0, 0)
+        self._lib.aiovmm_timer_arm(self._timer, ctypes.c_int64(self._deadline_ns))
+        self._in_slice = True
+        try:
+            return uclib.uc_emu_start(self.h, rip, until, 0, 0)
+        finally:
+            self._in_slice = False
+            self.slice.reason = self._lib.aiovmm_timer_disarm(self._timer)
+
     def stop(self) -> None:
         """End the current slice after the running hook returns (call only from a hook)."""
         self.stop_requested = True
@@ -561,10 +643,14 @@ class VCPUEngine:
 
     def preempt(self) -> None:
         """Ask the running slice to end at the next block boundary (any thread)."""
-        self.slice.preempt = 1
+        if self._timer is not None:
+            self._lib.aiovmm_timer_kick(self._timer)
+        else:
+            self.slice.preempt = 1
 
     @property
     def blocks_executed(self) -> int:
+        """Translated blocks run (the block hook counts them; 0 with timer slices)."""
         return self.slice.blocks
 
     def enable_instruction_count(self) -> None:
@@ -660,6 +746,9 @@ class VCPUEngine:
         raise NotImplementedError("dirty-page tracking is not implemented on the Unicorn engine")
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._lib.aiovmm_timer_free(self._timer)
+            self._timer = None
         self._excfix.free()
         for hh in self._hooks:
             uclib.uc_hook_del(self.h, hh)
