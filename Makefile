@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 
 aiovmm/_native/preempt.so: csrc/preempt.c
 	mkdir -p aiovmm/_native
-	gcc -O2 -shared -fPIC -Wall -o $@ $<
+	gcc -O2 -shared -fPIC -Wall -o $@ $< -lpthread
 
 aiovmm/_native/kvm.so: csrc/kvm.c
 	mkdir -p aiovmm/_native

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import builder, descriptors, timers, toolstack
 from .xenstore.server import XenstoreServer
+from .clock import SystemClock
 from .abi import DOMID_XEN, FLAT_KERNEL_SS, PAGE_SHIFT, ElfNote, ShutdownReason
 from .domain import Domain
 from .events import HostEvents
@@ -112,11 +113,9 @@ class Hypervisor:
         self._next_domid = 1
         self._t0 = time.monotonic_ns()
         self.boot_unix_ns = time.time_ns() - (time.monotonic_ns() - self._t0)
+        # Xen system time (ns since this hypervisor started), callable; also the guest TSC.
+        self.system_time_ns = SystemClock(self._t0)
         self._tg: asyncio.TaskGroup | None = None
-
-    def system_time_ns(self) -> int:
-        """Xen system time: nanoseconds since this hypervisor started."""
-        return time.monotonic_ns() - self._t0
 
     async def __aenter__(self) -> "Hypervisor":
         """Raises HostConfigError (a BuildError) for settings this host cannot honour."""

@@ -24,6 +24,7 @@ import ctypes
 import enum
 import logging
 import os
+import random
 import struct
 import time
 import typing
@@ -34,6 +35,7 @@ from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_INTR, UC_H
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
+from .clock import SystemClock
 from .tcg_memory import TcgMemory
 
 log = logging.getLogger("aiovmm.vcpu_engine")
@@ -81,6 +83,117 @@ class _Hcall(ctypes.Structure):
     _fields_ = [("args", ctypes.c_uint64 * 6), ("ret", ctypes.c_uint64), ("set_ret", ctypes.c_int32),
                 ("ids", ctypes.c_int32 * 6), ("rax_id", ctypes.c_int32),
                 ("read_batch", ctypes.c_void_p), ("write_reg", ctypes.c_void_p), ("enter", ctypes.c_void_p)]
+
+
+_TIMER_DEFAULT_NS = 2_000_000    # timer slices: the bound of a run() given no max_ns
+
+# uc_struct fields of Unicorn 2.1.4 (include/uc_priv.h), relative to `stop_request`, the
+# one byte uc_emu_stop sets: a fingerprint of the layout, and `no_exit_request`.
+_UC_PAGE_SIZES = 1984 - 1389     # uint32 target_page_size, target_page_align; uint64 x2
+_UC_FLAGS = 2032 - 1389          # bool hook_insert, first_tb, no_exit_request, init_done
+
+
+def _mid_block_exits_off(uc: Uc) -> bool:
+    """Make the translator check Unicorn's exit request only at block starts (as QEMU
+    does), not after every guest load and store, so a uc_emu_stop from another thread ends
+    a slice between two blocks, never in the middle of an instruction. Set before anything
+    is translated. Unicorn has no API for it: the field is located from the byte
+    uc_emu_stop sets, and the layout around it is checked against 2.1.4's before anything
+    is written; False (nothing changed) if it does not match."""
+    base = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    n = _UC_FLAGS + 4 + 4096
+    before = ctypes.string_at(base, n)
+    uclib.uc_emu_stop(uc._uch)
+    after = ctypes.string_at(base, n)
+    changed = [i for i in range(n) if before[i] != after[i]]
+    if len(changed) != 1 or (before[changed[0]], after[changed[0]]) != (0, 1):
+        return False
+    stop = changed[0]
+    ctypes.c_bool.from_address(base + stop).value = False
+    if stop + _UC_FLAGS + 4 > n:
+        return False
+    tps, tpa, hps, rhps = struct.unpack_from("<IIQQ", after, stop + _UC_PAGE_SIZES)
+    hook_insert, _first_tb, no_exit, init_done = after[stop + _UC_FLAGS:stop + _UC_FLAGS + 4]
+    if (tps, tpa, hps, rhps) != (4096, 4095, 4096, 4096) or (hook_insert, no_exit, init_done) != (0, 0, 1):
+        return False
+    ctypes.c_bool.from_address(base + stop + _UC_FLAGS + 2).value = True
+    return True
+
+
+# The vector the IN/OUT hooks raise to end a slice at a refused port access: 31 is
+# reserved, no instruction of Unicorn's CPU model raises it.
+_PIO_STOP_VECTOR = 31
+
+
+class _Pio(ctypes.Structure):
+    """Mirror of struct aiovmm_pio in csrc/preempt.c."""
+    _fields_ = [("env", ctypes.c_void_p), ("raise_err", ctypes.c_void_p), ("in_cb", ctypes.c_void_p),
+                ("out_cb", ctypes.c_void_p), ("refused", ctypes.c_int32), ("stop_vector", ctypes.c_int32)]
+
+
+def _find_env(uc: Uc) -> int | None:
+    """Address of this instance's CPUX86State, whose first field is the general registers:
+    three random values written to RAX, RCX, RDX are looked for (through /proc/self/mem,
+    which reports unmapped memory instead of faulting) behind the pointers at the start of
+    the uc_struct; the one match is confirmed by a fourth write. None if not found."""
+    global _env_path
+    vals = [random.getrandbits(62) | 1 << 62 for _ in range(3)]
+    regs = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX)
+    for reg, v in zip(regs, vals):
+        uc.reg_write(reg, v)
+    pattern = struct.pack("<3Q", *vals)
+    head = ctypes.string_at(ctypes.cast(uc._uch, ctypes.c_void_p).value, 4096)
+    ptrs = list(struct.iter_unpack("<Q", head))
+    # Where the first search found it (uc_struct slot, offset behind that pointer) is
+    # tried first: the search reads a few MiB (~80 ms), the known path nothing.
+    order = range(len(ptrs)) if _env_path is None else [_env_path[0]] + list(range(len(ptrs)))
+    found: set[tuple[int, int]] = set()
+    fd = os.open("/proc/self/mem", os.O_RDONLY)
+    try:
+        for slot in order:
+            (q,) = ptrs[slot]
+            if q < 1 << 16 or q >= 1 << 47 or q & 7:
+                continue
+            if _env_path is not None and slot == _env_path[0]:
+                try:
+                    if os.pread(fd, len(pattern), q + _env_path[1]) == pattern:
+                        found = {(slot, _env_path[1])}
+                        break
+                except OSError:
+                    pass
+                continue
+            try:
+                blob = os.pread(fd, 1 << 16, q)
+            except OSError:
+                continue
+            i = blob.find(pattern)
+            while i >= 0:
+                if not i & 7:
+                    found.add((slot, i))
+                i = blob.find(pattern, i + 1)
+    finally:
+        os.close(fd)
+    env = None
+    if len({ptrs[slot][0] + off for slot, off in found}) == 1:
+        slot, off = found.pop()
+        env = ptrs[slot][0] + off
+        uc.reg_write(X.UC_X86_REG_RAX, vals[0] ^ 0xA5A5)
+        if ctypes.c_uint64.from_address(env).value == vals[0] ^ 0xA5A5:
+            _env_path = (slot, off)
+        else:
+            env = None
+    for reg in regs:
+        uc.reg_write(reg, 0)
+    return env
+
+
+_env_path: tuple[int, int] | None = None
+
+
+class _Tsc(ctypes.Structure):
+    """Mirror of struct aiovmm_tsc in csrc/preempt.c."""
+    _fields_ = [("origin_ns", ctypes.c_int64), ("aux", ctypes.c_uint64), ("ids", ctypes.c_int32 * 3),
+                ("write_batch", ctypes.c_void_p)]
 
 
 _ENTER_CB = ctypes.CFUNCTYPE(None)
@@ -142,6 +255,13 @@ def _native() -> ctypes.CDLL:
         if not os.path.exists(_NATIVE):
             raise EngineUnavailable(f"{_NATIVE} not built: run `make setup`")
         _native_lib = ctypes.CDLL(_NATIVE)
+        vp = ctypes.c_void_p
+        _native_lib.aiovmm_timer_new.restype = vp
+        _native_lib.aiovmm_timer_new.argtypes = [vp, vp]
+        _native_lib.aiovmm_timer_arm.argtypes = [vp, ctypes.c_int64]
+        _native_lib.aiovmm_timer_disarm.argtypes = [vp]
+        _native_lib.aiovmm_timer_kick.argtypes = [vp]
+        _native_lib.aiovmm_timer_free.argtypes = [vp]
     return _native_lib
 
 
@@ -244,7 +364,8 @@ class VCPUEngine:
     flush_code() (after it rewrote guest code: the hypercall-page MSR).
     """
 
-    def __init__(self, mem_address: int, mem_size: int, *, until: int, name: str = "vcpu") -> None:
+    def __init__(self, mem_address: int, mem_size: int, *, until: int, name: str = "vcpu",
+                 slices: str | None = None) -> None:
         self.name = name
         self.until = until
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -260,7 +381,10 @@ class VCPUEngine:
         self.on_hypercall: Callable[[], None] = lambda: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
         self.on_invalid_opcode: Callable[[], None] = lambda: None
-        self.rdtsc: Callable[[], int] = lambda: time.monotonic_ns()
+        self._tsc = _Tsc()
+        self._tsc.ids[:] = [REGS[n] for n in ("rax", "rdx", "rcx")]
+        self._tsc.write_batch = ctypes.cast(uclib.uc_reg_write_batch, ctypes.c_void_p).value
+        self._clock: Callable[[], int] = SystemClock(0)
 
         self.in_syscall_hook = False
         self._df_retry_rip = -1
@@ -270,10 +394,27 @@ class VCPUEngine:
 
         self.slice = _Slice()
         self.slice.stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
-        lib = _native()
+        lib = self._lib = _native()
         self._hooks = []
-        self._add_hook(UC_HOOK_BLOCK, ctypes.cast(lib.aiovmm_block_hook, ctypes.c_void_p),
-                       ctypes.cast(ctypes.byref(self.slice), ctypes.c_void_p))
+        # How slices end (csrc/preempt.c): "hook", a C block hook counting blocks (a helper
+        # call per translated block), or "timer", Unicorn's own exit request from a timer
+        # thread, precise only once the translator checks it at block starts alone.
+        self._timer: int | None = None
+        self._in_slice = False
+        self._deadline_ns = 0
+        if slices is None:
+            slices = os.environ.get("AIOVMM_UNICORN_SLICES", "hook")
+        if slices == "timer" and not _mid_block_exits_off(uc):
+            log.warning("%s: this Unicorn's layout is not the one probed: slices use the block hook", name)
+            slices = "hook"
+        if slices == "timer":
+            self._timer = lib.aiovmm_timer_new(self.h, self.slice.stop)
+            if not self._timer:
+                raise RuntimeError("cannot start the slice timer thread")
+        else:
+            self._add_hook(UC_HOOK_BLOCK, ctypes.cast(lib.aiovmm_block_hook, ctypes.c_void_p),
+                           ctypes.cast(ctypes.byref(self.slice), ctypes.c_void_p))
+        self.slices = slices
         self._hc = hc = _Hcall()
         hc.ids[:] = [REGS[n] for n in ("rax", "rdi", "rsi", "rdx", "r10", "r8")]
         hc.rax_id = REGS["rax"]
@@ -295,15 +436,33 @@ class VCPUEngine:
         self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_cpuid, ctypes.c_void_p), None,
                        X.UC_X86_INS_CPUID)
         self._cb_in = _IN_CB(self._hook_in)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
         self._cb_out = _OUT_CB(self._hook_out)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
-        self._cb_rdtsc = _RDTSC_CB(self._hook_rdtsc)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_rdtsc, ctypes.c_void_p), None,
+        # A refused IN/OUT ends the slice exactly at the instruction: the C hooks raise a
+        # private vector from there (csrc/preempt.c), which needs this instance's CPU state.
+        self._pio = _Pio()
+        env = _find_env(uc)
+        if env is not None:
+            pio = self._pio
+            pio.env = env
+            pio.raise_err = ctypes.cast(uclib.raise_exception_err_x86_64, ctypes.c_void_p).value
+            pio.in_cb = ctypes.cast(self._cb_in, ctypes.c_void_p).value
+            pio.out_cb = ctypes.cast(self._cb_out, ctypes.c_void_p).value
+            pio.stop_vector = _PIO_STOP_VECTOR
+            ud = ctypes.cast(ctypes.byref(pio), ctypes.c_void_p)
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_in_hook, ctypes.c_void_p), ud, X.UC_X86_INS_IN)
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_out_hook, ctypes.c_void_p), ud, X.UC_X86_INS_OUT)
+        else:
+            if self._timer is not None:
+                raise RuntimeError("timer slices need the CPU state located (IN/OUT refusals)")
+            log.warning("%s: CPU state not located: a refused IN/OUT stops after its block", name)
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
+        # RDTSC and RDTSCP (which does not go through the RDTSC hook: same clock, ECX =
+        # TSC_AUX) are answered in C from the clock's origin (the `rdtsc` setter).
+        tsc = ctypes.cast(ctypes.byref(self._tsc), ctypes.c_void_p)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_rdtsc_hook, ctypes.c_void_p), tsc,
                        X.UC_X86_INS_RDTSC)
-        # RDTSCP does not go through the RDTSC hook: same clock, ECX = TSC_AUX (set_msr).
-        self._cb_rdtscp = _RDTSC_CB(self._hook_rdtscp)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_rdtscp, ctypes.c_void_p), None,
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_rdtscp_hook, ctypes.c_void_p), tsc,
                        X.UC_X86_INS_RDTSCP)
 
         # Prepared raw register batches for the hot paths.
@@ -368,6 +527,23 @@ class VCPUEngine:
 
     def set_msr(self, msr: int, value: int) -> None:
         self.uc.msr_write(msr, value)
+        if msr == MSR_TSC_AUX:                # RDTSCP's ECX, read by the C hook
+            self._tsc.aux = value & 0xFFFFFFFF
+
+    @property
+    def rdtsc(self) -> Callable[[], int]:
+        """The guest's TSC source: a clock of CLOCK_MONOTONIC nanoseconds since `origin_ns`
+        (Hypervisor.system_time_ns). RDTSC/RDTSCP are answered in C from that origin."""
+        return self._clock
+
+    @rdtsc.setter
+    def rdtsc(self, clock: Callable[[], int]) -> None:
+        origin = getattr(clock, "origin_ns", None)
+        if not isinstance(origin, int):
+            raise TypeError("the Unicorn engine's TSC clock must be monotonic_ns() - origin_ns "
+                            "(it has an int origin_ns)")
+        self._clock = clock
+        self._tsc.origin_ns = origin
 
     def get_msr(self, msr: int) -> int:
         return self.uc.msr_read(msr)
@@ -489,12 +665,20 @@ class VCPUEngine:
         self.slice.reason = 0
         self.stop_requested = False
         self._excfix.read_error_and_reset()
+        # With timer slices, a step inside a running slice (from a fault hook) must not be
+        # cut by the slice's timer, and the slice must still end at its deadline after it
+        # (the nested emu_start clears a stop already requested): pause, then re-arm.
+        nested = self._timer is not None and self._in_slice
+        if nested:
+            self._lib.aiovmm_timer_disarm(self._timer)
         try:
             err = uclib.uc_emu_start(self.h, start, end, 0, 0)
         finally:
             before = inval()
             self.uc.ctl_remove_cache(start, end + 1)
             self._own_invalidations += inval() - before
+            if nested:
+                self._lib.aiovmm_timer_arm(self._timer, ctypes.c_int64(self._deadline_ns))
         return not err and not self.stop_requested and self.get("rip") == end
 
     def decode(self, code: bytes) -> tuple[int, str, str] | None:
@@ -522,14 +706,15 @@ class VCPUEngine:
         self._excfix.read_error_and_reset()
         uclib.uc_reg_read_batch(self.h, self._rip.ids, self._rip.ptrs, 1)
         start_rip = self._rip.vals[0]
-        err = uclib.uc_emu_start(self.h, start_rip, self.until, 0, 0)
+        self._deadline_ns = time.monotonic_ns() + (max_ns or _TIMER_DEFAULT_NS)
+        err = self._emu_start(start_rip, self.until)
         if not err and not s.reason and not self.stop_requested and self.callback_error is None:
             # A "triple fault" (two unreported internal faults, then a real one) ends
             # emulation silently. Clear the state and let the faulting instruction retry once.
             rip = self.get("rip")
             if rip != self.until:
                 self._excfix.read_error_and_reset()
-                err = uclib.uc_emu_start(self.h, rip, self.until, 0, 0)
+                err = self._emu_start(rip, self.until)
         if self.callback_error is not None:
             e, self.callback_error = self.callback_error, None
             self.last_error = f"hypervisor error in handler: {e!r}"
@@ -546,6 +731,19 @@ class VCPUEngine:
         self.last_error = "guest jumped into the hypervisor's reserved range"
         return ExitReason.ERROR
 
+    def _emu_start(self, rip: int, until: int) -> int:
+        """One uc_emu_start of a slice; with the timer, armed for the slice's deadline
+        (its reason lands in slice.reason as the hook's would)."""
+        if self._timer is None:
+            return uclib.uc_emu_start(self.h, rip, until, 0, 0)
+        self._lib.aiovmm_timer_arm(self._timer, ctypes.c_int64(self._deadline_ns))
+        self._in_slice = True
+        try:
+            return uclib.uc_emu_start(self.h, rip, until, 0, 0)
+        finally:
+            self._in_slice = False
+            self.slice.reason = self._lib.aiovmm_timer_disarm(self._timer)
+
     def stop(self) -> None:
         """End the current slice after the running hook returns (call only from a hook)."""
         self.stop_requested = True
@@ -553,10 +751,14 @@ class VCPUEngine:
 
     def preempt(self) -> None:
         """Ask the running slice to end at the next block boundary (any thread)."""
-        self.slice.preempt = 1
+        if self._timer is not None:
+            self._lib.aiovmm_timer_kick(self._timer)
+        else:
+            self.slice.preempt = 1
 
     @property
     def blocks_executed(self) -> int:
+        """Translated blocks run (the block hook counts them; 0 with timer slices)."""
         return self.slice.blocks
 
     def enable_instruction_count(self) -> None:
@@ -594,6 +796,8 @@ class VCPUEngine:
     def _hook_intr(self, uc, vector, user_data) -> None:
         try:
             err = self._excfix.read_error_and_reset()
+            if vector == _PIO_STOP_VECTOR:
+                return          # a refused IN/OUT (aiovmm_in_hook): the stop is requested
             if vector == 8:
                 # A PV guest never takes a real #DF (exceptions are not delivered through an
                 # IDT): this is a fault converted to #DF because an unreported internal #PF
@@ -623,38 +827,23 @@ class VCPUEngine:
             val = self.on_port_io(port, size, False, 0)
             if val is not None:
                 return val & ((1 << (8 * size)) - 1)
+            self._pio.refused = int(self.stop_requested)
         except BaseException as e:
             self._fail(e)
         return 0xFFFFFFFF
 
     def _hook_out(self, uc, port, size, value, user_data) -> None:
         try:
-            self.on_port_io(port, size, True, value)
+            if self.on_port_io(port, size, True, value) is None:
+                self._pio.refused = int(self.stop_requested)
         except BaseException as e:
             self._fail(e)
-
-    def _hook_rdtscp(self, uc, user_data) -> int:
-        try:
-            t = self.rdtsc() & 0xFFFFFFFFFFFFFFFF
-            aux = self.uc.msr_read(MSR_TSC_AUX) & 0xFFFFFFFF
-            self._batch(("rax", "rdx", "rcx")).write((t & 0xFFFFFFFF, t >> 32, aux))
-        except BaseException as e:
-            self._fail(e)
-        return 1
 
     def _hook_cpuid(self, uc, user_data) -> int:
         try:
             leaf, sub = self._batch(("rax", "rcx")).read()
             a, b, c, d = self.cpuid(leaf & 0xFFFFFFFF, sub & 0xFFFFFFFF)
             self._batch(("rax", "rbx", "rcx", "rdx")).write((a, b, c, d))
-        except BaseException as e:
-            self._fail(e)
-        return 1
-
-    def _hook_rdtsc(self, uc, user_data) -> int:
-        try:
-            t = self.rdtsc() & 0xFFFFFFFFFFFFFFFF
-            self._rdx_rax.write((t & 0xFFFFFFFF, t >> 32))
         except BaseException as e:
             self._fail(e)
         return 1
@@ -669,6 +858,9 @@ class VCPUEngine:
         raise NotImplementedError("dirty-page tracking is not implemented on the Unicorn engine")
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._lib.aiovmm_timer_free(self._timer)
+            self._timer = None
         self._excfix.free()
         for hh in self._hooks:
             uclib.uc_hook_del(self.h, hh)

@@ -82,3 +82,214 @@ void aiovmm_syscall_hook(void *uc, void *user_data)
     if (h->set_ret)
         h->write_reg(uc, h->rax_id, &h->ret);
 }
+
+/* UC_HOOK_INSN(RDTSC / RDTSCP) callbacks: the guest's TSC. Linux reads it ~100k times
+ * while booting (pvclock reads, the PIT calibration loop); through a Python callback each
+ * read cost microseconds (RDTSCP also read TSC_AUX through the binding). The guest TSC is
+ * Xen system time, nanoseconds of CLOCK_MONOTONIC since the hypervisor's origin: the same
+ * clock as Hypervisor.system_time_ns (time.monotonic_ns() is CLOCK_MONOTONIC), whose
+ * origin the engine copies here. `aux` mirrors the vCPU's TSC_AUX MSR (set_msr keeps it).
+ * Returning 1 tells Unicorn the instruction is handled. */
+struct aiovmm_tsc {
+    int64_t origin_ns;
+    uint64_t aux;
+    int32_t ids[3];              /* UC_X86_REG_RAX, RDX, RCX */
+    int (*write_batch)(void *uc, int *ids, void *const *vals, int count);
+};
+
+static uint64_t guest_tsc(const struct aiovmm_tsc *t)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec - t->origin_ns);
+}
+
+uint32_t aiovmm_rdtsc_hook(void *uc, void *user_data)
+{
+    struct aiovmm_tsc *t = (struct aiovmm_tsc *)user_data;
+    uint64_t now = guest_tsc(t);
+    uint64_t vals[3] = { now & 0xFFFFFFFFu, now >> 32, t->aux & 0xFFFFFFFFu };
+    void *ptrs[3] = { &vals[0], &vals[1], &vals[2] };
+    t->write_batch(uc, t->ids, ptrs, 2);
+    return 1;
+}
+
+uint32_t aiovmm_rdtscp_hook(void *uc, void *user_data)
+{
+    struct aiovmm_tsc *t = (struct aiovmm_tsc *)user_data;
+    uint64_t now = guest_tsc(t);
+    uint64_t vals[3] = { now & 0xFFFFFFFFu, now >> 32, t->aux & 0xFFFFFFFFu };
+    void *ptrs[3] = { &vals[0], &vals[1], &vals[2] };
+    t->write_batch(uc, t->ids, ptrs, 3);
+    return 1;
+}
+
+/* ---- Slices without a block hook ------------------------------------------------------
+ * A UC_HOOK_BLOCK callback, however small, makes Unicorn call a helper at the start of
+ * every translated block: ~2x on Linux's tight boot loops (bench/linux_profile.py). The
+ * alternative is the emulator's own exit request (uc_emu_stop) from a timer thread. That
+ * is only precise if the translated code checks the request at block starts alone:
+ * Unicorn 2.1.4 also checks after every guest load and store (tcg-op.c
+ * check_exit_request), which stops in the middle of an instruction and re-executes it
+ * (read-modify-write instructions applied twice: shared/research/unicorn/NOTES.md). The
+ * engine turns those checks off (uc_struct.no_exit_request, vcpu_engine.py) and then uses
+ * this timer: one thread per vCPU that calls uc_emu_stop when the armed slice's deadline
+ * passes, or at once on aiovmm_timer_kick (preempt). */
+#include <pthread.h>
+#include <stdlib.h>
+
+struct aiovmm_timer {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    pthread_t thread;
+    void *uc;
+    uc_stop_fn stop;
+    int64_t deadline_ns;         /* CLOCK_MONOTONIC end of the armed slice */
+    int armed;                   /* a slice is running */
+    int fired;                   /* out: 0 none, 2 preempted, 3 deadline */
+    int quit;
+    int64_t fired_ns;            /* when the timer last called stop (diagnostics) */
+};
+
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void *timer_main(void *arg)
+{
+    struct aiovmm_timer *t = (struct aiovmm_timer *)arg;
+    pthread_mutex_lock(&t->lock);
+    while (!t->quit) {
+        if (!t->armed) {
+            pthread_cond_wait(&t->cond, &t->lock);
+            continue;
+        }
+        int64_t now = mono_ns();
+        if (now >= t->deadline_ns) {
+            /* Stop, and again every 50 us until the slice is disarmed: a request that
+             * lands while Unicorn resumes after a hook changed RIP can be cleared by it. */
+            if (!t->fired) {
+                t->fired_ns = now;
+                t->fired = 3;
+            }
+            t->stop(t->uc);      /* under the lock: disarm cannot pass it */
+            t->deadline_ns = now + 50000;
+        }
+        struct timespec ts = { t->deadline_ns / 1000000000, t->deadline_ns % 1000000000 };
+        pthread_cond_timedwait(&t->cond, &t->lock, &ts);
+    }
+    pthread_mutex_unlock(&t->lock);
+    return NULL;
+}
+
+struct aiovmm_timer *aiovmm_timer_new(void *uc, uc_stop_fn stop)
+{
+    struct aiovmm_timer *t = calloc(1, sizeof *t);
+    pthread_condattr_t ca;
+    if (!t)
+        return NULL;
+    t->uc = uc;
+    t->stop = stop;
+    pthread_mutex_init(&t->lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&t->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    if (pthread_create(&t->thread, NULL, timer_main, t) != 0) {
+        free(t);
+        return NULL;
+    }
+    return t;
+}
+
+/* Before emu_start: the slice ends at deadline_ns (CLOCK_MONOTONIC). */
+void aiovmm_timer_arm(struct aiovmm_timer *t, int64_t deadline_ns)
+{
+    pthread_mutex_lock(&t->lock);
+    t->deadline_ns = deadline_ns;
+    t->fired = 0;
+    t->armed = 1;
+    pthread_cond_signal(&t->cond);
+    pthread_mutex_unlock(&t->lock);
+}
+
+/* After emu_start returned: no stop can reach a later slice. Returns why it fired. */
+int aiovmm_timer_disarm(struct aiovmm_timer *t)
+{
+    int fired;
+    pthread_mutex_lock(&t->lock);
+    t->armed = 0;
+    fired = t->fired;
+    pthread_mutex_unlock(&t->lock);
+    return fired;
+}
+
+/* Any thread: end the running slice now (nothing if none is armed). */
+void aiovmm_timer_kick(struct aiovmm_timer *t)
+{
+    pthread_mutex_lock(&t->lock);
+    if (t->armed) {
+        t->fired = 2;
+        t->deadline_ns = 0;      /* the timer thread repeats the stop until disarmed */
+        t->stop(t->uc);
+        pthread_cond_signal(&t->cond);
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+void aiovmm_timer_free(struct aiovmm_timer *t)
+{
+    pthread_mutex_lock(&t->lock);
+    t->quit = 1;
+    pthread_cond_signal(&t->cond);
+    pthread_mutex_unlock(&t->lock);
+    pthread_join(t->thread, NULL);
+    pthread_cond_destroy(&t->cond);
+    pthread_mutex_destroy(&t->lock);
+    free(t);
+}
+
+/* When the timer last ended a slice (CLOCK_MONOTONIC ns): how late it woke. */
+int64_t aiovmm_timer_fired_ns(struct aiovmm_timer *t)
+{
+    return t->fired_ns;
+}
+
+/* UC_HOOK_INSN(IN / OUT) callbacks. The port policy is Python's (`in_cb`/`out_cb`, the
+ * engine's ctypes callbacks); a refusal (the callback sets `refused`, having stopped the
+ * slice) must end the slice AT the instruction: the vCPU then delivers #GP there. A stop
+ * request alone takes effect only at the next exit check, after more of the block has run
+ * (with timer slices, the whole block). So the refusal raises a CPU exception from here
+ * with Unicorn's own raise_exception_err (PC is synced to the IN/OUT before the hook):
+ * emulation unwinds precisely, the engine's interrupt hook sees vector `stop_vector`,
+ * which no instruction raises, and lets the requested stop happen. */
+struct aiovmm_pio {
+    void *env;                   /* CPUX86State of this Unicorn instance */
+    void (*raise_err)(void *env, int vector, int error_code);
+    uint32_t (*in_cb)(void *uc, uint32_t port, int size, void *user_data);
+    void (*out_cb)(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
+    int32_t refused;
+    int32_t stop_vector;
+};
+
+uint32_t aiovmm_in_hook(void *uc, uint32_t port, int size, void *user_data)
+{
+    struct aiovmm_pio *p = (struct aiovmm_pio *)user_data;
+    p->refused = 0;
+    uint32_t v = p->in_cb(uc, port, size, NULL);
+    if (p->refused)
+        p->raise_err(p->env, p->stop_vector, 0);      /* does not return */
+    return v;
+}
+
+void aiovmm_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data)
+{
+    struct aiovmm_pio *p = (struct aiovmm_pio *)user_data;
+    p->refused = 0;
+    p->out_cb(uc, port, size, value, NULL);
+    if (p->refused)
+        p->raise_err(p->env, p->stop_vector, 0);
+}
