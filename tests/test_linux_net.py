@@ -43,7 +43,7 @@ n, block, algo = int(sys.argv[1]), int(sys.argv[2]), (sys.argv[3:] or ["md5"])[0
 ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind(("0.0.0.0", 5001)); ls.listen(1)
 print("ready", flush=True)
-ls.settimeout(120)
+ls.settimeout(600)                  # the guest makes its data first (minutes under load)
 c, _ = ls.accept(); c.settimeout(60)
 sums, total, h, left, whole = [], 0, hashlib.new(algo), block, hashlib.new(algo)
 buf = bytearray(1 << 20)
