@@ -12,10 +12,11 @@ guest moves and hashes the data with gibio (guests/linux/gibio.c: 1 MiB per syst
 SHA-256; busybox's md5sum reads 4 KiB per call, and each guest system call is a round trip
 through the hypervisor).
 
-Measured at 1 GiB on 2 cores with load average ~15 from other sessions: boot 415 s, guest ->
-host 336 s, host -> guest 155 s (55 Mbit/s, 0 tap drops), O_DIRECT write 167 s and read
-160 s: 1,275 s wall, ~150 s of this process's CPU (boot ~31 s of it), which is about what the
-module takes on an idle machine. At 64 MiB (AIOVMM_GIB_MIB=64): 370 s wall, 44 s CPU, load 19.
+Measured at 1 GiB on the 2 shared cores: at load average ~4, boot 27 s, guest -> host 59 s,
+host -> guest 48 s (180 Mbit/s, 0 tap drops), O_DIRECT write 28 s and read 15 s: module
+183 s wall, 95 s CPU. At load ~15: boot 415 s, 336 / 155 / 167 / 160 s, module 1,275 s wall,
+~150 s CPU (this process's CPU time, its loop thread running the guest's vCPU, is about what
+the module needs on an idle machine).
 """
 from __future__ import annotations
 
