@@ -469,7 +469,8 @@ def main() -> None:
                          "and QEMU; at most the image (0 skips it)")
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio job")
     ap.add_argument("--boot-timeout", type=float, default=400, help="boot -> fio start, at most (s)")
-    ap.add_argument("--kvm-timeout", type=float, default=120, help="the same on the kvm engine")
+    ap.add_argument("--kvm-timeout", type=float, default=600,
+                    help="the same on the kvm engine (its Linux boot took 94-344 s at load 10-15)")
     ap.add_argument("--engines", default=None,
                     help="aiovmm vCPU engines, e.g. unicorn,kvm (default: every one available here)")
     ap.add_argument("--no-kvm", action="store_true", help="skip the kvm engine (as --engines unicorn)")

@@ -35,42 +35,44 @@ NBLOCKS = max(1, TRANSFER_MIB * (1 << 20) // BLOCK)
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun")
 
-# Host side, guest -> host: accept one connection, md5 of every 4 MiB block, the total.
+# Host side, guest -> host: accept one connection; the total, the digest (argv[3], md5 by
+# default) of the whole stream and of every 4 MiB block.
 RECV = r"""
 import hashlib, socket, sys
-n, block = int(sys.argv[1]), int(sys.argv[2])
+n, block, algo = int(sys.argv[1]), int(sys.argv[2]), (sys.argv[3:] or ["md5"])[0]
 ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind(("0.0.0.0", 5001)); ls.listen(1)
 print("ready", flush=True)
-ls.settimeout(120)
+ls.settimeout(600)                  # the guest makes its data first (minutes under load)
 c, _ = ls.accept(); c.settimeout(60)
-sums, total, h, left = [], 0, hashlib.md5(), block
+sums, total, h, left, whole = [], 0, hashlib.new(algo), block, hashlib.new(algo)
 buf = bytearray(1 << 20)
 while len(sums) < n:
     k = c.recv_into(buf, min(len(buf), left))
     if not k:
         break
-    h.update(memoryview(buf)[:k]); total += k; left -= k
+    h.update(memoryview(buf)[:k]); whole.update(memoryview(buf)[:k]); total += k; left -= k
     if left == 0:
-        sums.append(h.hexdigest()); h, left = hashlib.md5(), block
+        sums.append(h.hexdigest()); h, left = hashlib.new(algo), block
 c.close()
-print(" ".join(["total=%d" % total] + sums))
+print(" ".join(["total=%d" % total, whole.hexdigest()] + sums))
 """
 
 # Host side, host -> guest: connect (the guest's nc may not listen yet), send n fresh random
 # blocks as fast as TCP takes them, hashing them; close the sending side and read back the
-# md5 the guest's md5sum computed over what it received (nc -e md5sum: the socket is its
-# stdin and stdout).
+# digest the guest's md5sum (or gibio sum) computed over what it received (nc -e md5sum:
+# the socket is its stdin and stdout); argv[4] the hash, md5 by default.
 SEND = r"""
 import hashlib, os, socket, sys, time
 dst, n, block = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+algo = (sys.argv[4:] or ["md5"])[0]
 for _ in range(100):
     try:
         s = socket.create_connection((dst, 5002), timeout=5); break
     except OSError:
         time.sleep(0.2)
 s.settimeout(300)
-h = hashlib.md5()
+h = hashlib.new(algo)
 t0 = time.perf_counter()
 for _ in range(n):
     b = os.urandom(block); h.update(b); s.sendall(b)
@@ -82,7 +84,7 @@ while True:
         break
     reply += k
 el = time.perf_counter() - t0
-print("md5=%s s=%.3f guest=%s" % (h.hexdigest(), el, reply.decode().split()[0] if reply.strip() else "-"))
+print("sum=%s s=%.3f guest=%s" % (h.hexdigest(), el, reply.decode().split()[0] if reply.strip() else "-"))
 """
 
 
@@ -133,9 +135,10 @@ async def host_proc(lan: VirtualLan, *argv: str) -> asyncio.subprocess.Process:
                                                 stdout=asyncio.subprocess.PIPE)
 
 
-def test_features_negotiated_in_xenstore(lx):
-    st = lx.hv.xenstore.store
-    nb = lx.nb
+def net_features_negotiated(hv, nb) -> None:
+    """What netback offered and Debian's netfront took, as xenstore shows it, and what
+    netback set up from it (shared with test_linux_gib)."""
+    st = hv.xenstore.store
     for key in ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-ipv6-csum-offload",
                 "feature-rx-copy"):
         assert st.read(f"{nb.back}/{key}") == b"1", key
@@ -147,60 +150,94 @@ def test_features_negotiated_in_xenstore(lx):
     assert nb._offload == taplib.TunOffload.CSUM | taplib.TunOffload.TSO4 | taplib.TunOffload.TSO6
 
 
-def test_tcp_guest_to_host_gso_checksummed(lx):
+def test_features_negotiated_in_xenstore(lx):
+    net_features_negotiated(lx.hv, lx.nb)
+
+
+def g2h_checksummed(lab, nblocks: int, fresh: bool = False) -> float:
+    """Guest -> host over TCP: the guest's 4 MiB random block `nblocks` times, the host's md5
+    of every block must be the guest's; or, `fresh`, nblocks * 4 MiB of new random data from
+    gibio (1 MiB writes, SHA-256 in the guest and on the host of the whole stream: shared
+    with test_linux_gib, 1 GiB on KVM). Netback must have seen TSO packets. Returns the
+    seconds it took."""
+    if fresh:
+        gen = (f"printf '#!/bin/sh\\nexec gibio gen {nblocks * BLOCK >> 20} 2>/tmp/g2h.sum\\n' > /tmp/g2h.sh && "
+               f"chmod +x /tmp/g2h.sh && nc {HOST_IP} 5001 -e /tmp/g2h.sh; cat /tmp/g2h.sum; rm /tmp/g2h.sh")
+    else:
+        gen = (f"head -c {BLOCK} /dev/urandom > /tmp/g2h && md5sum /tmp/g2h && "
+               f"printf '#!/bin/sh\\nfor i in $(seq {nblocks}); do dd if=/tmp/g2h bs=1M 2>/dev/null; done\\n'"
+               f" > /tmp/g2h.sh && chmod +x /tmp/g2h.sh && nc {HOST_IP} 5001 -e /tmp/g2h.sh; "
+               f"rm /tmp/g2h /tmp/g2h.sh")
+
     async def go():
-        recv = await host_proc(lx.lan, "python3", "-c", RECV, str(NBLOCKS), str(BLOCK))
+        recv = await host_proc(lab.lan, "python3", "-c", RECV, str(nblocks), str(BLOCK),
+                               "sha256" if fresh else "md5")
         try:
             assert (await recv.stdout.readline()).strip() == b"ready"
-            before = lx.nb.stats.tx_gso
+            before = lab.nb.stats.tx_gso
             t0 = time.monotonic()
-            rc, out = await lx.sh.run(
-                f"head -c {BLOCK} /dev/urandom > /tmp/g2h && md5sum /tmp/g2h && "
-                f"printf '#!/bin/sh\\nfor i in $(seq {NBLOCKS}); do dd if=/tmp/g2h bs=1M 2>/dev/null; done\\n'"
-                f" > /tmp/g2h.sh && chmod +x /tmp/g2h.sh && nc {HOST_IP} 5001 -e /tmp/g2h.sh; "
-                f"rm /tmp/g2h /tmp/g2h.sh", timeout=600)
+            rc, out = await lab.sh.run(gen, timeout=600)
             got = (await asyncio.wait_for(recv.stdout.read(), 120)).decode().split()
-            print(f"g2h {NBLOCKS * BLOCK >> 20} MiB (with the guest's 4 MiB urandom + md5) in "
-                  f"{time.monotonic() - t0:.1f} s")
+            took = time.monotonic() - t0
         finally:
             if recv.returncode is None:
                 recv.kill()
             await recv.wait()
-        return rc, out, got, lx.nb.stats.tx_gso - before
+        return rc, out, got, lab.nb.stats.tx_gso - before, took
 
-    rc, out, got, gso = lx.call(go(), 900)
-    guest_md5 = out[0].split()[0]
-    assert re.fullmatch(r"[0-9a-f]{32}", guest_md5), out
-    assert got[0] == f"total={NBLOCKS * BLOCK}", got[:1]
-    assert got[1:] == [guest_md5] * NBLOCKS, (guest_md5, got)
+    rc, out, got, gso, took = lab.call(go(), 900)
+    guest_sum = out[-1 if fresh else 0].split()[0]
+    assert re.fullmatch(r"[0-9a-f]{64}" if fresh else r"[0-9a-f]{32}", guest_sum), out
+    assert got[0] == f"total={nblocks * BLOCK}", got[:1]
+    if fresh:
+        assert got[1] == guest_sum and out[-1].split()[1] == str(nblocks * BLOCK), (out, got[:2])
+    else:
+        assert got[2:] == [guest_sum] * nblocks, (guest_sum, got)
     assert gso > 0, "no TSO packet from the guest"
-    assert lx.nb.stats.tx_errors == 0 and lx.nb.stats.bad_indices == 0, lx.nb.stats
+    assert lab.nb.stats.tx_errors == 0 and lab.nb.stats.bad_indices == 0, lab.nb.stats
+    print(f"g2h {nblocks * BLOCK >> 20} MiB ({'fresh, SHA-256' if fresh else 'one 4 MiB block'}) in {took:.1f} s")
+    return took
 
 
-def test_tcp_host_to_guest_gso_checksummed_nothing_dropped(lx):
+def test_tcp_guest_to_host_gso_checksummed(lx):
+    g2h_checksummed(lx, NBLOCKS)
+
+
+def h2g_checksummed(lab, nblocks: int, tool: str = "md5sum") -> float:
+    """Host -> guest over TCP as fast as it goes: `nblocks` fresh random 4 MiB blocks, hashed
+    by the host as it sends and by the guest's md5sum (or `tool` "gibio sum": SHA-256, 1 MiB
+    reads; test_linux_gib's 1 GiB on KVM) as it receives; nothing dropped at the tap (its
+    kernel counters) nor in netback, GSO packets to the guest. Returns the sender's seconds."""
     async def go():
-        tap0 = tap_counters(lx)
-        st0 = (lx.nb.stats.rx_dropped, lx.nb.stats.rx_gso)
-        rc, out = await lx.sh.run("{ nc -l -p 5002 -e md5sum & }")
+        tap0 = tap_counters(lab)
+        st0 = (lab.nb.stats.rx_dropped, lab.nb.stats.rx_gso)
+        rc, out = await lab.sh.run(f"printf '#!/bin/sh\\nexec {tool}\\n' > /tmp/h2g.sh && chmod +x /tmp/h2g.sh && "
+                                   f"{{ nc -l -p 5002 -e /tmp/h2g.sh & }}")
         assert rc == 0, out
-        send = await host_proc(lx.lan, "python3", "-c", SEND, GUEST_IP, str(NBLOCKS), str(BLOCK))
+        send = await host_proc(lab.lan, "python3", "-c", SEND, GUEST_IP, str(nblocks), str(BLOCK),
+                               "md5" if tool == "md5sum" else "sha256")
         sent = (await asyncio.wait_for(send.stdout.read(), 900)).decode()
         await send.wait()
-        tap1 = tap_counters(lx)
+        tap1 = tap_counters(lab)
         return sent, tap0, tap1, st0
 
-    sent, tap0, tap1, (dropped0, gso0) = lx.call(go(), 1000)
-    m = re.search(r"md5=([0-9a-f]{32}) s=([\d.]+) guest=(\S+)", sent)
+    sent, tap0, tap1, (dropped0, gso0) = lab.call(go(), 1000)
+    m = re.search(r"sum=([0-9a-f]+) s=([\d.]+) guest=(\S+)", sent)
     assert m, sent
     assert m.group(3) == m.group(1), sent                # the guest hashed what the host sent
     # Flow control: the tap was never read faster than the guest posted buffers, and the
     # kernel's queue in front of it dropped nothing; netback dropped nothing either.
     assert tap1["tx_dropped"] == tap0["tx_dropped"], (tap0, tap1)
-    assert lx.nb.stats.rx_dropped == dropped0, lx.nb.stats
-    assert lx.nb.stats.rx_gso > gso0, "no GSO packet to the guest"
-    print(f"h2g {NBLOCKS * BLOCK >> 20} MiB in {m.group(2)} s "
-          f"({NBLOCKS * BLOCK * 8 / float(m.group(2)) / 1e6:.1f} Mbit/s, the guest hashing), "
-          f"tap {tap0} -> {tap1}, netback {lx.nb.stats}")
+    assert lab.nb.stats.rx_dropped == dropped0, lab.nb.stats
+    assert lab.nb.stats.rx_gso > gso0, "no GSO packet to the guest"
+    print(f"h2g {nblocks * BLOCK >> 20} MiB in {m.group(2)} s "
+          f"({nblocks * BLOCK * 8 / float(m.group(2)) / 1e6:.1f} Mbit/s, the guest hashing), "
+          f"tap {tap0} -> {tap1}, netback {lab.nb.stats}")
+    return float(m.group(2))
+
+
+def test_tcp_host_to_guest_gso_checksummed_nothing_dropped(lx):
+    h2g_checksummed(lx, NBLOCKS)
 
 
 def test_h2g_tcp_line_rate_with_a_pause_nothing_dropped(lx):

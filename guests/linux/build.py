@@ -18,7 +18,8 @@ Output (guests/build/linux/):
                         module's .modinfo `depends=`, which is what depmod's modules.dep
                         records; the package ships no modules.dep);
                         iperf3 with its shared libraries and glibc's loader (TOOLS);
-                        udpecho (udpecho.c, built with the host's gcc against that glibc)
+                        udpecho (udpecho.c, built with the host's gcc against that glibc),
+                        gibio (gibio.c: 1 MiB reads/writes with SHA-256, for 1 GiB tests)
   kernel-release        e.g. 6.1.0-57-amd64
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ MODULES = ("kernel/drivers/net/xen-netfront.ko", "kernel/drivers/block/xen-blkfr
 # the shared libraries it loads (DT_NEEDED, closed over), from its lib* dependencies.
 TOOLS = {"iperf3": ("usr/bin/iperf3",)}
 LIBDIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
-INPUTS = ("init", "inittab", "profile", "build.py", "udpecho.c")
+INPUTS = ("init", "inittab", "profile", "build.py", "udpecho.c", "gibio.c")
 
 
 def sh(*cmd: str, cwd: Path | None = None) -> str:
@@ -209,6 +210,9 @@ def build_initramfs(root: Path, release: str, out: Path) -> None:
     echo = out.parent / "udpecho"
     sh("gcc", "-O2", "-o", str(echo), str(HERE / "udpecho.c"))    # glibc comes with iperf3
     c.file("usr/bin/udpecho", echo.read_bytes(), 0o755)
+    gibio = out.parent / "gibio"
+    sh("gcc", "-O2", "-o", str(gibio), str(HERE / "gibio.c"))
+    c.file("usr/bin/gibio", gibio.read_bytes(), 0o755)
     c.chardev("dev/console", 5, 1)
     c.chardev("dev/null", 1, 3)
     c.chardev("dev/hvc0", 229, 0)
