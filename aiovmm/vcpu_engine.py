@@ -136,31 +136,17 @@ def _find_env(uc: Uc) -> int | None:
     three random values written to RAX, RCX, RDX are looked for (through /proc/self/mem,
     which reports unmapped memory instead of faulting) behind the pointers at the start of
     the uc_struct; the one match is confirmed by a fourth write. None if not found."""
-    global _env_path
     vals = [random.getrandbits(62) | 1 << 62 for _ in range(3)]
     regs = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX)
     for reg, v in zip(regs, vals):
         uc.reg_write(reg, v)
     pattern = struct.pack("<3Q", *vals)
     head = ctypes.string_at(ctypes.cast(uc._uch, ctypes.c_void_p).value, 4096)
-    ptrs = list(struct.iter_unpack("<Q", head))
-    # Where the first search found it (uc_struct slot, offset behind that pointer) is
-    # tried first: the search reads a few MiB (~80 ms), the known path nothing.
-    order = range(len(ptrs)) if _env_path is None else [_env_path[0]] + list(range(len(ptrs)))
-    found: set[tuple[int, int]] = set()
+    found: set[int] = set()
     fd = os.open("/proc/self/mem", os.O_RDONLY)
     try:
-        for slot in order:
-            (q,) = ptrs[slot]
+        for (q,) in struct.iter_unpack("<Q", head):
             if q < 1 << 16 or q >= 1 << 47 or q & 7:
-                continue
-            if _env_path is not None and slot == _env_path[0]:
-                try:
-                    if os.pread(fd, len(pattern), q + _env_path[1]) == pattern:
-                        found = {(slot, _env_path[1])}
-                        break
-                except OSError:
-                    pass
                 continue
             try:
                 blob = os.pread(fd, 1 << 16, q)
@@ -169,25 +155,18 @@ def _find_env(uc: Uc) -> int | None:
             i = blob.find(pattern)
             while i >= 0:
                 if not i & 7:
-                    found.add((slot, i))
+                    found.add(q + i)
                 i = blob.find(pattern, i + 1)
     finally:
         os.close(fd)
-    env = None
-    if len({ptrs[slot][0] + off for slot, off in found}) == 1:
-        slot, off = found.pop()
-        env = ptrs[slot][0] + off
+    env = found.pop() if len(found) == 1 else None
+    if env is not None:
         uc.reg_write(X.UC_X86_REG_RAX, vals[0] ^ 0xA5A5)
-        if ctypes.c_uint64.from_address(env).value == vals[0] ^ 0xA5A5:
-            _env_path = (slot, off)
-        else:
+        if ctypes.c_uint64.from_address(env).value != vals[0] ^ 0xA5A5:
             env = None
     for reg in regs:
         uc.reg_write(reg, 0)
     return env
-
-
-_env_path: tuple[int, int] | None = None
 
 
 class _Tsc(ctypes.Structure):
