@@ -24,7 +24,6 @@ import ctypes
 import enum
 import logging
 import os
-import random
 import struct
 import time
 import typing
@@ -118,55 +117,6 @@ def _mid_block_exits_off(uc: Uc) -> bool:
         return False
     ctypes.c_bool.from_address(base + stop + _UC_FLAGS + 2).value = True
     return True
-
-
-# The vector the IN/OUT hooks raise to end a slice at a refused port access: 31 is
-# reserved, no instruction of Unicorn's CPU model raises it.
-_PIO_STOP_VECTOR = 31
-
-
-class _Pio(ctypes.Structure):
-    """Mirror of struct aiovmm_pio in csrc/preempt.c."""
-    _fields_ = [("env", ctypes.c_void_p), ("raise_err", ctypes.c_void_p), ("in_cb", ctypes.c_void_p),
-                ("out_cb", ctypes.c_void_p), ("refused", ctypes.c_int32), ("stop_vector", ctypes.c_int32)]
-
-
-def _find_env(uc: Uc) -> int | None:
-    """Address of this instance's CPUX86State, whose first field is the general registers:
-    three random values written to RAX, RCX, RDX are looked for (through /proc/self/mem,
-    which reports unmapped memory instead of faulting) behind the pointers at the start of
-    the uc_struct; the one match is confirmed by a fourth write. None if not found."""
-    vals = [random.getrandbits(62) | 1 << 62 for _ in range(3)]
-    regs = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX)
-    for reg, v in zip(regs, vals):
-        uc.reg_write(reg, v)
-    pattern = struct.pack("<3Q", *vals)
-    head = ctypes.string_at(ctypes.cast(uc._uch, ctypes.c_void_p).value, 4096)
-    found: set[int] = set()
-    fd = os.open("/proc/self/mem", os.O_RDONLY)
-    try:
-        for (q,) in struct.iter_unpack("<Q", head):
-            if q < 1 << 16 or q >= 1 << 47 or q & 7:
-                continue
-            try:
-                blob = os.pread(fd, 1 << 16, q)
-            except OSError:
-                continue
-            i = blob.find(pattern)
-            while i >= 0:
-                if not i & 7:
-                    found.add(q + i)
-                i = blob.find(pattern, i + 1)
-    finally:
-        os.close(fd)
-    env = found.pop() if len(found) == 1 else None
-    if env is not None:
-        uc.reg_write(X.UC_X86_REG_RAX, vals[0] ^ 0xA5A5)
-        if ctypes.c_uint64.from_address(env).value != vals[0] ^ 0xA5A5:
-            env = None
-    for reg in regs:
-        uc.reg_write(reg, 0)
-    return env
 
 
 class _Tsc(ctypes.Structure):
@@ -415,27 +365,9 @@ class VCPUEngine:
         self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_cpuid, ctypes.c_void_p), None,
                        X.UC_X86_INS_CPUID)
         self._cb_in = _IN_CB(self._hook_in)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
         self._cb_out = _OUT_CB(self._hook_out)
-        # A refused IN/OUT ends the slice exactly at the instruction: the C hooks raise a
-        # private vector from there (csrc/preempt.c), which needs this instance's CPU state.
-        self._pio = _Pio()
-        env = _find_env(uc)
-        if env is not None:
-            pio = self._pio
-            pio.env = env
-            pio.raise_err = ctypes.cast(uclib.raise_exception_err_x86_64, ctypes.c_void_p).value
-            pio.in_cb = ctypes.cast(self._cb_in, ctypes.c_void_p).value
-            pio.out_cb = ctypes.cast(self._cb_out, ctypes.c_void_p).value
-            pio.stop_vector = _PIO_STOP_VECTOR
-            ud = ctypes.cast(ctypes.byref(pio), ctypes.c_void_p)
-            self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_in_hook, ctypes.c_void_p), ud, X.UC_X86_INS_IN)
-            self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_out_hook, ctypes.c_void_p), ud, X.UC_X86_INS_OUT)
-        else:
-            if self._timer is not None:
-                raise RuntimeError("timer slices need the CPU state located (IN/OUT refusals)")
-            log.warning("%s: CPU state not located: a refused IN/OUT stops after its block", name)
-            self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
-            self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
         # RDTSC and RDTSCP (which does not go through the RDTSC hook: same clock, ECX =
         # TSC_AUX) are answered in C from the clock's origin (the `rdtsc` setter).
         tsc = ctypes.cast(ctypes.byref(self._tsc), ctypes.c_void_p)
@@ -775,8 +707,6 @@ class VCPUEngine:
     def _hook_intr(self, uc, vector, user_data) -> None:
         try:
             err = self._excfix.read_error_and_reset()
-            if vector == _PIO_STOP_VECTOR:
-                return          # a refused IN/OUT (aiovmm_in_hook): the stop is requested
             if vector == 8:
                 # A PV guest never takes a real #DF (exceptions are not delivered through an
                 # IDT): this is a fault converted to #DF because an unreported internal #PF
@@ -806,15 +736,13 @@ class VCPUEngine:
             val = self.on_port_io(port, size, False, 0)
             if val is not None:
                 return val & ((1 << (8 * size)) - 1)
-            self._pio.refused = int(self.stop_requested)
         except BaseException as e:
             self._fail(e)
         return 0xFFFFFFFF
 
     def _hook_out(self, uc, port, size, value, user_data) -> None:
         try:
-            if self.on_port_io(port, size, True, value) is None:
-                self._pio.refused = int(self.stop_requested)
+            self.on_port_io(port, size, True, value)
         except BaseException as e:
             self._fail(e)
 

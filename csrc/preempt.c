@@ -257,39 +257,3 @@ int64_t aiovmm_timer_fired_ns(struct aiovmm_timer *t)
 {
     return t->fired_ns;
 }
-
-/* UC_HOOK_INSN(IN / OUT) callbacks. The port policy is Python's (`in_cb`/`out_cb`, the
- * engine's ctypes callbacks); a refusal (the callback sets `refused`, having stopped the
- * slice) must end the slice AT the instruction: the vCPU then delivers #GP there. A stop
- * request alone takes effect only at the next exit check, after more of the block has run
- * (with timer slices, the whole block). So the refusal raises a CPU exception from here
- * with Unicorn's own raise_exception_err (PC is synced to the IN/OUT before the hook):
- * emulation unwinds precisely, the engine's interrupt hook sees vector `stop_vector`,
- * which no instruction raises, and lets the requested stop happen. */
-struct aiovmm_pio {
-    void *env;                   /* CPUX86State of this Unicorn instance */
-    void (*raise_err)(void *env, int vector, int error_code);
-    uint32_t (*in_cb)(void *uc, uint32_t port, int size, void *user_data);
-    void (*out_cb)(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
-    int32_t refused;
-    int32_t stop_vector;
-};
-
-uint32_t aiovmm_in_hook(void *uc, uint32_t port, int size, void *user_data)
-{
-    struct aiovmm_pio *p = (struct aiovmm_pio *)user_data;
-    p->refused = 0;
-    uint32_t v = p->in_cb(uc, port, size, NULL);
-    if (p->refused)
-        p->raise_err(p->env, p->stop_vector, 0);      /* does not return */
-    return v;
-}
-
-void aiovmm_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data)
-{
-    struct aiovmm_pio *p = (struct aiovmm_pio *)user_data;
-    p->refused = 0;
-    p->out_cb(uc, port, size, value, NULL);
-    if (p->refused)
-        p->raise_err(p->env, p->stop_vector, 0);
-}
