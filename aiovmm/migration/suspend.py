@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiovmm.migration")
 
-DEFAULT_SUSPEND_TIMEOUT = 10.0
+# How long a guest gets to suspend before the request is withdrawn: libxl waits 60 s
+# (libxl_dom_suspend.c, the guest_timeout). Linux's suspend runs in stop_machine across
+# all its vCPUs; with 2 vCPUs on the emulated engine at host load ~15 it took over 10 s.
+DEFAULT_SUSPEND_TIMEOUT = 60.0
 
 
 class SuspendError(Exception):
