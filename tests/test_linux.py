@@ -412,6 +412,24 @@ def read_disk(dev: str, n: int) -> str:
     return f"echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/{dev} bs=64k count={n >> 16} 2>/dev/null | md5sum"
 
 
+def _garbled(out: list[str]) -> bool:
+    """A console line with bytes the console filter turned into '?' (see
+    test_digest_lines_arrive_intact: on KVM, 2-3 in 25 `dd | md5sum` lines arrive with 16
+    of their digest characters as control bytes)."""
+    return any("?" * 8 in l for l in out)
+
+
+def sh_digest(lab: Lab, cmd: str, shell: Shell | None = None):
+    """sh() for a command whose output holds a digest line: run again (at most twice more)
+    only when the line arrived garbled, never when it is a well-formed wrong digest."""
+    for _ in range(3):
+        rc, out = sh(lab, cmd, shell=shell)
+        if not _garbled(out):
+            break
+        print("console line garbled, command run again:", out)
+    return rc, out
+
+
 def md5_of(out: list[str]) -> str:
     """The digest in md5sum's output line (kernel messages may interleave on the console)."""
     found = [l.split()[0] for l in out if re.fullmatch(r"[0-9a-f]{32}  \S+", l)]
@@ -449,10 +467,28 @@ def test_readonly_disk_refuses_writes(guest):
                for l in out), out
     # What the guest reads is the disk's content (its cache, which may hold the refused
     # write, dropped first).
-    rc, out = sh(guest, read_disk("xvdc", len(guest.ro_before)))
+    rc, out = sh_digest(guest, read_disk("xvdc", len(guest.ro_before)))
     assert rc == 0 and md5_of(out) == hashlib.md5(guest.ro_before).hexdigest(), out
     with open(guest.file_ro, "rb") as f:
         assert f.read(len(guest.ro_before)) == guest.ro_before
+
+
+def test_digest_lines_arrive_intact(guest, request):
+    """Known bug, found at the end of stop 11 and present on cef2986 already: on the KVM
+    engine a `dd | md5sum` of the read-only disk prints, in 2-3 runs of 25, a digest line
+    whose last 16 characters are control bytes (shown as '?'), the rest of the line intact:
+    16 bytes, the width of an SSE register. Not found on Unicorn. Cause not found yet; the
+    digest tests above run the command again when this happens (sh_digest)."""
+    if "kvm" in request.node.name:
+        request.applymarker(pytest.mark.xfail(reason="KVM: 16 bytes of a user process's "
+                                              "console output arrive as control bytes "
+                                              "(cause not found)", strict=False))
+    garbled = []
+    for _ in range(20):
+        rc, out = sh(guest, read_disk("xvdc", len(guest.ro_before)))
+        if _garbled(out) or md5_of(out) != hashlib.md5(guest.ro_before).hexdigest():
+            garbled.append(out)
+    assert not garbled, (len(garbled), garbled[:3])
 
 
 def _vbd(lab: Lab, vdev: str):
