@@ -124,6 +124,24 @@ def _records(data: bytes) -> list[tuple[int, int, int]]:
             return out
 
 
+def _l1_and_free_pfn(data: bytes | bytearray) -> tuple[int, int, int]:
+    """(x, p, p_at) in a save file: the pfn X of the guest's first L1 table, the pfn P of
+    its first free (XALLOC) page and the file offset of P's PFN entry: what the hostile
+    early-L1 streams are made from."""
+    x = p = p_at = None
+    for off, t, _n in _records(bytes(data)):
+        if t != S.Rec.page_data:
+            continue
+        count = struct.unpack_from("<I", data, off + 8)[0]
+        for i, e in enumerate(struct.unpack_from(f"<{count}Q", data, off + 16)):
+            if x is None and (e >> 60) & 7 == 1:
+                x = e & S.PFN_MASK
+            if p is None and e >> 60 == S.PfnType.xalloc:
+                p, p_at = e & S.PFN_MASK, off + 16 + 8 * i
+    assert x is not None and p is not None
+    return x, p, p_at
+
+
 def _patch(data: bytes, off: int, new: bytes) -> bytes:
     return data[:off] + new + data[off + len(new):]
 
@@ -236,17 +254,7 @@ async def test_early_l1_copy_released(hv, saved, tmp_path, variant):
     path, (ticks, checksum) = saved
     data = bytearray(open(path, "rb").read())
     recs = _records(bytes(data))
-    x = p = p_at = None
-    for off, t, n in recs:
-        if t != S.Rec.page_data:
-            continue
-        count = struct.unpack_from("<I", data, off + 8)[0]
-        for i, e in enumerate(struct.unpack_from(f"<{count}Q", data, off + 16)):
-            if x is None and (e >> 60) & 7 == 1:
-                x = e & S.PFN_MASK
-            if p is None and e >> 60 == S.PfnType.xalloc:
-                p, p_at = e & S.PFN_MASK, off + 16 + 8 * i
-    assert x is not None and p is not None
+    x, p, p_at = _l1_and_free_pfn(data)
     if variant == "stale":
         struct.pack_into("<Q", data, p_at, p | (S.PfnType.xtab << 60))
     page = bytearray(4096)

@@ -26,7 +26,7 @@ from aiovmm.migration import stream as S
 from aiovmm.migration.context import SIZE as CTX_SIZE, VcpuContext
 from aiovmm.migration.stream import StreamError
 from conftest import ENGINES, guest
-from test_migration import MEM_MIB, _patch, _records, _refused, running_guest, saved, uptime  # noqa: F401
+from test_migration import MEM_MIB, _l1_and_free_pfn, _patch, _records, _refused, running_guest, saved, uptime  # noqa: F401
 
 pytestmark = ENGINES
 
@@ -163,17 +163,7 @@ async def test_pinned_table_then_xtab_not_pinned(hv, saved, tmp_path):
     path, (ticks, checksum) = saved
     data = bytearray(open(path, "rb").read())
     recs = _records(bytes(data))
-    x = p = p_at = None
-    for off, t, _n in recs:
-        if t != S.Rec.page_data:
-            continue
-        count = struct.unpack_from("<I", data, off + 8)[0]
-        for i, e in enumerate(struct.unpack_from(f"<{count}Q", data, off + 16)):
-            if x is None and (e >> 60) & 7 == 1:
-                x = e & S.PFN_MASK
-            if p is None and e >> 60 == S.PfnType.xalloc:
-                p, p_at = e & S.PFN_MASK, off + 16 + 8 * i
-    assert x is not None and p is not None
+    x, p, p_at = _l1_and_free_pfn(data)
     struct.pack_into("<Q", data, p_at, p | (S.PfnType.xtab << 60))
     page = bytearray(4096)
     struct.pack_into("<Q", page, 0, (x << 12) | 0x3)              # present, writable
