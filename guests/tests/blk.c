@@ -122,6 +122,17 @@ static void pipe_cb(u64 tag, int status, void *arg)
 /* Issue `nreq` requests; sector_of(i)/nsect give each one's range. */
 typedef u64 (*sector_fn)(u64 i, void *ctx);
 
+/* A verifying read pass over the pattern: the pipe reset, the buffers cleared. */
+static void read_start(struct pipe *p, struct blkfront_dev *dev, u64 seed)
+{
+    memset(p, 0, sizeof(*p));
+    p->dev = dev;
+    p->seed = seed;
+    p->op = BLKIF_OP_READ;
+    p->verify = 1;
+    memset(bufs, 0, sizeof(bufs));
+}
+
 static int run_pipe(struct pipe *p, u64 nreq, unsigned depth, sector_fn where, void *ctx,
                     unsigned nsect_each, u64 total_sect)
 {
@@ -616,12 +627,7 @@ void app_main(void)
             printk("result ro_write %d\n", st);
             printk("result write 0\n");
         }
-        memset(&p, 0, sizeof(p));
-        p.dev = dev;
-        p.seed = seed;
-        p.op = BLKIF_OP_READ;
-        p.verify = 1;
-        memset(bufs, 0, sizeof(bufs));
+        read_start(&p, dev, seed);
         if (run_pipe(&p, nreq, depth, linear_at, &lin, CHUNK_SECT, nsect)) panic("read pipeline");
         u64 t1 = monotonic_ns();
         errors += p.errors;
@@ -637,12 +643,7 @@ void app_main(void)
             printk("result reconnect_state %d\n", st);
             dev = blkfront_init((unsigned)cmdline_u64(cmd, "vdev", 0), &info);
             if (!dev) panic("blkfront_init (reconnect) failed");
-            memset(&p, 0, sizeof(p));
-            p.dev = dev;
-            p.seed = seed;
-            p.op = BLKIF_OP_READ;
-            p.verify = 1;
-            memset(bufs, 0, sizeof(bufs));
+            read_start(&p, dev, seed);
             if (run_pipe(&p, nreq, depth, linear_at, &lin, CHUNK_SECT, nsect)) panic("read pipeline (reconnect)");
             printk("result reconnect_read_ok %lu\n", p.errors ? 0 : p.ok_sectors);
         }
