@@ -142,6 +142,25 @@ def _l1_and_free_pfn(data: bytes | bytearray) -> tuple[int, int, int]:
     return x, p, p_at
 
 
+def _early_l1_stream(path: str, out: str, l1_type: int, xtab_later: bool) -> tuple[str, int]:
+    """Write to `out` the save file at `path` with an extra PAGE_DATA record before its
+    page data: the free page P sent as an L1 table (stream type `l1_type`) mapping the
+    guest's first L1 table X writable; with `xtab_later`, P's own later entry made an
+    XTAB (no page), so the early copy stands to the end. Returns (out, P)."""
+    data = bytearray(open(path, "rb").read())
+    recs = _records(bytes(data))
+    x, p, p_at = _l1_and_free_pfn(data)
+    if xtab_later:
+        struct.pack_into("<Q", data, p_at, p | (S.PfnType.xtab << 60))
+    page = bytearray(4096)
+    struct.pack_into("<Q", page, 0, (x << 12) | 0x3)              # present, writable
+    extra = S.page_data_header([p | (l1_type << 60)], 1) + bytes(page)
+    first_pd = next(off for off, t, _n in recs if t == S.Rec.page_data)
+    with open(out, "wb") as f:
+        f.write(bytes(data[:first_pd]) + extra + bytes(data[first_pd:]))
+    return out, p
+
+
 def _patch(data: bytes, off: int, new: bytes) -> bytes:
     return data[:off] + new + data[off + len(new):]
 
@@ -252,18 +271,8 @@ async def test_early_l1_copy_released(hv, saved, tmp_path, variant):
     Either way the guest carries on and the frame table audits clean (no reference left)."""
     from aiovmm.audit import audit
     path, (ticks, checksum) = saved
-    data = bytearray(open(path, "rb").read())
-    recs = _records(bytes(data))
-    x, p, p_at = _l1_and_free_pfn(data)
-    if variant == "stale":
-        struct.pack_into("<Q", data, p_at, p | (S.PfnType.xtab << 60))
-    page = bytearray(4096)
-    struct.pack_into("<Q", page, 0, (x << 12) | 0x3)              # present, writable
-    extra = S.page_data_header([p | (S.PfnType.l1 << 60)], 1) + bytes(page)
-    first_pd = next(off for off, t, _n in recs if t == S.Rec.page_data)
-    bad = str(tmp_path / f"{variant}.save")
-    with open(bad, "wb") as f:
-        f.write(bytes(data[:first_pd]) + extra + bytes(data[first_pd:]))
+    bad, p = _early_l1_stream(path, str(tmp_path / f"{variant}.save"), S.PfnType.l1,
+                              xtab_later=variant == "stale")
     dom = await hv.restore(bad)
     await dom.wait_for_line(r"suspend: resumed rc=0", 10)
     await dom.wait_for_line(rf"uptime: ticks={ticks + 20} ", 10)

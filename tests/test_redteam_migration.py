@@ -26,7 +26,7 @@ from aiovmm.migration import stream as S
 from aiovmm.migration.context import SIZE as CTX_SIZE, VcpuContext
 from aiovmm.migration.stream import StreamError
 from conftest import ENGINES, guest
-from test_migration import MEM_MIB, _l1_and_free_pfn, _patch, _records, _refused, running_guest, saved, uptime  # noqa: F401
+from test_migration import MEM_MIB, _early_l1_stream, _patch, _records, _refused, running_guest, saved, uptime  # noqa: F401
 
 pytestmark = ENGINES
 
@@ -161,17 +161,8 @@ async def test_pinned_table_then_xtab_not_pinned(hv, saved, tmp_path):
     page is not pinned at the end; pinned, its stale entries would keep the mapped table
     typed writable for good. The guest carries on; nothing holds the page."""
     path, (ticks, checksum) = saved
-    data = bytearray(open(path, "rb").read())
-    recs = _records(bytes(data))
-    x, p, p_at = _l1_and_free_pfn(data)
-    struct.pack_into("<Q", data, p_at, p | (S.PfnType.xtab << 60))
-    page = bytearray(4096)
-    struct.pack_into("<Q", page, 0, (x << 12) | 0x3)              # present, writable
-    extra = S.page_data_header([p | ((S.PfnType.l1 | S.PfnType.pinned) << 60)], 1) + bytes(page)
-    first_pd = next(off for off, t, _n in recs if t == S.Rec.page_data)
-    bad = str(tmp_path / "pinned-xtab.save")
-    with open(bad, "wb") as f:
-        f.write(bytes(data[:first_pd]) + extra + bytes(data[first_pd:]))
+    bad, p = _early_l1_stream(path, str(tmp_path / "pinned-xtab.save"),
+                              S.PfnType.l1 | S.PfnType.pinned, xtab_later=True)
     dom = await hv.restore(bad)
     await dom.wait_for_line(r"suspend: resumed rc=0", 10)
     await dom.wait_for_line(rf"uptime: ticks={ticks + 20} ", 10)
