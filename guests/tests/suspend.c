@@ -50,26 +50,30 @@ static unsigned npages;
  * count and yields (a hypercall clobbers only rax, rcx and r11). */
 volatile u64 ap_count, ap_bad;
 static u8 ap_stack[8192] __attribute__((aligned(16)));
+/* The counting loop of both modes: r12 and xmm3 count together, a mismatch or a count
+ * below the one in memory (COUNT) increments BAD; the count is stored every 65536. */
+#define AP_COUNT_LOOP(COUNT, BAD)                                           \
+        "    xor %r12d, %r12d\n"                                            \
+        "    pxor %xmm3, %xmm3\n"                                           \
+        "    mov $1, %eax\n"                                                \
+        "    movq %rax, %xmm4\n"                                            \
+        "1:  inc %r12\n"                                                    \
+        "    paddq %xmm4, %xmm3\n"                                          \
+        "    movq %xmm3, %rax\n"                                            \
+        "    cmp %rax, %r12\n"                                              \
+        "    je 2f\n"                                                       \
+        "    incq " BAD "\n"                                                \
+        "    movq %r12, %xmm3\n"                                            \
+        "2:  test $0xffff, %r12w\n"                                         \
+        "    jnz 1b\n"                                                      \
+        "    cmp " COUNT ", %r12\n"                                         \
+        "    jae 3f\n"                                                      \
+        "    incq " BAD "\n"                                                \
+        "3:  mov %r12, " COUNT "\n"
 extern char ap_entry[];
 __asm__(".text\n"
         "ap_entry:\n"
-        "    xor %r12d, %r12d\n"
-        "    pxor %xmm3, %xmm3\n"
-        "    mov $1, %eax\n"
-        "    movq %rax, %xmm4\n"
-        "1:  inc %r12\n"
-        "    paddq %xmm4, %xmm3\n"
-        "    movq %xmm3, %rax\n"
-        "    cmp %rax, %r12\n"
-        "    je 2f\n"
-        "    incq ap_bad(%rip)\n"
-        "    movq %r12, %xmm3\n"
-        "2:  test $0xffff, %r12w\n"
-        "    jnz 1b\n"
-        "    cmp ap_count(%rip), %r12\n"     /* the count in memory never goes back */
-        "    jae 3f\n"
-        "    incq ap_bad(%rip)\n"
-        "3:  mov %r12, ap_count(%rip)\n"
+        AP_COUNT_LOOP("ap_count(%rip)", "ap_bad(%rip)")
         "    xor %edi, %edi\n"                  /* SCHEDOP_yield */
         "    xor %esi, %esi\n"
         "    call hypercall_page + 29 * 32\n"   /* __HYPERVISOR_sched_op */
@@ -81,23 +85,7 @@ __asm__(".text\n"
 extern char ap_user_start[], ap_user_end[];
 __asm__(".section .rodata.ap_user, \"a\"\n"
         "ap_user_start:\n"
-        "    xor %r12d, %r12d\n"
-        "    pxor %xmm3, %xmm3\n"
-        "    mov $1, %eax\n"
-        "    movq %rax, %xmm4\n"
-        "1:  inc %r12\n"
-        "    paddq %xmm4, %xmm3\n"
-        "    movq %xmm3, %rax\n"
-        "    cmp %rax, %r12\n"
-        "    je 2f\n"
-        "    incq 0x401008\n"
-        "    movq %r12, %xmm3\n"
-        "2:  test $0xffff, %r12w\n"
-        "    jnz 1b\n"
-        "    cmp 0x401000, %r12\n"
-        "    jae 3f\n"
-        "    incq 0x401008\n"
-        "3:  mov %r12, 0x401000\n"
+        AP_COUNT_LOOP("0x401000", "0x401008")   /* AP_DATA_VA: count, bad */
         "    jmp 1b\n"
         "ap_user_end:\n"
         ".text\n");
