@@ -207,6 +207,13 @@ def port_in(v: "VCPU", port: int, size: int) -> int | None:
     return (1 << (8 * size)) - 1
 
 
+def port_in_fixed(v: "VCPU") -> bool:
+    """True if port_in's answer right now depends on no guest memory: the virtual IOPL grants
+    every port (no I/O bitmap the guest may rewrite without an exit). An engine may then
+    repeat an answer until the hypervisor next handles an exit (kvm_engine's C fast path)."""
+    return iopl_ok(v)
+
+
 def port_out(v: "VCPU", port: int, size: int, value: int) -> bool:
     """An OUT the domain may issue is dropped (guest_io_write, no ports granted)."""
     return _io_allowed(v, port & 0xFFFF, size)

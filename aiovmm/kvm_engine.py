@@ -455,13 +455,26 @@ def ring0(xen: "XenArea") -> _Ring0:
     return r
 
 
+_FAST_IN_MAX = 4                  # csrc/kvm.c AIOVMM_FAST_IN_MAX
+
+
+class _FastIn(ctypes.Structure):
+    """An IN aiovmm_kvm_run_ex answers all ones itself (RIP, the instruction's machine
+    address, port)."""
+    _fields_ = [("rip", ctypes.c_uint64), ("maddr", ctypes.c_uint64), ("port", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
 class _RunCtx(ctypes.Structure):
     """csrc/kvm.c struct aiovmm_kvm_ctx: what aiovmm_kvm_run_ex needs to recognise a
     hypercall exit without Python decoding kvm_run."""
     _fields_ = [("vcpu_fd", ctypes.c_int32), ("hcall_port", ctypes.c_int32), ("run", ctypes.c_void_p),
                 ("stubs_lo", ctypes.c_uint64), ("stubs_hi", ctypes.c_uint64), ("exits", ctypes.c_uint64),
                 ("timer", ctypes.c_void_p), ("grace_ns", ctypes.c_int64),
-                ("syscall_port", ctypes.c_int32), ("pad", ctypes.c_int32), ("syscall_va", ctypes.c_uint64)]
+                ("syscall_port", ctypes.c_int32), ("pad", ctypes.c_int32), ("syscall_va", ctypes.c_uint64),
+                ("mem_base", ctypes.c_uint64), ("run_size", ctypes.c_uint64),
+                ("fast_n", ctypes.c_uint32), ("fast_next", ctypes.c_uint32), ("fast_hits", ctypes.c_uint64),
+                ("fast", _FastIn * _FAST_IN_MAX)]
 
 
 class _VMPool:
@@ -797,6 +810,7 @@ class KVMEngine:
                             self.r0.stubs_va + PAGE_SIZE, 0)
         self._ctx.syscall_port, self._ctx.syscall_va = SYSCALL_PORT, self.r0.syscall_va
         self._ctx.timer = self._timer.value
+        self._ctx.mem_base, self._ctx.run_size = mem.fd_address, _vcpu_mmap_size()
         self._ctx_ptr = ctypes.addressof(self._ctx)
         self._run_ex = lib.aiovmm_kvm_run_ex
 
@@ -804,6 +818,9 @@ class KVMEngine:
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
         self.on_invalid_opcode: Callable[[], None] = lambda: None
         self.on_port_io: Callable[[], None] = lambda: None
+        # True while the port policy's answer to an allowed IN does not depend on guest
+        # memory (emulate.port_in_fixed): only then may C repeat it (aiovmm_kvm_run_ex).
+        self.port_in_fixed: Callable[[], bool] = lambda: False
         self.kernel_mode: Callable[[], bool] = lambda: True
         self.rdtsc: Callable[[], int] = lambda: 0          # unused: RDTSC runs natively
         self.stop_requested = False
@@ -842,6 +859,8 @@ class KVMEngine:
         out = collections.Counter(self._exit_kinds)
         if self._hypercalls:
             out["hypercall"] += self._hypercalls
+        if self._ctx.fast_hits:
+            out["port io"] += self._ctx.fast_hits
         return out
 
     def _set_slot(self, slot: int, gpa: int, size: int, addr: int, flags: int = 0) -> None:
@@ -1073,6 +1092,7 @@ class KVMEngine:
             self._timer_tid = _gettid()
             self._ctx.timer = self._timer.value
         self._ctx.grace_ns = 0
+        self._ctx.fast_n = 0        # the host may have changed the port policy's inputs
         self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline_ns)
 
     def _end(self) -> None:
@@ -1257,6 +1277,8 @@ class KVMEngine:
         """Turn one KVM exit into a callback. False: the engine cannot go on (last_error)."""
         m = self._run_map
         reason, direction, size, port, count = _EXIT_IO.unpack_from(m, _RUN_EXIT_REASON)
+        if reason != Exit.IO or direction != 0:
+            self._ctx.fast_n = 0    # any exit but an IN may change what the port policy answers
         if reason == Exit.IO:
             rip = self.regs[16]
             r0 = self.r0
@@ -1276,6 +1298,7 @@ class KVMEngine:
                     self.stop_requested = True
                 return True
             if in_stubs:
+                self._ctx.fast_n = 0
                 self._exit_kinds[f"vector {port}"] += 1
                 self._from_vector(port)
                 return True
@@ -1553,10 +1576,16 @@ class KVMEngine:
                 val = None
             if val is not None:
                 m[data_off:data_off + size] = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+                if size == 1 and val & 0xFF == 0xFF and not self.stop_requested:
+                    self._remember_in(self.regs[16], port)
+                else:
+                    self._ctx.fast_n = 0
                 return
             # Refused (#GP(0) queued at the instruction): KVM must not complete it.
+            self._ctx.fast_n = 0
             self._complete_io_keeping_regs()
             return
+        self._ctx.fast_n = 0
         value = int.from_bytes(m[data_off:data_off + size], "little") if direction == 1 else 0
         self._complete_io_keeping_regs()
         rip = self.regs[16]
@@ -1585,6 +1614,27 @@ class KVMEngine:
             mask = (1 << (8 * size)) - 1
             r[0] = val & mask if size == 4 else (r[0] & ~mask) | (val & mask)
         r[16] = rip + self._plain_io_len(rip)
+
+    def _remember_in(self, rip: int, port: int) -> None:
+        """The one-byte IN at `rip` was just answered all ones: let aiovmm_kvm_run_ex answer
+        it again by itself until the host handles any other exit (which empties the table:
+        the port policy's inputs, the guest's mode, IOPL and page tables, only change then),
+        if the policy's answer does not depend on guest memory (an I/O bitmap the guest can
+        rewrite without an exit) and the instruction's bytes lie in one frame."""
+        ctx = self._ctx
+        for i in range(ctx.fast_n):
+            if ctx.fast[i].rip == rip and ctx.fast[i].port == port:
+                return
+        if (rip & 0xFFF) == 0xFFF or not self.port_in_fixed():
+            return
+        try:
+            maddr = self._code_maddr(rip)
+        except LookupError:
+            return
+        slot = ctx.fast[ctx.fast_next % _FAST_IN_MAX]
+        slot.rip, slot.maddr, slot.port = rip, maddr, port
+        ctx.fast_next = (ctx.fast_next + 1) % _FAST_IN_MAX
+        ctx.fast_n = min(ctx.fast_n + 1, _FAST_IN_MAX)
 
     def _plain_io_at(self, rip: int, direction: int, size: int, port: int) -> bool:
         """True if the bytes at `rip` are a non-string IN/OUT (E4-E7 imm8 or EC-EF DX form,
@@ -1622,33 +1672,44 @@ class KVMEngine:
             n += 1
         return n
 
-    def _read_code(self, va: int, n: int) -> bytes:
-        """Bytes at a guest VA through the current page tables (read-only walk, one per page)."""
+    def _page_maddr(self, va: int) -> int:
+        """Machine address of the page holding guest VA `va` through the current page tables
+        (a read-only walk, cached per root and page while no page table changes: Linux polls
+        the PIT from one instruction). LookupError if not mapped."""
         mem = self.mem
         table = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
         cache = self._xlate
         if self._xlate_gen != mem.pt_generation:      # a page table changed: walks are stale
             cache.clear()
             self._xlate_gen = mem.pt_generation
+        key = (table, va >> 12)
+        t = cache.get(key)
+        if t is None:
+            t = table
+            for shift in (39, 30, 21, 12):
+                e = mem.read_u64(t + 8 * ((va >> shift) & 0x1FF))
+                if not e & _PAGE_PRESENT:
+                    raise LookupError(hex(va))
+                t = e & PTE_FRAME_MASK
+                if t >= mem.size:
+                    raise LookupError(hex(va))
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = t
+        return t
+
+    def _code_maddr(self, va: int) -> int:
+        return self._page_maddr(va) + (va & 0xFFF)
+
+    def _read_code(self, va: int, n: int) -> bytes:
+        """Bytes at a guest VA through the current page tables (read-only walk, one per page)."""
+        view = self.mem.view
         out = b""
         a, end = va, va + n
         while a < end:
-            key = (table, a >> 12)
-            t = cache.get(key)
-            if t is None:
-                t = table
-                for shift in (39, 30, 21, 12):
-                    e = mem.read_u64(t + 8 * ((a >> shift) & 0x1FF))
-                    if not e & _PAGE_PRESENT:
-                        raise LookupError(hex(a))
-                    t = e & PTE_FRAME_MASK
-                    if t >= mem.size:
-                        raise LookupError(hex(a))
-                if len(cache) > 64:
-                    cache.clear()
-                cache[key] = t
+            t = self._page_maddr(a)
             take = min(end - a, PAGE_SIZE - (a & 0xFFF))
-            out += bytes(mem.view[t + (a & 0xFFF):t + (a & 0xFFF) + take])
+            out += bytes(view[t + (a & 0xFFF):t + (a & 0xFFF) + take])
             a += take
         return out
 

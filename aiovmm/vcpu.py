@@ -84,6 +84,7 @@ class VCPU:
         engine.on_exception = self._on_exception
         engine.on_invalid_opcode = self._on_invalid_opcode
         engine.on_port_io = self._on_port_io
+        engine.port_in_fixed = lambda: emulate.port_in_fixed(self)
         engine.rdtsc = domain.hypervisor.system_time_ns
         engine.cpuid = self._on_cpuid
         self._map = domain.mem.map

@@ -103,6 +103,8 @@ int aiovmm_kvm_run(int vcpu_fd)
     return ioctl(vcpu_fd, KVM_RUN_IOCTL, 0) < 0 ? -errno : 0;
 }
 
+#define AIOVMM_FAST_IN_MAX 4
+
 /* The engine's per-vCPU run context (aiovmm/kvm_engine.py _RunCtx, same layout). */
 struct aiovmm_kvm_ctx {
     int32_t vcpu_fd;
@@ -115,15 +117,53 @@ struct aiovmm_kvm_ctx {
     int32_t syscall_port;          /* the SYSCALL entry page's `out` ... */
     int32_t pad;
     uint64_t syscall_va;           /* ... at this RIP range (syscall_va .. +2) */
+    /* Plain one-byte INs answered here (see aiovmm_kvm_run_ex): filled by the engine after
+     * the shared port policy answered the same IN all ones, emptied by it at every other
+     * exit it handles (and here at every other return). */
+    uint64_t mem_base;             /* host address of machine address 0 (memory slot 0) */
+    uint64_t run_size;             /* bytes of the kvm_run mapping (the IN's data lies in it) */
+    uint32_t fast_n, fast_next;
+    uint64_t fast_hits;            /* INs answered here */
+    struct {
+        uint64_t rip;              /* the instruction's RIP ... */
+        uint64_t maddr;            /* ... its machine address (both bytes in one frame) */
+        uint32_t port, pad;
+    } fast[AIOVMM_FAST_IN_MAX];
 };
+
+/* A one-byte IN the engine has seen answered all ones by the shared port policy, at the same
+ * RIP and port, with nothing but such INs in between (so the policy's inputs, which only
+ * the host changes at an exit, are the same): answer it again without returning to Python.
+ * Linux's quick_pit_calibrate reads port 0x42 100,000 times from two instructions. The
+ * instruction is read again from memory each time (the guest may have rewritten it): only
+ * `in $port,%al` (E4 port) or `in %dx,%al` (EC, KVM reports DX as the port) qualify, never
+ * INS. Returns 1 if answered. */
+static int fast_in(struct aiovmm_kvm_ctx *c, uint8_t *run, uint16_t port, uint64_t rip)
+{
+    for (uint32_t i = 0; i < c->fast_n; i++) {
+        if (c->fast[i].rip != rip || c->fast[i].port != port)
+            continue;
+        const uint8_t *code = (const uint8_t *)(uintptr_t)(c->mem_base + c->fast[i].maddr);
+        if (!(code[0] == 0xEC || (code[0] == 0xE4 && code[1] == port)))
+            return 0;
+        uint64_t off;
+        memcpy(&off, run + 40, 8);                     /* io.data_offset */
+        if (off < 48 || off >= c->run_size)
+            return 0;
+        run[off] = 0xFF;
+        c->fast_hits++;
+        return 1;
+    }
+    return 0;
+}
 
 /* One KVM_RUN, and the hot exits recognised here rather than in Python: returns 1 for an
  * `out %al` of one byte to the hypercall port from outside the vector stubs (a hypercall
  * through the engine's hypercall page, if the guest is in kernel mode: the caller checks),
  * 3 for the SYSCALL entry page's `out` (a guest `syscall`: Linux's hypercalls and its user
- * processes' system calls), 0 for any other exit (decoded in Python), -EINTR when the
- * slice's deadline kicked, or
- * -errno. The register file is kvm_run's sync-regs area (RIP at +304 + 16*8). */
+ * processes' system calls), 0 for any other exit (decoded in Python; an IN that fast_in()
+ * answers is not returned: the guest is entered again at once), -EINTR when the slice's
+ * deadline kicked, or -errno. The register file is kvm_run's sync-regs area (RIP at +304 + 16*8). */
 int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
 {
     if (c->grace_ns) {
@@ -137,26 +177,37 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
         if (aiovmm_kvm_slice_begin(c->run, c->timer, dl) < 0)
             return -EINTR;
     }
-    c->exits++;
-    if (ioctl(c->vcpu_fd, KVM_RUN_IOCTL, 0) < 0)
-        return -errno;
-    const uint8_t *run = c->run;
-    uint32_t reason, count;
-    uint16_t port;
-    uint64_t rip;
-    memcpy(&reason, run + 8, 4);
-    if (reason != 2)                                   /* KVM_EXIT_IO */
+    uint8_t *run = c->run;
+    for (;;) {
+        c->exits++;
+        if (ioctl(c->vcpu_fd, KVM_RUN_IOCTL, 0) < 0) {
+            int err = errno;
+            c->fast_n = 0;
+            return -err;
+        }
+        uint32_t reason, count;
+        uint16_t port;
+        uint64_t rip;
+        memcpy(&reason, run + 8, 4);
+        if (reason != 2)                               /* KVM_EXIT_IO */
+            return 0;
+        memcpy(&port, run + 34, 2);
+        memcpy(&count, run + 36, 4);
+        memcpy(&rip, run + 304 + 16 * 8, 8);
+        if (run[32] == 0 && run[33] == 1 && count == 1 && fast_in(c, run, port, rip))
+            continue;                                  /* KVM completes it at the next entry */
+        if (run[32] == 1 && run[33] == 1 && port == c->hcall_port && count == 1
+            && !(rip >= c->stubs_lo && rip <= c->stubs_hi)) {
+            c->fast_n = 0;
+            return 1;
+        }
+        if (run[32] == 1 && run[33] == 1 && port == c->syscall_port && count == 1
+            && rip >= c->syscall_va && rip <= c->syscall_va + 2) {
+            c->fast_n = 0;
+            return 3;
+        }
         return 0;
-    memcpy(&port, run + 34, 2);
-    memcpy(&count, run + 36, 4);
-    memcpy(&rip, run + 304 + 16 * 8, 8);
-    if (run[32] == 1 && run[33] == 1 && port == c->hcall_port && count == 1
-        && !(rip >= c->stubs_lo && rip <= c->stubs_hi))
-        return 1;
-    if (run[32] == 1 && run[33] == 1 && port == c->syscall_port && count == 1
-        && rip >= c->syscall_va && rip <= c->syscall_va + 2)
-        return 3;
-    return 0;
+    }
 }
 
 /* KVM_RUN with immediate_exit set: completes a pending I/O instruction (KVM finishes it at

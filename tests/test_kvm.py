@@ -12,7 +12,7 @@ import pytest
 from aiovmm import Hypervisor, ShutdownReason, kvm_engine
 from aiovmm.config import ConfigError, parse
 from aiovmm.memory import PageType
-from conftest import HV_MEMORY_MIB, _kvm_skip_reason, guest, kernel, run_cli
+from conftest import HV_MEMORY_MIB, _kvm_skip_reason, guest, kernel, results, run_cli
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=_kvm_skip_reason() or "")
 
@@ -392,3 +392,25 @@ async def test_relinked_page_table_cleared_by_the_host_keeps_no_stale_mapping():
         pt.update_entry(dom.domid, slot, 0)
         eng.flush_tlb()
         pt.put_type(x)
+
+
+async def test_polled_port_answered_in_c_until_the_policy_may_change():
+    """privops.elf reads port 0x42 1,000 times with IOPL 1 (Linux's quick_pit_calibrate
+    pattern: two INs in a loop), then drops IOPL and reads from the same two instructions.
+    aiovmm_kvm_run_ex answers the repeated reads itself (the guest sees the same all-ones
+    answers as from the shared port policy), and after the set_iopl hypercall every read
+    faults again: the exit emptied the table, so no remembered answer outlives the policy."""
+    from test_emulate import EXPECTED
+    expected = dict(EXPECTED, pit_poll_ones="1000", pit_poll_traps="0", pit_poll_noiopl_ones="0",
+                    pit_poll_noiopl_traps="6")
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(guest("privops"), memory_mib=8, cmdline="pitpoll=1")
+        eng = dom.vcpus[0].engine
+        assert await asyncio.wait_for(dom.wait(), 60) == ShutdownReason.poweroff, dom.describe_end()
+        res = results(dom.console_lines)
+        for key in ("pit_poll_ones", "pit_poll_traps", "pit_poll_noiopl_ones", "pit_poll_noiopl_traps",
+                    "in_noiopl_trap", "in_iopl_trap", "in_pit_value", "privops_done"):
+            assert res.get(key) == expected[key], (key, res.get(key))
+        # Most of the 1,000 reads never reached Python (one per slice and instruction does).
+        assert eng._ctx.fast_hits > 500, eng._ctx.fast_hits
+        assert eng.exit_kinds["port io"] >= 1000, eng.exit_kinds
