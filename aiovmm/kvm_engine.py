@@ -811,6 +811,12 @@ class KVMEngine:
         self._ctx.syscall_port, self._ctx.syscall_va = SYSCALL_PORT, self.r0.syscall_va
         self._ctx.timer = self._timer.value
         self._ctx.mem_base, self._ctx.run_size = mem.fd_address, _vcpu_mmap_size()
+        # The invalidation stub's entry registers (_invalidate): all zero but RSI (its list),
+        # RSP (the ring-0 stack), RIP and RFLAGS (IF, TF clear).
+        stub = [0] * 18
+        stub[_REG_INDEX["rsi"]], stub[_REG_INDEX["rsp"]] = self.r0.list_va, self.r0.stack_top
+        stub[16], stub[17] = self.r0.inval_stub_va, 2
+        self._stub_regs = struct.pack("<18Q", *stub)
         self._ctx_ptr = ctypes.addressof(self._ctx)
         self._run_ex = lib.aiovmm_kvm_run_ex
 
@@ -1143,13 +1149,10 @@ class KVMEngine:
             chunk = vas[i:i + 512]
             struct.pack_into(f"<{len(chunk)}Q", m, r0.list_maddrs[i >> 9], *chunk)
         run = self._run_map
-        regs = bytes(run[_RUN_REGS:_RUN_REGS + 144])
+        regs = run[_RUN_REGS:_RUN_REGS + 144]
         sregs = bytes(self._sregs)
+        run[_RUN_REGS:_RUN_REGS + 144] = self._stub_regs      # one copy, not 22 ctypes stores
         r = self.regs
-        for i in range(18):
-            r[i] = 0
-        r[_REG_INDEX["rsi"]], r[_REG_INDEX["rsp"]] = r0.list_va, r0.stack_top
-        r[16], r[17] = r0.inval_stub_va, 2
         s = self._sregs
         s[_SEG["cs"]:_SEG["cs"] + 24] = _CS0
         s[_SEG["ss"]:_SEG["ss"] + 24] = _SS0
