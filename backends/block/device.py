@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import fcntl
 import logging
 import os
@@ -73,9 +74,13 @@ MAX_INDIRECT_PAGES = 8        # BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST
 SEGS_PER_INDIRECT_PAGE = PAGE // 8
 # max-ring-page-order: up to 16 ring pages (512 entries), Linux's XENBUS_MAX_RING_GRANT_ORDER.
 MAX_RING_PAGE_ORDER = 4
-# feature-persistent: at most this many grants per ring page stay mapped (Linux blkback's
-# default max_persistent_grants for one page); beyond it a segment is mapped for its request only.
-MAX_PERSISTENT_GRANTS = 1056
+# feature-persistent: at most this many grants per ring page stay mapped; beyond it a segment
+# is mapped for its request only. Linux blkback's default (max_persistent_grants) is 1056, sized
+# for 11-segment requests: with the 256-segment indirect requests a blkfront negotiates for
+# 1 MiB I/O (xen_blkfront.max_indirect_segments=256), its pool is 32 slots x (256 segments + 1
+# descriptor page) per ring page, and a bound below that maps most segments per request
+# (~13 us of Python each). The guest's grant table (grants.DEFAULT_MAX_FRAMES) caps it too.
+MAX_PERSISTENT_GRANTS = RING_SIZE * (MAX_INDIRECT_SEGMENTS + 1)
 
 BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE = 0, 1, 2, 3
 BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT = 5, 6
@@ -99,6 +104,39 @@ _RSP = struct.Struct("<QBxh")                # id operation _ status (16-byte sl
 # per batch 10.7k, one job per batch 24k; hence jobs of at least REQS_PER_JOB requests.
 JOBS_PER_BATCH = 4
 REQS_PER_JOB = 8
+
+
+class InlineKick(enum.IntEnum):
+    """What blkback does inside the guest's notify hypercall (Blkback.inline_kick; env
+    AIOVMM_BLK_INLINE). The guest's vCPU runs on the loop thread (on KVM inside KVM_RUN for
+    up to a 2 ms slice), so a request the guest announces waits for the end of that slice
+    or for the guest to block before the loop drains the ring; with io_uring a buffered read
+    of cached data then completes inside io_uring_enter and its response could be in the
+    ring before the guest resumes. OFF: only wake the serving task. DRAIN: drain, submit
+    and answer what completed right there (the event, if the frontend wants one, is
+    delivered on the hypercall's return); req_event is re-armed by the serving task's next
+    final check, so the frontend's next requests stay silent until the loop's pass batches
+    them (as without the inline pass). DRAIN_ARM: the same and re-arm req_event at once
+    (Linux blkback's RING_FINAL_CHECK_FOR_REQUESTS after every drain): every later request
+    notifies, and is drained, on its own."""
+    OFF = 0
+    DRAIN = 1
+    DRAIN_ARM = 2
+
+
+def _inline_default() -> InlineKick:
+    try:
+        return InlineKick(int(os.environ.get("AIOVMM_BLK_INLINE", "1")))
+    except ValueError:
+        return InlineKick.DRAIN
+
+
+class _Kick:
+    """What HostPort.link calls on a guest notification (it only needs `.set()`)."""
+    __slots__ = ("set",)
+
+    def __init__(self, fn) -> None:
+        self.set = fn
 
 
 # --------------------------------------------------------------------------- configuration
@@ -531,6 +569,9 @@ class Blkback:
         self.use_uring = True
         self.uring: Uring | None = None
         self._kick = asyncio.Event()
+        self.inline_kick = _inline_default()       # _on_guest_event
+        self._serving = False                      # _serve is running (inline passes allowed)
+        self._fault: BlkDisconnect | None = None   # raised by an inline pass, for _serve
         self._done: list[_Pending] = []            # completed, not yet answered
         self._futures: set[asyncio.Future] = set()
         self._inflight = 0
@@ -763,7 +804,7 @@ class Blkback:
             raise BlkDisconnect(f"cannot map ring page grant {ref}: {e}") from None
         try:
             self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
-            self.port.link(self._kick)             # guest events wake _serve directly
+            self.port.link(_Kick(self._on_guest_event))   # inline pass, then wake _serve
         except EventError as e:
             self._release_all_maps(self._ring_maps)
             self._ring_maps = []
@@ -771,12 +812,15 @@ class Blkback:
         self.ring = Ring([m.view for m in self._ring_maps])
         if self.use_uring:
             self.uring = Uring.open(self.ring.nr_ents)
+            if self.uring is not None:
+                self.uring.after_reap = self._after_reap
         log.info("d%d: vbd %s: ring of %d page(s), %d entries, persistent grants %s",
                  self.dom.domid, self.vdev, len(refs), self.ring.nr_ents,
                  "on" if self.persistent else "off")
         self._done.clear()
         self._held = None
         self._blocked = False
+        self._fault = None
 
     async def _disconnect(self) -> None:
         """Wait for I/O in flight (the pool cannot cancel it, and it writes into granted
@@ -838,19 +882,53 @@ class Blkback:
     # -- the data path -----------------------------------------------------------------------
     async def _serve(self) -> None:
         r = self.ring
-        while True:
-            if self.dom.destroyed:
-                raise BlkDisconnect("domain destroyed")
-            self._drain()
-            if self._done:
-                self._answer()
-            elif r.rsp_prod_pvt != r.get(8):
-                self._push()                     # requests refused while draining
-            if not self._blocked and not self._throttled and r.final_check():
-                await asyncio.sleep(0)
-                continue
-            await self._kick.wait()
-            self._kick.clear()
+        self._serving = True
+        try:
+            while True:
+                if self.dom.destroyed:
+                    raise BlkDisconnect("domain destroyed")
+                if self._fault is not None:
+                    raise self._fault
+                self._pass()
+                if not self._blocked and not self._throttled and r.final_check():
+                    await asyncio.sleep(0)
+                    continue
+                await self._kick.wait()
+                self._kick.clear()
+        finally:
+            self._serving = False
+
+    def _pass(self) -> None:
+        """Drain the ring, submit, answer what has completed (one push, one event at most)."""
+        r = self.ring
+        self._drain()
+        if self._done:
+            self._answer()
+        elif r.rsp_prod_pvt != r.get(8):
+            self._push()                         # requests refused while draining
+
+    def _on_guest_event(self) -> None:
+        """The guest notified blkback's port: this runs inside its event_channel_op send,
+        its vCPU stopped in the hypercall. With `inline_kick` (InlineKick) the ring is drained
+        right here; the serving task is woken in any case (it re-arms req_event, answers
+        later completions and is where a fault found here ends the connection)."""
+        self._kick.set()
+        if self.inline_kick == InlineKick.OFF or not self._serving or self._fault is not None \
+                or self.ring is None or self.dom.destroyed:
+            return
+        self.stats.inline_passes += 1
+        try:
+            self._pass()
+            if self.inline_kick == InlineKick.DRAIN_ARM and not self._blocked and not self._throttled:
+                self.ring.final_check()          # requests published since: the task's pass
+        except BlkDisconnect as e:
+            self._fault = e
+
+    def _after_reap(self) -> None:
+        """io_uring completions were taken (eventfd reader, or inside io_uring_enter):
+        answer them now, one push and at most one event, instead of a loop turn later."""
+        if self._done and self.ring is not None:
+            self._answer()
 
     def _drain(self) -> None:
         """Consume every published request (unless an ordering point holds the ring)."""
@@ -1050,9 +1128,9 @@ class Blkback:
             for p in batch:
                 io = p.io
                 if plain and io.addrs and not io.sync and io.op in ("read", "write") and u.free() > 0:
-                    fut = u.submit(io.op == "write", fd, io.offset, io.addrs)
+                    fut = u.submit(io.op == "write", fd, io.offset, io.addrs,
+                                   lambda f, p=p: self._uring_done(f, p))
                     self._futures.add(fut)
-                    fut.add_done_callback(lambda f, p=p: self._uring_done(f, p))
                     sent += 1
                 else:
                     rest.append(p)

@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import struct
+from typing import Callable
 
 log = logging.getLogger("aiovmm.backends.block")
 
@@ -108,7 +109,11 @@ class Uring:
         self.sq_tail = _U32.unpack_from(self.sq, p.sq_tail)[0]
         self.to_submit = 0
         self._queued: list[int] = []            # user_data not yet seen by the kernel, in order
-        self.inflight: dict[int, tuple[asyncio.Future, object]] = {}
+        # user_data -> (future, iovec array kept alive, completion callback or None)
+        self.inflight: dict[int, tuple[asyncio.Future, object, Callable | None]] = {}
+        # Called once after a reap that completed something (blkback answers the batch there).
+        self.after_reap: Callable[[], None] | None = None
+        self._reaping = False
         self._next = 1
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.efd, self._reap)
@@ -128,14 +133,17 @@ class Uring:
     def free(self) -> int:
         return self.entries - self.to_submit - len(self.inflight)
 
-    def submit(self, write: bool, fd: int, offset: int, iov: list[tuple[int, int]]) -> asyncio.Future:
+    def submit(self, write: bool, fd: int, offset: int, iov: list[tuple[int, int]],
+               on_done: Callable[[asyncio.Future], None] | None = None) -> asyncio.Future:
         """Queue one READV/WRITEV of the (address, length) pieces at `offset` of `fd`. The
-        caller checks `free()` first and keeps the memory mapped until the future is done."""
+        caller checks `free()` first and keeps the memory mapped until the future is done.
+        `on_done(fut)` runs synchronously from the reap that completes it (a done callback
+        would cost a loop turn per completion: call_soon), then `after_reap` once per reap."""
         arr = (_Iovec * len(iov))(*iov)
         ud = self._next
         self._next = (self._next + 1) & 0xFFFFFFFFFFFFFFFF or 1
         fut = self.loop.create_future()
-        self.inflight[ud] = (fut, arr)
+        self.inflight[ud] = (fut, arr, on_done)
         idx = self.sq_tail & self.sq_mask
         _SQE.pack_into(self.sqes, idx * _SQE.size, IORING_OP_WRITEV if write else IORING_OP_READV,
                        0, 0, fd, offset, ctypes.addressof(arr), len(iov), 0, ud, 0, 0, 0, 0, 0)
@@ -163,40 +171,58 @@ class Uring:
                 log.warning("io_uring_enter failed (%s): %d requests fail", err, len(self._queued))
                 self.sq_tail = (self.sq_tail - len(self._queued)) & 0xFFFFFFFF
                 _U32.pack_into(self.sq, self.p.sq_tail, self.sq_tail)
-                for ud in self._queued:
-                    fut = self.inflight.pop(ud)[0]
-                    if not fut.done():
-                        fut.set_exception(err)
+                failed = [self.inflight.pop(ud) for ud in self._queued]
                 self._queued.clear()
                 self.to_submit = 0
+                for fut, _arr, on_done in failed:
+                    if not fut.done():
+                        fut.set_exception(err)
+                    if on_done is not None:
+                        on_done(fut)
+                if failed and self.after_reap is not None:
+                    self.after_reap()
                 break
             self.to_submit -= n
             del self._queued[:n]
         self._reap()
 
     def _reap(self) -> None:
+        """Take every completion in the CQ (from the eventfd reader, or right after
+        io_uring_enter: buffered reads of cached data complete inside it). Not re-entered:
+        a completion callback that submits more lets the outer loop find its CQEs."""
+        if self._reaping or self.closed:
+            return
+        self._reaping = True
         try:
             os.eventfd_read(self.efd)
         except BlockingIOError:
             pass
         cq, p = self.cq, self.p
-        head = _U32.unpack_from(cq, p.cq_head)[0]
-        tail = _U32.unpack_from(cq, p.cq_tail)[0]
-        while head != tail:
-            ud, res, _flags = _CQE.unpack_from(cq, p.cq_cqes + (head & self.cq_mask) * _CQE.size)
-            head = (head + 1) & 0xFFFFFFFF
-            _U32.pack_into(cq, p.cq_head, head)
-            ent = self.inflight.pop(ud, None)
-            if ent is None:
-                continue
-            fut = ent[0]
-            if not fut.done():
-                if res < 0:
-                    fut.set_exception(OSError(-res, os.strerror(-res)))
-                else:
-                    fut.set_result(res)
-            if head == tail:
-                tail = _U32.unpack_from(cq, p.cq_tail)[0]
+        got = 0
+        try:
+            head = _U32.unpack_from(cq, p.cq_head)[0]
+            tail = _U32.unpack_from(cq, p.cq_tail)[0]
+            while head != tail:
+                ud, res, _flags = _CQE.unpack_from(cq, p.cq_cqes + (head & self.cq_mask) * _CQE.size)
+                head = (head + 1) & 0xFFFFFFFF
+                _U32.pack_into(cq, p.cq_head, head)
+                ent = self.inflight.pop(ud, None)
+                if ent is not None:
+                    fut, _arr, on_done = ent
+                    if not fut.done():
+                        if res < 0:
+                            fut.set_exception(OSError(-res, os.strerror(-res)))
+                        else:
+                            fut.set_result(res)
+                    if on_done is not None:
+                        on_done(fut)
+                    got += 1
+                if head == tail:
+                    tail = _U32.unpack_from(cq, p.cq_tail)[0]
+        finally:
+            self._reaping = False
+        if got and self.after_reap is not None:
+            self.after_reap()
 
     def close(self) -> None:
         """Only with nothing in flight (blkback drains first)."""
