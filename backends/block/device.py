@@ -35,6 +35,7 @@ import asyncio
 import dataclasses
 import enum
 import fcntl
+import itertools
 import logging
 import os
 import re
@@ -97,6 +98,9 @@ _DISCARD = struct.Struct("<BBH4xQQQ")        # operation flag handle _ id sector
 _ORDERING = (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_DISCARD)
 _SEG = struct.Struct("<IBB2x")               # gref first_sect last_sect _
 _RSP = struct.Struct("<QBxh")                # id operation _ status (16-byte slot)
+# first_sect / last_sect bytes of MAX_INDIRECT_SEGMENTS descriptors that each cover a whole page.
+_WHOLE_FIRST = bytes(MAX_INDIRECT_SEGMENTS)
+_WHOLE_LAST = bytes([SECTORS_PER_PAGE - 1]) * MAX_INDIRECT_SEGMENTS
 
 # How a drained batch is handed to the thread pool: each job does its requests one after the
 # other in one worker, so a batch costs a few thread hand-offs (~90-140 us each here) instead
@@ -566,6 +570,8 @@ class Blkback:
         self.persistent = False
         self.max_persistent = MAX_PERSISTENT_GRANTS       # x ring pages (set at connect)
         self._pgnts: dict[int, grants.HostMapping] = {}
+        # gref -> host address of its page, for every key of _pgnts (set and cleared with it).
+        self._paddr: dict[int, int] = {}
         # Reads and writes through io_uring when the kernel allows it (per connection).
         self.use_uring = True
         self.uring: Uring | None = None
@@ -845,6 +851,7 @@ class Blkback:
         # Nothing uses a persistent mapping any more: unmap them all (the frames' references
         # go, the guest's grant entries lose GTF_reading/GTF_writing).
         pg, self._pgnts = self._pgnts, {}
+        self._paddr = {}
         self._release_all_maps(list(pg.values()))
         self.stats.persistent_grants = 0
         if self.port is not None:
@@ -1015,7 +1022,7 @@ class Blkback:
             st.bad_requests += 1
             self._error(rid, op)
             return None
-        return self._prepare_rw(rid, op, sector, list(_SEG.iter_unpack(raw[24:24 + 8 * nseg])))
+        return self._prepare_rw(rid, op, sector, raw[24:24 + 8 * nseg])
 
     def _prepare_indirect(self, raw: bytes) -> _Pending | None:
         """BLKIF_OP_INDIRECT: READ or WRITE whose segment descriptors are in granted pages.
@@ -1043,21 +1050,28 @@ class Blkback:
             if transient:
                 self._release_all_maps([m])
         st.indirect_reqs += 1
-        return self._prepare_rw(rid, iop, sector, list(_SEG.iter_unpack(descs)))
+        return self._prepare_rw(rid, iop, sector, bytes(descs))
 
-    def _prepare_rw(self, rid: int, op: int, sector: int,
-                    segs: list[tuple[int, int, int]]) -> _Pending | None:
+    def _prepare_rw(self, rid: int, op: int, sector: int, descs: bytes) -> _Pending | None:
         """A READ, WRITE, WRITE_BARRIER or FLUSH_DISKCACHE with data: the checks every one
-        of them passes, direct or indirect (one place)."""
+        of them passes, direct or indirect (one place). `descs`: the segment descriptors
+        (blkif_request_segment, 8 bytes each), already copied out of guest memory."""
         st = self.stats
         write = op != BLKIF_OP_READ
-        total = 0
-        for _gref, first, last in segs:
-            if not first <= last < SECTORS_PER_PAGE:
-                st.bad_requests += 1
-                self._error(rid, op)
-                return None
-            total += last - first + 1
+        n = len(descs) // _SEG.size
+        whole = descs[4::8] == _WHOLE_FIRST[:n] and descs[5::8] == _WHOLE_LAST[:n]
+        if whole:                                # every segment a whole page (O_DIRECT, 4 KiB aligned)
+            total = n * SECTORS_PER_PAGE
+            segs = None
+        else:
+            segs = list(_SEG.iter_unpack(descs))
+            total = 0
+            for _gref, first, last in segs:
+                if not first <= last < SECTORS_PER_PAGE:
+                    st.bad_requests += 1
+                    self._error(rid, op)
+                    return None
+                total += last - first + 1
         if write and self.readonly:
             st.ro_rejects += 1
             self._error(rid, op)
@@ -1066,6 +1080,24 @@ class Blkback:
             st.bad_requests += 1
             self._error(rid, op)
             return None
+        sync = op in (BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE)
+        if whole and self.persistent:
+            # Whole pages, all of them persistent grants already held: no Python per segment
+            # (slices and dict look-ups in C). Otherwise the general path below maps them.
+            grefs = array.array("I", descs)[0::2]
+            addrs = list(map(self._paddr.get, grefs))
+            if None not in addrs:
+                flat = [PAGE] * (2 * n)
+                flat[0::2] = addrs
+                held = self._pgnts
+                pieces = list(zip(map(held.__getitem__, grefs), itertools.repeat(0), itertools.repeat(PAGE)))
+                st.persistent_hits += n
+                io = bio.IORequest("write" if write else "read", sector * SECTOR, (), total * SECTOR,
+                                   sync=sync, addrs=array.array("Q", flat), segments=pieces)
+                return _Pending(rid, op, io, [], total)
+            segs = list(_SEG.iter_unpack(descs))
+        elif whole:
+            segs = list(_SEG.iter_unpack(descs))
         # Per segment (up to 256 in a 1 MiB indirect request) only what io_uring needs: the
         # mapping (a dict hit for a persistent grant) and its iovec in one flat u64 array;
         # the pool's memoryviews are cut from `pieces` only for a request that goes there
@@ -1086,10 +1118,10 @@ class Blkback:
                 else:
                     hits += 1
                 off = first * SECTOR
-                n = (last + 1) * SECTOR - off
-                pieces.append((m, off, n))
+                size = (last + 1) * SECTOR - off
+                pieces.append((m, off, size))
                 iov.append(base + (m.mfn << 12) + off)
-                iov.append(n)
+                iov.append(size)
         except grants.GrantError as e:
             log.debug("d%d: vbd %s: bad segment grant: %s", self.dom.domid, self.vdev, e)
             self._release_all_maps(maps)
@@ -1100,8 +1132,7 @@ class Blkback:
         # FLUSH_DISKCACHE with data (REQ_PREFLUSH on a write, as Linux blkback submits it)
         # and WRITE_BARRIER: the write, then fdatasync; both are ordering points.
         io = bio.IORequest("write" if write else "read", sector * SECTOR, (), total * SECTOR,
-                           sync=op in (BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE), addrs=iov,
-                           segments=pieces)
+                           sync=sync, addrs=iov, segments=pieces)
         return _Pending(rid, op, io, maps, total)
 
     def _map(self, gref: int, readonly: bool) -> tuple[grants.HostMapping, bool]:
@@ -1124,6 +1155,7 @@ class Blkback:
                     pass                     # mapped per request below, with its own checks
                 else:
                     self._pgnts[gref] = m
+                    self._paddr[gref] = self.dom.mem.fd_address + (m.mfn << 12)
                     self.stats.persistent_grants = len(self._pgnts)
                     return m, False
         return grants.host_map(self.dom, gref, readonly=readonly), True
