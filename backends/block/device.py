@@ -109,6 +109,10 @@ _WHOLE_LAST = bytes([SECTORS_PER_PAGE - 1]) * MAX_INDIRECT_SEGMENTS
 # per batch 10.7k, one job per batch 24k; hence jobs of at least REQS_PER_JOB requests.
 JOBS_PER_BATCH = 4
 REQS_PER_JOB = 8
+# io_uring requests at least this big run on the kernel's io-wq threads (IOSQE_ASYNC): a
+# cached read otherwise copies inside io_uring_enter on the loop thread, which also runs
+# the guest's vCPU; small ones stay inline (a thread hand-off costs more than their copy).
+URING_OFFLOAD_BYTES = 64 << 10
 
 
 class InlineKick(enum.IntEnum):
@@ -1182,7 +1186,8 @@ class Blkback:
                 io = p.io
                 if plain and io.addrs and not io.sync and io.op in ("read", "write") and u.free() > 0:
                     fut = u.submit(io.op == "write", fd, io.offset, io.addrs,
-                                   lambda f, p=p: self._uring_done(f, p))
+                                   lambda f, p=p: self._uring_done(f, p),
+                                   offload=io.length >= URING_OFFLOAD_BYTES)
                     self._futures.add(fut)
                     sent += 1
                 else:
