@@ -324,6 +324,49 @@ def parse_fio(lines: list[str]) -> dict[str, float]:
     return out
 
 
+HC_NAMES = {1: "mmu_update", 3: "stack_switch", 13: "multicall", 14: "update_va_mapping",
+            23: "iret", 24: "vcpu_op", 25: "set_segment_base", 26: "mmuext_op", 29: "sched_op",
+            32: "event_channel_op"}
+
+
+def _costs(dom, bb) -> dict[str, float]:
+    """Counters read at a fio job's start and end: the vCPU's exits (KVM engine), the
+    domain's hypercalls, blkback's counters and the process's CPU time."""
+    import resource
+    eng = dom.vcpus[0].engine
+    st = bb.stats
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    c = {"exits": getattr(eng, "exits", 0), "cpu_ms": (ru.ru_utime + ru.ru_stime) * 1e3,
+         "requests": st.rd_reqs + st.wr_reqs, "drains": st.batches, "events": st.events_sent,
+         "notifies": bb.port.notifications if bb.port is not None else 0,
+         "io_ms": st.io_ns / 1e6, "t": time.perf_counter()}
+    for nr, n in dom.hypercall_counts.items():
+        c[f"hc:{HC_NAMES.get(nr, nr)}"] = n
+    return c
+
+
+async def job_costs(dom, bb) -> list[str]:
+    """Per fio job, per request: exits, hypercalls, guest notifications, blkback drains and
+    events, process CPU (where the time goes on both sides)."""
+    out = []
+    try:
+        for name, *_ in FIO_JOBS:
+            await dom.wait_for_line(rf"^FIO-BEGIN {name}", timeout=3600)
+            a = _costs(dom, bb)
+            await dom.wait_for_line(rf"^FIO-END {name}", timeout=3600)
+            b = _costs(dom, bb)
+            d = {k: b.get(k, 0) - a.get(k, 0) for k in b}
+            n = max(1, d["requests"])
+            hcs = sorted(((k[3:], v) for k, v in d.items() if k.startswith("hc:") and v), key=lambda kv: -kv[1])
+            out.append(f"  {name:9s} {d['requests']:6.0f} requests in {d['t']:.1f} s, per request: "
+                       f"exits {d['exits'] / n:.1f}, CPU {d['cpu_ms'] / n:.2f} ms (process {d['cpu_ms'] / d['t'] / 10:.0f} % "
+                       f"of a core), guest notifies {d['notifies'] / n:.2f}, drains {d['drains'] / n:.2f}, "
+                       f"events {d['events'] / n:.2f}; hypercalls " + ", ".join(f"{k} {v / n:.1f}" for k, v in hcs[:6]))
+    except (LookupError, TimeoutError):
+        pass
+    return out
+
+
 async def aiovmm_fio(engine: str, extra: str, image: str, initrd: str, timeout: float) -> tuple[dict, str]:
     cmdline = f"console=hvc0 quiet {extra} aiovmm.run=/bin/sh,/bench.sh aiovmm.exit=1".replace("  ", " ")
     async with Hypervisor(memory_mib=GUEST_MIB + 128) as hv:
@@ -331,8 +374,11 @@ async def aiovmm_fio(engine: str, extra: str, image: str, initrd: str, timeout: 
         dom = await hv.create(VMLINUZ, memory_mib=GUEST_MIB, ramdisk=initrd, cmdline=cmdline,
                               disks=[f"target={image},vdev=xvda,access=rw"], engine=engine)
         note = ""
+        bb = next(b for b in dom.backends if isinstance(b, blkdev.Blkback))
+        costs: asyncio.Task | None = None
         try:
             await asyncio.wait_for(dom.wait_for_line(r"^FIO-DEV ", timeout=timeout), timeout + 5)
+            costs = asyncio.ensure_future(job_costs(dom, bb))
             await asyncio.wait_for(dom.wait(), 600)
         except TimeoutError:
             note = f"no fio within {timeout:.0f} s (console: {list(dom.console_lines)[-2:]})"
@@ -340,7 +386,11 @@ async def aiovmm_fio(engine: str, extra: str, image: str, initrd: str, timeout: 
             await dom.wait()
         except LookupError:                         # the guest ended before fio started
             note = f"guest ended: {dom.describe_end()} (console: {list(dom.console_lines)[-3:]})"
-        bb = next(b for b in dom.backends if isinstance(b, blkdev.Blkback))
+        if costs is not None:
+            costs.cancel()
+            per_job = await asyncio.gather(costs, return_exceptions=True)
+            if isinstance(per_job[0], list) and per_job[0]:
+                print("\n".join(per_job[0]), flush=True)
         st = bb.stats
         res = parse_fio(list(dom.console_lines))
         if not note:
