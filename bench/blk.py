@@ -10,11 +10,16 @@ the host's page cache). fio in the guest, O_DIRECT, libaio, time based (--runtim
 then, on the last engine of --engines (kvm where it exists) and on QEMU, the issue's sized
 run: --gib MiB (1 GiB) written once through and read back, O_DIRECT, 1 MiB, iodepth 8 -> s.
 Systems, one after the other on the same image:
-  aiovmm/<engine>            xen-blkfront as Debian configures it: persistent grants,
-                             indirect descriptors (32 segments), one ring page;
+  aiovmm/<engine>            xen-blkfront with persistent grants, indirect descriptors and
+                             one ring page, and xen_blkfront.max_indirect_segments=256 on the
+                             kernel command line (Debian's default is 32: a 1 MiB request
+                             became 8 blkif requests, ~5 exits each; with 256 it is one, as
+                             QEMU's virtio-blk takes it whole with its 254 segments);
   aiovmm/<engine>/nopersist  the same with xen_blkfront.feature_persistent=0 (the frontend
                              grants its bio pages directly: no copy in the guest, one grant
                              map per segment in blkback);
+  aiovmm/<engine>/inline<N>  (--inline-ab) the default system with blkback's InlineKick N
+                             (AIOVMM_BLK_INLINE: 0 off, 1 drain, 2 drain and re-arm);
   aiovmm/unicorn/pool        persistent grants, io_uring off (AIOVMM_BLK_URING=0): every
                              request through the thread pool, as before issue 14;
   qemu-tcg                   Debian's qemu-system-x86, `-accel tcg`, pc machine, the same kernel
@@ -223,6 +228,8 @@ LINUX = os.path.join(ROOT, "guests/build/linux")
 VMLINUZ = os.path.join(LINUX, "vmlinuz")
 TOOLS_INITRD = os.path.join(LINUX, "initramfs-tools.cpio.gz")
 GUEST_MIB = 512
+# Every aiovmm system's guest: blkfront asks for blkback's 256 indirect segments (1 MiB).
+BLKFRONT_ARGS = "xen_blkfront.max_indirect_segments=256"
 # name, fio --rw, block size, iodepth
 FIO_JOBS = [("seqread", "read", "1M", 8), ("seqwrite", "write", "1M", 8),
             ("randread", "randread", "4k", 32), ("randwrite", "randwrite", "4k", 32)]
@@ -317,6 +324,55 @@ def parse_fio(lines: list[str]) -> dict[str, float]:
     return out
 
 
+HC_NAMES = {1: "mmu_update", 3: "stack_switch", 13: "multicall", 14: "update_va_mapping",
+            23: "iret", 24: "vcpu_op", 25: "set_segment_base", 26: "mmuext_op", 29: "sched_op",
+            32: "event_channel_op"}
+
+
+def _costs(dom, bb) -> dict[str, float]:
+    """Counters read at a fio job's start and end: the vCPU's exits (KVM engine), the
+    domain's hypercalls, blkback's counters and the process's CPU time."""
+    import resource
+    eng = dom.vcpus[0].engine
+    st = bb.stats
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    c = {"exits": getattr(eng, "exits", 0), "cpu_ms": (ru.ru_utime + ru.ru_stime) * 1e3,
+         "requests": st.rd_reqs + st.wr_reqs, "drains": st.batches, "events": st.events_sent,
+         "notifies": bb.port.notifications if bb.port is not None else 0,
+         "io_ms": st.io_ns / 1e6, "t": time.perf_counter()}
+    for nr, n in dom.hypercall_counts.items():
+        c[f"hc:{HC_NAMES.get(nr, nr)}"] = n
+    return c
+
+
+async def job_costs(dom, bb) -> list[str]:
+    """Per fio job, per request: exits, hypercalls, guest notifications, blkback drains and
+    events, process CPU (where the time goes on both sides). The window starts 1 s after
+    the job's first request (fio's ramp): each job is a new fio process whose start (62
+    libraries mapped, its buffers faulted in: ~40-60k exits) is not I/O."""
+    out = []
+    try:
+        for name, *_ in FIO_JOBS:
+            await dom.wait_for_line(rf"^FIO-BEGIN {name}", timeout=3600)
+            first = bb.stats.rd_reqs + bb.stats.wr_reqs
+            while bb.stats.rd_reqs + bb.stats.wr_reqs == first:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(1.0)
+            a = _costs(dom, bb)
+            await dom.wait_for_line(rf"^FIO-END {name}", timeout=3600)
+            b = _costs(dom, bb)
+            d = {k: b.get(k, 0) - a.get(k, 0) for k in b}
+            n = max(1, d["requests"])
+            hcs = sorted(((k[3:], v) for k, v in d.items() if k.startswith("hc:") and v), key=lambda kv: -kv[1])
+            out.append(f"  {name:9s} {d['requests']:6.0f} requests in {d['t']:.1f} s, per request: "
+                       f"exits {d['exits'] / n:.1f}, CPU {d['cpu_ms'] / n:.2f} ms (process {d['cpu_ms'] / d['t'] / 10:.0f} % "
+                       f"of a core), guest notifies {d['notifies'] / n:.2f}, drains {d['drains'] / n:.2f}, "
+                       f"events {d['events'] / n:.2f}; hypercalls " + ", ".join(f"{k} {v / n:.1f}" for k, v in hcs[:6]))
+    except (LookupError, TimeoutError):
+        pass
+    return out
+
+
 async def aiovmm_fio(engine: str, extra: str, image: str, initrd: str, timeout: float) -> tuple[dict, str]:
     cmdline = f"console=hvc0 quiet {extra} aiovmm.run=/bin/sh,/bench.sh aiovmm.exit=1".replace("  ", " ")
     async with Hypervisor(memory_mib=GUEST_MIB + 128) as hv:
@@ -324,8 +380,11 @@ async def aiovmm_fio(engine: str, extra: str, image: str, initrd: str, timeout: 
         dom = await hv.create(VMLINUZ, memory_mib=GUEST_MIB, ramdisk=initrd, cmdline=cmdline,
                               disks=[f"target={image},vdev=xvda,access=rw"], engine=engine)
         note = ""
+        bb = next(b for b in dom.backends if isinstance(b, blkdev.Blkback))
+        costs: asyncio.Task | None = None
         try:
             await asyncio.wait_for(dom.wait_for_line(r"^FIO-DEV ", timeout=timeout), timeout + 5)
+            costs = asyncio.ensure_future(job_costs(dom, bb))
             await asyncio.wait_for(dom.wait(), 600)
         except TimeoutError:
             note = f"no fio within {timeout:.0f} s (console: {list(dom.console_lines)[-2:]})"
@@ -333,13 +392,18 @@ async def aiovmm_fio(engine: str, extra: str, image: str, initrd: str, timeout: 
             await dom.wait()
         except LookupError:                         # the guest ended before fio started
             note = f"guest ended: {dom.describe_end()} (console: {list(dom.console_lines)[-3:]})"
-        bb = next(b for b in dom.backends if isinstance(b, blkdev.Blkback))
+        if costs is not None:
+            costs.cancel()
+            per_job = await asyncio.gather(costs, return_exceptions=True)
+            if isinstance(per_job[0], list) and per_job[0]:
+                print("\n".join(per_job[0]), flush=True)
         st = bb.stats
         res = parse_fio(list(dom.console_lines))
         if not note:
             note = (f"{time.perf_counter() - t0:.0f} s; blkback: indirect {st.indirect_reqs}, "
                     f"persistent hits {st.persistent_hits}, io_uring {st.uring_reqs}, pool jobs {st.jobs}, "
-                    f"max_inflight {st.max_inflight}")
+                    f"max_inflight {st.max_inflight}, requests {st.rd_reqs + st.wr_reqs}, "
+                    f"drains {st.batches} ({st.inline_passes} inline), events {st.events_sent}")
         return res, note
 
 
@@ -380,11 +444,14 @@ def linux_part(args: argparse.Namespace) -> dict[str, dict]:
         initrd = bench_initrd(td, args.image_mib, args.runtime)
         systems = []
         for eng in engines:
-            systems.append((f"aiovmm/{eng}", eng, "", "1"))
+            systems.append((f"aiovmm/{eng}", eng, BLKFRONT_ARGS, "1"))
+            for mode in args.inline_ab:
+                systems.append((f"aiovmm/{eng}/inline{mode}", eng, BLKFRONT_ARGS, f"1:{mode}"))
             if args.nopersist:
-                systems.append((f"aiovmm/{eng}/nopersist", eng, "xen_blkfront.feature_persistent=0", "1"))
+                systems.append((f"aiovmm/{eng}/nopersist", eng,
+                                f"{BLKFRONT_ARGS} xen_blkfront.feature_persistent=0", "1"))
             if args.pool and eng == "unicorn":
-                systems.append((f"aiovmm/{eng}/pool", eng, "", "0"))
+                systems.append((f"aiovmm/{eng}/pool", eng, BLKFRONT_ARGS, "0"))
         failed: set[str] = set()
         # The sized 1 GiB jobs run on the last engine (kvm where it exists: the faster one)
         # and QEMU; on the emulated engine they would take many minutes.
@@ -395,10 +462,14 @@ def linux_part(args: argparse.Namespace) -> dict[str, dict]:
             if eng in failed:
                 print(f"{name:26s} skipped: the engine did not run fio above", flush=True)
                 continue
+            uring, _, inline = uring.partition(":")
             os.environ["AIOVMM_BLK_URING"] = uring
+            if inline:
+                os.environ["AIOVMM_BLK_INLINE"] = inline
             res, note = asyncio.run(aiovmm_fio(eng, extra, image, initrd,
                                                args.kvm_timeout if eng == "kvm" else args.boot_timeout))
             os.environ.pop("AIOVMM_BLK_URING", None)
+            os.environ.pop("AIOVMM_BLK_INLINE", None)
             if not res:
                 failed.add(eng)
             results[name] = res
@@ -478,6 +549,9 @@ def main() -> None:
                     help="skip the runs with feature_persistent=0")
     ap.add_argument("--no-pool", dest="pool", action="store_false",
                     help="skip the run with io_uring off (every request through the thread pool)")
+    ap.add_argument("--inline-ab", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also run aiovmm/<engine>/inline<N> with blkback's InlineKick N (0 off, "
+                         "1 drain, 2 drain and re-arm), e.g. 0,2")
     ap.add_argument("--old-stores", default="file", help="part 2 stores: file,loop,lv ('' skips it)")
     ap.add_argument("--seq-mib", type=int, default=32, help="part 2: MiB per sequential run")
     ap.add_argument("--rand-ops", type=int, default=2000, help="part 2: 4 KiB requests per random run")

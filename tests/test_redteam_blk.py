@@ -204,6 +204,70 @@ def test_persistent_bound_and_bad_grants_in_indirect_requests(tmp_path, monkeypa
     asyncio.run(with_hv(body))
 
 
+def test_whole_page_fast_path_only_for_held_grants(tmp_path):
+    """A request of whole-page segments that are all held persistent grants skips the
+    per-segment loop (blkback's fast path): its data still lands in the frames first
+    granted. One more whole-page segment naming a grant the guest may not hand over (a
+    pinned page table) sends the whole request down the checked path: an error response,
+    nothing written into the table or the held frames, no mapping added."""
+    img = make_disk(tmp_path)
+
+    async def body(hv: Hypervisor) -> None:
+        a = lab.park(hv, kernel(), 8, "fastpath")
+        mem = hv.mem
+        bb = await attach(hv, a, img, persistent=True)
+        data = a.spare[1:4]
+        for i, f in enumerate(data):
+            a.write_grant(30 + i, GTF_permit_access, 0, f)
+        segs = [(30 + i, 0, 7) for i in range(3)]
+        p = bb._prepare(req(BLKIF_OP_READ, 1, 0, segs))        # first use: mapped and kept
+        assert p is not None and not p.maps and len(bb._pgnts) == 3
+        bb.backing.run_batch([p.io])
+        bb._release(p)
+        for f in data:
+            mem.frame(f)[:] = bytes(4096)
+        from aiovmm.backends.block.uring import Uring
+        bb.uring = Uring.open(32)
+        for rid, sector in ((2, 8), (4, 32)):
+            hits = bb.stats.persistent_hits
+            p = bb._prepare(req(BLKIF_OP_READ, rid, sector, segs))     # all held: the fast path
+            assert p is not None and not p.maps and bb.stats.persistent_hits == hits + 3
+            if rid == 2 or bb.uring is None:
+                bb.backing.run_batch([p.io])       # the pool: views cut from the mappings
+                bb._release(p)
+            else:
+                bb._submit([p])                    # io_uring: the iovec addresses
+                async with asyncio.timeout(10):
+                    while bb._futures:
+                        await asyncio.wait(set(bb._futures))
+                assert bb._done == [p] and not p.io.error
+                bb._release_all(bb._done)
+                bb._done.clear()
+            for i, f in enumerate(data):
+                assert page(hv, f) == b"".join(sector_bytes(sector + 8 * i + k) for k in range(8))
+        if bb.uring is not None:
+            bb.uring.close()
+            bb.uring = None
+        t = a.spare[10]
+        assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
+        a.write_grant(50, GTF_permit_access, 0, t)
+        t_before = page(hv, t)
+        held_before = [page(hv, f) for f in data]
+        errors, bad = bb.stats.errors, bb.stats.bad_grants
+        assert bb._prepare(req(BLKIF_OP_READ, 3, 16, segs + [(50, 0, 7)])) is None
+        assert bb.stats.errors == errors + 1 and bb.stats.bad_grants == bad + 1
+        assert 50 not in bb._pgnts and len(a.dom.host_mappings) == 1 + 3
+        assert page(hv, t) == t_before and [page(hv, f) for f in data] == held_before
+        await bb._disconnect()
+        bb.backing.close()
+        assert not a.dom.host_mappings
+        clean(hv)
+        lab.destroy(a)
+        clean(hv)
+
+    asyncio.run(with_hv(body))
+
+
 def _front(hv: Hypervisor, bb: Blkback, keys: dict[str, str]) -> None:
     st = hv.xenstore.store
     for k, v in keys.items():

@@ -104,10 +104,21 @@ class IORequest:
     bufs: Sequence[memoryview] = ()  # guest memory (granted segments), in disk order
     length: int = 0
     sync: bool = False               # fdatasync after the write (WRITE_BARRIER)
-    addrs: Sequence[tuple[int, int]] = ()   # (host address, length) of each buf, for io_uring
+    addrs: Sequence[int] = ()        # flat address, length, ... of each piece, for io_uring
+    # Or, instead of bufs: (mapping with a .view of its page, offset, length) per segment, cut
+    # into views only when the pool runs the request (io_uring needs only `addrs`).
+    segments: Sequence[tuple[object, int, int]] = ()
     # Filled in by the worker:
     error: int = 0                   # errno (0 = success)
     ns: int = 0
+
+    def buffers(self) -> list[memoryview]:
+        """`bufs`, or views cut from `segments` (read-only for a write). The mappings stay
+        held by the loop until the request's completion has been seen."""
+        if self.bufs or not self.segments:
+            return list(self.bufs)
+        write = self.op == "write"
+        return [(m.view.toreadonly() if write else m.view)[off:off + n] for m, off, n in self.segments]
 
 
 class Backing:
@@ -219,7 +230,7 @@ class Backing:
     # -- worker side (runs in the pool) ------------------------------------------------
     def _rw(self, req: IORequest) -> None:
         write = req.op == "write"
-        bufs = list(req.bufs)
+        bufs = req.buffers()
         pos = 0
         for fd_off, nbytes in self.pieces(req.offset, req.length):
             want = _slice(bufs, pos, nbytes)
