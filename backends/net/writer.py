@@ -38,8 +38,10 @@ class TapWriter:
     """One thread writing one tap's frames in the order they were queued (module docstring)."""
 
     def __init__(self, fd: int, name: str, loop: asyncio.AbstractEventLoop,
-                 on_room: Callable[[], None], on_drop: Callable[[bool], None]) -> None:
+                 on_room: Callable[[], None], on_drop: Callable[[bool], None],
+                 limit: int = BACKLOG_MAX) -> None:
         self._fd = os.dup(fd)
+        self.limit = limit
         self._loop = loop
         self._on_room = on_room
         self._on_drop = on_drop
@@ -60,12 +62,13 @@ class TapWriter:
         self._q.put(frame)
 
     def full(self) -> bool:
-        """Is the backlog above BACKLOG_MAX? Then `on_room` is called once it has drained
-        to half (asked before the second look, so a drain in between is not missed)."""
-        if self.backlog() < BACKLOG_MAX:
+        """Is the backlog at `limit` (BACKLOG_MAX) or above? Then `on_room` is called once
+        it has drained to half (asked before the second look, so a drain in between is not
+        missed)."""
+        if self.backlog() < self.limit:
             return False
         self._want_room = True
-        if self.backlog() < BACKLOG_MAX:
+        if self.backlog() < self.limit:
             self._want_room = False
             return False
         return True
@@ -86,7 +89,7 @@ class TapWriter:
                     log.debug("%s: tap refused a frame: %s", self._thread.name, e)
                     self._report(self._on_drop, True)
                 self.written_bytes += len(frame)
-                if self._want_room and self.backlog() < BACKLOG_MAX // 2:
+                if self._want_room and self.backlog() < self.limit // 2:
                     self._want_room = False
                     self._report(self._on_room)
         finally:
