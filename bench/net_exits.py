@@ -102,7 +102,14 @@ async def main(args) -> None:
                            rr_events=d.get("nb:events_sent", 0) / rr["n"])
                 row["rr_cpu_ms"] = d.get("cpu_ms", 0) / rr["n"]
                 a = snapshot(dom, nb)
+                prof = cProfile.Profile() if args.profile and rep == 0 else None
+                if prof:
+                    prof.enable()
                 rr32 = await netbench.client(lan, ip, 32, args.duration)
+                if prof:
+                    prof.disable()
+                    print(f"  profile {m.name} UDP RR W=32:")
+                    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
                 d = delta(a, snapshot(dom, nb))
                 row["rr32_rps"] = rr32["rps"]
                 row["rr32_exits"] = d.get("exits", 0) / rr32["n"]
@@ -143,6 +150,6 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per UDP RR run")
     ap.add_argument("--tcp-seconds", type=float, default=5.0)
-    ap.add_argument("--profile", action="store_true", help="cProfile the loop during the first round's TCP runs")
+    ap.add_argument("--profile", action="store_true", help="cProfile the loop during the first round's UDP RR W=32 and TCP runs")
     ap.add_argument("--boot-timeout", type=float, default=600)
     uvloop.run(main(ap.parse_args()))

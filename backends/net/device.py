@@ -10,7 +10,8 @@ attaches it to the bridge and moves to Connected.
 
 Data path, batched and driven by callbacks (a guest event schedules one pass, a readable tap
 runs one): every pass drains the tx ring (guest -> tap, grant copy out of the guest's pages,
-checksum and GSO state handed to the kernel in the virtio_net_hdr) and then up to RX_BATCH
+checksum and GSO state handed to the kernel in the virtio_net_hdr, the write itself done by
+the vif's TapWriter thread so the host's receive path does not stop the loop) and then up to RX_BATCH
 tap frames into posted rx buffers (several per GSO frame, as Linux netback lays them out),
 and pushes responses with one event per pass under the event-index rules. A frame finding too
 few rx requests waits and the tap is not read meanwhile (flow control). Everything the guest
@@ -40,6 +41,7 @@ from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, w
 from aiovmm.xenstore.core import XsError
 
 from . import tap as taplib
+from .writer import TapWriter
 
 if TYPE_CHECKING:
     from aiovmm.domain import Domain
@@ -257,7 +259,7 @@ class NetStats:
     rx_packets: int = 0
     rx_bytes: int = 0
     tx_errors: int = 0            # malformed tx requests answered with NETIF_RSP_ERROR
-    tx_dropped: int = 0           # tap would block
+    tx_dropped: int = 0           # tap would block or refused the frame
     rx_dropped: int = 0           # no rx buffer posted / bad rx grant
     events_sent: int = 0
     bad_indices: int = 0
@@ -308,6 +310,8 @@ class Netback:
         self.tx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
         self.rx_limit = Limiter(cfg.rate, VIF_MIN_BURST)
         self._tx_throttled = False
+        self._writer: TapWriter | None = None       # guest -> tap writes (while serving)
+        self._tx_backlogged = False                 # the writer's backlog is full
         self.throttle = Throttle(self._schedule)   # one wake-up for both directions
         # IPv4 addresses the guest claimed as its own on this vif (ARP sender), for the
         # announce on a new host (aiovmm/migration/devices.py); bounded (learn_ipv4).
@@ -783,7 +787,7 @@ class Netback:
         # The tap is read while no frame waits for rx slots and the rate allows; a frame
         # waiting keeps the rest in the kernel's queue (flow control, nothing dropped here).
         self._set_reader(self._rx_len == 0 and not self._rx_throttled and not self.held)
-        if not self._tx_throttled and tx.final_check():
+        if not self._tx_throttled and not self._tx_backlogged and tx.final_check():
             # Requests published meanwhile are consumed by the next pass; two passes in a
             # row that consume nothing would be a spin on guest state: refuse it.
             self._stalled = self._stalled + 1 if tx.req_cons == before else 0
@@ -817,9 +821,12 @@ class Netback:
     async def _serve(self) -> None:
         """Start the callbacks and wait until the data path fails (VifDisconnect) or the
         vif's TaskGroup is cancelled."""
-        self._stop = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
         self._tap_ready = True
         self._stalled = 0
+        self._tx_backlogged = False
+        self._writer = TapWriter(self.fd, self.ifname, loop, self._tx_room, self._tx_write_failed)
         try:
             self._poll()
             await self._stop
@@ -828,6 +835,20 @@ class Netback:
             if self._handle is not None:
                 self._handle.cancel()
                 self._handle = None
+            w, self._writer = self._writer, None
+            w.close()
+
+    def _tx_room(self) -> None:
+        """The writer's backlog drained (TapWriter.full): take tx requests again."""
+        self._tx_backlogged = False
+        self._schedule()
+
+    def _tx_write_failed(self, refused: bool) -> None:
+        """The writer could not hand a frame to the tap (its request was answered OKAY
+        already, as Linux netback's for a packet the stack drops later)."""
+        self.stats.tx_dropped += 1
+        if refused:
+            log.debug("d%d: vif %d: the tap refused a frame", self.dom.domid, self.devid)
 
     # -- rate limit ---------------------------------------------------------------------------------
     def set_rate(self, limit: Limit | None) -> None:
@@ -859,11 +880,15 @@ class Netback:
             self._bad_frontend("tx ring indices")
             return False
         done = 0
-        self._tx_throttled = False
+        self._tx_throttled = self._tx_backlogged = False
         limited = self.tx_limit.active
+        writer = self._writer
         while n > 0:
             if limited and self.throttle.blocked(self.tx_limit):
                 self._tx_throttled = True        # the rest waits on the ring for the timer
+                break
+            if writer is not None and writer.full():
+                self._tx_backlogged = True       # the rest waits on the ring for the writer
                 break
             base = r.req_cons
             first = _TXREQ.unpack_from(r.v, r.slot_off(base))
@@ -917,8 +942,9 @@ class Netback:
         return r.push_responses() if r.rsp_prod_pvt != r.get(8) else False
 
     def _tx_packet(self, first: tuple, slots: list[tuple], extras: list[bytes]) -> int:
-        """Copy one validated chain out of the guest's grants and write it to the tap with
-        its virtio_net_hdr; the status for its data slots."""
+        """Copy one validated chain out of the guest's grants and queue it for the tap with
+        its virtio_net_hdr (TapWriter; written here when not serving); the status for its
+        data slots."""
         gso: tuple[int, int] | None = None
         for ex in extras:
             etype, _eflags, size, gtype = _EXTRA_GSO.unpack_from(ex)
@@ -968,13 +994,16 @@ class Netback:
                                 l4 - VNET_HDR_LEN, field)
         elif flags & NETTXF_data_validated:
             buf[0] = VNET_F_DATA_VALID
-        try:
-            os.write(self.fd, buf)
-        except BlockingIOError:
-            return NETIF_RSP_DROPPED
-        except OSError as e:                    # the kernel refused the header (EINVAL)
-            log.debug("d%d: vif %d: tap refused a frame: %s", dom.domid, self.devid, e)
-            return NETIF_RSP_ERROR
+        if self._writer is not None:
+            self._writer.put(buf)               # written by its thread (writer.py)
+        else:                                   # not serving (tests drive passes by hand)
+            try:
+                os.write(self.fd, buf)
+            except BlockingIOError:
+                return NETIF_RSP_DROPPED
+            except OSError as e:                # the kernel refused the header (EINVAL)
+                log.debug("d%d: vif %d: tap refused a frame: %s", dom.domid, self.devid, e)
+                return NETIF_RSP_ERROR
         n = len(buf) - VNET_HDR_LEN
         if len(self.ipv4) < 8:
             self.learn_ipv4(memoryview(buf)[VNET_HDR_LEN:])

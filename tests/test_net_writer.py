@@ -1,0 +1,111 @@
+"""netback's TapWriter (backends/net/writer.py): guest -> tap frames written by a thread of
+their own, in order, and a bounded backlog that leaves tx requests on the guest's ring.
+
+The real Netback on a parked domain's ring pages and grants (test_mutation_kills_net's Vif);
+the tap is the host end of a SOCK_SEQPACKET pair, here blocking with a small send buffer
+so that the writer thread really stalls while nobody reads the other end."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from aiovmm import Hypervisor
+from aiovmm.audit import audit
+from backends.net.device import NETIF_RSP_OKAY, VNET_HDR_LEN
+from backends.net.writer import TapWriter
+from test_mutation_kills_net import Vif
+
+SIZE = 4000                     # bytes per test packet: one slot from a granted page
+
+
+async def _wait(cond, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def _recv_all(sock: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(70000, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return out
+
+
+def _run(body) -> None:
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            v = Vif(hv)
+            v.host.setblocking(True)             # the writer's dup shares this: it blocks
+            v.host.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+            v.out.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            try:
+                await body(v)
+            finally:
+                v.close()
+            assert audit(hv) == []
+    asyncio.run(main())
+
+
+def test_frames_reach_the_tap_in_order_after_an_okay_response():
+    """Each request is answered OKAY as soon as it is copied; the writer thread delivers
+    the frames in ring order, each with its virtio_net_hdr, the payload as granted."""
+    async def body(v):
+        loop = asyncio.get_running_loop()
+        w = TapWriter(v.host.fileno(), "t0", loop, lambda: None, lambda refused: None)
+        v.nb._writer = w
+        try:
+            v.push(*[(50 + i, 0, 0, i, 64 + i) for i in range(8)])
+            v.nb._process_tx()
+            assert [s for _i, s in v.responses(8)] == [NETIF_RSP_OKAY] * 8
+            got: list[bytes] = []
+            await _wait(lambda: got.extend(_recv_all(v.out)) or len(got) == 8)
+            granted = v.hv.mem.read(v.d.spare[2] << 12, 4096)
+            assert [f[VNET_HDR_LEN:] for f in got] == [granted[:64 + i] for i in range(8)]
+            assert w.frames == 8 and w.backlog() == 0
+        finally:
+            v.nb._writer = None
+            w.close()
+    _run(body)
+
+
+def test_a_full_backlog_leaves_requests_on_the_ring_until_the_writer_drains():
+    """Nobody reads the tap: the thread stalls in its write, the backlog reaches the limit
+    and netback stops consuming (the rest stays on the ring, no response, nothing
+    dropped). Reading the tap drains the thread, which calls on_room; the next pass then
+    takes the rest, and every frame arrives once, in order."""
+    async def body(v):
+        loop = asyncio.get_running_loop()
+        room = asyncio.Event()
+        w = TapWriter(v.host.fileno(), "t1", loop, room.set, lambda refused: None, limit=256 << 10)
+        v.nb._writer = w
+        n = 200                                   # 800 KB: more than the limit and the buffers
+        try:
+            reqs = [(50 + i % 20, i % 64, 0, i, SIZE - i % 90) for i in range(n)]     # each frame distinct
+            v.push(*reqs)
+            v.nb._process_tx()
+            taken = v.nb.tx.req_cons
+            assert v.nb._tx_backlogged and 0 < taken < n, taken
+            assert w.backlog() >= w.limit
+            await asyncio.sleep(0.2)              # the thread stays stuck: nothing is read
+            assert not room.is_set() and v.nb.tx.req_cons == taken
+            got: list[bytes] = []
+            await _wait(lambda: got.extend(_recv_all(v.out)) or room.is_set())
+            v.nb._process_tx()                    # what _tx_room's scheduled pass does
+            assert v.nb.tx.req_cons > taken
+            while v.nb.tx.req_cons < n:
+                await _wait(lambda: got.extend(_recv_all(v.out)) or not w.full())
+                v.nb._process_tx()
+            await _wait(lambda: got.extend(_recv_all(v.out)) or len(got) == n)
+            assert [s for _i, s in v.responses(n)] == [NETIF_RSP_OKAY] * n
+            want = [v.hv.mem.read((v.d.spare[2 + i % 20] << 12) + off, size)
+                    for i, (_g, off, _f, _id, size) in enumerate(reqs)]
+            assert [f[VNET_HDR_LEN:] for f in got] == want
+            assert v.nb.stats.tx_packets == n and v.nb.stats.tx_dropped == 0
+        finally:
+            v.nb._writer = None
+            w.close()
+    _run(body)
