@@ -25,7 +25,7 @@ def xstate(engine) -> dict[str, str]:
 
 def test_registers_survive_exits(xstate):
     """Hypercalls, events and slice ends (timer kicks on KVM) leave every xmm/ymm bit."""
-    assert xstate["busy_rounds_ok"] == "1"
+    assert int(xstate["busy_rounds"]) >= 200, xstate
     assert xstate["regs_survive_exits"] == "1", xstate
 
 
@@ -36,3 +36,8 @@ def test_kernel_can_save_what_user_code_can_use(xstate):
     assert xstate["switch_intact"] == "1", xstate
     if xstate["ymm_usable"] == "1":
         assert xstate["kernel_xsave"] == "1" and int(xstate["kernel_xcr0"], 16) & 7 == 7, xstate
+    if xstate["kernel_xsave"] == "1":
+        # As Linux needs it: OSXSAVE with XSAVE before CR4.OSXSAVE is set, and leaf 0xd's
+        # size for the XCR0 set (legacy area, header, 256 bytes of ymm upper halves at least).
+        assert xstate["kernel_osxsave_early"] == "1", xstate
+        assert int(xstate["xsave_size"]) >= 576 + 256, xstate
