@@ -192,7 +192,7 @@ def valid_xcr0(v: "VCPU", val: int) -> bool:
         return False
     if val & Xcr0.AVX and not val & Xcr0.SSE:
         return False
-    if val & XCR0_AVX512 and (val & XCR0_AVX512 != XCR0_AVX512 or not val & Xcr0.AVX):
+    if val & XCR0_AVX512 and ((val & XCR0_AVX512) != XCR0_AVX512 or not val & Xcr0.AVX):
         return False
     return True
 

@@ -372,7 +372,7 @@ def cpl3_xstate() -> "Xstate | None":
             lo, hi = next(((a, d) for leaf, sub, a, b, c, d in _default_cpuid() if (leaf, sub) == (0xD, 0)),
                           (0, 0))
             mask = (lo | hi << 32) & PV_XCR0
-            if mask & Xcr0.AVX and mask & XCR0_FP_SSE == XCR0_FP_SSE:
+            if mask & Xcr0.AVX and (mask & XCR0_FP_SSE) == XCR0_FP_SSE:
                 layout = {bit: leaves[(0xD, bit)] for bit in range(2, 64)
                           if mask >> bit & 1 and (0xD, bit) in leaves}
                 offer = Xstate(sum(1 << b for b in layout) | XCR0_FP_SSE, layout)
