@@ -18,12 +18,18 @@ that believes the hint clears and copies pages 8x slower than with the REP STOSQ
 otherwise (measured: Linux's clear_page/memset were ~10% of a boot). Xen likewise shows a PV
 guest no ERMS on a host without it.
 
+XSAVE and AVX are offered after all where the engine cannot keep the guest's CPL-3 code from
+using them (`Xstate`, the engine's `cpl3_xstate`; kvm-pvm): there the kernel must know the ymm
+state exists to switch it between its processes (Xen offers a PV guest XSAVE and AVX on a host
+that has them, and then the guest's XCR0 is what the hardware runs with).
+
 The leaves are computed once (module level); `leaf()` adds the per-vCPU dynamic parts.
 """
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
 
 from .abi import XEN_VERSION_MAJOR, XEN_VERSION_MINOR
 
@@ -130,8 +136,76 @@ def has_rdtscp() -> bool:
     return bool(_LEAVES[(0x80000001, 0)][3] >> X86_FEATURE_RDTSCP_X1D & 1)
 
 
-def has_xsave() -> bool:
-    return bool(_LEAVES[(1, 0)][2] >> Feat1C.XSAVE & 1)
+class Xcr0(enum.IntFlag):
+    """XCR0 state components (Intel SDM vol. 1 13.1)."""
+    X87 = 1
+    SSE = 2
+    AVX = 4
+    OPMASK = 0x20
+    ZMM_HI256 = 0x40
+    HI16_ZMM = 0x80
+
+
+XCR0_FP_SSE = Xcr0.X87 | Xcr0.SSE
+XCR0_AVX512 = Xcr0.OPMASK | Xcr0.ZMM_HI256 | Xcr0.HI16_ZMM
+# What Xen lets a PV guest enable (xstate.c valid_xcr0 under the PV policy): no MPX, PKRU or
+# AMX state.
+PV_XCR0 = XCR0_FP_SSE | Xcr0.AVX | XCR0_AVX512
+FEAT7B_AVX512F = 16
+_XSAVE_LEGACY_AND_HEADER = 576
+
+
+@dataclass(frozen=True)
+class Xstate:
+    """XSAVE as offered to a PV kernel: the XCR0 components it may enable (beyond x87/SSE:
+    AVX, maybe AVX-512) and each extended component's (size, offset) in the standard-format
+    XSAVE area (CPUID leaf 0xd), as the CPU that runs the guest lays it out."""
+    xcr0: int
+    layout: Mapping[int, tuple[int, int]]
+
+    def size(self, xcr0: int) -> int:
+        """Bytes of a standard-format XSAVE area holding the components of `xcr0`."""
+        end = _XSAVE_LEGACY_AND_HEADER
+        for bit, (size, offset) in self.layout.items():
+            if xcr0 >> bit & 1:
+                end = max(end, offset + size)
+        return end
+
+
+def xstate(v: "VCPU") -> Xstate | None:
+    """The XSAVE offer of this vCPU's engine: None where the engine enforces the guest's
+    XCR0 itself (Unicorn has no AVX; hardware KVM loads the guest's XCR0), so XSAVE stays
+    hidden and FXSAVE covers everything the guest can use."""
+    return v.engine.cpl3_xstate
+
+
+def has_xsave(v: "VCPU") -> bool:
+    return xstate(v) is not None
+
+
+def valid_xcr0(v: "VCPU", val: int) -> bool:
+    """May this vCPU's XSETBV load `val` into XCR0? (Xen's valid_xcr0 within the policy:
+    x87 always, AVX needs SSE, AVX-512's three components together and with AVX.)"""
+    xs = xstate(v)
+    allowed = xs.xcr0 if xs is not None else XCR0_FP_SSE
+    if val & ~allowed or not val & Xcr0.X87:
+        return False
+    if val & Xcr0.AVX and not val & Xcr0.SSE:
+        return False
+    if val & XCR0_AVX512 and ((val & XCR0_AVX512) != XCR0_AVX512 or not val & Xcr0.AVX):
+        return False
+    return True
+
+
+def _xstate_leaf(v: "VCPU", xs: Xstate, subleaf: int) -> Leaf:
+    """CPUID leaf 0xd: sub 0 the offered components and area sizes (EBX for the vCPU's
+    current XCR0, as Xen computes it), sub 1 no XSAVEOPT/XSAVEC/XSAVES, sub n the layout."""
+    if subleaf == 0:
+        return (xs.xcr0 & 0xFFFFFFFF, xs.size(v.xcr0), xs.size(xs.xcr0), xs.xcr0 >> 32)
+    if subleaf >= 2 and xs.xcr0 >> subleaf & 1 and subleaf in xs.layout:
+        size, offset = xs.layout[subleaf]
+        return (size, offset, 0, 0)
+    return _ZERO
 
 
 def has_fsgsbase() -> bool:
@@ -182,13 +256,24 @@ def leaf(v: "VCPU", leaf_: int, subleaf: int) -> Leaf:
         # Leaves 4 (cache), 0xb (topology), 0xd (xstate) are subleaf-indexed; the others
         # ignore the subleaf, as on hardware.
         key = (leaf_, subleaf if leaf_ in (4, 7, 0xB, 0xD) else 0)
+        xs = xstate(v)
+        if leaf_ == 0xD and xs is not None:
+            return _xstate_leaf(v, xs, subleaf)
         res = _LEAVES.get(key, _ZERO)
-        if leaf_ == 1:
+        if leaf_ == 1 and xs is not None:
             a, b, c, d = res
-            # Xen leaks OSXSAVE from CR4 (the guest's view); it is 0 while xsave is hidden.
-            if v.cr4 & CR4_OSXSAVE and has_xsave():
+            c |= 1 << Feat1C.XSAVE
+            if xs.xcr0 & Xcr0.AVX:
+                c |= 1 << Feat1C.AVX
+            # OSXSAVE follows the guest's CR4, but the enlightened view of a kernel sees it
+            # before it set CR4.OSXSAVE: Xen leaks its own CR4 there, and Linux's PV start
+            # (xen_check_xsave) drops XSAVE unless it sees XSAVE and OSXSAVE together.
+            if v.cr4 & CR4_OSXSAVE or v.kernel_mode:
                 c |= 1 << Feat1C.OSXSAVE
             res = (a, b, c, d)
+        elif leaf_ == 7 and subleaf == 0 and xs is not None and xs.xcr0 & Xcr0.OPMASK:
+            a, b, c, d = res
+            res = (a, b | 1 << FEAT7B_AVX512F, c, d)
         return res
     return _ZERO
 
@@ -205,14 +290,15 @@ PV_CR4_GUEST_VISIBLE_MASK = CR4_PAE | CR4_MCE | CR4_OSFXSR | CR4_OSXMMEXCPT
 HOST_CR4 = CR4_PAE | CR4_MCE | CR4_OSFXSR | CR4_OSXMMEXCPT
 
 
-def fixup_guest_cr4(cr4: int) -> int:
-    """The CR4 a PV guest sees after writing `cr4`: its policy-allowed controllable bits and
-    Xen's visible settings. CR4.TSD is dropped besides: the engines do not fault RDTSC at
-    CPL 3, so a TSD the guest could see would be a lie (deviation, documented here)."""
+def fixup_guest_cr4(cr4: int, v: "VCPU | None" = None) -> int:
+    """The CR4 a PV guest (vCPU `v`; None: one not offered XSAVE) sees after writing `cr4`:
+    its policy-allowed controllable bits and Xen's visible settings. CR4.TSD is dropped
+    besides: the engines do not fault RDTSC at CPL 3, so a TSD the guest could see would be
+    a lie (deviation, documented here)."""
     allowed = CR4_DE if has_de() else 0
     if has_fsgsbase():
         allowed |= CR4_FSGSBASE
-    if has_xsave():
+    if v is not None and has_xsave(v):
         allowed |= CR4_OSXSAVE
     return (cr4 & PV_CR4_GUEST_MASK & allowed) | (HOST_CR4 & PV_CR4_GUEST_VISIBLE_MASK)
 

@@ -45,7 +45,6 @@ MAX_INSN_LEN = 15
 FORCED_EMULATION_PREFIX = b"\x0f\x0bxen"           # ud2; .ascii "xen"
 _LEGACY_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
 RF_IOPL = 0x3000
-XCR0_X87, XCR0_SSE, XCR0_AVX = 1, 2, 4
 DR6_ONES, DR7_ONES = 0xFFFF0FF0, 0x400
 DR7_GD = 1 << 13
 DR7_ACTIVE = 0xFF
@@ -317,7 +316,7 @@ def write_cr(v: "VCPU", n: int, val: int) -> None:
             raise Unhandled(f"CR3 {val:#x}: {e}") from None
         return
     if n == 4:
-        v.cr4 = policy.fixup_guest_cr4(val)
+        v.cr4 = policy.fixup_guest_cr4(val, v)
         return
     raise Unhandled(f"write of CR{n}")
 
@@ -590,9 +589,8 @@ def _emulate_xsetbv(v: "VCPU", insn: Insn) -> None:
     _kernel_only(v)
     rcx, rax, rdx = v.engine.read(("rcx", "rax", "rdx"))
     val = (rax & 0xFFFFFFFF) | (rdx & 0xFFFFFFFF) << 32
-    # Only XCR0; x87 always set; AVX needs SSE; nothing beyond what the policy offers.
-    allowed = XCR0_X87 | XCR0_SSE
-    if rcx & 0xFFFFFFFF or not val & XCR0_X87 or val & ~allowed:
+    # Only XCR0, and only what the policy offers (policy.valid_xcr0).
+    if rcx & 0xFFFFFFFF or not policy.valid_xcr0(v, val):
         raise Inject(13)
     v.xcr0 = val
     _finish(v, insn)

@@ -64,6 +64,7 @@ from .abi import (
 from .vcpu_engine import ExitReason
 
 if TYPE_CHECKING:
+    from .cpuid import Xstate
     from .memory import MachineMemory
     from .mmu import XenArea
 
@@ -346,6 +347,37 @@ _IO_RIP_AFTER = not hardware_virtualization()
 # CPL-0 instruction is emulated). With hardware virtualization the stub would run natively
 # and its stores would invalidate nothing, so there the engine zaps instead.
 _TARGETED = _IO_RIP_AFTER
+
+
+_cpl3_xstate_cache: list["Xstate | None"] = []
+
+
+def cpl3_xstate() -> "Xstate | None":
+    """The XSAVE state a guest's CPL-3 code can use on this host's KVM whatever its kernel
+    enabled, offered to the kernel through the PV CPUID (cpuid.xstate) so that it switches
+    that state between its processes. kvm-pvm runs guest code under the host's XCR0 (KVM
+    does not load the guest's there; measured: with guest CR4.OSXSAVE and KVM_SET_XCRS(XCR0=3)
+    a CPL-3 XGETBV still returns the host's 0x207, and `vpxor %ymm0` runs) and CPUID at CPL 3
+    is the host's (no CPUID faulting). A kernel told "no XSAVE" switches with FXSAVE, which
+    leaves the upper 16 bytes of each ymm register to whichever process ran last: Linux's
+    glibc copies with ymm registers, and 16-byte runs of one process's data showed up in
+    another's console output (issue 11). The components are the host's XCR0 (KVM's leaf 0xd)
+    within what Xen gives a PV guest; None on hardware KVM, which loads the guest's XCR0
+    (and the engine's CR4 has no OSXSAVE, so AVX faults there as the policy says)."""
+    if not _cpl3_xstate_cache:
+        from .cpuid import PV_XCR0, XCR0_FP_SSE, Xcr0, Xstate
+        offer: Xstate | None = None
+        if not hardware_virtualization():
+            leaves = {(leaf, sub): (a, b) for leaf, sub, a, b, c, d in _default_cpuid() if leaf == 0xD}
+            lo, hi = next(((a, d) for leaf, sub, a, b, c, d in _default_cpuid() if (leaf, sub) == (0xD, 0)),
+                          (0, 0))
+            mask = (lo | hi << 32) & PV_XCR0
+            if mask & Xcr0.AVX and (mask & XCR0_FP_SSE) == XCR0_FP_SSE:
+                layout = {bit: leaves[(0xD, bit)] for bit in range(2, 64)
+                          if mask >> bit & 1 and (0xD, bit) in leaves}
+                offer = Xstate(sum(1 << b for b in layout) | XCR0_FP_SSE, layout)
+        _cpl3_xstate_cache.append(offer)
+    return _cpl3_xstate_cache[0]
 
 
 def hypercall_page() -> bytes:
@@ -766,6 +798,7 @@ class KVMEngine:
         self.mem = mem
         self.r0 = ring0(xen)
         self.m2p_va = self.r0.m2p_va      # announced by XENMEM_machphys_mapping
+        self.cpl3_xstate = cpl3_xstate()  # XSAVE offered to the guest kernel (cpuid.xstate)
         lib = _native()
         self._pool = vm_pool(mem)
         self.vm_fd = self.vcpu_fd = -1

@@ -70,7 +70,7 @@ class VCPU:
         self.cr4 = cpuid.fixup_guest_cr4(0)
         self.dr = [0, 0, 0, 0, 0, 0, emulate.DR6_ONES, emulate.DR7_ONES]
         self.tsc_aux = 0
-        self.xcr0 = emulate.XCR0_X87
+        self.xcr0 = int(cpuid.Xcr0.X87)
         self.vmce: dict = {}                       # virtual machine-check MSR values
         self.emulated = 0                          # privileged instructions emulated
         # Descriptor tables (descriptors.py): window in Xen's area, GDT frames, LDT.

@@ -163,7 +163,7 @@ def set_context(v: "VCPU", c: VcpuContext) -> None:
     v.callbacks = cb
     v.fpu_ts = bool(c.ctrlreg[0] & CR0_TS)
     v.cr2 = 0
-    v.cr4 = cpuid.fixup_guest_cr4(c.ctrlreg[4])
+    v.cr4 = cpuid.fixup_guest_cr4(c.ctrlreg[4], v)
     v.dr = [0, 0, 0, 0, 0, 0, emulate.DR6_ONES, emulate.DR7_ONES]
     for i in (0, 1, 2, 3, 6, 7):
         emulate.set_debugreg(v, i, c.debugreg[i])        # Xen ignores its result here too

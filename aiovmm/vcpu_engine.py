@@ -293,6 +293,10 @@ class VCPUEngine:
     flush_code() (after it rewrote guest code: the hypercall-page MSR).
     """
 
+    # XSAVE state the guest's CPL-3 code can use whatever its kernel enables (cpuid.Xstate):
+    # none here (the model has no AVX, and its CPUID at CPL 3 is the policy's).
+    cpl3_xstate = None
+
     def __init__(self, mem_address: int, mem_size: int, *, until: int, name: str = "vcpu",
                  slices: str | None = None) -> None:
         self.name = name

@@ -31,7 +31,7 @@ from scapy.layers.l2 import ARP, Ether
 from aiovmm import Hypervisor
 from aiovmm.testing import Capture, VirtualLan
 from conftest import ENGINES, HV_MEMORY_MIB
-from test_linux import BOOT_TIMEOUT, INITRD, KERNEL, Lab, Shell, sh_digest
+from test_linux import BOOT_TIMEOUT, INITRD, KERNEL, Lab, Shell, sh
 from test_migration import verify_stream
 
 MEM = 96
@@ -188,8 +188,8 @@ def test_ping_after_restore(lx):
 
 def test_disk_after_restore(lx):
     # Read back past the page cache (O_DIRECT): blkfront reconnected to the new blkback.
-    rc, out = sh_digest(lx, f"dd if=/dev/xvda bs=64k count={DISK_KIB // 64} iflag=direct 2>/dev/null | md5sum",
-                        lx.sh2)
+    rc, out = sh(lx, f"dd if=/dev/xvda bs=64k count={DISK_KIB // 64} iflag=direct 2>/dev/null | md5sum",
+                 shell=lx.sh2)
     out = [l for l in out if not KMSG.match(l)]
     assert rc == 0 and out[0].split()[0] == lx.pat_md5, out
     # A write after the restore reaches the host's file.
