@@ -110,6 +110,27 @@ async def test_suspend_timeout_when_guest_ignores(hv):
     dom.shutdown()
 
 
+async def test_suspend_acknowledged_but_not_done(hv):
+    """A kernel that takes the request (clears control/shutdown) and then does not suspend,
+    as Linux does when its freezer gives up ("do_suspend: freeze processes failed"): libxl's
+    second wait runs out and the error says the guest acknowledged, not that it ignores
+    control/shutdown; the guest runs on and a later request is answered again."""
+    dom = await hv.create(guest("suspend"), memory_mib=MEM_MIB, cmdline="pages=8 every=10 refuse=1")
+    await dom.wait_for_line(r"uptime: ticks=10 ", 20)
+    with pytest.raises(SuspendError, match="of acknowledging the request") as e:
+        await suspend(dom, timeout=0.5)
+    assert "watch control/shutdown" not in str(e.value)
+    assert "suspend: acknowledged, refused" in dom.console_lines
+    t, _ = uptime(dom)
+    await dom.wait_for_line(rf"uptime: ticks={t + 10} ", 10)
+    assert dom.suspended is None and not dom.dying
+    n = dom.console_lines.count("suspend: acknowledged, refused")
+    with pytest.raises(SuspendError, match="of acknowledging the request"):
+        await suspend(dom, timeout=0.5)
+    assert dom.console_lines.count("suspend: acknowledged, refused") == n + 1
+    dom.shutdown()
+
+
 # --- the receiver and untrusted streams -------------------------------------------------------
 def _records(data: bytes) -> list[tuple[int, int, int]]:
     """[(offset, type, length)] of the libxc records in a save file."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..abi import Errno
 from ..errors import HypercallError
+from ..xenbus import Watch, read_str
 
 if TYPE_CHECKING:
     from ..domain import Domain
@@ -70,9 +71,34 @@ def guest_suspend(v: "VCPU", start_info_mfn: int) -> bool:
     return True
 
 
+def _acknowledged(st, path: str) -> bool:
+    """libxl's domain_suspend_pvcontrol_acked: the guest has taken the request once the
+    node no longer reads "suspend" (Linux and mini-os clear it before they suspend)."""
+    return read_str(st, path, "") != "suspend"
+
+
+async def _first(*aws) -> None:
+    """Wait until the first of `aws` (futures or coroutines) is done; the rest are
+    cancelled (coroutines) or left alone (futures owned by others)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    own = [t for t, a in zip(tasks, aws) if t is not a]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in own:
+            t.cancel()
+        if own:
+            await asyncio.gather(*own, return_exceptions=True)
+
+
 async def suspend(dom: "Domain", timeout: float = DEFAULT_SUSPEND_TIMEOUT) -> Suspended:
-    """Ask the guest to suspend through xenstore and wait until it has. On timeout the
-    request is withdrawn (control/shutdown cleared) and SuspendError raised."""
+    """Ask the guest to suspend through xenstore and wait until it has, in libxl's two
+    steps (libxl_dom_suspend.c): up to `timeout` for the guest to acknowledge the request
+    (clear control/shutdown), then up to `timeout` again, from the acknowledgement, for
+    its SCHEDOP_shutdown(suspend). A guest that never acknowledges has the request
+    withdrawn (control/shutdown cleared); either way SuspendError says which step failed:
+    a kernel that took the request and then gave up (Linux when its freezer times out:
+    "do_suspend: freeze processes failed") is not one that ignores control/shutdown."""
     if dom.dying:
         raise SuspendError(f"d{dom.domid} is not running ({dom.describe_end()})")
     if getattr(dom, "suspended", None) is not None:
@@ -83,20 +109,38 @@ async def suspend(dom: "Domain", timeout: float = DEFAULT_SUSPEND_TIMEOUT) -> Su
     st = dom.hypervisor.xenstore.store
     path = f"/local/domain/{dom.domid}/control/shutdown"
     st.write(path, "suspend")
+    watch = Watch(st, path)
+    acked = False
     try:
-        async with asyncio.timeout(timeout):
-            done, _ = await asyncio.wait([fut, dom.done], return_when=asyncio.FIRST_COMPLETED)
+        try:
+            async with asyncio.timeout(timeout):
+                while not (fut.done() or dom.done.done()):
+                    if _acknowledged(st, path):
+                        acked = True
+                        break
+                    await _first(watch.next(), fut, dom.done)
+        except TimeoutError:
+            raise SuspendError(f"d{dom.domid}: guest did not suspend: it did not acknowledge the "
+                               f"request within {timeout:g} s (does its kernel watch "
+                               "control/shutdown?)") from None
+        if acked:
+            log.info("d%d: guest acknowledged the suspend request", dom.domid)
+            try:
+                async with asyncio.timeout(timeout):
+                    await _first(fut, dom.done)
+            except TimeoutError:
+                raise SuspendError(f"d{dom.domid}: guest did not suspend within {timeout:g} s of "
+                                   "acknowledging the request (its own suspend failed or "
+                                   "stalled; its console may say why)") from None
         if fut.done():
             return fut.result()
         raise SuspendError(f"d{dom.domid} ended ({dom.describe_end()}) instead of suspending")
-    except TimeoutError:
-        raise SuspendError(f"d{dom.domid}: guest did not suspend within {timeout:g} s "
-                           "(does its kernel watch control/shutdown?)") from None
     finally:
+        watch.close()
         dom.suspend_waiter = None
         if not fut.done():
             fut.cancel()
-            if not dom.dying and st.exists(path):
+            if not dom.dying and st.exists(path) and not _acknowledged(st, path):
                 st.write(path, "")
 
 

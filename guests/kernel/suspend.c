@@ -21,6 +21,7 @@
 
 static void (*hook)(void);
 unsigned long bad_start_info;     /* test guests: pass this MFN instead (must be refused) */
+int refuse_suspend;               /* test guests: acknowledge a request, then do not suspend */
 
 int suspend_init(void (*resume_hook)(void))
 {
@@ -71,6 +72,10 @@ int suspend_check(u64 deadline_ns)
         if (rc < 0 || strcmp(val, "suspend"))
             continue;
         xenbus_write(XBT_NIL, "control/shutdown", "");
+        if (refuse_suspend) {         /* as Linux when its freezer gives up: acked, not done */
+            printk("suspend: acknowledged, refused\n");
+            return -1;
+        }
         if (bad_start_info) {         /* hostile test: a start_info frame not ours */
             struct sched_shutdown sd = { .reason = SHUTDOWN_suspend };
             long r = _hypercall3(__HYPERVISOR_sched_op, SCHEDOP_shutdown, &sd, bad_start_info);

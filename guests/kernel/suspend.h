@@ -12,5 +12,6 @@ int suspend_init(void (*resume_hook)(void));
 int suspend_check(u64 deadline_ns);
 long do_suspend(void);
 extern unsigned long bad_start_info;
+extern int refuse_suspend;
 
 #endif

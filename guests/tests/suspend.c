@@ -6,6 +6,9 @@
  * Stops after `ticks=<n>` ticks (default 0: never) with poweroff.
  * `bad_si=<mfn>`: answer a suspend request with that MFN as start_info (a
  * hostile guest: the hypervisor must refuse it) and carry on.
+ * `refuse=1`: acknowledge a suspend request (clear control/shutdown) and then not
+ * suspend, as Linux does when its freezer gives up; prints "suspend: acknowledged,
+ * refused" and carries on.
  * `dirty=<n>`: rewrite n pages of the pattern on every tick (a busy guest for
  * live migration; the checksum then changes as it goes).
  * `balloon=<n>` (n <= 16): give back n pages (XENMEM_decrease_reservation), each
@@ -214,6 +217,7 @@ void app_main(void)
     u64 stop = cmdline_u64(cl, "ticks", 0);
     u64 dirty = cmdline_u64(cl, "dirty", 0);
     bad_start_info = cmdline_u64(cl, "bad_si", 0);
+    refuse_suspend = cmdline_u64(cl, "refuse", 0) != 0;
     unsigned refilled = balloon(cmdline_u64(cl, "balloon", 0), cmdline_u64(cl, "refill", 0) != 0);
     u64 smp = cmdline_u64(cl, "smp", 0);
     u64 seen = 0, k = 0;
