@@ -197,6 +197,9 @@ class EventChannels:
                 rd.evtchn.set_pending(p.remote_port)
         elif p.state == EvtchnStat.ipi:
             self.set_pending(port)
+            target = self.dom.vcpu(p.vcpu)
+            if target is not None:
+                target.ipi_code_sync()
         elif p.state == EvtchnStat.unbound:
             pass
         else:

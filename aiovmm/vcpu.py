@@ -19,6 +19,13 @@ from .abi import PAGE_SIZE, VcpuInfo, VCPU_INFO_SIZE
 from . import cpuid, descriptors, emulate, tcg_memory, vcpu_op
 from .vcpu_engine import ExitReason, VCPUEngine
 
+# An IPI drops the receiver's translated code at most this often (VCPU.ipi_code_sync).
+CODE_SYNC_S = 0.1
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
 if TYPE_CHECKING:
     from .domain import Domain
 
@@ -48,6 +55,8 @@ class VCPU:
         self.blocked = False
         self.idle_released = False     # translator memory released while asleep (_sleep)
         self.code_writes_seen = 0      # engine.code_invalidations() last seen (_share_code_writes)
+        self.code_flushed_at = -CODE_SYNC_S   # loop time of the last drop of translated code
+        self.code_sync_due: float | None = None   # an IPI's drop, deferred (ipi_code_sync)
         self.polling: frozenset[int] | None = None
         self._wake = asyncio.Event()
         self.fault_depth = 0
@@ -283,8 +292,12 @@ class VCPU:
                         traps.finish_ptwr(self)
                         if dom.dying:
                             break
+                    if self.code_sync_due is not None and loop_time() >= self.code_sync_due:
+                        self.code_sync_due = None
+                        self.flush_code_pending = True
                     if self.flush_code_pending:
                         self.flush_code_pending = False
+                        self.code_flushed_at = loop_time()
                         self.engine.flush_code()
                     if self.pending_trap is not None:
                         vector, error, rip = self.pending_trap
@@ -330,6 +343,22 @@ class VCPU:
             for other in self.domain.vcpus:
                 if other is not self:
                     other.flush_code_pending = True
+
+    def ipi_code_sync(self) -> None:
+        """Another vCPU of the domain sent this one an IPI. An SMP kernel that rewrites code
+        other CPUs may run (Linux's text_poke: static keys such as the freezer's, alternatives)
+        makes them see it with an IPI whose handler serializes (Intel SDM vol. 3 8.1.3,
+        cross-modifying code). An emulated vCPU keeps translations of the old bytes that no
+        store of another instance reaches unless the writer had translated them too
+        (_share_code_writes), so an IPI drops this vCPU's translated code before its next
+        slice: at most once per CODE_SYNC_S (retranslation costs ms), an IPI inside that
+        window deferring the drop to the window's end. Old code thus lives at most
+        CODE_SYNC_S past an IPI. Engines that run the bytes in memory (KVM) need nothing."""
+        if getattr(self.engine, "code_invalidations", None) is None:
+            return
+        due = max(loop_time(), self.code_flushed_at + CODE_SYNC_S)
+        if self.code_sync_due is None or due < self.code_sync_due:
+            self.code_sync_due = due
 
     async def _sleep(self) -> None:
         """Wait for a wake-up. A vCPU asleep for IDLE_RELEASE_S gives its engine's

@@ -51,6 +51,7 @@ EXPECTED: dict[str, str] = {
     # Code vCPU 0 rewrote after both ran it: vCPU 1 runs the new code, not its stale
     # translation (each Unicorn instance has its own; KVM has none to go stale).
     "smc_self": "1", "smc_other_before": "1", "smc_other_after": "2",
+    "smc_ipi_rc": "0", "smc_ipi_before": "1", "smc_ipi_after": "3",
     "is_up_1_down": "0",                # vCPU 1 took itself down
 }
 

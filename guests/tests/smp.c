@@ -37,6 +37,8 @@ static struct {
     volatile u64 timer_ns;
     volatile u64 patch_ready, patched;
     volatile long patch_before, patch_after;   /* what patch_fn returned to vCPU 1 */
+    volatile u64 ipi_patch_ready;
+    volatile long ipi_patch_before, ipi_patch_after, ipi_patch_rc;   /* ipi_patch_fn, vCPU 1 */
     volatile u64 done;
 } ap;
 
@@ -47,6 +49,15 @@ static long patch_fn(void)
 {
     __asm__ volatile("" ::: "memory");
     return ((int (*)(void))(void *)patch_code)();
+}
+
+/* mov $1, %eax; ret -- only vCPU 1 runs it; vCPU 0 makes it mov $3, %eax, then sends an IPI. */
+static u8 ipi_patch_code[16] __attribute__((aligned(16))) = { 0xb8, 1, 0, 0, 0, 0xc3 };
+
+static long ipi_patch_fn(void)
+{
+    __asm__ volatile("" ::: "memory");
+    return ((int (*)(void))(void *)ipi_patch_code)();
 }
 
 static evtchn_port_t ipi_to0, ipi_to1, timer1;
@@ -92,6 +103,14 @@ noreturn void ap_main(u64 cookie)
     while (!ap.patched)
         sched_yield();
     ap.patch_after = patch_fn();
+    /* Code only this vCPU ran, rewritten by vCPU 0, which then sends an IPI (as an SMP
+     * kernel does after text patching): after the IPI this vCPU runs the new code. */
+    clear_evtchn(ipi_to1);
+    ap.ipi_patch_before = ipi_patch_fn();
+    ap.ipi_patch_ready = 1;
+    ap.ipi_patch_rc = evtchn_poll(ipi_to1, monotonic_ns() + 60000000000UL);
+    clear_evtchn(ipi_to1);
+    ap.ipi_patch_after = ipi_patch_fn();
     ap.done = 1;
     HYPERVISOR_vcpu_op(VCPUOP_down, 1, NULL);
     for (;;)
@@ -304,10 +323,19 @@ void app_main(void)
     ACCESS_ONCE(patch_code[1]) = 2;
     long mine_after = patch_fn();
     ap.patched = 1;
+    wait_for(&ap.ipi_patch_ready, "ran the code only it runs");
+    /* Past the hypervisor's bound on how often an IPI drops translations (vcpu.py
+     * CODE_SYNC_S, 100 ms): the IPI below must make vCPU 1 see the new code at once. */
+    evtchn_poll(ipi_to0, monotonic_ns() + 250000000UL);
+    ACCESS_ONCE(ipi_patch_code[1]) = 3;
+    evtchn_send(ipi_to1);
     wait_for(&ap.done, "finished");
     R("smc_self", mine == 1 && mine_after == 2);
     R("smc_other_before", ap.patch_before);
     R("smc_other_after", ap.patch_after);
+    R("smc_ipi_rc", ap.ipi_patch_rc);
+    R("smc_ipi_before", ap.ipi_patch_before);
+    R("smc_ipi_after", ap.ipi_patch_after);
     R("ap_pongs", ap.pongs);
     R("ap_poll_rc", ap.poll_rc);
     R("ap_sel_has_ipi_word", (ap.sel_after_ipi >> (ipi_to1 / 64)) & 1);
