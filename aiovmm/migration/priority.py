@@ -22,7 +22,8 @@ class RealTime:
     Nested uses (sender and receiver in one process) share one boost: the first sets it,
     the last restores the thread's own policy. It is dropped after REALTIME_LIMIT_S
     whatever happens (a receiver that never answers must not leave a guest-running loop
-    at real-time priority; the kernel's RT throttling is the last line behind that).
+    at real-time priority; the kernel's RT throttling is the last line behind that). It
+    is the loop thread's alone: threads created during it start at normal priority.
     Without the privilege (CAP_SYS_NICE) it does nothing."""
 
     _depth = 0
@@ -42,7 +43,11 @@ class RealTime:
         if RealTime._depth == 0:
             try:
                 saved = (os.sched_getscheduler(0), os.sched_getparam(0))
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+                # SCHED_RESET_ON_FORK: a thread created meanwhile (an executor's or blkback's
+                # pool worker made on first use) starts at normal priority instead of
+                # inheriting the boost and keeping it after the boost is dropped here.
+                os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
+                                      os.sched_param(REALTIME_PRIORITY))
                 RealTime._saved = saved
             except OSError as e:
                 log.debug("no real-time priority for the stop-and-copy: %s", e)
