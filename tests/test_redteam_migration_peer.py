@@ -1,0 +1,72 @@
+"""Red-team: a migration receiver that authenticates and then stops reading (a hostile or
+hung peer that keeps its socket open: its kernel keeps acknowledging with a zero window,
+so TCP never gives up). The sender's writes wait for the peer; without a bound on that wait
+migrate() never returns, holding the guest-sized shadow copy, and if it happens during the
+stop-and-copy the guest stays suspended for ever. Every wait on the peer is bounded by
+IDLE_TIMEOUT, as the receiver's reads are: the migration fails with MigrationError and the
+guest runs on where it was."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from aiovmm import Hypervisor
+from aiovmm.migration import live
+from conftest import HV_MEMORY_MIB, guest
+
+SECRET = b"redteam-secret-0123456789"
+
+
+async def _silent_receiver(got: list[int]) -> asyncio.Server:
+    """Does the receiver's half of the handshake, then reads nothing and keeps the socket."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        live._bound_in_flight(w)             # the buffers the real receiver has
+        nr = os.urandom(live.NONCE)
+        w.write(live.MAGIC + nr)
+        await w.drain()
+        msg = await r.readexactly(len(live.MAGIC) + live.NONCE + live.MAC)
+        ns = msg[len(live.MAGIC):len(live.MAGIC) + live.NONCE]
+        w.write(live._mac(SECRET, b"receiver", ns, nr))
+        await w.drain()
+        got.append(1)
+        held.append(w)                       # never read again, never closed by us
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    srv.held = held                          # type: ignore[attr-defined]
+    return srv
+
+
+async def test_a_receiver_that_stops_reading_fails_the_migration(monkeypatch):
+    monkeypatch.setattr(live, "IDLE_TIMEOUT", 2.0)
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+        got: list[int] = []
+        srv = await _silent_receiver(got)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            # 4 MiB of pattern: far more than the socket buffers and the transport's limit.
+            dom = await hv.create(guest("suspend"), memory_mib=16, cmdline="pages=1024 every=10")
+            await dom.wait_for_line(r"uptime: ticks=10 ", 30)
+            with pytest.raises(live.MigrationError) as ei:
+                async with asyncio.timeout(30):          # without a bound: for ever
+                    await live.migrate(dom, "127.0.0.1", port, SECRET)
+            assert got == [1]
+            assert not ei.value.source_suspended
+            assert dom.suspended is None and not dom.dying
+            assert await _ticks_on(dom, len(dom.console_lines)), dom.console_lines[-5:]
+        finally:
+            for w in srv.held:                           # type: ignore[attr-defined]
+                w.transport.abort()
+            srv.close()
+            await srv.wait_closed()
+
+
+async def _ticks_on(dom, n: int) -> bool:
+    """The guest still runs: another uptime line within 20 s."""
+    for _ in range(200):
+        if any(l.startswith("uptime:") for l in dom.console_lines[n:]):
+            return True
+        await asyncio.sleep(0.1)
+    return False
