@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import time
 
 import pytest
 
@@ -44,3 +45,25 @@ async def test_a_worker_thread_made_during_the_boost_does_not_keep_it(privileged
         rt.stop()
         pool.shutdown()
     assert (during, after) == (os.SCHED_OTHER, os.SCHED_OTHER)
+
+
+async def test_the_limit_holds_while_the_loop_thread_does_not_yield(privileged, monkeypatch):
+    """The boost's limit is what bounds the downtime's hold on a core, and the downtime's
+    work is partly synchronous and sized by the guest (the receiver's final pinning
+    revalidates every table that arrival-time validation could not hold; the sender's last
+    scan compares every page): a limit enforced by a loop timer would wait for the next
+    await. Here the loop thread blocks for up to 1 s without yielding."""
+    monkeypatch.setattr(priority, "REALTIME_LIMIT_S", 0.05)
+    rt = priority.RealTime()
+    rt.start()
+    try:
+        assert _raw_policy() == os.SCHED_FIFO
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end and _raw_policy() == os.SCHED_FIFO:
+            time.sleep(0.01)                     # blocking: the loop's timers cannot run
+        held = time.monotonic() - (end - 1.0)
+        assert _raw_policy() == os.SCHED_OTHER, "still SCHED_FIFO after 1 s"
+        assert held < 0.5, f"dropped after {held:.2f} s"
+    finally:
+        rt.stop()
+    assert _raw_policy() == os.SCHED_OTHER and priority.RealTime._depth == 0
