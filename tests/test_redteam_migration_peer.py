@@ -85,3 +85,36 @@ async def _ticks_on(dom, n: int) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+async def test_a_migration_cancelled_in_its_stop_and_copy_leaves_the_guest_running():
+    """Cancelled (a daemon shutting down, the caller's task cancelled) after the guest was
+    suspended and before GO: the guest is still the source's, so it must run on here as on
+    any failure before the hand-over, not stay suspended for ever; the receiver drops its
+    copy when the connection goes."""
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as src, Hypervisor(memory_mib=HV_MEMORY_MIB) as dst:
+        rx = await live.serve(dst, "127.0.0.1", 0, SECRET)
+        try:
+            dom = await src.create(guest("suspend"), memory_mib=8, cmdline="pages=64 every=10")
+            await dom.wait_for_line(r"uptime: ticks=10 ", 30)
+            task: asyncio.Task | None = None
+            phases: list[str] = []
+
+            def progress(phase: str, _st) -> None:
+                phases.append(phase)
+                if phase == "final":              # suspended, whole stream written, no GO yet
+                    assert dom.suspended is not None
+                    task.cancel()
+            task = asyncio.create_task(live.migrate(dom, "127.0.0.1", rx.port, SECRET, progress=progress))
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert "final" in phases
+            assert dom.suspended is None and not dom.dying
+            assert await _ticks_on(dom, len(dom.console_lines)), dom.console_lines[-5:]
+            for _ in range(100):                  # the receiver discarded what it had built
+                if not [d for d in dst.domains.values() if d.domid != 0]:
+                    break
+                await asyncio.sleep(0.1)
+            assert not [d for d in dst.domains.values() if d.domid != 0], dst.domains
+        finally:
+            await rx.aclose()
