@@ -300,6 +300,12 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
     go_sent = False
     shadow = Shadow(dom.nr_pages)             # what the receiver has (dirty.py)
     rt = RealTime(realtime)
+
+    def run_on_here() -> None:
+        """Called off before GO, after the suspend: the guest resumes here."""
+        resume_cancelled(dom)
+        devices.hold(dom, False)
+        devices.reannounce(dom)               # the receiver may have announced it already
     try:
         try:
             async with asyncio.timeout(AUTH_TIMEOUT):
@@ -411,14 +417,21 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
                       host, port, why)
             raise MigrationError(f"failed after hand-over: {why}", source_suspended=True) from None
         if susp is not None:
-            resume_cancelled(dom)
-            devices.hold(dom, False)
-            devices.reannounce(dom)           # the receiver may have announced it already
+            run_on_here()
         log.warning("d%d: migration to %s:%d failed, the domain runs on here: %s", dom.domid,
                     host, port, why)
         if isinstance(e, MigrationError):
             raise
         raise MigrationError(f"migration to {host}:{port} failed: {why}") from None
+    except asyncio.CancelledError:
+        # Cancelled (the caller's task, a daemon going down): before GO the guest is still
+        # this side's and runs on, as on any failure; after GO it is the receiver's.
+        writer.transport.abort()
+        if susp is not None and not go_sent:
+            run_on_here()
+            log.warning("d%d: migration to %s:%d cancelled, the domain runs on here", dom.domid,
+                        host, port)
+        raise
     finally:
         rt.stop()
         writer.close()
