@@ -34,17 +34,30 @@ MIN_PERIOD_NS = 1_000_000
 FAR_FUTURE_NS = 1 << 50
 
 
+def _version_begin(buf, off: int) -> int:
+    """Xen's version_update_begin: the u32 counter at `off` becomes odd (an update is in
+    progress). It starts from what the guest left there (the page is the guest's to write),
+    so it wraps at 2^32 as Xen's uint32_t does; returns the odd value written."""
+    ver = ((struct.unpack_from("<I", buf, off)[0] + 1) | 1) & 0xFFFFFFFF
+    struct.pack_into("<I", buf, off, ver)
+    return ver
+
+
+def _version_end(buf, off: int, ver: int) -> None:
+    """Xen's version_update_end: even again (0 after 0xffffffff), the update is complete."""
+    struct.pack_into("<I", buf, off, (ver + 1) & 0xFFFFFFFF)
+
+
 def write_pvclock(v: "VCPU") -> None:
     """Publish vcpu_time_info with Xen's version protocol (odd while writing)."""
     m = v.domain.mem
     a = v.info_maddr + VcpuInfo.time
-    ver = struct.unpack_from("<I", m.map, a)[0]
-    struct.pack_into("<I", m.map, a, (ver + 1) | 1)
+    ver = _version_begin(m.map, a)
     params = getattr(v.engine, "pvclock_params", None)      # engines whose guest TSC is real
     stamp, sys_ns, mul, shift = (params(v.domain.hypervisor.system_time_ns) if params
                                  else (0, 0, TSC_MUL, TSC_SHIFT))
-    _TIME_INFO.pack_into(m.map, a, (ver + 1) | 1, stamp, sys_ns, mul, shift, XEN_PVCLOCK_TSC_STABLE_BIT)
-    struct.pack_into("<I", m.map, a, ((ver + 1) | 1) + 1)
+    _TIME_INFO.pack_into(m.map, a, ver, stamp, sys_ns, mul, shift, XEN_PVCLOCK_TSC_STABLE_BIT)
+    _version_end(m.map, a, ver)
 
 
 def write_wallclock(dom: "Domain") -> None:
@@ -53,10 +66,9 @@ def write_wallclock(dom: "Domain") -> None:
     base = dom.shared_info_maddr
     boot_unix_ns = dom.hypervisor.boot_unix_ns
     sec, nsec = divmod(boot_unix_ns, 1_000_000_000)
-    ver = struct.unpack_from("<I", m.map, base + SharedInfo.wc_version)[0]
-    struct.pack_into("<I", m.map, base + SharedInfo.wc_version, (ver + 1) | 1)
+    ver = _version_begin(m.map, base + SharedInfo.wc_version)
     struct.pack_into("<III", m.map, base + SharedInfo.wc_sec, sec & 0xFFFFFFFF, nsec, sec >> 32)
-    struct.pack_into("<I", m.map, base + SharedInfo.wc_version, ((ver + 1) | 1) + 1)
+    _version_end(m.map, base + SharedInfo.wc_version, ver)
 
 
 def _fire(v: "VCPU") -> None:

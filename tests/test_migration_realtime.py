@@ -16,7 +16,8 @@ SECRET = b"test-secret-0123456789"
 
 
 def _policy() -> int:
-    return os.sched_getscheduler(0)
+    """The thread's policy (without the boost's SCHED_RESET_ON_FORK flag)."""
+    return os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
 
 
 @pytest.fixture

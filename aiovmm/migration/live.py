@@ -124,6 +124,15 @@ def _bound_in_flight(writer: asyncio.StreamWriter) -> None:
     writer.transport.set_write_buffer_limits(high=IN_FLIGHT)
 
 
+async def _drain(writer: asyncio.StreamWriter) -> None:
+    """Wait until the peer has taken what was written, at most IDLE_TIMEOUT (TimeoutError):
+    a peer that stops reading but keeps its socket open (its kernel acknowledges with a zero
+    window, so TCP never gives up) must not hold a migration, and the guest suspended for
+    its stop-and-copy, for ever. The receiver's reads have the same bound."""
+    async with asyncio.timeout(IDLE_TIMEOUT):
+        await writer.drain()
+
+
 # ----------------------------------------------------------------------------- receiver
 async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                   secret: bytes, on_domain: Callable[["Domain"], None] | None = None,
@@ -171,7 +180,7 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
                                              on_end=on_end)
         mark("rx_finished")
         writer.write(READY)
-        await writer.drain()
+        await _drain(writer)
         async with asyncio.timeout(IDLE_TIMEOUT):
             go = await reader.readexactly(len(GO))
         if go != GO:
@@ -184,7 +193,7 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
         if on_domain is not None:
             on_domain(started)
         writer.write(DONE + struct.pack("<I", started.domid))
-        await writer.drain()
+        await _drain(writer)
         mark("rx_done")
         if rt.active:
             await _vifs_connected(started)
@@ -291,6 +300,12 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
     go_sent = False
     shadow = Shadow(dom.nr_pages)             # what the receiver has (dirty.py)
     rt = RealTime(realtime)
+
+    def run_on_here() -> None:
+        """Called off before GO, after the suspend: the guest resumes here."""
+        resume_cancelled(dom)
+        devices.hold(dom, False)
+        devices.reannounce(dom)               # the receiver may have announced it already
     try:
         try:
             async with asyncio.timeout(AUTH_TIMEOUT):
@@ -312,7 +327,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         async def write(data: bytes | memoryview) -> None:
             writer.write(data)
             stats.bytes_sent += len(data)
-            await writer.drain()
+            await _drain(writer)
             if bandwidth:
                 t_rate[1] += len(data)
                 ahead = t_rate[1] / bandwidth - (time.perf_counter() - t_rate[0])
@@ -379,7 +394,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         go_sent = True                        # from here on the guest belongs to the receiver
         devices.release(dom.hypervisor, dom)  # disks: the receiver claims them after GO
         writer.write(GO)
-        await writer.drain()
+        await _drain(writer)
         async with asyncio.timeout(IDLE_TIMEOUT):
             done = await reader.readexactly(len(DONE) + 4)
         if done[:len(DONE)] != DONE:
@@ -392,20 +407,31 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
     except (OSError, asyncio.IncompleteReadError, TimeoutError, SuspendError, _save.SaveError,
             MigrationError) as e:
         why = str(e) or type(e).__name__
+        # The connection and what the peer has not taken go now: a close would keep both
+        # (the socket, up to IN_FLIGHT queued bytes) for as long as a peer that never
+        # reads keeps its end open.
+        writer.transport.abort()
         if go_sent:
             log.error("d%d: migration to %s:%d failed after GO (%s): the domain stays suspended "
                       "here; check the destination before resuming or destroying it", dom.domid,
                       host, port, why)
             raise MigrationError(f"failed after hand-over: {why}", source_suspended=True) from None
         if susp is not None:
-            resume_cancelled(dom)
-            devices.hold(dom, False)
-            devices.reannounce(dom)           # the receiver may have announced it already
+            run_on_here()
         log.warning("d%d: migration to %s:%d failed, the domain runs on here: %s", dom.domid,
                     host, port, why)
         if isinstance(e, MigrationError):
             raise
         raise MigrationError(f"migration to {host}:{port} failed: {why}") from None
+    except asyncio.CancelledError:
+        # Cancelled (the caller's task, a daemon going down): before GO the guest is still
+        # this side's and runs on, as on any failure; after GO it is the receiver's.
+        writer.transport.abort()
+        if susp is not None and not go_sent:
+            run_on_here()
+            log.warning("d%d: migration to %s:%d cancelled, the domain runs on here", dom.domid,
+                        host, port)
+        raise
     finally:
         rt.stop()
         writer.close()

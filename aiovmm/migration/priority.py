@@ -1,14 +1,57 @@
 """Real-time priority for the parts of a migration or restore that are the guest's downtime."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import threading
+import time
 
 log = logging.getLogger("aiovmm.migration")
 
 REALTIME_PRIORITY = 1                   # SCHED_FIFO's lowest: above every normal task, below
 REALTIME_LIMIT_S = 0.5                  # the kernel's own threads; never longer than this
+
+
+class _Limit:
+    """One thread per process that drops the boost when its deadline passes: made on first
+    use (RealTime()), which is before a downtime, so that starting a boost costs a notify
+    and not a thread creation (~200 us measured here)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        threading.Thread(target=self._run, name="aiovmm-rt-limit", daemon=True).start()
+
+    def arm(self, seconds: float) -> None:
+        with self._cond:
+            self._deadline = time.monotonic() + seconds
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._deadline is None or self._deadline > time.monotonic():
+                    self._cond.wait(None if self._deadline is None
+                                    else self._deadline - time.monotonic())
+                self._deadline = None
+            RealTime._restore()               # outside the condition: start() arms under
+                                              # RealTime._lock, which _restore takes
+
+
+_limit: _Limit | None = None
+_limit_lock = threading.Lock()
+
+
+def _the_limit() -> _Limit:
+    global _limit
+    with _limit_lock:
+        if _limit is None:
+            _limit = _Limit()
+        return _limit
 
 
 class RealTime:
@@ -22,49 +65,67 @@ class RealTime:
     Nested uses (sender and receiver in one process) share one boost: the first sets it,
     the last restores the thread's own policy. It is dropped after REALTIME_LIMIT_S
     whatever happens (a receiver that never answers must not leave a guest-running loop
-    at real-time priority; the kernel's RT throttling is the last line behind that).
+    at real-time priority; the kernel's RT throttling is the last line behind that). The
+    limit is kept by a thread (_Limit), not by a loop timer: part of the downtime's work is
+    synchronous and sized by the guest (the final scan of its pages, the pinning of its
+    tables), and a loop timer would wait for the next await. It is the loop thread's
+    alone: threads created during it start at normal priority (SCHED_RESET_ON_FORK).
     Without the privilege (CAP_SYS_NICE) it does nothing."""
 
     _depth = 0
     _saved: tuple[int, os.sched_param] | None = None
+    _tid = 0                            # the boosted thread (the loop's)
+    _lock = threading.Lock()            # _Limit's thread drops the boost too
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._timer: asyncio.TimerHandle | None = None
+        self._started = False
+        self._limit = _the_limit() if enabled else None
 
     @property
     def active(self) -> bool:
         return RealTime._saved is not None
 
     def start(self) -> None:
-        if not self.enabled or self._timer is not None:
+        if self._limit is None or self._started:
             return
-        if RealTime._depth == 0:
-            try:
-                saved = (os.sched_getscheduler(0), os.sched_getparam(0))
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
-                RealTime._saved = saved
-            except OSError as e:
-                log.debug("no real-time priority for the stop-and-copy: %s", e)
-        RealTime._depth += 1
-        self._timer = asyncio.get_running_loop().call_later(REALTIME_LIMIT_S, RealTime._restore)
+        self._started = True
+        with RealTime._lock:
+            if RealTime._depth == 0:
+                try:
+                    saved = (os.sched_getscheduler(0), os.sched_getparam(0))
+                    # SCHED_RESET_ON_FORK: a thread created meanwhile (an executor's or
+                    # blkback's pool worker made on first use) starts at normal priority
+                    # instead of inheriting the boost and keeping it after it is dropped.
+                    os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
+                                          os.sched_param(REALTIME_PRIORITY))
+                    RealTime._saved, RealTime._tid = saved, threading.get_native_id()
+                    self._limit.arm(REALTIME_LIMIT_S)
+                except OSError as e:
+                    log.debug("no real-time priority for the stop-and-copy: %s", e)
+            RealTime._depth += 1
 
     def stop(self) -> None:
         """Idempotent; a no-op if start() was not called."""
-        if self._timer is None:
+        if not self._started:
             return
-        self._timer.cancel()
-        self._timer = None
-        RealTime._depth -= 1
-        if RealTime._depth == 0:
+        self._started = False
+        with RealTime._lock:
+            RealTime._depth -= 1
+            last = RealTime._depth == 0
+        if last:
+            self._limit.disarm()
             RealTime._restore()
 
     @staticmethod
     def _restore() -> None:
-        if RealTime._saved is not None:
-            policy, param = RealTime._saved
+        """The boosted thread's own policy back (from that thread, or from _Limit's)."""
+        with RealTime._lock:
+            if RealTime._saved is None:
+                return
+            (policy, param), tid = RealTime._saved, RealTime._tid
             RealTime._saved = None
             try:
-                os.sched_setscheduler(0, policy, param)
+                os.sched_setscheduler(tid, policy, param)
             except OSError as e:              # it was allowed a moment ago
                 log.error("cannot restore the loop thread's scheduling policy: %s", e)
