@@ -154,6 +154,12 @@ def _timer_slice_fields(uc: Uc) -> tuple[int, int] | None:
     return slot, cpu
 
 
+class _Pio(ctypes.Structure):
+    """Mirror of struct aiovmm_pio in csrc/preempt.c."""
+    _fields_ = [("in_", ctypes.c_void_p), ("out", ctypes.c_void_p), ("cpu", ctypes.c_void_p),
+                ("loop_exit", ctypes.c_void_p), ("refused", ctypes.c_int32)]
+
+
 class _Tsc(ctypes.Structure):
     """Mirror of struct aiovmm_tsc in csrc/preempt.c."""
     _fields_ = [("origin_ns", ctypes.c_int64), ("aux", ctypes.c_uint64), ("ids", ctypes.c_int32 * 3),
@@ -360,9 +366,10 @@ class VCPUEngine:
         self.slice.stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
         lib = self._lib = _native()
         self._hooks = []
-        # How slices end (csrc/preempt.c): "hook", a C block hook counting blocks (a helper
-        # call per translated block), or "timer", Unicorn's own block-start exit check
-        # raised by a per-thread timer signal, the stop itself made between two blocks.
+        # How slices end (csrc/preempt.c): "timer", Unicorn's own block-start exit check
+        # raised by a per-thread timer signal, the stop itself made between two blocks; or
+        # "hook", a C block hook counting blocks (a helper call per translated block:
+        # slower; also the fallback for a Unicorn whose layout is not the probed one).
         self._timer: int | None = None
         self._in_slice = False
         self._deadline_ns = 0
@@ -398,9 +405,23 @@ class VCPUEngine:
         self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_cpuid, ctypes.c_void_p), None,
                        X.UC_X86_INS_CPUID)
         self._cb_in = _IN_CB(self._hook_in)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
         self._cb_out = _OUT_CB(self._hook_out)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
+        self._pio: _Pio | None = None
+        if self._timer:
+            # A refused IN/OUT ends the slice at the instruction (csrc/preempt.c).
+            self._pio = pio = _Pio()
+            pio.in_ = ctypes.cast(self._cb_in, ctypes.c_void_p).value
+            pio.out = ctypes.cast(self._cb_out, ctypes.c_void_p).value
+            pio.cpu = self._cpu
+            pio.loop_exit = ctypes.cast(uclib.cpu_loop_exit_x86_64, ctypes.c_void_p).value
+            pio_ref = ctypes.cast(ctypes.byref(pio), ctypes.c_void_p)
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_in_hook, ctypes.c_void_p), pio_ref,
+                           X.UC_X86_INS_IN)
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_out_hook, ctypes.c_void_p), pio_ref,
+                           X.UC_X86_INS_OUT)
+        else:
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
         # RDTSC and RDTSCP (which does not go through the RDTSC hook: same clock, ECX =
         # TSC_AUX) are answered in C from the clock's origin (the `rdtsc` setter).
         tsc = ctypes.cast(ctypes.byref(self._tsc), ctypes.c_void_p)
@@ -423,6 +444,7 @@ class VCPUEngine:
         fields = _timer_slice_fields(uc) if flag is not None else None
         timer = None
         if fields is not None:
+            self._cpu = fields[1]
             timer = lib.aiovmm_timer_new(self.h, fields[1], fields[0], self.slice.stop,
                                          ctypes.cast(uclib.cpu_exit, ctypes.c_void_p).value)
         if not timer and flag is not None:
@@ -791,15 +813,23 @@ class VCPUEngine:
             val = self.on_port_io(port, size, False, 0)
             if val is not None:
                 return val & ((1 << (8 * size)) - 1)
+            self._refused()
         except BaseException as e:
             self._fail(e)
         return 0xFFFFFFFF
 
     def _hook_out(self, uc, port, size, value, user_data) -> None:
         try:
-            self.on_port_io(port, size, True, value)
+            if self.on_port_io(port, size, True, value) is None:
+                self._refused()
         except BaseException as e:
             self._fail(e)
+
+    def _refused(self) -> None:
+        """The handler refused this IN/OUT (and stop()ped the slice): with timer slices the
+        C hook leaves the block at the instruction once the handler returned."""
+        if self._pio is not None:
+            self._pio.refused = 1
 
     def _hook_cpuid(self, uc, user_data) -> int:
         try:

@@ -349,3 +349,43 @@ int64_t aiovmm_timer_fired_ns(struct aiovmm_timer *t)
 {
     return t->fired_ns;
 }
+
+/* ---- A refused IN/OUT with timer slices ------------------------------------------------
+ * The vCPU refuses a port access the domain may not make and delivers #GP at the
+ * instruction (vcpu.py). With the translator's mid-block exit checks off, a stop asked for
+ * inside the IN/OUT hook would only take effect at the next block: the rest of the block
+ * would run first, with the refused value. These hooks call the Python handler and, when it
+ * refused (set `refused`), leave the translated code at once (cpu_loop_exit): Unicorn
+ * synced the CPU state to the IN/OUT instruction before calling the hook (ioport.c), so
+ * the slice ends with RIP on it and nothing after it executed. */
+typedef uint32_t (*pio_in_fn)(void *uc, uint32_t port, int size, void *user_data);
+typedef void (*pio_out_fn)(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
+
+struct aiovmm_pio {
+    pio_in_fn in;                /* the engine's IN handler */
+    pio_out_fn out;              /* the engine's OUT handler */
+    void *cpu;                   /* uc_struct.cpu */
+    void (*loop_exit)(void *cpu);    /* Unicorn's cpu_loop_exit */
+    int32_t refused;             /* set by a handler: end the slice at the instruction */
+};
+
+uint32_t aiovmm_in_hook(void *uc, uint32_t port, int size, void *user_data)
+{
+    struct aiovmm_pio *p = (struct aiovmm_pio *)user_data;
+    uint32_t value = p->in(uc, port, size, NULL);
+    if (p->refused) {
+        p->refused = 0;
+        p->loop_exit(p->cpu);
+    }
+    return value;
+}
+
+void aiovmm_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data)
+{
+    struct aiovmm_pio *p = (struct aiovmm_pio *)user_data;
+    p->out(uc, port, size, value, NULL);
+    if (p->refused) {
+        p->refused = 0;
+        p->loop_exit(p->cpu);
+    }
+}

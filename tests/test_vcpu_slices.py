@@ -130,3 +130,32 @@ def test_a_stop_never_skips_the_cpuid_hook(make):
     bad = int.from_bytes(eng.uc.mem_read(DATA + 8, 8), "little")
     assert (bad, eng.get("r15")) == (0, 0), f"Unicorn's own CPUID after {slices} slices"
     assert slices >= 10
+
+
+def test_a_refused_port_access_stops_exactly_at_the_instruction(make):
+    """The vCPU refuses a port (no IOPL/bitmap) and stop()s: the slice must end at the IN,
+    with nothing after it run, so the #GP the vCPU delivers there is exact. Timer slices
+    leave the block from the C IN/OUT hook; block-hook slices still run on to the next
+    load or store (their mid-block exit check)."""
+    # in al,0x80; inc rbx; mov [DATA], rbx; inc rbx; out 0x80,al; inc rbx
+    program = bytes.fromhex("e480" "48ffc3" "48891c25" + DATA.to_bytes(4, "little").hex()
+                            + "48ffc3" "e680" "48ffc3")
+    eng = make(program)
+    if eng.slices == "hook":
+        pytest.skip("block-hook slices stop a refused IN/OUT at the next load or store")
+    seen = []
+
+    def refuse(port: int, size: int, write: bool, value: int) -> None:
+        seen.append((port, write))
+        eng.stop()
+        return None
+    eng.on_port_io = refuse
+    eng.write({"rip": CODE, "rbx": 0})
+    assert eng.run(1 << 30, 1_000_000_000) == ExitReason.STOPPED
+    assert (eng.get("rip"), eng.get("rbx"), seen) == (CODE, 0, [(0x80, False)])
+    assert int.from_bytes(eng.uc.mem_read(DATA, 8), "little") == 0
+    # Past the IN (as the vCPU's #GP handling would resume): the OUT is refused exactly too.
+    eng.write({"rip": CODE + 2})
+    assert eng.run(1 << 30, 1_000_000_000) == ExitReason.STOPPED
+    out_at = CODE + 2 + 3 + 8 + 3
+    assert (eng.get("rip"), eng.get("rbx"), seen[-1]) == (out_at, 2, (0x80, True))
