@@ -366,15 +366,15 @@ class VCPUEngine:
         self.slice.stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
         lib = self._lib = _native()
         self._hooks = []
-        # How slices end (csrc/preempt.c): "timer", Unicorn's own block-start exit check
-        # raised by a per-thread timer signal, the stop itself made between two blocks; or
-        # "hook", a C block hook counting blocks (a helper call per translated block:
-        # slower; also the fallback for a Unicorn whose layout is not the probed one).
+        # How slices end (csrc/preempt.c): "timer" (default), Unicorn's own block-start exit
+        # check raised by a per-thread timer signal, the stop itself made between two
+        # blocks; or "hook", a C block hook counting blocks (a helper call per translated
+        # block: slower; also the fallback for a Unicorn whose layout is not the probed one).
         self._timer: int | None = None
         self._in_slice = False
         self._deadline_ns = 0
         if slices is None:
-            slices = os.environ.get("AIOVMM_UNICORN_SLICES", "hook")
+            slices = os.environ.get("AIOVMM_UNICORN_SLICES", "timer")
         if slices == "timer":
             self._timer = self._timer_slices(uc, lib)
             if not self._timer:
@@ -676,7 +676,8 @@ class VCPUEngine:
 
     def run(self, budget: int, max_ns: int = 0) -> ExitReason:
         """Run until the block budget or `max_ns` of wall time is used (checked every 64
-        blocks by the C hook), a preempt, or a handler's stop()."""
+        blocks by the C hook; timer slices have no block count and end on `max_ns`, 2 ms
+        if 0), a preempt, or a handler's stop()."""
         s = self.slice
         s.budget = budget
         s.deadline_ns = time.monotonic_ns() + max_ns if max_ns else 0
