@@ -6,9 +6,12 @@ callbacks for hypercalls (SYSCALL), exceptions and invalid opcodes. A KVM engine
 behind the same interface later.
 
 Unicorn quirks handled here, each measured in shared/research/unicorn/NOTES.md:
-- Slices end only through the C block hook in aiovmm/_native/preempt.so (budget or preempt
-  flag), never through emu_stop from another thread, timeout= or count= (they re-execute
-  read-modify-write instructions or cost a per-instruction hook).
+- Slices end through aiovmm/_native/preempt.so: either a C block hook (budget, preempt flag,
+  deadline) or, with "timer" slices, a per-thread POSIX timer whose signal asks the CPU to
+  leave its translated code and a stop raised by the emulation thread itself between two
+  blocks (csrc/preempt.c says why each part is needed). Never emu_stop from another thread,
+  timeout= or count= (they re-execute read-modify-write instructions, skip instruction hooks,
+  or cost a per-instruction hook).
 - Unicorn bug #1883: env->old_exception is never reset, so the 2nd fault becomes #DF and the
   3rd a silent triple fault. Every exception hook resets it through the context blob.
 - In the SYSCALL hook RIP is the syscall itself and Unicorn adds 2 after the hook returns, so a
@@ -92,13 +95,13 @@ _UC_PAGE_SIZES = 1984 - 1389     # uint32 target_page_size, target_page_align; u
 _UC_FLAGS = 2032 - 1389          # bool hook_insert, first_tb, no_exit_request, init_done
 
 
-def _mid_block_exits_off(uc: Uc) -> bool:
+def _mid_block_exits_off(uc: Uc) -> int | None:
     """Make the translator check Unicorn's exit request only at block starts (as QEMU
-    does), not after every guest load and store, so a uc_emu_stop from another thread ends
-    a slice between two blocks, never in the middle of an instruction. Set before anything
+    does), not after every guest load and store, so an exit request (timer slices) ends a
+    slice between two blocks, never in the middle of an instruction. Set before anything
     is translated. Unicorn has no API for it: the field is located from the byte
     uc_emu_stop sets, and the layout around it is checked against 2.1.4's before anything
-    is written; False (nothing changed) if it does not match."""
+    is written. Returns the flag's address, or None (nothing changed) if it does not match."""
     base = ctypes.cast(uc._uch, ctypes.c_void_p).value
     n = _UC_FLAGS + 4 + 4096
     before = ctypes.string_at(base, n)
@@ -106,17 +109,55 @@ def _mid_block_exits_off(uc: Uc) -> bool:
     after = ctypes.string_at(base, n)
     changed = [i for i in range(n) if before[i] != after[i]]
     if len(changed) != 1 or (before[changed[0]], after[changed[0]]) != (0, 1):
-        return False
+        return None
     stop = changed[0]
     ctypes.c_bool.from_address(base + stop).value = False
     if stop + _UC_FLAGS + 4 > n:
-        return False
+        return None
     tps, tpa, hps, rhps = struct.unpack_from("<IIQQ", after, stop + _UC_PAGE_SIZES)
     hook_insert, _first_tb, no_exit, init_done = after[stop + _UC_FLAGS:stop + _UC_FLAGS + 4]
     if (tps, tpa, hps, rhps) != (4096, 4095, 4096, 4096) or (hook_insert, no_exit, init_done) != (0, 0, 1):
-        return False
-    ctypes.c_bool.from_address(base + stop + _UC_FLAGS + 2).value = True
-    return True
+        return None
+    flag = base + stop + _UC_FLAGS + 2
+    ctypes.c_bool.from_address(flag).value = True
+    return flag
+
+
+# uc_struct (include/uc_priv.h) from `vm_start`: stop_interrupt is 4 pointers before it,
+# cpu 23 after it; CPUState starts with nr_cores = nr_threads = 1 and has exit_request at 21.
+_UC_STOP_INTERRUPT = -4 * 8
+_UC_CPU = 23 * 8
+_CPU_EXIT_REQUEST = 21
+
+
+def _timer_slice_fields(uc: Uc) -> tuple[int, int] | None:
+    """(address of uc_struct.stop_interrupt, uc_struct.cpu) for timer slices
+    (csrc/preempt.c), after _mid_block_exits_off succeeded (its uc_emu_stop initialised the
+    instance and ran cpu_exit on its CPU). Located from the two exported functions stored in
+    adjacent fields (vm_start, tcg_exec_init) and checked against the CPU that cpu_exit
+    marked; None if anything does not match 2.1.4's layout."""
+    base = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    pair = (ctypes.cast(uclib.vm_start_x86_64, ctypes.c_void_p).value,
+            ctypes.cast(uclib.tcg_exec_init_x86_64, ctypes.c_void_p).value)
+    blob = ctypes.string_at(base, _UC_FLAGS + 4096)
+    found = [i for i in range(0, 1024, 8) if struct.unpack_from("<QQ", blob, i) == pair]
+    if len(found) != 1 or found[0] + _UC_STOP_INTERRUPT < 0:
+        return None
+    slot = base + found[0] + _UC_STOP_INTERRUPT
+    stop_interrupt = struct.unpack_from("<Q", blob, found[0] + _UC_STOP_INTERRUPT)[0]
+    cpu = struct.unpack_from("<Q", blob, found[0] + _UC_CPU)[0]
+    if not stop_interrupt or not cpu:
+        return None
+    head = ctypes.string_at(cpu, 32)
+    if struct.unpack_from("<ii", head, 0) != (1, 1) or head[_CPU_EXIT_REQUEST] != 1:
+        return None
+    return slot, cpu
+
+
+class _Pio(ctypes.Structure):
+    """Mirror of struct aiovmm_pio in csrc/preempt.c."""
+    _fields_ = [("in_", ctypes.c_void_p), ("out", ctypes.c_void_p), ("cpu", ctypes.c_void_p),
+                ("loop_exit", ctypes.c_void_p), ("refused", ctypes.c_int32)]
 
 
 class _Tsc(ctypes.Structure):
@@ -186,8 +227,8 @@ def _native() -> ctypes.CDLL:
         _native_lib = ctypes.CDLL(_NATIVE)
         vp = ctypes.c_void_p
         _native_lib.aiovmm_timer_new.restype = vp
-        _native_lib.aiovmm_timer_new.argtypes = [vp, vp]
-        _native_lib.aiovmm_timer_arm.argtypes = [vp, ctypes.c_int64]
+        _native_lib.aiovmm_timer_new.argtypes = [vp, vp, vp, vp, vp]
+        _native_lib.aiovmm_timer_arm.argtypes = [vp, ctypes.c_int64, ctypes.c_int]
         _native_lib.aiovmm_timer_disarm.argtypes = [vp]
         _native_lib.aiovmm_timer_kick.argtypes = [vp]
         _native_lib.aiovmm_timer_free.argtypes = [vp]
@@ -329,22 +370,21 @@ class VCPUEngine:
         self.slice.stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
         lib = self._lib = _native()
         self._hooks = []
-        # How slices end (csrc/preempt.c): "hook", a C block hook counting blocks (a helper
-        # call per translated block), or "timer", Unicorn's own exit request from a timer
-        # thread, precise only once the translator checks it at block starts alone.
+        # How slices end (csrc/preempt.c): "timer" (default), Unicorn's own block-start exit
+        # check raised by a per-thread timer signal, the stop itself made between two
+        # blocks; or "hook", a C block hook counting blocks (a helper call per translated
+        # block: slower; also the fallback for a Unicorn whose layout is not the probed one).
         self._timer: int | None = None
         self._in_slice = False
         self._deadline_ns = 0
         if slices is None:
-            slices = os.environ.get("AIOVMM_UNICORN_SLICES", "hook")
-        if slices == "timer" and not _mid_block_exits_off(uc):
-            log.warning("%s: this Unicorn's layout is not the one probed: slices use the block hook", name)
-            slices = "hook"
+            slices = os.environ.get("AIOVMM_UNICORN_SLICES", "timer")
         if slices == "timer":
-            self._timer = lib.aiovmm_timer_new(self.h, self.slice.stop)
+            self._timer = self._timer_slices(uc, lib)
             if not self._timer:
-                raise RuntimeError("cannot start the slice timer thread")
-        else:
+                log.warning("%s: this Unicorn's layout is not the one probed: slices use the block hook", name)
+                slices = "hook"
+        if slices != "timer":
             self._add_hook(UC_HOOK_BLOCK, ctypes.cast(lib.aiovmm_block_hook, ctypes.c_void_p),
                            ctypes.cast(ctypes.byref(self.slice), ctypes.c_void_p))
         self.slices = slices
@@ -369,9 +409,23 @@ class VCPUEngine:
         self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_cpuid, ctypes.c_void_p), None,
                        X.UC_X86_INS_CPUID)
         self._cb_in = _IN_CB(self._hook_in)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
         self._cb_out = _OUT_CB(self._hook_out)
-        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
+        self._pio: _Pio | None = None
+        if self._timer:
+            # A refused IN/OUT ends the slice at the instruction (csrc/preempt.c).
+            self._pio = pio = _Pio()
+            pio.in_ = ctypes.cast(self._cb_in, ctypes.c_void_p).value
+            pio.out = ctypes.cast(self._cb_out, ctypes.c_void_p).value
+            pio.cpu = self._cpu
+            pio.loop_exit = ctypes.cast(uclib.cpu_loop_exit_x86_64, ctypes.c_void_p).value
+            pio_ref = ctypes.cast(ctypes.byref(pio), ctypes.c_void_p)
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_in_hook, ctypes.c_void_p), pio_ref,
+                           X.UC_X86_INS_IN)
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_out_hook, ctypes.c_void_p), pio_ref,
+                           X.UC_X86_INS_OUT)
+        else:
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
+            self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
         # RDTSC and RDTSCP (which does not go through the RDTSC hook: same clock, ECX =
         # TSC_AUX) are answered in C from the clock's origin (the `rdtsc` setter).
         tsc = ctypes.cast(ctypes.byref(self._tsc), ctypes.c_void_p)
@@ -385,6 +439,21 @@ class VCPUEngine:
         self._rip = _RegBatch(self.h, ("rip",))
         self._rdx_rax = _RegBatch(self.h, ("rax", "rdx"))
         self._batches: dict[tuple[str, ...], _RegBatch] = {}
+
+    def _timer_slices(self, uc: Uc, lib: ctypes.CDLL) -> int | None:
+        """Set up timer slices (csrc/preempt.c) on a fresh instance: the translator's
+        mid-block exit checks off, Unicorn's stop_interrupt chained to ours. None (nothing
+        changed) if this Unicorn's layout is not the probed one."""
+        flag = _mid_block_exits_off(uc)
+        fields = _timer_slice_fields(uc) if flag is not None else None
+        timer = None
+        if fields is not None:
+            self._cpu = fields[1]
+            timer = lib.aiovmm_timer_new(self.h, fields[1], fields[0], self.slice.stop,
+                                         ctypes.cast(uclib.cpu_exit, ctypes.c_void_p).value)
+        if not timer and flag is not None:
+            ctypes.c_bool.from_address(flag).value = False
+        return timer or None
 
     def _add_hook(self, htype: int, cb, user_data, insn: int | None = None) -> None:
         hh = ctypes.c_size_t()
@@ -581,11 +650,13 @@ class VCPUEngine:
         self.stop_requested = False
         self._excfix.read_error_and_reset()
         # With timer slices, a step inside a running slice (from a fault hook) must not be
-        # cut by the slice's timer, and the slice must still end at its deadline after it
-        # (the nested emu_start clears a stop already requested): pause, then re-arm.
+        # cut by the slice's timer, and the slice must still end at its deadline after it,
+        # or at once if its stop was already raised (the nested emu_start clears a stop
+        # already requested): pause, then re-arm with what had fired.
         nested = self._timer is not None and self._in_slice
+        fired = 0
         if nested:
-            self._lib.aiovmm_timer_disarm(self._timer)
+            fired = self._lib.aiovmm_timer_disarm(self._timer)
         try:
             err = uclib.uc_emu_start(self.h, start, end, 0, 0)
         finally:
@@ -593,7 +664,7 @@ class VCPUEngine:
             self.uc.ctl_remove_cache(start, end + 1)
             self._own_invalidations += inval() - before
             if nested:
-                self._lib.aiovmm_timer_arm(self._timer, ctypes.c_int64(self._deadline_ns))
+                self._arm(fired)
         return not err and not self.stop_requested and self.get("rip") == end
 
     def decode(self, code: bytes) -> tuple[int, str, str] | None:
@@ -609,7 +680,8 @@ class VCPUEngine:
 
     def run(self, budget: int, max_ns: int = 0) -> ExitReason:
         """Run until the block budget or `max_ns` of wall time is used (checked every 64
-        blocks by the C hook), a preempt, or a handler's stop()."""
+        blocks by the C hook; timer slices have no block count and end on `max_ns`, 2 ms
+        if 0), a preempt, or a handler's stop()."""
         s = self.slice
         s.budget = budget
         s.deadline_ns = time.monotonic_ns() + max_ns if max_ns else 0
@@ -651,13 +723,19 @@ class VCPUEngine:
         (its reason lands in slice.reason as the hook's would)."""
         if self._timer is None:
             return uclib.uc_emu_start(self.h, rip, until, 0, 0)
-        self._lib.aiovmm_timer_arm(self._timer, ctypes.c_int64(self._deadline_ns))
+        self._arm(0)
         self._in_slice = True
         try:
             return uclib.uc_emu_start(self.h, rip, until, 0, 0)
         finally:
             self._in_slice = False
             self.slice.reason = self._lib.aiovmm_timer_disarm(self._timer)
+
+    def _arm(self, fired: int) -> None:
+        """Arm this thread's slice timer for the slice's deadline (timer slices)."""
+        err = self._lib.aiovmm_timer_arm(self._timer, ctypes.c_int64(self._deadline_ns), fired)
+        if err:
+            raise OSError(-err, f"{self.name}: cannot arm the slice timer: {os.strerror(-err)}")
 
     def stop(self) -> None:
         """End the current slice after the running hook returns (call only from a hook)."""
@@ -740,15 +818,23 @@ class VCPUEngine:
             val = self.on_port_io(port, size, False, 0)
             if val is not None:
                 return val & ((1 << (8 * size)) - 1)
+            self._refused()
         except BaseException as e:
             self._fail(e)
         return 0xFFFFFFFF
 
     def _hook_out(self, uc, port, size, value, user_data) -> None:
         try:
-            self.on_port_io(port, size, True, value)
+            if self.on_port_io(port, size, True, value) is None:
+                self._refused()
         except BaseException as e:
             self._fail(e)
+
+    def _refused(self) -> None:
+        """The handler refused this IN/OUT (and stop()ped the slice): with timer slices the
+        C hook leaves the block at the instruction once the handler returned."""
+        if self._pio is not None:
+            self._pio.refused = 1
 
     def _hook_cpuid(self, uc, user_data) -> int:
         try:

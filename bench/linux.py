@@ -23,6 +23,11 @@ Where /dev/kvm works, each run also boots the same guest on the KVM engine (inte
 hypervisor settings), with its figures under kvm_* keys and, per run, what limited it (exits by
 kind, shadow invalidations, full zaps).
 
+`--slices hook,timer` boots the Unicorn guest once per listed slice mode in every run
+(AIOVMM_UNICORN_SLICES, vcpu_engine.py), interleaved with the rest, to compare them under the
+same load; each mode's medians get their own line, and the last line's unprefixed figures
+are the first mode's.
+
 Last line: prompt_s=<median> load_s=<..> kernel_s=<..> init_s=<..> qemu_tcg_prompt_s=<median>
 [kvm_prompt_s=<median> kvm_load_s kvm_kernel_s kvm_init_s]
 (`-` for a figure the aiovmm guest did not reach).
@@ -203,7 +208,6 @@ async def one_run(hv: Hypervisor, label: str, i: int, timeout: float, runs: list
 async def main(args: argparse.Namespace) -> int:
     from aiovmm.kvm_engine import unavailable_reason
     qemu = setup()
-    ours: list[dict] = []
     kvm: list[dict] = []
     peer: list[dict] = []
     stopped: dict | None = None
@@ -212,11 +216,18 @@ async def main(args: argparse.Namespace) -> int:
     kvm_why = kvm_why or unavailable_reason()
     if kvm_why:
         print(f"KVM engine skipped: {kvm_why}")
+    modes = [m for m in args.slices.split(",") if m] if args.slices else [None]
+    by_mode: dict[str | None, list[dict]] = {m: [] for m in modes}
     async with Hypervisor(memory_mib=MEMORY_MIB + 256) as hv, \
             Hypervisor(memory_mib=MEMORY_MIB + 256, engine="unicorn" if kvm_why else "kvm") as hv_kvm:
         for i in range(args.runs):
-            if stopped is None and args.engine != "kvm":
-                stopped = await one_run(hv, "aiovmm  ", i, args.timeout, ours)
+            for mode in modes:
+                if stopped is not None or args.engine == "kvm":
+                    break
+                if mode is not None:
+                    os.environ["AIOVMM_UNICORN_SLICES"] = mode     # read when the vCPU is made
+                stopped = await one_run(hv, f"aiovmm{'-' + mode if mode else '':8}", i, args.timeout,
+                                        by_mode[mode])
             if kvm_stopped is None and not kvm_why:
                 kvm_stopped = await one_run(hv_kvm, "aiovmm-kvm", i, args.timeout, kvm)
             q = await qemu_run(qemu, args.qemu_timeout)
@@ -228,6 +239,12 @@ async def main(args: argparse.Namespace) -> int:
                 print(f"qemu-tcg run {i + 1}: {q['why']}", flush=True)
                 for ln in q["tail"]:
                     print(f"    | {ln}")
+    ours = by_mode[modes[0]]
+    if len(modes) > 1:
+        for mode in modes:
+            r = by_mode[mode]
+            print(f"slices={mode}: prompt_s={med(r, 'prompt_s')} load_s={med(r, 'load_s')} "
+                  f"kernel_s={med(r, 'kernel_s')} init_s={med(r, 'init_s')}")
     for name, st in (("aiovmm", stopped), ("aiovmm (KVM engine)", kvm_stopped)):
         if st is not None:
             print(f"{name}: Linux did not reach the shell prompt: stopped in {st['stage']}: {st['why']}")
@@ -247,6 +264,8 @@ if __name__ == "__main__":
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="aiovmm: give up after this long without console output (s)")
     ap.add_argument("--qemu-timeout", type=float, default=120.0, help="QEMU: give up after (s)")
+    ap.add_argument("--slices", default="",
+                    help="Unicorn slice modes to boot in each run, e.g. hook,timer (default: the engine's)")
     ap.add_argument("--engine", choices=("both", "unicorn", "kvm"), default="both",
                     help="aiovmm engines to boot on (default both; KVM where /dev/kvm works)")
     sys.exit(uvloop.run(main(ap.parse_args())))

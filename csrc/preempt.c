@@ -127,29 +127,66 @@ uint32_t aiovmm_rdtscp_hook(void *uc, void *user_data)
 /* ---- Slices without a block hook ------------------------------------------------------
  * A UC_HOOK_BLOCK callback, however small, makes Unicorn call a helper at the start of
  * every translated block: ~2x on Linux's tight boot loops (bench/linux_profile.py). The
- * alternative is the emulator's own exit request (uc_emu_stop) from a timer thread. That
- * is only precise if the translated code checks the request at block starts alone:
- * Unicorn 2.1.4 also checks after every guest load and store (tcg-op.c
- * check_exit_request), which stops in the middle of an instruction and re-executes it
- * (read-modify-write instructions applied twice: shared/research/unicorn/NOTES.md). The
- * engine turns those checks off (uc_struct.no_exit_request, vcpu_engine.py) and then uses
- * this timer: one thread per vCPU that calls uc_emu_stop when the armed slice's deadline
- * passes, or at once on aiovmm_timer_kick (preempt). */
+ * alternative is the emulator's own exit check at the start of every translated block
+ * (QEMU's icount_decr test). Three things make that exact:
+ *
+ * 1. The translator checks exit requests at block starts alone: Unicorn 2.1.4 also checks
+ *    after every guest load and store (tcg-op.c check_exit_request), which stops in the
+ *    middle of an instruction and re-executes it (read-modify-write instructions applied
+ *    twice: shared/research/unicorn/NOTES.md). The engine turns those checks off
+ *    (uc_struct.no_exit_request, vcpu_engine.py).
+ * 2. The deadline never sets Unicorn's stop_request from outside the emulation: every
+ *    instruction hook loop (RDTSC, RDTSCP, CPUID, IN, OUT: misc_helper.c, seg_helper.c)
+ *    breaks out at the first hook after which stop_request is set, before it reaches the
+ *    hook registered for that instruction, so a stop landing in the middle of a block made
+ *    the rest of the block's RDTSC return Unicorn's own TSC (guest time jumped: an SMP
+ *    guest saw its clock run backwards), CPUID Unicorn's own CPU model, IN zero and OUT
+ *    vanish. Instead the deadline only asks the CPU to leave its translated code
+ *    (cpu_exit: the block-start check) and raises our own flag; the emulation thread turns
+ *    the flag into uc_emu_stop itself, at the one place the CPU loop passes through after
+ *    leaving a block (cpu_handle_exception calls uc_struct.stop_interrupt first thing, which
+ *    the engine points at aiovmm_stop_interrupt, chaining Unicorn's own).
+ * 3. The deadline is a per-thread POSIX timer (CLOCK_MONOTONIC) whose signal is delivered to
+ *    the emulating thread itself: no second thread has to be scheduled by a loaded host
+ *    in time (a timer thread woke 10-20 ms late at host load 8 against 2 ms slices), and
+ *    arming costs one timer_settime, not a thread wake-up per slice. */
+#include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AIOVMM_SLICE_SIGNAL (SIGRTMIN + 8)   /* the KVM engine's kick is SIGRTMIN + 7 */
+
+typedef int (*uc_stop_interrupt_fn)(void *uc, int intno);
+typedef void (*cpu_exit_fn)(void *cpu);
 
 struct aiovmm_timer {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    pthread_t thread;
     void *uc;
-    uc_stop_fn stop;
-    int64_t deadline_ns;         /* CLOCK_MONOTONIC end of the armed slice */
-    int armed;                   /* a slice is running */
-    int fired;                   /* out: 0 none, 2 preempted, 3 deadline */
-    int quit;
-    int64_t fired_ns;            /* when the timer last called stop (diagnostics) */
+    void *cpu;                   /* uc_struct.cpu, for cpu_exit */
+    volatile int armed;          /* a slice of this vCPU is running */
+    volatile int want;           /* out: 0 none, 2 preempted, 3 deadline */
+    int64_t deadline_ns;
+    int64_t fired_ns;            /* when the deadline signal arrived (diagnostics) */
 };
+
+static uc_stop_fn uc_stop;                     /* uc_emu_stop */
+static cpu_exit_fn cpu_exit_;                  /* Unicorn's cpu_exit */
+static uc_stop_interrupt_fn orig_stop_interrupt;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static int init_error;
+static pthread_key_t timer_key;
+
+struct thread_timer {
+    timer_t id;
+    int ok;
+};
+
+/* The slice running on this thread (NULL between slices and during a nested step). */
+static __thread struct aiovmm_timer *cur;
+static __thread struct thread_timer *ttimer;
 
 static int64_t mono_ns(void)
 {
@@ -158,102 +195,197 @@ static int64_t mono_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static void *timer_main(void *arg)
+static void request(struct aiovmm_timer *t, int why)
 {
-    struct aiovmm_timer *t = (struct aiovmm_timer *)arg;
-    pthread_mutex_lock(&t->lock);
-    while (!t->quit) {
-        if (!t->armed) {
-            pthread_cond_wait(&t->cond, &t->lock);
-            continue;
-        }
-        int64_t now = mono_ns();
-        if (now >= t->deadline_ns) {
-            /* Stop, and again every 50 us until the slice is disarmed: a request that
-             * lands while Unicorn resumes after a hook changed RIP can be cleared by it. */
-            if (!t->fired) {
-                t->fired_ns = now;
-                t->fired = 3;
-            }
-            t->stop(t->uc);      /* under the lock: disarm cannot pass it */
-            t->deadline_ns = now + 50000;
-        }
-        struct timespec ts = { t->deadline_ns / 1000000000, t->deadline_ns % 1000000000 };
-        pthread_cond_timedwait(&t->cond, &t->lock, &ts);
+    if (!t->want) {
+        t->want = why;
+        t->fired_ns = mono_ns();
     }
-    pthread_mutex_unlock(&t->lock);
-    return NULL;
+    __sync_synchronize();        /* the flag before the exit request that makes it read */
+    cpu_exit_(t->cpu);
 }
 
-struct aiovmm_timer *aiovmm_timer_new(void *uc, uc_stop_fn stop)
+static void on_signal(int sig)
 {
+    struct aiovmm_timer *t = cur;
+    int saved = errno;
+    (void)sig;
+    if (t && t->armed)
+        request(t, 3);
+    errno = saved;
+}
+
+static void free_thread_timer(void *p)
+{
+    struct thread_timer *tt = p;
+    if (tt->ok)
+        timer_delete(tt->id);
+    free(tt);
+}
+
+static void init_once(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;    /* hooks run Python that may be in a system call */
+    if (sigaction(AIOVMM_SLICE_SIGNAL, &sa, NULL) < 0 || pthread_key_create(&timer_key, free_thread_timer))
+        init_error = errno ? errno : EINVAL;
+}
+
+/* This thread's timer, created on first use (it signals this thread only). */
+static struct thread_timer *thread_timer(void)
+{
+    if (ttimer)
+        return ttimer->ok ? ttimer : NULL;
+    struct thread_timer *tt = calloc(1, sizeof *tt);
+    if (!tt)
+        return NULL;
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = AIOVMM_SLICE_SIGNAL;
+    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+    tt->ok = timer_create(CLOCK_MONOTONIC, &sev, &tt->id) == 0;
+    pthread_setspecific(timer_key, tt);
+    ttimer = tt;
+    return tt->ok ? tt : NULL;
+}
+
+/* uc_struct.stop_interrupt of every engine with timer slices: called by the CPU loop on
+ * the emulation thread each time it comes out of translated code (cpu_handle_exception).
+ * A deadline or preempt that was raised becomes a real stop here, between two blocks. */
+static int aiovmm_stop_interrupt(void *uc, int intno)
+{
+    struct aiovmm_timer *t = cur;
+    if (t && t->uc == uc && t->armed && t->want)
+        uc_stop(uc);
+    return orig_stop_interrupt(uc, intno);
+}
+
+/* Set up timer slices for one Unicorn instance. `slot` is &uc_struct.stop_interrupt and
+ * `cpu` uc_struct.cpu (located and checked by vcpu_engine.py); stop and cpu_exit are
+ * Unicorn's uc_emu_stop and cpu_exit. NULL if this process cannot have them. */
+struct aiovmm_timer *aiovmm_timer_new(void *uc, void *cpu, void **slot, uc_stop_fn stop, cpu_exit_fn exit_fn)
+{
+    pthread_once(&once, init_once);
+    if (init_error || !cpu || !*slot)
+        return NULL;
+    if (*slot != (void *)aiovmm_stop_interrupt) {
+        if (orig_stop_interrupt && (void *)orig_stop_interrupt != *slot)
+            return NULL;         /* not the x86 function every other instance has */
+        orig_stop_interrupt = (uc_stop_interrupt_fn)*slot;
+    }
+    uc_stop = stop;
+    cpu_exit_ = exit_fn;
     struct aiovmm_timer *t = calloc(1, sizeof *t);
-    pthread_condattr_t ca;
     if (!t)
         return NULL;
     t->uc = uc;
-    t->stop = stop;
-    pthread_mutex_init(&t->lock, NULL);
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&t->cond, &ca);
-    pthread_condattr_destroy(&ca);
-    if (pthread_create(&t->thread, NULL, timer_main, t) != 0) {
-        free(t);
-        return NULL;
-    }
+    t->cpu = cpu;
+    *slot = (void *)aiovmm_stop_interrupt;
     return t;
 }
 
-/* Before emu_start: the slice ends at deadline_ns (CLOCK_MONOTONIC). */
-void aiovmm_timer_arm(struct aiovmm_timer *t, int64_t deadline_ns)
+/* Before emu_start, on the emulating thread: the slice ends at deadline_ns
+ * (CLOCK_MONOTONIC), or at once if `want` (a stop raised before a nested step) is set.
+ * Returns 0, or -errno if the timer cannot be armed. */
+int aiovmm_timer_arm(struct aiovmm_timer *t, int64_t deadline_ns, int want)
 {
-    pthread_mutex_lock(&t->lock);
+    struct thread_timer *tt = thread_timer();
+    struct itimerspec its;
+    if (!tt)
+        return -EAGAIN;
     t->deadline_ns = deadline_ns;
-    t->fired = 0;
+    t->want = 0;
+    cur = t;
     t->armed = 1;
-    pthread_cond_signal(&t->cond);
-    pthread_mutex_unlock(&t->lock);
+    if (want)
+        request(t, want);
+    memset(&its, 0, sizeof its);
+    its.it_value.tv_sec = deadline_ns / 1000000000;
+    its.it_value.tv_nsec = deadline_ns % 1000000000;
+    if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0)
+        its.it_value.tv_nsec = 1;        /* zero would disarm: a deadline long past */
+    if (timer_settime(tt->id, TIMER_ABSTIME, &its, NULL) < 0) {
+        t->armed = 0;
+        cur = NULL;
+        return -errno;
+    }
+    return 0;
 }
 
-/* After emu_start returned: no stop can reach a later slice. Returns why it fired. */
+/* After emu_start returned: no stop can reach a later slice (a signal already pending is
+ * delivered when timer_settime returns, while still armed). Returns why it fired. */
 int aiovmm_timer_disarm(struct aiovmm_timer *t)
 {
-    int fired;
-    pthread_mutex_lock(&t->lock);
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    if (ttimer && ttimer->ok)
+        timer_settime(ttimer->id, 0, &its, NULL);
     t->armed = 0;
-    fired = t->fired;
-    pthread_mutex_unlock(&t->lock);
-    return fired;
+    if (cur == t)
+        cur = NULL;
+    return t->want;
 }
 
-/* Any thread: end the running slice now (nothing if none is armed). */
+/* Any thread: end the running slice at the next block boundary (nothing if none runs). */
 void aiovmm_timer_kick(struct aiovmm_timer *t)
 {
-    pthread_mutex_lock(&t->lock);
-    if (t->armed) {
-        t->fired = 2;
-        t->deadline_ns = 0;      /* the timer thread repeats the stop until disarmed */
-        t->stop(t->uc);
-        pthread_cond_signal(&t->cond);
-    }
-    pthread_mutex_unlock(&t->lock);
+    if (t->armed)
+        request(t, 2);
 }
 
 void aiovmm_timer_free(struct aiovmm_timer *t)
 {
-    pthread_mutex_lock(&t->lock);
-    t->quit = 1;
-    pthread_cond_signal(&t->cond);
-    pthread_mutex_unlock(&t->lock);
-    pthread_join(t->thread, NULL);
-    pthread_cond_destroy(&t->cond);
-    pthread_mutex_destroy(&t->lock);
+    if (cur == t)
+        cur = NULL;
     free(t);
 }
 
-/* When the timer last ended a slice (CLOCK_MONOTONIC ns): how late it woke. */
+/* When the deadline last ended a slice (CLOCK_MONOTONIC ns): how late it fired. */
 int64_t aiovmm_timer_fired_ns(struct aiovmm_timer *t)
 {
     return t->fired_ns;
+}
+
+/* ---- A refused IN/OUT with timer slices ------------------------------------------------
+ * The vCPU refuses a port access the domain may not make and delivers #GP at the
+ * instruction (vcpu.py). With the translator's mid-block exit checks off, a stop asked for
+ * inside the IN/OUT hook would only take effect at the next block: the rest of the block
+ * would run first, with the refused value. These hooks call the Python handler and, when it
+ * refused (set `refused`), leave the translated code at once (cpu_loop_exit): Unicorn
+ * synced the CPU state to the IN/OUT instruction before calling the hook (ioport.c), so
+ * the slice ends with RIP on it and nothing after it executed. */
+typedef uint32_t (*pio_in_fn)(void *uc, uint32_t port, int size, void *user_data);
+typedef void (*pio_out_fn)(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
+
+struct aiovmm_pio {
+    pio_in_fn in;                /* the engine's IN handler */
+    pio_out_fn out;              /* the engine's OUT handler */
+    void *cpu;                   /* uc_struct.cpu */
+    void (*loop_exit)(void *cpu);    /* Unicorn's cpu_loop_exit */
+    int32_t refused;             /* set by a handler: end the slice at the instruction */
+};
+
+uint32_t aiovmm_in_hook(void *uc, uint32_t port, int size, void *user_data)
+{
+    struct aiovmm_pio *p = (struct aiovmm_pio *)user_data;
+    uint32_t value = p->in(uc, port, size, NULL);
+    if (p->refused) {
+        p->refused = 0;
+        p->loop_exit(p->cpu);
+    }
+    return value;
+}
+
+void aiovmm_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data)
+{
+    struct aiovmm_pio *p = (struct aiovmm_pio *)user_data;
+    p->out(uc, port, size, value, NULL);
+    if (p->refused) {
+        p->refused = 0;
+        p->loop_exit(p->cpu);
+    }
 }
