@@ -123,7 +123,9 @@ async def test_a_blocked_vcpu_costs_nothing_and_its_weight_is_not_reserved():
         await asyncio.sleep(WARMUP_S)
         (ci, ch), wall, cpu = await shares(hv, [idle, hog])
         s = hv.scheduler.accounting(idle.vcpus[0])
-        assert ci < 0.02 * cpu, f"idle guest used {100 * ci / cpu:.1f} % of the loop's CPU {s}"
+        # Its own cost per wall second (a tick's CPU does not depend on what the host gives
+        # the loop), the hog's against what the loop got.
+        assert ci < 0.02 * wall, f"idle guest used {100 * ci / wall:.1f} % of a CPU {s}"
         assert ch > 10 * ci and ch > 0.5 * cpu, (ch, ci, cpu, wall)
         assert hv.scheduler.state(idle.vcpus[0]).pri in (Pri.BOOST, Pri.UNDER)
 
@@ -182,10 +184,12 @@ async def test_io_guest_runs_before_cpu_hogs_when_woken():
     boosted and runs before the hogs (BOOST, and the settle turns that let its wake-up
     arrive before a hog's slice begins). Measured as the number of hog slices that begin
     between its wake-up and its own slice: wall-time RTTs on a loaded host measure the host
-    (a median of 38-63 ms at load ~14, 1.4 ms quiet, whatever the scheduler does). Pings
-    every 50 ms: the guest's CPU per ping is about the same on a loaded host, the CPU the
-    host gives the loop is not, and an I/O guest at its fair share is OVER and not boosted
-    (Xen's rule); at 20 pings/s it stays well under its share of ~10 % of a core."""
+    (a median of 38-63 ms at load ~14, 1.4 ms quiet, whatever the scheduler does). Xen
+    boosts a vCPU only while it is UNDER; the guest's CPU per ping stays about the same on
+    a loaded host while the CPU the host gives the loop (and so the I/O guest's fair share)
+    does not: at 20 pings/s and load ~16 (~9 % of a core for the loop) 22 of 29 wake-ups
+    found it OVER. So pings every 100 ms, and the order is checked on the wake-ups that were
+    boosted, which must be many."""
     async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=128) as hv:
         g = await hv.create(NET, memory_mib=16, name="io", cmdline="ip=198.18.0.2/24 name=io",
                             vifs=[lan.vif("00:16:3e:00:00:02")])
@@ -197,15 +201,15 @@ async def test_io_guest_runs_before_cpu_hogs_when_woken():
         (cg, *ch), _wall, _cpu = await shares(hv, [g, *hogs], 0.1)
         assert all(c > 0 for c in ch)                # the hogs do run
         counts = slices_before_run(hv, g.vcpus[0])
-        loaded = await ping_rtts(lan, 40, 0.05)
+        loaded = await ping_rtts(lan, 40, 0.1)
         med = statistics.median(loaded)
         boosted = sorted(n for n, pri in counts if pri == Pri.BOOST)
         print(f"ping median quiet {quiet:.3f} ms, with 4 hogs {med:.3f} ms, max {max(loaded):.3f} ms; "
               f"hog slices before the woken I/O vCPU ran (count, boosted): "
               f"{sorted(collections.Counter((n, pri == Pri.BOOST) for n, pri in counts).items())}")
-        # Woken (at least) every few pings, and boosted on most wake-ups.
+        # Woken (at least) every other ping, and boosted on many wake-ups.
         assert len(counts) >= len(loaded) // 2 >= 15, (len(counts), len(loaded))
-        assert len(boosted) > len(counts) // 2, counts
+        assert len(boosted) >= 10, counts
         # Boosted: mostly no hog slice first, never more than two (the one a hog began
         # before the boosted vCPU queued, when the loop stalled past the settle window);
         # without BOOST or the settle turns it waits for one or more on most wake-ups.
