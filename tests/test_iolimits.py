@@ -49,24 +49,29 @@ def test_disk_limits_parse_and_validate():
 
 def test_token_bucket_long_run_rate_is_exact():
     """At most `rate` per second plus the burst over the whole run, whatever the load; at
-    least `rate` per second of the time the caller was awake to take its turn. A sleep that
-    overran what it asked for by more than the burst covers (a loaded host) loses that time
-    for any bucket: it is not counted, and the run lasts 0.3 s of counted time."""
+    least `rate` per second of the time the caller was awake to take its turn. Time the
+    caller was away beyond what it asked for (a sleep that overran, or the host taking the
+    CPU between two calls: a loaded host) is lost for any bucket once the burst is full: it
+    is not counted, and the run lasts 0.3 s of counted time. A gap banks at least
+    burst - item = 3 tokens (3 ms) before it loses any, so only the part of a gap beyond
+    that is counted as away (the bucket is credited at most its burst per gap)."""
     b = TokenBucket(rate=1000.0, burst=10.0)
-    t0 = time.monotonic()
+    t0 = last = time.monotonic()
     n = 0
-    overslept = 0.0
-    while time.monotonic() - t0 - overslept < 0.3 and time.monotonic() - t0 < 10:
+    away = 0.0
+    asked = 0.0                  # what the previous turn slept for
+    while last - t0 - away < 0.3 and last - t0 < 10:
         d = b.delay_s()
+        now = time.monotonic()
+        away += max(0.0, now - last - asked - 0.003)
+        last, asked = now, d
         if d:
-            ts = time.monotonic()
             time.sleep(d)
-            overslept += max(0.0, time.monotonic() - ts - d)
             continue
         b.charge(7)          # items bigger than what is left still pass, as debt
         n += 7
     wall = time.monotonic() - t0
-    assert n / (wall - overslept) >= 900, (n, wall, overslept)
+    assert n / (wall - away) >= 900, (n, wall, away)
     assert n / wall <= 1100 + 10 / 0.3, (n, wall)
 
 
@@ -98,6 +103,14 @@ async def rate_over(get, window: float, clock=time.perf_counter) -> float:
     a, t = get(), clock()
     await asyncio.sleep(window)
     return (get() - a) / max(clock() - t, 1e-6)
+
+
+async def rates_over(get, window: float) -> tuple[float, float]:
+    """Count per wall second and per second of the loop thread's CPU, over one window."""
+    a, t, c = get(), time.perf_counter(), time.thread_time()
+    await asyncio.sleep(window)
+    n = get() - a
+    return n / max(time.perf_counter() - t, 1e-6), n / max(time.thread_time() - c, 1e-6)
 
 
 async def test_vbd_500_iops_holds_and_full_speed_returns_when_lifted(tmp_path):
@@ -132,12 +145,16 @@ async def test_vbd_500_iops_holds_and_full_speed_returns_when_lifted(tmp_path):
         await asyncio.sleep(0.2)
         # Full speed back: per second of the loop thread's CPU (the guest and blkback run
         # on it), as before the limit. Per wall second, a window in which the other test
-        # worker held the CPU did 22 % of the unlimited rate (CI run at the end of stop 11).
-        lifted = await rate_over(ops, 0.8)
-        lifted_cpu = max([await rate_over(ops, 0.5, time.thread_time) for _ in range(3)])
+        # worker held the CPU did 22 % of the unlimited rate (CI run at the end of stop 11):
+        # both rates are the best of three windows. Per wall second it must be well over the
+        # limit, which holds every window to 1.10x when still in force: 1.5x, as the limit
+        # is a third of the unlimited rate or less and a loaded host slows the rest.
+        lifted_windows = [await rates_over(ops, 0.5) for _ in range(3)]
+        lifted = max(w for w, _c in lifted_windows)
+        lifted_cpu = max(c for _w, c in lifted_windows)
         print(f"vbd IOPS: unlimited {full:.0f} ({full_cpu:.0f} per CPU s), limited to {iops}: "
               f"{limited:.0f}, lifted {lifted:.0f} ({lifted_cpu:.0f} per CPU s)")
-        assert lifted_cpu > 0.6 * full_cpu and lifted > 2 * iops, (full_cpu, lifted_cpu, lifted)
+        assert lifted_cpu > 0.6 * full_cpu and lifted > 1.5 * iops, (full_cpu, lifted_windows)
         assert not dom.dying
 
 
@@ -188,7 +205,7 @@ async def test_vif_10mbit_holds_both_ways_and_full_speed_returns_when_lifted():
         assert rc == 0, out
         b = rx.backends[0]
         got = lambda: b.stats.rx_bytes          # noqa: E731
-        flood = asyncio.ensure_future(lan.run("python3", "-c", FLOOD, "4.5", timeout=20))
+        flood = asyncio.ensure_future(lan.run("python3", "-c", FLOOD, "5", timeout=20))
         try:
             await asyncio.sleep(0.3)
             # The flood and this loop share a loaded 2-core host: a window in which either was
@@ -197,11 +214,14 @@ async def test_vif_10mbit_holds_both_ways_and_full_speed_returns_when_lifted():
             windows = [await rate_over(got, 1.0) for _ in range(3)]
             rx.set_io_limit(0, None)
             await asyncio.sleep(0.2)
-            lifted = await rate_over(got, 0.8)
+            # Lifted: the best of three windows as well (one window in which the flood or
+            # this loop was descheduled says nothing about the limit), well over the limit
+            # that holds every window to 1.10x while in force.
+            lifted = max([await rate_over(got, 0.4) for _ in range(3)])
         finally:
             await flood
         print(f"vif: tx limited {tx_rate * 8 / 1e6:.2f} Mbit/s, rx limited "
               f"{' '.join(f'{w * 8 / 1e6:.2f}' for w in windows)} Mbit/s, lifted {lifted * 8 / 1e6:.2f} Mbit/s")
         assert max(windows) <= 1.10 * limit_bps, [w * 8 / 1e6 for w in windows]
         assert max(windows) >= 0.90 * limit_bps, [w * 8 / 1e6 for w in windows]
-        assert lifted > 2 * limit_bps, f"lifted rx only {lifted * 8 / 1e6:.2f} Mbit/s"
+        assert lifted > 1.5 * limit_bps, f"lifted rx only {lifted * 8 / 1e6:.2f} Mbit/s"
