@@ -15,19 +15,7 @@ import time
 import pytest
 
 from aiovmm.migration import priority
-
-
-def _raw_policy() -> int:
-    return os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
-
-
-@pytest.fixture
-def privileged():
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-    except OSError as e:
-        pytest.skip(f"no SCHED_FIFO here: {e}")
-    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+from test_migration_realtime import _policy as _raw_policy, privileged  # noqa: F401 (fixture)
 
 
 async def test_a_worker_thread_made_during_the_boost_does_not_keep_it(privileged):
