@@ -325,8 +325,8 @@ void app_main(void)
     ap.patched = 1;
     wait_for(&ap.ipi_patch_ready, "ran the code only it runs");
     /* Past the hypervisor's bound on how often an IPI drops translations (vcpu.py
-     * CODE_SYNC_S, 100 ms): the IPI below must make vCPU 1 see the new code at once. */
-    evtchn_poll(ipi_to0, monotonic_ns() + 250000000UL);
+     * CODE_SYNC_S, 1 s): the IPI below must make vCPU 1 see the new code at once. */
+    evtchn_poll(ipi_to0, monotonic_ns() + 1250000000UL);
     ACCESS_ONCE(ipi_patch_code[1]) = 3;
     evtchn_send(ipi_to1);
     wait_for(&ap.done, "finished");
