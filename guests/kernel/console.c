@@ -170,6 +170,11 @@ int console_read(char *buf, int len)
     return n;
 }
 
+int console_input_open(void)
+{
+    return map_cons_page() ? 0 : -1;
+}
+
 int console_wait_input(u64 deadline_ns)
 {
     struct xencons_interface *r = map_cons_page();

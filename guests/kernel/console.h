@@ -28,6 +28,9 @@ int console_read(char *buf, int len);
  * system time reaches `deadline_ns` (0 = no deadline). Returns 1 if input is
  * available, 0 on timeout, -1 if there is no console ring. */
 int console_wait_input(u64 deadline_ns);
+/* Map the input ring and mask its port (we poll it): before announcing that input is
+ * awaited, so input arriving at once is not an upcall nobody handles. 0, or -1: no ring. */
+int console_input_open(void);
 int printk(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 #endif

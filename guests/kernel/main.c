@@ -140,6 +140,7 @@ static void echo_loop(void)
     int last_cr = 0;
     const char *why = "timeout";
 
+    console_input_open();    /* port masked before "ready": input may come at once */
     printk("echo: ready\n");
     for (;;) {
         u64 deadline = timeout_s ? monotonic_ns() + timeout_s * 1000000000UL : 0;
