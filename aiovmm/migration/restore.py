@@ -26,7 +26,7 @@ from ..abi import (FLAT_KERNEL_SS, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4
                    CallbackType, CALLBACKF_mask_events, StartInfo, ShutdownReason)
 from ..errors import BuildError
 from ..memory import NotWritable, OutOfMemory, PageType
-from ..mmu import MMUError
+from ..mmu import MMUError, xen_slot
 from . import stream as S
 from .context import EXT, SIZE as CTX_SIZE, VGCF, VcpuContext
 
@@ -49,6 +49,28 @@ class RestoreStats:
     seconds: float = 0.0
 
 
+# The longest the restore keeps the event loop between two yields while it validates page
+# tables (other guests' vCPUs, backends and timers run on the same loop): validating one
+# table takes up to ~1 ms in Python, a guest has hundreds to thousands of them.
+YIELD_AFTER_S = 0.004
+
+
+class _Pacer:
+    """Yield to the loop once YIELD_AFTER_S of the restore's work has gone by since the
+    last yield: a small guest's restore (and a live migration's downtime) never yields,
+    a big one never holds the loop for more than one table past that."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.yields = 0
+
+    async def __call__(self) -> None:
+        if time.perf_counter() - self.t >= YIELD_AFTER_S:
+            await asyncio.sleep(0)
+            self.yields += 1
+            self.t = time.perf_counter()
+
+
 @dataclass
 class _State:
     nr_pages: int
@@ -58,11 +80,16 @@ class _State:
     # L1 tables validated as they arrived (one type reference each, `_hold_l1`): the
     # final pinning then finds them validated; dropped at the end (`_release_held`).
     held: dict[int, int] = field(default_factory=dict)      # pfn -> mfn
+    # Tables validated ahead of the pinning, children first (`_validate_ahead`): one type
+    # reference each, dropped with the arrival-time ones (`_release_held`).
+    ahead: list[int] = field(default_factory=list)          # mfns
+    pace: "_Pacer" = field(default_factory=lambda: _Pacer())
     engine: object = None               # vCPU 0's engine, made before the pages arrive
     engines: dict[int, object] = field(default_factory=dict)   # vCPUs 1..: the same
     nr_vcpus: int = 1                   # the domain's vCPUs (xl header): ids 0..nr_vcpus-1
     seen: bytearray = field(default_factory=bytearray)
     shinfo: bytes | None = None
+    revalidated: bool = False           # _validate_ahead started over without held tables
     ctx: dict[int, VcpuContext] = field(default_factory=dict)
     ext: dict[int, bytes] = field(default_factory=dict)
     msrs: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
@@ -255,6 +282,7 @@ async def _page_data(dom: "Domain", st: _State, rd: S.Reader, length: int) -> in
             st.types[pfn] = t
             if level == 1:
                 _hold_l1(dom, st, pfn)
+            await st.pace()               # a record can hold a thousand tables
             continue
         st.types.pop(pfn, None)
         if run_start >= 0 and mfn == run_end:
@@ -297,11 +325,89 @@ def _writable(dom: "Domain", pfn: int, what: str) -> int:
 
 
 def _release_held(dom: "Domain", st: _State) -> None:
-    """Drop the arrival-time references: a table the final page tables use keeps its
-    validation through their references; one they no longer use (a stale copy of a
-    frame the guest stopped using as a table) becomes an ordinary page again."""
+    """Drop the arrival-time references (and those taken ahead of the pinning): a table
+    the final page tables use keeps its validation through their references; one they no
+    longer use (a stale copy of a frame the guest stopped using as a table) becomes an
+    ordinary page again."""
+    pt = dom.hypervisor.pagetables
+    while st.ahead:                           # parents first: they were taken last
+        pt.put_type(st.ahead.pop())
     for pfn in list(st.held):
         _unhold(dom, st, pfn)
+
+
+async def _pin_order(dom: "Domain", st: _State) -> list[tuple[int, int]]:
+    """(mfn, level) of every table that pinning the stream's pinned tables (`_pin_tables`:
+    levels 4 to 1, pfns in order, entries in order) would validate, each after the tables
+    its entries take, i.e. in the order that recursive validation completes them. Only
+    reads (yielding as the validation does): an entry the validation would refuse is
+    followed or not, the validation itself decides (the walk just stops where a frame is
+    not one of the domain's)."""
+    mem, p2m, domid = dom.mem, dom.p2m, dom.domid
+    tc, ty, owner = mem.type_count, mem.type, mem.owner
+    seen: dict[int, int] = {}                 # mfn -> level it is walked as
+    order: list[tuple[int, int]] = []
+    unpack = struct.Struct("<512Q").unpack_from
+    nr = mem.nr_frames
+    same = {lv: PageType(lv) for lv in (1, 2, 3, 4)}
+
+    async def walk(mfn: int, level: int) -> None:
+        # Iterative post-order (depth <= 4, but no recursion limit to think about).
+        stack = [(mfn, level, None)]
+        while stack:
+            m, lv, it = stack.pop()
+            if it is None:
+                await st.pace()
+                if m in seen or tc[m] or not mem.valid_mfn(m) or owner[m] != domid:
+                    continue                  # taken already (or refused by the validation)
+                seen[m] = lv
+                if lv == 1:
+                    order.append((m, 1))
+                    continue
+                it = iter(enumerate(unpack(mem.map, m << PAGE_SHIFT)))
+            for i, e in it:
+                if not e & _PAGE_PRESENT or xen_slot(lv, i):
+                    continue
+                c = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
+                if c >= nr or c == m or seen.get(c) == lv or (tc[c] and ty[c] == same[lv]):
+                    continue                  # not RAM, self or same-level ("linear") entry
+                stack.append((m, lv, it))
+                stack.append((c, lv - 1, None))
+                break
+            else:
+                order.append((m, lv))
+    for level in (4, 3, 2, 1):
+        for pfn, t in sorted(st.types.items()):
+            if t & 7 == level and t & S.PfnType.pinned:
+                await walk(p2m[pfn], level)
+    return order
+
+
+async def _validate_ahead(dom: "Domain", st: _State) -> None:
+    """Validate, ahead of `_finish` and yielding to the loop (st.pace), the tables the
+    pinning would validate in one synchronous go (seconds for a guest with thousands of
+    tables: every other guest on the loop stopped meanwhile). Same PageTables rules, the
+    tables taken children first, so the pinning then only takes references. A refusal
+    stops it: the pinning meets the same table and refuses the stream. If arrival-time
+    validations were held, a refusal may be theirs (a stale copy mapping a table
+    writable): they are dropped and it starts over once, as `_finish` would."""
+    pt = dom.hypervisor.pagetables
+    c = st.ctx.get(0)
+    for pfn in (*st.p2m_pfns, c.regs.get("rdx", -1) if c else -1):
+        if pfn in st.held:                    # `_finish` writes these: no validation stands
+            _unhold(dom, st, pfn)
+    for attempt in (0, 1):
+        try:
+            for mfn, level in await _pin_order(dom, st):
+                await st.pace()
+                pt.get_type(mfn, PageType(level), dom.domid)
+                st.ahead.append(mfn)
+            return
+        except MMUError:
+            if attempt or not st.held:
+                st.revalidated = True         # `_finish` refuses, no synchronous retry
+                return
+            _release_held(dom, st)
 
 
 def _pin_tables(dom: "Domain", st: _State) -> None:
@@ -345,7 +451,7 @@ def _finish(hv: "Hypervisor", dom: "Domain", st: _State) -> None:
     try:
         _pin_tables(dom, st)
     except S.StreamError:
-        if not st.held:
+        if not st.held or st.revalidated:
             raise
         _release_held(dom, st)
         _pin_tables(dom, st)
@@ -613,6 +719,7 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
             await prep
         if on_end is not None:
             on_end(dom)
+        await _validate_ahead(dom, st)
         _finish(hv, dom, st)
         hv.domains[domid] = dom
         from .. import toolstack
