@@ -331,6 +331,8 @@ class Domain:
         """Suspend the guest (Xen's cooperative protocol) and write it to `path` as xl's
         save file (migration stream v2). The domain is destroyed afterwards, as by
         `xl save`, unless `checkpoint` (then it resumes: a cancelled suspend)."""
+        from . import migration
+        await migration.load("files")         # scapy's first import: off the loop
         from .migration.files import save_file
         return await save_file(self, path, checkpoint=checkpoint, progress=progress)
 

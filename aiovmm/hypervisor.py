@@ -319,6 +319,8 @@ class Hypervisor:
                       on_console: Callable[[bytes], None] | None = None, progress=None) -> Domain:
         """A domain from a save file (`Domain.save`); raises migration.StreamError for a
         file it refuses (nothing is left behind)."""
+        from . import migration
+        await migration.load("files")         # scapy's first import: off the loop
         from .migration.files import restore_file
         dom, _stats = await restore_file(self, path, name=name, on_console=on_console,
                                          progress=progress)

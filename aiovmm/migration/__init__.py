@@ -17,3 +17,16 @@ Modules:
 - priority.py: real-time priority for the stop-and-copy and a file's restore (the downtime).
 - fuzz.py: the mutated-stream fuzzer of the receiver (tests and bench/migrate.py).
 """
+
+
+async def load(module: str) -> None:
+    """Import aiovmm.migration.<module> in a worker thread, not on the event loop: its
+    first import pulls in scapy (announce.py) and the backends, 0.5-2.5 s of Python in
+    which every guest on the loop would stand still (the first restore of a daemon
+    stopped a running neighbour for 2.5 s under load). Later calls cost nothing."""
+    import asyncio
+    import importlib
+    import sys
+    name = f"{__name__}.{module}"
+    if name not in sys.modules:
+        await asyncio.to_thread(importlib.import_module, name)
