@@ -7,6 +7,9 @@ idle and with its memory pattern), it measures:
   restore_ms    file -> new domain built and running (aiofiles)
   plain_ms      the same restore with blocking reads on the loop (the reference)
   resume_ms     restore call -> the guest's first console line on the new side
+  stall_ms      the loop's longest stretch of CPU time between two wake-ups of a 1 ms
+                ticker during the restore: how long every other guest on the loop stood
+                still (CPU time, so the machine's load does not count)
 and, with --fuzz N, N cases of the receiver fuzzer (aiovmm/migration/fuzz.py).
 Files go to /dev/shm (tmpfs), so the figures are the hypervisor's, not the disk's.
 Live migration between two hypervisors in this process over loopback TCP, idle and busy
@@ -45,6 +48,16 @@ GUEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "guests",
 NETGUEST = os.path.join(os.path.dirname(GUEST), "net.elf")
 
 
+async def _ticker(gaps: list[float], stop: asyncio.Event) -> None:
+    """The loop thread's CPU time between two wake-ups of a 1 ms sleep, until `stop`."""
+    c = time.thread_time()
+    while not stop.is_set():
+        await asyncio.sleep(0.001)
+        n = time.thread_time()
+        gaps.append(n - c)
+        c = n
+
+
 async def one(engine: str, mib: int, d: str) -> dict[str, float]:
     out: dict[str, float] = {}
     async with Hypervisor(memory_mib=2 * mib + 64, engine=engine) as hv:
@@ -61,9 +74,20 @@ async def one(engine: str, mib: int, d: str) -> dict[str, float]:
         out["file_mib"] = st.bytes / (1 << 20)
         await asyncio.wait([dom.task])
         for plain in (False, True, False, True):
+            gaps: list[float] = []
+            stop = asyncio.Event()
+            tick = asyncio.ensure_future(_ticker(gaps, stop))
+            await asyncio.sleep(0.01)
+            gaps.clear()
             t0 = time.perf_counter()
-            d2, _ = await files.restore_file(hv, path, plain=plain, realtime=REALTIME)
+            try:
+                d2, _ = await files.restore_file(hv, path, plain=plain, realtime=REALTIME)
+            finally:
+                stop.set()
+                await tick
             t1 = time.perf_counter()
+            if not plain:
+                out.setdefault("stall_ms_all", []).append(max(gaps) * 1e3)
             n = len(d2.console_lines)
             await d2.wait_for_line(r"suspend: resumed rc=0", 10)
             t2 = time.perf_counter()
@@ -72,7 +96,7 @@ async def one(engine: str, mib: int, d: str) -> dict[str, float]:
             out.setdefault("resume_ms_all", []).append((t2 - t0) * 1e3)
             d2.shutdown()
             await asyncio.wait([d2.task])
-        for k in ("plain_ms", "restore_ms", "resume_ms"):
+        for k in ("plain_ms", "restore_ms", "resume_ms", "stall_ms"):
             out[k] = statistics.median(out.pop(k + "_all"))
         del susp
     return out
@@ -209,12 +233,14 @@ async def main() -> None:
                 r = await one(engine, mib, d)
                 print(f"{engine:8s} {mib:4d} MiB: suspend {r['suspend_ms']:.1f} ms, save {r['save_ms']:.1f} ms "
                       f"({r['file_mib']:.1f} MiB), restore {r['restore_ms']:.1f} ms (plain {r['plain_ms']:.1f} ms), "
-                      f"restore->resumed {r['resume_ms']:.1f} ms", flush=True)
+                      f"restore->resumed {r['resume_ms']:.1f} ms, longest loop stall in the restore "
+                      f"{r['stall_ms']:.1f} ms CPU", flush=True)
                 if mib == 64:
                     pre = "" if engine == "unicorn" else "kvm_"
                     keys[f"{pre}save_ms"] = f"{r['save_ms']:.1f}"
                     keys[f"{pre}restore_ms"] = f"{r['restore_ms']:.1f}"
                     keys[f"{pre}restore_plain_ms"] = f"{r['plain_ms']:.1f}"
+                    keys[f"{pre}restore_stall_ms"] = f"{r['stall_ms']:.1f}"
                     keys[f"{pre}suspend_ms"] = f"{r['suspend_ms']:.1f}"
             for mib in (int(x) for x in a.sizes.split(",")) if "live" in parts else ():
                 for label, dirty in (("idle", 0), ("busy", 64)):
