@@ -83,3 +83,85 @@ async def test_big_restore_keeps_neighbour_running(tmp_path, monkeypatch):
         assert nb_ticks > 0
         assert not nb.dying
         assert audit(hv) == []
+
+
+def _table_cases(data: bytes) -> list[tuple[str, bytes]]:
+    """Streams whose page-table pages name what they must not (or may): each present entry
+    of a few tables of every level pointed at another table writable and read-only, at its
+    own page writable, at a pfn past the domain, and with the superpage bit."""
+    import struct
+    from test_redteam_migration import _entries
+    ents = list(_entries(data))
+    tables = [(pfn, t & 7, off) for pfn, t, off in ents if off is not None and 1 <= t & 7 <= 4]
+    by_level = {lv: [x for x in tables if x[1] == lv] for lv in (1, 2, 3, 4)}
+    offs = {pfn: off for pfn, _t, off in ents if off is not None}
+    nr = max(pfn for pfn, _t, _o in ents) + 1
+    cases: list[tuple[str, bytes]] = []
+    for lv, ts in by_level.items():
+        for pfn, _l, off in ts[:2]:
+            present = [i for i in range(512)
+                       if struct.unpack_from("<Q", data, off + 8 * i)[0] & 1][:3]
+            for i in present:
+                e = struct.unpack_from("<Q", data, off + 8 * i)[0]
+                flags = e & 0xFFF & ~0x80
+                other = next((p for p, l2, _o in tables if p != pfn and l2 == lv - 1), None) \
+                    if lv > 1 else next((p for p, _l2, _o in tables if p != pfn), None)
+                for what, v in (("table rw", (other or 0) << 12 | flags | 2),
+                                ("table ro", (other or 0) << 12 | (flags & ~2)),
+                                ("self rw", pfn << 12 | flags | 2),
+                                ("past the domain", nr << 12 | flags),
+                                ("superpage", e | 0x80)):
+                    if v == e:
+                        continue
+                    b = bytearray(data)
+                    struct.pack_into("<Q", b, off + 8 * i, v)
+                    cases.append((f"L{lv} pfn {pfn:#x} entry {i}: {what}", bytes(b)))
+    assert offs and cases
+    return cases
+
+
+async def test_validation_ahead_decides_as_the_pinning_alone(tmp_path, monkeypatch):
+    """Faster must not mean less validated: streams with hostile page-table entries are
+    accepted or refused alike whether the tables are validated ahead (`_validate_ahead`,
+    children first, yielding) or only by the final pinning as before (`_validate_ahead` a
+    no-op); the frame table is audit-clean after each. The error may name the other side
+    of a conflict (an L1 mapping its own L4 writable: validated children first, the L4
+    finds a writable page; top down, the L1 finds an L4), not another verdict."""
+    from aiovmm.migration import fuzz
+    from aiovmm.migration import stream as S
+    async with Hypervisor(memory_mib=128) as hv:
+        dom = await hv.create(guest("suspend"), memory_mib=4, cmdline="pages=8 every=10")
+        await dom.wait_for_line(r"uptime: ticks=10 ", 20)
+        path = tmp_path / "base.save"
+        await dom.save(str(path))
+        await asyncio.wait([dom.task])
+        data = path.read_bytes()
+
+        async def outcome(b: bytes) -> str:
+            try:
+                d, _ = await restore.read_stream(hv, S.BytesSource(b))
+            except S.StreamError as e:
+                r = f"refused: {e}"
+            else:
+                r = "accepted"
+                d.shutdown()
+                await asyncio.wait([d.task])
+            assert audit(hv) == []
+            return r
+
+        async def no_ahead(dom, st) -> None:
+            return None
+        refused = worded = 0
+        cases = _table_cases(data)
+        for what, b in cases:
+            ahead = await outcome(b)
+            with monkeypatch.context() as m:
+                m.setattr(restore, "_validate_ahead", no_ahead)
+                alone = await outcome(b)
+            assert ahead.split(":")[0] == alone.split(":")[0], (what, ahead, alone)
+            refused += ahead.startswith("refused")
+            worded += ahead != alone
+        assert await fuzz.run_case(hv, data) == "accepted"
+        print(f"\n{len(cases)} hostile page-table streams, {refused} refused, same verdict both "
+              f"ways ({worded} worded differently)")
+        assert refused > len(cases) // 2

@@ -352,6 +352,12 @@ async def _pin_order(dom: "Domain", st: _State) -> list[tuple[int, int]]:
     same = {lv: PageType(lv) for lv in (1, 2, 3, 4)}
 
     async def walk(mfn: int, level: int) -> None:
+        if mfn not in seen and tc[mfn]:
+            # A pinned table with a type already (validated on arrival, or a frame
+            # something maps writable): the pinning's own get_type decides, so here too.
+            seen[mfn] = level
+            order.append((mfn, level))
+            return
         # Iterative post-order (depth <= 4, but no recursion limit to think about).
         stack = [(mfn, level, None)]
         while stack:
