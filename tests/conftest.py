@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 
 from aiovmm import Hypervisor
-from backends.block.lvm import device_mapper_present
+from aiovmm.backends.block.lvm import device_mapper_present
 
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS_DIR = ROOT / "guests"

@@ -296,7 +296,7 @@ def test_device_mapper_detection_asks_the_kernel(tmp_path):
     without device-mapper made the LVM tests activate LVs and fail. Fake /proc files: dm's
     misc device or its block major means present; neither (a node or not) means absent; and on
     this host the answer is /proc/misc's."""
-    from backends.block.lvm import device_mapper_present
+    from aiovmm.backends.block.lvm import device_mapper_present
     misc, devices = tmp_path / "misc", tmp_path / "devices"
     misc.write_text("200 tun\n237 loop-control\n")
     devices.write_text("Character devices:\n 10 misc\n\nBlock devices:\n  7 loop\n253 zram\n")
