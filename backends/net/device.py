@@ -1141,7 +1141,7 @@ class Netback:
         # A copy until the frontend has read it (a migration takes back unread ones, hold):
         # those before its rsp_event are read, and the copies stay within RX_UNREAD_BYTES.
         recent = self._rx_recent
-        recent.append((r.rsp_prod_pvt, bytes(buf[:self._rx_len])))
+        recent.append((r.rsp_prod_pvt, bytes(self._rx_view[:self._rx_len])))   # one copy
         self._rx_recent_bytes += self._rx_len
         seen = (r.get(12) - 1) & 0xFFFFFFFF
         while recent and (((recent[0][0] - seen) & 0xFFFFFFFF) >= 0x80000000
