@@ -453,6 +453,19 @@ def host_map(dom: "Domain", ref: int, readonly: bool = False) -> HostMapping:
     return hm
 
 
+def frame_written(dom: "Domain", addr: int, length: int) -> None:
+    """The hypervisor wrote `length` bytes at machine address `addr` of a frame of `dom`:
+    its vCPUs drop their translations of those bytes, so code the guest ran from the frame
+    before runs as the new bytes next time, as on Xen (an emulated vCPU otherwise keeps
+    running the old ones: it sees only its own stores). Every host write into a guest frame
+    through a grant or by frame number (host_copy_to, grant_copy) calls this; engines that
+    run the bytes in memory (KVM) have nothing to drop."""
+    for v in dom.vcpus:
+        drop = getattr(v.engine, "code_written", None)
+        if drop is not None:
+            drop(addr, addr + length)
+
+
 def host_copy_from(dom: "Domain", ref: int, offset: int, length: int) -> bytes:
     """A host backend reads `length` bytes at `offset` of grant `ref` (like GNTTABOP_copy
     from a gref: the entry must permit domid 0; the range must stay inside the page)."""
@@ -483,6 +496,7 @@ def host_copy_to(dom: "Domain", ref: int, offset: int, data: bytes | memoryview)
         raise GrantError(GntSt.general_error, str(e)) from None
     a = (mfn << PAGE_SHIFT) + offset
     mem.view[a:a + n] = data
+    frame_written(dom, a, n)
     mem.put_writable(mfn)
     g.release(act, True)
 
@@ -540,6 +554,9 @@ def grant_copy(caller: "Domain", src: tuple, dst: tuple, length: int, flags: int
     sa = (sb.mfn << PAGE_SHIFT) + s_off
     da = (db.mfn << PAGE_SHIFT) + d_off
     mem.view[da:da + length] = bytes(mem.view[sa:sa + length])
+    owner = caller.hypervisor.domain(mem.owner[db.mfn])
+    if owner is not None:
+        frame_written(owner, da, length)
     mem.put_writable(db.mfn)
     _unclaim(db)
     _unclaim(sb)

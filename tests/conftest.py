@@ -19,6 +19,7 @@ from typing import Iterator
 import pytest
 
 from aiovmm import Hypervisor
+from aiovmm.backends.block.lvm import device_mapper_present
 
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS_DIR = ROOT / "guests"
@@ -233,6 +234,7 @@ def lvm_on_loop(directory: Path, vg_prefix: str, size_mib: int,
     vg = f"{vg_prefix}{uuid.uuid4().hex[:8]}"
     cfg = ["--config", LVM_CONFIG]
     created_pv = created_vg = False
+    dm_present = device_mapper_present()
     try:
         host_run("pvcreate", "-q", *cfg, dev)
         created_pv = True
@@ -247,13 +249,13 @@ def lvm_on_loop(directory: Path, vg_prefix: str, size_mib: int,
                 made.append(name)
         pe_start = int(host_run("pvs", *cfg, "--noheadings", "--units", "b", "--nosuffix", "-o",
                                 "pe_start", dev).stdout.strip())
-        if os.path.exists("/dev/mapper/control"):
+        if dm_present:
             for name in made:
                 host_run("lvchange", "-q", "-ay", f"{vg}/{name}")
         yield LoopVG(vg, dev, str(backing), pe_start)
     finally:
         if created_vg:
-            if os.path.exists("/dev/mapper/control"):
+            if dm_present:
                 host_run("vgchange", "-q", "-an", vg, check=False)
             host_run("vgremove", "-q", "-f", *cfg, vg, check=False)
         if created_pv:

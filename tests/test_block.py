@@ -290,6 +290,31 @@ async def test_lvm_logical_volume(lvm_volume):
     assert neighbour() == before
 
 
+def test_device_mapper_detection_asks_the_kernel(tmp_path):
+    """device_mapper_present() (used by lvm_on_loop and by blkback) follows what the kernel
+    registered, never the /dev node: a /dev/mapper/control left by user space on a kernel
+    without device-mapper made the LVM tests activate LVs and fail. Fake /proc files: dm's
+    misc device or its block major means present; neither (a node or not) means absent; and on
+    this host the answer is /proc/misc's."""
+    from aiovmm.backends.block.lvm import device_mapper_present
+    misc, devices = tmp_path / "misc", tmp_path / "devices"
+    misc.write_text("200 tun\n237 loop-control\n")
+    devices.write_text("Character devices:\n 10 misc\n\nBlock devices:\n  7 loop\n253 zram\n")
+    node = tmp_path / "mapper" / "control"          # a stray node: must not change the answer
+    node.parent.mkdir()
+    node.write_bytes(b"")
+    assert not device_mapper_present(str(misc), str(devices))
+    assert not device_mapper_present(str(tmp_path / "absent"), str(tmp_path / "absent2"))
+    misc.write_text("200 tun\n236 device-mapper\n")
+    assert device_mapper_present(str(misc), str(devices))
+    misc.write_text("200 tun\n")
+    devices.write_text("Character devices:\n 10 misc\n\nBlock devices:\n  7 loop\n254 device-mapper\n")
+    assert device_mapper_present(str(misc), str(devices))
+    with open("/proc/misc") as f:
+        kernel_has_dm = any(l.split()[1:] == ["device-mapper"] for l in f)
+    assert device_mapper_present() == kernel_has_dm
+
+
 async def test_hostile_frontend(disk_file):
     """Malformed requests are answered with errors; a ring-index violation disconnects that
     vbd only: the guest keeps running and its second vbd still works."""

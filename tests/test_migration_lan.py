@@ -251,3 +251,45 @@ async def test_destination_without_the_bridge_refuses(tmp_path):
                 assert "vif" not in out, out
             finally:
                 await rx.aclose()
+
+
+async def test_frames_left_on_the_rx_ring_at_the_suspend_reach_the_new_host(two_hosts):
+    """Frames netback put on the rx ring after the guest last read it are not lost: here the
+    guest waits 100 ms between acknowledging the suspend request and suspending (as Linux's
+    freezer and device suspend take time), its rings unread, while a 10 ms ping runs. A guest
+    resumed in a new domain starts with empty rings, so the source's netback takes back the
+    frames past the rsp_event the guest left and sends them on with the ones held in the
+    tap. Without that six pings were lost here (the 1-2 the switched-LAN test lost at
+    random were the same: the last frame put on the ring before the guest's SCHEDOP_shutdown,
+    0.4-4.5 ms before it, in 6 of 6 instrumented runs)."""
+    lan, a, b, rx, arrived = two_hosts
+    dom = await a.create(guest("net"), memory_mib=8,
+                         cmdline=f"ip={GUEST_IP}/24 suspend=1 suspend_delay=100",
+                         vifs=[lan.vif("a", MAC)])
+    await dom.wait_for_line(r"net: serving", 30)
+    rc, out = await lan.run("ping", "-c", "2", "-i", "0.2", "-W", "2", GUEST_IP)
+    assert rc == 0, out
+    ping = asyncio.ensure_future(lan.run("ping", "-n", "-i", "0.01", "-c", "150", "-W", "3",
+                                         GUEST_IP, timeout=20))
+    try:
+        await asyncio.sleep(0.5)
+        st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30)
+        new = arrived[0]
+        await new.wait_for_line(r"net: resumed rc=0", 10)
+        prc, pout = await ping
+    finally:
+        if not ping.done():
+            ping.cancel()
+        await asyncio.gather(ping, return_exceptions=True)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", pout)
+    assert m, pout
+    sent, got = int(m.group(1)), int(m.group(2))
+    seqs = {int(x) for x in re.findall(r"icmp_seq=(\d+) ", pout)}
+    lost = sorted(set(range(1, sent + 1)) - seqs)
+    print(f"\nsuspend_delay=100: downtime {st.downtime_ms:.1f} ms, forwarded {st.forwarded}, "
+          f"lost icmp_seq {lost}")
+    assert sent == 150
+    assert st.forwarded >= 3, st.forwarded     # the frames left on the ring went on
+    assert len(lost) <= 1, pout[-300:]
+    new.shutdown()
+    await asyncio.wait([new.task])

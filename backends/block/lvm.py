@@ -1,7 +1,7 @@
 """LVM logical volumes as vbd targets, with or without device-mapper.
 
 With device-mapper (an activated LV), /dev/<vg>/<lv> is an ordinary block device and is
-opened as such. Without it (this project's development kernels have no /dev/mapper/control,
+opened as such. Without it (this project's development kernels have no device-mapper driver,
 so no LV can ever be activated), the LV is served directly from its physical volume: lvm2
 still reads and writes the metadata, and reports where each segment of the LV lives:
 
@@ -134,8 +134,28 @@ async def lv_extents(vg: str, lv: str) -> tuple[str, list[Extent], int]:
     return pv_path, extents, lv_size
 
 
-def device_mapper_present() -> bool:
-    return os.path.exists("/dev/mapper/control")
+def device_mapper_present(misc: str = "/proc/misc", devices: str = "/proc/devices") -> bool:
+    """Does the running kernel have a device-mapper driver (can an LV be activated)?
+
+    Asked of the kernel, not of /dev: /dev/mapper/control is created by user space (lvm2's
+    `vgchange -an` and even `dmsetup version` mknod it from the misc major/minor) also on a
+    kernel without device-mapper, and its existence then says nothing. The driver registers a
+    misc device "device-mapper" (/proc/misc) and a block major "device-mapper"
+    (/proc/devices); either listed means it is loaded. A driver built as a module that is not
+    loaded yet counts as absent: the LV is then served from its PV, which works either way.
+    `dmsetup` is not run: it would create the node as a side effect. The paths are
+    parameters so a test can point them at files of its own."""
+    for path in (misc, devices):
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            fields = line.split(None, 1)
+            if len(fields) == 2 and fields[0].isdigit() and fields[1].strip() == "device-mapper":
+                return True
+    return False
 
 
 def lv_info_blocking(vg: str, lv: str) -> dict:

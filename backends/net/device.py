@@ -22,6 +22,7 @@ vif), never an exception into the loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import enum
 import ipaddress
@@ -79,6 +80,10 @@ _VNET_TO_GSO = {v: k for k, v in _GSO_TO_VNET.items()}
 _GSO_FAMILY = {XEN_NETIF_GSO_TYPE_TCPV4: 4, XEN_NETIF_GSO_TYPE_TCPV6: 6}
 _CSUM_FIELD = {6: 16, 17: 6}           # offset of the checksum in a TCP / UDP header
 RX_BUF = VNET_HDR_LEN + 14 + 4 + 65535  # the largest frame a tap hands over (GSO, one VLAN tag)
+# Copies kept of the frames put on the rx ring that the frontend may not have read yet (its
+# rsp_event says which), for a migration to take back (Netback._unread_rx): at most this
+# many bytes, the oldest dropped first (a frontend that never reads costs no more).
+RX_UNREAD_BYTES = 256 << 10
 # The most rx requests a frame can take, one per page and one for a GSO extra, is within
 # what a packet may use: _rx_slots_needed relies on it (a static fact of these constants).
 assert (RX_BUF - VNET_HDR_LEN + 4095) // 4096 + 1 <= MAX_SLOTS
@@ -324,6 +329,12 @@ class Netback:
         self._round0: float | bool = False     # loop time announce_first() sent round 0
         self._frames: list[bytes] | None = None
         self.held = False                      # migration: frames stay in the tap (hold)
+        # (first rx response index, frame) of the frames put on the rx ring that the
+        # frontend may not have read (RX_UNREAD_BYTES at most); at the hold those it never
+        # read (`_unread_rx`), which `forward` sends on.
+        self._rx_recent: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._rx_recent_bytes = 0
+        self._reclaimed: list[bytes] = []
         self._attach_lock = asyncio.Lock()
 
     # -- toolstack ------------------------------------------------------------------------------
@@ -409,9 +420,35 @@ class Netback:
         instead of going into rx buffers the new side will not see (`forward` sends them
         on after the hand-over); released again if the migration is called off."""
         self.held = on
+        self._reclaimed = self._unread_rx() if on else []
         if not on:
             self._tap_ready = True
             self._schedule()
+
+    def _unread_rx(self) -> list[bytes]:
+        """The frames on the rx ring the suspended guest has not read: they were put there
+        after its last poll (between it and the SCHEDOP_shutdown, e.g. while its freezer
+        ran), and a guest resumed in a new domain starts with empty rings (netfront_resume),
+        so on Xen they are lost. The frontend's rsp_event, set by its final check
+        (RING_FINAL_CHECK_FOR_RESPONSES) to one past the last response it read, is read
+        once; a value no frontend could have left (more than a ring behind netback's
+        responses) reclaims nothing."""
+        rx, recent = self.rx, self._rx_recent
+        self._rx_recent = collections.deque()
+        self._rx_recent_bytes = 0
+        if rx is None or not recent:
+            return []
+        seen = (rx.get(12) - 1) & 0xFFFFFFFF
+        behind = (rx.rsp_prod_pvt - seen) & 0xFFFFFFFF
+        if behind > rx.nr_ents:
+            log.debug("d%d: vif %d: rx rsp_event %#x not within a ring of %#x: nothing reclaimed",
+                      self.dom.domid, self.devid, seen + 1, rx.rsp_prod_pvt)
+            return []
+        unread = [f for idx, f in recent if ((idx - seen) & 0xFFFFFFFF) < behind]
+        if unread:
+            log.info("d%d: vif %d: %d frames on the rx ring not read before the suspend: kept",
+                     self.dom.domid, self.devid, len(unread))
+        return unread
 
     def forward(self) -> int:
         """After the hand-over: the unicast frames for the guest waiting in the tap go back
@@ -424,12 +461,16 @@ class Netback:
         mac = bytes.fromhex(self.mac.replace(":", ""))
         n = 0
         # Every tap frame carries its virtio_net_hdr (IFF_VNET_HDR), written back as read.
-        # A frame already read and waiting for rx requests goes first.
-        waiting = [bytes(self._rx_buf[:self._rx_len])] if self._rx_len else []
+        # The frames the guest left unread on its rx ring go first, then one already read
+        # and waiting for rx requests.
+        waiting = collections.deque(self._reclaimed)
+        self._reclaimed = []
+        if self._rx_len:
+            waiting.append(bytes(self._rx_buf[:self._rx_len]))
         self._rx_len = 0
-        for _ in range(4096):
+        for _ in range(4096 + len(waiting)):
             if waiting:
-                frame = waiting.pop()
+                frame = waiting.popleft()
             else:
                 try:
                     frame = os.read(self.fd, 65536)
@@ -662,6 +703,8 @@ class Netback:
             self._handle.cancel()
             self._handle = None
         self._rx_len = 0                        # a frame read for the old rings is dropped
+        self._rx_recent.clear()
+        self._rx_recent_bytes = 0
         self.connected.clear()
         if self.port is not None:
             self.port.close()
@@ -1095,6 +1138,15 @@ class Netback:
         r = self.rx
         dom = self.dom
         buf = self._rx_buf
+        # A copy until the frontend has read it (a migration takes back unread ones, hold):
+        # those before its rsp_event are read, and the copies stay within RX_UNREAD_BYTES.
+        recent = self._rx_recent
+        recent.append((r.rsp_prod_pvt, bytes(self._rx_view[:self._rx_len])))   # one copy
+        self._rx_recent_bytes += self._rx_len
+        seen = (r.get(12) - 1) & 0xFFFFFFFF
+        while recent and (((recent[0][0] - seen) & 0xFFFFFFFF) >= 0x80000000
+                          or self._rx_recent_bytes > RX_UNREAD_BYTES or len(recent) > r.nr_ents):
+            self._rx_recent_bytes -= len(recent.popleft()[1])
         mv = self._rx_view
         n = self._rx_len - VNET_HDR_LEN
         vflags, gtype, _hl, gso_size, _cs, _co = _VNET.unpack_from(buf, 0)

@@ -22,6 +22,9 @@
 static void (*hook)(void);
 unsigned long bad_start_info;     /* test guests: pass this MFN instead (must be refused) */
 int refuse_suspend;               /* test guests: acknowledge a request, then do not suspend */
+unsigned long suspend_delay_ms;   /* test guests: this long between the acknowledgement and the
+                                   * suspend, the rings not read (Linux's freezer and device
+                                   * suspend take that time while its rx ring keeps filling) */
 
 int suspend_init(void (*resume_hook)(void))
 {
@@ -81,6 +84,11 @@ int suspend_check(u64 deadline_ns)
             long r = _hypercall3(__HYPERVISOR_sched_op, SCHEDOP_shutdown, &sd, bad_start_info);
             printk("suspend: bad start_info 0x%lx rc=%ld\n", bad_start_info, r);
             return -1;
+        }
+        if (suspend_delay_ms) {
+            u64 until = monotonic_ns() + suspend_delay_ms * 1000000UL;
+            while (monotonic_ns() < until)
+                ;
         }
         long r = do_suspend();
         printk("suspend: resumed rc=%ld\n", r);

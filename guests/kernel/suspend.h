@@ -13,5 +13,6 @@ int suspend_check(u64 deadline_ns);
 long do_suspend(void);
 extern unsigned long bad_start_info;
 extern int refuse_suspend;
+extern unsigned long suspend_delay_ms;
 
 #endif

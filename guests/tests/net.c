@@ -4,11 +4,13 @@
  * cmdline: ip=<a.b.c.d/len> [name=<n>] [gw=<a.b.c.d>] [ping=<a.b.c.d>
  *          count=<k> (default 4)] [serve=<seconds>] [vif=<devid> (default 0)]
  *          [sink=<port>] [blast=<a.b.c.d>:<port> bytes=<n> [size=<payload>]]
- *          [hotplug=<seconds>] [suspend=1] [disk=<records>]
+ *          [hotplug=<seconds>] [suspend=1 [suspend_delay=<ms>]]
+ *          [disk=<records>]
  * suspend=1: serve Xen's cooperative suspend (control/shutdown) while
  * serving; after a resume in a new domain the vif (and disk) reconnect to the
  * new backends: "net: resumed rc=<0|1>". The guest sends no ARP of its own
- * then (the hypervisor announces it).
+ * then (the hypervisor announces it). suspend_delay=<ms>: that long between
+ * acknowledging a suspend request and suspending, the rings not read.
  * disk=<n>: write records 0..n-1 to the first vbd, one 512-byte sector each
  * (record k at sector k: "rec <k>" then bytes (k*131+i)&255), one every
  * 2 ms while serving, synchronously; "disk: acked <k>" after every 20th
@@ -251,6 +253,7 @@ void app_main(void)
         printk("disk: writing %lu records\n", disk_records);
     }
     suspend_on = (int)cmdline_u64(cmd, "suspend", 0);
+    suspend_delay_ms = cmdline_u64(cmd, "suspend_delay", 0);
     if (suspend_on && suspend_init(on_resume)) panic("net: suspend_init failed");
 
     netfront_mac(nf, nif.mac);
