@@ -1327,7 +1327,12 @@ class KVMEngine:
                 # Linux's hypercalls and its user processes' system calls, the commonest exit
                 # of a Linux guest.
                 syscalls[_SYSCALL] += 1
-                self._call(hypercall)
+                try:
+                    hypercall()
+                except BaseException as e:      # never let a handler bug unwind the loop
+                    log.exception("%s: handler raised", self.name)
+                    self.callback_error = e
+                    self.stop_requested = True
             elif rc == 4:
                 # C completed a hypercall (stack_switch, set_segment_base) and an event is
                 # deliverable: the hypercall's tail (the upcall) runs here.
