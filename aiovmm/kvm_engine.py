@@ -508,7 +508,7 @@ class _FastIn(ctypes.Structure):
 
 
 # Hypercalls aiovmm_kvm_run_ex completes itself (fast_hypercall), in its fast_calls order.
-_FAST_CALLS = (Hypercall.stack_switch, Hypercall.set_segment_base)
+_FAST_CALLS = (Hypercall.stack_switch, Hypercall.set_segment_base, Hypercall.iret)
 
 
 class _RunCtx(ctypes.Structure):

@@ -40,12 +40,12 @@ class PVState(ctypes.Structure):
     """The part of Xen's per-vCPU PV state that an engine may read or write outside Python
     (csrc/kvm.c struct aiovmm_pv, same layout: the KVM engine completes stack_switch and
     set_segment_base in C). This struct is the only copy: VCPU.kernel_mode, kernel_ss,
-    kernel_sp, info_maddr, fault_depth and hypercalls are views of it, so C and Python never
+    kernel_sp, kernel_root, info_maddr, fault_depth and hypercalls are views of it, so C and Python never
     hold two values of one thing."""
     _fields_ = [("kernel_mode", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 7),
                 ("kernel_ss", ctypes.c_uint64), ("kernel_sp", ctypes.c_uint64),
                 ("info_maddr", ctypes.c_uint64), ("fault_depth", ctypes.c_uint64),
-                ("hypercalls", ctypes.c_uint64)]
+                ("hypercalls", ctypes.c_uint64), ("kernel_root", ctypes.c_uint64)]
 
 
 def _pv_field(name: str, doc: str, conv=int) -> property:
@@ -64,6 +64,7 @@ class VCPU:
     info_maddr = _pv_field("info_maddr", "machine address of this vCPU's vcpu_info")
     fault_depth = _pv_field("fault_depth", "nested faults since the last hypercall (traps.py)")
     hypercalls = _pv_field("hypercalls", "hypercalls made (Python and engine together)")
+    kernel_root = _pv_field("kernel_root", "MFN of the kernel L4 (NEW_BASEPTR)")
 
     def __init__(self, domain: "Domain", vcpu_id: int, engine: VCPUEngine) -> None:
         self.domain = domain
@@ -71,7 +72,7 @@ class VCPU:
         self.engine = engine
         self.pv = PVState()
         self.kernel_mode = True
-        self.kernel_root = 0           # MFN of the kernel L4 (NEW_BASEPTR)
+        self.kernel_root = 0
         self.user_root = 0             # MFN of the user L4 (NEW_USER_BASEPTR), 0 = none
         self.kernel_gs_base = 0
         self.user_gs_base = 0

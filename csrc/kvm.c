@@ -140,7 +140,7 @@ struct aiovmm_kvm_ctx {
     struct aiovmm_pv *pv;
     uint32_t fast_hc, pad2;
     uint64_t mem_size;             /* bytes of machine memory at mem_base */
-    uint64_t fast_calls[2];        /* stack_switch, set_segment_base completed here */
+    uint64_t fast_calls[3];        /* stack_switch, set_segment_base, iret completed here */
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -151,6 +151,7 @@ struct aiovmm_pv {
     uint64_t info_maddr;           /* this vCPU's vcpu_info (machine address) */
     uint64_t fault_depth;          /* nested faults since the last hypercall (traps.py) */
     uint64_t hypercalls;
+    uint64_t kernel_root;          /* MFN of the guest kernel's L4 (MMUEXT_NEW_BASEPTR) */
 };
 
 #define KREG_RAX 0
@@ -170,6 +171,16 @@ struct aiovmm_pv {
 #define RF_VM 0x20000ULL
 #define HC_STACK_SWITCH 3
 #define HC_SET_SEGMENT_BASE 25
+#define HC_IRET 23
+#define KREG_RSP 6
+#define PTE_PRESENT 1ULL
+#define PTE_USER 4ULL
+#define PTE_FRAME 0x000FFFFFFFFFF000ULL
+#define XEN_VIRT_START 0xFFFF800000000000ULL   /* Xen's range: never a guest address */
+#define XEN_VIRT_END 0xFFFF880000000000ULL
+#define VGCF_IN_SYSCALL 0x100ULL
+#define RF_IF 0x200ULL
+#define ARCH_FLAGS 0x3F7FD7ULL
 #define SEGBASE_FS 0
 #define SEGBASE_GS_KERNEL 1
 #define VCPU_INFO_PENDING 0
@@ -180,6 +191,11 @@ struct aiovmm_pv {
 size_t aiovmm_kvm_layout(int which)
 {
     return which == 0 ? sizeof(struct aiovmm_kvm_ctx) : sizeof(struct aiovmm_pv);
+}
+
+static int canonical(uint64_t a)
+{
+    return (uint64_t)((int64_t)(a << 16) >> 16) == a;
 }
 
 static uint64_t *regs_of(uint8_t *run) { return (uint64_t *)(run + RUN_REGS); }
@@ -213,16 +229,72 @@ void aiovmm_kvm_syscall_entry(struct aiovmm_kvm_ctx *c)
     aiovmm_kvm_back_to_cpl3(c, 0);
 }
 
-static int canonical(uint64_t a)
+
+/* The machine address of guest VA `va` for a read at CPL 3 through the page tables at `cr3`
+ * (the guest's validated tables, as Python's copy_from_guest uses them), with the checks of the Python
+ * walk (aiovmm/mmu.py translate): canonical, outside Xen's range, present and user at every
+ * level. Returns 0 (not ours to judge: the caller leaves it to Python, whose walk then gives
+ * the fault) when any check fails or an entry leads outside machine memory. */
+static uint64_t guest_read_maddr(struct aiovmm_kvm_ctx *c, uint64_t cr3, uint64_t va)
 {
-    return (uint64_t)((int64_t)(a << 16) >> 16) == a;
+    if (!canonical(va) || (va >= XEN_VIRT_START && va < XEN_VIRT_END))
+        return 0;
+    uint64_t table = cr3 & PTE_FRAME;
+    for (int shift = 39; shift >= 12; shift -= 9) {
+        uint64_t at = table + 8 * ((va >> shift) & 0x1FF);
+        if (at + 8 > c->mem_size)
+            return 0;
+        uint64_t e;
+        memcpy(&e, (const void *)(uintptr_t)(c->mem_base + at), 8);   /* read once */
+        if ((e & (PTE_PRESENT | PTE_USER)) != (PTE_PRESENT | PTE_USER))
+            return 0;
+        table = e & PTE_FRAME;
+    }
+    if (table + 4096 > c->mem_size)
+        return 0;
+    return table | (va & 0xFFF);
+}
+
+/* HYPERVISOR_iret back to guest kernel mode (aiovmm/traps.py do_iret, the same effect):
+ * the context (rax r11 rcx flags rip cs rflags rsp ss) on the guest stack at the SYSCALL,
+ * copied once and used only from the copy (the guest, or a backend thread, may rewrite the
+ * stack meanwhile). A return to user mode switches page tables and GS and is Python's, as is
+ * a context that crosses a page or cannot be read (Python then crashes the domain). */
+static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
+{
+    uint64_t rsp = r[KREG_RSP], ctx[9];
+    if ((rsp & 0xFFF) > 4096 - sizeof ctx)
+        return 0;
+    uint64_t ma = guest_read_maddr(c, c->pv->kernel_root << 12, rsp);
+    if (!ma)
+        return 0;
+    memcpy(ctx, (const void *)(uintptr_t)(c->mem_base + ma), sizeof ctx);
+    uint64_t rax = ctx[0], r11 = ctx[1], rcx = ctx[2], flags = ctx[3], rip = ctx[4];
+    uint64_t cs = ctx[5], rflags = ctx[6], ursp = ctx[7];
+    if ((cs & 3) == 3)
+        return 0;
+    uint64_t info = c->pv->info_maddr;
+    if (info + 2 > c->mem_size)
+        return 0;
+    r[KREG_RIP] = rip;
+    r[KREG_RSP] = ursp;
+    r[KREG_RFLAGS] = (rflags & ARCH_FLAGS & ~(RF_IOPL | RF_VM)) | RF_IF | 2;
+    r[KREG_RAX] = rax;
+    if (!(flags & VGCF_IN_SYSCALL)) {
+        r[KREG_RCX] = rcx;
+        r[KREG_R11] = r11;
+    }
+    ((volatile uint8_t *)(uintptr_t)(c->mem_base + info))[VCPU_INFO_MASK] = (rflags & RF_IF) ? 0 : 1;
+    c->fast_calls[2]++;
+    return 1;
 }
 
 /* A hypercall from guest kernel mode whose whole effect is this vCPU's state, completed
  * without Python (returns 1), or 0: Python handles it (aiovmm/hypercall.py dispatch). Only
  * the cases Xen always accepts are done here, each exactly as the Python handler does it
- * (aiovmm/traps.py do_stack_switch, do_set_segment_base); every refusal, and every other
- * `which`, goes to Python, so error codes come from one place. The registers were copied by
+ * (aiovmm/traps.py do_stack_switch, do_set_segment_base, do_iret to kernel mode); every
+ * refusal, every other `which`, every iret that changes mode or cannot be read goes to
+ * Python, so error codes and crashes come from one place. The registers were copied by
  * KVM into kvm_run and are read once each. */
 static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
 {
@@ -240,6 +312,13 @@ static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
         memcpy(c->run + RUN_SREGS + (a1 == SEGBASE_FS ? 3 : 4) * 24, &a2, 8);
         mark_dirty(c->run, SYNC_SREGS);
         c->fast_calls[1]++;
+    } else if (nr == HC_IRET) {
+        if (!fast_iret(c, r))
+            return 0;
+        mark_dirty(c->run, SYNC_REGS);
+        pv->hypercalls++;
+        pv->fault_depth = 0;
+        return 1;                  /* the registers are the context's, RAX included */
     } else {
         return 0;
     }
