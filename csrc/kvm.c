@@ -182,7 +182,7 @@ struct aiovmm_pv {
 #define RF_IF 0x200ULL
 #define ARCH_FLAGS 0x3F7FD7ULL
 #define SEGBASE_FS 0
-#define SEGBASE_GS_KERNEL 1
+#define SEGBASE_GS_KERNEL 2   /* xen/include/public/arch-x86/xen-x86_64.h */
 #define VCPU_INFO_PENDING 0
 #define VCPU_INFO_MASK 1
 

@@ -464,15 +464,16 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
     non-canonical base, another `which`, user mode and a deliverable event all reach
     Python, so refusals keep Xen's error codes from the one dispatcher."""
     import time as _time
-    from aiovmm.abi import Errno, VcpuInfo
+    from aiovmm.abi import Errno, SEGBASE_FS, SEGBASE_GS_KERNEL, SEGBASE_GS_USER, VcpuInfo
     from aiovmm.kvm_engine import ring0
-    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp", "fs_base")
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp", "fs_base", "gs_base")
     async with _hand_driven_vcpu(regs) as (hv, dom, v):
         eng = v.engine
         code_va = 0xFFFFFFFF80400000 - 4096
         v.copy_to_guest(code_va, b"\xeb\xfe")                       # jmp .
         entry = ring0(hv.xen).syscall_va
         saved_sp = (v.kernel_ss, v.kernel_sp)
+        saved_gs = (v.kernel_gs_base, v.user_gs_base)
         info = v.info_maddr
         saved_info = bytes(hv.mem.map[info:info + 2])
 
@@ -493,16 +494,23 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
             assert call(3, 0xE028, 0xFFFFFFFF80123450) == -4               # -EINTR
             assert (v.kernel_ss, v.kernel_sp) == (0xE02B, 0xFFFFFFFF80123450)
             assert eng.read(("rip", "rax")) == [code_va, 0]
-            assert call(25, 0, 0x7F0012345000) == -4                      # SEGBASE_FS
+            assert call(25, SEGBASE_FS, 0x7F0012345000) == -4
             assert eng.get("fs_base") == 0x7F0012345000
-            assert [a - b for a, b in zip(eng._ctx.fast_calls, done)][:2] == [1, 1]
+            assert call(25, SEGBASE_GS_KERNEL, 0xFFFFFFFF80777000) == -4
+            assert eng.get("gs_base") == 0xFFFFFFFF80777000
+            assert [a - b for a, b in zip(eng._ctx.fast_calls, done)][:2] == [1, 2]
+            # The user GS base in kernel mode is not the live one: Python's.
+            assert call(25, SEGBASE_GS_USER, 0x7F00AAAA0000) == 3
+            eng.on_hypercall()
+            assert (eng.get("rax"), v.user_gs_base) == (0, 0x7F00AAAA0000)
+            assert eng.get("gs_base") == 0xFFFFFFFF80777000
             # Not C's: a non-canonical base and any other `which` reach the dispatcher.
-            for which, base in ((0, 1 << 63), (1, 0x0000800000000000), (9, 0)):
+            for which, base in ((SEGBASE_FS, 1 << 63), (SEGBASE_GS_KERNEL, 0x0000800000000000), (9, 0)):
                 assert call(25, which, base) == 3
                 eng.on_hypercall()
                 assert eng.get("rax") == (-Errno.EINVAL) & (2**64 - 1)
                 assert eng.get("fs_base") == 0x7F0012345000
-            assert [a - b for a, b in zip(eng._ctx.fast_calls, done)][:2] == [1, 1]
+            assert [a - b for a, b in zip(eng._ctx.fast_calls, done)][:2] == [1, 2]
             # From guest user mode a `syscall` is the guest kernel's, never a hypercall.
             v.pv.kernel_mode = 0
             try:
@@ -521,6 +529,7 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
             assert dom.hypercall_counts[3] >= 3 and dom.hypercall_counts[25] >= 1
         finally:
             v.kernel_ss, v.kernel_sp = saved_sp
+            v.kernel_gs_base, v.user_gs_base = saved_gs
             hv.mem.map[info:info + 2] = saved_info
 
 
