@@ -522,7 +522,7 @@ class _RunCtx(ctypes.Structure):
                 ("fast_n", ctypes.c_uint32), ("fast_next", ctypes.c_uint32), ("fast_hits", ctypes.c_uint64),
                 ("fast", _FastIn * _FAST_IN_MAX),
                 ("cs64", ctypes.c_uint8 * 24), ("cs32", ctypes.c_uint8 * 24), ("ss3", ctypes.c_uint8 * 24),
-                ("pv", ctypes.c_void_p), ("fast_hc", ctypes.c_uint32), ("pad2", ctypes.c_uint32),
+                ("pv", ctypes.c_void_p), ("fast_hc", ctypes.c_uint32), ("page_rip_after", ctypes.c_uint32),
                 ("mem_size", ctypes.c_uint64), ("fast_calls", ctypes.c_uint64 * len(_FAST_CALLS))]
 
 
@@ -863,6 +863,7 @@ class KVMEngine:
         self._ctx.mem_base, self._ctx.run_size = mem.fd_address, _vcpu_mmap_size()
         self._ctx.mem_size = mem.size
         self._ctx.cs64[:], self._ctx.cs32[:], self._ctx.ss3[:] = _CS64, _CS32, _SS3
+        self._ctx.page_rip_after = _IO_RIP_AFTER    # else the hypercall page is Python's only
         self._pv = None                 # the vCPU's PVState (attach_pv), kept alive here
         self._fast_seen = [0] * len(_FAST_CALLS)
         # The invalidation stub's entry registers (_invalidate): all zero but RSI (its list),

@@ -138,7 +138,8 @@ struct aiovmm_kvm_ctx {
      * cleared by the engine whenever Python must see every exit (single-stepping, a domain
      * shutting down). */
     struct aiovmm_pv *pv;
-    uint32_t fast_hc, pad2;
+    uint32_t fast_hc;
+    uint32_t page_rip_after;       /* a hypercall page exit has RIP past its `out` (kvm-pvm) */
     uint64_t mem_size;             /* bytes of machine memory at mem_base */
     uint64_t fast_calls[3];        /* stack_switch, set_segment_base, iret completed here */
 };
@@ -323,6 +324,7 @@ static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
         return 0;
     }
     r[KREG_RAX] = 0;
+    mark_dirty(c->run, SYNC_REGS);
     pv->hypercalls++;
     pv->fault_depth = 0;
     return 1;
@@ -411,6 +413,14 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
         if (run[32] == 1 && run[33] == 1 && port == c->hcall_port && count == 1
             && !(rip >= c->stubs_lo && rip <= c->stubs_hi)) {
             c->fast_n = 0;
+            /* The engine's hypercall page (the stub's `ret`, or the iret stub's pushed
+             * context, is the guest's to run next), where RIP is already past the `out`. */
+            if (c->page_rip_after && c->fast_hc && c->pv && c->pv->kernel_mode
+                && fast_hypercall(c, regs_of(run))) {
+                if (event_deliverable(c))
+                    return 4;
+                continue;
+            }
             return 1;
         }
         if (run[32] == 1 && run[33] == 1 && port == c->syscall_port && count == 1
