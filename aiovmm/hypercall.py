@@ -274,8 +274,9 @@ def dispatch(v: "VCPU") -> None:
     """Entry from the SYSCALL hook in guest kernel mode (the hot path: keep it lean)."""
     eng = v.engine
     nr, a1, a2, a3, a4, a5 = eng.hypercall_args()
-    v.hypercalls += 1
-    v.fault_depth = 0
+    pv = v.pv                                   # the PV state's one copy (vcpu.PVState)
+    pv.hypercalls += 1
+    pv.fault_depth = 0
     fn = TABLE.get(nr)
     if fn is None:
         ret = -Errno.ENOSYS
@@ -294,4 +295,16 @@ def dispatch(v: "VCPU") -> None:
     if ret is not None:
         eng.set_rax(ret)
     if not eng.stop_requested and v.event_deliverable():
+        traps.deliver_event(v)
+
+
+def completed_elsewhere(v: "VCPU", counts: dict[int, int], events: bool) -> None:
+    """Hypercalls the engine completed without this dispatcher (the KVM engine's C loop:
+    stack_switch, set_segment_base; it already counted them in v.hypercalls): into the
+    domain's statistics, and, when the last one left an event deliverable, the tail every
+    hypercall has (dispatch above)."""
+    dc = v.domain.hypercall_counts
+    for nr, n in counts.items():
+        dc[nr] = dc.get(nr, 0) + n
+    if events and not v.engine.stop_requested and v.event_deliverable():
         traps.deliver_event(v)

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from .abi import (
     DOMID_XEN, XEN_L4_FIRST, XEN_L4_LAST, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_USER,
+    _PAGE_RW, _PAGE_USER, Hypercall,
 )
 from .vcpu_engine import ExitReason
 
@@ -225,6 +225,16 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_make_vm.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p,
                                            ctypes.c_void_p, ctypes.c_void_p]
         lib.aiovmm_kvm_run_ex.argtypes = [ctypes.c_void_p]
+        lib.aiovmm_kvm_back_to_cpl3.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.aiovmm_kvm_back_to_cpl3.restype = None
+        lib.aiovmm_kvm_syscall_entry.argtypes = [ctypes.c_void_p]
+        lib.aiovmm_kvm_syscall_entry.restype = None
+        lib.aiovmm_kvm_layout.argtypes = [ctypes.c_int]
+        lib.aiovmm_kvm_layout.restype = ctypes.c_size_t
+        from .vcpu import PVState
+        if (lib.aiovmm_kvm_layout(0), lib.aiovmm_kvm_layout(1)) != \
+                (ctypes.sizeof(_RunCtx), ctypes.sizeof(PVState)):
+            raise KVMUnavailable(f"{_NATIVE} is stale (run `make setup`)")
         lib.aiovmm_kvm_pool_new.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p,
                                             ctypes.c_size_t, ctypes.c_int]
         lib.aiovmm_kvm_pool_new.restype = ctypes.c_void_p
@@ -497,6 +507,10 @@ class _FastIn(ctypes.Structure):
                 ("pad", ctypes.c_uint32)]
 
 
+# Hypercalls aiovmm_kvm_run_ex completes itself (fast_hypercall), in its fast_calls order.
+_FAST_CALLS = (Hypercall.stack_switch, Hypercall.set_segment_base, Hypercall.iret)
+
+
 class _RunCtx(ctypes.Structure):
     """csrc/kvm.c struct aiovmm_kvm_ctx: what aiovmm_kvm_run_ex needs to recognise a
     hypercall exit without Python decoding kvm_run."""
@@ -506,7 +520,10 @@ class _RunCtx(ctypes.Structure):
                 ("syscall_port", ctypes.c_int32), ("pad", ctypes.c_int32), ("syscall_va", ctypes.c_uint64),
                 ("mem_base", ctypes.c_uint64), ("run_size", ctypes.c_uint64),
                 ("fast_n", ctypes.c_uint32), ("fast_next", ctypes.c_uint32), ("fast_hits", ctypes.c_uint64),
-                ("fast", _FastIn * _FAST_IN_MAX)]
+                ("fast", _FastIn * _FAST_IN_MAX),
+                ("cs64", ctypes.c_uint8 * 24), ("cs32", ctypes.c_uint8 * 24), ("ss3", ctypes.c_uint8 * 24),
+                ("pv", ctypes.c_void_p), ("fast_hc", ctypes.c_uint32), ("page_rip_after", ctypes.c_uint32),
+                ("mem_size", ctypes.c_uint64), ("fast_calls", ctypes.c_uint64 * len(_FAST_CALLS))]
 
 
 class _VMPool:
@@ -844,6 +861,11 @@ class KVMEngine:
         self._ctx.syscall_port, self._ctx.syscall_va = SYSCALL_PORT, self.r0.syscall_va
         self._ctx.timer = self._timer.value
         self._ctx.mem_base, self._ctx.run_size = mem.fd_address, _vcpu_mmap_size()
+        self._ctx.mem_size = mem.size
+        self._ctx.cs64[:], self._ctx.cs32[:], self._ctx.ss3[:] = _CS64, _CS32, _SS3
+        self._ctx.page_rip_after = _IO_RIP_AFTER    # else the hypercall page is Python's only
+        self._pv = None                 # the vCPU's PVState (attach_pv), kept alive here
+        self._fast_seen = [0] * len(_FAST_CALLS)
         # The invalidation stub's entry registers (_invalidate): all zero but RSI (its list),
         # RSP (the ring-0 stack), RIP and RFLAGS (IF, TF clear).
         stub = [0] * 18
@@ -857,6 +879,12 @@ class KVMEngine:
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
         self.on_invalid_opcode: Callable[[], None] = lambda: None
         self.on_port_io: Callable[[], None] = lambda: None
+        # Hypercalls completed in C (number -> calls since the last report) and whether one
+        # of them left an event deliverable (the hypercall's tail is then the caller's).
+        self.on_hypercall_done: Callable[[dict[int, int], bool], None] = lambda counts, events: None
+        # Whether C may complete hypercalls this slice (not while the domain shuts down:
+        # then every hypercall must reach the dispatcher, which stops the vCPU).
+        self.fast_hypercalls_ok: Callable[[], bool] = lambda: False
         # True while the port policy's answer to an allowed IN does not depend on guest
         # memory (emulate.port_in_fixed): only then may C repeat it (aiovmm_kvm_run_ex).
         self.port_in_fixed: Callable[[], bool] = lambda: False
@@ -893,9 +921,18 @@ class KVMEngine:
         """KVM_RUN calls that ran the guest (the invalidation stub's are not counted)."""
         return self._ctx.exits
 
+    def attach_pv(self, pv: ctypes.Structure) -> None:
+        """Share the vCPU's PV state (vcpu.PVState) with the C run loop, which completes
+        stack_switch and set_segment_base in it (csrc/kvm.c fast_hypercall)."""
+        self._pv = pv
+        self._ctx.pv = ctypes.addressof(pv)
+
     @property
     def exit_kinds(self) -> collections.Counter[str]:
         out = collections.Counter(self._exit_kinds)
+        fast = sum(self._ctx.fast_calls)
+        if fast:
+            out[_SYSCALL] += fast
         if self._hypercalls:
             out["hypercall"] += self._hypercalls
         if self._ctx.fast_hits:
@@ -1101,6 +1138,7 @@ class KVMEngine:
         self._stepping = True
         self._step_hit = False
         self.stop_requested = False
+        self._ctx.fast_hc = 0                   # every exit of the step is Python's
         rf = self.regs[17]
         self.regs[17] = rf | RF_TF
         self._dirty.value |= SYNC_REGS
@@ -1113,7 +1151,10 @@ class KVMEngine:
                     continue
                 if rc < 0:
                     break
-                self._handle_exit()
+                if rc == 3:                     # the SYSCALL entry, already set back in C
+                    self._call(self.on_hypercall)
+                else:
+                    self._handle_exit()
                 if self._step_hit or self.stop_requested or self.callback_error is not None:
                     break
         finally:
@@ -1223,11 +1264,27 @@ class KVMEngine:
         preempt. `budget` (Unicorn blocks) has no meaning here."""
         deadline = time.monotonic_ns() + (max_ns or 2_000_000)
         self.stop_requested = False
+        self._ctx.fast_hc = 1 if self._pv is not None and self.fast_hypercalls_ok() else 0
         self._begin(deadline)
         try:
             return self._run_slice(deadline)
         finally:
+            self._ctx.fast_hc = 0
             self._end()
+            self._report_fast_calls(False)
+
+    def _report_fast_calls(self, events: bool) -> None:
+        """Hand the hypercalls C completed since the last report to on_hypercall_done (the
+        domain's statistics); `events`: the last one left an event deliverable."""
+        done = self._ctx.fast_calls
+        counts = {}
+        for i, nr in enumerate(_FAST_CALLS):
+            n = done[i] - self._fast_seen[i]
+            if n:
+                counts[int(nr)] = n
+                self._fast_seen[i] = done[i]
+        if counts or events:
+            self._call(self.on_hypercall_done, counts, events)
 
     def delivery_pending(self) -> bool:
         """True if the vCPU stopped between raising an exception and this engine's stub
@@ -1266,11 +1323,21 @@ class KVMEngine:
                     self.callback_error = e
                     self.stop_requested = True
             elif rc == 3:
-                # A guest `syscall` (aiovmm_kvm_run_ex recognised the entry page's exit), as
-                # in _handle_exit without decoding kvm_run: Linux's hypercalls and its user
-                # processes' system calls, the commonest exit of a Linux guest.
+                # A guest `syscall` (aiovmm_kvm_run_ex recognised the entry page's exit and
+                # set RIP/RFLAGS/CS/SS back), as in _handle_exit without decoding kvm_run:
+                # Linux's hypercalls and its user processes' system calls, the commonest exit
+                # of a Linux guest.
                 syscalls[_SYSCALL] += 1
-                self._from_syscall()
+                try:
+                    hypercall()
+                except BaseException as e:      # never let a handler bug unwind the loop
+                    log.exception("%s: handler raised", self.name)
+                    self.callback_error = e
+                    self.stop_requested = True
+            elif rc == 4:
+                # C completed a hypercall (stack_switch, set_segment_base) and an event is
+                # deliverable: the hypercall's tail (the upcall) runs here.
+                self._report_fast_calls(True)
             elif rc == -errno.EINTR:
                 if self.delivery_pending():
                     # Xen bounces an exception the moment the guest raises it, before it
@@ -1380,25 +1447,16 @@ class KVMEngine:
             self.stop_requested = True
 
     def _back_to_cpl3(self, cs_selector: int) -> None:
-        s = self._sregs
-        cs = _CS32 if (cs_selector & ~3) == (FLAT_RING3_CS32 & ~3) else _CS64
-        if s[0:24] == cs and s[_SEG["ss"]:_SEG["ss"] + 24] == _SS3:
-            # Already CPL-3 state (kvm-pvm's SYSCALL keeps CS/SS): no KVM_SET_SREGS at the
-            # next entry; setting registers is expensive enough on kvm-pvm (measured: the
-            # bare `out` loop 150 -> 265 us per exit with SYNC_REGS dirty each time).
-            self._dirty.value |= SYNC_REGS
-            return
-        s[0:24] = cs
-        s[_SEG["ss"]:_SEG["ss"] + 24] = _SS3
-        self._dirty.value |= SYNC_REGS | SYNC_SREGS
+        """CS/SS back to CPL-3 state (csrc/kvm.c aiovmm_kvm_back_to_cpl3: no KVM_SET_SREGS
+        at the next entry when they already are, as after kvm-pvm's SYSCALL)."""
+        self._lib.aiovmm_kvm_back_to_cpl3(
+            self._ctx_ptr, (cs_selector & ~3) == (FLAT_RING3_CS32 & ~3))
 
     def _from_syscall(self) -> None:
-        """SYSCALL at CPL 3 reached the LSTAR stub: RCX/R11 hold the return RIP/RFLAGS."""
-        r = self.regs
-        # R11 is the guest's RFLAGS only for a real SYSCALL; a guest may also jump to the
-        # entry page with any R11. Never let it raise IOPL or set VM/NT that way.
-        r[16], r[17] = r[2], (r[11] & ~(RF_IOPL | RF_VM | RF_NT)) | 2
-        self._back_to_cpl3(FLAT_RING3_CS64)
+        """SYSCALL at CPL 3 reached the LSTAR stub: RCX/R11 hold the return RIP/RFLAGS
+        (set back by csrc/kvm.c aiovmm_kvm_syscall_entry, the one place of that rule: R11
+        never raises IOPL or sets VM/NT)."""
+        self._lib.aiovmm_kvm_syscall_entry(self._ctx_ptr)
         self._call(self.on_hypercall)
 
     def _from_vector(self, vector: int) -> None:

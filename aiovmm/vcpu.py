@@ -11,6 +11,7 @@ at the start of a slice (the previous one ended at a block boundary).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import struct
 from typing import TYPE_CHECKING
@@ -35,13 +36,43 @@ log = logging.getLogger("aiovmm.vcpu")
 IDLE_RELEASE_S = 2.0   # asleep this long: the engine's translator memory goes back (_sleep)
 
 
+class PVState(ctypes.Structure):
+    """The part of Xen's per-vCPU PV state that an engine may read or write outside Python
+    (csrc/kvm.c struct aiovmm_pv, same layout: the KVM engine completes stack_switch and
+    set_segment_base in C). This struct is the only copy: VCPU.kernel_mode, kernel_ss,
+    kernel_sp, kernel_root, info_maddr, fault_depth and hypercalls are views of it, so C and Python never
+    hold two values of one thing."""
+    _fields_ = [("kernel_mode", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 7),
+                ("kernel_ss", ctypes.c_uint64), ("kernel_sp", ctypes.c_uint64),
+                ("info_maddr", ctypes.c_uint64), ("fault_depth", ctypes.c_uint64),
+                ("hypercalls", ctypes.c_uint64), ("kernel_root", ctypes.c_uint64)]
+
+
+def _pv_field(name: str, doc: str, conv=int) -> property:
+    def get(self: "VCPU"):
+        return conv(getattr(self.pv, name))
+
+    def set_(self: "VCPU", value) -> None:
+        setattr(self.pv, name, int(value) & 0xFFFFFFFFFFFFFFFF)
+    return property(get, set_, doc=doc)
+
+
 class VCPU:
+    kernel_mode = _pv_field("kernel_mode", "guest kernel (True) or user mode", bool)
+    kernel_ss = _pv_field("kernel_ss", "HYPERVISOR_stack_switch: the kernel stack selector")
+    kernel_sp = _pv_field("kernel_sp", "HYPERVISOR_stack_switch: the kernel stack pointer")
+    info_maddr = _pv_field("info_maddr", "machine address of this vCPU's vcpu_info")
+    fault_depth = _pv_field("fault_depth", "nested faults since the last hypercall (traps.py)")
+    hypercalls = _pv_field("hypercalls", "hypercalls made (Python and engine together)")
+    kernel_root = _pv_field("kernel_root", "MFN of the kernel L4 (NEW_BASEPTR)")
+
     def __init__(self, domain: "Domain", vcpu_id: int, engine: VCPUEngine) -> None:
         self.domain = domain
         self.id = vcpu_id
         self.engine = engine
+        self.pv = PVState()
         self.kernel_mode = True
-        self.kernel_root = 0           # MFN of the kernel L4 (NEW_BASEPTR)
+        self.kernel_root = 0
         self.user_root = 0             # MFN of the user L4 (NEW_USER_BASEPTR), 0 = none
         self.kernel_gs_base = 0
         self.user_gs_base = 0
@@ -91,6 +122,11 @@ class VCPU:
         self.ldt_ents = 0
         self.ldt_shadow: dict[int, int] = {}       # LDT page index -> mapped frame
         engine.on_hypercall = self._on_syscall
+        engine.on_hypercall_done = self._after_fast_hypercall
+        engine.fast_hypercalls_ok = lambda: self.domain.shutdown_reason is None
+        attach = getattr(engine, "attach_pv", None)
+        if attach is not None:
+            attach(self.pv)
         engine.on_exception = self._on_exception
         engine.on_invalid_opcode = self._on_invalid_opcode
         engine.on_port_io = self._on_port_io
@@ -100,7 +136,6 @@ class VCPU:
         self._map = domain.mem.map
         # vcpu_info: in shared_info until VCPUOP_register_vcpu_info moves it (vcpu_op.py).
         self.info_maddr = domain.shared_info_maddr + VCPU_INFO_SIZE * vcpu_id
-        self._info = self.info_maddr
         self.info_frame = 0
         self.runstate = vcpu_op.RunState.running
         self.runstate_entry = domain.hypervisor.system_time_ns()
@@ -113,7 +148,7 @@ class VCPU:
 
     # -- vcpu_info -----------------------------------------------------------------------------------
     def set_info_maddr(self, maddr: int) -> None:
-        self.info_maddr = self._info = maddr
+        self.info_maddr = maddr
 
     @property
     def upcall_mask(self) -> int:
@@ -130,7 +165,7 @@ class VCPU:
     def event_deliverable(self) -> bool:
         """evtchn_upcall_pending && !evtchn_upcall_mask (hot: after every hypercall)."""
         m = self._map
-        a = self._info
+        a = self.pv.info_maddr
         return bool(m[a] and not m[a + 1])
 
     # -- guest memory through the current page tables ---------------------------------------------------
@@ -232,6 +267,12 @@ class VCPU:
             _hypercall.dispatch(self)
         else:
             _traps.user_syscall(self)
+
+    def _after_fast_hypercall(self, counts: dict[int, int], events: bool) -> None:
+        """The engine completed hypercalls itself (`counts`: number -> calls since the last
+        report, for the domain's statistics); `events`: the last one left an event
+        deliverable, so its tail (Xen's test_all_events) runs now."""
+        _hypercall.completed_elsewhere(self, counts, events)
 
     def _on_exception(self, vector: int, error: int, cr2: int) -> None:
         _traps.exception(self, vector, error, cr2)

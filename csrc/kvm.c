@@ -7,7 +7,9 @@
  * races: a signal during KVM_RUN makes it return -EINTR; a signal that lands just before
  * the ioctl makes KVM_RUN return at once instead of running a whole extra slice.
  *
- * All exits are handled in Python (aiovmm/kvm_engine.py). */
+ * Exits are handled in Python (aiovmm/kvm_engine.py), but for a few completed here, each
+ * under the conditions of its function: repeated PIT reads (fast_in) and the hypercalls whose
+ * whole effect is vCPU state (fast_hypercall). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
@@ -129,7 +131,216 @@ struct aiovmm_kvm_ctx {
         uint64_t maddr;            /* ... its machine address (both bytes in one frame) */
         uint32_t port, pad;
     } fast[AIOVMM_FAST_IN_MAX];
+    /* The return to CPL 3 after an exit (aiovmm_kvm_back_to_cpl3): kvm_segment images. */
+    uint8_t cs64[24], cs32[24], ss3[24];
+    /* Hypercalls completed here (see fast_hypercall): the vCPU's PV state, owned by this
+     * struct and read by Python through it (aiovmm/vcpu.py PVState), or NULL; fast_hc is
+     * cleared by the engine whenever Python must see every exit (single-stepping, a domain
+     * shutting down). */
+    struct aiovmm_pv *pv;
+    uint32_t fast_hc;
+    uint32_t page_rip_after;       /* a hypercall page exit has RIP past its `out` (kvm-pvm) */
+    uint64_t mem_size;             /* bytes of machine memory at mem_base */
+    uint64_t fast_calls[3];        /* stack_switch, set_segment_base, iret completed here */
 };
+
+/* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
+ * PVState, same layout; the VCPU's attributes of these names are views of it). */
+struct aiovmm_pv {
+    uint8_t kernel_mode, pad[7];
+    uint64_t kernel_ss, kernel_sp; /* HYPERVISOR_stack_switch */
+    uint64_t info_maddr;           /* this vCPU's vcpu_info (machine address) */
+    uint64_t fault_depth;          /* nested faults since the last hypercall (traps.py) */
+    uint64_t hypercalls;
+    uint64_t kernel_root;          /* MFN of the guest kernel's L4 (MMUEXT_NEW_BASEPTR) */
+};
+
+#define KREG_RAX 0
+#define KREG_RCX 2
+#define KREG_RSI 4
+#define KREG_RDI 5
+#define KREG_R11 11
+#define KREG_RIP 16
+#define KREG_RFLAGS 17
+#define RUN_DIRTY 296
+#define RUN_REGS 304
+#define RUN_SREGS 448
+#define SYNC_REGS 1
+#define SYNC_SREGS 2
+#define RF_IOPL 0x3000ULL
+#define RF_NT 0x4000ULL
+#define RF_VM 0x20000ULL
+#define HC_STACK_SWITCH 3
+#define HC_SET_SEGMENT_BASE 25
+#define HC_IRET 23
+#define KREG_RSP 6
+#define PTE_PRESENT 1ULL
+#define PTE_USER 4ULL
+#define PTE_FRAME 0x000FFFFFFFFFF000ULL
+#define XEN_VIRT_START 0xFFFF800000000000ULL   /* Xen's range: never a guest address */
+#define XEN_VIRT_END 0xFFFF880000000000ULL
+#define VGCF_IN_SYSCALL 0x100ULL
+#define RF_IF 0x200ULL
+#define ARCH_FLAGS 0x3F7FD7ULL
+#define SEGBASE_FS 0
+#define SEGBASE_GS_KERNEL 2   /* xen/include/public/arch-x86/xen-x86_64.h */
+#define VCPU_INFO_PENDING 0
+#define VCPU_INFO_MASK 1
+
+/* The layouts Python mirrors (aiovmm/kvm_engine.py _RunCtx, aiovmm/vcpu.py PVState), checked
+ * when the library is loaded: 0 the run context's size, 1 the PV state's. */
+size_t aiovmm_kvm_layout(int which)
+{
+    return which == 0 ? sizeof(struct aiovmm_kvm_ctx) : sizeof(struct aiovmm_pv);
+}
+
+static int canonical(uint64_t a)
+{
+    return (uint64_t)((int64_t)(a << 16) >> 16) == a;
+}
+
+static uint64_t *regs_of(uint8_t *run) { return (uint64_t *)(run + RUN_REGS); }
+static void mark_dirty(uint8_t *run, uint64_t bits) { *(uint64_t *)(run + RUN_DIRTY) |= bits; }
+
+/* CS and SS back to CPL-3 state after an exit taken through ring 0 (a vector stub) or the
+ * SYSCALL entry page: the 64-bit user code segment, or the 32-bit one when `cs32`, and the
+ * user stack segment. kvm-pvm keeps CS/SS at CPL 3 across SYSCALL: then nothing is written
+ * and the next entry carries no KVM_SET_SREGS (only the registers are marked dirty). */
+void aiovmm_kvm_back_to_cpl3(struct aiovmm_kvm_ctx *c, int cs32)
+{
+    uint8_t *s = c->run + RUN_SREGS;
+    const uint8_t *cs = cs32 ? c->cs32 : c->cs64;
+    if (memcmp(s, cs, 24) == 0 && memcmp(s + 5 * 24, c->ss3, 24) == 0) {
+        mark_dirty(c->run, SYNC_REGS);
+        return;
+    }
+    memcpy(s, cs, 24);
+    memcpy(s + 5 * 24, c->ss3, 24);
+    mark_dirty(c->run, SYNC_REGS | SYNC_SREGS);
+}
+
+/* The SYSCALL entry page's exit: the guest's `syscall` left its return RIP in RCX and its
+ * RFLAGS in R11. R11 is the guest's RFLAGS only for a real SYSCALL; a guest may also jump to
+ * the entry page with any R11, so IOPL, VM and NT are never taken from it. */
+void aiovmm_kvm_syscall_entry(struct aiovmm_kvm_ctx *c)
+{
+    uint64_t *r = regs_of(c->run);
+    r[KREG_RIP] = r[KREG_RCX];
+    r[KREG_RFLAGS] = (r[KREG_R11] & ~(RF_IOPL | RF_VM | RF_NT)) | 2;
+    aiovmm_kvm_back_to_cpl3(c, 0);
+}
+
+
+/* The machine address of guest VA `va` for a read at CPL 3 through the page tables at `cr3`
+ * (the guest's validated tables, as Python's copy_from_guest uses them), with the checks of the Python
+ * walk (aiovmm/mmu.py translate): canonical, outside Xen's range, present and user at every
+ * level. Returns 0 (not ours to judge: the caller leaves it to Python, whose walk then gives
+ * the fault) when any check fails or an entry leads outside machine memory. */
+static uint64_t guest_read_maddr(struct aiovmm_kvm_ctx *c, uint64_t cr3, uint64_t va)
+{
+    if (!canonical(va) || (va >= XEN_VIRT_START && va < XEN_VIRT_END))
+        return 0;
+    uint64_t table = cr3 & PTE_FRAME;
+    for (int shift = 39; shift >= 12; shift -= 9) {
+        uint64_t at = table + 8 * ((va >> shift) & 0x1FF);
+        if (at + 8 > c->mem_size)
+            return 0;
+        uint64_t e;
+        memcpy(&e, (const void *)(uintptr_t)(c->mem_base + at), 8);   /* read once */
+        if ((e & (PTE_PRESENT | PTE_USER)) != (PTE_PRESENT | PTE_USER))
+            return 0;
+        table = e & PTE_FRAME;
+    }
+    if (table + 4096 > c->mem_size)
+        return 0;
+    return table | (va & 0xFFF);
+}
+
+/* HYPERVISOR_iret back to guest kernel mode (aiovmm/traps.py do_iret, the same effect):
+ * the context (rax r11 rcx flags rip cs rflags rsp ss) on the guest stack at the SYSCALL,
+ * copied once and used only from the copy (the guest, or a backend thread, may rewrite the
+ * stack meanwhile). A return to user mode switches page tables and GS and is Python's, as is
+ * a context that crosses a page or cannot be read (Python then crashes the domain). */
+static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
+{
+    uint64_t rsp = r[KREG_RSP], ctx[9];
+    if ((rsp & 0xFFF) > 4096 - sizeof ctx)
+        return 0;
+    uint64_t ma = guest_read_maddr(c, c->pv->kernel_root << 12, rsp);
+    if (!ma)
+        return 0;
+    memcpy(ctx, (const void *)(uintptr_t)(c->mem_base + ma), sizeof ctx);
+    uint64_t rax = ctx[0], r11 = ctx[1], rcx = ctx[2], flags = ctx[3], rip = ctx[4];
+    uint64_t cs = ctx[5], rflags = ctx[6], ursp = ctx[7];
+    if ((cs & 3) == 3)
+        return 0;
+    uint64_t info = c->pv->info_maddr;
+    if (info + 2 > c->mem_size)
+        return 0;
+    r[KREG_RIP] = rip;
+    r[KREG_RSP] = ursp;
+    r[KREG_RFLAGS] = (rflags & ARCH_FLAGS & ~(RF_IOPL | RF_VM)) | RF_IF | 2;
+    r[KREG_RAX] = rax;
+    if (!(flags & VGCF_IN_SYSCALL)) {
+        r[KREG_RCX] = rcx;
+        r[KREG_R11] = r11;
+    }
+    ((volatile uint8_t *)(uintptr_t)(c->mem_base + info))[VCPU_INFO_MASK] = (rflags & RF_IF) ? 0 : 1;
+    c->fast_calls[2]++;
+    return 1;
+}
+
+/* A hypercall from guest kernel mode whose whole effect is this vCPU's state, completed
+ * without Python (returns 1), or 0: Python handles it (aiovmm/hypercall.py dispatch). Only
+ * the cases Xen always accepts are done here, each exactly as the Python handler does it
+ * (aiovmm/traps.py do_stack_switch, do_set_segment_base, do_iret to kernel mode); every
+ * refusal, every other `which`, every iret that changes mode or cannot be read goes to
+ * Python, so error codes and crashes come from one place. The registers were copied by
+ * KVM into kvm_run and are read once each. */
+static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
+{
+    struct aiovmm_pv *pv = c->pv;
+    uint64_t nr = r[KREG_RAX], a1 = r[KREG_RDI], a2 = r[KREG_RSI];
+    if (nr == HC_STACK_SWITCH) {
+        /* fixup_guest_stack_selector: a 64-bit PV guest's stack selector has RPL 3. */
+        pv->kernel_ss = a1 | 3;
+        pv->kernel_sp = a2;
+        c->fast_calls[0]++;
+    } else if (nr == HC_SET_SEGMENT_BASE && (a1 == SEGBASE_FS || a1 == SEGBASE_GS_KERNEL)
+               && canonical(a2)) {
+        /* In kernel mode the live FS/GS base is the one set (kvm_sregs fs/gs .base); the
+         * saved kernel GS base is taken from GS at the switch to user mode (vcpu.py). */
+        memcpy(c->run + RUN_SREGS + (a1 == SEGBASE_FS ? 3 : 4) * 24, &a2, 8);
+        mark_dirty(c->run, SYNC_SREGS);
+        c->fast_calls[1]++;
+    } else if (nr == HC_IRET) {
+        if (!fast_iret(c, r))
+            return 0;
+        mark_dirty(c->run, SYNC_REGS);
+        pv->hypercalls++;
+        pv->fault_depth = 0;
+        return 1;                  /* the registers are the context's, RAX included */
+    } else {
+        return 0;
+    }
+    r[KREG_RAX] = 0;
+    mark_dirty(c->run, SYNC_REGS);
+    pv->hypercalls++;
+    pv->fault_depth = 0;
+    return 1;
+}
+
+/* After a hypercall: Xen's test_all_events. True if an event upcall is deliverable
+ * (evtchn_upcall_pending && !evtchn_upcall_mask in this vCPU's vcpu_info: guest memory,
+ * read as the Python path reads it). */
+static int event_deliverable(struct aiovmm_kvm_ctx *c)
+{
+    uint64_t a = c->pv->info_maddr;
+    if (a + 2 > c->mem_size)
+        return 1;                  /* not ours to judge: Python decides */
+    const volatile uint8_t *info = (const volatile uint8_t *)(uintptr_t)(c->mem_base + a);
+    return info[VCPU_INFO_PENDING] && !info[VCPU_INFO_MASK];
+}
 
 /* A one-byte IN the engine has seen answered all ones by the shared port policy, at the same
  * RIP and port, with nothing but such INs in between (so the policy's inputs, which only
@@ -161,7 +372,10 @@ static int fast_in(struct aiovmm_kvm_ctx *c, uint8_t *run, uint16_t port, uint64
  * `out %al` of one byte to the hypercall port from outside the vector stubs (a hypercall
  * through the engine's hypercall page, if the guest is in kernel mode: the caller checks),
  * 3 for the SYSCALL entry page's `out` (a guest `syscall`: Linux's hypercalls and its user
- * processes' system calls), 0 for any other exit (decoded in Python; an IN that fast_in()
+ * processes' system calls; RIP, RFLAGS, CS and SS already set back by aiovmm_kvm_syscall_entry),
+ * 4 when such a hypercall was completed here (fast_hypercall) and an event is now
+ * deliverable (the caller runs the hypercall's tail: the upcall); a completed hypercall with
+ * no deliverable event enters the guest again at once. 0 for any other exit (decoded in Python; an IN that fast_in()
  * answers is not returned: the guest is entered again at once), -EINTR when the slice's
  * deadline kicked, or -errno. The register file is kvm_run's sync-regs area (RIP at +304 + 16*8). */
 int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
@@ -199,11 +413,25 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
         if (run[32] == 1 && run[33] == 1 && port == c->hcall_port && count == 1
             && !(rip >= c->stubs_lo && rip <= c->stubs_hi)) {
             c->fast_n = 0;
+            /* The engine's hypercall page (the stub's `ret`, or the iret stub's pushed
+             * context, is the guest's to run next), where RIP is already past the `out`. */
+            if (c->page_rip_after && c->fast_hc && c->pv && c->pv->kernel_mode
+                && fast_hypercall(c, regs_of(run))) {
+                if (event_deliverable(c))
+                    return 4;
+                continue;
+            }
             return 1;
         }
         if (run[32] == 1 && run[33] == 1 && port == c->syscall_port && count == 1
             && rip >= c->syscall_va && rip <= c->syscall_va + 2) {
             c->fast_n = 0;
+            aiovmm_kvm_syscall_entry(c);
+            if (c->fast_hc && c->pv && c->pv->kernel_mode && fast_hypercall(c, regs_of(run))) {
+                if (event_deliverable(c))
+                    return 4;          /* completed: Python runs the hypercall's tail */
+                continue;
+            }
             return 3;
         }
         return 0;

@@ -295,7 +295,7 @@ async def test_forged_syscall_entry_cannot_raise_iopl():
         eng._begin(_time.monotonic_ns() + 50_000_000)
         try:
             assert eng._kvm_run() == 3                  # the entry page's exit, recognised in C
-            assert eng._handle_exit()
+            eng.on_hypercall()                          # as _run_slice does for it
         finally:
             eng._end()
         assert eng.get("rip") == code_va
@@ -414,3 +414,188 @@ async def test_polled_port_answered_in_c_until_the_policy_may_change():
         # Most of the 1,000 reads never reached Python (one per slice and instruction does).
         assert eng._ctx.fast_hits > 500, eng._ctx.fast_hits
         assert eng.exit_kinds["port io"] >= 1000, eng.exit_kinds
+
+
+# -- hypercalls completed in C (csrc/kvm.c fast_hypercall) ---------------------------------------
+def _symbol(path: str, name: str) -> int:
+    import subprocess
+    for line in subprocess.run(["nm", path], capture_output=True, text=True, check=True).stdout.splitlines():
+        addr, _kind, sym = line.split()[:3]
+        if sym == name:
+            return int(addr, 16)
+    raise LookupError(name)
+
+
+async def test_stack_switch_completed_in_c_is_the_stack_user_syscalls_bounce_to(monkeypatch):
+    """The project's kernel with the `syscall` hypercall page (as Linux issues its
+    hypercalls): its HYPERVISOR_stack_switch is completed in C, and the user program's
+    system calls are then bounced (Python, traps.bounce) onto exactly that stack, so C and
+    Python share one kernel_sp."""
+    from aiovmm import builder, hypervisor, traps
+    from aiovmm.abi import FLAT_KERNEL_SS, Hypercall
+    monkeypatch.setattr(hypervisor, "_hypercall_page", lambda kind: builder.hypercall_page())
+    top = _symbol(kernel(), "user_entry_stack_top")
+    from_user: list[int] = []
+    bounce = traps.bounce
+
+    def watch(v, handler, *a, **kw):
+        was_user = not v.kernel_mode
+        ok = bounce(v, handler, *a, **kw)
+        if was_user and ok:
+            from_user.append(v.engine.get("rsp"))
+        return ok
+    monkeypatch.setattr(traps, "bounce", watch)
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1")
+        await dom.wait_for_line(r"^user: round trip ok$", timeout=60)
+        v = dom.vcpus[0]
+        assert v.engine._ctx.fast_calls[0] >= 1, "stack_switch did not take the C path"
+        assert (v.kernel_ss, v.kernel_sp) == (FLAT_KERNEL_SS | 3, top)
+        assert from_user and all(top - 256 <= sp < top for sp in from_user), \
+            (hex(top), [hex(sp) for sp in from_user])
+        assert await asyncio.wait_for(dom.wait(), 60) == ShutdownReason.poweroff
+        assert dom.hypercall_counts.get(int(Hypercall.stack_switch), 0) >= 1
+        assert v.hypercalls >= dom.hypercall_counts[int(Hypercall.stack_switch)]
+
+
+async def test_fast_hypercalls_take_only_what_xen_always_accepts():
+    """Forged `syscall` hypercalls through the entry page with the C path on: what C
+    completes has Xen's effect (RPL 3 forced on the stack selector, FS base set); a
+    non-canonical base, another `which`, user mode and a deliverable event all reach
+    Python, so refusals keep Xen's error codes from the one dispatcher."""
+    import time as _time
+    from aiovmm.abi import Errno, SEGBASE_FS, SEGBASE_GS_KERNEL, SEGBASE_GS_USER, VcpuInfo
+    from aiovmm.kvm_engine import ring0
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp", "fs_base", "gs_base")
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        eng = v.engine
+        code_va = 0xFFFFFFFF80400000 - 4096
+        v.copy_to_guest(code_va, b"\xeb\xfe")                       # jmp .
+        entry = ring0(hv.xen).syscall_va
+        saved_sp = (v.kernel_ss, v.kernel_sp)
+        saved_gs = (v.kernel_gs_base, v.user_gs_base)
+        info = v.info_maddr
+        saved_info = bytes(hv.mem.map[info:info + 2])
+
+        def call(nr: int, a1: int, a2: int) -> int:
+            eng.write({"rip": entry, "rax": nr, "rdi": a1, "rsi": a2, "rcx": code_va, "r11": 0x202})
+            eng._ctx.fast_hc = 1
+            eng.stop_requested = False                      # as run() starts a slice
+            eng._begin(_time.monotonic_ns() + 20_000_000)
+            try:
+                return eng._kvm_run()
+            finally:
+                eng._ctx.fast_hc = 0
+                eng._end()
+        try:
+            hv.mem.map[info + VcpuInfo.evtchn_upcall_pending] = 0     # no event for now
+            done = list(eng._ctx.fast_calls)
+            # Completed in C: the guest ran on at once (here until the slice's kick).
+            assert call(3, 0xE028, 0xFFFFFFFF80123450) == -4               # -EINTR
+            assert (v.kernel_ss, v.kernel_sp) == (0xE02B, 0xFFFFFFFF80123450)
+            assert eng.read(("rip", "rax")) == [code_va, 0]
+            assert call(25, SEGBASE_FS, 0x7F0012345000) == -4
+            assert eng.get("fs_base") == 0x7F0012345000
+            assert call(25, SEGBASE_GS_KERNEL, 0xFFFFFFFF80777000) == -4
+            assert eng.get("gs_base") == 0xFFFFFFFF80777000
+            assert [a - b for a, b in zip(eng._ctx.fast_calls, done)][:2] == [1, 2]
+            # The user GS base in kernel mode is not the live one: Python's.
+            assert call(25, SEGBASE_GS_USER, 0x7F00AAAA0000) == 3
+            eng.on_hypercall()
+            assert (eng.get("rax"), v.user_gs_base) == (0, 0x7F00AAAA0000)
+            assert eng.get("gs_base") == 0xFFFFFFFF80777000
+            # Not C's: a non-canonical base and any other `which` reach the dispatcher.
+            for which, base in ((SEGBASE_FS, 1 << 63), (SEGBASE_GS_KERNEL, 0x0000800000000000), (9, 0)):
+                assert call(25, which, base) == 3
+                eng.on_hypercall()
+                assert eng.get("rax") == (-Errno.EINVAL) & (2**64 - 1)
+                assert eng.get("fs_base") == 0x7F0012345000
+            assert [a - b for a, b in zip(eng._ctx.fast_calls, done)][:2] == [1, 2]
+            # From guest user mode a `syscall` is the guest kernel's, never a hypercall.
+            v.pv.kernel_mode = 0
+            try:
+                assert call(3, 0xE02B, 0x1000) == 3
+            finally:
+                v.pv.kernel_mode = 1
+            assert v.kernel_sp == 0xFFFFFFFF80123450
+            # A deliverable event after a completed hypercall: Python runs its tail.
+            hv.mem.map[info + VcpuInfo.evtchn_upcall_pending] = 1
+            hv.mem.map[info + VcpuInfo.evtchn_upcall_mask] = 0
+            assert call(3, 0xE02B, 0xFFFFFFFF80123460) == 4
+            assert v.kernel_sp == 0xFFFFFFFF80123460
+            eng._report_fast_calls(True)
+            from aiovmm.abi import CallbackType
+            assert eng.get("rip") == v.callbacks[CallbackType.event][0]
+            assert dom.hypercall_counts[3] >= 3 and dom.hypercall_counts[25] >= 1
+        finally:
+            v.kernel_ss, v.kernel_sp = saved_sp
+            v.kernel_gs_base, v.user_gs_base = saved_gs
+            hv.mem.map[info:info + 2] = saved_info
+
+
+async def test_iret_completed_in_c_matches_the_python_iret():
+    """HYPERVISOR_iret back to kernel mode is completed in C from one copy of the context;
+    for the same contexts, C and the Python handler (traps.do_iret) leave the same
+    registers and event mask. A return to user mode, a context C cannot read (unmapped,
+    in Xen's range, across a page end) reach Python."""
+    import time as _time
+    from aiovmm import traps
+    from aiovmm.abi import IRET_CONTEXT, VGCF_in_syscall, VcpuInfo
+    from aiovmm.kvm_engine import ring0
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp")
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        eng = v.engine
+        code_va = 0xFFFFFFFF80400000 - 4096
+        data_va = code_va - 4096
+        v.copy_to_guest(code_va, b"\xeb\xfe")                       # jmp .
+        entry = ring0(hv.xen).syscall_va
+        info = v.info_maddr
+        saved_info = bytes(hv.mem.map[info:info + 2])
+        look = ("rip", "rsp", "rax", "rcx", "r11", "rflags")
+
+        def iret(at: int, fast: bool, pending: int = 0) -> int:
+            hv.mem.map[info + VcpuInfo.evtchn_upcall_pending] = pending
+            eng.write({"rip": entry, "rax": 23, "rsp": at, "rcx": code_va + 1, "r11": 0x246})
+            eng._ctx.fast_hc = int(fast)
+            eng.stop_requested = False
+            eng._begin(_time.monotonic_ns() + 20_000_000)
+            try:
+                return eng._kvm_run()
+            finally:
+                eng._ctx.fast_hc = 0
+                eng._end()
+
+        try:
+            ctxs = [  # rax r11 rcx flags rip cs rflags rsp ss
+                (0x1111, 0x2222, 0x3333, 0, code_va, 0xE030, 0x23202 | 0x4000, data_va + 0x100, 0xE02B),
+                (0x4444, 0x5555, 0x6666, VGCF_in_syscall, code_va, 0xE030, 0x046, data_va + 0x200, 0xE02B),
+                (2**64 - 1, 0, 0, 0, code_va, 0xE031, 0x202, data_va + 0x300, 0),
+            ]
+            at = data_va + 0x800
+            fast = list(eng._ctx.fast_calls)
+            for ctx in ctxs:
+                # With an event pending, an iret that sets IF returns to Python right after C
+                # completed it (rc 4): the registers as C left them, before the guest ran;
+                # without IF the guest runs on (the same run after the Python iret).
+                unmasks = bool(ctx[6] & 0x200)
+                v.copy_to_guest(at, IRET_CONTEXT.pack(*ctx))
+                assert iret(at, True, int(unmasks)) == (4 if unmasks else -4)
+                by_c = eng.read(look), hv.mem.map[info + VcpuInfo.evtchn_upcall_mask]
+                assert iret(at, False, int(unmasks)) == 3
+                traps.do_iret(v)                              # the handler, without the tail
+                if not unmasks:
+                    eng._begin(_time.monotonic_ns() + 20_000_000)
+                    try:
+                        assert eng._kvm_run() == -4            # the same guest run after it
+                    finally:
+                        eng._end()
+                by_python = eng.read(look), hv.mem.map[info + VcpuInfo.evtchn_upcall_mask]
+                assert by_c == by_python, (ctx, by_c, by_python)
+            assert eng._ctx.fast_calls[2] - fast[2] == len(ctxs)
+            # Python's: to user mode, unmapped, Xen's range, across a page end.
+            v.copy_to_guest(at, IRET_CONTEXT.pack(0, 0, 0, 0, 0x400000, 0xE033, 0x202, 0x7000, 0xE02B))
+            for where in (at, 0x1000, 0xFFFF800000001000, data_va + 4096 - 64):
+                assert iret(where, True) == 3, hex(where)
+            assert eng._ctx.fast_calls[2] - fast[2] == len(ctxs)
+        finally:
+            hv.mem.map[info:info + 2] = saved_info
