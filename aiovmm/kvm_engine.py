@@ -187,6 +187,8 @@ _SETTLE_TRIES = 16
 # the next event bounced at the very RIP it was interrupted at, slice after slice (Linux's
 # soft lockups with an unchanged RIP, 2 vCPUs at load 15+).
 _GRACE_NS = 100_000
+_STEP_NS = 50_000_000             # a single step's first deadline (step_to) ...
+_STEP_MAX_NS = 2_000_000_000      # ... and how long kicks may keep it from running
 
 
 _GPR: dict[str, tuple[int, int]] = {}
@@ -630,8 +632,11 @@ class _ShadowGuard:
       engine checks before each KVM_RUN that follows a page-table write).
     - A tracked frame is a validated page table, which only MachineMemory.write_pte changes;
       the frames it wrote are diffed against their snapshots: every entry removed,
-      retargeted or with changed permissions (A/D bits aside, KVM sets them itself) must be
-      invalidated, or the whole frame if many changed.
+      retargeted or with changed permissions must be invalidated, or the whole frame if
+      many changed. A/D bits aside: KVM sets them in guest memory itself, so a snapshot
+      does not show them; an entry the host wrote without A or D that were set just before
+      (write_pte reports it) is invalidated too, or KVM's writable shadow entry would let
+      the next write leave it clean.
     - A frame that stops being a page table (mmu devalidates it; it may be written as data
       from then on) has every shadow page of it dropped and is untracked, before the guest
       runs again. It can only become reachable again through a root load or an added
@@ -647,6 +652,7 @@ class _ShadowGuard:
         self.roots: set[int] = set()
         self.written: set[int] = set()
         self.dropped: set[int] = set()
+        self.ad_cleared: set[int] = set()     # entries that stayed present but lost A or D
         self._free: list[int] = []
         self._arena = ctypes.create_string_buffer(0)
         self._cap = 0
@@ -666,6 +672,7 @@ class _ShadowGuard:
         self.slot.clear()
         self.written.clear()
         self.dropped.clear()
+        self.ad_cleared.clear()
         self._free = list(range(self._cap - 1, -1, -1))
         self.roots = set()
         self.add_root(root)
@@ -734,6 +741,11 @@ class _ShadowGuard:
         if not self.written:
             return entries, frames
         written, self.written = self.written, set()
+        cleared: dict[int, list[int]] = {}
+        if self.ad_cleared:
+            for a in self.ad_cleared:
+                cleared.setdefault(a >> PAGE_SHIFT, []).append(a)
+            self.ad_cleared = set()
         walks = []
         m, fd_address = self.mem.map, self.mem.fd_address
         arena = ctypes.addressof(self._arena)
@@ -754,6 +766,8 @@ class _ShadowGuard:
                         lost.append(base + 8 * i)
                 elif n & _PAGE_PRESENT and not (level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST):
                     added.append((n & PTE_FRAME_MASK) >> PAGE_SHIFT)
+            if mfn in cleared:
+                lost += [a for a in cleared[mfn] if a not in lost]
             if len(lost) > self.WHOLE_FRAME_OVER:
                 frames.append(mfn)
             else:
@@ -878,6 +892,7 @@ class KVMEngine:
         self._stepping = False
         self._step_hit = False
         self.zaps = 0
+        self.step_kicks = 0           # single steps entered again after a kick (step_to)
         self.kicks = 0                # slices ended by the timer inside KVM_RUN
         # Exits by kind ("hypercall", "syscall", "vector N", "io", "intr", ...): what limits a
         # guest on this engine (bench/linux.py prints them).
@@ -1097,24 +1112,46 @@ class KVMEngine:
 
     def step_to(self, end: int) -> bool:
         """Execute exactly one instruction (RFLAGS.TF: #DB after it, reported by the IDT stub)
-        and return True if RIP reached `end` with no other exception or stop."""
+        and return True if RIP reached `end` with no other exception or stop.
+
+        A kick that ends KVM_RUN before the instruction ran (the step's deadline passed while
+        the host was descheduled or ran the invalidation stub, or any signal to the loop
+        thread) is not a failure: the vCPU is entered again, each time with twice the time,
+        for up to _STEP_MAX_NS. Reporting it as a failure made ptwr bounce the guest's own
+        page-table store back to it as a #PF: on a loaded host, Linux's Oops in
+        copy_page_range during fork (its wrprotect is a stepped `lock andb`, taken with two
+        page-table locks held: "sh exited with preempt_count 2"; tests/test_ptwr_forms.py)."""
         self._stepping = True
         self._step_hit = False
         self.stop_requested = False
         rf = self.regs[17]
+        start = self.regs[16]
         self.regs[17] = rf | RF_TF
         self._dirty.value |= SYNC_REGS
-        self._begin(time.monotonic_ns() + 50_000_000)
+        t0 = time.monotonic_ns()
+        wait = _STEP_NS
+        self._begin(t0 + wait)
         try:
-            for _ in range(4):
+            exits = 0
+            for _ in range(64):
                 rc = self._kvm_run()
-                if rc == -errno.EINTR and self.delivery_pending():
-                    self._begin(time.monotonic_ns() + _SETTLE_NS)
+                if rc == -errno.EINTR:
+                    now = time.monotonic_ns()
+                    if self.delivery_pending():
+                        self._begin(now + _SETTLE_NS)
+                        continue
+                    if self.regs[16] != start or now - t0 >= _STEP_MAX_NS:
+                        break
+                    self.step_kicks += 1                # not run yet: enter it again
+                    wait = max(2 * wait, _SETTLE_NS)
+                    self._begin(now + wait)
                     continue
                 if rc < 0:
                     break
                 self._handle_exit()
-                if self._step_hit or self.stop_requested or self.callback_error is not None:
+                exits += 1
+                if self._step_hit or self.stop_requested or self.callback_error is not None \
+                        or exits >= 4:
                     break
         finally:
             self._end()
