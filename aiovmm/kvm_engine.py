@@ -627,7 +627,8 @@ class _ShadowGuard:
 
     Invariant: KVM holds shadow pages only of tracked frames, and for each its view equals
     the snapshot kept here, except for entries that only became present (KVM never caches a
-    non-present guest entry: it walks the guest tables again on the fault).
+    non-present guest entry: it walks the guest tables again on the fault), and for the
+    `deferred` entries, whose old translation KVM may still hold as a TLB may on Xen.
     - KVM can only shadow frames reachable from the roots it was given: every root is walked
       before the KVM_RUN that uses it, and so is every table an added entry links in (the
       engine checks before each KVM_RUN that follows a page-table write).
@@ -642,6 +643,16 @@ class _ShadowGuard:
       from then on) has every shadow page of it dropped and is untracked, before the guest
       runs again. It can only become reachable again through a root load or an added
       entry, both of which track it anew from its contents then.
+    - Deferred (Xen's TLB semantics): an L1 entry removed or reduced by mmu_update,
+      update_va_mapping or a ptwr store, whose old translation named a frame of the
+      table's own domain, stays in KVM until the guest flushes its TLB (flush_tlb, a CR3
+      load: `flush_deferred`), as Xen leaves it in the TLB. At the points where Xen flushes
+      whatever the guest asked, a frame freed (it may go to another domain) or taking a
+      page-table or descriptor type (it must not stay writable), MachineMemory sets
+      `flush_deferred` on every guard. Anything else (upper levels, grants, Xen's pages,
+      ptwr's scratch frame) is invalidated before the next KVM_RUN. Linux's mark_rodata_ro
+      (one mmu_update per PTE, one flush at the end) costs one invalidation run, not one
+      per PTE.
     MachineMemory reports writes and drops into `written` and `dropped`."""
 
     WHOLE_FRAME_OVER = 16            # more changed entries than this: drop the frame's shadows
