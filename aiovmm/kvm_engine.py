@@ -150,6 +150,7 @@ INVAL_PORT = 0x5C                 # the ring-0 invalidation stub's final `out` (
 _INVAL_STUB_OFF = 0x800           # its offset in the stubs page (after the 256 vector stubs)
 _INVAL_LIST_PAGES = 4             # list of direct-map VAs it stores to (0-terminated)
 INVAL_MAX = _INVAL_LIST_PAGES * 512 - 1
+_INVAL_RUNS_MAX = 4               # stub runs for one check before a full zap is cheaper
 # Ring-0 code, run from the host (KVMEngine._invalidate), executed by KVM's emulator on
 # kvm-pvm: for each direct-map VA in the 0-terminated list at RSI, load the 8-byte entry there
 # and store it back unchanged (KVM zaps the shadow entries made from it); a VA with bit 0 set
@@ -187,6 +188,8 @@ _SETTLE_TRIES = 16
 # the next event bounced at the very RIP it was interrupted at, slice after slice (Linux's
 # soft lockups with an unchanged RIP, 2 vCPUs at load 15+).
 _GRACE_NS = 100_000
+_STEP_NS = 50_000_000             # a single step's first deadline (step_to) ...
+_STEP_MAX_NS = 2_000_000_000      # ... and how long kicks may keep it from running
 
 
 _GPR: dict[str, tuple[int, int]] = {}
@@ -641,18 +644,32 @@ class _ShadowGuard:
 
     Invariant: KVM holds shadow pages only of tracked frames, and for each its view equals
     the snapshot kept here, except for entries that only became present (KVM never caches a
-    non-present guest entry: it walks the guest tables again on the fault).
+    non-present guest entry: it walks the guest tables again on the fault), and for the
+    `deferred` entries, whose old translation KVM may still hold as a TLB may on Xen.
     - KVM can only shadow frames reachable from the roots it was given: every root is walked
       before the KVM_RUN that uses it, and so is every table an added entry links in (the
       engine checks before each KVM_RUN that follows a page-table write).
     - A tracked frame is a validated page table, which only MachineMemory.write_pte changes;
       the frames it wrote are diffed against their snapshots: every entry removed,
-      retargeted or with changed permissions (A/D bits aside, KVM sets them itself) must be
-      invalidated, or the whole frame if many changed.
+      retargeted or with changed permissions must be invalidated, or the whole frame if
+      many changed. A/D bits aside: KVM sets them in guest memory itself, so a snapshot
+      does not show them; an entry the host wrote without A or D that were set just before
+      (write_pte reports it) is invalidated too, or KVM's writable shadow entry would let
+      the next write leave it clean.
     - A frame that stops being a page table (mmu devalidates it; it may be written as data
       from then on) has every shadow page of it dropped and is untracked, before the guest
       runs again. It can only become reachable again through a root load or an added
       entry, both of which track it anew from its contents then.
+    - Deferred (Xen's TLB semantics): an L1 entry removed or reduced by mmu_update,
+      update_va_mapping or a ptwr store, whose old translation named a frame of the
+      table's own domain, stays in KVM until the guest flushes its TLB (flush_tlb, a CR3
+      load: `flush_deferred`), as Xen leaves it in the TLB. At the points where Xen flushes
+      whatever the guest asked, a frame freed (it may go to another domain) or taking a
+      page-table or descriptor type (it must not stay writable), MachineMemory sets
+      `flush_deferred` on every guard. Anything else (upper levels, grants, Xen's pages,
+      ptwr's scratch frame) is invalidated before the next KVM_RUN. Linux's mark_rodata_ro
+      (one mmu_update per PTE, one flush at the end) costs one invalidation run, not one
+      per PTE.
     MachineMemory reports writes and drops into `written` and `dropped`."""
 
     WHOLE_FRAME_OVER = 16            # more changed entries than this: drop the frame's shadows
@@ -664,6 +681,12 @@ class _ShadowGuard:
         self.roots: set[int] = set()
         self.written: set[int] = set()
         self.dropped: set[int] = set()
+        self.ad_cleared: set[int] = set()     # entries that stayed present but lost A or D
+        # Removed or reduced L1 entries of the domain's own frames whose invalidation waits
+        # for the guest's next TLB flush, CR3 load, or a safety point (flush_deferred).
+        self.deferred: set[int] = set()
+        self.flush_deferred = False
+        self.deferred_max = 0                  # the largest `deferred` seen (measurement)
         self._free: list[int] = []
         self._arena = ctypes.create_string_buffer(0)
         self._cap = 0
@@ -683,6 +706,9 @@ class _ShadowGuard:
         self.slot.clear()
         self.written.clear()
         self.dropped.clear()
+        self.ad_cleared.clear()
+        self.deferred.clear()
+        self.flush_deferred = False
         self._free = list(range(self._cap - 1, -1, -1))
         self.roots = set()
         self.add_root(root)
@@ -739,7 +765,9 @@ class _ShadowGuard:
     def changes(self) -> tuple[list[int], list[int]]:
         """Consume the reported writes and drops: make the snapshots current, track the tables
         that added entries reach, and return (machine addresses of entries KVM must forget,
-        frames whose every shadow page KVM must drop)."""
+        frames whose every shadow page KVM must drop). An L1 entry whose old translation
+        named a frame of the table's own domain is deferred (`deferred`) until the next
+        `flush_deferred`; everything else is returned at once."""
         frames: list[int] = []
         if self.dropped:
             dropped, self.dropped = self.dropped, set()
@@ -748,13 +776,37 @@ class _ShadowGuard:
                     frames.append(mfn)
                     self._untrack(mfn)
         entries: list[int] = []
-        if not self.written:
-            return entries, frames
+        if self.written:
+            self._diff_written(entries, frames)
+        if self.flush_deferred:
+            self.flush_deferred = False
+            if self.deferred:
+                by_frame: dict[int, list[int]] = {}
+                level = self.level
+                for a in self.deferred:
+                    if a >> PAGE_SHIFT in level:      # untracked since: all of it dropped
+                        by_frame.setdefault(a >> PAGE_SHIFT, []).append(a)
+                self.deferred = set()
+                for mfn, addrs in by_frame.items():
+                    if len(addrs) > self.WHOLE_FRAME_OVER:
+                        frames.append(mfn)
+                    else:
+                        entries += addrs
+        return entries, frames
+
+    def _diff_written(self, entries: list[int], frames: list[int]) -> None:
         written, self.written = self.written, set()
+        cleared: dict[int, list[int]] = {}
+        if self.ad_cleared:
+            for a in self.ad_cleared:
+                cleared.setdefault(a >> PAGE_SHIFT, []).append(a)
+            self.ad_cleared = set()
         walks = []
-        m, fd_address = self.mem.map, self.mem.fd_address
+        mem = self.mem
+        m, fd_address, owner, nr = mem.map, mem.fd_address, mem.owner, mem.nr_frames
         arena = ctypes.addressof(self._arena)
         diff, idx = _native().aiovmm_kvm_diff, self._idx
+        deferred = self.deferred
         for mfn in written:
             level = self.level.get(mfn)
             if level is None:
@@ -768,19 +820,35 @@ class _ShadowGuard:
                 n = _U64.unpack_from(m, base + 8 * i)[0]
                 if o & _PAGE_PRESENT:
                     if (o ^ n) & ~_AD_BITS:
-                        lost.append(base + 8 * i)
+                        lost.append((base + 8 * i, o))
                 elif n & _PAGE_PRESENT and not (level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST):
                     added.append((n & PTE_FRAME_MASK) >> PAGE_SHIFT)
-            if len(lost) > self.WHOLE_FRAME_OVER:
+            if mfn in cleared:
+                seen = {a for a, _ in lost}
+                lost += [(a, _U64.unpack_from(self._arena, snap + (a & (PAGE_SIZE - 1)))[0])
+                         for a in cleared[mfn] if a not in seen]
+            now = []
+            if level == 1:
+                own = owner[mfn]
+                for a, o in lost:
+                    t = (o & PTE_FRAME_MASK) >> PAGE_SHIFT
+                    if t < nr and owner[t] == own:
+                        deferred.add(a)       # the domain's own frame: until its flush
+                    else:
+                        now.append(a)         # a grant, Xen's page, ptwr's scratch: at once
+                if len(deferred) > self.deferred_max:
+                    self.deferred_max = len(deferred)
+            else:
+                now = [a for a, _ in lost]
+            if len(now) > self.WHOLE_FRAME_OVER:
                 frames.append(mfn)
             else:
-                entries += lost
+                entries += now
             self._snapshot(mfn)
             if level > 1:
                 walks += [(child, level - 1) for child in added]
         for child, level in walks:
             self._walk(child, level)
-        return entries, frames
 
     def _untrack(self, mfn: int) -> None:
         del self.level[mfn]
@@ -906,6 +974,7 @@ class KVMEngine:
         self._stepping = False
         self._step_hit = False
         self.zaps = 0
+        self.step_kicks = 0           # single steps entered again after a kick (step_to)
         self.kicks = 0                # slices ended by the timer inside KVM_RUN
         # Exits by kind ("hypercall", "syscall", "vector N", "io", "intr", ...): what limits a
         # guest on this engine (bench/linux.py prints them).
@@ -970,7 +1039,10 @@ class KVMEngine:
         else:
             struct.pack_into("<Q", self._sregs, _SREG_OFF[name], value)
             if name == "cr3":
-                self._check_pending = True    # a root to track before the next KVM_RUN
+                # A root to track before the next KVM_RUN; a CR3 load flushes the TLB
+                # (also the user/kernel switch: Xen's toggle_guest_mode writes CR3).
+                self._check_pending = True
+                self._guard.flush_deferred = True
         self._dirty.value |= SYNC_SREGS
 
     def read(self, names: Sequence[str]) -> list[int]:
@@ -1071,13 +1143,21 @@ class KVMEngine:
         self._dirty.value |= SYNC_SREGS
 
     def set_cr3(self, cr3: int) -> None:
-        """Load a page-table root that may have been (re)validated."""
+        """Load a page-table root that may have been (re)validated (a TLB flush, as on Xen)."""
         self._set("cr3", cr3)
-        self._check_pending = True
 
     def flush_tlb(self) -> None:
-        """The hypervisor changed page tables: before the next KVM_RUN, zap KVM's shadow
-        pages unless the changes only added entries (_ShadowGuard)."""
+        """The guest's TLB is flushed (its own request, a CR3 load, or a point where Xen
+        flushes: a grant unmap, ptwr's scratch mapping): before the next KVM_RUN, KVM forgets
+        every entry the hypervisor removed or reduced since, deferred ones included
+        (_ShadowGuard)."""
+        self._guard.flush_deferred = True
+        self._check_pending = True
+
+    def pt_written(self) -> None:
+        """The hypervisor changed page-table entries where Xen does not flush the TLB
+        (mmu_update, update_va_mapping without flush flags, a ptwr store, an unpin): the
+        guard sees every write and defers what it may until the guest's own flush."""
         self._check_pending = True
 
     def flush_code(self) -> None:
@@ -1134,20 +1214,40 @@ class KVMEngine:
 
     def step_to(self, end: int) -> bool:
         """Execute exactly one instruction (RFLAGS.TF: #DB after it, reported by the IDT stub)
-        and return True if RIP reached `end` with no other exception or stop."""
+        and return True if RIP reached `end` with no other exception or stop.
+
+        A kick that ends KVM_RUN before the instruction ran (the step's deadline passed while
+        the host was descheduled or ran the invalidation stub, or any signal to the loop
+        thread) is not a failure: the vCPU is entered again, each time with twice the time,
+        for up to _STEP_MAX_NS. Reporting it as a failure made ptwr bounce the guest's own
+        page-table store back to it as a #PF: on a loaded host, Linux's Oops in
+        copy_page_range during fork (its wrprotect is a stepped `lock andb`, taken with two
+        page-table locks held: "sh exited with preempt_count 2"; tests/test_ptwr_forms.py)."""
         self._stepping = True
         self._step_hit = False
         self.stop_requested = False
         self._ctx.fast_hc = 0                   # every exit of the step is Python's
         rf = self.regs[17]
+        start = self.regs[16]
         self.regs[17] = rf | RF_TF
         self._dirty.value |= SYNC_REGS
-        self._begin(time.monotonic_ns() + 50_000_000)
+        t0 = time.monotonic_ns()
+        wait = _STEP_NS
+        self._begin(t0 + wait)
         try:
-            for _ in range(4):
+            exits = 0
+            for _ in range(64):
                 rc = self._kvm_run()
-                if rc == -errno.EINTR and self.delivery_pending():
-                    self._begin(time.monotonic_ns() + _SETTLE_NS)
+                if rc == -errno.EINTR:
+                    now = time.monotonic_ns()
+                    if self.delivery_pending():
+                        self._begin(now + _SETTLE_NS)
+                        continue
+                    if self.regs[16] != start or now - t0 >= _STEP_MAX_NS:
+                        break
+                    self.step_kicks += 1                # not run yet: enter it again
+                    wait = max(2 * wait, _SETTLE_NS)
+                    self._begin(now + wait)
                     continue
                 if rc < 0:
                     break
@@ -1155,7 +1255,9 @@ class KVMEngine:
                     self._call(self.on_hypercall)
                 else:
                     self._handle_exit()
-                if self._step_hit or self.stop_requested or self.callback_error is not None:
+                exits += 1
+                if self._step_hit or self.stop_requested or self.callback_error is not None \
+                        or exits >= 4:
                     break
         finally:
             self._end()
@@ -1194,18 +1296,26 @@ class KVMEngine:
 
     def _sync_shadow(self) -> None:
         """Make KVM forget what the hypervisor changed in page tables since the last check
-        (_ShadowGuard). On kvm-pvm (shadow paging, ring 0 emulated by KVM) exactly the changed
-        entries, through the ring-0 stub (_invalidate); on hardware KVM, or when the change is
-        too large or the stub fails, by zapping every shadow page."""
+        (_ShadowGuard), except what the guard defers until the guest's next flush. On kvm-pvm
+        (shadow paging, ring 0 emulated by KVM) exactly the changed entries, through the
+        ring-0 stub (_invalidate, up to INVAL_MAX per run); on hardware KVM, or when the
+        change is too large or the stub fails, by zapping every shadow page."""
         guard = self._guard
         entries, frames = guard.changes()
         if not entries and not frames:
             if len(guard) > _TRACK_MAX:
                 self._zap()
             return
-        if not _TARGETED or len(entries) + len(frames) > INVAL_MAX or len(guard) > _TRACK_MAX \
-                or not self._invalidate(entries, frames):
+        n = len(entries) + len(frames)
+        if not _TARGETED or n > _INVAL_RUNS_MAX * INVAL_MAX or len(guard) > _TRACK_MAX:
             self._zap()
+            return
+        while entries or frames:
+            e, entries = entries[:INVAL_MAX], entries[INVAL_MAX:]
+            f, frames = frames[:INVAL_MAX - len(e)], frames[INVAL_MAX - len(e):]
+            if not self._invalidate(e, f):
+                self._zap()
+                return
 
     def _invalidate(self, entries: list[int], frames: list[int]) -> bool:
         """Run the ring-0 invalidation stub (_INVAL_CODE) over `entries` (machine addresses of

@@ -17,9 +17,13 @@ import mmap
 import os
 import struct
 
-from .abi import DOMID_INVALID, DOMID_XEN, INVALID_M2P_ENTRY, PAGE_SHIFT, PAGE_SIZE
+from .abi import (
+    DOMID_INVALID, DOMID_XEN, INVALID_M2P_ENTRY, PAGE_SHIFT, PAGE_SIZE, _PAGE_ACCESSED, _PAGE_DIRTY,
+    _PAGE_PRESENT,
+)
 
 _U64 = struct.Struct("<Q")
+_ACCESSED_DIRTY = _PAGE_ACCESSED | _PAGE_DIRTY
 
 
 class PageType(enum.IntEnum):
@@ -84,7 +88,8 @@ class MachineMemory:
         self.type_count = array.array("I", [0]) * n
         self.pinned = array.array("B", [0]) * n
         self.pt_generation = 0          # bumped by every write_pte and pt_dropped
-        # Objects with `written` and `dropped` sets of frames (kvm_engine._ShadowGuard).
+        # Objects with `written` and `dropped` sets of frames, an `ad_cleared` set of entry
+        # addresses and a `flush_deferred` flag (kvm_engine._ShadowGuard).
         self.pt_watchers: list = []
         # General references: one per present L1 entry (read-only or not) mapping the frame.
         # A referenced frame is never freed, so no guest keeps a mapping of a frame that has
@@ -149,6 +154,7 @@ class MachineMemory:
                 if self.in_use(mfn):
                     raise FrameInUse(f"frame {mfn:#x} is in use ({PageType(self.type[mfn]).name}, "
                                      f"{self.refs[mfn]} mappings)")
+        self._stale_translations_unsafe()
         for mfn in frames:
             self.released.pop(mfn, None)
             self.owner[mfn] = DOMID_INVALID
@@ -242,6 +248,8 @@ class MachineMemory:
             return False
         self.type[mfn] = ptype
         self.type_count[mfn] = 1
+        if ptype != PageType.writable:
+            self._stale_translations_unsafe()
         return True
 
     def put_writable(self, mfn: int) -> None:
@@ -281,12 +289,32 @@ class MachineMemory:
         hypervisor changes one (mmu.py, grants.py, ptwr.py). Engines that keep their own copy
         of page tables (KVM's shadow pages, kvm_engine) learn which frames changed, and
         re-check before they run a vCPU again: even an entry that only became present (no
-        TLB flush needed) links in a table that must be tracked before the guest can use it."""
-        _U64.pack_into(self.map, maddr, value & 0xFFFFFFFFFFFFFFFF)
+        TLB flush needed) links in a table that must be tracked before the guest can use it.
+        An entry that stays present but loses its accessed or dirty bit is reported by
+        address: the engine's copy may hold the bits the CPU set (KVM sets them in guest
+        memory, so no snapshot shows them), and a cached writable translation would let
+        the next write leave the entry clean (a guest that cleaned it loses the write)."""
+        value &= 0xFFFFFFFFFFFFFFFF
+        old = _U64.unpack_from(self.map, maddr)[0]
+        _U64.pack_into(self.map, maddr, value)
         self.pt_generation += 1
         mfn = maddr >> PAGE_SHIFT
+        ad_cleared = old & value & _PAGE_PRESENT and old & ~value & _ACCESSED_DIRTY
         for w in self.pt_watchers:
             w.written.add(mfn)
+            if ad_cleared:
+                w.ad_cleared.add(maddr)
+
+    def _stale_translations_unsafe(self) -> None:
+        """A frame is being freed (it may go to another domain) or takes a page-table or
+        descriptor type (it must not stay writable anywhere): the points where Xen flushes
+        TLBs whatever the guest asked (free_domheap_pages; get_page_type's tlbflush_filter).
+        Engines that defer forgetting removed translations until the guest's own flush
+        (kvm_engine._ShadowGuard) must forget them all before a vCPU runs again."""
+        if self.pt_watchers:
+            self.pt_generation += 1
+            for w in self.pt_watchers:
+                w.flush_deferred = True
 
     def pt_dropped(self, mfn: int) -> None:
         """A page table was devalidated (mmu.py): from now on it may be written as data, so

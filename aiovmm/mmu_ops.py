@@ -30,6 +30,17 @@ def _flush_all(v: "VCPU") -> None:
         other.engine.flush_tlb()
 
 
+def written_all(v: "VCPU") -> None:
+    """The hypervisor replaced present page-table entries where Xen does not flush the TLB
+    (the guest flushes when it needs to): each engine's `pt_written` if it has one (KVM:
+    its shadow guard defers what it may until the guest's flush), else a TLB flush (the
+    emulated engine has no per-page flush, and a stale writable translation of a frame
+    that has since become a page table would bypass validation)."""
+    for other in v.domain.vcpus:
+        eng = other.engine
+        getattr(eng, "pt_written", eng.flush_tlb)()
+
+
 def vcpumask(v: "VCPU", ptr: int) -> list["VCPU"]:
     """The vCPUs named by a guest vcpumask (a bitmap of unsigned longs at `ptr`), read once
     as Xen's vcpumask_to_pcpumask reads it: one word per 64 vCPUs of the domain; bits past
@@ -137,7 +148,7 @@ def do_mmu_update(v: "VCPU", reqs: int, count: int, done_out: int, foreigndom: i
         return _batch(v, reqs, count, done_out, MMU_UPDATE, one, "mmu_update")
     finally:
         if flush:                  # once per batch, and only if a present entry changed
-            _flush_all(v)
+            written_all(v)
 
 
 def do_mmuext_op(v: "VCPU", ops: int, count: int, done_out: int, foreigndom: int, *_) -> int:
@@ -171,7 +182,7 @@ def _mmuext_one(v: "VCPU", cmd: int, arg1: int, arg2: int) -> None:
             raise MMUError(Errno.EINVAL, "not pinned")
         mem.pinned[mfn] = 0
         pt.put_type(mfn)
-        _flush_all(v)
+        written_all(v)
     elif cmd == MmuExt.NEW_BASEPTR:
         mfn = arg1
         pt.get_type(mfn, PageType.l4, dom)
@@ -231,16 +242,22 @@ def do_update_va_mapping(v: "VCPU", va: int, val: int, flags: int, *_) -> int:
     # reference on a validated L4 before it ever ran (builder, VCPUOP_initialise, restore).
     pt = v.domain.hypervisor.pagetables
     ptr = pt.l1_entry_address(v.kernel_root, va)
-    # Flushed whatever `flags` ask (UVMF_NONE included) when a present entry changed:
-    # Unicorn has no per-page flush, and a stale writable translation of a frame that has
-    # since become a page table would bypass validation. A not-present entry was never
-    # cached (mmu.PageTables.update_entry), so mapping a fresh page needs no flush.
+    # Flushed whatever `flags` ask (UVMF_NONE included) when a present entry changed, on
+    # the emulated engine: it has no per-page flush, and a stale writable translation of a
+    # frame that has since become a page table would bypass validation (written_all). A
+    # not-present entry was never cached (mmu.PageTables.update_entry), so mapping a fresh
+    # page needs no flush.
     if pt.update_entry(v.domain.domid, ptr, val):
-        _flush_all(v)
-    # UVMF_TLB_FLUSH / UVMF_INVLPG with a vcpumask pointer (neither UVMF_LOCAL nor
-    # UVMF_ALL): Xen reads the mask after the update; unreadable is -EFAULT.
+        written_all(v)
+    # UVMF_TLB_FLUSH / UVMF_INVLPG: the local vCPU (UVMF_LOCAL), all (UVMF_ALL) or a
+    # vcpumask pointer, which Xen reads after the update; unreadable is -EFAULT.
     bmap = flags & ~UVMF_FLUSHTYPE_MASK & 0xFFFFFFFFFFFFFFFF
-    if flags & UVMF_FLUSHTYPE_MASK in (UVMF_TLB_FLUSH, UVMF_INVLPG) and bmap not in (0, UVMF_ALL):   # 0: UVMF_LOCAL
-        for other in vcpumask(v, bmap):        # GuestFault: -EFAULT
-            other.engine.flush_tlb()
+    if flags & UVMF_FLUSHTYPE_MASK in (UVMF_TLB_FLUSH, UVMF_INVLPG):
+        if bmap == 0:                              # UVMF_LOCAL
+            v.engine.flush_tlb()
+        elif bmap == UVMF_ALL:
+            _flush_all(v)
+        else:
+            for other in vcpumask(v, bmap):        # GuestFault: -EFAULT
+                other.engine.flush_tlb()
     return 0

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from .abi import PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW
 from .memory import PageType
 from .mmu import GuestFault, MMUError
+from .mmu_ops import written_all
 
 if TYPE_CHECKING:
     from .vcpu import VCPU
@@ -122,8 +123,7 @@ def try_fast(v: "VCPU", w: PendingWrite) -> bool | None:
     regs["rip"] = w.rip + w.length
     eng.write(regs)
     if flush:                                  # only a replaced present entry can be cached
-        for other in v.domain.vcpus:
-            other.engine.flush_tlb()
+        written_all(v)
     v.ptwr_updates += 1
     return True
 
@@ -166,7 +166,6 @@ def complete(v: "VCPU", w: PendingWrite) -> bool:
                 # Registers may already reflect the instruction; re-run it after the fault.
                 eng.set("rip", w.rip)
                 return False
-    for other in v.domain.vcpus:
-        other.engine.flush_tlb()
+    written_all(v)
     v.ptwr_updates += 1
     return True

@@ -1,0 +1,112 @@
+"""The KVM engine's shadow guard (kvm_engine._ShadowGuard) defers forgetting a removed or
+reduced L1 entry of the domain's own frame until the guest flushes its TLB, as Xen leaves a
+stale translation in the TLB after mmu_update, update_va_mapping without flush flags or a
+ptwr store (the guest flushes when it needs to). Linux's mark_rodata_ro changes ~30,000
+PTEs with one mmu_update each and flushes once: one invalidation run instead of one per
+PTE. Where Xen flushes whatever the guest asked (a frame freed, or taking a page-table
+type), the engine must forget them before the guest runs again: those are the attacks."""
+from __future__ import annotations
+
+import pytest
+
+from aiovmm import kvm_engine
+from aiovmm.memory import PageType
+from conftest import _kvm_skip_reason
+from test_kvm import _hand_driven_vcpu
+
+pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=_kvm_skip_reason() or "")
+
+DATA_VA = 0xFFFFFFFF80400000 - 2 * 4096           # padding pages of the boot map
+CODE_VA = 0xFFFFFFFF80400000 - 4096
+_RW = 0x2
+
+
+def _access(v, store: bool) -> tuple[list, int]:
+    """Step one `movabs` load (or store of RAX) at DATA_VA: (faults, RAX)."""
+    eng = v.engine
+    op = b"\x48\xa3" if store else b"\x48\xa1"
+    v.copy_to_guest(CODE_VA, op + DATA_VA.to_bytes(8, "little") + b"\xeb\xfe")
+    faults = []
+    on_exc, eng.on_exception = eng.on_exception, lambda vec, err, cr2: (faults.append((vec, cr2)), eng.stop())
+    try:
+        eng.write({"rip": CODE_VA, "rax": 0x77 if store else 0})
+        eng.step_to(CODE_VA + 10)
+    finally:
+        eng.on_exception = on_exc
+    return faults, eng.get("rax")
+
+
+def _targeted() -> None:
+    if not kvm_engine._TARGETED:
+        pytest.skip("targeted invalidation is for kvm-pvm (this host has hardware KVM)")
+
+
+async def test_removed_mapping_is_forgotten_at_the_guests_flush():
+    """An unmap without a flush (mmu_update) costs no invalidation run; the guest's flush
+    (MMUEXT_TLB_FLUSH_LOCAL) then makes the page fault."""
+    _targeted()
+    async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
+        eng, pt, mem = v.engine, hv.pagetables, hv.mem
+        mem.write_u64(pt.translate(v.kernel_root << 12, DATA_VA, False), 0x1122334455667788)
+        assert _access(v, False) == ([], 0x1122334455667788)          # KVM shadows it now
+        ptr = pt.l1_entry_address(v.kernel_root, DATA_VA)
+        old = mem.read_u64(ptr)
+        runs = eng.invalidations
+        assert pt.update_entry(dom.domid, ptr, 0)
+        eng.pt_written()                                   # what mmu_update does now
+        _access(v, False)                                  # a KVM_RUN: nothing run for it
+        assert eng.invalidations == runs
+        eng.flush_tlb()                                    # the guest's flush
+        assert _access(v, False) == ([(14, DATA_VA)], 0)
+        assert eng.invalidations == runs + 1
+        pt.update_entry(dom.domid, ptr, old)
+        eng.flush_tlb()
+
+
+async def test_unmapped_frame_freed_without_a_flush_is_not_reachable(monkeypatch):
+    """Unmapped with no flush, then given back (decrease_reservation): the frame may go to
+    another domain, so the stale translation must not survive until the guest flushes.
+    The free's MADV_REMOVE of the frame would make KVM drop its mapping by itself (the MMU
+    notifier); its fallback, where madvise fails and the frame is zeroed at the next
+    allocation, must not depend on that, so it is the path taken here."""
+    async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
+        eng, pt, mem = v.engine, hv.pagetables, hv.mem
+        monkeypatch.setattr(mem, "_discard", lambda frames: None)
+        frame = pt.translate(v.kernel_root << 12, DATA_VA, False) >> 12
+        mem.write_u64(frame << 12, 0x5A5A5A5A)
+        assert _access(v, False) == ([], 0x5A5A5A5A)
+        ptr = pt.l1_entry_address(v.kernel_root, DATA_VA)
+        old = mem.read_u64(ptr)
+        assert pt.update_entry(dom.domid, ptr, 0)
+        eng.pt_written()
+        assert _access(v, False) == ([], 0x5A5A5A5A)        # the guest runs on: not flushed
+        assert not mem.in_use(frame)
+        mem.free([frame])                                  # no guest flush in between
+        assert _access(v, False) == ([(14, DATA_VA)], 0)
+        assert mem.alloc(dom.domid) == [frame]             # back, for the guest to go on
+        pt.update_entry(dom.domid, ptr, old)
+        eng.flush_tlb()
+
+
+async def test_write_protected_frame_becoming_a_page_table_is_not_writable():
+    """Write-protected with no flush (fork's wrprotect, a ptwr store), then validated as an
+    L1: a stale writable translation would let the guest write a live page table."""
+    async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
+        eng, pt, mem = v.engine, hv.pagetables, hv.mem
+        frame = pt.translate(v.kernel_root << 12, DATA_VA, False) >> 12
+        assert _access(v, True)[0] == []                   # KVM: writable shadow entry
+        ptr = pt.l1_entry_address(v.kernel_root, DATA_VA)
+        old = mem.read_u64(ptr)
+        assert pt.update_entry(dom.domid, ptr, old & ~_RW)
+        eng.pt_written()
+        assert _access(v, False)[0] == []                  # the guest runs on: not flushed
+        mem.zero(frame)                                    # an empty L1
+        pt.get_type(frame, PageType.l1, dom.domid)         # pinned as a page table
+        try:
+            faults, _ = _access(v, True)
+            assert faults == [(14, DATA_VA)]
+            assert mem.read_u64(frame << 12) == 0
+        finally:
+            pt.put_type(frame)
+        pt.update_entry(dom.domid, ptr, old)
+        eng.flush_tlb()
