@@ -18,8 +18,6 @@ Systems, one after the other on the same image:
   aiovmm/<engine>/nopersist  the same with xen_blkfront.feature_persistent=0 (the frontend
                              grants its bio pages directly: no copy in the guest, one grant
                              map per segment in blkback);
-  aiovmm/<engine>/inline<N>  (--inline-ab) the default system with blkback's InlineKick N
-                             (AIOVMM_BLK_INLINE: 0 off, 1 drain, 2 drain and re-arm);
   aiovmm/unicorn/pool        persistent grants, io_uring off (AIOVMM_BLK_URING=0): every
                              request through the thread pool, as before issue 14;
   qemu-tcg                   Debian's qemu-system-x86, `-accel tcg`, pc machine, the same kernel
@@ -403,7 +401,7 @@ async def aiovmm_fio(engine: str, extra: str, image: str, initrd: str, timeout: 
             note = (f"{time.perf_counter() - t0:.0f} s; blkback: indirect {st.indirect_reqs}, "
                     f"persistent hits {st.persistent_hits}, io_uring {st.uring_reqs}, pool jobs {st.jobs}, "
                     f"max_inflight {st.max_inflight}, requests {st.rd_reqs + st.wr_reqs}, "
-                    f"drains {st.batches} ({st.inline_passes} inline), events {st.events_sent}")
+                    f"drains {st.batches}, events {st.events_sent}")
         return res, note
 
 
@@ -445,8 +443,6 @@ def linux_part(args: argparse.Namespace) -> dict[str, dict]:
         systems = []
         for eng in engines:
             systems.append((f"aiovmm/{eng}", eng, BLKFRONT_ARGS, "1"))
-            for mode in args.inline_ab:
-                systems.append((f"aiovmm/{eng}/inline{mode}", eng, BLKFRONT_ARGS, f"1:{mode}"))
             if args.nopersist:
                 systems.append((f"aiovmm/{eng}/nopersist", eng,
                                 f"{BLKFRONT_ARGS} xen_blkfront.feature_persistent=0", "1"))
@@ -462,14 +458,10 @@ def linux_part(args: argparse.Namespace) -> dict[str, dict]:
             if eng in failed:
                 print(f"{name:26s} skipped: the engine did not run fio above", flush=True)
                 continue
-            uring, _, inline = uring.partition(":")
             os.environ["AIOVMM_BLK_URING"] = uring
-            if inline:
-                os.environ["AIOVMM_BLK_INLINE"] = inline
             res, note = asyncio.run(aiovmm_fio(eng, extra, image, initrd,
                                                args.kvm_timeout if eng == "kvm" else args.boot_timeout))
             os.environ.pop("AIOVMM_BLK_URING", None)
-            os.environ.pop("AIOVMM_BLK_INLINE", None)
             if not res:
                 failed.add(eng)
             results[name] = res
@@ -549,9 +541,6 @@ def main() -> None:
                     help="skip the runs with feature_persistent=0")
     ap.add_argument("--no-pool", dest="pool", action="store_false",
                     help="skip the run with io_uring off (every request through the thread pool)")
-    ap.add_argument("--inline-ab", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
-                    help="also run aiovmm/<engine>/inline<N> with blkback's InlineKick N (0 off, "
-                         "1 drain, 2 drain and re-arm), e.g. 0,2")
     ap.add_argument("--old-stores", default="file", help="part 2 stores: file,loop,lv ('' skips it)")
     ap.add_argument("--seq-mib", type=int, default=32, help="part 2: MiB per sequential run")
     ap.add_argument("--rand-ops", type=int, default=2000, help="part 2: 4 KiB requests per random run")

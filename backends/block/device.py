@@ -33,7 +33,6 @@ from __future__ import annotations
 import array
 import asyncio
 import dataclasses
-import enum
 import fcntl
 import itertools
 import logging
@@ -113,45 +112,6 @@ REQS_PER_JOB = 8
 # cached read otherwise copies inside io_uring_enter on the loop thread, which also runs
 # the guest's vCPU; small ones stay inline (a thread hand-off costs more than their copy).
 URING_OFFLOAD_BYTES = 64 << 10
-
-
-class InlineKick(enum.IntEnum):
-    """What blkback does inside the guest's notify hypercall (Blkback.inline_kick; env
-    AIOVMM_BLK_INLINE). The guest's vCPU runs on the loop thread (on KVM inside KVM_RUN for
-    up to a 2 ms slice), so a request the guest announces waits for the end of that slice
-    or for the guest to block before the loop drains the ring; with io_uring a buffered read
-    of cached data then completes inside io_uring_enter and its response could be in the
-    ring before the guest resumes. OFF: only wake the serving task. DRAIN: drain, submit
-    and answer what completed right there (the event, if the frontend wants one, is
-    delivered on the hypercall's return); req_event is re-armed by the serving task's next
-    final check, so the frontend's next requests stay silent until the loop's pass batches
-    them (as without the inline pass). DRAIN_ARM: the same and re-arm req_event at once
-    (Linux blkback's RING_FINAL_CHECK_FOR_REQUESTS after every drain): every later request
-    notifies, and is drained, on its own. Measured (bench/blk.py --inline-ab, KVM, load
-    11-15, one run): OFF 35 / 55 MB/s, 79 / 76 IOPS; DRAIN 7.5 / 19 MB/s, 20 / 52 IOPS;
-    DRAIN_ARM 55 / 35 MB/s, 24 / 24 IOPS. Inline, every request is drained alone (drains =
-    requests, max_inflight 3 against 6) and answered with its own event while blkfront
-    still holds its ring lock with events masked: the event is forced out when the guest
-    unmasks (another exit), then the upcall's iret; the loop's pass takes the requests of a
-    whole io_submit at once. Hence OFF by default."""
-    OFF = 0
-    DRAIN = 1
-    DRAIN_ARM = 2
-
-
-def _inline_default() -> InlineKick:
-    try:
-        return InlineKick(int(os.environ.get("AIOVMM_BLK_INLINE", "0")))
-    except ValueError:
-        return InlineKick.OFF
-
-
-class _Kick:
-    """What HostPort.link calls on a guest notification (it only needs `.set()`)."""
-    __slots__ = ("set",)
-
-    def __init__(self, fn) -> None:
-        self.set = fn
 
 
 # --------------------------------------------------------------------------- configuration
@@ -586,9 +546,6 @@ class Blkback:
         self.use_uring = True
         self.uring: Uring | None = None
         self._kick = asyncio.Event()
-        self.inline_kick = _inline_default()       # _on_guest_event
-        self._serving = False                      # _serve is running (inline passes allowed)
-        self._fault: BlkDisconnect | None = None   # raised by an inline pass, for _serve
         self._done: list[_Pending] = []            # completed, not yet answered
         self._futures: set[asyncio.Future] = set()
         self._inflight = 0
@@ -821,7 +778,7 @@ class Blkback:
             raise BlkDisconnect(f"cannot map ring page grant {ref}: {e}") from None
         try:
             self.port = self.dom.hypervisor.host.endpoint_bind(self.dom.domid, evtchn)
-            self.port.link(_Kick(self._on_guest_event))   # inline pass, then wake _serve
+            self.port.link(self._kick)             # guest events wake _serve directly
         except EventError as e:
             self._release_all_maps(self._ring_maps)
             self._ring_maps = []
@@ -837,7 +794,6 @@ class Blkback:
         self._done.clear()
         self._held = None
         self._blocked = False
-        self._fault = None
 
     async def _disconnect(self) -> None:
         """Wait for I/O in flight (the pool cannot cancel it, and it writes into granted
@@ -900,21 +856,15 @@ class Blkback:
     # -- the data path -----------------------------------------------------------------------
     async def _serve(self) -> None:
         r = self.ring
-        self._serving = True
-        try:
-            while True:
-                if self.dom.destroyed:
-                    raise BlkDisconnect("domain destroyed")
-                if self._fault is not None:
-                    raise self._fault
-                self._pass()
-                if not self._blocked and not self._throttled and r.final_check():
-                    await asyncio.sleep(0)
-                    continue
-                await self._kick.wait()
-                self._kick.clear()
-        finally:
-            self._serving = False
+        while True:
+            if self.dom.destroyed:
+                raise BlkDisconnect("domain destroyed")
+            self._pass()
+            if not self._blocked and not self._throttled and r.final_check():
+                await asyncio.sleep(0)
+                continue
+            await self._kick.wait()
+            self._kick.clear()
 
     def _pass(self) -> None:
         """Drain the ring, submit, answer what has completed (one push, one event at most)."""
@@ -924,23 +874,6 @@ class Blkback:
             self._answer()
         elif r.rsp_prod_pvt != r.get(8):
             self._push()                         # requests refused while draining
-
-    def _on_guest_event(self) -> None:
-        """The guest notified blkback's port: this runs inside its event_channel_op send,
-        its vCPU stopped in the hypercall. With `inline_kick` (InlineKick) the ring is drained
-        right here; the serving task is woken in any case (it re-arms req_event, answers
-        later completions and is where a fault found here ends the connection)."""
-        self._kick.set()
-        if self.inline_kick == InlineKick.OFF or not self._serving or self._fault is not None \
-                or self.ring is None or self.dom.destroyed:
-            return
-        self.stats.inline_passes += 1
-        try:
-            self._pass()
-            if self.inline_kick == InlineKick.DRAIN_ARM and not self._blocked and not self._throttled:
-                self.ring.final_check()          # requests published since: the task's pass
-        except BlkDisconnect as e:
-            self._fault = e
 
     def _after_reap(self) -> None:
         """io_uring completions were taken (eventfd reader, or inside io_uring_enter):

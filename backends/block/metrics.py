@@ -28,7 +28,6 @@ class BlkStats:
     persistent_hits: int = 0      # segments served by an already mapped persistent grant
     indirect_reqs: int = 0        # BLKIF_OP_INDIRECT requests accepted
     uring_reqs: int = 0           # reads/writes submitted through io_uring (not the pool)
-    inline_passes: int = 0        # ring drains run inside the guest's notify (InlineKick)
     io_ns: int = 0                # time spent in preadv/pwritev/fdatasync (all workers)
 
     def as_dict(self) -> dict[str, int]:

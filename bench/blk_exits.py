@@ -1,0 +1,204 @@
+"""Exits per block request on the KVM engine, by kind and hypercall number (issue 14,
+block): one Linux guest, booted once, fio's four jobs repeated in the same boot.
+
+One Debian Linux guest (bench/blk.py's kernel and fio initramfs, blkfront with 256 indirect
+segments) on the KVM engine with one vbd on a pre-filled image. The guest runs --reps
+rounds of fio's four jobs (seqread / seqwrite 1 MiB iodepth 8, randread / randwrite 4 KiB
+iodepth 32, O_DIRECT libaio, --runtime s each). For each job (`FIO-BEGIN <job>.<rep>` on
+the guest's console) the host counts from 1 s and --warm-requests requests after the job's
+first request (fio's process start, ~40-60k exits, is not I/O; under load it runs on past
+the first request) to its end: the engine's
+exits by kind, the domain's hypercalls by number, the guest's notifies on the vbd's port,
+blkback's drains and events, the process CPU; all per request. Prints what
+blkfront negotiated (xenstore and the guest's sysfs), one table per job and the medians
+per job with the load average, and per job kind a least-squares fit of exits/s against
+requests/s over the rounds: the slope is the marginal exits per request, the intercept the
+guest's exits per second that do not scale with its I/O (per-request figures include a
+share of those, larger the slower the run: they vary 2-4x with the host's load alone).
+
+(This bench once took --modes: blkback's inline drain in the guest's notify, InlineKick
+DRAIN / DRAIN_ARM, and response coalescing C<us> were measured with it against the default
+in the same boot and removed: backends/block/README.md.)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import gzip
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import uvloop
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import blk as blkbench                                    # noqa: E402  (bench/blk.py)
+
+from aiovmm import Hypervisor                               # noqa: E402
+from aiovmm.backends.block import device as blkdev          # noqa: E402
+from aiovmm.xenbus import read_str                          # noqa: E402
+
+HC_NAMES = {1: "mmu_update", 3: "stack_switch", 13: "multicall", 14: "update_va_mapping",
+            15: "set_timer_op", 17: "xen_version", 20: "grant_table_op", 23: "iret", 24: "vcpu_op",
+            25: "set_segment_base", 26: "mmuext_op", 29: "sched_op", 32: "event_channel_op"}
+
+SCRIPT = """#!/bin/sh
+DEV=/dev/xvda
+i=0
+while [ ! -b $DEV ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo "FIO-DEV $DEV $(cat /sys/block/xvda/size)"
+for f in /sys/block/xvda/queue/max_hw_sectors_kb /sys/block/xvda/queue/max_sectors_kb \\
+         /sys/block/xvda/queue/max_segments /sys/block/xvda/queue/nr_requests \\
+         /sys/block/xvda/mq/*/nr_tags /sys/module/xen_blkfront/parameters/*; do
+    echo "SYSFS $f $(cat $f 2>/dev/null)"
+done
+rep=0
+while [ $rep -lt @REPS@ ]; do
+    for job in @JOBS@; do
+        set -- $(echo "$job" | tr : ' ')
+        echo "FIO-BEGIN $1.$rep"
+        fio --name="$1" --filename=$DEV --direct=1 --ioengine=libaio --rw="$2" --bs="$3" \\
+            --iodepth="$4" --runtime=@RUNTIME@ --ramp_time=1 --time_based --thread --norandommap \\
+            --randrepeat=0 --size=@SIZE@M --output-format=json
+        echo "FIO-END $1.$rep"
+    done
+    rep=$((rep + 1))
+done
+"""
+
+FRONT_KEYS = ("ring-page-order", "num-ring-pages", "multi-queue-num-queues", "feature-persistent",
+              "protocol", "event-channel")
+BACK_KEYS = ("feature-persistent", "feature-max-indirect-segments", "max-ring-page-order",
+             "multi-queue-max-queues", "feature-flush-cache", "feature-discard")
+
+
+def initrd(td: str, reps: int, runtime: int, size_mib: int) -> str:
+    sys.path.insert(0, os.path.join(blkbench.ROOT, "guests/linux"))
+    import build as linux_build                    # its Cpio writer
+    script = (SCRIPT.replace("@JOBS@", " ".join(f"{n}:{rw}:{bs}:{d}" for n, rw, bs, d in blkbench.FIO_JOBS))
+              .replace("@REPS@", str(reps))
+              .replace("@RUNTIME@", str(runtime)).replace("@SIZE@", str(size_mib)))
+    c = linux_build.Cpio()
+    c.file("bench.sh", script.encode(), 0o755)
+    path = os.path.join(td, "initramfs-blk-exits.cpio.gz")
+    with open(blkbench.TOOLS_INITRD, "rb") as f, open(path, "wb") as out:
+        out.write(f.read())
+        out.write(gzip.compress(c.finish(), mtime=0))
+    return path
+
+
+def snapshot(dom, bb: blkdev.Blkback) -> dict[str, float]:
+    eng = dom.vcpus[0].engine
+    st = bb.stats
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    s: dict[str, float] = {f"exit:{k}": n for k, n in getattr(eng, "exit_kinds", {}).items()}
+    s.update(exits=getattr(eng, "exits", 0), kicks=getattr(eng, "kicks", 0),
+             cpu_ms=(ru.ru_utime + ru.ru_stime) * 1e3, ctx_invol=ru.ru_nivcsw,
+             requests=st.rd_reqs + st.wr_reqs, sectors=st.rd_sectors + st.wr_sectors,
+             drains=st.batches, events=st.events_sent,
+             notifies=bb.port.notifications if bb.port is not None else 0, t=time.perf_counter())
+    for nr, n in dom.hypercall_counts.items():
+        s[f"hc:{HC_NAMES.get(nr, nr)}"] = n
+    sch = dom.hypervisor.scheduler.state(dom.vcpus[0])
+    s["slices"] = sch.slices
+    s["vcpu_ms"] = sch.cpu_ns / 1e6
+    return s
+
+
+def show(title: str, d: dict[str, float], n: float) -> None:
+    print(f"  {title}: per request (n={n:.0f}), load {os.getloadavg()[0]:.1f}", flush=True)
+    for k in sorted(d, key=lambda k: -d[k]):
+        if k in ("t", "requests", "sectors") or not d[k]:
+            continue
+        if k.startswith("hc:") and d[k] / n < 0.05:
+            continue
+        print(f"    {k:<28}{d[k] / n:10.2f}")
+
+
+async def main(args) -> None:
+    rows: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="aiovmm-bench-blkx-") as td:
+        if not os.path.exists(blkbench.TOOLS_INITRD):
+            blkbench.linux_assets()
+        image = os.path.join(td, "linux.img")
+        blkbench.prefill(image, args.image_mib)
+        rd = initrd(td, args.reps, args.runtime, args.image_mib)
+        cmdline = (f"console=hvc0 quiet {blkbench.BLKFRONT_ARGS} {args.extra} "
+                   f"aiovmm.run=/bin/sh,/bench.sh aiovmm.exit=1").replace("  ", " ")
+        async with Hypervisor(memory_mib=blkbench.GUEST_MIB + 128) as hv:
+            t0 = time.perf_counter()
+            dom = await hv.create(blkbench.VMLINUZ, memory_mib=blkbench.GUEST_MIB, ramdisk=rd, cmdline=cmdline,
+                                  disks=[f"target={image},vdev=xvda,access=rw"], engine=args.engine)
+            bb = next(b for b in dom.backends if isinstance(b, blkdev.Blkback))
+            await dom.wait_for_line(r"^FIO-DEV ", timeout=args.boot_timeout)
+            print(f"{args.engine}: fio device after {time.perf_counter() - t0:.0f} s", flush=True)
+            st = hv.xenstore.store
+            print("negotiated (xenstore): front "
+                  + " ".join(f"{k}={read_str(st, f'{bb.front}/{k}', '-')}" for k in FRONT_KEYS)
+                  + "; back " + " ".join(f"{k}={read_str(st, f'{bb.back}/{k}', '-')}" for k in BACK_KEYS)
+                  + f"; ring entries {bb.ring.nr_ents if bb.ring else '-'}", flush=True)
+            for rep in range(args.reps):
+                for job, *_ in blkbench.FIO_JOBS:
+                    tag = f"{job}.{rep}"
+                    await dom.wait_for_line(rf"^FIO-BEGIN {tag}$", timeout=3600)
+                    if rep == 0 and job == blkbench.FIO_JOBS[0][0]:
+                        print("the guest's blkfront (sysfs): " + "; ".join(
+                            ln.rstrip()[6:] for ln in dom.console_lines if ln.startswith("SYSFS ")), flush=True)
+                    # The window opens 1 s after the job's first request and after
+                    # --warm-requests more: under load fio's start (its libraries faulted
+                    # in: #PF, mmu_update) ran on past its first request.
+                    end = asyncio.ensure_future(dom.wait_for_line(rf"^FIO-END {tag}$", timeout=3600))
+                    first = bb.stats.rd_reqs + bb.stats.wr_reqs
+                    while bb.stats.rd_reqs + bb.stats.wr_reqs == first and not end.done():
+                        await asyncio.sleep(0.02)
+                    await asyncio.wait([end], timeout=1.0)
+                    while bb.stats.rd_reqs + bb.stats.wr_reqs - first < args.warm_requests and not end.done():
+                        await asyncio.sleep(0.02)
+                    if end.done():
+                        await end
+                        print(f"  [{rep}] {job}: fewer than {args.warm_requests} requests before its end "
+                              f"(load {os.getloadavg()[0]:.1f}); left out", flush=True)
+                        continue
+                    a = snapshot(dom, bb)
+                    await end
+                    b = snapshot(dom, bb)
+                    d = {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b)}
+                    n = max(1.0, d["requests"])
+                    res = blkbench.parse_fio(list(dom.console_lines)).get(tag)
+                    unit = "MB/s" if job.startswith("seq") else "IOPS"
+                    show(f"[{rep}] {job} {res if res is not None else float('nan'):.1f} {unit}"
+                         f" ({d['requests'] / d['t']:.0f} requests/s, {d['sectors'] / n / 2:.0f} KiB each)", d, n)
+                    rows[job].append({
+                        "fio": res or 0.0, "req_s": d["requests"] / d["t"], "exits_s": d["exits"] / d["t"],
+                        "exits": d["exits"] / n, "notifies": d["notifies"] / n, "drains": d["drains"] / n,
+                        "events": d["events"] / n, "cpu_ms": d["cpu_ms"] / n,
+                        "xen_version": d.get("hc:xen_version", 0) / n, "iret": d.get("hc:iret", 0) / n,
+                        "stack_switch": d.get("hc:stack_switch", 0) / n, "load": os.getloadavg()[0]})
+            await dom.wait()
+            print(f"blkback: {bb.stats}")
+    print("medians per job:")
+    for job, rs in rows.items():
+        print(f"  {job:9s} " + " ".join(f"{k}={statistics.median(r[k] for r in rs):.2f}" for k in rs[0]))
+    print("exits/s = intercept + slope x requests/s, least squares over the rounds:")
+    for job, rs in rows.items():
+        if len(rs) >= 2 and len({r["req_s"] for r in rs}) >= 2:
+            slope, icpt = statistics.linear_regression([r["req_s"] for r in rs], [r["exits_s"] for r in rs])
+            print(f"  {job:9s} marginal exits per request {slope:.1f}, exits/s not from I/O {icpt:.0f} "
+                  f"(n={len(rs)})")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
+    ap.add_argument("--warm-requests", type=int, default=16,
+                    help="requests a job makes before its window opens (and at least 1 s)")
+    ap.add_argument("--image-mib", type=int, default=256)
+    ap.add_argument("--engine", default="kvm")
+    ap.add_argument("--extra", default="", help="more kernel command line (e.g. xen_blkfront.max_ring_page_order=2)")
+    ap.add_argument("--boot-timeout", type=float, default=900)
+    uvloop.run(main(ap.parse_args()))
