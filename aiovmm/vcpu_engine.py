@@ -163,10 +163,20 @@ def _timer_slice_fields(uc: Uc) -> tuple[int, int] | None:
     return slot, cpu
 
 
+class _PioFast(ctypes.Structure):
+    _fields_ = [("port", ctypes.c_uint32), ("size", ctypes.c_int32), ("value", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+_PIO_FAST_MAX = 8                # AIOVMM_PIO_FAST_MAX
+
+
 class _Pio(ctypes.Structure):
     """Mirror of struct aiovmm_pio in csrc/preempt.c."""
     _fields_ = [("in_", ctypes.c_void_p), ("out", ctypes.c_void_p), ("cpu", ctypes.c_void_p),
-                ("loop_exit", ctypes.c_void_p), ("refused", ctypes.c_int32)]
+                ("loop_exit", ctypes.c_void_p), ("refused", ctypes.c_int32),
+                ("fast_n", ctypes.c_uint32), ("fast_hits", ctypes.c_uint64),
+                ("fast", _PioFast * _PIO_FAST_MAX)]
 
 
 class _Tsc(ctypes.Structure):
@@ -417,24 +427,25 @@ class VCPUEngine:
         self._cb_cpuid = _RDTSC_CB(self._hook_cpuid)
         self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_cpuid, ctypes.c_void_p), None,
                        X.UC_X86_INS_CPUID)
+        # True if port_in's answer depends on nothing the guest can change without the
+        # hypervisor running (emulate.port_in_fixed; vcpu.py sets it): only then is an IN
+        # answered again in C (csrc/preempt.c aiovmm_in_hook).
+        self.port_in_fixed: Callable[[], bool] = lambda: False
         self._cb_in = _IN_CB(self._hook_in)
         self._cb_out = _OUT_CB(self._hook_out)
-        self._pio: _Pio | None = None
+        # IN/OUT go through C hooks (csrc/preempt.c): a repeated IN is answered from a table
+        # without Python; with timer slices a refused IN/OUT ends the slice at the instruction.
+        self._pio = pio = _Pio()
+        pio.in_ = ctypes.cast(self._cb_in, ctypes.c_void_p).value
+        pio.out = ctypes.cast(self._cb_out, ctypes.c_void_p).value
         if self._timer:
-            # A refused IN/OUT ends the slice at the instruction (csrc/preempt.c).
-            self._pio = pio = _Pio()
-            pio.in_ = ctypes.cast(self._cb_in, ctypes.c_void_p).value
-            pio.out = ctypes.cast(self._cb_out, ctypes.c_void_p).value
             pio.cpu = self._cpu
             pio.loop_exit = ctypes.cast(uclib.cpu_loop_exit_x86_64, ctypes.c_void_p).value
-            pio_ref = ctypes.cast(ctypes.byref(pio), ctypes.c_void_p)
-            self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_in_hook, ctypes.c_void_p), pio_ref,
-                           X.UC_X86_INS_IN)
-            self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_out_hook, ctypes.c_void_p), pio_ref,
-                           X.UC_X86_INS_OUT)
-        else:
-            self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_in, ctypes.c_void_p), None, X.UC_X86_INS_IN)
-            self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_out, ctypes.c_void_p), None, X.UC_X86_INS_OUT)
+        pio_ref = ctypes.cast(ctypes.byref(pio), ctypes.c_void_p)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_in_hook, ctypes.c_void_p), pio_ref,
+                       X.UC_X86_INS_IN)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(lib.aiovmm_out_hook, ctypes.c_void_p), pio_ref,
+                       X.UC_X86_INS_OUT)
         # RDTSC and RDTSCP (which does not go through the RDTSC hook: same clock, ECX =
         # TSC_AUX) are answered in C from the clock's origin (the `rdtsc` setter).
         tsc = ctypes.cast(ctypes.byref(self._tsc), ctypes.c_void_p)
@@ -708,6 +719,7 @@ class VCPUEngine:
         s.deadline_ns = time.monotonic_ns() + max_ns if max_ns else 0
         s.reason = 0
         self.stop_requested = False
+        self._hypervisor_runs()
         # Unicorn raises a #PF internally, never reported, the first time it translates a
         # block at the start of a page whose previous page is unmapped; that leaves
         # env->old_exception set (unicorn #1883). Clear it before every slice.
@@ -798,7 +810,22 @@ class VCPUEngine:
         self.stop_requested = True
         uclib.uc_emu_stop(self.h)
 
+    def _hypervisor_runs(self) -> None:
+        """The hypervisor is about to run for this vCPU (a slice starts, or one of its
+        hooks enters Python): what the port policy answers may change now (the vCPU's mode,
+        its IOPL, the domain's VM assists or I/O bitmap), so the INs answered in C
+        (csrc/preempt.c aiovmm_in_hook) are forgotten. The one place of that rule: every
+        Python entry of the engine calls it first, except an IN's (the port policy only
+        reads: it changes none of its own inputs)."""
+        self._pio.fast_n = 0
+
+    @property
+    def fast_port_reads(self) -> int:
+        """INs answered by the C hook from its table (statistics)."""
+        return self._pio.fast_hits
+
     def _hook_syscall(self) -> None:
+        self._hypervisor_runs()
         self.in_syscall_hook = True
         try:
             self.on_hypercall()
@@ -808,6 +835,7 @@ class VCPUEngine:
             self.in_syscall_hook = False
 
     def _hook_intr(self, uc, vector, user_data) -> None:
+        self._hypervisor_runs()
         try:
             err = self._excfix.read_error_and_reset()
             if vector == 8:
@@ -827,6 +855,7 @@ class VCPUEngine:
             self._fail(e)
 
     def _hook_invalid(self, uc, user_data) -> bool:
+        self._hypervisor_runs()
         try:
             self.on_invalid_opcode()
             return True
@@ -835,16 +864,33 @@ class VCPUEngine:
             return False
 
     def _hook_in(self, uc, port, size, user_data) -> int:
+        # No _hypervisor_runs(): answering an IN (the port policy) only reads; what it
+        # answered before holds as long as no other entry happened (each empties the table).
         try:
             val = self.on_port_io(port, size, False, 0)
             if val is not None:
-                return val & ((1 << (8 * size)) - 1)
+                val &= (1 << (8 * size)) - 1
+                if not self.stop_requested and self.port_in_fixed():
+                    self._remember_in(port, size, val)
+                return val
             self._refused()
         except BaseException as e:
             self._fail(e)
         return 0xFFFFFFFF
 
+    def _remember_in(self, port: int, size: int, value: int) -> None:
+        """The policy just answered this IN and its answer is fixed until the hypervisor
+        next runs: let the C hook repeat it. A full table starts over (the C hook never
+        misses an entry it has, so this is only reached for a new port or size)."""
+        pio = self._pio
+        if pio.fast_n >= _PIO_FAST_MAX:
+            pio.fast_n = 0
+        e = pio.fast[pio.fast_n]
+        e.port, e.size, e.value = port, size, value
+        pio.fast_n += 1
+
     def _hook_out(self, uc, port, size, value, user_data) -> None:
+        self._hypervisor_runs()
         try:
             if self.on_port_io(port, size, True, value) is None:
                 self._refused()
@@ -854,10 +900,10 @@ class VCPUEngine:
     def _refused(self) -> None:
         """The handler refused this IN/OUT (and stop()ped the slice): with timer slices the
         C hook leaves the block at the instruction once the handler returned."""
-        if self._pio is not None:
-            self._pio.refused = 1
+        self._pio.refused = 1
 
     def _hook_cpuid(self, uc, user_data) -> int:
+        self._hypervisor_runs()
         try:
             leaf, sub = self._batch(("rax", "rcx")).read()
             a, b, c, d = self.cpuid(leaf & 0xFFFFFFFF, sub & 0xFFFFFFFF)

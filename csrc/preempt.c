@@ -350,32 +350,62 @@ int64_t aiovmm_timer_fired_ns(struct aiovmm_timer *t)
     return t->fired_ns;
 }
 
-/* ---- A refused IN/OUT with timer slices ------------------------------------------------
- * The vCPU refuses a port access the domain may not make and delivers #GP at the
- * instruction (vcpu.py). With the translator's mid-block exit checks off, a stop asked for
- * inside the IN/OUT hook would only take effect at the next block: the rest of the block
- * would run first, with the refused value. These hooks call the Python handler and, when it
- * refused (set `refused`), leave the translated code at once (cpu_loop_exit): Unicorn
- * synced the CPU state to the IN/OUT instruction before calling the hook (ioport.c), so
- * the slice ends with RIP on it and nothing after it executed. */
+/* ---- Port I/O hooks: refused accesses, and repeated reads answered here ----------------
+ * A refused IN/OUT with timer slices: the vCPU refuses a port access the domain may not make
+ * and delivers #GP at the instruction (vcpu.py). With the translator's mid-block exit checks
+ * off, a stop asked for inside the IN/OUT hook would only take effect at the next block: the
+ * rest of the block would run first, with the refused value. These hooks call the Python
+ * handler and, when it refused (set `refused`), leave the translated code at once
+ * (cpu_loop_exit): Unicorn synced the CPU state to the IN/OUT instruction before calling the
+ * hook (ioport.c), so the slice ends with RIP on it and nothing after it executed. With
+ * block-hook slices `loop_exit` is NULL and the handler's uc_emu_stop does it.
+ *
+ * Repeated reads: Linux's quick_pit_calibrate reads port 0x42 100,000 times while booting,
+ * each a C->Python callback through the shared port policy (emulate.port_in), whose answer
+ * for a domU is all ones whenever the access is allowed. The engine records here an IN it
+ * has just seen answered (port, size, value) when that answer depends on nothing the guest
+ * can change without the hypervisor running (emulate.port_in_fixed: the virtual IOPL grants
+ * every port, no I/O bitmap in guest memory); this hook answers the same IN again without
+ * Python. The policy's inputs (the vCPU's mode and IOPL, the domain's VM assists, its I/O
+ * bitmap) only change while the hypervisor runs: the engine empties the table at the start
+ * of every slice and on every entry into Python from this vCPU's hooks but an IN's (the
+ * policy only reads), the rule kept in one place (VCPUEngine._hypervisor_runs). A full
+ * table starts over. */
 typedef uint32_t (*pio_in_fn)(void *uc, uint32_t port, int size, void *user_data);
 typedef void (*pio_out_fn)(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
+
+#define AIOVMM_PIO_FAST_MAX 8
 
 struct aiovmm_pio {
     pio_in_fn in;                /* the engine's IN handler */
     pio_out_fn out;              /* the engine's OUT handler */
     void *cpu;                   /* uc_struct.cpu */
-    void (*loop_exit)(void *cpu);    /* Unicorn's cpu_loop_exit */
+    void (*loop_exit)(void *cpu);    /* Unicorn's cpu_loop_exit (NULL: block-hook slices) */
     int32_t refused;             /* set by a handler: end the slice at the instruction */
+    uint32_t fast_n;             /* valid entries of fast[] (0: empty) */
+    uint64_t fast_hits;          /* INs answered here (statistics) */
+    struct {
+        uint32_t port;
+        int32_t size;
+        uint32_t value;
+        uint32_t pad;
+    } fast[AIOVMM_PIO_FAST_MAX];
 };
 
 uint32_t aiovmm_in_hook(void *uc, uint32_t port, int size, void *user_data)
 {
     struct aiovmm_pio *p = (struct aiovmm_pio *)user_data;
+    for (uint32_t i = 0; i < p->fast_n && i < AIOVMM_PIO_FAST_MAX; i++) {
+        if (p->fast[i].port == port && p->fast[i].size == size) {
+            p->fast_hits++;
+            return p->fast[i].value;
+        }
+    }
     uint32_t value = p->in(uc, port, size, NULL);
     if (p->refused) {
         p->refused = 0;
-        p->loop_exit(p->cpu);
+        if (p->loop_exit)
+            p->loop_exit(p->cpu);
     }
     return value;
 }
@@ -386,6 +416,7 @@ void aiovmm_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *us
     p->out(uc, port, size, value, NULL);
     if (p->refused) {
         p->refused = 0;
-        p->loop_exit(p->cpu);
+        if (p->loop_exit)
+            p->loop_exit(p->cpu);
     }
 }
