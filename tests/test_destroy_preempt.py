@@ -78,3 +78,38 @@ async def test_destroy_of_a_big_guest_never_holds_the_loop():
             assert ticks >= 1, (ticks, wall)
         assert by.describe_end() == "running"
         assert not any("CORRUPTED" in l for l in by.console_lines)
+
+
+async def test_destroys_racing_each_other_and_a_create_stay_consistent():
+    """Two guests torn down at once (each in slices), a third created and run while they
+    are half torn down, and a synchronous destroy (the toolstack's error paths, the
+    hypervisor's exit) finishing one of them mid-teardown: every frame comes back exactly
+    once, the new guest never gets a frame still in use, and the audit is clean."""
+    from aiovmm.audit import audit
+    async with Hypervisor(memory_mib=2 * 64 + 48) as hv:
+        free0 = hv.mem.free_frames
+        a = await hv.create(guest("hog"), memory_mib=64, name="a")
+        b = await hv.create(guest("hog"), memory_mib=64, name="b")
+        for d in (a, b):
+            await d.wait_for_line(r"^hog: ready$", timeout=60)
+        a.shutdown(ShutdownReason.poweroff)
+        b.shutdown(ShutdownReason.poweroff)
+        async with asyncio.timeout(60):
+            while not (a.destroyed and a.frames and b.destroyed and b.frames):
+                await asyncio.sleep(0)       # both in the middle of their teardown
+        # Frames the dying domains still own are not free: the new guest gets none of them.
+        still = {f for f in a.frames | b.frames if hv.mem.owner[f] in (a.domid, b.domid)}
+        assert still
+        c = await hv.create(guest("hello"), memory_mib=8, name="c")
+        assert not set(c.frames) & still
+        if b.frames:
+            b.destroy()                      # finishes b's teardown here, at once
+            assert not b.frames
+        assert await asyncio.wait_for(c.wait(), 30) == ShutdownReason.poweroff
+        assert any("hello" in l.lower() for l in c.console_lines), c.console_lines
+        async with asyncio.timeout(60):
+            while hv.domains:
+                await asyncio.sleep(0.001)
+        assert audit(hv) == []
+        assert hv.mem.free_frames == free0
+        assert not hv.pagetables._dying
