@@ -423,5 +423,8 @@ class Domain:
                 hv.orphan_frames[mfn] = self.domid
             hv.orphan_host_maps.update(self.host_mappings)
             yield
-            yield from mem.release_domain_steps(self.domid, [f for f in self.frames if f not in held])
+            # Freed frames may go to another domain at the next turn: out of this one's set.
+            for freed in mem.release_domain_steps(self.domid, [f for f in self.frames if f not in held]):
+                self.frames.difference_update(freed)
+                yield
             self.frames = set()
