@@ -9,8 +9,9 @@ import asyncio
 import logging
 import os
 import re
+import time
 import uuid
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .memory import PageType
 from .abi import PAGE_SHIFT, ShutdownReason, VcpuInfo, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiovmm.domain")
 guest_log = logging.getLogger("aiovmm.guest")       # guests' console_io output (Xen's "(dN)" lines)
+
+# Longest stretch of a destroy's work between two turns of the event loop (destroy_preemptible).
+DESTROY_SLICE_S = 0.002
 
 # In-memory console history per domain (the log file, if any, keeps everything); the same
 # 1 MiB as xl's console/limit.
@@ -339,6 +343,10 @@ class Domain:
     async def wait(self) -> ShutdownReason:
         return await asyncio.shield(self.done)
 
+    # The steps of this domain's teardown in progress (destroy, destroy_preemptible): one
+    # generator that every caller drives, so a destroy racing another one finishes it.
+    _release: "Iterator[None] | None" = None
+
     def destroy(self) -> None:
         """Release everything: engines, host mappings, grant mappings, page tables, frames.
         Idempotent. Order as Xen's domain_relinquish_resources: this domain's mappings of
@@ -349,6 +357,38 @@ class Domain:
         A host backend (blkback, netback) is such a grantee too: its mappings are not closed
         here (an I/O in flight may still write through one), they keep their frames until
         the backend closes them (grants.HostMapping.close frees the orphan)."""
+        for _ in self._release_steps():
+            pass
+
+    async def destroy_preemptible(self, slice_s: float = DESTROY_SLICE_S) -> None:
+        """destroy(), letting the loop run after every `slice_s` of work (Xen makes
+        domain_relinquish_resources preemptible): freeing a 256 MiB guest is 0.3-1.3 s of
+        Python in which every other guest would stand still. No frame is freed before it
+        is fully released (see _release_steps), so the pauses are safe for other domains'
+        creates, destroys and migrations. Cancelled, it finishes the teardown at once."""
+        steps = self._release_steps()
+        t = time.perf_counter()
+        try:
+            for _ in steps:
+                if time.perf_counter() - t >= slice_s:
+                    await asyncio.sleep(0)
+                    t = time.perf_counter()
+        except asyncio.CancelledError:
+            for _ in steps:
+                pass
+            raise
+
+    def _release_steps(self) -> "Iterator[None]":
+        if self._release is None:
+            self._release = self._release_gen()
+        return self._release
+
+    def _release_gen(self) -> "Iterator[None]":
+        """The teardown as steps of bounded work. Everything up to the page tables' teardown
+        is done in the first step: grants, event channels and vCPUs go at once, so nothing
+        of the domain runs or is reachable by a new grant operation while it yields. Then
+        its tables drop their references (frames stay owned by it, out of the free list),
+        then the frames nobody else holds are freed in chunks (zeroed by MADV_REMOVE)."""
         if self.destroyed:
             return
         self.destroyed = True
@@ -370,7 +410,8 @@ class Domain:
             mem = self.mem
             hv = self.hypervisor
             mem.forget_released(self.frames)    # freed or orphaned below with the rest
-            hv.pagetables.teardown_domain(self.domid, self.frames)
+            yield
+            yield from hv.pagetables.teardown_domain_steps(self.domid, self.frames)
             held = grants.held_by_others(self)
             stray = {f for f in self.frames if mem.refs[f] and f not in held}
             if stray:
@@ -381,5 +422,9 @@ class Domain:
                 mem.owner[mfn] = grants.ORPHAN_OWNER
                 hv.orphan_frames[mfn] = self.domid
             hv.orphan_host_maps.update(self.host_mappings)
-            mem.release_domain(self.domid, [f for f in self.frames if f not in held])
+            yield
+            # Freed frames may go to another domain at the next turn: out of this one's set.
+            for freed in mem.release_domain_steps(self.domid, [f for f in self.frames if f not in held]):
+                self.frames.difference_update(freed)
+                yield
             self.frames = set()

@@ -16,6 +16,7 @@ import enum
 import mmap
 import os
 import struct
+from typing import Iterator
 
 from .abi import (
     DOMID_INVALID, DOMID_XEN, INVALID_M2P_ENTRY, PAGE_SHIFT, PAGE_SIZE, _PAGE_ACCESSED, _PAGE_DIRTY,
@@ -220,7 +221,20 @@ class MachineMemory:
 
     def release_domain(self, domid: int, frames: list[int]) -> None:
         """Free all frames of a domain that is being destroyed."""
-        self.free([m for m in frames if self.owner[m] == domid], force=True)
+        for _ in self.release_domain_steps(domid, frames):
+            pass
+
+    def release_domain_steps(self, domid: int, frames: list[int], chunk: int = 512) -> Iterator[list[int]]:
+        """release_domain in bounded steps, yielding each chunk of at most `chunk` frames
+        once freed (the caller lets the loop run in between). The caller has fully released
+        these frames (no type, no reference left): each chunk is free, and may be handed
+        out, as soon as it is on the free list. Highest chunk first, so that the free list
+        (a stack) still hands out the lowest frame first."""
+        run = sorted(frames)
+        for end in range(len(run), 0, -chunk):
+            freed = [m for m in run[max(0, end - chunk):end] if self.owner[m] == domid]
+            self.free(freed, force=True)
+            yield freed
 
     # -- writable access: THE place that decides it -------------------------------------------
     def get_writable(self, mfn: int) -> None:

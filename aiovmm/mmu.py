@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Callable
+from typing import Callable, Iterator
 
 from .abi import (
     DOMID_XEN, Errno, HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4_FIRST, XEN_L4_LAST, _PAGE_ACCESSED,
@@ -177,7 +177,8 @@ class PageTables:
         # Machine address of an L1 entry -> (grantee domid, maptrack handle), kept by grants.py.
         self.grant_ptes: dict[int, tuple[int, int]] = {}
         self.crash_domain = crash_domain
-        self._dying: int | None = None        # domid being torn down (teardown_domain)
+        # Domids being torn down (teardown_domain): several at once, each in steps.
+        self._dying: set[int] = set()
 
     # -- frame types ----------------------------------------------------------------------------
     def get_type(self, mfn: int, ptype: PageType, dom: int, conflict: Errno = Errno.EINVAL) -> None:
@@ -205,7 +206,7 @@ class PageTables:
     def put_type(self, mfn: int) -> None:
         mem = self.mem
         if mem.type_count[mfn] == 0:
-            if self._dying is not None and mem.owner[mfn] == self._dying:
+            if mem.owner[mfn] in self._dying:
                 return                    # already force-devalidated by teardown_domain
             log.error("type count underflow on frame %#x", mfn)
             return
@@ -353,7 +354,7 @@ class PageTables:
         self.mem.write_pte(ptr, 0)
         log.warning("d%d: attempt to implicitly unmap a granted PTE at %#x (handle %d)",
                     grantee, ptr, handle)
-        if self.crash_domain is not None and grantee != self._dying:
+        if self.crash_domain is not None and grantee not in self._dying:
             self.crash_domain(grantee, f"attempt to implicitly unmap a granted PTE at {ptr:#x}")
 
     def teardown_domain(self, dom: int, frames: "set[int] | list[int]") -> None:
@@ -362,21 +363,45 @@ class PageTables:
         whatever its type count (pins, vCPU roots and linear-entry cycles included), so the
         only references left on its frames afterwards are other domains' (grant mappings).
         Its grant mappings must have been unmapped first."""
+        for _ in self.teardown_domain_steps(dom, frames):
+            pass
+
+    def teardown_domain_steps(self, dom: int, frames: "set[int] | list[int]",
+                              chunk: int = 256) -> Iterator[None]:
+        """teardown_domain in bounded steps (Xen's preemptible relinquish_memory): yields
+        after every `chunk` frames, so that the caller may let the loop run in between.
+        Tables go lowest level first: a table's devalidation then only drops references on
+        data frames and on tables already at count 0 (put_type skips those of a dying
+        domain), so one step never walks a whole tree. Between steps the domain's frames
+        are still its own and out of every free list; its guests' vCPUs are gone, and other
+        domains reach them only through grants (their own references, untouched here)."""
         mem = self.mem
-        self._dying = dom
+        self._dying.add(dom)
         try:
-            for mfn in sorted(frames):
-                if mem.owner[mfn] != dom:
-                    continue
-                t = mem.type[mfn]          # untyped (count 0) frames are type none: skipped below
-                if t in _PT_TYPES:
-                    mem.type_count[mfn] = 0
-                    mem.type[mfn] = PageType.none
+            by_level: list[list[int]] = [[] for _ in range(5)]
+            for n, mfn in enumerate(sorted(frames), 1):
+                if mem.owner[mfn] == dom:
+                    t = mem.type[mfn]      # untyped (count 0) frames are type none
+                    by_level[int(t) if t in _PT_TYPES else 0].append(mfn)
+                if n % (chunk * 8) == 0:
+                    yield
+            done = 0
+            for level in (1, 2, 3, 4, 0):
+                for mfn in by_level[level]:
+                    if mem.owner[mfn] != dom:
+                        continue
+                    t = mem.type[mfn]
+                    if t in _PT_TYPES:     # rechecked: the type is the step's to drop
+                        mem.type_count[mfn] = 0
+                        mem.type[mfn] = PageType.none
+                        mem.pinned[mfn] = 0
+                        self._devalidate_table(mfn, int(t))
                     mem.pinned[mfn] = 0
-                    self._devalidate_table(mfn, int(t))
-                mem.pinned[mfn] = 0
+                    done += 1
+                    if done % chunk == 0:
+                        yield
         finally:
-            self._dying = None
+            self._dying.discard(dom)
 
     # -- entry updates ---------------------------------------------------------------------------
     def update_entry(self, dom: int, ptr: int, val: int, preserve_ad: bool = False) -> bool:

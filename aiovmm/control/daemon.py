@@ -355,6 +355,8 @@ class Controller:
         return rec
 
     async def migrate(self, ref: str, dest: str, downtime_ms: float, bandwidth: float) -> dict:
+        from .. import migration
+        await migration.load("live")           # scapy's first import: off the loop
         from ..migration import live
         if self.migration_secret is None:
             raise ControlError(409, "migration needs a shared secret (aiovmm serve --migration-secret-file)")
