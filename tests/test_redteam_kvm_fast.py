@@ -1,0 +1,99 @@
+"""Red-team: the KVM engine's hypercalls completed in C (csrc/kvm.c fast_hypercall,
+fast_iret, guest_read_maddr, event_deliverable). A hostile guest kernel controls every
+register and every byte of its iret frame; for each frame C and the Python handler
+(traps.do_iret, the fast path switched off with the run context's fast_hc) must leave the
+same vCPU, and a frame C may not read must reach Python (which crashes the domain as Xen's
+domain_crash does). Xen: xen/arch/x86/pv/iret.c do_iret (copy once, RPL 3 means user mode,
+IOPL and VM never taken, IF forced, the upcall mask from the frame's IF)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import _kvm_skip_reason
+from test_kvm import _hand_driven_vcpu
+
+pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
+
+RF_TF, RF_IF, RF_IOPL, RF_NT, RF_RF, RF_VM, RF_AC = 0x100, 0x200, 0x3000, 0x4000, 0x10000, 0x20000, 0x40000
+LOOK = ("rip", "rsp", "rax", "rcx", "r11", "rflags")
+
+
+class _Driver:
+    """One hand-driven vCPU: forged `syscall` hypercalls through the engine's entry page,
+    run with the C path on or off."""
+
+    def __init__(self, hv, v) -> None:
+        from aiovmm.abi import VcpuInfo
+        from aiovmm.kvm_engine import ring0
+        self.hv, self.v, self.eng = hv, v, v.engine
+        self.entry = ring0(hv.xen).syscall_va
+        self.code_va = 0xFFFFFFFF80400000 - 4096          # unused padding page of the boot map
+        self.data_va = self.code_va - 4096
+        v.copy_to_guest(self.code_va, b"\xeb\xfe")          # jmp .
+        self.pending = v.info_maddr + VcpuInfo.evtchn_upcall_pending
+        self.mask = v.info_maddr + VcpuInfo.evtchn_upcall_mask
+
+    def run(self) -> int:
+        eng = self.eng
+        eng.stop_requested = False
+        eng._begin(time.monotonic_ns() + 20_000_000)
+        try:
+            return eng._kvm_run()
+        finally:
+            eng._ctx.fast_hc = 0
+            eng._end()
+
+    def hypercall(self, nr: int, fast: bool, **regs: int) -> int:
+        self.eng.write({"rip": self.entry, "rax": nr, "rcx": self.code_va + 1, "r11": 0x246, **regs})
+        self.eng._ctx.fast_hc = int(fast)
+        return self.run()
+
+
+async def test_iret_frames_same_on_the_c_and_python_paths():
+    """Every hostile field of an iret frame back to kernel mode: C (fast_iret) and Python
+    (do_iret) give the same registers, event mask and next exit. Frames: RFLAGS with IOPL,
+    VM, NT, RF, AC set (IOPL and VM dropped as Xen does), CS with RPL 0/1/2, a non-canonical
+    RIP and a RIP in Xen's range (the guest faults there on both paths, never the host), the
+    VGCF_in_syscall flag, a frame in the last 72 bytes of a page and in a read-only page."""
+    from aiovmm import traps
+    from aiovmm.abi import IRET_CONTEXT, VGCF_in_syscall
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp")
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        d = _Driver(hv, v)
+        saved_info = bytes(hv.mem.map[d.pending:d.pending + 2])
+        code, data = d.code_va, d.data_va
+        allflags = RF_IOPL | RF_NT | RF_RF | RF_VM | RF_AC | 0x8D5
+        frames = [  # (offset in the data page, rax r11 rcx flags rip cs rflags rsp ss)
+            (0x800, (1, 2, 3, 0, code, 0xE030, allflags, data + 0x100, 0xE02B)),
+            (0x800, (1, 2, 3, 0, code, 0xE031, allflags & ~RF_IF, data + 0x100, 0xE02B)),
+            (0x800, (1, 2, 3, 0, code, 0xE032, RF_IOPL | RF_IF, data + 0x100, 0xE02B)),
+            (0x800, (4, 5, 6, VGCF_in_syscall, code, 0xE030, allflags, data + 0x100, 0)),
+            (0x800, (7, 8, 9, ~0 & 2**64 - 1, code, 0xE030, 2**64 - 1, 2**64 - 1, 2**64 - 1)),
+            (4096 - 72, (10, 11, 12, 0, code, 0xE030, RF_IF, data + 0x180, 0xE02B)),
+            # The guest then faults at its new RIP (#GP for a non-canonical one, #PF in
+            # Xen's range): the same exception exit on both paths.
+            (0x800, (13, 0, 0, 0, 0x0000800000000000, 0xE030, RF_IF, data + 0x100, 0xE02B)),
+            (0x800, (14, 0, 0, 0, 0xFFFF800000001000, 0xE030, RF_IF, data + 0x100, 0xE02B)),
+            (0x800, (15, 0, 0, 0, 0xFFFF87FFFFFFF000, 0xE030, RF_IF, data + 0x100, 0xE02B)),
+        ]
+        try:
+            for off, ctx in frames:
+                at = data + off
+                v.copy_to_guest(at, IRET_CONTEXT.pack(*ctx))
+                hv.mem.map[d.pending] = 0
+                fast_before = d.eng._ctx.fast_calls[2]
+                rc_c = d.hypercall(23, True, rsp=at)
+                assert d.eng._ctx.fast_calls[2] == fast_before + 1, (hex(off), ctx)
+                by_c = rc_c, d.eng.read(LOOK), hv.mem.map[d.mask]
+                assert d.hypercall(23, False, rsp=at) == 3
+                traps.do_iret(v)
+                assert dom.shutdown_reason is None
+                by_py = d.run(), d.eng.read(LOOK), hv.mem.map[d.mask]
+                assert by_c == by_py, ([hex(x) for x in ctx], by_c, by_py)
+                if by_c[0] == -4:                   # still at the `jmp .`: the frame's RFLAGS
+                    rflags = by_c[1][5]
+                    assert not rflags & (RF_IOPL | RF_VM), hex(rflags)
+        finally:
+            hv.mem.map[d.pending:d.pending + 2] = saved_info
