@@ -97,3 +97,71 @@ async def test_iret_frames_same_on_the_c_and_python_paths():
                     assert not rflags & (RF_IOPL | RF_VM), hex(rflags)
         finally:
             hv.mem.map[d.pending:d.pending + 2] = saved_info
+
+
+async def test_unreadable_iret_frames_are_pythons_and_fault():
+    """Frames C must not read: a non-canonical RSP, RSP in Xen's range (0xffff800000000000..
+    0xffff87ffffffffff, where the guest does see the read-only M2P), a frame whose last bytes
+    lie in an unmapped page, above the canonical lower half, or past 2**64. C leaves each to
+    Python (rc 3, nothing completed, registers untouched) and Python's copy faults (do_iret
+    then crashes the domain, as Xen's domain_crash). A frame across a page end whose both
+    pages are mapped is Python's too and reads fine."""
+    from aiovmm.abi import IRET_CONTEXT
+    from aiovmm.mmu import GuestFault
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp")
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        d = _Driver(hv, v)
+        unmapped = 0xFFFFFFFF80400000 + 512 * 4096          # far past the boot map
+        with pytest.raises(GuestFault):
+            v.copy_from_guest(unmapped, 8)
+        bad = [0x0000800000000000, 0x0000800000000000 - 8, 0xFFFF7FFFFFFFFFF8,
+               0xFFFF800000000000, 0xFFFF800000000800, 0xFFFF87FFFFFFFFC0,
+               unmapped - 16, unmapped - 72 + 1, 2**64 - 8, 2**64 - 72 + 8]
+        for rsp in bad:
+            done = d.eng._ctx.fast_calls[2]
+            assert d.hypercall(23, True, rsp=rsp) == 3, hex(rsp)
+            assert d.eng._ctx.fast_calls[2] == done, hex(rsp)
+            assert d.eng.read(("rax", "rsp")) == [23, rsp]
+            with pytest.raises(GuestFault):
+                v.read_struct(rsp, IRET_CONTEXT)
+        assert dom.shutdown_reason is None
+        # Across the end of the data page into the (mapped) code page: Python reads it.
+        at = d.data_va + 4096 - 32
+        ctx = (1, 2, 3, 0, d.code_va, 0xE030, RF_IF, d.data_va + 0x100, 0xE02B)
+        v.copy_to_guest(at, IRET_CONTEXT.pack(*ctx))
+        done = d.eng._ctx.fast_calls[2]
+        assert d.hypercall(23, True, rsp=at) == 3
+        assert d.eng._ctx.fast_calls[2] == done
+        assert v.read_struct(at, IRET_CONTEXT) == ctx
+        v.copy_to_guest(d.code_va, b"\xeb\xfe")             # the frame's tail overwrote it
+
+
+async def test_fast_hypercalls_never_from_guest_user_mode():
+    """In guest user mode a `syscall` is the guest kernel's system call and an `out` to the
+    hypercall port is not Xen's either: C completes neither (Xen refuses hypercalls from
+    user mode), whatever the registers say, through both entries (the SYSCALL page and the
+    engine's hypercall-page `out`)."""
+    from aiovmm.abi import SEGBASE_FS, SEGBASE_GS_KERNEL
+    from aiovmm.kvm_engine import HCALL_PORT
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp", "fs_base", "gs_base")
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        d = _Driver(hv, v)
+        out_va = d.data_va
+        v.copy_to_guest(out_va, bytes([0xE6, HCALL_PORT]) + b"\xeb\xfe")   # out %al; jmp .
+        sp = (v.kernel_ss, v.kernel_sp)
+        bases = d.eng.read(("fs_base", "gs_base"))
+        calls = [(3, 0xE02B, 0xFFFFFFFF80123450), (3, 2**64 - 1, 2**64 - 1),
+                 (25, SEGBASE_FS, 0x1000), (25, SEGBASE_GS_KERNEL, 0x2000), (23, 0, 0)]
+        v.pv.kernel_mode = 0
+        try:
+            for nr, a1, a2 in calls:
+                done = list(d.eng._ctx.fast_calls)
+                assert d.hypercall(nr, True, rdi=a1, rsi=a2, rsp=d.data_va + 0x800) == 3
+                d.eng.write({"rip": out_va, "rax": nr, "rdi": a1, "rsi": a2})
+                d.eng._ctx.fast_hc = 1
+                assert d.run() == 1, nr
+                assert list(d.eng._ctx.fast_calls) == done
+                assert (v.kernel_ss, v.kernel_sp) == sp
+                assert d.eng.read(("fs_base", "gs_base")) == bases
+        finally:
+            v.pv.kernel_mode = 1
