@@ -46,7 +46,7 @@ class _Driver:
             eng._end()
 
     def hypercall(self, nr: int, fast: bool, **regs: int) -> int:
-        self.eng.write({"rip": self.entry, "rax": nr, "rcx": self.code_va + 1, "r11": 0x246, **regs})
+        self.eng.write({"rip": self.entry, "rax": nr, "rcx": self.code_va, "r11": 0x246, **regs})
         self.eng._ctx.fast_hc = int(fast)
         return self.run()
 
@@ -165,3 +165,57 @@ async def test_fast_hypercalls_never_from_guest_user_mode():
                 assert d.eng.read(("fs_base", "gs_base")) == bases
         finally:
             v.pv.kernel_mode = 1
+
+
+async def test_fast_paths_follow_a_reregistered_vcpu_info_and_keep_events():
+    """vcpu_info moved by VCPUOP_register_vcpu_info to the last 64 bytes of a guest page: C
+    reads the pending/mask bytes there (not in shared_info). A pending but masked event
+    stays pending through a completed stack_switch (the guest runs on); the iret that
+    unmasks it stops in Python at once (rc 4) and the upcall's bounce frame returns to the
+    iret's RIP and RSP: the event is neither lost nor delivered before the iret."""
+    from aiovmm import vcpu_op
+    from aiovmm.abi import IRET_CONTEXT, CallbackType, VcpuInfo
+    from aiovmm.vcpu_op import REGISTER_VCPU_INFO
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp")
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        d = _Driver(hv, v)
+        old = v.info_maddr
+        saved_old = bytes(hv.mem.map[old:old + 64])
+        saved_frame, saved_sp = v.info_frame, (v.kernel_ss, v.kernel_sp)
+        page_ma = hv.pagetables.translate(v.kernel_root << 12, d.data_va, False)
+        arg = d.data_va + 0x400
+        v.write_struct(arg, REGISTER_VCPU_INFO, page_ma >> 12, 4096 - 64, 0)
+        v.info_frame = 0
+        try:
+            assert vcpu_op._register_vcpu_info(v, v, arg) == 0
+            new = v.info_maddr
+            assert new == page_ma + 4096 - 64 and v.pv.info_maddr == new
+            # Old place: a deliverable event C must no longer see; new: pending, masked.
+            hv.mem.map[old + VcpuInfo.evtchn_upcall_pending] = 1
+            hv.mem.map[old + VcpuInfo.evtchn_upcall_mask] = 0
+            hv.mem.map[new + VcpuInfo.evtchn_upcall_pending] = 1
+            hv.mem.map[new + VcpuInfo.evtchn_upcall_mask] = 1
+            rc = d.hypercall(3, True, rdi=0xE02B, rsi=0xFFFFFFFF80123450)
+            assert rc == -4
+            assert v.kernel_sp == 0xFFFFFFFF80123450
+            assert hv.mem.map[new + VcpuInfo.evtchn_upcall_pending] == 1
+            # The iret that sets IF: completed in C, then the upcall in Python.
+            at = d.data_va + 0x800
+            target_sp = d.data_va + 0x300
+            v.copy_to_guest(at, IRET_CONTEXT.pack(0x77, 0, 0, 0, d.code_va, 0xE030, RF_IF, target_sp, 0xE02B))
+            done = d.eng._ctx.fast_calls[2]
+            assert d.hypercall(23, True, rsp=at) == 4
+            assert d.eng._ctx.fast_calls[2] == done + 1
+            assert hv.mem.map[new + VcpuInfo.evtchn_upcall_mask] == 0
+            assert d.eng.read(("rip", "rsp", "rax")) == [d.code_va, target_sp, 0x77]
+            d.eng._report_fast_calls(True)
+            assert d.eng.get("rip") == v.callbacks[CallbackType.event][0]
+            assert hv.mem.map[new + VcpuInfo.evtchn_upcall_mask] == 1     # masked for the handler
+            frame_sp = d.eng.get("rsp")
+            frame = v.read_struct(frame_sp, IRET_CONTEXT)           # rcx r11 rip cs rflags rsp ss ..
+            assert (frame[2], frame[5]) == (d.code_va, target_sp), [hex(x) for x in frame]
+        finally:
+            hv.mem.map[old:old + 64] = saved_old
+            v.info_frame = saved_frame
+            v.set_info_maddr(old)
+            v.kernel_ss, v.kernel_sp = saved_sp
