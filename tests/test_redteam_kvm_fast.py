@@ -219,3 +219,64 @@ async def test_fast_paths_follow_a_reregistered_vcpu_info_and_keep_events():
             v.info_frame = saved_frame
             v.set_info_maddr(old)
             v.kernel_ss, v.kernel_sp = saved_sp
+
+
+async def test_hostile_guest_fast_hypercalls_xen_results_and_storm_next_to_a_bystander():
+    """guests/hostile/fast_hc.c on the KVM engine through its hypercall page (C's path):
+    hostile stack_switch values taken, set_segment_base FS/GS_KERNEL live when canonical and
+    -EINVAL otherwise, iret dropping IOPL/VM and setting the upcall mask from IF; then a storm
+    of 3 x 20,000 calls completed in C. The host's event loop keeps running (the slice
+    deadline still ends C's loop), the bystander's memory is untouched and it still runs."""
+    import asyncio
+    import hashlib
+    from aiovmm import Hypervisor, ShutdownReason
+    from conftest import HV_MEMORY_MIB, results
+    from test_hostile import hostile
+    n = 20_000
+
+    def p2m_hash(hv, dom) -> str:
+        h = hashlib.sha256()
+        for mfn in sorted(dom.p2m):
+            h.update(hv.mem.view[mfn << 12:(mfn + 1) << 12])
+        return h.hexdigest()
+
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        by = await hv.create(hostile("bystander"), memory_mib=8, name="bystander")
+        await by.wait_for_line(r"^bystander: ready checksum=0x[0-9a-f]+$", timeout=30)
+        await asyncio.sleep(0.2)
+        before = p2m_hash(hv, by)
+        lag = 0.0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal lag
+            loop = asyncio.get_running_loop()
+            while not stop.is_set():
+                t = loop.time()
+                await asyncio.sleep(0.01)
+                lag = max(lag, loop.time() - t - 0.01)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(ticker())
+            dom = await hv.create(hostile("fast_hc"), memory_mib=8, cmdline=f"storm={n}", name="fasthc")
+            ctx = dom.vcpus[0].engine._ctx          # the run context C counts in
+            try:
+                end = await asyncio.wait_for(dom.wait(), 120)
+            finally:
+                stop.set()
+        res = results(list(dom.console_lines))
+        assert end == ShutdownReason.poweroff, (dom.crash_reason, dom.console_lines[-5:])
+        assert res == {
+            "stack_switch_huge": "0", "stack_switch_xen": "0",
+            "fs_ok": "0", "fs_noncanon": "-22", "fs_top": "-22", "fs_read_ok": "1",
+            "gs_ok": "0", "gs_noncanon": "-22", "gs_read_ok": "1",
+            "iret_iopl": "0", "iret_vm": "0", "iret_ac": "1", "iret_sp_ok": "1",
+            "iret_mask_if0": "1", "iret_mask_if1": "0",
+            "storm_bad": "0", "storm_fs_ok": "1",
+        }, res
+        done = list(ctx.fast_calls)
+        assert done[0] >= n and done[1] >= n and done[2] >= n, done     # C's path, not Python's
+        assert dom.hypercall_counts[3] >= n and dom.hypercall_counts[23] >= n
+        assert lag < 1.0, f"event loop stalled {lag:.3f} s by C-completed hypercalls"
+        assert by.shutdown_reason is None
+        assert p2m_hash(hv, by) == before
