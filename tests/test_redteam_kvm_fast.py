@@ -294,3 +294,36 @@ async def test_hostile_guest_fast_hypercalls_xen_results_and_storm_next_to_a_bys
         assert lag < 1.0, f"event loop stalled {lag:.3f} s by C-completed hypercalls"
         assert by.shutdown_reason is None
         assert p2m_hash(hv, by) == before
+
+
+@pytest.mark.xfail(strict=True, reason="VGCF_in_syscall: Xen returns by SYSRET (restore_all_guest with "
+                   "TRAP_syscall, or .Lforce_iret mimicking it for a non-canonical RIP), so the guest gets "
+                   "RCX = the frame's RIP and R11 = the new RFLAGS; traps.do_iret and csrc/kvm.c fast_iret "
+                   "both leave RCX/R11 as they were at the hypercall")
+async def test_iret_in_syscall_returns_like_sysret():
+    """HYPERVISOR_iret with VGCF_in_syscall (Linux's return from a system call): Xen's exit
+    is SYSRET, which loads RCX with RIP and R11 with RFLAGS; the frame's rcx/r11 are not
+    used. Same expectation for the C path and the Python path."""
+    from aiovmm import traps
+    from aiovmm.abi import IRET_CONTEXT, VGCF_in_syscall
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp")
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        d = _Driver(hv, v)
+        saved_info = bytes(hv.mem.map[d.pending:d.pending + 2])
+        at = d.data_va + 0x800
+        ctx = (1, 0x5555, 0x6666, VGCF_in_syscall, d.code_va, 0xE030, RF_IF | 0x8C7, d.data_va + 0x100, 0xE02B)
+        v.copy_to_guest(at, IRET_CONTEXT.pack(*ctx))
+        try:
+            hv.mem.map[d.pending] = 1                        # rc 4: read before the guest runs
+            # RCX/R11 at the hypercall: neither the frame's nor the values Xen's SYSRET gives.
+            at_call = {"rsp": at, "rcx": d.code_va + 0x10, "r11": 0x202}
+            assert d.hypercall(23, True, **at_call) == 4
+            by_c = d.eng.read(("rip", "rcx", "r11", "rflags"))
+            assert d.hypercall(23, False, **at_call) == 3
+            traps.do_iret(v)
+            by_py = d.eng.read(("rip", "rcx", "r11", "rflags"))
+            assert by_c == by_py
+            rip, rcx, r11, rflags = by_c
+            assert (rcx, r11) == (rip, rflags), [hex(x) for x in by_c]
+        finally:
+            hv.mem.map[d.pending:d.pending + 2] = saved_info
