@@ -327,3 +327,53 @@ async def test_iret_in_syscall_returns_like_sysret():
             assert (rcx, r11) == (rip, rflags), [hex(x) for x in by_c]
         finally:
             hv.mem.map[d.pending:d.pending + 2] = saved_info
+
+
+async def test_iret_frame_in_a_read_only_page():
+    """An iret frame in a page the guest maps read-only (one of its page tables in the boot
+    map): readable, so C completes the iret from it, exactly as Python does (whatever the
+    frame's garbage leads to, the same on both paths, and the host unaffected)."""
+    from aiovmm import traps
+    from aiovmm.abi import IRET_CONTEXT
+    from aiovmm.mmu import GuestFault
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp")
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        d = _Driver(hv, v)
+        saved_info = bytes(hv.mem.map[d.pending:d.pending + 2])
+        root = v.kernel_root << 12
+        ro = None
+        for i in range(4096):
+            va = 0xFFFFFFFF80000000 + i * 4096
+            try:
+                hv.pagetables.translate(root, va, False)
+            except GuestFault:
+                continue
+            try:
+                hv.pagetables.translate(root, va, True)
+            except GuestFault:
+                ro = va
+                break
+        assert ro is not None, "no read-only page in the boot map"
+        try:
+            compared = 0
+            for at in range(ro, ro + 4096 - 72, 8):
+                # A frame whose CS has RPL 3 (most page-table entries' low bits) returns to
+                # user mode: Python's, not compared here.
+                if v.read_struct(at, IRET_CONTEXT)[5] & 3 == 3:
+                    continue
+                hv.mem.map[d.pending] = 0
+                done = d.eng._ctx.fast_calls[2]
+                rc_c = d.hypercall(23, True, rsp=at)
+                assert d.eng._ctx.fast_calls[2] == done + 1, hex(at)
+                by_c = rc_c, d.eng.read(LOOK), hv.mem.map[d.mask]
+                assert d.hypercall(23, False, rsp=at) == 3
+                traps.do_iret(v)
+                by_py = d.run(), d.eng.read(LOOK), hv.mem.map[d.mask]
+                assert by_c == by_py, (hex(at), by_c, by_py)
+                compared += 1
+                if compared == 8:
+                    break
+            assert compared >= 1
+            assert dom.shutdown_reason is None
+        finally:
+            hv.mem.map[d.pending:d.pending + 2] = saved_info
