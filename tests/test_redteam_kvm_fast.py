@@ -259,21 +259,31 @@ async def test_hostile_guest_fast_hypercalls_xen_results_and_storm_next_to_a_bys
         await by.wait_for_line(r"^bystander: ready checksum=0x[0-9a-f]+$", timeout=30)
         await asyncio.sleep(0.2)
         before = p2m_hash(hv, by)
-        lag = 0.0
+        lag, ticks = 0.0, 0
         stop = asyncio.Event()
 
+        def storming() -> bool:
+            lines = list(dom.console_lines)
+            return any(x.startswith("result iret_mask_if1") for x in lines) and \
+                not any(x.startswith("result storm_bad") for x in lines)
+
         async def ticker() -> None:
-            nonlocal lag
+            # The loop's lag while the storm runs (a domain's boot and teardown, with or
+            # without the storm, take ~0.15 s on this loop under load: not measured).
+            nonlocal lag, ticks
             loop = asyncio.get_running_loop()
             while not stop.is_set():
                 t = loop.time()
+                before = storming()
                 await asyncio.sleep(0.01)
-                lag = max(lag, loop.time() - t - 0.01)
+                if before and storming():
+                    lag = max(lag, loop.time() - t - 0.01)
+                    ticks += 1
 
+        dom = await hv.create(hostile("fast_hc"), memory_mib=8, cmdline=f"storm={n}", name="fasthc")
+        ctx = dom.vcpus[0].engine._ctx              # the run context C counts in
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(ticker())
-            dom = await hv.create(hostile("fast_hc"), memory_mib=8, cmdline=f"storm={n}", name="fasthc")
-            ctx = dom.vcpus[0].engine._ctx          # the run context C counts in
+            tg.create_task(ticker())                # the loop's lag while the storm runs
             try:
                 end = await asyncio.wait_for(dom.wait(), 120)
             finally:
@@ -291,7 +301,8 @@ async def test_hostile_guest_fast_hypercalls_xen_results_and_storm_next_to_a_bys
         done = list(ctx.fast_calls)
         assert done[0] >= n and done[1] >= n and done[2] >= n, done     # C's path, not Python's
         assert dom.hypercall_counts[3] >= n and dom.hypercall_counts[23] >= n
-        assert lag < 1.0, f"event loop stalled {lag:.3f} s by C-completed hypercalls"
+        assert ticks >= 10, ticks                   # the storm took a while: measured
+        assert lag < 0.5, f"event loop stalled {lag:.3f} s by C-completed hypercalls"
         assert by.shutdown_reason is None
         assert p2m_hash(hv, by) == before
 
