@@ -278,7 +278,12 @@ def do_iret(v: "VCPU", *_) -> None:
         v.switch_to_user()
     new_flags = (rflags & ARCH_FLAGS & ~(RF_IOPL | RF_VM)) | RF_IF | 2
     regs = {"rip": rip, "rsp": ursp, "rflags": new_flags, "rax": rax}
-    if not flags & VGCF_in_syscall:
+    if flags & VGCF_in_syscall:
+        # Xen leaves through SYSRET (restore_all_guest with TRAP_syscall): RCX gets the
+        # return RIP and R11 the new RFLAGS, whatever the frame's rcx/r11 say.
+        regs["rcx"] = rip
+        regs["r11"] = new_flags
+    else:
         regs["rcx"] = rcx
         regs["r11"] = r11
     eng.write(regs)

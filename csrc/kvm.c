@@ -281,7 +281,10 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     r[KREG_RSP] = ursp;
     r[KREG_RFLAGS] = (rflags & ARCH_FLAGS & ~(RF_IOPL | RF_VM)) | RF_IF | 2;
     r[KREG_RAX] = rax;
-    if (!(flags & VGCF_IN_SYSCALL)) {
+    if (flags & VGCF_IN_SYSCALL) {      /* Xen's SYSRET exit: traps.do_iret says why */
+        r[KREG_RCX] = rip;
+        r[KREG_R11] = r[KREG_RFLAGS];
+    } else {
         r[KREG_RCX] = rcx;
         r[KREG_R11] = r11;
     }

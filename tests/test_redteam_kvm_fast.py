@@ -307,10 +307,6 @@ async def test_hostile_guest_fast_hypercalls_xen_results_and_storm_next_to_a_bys
         assert p2m_hash(hv, by) == before
 
 
-@pytest.mark.xfail(strict=True, reason="VGCF_in_syscall: Xen returns by SYSRET (restore_all_guest with "
-                   "TRAP_syscall, or .Lforce_iret mimicking it for a non-canonical RIP), so the guest gets "
-                   "RCX = the frame's RIP and R11 = the new RFLAGS; traps.do_iret and csrc/kvm.c fast_iret "
-                   "both leave RCX/R11 as they were at the hypercall")
 async def test_iret_in_syscall_returns_like_sysret():
     """HYPERVISOR_iret with VGCF_in_syscall (Linux's return from a system call): Xen's exit
     is SYSRET, which loads RCX with RIP and R11 with RFLAGS; the frame's rcx/r11 are not
