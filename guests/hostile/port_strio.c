@@ -12,17 +12,21 @@
 struct sio { u64 at, rcx, rsi, rdi; };
 
 /* `pfx` "rep " or ""; `op` insb/insl/outsb. */
-#define STRIO(pfx, op, s, port, src_, dst_, n)                                  \
-    __asm__ volatile("lea 3f(%%rip), %[at]\n"                                   \
-                     "1: nop; nop; nop; nop\n3: " pfx op "\n2:\n"               \
+#define STRIO(pfx, op, s, port, src_, dst_, n) STRIO_DF("", pfx, op, s, port)
+/* `df` "std; " runs it downwards (cld again after it, also when it faulted). */
+#define STRIO_DF(df, pfx, op, s, port)                                          \
+    __asm__ volatile(df "lea 3f(%%rip), %[at]\n"                                \
+                     "1: nop; nop; nop; nop\n3: " pfx op "\n2: cld\n"           \
                      ".pushsection .probes, \"a\"\n.quad 1b, 2b, 1b+1, 2b, 1b+2, 2b, "     \
                      "1b+3, 2b, 3b, 2b, 3b+1, 2b\n.popsection\n"               \
                      : [at] "=&r"((s)->at), "+c"((s)->rcx), "+S"((s)->rsi),     \
                        "+D"((s)->rdi)                                           \
                      : "d"(port) : "memory")
 
-enum kind { REP_OUTSB, OUTSB, REP_INSB, INSB, INSL, REP_INSB1 };
-static const char *const kname[] = { "rep_outsb", "outsb", "rep_insb", "insb", "insl", "rep_insb1" };
+enum kind { REP_OUTSB, OUTSB, REP_INSB, INSB, INSL, REP_INSB1, REP_OUTSW, STD_REP_INSB,
+             STD_REP_OUTSB };
+static const char *const kname[] = { "rep_outsb", "outsb", "rep_insb", "insb", "insl", "rep_insb1",
+                                     "rep_outsw", "std_rep_insb", "std_rep_outsb" };
 
 static u8 src[256], dst[256];
 
@@ -48,6 +52,10 @@ static void probe(u16 port, const char *name, enum kind k)
 {
     char key[64];
     struct sio s = { 0, k == REP_INSB1 ? 1 : 64, (u64)src, (u64)dst };
+    if (k == STD_REP_INSB || k == STD_REP_OUTSB) {
+        s.rsi = (u64)&src[200];
+        s.rdi = (u64)&dst[200];
+    }
     struct sio before = s;
     fill();
     trap_clear();
@@ -57,6 +65,9 @@ static void probe(u16 port, const char *name, enum kind k)
     case REP_INSB: case REP_INSB1: STRIO("rep ", "insb", &s, port, src, dst, 64); break;
     case INSB: STRIO("", "insb", &s, port, src, dst, 1); break;
     case INSL: STRIO("", "insl", &s, port, src, dst, 1); break;
+    case REP_OUTSW: STRIO("rep ", "outsw", &s, port, src, dst, 64); break;
+    case STD_REP_INSB: STRIO_DF("std; ", "rep ", "insb", &s, port); break;
+    case STD_REP_OUTSB: STRIO_DF("std; ", "rep ", "outsb", &s, port); break;
     }
     snprintf(key, sizeof key, "%s_%s", name, kname[k]);
     result_trap(key);
@@ -70,7 +81,7 @@ static void probe(u16 port, const char *name, enum kind k)
 
 static void one_port(u16 port, const char *name)
 {
-    for (enum kind k = REP_OUTSB; k <= REP_INSB1; k++)
+    for (enum kind k = REP_OUTSB; k <= STD_REP_OUTSB; k++)
         probe(port, name, k);
 }
 
@@ -99,8 +110,31 @@ void app_main(void)
     result("iopl_rep_insb_ff", ff);
     result("iopl_rep_insb_kept", kept);
     result("iopl_rep_insb_rcx", s.rcx);
+    /* rep outsb with IOPL: dropped, completes (RCX 0, RSI past the source). */
+    struct sio o = { 0, 64, (u64)src, (u64)dst };
+    trap_clear();
+    STRIO("rep ", "outsb", &o, 0x42, src, dst, 64);
+    result_trap("iopl_rep_outsb");
+    result("iopl_rep_outsb_done", o.rcx == 0 && o.rsi == (u64)src + 64);
+    /* rep insb into a read-only page with IOPL: #PF at the instruction, page unchanged. */
+    u8 *ro = alloc_page();
+    make_readonly(ro);
+    struct sio p = { 0, 16, (u64)src, (u64)ro };
+    trap_clear();
+    STRIO("rep ", "insb", &p, 0x42, src, ro, 16);
+    result_trap("iopl_rep_insb_ro");
+    result("iopl_rep_insb_ro_at", trap_vec < 0 ? 99 : (long)(trap_rip - p.at));
+    result("iopl_rep_insb_ro_cr2", trap_cr2 == (u64)ro);
+    result("iopl_rep_insb_ro_intact", ro[0] == 0 && ro[15] == 0);
     iopl.iopl = 0;
     physdev(PHYSDEVOP_set_iopl, &iopl);
+    /* Without I/O privilege into the read-only page: the port is checked first (#GP). */
+    struct sio q = { 0, 16, (u64)src, (u64)ro };
+    trap_clear();
+    STRIO("rep ", "insb", &q, 0x42, src, ro, 16);
+    result_trap("noiopl_rep_insb_ro");
+    result("noiopl_rep_insb_ro_at", trap_vec < 0 ? 99 : (long)(trap_rip - q.at));
+    result("noiopl_rep_insb_ro_intact", ro[0] == 0 && ro[15] == 0);
     result("alive", 1);
     poweroff();
 }
