@@ -36,12 +36,15 @@ def _hash(hv: Hypervisor, dom) -> str:
     return h.hexdigest()
 
 
-async def _attack(engine: str, cmdline: str = "") -> dict:
+async def attack_next_to_bystander(engine: str, name: str, cmdline: str = "") -> dict:
+    """Runs hostile guest `name` to its end next to a bystander: its console, how it ended,
+    whether the bystander's frames hash the same and it still runs, and a later guest's
+    console (the host keeps working)."""
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
         by = await hv.create(HOSTILE.format("bystander"), memory_mib=8, name="bystander")
         await by.wait_for_line(r"^bystander: ready checksum=0x[0-9a-f]+$", timeout=30)
         before = _hash(hv, by)
-        dom = await hv.create(HOSTILE.format("port_strio"), memory_mib=8, cmdline=cmdline)
+        dom = await hv.create(HOSTILE.format(name), memory_mib=8, cmdline=cmdline)
         async with asyncio.timeout(120):
             await dom.wait()
         after = _hash(hv, by)
@@ -56,7 +59,7 @@ async def _attack(engine: str, cmdline: str = "") -> dict:
 
 @pytest.fixture(scope="module")
 def attack(engine):
-    return asyncio.run(_attack(engine))
+    return asyncio.run(attack_next_to_bystander(engine, "port_strio"))
 
 
 def test_host_and_bystander_unaffected(attack):
