@@ -1665,7 +1665,7 @@ class KVMEngine:
         after its last element, past a single one): allowed, that is the whole effect (writes
         are dropped); refused, RSI/RCX/RIP are put back before the #GP(0). A single OUTS right
         before a REP OUTS is taken for the REP one (the bytes cannot tell them apart): only the
-        guest's own registers are off then. False: a plain IN/OUT, or no OUTS found.""" 
+        guest's own registers are off then. False: a plain IN/OUT, or no OUTS found."""
         r = self.regs
         rip = r[16]
         step = -size if r[17] & RF_DF else size
@@ -1691,6 +1691,7 @@ class KVMEngine:
                 pass                        # unmapped: KVM's store faults (#PF), nothing written
             self._complete_io_keeping_regs()
             return True
+        self._complete_io_keeping_regs()    # nothing left for KVM to do with it
         insn = self._outs_at(rip, size)
         if insn is not None and insn[1]:
             start, rep = rip, True          # REP: RIP stays on it, also after the last element
