@@ -62,3 +62,19 @@ def test_osxsave_follows_the_offer(res, engine):
     assert res["cr4_osxsave"] == res["offered"], res
     if res["offered"] == "1" and "fp_sse_avx" in res:
         assert (res["fp_sse_avx"], res["size_avx_grows"], res["back_to_fp_sse"]) == ("none", "1", "none")
+
+
+@pytest.fixture(scope="module")
+def user(engine):
+    return asyncio.run(attack_next_to_bystander(engine, "xsetbv_user"))
+
+
+def test_xsetbv_from_user_mode_is_refused(user):
+    """guests/hostile/xsetbv_user.c: with CR4.OSXSAVE set by the kernel (where offered),
+    XSETBV from the guest's user mode is #GP(0) at the instruction (Xen: not ring 0 of the
+    PV guest); without the offer #UD; XCR0 (leaf 0xd's size) unchanged."""
+    res = results(user["lines"])
+    assert user["bystander_same"] and user["bystander_alive"] and not user["crash"]
+    want = "13" if res["offered"] == "1" else "6"
+    assert (res["found"], res["user_trap"], res["user_trap_rip_ok"], res["user_status"],
+            res["xcr0_size_unchanged"], res["alive"]) == ("1", want, "1", "7", "1", "1"), res
