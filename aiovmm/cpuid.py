@@ -187,7 +187,9 @@ def valid_xcr0(v: "VCPU", val: int) -> bool:
     """May this vCPU's XSETBV load `val` into XCR0? (Xen's valid_xcr0 within the policy:
     x87 always, AVX needs SSE, AVX-512's three components together and with AVX.)"""
     xs = xstate(v)
-    allowed = xs.xcr0 if xs is not None else XCR0_FP_SSE
+    # A plain int: `~` of an IntFlag inverts only the flag's own bits (Python 3.11), which
+    # let PKRU, bit 32 or bit 63 through.
+    allowed = int(xs.xcr0 if xs is not None else XCR0_FP_SSE)
     if val & ~allowed or not val & Xcr0.X87:
         return False
     if val & Xcr0.AVX and not val & Xcr0.SSE:

@@ -1790,6 +1790,8 @@ class KVMEngine:
             self._complete_io_keeping_regs()
             return
         self._ctx.fast_n = 0
+        if self._string_io(direction, size, port, count, data_off):
+            return
         value = int.from_bytes(m[data_off:data_off + size], "little") if direction == 1 else 0
         self._complete_io_keeping_regs()
         rip = self.regs[16]
@@ -1818,6 +1820,94 @@ class KVMEngine:
             mask = (1 << (8 * size)) - 1
             r[0] = val & mask if size == 4 else (r[0] & ~mask) | (val & mask)
         r[16] = rip + self._plain_io_len(rip)
+
+    def _string_io(self, direction: int, size: int, port: int, count: int, data_off: int) -> bool:
+        """INS/OUTS on a port open in the TSS bitmap (_DIRECT_PORTS): KVM's emulator has begun
+        it before the host sees the exit, so the port policy is applied here, to the state
+        the guest had before the instruction, as Xen's guest_io_okay is before any access.
+        INS: KVM exits with RIP on it and nothing done, and stores the data area at ES:RDI
+        when the exit completes: allowed, the data area gets the policy's answer per element
+        (KVM stores it and advances RDI/RCX at the next entry); refused, it gets what the
+        destination holds, so the completion stores nothing new, and the #GP(0) is queued at
+        the instruction. OUTS: KVM did one element (RSI, RCX advanced; RIP on a REP one, also
+        after its last element, past a single one): allowed, that is the whole effect (writes
+        are dropped); refused, RSI/RCX/RIP are put back before the #GP(0). A single OUTS right
+        before a REP OUTS is taken for the REP one (the bytes cannot tell them apart): only the
+        guest's own registers are off then. False: a plain IN/OUT, or no OUTS found."""
+        r = self.regs
+        rip = r[16]
+        step = -size if r[17] & RF_DF else size
+        m = self._run_map
+        if direction == 0:
+            if self._plain_io_at(rip, 0, size, port):
+                return False
+            try:
+                val = self.on_port_io(port, size, False, 0)
+            except BaseException as e:      # never let a handler bug unwind through the loop
+                log.exception("%s: handler raised", self.name)
+                self.callback_error = e
+                self.stop_requested = True
+                val = None
+            if val is not None:
+                m[data_off:data_off + count * size] = \
+                    (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little") * count
+                return True
+            try:
+                m[data_off:data_off + count * size] = b"".join(
+                    self._read_code(r[5] + k * step, size) for k in range(count))
+            except LookupError:
+                pass                        # unmapped: KVM's store faults (#PF), nothing written
+            self._complete_io_keeping_regs()
+            return True
+        self._complete_io_keeping_regs()    # nothing left for KVM to do with it
+        insn = self._outs_at(rip, size)
+        if insn is not None and insn[1]:
+            start, rep = rip, True          # REP: RIP stays on it, also after the last element
+        else:
+            try:
+                tail = self._read_code(rip - 3, 3)
+            except LookupError:
+                return False
+            n = 1                           # the opcode, then prefixes read backwards
+            while n < 3 and tail[2 - n] in (0xF2, 0xF3, 0x66):
+                n += 1
+            insn = self._outs_at(rip - n, size)
+            if insn is None or insn[0] != n:
+                return False
+            start, rep = rip - n, insn[1]
+        value = int.from_bytes(m[data_off:data_off + size], "little")
+        r[16] = start
+        try:
+            ok = self.on_port_io(port, size, True, value) is not None
+        except BaseException as e:          # never let a handler bug unwind through the loop
+            log.exception("%s: handler raised", self.name)
+            self.callback_error = e
+            self.stop_requested = True
+            ok = False
+        if ok:
+            r[16] = rip
+            return True
+        r[4] = (r[4] - step) & 0xFFFFFFFFFFFFFFFF
+        if rep:
+            r[2] = (r[2] + 1) & 0xFFFFFFFFFFFFFFFF
+        self._dirty.value |= SYNC_REGS
+        return True
+
+    def _outs_at(self, va: int, size: int) -> tuple[int, bool] | None:
+        """(length, REP) of an OUTS of `size` bytes starting at `va` (prefixes F2/F3, 66), or
+        None if the bytes there are not one."""
+        try:
+            code = self._read_code(va, 3)
+        except LookupError:
+            return None
+        i, rep = 0, False
+        while i < 2 and code[i] in (0xF2, 0xF3, 0x66):
+            rep = rep or code[i] != 0x66
+            i += 1
+        want = 0x6E if size == 1 else 0x6F
+        if code[i] != want or (size == 2) != (0x66 in code[:i]):
+            return None
+        return i + 1, rep
 
     def _remember_in(self, rip: int, port: int) -> None:
         """The one-byte IN at `rip` was just answered all ones: let aiovmm_kvm_run_ex answer
