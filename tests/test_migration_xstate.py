@@ -189,3 +189,45 @@ async def test_hostile_xsave_records_refused(hv, kvm_ymm_saved, tmp_path):
     dom = await hv.restore(path)
     await dom.wait_for_line(r"suspend: resumed rc=0", 10)
     dom.shutdown()
+
+
+@kvm_only
+async def test_kvm_secondary_vcpu_xsave_carried(hv, tmp_path):
+    """Each vCPU has its own XSAVE state: vCPU 1 enables XSAVE itself (suspend.c smp=1
+    ymm=1) and keeps a pattern in ymm6 while counting. The stream has an XSAVE record per
+    vCPU, both with the offer's XCR0, and after the restore both vCPUs' ymm patterns and
+    XCR0 are what they were, vCPU 1 counting on."""
+    from aiovmm import kvm_engine
+    offer = kvm_engine.cpl3_xstate()
+    if offer is None:
+        pytest.skip("this host's KVM offers the guest no XSAVE (hardware KVM loads the guest's XCR0)")
+    line = r"uptime: ticks=(\d+) sum=(0x[0-9a-f]+) ymm=([01]) ap=(\d+) bad=(\d+) ap_ymm=([01])"
+
+    def last(dom) -> tuple[int, ...]:
+        for text in reversed(dom.console_lines):
+            m = re.fullmatch(line, text)
+            if m:
+                return (int(m.group(1)), m.group(2), *(int(g) for g in m.groups()[2:]))
+        raise AssertionError(dom.console_lines[-5:])
+    dom = await hv.create(guest("suspend"), memory_mib=MEM_MIB, vcpus=2,
+                          cmdline="pages=16 every=10 smp=1 ymm=1")
+    await dom.wait_for_line(r"uptime: ticks=20 .* ap=[1-9]", 30)
+    assert last(dom)[2] == 1 and last(dom)[5] == 1, last(dom)
+    path = str(tmp_path / "smp-ymm.save")
+    await dom.save(path)
+    await asyncio.wait([dom.task])
+    ticks, checksum, _y, ap, bad, _ay = last(dom)
+    data = open(path, "rb").read()
+    recs = xsave_records(data)
+    assert [vid for _o, vid, _n in recs] == [0, 1]
+    for off, _vid, _n in recs:
+        assert struct.unpack_from("<QQ", data, off + 16) == (offer.xcr0, offer.xcr0)
+    r = verify_stream(path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dom2 = await hv.restore(path)
+    await dom2.wait_for_line(r"suspend: resumed rc=0", 10)
+    await dom2.wait_for_line(rf"uptime: ticks={ticks + 20} ", 20)
+    t2, sum2, ymm2, ap2, bad2, ap_ymm2 = last(dom2)
+    assert (sum2, ymm2, ap_ymm2, bad2) == (checksum, 1, 1, 0) and ap2 > ap, last(dom2)
+    assert [(v.xcr0, v.xcr0_accum) for v in dom2.vcpus] == [(offer.xcr0, offer.xcr0)] * 2
+    dom2.shutdown()

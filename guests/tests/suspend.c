@@ -32,6 +32,8 @@
  * both halves, for ever (the kernel's C code uses no vector register); the uptime line
  * then ends with " ymm=<1 if ymm7 still holds it, else 0>", and at start:
  *   ymm: xcr0=<hex>     or     ymm: not offered
+ * With smp=1, vCPU 1 enables XSAVE too and keeps another pattern in its ymm6; the line
+ * is then "uptime: ticks=<n> sum=<hex> ymm=<0|1> ap=<count> bad=<n> ap_ymm=<0|1>".
  *
  *   suspend: ready pages=<n> sum=<hex>
  *   uptime: ticks=<n> sum=<hex>     (n = every, 2*every, ...: each milestone once)
@@ -79,11 +81,32 @@ static u8 ap_stack[8192] __attribute__((aligned(16)));
         "    jae 3f\n"                                                      \
         "    incq " BAD "\n"                                                \
         "3:  mov %r12, " COUNT "\n"
+/* smp=1 ymm=1: vCPU 1 enables XSAVE itself (XCR0 is per vCPU, as Linux sets it on each
+ * CPU) and keeps ap_ymm_pattern in ymm6, storing it to ap_ymm_out before each yield. */
+volatile u32 ap_ymm;
+volatile u64 ap_xcr0;
+u64 ap_ymm_pattern[4] __attribute__((aligned(32))) = {
+    0xa5a5a5a5deadbeefUL, 0x0f0f0f0f12345678UL, 0x5a5a5a5acafef00dUL, 0xf0f0f0f087654321UL };
+volatile u64 ap_ymm_out[4] __attribute__((aligned(32)));
 extern char ap_entry[];
 __asm__(".text\n"
         "ap_entry:\n"
+        "    cmpl $0, ap_ymm(%rip)\n"
+        "    je 0f\n"
+        "    mov %cr4, %rax\n"
+        "    or $0x40000, %rax\n"                 /* CR4.OSXSAVE */
+        "    mov %rax, %cr4\n"
+        "    mov ap_xcr0(%rip), %eax\n"
+        "    mov ap_xcr0+4(%rip), %edx\n"
+        "    xor %ecx, %ecx\n"
+        "    xsetbv\n"
+        "    vmovdqu ap_ymm_pattern(%rip), %ymm6\n"
+        "0:\n"
         AP_COUNT_LOOP("ap_count(%rip)", "ap_bad(%rip)")
-        "    xor %edi, %edi\n"                  /* SCHEDOP_yield */
+        "    cmpl $0, ap_ymm(%rip)\n"
+        "    je 4f\n"
+        "    vmovdqu %ymm6, ap_ymm_out(%rip)\n"
+        "4:  xor %edi, %edi\n"                  /* SCHEDOP_yield */
         "    xor %esi, %esi\n"
         "    call hypercall_page + 29 * 32\n"   /* __HYPERVISOR_sched_op */
         "    jmp 1b\n");
@@ -173,6 +196,8 @@ static void ymm_init(void)
     __asm__ volatile("xsetbv" :: "c"(0), "a"((u32)xcr0), "d"((u32)(xcr0 >> 32)));
     __asm__ volatile("vmovdqu %0, %%ymm7" :: "m"(ymm_pattern));
     ymm_on = 1;
+    ap_xcr0 = xcr0;
+    ap_ymm = 1;
     printk("ymm: xcr0=0x%lx\n", (unsigned long)xcr0);
 }
 
@@ -287,7 +312,11 @@ void app_main(void)
                 for (unsigned j = 0; j < PAGE_SIZE / 8; j++)
                     pages[k % npages][j]++;
         while (t >= next) {              /* every milestone, even if ticks came fast */
-            if (ymm)
+            if (ymm && smp == 1)
+                printk("uptime: ticks=%lu sum=0x%lx ymm=%d ap=%lu bad=%lu ap_ymm=%d\n", next,
+                       checksum(), ymm_intact(), ap_count, ap_bad,
+                       ap_ymm && !memcmp((const void *)ap_ymm_out, ap_ymm_pattern, 32));
+            else if (ymm)
                 printk("uptime: ticks=%lu sum=0x%lx ymm=%d\n", next, checksum(), ymm_intact());
             else if (smp)
                 printk("uptime: ticks=%lu sum=0x%lx ap=%lu bad=%lu\n", next, checksum(),
