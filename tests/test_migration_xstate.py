@@ -151,7 +151,7 @@ async def test_hostile_xsave_records_refused(hv, kvm_ymm_saved, tmp_path):
     left: too large, XCR0 invalid (AVX without SSE; x87 missing), components outside the
     offer (PKRU, MPX), XCR0 beyond XCR0_ACCUMULATED, XSTATE_BV beyond it, a compressed
     area, reserved header bytes, an area of the wrong size, XCR0_ACCUMULATED without an
-    area, a record past the stream's limit, a second record for one vCPU."""
+    area, one shorter than its header, a record past the stream's limit, a second record for one vCPU."""
     path, *_ = kvm_ymm_saved
     data = open(path, "rb").read()
     off, _vid, n = xsave_records(data)[0]
@@ -178,7 +178,8 @@ async def test_hostile_xsave_records_refused(hv, kvm_ymm_saved, tmp_path):
         (hdr(xcr0, accum) + area_with(XSTATE_HDR_OFF + 40, 1), "reserved"),
         (hdr(xcr0, accum) + area[:XSAVE_AREA_MIN], "want"),
         (hdr(xcr0, accum), "without an XSAVE area"),
-        (hdr(xcr0, accum) + area[:100], "at least"),
+        (hdr(xcr0, accum) + area[:100], "area of 100 bytes .at least 576"),
+        (hdr(xcr0, accum)[:8], "record of 8 bytes .at least 16"),
     ]
     for c, match in cases:
         await _refused(hv, bad, with_xsave(data, off, c), match)

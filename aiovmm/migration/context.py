@@ -13,6 +13,10 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..cpuid import Xstate
 
 SIZE = 5168
 OFF_FLAGS = 512
@@ -129,7 +133,7 @@ class XsaveRefused(ValueError):
     """A stream's X86_PV_VCPU_XSAVE content this host cannot take."""
 
 
-def xsave_area_size(offer, xcr0: int) -> int:
+def xsave_area_size(offer: "Xstate | None", xcr0: int) -> int:
     """Bytes of the standard-format area holding `xcr0`'s components on this host (Xen's
     xstate_uncompressed_size: 0 for none, the legacy region and header for x87/SSE, else up
     to the end of the furthest component in the offer's CPUID leaf 0xd layout)."""
@@ -151,7 +155,7 @@ class XsaveState:
         return XSAVE_HDR.pack(self.xcr0, self.xcr0_accum) + self.area
 
     @classmethod
-    def from_engine(cls, offer, xcr0: int, xcr0_accum: int, raw: bytes) -> "XsaveState":
+    def from_engine(cls, offer: "Xstate", xcr0: int, xcr0_accum: int, raw: bytes) -> "XsaveState":
         """The record of a vCPU whose engine's whole XSAVE area is `raw` (standard format):
         cut to XCR0_ACCUMULATED's size, XSTATE_BV limited to those components (state the
         guest kernel never enabled is not the guest's to carry), XCOMP_BV and the reserved
@@ -164,7 +168,7 @@ class XsaveState:
         return cls(xcr0, xcr0_accum, bytes(area))
 
     @classmethod
-    def parse(cls, content: bytes, offer, where: str) -> "XsaveState":
+    def parse(cls, content: bytes, offer: "Xstate | None", where: str) -> "XsaveState":
         """A stream's record content checked as Xen's XEN_DOMCTL_setvcpuextstate and
         validate_xstate check it, against this host's XSAVE offer `offer` (cpuid.Xstate of
         the destination engine, None: no XSAVE): XCR0 and XCR0_ACCUMULATED each a value
