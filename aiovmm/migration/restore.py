@@ -485,8 +485,10 @@ def _xstate(v, st: _State) -> None:
     if xs is None or not xs.xcr0_accum:
         return
     v.xcr0, v.xcr0_accum = xs.xcr0, xs.xcr0_accum
-    v.engine.load_xsave(xs.area)        # parse() let an area through only for an offer:
-                                        # an engine with XSAVE (KVM's load_xsave)
+    try:                                # parse() let an area through only for an offer:
+        v.engine.load_xsave(xs.area)    # an engine with XSAVE (KVM's load_xsave)
+    except OSError as e:                # KVM_SET_XSAVE's own checks (EINVAL)
+        raise S.StreamError(f"X86_PV_VCPU_XSAVE: vcpu {v.id}: area refused by the engine: {e}") from None
 
 
 def _extended(v, c: VcpuContext, st: _State) -> None:
