@@ -184,12 +184,18 @@ def has_xsave(v: "VCPU") -> bool:
 
 
 def valid_xcr0(v: "VCPU", val: int) -> bool:
-    """May this vCPU's XSETBV load `val` into XCR0? (Xen's valid_xcr0 within the policy:
-    x87 always, AVX needs SSE, AVX-512's three components together and with AVX.)"""
-    xs = xstate(v)
-    # A plain int: `~` of an IntFlag inverts only the flag's own bits (Python 3.11), which
-    # let PKRU, bit 32 or bit 63 through.
-    allowed = int(xs.xcr0 if xs is not None else XCR0_FP_SSE)
+    """May this vCPU's XSETBV load `val` into XCR0? (xcr0_within its engine's offer.)"""
+    return xcr0_within(xstate(v), val)
+
+
+def xcr0_within(xs: Xstate | None, val: int) -> bool:
+    """Is `val` an XCR0 the XSAVE offer `xs` can give? Xen's valid_xcr0 within the
+    policy's maximum (handle_xsetbv; validate_xstate for a restored vCPU's XCR0 and
+    XCR0_ACCUMULATED): x87 always, AVX needs SSE, AVX-512's three components together and
+    with AVX, nothing outside the offer. Without an offer (no XSAVE: the policy's maximum
+    is 0) no value is: XSETBV and a stream's XSAVE state are refused alike."""
+    # int(): ~ of an IntFlag keeps only the flag's own bits (0x207 would pass an offer of 7)
+    allowed = int(xs.xcr0) if xs is not None else 0
     if val & ~allowed or not val & Xcr0.X87:
         return False
     if val & Xcr0.AVX and not val & Xcr0.SSE:

@@ -593,6 +593,7 @@ def _emulate_xsetbv(v: "VCPU", insn: Insn) -> None:
     if rcx & 0xFFFFFFFF or not policy.valid_xcr0(v, val):
         raise Inject(13)
     v.xcr0 = val
+    v.xcr0_accum |= val
     _finish(v, insn)
 
 

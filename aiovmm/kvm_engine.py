@@ -1095,6 +1095,22 @@ class KVMEngine:
         fcntl.ioctl(self.vcpu_fd, 0x9000AEA4, buf)  # KVM_GET_XSAVE
         return bytes(buf[:512])
 
+    def save_xsave(self) -> bytes:
+        """The whole XSAVE area (KVM_GET_XSAVE's 4096 bytes, standard format): the vCPU's
+        x87/SSE and extended state, for a save's X86_PV_VCPU_XSAVE record."""
+        buf = bytearray(4096)                       # struct kvm_xsave
+        fcntl.ioctl(self.vcpu_fd, 0x9000AEA4, buf)  # KVM_GET_XSAVE
+        return bytes(buf)
+
+    def load_xsave(self, area: bytes) -> None:
+        """Load a standard-format XSAVE area (a restored X86_PV_VCPU_XSAVE record's,
+        validated against cpl3_xstate: migration/context.py): KVM_SET_XSAVE, MXCSR to its
+        defined bits as load_fpu keeps it (reserved ones make the restore fail)."""
+        buf = bytearray(4096)
+        buf[:len(area)] = area[:4096]
+        struct.pack_into("<I", buf, 24, struct.unpack_from("<I", buf, 24)[0] & 0xFFFF)
+        fcntl.ioctl(self.vcpu_fd, 0x5000AEA5, buf)  # KVM_SET_XSAVE
+
     def get_msr(self, msr: int) -> int:
         buf = bytearray(struct.pack("<IIIIQ", 1, 0, msr, 0, 0))
         fcntl.ioctl(self.vcpu_fd, Ioctl.GET_MSRS, buf)

@@ -112,6 +112,9 @@ class VCPU:
         self.dr = [0, 0, 0, 0, 0, 0, emulate.DR6_ONES, emulate.DR7_ONES]
         self.tsc_aux = 0
         self.xcr0 = int(cpuid.Xcr0.X87)
+        # Every XCR0 component the guest ever enabled (Xen's xcr0_accum: its XSAVE state
+        # may hold them; a save carries it in X86_PV_VCPU_XSAVE). 0: never used XSAVE.
+        self.xcr0_accum = 0
         self.vmce: dict = {}                       # virtual machine-check MSR values
         self.emulated = 0                          # privileged instructions emulated
         # Descriptor tables (descriptors.py): window in Xen's area, GDT frames, LDT.

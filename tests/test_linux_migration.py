@@ -202,6 +202,28 @@ def test_disk_after_restore(lx):
         assert hashlib.md5(f.read(65536)).hexdigest() == out[0].split()[0], out
 
 
+def test_xsave_state_carried(lx, engine):
+    """Where the engine offers XSAVE (kvm-pvm), Linux enabled it on both CPUs: the file has
+    an X86_PV_VCPU_XSAVE record per vCPU with the XCR0 Linux set (the offer's), and both
+    restored vCPUs have it back (their processes' AVX state came with the area). The
+    emulated engine offers none: no record, as Xen writes none without XSAVE."""
+    from aiovmm import kvm_engine
+    from test_migration_xstate import xsave_records
+    data = open(lx.save_path, "rb").read()
+    recs = xsave_records(data)
+    offer = kvm_engine.cpl3_xstate() if engine == "kvm" else None
+    if offer is None:
+        assert recs == []
+        return
+    assert [vid for _o, vid, _n in recs] == list(range(VCPUS))
+    for off, _vid, n in recs:                  # XCR0, XCR0_ACCUMULATED, the area for the latter
+        accum = int.from_bytes(data[off + 24:off + 32], "little")
+        assert n == 16 + offer.size(accum), (n, hex(accum))
+    xcr0s = [int.from_bytes(data[off + 16:off + 24], "little") for off, _v, _n in recs]
+    assert xcr0s == [int(offer.xcr0)] * VCPUS, [hex(x) for x in xcr0s]
+    assert [v.xcr0 for v in lx.dom2.vcpus] == xcr0s
+
+
 def test_no_oops_after_restore(lx):
     rc, out = run(lx, "dmesg | grep -E 'BUG:|Oops|WARNING:|Kernel panic|Call Trace' | head -5; "
                       "dmesg | grep -c -i 'restarting tasks'", lx.sh2)

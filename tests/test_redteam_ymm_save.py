@@ -24,9 +24,5 @@ async def test_ymm_registers_survive_save_restore(engine, tmp_path, request):
         await new.wait()
         res = results(new.console_lines)
         assert res.get("ymm_low_ok") == "1", new.console_lines[-5:]
-        if offered == "1":
-            request.applymarker(pytest.mark.xfail(strict=True, reason=(
-                "save takes the FXSAVE image only (KVMEngine.save_fpu, migration/save.py) and "
-                "writes no X86_PV_VCPU_XSAVE record; restore ignores one and loads XSTATE_BV = "
-                "x87|SSE: the ymm upper halves come back zero")))
+        if offered == "1":                   # X86_PV_VCPU_XSAVE records carry the upper halves
             assert res.get("ymm_high_ok") == "1", new.console_lines[-5:]

@@ -10,7 +10,8 @@ Modules:
 - save.py: a suspended domain -> stream (page-table pages canonicalised MFN -> PFN).
 - restore.py: stream -> a new domain, all-or-nothing (validated before anything is built,
   torn down on any later failure).
-- context.py: vcpu_guest_context / ext_vcpucontext layouts (X86_PV_VCPU_BASIC/EXTENDED).
+- context.py: vcpu_guest_context / ext_vcpucontext layouts and the XSAVE record
+  (X86_PV_VCPU_BASIC/EXTENDED/XSAVE).
 - files.py: save files through aiofiles (`Domain.save`, `Hypervisor.restore`).
 - live.py: daemon-to-daemon live migration (HMAC handshake, pre-copy, READY/GO/DONE).
 - dirty.py: the sender's shadow copy of what the receiver has, and the pages changed since.

@@ -13,6 +13,10 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..cpuid import Xstate
 
 SIZE = 5168
 OFF_FLAGS = 512
@@ -110,3 +114,103 @@ class VcpuContext:
 # syscall32_disables_events, sysenter_disables_events, (pad), vmce (4 x u64)
 EXT = struct.Struct("<IIQQHHBB2x4Q")
 EXT_SIZE = EXT.size
+
+
+# -- X86_PV_VCPU_XSAVE ---------------------------------------------------------------------------
+# The record's content is what Xen's XEN_DOMCTL_getvcpuextstate hands out (xen/arch/x86/
+# domctl.c): XCR0 (u64), XCR0_ACCUMULATED (u64: every component the vCPU ever enabled), then
+# the XSAVE area in the standard (uncompressed) format, sized for XCR0_ACCUMULATED (nothing
+# when that is 0: a vCPU that never used XSAVE). The area opens with the 512-byte legacy
+# (FXSAVE) region and the 64-byte XSAVE header: XSTATE_BV, XCOMP_BV, 48 reserved bytes.
+XSAVE_HDR = struct.Struct("<QQ")
+XSTATE_HDR = struct.Struct("<QQ6Q")
+XSTATE_HDR_OFF = 512
+XSAVE_AREA_MIN = 576                  # legacy region + XSAVE header (XSTATE_AREA_MIN_SIZE)
+XCR0_FP_SSE = 3
+
+
+class XsaveRefused(ValueError):
+    """A stream's X86_PV_VCPU_XSAVE content this host cannot take."""
+
+
+def xsave_area_size(offer: "Xstate | None", xcr0: int) -> int:
+    """Bytes of the standard-format area holding `xcr0`'s components on this host (Xen's
+    xstate_uncompressed_size: 0 for none, the legacy region and header for x87/SSE, else up
+    to the end of the furthest component in the offer's CPUID leaf 0xd layout)."""
+    if not xcr0:
+        return 0
+    if not xcr0 & ~XCR0_FP_SSE or offer is None:
+        return XSAVE_AREA_MIN
+    return offer.size(xcr0)
+
+
+@dataclass(frozen=True)
+class XsaveState:
+    """A vCPU's XSAVE state as the stream carries it (validated when it comes from one)."""
+    xcr0: int
+    xcr0_accum: int
+    area: bytes = b""
+
+    def pack(self) -> bytes:
+        return XSAVE_HDR.pack(self.xcr0, self.xcr0_accum) + self.area
+
+    @classmethod
+    def from_engine(cls, offer: "Xstate", xcr0: int, xcr0_accum: int, raw: bytes) -> "XsaveState":
+        """The record of a vCPU whose engine's whole XSAVE area is `raw` (standard format):
+        cut to XCR0_ACCUMULATED's size, XSTATE_BV limited to those components (state the
+        guest kernel never enabled is not the guest's to carry), XCOMP_BV and the reserved
+        header bytes 0 (as Xen's expand_xsave_states writes them)."""
+        if not xcr0_accum:
+            return cls(0, 0)
+        area = bytearray(raw[:xsave_area_size(offer, xcr0_accum)])
+        bv = XSTATE_HDR.unpack_from(area, XSTATE_HDR_OFF)[0]
+        XSTATE_HDR.pack_into(area, XSTATE_HDR_OFF, bv & xcr0_accum, 0, 0, 0, 0, 0, 0, 0)
+        return cls(xcr0, xcr0_accum, bytes(area))
+
+    @classmethod
+    def parse(cls, content: bytes, offer: "Xstate | None", where: str) -> "XsaveState":
+        """A stream's record content checked as Xen's XEN_DOMCTL_setvcpuextstate and
+        validate_xstate check it, against this host's XSAVE offer `offer` (cpuid.Xstate of
+        the destination engine, None: no XSAVE): XCR0 and XCR0_ACCUMULATED each a value
+        the offer can give (cpuid.xcr0_within, the rule XSETBV uses), XCR0 and XSTATE_BV
+        within XCR0_ACCUMULATED, no XCR0 without XCR0_ACCUMULATED, a standard-format area
+        (XCOMP_BV 0) with zero reserved header bytes, of exactly XCR0_ACCUMULATED's size
+        on this host, and nothing larger than the offer's whole area. XsaveRefused says
+        why; `where` names the vCPU."""
+        from ..cpuid import xcr0_within
+        if len(content) < XSAVE_HDR.size:
+            raise XsaveRefused(f"{where}: XSAVE record of {len(content)} bytes (at least 16)")
+        xcr0, accum = XSAVE_HDR.unpack_from(content)
+        offered = offer.xcr0 if offer is not None else 0
+        if xcr0 & ~accum:
+            raise XsaveRefused(f"{where}: XCR0 {xcr0:#x} outside XCR0_ACCUMULATED {accum:#x}")
+        if accum:
+            for what, val in (("XCR0", xcr0), ("XCR0_ACCUMULATED", accum)):
+                if not xcr0_within(offer, val):
+                    raise XsaveRefused(
+                        f"{where}: the guest's {what} {val:#x} is not one this host's vCPU "
+                        f"engine can give (it offers {'XCR0 ' + hex(offered) if offer else 'no XSAVE'}): "
+                        "a guest saved with that XSAVE state would fault here")
+        limit = XSAVE_HDR.size + xsave_area_size(offer, offered)
+        if len(content) > limit:
+            raise XsaveRefused(f"{where}: XSAVE record of {len(content)} bytes (this host's "
+                               f"area is at most {limit})")
+        area = bytes(content[XSAVE_HDR.size:])
+        if not area:
+            if accum:
+                raise XsaveRefused(f"{where}: XCR0_ACCUMULATED {accum:#x} without an XSAVE area")
+            return cls(0, 0)
+        if len(area) < XSAVE_AREA_MIN:
+            raise XsaveRefused(f"{where}: XSAVE area of {len(area)} bytes (at least {XSAVE_AREA_MIN})")
+        want = xsave_area_size(offer, accum)
+        if len(area) != want:
+            raise XsaveRefused(f"{where}: XSAVE area of {len(area)} bytes for XCR0_ACCUMULATED "
+                               f"{accum:#x} (want {want})")
+        bv, comp, *reserved = XSTATE_HDR.unpack_from(area, XSTATE_HDR_OFF)
+        if bv & ~accum:
+            raise XsaveRefused(f"{where}: XSTATE_BV {bv:#x} outside XCR0_ACCUMULATED {accum:#x}")
+        if comp:
+            raise XsaveRefused(f"{where}: compressed XSAVE area (XCOMP_BV {comp:#x})")
+        if any(reserved):
+            raise XsaveRefused(f"{where}: reserved XSAVE header bytes set")
+        return cls(xcr0, accum, area)

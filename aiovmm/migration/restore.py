@@ -27,8 +27,9 @@ from ..abi import (FLAT_KERNEL_SS, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4
 from ..errors import BuildError
 from ..memory import NotWritable, OutOfMemory, PageType
 from ..mmu import MMUError, xen_slot
+from .. import cpuid
 from . import stream as S
-from .context import EXT, SIZE as CTX_SIZE, VGCF, VcpuContext
+from .context import EXT, SIZE as CTX_SIZE, VGCF, VcpuContext, XsaveRefused, XsaveState
 
 if TYPE_CHECKING:
     from ..domain import Domain
@@ -93,6 +94,7 @@ class _State:
     ctx: dict[int, VcpuContext] = field(default_factory=dict)
     ext: dict[int, bytes] = field(default_factory=dict)
     msrs: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    xsave: dict[int, XsaveState] = field(default_factory=dict)
 
 
 def _config(cfg: dict) -> tuple[str, int, str, bool, int]:
@@ -204,8 +206,15 @@ def _record(dom: "Domain", st: _State, rt: S.Rec, body: bytes) -> None:
                 if len(content) % S.MSR_ENTRY.size:
                     raise S.StreamError("X86_PV_VCPU_MSRS: not a whole number of entries")
                 st.msrs[vid] = [(i, v) for i, _f, v in S.MSR_ENTRY.iter_unpack(content)]
-            elif len(content) < 16:           # XSAVE: xcr0, xcr0_accum, then the area
-                raise S.StreamError("X86_PV_VCPU_XSAVE: shorter than 16 bytes")
+            elif rt == S.Rec.x86_pv_vcpu_xsave:
+                if vid in st.xsave:
+                    raise S.StreamError(f"X86_PV_VCPU_XSAVE: vcpu {vid} repeated")
+                # Checked against the XSAVE this host's engine offers (the engines are
+                # made before the records arrive; all of a domain's are of one kind).
+                try:
+                    st.xsave[vid] = XsaveState.parse(content, st.engine.cpl3_xstate, f"vcpu {vid}")
+                except XsaveRefused as e:
+                    raise S.StreamError(f"X86_PV_VCPU_XSAVE: {e}") from None
     else:
         raise S.StreamError(f"unexpected {rt.name} record")
 
@@ -572,9 +581,26 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
                       r.get("rsp", 0), rflags)
     eng.write({"fs_base": c.fs_base, "gs_base": c.gs_base_kernel})
     eng.load_fpu(c.fpu if c.flags & VGCF.i387_valid else None)
+    v.cr4 = cpuid.fixup_guest_cr4(c.ctrlreg[4], v)      # as arch_set_info_guest takes it
+    _xstate(v, st)
     # SCHEDOP_shutdown returns 0 in the new domain (the stub starts with rax = 0); Xen
     # also hands the new start_info MFN back in RDX: our stubs clobber RDX, as the
     # hypercall ABI allows, and no kernel reads it.
+
+
+def _xstate(v, st: _State) -> None:
+    """A vCPU's X86_PV_VCPU_XSAVE record, validated when it arrived, applied after its
+    BASIC record as Xen's restore applies it (setvcpuextstate after setvcpucontext):
+    XCR0 and XCR0_ACCUMULATED, and the area (when the guest had enabled XSAVE) replaces the
+    FPU state fpu_ctxt gave. A stream without one leaves the vCPU as a new one is."""
+    xs = st.xsave.get(v.id)
+    if xs is None or not xs.xcr0_accum:
+        return
+    v.xcr0, v.xcr0_accum = xs.xcr0, xs.xcr0_accum
+    try:                                # parse() let an area through only for an offer:
+        v.engine.load_xsave(xs.area)    # an engine with XSAVE (KVM's load_xsave)
+    except OSError as e:                # KVM_SET_XSAVE's own checks (EINVAL)
+        raise S.StreamError(f"X86_PV_VCPU_XSAVE: vcpu {v.id}: area refused by the engine: {e}") from None
 
 
 def _extended(v, c: VcpuContext, st: _State) -> None:
@@ -627,6 +653,7 @@ def _secondary_vcpus(dom: "Domain", st: _State) -> None:
         except (HypercallError, MMUError) as e:
             raise S.StreamError(f"vcpu {vid}: context refused: {e}") from None
         _extended(v, c, st)
+        _xstate(v, st)
         v.online = True                       # Xen's restore sets VGCF_online; the domain
         v.runstate = vcpu_op.RunState.running  # arms its timers when it starts
         log.debug("d%d: vcpu %d restored at rip %#x", dom.domid, vid, c.regs.get("rip", 0))

@@ -1,7 +1,7 @@
 """Save: a suspended domain written as xl's save file (libxl records around a libxc
 stream), in the order Xen's save code writes a PV guest (xg_sr_save.c, xg_sr_save_x86_pv.c):
 X86_PV_INFO, X86_PV_P2M_FRAMES, PAGE_DATA..., X86_TSC_INFO, SHARED_INFO, per vCPU
-BASIC/EXTENDED/MSRS, END.
+BASIC/EXTENDED/XSAVE/MSRS, END.
 
 Page-table pages are canonicalised: every present entry's MFN becomes the PFN it has in
 this domain; Xen's own L4 slots are cleared; an entry naming a frame outside the domain's
@@ -24,7 +24,8 @@ from ..abi import (PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4_FIRST, XEN_L4_L
 from ..memory import PageType
 from ..mmu import GuestFault
 from . import stream as S
-from .context import EXT, VGCF, VcpuContext
+from .. import cpuid
+from .context import EXT, VGCF, VcpuContext, XsaveState
 from .suspend import Suspended
 
 if TYPE_CHECKING:
@@ -208,6 +209,19 @@ def vcpu_context(dom: "Domain", vid: int, susp: Suspended) -> tuple[VcpuContext,
     return c, ext, msrs
 
 
+def vcpu_xsave(v: "VCPU") -> XsaveState | None:
+    """A stopped vCPU's X86_PV_VCPU_XSAVE content, as Xen's write_one_vcpu_xsave writes it:
+    none where the engine offers no XSAVE (Xen on a CPU without XSAVE writes no record);
+    else XCR0, XCR0_ACCUMULATED and, once the guest has enabled XSAVE, the engine's XSAVE
+    area for the accumulated components (XsaveState.from_engine)."""
+    offer = cpuid.xstate(v)
+    if offer is None:
+        return None
+    if not v.xcr0_accum:
+        return XsaveState(0, 0)
+    return XsaveState.from_engine(offer, v.xcr0, v.xcr0_accum, v.engine.save_xsave())
+
+
 def data_map(dom: "Domain") -> bytearray:
     """Per MFN up to the domain's highest: 1 if the frame may hold data, 0 if it is a hole
     in the machine-memory file (never written since it was last freed: all zeros).
@@ -311,13 +325,15 @@ def head(dom: "Domain") -> bytes:
 def tail(dom: "Domain", susp: Suspended) -> bytes:
     """Everything after the page data of a suspended domain: TSC info, shared_info, vCPU
     records, END (libxc), END (libxl)."""
-    ctxs = [(v.id, *vcpu_context(dom, v.id, susp)) for v in saved_vcpus(dom)]
+    ctxs = [(v.id, *vcpu_context(dom, v.id, susp), vcpu_xsave(v)) for v in saved_vcpus(dom)]
     out = [S.record(S.Rec.x86_tsc_info, S.TSC_INFO.pack(0, 1_000_000, dom.hypervisor.system_time_ns(), 0, 0))]
     mem = dom.mem
     out.append(S.record(S.Rec.shared_info, bytes(mem.view[dom.shared_info_maddr:dom.shared_info_maddr + PAGE_SIZE])))
-    for vid, c, ext, msrs in ctxs:
+    for vid, c, ext, msrs, xsave in ctxs:
         out.append(S.vcpu_record(S.Rec.x86_pv_vcpu_basic, vid, c.pack()))
         out.append(S.vcpu_record(S.Rec.x86_pv_vcpu_extended, vid, ext))
+        if xsave is not None:
+            out.append(S.vcpu_record(S.Rec.x86_pv_vcpu_xsave, vid, xsave.pack()))
         if msrs:
             out.append(S.vcpu_record(S.Rec.x86_pv_vcpu_msrs, vid,
                                      b"".join(S.MSR_ENTRY.pack(i, 0, val) for i, val in msrs)))

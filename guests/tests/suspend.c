@@ -27,6 +27,14 @@
  * without VGCF_in_kernel, a user page-table root of its own) and never leaves
  * it: its count and bad count live in a user page vCPU 0 reads.
  *
+ * `ymm=1`: where the (enlightened) CPUID offers XSAVE with AVX, the kernel enables it as
+ * Linux does (CR4.OSXSAVE, XSETBV with leaf 0xd's components) and keeps a pattern in ymm7,
+ * both halves, for ever (the kernel's C code uses no vector register); the uptime line
+ * then ends with " ymm=<1 if ymm7 still holds it, else 0>", and at start:
+ *   ymm: xcr0=<hex>     or     ymm: not offered
+ * With smp=1, vCPU 1 enables XSAVE too and keeps another pattern in its ymm6; the line
+ * is then "uptime: ticks=<n> sum=<hex> ymm=<0|1> ap=<count> bad=<n> ap_ymm=<0|1>".
+ *
  *   suspend: ready pages=<n> sum=<hex>
  *   uptime: ticks=<n> sum=<hex>     (n = every, 2*every, ...: each milestone once)
  *   suspend: resumed rc=<0|1>
@@ -73,11 +81,32 @@ static u8 ap_stack[8192] __attribute__((aligned(16)));
         "    jae 3f\n"                                                      \
         "    incq " BAD "\n"                                                \
         "3:  mov %r12, " COUNT "\n"
+/* smp=1 ymm=1: vCPU 1 enables XSAVE itself (XCR0 is per vCPU, as Linux sets it on each
+ * CPU) and keeps ap_ymm_pattern in ymm6, storing it to ap_ymm_out before each yield. */
+volatile u32 ap_ymm;
+volatile u64 ap_xcr0;
+u64 ap_ymm_pattern[4] __attribute__((aligned(32))) = {
+    0xa5a5a5a5deadbeefUL, 0x0f0f0f0f12345678UL, 0x5a5a5a5acafef00dUL, 0xf0f0f0f087654321UL };
+volatile u64 ap_ymm_out[4] __attribute__((aligned(32)));
 extern char ap_entry[];
 __asm__(".text\n"
         "ap_entry:\n"
+        "    cmpl $0, ap_ymm(%rip)\n"
+        "    je 0f\n"
+        "    mov %cr4, %rax\n"
+        "    or $0x40000, %rax\n"                 /* CR4.OSXSAVE */
+        "    mov %rax, %cr4\n"
+        "    mov ap_xcr0(%rip), %eax\n"
+        "    mov ap_xcr0+4(%rip), %edx\n"
+        "    xor %ecx, %ecx\n"
+        "    xsetbv\n"
+        "    vmovdqu ap_ymm_pattern(%rip), %ymm6\n"
+        "0:\n"
         AP_COUNT_LOOP("ap_count(%rip)", "ap_bad(%rip)")
-        "    xor %edi, %edi\n"                  /* SCHEDOP_yield */
+        "    cmpl $0, ap_ymm(%rip)\n"
+        "    je 4f\n"
+        "    vmovdqu %ymm6, ap_ymm_out(%rip)\n"
+        "4:  xor %edi, %edi\n"                  /* SCHEDOP_yield */
         "    xor %esi, %esi\n"
         "    call hypercall_page + 29 * 32\n"   /* __HYPERVISOR_sched_op */
         "    jmp 1b\n");
@@ -145,6 +174,40 @@ static void start_ap(int user)
     }
     long rc = HYPERVISOR_vcpu_op(VCPUOP_initialise, 1, &c);
     if (rc) panic("VCPUOP_initialise(1): %ld", rc);
+}
+
+/* ymm=1: the pattern kept in ymm7 (lower and upper halves differ). */
+static u64 ymm_pattern[4] __attribute__((aligned(32))) = {
+    0x0123456789abcdefUL, 0x1122334455667788UL, 0xfedcba9876543210UL, 0x8877665544332211UL };
+static int ymm_on;
+
+static void ymm_init(void)
+{
+    u32 a, b, c, d;
+    __asm__ volatile("ud2; .ascii \"xen\"; cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    if (!(c >> 26 & 1) || !(c >> 28 & 1)) {          /* XSAVE, AVX */
+        printk("ymm: not offered\n");
+        return;
+    }
+    __asm__ volatile("ud2; .ascii \"xen\"; cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0xd), "c"(0));
+    u64 xcr0 = a | (u64)d << 32, cr4;
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    __asm__ volatile("mov %0, %%cr4" :: "r"(cr4 | (1UL << 18)) : "memory");   /* OSXSAVE */
+    __asm__ volatile("xsetbv" :: "c"(0), "a"((u32)xcr0), "d"((u32)(xcr0 >> 32)));
+    __asm__ volatile("vmovdqu %0, %%ymm7" :: "m"(ymm_pattern));
+    ymm_on = 1;
+    ap_xcr0 = xcr0;
+    ap_ymm = 1;
+    printk("ymm: xcr0=0x%lx\n", (unsigned long)xcr0);
+}
+
+static int ymm_intact(void)
+{
+    u64 out[4] __attribute__((aligned(32)));
+    if (!ymm_on)
+        return 0;
+    __asm__ volatile("vmovdqu %%ymm7, %0" : "=m"(out));
+    return !memcmp(out, ymm_pattern, sizeof(out));
 }
 
 static void on_timer(evtchn_port_t port, struct regs *r) { (void)port; (void)r; ticks++; }
@@ -220,6 +283,9 @@ void app_main(void)
     refuse_suspend = cmdline_u64(cl, "refuse", 0) != 0;
     unsigned refilled = balloon(cmdline_u64(cl, "balloon", 0), cmdline_u64(cl, "refill", 0) != 0);
     u64 smp = cmdline_u64(cl, "smp", 0);
+    int ymm = cmdline_u64(cl, "ymm", 0) != 0;
+    if (ymm)
+        ymm_init();
     u64 seen = 0, k = 0;
     u64 seed = monotonic_ns();
     for (unsigned i = 0; i < npages; i++) {
@@ -246,7 +312,13 @@ void app_main(void)
                 for (unsigned j = 0; j < PAGE_SIZE / 8; j++)
                     pages[k % npages][j]++;
         while (t >= next) {              /* every milestone, even if ticks came fast */
-            if (smp)
+            if (ymm && smp == 1)
+                printk("uptime: ticks=%lu sum=0x%lx ymm=%d ap=%lu bad=%lu ap_ymm=%d\n", next,
+                       checksum(), ymm_intact(), ap_count, ap_bad,
+                       ap_ymm && !memcmp((const void *)ap_ymm_out, ap_ymm_pattern, 32));
+            else if (ymm)
+                printk("uptime: ticks=%lu sum=0x%lx ymm=%d\n", next, checksum(), ymm_intact());
+            else if (smp)
                 printk("uptime: ticks=%lu sum=0x%lx ap=%lu bad=%lu\n", next, checksum(),
                        smp == 2 ? ap_user_data[0] : ap_count,
                        smp == 2 ? ap_user_data[1] : ap_bad);
