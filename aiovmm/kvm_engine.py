@@ -1438,22 +1438,16 @@ class KVMEngine:
         monotonic_ns = time.monotonic_ns
         while True:
             rc = run()
-            if rc == 1 and _IO_RIP_AFTER and kernel_mode():
-                # The hot path (aiovmm_kvm_run_ex recognised the exit): a hypercall through
-                # this engine's hypercall page, as in _handle_exit, with no decoding here.
-                self._hypercalls += 1
-                try:
-                    hypercall()
-                except BaseException as e:      # never let a handler bug unwind the loop
-                    log.exception("%s: handler raised", self.name)
-                    self.callback_error = e
-                    self.stop_requested = True
-            elif rc == 3:
-                # A guest `syscall` (aiovmm_kvm_run_ex recognised the entry page's exit and
-                # set RIP/RFLAGS/CS/SS back), as in _handle_exit without decoding kvm_run:
-                # Linux's hypercalls and its user processes' system calls, the commonest exit
-                # of a Linux guest.
-                syscalls[_SYSCALL] += 1
+            if rc == 3 or (rc == 1 and _IO_RIP_AFTER and kernel_mode()):
+                # The hot paths, as in _handle_exit without decoding kvm_run (aiovmm_kvm_run_ex
+                # recognised the exit): 3, a guest `syscall` through the entry page (RIP/RFLAGS/
+                # CS/SS already set back): Linux's hypercalls and its user processes' system
+                # calls, the commonest exit of a Linux guest; 1, a hypercall through this
+                # engine's hypercall page.
+                if rc == 3:
+                    syscalls[_SYSCALL] += 1
+                else:
+                    self._hypercalls += 1
                 try:
                     hypercall()
                 except BaseException as e:      # never let a handler bug unwind the loop
@@ -1564,13 +1558,16 @@ class KVMEngine:
         m[_RUN_REGS:_RUN_SREGS + 312] = snap
         self._dirty.value = dirty | SYNC_REGS
 
-    def _call(self, fn, *args) -> None:
+    def _call(self, fn, *args):
+        """fn(*args)'s result, or None when it raised: the engine's crash boundary for
+        handler bugs (logged, kept in callback_error, the slice stopped)."""
         try:
-            fn(*args)
+            return fn(*args)
         except BaseException as e:          # never let a handler bug unwind through the loop
             log.exception("%s: handler raised", self.name)
             self.callback_error = e
             self.stop_requested = True
+            return None
 
     def _back_to_cpl3(self, cs_selector: int) -> None:
         """CS/SS back to CPL-3 state (csrc/kvm.c aiovmm_kvm_back_to_cpl3: no KVM_SET_SREGS
@@ -1787,13 +1784,7 @@ class KVMEngine:
             # on it. An allowed one is answered in the exit's data area and KVM completes it
             # at the next KVM_RUN (AL/AX merged, EAX zero-extended, RIP advanced; dropped if
             # RIP was moved meanwhile, e.g. for an event, and then simply executed again).
-            try:
-                val = self.on_port_io(port, size, False, 0)
-            except BaseException as e:      # never let a handler bug unwind through the loop
-                log.exception("%s: handler raised", self.name)
-                self.callback_error = e
-                self.stop_requested = True
-                val = None
+            val = self._call(self.on_port_io, port, size, False, 0)
             if val is not None:
                 m[data_off:data_off + size] = (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
                 if size == 1 and val & 0xFF == 0xFF and not self.stop_requested:
@@ -1822,15 +1813,9 @@ class KVMEngine:
         if not plain:
             self._call(self.on_exception, 13, 0, 0)
             return
-        try:
-            val = self.on_port_io(port, size, direction == 1, value)
-        except BaseException as e:          # never let a handler bug unwind through the loop
-            log.exception("%s: handler raised", self.name)
-            self.callback_error = e
-            self.stop_requested = True
-            return
+        val = self._call(self.on_port_io, port, size, direction == 1, value)
         if val is None:
-            return                          # refused: the handler queued #GP(0) at `rip`
+            return                          # refused (the handler queued #GP(0) at `rip`) or raised
         r = self.regs
         if direction == 0:                  # IN: AL/AX/EAX (a 32-bit write zero-extends)
             mask = (1 << (8 * size)) - 1
@@ -1857,13 +1842,7 @@ class KVMEngine:
         if direction == 0:
             if self._plain_io_at(rip, 0, size, port):
                 return False
-            try:
-                val = self.on_port_io(port, size, False, 0)
-            except BaseException as e:      # never let a handler bug unwind through the loop
-                log.exception("%s: handler raised", self.name)
-                self.callback_error = e
-                self.stop_requested = True
-                val = None
+            val = self._call(self.on_port_io, port, size, False, 0)
             if val is not None:
                 m[data_off:data_off + count * size] = \
                     (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little") * count
@@ -1893,13 +1872,7 @@ class KVMEngine:
             start, rep = rip - n, insn[1]
         value = int.from_bytes(m[data_off:data_off + size], "little")
         r[16] = start
-        try:
-            ok = self.on_port_io(port, size, True, value) is not None
-        except BaseException as e:          # never let a handler bug unwind through the loop
-            log.exception("%s: handler raised", self.name)
-            self.callback_error = e
-            self.stop_requested = True
-            ok = False
+        ok = self._call(self.on_port_io, port, size, True, value) is not None
         if ok:
             r[16] = rip
             return True
