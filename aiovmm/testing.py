@@ -15,6 +15,7 @@ import asyncio
 import ctypes
 import itertools
 import os
+import time
 from typing import Self
 
 from pyroute2 import IPRoute, netns
@@ -24,6 +25,18 @@ from .backends.net.tap import in_netns
 
 _counter = itertools.count()
 
+
+
+async def loop_cpu_ticker(gaps: list[float], stop: asyncio.Event, period: float = 0.001) -> None:
+    """Appends to `gaps` the event-loop thread's CPU time between two wake-ups of a `period`
+    sleep, until `stop` is set. The largest is the longest the loop spent on other work
+    (every guest on it stalled that long); thread CPU time, so a busy host does not count."""
+    c = time.thread_time()
+    while not stop.is_set():
+        await asyncio.sleep(period)
+        n = time.thread_time()
+        gaps.append(n - c)
+        c = n
 
 def unique_prefix(tag: str = "av") -> str:
     """A short name unique to this process and call (fits interface-name limits)."""

@@ -43,19 +43,10 @@ from aiovmm import Hypervisor                              # noqa: E402
 from aiovmm.kvm_engine import unavailable_reason          # noqa: E402
 from aiovmm.migration import files, fuzz                   # noqa: E402
 from aiovmm.migration.suspend import suspend               # noqa: E402
+from aiovmm.testing import loop_cpu_ticker                  # noqa: E402
 
 GUEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "guests", "build", "tests", "suspend.elf")
 NETGUEST = os.path.join(os.path.dirname(GUEST), "net.elf")
-
-
-async def _ticker(gaps: list[float], stop: asyncio.Event) -> None:
-    """The loop thread's CPU time between two wake-ups of a 1 ms sleep, until `stop`."""
-    c = time.thread_time()
-    while not stop.is_set():
-        await asyncio.sleep(0.001)
-        n = time.thread_time()
-        gaps.append(n - c)
-        c = n
 
 
 async def one(engine: str, mib: int, d: str) -> dict[str, float]:
@@ -76,7 +67,7 @@ async def one(engine: str, mib: int, d: str) -> dict[str, float]:
         for plain in (False, True, False, True):
             gaps: list[float] = []
             stop = asyncio.Event()
-            tick = asyncio.ensure_future(_ticker(gaps, stop))
+            tick = asyncio.ensure_future(loop_cpu_ticker(gaps, stop))
             await asyncio.sleep(0.01)
             gaps.clear()
             t0 = time.perf_counter()

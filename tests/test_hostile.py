@@ -483,6 +483,14 @@ class Campaign:
     seconds: float = 0.0
 
 
+async def start_bystander(hv: Hypervisor):
+    """The bystander guest booted and ready on `hv`: (its domain, _p2m_hash of its frames),
+    to compare after an attack."""
+    by = await hv.create(hostile("bystander"), memory_mib=8, name="bystander")
+    await by.wait_for_line(r"^bystander: ready checksum=0x[0-9a-f]+$", timeout=30)
+    return by, _p2m_hash(hv, by)
+
+
 def _p2m_hash(hv: Hypervisor, dom) -> str:
     """SHA-256 over the contents of every frame in the domain's P2M (sorted by MFN), read
     straight from machine memory."""

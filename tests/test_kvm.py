@@ -78,6 +78,20 @@ async def test_kvm_and_unicorn_guests_side_by_side():
         assert strip(a.console_lines) == strip(b.console_lines)
 
 
+
+def kvm_run_once(eng, fast: bool = False) -> int:
+    """One KVM_RUN of a hand-driven KVM engine in a 20 ms slice, with the C fast hypercalls
+    (csrc/kvm.c fast_hypercall) on or off: the exit code aiovmm_kvm_run_ex returns."""
+    import time
+    eng._ctx.fast_hc = int(fast)
+    eng.stop_requested = False                          # as run() starts a slice
+    eng._begin(time.monotonic_ns() + 20_000_000)
+    try:
+        return eng._kvm_run()
+    finally:
+        eng._ctx.fast_hc = 0
+        eng._end()
+
 async def test_cpu_bound_guest_is_sliced_by_the_timer():
     """cpu.elf computes for ~10-20 ms without a single exit; the per-thread timer must end
     its slices (kicks), so a neighbour's 10 ms timer keeps ticking meanwhile, and the result
@@ -463,7 +477,6 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
     completes has Xen's effect (RPL 3 forced on the stack selector, FS base set); a
     non-canonical base, another `which`, user mode and a deliverable event all reach
     Python, so refusals keep Xen's error codes from the one dispatcher."""
-    import time as _time
     from aiovmm.abi import Errno, SEGBASE_FS, SEGBASE_GS_KERNEL, SEGBASE_GS_USER, VcpuInfo
     from aiovmm.kvm_engine import ring0
     regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp", "fs_base", "gs_base")
@@ -479,14 +492,7 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
 
         def call(nr: int, a1: int, a2: int) -> int:
             eng.write({"rip": entry, "rax": nr, "rdi": a1, "rsi": a2, "rcx": code_va, "r11": 0x202})
-            eng._ctx.fast_hc = 1
-            eng.stop_requested = False                      # as run() starts a slice
-            eng._begin(_time.monotonic_ns() + 20_000_000)
-            try:
-                return eng._kvm_run()
-            finally:
-                eng._ctx.fast_hc = 0
-                eng._end()
+            return kvm_run_once(eng, True)
         try:
             hv.mem.map[info + VcpuInfo.evtchn_upcall_pending] = 0     # no event for now
             done = list(eng._ctx.fast_calls)
@@ -538,7 +544,6 @@ async def test_iret_completed_in_c_matches_the_python_iret():
     for the same contexts, C and the Python handler (traps.do_iret) leave the same
     registers and event mask. A return to user mode, a context C cannot read (unmapped,
     in Xen's range, across a page end) reach Python."""
-    import time as _time
     from aiovmm import traps
     from aiovmm.abi import IRET_CONTEXT, VGCF_in_syscall, VcpuInfo
     from aiovmm.kvm_engine import ring0
@@ -556,14 +561,7 @@ async def test_iret_completed_in_c_matches_the_python_iret():
         def iret(at: int, fast: bool, pending: int = 0) -> int:
             hv.mem.map[info + VcpuInfo.evtchn_upcall_pending] = pending
             eng.write({"rip": entry, "rax": 23, "rsp": at, "rcx": code_va + 1, "r11": 0x246})
-            eng._ctx.fast_hc = int(fast)
-            eng.stop_requested = False
-            eng._begin(_time.monotonic_ns() + 20_000_000)
-            try:
-                return eng._kvm_run()
-            finally:
-                eng._ctx.fast_hc = 0
-                eng._end()
+            return kvm_run_once(eng, fast)
 
         try:
             ctxs = [  # rax r11 rcx flags rip cs rflags rsp ss
@@ -584,11 +582,7 @@ async def test_iret_completed_in_c_matches_the_python_iret():
                 assert iret(at, False, int(unmasks)) == 3
                 traps.do_iret(v)                              # the handler, without the tail
                 if not unmasks:
-                    eng._begin(_time.monotonic_ns() + 20_000_000)
-                    try:
-                        assert eng._kvm_run() == -4            # the same guest run after it
-                    finally:
-                        eng._end()
+                    assert kvm_run_once(eng) == -4             # the same guest run after it
                 by_python = eng.read(look), hv.mem.map[info + VcpuInfo.evtchn_upcall_mask]
                 assert by_c == by_python, (ctx, by_c, by_python)
             assert eng._ctx.fast_calls[2] - fast[2] == len(ctxs)

@@ -83,6 +83,15 @@ def _check_disk(path: str, n: int) -> None:
     assert not bad, f"{len(bad)} acknowledged records missing or wrong, first {bad[:5]}"
 
 
+
+def _ping_summary(pout: str) -> tuple[int, int, list[int]]:
+    """ping's output: packets sent, replies received, and the icmp_seq numbers never answered."""
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", pout)
+    assert m, pout
+    sent, got = int(m.group(1)), int(m.group(2))
+    seqs = {int(x) for x in re.findall(r"icmp_seq=(\d+) ", pout)}
+    return sent, got, sorted(set(range(1, sent + 1)) - seqs)
+
 async def test_live_migration_on_a_switched_lan(two_hosts, tmp_path):
     lan, a, b, rx, arrived = two_hosts
     disk = str(tmp_path / "disk.img")
@@ -153,11 +162,7 @@ async def test_live_migration_on_a_switched_lan(two_hosts, tmp_path):
     assert rarp[0][0] <= t_done                    # announced before the migration returned
 
     # Pings: at most PING_LOSS_MAX lost across the migration.
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", pout)
-    assert m, pout
-    sent, got = int(m.group(1)), int(m.group(2))
-    seqs = {int(x) for x in re.findall(r"icmp_seq=(\d+) ", pout)}
-    lost = sorted(set(range(1, sent + 1)) - seqs)
+    sent, got, lost = _ping_summary(pout)
     print(f"\nmigration: downtime {st.downtime_ms:.1f} ms, {st.rounds} rounds; "
           f"pings {sent} sent {sent - got} lost; first announce frame "
           f"{(rarp[0][0] - t_done) / 1e6:.1f} ms after DONE; announce frames {nb.announced}; forwarded {st.forwarded}; "
@@ -281,11 +286,7 @@ async def test_frames_left_on_the_rx_ring_at_the_suspend_reach_the_new_host(two_
         if not ping.done():
             ping.cancel()
         await asyncio.gather(ping, return_exceptions=True)
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", pout)
-    assert m, pout
-    sent, got = int(m.group(1)), int(m.group(2))
-    seqs = {int(x) for x in re.findall(r"icmp_seq=(\d+) ", pout)}
-    lost = sorted(set(range(1, sent + 1)) - seqs)
+    sent, got, lost = _ping_summary(pout)
     print(f"\nsuspend_delay=100: downtime {st.downtime_ms:.1f} ms, forwarded {st.forwarded}, "
           f"lost icmp_seq {lost}")
     assert sent == 150

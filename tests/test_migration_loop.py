@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 
 from aiovmm import Hypervisor
 from aiovmm.audit import audit
 from aiovmm.migration import restore
+from aiovmm.testing import loop_cpu_ticker
 from conftest import guest
 
 BIG_MIB = 256
@@ -42,16 +42,8 @@ async def _restore_measured(hv, path: str, nb) -> tuple[float, int]:
     during the restore, the neighbour's ticks meanwhile)."""
     gaps: list[float] = []
     stop = asyncio.Event()
-
-    async def ticker() -> None:
-        c = time.thread_time()
-        while not stop.is_set():
-            await asyncio.sleep(0.001)
-            n = time.thread_time()
-            gaps.append(n - c)
-            c = n
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(ticker())
+        tg.create_task(loop_cpu_ticker(gaps, stop))
         await asyncio.sleep(0.02)
         gaps.clear()
         t0 = ticks(nb)

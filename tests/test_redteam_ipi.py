@@ -10,31 +10,23 @@ a vCPU the domain does not have is -ENOENT."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 import pytest
 
 from aiovmm import Hypervisor, vcpu as vcpu_mod
 from conftest import HV_MEMORY_MIB, guest, results
+from test_hostile import _p2m_hash, start_bystander
 
 ALL_ENGINES = True
 SECS = 3
 HOSTILE = "guests/build/hostile/{}.elf"
 
 
-def _hash(hv, dom) -> str:
-    h = hashlib.sha256()
-    for mfn in dom.p2m:
-        h.update(hv.mem.view[mfn << 12:(mfn + 1) << 12])
-    return h.hexdigest()
-
 
 async def _flood(engine: str) -> dict:
     out: dict = {"flushes": [0, 0], "gaps": []}
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
-        by = await hv.create(HOSTILE.format("bystander"), memory_mib=8, name="bystander")
-        await by.wait_for_line(r"^bystander: ready checksum=0x[0-9a-f]+$", timeout=30)
-        before = _hash(hv, by)
+        by, before = await start_bystander(hv)
         dom = await hv.create(HOSTILE.format("ipi_flood"), memory_mib=8, vcpus=2,
                               cmdline=f"secs={SECS}")
         for i, v in enumerate(dom.vcpus[:2]):
@@ -56,7 +48,7 @@ async def _flood(engine: str) -> dict:
             last = now
         await done
         out["lines"], out["crash"] = list(dom.console_lines), dom.crash_reason
-        out["bystander_same"] = _hash(hv, by) == before
+        out["bystander_same"] = _p2m_hash(hv, by) == before
         out["bystander_alive"] = not by.dying and by.domid in hv.domains
         hello = await hv.create(guest("hello"), memory_mib=8)
         async with asyncio.timeout(60):

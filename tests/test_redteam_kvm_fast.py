@@ -7,12 +7,11 @@ domain_crash does). Xen: xen/arch/x86/pv/iret.c do_iret (copy once, RPL 3 means 
 IOPL and VM never taken, IF forced, the upcall mask from the frame's IF)."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from conftest import _kvm_skip_reason
-from test_kvm import _hand_driven_vcpu
+from test_kvm import _hand_driven_vcpu, kvm_run_once
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
 
@@ -35,20 +34,12 @@ class _Driver:
         self.pending = v.info_maddr + VcpuInfo.evtchn_upcall_pending
         self.mask = v.info_maddr + VcpuInfo.evtchn_upcall_mask
 
-    def run(self) -> int:
-        eng = self.eng
-        eng.stop_requested = False
-        eng._begin(time.monotonic_ns() + 20_000_000)
-        try:
-            return eng._kvm_run()
-        finally:
-            eng._ctx.fast_hc = 0
-            eng._end()
+    def run(self, fast: bool = False) -> int:
+        return kvm_run_once(self.eng, fast)
 
     def hypercall(self, nr: int, fast: bool, **regs: int) -> int:
         self.eng.write({"rip": self.entry, "rax": nr, "rcx": self.code_va, "r11": 0x246, **regs})
-        self.eng._ctx.fast_hc = int(fast)
-        return self.run()
+        return self.run(fast)
 
 
 async def test_iret_frames_same_on_the_c_and_python_paths():
@@ -242,23 +233,13 @@ async def test_hostile_guest_fast_hypercalls_xen_results_and_storm_next_to_a_bys
     of 3 x 20,000 calls completed in C. The host's event loop keeps running (the slice
     deadline still ends C's loop), the bystander's memory is untouched and it still runs."""
     import asyncio
-    import hashlib
     from aiovmm import Hypervisor, ShutdownReason
     from conftest import HV_MEMORY_MIB, results
-    from test_hostile import hostile
+    from test_hostile import _p2m_hash, hostile, start_bystander
     n = 20_000
 
-    def p2m_hash(hv, dom) -> str:
-        h = hashlib.sha256()
-        for mfn in sorted(dom.p2m):
-            h.update(hv.mem.view[mfn << 12:(mfn + 1) << 12])
-        return h.hexdigest()
-
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
-        by = await hv.create(hostile("bystander"), memory_mib=8, name="bystander")
-        await by.wait_for_line(r"^bystander: ready checksum=0x[0-9a-f]+$", timeout=30)
-        await asyncio.sleep(0.2)
-        before = p2m_hash(hv, by)
+        by, before = await start_bystander(hv)
         lag, ticks = 0.0, 0
         stop = asyncio.Event()
 
@@ -304,7 +285,7 @@ async def test_hostile_guest_fast_hypercalls_xen_results_and_storm_next_to_a_bys
         assert ticks >= 10, ticks                   # the storm took a while: measured
         assert lag < 0.5, f"event loop stalled {lag:.3f} s by C-completed hypercalls"
         assert by.shutdown_reason is None
-        assert p2m_hash(hv, by) == before
+        assert _p2m_hash(hv, by) == before
 
 
 async def test_iret_in_syscall_returns_like_sysret():

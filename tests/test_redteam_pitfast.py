@@ -8,30 +8,15 @@ instruction is what runs next; an instruction fetch from an unmapped page is #PF
 instruction with CR2 the page; after set_iopl 0 the next IN is #GP(0) at its RIP."""
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from conftest import results
-from test_redteam_portio import attack_next_to_bystander
+from test_redteam_portio import (attack_fixture, res,  # noqa: F401 (fixture, shared test)
+                                 test_host_and_bystander_unaffected)
 
 ALL_ENGINES = True
 
 
-@pytest.fixture(scope="module")
-def attack(engine):
-    return asyncio.run(attack_next_to_bystander(engine, "pit_fastpath"))
-
-
-@pytest.fixture(scope="module")
-def res(attack):
-    return results(attack["lines"])
-
-
-def test_host_and_bystander_unaffected(attack, res):
-    assert attack["bystander_same"] and attack["bystander_alive"]
-    assert "hello" in attack["hello"], attack["hello"]
-    assert not attack["crash"] and res.get("alive") == "1", attack["lines"][-5:]
+attack = attack_fixture("pit_fastpath")
 
 
 def test_repeated_and_rewritten_ins_read_all_ones(res):

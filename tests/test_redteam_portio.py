@@ -14,12 +14,12 @@ and after, and the host boots another guest afterwards.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 import pytest
 
 from aiovmm import Hypervisor
 from conftest import HV_MEMORY_MIB, guest, results
+from test_hostile import _p2m_hash, start_bystander
 
 ALL_ENGINES = True
 HOSTILE = "guests/build/hostile/{}.elf"
@@ -29,25 +29,17 @@ KINDS = ("rep_outsb", "outsb", "rep_insb", "insb", "rep_insb1", "rep_outsw", "st
          "std_rep_outsb")
 
 
-def _hash(hv: Hypervisor, dom) -> str:
-    h = hashlib.sha256()
-    for mfn in dom.p2m:
-        h.update(hv.mem.view[mfn << 12:(mfn + 1) << 12])
-    return h.hexdigest()
-
 
 async def attack_next_to_bystander(engine: str, name: str, cmdline: str = "") -> dict:
     """Runs hostile guest `name` to its end next to a bystander: its console, how it ended,
     whether the bystander's frames hash the same and it still runs, and a later guest's
     console (the host keeps working)."""
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
-        by = await hv.create(HOSTILE.format("bystander"), memory_mib=8, name="bystander")
-        await by.wait_for_line(r"^bystander: ready checksum=0x[0-9a-f]+$", timeout=30)
-        before = _hash(hv, by)
+        by, before = await start_bystander(hv)
         dom = await hv.create(HOSTILE.format(name), memory_mib=8, cmdline=cmdline)
         async with asyncio.timeout(120):
             await dom.wait()
-        after = _hash(hv, by)
+        after = _p2m_hash(hv, by)
         alive = not by.dying and by.domid in hv.domains
         hello = await hv.create(guest("hello"), memory_mib=8)
         async with asyncio.timeout(60):
@@ -57,16 +49,29 @@ async def attack_next_to_bystander(engine: str, name: str, cmdline: str = "") ->
                 "hello": list(hello.console_lines)}
 
 
+def attack_fixture(name: str, cmdline: str = ""):
+    """A module's `attack` fixture: hostile guest `name` run once per engine next to a
+    bystander (attack_next_to_bystander). Modules that import it with `res` and
+    test_host_and_bystander_unaffected get the shared checks too."""
+    @pytest.fixture(scope="module")
+    def attack(engine):
+        return asyncio.run(attack_next_to_bystander(engine, name, cmdline))
+    return attack
+
+
+attack = attack_fixture("port_strio")
+
+
 @pytest.fixture(scope="module")
-def attack(engine):
-    return asyncio.run(attack_next_to_bystander(engine, "port_strio"))
+def res(attack):
+    return results(attack["lines"])
 
 
-def test_host_and_bystander_unaffected(attack):
+def test_host_and_bystander_unaffected(attack, res):
     assert attack["bystander_same"] and attack["bystander_alive"]
     assert any("Hello" in l or "hello" in l for l in attack["hello"]), attack["hello"]
     assert not attack["crash"], attack["lines"][-5:]
-    assert results(attack["lines"]).get("alive") == "1", attack["lines"][-5:]
+    assert res.get("alive") == "1", attack["lines"][-5:]
 
 
 KVM_HCALL_OUTS = ("kvm: an OUTS of one byte to the engine's hypercall port in kernel mode is "

@@ -9,32 +9,24 @@ hash the same."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 
 import pytest
 
 from aiovmm import Hypervisor
 from conftest import HV_MEMORY_MIB, kernel, results
+from test_hostile import _p2m_hash, start_bystander
 
 ALL_ENGINES = True
 HOSTILE = "guests/build/hostile/{}.elf"
 SECS = 3
 
 
-def _hash(hv, dom) -> str:
-    h = hashlib.sha256()
-    for mfn in dom.p2m:
-        h.update(hv.mem.view[mfn << 12:(mfn + 1) << 12])
-    return h.hexdigest()
-
 
 async def _spin(engine: str, mode: int) -> dict:
     out: dict = {"gaps": []}
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
-        by = await hv.create(HOSTILE.format("bystander"), memory_mib=8, name="bystander")
-        await by.wait_for_line(r"^bystander: ready checksum=0x[0-9a-f]+$", timeout=30)
-        before = _hash(hv, by)
+        by, before = await start_bystander(hv)
         dom = await hv.create(HOSTILE.format("spin2"), memory_mib=8, vcpus=2,
                               cmdline=f"secs={SECS} mode={mode}")
         await dom.wait_for_line(r"^spin2: spinning$", timeout=30)
@@ -53,7 +45,7 @@ async def _spin(engine: str, mode: int) -> dict:
                         if (m := re.match(r"timer: tick \d+ at (\d+)$", l))]
         out["ticks"] = ticks_during
         out["lines"], out["crash"] = list(dom.console_lines), dom.crash_reason
-        out["bystander_same"] = _hash(hv, by) == before
+        out["bystander_same"] = _p2m_hash(hv, by) == before
         out["bystander_alive"] = not by.dying and by.domid in hv.domains
     return out
 

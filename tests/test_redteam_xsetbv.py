@@ -17,7 +17,8 @@ import asyncio
 import pytest
 
 from conftest import results
-from test_redteam_portio import attack_next_to_bystander
+from test_redteam_portio import (attack_fixture, attack_next_to_bystander, res,  # noqa: F401
+                                 test_host_and_bystander_unaffected)  # fixture, shared test
 
 ALL_ENGINES = True
 REFUSED = ("index_1", "index_neg", "no_x87", "zero", "avx_no_sse", "opmask_alone", "pkru",
@@ -25,20 +26,7 @@ REFUSED = ("index_1", "index_neg", "no_x87", "zero", "avx_no_sse", "opmask_alone
 ACCEPTED = ("fp_sse", "x87_only", "rcx_upper_ignored")
 
 
-@pytest.fixture(scope="module")
-def attack(engine):
-    return asyncio.run(attack_next_to_bystander(engine, "xsetbv_bad"))
-
-
-@pytest.fixture(scope="module")
-def res(attack):
-    return results(attack["lines"])
-
-
-def test_host_and_bystander_unaffected(attack, res):
-    assert attack["bystander_same"] and attack["bystander_alive"]
-    assert "hello" in attack["hello"], attack["hello"]
-    assert not attack["crash"] and res.get("alive") == "1", attack["lines"][-5:]
+attack = attack_fixture("xsetbv_bad")
 
 
 def test_xsetbv_before_osxsave_is_ud(res):

@@ -99,4 +99,27 @@ u64 probe_load64(const volatile void *p);      /* ~0 if skipped */
 const char *cmdline(void);
 static inline u64 rol64(u64 x, int r) { return (x << r) | (x >> (64 - r)); }
 
+/* ---- XSAVE/AVX (offered by the PV CPUID on kvm-pvm only) ---- */
+#define CR4_OSXSAVE (1UL << 18)
+/* CPUID through Xen's forced-emulation prefix: the PV policy, not the host's. */
+static inline void cpuid_pv(u32 leaf, u32 sub, u32 *r)
+{
+    __asm__ volatile("ud2; .ascii \"xen\"; cpuid"
+                     : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
+}
+/* Where the PV CPUID offers XSAVE and AVX: CR4.OSXSAVE on and XCR0 = x87|SSE|AVX. Returns
+ * whether it was offered. */
+static inline int enable_avx(void)
+{
+    u32 r[4];
+    cpuid_pv(1, 0, r);
+    if (!((r[2] >> 26 & 1) && (r[2] >> 28 & 1)))
+        return 0;
+    u64 cr4;
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    __asm__ volatile("mov %0, %%cr4" :: "r"(cr4 | CR4_OSXSAVE));
+    __asm__ volatile("xsetbv" :: "c"(0), "a"(7), "d"(0));
+    return 1;
+}
+
 #endif

@@ -15,14 +15,8 @@ static void xsetbv_p(u64 rcx, u64 v)
 static void write_cr4(u64 v) { __asm__ volatile(PROBE_ASM("mov %0, %%cr4") :: "r"(v) : "memory"); }
 static u64 read_cr4(void) { u64 v = 0; __asm__ volatile(PROBE_ASM("mov %%cr4, %0") : "+r"(v) :: "memory"); return v; }
 /* The PV CPUID (Xen's forced-emulation prefix), not whatever CPL-3 CPUID gives. */
-static void cpuid_pv(u32 leaf, u32 sub, u32 *r)
-{
-    __asm__ volatile("ud2; .ascii \"xen\"; cpuid"
-                     : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
-}
 static u32 area_size(void) { u32 r[4]; cpuid_pv(0xd, 0, r); return r[1]; }
 
-#define CR4_OSXSAVE (1UL << 18)
 
 void app_main(void)
 {

@@ -8,7 +8,6 @@
 #include "hostile.h"
 #include "user.h"
 
-#define CR4_OSXSAVE (1UL << 18)
 extern char user_prog_start[], user_prog_end[];
 
 static const u8 prog[] = {
@@ -34,12 +33,6 @@ static int on_user_fault(struct regs *r)
     user_rip = r->rip;
     r->rip += 3;
     return 1;
-}
-
-static void cpuid_pv(u32 leaf, u32 sub, u32 *r)
-{
-    __asm__ volatile("ud2; .ascii \"xen\"; cpuid"
-                     : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
 }
 
 void app_main(void)

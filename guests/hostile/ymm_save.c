@@ -9,28 +9,15 @@
 #include "suspend.h"
 #include "time.h"
 
-#define CR4_OSXSAVE (1UL << 18)
 static u64 pattern[4] __attribute__((aligned(32))) = {
     0x0123456789abcdefUL, 0xfedcba9876543210UL, 0x1111222233334444UL, 0x5555666677778888UL };
 static u64 back[4] __attribute__((aligned(32)));
 
-static void cpuid_pv(u32 leaf, u32 sub, u32 *r)
-{
-    __asm__ volatile("ud2; .ascii \"xen\"; cpuid"
-                     : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
-}
-
 void app_main(void)
 {
-    u32 r[4];
-    cpuid_pv(1, 0, r);
-    int avx = (r[2] >> 26 & 1) && (r[2] >> 28 & 1);
+    int avx = enable_avx();
     result("offered", avx);
     if (avx) {
-        u64 cr4;
-        __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
-        __asm__ volatile("mov %0, %%cr4" :: "r"(cr4 | CR4_OSXSAVE));
-        __asm__ volatile("xsetbv" :: "c"(0), "a"(7), "d"(0));
         __asm__ volatile("vmovdqa %0, %%ymm3" :: "m"(pattern));
     } else {
         __asm__ volatile("movdqa %0, %%xmm3" :: "m"(pattern));

@@ -10,16 +10,9 @@
 #include "hostile.h"
 #include "time.h"
 
-#define CR4_OSXSAVE (1UL << 18)
 #define PAT 0x5a5a0000c3c3ffffUL
 
 static u64 regs[16][4] __attribute__((aligned(32)));
-
-static void cpuid_pv(u32 leaf, u32 sub, u32 *r)
-{
-    __asm__ volatile("ud2; .ascii \"xen\"; cpuid"
-                     : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
-}
 
 #define EACH16(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
 #define LOADY(i) __asm__ volatile("vmovdqa %0, %%ymm" #i :: "m"(regs[i]));
@@ -33,16 +26,8 @@ void app_main(void)
     cmdline_str(cmdline(), "role", role, sizeof role);
     int writer = !strcmp(role, "writer");
     u64 secs = cmdline_u64(cmdline(), "secs", 3);
-    u32 r[4];
-    cpuid_pv(1, 0, r);
-    int avx = (r[2] >> 26 & 1) && (r[2] >> 28 & 1);
+    int avx = enable_avx();
     result("offered", avx);
-    if (avx) {
-        u64 cr4;
-        __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
-        __asm__ volatile("mov %0, %%cr4" :: "r"(cr4 | CR4_OSXSAVE));
-        __asm__ volatile("xsetbv" :: "c"(0), "a"(7), "d"(0));
-    }
     u64 want = writer ? PAT : 0;
     unsigned words = avx ? 4 : 2;
     for (unsigned i = 0; i < 16; i++)
