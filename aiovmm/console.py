@@ -119,3 +119,12 @@ class LineBuffer:
                 partial.clear()
                 start = nl + 1
         return out
+
+    def flush(self) -> bytes | None:
+        """The unfinished line, taken out (None if there is none): at the writer's end, so
+        its last bytes become a line too instead of waiting for a newline that never comes."""
+        if not self._partial:
+            return None
+        line = bytes(self._partial)
+        self._partial.clear()
+        return line

@@ -45,6 +45,8 @@ class ConsoleLog:
         self._buf = bytearray()
         self._wake = asyncio.Event()
         self._closing = False
+        self._lock = asyncio.Lock()          # writes reach the file in append order
+        self._writing: asyncio.Future | None = None   # the write in the worker thread
 
     def close(self) -> None:
         """Ask run() to write what is buffered and return."""
@@ -59,13 +61,24 @@ class ConsoleLog:
         with open(self.path, "ab") as f:
             f.write(data)
 
+    async def flush(self) -> None:
+        """Write everything appended so far; returns when it is in the file. Usable whether
+        or not run() is still running (Domain.wait: the domain's end waits for its log)."""
+        async with self._lock:
+            while self._writing is not None or self._buf:
+                if self._writing is None:
+                    data, self._buf = bytes(self._buf), bytearray()
+                    self._writing = asyncio.get_running_loop().run_in_executor(None, self._write, data)
+                # Shielded: a cancelled caller leaves the write running; the next flush
+                # waits for it before writing more, so the file keeps the append order.
+                await asyncio.shield(self._writing)
+                self._writing = None
+
     async def run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            data, self._buf = bytes(self._buf), bytearray()
-            if data:
-                await asyncio.to_thread(self._write, data)
+            await self.flush()
             if self._closing and not self._buf:
                 return
 
@@ -314,8 +327,23 @@ class Domain:
         for v in self.vcpus:
             v.stop_timers()
             v.wake()
+        self._console_end()
         if not self.done.done():
             self.done.set_result(reason)
+
+    def _console_end(self) -> None:
+        """The guest's last output, taken in before anyone waiting for the domain's end is
+        told: what is still in the xencons ring (the backend reads it only between slices,
+        and the slice that shut down may have written after its last read; on this loop no
+        vCPU of the domain runs now, so the ring holds all it wrote) and an unfinished last
+        line. Without this, done resolved first and a waiter could find the last lines
+        missing from console_lines (tests/test_console_last_words.py)."""
+        if self.console_backend is not None:
+            self.console_backend.drain_final()
+        if (raw := self._console_io_linebuf.flush()) is not None:
+            guest_log.warning("(d%d) %s", self.domid, raw.decode("ascii", "replace"))
+        if (raw := self._console_linebuf.flush()) is not None:
+            self._console_line_out(raw)
 
     def crash(self, why: str) -> None:
         if self.dying:
@@ -341,7 +369,12 @@ class Domain:
         return await save_file(self, path, checkpoint=checkpoint, progress=progress)
 
     async def wait(self) -> ShutdownReason:
-        return await asyncio.shield(self.done)
+        """The domain's end; by then all its console output is in console/console_lines
+        (shutdown: _console_end) and in its log file."""
+        reason = await asyncio.shield(self.done)
+        if self.console_log is not None:
+            await self.console_log.flush()
+        return reason
 
     # The steps of this domain's teardown in progress (destroy, destroy_preemptible): one
     # generator that every caller drives, so a destroy racing another one finishes it.

@@ -57,6 +57,10 @@ class ConsoleBackend:
                 else:
                     await self.port.wait()
         finally:
+            # Cancelled: by the domain's end (read already, this is a no-op) or by a
+            # hypervisor error that ended its TaskGroup (the guest's last output is read
+            # here, before the mapping goes).
+            self.drain_final()
             self.close()
 
     def queue_input(self, data: bytes) -> None:
@@ -112,7 +116,7 @@ class ConsoleBackend:
 
     def drain_final(self) -> None:
         """Last output a guest left in the ring before it stopped."""
-        if self.mapping is not None and not self.mapping.closed:
+        if self.mapping is not None and not self.mapping.closed and self.port is not None:
             self.drain(final=True)
 
     def write_input(self, data: bytes) -> int:

@@ -31,7 +31,7 @@ HV_MEMORY_MIB = 256
 
 _REQUIRED = ["kernel.elf"] + [f"tests/{n}.elf" for n in
                               ("hello", "hcall_errors", "traps", "unhandled_pf", "privops", "pv_hcalls",
-                               "fault_in_handler", "trap_after_event", "fault_storm")]
+                               "fault_in_handler", "trap_after_event", "fault_storm", "last_words")]
 
 
 def kernel() -> str:
