@@ -2,7 +2,8 @@
 returns, every line is in console_lines and every byte in the domain's log file.
 
 `last_words` (guests/tests/last_words.c) writes up to 100 short lines and maybe an unfinished
-one with nothing in between, then shuts down (poweroff or crash) in the same slice: all of it
+one with nothing in between, then shuts down (poweroff or crash) or faults (the hypervisor
+crashes it) in the same slice: all of it
 is still in the xencons ring when the guest stops. Before the fix the ring was read only once
 the vCPUs had stopped, after `done` was resolved: a waiter running in the loop iteration
 after the guest's last slice (a test polling dom.done, as tests/test_redteam_spin2.py does)
@@ -39,7 +40,8 @@ async def _last_words(engine: str, log_dir: Path, cmdline: str) -> dict:
             await asyncio.sleep(0)
         reason = await dom.wait()
         out = {"reason": reason, "lines": list(dom.console_lines), "console": bytes(dom.console),
-               "log": _read(Path(dom.log_path))}
+               "log": _read(Path(dom.log_path)),
+               "crash_reason": dom.crash_reason}
         while dom.domid in hv.domains:           # the vCPUs stop, the backends go
             await asyncio.sleep(0.01)
         out["lines_after"] = list(dom.console_lines)
@@ -47,11 +49,12 @@ async def _last_words(engine: str, log_dir: Path, cmdline: str) -> dict:
 
 
 @pytest.mark.parametrize("path", ["ring", "hypercall"])
-@pytest.mark.parametrize("end,tail", [("poweroff", 0), ("poweroff", 1), ("crash", 1)])
+@pytest.mark.parametrize("end,tail", [("poweroff", 0), ("poweroff", 1), ("crash", 1), ("fault", 1)])
 async def test_last_lines_before_the_end_are_there_when_wait_returns(engine, tmp_path, path, end, tail):
     n = 100
     out = await _last_words(engine, tmp_path, f"console={path} lines={n} tail={tail} end={end}")
-    assert out["reason"] == (ShutdownReason.crash if end == "crash" else ShutdownReason.poweroff)
+    assert out["reason"] == (ShutdownReason.poweroff if end == "poweroff" else ShutdownReason.crash)
+    assert bool(out["crash_reason"]) == (end == "fault"), out["crash_reason"]   # the hypervisor's
     want = [f"last_words {i}" for i in range(n)] + [TAIL] * tail
     lines = out["lines"]
     start = lines.index("last_words: start")

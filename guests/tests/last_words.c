@@ -4,7 +4,8 @@
  * It waits until the backend has read everything so far, then writes `lines=<n>` (default
  * 60) lines `last_words <i>` of at most 16 bytes with nothing in between, then with
  * `tail=1` an unfinished line `tail-without-newline`, and ends at once with `end=poweroff`
- * (default) or `end=crash` (SCHEDOP_shutdown directly: no "poweroff" line). What it writes
+ * (default) or `end=crash` (SCHEDOP_shutdown directly: no "poweroff" line), or `end=fault`
+ * (a page fault with no trap table: the hypervisor crashes the domain). What it writes
  * after the flush fits the 2 KiB ring, so none of it waits for room: the backend, which
  * reads the ring between slices, has read none of it when the guest stops. `console=hypercall`
  * sends the same through console_io. */
@@ -28,6 +29,8 @@ void app_main(void)
         printk("last_words %lu\n", i);
     if (tail)
         printk("tail-without-newline");
+    if (!strcmp(end, "fault"))
+        (void)*(volatile unsigned long *)0x1000;   /* no trap table: the hypervisor crashes it */
     struct sched_shutdown sd = { .reason = strcmp(end, "crash") ? SHUTDOWN_poweroff : SHUTDOWN_crash };
     HYPERVISOR_sched_op(SCHEDOP_shutdown, &sd);
     for (;;)
