@@ -102,7 +102,7 @@ def lx():
             lab.dom = await lab.hv.create(str(KERNEL), memory_mib=256, ramdisk=str(INITRD), name="lxnet",
                                           cmdline=f"console=hvc0 quiet aiovmm.ip={GUEST_IP}/24",
                                           vifs=[lab.lan.vif("00:16:3e:12:00:02")])
-            await wait_ready(lab.dom, "unicorn", stall=None)     # quiet: no stall bound
+            await wait_ready(lab.dom, stall=None)     # quiet: no stall bound
             lab.sh = Shell(lab.dom)
             lab.nb = lab.dom.backends[0]
 

@@ -41,7 +41,7 @@ def linux2():
             dom = await hv.create(str(KERNEL), memory_mib=MEMORY_MIB, ramdisk=str(INITRD),
                                   name="smp2", cmdline="console=hvc0", vcpus=2)
             t0 = time.monotonic()
-            await wait_ready(dom, "unicorn")
+            await wait_ready(dom)
             print(f"\ntest_linux_smp: 2-vCPU boot {time.monotonic() - t0:.0f} s")
             return dom
         dom = lab.call(start(), BOOT_TIMEOUT + 60)
