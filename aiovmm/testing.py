@@ -391,9 +391,13 @@ async def wait_for_boot(dom, pattern: str, timeout: float, stall: float | None =
                 await waiter
             except (asyncio.CancelledError, TimeoutError):
                 pass
+    # Twice, a second apart: whether the vCPUs still run (RIPs, exits, hypercalls change:
+    # a livelock or a guest waiting for something) or nothing moves (blocked, lost wakeup).
+    first = vcpu_state(dom)
+    await asyncio.sleep(1.0)
     tail_lines = "\n".join(dom.console_lines[-tail:])
-    raise BootTimeout(f"d{dom.domid} ({dom.name}): {why}\n--- vCPUs ---\n{vcpu_state(dom)}\n"
-                      f"--- console tail ---\n{tail_lines}")
+    raise BootTimeout(f"d{dom.domid} ({dom.name}): {why}\n--- vCPUs ---\n{first}\n"
+                      f"--- vCPUs 1 s later ---\n{vcpu_state(dom)}\n--- console tail ---\n{tail_lines}")
 
 
 class LoopWatchdog:
