@@ -222,6 +222,7 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_slice_begin.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         lib.aiovmm_kvm_slice_end.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.aiovmm_kvm_complete.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        lib.aiovmm_kvm_take_kick.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_create.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_delete.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_diff.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -1357,8 +1358,14 @@ class KVMEngine:
         s[_SEG["cs"]:_SEG["cs"] + 24] = _CS0
         s[_SEG["ss"]:_SEG["ss"] + 24] = _SS0
         self._dirty.value |= SYNC_REGS | SYNC_SREGS
-        kicked = run[1]
-        run[1] = 0
+        # The slice's kick (immediate_exit, set by the timer's signal handler at any moment)
+        # is taken atomically and put back at the end, never cleared there: the one-shot
+        # timer does not fire again, so a kick overwritten here (it used to be restored from
+        # a copy read before the stub ran, losing one that landed after the stub's exit) left
+        # the guest's next KVM_RUN running until the guest exited by itself. A vCPU spinning
+        # for the other vCPU of its domain never does (that one cannot run meanwhile): the
+        # event loop hung in KVM_RUN for good (2-vCPU Linux boots under load; CI).
+        kicked = self._lib.aiovmm_kvm_take_kick(self._run_ptr)
         ok = False
         try:
             for _ in range(64):
@@ -1377,7 +1384,8 @@ class KVMEngine:
             run[_RUN_REGS:_RUN_REGS + 144] = regs
             self._sregs[:] = sregs
             self._dirty.value |= SYNC_REGS | SYNC_SREGS
-            run[1] = kicked
+            if kicked:
+                run[1] = 1                       # a kick since the take is there already
         if not ok:
             log.warning("%s: shadow invalidation stub did not complete; zapping", self.name)
             return False

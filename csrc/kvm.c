@@ -98,6 +98,17 @@ int aiovmm_kvm_slice_end(uint8_t *run, timer_t timer)
     return 0;
 }
 
+/* Take the slice's kick: clear kvm_run.immediate_exit and return what it was, in one
+ * instruction (an xchg), so that the kick handler, which runs on this same thread between
+ * any two instructions, cannot set it between a read and a clear that would lose it. Used
+ * before the engine runs its own ring-0 stub inside a slice (aiovmm/kvm_engine.py
+ * _invalidate): the stub must run even if the slice's timer has fired, and the kick must
+ * be put back afterwards, or the guest's next KVM_RUN has neither a kick nor a timer left. */
+int aiovmm_kvm_take_kick(uint8_t *run)
+{
+    return __atomic_exchange_n(run + 1, 0, __ATOMIC_SEQ_CST);
+}
+
 /* One KVM_RUN. Returns 0 after an exit the caller handles (run->exit_reason), -EINTR when
  * the slice's deadline kicked the vCPU out, or -errno. */
 int aiovmm_kvm_run(int vcpu_fd)
