@@ -51,6 +51,7 @@ import fcntl
 import logging
 import mmap
 import os
+import signal
 import struct
 import threading
 import time
@@ -188,6 +189,7 @@ _SETTLE_TRIES = 16
 # the next event bounced at the very RIP it was interrupted at, slice after slice (Linux's
 # soft lockups with an unchanged RIP, 2 vCPUs at load 15+).
 _GRACE_NS = 100_000
+KICK_SIGNAL = signal.SIGRTMIN + 7  # the slice timer's signal (csrc/kvm.c AIOVMM_KICK_SIGNAL)
 _STEP_NS = 50_000_000             # a single step's first deadline (step_to) ...
 _STEP_MAX_NS = 2_000_000_000      # ... and how long kicks may keep it from running
 

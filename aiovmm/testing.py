@@ -419,6 +419,10 @@ class LoopWatchdog:
         self._t = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
         self._t.start()
 
+    def stalled_for(self) -> float:
+        """Seconds since the loop last ran the heartbeat (about `period` when it is well)."""
+        return time.monotonic() - self._beat
+
     def _heartbeat(self) -> None:
         self._beat = time.monotonic()
 

@@ -66,3 +66,23 @@ def test_watchdog_reports_a_stuck_loop_with_its_stack():
         loop.call_soon_threadsafe(loop.stop)
         th.join(10)
         loop.close()
+
+
+def test_lab_call_gives_up_on_a_stuck_loop(monkeypatch):
+    """Lab.call (the Linux fixtures' way into their loop) does not wait out its whole timeout
+    for a loop that does not run at all: after LOOP_GIVE_UP s it fails with the loop
+    thread's stack (here a callback stuck for 8 s, the bound lowered to 2 s)."""
+    import test_linux
+    monkeypatch.setattr(test_linux, "LOOP_GIVE_UP", 2.0)
+    lab = test_linux.Lab()
+    try:
+        async def stuck_loop():
+            time.sleep(8)                      # blocks the loop thread, as a KVM_RUN would
+
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError) as ei:
+            lab.call(stuck_loop(), timeout=60)
+        assert time.monotonic() - t0 < 8, time.monotonic() - t0
+        assert "the event loop has not run for" in str(ei.value) and "stuck_loop" in str(ei.value)
+    finally:
+        lab.stop()
