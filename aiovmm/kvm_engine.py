@@ -529,7 +529,8 @@ class _RunCtx(ctypes.Structure):
                 ("fast", _FastIn * _FAST_IN_MAX),
                 ("cs64", ctypes.c_uint8 * 24), ("cs32", ctypes.c_uint8 * 24), ("ss3", ctypes.c_uint8 * 24),
                 ("pv", ctypes.c_void_p), ("fast_hc", ctypes.c_uint32), ("page_rip_after", ctypes.c_uint32),
-                ("mem_size", ctypes.c_uint64), ("fast_calls", ctypes.c_uint64 * len(_FAST_CALLS))]
+                ("mem_size", ctypes.c_uint64), ("fast_calls", ctypes.c_uint64 * len(_FAST_CALLS)),
+                ("deadline_ns", ctypes.c_int64)]
 
 
 class _VMPool:
@@ -1294,10 +1295,12 @@ class KVMEngine:
             self._ctx.timer = self._timer.value
         self._ctx.grace_ns = 0
         self._ctx.fast_n = 0        # the host may have changed the port policy's inputs
+        self._ctx.deadline_ns = deadline_ns     # run_ex enters no guest past it
         self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline_ns)
 
     def _end(self) -> None:
         self._ctx.grace_ns = 0
+        self._ctx.deadline_ns = 0
         self._lib.aiovmm_kvm_slice_end(self._run_ptr, self._timer)
 
     def _kvm_run(self) -> int:

@@ -153,6 +153,9 @@ struct aiovmm_kvm_ctx {
     uint32_t page_rip_after;       /* a hypercall page exit has RIP past its `out` (kvm-pvm) */
     uint64_t mem_size;             /* bytes of machine memory at mem_base */
     uint64_t fast_calls[3];        /* stack_switch, set_segment_base, iret completed here */
+    /* The armed slice's end (CLOCK_MONOTONIC ns; 0: no slice). No guest entry here past it:
+     * if a kick was lost anyway, the guest is not entered without a timer left to end it. */
+    int64_t deadline_ns;
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -404,9 +407,16 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
         c->grace_ns = 0;
         if (aiovmm_kvm_slice_begin(c->run, c->timer, dl) < 0)
             return -EINTR;
+        c->deadline_ns = dl;
     }
     uint8_t *run = c->run;
     for (;;) {
+        if (c->deadline_ns) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if (now.tv_sec * 1000000000LL + now.tv_nsec >= c->deadline_ns)
+                run[1] = 1;                            /* ends at once: -EINTR, as a kick */
+        }
         c->exits++;
         if (ioctl(c->vcpu_fd, KVM_RUN_IOCTL, 0) < 0) {
             int err = errno;
