@@ -51,6 +51,7 @@ import fcntl
 import logging
 import mmap
 import os
+import signal
 import struct
 import threading
 import time
@@ -188,6 +189,7 @@ _SETTLE_TRIES = 16
 # the next event bounced at the very RIP it was interrupted at, slice after slice (Linux's
 # soft lockups with an unchanged RIP, 2 vCPUs at load 15+).
 _GRACE_NS = 100_000
+KICK_SIGNAL = signal.SIGRTMIN + 7  # the slice timer's signal (csrc/kvm.c AIOVMM_KICK_SIGNAL)
 _STEP_NS = 50_000_000             # a single step's first deadline (step_to) ...
 _STEP_MAX_NS = 2_000_000_000      # ... and how long kicks may keep it from running
 
@@ -222,6 +224,7 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_slice_begin.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         lib.aiovmm_kvm_slice_end.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.aiovmm_kvm_complete.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        lib.aiovmm_kvm_take_kick.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_create.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_delete.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_diff.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -526,7 +529,8 @@ class _RunCtx(ctypes.Structure):
                 ("fast", _FastIn * _FAST_IN_MAX),
                 ("cs64", ctypes.c_uint8 * 24), ("cs32", ctypes.c_uint8 * 24), ("ss3", ctypes.c_uint8 * 24),
                 ("pv", ctypes.c_void_p), ("fast_hc", ctypes.c_uint32), ("page_rip_after", ctypes.c_uint32),
-                ("mem_size", ctypes.c_uint64), ("fast_calls", ctypes.c_uint64 * len(_FAST_CALLS))]
+                ("mem_size", ctypes.c_uint64), ("fast_calls", ctypes.c_uint64 * len(_FAST_CALLS)),
+                ("deadline_ns", ctypes.c_int64)]
 
 
 class _VMPool:
@@ -1291,10 +1295,12 @@ class KVMEngine:
             self._ctx.timer = self._timer.value
         self._ctx.grace_ns = 0
         self._ctx.fast_n = 0        # the host may have changed the port policy's inputs
+        self._ctx.deadline_ns = deadline_ns     # run_ex enters no guest past it
         self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline_ns)
 
     def _end(self) -> None:
         self._ctx.grace_ns = 0
+        self._ctx.deadline_ns = 0
         self._lib.aiovmm_kvm_slice_end(self._run_ptr, self._timer)
 
     def _kvm_run(self) -> int:
@@ -1357,8 +1363,14 @@ class KVMEngine:
         s[_SEG["cs"]:_SEG["cs"] + 24] = _CS0
         s[_SEG["ss"]:_SEG["ss"] + 24] = _SS0
         self._dirty.value |= SYNC_REGS | SYNC_SREGS
-        kicked = run[1]
-        run[1] = 0
+        # The slice's kick (immediate_exit, set by the timer's signal handler at any moment)
+        # is taken atomically and put back at the end, never cleared there: the one-shot
+        # timer does not fire again, so a kick overwritten here (it used to be restored from
+        # a copy read before the stub ran, losing one that landed after the stub's exit) left
+        # the guest's next KVM_RUN running until the guest exited by itself. A vCPU spinning
+        # for the other vCPU of its domain never does (that one cannot run meanwhile): the
+        # event loop hung in KVM_RUN for good (2-vCPU Linux boots under load; CI).
+        kicked = self._lib.aiovmm_kvm_take_kick(self._run_ptr)
         ok = False
         try:
             for _ in range(64):
@@ -1377,7 +1389,8 @@ class KVMEngine:
             run[_RUN_REGS:_RUN_REGS + 144] = regs
             self._sregs[:] = sregs
             self._dirty.value |= SYNC_REGS | SYNC_SREGS
-            run[1] = kicked
+            if kicked:
+                run[1] = 1                       # a kick since the take is there already
         if not ok:
             log.warning("%s: shadow invalidation stub did not complete; zapping", self.name)
             return False

@@ -15,7 +15,10 @@ import asyncio
 import ctypes
 import itertools
 import os
+import sys
+import threading
 import time
+import traceback
 from typing import Self
 
 from pyroute2 import IPRoute, netns
@@ -290,6 +293,167 @@ async def _run_in(ns: str, argv, timeout: float) -> tuple[int, str]:
         out, _ = await proc.communicate()
         return -1, out.decode(errors="replace") + "\n(timeout)"
     return proc.returncode, out.decode(errors="replace")
+
+
+# ------------------------------------------------------------------------------ hang diagnostics
+class BootTimeout(TimeoutError):
+    """A guest did not print its line in time; the message carries the console's tail and
+    every vCPU's state (vcpu_state), so a hang in CI says where each vCPU was."""
+
+
+def vcpu_state(dom) -> str:
+    """One line per vCPU of `dom`: online/blocked/polling, runstate, mode, RIP, the event
+    state in its vcpu_info (upcall pending/masked), its pending unmasked ports, its timer,
+    and what the engine knows (exits, kicks, the last KVM exit reason, last error).
+
+    Reads only (no await, nothing changed), so it may be called from another thread while
+    the loop thread is stuck (LoopWatchdog): the values are then the last ones the loop
+    wrote, e.g. the registers at the vCPU's last exit."""
+    lines = [f"d{dom.domid} ({dom.name}): paused={dom.paused} dying={dom.dying} "
+             f"end={dom.describe_end()!r}"]
+    m = dom.mem.map
+    try:
+        pending = [p for p in sorted(dom.evtchn.ports) if dom.evtchn.is_pending(p)]
+        masked = {p for p in pending if dom.evtchn.is_masked(p)}
+    except (AttributeError, RuntimeError, IndexError) as e:     # the table changed meanwhile
+        pending, masked = [], set()
+        lines.append(f"  ports: unreadable ({e!r})")
+    for v in list(dom.vcpus):
+        try:
+            eng = v.engine
+            rip = eng.get("rip")
+            a = v.info_maddr
+            upcall, mask = m[a], m[a + 1]
+            mine = [p for p in pending if dom.evtchn.ports[p].vcpu == v.id]
+            ports = ",".join(f"{p}{'(m)' if p in masked else ''}" for p in mine) or "-"
+            t = v.singleshot_handle
+            # Loop time is time.monotonic() (asyncio's and uvloop's loops).
+            timer = f"{t.when() - time.monotonic():+.3f}s" if t is not None and not t.cancelled() else "none"
+            line = (f"  vcpu{v.id}: online={v.online} blocked={v.blocked} "
+                    f"polling={sorted(v.polling) if v.polling is not None else None} "
+                    f"runstate={getattr(v.runstate, 'name', v.runstate)} "
+                    f"{'kernel' if v.kernel_mode else 'user'} rip={rip:#x} upcall_pending={upcall} "
+                    f"upcall_mask={mask} pending_ports={ports} singleshot={timer} "
+                    f"hypercalls={v.hypercalls} ptwr={v.ptwr_updates} "
+                    f"pending_ptwr={v.pending_ptwr is not None}")
+            extra = []
+            sched = dom.hypervisor.scheduler.accounting(v)
+            extra.append(f"sched={sched['pri']}{'/parked' if sched['parked'] else ''} "
+                         f"slices={sched['slices']} cpu={sched['cpu_ns'] / 1e9:.1f}s")
+            for name in ("exits", "kicks", "step_kicks", "settles", "zaps", "invalidations"):
+                val = getattr(eng, name, None)
+                if isinstance(val, int):
+                    extra.append(f"{name}={val}")
+            run_map = getattr(eng, "_run_map", None)
+            if run_map is not None:                 # KVM: kvm_run.exit_reason of the last exit
+                extra.append(f"last_exit={int.from_bytes(run_map[8:12], 'little')} "
+                             f"immediate_exit={run_map[1]}")
+            if getattr(eng, "last_error", ""):
+                extra.append(f"last_error={eng.last_error!r}")
+            lines.append(line + (" " + " ".join(extra) if extra else ""))
+        except (AttributeError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
+            lines.append(f"  vcpu{getattr(v, 'id', '?')}: unreadable ({e!r})")
+    return "\n".join(lines)
+
+
+async def wait_for_boot(dom, pattern: str, timeout: float, stall: float | None = None,
+                        tail: int = 40) -> str:
+    """Wait for a console line matching `pattern` (dom.wait_for_line), but give up after
+    `timeout` s in all, or after `stall` s without any new console output (a booting Linux
+    prints steadily; a hung one does not), with BootTimeout carrying the console's last
+    `tail` lines and vcpu_state(dom) instead of a bare TimeoutError."""
+    waiter = asyncio.ensure_future(dom.wait_for_line(pattern, timeout=timeout))
+    t0 = time.monotonic()
+    seen = (len(dom.console_lines), dom.console_lines[-1] if dom.console_lines else None)
+    last = t0
+    why = ""
+    try:
+        while True:
+            done, _ = await asyncio.wait([waiter], timeout=1.0)
+            if done:
+                try:
+                    return waiter.result()
+                except TimeoutError:
+                    why = f"no line matching {pattern!r} within {timeout:.0f} s"
+                    break
+            now = time.monotonic()
+            cur = (len(dom.console_lines), dom.console_lines[-1] if dom.console_lines else None)
+            if cur != seen:
+                seen, last = cur, now
+            elif stall is not None and now - last >= stall:
+                why = (f"no console output for {now - last:.0f} s ({now - t0:.0f} s after the "
+                       f"start) and no line matching {pattern!r}")
+                break
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+            try:
+                await waiter
+            except (asyncio.CancelledError, TimeoutError):
+                pass
+    # Twice, a second apart: whether the vCPUs still run (RIPs, exits, hypercalls change:
+    # a livelock or a guest waiting for something) or nothing moves (blocked, lost wakeup).
+    first = vcpu_state(dom)
+    await asyncio.sleep(1.0)
+    tail_lines = "\n".join(dom.console_lines[-tail:])
+    raise BootTimeout(f"d{dom.domid} ({dom.name}): {why}\n--- vCPUs ---\n{first}\n"
+                      f"--- vCPUs 1 s later ---\n{vcpu_state(dom)}\n--- console tail ---\n{tail_lines}")
+
+
+class LoopWatchdog:
+    """A thread that watches an event loop's heartbeat (a callback it schedules every
+    `period` s) and, when the loop has not run it for `stall` s, writes the loop thread's
+    Python stack (and `describe()`, e.g. vcpu_state of the guests) to stderr and to
+    `reports`: a loop stuck inside a C call (KVM_RUN that is never kicked) cannot time
+    anything out by itself, so without this a hang shows only as the caller's bare timeout.
+    One report per stall; another after the loop has run again."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                 stall: float = 30.0, period: float = 1.0, describe=None) -> None:
+        self.loop, self.thread = loop, thread
+        self.stall, self.period = stall, period
+        self.describe = describe
+        self.reports: list[str] = []
+        self._beat = time.monotonic()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
+        self._t.start()
+
+    def stalled_for(self) -> float:
+        """Seconds since the loop last ran the heartbeat (about `period` when it is well)."""
+        return time.monotonic() - self._beat
+
+    def _heartbeat(self) -> None:
+        self._beat = time.monotonic()
+
+    def _watch(self) -> None:
+        reported = False
+        while not self._stop.wait(self.period):
+            try:
+                self.loop.call_soon_threadsafe(self._heartbeat)
+            except RuntimeError:                  # the loop is closed
+                return
+            late = time.monotonic() - self._beat
+            if late < self.stall:
+                reported = False
+                continue
+            if reported:
+                continue
+            reported = True
+            frame = sys._current_frames().get(self.thread.ident)
+            stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
+            text = f"LoopWatchdog: the event loop has not run for {late:.0f} s; its thread's stack:\n{stack}"
+            if self.describe is not None:
+                try:
+                    text += self.describe()
+                except (AttributeError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
+                    text += f"(describe failed: {e!r})"
+            self.reports.append(text)
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join(5)
 
 
 # ------------------------------------------------------------------------------ pytest plugin

@@ -98,6 +98,17 @@ int aiovmm_kvm_slice_end(uint8_t *run, timer_t timer)
     return 0;
 }
 
+/* Take the slice's kick: clear kvm_run.immediate_exit and return what it was, in one
+ * instruction (an xchg), so that the kick handler, which runs on this same thread between
+ * any two instructions, cannot set it between a read and a clear that would lose it. Used
+ * before the engine runs its own ring-0 stub inside a slice (aiovmm/kvm_engine.py
+ * _invalidate): the stub must run even if the slice's timer has fired, and the kick must
+ * be put back afterwards, or the guest's next KVM_RUN has neither a kick nor a timer left. */
+int aiovmm_kvm_take_kick(uint8_t *run)
+{
+    return __atomic_exchange_n(run + 1, 0, __ATOMIC_SEQ_CST);
+}
+
 /* One KVM_RUN. Returns 0 after an exit the caller handles (run->exit_reason), -EINTR when
  * the slice's deadline kicked the vCPU out, or -errno. */
 int aiovmm_kvm_run(int vcpu_fd)
@@ -142,6 +153,9 @@ struct aiovmm_kvm_ctx {
     uint32_t page_rip_after;       /* a hypercall page exit has RIP past its `out` (kvm-pvm) */
     uint64_t mem_size;             /* bytes of machine memory at mem_base */
     uint64_t fast_calls[3];        /* stack_switch, set_segment_base, iret completed here */
+    /* The armed slice's end (CLOCK_MONOTONIC ns; 0: no slice). No guest entry here past it:
+     * if a kick was lost anyway, the guest is not entered without a timer left to end it. */
+    int64_t deadline_ns;
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -393,9 +407,16 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
         c->grace_ns = 0;
         if (aiovmm_kvm_slice_begin(c->run, c->timer, dl) < 0)
             return -EINTR;
+        c->deadline_ns = dl;
     }
     uint8_t *run = c->run;
     for (;;) {
+        if (c->deadline_ns) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if (now.tv_sec * 1000000000LL + now.tv_nsec >= c->deadline_ns)
+                run[1] = 1;                            /* ends at once: -EINTR, as a kick */
+        }
         c->exits++;
         if (ioctl(c->vcpu_fd, KVM_RUN_IOCTL, 0) < 0) {
             int err = errno;

@@ -17,27 +17,39 @@ skipped, with the reason, where /dev/kvm is not usable).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import faulthandler
 import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
 
 import pytest
 
-from aiovmm import Hypervisor
-from aiovmm.testing import VirtualLan
+from aiovmm import Hypervisor, kvm_engine
+from aiovmm.testing import LoopWatchdog, VirtualLan, vcpu_state, wait_for_boot
 from conftest import BUILD, ENGINE_PARAMS, HV_MEMORY_MIB, ROOT, _cli_command, _kvm_skip_reason, kernel, lvm_on_loop
 
 LINUX = BUILD / "linux"
 KERNEL, INITRD = LINUX / "vmlinuz", LINUX / "initramfs.cpio.gz"
 BOOT_TIMEOUT = 600.0                # s: ~80 s of kernel time on a loaded 2-core machine, x2 shared
+# A boot that printed nothing for BOOT_STALL s is hung: wait_ready fails then, with the
+# vCPUs' state, instead of after BOOT_TIMEOUT. Measured (2 vCPUs, vif, disk; 8 other jobs on
+# the 2 cores, load 12-15): KVM boots of 300+ s whose longest silence was 77 s (idle: 20-40 s
+# in all); the emulated engine is slower still, so BOOT_TIMEOUT stays the overall bound.
+BOOT_STALL = 240.0
+LOOP_STALL = 60.0                  # s the event loop may not run before the watchdog reports
+LOOP_GIVE_UP = BOOT_STALL          # ... and before Lab.call gives up waiting for it
 CMD_TIMEOUT = 120.0
 MEM_FULL, MEM_PLAIN = 192, 96      # full: 6 vbds, each with blkfront's persistent grant pool (~8 MiB)
 GUEST_IP, HOST_IP = "198.18.7.2", "198.18.7.1"
@@ -142,16 +154,62 @@ class CliGuest:
             self.proc.wait()
 
 
+async def wait_ready(dom, stall: float | None = BOOT_STALL) -> None:
+    """Wait for Linux's "aiovmm-init: ready" on `dom`. A boot that hangs fails after
+    `stall` s without console output (None for a `quiet` boot, which prints next to nothing
+    before init) or BOOT_TIMEOUT s in all, with BootTimeout, whose message has the
+    console's tail and every vCPU's state."""
+    await wait_for_boot(dom, r"^aiovmm-init: ready", BOOT_TIMEOUT, stall)
+
+
 class Lab:
-    """Everything the module's tests share; the asyncio loop runs in a thread of its own."""
+    """Everything the module's tests share; the asyncio loop runs in a thread of its own,
+    watched by a LoopWatchdog (a loop stuck in a C call, e.g. a KVM_RUN never kicked,
+    reports its stack and the guests' vCPUs on stderr, which pytest shows with the
+    failure)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        self.watchdog = LoopWatchdog(self.loop, self.thread, LOOP_STALL, describe=self.describe)
+
+    def _runs_kvm(self) -> bool:
+        """A KVM engine exists (so the kick signal's handler is installed: without one, the
+        signal would end the process)."""
+        hv = getattr(self, "hv", None)
+        return hv is not None and any(isinstance(v.engine, kvm_engine.KVMEngine)
+                                      for d in list(hv.domains.values()) for v in d.vcpus)
+
+    def describe(self) -> str:
+        """vcpu_state of every domain of the lab's hypervisor (readable from any thread)."""
+        hv = getattr(self, "hv", None)
+        doms = list(hv.domains.values()) if hv is not None else []
+        return "\n".join(vcpu_state(d) for d in doms) or "(no domains)"
 
     def call(self, coro, timeout: float = BOOT_TIMEOUT):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        # If the loop thread is stuck holding the GIL, no Python thread can report: the
+        # C-level fallback dumps every thread's stack shortly after the timeout.
+        faulthandler.dump_traceback_later(timeout + 15, exit=False)
+        end = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    return fut.result(min(5.0, max(0.0, end - time.monotonic())))
+                except concurrent.futures.TimeoutError:
+                    stuck = self.watchdog.stalled_for()
+                    if time.monotonic() < end and stuck < LOOP_GIVE_UP:
+                        continue
+                fut.cancel()
+                frame = sys._current_frames().get(self.thread.ident)
+                stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
+                why = (f"the event loop has not run for {stuck:.0f} s" if stuck >= LOOP_GIVE_UP
+                       else f"{timeout:.0f} s passed")
+                raise TimeoutError(f"{why}; the loop thread is at:\n{stack}\n{self.describe()}\n"
+                                   f"watchdog: {self.watchdog.reports or 'no stall seen'}")
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
     def stop(self) -> None:
         """Destroy the hypervisor and the LAN (whatever was started), then the loop."""
@@ -160,9 +218,14 @@ class Lab:
                 obj = getattr(self, attr, None)
                 if obj is not None:
                     await obj.__aexit__(None, None, None)
+        if self.watchdog.stalled_for() > LOOP_STALL and self._runs_kvm():
+            # Stuck (reported already): a KVM_RUN nobody kicks ends at its kick signal, so
+            # that the teardown can run and the next module does not share the CPU with it.
+            signal.pthread_kill(self.thread.ident, kvm_engine.KICK_SIGNAL)
         try:
             self.call(stop(), 120)
         finally:
+            self.watchdog.close()
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
 
@@ -209,7 +272,7 @@ async def _boot_full(lab: Lab, engine: str) -> None:
                                       cmdline="ticks=1 echo=1 echo_timeout=3000")
         waits.append(lab.plain)
     for d in waits:
-        await d.wait_for_line(r"^aiovmm-init: ready", timeout=BOOT_TIMEOUT)
+        await wait_ready(d)
     lab.sh = Shell(lab.full)
     if emulated:
         await lab.own.wait_for_line(r"^echo: ready", timeout=60)
@@ -255,7 +318,7 @@ def labs(tmp_path_factory):
         for engine in engines:
             t1 = time.monotonic()
             try:
-                out[engine].call(_boot_full(out[engine], engine), BOOT_TIMEOUT + 60)
+                out[engine].call(_boot_full(out[engine], engine), BOOT_TIMEOUT + 120)
                 out[engine].boot_s = time.monotonic() - t1
             except Exception as e:      # the per-engine boundary: reported by that engine's tests
                 if engine == "unicorn":

@@ -33,7 +33,7 @@ from aiovmm.backends.block.metrics import BlkStats
 from aiovmm.testing import VirtualLan
 from aiovmm.xenbus import read_str
 from conftest import HV_MEMORY_MIB, _kvm_skip_reason
-from test_linux import BLKFRONT_OPTS, BOOT_TIMEOUT, INITRD, KERNEL, TAG, Lab, Shell
+from test_linux import BLKFRONT_OPTS, BOOT_TIMEOUT, INITRD, KERNEL, TAG, Lab, Shell, wait_ready
 from test_linux_net import (BLOCK, GUEST_IP, HOST_IP, g2h_checksummed, h2g_checksummed,
                             net_features_negotiated)
 
@@ -67,13 +67,13 @@ def kx(tmp_path_factory):
                                       cmdline=f"console=hvc0 quiet aiovmm.ip={GUEST_IP}/24 {BLKFRONT_OPTS}",
                                       vifs=[lab.lan.vif("00:16:3e:14:00:02")],
                                       disks=[f"target={lab.image},vdev={DISK},access=rw"])
-        await lab.dom.wait_for_line(r"^aiovmm-init: ready", timeout=BOOT_TIMEOUT)
+        await wait_ready(lab.dom, stall=None)          # quiet: no stall bound
         lab.sh = Shell(lab.dom)
         lab.nb = next(b for b in lab.dom.backends if type(b).__name__ == "Netback")
         lab.bb = next(b for b in lab.dom.backends if type(b).__name__ == "Blkback")
 
     try:
-        lab.call(start())
+        lab.call(start(), BOOT_TIMEOUT + 120)
         print(f"\ntest_linux_gib: boot {time.monotonic() - t0:.0f} s ({time.process_time() - c0:.0f} s CPU)")
         yield lab
     finally:

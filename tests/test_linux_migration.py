@@ -32,7 +32,7 @@ from aiovmm import Hypervisor
 from aiovmm.migration.suspend import SuspendError
 from aiovmm.testing import Capture, VirtualLan
 from conftest import ENGINES, HV_MEMORY_MIB
-from test_linux import BOOT_TIMEOUT, INITRD, KERNEL, Lab, Shell, sh
+from test_linux import BOOT_TIMEOUT, INITRD, KERNEL, Lab, Shell, sh, wait_ready
 from test_migration import verify_stream
 
 MEM = 96
@@ -95,10 +95,10 @@ def lx(tmp_path_factory, engine):
                 str(KERNEL), memory_mib=MEM, ramdisk=str(INITRD), name="lxmig",
                 cmdline=f"console=hvc0 aiovmm.ip={GUEST_IP}/24", vifs=[lab.lan.vif(MAC)],
                 disks=[f"target={lab.disk},vdev=xvda,access=rw"], vcpus=VCPUS)
-            await lab.dom.wait_for_line(r"^aiovmm-init: ready", timeout=BOOT_TIMEOUT)
+            await wait_ready(lab.dom)
             lab.sh = Shell(lab.dom)
             lab.boot_s = time.monotonic() - t0
-        lab.call(start())
+        lab.call(start(), BOOT_TIMEOUT + 120)
         # Before the save: traffic both ways (netback learns the guest's addresses), a
         # random tmpfs file, a random pattern on the disk written past the page cache.
         lab.ping_before = lab.call(lab.lan.run("ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST_IP))

@@ -26,7 +26,7 @@ import pytest
 from aiovmm import Hypervisor
 from aiovmm.backends.net import tap as taplib
 from aiovmm.testing import VirtualLan
-from test_linux import BOOT_TIMEOUT, INITRD, KERNEL, Lab, Shell
+from test_linux import BOOT_TIMEOUT, INITRD, KERNEL, Lab, Shell, wait_ready
 
 GUEST_IP, HOST_IP = "198.18.12.2", "198.18.12.1"
 BLOCK = 4 << 20
@@ -102,11 +102,11 @@ def lx():
             lab.dom = await lab.hv.create(str(KERNEL), memory_mib=256, ramdisk=str(INITRD), name="lxnet",
                                           cmdline=f"console=hvc0 quiet aiovmm.ip={GUEST_IP}/24",
                                           vifs=[lab.lan.vif("00:16:3e:12:00:02")])
-            await lab.dom.wait_for_line(r"^aiovmm-init: ready", timeout=BOOT_TIMEOUT)
+            await wait_ready(lab.dom, stall=None)     # quiet: no stall bound
             lab.sh = Shell(lab.dom)
             lab.nb = lab.dom.backends[0]
 
-        lab.call(start())
+        lab.call(start(), BOOT_TIMEOUT + 120)
         yield lab
     finally:
         async def stop():

@@ -11,7 +11,7 @@ import pytest
 
 from aiovmm import Hypervisor
 from conftest import HV_MEMORY_MIB
-from test_linux import BOOT_TIMEOUT, CMD_TIMEOUT, INITRD, KERNEL, Lab, Shell
+from test_linux import BOOT_TIMEOUT, CMD_TIMEOUT, INITRD, KERNEL, Lab, Shell, wait_ready
 
 MEMORY_MIB = 128
 # Two shell loops of this many iterations: a few seconds of guest CPU each.
@@ -41,7 +41,7 @@ def linux2():
             dom = await hv.create(str(KERNEL), memory_mib=MEMORY_MIB, ramdisk=str(INITRD),
                                   name="smp2", cmdline="console=hvc0", vcpus=2)
             t0 = time.monotonic()
-            await dom.wait_for_line(r"^aiovmm-init: ready", timeout=BOOT_TIMEOUT)
+            await wait_ready(dom)
             print(f"\ntest_linux_smp: 2-vCPU boot {time.monotonic() - t0:.0f} s")
             return dom
         dom = lab.call(start(), BOOT_TIMEOUT + 60)

@@ -13,13 +13,18 @@
  *   result stale_map <n>  reads through `w` that gave the frame it mapped before
  *   result dirty_lost <n> writes after the dirty bit was cleared that did not set it again
  *   result bad_entry <n>  entries whose value is not what the store should have left
- *   result rw_faults <n>  the expected faults (a write to the write-protected page) */
+ *   result rw_faults <n>  the expected faults (a write to the write-protected page)
+ *
+ * spins=<k> spin_ms=<ms>: instead, k times: one stepped store, a local flush (the next
+ * KVM_RUN first runs the KVM engine's invalidation stub), then spin_ms of computing with no
+ * exit at all (only the slice timer ends such a slice); "result spins <k>". */
 #include "hypercall.h"
 #include "console.h"
 #include "sched.h"
 #include "traps.h"
 #include "lib.h"
 #include "mm.h"
+#include "time.h"
 
 #define PTE_FRAME 0x000FFFFFFFFFF000UL
 #define PAT_A 0xA0A0A0A0A0A0A0A0UL
@@ -118,6 +123,21 @@ void app_main(void)
     if (rc)
         panic("map_frame failed: %ld", rc);
     volatile u64 *wp = (volatile u64 *)w;
+
+    u64 spins = cmdline_u64(cmd, "spins", 0);
+    if (spins) {
+        u64 spin_ns = cmdline_u64(cmd, "spin_ms", 1000) * 1000000UL;
+        for (u64 k = 0; k < spins; k++) {
+            PT_STORE(k & 1 ? pt_mkwrite(e) : pt_wrprotect(e));
+            flush_local(w);
+            u64 end = monotonic_ns() + spin_ns;
+            while (monotonic_ns() < end)
+                ;
+        }
+        printk("result bounced %lu\n", bounced);
+        printk("result spins %lu\n", spins);
+        poweroff();
+    }
 
     for (u64 i = 0; i < n; i++) {
         u64 next = (i & 1) ? ea : eb;
