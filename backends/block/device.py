@@ -829,6 +829,7 @@ class Blkback:
         self._release_all_maps(list(pg.values()))
         self.stats.persistent_grants = 0
         if self.port is not None:
+            self.stats.notifies += self.port.notifications
             self.port.close()
             self.port = None
         self._release_all_maps(self._ring_maps)
