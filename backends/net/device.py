@@ -237,7 +237,9 @@ class InlineKick(enum.IntEnum):
     ends at once. LONE, the default: TX_ONLY for a lone small packet (a request/response
     with nothing else in flight), OFF otherwise. Inline rx (FULL, DEFER_TX_EVENT) made TCP a
     per-segment ping-pong; TX_ONLY and LONE halve the events and cut a third of the exits
-    per UDP round trip (W=1) but lose the loop's batching with 32 requests in flight."""
+    per UDP round trip (W=1) but lose the loop's batching with 32 requests in flight.
+    All of them act on notifications: with the drain at slice ends (drain_on_yield, the
+    default) netfront does not notify, so they apply only with it off."""
     OFF = 0
     FULL = 1
     DEFER_TX_EVENT = 2
