@@ -11,7 +11,6 @@ passes at slice ends, and requests per second of the run. Medians over --rounds.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
