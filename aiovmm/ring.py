@@ -9,9 +9,14 @@ the producer index is checked against what the ring can hold before anything is 
 """
 from __future__ import annotations
 
+import os
 import struct
 
 SRING_HDR = 64
+# Backends take a domain's requests when one of its vCPUs ends a slice (Domain.drain_backends)
+# and leave req_event unarmed, so the frontend does not notify (issue 14). AIOVMM_DRAIN_ON_YIELD=0:
+# notifications as before (the A/B of bench/blk.py and bench/net.py).
+DRAIN_ON_YIELD = os.environ.get("AIOVMM_DRAIN_ON_YIELD", "1") != "0"
 _U32 = struct.Struct("<I")
 MASK32 = 0xFFFFFFFF
 
@@ -78,4 +83,15 @@ class BackRing:
     def final_check(self) -> bool:
         """Ask to be notified of the next request; True if one already arrived."""
         self.put(4, self.req_cons + 1)
+        return ((self.get(0) - self.req_cons) & MASK32) != 0
+
+    def more_requests(self, arm: bool) -> bool:
+        """After a pass: True if requests arrived meanwhile. `arm`: also ask for a
+        notification of the next one (final_check). A backend that drains at its domain's
+        slice ends (Domain.yield_drains) does not arm: requests can only be published by the
+        guest's vCPUs, inside slices, and every slice end runs its pass. req_event then stays
+        where it was, behind req_prod, and RING_PUSH_REQUESTS_AND_CHECK_NOTIFY finds no
+        notification wanted (a frontend that notifies anyway is still served)."""
+        if arm:
+            return self.final_check()
         return ((self.get(0) - self.req_cons) & MASK32) != 0

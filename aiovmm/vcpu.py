@@ -366,6 +366,8 @@ class VCPU:
                     dom.crash(f"vcpu {self.id}: {self.engine.last_error} "
                               f"(rip {self.engine.get('rip'):#x})")
                     break
+                if reason is not None and dom.yield_drains:
+                    dom.drain_backends()            # what the slice put on device rings
                 await sched.yield_point(self)
         finally:
             sched.forget(self)

@@ -70,13 +70,18 @@ def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 def show(title: str, d: dict[str, float], per: float, unit: str) -> None:
     print(f"  {title}: per {unit} (n={per:.0f}), load {os.getloadavg()[0]:.1f}")
     for k in sorted(d, key=lambda k: -d[k]):
-        if k.startswith(("exit", "hc:", "nb:events", "nb:guest", "nb:inline", "kicks", "cpu", "ctx", "slices",
+        if k.startswith(("exit", "hc:", "nb:events", "nb:guest", "nb:inline", "nb:yield", "kicks", "cpu", "ctx", "slices",
                          "vcpu_ms", "steal")) or k == "exits":
             print(f"    {k:<28}{d[k] / per:10.2f}")
 
 
 async def main(args) -> None:
-    modes = [InlineKick[m] for m in args.modes.split(",")]
+    # YIELD: netback's pass at the domain's slice ends, no notifications (Domain.yield_drains);
+    # every other mode with notifications (set_drain_on_yield(False)) and that InlineKick.
+    modes = args.modes.split(",")
+    for m in modes:
+        if m != "YIELD":
+            InlineKick[m]
     res: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
     async with VirtualLan(f"{netbench.HOST_IP}/24") as lan, Hypervisor(memory_mib=netbench.LX_MEMORY_MIB + 64) as hv:
         ip = "198.18.0.20"
@@ -90,9 +95,10 @@ async def main(args) -> None:
         nb = dom.backends[0]
         for rep in range(args.reps):
             for m in modes:
-                nb.inline_kick = m
+                nb.set_drain_on_yield(m == "YIELD")
+                nb.inline_kick = InlineKick.OFF if m == "YIELD" else InlineKick[m]
                 row: dict[str, float] = {}
-                print(f"[{rep}] mode {m.name}", flush=True)
+                print(f"[{rep}] mode {m}", flush=True)
                 a = snapshot(dom, nb)
                 rr = await netbench.client(lan, ip, 1, args.duration)
                 b = snapshot(dom, nb)
@@ -108,7 +114,7 @@ async def main(args) -> None:
                 rr32 = await netbench.client(lan, ip, 32, args.duration)
                 if prof:
                     prof.disable()
-                    print(f"  profile {m.name} UDP RR W=32:")
+                    print(f"  profile {m} UDP RR W=32:")
                     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
                 d = delta(a, snapshot(dom, nb))
                 row["rr32_rps"] = rr32["rps"]
@@ -123,7 +129,7 @@ async def main(args) -> None:
                     r = await netbench.iperf(lan, ip, args.tcp_seconds, reverse=rev)
                     if prof:
                         prof.disable()
-                        print(f"  profile {m.name} {name}:")
+                        print(f"  profile {m} {name}:")
                         pstats.Stats(prof).sort_stats("tottime").print_stats(14)
                     b = snapshot(dom, nb)
                     d = delta(a, b)
@@ -135,8 +141,8 @@ async def main(args) -> None:
                     row[f"{name}_events"] = d.get("nb:events_sent", 0) / max(nbytes / 65536, 1)
                     row[f"{name}_cpu_ms"] = d.get("cpu_ms", 0) / max(nbytes / 65536, 1)
                 row["load"] = os.getloadavg()[0]
-                print(f"  row {m.name}: " + " ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
-                res[m.name].append(row)
+                print(f"  row {m}: " + " ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
+                res[m].append(row)
         print(f"netback: {nb.stats}")
     print("medians per mode:")
     for m, rows in res.items():
@@ -146,7 +152,8 @@ async def main(args) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--modes", default="OFF,LONE", help="InlineKick names, comma-separated")
+    ap.add_argument("--modes", default="OFF,LONE,YIELD",
+                    help="InlineKick names or YIELD (the drain at slice ends), comma-separated")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per UDP RR run")
     ap.add_argument("--tcp-seconds", type=float, default=5.0)

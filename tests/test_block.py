@@ -20,6 +20,7 @@ import pytest
 
 from aiovmm import Hypervisor, ShutdownReason
 from aiovmm.backends.block import Blkback, DiskConfig
+from aiovmm.backends.block import device as blkdev
 from aiovmm.backends.block.device import vdev_to_devid
 from aiovmm.errors import BuildError
 from aiovmm.xenbus import XenbusState, read_state
@@ -197,6 +198,29 @@ async def test_file_write_read_back(disk_file, monkeypatch, path):
     assert states["xvda"] == XenbusState.Closed      # the guest closed the device before poweroff
     # Plain reads and writes (not the barrier) went through io_uring, or none did.
     assert (s.uring_reqs >= 2 * -(-n // 64)) if path == "uring" else s.uring_reqs == 0, s
+
+
+@pytest.mark.parametrize("drain", [True, False])
+async def test_drain_at_slice_ends_instead_of_notifications(disk_file, monkeypatch, drain):
+    """Issue 14: blkback takes the ring at the domain's slice ends and leaves req_event
+    unarmed, so a frontend that follows the ring macros (the C blkfront pushes with
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY) stops notifying after its first push; the same
+    I/O reads back. Switched off (AIOVMM_DRAIN_ON_YIELD=0), it notifies as before."""
+    monkeypatch.setattr(blkdev, "DRAIN_ON_YIELD", drain)
+    img = disk_file(4)
+    n, seed = 1200, 3
+    dom, reason, res, (bb,), states = await run_guest(
+        f"mode=rw sectors={n} pattern={seed}", [f"target={img},vdev=xvda,access=rw"])
+    assert_rw_ok(dom, reason, res, n)
+    assert read_host(img, 0, n * 512) == pattern_range(seed, 0, n)
+    s = bb.stats
+    requests = s.rd_reqs + s.wr_reqs + s.flushes
+    assert requests >= 40, s
+    if drain:
+        assert s.yield_passes >= 1 and s.notifies <= 2, s      # the push past req_event 1 (+ a barrier)
+    else:
+        assert s.yield_passes == 0 and s.notifies >= 5, s
+    assert not dom.yield_drains                     # unregistered at the disconnect
 
 
 async def test_frontend_closes_and_reconnects(disk_file):

@@ -177,6 +177,31 @@ async def test_udp_echo_of_full_size_datagrams_keeps_content():
         assert st.rx_packets >= 200 and st.tx_packets >= 200 and st.tx_errors == 0 and st.rx_dropped == 0, st
 
 
+@pytest.mark.parametrize("drain", [True, False])
+async def test_udp_echo_drained_at_slice_ends_without_notifications(drain):
+    """Issue 14: netback takes the tx ring (and rx buffers a waiting frame needs) at the
+    domain's slice ends and leaves req_event unarmed, so the C netfront (which pushes with
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY) stops notifying; every datagram is still echoed
+    whole. Switched off, each exchange costs the guest a notification as before."""
+    async with VirtualLan("198.18.0.1/24") as lan, Hypervisor(memory_mib=256) as hv:
+        g = await boot_net(hv, lan, 2)
+        nb = g.backends[0]
+        nb.set_drain_on_yield(drain)
+        before, passes = nb.port.notifications, nb.stats.yield_passes
+        rc, out = await lan.run(*pyrun(UDP_ECHO_CHECK, 300, 200, "198.18.0.2"), timeout=300)
+        assert rc == 0, out
+        m = re.fullmatch(r"sent=(\w+) echoed=(\w+) lost=(\d+)", out.strip())
+        assert m and m.group(3) == "0" and m.group(1) == m.group(2), out
+        st, notifies = nb.stats, nb.port.notifications - before
+        passes = st.yield_passes - passes
+        assert st.tx_packets >= 300 and st.tx_errors == 0 and st.rx_dropped == 0, st
+        if drain:
+            assert passes >= 300 and notifies <= 3, (notifies, st)
+        else:
+            assert passes == 0 and notifies >= 150, (notifies, st)
+        assert (nb._yield_fn in g.yield_drains) == drain
+
+
 @pytest.mark.parametrize("mode", [InlineKick.TX_ONLY, InlineKick.DEFER_TX_EVENT])
 async def test_udp_echo_with_the_tx_pass_inside_the_notify(mode):
     """netback's pass inside the guest's EVTCHNOP_send (issue 14), its tx-only event deferred
@@ -188,6 +213,7 @@ async def test_udp_echo_with_the_tx_pass_inside_the_notify(mode):
         g = await boot_net(hv, lan, 2)
         nb = g.backends[0]
         nb.inline_kick = mode
+        nb.set_drain_on_yield(False)             # the inline pass runs in notifications
         rc, out = await lan.run(*pyrun(UDP_ECHO_CHECK, 600, 64, "198.18.0.2"), timeout=300)
         assert rc == 0, out
         m = re.fullmatch(r"sent=(\w+) echoed=(\w+) lost=(\d+)", out.strip())

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from aiovmm import grants
 from aiovmm.ratelimit import Limit, Limiter, Throttle, make_limit, parse_size_rate
-from aiovmm.ring import BackRing
+from aiovmm.ring import DRAIN_ON_YIELD, BackRing
 from aiovmm.errors import BuildError
 from aiovmm.events import EventError
 from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
@@ -559,6 +559,10 @@ class Blkback:
         self.limiter = Limiter(cfg.limit)          # request dispatch waits for tokens
         self._throttled = False
         self.throttle = Throttle(self._kick.set)
+        # Take requests at the domain's slice ends (Domain.yield_drains) instead of asking
+        # the guest for a notification per request (ring.BackRing.more_requests).
+        self.drain_on_yield = DRAIN_ON_YIELD
+        self._yield_fn = self._on_yield             # the one bound method registered
 
     # -- exclusion (the toolstack's part, before the domain runs) ------------------------------
     async def claim(self, in_use: dict) -> None:
@@ -794,10 +798,14 @@ class Blkback:
         self._done.clear()
         self._held = None
         self._blocked = False
+        if self.drain_on_yield:
+            self.dom.yield_drains.append(self._yield_fn)
 
     async def _disconnect(self) -> None:
         """Wait for I/O in flight (the pool cannot cancel it, and it writes into granted
         pages), answer nothing more, unmap the ring and close the port."""
+        if self._yield_fn in self.dom.yield_drains:
+            self.dom.yield_drains.remove(self._yield_fn)
         self.throttle.cancel()
         self._throttled = False
         if self._futures:
@@ -821,6 +829,7 @@ class Blkback:
         self._release_all_maps(list(pg.values()))
         self.stats.persistent_grants = 0
         if self.port is not None:
+            self.stats.notifies += self.port.notifications
             self.port.close()
             self.port = None
         self._release_all_maps(self._ring_maps)
@@ -860,7 +869,7 @@ class Blkback:
             if self.dom.destroyed:
                 raise BlkDisconnect("domain destroyed")
             self._pass()
-            if not self._blocked and not self._throttled and r.final_check():
+            if not self._blocked and not self._throttled and r.more_requests(self._armed()):
                 await asyncio.sleep(0)
                 continue
             await self._kick.wait()
@@ -874,6 +883,37 @@ class Blkback:
             self._answer()
         elif r.rsp_prod_pvt != r.get(8):
             self._push()                         # requests refused while draining
+
+    def set_drain_on_yield(self, on: bool) -> None:
+        """Switch between draining at the domain's slice ends and guest notifications, also
+        while connected (the next pass arms req_event again when switched off)."""
+        self.drain_on_yield = on
+        hooked = self._yield_fn in self.dom.yield_drains
+        if on and not hooked and self.ring is not None:
+            self.dom.yield_drains.append(self._yield_fn)
+        elif not on and hooked:
+            self.dom.yield_drains.remove(self._yield_fn)
+            self._kick.set()
+
+    def _armed(self) -> bool:
+        """Does the frontend have to notify this vbd (req_event armed)? Not while its domain's
+        slice ends drain it (_on_yield)."""
+        return self._yield_fn not in self.dom.yield_drains
+
+    def _on_yield(self) -> None:
+        """A vCPU of the domain ended a slice: take what it published on the ring (the same
+        pass as _serve's, so the same copy-once validation), unless an ordering point or
+        the rate limit holds the ring (their completion or timer runs the pass)."""
+        r = self.ring
+        if r is None or self._blocked or self._throttled or self.dom.destroyed:
+            return
+        n = r.unconsumed()
+        if n < 0:
+            self._kick.set()                     # _serve's own pass meets it and disconnects
+        if n <= 0:
+            return
+        self.stats.yield_passes += 1
+        self._pass()
 
     def _after_reap(self) -> None:
         """io_uring completions were taken (eventfd reader, or inside io_uring_enter):

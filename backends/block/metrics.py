@@ -20,6 +20,8 @@ class BlkStats:
     io_errors: int = 0            # of which: the host I/O failed (errno)
     unsupported: int = 0          # requests answered BLKIF_RSP_EOPNOTSUPP
     batches: int = 0              # ring drains that found work
+    yield_passes: int = 0         # passes run at the domain's slice ends (Domain.yield_drains)
+    notifies: int = 0             # the frontend's notifications of past connections
     jobs: int = 0                 # thread-pool jobs submitted
     events_sent: int = 0          # notifications to the frontend (one per batch at most)
     max_inflight: int = 0

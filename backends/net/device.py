@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from aiovmm import grants
 from aiovmm.ratelimit import Limit, Limiter, Throttle, parse_vif_rate
-from aiovmm.ring import BackRing
+from aiovmm.ring import DRAIN_ON_YIELD, BackRing
 from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
 from aiovmm.xenstore.core import XsError
 
@@ -84,6 +84,9 @@ RX_BUF = VNET_HDR_LEN + 14 + 4 + 65535  # the largest frame a tap hands over (GS
 # rsp_event says which), for a migration to take back (Netback._unread_rx): at most this
 # many bytes, the oldest dropped first (a frontend that never reads costs no more).
 RX_UNREAD_BYTES = 256 << 10
+# AIOVMM_NET_RX_KEEP=0: no copies of unread rx frames (bench/net.py's A/B of their cost only;
+# a migration then forwards none of them).
+RX_KEEP = os.environ.get("AIOVMM_NET_RX_KEEP", "1") != "0"
 # The most rx requests a frame can take, one per page and one for a GSO extra, is within
 # what a packet may use: _rx_slots_needed relies on it (a static fact of these constants).
 assert (RX_BUF - VNET_HDR_LEN + 4095) // 4096 + 1 <= MAX_SLOTS
@@ -234,7 +237,9 @@ class InlineKick(enum.IntEnum):
     ends at once. LONE, the default: TX_ONLY for a lone small packet (a request/response
     with nothing else in flight), OFF otherwise. Inline rx (FULL, DEFER_TX_EVENT) made TCP a
     per-segment ping-pong; TX_ONLY and LONE halve the events and cut a third of the exits
-    per UDP round trip (W=1) but lose the loop's batching with 32 requests in flight."""
+    per UDP round trip (W=1) but lose the loop's batching with 32 requests in flight.
+    All of them act on notifications: with the drain at slice ends (drain_on_yield, the
+    default) netfront does not notify, so they apply only with it off."""
     OFF = 0
     FULL = 1
     DEFER_TX_EVENT = 2
@@ -272,6 +277,7 @@ class NetStats:
     rx_gso: int = 0               # tap -> guest GSO packets (with a GSO extra)
     rx_waits: int = 0             # a frame waited for rx requests (flow control, not a drop)
     inline_passes: int = 0        # passes run inside the guest's notify (InlineKick)
+    yield_passes: int = 0         # passes run at the domain's slice ends (Domain.yield_drains)
 
 
 class Netback:
@@ -293,6 +299,10 @@ class Netback:
         self._reader_on = False
         self._handle: asyncio.Handle | None = None      # a scheduled _poll
         self.inline_kick = InlineKick.LONE               # _on_guest_event
+        # Take tx (and rx buffers a waiting frame needs) at the domain's slice ends
+        # (Domain.yield_drains) instead of asking for a notification (ring.more_requests).
+        self.drain_on_yield = DRAIN_ON_YIELD
+        self._yield_fn = self._on_yield                 # the one bound method registered
         self._tx_owed_from: int | None = None           # rsp_prod before tx responses whose
                                                         # event an inline pass deferred
         self._stop: asyncio.Future | None = None        # the data path failed (VifDisconnect)
@@ -659,6 +669,8 @@ class Netback:
         self.port.link(_Kick(self._on_guest_event))
         self._rx_len = 0
         self._tx_owed_from = None
+        if self.drain_on_yield:
+            self.dom.yield_drains.append(self._yield_fn)
 
     def _frontend_features(self) -> None:
         """Read what the frontend takes on rx and tell the tap (TUNSETOFFLOAD): the kernel
@@ -695,6 +707,8 @@ class Netback:
 
     def _disconnect(self) -> None:
         """Stop the data path (rings, event channel, tap reader); the tap itself stays."""
+        if self._yield_fn in self.dom.yield_drains:
+            self.dom.yield_drains.remove(self._yield_fn)
         self.throttle.cancel()                     # a rate limit's pending wake-up
         if self.fd is not None and self._reader_on:
             asyncio.get_event_loop().remove_reader(self.fd)
@@ -763,6 +777,37 @@ class Netback:
         self.stats.inline_passes += 1
         self._poll(inline=True)
 
+    def set_drain_on_yield(self, on: bool) -> None:
+        """Switch between draining at the domain's slice ends and guest notifications, also
+        while connected (the next pass arms req_event again when switched off)."""
+        self.drain_on_yield = on
+        hooked = self._yield_fn in self.dom.yield_drains
+        if on and not hooked and self.tx is not None:
+            self.dom.yield_drains.append(self._yield_fn)
+        elif not on and hooked:
+            self.dom.yield_drains.remove(self._yield_fn)
+            self._schedule()
+
+    def _armed(self) -> bool:
+        """Does the frontend have to notify (req_event armed on tx, and on rx while a frame
+        waits)? Not while its domain's slice ends run the pass (_on_yield)."""
+        return self._yield_fn not in self.dom.yield_drains
+
+    def _on_yield(self) -> None:
+        """A vCPU of the domain ended a slice: run the pass now if it published tx requests,
+        or rx requests a waiting frame needs (the same pass as a notification's, so the
+        same copy-once validation; a pass already scheduled is folded into this one)."""
+        tx, rx = self.tx, self.rx
+        if tx is None or self._stop is None or self._stop.done():
+            return
+        if ((tx.get(0) - tx.req_cons) & 0xFFFFFFFF) == 0 and not (
+                self._rx_len and ((rx.get(0) - rx.req_cons) & 0xFFFFFFFF) != 0):
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self.stats.yield_passes += 1
+        self._poll()
+
     def _lone(self) -> bool:
         """LONE's test: one small request on the tx ring and at most one frame delivered by
         the last pass, i.e. a request/response exchange, not a stream or a burst (sending
@@ -830,7 +875,7 @@ class Netback:
         # The tap is read while no frame waits for rx slots and the rate allows; a frame
         # waiting keeps the rest in the kernel's queue (flow control, nothing dropped here).
         self._set_reader(self._rx_len == 0 and not self._rx_throttled and not self.held)
-        if not self._tx_throttled and not self._tx_backlogged and tx.final_check():
+        if not self._tx_throttled and not self._tx_backlogged and tx.more_requests(self._armed()):
             # Requests published meanwhile are consumed by the next pass; two passes in a
             # row that consume nothing would be a spin on guest state: refuse it.
             self._stalled = self._stalled + 1 if tx.req_cons == before else 0
@@ -1126,11 +1171,13 @@ class Netback:
 
     def _rx_wait(self, need: int) -> None:
         """Ask for an event when the guest posts its next rx request (req_event =
-        req_prod + 1, as Linux netback's xenvif_rx_ring_slots_available), and come back at
-        once if it posted in between."""
+        req_prod + 1, as Linux netback's xenvif_rx_ring_slots_available; not while the
+        domain's slice ends run the pass, _on_yield), and come back at once if it posted in
+        between."""
         r = self.rx
         prod = r.req_prod
-        r.put(4, prod + 1)
+        if self._armed():
+            r.put(4, prod + 1)
         if r.req_prod != prod:
             self._schedule()
 
@@ -1140,13 +1187,14 @@ class Netback:
         buf = self._rx_buf
         # A copy until the frontend has read it (a migration takes back unread ones, hold):
         # those before its rsp_event are read, and the copies stay within RX_UNREAD_BYTES.
-        recent = self._rx_recent
-        recent.append((r.rsp_prod_pvt, bytes(self._rx_view[:self._rx_len])))   # one copy
-        self._rx_recent_bytes += self._rx_len
-        seen = (r.get(12) - 1) & 0xFFFFFFFF
-        while recent and (((recent[0][0] - seen) & 0xFFFFFFFF) >= 0x80000000
-                          or self._rx_recent_bytes > RX_UNREAD_BYTES or len(recent) > r.nr_ents):
-            self._rx_recent_bytes -= len(recent.popleft()[1])
+        if RX_KEEP:
+            recent = self._rx_recent
+            recent.append((r.rsp_prod_pvt, bytes(self._rx_view[:self._rx_len])))   # one copy
+            self._rx_recent_bytes += self._rx_len
+            seen = (r.get(12) - 1) & 0xFFFFFFFF
+            while recent and (((recent[0][0] - seen) & 0xFFFFFFFF) >= 0x80000000
+                              or self._rx_recent_bytes > RX_UNREAD_BYTES or len(recent) > r.nr_ents):
+                self._rx_recent_bytes -= len(recent.popleft()[1])
         mv = self._rx_view
         n = self._rx_len - VNET_HDR_LEN
         vflags, gtype, _hl, gso_size, _cs, _co = _VNET.unpack_from(buf, 0)
