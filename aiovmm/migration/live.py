@@ -216,6 +216,9 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
     return None
 
 
+FIRST_FRAME_WAIT_S = 0.1
+
+
 async def _vifs_connected(dom: "Domain") -> None:
     """Wait (at most REALTIME_LIMIT_S) until the migrated guest is back on its networks:
     on each vif the backend Connected, the frontend's state Connected and the guest's first
@@ -224,8 +227,8 @@ async def _vifs_connected(dom: "Domain") -> None:
     this loop's xenstore) measured 300-700 ms at normal priority under load, and ending the
     boost at the backend's Connected, a few round trips before the frontend is done, left
     the guest's last steps 50-100 ms behind other processes' for a core (measured on 2
-    loaded cores). The boost covers it and ends with it; a guest that sends nothing keeps
-    it until the limit."""
+    loaded cores). The boost covers it and ends with it; the first frame is waited for at
+    most FIRST_FRAME_WAIT_S after the connect (a guest with nothing to say)."""
     from ..backends.net import Netback
     from ..xenbus import Watch, XenbusState, read_state
     st = dom.hypervisor.xenstore.store
@@ -239,8 +242,12 @@ async def _vifs_connected(dom: "Domain") -> None:
         finally:
             watch.close()
         await b.connected.wait()
-        while b.stats.tx_packets == sent:
-            await asyncio.sleep(0.001)
+        try:
+            async with asyncio.timeout(FIRST_FRAME_WAIT_S):
+                while b.stats.tx_packets == sent:
+                    await asyncio.sleep(0.001)
+        except TimeoutError:
+            pass
     vifs = [b for b in dom.backends if isinstance(b, Netback)]
     if not vifs:
         return
