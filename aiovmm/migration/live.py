@@ -482,6 +482,9 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             run_on_here()
             log.warning("d%d: migration to %s:%d cancelled, the domain runs on here", dom.domid,
                         host, port)
+        elif stats.domid >= 0:                # after DONE (waiting for the receiver's close):
+            dom.suspended = None              # the guest runs there, the source goes anyway
+            dom.shutdown(ShutdownReason.suspend)
         raise
     finally:
         rt.stop()
