@@ -16,11 +16,16 @@ Live migration between two hypervisors in this process over loopback TCP, idle a
 (the guest rewrites `dirty` pages of 4 KiB every 10 ms tick): total time, pre-copy rounds,
 pages sent per guest page, downtime (guest suspended -> running at the destination, as the
 sender sees it). On a switched LAN (aiovmm.testing.TwoHostLan, the 64 MiB network guest
-guests/tests/net.c, idle): downtime as a client's 1 ms pings see it (the longest gap
-between two replies; the source holds frames for the suspended guest and sends them on,
-so late replies count), pings lost, and the time from the guest's start on the destination
-to the first announce frame seen on the switch (negative: the destination announces as
-soon as it has the whole stream, before it starts the guest).
+guests/tests/net.c, idle): downtime as a client's 1 ms pings see it (the gap between two
+replies around the guest's suspend; the source holds frames for the suspended guest and
+sends them on, so late replies count), the longest gap anywhere in the run (on a busy host
+a pre-copy loop stall can be longer), pings lost, and the time from the guest's start on
+the destination to the first announce frame seen on the switch (negative: the destination
+announces as soon as it has the whole stream, before it starts the guest). --procs 1,2:
+both hypervisors in this process (one loop), and the destination in a process of its own
+(two daemons, as users run it); --timeline then lists, on one clock, each xenstore request
+of the resuming guest, the vifs' states, first frames, tap closes, teardown steps and loop
+stalls of both hosts between the last reply before the gap and the first after it.
 --timeline prints each live run's stop-and-copy steps on both sides in ms from the suspend
 (one process, one clock: where the downtime goes) and the CPU time in the downtime;
 --no-realtime runs the stop-and-copy and the restore at normal priority (migration/priority.py);
@@ -93,6 +98,129 @@ async def one(engine: str, mib: int, d: str) -> dict[str, float]:
     return out
 
 
+class Trace:
+    """--timeline on the switched LAN: where the ping gap goes, on one clock
+    (time.perf_counter is CLOCK_MONOTONIC, the same in both processes of --procs 2).
+    Instrumentation only: thin wrappers around the xenstore server, netback and the
+    domain teardown that note (time, d<N>, what) while a run is traced; --timeline alone
+    installs them, the plain figures are taken without."""
+    on = False
+    ev: list[tuple[float, str]] = []
+    firsts: set[str] = set()
+    hosts: dict[int, str] = {}          # id(hypervisor or its store) -> host label
+    here = ""                           # this process's host label (--dst-child: "B")
+
+    @classmethod
+    def host(cls, obj: object) -> str:
+        return cls.hosts.get(id(obj), cls.here)
+
+    @classmethod
+    def name(cls, hv: "Hypervisor", label: str) -> None:
+        cls.hosts[id(hv)] = cls.hosts[id(hv.xenstore.store)] = label
+
+    @classmethod
+    def note(cls, what: str, once: bool = False) -> None:
+        if cls.on and not (once and what in cls.firsts):
+            cls.firsts.add(what)
+            cls.ev.append((time.perf_counter(), what))
+
+    @classmethod
+    def install(cls) -> None:
+        from aiovmm.xenstore.protocol import XsType
+        from aiovmm.xenstore.server import XenstoreServer
+        from aiovmm.xenstore.store import Store
+        from aiovmm.hypervisor import Hypervisor as H
+        from aiovmm.domain import Domain
+        from aiovmm.backends.net import Netback
+
+        def wrap(owner, name, before=None, after=None):
+            orig = getattr(owner, name)
+
+            def f(*a, **k):
+                if before:
+                    before(*a, **k)
+                r = orig(*a, **k)
+                if after:
+                    after(*a, **k)
+                return r
+            setattr(owner, name, f)
+
+        def xs_req(store, conn, msg):
+            if conn.domid:
+                path = msg.payload.split(b"\0")[0].decode(errors="replace")
+                try:
+                    t = XsType(msg.type).name
+                except ValueError:
+                    t = str(msg.type)
+                cls.note(f"{cls.host(store)}:d{conn.domid}:xs:{t}:{path}")
+        wrap(Store, "process", before=xs_req)
+
+        def serve_ring(orig):
+            def f(self, domid, page, notify):
+                tr = orig(self, domid, page, notify)
+                k = tr.kick
+                h = cls.host(self.store)
+                tr.kick = lambda: (cls.note(f"{h}:d{domid}:xs-kick"), k())[1]
+                return tr
+            return f
+        XenstoreServer.serve_ring = serve_ring(XenstoreServer.serve_ring)
+        def dn(d) -> str:
+            return f"{cls.host(d.hypervisor)}:d{d.domid}"
+        wrap(Netback, "_set_state", before=lambda nb, s: cls.note(f"{dn(nb.dom)}:vif:{s.name}"))
+        wrap(Netback, "close", before=lambda nb: cls.note(f"{dn(nb.dom)}:tap-close"),
+             after=lambda nb: cls.note(f"{dn(nb.dom)}:tap-closed"))
+        tx0, rx0 = Netback._process_tx, Netback._rx_deliver
+
+        def ptx(nb):
+            n = nb.stats.tx_packets
+            r = tx0(nb)
+            if nb.stats.tx_packets > n:
+                cls.note(f"{dn(nb.dom)}:first-tx", once=True)
+            return r
+
+        def prx(nb):
+            n = nb.stats.rx_packets
+            r = rx0(nb)
+            if nb.stats.rx_packets > n:
+                cls.note(f"{dn(nb.dom)}:first-rx", once=True)
+            return r
+        Netback._process_tx, Netback._rx_deliver = ptx, prx
+        wrap(H, "start_domain", before=lambda _h, d: cls.note(f"{dn(d)}:start"))
+        wrap(Domain, "shutdown", before=lambda d, *a: cls.note(f"{dn(d)}:shutdown"))
+        wrap(Domain, "_console_line_out",
+             before=lambda d, raw: cls.note(f"{dn(d)}:console:{bytes(raw[:40]).decode(errors='replace').strip()}"))
+        td, rg = H._teardown, Domain._release_gen
+
+        async def teardown(h, d):
+            cls.note(f"{dn(d)}:teardown")
+            await td(h, d)
+            cls.note(f"{dn(d)}:teardown-done")
+        H._teardown = teardown
+
+        def release_gen(d):
+            t = time.perf_counter()
+            for _ in rg(d):
+                n = time.perf_counter()
+                if n - t > 0.003:
+                    cls.ev.append((t, f"{dn(d)}:destroy step {(n - t) * 1e3:.1f} ms"))
+                yield
+                t = time.perf_counter()
+        Domain._release_gen = release_gen
+
+    @staticmethod
+    async def stalls(out: list[tuple[float, float, float]], stop: asyncio.Event, over: float = 0.003) -> None:
+        """The loop's wall-clock stalls longer than `over` (start, length, thread CPU time
+        in it): turns of other work (a teardown step, a vCPU slice) every callback on the
+        loop waited for, or (wall >> CPU) the thread waiting for a core."""
+        t, c = time.perf_counter(), time.thread_time()
+        while not stop.is_set():
+            await asyncio.sleep(0.0005)
+            n, nc = time.perf_counter(), time.thread_time()
+            if n - t > over + 0.0005:
+                out.append((t, n - t, nc - c))
+            t, c = n, nc
+
+
 SECRET = b"bench-secret-0123456789"
 
 
@@ -132,42 +260,131 @@ def timeline(tx: dict[str, float], rx: dict[str, float]) -> str:
     return " ".join(f"{k}={(t - t0) * 1e3:+.1f}" for t, k in steps)
 
 
-async def lan_one(engine: str, mib: int) -> dict[str, float]:
+async def lan_one(engine: str, mib: int, procs: int = 1) -> dict[str, float]:
+    """One live migration on the switched LAN under 1 ms pings. procs=2: the destination
+    hypervisor runs in a process of its own (`dst_child`), as two daemons do; procs=1:
+    both in this process (one loop)."""
+    import contextlib
+    import json
     import re
     from aiovmm.migration import live
     from aiovmm.testing import TwoHostLan
     mac, ip = "00:16:3e:4d:0b:01", "198.18.0.2"
-    async with TwoHostLan("198.18.0.1/24") as lan:
-        async with Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["a"]) as src, \
-                Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["b"]) as dst:
-            started: list[int] = []
+    off = time.time() - time.perf_counter()   # ping -D's clock from perf_counter's
+    Trace.ev, Trace.firsts = [], set()
+    stalls: list[tuple[float, float, float]] = []
+    stop = asyncio.Event()
+    async with TwoHostLan("198.18.0.1/24") as lan, contextlib.AsyncExitStack() as ex:
+        src = await ex.enter_async_context(Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["a"]))
+        Trace.name(src, "A")
+        started: list[int] = []
+        child = None
+        if procs == 1:
+            dst = await ex.enter_async_context(Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["b"]))
+            Trace.name(dst, "B")
             rx = await live.serve(dst, "127.0.0.1", 0, SECRET, lambda d: started.append(time.time_ns()),
                                   realtime=REALTIME)
-            try:
-                dom = await src.create(NETGUEST, memory_mib=mib, cmdline=f"ip={ip}/24 suspend=1",
-                                       vifs=[lan.vif("a", mac)])
-                await dom.wait_for_line(r"net: serving", 30)
-                await lan.run("ping", "-c", "2", "-i", "0.2", ip)
-                cap = await asyncio.to_thread(lan.capture, "up-b", (0x8035,))
-                ping = asyncio.ensure_future(lan.run("ping", "-D", "-n", "-i", "0.001", "-w", "4",
-                                                     "-W", "1", ip, timeout=15))
-                await asyncio.sleep(1.0)
-                st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, downtime_ms=30, realtime=REALTIME)
-                await asyncio.sleep(0.6)
-                rx_marks = dict(rx.marks)
-                _rc, out = await ping
-                await asyncio.sleep(0.2)
-                frames = cap.frames()
-                cap.close()
-            finally:
-                await rx.aclose()
+            ex.push_async_callback(rx.aclose)
+            port = rx.port
+        else:
+            argv = [sys.executable, os.path.abspath(__file__), "--dst-child", f"{lan.host_ns['b']},{engine},{mib}"]
+            argv += ["--timeline"] if Trace.on else []
+            argv += ["--no-realtime"] if not REALTIME else []
+            child = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                         stdout=asyncio.subprocess.PIPE)
+
+            async def reap() -> None:
+                if child.returncode is None:
+                    child.kill()
+                    await child.wait()
+            ex.push_async_callback(reap)
+            port = int((await child.stdout.readline()).decode())
+        dom = await src.create(NETGUEST, memory_mib=mib, cmdline=f"ip={ip}/24 suspend=1",
+                               vifs=[lan.vif("a", mac)])
+        await dom.wait_for_line(r"net: serving", 30)
+        await lan.run("ping", "-c", "2", "-i", "0.2", ip)
+        cap = await asyncio.to_thread(lan.capture, "up-b", (0x8035,))
+        ping = asyncio.ensure_future(lan.run("ping", "-D", "-n", "-i", "0.001", "-w", "4",
+                                             "-W", "1", ip, timeout=15))
+        await asyncio.sleep(1.0)
+        ticker = asyncio.ensure_future(Trace.stalls(stalls, stop)) if Trace.on else None
+        st = await live.migrate(dom, "127.0.0.1", port, SECRET, downtime_ms=30, realtime=REALTIME)
+        await asyncio.sleep(0.6)
+        _rc, out = await ping
+        stop.set()
+        if ticker is not None:
+            await ticker
+        if procs == 1:
+            stalls = [(*x, "") for x in stalls]
+        await asyncio.sleep(0.2)
+        frames = cap.frames()
+        cap.close()
+        if child is None:
+            rx_marks = dict(rx.marks)
+        else:
+            child.stdin.write(b"dump\n")
+            got = json.loads(await child.stdout.readline())
+            rx_marks, started = got["marks"], got["started"]
+            Trace.ev += [tuple(e) for e in got["ev"]]
+            stalls = [(*x, "A" if procs == 2 else "") for x in stalls] + [(*x, "B") for x in got["stalls"]]
+            await child.wait()
     stamps = [float(t) for t in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
-    gap = max(b - a for a, b in zip(stamps, stamps[1:])) * 1e3 if len(stamps) > 1 else float("nan")
+    gaps = [(b - a, a, b) for a, b in zip(stamps, stamps[1:])]
+    # The hand-over's gap: the one around the guest's suspend (its downtime as the client
+    # sees it); the longest one may be elsewhere (a loop stall in pre-copy on a busy host).
+    sus = st.marks["suspended"] + off
+    around = [g for g in gaps if g[1] <= sus <= g[2]] or [(float("nan"), 0.0, 0.0)]
+    gap, g0, g1 = around[0]
+    gmax = max(gaps)[0] if gaps else float("nan")
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     lost = int(m.group(1)) - int(m.group(2)) if m else -1
     first = frames[0][0] if frames else 0
-    return {"ping_gap_ms": gap, "lost": lost, "announce_ms": (first - started[0]) / 1e6 if frames else float("nan"),
-            "downtime_ms": st.downtime_ms, "timeline": timeline(st.marks, rx_marks)}
+    tl = timeline(st.marks, rx_marks)
+    if Trace.on:
+        tl = lan_timeline(st.marks, rx_marks, g0 - off, g1 - off, stalls)
+    return {"ping_gap_ms": gap * 1e3, "ping_gap_max_ms": gmax * 1e3, "lost": lost,
+            "announce_ms": (first - started[0]) / 1e6 if frames else float("nan"),
+            "downtime_ms": st.downtime_ms, "timeline": tl}
+
+
+def lan_timeline(tx: dict[str, float], rx: dict[str, float], gap0: float, gap1: float,
+                 stalls: list[tuple[float, float, float, str]]) -> str:
+    """Every traced step from the last ping reply before the gap to the first after it,
+    in ms from the suspend, one per line; the loops' stalls over 3 ms among them."""
+    t0 = tx["suspended"]
+    ev = [(t, k) for k, t in tx.items()] + [(t, "rx:" + k) for k, t in rx.items()] + list(Trace.ev)
+    ev += [(gap0, "PING last reply before the gap"), (gap1, "PING first reply after the gap")]
+    ev += [(t, f"{h} loop stall {n * 1e3:.1f} ms ({c * 1e3:.1f} CPU)") for t, n, c, h in stalls]
+    lines = [f"    {(t - t0) * 1e3:+8.1f} {k}" for t, k in sorted(ev) if gap0 - 0.005 <= t <= gap1 + 0.005]
+    return "\n" + "\n".join(lines)
+
+
+async def dst_child(spec: str) -> None:
+    """--dst-child NETNS,ENGINE,MIB: the destination host of `lan_one(procs=2)` as a
+    process of its own. Prints its port; on "dump" from stdin prints its marks, start
+    time and trace as one JSON line, and exits."""
+    import json
+    from aiovmm.migration import live
+    ns, engine, mib = spec.split(",")
+    started: list[int] = []
+    stalls: list[tuple[float, float, float]] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    Trace.here = "B"
+    async with Hypervisor(memory_mib=int(mib) + 64, engine=engine, netns=ns) as dst:
+        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, lambda d: started.append(time.time_ns()),
+                              realtime=REALTIME)
+        ticker = asyncio.ensure_future(Trace.stalls(stalls, stop)) if Trace.on else None
+        print(rx.port, flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)
+        stop.set()
+        if ticker is not None:
+            await ticker
+        marks = dict(rx.marks)
+        await rx.aclose()
+        for d in list(dst.domains.values()):
+            d.shutdown()
+        print(json.dumps({"marks": marks, "started": started, "ev": Trace.ev, "stalls": stalls}), flush=True)
 
 
 async def fuzz_run(n: int, d: str) -> tuple[int, int, float]:
@@ -212,9 +429,17 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="live migrations per case (median)")
     ap.add_argument("--timeline", action="store_true", help="print each live run's stop-and-copy steps")
     ap.add_argument("--no-realtime", action="store_true", help="stop-and-copy at normal priority")
+    ap.add_argument("--procs", default="1,2", help="LAN part: 1 (both hosts in this process), "
+                    "2 (the destination in a process of its own), or both")
+    ap.add_argument("--dst-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     global REALTIME
     REALTIME = not a.no_realtime
+    if a.timeline and (a.dst_child or "lan" in a.parts):
+        Trace.install()
+        Trace.on = True
+    if a.dst_child:
+        return await dst_child(a.dst_child)
     engines = [e for e in a.engines.split(",") if e == "unicorn" or unavailable_reason() is None]
     parts = set(a.parts.split(","))
     keys: dict[str, str] = {}
@@ -250,20 +475,25 @@ async def main() -> None:
                         keys[f"{pre}downtime_{label}_ms"] = f"{r['downtime_ms']:.1f}"
                         if label == "idle":
                             keys[f"{pre}pages_ratio_idle"] = f"{r['ratio']:.2f}"
-            if "lan" in parts and 64 in [int(x) for x in a.sizes.split(",")]:
-                runs = [await lan_one(engine, 64) for _ in range(a.runs)]
+            for procs in (int(x) for x in a.procs.split(",")) if "lan" in parts else ():
+                runs = [await lan_one(engine, 64, procs) for _ in range(a.runs)]
                 if a.timeline:
                     for x in runs:
                         print(f"  timeline ms (gap {x['ping_gap_ms']:.1f} ms): {x['timeline']}", flush=True)
                 r = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "timeline"}
-                print(f"{engine:8s}   64 MiB live on a switched LAN (1 ms pings): longest gap between "
-                      f"replies {r['ping_gap_ms']:.1f} ms, {r['lost']:.0f} pings lost, first announce "
+                where = "one process" if procs == 1 else "two processes"
+                print(f"{engine:8s}   64 MiB live on a switched LAN ({where}, 1 ms pings): gap between "
+                      f"replies around the suspend {r['ping_gap_ms']:.1f} ms (longest anywhere "
+                      f"{r['ping_gap_max_ms']:.1f} ms), {r['lost']:.0f} pings lost, first announce "
                       f"frame {r['announce_ms']:+.1f} ms from the start on the destination, downtime "
                       f"{r['downtime_ms']:.1f} ms (gaps: " + ", ".join(f"{x['ping_gap_ms']:.1f}" for x in runs)
                       + ")", flush=True)
                 pre = "" if engine == "unicorn" else "kvm_"
-                keys[f"{pre}downtime_ping_ms"] = f"{r['ping_gap_ms']:.1f}"
-                keys[f"{pre}announce_ms"] = f"{r['announce_ms']:.1f}"
+                two = "" if procs == 1 else "_2proc"
+                keys[f"{pre}downtime_ping{two}_ms"] = f"{r['ping_gap_ms']:.1f}"
+                keys[f"{pre}ping_gap_max{two}_ms"] = f"{r['ping_gap_max_ms']:.1f}"
+                if procs == 1:
+                    keys[f"{pre}announce_ms"] = f"{r['announce_ms']:.1f}"
         if a.fuzz:
             ref, acc, dt = await fuzz_run(a.fuzz, d)
             print(f"fuzzer: {a.fuzz} cases, {ref} refused, {acc} accepted (and destroyed), "

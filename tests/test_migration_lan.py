@@ -25,6 +25,7 @@ from aiovmm import Hypervisor
 from aiovmm.migration import live
 from aiovmm.migration.announce import ETH_P_RARP, Schedule
 from aiovmm.testing import TwoHostLan
+from aiovmm.xenbus import XenbusState, read_state
 from conftest import HV_MEMORY_MIB, guest
 
 SECRET = b"lan-test-secret-0123456789"
@@ -125,6 +126,10 @@ async def test_live_migration_on_a_switched_lan(two_hosts, tmp_path):
         assert port == "up-b", port
         new = arrived[0]
         nb = new.backends[0]
+        # The receiver closes the connection once the guest is back on its vif, and the
+        # sender tears the source down only then (its teardown off the guest's reconnect).
+        assert nb.connected.is_set() and st.marks["receiver_closed"] >= st.marks["done"]
+        assert read_state(b.xenstore.store, nb.front) == XenbusState.Connected
         await new.wait_for_line(r"net: resumed rc=0", 10)
         (prc, pout), (drc, dout) = await asyncio.gather(ping, download)
         for _ in range(300):                   # every round of the announce has gone out

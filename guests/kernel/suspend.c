@@ -56,9 +56,12 @@ long do_suspend(void)
     if (rc == 0) {                    /* a new domain: new event channels */
         console_resume();
         xenbus_resume();
+        /* The frontends first: each round trip before their reconnect is
+         * downtime their peers see. The watch fires once when set, so a
+         * request written in between is not missed. */
+        if (hook) hook();
         if (xenbus_watch("control/shutdown", TOKEN))
             panic("suspend: watch after resume failed");
-        if (hook) hook();
     }
     irq_restore(mask);
     return rc;

@@ -164,35 +164,86 @@ static int error_code(const char *name)
     return -EINVAL;
 }
 
+/* Put one request of `n` parts on the ring (the caller notifies); its
+ * req_id in *id. */
+static int xs_put(u32 type, xenbus_transaction_t t, const char *const *parts,
+                  const u32 *lens, unsigned n, u64 deadline, u32 *id)
+{
+    struct xsd_sockmsg hdr = { .type = type, .req_id = next_req_id++, .tx_id = t };
+    for (unsigned i = 0; i < n; i++) hdr.len += lens[i];
+    if (hdr.len > XENSTORE_PAYLOAD_MAX) return -E2BIG;
+    *id = hdr.req_id;
+    int rc = ring_put(&hdr, sizeof(hdr), deadline);
+    for (unsigned i = 0; !rc && i < n; i++)
+        rc = ring_put(parts[i], lens[i], deadline);
+    return rc;
+}
+
+/* Read messages until the reply to request `id` (left in `reply`): its
+ * length, or -errno. Watch events are queued; replies to other requests
+ * (stale ones, after a timeout) are skipped. */
+static int xs_reply(u32 id, u64 deadline)
+{
+    for (;;) {
+        struct xsd_sockmsg rh;
+        int rc = read_message(&rh, deadline);
+        if (rc == 1) continue;
+        if (rc) return rc;
+        if (rh.req_id != id) continue;
+        return rh.type == XS_ERROR ? error_code(reply) : (int)rh.len;
+    }
+}
+
+static int ensure_ring(void)
+{
+    return ring ? 0 : xenbus_init();
+}
+
 /* Send a request of `n` parts and wait for its reply (left in `reply`,
  * length returned), or -errno. */
 static int xs_talk(u32 type, xenbus_transaction_t t, const char *const *parts,
                    const u32 *lens, unsigned n)
 {
-    if (!ring) {
-        int rc = xenbus_init();
-        if (rc) return rc;
-    }
-    struct xsd_sockmsg hdr = { .type = type, .req_id = next_req_id++, .tx_id = t };
-    for (unsigned i = 0; i < n; i++) hdr.len += lens[i];
-    if (hdr.len > XENSTORE_PAYLOAD_MAX) return -E2BIG;
+    int rc = ensure_ring();
+    if (rc) return rc;
     int mask = irq_save();
     u64 deadline = monotonic_ns() + XENBUS_TIMEOUT_NS;
-    int rc = ring_put(&hdr, sizeof(hdr), deadline);
-    for (unsigned i = 0; !rc && i < n; i++)
-        rc = ring_put(parts[i], lens[i], deadline);
+    u32 id;
+    rc = xs_put(type, t, parts, lens, n, deadline, &id);
     evtchn_send(store_port);
-    while (!rc) {
-        struct xsd_sockmsg rh;
-        rc = read_message(&rh, deadline);
-        if (rc == 1) { rc = 0; continue; }
-        if (rc) break;
-        if (rh.req_id != hdr.req_id) continue;   /* stale reply: skip */
-        rc = rh.type == XS_ERROR ? error_code(reply) : (int)rh.len;
-        break;
-    }
+    if (!rc) rc = xs_reply(id, deadline);
     irq_restore(mask);
     return rc;
+}
+
+/* `n` writes as one round trip: every request goes on the ring before the
+ * first reply is awaited (xenstored answers a connection's requests in
+ * order, each on its own; Linux's xenbus has several in flight the same
+ * way). Returns 0 or the first failure's -errno; every reply is consumed. */
+int xenbus_write_many(xenbus_transaction_t t, unsigned n, const char *const *paths,
+                      const char *const *values)
+{
+    int rc = ensure_ring();
+    if (rc) return rc;
+    int mask = irq_save();
+    u64 deadline = monotonic_ns() + XENBUS_TIMEOUT_NS;
+    u32 first = next_req_id;
+    unsigned sent = 0;
+    for (; !rc && sent < n; sent++) {
+        const char *parts[] = { paths[sent], values[sent] };
+        u32 lens[] = { (u32)strlen(paths[sent]) + 1, (u32)strlen(values[sent]) };
+        u32 id;
+        rc = xs_put(XS_WRITE, t, parts, lens, 2, deadline, &id);
+        if (rc) break;
+    }
+    evtchn_send(store_port);
+    for (unsigned i = 0; i < sent; i++) {
+        int r = xs_reply(first + i, deadline);
+        if (r < 0 && !rc) rc = r;
+        if (r == -ETIMEDOUT || r == -EIO || r == -E2BIG) break;   /* the ring is gone */
+    }
+    irq_restore(mask);
+    return rc < 0 ? rc : 0;
 }
 
 static int talk_path(u32 type, xenbus_transaction_t t, const char *path)
@@ -380,9 +431,15 @@ int xenbus_wait_for_state(const char *otherend, XenbusState want, int any_later,
     snprintf(path, sizeof(path), "%s/state", otherend);
     snprintf(token, sizeof(token), "state-%u", seq++);
     u64 deadline = monotonic_ns() + (timeout_ns ? timeout_ns : XENBUS_TIMEOUT_NS);
+    /* Already there (a backend in InitWait when a resumed frontend looks, as
+     * usual): one round trip instead of three (watch, read, unwatch). Else
+     * watch, then read again: the watch fires once when set, so a change in
+     * between is not missed. */
+    int st = xenbus_read_state(otherend);
+    if (st >= 0 && (st == (int)want || (any_later && st >= (int)want)))
+        return st;
     int rc = xenbus_watch(path, token);
     if (rc) return rc;
-    int st;
     for (;;) {
         st = xenbus_read_state(otherend);
         if (st >= 0 && (st == (int)want || (any_later && st >= (int)want)))

@@ -24,6 +24,10 @@ void xenbus_resume(void);      /* new store event channel after a suspend */
  * value length or -errno. */
 int xenbus_read(xenbus_transaction_t t, const char *path, char *buf, size_t size);
 int xenbus_write(xenbus_transaction_t t, const char *path, const char *value);
+/* `n` writes with one round trip (all requests sent, then all replies read);
+ * 0 or the first failure. */
+int xenbus_write_many(xenbus_transaction_t t, unsigned n, const char *const *paths,
+                      const char *const *values);
 int xenbus_mkdir(xenbus_transaction_t t, const char *path);
 int xenbus_rm(xenbus_transaction_t t, const char *path);
 /* Children as consecutive NUL-terminated names in buf; returns their count. */
