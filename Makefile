@@ -35,13 +35,9 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-aiovmm/_native/preempt.so: csrc/preempt.c
-	mkdir -p aiovmm/_native
-	gcc -O2 -shared -fPIC -Wall -o $@ $< -lpthread
-
-aiovmm/_native/kvm.so: csrc/kvm.c
-	mkdir -p aiovmm/_native
-	gcc -O2 -shared -fPIC -Wall -o $@ $< -lrt
+# setup.py builds them (with its flags) for wheels too; --inplace puts them in the tree.
+$(NATIVE) &: csrc/preempt.c csrc/kvm.c setup.py | $(STAMP)
+	$(VPY) setup.py -q build_ext --inplace
 
 guests:
 	$(MAKE) -C guests
@@ -85,4 +81,4 @@ mutants: setup
 	$(VPY) bench/mutants.py $(MUTANTS)
 
 clean:
-	rm -rf guests/build aiovmm/_native
+	rm -rf guests/build aiovmm/_native build
