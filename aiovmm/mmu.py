@@ -407,11 +407,12 @@ class PageTables:
     def update_entry(self, dom: int, ptr: int, val: int, preserve_ad: bool = False) -> bool:
         """A checked write of `val` to the 8-byte entry at machine address `ptr`.
 
-        Returns True if the TLB must be flushed by the caller: the entry replaced a present
-        one, which a cached translation may have come from. Replacing a not-present entry
-        needs no flush: no translation was ever cached through it (a TLB caches only
-        successful walks, and every earlier removal of a present entry was flushed), so
-        filling fresh page tables (most of a boot's updates) costs no flush.
+        Returns True if the engines must be told (mmu_ops.written_all): the entry replaced
+        a present one, which a cached translation may have come from. As on Xen this is no
+        TLB flush (the guest flushes when it needs to); the unsafe stale translations, of a
+        frame freed or taking a page-table type, are dropped where that happens
+        (MachineMemory._stale_translations_unsafe). Filling fresh page tables (most of a
+        boot's updates) reports nothing.
         """
         mem = self.mem
         mfn = ptr >> PAGE_SHIFT
