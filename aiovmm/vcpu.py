@@ -174,7 +174,8 @@ class VCPU:
     # -- guest memory through the current page tables ---------------------------------------------------
     @property
     def current_root(self) -> int:
-        return self.kernel_root if self.kernel_mode else self.user_root
+        pv = self.pv                     # hot (every guest buffer a hypercall reads): no properties
+        return pv.kernel_root if pv.kernel_mode else self.user_root
 
     def copy_from_guest(self, va: int, n: int) -> bytes:
         mmu = self.domain.hypervisor.pagetables
