@@ -309,7 +309,7 @@ class Hypervisor:
             from .kvm_engine import KVMEngine
             return KVMEngine(self.mem, self.xen, name=f"d{dom.domid}v{vcpu_id}")
         return VCPUEngine(self.mem.fd_address, self.mem.size, until=self.xen.UNTIL_VA,
-                          name=f"d{dom.domid}v{vcpu_id}")
+                          name=f"d{dom.domid}v{vcpu_id}", mem=self.mem)
 
     def start_domain(self, dom: Domain) -> None:
         """Run a built (or restored) domain as a task of the hypervisor's TaskGroup."""

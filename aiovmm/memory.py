@@ -92,6 +92,10 @@ class MachineMemory:
         # Objects with `written` and `dropped` sets of frames, an `ad_cleared` set of entry
         # addresses and a `flush_deferred` flag (kvm_engine._ShadowGuard).
         self.pt_watchers: list = []
+        # Engines whose TLB is a cache the host must empty itself at the points where Xen
+        # flushes whatever the guest asked (the Unicorn engine: `flush_tlb`), registered by
+        # the engine and removed when it closes.
+        self.tlb_engines: list = []
         # General references: one per present L1 entry (read-only or not) mapping the frame.
         # A referenced frame is never freed, so no guest keeps a mapping of a frame that has
         # been handed to someone else.
@@ -324,11 +328,16 @@ class MachineMemory:
         descriptor type (it must not stay writable anywhere): the points where Xen flushes
         TLBs whatever the guest asked (free_domheap_pages; get_page_type's tlbflush_filter).
         Engines that defer forgetting removed translations until the guest's own flush
-        (kvm_engine._ShadowGuard) must forget them all before a vCPU runs again."""
+        (kvm_engine._ShadowGuard) must forget them all before a vCPU runs again; engines
+        whose TLB keeps translations until flushed (Unicorn's soft TLB, `tlb_engines`) are
+        flushed here and now: the vCPU doing this may be inside a hypercall and go back to
+        its guest without another check."""
         if self.pt_watchers:
             self.pt_generation += 1
             for w in self.pt_watchers:
                 w.flush_deferred = True
+        for eng in self.tlb_engines:
+            eng.flush_tlb()
 
     def pt_dropped(self, mfn: int) -> None:
         """A page table was devalidated (mmu.py): from now on it may be written as data, so

@@ -32,13 +32,13 @@ def _flush_all(v: "VCPU") -> None:
 
 def written_all(v: "VCPU") -> None:
     """The hypervisor replaced present page-table entries where Xen does not flush the TLB
-    (the guest flushes when it needs to): each engine's `pt_written` if it has one (KVM:
-    its shadow guard defers what it may until the guest's flush), else a TLB flush (the
-    emulated engine has no per-page flush, and a stale writable translation of a frame
-    that has since become a page table would bypass validation)."""
+    (the guest flushes when it needs to): each engine's `pt_written` (KVM: its shadow
+    guard defers what it may until the guest's flush; Unicorn: nothing, its soft TLB keeps
+    the old translation as the real TLB would). A stale translation of a frame that is
+    freed or becomes a page table is dropped where that happens, whatever the guest asked
+    (MachineMemory._stale_translations_unsafe)."""
     for other in v.domain.vcpus:
-        eng = other.engine
-        getattr(eng, "pt_written", eng.flush_tlb)()
+        other.engine.pt_written()
 
 
 def vcpumask(v: "VCPU", ptr: int) -> list["VCPU"]:
@@ -242,11 +242,8 @@ def do_update_va_mapping(v: "VCPU", va: int, val: int, flags: int, *_) -> int:
     # reference on a validated L4 before it ever ran (builder, VCPUOP_initialise, restore).
     pt = v.domain.hypervisor.pagetables
     ptr = pt.l1_entry_address(v.kernel_root, va)
-    # Flushed whatever `flags` ask (UVMF_NONE included) when a present entry changed, on
-    # the emulated engine: it has no per-page flush, and a stale writable translation of a
-    # frame that has since become a page table would bypass validation (written_all). A
-    # not-present entry was never cached (mmu.PageTables.update_entry), so mapping a fresh
-    # page needs no flush.
+    # A replaced present entry is reported to the engines (written_all), which flush only
+    # what Xen would whatever `flags` ask; the guest's flush follows from `flags`.
     if pt.update_entry(v.domain.domid, ptr, val):
         written_all(v)
     # UVMF_TLB_FLUSH / UVMF_INVLPG: the local vCPU (UVMF_LOCAL), all (UVMF_ALL) or a

@@ -174,13 +174,18 @@ class VCPU:
     # -- guest memory through the current page tables ---------------------------------------------------
     @property
     def current_root(self) -> int:
-        return self.kernel_root if self.kernel_mode else self.user_root
+        pv = self.pv                     # hot (every guest buffer a hypercall reads): no properties
+        return pv.kernel_root if pv.kernel_mode else self.user_root
 
     def copy_from_guest(self, va: int, n: int) -> bytes:
         mmu = self.domain.hypervisor.pagetables
         root = self.current_root << 12
-        out = bytearray()
         mem = self.domain.mem
+        if 0 < n <= PAGE_SIZE - (va & (PAGE_SIZE - 1)):
+            # Within one page (most hypercall arguments: one walk, one copy).
+            ma = mmu.translate(root, va, False)
+            return bytes(mem.view[ma:ma + n])
+        out = bytearray()
         while n > 0:
             chunk = min(n, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
             ma = mmu.translate(root, va, False)

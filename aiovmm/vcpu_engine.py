@@ -16,7 +16,11 @@ Unicorn quirks handled here, each measured in shared/research/unicorn/NOTES.md:
   3rd a silent triple fault. Every exception hook resets it through the context blob.
 - In the SYSCALL hook RIP is the syscall itself and Unicorn adds 2 after the hook returns, so a
   RIP written inside the hook is written as target-2 (`set_rip` does this).
-- The TLB is never flushed by Unicorn: callers flush after every page-table change.
+- The TLB is never flushed by Unicorn; it is flushed where Xen flushes the real one: the
+  guest's own flushes (MMUEXT_TLB_FLUSH*/INVLPG*, update_va_mapping's flags, CR3 loads),
+  Xen's own mappings changing (GDT/LDT, ptwr's scratch frame, a grant unmap), and, whatever
+  the guest asked, a frame being freed or taking a page-table or descriptor type
+  (MachineMemory.tlb_engines). A page-table write alone flushes nothing (`pt_written`).
 - Hot paths use raw batched uc_reg_read/write calls (1.6-2.3 us), not the binding (5 us each).
 - CS/SS cannot be made CPL3 by reg_write: the first slice starts in a ring-0 stub that runs a
   real `iretq` into the guest (see `start_in_stub`).
@@ -39,6 +43,9 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 from .clock import SystemClock
 from .tcg_memory import TcgMemory
+
+if typing.TYPE_CHECKING:
+    from .memory import MachineMemory
 
 log = logging.getLogger("aiovmm.vcpu_engine")
 
@@ -358,8 +365,9 @@ class VCPUEngine:
     cpl3_xstate = None
 
     def __init__(self, mem_address: int, mem_size: int, *, until: int, name: str = "vcpu",
-                 slices: str | None = None) -> None:
+                 slices: str | None = None, mem: "MachineMemory | None" = None) -> None:
         self.name = name
+        self.flushes = 0                      # TLB flushes asked of Unicorn (not CR3 loads)
         self.until = until
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.h = uc._uch
@@ -378,6 +386,11 @@ class VCPUEngine:
         self._tsc.ids[:] = [REGS[n] for n in ("rax", "rdx", "rcx")]
         self._tsc.write_batch = ctypes.cast(uclib.uc_reg_write_batch, ctypes.c_void_p).value
         self._clock: Callable[[], int] = SystemClock(0)
+        # `mem`: the machine memory of a hypervisor's guest, whose frees and type changes
+        # must empty this TLB at once (MachineMemory._stale_translations_unsafe).
+        self._mem = mem
+        if mem is not None:
+            mem.tlb_engines.append(self)
 
         self.in_syscall_hook = False
         self._df_retry_rip = -1
@@ -573,7 +586,15 @@ class VCPUEngine:
         self.write({"cr3": cr3})
 
     def flush_tlb(self) -> None:
+        self.flushes += 1
         uclib.uc_ctl(self.h, _UC_CTL_TLB_FLUSH_WRITE)
+
+    def pt_written(self) -> None:
+        """The hypervisor changed page-table entries where Xen does not flush the TLB
+        (mmu_update, update_va_mapping without flush flags, a ptwr store, an unpin): nothing
+        to do. A translation the soft TLB still holds is one the real TLB would hold on Xen
+        until the guest flushes; the cases where that would be unsafe (the frame freed, or
+        becoming a page table or descriptor page) flush through MachineMemory.tlb_engines."""
 
     def flush_code(self) -> None:
         """Drop translated code (after the hypervisor rewrote guest code bytes)."""
@@ -922,6 +943,10 @@ class VCPUEngine:
         raise NotImplementedError("dirty-page tracking is not implemented on the Unicorn engine")
 
     def close(self) -> None:
+        if self._mem is not None:
+            if self in self._mem.tlb_engines:
+                self._mem.tlb_engines.remove(self)
+            self._mem = None
         if self._timer is not None:
             self._lib.aiovmm_timer_free(self._timer)
             self._timer = None
