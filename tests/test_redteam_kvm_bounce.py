@@ -341,7 +341,8 @@ async def test_user_syscall_hostile_kernel_stacks_are_pythons():
     """A kernel stack (HYPERVISOR_stack_switch takes any value) whose bounce frame C must not
     write: wrapping below 0, at the top of the canonical lower half or past it, in Xen's range
     or just above its end (Xen refuses up to 64 bytes past it), unmapped, in a page the guest
-    maps read-only. C leaves each to Python with nothing written (still user mode, CR3 the
+    maps read-only; also a good stack while the shadow guard defers an entry (the kernel
+    root is not ready). C leaves each to Python with nothing written (still user mode, CR3 the
     user L4, registers as at the exit, guest memory unchanged), where the bounce crashes the
     domain as Xen's create_bounce_frame does (the crash is recorded here, not carried out, so
     the next stack can be tried)."""
@@ -389,6 +390,23 @@ async def test_user_syscall_hostile_kernel_stacks_are_pythons():
                 assert len(crashes) == n + 1, (hex(sp), crashes[n:])
                 b.restore()
             assert bytes(hv.mem.map[ro_ma:ro_ma + 4096]) == ro_bytes
+            # A writable stack, but an entry the shadow guard defers until the guest's next
+            # flush: the kernel root is not C's to load (the CR3 load must flush it first).
+            v.kernel_sp = b.data_va + 0xF00
+            b.to_user_mode()
+            eng.write({"rip": USER_CODE_VA})
+            _run(eng, False)                                 # the check after the CR3 load
+            eng._guard.deferred.add((v.kernel_root << 12) + 8 * 511)
+            eng._check_pending = True
+            eng.write({"rip": USER_CODE_VA})
+            _run(eng, False)
+            assert (eng._ctx.ready_kroot, eng._ctx.ready_uroot) == (0, 0)
+            eng.write({"rip": b.entry, "rcx": USER_CODE_VA, "r11": 0x246})
+            before = b.counters()
+            assert _run(eng, True) == 3 and b.counters() == before
+            assert not v.kernel_mode and eng.get("cr3") == v.user_root << 12
+            eng.flush_tlb()                                  # the guard drops the entry
+            b.restore()
         finally:
             del v.crash
         assert b.dom.shutdown_reason is None
