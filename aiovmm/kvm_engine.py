@@ -530,7 +530,9 @@ class _RunCtx(ctypes.Structure):
                 ("cs64", ctypes.c_uint8 * 24), ("cs32", ctypes.c_uint8 * 24), ("ss3", ctypes.c_uint8 * 24),
                 ("pv", ctypes.c_void_p), ("fast_hc", ctypes.c_uint32), ("page_rip_after", ctypes.c_uint32),
                 ("mem_size", ctypes.c_uint64), ("fast_calls", ctypes.c_uint64 * len(_FAST_CALLS)),
-                ("deadline_ns", ctypes.c_int64)]
+                ("deadline_ns", ctypes.c_int64),
+                ("ready_kroot", ctypes.c_uint64), ("ready_uroot", ctypes.c_uint64),
+                ("fast_bounces", ctypes.c_uint64), ("fast_user_irets", ctypes.c_uint64)]
 
 
 class _VMPool:
@@ -994,16 +996,26 @@ class KVMEngine:
         """KVM_RUN calls that ran the guest (the invalidation stub's are not counted)."""
         return self._ctx.exits
 
+    @property
+    def exits_in_c(self) -> dict[str, int]:
+        """Exits completed by the C run loop without Python, by kind (bench/linux.py)."""
+        ctx = self._ctx
+        return {"stack_switch": ctx.fast_calls[0], "set_segment_base": ctx.fast_calls[1],
+                "iret to kernel": ctx.fast_calls[2] - ctx.fast_user_irets,
+                "iret to user": ctx.fast_user_irets, "user syscall": ctx.fast_bounces,
+                "port in": ctx.fast_hits}
+
     def attach_pv(self, pv: ctypes.Structure) -> None:
         """Share the vCPU's PV state (vcpu.PVState) with the C run loop, which completes
-        stack_switch and set_segment_base in it (csrc/kvm.c fast_hypercall)."""
+        stack_switch, set_segment_base and iret in it (csrc/kvm.c fast_hypercall) and bounces
+        a user process's syscall (fast_user_syscall)."""
         self._pv = pv
         self._ctx.pv = ctypes.addressof(pv)
 
     @property
     def exit_kinds(self) -> collections.Counter[str]:
         out = collections.Counter(self._exit_kinds)
-        fast = sum(self._ctx.fast_calls)
+        fast = sum(self._ctx.fast_calls) + self._ctx.fast_bounces
         if fast:
             out[_SYSCALL] += fast
         if self._hypercalls:
@@ -1314,7 +1326,24 @@ class KVMEngine:
             root = self._sreg_u64(_SREG_OFF["cr3"]) >> PAGE_SHIFT
             if root not in self._guard.roots:
                 self._guard.add_root(root)
+            self._ready_roots()
         return self._run_ex(self._ctx_ptr)
+
+    def _ready_roots(self) -> None:
+        """Tell C which of the vCPU's two roots it may load as CR3 when it toggles between
+        guest kernel and user mode (csrc/kvm.c root_ready): a root the shadow guard tracks,
+        while the guard defers nothing, so that the CR3 load needs none of the work it
+        triggers here (tracking a new root, flushing deferred entries). Called after every
+        guard check, the only place where its roots and deferred entries change; a root the
+        guest registers later differs from the one recorded and is Python's until then."""
+        pv, ctx = self._pv, self._ctx
+        if pv is None:
+            return
+        guard = self._guard
+        ok = not guard.deferred and not guard.flush_deferred
+        roots = guard.roots
+        ctx.ready_kroot = pv.kernel_root if ok and pv.kernel_root in roots else 0
+        ctx.ready_uroot = pv.user_root if ok and pv.user_root in roots else 0
 
     def _sync_shadow(self) -> None:
         """Make KVM forget what the hypervisor changed in page tables since the last check

@@ -16,7 +16,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from .abi import PAGE_SIZE, VcpuInfo, VCPU_INFO_SIZE
+from .abi import PAGE_SIZE, CallbackType, VcpuInfo, VCPU_INFO_SIZE
 from . import cpuid, descriptors, emulate, tcg_memory, vcpu_op
 from .vcpu_engine import ExitReason, VCPUEngine
 
@@ -33,19 +33,80 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiovmm.vcpu")
 
+_SYSCALL_CALLBACK = int(CallbackType.syscall)
 IDLE_RELEASE_S = 2.0   # asleep this long: the engine's translator memory goes back (_sleep)
 
 
 class PVState(ctypes.Structure):
     """The part of Xen's per-vCPU PV state that an engine may read or write outside Python
-    (csrc/kvm.c struct aiovmm_pv, same layout: the KVM engine completes stack_switch and
-    set_segment_base in C). This struct is the only copy: VCPU.kernel_mode, kernel_ss,
-    kernel_sp, kernel_root, info_maddr, fault_depth and hypercalls are views of it, so C and Python never
-    hold two values of one thing."""
+    (csrc/kvm.c struct aiovmm_pv, same layout: the KVM engine completes stack_switch,
+    set_segment_base, iret and a user process's syscall bounce in C). This struct is the only
+    copy: VCPU.kernel_mode, kernel_ss, kernel_sp, kernel_root, user_root, the two saved GS
+    bases, info_maddr, fault_depth, last_frame_rsp and hypercalls are views of it, and the
+    syscall callback is mirrored into it by CallbackTable, so C and Python never hold two
+    values of one thing."""
     _fields_ = [("kernel_mode", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 7),
                 ("kernel_ss", ctypes.c_uint64), ("kernel_sp", ctypes.c_uint64),
                 ("info_maddr", ctypes.c_uint64), ("fault_depth", ctypes.c_uint64),
-                ("hypercalls", ctypes.c_uint64), ("kernel_root", ctypes.c_uint64)]
+                ("hypercalls", ctypes.c_uint64), ("kernel_root", ctypes.c_uint64),
+                ("user_root", ctypes.c_uint64), ("kernel_gs_base", ctypes.c_uint64),
+                ("user_gs_base", ctypes.c_uint64), ("last_frame_rsp", ctypes.c_uint64),
+                ("syscall_cb", ctypes.c_uint64), ("syscall_cb_flags", ctypes.c_uint64)]
+
+
+class CallbackTable(dict):
+    """The vCPU's registered callbacks, type -> (address, flags). Every change goes through
+    here and copies the syscall callback into the PVState (syscall_cb, syscall_cb_flags),
+    which the KVM engine's C loop bounces a user process's syscall to: the dict stays the
+    one authority, the PVState only mirrors it."""
+
+    def __init__(self, pv: PVState, items=()) -> None:
+        super().__init__(items)
+        self._pv = pv
+        self._mirror()
+
+    def _mirror(self) -> None:
+        address, flags = self.get(_SYSCALL_CALLBACK) or (0, 0)
+        self._pv.syscall_cb = address & 0xFFFFFFFFFFFFFFFF
+        self._pv.syscall_cb_flags = flags & 0xFFFFFFFFFFFFFFFF
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._mirror()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._mirror()
+
+    def pop(self, *args):
+        try:
+            return super().pop(*args)
+        finally:
+            self._mirror()
+
+    def popitem(self):
+        try:
+            return super().popitem()
+        finally:
+            self._mirror()
+
+    def clear(self) -> None:
+        super().clear()
+        self._mirror()
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._mirror()
+
+    def setdefault(self, key, default=None):
+        try:
+            return super().setdefault(key, default)
+        finally:
+            self._mirror()
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
 
 
 def _pv_field(name: str, doc: str, conv=int) -> property:
@@ -65,6 +126,19 @@ class VCPU:
     fault_depth = _pv_field("fault_depth", "nested faults since the last hypercall (traps.py)")
     hypercalls = _pv_field("hypercalls", "hypercalls made (Python and engine together)")
     kernel_root = _pv_field("kernel_root", "MFN of the kernel L4 (NEW_BASEPTR)")
+    user_root = _pv_field("user_root", "MFN of the user L4 (NEW_USER_BASEPTR), 0 = none")
+    kernel_gs_base = _pv_field("kernel_gs_base", "GS base of kernel mode while in user mode")
+    user_gs_base = _pv_field("user_gs_base", "GS base of user mode while in kernel mode")
+    last_frame_rsp = _pv_field("last_frame_rsp", "the last bounce frame (traps.py nesting)")
+
+    @property
+    def callbacks(self) -> CallbackTable:
+        """type -> (address, flags) (HYPERVISOR_set_callbacks, callback_op)."""
+        return self._callbacks
+
+    @callbacks.setter
+    def callbacks(self, value: dict[int, tuple[int, int]]) -> None:
+        self._callbacks = CallbackTable(self.pv, value)
 
     def __init__(self, domain: "Domain", vcpu_id: int, engine: VCPUEngine) -> None:
         self.domain = domain
@@ -73,11 +147,11 @@ class VCPU:
         self.pv = PVState()
         self.kernel_mode = True
         self.kernel_root = 0
-        self.user_root = 0             # MFN of the user L4 (NEW_USER_BASEPTR), 0 = none
+        self.user_root = 0
         self.kernel_gs_base = 0
         self.user_gs_base = 0
         self.trap_table: list[tuple[int, int, int]] = [(0, 0, 0)] * 256   # (flags, cs, address)
-        self.callbacks: dict[int, tuple[int, int]] = {}                   # type -> (address, flags)
+        self.callbacks = {}
         self.kernel_ss = 0
         self.kernel_sp = 0
         self.fpu_ts = False

@@ -149,7 +149,10 @@ async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
     eng = dom.vcpus[0].engine
     if getattr(eng, "kind", "") == "kvm":
         kinds = ", ".join(f"{k} {n}" for k, n in eng.exit_kinds.most_common(5))
-        res["engine_stats"] = (f"exits {eng.exits} ({kinds}); invalidations {eng.invalidations} "
+        in_c = eng.exits_in_c
+        c_kinds = ", ".join(f"{k} {n}" for k, n in in_c.items() if n)
+        res["engine_stats"] = (f"exits {eng.exits} ({kinds}); completed in C {sum(in_c.values())} "
+                               f"({c_kinds}); invalidations {eng.invalidations} "
                                f"({eng.invalidated} entries/frames), full zaps {eng.zaps}")
     if not dom.done.done():
         dom.shutdown(ShutdownReason.poweroff)

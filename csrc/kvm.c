@@ -8,8 +8,10 @@
  * the ioctl makes KVM_RUN return at once instead of running a whole extra slice.
  *
  * Exits are handled in Python (aiovmm/kvm_engine.py), but for a few completed here, each
- * under the conditions of its function: repeated PIT reads (fast_in) and the hypercalls whose
- * whole effect is vCPU state (fast_hypercall). */
+ * under the conditions of its function: repeated PIT reads (fast_in), the hypercalls whose
+ * whole effect is vCPU state (fast_hypercall), and a user process's system call bounced to
+ * the guest kernel (fast_user_syscall). Python's handler of each stays the reference: any
+ * case not proven here to be one it handles the same way is left to it. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
@@ -156,6 +158,13 @@ struct aiovmm_kvm_ctx {
     /* The armed slice's end (CLOCK_MONOTONIC ns; 0: no slice). No guest entry here past it:
      * if a kick was lost anyway, the guest is not entered without a timer left to end it. */
     int64_t deadline_ns;
+    /* The page-table roots C may load as CR3 (a switch between guest kernel and user mode):
+     * set by the engine after each shadow-guard check to the vCPU's kernel and user L4 if
+     * the guard tracks them and defers nothing (aiovmm/kvm_engine.py _kvm_run), else 0. A
+     * root that differs from the vCPU's current one (pv) is not loaded here: Python's. */
+    uint64_t ready_kroot, ready_uroot;
+    uint64_t fast_bounces;         /* user-mode syscalls bounced to the guest kernel here */
+    uint64_t fast_user_irets;      /* of fast_calls[2]: irets back to guest user mode */
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -167,6 +176,12 @@ struct aiovmm_pv {
     uint64_t fault_depth;          /* nested faults since the last hypercall (traps.py) */
     uint64_t hypercalls;
     uint64_t kernel_root;          /* MFN of the guest kernel's L4 (MMUEXT_NEW_BASEPTR) */
+    uint64_t user_root;            /* MFN of the guest user L4 (MMUEXT_NEW_USER_BASEPTR), 0: none */
+    uint64_t kernel_gs_base;       /* GS base of the mode not running (Xen's gs_base_kernel/_user): */
+    uint64_t user_gs_base;         /* the live one is kvm_sregs gs.base */
+    uint64_t last_frame_rsp;       /* the last bounce frame (traps.py: nested-fault detection) */
+    uint64_t syscall_cb;           /* CALLBACKTYPE_syscall: address (0: none) ... */
+    uint64_t syscall_cb_flags;     /* ... and flags (CALLBACKF_mask_events) */
 };
 
 #define KREG_RAX 0
@@ -200,6 +215,17 @@ struct aiovmm_pv {
 #define SEGBASE_GS_KERNEL 2   /* xen/include/public/arch-x86/xen-x86_64.h */
 #define VCPU_INFO_PENDING 0
 #define VCPU_INFO_MASK 1
+#define PTE_RW 2ULL
+#define RF_TF 0x100ULL
+#define RF_DF 0x400ULL
+#define RF_RF 0x10000ULL
+#define RF_AC 0x40000ULL
+#define SREG_GS 4                     /* kvm_sregs: the 24-byte segment index of GS */
+#define SREG_CR3 240
+#define USER_CS 0xE033ULL             /* FLAT_RING3_CS64 / FLAT_RING3_SS (traps.py USER_CS/_SS) */
+#define USER_SS 0xE02BULL
+#define CALLBACKF_MASK_EVENTS 1ULL
+#define BOUNCE_FRAME 56               /* rcx r11 rip cs rflags rsp ss: no error code */
 
 /* The layouts Python mirrors (aiovmm/kvm_engine.py _RunCtx, aiovmm/vcpu.py PVState), checked
  * when the library is loaded: 0 the run context's size, 1 the PV state's. */
@@ -245,15 +271,17 @@ void aiovmm_kvm_syscall_entry(struct aiovmm_kvm_ctx *c)
 }
 
 
-/* The machine address of guest VA `va` for a read at CPL 3 through the page tables at `cr3`
- * (the guest's validated tables, as Python's copy_from_guest uses them), with the checks of the Python
- * walk (aiovmm/mmu.py translate): canonical, outside Xen's range, present and user at every
- * level. Returns 0 (not ours to judge: the caller leaves it to Python, whose walk then gives
- * the fault) when any check fails or an entry leads outside machine memory. */
-static uint64_t guest_read_maddr(struct aiovmm_kvm_ctx *c, uint64_t cr3, uint64_t va)
+/* The machine address of guest VA `va` for a read (or, `write`, a write) at CPL 3 through the
+ * page tables at `cr3` (the guest's validated tables, as Python's copy_from_guest and
+ * copy_to_guest use them), with the checks of the Python walk (aiovmm/mmu.py translate):
+ * canonical, outside Xen's range, present and user (and writable) at every level. Returns 0
+ * (not ours to judge: the caller leaves it to Python, whose walk then gives the fault) when
+ * any check fails or an entry leads outside machine memory. */
+static uint64_t guest_maddr(struct aiovmm_kvm_ctx *c, uint64_t cr3, uint64_t va, int write)
 {
     if (!canonical(va) || (va >= XEN_VIRT_START && va < XEN_VIRT_END))
         return 0;
+    uint64_t need = PTE_PRESENT | PTE_USER | (write ? PTE_RW : 0);
     uint64_t table = cr3 & PTE_FRAME;
     for (int shift = 39; shift >= 12; shift -= 9) {
         uint64_t at = table + 8 * ((va >> shift) & 0x1FF);
@@ -261,7 +289,7 @@ static uint64_t guest_read_maddr(struct aiovmm_kvm_ctx *c, uint64_t cr3, uint64_
             return 0;
         uint64_t e;
         memcpy(&e, (const void *)(uintptr_t)(c->mem_base + at), 8);   /* read once */
-        if ((e & (PTE_PRESENT | PTE_USER)) != (PTE_PRESENT | PTE_USER))
+        if ((e & need) != need)
             return 0;
         table = e & PTE_FRAME;
     }
@@ -270,27 +298,69 @@ static uint64_t guest_read_maddr(struct aiovmm_kvm_ctx *c, uint64_t cr3, uint64_
     return table | (va & 0xFFF);
 }
 
-/* HYPERVISOR_iret back to guest kernel mode (aiovmm/traps.py do_iret, the same effect):
+/* The root `mfn` of this vCPU (its current kernel or user L4) may be loaded as CR3 here: the
+ * engine found the shadow guard tracking it with nothing deferred (ready_kroot/ready_uroot),
+ * so the switch needs none of the work Python's CR3 load triggers (aiovmm/kvm_engine.py
+ * _kvm_run: KVM may only shadow tracked tables; a CR3 load flushes deferred entries). */
+static int root_ready(uint64_t mfn, uint64_t ready)
+{
+    return mfn != 0 && mfn == ready;
+}
+
+/* Xen's toggle_guest_mode as vcpu.py switch_to_kernel / switch_to_user do it: the live GS
+ * base is saved as the leaving mode's, the entered mode's loaded, CR3 set to its root (a
+ * root_ready one: the caller checked). */
+static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
+{
+    struct aiovmm_pv *pv = c->pv;
+    uint8_t *s = c->run + RUN_SREGS;
+    uint64_t gs, cr3;
+    memcpy(&gs, s + SREG_GS * 24, 8);
+    if (to_kernel) {
+        pv->user_gs_base = gs;
+        gs = pv->kernel_gs_base;
+        cr3 = pv->kernel_root << 12;
+    } else {
+        pv->kernel_gs_base = gs;
+        gs = pv->user_gs_base;
+        cr3 = pv->user_root << 12;
+    }
+    pv->kernel_mode = (uint8_t)to_kernel;
+    memcpy(s + SREG_GS * 24, &gs, 8);
+    memcpy(s + SREG_CR3, &cr3, 8);
+    mark_dirty(c->run, SYNC_SREGS);
+}
+
+/* HYPERVISOR_iret (aiovmm/traps.py do_iret, the same effect; Xen: xen/arch/x86/pv/iret.c):
  * the context (rax r11 rcx flags rip cs rflags rsp ss) on the guest stack at the SYSCALL,
  * copied once and used only from the copy (the guest, or a backend thread, may rewrite the
- * stack meanwhile). A return to user mode switches page tables and GS and is Python's, as is
- * a context that crosses a page or cannot be read (Python then crashes the domain). */
+ * stack meanwhile). A return to user mode (CS with RPL 3) also toggles the mode, only when the
+ * user root is registered and ready (root_ready) and the new RIP is canonical (Xen never
+ * leaves through SYSRET to one). Python's: those that are not, a context that crosses a page
+ * or cannot be read (Python then crashes the domain), a vcpu_info outside memory. Every check
+ * is made before anything is written. */
 static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
 {
+    struct aiovmm_pv *pv = c->pv;
     uint64_t rsp = r[KREG_RSP], ctx[9];
     if ((rsp & 0xFFF) > 4096 - sizeof ctx)
         return 0;
-    uint64_t ma = guest_read_maddr(c, c->pv->kernel_root << 12, rsp);
+    uint64_t ma = guest_maddr(c, pv->kernel_root << 12, rsp, 0);
     if (!ma)
         return 0;
     memcpy(ctx, (const void *)(uintptr_t)(c->mem_base + ma), sizeof ctx);
     uint64_t rax = ctx[0], r11 = ctx[1], rcx = ctx[2], flags = ctx[3], rip = ctx[4];
     uint64_t cs = ctx[5], rflags = ctx[6], ursp = ctx[7];
-    if ((cs & 3) == 3)
+    int to_user = (cs & 3) == 3;
+    if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
-    uint64_t info = c->pv->info_maddr;
+    uint64_t info = pv->info_maddr;
     if (info + 2 > c->mem_size)
         return 0;
+    if (to_user) {
+        toggle_mode(c, 0);
+        c->fast_user_irets++;
+    }
     r[KREG_RIP] = rip;
     r[KREG_RSP] = ursp;
     r[KREG_RFLAGS] = (rflags & ARCH_FLAGS & ~(RF_IOPL | RF_VM)) | RF_IF | 2;
@@ -307,12 +377,65 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     return 1;
 }
 
+/* A `syscall` from guest user mode, bounced to the guest kernel's syscall callback with its
+ * stack switch and the toggle to kernel mode (aiovmm/traps.py user_syscall and bounce, the
+ * same effect; Xen: x86_64/entry.S lstar_enter -> switch_to_kernel -> create_bounce_frame).
+ * The exit's registers are the SYSCALL's (aiovmm_kvm_syscall_entry: RIP the return address,
+ * RFLAGS the sanitized R11); the frame [rcx r11 rip cs rflags rsp ss] goes below the
+ * registered kernel stack (16-byte aligned). Returns 1 if done, 0 for Python, with nothing
+ * written, when: no callback is registered (Python raises #UD), the kernel root is not
+ * ready, the frame would wrap below 0, lie in Xen's range or outside canonical space, cross a
+ * page or not be writable through the kernel's tables (Python crashes the domain), the
+ * vcpu_info lies outside memory, or an event would be deliverable after the bounce (Python
+ * bounces and delivers it). The upcall mask and pending bytes are read once. */
+static int fast_user_syscall(struct aiovmm_kvm_ctx *c, uint64_t *r)
+{
+    struct aiovmm_pv *pv = c->pv;
+    uint64_t handler = pv->syscall_cb, cb_flags = pv->syscall_cb_flags;
+    if (!handler || !root_ready(pv->kernel_root, c->ready_kroot))
+        return 0;
+    uint64_t s = pv->kernel_sp & ~0xFULL;
+    if (s < BOUNCE_FRAME)
+        return 0;
+    uint64_t new_rsp = s - BOUNCE_FRAME;
+    if ((new_rsp >= XEN_VIRT_START && new_rsp < XEN_VIRT_END + 64) || !canonical(new_rsp)
+        || (new_rsp & 0xFFF) > 4096 - BOUNCE_FRAME)
+        return 0;
+    uint64_t ma = guest_maddr(c, pv->kernel_root << 12, new_rsp, 1);
+    if (!ma)
+        return 0;
+    uint64_t info = pv->info_maddr;
+    if (info + 2 > c->mem_size)
+        return 0;
+    volatile uint8_t *vi = (volatile uint8_t *)(uintptr_t)(c->mem_base + info);
+    uint8_t pending = vi[VCPU_INFO_PENDING], old_mask = vi[VCPU_INFO_MASK];
+    int mask_events = (cb_flags & CALLBACKF_MASK_EVENTS) != 0;
+    if (pending && !old_mask && !mask_events)
+        return 0;
+    uint64_t rip = r[KREG_RIP], rflags = r[KREG_RFLAGS], rsp = r[KREG_RSP];
+    uint64_t frame[BOUNCE_FRAME / 8] = {
+        rip, rflags, rip, USER_CS | ((uint64_t)old_mask << 32),
+        (rflags & ~(RF_IF | RF_IOPL)) | (old_mask ? 0 : RF_IF), rsp, USER_SS,
+    };
+    memcpy((void *)(uintptr_t)(c->mem_base + ma), frame, sizeof frame);
+    toggle_mode(c, 1);
+    if (mask_events)
+        vi[VCPU_INFO_MASK] = 1;
+    r[KREG_RSP] = new_rsp;
+    r[KREG_RIP] = handler;
+    r[KREG_RFLAGS] = (rflags & ~(RF_TF | RF_NT | RF_RF | RF_VM | RF_AC | RF_DF)) | RF_IF;
+    pv->last_frame_rsp = new_rsp;
+    mark_dirty(c->run, SYNC_REGS);
+    c->fast_bounces++;
+    return 1;
+}
+
 /* A hypercall from guest kernel mode whose whole effect is this vCPU's state, completed
  * without Python (returns 1), or 0: Python handles it (aiovmm/hypercall.py dispatch). Only
  * the cases Xen always accepts are done here, each exactly as the Python handler does it
- * (aiovmm/traps.py do_stack_switch, do_set_segment_base, do_iret to kernel mode); every
- * refusal, every other `which`, every iret that changes mode or cannot be read goes to
- * Python, so error codes and crashes come from one place. The registers were copied by
+ * (aiovmm/traps.py do_stack_switch, do_set_segment_base, do_iret); every refusal, every
+ * other `which`, every iret fast_iret leaves goes to Python, so error codes and crashes come
+ * from one place. The registers were copied by
  * KVM into kvm_run and are read once each. */
 static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
 {
@@ -389,7 +512,8 @@ static int fast_in(struct aiovmm_kvm_ctx *c, uint8_t *run, uint16_t port, uint64
  * `out %al` of one byte to the hypercall port from outside the vector stubs (a hypercall
  * through the engine's hypercall page, if the guest is in kernel mode: the caller checks),
  * 3 for the SYSCALL entry page's `out` (a guest `syscall`: Linux's hypercalls and its user
- * processes' system calls; RIP, RFLAGS, CS and SS already set back by aiovmm_kvm_syscall_entry),
+ * processes' system calls; RIP, RFLAGS, CS and SS already set back by aiovmm_kvm_syscall_entry)
+ * that was not completed here (fast_hypercall, fast_user_syscall),
  * 4 when such a hypercall was completed here (fast_hypercall) and an event is now
  * deliverable (the caller runs the hypercall's tail: the upcall); a completed hypercall with
  * no deliverable event enters the guest again at once. 0 for any other exit (decoded in Python; an IN that fast_in()
@@ -456,6 +580,9 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
                     return 4;          /* completed: Python runs the hypercall's tail */
                 continue;
             }
+            /* A user process's system call: nothing deliverable after it (checked). */
+            if (c->fast_hc && c->pv && !c->pv->kernel_mode && fast_user_syscall(c, regs_of(run)))
+                continue;
             return 3;
         }
         return 0;

@@ -443,7 +443,8 @@ def _symbol(path: str, name: str) -> int:
 async def test_stack_switch_completed_in_c_is_the_stack_user_syscalls_bounce_to(monkeypatch):
     """The project's kernel with the `syscall` hypercall page (as Linux issues its
     hypercalls): its HYPERVISOR_stack_switch is completed in C, and the user program's
-    system calls are then bounced (Python, traps.bounce) onto exactly that stack, so C and
+    system calls are then bounced onto exactly that stack (in C, csrc/kvm.c
+    fast_user_syscall, and in Python, traps.bounce, when C leaves one to it), so C and
     Python share one kernel_sp."""
     from aiovmm import builder, hypervisor, traps
     from aiovmm.abi import FLAT_KERNEL_SS, Hypercall
@@ -465,8 +466,13 @@ async def test_stack_switch_completed_in_c_is_the_stack_user_syscalls_bounce_to(
         v = dom.vcpus[0]
         assert v.engine._ctx.fast_calls[0] >= 1, "stack_switch did not take the C path"
         assert (v.kernel_ss, v.kernel_sp) == (FLAT_KERNEL_SS | 3, top)
-        assert from_user and all(top - 256 <= sp < top for sp in from_user), \
-            (hex(top), [hex(sp) for sp in from_user])
+        assert all(top - 256 <= sp < top for sp in from_user), (hex(top), [hex(sp) for sp in from_user])
+        assert v.engine._ctx.fast_bounces >= 1, "no user syscall took the C path"
+        # The last bounce from user mode (C's or Python's): its frame right below that stack
+        # (rip cs rflags rsp ss stay until the iret; the guest reuses the rcx/r11 slots).
+        frame = hv.pagetables.translate(v.kernel_root << 12, (top & ~0xF) - 40, False)
+        rip, cs, _fl, _sp, ss = __import__("struct").unpack_from("<5Q", hv.mem.map, frame)
+        assert (cs & 0xFFFF, ss) == (0xE033, 0xE02B) and 0x400000 <= rip < 0x401000, [hex(rip), hex(cs)]
         assert await asyncio.wait_for(dom.wait(), 60) == ShutdownReason.poweroff
         assert dom.hypercall_counts.get(int(Hypercall.stack_switch), 0) >= 1
         assert v.hypercalls >= dom.hypercall_counts[int(Hypercall.stack_switch)]
@@ -517,12 +523,16 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
                 assert eng.get("rax") == (-Errno.EINVAL) & (2**64 - 1)
                 assert eng.get("fs_base") == 0x7F0012345000
             assert [a - b for a, b in zip(eng._ctx.fast_calls, done)][:2] == [1, 2]
-            # From guest user mode a `syscall` is the guest kernel's, never a hypercall.
+            # From guest user mode a `syscall` is the guest kernel's, never a hypercall (with
+            # no syscall callback registered not C's either: Python raises #UD).
             v.pv.kernel_mode = 0
+            from aiovmm.abi import CallbackType
+            cb = v.callbacks.pop(CallbackType.syscall)
             try:
                 assert call(3, 0xE02B, 0x1000) == 3
             finally:
                 v.pv.kernel_mode = 1
+                v.callbacks[CallbackType.syscall] = cb
             assert v.kernel_sp == 0xFFFFFFFF80123450
             # A deliverable event after a completed hypercall: Python runs its tail.
             hv.mem.map[info + VcpuInfo.evtchn_upcall_pending] = 1
@@ -542,8 +552,8 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
 async def test_iret_completed_in_c_matches_the_python_iret():
     """HYPERVISOR_iret back to kernel mode is completed in C from one copy of the context;
     for the same contexts, C and the Python handler (traps.do_iret) leave the same
-    registers and event mask. A return to user mode, a context C cannot read (unmapped,
-    in Xen's range, across a page end) reach Python."""
+    registers and event mask. A context C cannot read (unmapped, in Xen's range, across a
+    page end) reaches Python. (Returns to user mode: tests/test_redteam_kvm_fast.py.)"""
     from aiovmm import traps
     from aiovmm.abi import IRET_CONTEXT, VGCF_in_syscall, VcpuInfo
     from aiovmm.kvm_engine import ring0
@@ -586,9 +596,8 @@ async def test_iret_completed_in_c_matches_the_python_iret():
                 by_python = eng.read(look), hv.mem.map[info + VcpuInfo.evtchn_upcall_mask]
                 assert by_c == by_python, (ctx, by_c, by_python)
             assert eng._ctx.fast_calls[2] - fast[2] == len(ctxs)
-            # Python's: to user mode, unmapped, Xen's range, across a page end.
-            v.copy_to_guest(at, IRET_CONTEXT.pack(0, 0, 0, 0, 0x400000, 0xE033, 0x202, 0x7000, 0xE02B))
-            for where in (at, 0x1000, 0xFFFF800000001000, data_va + 4096 - 64):
+            # Python's: unmapped, Xen's range, across a page end.
+            for where in (0x1000, 0xFFFF800000001000, data_va + 4096 - 64):
                 assert iret(where, True) == 3, hex(where)
             assert eng._ctx.fast_calls[2] - fast[2] == len(ctxs)
         finally:
