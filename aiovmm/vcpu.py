@@ -39,10 +39,11 @@ IDLE_RELEASE_S = 2.0   # asleep this long: the engine's translator memory goes b
 class PVState(ctypes.Structure):
     """The part of Xen's per-vCPU PV state that an engine may read or write outside Python
     (csrc/kvm.c struct aiovmm_pv, same layout: the KVM engine completes stack_switch and
-    set_segment_base in C). This struct is the only copy: VCPU.kernel_mode, kernel_ss,
-    kernel_sp, kernel_root, info_maddr, fault_depth and hypercalls are views of it, so C and Python never
-    hold two values of one thing."""
-    _fields_ = [("kernel_mode", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 7),
+    set_segment_base in C). This struct is the only copy: VCPU.kernel_mode, iopl, kernel_ss,
+    kernel_sp, kernel_root, info_maddr, fault_depth and hypercalls are views of it, so C and
+    Python never hold two values of one thing."""
+    _fields_ = [("kernel_mode", ctypes.c_uint8), ("iopl", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 6),
                 ("kernel_ss", ctypes.c_uint64), ("kernel_sp", ctypes.c_uint64),
                 ("info_maddr", ctypes.c_uint64), ("fault_depth", ctypes.c_uint64),
                 ("hypercalls", ctypes.c_uint64), ("kernel_root", ctypes.c_uint64)]
@@ -65,6 +66,7 @@ class VCPU:
     fault_depth = _pv_field("fault_depth", "nested faults since the last hypercall (traps.py)")
     hypercalls = _pv_field("hypercalls", "hypercalls made (Python and engine together)")
     kernel_root = _pv_field("kernel_root", "MFN of the kernel L4 (NEW_BASEPTR)")
+    iopl = _pv_field("iopl", "virtual IOPL 0..3 (PHYSDEVOP_set_iopl; iret with VMASST architectural_iopl)")
 
     def __init__(self, domain: "Domain", vcpu_id: int, engine: VCPUEngine) -> None:
         self.domain = domain
@@ -105,7 +107,7 @@ class VCPU:
         self.pending_trap: tuple[int, int, int] | None = None
         self.in_multicall = False
         # Privileged state Xen keeps per PV vCPU (emulate.py, cpuid.py).
-        self.iopl = 0                              # virtual IOPL 0..3 (PHYSDEVOP_set_iopl)
+        self.iopl = 0
         self.iobmp: tuple[int, int] = (0, 0)       # (guest VA, nr_ports) PHYSDEVOP_set_iobitmap
         self.cr2 = 0
         self.cr4 = cpuid.fixup_guest_cr4(0)

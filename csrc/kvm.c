@@ -147,7 +147,7 @@ struct aiovmm_kvm_ctx {
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
  * PVState, same layout; the VCPU's attributes of these names are views of it). */
 struct aiovmm_pv {
-    uint8_t kernel_mode, pad[7];
+    uint8_t kernel_mode, iopl, pad[6];   /* iopl: the virtual IOPL 0..3 */
     uint64_t kernel_ss, kernel_sp; /* HYPERVISOR_stack_switch */
     uint64_t info_maddr;           /* this vCPU's vcpu_info (machine address) */
     uint64_t fault_depth;          /* nested faults since the last hypercall (traps.py) */
@@ -273,6 +273,10 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     uint64_t rax = ctx[0], r11 = ctx[1], rcx = ctx[2], flags = ctx[3], rip = ctx[4];
     uint64_t cs = ctx[5], rflags = ctx[6], ursp = ctx[7];
     if ((cs & 3) == 3)
+        return 0;
+    /* An IOPL other than the virtual one is Python's: with VMASST architectural_iopl the
+     * iret sets it (Xen's do_iret), without it the iret ignores it; equal, both agree. */
+    if (((rflags & RF_IOPL) >> 12) != c->pv->iopl)
         return 0;
     uint64_t info = c->pv->info_maddr;
     if (info + 2 > c->mem_size)
