@@ -145,10 +145,16 @@ def _kernel_only(v: "VCPU") -> None:
         raise Inject(13)
 
 
+def architectural_iopl(v: "VCPU") -> bool:
+    """VMASST_TYPE_architectural_iopl (xen.h): the kernel counts as ring 0, HYPERVISOR_iret
+    sets the virtual IOPL from its frame, bounce frames report it (traps.py)."""
+    return bool(v.domain.vm_assist & (1 << VMASST_TYPE_architectural_iopl))
+
+
 def iopl_ok(v: "VCPU") -> bool:
     """Xen's iopl_ok: the kernel counts as ring 1 (ring 0 with VMASST architectural_iopl)."""
     if v.kernel_mode:
-        cpl = 0 if v.domain.vm_assist & (1 << VMASST_TYPE_architectural_iopl) else 1
+        cpl = 0 if architectural_iopl(v) else 1
     else:
         cpl = 3
     return cpl <= v.iopl

@@ -304,17 +304,23 @@ ORPHAN_OWNER = DOMID_XEN
 
 def held_by_others(dom: "Domain") -> set[int]:
     """Frames of dying `dom` that another domain still maps through a grant, from the active
-    records (never from the guest's entries). The table is marked dead: its entry frames are
-    about to be freed, and the grantees' unmaps will only update the records. Every Domain
-    has a grant table (Domain.__init__); only the host's event table has none, and it never
-    dies."""
+    records (never from the guest's entries); its table is dead since release_all, so the
+    set cannot grow. Every Domain has a grant table (Domain.__init__); only the host's
+    event table has none, and it never dies."""
     g = dom.grants
     g.dead = True
     return {act.frame for act in g.active.values() if act.maps or act.host}
 
 
 def release_all(dom: "Domain") -> None:
-    """A dying grantee drops every mapping it holds (maptrack)."""
+    """A dying grantee drops every mapping it holds (maptrack), and its table is marked
+    dead before the teardown's first pause: no new pin of its grants (map, copy, host
+    mapping) from then on. The teardown drops its tables' types in steps, lowest level first
+    and at once (count 0) while a parent table still references them (mmu.py
+    teardown_domain_steps): a writable mapping of such a table taken in a pause would lose
+    its writable type at the parent's devalidation (hostile grant_dying_l1). The grantees'
+    unmaps only update the records from then on."""
+    dom.grants.dead = True
     for handle in list(dom.grants.maptrack):
         try:
             unmap_grant(dom, handle, 0)

@@ -54,6 +54,8 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     s = stack & ~0xF
     cs = KERNEL_CS_IN_FRAME if was_kernel else USER_CS
     saved_flags = (rflags & ~(RF_IF | RF_IOPL)) | (0 if old_mask else RF_IF)
+    if emulate.architectural_iopl(v):      # Xen's create_bounce_frame: the virtual IOPL
+        saved_flags |= v.iopl << 12
     frame = [cur_rcx if rcx is None else rcx, cur_r11 if r11 is None else r11]
     if error_code is not None:
         frame.append(error_code & 0xFFFFFFFF)
@@ -276,6 +278,10 @@ def do_iret(v: "VCPU", *_) -> None:
             v.crash("HYPERVISOR_iret to user mode without a user page table")
             return None
         v.switch_to_user()
+    if emulate.architectural_iopl(v):
+        # The frame's IOPL is the new virtual IOPL (pv/iret.c); the C path (kvm.c
+        # fast_iret) leaves every iret that would change it to this one.
+        v.iopl = (rflags & RF_IOPL) >> 12
     new_flags = (rflags & ARCH_FLAGS & ~(RF_IOPL | RF_VM)) | RF_IF | 2
     regs = {"rip": rip, "rsp": ursp, "rflags": new_flags, "rax": rax}
     if flags & VGCF_in_syscall:

@@ -41,11 +41,12 @@ class PVState(ctypes.Structure):
     """The part of Xen's per-vCPU PV state that an engine may read or write outside Python
     (csrc/kvm.c struct aiovmm_pv, same layout: the KVM engine completes stack_switch,
     set_segment_base, iret and a user process's syscall bounce in C). This struct is the only
-    copy: VCPU.kernel_mode, kernel_ss, kernel_sp, kernel_root, user_root, the two saved GS
-    bases, info_maddr, fault_depth, last_frame_rsp and hypercalls are views of it, and the
+    copy: VCPU.kernel_mode, iopl, kernel_ss, kernel_sp, kernel_root, user_root, the two saved
+    GS bases, info_maddr, fault_depth, last_frame_rsp and hypercalls are views of it, and the
     syscall callback is mirrored into it by CallbackTable, so C and Python never hold two
     values of one thing."""
-    _fields_ = [("kernel_mode", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 7),
+    _fields_ = [("kernel_mode", ctypes.c_uint8), ("iopl", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 6),
                 ("kernel_ss", ctypes.c_uint64), ("kernel_sp", ctypes.c_uint64),
                 ("info_maddr", ctypes.c_uint64), ("fault_depth", ctypes.c_uint64),
                 ("hypercalls", ctypes.c_uint64), ("kernel_root", ctypes.c_uint64),
@@ -130,6 +131,7 @@ class VCPU:
     kernel_gs_base = _pv_field("kernel_gs_base", "GS base of kernel mode while in user mode")
     user_gs_base = _pv_field("user_gs_base", "GS base of user mode while in kernel mode")
     last_frame_rsp = _pv_field("last_frame_rsp", "the last bounce frame (traps.py nesting)")
+    iopl = _pv_field("iopl", "virtual IOPL 0..3 (PHYSDEVOP_set_iopl; iret with VMASST architectural_iopl)")
 
     @property
     def callbacks(self) -> CallbackTable:
@@ -179,7 +181,7 @@ class VCPU:
         self.pending_trap: tuple[int, int, int] | None = None
         self.in_multicall = False
         # Privileged state Xen keeps per PV vCPU (emulate.py, cpuid.py).
-        self.iopl = 0                              # virtual IOPL 0..3 (PHYSDEVOP_set_iopl)
+        self.iopl = 0
         self.iobmp: tuple[int, int] = (0, 0)       # (guest VA, nr_ports) PHYSDEVOP_set_iobitmap
         self.cr2 = 0
         self.cr4 = cpuid.fixup_guest_cr4(0)

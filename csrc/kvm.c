@@ -170,7 +170,7 @@ struct aiovmm_kvm_ctx {
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
  * PVState, same layout; the VCPU's attributes of these names are views of it). */
 struct aiovmm_pv {
-    uint8_t kernel_mode, pad[7];
+    uint8_t kernel_mode, iopl, pad[6];   /* iopl: the virtual IOPL 0..3 */
     uint64_t kernel_ss, kernel_sp; /* HYPERVISOR_stack_switch */
     uint64_t info_maddr;           /* this vCPU's vcpu_info (machine address) */
     uint64_t fault_depth;          /* nested faults since the last hypercall (traps.py) */
@@ -354,6 +354,10 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     int to_user = (cs & 3) == 3;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
+    /* An IOPL other than the virtual one is Python's: with VMASST architectural_iopl the
+     * iret sets it (Xen's do_iret), without it the iret ignores it; equal, both agree. */
+    if (((rflags & RF_IOPL) >> 12) != pv->iopl)
+        return 0;
     uint64_t info = pv->info_maddr;
     if (info + 2 > c->mem_size)
         return 0;
@@ -393,6 +397,10 @@ static int fast_user_syscall(struct aiovmm_kvm_ctx *c, uint64_t *r)
     struct aiovmm_pv *pv = c->pv;
     uint64_t handler = pv->syscall_cb, cb_flags = pv->syscall_cb_flags;
     if (!handler || !root_ready(pv->kernel_root, c->ready_kroot))
+        return 0;
+    /* A virtual IOPL other than 0 may belong in the frame's RFLAGS (VMASST
+     * architectural_iopl, traps.bounce): Python's. */
+    if (pv->iopl)
         return 0;
     uint64_t s = pv->kernel_sp & ~0xFULL;
     if (s < BOUNCE_FRAME)

@@ -586,6 +586,7 @@ async def test_iret_completed_in_c_matches_the_python_iret():
                 # completed it (rc 4): the registers as C left them, before the guest ran;
                 # without IF the guest runs on (the same run after the Python iret).
                 unmasks = bool(ctx[6] & 0x200)
+                v.iopl = (ctx[6] & 0x3000) >> 12     # C takes a frame whose IOPL is the virtual one
                 v.copy_to_guest(at, IRET_CONTEXT.pack(*ctx))
                 assert iret(at, True, int(unmasks)) == (4 if unmasks else -4)
                 by_c = eng.read(look), hv.mem.map[info + VcpuInfo.evtchn_upcall_mask]
@@ -602,3 +603,4 @@ async def test_iret_completed_in_c_matches_the_python_iret():
             assert eng._ctx.fast_calls[2] - fast[2] == len(ctxs)
         finally:
             hv.mem.map[info:info + 2] = saved_info
+            v.iopl = 0

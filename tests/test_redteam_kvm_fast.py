@@ -74,6 +74,10 @@ async def test_iret_frames_same_on_the_c_and_python_paths():
                 at = data + off
                 v.copy_to_guest(at, IRET_CONTEXT.pack(*ctx))
                 hv.mem.map[d.pending] = 0
+                # C completes only a frame whose IOPL is the virtual one (any other is
+                # Python's: test_redteam_arch_iopl); without VMASST architectural_iopl
+                # neither path takes it.
+                v.iopl = (ctx[6] & RF_IOPL) >> 12
                 fast_before = d.eng._ctx.fast_calls[2]
                 rc_c = d.hypercall(23, True, rsp=at)
                 assert d.eng._ctx.fast_calls[2] == fast_before + 1, (hex(off), ctx)
@@ -93,6 +97,7 @@ async def test_iret_frames_same_on_the_c_and_python_paths():
                 ctx = (1, 2, 3, 0, code, 0xE030, rflags, data + 0x100, 0xE02B)
                 v.copy_to_guest(data + 0x800, IRET_CONTEXT.pack(*ctx))
                 hv.mem.map[d.pending] = 1
+                v.iopl = (rflags & RF_IOPL) >> 12
                 assert d.hypercall(23, True, rsp=data + 0x800) == 4
                 by_c = d.eng.read(LOOK)
                 assert d.hypercall(23, False, rsp=data + 0x800) == 3
@@ -100,8 +105,16 @@ async def test_iret_frames_same_on_the_c_and_python_paths():
                 by_py = d.eng.read(LOOK)
                 assert by_c == by_py, (hex(rflags), by_c, by_py)
                 assert not by_c[5] & (RF_IOPL | RF_VM) and by_c[5] & RF_IF, hex(by_c[5])
+            # A frame whose IOPL is not the virtual one is left to Python.
+            v.iopl = 0
+            v.copy_to_guest(data + 0x800, IRET_CONTEXT.pack(1, 2, 3, 0, code, 0xE030, RF_IOPL | RF_IF,
+                                                            data + 0x100, 0xE02B))
+            fast_before = d.eng._ctx.fast_calls[2]
+            assert d.hypercall(23, True, rsp=data + 0x800) == 3
+            assert d.eng._ctx.fast_calls[2] == fast_before
         finally:
             hv.mem.map[d.pending:d.pending + 2] = saved_info
+            v.iopl = 0
 
 
 async def test_unreadable_iret_frames_are_pythons_and_fault():
