@@ -192,7 +192,9 @@ async def test_iret_to_user_same_on_the_c_and_python_paths():
         for ctx in frames:
             before = b.counters()
             rc_c = b.iret(True, ctx)
-            assert b.counters()[1] == before[1] + 1, [hex(x) for x in ctx]
+            # A frame whose IOPL differs from the virtual one is Python's (kvm.c fast_iret).
+            in_c = (ctx[6] & RF_IOPL) >> 12 == b.v.iopl
+            assert b.counters()[1] == before[1] + in_c, [hex(x) for x in ctx]
             by_c = rc_c, b.state()
             b.restore()
             by_py = b.iret(False, ctx), b.state()
