@@ -436,3 +436,37 @@ async def test_project_kernel_user_program_same_with_and_without_the_c_bounce(mo
     without_c, none = await boot()
     assert none == (0, 0)
     assert with_c == without_c and any("round trip ok" in ln for ln in with_c), (with_c, without_c)
+
+
+async def test_user_syscall_bounce_with_a_virtual_iopl_is_pythons():
+    """With VMASST architectural_iopl and a virtual IOPL of 3, the bounce frame's RFLAGS
+    carries the IOPL (Xen's create_bounce_frame; traps.bounce): C does not build that frame,
+    so it leaves the syscall to Python (nothing completed in C), and the guest sees the same
+    frame, registers and mode with the fast path on and off. With IOPL 0 C completes it."""
+    from aiovmm.emulate import VMASST_TYPE_architectural_iopl
+    async with _bench() as b:
+        v = b.v
+        sp = b.data_va + 0xF00
+        saved_assist, saved_iopl = v.domain.vm_assist, v.iopl
+        try:
+            v.domain.vm_assist |= 1 << VMASST_TYPE_architectural_iopl
+            for iopl, in_c in ((3, False), (0, True)):
+                v.iopl = iopl
+
+                def trial(fast: bool) -> tuple:
+                    v.kernel_sp = sp
+                    v.callbacks[b.cb_type] = (b.handler, 0)
+                    before = b.counters()[0]
+                    rc = b.syscall(fast)
+                    out = rc, b.state((sp & ~0xF) - 56), b.counters()[0] - before
+                    b.restore()
+                    return out
+                by_c, by_py = trial(True), trial(False)
+                assert by_c[2] == int(in_c) and by_py[2] == 0, iopl
+                assert by_c[:2] == by_py[:2], (iopl, by_c, by_py)
+                frame = by_c[1][-1]
+                assert (frame[4] >> 12) & 3 == iopl, frame   # the frame's RFLAGS
+        finally:
+            v.domain.vm_assist, v.iopl = saved_assist, saved_iopl
+            b.restore()
+        assert b.dom.shutdown_reason is None
