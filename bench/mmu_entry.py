@@ -29,11 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from aiovmm import Hypervisor, hypercall  # noqa: E402
+from aiovmm import hypercall  # noqa: E402
 from aiovmm.abi import DOMID_SELF, Hypercall  # noqa: E402
-from conftest import HV_MEMORY_MIB, kernel  # noqa: E402
+from hand_vcpu import DATA_VA, hand_driven_vcpu  # noqa: E402
 
-DATA_VA = 0xFFFFFFFF80400000 - 2 * 4096            # padding pages of the boot map
 REQ_VA = 0xFFFFFFFF80400000 - 4096                 # the request list (one page: 256 entries)
 _REQ = struct.Struct("<QQ")
 
@@ -52,13 +51,8 @@ def _call(v, nr: int, args: tuple[int, ...]) -> int:
 
 
 async def main(a: argparse.Namespace) -> None:
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
-        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
-        await dom.wait_for_line(r"^spin 1$", timeout=60)
-        dom.paused = True
-        await asyncio.sleep(0.05)
-        v = dom.vcpus[0]
-        saved = v.engine.read(("rip", "rax", "rdi", "rsi", "rdx", "r10", "r8"))
+    regs = ("rip", "rax", "rdi", "rsi", "rdx", "r10", "r8")
+    async with hand_driven_vcpu(regs, engine="auto", timeout=60) as (hv, _dom, v):
         pt = hv.pagetables
         ptr = pt.l1_entry_address(v.kernel_root, DATA_VA)
         old = hv.mem.read_u64(ptr)
@@ -92,11 +86,7 @@ async def main(a: argparse.Namespace) -> None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(14)
         assert hv.mem.read_u64(ptr) == old
         v.engine.flush_tlb()
-        v.engine.write(dict(zip(("rip", "rax", "rdi", "rsi", "rdx", "r10", "r8"), saved)))
-        dom.paused = False
-        v.wake()
-        await dom.wait_for_line(r"^spin 3$", timeout=60)
-        print(f"single_us={statistics.median(s):.2f} batched_us={statistics.median(b):.2f}")
+    print(f"single_us={statistics.median(s):.2f} batched_us={statistics.median(b):.2f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ engines; every test here needs a usable /dev/kvm and is skipped with the reason 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 
@@ -13,6 +12,7 @@ from aiovmm import Hypervisor, ShutdownReason, kvm_engine
 from aiovmm.config import ConfigError, parse
 from aiovmm.memory import PageType
 from conftest import HV_MEMORY_MIB, _kvm_skip_reason, guest, kernel, results, run_cli
+from hand_vcpu import hand_driven_vcpu
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=_kvm_skip_reason() or "")
 
@@ -138,23 +138,10 @@ async def test_m2p_alias_announced_and_readable():
             assert got == hv.mem.m2p[mfn]
 
 
-@contextlib.asynccontextmanager
-async def _hand_driven_vcpu(regs: tuple[str, ...]):
-    """The project's kernel on the KVM engine, paused while its vCPU task is parked between
-    slices so that a test can drive the vCPU by hand. Afterwards (when the test passed) the
-    registers `regs` are put back and the guest must run on to its third line."""
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
-        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
-        await dom.wait_for_line(r"^spin 1$", timeout=30)
-        dom.paused = True
-        await asyncio.sleep(0.05)
-        v = dom.vcpus[0]
-        saved = v.engine.read(regs)
-        yield hv, dom, v
-        v.engine.write(dict(zip(regs, saved)))
-        dom.paused = False
-        v.wake()
-        await dom.wait_for_line(r"^spin 3$", timeout=30)
+def _hand_driven_vcpu(regs: tuple[str, ...]):
+    """hand_vcpu.hand_driven_vcpu on the KVM engine (the tests here and the KVM red-team
+    tests drive its vCPU by hand)."""
+    return hand_driven_vcpu(regs, engine="kvm")
 
 
 async def test_step_to_executes_exactly_one_instruction():

@@ -12,28 +12,12 @@ import pytest
 from aiovmm import kvm_engine
 from aiovmm.memory import PageType
 from conftest import _kvm_skip_reason
+from hand_vcpu import DATA_VA, step_access as _access
 from test_kvm import _hand_driven_vcpu
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=_kvm_skip_reason() or "")
 
-DATA_VA = 0xFFFFFFFF80400000 - 2 * 4096           # padding pages of the boot map
-CODE_VA = 0xFFFFFFFF80400000 - 4096
 _RW = 0x2
-
-
-def _access(v, store: bool) -> tuple[list, int]:
-    """Step one `movabs` load (or store of RAX) at DATA_VA: (faults, RAX)."""
-    eng = v.engine
-    op = b"\x48\xa3" if store else b"\x48\xa1"
-    v.copy_to_guest(CODE_VA, op + DATA_VA.to_bytes(8, "little") + b"\xeb\xfe")
-    faults = []
-    on_exc, eng.on_exception = eng.on_exception, lambda vec, err, cr2: (faults.append((vec, cr2)), eng.stop())
-    try:
-        eng.write({"rip": CODE_VA, "rax": 0x77 if store else 0})
-        eng.step_to(CODE_VA + 10)
-    finally:
-        eng.on_exception = on_exc
-    return faults, eng.get("rax")
 
 
 def _targeted() -> None:

@@ -9,48 +9,18 @@ test shows that the translation really was still cached."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from aiovmm import Hypervisor, ShutdownReason, mmu_ops
 from aiovmm.memory import PageType
 from conftest import HV_MEMORY_MIB, kernel
+from hand_vcpu import DATA_VA, hand_driven_vcpu, step_access as _access
 
-DATA_VA = 0xFFFFFFFF80400000 - 2 * 4096           # padding pages of the boot map
-CODE_VA = 0xFFFFFFFF80400000 - 4096
 _RW = 0x2
 
 
-@contextlib.asynccontextmanager
-async def _hand_driven_vcpu(regs: tuple[str, ...]):
-    """The project's kernel on the Unicorn engine, paused between slices so that a test can
-    drive the vCPU by hand; afterwards `regs` are put back and the guest must run on."""
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
-        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
-        await dom.wait_for_line(r"^spin 1$", timeout=30)
-        dom.paused = True
-        await asyncio.sleep(0.05)
-        v = dom.vcpus[0]
-        saved = v.engine.read(regs)
-        yield hv, dom, v
-        v.engine.write(dict(zip(regs, saved)))
-        dom.paused = False
-        v.wake()
-        await dom.wait_for_line(r"^spin 3$", timeout=30)
-
-
-def _access(v, store: bool) -> tuple[list, int]:
-    """Step one `movabs` load (or store of RAX) at DATA_VA: (faults, RAX)."""
-    eng = v.engine
-    op = b"\x48\xa3" if store else b"\x48\xa1"
-    v.copy_to_guest(CODE_VA, op + DATA_VA.to_bytes(8, "little") + b"\xeb\xfe")
-    faults = []
-    on_exc, eng.on_exception = eng.on_exception, lambda vec, err, cr2: (faults.append((vec, cr2)), eng.stop())
-    try:
-        eng.write({"rip": CODE_VA, "rax": 0x77 if store else 0})
-        eng.step_to(CODE_VA + 10)
-    finally:
-        eng.on_exception = on_exc
-    return faults, eng.get("rax")
+def _hand_driven_vcpu(regs: tuple[str, ...]):
+    """hand_vcpu.hand_driven_vcpu on the Unicorn engine."""
+    return hand_driven_vcpu(regs, engine="unicorn")
 
 
 def _unmap(hv, dom, v, new: int | None) -> tuple[int, int]:

@@ -1,0 +1,69 @@
+"""Helpers for tests (and benches) that drive a vCPU by hand: the project's kernel booted and
+paused between slices, one instruction stepped at a time, and a read-only page of its boot
+map. Shared by the Unicorn and KVM engine tests so that both pause, restore and probe the
+vCPU the same way."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiovmm import Hypervisor
+from aiovmm.mmu import GuestFault
+from conftest import HV_MEMORY_MIB, kernel
+
+DATA_VA = 0xFFFFFFFF80400000 - 2 * 4096           # padding pages of the boot map
+CODE_VA = 0xFFFFFFFF80400000 - 4096
+
+
+@contextlib.asynccontextmanager
+async def hand_driven_vcpu(regs: tuple[str, ...], engine: str,
+                           timeout: float = 30) -> AsyncIterator[tuple]:
+    """The project's kernel on `engine`, paused while its vCPU task is parked between slices
+    so that a test can drive the vCPU by hand: yields (hv, dom, vcpu 0). Afterwards (when the
+    test passed) the registers `regs` are put back and the guest must run on to its third
+    line, so a test that left the vCPU broken fails here."""
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        await dom.wait_for_line(r"^spin 1$", timeout=timeout)
+        dom.paused = True
+        await asyncio.sleep(0.05)
+        v = dom.vcpus[0]
+        saved = v.engine.read(regs)
+        yield hv, dom, v
+        v.engine.write(dict(zip(regs, saved)))
+        dom.paused = False
+        v.wake()
+        await dom.wait_for_line(r"^spin 3$", timeout=timeout)
+
+
+def step_access(v, store: bool) -> tuple[list, int]:
+    """Step one `movabs` load (or store of RAX) at DATA_VA from CODE_VA: (faults, RAX)."""
+    eng = v.engine
+    op = b"\x48\xa3" if store else b"\x48\xa1"
+    v.copy_to_guest(CODE_VA, op + DATA_VA.to_bytes(8, "little") + b"\xeb\xfe")
+    faults = []
+    on_exc, eng.on_exception = eng.on_exception, lambda vec, err, cr2: (faults.append((vec, cr2)), eng.stop())
+    try:
+        eng.write({"rip": CODE_VA, "rax": 0x77 if store else 0})
+        eng.step_to(CODE_VA + 10)
+    finally:
+        eng.on_exception = on_exc
+    return faults, eng.get("rax")
+
+
+def read_only_boot_page(hv: Hypervisor, root: int) -> int:
+    """The first page of the kernel's boot map (from 0xFFFFFFFF80000000, under page-table
+    root `root`, a machine address) that is mapped readable but not writable: one of the
+    guest's own page tables."""
+    for i in range(4096):
+        va = 0xFFFFFFFF80000000 + i * 4096
+        try:
+            hv.pagetables.translate(root, va, False)
+        except GuestFault:
+            continue
+        try:
+            hv.pagetables.translate(root, va, True)
+        except GuestFault:
+            return va
+    raise AssertionError("no read-only page in the boot map")
