@@ -14,6 +14,7 @@ import struct
 import pytest
 
 from conftest import HV_MEMORY_MIB, _kvm_skip_reason, kernel
+from hand_vcpu import read_only_boot_page
 from test_kvm import _hand_driven_vcpu, kvm_run_once
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
@@ -349,23 +350,10 @@ async def test_user_syscall_hostile_kernel_stacks_are_pythons():
     domain as Xen's create_bounce_frame does (the crash is recorded here, not carried out, so
     the next stack can be tried)."""
     from aiovmm import traps
-    from aiovmm.mmu import GuestFault
     async with _bench() as b:
         v, eng, hv = b.v, b.eng, b.hv
         root = v.kernel_root << 12
-        ro = None
-        for i in range(4096):
-            va = 0xFFFFFFFF80000000 + i * 4096
-            try:
-                hv.pagetables.translate(root, va, False)
-            except GuestFault:
-                continue
-            try:
-                hv.pagetables.translate(root, va, True)
-            except GuestFault:
-                ro = va
-                break
-        assert ro is not None, "no read-only page in the boot map"
+        ro = read_only_boot_page(hv, root)
         stacks = [0, 0x30, 0x40, 0x00007FFFFFFFFFFF, 0x0000800000000000, 0x0000800000000040,
                   0xFFFF800000001000, 0xFFFF880000000000 + 0x78, 0xFFFF87FFFFFFFFF0,
                   0xFFFFFFFFFFFFFFFF, 0xFFFFFFFF80400000 + 512 * 4096, ro + 0x800]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import _kvm_skip_reason
+from hand_vcpu import read_only_boot_page
 from test_kvm import _hand_driven_vcpu, kvm_run_once
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
@@ -339,25 +340,12 @@ async def test_iret_frame_in_a_read_only_page():
     frame's garbage leads to, the same on both paths, and the host unaffected)."""
     from aiovmm import traps
     from aiovmm.abi import IRET_CONTEXT
-    from aiovmm.mmu import GuestFault
     regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp")
     async with _hand_driven_vcpu(regs) as (hv, dom, v):
         d = _Driver(hv, v)
         saved_info = bytes(hv.mem.map[d.pending:d.pending + 2])
         root = v.kernel_root << 12
-        ro = None
-        for i in range(4096):
-            va = 0xFFFFFFFF80000000 + i * 4096
-            try:
-                hv.pagetables.translate(root, va, False)
-            except GuestFault:
-                continue
-            try:
-                hv.pagetables.translate(root, va, True)
-            except GuestFault:
-                ro = va
-                break
-        assert ro is not None, "no read-only page in the boot map"
+        ro = read_only_boot_page(hv, root)
         try:
             compared = 0
             for at in range(ro, ro + 4096 - 72, 8):
