@@ -491,6 +491,32 @@ async def start_bystander(hv: Hypervisor):
     return by, _p2m_hash(hv, by)
 
 
+async def bystander_after(hv: Hypervisor, by, before: str) -> tuple[bool, bool, list[str]]:
+    """After an attack next to the bystander from start_bystander: (its frames hash as
+    `before`, it still runs, the console of a `hello` guest started now, run to its end:
+    the host still starts and runs guests)."""
+    after = _p2m_hash(hv, by)
+    alive = not by.dying and by.domid in hv.domains
+    hello = await hv.create(guest("hello"), memory_mib=8)
+    async with asyncio.timeout(60):
+        await hello.wait()
+    return before == after, alive, list(hello.console_lines)
+
+
+async def start_grant_pair(hv: Hypervisor, name: str, granter_args: str,
+                           mapper_args: str, timeout: float = 60):
+    """Hostile guest `name` started twice as a grant pair: the granter (`role=granter`,
+    told the mapper's domid ahead) and, once it printed `result offer ref=<r>`, the mapper
+    (`role=mapper`, told the granter and the ref). Returns (granter, mapper)."""
+    g = await hv.create(hostile(name), memory_mib=8, name="granter",
+                        cmdline=f"role=granter peer={hv._next_domid + 1} {granter_args}")
+    line = await g.wait_for_line(r"^result offer ref=\d+$", timeout=timeout)
+    ref = int(line.rsplit("=", 1)[1])
+    m = await hv.create(hostile(name), memory_mib=8, name="mapper",
+                        cmdline=f"role=mapper peer={g.domid} ref={ref} {mapper_args}")
+    return g, m
+
+
 def _p2m_hash(hv: Hypervisor, dom) -> str:
     """SHA-256 over the contents of every frame in the domain's P2M (sorted by MFN), read
     straight from machine memory."""

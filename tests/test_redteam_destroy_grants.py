@@ -19,8 +19,8 @@ import pytest
 
 from aiovmm import Hypervisor
 from aiovmm.audit import audit
-from conftest import HV_MEMORY_MIB, guest, results
-from test_hostile import _p2m_hash, hostile, start_bystander
+from conftest import HV_MEMORY_MIB, results
+from test_hostile import bystander_after, hostile, start_bystander, start_grant_pair
 
 ALL_ENGINES = True
 
@@ -28,12 +28,7 @@ ALL_ENGINES = True
 async def _attack(engine: str) -> dict:
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
         by, before = await start_bystander(hv)
-        g = await hv.create(hostile("grant_dying_l1"), memory_mib=8, name="granter",
-                            cmdline=f"role=granter peer={hv._next_domid + 1} l1s=300 delay_ms=1500")
-        line = await g.wait_for_line(r"^result offer ref=\d+$", timeout=60)
-        ref = int(line.rsplit("=", 1)[1])
-        m = await hv.create(hostile("grant_dying_l1"), memory_mib=8, name="mapper",
-                            cmdline=f"role=mapper peer={g.domid} ref={ref} secs=8")
+        g, m = await start_grant_pair(hv, "grant_dying_l1", "l1s=300 delay_ms=1500", "secs=8")
         problems: list[str] = []
         async with asyncio.timeout(120):
             await m.wait_for_line(r"^result trying 1$", timeout=60)
@@ -47,15 +42,10 @@ async def _attack(engine: str) -> dict:
                 await asyncio.sleep(0)
             await m.wait()
         problems += [p for p in audit(hv) if p not in problems]
-        after = _p2m_hash(hv, by)
-        alive = not by.dying and by.domid in hv.domains
-        hello = await hv.create(guest("hello"), memory_mib=8)
-        async with asyncio.timeout(60):
-            await hello.wait()
+        same, alive, hello = await bystander_after(hv, by, before)
         return {"granter": list(g.console_lines), "lines": list(m.console_lines),
                 "crash": m.crash_reason, "audit": problems[:10],
-                "bystander_same": before == after, "bystander_alive": alive,
-                "hello": list(hello.console_lines)}
+                "bystander_same": same, "bystander_alive": alive, "hello": hello}
 
 
 async def test_grant_of_a_dying_table_keeps_the_frame_table_consistent(engine):

@@ -13,8 +13,8 @@ import asyncio
 import pytest
 
 from aiovmm import Hypervisor
-from conftest import HV_MEMORY_MIB, guest, results
-from test_hostile import _p2m_hash, hostile, start_bystander
+from conftest import HV_MEMORY_MIB, results
+from test_hostile import bystander_after, start_bystander, start_grant_pair
 
 ALL_ENGINES = True
 
@@ -22,23 +22,14 @@ ALL_ENGINES = True
 async def _attack(engine: str) -> dict:
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
         by, before = await start_bystander(hv)
-        g = await hv.create(hostile("grant_stale"), memory_mib=8, name="granter",
-                            cmdline=f"role=granter peer={hv._next_domid + 1} hold_ms=1500")
-        line = await g.wait_for_line(r"^result offer ref=\d+$", timeout=60)
-        ref = int(line.rsplit("=", 1)[1])
-        m = await hv.create(hostile("grant_stale"), memory_mib=8, name="mapper",
-                            cmdline=f"role=mapper peer={g.domid} ref={ref} ms=1000")
+        g, m = await start_grant_pair(hv, "grant_stale", "hold_ms=1500", "ms=1000")
         async with asyncio.timeout(120):
             await g.wait()
             await m.wait()
-        after = _p2m_hash(hv, by)
-        alive = not by.dying and by.domid in hv.domains
-        hello = await hv.create(guest("hello"), memory_mib=8)
-        async with asyncio.timeout(60):
-            await hello.wait()
+        same, alive, hello = await bystander_after(hv, by, before)
         return {"g": results(g.console_lines), "m": results(m.console_lines),
-                "crash": (g.crash_reason, m.crash_reason), "bystander": (before == after, alive),
-                "hello": list(hello.console_lines), "lines": list(m.console_lines)}
+                "crash": (g.crash_reason, m.crash_reason), "bystander": (same, alive),
+                "hello": hello, "lines": list(m.console_lines)}
 
 
 @pytest.fixture(scope="module")

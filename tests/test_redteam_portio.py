@@ -18,8 +18,8 @@ import asyncio
 import pytest
 
 from aiovmm import Hypervisor
-from conftest import HV_MEMORY_MIB, guest, results
-from test_hostile import _p2m_hash, start_bystander
+from conftest import HV_MEMORY_MIB, results
+from test_hostile import bystander_after, start_bystander
 
 ALL_ENGINES = True
 HOSTILE = "guests/build/hostile/{}.elf"
@@ -39,14 +39,9 @@ async def attack_next_to_bystander(engine: str, name: str, cmdline: str = "") ->
         dom = await hv.create(HOSTILE.format(name), memory_mib=8, cmdline=cmdline)
         async with asyncio.timeout(120):
             await dom.wait()
-        after = _p2m_hash(hv, by)
-        alive = not by.dying and by.domid in hv.domains
-        hello = await hv.create(guest("hello"), memory_mib=8)
-        async with asyncio.timeout(60):
-            await hello.wait()
+        same, alive, hello = await bystander_after(hv, by, before)
         return {"lines": list(dom.console_lines), "crash": dom.crash_reason,
-                "bystander_same": before == after, "bystander_alive": alive,
-                "hello": list(hello.console_lines)}
+                "bystander_same": same, "bystander_alive": alive, "hello": hello}
 
 
 def attack_fixture(name: str, cmdline: str = ""):
