@@ -1,5 +1,6 @@
 /* Shared helpers for the hostile guests (see hostile.h). Not a guest itself. */
 #include "hostile.h"
+#include "time.h"
 
 void result(const char *key, long value) { printk("result %s %ld\n", key, value); }
 void result_str(const char *key, const char *value) { printk("result %s %s\n", key, value); }
@@ -188,4 +189,33 @@ void mmuext1_result(const char *key, unsigned cmd, unsigned long mfn)
     unsigned done = 0;
     long rc = mmuext1(cmd, mfn, 0, &done);
     result_done(key, rc, done);
+}
+
+const char *cmdline_find(const char *s, const char *key)
+{
+    size_t n = strlen(key);
+    for (; *s; s++)
+        if (!strncmp(s, key, n)) return s;
+    return NULL;
+}
+
+int grant_wait_flags(grant_ref_t ref, u16 mask, int set, int yield)
+{
+    u64 deadline = monotonic_ns() + 20000000000UL;
+    while (monotonic_ns() < deadline) {
+        u16 f = gnttab_flags(ref);
+        if (set ? (f & mask) != 0 : (f & mask) == 0) return 1;
+        if (yield) sched_yield();
+    }
+    return 0;
+}
+
+void grant_pair_main(void (*granter)(const char *), void (*mapper)(const char *))
+{
+    const char *cmd = cmdline();
+    const char *role = cmdline_find(cmd, "role=");
+    if (role && !strncmp(role + 5, "mapper", 6))
+        mapper(cmd);
+    else
+        granter(cmd);
 }

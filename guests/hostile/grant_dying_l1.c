@@ -18,14 +18,6 @@
 #include "gnttab.h"
 #include "time.h"
 
-static const char *find(const char *s, const char *key)
-{
-    size_t n = strlen(key);
-    for (; *s; s++)
-        if (!strncmp(s, key, n)) return s;
-    return NULL;
-}
-
 static void granter(const char *cmd)
 {
     domid_t peer = (domid_t)cmdline_u64(cmd, "peer", 0);
@@ -91,10 +83,5 @@ static void mapper(const char *cmd)
 
 void app_main(void)
 {
-    const char *cmd = cmdline();
-    const char *role = find(cmd, "role=");
-    if (role && !strncmp(role + 5, "mapper", 6))
-        mapper(cmd);
-    else
-        granter(cmd);
+    grant_pair_main(granter, mapper);
 }

@@ -31,26 +31,7 @@
 #include "time.h"
 
 #define PATTERN 0x5A5A0000C0DE0000UL
-
-static const char *find(const char *s, const char *key)
-{
-    size_t n = strlen(key);
-    for (; *s; s++)
-        if (!strncmp(s, key, n)) return s;
-    return NULL;
-}
 #define WAIT_NS 20000000000UL
-
-static int wait_flags(grant_ref_t ref, u16 mask, int set)
-{
-    u64 deadline = monotonic_ns() + WAIT_NS;
-    while (monotonic_ns() < deadline) {
-        u16 f = gnttab_flags(ref);
-        if (set ? (f & mask) != 0 : (f & mask) == 0) return 1;
-        sched_yield();
-    }
-    return 0;
-}
 
 static void granter(const char *cmd)
 {
@@ -63,7 +44,7 @@ static void granter(const char *cmd)
     long ref = gnttab_grant_access(peer, mfn, 0);
     if (ref < 0) panic("grant_access");
     printk("result offer ref=%ld\n", ref);
-    result("peer_mapped", wait_flags((grant_ref_t)ref, GTF_writing, 1));
+    result("peer_mapped", grant_wait_flags((grant_ref_t)ref, GTF_writing, 1, 1));
     if (cmdline_u64(cmd, "die", 0)) {
         /* Finding 3: rewrite every field of the in-use entry (frame 0xffffffff), then
          * die while the peer still maps F. Through a second mapping of our grant frame. */
@@ -100,7 +81,7 @@ static void granter(const char *cmd)
         sched_yield();
     }
     result("pinned_while_peer_maps", escaped);
-    result("peer_unmapped", wait_flags((grant_ref_t)ref, GTF_reading | GTF_writing, 0));
+    result("peer_unmapped", grant_wait_flags((grant_ref_t)ref, GTF_reading | GTF_writing, 0, 1));
     result("peer_wrote", f[7] == 0x600DF00EUL);
     done = 0;
     rc = mmuext1(MMUEXT_PIN_L1_TABLE, mfn, 0, &done);
@@ -125,7 +106,7 @@ static void mapper(const char *cmd)
 {
     domid_t peer = (domid_t)cmdline_u64(cmd, "peer", 0);
     grant_ref_t ref = (grant_ref_t)cmdline_u64(cmd, "ref", 0);
-    const char *how = find(cmd, "how=");
+    const char *how = cmdline_find(cmd, "how=");
     how = how ? how + 4 : "unpin";
     int baseptr = !strncmp(how, "baseptr", 7), pin = !strncmp(how, "unpin", 5) ||
         !strncmp(how, "destroy", 7) || !strncmp(how, "hold", 4), l2only = !strncmp(how, "l2", 2);
@@ -208,7 +189,7 @@ void app_main(void)
 {
     hostile_traps_init();
     const char *cmd = cmdline();
-    if (find(cmd, "role=granter")) granter(cmd);
-    else if (find(cmd, "role=mapper")) mapper(cmd);
+    if (cmdline_find(cmd, "role=granter")) granter(cmd);
+    else if (cmdline_find(cmd, "role=mapper")) mapper(cmd);
     panic("role=granter|mapper");
 }

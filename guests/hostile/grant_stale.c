@@ -19,26 +19,6 @@
 #include "time.h"
 
 #define PATTERN 0x5A5A0000C0DE0000UL
-#define WAIT_NS 20000000000UL
-
-static const char *find(const char *s, const char *key)
-{
-    size_t n = strlen(key);
-    for (; *s; s++)
-        if (!strncmp(s, key, n)) return s;
-    return NULL;
-}
-
-static int wait_flags(grant_ref_t ref, u16 mask, int set)
-{
-    u64 deadline = monotonic_ns() + WAIT_NS;
-    while (monotonic_ns() < deadline) {
-        u16 f = gnttab_flags(ref);
-        if (set ? (f & mask) != 0 : (f & mask) == 0) return 1;
-    }
-    return 0;
-}
-
 static void granter(const char *cmd)
 {
     domid_t peer = (domid_t)cmdline_u64(cmd, "peer", 0);
@@ -51,8 +31,8 @@ static void granter(const char *cmd)
     long ref = gnttab_grant_access(peer, mfn, 0);
     if (ref < 0) panic("grant_access");
     printk("result offer ref=%ld\n", ref);
-    result("peer_mapped", wait_flags((grant_ref_t)ref, GTF_writing, 1));
-    result("peer_unmapped", wait_flags((grant_ref_t)ref, GTF_reading | GTF_writing, 0));
+    result("peer_mapped", grant_wait_flags((grant_ref_t)ref, GTF_writing, 1, 0));
+    result("peer_unmapped", grant_wait_flags((grant_ref_t)ref, GTF_reading | GTF_writing, 0, 0));
     long rc = mmuext1(MMUEXT_PIN_L1_TABLE, mfn, 0, NULL);
     result("pin_after_unmap", rc);
     u64 until = monotonic_ns() + hold * 1000000UL;
@@ -107,10 +87,5 @@ static void mapper(const char *cmd)
 
 void app_main(void)
 {
-    const char *cmd = cmdline();
-    const char *role = find(cmd, "role=");
-    if (role && !strncmp(role + 5, "mapper", 6))
-        mapper(cmd);
-    else
-        granter(cmd);
+    grant_pair_main(granter, mapper);
 }

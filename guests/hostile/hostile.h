@@ -12,6 +12,7 @@
 #include "traps.h"
 #include "events.h"
 #include "mm.h"
+#include "gnttab.h"
 #include <xen/memory.h>
 
 #define L4_IDX(va) (((va) >> 39) & 511)
@@ -97,6 +98,18 @@ u64 probe_load64(const volatile void *p);      /* ~0 if skipped */
 
 /* ---- misc ---- */
 const char *cmdline(void);
+/* The first occurrence of `key` in the command line `s` (anywhere, not only at a word's
+ * start), or NULL. */
+const char *cmdline_find(const char *s, const char *key);
+
+/* ---- grant pairs (one guest image run twice: role=granter, role=mapper) ---- */
+/* Polls the flags of our grant `ref` for up to 20 s until some bit of `mask` is set
+ * (set != 0) or all are clear (set == 0): 1 if seen, 0 on timeout. With `yield` the vCPU
+ * yields between polls; without, it spins so that the caller acts the moment the peer's
+ * map or unmap shows (the race an attack needs). */
+int grant_wait_flags(grant_ref_t ref, u16 mask, int set, int yield);
+/* app_main of a grant pair: mapper(cmdline) for role=mapper, else granter(cmdline). */
+void grant_pair_main(void (*granter)(const char *), void (*mapper)(const char *));
 static inline u64 rol64(u64 x, int r) { return (x << r) | (x >> (64 - r)); }
 
 /* ---- XSAVE/AVX (offered by the PV CPUID on kvm-pvm only) ---- */
