@@ -11,12 +11,28 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 SRING_HDR = 64
 # Backends take a domain's requests when one of its vCPUs ends a slice (Domain.drain_backends)
 # and leave req_event unarmed, so the frontend does not notify (issue 14). AIOVMM_DRAIN_ON_YIELD=0:
 # notifications as before (the A/B of bench/blk.py and bench/net.py).
 DRAIN_ON_YIELD = os.environ.get("AIOVMM_DRAIN_ON_YIELD", "1") != "0"
+
+
+def hook_yield_drain(drains: list[Callable[[], None]], fn: Callable[[], None], on: bool) -> bool:
+    """Put a backend's drain `fn` into a domain's `yield_drains` (on) or take it out, at most
+    once either way, as every backend switching between slice-end drains and notifications
+    must. Returns whether anything changed: a backend that has just unhooked its drain must
+    run a pass, which arms req_event again, or the frontend would never notify it."""
+    hooked = fn in drains
+    if on and not hooked:
+        drains.append(fn)
+    elif not on and hooked:
+        drains.remove(fn)
+    else:
+        return False
+    return True
 _U32 = struct.Struct("<I")
 MASK32 = 0xFFFFFFFF
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from aiovmm import grants
 from aiovmm.ratelimit import Limit, Limiter, Throttle, make_limit, parse_size_rate
-from aiovmm.ring import DRAIN_ON_YIELD, BackRing
+from aiovmm.ring import DRAIN_ON_YIELD, BackRing, hook_yield_drain
 from aiovmm.errors import BuildError
 from aiovmm.events import EventError
 from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
@@ -798,14 +798,12 @@ class Blkback:
         self._done.clear()
         self._held = None
         self._blocked = False
-        if self.drain_on_yield:
-            self.dom.yield_drains.append(self._yield_fn)
+        hook_yield_drain(self.dom.yield_drains, self._yield_fn, self.drain_on_yield)
 
     async def _disconnect(self) -> None:
         """Wait for I/O in flight (the pool cannot cancel it, and it writes into granted
         pages), answer nothing more, unmap the ring and close the port."""
-        if self._yield_fn in self.dom.yield_drains:
-            self.dom.yield_drains.remove(self._yield_fn)
+        hook_yield_drain(self.dom.yield_drains, self._yield_fn, False)
         self.throttle.cancel()
         self._throttled = False
         if self._futures:
@@ -888,11 +886,9 @@ class Blkback:
         """Switch between draining at the domain's slice ends and guest notifications, also
         while connected (the next pass arms req_event again when switched off)."""
         self.drain_on_yield = on
-        hooked = self._yield_fn in self.dom.yield_drains
-        if on and not hooked and self.ring is not None:
-            self.dom.yield_drains.append(self._yield_fn)
-        elif not on and hooked:
-            self.dom.yield_drains.remove(self._yield_fn)
+        if on and self.ring is None:
+            return                               # hooked when it connects
+        if hook_yield_drain(self.dom.yield_drains, self._yield_fn, on) and not on:
             self._kick.set()
 
     def _armed(self) -> bool:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from aiovmm import grants
 from aiovmm.ratelimit import Limit, Limiter, Throttle, parse_vif_rate
-from aiovmm.ring import DRAIN_ON_YIELD, BackRing
+from aiovmm.ring import DRAIN_ON_YIELD, BackRing, hook_yield_drain
 from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
 from aiovmm.xenstore.core import XsError
 
@@ -671,8 +671,7 @@ class Netback:
         self.port.link(_Kick(self._on_guest_event))
         self._rx_len = 0
         self._tx_owed_from = None
-        if self.drain_on_yield:
-            self.dom.yield_drains.append(self._yield_fn)
+        hook_yield_drain(self.dom.yield_drains, self._yield_fn, self.drain_on_yield)
 
     def _frontend_features(self) -> None:
         """Read what the frontend takes on rx and tell the tap (TUNSETOFFLOAD): the kernel
@@ -709,8 +708,7 @@ class Netback:
 
     def _disconnect(self) -> None:
         """Stop the data path (rings, event channel, tap reader); the tap itself stays."""
-        if self._yield_fn in self.dom.yield_drains:
-            self.dom.yield_drains.remove(self._yield_fn)
+        hook_yield_drain(self.dom.yield_drains, self._yield_fn, False)
         self.throttle.cancel()                     # a rate limit's pending wake-up
         if self.fd is not None and self._reader_on:
             asyncio.get_event_loop().remove_reader(self.fd)
@@ -792,11 +790,9 @@ class Netback:
         """Switch between draining at the domain's slice ends and guest notifications, also
         while connected (the next pass arms req_event again when switched off)."""
         self.drain_on_yield = on
-        hooked = self._yield_fn in self.dom.yield_drains
-        if on and not hooked and self.tx is not None:
-            self.dom.yield_drains.append(self._yield_fn)
-        elif not on and hooked:
-            self.dom.yield_drains.remove(self._yield_fn)
+        if on and self.tx is None:
+            return                               # hooked when it connects
+        if hook_yield_drain(self.dom.yield_drains, self._yield_fn, on) and not on:
             self._schedule()
 
     def _armed(self) -> bool:
