@@ -169,22 +169,20 @@ class Trace:
         wrap(Netback, "_set_state", before=lambda nb, s: cls.note(f"{dn(nb.dom)}:vif:{s.name}"))
         wrap(Netback, "close", before=lambda nb: cls.note(f"{dn(nb.dom)}:tap-close"),
              after=lambda nb: cls.note(f"{dn(nb.dom)}:tap-closed"))
-        tx0, rx0 = Netback._process_tx, Netback._rx_deliver
+        def first_packet(name, counter, what):
+            """Netback.<name> noting `what` the first time a call moves a packet (its
+            stats.<counter> grows)."""
+            orig = getattr(Netback, name)
 
-        def ptx(nb):
-            n = nb.stats.tx_packets
-            r = tx0(nb)
-            if nb.stats.tx_packets > n:
-                cls.note(f"{dn(nb.dom)}:first-tx", once=True)
-            return r
-
-        def prx(nb):
-            n = nb.stats.rx_packets
-            r = rx0(nb)
-            if nb.stats.rx_packets > n:
-                cls.note(f"{dn(nb.dom)}:first-rx", once=True)
-            return r
-        Netback._process_tx, Netback._rx_deliver = ptx, prx
+            def f(nb):
+                n = getattr(nb.stats, counter)
+                r = orig(nb)
+                if getattr(nb.stats, counter) > n:
+                    cls.note(f"{dn(nb.dom)}:{what}", once=True)
+                return r
+            setattr(Netback, name, f)
+        first_packet("_process_tx", "tx_packets", "first-tx")
+        first_packet("_rx_deliver", "rx_packets", "first-rx")
         wrap(H, "start_domain", before=lambda _h, d: cls.note(f"{dn(d)}:start"))
         wrap(Domain, "shutdown", before=lambda d, *a: cls.note(f"{dn(d)}:shutdown"))
         wrap(Domain, "_console_line_out",
