@@ -210,6 +210,18 @@ int grant_wait_flags(grant_ref_t ref, u16 mask, int set, int yield)
     return 0;
 }
 
+u64 *grant_offer_l1_page(domid_t peer, u64 pattern, long *ref)
+{
+    if (gnttab_init()) panic("gnttab_init");
+    u64 *f = alloc_page();
+    for (unsigned i = 0; i < 512; i++) f[i] = pattern + 2 * i;
+    if (make_readonly(f)) panic("make_readonly");
+    *ref = gnttab_grant_access(peer, virt_to_mfn(f), 0);
+    if (*ref < 0) panic("grant_access");
+    printk("result offer ref=%ld\n", *ref);
+    return f;
+}
+
 void grant_pair_main(void (*granter)(const char *), void (*mapper)(const char *))
 {
     const char *cmd = cmdline();

@@ -23,14 +23,9 @@ static void granter(const char *cmd)
 {
     domid_t peer = (domid_t)cmdline_u64(cmd, "peer", 0);
     u64 hold = cmdline_u64(cmd, "hold_ms", 1500);
-    if (gnttab_init()) panic("gnttab_init");
-    u64 *f = alloc_page();
-    for (unsigned i = 0; i < 512; i++) f[i] = PATTERN + 2 * i;     /* bit 0 clear: an empty L1 */
-    if (make_readonly(f)) panic("make_readonly");
+    long ref;
+    u64 *f = grant_offer_l1_page(peer, PATTERN, &ref);
     unsigned long mfn = virt_to_mfn(f);
-    long ref = gnttab_grant_access(peer, mfn, 0);
-    if (ref < 0) panic("grant_access");
-    printk("result offer ref=%ld\n", ref);
     result("peer_mapped", grant_wait_flags((grant_ref_t)ref, GTF_writing, 1, 0));
     result("peer_unmapped", grant_wait_flags((grant_ref_t)ref, GTF_reading | GTF_writing, 0, 0));
     long rc = mmuext1(MMUEXT_PIN_L1_TABLE, mfn, 0, NULL);

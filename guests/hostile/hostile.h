@@ -108,6 +108,10 @@ const char *cmdline_find(const char *s, const char *key);
  * yields between polls; without, it spins so that the caller acts the moment the peer's
  * map or unmap shows (the race an attack needs). */
 int grant_wait_flags(grant_ref_t ref, u16 mask, int set, int yield);
+/* The granter's offer: gnttab_init, then a fresh page F filled with pattern + 2 * i
+ * (bit 0 clear: a valid, empty L1's contents), read-only in our own tables, granted
+ * read-write to `peer` and offered as `result offer ref=<r>`. Returns F; *ref its ref. */
+u64 *grant_offer_l1_page(domid_t peer, u64 pattern, long *ref);
 /* app_main of a grant pair: mapper(cmdline) for role=mapper, else granter(cmdline). */
 void grant_pair_main(void (*granter)(const char *), void (*mapper)(const char *));
 static inline u64 rol64(u64 x, int r) { return (x << r) | (x >> (64 - r)); }
