@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from aiovmm import Hypervisor
+from aiovmm import Hypervisor, mmu_ops
 from aiovmm.mmu import GuestFault
 from conftest import HV_MEMORY_MIB, kernel
 
 DATA_VA = 0xFFFFFFFF80400000 - 2 * 4096           # padding pages of the boot map
 CODE_VA = 0xFFFFFFFF80400000 - 4096
+_RW = 0x2
 
 
 @contextlib.asynccontextmanager
@@ -67,3 +68,35 @@ def read_only_boot_page(hv: Hypervisor, root: int) -> int:
         except GuestFault:
             return va
     raise AssertionError("no read-only page in the boot map")
+
+
+def unmap_data_va(hv: Hypervisor, dom, v, new: int | None) -> tuple[int, int]:
+    """What mmu_update does with one entry for DATA_VA (0 = unmap, None = clear RW, or
+    `new`): the checked write, then the engines told (mmu_ops.written_all), no flush.
+    Returns (entry address, old entry)."""
+    pt, mem = hv.pagetables, hv.mem
+    ptr = pt.l1_entry_address(v.kernel_root, DATA_VA)
+    old = mem.read_u64(ptr)
+    assert pt.update_entry(dom.domid, ptr, old & ~_RW if new is None else new)
+    mmu_ops.written_all(v)
+    return ptr, old
+
+
+def check_freed_frame_unreachable(hv: Hypervisor, dom, v, monkeypatch) -> None:
+    """The attack of both engines' TLB tests: DATA_VA unmapped with no flush (its stale
+    translation still used), then its frame freed (it may go to another domain): the next
+    access must fault. MADV_REMOVE is made to fail, so the frame keeps its bytes and a
+    stale read would see them."""
+    eng, pt, mem = v.engine, hv.pagetables, hv.mem
+    monkeypatch.setattr(mem, "_discard", lambda frames: None)
+    frame = pt.translate(v.kernel_root << 12, DATA_VA, False) >> 12
+    mem.write_u64(frame << 12, 0x5A5A5A5A)
+    assert step_access(v, False) == ([], 0x5A5A5A5A)
+    ptr, old = unmap_data_va(hv, dom, v, 0)
+    assert step_access(v, False) == ([], 0x5A5A5A5A)    # the guest runs on: not flushed
+    assert not mem.in_use(frame)
+    mem.free([frame])                                  # no guest flush in between
+    assert step_access(v, False) == ([(14, DATA_VA)], 0)
+    assert mem.alloc(dom.domid) == [frame]             # back, for the guest to go on
+    pt.update_entry(dom.domid, ptr, old)
+    eng.flush_tlb()

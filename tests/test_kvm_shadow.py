@@ -12,7 +12,7 @@ import pytest
 from aiovmm import kvm_engine
 from aiovmm.memory import PageType
 from conftest import _kvm_skip_reason
-from hand_vcpu import DATA_VA, step_access as _access
+from hand_vcpu import DATA_VA, check_freed_frame_unreachable, step_access as _access
 from test_kvm import _hand_driven_vcpu
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=_kvm_skip_reason() or "")
@@ -54,22 +54,7 @@ async def test_unmapped_frame_freed_without_a_flush_is_not_reachable(monkeypatch
     notifier); its fallback, where madvise fails and the frame is zeroed at the next
     allocation, must not depend on that, so it is the path taken here."""
     async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
-        eng, pt, mem = v.engine, hv.pagetables, hv.mem
-        monkeypatch.setattr(mem, "_discard", lambda frames: None)
-        frame = pt.translate(v.kernel_root << 12, DATA_VA, False) >> 12
-        mem.write_u64(frame << 12, 0x5A5A5A5A)
-        assert _access(v, False) == ([], 0x5A5A5A5A)
-        ptr = pt.l1_entry_address(v.kernel_root, DATA_VA)
-        old = mem.read_u64(ptr)
-        assert pt.update_entry(dom.domid, ptr, 0)
-        eng.pt_written()
-        assert _access(v, False) == ([], 0x5A5A5A5A)        # the guest runs on: not flushed
-        assert not mem.in_use(frame)
-        mem.free([frame])                                  # no guest flush in between
-        assert _access(v, False) == ([(14, DATA_VA)], 0)
-        assert mem.alloc(dom.domid) == [frame]             # back, for the guest to go on
-        pt.update_entry(dom.domid, ptr, old)
-        eng.flush_tlb()
+        check_freed_frame_unreachable(hv, dom, v, monkeypatch)
 
 
 async def test_write_protected_frame_becoming_a_page_table_is_not_writable():

@@ -13,25 +13,13 @@ import asyncio
 from aiovmm import Hypervisor, ShutdownReason, mmu_ops
 from aiovmm.memory import PageType
 from conftest import HV_MEMORY_MIB, kernel
-from hand_vcpu import DATA_VA, hand_driven_vcpu, step_access as _access
-
-_RW = 0x2
+from hand_vcpu import (DATA_VA, check_freed_frame_unreachable, hand_driven_vcpu, step_access as _access,
+                       unmap_data_va)
 
 
 def _hand_driven_vcpu(regs: tuple[str, ...]):
     """hand_vcpu.hand_driven_vcpu on the Unicorn engine."""
     return hand_driven_vcpu(regs, engine="unicorn")
-
-
-def _unmap(hv, dom, v, new: int | None) -> tuple[int, int]:
-    """What mmu_update does with one entry for DATA_VA (0 = unmap, or `new`): the checked
-    write, then the engines told (written_all). Returns (entry address, old entry)."""
-    pt, mem = hv.pagetables, hv.mem
-    ptr = pt.l1_entry_address(v.kernel_root, DATA_VA)
-    old = mem.read_u64(ptr)
-    assert pt.update_entry(dom.domid, ptr, old & ~_RW if new is None else new)
-    mmu_ops.written_all(v)
-    return ptr, old
 
 
 async def test_removed_mapping_is_forgotten_at_the_guests_flush():
@@ -42,7 +30,7 @@ async def test_removed_mapping_is_forgotten_at_the_guests_flush():
         mem.write_u64(pt.translate(v.kernel_root << 12, DATA_VA, False), 0x1122334455667788)
         assert _access(v, False) == ([], 0x1122334455667788)      # in the soft TLB now
         flushes = eng.flushes
-        ptr, old = _unmap(hv, dom, v, 0)
+        ptr, old = unmap_data_va(hv, dom, v, 0)
         assert eng.flushes == flushes
         assert _access(v, False) == ([], 0x1122334455667788)      # stale, as on Xen
         mmu_ops._mmuext_one(v, mmu_ops.MmuExt.TLB_FLUSH_LOCAL, 0, 0)   # the guest's flush
@@ -57,19 +45,7 @@ async def test_unmapped_frame_freed_without_a_flush_is_not_reachable(monkeypatch
     flushes. The fallback where MADV_REMOVE fails (the frame keeps its bytes until it is
     zeroed at the next allocation) is the path taken, so the stale read would see them."""
     async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
-        eng, pt, mem = v.engine, hv.pagetables, hv.mem
-        monkeypatch.setattr(mem, "_discard", lambda frames: None)
-        frame = pt.translate(v.kernel_root << 12, DATA_VA, False) >> 12
-        mem.write_u64(frame << 12, 0x5A5A5A5A)
-        assert _access(v, False) == ([], 0x5A5A5A5A)
-        ptr, old = _unmap(hv, dom, v, 0)
-        assert _access(v, False) == ([], 0x5A5A5A5A)        # the guest runs on: not flushed
-        assert not mem.in_use(frame)
-        mem.free([frame])                                  # no guest flush in between
-        assert _access(v, False) == ([(14, DATA_VA)], 0)
-        assert mem.alloc(dom.domid) == [frame]             # back, for the guest to go on
-        pt.update_entry(dom.domid, ptr, old)
-        eng.flush_tlb()
+        check_freed_frame_unreachable(hv, dom, v, monkeypatch)
 
 
 async def test_write_protected_frame_becoming_a_page_table_is_not_writable():
@@ -80,7 +56,7 @@ async def test_write_protected_frame_becoming_a_page_table_is_not_writable():
         eng, pt, mem = v.engine, hv.pagetables, hv.mem
         frame = pt.translate(v.kernel_root << 12, DATA_VA, False) >> 12
         assert _access(v, True)[0] == []                   # a writable translation cached
-        ptr, old = _unmap(hv, dom, v, None)                # RW cleared
+        ptr, old = unmap_data_va(hv, dom, v, None)                # RW cleared
         assert _access(v, True)[0] == []                   # still writable: not flushed
         mem.zero(frame)                                    # an empty L1
         pt.get_type(frame, PageType.l1, dom.domid)         # pinned as a page table
