@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from aiovmm import Hypervisor, mmu_ops
+from aiovmm.memory import PageType
 from aiovmm.mmu import GuestFault
 from conftest import HV_MEMORY_MIB, kernel
 
@@ -98,5 +99,23 @@ def check_freed_frame_unreachable(hv: Hypervisor, dom, v, monkeypatch) -> None:
     mem.free([frame])                                  # no guest flush in between
     assert step_access(v, False) == ([(14, DATA_VA)], 0)
     assert mem.alloc(dom.domid) == [frame]             # back, for the guest to go on
+    pt.update_entry(dom.domid, ptr, old)
+    eng.flush_tlb()
+
+
+def check_pinned_l1_not_writable(hv: Hypervisor, dom, v, frame: int, ptr: int, old: int) -> None:
+    """The end of the write-protect attack of both engines' TLB tests: DATA_VA's `frame`
+    (entry at `ptr`, write-protected without a flush) is made an empty L1 and typed as one;
+    a store through the stale writable translation must fault and leave it empty. Then the
+    entry `old` is put back."""
+    eng, pt, mem = v.engine, hv.pagetables, hv.mem
+    mem.zero(frame)                                    # an empty L1
+    pt.get_type(frame, PageType.l1, dom.domid)         # pinned as a page table
+    try:
+        faults, _ = step_access(v, True)
+        assert faults == [(14, DATA_VA)]
+        assert mem.read_u64(frame << 12) == 0
+    finally:
+        pt.put_type(frame)
     pt.update_entry(dom.domid, ptr, old)
     eng.flush_tlb()

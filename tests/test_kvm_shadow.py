@@ -10,14 +10,12 @@ from __future__ import annotations
 import pytest
 
 from aiovmm import kvm_engine
-from aiovmm.memory import PageType
 from conftest import _kvm_skip_reason
-from hand_vcpu import DATA_VA, check_freed_frame_unreachable, step_access as _access
+from hand_vcpu import (DATA_VA, check_freed_frame_unreachable, check_pinned_l1_not_writable, step_access as _access,
+                       unmap_data_va)
 from test_kvm import _hand_driven_vcpu
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=_kvm_skip_reason() or "")
-
-_RW = 0x2
 
 
 def _targeted() -> None:
@@ -61,21 +59,8 @@ async def test_write_protected_frame_becoming_a_page_table_is_not_writable():
     """Write-protected with no flush (fork's wrprotect, a ptwr store), then validated as an
     L1: a stale writable translation would let the guest write a live page table."""
     async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
-        eng, pt, mem = v.engine, hv.pagetables, hv.mem
-        frame = pt.translate(v.kernel_root << 12, DATA_VA, False) >> 12
+        frame = hv.pagetables.translate(v.kernel_root << 12, DATA_VA, False) >> 12
         assert _access(v, True)[0] == []                   # KVM: writable shadow entry
-        ptr = pt.l1_entry_address(v.kernel_root, DATA_VA)
-        old = mem.read_u64(ptr)
-        assert pt.update_entry(dom.domid, ptr, old & ~_RW)
-        eng.pt_written()
+        ptr, old = unmap_data_va(hv, dom, v, None)         # RW cleared
         assert _access(v, False)[0] == []                  # the guest runs on: not flushed
-        mem.zero(frame)                                    # an empty L1
-        pt.get_type(frame, PageType.l1, dom.domid)         # pinned as a page table
-        try:
-            faults, _ = _access(v, True)
-            assert faults == [(14, DATA_VA)]
-            assert mem.read_u64(frame << 12) == 0
-        finally:
-            pt.put_type(frame)
-        pt.update_entry(dom.domid, ptr, old)
-        eng.flush_tlb()
+        check_pinned_l1_not_writable(hv, dom, v, frame, ptr, old)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 
 from aiovmm import Hypervisor, ShutdownReason, mmu_ops
-from aiovmm.memory import PageType
 from conftest import HV_MEMORY_MIB, kernel
-from hand_vcpu import (DATA_VA, check_freed_frame_unreachable, hand_driven_vcpu, step_access as _access,
-                       unmap_data_va)
+from hand_vcpu import (DATA_VA, check_freed_frame_unreachable, check_pinned_l1_not_writable,
+                       hand_driven_vcpu, step_access as _access, unmap_data_va)
 
 
 def _hand_driven_vcpu(regs: tuple[str, ...]):
@@ -53,21 +52,11 @@ async def test_write_protected_frame_becoming_a_page_table_is_not_writable():
     read-only before pinning it), then validated as an L1: a stale writable translation
     would let the guest write a live page table, i.e. map any frame."""
     async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
-        eng, pt, mem = v.engine, hv.pagetables, hv.mem
-        frame = pt.translate(v.kernel_root << 12, DATA_VA, False) >> 12
+        frame = hv.pagetables.translate(v.kernel_root << 12, DATA_VA, False) >> 12
         assert _access(v, True)[0] == []                   # a writable translation cached
-        ptr, old = unmap_data_va(hv, dom, v, None)                # RW cleared
+        ptr, old = unmap_data_va(hv, dom, v, None)         # RW cleared
         assert _access(v, True)[0] == []                   # still writable: not flushed
-        mem.zero(frame)                                    # an empty L1
-        pt.get_type(frame, PageType.l1, dom.domid)         # pinned as a page table
-        try:
-            faults, _ = _access(v, True)
-            assert faults == [(14, DATA_VA)]
-            assert mem.read_u64(frame << 12) == 0
-        finally:
-            pt.put_type(frame)
-        pt.update_entry(dom.domid, ptr, old)
-        eng.flush_tlb()
+        check_pinned_l1_not_writable(hv, dom, v, frame, ptr, old)
 
 
 async def test_closed_engine_is_forgotten():
