@@ -305,6 +305,9 @@ def do_stack_switch(v: "VCPU", ss: int, sp: int, *_) -> int:
 
 
 def do_set_segment_base(v: "VCPU", which: int, base: int, *_) -> int:
+    # Xen's handler takes `unsigned int which`: the register's upper 32 bits are not part of
+    # it (hypercall-defs.c), so 0x1_0000_0000 is SEGBASE_FS there, not an unknown `which`.
+    which &= 0xFFFFFFFF
     if which == SEGBASE_GS_USER_SEL:
         # Only the null selector exists for guests without set_gdt; its base is 0.
         v.user_gs_base = 0
