@@ -203,7 +203,11 @@ def attach_loop(backing: str | Path) -> str:
     r = host_run("losetup", "--find", "--show", str(backing), check=False)
     if r.returncode:
         pytest.skip(f"cannot attach a loop device: {r.stderr.strip()}")
-    return r.stdout.strip()
+    dev = r.stdout.strip()
+    # A read-only flag (blockdev --setro) outlives a detach: a run killed before its teardown
+    # leaves the next user of the same loop number read-only. A new device starts writable.
+    host_run("blockdev", "--setrw", dev, check=False)
+    return dev
 
 
 @dataclass
