@@ -1376,6 +1376,17 @@ class KVMEngine:
         that keeps shadows right when a guest writes its own page tables. The guest's
         registers are put back untouched. False if the stub did not complete (the caller
         then zaps everything)."""
+        # The stub's KVM_RUN must not be the guest's next entry: KVM may hold an I/O
+        # instruction of the guest's to complete there (an allowed INS, its data left in the
+        # exit's data area: KVM's emulator stores it at ES:RDI and moves RIP past it, with the
+        # privilege of whatever CS is loaded then, i.e. the stub's ring-0 CS: a store through
+        # supervisor mappings such as the direct map of all machine memory, then the guest's
+        # own code in ring 0; tests/test_redteam_kvm_ins.py), or an exception to deliver.
+        # Complete the I/O now in the guest's own context (an immediate exit: KVM runs no
+        # instruction); an exception KVM still holds then (that store's #PF) is the guest's
+        # next entry's, so KVM is made to forget by a zap instead.
+        if self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr) < 0 or self.delivery_pending():
+            return False
         r0 = self.r0
         dmap = r0.dmap_va
         vas = [dmap + a for a in entries] + [dmap + (f << PAGE_SHIFT) + 1 for f in frames] + [0]
