@@ -98,3 +98,55 @@ async def test_ins_completed_by_kvm_never_in_the_invalidation_stub():
             v.copy_to_guest(CODE_VA, saved_code)
             v.copy_to_guest(DATA_VA, saved_data)
         assert dom.shutdown_reason is None
+
+
+async def test_event_bounced_at_a_slice_end_after_an_in_runs_its_handler():
+    """The guest polls the PIT with `in` or `insb` (allowed by its I/O bitmap, so every one is
+    answered by the host, not by C), each exit completed by KVM at the next entry. A slice
+    ends at such an exit; the next one begins by bouncing a pending event (vcpu.run:
+    traps.deliver_event). Xen completes the IN before it makes the event's frame: the guest
+    must run its event handler. Left to KVM, the completion put RIP back after the IN: the
+    frame pushed, events masked, the handler never run (and from guest user mode, the user's
+    code running on in kernel mode)."""
+    from aiovmm import traps
+    from aiovmm.abi import CallbackType, VcpuInfo
+    from aiovmm.vcpu_engine import ExitReason
+    async with _hand_driven_vcpu(REGS) as (hv, dom, v):
+        eng = v.engine
+        saved_code = v.copy_from_guest(CODE_VA, 4096)
+        saved_data = v.copy_from_guest(DATA_VA, 4096)
+        info = v.info_maddr + VcpuInfo.evtchn_upcall_pending
+        saved_info = bytes(hv.mem.map[info:info + 2])
+        saved_cb, saved_bmp = v.callbacks[CallbackType.event], v.iobmp
+        handler = CODE_VA + 0x800
+        v.copy_to_guest(handler, b"\xf4\xeb\xfe")               # hlt (#GP at CPL 3) ; jmp .
+        v.callbacks[CallbackType.event] = (handler, saved_cb[1])
+        v.copy_to_guest(DATA_VA + 0x400, bytes(16))             # I/O bitmap: every port allowed
+        v.iobmp = (DATA_VA + 0x400, 0x80)
+        seen: list = []
+
+        def on_exc(vec, err, cr2):
+            seen.append((vec, eng.get("rip")))
+            eng.stop()
+        on_exc_saved, eng.on_exception = eng.on_exception, on_exc
+        try:
+            for code in (b"\xec\xeb\xfd", b"\x6c\x48\xff\xcf\xeb\xfa"):   # in ; insb, dec %rdi
+                for _ in range(3):
+                    v.copy_to_guest(CODE_VA, code)
+                    hv.mem.map[info:info + 2] = b"\0\0"
+                    eng.write({"rip": CODE_VA, "rdx": 0x42, "rdi": CODE_VA + 0x900, "rflags": 0x202,
+                               "rsp": DATA_VA + 0x800})
+                    assert eng.run(0, 2_000_000) is ExitReason.BUDGET and not seen
+                    hv.mem.map[info:info + 2] = b"\1\0"             # an event, then the next slice
+                    traps.deliver_event(v)
+                    assert eng.get("rip") == handler
+                    eng.run(0, 20_000_000)
+                    assert seen == [(13, handler)], (code.hex(), [(n, hex(r)) for n, r in seen])
+                    seen.clear()
+        finally:
+            eng.on_exception = on_exc_saved
+            v.callbacks[CallbackType.event], v.iobmp = saved_cb, saved_bmp
+            hv.mem.map[info:info + 2] = saved_info
+            v.copy_to_guest(CODE_VA, saved_code)
+            v.copy_to_guest(DATA_VA, saved_data)
+        assert dom.shutdown_reason is None
