@@ -261,12 +261,14 @@ void aiovmm_kvm_back_to_cpl3(struct aiovmm_kvm_ctx *c, int cs32)
 
 /* The SYSCALL entry page's exit: the guest's `syscall` left its return RIP in RCX and its
  * RFLAGS in R11. R11 is the guest's RFLAGS only for a real SYSCALL; a guest may also jump to
- * the entry page with any R11, so IOPL, VM and NT are never taken from it. */
+ * the entry page with any R11, so IOPL, VM and NT are never taken from it, nor reserved bits
+ * (a real RFLAGS has none; hardware KVM fails the VM entry on them), and IF is set: Xen
+ * returns to a PV guest with IF set on every path (x86_64/entry.S restore_all_guest). */
 void aiovmm_kvm_syscall_entry(struct aiovmm_kvm_ctx *c)
 {
     uint64_t *r = regs_of(c->run);
     r[KREG_RIP] = r[KREG_RCX];
-    r[KREG_RFLAGS] = (r[KREG_R11] & ~(RF_IOPL | RF_VM | RF_NT)) | 2;
+    r[KREG_RFLAGS] = (r[KREG_R11] & ARCH_FLAGS & ~(RF_IOPL | RF_VM | RF_NT)) | RF_IF | 2;
     aiovmm_kvm_back_to_cpl3(c, 0);
 }
 

@@ -369,3 +369,26 @@ async def test_iret_frame_in_a_read_only_page():
             assert dom.shutdown_reason is None
         finally:
             hv.mem.map[d.pending:d.pending + 2] = saved_info
+
+
+async def test_forged_syscall_entry_rflags_are_xens():
+    """A guest jumping to the SYSCALL entry page with a forged R11 (a real `syscall` cannot
+    make one: RFLAGS has no reserved bits, and a PV guest's IF is always set): the RFLAGS it
+    continues with, which C sets at the exit for the C and the Python path alike
+    (aiovmm_kvm_syscall_entry), keep no reserved bit (hardware KVM would fail the VM entry
+    on them), no IOPL, VM or NT, and have IF set, as Xen's every return to a PV guest has."""
+    from aiovmm.kvm_engine import ring0
+    regs = ("rip", "rax", "rdi", "rcx", "r11", "rflags")
+    reserved = ~0x3F7FD7 & (2**64 - 1)
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        d = _Driver(hv, v)
+        for r11 in (0x2, 2**64 - 1 - RF_TF, 0xFFFF0000_00008028, RF_AC | RF_NT | RF_IOPL | RF_VM):
+            d.eng.write({"rip": ring0(hv.xen).syscall_va, "rax": 17, "rdi": 0, "rcx": d.code_va,
+                         "r11": r11})
+            assert d.run() == 3                              # the exit, set back in C
+            rflags = d.eng.get("rflags")
+            assert d.eng.get("rip") == d.code_va
+            assert rflags & RF_IF and rflags & 2, (hex(r11), hex(rflags))
+            assert not rflags & (reserved | RF_IOPL | RF_VM | RF_NT), (hex(r11), hex(rflags))
+            assert rflags & RF_AC == r11 & RF_AC                # the guest's own flags kept
+        d.eng.write({"rflags": 0x246})
