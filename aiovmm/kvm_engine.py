@@ -532,7 +532,8 @@ class _RunCtx(ctypes.Structure):
                 ("mem_size", ctypes.c_uint64), ("fast_calls", ctypes.c_uint64 * len(_FAST_CALLS)),
                 ("deadline_ns", ctypes.c_int64),
                 ("ready_kroot", ctypes.c_uint64), ("ready_uroot", ctypes.c_uint64),
-                ("fast_bounces", ctypes.c_uint64), ("fast_user_irets", ctypes.c_uint64)]
+                ("fast_bounces", ctypes.c_uint64), ("fast_user_irets", ctypes.c_uint64),
+                ("fast_page", ctypes.c_uint64)]
 
 
 class _VMPool:
@@ -1015,11 +1016,14 @@ class KVMEngine:
     @property
     def exit_kinds(self) -> collections.Counter[str]:
         out = collections.Counter(self._exit_kinds)
-        fast = sum(self._ctx.fast_calls) + self._ctx.fast_bounces
+        # C's completions by the entry they came through, as Python counts its own
+        # (_run_slice): the hypercall page's are "hypercall", a guest `syscall`'s "syscall".
+        ctx = self._ctx
+        fast = sum(ctx.fast_calls) + ctx.fast_bounces - ctx.fast_page
         if fast:
             out[_SYSCALL] += fast
-        if self._hypercalls:
-            out["hypercall"] += self._hypercalls
+        if self._hypercalls + ctx.fast_page:
+            out["hypercall"] += self._hypercalls + ctx.fast_page
         if self._ctx.fast_hits:
             out["port io"] += self._ctx.fast_hits
         return out

@@ -165,6 +165,7 @@ struct aiovmm_kvm_ctx {
     uint64_t ready_kroot, ready_uroot;
     uint64_t fast_bounces;         /* user-mode syscalls bounced to the guest kernel here */
     uint64_t fast_user_irets;      /* of fast_calls[2]: irets back to guest user mode */
+    uint64_t fast_page;            /* of fast_calls: those made through the hypercall page */
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -575,6 +576,7 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
              * context, is the guest's to run next), where RIP is already past the `out`. */
             if (c->page_rip_after && c->fast_hc && c->pv && c->pv->kernel_mode
                 && fast_hypercall(c, regs_of(run))) {
+                c->fast_page++;
                 if (event_deliverable(c))
                     return 4;
                 continue;
