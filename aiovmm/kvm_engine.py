@@ -1462,9 +1462,11 @@ class KVMEngine:
         guest's next entry with the state of its exit: not the invalidation stub's (ring 0:
         the guest's store through supervisor mappings, then its code at CPL 0), and not one
         after a slice end where the hypervisor bounces an event (the IN must complete
-        before the event's frame, as on Xen: else the guest resumes after the IN, in kernel
-        mode if the bounce switched to it; tests/test_redteam_kvm_ins.py). An immediate
-        exit: KVM runs no instruction."""
+        before the event's frame, as on Xen: else the guest resumes after the IN with the
+        frame pushed and events masked; measured in kernel mode, where the bounce sets only
+        registers: a bounce that also loads CR3 made kvm-pvm drop the completion;
+        tests/test_redteam_kvm_ins.py, test_redteam_in_event.py). An immediate exit: KVM
+        runs no instruction."""
         m = self._run_map
         if m[_RUN_EXIT_REASON] != Exit.IO or m[_RUN_IO] != 0:
             return False
