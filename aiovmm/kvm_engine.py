@@ -532,7 +532,8 @@ class _RunCtx(ctypes.Structure):
                 ("mem_size", ctypes.c_uint64), ("fast_calls", ctypes.c_uint64 * len(_FAST_CALLS)),
                 ("deadline_ns", ctypes.c_int64),
                 ("ready_kroot", ctypes.c_uint64), ("ready_uroot", ctypes.c_uint64),
-                ("fast_bounces", ctypes.c_uint64), ("fast_user_irets", ctypes.c_uint64)]
+                ("fast_bounces", ctypes.c_uint64), ("fast_user_irets", ctypes.c_uint64),
+                ("fast_page", ctypes.c_uint64)]
 
 
 class _VMPool:
@@ -1015,11 +1016,14 @@ class KVMEngine:
     @property
     def exit_kinds(self) -> collections.Counter[str]:
         out = collections.Counter(self._exit_kinds)
-        fast = sum(self._ctx.fast_calls) + self._ctx.fast_bounces
+        # C's completions by the entry they came through, as Python counts its own
+        # (_run_slice): the hypercall page's are "hypercall", a guest `syscall`'s "syscall".
+        ctx = self._ctx
+        fast = sum(ctx.fast_calls) + ctx.fast_bounces - ctx.fast_page
         if fast:
             out[_SYSCALL] += fast
-        if self._hypercalls:
-            out["hypercall"] += self._hypercalls
+        if self._hypercalls + ctx.fast_page:
+            out["hypercall"] += self._hypercalls + ctx.fast_page
         if self._ctx.fast_hits:
             out["port io"] += self._ctx.fast_hits
         return out
@@ -1297,6 +1301,7 @@ class KVMEngine:
             self.regs[17] &= ~RF_TF
             self.regs[17] |= rf & RF_TF
             self._dirty.value |= SYNC_REGS
+            self._finish_in()
         return self._step_hit and not self.stop_requested and self.regs[16] == end
 
     def _begin(self, deadline_ns: int) -> None:
@@ -1376,6 +1381,11 @@ class KVMEngine:
         that keeps shadows right when a guest writes its own page tables. The guest's
         registers are put back untouched. False if the stub did not complete (the caller
         then zaps everything)."""
+        # The stub's KVM_RUN must not be the guest's next entry (_finish_in says why); an
+        # exception KVM holds after the guest's IN was completed (its store's #PF) is the
+        # guest's next entry's too, so KVM is made to forget by a zap instead.
+        if self._finish_in() and self.delivery_pending():
+            return False
         r0 = self.r0
         dmap = r0.dmap_va
         vas = [dmap + a for a in entries] + [dmap + (f << PAGE_SHIFT) + 1 for f in frames] + [0]
@@ -1439,7 +1449,35 @@ class KVMEngine:
         finally:
             self._ctx.fast_hc = 0
             self._end()
+            self._finish_in()
             self._report_fast_calls(False)
+
+    def _finish_in(self) -> bool:
+        """Complete, in the guest's own context, an IN (plain or INS) whose exit the host
+        answered and left for KVM to finish at the next KVM_RUN; True if there was one.
+        KVM finishes it there whatever the registers are by then (measured on kvm-pvm, also
+        for the plain form): it stores the data (AL/AX/EAX, or at ES:RDI for INS, with the
+        privilege of the CS loaded then) and sets RIP past the instruction, undoing a RIP
+        the host set meanwhile. So it must never be left to a KVM_RUN that is not the
+        guest's next entry with the state of its exit: not the invalidation stub's (ring 0:
+        the guest's store through supervisor mappings, then its code at CPL 0), and not one
+        after a slice end where the hypervisor bounces an event (the IN must complete
+        before the event's frame, as on Xen: else the guest resumes after the IN with the
+        frame pushed and events masked; measured in kernel mode, where the bounce sets only
+        registers: a bounce that also loads CR3 made kvm-pvm drop the completion;
+        tests/test_redteam_kvm_ins.py, test_redteam_in_event.py). An immediate exit: KVM
+        runs no instruction."""
+        m = self._run_map
+        if m[_RUN_EXIT_REASON] != Exit.IO or m[_RUN_IO] != 0:
+            return False
+        self._kvm_complete()
+        return True
+
+    def _kvm_complete(self) -> None:
+        """KVM_RUN with immediate exit (completes the pending I/O), then the exit marked as
+        consumed (kvm_run keeps its exit_reason across such a call)."""
+        self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
+        struct.pack_into("<I", self._run_map, _RUN_EXIT_REASON, Exit.INTR)
 
     def _report_fast_calls(self, events: bool) -> None:
         """Hand the hypercalls C completed since the last report to on_hypercall_done (the
@@ -1596,7 +1634,7 @@ class KVMEngine:
         dirty = self._dirty.value
         snap = bytes(m[_RUN_REGS:_RUN_SREGS + 312])
         self._dirty.value = 0
-        self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
+        self._kvm_complete()
         m[_RUN_REGS:_RUN_SREGS + 312] = snap
         self._dirty.value = dirty | SYNC_REGS
 

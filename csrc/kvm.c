@@ -165,6 +165,7 @@ struct aiovmm_kvm_ctx {
     uint64_t ready_kroot, ready_uroot;
     uint64_t fast_bounces;         /* user-mode syscalls bounced to the guest kernel here */
     uint64_t fast_user_irets;      /* of fast_calls[2]: irets back to guest user mode */
+    uint64_t fast_page;            /* of fast_calls: those made through the hypercall page */
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -261,12 +262,14 @@ void aiovmm_kvm_back_to_cpl3(struct aiovmm_kvm_ctx *c, int cs32)
 
 /* The SYSCALL entry page's exit: the guest's `syscall` left its return RIP in RCX and its
  * RFLAGS in R11. R11 is the guest's RFLAGS only for a real SYSCALL; a guest may also jump to
- * the entry page with any R11, so IOPL, VM and NT are never taken from it. */
+ * the entry page with any R11, so IOPL, VM and NT are never taken from it, nor reserved bits
+ * (a real RFLAGS has none; hardware KVM fails the VM entry on them), and IF is set: Xen
+ * returns to a PV guest with IF set on every path (x86_64/entry.S restore_all_guest). */
 void aiovmm_kvm_syscall_entry(struct aiovmm_kvm_ctx *c)
 {
     uint64_t *r = regs_of(c->run);
     r[KREG_RIP] = r[KREG_RCX];
-    r[KREG_RFLAGS] = (r[KREG_R11] & ~(RF_IOPL | RF_VM | RF_NT)) | 2;
+    r[KREG_RFLAGS] = (r[KREG_R11] & ARCH_FLAGS & ~(RF_IOPL | RF_VM | RF_NT)) | RF_IF | 2;
     aiovmm_kvm_back_to_cpl3(c, 0);
 }
 
@@ -604,6 +607,7 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
              * context, is the guest's to run next), where RIP is already past the `out`. */
             if (c->page_rip_after && c->fast_hc && c->pv && c->pv->kernel_mode
                 && fast_hypercall(c, regs_of(run))) {
+                c->fast_page++;
                 if (event_deliverable(c))
                     return 4;
                 continue;

@@ -369,3 +369,72 @@ async def test_iret_frame_in_a_read_only_page():
             assert dom.shutdown_reason is None
         finally:
             hv.mem.map[d.pending:d.pending + 2] = saved_info
+
+
+async def test_forged_syscall_entry_rflags_are_xens():
+    """A guest jumping to the SYSCALL entry page with a forged R11 (a real `syscall` cannot
+    make one: RFLAGS has no reserved bits, and a PV guest's IF is always set): the RFLAGS it
+    continues with, which C sets at the exit for the C and the Python path alike
+    (aiovmm_kvm_syscall_entry), keep no reserved bit (hardware KVM would fail the VM entry
+    on them), no IOPL, VM or NT, and have IF set, as Xen's every return to a PV guest has."""
+    from aiovmm.kvm_engine import ring0
+    regs = ("rip", "rax", "rdi", "rcx", "r11", "rflags")
+    reserved = ~0x3F7FD7 & (2**64 - 1)
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        d = _Driver(hv, v)
+        for r11 in (0x2, 2**64 - 1 - RF_TF, 0xFFFF0000_00008028, RF_AC | RF_NT | RF_IOPL | RF_VM):
+            d.eng.write({"rip": ring0(hv.xen).syscall_va, "rax": 17, "rdi": 0, "rcx": d.code_va,
+                         "r11": r11})
+            assert d.run() == 3                              # the exit, set back in C
+            rflags = d.eng.get("rflags")
+            assert d.eng.get("rip") == d.code_va
+            assert rflags & RF_IF and rflags & 2, (hex(r11), hex(rflags))
+            assert not rflags & (reserved | RF_IOPL | RF_VM | RF_NT), (hex(r11), hex(rflags))
+            assert rflags & RF_AC == r11 & RF_AC                # the guest's own flags kept
+        d.eng.write({"rflags": 0x246})
+
+
+async def test_exit_kinds_same_whether_c_or_python_completes_the_hypercall():
+    """exit_kinds (what bench/ reports as the exits that limit a guest) counts a hypercall by
+    the entry it came through: "hypercall" for the engine's hypercall page, "syscall" for a
+    guest `syscall`. The same hypercall must count the same whether C completed it
+    (fast_hypercall) or Python did."""
+    from aiovmm.kvm_engine import HCALL_PORT
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp")
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        d = _Driver(hv, v)
+        page_call = d.data_va + 0x40
+        saved_data = v.copy_from_guest(d.data_va, 4096)
+        saved_info = bytes(hv.mem.map[d.pending:d.pending + 2])
+        v.copy_to_guest(page_call, bytes([0xE6, HCALL_PORT]) + b"\xeb\xfe")   # out %al ; jmp .
+        sp = (v.kernel_ss, v.kernel_sp)
+        hv.mem.map[d.pending] = 0
+        deltas = []
+        try:
+            _count_exit_kinds(d, page_call, sp, deltas)
+        finally:
+            hv.mem.map[d.pending:d.pending + 2] = saved_info
+            v.copy_to_guest(d.data_va, saved_data)
+        assert [x[2:] for x in deltas] == [(1, 0), (0, 1), (1, 0), (0, 1)], deltas
+
+
+def _count_exit_kinds(d, page_call: int, sp: tuple[int, int], deltas: list) -> None:
+    """One stack_switch through each entry, by C and by Python: the exit_kinds deltas."""
+    eng = d.eng
+    for fast in (True, False):
+        for entry in ("page", "syscall"):
+            before = eng.exit_kinds
+            if entry == "page":
+                eng.write({"rip": page_call, "rax": 3, "rdi": sp[0], "rsi": sp[1]})
+                rc = d.run(fast)
+            else:
+                rc = d.hypercall(3, fast, rdi=sp[0], rsi=sp[1])
+            if rc in (1, 3):                           # Python's, as _run_slice does it
+                if rc == 1:
+                    eng._hypercalls += 1
+                else:
+                    eng._exit_kinds["syscall"] += 1
+                eng.on_hypercall()
+            after = eng.exit_kinds
+            deltas.append((fast, entry, after["hypercall"] - before["hypercall"],
+                           after["syscall"] - before["syscall"]))
