@@ -167,7 +167,8 @@ class VCPU:
         self.code_sync_due: float | None = None   # an IPI's drop, deferred (ipi_code_sync)
         self.polling: frozenset[int] | None = None
         self._wake = asyncio.Event()
-        self._asleep = False           # the task waits in _sleep (run_now may run a slice)
+        self._task_waiting = False     # the task waits where it re-checks all state on
+                                       # resuming (_sleep, the yield point): run_now may run
         self.direct_slices = 0         # slices run_now ran outside the task
         self.fault_depth = 0
         self.last_frame_rsp = 0
@@ -451,7 +452,11 @@ class VCPU:
                     break
                 if reason is not None and dom.yield_drains:
                     dom.drain_backends()            # what the slice put on device rings
-                await sched.yield_point(self)
+                self._task_waiting = True           # the loop top re-checks all (run_now)
+                try:
+                    await sched.yield_point(self)
+                finally:
+                    self._task_waiting = False
         finally:
             sched.forget(self)
             self.stop_timers()
@@ -494,14 +499,15 @@ class VCPU:
         """Run one slice of this vCPU right here, in a loop callback that just woke it (a
         device's event), instead of one loop iteration later in its task: on KVM the hop
         from the event to the slice took 120-290 us of a 1.7-8 ms UDP round trip under
-        load (bench/net_trace.py). Only when the task is asleep and nothing else wants the
+        load (bench/net_trace.py). Only when the task waits where it re-checks everything
+        on resuming (asleep, or at its yield point after a slice), nothing else wants the
         CPU (the scheduler grants it at once, as acquire() would a boosted vCPU), and
         nothing but an event waits to be delivered; otherwise False and the task runs it.
-        The task still wakes (the kick set `_wake`) and finds the vCPU blocked again or,
-        if it stayed runnable, the CPU kept for it (Scheduler.release). Never called
-        inside a slice (callbacks run between slices)."""
+        The task then resumes and finds the vCPU blocked again or, if it stayed runnable,
+        the CPU kept for it (Scheduler.release). Never called inside a slice (callbacks
+        run between slices)."""
         dom = self.domain
-        if not self._asleep or self.blocked or not self.online or dom.paused or dom.dying \
+        if not self._task_waiting or self.blocked or not self.online or dom.paused or dom.dying \
                 or self.pending_ptwr is not None or self.pending_trap is not None \
                 or self.flush_code_pending or self.code_sync_due is not None:
             return False
@@ -534,11 +540,11 @@ class VCPU:
 
     async def _sleep(self) -> None:
         """Wait for a wake-up (_sleep_wait); meanwhile run_now may run a slice."""
-        self._asleep = True
+        self._task_waiting = True
         try:
             await self._sleep_wait()
         finally:
-            self._asleep = False
+            self._task_waiting = False
 
     async def _sleep_wait(self) -> None:
         """Wait for a wake-up. A vCPU asleep for IDLE_RELEASE_S gives its engine's

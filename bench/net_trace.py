@@ -20,6 +20,7 @@ the RR measurement. The probes cost a few us per step; compare steps, not totals
 from __future__ import annotations
 
 import argparse
+import collections
 import asyncio
 import cProfile
 import os
@@ -43,9 +44,10 @@ from aiovmm.testing import VirtualLan                       # noqa: E402
 T: list[tuple[int, str, int]] = []          # (ns, kind, value)
 _now = time.perf_counter_ns
 ON = [False]
-# (Netback.defer_tx_events, run_woken, write_lone)
-MODES = {"before": (False, False, False), "after": (True, True, True), "defer": (True, False, False),
-         "run_now": (False, True, False), "write": (False, False, True)}
+WHY: "collections.Counter[str]" = collections.Counter()     # VCPU.run_now's state when asked
+# (Netback.defer_tx_events, run_woken, batch_tx)
+MODES = {"before": (False, False, False), "after": (True, True, True),
+         "defer": (True, False, False), "run_now": (False, True, False), "batch": (False, False, True)}
 REASONS = {"BUDGET": 1, "PREEMPT": 2, "STOPPED": 3, "ERROR": 4}      # run1's reason code
 
 
@@ -72,7 +74,14 @@ def install() -> None:
           after=lambda s, x, r: s.stats.tx_packets != x and T.append((_now(), "txc", s.stats.tx_packets - x)))
     probe(ev_mod.HostPort, "notify", before=lambda s: T.append((_now(), "ev", 0)))
     probe(vcpu_mod.VCPU, "kick", before=lambda s: s.blocked and T.append((_now(), "kick", 0)))
-    probe(device.Netback, "_write_lone", after=lambda s, x, r: r and T.append((_now(), "tapw", 1)))
+    def why(v):
+        sch = v.domain.hypervisor.scheduler
+        st = sch.state(v)
+        WHY[(f"asleep={v._task_waiting} blocked={v.blocked} free={sch.current is None} "
+             f"current={sch.current!r} queued={st.queued} queues={sum(map(len, sch.queues.values()))} "
+             f"ptwr={v.pending_ptwr is not None} trap={v.pending_trap is not None} "
+             f"flush={v.flush_code_pending} paused={v.domain.paused}")] += 1
+    probe(vcpu_mod.VCPU, "run_now", before=why)
 
     def run_before(s):
         T.append((_now(), "run0", s.exits))
@@ -152,12 +161,12 @@ def analyse(rts: list[tuple[int, int]], trace: list[tuple[int, str, int]], dump:
         b = first("ev", a, r, idx) if a else None
         c = first("run0", b, r, idx) if b else None
         d = first("txc", c, r, idx) if c else None
-        e = first("tapw", c, r + 1, idx) if d else None      # a lone reply goes inside the pass
+        e = first("tapw", d, r + 1, idx) if d else None
         add("1 client send -> tap readable", s, a)
         add("2 tap readable -> rx event sent", a, b)
         add("3 event sent -> slice entered (wake hop)", b, c)
         add("4 slice entered -> reply taken from tx ring", c, d)
-        add("5 reply taken -> written to tap", d, None if e is None or d is None else max(d, e))
+        add("5 reply taken -> written to tap (thread)", d, e)
         add("6 tap write -> client has it", e, r)
         add("  round trip (client)", s, r)
         add("  client: reply -> next send", r, nxt)
@@ -214,6 +223,14 @@ def analyse(rts: list[tuple[int, int]], trace: list[tuple[int, str, int]], dump:
     return out
 
 
+def counters(dom, nb) -> dict[str, float]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    v = dom.vcpus[0]
+    return {"exits": v.engine.exits, "events": nb.stats.events_sent,
+            "slices": dom.hypervisor.scheduler.state(v).slices, "direct": v.direct_slices,
+            "cpu_us": (ru.ru_utime + ru.ru_stime) * 1e6}
+
+
 async def rr_trace(lan, ip: str, dur: float) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("r", suffix=".rt", delete=True) as f:
         os.chmod(f.name, 0o666)
@@ -245,39 +262,68 @@ async def main(args) -> None:
         print(f"kvm: shell after {time.monotonic() - t0:.0f} s", flush=True)
         nb = dom.backends[0]
         eng = dom.vcpus[0].engine
+        results: dict[str, list[dict[str, float]]] = {}
         for rnd in range(args.rounds):
             for mode in args.modes.split(","):
                 flags = MODES[mode]
-                nb.defer_tx_events, nb.run_woken, nb.write_lone = flags
-                print(f"[{rnd}] mode {mode}: defer_tx_events, run_woken, write_lone = {flags}", flush=True)
-                await rr_trace(lan, ip, args.duration)
-                rr = await netbench.client(lan, ip, 1, args.duration)
-                rr32 = await netbench.client(lan, ip, 32, args.duration)
-                print(f"  untraced UDP RR W=1 {rr['rps']:.0f}/s median {rr['median_us']:.0f} us; "
-                      f"W=32 {rr32['rps']:.0f}/s", flush=True)
-        if args.tcp_seconds:
-            for rev, name in ((True, "g2h"), (False, "h2g")):
-                a_ex, a_ev, a_tx, a_rx = eng.exits, nb.stats.events_sent, nb.stats.tx_bytes, nb.stats.rx_bytes
-                sch = hv.scheduler.state(dom.vcpus[0])
-                a_sl, a_ns = sch.slices, sch.cpu_ns
-                ru0 = resource.getrusage(resource.RUSAGE_SELF)
-                prof = cProfile.Profile() if args.profile else None
-                if prof:
-                    prof.enable()
-                r = await netbench.iperf(lan, ip, args.tcp_seconds, reverse=rev)
-                if prof:
-                    prof.disable()
-                ru1 = resource.getrusage(resource.RUSAGE_SELF)
-                nbytes = (nb.stats.tx_bytes - a_tx) if rev else (nb.stats.rx_bytes - a_rx)
-                per = max(nbytes / 65536, 1)
-                cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) * 1e6
-                print(f"  TCP {name} {r['mbps']:.0f} Mbit/s; per 64 KiB: exits {(eng.exits - a_ex) / per:.2f} "
-                      f"events {(nb.stats.events_sent - a_ev) / per:.2f} slices {(sch.slices - a_sl) / per:.2f} "
-                      f"slice time {(sch.cpu_ns - a_ns) / 1e3 / per:.0f} us process CPU {cpu / per:.0f} us "
-                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
-                if prof:
-                    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+                nb.defer_tx_events, nb.run_woken, nb.batch_tx = flags
+                print(f"[{rnd}] mode {mode}: defer_tx_events, run_woken, batch_tx = {flags}",
+                      flush=True)
+                if args.traced:
+                    await rr_trace(lan, ip, args.duration)
+                row = {}
+                for w in (1, 32):
+                    a = counters(dom, nb)
+                    prof = cProfile.Profile() if args.rr_profile and w == 1 and rnd == 0 else None
+                    if prof:
+                        prof.enable()
+                    rr = await netbench.client(lan, ip, w, args.duration)
+                    if prof:
+                        prof.disable()
+                    d = {k: v - a[k] for k, v in counters(dom, nb).items()}
+                    n = max(rr["n"], 1)
+                    row[f"w{w}_rps"] = rr["rps"]
+                    row[f"w{w}_med_us"] = rr["median_us"]
+                    for k in ("exits", "events", "slices", "direct", "cpu_us"):
+                        row[f"w{w}_{k}"] = d[k] / n
+                    if prof:
+                        print(f"  profile of the loop, UDP RR W=1, mode {mode}:")
+                        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+                print("  untraced, per round trip: " + " ".join(f"{k}={v:.2f}" for k, v in row.items())
+                      + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+                results.setdefault(mode, []).append(row)
+        for mode, rows in results.items():
+            print(f"median {mode}: " + " ".join(f"{k}={statistics.median(r[k] for r in rows):.2f}"
+                                                for k in rows[0]))
+        for rnd in range(args.rounds if args.tcp_seconds else 0):
+            for mode in args.modes.split(","):
+                nb.defer_tx_events, nb.run_woken, nb.batch_tx = MODES[mode]
+                for rev, name in ((True, "g2h"), (False, "h2g")):
+                    a = counters(dom, nb)
+                    a_tx, a_rx = nb.stats.tx_bytes, nb.stats.rx_bytes
+                    prof = cProfile.Profile() if args.profile and rnd == 0 else None
+                    if prof:
+                        prof.enable()
+                    r = await netbench.iperf(lan, ip, args.tcp_seconds, reverse=rev)
+                    if prof:
+                        prof.disable()
+                    d = {k: v - a[k] for k, v in counters(dom, nb).items()}
+                    nbytes = (nb.stats.tx_bytes - a_tx) if rev else (nb.stats.rx_bytes - a_rx)
+                    per = max(nbytes / 65536, 1)
+                    print(f"  [{rnd}] {mode} TCP {name} {r['mbps']:.0f} Mbit/s; per 64 KiB: "
+                          + " ".join(f"{k} {d[k] / per:.2f}" for k in ("exits", "events", "slices", "cpu_us"))
+                          + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+                    results.setdefault(f"tcp {mode}", []).append(
+                        {f"{name}_mbps": r["mbps"], f"{name}_cpu_us": d["cpu_us"] / per})
+                    if prof:
+                        pstats.Stats(prof).sort_stats("tottime").print_stats(16)
+        for mode, rows in results.items():
+            if mode.startswith("tcp "):
+                keys = sorted({k for r in rows for k in r})
+                print(f"median {mode}: " + " ".join(
+                    f"{k}={statistics.median(r[k] for r in rows if k in r):.1f}" for k in keys))
         print(f"netback: {nb.stats}")
+        print("run_now asked in state:", dict(WHY))
 
 
 if __name__ == "__main__":
@@ -285,7 +331,9 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--tcp-seconds", type=float, default=5.0)
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="cProfile the TCP runs")
+    ap.add_argument("--rr-profile", action="store_true", help="cProfile each mode's first W=1 run")
+    ap.add_argument("--traced", type=int, default=1, help="0: skip the traced run (counters only)")
     ap.add_argument("--modes", default="before,after",
                     help="netback's switches per run, alternated: " + ", ".join(MODES))
     ap.add_argument("--boot-timeout", type=float, default=600)

@@ -255,7 +255,6 @@ TX_EVENT_DEFER_S = 0.004
 TX_DEFER_MAX = 32
 TX_EVENT_DEFER = os.environ.get("AIOVMM_NET_TX_DEFER", "1") != "0"
 RUN_WOKEN = os.environ.get("AIOVMM_NET_RUN_WOKEN", "1") != "0"
-WRITE_LONE = os.environ.get("AIOVMM_NET_WRITE_LONE", "1") != "0"
 
 
 VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
@@ -285,7 +284,6 @@ class NetStats:
     rx_waits: int = 0             # a frame waited for rx requests (flow control, not a drop)
     inline_passes: int = 0        # passes run inside the guest's notify (InlineKick)
     tx_events_deferred: int = 0   # tx-only events held for an rx event (_defer_tx_event)
-    tx_direct: int = 0            # lone small frames written from the loop (_write_lone)
     yield_passes: int = 0         # passes run at the domain's slice ends (Domain.yield_drains)
 
 
@@ -314,9 +312,7 @@ class Netback:
         self._yield_fn = self._on_yield                 # the one bound method registered
         self.defer_tx_events = TX_EVENT_DEFER               # _defer_tx_event on/off
         self.run_woken = RUN_WOKEN                          # _on_tap_readable: VCPU.run_now
-        self.write_lone = WRITE_LONE                        # _write_lone on/off
-        self._tx_alone = False                          # _process_tx: the pass's only packet
-        self._tap_nonblocking = False                   # the tap fd is O_NONBLOCK (_serve)
+        self.batch_tx = True                # frames to the writer once per pass (A/B: False)
         self._tx_big = False                            # a packet above LONE_MAX (or GSO)
                                                         # answered since the last event
         self._tx_timer: asyncio.TimerHandle | None = None   # a deferred tx event's bound
@@ -1003,7 +999,6 @@ class Netback:
         self._stalled = 0
         self._tx_backlogged = False
         self._writer = TapWriter(self.fd, self.ifname, loop, self._tx_room, self._tx_write_failed)
-        self._tap_nonblocking = not os.get_blocking(self.fd)
         try:
             self._poll()
             await self._stop
@@ -1111,9 +1106,6 @@ class Netback:
                 i += 1
             if len(slots) > MAX_SLOTS or len(extras) > 1:
                 ok = False                     # consumed whole, answered ERROR slot by slot
-            # The pass's only packet, nothing after it on the ring: a lone reply may go to
-            # the tap from here (_write_lone).
-            self._tx_alone = done == 0 and i == n
             status = self._tx_packet(first, slots, extras) if ok else NETIF_RSP_ERROR
             if status == NETIF_RSP_ERROR:
                 self.stats.tx_errors += 1
@@ -1183,8 +1175,9 @@ class Netback:
         elif flags & NETTXF_data_validated:
             buf[0] = VNET_F_DATA_VALID
         if self._writer is not None:
-            if not self._write_lone(buf):
-                self._writer.stage(buf)         # to its thread at the pass's end (writer.py)
+            self._writer.stage(buf)             # to its thread at the pass's end (writer.py)
+            if not self.batch_tx:
+                self._writer.flush()
         else:                                   # not serving (tests drive passes by hand)
             try:
                 os.write(self.fd, buf)
@@ -1205,28 +1198,6 @@ class Netback:
         if self.tx_limit.active:
             self.tx_limit.charge(n)
         return NETIF_RSP_OKAY
-
-    def _write_lone(self, buf: bytearray) -> bool:
-        """Write a lone small frame to the tap from the loop instead of the writer thread:
-        the pass's only packet, at most LONE_MAX bytes, the writer idle (nothing queued
-        before it, so the order holds), and nothing flowing towards the guest (the last rx
-        pass delivered at most one frame, the tap holds none): a request/response reply.
-        Handing it to the thread cost a thread wake-up and the GIL, 70 us to over 1 ms of a
-        UDP round trip under load (bench/net_trace.py step 5); one small write runs the
-        host's receive path for ~100 bytes. A stream keeps the thread (docs/design.md: on
-        the loop a 64 KiB TSO frame took 1.8 ms). False: queue it to the thread."""
-        if not (self.write_lone and self._tx_alone and self._tap_nonblocking
-                and len(buf) - VNET_HDR_LEN <= LONE_MAX and self._writer.backlog() == 0
-                and self._last_rx_frames <= 1 and not self._rx_len and not self._tap_poll.poll(0)):
-            return False
-        try:
-            os.write(self.fd, buf)
-            self.stats.tx_direct += 1
-        except BlockingIOError:
-            return False                        # the thread retries it in order
-        except OSError:                         # as the thread: counted, answered OKAY
-            self._tx_write_failed(True)
-        return True
 
     # -- tap -> guest ---------------------------------------------------------------------------
     def _process_rx(self) -> bool:
