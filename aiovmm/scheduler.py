@@ -202,18 +202,6 @@ class Scheduler:
                 self._dispatch()
             raise
 
-    def take_now(self, v: "VCPU") -> bool:
-        """Give v the CPU at once if nobody holds it or waits for it, or it already holds it
-        (VCPU.run_now): what acquire() grants without waiting. The caller runs one slice and calls release()."""
-        s = self.state(v)
-        if self.current is v:
-            return True                       # release() kept the CPU for it
-        if self.current is not None or s.parked or s.queued or any(self.queues.values()):
-            return False
-        self._ensure_ticking()
-        self.current = v
-        return True
-
     def _io_active(self) -> bool:
         return time.perf_counter_ns() - self._last_wake_ns < IO_ACTIVE_NS
 

@@ -167,9 +167,6 @@ class VCPU:
         self.code_sync_due: float | None = None   # an IPI's drop, deferred (ipi_code_sync)
         self.polling: frozenset[int] | None = None
         self._wake = asyncio.Event()
-        self._task_waiting = False     # the task waits where it re-checks all state on
-                                       # resuming (_sleep, the yield point): run_now may run
-        self.direct_slices = 0         # slices run_now ran outside the task
         self.fault_depth = 0
         self.last_frame_rsp = 0
         self.periodic_ns = 0
@@ -452,11 +449,7 @@ class VCPU:
                     break
                 if reason is not None and dom.yield_drains:
                     dom.drain_backends()            # what the slice put on device rings
-                self._task_waiting = True           # the loop top re-checks all (run_now)
-                try:
-                    await sched.yield_point(self)
-                finally:
-                    self._task_waiting = False
+                await sched.yield_point(self)
         finally:
             sched.forget(self)
             self.stop_timers()
@@ -495,58 +488,7 @@ class VCPU:
         if self.code_sync_due is None or due < self.code_sync_due:
             self.code_sync_due = due
 
-    def run_now(self) -> bool:
-        """Run one slice of this vCPU right here, in a loop callback that just woke it (a
-        device's event), instead of one loop iteration later in its task: on KVM the hop
-        from the event to the slice took 120-290 us of a 1.7-8 ms UDP round trip under
-        load (bench/net_trace.py). Only when the task waits where it re-checks everything
-        on resuming (asleep, or at its yield point after a slice), nothing else wants the
-        CPU (the scheduler grants it at once, as acquire() would a boosted vCPU), and
-        nothing but an event waits to be delivered; otherwise False and the task runs it.
-        The task then resumes and finds the vCPU blocked again or, if it stayed runnable,
-        the CPU kept for it (Scheduler.release). Never called inside a slice (callbacks
-        run between slices)."""
-        dom = self.domain
-        if not self._task_waiting or self.blocked or not self.online or dom.paused or dom.dying \
-                or self.pending_ptwr is not None or self.pending_trap is not None \
-                or self.flush_code_pending or self.code_sync_due is not None:
-            return False
-        sched = dom.hypervisor.scheduler
-        if not sched.take_now(self):
-            return False
-        self.direct_slices += 1
-        reason = None
-        try:
-            sched.woke(self)
-            if self.runstate != vcpu_op.RunState.running:
-                vcpu_op.set_runstate(self, vcpu_op.RunState.running)
-            if self.event_deliverable():
-                _traps.deliver_event(self)
-                if dom.dying:
-                    return True
-            sched.begin(self)
-            reason = self.engine.run(sched.budget(self), sched.slice_for(self))
-            self.idle_released = False
-            if len(dom.vcpus) > 1:
-                self._share_code_writes()
-        finally:
-            sched.release(self)
-        if reason is ExitReason.ERROR:
-            dom.crash(f"vcpu {self.id}: {self.engine.last_error} "
-                      f"(rip {self.engine.get('rip'):#x})")
-        elif dom.yield_drains:
-            dom.drain_backends()
-        return True
-
     async def _sleep(self) -> None:
-        """Wait for a wake-up (_sleep_wait); meanwhile run_now may run a slice."""
-        self._task_waiting = True
-        try:
-            await self._sleep_wait()
-        finally:
-            self._task_waiting = False
-
-    async def _sleep_wait(self) -> None:
         """Wait for a wake-up. A vCPU asleep for IDLE_RELEASE_S gives its engine's
         translated code and translator tables back to the kernel (the Unicorn engine's
         release_idle_memory; an engine without it keeps everything): what lets a thousand idle

@@ -20,7 +20,6 @@ the RR measurement. The probes cost a few us per step; compare steps, not totals
 from __future__ import annotations
 
 import argparse
-import collections
 import asyncio
 import cProfile
 import os
@@ -44,10 +43,8 @@ from aiovmm.testing import VirtualLan                       # noqa: E402
 T: list[tuple[int, str, int]] = []          # (ns, kind, value)
 _now = time.perf_counter_ns
 ON = [False]
-WHY: "collections.Counter[str]" = collections.Counter()     # VCPU.run_now's state when asked
-# (Netback.defer_tx_events, run_woken, batch_tx)
-MODES = {"before": (False, False, False), "after": (True, True, True),
-         "defer": (True, False, False), "run_now": (False, True, False), "batch": (False, False, True)}
+# (Netback.defer_tx_events, batch_tx)
+MODES = {"before": (False, False), "after": (True, True), "defer": (True, False), "batch": (False, True)}
 REASONS = {"BUDGET": 1, "PREEMPT": 2, "STOPPED": 3, "ERROR": 4}      # run1's reason code
 
 
@@ -74,14 +71,6 @@ def install() -> None:
           after=lambda s, x, r: s.stats.tx_packets != x and T.append((_now(), "txc", s.stats.tx_packets - x)))
     probe(ev_mod.HostPort, "notify", before=lambda s: T.append((_now(), "ev", 0)))
     probe(vcpu_mod.VCPU, "kick", before=lambda s: s.blocked and T.append((_now(), "kick", 0)))
-    def why(v):
-        sch = v.domain.hypervisor.scheduler
-        st = sch.state(v)
-        WHY[(f"asleep={v._task_waiting} blocked={v.blocked} free={sch.current is None} "
-             f"current={sch.current!r} queued={st.queued} queues={sum(map(len, sch.queues.values()))} "
-             f"ptwr={v.pending_ptwr is not None} trap={v.pending_trap is not None} "
-             f"flush={v.flush_code_pending} paused={v.domain.paused}")] += 1
-    probe(vcpu_mod.VCPU, "run_now", before=why)
 
     def run_before(s):
         T.append((_now(), "run0", s.exits))
@@ -227,7 +216,7 @@ def counters(dom, nb) -> dict[str, float]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     v = dom.vcpus[0]
     return {"exits": v.engine.exits, "events": nb.stats.events_sent,
-            "slices": dom.hypervisor.scheduler.state(v).slices, "direct": v.direct_slices,
+            "slices": dom.hypervisor.scheduler.state(v).slices,
             "cpu_us": (ru.ru_utime + ru.ru_stime) * 1e6}
 
 
@@ -266,8 +255,8 @@ async def main(args) -> None:
         for rnd in range(args.rounds):
             for mode in args.modes.split(","):
                 flags = MODES[mode]
-                nb.defer_tx_events, nb.run_woken, nb.batch_tx = flags
-                print(f"[{rnd}] mode {mode}: defer_tx_events, run_woken, batch_tx = {flags}",
+                nb.defer_tx_events, nb.batch_tx = flags
+                print(f"[{rnd}] mode {mode}: defer_tx_events, batch_tx = {flags}",
                       flush=True)
                 if args.traced:
                     await rr_trace(lan, ip, args.duration)
@@ -284,7 +273,7 @@ async def main(args) -> None:
                     n = max(rr["n"], 1)
                     row[f"w{w}_rps"] = rr["rps"]
                     row[f"w{w}_med_us"] = rr["median_us"]
-                    for k in ("exits", "events", "slices", "direct", "cpu_us"):
+                    for k in ("exits", "events", "slices", "cpu_us"):
                         row[f"w{w}_{k}"] = d[k] / n
                     if prof:
                         print(f"  profile of the loop, UDP RR W=1, mode {mode}:")
@@ -297,7 +286,7 @@ async def main(args) -> None:
                                                 for k in rows[0]))
         for rnd in range(args.rounds if args.tcp_seconds else 0):
             for mode in args.modes.split(","):
-                nb.defer_tx_events, nb.run_woken, nb.batch_tx = MODES[mode]
+                nb.defer_tx_events, nb.batch_tx = MODES[mode]
                 for rev, name in ((True, "g2h"), (False, "h2g")):
                     a = counters(dom, nb)
                     a_tx, a_rx = nb.stats.tx_bytes, nb.stats.rx_bytes
@@ -323,7 +312,6 @@ async def main(args) -> None:
                 print(f"median {mode}: " + " ".join(
                     f"{k}={statistics.median(r[k] for r in rows if k in r):.1f}" for k in keys))
         print(f"netback: {nb.stats}")
-        print("run_now asked in state:", dict(WHY))
 
 
 if __name__ == "__main__":

@@ -254,7 +254,6 @@ LONE_MAX = 256           # the largest tx request LONE sends from inside the not
 TX_EVENT_DEFER_S = 0.004
 TX_DEFER_MAX = 32
 TX_EVENT_DEFER = os.environ.get("AIOVMM_NET_TX_DEFER", "1") != "0"
-RUN_WOKEN = os.environ.get("AIOVMM_NET_RUN_WOKEN", "1") != "0"
 
 
 VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
@@ -311,7 +310,6 @@ class Netback:
         self.drain_on_yield = DRAIN_ON_YIELD
         self._yield_fn = self._on_yield                 # the one bound method registered
         self.defer_tx_events = TX_EVENT_DEFER               # _defer_tx_event on/off
-        self.run_woken = RUN_WOKEN                          # _on_tap_readable: VCPU.run_now
         self.batch_tx = True                # frames to the writer once per pass (A/B: False)
         self._tx_big = False                            # a packet above LONE_MAX (or GSO)
                                                         # answered since the last event
@@ -852,14 +850,7 @@ class Netback:
 
     def _on_tap_readable(self) -> None:
         self._tap_ready = True
-        sent = self.stats.events_sent
         self._poll()
-        if self.run_woken and self.stats.events_sent != sent:
-            # The event woke a blocked vCPU: its slice runs now, not a loop turn later
-            # (VCPU.run_now; it declines unless the CPU is free and the vCPU was asleep).
-            for v in self.dom.vcpus:
-                if v.run_now():
-                    break
 
     def _poll(self, inline: bool = False) -> None:
         self._handle = None
