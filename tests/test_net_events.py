@@ -1,7 +1,7 @@
 """netback's events and tap writes on the request/response path (issue 14, network;
 bench/net_trace.py measured why): a tx-only event for small packets waits for an rx event or
 its bound (TX_EVENT_DEFER_S), and is not sent at all if the frontend reaped the responses
-meanwhile; large packets and a frontend far behind still get it at once; the frames of a
+meanwhile; large packets, TCP and a frontend far behind still get it at once; the frames of a
 pass reach the writer thread together, in ring order.
 
 The real Netback on a parked domain's ring pages, grants and event channel (a host endpoint
@@ -18,7 +18,7 @@ from aiovmm.ring import SRING_HDR
 from backends.net.device import (LONE_MAX, NETIF_RSP_OKAY, RX_SLOT, TX_DEFER_MAX, TX_EVENT_DEFER_S,
                                  VNET_HDR_LEN, _RXREQ)
 from backends.net.writer import TapWriter
-from test_mutation_kills_net import PKT, Vif
+from test_mutation_kills_net import PKT, Vif, _tcp4_frame
 from test_net_writer import _recv_all, _wait
 
 
@@ -108,6 +108,21 @@ def test_large_packet_and_a_frontend_far_behind_get_the_event_at_once():
             v.push((50, 0, 0, 2 + i, len(PKT)))
             nb._pass()
         assert nb.stats.events_sent == 2 and _pending(v)
+    _run(body)
+
+
+def test_a_small_tcp_segment_gets_its_event_at_once():
+    """A 60-byte TCP segment: TCP small queues may hold the socket's next segment until
+    this one is freed, so its completion is announced by the pass itself."""
+    async def body(v):
+        nb = v.nb
+        _rsp_event(v, v.tx_mfn, 1)
+        seg = _tcp4_frame(6)
+        v.hv.mem.write(v.d.spare[2] << 12, seg)
+        v.push((50, 0, 0, 1, len(seg)))
+        nb._pass()
+        assert v.sent() == [seg]
+        assert nb.stats.events_sent == 1 and _pending(v) and nb.stats.tx_events_deferred == 0
     _run(body)
 
 

@@ -138,6 +138,12 @@ def l4_header(frame: bytes | bytearray, base: int = 0) -> tuple[int, int, int] |
     return family, l4, proto
 
 
+def _is_tcp(frame: bytes | bytearray, base: int) -> bool:
+    """A TCP segment (IPv4 or IPv6, one optional VLAN tag)?"""
+    h = l4_header(frame, base)
+    return h is not None and h[2] == 6
+
+
 def set_pseudo_sum(frame: bytearray, base: int, family: int, l4: int, proto: int) -> None:
     """Store the pseudo-header sum (not inverted) in the L4 checksum field, as a partial
     checksum expects it (Linux's skb_checksum_setup with recalculation)."""
@@ -311,8 +317,8 @@ class Netback:
         self._yield_fn = self._on_yield                 # the one bound method registered
         self.defer_tx_events = TX_EVENT_DEFER               # _defer_tx_event on/off
         self.batch_tx = True                # frames to the writer once per pass (A/B: False)
-        self._tx_big = False                            # a packet above LONE_MAX (or GSO)
-                                                        # answered since the last event
+        self._tx_no_defer = False           # a packet above LONE_MAX, GSO or TCP answered
+                                            # since the last event (_defer_tx_event)
         self._tx_timer: asyncio.TimerHandle | None = None   # a deferred tx event's bound
         self._tx_owed_from: int | None = None           # rsp_prod before tx responses whose
                                                         # event an inline pass deferred
@@ -682,7 +688,7 @@ class Netback:
         self.port.link(_Kick(self._on_guest_event))
         self._rx_len = 0
         self._tx_owed_from = None
-        self._tx_big = False
+        self._tx_no_defer = False
         hook_yield_drain(self.dom.yield_drains, self._yield_fn, self.drain_on_yield)
 
     def _frontend_features(self) -> None:
@@ -898,7 +904,7 @@ class Netback:
                     self._send_event()
             else:                                # the frontend took them: no event wanted
                 self._tx_owed_from = None
-                self._tx_big = False
+                self._tx_no_defer = False
         # The tap is read while no frame waits for rx slots and the rate allows; a frame
         # waiting keeps the rest in the kernel's queue (flow control, nothing dropped here).
         self._set_reader(self._rx_len == 0 and not self._rx_throttled and not self.held)
@@ -916,14 +922,16 @@ class Netback:
         """One event for both rings: it announces every response published so far, so
         nothing is owed after it."""
         self._tx_owed_from = None
-        self._tx_big = False
+        self._tx_no_defer = False
         self._cancel_tx_timer()
         self.port.notify()
         self.stats.events_sent += 1
 
     def _defer_tx_event(self) -> bool:
-        """Hold back an event that would announce only tx completions of small packets
-        (every one since the last event <= LONE_MAX bytes, no GSO) while few responses are
+        """Hold back an event that would announce only tx completions of small non-TCP
+        packets (every one since the last event <= LONE_MAX bytes, no GSO, no TCP: TCP
+        small queues hold a socket's next segments until its last ones are freed, so a
+        stream of small segments would wait for the bound) while few responses are
         unreaped: it rides on the next rx event, or goes when TX_EVENT_DEFER_S has passed
         and the frontend still wants it (_tx_event_due). Netfront needs a tx completion only
         to free the packet (its socket's memory) and to restart a queue it stopped with its
@@ -934,7 +942,7 @@ class Netback:
         iret, block, timer: ~3-4 exits on KVM). rsp_event is the guest's (untrusted): a
         wrong value only moves the event within the bound."""
         r = self.tx
-        if self._tx_big or not self.defer_tx_events:
+        if self._tx_no_defer or not self.defer_tx_events:
             return False
         unreaped = (r.rsp_prod_pvt - r.get(12) + 1) & 0xFFFFFFFF
         if unreaped > TX_DEFER_MAX:
@@ -953,7 +961,7 @@ class Netback:
         if self._tx_event_owed():
             self._send_event()
         else:
-            self._tx_big = False
+            self._tx_no_defer = False
 
     def _cancel_tx_timer(self) -> None:
         if self._tx_timer is not None:
@@ -1178,8 +1186,8 @@ class Netback:
                 log.debug("d%d: vif %d: tap refused a frame: %s", dom.domid, self.devid, e)
                 return NETIF_RSP_ERROR
         n = len(buf) - VNET_HDR_LEN
-        if n > LONE_MAX or gso is not None:
-            self._tx_big = True                 # its completion is not held (_defer_tx_event)
+        if n > LONE_MAX or gso is not None or _is_tcp(buf, VNET_HDR_LEN):
+            self._tx_no_defer = True            # its completion is not held (_defer_tx_event)
         if len(self.ipv4) < 8:
             self.learn_ipv4(memoryview(buf)[VNET_HDR_LEN:])
         if len(self.ipv6) < 8 and buf[VNET_HDR_LEN + 12] == 0x86:     # EtherType 0x86dd
