@@ -20,7 +20,6 @@ the RR measurement. The probes cost a few us per step; compare steps, not totals
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import os
 import pstats

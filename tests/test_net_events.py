@@ -15,7 +15,7 @@ from aiovmm import Hypervisor
 from aiovmm.audit import audit
 from aiovmm.grants import GTF_permit_access
 from aiovmm.ring import SRING_HDR
-from backends.net.device import (LONE_MAX, NETIF_RSP_OKAY, RX_SLOT, TX_DEFER_MAX, TX_EVENT_DEFER_S,
+from backends.net.device import (LONE_MAX, NETIF_RSP_OKAY, TX_DEFER_MAX, TX_EVENT_DEFER_S,
                                  VNET_HDR_LEN, _RXREQ)
 from backends.net.writer import TapWriter
 from test_mutation_kills_net import PKT, Vif, _tcp4_frame
