@@ -138,6 +138,12 @@ def l4_header(frame: bytes | bytearray, base: int = 0) -> tuple[int, int, int] |
     return family, l4, proto
 
 
+def _is_tcp(frame: bytes | bytearray, base: int) -> bool:
+    """A TCP segment (IPv4 or IPv6, one optional VLAN tag)?"""
+    h = l4_header(frame, base)
+    return h is not None and h[2] == 6
+
+
 def set_pseudo_sum(frame: bytearray, base: int, family: int, l4: int, proto: int) -> None:
     """Store the pseudo-header sum (not inverted) in the L4 checksum field, as a partial
     checksum expects it (Linux's skb_checksum_setup with recalculation)."""
@@ -249,6 +255,11 @@ class InlineKick(enum.IntEnum):
 
 
 LONE_MAX = 256           # the largest tx request LONE sends from inside the notify (bytes)
+# A tx-only event for small packets waits (Netback._defer_tx_event) at most this long for an
+# rx event to ride on, and only while at most TX_DEFER_MAX responses are unreaped.
+TX_EVENT_DEFER_S = 0.004
+TX_DEFER_MAX = 32
+TX_EVENT_DEFER = os.environ.get("AIOVMM_NET_TX_DEFER", "1") != "0"
 
 
 VIF_MIN_BURST = 131072            # Linux netback's smallest credit burst (bytes)
@@ -277,6 +288,7 @@ class NetStats:
     rx_gso: int = 0               # tap -> guest GSO packets (with a GSO extra)
     rx_waits: int = 0             # a frame waited for rx requests (flow control, not a drop)
     inline_passes: int = 0        # passes run inside the guest's notify (InlineKick)
+    tx_events_deferred: int = 0   # tx-only events held for an rx event (_defer_tx_event)
     yield_passes: int = 0         # passes run at the domain's slice ends (Domain.yield_drains)
 
 
@@ -303,6 +315,11 @@ class Netback:
         # (Domain.yield_drains) instead of asking for a notification (ring.more_requests).
         self.drain_on_yield = DRAIN_ON_YIELD
         self._yield_fn = self._on_yield                 # the one bound method registered
+        self.defer_tx_events = TX_EVENT_DEFER               # _defer_tx_event on/off
+        self.batch_tx = True                # frames to the writer once per pass (A/B: False)
+        self._tx_no_defer = False           # a packet above LONE_MAX, GSO or TCP answered
+                                            # since the last event (_defer_tx_event)
+        self._tx_timer: asyncio.TimerHandle | None = None   # a deferred tx event's bound
         self._tx_owed_from: int | None = None           # rsp_prod before tx responses whose
                                                         # event an inline pass deferred
         self._stop: asyncio.Future | None = None        # the data path failed (VifDisconnect)
@@ -671,6 +688,7 @@ class Netback:
         self.port.link(_Kick(self._on_guest_event))
         self._rx_len = 0
         self._tx_owed_from = None
+        self._tx_no_defer = False
         hook_yield_drain(self.dom.yield_drains, self._yield_fn, self.drain_on_yield)
 
     def _frontend_features(self) -> None:
@@ -716,6 +734,7 @@ class Netback:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        self._cancel_tx_timer()
         self._rx_len = 0                        # a frame read for the old rings is dropped
         self._rx_recent.clear()
         self._rx_recent_bytes = 0
@@ -875,10 +894,17 @@ class Netback:
             self._schedule()
             if mode == InlineKick.TX_ONLY:
                 return
-        elif tx_notify or rx_notify or self._tx_event_owed():
-            self._tx_owed_from = None
-            self.port.notify()
-            self.stats.events_sent += 1
+        elif rx_notify:
+            self._send_event()
+        elif tx_notify or self._tx_owed_from is not None:
+            if self._tx_owed_from is None:
+                self._tx_owed_from = tx_from
+            if tx_notify or self.tx.responses_need_event(self._tx_owed_from):
+                if not self._defer_tx_event():
+                    self._send_event()
+            else:                                # the frontend took them: no event wanted
+                self._tx_owed_from = None
+                self._tx_no_defer = False
         # The tap is read while no frame waits for rx slots and the rate allows; a frame
         # waiting keeps the rest in the kernel's queue (flow control, nothing dropped here).
         self._set_reader(self._rx_len == 0 and not self._rx_throttled and not self.held)
@@ -891,6 +917,56 @@ class Netback:
             self._schedule()                 # let others run first
         else:
             self._stalled = 0
+
+    def _send_event(self) -> None:
+        """One event for both rings: it announces every response published so far, so
+        nothing is owed after it."""
+        self._tx_owed_from = None
+        self._tx_no_defer = False
+        self._cancel_tx_timer()
+        self.port.notify()
+        self.stats.events_sent += 1
+
+    def _defer_tx_event(self) -> bool:
+        """Hold back an event that would announce only tx completions of small non-TCP
+        packets (every one since the last event <= LONE_MAX bytes, no GSO, no TCP: TCP
+        small queues hold a socket's next segments until its last ones are freed, so a
+        stream of small segments would wait for the bound) while few responses are
+        unreaped: it rides on the next rx event, or goes when TX_EVENT_DEFER_S has passed
+        and the frontend still wants it (_tx_event_due). Netfront needs a tx completion only
+        to free the packet (its socket's memory) and to restart a queue it stopped with its
+        ring nearly full (NET_TX_RING_SIZE - XEN_NETIF_NR_SLOTS_MIN - 1 slots outstanding,
+        far above TX_DEFER_MAX), and it reaps the ring itself on every transmit
+        (xennet_start_xmit calls xennet_tx_buf_gc). At W=1 request/response the reply's
+        completion otherwise wakes the blocked guest a second time per round trip (upcall,
+        iret, block, timer: ~3-4 exits on KVM). rsp_event is the guest's (untrusted): a
+        wrong value only moves the event within the bound."""
+        r = self.tx
+        if self._tx_no_defer or not self.defer_tx_events:
+            return False
+        unreaped = (r.rsp_prod_pvt - r.get(12) + 1) & 0xFFFFFFFF
+        if unreaped > TX_DEFER_MAX:
+            return False
+        if self._tx_timer is None:
+            self._tx_timer = asyncio.get_running_loop().call_later(TX_EVENT_DEFER_S, self._tx_event_due)
+        self.stats.tx_events_deferred += 1
+        return True
+
+    def _tx_event_due(self) -> None:
+        """A deferred tx event's bound passed with no rx event to carry it: send it if the
+        frontend has not reaped those responses meanwhile (it then asks again itself)."""
+        self._tx_timer = None
+        if self.port is None or self.tx is None:
+            return
+        if self._tx_event_owed():
+            self._send_event()
+        else:
+            self._tx_no_defer = False
+
+    def _cancel_tx_timer(self) -> None:
+        if self._tx_timer is not None:
+            self._tx_timer.cancel()
+            self._tx_timer = None
 
     def _tx_event_owed(self) -> bool:
         """Do the tx responses published since `_tx_owed_from` still need an event? Xen's
@@ -968,7 +1044,15 @@ class Netback:
         r.respond_done()
 
     def _process_tx(self) -> bool:
-        """Guest -> tap: every complete packet on the tx ring, at most a ring's worth."""
+        """Guest -> tap: every complete packet on the tx ring, at most a ring's worth; the
+        frames staged for the writer go to its thread together at the end."""
+        try:
+            return self._process_tx_ring()
+        finally:
+            if self._writer is not None:
+                self._writer.flush()
+
+    def _process_tx_ring(self) -> bool:
         r = self.tx
         n = r.unconsumed()
         if n < 0:
@@ -1090,7 +1174,9 @@ class Netback:
         elif flags & NETTXF_data_validated:
             buf[0] = VNET_F_DATA_VALID
         if self._writer is not None:
-            self._writer.put(buf)               # written by its thread (writer.py)
+            self._writer.stage(buf)             # to its thread at the pass's end (writer.py)
+            if not self.batch_tx:
+                self._writer.flush()
         else:                                   # not serving (tests drive passes by hand)
             try:
                 os.write(self.fd, buf)
@@ -1100,6 +1186,8 @@ class Netback:
                 log.debug("d%d: vif %d: tap refused a frame: %s", dom.domid, self.devid, e)
                 return NETIF_RSP_ERROR
         n = len(buf) - VNET_HDR_LEN
+        if n > LONE_MAX or gso is not None or _is_tcp(buf, VNET_HDR_LEN):
+            self._tx_no_defer = True            # its completion is not held (_defer_tx_event)
         if len(self.ipv4) < 8:
             self.learn_ipv4(memoryview(buf)[VNET_HDR_LEN:])
         if len(self.ipv6) < 8 and buf[VNET_HDR_LEN + 12] == 0x86:     # EtherType 0x86dd

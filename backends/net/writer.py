@@ -45,8 +45,9 @@ class TapWriter:
         self._loop = loop
         self._on_room = on_room
         self._on_drop = on_drop
-        self._q: queue.SimpleQueue[bytes | bytearray | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[bytes | bytearray | list | None] = queue.SimpleQueue()
         self.queued_bytes = 0          # written by the loop only
+        self._staged: list[bytes | bytearray] = []     # stage() until flush(); loop only
         self.written_bytes = 0         # written by the thread only
         self.frames = 0                # written by the thread only
         self._want_room = False        # set by the loop, cleared by whoever calls on_room
@@ -60,6 +61,20 @@ class TapWriter:
         """Queue one frame (its virtio_net_hdr first). Loop thread only."""
         self.queued_bytes += len(frame)
         self._q.put(frame)
+
+    def stage(self, frame: bytes | bytearray) -> None:
+        """Queue one frame to go with the next flush() (netback's pass): one wake-up of an
+        idle thread per pass instead of one per frame, each a context switch and a GIL
+        hand-off (profiled on KVM under load: ~0.5 ms per put in a guest -> host stream).
+        It counts in backlog() at once. Loop thread only."""
+        self.queued_bytes += len(frame)
+        self._staged.append(frame)
+
+    def flush(self) -> None:
+        """Hand the staged frames to the thread, in order, as one item. Loop thread only."""
+        if self._staged:
+            batch, self._staged = self._staged, []
+            self._q.put(batch)
 
     def full(self) -> bool:
         """Is the backlog at `limit` (BACKLOG_MAX) or above? Then `on_room` is called once
@@ -77,23 +92,27 @@ class TapWriter:
         fd, q = self._fd, self._q
         try:
             while True:
-                frame = q.get()
-                if frame is _STOP:
+                item = q.get()
+                if item is _STOP:
                     return
-                try:
-                    os.write(fd, frame)
-                    self.frames += 1
-                except BlockingIOError:
-                    self._report(self._on_drop, False)
-                except OSError as e:                  # the kernel refused the header (EINVAL)
-                    log.debug("%s: tap refused a frame: %s", self._thread.name, e)
-                    self._report(self._on_drop, True)
-                self.written_bytes += len(frame)
-                if self._want_room and self.backlog() < self.limit // 2:
-                    self._want_room = False
-                    self._report(self._on_room)
+                for frame in (item if isinstance(item, list) else (item,)):
+                    self._write(fd, frame)
         finally:
             os.close(fd)
+
+    def _write(self, fd: int, frame: bytes | bytearray) -> None:
+        try:
+            os.write(fd, frame)
+            self.frames += 1
+        except BlockingIOError:
+            self._report(self._on_drop, False)
+        except OSError as e:                  # the kernel refused the header (EINVAL)
+            log.debug("%s: tap refused a frame: %s", self._thread.name, e)
+            self._report(self._on_drop, True)
+        self.written_bytes += len(frame)
+        if self._want_room and self.backlog() < self.limit // 2:
+            self._want_room = False
+            self._report(self._on_room)
 
     def _report(self, fn: Callable, *args) -> None:
         try:
@@ -105,6 +124,7 @@ class TapWriter:
         """Stop after the frames already queued (at most BACKLOG_MAX bytes: their requests
         were answered OKAY) and wait for the thread; the tap's duplicate fd is closed by
         then."""
+        self.flush()
         self._q.put(_STOP)
         self._thread.join(timeout)
         if self._thread.is_alive():
