@@ -33,7 +33,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import uvloop
@@ -94,18 +93,6 @@ def initrd(td: str, reps: int, runtime: int, size_mib: int) -> str:
     return path
 
 
-def _guest_ms() -> float:
-    """The loop thread's guest time (/proc/.../stat field 43, clock ticks): CPU the kernel
-    accounted to the guest while KVM_RUN ran it; the rest of the thread's CPU is the host's
-    (world switches, exit handling in C and Python, the backends)."""
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[40]) * 1e3 / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def snapshot(dom, bb: blkdev.Blkback) -> dict[str, float]:
     eng = dom.vcpus[0].engine
     st = bb.stats
@@ -125,7 +112,7 @@ def snapshot(dom, bb: blkdev.Blkback) -> dict[str, float]:
     s["host_steal_ms"] = sch.host_steal_ns / 1e6    # slice wall time the host gave others
     s["blk_io_ms"] = st.io_ns / 1e6
     s["thread_cpu_ms"] = time.thread_time() * 1e3      # the loop thread: vCPU and backends
-    s["guest_cpu_ms"] = _guest_ms()                    # of it, the guest itself (in KVM_RUN)
+    s["guest_cpu_ms"] = blkbench.guest_ms()                    # of it, the guest itself (in KVM_RUN)
     for k, n in getattr(eng, "exits_in_c", {}).items():
         s[f"in C:{k}"] = n
     return s
