@@ -44,8 +44,7 @@ class PVState(ctypes.Structure):
     copy: VCPU.kernel_mode, iopl, kernel_ss, kernel_sp, kernel_root, user_root, the two saved
     GS bases, info_maddr, fault_depth, last_frame_rsp and hypercalls are views of it, and the
     syscall callback is mirrored into it by CallbackTable, so C and Python never hold two
-    values of one thing (arch_iopl: the domain's VMASST architectural_iopl, set by the
-    Domain.vm_assist setter)."""
+    values of one thing."""
     _fields_ = [("kernel_mode", ctypes.c_uint8), ("iopl", ctypes.c_uint8),
                 ("arch_iopl", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 5),
                 ("kernel_ss", ctypes.c_uint64), ("kernel_sp", ctypes.c_uint64),
