@@ -114,7 +114,6 @@ class Domain:
         for i in range(XEN_LEGACY_MAX_VCPUS):
             self.mem.map[self.shared_info_maddr + VCPU_INFO_SIZE * i + VcpuInfo.evtchn_upcall_mask] = 1
         self.vcpus: list["VCPU"] = []
-        self._vm_assist = 0
         self.evtchn = EventChannels(self)
         from .grants import GrantTable
         self.grants: GrantTable | None = GrantTable(self)
@@ -191,21 +190,6 @@ class Domain:
     @property
     def shared_info_maddr(self) -> int:
         return self.shared_info_mfn << PAGE_SHIFT
-
-    @property
-    def vm_assist(self) -> int:
-        """HYPERVISOR_vm_assist's enabled types (bit per VMASST_TYPE_*)."""
-        return self._vm_assist
-
-    @vm_assist.setter
-    def vm_assist(self, value: int) -> None:
-        """Every change (the hypercall, a restore) also reaches each vCPU's PVState.arch_iopl:
-        the KVM engine's C iret and syscall bounce follow the virtual IOPL only with
-        architectural_iopl (csrc/kvm.c fast_iret, fast_user_syscall)."""
-        from .emulate import architectural_iopl_in
-        self._vm_assist = value
-        for v in self.vcpus:
-            v.pv.arch_iopl = architectural_iopl_in(value)
 
     def vcpu(self, i: int) -> "VCPU | None":
         return self.vcpus[i] if 0 <= i < len(self.vcpus) else None

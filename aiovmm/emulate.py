@@ -148,13 +148,7 @@ def _kernel_only(v: "VCPU") -> None:
 def architectural_iopl(v: "VCPU") -> bool:
     """VMASST_TYPE_architectural_iopl (xen.h): the kernel counts as ring 0, HYPERVISOR_iret
     sets the virtual IOPL from its frame, bounce frames report it (traps.py)."""
-    return architectural_iopl_in(v.domain.vm_assist)
-
-
-def architectural_iopl_in(vm_assist: int) -> bool:
-    """The same test on a domain's vm_assist bits (Domain.vm_assist mirrors it into every
-    vCPU's PVState.arch_iopl, which csrc/kvm.c's fast iret and syscall bounce read)."""
-    return bool(vm_assist & (1 << VMASST_TYPE_architectural_iopl))
+    return bool(v.domain.vm_assist & (1 << VMASST_TYPE_architectural_iopl))
 
 
 def iopl_ok(v: "VCPU") -> bool:

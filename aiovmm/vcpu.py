@@ -46,7 +46,7 @@ class PVState(ctypes.Structure):
     syscall callback is mirrored into it by CallbackTable, so C and Python never hold two
     values of one thing."""
     _fields_ = [("kernel_mode", ctypes.c_uint8), ("iopl", ctypes.c_uint8),
-                ("arch_iopl", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 5),
+                ("pad", ctypes.c_uint8 * 6),
                 ("kernel_ss", ctypes.c_uint64), ("kernel_sp", ctypes.c_uint64),
                 ("info_maddr", ctypes.c_uint64), ("fault_depth", ctypes.c_uint64),
                 ("hypercalls", ctypes.c_uint64), ("kernel_root", ctypes.c_uint64),
@@ -147,7 +147,6 @@ class VCPU:
         self.id = vcpu_id
         self.engine = engine
         self.pv = PVState()
-        self.pv.arch_iopl = emulate.architectural_iopl_in(domain.vm_assist)
         self.kernel_mode = True
         self.kernel_root = 0
         self.user_root = 0

@@ -170,9 +170,7 @@ struct aiovmm_kvm_ctx {
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
  * PVState, same layout; the VCPU's attributes of these names are views of it). */
 struct aiovmm_pv {
-    uint8_t kernel_mode, iopl;     /* iopl: the virtual IOPL 0..3 */
-    uint8_t arch_iopl;             /* VMASST_TYPE_architectural_iopl is on for the domain */
-    uint8_t pad[5];
+    uint8_t kernel_mode, iopl, pad[6];   /* iopl: the virtual IOPL 0..3 */
     uint64_t kernel_ss, kernel_sp; /* HYPERVISOR_stack_switch */
     uint64_t info_maddr;           /* this vCPU's vcpu_info (machine address) */
     uint64_t fault_depth;          /* nested faults since the last hypercall (traps.py) */
@@ -356,11 +354,9 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     int to_user = (cs & 3) == 3;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
-    /* With VMASST architectural_iopl the iret sets the virtual IOPL from the frame (Xen's
-     * do_iret): a frame whose IOPL is not the current one is Python's. Without it the
-     * frame's IOPL is ignored, as here (Linux sets a virtual IOPL of 1 at boot and returns
-     * with IOPL 0 in every frame: this test used to send all its irets to Python). */
-    if (pv->arch_iopl && ((rflags & RF_IOPL) >> 12) != pv->iopl)
+    /* An IOPL other than the virtual one is Python's: with VMASST architectural_iopl the
+     * iret sets it (Xen's do_iret), without it the iret ignores it; equal, both agree. */
+    if (((rflags & RF_IOPL) >> 12) != pv->iopl)
         return 0;
     uint64_t info = pv->info_maddr;
     if (info + 2 > c->mem_size)
@@ -402,10 +398,9 @@ static int fast_user_syscall(struct aiovmm_kvm_ctx *c, uint64_t *r)
     uint64_t handler = pv->syscall_cb, cb_flags = pv->syscall_cb_flags;
     if (!handler || !root_ready(pv->kernel_root, c->ready_kroot))
         return 0;
-    /* With VMASST architectural_iopl a virtual IOPL other than 0 belongs in the frame's
-     * RFLAGS (traps.bounce): Python's. Without it the frame never carries one (Linux's
-     * virtual IOPL 1 included), as built below. */
-    if (pv->arch_iopl && pv->iopl)
+    /* A virtual IOPL other than 0 may belong in the frame's RFLAGS (VMASST
+     * architectural_iopl, traps.bounce): Python's. */
+    if (pv->iopl)
         return 0;
     uint64_t s = pv->kernel_sp & ~0xFULL;
     if (s < BOUNCE_FRAME)

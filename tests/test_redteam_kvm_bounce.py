@@ -111,15 +111,6 @@ class _Bench:
         return (tuple(eng.read(LOOK)), bool(v.kernel_mode), v.kernel_gs_base, v.user_gs_base,
                 v.last_frame_rsp, self.hv.mem.map[self.mask], frame)
 
-    def set_iopl(self, iopl: int, assist: bool) -> None:
-        """The virtual IOPL (PHYSDEVOP_set_iopl) and VMASST architectural_iopl (the
-        domain's vm_assist, mirrored into PVState.arch_iopl for C)."""
-        from aiovmm.emulate import VMASST_TYPE_architectural_iopl
-        bit = 1 << VMASST_TYPE_architectural_iopl
-        self.v.iopl = iopl
-        self.dom.vm_assist = (self.dom.vm_assist | bit) if assist else (self.dom.vm_assist & ~bit)
-        assert self.v.pv.arch_iopl == int(assist)
-
     def counters(self) -> tuple[int, int]:
         ctx = self.eng._ctx
         return ctx.fast_bounces, ctx.fast_user_irets
@@ -199,26 +190,19 @@ async def test_iret_to_user_same_on_the_c_and_python_paths():
             (15, 0, 0, 0, USER_CODE_VA, 0xE023, RF_IF, user_sp, 0xE02B),
             (16, 0, 0, 0, USER_CODE_VA, 0x3, RF_IF, 0xDEAD0000BEEF, 0),
         ]
-        # (virtual IOPL, VMASST architectural_iopl): the default; Linux's (it sets a virtual
-        # IOPL of 1 at boot, without the assist); the assist, where the frame sets the IOPL.
-        for iopl, assist in ((0, False), (1, False), (0, True)):
-            for ctx in frames:
-                before = b.counters()
-                b.set_iopl(iopl, assist)
-                rc_c = b.iret(True, ctx)
-                # Only with the assist is a frame whose IOPL differs from the virtual one
-                # Python's (kvm.c fast_iret); without it both ignore the frame's IOPL.
-                in_c = not assist or (ctx[6] & RF_IOPL) >> 12 == iopl
-                assert b.counters()[1] == before[1] + in_c, ([hex(x) for x in ctx], iopl, assist)
-                by_c = rc_c, b.state(), b.v.iopl
-                b.restore()
-                b.set_iopl(iopl, assist)
-                by_py = b.iret(False, ctx), b.state(), b.v.iopl
-                b.restore()
-                assert by_c == by_py, ([hex(x) for x in ctx], iopl, assist, by_c, by_py)
-                assert not by_c[1][1], "still in kernel mode"
-                assert by_c[1][0][-1] == b.v.user_root << 12
-        b.set_iopl(0, False)
+        for ctx in frames:
+            before = b.counters()
+            rc_c = b.iret(True, ctx)
+            # A frame whose IOPL differs from the virtual one is Python's (kvm.c fast_iret).
+            in_c = (ctx[6] & RF_IOPL) >> 12 == b.v.iopl
+            assert b.counters()[1] == before[1] + in_c, [hex(x) for x in ctx]
+            by_c = rc_c, b.state()
+            b.restore()
+            by_py = b.iret(False, ctx), b.state()
+            b.restore()
+            assert by_c == by_py, ([hex(x) for x in ctx], by_c, by_py)
+            assert not by_c[1][1], "still in kernel mode"
+            assert by_c[1][0][-1] == b.v.user_root << 12
         # Before the guest runs (an event pending makes the unmasking iret stop at once, rc
         # 4 from C): the registers exactly as the iret leaves them, IOPL/VM dropped, IF set.
         for rflags in (RF_IOPL | RF_VM | RF_NT | RF_AC | RF_IF, 2**64 - 1 - RF_TF):
@@ -331,15 +315,8 @@ async def test_user_syscall_bounce_same_on_the_c_and_python_paths():
             (data + 0xF00, 0, 1, 0, {}, False),              # deliverable after it: Python's
             (data + 0xF00, None, 0, 0, {}, False),           # no callback: Python's #UD
         ]
-        # As test_iret_to_user: the default, Linux's virtual IOPL 1 without the assist (C's,
-        # the frame shows no IOPL on both paths), and IOPL 1 with the assist (the frame
-        # reports it: Python's, traps.bounce).
-        cases = [(iopl, assist, t) for iopl, assist in ((0, False), (1, False), (1, True)) for t in trials]
-        for iopl, assist, (sp, flags, pending, mask, regs, in_c) in cases:
-            in_c = in_c and not (assist and iopl)
-
+        for sp, flags, pending, mask, regs, in_c in trials:
             def trial(fast: bool) -> tuple:
-                b.set_iopl(iopl, assist)
                 v.kernel_sp = sp
                 if flags is None:
                     v.callbacks.pop(b.cb_type)
@@ -353,9 +330,9 @@ async def test_user_syscall_bounce_same_on_the_c_and_python_paths():
                 b.restore()
                 return out
             by_c, by_py = trial(True), trial(False)
-            assert by_c[2] == int(in_c), (hex(sp), flags, pending, mask, regs, iopl, assist)
+            assert by_c[2] == int(in_c), (hex(sp), flags, pending, mask, regs)
             assert by_py[2] == 0
-            assert by_c[:2] == by_py[:2], (hex(sp), flags, pending, mask, regs, iopl, assist, by_c, by_py)
+            assert by_c[:2] == by_py[:2], (hex(sp), flags, pending, mask, regs, by_c, by_py)
             if flags is not None and not (pending and not mask and not flags):
                 # The bounce: kernel mode at the callback, the kernel L4 loaded.
                 (look, kernel_mode, *_rest) = by_c[1]

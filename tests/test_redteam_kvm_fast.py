@@ -106,34 +106,15 @@ async def test_iret_frames_same_on_the_c_and_python_paths():
                 by_py = d.eng.read(LOOK)
                 assert by_c == by_py, (hex(rflags), by_c, by_py)
                 assert not by_c[5] & (RF_IOPL | RF_VM) and by_c[5] & RF_IF, hex(by_c[5])
-            # A frame whose IOPL is not the virtual one: without VMASST architectural_iopl
-            # the frame's IOPL is ignored (Linux runs with a virtual IOPL of 1 and frames of
-            # IOPL 0), so C completes it as Python does; with the assist the iret would set
-            # the IOPL, and that is Python's.
-            from aiovmm.emulate import VMASST_TYPE_architectural_iopl
-            ctx = (1, 2, 3, 0, code, 0xE030, RF_IF, data + 0x100, 0xE02B)
-            v.copy_to_guest(data + 0x800, IRET_CONTEXT.pack(*ctx))
-            hv.mem.map[d.pending] = 0
-            v.iopl = 1
-            assert not v.pv.arch_iopl
-            fast_before = d.eng._ctx.fast_calls[2]
-            rc_c = d.hypercall(23, True, rsp=data + 0x800)
-            assert d.eng._ctx.fast_calls[2] == fast_before + 1
-            by_c = rc_c, d.eng.read(LOOK), hv.mem.map[d.mask], v.iopl
-            assert d.hypercall(23, False, rsp=data + 0x800) == 3
-            traps.do_iret(v)
-            by_py = d.run(), d.eng.read(LOOK), hv.mem.map[d.mask], v.iopl
-            assert by_c == by_py and by_c[3] == 1, (by_c, by_py)
-            dom.vm_assist |= 1 << VMASST_TYPE_architectural_iopl
-            assert v.pv.arch_iopl == 1
+            # A frame whose IOPL is not the virtual one is left to Python.
+            v.iopl = 0
+            v.copy_to_guest(data + 0x800, IRET_CONTEXT.pack(1, 2, 3, 0, code, 0xE030, RF_IOPL | RF_IF,
+                                                            data + 0x100, 0xE02B))
             fast_before = d.eng._ctx.fast_calls[2]
             assert d.hypercall(23, True, rsp=data + 0x800) == 3
             assert d.eng._ctx.fast_calls[2] == fast_before
-            traps.do_iret(v)
-            assert v.iopl == 0                       # the frame's IOPL, set by Python
         finally:
             hv.mem.map[d.pending:d.pending + 2] = saved_info
-            dom.vm_assist &= ~(1 << 4)
             v.iopl = 0
 
 
