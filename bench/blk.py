@@ -48,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -327,6 +328,18 @@ HC_NAMES = {1: "mmu_update", 3: "stack_switch", 13: "multicall", 14: "update_va_
             32: "event_channel_op"}
 
 
+def guest_ms() -> float:
+    """The calling thread's guest time (/proc/.../stat field 43, clock ticks): CPU the kernel
+    accounted to the guest while KVM_RUN ran it on this thread (the loop thread); the rest
+    of its CPU is the host's (world switches, exits in C and Python, the backends)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[40]) * 1e3 / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _costs(dom, bb) -> dict[str, float]:
     """Counters read at a fio job's start and end: the vCPU's exits (KVM engine), the
     domain's hypercalls, blkback's counters and the process's CPU time."""
@@ -337,7 +350,8 @@ def _costs(dom, bb) -> dict[str, float]:
     c = {"exits": getattr(eng, "exits", 0), "cpu_ms": (ru.ru_utime + ru.ru_stime) * 1e3,
          "requests": st.rd_reqs + st.wr_reqs, "drains": st.batches, "events": st.events_sent,
          "notifies": bb.port.notifications if bb.port is not None else 0,
-         "io_ms": st.io_ns / 1e6, "t": time.perf_counter()}
+         "io_ms": st.io_ns / 1e6, "t": time.perf_counter(), "guest_ms": guest_ms(),
+         "in_c": sum(getattr(eng, "exits_in_c", {}).values())}
     for nr, n in dom.hypercall_counts.items():
         c[f"hc:{HC_NAMES.get(nr, nr)}"] = n
     return c
@@ -363,7 +377,8 @@ async def job_costs(dom, bb) -> list[str]:
             n = max(1, d["requests"])
             hcs = sorted(((k[3:], v) for k, v in d.items() if k.startswith("hc:") and v), key=lambda kv: -kv[1])
             out.append(f"  {name:9s} {d['requests']:6.0f} requests in {d['t']:.1f} s, per request: "
-                       f"exits {d['exits'] / n:.1f}, CPU {d['cpu_ms'] / n:.2f} ms (process {d['cpu_ms'] / d['t'] / 10:.0f} % "
+                       f"exits {d['exits'] / n:.1f} ({d['in_c'] / n:.1f} completed in C), "
+                       f"CPU {d['cpu_ms'] / n:.2f} ms (guest {d['guest_ms'] / n:.2f}; process {d['cpu_ms'] / d['t'] / 10:.0f} % "
                        f"of a core), guest notifies {d['notifies'] / n:.2f}, drains {d['drains'] / n:.2f}, "
                        f"events {d['events'] / n:.2f}; hypercalls " + ", ".join(f"{k} {v / n:.1f}" for k, v in hcs[:6]))
     except (LookupError, TimeoutError):

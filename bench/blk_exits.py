@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import collections
+import pstats
 import gzip
 import os
 import resource
@@ -105,7 +107,14 @@ def snapshot(dom, bb: blkdev.Blkback) -> dict[str, float]:
         s[f"hc:{HC_NAMES.get(nr, nr)}"] = n
     sch = dom.hypervisor.scheduler.state(dom.vcpus[0])
     s["slices"] = sch.slices
-    s["vcpu_ms"] = sch.cpu_ns / 1e6
+    s["vcpu_ms"] = sch.cpu_ns / 1e6                 # wall time in the vCPU's slices
+    s["runq_wait_ms"] = sch.wait_ns / 1e6           # runnable, waiting for the loop
+    s["host_steal_ms"] = sch.host_steal_ns / 1e6    # slice wall time the host gave others
+    s["blk_io_ms"] = st.io_ns / 1e6
+    s["thread_cpu_ms"] = time.thread_time() * 1e3      # the loop thread: vCPU and backends
+    s["guest_cpu_ms"] = blkbench.guest_ms()                    # of it, the guest itself (in KVM_RUN)
+    for k, n in getattr(eng, "exits_in_c", {}).items():
+        s[f"in C:{k}"] = n
     return s
 
 
@@ -117,6 +126,21 @@ def show(title: str, d: dict[str, float], n: float) -> None:
         if k.startswith("hc:") and d[k] / n < 0.05:
             continue
         print(f"    {k:<28}{d[k] / n:10.2f}")
+
+
+def profile_report(prof: cProfile.Profile, n: float, wall: float) -> None:
+    """The loop thread's CPU time in the window by function (cProfile, time.thread_time):
+    own time per request of the top entries. KVM_RUN is the ctypes call into csrc/kvm.c (the
+    guest running, the C-completed exits, and the world switches); epoll is the loop idle."""
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])     # tottime
+    total = sum(v[2] for _k, v in rows)
+    print(f"    profile: {total:.2f} s thread CPU in {wall:.2f} s wall; own CPU per request (us), calls per request:")
+    for (fn, line, name), (_cc, nc, tt, _ct, _callers) in rows[:args_top]:
+        print(f"      {tt / n * 1e6:9.0f} us {nc / n:8.2f}  {os.path.basename(fn)}:{line}({name})")
+
+
+args_top = 22
 
 
 async def main(args) -> None:
@@ -163,8 +187,15 @@ async def main(args) -> None:
                         print(f"  [{rep}] {job}: fewer than {args.warm_requests} requests before its end "
                               f"(load {os.getloadavg()[0]:.1f}); left out", flush=True)
                         continue
+                    # Thread CPU time, not wall time: on a loaded host wall time mostly
+                    # measures preemption (KVM_RUN's includes the guest's own CPU).
+                    prof = cProfile.Profile(time.thread_time) if args.profile else None
                     a = snapshot(dom, bb)
+                    if prof is not None:
+                        prof.enable()
                     await end
+                    if prof is not None:
+                        prof.disable()
                     b = snapshot(dom, bb)
                     d = {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b)}
                     n = max(1.0, d["requests"])
@@ -172,6 +203,8 @@ async def main(args) -> None:
                     unit = "MB/s" if job.startswith("seq") else "IOPS"
                     show(f"[{rep}] {job} {res if res is not None else float('nan'):.1f} {unit}"
                          f" ({d['requests'] / d['t']:.0f} requests/s, {d['sectors'] / n / 2:.0f} KiB each)", d, n)
+                    if prof is not None:
+                        profile_report(prof, n, d["t"])
                     rows[job].append({
                         "fio": res or 0.0, "req_s": d["requests"] / d["t"], "exits_s": d["exits"] / d["t"],
                         "exits": d["exits"] / n, "notifies": d["notifies"] / n, "drains": d["drains"] / n,
@@ -201,4 +234,12 @@ if __name__ == "__main__":
     ap.add_argument("--engine", default="kvm")
     ap.add_argument("--extra", default="", help="more kernel command line (e.g. xen_blkfront.max_ring_page_order=2)")
     ap.add_argument("--boot-timeout", type=float, default=900)
-    uvloop.run(main(ap.parse_args()))
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile the loop thread (its CPU time) in each job's window")
+    ap.add_argument("--jobs", default="",
+                    help="fio jobs name:rw:bs:depth,... (default bench/blk.py's four; e.g. "
+                         "randread1:randread:4k:1,seqread1:read:1M:1)")
+    a = ap.parse_args()
+    if a.jobs:
+        blkbench.FIO_JOBS = [(n, rw, bs, int(d)) for n, rw, bs, d in (j.split(":") for j in a.jobs.split(","))]
+    uvloop.run(main(a))
