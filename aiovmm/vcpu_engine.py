@@ -298,8 +298,8 @@ class _ExcFix:
     4 breakpoint pointers; dr6/dr7 at their reset values anchor the search in the context blob.
     The context blob is a copy of the CPU's live CPUX86State (uc_context_save memcpys
     cpu->env_ptr on x86), so once the live state is located (`_live_env`) the two fields are
-    read and written in place: ~0.1 us instead of a context save, patch and restore (~9 us,
-    more under load), paid at every slice start and every exception. If the live state is
+    read and written in place: ~0.2 us instead of a context save, patch and restore (2-9 us),
+    paid at every slice start and every exception. If the live state is
     not found (another Unicorn layout), the context path is used.
     """
 
@@ -382,6 +382,7 @@ class _ExcFix:
         return err & 0xFFFFFFFF
 
     def free(self) -> None:
+        self._err = self._old = None             # the CPU state goes with the instance
         if self.ctx:
             uclib.uc_context_free(self.ctx)
             self.ctx = ctypes.c_void_p()
