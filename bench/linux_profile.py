@@ -9,6 +9,14 @@ kernel image, as bench/linux.py's _insn_at_rip does).
   .venv/bin/python bench/linux_profile.py            # counters and RIP samples
   PROF=/tmp/boot.prof .venv/bin/python bench/linux_profile.py   # plus cProfile of the loop
   BUDGET=20000 ...                                   # another slice block budget
+
+It also splits the loop thread's CPU time (time.thread_time) of the boot, create() returned ->
+prompt: guest code inside Unicorn's TCG (emu_start minus the Python callbacks it ran: this
+includes Unicorn's own work, translation, TLB refills, self-modifying-code checks), the
+callbacks by kind (hypercall by number, exception by vector, #UD, port I/O, CPUID), and the
+loop outside emu_start (scheduler, timers, backends, xenstore); then the guest's share by
+the 256-byte page of the RIP its slice ended at (a hot loop holds its slices: its page names
+it; a page right after a hypercall's `syscall` collects the slices that ended in Python).
 """
 import asyncio, collections, cProfile, pstats, sys, time, re, os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +40,37 @@ def wrap(mod, name, key=None, timeit=False):
 E = vcpu_engine.UnicornEngine if hasattr(vcpu_engine, "UnicornEngine") else vcpu_engine.VCPUEngine
 for n in ("flush_tlb", "flush_code", "step_to"):
     wrap(E, n)
+tt = time.thread_time
+CPU = collections.Counter()      # callback kind -> loop-thread CPU seconds (inside emu_start)
+NCB = collections.Counter()
+GUEST = collections.Counter()    # RIP page at slice end -> guest CPU seconds
+EMU = [0.0, 0.0]                 # emu_start CPU, callbacks CPU
+def cpu_wrap(name, keyf):
+    f = getattr(E, name)
+    def w(self, *a):
+        k = keyf(self, *a)
+        t = tt()
+        try: return f(self, *a)
+        finally:
+            d = tt() - t
+            CPU[k] += d; NCB[k] += 1; EMU[1] += d
+    setattr(E, name, w)
+# SYSCALL by RAX: a hypercall number in guest kernel mode, a bounced system call in user mode
+cpu_wrap("_hook_syscall", lambda s: f"syscall rax={s._hc.args[0]}")
+cpu_wrap("_hook_intr", lambda s, uc, vec, ud: f"exception {vec}")
+cpu_wrap("_hook_invalid", lambda s, uc, ud: "invalid opcode")
+cpu_wrap("_hook_in", lambda s, uc, p, sz, ud: "port in")
+cpu_wrap("_hook_out", lambda s, uc, p, sz, v, ud: "port out")
+cpu_wrap("_hook_cpuid", lambda s, uc, ud: "cpuid")
+orig_emu = E._emu_start
+def emu_start(self, rip, until):
+    cb0, t = EMU[1], tt()
+    r = orig_emu(self, rip, until)
+    d = tt() - t
+    EMU[0] += d
+    GUEST[self.get("rip") >> 8 << 8] += d - (EMU[1] - cb0)
+    return r
+E._emu_start = emu_start
 orig_run = E.run
 def run(self, budget, max_ns=0):
     t = time.perf_counter()
@@ -81,10 +120,14 @@ async def main():
         dom = await hv.create(L + "vmlinuz", memory_mib=256, cmdline="console=hvc0 quiet",
                               ramdisk=L + "initramfs.cpio.gz", on_console=feed)
         t1 = time.perf_counter()
+        c1 = tt()
+        CPU.clear(); NCB.clear(); GUEST.clear(); EMU[:] = [0.0, 0.0]
         while "prompt" not in marks and not dom.done.done():
             await asyncio.sleep(0.05)
             if time.perf_counter() - t1 > 400: break
         t2 = time.perf_counter()
+        c2 = tt()
+        split = (c2 - c1, EMU[0], EMU[1])
         hc = dict(dom.hypercall_counts)
         v0 = dom.vcpus[0]
         info = dict(blocks=v0.engine.blocks_executed, ptwr=v0.ptwr_updates, emulated=v0.emulated, hypercalls=v0.hypercalls)
@@ -94,6 +137,14 @@ async def main():
     print("hypercalls", sorted(hc.items(), key=lambda x: -x[1]))
     print("counts", C.most_common(40))
     print("times", {k: round(v, 2) for k, v in T.most_common(20)})
+    run_cpu, emu, cbs = split
+    print(f"loop-thread CPU create->prompt {run_cpu:.2f} s: guest in TCG {emu - cbs:.2f}, "
+          f"callbacks {cbs:.2f}, outside emu_start {run_cpu - emu:.2f}")
+    for k, v in CPU.most_common(15):
+        print(f"   {k:16s} {v:6.2f} s {NCB[k]:7d} x {1e6 * v / NCB[k]:6.1f} us")
+    print("guest CPU by slice-end RIP page:")
+    for k, v in GUEST.most_common(12):
+        print(f"   {k:#x} {v:6.2f} s")
     def sym(rip):
         return hex(rip)
     def phase(lo, hi, name):
