@@ -60,12 +60,15 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     if error_code is not None:
         frame.append(error_code & 0xFFFFFFFF)
     frame += [rip, cs | (old_mask << 32), saved_flags, rsp, USER_SS]
-    new_rsp = s - 8 * len(frame)
-    if HYPERVISOR_VIRT_START <= new_rsp < HYPERVISOR_VIRT_END + 64 or not is_canonical(new_rsp):
-        v.crash(f"bounce frame at {new_rsp:#x} lies in Xen's range")
+    if bounce_stack_in_xen_range(s):
+        v.crash(f"bounce frame below {s:#x} lies in Xen's range")
         return False
+    # Xen's frame pointer arithmetic is 64-bit: below 0 it wraps to the top of the address
+    # space, slot by slot (a stack under 56 bytes puts the upper slots at 0.. and the lower
+    # ones at 0xFFFF_FFFF_FFFF_FFxx). Each slot is written where Xen writes it.
+    new_rsp = (s - 8 * len(frame)) & _U64
     try:
-        v.copy_to_guest(new_rsp, b"".join(x.to_bytes(8, "little") for x in frame))
+        _write_frame(v, new_rsp, frame)
     except GuestFault as f:
         v.crash(f"cannot write bounce frame at {f.va:#x}")
         return False
@@ -75,6 +78,34 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     eng.write({"rsp": new_rsp, "rip": handler, "rflags": new_flags})
     v.last_frame_rsp = new_rsp
     return True
+
+
+_U64 = (1 << 64) - 1
+
+
+def bounce_stack_in_xen_range(s: int) -> bool:
+    """Xen's create_bounce_frame check (x86_64/entry.S, create_bounce_frame_bad_sp): the
+    guest stack pointer, 16-byte aligned and before the frame is pushed, in
+    (HYPERVISOR_VIRT_START, HYPERVISOR_VIRT_END + 64) crashes the domain. Only that: the frame
+    itself may end up below (from HYPERVISOR_VIRT_END + 64 it lies in the 56-64 bytes above
+    HYPERVISOR_VIRT_END, guest space), and a frame that cannot be written (non-canonical,
+    unmapped, Xen's area) crashes it at the store. The KVM C path (csrc/kvm.c
+    fast_user_syscall) leaves every frame outside its narrower window to this one."""
+    return HYPERVISOR_VIRT_START < s < HYPERVISOR_VIRT_END + 64
+
+
+def _write_frame(v: "VCPU", new_rsp: int, frame: list[int]) -> None:
+    """The frame's slots at new_rsp (mod 2**64), every address translated before any byte is
+    written (a fault leaves guest memory untouched)."""
+    if new_rsp + 8 * len(frame) <= _U64 + 1:
+        v.copy_to_guest(new_rsp, b"".join(x.to_bytes(8, "little") for x in frame))
+        return
+    # The frame wraps at 2**64: translate every slot first, then write them.
+    mmu = v.domain.hypervisor.pagetables
+    root = v.current_root << 12
+    addrs = [mmu.translate(root, (new_rsp + 8 * i) & _U64, True) for i in range(len(frame))]
+    for ma, x in zip(addrs, frame):
+        v.domain.mem.write_u64(ma, x)
 
 
 def deliver_event(v: "VCPU") -> None:

@@ -376,6 +376,12 @@ EXPECTED: dict[str, dict[str, object]] = {
     "evil_iret_user": {},
     "stack_into_xen_fault": {},
     "stack_into_xen_user": {"stack_switch": "0"},
+    # Xen checks the aligned stack before the frame (create_bounce_frame): a kernel stack at
+    # HYPERVISOR_VIRT_END + 0x50 takes its #UD frame at HYPERVISOR_VIRT_END + 0x18.
+    "bounce_stack_edge": {
+        "edge_l3": "0", "edge_l3_done": "1", "edge_l4": "0", "edge_l4_done": "1",
+        "edge_alias": "1", "edge_frame_at_end_plus_0x18": "1", "edge_frame_rip_ok": "1",
+    },
     # Aimed at a hardware-assisted engine (guests/hostile/engine_attacks.c).
     "engine_attacks": {
         "vmcall_trap": "6", "vmmcall_trap": "6",
