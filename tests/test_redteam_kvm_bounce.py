@@ -27,17 +27,6 @@ LOOK = ("rip", "rsp", "rax", "rcx", "r11", "rflags", "gs_base", "cr3")
 FRAME = struct.Struct("<7Q")                                 # rcx r11 rip cs rflags rsp ss
 
 
-def _run(eng, fast: bool) -> int:
-    """kvm_run_once, entered again while the slice's kick came before the guest ran at all
-    (RIP unchanged: a loaded host can deschedule the loop past the 20 ms deadline)."""
-    for _ in range(20):
-        rip = eng.get("rip")
-        rc = kvm_run_once(eng, fast)
-        if rc != -4 or eng.get("rip") != rip:
-            return rc
-    return rc
-
-
 class _Bench:
     """A hand-driven vCPU of the project's kernel, after its user program ran (its user L4
     is registered): the guest state is saved once and put back before every trial, so that
@@ -132,12 +121,12 @@ class _Bench:
         hv.mem.map[self.pending], hv.mem.map[self.mask] = pending, mask
         eng.write({"rip": self.entry, "rcx": USER_CODE_VA, "r11": RF_IF | 2,
                    "rsp": USER_STACK_TOP - 0x80, "rax": 39, **regs})
-        rc = _run(eng, fast)
+        rc = kvm_run_once(eng, fast)
         if rc == 3:                      # Python's: the handler, then the same guest run
             eng.on_hypercall()
             if self.dom.shutdown_reason is not None:
                 return rc
-            rc = _run(eng, False)
+            rc = kvm_run_once(eng, False)
         return rc
 
     def iret(self, fast: bool, ctx: tuple, *, at: int | None = None, pending: int = 0) -> int:
@@ -150,12 +139,12 @@ class _Bench:
         self.eng.flush_tlb()
         self.hv.mem.map[self.pending] = pending
         self.eng.write({"rip": self.entry, "rax": 23, "rsp": at, "rcx": self.code_va, "r11": 0x246})
-        rc = _run(self.eng, fast)
+        rc = kvm_run_once(self.eng, fast)
         if rc == 3:
             traps.do_iret(self.v)
             if pending and self.v.event_deliverable():
                 return 4                 # as C: the registers as the iret left them
-            rc = _run(self.eng, False)
+            rc = kvm_run_once(self.eng, False)
         return rc
 
 
@@ -233,7 +222,7 @@ async def test_iret_to_user_left_to_python():
             eng.write({"rip": b.entry, "rax": 23, "rsp": at})
             before, calls = b.counters(), eng._ctx.fast_calls[2]
             cr3 = eng.get("cr3")
-            assert _run(eng, True) == 3, [hex(x) for x in ctx]
+            assert kvm_run_once(eng, True) == 3, [hex(x) for x in ctx]
             assert (b.counters(), eng._ctx.fast_calls[2]) == (before, calls)
             assert v.kernel_mode and eng.get("cr3") == cr3 == v.kernel_root << 12
             assert eng.read(("rax", "rsp")) == [23, at]
@@ -261,7 +250,7 @@ async def test_iret_to_user_left_to_python():
         # A root registered behind the guard's last check: C's readiness is for the old one.
         eng.flush_tlb()
         eng.write({"rip": b.code_va})
-        _run(eng, False)                             # the check: both roots ready
+        kvm_run_once(eng, False)                     # the check: both roots ready
         assert eng._ctx.ready_uroot == user_root
         try:
             v.pv.user_root = v.kernel_root                   # tracked, but not the one checked
@@ -272,11 +261,11 @@ async def test_iret_to_user_left_to_python():
         # An entry the guard defers until the guest's next flush: no CR3 load in C.
         guard = eng._guard
         eng.write({"rip": b.code_va})
-        _run(eng, False)                             # the restore's CR3 load checked
+        kvm_run_once(eng, False)                     # the restore's CR3 load checked
         guard.deferred.add((v.kernel_root << 12) + 8 * 511)
         eng._check_pending = True
         try:
-            _run(eng, False)
+            kvm_run_once(eng, False)
             assert eng._ctx.ready_uroot == 0 and eng._ctx.ready_kroot == 0
             left_to_python(ctx)
         finally:
@@ -369,7 +358,7 @@ async def test_user_syscall_hostile_kernel_stacks_are_pythons():
                 hv.mem.map[b.pending] = 0
                 eng.write({"rip": b.entry, "rcx": USER_CODE_VA, "r11": 0x246, "rsp": USER_STACK_TOP - 0x80})
                 before = b.counters()
-                rc = _run(eng, True)
+                rc = kvm_run_once(eng, True)
                 assert rc == 3, hex(sp)
                 assert b.counters() == before, hex(sp)
                 at_exit = eng.read(LOOK)
@@ -385,15 +374,15 @@ async def test_user_syscall_hostile_kernel_stacks_are_pythons():
             v.kernel_sp = b.data_va + 0xF00
             b.to_user_mode()
             eng.write({"rip": USER_CODE_VA})
-            _run(eng, False)                                 # the check after the CR3 load
+            kvm_run_once(eng, False)                         # the check after the CR3 load
             eng._guard.deferred.add((v.kernel_root << 12) + 8 * 511)
             eng._check_pending = True
             eng.write({"rip": USER_CODE_VA})
-            _run(eng, False)
+            kvm_run_once(eng, False)
             assert (eng._ctx.ready_kroot, eng._ctx.ready_uroot) == (0, 0)
             eng.write({"rip": b.entry, "rcx": USER_CODE_VA, "r11": 0x246})
             before = b.counters()
-            assert _run(eng, True) == 3 and b.counters() == before
+            assert kvm_run_once(eng, True) == 3 and b.counters() == before
             assert not v.kernel_mode and eng.get("cr3") == v.user_root << 12
             eng.flush_tlb()                                  # the guard drops the entry
             b.restore()

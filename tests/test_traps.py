@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import re
-import time
 
 import pytest
 
 from aiovmm import Hypervisor, ShutdownReason
-from conftest import ENGINES, HV_MEMORY_MIB, boot, guest, probe_sites, results
+from conftest import ENGINES, HV_MEMORY_MIB, boot, guest, probe_sites, results, uncontended_time, within
 
 pytestmark = ENGINES
 
@@ -115,7 +114,7 @@ async def _fault_storm(engine: str):
                     mid.append((reason, hex(eng.get("rip"))))
                 return reason
             eng.run = observed
-        reason = await asyncio.wait_for(dom.wait(), 60)
+        reason = await within(dom.wait(), 60)
         return list(dom.console_lines), reason, dom.describe_end(), slices[0], mid
 
 
@@ -126,16 +125,25 @@ def test_fault_storm_frames_and_upcalls_intact(engine):
     delivered the held exception at the event callback, or with the old context over the
     bounce (the upcall lost, events left masked). Every fault's frame must name its probe
     instruction and carry the upcall mask the loop runs with (0); on KVM, no slice may end
-    with an exception still in KVM (measured without the fix: 4-66 of ~500 slices)."""
-    t0 = time.monotonic()
-    lines, reason, end, slices, mid = asyncio.run(_fault_storm(engine))
-    assert reason == ShutdownReason.poweroff, end
+    with an exception still in KVM (measured without the fix: 4-66 of ~500 slices).
+    The storm lasts STORM_MS of wall time, which on a loaded host holds few slices (85 at
+    load ~14, the loop thread getting ~6 % of a core): it runs again, every run checked,
+    until the slice ends, faults and events it is about were seen (at most 8 runs), each run
+    within 15 s of the loop thread's uncontended time."""
+    t0 = uncontended_time()
+    slices = faults = upcalls = runs = 0
+    while runs < 8 and (slices <= 100 and engine == "kvm" or faults < 10 or upcalls < 10):
+        lines, reason, end, n, mid = asyncio.run(_fault_storm(engine))
+        runs += 1
+        assert reason == ShutdownReason.poweroff, end
+        if engine == "kvm":
+            assert mid == [], f"{len(mid)} of {n} slices ended mid-delivery: {mid[:5]}"
+        res = {k: int(v) for k, v in results(lines).items()}
+        assert res["stale"] == 0 and res["masked"] == 0, lines
+        assert res["handled"] == res["faults"], lines
+        slices, faults, upcalls = slices + n, faults + res["faults"], upcalls + res["upcalls"]
     if engine == "kvm":
-        assert mid == [], f"{len(mid)} of {slices} slices ended mid-delivery: {mid[:5]}"
-        assert slices > 100, slices                    # the slice ends the test is about
-    res = {k: int(v) for k, v in results(lines).items()}
-    assert res["stale"] == 0 and res["masked"] == 0, lines
-    # Exercised (counts depend on the host's load): faults, and events meanwhile.
-    assert res["faults"] >= 10 and res["handled"] == res["faults"], lines
-    assert res["upcalls"] >= 10, lines
-    assert time.monotonic() - t0 < 15
+        assert slices > 100, (slices, runs)            # the slice ends the test is about
+    # Exercised: faults, and events meanwhile.
+    assert faults >= 10 and upcalls >= 10, (faults, upcalls, runs)
+    assert uncontended_time() - t0 < 15 * runs
