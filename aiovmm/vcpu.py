@@ -56,7 +56,8 @@ class PVState(ctypes.Structure):
                 ("user_gs_base", ctypes.c_uint64), ("last_frame_rsp", ctypes.c_uint64),
                 ("syscall_cb", ctypes.c_uint64), ("syscall_cb_flags", ctypes.c_uint64),
                 ("vcpu_id", ctypes.c_uint32), ("sshot_op", ctypes.c_uint32),
-                ("sshot_deadline", ctypes.c_uint64), ("clock_origin_ns", ctypes.c_int64)]
+                ("sshot_deadline", ctypes.c_uint64), ("clock_origin_ns", ctypes.c_int64),
+                ("vm_assist_ptr", ctypes.c_uint64)]
 
 
 class CallbackTable(dict):
@@ -153,6 +154,7 @@ class VCPU:
         self.pv = PVState()
         self.pv.vcpu_id = vcpu_id
         self.pv.clock_origin_ns = domain.hypervisor.system_time_ns.origin_ns
+        self.pv.vm_assist_ptr = domain.vm_assist_address     # the domain's word, not a copy
         self.kernel_mode = True
         self.kernel_root = 0
         self.user_root = 0

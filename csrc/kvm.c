@@ -191,6 +191,7 @@ struct aiovmm_pv {
     uint32_t sshot_op;
     uint64_t sshot_deadline;       /* Xen system time (ns) */
     int64_t clock_origin_ns;       /* system time = CLOCK_MONOTONIC - this (aiovmm/clock.py) */
+    uint64_t vm_assist_ptr;        /* the domain's vm_assist word (aiovmm/domain.py), 0: none */
 };
 
 #define KREG_RAX 0
@@ -322,6 +323,18 @@ static int root_ready(uint64_t mfn, uint64_t ready)
     return mfn != 0 && mfn == ready;
 }
 
+#define VMASST_ARCHITECTURAL_IOPL 4
+
+/* VMASST_TYPE_architectural_iopl (aiovmm/emulate.py architectural_iopl), read from the
+ * domain's one vm_assist word. Only with it does an iret frame set the virtual IOPL and a
+ * bounce frame carry it (Xen: pv/iret.c do_iret, create_bounce_frame); without it (Linux:
+ * PHYSDEVOP_set_iopl 1, no VMASST) both ignore it. No word known: as if set (Python's). */
+static int architectural_iopl(const struct aiovmm_pv *pv)
+{
+    const volatile uint64_t *a = (const volatile uint64_t *)(uintptr_t)pv->vm_assist_ptr;
+    return !a || ((*a >> VMASST_ARCHITECTURAL_IOPL) & 1);
+}
+
 /* Xen's toggle_guest_mode as vcpu.py switch_to_kernel / switch_to_user do it: the live GS
  * base is saved as the leaving mode's, the entered mode's loaded, CR3 set to its root (a
  * root_ready one: the caller checked). */
@@ -369,9 +382,9 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     int to_user = (cs & 3) == 3;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
-    /* An IOPL other than the virtual one is Python's: with VMASST architectural_iopl the
-     * iret sets it (Xen's do_iret), without it the iret ignores it; equal, both agree. */
-    if (((rflags & RF_IOPL) >> 12) != pv->iopl)
+    /* With VMASST architectural_iopl the iret sets the virtual IOPL (Xen's do_iret): a frame
+     * that would change it is Python's. Without it the frame's IOPL is ignored. */
+    if (((rflags & RF_IOPL) >> 12) != pv->iopl && architectural_iopl(pv))
         return 0;
     uint64_t info = pv->info_maddr;
     if (info + 2 > c->mem_size)
@@ -413,9 +426,9 @@ static int fast_user_syscall(struct aiovmm_kvm_ctx *c, uint64_t *r)
     uint64_t handler = pv->syscall_cb, cb_flags = pv->syscall_cb_flags;
     if (!handler || !root_ready(pv->kernel_root, c->ready_kroot))
         return 0;
-    /* A virtual IOPL other than 0 may belong in the frame's RFLAGS (VMASST
-     * architectural_iopl, traps.bounce): Python's. */
-    if (pv->iopl)
+    /* A virtual IOPL other than 0 belongs in the frame's RFLAGS with VMASST
+     * architectural_iopl (traps.bounce): Python's. Without it the frame never carries it. */
+    if (pv->iopl && architectural_iopl(pv))
         return 0;
     uint64_t s = pv->kernel_sp & ~0xFULL;
     if (s < BOUNCE_FRAME)
