@@ -168,6 +168,20 @@ async def test_singleshot_set_in_c_fires_when_due(monkeypatch):
             assert t.fired == []
             await asyncio.sleep(0.3)
             assert len(t.fired) == 1 and t.fired[0] >= later - 1_000_000
+            # Set in C, then in Python before the slice ends (C's change not yet taken):
+            # the later one, Python's, is the timer; C's is never applied.
+            t.fired.clear()
+            eng = v.engine
+            eng.write({"rip": t.entry, "rax": 24, "rdi": SET, "rsi": 0,
+                       "rdx": t.put(t.now() + 40_000_000), "rcx": t.code_va, "r11": 0x246})
+            assert kvm_run_once(eng, True) == EINTR and v.pv.sshot_op == 1
+            python_deadline = t.now() + 200_000_000
+            t.call(False, SET, 0, t.put(python_deadline, at=t.data_va + 0x200))
+            eng._report_fast_calls(False)
+            assert abs(t.armed() - python_deadline) < 30e6
+            await asyncio.sleep(0.1)
+            assert t.fired == []
+            timers.stop_singleshot(v)
             # Stopped in C: nothing fires.
             t.fired.clear()
             t.call(False, SET, 0, t.put(t.now() + 40_000_000))
@@ -211,7 +225,9 @@ async def test_singleshot_inputs_c_leaves_to_python(monkeypatch):
                 (SET, 0, 0x1000, -Errno.EFAULT),                         # unmapped
                 (SET, 0, 0xFFFF800000001000, -Errno.EFAULT),             # Xen's range
                 (SET, 0, 1 << 63, -Errno.EFAULT),                        # non-canonical
-                (99, 0, 0, -Errno.ENOSYS),
+                # Other commands, with an argument that reads as a future deadline.
+                (99, 0, t.put(t.now() + 10**9), -Errno.ENOSYS),
+                (3, 0, t.put(t.now() + 10**9), 1),                       # VCPUOP_is_up
             ]
             for cmd, vcpuid, arg, want in cases:
                 for fast in (True, False):
