@@ -6,6 +6,7 @@ logged with the domain id and the reason (vector, RIP); it stops only this domai
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import re
@@ -84,6 +85,20 @@ class ConsoleLog:
 
 
 class Domain:
+    @property
+    def vm_assist(self) -> int:
+        """Xen's d->vm_assist (HYPERVISOR_vm_assist): the VMASST_TYPE_* bits enabled."""
+        return self._vm_assist.value
+
+    @vm_assist.setter
+    def vm_assist(self, value: int) -> None:
+        self._vm_assist.value = value & 0xFFFFFFFFFFFFFFFF
+
+    @property
+    def vm_assist_address(self) -> int:
+        """Where the vm_assist word lives (an engine's C code reads it there, never a copy)."""
+        return ctypes.addressof(self._vm_assist)
+
     def __init__(self, hv: "Hypervisor", domid: int, name: str, nr_pages: int,
                  on_console: Callable[[bytes], None] | None = None, log_dir: str | None = None) -> None:
         self.hypervisor = hv
@@ -120,7 +135,9 @@ class Domain:
         # The toolstack allocates the xenstore port first, then the console's (xen-pv-abi §2.5).
         self.store_port = self.evtchn.alloc_unbound(0)
         self.console_port = self.evtchn.alloc_unbound(0)
-        self.vm_assist = 0
+        # HYPERVISOR_vm_assist bits in one ctypes word: the KVM engine's C loop reads them
+        # there (csrc/kvm.c architectural_iopl, through each vCPU's PVState.vm_assist_ptr).
+        self._vm_assist = ctypes.c_uint64(0)
         self.ldt = (0, 0)
         self.boot_l4 = 0
         self.paused = False

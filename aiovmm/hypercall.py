@@ -300,11 +300,13 @@ def dispatch(v: "VCPU") -> None:
 
 def completed_elsewhere(v: "VCPU", counts: dict[int, int], events: bool) -> None:
     """Hypercalls the engine completed without this dispatcher (the KVM engine's C loop:
-    stack_switch, set_segment_base; it already counted them in v.hypercalls): into the
-    domain's statistics, and, when the last one left an event deliverable, the tail every
-    hypercall has (dispatch above)."""
+    stack_switch, set_segment_base, iret, the singleshot timer's vcpu_ops; it already counted
+    them in v.hypercalls): into the domain's statistics, a timer change onto the event loop's
+    timer, and, when the last one left an event deliverable, the tail every hypercall has
+    (dispatch above)."""
     dc = v.domain.hypercall_counts
     for nr, n in counts.items():
         dc[nr] = dc.get(nr, 0) + n
+    timers.apply_engine_singleshot(v)
     if events and not v.engine.stop_requested and v.event_deliverable():
         traps.deliver_event(v)

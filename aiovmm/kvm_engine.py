@@ -514,7 +514,7 @@ class _FastIn(ctypes.Structure):
 
 
 # Hypercalls aiovmm_kvm_run_ex completes itself (fast_hypercall), in its fast_calls order.
-_FAST_CALLS = (Hypercall.stack_switch, Hypercall.set_segment_base, Hypercall.iret)
+_FAST_CALLS = (Hypercall.stack_switch, Hypercall.set_segment_base, Hypercall.iret, Hypercall.vcpu_op)
 
 
 class _RunCtx(ctypes.Structure):
@@ -1004,6 +1004,7 @@ class KVMEngine:
         return {"stack_switch": ctx.fast_calls[0], "set_segment_base": ctx.fast_calls[1],
                 "iret to kernel": ctx.fast_calls[2] - ctx.fast_user_irets,
                 "iret to user": ctx.fast_user_irets, "user syscall": ctx.fast_bounces,
+                "vcpu_op singleshot": ctx.fast_calls[3],
                 "port in": ctx.fast_hits}
 
     def attach_pv(self, pv: ctypes.Structure) -> None:

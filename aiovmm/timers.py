@@ -11,6 +11,7 @@ Timers are event-loop timers; on expiry they raise VIRQ_TIMER on the vCPU.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import struct
 from typing import TYPE_CHECKING
@@ -31,7 +32,8 @@ TSC_SHIFT = 1
 _TIME_INFO = struct.Struct("<I4xQQIbB2x")
 DEFAULT_PERIOD_NS = 10_000_000        # Xen arms a 10 ms periodic timer for PV vCPUs
 MIN_PERIOD_NS = 1_000_000
-FAR_FUTURE_NS = 1 << 50
+FAR_FUTURE_NS = 1 << 50              # set_timer_op: 2^50 ns or more ahead is a wrap ...
+HUGE_TIMEOUT_NS = 100_000_000         # ... answered with an event in 100 ms (Xen)
 
 
 def _version_begin(buf, off: int) -> int:
@@ -80,14 +82,34 @@ def _delay_s(v: "VCPU", deadline_ns: int) -> float:
     return max(0, deadline_ns - v.domain.hypervisor.system_time_ns()) / 1e9
 
 
-def set_singleshot(v: "VCPU", deadline_ns: int) -> None:
+class EngineTimerOp(enum.IntEnum):
+    """The last singleshot-timer change an engine made itself (PVState.sshot_op; csrc/kvm.c
+    fast_vcpu_op): none, set at PVState.sshot_deadline, or stop."""
+    none = 0
+    set = 1
+    stop = 2
+
+
+def _arm_singleshot(v: "VCPU", expires_ns: int) -> None:
+    """Xen's set_timer(&v->singleshot_timer, expires) with s_time_t `expires`: a deadline not
+    in the future fires at once (Xen's timer softirq runs it before the guest is entered
+    again, so the event is delivered on the hypercall's return); else an event-loop timer,
+    which also fires while the vCPU is blocked or descheduled."""
     stop_singleshot(v)
-    if deadline_ns >= 1 << 63 or deadline_ns - v.domain.hypervisor.system_time_ns() > FAR_FUTURE_NS:
-        delay = 0.1                   # Xen: absurd timeouts fire after 100 ms
-    else:
-        delay = _delay_s(v, deadline_ns)
-    loop = asyncio.get_running_loop()
-    v.singleshot_handle = loop.call_later(delay, _singleshot_expired, v)
+    now = v.domain.hypervisor.system_time_ns()
+    if expires_ns <= now:
+        _fire(v)
+        return
+    v.singleshot_handle = asyncio.get_running_loop().call_later(
+        (expires_ns - now) / 1e9, _singleshot_expired, v)
+
+
+def vcpuop_set_singleshot(v: "VCPU", timeout_ns: int) -> None:
+    """VCPUOP_set_singleshot_timer (Xen's common_vcpu_op): the flags are ignored (Xen 4.18
+    dropped VCPU_SSHOTTMR_future's -ETIME); the u64 timeout is Xen's s_time_t expiry, so one
+    of 2^63 or more is in the past, as is one below now: the event is sent at once. No
+    100 ms clamp for huge timeouts here: that is set_timer_op's Linux workaround."""
+    _arm_singleshot(v, timeout_ns - (1 << 64) if timeout_ns >= 1 << 63 else timeout_ns)
 
 
 def _singleshot_expired(v: "VCPU") -> None:
@@ -96,9 +118,32 @@ def _singleshot_expired(v: "VCPU") -> None:
 
 
 def stop_singleshot(v: "VCPU") -> None:
+    """Stop the singleshot timer; a change an engine recorded and Python has not applied yet
+    (apply_engine_singleshot) is older than this one and is dropped."""
+    v.pv.sshot_op = EngineTimerOp.none
     if v.singleshot_handle is not None:
         v.singleshot_handle.cancel()
         v.singleshot_handle = None
+
+
+def apply_engine_singleshot(v: "VCPU") -> None:
+    """The singleshot change the engine completed itself (the KVM engine's C loop: a
+    VCPUOP_set/stop_singleshot_timer it took without Python), onto the event-loop timer that
+    owns it. Called whenever Python takes the engine's completed hypercalls (hypercall.py
+    completed_elsewhere: at every slice end that had any, before the loop runs a callback, so
+    a timer the guest moved or stopped never fires from its old deadline). Only the last
+    change counts: each one replaces the timer whole. The deadline is re-read from the
+    PVState here once; C accepted only one in the future (it may have passed since: then it
+    fires now, as the loop timer would have)."""
+    pv = v.pv
+    op = pv.sshot_op
+    if op == EngineTimerOp.set:
+        _arm_singleshot(v, pv.sshot_deadline)      # clears sshot_op (stop_singleshot)
+    elif op == EngineTimerOp.stop:
+        stop_singleshot(v)
+    elif op != EngineTimerOp.none:
+        pv.sshot_op = EngineTimerOp.none
+        log.error("d%d: vcpu %d: unknown engine timer op %d", v.domain.domid, v.id, op)
 
 
 def set_periodic(v: "VCPU", period_ns: int) -> None:
@@ -140,8 +185,17 @@ def stop_periodic(v: "VCPU") -> None:
 
 # ---------------------------------------------------------------------------- hypercalls
 def do_set_timer_op(v: "VCPU", timeout: int, *_) -> int:
+    """Xen's do_set_timer_op: 0 stops the singleshot timer; a timeout wrapped negative (2^63
+    or more as s_time_t) or 2^50 ns or more in the future is Linux's jiffy wrap (or "no timer
+    at all" from old guests): an event in 100 ms; else the timer at `timeout` (at once if
+    already passed)."""
+    timeout &= (1 << 64) - 1
     if timeout == 0:
         stop_singleshot(v)
+        return 0
+    now = v.domain.hypervisor.system_time_ns()
+    if timeout >= 1 << 63 or timeout - now >= FAR_FUTURE_NS:
+        _arm_singleshot(v, now + HUGE_TIMEOUT_NS)
     else:
-        set_singleshot(v, timeout)
+        _arm_singleshot(v, timeout)
     return 0

@@ -40,7 +40,9 @@ IDLE_RELEASE_S = 2.0   # asleep this long: the engine's translator memory goes b
 class PVState(ctypes.Structure):
     """The part of Xen's per-vCPU PV state that an engine may read or write outside Python
     (csrc/kvm.c struct aiovmm_pv, same layout: the KVM engine completes stack_switch,
-    set_segment_base, iret and a user process's syscall bounce in C). This struct is the only
+    set_segment_base, iret, a user process's syscall bounce and the singleshot timer's
+    set/stop in C; the timer stays the event loop's, C only records its last change in
+    sshot_op/sshot_deadline for timers.apply_engine_singleshot). This struct is the only
     copy: VCPU.kernel_mode, iopl, kernel_ss, kernel_sp, kernel_root, user_root, the two saved
     GS bases, info_maddr, fault_depth, last_frame_rsp and hypercalls are views of it, and the
     syscall callback is mirrored into it by CallbackTable, so C and Python never hold two
@@ -52,7 +54,10 @@ class PVState(ctypes.Structure):
                 ("hypercalls", ctypes.c_uint64), ("kernel_root", ctypes.c_uint64),
                 ("user_root", ctypes.c_uint64), ("kernel_gs_base", ctypes.c_uint64),
                 ("user_gs_base", ctypes.c_uint64), ("last_frame_rsp", ctypes.c_uint64),
-                ("syscall_cb", ctypes.c_uint64), ("syscall_cb_flags", ctypes.c_uint64)]
+                ("syscall_cb", ctypes.c_uint64), ("syscall_cb_flags", ctypes.c_uint64),
+                ("vcpu_id", ctypes.c_uint32), ("sshot_op", ctypes.c_uint32),
+                ("sshot_deadline", ctypes.c_uint64), ("clock_origin_ns", ctypes.c_int64),
+                ("vm_assist_ptr", ctypes.c_uint64)]
 
 
 class CallbackTable(dict):
@@ -147,6 +152,9 @@ class VCPU:
         self.id = vcpu_id
         self.engine = engine
         self.pv = PVState()
+        self.pv.vcpu_id = vcpu_id
+        self.pv.clock_origin_ns = domain.hypervisor.system_time_ns.origin_ns
+        self.pv.vm_assist_ptr = domain.vm_assist_address     # the domain's word, not a copy
         self.kernel_mode = True
         self.kernel_root = 0
         self.user_root = 0

@@ -229,7 +229,7 @@ def do_vcpu_op(v: "VCPU", cmd: int, vcpuid: int, arg: int, *_) -> int:
         if target is not v:
             raise HypercallError(Errno.EINVAL)
         timeout, _flags = v.read_struct(arg, VCPU_SET_SINGLESHOT_TIMER)
-        timers.set_singleshot(v, timeout)
+        timers.vcpuop_set_singleshot(v, timeout)
         return 0
     if cmd == VcpuOp.stop_singleshot_timer:
         if target is not v:

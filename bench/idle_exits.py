@@ -6,8 +6,11 @@ sleeps (an idle guest) and then spins in a shell loop (a CPU-bound guest), --sec
 For each phase the host counts per second: the engine's exits by kind, the domain's
 hypercalls by number, the guest's event-channel sends by binding (VIRQ_TIMER, IPIs,
 xenstore, console), timer expiries (the singleshot/periodic timer firing), slices and the
-slices the timer ended (kicks). The instrumentation wraps aiovmm.timers._fire and the
-guest's EventChannels.set_pending in this process only.
+slices the timer ended (kicks), the exits the engine completed in C without Python
+(`in C: ...`, the KVM engine's exits_in_c) and, per hypercall (or user syscall) that reached
+Python, the mean time its handler took there (`py us/call`). The instrumentation wraps
+aiovmm.timers._fire, the guest's EventChannels.set_pending and VCPU._on_syscall in this
+process only.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import blk as blkbench                                    # noqa: E402  (bench/b
 
 from aiovmm import Hypervisor, timers                       # noqa: E402
 from aiovmm.events import EventChannels                     # noqa: E402
+from aiovmm.vcpu import VCPU                                # noqa: E402
 
 HC_NAMES = {1: "mmu_update", 3: "stack_switch", 13: "multicall", 14: "update_va_mapping",
             15: "set_timer_op", 17: "xen_version", 20: "grant_table_op", 23: "iret", 24: "vcpu_op",
@@ -69,12 +73,22 @@ def instrument() -> None:
             counts[f"event: {what}"] += 1
         set_pending(self, port)
     EventChannels.set_pending = counted_set_pending
+    on_syscall = VCPU._on_syscall
+
+    def timed_on_syscall(self) -> None:
+        what = HC_NAMES.get(self.engine.hypercall_args()[0], "other") if self.kernel_mode else "user syscall"
+        t0 = time.perf_counter_ns()
+        on_syscall(self)
+        counts[f"py_ns {what}"] += time.perf_counter_ns() - t0
+        counts[f"py_n {what}"] += 1
+    VCPU._on_syscall = timed_on_syscall
 
 
 def snapshot(dom) -> dict[str, float]:
     eng = dom.vcpus[0].engine
     s: dict[str, float] = {f"exit: {k}": n for k, n in getattr(eng, "exit_kinds", {}).items()}
     s.update(exits=getattr(eng, "exits", 0), kicks=getattr(eng, "kicks", 0), t=time.perf_counter())
+    s.update({f"in C: {k}": n for k, n in getattr(eng, "exits_in_c", {}).items()})
     for nr, n in dom.hypercall_counts.items():
         s[f"hypercall: {HC_NAMES.get(nr, nr)}"] = n
     s["slices"] = dom.hypervisor.scheduler.state(dom.vcpus[0]).slices
@@ -115,8 +129,14 @@ async def main(args) -> None:
                 d = {k: (b.get(k, 0) - a.get(k, 0)) / dt for k in set(a) | set(b) if k != "t"}
                 print(f"{phase}: per second over {dt:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
                 for k in sorted(d, key=lambda k: -d[k]):
-                    if d[k] >= 0.5:
+                    if d[k] >= 0.5 and not k.startswith("py_"):
                         print(f"    {k:<34}{d[k]:9.1f}", flush=True)
+                print("  in Python (per second, mean handler us/call):", flush=True)
+                for k in sorted((k for k in d if k.startswith("py_n ")), key=lambda k: -d[k]):
+                    what = k[5:]
+                    if d[k] >= 0.5:
+                        us = d[f"py_ns {what}"] / d[k] / 1000
+                        print(f"    {what:<34}{d[k]:9.1f}{us:9.1f}", flush=True)
             await dom.wait()
 
 

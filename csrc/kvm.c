@@ -154,7 +154,7 @@ struct aiovmm_kvm_ctx {
     uint32_t fast_hc;
     uint32_t page_rip_after;       /* a hypercall page exit has RIP past its `out` (kvm-pvm) */
     uint64_t mem_size;             /* bytes of machine memory at mem_base */
-    uint64_t fast_calls[3];        /* stack_switch, set_segment_base, iret completed here */
+    uint64_t fast_calls[4];        /* stack_switch, set_segment_base, iret, vcpu_op completed here */
     /* The armed slice's end (CLOCK_MONOTONIC ns; 0: no slice). No guest entry here past it:
      * if a kick was lost anyway, the guest is not entered without a timer left to end it. */
     int64_t deadline_ns;
@@ -183,6 +183,16 @@ struct aiovmm_pv {
     uint64_t last_frame_rsp;       /* the last bounce frame (traps.py: nested-fault detection) */
     uint64_t syscall_cb;           /* CALLBACKTYPE_syscall: address (0: none) ... */
     uint64_t syscall_cb_flags;     /* ... and flags (CALLBACKF_mask_events) */
+    /* The singleshot timer (fast_vcpu_op). The timer itself is the event loop's (it must
+     * fire while the vCPU is blocked or descheduled): C only records the last change it
+     * made, sshot_op (SSHOT_SET at sshot_deadline, SSHOT_STOP; 0 none since Python last
+     * applied one), and Python applies it when it takes the completed calls
+     * (aiovmm/timers.py apply_engine_singleshot) or drops it when it sets the timer itself. */
+    uint32_t vcpu_id;              /* this vCPU's id (VCPUOP_*_singleshot_timer name only it) */
+    uint32_t sshot_op;
+    uint64_t sshot_deadline;       /* Xen system time (ns) */
+    int64_t clock_origin_ns;       /* system time = CLOCK_MONOTONIC - this (aiovmm/clock.py) */
+    uint64_t vm_assist_ptr;        /* the domain's vm_assist word (aiovmm/domain.py), 0: none */
 };
 
 #define KREG_RAX 0
@@ -203,6 +213,12 @@ struct aiovmm_pv {
 #define HC_STACK_SWITCH 3
 #define HC_SET_SEGMENT_BASE 25
 #define HC_IRET 23
+#define HC_VCPU_OP 24
+#define VCPUOP_SET_SINGLESHOT 8       /* xen/include/public/vcpu.h */
+#define VCPUOP_STOP_SINGLESHOT 9
+#define SSHOT_SET 1                   /* aiovmm_pv.sshot_op (aiovmm/timers.py EngineTimerOp) */
+#define SSHOT_STOP 2
+#define KREG_RDX 3
 #define KREG_RSP 6
 #define PTE_PRESENT 1ULL
 #define PTE_USER 4ULL
@@ -310,6 +326,18 @@ static int root_ready(uint64_t mfn, uint64_t ready)
     return mfn != 0 && mfn == ready;
 }
 
+#define VMASST_ARCHITECTURAL_IOPL 4
+
+/* VMASST_TYPE_architectural_iopl (aiovmm/emulate.py architectural_iopl), read from the
+ * domain's one vm_assist word. Only with it does an iret frame set the virtual IOPL and a
+ * bounce frame carry it (Xen: pv/iret.c do_iret, create_bounce_frame); without it (Linux:
+ * PHYSDEVOP_set_iopl 1, no VMASST) both ignore it. No word known: as if set (Python's). */
+static int architectural_iopl(const struct aiovmm_pv *pv)
+{
+    const volatile uint64_t *a = (const volatile uint64_t *)(uintptr_t)pv->vm_assist_ptr;
+    return !a || ((*a >> VMASST_ARCHITECTURAL_IOPL) & 1);
+}
+
 /* Xen's toggle_guest_mode as vcpu.py switch_to_kernel / switch_to_user do it: the live GS
  * base is saved as the leaving mode's, the entered mode's loaded, CR3 set to its root (a
  * root_ready one: the caller checked). */
@@ -357,9 +385,9 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     int to_user = (cs & 3) == 3;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
-    /* An IOPL other than the virtual one is Python's: with VMASST architectural_iopl the
-     * iret sets it (Xen's do_iret), without it the iret ignores it; equal, both agree. */
-    if (((rflags & RF_IOPL) >> 12) != pv->iopl)
+    /* With VMASST architectural_iopl the iret sets the virtual IOPL (Xen's do_iret): a frame
+     * that would change it is Python's. Without it the frame's IOPL is ignored. */
+    if (((rflags & RF_IOPL) >> 12) != pv->iopl && architectural_iopl(pv))
         return 0;
     uint64_t info = pv->info_maddr;
     if (info + 2 > c->mem_size)
@@ -401,9 +429,9 @@ static int fast_user_syscall(struct aiovmm_kvm_ctx *c, uint64_t *r)
     uint64_t handler = pv->syscall_cb, cb_flags = pv->syscall_cb_flags;
     if (!handler || !root_ready(pv->kernel_root, c->ready_kroot))
         return 0;
-    /* A virtual IOPL other than 0 may belong in the frame's RFLAGS (VMASST
-     * architectural_iopl, traps.bounce): Python's. */
-    if (pv->iopl)
+    /* A virtual IOPL other than 0 belongs in the frame's RFLAGS with VMASST
+     * architectural_iopl (traps.bounce): Python's. Without it the frame never carries it. */
+    if (pv->iopl && architectural_iopl(pv))
         return 0;
     uint64_t s = pv->kernel_sp & ~0xFULL;
     if (s < BOUNCE_FRAME)
@@ -441,6 +469,45 @@ static int fast_user_syscall(struct aiovmm_kvm_ctx *c, uint64_t *r)
     return 1;
 }
 
+/* VCPUOP_set_singleshot_timer / VCPUOP_stop_singleshot_timer on this vCPU itself (Linux
+ * re-arms its tick with them), recorded for Python in pv->sshot_op (struct aiovmm_pv). Xen's
+ * common_vcpu_op: only the calling vCPU's timer (-EINVAL for another's, -ENOENT for no such
+ * vCPU: Python's), the 16-byte vcpu_set_singleshot_timer copied once (a pointer C cannot
+ * read, or a struct across a page end: Python's, which answers -EFAULT or reads it), flags
+ * ignored (Xen since 4.18 ignores VCPU_SSHOTTMR_future). Only a deadline in the future is
+ * done here: one already passed, or >= 2^63 (Xen's s_time_t expiry is then negative), makes
+ * Xen send the timer event before the hypercall returns (timers.py vcpuop_set_singleshot),
+ * which is Python's. Returns 1 if done. */
+static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
+{
+    struct aiovmm_pv *pv = c->pv;
+    uint32_t cmd = (uint32_t)r[KREG_RDI], vcpuid = (uint32_t)r[KREG_RSI];
+    if (vcpuid != pv->vcpu_id)
+        return 0;
+    if (cmd == VCPUOP_STOP_SINGLESHOT) {
+        pv->sshot_op = SSHOT_STOP;
+        return 1;
+    }
+    if (cmd != VCPUOP_SET_SINGLESHOT)
+        return 0;
+    uint64_t arg = r[KREG_RDX];
+    if ((arg & 0xFFF) > 4096 - 16)
+        return 0;
+    uint64_t ma = guest_maddr(c, pv->kernel_root << 12, arg, 0);
+    if (!ma)
+        return 0;
+    uint64_t timeout;
+    memcpy(&timeout, (const void *)(uintptr_t)(c->mem_base + ma), 8);   /* read once */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    int64_t now = ts.tv_sec * 1000000000LL + ts.tv_nsec - pv->clock_origin_ns;
+    if (now < 0 || timeout >= (1ULL << 63) || timeout <= (uint64_t)now)
+        return 0;
+    pv->sshot_deadline = timeout;
+    pv->sshot_op = SSHOT_SET;
+    return 1;
+}
+
 /* A hypercall from guest kernel mode whose whole effect is this vCPU's state, completed
  * without Python (returns 1), or 0: Python handles it (aiovmm/hypercall.py dispatch). Only
  * the cases Xen always accepts are done here, each exactly as the Python handler does it
@@ -471,6 +538,10 @@ static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
         pv->hypercalls++;
         pv->fault_depth = 0;
         return 1;                  /* the registers are the context's, RAX included */
+    } else if (nr == HC_VCPU_OP) {
+        if (!fast_vcpu_op(c, r))
+            return 0;
+        c->fast_calls[3]++;
     } else {
         return 0;
     }

@@ -166,6 +166,7 @@ async def test_iret_to_user_same_on_the_c_and_python_paths():
     faults there in user mode: the user L4 does not map it), a RIP in Xen's range, CS 0xe023
     and 3 (any RPL 3 is user mode); a garbage RSP."""
     from aiovmm.abi import VGCF_in_syscall
+    from aiovmm.emulate import architectural_iopl
     async with _bench() as b:
         user_sp = USER_STACK_TOP - 0x100
         hostile = RF_IOPL | RF_NT | RF_RF | RF_VM | RF_AC | 0x8D5
@@ -182,8 +183,9 @@ async def test_iret_to_user_same_on_the_c_and_python_paths():
         for ctx in frames:
             before = b.counters()
             rc_c = b.iret(True, ctx)
-            # A frame whose IOPL differs from the virtual one is Python's (kvm.c fast_iret).
-            in_c = (ctx[6] & RF_IOPL) >> 12 == b.v.iopl
+            # A frame whose IOPL differs from the virtual one is Python's (kvm.c fast_iret)
+            # when the iret would set it (VMASST architectural_iopl).
+            in_c = (ctx[6] & RF_IOPL) >> 12 == b.v.iopl or not architectural_iopl(b.v)
             assert b.counters()[1] == before[1] + in_c, [hex(x) for x in ctx]
             by_c = rc_c, b.state()
             b.restore()
@@ -443,6 +445,23 @@ async def test_user_syscall_bounce_with_a_virtual_iopl_is_pythons():
                 assert by_c[:2] == by_py[:2], (iopl, by_c, by_py)
                 frame = by_c[1][-1]
                 assert (frame[4] >> 12) & 3 == iopl, frame   # the frame's RFLAGS
+            # Without VMASST architectural_iopl (Linux: PHYSDEVOP_set_iopl 1) the frame never
+            # carries the virtual IOPL: C completes the bounce as Python does it.
+            v.domain.vm_assist = saved_assist & ~(1 << VMASST_TYPE_architectural_iopl)
+            v.iopl = 1
+
+            def trial2(fast: bool) -> tuple:
+                v.kernel_sp = sp
+                v.callbacks[b.cb_type] = (b.handler, 0)
+                before = b.counters()[0]
+                rc = b.syscall(fast)
+                out = rc, b.state((sp & ~0xF) - 56), b.counters()[0] - before
+                b.restore()
+                return out
+            by_c, by_py = trial2(True), trial2(False)
+            assert (by_c[2], by_py[2]) == (1, 0)
+            assert by_c[:2] == by_py[:2], (by_c, by_py)
+            assert (by_c[1][-1][4] >> 12) & 3 == 0, by_c[1][-1]
         finally:
             v.domain.vm_assist, v.iopl = saved_assist, saved_iopl
             b.restore()

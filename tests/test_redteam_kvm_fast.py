@@ -75,9 +75,8 @@ async def test_iret_frames_same_on_the_c_and_python_paths():
                 at = data + off
                 v.copy_to_guest(at, IRET_CONTEXT.pack(*ctx))
                 hv.mem.map[d.pending] = 0
-                # C completes only a frame whose IOPL is the virtual one (any other is
-                # Python's: test_redteam_arch_iopl); without VMASST architectural_iopl
-                # neither path takes it.
+                # The virtual IOPL set to the frame's: C completes it whether or not
+                # VMASST architectural_iopl is on (a differing one: below).
                 v.iopl = (ctx[6] & RF_IOPL) >> 12
                 fast_before = d.eng._ctx.fast_calls[2]
                 rc_c = d.hypercall(23, True, rsp=at)
@@ -106,13 +105,36 @@ async def test_iret_frames_same_on_the_c_and_python_paths():
                 by_py = d.eng.read(LOOK)
                 assert by_c == by_py, (hex(rflags), by_c, by_py)
                 assert not by_c[5] & (RF_IOPL | RF_VM) and by_c[5] & RF_IF, hex(by_c[5])
-            # A frame whose IOPL is not the virtual one is left to Python.
-            v.iopl = 0
-            v.copy_to_guest(data + 0x800, IRET_CONTEXT.pack(1, 2, 3, 0, code, 0xE030, RF_IOPL | RF_IF,
-                                                            data + 0x100, 0xE02B))
-            fast_before = d.eng._ctx.fast_calls[2]
-            assert d.hypercall(23, True, rsp=data + 0x800) == 3
-            assert d.eng._ctx.fast_calls[2] == fast_before
+            # A frame whose IOPL is not the virtual one: with VMASST architectural_iopl the
+            # iret sets the virtual IOPL (Xen's do_iret), so it is left to Python.
+            from aiovmm.emulate import VMASST_TYPE_architectural_iopl
+            hv.mem.map[d.pending] = 0
+            saved_assist = v.domain.vm_assist
+            try:
+                v.domain.vm_assist |= 1 << VMASST_TYPE_architectural_iopl
+                v.iopl = 0
+                v.copy_to_guest(data + 0x800, IRET_CONTEXT.pack(1, 2, 3, 0, code, 0xE030, RF_IOPL | RF_IF,
+                                                                data + 0x100, 0xE02B))
+                fast_before = d.eng._ctx.fast_calls[2]
+                assert d.hypercall(23, True, rsp=data + 0x800) == 3
+                assert d.eng._ctx.fast_calls[2] == fast_before
+                traps.do_iret(v)
+                assert v.iopl == 3
+            finally:
+                v.domain.vm_assist = saved_assist
+            # Without it (Linux: PHYSDEVOP_set_iopl 1, no VMASST) the frame's IOPL is ignored:
+            # C completes such irets, with the Python handler's result and IOPL kept.
+            for frame_iopl in (0, 3):
+                v.iopl = 1
+                v.copy_to_guest(data + 0x800, IRET_CONTEXT.pack(5, 6, 7, 0, code, 0xE030,
+                                                                frame_iopl << 12 | RF_IF, data + 0x100, 0xE02B))
+                fast_before = d.eng._ctx.fast_calls[2]
+                by_c = d.hypercall(23, True, rsp=data + 0x800), d.eng.read(LOOK), hv.mem.map[d.mask], v.iopl
+                assert d.eng._ctx.fast_calls[2] == fast_before + 1, frame_iopl
+                assert d.hypercall(23, False, rsp=data + 0x800) == 3
+                traps.do_iret(v)
+                by_py = d.run(), d.eng.read(LOOK), hv.mem.map[d.mask], v.iopl
+                assert by_c == by_py and by_c[3] == 1, (frame_iopl, by_c, by_py)
         finally:
             hv.mem.map[d.pending:d.pending + 2] = saved_info
             v.iopl = 0
