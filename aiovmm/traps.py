@@ -233,7 +233,7 @@ def _register(v: "VCPU", ctype: int, address: int, flags: int) -> None:
         raise HypercallError(Errno.EINVAL)
     if ctype in (CallbackType.event, CallbackType.nmi):
         flags |= CALLBACKF_mask_events
-    v.callbacks[ctype] = (address, flags)
+    v.set_callback(ctype, (address, flags))
 
 
 def do_set_callbacks(v: "VCPU", event: int, failsafe: int, syscall: int, *_) -> int:
@@ -259,7 +259,7 @@ def do_callback_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
         ctype = int.from_bytes(v.copy_from_guest(arg, 2), "little")
         if ctype != CallbackType.nmi:
             raise HypercallError(Errno.EINVAL)
-        v.callbacks.pop(ctype, None)
+        v.set_callback(ctype, None)
         return 0
     raise HypercallError(Errno.ENOSYS)
 

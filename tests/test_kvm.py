@@ -525,12 +525,13 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
             # no syscall callback registered not C's either: Python raises #UD).
             v.pv.kernel_mode = 0
             from aiovmm.abi import CallbackType
-            cb = v.callbacks.pop(CallbackType.syscall)
+            cb = v.callbacks[CallbackType.syscall]
+            v.set_callback(CallbackType.syscall, None)
             try:
                 assert call(3, 0xE02B, 0x1000) == 3
             finally:
                 v.pv.kernel_mode = 1
-                v.callbacks[CallbackType.syscall] = cb
+                v.set_callback(CallbackType.syscall, cb)
             assert v.kernel_sp == 0xFFFFFFFF80123450
             # A deliverable event after a completed hypercall: Python runs its tail.
             hv.mem.map[info + VcpuInfo.evtchn_upcall_pending] = 1
