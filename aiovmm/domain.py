@@ -120,7 +120,7 @@ class Domain:
         # The toolstack allocates the xenstore port first, then the console's (xen-pv-abi §2.5).
         self.store_port = self.evtchn.alloc_unbound(0)
         self.console_port = self.evtchn.alloc_unbound(0)
-        self.vm_assist = 0
+        self._vm_assist = 0
         self.ldt = (0, 0)
         self.boot_l4 = 0
         self.paused = False
@@ -159,6 +159,19 @@ class Domain:
 
     def __repr__(self) -> str:
         return f"<Domain d{self.domid} {self.name}>"
+
+    @property
+    def vm_assist(self) -> int:
+        """VMASST_TYPE_* bits enabled (HYPERVISOR_vm_assist): architectural_iopl is an
+        input of every vCPU's port policy (emulate.port_policy_changed)."""
+        return self._vm_assist
+
+    @vm_assist.setter
+    def vm_assist(self, value: int) -> None:
+        old, self._vm_assist = self._vm_assist, value
+        if value != old:
+            from . import emulate
+            emulate.port_policy_changed(self)
 
     @property
     def tot_pages(self) -> int:

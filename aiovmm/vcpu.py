@@ -77,7 +77,31 @@ class VCPU:
     kernel_gs_base = _pv_field("kernel_gs_base", "GS base of kernel mode while in user mode")
     user_gs_base = _pv_field("user_gs_base", "GS base of user mode while in kernel mode")
     last_frame_rsp = _pv_field("last_frame_rsp", "the last bounce frame (traps.py nesting)")
-    iopl = _pv_field("iopl", "virtual IOPL 0..3 (PHYSDEVOP_set_iopl; iret with VMASST architectural_iopl)")
+
+    @property
+    def iopl(self) -> int:
+        """Virtual IOPL 0..3 (PHYSDEVOP_set_iopl; iret with VMASST architectural_iopl): an
+        input of the port policy (emulate.port_policy_changed)."""
+        return int(self.pv.iopl)
+
+    @iopl.setter
+    def iopl(self, value: int) -> None:
+        old = self.pv.iopl
+        self.pv.iopl = int(value) & 0xFF
+        if self.pv.iopl != old:
+            emulate.port_policy_changed(self.domain)
+
+    @property
+    def iobmp(self) -> tuple[int, int]:
+        """(guest VA, nr_ports) of PHYSDEVOP_set_iobitmap: an input of the port policy."""
+        return self._iobmp
+
+    @iobmp.setter
+    def iobmp(self, value: tuple[int, int]) -> None:
+        changed = value != getattr(self, "_iobmp", None)
+        self._iobmp = value
+        if changed:
+            emulate.port_policy_changed(self.domain)
 
     @property
     def callbacks(self) -> Mapping[int, tuple[int, int]]:
@@ -147,7 +171,7 @@ class VCPU:
         self.in_multicall = False
         # Privileged state Xen keeps per PV vCPU (emulate.py, cpuid.py).
         self.iopl = 0
-        self.iobmp: tuple[int, int] = (0, 0)       # (guest VA, nr_ports) PHYSDEVOP_set_iobitmap
+        self.iobmp = (0, 0)
         self.cr2 = 0
         self.cr4 = cpuid.fixup_guest_cr4(0)
         self.dr = [0, 0, 0, 0, 0, 0, emulate.DR6_ONES, emulate.DR7_ONES]
