@@ -71,7 +71,8 @@ def audit(hv: "Hypervisor") -> list[str]:
         for mfn in td.pending:
             t = mem.type[mfn]
             if t not in _PT or mem.type_count[mfn] != 1:
-                out.append(f"frame {mfn:#x} pending devalidation but {PageType(t).name} count {mem.type_count[mfn]}")
+                out.append(f"frame {mfn:#x} pending devalidation but {PageType(t).name} "
+                           f"count {mem.type_count[mfn]}")
                 continue
             want_table(mfn, _PT[PageType(t)], "teardown")
     unvalidated = set().union(*(td.unvalidated for td in teardowns.values()))

@@ -404,7 +404,8 @@ class PageTables:
         if self.crash_domain is not None and grantee not in self._dying:
             self.crash_domain(grantee, f"attempt to implicitly unmap a granted PTE at {ptr:#x}")
 
-    def teardown_domain(self, dom: int, frames: "set[int] | list[int]", roots: "list[int] | tuple[int, ...]" = ()) -> None:
+    def teardown_domain(self, dom: int, frames: "set[int] | list[int]",
+                        roots: "list[int] | tuple[int, ...]" = ()) -> None:
         """A dying domain releases every reference its page tables hold (Xen's
         relinquish_memory), see teardown_domain_steps."""
         for _ in self.teardown_domain_steps(dom, frames, roots):
