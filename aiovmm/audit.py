@@ -12,12 +12,18 @@ What holds a reference, by the contracts of mmu.py and grants.py:
 - a grantee's grant mapping (maptrack) and a host backend's mapping: one general reference
   on the active record's frame, plus a writable type reference if writable;
 - Xen's shared frames of a domain (shared_info, grant-table frames): one writable type
-  reference for the domain's lifetime.
+  reference for the domain's lifetime;
+- a dying domain's teardown in progress (mmu.Teardown): one type reference on each table
+  it has yet to devalidate (`pending`); a table it devalidated by force while still
+  referenced (`unvalidated`) is typed but its entries hold nothing.
 
 A validated table is one the frame table says is (type L1-L4, count > 0): its recomputed
 count must then be non-zero too, so a table nothing reaches any more is reported. Also
 checked: grant records against maptracks and PTEs, frame ownership, orphans (frames of dead
-granters still mapped) and that every frame is free, Xen's, a live domain's or an orphan.
+granters still mapped) and that every frame is free, Xen's, a live or dying domain's or an
+orphan. A dying domain (destroyed, its teardown under way in steps: Domain.destroy_preemptible)
+holds what its tables, grants and frames still hold; it has no vCPUs left. So the audit may
+run at any turn of the loop.
 
 `audit(hv)` returns a list of human-readable discrepancies (empty = consistent). It reads
 only hypervisor state and validated tables; it changes nothing. Cost: one pass over machine
@@ -58,6 +64,18 @@ def audit(hv: "Hypervisor") -> list[str]:
             out.append(f"frame {mfn:#x} referenced as L{prev} and as L{level} ({why})")
 
     live = {d.domid: d for d in hv.domains.values() if not d.destroyed}
+    # Live and dying (destroyed, teardown under way: what is not yet released is still held).
+    holders = dict(hv.domains)
+    teardowns = pt.teardowns
+    for td in teardowns.values():
+        for mfn in td.pending:
+            t = mem.type[mfn]
+            if t not in _PT or mem.type_count[mfn] != 1:
+                out.append(f"frame {mfn:#x} pending devalidation but {PageType(t).name} "
+                           f"count {mem.type_count[mfn]}")
+                continue
+            want_table(mfn, _PT[PageType(t)], "teardown")
+    unvalidated = set().union(*(td.unvalidated for td in teardowns.values()))
 
     # Roots and pins.
     for d in live.values():
@@ -94,8 +112,10 @@ def audit(hv: "Hypervisor") -> list[str]:
             continue
         level = _PT[PageType(t)]
         owner = owners[mfn]
-        if owner not in live:
-            out.append(f"validated L{level} table {mfn:#x} owned by d{owner}, not a live domain")
+        if mfn in unvalidated:
+            continue                          # devalidated by its teardown: entries hold nothing
+        if owner not in holders:
+            out.append(f"validated L{level} table {mfn:#x} owned by d{owner}, not a live or dying domain")
         base = mfn << PAGE_SHIFT
         for i, e in enumerate(_Q512.unpack_from(mem.map, base)):
             if not e & _PAGE_PRESENT:
@@ -137,7 +157,7 @@ def audit(hv: "Hypervisor") -> list[str]:
         refs[act.frame] += 1
         if not readonly:
             writable[act.frame] += 1
-    for d in list(live.values()):
+    for d in list(holders.values()):
         g = d.grants
         if g is None:
             continue
@@ -167,16 +187,19 @@ def audit(hv: "Hypervisor") -> list[str]:
             acts[id(act)] = act
             if act.ref != ref or act.granter != d.domid:
                 out.append(f"d{d.domid} active[{ref}] is {act!r}")
-            if mem.owner[act.frame] != d.domid:
+            if mem.owner[act.frame] != d.domid and hv.orphan_frames.get(act.frame) != d.domid:
                 out.append(f"{act!r}: frame owned by d{mem.owner[act.frame]}")
-    # Host backends' mappings: of live granters, and of dead ones (their orphaned frames).
-    for hm in [hm for d in live.values() for hm in d.host_mappings] + list(hv.orphan_host_maps):
+    # Host backends' mappings: of live and dying granters, and of dead ones (their orphaned
+    # frames; a dying granter's are both its own and orphans at its teardown's end).
+    host_maps = {id(hm): hm for d in holders.values() for hm in d.host_mappings}
+    host_maps.update((id(hm), hm) for hm in hv.orphan_host_maps)
+    for hm in host_maps.values():
         act = hm.act
         count_mapping(act, hm.readonly)
         if hm not in act.host:
             out.append(f"d{hm.dom.domid} host mapping of ref {act.ref}: not recorded in {act!r}")
     for ptr, (domid, h) in grant_ptes.items():
-        d = live.get(domid)
+        d = holders.get(domid)
         m = d.grants.maptrack.get(h) if d is not None and d.grants is not None else None
         if m is None or m.pte_addr != ptr:
             out.append(f"grant PTE {ptr:#x} registered for d{domid} handle {h}, which has no such mapping")
@@ -187,12 +210,12 @@ def audit(hv: "Hypervisor") -> list[str]:
             out.append(f"{act!r}: records {len(act.maps) + len(act.host)} users, {pins[key]} found")
         if act.readers < 0 or act.writers < 0:
             out.append(f"{act!r}: negative pin count")
-        if act.granter not in live and hv.orphan_frames.get(act.frame) != act.granter:
+        if act.granter not in holders and hv.orphan_frames.get(act.frame) != act.granter:
             out.append(f"{act!r}: granter gone but frame {act.frame:#x} is not its orphan")
 
     # Compare with the frame table.
     own_frames: dict[int, int] = {}
-    for d in live.values():
+    for d in holders.values():
         for mfn in d.frames:
             if mfn in own_frames:
                 out.append(f"frame {mfn:#x} in d{own_frames[mfn]} and d{d.domid}")
@@ -205,7 +228,7 @@ def audit(hv: "Hypervisor") -> list[str]:
     cand |= set(refs) | set(writable) | set(table_refs) | set(seg) | set(hv.orphan_frames)
     for mfn, owner in enumerate(mem.owner):
         if owner != DOMID_INVALID and owner != DOMID_XEN and mfn not in own_frames:
-            out.append(f"frame {mfn:#x} owned by d{owner}, which is not a live domain: leaked")
+            out.append(f"frame {mfn:#x} owned by d{owner}, which is not a live or dying domain: leaked")
     rec_refs, rec_tc, pinned = mem.refs, mem.type_count, mem.pinned
     for mfn in sorted(cand):
         owner = owners[mfn]

@@ -240,6 +240,69 @@ def release(v: "VCPU") -> None:
     v.desc_window = None
 
 
+# ---------------------------------------------------------------------------- segment loads
+SEG_CODE, SEG_CONFORMING, SEG_READABLE, SEG_ACCESSED = 1 << 11, 1 << 10, 1 << 9, 1 << 8
+
+
+def _descriptor_address(v: "VCPU", sel: int) -> int | None:
+    """Machine address of the descriptor `sel` names, as the CPU finds it through this
+    vCPU's GDTR/LDTR (the window, or Xen's GDT without one), or None where that read faults
+    for good: beyond the table's limit, or an LDT page that cannot be mapped (Xen's
+    handle_ldt_mapping_fault maps it for Xen's own accesses too, else the fixup runs). A
+    GDT page the guest did not give reads as the zero frame."""
+    off = sel & ~7
+    if sel & 4:
+        if v.desc_window is None or off >= v.ldt_ents * 8:
+            return None
+        page = off >> PAGE_SHIFT
+        if page not in v.ldt_shadow:
+            start = _area(v).va(v.desc_window) + 16 * PAGE_SIZE
+            if ldt_fault(v, start + off, 0) != (0, 0):
+                return None
+        mfn = v.ldt_shadow[page]
+    else:
+        if off + 7 > XenArea.GDT_LIMIT:
+            return None
+        page = off >> PAGE_SHIFT
+        if page >= FIRST_RESERVED_GDT_PAGE:
+            mfn = _area(v).xen_gdt_frame
+        elif page < len(v.gdt_frames):
+            mfn = v.gdt_frames[page]
+        else:
+            mfn = _area(v).zero_frame
+    return (mfn << PAGE_SHIFT) + (off & (PAGE_SIZE - 1))
+
+
+def load_user_gs(v: "VCPU", sel: int) -> tuple[int, int]:
+    """SEGBASE_GS_USER_SEL (Xen's do_set_segment_base): Xen, at CPL 0, loads the low 16 bits
+    of `sel` into %gs (RPL forced to 3 unless it is a null selector, 0-3, which loads as
+    given with base 0) and takes the user GS base from the descriptor. A load that faults
+    (#GP: beyond the limit, not a data or readable code segment, DPL below 3; #NP: not
+    present) is not an error: Xen's fixup loads the null selector (base 0) and the
+    hypercall still returns 0. Returns (selector now in %gs, user GS base). As the CPU
+    does, a successful load sets the descriptor's accessed bit."""
+    sel &= 0xFFFF
+    if sel <= 3:
+        return sel, 0
+    sel |= 3
+    addr = _descriptor_address(v, sel)
+    if addr is None:
+        return 0, 0
+    mem = v.domain.mem
+    desc = mem.read_u64(addr)
+    hi = desc >> 32
+    if not hi & SEG_S or hi & (SEG_CODE | SEG_READABLE) == SEG_CODE:
+        return 0, 0
+    # Data and non-conforming code: max(CPL 0, RPL 3) must not exceed the DPL.
+    if not (hi & SEG_CODE and hi & SEG_CONFORMING) and (hi & SEG_DPL) >> 13 < 3:
+        return 0, 0
+    if not hi & SEG_P:
+        return 0, 0
+    if not hi & SEG_ACCESSED:
+        mem.write_u64(addr, desc | SEG_ACCESSED << 32)
+    return sel, ((desc >> 16) & 0xFFFFFF) | ((desc >> 56) << 24)
+
+
 # ---------------------------------------------------------------------------- hypercalls
 def do_set_gdt(v: "VCPU", frame_list: int, entries: int, *_) -> int:
     entries &= 0xFFFFFFFF

@@ -87,12 +87,19 @@ class ConsoleLog:
 class Domain:
     @property
     def vm_assist(self) -> int:
-        """Xen's d->vm_assist (HYPERVISOR_vm_assist): the VMASST_TYPE_* bits enabled."""
+        """Xen's d->vm_assist (HYPERVISOR_vm_assist): the VMASST_TYPE_* bits enabled.
+        architectural_iopl is an input of every vCPU's port policy, so a change empties
+        their answered-IN tables (emulate.port_policy_changed)."""
         return self._vm_assist.value
 
     @vm_assist.setter
     def vm_assist(self, value: int) -> None:
-        self._vm_assist.value = value & 0xFFFFFFFFFFFFFFFF
+        value &= 0xFFFFFFFFFFFFFFFF
+        old = self._vm_assist.value
+        self._vm_assist.value = value
+        if value != old:
+            from . import emulate
+            emulate.port_policy_changed(self)
 
     @property
     def vm_assist_address(self) -> int:
@@ -459,7 +466,7 @@ class Domain:
         if self.destroyed:
             return
         self.destroyed = True
-        from . import grants, physdev
+        from . import descriptors, grants, physdev, vcpu_op
         grants.release_all(self)
         physdev.release(self)
         # Close every port: interdomain peers (guests or host backends) go back to unbound,
@@ -468,17 +475,27 @@ class Domain:
             self.evtchn.reset()
         except Exception:
             log.exception("d%d: closing event channels", self.domid)
+        # The vCPUs' references go as in Xen's PROGRESS(vcpu_pagetables): GDT/LDT frames and
+        # the vcpu_info frame here (their run loop may never have started, or ended), the
+        # roots' table references first thing in the tables' teardown.
+        roots: list[int] = []
         for v in self.vcpus:
             v.stop_timers()
+            descriptors.release(v)
+            vcpu_op.release(v)
             v.engine.close()
+            roots += [r for r in (v.kernel_root, v.user_root) if r]
             v.kernel_root = v.user_root = 0
         self.vcpus = []
         if self.frames:
             mem = self.mem
             hv = self.hypervisor
             mem.forget_released(self.frames)    # freed or orphaned below with the rest
-            yield
-            yield from hv.pagetables.teardown_domain_steps(self.domid, self.frames)
+            # Xen's own pages of the domain (PROGRESS(xen), before its tables): their
+            # lifetime writable reference, or an orphaned one would never be freed.
+            for mfn in self.shared_frames:
+                mem.put_writable(mfn)
+            yield from hv.pagetables.teardown_domain_steps(self.domid, self.frames, roots)
             held = grants.held_by_others(self)
             stray = {f for f in self.frames if mem.refs[f] and f not in held}
             if stray:
@@ -488,6 +505,7 @@ class Domain:
             for mfn in held:
                 mem.owner[mfn] = grants.ORPHAN_OWNER
                 hv.orphan_frames[mfn] = self.domid
+            self.frames.difference_update(held)     # Xen's now, no longer this domain's
             hv.orphan_host_maps.update(self.host_mappings)
             yield
             # Freed frames may go to another domain at the next turn: out of this one's set.

@@ -35,6 +35,7 @@ from .cpuid import Msr
 from .mmu import GuestFault, MMUError
 
 if TYPE_CHECKING:
+    from .domain import Domain
     from .vcpu import VCPU
 
 log = logging.getLogger("aiovmm.emulate")
@@ -210,6 +211,16 @@ def port_in(v: "VCPU", port: int, size: int) -> int | None:
     if not _io_allowed(v, port & 0xFFFF, size):
         return None
     return (1 << (8 * size)) - 1
+
+
+def port_policy_changed(dom: "Domain") -> None:
+    """One of port_in's inputs changed (the domain's VM assists, a vCPU's IOPL or I/O
+    bitmap): every vCPU of the domain forgets the INs its engine answers by itself
+    (port_in_fixed), not only the one whose exit made the change, so no other vCPU answers
+    all ones from its table where the policy now refuses. The one place of that rule:
+    Domain.vm_assist, VCPU.iopl and VCPU.iobmp call it when they change."""
+    for v in dom.vcpus:
+        v.engine.forget_port_answers()
 
 
 def port_in_fixed(v: "VCPU") -> bool:

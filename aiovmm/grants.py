@@ -315,11 +315,9 @@ def held_by_others(dom: "Domain") -> set[int]:
 def release_all(dom: "Domain") -> None:
     """A dying grantee drops every mapping it holds (maptrack), and its table is marked
     dead before the teardown's first pause: no new pin of its grants (map, copy, host
-    mapping) from then on. The teardown drops its tables' types in steps, lowest level first
-    and at once (count 0) while a parent table still references them (mmu.py
-    teardown_domain_steps): a writable mapping of such a table taken in a pause would lose
-    its writable type at the parent's devalidation (hostile grant_dying_l1). The grantees'
-    unmaps only update the records from then on."""
+    mapping) from then on, while its tables are taken apart in steps (mmu.py
+    teardown_domain_steps; hostile grant_dying_l1). The grantees' unmaps only update the
+    records from then on."""
     dom.grants.dead = True
     for handle in list(dom.grants.maptrack):
         try:

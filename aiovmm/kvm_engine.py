@@ -1979,6 +1979,11 @@ class KVMEngine:
             return None
         return i + 1, rep
 
+    def forget_port_answers(self) -> None:
+        """Empty the table of INs aiovmm_kvm_run_ex answers by itself
+        (emulate.port_policy_changed: the port policy's inputs changed)."""
+        self._ctx.fast_n = 0
+
     def _remember_in(self, rip: int, port: int) -> None:
         """The one-byte IN at `rip` was just answered all ones: let aiovmm_kvm_run_ex answer
         it again by itself until the host handles any other exit (which empties the table:

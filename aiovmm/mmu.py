@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .abi import (
@@ -156,6 +157,22 @@ def xen_slot(level: int, index: int) -> bool:
     return False
 
 
+@dataclass
+class Teardown:
+    """A domain's page tables while teardown_domain_steps takes them apart: the state, on top
+    of the frame table, that the loop (and the audit, audit.py) may see between two steps.
+    Xen's two in-between states of a page table (xen/arch/x86/domain.c relinquish_memory,
+    mm.c _put_page_type), so that every type count stays the number of its references."""
+    # Tables whose last type reference has gone: still validated (their entries hold their
+    # references) and typed, count 1, that reference the teardown's until it devalidates
+    # them, one a step (Xen's PGT_partial holds a type reference the same way). A stack.
+    pending: list[int] = field(default_factory=list)
+    # Tables devalidated by force while still referenced (linear entries of tables of the
+    # same level: the cycles Xen breaks by clearing PGT_validated and keeping the count):
+    # typed, their entries hold nothing; the type goes with their last reference.
+    unvalidated: set[int] = field(default_factory=set)
+
+
 # ------------------------------------------------------------------------------------------------
 class PageTables:
     """Page-type bookkeeping and validation for all domains (one instance per machine).
@@ -181,8 +198,14 @@ class PageTables:
         # Machine address of an L1 entry -> (grantee domid, maptrack handle), kept by grants.py.
         self.grant_ptes: dict[int, tuple[int, int]] = {}
         self.crash_domain = crash_domain
-        # Domids being torn down (teardown_domain): several at once, each in steps.
-        self._dying: set[int] = set()
+        # Domains being torn down (teardown_domain_steps), by domid: several at once, each in
+        # steps. Read by the audit.
+        self._dying: dict[int, Teardown] = {}
+
+    @property
+    def teardowns(self) -> "dict[int, Teardown]":
+        """The teardowns in progress, by domid (read-only: for the audit)."""
+        return self._dying
 
     # -- frame types ----------------------------------------------------------------------------
     def get_type(self, mfn: int, ptype: PageType, dom: int, conflict: Errno = Errno.EINVAL) -> None:
@@ -208,19 +231,36 @@ class PageTables:
                 raise
 
     def put_type(self, mfn: int) -> None:
+        """Drop a type reference; the last one of a page table devalidates it (its entries
+        release what they hold). In a dying domain that devalidation is deferred to the
+        teardown's next step (Teardown.pending), so one put never walks a whole tree."""
         mem = self.mem
-        if mem.type_count[mfn] == 0:
-            if mem.owner[mfn] in self._dying:
-                return                    # already force-devalidated by teardown_domain
+        n = mem.type_count[mfn]
+        if n == 0:
             log.error("type count underflow on frame %#x", mfn)
             return
-        mem.type_count[mfn] -= 1             # any type, writable included (put_writable's rule)
-        if mem.type_count[mfn] == 0:
-            t = mem.type[mfn]
+        t = mem.type[mfn]
+        if n == 1 and self._dying and t in _PT_TYPES:
+            td = self._dying.get(mem.owner[mfn])
+            if td is not None:
+                if mfn in td.unvalidated:     # devalidated already: only the type goes
+                    td.unvalidated.discard(mfn)
+                    self._untype(mfn)
+                else:                         # the teardown keeps this reference for now
+                    td.pending.append(mfn)
+                return
+        mem.type_count[mfn] = n - 1          # any type, writable included (put_writable's rule)
+        if n == 1:
             if t in _PT_TYPES:
                 self._devalidate_table(mfn, int(t))
-            mem.type[mfn] = PageType.none
-            mem.unreferenced(mfn)
+            self._untype(mfn)
+
+    def _untype(self, mfn: int) -> None:
+        """The frame's last type reference is gone (its entries, if a table, released)."""
+        mem = self.mem
+        mem.type_count[mfn] = 0
+        mem.type[mfn] = PageType.none
+        mem.unreferenced(mfn)
 
     def _validate_table(self, mfn: int, level: int, dom: int) -> None:
         """Check all 512 entries, take their references, apply Xen's bit edits. All or nothing."""
@@ -364,57 +404,84 @@ class PageTables:
         if self.crash_domain is not None and grantee not in self._dying:
             self.crash_domain(grantee, f"attempt to implicitly unmap a granted PTE at {ptr:#x}")
 
-    def teardown_domain(self, dom: int, frames: "set[int] | list[int]") -> None:
+    def teardown_domain(self, dom: int, frames: "set[int] | list[int]",
+                        roots: "list[int] | tuple[int, ...]" = ()) -> None:
         """A dying domain releases every reference its page tables hold (Xen's
-        relinquish_memory): each of its frames still validated as a table is devalidated
-        whatever its type count (pins, vCPU roots and linear-entry cycles included), so the
-        only references left on its frames afterwards are other domains' (grant mappings).
-        Its grant mappings must have been unmapped first."""
-        for _ in self.teardown_domain_steps(dom, frames):
+        relinquish_memory), see teardown_domain_steps."""
+        for _ in self.teardown_domain_steps(dom, frames, roots):
             pass
 
     def teardown_domain_steps(self, dom: int, frames: "set[int] | list[int]",
+                              roots: "list[int] | tuple[int, ...]" = (),
                               chunk: int = 256) -> Iterator[None]:
-        """teardown_domain in bounded steps (Xen's preemptible relinquish_memory): yields
-        after every `chunk` frames, so that the caller may let the loop run in between.
-        Tables go lowest level first: a table's devalidation then only drops references on
-        data frames and on tables already at count 0 (put_type skips those of a dying
-        domain), so one step never walks a whole tree. Between steps the domain's frames
-        are still its own and out of every free list; its guests' vCPUs are gone, and other
-        domains reach them only through grants (their own references, untouched here)."""
+        """teardown_domain in bounded steps (Xen's preemptible domain_relinquish_resources):
+        yields after each table devalidated and every `chunk` frames looked at, so that the
+        caller may let the loop run in between.
+
+        Xen's order and counting: the vCPU roots' references (`roots`, one each) go first,
+        then every pin, then the tables still validated are devalidated by force, highest
+        level first (only cycles of linear entries are left by then). A table is devalidated
+        when its last type reference goes, as at any time, but in its own step
+        (Teardown.pending); one devalidated by force keeps its count and type until its
+        referrers have let go (Teardown.unvalidated). So between two steps every type count
+        is still the number of references to the frame, the frame table is consistent (the
+        audit holds), and a referenced table stays a table: no writable type can be taken
+        on it meanwhile. The domain's frames stay its own and out of every free list; its
+        vCPUs are gone, and other domains reach them only through grants (their own
+        references, untouched here). Afterwards no frame of the domain has a type left
+        that its tables or pins held."""
         mem = self.mem
-        self._dying.add(dom)
+        td = self._dying[dom] = Teardown()
         try:
-            by_level: list[list[int]] = [[] for _ in range(5)]
+            for root in roots:
+                self.put_type(root)
+            yield from self._devalidate_pending(td)
+            pinned: list[int] = []
+            tables: list[list[int]] = [[] for _ in range(5)]
             for n, mfn in enumerate(sorted(frames), 1):
                 if mem.owner[mfn] == dom:
-                    t = mem.type[mfn]      # untyped (count 0) frames are type none
-                    by_level[int(t) if t in _PT_TYPES else 0].append(mfn)
+                    if mem.pinned[mfn]:
+                        pinned.append(mfn)
+                    t = mem.type[mfn]
+                    if t in _PT_TYPES:
+                        tables[t].append(mfn)
                 if n % (chunk * 8) == 0:
                     yield
-            done = 0
-            for level in (1, 2, 3, 4, 0):
-                for mfn in by_level[level]:
-                    if mem.owner[mfn] != dom:
-                        continue
-                    t = mem.type[mfn]
-                    if t in _PT_TYPES:     # rechecked: the type is the step's to drop
-                        mem.type_count[mfn] = 0
-                        mem.type[mfn] = PageType.none
-                        mem.pinned[mfn] = 0
-                        self._devalidate_table(mfn, int(t))
-                        # Up to 512 entries put (1-2 ms of Python): a step of its own (the
-                        # caller yields on time), or a 64 MiB guest's 35 L1 tables are one
-                        # 35-75 ms step every guest on the loop waits for (a migrated
-                        # guest's reconnect on the same loop, measured).
-                        yield
-                        continue
+            for n, mfn in enumerate(pinned, 1):
+                if mem.pinned[mfn] and mem.owner[mfn] == dom:
                     mem.pinned[mfn] = 0
-                    done += 1
-                    if done % chunk == 0:
-                        yield
+                    self.put_type(mfn)
+                    yield from self._devalidate_pending(td)
+                if n % chunk == 0:
+                    yield
+            for level in (4, 3, 2, 1):
+                for mfn in tables[level]:
+                    # Rechecked: an earlier step may have devalidated it.
+                    if (mem.owner[mfn] != dom or mem.type[mfn] != level or not mem.type_count[mfn]
+                            or mfn in td.unvalidated):
+                        continue
+                    td.unvalidated.add(mfn)
+                    self._devalidate_table(mfn, level)
+                    # Up to 512 entries put (1-2 ms of Python): a step of its own (the caller
+                    # yields on time), or a 64 MiB guest's 35 L1 tables are one 35-75 ms
+                    # step every guest on the loop waits for (measured).
+                    yield
+                    yield from self._devalidate_pending(td)
+            if td.unvalidated:
+                log.error("d%d: tables %s still referenced after teardown", dom,
+                          sorted(td.unvalidated)[:8])
         finally:
-            self._dying.discard(dom)
+            del self._dying[dom]
+
+    def _devalidate_pending(self, td: Teardown) -> Iterator[None]:
+        """Devalidate the dying domain's tables whose last reference has gone, one a step,
+        then drop the reference the teardown kept on each (Teardown.pending)."""
+        mem = self.mem
+        while td.pending:
+            mfn = td.pending.pop()
+            self._devalidate_table(mfn, int(mem.type[mfn]))
+            self._untype(mfn)
+            yield
 
     # -- entry updates ---------------------------------------------------------------------------
     def update_entry(self, dom: int, ptr: int, val: int, preserve_ad: bool = False) -> bool:
@@ -434,8 +501,9 @@ class PageTables:
         if not 0 <= mfn < mem.nr_frames or mem.owner[mfn] != dom:
             raise MMUError(Errno.EINVAL, f"page-table frame {mfn:#x} not owned by d{dom}")
         level = mem.type[mfn]
-        # A type is set and reset together with its count (get_type, put_type, free,
-        # teardown_domain), so the type alone says whether the frame is a page table.
+        # A type is set and reset together with its count (get_type, put_type, free), so the
+        # type alone says whether the frame is a page table (a dying domain's tables keep
+        # their type while referenced, but no domain updates those).
         if level == _TYPE_NONE or level == _TYPE_WRITABLE:
             mem.write_u64(ptr, val)        # not a page table: a plain checked store
             return False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
+from typing import Any
 
 SRING_HDR = 64
 # Backends take a domain's requests when one of its vCPUs ends a slice (Domain.drain_backends)
@@ -33,6 +34,41 @@ def hook_yield_drain(drains: list[Callable[[], None]], fn: Callable[[], None], o
     else:
         return False
     return True
+
+
+class YieldDrained:
+    """The switch between taking a frontend's requests at its domain's slice ends and being
+    notified, one rule for every backend (netback, blkback). The backend has `dom`,
+    `drain_on_yield` (its choice, also while disconnected), `_yield_fn` (the one bound
+    method it registers in dom.yield_drains, hooked at connect and unhooked at disconnect
+    with hook_yield_drain), and says whether its rings are connected (_rings_connected)
+    and how it runs a pass soon (_pass_soon)."""
+    dom: Any
+    drain_on_yield: bool
+    _yield_fn: Callable[[], None]
+
+    def _rings_connected(self) -> bool:
+        raise NotImplementedError
+
+    def _pass_soon(self) -> None:
+        raise NotImplementedError
+
+    def set_drain_on_yield(self, on: bool) -> None:
+        """Switch between draining at the domain's slice ends and guest notifications, also
+        while connected: switched off, a pass runs soon and arms req_event again, or the
+        frontend would never notify."""
+        self.drain_on_yield = on
+        if on and not self._rings_connected():
+            return                               # hooked when it connects
+        if hook_yield_drain(self.dom.yield_drains, self._yield_fn, on) and not on:
+            self._pass_soon()
+
+    def _armed(self) -> bool:
+        """Does the frontend have to notify (req_event armed)? Not while its domain's slice
+        ends run the backend's pass."""
+        return self._yield_fn not in self.dom.yield_drains
+
+
 _U32 = struct.Struct("<I")
 MASK32 = 0xFFFFFFFF
 

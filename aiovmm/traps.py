@@ -264,7 +264,7 @@ def _register(v: "VCPU", ctype: int, address: int, flags: int) -> None:
         raise HypercallError(Errno.EINVAL)
     if ctype in (CallbackType.event, CallbackType.nmi):
         flags |= CALLBACKF_mask_events
-    v.callbacks[ctype] = (address, flags)
+    v.set_callback(ctype, (address, flags))
 
 
 def do_set_callbacks(v: "VCPU", event: int, failsafe: int, syscall: int, *_) -> int:
@@ -290,7 +290,7 @@ def do_callback_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
         ctype = int.from_bytes(v.copy_from_guest(arg, 2), "little")
         if ctype != CallbackType.nmi:
             raise HypercallError(Errno.EINVAL)
-        v.callbacks.pop(ctype, None)
+        v.set_callback(ctype, None)
         return 0
     raise HypercallError(Errno.ENOSYS)
 
@@ -340,8 +340,12 @@ def do_set_segment_base(v: "VCPU", which: int, base: int, *_) -> int:
     # it (hypercall-defs.c), so 0x1_0000_0000 is SEGBASE_FS there, not an unknown `which`.
     which &= 0xFFFFFFFF
     if which == SEGBASE_GS_USER_SEL:
-        # Only the null selector exists for guests without set_gdt; its base is 0.
-        v.user_gs_base = 0
+        # The selector goes into %gs (shared by both modes); the base it brings is the user
+        # one, live only in user mode. Never refused (descriptors.load_user_gs).
+        sel, gs_base = descriptors.load_user_gs(v, base)
+        eng = v.engine
+        eng.write({"gs": sel, "gs_base": gs_base if not v.kernel_mode else eng.get("gs_base")})
+        v.user_gs_base = gs_base
         return 0
     if not is_canonical(base):
         raise HypercallError(Errno.EINVAL)

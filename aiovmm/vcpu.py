@@ -14,7 +14,8 @@ import asyncio
 import ctypes
 import logging
 import struct
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Mapping
 
 from .abi import PAGE_SIZE, CallbackType, VcpuInfo, VCPU_INFO_SIZE
 from . import cpuid, descriptors, emulate, tcg_memory, vcpu_op
@@ -45,7 +46,7 @@ class PVState(ctypes.Structure):
     sshot_op/sshot_deadline for timers.apply_engine_singleshot). This struct is the only
     copy: VCPU.kernel_mode, iopl, kernel_ss, kernel_sp, kernel_root, user_root, the two saved
     GS bases, info_maddr, fault_depth, last_frame_rsp and hypercalls are views of it, and the
-    syscall callback is mirrored into it by CallbackTable, so C and Python never hold two
+    syscall callback is mirrored into it by VCPU.set_callback, so C and Python never hold two
     values of one thing."""
     _fields_ = [("kernel_mode", ctypes.c_uint8), ("iopl", ctypes.c_uint8),
                 ("pad", ctypes.c_uint8 * 6),
@@ -58,61 +59,6 @@ class PVState(ctypes.Structure):
                 ("vcpu_id", ctypes.c_uint32), ("sshot_op", ctypes.c_uint32),
                 ("sshot_deadline", ctypes.c_uint64), ("clock_origin_ns", ctypes.c_int64),
                 ("vm_assist_ptr", ctypes.c_uint64)]
-
-
-class CallbackTable(dict):
-    """The vCPU's registered callbacks, type -> (address, flags). Every change goes through
-    here and copies the syscall callback into the PVState (syscall_cb, syscall_cb_flags),
-    which the KVM engine's C loop bounces a user process's syscall to: the dict stays the
-    one authority, the PVState only mirrors it."""
-
-    def __init__(self, pv: PVState, items=()) -> None:
-        super().__init__(items)
-        self._pv = pv
-        self._mirror()
-
-    def _mirror(self) -> None:
-        address, flags = self.get(_SYSCALL_CALLBACK) or (0, 0)
-        self._pv.syscall_cb = address & 0xFFFFFFFFFFFFFFFF
-        self._pv.syscall_cb_flags = flags & 0xFFFFFFFFFFFFFFFF
-
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        self._mirror()
-
-    def __delitem__(self, key) -> None:
-        super().__delitem__(key)
-        self._mirror()
-
-    def pop(self, *args):
-        try:
-            return super().pop(*args)
-        finally:
-            self._mirror()
-
-    def popitem(self):
-        try:
-            return super().popitem()
-        finally:
-            self._mirror()
-
-    def clear(self) -> None:
-        super().clear()
-        self._mirror()
-
-    def update(self, *args, **kwargs) -> None:
-        super().update(*args, **kwargs)
-        self._mirror()
-
-    def setdefault(self, key, default=None):
-        try:
-            return super().setdefault(key, default)
-        finally:
-            self._mirror()
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
 
 
 def _pv_field(name: str, doc: str, conv=int) -> property:
@@ -136,16 +82,59 @@ class VCPU:
     kernel_gs_base = _pv_field("kernel_gs_base", "GS base of kernel mode while in user mode")
     user_gs_base = _pv_field("user_gs_base", "GS base of user mode while in kernel mode")
     last_frame_rsp = _pv_field("last_frame_rsp", "the last bounce frame (traps.py nesting)")
-    iopl = _pv_field("iopl", "virtual IOPL 0..3 (PHYSDEVOP_set_iopl; iret with VMASST architectural_iopl)")
 
     @property
-    def callbacks(self) -> CallbackTable:
-        """type -> (address, flags) (HYPERVISOR_set_callbacks, callback_op)."""
-        return self._callbacks
+    def iopl(self) -> int:
+        """Virtual IOPL 0..3 (PHYSDEVOP_set_iopl; iret with VMASST architectural_iopl): an
+        input of the port policy (emulate.port_policy_changed)."""
+        return int(self.pv.iopl)
+
+    @iopl.setter
+    def iopl(self, value: int) -> None:
+        old = self.pv.iopl
+        self.pv.iopl = int(value) & 0xFF
+        if self.pv.iopl != old:
+            emulate.port_policy_changed(self.domain)
+
+    @property
+    def iobmp(self) -> tuple[int, int]:
+        """(guest VA, nr_ports) of PHYSDEVOP_set_iobitmap: an input of the port policy."""
+        return self._iobmp
+
+    @iobmp.setter
+    def iobmp(self, value: tuple[int, int]) -> None:
+        changed = value != getattr(self, "_iobmp", None)
+        self._iobmp = value
+        if changed:
+            emulate.port_policy_changed(self.domain)
+
+    @property
+    def callbacks(self) -> Mapping[int, tuple[int, int]]:
+        """type -> (address, flags) (HYPERVISOR_set_callbacks, callback_op). Read-only:
+        changed by set_callback, or replaced whole by assigning a mapping."""
+        return self._callbacks_view
 
     @callbacks.setter
-    def callbacks(self, value: dict[int, tuple[int, int]]) -> None:
-        self._callbacks = CallbackTable(self.pv, value)
+    def callbacks(self, table: Mapping[int, tuple[int, int]]) -> None:
+        self._callbacks: dict[int, tuple[int, int]] = {}
+        self._callbacks_view = MappingProxyType(self._callbacks)
+        self.set_callback(_SYSCALL_CALLBACK, None)
+        for ctype, entry in table.items():
+            self.set_callback(ctype, entry)
+
+    def set_callback(self, ctype: int, entry: tuple[int, int] | None) -> None:
+        """Register (address, flags) for callback type `ctype`, or drop it (None). The one
+        place the table changes: the syscall callback is copied into the PVState
+        (syscall_cb, syscall_cb_flags), where the KVM engine's C loop bounces a user
+        process's syscall; the table stays the authority, the PVState only mirrors it."""
+        if entry is None:
+            self._callbacks.pop(ctype, None)
+        else:
+            self._callbacks[ctype] = entry
+        if ctype == _SYSCALL_CALLBACK:
+            address, flags = entry or (0, 0)
+            self.pv.syscall_cb = address & 0xFFFFFFFFFFFFFFFF
+            self.pv.syscall_cb_flags = flags & 0xFFFFFFFFFFFFFFFF
 
     def __init__(self, domain: "Domain", vcpu_id: int, engine: VCPUEngine) -> None:
         self.domain = domain
@@ -190,7 +179,7 @@ class VCPU:
         self.in_multicall = False
         # Privileged state Xen keeps per PV vCPU (emulate.py, cpuid.py).
         self.iopl = 0
-        self.iobmp: tuple[int, int] = (0, 0)       # (guest VA, nr_ports) PHYSDEVOP_set_iobitmap
+        self.iobmp = (0, 0)
         self.cr2 = 0
         self.cr4 = cpuid.fixup_guest_cr4(0)
         self.dr = [0, 0, 0, 0, 0, 0, emulate.DR6_ONES, emulate.DR7_ONES]

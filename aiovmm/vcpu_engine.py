@@ -898,6 +898,11 @@ class VCPUEngine:
         (csrc/preempt.c aiovmm_in_hook) are forgotten. The one place of that rule: every
         Python entry of the engine calls it first, except an IN's (the port policy only
         reads: it changes none of its own inputs)."""
+        self.forget_port_answers()
+
+    def forget_port_answers(self) -> None:
+        """Empty the table of INs the C hook answers by itself (emulate.port_policy_changed:
+        the port policy's inputs changed)."""
         self._pio.fast_n = 0
 
     @property

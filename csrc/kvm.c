@@ -512,7 +512,8 @@ static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
  * without Python (returns 1), or 0: Python handles it (aiovmm/hypercall.py dispatch). Only
  * the cases Xen always accepts are done here, each exactly as the Python handler does it
  * (aiovmm/traps.py do_stack_switch, do_set_segment_base, do_iret); every refusal, every
- * other `which`, every iret fast_iret leaves goes to Python, so error codes and crashes come
+ * other `which` (SEGBASE_GS_USER_SEL reads the guest's GDT/LDT: descriptors.load_user_gs),
+ * every iret fast_iret leaves goes to Python, so error codes and crashes come
  * from one place. The registers were copied by
  * KVM into kvm_run and are read once each. */
 static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)

@@ -117,3 +117,40 @@ async def test_destroys_racing_each_other_and_a_create_stay_consistent():
         assert audit(hv) == []
         assert hv.mem.free_frames == free0
         assert not hv.pagetables._dying
+
+
+def test_teardown_breaks_cycles_of_linear_entries_with_every_step_consistent():
+    """Two pinned L4s that map each other through read-only linear entries (Xen's rule 7),
+    one also referencing a pinned L3: after the pins go each is still referenced, so the
+    teardown devalidates the first by force keeping its count (Xen's relinquish_memory clears
+    PGT_validated only); the second's last reference then goes and it is devalidated in a
+    step of its own. The frame table is audited at every step, driven through the real
+    handlers (aiovmm.lab)."""
+    from aiovmm import lab
+    from aiovmm.abi import PAGE_SHIFT, MmuExt
+    from aiovmm.audit import audit
+    from conftest import kernel
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            p = lab.park(hv, kernel(), 8, "cycles")
+            a, b, c = p.spare[:3]
+            assert [p.mmuext(MmuExt.PIN_L4_TABLE, a), p.mmuext(MmuExt.PIN_L4_TABLE, b),
+                    p.mmuext(MmuExt.PIN_L3_TABLE, c)] == [0, 0, 0]
+            for ptr, target in ((a << PAGE_SHIFT, b), (b << PAGE_SHIFT, a), ((a << PAGE_SHIFT) + 8, c)):
+                assert p.mmu_update((ptr, (target << PAGE_SHIFT) | 1)) == (0, 1)
+            assert [hv.mem.type_count[f] for f in (a, b, c)] == [2, 2, 2]
+            assert audit(hv) == []
+            p.dom.shutdown()
+            steps, forced = 0, False
+            for _ in p.dom._release_steps():
+                steps += 1
+                td = hv.pagetables.teardowns.get(p.domid)
+                forced |= bool(td and td.unvalidated)
+                problems = audit(hv)
+                assert problems == [], (steps, problems[:5])
+            hv.domains.pop(p.domid, None)
+            assert forced and steps > 3
+            assert audit(hv) == [] and not hv.pagetables.teardowns
+            assert [hv.mem.type_count[f] for f in (a, b, c)] == [0, 0, 0]
+    asyncio.run(main())

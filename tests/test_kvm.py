@@ -489,7 +489,8 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
     completes has Xen's effect (RPL 3 forced on the stack selector, FS base set); a
     non-canonical base, another `which`, user mode and a deliverable event all reach
     Python, so refusals keep Xen's error codes from the one dispatcher."""
-    from aiovmm.abi import Errno, SEGBASE_FS, SEGBASE_GS_KERNEL, SEGBASE_GS_USER, VcpuInfo
+    from aiovmm.abi import (Errno, SEGBASE_FS, SEGBASE_GS_KERNEL, SEGBASE_GS_USER, SEGBASE_GS_USER_SEL,
+                            VcpuInfo)
     from aiovmm.kvm_engine import ring0
     regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp", "fs_base", "gs_base")
     async with _hand_driven_vcpu(regs) as (hv, dom, v):
@@ -522,6 +523,11 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
             eng.on_hypercall()
             assert (eng.get("rax"), v.user_gs_base) == (0, 0x7F00AAAA0000)
             assert eng.get("gs_base") == 0xFFFFFFFF80777000
+            # GS_USER_SEL reads the guest's descriptor tables: Python's (FLAT_RING3_CS64, base 0).
+            assert call(25, SEGBASE_GS_USER_SEL, 0xE030) == 3
+            eng.on_hypercall()
+            assert (eng.get("rax"), eng.get("gs"), v.user_gs_base) == (0, 0xE033, 0)
+            assert eng.get("gs_base") == 0xFFFFFFFF80777000
             # Not C's: a non-canonical base and any other `which` reach the dispatcher.
             for which, base in ((SEGBASE_FS, 1 << 63), (SEGBASE_GS_KERNEL, 0x0000800000000000), (9, 0)):
                 assert call(25, which, base) == 3
@@ -538,12 +544,13 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
             # no syscall callback registered not C's either: Python raises #UD).
             v.pv.kernel_mode = 0
             from aiovmm.abi import CallbackType
-            cb = v.callbacks.pop(CallbackType.syscall)
+            cb = v.callbacks[CallbackType.syscall]
+            v.set_callback(CallbackType.syscall, None)
             try:
                 assert call(3, 0xE02B, 0x1000) == 3
             finally:
                 v.pv.kernel_mode = 1
-                v.callbacks[CallbackType.syscall] = cb
+                v.set_callback(CallbackType.syscall, cb)
             assert v.kernel_sp == 0xFFFFFFFF80123450
             # A deliverable event after a completed hypercall: Python runs its tail.
             hv.mem.map[info + VcpuInfo.evtchn_upcall_pending] = 1

@@ -58,7 +58,7 @@ class _Bench:
         self.saved_traps = list(v.trap_table)
         # An event upcall or a #UD bounced by Python goes to the same `jmp .`: each path's
         # next exit is then the slice's end, not the guest's own handlers.
-        v.callbacks[CallbackType.event] = (self.handler, self.saved_event_cb[1])
+        v.set_callback(CallbackType.event, (self.handler, self.saved_event_cb[1]))
         v.trap_table[6] = (0, 0xE033, self.handler)
         self.saved_regs = self.eng.read(REGS)
         self.saved_pv = (v.kernel_sp, v.kernel_ss, v.kernel_gs_base, v.user_gs_base, v.last_frame_rsp,
@@ -70,7 +70,7 @@ class _Bench:
         v.pv.kernel_mode = 1
         (v.kernel_sp, v.kernel_ss, v.kernel_gs_base, v.user_gs_base, v.last_frame_rsp,
          v.fault_depth) = self.saved_pv
-        v.callbacks[self.cb_type] = self.saved_cb
+        v.set_callback(self.cb_type, self.saved_cb)
         v.copy_to_guest(self.code_va, self.saved_code)
         eng.write(dict(zip(REGS, self.saved_regs)))          # CR3: the guard checks again
         eng._lib.aiovmm_kvm_back_to_cpl3(eng._ctx_ptr, 0)   # CS/SS at CPL 3 after a vector exit
@@ -81,7 +81,7 @@ class _Bench:
         from aiovmm.abi import CallbackType
         self.restore()
         self.hv.mem.map[self.user_code:self.user_code + 2] = self.saved_user_code
-        self.v.callbacks[CallbackType.event] = self.saved_event_cb
+        self.v.set_callback(CallbackType.event, self.saved_event_cb)
         self.v.trap_table = self.saved_traps
 
     def state(self, frame_at: int | None = None) -> tuple:
@@ -310,9 +310,9 @@ async def test_user_syscall_bounce_same_on_the_c_and_python_paths():
             def trial(fast: bool) -> tuple:
                 v.kernel_sp = sp
                 if flags is None:
-                    v.callbacks.pop(b.cb_type)
+                    v.set_callback(b.cb_type, None)
                 else:
-                    v.callbacks[b.cb_type] = (b.handler, flags)
+                    v.set_callback(b.cb_type, (b.handler, flags))
                 before = b.counters()[0]
                 rc = b.syscall(fast, pending=pending, mask=mask, **regs)
                 done = b.counters()[0] - before
@@ -355,7 +355,7 @@ async def test_user_syscall_hostile_kernel_stacks_are_pythons():
         try:
             for sp in stacks:
                 v.kernel_sp = sp
-                v.callbacks[b.cb_type] = (b.handler, 0)
+                v.set_callback(b.cb_type, (b.handler, 0))
                 b.to_user_mode()
                 hv.mem.map[b.pending] = 0
                 eng.write({"rip": b.entry, "rcx": USER_CODE_VA, "r11": 0x246, "rsp": USER_STACK_TOP - 0x80})
@@ -434,7 +434,7 @@ async def test_user_syscall_bounce_with_a_virtual_iopl_is_pythons():
 
                 def trial(fast: bool) -> tuple:
                     v.kernel_sp = sp
-                    v.callbacks[b.cb_type] = (b.handler, 0)
+                    v.set_callback(b.cb_type, (b.handler, 0))
                     before = b.counters()[0]
                     rc = b.syscall(fast)
                     out = rc, b.state((sp & ~0xF) - 56), b.counters()[0] - before

@@ -195,7 +195,8 @@ async def test_fast_hypercalls_never_from_guest_user_mode():
                  (25, SEGBASE_FS, 0x1000), (25, SEGBASE_GS_KERNEL, 0x2000), (23, 0, 0)]
         v.pv.kernel_mode = 0
         # Without a syscall callback C does not bounce the `syscall` either (Python's #UD).
-        cb = v.callbacks.pop(CallbackType.syscall)
+        cb = v.callbacks[CallbackType.syscall]
+        v.set_callback(CallbackType.syscall, None)
         try:
             for nr, a1, a2 in calls:
                 done = list(d.eng._ctx.fast_calls)
@@ -208,7 +209,7 @@ async def test_fast_hypercalls_never_from_guest_user_mode():
                 assert d.eng.read(("fs_base", "gs_base")) == bases
         finally:
             v.pv.kernel_mode = 1
-            v.callbacks[CallbackType.syscall] = cb
+            v.set_callback(CallbackType.syscall, cb)
 
 
 async def test_fast_paths_follow_a_reregistered_vcpu_info_and_keep_events():

@@ -106,3 +106,50 @@ def test_geometry_must_fit_the_page():
         BackRing(memoryview(bytearray(4096)), 64, SLOT)   # 64 * 112 > a page
     with pytest.raises(ValueError):
         BackRing(memoryview(bytearray(4096)), 24, SLOT)   # not a power of two
+
+
+def test_switching_slice_end_drains_is_one_rule_for_every_backend():
+    """YieldDrained (netback's and blkback's switch between draining at the domain's slice
+    ends and notifications): the choice is kept while disconnected and hooked only when
+    connected; switched off while connected, the drain leaves the domain's list and a pass
+    runs (it arms req_event again), once; `_armed` follows."""
+    import asyncio
+
+    from aiovmm import Hypervisor, lab
+    from aiovmm.ring import YieldDrained
+    from backends.block.device import Blkback
+    from backends.net.device import Netback
+    from conftest import kernel
+
+    assert issubclass(Netback, YieldDrained) and issubclass(Blkback, YieldDrained)
+
+    class Backend(YieldDrained):
+        def __init__(self, dom) -> None:
+            self.dom, self.drain_on_yield, self.connected, self.passes = dom, True, False, 0
+            self._yield_fn = self._on_yield
+
+        def _on_yield(self) -> None:
+            pass
+
+        def _rings_connected(self) -> bool:
+            return self.connected
+
+        def _pass_soon(self) -> None:
+            self.passes += 1
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            dom = lab.park(hv, kernel(), 8, "drains").dom
+            b = Backend(dom)
+            b.set_drain_on_yield(True)
+            assert (dom.yield_drains, b.passes, b._armed()) == ([], 0, True)
+            b.connected = True
+            b.set_drain_on_yield(True)
+            assert (dom.yield_drains, b.passes, b._armed()) == ([b._yield_fn], 0, False)
+            b.set_drain_on_yield(True)
+            assert dom.yield_drains == [b._yield_fn]
+            b.set_drain_on_yield(False)
+            assert (dom.yield_drains, b.passes, b._armed(), b.drain_on_yield) == ([], 1, True, False)
+            b.set_drain_on_yield(False)
+            assert b.passes == 1
+    asyncio.run(main())

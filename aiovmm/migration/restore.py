@@ -611,9 +611,9 @@ def _extended(v, c: VcpuContext, st: _State) -> None:
     if ext:
         _v, _s, s32, se, _c1, _c2, s32m, sem, *_ = EXT.unpack(ext)
         if s32:
-            v.callbacks[CallbackType.syscall32] = (s32, s32m & 1)
+            v.set_callback(CallbackType.syscall32, (s32, s32m & 1))
         if se:
-            v.callbacks[CallbackType.sysenter] = (se, sem & 1)
+            v.set_callback(CallbackType.sysenter, (se, sem & 1))
     for idx, val in st.msrs.get(v.id, []):
         if idx == 0xC0000103:
             v.tsc_aux = val & 0xFFFFFFFF

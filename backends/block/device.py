@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from aiovmm import grants
 from aiovmm.ratelimit import Limit, Limiter, Throttle, make_limit, parse_size_rate
-from aiovmm.ring import DRAIN_ON_YIELD, BackRing, hook_yield_drain
+from aiovmm.ring import DRAIN_ON_YIELD, BackRing, YieldDrained, hook_yield_drain
 from aiovmm.errors import BuildError
 from aiovmm.events import EventError
 from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
@@ -512,7 +512,7 @@ class _Pending:
 
 
 # ----------------------------------------------------------------------------- the backend
-class Blkback:
+class Blkback(YieldDrained):
     """One vbd of one domain. `devid` is the disk's index in the domain's config (it picks
     the default vdev); the xenstore device id is Xen's number for the vdev (xvda = 51712)."""
 
@@ -882,19 +882,11 @@ class Blkback:
         elif r.rsp_prod_pvt != r.get(8):
             self._push()                         # requests refused while draining
 
-    def set_drain_on_yield(self, on: bool) -> None:
-        """Switch between draining at the domain's slice ends and guest notifications, also
-        while connected (the next pass arms req_event again when switched off)."""
-        self.drain_on_yield = on
-        if on and self.ring is None:
-            return                               # hooked when it connects
-        if hook_yield_drain(self.dom.yield_drains, self._yield_fn, on) and not on:
-            self._kick.set()
+    def _rings_connected(self) -> bool:
+        return self.ring is not None
 
-    def _armed(self) -> bool:
-        """Does the frontend have to notify this vbd (req_event armed)? Not while its domain's
-        slice ends drain it (_on_yield)."""
-        return self._yield_fn not in self.dom.yield_drains
+    def _pass_soon(self) -> None:
+        self._kick.set()
 
     def _on_yield(self) -> None:
         """A vCPU of the domain ended a slice: take what it published on the ring (the same

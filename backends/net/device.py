@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from aiovmm import grants
 from aiovmm.ratelimit import Limit, Limiter, Throttle, parse_vif_rate
-from aiovmm.ring import DRAIN_ON_YIELD, BackRing, hook_yield_drain
+from aiovmm.ring import DRAIN_ON_YIELD, BackRing, YieldDrained, hook_yield_drain
 from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
 from aiovmm.xenstore.core import XsError
 
@@ -292,7 +292,7 @@ class NetStats:
     yield_passes: int = 0         # passes run at the domain's slice ends (Domain.yield_drains)
 
 
-class Netback:
+class Netback(YieldDrained):
     def __init__(self, dom: "Domain", devid: int, cfg: VifConfig, ifname_prefix: str = "vif") -> None:
         self.dom = dom
         self.devid = devid
@@ -805,19 +805,11 @@ class Netback:
         self.stats.inline_passes += 1
         self._poll(inline=True)
 
-    def set_drain_on_yield(self, on: bool) -> None:
-        """Switch between draining at the domain's slice ends and guest notifications, also
-        while connected (the next pass arms req_event again when switched off)."""
-        self.drain_on_yield = on
-        if on and self.tx is None:
-            return                               # hooked when it connects
-        if hook_yield_drain(self.dom.yield_drains, self._yield_fn, on) and not on:
-            self._schedule()
+    def _rings_connected(self) -> bool:
+        return self.tx is not None
 
-    def _armed(self) -> bool:
-        """Does the frontend have to notify (req_event armed on tx, and on rx while a frame
-        waits)? Not while its domain's slice ends run the pass (_on_yield)."""
-        return self._yield_fn not in self.dom.yield_drains
+    def _pass_soon(self) -> None:
+        self._schedule()
 
     def _on_yield(self) -> None:
         """A vCPU of the domain ended a slice: run the pass now if it published tx requests,
