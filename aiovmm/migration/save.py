@@ -349,18 +349,26 @@ async def pages(dom: "Domain", pfns: list[int] | range, write: Callable[[bytes |
     left out (a running guest's tables may map shared_info, outside its P2M, until it
     suspends). `shadow`: live migration's copy of what was sent (see _page_batch)."""
     has_data = data_map(dom) if has_data is None else has_data
+
+    def alive() -> None:
+        # Page runs are views of machine memory: each await of `write` lets the domain's
+        # teardown run (destroy_preemptible), which frees its frames to other domains. So
+        # checked before every write, not once a batch (tests/test_redteam_save_destroy.py).
+        if dom.destroyed:
+            raise SaveError(f"d{dom.domid} was destroyed during the save")
     n = 0
     for i in range(0, len(pfns), S.PAGES_PER_RECORD):
-        if dom.destroyed:                     # destroyed meanwhile: its frames may be reused
-            raise SaveError(f"d{dom.domid} was destroyed during the save")
+        alive()
         batch, parts, ndata = await _page_batch(dom, pfns[i:i + S.PAGES_PER_RECORD], has_data, skip_tables,
                                                 shadow)
         if not batch:
             continue
         hdr = S.page_data_header(batch, ndata)
+        alive()
         await write(hdr)
         n += len(hdr)
         for part in parts:
+            alive()
             await write(part)
             n += len(part)
         await asyncio.sleep(0)                # the guests run on this loop too
