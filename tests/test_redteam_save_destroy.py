@@ -48,3 +48,24 @@ async def test_no_page_data_written_after_the_domain_is_destroyed(engine):
             await _save.pages(dom, range(dom.nr_pages), slow_sink)
         assert runs >= 1
         assert after_destroy == [], f"{len(after_destroy)} writes ({sum(after_destroy)} bytes) after the destroy"
+
+
+async def test_no_tail_from_a_destroyed_domain(engine):
+    """Live migration's last step (live.py: quiesce awaits, then tail) on a domain destroyed
+    meanwhile: its shared_info frame is free, maybe another domain's, and its vCPUs gone.
+    The tail is refused (SaveError), never built from that frame."""
+    await load("save")
+    from aiovmm.migration import save as _save
+    from aiovmm.migration.suspend import suspend
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
+        dom = await hv.create(guest("suspend"), memory_mib=8, cmdline="pages=32 every=10")
+        await dom.wait_for_line(r"uptime: ticks=20 ", 20)
+        susp = await suspend(dom)
+        _save.tail(dom, susp)                  # suspended and alive: built
+        dom.shutdown(ShutdownReason.poweroff)
+        async with asyncio.timeout(30):
+            while dom.domid in hv.domains:
+                await asyncio.sleep(0.001)
+        assert hv.mem.owner[dom.shared_info_mfn] != dom.domid
+        with pytest.raises(_save.SaveError, match="destroyed"):
+            _save.tail(dom, susp)

@@ -322,9 +322,18 @@ def head(dom: "Domain") -> bytes:
                        + struct.pack(f"<{len(p2m_pfns)}Q", *p2m_pfns)))
 
 
+def check_alive(dom: "Domain") -> None:
+    """SaveError once the domain is destroyed: its teardown (in slices, in the awaits of a
+    save or a migration) frees its frames to other domains, so nothing of its memory may be
+    read for the stream from then on (Xen's toolstack holds its foreign mappings instead)."""
+    if dom.destroyed:
+        raise SaveError(f"d{dom.domid} was destroyed during the save")
+
+
 def tail(dom: "Domain", susp: Suspended) -> bytes:
     """Everything after the page data of a suspended domain: TSC info, shared_info, vCPU
     records, END (libxc), END (libxl)."""
+    check_alive(dom)
     ctxs = [(v.id, *vcpu_context(dom, v.id, susp), vcpu_xsave(v)) for v in saved_vcpus(dom)]
     out = [S.record(S.Rec.x86_tsc_info, S.TSC_INFO.pack(0, 1_000_000, dom.hypervisor.system_time_ns(), 0, 0))]
     mem = dom.mem
@@ -354,8 +363,7 @@ async def pages(dom: "Domain", pfns: list[int] | range, write: Callable[[bytes |
         # Page runs are views of machine memory: each await of `write` lets the domain's
         # teardown run (destroy_preemptible), which frees its frames to other domains. So
         # checked before every write, not once a batch (tests/test_redteam_save_destroy.py).
-        if dom.destroyed:
-            raise SaveError(f"d{dom.domid} was destroyed during the save")
+        check_alive(dom)
     n = 0
     for i in range(0, len(pfns), S.PAGES_PER_RECORD):
         alive()
