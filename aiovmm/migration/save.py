@@ -322,9 +322,18 @@ def head(dom: "Domain") -> bytes:
                        + struct.pack(f"<{len(p2m_pfns)}Q", *p2m_pfns)))
 
 
+def check_alive(dom: "Domain") -> None:
+    """SaveError once the domain is destroyed: its teardown (in slices, in the awaits of a
+    save or a migration) frees its frames to other domains, so nothing of its memory may be
+    read for the stream from then on (Xen's toolstack holds its foreign mappings instead)."""
+    if dom.destroyed:
+        raise SaveError(f"d{dom.domid} was destroyed during the save")
+
+
 def tail(dom: "Domain", susp: Suspended) -> bytes:
     """Everything after the page data of a suspended domain: TSC info, shared_info, vCPU
     records, END (libxc), END (libxl)."""
+    check_alive(dom)
     ctxs = [(v.id, *vcpu_context(dom, v.id, susp), vcpu_xsave(v)) for v in saved_vcpus(dom)]
     out = [S.record(S.Rec.x86_tsc_info, S.TSC_INFO.pack(0, 1_000_000, dom.hypervisor.system_time_ns(), 0, 0))]
     mem = dom.mem
@@ -349,18 +358,25 @@ async def pages(dom: "Domain", pfns: list[int] | range, write: Callable[[bytes |
     left out (a running guest's tables may map shared_info, outside its P2M, until it
     suspends). `shadow`: live migration's copy of what was sent (see _page_batch)."""
     has_data = data_map(dom) if has_data is None else has_data
+
+    def alive() -> None:
+        # Page runs are views of machine memory: each await of `write` lets the domain's
+        # teardown run (destroy_preemptible), which frees its frames to other domains. So
+        # checked before every write, not once a batch (tests/test_redteam_save_destroy.py).
+        check_alive(dom)
     n = 0
     for i in range(0, len(pfns), S.PAGES_PER_RECORD):
-        if dom.destroyed:                     # destroyed meanwhile: its frames may be reused
-            raise SaveError(f"d{dom.domid} was destroyed during the save")
+        alive()
         batch, parts, ndata = await _page_batch(dom, pfns[i:i + S.PAGES_PER_RECORD], has_data, skip_tables,
                                                 shadow)
         if not batch:
             continue
         hdr = S.page_data_header(batch, ndata)
+        alive()
         await write(hdr)
         n += len(hdr)
         for part in parts:
+            alive()
             await write(part)
             n += len(part)
         await asyncio.sleep(0)                # the guests run on this loop too
