@@ -452,7 +452,7 @@ async def test_user_syscall_bounce_with_a_virtual_iopl_is_pythons():
 
             def trial2(fast: bool) -> tuple:
                 v.kernel_sp = sp
-                v.callbacks[b.cb_type] = (b.handler, 0)
+                v.set_callback(b.cb_type, (b.handler, 0))
                 before = b.counters()[0]
                 rc = b.syscall(fast)
                 out = rc, b.state((sp & ~0xF) - 56), b.counters()[0] - before

@@ -121,7 +121,7 @@ async def test_event_bounced_at_a_slice_end_after_an_in_runs_its_handler():
         saved_cb, saved_bmp = v.callbacks[CallbackType.event], v.iobmp
         handler = CODE_VA + 0x800
         v.copy_to_guest(handler, b"\xf4\xeb\xfe")               # hlt (#GP at CPL 3) ; jmp .
-        v.callbacks[CallbackType.event] = (handler, saved_cb[1])
+        v.set_callback(CallbackType.event, (handler, saved_cb[1]))
         v.copy_to_guest(DATA_VA + 0x400, bytes(16))             # I/O bitmap: every port allowed
         v.iobmp = (DATA_VA + 0x400, 0x80)
         seen: list = []
@@ -146,7 +146,8 @@ async def test_event_bounced_at_a_slice_end_after_an_in_runs_its_handler():
                     seen.clear()
         finally:
             eng.on_exception = on_exc_saved
-            v.callbacks[CallbackType.event], v.iobmp = saved_cb, saved_bmp
+            v.set_callback(CallbackType.event, saved_cb)
+            v.iobmp = saved_bmp
             hv.mem.map[info:info + 2] = saved_info
             v.copy_to_guest(CODE_VA, saved_code)
             v.copy_to_guest(DATA_VA, saved_data)
