@@ -236,7 +236,8 @@ async def _vifs_connected(dom: "Domain") -> None:
     boost at the backend's Connected, a few round trips before the frontend is done, left
     the guest's last steps 50-100 ms behind other processes' for a core (measured on 2
     loaded cores). The boost covers it and ends with it; the first frame is waited for at
-    most FIRST_FRAME_WAIT_S after the connect (a guest with nothing to say)."""
+    most FIRST_FRAME_WAIT_S after the connect (a guest with nothing to say), and until the
+    vif's tap writer has written it."""
     from ..backends.net import Netback
     from ..xenbus import Watch, XenbusState, read_state
     st = dom.hypervisor.xenstore.store
@@ -255,7 +256,10 @@ async def _vifs_connected(dom: "Domain") -> None:
                 while b.stats.tx_packets == sent:
                     await asyncio.sleep(0.001)
         except TimeoutError:
-            pass
+            return
+        # ... and in the tap: its writer thread loses the boost with the loop (a reply
+        # taken from the ring waited 30-50 ms in the writer's queue at load ~16).
+        await b.tx_written(FIRST_FRAME_WAIT_S)
     vifs = [b for b in dom.backends if isinstance(b, Netback)]
     if not vifs:
         return
