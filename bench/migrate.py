@@ -206,17 +206,55 @@ class Trace:
         Domain._release_gen = release_gen
 
     @staticmethod
-    async def stalls(out: list[tuple[float, float, float]], stop: asyncio.Event, over: float = 0.003) -> None:
-        """The loop's wall-clock stalls longer than `over` (start, length, thread CPU time
-        in it): turns of other work (a teardown step, a vCPU slice) every callback on the
-        loop waited for, or (wall >> CPU) the thread waiting for a core."""
+    async def stalls(out: list[tuple], stop: asyncio.Event, over: float = 0.003) -> None:
+        """The loop's wall-clock stalls longer than `over`: (start, length, thread CPU time
+        in it, time the thread waited in the host's run queue, where the loop thread was
+        when a sampler thread looked during the stall). CPU ~ length: turns of other work
+        (a teardown step, a vCPU slice) every callback on the loop waited for; run-queue
+        wait: the thread waiting for a core; neither: the thread blocked (a lock, the GIL,
+        a syscall), which `where` names. The sampler runs at real-time priority when it
+        may, so it sees a boosted loop's stalls too."""
+        import sys as _sys
+        import threading
+        tid = threading.get_ident()
+        seen: dict[float, str] = {}
+        last = [time.perf_counter()]
+
+        def sched() -> tuple[float, float]:
+            with open("/proc/thread-self/schedstat") as f:
+                run, wait, _ = f.read().split()
+            return int(run) / 1e9, int(wait) / 1e9
+
+        def sample() -> None:
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(2))
+            except OSError:
+                pass
+            while not stop.is_set():
+                time.sleep(0.001)
+                t0 = last[0]
+                if time.perf_counter() - t0 > over and t0 not in seen:
+                    f = _sys._current_frames().get(tid)
+                    parts = []
+                    while f is not None and len(parts) < 4:
+                        if not f.f_code.co_filename.startswith("<frozen"):
+                            parts.append(f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}:"
+                                         f"{f.f_code.co_name}")
+                        f = f.f_back
+                    seen[t0] = " < ".join(parts)
+        th = threading.Thread(target=sample, name="stall-sampler", daemon=True)
+        th.start()
         t, c = time.perf_counter(), time.thread_time()
+        _r, w = sched()
         while not stop.is_set():
             await asyncio.sleep(0.0005)
             n, nc = time.perf_counter(), time.thread_time()
+            _r, nw = sched()
+            last[0] = n
             if n - t > over + 0.0005:
-                out.append((t, n - t, nc - c))
-            t, c = n, nc
+                out.append((t, n - t, nc - c, nw - w, seen.get(t, "")))
+            t, c, w = n, nc, nw
+        th.join()
 
 
 SECRET = b"bench-secret-0123456789"
@@ -270,7 +308,7 @@ async def lan_one(engine: str, mib: int, procs: int = 1) -> dict[str, float]:
     mac, ip = "00:16:3e:4d:0b:01", "198.18.0.2"
     off = time.time() - time.perf_counter()   # ping -D's clock from perf_counter's
     Trace.ev, Trace.firsts = [], set()
-    stalls: list[tuple[float, float, float]] = []
+    stalls: list[tuple] = []
     stop = asyncio.Event()
     async with TwoHostLan("198.18.0.1/24") as lan, contextlib.AsyncExitStack() as ex:
         src = await ex.enter_async_context(Hypervisor(memory_mib=mib + 64, engine=engine, netns=lan.host_ns["a"]))
@@ -346,13 +384,14 @@ async def lan_one(engine: str, mib: int, procs: int = 1) -> dict[str, float]:
 
 
 def lan_timeline(tx: dict[str, float], rx: dict[str, float], gap0: float, gap1: float,
-                 stalls: list[tuple[float, float, float, str]]) -> str:
+                 stalls: list[tuple]) -> str:
     """Every traced step from the last ping reply before the gap to the first after it,
     in ms from the suspend, one per line; the loops' stalls over 3 ms among them."""
     t0 = tx["suspended"]
     ev = [(t, k) for k, t in tx.items()] + [(t, "rx:" + k) for k, t in rx.items()] + list(Trace.ev)
     ev += [(gap0, "PING last reply before the gap"), (gap1, "PING first reply after the gap")]
-    ev += [(t, f"{h} loop stall {n * 1e3:.1f} ms ({c * 1e3:.1f} CPU)") for t, n, c, h in stalls]
+    ev += [(t, f"{h} loop stall {n * 1e3:.1f} ms ({c * 1e3:.1f} CPU, {w * 1e3:.1f} run queue)"
+               + (f" in {where}" if where else "")) for t, n, c, w, where, h in stalls]
     lines = [f"    {(t - t0) * 1e3:+8.1f} {k}" for t, k in sorted(ev) if gap0 - 0.005 <= t <= gap1 + 0.005]
     return "\n" + "\n".join(lines)
 
@@ -365,7 +404,7 @@ async def dst_child(spec: str) -> None:
     from aiovmm.migration import live
     ns, engine, mib = spec.split(",")
     started: list[int] = []
-    stalls: list[tuple[float, float, float]] = []
+    stalls: list[tuple] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     Trace.here = "B"
@@ -477,7 +516,8 @@ async def main() -> None:
                 runs = [await lan_one(engine, 64, procs) for _ in range(a.runs)]
                 if a.timeline:
                     for x in runs:
-                        print(f"  timeline ms (gap {x['ping_gap_ms']:.1f} ms): {x['timeline']}", flush=True)
+                        print(f"  timeline ms (gap {x['ping_gap_ms']:.1f} ms, {x['lost']} lost): {x['timeline']}",
+                              flush=True)
                 r = {k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "timeline"}
                 where = "one process" if procs == 1 else "two processes"
                 print(f"{engine:8s}   64 MiB live on a switched LAN ({where}, 1 ms pings): gap between "

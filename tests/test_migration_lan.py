@@ -108,6 +108,7 @@ async def test_live_migration_on_a_switched_lan(two_hosts, tmp_path):
                             "nud", "reachable")
     assert rc == 0, out
     cap = await asyncio.to_thread(lan.capture, "up-b", (0x0806, ETH_P_RARP, 0x86DD))
+    cap_a = await asyncio.to_thread(lan.capture, "up-a", (0x0800, 0x0806, 0x86DD))
     client_cap = await asyncio.to_thread(lan.capture_client, (0x0806,))
     rc, out = await lan.run("ip", "neigh", "show", GUEST_IP, "dev", "eth0")
     assert f"lladdr {MAC} REACHABLE" in out, out
@@ -144,6 +145,8 @@ async def test_live_migration_on_a_switched_lan(two_hosts, tmp_path):
         await asyncio.gather(ping, download, return_exceptions=True)
     frames = cap.frames()
     cap.close()
+    from_a = cap_a.frames()
+    cap_a.close()
     client_arp = client_cap.frames()
     client_cap.close()
 
@@ -165,6 +168,13 @@ async def test_live_migration_on_a_switched_lan(two_hosts, tmp_path):
     for want, got_ms in zip(sched.delays_ms(), gaps):
         assert want - 2 <= got_ms <= want + 150, (gaps, sched.delays_ms())
     assert rarp[0][0] <= t_done                    # announced before the migration returned
+    # Every frame the guest sent on the source was on the wire before the destination
+    # announced it: a later one turns the switch back to the source (the source's tap
+    # writer, behind at normal priority, wrote the guest's last replies 40-50 ms after its
+    # suspend, and the pings that followed went to the old host).
+    mac = bytes.fromhex(MAC.replace(":", ""))
+    late = [(ts - rarp[0][0]) / 1e6 for ts, raw in from_a if raw[6:12] == mac and ts > rarp[0][0]]
+    assert not late, f"frames from the guest left the source this many ms after the announce: {late}"
 
     # Pings: at most PING_LOSS_MAX lost across the migration.
     sent, got, lost = _ping_summary(pout)

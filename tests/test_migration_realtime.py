@@ -58,6 +58,40 @@ async def test_the_boost_ends_after_its_limit(privileged, monkeypatch):
     assert _policy() == os.SCHED_OTHER and priority.RealTime._depth == 0
 
 
+def _thread_policy(tid: int) -> int:
+    return os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK
+
+
+async def test_threads_boosted_along_get_their_policy_back_with_the_loops(privileged, monkeypatch):
+    """RealTime.also: other threads (a vif's tap writer) share the loop's boost and are
+    restored with it, by stop() and by the limit; a thread that ended meanwhile is skipped;
+    nothing is boosted while the loop is not."""
+    import threading
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, daemon=True)
+    t.start()
+    try:
+        tid = t.native_id
+        rt = priority.RealTime()
+        rt.also([tid])                        # the loop not boosted: nothing happens
+        assert _thread_policy(tid) == os.SCHED_OTHER
+        rt.start()
+        rt.also([tid, 2 ** 22 + 12345])       # the second id names no thread
+        assert _thread_policy(tid) == os.SCHED_FIFO and _policy() == os.SCHED_FIFO
+        rt.stop()
+        assert _thread_policy(tid) == os.SCHED_OTHER and _policy() == os.SCHED_OTHER
+        short = priority.RealTime(limit_s=0.05)   # the handshake's shorter limit
+        short.start()
+        short.also([tid])
+        await asyncio.sleep(0.2)
+        assert _thread_policy(tid) == os.SCHED_OTHER and _policy() == os.SCHED_OTHER
+        short.stop()
+        assert priority.RealTime._depth == 0 and not priority.RealTime._others
+    finally:
+        stop.set()
+        t.join()
+
+
 async def test_a_migration_runs_its_hand_over_boosted_and_leaves_the_policy_as_it_was(privileged):
     async with Hypervisor(memory_mib=128) as src, Hypervisor(memory_mib=128) as dst:
         arrived = []

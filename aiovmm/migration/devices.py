@@ -180,6 +180,7 @@ async def prepare(dom: "Domain") -> None:
             except TapError as e:
                 raise BuildError(f"vif {b.devid}: {e}") from None
             b.announce_frames()
+            b.start_writer()
 
 
 def close(dom: "Domain") -> None:
@@ -212,6 +213,33 @@ def reannounce(dom: "Domain") -> None:
         if isinstance(b, Netback) and b.fd is not None:
             _announce.send_round(b._announce_send, b.mac, tag=f"d{dom.domid}: vif {b.devid}: ",
                                  round_frames=b.announce_frames())
+
+
+def writer_threads(dom: "Domain") -> list[int]:
+    """Host thread ids of the domain's tap writers (boosted with the loop in a downtime)."""
+    from ..backends.net import Netback
+    return [t for b in dom.backends if isinstance(b, Netback) for t in b.writer_threads()]
+
+
+def take_tx(dom: "Domain") -> None:
+    """The suspended guest's last tx requests taken (before its pages' last copy)."""
+    from ..backends.net import Netback
+    for b in dom.backends:
+        if isinstance(b, Netback):
+            b.take_tx()
+
+
+TX_WRITTEN_WAIT_S = 0.1
+
+
+async def tx_written(dom: "Domain", timeout: float = TX_WRITTEN_WAIT_S) -> None:
+    """Wait until every frame the suspended guest sent is in its taps (Netback.tx_written),
+    at most `timeout` (then logged: a late frame may point the switches back here)."""
+    from ..backends.net import Netback
+    for b in dom.backends:
+        if isinstance(b, Netback) and not await b.tx_written(timeout):
+            log.warning("d%d: vif %d: the guest's last frames not written within %.0f ms",
+                        dom.domid, b.devid, timeout * 1e3)
 
 
 def release(hv: "Hypervisor", dom: "Domain") -> None:

@@ -138,6 +138,14 @@ async def _drain(writer: asyncio.StreamWriter) -> None:
         await writer.drain()
 
 
+def _boost(rt: RealTime, dom: "Domain") -> None:
+    """The loop and the domain's tap writer threads at real-time priority (RealTime.also):
+    the guest's frames go through those threads, the last ones on the source and the first
+    ones on the destination."""
+    rt.start()
+    rt.also(devices.writer_threads(dom))
+
+
 # ----------------------------------------------------------------------------- receiver
 async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                   secret: bytes, on_domain: Callable[["Domain"], None] | None = None,
@@ -155,7 +163,7 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
 
     def on_end(d: "Domain") -> None:
         mark("rx_stream_in")
-        rt.start()
+        _boost(rt, d)
         devices.announce_now(d)
         mark("rx_announced")
     peer = writer.get_extra_info("peername")
@@ -228,7 +236,8 @@ async def _vifs_connected(dom: "Domain") -> None:
     boost at the backend's Connected, a few round trips before the frontend is done, left
     the guest's last steps 50-100 ms behind other processes' for a core (measured on 2
     loaded cores). The boost covers it and ends with it; the first frame is waited for at
-    most FIRST_FRAME_WAIT_S after the connect (a guest with nothing to say)."""
+    most FIRST_FRAME_WAIT_S after the connect (a guest with nothing to say), and until the
+    vif's tap writer has written it."""
     from ..backends.net import Netback
     from ..xenbus import Watch, XenbusState, read_state
     st = dom.hypervisor.xenstore.store
@@ -247,7 +256,10 @@ async def _vifs_connected(dom: "Domain") -> None:
                 while b.stats.tx_packets == sent:
                     await asyncio.sleep(0.001)
         except TimeoutError:
-            pass
+            return
+        # ... and in the tap: its writer thread loses the boost with the loop (a reply
+        # taken from the ring waited 30-50 ms in the writer's queue at load ~16).
+        await b.tx_written(FIRST_FRAME_WAIT_S)
     vifs = [b for b in dom.backends if isinstance(b, Netback)]
     if not vifs:
         return
@@ -308,6 +320,7 @@ async def serve(hv: "Hypervisor", host: str, port: int, secret: bytes,
 
 
 # ----------------------------------------------------------------------------- sender
+HANDSHAKE_BOOST_S = 0.05
 CLOSE_WAIT_S = priority.REALTIME_LIMIT_S + 0.5
 
 
@@ -342,6 +355,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         raise MigrationError(f"cannot connect to {host}:{port}: {e}") from None
     _bound_in_flight(writer)
     susp = None
+    written: asyncio.Future | None = None
     go_sent = False
     shadow = Shadow(dom.nr_pages)             # what the receiver has (dirty.py)
     rt = RealTime(realtime)
@@ -403,15 +417,27 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             again = set(prev or ()).intersection(changed)
             todo = [p for p in changed if p not in again] if again else changed
             prev = changed
-        # Stop and copy the rest. (Boosting from the request instead, to cover the guest's
-        # suspend handshake, lost 3-10 of 400 10 ms pings in test_migration_lan, 0 without:
-        # not done.)
+        # Stop and copy the rest.
         stats.marks["suspend_asked"] = time.perf_counter()
-        susp = await suspend(dom)
-        rt.start()
+        # The boost covers the guest's suspend handshake too: at normal priority its two
+        # xenstore round trips and the guest's own steps waited for a core (24-53 ms of
+        # the ping gap at load ~10; 4-7 ms boosted). The guest runs on the loop then: a
+        # busy one would hold a core at real-time priority, and whatever it waits for at
+        # normal priority (its disk's I/O threads, its TCP peer) with it, so this boost
+        # ends after HANDSHAKE_BOOST_S; a guest that takes longer suspends at normal
+        # priority. The stop-and-copy's own boost starts at the suspend.
+        hs = RealTime(realtime, limit_s=HANDSHAKE_BOOST_S)
+        hs.start()
+        try:
+            susp = await suspend(dom)
+        finally:
+            hs.stop()
+        _boost(rt, dom)
         stats.realtime = rt.active
         t_down, c_down = time.perf_counter(), time.process_time()
         devices.hold(dom, True)               # frames for the guest wait in its taps
+        devices.take_tx(dom)                  # its last frames out, before the last copy
+        written = asyncio.ensure_future(devices.tx_written(dom))
         ph = stats.phases_ms
 
         stats.marks["suspended"] = t_down
@@ -429,6 +455,9 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         mark("last_pages")
         stats.pages_sent += len(last)
         stats.dirty_per_round.append(len(last))
+        # The receiver announces the guest when it has the tail: the guest's last frames
+        # must be on the wire from here before that (Netback.tx_written).
+        await written
         await write(_save.tail(dom, susp))
         mark("tail")
         if progress is not None:
@@ -487,6 +516,9 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             dom.shutdown(ShutdownReason.suspend)
         raise
     finally:
+        if written is not None and not written.done():
+            written.cancel()
+            await asyncio.gather(written, return_exceptions=True)
         rt.stop()
         writer.close()
         shadow.close()

@@ -75,10 +75,13 @@ class RealTime:
     _depth = 0
     _saved: tuple[int, os.sched_param] | None = None
     _tid = 0                            # the boosted thread (the loop's)
+    _others: dict[int, tuple[int, os.sched_param]] = {}   # also(): thread id -> its policy
     _lock = threading.Lock()            # _Limit's thread drops the boost too
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, limit_s: float = REALTIME_LIMIT_S) -> None:
         self.enabled = enabled
+        self.limit_s = limit_s              # at most REALTIME_LIMIT_S (a nested start: the
+                                            # first one's limit holds)
         self._started = False
         self._limit = _the_limit() if enabled else None
 
@@ -100,10 +103,31 @@ class RealTime:
                     os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
                                           os.sched_param(REALTIME_PRIORITY))
                     RealTime._saved, RealTime._tid = saved, threading.get_native_id()
-                    self._limit.arm(REALTIME_LIMIT_S)
+                    self._limit.arm(min(self.limit_s, REALTIME_LIMIT_S))
                 except OSError as e:
                     log.debug("no real-time priority for the stop-and-copy: %s", e)
             RealTime._depth += 1
+
+    def also(self, tids: list[int]) -> None:
+        """Boost these threads of the process with the loop's, for as long as its boost
+        lasts (the same limit drops both): threads the guest's downtime waits for, which
+        at normal priority waited for a core behind the other processes while the loop
+        had one (the source's tap writers with the suspended guest's last frames, the
+        destination's with its first replies). A no-op when the loop is not boosted."""
+        with RealTime._lock:
+            if RealTime._saved is None:
+                return
+            for tid in tids:
+                if tid in RealTime._others or tid == RealTime._tid:
+                    continue
+                try:
+                    saved = (os.sched_getscheduler(tid), os.sched_getparam(tid))
+                    os.sched_setscheduler(tid, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
+                                          os.sched_param(REALTIME_PRIORITY))
+                except OSError as e:          # the thread has ended
+                    log.debug("thread %d not boosted: %s", tid, e)
+                    continue
+                RealTime._others[tid] = saved
 
     def stop(self) -> None:
         """Idempotent; a no-op if start() was not called."""
@@ -125,7 +149,13 @@ class RealTime:
                 return
             (policy, param), tid = RealTime._saved, RealTime._tid
             RealTime._saved = None
+            others, RealTime._others = RealTime._others, {}
             try:
                 os.sched_setscheduler(tid, policy, param)
             except OSError as e:              # it was allowed a moment ago
                 log.error("cannot restore the loop thread's scheduling policy: %s", e)
+            for t, (policy, param) in others.items():
+                try:
+                    os.sched_setscheduler(t, policy, param)
+                except OSError as e:          # the thread has ended meanwhile
+                    log.debug("thread %d: policy not restored: %s", t, e)

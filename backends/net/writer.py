@@ -57,6 +57,11 @@ class TapWriter:
     def backlog(self) -> int:
         return self.queued_bytes - self.written_bytes
 
+    @property
+    def native_id(self) -> int | None:
+        """The thread's id for the host scheduler (a migration boosts it with the loop)."""
+        return self._thread.native_id
+
     def put(self, frame: bytes | bytearray) -> None:
         """Queue one frame (its virtio_net_hdr first). Loop thread only."""
         self.queued_bytes += len(frame)
