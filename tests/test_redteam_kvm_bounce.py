@@ -427,19 +427,19 @@ async def test_user_syscall_bounce_with_a_virtual_iopl_is_pythons():
         v = b.v
         sp = b.data_va + 0xF00
         saved_assist, saved_iopl = v.domain.vm_assist, v.iopl
+
+        def trial(fast: bool) -> tuple:
+            v.kernel_sp = sp
+            v.set_callback(b.cb_type, (b.handler, 0))
+            before = b.counters()[0]
+            rc = b.syscall(fast)
+            out = rc, b.state((sp & ~0xF) - 56), b.counters()[0] - before
+            b.restore()
+            return out
         try:
             v.domain.vm_assist |= 1 << VMASST_TYPE_architectural_iopl
             for iopl, in_c in ((3, False), (0, True)):
                 v.iopl = iopl
-
-                def trial(fast: bool) -> tuple:
-                    v.kernel_sp = sp
-                    v.set_callback(b.cb_type, (b.handler, 0))
-                    before = b.counters()[0]
-                    rc = b.syscall(fast)
-                    out = rc, b.state((sp & ~0xF) - 56), b.counters()[0] - before
-                    b.restore()
-                    return out
                 by_c, by_py = trial(True), trial(False)
                 assert by_c[2] == int(in_c) and by_py[2] == 0, iopl
                 assert by_c[:2] == by_py[:2], (iopl, by_c, by_py)
@@ -449,16 +449,7 @@ async def test_user_syscall_bounce_with_a_virtual_iopl_is_pythons():
             # carries the virtual IOPL: C completes the bounce as Python does it.
             v.domain.vm_assist = saved_assist & ~(1 << VMASST_TYPE_architectural_iopl)
             v.iopl = 1
-
-            def trial2(fast: bool) -> tuple:
-                v.kernel_sp = sp
-                v.set_callback(b.cb_type, (b.handler, 0))
-                before = b.counters()[0]
-                rc = b.syscall(fast)
-                out = rc, b.state((sp & ~0xF) - 56), b.counters()[0] - before
-                b.restore()
-                return out
-            by_c, by_py = trial2(True), trial2(False)
+            by_c, by_py = trial(True), trial(False)
             assert (by_c[2], by_py[2]) == (1, 0)
             assert by_c[:2] == by_py[:2], (by_c, by_py)
             assert (by_c[1][-1][4] >> 12) & 3 == 0, by_c[1][-1]

@@ -96,6 +96,22 @@ void *mfn_virt(unsigned long mfn)
     return pfn_to_virt(pfn);
 }
 
+/* The user program's code frame: the page of the bootstrap region holding the copy of the
+ * program that user_setup() mapped at USER_CODE_VA (not the kernel image's own copy), or
+ * NULL. A test overwrites it to run code of its own in user mode. */
+extern char user_prog_start[], user_prog_end[];
+u8 *user_code_frame(void)
+{
+    unsigned long len = user_prog_end - user_prog_start;
+    u8 *own = (u8 *)((unsigned long)user_prog_start & PAGE_MASK);
+    for (unsigned long pfn = 0; pfn < mapped_end_pfn(); pfn++) {
+        u8 *p = pfn_to_virt(pfn);
+        if (p != own && !memcmp(p, user_prog_start, len))
+            return p;
+    }
+    return 0;
+}
+
 unsigned free_l2_slot(void)
 {
     unsigned long l2 = kernel_l2_mfn();

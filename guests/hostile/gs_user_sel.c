@@ -15,7 +15,6 @@
 #define SEGBASE_GS_USER_SEL 3
 #define SET_LDT_CMD 13
 
-extern char user_prog_start[], user_prog_end[];
 
 /* movzwl %gs:DISP32, %edi ; mov %gs, %eax ; shl $16, %eax ; or %eax, %edi ;
  * mov $60, %eax ; syscall ; jmp .   The marker sits at MARK_OFF in the code page. */
@@ -76,12 +75,7 @@ void app_main(void)
     static u64 kcell[2] __attribute__((aligned(16))) = { 0, 0x1234567890abcdefUL };
     _hypercall2(__HYPERVISOR_set_segment_base, SEGBASE_GS_KERNEL, (u64)kcell);
     user_setup();
-    unsigned long len = user_prog_end - user_prog_start;
-    for (unsigned long pfn = 0; pfn < mapped_end_pfn() && !code; pfn++) {
-        u8 *p = pfn_to_virt(pfn);
-        if (p != (u8 *)((unsigned long)user_prog_start & PAGE_MASK) && !memcmp(p, user_prog_start, len))
-            code = p;
-    }
+    code = user_code_frame();
     result("found", code != 0);
     if (!code)
         poweroff();

@@ -54,6 +54,8 @@ static inline unsigned long foreign_mfn(void) { return own_max_mfn() + 0x100; }
 unsigned long mapped_end_pfn(void);
 /* Kernel VA of an own frame inside the bootstrap region, or NULL. */
 void *mfn_virt(unsigned long mfn);
+/* The user program's code frame after user_setup() (see common.c), or NULL. */
+u8 *user_code_frame(void);
 
 /* ---- page-table walk (current kernel root = start_info->pt_base) ---- */
 struct walk {

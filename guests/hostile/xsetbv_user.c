@@ -8,7 +8,6 @@
 #include "hostile.h"
 #include "user.h"
 
-extern char user_prog_start[], user_prog_end[];
 
 static const u8 prog[] = {
     0x31, 0xC9,                         /* xor %ecx,%ecx */
@@ -51,13 +50,7 @@ void app_main(void)
     }
     user_setup();
     /* The user code frame: the page in the bootstrap region holding a copy of the program. */
-    unsigned long len = user_prog_end - user_prog_start;
-    u8 *code = 0;
-    for (unsigned long pfn = 0; pfn < mapped_end_pfn() && !code; pfn++) {
-        u8 *p = pfn_to_virt(pfn);
-        if (p != (u8 *)((unsigned long)user_prog_start & PAGE_MASK) && !memcmp(p, user_prog_start, len))
-            code = p;
-    }
+    u8 *code = user_code_frame();
     result("found", code != 0);
     if (!code)
         poweroff();
