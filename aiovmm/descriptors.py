@@ -294,8 +294,7 @@ def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | bool:
     hi = v.domain.mem.read_u64(addr) >> 32
     if not hi & SEG_S or not hi & SEG_CODE:
         return gp
-    dpl = (hi & SEG_DPL) >> 13
-    if dpl > 3 or (not hi & SEG_CONFORMING and dpl != 3):
+    if not hi & SEG_CONFORMING and hi & SEG_DPL != SEG_DPL:      # DPL must be RPL 3
         return gp
     if not hi & SEG_P:
         return (11, sel & ~3)
