@@ -273,6 +273,36 @@ def _descriptor_address(v: "VCPU", sel: int) -> int | None:
     return (mfn << PAGE_SHIFT) + (off & (PAGE_SIZE - 1))
 
 
+SEG_L, SEG_DB = 1 << 21, 1 << 22
+
+
+def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | bool:
+    """The checks the CPU's IRETQ (restore_all_guest, CPL 0 to RPL 3) makes on the frame's
+    CS, `sel` with RPL 3: True for a 64-bit code segment, False for compatibility mode, or
+    the (vector, error code) it faults with: #GP(sel & ~3) for a null selector, one beyond
+    the GDT/LDT limit, not a code segment, DPL other than 3 (non-conforming), or L and D both
+    set; #NP(sel & ~3) for one not present. Xen's flat selectors (FLAT_RING3_CS64/CS32) come
+    from its reserved GDT page like any other. One rule for every iret (the KVM C path
+    leaves every other CS to traps.do_iret)."""
+    sel = (sel & 0xFFFF) | 3
+    gp = (13, sel & ~3)
+    if sel & ~3 == 0:
+        return gp
+    addr = _descriptor_address(v, sel)
+    if addr is None:
+        return gp
+    hi = v.domain.mem.read_u64(addr) >> 32
+    if not hi & SEG_S or not hi & SEG_CODE:
+        return gp
+    if not hi & SEG_CONFORMING and hi & SEG_DPL != SEG_DPL:      # DPL must be RPL 3
+        return gp
+    if not hi & SEG_P:
+        return (11, sel & ~3)
+    if hi & SEG_L and hi & SEG_DB:
+        return gp
+    return bool(hi & SEG_L)
+
+
 def load_user_gs(v: "VCPU", sel: int) -> tuple[int, int]:
     """SEGBASE_GS_USER_SEL (Xen's do_set_segment_base): Xen, at CPL 0, loads the low 16 bits
     of `sel` into %gs (RPL forced to 3 unless it is a null selector, 0-3, which loads as

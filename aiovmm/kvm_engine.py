@@ -1053,7 +1053,12 @@ class KVMEngine:
             self.regs[i] = value
             self._dirty.value |= SYNC_REGS
             return
-        if name in _SELECTORS:
+        if name == "cs" and (value | 3) in (FLAT_RING3_CS64, FLAT_RING3_CS32):
+            # Xen's flat user code segments: the whole hidden part (L/D: 64-bit or
+            # compatibility mode), as the IRETQ that loads them would set it.
+            o = _SEG["cs"]
+            self._sregs[o:o + 24] = _CS64 if (value | 3) == FLAT_RING3_CS64 else _CS32
+        elif name in _SELECTORS:
             struct.pack_into("<H", self._sregs, _SEG[name] + 12, value)
         elif name in ("fs_base", "gs_base"):
             struct.pack_into("<Q", self._sregs, _SEG[name[:2]], value)

@@ -38,8 +38,10 @@ MAX_NESTED_FAULTS = 16
 
 def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_events: bool,
            rip: int | None = None, rcx: int | None = None, r11: int | None = None,
-           clear_df: bool = False) -> bool:
-    """Build a bounce frame and continue at `handler`. Returns False if the domain crashed."""
+           clear_df: bool = False, frame_cs: int | None = None) -> bool:
+    """Build a bounce frame and continue at `handler`. Returns False if the domain crashed.
+    `frame_cs`: the frame's CS instead of the current mode's flat one (Xen pushes regs->cs:
+    after a refused iret, the refused selector)."""
     eng = v.engine
     cur_rip, rsp, rflags, cur_rcx, cur_r11 = eng.read(("rip", "rsp", "rflags", "rcx", "r11"))
     if rip is None:
@@ -49,10 +51,20 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     if not was_kernel:
         v.switch_to_kernel()
         stack = v.kernel_sp
+        user_cs = eng.get("cs")
+        if user_cs != USER_CS:
+            # User code in another segment (compatibility mode after an iret to
+            # FLAT_RING3_CS32): Xen's frame holds it, and the kernel runs in 64-bit mode.
+            eng.write({"cs": USER_CS})
+            if frame_cs is None:
+                frame_cs = user_cs
     else:
         stack = rsp
     s = stack & ~0xF
-    cs = KERNEL_CS_IN_FRAME if was_kernel else USER_CS
+    if frame_cs is None:
+        cs = KERNEL_CS_IN_FRAME if was_kernel else USER_CS
+    else:
+        cs = frame_cs
     saved_flags = (rflags & ~(RF_IF | RF_IOPL)) | (0 if old_mask else RF_IF)
     if emulate.architectural_iopl(v):      # Xen's create_bounce_frame: the virtual IOPL
         saved_flags |= v.iopl << 12
@@ -130,8 +142,10 @@ def exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
     inject_exception(v, vector, error, cr2)
 
 
-def inject_exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
-    """Deliver an exception to the guest's trap table (no emulation)."""
+def inject_exception(v: "VCPU", vector: int, error: int, cr2: int, *,
+                     frame_cs: int | None = None) -> None:
+    """Deliver an exception to the guest's trap table (no emulation); `frame_cs`: the CS the
+    frame records when it is not the flat one of the current mode (a faulting iret's)."""
     dom = v.domain
     eng = v.engine
     if v.in_ptwr_step:                 # a fault while emulating a page-table store
@@ -179,7 +193,7 @@ def inject_exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
         return
     log.debug("%r: bounce %s at %#x to %#x", v, name, rip, handler)
     bounce(v, handler, error if vector in EXCEPTIONS_WITH_ERROR_CODE else None,
-           mask_events=bool(flags & TI_FLAG_MASK_EVENTS))
+           mask_events=bool(flags & TI_FLAG_MASK_EVENTS), frame_cs=frame_cs)
 
 
 def finish_ptwr(v: "VCPU") -> None:
@@ -304,6 +318,7 @@ def do_iret(v: "VCPU", *_) -> None:
     except GuestFault:
         v.crash("HYPERVISOR_iret: unreadable iret context")
         return None
+    target = descriptors.iret_code_segment(v, cs)
     if cs & 3 == 3:
         if not v.user_root:
             v.crash("HYPERVISOR_iret to user mode without a user page table")
@@ -323,9 +338,21 @@ def do_iret(v: "VCPU", *_) -> None:
     else:
         regs["rcx"] = rcx
         regs["r11"] = r11
+    # Xen: regs->cs = frame.cs | 3, left through restore_all_guest's IRETQ. A CS the CPU
+    # refuses makes that IRETQ fault; entry.S replays the fault as the guest's own, from the
+    # state the iret built (its RIP, RSP, RFLAGS, mode) and with the refused selector in the
+    # frame's CS. A usable one is loaded (FLAT_RING3_CS32: compatibility mode).
+    sel = (cs & 0xFFFF) | 3
+    if not isinstance(target, tuple):
+        regs["cs"] = sel
     eng.write(regs)
     v.upcall_mask = 0 if rflags & RF_IF else 1
     v.fault_depth = 0
+    if isinstance(target, tuple):
+        vector, error = target
+        log.info("d%d: HYPERVISOR_iret to CS %#x: the IRETQ's %s(%#x) is the guest's",
+                 v.domain.domid, sel, TRAP_NAMES.get(vector, vector), error)
+        inject_exception(v, vector, error, 0, frame_cs=sel if not v.kernel_mode else sel & ~3)
     return None
 
 

@@ -383,6 +383,11 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     uint64_t rax = ctx[0], r11 = ctx[1], rcx = ctx[2], flags = ctx[3], rip = ctx[4];
     uint64_t cs = ctx[5], rflags = ctx[6], ursp = ctx[7];
     int to_user = (cs & 3) == 3;
+    /* Xen loads frame.cs | 3 with an IRETQ: anything but the flat 64-bit code segment
+     * (FLAT_RING3_CS64, a kernel frame's 0xe030 included) may fault there or change mode:
+     * Python's (traps.do_iret, descriptors.iret_code_segment decides). */
+    if (((cs & 0xFFFF) | 3) != USER_CS)
+        return 0;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
     /* With VMASST architectural_iopl the iret sets the virtual IOPL (Xen's do_iret): a frame
