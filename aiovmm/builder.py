@@ -310,11 +310,21 @@ def _write_tables(dom: "Domain", lay: Layout) -> int:
     table_pfns = set(lay.tables.values())
     leaf = _PAGE_PRESENT | _PAGE_ACCESSED
     for m in lay.mappings:
-        for i in range(m.pages):
+        # One slice per L1 table the range crosses (the mapping is VA-contiguous), the page
+        # tables themselves read-only.
+        i = 0
+        while i < m.pages:
             va = (m.va + (i << PAGE_SHIFT)) & _VA_MASK
+            slot = (va >> PAGE_SHIFT) & 0x1FF
+            k = min(512 - slot, m.pages - i)
             pfn = m.pfn + i
-            l1 = contents[lay.tables[(1, va >> 21)]]
-            l1[(va >> PAGE_SHIFT) & 0x1FF] = (p2m[pfn] << PAGE_SHIFT) | leaf | (0 if pfn in table_pfns else _PAGE_RW)
+            contents[lay.tables[(1, va >> 21)]][slot:slot + k] = array.array(
+                "Q", [(mfn << PAGE_SHIFT) | leaf | _PAGE_RW for mfn in p2m[pfn:pfn + k]])
+            i += k
+        for pfn in table_pfns:
+            if m.pfn <= pfn < m.pfn + m.pages:
+                va = (m.va + ((pfn - m.pfn) << PAGE_SHIFT)) & _VA_MASK
+                contents[lay.tables[(1, va >> 21)]][(va >> PAGE_SHIFT) & 0x1FF] &= ~_PAGE_RW
     for pfn, entries in contents.items():
         mem.write(p2m[pfn] << PAGE_SHIFT, entries.tobytes())
     return p2m[l4]
@@ -327,10 +337,16 @@ def plan(dom: "Domain", img: KernelImage, cmdline: str, ramdisk: bytes | None = 
     return plan_layout(img, dom.nr_pages, len(ramdisk) if ramdisk else 0)
 
 
+def image_bytes(img: KernelImage, ramdisk: bytes | None = None) -> int:
+    """What copy_image writes: the kernel's file-backed segment bytes and the ramdisk."""
+    return sum(len(data) for _va, data, _memsz in img.segments) + (len(ramdisk) if ramdisk else 0)
+
+
 def copy_image(dom: "Domain", img: KernelImage, lay: Layout, ramdisk: bytes | None = None) -> None:
     """Copy the kernel's segments and the ramdisk into the domain's frames. Touches only the
     new domain's own frames (pwrite on the memfd, no Python state changed), so the
-    hypervisor runs it in a worker thread: tens of MB are not copied on the event loop."""
+    hypervisor runs it in a worker thread when it is large (image_bytes): tens of MB are not
+    copied on the event loop."""
     vb = img.virt_base
     for va, data, _memsz in img.segments:      # frames are zeroed: .bss is 0
         _write_pfns(dom, (va - vb) >> PAGE_SHIFT, data, va & (PAGE_SIZE - 1))

@@ -117,8 +117,7 @@ class Domain:
         self.nr_pages = nr_pages
         frames = self.mem.alloc(domid, nr_pages)
         self.p2m = list(frames)
-        for pfn, mfn in enumerate(self.p2m):
-            self.mem.m2p[mfn] = pfn
+        self.mem.set_m2p(frames)
         self.shared_info_mfn = self.mem.alloc(domid)[0]
         self.frames: set[int] = set(frames)
         self.frames.add(self.shared_info_mfn)

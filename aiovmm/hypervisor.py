@@ -79,6 +79,24 @@ def _load_ramdisk(path: str, memory_mib: int) -> bytes:
     return builder.read_ramdisk(path)
 
 
+def _load_image(kernel: str, ramdisk: str | None, memory_mib: int) -> tuple[builder.KernelImage, bytes | None]:
+    """Blocking (a worker thread's): the parsed kernel and the ramdisk's bytes."""
+    img = _load_kernel(kernel)
+    return img, (_load_ramdisk(ramdisk, memory_mib) if ramdisk else None)
+
+
+def _retrieve(fut: "asyncio.Future") -> None:
+    """Done callback of a load nobody waits for any more: its exception is not an error."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+# An image up to this size (kernel segments plus ramdisk) is copied into the new domain's
+# frames on the loop (pwrite on the memfd: ~0.1 ms per MiB): a worker thread's hand-off costs
+# more wall time than that on a loaded host. Larger ones (Linux: tens of MB) in a thread.
+_COPY_ON_LOOP_MAX = 1 << 20
+
+
 def _hypercall_page(engine_kind: str) -> bytes:
     """The hypercall page the builder writes: each engine exits its own cheapest way."""
     if engine_kind == "kvm":
@@ -237,35 +255,49 @@ class Hypervisor:
         if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
             raise BuildError(f"vcpus must be 1..{MAX_VCPUS}")
         # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
-        # blocking I/O: it runs in a worker thread, never on the loop.
-        img = await asyncio.to_thread(_load_kernel, kernel)
-        rd = await asyncio.to_thread(_load_ramdisk, ramdisk, memory_mib) if ramdisk else None
+        # blocking I/O: it runs in a worker thread, never on the loop. The loop builds the
+        # domain (frames, event channels, grant table: none of it needs the image) while
+        # the worker reads, so that the thread hand-off is not waited for on its own.
+        load = asyncio.ensure_future(asyncio.to_thread(_load_image, kernel, ramdisk, memory_mib))
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:
             dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console, log_dir=self.log_dir)
-            dom.engine_kind = engine_kind
-            if max_memory_mib is not None:
-                dom.max_pages = dom.memmap_pages = max_memory_mib << 20 >> PAGE_SHIFT
-            dom.suspend_cancel = bool(img.notes.get(ElfNote.SUSPEND_CANCEL, 0))
-            log.info("d%d: vCPU engine %s", domid, engine_kind)
         except OutOfMemory as e:
+            await asyncio.wait({load})
+            load.result()                       # a kernel the load refused is reported first
             raise BuildError(f"not enough machine memory for {memory_mib} MiB: {e}") from None
+        except BaseException:
+            load.add_done_callback(_retrieve)
+            raise
+        dom.engine_kind = engine_kind
+        if max_memory_mib is not None:
+            dom.max_pages = dom.memmap_pages = max_memory_mib << 20 >> PAGE_SHIFT
         self._next_domid += 1
         self.domains[domid] = dom
         try:
+            try:
+                img, rd = await asyncio.shield(load)
+            except asyncio.CancelledError:
+                load.add_done_callback(_retrieve)
+                raise
+            dom.suspend_cancel = bool(img.notes.get(ElfNote.SUSPEND_CANCEL, 0))
+            log.info("d%d: vCPU engine %s", domid, engine_kind)
             if engine_kind == "kvm":            # Xen-area pages KVM needs, before any L4 is validated
                 from .kvm_engine import ring0
                 ring0(self.xen)
             lay = builder.plan(dom, img, cmdline, rd)
-            # The image copy (tens of MB for Linux) runs in a worker thread; if create() is
-            # cancelled meanwhile, the copy is waited for before the frames are freed.
-            copy = asyncio.ensure_future(asyncio.to_thread(builder.copy_image, dom, img, lay, rd))
-            try:
-                await asyncio.shield(copy)
-            except asyncio.CancelledError:
-                await asyncio.wait({copy})
-                raise
+            if builder.image_bytes(img, rd) <= _COPY_ON_LOOP_MAX:
+                builder.copy_image(dom, img, lay, rd)
+            else:
+                # The image copy (tens of MB for Linux) runs in a worker thread; if create()
+                # is cancelled meanwhile, the copy is waited for before the frames are freed.
+                copy = asyncio.ensure_future(asyncio.to_thread(builder.copy_image, dom, img, lay, rd))
+                try:
+                    await asyncio.shield(copy)
+                except asyncio.CancelledError:
+                    await asyncio.wait({copy})
+                    raise
             builder.finish(dom, img, lay, cmdline, rd, hcall_page=_hypercall_page(engine_kind))
             dom.start_info_pfn = lay.start_info_pfn     # where save/migration find the P2M list
             self._create_vcpu0(dom, img, lay)

@@ -64,6 +64,13 @@ class NotWritable(TypeConflict):
         super().__init__(mfn, ptype, PageType.writable)
 
 
+def _one_run(frames: list[int]) -> bool:
+    """`frames` are consecutive ascending machine frames (with no frame twice, as on the
+    free list and in a domain's P2M: sorted and spanning exactly len - 1)."""
+    n = len(frames)
+    return n > 1 and frames[-1] - frames[0] == n - 1 and frames == sorted(frames)
+
+
 class MachineMemory:
     """All machine frames, their owners and types, and the M2P.
 
@@ -113,6 +120,7 @@ class MachineMemory:
         for mfn in range(self.m2p_first, n):
             self.owner[mfn] = DOMID_XEN
             self.dirty[mfn] = 1
+        self._iota = array.array("Q")          # set_m2p's consecutive pfns
         # Free list, handed out lowest first so a domain's frames tend to be contiguous.
         self._free = list(range(self.m2p_first - 1, -1, -1))
         # Frames their domain gave back (decrease_reservation) while still referenced: Xen
@@ -129,16 +137,46 @@ class MachineMemory:
 
     def alloc(self, owner: int, count: int = 1) -> list[int]:
         """Allocate `count` zeroed frames for `owner`; all or nothing."""
-        if count > len(self._free):
-            raise OutOfMemory(f"need {count} frames, {len(self._free)} free")
-        frames = [self._free.pop() for _ in range(count)]
+        free = self._free
+        if count > len(free):
+            raise OutOfMemory(f"need {count} frames, {len(free)} free")
+        if count <= 0:
+            return []
+        cut = len(free) - count
+        frames = free[:cut - 1:-1] if cut else free[::-1]    # the stack's top, popped in order
+        del free[cut:]
         dirty = self.dirty
+        if _one_run(frames):
+            # One run of machine frames (the free stack hands them out lowest first): the
+            # frame-table stores as slice assignments instead of one Python store per frame.
+            first = frames[0]
+            end = first + count
+            self.owner[first:end] = array.array("H", [owner]) * count
+            if b"\x01" in dirty[first:end].tobytes():
+                for mfn in range(first, end):
+                    if dirty[mfn]:
+                        self.zero(mfn)
+                dirty[first:end] = array.array("B", bytes(count))
+            return frames
         for mfn in frames:
             self.owner[mfn] = owner
             if dirty[mfn]:
                 self.zero(mfn)
                 dirty[mfn] = 0
         return frames
+
+    def set_m2p(self, frames: list[int], first_pfn: int = 0) -> None:
+        """M2P entries for `frames` as consecutive pfns from `first_pfn` (a domain's build)."""
+        n = len(frames)
+        if _one_run(frames):
+            end = first_pfn + n
+            if len(self._iota) < end:             # 0, 1, 2, ... made once, not per build
+                self._iota = array.array("Q", range(max(end, 2 * len(self._iota))))
+            self.m2p[frames[0]:frames[0] + n] = self._iota[first_pfn:end]
+            return
+        m2p = self.m2p
+        for pfn, mfn in enumerate(frames, first_pfn):
+            m2p[mfn] = pfn
 
     def in_use(self, mfn: int) -> bool:
         """Something still references the frame: a type (page table, writable) or a mapping

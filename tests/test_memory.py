@@ -60,6 +60,33 @@ def test_alloc_zeroes(mem):
     assert mem.read(m2 << PAGE_SHIFT, PAGE_SIZE) == bytes(PAGE_SIZE)
 
 
+def test_alloc_of_a_run_zeroes_the_dirty_frames(mem):
+    """A contiguous run of frames (alloc's slice-assignment path) is owned as a whole, and a
+    frame in it that may hold old data (dirty: its MADV_REMOVE did not happen) reads as zero."""
+    a = mem.alloc(3, 3)
+    for m in a:
+        mem.write(m << PAGE_SHIFT, b"\xcd" * PAGE_SIZE)
+    mem.free(a)
+    for m in a:                          # as if the host had not taken the pages back
+        mem.write(m << PAGE_SHIFT, b"\xcd" * PAGE_SIZE)
+    mem.dirty[a[1]] = 1
+    b = mem.alloc(4, 3)
+    assert b == a
+    assert [mem.owner[m] for m in b] == [4, 4, 4] and mem.owner[b[-1] + 1] == DOMID_INVALID
+    assert mem.read(b[1] << PAGE_SHIFT, PAGE_SIZE) == bytes(PAGE_SIZE)
+    assert all(mem.dirty[m] == 0 for m in b)
+
+
+def test_set_m2p_of_a_run_and_of_scattered_frames(mem):
+    run = mem.alloc(1, 5)
+    mem.set_m2p(run, 7)
+    assert [mem.m2p[m] for m in run] == [7, 8, 9, 10, 11]
+    scattered = [run[3], run[0], run[4]]
+    mem.set_m2p(scattered)
+    assert [mem.m2p[m] for m in scattered] == [0, 1, 2]
+    assert mem.m2p[run[5 - 4]] == 8 and mem.m2p[run[-1] + 1] == INVALID_M2P_ENTRY
+
+
 def test_alloc_all_or_nothing(mem):
     free = mem.free_frames
     with pytest.raises(OutOfMemory):
