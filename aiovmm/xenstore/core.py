@@ -222,6 +222,12 @@ class Change:
     removed: dict[str, Perms] | None = None
 
 
+def _stamped(node: Node) -> Node:
+    """`node` with a new generation: dataclasses.replace(node, gen=next_gen()) without its
+    field introspection (a third of the time; domain creation stores ~80 nodes)."""
+    return Node(node.value, node.perms, node.children, next_gen())
+
+
 class Tree:
     """The live tree: a flat path -> Node map with per-owner node counts (node quota).
 
@@ -252,7 +258,7 @@ class Tree:
 
     def put(self, path: str, node: Node) -> Node:
         old = self.nodes.get(path)
-        node = replace(node, gen=next_gen())
+        node = _stamped(node)
         self.nodes[path] = node
         if old is not None:
             self._uncount(old.owner)
@@ -326,7 +332,7 @@ class TxTree(Tree):
 
     def put(self, path: str, node: Node) -> Node:
         old = self.get(path)
-        node = replace(node, gen=next_gen())
+        node = _stamped(node)
         self.overlay[path] = node
         if old is not None:
             self._count(old.owner, -1)
