@@ -908,8 +908,8 @@ class KVMEngine:
         # shadow page (see the module docstring). Registered at the first zap only: a
         # memslot change costs a synchronize_srcu (milliseconds under load) and, with
         # targeted invalidation, most VMs never zap.
-        self._zap_page = mmap.mmap(-1, PAGE_SIZE)
-        self._zap_anchor = ctypes.c_char.from_buffer(self._zap_page)
+        self._zap_page: mmap.mmap | None = None     # made at the first zap, as the slot
+        self._zap_anchor = None
         self._zap_gpa = ((mem.size >> 30) + 2) << 30    # moves to and fro by 1 GiB
         self._zap_slot = False
         self._run_anchor = ctypes.c_char.from_buffer(self._run_map)
@@ -1209,6 +1209,8 @@ class KVMEngine:
         """Move the dummy slot between two addresses: one memslot update (measured 64 us
         median vs 82 for delete + re-add) that makes KVM drop every shadow page."""
         if not self._zap_slot:
+            self._zap_page = mmap.mmap(-1, PAGE_SIZE)
+            self._zap_anchor = ctypes.c_char.from_buffer(self._zap_page)
             self._set_slot(1, self._zap_gpa, PAGE_SIZE, ctypes.addressof(self._zap_anchor))
             self._zap_slot = True           # created: only a move or delete zaps
         self._zap_gpa ^= 1 << 30

@@ -289,13 +289,35 @@ class MachineMemory:
         frames. A frame typed as anything else (page table, seg_desc) refuses (NotWritable),
         and while any writable reference is held the frame can never become a page table.
         Ownership is the caller's check: each path answers a foreign frame differently."""
-        self.take_type(mfn, PageType.writable)
+        self.get_writable_many((mfn,))
+
+    def get_writable_many(self, frames: "list[int] | tuple[int, ...]") -> None:
+        """get_writable for each of `frames` in order (a frame may come more than once), all
+        or nothing: the first that refuses raises NotWritable with none of them taken. The
+        one implementation of the writable reference (take_type's rule for that type):
+        validating an L1 table takes one per writable entry at once."""
+        count, typ = self.type_count, self.type
+        writable = PageType.writable
+        for k, mfn in enumerate(frames):
+            if count[mfn]:
+                if typ[mfn] != writable:
+                    for m in frames[:k]:
+                        self.put_writable(m)
+                    raise NotWritable(mfn, typ[mfn])
+                count[mfn] += 1
+            else:
+                typ[mfn] = writable
+                count[mfn] = 1
 
     def take_type(self, mfn: int, ptype: PageType) -> bool:
         """One type reference on `mfn` as `ptype` (Xen's get_page_type): the one place that
         decides a type conflict, for writable access (get_writable) and for page tables and
         descriptor pages (PageTables.get_type). True if the frame has just taken the type
         (its count was 0): a page table must then be validated by the caller."""
+        if ptype == PageType.writable:
+            first = not self.type_count[mfn]
+            self.get_writable_many((mfn,))
+            return first
         if self.type_count[mfn]:
             if self.type[mfn] != ptype:
                 raise (NotWritable(mfn, self.type[mfn]) if ptype == PageType.writable

@@ -272,11 +272,9 @@ class PageTables:
             return
         taken: list[int] = []
         try:
-            for i, e in enumerate(entries):
-                if xen_slot(level, i):
-                    continue
-                if e & _PAGE_PRESENT:
-                    entries[i] = self._get_entry(e, level, dom, self_mfn=mfn)
+            for i in [i for i, e in enumerate(entries) if e & _PAGE_PRESENT]:
+                if not xen_slot(level, i):
+                    entries[i] = self._get_entry(entries[i], level, dom, self_mfn=mfn)
                     taken.append(i)
         except MMUError:
             for i in taken:
@@ -288,9 +286,40 @@ class PageTables:
         self._q.pack_into(self.mem.map, base, *entries)
 
     def _validate_l1(self, entries: list[int], dom: int) -> None:
-        """_get_entry(level 1) for a whole table, inlined: L1 validation dominates domain
-        creation (every page of the bootstrap mapping) and fork-like workloads. Same rules,
-        same errors; all or nothing."""
+        """_get_entry(level 1) for a whole table: L1 validation dominates domain creation
+        (every page of the bootstrap mapping) and fork-like workloads. The flag, RAM and
+        owner rules are screened for the whole table at once; a table that fails any of
+        them goes through _validate_l1_exact, which raises the first entry's error as
+        _get_entry would. Then the writable references (all or nothing, EBUSY for the first
+        entry refused) and the general ones. Same rules, same errors; all or nothing."""
+        present = [i for i, e in enumerate(entries) if e & _PAGE_PRESENT]
+        if not present:
+            return
+        mem = self.mem
+        vals = [entries[i] for i in present]
+        targets = [(e & PTE_FRAME_MASK) >> PAGE_SHIFT for e in vals]
+        owner = mem.owner
+        flags = 0
+        for e in vals:
+            flags |= e
+        if flags & ~L1_ALLOWED or max(targets) >= mem.nr_frames \
+                or [owner[t] for t in targets].count(dom) != len(targets):
+            self._validate_l1_exact(entries, dom)
+            return
+        try:
+            mem.get_writable_many([t for e, t in zip(vals, targets) if e & _PAGE_RW])
+        except NotWritable as err:
+            raise MMUError(Errno.EBUSY, str(err)) from None
+        refs = mem.refs
+        for t in targets:
+            refs[t] += 1
+        for i, e in zip(present, vals):
+            if not e & _PAGE_USER:
+                entries[i] = e | _PAGE_USER | _PAGE_GUEST_KERNEL
+
+    def _validate_l1_exact(self, entries: list[int], dom: int) -> None:
+        """_validate_l1 one entry at a time, in order (for a table that breaks a rule: the
+        first entry's error, as _get_entry raises it)."""
         mem = self.mem
         owner, refs = mem.owner, mem.refs
         get_writable = mem.get_writable

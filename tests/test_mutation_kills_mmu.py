@@ -199,6 +199,35 @@ def test_pinning_an_l1_validates_every_entry():
     run(main())
 
 
+def test_pinning_an_l1_takes_its_writable_references_all_or_nothing():
+    """Validating an L1 takes one writable reference per writable entry (twice for a frame
+    mapped twice) and one general reference per entry. An entry refused (writable to a page
+    table: -EBUSY) after others were accepted leaves none of theirs behind."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            t, d1, d2, pt = a.spare[:4]
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, pt) == 0
+            base = t << PAGE_SHIFT
+            for slot, f in ((3, d1), (4, d2), (5, d1), (7, pt)):
+                mem.write_u64(base + 8 * slot, (f << PAGE_SHIFT) | RO | _PAGE_RW)
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == EBUSY
+            assert [(mem.type[f], mem.type_count[f], mem.refs[f]) for f in (t, d1, d2)] == [(PageType.none, 0, 0)] * 3
+            assert (mem.type[pt], mem.type_count[pt], mem.refs[pt]) == (PageType.l1, 1, 0)
+            mem.write_u64(base + 8 * 7, (pt << PAGE_SHIFT) | RO)
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
+            assert [(mem.type[f], mem.type_count[f], mem.refs[f]) for f in (d1, d2)] == \
+                [(PageType.writable, 2, 2), (PageType.writable, 1, 1)]
+            assert (mem.type_count[pt], mem.refs[pt]) == (1, 1)
+            clean(hv)
+            assert a.mmuext(MmuExt.UNPIN_TABLE, t) == 0
+            assert [(mem.type[f], mem.type_count[f], mem.refs[f]) for f in (t, d1, d2)] == [(PageType.none, 0, 0)] * 3
+            assert mem.refs[pt] == 0
+            clean(hv)
+    run(main())
+
+
 def test_baseptr_past_memory_is_einval():
     """NEW_BASEPTR / NEW_USER_BASEPTR naming a frame past machine memory: -EINVAL (get_type
     checks the frame exists before anything else), the roots unchanged."""
