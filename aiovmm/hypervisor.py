@@ -257,8 +257,11 @@ class Hypervisor:
         # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
         # blocking I/O: it runs in a worker thread, never on the loop. The loop builds the
         # domain (frames, event channels, grant table: none of it needs the image) while
-        # the worker reads, so that the thread hand-off is not waited for on its own.
-        load = asyncio.ensure_future(asyncio.to_thread(_load_image, kernel, ramdisk, memory_mib))
+        # the worker reads, so that the thread hand-off is not waited for on its own: the
+        # job is submitted here, before the build (asyncio.to_thread would submit it only
+        # once this coroutine first yields, after the build).
+        load = asyncio.get_running_loop().run_in_executor(
+            None, _load_image, kernel, ramdisk, memory_mib)
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:
