@@ -224,7 +224,8 @@ class Change:
 
 def _stamped(node: Node) -> Node:
     """`node` with a new generation: dataclasses.replace(node, gen=next_gen()) without its
-    field introspection (a third of the time; domain creation stores ~80 nodes)."""
+    field introspection (a third of the time; domain creation stores ~80 nodes). Tree.put
+    stamps every node it stores, so the changes before a put build the Node directly too."""
     return Node(node.value, node.perms, node.children, next_gen())
 
 
@@ -356,7 +357,7 @@ def _link_child(tree: Tree, path: str) -> None:
     assert parent is not None, "caller creates parents first"
     name = basename(path)
     if name not in parent.children:
-        tree.put(parent_path, replace(parent, children=parent.children + (name,)))
+        tree.put(parent_path, Node(parent.value, parent.perms, parent.children + (name,)))
 
 
 def _unlink_child(tree: Tree, path: str) -> None:
@@ -365,7 +366,7 @@ def _unlink_child(tree: Tree, path: str) -> None:
     if parent is not None:
         name = basename(path)
         tree.put(parent_path,
-                 replace(parent, children=tuple(c for c in parent.children if c != name)))
+                 Node(parent.value, parent.perms, tuple(c for c in parent.children if c != name)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +454,7 @@ def write(tree: Tree, who: Caller, path: str, value: bytes,
     else:
         if not perm_for(who, node.perms) & PERM_WRITE:
             raise XsError(_errno.EACCES, path)
-        node = tree.put(path, replace(node, value=value))
+        node = tree.put(path, Node(value, node.perms, node.children))
     return [Change(path, node.perms)]
 
 
@@ -498,7 +499,7 @@ def set_perms(tree: Tree, who: Caller, path: str, perms: Perms,
             raise XsError(_errno.EPERM, "only a privileged domain may change the owner")
         if limits is not None and len(perms) - 1 > limits.max_perms:
             raise XsError(_errno.ENOSPC, "too many permission entries")
-    node = tree.put(path, replace(node, perms=perms))
+    node = tree.put(path, Node(node.value, perms, node.children))
     return [Change(path, node.perms)]
 
 
