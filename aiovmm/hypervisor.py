@@ -255,13 +255,12 @@ class Hypervisor:
         if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
             raise BuildError(f"vcpus must be 1..{MAX_VCPUS}")
         # Reading the kernel file (and, below, probing disk sources with stat/ioctl/lvm) is
-        # blocking I/O: it runs in a worker thread, never on the loop. The loop builds the
-        # domain (frames, event channels, grant table: none of it needs the image) while
-        # the worker reads, so that the thread hand-off is not waited for on its own: the
-        # job is submitted here, before the build (asyncio.to_thread would submit it only
-        # once this coroutine first yields, after the build).
-        load = asyncio.get_running_loop().run_in_executor(
-            None, _load_image, kernel, ramdisk, memory_mib)
+        # blocking I/O: it runs in a worker thread, never on the loop; kernel and ramdisk in
+        # one job (one hand-off), while the loop builds the domain (frames, event channels,
+        # grant table: none of it needs the image). Submitting the job before the build
+        # (run_in_executor) instead of at the first await measured no better (30 + 30
+        # interleaved boots, twice, load 10): the woken worker preempts the build instead.
+        load = asyncio.ensure_future(asyncio.to_thread(_load_image, kernel, ramdisk, memory_mib))
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:
