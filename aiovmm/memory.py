@@ -71,6 +71,21 @@ def _one_run(frames: list[int]) -> bool:
     return n > 1 and frames[-1] - frames[0] == n - 1 and frames == sorted(frames)
 
 
+def _runs(ordered: list[int]) -> list[tuple[int, int]]:
+    """The contiguous runs [start, end) of sorted frames."""
+    runs: list[tuple[int, int]] = []
+    if not ordered:
+        return runs
+    start = prev = ordered[0]
+    for mfn in ordered:
+        if mfn > prev + 1 or mfn < prev:
+            runs.append((start, prev + 1))
+            start = mfn
+        prev = mfn
+    runs.append((start, prev + 1))
+    return runs
+
+
 class MachineMemory:
     """All machine frames, their owners and types, and the M2P.
 
@@ -198,39 +213,34 @@ class MachineMemory:
                     raise FrameInUse(f"frame {mfn:#x} is in use ({PageType(self.type[mfn]).name}, "
                                      f"{self.refs[mfn]} mappings)")
         self._stale_translations_unsafe()
-        for mfn in frames:
-            self.released.pop(mfn, None)
-            self.owner[mfn] = DOMID_INVALID
-            self.type[mfn] = PageType.none
-            self.type_count[mfn] = 0
-            self.pinned[mfn] = 0
-            self.refs[mfn] = 0
-            self.m2p[mfn] = INVALID_M2P_ENTRY
-            self.dirty[mfn] = 1
-        self._discard(frames)
+        ordered = sorted(frames)
+        if self.released:
+            for mfn in ordered:
+                self.released.pop(mfn, None)
+        runs = _runs(ordered)
+        for start, end in runs:             # the frame table per contiguous run, not per frame
+            n = end - start
+            self.owner[start:end] = array.array("H", [DOMID_INVALID]) * n
+            self.type[start:end] = array.array("B", [PageType.none]) * n
+            self.type_count[start:end] = array.array("I", [0]) * n
+            self.pinned[start:end] = array.array("B", [0]) * n
+            self.refs[start:end] = array.array("I", [0]) * n
+            self.m2p[start:end] = array.array("Q", [INVALID_M2P_ENTRY]) * n
+            self.dirty[start:end] = array.array("B", [1]) * n
+        self._discard(runs)
         # The free list is a stack: the lowest of these frames is handed out first.
-        self._free.extend(sorted(frames, reverse=True))
+        self._free.extend(reversed(ordered))
 
-    def _discard(self, frames: list[int]) -> None:
+    def _discard(self, runs: list[tuple[int, int]]) -> None:
         """Give freed frames' memory back to the host (MADV_REMOVE on the shared memfd
-        mapping): they read as zero afterwards, so the next owner needs no zeroing, and a
-        destroyed guest's memory stops costing RSS. Done per contiguous run."""
-        if not frames:
-            return
-        run = sorted(frames)
-        start = prev = run[0]
-        for mfn in run[1:] + [None]:
-            if mfn is not None and mfn == prev + 1:
-                prev = mfn
-                continue
+        mapping), per contiguous run [start, end): they read as zero afterwards, so the next
+        owner needs no zeroing, and a destroyed guest's memory stops costing RSS."""
+        for start, end in runs:
             try:
-                self.map.madvise(mmap.MADV_REMOVE, start << PAGE_SHIFT, (prev - start + 1) << PAGE_SHIFT)
-                for f in range(start, prev + 1):
-                    self.dirty[f] = 0
+                self.map.madvise(mmap.MADV_REMOVE, start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
+                self.dirty[start:end] = array.array("B", [0]) * (end - start)
             except (OSError, AttributeError):
                 pass                            # stays dirty: zeroed when allocated
-            if mfn is not None:
-                start = prev = mfn
 
     def give_back(self, mfn: int, frames: set[int]) -> bool:
         """A domain gives back one of its frames (`frames`: its frame set). Freed now if

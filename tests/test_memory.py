@@ -110,6 +110,25 @@ def test_free_resets_owner_and_m2p(mem):
     assert mem.free_frames == mem.m2p_first
 
 
+def test_free_of_runs_leaves_the_frames_between_them(mem):
+    """free() stores the frame table per contiguous run: two runs around a frame that stays
+    allocated (owned, typed, referenced, in the M2P) leave that frame as it was, and the
+    freed ones go back lowest first."""
+    frames = mem.alloc(7, 7)
+    mem.set_m2p(frames)
+    keep = frames[3]
+    mem.get_writable(keep)
+    mem.refs[keep] = 1
+    gone = frames[:3] + frames[4:]
+    mem.free(list(reversed(gone)))
+    assert (mem.owner[keep], mem.type[keep], mem.type_count[keep], mem.refs[keep], mem.m2p[keep]) == \
+        (7, PageType.writable, 1, 1, 3)
+    for m in gone:
+        assert (mem.owner[m], mem.type[m], mem.refs[m], mem.m2p[m]) == \
+            (DOMID_INVALID, PageType.none, 0, INVALID_M2P_ENTRY)
+    assert mem.alloc(8, 6) == gone
+
+
 def test_m2p_visible_in_machine_memory(mem):
     """The M2P is guest-readable memory (Xen's read-only mapping): entries live in frames."""
     frames = mem.alloc(1, 600)
