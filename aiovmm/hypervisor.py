@@ -86,7 +86,8 @@ def _load_image(kernel: str, ramdisk: str | None, memory_mib: int) -> tuple[buil
 
 
 def _retrieve(fut: "asyncio.Future") -> None:
-    """Done callback of a load nobody waits for any more: its exception is not an error."""
+    """Done callback of the image load: create() reports its exception when it waits for it;
+    one nobody waits for any more (create failed or was cancelled) is not an error."""
     if not fut.cancelled():
         fut.exception()
 
@@ -262,6 +263,7 @@ class Hypervisor:
         # better (30 + 30 interleaved boots, twice, load 10): the woken worker preempts the
         # build instead. The hand-off itself is ~2-5 ms of wall time at load 10.
         load = asyncio.ensure_future(asyncio.to_thread(_load_image, kernel, ramdisk, memory_mib))
+        load.add_done_callback(_retrieve)       # left behind by a failed or cancelled create
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:
@@ -270,20 +272,13 @@ class Hypervisor:
             await asyncio.wait({load})
             load.result()                       # a kernel the load refused is reported first
             raise BuildError(f"not enough machine memory for {memory_mib} MiB: {e}") from None
-        except BaseException:
-            load.add_done_callback(_retrieve)
-            raise
         dom.engine_kind = engine_kind
         if max_memory_mib is not None:
             dom.max_pages = dom.memmap_pages = max_memory_mib << 20 >> PAGE_SHIFT
         self._next_domid += 1
         self.domains[domid] = dom
         try:
-            try:
-                img, rd = await asyncio.shield(load)
-            except asyncio.CancelledError:
-                load.add_done_callback(_retrieve)
-                raise
+            img, rd = await asyncio.shield(load)
             dom.suspend_cancel = bool(img.notes.get(ElfNote.SUSPEND_CANCEL, 0))
             log.info("d%d: vCPU engine %s", domid, engine_kind)
             if engine_kind == "kvm":            # Xen-area pages KVM needs, before any L4 is validated

@@ -3,6 +3,7 @@ through the library and through the CLI (exit 64, one line on stderr, no traceba
 hypercall page and the initial layout follow Xen's x86_64 PV builder."""
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import struct
@@ -154,6 +155,26 @@ async def test_more_memory_than_the_machine(hv):
     with pytest.raises(BuildError, match=r"machine memory"):
         await hv.create(kernel(), memory_mib=hv.memory_mib * 2)
     assert hv.domains == {}
+
+
+async def test_bad_kernel_and_too_much_memory_names_the_kernel(hv, tmp_path):
+    """create() builds the domain before it waits for the image load: a kernel the load
+    refuses is still the error reported, as when the load came first."""
+    with pytest.raises(BuildError) as ei:
+        await hv.create(make_empty(tmp_path), memory_mib=hv.memory_mib * 2)
+    assert "machine memory" not in str(ei.value), str(ei.value)
+    assert hv.domains == {}
+
+
+async def test_create_cancelled_while_the_image_loads_leaves_nothing(hv):
+    free = hv.mem.free_frames
+    task = asyncio.ensure_future(hv.create(kernel(), memory_mib=8))
+    await asyncio.sleep(0)              # its domain is built; it waits for the image
+    assert len(hv.domains) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert hv.domains == {} and hv.mem.free_frames == free
 
 
 async def test_zero_memory(hv):
