@@ -114,3 +114,35 @@ async def test_a_migration_runs_its_hand_over_boosted_and_leaves_the_policy_as_i
             assert not st.realtime
         finally:
             await rx.aclose()
+
+
+async def test_the_receiver_boosts_at_the_senders_stop_and_copy(privileged, monkeypatch):
+    """The sender's STOP_AND_COPY record (sent as its guest suspends) boosts the receiver
+    then, not at the end of the stream: the last pages and the tail (the guest's downtime)
+    are read at real-time priority. The sender here runs without its own boost (one
+    process: it would be the same thread's)."""
+    from aiovmm.migration import restore
+    seen: list[tuple[str, int]] = []
+    record = restore._record
+
+    def noted(dom, st, rt, body):
+        seen.append((rt.name, _policy()))
+        return record(dom, st, rt, body)
+    monkeypatch.setattr(restore, "_record", noted)
+    async with Hypervisor(memory_mib=128) as src, Hypervisor(memory_mib=128) as dst:
+        arrived = []
+        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, arrived.append)
+        try:
+            dom = await src.create(guest("suspend"), memory_mib=8, cmdline="pages=64 every=10")
+            await dom.wait_for_line(r"uptime: ticks=20 ", 20)
+            st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, realtime=False)
+            assert not st.realtime
+            assert rx.marks["rx_stop_copy"] < rx.marks["rx_stream_in"]
+            await arrived[0].wait_for_line(r"suspend: resumed rc=0", 10)
+        finally:
+            await rx.aclose()
+    head = [p for name, p in seen if name.startswith("x86_pv_") and "vcpu" not in name]
+    tail = [p for name, p in seen if name in ("x86_tsc_info", "shared_info", "x86_pv_vcpu_basic")]
+    assert head == [os.SCHED_OTHER, os.SCHED_OTHER]          # pre-copy: normal priority
+    assert tail and set(tail) == {os.SCHED_FIFO}
+    assert _policy() == os.SCHED_OTHER and priority.RealTime._depth == 0

@@ -9,7 +9,9 @@ sender writes Xen's migration stream v2 (the same records as a save file):
   round 0: every page (never-written frames as XALLOC)
   round 1..n: the pages whose contents changed since they were sent, until the rest fits
               the downtime target at the measured bandwidth, or no progress, or max_rounds
-  cooperative suspend, the last changed pages, tail (TSC, shared_info, vCPU, END)
+  cooperative suspend, STOP_AND_COPY (an optional record, which libxc's restore would
+              skip: the receiver boosts itself then, see receive), the last changed
+              pages, tail (TSC, shared_info, vCPU, END)
 
 Dirty pages are found by content: every page is copied into a shadow as it is sent (and
 sent from the copy), and compared with it after each round (dirty.py). That works on both
@@ -153,13 +155,23 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
     """One incoming migration. Returns the running domain, or None when the sender was
     refused or the migration failed (nothing is left behind either way). `marks` gets the
     time.perf_counter() of each step of the end of the stream (where the downtime goes).
-    `realtime`: from the end of the stream to DONE the loop thread runs at real-time
-    priority (RealTime): the guest is down on both hosts then."""
+    `realtime`: from the sender's STOP_AND_COPY record (its guest suspended) to DONE the
+    loop thread runs at real-time priority (RealTime): the guest is down on both hosts
+    then."""
     mk: dict[str, float] = {} if marks is None else marks
     rt = RealTime(realtime)
 
     def mark(name: str) -> None:
         mk[name] = time.perf_counter()
+
+    def on_stop_copy() -> None:
+        # The sender's guest is suspending: from here to DONE the guest is down on both
+        # hosts, and a receiver at normal priority waited 10-30 ms for a core for the
+        # last pages (two daemons on 2 loaded cores), so the boost starts now, not at the
+        # end of the stream. At most once (a sender's repeats change nothing).
+        if "rx_stop_copy" not in mk:
+            mark("rx_stop_copy")
+            rt.start()
 
     def on_end(d: "Domain") -> None:
         mark("rx_stream_in")
@@ -190,7 +202,7 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
         dom, st = await _restore.read_stream(hv, S.BufferedSource(_SocketSource(reader, IDLE_TIMEOUT)),
                                              start=False, claim=False, prepare=True,
                                              progress=lambda _d, _n: mark("rx_pages"),
-                                             on_end=on_end)
+                                             on_end=on_end, on_stop_copy=on_stop_copy)
         mark("rx_finished")
         writer.write(READY)
         await _drain(writer)
@@ -435,6 +447,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         _boost(rt, dom)
         stats.realtime = rt.active
         t_down, c_down = time.perf_counter(), time.process_time()
+        await write(S.record(S.Rec.stop_and_copy))   # the receiver boosts itself now
         devices.hold(dom, True)               # frames for the guest wait in its taps
         devices.take_tx(dom)                  # its last frames out, before the last copy
         written = asyncio.ensure_future(devices.tx_written(dom))
