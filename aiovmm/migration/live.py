@@ -29,11 +29,14 @@ live; the receiver starts the domain and answers DONE; the sender destroys the s
 Any failure before GO (connection dropped, refused stream, timeout) resumes the source as a
 cancelled suspend (or it never stopped running). A failure after GO leaves the source
 suspended and paused (logged): the operator decides, as with xl's "--migratedaway".
-After DONE the receiver keeps the connection until the guest's frontends have reconnected
-its vifs (at most REALTIME_LIMIT_S); the sender destroys the source when it closes, not at
+After DONE the sender sends the frames for the guest its vifs held while it was down
+(HELD: the receiver gives them to the guest's vifs there, ahead of the new taps' own; put
+back into the source's bridge they would teach the switches their senders' MACs on the old
+host). The receiver keeps the connection until the guest's frontends have reconnected its
+vifs (at most REALTIME_LIMIT_S); the sender destroys the source when it closes, not at
 DONE: the dead domain's teardown (tens of ms of work, the taps' closes) then does not
 compete with the guest's reconnect when both hosts share a loop or cores, and frames that
-reached the source's taps after DONE are sent on before they close.
+reached the source's taps after DONE are sent on (through its bridge) before they close.
 """
 from __future__ import annotations
 
@@ -61,10 +64,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiovmm.migration")
 
-MAGIC = b"aiovmm-migrate-1"
+MAGIC = b"aiovmm-migrate-2"
 NONCE = 32
 MAC = 32
 READY, GO, DONE = b"READY\0\0\0", b"GO\0\0\0\0\0\0", b"DONE"
+HELD = struct.Struct("<4sI")              # b"HELD", frame count; then per frame:
+HELD_FRAME = struct.Struct("<II")         # devid, length, the frame (virtio_net_hdr first)
 AUTH_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0
 
@@ -220,6 +225,8 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
         writer.write(DONE + struct.pack("<I", started.domid))
         await _drain(writer)
         mark("rx_done")
+        await _carried_frames(reader, started)
+        mark("rx_held_frames")
         await _vifs_connected(started)      # the sender waits for the close after it
         mark("rx_vifs_connected")
         log.info("d%d (%s): migrated in from %s (%d pages)", started.domid, started.name, peer, st.pages)
@@ -237,6 +244,36 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
 
 
 FIRST_FRAME_WAIT_S = 0.1
+
+
+async def _carried_frames(reader: asyncio.StreamReader, dom: "Domain") -> None:
+    """After DONE: the frames for the guest its old host held while it was down (the
+    sender's HELD message), given to its vifs here (devices.put_rx). Written back into
+    the old host's bridge instead, they would reach it too, but teach the switches each
+    sender's MAC on the old host until that sender's next frame (the guest's answers
+    then go there). The guest is this host's already: a message that does not come
+    within REALTIME_LIMIT_S or is malformed only loses those frames (logged)."""
+    from ..backends.net.device import HELD_MAX, RX_BUF
+    from .devices import MAX_DEVICES
+    try:
+        async with asyncio.timeout(priority.REALTIME_LIMIT_S):
+            tag, count = HELD.unpack(await reader.readexactly(HELD.size))
+            if tag != b"HELD" or count > HELD_MAX * MAX_DEVICES:
+                raise ValueError(f"bad HELD header ({tag!r}, {count} frames)")
+            held = []
+            for _ in range(count):
+                devid, length = HELD_FRAME.unpack(await reader.readexactly(HELD_FRAME.size))
+                if length > RX_BUF:
+                    raise ValueError(f"a held frame of {length} bytes")
+                held.append((devid, await reader.readexactly(length)))
+    except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as e:
+        log.warning("d%d: the frames held on the old host are lost: %s", dom.domid,
+                    e or type(e).__name__)
+        return
+    kept = devices.put_rx(dom, held)
+    if held:
+        log.info("d%d: %d of %d frames held on the old host given to the guest here",
+                 dom.domid, kept, len(held))
 
 
 async def _vifs_connected(dom: "Domain") -> None:
@@ -490,7 +527,17 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             raise MigrationError("no DONE from the receiver")
         stats.domid = struct.unpack("<I", done[len(DONE):])[0]
         mark("done")
-        stats.forwarded = devices.forward(dom)
+        # The frames for the guest that waited here go to its new host on this connection
+        # (_carried_frames there); the guest is the receiver's now, so a failure to send
+        # them loses only them.
+        held = devices.take_held(dom)
+        try:
+            writer.write(HELD.pack(b"HELD", len(held)) + b"".join(
+                HELD_FRAME.pack(devid, len(f)) + f for devid, f in held))
+            await _drain(writer)
+            stats.forwarded = len(held)
+        except (OSError, TimeoutError) as e:
+            log.warning("d%d: %d held frames not sent on: %s", dom.domid, len(held), e)
         stats.downtime_ms = (time.perf_counter() - t_down) * 1e3
         stats.downtime_cpu_ms = (time.process_time() - c_down) * 1e3
         rt.stop()
