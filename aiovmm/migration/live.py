@@ -9,6 +9,8 @@ sender writes Xen's migration stream v2 (the same records as a save file):
   round 0: every page (never-written frames as XALLOC)
   round 1..n: the pages whose contents changed since they were sent, until the rest fits
               the downtime target at the measured bandwidth, or no progress, or max_rounds
+              (each round ends with PRECOPY_ROUND_END, an optional record like
+              STOP_AND_COPY: the receiver waits for what follows boosted, see receive)
   cooperative suspend, STOP_AND_COPY (an optional record, which libxc's restore would
               skip: the receiver boosts itself then, see receive), the last changed
               pages, tail (TSC, shared_info, vCPU, END)
@@ -169,14 +171,28 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
     def mark(name: str) -> None:
         mk[name] = time.perf_counter()
 
-    def on_stop_copy() -> None:
-        # The sender's guest is suspending: from here to DONE the guest is down on both
-        # hosts, and a receiver at normal priority waited 10-30 ms for a core for the
-        # last pages (two daemons on 2 loaded cores), so the boost starts now, not at the
-        # end of the stream. At most once (a sender's repeats change nothing).
-        if "rx_stop_copy" not in mk:
-            mark("rx_stop_copy")
-            rt.start()
+    def on_record(r: S.Rec) -> None:
+        # STOP_AND_COPY: the sender's guest is suspending; from here to DONE the guest is
+        # down on both hosts, and a receiver at normal priority waited 10-30 ms for a core
+        # for the last pages (two daemons on 2 loaded cores), so the boost starts now, not
+        # at the end of the stream (at most once). Even then the boost came late when the
+        # loop thread waited tens of ms for a core to read that record (load ~14), so it
+        # starts already at each PRECOPY_ROUND_END: the receiver then waits, boosted but
+        # blocked (no CPU), for the sender's next round or its stop-and-copy, and a
+        # PAGE_DATA record before any STOP_AND_COPY (another round) ends it. Not when a
+        # sender runs in this process (one loop thread: the boost would cover the
+        # sender's dirty scan and its guest's suspend handshake, which has a shorter one).
+        if r == S.Rec.stop_and_copy:
+            if "rx_stop_copy" not in mk:
+                mark("rx_stop_copy")
+                rt.start()
+        elif "rx_stop_copy" in mk:
+            return
+        elif r == S.Rec.precopy_round_end:
+            if not _sending:
+                rt.start()
+        elif r == S.Rec.page_data:
+            rt.stop()
 
     def on_end(d: "Domain") -> None:
         mark("rx_stream_in")
@@ -207,7 +223,7 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
         dom, st = await _restore.read_stream(hv, S.BufferedSource(_SocketSource(reader, IDLE_TIMEOUT)),
                                              start=False, claim=False, prepare=True,
                                              progress=lambda _d, _n: mark("rx_pages"),
-                                             on_end=on_end, on_stop_copy=on_stop_copy)
+                                             on_end=on_end, on_record=on_record)
         mark("rx_finished")
         writer.write(READY)
         await _drain(writer)
@@ -370,6 +386,7 @@ async def serve(hv: "Hypervisor", host: str, port: int, secret: bytes,
 
 # ----------------------------------------------------------------------------- sender
 HANDSHAKE_BOOST_S = 0.05
+_sending = 0                              # migrate() calls in progress in this process
 CLOSE_WAIT_S = priority.REALTIME_LIMIT_S + 0.5
 
 
@@ -414,6 +431,8 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         resume_cancelled(dom)
         devices.hold(dom, False)
         devices.reannounce(dom)               # the receiver may have announced it already
+    global _sending
+    _sending += 1
     try:
         try:
             async with asyncio.timeout(AUTH_TIMEOUT):
@@ -450,6 +469,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             t0 = time.perf_counter()
             b0 = stats.bytes_sent
             await _save.pages(dom, todo, write, has_data, skip_tables=True, shadow=shadow)
+            await write(S.record(S.Rec.precopy_round_end))   # the receiver waits boosted
             stats.rounds += 1
             stats.pages_sent += len(todo)
             stats.dirty_per_round.append(len(todo))
@@ -576,6 +596,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             dom.shutdown(ShutdownReason.suspend)
         raise
     finally:
+        _sending -= 1
         if written is not None and not written.done():
             written.cancel()
             await asyncio.gather(written, return_exceptions=True)

@@ -686,7 +686,7 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
                       start: bool = True, claim: bool = True, announce: bool = True,
                       prepare: bool = False,
                       on_end: Callable[["Domain"], None] | None = None,
-                      on_stop_copy: Callable[[], None] | None = None) -> tuple["Domain", RestoreStats]:
+                      on_record: Callable[[S.Rec], None] | None = None) -> tuple["Domain", RestoreStats]:
     """Read a whole save stream and return the running new domain (or raise StreamError /
     BuildError with nothing left behind). `start=False`: built, not yet running (live
     migration starts it once the sender has let go: `hv.start_domain`, or `discard`).
@@ -695,9 +695,10 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
     the guest on this host when it starts; `prepare`: their taps are made and attached
     while the pages arrive (devices.prepare), off the migration's downtime; `on_end` is
     called once the whole stream is in and the taps are ready, before the domain is
-    finished (live migration announces the guest here: see live.receive); `on_stop_copy`
-    is called for each STOP_AND_COPY record (the live sender's guest is suspending: the
-    rest of the stream is its downtime); elsewhere the record is ignored."""
+    finished (live migration announces the guest here: see live.receive); `on_record`
+    is called with the type of each libxc record after the headers before it is read
+    (live.receive follows the sender's STOP_AND_COPY and PRECOPY_ROUND_END with it;
+    those records are otherwise ignored)."""
     from ..domain import Domain
     from . import devices
     t0 = time.perf_counter()
@@ -744,10 +745,10 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
             if rt == S.Rec.end:
                 await rd.body(rt, length)
                 break
-            if rt == S.Rec.stop_and_copy:
+            if on_record is not None:
+                on_record(rt)
+            if rt in (S.Rec.stop_and_copy, S.Rec.precopy_round_end):
                 await rd.body(rt, length)
-                if on_stop_copy is not None:
-                    on_stop_copy()
                 continue
             if rt == S.Rec.page_data:
                 done += await _page_data(dom, st, rd, length)

@@ -72,6 +72,7 @@ class Rec(enum.IntEnum):
     # Optional records (bit 31): a receiver that does not know one skips it (libxc's
     # restore: "Ignoring optional record"), so a stream with them is still Xen's.
     stop_and_copy = 0x8000A001          # aiovmm: the sender's guest is suspending now (live)
+    precopy_round_end = 0x8000A002      # aiovmm: a pre-copy round's pages all sent (live)
 
 
 REC_OPTIONAL = 0x80000000
@@ -117,6 +118,7 @@ MAX_LEN = {
     Rec.shared_info: PAGE_SIZE,
     Rec.x86_tsc_info: TSC_INFO.size,
     Rec.stop_and_copy: 0,
+    Rec.precopy_round_end: 0,
 }
 
 
