@@ -477,7 +477,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             if progress is not None:
                 progress("precopy", stats)
             await asyncio.sleep(0)
-            changed = shadow.changed(dom, _save.data_map(dom))
+            changed = await shadow.changed_yielding(dom, _save.data_map(dom))
             fits = len(changed) * PAGE_SIZE / max(rate, 1.0) * 1e3 <= downtime_ms
             if fits or stats.rounds >= max_rounds or (prev is not None and len(changed) >= len(prev)):
                 break
