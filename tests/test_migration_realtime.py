@@ -116,6 +116,23 @@ async def test_a_migration_runs_its_hand_over_boosted_and_leaves_the_policy_as_i
             await rx.aclose()
 
 
+async def _migrate_unboosted(cmdline: str, **kw) -> tuple["live.MigrateStats", dict[str, float]]:
+    """An 8 MiB suspend guest migrated between two hypervisors of this process, the sender
+    unboosted (realtime=False), the receiver as a daemon runs it: (sender's stats,
+    receiver's marks) once the guest has resumed there."""
+    async with Hypervisor(memory_mib=128) as src, Hypervisor(memory_mib=128) as dst:
+        arrived = []
+        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, arrived.append)
+        try:
+            dom = await src.create(guest("suspend"), memory_mib=8, cmdline=cmdline)
+            await dom.wait_for_line(r"uptime: ticks=20 ", 20)
+            st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, realtime=False, **kw)
+            await arrived[0].wait_for_line(r"suspend: resumed rc=0", 10)
+            return st, dict(rx.marks)
+        finally:
+            await rx.aclose()
+
+
 async def test_the_receiver_boosts_at_the_senders_stop_and_copy(privileged, monkeypatch):
     """The sender's STOP_AND_COPY record (sent as its guest suspends) boosts the receiver
     then, not at the end of the stream: the last pages and the tail (the guest's downtime)
@@ -129,18 +146,9 @@ async def test_the_receiver_boosts_at_the_senders_stop_and_copy(privileged, monk
         seen.append((rt.name, _policy()))
         return record(dom, st, rt, body)
     monkeypatch.setattr(restore, "_record", noted)
-    async with Hypervisor(memory_mib=128) as src, Hypervisor(memory_mib=128) as dst:
-        arrived = []
-        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, arrived.append)
-        try:
-            dom = await src.create(guest("suspend"), memory_mib=8, cmdline="pages=64 every=10")
-            await dom.wait_for_line(r"uptime: ticks=20 ", 20)
-            st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, realtime=False)
-            assert not st.realtime
-            assert rx.marks["rx_stop_copy"] < rx.marks["rx_stream_in"]
-            await arrived[0].wait_for_line(r"suspend: resumed rc=0", 10)
-        finally:
-            await rx.aclose()
+    st, marks = await _migrate_unboosted("pages=64 every=10")
+    assert not st.realtime
+    assert marks["rx_stop_copy"] < marks["rx_stream_in"]
     head = [p for name, p in seen if name.startswith("x86_pv_") and "vcpu" not in name]
     tail = [p for name, p in seen if name in ("x86_tsc_info", "shared_info", "x86_pv_vcpu_basic")]
     assert head == [os.SCHED_OTHER, os.SCHED_OTHER]          # pre-copy: normal priority
@@ -166,18 +174,9 @@ async def test_the_receiver_waits_boosted_after_each_precopy_round(privileged, m
             seen.append((r.name, before, _policy()))
         return await read_stream(*a, on_record=rec, **k)
     monkeypatch.setattr(restore, "read_stream", traced)
-    async with Hypervisor(memory_mib=128) as src, Hypervisor(memory_mib=128) as dst:
-        arrived = []
-        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, arrived.append)
-        try:
-            dom = await src.create(guest("suspend"), memory_mib=8, cmdline="pages=64 every=10 dirty=64")
-            await dom.wait_for_line(r"uptime: ticks=20 ", 20)
-            monkeypatch.setattr(live, "_sending", -1)
-            st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, realtime=False,
-                                    downtime_ms=0.001)          # more than one round
-            await arrived[0].wait_for_line(r"suspend: resumed rc=0", 10)
-        finally:
-            await rx.aclose()
+    monkeypatch.setattr(live, "_sending", -1)
+    st, _marks = await _migrate_unboosted("pages=64 every=10 dirty=64",
+                                          downtime_ms=0.001)      # more than one round
     names = [n for n, _b, _a in seen]
     assert names.count("precopy_round_end") == st.rounds >= 2, (st.rounds, names)
     stop = names.index("stop_and_copy")
