@@ -262,6 +262,30 @@ async def test_hostile_streams_refused(hv, saved, tmp_path):
     assert uptime(neighbour)[1] == s and not neighbour.dying
 
 
+async def test_optional_records_skipped_as_libxc_does(hv, saved, tmp_path):
+    """Record types with bit 31 set are optional (libxc's restore ignores one it does not
+    know): one of an unknown type and aiovmm's STOP_AND_COPY (a live sender's, meaningless
+    in a file), between the page data and the tail, change nothing; an unknown optional
+    record over MAX_OPTIONAL_LEN and an unknown mandatory one are refused."""
+    path, (ticks, checksum) = saved
+    data = open(path, "rb").read()
+    recs = _records(data)
+    tail = next(off for off, t, _n in recs if t == S.Rec.x86_tsc_info)
+    extra = S.record(0x80001234, b"whatever a newer sender says") + S.record(S.Rec.stop_and_copy)
+    ok = str(tmp_path / "optional.save")
+    with open(ok, "wb") as f:
+        f.write(data[:tail] + extra + data[tail:])
+    dom = await hv.restore(ok)
+    await dom.wait_for_line(rf"uptime: ticks={ticks + 10} ", 10)
+    assert uptime(dom)[1] == checksum
+    dom.shutdown()
+    await asyncio.wait([dom.task])
+    bad = str(tmp_path / "bad.save")
+    big = S.RH.pack(0x80001234, S.MAX_OPTIONAL_LEN + 8) + bytes(S.MAX_OPTIONAL_LEN + 8)
+    await _refused(hv, bad, data[:tail] + big + data[tail:], "not supported")
+    await _refused(hv, bad, data[:tail] + S.record(0x1234, b"x") + data[tail:], "not supported")
+
+
 async def test_suspend_with_foreign_start_info_refused(hv):
     """SCHEDOP_shutdown(suspend) naming a frame the guest does not own (another guest's,
     Xen's, beyond memory): -EINVAL, the save fails clearly, the guest runs on."""

@@ -281,7 +281,12 @@ async def test_frames_left_on_the_rx_ring_at_the_suspend_reach_the_new_host(two_
     frames past the rsp_event the guest left and sends them on with the ones held in the
     tap. Without that six pings were lost here (the 1-2 the switched-LAN test lost at
     random were the same: the last frame put on the ring before the guest's SCHEDOP_shutdown,
-    0.4-4.5 ms before it, in 6 of 6 instrumented runs)."""
+    0.4-4.5 ms before it, in 6 of 6 instrumented runs).
+    They travel to the new host on the migration connection: written back into the old
+    host's bridge they reached the guest too, but taught the switch the client's MAC on
+    the old host's port, and the guest's answers to them went there and were lost (as many
+    pings lost as frames sent on, in 5 of 7 runs). No frame of the client's may enter the
+    switch from the old host."""
     lan, a, b, rx, arrived = two_hosts
     dom = await a.create(guest("net"), memory_mib=8,
                          cmdline=f"ip={GUEST_IP}/24 suspend=1 suspend_delay=100",
@@ -289,6 +294,9 @@ async def test_frames_left_on_the_rx_ring_at_the_suspend_reach_the_new_host(two_
     await dom.wait_for_line(r"net: serving", 30)
     rc, out = await lan.run("ping", "-c", "2", "-i", "0.2", "-W", "2", GUEST_IP)
     assert rc == 0, out
+    rc, out = await lan.run("ip", "-o", "link", "show", "eth0")
+    client_mac = bytes.fromhex(re.search(r"link/ether ([0-9a-f:]{17})", out).group(1).replace(":", ""))
+    cap_a = await asyncio.to_thread(lan.capture, "up-a", (0x0800,))
     ping = asyncio.ensure_future(lan.run("ping", "-n", "-i", "0.01", "-c", "150", "-W", "3",
                                          GUEST_IP, timeout=20))
     try:
@@ -301,11 +309,14 @@ async def test_frames_left_on_the_rx_ring_at_the_suspend_reach_the_new_host(two_
         if not ping.done():
             ping.cancel()
         await asyncio.gather(ping, return_exceptions=True)
+    from_a = cap_a.frames()
+    cap_a.close()
     sent, got, lost = _ping_summary(pout)
     print(f"\nsuspend_delay=100: downtime {st.downtime_ms:.1f} ms, forwarded {st.forwarded}, "
           f"lost icmp_seq {lost}")
     assert sent == 150
-    assert st.forwarded >= 3, st.forwarded     # the frames left on the ring went on
-    assert len(lost) <= 1, pout[-300:]
+    assert st.forwarded >= 1, st.forwarded     # the frames left on the ring went on
+    assert not [raw for _ts, raw in from_a if raw[6:12] == client_mac]
+    assert not lost, pout[-300:]
     new.shutdown()
     await asyncio.wait([new.task])

@@ -114,3 +114,77 @@ async def test_a_migration_runs_its_hand_over_boosted_and_leaves_the_policy_as_i
             assert not st.realtime
         finally:
             await rx.aclose()
+
+
+async def _migrate_unboosted(cmdline: str, **kw) -> tuple["live.MigrateStats", dict[str, float]]:
+    """An 8 MiB suspend guest migrated between two hypervisors of this process, the sender
+    unboosted (realtime=False), the receiver as a daemon runs it: (sender's stats,
+    receiver's marks) once the guest has resumed there."""
+    async with Hypervisor(memory_mib=128) as src, Hypervisor(memory_mib=128) as dst:
+        arrived = []
+        rx = await live.serve(dst, "127.0.0.1", 0, SECRET, arrived.append)
+        try:
+            dom = await src.create(guest("suspend"), memory_mib=8, cmdline=cmdline)
+            await dom.wait_for_line(r"uptime: ticks=20 ", 20)
+            st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET, realtime=False, **kw)
+            await arrived[0].wait_for_line(r"suspend: resumed rc=0", 10)
+            return st, dict(rx.marks)
+        finally:
+            await rx.aclose()
+
+
+async def test_the_receiver_boosts_at_the_senders_stop_and_copy(privileged, monkeypatch):
+    """The sender's STOP_AND_COPY record (sent as its guest suspends) boosts the receiver
+    then, not at the end of the stream: the last pages and the tail (the guest's downtime)
+    are read at real-time priority. The sender here runs without its own boost (one
+    process: it would be the same thread's)."""
+    from aiovmm.migration import restore
+    seen: list[tuple[str, int]] = []
+    record = restore._record
+
+    def noted(dom, st, rt, body):
+        seen.append((rt.name, _policy()))
+        return record(dom, st, rt, body)
+    monkeypatch.setattr(restore, "_record", noted)
+    st, marks = await _migrate_unboosted("pages=64 every=10")
+    assert not st.realtime
+    assert marks["rx_stop_copy"] < marks["rx_stream_in"]
+    head = [p for name, p in seen if name.startswith("x86_pv_") and "vcpu" not in name]
+    tail = [p for name, p in seen if name in ("x86_tsc_info", "shared_info", "x86_pv_vcpu_basic")]
+    assert head == [os.SCHED_OTHER, os.SCHED_OTHER]          # pre-copy: normal priority
+    assert tail and set(tail) == {os.SCHED_FIFO}
+    assert _policy() == os.SCHED_OTHER and priority.RealTime._depth == 0
+
+
+async def test_the_receiver_waits_boosted_after_each_precopy_round(privileged, monkeypatch):
+    """After each PRECOPY_ROUND_END the receiver waits boosted (blocked, no CPU) for what
+    follows, so it wakes at once for the stop-and-copy; the next round's first PAGE_DATA
+    ends that boost. Not while a sender runs in the same process (its loop thread is the
+    sender's too): here the sender's count is offset so that the receiver acts as in a
+    daemon of its own, and the sender runs unboosted."""
+    from aiovmm.migration import restore
+    from aiovmm.migration import stream as S
+    seen: list[tuple[str, int, int]] = []          # (record, policy before, policy after)
+    read_stream = restore.read_stream
+
+    async def traced(*a, on_record=None, **k):
+        def rec(r):
+            before = _policy()
+            on_record(r)
+            seen.append((r.name, before, _policy()))
+        return await read_stream(*a, on_record=rec, **k)
+    monkeypatch.setattr(restore, "read_stream", traced)
+    monkeypatch.setattr(live, "_sending", -1)
+    st, _marks = await _migrate_unboosted("pages=64 every=10 dirty=64",
+                                          downtime_ms=0.001)      # more than one round
+    names = [n for n, _b, _a in seen]
+    assert names.count("precopy_round_end") == st.rounds >= 2, (st.rounds, names)
+    stop = names.index("stop_and_copy")
+    for i, (name, before, after) in enumerate(seen):
+        if name == "precopy_round_end":
+            assert after == os.SCHED_FIFO
+        elif i < stop and name == "page_data" and i and seen[i - 1][0] == "precopy_round_end":
+            assert (before, after) == (os.SCHED_FIFO, os.SCHED_OTHER)     # another round
+    assert seen[stop][1] == os.SCHED_FIFO          # already boosted when the suspend came
+    assert all(a == os.SCHED_FIFO for _n, _b, a in seen[stop:])
+    assert _policy() == os.SCHED_OTHER and priority.RealTime._depth == 0

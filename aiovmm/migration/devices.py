@@ -199,6 +199,26 @@ def hold(dom: "Domain", on: bool) -> None:
             b.hold(on)
 
 
+def take_held(dom: "Domain") -> list[tuple[int, bytes]]:
+    """After the hand-over: the frames for the guest its vifs held, as (devid, frame)
+    (Netback.take_held), for its new host (put_rx there)."""
+    from ..backends.net import Netback
+    return [(b.devid, f) for b in dom.backends if isinstance(b, Netback) for f in b.take_held()]
+
+
+def put_rx(dom: "Domain", held: list[tuple[int, bytes]]) -> int:
+    """The migrated-in guest's frames held on its old host, each to the vif of its devid
+    (Netback.put_rx: checked there; a devid the guest has no vif for is dropped).
+    Returns the frames kept."""
+    from ..backends.net import Netback
+    vifs = {b.devid: b for b in dom.backends if isinstance(b, Netback)}
+    by: dict[int, list[bytes]] = {}
+    for devid, f in held:
+        if devid in vifs:
+            by.setdefault(devid, []).append(f)
+    return sum(vifs[d].put_rx(fs) for d, fs in by.items())
+
+
 def forward(dom: "Domain") -> int:
     """After the hand-over: the held frames go on to the guest's new host (Netback.forward)."""
     from ..backends.net import Netback

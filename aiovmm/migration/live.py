@@ -9,7 +9,11 @@ sender writes Xen's migration stream v2 (the same records as a save file):
   round 0: every page (never-written frames as XALLOC)
   round 1..n: the pages whose contents changed since they were sent, until the rest fits
               the downtime target at the measured bandwidth, or no progress, or max_rounds
-  cooperative suspend, the last changed pages, tail (TSC, shared_info, vCPU, END)
+              (each round ends with PRECOPY_ROUND_END, an optional record like
+              STOP_AND_COPY: the receiver waits for what follows boosted, see receive)
+  cooperative suspend, STOP_AND_COPY (an optional record, which libxc's restore would
+              skip: the receiver boosts itself then, see receive), the last changed
+              pages, tail (TSC, shared_info, vCPU, END)
 
 Dirty pages are found by content: every page is copied into a shadow as it is sent (and
 sent from the copy), and compared with it after each round (dirty.py). That works on both
@@ -27,11 +31,14 @@ live; the receiver starts the domain and answers DONE; the sender destroys the s
 Any failure before GO (connection dropped, refused stream, timeout) resumes the source as a
 cancelled suspend (or it never stopped running). A failure after GO leaves the source
 suspended and paused (logged): the operator decides, as with xl's "--migratedaway".
-After DONE the receiver keeps the connection until the guest's frontends have reconnected
-its vifs (at most REALTIME_LIMIT_S); the sender destroys the source when it closes, not at
+After DONE the sender sends the frames for the guest its vifs held while it was down
+(HELD: the receiver gives them to the guest's vifs there, ahead of the new taps' own; put
+back into the source's bridge they would teach the switches their senders' MACs on the old
+host). The receiver keeps the connection until the guest's frontends have reconnected its
+vifs (at most REALTIME_LIMIT_S); the sender destroys the source when it closes, not at
 DONE: the dead domain's teardown (tens of ms of work, the taps' closes) then does not
 compete with the guest's reconnect when both hosts share a loop or cores, and frames that
-reached the source's taps after DONE are sent on before they close.
+reached the source's taps after DONE are sent on (through its bridge) before they close.
 """
 from __future__ import annotations
 
@@ -59,10 +66,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiovmm.migration")
 
-MAGIC = b"aiovmm-migrate-1"
+MAGIC = b"aiovmm-migrate-2"
 NONCE = 32
 MAC = 32
 READY, GO, DONE = b"READY\0\0\0", b"GO\0\0\0\0\0\0", b"DONE"
+HELD = struct.Struct("<4sI")              # b"HELD", frame count; then per frame:
+HELD_FRAME = struct.Struct("<II")         # devid, length, the frame (virtio_net_hdr first)
 AUTH_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0
 
@@ -153,13 +162,37 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
     """One incoming migration. Returns the running domain, or None when the sender was
     refused or the migration failed (nothing is left behind either way). `marks` gets the
     time.perf_counter() of each step of the end of the stream (where the downtime goes).
-    `realtime`: from the end of the stream to DONE the loop thread runs at real-time
-    priority (RealTime): the guest is down on both hosts then."""
+    `realtime`: from the sender's STOP_AND_COPY record (its guest suspended) to DONE the
+    loop thread runs at real-time priority (RealTime): the guest is down on both hosts
+    then."""
     mk: dict[str, float] = {} if marks is None else marks
     rt = RealTime(realtime)
 
     def mark(name: str) -> None:
         mk[name] = time.perf_counter()
+
+    def on_record(r: S.Rec) -> None:
+        # STOP_AND_COPY: the sender's guest is suspending; from here to DONE the guest is
+        # down on both hosts, and a receiver at normal priority waited 10-30 ms for a core
+        # for the last pages (two daemons on 2 loaded cores), so the boost starts now, not
+        # at the end of the stream (at most once). Even then the boost came late when the
+        # loop thread waited tens of ms for a core to read that record (load ~14), so it
+        # starts already at each PRECOPY_ROUND_END: the receiver then waits, boosted but
+        # blocked (no CPU), for the sender's next round or its stop-and-copy, and a
+        # PAGE_DATA record before any STOP_AND_COPY (another round) ends it. Not when a
+        # sender runs in this process (one loop thread: the boost would cover the
+        # sender's dirty scan and its guest's suspend handshake, which has a shorter one).
+        if r == S.Rec.stop_and_copy:
+            if "rx_stop_copy" not in mk:
+                mark("rx_stop_copy")
+                rt.start()
+        elif "rx_stop_copy" in mk:
+            return
+        elif r == S.Rec.precopy_round_end:
+            if not _sending:
+                rt.start()
+        elif r == S.Rec.page_data:
+            rt.stop()
 
     def on_end(d: "Domain") -> None:
         mark("rx_stream_in")
@@ -190,7 +223,7 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
         dom, st = await _restore.read_stream(hv, S.BufferedSource(_SocketSource(reader, IDLE_TIMEOUT)),
                                              start=False, claim=False, prepare=True,
                                              progress=lambda _d, _n: mark("rx_pages"),
-                                             on_end=on_end)
+                                             on_end=on_end, on_record=on_record)
         mark("rx_finished")
         writer.write(READY)
         await _drain(writer)
@@ -208,6 +241,8 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
         writer.write(DONE + struct.pack("<I", started.domid))
         await _drain(writer)
         mark("rx_done")
+        await _carried_frames(reader, started)
+        mark("rx_held_frames")
         await _vifs_connected(started)      # the sender waits for the close after it
         mark("rx_vifs_connected")
         log.info("d%d (%s): migrated in from %s (%d pages)", started.domid, started.name, peer, st.pages)
@@ -225,6 +260,36 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
 
 
 FIRST_FRAME_WAIT_S = 0.1
+
+
+async def _carried_frames(reader: asyncio.StreamReader, dom: "Domain") -> None:
+    """After DONE: the frames for the guest its old host held while it was down (the
+    sender's HELD message), given to its vifs here (devices.put_rx). Written back into
+    the old host's bridge instead, they would reach it too, but teach the switches each
+    sender's MAC on the old host until that sender's next frame (the guest's answers
+    then go there). The guest is this host's already: a message that does not come
+    within REALTIME_LIMIT_S or is malformed only loses those frames (logged)."""
+    from ..backends.net.device import HELD_MAX, RX_BUF
+    from .devices import MAX_DEVICES
+    try:
+        async with asyncio.timeout(priority.REALTIME_LIMIT_S):
+            tag, count = HELD.unpack(await reader.readexactly(HELD.size))
+            if tag != b"HELD" or count > HELD_MAX * MAX_DEVICES:
+                raise ValueError(f"bad HELD header ({tag!r}, {count} frames)")
+            held = []
+            for _ in range(count):
+                devid, length = HELD_FRAME.unpack(await reader.readexactly(HELD_FRAME.size))
+                if length > RX_BUF:
+                    raise ValueError(f"a held frame of {length} bytes")
+                held.append((devid, await reader.readexactly(length)))
+    except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as e:
+        log.warning("d%d: the frames held on the old host are lost: %s", dom.domid,
+                    e or type(e).__name__)
+        return
+    kept = devices.put_rx(dom, held)
+    if held:
+        log.info("d%d: %d of %d frames held on the old host given to the guest here",
+                 dom.domid, kept, len(held))
 
 
 async def _vifs_connected(dom: "Domain") -> None:
@@ -321,6 +386,7 @@ async def serve(hv: "Hypervisor", host: str, port: int, secret: bytes,
 
 # ----------------------------------------------------------------------------- sender
 HANDSHAKE_BOOST_S = 0.05
+_sending = 0                              # migrate() calls in progress in this process
 CLOSE_WAIT_S = priority.REALTIME_LIMIT_S + 0.5
 
 
@@ -365,6 +431,8 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         resume_cancelled(dom)
         devices.hold(dom, False)
         devices.reannounce(dom)               # the receiver may have announced it already
+    global _sending
+    _sending += 1
     try:
         try:
             async with asyncio.timeout(AUTH_TIMEOUT):
@@ -401,6 +469,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             t0 = time.perf_counter()
             b0 = stats.bytes_sent
             await _save.pages(dom, todo, write, has_data, skip_tables=True, shadow=shadow)
+            await write(S.record(S.Rec.precopy_round_end))   # the receiver waits boosted
             stats.rounds += 1
             stats.pages_sent += len(todo)
             stats.dirty_per_round.append(len(todo))
@@ -408,7 +477,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             if progress is not None:
                 progress("precopy", stats)
             await asyncio.sleep(0)
-            changed = shadow.changed(dom, _save.data_map(dom))
+            changed = await shadow.changed_yielding(dom, _save.data_map(dom))
             fits = len(changed) * PAGE_SIZE / max(rate, 1.0) * 1e3 <= downtime_ms
             if fits or stats.rounds >= max_rounds or (prev is not None and len(changed) >= len(prev)):
                 break
@@ -435,6 +504,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         _boost(rt, dom)
         stats.realtime = rt.active
         t_down, c_down = time.perf_counter(), time.process_time()
+        await write(S.record(S.Rec.stop_and_copy))   # the receiver boosts itself now
         devices.hold(dom, True)               # frames for the guest wait in its taps
         devices.take_tx(dom)                  # its last frames out, before the last copy
         written = asyncio.ensure_future(devices.tx_written(dom))
@@ -477,7 +547,17 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             raise MigrationError("no DONE from the receiver")
         stats.domid = struct.unpack("<I", done[len(DONE):])[0]
         mark("done")
-        stats.forwarded = devices.forward(dom)
+        # The frames for the guest that waited here go to its new host on this connection
+        # (_carried_frames there); the guest is the receiver's now, so a failure to send
+        # them loses only them.
+        held = devices.take_held(dom)
+        try:
+            writer.write(HELD.pack(b"HELD", len(held)) + b"".join(
+                HELD_FRAME.pack(devid, len(f)) + f for devid, f in held))
+            await _drain(writer)
+            stats.forwarded = len(held)
+        except (OSError, TimeoutError) as e:
+            log.warning("d%d: %d held frames not sent on: %s", dom.domid, len(held), e)
         stats.downtime_ms = (time.perf_counter() - t_down) * 1e3
         stats.downtime_cpu_ms = (time.process_time() - c_down) * 1e3
         rt.stop()
@@ -516,6 +596,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             dom.shutdown(ShutdownReason.suspend)
         raise
     finally:
+        _sending -= 1
         if written is not None and not written.done():
             written.cancel()
             await asyncio.gather(written, return_exceptions=True)

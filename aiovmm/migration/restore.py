@@ -685,7 +685,8 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
                       on_console=None, progress: Callable[[int, int], None] | None = None,
                       start: bool = True, claim: bool = True, announce: bool = True,
                       prepare: bool = False,
-                      on_end: Callable[["Domain"], None] | None = None) -> tuple["Domain", RestoreStats]:
+                      on_end: Callable[["Domain"], None] | None = None,
+                      on_record: Callable[[S.Rec], None] | None = None) -> tuple["Domain", RestoreStats]:
     """Read a whole save stream and return the running new domain (or raise StreamError /
     BuildError with nothing left behind). `start=False`: built, not yet running (live
     migration starts it once the sender has let go: `hv.start_domain`, or `discard`).
@@ -694,7 +695,10 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
     the guest on this host when it starts; `prepare`: their taps are made and attached
     while the pages arrive (devices.prepare), off the migration's downtime; `on_end` is
     called once the whole stream is in and the taps are ready, before the domain is
-    finished (live migration announces the guest here: see live.receive)."""
+    finished (live migration announces the guest here: see live.receive); `on_record`
+    is called with the type of each libxc record after the headers before it is read
+    (live.receive follows the sender's STOP_AND_COPY and PRECOPY_ROUND_END with it;
+    those records are otherwise ignored)."""
     from ..domain import Domain
     from . import devices
     t0 = time.perf_counter()
@@ -741,6 +745,11 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
             if rt == S.Rec.end:
                 await rd.body(rt, length)
                 break
+            if on_record is not None:
+                on_record(rt)
+            if rt in (S.Rec.stop_and_copy, S.Rec.precopy_round_end):
+                await rd.body(rt, length)
+                continue
             if rt == S.Rec.page_data:
                 done += await _page_data(dom, st, rd, length)
                 if progress is not None:

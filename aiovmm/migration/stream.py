@@ -69,6 +69,14 @@ class Rec(enum.IntEnum):
     shared_info = 7
     x86_tsc_info = 8
     x86_pv_vcpu_msrs = 12
+    # Optional records (bit 31): a receiver that does not know one skips it (libxc's
+    # restore: "Ignoring optional record"), so a stream with them is still Xen's.
+    stop_and_copy = 0x8000A001          # aiovmm: the sender's guest is suspending now (live)
+    precopy_round_end = 0x8000A002      # aiovmm: a pre-copy round's pages all sent (live)
+
+
+REC_OPTIONAL = 0x80000000
+MAX_OPTIONAL_LEN = 1 << 16              # an unknown optional record is skipped up to this
 
 
 class PfnType(enum.IntEnum):
@@ -109,6 +117,8 @@ MAX_LEN = {
     Rec.x86_pv_vcpu_msrs: VCPU_HDR.size + 64 * MSR_ENTRY.size,
     Rec.shared_info: PAGE_SIZE,
     Rec.x86_tsc_info: TSC_INFO.size,
+    Rec.stop_and_copy: 0,
+    Rec.precopy_round_end: 0,
 }
 
 
@@ -294,13 +304,18 @@ class Reader:
 
     async def record_header(self) -> tuple[Rec, int]:
         """The next libxc record's (type, length); the length is checked against the
-        type's maximum before anything of the body is read."""
-        rtype, length = RH.unpack(await self.exactly(RH.size))
-        try:
-            rt = Rec(rtype)
-        except ValueError:
-            raise StreamError(f"libxc record type {rtype:#x} at byte {self.offset - 8} "
-                              "is not supported") from None
+        type's maximum before anything of the body is read. An optional record of a type
+        not known here is skipped (at most MAX_OPTIONAL_LEN bytes), as libxc does."""
+        while True:
+            rtype, length = RH.unpack(await self.exactly(RH.size))
+            try:
+                rt = Rec(rtype)
+                break
+            except ValueError:
+                if not rtype & REC_OPTIONAL or length > MAX_OPTIONAL_LEN:
+                    raise StreamError(f"libxc record type {rtype:#x} at byte {self.offset - 8} "
+                                      "is not supported") from None
+                await self.exactly(length + _pad(length))
         if length > MAX_LEN[rt]:
             raise StreamError(f"{rt.name} record of {length} bytes (at most {MAX_LEN[rt]})")
         return rt, length

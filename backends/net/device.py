@@ -80,6 +80,8 @@ _VNET_TO_GSO = {v: k for k, v in _GSO_TO_VNET.items()}
 _GSO_FAMILY = {XEN_NETIF_GSO_TYPE_TCPV4: 4, XEN_NETIF_GSO_TYPE_TCPV6: 6}
 _CSUM_FIELD = {6: 16, 17: 6}           # offset of the checksum in a TCP / UDP header
 RX_BUF = VNET_HDR_LEN + 14 + 4 + 65535  # the largest frame a tap hands over (GSO, one VLAN tag)
+HELD_MAX = 4096          # migration: frames for the guest carried to its new host, per vif,
+HELD_BYTES = 4 << 20     # and their bytes (bulk TCP beyond that is the peers' to resend)
 # Copies kept of the frames put on the rx ring that the frontend may not have read yet (its
 # rsp_event says which), for a migration to take back (Netback._unread_rx): at most this
 # many bytes, the oldest dropped first (a frontend that never reads costs no more).
@@ -363,6 +365,9 @@ class Netback(YieldDrained):
         self._rx_recent: collections.deque[tuple[int, bytes]] = collections.deque()
         self._rx_recent_bytes = 0
         self._reclaimed: list[bytes] = []
+        # Migration, destination: frames that waited for the guest on its old host (put_rx),
+        # delivered before anything in the tap.
+        self._rx_carried: collections.deque[bytes] = collections.deque()
         self._attach_lock = asyncio.Lock()
 
     # -- toolstack ------------------------------------------------------------------------------
@@ -478,34 +483,46 @@ class Netback(YieldDrained):
                      self.dom.domid, self.devid, len(unread))
         return unread
 
-    def forward(self) -> int:
-        """After the hand-over: the unicast frames for the guest waiting in the tap go back
-        into the bridge, which by now has learnt the guest's MAC behind its uplink (the
-        destination's announce reached it through the switch), so they reach the guest on
-        its new host (queued there in the new tap until its frontend reconnects).
-        Broadcasts are dropped (already flooded everywhere). Returns the frames sent on."""
+    def take_held(self) -> list[bytes]:
+        """After the hand-over: the unicast frames for the guest that waited here, oldest
+        first, each with its virtio_net_hdr (IFF_VNET_HDR) as the tap gave it: those the
+        guest left unread on its rx ring, one already read and waiting for rx requests,
+        then the tap's queue (at most HELD_MAX frames and HELD_BYTES in all, the tap read
+        at most HELD_MAX times). Broadcasts are dropped (already flooded everywhere)."""
         if self.fd is None:
-            return 0
+            return []
         mac = bytes.fromhex(self.mac.replace(":", ""))
-        n = 0
-        # Every tap frame carries its virtio_net_hdr (IFF_VNET_HDR), written back as read.
-        # The frames the guest left unread on its rx ring go first, then one already read
-        # and waiting for rx requests.
         waiting = collections.deque(self._reclaimed)
         self._reclaimed = []
         if self._rx_len:
             waiting.append(bytes(self._rx_buf[:self._rx_len]))
         self._rx_len = 0
-        for _ in range(4096 + len(waiting)):
+        out: list[bytes] = []
+        size = 0
+        for _ in range(HELD_MAX + len(waiting)):
             if waiting:
                 frame = waiting.popleft()
             else:
                 try:
-                    frame = os.read(self.fd, 65536)
+                    frame = os.read(self.fd, RX_BUF)
                 except OSError:                  # BlockingIOError: the queue is empty
                     break
-            if frame[VNET_HDR_LEN:VNET_HDR_LEN + 6] != mac:
-                continue
+            if frame[VNET_HDR_LEN:VNET_HDR_LEN + 6] == mac:
+                if len(out) >= HELD_MAX or size + len(frame) > HELD_BYTES:
+                    break
+                out.append(frame)
+                size += len(frame)
+        return out
+
+    def forward(self) -> int:
+        """The held frames (take_held) written back into the bridge, which by now has
+        learnt the guest's MAC behind its uplink (the destination's announce reached it
+        through the switch), so they reach the guest on its new host. For frames that
+        reach the tap after the migration connection is gone: the others travel on it
+        (live.py), because a frame written back here teaches the switches the sender's
+        MAC on this host until that sender's next frame. Returns the frames sent on."""
+        n = 0
+        for frame in self.take_held():
             try:
                 os.write(self.fd, frame)
                 n += 1
@@ -514,6 +531,28 @@ class Netback(YieldDrained):
         if n:
             log.info("d%d: vif %d: %d frames sent on to the guest's new host", self.dom.domid,
                      self.devid, n)
+        return n
+
+    def put_rx(self, frames: list[bytes]) -> int:
+        """Migration, destination: frames that waited for the guest on its old host
+        (the source's take_held, carried on the migration connection), given to the guest
+        before anything its tap holds (they are older) once its frontend is connected.
+        Each is checked once: a virtio_net_hdr and an Ethernet frame for this vif's MAC
+        within RX_BUF bytes (its GSO type is checked at delivery, as a tap frame's); at
+        most HELD_MAX frames and HELD_BYTES are kept. Returns the number kept."""
+        mac = bytes.fromhex(self.mac.replace(":", ""))
+        n = 0
+        size = sum(len(f) for f in self._rx_carried)
+        for f in frames:
+            f = bytes(f)
+            if len(self._rx_carried) >= HELD_MAX or size + len(f) > HELD_BYTES:
+                break
+            if VNET_HDR_LEN + 14 <= len(f) <= RX_BUF and f[VNET_HDR_LEN:VNET_HDR_LEN + 6] == mac:
+                self._rx_carried.append(f)
+                size += len(f)
+                n += 1
+        if n:
+            self._schedule()
         return n
 
     def learn_ipv4(self, frame: bytes | bytearray) -> None:
@@ -1254,6 +1293,10 @@ class Netback(YieldDrained):
         limited = self.rx_limit.active
         self._rx_throttled = False
         for _ in range(RX_BATCH):
+            if self._rx_len == 0 and self._rx_carried:
+                frame = self._rx_carried.popleft()
+                self._rx_buf[:len(frame)] = frame
+                self._rx_len = len(frame)
             if self._rx_len == 0:
                 if not self._tap_ready:
                     break
