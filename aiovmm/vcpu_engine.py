@@ -1,4 +1,5 @@
-"""The vCPU engine: one x86_64 CPU emulated by Unicorn 2.1.4.
+"""The vCPU engine: one x86_64 CPU emulated by Unicorn 2.1.4 (built with aiovmm's patches by
+`make setup`: csrc/unicorn/README.md; the wheel's library works too, slower).
 
 This is the only module that imports unicorn. Everything above it sees a small interface
 (`VCPUEngine`): registers by name, run a slice with a block budget, flush the TLB, and
