@@ -318,7 +318,7 @@ def do_iret(v: "VCPU", *_) -> None:
     except GuestFault:
         v.crash("HYPERVISOR_iret: unreadable iret context")
         return None
-    target = descriptors.iret_code_segment(v, cs)
+    target = descriptors.iret_code_segment(v, cs, rip)
     if cs & 3 == 3:
         if not v.user_root:
             v.crash("HYPERVISOR_iret to user mode without a user page table")

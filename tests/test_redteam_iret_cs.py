@@ -32,11 +32,11 @@ COMPAT_ENGINES = [pytest.param("unicorn", marks=pytest.mark.xfail(strict=True,
                   *ENGINES[1:]]
 
 
-def _iret(v, cs: int) -> None:
+def _iret(v, cs: int, rip: int = USER_CODE_VA) -> None:
     """HYPERVISOR_iret from kernel mode with frame [rax r11 rcx flags rip cs rflags rsp ss]
-    at DATA_VA, to user mode at USER_CODE_VA (the kernel's user program is loaded)."""
+    at DATA_VA, to user mode at `rip` (the kernel's user program is loaded at USER_CODE_VA)."""
     assert v.user_root and v.kernel_mode
-    v.copy_to_guest(DATA_VA, IRET_CONTEXT.pack(0, 0, 0, 0, USER_CODE_VA, cs, 0x202,
+    v.copy_to_guest(DATA_VA, IRET_CONTEXT.pack(0, 0, 0, 0, rip, cs, 0x202,
                                                USER_STACK_TOP - 64, 0xE02B))
     v.engine.write({"rsp": DATA_VA})
     traps.do_iret(v)
@@ -87,3 +87,27 @@ async def test_iret_bad_cs_is_the_guests_gp(engine):
             assert (err, frip, fcs & 0xFFFF) == (0x1230, USER_CODE_VA, 0x1233)
         finally:
             _back(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_iret_to_compat_mode_beyond_the_cs_limit_is_the_guests_gp(engine):
+    """The IRETQ to compatibility mode checks the new RIP against the CS limit (SDM IRET:
+    "IF new mode != 64-bit mode and EIP not within CS limit: #GP(0)"); FLAT_RING3_CS32's
+    limit is 4 GiB - 1. Xen's restore_all_guest IRETQ faults there and entry.S makes it the
+    guest's #GP(0), frame RIP the iret's and CS 0xe023. The vCPU must never be entered in
+    compatibility mode with a RIP above 32 bits (a state no IRETQ produces; checked here
+    before the guest runs)."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        gp_handler = v.trap_table[13][2]
+        high = (1 << 32) + USER_CODE_VA
+        for rip in (high, 0x0000_7FFF_FFFF_F000, 0xFFFF_FFFF_8000_0000):
+            _iret(v, 0xE023, rip)
+            try:
+                assert v.kernel_mode, f"iret to CS32 at {rip:#x} entered user mode"
+                got, rsp = v.engine.read(("rip", "rsp"))
+                assert got == gp_handler, f"iret to CS32 at {rip:#x}: RIP {got:#x}"
+                frame = v.copy_from_guest(rsp, 8 * 5)
+                err, frip, fcs = (int.from_bytes(frame[8 * i:8 * i + 8], "little") for i in (2, 3, 4))
+                assert (err, frip, fcs & 0xFFFF) == (0, rip, 0xE023)
+            finally:
+                _back(v)
