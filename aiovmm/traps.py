@@ -51,15 +51,16 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     if not was_kernel:
         v.switch_to_kernel()
         stack = v.kernel_sp
-        user_cs = eng.get("cs")
-        if user_cs != USER_CS:
-            # User code in another segment (compatibility mode after an iret to
-            # FLAT_RING3_CS32): Xen's frame holds it, and the kernel runs in 64-bit mode.
-            eng.write({"cs": USER_CS})
-            if frame_cs is None:
-                frame_cs = user_cs
     else:
         stack = rsp
+    cur_cs = eng.get("cs")
+    if cur_cs != USER_CS:
+        # Code in another segment (compatibility mode after an iret to FLAT_RING3_CS32,
+        # from user or kernel mode): Xen's frame holds it, RPL cleared in kernel context,
+        # and the handler runs with FLAT_KERNEL_CS, 64-bit mode (create_bounce_frame).
+        eng.write({"cs": USER_CS})
+        if frame_cs is None:
+            frame_cs = cur_cs & ~3 if was_kernel else cur_cs
     s = stack & ~0xF
     if frame_cs is None:
         cs = KERNEL_CS_IN_FRAME if was_kernel else USER_CS

@@ -111,3 +111,29 @@ async def test_iret_to_compat_mode_beyond_the_cs_limit_is_the_guests_gp(engine):
                 assert (err, frip, fcs & 0xFFFF) == (0, rip, 0xE023)
             finally:
                 _back(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_bounce_from_kernel_compat_mode_runs_the_handler_in_64_bit_mode(engine):
+    """A kernel-mode iret with CS 0xe020 (RPL 0: no toggle, Xen's do_iret) loads 0xe023:
+    the kernel runs in compatibility mode. An exception or event bounced from there
+    (Xen's create_bounce_frame in kernel context) pushes the CS it ran in with RPL
+    cleared (0xe020) and enters the handler with FLAT_KERNEL_CS, 64-bit mode: the
+    handler is 64-bit code. Checked at the bounce, before the handler runs."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        ud_handler = v.trap_table[6][2]
+        assert ud_handler and v.kernel_mode
+        v.copy_to_guest(DATA_VA, IRET_CONTEXT.pack(0, 0, 0, 0, USER_CODE_VA, 0xE020, 0x202,
+                                                   DATA_VA + 0x800, 0xE02B))
+        v.engine.write({"rsp": DATA_VA})
+        traps.do_iret(v)
+        try:
+            assert v.kernel_mode and v.engine.get("cs") == 0xE023
+            traps.inject_exception(v, 6, 0, 0)
+            rip, rsp, cs = v.engine.read(("rip", "rsp", "cs"))
+            assert (rip, cs) == (ud_handler, 0xE033), (hex(rip), hex(cs))
+            frame = v.copy_from_guest(rsp, 8 * 4)
+            frip, fcs = (int.from_bytes(frame[8 * i:8 * i + 8], "little") for i in (2, 3))
+            assert (frip, fcs & 0xFFFF) == (USER_CODE_VA, 0xE020)
+        finally:
+            _back(v)
