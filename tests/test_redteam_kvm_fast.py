@@ -39,6 +39,9 @@ class _Driver:
         return kvm_run_once(self.eng, fast)
 
     def hypercall(self, nr: int, fast: bool, **regs: int) -> int:
+        # From CPL 3, as the guest's `syscall` is (an exit left undecoded here, a vector
+        # stub's, leaves the vCPU at ring 0, where CR4.SMEP refuses the entry page).
+        self.eng._back_to_cpl3(0xE033)
         self.eng.write({"rip": self.entry, "rax": nr, "rcx": self.code_va, "r11": 0x246, **regs})
         return self.run(fast)
 
