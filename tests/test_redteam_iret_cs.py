@@ -70,6 +70,16 @@ async def test_iret_to_flat_user_cs32_is_compat_mode(engine):
             _back(v)
 
 
+def _assert_at_gp(v, gp_handler: int, err: int, rip: int, cs: int) -> None:
+    """The vCPU is in kernel mode at its #GP handler, the frame [rcx r11 err rip cs ...]."""
+    assert v.kernel_mode, "the #GP was not bounced to kernel mode"
+    got, rsp = v.engine.read(("rip", "rsp"))
+    assert got == gp_handler, f"RIP {got:#x}, not the #GP handler"
+    frame = v.copy_from_guest(rsp, 8 * 5)
+    ferr, frip, fcs = (int.from_bytes(frame[8 * i:8 * i + 8], "little") for i in (2, 3, 4))
+    assert (ferr, frip, fcs & 0xFFFF) == (err, rip, cs), [hex(x) for x in (ferr, frip, fcs)]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 async def test_iret_bad_cs_is_the_guests_gp(engine):
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
@@ -79,12 +89,7 @@ async def test_iret_bad_cs_is_the_guests_gp(engine):
         try:
             # Xen: the IRETQ's #GP(0x1230) becomes the guest's: back in kernel mode at its
             # #GP handler, frame [rcx r11 err rip cs ...] with the iret's RIP and bad CS.
-            assert v.kernel_mode
-            rip, rsp = v.engine.read(("rip", "rsp"))
-            assert rip == gp_handler
-            frame = v.copy_from_guest(rsp, 8 * 5)
-            err, frip, fcs = (int.from_bytes(frame[8 * i:8 * i + 8], "little") for i in (2, 3, 4))
-            assert (err, frip, fcs & 0xFFFF) == (0x1230, USER_CODE_VA, 0x1233)
+            _assert_at_gp(v, gp_handler, 0x1230, USER_CODE_VA, 0x1233)
         finally:
             _back(v)
 
@@ -103,12 +108,7 @@ async def test_iret_to_compat_mode_beyond_the_cs_limit_is_the_guests_gp(engine):
         for rip in (high, 0x0000_7FFF_FFFF_F000, 0xFFFF_FFFF_8000_0000):
             _iret(v, 0xE023, rip)
             try:
-                assert v.kernel_mode, f"iret to CS32 at {rip:#x} entered user mode"
-                got, rsp = v.engine.read(("rip", "rsp"))
-                assert got == gp_handler, f"iret to CS32 at {rip:#x}: RIP {got:#x}"
-                frame = v.copy_from_guest(rsp, 8 * 5)
-                err, frip, fcs = (int.from_bytes(frame[8 * i:8 * i + 8], "little") for i in (2, 3, 4))
-                assert (err, frip, fcs & 0xFFFF) == (0, rip, 0xE023)
+                _assert_at_gp(v, gp_handler, 0, rip, 0xE023)
             finally:
                 _back(v)
 
