@@ -82,33 +82,22 @@ def _assert_at_gp(v, gp_handler: int, err: int, rip: int, cs: int) -> None:
 
 @pytest.mark.parametrize("engine", ENGINES)
 async def test_iret_bad_cs_is_the_guests_gp(engine):
+    """A CS the IRETQ refuses: index 0x246, beyond any GDT a guest without set_gdt has
+    (#GP(0x1230)); and FLAT_RING3_CS32 with a RIP beyond its limit, 4 GiB - 1 (SDM IRET:
+    "IF new mode != 64-bit mode and EIP not within CS limit: #GP(0)"). Xen: the IRETQ's
+    fault becomes the guest's (entry.S), back in kernel mode at its #GP handler, frame
+    [rcx r11 err rip cs ...] with the iret's RIP and CS. The vCPU is never entered in
+    compatibility mode with a RIP above 32 bits (checked before the guest runs)."""
+    cases = [(0x1233, USER_CODE_VA, 0x1230)] + [
+        (0xE023, rip, 0) for rip in ((1 << 32) + USER_CODE_VA, 0x0000_7FFF_FFFF_F000,
+                                     0xFFFF_FFFF_8000_0000)]
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
         gp_handler = v.trap_table[13][2]
         assert gp_handler
-        _iret(v, 0x1233)            # index 0x246: beyond any GDT a guest without set_gdt has
-        try:
-            # Xen: the IRETQ's #GP(0x1230) becomes the guest's: back in kernel mode at its
-            # #GP handler, frame [rcx r11 err rip cs ...] with the iret's RIP and bad CS.
-            _assert_at_gp(v, gp_handler, 0x1230, USER_CODE_VA, 0x1233)
-        finally:
-            _back(v)
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-async def test_iret_to_compat_mode_beyond_the_cs_limit_is_the_guests_gp(engine):
-    """The IRETQ to compatibility mode checks the new RIP against the CS limit (SDM IRET:
-    "IF new mode != 64-bit mode and EIP not within CS limit: #GP(0)"); FLAT_RING3_CS32's
-    limit is 4 GiB - 1. Xen's restore_all_guest IRETQ faults there and entry.S makes it the
-    guest's #GP(0), frame RIP the iret's and CS 0xe023. The vCPU must never be entered in
-    compatibility mode with a RIP above 32 bits (a state no IRETQ produces; checked here
-    before the guest runs)."""
-    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
-        gp_handler = v.trap_table[13][2]
-        high = (1 << 32) + USER_CODE_VA
-        for rip in (high, 0x0000_7FFF_FFFF_F000, 0xFFFF_FFFF_8000_0000):
-            _iret(v, 0xE023, rip)
+        for cs, rip, err in cases:
+            _iret(v, cs, rip)
             try:
-                _assert_at_gp(v, gp_handler, 0, rip, 0xE023)
+                _assert_at_gp(v, gp_handler, err, rip, cs)
             finally:
                 _back(v)
 
