@@ -24,12 +24,7 @@ static const u8 prog[] = {
 void app_main(void)
 {
     traps_init();
-    user_setup();
-    u8 *code = user_code_frame();
-    result("found", code != 0);
-    if (!code)
-        poweroff();
-    memcpy(code, prog, sizeof prog);
+    user_install(prog, sizeof prog);
     result("user_status", user_run());
     result("alive", 1);
     poweroff();
