@@ -276,14 +276,17 @@ def _descriptor_address(v: "VCPU", sel: int) -> int | None:
 SEG_L, SEG_DB = 1 << 21, 1 << 22
 
 
-def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | bool:
+def iret_code_segment(v: "VCPU", sel: int, rip: int) -> tuple[int, int] | bool:
     """The checks the CPU's IRETQ (restore_all_guest, CPL 0 to RPL 3) makes on the frame's
-    CS, `sel` with RPL 3: True for a 64-bit code segment, False for compatibility mode, or
-    the (vector, error code) it faults with: #GP(sel & ~3) for a null selector, one beyond
-    the GDT/LDT limit, not a code segment, DPL other than 3 (non-conforming), or L and D both
-    set; #NP(sel & ~3) for one not present. Xen's flat selectors (FLAT_RING3_CS64/CS32) come
-    from its reserved GDT page like any other. One rule for every iret (the KVM C path
-    leaves every other CS to traps.do_iret)."""
+    CS, `sel` with RPL 3, and the new `rip`: True for a 64-bit code segment, False for
+    compatibility mode, or the (vector, error code) it faults with: #GP(sel & ~3) for a null
+    selector, one beyond the GDT/LDT limit, not a code segment, DPL other than 3
+    (non-conforming), or L and D both set; #NP(sel & ~3) for one not present; #GP(0) for
+    compatibility mode with `rip` beyond the segment's limit (SDM IRET: EIP not within the
+    CS limit; FLAT_RING3_CS32's is 4 GiB - 1: no RIP above 32 bits ever reaches an engine
+    in compatibility mode). Xen's flat selectors (FLAT_RING3_CS64/CS32) come from its
+    reserved GDT page like any other. One rule for every iret (the KVM C path leaves every
+    other CS to traps.do_iret)."""
     sel = (sel & 0xFFFF) | 3
     gp = (13, sel & ~3)
     if sel & ~3 == 0:
@@ -291,7 +294,8 @@ def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | bool:
     addr = _descriptor_address(v, sel)
     if addr is None:
         return gp
-    hi = v.domain.mem.read_u64(addr) >> 32
+    desc = v.domain.mem.read_u64(addr)          # read once
+    hi = desc >> 32
     if not hi & SEG_S or not hi & SEG_CODE:
         return gp
     if not hi & SEG_CONFORMING and hi & SEG_DPL != SEG_DPL:      # DPL must be RPL 3
@@ -300,7 +304,18 @@ def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | bool:
         return (11, sel & ~3)
     if hi & SEG_L and hi & SEG_DB:
         return gp
+    if not hi & SEG_L and rip & ((1 << 64) - 1) > segment_limit(desc):
+        return (13, 0)
     return bool(hi & SEG_L)
+
+
+SEG_G = 1 << 23
+
+
+def segment_limit(desc: int) -> int:
+    """The byte limit of an 8-byte code/data descriptor (20 bits, in 4 KiB units with G)."""
+    limit = (desc & 0xFFFF) | ((desc >> 32) & 0xF0000)
+    return (limit << 12) | 0xFFF if (desc >> 32) & SEG_G else limit
 
 
 def load_user_gs(v: "VCPU", sel: int) -> tuple[int, int]:

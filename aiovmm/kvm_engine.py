@@ -134,7 +134,7 @@ _SREG_OFF = {"gdt": 192, "idt": 208, "cr0": 224, "cr2": 232, "cr3": 240, "cr4": 
 _SELECTORS = ("cs", "ss", "ds", "es", "fs", "gs")
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
-CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 5, 1 << 9, 1 << 10
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_SMEP = 1 << 5, 1 << 9, 1 << 10, 1 << 20
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 MSR_IA32_TSC = 0x10
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
@@ -145,6 +145,7 @@ RF_IOPL, RF_VM = 0x3000, 0x20000
 # pages XenArea itself uses (L1 index 32 on): IDT, stubs, TSS, ring-0 stack.
 R0_L1_INDEX = 32
 HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: a hypercall
+_IST = 1                          # every gate's stack: the TSS's IST1, the engine stack
 _STUB_STRIDE = 4                   # vector v's stub at stubs + 4*v: out %al,$v ; hlt ; hlt
 SYSCALL_PORT = 0x5B               # the SYSCALL entry page's `out`
 INVAL_PORT = 0x5C                 # the ring-0 invalidation stub's final `out` (_Ring0)
@@ -359,6 +360,12 @@ def hardware_virtualization() -> bool:
 # kvm-pvm reports an I/O exit with RIP already past the instruction; hardware KVM with RIP on
 # it (KVM skips it at the next KVM_RUN unless RIP was changed).
 _IO_RIP_AFTER = not hardware_virtualization()
+# kvm-pvm emulates every CPL-0 instruction, a SYSCALL from compatibility mode too, and writes
+# its RIP back truncated to 32 bits: MSR_CSTAR's low half, a guest user address, run at ring 0
+# (setup_long_mode). CR4.SMEP makes that fetch fault (every guest mapping is a user page).
+# Not with hardware virtualization: there SYSCALL enters the entry page (a user page) at ring
+# 0 at its full address, and SMEP would fault every one.
+_CR4_SMEP = 0 if hardware_virtualization() else CR4_SMEP
 # Targeted shadow invalidation needs KVM to emulate the ring-0 stub's stores (kvm-pvm: every
 # CPL-0 instruction is emulated). With hardware virtualization the stub would run natively
 # and its stores would invalidate nothing, so there the engine zaps instead.
@@ -429,10 +436,12 @@ class _Ring0:
             # Xen's gate rules, _from_vector). Measured: with DPL-0 gates kvm-pvm reports
             # `int $n` inconsistently (#UD at the instruction, or #GP(0) past it).
             attr = 0xEE
-            lo = (h & 0xFFFF) | (FLAT_RING0_CS64 << 16) | (attr << 40) | (((h >> 16) & 0xFFFF) << 48)
+            lo = (h & 0xFFFF) | (FLAT_RING0_CS64 << 16) | (_IST << 32) | (attr << 40) \
+                | (((h >> 16) & 0xFFFF) << 48)
             mem.write(idt << PAGE_SHIFT | 16 * v, struct.pack("<QQ", lo, h >> 32))
         mem.write(stubs << PAGE_SHIFT, bytes(code))
         mem.write((tss << PAGE_SHIFT) + 4, struct.pack("<Q", self.stack_top))
+        mem.write((tss << PAGE_SHIFT) + 0x24, struct.pack("<Q", self.stack_top))   # IST1
         # I/O permission bitmap: only HCALL_PORT is open at CPL 3 (an exit); every other port
         # faults #GP natively, as for a Xen PV guest without I/O privilege.
         bitmap = bytearray(b"\xff" * (_IOBITMAP_BYTES + 1))
@@ -957,6 +966,7 @@ class KVMEngine:
         # Hypercalls completed in C (number -> calls since the last report) and whether one
         # of them left an event deliverable (the hypercall's tail is then the caller's).
         self.on_hypercall_done: Callable[[dict[int, int], bool], None] = lambda counts, events: None
+        self.on_compat_syscall: Callable[[], None] = lambda: None     # _from_vector
         # Whether C may complete hypercalls this slice (not while the domain shuts down:
         # then every hypercall must reach the dispatcher, which stops the vCPU).
         self.fast_hypercalls_ok: Callable[[], bool] = lambda: False
@@ -1163,14 +1173,17 @@ class KVMEngine:
         struct.pack_into("<QH", s, _SREG_OFF["gdt"], gdt_base, gdt_limit)
         struct.pack_into("<QH", s, _SREG_OFF["idt"], self.r0.idt_va, 256 * 16 - 1)
         for name, val in (("cr0", CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG), ("cr3", cr3),
-                          ("cr4", CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT),
+                          ("cr4", CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | _CR4_SMEP),
                           ("efer", EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE)):
             struct.pack_into("<Q", s, _SREG_OFF[name], val)
         self._dirty.value |= SYNC_SREGS
         self._check_pending = True
-        # CSTAR too: SYSCALL from compatibility mode (FLAT_RING3_CS32) enters there, in ring
-        # 0 on hardware KVM (AMD); left at 0 it would run the guest's code at VA 0 in ring 0.
-        # Xen sends a 64-bit PV guest's compat SYSCALL where a 64-bit one goes.
+        # CSTAR too: SYSCALL from compatibility mode (FLAT_RING3_CS32, or a far jump to a
+        # 32-bit code segment) enters there, in ring 0, on the caller's stack: on kvm-pvm at
+        # CSTAR truncated to 32 bits, a guest address. CR4.SMEP (above) keeps ring 0 from
+        # running guest pages there, IST1 (_Ring0) keeps its fault's frame off the guest's
+        # stack: without them a guest user process ran its own code at ring 0, where the
+        # direct map reaches all machine memory (tests/test_redteam_iret_cs.py).
         self._msrs([(MSR_STAR, (FLAT_RING3_CS32 << 48) | (FLAT_RING0_CS64 << 32)), (MSR_LSTAR, self.r0.syscall_va),
                     (MSR_CSTAR, self.r0.syscall_va), (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
 
@@ -1688,6 +1701,23 @@ class KVMEngine:
         else:
             err = 0
             rip, cs, rflags, rsp, _ss = struct.unpack_from("<5Q", self.mem.map, off)
+        if cs & 3 == 0:
+            # The guest never runs at ring 0. The one way there: a SYSCALL from compatibility
+            # mode, which kvm-pvm emulates (KVM's em_syscall writes RIP back in the caller's
+            # mode): MSR_CSTAR truncated to 32 bits, a guest address, entered at ring 0 on the
+            # caller's stack. CR4.SMEP faults that fetch (every guest mapping is a user page)
+            # and IST1 puts every vector's frame on the engine stack, never on a stack the
+            # guest chose (setup_long_mode, _Ring0). That SYSCALL is the guest's, taken as
+            # Xen's cstar_enter (traps.compat_syscall); any other ring-0 fault ends the vCPU.
+            if vector == 14 and rip == self.r0.syscall_va & 0xFFFFFFFF:
+                r[6] = rsp
+                self._lib.aiovmm_kvm_syscall_entry(self._ctx_ptr)    # RIP, RFLAGS, CS back
+                self._call(self.on_compat_syscall)
+                return
+            self.last_error = f"exception {vector} at ring 0, RIP {rip:#x}"
+            self.callback_error = RuntimeError(self.last_error)
+            self.stop_requested = True
+            return
         r[16], r[17], r[6] = rip, rflags & ~RF_TF if self._stepping else rflags, rsp
         self._back_to_cpl3(cs)
         if self._stepping and vector == 1:

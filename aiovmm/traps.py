@@ -17,7 +17,7 @@ from .abi import (
     CALLBACK_REGISTER, CALLBACKF_mask_events, EXCEPTIONS_WITH_ERROR_CODE, HYPERVISOR_VIRT_END,
     HYPERVISOR_VIRT_START, IRET_CONTEXT, SEGBASE_FS, SEGBASE_GS_KERNEL, SEGBASE_GS_USER,
     SEGBASE_GS_USER_SEL, TI_FLAG_MASK_EVENTS, TRAP_INFO, TRAP_NAMES, VGCF_in_syscall, CallbackOp,
-    CallbackType, Errno, VcpuInfo, is_canonical,
+    CallbackType, Errno, FLAT_RING3_CS32, VcpuInfo, is_canonical,
 )
 from . import descriptors, emulate, ptwr
 from .errors import HypercallError
@@ -51,15 +51,16 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     if not was_kernel:
         v.switch_to_kernel()
         stack = v.kernel_sp
-        user_cs = eng.get("cs")
-        if user_cs != USER_CS:
-            # User code in another segment (compatibility mode after an iret to
-            # FLAT_RING3_CS32): Xen's frame holds it, and the kernel runs in 64-bit mode.
-            eng.write({"cs": USER_CS})
-            if frame_cs is None:
-                frame_cs = user_cs
     else:
         stack = rsp
+    cur_cs = eng.get("cs")
+    if cur_cs != USER_CS:
+        # Code in another segment (compatibility mode after an iret to FLAT_RING3_CS32,
+        # from user or kernel mode): Xen's frame holds it, RPL cleared in kernel context,
+        # and the handler runs with FLAT_KERNEL_CS, 64-bit mode (create_bounce_frame).
+        eng.write({"cs": USER_CS})
+        if frame_cs is None:
+            frame_cs = cur_cs & ~3 if was_kernel else cur_cs
     s = stack & ~0xF
     if frame_cs is None:
         cs = KERNEL_CS_IN_FRAME if was_kernel else USER_CS
@@ -244,14 +245,30 @@ def _byte_before(v: "VCPU", rip: int) -> int:
 
 def user_syscall(v: "VCPU") -> None:
     """SYSCALL from guest user mode: to the kernel's syscall callback (§5.6)."""
-    rip_next, rflags = v.engine.read(("rip", "rflags"))
-    cb = v.callbacks.get(CallbackType.syscall)
+    _syscall_bounce(v, v.callbacks.get(CallbackType.syscall), None)
+
+
+def compat_syscall(v: "VCPU") -> None:
+    """SYSCALL from compatibility mode, user or kernel (Xen's cstar_enter -> switch_to_kernel
+    for a 64-bit PV guest): never a hypercall; to the syscall32 callback, else the syscall
+    one, the frame's CS FLAT_USER_CS32 (RPL cleared in kernel context); neither: #UD."""
+    cb = v.callbacks.get(CallbackType.syscall32)
     if not cb or not cb[0]:
-        v.engine.write({"rip": rip_next - 2})
+        cb = v.callbacks.get(CallbackType.syscall)
+    _syscall_bounce(v, cb, FLAT_RING3_CS32 & ~3 if v.kernel_mode else FLAT_RING3_CS32)
+
+
+def _syscall_bounce(v: "VCPU", cb: tuple[int, int] | None, frame_cs: int | None) -> None:
+    """The SYSCALL's bounce to callback `cb` (RIP and RFLAGS are its RCX and R11 now), or
+    #UD at the instruction without one; `frame_cs`: a compatibility-mode caller's CS."""
+    rip_next, rflags = v.engine.read(("rip", "rflags"))
+    if not cb or not cb[0]:
+        v.engine.write({"rip": rip_next - 2} if frame_cs is None
+                       else {"rip": rip_next - 2, "cs": FLAT_RING3_CS32})
         exception(v, 6, 0, 0)
         return
     if bounce(v, cb[0], mask_events=bool(cb[1] & CALLBACKF_mask_events),
-              rcx=rip_next, r11=rflags, clear_df=True):
+              rcx=rip_next, r11=rflags, clear_df=True, frame_cs=frame_cs):
         if v.event_deliverable():
             deliver_event(v)
 
@@ -318,7 +335,7 @@ def do_iret(v: "VCPU", *_) -> None:
     except GuestFault:
         v.crash("HYPERVISOR_iret: unreadable iret context")
         return None
-    target = descriptors.iret_code_segment(v, cs)
+    target = descriptors.iret_code_segment(v, cs, rip)
     if cs & 3 == 3:
         if not v.user_root:
             v.crash("HYPERVISOR_iret to user mode without a user page table")

@@ -204,6 +204,7 @@ class VCPU:
         if attach is not None:
             attach(self.pv)
         engine.on_exception = self._on_exception
+        engine.on_compat_syscall = lambda: _traps.compat_syscall(self)
         engine.on_invalid_opcode = self._on_invalid_opcode
         engine.on_port_io = self._on_port_io
         engine.port_in_fixed = lambda: emulate.port_in_fixed(self)

@@ -401,6 +401,14 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
         toggle_mode(c, 0);
         c->fast_user_irets++;
     }
+    /* The iret loads FLAT_RING3_CS64 whatever CS the caller ran in (a kernel in
+     * compatibility mode calls the hypercall page too): its whole hidden part, as
+     * KVMEngine.set("cs") does for Python's iret. CS is the first segment of kvm_sregs. */
+    uint8_t *scs = c->run + RUN_SREGS;
+    if (memcmp(scs, c->cs64, 24) != 0) {
+        memcpy(scs, c->cs64, 24);
+        mark_dirty(c->run, SYNC_SREGS);
+    }
     r[KREG_RIP] = rip;
     r[KREG_RSP] = ursp;
     r[KREG_RFLAGS] = (rflags & ARCH_FLAGS & ~(RF_IOPL | RF_VM)) | RF_IF | 2;

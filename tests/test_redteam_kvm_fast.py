@@ -39,6 +39,9 @@ class _Driver:
         return kvm_run_once(self.eng, fast)
 
     def hypercall(self, nr: int, fast: bool, **regs: int) -> int:
+        # From CPL 3, as the guest's `syscall` is (an exit left undecoded here, a vector
+        # stub's, leaves the vCPU at ring 0, where CR4.SMEP refuses the entry page).
+        self.eng._back_to_cpl3(0xE033)
         self.eng.write({"rip": self.entry, "rax": nr, "rcx": self.code_va, "r11": 0x246, **regs})
         return self.run(fast)
 
@@ -473,3 +476,61 @@ def _count_exit_kinds(d, page_call: int, sp: tuple[int, int], deltas: list) -> N
             after = eng.exit_kinds
             deltas.append((fast, entry, after["hypercall"] - before["hypercall"],
                            after["syscall"] - before["syscall"]))
+
+
+async def test_iret_from_compatibility_mode_returns_to_64_bit_code_on_both_paths():
+    """A kernel running in compatibility mode (an earlier iret to FLAT_RING3_CS32 with RPL 0
+    stays in kernel mode: Xen's do_iret toggles only for RPL 3) makes HYPERVISOR_iret
+    through the hypercall page with a frame to FLAT_KERNEL_CS: Xen loads CS 0xe033 (64-bit
+    mode) whatever CS the caller ran in. The Python handler does (KVMEngine.set "cs"); C
+    (fast_iret) must too, not leave the caller's compatibility-mode CS. Seen in the mode
+    of the code the iret returns to: 48 ff c0 is `inc %rax` in 64-bit mode, `dec %eax;
+    inc %eax` in compatibility mode. The code runs at 0x400000 (the user program's page,
+    its L3 also entered in the kernel's L4 slot 0, as a guest may)."""
+    import struct
+    from aiovmm import mmu_ops, traps
+    from aiovmm.abi import IRET_CONTEXT
+    regs = ("rip", "rax", "rdi", "rsi", "rcx", "r11", "rflags", "rsp", "cs")
+    code, stack = 0x400000, 0x402000                      # guests/kernel/user.h
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        d = _Driver(hv, v)
+        assert v.user_root and v.kernel_mode
+        l4 = v.kernel_root << 12
+        user_l3 = hv.mem.read_u64((v.user_root << 12) + 0) & 0x000FFFFFFFFFF000
+        assert user_l3 and not hv.mem.read_u64(l4), "kernel L4 slot 0 in use"
+
+        def slot0(val: int) -> None:                        # the guest's own mmu_update
+            v.copy_to_guest(d.data_va, struct.pack("<QQ", l4 | 0, val))
+            assert mmu_ops.do_mmu_update(v, d.data_va, 1, 0, 0x7FF0) == 0
+        code_ma = hv.pagetables.translate(v.user_root << 12, code, False)
+        saved_code = bytes(hv.mem.map[code_ma:code_ma + 32])
+        saved_info = bytes(hv.mem.map[d.pending:d.pending + 2])
+        slot0(user_l3 | 0x67)
+        try:
+            # 0x400000: out %al,$0x5a (HYPERVISOR_iret, EAX 23); 0x400010: inc; jmp .
+            hv.mem.map[code_ma:code_ma + 32] = (b"\xe6\x5a\xeb\xfe" + bytes(12)
+                                                + b"\x48\xff\xc0\xeb\xfe" + bytes(11))
+            frame = IRET_CONTEXT.pack(5, 0, 0, 0, code + 0x10, 0xE030, 0x202, stack + 0x100, 0xE02B)
+            results = []
+            for fast in (True, False):
+                v.copy_to_guest(stack + 0x800, frame)
+                hv.mem.map[d.pending] = 0
+                d.eng.write({"cs": 0xE023, "rip": code, "rax": 23, "rsp": stack + 0x800})
+                done = d.eng._ctx.fast_calls[2]
+                rc = d.run(fast)
+                if not fast:
+                    assert rc == 1                          # the hypercall page: Python's
+                    traps.do_iret(v)
+                    rc = d.run()
+                else:
+                    assert d.eng._ctx.fast_calls[2] == done + 1, "not completed in C"
+                results.append((rc, tuple(d.eng.read(("rip", "rax", "cs")))))
+            assert dom.shutdown_reason is None
+            by_c, by_py = results
+            assert by_py[1] == (code + 0x13, 6, 0xE033), by_py
+            assert by_c == by_py, (by_c, by_py)
+        finally:
+            d.eng.write({"cs": 0xE033})
+            hv.mem.map[code_ma:code_ma + 32] = saved_code
+            hv.mem.map[d.pending:d.pending + 2] = saved_info
+            slot0(0)
