@@ -166,6 +166,7 @@ struct aiovmm_kvm_ctx {
     uint64_t fast_bounces;         /* user-mode syscalls bounced to the guest kernel here */
     uint64_t fast_user_irets;      /* of fast_calls[2]: irets back to guest user mode */
     uint64_t fast_page;            /* of fast_calls: those made through the hypercall page */
+    uint64_t fast_queries[2];      /* fast_query: xen_version(XENVER_version), vcpu_op of no vCPU */
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -193,6 +194,13 @@ struct aiovmm_pv {
     uint64_t sshot_deadline;       /* Xen system time (ns) */
     int64_t clock_origin_ns;       /* system time = CLOCK_MONOTONIC - this (aiovmm/clock.py) */
     uint64_t vm_assist_ptr;        /* the domain's vm_assist word (aiovmm/domain.py), 0: none */
+    /* Answers fast_query gives, each the Python handler's own result stored by Python
+     * (aiovmm/vcpu.py VCPU.__init__), so values and error codes come from one place; 0: that
+     * query is Python's. */
+    uint64_t xenver_version;       /* RAX of xen_version(XENVER_version) */
+    uint64_t no_vcpu;              /* RAX of vcpu_op(any cmd, vcpuid >= max_vcpus): -ENOENT */
+    uint32_t max_vcpus;            /* vCPU ids at or above it name no vCPU of any domain */
+    uint32_t pad2;
 };
 
 #define KREG_RAX 0
@@ -214,6 +222,8 @@ struct aiovmm_pv {
 #define HC_SET_SEGMENT_BASE 25
 #define HC_IRET 23
 #define HC_VCPU_OP 24
+#define HC_XEN_VERSION 17
+#define XENVER_VERSION 0              /* xen/include/public/version.h */
 #define VCPUOP_SET_SINGLESHOT 8       /* xen/include/public/vcpu.h */
 #define VCPUOP_STOP_SINGLESHOT 9
 #define SSHOT_SET 1                   /* aiovmm_pv.sshot_op (aiovmm/timers.py EngineTimerOp) */
@@ -513,6 +523,31 @@ static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
     return 1;
 }
 
+/* A query whose answer depends on nothing the guest or the host can change, answered with
+ * the value the Python handler gives (stored in pv by Python): *ret, and the index of its
+ * fast_queries counter; -1 for anything else (Python's). Xen's do_xen_version(int cmd, ..)
+ * and do_vcpu_op(int cmd, unsigned int vcpuid, ..) take 32-bit cmd and vcpuid.
+ * - xen_version(XENVER_version): the version number, whatever the argument (Xen ignores it).
+ * - vcpu_op(any cmd, vcpuid >= max_vcpus): Xen's do_vcpu_op looks the vCPU up before the
+ *   command (domain_vcpu: NULL -> -ENOENT); no domain has that many vCPUs (Python refuses
+ *   more at creation and restore). Linux asks VCPUOP_is_up of every possible CPU id at boot
+ *   (~8,200 calls: xen_filter_cpu_maps up to NR_CPUS). Ids below max_vcpus are Python's. */
+static int fast_query(struct aiovmm_kvm_ctx *c, const uint64_t *r, uint64_t *ret)
+{
+    const struct aiovmm_pv *pv = c->pv;
+    uint64_t nr = r[KREG_RAX];
+    if (nr == HC_XEN_VERSION && (uint32_t)r[KREG_RDI] == XENVER_VERSION && pv->xenver_version) {
+        *ret = pv->xenver_version;
+        return 0;
+    }
+    if (nr == HC_VCPU_OP && pv->no_vcpu && pv->max_vcpus
+        && (uint32_t)r[KREG_RSI] >= pv->max_vcpus) {
+        *ret = pv->no_vcpu;
+        return 1;
+    }
+    return -1;
+}
+
 /* A hypercall from guest kernel mode whose whole effect is this vCPU's state, completed
  * without Python (returns 1), or 0: Python handles it (aiovmm/hypercall.py dispatch). Only
  * the cases Xen always accepts are done here, each exactly as the Python handler does it
@@ -524,8 +559,11 @@ static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
 static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
 {
     struct aiovmm_pv *pv = c->pv;
-    uint64_t nr = r[KREG_RAX], a1 = r[KREG_RDI], a2 = r[KREG_RSI];
-    if (nr == HC_STACK_SWITCH) {
+    uint64_t nr = r[KREG_RAX], a1 = r[KREG_RDI], a2 = r[KREG_RSI], ret = 0;
+    int q = fast_query(c, r, &ret);
+    if (q >= 0) {
+        c->fast_queries[q]++;
+    } else if (nr == HC_STACK_SWITCH) {
         /* fixup_guest_stack_selector: a 64-bit PV guest's stack selector has RPL 3. */
         pv->kernel_ss = a1 | 3;
         pv->kernel_sp = a2;
@@ -551,7 +589,7 @@ static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
     } else {
         return 0;
     }
-    r[KREG_RAX] = 0;
+    r[KREG_RAX] = ret;
     mark_dirty(c->run, SYNC_REGS);
     pv->hypercalls++;
     pv->fault_depth = 0;
