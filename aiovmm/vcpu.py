@@ -347,7 +347,7 @@ class VCPU:
     def _on_syscall(self) -> None:
         if self.domain.shutdown_reason is not None:
             self.engine.stop()
-        elif self.kernel_mode:
+        elif self.pv.kernel_mode:          # hot (every hypercall): the field, not the property
             _hypercall.dispatch(self)
         else:
             _traps.user_syscall(self)
