@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import _kvm_skip_reason
-from test_kvm import _hand_driven_vcpu, kvm_run_once
+from test_kvm import _hand_driven_vcpu, entry_page_hypercall
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
 
@@ -42,15 +42,7 @@ class _Caller:
 
     def call(self, fast: bool, nr: int, a1: int, a2: int, a3: int = 0) -> tuple[int, int]:
         """(exit code, RAX the guest sees)."""
-        eng = self.eng
-        eng.write({"rip": self.entry, "rax": nr, "rdi": a1, "rsi": a2, "rdx": a3,
-                   "rcx": self.code_va, "r11": 0x246})
-        rc = kvm_run_once(eng, fast)
-        if rc == TO_PYTHON:
-            eng.on_hypercall()
-        else:
-            eng._report_fast_calls(False)               # what engine.run's end does
-        return rc, eng.get("rax")
+        return entry_page_hypercall(self.eng, self.entry, self.code_va, fast, nr, a1, a2, a3)
 
     def both(self, nr: int, a1: int, a2: int, a3: int = 0) -> tuple[int, int, int]:
         """(C-path exit code, its RAX, Python's RAX): Python's with fast_hc off."""
