@@ -1521,9 +1521,6 @@ class KVMEngine:
     def _run_slice(self, deadline: int) -> ExitReason:
         handle = self._handle_exit
         run = self._kvm_run
-        # _kvm_run's common case inlined (no shadow-guard check due): one Python frame less
-        # per exit, which on this engine runs with caches cold after every KVM_RUN.
-        run_ex, ctx_ptr, mem = self._run_ex, self._ctx_ptr, self.mem
         settle = 0
         grace = True
         syscalls = self._exit_kinds
@@ -1531,10 +1528,7 @@ class KVMEngine:
         hypercall = self.on_hypercall
         monotonic_ns = time.monotonic_ns
         while True:
-            if self._check_pending or mem.pt_generation != self._pt_gen:
-                rc = run()
-            else:
-                rc = run_ex(ctx_ptr)
+            rc = run()
             if rc == 3 or (rc == 1 and _IO_RIP_AFTER and kernel_mode()):
                 # The hot paths, as in _handle_exit without decoding kvm_run (aiovmm_kvm_run_ex
                 # recognised the exit): 3, a guest `syscall` through the entry page (RIP/RFLAGS/
