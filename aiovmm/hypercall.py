@@ -312,7 +312,8 @@ def store_query_answers(v: "VCPU") -> None:
 
 def completed_elsewhere(v: "VCPU", counts: dict[int, int], events: bool) -> None:
     """Hypercalls the engine completed without this dispatcher (the KVM engine's C loop:
-    stack_switch, set_segment_base, iret, the singleshot timer's vcpu_ops; it already counted
+    stack_switch, set_segment_base, iret, the singleshot timer's vcpu_ops, store_query_answers'
+    queries; it already counted
     them in v.hypercalls): into the domain's statistics, a timer change onto the event loop's
     timer, and, when the last one left an event deliverable, the tail every hypercall has
     (dispatch above)."""
