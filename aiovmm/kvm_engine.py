@@ -536,7 +536,9 @@ class _RunCtx(ctypes.Structure):
                 ("deadline_ns", ctypes.c_int64),
                 ("ready_kroot", ctypes.c_uint64), ("ready_uroot", ctypes.c_uint64),
                 ("fast_bounces", ctypes.c_uint64), ("fast_user_irets", ctypes.c_uint64),
-                ("fast_page", ctypes.c_uint64), ("fast_queries", ctypes.c_uint64 * len(_FAST_QUERIES))]
+                ("fast_page", ctypes.c_uint64), ("fast_queries", ctypes.c_uint64 * len(_FAST_QUERIES)),
+                ("r0_stack_va", ctypes.c_uint64), ("r0_stack_maddr", ctypes.c_uint64),
+                ("fast_cli_sti", ctypes.c_uint64)]
 
 
 class _VMPool:
@@ -942,6 +944,7 @@ class KVMEngine:
         self._ctx.mem_size = mem.size
         self._ctx.cs64[:], self._ctx.cs32[:], self._ctx.ss3[:] = _CS64, _CS32, _SS3
         self._ctx.page_rip_after = _IO_RIP_AFTER    # else the hypercall page is Python's only
+        self._ctx.r0_stack_va, self._ctx.r0_stack_maddr = self.r0.stack_va, self.r0.stack_maddr
         self._pv = None                 # the vCPU's PVState (attach_pv), kept alive here
         self._fast_seen = [0] * (len(_FAST_CALLS) + len(_FAST_QUERIES))
         # The invalidation stub's entry registers (_invalidate): all zero but RSI (its list),
@@ -1009,6 +1012,7 @@ class KVMEngine:
                 "iret to user": ctx.fast_user_irets, "user syscall": ctx.fast_bounces,
                 "vcpu_op singleshot": ctx.fast_calls[3],
                 "xen_version": ctx.fast_queries[0], "vcpu_op no vCPU": ctx.fast_queries[1],
+                "cli/sti": ctx.fast_cli_sti,
                 "port in": ctx.fast_hits}
 
     def attach_pv(self, pv: ctypes.Structure) -> None:
@@ -1031,6 +1035,8 @@ class KVMEngine:
             out["hypercall"] += self._hypercalls + ctx.fast_page
         if self._ctx.fast_hits:
             out["port io"] += self._ctx.fast_hits
+        if ctx.fast_cli_sti:
+            out["vector 13"] += ctx.fast_cli_sti            # #GP: csrc/kvm.c fast_cli_sti
         return out
 
     def _set_slot(self, slot: int, gpa: int, size: int, addr: int, flags: int = 0) -> None:

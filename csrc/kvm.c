@@ -9,7 +9,8 @@
  *
  * Exits are handled in Python (aiovmm/kvm_engine.py), but for a few completed here, each
  * under the conditions of its function: repeated PIT reads (fast_in), the hypercalls whose
- * whole effect is vCPU state (fast_hypercall), and a user process's system call bounced to
+ * whole effect is vCPU state (fast_hypercall), two queries whose answer never changes
+ * (fast_query), and a user process's system call bounced to
  * the guest kernel (fast_user_syscall). Python's handler of each stays the reference: any
  * case not proven here to be one it handles the same way is left to it. */
 #define _GNU_SOURCE
@@ -167,6 +168,8 @@ struct aiovmm_kvm_ctx {
     uint64_t fast_user_irets;      /* of fast_calls[2]: irets back to guest user mode */
     uint64_t fast_page;            /* of fast_calls: those made through the hypercall page */
     uint64_t fast_queries[2];      /* fast_query: xen_version(XENVER_version), vcpu_op of no vCPU */
+    uint64_t r0_stack_va, r0_stack_maddr;   /* the ring-0 stack page the CPU's frames go to */
+    uint64_t fast_cli_sti;         /* #GP(0) at cli/sti completed here (fast_cli_sti) */
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -596,6 +599,45 @@ static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
     return 1;
 }
 
+#define VEC_GP 13
+#define ERR_FRAME 48                  /* bytes the CPU pushes with an error code */
+
+/* #GP(0) at `cli` or `sti` in guest kernel mode (the vector stub's exit: aiovmm/kvm_engine.py
+ * _from_vector, then traps.exception -> emulate.gp_fault): Xen's emulate_privileged_op makes
+ * both no-ops when iopl_ok (the kernel counts as ring 1, ring 0 with VMASST
+ * architectural_iopl; emulate.iopl_ok) and steps RIP past them. Linux (virtual IOPL 1) runs
+ * ~5,200 of them per boot. Only the one-byte forms from 64-bit code (FLAT_RING3_CS64) at a
+ * frame with error code 0 on the engine's stack are done here; a prefix, another opcode, a
+ * byte C cannot read through the kernel's tables, user mode, a refused IOPL: Python's (which
+ * decodes, emulates or bounces the #GP). Returns 1 if done. */
+static int fast_cli_sti(struct aiovmm_kvm_ctx *c, uint64_t *r)
+{
+    struct aiovmm_pv *pv = c->pv;
+    if (!pv->kernel_mode || (architectural_iopl(pv) ? 0 : 1) > pv->iopl)
+        return 0;
+    uint64_t sp = r[KREG_RSP];
+    if (sp != c->r0_stack_va + 4096 - ERR_FRAME)
+        return 0;
+    uint64_t f[ERR_FRAME / 8];     /* err rip cs rflags rsp ss: the CPU's, not the guest's */
+    memcpy(f, (const void *)(uintptr_t)(c->mem_base + c->r0_stack_maddr + 4096 - ERR_FRAME),
+           sizeof f);
+    /* CLI/STI fault with error code 0 and the 64-bit code segment: defensive checks. */
+    if (f[0] != 0 || ((f[2] & 0xFFFF) | 3) != USER_CS)
+        return 0;
+    uint64_t ma = guest_maddr(c, pv->kernel_root << 12, f[1], 0);
+    if (!ma)
+        return 0;
+    uint8_t op = *(const volatile uint8_t *)(uintptr_t)(c->mem_base + ma);
+    if (op != 0xFA && op != 0xFB)
+        return 0;
+    r[KREG_RIP] = f[1] + 1;
+    r[KREG_RFLAGS] = f[3];
+    r[KREG_RSP] = f[4];
+    aiovmm_kvm_back_to_cpl3(c, 0);
+    c->fast_cli_sti++;
+    return 1;
+}
+
 /* After a hypercall: Xen's test_all_events. True if an event upcall is deliverable
  * (evtchn_upcall_pending && !evtchn_upcall_mask in this vCPU's vcpu_info: guest memory,
  * read as the Python path reads it). */
@@ -715,6 +757,13 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
         memcpy(&rip, run + 304 + 16 * 8, 8);
         if (run[32] == 0 && run[33] == 1 && count == 1 && fast_in(c, run, port, rip))
             continue;                                  /* KVM completes it at the next entry */
+        if (run[32] == 1 && run[33] == 1 && port == VEC_GP && count == 1
+            && rip >= c->stubs_lo && rip <= c->stubs_hi && c->fast_hc && c->pv) {
+            c->fast_n = 0;
+            if (fast_cli_sti(c, regs_of(run)))
+                continue;
+            return 0;
+        }
         if (run[32] == 1 && run[33] == 1 && port == c->hcall_port && count == 1
             && !(rip >= c->stubs_lo && rip <= c->stubs_hi)) {
             c->fast_n = 0;
