@@ -52,6 +52,7 @@ def _put_string(v: "VCPU", arg: int, text: bytes, size: int) -> int:
 
 
 def do_xen_version(v: "VCPU", cmd: int, arg: int, *_) -> int:
+    cmd &= 0xFFFFFFFF                            # Xen: do_xen_version(int cmd, ...)
     if cmd == XenVer.version:
         return (XEN_VERSION_MAJOR << 16) | XEN_VERSION_MINOR
     if cmd == XenVer.extraversion:
@@ -298,9 +299,21 @@ def dispatch(v: "VCPU") -> None:
         traps.deliver_event(v)
 
 
+def store_query_answers(v: "VCPU") -> None:
+    """The answers an engine may give without this dispatcher (the KVM engine's C loop,
+    csrc/kvm.c fast_query), each taken from the handler itself so that values and error codes
+    come from one place: xen_version(XENVER_version), and vcpu_op naming a vCPU id no domain
+    can have (vcpu_op.MAX_VCPUS and above: -ENOENT whatever the command)."""
+    pv = v.pv
+    pv.xenver_version = call(v, Hypercall.xen_version, XenVer.version) & MASK64
+    pv.max_vcpus = vcpu_op.MAX_VCPUS
+    pv.no_vcpu = call(v, Hypercall.vcpu_op, 0, vcpu_op.MAX_VCPUS) & MASK64
+
+
 def completed_elsewhere(v: "VCPU", counts: dict[int, int], events: bool) -> None:
     """Hypercalls the engine completed without this dispatcher (the KVM engine's C loop:
-    stack_switch, set_segment_base, iret, the singleshot timer's vcpu_ops; it already counted
+    stack_switch, set_segment_base, iret, the singleshot timer's vcpu_ops, store_query_answers'
+    queries; it already counted
     them in v.hypercalls): into the domain's statistics, a timer change onto the event loop's
     timer, and, when the last one left an event deliverable, the tail every hypercall has
     (dispatch above)."""

@@ -524,6 +524,9 @@ class _FastIn(ctypes.Structure):
 
 # Hypercalls aiovmm_kvm_run_ex completes itself (fast_hypercall), in its fast_calls order.
 _FAST_CALLS = (Hypercall.stack_switch, Hypercall.set_segment_base, Hypercall.iret, Hypercall.vcpu_op)
+# The queries it answers (fast_query), in its fast_queries order: xen_version(XENVER_version),
+# vcpu_op naming no vCPU.
+_FAST_QUERIES = (Hypercall.xen_version, Hypercall.vcpu_op)
 
 
 class _RunCtx(ctypes.Structure):
@@ -542,7 +545,9 @@ class _RunCtx(ctypes.Structure):
                 ("deadline_ns", ctypes.c_int64),
                 ("ready_kroot", ctypes.c_uint64), ("ready_uroot", ctypes.c_uint64),
                 ("fast_bounces", ctypes.c_uint64), ("fast_user_irets", ctypes.c_uint64),
-                ("fast_page", ctypes.c_uint64)]
+                ("fast_page", ctypes.c_uint64), ("fast_queries", ctypes.c_uint64 * len(_FAST_QUERIES)),
+                ("r0_stack_va", ctypes.c_uint64), ("r0_stack_maddr", ctypes.c_uint64),
+                ("fast_cli_sti", ctypes.c_uint64)]
 
 
 class _VMPool:
@@ -948,8 +953,9 @@ class KVMEngine:
         self._ctx.mem_size = mem.size
         self._ctx.cs64[:], self._ctx.cs32[:], self._ctx.ss3[:] = _CS64, _CS32, _SS3
         self._ctx.page_rip_after = _IO_RIP_AFTER    # else the hypercall page is Python's only
+        self._ctx.r0_stack_va, self._ctx.r0_stack_maddr = self.r0.stack_va, self.r0.stack_maddr
         self._pv = None                 # the vCPU's PVState (attach_pv), kept alive here
-        self._fast_seen = [0] * len(_FAST_CALLS)
+        self._fast_seen = [0] * (len(_FAST_CALLS) + len(_FAST_QUERIES))
         # The invalidation stub's entry registers (_invalidate): all zero but RSI (its list),
         # RSP (the ring-0 stack), RIP and RFLAGS (IF, TF clear).
         stub = [0] * 18
@@ -1015,6 +1021,8 @@ class KVMEngine:
                 "iret to kernel": ctx.fast_calls[2] - ctx.fast_user_irets,
                 "iret to user": ctx.fast_user_irets, "user syscall": ctx.fast_bounces,
                 "vcpu_op singleshot": ctx.fast_calls[3],
+                "xen_version": ctx.fast_queries[0], "vcpu_op no vCPU": ctx.fast_queries[1],
+                "cli/sti": ctx.fast_cli_sti,
                 "port in": ctx.fast_hits}
 
     def attach_pv(self, pv: ctypes.Structure) -> None:
@@ -1030,13 +1038,15 @@ class KVMEngine:
         # C's completions by the entry they came through, as Python counts its own
         # (_run_slice): the hypercall page's are "hypercall", a guest `syscall`'s "syscall".
         ctx = self._ctx
-        fast = sum(ctx.fast_calls) + ctx.fast_bounces - ctx.fast_page
+        fast = sum(ctx.fast_calls) + sum(ctx.fast_queries) + ctx.fast_bounces - ctx.fast_page
         if fast:
             out[_SYSCALL] += fast
         if self._hypercalls + ctx.fast_page:
             out["hypercall"] += self._hypercalls + ctx.fast_page
         if self._ctx.fast_hits:
             out["port io"] += self._ctx.fast_hits
+        if ctx.fast_cli_sti:
+            out["vector 13"] += ctx.fast_cli_sti            # #GP: csrc/kvm.c fast_cli_sti
         return out
 
     def _set_slot(self, slot: int, gpa: int, size: int, addr: int, flags: int = 0) -> None:
@@ -1503,13 +1513,14 @@ class KVMEngine:
     def _report_fast_calls(self, events: bool) -> None:
         """Hand the hypercalls C completed since the last report to on_hypercall_done (the
         domain's statistics); `events`: the last one left an event deliverable."""
-        done = self._ctx.fast_calls
-        counts = {}
-        for i, nr in enumerate(_FAST_CALLS):
-            n = done[i] - self._fast_seen[i]
+        ctx, seen = self._ctx, self._fast_seen
+        counts: dict[int, int] = {}
+        for i, (nr, done) in enumerate(zip(_FAST_CALLS + _FAST_QUERIES,
+                                           tuple(ctx.fast_calls) + tuple(ctx.fast_queries))):
+            n = done - seen[i]
             if n:
-                counts[int(nr)] = n
-                self._fast_seen[i] = done[i]
+                counts[int(nr)] = counts.get(int(nr), 0) + n
+                seen[i] = done
         if counts or events:
             self._call(self.on_hypercall_done, counts, events)
 

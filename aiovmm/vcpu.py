@@ -58,7 +58,9 @@ class PVState(ctypes.Structure):
                 ("syscall_cb", ctypes.c_uint64), ("syscall_cb_flags", ctypes.c_uint64),
                 ("vcpu_id", ctypes.c_uint32), ("sshot_op", ctypes.c_uint32),
                 ("sshot_deadline", ctypes.c_uint64), ("clock_origin_ns", ctypes.c_int64),
-                ("vm_assist_ptr", ctypes.c_uint64)]
+                ("vm_assist_ptr", ctypes.c_uint64),
+                ("xenver_version", ctypes.c_uint64), ("no_vcpu", ctypes.c_uint64),
+                ("max_vcpus", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
 
 
 def _pv_field(name: str, doc: str, conv=int) -> property:
@@ -144,6 +146,7 @@ class VCPU:
         self.pv.vcpu_id = vcpu_id
         self.pv.clock_origin_ns = domain.hypervisor.system_time_ns.origin_ns
         self.pv.vm_assist_ptr = domain.vm_assist_address     # the domain's word, not a copy
+        _hypercall.store_query_answers(self)
         self.kernel_mode = True
         self.kernel_root = 0
         self.user_root = 0
@@ -345,7 +348,7 @@ class VCPU:
     def _on_syscall(self) -> None:
         if self.domain.shutdown_reason is not None:
             self.engine.stop()
-        elif self.kernel_mode:
+        elif self.pv.kernel_mode:          # hot (every hypercall): the field, not the property
             _hypercall.dispatch(self)
         else:
             _traps.user_syscall(self)

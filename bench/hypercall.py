@@ -14,9 +14,14 @@ References, measured in the same run, before and after the guest (medians of bot
 With --engine both (default where /dev/kvm works) the same guest also runs on the KVM engine
 (n/20 calls per round: each is a VM exit), and the bare exit floor of this machine is measured
 in the same run: a CPL-3 `out` loop in a minimal VM around KVM_RUN (fcntl.ioctl, no handler).
+The KVM engine's C loop answers xen_version(XENVER_version) itself (csrc/kvm.c fast_query), so
+there the Python round trip is measured with xen_version(XENVER_pagesize, NULL) (`op=pagesize`:
+as trivial, and always the dispatcher's): kvm_hypercall_us; the C-answered XENVER_version is
+kvm_c_hypercall_us. The two guests alternate, `--kvm-runs` times each.
 
 Last line: hypercall_us=<x> host_syscall_us=<y> ratio=<x/y> ctypes_syscall_us=<z>
-           [kvm_hypercall_us=<k> kvm_exit_floor_us=<f> kvm_floor_ratio=<k/f>]
+           [kvm_hypercall_us=<k> kvm_exit_floor_us=<f> kvm_floor_ratio=<k/f>
+            kvm_c_hypercall_us=<c> kvm_c_floor_ratio=<c/f>]
 """
 from __future__ import annotations
 
@@ -191,11 +196,12 @@ def kvm_exit_floor_us(n: int = 5000) -> float:
     return statistics.median(runs)
 
 
-async def guest_rounds(engine: str, n: int, rounds: int) -> tuple[list[float], int, float]:
-    """Boot hypercall.elf on `engine`: (us per call per round, hypercalls, wall s)."""
+async def guest_rounds(engine: str, n: int, rounds: int,
+                       op: str = "xen_version") -> tuple[list[float], int, float]:
+    """Boot hypercall.elf (`op`) on `engine`: (us per call per round, hypercalls, wall s)."""
     async with Hypervisor(memory_mib=1024, engine=engine) as hv:
         t0 = time.perf_counter()
-        dom = await hv.create(GUEST, memory_mib=16, cmdline=f"n={n} rounds={rounds}")
+        dom = await hv.create(GUEST, memory_mib=16, cmdline=f"n={n} rounds={rounds} op={op}")
         v = dom.vcpus[0]
         reason = await dom.wait()
         wall = time.perf_counter() - t0
@@ -207,12 +213,12 @@ async def guest_rounds(engine: str, n: int, rounds: int) -> tuple[list[float], i
         if m:
             _, nn, ns = map(int, m.groups())
             out.append(ns / nn / 1000)
-    if len(out) != rounds:
-        fail(f"{engine}: expected {rounds} rounds, got {len(out)}: {dom.console_lines}")
+    if len(out) != rounds or any("failed" in line for line in dom.console_lines):
+        fail(f"{engine} op={op}: expected {rounds} rounds, got {len(out)}: {dom.console_lines}")
     return out, v.hypercalls, wall
 
 
-async def main(n: int, rounds: int, engines: str = "both") -> None:
+async def main(n: int, rounds: int, engines: str = "both", kvm_runs: int = 3) -> None:
     c_ns: list[float] = []
     py_ns: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,16 +270,27 @@ async def main(n: int, rounds: int, engines: str = "both") -> None:
     tail = ""
     from aiovmm.kvm_engine import unavailable_reason
     if engines == "both" and not unavailable_reason():
-        floor_a = kvm_exit_floor_us()
-        kvm_us, kvm_calls, kvm_wall = await guest_rounds("kvm", max(n // 20, 100), rounds)
-        floor_b = kvm_exit_floor_us()
-        floor = statistics.median([floor_a, floor_b])
-        k = statistics.median(kvm_us)
-        print(f"KVM engine: {kvm_calls:,} hypercalls in {kvm_wall:.2f} s boot to poweroff; "
-              f"round trip median {k:.2f} us (rounds: {', '.join(f'{x:.1f}' for x in kvm_us)})")
-        print(f"KVM exit floor (bare CPL-3 `out` loop, before/after): {floor_a:.2f} / {floor_b:.2f} us; "
-              f"hypercall / floor = {k / floor:.2f}x")
-        tail = f" kvm_hypercall_us={k:.3f} kvm_exit_floor_us={floor:.3f} kvm_floor_ratio={k / floor:.2f}"
+        floors = [kvm_exit_floor_us()]
+        py_us: list[float] = []
+        c_us: list[float] = []
+        for _ in range(kvm_runs):                       # interleaved: the host's load drifts
+            us, calls, wall = await guest_rounds("kvm", max(n // 20, 100), rounds, "pagesize")
+            py_us += us
+            print(f"KVM engine, xen_version(pagesize) through Python: {calls:,} hypercalls in "
+                  f"{wall:.2f} s; rounds: {', '.join(f'{x:.1f}' for x in us)} us")
+            us, calls, wall = await guest_rounds("kvm", max(n // 20, 100), rounds)
+            c_us += us
+            print(f"KVM engine, xen_version(version) answered in C: {calls:,} hypercalls in "
+                  f"{wall:.2f} s; rounds: {', '.join(f'{x:.1f}' for x in us)} us")
+            floors.append(kvm_exit_floor_us())
+        floor = statistics.median(floors)
+        k, kc = statistics.median(py_us), statistics.median(c_us)
+        print(f"KVM exit floor (bare CPL-3 `out` loop, around the runs): "
+              f"{', '.join(f'{x:.2f}' for x in floors)} us, median {floor:.2f}")
+        print(f"KVM round trip medians: through Python {k:.2f} us = {k / floor:.2f}x floor; "
+              f"in C {kc:.2f} us = {kc / floor:.2f}x floor (load {os.getloadavg()[0]:.1f})")
+        tail = (f" kvm_hypercall_us={k:.3f} kvm_exit_floor_us={floor:.3f} kvm_floor_ratio={k / floor:.2f}"
+                f" kvm_c_hypercall_us={kc:.3f} kvm_c_floor_ratio={kc / floor:.2f}")
     elif engines == "both":
         print(f"KVM engine skipped: {unavailable_reason()}")
     print(f"hypercall_us={hc:.3f} host_syscall_us={host:.4f} ratio={hc / host:.1f} "
@@ -285,5 +302,6 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--engines", choices=("both", "unicorn"), default="both")
+    ap.add_argument("--kvm-runs", type=int, default=3)
     a = ap.parse_args()
-    uvloop.run(main(a.n, a.rounds, a.engines))
+    uvloop.run(main(a.n, a.rounds, a.engines, a.kvm_runs))

@@ -9,7 +9,8 @@
  *
  * Exits are handled in Python (aiovmm/kvm_engine.py), but for a few completed here, each
  * under the conditions of its function: repeated PIT reads (fast_in), the hypercalls whose
- * whole effect is vCPU state (fast_hypercall), and a user process's system call bounced to
+ * whole effect is vCPU state (fast_hypercall), two queries whose answer never changes
+ * (fast_query), and a user process's system call bounced to
  * the guest kernel (fast_user_syscall). Python's handler of each stays the reference: any
  * case not proven here to be one it handles the same way is left to it. */
 #define _GNU_SOURCE
@@ -166,6 +167,9 @@ struct aiovmm_kvm_ctx {
     uint64_t fast_bounces;         /* user-mode syscalls bounced to the guest kernel here */
     uint64_t fast_user_irets;      /* of fast_calls[2]: irets back to guest user mode */
     uint64_t fast_page;            /* of fast_calls: those made through the hypercall page */
+    uint64_t fast_queries[2];      /* fast_query: xen_version(XENVER_version), vcpu_op of no vCPU */
+    uint64_t r0_stack_va, r0_stack_maddr;   /* the ring-0 stack page the CPU's frames go to */
+    uint64_t fast_cli_sti;         /* #GP(0) at cli/sti completed here (fast_cli_sti) */
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -193,6 +197,13 @@ struct aiovmm_pv {
     uint64_t sshot_deadline;       /* Xen system time (ns) */
     int64_t clock_origin_ns;       /* system time = CLOCK_MONOTONIC - this (aiovmm/clock.py) */
     uint64_t vm_assist_ptr;        /* the domain's vm_assist word (aiovmm/domain.py), 0: none */
+    /* Answers fast_query gives, each the Python handler's own result stored by Python
+     * (aiovmm/vcpu.py VCPU.__init__), so values and error codes come from one place; 0: that
+     * query is Python's. */
+    uint64_t xenver_version;       /* RAX of xen_version(XENVER_version) */
+    uint64_t no_vcpu;              /* RAX of vcpu_op(any cmd, vcpuid >= max_vcpus): -ENOENT */
+    uint32_t max_vcpus;            /* vCPU ids at or above it name no vCPU of any domain */
+    uint32_t pad2;
 };
 
 #define KREG_RAX 0
@@ -214,6 +225,8 @@ struct aiovmm_pv {
 #define HC_SET_SEGMENT_BASE 25
 #define HC_IRET 23
 #define HC_VCPU_OP 24
+#define HC_XEN_VERSION 17
+#define XENVER_VERSION 0              /* xen/include/public/version.h */
 #define VCPUOP_SET_SINGLESHOT 8       /* xen/include/public/vcpu.h */
 #define VCPUOP_STOP_SINGLESHOT 9
 #define SSHOT_SET 1                   /* aiovmm_pv.sshot_op (aiovmm/timers.py EngineTimerOp) */
@@ -521,6 +534,31 @@ static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
     return 1;
 }
 
+/* A query whose answer depends on nothing the guest or the host can change, answered with
+ * the value the Python handler gives (stored in pv by Python): *ret, and the index of its
+ * fast_queries counter; -1 for anything else (Python's). Xen's do_xen_version(int cmd, ..)
+ * and do_vcpu_op(int cmd, unsigned int vcpuid, ..) take 32-bit cmd and vcpuid.
+ * - xen_version(XENVER_version): the version number, whatever the argument (Xen ignores it).
+ * - vcpu_op(any cmd, vcpuid >= max_vcpus): Xen's do_vcpu_op looks the vCPU up before the
+ *   command (domain_vcpu: NULL -> -ENOENT); no domain has that many vCPUs (Python refuses
+ *   more at creation and restore). Linux asks VCPUOP_is_up of every possible CPU id at boot
+ *   (~8,200 calls: xen_filter_cpu_maps up to NR_CPUS). Ids below max_vcpus are Python's. */
+static int fast_query(struct aiovmm_kvm_ctx *c, const uint64_t *r, uint64_t *ret)
+{
+    const struct aiovmm_pv *pv = c->pv;
+    uint64_t nr = r[KREG_RAX];
+    if (nr == HC_XEN_VERSION && (uint32_t)r[KREG_RDI] == XENVER_VERSION && pv->xenver_version) {
+        *ret = pv->xenver_version;
+        return 0;
+    }
+    if (nr == HC_VCPU_OP && pv->no_vcpu && pv->max_vcpus
+        && (uint32_t)r[KREG_RSI] >= pv->max_vcpus) {
+        *ret = pv->no_vcpu;
+        return 1;
+    }
+    return -1;
+}
+
 /* A hypercall from guest kernel mode whose whole effect is this vCPU's state, completed
  * without Python (returns 1), or 0: Python handles it (aiovmm/hypercall.py dispatch). Only
  * the cases Xen always accepts are done here, each exactly as the Python handler does it
@@ -532,8 +570,11 @@ static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
 static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
 {
     struct aiovmm_pv *pv = c->pv;
-    uint64_t nr = r[KREG_RAX], a1 = r[KREG_RDI], a2 = r[KREG_RSI];
-    if (nr == HC_STACK_SWITCH) {
+    uint64_t nr = r[KREG_RAX], a1 = r[KREG_RDI], a2 = r[KREG_RSI], ret = 0;
+    int q = fast_query(c, r, &ret);
+    if (q >= 0) {
+        c->fast_queries[q]++;
+    } else if (nr == HC_STACK_SWITCH) {
         /* fixup_guest_stack_selector: a 64-bit PV guest's stack selector has RPL 3. */
         pv->kernel_ss = a1 | 3;
         pv->kernel_sp = a2;
@@ -559,10 +600,49 @@ static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
     } else {
         return 0;
     }
-    r[KREG_RAX] = 0;
+    r[KREG_RAX] = ret;
     mark_dirty(c->run, SYNC_REGS);
     pv->hypercalls++;
     pv->fault_depth = 0;
+    return 1;
+}
+
+#define VEC_GP 13
+#define ERR_FRAME 48                  /* bytes the CPU pushes with an error code */
+
+/* #GP(0) at `cli` or `sti` in guest kernel mode (the vector stub's exit: aiovmm/kvm_engine.py
+ * _from_vector, then traps.exception -> emulate.gp_fault): Xen's emulate_privileged_op makes
+ * both no-ops when iopl_ok (the kernel counts as ring 1, ring 0 with VMASST
+ * architectural_iopl; emulate.iopl_ok) and steps RIP past them. Linux (virtual IOPL 1) runs
+ * ~5,200 of them per boot. Only the one-byte forms from 64-bit code (FLAT_RING3_CS64) at a
+ * frame with error code 0 on the engine's stack are done here; a prefix, another opcode, a
+ * byte C cannot read through the kernel's tables, user mode, a refused IOPL: Python's (which
+ * decodes, emulates or bounces the #GP). Returns 1 if done. */
+static int fast_cli_sti(struct aiovmm_kvm_ctx *c, uint64_t *r)
+{
+    struct aiovmm_pv *pv = c->pv;
+    if (!pv->kernel_mode || (architectural_iopl(pv) ? 0 : 1) > pv->iopl)
+        return 0;
+    uint64_t sp = r[KREG_RSP];
+    if (sp != c->r0_stack_va + 4096 - ERR_FRAME)
+        return 0;
+    uint64_t f[ERR_FRAME / 8];     /* err rip cs rflags rsp ss: the CPU's, not the guest's */
+    memcpy(f, (const void *)(uintptr_t)(c->mem_base + c->r0_stack_maddr + 4096 - ERR_FRAME),
+           sizeof f);
+    /* CLI/STI fault with error code 0 and the 64-bit code segment: defensive checks. */
+    if (f[0] != 0 || ((f[2] & 0xFFFF) | 3) != USER_CS)
+        return 0;
+    uint64_t ma = guest_maddr(c, pv->kernel_root << 12, f[1], 0);
+    if (!ma)
+        return 0;
+    uint8_t op = *(const volatile uint8_t *)(uintptr_t)(c->mem_base + ma);
+    if (op != 0xFA && op != 0xFB)
+        return 0;
+    r[KREG_RIP] = f[1] + 1;
+    r[KREG_RFLAGS] = f[3];
+    r[KREG_RSP] = f[4];
+    aiovmm_kvm_back_to_cpl3(c, 0);
+    c->fast_cli_sti++;
     return 1;
 }
 
@@ -685,6 +765,13 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
         memcpy(&rip, run + 304 + 16 * 8, 8);
         if (run[32] == 0 && run[33] == 1 && count == 1 && fast_in(c, run, port, rip))
             continue;                                  /* KVM completes it at the next entry */
+        if (run[32] == 1 && run[33] == 1 && port == VEC_GP && count == 1
+            && rip >= c->stubs_lo && rip <= c->stubs_hi && c->fast_hc && c->pv) {
+            c->fast_n = 0;
+            if (fast_cli_sti(c, regs_of(run)))
+                continue;
+            return 0;
+        }
         if (run[32] == 1 && run[33] == 1 && port == c->hcall_port && count == 1
             && !(rip >= c->stubs_lo && rip <= c->stubs_hi)) {
             c->fast_n = 0;

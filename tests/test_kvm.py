@@ -105,6 +105,22 @@ def kvm_run_once(eng, fast: bool = False) -> int:
             return rc
     return rc
 
+def entry_page_hypercall(eng, entry: int, ret_va: int, fast: bool, nr: int, a1: int = 0,
+                         a2: int = 0, a3: int = 0) -> tuple[int, int]:
+    """One hypercall through the SYSCALL entry page `entry` (as Linux makes them), returning
+    to `ret_va`, with the C fast hypercalls on or off: (kvm_run_once's exit code, RAX the guest
+    sees). A C-completed call is reported as a slice end reports it; one left to Python (exit
+    3) runs through the dispatcher."""
+    eng.write({"rip": entry, "rax": nr, "rdi": a1, "rsi": a2, "rdx": a3, "rcx": ret_va,
+               "r11": 0x246})
+    rc = kvm_run_once(eng, fast)
+    if rc == 3:
+        eng.on_hypercall()
+    else:
+        eng._report_fast_calls(False)               # what engine.run's end does
+    return rc, eng.get("rax")
+
+
 async def test_cpu_bound_guest_is_sliced_by_the_timer():
     """cpu.elf computes for ~10-20 ms without a single exit; the per-thread timer must end
     its slices (kicks), so a neighbour's 10 ms timer keeps ticking meanwhile, and the result
