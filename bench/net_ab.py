@@ -40,6 +40,22 @@ from aiovmm import Hypervisor                              # noqa: E402
 from aiovmm.testing import VirtualLan                       # noqa: E402
 
 
+GUEST_IP = "198.18.0.20"
+
+
+async def boot_kvm_linux(hv: Hypervisor, lan: VirtualLan, tag: str, boot_timeout: float):
+    """bench/net.py's Linux guest (iperf3 and udpecho) on KVM at GUEST_IP with a vif on
+    `lan`, once its shell is up (also bench/net_exits.py's)."""
+    dom = await hv.create(netbench.LX_KERNEL, memory_mib=netbench.LX_MEMORY_MIB, ramdisk=netbench.LX_INITRD,
+                          name=f"lx-{tag}", engine="kvm",
+                          cmdline="console=hvc0 " + netbench.LX_ARGS.format(ip=GUEST_IP),
+                          vifs=[lan.vif("00:16:3e:00:0e:20")])
+    t0 = asyncio.get_running_loop().time()
+    await dom.wait_for_line(r"^aiovmm-init: ready", timeout=boot_timeout)
+    print(f"{tag}: shell after {asyncio.get_running_loop().time() - t0:.0f} s", flush=True)
+    return dom
+
+
 def read_turn(path: str) -> int:
     try:
         with open(path) as f:
@@ -93,14 +109,8 @@ async def main(args) -> None:
     rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     async with VirtualLan(f"{netbench.HOST_IP}/24") as lan, \
             Hypervisor(memory_mib=netbench.LX_MEMORY_MIB + 64) as hv:
-        ip = "198.18.0.20"
-        dom = await hv.create(netbench.LX_KERNEL, memory_mib=netbench.LX_MEMORY_MIB, ramdisk=netbench.LX_INITRD,
-                              name=f"lx-{args.tag}", engine="kvm",
-                              cmdline="console=hvc0 " + netbench.LX_ARGS.format(ip=ip),
-                              vifs=[lan.vif("00:16:3e:00:0e:20")])
-        t0 = asyncio.get_running_loop().time()
-        await dom.wait_for_line(r"^aiovmm-init: ready", timeout=args.boot_timeout)
-        print(f"{args.tag}: shell after {asyncio.get_running_loop().time() - t0:.0f} s", flush=True)
+        ip = GUEST_IP
+        dom = await boot_kvm_linux(hv, lan, args.tag, args.boot_timeout)
         nb = dom.backends[0]
         saved: dict = {}
         # Warm up once (ARP, the iperf3 server) before taking turns.
