@@ -60,7 +60,8 @@ class PVState(ctypes.Structure):
                 ("sshot_deadline", ctypes.c_uint64), ("clock_origin_ns", ctypes.c_int64),
                 ("vm_assist_ptr", ctypes.c_uint64),
                 ("xenver_version", ctypes.c_uint64), ("no_vcpu", ctypes.c_uint64),
-                ("max_vcpus", ctypes.c_uint32), ("pad2", ctypes.c_uint32)]
+                ("max_vcpus", ctypes.c_uint32), ("pad2", ctypes.c_uint32),
+                ("gdt_frame0", ctypes.c_uint64), ("gdt_frames_nr", ctypes.c_uint64)]
 
 
 def _pv_field(name: str, doc: str, conv=int) -> property:
@@ -81,6 +82,21 @@ class VCPU:
     hypercalls = _pv_field("hypercalls", "hypercalls made (Python and engine together)")
     kernel_root = _pv_field("kernel_root", "MFN of the kernel L4 (NEW_BASEPTR)")
     user_root = _pv_field("user_root", "MFN of the user L4 (NEW_USER_BASEPTR), 0 = none")
+
+    @property
+    def gdt_frames(self) -> tuple[int, ...]:
+        """The guest's GDT frames (HYPERVISOR_set_gdt, descriptors.set_gdt). A tuple, so
+        that every change is an assignment here: the first frame and the count are mirrored
+        into PVState (gdt_frame0, gdt_frames_nr), where csrc/kvm.c fast_iret reads the
+        descriptor of an iret frame's CS in the first GDT page (descriptors.iret_code_segment
+        is the rule; C takes only the 64-bit code segments it accepts, Python the rest)."""
+        return self._gdt_frames
+
+    @gdt_frames.setter
+    def gdt_frames(self, frames) -> None:
+        self._gdt_frames = tuple(int(f) for f in frames)
+        self.pv.gdt_frame0 = self._gdt_frames[0] if self._gdt_frames else 0
+        self.pv.gdt_frames_nr = len(self._gdt_frames)
     kernel_gs_base = _pv_field("kernel_gs_base", "GS base of kernel mode while in user mode")
     user_gs_base = _pv_field("user_gs_base", "GS base of user mode while in kernel mode")
     last_frame_rsp = _pv_field("last_frame_rsp", "the last bounce frame (traps.py nesting)")
@@ -195,7 +211,7 @@ class VCPU:
         self.emulated = 0                          # privileged instructions emulated
         # Descriptor tables (descriptors.py): window in Xen's area, GDT frames, LDT.
         self.desc_window: int | None = None
-        self.gdt_frames: list[int] = []
+        self.gdt_frames = ()
         self.gdt_ents = 0
         self.ldt_base = 0
         self.ldt_ents = 0

@@ -27,6 +27,7 @@ import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import net as netbench                                   # noqa: E402  (bench/net.py)
+from net_ab import GUEST_IP, boot_kvm_linux               # noqa: E402
 
 from aiovmm import Hypervisor                              # noqa: E402
 from aiovmm.backends.net.device import InlineKick           # noqa: E402
@@ -84,14 +85,8 @@ async def main(args) -> None:
             InlineKick[m]
     res: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
     async with VirtualLan(f"{netbench.HOST_IP}/24") as lan, Hypervisor(memory_mib=netbench.LX_MEMORY_MIB + 64) as hv:
-        ip = "198.18.0.20"
-        dom = await hv.create(netbench.LX_KERNEL, memory_mib=netbench.LX_MEMORY_MIB, ramdisk=netbench.LX_INITRD,
-                              name="lx-kvm", engine="kvm",
-                              cmdline="console=hvc0 " + netbench.LX_ARGS.format(ip=ip),
-                              vifs=[lan.vif("00:16:3e:00:0e:20")])
-        t0 = asyncio.get_running_loop().time()
-        await dom.wait_for_line(r"^aiovmm-init: ready", timeout=args.boot_timeout)
-        print(f"kvm: shell after {asyncio.get_running_loop().time() - t0:.0f} s", flush=True)
+        ip = GUEST_IP
+        dom = await boot_kvm_linux(hv, lan, "kvm", args.boot_timeout)
         nb = dom.backends[0]
         for rep in range(args.reps):
             for m in modes:

@@ -204,6 +204,8 @@ struct aiovmm_pv {
     uint64_t no_vcpu;              /* RAX of vcpu_op(any cmd, vcpuid >= max_vcpus): -ENOENT */
     uint32_t max_vcpus;            /* vCPU ids at or above it name no vCPU of any domain */
     uint32_t pad2;
+    uint64_t gdt_frame0;           /* the guest's first GDT frame (VCPU.gdt_frames) ... */
+    uint64_t gdt_frames_nr;        /* ... and how many it gave (0: none) */
 };
 
 #define KREG_RAX 0
@@ -375,6 +377,44 @@ static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
     mark_dirty(c->run, SYNC_SREGS);
 }
 
+#define SEG_CODE (1u << 11)
+#define SEG_CONFORMING (1u << 10)
+#define SEG_S (1u << 12)
+#define SEG_DPL (3u << 13)
+#define SEG_P (1u << 15)
+#define SEG_L (1u << 21)
+#define SEG_DB (1u << 22)
+
+/* The CS an iret frame names, as the IRETQ loads it (aiovmm/descriptors.py
+ * iret_code_segment is the rule), for the cases done here: the selector (frame.cs | 3) if it
+ * is FLAT_RING3_CS64, or names, in the guest's first GDT page (VCPU.gdt_frames), a present
+ * 64-bit code segment (L set, D clear) of DPL 3 or conforming, as Linux's __USER_CS does;
+ * else 0, Python's: a null or LDT selector, one beyond the first page, a fault, a
+ * compatibility-mode segment, no GDT. Descriptor frames are typed (the guest cannot write
+ * them but through Python's update_descriptor), read once. */
+static uint64_t iret_cs64(struct aiovmm_kvm_ctx *c, uint64_t cs)
+{
+    struct aiovmm_pv *pv = c->pv;
+    uint64_t sel = (cs & 0xFFFF) | 3, off = sel & ~7ULL;
+    if (sel == USER_CS)
+        return sel;
+    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+        return 0;
+    uint64_t ma = (pv->gdt_frame0 << 12) + off;
+    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
+        return 0;
+    uint64_t desc;
+    memcpy(&desc, (const void *)(uintptr_t)(c->mem_base + ma), 8);
+    uint32_t hi = (uint32_t)(desc >> 32);
+    if (!(hi & SEG_S) || !(hi & SEG_CODE) || !(hi & SEG_P))
+        return 0;
+    if (!(hi & SEG_CONFORMING) && (hi & SEG_DPL) != SEG_DPL)
+        return 0;
+    if (!(hi & SEG_L) || (hi & SEG_DB))
+        return 0;
+    return sel;
+}
+
 /* HYPERVISOR_iret (aiovmm/traps.py do_iret, the same effect; Xen: xen/arch/x86/pv/iret.c):
  * the context (rax r11 rcx flags rip cs rflags rsp ss) on the guest stack at the SYSCALL,
  * copied once and used only from the copy (the guest, or a backend thread, may rewrite the
@@ -396,10 +436,11 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     uint64_t rax = ctx[0], r11 = ctx[1], rcx = ctx[2], flags = ctx[3], rip = ctx[4];
     uint64_t cs = ctx[5], rflags = ctx[6], ursp = ctx[7];
     int to_user = (cs & 3) == 3;
-    /* Xen loads frame.cs | 3 with an IRETQ: anything but the flat 64-bit code segment
-     * (FLAT_RING3_CS64, a kernel frame's 0xe030 included) may fault there or change mode:
-     * Python's (traps.do_iret, descriptors.iret_code_segment decides). */
-    if (((cs & 0xFFFF) | 3) != USER_CS)
+    /* Xen loads frame.cs | 3 with an IRETQ: only a 64-bit code segment it loads without a
+     * fault is done here (iret_cs64); the rest may fault there or change mode: Python's
+     * (traps.do_iret, descriptors.iret_code_segment decides). */
+    uint64_t sel = iret_cs64(c, cs);
+    if (!sel)
         return 0;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
@@ -414,12 +455,17 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
         toggle_mode(c, 0);
         c->fast_user_irets++;
     }
-    /* The iret loads FLAT_RING3_CS64 whatever CS the caller ran in (a kernel in
-     * compatibility mode calls the hypercall page too): its whole hidden part, as
-     * KVMEngine.set("cs") does for Python's iret. CS is the first segment of kvm_sregs. */
-    uint8_t *scs = c->run + RUN_SREGS;
-    if (memcmp(scs, c->cs64, 24) != 0) {
-        memcpy(scs, c->cs64, 24);
+    /* The iret loads a 64-bit code segment whatever CS the caller ran in (a kernel in
+     * compatibility mode calls the hypercall page too): FLAT_RING3_CS64's whole hidden
+     * part, as KVMEngine.set("cs") does for Python's iret, with the selector iret_cs64
+     * chose (0xe033, or the guest's own such as Linux's 0x33). CS is the first segment of
+     * kvm_sregs; the selector is at offset 12. */
+    uint8_t img[24], *scs = c->run + RUN_SREGS;
+    uint16_t s16 = (uint16_t)sel;
+    memcpy(img, c->cs64, 24);
+    memcpy(img + 12, &s16, 2);
+    if (memcmp(scs, img, 24) != 0) {
+        memcpy(scs, img, 24);
         mark_dirty(c->run, SYNC_SREGS);
     }
     r[KREG_RIP] = rip;

@@ -213,6 +213,57 @@ async def test_iret_to_user_same_on_the_c_and_python_paths():
             assert by_c[0] == 4 and not by_c[1][0][5] & (RF_IOPL | RF_VM) and by_c[1][0][5] & RF_IF
 
 
+async def test_iret_to_user_with_a_gdt_code_segment_same_on_the_c_and_python_paths():
+    """Linux returns to its user processes with its own GDT's __USER_CS (0x33), not Xen's
+    flat 0xe033: C completes an iret to a selector in the guest's first GDT page when the
+    descriptor is a present 64-bit code segment it may load at RPL 3 (DPL 3, or conforming),
+    as descriptors.iret_code_segment accepts it, and loads the selector as Python does;
+    every other descriptor there (compatibility mode, DPL 0, not present, data, L and D
+    both), an LDT selector and one beyond the first page are Python's (a fault bounced to
+    the guest, or compatibility mode). Both paths leave the same vCPU, CS included."""
+    async with _bench() as b:
+        v, eng, hv = b.v, b.eng, b.hv
+        user_sp = USER_STACK_TOP - 0x100
+        gdt = hv.pagetables.translate(v.kernel_root << 12, b.data_va, False) >> 12
+        descs = {0x33: (0x00AFFA000000FFFF, True),       # Linux's __USER_CS: 64-bit, DPL 3
+                 0x3B: (0x00CFFA000000FFFF, False),      # 32-bit code, DPL 3 (compat mode)
+                 0x43: (0x00AF9A000000FFFF, False),      # 64-bit code, DPL 0: #GP
+                 0x4B: (0x00AF7A000000FFFF, False),      # not present: #NP
+                 0x53: (0x00CFF2000000FFFF, False),      # data: #GP
+                 0x5B: (0x00EFFA000000FFFF, False),      # L and D both: #GP
+                 0x63: (0x00AF9E000000FFFF, True),       # conforming 64-bit code, DPL 0
+                 0x37: (0, False),                       # an LDT selector
+                 0x1033: (0, False)}                     # the second GDT page: none given
+        saved = v.gdt_frames
+        try:
+            for cs, (desc, in_c) in descs.items():
+                b.restore()
+                v.gdt_frames = (gdt,)
+                if desc:
+                    hv.mem.write_u64((gdt << 12) + (cs & ~7), desc)
+                ctx = (1, 2, 3, 0, USER_CODE_VA, cs, RF_IF, user_sp, 0xE02B)
+                before = b.counters()
+                by_c = b.iret(True, ctx), b.state(), eng.get("cs")
+                assert b.counters()[1] == before[1] + in_c, hex(cs)
+                b.restore()
+                if desc:
+                    hv.mem.write_u64((gdt << 12) + (cs & ~7), desc)
+                by_py = b.iret(False, ctx), b.state(), eng.get("cs")
+                assert by_c == by_py, (hex(cs), by_c, by_py)
+                if in_c:
+                    assert not by_c[1][1] and by_c[2] == cs, "user mode with the frame's CS"
+            # No GDT at all (the project's kernel): 0x33 is Python's #GP, as before.
+            b.restore()
+            v.gdt_frames = ()
+            before = b.counters()
+            b.iret(True, (1, 2, 3, 0, USER_CODE_VA, 0x33, RF_IF, user_sp, 0xE02B))
+            assert b.counters()[1] == before[1] and v.kernel_mode
+        finally:
+            v.gdt_frames = saved
+            b.restore()
+        assert b.dom.shutdown_reason is None
+
+
 async def test_iret_to_user_left_to_python():
     """Irets to user mode C must not complete, each reaching Python with nothing changed
     (still kernel mode, CR3 the kernel L4, registers as at the hypercall): a non-canonical
