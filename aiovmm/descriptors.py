@@ -283,6 +283,7 @@ def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | bool:
     the GDT/LDT limit, not a code segment, DPL other than 3 (non-conforming), or L and D both
     set; #NP(sel & ~3) for one not present. Xen's flat selectors (FLAT_RING3_CS64/CS32) come
     from its reserved GDT page like any other. One rule for every iret (the KVM C path
+    takes only those this gives True for, in the guest's GDT page 0: iret_gdt_code64; it
     leaves every other CS to traps.do_iret)."""
     sel = (sel & 0xFFFF) | 3
     gp = (13, sel & ~3)

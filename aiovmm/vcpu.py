@@ -47,7 +47,8 @@ class PVState(ctypes.Structure):
     copy: VCPU.kernel_mode, iopl, kernel_ss, kernel_sp, kernel_root, user_root, the two saved
     GS bases, info_maddr, fault_depth, last_frame_rsp and hypercalls are views of it, and the
     syscall callback is mirrored into it by VCPU.set_callback, so C and Python never hold two
-    values of one thing."""
+    values of one thing. gdt_frame0 is VCPU.gdt_frames[0] (0: no GDT frame), mirrored by
+    that attribute's setter: C reads the guest's descriptor of an iret's CS there."""
     _fields_ = [("kernel_mode", ctypes.c_uint8), ("iopl", ctypes.c_uint8),
                 ("pad", ctypes.c_uint8 * 6),
                 ("kernel_ss", ctypes.c_uint64), ("kernel_sp", ctypes.c_uint64),
@@ -58,7 +59,7 @@ class PVState(ctypes.Structure):
                 ("syscall_cb", ctypes.c_uint64), ("syscall_cb_flags", ctypes.c_uint64),
                 ("vcpu_id", ctypes.c_uint32), ("sshot_op", ctypes.c_uint32),
                 ("sshot_deadline", ctypes.c_uint64), ("clock_origin_ns", ctypes.c_int64),
-                ("vm_assist_ptr", ctypes.c_uint64)]
+                ("vm_assist_ptr", ctypes.c_uint64), ("gdt_frame0", ctypes.c_uint64)]
 
 
 def _pv_field(name: str, doc: str, conv=int) -> property:
@@ -82,6 +83,18 @@ class VCPU:
     kernel_gs_base = _pv_field("kernel_gs_base", "GS base of kernel mode while in user mode")
     user_gs_base = _pv_field("user_gs_base", "GS base of user mode while in kernel mode")
     last_frame_rsp = _pv_field("last_frame_rsp", "the last bounce frame (traps.py nesting)")
+
+    @property
+    def gdt_frames(self) -> tuple[int, ...]:
+        """The guest's GDT frames (descriptors.set_gdt), page 0 first; its first frame is
+        mirrored into the PV state (PVState.gdt_frame0) where csrc/kvm.c fast_iret reads the
+        iret's CS descriptor. Replaced whole, never changed in place (a tuple)."""
+        return self._gdt_frames
+
+    @gdt_frames.setter
+    def gdt_frames(self, frames) -> None:
+        self._gdt_frames = tuple(frames)
+        self.pv.gdt_frame0 = self._gdt_frames[0] if self._gdt_frames else 0
 
     @property
     def iopl(self) -> int:
@@ -192,7 +205,7 @@ class VCPU:
         self.emulated = 0                          # privileged instructions emulated
         # Descriptor tables (descriptors.py): window in Xen's area, GDT frames, LDT.
         self.desc_window: int | None = None
-        self.gdt_frames: list[int] = []
+        self.gdt_frames = ()
         self.gdt_ents = 0
         self.ldt_base = 0
         self.ldt_ents = 0

@@ -9,7 +9,8 @@
  *
  * Exits are handled in Python (aiovmm/kvm_engine.py), but for a few completed here, each
  * under the conditions of its function: repeated PIT reads (fast_in), the hypercalls whose
- * whole effect is vCPU state (fast_hypercall), and a user process's system call bounced to
+ * whole effect is vCPU state (fast_hypercall; an iret to a 64-bit code segment of the
+ * guest's GDT: iret_gdt_code64), and a user process's system call bounced to
  * the guest kernel (fast_user_syscall). Python's handler of each stays the reference: any
  * case not proven here to be one it handles the same way is left to it. */
 #define _GNU_SOURCE
@@ -193,6 +194,7 @@ struct aiovmm_pv {
     uint64_t sshot_deadline;       /* Xen system time (ns) */
     int64_t clock_origin_ns;       /* system time = CLOCK_MONOTONIC - this (aiovmm/clock.py) */
     uint64_t vm_assist_ptr;        /* the domain's vm_assist word (aiovmm/domain.py), 0: none */
+    uint64_t gdt_frame0;           /* MFN of the guest's GDT page 0 (set_gdt), 0: none */
 };
 
 #define KREG_RAX 0
@@ -362,6 +364,38 @@ static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
     mark_dirty(c->run, SYNC_SREGS);
 }
 
+#define SEG_S (1ULL << 12)            /* descriptor high word (aiovmm/descriptors.py SEG_*) */
+#define SEG_CODE (1ULL << 11)
+#define SEG_CONFORMING (1ULL << 10)
+#define SEG_DPL (3ULL << 13)
+#define SEG_P (1ULL << 15)
+#define SEG_L (1ULL << 21)
+#define SEG_DB (1ULL << 22)
+
+/* An iret frame's CS other than FLAT_RING3_CS64 that C may load: a selector of the guest's own
+ * GDT page 0 (Linux's __USER_CS 0x33) whose descriptor the IRETQ takes as 64-bit code
+ * (aiovmm/descriptors.py iret_code_segment returns True: a code segment, DPL 3 unless
+ * conforming, present, L without D). The descriptor is read once; every other selector (the
+ * LDT, a page past 0, no GDT, a descriptor the IRETQ refuses or that gives compatibility mode)
+ * is Python's. Returns 1 if `sel` (RPL 3) qualifies. The GDT frame is the guest's, typed
+ * seg_desc (only the hypervisor writes it, on the loop). */
+static int iret_gdt_code64(struct aiovmm_kvm_ctx *c, uint64_t sel)
+{
+    uint64_t frame = c->pv->gdt_frame0, off = sel & ~7ULL;
+    if (!frame || (sel & 4) || off == 0 || off + 8 > 4096 || (frame << 12) + 4096 > c->mem_size)
+        return 0;
+    uint64_t desc;
+    memcpy(&desc, (const void *)(uintptr_t)(c->mem_base + (frame << 12) + off), 8);   /* once */
+    uint64_t hi = desc >> 32;
+    if (!(hi & SEG_S) || !(hi & SEG_CODE))
+        return 0;
+    if (!(hi & SEG_CONFORMING) && (hi & SEG_DPL) != SEG_DPL)
+        return 0;
+    if (!(hi & SEG_P) || !(hi & SEG_L) || (hi & SEG_DB))
+        return 0;
+    return 1;
+}
+
 /* HYPERVISOR_iret (aiovmm/traps.py do_iret, the same effect; Xen: xen/arch/x86/pv/iret.c):
  * the context (rax r11 rcx flags rip cs rflags rsp ss) on the guest stack at the SYSCALL,
  * copied once and used only from the copy (the guest, or a backend thread, may rewrite the
@@ -384,9 +418,12 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     uint64_t cs = ctx[5], rflags = ctx[6], ursp = ctx[7];
     int to_user = (cs & 3) == 3;
     /* Xen loads frame.cs | 3 with an IRETQ: anything but the flat 64-bit code segment
-     * (FLAT_RING3_CS64, a kernel frame's 0xe030 included) may fault there or change mode:
-     * Python's (traps.do_iret, descriptors.iret_code_segment decides). */
-    if (((cs & 0xFFFF) | 3) != USER_CS)
+     * (FLAT_RING3_CS64, a kernel frame's 0xe030 included) or a 64-bit one of the guest's GDT
+     * (iret_gdt_code64) may fault there or change mode: Python's (traps.do_iret,
+     * descriptors.iret_code_segment decides). */
+    uint64_t sel = (cs & 0xFFFF) | 3;
+    int gdt_cs = sel != USER_CS;
+    if (gdt_cs && !iret_gdt_code64(c, sel))
         return 0;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
@@ -400,6 +437,13 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     if (to_user) {
         toggle_mode(c, 0);
         c->fast_user_irets++;
+    }
+    if (gdt_cs) {
+        /* As the engine's _set("cs") for such a selector: the selector only (kvm_segment
+         * +12), the hidden part the 64-bit one the kernel runs with. */
+        uint16_t s16 = (uint16_t)sel;
+        memcpy(c->run + RUN_SREGS + 12, &s16, 2);
+        mark_dirty(c->run, SYNC_SREGS);
     }
     r[KREG_RIP] = rip;
     r[KREG_RSP] = ursp;

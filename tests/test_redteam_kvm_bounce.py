@@ -187,7 +187,8 @@ async def test_iret_to_user_same_on_the_c_and_python_paths():
             # A frame whose IOPL differs from the virtual one is Python's (kvm.c fast_iret)
             # when the iret would set it (VMASST architectural_iopl).
             in_c = (ctx[6] & RF_IOPL) >> 12 == b.v.iopl or not architectural_iopl(b.v)
-            # Any CS but the flat 64-bit one is Python's too (descriptors.iret_code_segment).
+            # Any CS but the flat 64-bit one is Python's too (descriptors.iret_code_segment;
+            # this kernel gives no GDT of its own: tests/test_kvm_iret_gdt.py).
             in_c = in_c and (ctx[5] & 0xFFFF) | 3 == 0xE033
             assert b.counters()[1] == before[1] + in_c, [hex(x) for x in ctx]
             by_c = rc_c, b.state()

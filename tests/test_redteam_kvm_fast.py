@@ -387,7 +387,8 @@ async def test_iret_frame_in_a_read_only_page():
                 rc_c = d.hypercall(23, True, rsp=at)
                 if cs & 0xFFFF | 3 != 0xE033:
                     # Any CS but the flat 64-bit one is Python's (it may fault or change
-                    # mode: descriptors.iret_code_segment): C leaves it untouched.
+                    # mode: descriptors.iret_code_segment; this kernel has no GDT of its own:
+                    # tests/test_kvm_iret_gdt.py): C leaves it untouched.
                     assert (rc_c, d.eng._ctx.fast_calls[2]) == (3, done), hex(at)
                     declined += 1
                     continue
