@@ -533,7 +533,7 @@ class _RunCtx(ctypes.Structure):
                 ("deadline_ns", ctypes.c_int64),
                 ("ready_kroot", ctypes.c_uint64), ("ready_uroot", ctypes.c_uint64),
                 ("fast_bounces", ctypes.c_uint64), ("fast_user_irets", ctypes.c_uint64),
-                ("fast_page", ctypes.c_uint64)]
+                ("fast_page", ctypes.c_uint64), ("fast_upcalls", ctypes.c_uint64)]
 
 
 class _VMPool:
@@ -1004,7 +1004,7 @@ class KVMEngine:
         return {"stack_switch": ctx.fast_calls[0], "set_segment_base": ctx.fast_calls[1],
                 "iret to kernel": ctx.fast_calls[2] - ctx.fast_user_irets,
                 "iret to user": ctx.fast_user_irets, "user syscall": ctx.fast_bounces,
-                "vcpu_op singleshot": ctx.fast_calls[3],
+                "vcpu_op singleshot": ctx.fast_calls[3], "event upcall": ctx.fast_upcalls,
                 "port in": ctx.fast_hits}
 
     def attach_pv(self, pv: ctypes.Structure) -> None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("aiovmm.vcpu")
 
 _SYSCALL_CALLBACK = int(CallbackType.syscall)
+_EVENT_CALLBACK = int(CallbackType.event)
 IDLE_RELEASE_S = 2.0   # asleep this long: the engine's translator memory goes back (_sleep)
 
 
@@ -59,7 +60,8 @@ class PVState(ctypes.Structure):
                 ("syscall_cb", ctypes.c_uint64), ("syscall_cb_flags", ctypes.c_uint64),
                 ("vcpu_id", ctypes.c_uint32), ("sshot_op", ctypes.c_uint32),
                 ("sshot_deadline", ctypes.c_uint64), ("clock_origin_ns", ctypes.c_int64),
-                ("vm_assist_ptr", ctypes.c_uint64), ("gdt_frame0", ctypes.c_uint64)]
+                ("vm_assist_ptr", ctypes.c_uint64), ("gdt_frame0", ctypes.c_uint64),
+                ("event_cb", ctypes.c_uint64)]
 
 
 def _pv_field(name: str, doc: str, conv=int) -> property:
@@ -132,6 +134,7 @@ class VCPU:
         self._callbacks: dict[int, tuple[int, int]] = {}
         self._callbacks_view = MappingProxyType(self._callbacks)
         self.set_callback(_SYSCALL_CALLBACK, None)
+        self.set_callback(_EVENT_CALLBACK, None)
         for ctype, entry in table.items():
             self.set_callback(ctype, entry)
 
@@ -139,7 +142,9 @@ class VCPU:
         """Register (address, flags) for callback type `ctype`, or drop it (None). The one
         place the table changes: the syscall callback is copied into the PVState
         (syscall_cb, syscall_cb_flags), where the KVM engine's C loop bounces a user
-        process's syscall; the table stays the authority, the PVState only mirrors it."""
+        process's syscall, and the event callback's address (event_cb), where it bounces
+        the upcall after a hypercall it completed; the table stays the authority, the
+        PVState only mirrors it."""
         if entry is None:
             self._callbacks.pop(ctype, None)
         else:
@@ -148,6 +153,8 @@ class VCPU:
             address, flags = entry or (0, 0)
             self.pv.syscall_cb = address & 0xFFFFFFFFFFFFFFFF
             self.pv.syscall_cb_flags = flags & 0xFFFFFFFFFFFFFFFF
+        elif ctype == _EVENT_CALLBACK:
+            self.pv.event_cb = (entry or (0, 0))[0] & 0xFFFFFFFFFFFFFFFF
 
     def __init__(self, domain: "Domain", vcpu_id: int, engine: VCPUEngine) -> None:
         self.domain = domain
