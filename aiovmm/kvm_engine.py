@@ -547,7 +547,8 @@ class _RunCtx(ctypes.Structure):
                 ("fast_bounces", ctypes.c_uint64), ("fast_user_irets", ctypes.c_uint64),
                 ("fast_page", ctypes.c_uint64), ("fast_queries", ctypes.c_uint64 * len(_FAST_QUERIES)),
                 ("r0_stack_va", ctypes.c_uint64), ("r0_stack_maddr", ctypes.c_uint64),
-                ("fast_cli_sti", ctypes.c_uint64)]
+                ("fast_cli_sti", ctypes.c_uint64),
+                ("fast_upcalls", ctypes.c_uint64)]
 
 
 class _VMPool:
@@ -1023,6 +1024,7 @@ class KVMEngine:
                 "vcpu_op singleshot": ctx.fast_calls[3],
                 "xen_version": ctx.fast_queries[0], "vcpu_op no vCPU": ctx.fast_queries[1],
                 "cli/sti": ctx.fast_cli_sti,
+                "event upcall": ctx.fast_upcalls,
                 "port in": ctx.fast_hits}
 
     def attach_pv(self, pv: ctypes.Structure) -> None:

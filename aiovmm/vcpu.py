@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("aiovmm.vcpu")
 
 _SYSCALL_CALLBACK = int(CallbackType.syscall)
+_EVENT_CALLBACK = int(CallbackType.event)
 IDLE_RELEASE_S = 2.0   # asleep this long: the engine's translator memory goes back (_sleep)
 
 
@@ -47,7 +48,8 @@ class PVState(ctypes.Structure):
     copy: VCPU.kernel_mode, iopl, kernel_ss, kernel_sp, kernel_root, user_root, the two saved
     GS bases, info_maddr, fault_depth, last_frame_rsp and hypercalls are views of it, and the
     syscall callback is mirrored into it by VCPU.set_callback, so C and Python never hold two
-    values of one thing."""
+    values of one thing. gdt_frame0 is VCPU.gdt_frames[0] (0: no GDT frame), mirrored by
+    that attribute's setter: C reads the guest's descriptor of an iret's CS there."""
     _fields_ = [("kernel_mode", ctypes.c_uint8), ("iopl", ctypes.c_uint8),
                 ("pad", ctypes.c_uint8 * 6),
                 ("kernel_ss", ctypes.c_uint64), ("kernel_sp", ctypes.c_uint64),
@@ -61,7 +63,8 @@ class PVState(ctypes.Structure):
                 ("vm_assist_ptr", ctypes.c_uint64),
                 ("xenver_version", ctypes.c_uint64), ("no_vcpu", ctypes.c_uint64),
                 ("max_vcpus", ctypes.c_uint32), ("pad2", ctypes.c_uint32),
-                ("gdt_frame0", ctypes.c_uint64), ("gdt_frames_nr", ctypes.c_uint64)]
+                ("gdt_frame0", ctypes.c_uint64), ("gdt_frames_nr", ctypes.c_uint64),
+                ("event_cb", ctypes.c_uint64)]
 
 
 def _pv_field(name: str, doc: str, conv=int) -> property:
@@ -137,6 +140,7 @@ class VCPU:
         self._callbacks: dict[int, tuple[int, int]] = {}
         self._callbacks_view = MappingProxyType(self._callbacks)
         self.set_callback(_SYSCALL_CALLBACK, None)
+        self.set_callback(_EVENT_CALLBACK, None)
         for ctype, entry in table.items():
             self.set_callback(ctype, entry)
 
@@ -144,7 +148,9 @@ class VCPU:
         """Register (address, flags) for callback type `ctype`, or drop it (None). The one
         place the table changes: the syscall callback is copied into the PVState
         (syscall_cb, syscall_cb_flags), where the KVM engine's C loop bounces a user
-        process's syscall; the table stays the authority, the PVState only mirrors it."""
+        process's syscall, and the event callback's address (event_cb), where it bounces
+        the upcall after a hypercall it completed; the table stays the authority, the
+        PVState only mirrors it."""
         if entry is None:
             self._callbacks.pop(ctype, None)
         else:
@@ -153,6 +159,8 @@ class VCPU:
             address, flags = entry or (0, 0)
             self.pv.syscall_cb = address & 0xFFFFFFFFFFFFFFFF
             self.pv.syscall_cb_flags = flags & 0xFFFFFFFFFFFFFFFF
+        elif ctype == _EVENT_CALLBACK:
+            self.pv.event_cb = (entry or (0, 0))[0] & 0xFFFFFFFFFFFFFFFF
 
     def __init__(self, domain: "Domain", vcpu_id: int, engine: VCPUEngine) -> None:
         self.domain = domain

@@ -9,8 +9,10 @@
  *
  * Exits are handled in Python (aiovmm/kvm_engine.py), but for a few completed here, each
  * under the conditions of its function: repeated PIT reads (fast_in), the hypercalls whose
- * whole effect is vCPU state (fast_hypercall), two queries whose answer never changes
- * (fast_query), and a user process's system call bounced to
+ * whole effect is vCPU state (fast_hypercall; an iret to a 64-bit code segment of the
+ * guest's GDT page 0: iret_cs64), two queries whose answer never changes (fast_query),
+ * the event upcall after a hypercall completed here (fast_upcall), and a user process's
+ * system call bounced to
  * the guest kernel (fast_user_syscall). Python's handler of each stays the reference: any
  * case not proven here to be one it handles the same way is left to it. */
 #define _GNU_SOURCE
@@ -170,6 +172,7 @@ struct aiovmm_kvm_ctx {
     uint64_t fast_queries[2];      /* fast_query: xen_version(XENVER_version), vcpu_op of no vCPU */
     uint64_t r0_stack_va, r0_stack_maddr;   /* the ring-0 stack page the CPU's frames go to */
     uint64_t fast_cli_sti;         /* #GP(0) at cli/sti completed here (fast_cli_sti) */
+    uint64_t fast_upcalls;         /* event upcalls bounced here after a hypercall (fast_upcall) */
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -206,6 +209,7 @@ struct aiovmm_pv {
     uint32_t pad2;
     uint64_t gdt_frame0;           /* the guest's first GDT frame (VCPU.gdt_frames) ... */
     uint64_t gdt_frames_nr;        /* ... and how many it gave (0: none) */
+    uint64_t event_cb;             /* CALLBACKTYPE_event: address (0: none) */
 };
 
 #define KREG_RAX 0
@@ -605,6 +609,74 @@ static int fast_query(struct aiovmm_kvm_ctx *c, const uint64_t *r, uint64_t *ret
     return -1;
 }
 
+/* After a hypercall completed here, an event is deliverable: Xen's test_all_events bounces the
+ * upcall to the guest's event callback (aiovmm/traps.py deliver_event -> bounce with
+ * mask_events, the same effect: Xen's x86_64/entry.S process_pending_events). From kernel
+ * mode the frame goes on the current stack with the CS it ran in, RPL cleared (0xe030
+ * for the flat one); from user mode (an iret to user
+ * just unmasked events) the vCPU toggles to kernel mode and the frame goes below the
+ * registered kernel stack with the user CS (the selector it ran with; a CS other than the
+ * flat one is replaced by the flat 64-bit one, as bounce's eng.write({"cs": USER_CS})). The
+ * frame is [rcx r11 rip cs rflags rsp ss], 16-byte aligned below the stack. Returns 1 if done,
+ * 0 for Python with nothing written, when: no event callback is registered, the kernel root
+ * is not ready (from user mode), a virtual IOPL would go in the frame (VMASST
+ * architectural_iopl), the stack lies in Xen's range (Python crashes the domain), the frame
+ * would be non-canonical, cross a page or not be writable through the kernel's tables. The
+ * caller found the event deliverable (event_deliverable: pending, not masked), so the frame
+ * saves an unmasked state, as Python's does then. */
+static int fast_upcall(struct aiovmm_kvm_ctx *c)
+{
+    struct aiovmm_pv *pv = c->pv;
+    uint64_t *r = regs_of(c->run);
+    uint64_t handler = pv->event_cb, info = pv->info_maddr;
+    int was_kernel = pv->kernel_mode;
+    if (!handler || info + 2 > c->mem_size)
+        return 0;
+    if (!was_kernel && !root_ready(pv->kernel_root, c->ready_kroot))
+        return 0;
+    if (pv->iopl && architectural_iopl(pv))
+        return 0;
+    volatile uint8_t *vi = (volatile uint8_t *)(uintptr_t)(c->mem_base + info);
+    uint64_t rsp = r[KREG_RSP];
+    uint64_t s = (was_kernel ? rsp : pv->kernel_sp) & ~0xFULL;
+    if (s > XEN_VIRT_START && s < XEN_VIRT_END + 64)
+        return 0;
+    /* Below 56 the frame wraps as Python's does (Xen's 64-bit arithmetic): s 0 puts it in the
+     * last 56 bytes of the address space, whole, as there; any other s < 56 crosses a page. */
+    uint64_t new_rsp = s - BOUNCE_FRAME;
+    if ((new_rsp & 0xFFF) > 4096 - BOUNCE_FRAME)
+        return 0;
+    uint64_t ma = guest_maddr(c, pv->kernel_root << 12, new_rsp, 1);   /* canonical too */
+    if (!ma)
+        return 0;
+    /* The CS the vCPU ran in, RPL cleared in kernel context (traps.KERNEL_CS_IN_FRAME for
+     * the flat one); a CS other than the flat 64-bit one is replaced by it below, as bounce
+     * does (create_bounce_frame: the handler runs with FLAT_KERNEL_CS, 64-bit mode). */
+    uint16_t sel;
+    memcpy(&sel, c->run + RUN_SREGS + 12, 2);
+    uint64_t cs = was_kernel ? (uint64_t)(sel & ~3) : sel;
+    uint64_t rip = r[KREG_RIP], rflags = r[KREG_RFLAGS];
+    uint64_t frame[BOUNCE_FRAME / 8] = {
+        r[KREG_RCX], r[KREG_R11], rip, cs,
+        (rflags & ~(RF_IF | RF_IOPL)) | RF_IF, rsp, USER_SS,
+    };
+    memcpy((void *)(uintptr_t)(c->mem_base + ma), frame, sizeof frame);
+    if (!was_kernel)
+        toggle_mode(c, 1);
+    if (sel != USER_CS) {
+        memcpy(c->run + RUN_SREGS, c->cs64, 24);         /* the handler runs 64-bit */
+        mark_dirty(c->run, SYNC_SREGS);
+    }
+    vi[VCPU_INFO_MASK] = 1;
+    r[KREG_RSP] = new_rsp;
+    r[KREG_RIP] = handler;
+    r[KREG_RFLAGS] = (rflags & ~(RF_TF | RF_NT | RF_RF | RF_VM | RF_AC)) | RF_IF;
+    pv->last_frame_rsp = new_rsp;
+    mark_dirty(c->run, SYNC_REGS);           /* the sregs: toggle_mode marked them */
+    c->fast_upcalls++;
+    return 1;
+}
+
 /* A hypercall from guest kernel mode whose whole effect is this vCPU's state, completed
  * without Python (returns 1), or 0: Python handles it (aiovmm/hypercall.py dispatch). Only
  * the cases Xen always accepts are done here, each exactly as the Python handler does it
@@ -826,7 +898,7 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
             if (c->page_rip_after && c->fast_hc && c->pv && c->pv->kernel_mode
                 && fast_hypercall(c, regs_of(run))) {
                 c->fast_page++;
-                if (event_deliverable(c))
+                if (event_deliverable(c) && !fast_upcall(c))
                     return 4;
                 continue;
             }
@@ -837,7 +909,7 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
             c->fast_n = 0;
             aiovmm_kvm_syscall_entry(c);
             if (c->fast_hc && c->pv && c->pv->kernel_mode && fast_hypercall(c, regs_of(run))) {
-                if (event_deliverable(c))
+                if (event_deliverable(c) && !fast_upcall(c))
                     return 4;          /* completed: Python runs the hypercall's tail */
                 continue;
             }

@@ -119,3 +119,19 @@ def check_pinned_l1_not_writable(hv: Hypervisor, dom, v, frame: int, ptr: int, o
         pt.put_type(frame)
     pt.update_entry(dom.domid, ptr, old)
     eng.flush_tlb()
+
+
+@contextlib.contextmanager
+def no_event_callback(v):
+    """No event callback registered meanwhile: after a hypercall the KVM engine completed in
+    C with an event deliverable, C then leaves the upcall to Python (rc 4: csrc/kvm.c
+    fast_upcall), whose tail has none to bounce. For tests of the hypercall's own result
+    with an event pending (the registers as it left them, before the guest runs); the
+    upcall itself: tests/test_kvm_upcall.py."""
+    from aiovmm.abi import CallbackType
+    cb = v.callbacks.get(CallbackType.event)
+    v.set_callback(CallbackType.event, None)
+    try:
+        yield
+    finally:
+        v.set_callback(CallbackType.event, cb)

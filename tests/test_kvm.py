@@ -568,14 +568,24 @@ async def test_fast_hypercalls_take_only_what_xen_always_accepts():
                 v.pv.kernel_mode = 1
                 v.set_callback(CallbackType.syscall, cb)
             assert v.kernel_sp == 0xFFFFFFFF80123450
-            # A deliverable event after a completed hypercall: Python runs its tail.
+            # A deliverable event after a completed hypercall: its tail, the upcall, is
+            # bounced in C too (tests/test_kvm_upcall.py), to the callback (here a jmp .).
+            from aiovmm.abi import CallbackType
+            cb = v.callbacks[CallbackType.event]
+            v.copy_to_guest(code_va + 0x100, b"\xeb\xfe")
+            v.set_callback(CallbackType.event, (code_va + 0x100, 0))
             hv.mem.map[info + VcpuInfo.evtchn_upcall_pending] = 1
             hv.mem.map[info + VcpuInfo.evtchn_upcall_mask] = 0
-            assert call(3, 0xE02B, 0xFFFFFFFF80123460) == 4
+            upcalls = eng._ctx.fast_upcalls
+            try:
+                assert call(3, 0xE02B, 0xFFFFFFFF80123460) == -4
+            finally:
+                v.set_callback(CallbackType.event, cb)
             assert v.kernel_sp == 0xFFFFFFFF80123460
-            eng._report_fast_calls(True)
-            from aiovmm.abi import CallbackType
-            assert eng.get("rip") == v.callbacks[CallbackType.event][0]
+            assert eng._ctx.fast_upcalls == upcalls + 1
+            assert eng.get("rip") == code_va + 0x100
+            assert hv.mem.map[info + VcpuInfo.evtchn_upcall_mask] == 1
+            eng._report_fast_calls(False)
             assert dom.hypercall_counts[3] >= 3 and dom.hypercall_counts[25] >= 1
         finally:
             v.kernel_ss, v.kernel_sp = saved_sp
@@ -607,6 +617,10 @@ async def test_iret_completed_in_c_matches_the_python_iret():
             eng.write({"rip": entry, "rax": 23, "rsp": at, "rcx": code_va + 1, "r11": 0x246})
             return kvm_run_once(eng, fast)
 
+        # The iret's own result is compared here, before any upcall (hand_vcpu.no_event_callback).
+        from hand_vcpu import no_event_callback
+        no_cb = no_event_callback(v)
+        no_cb.__enter__()
         try:
             ctxs = [  # rax r11 rcx flags rip cs rflags rsp ss
                 (0x1111, 0x2222, 0x3333, 0, code_va, 0xE030, 0x23202 | 0x4000, data_va + 0x100, 0xE02B),
@@ -636,5 +650,6 @@ async def test_iret_completed_in_c_matches_the_python_iret():
                 assert iret(where, True) == 3, hex(where)
             assert eng._ctx.fast_calls[2] - fast[2] == len(ctxs)
         finally:
+            no_cb.__exit__(None, None, None)
             hv.mem.map[info:info + 2] = saved_info
             v.iopl = 0

@@ -9,7 +9,8 @@ data segment loads in load_segments (domain.c).
 
 aiovmm: traps.do_iret checks the CS as the IRETQ would (descriptors.iret_code_segment) and
 bounces the refused one's fault; csrc/kvm.c fast_iret leaves every CS but the flat 64-bit
-one to it. Compatibility mode runs on KVM; on Unicorn it does not yet (xfail, below)."""
+one and a 64-bit code segment of the guest's own GDT (tests/test_kvm_iret_gdt.py) to it.
+Compatibility mode runs on KVM; on Unicorn it does not yet (xfail, below)."""
 from __future__ import annotations
 
 import pytest

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import _kvm_skip_reason
-from hand_vcpu import read_only_boot_page
+from hand_vcpu import no_event_callback, read_only_boot_page
 from test_kvm import _hand_driven_vcpu, kvm_run_once
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
@@ -101,7 +101,8 @@ async def test_iret_frames_same_on_the_c_and_python_paths():
                 v.copy_to_guest(data + 0x800, IRET_CONTEXT.pack(*ctx))
                 hv.mem.map[d.pending] = 1
                 v.iopl = (rflags & RF_IOPL) >> 12
-                assert d.hypercall(23, True, rsp=data + 0x800) == 4
+                with no_event_callback(v):
+                    assert d.hypercall(23, True, rsp=data + 0x800) == 4
                 by_c = d.eng.read(LOOK)
                 assert d.hypercall(23, False, rsp=data + 0x800) == 3
                 traps.do_iret(v)
@@ -247,18 +248,25 @@ async def test_fast_paths_follow_a_reregistered_vcpu_info_and_keep_events():
             assert rc == -4
             assert v.kernel_sp == 0xFFFFFFFF80123450
             assert hv.mem.map[new + VcpuInfo.evtchn_upcall_pending] == 1
-            # The iret that sets IF: completed in C, then the upcall in Python.
+            # The iret that sets IF: completed in C, then the upcall, in C too (fast_upcall),
+            # to the event callback (here a jmp .) with the new place's mask set.
             at = d.data_va + 0x800
             target_sp = d.data_va + 0x300
             v.copy_to_guest(at, IRET_CONTEXT.pack(0x77, 0, 0, 0, d.code_va, 0xE030, RF_IF, target_sp, 0xE02B))
-            done = d.eng._ctx.fast_calls[2]
-            assert d.hypercall(23, True, rsp=at) == 4
+            done, upcalls = d.eng._ctx.fast_calls[2], d.eng._ctx.fast_upcalls
+            cb_va = d.code_va + 0x100
+            v.copy_to_guest(cb_va, b"\xeb\xfe")
+            cb = v.callbacks[CallbackType.event]
+            v.set_callback(CallbackType.event, (cb_va, 0))
+            try:
+                assert d.hypercall(23, True, rsp=at) == -4
+            finally:
+                v.set_callback(CallbackType.event, cb)
             assert d.eng._ctx.fast_calls[2] == done + 1
-            assert hv.mem.map[new + VcpuInfo.evtchn_upcall_mask] == 0
-            assert d.eng.read(("rip", "rsp", "rax")) == [d.code_va, target_sp, 0x77]
-            d.eng._report_fast_calls(True)
-            assert d.eng.get("rip") == v.callbacks[CallbackType.event][0]
+            assert d.eng._ctx.fast_upcalls == upcalls + 1
+            assert d.eng.read(("rip", "rax")) == [cb_va, 0x77]
             assert hv.mem.map[new + VcpuInfo.evtchn_upcall_mask] == 1     # masked for the handler
+            assert hv.mem.map[old + VcpuInfo.evtchn_upcall_mask] == 0
             frame_sp = d.eng.get("rsp")
             frame = v.read_struct(frame_sp, IRET_CONTEXT)           # rcx r11 rip cs rflags rsp ss ..
             assert (frame[2], frame[5]) == (d.code_va, target_sp), [hex(x) for x in frame]
@@ -352,7 +360,8 @@ async def test_iret_in_syscall_returns_like_sysret():
             hv.mem.map[d.pending] = 1                        # rc 4: read before the guest runs
             # RCX/R11 at the hypercall: neither the frame's nor the values Xen's SYSRET gives.
             at_call = {"rsp": at, "rcx": d.code_va + 0x10, "r11": 0x202}
-            assert d.hypercall(23, True, **at_call) == 4
+            with no_event_callback(v):
+                assert d.hypercall(23, True, **at_call) == 4
             by_c = d.eng.read(("rip", "rcx", "r11", "rflags"))
             assert d.hypercall(23, False, **at_call) == 3
             traps.do_iret(v)
@@ -390,7 +399,8 @@ async def test_iret_frame_in_a_read_only_page():
                 rc_c = d.hypercall(23, True, rsp=at)
                 if cs & 0xFFFF | 3 != 0xE033:
                     # Any CS but the flat 64-bit one is Python's (it may fault or change
-                    # mode: descriptors.iret_code_segment): C leaves it untouched.
+                    # mode: descriptors.iret_code_segment; this kernel has no GDT of its own:
+                    # tests/test_kvm_iret_gdt.py): C leaves it untouched.
                     assert (rc_c, d.eng._ctx.fast_calls[2]) == (3, done), hex(at)
                     declined += 1
                     continue

@@ -1,0 +1,136 @@
+"""HYPERVISOR_iret to a code segment of the guest's own GDT, completed in C on the KVM engine
+(csrc/kvm.c iret_gdt_code64): Linux returns to user mode with its __USER_CS (0x33, in the
+GDT it gave with set_gdt), not Xen's FLAT_RING3_CS64, so these irets are the commonest
+hypercall of a Linux guest doing I/O (bench/blk_exits.py: ~2.6 per 4 KiB read, all in
+Python before). C takes a selector only when Python's rule (descriptors.iret_code_segment)
+gives 64-bit code for it; every other descriptor, selector or missing GDT must reach Python
+(rc 3, nothing changed), which faults or changes mode as Xen's IRETQ would. For each case
+both paths must leave the same vCPU."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import _kvm_skip_reason
+from test_kvm import _hand_driven_vcpu
+from test_redteam_kvm_fast import _Driver
+
+pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
+
+USER_CODE_VA, USER_STACK_TOP = 0x400000, 0x403000          # guests/kernel/user.h
+RF_IF = 0x200
+TO_PYTHON = 3
+LOOK = ("rip", "rsp", "rax", "rcx", "r11", "rflags", "cs", "cr3", "gs_base")
+
+
+def _desc(type_: int = 0xB, s: int = 1, dpl: int = 3, p: int = 1, l: int = 1, d: int = 0) -> int:
+    """A segment descriptor (flat: base 0, limit 0xfffff, G): type, S, DPL, P, L, D/B."""
+    hi = (type_ << 8) | (s << 12) | (dpl << 13) | (p << 15) | (0xF << 16) | (l << 21) | (d << 22) | (1 << 23)
+    return (hi << 32) | 0xFFFF
+
+
+# (name, descriptor, selector of the frame): Linux's __USER_CS first.
+CASES = [
+    ("linux user cs", _desc(), 0x33),
+    ("rpl 0 in the frame: loaded | 3", _desc(), 0x30),
+    ("last descriptor of page 0", _desc(), 0xFF8 | 3),
+    ("conforming, dpl 0", _desc(type_=0xF, dpl=0), 0x33),
+    ("conforming, dpl 2", _desc(type_=0xE, dpl=2), 0x33),
+    ("execute-only code", _desc(type_=0x8), 0x33),
+    ("dpl 0", _desc(dpl=0), 0x33),
+    ("dpl 1", _desc(dpl=1), 0x33),
+    ("dpl 2", _desc(dpl=2), 0x33),
+    ("not present", _desc(p=0), 0x33),
+    ("L and D", _desc(d=1), 0x33),
+    ("compatibility mode", _desc(l=0, d=1), 0x33),
+    ("16-bit code", _desc(l=0, d=0), 0x33),
+    ("data segment", _desc(type_=0x3), 0x33),
+    ("system segment", _desc(s=0, type_=0xB), 0x33),
+    ("null selector", _desc(), 0x3),
+    ("ldt selector", _desc(), 0x37),
+    ("gdt page 1", _desc(), 0x1003),
+]
+
+
+async def test_iret_to_a_gdt_code_segment_c_and_python_agree():
+    from aiovmm import descriptors, timers, traps
+    from aiovmm.abi import IRET_CONTEXT
+    async with _hand_driven_vcpu(LOOK + ("rdi", "rsi")) as (hv, dom, v):
+        d = _Driver(hv, v)
+        eng, mem = d.eng, hv.mem
+        assert v.user_root and v.kernel_mode and not v.gdt_frames
+        gdt = mem.alloc(dom.domid)[0]
+        code_ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
+        saved_code = bytes(mem.map[code_ma:code_ma + 2])
+        mem.map[code_ma:code_ma + 2] = b"\xeb\xfe"          # jmp . in user mode
+        at = d.data_va + 0x800
+        saved_info = bytes(mem.map[d.pending:d.pending + 2])
+        # No timer event meanwhile: one pending would end an unmasking C iret in the upcall
+        # (rc 4) where the Python one, run by hand here, has no tail.
+        period = v.periodic_ns
+        timers.stop_periodic(v)
+        timers.stop_singleshot(v)
+        mem.map[d.pending] = 0
+
+        def back() -> None:
+            v.switch_to_kernel()
+            eng.write({"cs": 0xE033})
+
+        def state(rc: int) -> tuple:
+            return rc, eng.read(LOOK), v.kernel_mode, mem.map[d.mask]
+
+        def iret(fast: bool, sel: int) -> int:
+            mem.map[d.pending] = 0
+            # To user mode its `jmp .`; an RPL-0 frame stays in kernel mode: the kernel's.
+            rip, rsp = (USER_CODE_VA, USER_STACK_TOP - 64) if sel & 3 == 3 else (d.code_va, d.data_va + 0x100)
+            v.copy_to_guest(at, IRET_CONTEXT.pack(7, 8, 9, 0, rip, sel, RF_IF | 0x2, rsp, 0xE02B))
+            return d.hypercall(23, fast, rsp=at)
+
+        try:
+            # The user root becomes one C may load once the engine has run on it (Python's
+            # first iret to user mode: _ready_roots).
+            v.gdt_frames = (gdt,)
+            mem.write_u64((gdt << 12) + 0x30, _desc())
+            assert iret(False, 0x33) == TO_PYTHON
+            traps.do_iret(v)
+            d.run()
+            back()
+            for name, desc, sel in CASES:
+                mem.write_u64((gdt << 12) + (sel & 0xFF8), desc)
+                python_64bit = descriptors.iret_code_segment(v, sel) is True
+                done = eng._ctx.fast_calls[2]
+                rc = iret(True, sel)
+                by_c = eng._ctx.fast_calls[2] - done
+                c_state = state(rc) if by_c else None
+                if not by_c:
+                    assert rc == TO_PYTHON, name
+                    assert eng.read(("rax", "rsp")) == [23, at], name     # nothing changed
+                back()
+                assert iret(False, sel) == TO_PYTHON
+                traps.do_iret(v)
+                assert dom.shutdown_reason is None, name
+                assert v.kernel_mode == (sel & 3 != 3) or not python_64bit, name
+                py_state = state(d.run()) if python_64bit else None
+                back()
+                assert by_c == python_64bit, (name, by_c, python_64bit)
+                if by_c:
+                    assert c_state == py_state, (name, c_state, py_state)
+                    assert c_state[1][6] == sel | 3, name                 # CS: the selector
+            # Without a GDT the same selector is Python's (its page reads as zeros), whatever
+            # machine frame 0 (PVState.gdt_frame0's "none") holds there.
+            v.gdt_frames = ()
+            saved0 = mem.read_u64(0x30)
+            mem.write_u64(0x30, _desc())
+            try:
+                done = eng._ctx.fast_calls[2]
+                assert iret(True, 0x33) == TO_PYTHON
+                assert eng._ctx.fast_calls[2] == done
+            finally:
+                mem.write_u64(0x30, saved0)
+        finally:
+            v.gdt_frames = ()
+            back()
+            mem.map[d.pending:d.pending + 2] = saved_info
+            mem.map[code_ma:code_ma + 2] = saved_code
+            mem.free([gdt])
+            if period:
+                timers.set_periodic(v, period)
