@@ -59,3 +59,43 @@ async def test_a_peer_cannot_make_the_receiver_hold_more_than_its_vifs_keep(monk
         finally:
             server.close()
             await server.wait_closed()
+
+
+async def test_a_peer_cannot_make_the_receiver_read_more_than_held_bytes_per_vif(monkeypatch):
+    """A guest with one vif: the peer's HELD message may name up to HELD_MAX frames, but
+    only HELD_BYTES of them are read (the rest is refused, the guest runs on)."""
+    from aiovmm.testing import TwoHostLan
+    from backends.net.device import HELD_BYTES
+    from conftest import HV_MEMORY_MIB
+    from test_migration_lan import GUEST_IP, MAC
+    mac = bytes.fromhex(MAC.replace(":", ""))
+    frame = b"\0" * VNET_HDR_LEN + mac + b"\0" * (RX_BUF - VNET_HDR_LEN - 6)
+    monkeypatch.setattr(devices, "take_held", lambda dom: [(0, frame)] * 256)  # 16 MiB
+    async with TwoHostLan("198.18.0.1/24") as lan:
+        async with Hypervisor(memory_mib=HV_MEMORY_MIB, netns=lan.host_ns["a"]) as a, \
+                Hypervisor(memory_mib=HV_MEMORY_MIB, netns=lan.host_ns["b"]) as b:
+            counting: list[_Counting] = []
+            arrived: list = []
+
+            async def handle(r, w):
+                counting.append(_Counting(r))
+                arrived.append(await live.receive(b, counting[-1], w, SECRET, realtime=False))
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            try:
+                dom = await a.create(guest("net"), memory_mib=8,
+                                     cmdline=f"ip={GUEST_IP}/24 suspend=1",
+                                     vifs=[lan.vif("a", MAC)])
+                await dom.wait_for_line(r"net: serving", 30)
+                st = await live.migrate(dom, "127.0.0.1", server.sockets[0].getsockname()[1],
+                                        SECRET, realtime=False)
+                async with asyncio.timeout(10):
+                    while not arrived:
+                        await asyncio.sleep(0.01)
+                assert arrived[0] is not None
+                stream = len(live.MAGIC) + live.NONCE + live.MAC + st.bytes_sent + len(live.GO)
+                after_done = counting[0].n - stream
+                most = live.HELD.size + HELD_BYTES + (HELD_BYTES // len(frame) + 1) * live.HELD_FRAME.size
+                assert HELD_BYTES // 2 < after_done <= most, (after_done, most)
+            finally:
+                server.close()
+                await server.wait_closed()
