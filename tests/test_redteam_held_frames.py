@@ -99,3 +99,4 @@ async def test_a_peer_cannot_make_the_receiver_read_more_than_held_bytes_per_vif
             finally:
                 server.close()
                 await server.wait_closed()
+

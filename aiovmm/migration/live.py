@@ -74,6 +74,7 @@ HELD = struct.Struct("<4sI")              # b"HELD", frame count; then per frame
 HELD_FRAME = struct.Struct("<II")         # devid, length, the frame (virtio_net_hdr first)
 AUTH_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0
+MAX_INCOMING = 8                          # connections a Receiver serves at once (Receiver._handle)
 
 
 class MigrationError(Exception):
@@ -365,6 +366,14 @@ class Receiver:
         return self
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if len(self._active) >= MAX_INCOMING:
+            # Each connection holds a socket (and, authenticated, a domain being built)
+            # for up to AUTH_TIMEOUT before the peer has proved anything: without a bound
+            # anyone who can reach the port could take every descriptor of the process.
+            log.warning("migration from %s refused: %d migrations in progress",
+                        w.get_extra_info("peername"), len(self._active))
+            w.transport.abort()
+            return
         fut = asyncio.get_running_loop().create_future()
         self._active.add(fut)
         try:
