@@ -1758,6 +1758,8 @@ class KVMEngine:
             else:
                 self._call(self.on_exception, n, 0, 0)
             return
+        if vector == 6 and self._one_byte_trap(rip):
+            return
         if vector in (6, 13):
             # kvm-pvm turns some `int $n` (measured: int $0x80) into #UD at the instruction
             # itself; report it as the Unicorn engine and a real CPU with a DPL-3 gate do:
@@ -1853,6 +1855,21 @@ class KVMEngine:
                     return None
             total += -val if neg else val
         return total & 0xFFFFFFFFFFFFFFFF
+
+    def _one_byte_trap(self, rip: int) -> bool:
+        """kvm-pvm reports `int3` (cc) and `icebp` (f1) in compatibility mode as #UD at the
+        instruction (measured; in 64-bit mode they arrive as vectors 3 and 1): a CPU, and
+        Xen, trap with #BP / #DB after it, the guest's trap 3 / 1 (gdb's breakpoints in a
+        32-bit process). True if it was one of them, reported so."""
+        try:
+            b = self._read_code(rip, 1)
+        except LookupError:
+            return False
+        if b not in (b"\xcc", b"\xf1"):
+            return False
+        self.regs[16] = rip + 1
+        self._call(self.on_exception, 3 if b == b"\xcc" else 1, 0, 0)
+        return True
 
     def _int_before(self, rip: int) -> int | None:
         """n if the two bytes before `rip` are `int $n` (cd n), else None."""

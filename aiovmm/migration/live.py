@@ -74,6 +74,7 @@ HELD = struct.Struct("<4sI")              # b"HELD", frame count; then per frame
 HELD_FRAME = struct.Struct("<II")         # devid, length, the frame (virtio_net_hdr first)
 AUTH_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0
+MAX_INCOMING = 8                          # connections a Receiver serves at once (Receiver._handle)
 
 
 class MigrationError(Exception):
@@ -269,18 +270,23 @@ async def _carried_frames(reader: asyncio.StreamReader, dom: "Domain") -> None:
     sender's MAC on the old host until that sender's next frame (the guest's answers
     then go there). The guest is this host's already: a message that does not come
     within REALTIME_LIMIT_S or is malformed only loses those frames (logged)."""
-    from ..backends.net.device import HELD_MAX, RX_BUF
-    from .devices import MAX_DEVICES
+    from ..backends.net import Netback
+    from ..backends.net.device import HELD_BYTES, HELD_MAX, RX_BUF
+    # What the guest's vifs can keep (Netback.put_rx) is all that is read: a peer's
+    # message beyond that is refused before it is held here.
+    vifs = sum(isinstance(b, Netback) for b in dom.backends)
+    size = 0
     try:
         async with asyncio.timeout(priority.REALTIME_LIMIT_S):
             tag, count = HELD.unpack(await reader.readexactly(HELD.size))
-            if tag != b"HELD" or count > HELD_MAX * MAX_DEVICES:
+            if tag != b"HELD" or count > HELD_MAX * vifs:
                 raise ValueError(f"bad HELD header ({tag!r}, {count} frames)")
             held = []
             for _ in range(count):
                 devid, length = HELD_FRAME.unpack(await reader.readexactly(HELD_FRAME.size))
-                if length > RX_BUF:
-                    raise ValueError(f"a held frame of {length} bytes")
+                size += length
+                if length > RX_BUF or size > HELD_BYTES * vifs:
+                    raise ValueError(f"a held frame of {length} bytes ({size} in all)")
                 held.append((devid, await reader.readexactly(length)))
     except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as e:
         log.warning("d%d: the frames held on the old host are lost: %s", dom.domid,
@@ -360,6 +366,14 @@ class Receiver:
         return self
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if len(self._active) >= MAX_INCOMING:
+            # Each connection holds a socket (and, authenticated, a domain being built)
+            # for up to AUTH_TIMEOUT before the peer has proved anything: without a bound
+            # anyone who can reach the port could take every descriptor of the process.
+            log.warning("migration from %s refused: %d migrations in progress",
+                        w.get_extra_info("peername"), len(self._active))
+            w.transport.abort()
+            return
         fut = asyncio.get_running_loop().create_future()
         self._active.add(fut)
         try:

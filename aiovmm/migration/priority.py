@@ -10,6 +10,13 @@ log = logging.getLogger("aiovmm.migration")
 
 REALTIME_PRIORITY = 1                   # SCHED_FIFO's lowest: above every normal task, below
 REALTIME_LIMIT_S = 0.5                  # the kernel's own threads; never longer than this
+# The budget across boosts (RealTime._grant): at most BUDGET_S of boosted time at once,
+# earned back at BUDGET_RATE seconds per second. A migration's boosts come to about
+# REALTIME_LIMIT_S (its pre-copy rounds' waits and the hand-over); without a budget a peer
+# with the migration secret re-armed one per record pair (PRECOPY_ROUND_END, PAGE_DATA) or
+# per connection (STOP_AND_COPY) and kept the guest-running loop at SCHED_FIFO for good.
+BUDGET_S = 4 * REALTIME_LIMIT_S
+BUDGET_RATE = 0.2
 
 
 class _Limit:
@@ -65,7 +72,10 @@ class RealTime:
     Nested uses (sender and receiver in one process) share one boost: the first sets it,
     the last restores the thread's own policy. It is dropped after REALTIME_LIMIT_S
     whatever happens (a receiver that never answers must not leave a guest-running loop
-    at real-time priority; the kernel's RT throttling is the last line behind that). The
+    at real-time priority; the kernel's RT throttling is the last line behind that), and
+    all boosts of the process together spend one budget (_grant: BUDGET_S, earned back at
+    BUDGET_RATE), so that no sequence of them (a migration peer's records or connections)
+    keeps the loop boosted. The
     limit is kept by a thread (_Limit), not by a loop timer: part of the downtime's work is
     synchronous and sized by the guest (the final scan of its pages, the pinning of its
     tables), and a loop timer would wait for the next await. It is the loop thread's
@@ -77,6 +87,9 @@ class RealTime:
     _tid = 0                            # the boosted thread (the loop's)
     _others: dict[int, tuple[int, os.sched_param]] = {}   # also(): thread id -> its policy
     _lock = threading.Lock()            # _Limit's thread drops the boost too
+    _budget = BUDGET_S                  # seconds of boost left (_grant), as of _budget_at
+    _budget_at = 0.0
+    _since = 0.0                        # time.monotonic() the current boost started
 
     def __init__(self, enabled: bool = True, limit_s: float = REALTIME_LIMIT_S) -> None:
         self.enabled = enabled
@@ -94,7 +107,9 @@ class RealTime:
             return
         self._started = True
         with RealTime._lock:
-            if RealTime._depth == 0:
+            grant = RealTime._grant(min(self.limit_s, REALTIME_LIMIT_S)) \
+                if RealTime._depth == 0 else 0.0
+            if grant > 0:
                 try:
                     saved = (os.sched_getscheduler(0), os.sched_getparam(0))
                     # SCHED_RESET_ON_FORK: a thread created meanwhile (an executor's or
@@ -103,7 +118,8 @@ class RealTime:
                     os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
                                           os.sched_param(REALTIME_PRIORITY))
                     RealTime._saved, RealTime._tid = saved, threading.get_native_id()
-                    self._limit.arm(min(self.limit_s, REALTIME_LIMIT_S))
+                    RealTime._since = time.monotonic()
+                    self._limit.arm(grant)
                 except OSError as e:
                     log.debug("no real-time priority for the stop-and-copy: %s", e)
             RealTime._depth += 1
@@ -142,6 +158,19 @@ class RealTime:
             RealTime._restore()
 
     @staticmethod
+    def _grant(want: float) -> float:
+        """The one budget across all boosts of the process (under _lock): how long the
+        next one may last, at most `want` and what is left of BUDGET_S after the boosts
+        so far (earned back at BUDGET_RATE per second); 0: none now. _restore charges
+        each boost's time."""
+        now = time.monotonic()
+        if RealTime._budget_at:
+            RealTime._budget = min(BUDGET_S, RealTime._budget
+                                   + (now - RealTime._budget_at) * BUDGET_RATE)
+        RealTime._budget_at = now
+        return min(want, RealTime._budget) if RealTime._budget >= 0.001 else 0.0
+
+    @staticmethod
     def _restore() -> None:
         """The boosted thread's own policy back (from that thread, or from _Limit's)."""
         with RealTime._lock:
@@ -149,6 +178,8 @@ class RealTime:
                 return
             (policy, param), tid = RealTime._saved, RealTime._tid
             RealTime._saved = None
+            RealTime._grant(0.0)              # earned up to now, then this boost charged
+            RealTime._budget -= time.monotonic() - RealTime._since
             others, RealTime._others = RealTime._others, {}
             try:
                 os.sched_setscheduler(tid, policy, param)
