@@ -96,7 +96,7 @@ async def test_iret_to_a_gdt_code_segment_c_and_python_agree():
             back()
             for name, desc, sel in CASES:
                 mem.write_u64((gdt << 12) + (sel & 0xFF8), desc)
-                python_64bit = descriptors.iret_code_segment(v, sel) is True
+                python_64bit = descriptors.iret_code_segment(v, sel, USER_CODE_VA) is True
                 done = eng._ctx.fast_calls[2]
                 rc = iret(True, sel)
                 by_c = eng._ctx.fast_calls[2] - done
