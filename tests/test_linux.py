@@ -669,8 +669,9 @@ def test_pit_calibration_polls_as_on_xen(guest):
     for its counter's MSB to leave 0xff, at most 50,000 times two `in $0x42,%al`. A PV domU
     has no PIT (libxl creates it with emulation_flags 0: Xen's pv_pit_handler answers ~0),
     so every read is 0xff, the loop runs to its cap, the next MSB fails at once and Linux says
-    so, exactly as on Xen. The 100,000 reads are the engine's C path's to repeat (on KVM each
-    is still an exit, ~45 us: bench/linux_pit.py), not Python's; nothing else polls a port."""
+    so, exactly as on Xen (a leaf 0x16 would skip the PIT; another answer would end the loop
+    early: fewer reads). The 100,000 reads are the engine's C path's to repeat (on KVM each is
+    still an exit, ~30 us: bench/linux_pit.py), not Python's; nothing else polls a port."""
     rc, out = sh(guest, "dmesg | grep -i tsc:")
     assert any("tsc: Fast TSC calibration failed" in l for l in out), out
     pit = _port_reads(guest.full.vcpus[0].engine)
