@@ -273,17 +273,19 @@ def _descriptor_address(v: "VCPU", sel: int) -> int | None:
     return (mfn << PAGE_SHIFT) + (off & (PAGE_SIZE - 1))
 
 
-SEG_L, SEG_DB = 1 << 21, 1 << 22
+SEG_L, SEG_DB, SEG_G = 1 << 21, 1 << 22, 1 << 23
+SEG_WRITABLE = SEG_READABLE          # bit 9: readable (code), writable (data)
 
 
-def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | bool:
+def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | int:
     """The checks the CPU's IRETQ (restore_all_guest, CPL 0 to RPL 3) makes on the frame's
-    CS, `sel` with RPL 3: True for a 64-bit code segment, False for compatibility mode, or
-    the (vector, error code) it faults with: #GP(sel & ~3) for a null selector, one beyond
-    the GDT/LDT limit, not a code segment, DPL other than 3 (non-conforming), or L and D both
-    set; #NP(sel & ~3) for one not present. Xen's flat selectors (FLAT_RING3_CS64/CS32) come
-    from its reserved GDT page like any other. One rule for every iret (the KVM C path
-    leaves every other CS to traps.do_iret)."""
+    CS, `sel` with RPL 3: the descriptor it loads (as read here, once: the engine loads this
+    value, L set for 64-bit mode, clear for compatibility mode), or the (vector, error code)
+    it faults with: #GP(sel & ~3) for a null selector, one beyond the GDT/LDT limit, not a
+    code segment, DPL other than 3 (non-conforming), or L and D both set; #NP(sel & ~3) for
+    one not present. Xen's flat selectors (FLAT_RING3_CS64/CS32) come from its reserved GDT
+    page like any other. One rule for every iret (the KVM C path leaves every other CS to
+    traps.do_iret)."""
     sel = (sel & 0xFFFF) | 3
     gp = (13, sel & ~3)
     if sel & ~3 == 0:
@@ -291,7 +293,8 @@ def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | bool:
     addr = _descriptor_address(v, sel)
     if addr is None:
         return gp
-    hi = v.domain.mem.read_u64(addr) >> 32
+    desc = v.domain.mem.read_u64(addr)
+    hi = desc >> 32
     if not hi & SEG_S or not hi & SEG_CODE:
         return gp
     if not hi & SEG_CONFORMING and hi & SEG_DPL != SEG_DPL:      # DPL must be RPL 3
@@ -300,7 +303,47 @@ def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | bool:
         return (11, sel & ~3)
     if hi & SEG_L and hi & SEG_DB:
         return gp
-    return bool(hi & SEG_L)
+    return desc
+
+
+def iret_stack_segment(v: "VCPU", sel: int) -> tuple[int, int] | int:
+    """The IRETQ's checks on the frame's SS (Xen: regs->ss = frame.ss | 3), after those on
+    CS (iret_code_segment), for a return to RPL 3: the descriptor it loads, or the fault:
+    #GP(0) for a null selector (RPL 3 may not have one, in 64-bit mode either); #GP(sel & ~3)
+    beyond the GDT/LDT limit, not a writable data segment, or DPL other than 3; #SS(sel & ~3)
+    for one not present."""
+    sel = (sel & 0xFFFF) | 3
+    if sel & ~3 == 0:
+        return (13, 0)
+    gp = (13, sel & ~3)
+    addr = _descriptor_address(v, sel)
+    if addr is None:
+        return gp
+    desc = v.domain.mem.read_u64(addr)
+    hi = desc >> 32
+    if not hi & SEG_S or hi & SEG_CODE or not hi & SEG_WRITABLE or hi & SEG_DPL != SEG_DPL:
+        return gp
+    if not hi & SEG_P:
+        return (12, sel & ~3)
+    return desc
+
+
+def segment_limit(desc: int) -> int:
+    """The byte limit of a code/data descriptor (G: 4 KiB units)."""
+    hi = desc >> 32
+    limit = (desc & 0xFFFF) | (hi & 0xF0000)
+    return (limit << 12) | 0xFFF if hi & SEG_G else limit
+
+
+def set_accessed(v: "VCPU", sel: int) -> None:
+    """A successful segment load sets the descriptor's accessed bit, as the CPU does (the
+    descriptor was just checked and read: its address is known to be readable)."""
+    addr = _descriptor_address(v, sel | 3)
+    if addr is not None:
+        mem = v.domain.mem
+        desc = mem.read_u64(addr)
+        if not desc & SEG_ACCESSED << 32:
+            mem.write_u64(addr, desc | SEG_ACCESSED << 32)
 
 
 def load_user_gs(v: "VCPU", sel: int) -> tuple[int, int]:
@@ -328,8 +371,7 @@ def load_user_gs(v: "VCPU", sel: int) -> tuple[int, int]:
         return 0, 0
     if not hi & SEG_P:
         return 0, 0
-    if not hi & SEG_ACCESSED:
-        mem.write_u64(addr, desc | SEG_ACCESSED << 32)
+    set_accessed(v, sel)
     return sel, ((desc >> 16) & 0xFFFFFF) | ((desc >> 56) << 24)
 
 

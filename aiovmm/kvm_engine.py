@@ -147,6 +147,7 @@ R0_L1_INDEX = 32
 HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: a hypercall
 _STUB_STRIDE = 4                   # vector v's stub at stubs + 4*v: out %al,$v ; hlt ; hlt
 SYSCALL_PORT = 0x5B               # the SYSCALL entry page's `out`
+SYSCALL32_OFF = 0x400             # MSR_CSTAR's entry: in the stubs page, after the vectors'
 INVAL_PORT = 0x5C                 # the ring-0 invalidation stub's final `out` (_Ring0)
 _INVAL_STUB_OFF = 0x800           # its offset in the stubs page (after the 256 vector stubs)
 _INVAL_LIST_PAGES = 4             # list of direct-map VAs it stores to (0-terminated)
@@ -335,11 +336,28 @@ def _cpuid2(entries: Sequence[tuple[int, int, int, int, int, int]]) -> bytes:
 _cpuid2_default: bytes | None = None
 
 
+# The vendor of the VM's CPUID table on kvm-pvm: neither AMD nor Hygon (nor Intel), so that
+# KVM's emulator refuses SYSCALL outside 64-bit mode (em_syscall_is_enabled: #UD). Measured:
+# with AMD's vendor a compat-mode SYSCALL continues IN RING 0 at MSR_CSTAR truncated to 32
+# bits, a guest address: code a guest maps there ran in ring 0 of a VM whose memory is all
+# machine memory. With this one it is a #UD at CPL 3 at the instruction, which _from_vector
+# turns into the compat SYSCALL it was (Xen's cstar_enter). Guest-invisible there: CPUID runs
+# natively at CPL 3 on kvm-pvm (the host's). Hardware KVM keeps the table as it is (there
+# the table is the guest's CPUID, and SYSCALL enters CSTAR, the engine's stub, in full).
+_PVM_VENDOR = struct.unpack("<III", b"aiovmmNoSysc")     # ebx, edx, ecx
+
+
 def _cpuid2_buffer() -> bytes:
-    """The default table (KVM's supported CPUID) as a kvm_cpuid2, built once."""
+    """The default table (KVM's supported CPUID) as a kvm_cpuid2, built once; on kvm-pvm
+    with _PVM_VENDOR in leaf 0."""
     global _cpuid2_default
     if _cpuid2_default is None:
-        _cpuid2_default = _cpuid2(_default_cpuid())
+        table = _default_cpuid()
+        if not hardware_virtualization():
+            b, d, c = _PVM_VENDOR
+            table = [(0, sub, a, b, c, d) if leaf == 0 else (leaf, sub, a, b_, c_, d_)
+                     for leaf, sub, a, b_, c_, d_ in table]
+        _cpuid2_default = _cpuid2(table)
     return _cpuid2_default
 
 
@@ -428,11 +446,21 @@ class _Ring0:
             # DPL 3 everywhere so `int $n` reaches the host as vector n (the host applies
             # Xen's gate rules, _from_vector). Measured: with DPL-0 gates kvm-pvm reports
             # `int $n` inconsistently (#UD at the instruction, or #GP(0) past it).
+            # IST 1 (the same stack as RSP0): a fault taken in ring 0 (kvm-pvm's compat
+            # SYSCALL, below) lands on the engine stack too, never on the guest's.
             attr = 0xEE
-            lo = (h & 0xFFFF) | (FLAT_RING0_CS64 << 16) | (attr << 40) | (((h >> 16) & 0xFFFF) << 48)
+            lo = (h & 0xFFFF) | (FLAT_RING0_CS64 << 16) | (1 << 32) | (attr << 40) | (((h >> 16) & 0xFFFF) << 48)
             mem.write(idt << PAGE_SHIFT | 16 * v, struct.pack("<QQ", lo, h >> 32))
+        # MSR_CSTAR's entry: SYSCALL from compatibility mode (Xen's cstar_enter, told apart
+        # from LSTAR's by where it exits), in the supervisor-only stubs page: on hardware KVM
+        # it enters ring 0 there. kvm-pvm would enter ring 0 at CSTAR truncated to 32 bits, a
+        # guest address (measured): there the VM's CPUID vendor makes it a #UD instead
+        # (_PVM_VENDOR), which _from_vector turns back into the compat SYSCALL.
+        code[SYSCALL32_OFF:SYSCALL32_OFF + 3] = bytes([0xE6, SYSCALL_PORT, 0xF4])
+        self.syscall32_va = self.stubs_va + SYSCALL32_OFF
         mem.write(stubs << PAGE_SHIFT, bytes(code))
         mem.write((tss << PAGE_SHIFT) + 4, struct.pack("<Q", self.stack_top))
+        mem.write((tss << PAGE_SHIFT) + 36, struct.pack("<Q", self.stack_top))     # IST1
         # I/O permission bitmap: only HCALL_PORT is open at CPL 3 (an exit); every other port
         # faults #GP natively, as for a Xen PV guest without I/O privilege.
         bitmap = bytearray(b"\xff" * (_IOBITMAP_BYTES + 1))
@@ -951,6 +979,10 @@ class KVMEngine:
         self._run_ex = lib.aiovmm_kvm_run_ex
 
         self.on_hypercall: Callable[[], None] = lambda: None
+        self.on_syscall32: Callable[[], None] = lambda: None
+        # CS and SS as the last far transfer loaded them (load_segment): an exit through
+        # the ring-0 stubs returns to these when the CPU's frame names them.
+        self._cpl3_segs = {"cs": _CS64, "ss": _SS3}
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
         self.on_invalid_opcode: Callable[[], None] = lambda: None
         self.on_port_io: Callable[[], None] = lambda: None
@@ -1074,6 +1106,24 @@ class KVMEngine:
     def read(self, names: Sequence[str]) -> list[int]:
         return [self._get(n) for n in names]
 
+    def load_segment(self, name: str, selector: int, desc: int) -> None:
+        """Load CS or SS as a far transfer does: the selector and the whole hidden part
+        from the 8-byte descriptor `desc` (checked by the caller), kept for the returns to
+        CPL 3 after exits through the ring-0 stubs."""
+        hi = desc >> 32
+        limit = (desc & 0xFFFF) | (hi & 0xF0000)
+        if hi & (1 << 23):
+            limit = (limit << 12) | 0xFFF
+        base = ((desc >> 16) & 0xFFFFFF) | ((hi >> 24) << 24)
+        img = _SEG_FMT.pack(base, limit, selector & 0xFFFF, (hi >> 8) & 0xF, (hi >> 15) & 1,
+                            (hi >> 13) & 3, (hi >> 22) & 1, (hi >> 12) & 1, (hi >> 21) & 1,
+                            (hi >> 23) & 1, (hi >> 20) & 1, 0)
+        self._cpl3_segs[name] = img
+        o = _SEG[name]
+        if self._sregs[o:o + 24] != img:
+            self._sregs[o:o + 24] = img
+            self._dirty.value |= SYNC_SREGS
+
     def write(self, values: dict[str, int]) -> None:
         for n, v in values.items():
             self._set(n, v)
@@ -1168,11 +1218,11 @@ class KVMEngine:
             struct.pack_into("<Q", s, _SREG_OFF[name], val)
         self._dirty.value |= SYNC_SREGS
         self._check_pending = True
-        # CSTAR too: SYSCALL from compatibility mode (FLAT_RING3_CS32) enters there, in ring
-        # 0 on hardware KVM (AMD); left at 0 it would run the guest's code at VA 0 in ring 0.
-        # Xen sends a 64-bit PV guest's compat SYSCALL where a 64-bit one goes.
+        # CSTAR: SYSCALL from compatibility mode enters there (in ring 0 on hardware KVM,
+        # AMD; left at 0 it would run the guest's code at VA 0 in ring 0). Its own entry, as
+        # Xen's cstar_enter: it goes to the syscall32 callback, never to a hypercall.
         self._msrs([(MSR_STAR, (FLAT_RING3_CS32 << 48) | (FLAT_RING0_CS64 << 32)), (MSR_LSTAR, self.r0.syscall_va),
-                    (MSR_CSTAR, self.r0.syscall_va), (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
+                    (MSR_CSTAR, self.r0.syscall32_va), (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
 
     def set_descriptor_tables(self, gdt_base: int, gdt_limit: int, ldt_base: int, ldt_limit: int) -> None:
         """GDTR and the LDTR cache at linear addresses in Xen's area (descriptors.py), as the
@@ -1606,6 +1656,11 @@ class KVMEngine:
                     self.callback_error = e
                     self.stop_requested = True
                 return True
+            if port == SYSCALL_PORT and r0.syscall32_va <= rip <= r0.syscall32_va + 2:
+                self._exit_kinds["syscall32"] += 1
+                self._lib.aiovmm_kvm_syscall_entry(self._ctx_ptr)
+                self._call(self.on_syscall32)
+                return True
             if in_stubs:
                 self._ctx.fast_n = 0
                 self._exit_kinds[f"vector {port}"] += 1
@@ -1655,11 +1710,18 @@ class KVMEngine:
             self.stop_requested = True
             return None
 
-    def _back_to_cpl3(self, cs_selector: int) -> None:
+    def _back_to_cpl3(self, cs_selector: int, ss_selector: int) -> None:
         """CS/SS back to CPL-3 state (csrc/kvm.c aiovmm_kvm_back_to_cpl3: no KVM_SET_SREGS
-        at the next entry when they already are, as after kvm-pvm's SYSCALL)."""
+        at the next entry when they already are, as after kvm-pvm's SYSCALL); a selector
+        the last far transfer loaded (load_segment) gets that load's hidden part back."""
         self._lib.aiovmm_kvm_back_to_cpl3(
             self._ctx_ptr, (cs_selector & ~3) == (FLAT_RING3_CS32 & ~3))
+        for name, sel in (("cs", cs_selector), ("ss", ss_selector)):
+            img = self._cpl3_segs[name]
+            o = _SEG[name]
+            if struct.unpack_from("<H", img, 12)[0] == sel & 0xFFFF and self._sregs[o:o + 24] != img:
+                self._sregs[o:o + 24] = img
+                self._dirty.value |= SYNC_SREGS
 
     def _from_syscall(self) -> None:
         """SYSCALL at CPL 3 reached the LSTAR stub: RCX/R11 hold the return RIP/RFLAGS
@@ -1682,12 +1744,18 @@ class KVMEngine:
         has_err = sp == self.r0.stack_top - _ERR_FRAME
         off = self.r0.stack_maddr + (sp - self.r0.stack_va)
         if has_err:
-            err, rip, cs, rflags, rsp, _ss = struct.unpack_from("<6Q", self.mem.map, off)
+            err, rip, cs, rflags, rsp, ss = struct.unpack_from("<6Q", self.mem.map, off)
         else:
             err = 0
-            rip, cs, rflags, rsp, _ss = struct.unpack_from("<5Q", self.mem.map, off)
+            rip, cs, rflags, rsp, ss = struct.unpack_from("<5Q", self.mem.map, off)
+        if not cs & 3:
+            # A fault in ring 0 (IST: on the engine stack): never the guest's to cause.
+            self.last_error = f"exception {vector} in ring 0 at {rip:#x}"
+            self.callback_error = RuntimeError(self.last_error)
+            self.stop_requested = True
+            return
         r[16], r[17], r[6] = rip, rflags & ~RF_TF if self._stepping else rflags, rsp
-        self._back_to_cpl3(cs)
+        self._back_to_cpl3(cs, ss)
         if self._stepping and vector == 1:
             self._step_hit = True
             return
@@ -1721,6 +1789,18 @@ class KVMEngine:
                 code = self._read_code(rip, 2)
             except LookupError:
                 code = b""
+            if code == b"\x0f\x05" and vector == 6:
+                # SYSCALL refused by kvm-pvm outside 64-bit mode (_PVM_VENDOR): the compat
+                # SYSCALL, as the CPU would have made it (RCX, R11), to MSR_CSTAR's path.
+                self._exit_kinds["syscall32"] += 1
+                r[2], r[11], r[16] = rip + 2, r[17], rip + 2
+                self._call(self.on_syscall32)
+                return
+            if code[:1] == b"\xcc" and vector == 6:
+                # kvm-pvm (measured in compatibility mode): int3 raises #UD at the int3.
+                r[16] = rip + 1
+                self._call(self.on_exception, 3, 0, 0)
+                return
             if len(code) == 2 and code[0] == 0xCD and vector == 6:
                 n = code[1]
                 if n < 32 and n not in (3, 4):       # a DPL-0 gate: #GP as the CPU gives it

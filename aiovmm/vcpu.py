@@ -198,6 +198,7 @@ class VCPU:
         self.ldt_ents = 0
         self.ldt_shadow: dict[int, int] = {}       # LDT page index -> mapped frame
         engine.on_hypercall = self._on_syscall
+        engine.on_syscall32 = self._on_syscall32
         engine.on_hypercall_done = self._after_fast_hypercall
         engine.fast_hypercalls_ok = lambda: self.domain.shutdown_reason is None
         attach = getattr(engine, "attach_pv", None)
@@ -348,6 +349,12 @@ class VCPU:
             _hypercall.dispatch(self)
         else:
             _traps.user_syscall(self)
+
+    def _on_syscall32(self) -> None:
+        if self.domain.shutdown_reason is not None:
+            self.engine.stop()
+        else:
+            _traps.syscall32(self)
 
     def _after_fast_hypercall(self, counts: dict[int, int], events: bool) -> None:
         """The engine completed hypercalls itself (`counts`: number -> calls since the last

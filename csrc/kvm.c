@@ -238,6 +238,7 @@ struct aiovmm_pv {
 #define RF_RF 0x10000ULL
 #define RF_AC 0x40000ULL
 #define SREG_GS 4                     /* kvm_sregs: the 24-byte segment index of GS */
+#define SREG_SS 5                     /* ... and of SS */
 #define SREG_CR3 240
 #define USER_CS 0xE033ULL             /* FLAT_RING3_CS64 / FLAT_RING3_SS (traps.py USER_CS/_SS) */
 #define USER_SS 0xE02BULL
@@ -387,6 +388,14 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
      * (FLAT_RING3_CS64, a kernel frame's 0xe030 included) may fault there or change mode:
      * Python's (traps.do_iret, descriptors.iret_code_segment decides). */
     if (((cs & 0xFFFF) | 3) != USER_CS)
+        return 0;
+    /* The same for SS (regs->ss = frame.ss | 3, checked by the IRETQ; Xen's SYSRET exit, for
+     * VGCF_in_syscall and a canonical RIP, loads FLAT_RING3_SS whatever the frame says):
+     * FLAT_RING3_SS already loaded and the one to load, or Python's (traps.do_iret). */
+    uint16_t cur_ss;
+    memcpy(&cur_ss, c->run + RUN_SREGS + SREG_SS * 24 + 12, 2);
+    int sysret = (flags & VGCF_IN_SYSCALL) && canonical(rip);
+    if (cur_ss != USER_SS || (!sysret && ((ctx[8] & 0xFFFF) | 3) != USER_SS))
         return 0;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;

@@ -9,13 +9,14 @@ data segment loads in load_segments (domain.c).
 
 aiovmm: traps.do_iret checks the CS as the IRETQ would (descriptors.iret_code_segment) and
 bounces the refused one's fault; csrc/kvm.c fast_iret leaves every CS but the flat 64-bit
-one to it. Compatibility mode runs on KVM; on Unicorn it does not yet (xfail, below)."""
+one to it. Both engines make the transfer real: compatibility mode runs."""
 from __future__ import annotations
 
 import pytest
 
-from aiovmm import traps
-from aiovmm.abi import IRET_CONTEXT
+from aiovmm import descriptors, traps
+from aiovmm.abi import IRET_CONTEXT, CallbackType, VcpuInfo
+from aiovmm.mmu import XEN_GDT
 from conftest import _kvm_skip_reason
 from hand_vcpu import DATA_VA, hand_driven_vcpu
 
@@ -23,15 +24,6 @@ USER_CODE_VA, USER_STACK_TOP = 0x400000, 0x403000          # guests/kernel/user.
 REGS = ("rip", "rsp", "rax", "rcx", "r11", "rflags", "gs_base", "cr3")
 ENGINES = ["unicorn", pytest.param("kvm", marks=pytest.mark.skipif(
     _kvm_skip_reason() is not None, reason=str(_kvm_skip_reason())))]
-# Measured: on Unicorn a CS written by the engine changes only the selector (research/
-# unicorn/NOTES.md), the vCPU stays in 64-bit mode (the step below runs `inc %rax`).
-UNICORN_NO_COMPAT = ("Unicorn: writing CS changes only the selector; switching to compatibility "
-                     "mode needs a real far transfer the engine does not make yet")
-COMPAT_ENGINES = [pytest.param("unicorn", marks=pytest.mark.xfail(strict=True,
-                                                                   reason=UNICORN_NO_COMPAT)),
-                  *ENGINES[1:]]
-
-
 def _iret(v, cs: int) -> None:
     """HYPERVISOR_iret from kernel mode with frame [rax r11 rcx flags rip cs rflags rsp ss]
     at DATA_VA, to user mode at USER_CODE_VA (the kernel's user program is loaded)."""
@@ -44,10 +36,10 @@ def _iret(v, cs: int) -> None:
 
 def _back(v) -> None:
     v.switch_to_kernel()
-    v.engine.write({"cs": 0xE033})
+    traps.load_segments(v, 0xE033, XEN_GDT[0xE033], 0xE02B, XEN_GDT[0xE02B])
 
 
-@pytest.mark.parametrize("engine", COMPAT_ENGINES)
+@pytest.mark.parametrize("engine", ENGINES)
 async def test_iret_to_flat_user_cs32_is_compat_mode(engine):
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
         saved = None
@@ -86,4 +78,323 @@ async def test_iret_bad_cs_is_the_guests_gp(engine):
             err, frip, fcs = (int.from_bytes(frame[8 * i:8 * i + 8], "little") for i in (2, 3, 4))
             assert (err, frip, fcs & 0xFFFF) == (0x1230, USER_CODE_VA, 0x1233)
         finally:
+            _back(v)
+
+
+# ------------------------------------------------------------------ compatibility mode, SS
+# The guest's own GDT (one frame, 16 entries), as a 64-bit PV kernel with 32-bit processes
+# has it (Linux: __USER32_CS 0x23, __USER_DS 0x2b, __USER_CS 0x33).
+GDT = {4: 0x00CFFA000000FFFF,        # 0x23: 32-bit code, DPL 3, not yet accessed
+       5: 0x00CFF2000000FFFF,        # 0x2b: writable data, DPL 3, not yet accessed
+       6: 0x00AFFA000000FFFF,        # 0x33: 64-bit code
+       7: 0x00CF72000000FFFF,        # 0x3b: writable data, not present
+       8: 0x00CFF0000000FFFF,        # 0x43: read-only data
+       9: 0x0040FA000000FFFF}        # 0x4b: 32-bit code, limit 0xffff bytes
+CODE_VA = 0xFFFFFFFF80400000 - 4096  # hand_vcpu: a kernel page of the boot map's padding
+
+
+def _guest_gdt(hv, dom, v) -> int:
+    """Install GDT above through set_gdt (a fresh frame of the domain's): its frame."""
+    mfn = hv.mem.alloc(dom.domid)[0]
+    for i, d in GDT.items():
+        hv.mem.write_u64((mfn << 12) + 8 * i, d)
+    descriptors.set_gdt(v, [mfn], 16)
+    return mfn
+
+
+def _iret_frame(v, cs: int, ss: int = 0xE02B, rip: int = USER_CODE_VA, flags: int = 0) -> None:
+    """HYPERVISOR_iret from kernel mode to (cs, ss, rip) with the user stack."""
+    assert v.user_root and v.kernel_mode
+    v.copy_to_guest(DATA_VA, IRET_CONTEXT.pack(0, 0, 0, flags, rip, cs, 0x202,
+                                               USER_STACK_TOP - 64, ss))
+    v.engine.write({"rsp": DATA_VA})
+    traps.do_iret(v)
+
+
+def _user_code(hv, v, code: bytes) -> bytes:
+    """Put `code` at USER_CODE_VA (read-only to the user: written at its machine address);
+    returns what was there."""
+    ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
+    saved = bytes(hv.mem.map[ma:ma + len(code)])
+    hv.mem.map[ma:ma + len(code)] = code
+    return saved
+
+
+def _park_handlers(v) -> list:
+    """Point the #BP/#UD handlers at `jmp .` (CODE_VA) so that a step ending in a bounce
+    runs none of the kernel's handler code; returns the trap table to put back."""
+    v.copy_to_guest(CODE_VA, b"\xeb\xfe")
+    saved = list(v.trap_table)
+    for vec in (3, 6):
+        flags, cs, _ = v.trap_table[vec]
+        v.trap_table[vec] = (flags, cs, CODE_VA)
+    return saved
+
+
+def _assert_compat(hv, v) -> None:
+    """`48 ff c0` twice, stepped one instruction at a time: in compatibility mode `dec %eax;
+    inc %eax` each (4 instructions), in 64-bit mode `inc %rax` (2). Each step leaves the
+    guest (KVM: through the #DB stub), so the mode must survive the returns to it too."""
+    saved = _user_code(hv, v, b"\x48\xff\xc0" * 2)
+    try:
+        v.engine.write({"rax": 5})
+        got = []
+        for end in (USER_CODE_VA + 1, USER_CODE_VA + 3, USER_CODE_VA + 4):
+            got.append((v.engine.step_to(end), v.engine.get("rax")))
+        assert got == [(True, 4), (True, 5), (True, 4)], "not compatibility mode"
+    finally:
+        _user_code(hv, v, saved)
+
+
+def _step_to_bounce(v, end: int) -> None:
+    """Step the instruction at RIP, which ends in a bounce (a trap, a SYSCALL): the slice
+    stops right after the hypervisor handled it, before any handler code runs."""
+    eng = v.engine
+    saved = {n: getattr(eng, n) for n in ("on_exception", "on_syscall32", "on_invalid_opcode")}
+
+    def stopping(f):
+        return lambda *a: (f(*a), eng.stop())
+    for n, f in saved.items():
+        setattr(eng, n, stopping(f))
+    # No event upcall right after the bounce (the paused kernel has some pending).
+    pending = v.pv.info_maddr + VcpuInfo.evtchn_upcall_pending
+    was = v.domain.mem.map[pending]
+    v.domain.mem.map[pending] = 0
+    try:
+        eng.step_to(end)
+    finally:
+        v.domain.mem.map[pending] = was
+        for n, f in saved.items():
+            setattr(eng, n, f)
+
+
+def _frame(v, n: int) -> list[int]:
+    rsp = v.engine.get("rsp")
+    raw = v.copy_from_guest(rsp, 8 * n)
+    return [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(n)]
+
+
+def _back_all(v, trap_table: list | None = None) -> None:
+    _back(v)
+    descriptors.set_gdt(v, [], 0)
+    if trap_table is not None:
+        v.trap_table[:] = trap_table
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_flat_cs32_stays_compat_across_exits(engine):
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        _iret_frame(v, 0xE023)
+        try:
+            _assert_compat(hv, v)
+        finally:
+            _back(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_iret_to_guest_gdt_cs32_is_compat_mode(engine):
+    """Xen's IRETQ loads the guest's own 32-bit code segment (and data SS) from its GDT:
+    compatibility mode, the selectors in CS/SS, the descriptors marked accessed."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        mfn = _guest_gdt(hv, dom, v)
+        try:
+            _iret_frame(v, 0x23, 0x2B)
+            assert not v.kernel_mode
+            assert v.engine.read(("cs", "ss")) == [0x23, 0x2B]
+            _assert_compat(hv, v)
+            for i in (4, 5):
+                assert hv.mem.read_u64((mfn << 12) + 8 * i) == GDT[i] | 1 << 40, "accessed bit"
+        finally:
+            _back_all(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_compat_fault_frame_and_64bit_kernel(engine):
+    """An int3 in compatibility mode (guest CS 0x23, SS 0x2b): Xen's bounce frame records
+    regs->cs/ss as they were, and the kernel handler runs at FLAT_KERNEL_CS in 64-bit mode."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        _guest_gdt(hv, dom, v)
+        saved, table = None, _park_handlers(v)
+        try:
+            _iret_frame(v, 0x23, 0x2B)
+            saved = _user_code(hv, v, b"\xcc\x90")
+            _step_to_bounce(v, USER_CODE_VA + 1)
+            assert v.kernel_mode and v.engine.get("rip") == CODE_VA
+            rcx, r11, rip, cs, rflags, rsp, ss = _frame(v, 7)
+            assert (rip, cs & 0xFFFF, ss) == (USER_CODE_VA + 1, 0x23, 0x2B)
+            assert v.engine.read(("cs", "ss")) == [0xE033, 0xE02B]
+            # 64-bit again: `48 ff c0` is one `inc %rax`.
+            v.copy_to_guest(CODE_VA, b"\x48\xff\xc0\xeb\xfe")
+            v.engine.write({"rip": CODE_VA, "rax": 5})
+            assert (v.engine.step_to(CODE_VA + 3), v.engine.get("rax")) == (True, 6)
+        finally:
+            if saved is not None:
+                _user_code(hv, v, saved)
+            _back_all(v, table)
+
+
+BAD_SS = [(0x0000, 13, 0),            # null with RPL 3: #GP(0)
+          (0x1233, 13, 0x1230),       # beyond the GDT limit
+          (0xE033, 13, 0xE030),       # a code segment
+          (0x0043, 13, 0x0040),       # read-only data
+          (0x003B, 12, 0x0038)]       # not present: #SS
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("ss,vector,error", BAD_SS)
+async def test_iret_bad_ss_is_the_guests_fault(engine, ss, vector, error):
+    """Xen: regs->ss = frame.ss | 3; the IRETQ refuses it and entry.S replays the fault as
+    the guest's, the bounce frame holding the iret's RIP, CS and the refused SS."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        _guest_gdt(hv, dom, v)
+        try:
+            _iret_frame(v, 0xE033, ss)
+            assert v.kernel_mode
+            assert v.engine.get("rip") == v.trap_table[vector][2]
+            rcx, r11, err, rip, cs, rflags, rsp, fss = _frame(v, 8)
+            assert (err, rip, cs & 0xFFFF, fss) == (error, USER_CODE_VA, 0xE033, ss | 3)
+            assert v.engine.read(("cs", "ss")) == [0xE033, 0xE02B]
+        finally:
+            _back_all(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_iret_guest_ss_in_later_frames(engine):
+    """A usable SS from the frame is loaded (Linux's __USER_DS 0x2b): a later fault's frame
+    records it (create_bounce_frame stores regs->ss)."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        _guest_gdt(hv, dom, v)
+        saved, table = None, _park_handlers(v)
+        try:
+            _iret_frame(v, 0x33, 0x2B)
+            assert v.engine.read(("cs", "ss")) == [0x33, 0x2B]
+            saved = _user_code(hv, v, b"\xcc\x90")
+            _step_to_bounce(v, USER_CODE_VA + 1)
+            assert v.kernel_mode and v.engine.get("rip") == CODE_VA
+            rcx, r11, rip, cs, rflags, rsp, ss = _frame(v, 7)
+            assert (rip, cs & 0xFFFF, ss) == (USER_CODE_VA + 1, 0x33, 0x2B)
+        finally:
+            if saved is not None:
+                _user_code(hv, v, saved)
+            _back_all(v, table)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_compat_rip_beyond_cs_limit(engine):
+    """IRETQ to compatibility mode checks RIP against the CS limit: #GP(0)."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        _guest_gdt(hv, dom, v)
+        try:
+            _iret_frame(v, 0x4B, 0x2B)
+            assert v.kernel_mode and v.engine.get("rip") == v.trap_table[13][2]
+            rcx, r11, err, rip, cs, rflags, rsp, ss = _frame(v, 8)
+            assert (err, rip, cs & 0xFFFF, ss) == (0, USER_CODE_VA, 0x4B, 0x2B)
+        finally:
+            _back_all(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("cs,loaded", [(0x1233, 0xE033), (0xE023, 0xE023), (0x23, 0xE033)])
+async def test_iret_in_syscall_takes_selectors_from_star(engine, cs, loaded):
+    """VGCF_in_syscall with a canonical RIP: Xen leaves through SYSRET, whose CS/SS come
+    from MSR_STAR (sysretl only for regs->cs == FLAT_USER_CS32): the frame's selectors are
+    not checked, a bad SS or CS is no fault."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        _guest_gdt(hv, dom, v)
+        try:
+            _iret_frame(v, cs, 0x1233, flags=0x100)
+            assert not v.kernel_mode
+            assert v.engine.read(("rip", "cs", "ss")) == [USER_CODE_VA, loaded, 0xE02B]
+        finally:
+            _back_all(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_compat_syscall_goes_to_syscall32(engine):
+    """SYSCALL in compatibility mode (Xen's cstar_enter -> switch_to_kernel): the
+    CALLBACKTYPE_syscall32 callback, frame [rcx r11 rip cs rflags rsp ss] with
+    FLAT_USER_CS32/SS32, RCX the return address; the kernel in 64-bit mode."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        _guest_gdt(hv, dom, v)
+        before = dict(v.callbacks)
+        saved = None
+        try:
+            v.copy_to_guest(CODE_VA, b"\xeb\xfe")
+            v.set_callback(CallbackType.syscall32, (CODE_VA, 0))
+            _iret_frame(v, 0x23, 0x2B)
+            saved = _user_code(hv, v, b"\x0f\x05\x90")
+            _step_to_bounce(v, USER_CODE_VA + 2)
+            assert v.kernel_mode and v.engine.get("rip") == CODE_VA
+            rcx, r11, rip, cs, rflags, rsp, ss = _frame(v, 7)
+            assert (rcx, rip, cs & 0xFFFF, ss) == (USER_CODE_VA + 2,) * 2 + (0xE023, 0xE02B)
+            assert v.engine.read(("cs", "ss")) == [0xE033, 0xE02B]
+        finally:
+            if saved is not None:
+                _user_code(hv, v, saved)
+            v.set_callback(CallbackType.syscall32, before.get(CallbackType.syscall32))
+            _back_all(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_compat_syscall_without_callback_is_ud(engine):
+    """No syscall32 callback: Xen's switch_to_kernel bounces the guest's #UD at the SYSCALL
+    (RIP - 2), the frame's CS FLAT_USER_CS32 (never the 64-bit syscall callback)."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        _guest_gdt(hv, dom, v)
+        before = dict(v.callbacks)
+        saved, table = None, _park_handlers(v)
+        try:
+            v.set_callback(CallbackType.syscall32, None)
+            _iret_frame(v, 0x23, 0x2B)
+            saved = _user_code(hv, v, b"\x0f\x05\x90")
+            _step_to_bounce(v, USER_CODE_VA + 2)
+            assert v.kernel_mode and v.engine.get("rip") == CODE_VA
+            rcx, r11, rip, cs, rflags, rsp, ss = _frame(v, 7)
+            assert (rip, cs & 0xFFFF, ss) == (USER_CODE_VA, 0xE023, 0xE02B)
+        finally:
+            if saved is not None:
+                _user_code(hv, v, saved)
+            v.set_callback(CallbackType.syscall32, before.get(CallbackType.syscall32))
+            _back_all(v, table)
+
+
+KVM_ONLY = [p for p in ENGINES if getattr(p, "values", (None,))[0] == "kvm"]
+
+
+@pytest.mark.parametrize("engine", KVM_ONLY)
+async def test_compat_syscall_never_runs_guest_code_in_ring0(engine):
+    """A compat-mode SYSCALL must reach the syscall32 callback (or the guest's #UD) and
+    nothing else. Measured on kvm-pvm with the host's (AMD) CPUID vendor: the CPU continued
+    in ring 0 at CSTAR & 0xffffffff, and a guest can map code there (any VA below 4 GiB is
+    its own). Here the user program's code page stands for it (CSTAR's low half pointed at
+    it), holding `mov %cr3,%rax; out %al,$0x77`: it must never run (kvm_engine._PVM_VENDOR)."""
+    from aiovmm import kvm_engine
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        eng = v.engine
+        ran_ring0 = []
+        saved = None
+        on_io = eng.on_port_io
+        eng.on_port_io = lambda port, size, write, value: (
+            ran_ring0.append(eng.read(("cs", "rax"))) if port == 0x77 else None, on_io(port, size, write, value))[1]
+        eng._msrs([(kvm_engine.MSR_CSTAR, (eng.r0.syscall32_va & ~0xFFFFFFFF) | (USER_CODE_VA + 16))])
+        before = dict(v.callbacks)
+        try:
+            v.copy_to_guest(CODE_VA, b"\xeb\xfe")
+            v.set_callback(CallbackType.syscall32, (CODE_VA, 0))
+            _iret_frame(v, 0xE023, 0xE02B)
+            saved = _user_code(hv, v, b"\x0f\x05" + b"\x90" * 14 + b"\x0f\x20\xd8\xe6\x77\xf4")
+            pending = v.domain.mem.map[v.pv.info_maddr]
+            v.domain.mem.map[v.pv.info_maddr] = 0
+            v.upcall_mask = 1
+            eng.run(1, 20_000_000)
+            v.domain.mem.map[v.pv.info_maddr] = pending
+            assert not ran_ring0, f"guest code ran in ring 0: CS, RAX(CR3) = {ran_ring0}"
+            assert v.kernel_mode and eng.get("rip") == CODE_VA, "not the syscall32 callback"
+        finally:
+            v.set_callback(CallbackType.syscall32, before.get(CallbackType.syscall32))
+            eng.on_port_io = on_io
+            eng._msrs([(kvm_engine.MSR_CSTAR, eng.r0.syscall32_va)])
+            if saved is not None:
+                _user_code(hv, v, saved)
+            v.upcall_mask = 0
             _back(v)
