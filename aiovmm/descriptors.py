@@ -273,7 +273,7 @@ def _descriptor_address(v: "VCPU", sel: int) -> int | None:
     return (mfn << PAGE_SHIFT) + (off & (PAGE_SIZE - 1))
 
 
-SEG_L, SEG_DB, SEG_G = 1 << 21, 1 << 22, 1 << 23
+SEG_L, SEG_DB = 1 << 21, 1 << 22
 SEG_WRITABLE = SEG_READABLE          # bit 9: readable (code), writable (data)
 
 
@@ -326,13 +326,6 @@ def iret_stack_segment(v: "VCPU", sel: int) -> tuple[int, int] | int:
     if not hi & SEG_P:
         return (12, sel & ~3)
     return desc
-
-
-def segment_limit(desc: int) -> int:
-    """The byte limit of a code/data descriptor (G: 4 KiB units)."""
-    hi = desc >> 32
-    limit = (desc & 0xFFFF) | (hi & 0xF0000)
-    return (limit << 12) | 0xFFF if hi & SEG_G else limit
 
 
 def set_accessed(v: "VCPU", sel: int) -> None:

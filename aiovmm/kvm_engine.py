@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from .abi import (
     DOMID_XEN, XEN_L4_FIRST, XEN_L4_LAST, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_USER, Hypercall,
+    _PAGE_RW, _PAGE_USER, Hypercall, segment_base_limit,
 )
 from .vcpu_engine import ExitReason
 
@@ -1111,10 +1111,7 @@ class KVMEngine:
         from the 8-byte descriptor `desc` (checked by the caller), kept for the returns to
         CPL 3 after exits through the ring-0 stubs."""
         hi = desc >> 32
-        limit = (desc & 0xFFFF) | (hi & 0xF0000)
-        if hi & (1 << 23):
-            limit = (limit << 12) | 0xFFF
-        base = ((desc >> 16) & 0xFFFFFF) | ((hi >> 24) << 24)
+        base, limit = segment_base_limit(desc)
         img = _SEG_FMT.pack(base, limit, selector & 0xFFFF, (hi >> 8) & 0xF, (hi >> 15) & 1,
                             (hi >> 13) & 3, (hi >> 22) & 1, (hi >> 12) & 1, (hi >> 21) & 1,
                             (hi >> 23) & 1, (hi >> 20) & 1, 0)

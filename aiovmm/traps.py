@@ -18,6 +18,7 @@ from .abi import (
     HYPERVISOR_VIRT_START, IRET_CONTEXT, SEGBASE_FS, SEGBASE_GS_KERNEL, SEGBASE_GS_USER,
     SEGBASE_GS_USER_SEL, TI_FLAG_MASK_EVENTS, TRAP_INFO, TRAP_NAMES, VGCF_in_syscall, CallbackOp,
     CallbackType, Errno, FLAT_KERNEL_CS, FLAT_KERNEL_SS, FLAT_RING3_CS32, VcpuInfo, is_canonical,
+    segment_base_limit,
 )
 from . import descriptors, emulate, ptwr
 from .errors import HypercallError
@@ -410,7 +411,7 @@ def _iret_segments(v: "VCPU", cs: int, ss: int,
     ss_desc = descriptors.iret_stack_segment(v, ss)
     if isinstance(ss_desc, tuple):
         return ss_desc
-    if not cs_desc & descriptors.SEG_L << 32 and rip > descriptors.segment_limit(cs_desc):
+    if not cs_desc & descriptors.SEG_L << 32 and rip > segment_base_limit(cs_desc)[1]:
         return (13, 0)
     descriptors.set_accessed(v, cs)
     descriptors.set_accessed(v, ss)

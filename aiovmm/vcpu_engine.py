@@ -23,7 +23,9 @@ Unicorn quirks handled here, each measured in shared/research/unicorn/NOTES.md:
   (MachineMemory.tlb_engines). A page-table write alone flushes nothing (`pt_written`).
 - Hot paths use raw batched uc_reg_read/write calls (1.6-2.3 us), not the binding (5 us each).
 - CS/SS cannot be made CPL3 by reg_write: the first slice starts in a ring-0 stub that runs a
-  real `iretq` into the guest (see `start_in_stub`).
+  real `iretq` into the guest (see `start_in_stub`). reg_write of CS/SS changes only the
+  selector: `load_segment` writes the hidden part and QEMU's mode flags itself (_Segments),
+  so an iret to a 32-bit code segment really runs in compatibility mode.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_INTR, UC_H
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
+from .abi import segment_base_limit
 from .clock import SystemClock
 from .tcg_memory import TcgMemory
 
@@ -392,7 +395,7 @@ class _ExcFix:
 
 # QEMU's hidden-flag bits (target/i386/cpu.h) and descriptor bits, for _Segments.
 _HF_CPL, _HF_CS32, _HF_SS32, _HF_ADDSEG, _HF_LMA, _HF_CS64 = 3, 1 << 4, 1 << 5, 1 << 6, 1 << 14, 1 << 15
-_DESC_B, _DESC_L, _DESC_G = 1 << 22, 1 << 21, 1 << 23
+_DESC_B, _DESC_L = 1 << 22, 1 << 21
 _R_ES, _R_CS, _R_SS, _R_DS = 0, 1, 2, 3
 _SEG_CACHE = struct.Struct("<IxxxxQII")      # SegmentCache: selector, base, limit, flags
 _SEG_PROBE = {_R_ES: 0x1108, _R_CS: 0x2210, _R_SS: 0x3318, _R_DS: 0x4420}
@@ -449,11 +452,8 @@ class _Segments:
         descriptor `desc` (QEMU keeps the descriptor's high word as the flags)."""
         if self.env is None:
             raise RuntimeError("this Unicorn's segment state was not located")
-        lo, hi = desc & 0xFFFFFFFF, desc >> 32
-        base = (lo >> 16) | ((hi & 0xFF) << 16) | (hi & 0xFF000000)
-        limit = (lo & 0xFFFF) | (hi & 0xF0000)
-        if hi & _DESC_G:
-            limit = (limit << 12) | 0xFFF
+        hi = desc >> 32
+        base, limit = segment_base_limit(desc)
         ctypes.memmove(self._addr(reg), _SEG_CACHE.pack(selector & 0xFFFF, base, limit, hi),
                        _SEG_CACHE.size)
         hf = self.hflags.value
