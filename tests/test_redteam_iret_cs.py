@@ -209,19 +209,23 @@ async def test_iret_to_guest_gdt_cs32_is_compat_mode(engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-async def test_compat_fault_frame_and_64bit_kernel(engine):
-    """An int3 in compatibility mode (guest CS 0x23, SS 0x2b): Xen's bounce frame records
-    regs->cs/ss as they were, and the kernel handler runs at FLAT_KERNEL_CS in 64-bit mode."""
+@pytest.mark.parametrize("code", [b"\xcc", b"\xcd\x80"], ids=["int3", "int80"])
+async def test_compat_fault_frame_and_64bit_kernel(engine, code):
+    """An int3 / int $0x80 (a 32-bit process's system call) in compatibility mode (guest CS
+    0x23, SS 0x2b) reaches the guest's trap table: Xen's bounce frame records regs->cs/ss as
+    they were, RIP past the INT, and the kernel handler runs at FLAT_KERNEL_CS in 64-bit
+    mode."""
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
         _guest_gdt(hv, dom, v)
         saved, table = None, _park_handlers(v)
+        v.trap_table[0x80] = (3, 0xE033, CODE_VA)           # DPL 3, as Linux's
         try:
             _iret_frame(v, 0x23, 0x2B)
-            saved = _user_code(hv, v, b"\xcc\x90")
-            _step_to_bounce(v, USER_CODE_VA + 1)
+            saved = _user_code(hv, v, code + b"\x90")
+            _step_to_bounce(v, USER_CODE_VA + len(code))
             assert v.kernel_mode and v.engine.get("rip") == CODE_VA
             rcx, r11, rip, cs, rflags, rsp, ss = _frame(v, 7)
-            assert (rip, cs & 0xFFFF, ss) == (USER_CODE_VA + 1, 0x23, 0x2B)
+            assert (rip, cs & 0xFFFF, ss) == (USER_CODE_VA + len(code), 0x23, 0x2B)
             assert v.engine.read(("cs", "ss")) == [0xE033, 0xE02B]
             # 64-bit again: `48 ff c0` is one `inc %rax`.
             v.copy_to_guest(CODE_VA, b"\x48\xff\xc0\xeb\xfe")
