@@ -274,6 +274,14 @@ def _descriptor_address(v: "VCPU", sel: int) -> int | None:
 
 
 SEG_L, SEG_DB = 1 << 21, 1 << 22
+
+
+def current_descriptor(v: "VCPU", sel: int) -> int | None:
+    """The descriptor `sel` names in this vCPU's GDT/LDT as the CPU would read it now, or
+    None where that read faults (the KVM engine's return to a segment the guest loaded
+    itself, whose hidden part its exits lose)."""
+    addr = _descriptor_address(v, sel)
+    return None if addr is None else v.domain.mem.read_u64(addr)
 SEG_WRITABLE = SEG_READABLE          # bit 9: readable (code), writable (data)
 
 

@@ -896,6 +896,15 @@ def _seg(selector: int, dpl: int, *, code: bool, long: bool = False, db: bool = 
                          1, 1 if long else 0, 1, 0, 0)
 
 
+def _seg_image(selector: int, desc: int) -> bytes:
+    """The kvm_segment a load of `selector` with the 8-byte descriptor `desc` leaves."""
+    hi = desc >> 32
+    base, limit = segment_base_limit(desc)
+    return _SEG_FMT.pack(base, limit, selector & 0xFFFF, (hi >> 8) & 0xF, (hi >> 15) & 1,
+                         (hi >> 13) & 3, (hi >> 22) & 1, (hi >> 12) & 1, (hi >> 21) & 1,
+                         (hi >> 23) & 1, (hi >> 20) & 1, 0)
+
+
 _CS64 = _seg(FLAT_RING3_CS64, 3, code=True, long=True)
 _CS0 = _seg(FLAT_RING0_CS64, 0, code=True, long=True)      # the invalidation stub's
 _SS0 = _seg(FLAT_RING0_DS, 0, code=False, db=True)
@@ -983,6 +992,9 @@ class KVMEngine:
         # CS and SS as the last far transfer loaded them (load_segment): an exit through
         # the ring-0 stubs returns to these when the CPU's frame names them.
         self._cpl3_segs = {"cs": _CS64, "ss": _SS3}
+        # The descriptor a selector names in the guest's GDT/LDT now, or None (set by the
+        # vCPU: descriptors.current_descriptor).
+        self.segment_descriptor: Callable[[int], int | None] = lambda sel: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
         self.on_invalid_opcode: Callable[[], None] = lambda: None
         self.on_port_io: Callable[[], None] = lambda: None
@@ -1110,12 +1122,7 @@ class KVMEngine:
         """Load CS or SS as a far transfer does: the selector and the whole hidden part
         from the 8-byte descriptor `desc` (checked by the caller), kept for the returns to
         CPL 3 after exits through the ring-0 stubs."""
-        hi = desc >> 32
-        base, limit = segment_base_limit(desc)
-        img = _SEG_FMT.pack(base, limit, selector & 0xFFFF, (hi >> 8) & 0xF, (hi >> 15) & 1,
-                            (hi >> 13) & 3, (hi >> 22) & 1, (hi >> 12) & 1, (hi >> 21) & 1,
-                            (hi >> 23) & 1, (hi >> 20) & 1, 0)
-        self._cpl3_segs[name] = img
+        img = self._cpl3_segs[name] = _seg_image(selector, desc)
         o = _SEG[name]
         if self._sregs[o:o + 24] != img:
             self._sregs[o:o + 24] = img
@@ -1713,10 +1720,21 @@ class KVMEngine:
         the last far transfer loaded (load_segment) gets that load's hidden part back."""
         self._lib.aiovmm_kvm_back_to_cpl3(
             self._ctx_ptr, (cs_selector & ~3) == (FLAT_RING3_CS32 & ~3))
-        for name, sel in (("cs", cs_selector), ("ss", ss_selector)):
+        for name, sel, flat in (("cs", cs_selector, (FLAT_RING3_CS64, FLAT_RING3_CS32)),
+                                ("ss", ss_selector, (FLAT_RING3_SS,))):
+            sel &= 0xFFFF
             img = self._cpl3_segs[name]
+            if struct.unpack_from("<H", img, 12)[0] != sel:
+                if sel in flat:
+                    continue                    # the C call wrote Xen's own
+                # One the guest loaded itself (a far jump/return to its own GDT/LDT): the
+                # descriptor it names, as the CPU loaded it (the vCPU reads its tables).
+                desc = self.segment_descriptor(sel)
+                if desc is None:
+                    continue
+                img = self._cpl3_segs[name] = _seg_image(sel, desc)
             o = _SEG[name]
-            if struct.unpack_from("<H", img, 12)[0] == sel & 0xFFFF and self._sregs[o:o + 24] != img:
+            if self._sregs[o:o + 24] != img:
                 self._sregs[o:o + 24] = img
                 self._dirty.value |= SYNC_SREGS
 

@@ -402,3 +402,29 @@ async def test_compat_syscall_never_runs_guest_code_in_ring0(engine):
                 _user_code(hv, v, saved)
             v.upcall_mask = 0
             _back(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_native_far_return_to_guest_cs32_survives_exits(engine):
+    """The guest's user code switches to its own 32-bit code segment itself (lretq to 0x23,
+    no hypercall): every later exit to the hypervisor and back (here each single step)
+    must return it to that segment as the CPU left it, compatibility mode included."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        _guest_gdt(hv, dom, v)
+        saved = None
+        try:
+            _iret_frame(v, 0xE033, 0xE02B)
+            target = USER_CODE_VA + 12
+            saved = _user_code(hv, v, b"\x68\x23\x00\x00\x00\x68" + target.to_bytes(4, "little")
+                               + b"\x48\xcb" + b"\x48\xff\xc0" * 2)
+            assert v.engine.step_to(USER_CODE_VA + 5) and v.engine.step_to(USER_CODE_VA + 10)
+            assert v.engine.step_to(target), "lretq"
+            v.engine.write({"rax": 5})
+            got = [(v.engine.step_to(end), v.engine.get("rax"))
+                   for end in (target + 1, target + 3, target + 4)]
+            assert got == [(True, 4), (True, 5), (True, 4)], "not compatibility mode"
+            assert v.engine.read(("cs", "ss")) == [0x23, 0xE02B]
+        finally:
+            if saved is not None:
+                _user_code(hv, v, saved)
+            _back_all(v)
