@@ -1,6 +1,7 @@
 /* Shared helpers for the hostile guests (see hostile.h). Not a guest itself. */
 #include "hostile.h"
 #include "time.h"
+#include "user.h"
 
 void result(const char *key, long value) { printk("result %s %ld\n", key, value); }
 void result_str(const char *key, const char *value) { printk("result %s %s\n", key, value); }
@@ -110,6 +111,19 @@ u8 *user_code_frame(void)
             return p;
     }
     return 0;
+}
+
+/* user_setup() and the user program replaced by `prog` (n bytes); prints `result found`
+ * and powers off when the program's frame is not found. Returns the code frame. */
+u8 *user_install(const u8 *prog, unsigned long n)
+{
+    user_setup();
+    u8 *code = user_code_frame();
+    result("found", code != 0);
+    if (!code)
+        poweroff();
+    memcpy(code, prog, n);
+    return code;
 }
 
 unsigned free_l2_slot(void)

@@ -54,12 +54,7 @@ void app_main(void)
 {
     traps_init();
     set_trap_handler(6, on_user_ud);
-    user_setup();
-    u8 *code = user_code_frame();
-    result("found", code != 0);
-    if (!code)
-        poweroff();
-    memcpy(code, prog, sizeof prog);
+    user_install(prog, sizeof prog);
     result("cb32", register_syscall32((unsigned long)syscall_callback));
     printk("about to compat_syscall\n");
     result("status_cb", user_run());

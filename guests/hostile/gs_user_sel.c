@@ -74,12 +74,7 @@ void app_main(void)
     set_trap_handler(14, on_user_fault);
     static u64 kcell[2] __attribute__((aligned(16))) = { 0, 0x1234567890abcdefUL };
     _hypercall2(__HYPERVISOR_set_segment_base, SEGBASE_GS_KERNEL, (u64)kcell);
-    user_setup();
-    code = user_code_frame();
-    result("found", code != 0);
-    if (!code)
-        poweroff();
-    memcpy(code, prog, sizeof prog);
+    code = user_install(prog, sizeof prog);
     u16 mark = MARK;
     memcpy(code + MARK_OFF, &mark, 2);
 

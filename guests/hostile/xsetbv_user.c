@@ -48,13 +48,7 @@ void app_main(void)
         __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
         __asm__ volatile("mov %0, %%cr4" :: "r"(cr4 | CR4_OSXSAVE));
     }
-    user_setup();
-    /* The user code frame: the page in the bootstrap region holding a copy of the program. */
-    u8 *code = user_code_frame();
-    result("found", code != 0);
-    if (!code)
-        poweroff();
-    memcpy(code, prog, sizeof prog);
+    user_install(prog, sizeof prog);
     cpuid_pv(0xd, 0, r);
     u32 size_before = r[1];
     long status = user_run();
