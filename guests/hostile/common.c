@@ -113,16 +113,14 @@ u8 *user_code_frame(void)
     return 0;
 }
 
-/* user_setup() and the user program replaced by `prog` (n bytes); prints `result found`
- * and powers off when the program's frame is not found. Returns the code frame. */
-u8 *user_install(const u8 *prog, unsigned long n)
+u8 *user_install(const u8 *prog, unsigned long len)
 {
     user_setup();
     u8 *code = user_code_frame();
     result("found", code != 0);
     if (!code)
         poweroff();
-    memcpy(code, prog, n);
+    memcpy(code, prog, len);
     return code;
 }
 

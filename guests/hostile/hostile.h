@@ -56,9 +56,9 @@ unsigned long mapped_end_pfn(void);
 void *mfn_virt(unsigned long mfn);
 /* The user program's code frame after user_setup() (see common.c), or NULL. */
 u8 *user_code_frame(void);
-/* user_setup(), then the user program replaced by prog[0..n) (`result found`; powers off if
- * the frame is not found): the code frame. */
-u8 *user_install(const u8 *prog, unsigned long n);
+/* user_setup(), then `prog` over the user program's frame; `result found` (powers off if
+ * not found). Returns the frame. */
+u8 *user_install(const u8 *prog, unsigned long len);
 
 /* ---- page-table walk (current kernel root = start_info->pt_base) ---- */
 struct walk {

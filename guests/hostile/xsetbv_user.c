@@ -48,7 +48,7 @@ void app_main(void)
         __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
         __asm__ volatile("mov %0, %%cr4" :: "r"(cr4 | CR4_OSXSAVE));
     }
-    user_install(prog, sizeof prog);
+    user_install(prog, sizeof prog);    /* over the user program's frame */
     cpuid_pv(0xd, 0, r);
     u32 size_before = r[1];
     long status = user_run();
