@@ -1,5 +1,5 @@
 """Red-team: SYSCALL in compatibility mode from a hostile PV guest's user mode
-(guests/hostile/compat_syscall.c), on both engines, run natively: the user program
+(guests/hostile/syscall32.c), on both engines, run natively: the user program
 far-returns to FLAT_USER_CS32 itself (no hypercall involved) and issues `syscall`.
 
 Xen (x86_64/entry.S cstar_enter -> switch_to_kernel): the CALLBACKTYPE_syscall32 callback,
@@ -16,7 +16,7 @@ from test_redteam_portio import (attack_fixture, res,  # noqa: F401
 
 ALL_ENGINES = True
 
-attack = attack_fixture("compat_syscall")
+attack = attack_fixture("syscall32")
 
 
 def test_compat_syscall_goes_to_syscall32_callback(res):

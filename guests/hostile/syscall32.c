@@ -56,7 +56,7 @@ void app_main(void)
     set_trap_handler(6, on_user_ud);
     user_install(prog, sizeof prog);
     result("cb32", register_syscall32((unsigned long)syscall_callback));
-    printk("about to compat_syscall\n");
+    printk("about to syscall32\n");
     result("status_cb", user_run());
     result("cb32_off", register_syscall32(0));
     result("status_ud", user_run());
