@@ -1848,9 +1848,10 @@ class KVMEngine:
                 code = self._read_code(rip, 2)
             except LookupError:
                 code = b""
-            if code == b"\x0f\x05" and vector == 6:
-                # SYSCALL refused by kvm-pvm outside 64-bit mode (_PVM_VENDOR): the compat
-                # SYSCALL, as the CPU would have made it (RCX, R11), to MSR_CSTAR's path.
+            if code == b"\x0f\x05" and vector == 6 and not self._sregs[_SEG["cs"] + 19]:
+                # SYSCALL refused by kvm-pvm outside 64-bit mode (_PVM_VENDOR; CS's L bit
+                # clear): the compat SYSCALL, as the CPU would have made it (RCX, R11), to
+                # MSR_CSTAR's path.
                 self._exit_kinds["syscall32"] += 1
                 r[2], r[11], r[16] = rip + 2, r[17], rip + 2
                 self._call(self.on_syscall32)
