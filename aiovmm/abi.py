@@ -400,6 +400,15 @@ def signed64(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
+def segment_base_limit(desc: int) -> tuple[int, int]:
+    """(base, byte limit) of an 8-byte code/data segment descriptor (G: 4 KiB units), as a
+    segment load puts them in the hidden part (the engines' load_segment)."""
+    hi = desc >> 32
+    base = ((desc >> 16) & 0xFFFFFF) | ((hi >> 24) << 24)
+    limit = (desc & 0xFFFF) | (hi & 0xF0000)
+    return base, (limit << 12) | 0xFFF if hi & (1 << 23) else limit
+
+
 def is_canonical(va: int) -> bool:
     top = va >> 47
     return top == 0 or top == 0x1FFFF

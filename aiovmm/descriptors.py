@@ -276,17 +276,24 @@ def _descriptor_address(v: "VCPU", sel: int) -> int | None:
 SEG_L, SEG_DB = 1 << 21, 1 << 22
 
 
-def iret_code_segment(v: "VCPU", sel: int, rip: int) -> tuple[int, int] | bool:
+def current_descriptor(v: "VCPU", sel: int) -> int | None:
+    """The descriptor `sel` names in this vCPU's GDT/LDT as the CPU would read it now, or
+    None where that read faults (the KVM engine's return to a segment the guest loaded
+    itself, whose hidden part its exits lose)."""
+    addr = _descriptor_address(v, sel)
+    return None if addr is None else v.domain.mem.read_u64(addr)
+SEG_WRITABLE = SEG_READABLE          # bit 9: readable (code), writable (data)
+
+
+def iret_code_segment(v: "VCPU", sel: int) -> tuple[int, int] | int:
     """The checks the CPU's IRETQ (restore_all_guest, CPL 0 to RPL 3) makes on the frame's
-    CS, `sel` with RPL 3, and the new `rip`: True for a 64-bit code segment, False for
-    compatibility mode, or the (vector, error code) it faults with: #GP(sel & ~3) for a null
-    selector, one beyond the GDT/LDT limit, not a code segment, DPL other than 3
-    (non-conforming), or L and D both set; #NP(sel & ~3) for one not present; #GP(0) for
-    compatibility mode with `rip` beyond the segment's limit (SDM IRET: EIP not within the
-    CS limit; FLAT_RING3_CS32's is 4 GiB - 1: no RIP above 32 bits ever reaches an engine
-    in compatibility mode). Xen's flat selectors (FLAT_RING3_CS64/CS32) come from its
-    reserved GDT page like any other. One rule for every iret (the KVM C path leaves every
-    other CS to traps.do_iret)."""
+    CS, `sel` with RPL 3: the descriptor it loads (as read here, once: the engine loads this
+    value, L set for 64-bit mode, clear for compatibility mode), or the (vector, error code)
+    it faults with: #GP(sel & ~3) for a null selector, one beyond the GDT/LDT limit, not a
+    code segment, DPL other than 3 (non-conforming), or L and D both set; #NP(sel & ~3) for
+    one not present. Xen's flat selectors (FLAT_RING3_CS64/CS32) come from its reserved GDT
+    page like any other. One rule for every iret (the KVM C path leaves every other CS to
+    traps.do_iret)."""
     sel = (sel & 0xFFFF) | 3
     gp = (13, sel & ~3)
     if sel & ~3 == 0:
@@ -294,7 +301,7 @@ def iret_code_segment(v: "VCPU", sel: int, rip: int) -> tuple[int, int] | bool:
     addr = _descriptor_address(v, sel)
     if addr is None:
         return gp
-    desc = v.domain.mem.read_u64(addr)          # read once
+    desc = v.domain.mem.read_u64(addr)
     hi = desc >> 32
     if not hi & SEG_S or not hi & SEG_CODE:
         return gp
@@ -304,18 +311,40 @@ def iret_code_segment(v: "VCPU", sel: int, rip: int) -> tuple[int, int] | bool:
         return (11, sel & ~3)
     if hi & SEG_L and hi & SEG_DB:
         return gp
-    if not hi & SEG_L and rip & ((1 << 64) - 1) > segment_limit(desc):
+    return desc
+
+
+def iret_stack_segment(v: "VCPU", sel: int) -> tuple[int, int] | int:
+    """The IRETQ's checks on the frame's SS (Xen: regs->ss = frame.ss | 3), after those on
+    CS (iret_code_segment), for a return to RPL 3: the descriptor it loads, or the fault:
+    #GP(0) for a null selector (RPL 3 may not have one, in 64-bit mode either); #GP(sel & ~3)
+    beyond the GDT/LDT limit, not a writable data segment, or DPL other than 3; #SS(sel & ~3)
+    for one not present."""
+    sel = (sel & 0xFFFF) | 3
+    if sel & ~3 == 0:
         return (13, 0)
-    return bool(hi & SEG_L)
+    gp = (13, sel & ~3)
+    addr = _descriptor_address(v, sel)
+    if addr is None:
+        return gp
+    desc = v.domain.mem.read_u64(addr)
+    hi = desc >> 32
+    if not hi & SEG_S or hi & SEG_CODE or not hi & SEG_WRITABLE or hi & SEG_DPL != SEG_DPL:
+        return gp
+    if not hi & SEG_P:
+        return (12, sel & ~3)
+    return desc
 
 
-SEG_G = 1 << 23
-
-
-def segment_limit(desc: int) -> int:
-    """The byte limit of an 8-byte code/data descriptor (20 bits, in 4 KiB units with G)."""
-    limit = (desc & 0xFFFF) | ((desc >> 32) & 0xF0000)
-    return (limit << 12) | 0xFFF if (desc >> 32) & SEG_G else limit
+def set_accessed(v: "VCPU", sel: int) -> None:
+    """A successful segment load sets the descriptor's accessed bit, as the CPU does (the
+    descriptor was just checked and read: its address is known to be readable)."""
+    addr = _descriptor_address(v, sel | 3)
+    if addr is not None:
+        mem = v.domain.mem
+        desc = mem.read_u64(addr)
+        if not desc & SEG_ACCESSED << 32:
+            mem.write_u64(addr, desc | SEG_ACCESSED << 32)
 
 
 def load_user_gs(v: "VCPU", sel: int) -> tuple[int, int]:
@@ -343,8 +372,7 @@ def load_user_gs(v: "VCPU", sel: int) -> tuple[int, int]:
         return 0, 0
     if not hi & SEG_P:
         return 0, 0
-    if not hi & SEG_ACCESSED:
-        mem.write_u64(addr, desc | SEG_ACCESSED << 32)
+    set_accessed(v, sel)
     return sel, ((desc >> 16) & 0xFFFFFF) | ((desc >> 56) << 24)
 
 

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from .abi import (
     DOMID_XEN, XEN_L4_FIRST, XEN_L4_LAST, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_USER, Hypercall,
+    _PAGE_RW, _PAGE_USER, Hypercall, segment_base_limit,
 )
 from .vcpu_engine import ExitReason
 
@@ -148,6 +148,7 @@ HCALL_PORT = 0x5A                  # `out %al,$0x5a` from CPL 3 in kernel mode: 
 _IST = 1                          # every gate's stack: the TSS's IST1, the engine stack
 _STUB_STRIDE = 4                   # vector v's stub at stubs + 4*v: out %al,$v ; hlt ; hlt
 SYSCALL_PORT = 0x5B               # the SYSCALL entry page's `out`
+SYSCALL32_OFF = 0x400             # MSR_CSTAR's entry: in the stubs page, after the vectors'
 INVAL_PORT = 0x5C                 # the ring-0 invalidation stub's final `out` (_Ring0)
 _INVAL_STUB_OFF = 0x800           # its offset in the stubs page (after the 256 vector stubs)
 _INVAL_LIST_PAGES = 4             # list of direct-map VAs it stores to (0-terminated)
@@ -336,11 +337,28 @@ def _cpuid2(entries: Sequence[tuple[int, int, int, int, int, int]]) -> bytes:
 _cpuid2_default: bytes | None = None
 
 
+# The vendor of the VM's CPUID table on kvm-pvm: neither AMD nor Hygon (nor Intel), so that
+# KVM's emulator refuses SYSCALL outside 64-bit mode (em_syscall_is_enabled: #UD). Measured:
+# with AMD's vendor a compat-mode SYSCALL continues IN RING 0 at MSR_CSTAR truncated to 32
+# bits, a guest address: code a guest maps there ran in ring 0 of a VM whose memory is all
+# machine memory. With this one it is a #UD at CPL 3 at the instruction, which _from_vector
+# turns into the compat SYSCALL it was (Xen's cstar_enter). Guest-invisible there: CPUID runs
+# natively at CPL 3 on kvm-pvm (the host's). Hardware KVM keeps the table as it is (there
+# the table is the guest's CPUID, and SYSCALL enters CSTAR, the engine's stub, in full).
+_PVM_VENDOR = struct.unpack("<III", b"aiovmmNoSysc")     # ebx, edx, ecx
+
+
 def _cpuid2_buffer() -> bytes:
-    """The default table (KVM's supported CPUID) as a kvm_cpuid2, built once."""
+    """The default table (KVM's supported CPUID) as a kvm_cpuid2, built once; on kvm-pvm
+    with _PVM_VENDOR in leaf 0."""
     global _cpuid2_default
     if _cpuid2_default is None:
-        _cpuid2_default = _cpuid2(_default_cpuid())
+        table = _default_cpuid()
+        if not hardware_virtualization():
+            b, d, c = _PVM_VENDOR
+            table = [(0, sub, a, b, c, d) if leaf == 0 else (leaf, sub, a, b_, c_, d_)
+                     for leaf, sub, a, b_, c_, d_ in table]
+        _cpuid2_default = _cpuid2(table)
     return _cpuid2_default
 
 
@@ -435,10 +453,19 @@ class _Ring0:
             # DPL 3 everywhere so `int $n` reaches the host as vector n (the host applies
             # Xen's gate rules, _from_vector). Measured: with DPL-0 gates kvm-pvm reports
             # `int $n` inconsistently (#UD at the instruction, or #GP(0) past it).
+            # IST 1 (the same stack as RSP0): a fault taken in ring 0 (kvm-pvm's compat
+            # SYSCALL, below) lands on the engine stack too, never on the guest's.
             attr = 0xEE
             lo = (h & 0xFFFF) | (FLAT_RING0_CS64 << 16) | (_IST << 32) | (attr << 40) \
                 | (((h >> 16) & 0xFFFF) << 48)
             mem.write(idt << PAGE_SHIFT | 16 * v, struct.pack("<QQ", lo, h >> 32))
+        # MSR_CSTAR's entry: SYSCALL from compatibility mode (Xen's cstar_enter, told apart
+        # from LSTAR's by where it exits), in the supervisor-only stubs page: on hardware KVM
+        # it enters ring 0 there. kvm-pvm would enter ring 0 at CSTAR truncated to 32 bits, a
+        # guest address (measured): there the VM's CPUID vendor makes it a #UD instead
+        # (_PVM_VENDOR), which _from_vector turns back into the compat SYSCALL.
+        code[SYSCALL32_OFF:SYSCALL32_OFF + 3] = bytes([0xE6, SYSCALL_PORT, 0xF4])
+        self.syscall32_va = self.stubs_va + SYSCALL32_OFF
         mem.write(stubs << PAGE_SHIFT, bytes(code))
         mem.write((tss << PAGE_SHIFT) + 4, struct.pack("<Q", self.stack_top))
         mem.write((tss << PAGE_SHIFT) + 0x24, struct.pack("<Q", self.stack_top))   # IST1
@@ -883,6 +910,15 @@ def _seg(selector: int, dpl: int, *, code: bool, long: bool = False, db: bool = 
                          1, 1 if long else 0, 1, 0, 0)
 
 
+def _seg_image(selector: int, desc: int) -> bytes:
+    """The kvm_segment a load of `selector` with the 8-byte descriptor `desc` leaves."""
+    hi = desc >> 32
+    base, limit = segment_base_limit(desc)
+    return _SEG_FMT.pack(base, limit, selector & 0xFFFF, (hi >> 8) & 0xF, (hi >> 15) & 1,
+                         (hi >> 13) & 3, (hi >> 22) & 1, (hi >> 12) & 1, (hi >> 21) & 1,
+                         (hi >> 23) & 1, (hi >> 20) & 1, 0)
+
+
 _CS64 = _seg(FLAT_RING3_CS64, 3, code=True, long=True)
 _CS0 = _seg(FLAT_RING0_CS64, 0, code=True, long=True)      # the invalidation stub's
 _SS0 = _seg(FLAT_RING0_DS, 0, code=False, db=True)
@@ -967,13 +1003,19 @@ class KVMEngine:
         self._run_ex = lib.aiovmm_kvm_run_ex
 
         self.on_hypercall: Callable[[], None] = lambda: None
+        self.on_syscall32: Callable[[], None] = lambda: None
+        # CS and SS as the last far transfer loaded them (load_segment): an exit through
+        # the ring-0 stubs returns to these when the CPU's frame names them.
+        self._cpl3_segs = {"cs": _CS64, "ss": _SS3}
+        # The descriptor a selector names in the guest's GDT/LDT now, or None (set by the
+        # vCPU: descriptors.current_descriptor).
+        self.segment_descriptor: Callable[[int], int | None] = lambda sel: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
         self.on_invalid_opcode: Callable[[], None] = lambda: None
         self.on_port_io: Callable[[], None] = lambda: None
         # Hypercalls completed in C (number -> calls since the last report) and whether one
         # of them left an event deliverable (the hypercall's tail is then the caller's).
         self.on_hypercall_done: Callable[[dict[int, int], bool], None] = lambda counts, events: None
-        self.on_compat_syscall: Callable[[], None] = lambda: None     # _from_vector
         # Whether C may complete hypercalls this slice (not while the domain shuts down:
         # then every hypercall must reach the dispatcher, which stops the vCPU).
         self.fast_hypercalls_ok: Callable[[], bool] = lambda: False
@@ -1096,6 +1138,16 @@ class KVMEngine:
     def read(self, names: Sequence[str]) -> list[int]:
         return [self._get(n) for n in names]
 
+    def load_segment(self, name: str, selector: int, desc: int) -> None:
+        """Load CS or SS as a far transfer does: the selector and the whole hidden part
+        from the 8-byte descriptor `desc` (checked by the caller), kept for the returns to
+        CPL 3 after exits through the ring-0 stubs."""
+        img = self._cpl3_segs[name] = _seg_image(selector, desc)
+        o = _SEG[name]
+        if self._sregs[o:o + 24] != img:
+            self._sregs[o:o + 24] = img
+            self._dirty.value |= SYNC_SREGS
+
     def write(self, values: dict[str, int]) -> None:
         for n, v in values.items():
             self._set(n, v)
@@ -1190,14 +1242,18 @@ class KVMEngine:
             struct.pack_into("<Q", s, _SREG_OFF[name], val)
         self._dirty.value |= SYNC_SREGS
         self._check_pending = True
-        # CSTAR too: SYSCALL from compatibility mode (FLAT_RING3_CS32, or a far jump to a
-        # 32-bit code segment) enters there, in ring 0, on the caller's stack: on kvm-pvm at
-        # CSTAR truncated to 32 bits, a guest address. CR4.SMEP (above) keeps ring 0 from
-        # running guest pages there, IST1 (_Ring0) keeps its fault's frame off the guest's
-        # stack: without them a guest user process ran its own code at ring 0, where the
-        # direct map reaches all machine memory (tests/test_redteam_iret_cs.py).
+        # CSTAR: SYSCALL from compatibility mode (FLAT_RING3_CS32, or a far jump to a 32-bit
+        # code segment) enters there. Its own entry, as Xen's cstar_enter: it goes to the
+        # syscall32 callback, never to a hypercall. In ring 0 on hardware KVM (AMD; left at 0
+        # it would run the guest's code at VA 0 in ring 0). kvm-pvm would enter ring 0 at
+        # CSTAR truncated to 32 bits, a guest address, on the caller's stack: the VM's CPUID
+        # vendor (_PVM_VENDOR) makes it a #UD at CPL 3 instead; should it ever enter ring 0,
+        # CR4.SMEP (above) keeps ring 0 from running guest pages there and IST1 (_Ring0)
+        # keeps its fault's frame off the guest's stack (_from_vector takes that fault as the
+        # compat SYSCALL). Without them a guest user process ran its own code at ring 0,
+        # where the direct map reaches all machine memory (tests/test_redteam_iret_cs.py).
         self._msrs([(MSR_STAR, (FLAT_RING3_CS32 << 48) | (FLAT_RING0_CS64 << 32)), (MSR_LSTAR, self.r0.syscall_va),
-                    (MSR_CSTAR, self.r0.syscall_va), (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
+                    (MSR_CSTAR, self.r0.syscall32_va), (MSR_SFMASK, RF_TF | RF_IF | RF_DF | RF_NT | RF_AC)])
 
     def set_descriptor_tables(self, gdt_base: int, gdt_limit: int, ldt_base: int, ldt_limit: int) -> None:
         """GDTR and the LDTR cache at linear addresses in Xen's area (descriptors.py), as the
@@ -1634,6 +1690,11 @@ class KVMEngine:
                     self.callback_error = e
                     self.stop_requested = True
                 return True
+            if port == SYSCALL_PORT and r0.syscall32_va <= rip <= r0.syscall32_va + 2:
+                self._exit_kinds["syscall32"] += 1
+                self._lib.aiovmm_kvm_syscall_entry(self._ctx_ptr)
+                self._call(self.on_syscall32)
+                return True
             if in_stubs:
                 self._ctx.fast_n = 0
                 self._exit_kinds[f"vector {port}"] += 1
@@ -1683,11 +1744,29 @@ class KVMEngine:
             self.stop_requested = True
             return None
 
-    def _back_to_cpl3(self, cs_selector: int) -> None:
+    def _back_to_cpl3(self, cs_selector: int, ss_selector: int) -> None:
         """CS/SS back to CPL-3 state (csrc/kvm.c aiovmm_kvm_back_to_cpl3: no KVM_SET_SREGS
-        at the next entry when they already are, as after kvm-pvm's SYSCALL)."""
+        at the next entry when they already are, as after kvm-pvm's SYSCALL); a selector
+        the last far transfer loaded (load_segment) gets that load's hidden part back."""
         self._lib.aiovmm_kvm_back_to_cpl3(
             self._ctx_ptr, (cs_selector & ~3) == (FLAT_RING3_CS32 & ~3))
+        for name, sel, flat in (("cs", cs_selector, (FLAT_RING3_CS64, FLAT_RING3_CS32)),
+                                ("ss", ss_selector, (FLAT_RING3_SS,))):
+            sel &= 0xFFFF
+            img = self._cpl3_segs[name]
+            if struct.unpack_from("<H", img, 12)[0] != sel:
+                if sel in flat:
+                    continue                    # the C call wrote Xen's own
+                # One the guest loaded itself (a far jump/return to its own GDT/LDT): the
+                # descriptor it names, as the CPU loaded it (the vCPU reads its tables).
+                desc = self.segment_descriptor(sel)
+                if desc is None:
+                    continue
+                img = self._cpl3_segs[name] = _seg_image(sel, desc)
+            o = _SEG[name]
+            if self._sregs[o:o + 24] != img:
+                self._sregs[o:o + 24] = img
+                self._dirty.value |= SYNC_SREGS
 
     def _from_syscall(self) -> None:
         """SYSCALL at CPL 3 reached the LSTAR stub: RCX/R11 hold the return RIP/RFLAGS
@@ -1710,29 +1789,32 @@ class KVMEngine:
         has_err = sp == self.r0.stack_top - _ERR_FRAME
         off = self.r0.stack_maddr + (sp - self.r0.stack_va)
         if has_err:
-            err, rip, cs, rflags, rsp, _ss = struct.unpack_from("<6Q", self.mem.map, off)
+            err, rip, cs, rflags, rsp, ss = struct.unpack_from("<6Q", self.mem.map, off)
         else:
             err = 0
-            rip, cs, rflags, rsp, _ss = struct.unpack_from("<5Q", self.mem.map, off)
-        if cs & 3 == 0:
+            rip, cs, rflags, rsp, ss = struct.unpack_from("<5Q", self.mem.map, off)
+        if not cs & 3:
             # The guest never runs at ring 0. The one way there: a SYSCALL from compatibility
             # mode, which kvm-pvm emulates (KVM's em_syscall writes RIP back in the caller's
             # mode): MSR_CSTAR truncated to 32 bits, a guest address, entered at ring 0 on the
-            # caller's stack. CR4.SMEP faults that fetch (every guest mapping is a user page)
-            # and IST1 puts every vector's frame on the engine stack, never on a stack the
-            # guest chose (setup_long_mode, _Ring0). That SYSCALL is the guest's, taken as
-            # Xen's cstar_enter (traps.compat_syscall); any other ring-0 fault ends the vCPU.
-            if vector == 14 and rip == self.r0.syscall_va & 0xFFFFFFFF:
+            # caller's stack. The VM's CPUID vendor (_PVM_VENDOR) makes that SYSCALL a #UD at
+            # CPL 3 (below); should kvm-pvm enter ring 0 all the same, CR4.SMEP faults that
+            # fetch (every guest mapping is a user page) and IST1 puts every vector's frame
+            # on the engine stack, never on a stack the guest chose (setup_long_mode, _Ring0).
+            # That SYSCALL is the guest's, taken as Xen's cstar_enter (on_syscall32); any
+            # other ring-0 fault ends the vCPU.
+            if vector == 14 and rip == self.r0.syscall32_va & 0xFFFFFFFF:
                 r[6] = rsp
                 self._lib.aiovmm_kvm_syscall_entry(self._ctx_ptr)    # RIP, RFLAGS, CS back
-                self._call(self.on_compat_syscall)
+                self._exit_kinds["syscall32"] += 1
+                self._call(self.on_syscall32)
                 return
             self.last_error = f"exception {vector} at ring 0, RIP {rip:#x}"
             self.callback_error = RuntimeError(self.last_error)
             self.stop_requested = True
             return
         r[16], r[17], r[6] = rip, rflags & ~RF_TF if self._stepping else rflags, rsp
-        self._back_to_cpl3(cs)
+        self._back_to_cpl3(cs, ss)
         if self._stepping and vector == 1:
             self._step_hit = True
             return
@@ -1768,6 +1850,19 @@ class KVMEngine:
                 code = self._read_code(rip, 2)
             except LookupError:
                 code = b""
+            if code == b"\x0f\x05" and vector == 6 and not self._sregs[_SEG["cs"] + 19]:
+                # SYSCALL refused by kvm-pvm outside 64-bit mode (_PVM_VENDOR; CS's L bit
+                # clear): the compat SYSCALL, as the CPU would have made it (RCX, R11), to
+                # MSR_CSTAR's path.
+                self._exit_kinds["syscall32"] += 1
+                r[2], r[11], r[16] = rip + 2, r[17], rip + 2
+                self._call(self.on_syscall32)
+                return
+            if code[:1] == b"\xcc" and vector == 6:
+                # kvm-pvm (measured in compatibility mode): int3 raises #UD at the int3.
+                r[16] = rip + 1
+                self._call(self.on_exception, 3, 0, 0)
+                return
             if len(code) == 2 and code[0] == 0xCD and vector == 6:
                 n = code[1]
                 if n < 32 and n not in (3, 4):       # a DPL-0 gate: #GP as the CPU gives it

@@ -69,6 +69,13 @@ def l4_slot(va: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# Xen's reserved GDT entries (its gdt_table), in the page at FIRST_RESERVED_GDT_BYTE of
+# every vCPU's GDT: selector -> descriptor.
+XEN_GDT = {FLAT_RING0_CS64: 0x00AF9B000000FFFF, FLAT_RING0_DS: 0x00CF93000000FFFF,
+           FLAT_RING3_CS32: 0x00CFFB000000FFFF, FLAT_RING3_SS: 0x00CFF3000000FFFF,
+           FLAT_RING3_CS64: 0x00AFFB000000FFFF}
+
+
 class XenArea:
     """The hypervisor's part of every address space (L4 slots 256-271).
 
@@ -98,10 +105,7 @@ class XenArea:
         self.mem = mem
         alloc = lambda: mem.alloc(DOMID_XEN)[0]
         zero_gdt, gdt, stub, stack = alloc(), alloc(), alloc(), alloc()
-        descs = {FLAT_RING0_CS64: 0x00AF9B000000FFFF, FLAT_RING0_DS: 0x00CF93000000FFFF,
-                 FLAT_RING3_CS32: 0x00CFFB000000FFFF, FLAT_RING3_SS: 0x00CFF3000000FFFF,
-                 FLAT_RING3_CS64: 0x00AFFB000000FFFF}
-        for sel, d in descs.items():
+        for sel, d in XEN_GDT.items():
             mem.write_u64((gdt << PAGE_SHIFT) + (sel & ~7) - FIRST_RESERVED_GDT_BYTE, d)
         mem.write(stub << PAGE_SHIFT, self.STUB_CODE)
         l3, l2, l1 = alloc(), alloc(), alloc()

@@ -17,11 +17,12 @@ from .abi import (
     CALLBACK_REGISTER, CALLBACKF_mask_events, EXCEPTIONS_WITH_ERROR_CODE, HYPERVISOR_VIRT_END,
     HYPERVISOR_VIRT_START, IRET_CONTEXT, SEGBASE_FS, SEGBASE_GS_KERNEL, SEGBASE_GS_USER,
     SEGBASE_GS_USER_SEL, TI_FLAG_MASK_EVENTS, TRAP_INFO, TRAP_NAMES, VGCF_in_syscall, CallbackOp,
-    CallbackType, Errno, FLAT_RING3_CS32, VcpuInfo, is_canonical,
+    CallbackType, Errno, FLAT_KERNEL_CS, FLAT_KERNEL_SS, FLAT_RING3_CS32, VcpuInfo, is_canonical,
+    segment_base_limit,
 )
 from . import descriptors, emulate, ptwr
 from .errors import HypercallError
-from .mmu import GuestFault
+from .mmu import XEN_GDT, GuestFault
 
 if TYPE_CHECKING:
     from .vcpu import VCPU
@@ -31,19 +32,23 @@ log = logging.getLogger("aiovmm.traps")
 RF_CF, RF_TF, RF_IF, RF_DF, RF_IOPL, RF_NT, RF_RF, RF_VM, RF_AC = (
     1, 0x100, 0x200, 0x400, 0x3000, 0x4000, 0x10000, 0x20000, 0x40000)
 ARCH_FLAGS = 0x3F7FD7            # architectural RFLAGS bits a guest may set
-KERNEL_CS_IN_FRAME = 0xE030      # kernel-mode CS as stored in a frame (RPL cleared)
 USER_CS, USER_SS = 0xE033, 0xE02B
 MAX_NESTED_FAULTS = 16
 
 
 def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_events: bool,
            rip: int | None = None, rcx: int | None = None, r11: int | None = None,
-           clear_df: bool = False, frame_cs: int | None = None) -> bool:
+           clear_df: bool = False, frame_cs: int | None = None,
+           frame_ss: int | None = None) -> bool:
     """Build a bounce frame and continue at `handler`. Returns False if the domain crashed.
-    `frame_cs`: the frame's CS instead of the current mode's flat one (Xen pushes regs->cs:
-    after a refused iret, the refused selector)."""
+    The frame's CS and SS are Xen's regs->cs/ss: the selectors the interrupted code ran
+    with (CS with RPL cleared from kernel mode), unless given: `frame_cs`/`frame_ss` (after
+    a refused iret, the frame's selectors; a SYSCALL's entry constants). The handler runs
+    with FLAT_KERNEL_CS/SS (create_bounce_frame), loaded as segments (a guest returning from
+    compatibility mode or with its own SS gets them back)."""
     eng = v.engine
-    cur_rip, rsp, rflags, cur_rcx, cur_r11 = eng.read(("rip", "rsp", "rflags", "rcx", "r11"))
+    cur_rip, rsp, rflags, cur_rcx, cur_r11, cur_cs, cur_ss = eng.read(
+        ("rip", "rsp", "rflags", "rcx", "r11", "cs", "ss"))
     if rip is None:
         rip = cur_rip
     was_kernel = v.kernel_mode
@@ -53,26 +58,18 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
         stack = v.kernel_sp
     else:
         stack = rsp
-    cur_cs = eng.get("cs")
-    if cur_cs != USER_CS:
-        # Code in another segment (compatibility mode after an iret to FLAT_RING3_CS32,
-        # from user or kernel mode): Xen's frame holds it, RPL cleared in kernel context,
-        # and the handler runs with FLAT_KERNEL_CS, 64-bit mode (create_bounce_frame).
-        eng.write({"cs": USER_CS})
-        if frame_cs is None:
-            frame_cs = cur_cs & ~3 if was_kernel else cur_cs
     s = stack & ~0xF
-    if frame_cs is None:
-        cs = KERNEL_CS_IN_FRAME if was_kernel else USER_CS
-    else:
-        cs = frame_cs
+    cs = cur_cs if frame_cs is None else frame_cs
+    if was_kernel:
+        cs &= ~3                                  # "Indicate kernel context to guest."
+    ss = cur_ss if frame_ss is None else frame_ss
     saved_flags = (rflags & ~(RF_IF | RF_IOPL)) | (0 if old_mask else RF_IF)
     if emulate.architectural_iopl(v):      # Xen's create_bounce_frame: the virtual IOPL
         saved_flags |= v.iopl << 12
     frame = [cur_rcx if rcx is None else rcx, cur_r11 if r11 is None else r11]
     if error_code is not None:
         frame.append(error_code & 0xFFFFFFFF)
-    frame += [rip, cs | (old_mask << 32), saved_flags, rsp, USER_SS]
+    frame += [rip, (cs & 0xFFFF) | (old_mask << 32), saved_flags, rsp, ss & 0xFFFF]
     if bounce_stack_in_xen_range(s):
         v.crash(f"bounce frame below {s:#x} lies in Xen's range")
         return False
@@ -88,9 +85,25 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     if mask_events:
         v.upcall_mask = 1
     new_flags = (rflags & ~(RF_TF | RF_NT | RF_RF | RF_VM | RF_AC | (RF_DF if clear_df else 0))) | RF_IF
+    load_segments(v, FLAT_KERNEL_CS, XEN_GDT[FLAT_KERNEL_CS], FLAT_KERNEL_SS,
+                  XEN_GDT[FLAT_KERNEL_SS], (cur_cs, cur_ss))
     eng.write({"rsp": new_rsp, "rip": handler, "rflags": new_flags})
     v.last_frame_rsp = new_rsp
     return True
+
+
+def load_segments(v: "VCPU", cs: int, cs_desc: int, ss: int, ss_desc: int,
+                  current: tuple[int, int] | None = None) -> None:
+    """Load CS and SS as the CPU's IRETQ/SYSRET would (the hidden part from the descriptor,
+    which may switch between 64-bit and compatibility mode). `current`: the selectors
+    already read; a Xen flat selector already in place is left as it is (the engines
+    load them only through here, always with Xen's own descriptor)."""
+    eng = v.engine
+    cur_cs, cur_ss = current if current is not None else eng.read(("cs", "ss"))
+    if cur_cs != cs or cs not in XEN_GDT:
+        eng.load_segment("cs", cs, cs_desc)
+    if cur_ss != ss or ss not in XEN_GDT:
+        eng.load_segment("ss", ss, ss_desc)
 
 
 _U64 = (1 << 64) - 1
@@ -144,9 +157,10 @@ def exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
 
 
 def inject_exception(v: "VCPU", vector: int, error: int, cr2: int, *,
-                     frame_cs: int | None = None) -> None:
-    """Deliver an exception to the guest's trap table (no emulation); `frame_cs`: the CS the
-    frame records when it is not the flat one of the current mode (a faulting iret's)."""
+                     frame_cs: int | None = None, frame_ss: int | None = None) -> None:
+    """Deliver an exception to the guest's trap table (no emulation); `frame_cs`/`frame_ss`:
+    the selectors the frame records when they are not the ones loaded (a faulting iret's,
+    a SYSCALL's entry constants)."""
     dom = v.domain
     eng = v.engine
     if v.in_ptwr_step:                 # a fault while emulating a page-table store
@@ -194,7 +208,7 @@ def inject_exception(v: "VCPU", vector: int, error: int, cr2: int, *,
         return
     log.debug("%r: bounce %s at %#x to %#x", v, name, rip, handler)
     bounce(v, handler, error if vector in EXCEPTIONS_WITH_ERROR_CODE else None,
-           mask_events=bool(flags & TI_FLAG_MASK_EVENTS), frame_cs=frame_cs)
+           mask_events=bool(flags & TI_FLAG_MASK_EVENTS), frame_cs=frame_cs, frame_ss=frame_ss)
 
 
 def finish_ptwr(v: "VCPU") -> None:
@@ -244,31 +258,33 @@ def _byte_before(v: "VCPU", rip: int) -> int:
 
 
 def user_syscall(v: "VCPU") -> None:
-    """SYSCALL from guest user mode: to the kernel's syscall callback (§5.6)."""
-    _syscall_bounce(v, v.callbacks.get(CallbackType.syscall), None)
+    """SYSCALL from guest user mode in 64-bit mode: to the kernel's syscall callback (§5.6;
+    Xen's lstar_enter -> switch_to_kernel)."""
+    _syscall_bounce(v, CallbackType.syscall, FLAT_KERNEL_CS)
 
 
-def compat_syscall(v: "VCPU") -> None:
-    """SYSCALL from compatibility mode, user or kernel (Xen's cstar_enter -> switch_to_kernel
-    for a 64-bit PV guest): never a hypercall; to the syscall32 callback, else the syscall
-    one, the frame's CS FLAT_USER_CS32 (RPL cleared in kernel context); neither: #UD."""
-    cb = v.callbacks.get(CallbackType.syscall32)
-    if not cb or not cb[0]:
-        cb = v.callbacks.get(CallbackType.syscall)
-    _syscall_bounce(v, cb, FLAT_RING3_CS32 & ~3 if v.kernel_mode else FLAT_RING3_CS32)
+def syscall32(v: "VCPU") -> None:
+    """SYSCALL from compatibility mode, in user or kernel mode alike (Xen's cstar_enter never
+    makes it a hypercall): to the syscall32 callback (CALLBACKTYPE_syscall32), the frame
+    recording FLAT_USER_CS32/SS32 whatever the code segment was."""
+    _syscall_bounce(v, CallbackType.syscall32, FLAT_RING3_CS32)
 
 
-def _syscall_bounce(v: "VCPU", cb: tuple[int, int] | None, frame_cs: int | None) -> None:
-    """The SYSCALL's bounce to callback `cb` (RIP and RFLAGS are its RCX and R11 now), or
-    #UD at the instruction without one; `frame_cs`: a compatibility-mode caller's CS."""
+def _syscall_bounce(v: "VCPU", ctype: int, frame_cs: int) -> None:
+    """Xen's switch_to_kernel after lstar_enter/cstar_enter: the frame's CS/SS are the entry's
+    constants (FLAT_KERNEL_CS64 or FLAT_USER_CS32; FLAT_KERNEL_SS = FLAT_USER_SS32); events
+    are masked per VGCF_syscall_disables_events, the 64-bit callback's flag, for both; DF is
+    cleared. No callback: the guest's #UD at the SYSCALL, through its trap table, DF kept."""
     rip_next, rflags = v.engine.read(("rip", "rflags"))
+    cb = v.callbacks.get(ctype)
     if not cb or not cb[0]:
-        v.engine.write({"rip": rip_next - 2} if frame_cs is None
-                       else {"rip": rip_next - 2, "cs": FLAT_RING3_CS32})
-        exception(v, 6, 0, 0)
+        v.engine.write({"rip": (rip_next - 2) & _U64})
+        inject_exception(v, 6, 0, 0, frame_cs=frame_cs, frame_ss=FLAT_KERNEL_SS)
         return
-    if bounce(v, cb[0], mask_events=bool(cb[1] & CALLBACKF_mask_events),
-              rcx=rip_next, r11=rflags, clear_df=True, frame_cs=frame_cs):
+    flags = v.callbacks.get(CallbackType.syscall) or (0, 0)
+    if bounce(v, cb[0], mask_events=bool(flags[1] & CALLBACKF_mask_events),
+              rcx=rip_next, r11=rflags, clear_df=True, frame_cs=frame_cs,
+              frame_ss=FLAT_KERNEL_SS):
         if v.event_deliverable():
             deliver_event(v)
 
@@ -335,7 +351,22 @@ def do_iret(v: "VCPU", *_) -> None:
     except GuestFault:
         v.crash("HYPERVISOR_iret: unreadable iret context")
         return None
-    target = descriptors.iret_code_segment(v, cs, rip)
+    # Xen: regs->cs = frame.cs | 3, regs->ss = frame.ss | 3, then restore_all_guest. With
+    # VGCF_in_syscall and a canonical RIP it leaves through SYSRET: CS and SS come from
+    # MSR_STAR (sysretl to FLAT_USER_CS32 if regs->cs is that, else sysretq to
+    # FLAT_RING3_CS64; SS FLAT_RING3_SS), whatever else the frame says. Otherwise through
+    # IRETQ, which checks CS, then SS, then (compatibility mode) RIP against the CS limit; a
+    # fault there is replayed by entry.S as the guest's own, from the state the iret built
+    # (its RIP, RSP, RFLAGS, mode) with the frame's selectors in the bounce frame.
+    sel, ss_sel = (cs & 0xFFFF) | 3, (ss & 0xFFFF) | 3
+    sysret = bool(flags & VGCF_in_syscall) and is_canonical(rip)
+    if sysret:
+        sel = FLAT_RING3_CS32 if sel == FLAT_RING3_CS32 else FLAT_KERNEL_CS
+        ss_sel = FLAT_KERNEL_SS
+        target: tuple[int, int] | tuple[int, int, int, int] = (
+            sel, XEN_GDT[sel], ss_sel, XEN_GDT[ss_sel])
+    else:
+        target = _iret_segments(v, sel, ss_sel, rip)
     if cs & 3 == 3:
         if not v.user_root:
             v.crash("HYPERVISOR_iret to user mode without a user page table")
@@ -355,22 +386,36 @@ def do_iret(v: "VCPU", *_) -> None:
     else:
         regs["rcx"] = rcx
         regs["r11"] = r11
-    # Xen: regs->cs = frame.cs | 3, left through restore_all_guest's IRETQ. A CS the CPU
-    # refuses makes that IRETQ fault; entry.S replays the fault as the guest's own, from the
-    # state the iret built (its RIP, RSP, RFLAGS, mode) and with the refused selector in the
-    # frame's CS. A usable one is loaded (FLAT_RING3_CS32: compatibility mode).
-    sel = (cs & 0xFFFF) | 3
-    if not isinstance(target, tuple):
-        regs["cs"] = sel
     eng.write(regs)
     v.upcall_mask = 0 if rflags & RF_IF else 1
     v.fault_depth = 0
-    if isinstance(target, tuple):
+    if len(target) == 2:
         vector, error = target
-        log.info("d%d: HYPERVISOR_iret to CS %#x: the IRETQ's %s(%#x) is the guest's",
-                 v.domain.domid, sel, TRAP_NAMES.get(vector, vector), error)
-        inject_exception(v, vector, error, 0, frame_cs=sel if not v.kernel_mode else sel & ~3)
+        log.info("d%d: HYPERVISOR_iret to %#x:%#x: the IRETQ's %s(%#x) is the guest's",
+                 v.domain.domid, sel, ss_sel, TRAP_NAMES.get(vector, vector), error)
+        inject_exception(v, vector, error, 0, frame_cs=sel, frame_ss=ss_sel)
+    else:
+        load_segments(v, *target)
     return None
+
+
+def _iret_segments(v: "VCPU", cs: int, ss: int,
+                   rip: int) -> tuple[int, int] | tuple[int, int, int, int]:
+    """The IRETQ's checks in the CPU's order (descriptors.iret_code_segment, then
+    iret_stack_segment, then a compatibility-mode RIP beyond the CS limit: #GP(0)): the
+    fault (vector, error), or (cs, its descriptor, ss, its descriptor) to load. The loads
+    set the descriptors' accessed bits, as the CPU's do."""
+    cs_desc = descriptors.iret_code_segment(v, cs)
+    if isinstance(cs_desc, tuple):
+        return cs_desc
+    ss_desc = descriptors.iret_stack_segment(v, ss)
+    if isinstance(ss_desc, tuple):
+        return ss_desc
+    if not cs_desc & descriptors.SEG_L << 32 and rip > segment_base_limit(cs_desc)[1]:
+        return (13, 0)
+    descriptors.set_accessed(v, cs)
+    descriptors.set_accessed(v, ss)
+    return cs, cs_desc | descriptors.SEG_ACCESSED << 32, ss, ss_desc | descriptors.SEG_ACCESSED << 32
 
 
 def do_stack_switch(v: "VCPU", ss: int, sp: int, *_) -> int:

@@ -225,13 +225,15 @@ class VCPU:
         self.ldt_ents = 0
         self.ldt_shadow: dict[int, int] = {}       # LDT page index -> mapped frame
         engine.on_hypercall = self._on_syscall
+        engine.on_syscall32 = self._on_syscall32
+        if hasattr(engine, "segment_descriptor"):
+            engine.segment_descriptor = lambda sel: descriptors.current_descriptor(self, sel)
         engine.on_hypercall_done = self._after_fast_hypercall
         engine.fast_hypercalls_ok = lambda: self.domain.shutdown_reason is None
         attach = getattr(engine, "attach_pv", None)
         if attach is not None:
             attach(self.pv)
         engine.on_exception = self._on_exception
-        engine.on_compat_syscall = lambda: _traps.compat_syscall(self)
         engine.on_invalid_opcode = self._on_invalid_opcode
         engine.on_port_io = self._on_port_io
         engine.port_in_fixed = lambda: emulate.port_in_fixed(self)
@@ -376,6 +378,12 @@ class VCPU:
             _hypercall.dispatch(self)
         else:
             _traps.user_syscall(self)
+
+    def _on_syscall32(self) -> None:
+        if self.domain.shutdown_reason is not None:
+            self.engine.stop()
+        else:
+            _traps.syscall32(self)
 
     def _after_fast_hypercall(self, counts: dict[int, int], events: bool) -> None:
         """The engine completed hypercalls itself (`counts`: number -> calls since the last

@@ -24,7 +24,9 @@ Unicorn quirks handled here, each measured in shared/research/unicorn/NOTES.md:
   (MachineMemory.tlb_engines). A page-table write alone flushes nothing (`pt_written`).
 - Hot paths use raw batched uc_reg_read/write calls (1.6-2.3 us), not the binding (5 us each).
 - CS/SS cannot be made CPL3 by reg_write: the first slice starts in a ring-0 stub that runs a
-  real `iretq` into the guest (see `start_in_stub`).
+  real `iretq` into the guest (see `start_in_stub`). reg_write of CS/SS changes only the
+  selector: `load_segment` writes the hidden part and QEMU's mode flags itself (_Segments),
+  so an iret to a 32-bit code segment really runs in compatibility mode.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_INTR, UC_H
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
+from .abi import segment_base_limit
 from .clock import SystemClock
 from .tcg_memory import TcgMemory
 
@@ -330,6 +333,7 @@ class _ExcFix:
         self.size = uclib.uc_context_size(self.h)
         self._err: ctypes.c_int32 | None = None
         self._old: ctypes.c_int32 | None = None
+        self.env: int | None = None               # the live CPUX86State, if located
         uclib.uc_context_save(self.h, self.ctx)
         blob = ctypes.string_at(self.ctx.value, self.size)
         if _ExcFix._offsets is None:
@@ -338,7 +342,7 @@ class _ExcFix:
         # struct uc_context's header precedes the CPU state copy: its first field is the
         # size of that copy.
         header = self.size - ctypes.c_size_t.from_address(self.ctx.value).value
-        env = self._live_env(uc, blob[header:])
+        env = self.env = self._live_env(uc, blob[header:])
         if env is not None:
             self._err = ctypes.c_int32.from_address(env + self.err_off - header)
             self._old = ctypes.c_int32.from_address(env + self.old_off - header)
@@ -399,9 +403,97 @@ class _ExcFix:
 
     def free(self) -> None:
         self._err = self._old = None             # the CPU state goes with the instance
+        self.env = None
         if self.ctx:
             uclib.uc_context_free(self.ctx)
             self.ctx = ctypes.c_void_p()
+
+
+# QEMU's hidden-flag bits (target/i386/cpu.h) and descriptor bits, for _Segments.
+_HF_CPL, _HF_CS32, _HF_SS32, _HF_ADDSEG, _HF_LMA, _HF_CS64 = 3, 1 << 4, 1 << 5, 1 << 6, 1 << 14, 1 << 15
+_DESC_B, _DESC_L = 1 << 22, 1 << 21
+_R_ES, _R_CS, _R_SS, _R_DS = 0, 1, 2, 3
+_SEG_CACHE = struct.Struct("<IxxxxQII")      # SegmentCache: selector, base, limit, flags
+_SEG_PROBE = {_R_ES: 0x1108, _R_CS: 0x2210, _R_SS: 0x3318, _R_DS: 0x4420}
+
+
+class _Segments:
+    """A real segment load into the emulated CPU: the selector AND its hidden part (base,
+    limit, attributes), with QEMU's hidden flags (64-bit or compatibility mode, 32-bit stack,
+    CPL from SS.DPL) recomputed as cpu_x86_load_seg_cache does. In 64-bit mode Unicorn's
+    reg_write of CS/SS changes only the selector (NOTES.md), and its own loads (helper_load_seg,
+    iretq) fault by longjmp from inside a hook; the descriptor the hypervisor checked is
+    written instead, so what runs is exactly what was validated. CPUX86State's `segs` array
+    is located once, on a fresh instance, from four distinctive selectors written through
+    reg_write (which does set the selector field); `hflags` precedes it (uint32 hflags,
+    hflags2). None of this is touched if the layout is not the one probed."""
+
+    _segs_off: int | None = None
+
+    def __init__(self, uc: Uc, env: int | None) -> None:
+        self.env = None
+        if env is None:
+            return
+        if _Segments._segs_off is None:
+            regs = {_R_ES: X.UC_X86_REG_ES, _R_CS: X.UC_X86_REG_CS, _R_SS: X.UC_X86_REG_SS,
+                    _R_DS: X.UC_X86_REG_DS}
+            before = {r: uc.reg_read(regs[r]) for r in regs}
+            for r, val in _SEG_PROBE.items():
+                uc.reg_write(regs[r], val)
+            blob = ctypes.string_at(env, 4096)
+            for r, val in before.items():
+                uc.reg_write(regs[r], val)
+            hits = [i for i in range(0, 4096 - 96, 8)
+                    if all(struct.unpack_from("<I", blob, i + 24 * r)[0] == val
+                           for r, val in _SEG_PROBE.items())]
+            if len(hits) != 1:
+                log.warning("Unicorn's segment state not found: compatibility mode unavailable")
+                return
+            hflags = struct.unpack_from("<I", blob, hits[0] - 8)[0]
+            if hflags & (_HF_LMA | _HF_CS64) != _HF_LMA | _HF_CS64:
+                log.warning("Unicorn's hidden flags not found: compatibility mode unavailable")
+                return
+            _Segments._segs_off = hits[0]
+        self.env = env
+        self.hflags = ctypes.c_uint32.from_address(env + _Segments._segs_off - 8)
+
+    def _addr(self, reg: int) -> int:
+        return self.env + _Segments._segs_off + _SEG_CACHE.size * reg
+
+    def cache(self, reg: int) -> tuple[int, int, int, int]:
+        return _SEG_CACHE.unpack(ctypes.string_at(self._addr(reg), _SEG_CACHE.size))
+
+    def load(self, reg: int, selector: int, desc: int) -> None:
+        """cpu_x86_load_seg_cache(env, reg, selector, base, limit, flags) for the 8-byte
+        descriptor `desc` (QEMU keeps the descriptor's high word as the flags)."""
+        if self.env is None:
+            raise RuntimeError("this Unicorn's segment state was not located")
+        hi = desc >> 32
+        base, limit = segment_base_limit(desc)
+        ctypes.memmove(self._addr(reg), _SEG_CACHE.pack(selector & 0xFFFF, base, limit, hi),
+                       _SEG_CACHE.size)
+        hf = self.hflags.value
+        if reg == _R_CS:
+            if hf & _HF_LMA and hi & _DESC_L:
+                hf = (hf | _HF_CS32 | _HF_SS32 | _HF_CS64) & ~_HF_ADDSEG
+            else:
+                hf = (hf & ~(_HF_CS32 | _HF_CS64)) | (_HF_CS32 if hi & _DESC_B else 0)
+        elif reg == _R_SS:
+            hf = (hf & ~_HF_CPL) | ((hi >> 13) & 3)
+        new = _HF_SS32 if self.cache(_R_SS)[3] & _DESC_B else 0
+        if not hf & _HF_CS64:
+            if not hf & _HF_CS32:
+                new |= _HF_ADDSEG
+            elif self.cache(_R_DS)[1] | self.cache(_R_ES)[1] | self.cache(_R_SS)[1]:
+                new |= _HF_ADDSEG
+        self.hflags.value = (hf & ~(_HF_SS32 | _HF_ADDSEG)) | new
+
+    def compat_mode(self) -> bool:
+        return self.env is not None and not self.hflags.value & _HF_CS64
+
+    def free(self) -> None:
+        self.env = None
+        self.hflags = None
 
 
 # `until` of every emu_start: an address the guest never executes. It MUST be mapped in every
@@ -416,7 +508,8 @@ class VCPUEngine:
     """One emulated x86_64 CPU over the shared machine memory.
 
     Callbacks (set by the hypervisor's vCPU) run synchronously inside emulation:
-      on_hypercall()                       SYSCALL executed (any mode)
+      on_hypercall()                       SYSCALL executed in 64-bit mode
+      on_syscall32()                       SYSCALL executed in compatibility mode
       on_exception(vector, error, cr2)     CPU exception or software interrupt, RIP on the
                                            faulting instruction (traps: after it)
       on_invalid_opcode()                  #UD-class instruction, RIP on it
@@ -449,6 +542,7 @@ class VCPUEngine:
         self.h = uc._uch
         uc.ctl_set_tcg_buffer_size(_TCG_BUFFER)
         self._excfix = _ExcFix(uc)            # must probe on a fresh instance
+        self._segs = _Segments(uc, self._excfix.env)     # so must this
         uc.mem_map_ptr(0, mem_size, UC_PROT_ALL, mem_address)
         # The TB hash table is 512 KiB of zeros until code is translated (tcg_memory.py).
         self._tcg = TcgMemory(ctypes.cast(self.h, ctypes.c_void_p).value, _TCG_BUFFER)
@@ -456,6 +550,7 @@ class VCPUEngine:
         self._own_invalidations = 0           # ctl_remove_cache of step_to (not the guest's)
 
         self.on_hypercall: Callable[[], None] = lambda: None
+        self.on_syscall32: Callable[[], None] = lambda: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
         self.on_invalid_opcode: Callable[[], None] = lambda: None
         self._tsc = _Tsc()
@@ -602,6 +697,12 @@ class VCPUEngine:
 
     def get(self, name: str) -> int:
         return self.read((name,))[0]
+
+    def load_segment(self, name: str, selector: int, desc: int) -> None:
+        """Load CS or SS as a far transfer does: the selector and the hidden part from the
+        8-byte descriptor `desc` (checked by the caller: descriptors.iret_code_segment),
+        so a code segment without L runs in compatibility mode from the next instruction."""
+        self._segs.load(_R_CS if name == "cs" else _R_SS, selector, desc)
 
     def set(self, name: str, value: int) -> None:
         self.write({name: value})
@@ -930,7 +1031,10 @@ class VCPUEngine:
         self._hypervisor_runs()
         self.in_syscall_hook = True
         try:
-            self.on_hypercall()
+            if self._segs.compat_mode():
+                self.on_syscall32()         # SYSCALL in compatibility mode: MSR_CSTAR's
+            else:
+                self.on_hypercall()
         except BaseException as e:      # never let an exception unwind through C
             self._fail(e)
         finally:
@@ -1032,6 +1136,7 @@ class VCPUEngine:
             self._lib.aiovmm_timer_free(self._timer)
             self._timer = None
         self._excfix.free()
+        self._segs.free()
         for hh in self._hooks:
             uclib.uc_hook_del(self.h, hh)
         self._hooks.clear()

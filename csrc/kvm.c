@@ -257,9 +257,11 @@ struct aiovmm_pv {
 #define RF_RF 0x10000ULL
 #define RF_AC 0x40000ULL
 #define SREG_GS 4                     /* kvm_sregs: the 24-byte segment index of GS */
+#define SREG_SS 5                     /* ... and of SS */
 #define SREG_CR3 240
 #define USER_CS 0xE033ULL             /* FLAT_RING3_CS64 / FLAT_RING3_SS (traps.py USER_CS/_SS) */
 #define USER_SS 0xE02BULL
+#define FLAT_RING3_CS32 0xE023ULL     /* compatibility mode (abi.FLAT_RING3_CS32) */
 #define CALLBACKF_MASK_EVENTS 1ULL
 #define BOUNCE_FRAME 56               /* rcx r11 rip cs rflags rsp ss: no error code */
 
@@ -381,6 +383,7 @@ static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
     mark_dirty(c->run, SYNC_SREGS);
 }
 
+#define SEG_ACCESSED (1u << 8)
 #define SEG_CODE (1u << 11)
 #define SEG_CONFORMING (1u << 10)
 #define SEG_S (1u << 12)
@@ -395,11 +398,14 @@ static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
  * 64-bit code segment (L set, D clear) of DPL 3 or conforming, as Linux's __USER_CS does;
  * else 0, Python's: a null or LDT selector, one beyond the first page, a fault, a
  * compatibility-mode segment, no GDT. Descriptor frames are typed (the guest cannot write
- * them but through Python's update_descriptor), read once. */
-static uint64_t iret_cs64(struct aiovmm_kvm_ctx *c, uint64_t cs)
+ * them but through Python's update_descriptor), read once; `*ma_out` is the guest
+ * descriptor's machine address (0 for FLAT_RING3_CS64) and `*desc_out` the descriptor. */
+static uint64_t iret_cs64(struct aiovmm_kvm_ctx *c, uint64_t cs, uint64_t *ma_out,
+                          uint64_t *desc_out)
 {
     struct aiovmm_pv *pv = c->pv;
     uint64_t sel = (cs & 0xFFFF) | 3, off = sel & ~7ULL;
+    *ma_out = 0;
     if (sel == USER_CS)
         return sel;
     if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
@@ -416,7 +422,32 @@ static uint64_t iret_cs64(struct aiovmm_kvm_ctx *c, uint64_t cs)
         return 0;
     if (!(hi & SEG_L) || (hi & SEG_DB))
         return 0;
+    *ma_out = ma;
+    *desc_out = desc;
     return sel;
+}
+
+/* The kvm_segment a load of `sel` with the 8-byte descriptor `desc` leaves (aiovmm/
+ * kvm_engine.py _seg_image, the same fields: base and limit as abi.segment_base_limit). */
+static void seg_image(uint8_t img[24], uint16_t sel, uint64_t desc)
+{
+    uint32_t hi = (uint32_t)(desc >> 32);
+    uint64_t base = ((desc >> 16) & 0xFFFFFF) | ((uint64_t)(hi >> 24) << 24);
+    uint32_t limit = (uint32_t)(desc & 0xFFFF) | (hi & 0xF0000);
+    if (hi & (1u << 23))
+        limit = (limit << 12) | 0xFFF;
+    memset(img, 0, 24);
+    memcpy(img, &base, 8);
+    memcpy(img + 8, &limit, 4);
+    memcpy(img + 12, &sel, 2);
+    img[14] = (hi >> 8) & 0xF;          /* type */
+    img[15] = (hi >> 15) & 1;           /* present */
+    img[16] = (hi >> 13) & 3;           /* dpl */
+    img[17] = (hi >> 22) & 1;           /* db */
+    img[18] = (hi >> 12) & 1;           /* s */
+    img[19] = (hi >> 21) & 1;           /* l */
+    img[20] = (hi >> 23) & 1;           /* g */
+    img[21] = (hi >> 20) & 1;           /* avl */
 }
 
 /* HYPERVISOR_iret (aiovmm/traps.py do_iret, the same effect; Xen: xen/arch/x86/pv/iret.c):
@@ -443,8 +474,21 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     /* Xen loads frame.cs | 3 with an IRETQ: only a 64-bit code segment it loads without a
      * fault is done here (iret_cs64); the rest may fault there or change mode: Python's
      * (traps.do_iret, descriptors.iret_code_segment decides). */
-    uint64_t sel = iret_cs64(c, cs);
+    /* Xen's SYSRET exit (VGCF_in_syscall and a canonical RIP) loads CS and SS from MSR_STAR
+     * whatever the frame says: FLAT_RING3_CS64 unless the frame's CS is FLAT_RING3_CS32
+     * (compatibility mode: Python's). */
+    int sysret = (flags & VGCF_IN_SYSCALL) && canonical(rip);
+    uint64_t desc_ma = 0, desc = 0;
+    uint64_t sel = !sysret ? iret_cs64(c, cs, &desc_ma, &desc)
+                   : ((cs & 0xFFFF) | 3) == FLAT_RING3_CS32 ? 0 : USER_CS;
     if (!sel)
+        return 0;
+    /* The same for SS (regs->ss = frame.ss | 3, checked by the IRETQ; SYSRET loads
+     * FLAT_RING3_SS): FLAT_RING3_SS already loaded and the one to load, or Python's
+     * (traps.do_iret). */
+    uint16_t cur_ss;
+    memcpy(&cur_ss, c->run + RUN_SREGS + SREG_SS * 24 + 12, 2);
+    if (cur_ss != USER_SS || (!sysret && ((ctx[8] & 0xFFFF) | 3) != USER_SS))
         return 0;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
@@ -460,14 +504,20 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
         c->fast_user_irets++;
     }
     /* The iret loads a 64-bit code segment whatever CS the caller ran in (a kernel in
-     * compatibility mode calls the hypercall page too): FLAT_RING3_CS64's whole hidden
-     * part, as KVMEngine.set("cs") does for Python's iret, with the selector iret_cs64
-     * chose (0xe033, or the guest's own such as Linux's 0x33). CS is the first segment of
-     * kvm_sregs; the selector is at offset 12. */
+     * compatibility mode calls the hypercall page too), as traps.load_segments does for
+     * Python's iret: FLAT_RING3_CS64's whole hidden part, or the hidden part the guest's
+     * own descriptor gives (KVMEngine.load_segment), marked accessed in its GDT as the
+     * CPU's load does (descriptors.set_accessed). CS is the first segment of kvm_sregs. */
     uint8_t img[24], *scs = c->run + RUN_SREGS;
-    uint16_t s16 = (uint16_t)sel;
-    memcpy(img, c->cs64, 24);
-    memcpy(img + 12, &s16, 2);
+    if (desc_ma) {
+        desc |= (uint64_t)SEG_ACCESSED << 32;
+        volatile uint8_t *hi_type = (volatile uint8_t *)(uintptr_t)(c->mem_base + desc_ma + 5);
+        if (!(*hi_type & 1))
+            *hi_type |= 1;          /* the type's accessed bit: bit 40 of the descriptor */
+        seg_image(img, (uint16_t)sel, desc);
+    } else {
+        memcpy(img, c->cs64, 24);
+    }
     if (memcmp(scs, img, 24) != 0) {
         memcpy(scs, img, 24);
         mark_dirty(c->run, SYNC_SREGS);
@@ -649,11 +699,17 @@ static int fast_upcall(struct aiovmm_kvm_ctx *c)
     uint64_t ma = guest_maddr(c, pv->kernel_root << 12, new_rsp, 1);   /* canonical too */
     if (!ma)
         return 0;
-    /* The CS the vCPU ran in, RPL cleared in kernel context (traps.KERNEL_CS_IN_FRAME for
-     * the flat one); a CS other than the flat 64-bit one is replaced by it below, as bounce
-     * does (create_bounce_frame: the handler runs with FLAT_KERNEL_CS, 64-bit mode). */
-    uint16_t sel;
+    /* The CS and SS the vCPU ran in (traps.bounce: regs->cs, RPL cleared in kernel
+     * context, and regs->ss); a CS other than the flat 64-bit one is replaced by it below,
+     * as bounce does (create_bounce_frame: the handler runs with FLAT_KERNEL_CS, 64-bit
+     * mode). An SS other than FLAT_KERNEL_SS (the guest's own, loaded by an iret) would be
+     * Python's, which records it and loads the flat one; after a hypercall it never is
+     * (the SYSCALL entry restores FLAT_KERNEL_SS, fast_iret takes only that one). */
+    uint16_t sel, ss;
     memcpy(&sel, c->run + RUN_SREGS + 12, 2);
+    memcpy(&ss, c->run + RUN_SREGS + SREG_SS * 24 + 12, 2);
+    if (ss != USER_SS)
+        return 0;
     uint64_t cs = was_kernel ? (uint64_t)(sel & ~3) : sel;
     uint64_t rip = r[KREG_RIP], rflags = r[KREG_RFLAGS];
     uint64_t frame[BOUNCE_FRAME / 8] = {

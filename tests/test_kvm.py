@@ -625,7 +625,8 @@ async def test_iret_completed_in_c_matches_the_python_iret():
             ctxs = [  # rax r11 rcx flags rip cs rflags rsp ss
                 (0x1111, 0x2222, 0x3333, 0, code_va, 0xE030, 0x23202 | 0x4000, data_va + 0x100, 0xE02B),
                 (0x4444, 0x5555, 0x6666, VGCF_in_syscall, code_va, 0xE030, 0x046, data_va + 0x200, 0xE02B),
-                (2**64 - 1, 0, 0, 0, code_va, 0xE031, 0x202, data_va + 0x300, 0),
+                # (SS 0 would be the IRETQ's #GP(0): Python's, test_redteam_iret_cs.py)
+                (2**64 - 1, 0, 0, 0, code_va, 0xE031, 0x202, data_va + 0x300, 0xE02B),
             ]
             at = data_va + 0x800
             fast = list(eng._ctx.fast_calls)

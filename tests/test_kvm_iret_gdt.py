@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 
+from aiovmm.abi import VGCF_in_syscall
+from aiovmm.mmu import XEN_GDT
 from conftest import _kvm_skip_reason
 from test_kvm import _hand_driven_vcpu
 from test_redteam_kvm_fast import _Driver
@@ -54,6 +56,8 @@ CASES = [
 async def test_iret_to_a_gdt_code_segment_c_and_python_agree():
     from aiovmm import descriptors, timers, traps
     from aiovmm.abi import IRET_CONTEXT
+    from aiovmm.descriptors import SEG_L
+    from aiovmm.kvm_engine import _SEG
     async with _hand_driven_vcpu(LOOK + ("rdi", "rsi")) as (hv, dom, v):
         d = _Driver(hv, v)
         eng, mem = d.eng, hv.mem
@@ -73,16 +77,18 @@ async def test_iret_to_a_gdt_code_segment_c_and_python_agree():
 
         def back() -> None:
             v.switch_to_kernel()
-            eng.write({"cs": 0xE033})
+            traps.load_segments(v, 0xE033, XEN_GDT[0xE033], 0xE02B, XEN_GDT[0xE02B])
 
-        def state(rc: int) -> tuple:
-            return rc, eng.read(LOOK), v.kernel_mode, mem.map[d.mask]
+        def state(rc: int, at_desc: int) -> tuple:
+            # The CS's whole hidden part and the descriptor (the load marks it accessed).
+            cs_image = bytes(eng._sregs[_SEG["cs"]:_SEG["cs"] + 24])
+            return rc, eng.read(LOOK), v.kernel_mode, mem.map[d.mask], cs_image, mem.read_u64(at_desc)
 
-        def iret(fast: bool, sel: int) -> int:
+        def iret(fast: bool, sel: int, flags: int = 0) -> int:
             mem.map[d.pending] = 0
             # To user mode its `jmp .`; an RPL-0 frame stays in kernel mode: the kernel's.
             rip, rsp = (USER_CODE_VA, USER_STACK_TOP - 64) if sel & 3 == 3 else (d.code_va, d.data_va + 0x100)
-            v.copy_to_guest(at, IRET_CONTEXT.pack(7, 8, 9, 0, rip, sel, RF_IF | 0x2, rsp, 0xE02B))
+            v.copy_to_guest(at, IRET_CONTEXT.pack(7, 8, 9, flags, rip, sel, RF_IF | 0x2, rsp, 0xE02B))
             return d.hypercall(23, fast, rsp=at)
 
         try:
@@ -95,26 +101,44 @@ async def test_iret_to_a_gdt_code_segment_c_and_python_agree():
             d.run()
             back()
             for name, desc, sel in CASES:
-                mem.write_u64((gdt << 12) + (sel & 0xFF8), desc)
-                python_64bit = descriptors.iret_code_segment(v, sel, USER_CODE_VA) is True
+                at_desc = (gdt << 12) + (sel & 0xFF8)
+                mem.write_u64(at_desc, desc)
+                loaded = descriptors.iret_code_segment(v, sel)
+                python_64bit = not isinstance(loaded, tuple) and bool(loaded & SEG_L << 32)
                 done = eng._ctx.fast_calls[2]
                 rc = iret(True, sel)
                 by_c = eng._ctx.fast_calls[2] - done
-                c_state = state(rc) if by_c else None
+                c_state = state(rc, at_desc) if by_c else None
                 if not by_c:
                     assert rc == TO_PYTHON, name
                     assert eng.read(("rax", "rsp")) == [23, at], name     # nothing changed
+                    assert mem.read_u64(at_desc) == desc, name
                 back()
+                mem.write_u64(at_desc, desc)
                 assert iret(False, sel) == TO_PYTHON
                 traps.do_iret(v)
                 assert dom.shutdown_reason is None, name
                 assert v.kernel_mode == (sel & 3 != 3) or not python_64bit, name
-                py_state = state(d.run()) if python_64bit else None
+                py_state = state(d.run(), at_desc) if python_64bit else None
                 back()
                 assert by_c == python_64bit, (name, by_c, python_64bit)
                 if by_c:
                     assert c_state == py_state, (name, c_state, py_state)
                     assert c_state[1][6] == sel | 3, name                 # CS: the selector
+            # VGCF_in_syscall: Xen leaves through SYSRET, CS FLAT_RING3_CS64 from MSR_STAR
+            # whatever the frame's CS names (traps.do_iret), on both paths.
+            at_desc = (gdt << 12) + 0x30
+            for sel in (0x33, 0x1233):
+                mem.write_u64(at_desc, _desc())
+                done = eng._ctx.fast_calls[2]
+                c_state = state(iret(True, sel, VGCF_in_syscall), at_desc)
+                assert eng._ctx.fast_calls[2] - done == 1, sel
+                back()
+                assert iret(False, sel, VGCF_in_syscall) == TO_PYTHON
+                traps.do_iret(v)
+                py_state = state(d.run(), at_desc)
+                back()
+                assert c_state == py_state and c_state[1][6] == 0xE033, (sel, c_state, py_state)
             # Without a GDT the same selector is Python's (its page reads as zeros), whatever
             # machine frame 0 (PVState.gdt_frame0's "none") holds there.
             v.gdt_frames = ()

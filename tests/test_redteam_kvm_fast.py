@@ -41,7 +41,7 @@ class _Driver:
     def hypercall(self, nr: int, fast: bool, **regs: int) -> int:
         # From CPL 3, as the guest's `syscall` is (an exit left undecoded here, a vector
         # stub's, leaves the vCPU at ring 0, where CR4.SMEP refuses the entry page).
-        self.eng._back_to_cpl3(0xE033)
+        self.eng._back_to_cpl3(0xE033, 0xE02B)
         self.eng.write({"rip": self.entry, "rax": nr, "rcx": self.code_va, "r11": 0x246, **regs})
         return self.run(fast)
 

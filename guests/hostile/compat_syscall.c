@@ -1,12 +1,13 @@
 /* Attack: a user process enters compatibility mode by itself (a far return to
  * FLAT_RING3_CS32, which every PV guest's GDT holds) and runs SYSCALL there. Xen
  * (x86_64/entry.S cstar_enter -> switch_to_kernel): never a hypercall; the kernel's syscall32
- * callback, else its syscall one (this kernel registers only that), the frame's CS 0xe023.
+ * callback, and without one (this kernel registers only the 64-bit syscall one) the guest's
+ * #UD at the SYSCALL, frame CS 0xe023: the kernel reports it as an unhandled user trap.
  * On the KVM engine, kvm-pvm emulated that SYSCALL into the engine's ring 0 at MSR_CSTAR
- * truncated to 32 bits (0xfffff000, a guest user address) on the user's stack: the user
- * process's own code there, or its fault, at ring 0 (tests/test_redteam_compat_syscall.py).
- * The user program asks for exit(42) through that SYSCALL.
- * Output: `result found 1`, `result user_status 42`, `result alive 1`. */
+ * truncated to 32 bits (a guest user address) on the user's stack: the user process's own
+ * code there, or its fault, at ring 0 (tests/test_redteam_compat_syscall.py). The user
+ * program asks for exit(42) through that SYSCALL, which must not happen.
+ * Output: `result found 1`, then the kernel's `unhandled trap 6 (#UD) at rip=0x400018`. */
 #include "hostile.h"
 #include "user.h"
 
