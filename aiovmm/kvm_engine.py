@@ -1858,11 +1858,6 @@ class KVMEngine:
                 r[2], r[11], r[16] = rip + 2, r[17], rip + 2
                 self._call(self.on_syscall32)
                 return
-            if code[:1] == b"\xcc" and vector == 6:
-                # kvm-pvm (measured in compatibility mode): int3 raises #UD at the int3.
-                r[16] = rip + 1
-                self._call(self.on_exception, 3, 0, 0)
-                return
             if len(code) == 2 and code[0] == 0xCD and vector == 6:
                 n = code[1]
                 if n < 32 and n not in (3, 4):       # a DPL-0 gate: #GP as the CPU gives it
