@@ -28,6 +28,13 @@ from ..errors import BuildError
 from ..memory import NotWritable, OutOfMemory, PageType
 from ..mmu import MMUError, xen_slot
 from .. import cpuid
+# What the end of a restore and the new domain's start use, imported with this module (in
+# a worker thread: migration.load), not where it is used: a first import there fell in a
+# live migration's downtime on a fresh destination (vcpu_context in _finish: 2-3 ms; the
+# console backend at the domain's start). tests/test_migration_loop.py checks that a
+# restore imports nothing.
+from .. import vcpu_context, vcpu_op
+from ..backends import console as _console                              # noqa: F401
 from . import stream as S
 from .context import EXT, SIZE as CTX_SIZE, VGCF, VcpuContext, XsaveRefused, XsaveState
 
@@ -634,7 +641,6 @@ def _secondary_vcpus(dom: "Domain", st: _State) -> None:
     checks as VCPUOP_initialise: vcpu_context.set_context) with its frames turned into
     the new MFNs, and is online; one without (it was down at the save) stays down and
     uninitialised until the guest brings it up again."""
-    from .. import vcpu_context, vcpu_op
     from ..errors import HypercallError
     for vid in range(1, st.nr_vcpus):
         v = vcpu_op.create_secondary(dom, vid, st.engines.pop(vid, None))
