@@ -804,8 +804,11 @@ class VCPUEngine:
         return self._tcg.drop_code() + self._tcg.drop_zero_buckets() * 4096
 
     def start_in_stub(self, stub_va: int, stub_stack_va: int, regs: dict[str, int],
-                      rip: int, rsp: int, rflags: int) -> None:
+                      rip: int, rsp: int, rflags: int, direct: bool = False) -> None:
         """Arrange for the first slice to enter the guest at CPL3 through a real iretq.
+        `direct`: no stub; the registers are set here and the caller loads CS and SS
+        (load_segment: the CPL is SS's DPL), for segments other than Xen's flat 64-bit
+        pair the stub pushes (vcpu_context.enter).
 
         The ring-0 stub (built by the hypervisor at stub_va, mmu.XenArea.STUB_CODE) builds
         the frame from CR2 (RSP), RFLAGS, DR3 (RIP), then loads rax, rcx and rdx from DR0-2
@@ -815,6 +818,10 @@ class VCPUEngine:
         """
         init = {n: 0 for n in GPRS if n not in ("rip", "rsp", "rflags")}
         init.update(regs)
+        if direct:
+            init.update(rip=rip, rsp=rsp, rflags=rflags)
+            self.write(init)
+            return
         carried = {"dr0": init.pop("rax"), "dr1": init.pop("rcx"), "dr2": init.pop("rdx"),
                    "dr3": rip, "cr2": rsp}
         init.update(rax=0, rcx=0, rdx=0, rip=stub_va, rsp=stub_stack_va, rflags=rflags)
