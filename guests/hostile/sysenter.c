@@ -51,23 +51,17 @@ static int on_user_gp(struct regs *r)
     return 1;
 }
 
-static long register_sysenter(unsigned long address)
-{
-    struct { u16 type, flags; u32 pad; u64 address; } cb = { 5, 0, 0, address };
-    return HYPERVISOR_callback_op(0, &cb);     /* CALLBACKOP_register, CALLBACKTYPE_sysenter */
-}
-
 void app_main(void)
 {
     traps_init();
     set_trap_handler(13, on_user_gp);
     u8 *code = user_install(prog, sizeof prog);
-    result("cb", register_sysenter((unsigned long)syscall_callback));
+    result("cb", register_callback(5, (unsigned long)syscall_callback));
     code[1] = 0;                               /* ebx 0: 64-bit */
     result("status_64", user_run());
     code[1] = 1;                               /* ebx 1: compatibility mode */
     result("status_32", user_run());
-    result("cb_off", register_sysenter(0));
+    result("cb_off", register_callback(5, 0));
     code[1] = 0;
     result("status_gp", user_run());
     result("gp_vec", gp_vec);
