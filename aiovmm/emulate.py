@@ -703,15 +703,29 @@ def gp_fault(v: "VCPU", error: int) -> bool:
     a selector error code means a descriptor problem, bounced as it is)."""
     if error:
         return False
-    return _run(v, v.engine.get("rip"))
+    rip = v.engine.get("rip")
+    return _sysenter(v, fetch(v, rip)) or _run(v, rip)
+
+
+def _sysenter(v: "VCPU", code: bytes) -> bool:
+    """SYSENTER (0f 34) at RIP, which the policy's SEP offers and which neither engine's CPU
+    runs in long mode (AMD and kvm-pvm raise #UD, or #GP(0) in compatibility mode): taken
+    as Xen's sysenter_entry takes it (traps.sysenter), whichever fault reported it."""
+    if code[:2] != b"\x0f\x34":
+        return False
+    from . import traps
+    traps.sysenter(v)
+    return True
 
 
 def ud_fault(v: "VCPU") -> bool:
     """#UD at RIP: the forced-emulation prefix (Xen accepts it from the guest kernel and,
     with the prefix, emulates only CPUID), else an instruction the engine's CPU model lacks
-    but the policy offers (rdtscp)."""
+    but the policy offers (rdtscp; SYSENTER: _sysenter)."""
     rip = v.engine.get("rip")
     code = fetch(v, rip)
+    if _sysenter(v, code):
+        return True
     if code.startswith(FORCED_EMULATION_PREFIX):
         # Xen's emulate_forced_invalid_op: exactly `0f a2` must follow; CPUID only, from
         # kernel or user mode (no CPUID faulting is offered).

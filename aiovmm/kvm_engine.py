@@ -1300,8 +1300,9 @@ class KVMEngine:
         self.zaps += 1
 
     def start_in_stub(self, stub_va: int, stub_stack_va: int, regs: dict[str, int],
-                      rip: int, rsp: int, rflags: int) -> None:
-        """Enter the guest at CPL 3 directly (segments are set from the host; no stub)."""
+                      rip: int, rsp: int, rflags: int, direct: bool = False) -> None:
+        """Enter the guest at CPL 3 directly (segments are set from the host; no stub):
+        always `direct`, in Xen's flat 64-bit segments unless the caller loads others."""
         for i in range(18):
             self.regs[i] = 0
         vals = dict(regs, rip=rip, rsp=rsp, rflags=rflags | 2)

@@ -39,16 +39,20 @@ MAX_NESTED_FAULTS = 16
 def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_events: bool,
            rip: int | None = None, rcx: int | None = None, r11: int | None = None,
            clear_df: bool = False, frame_cs: int | None = None,
-           frame_ss: int | None = None) -> bool:
+           frame_ss: int | None = None, frame_rsp: int | None = None) -> bool:
     """Build a bounce frame and continue at `handler`. Returns False if the domain crashed.
     The frame's CS and SS are Xen's regs->cs/ss: the selectors the interrupted code ran
     with (CS with RPL cleared from kernel mode), unless given: `frame_cs`/`frame_ss` (after
     a refused iret, the frame's selectors; a SYSCALL's entry constants). The handler runs
     with FLAT_KERNEL_CS/SS (create_bounce_frame), loaded as segments (a guest returning from
-    compatibility mode or with its own SS gets them back)."""
+    compatibility mode or with its own SS gets them back). `frame_rsp`: Xen's regs->rsp
+    when it is not the guest's (sysenter_entry's 0): the frame's and, from kernel mode, the
+    stack the frame goes on."""
     eng = v.engine
     cur_rip, rsp, rflags, cur_rcx, cur_r11, cur_cs, cur_ss = eng.read(
         ("rip", "rsp", "rflags", "rcx", "r11", "cs", "ss"))
+    if frame_rsp is not None:
+        rsp = frame_rsp
     if rip is None:
         rip = cur_rip
     was_kernel = v.kernel_mode
@@ -268,6 +272,28 @@ def syscall32(v: "VCPU") -> None:
     makes it a hypercall): to the syscall32 callback (CALLBACKTYPE_syscall32), the frame
     recording FLAT_USER_CS32/SS32 whatever the code segment was."""
     _syscall_bounce(v, CallbackType.syscall32, FLAT_RING3_CS32)
+
+
+def sysenter(v: "VCPU") -> None:
+    """SYSENTER from the guest (user or kernel mode: both run at CPL 3), which the guest's
+    CPUID offers (SEP; the engines' CPUs refuse it in long mode with #UD, emulate.ud_fault).
+    Xen's sysenter_entry (x86_64/entry.S): regs are rip 0, cs 3 ("ring 3 null cs"), rsp 0,
+    ss FLAT_USER_SS, the guest's RFLAGS; bounced to the CALLBACKTYPE_sysenter callback,
+    events masked per its own flag (sysenter_disables_events), DF kept; without one, the
+    guest's #GP(0) from that same state through its trap table (events masked per the
+    gate's flag), a domain crash without a #GP handler."""
+    cb = v.callbacks.get(CallbackType.sysenter)
+    regs = dict(rip=0, frame_cs=3, frame_ss=FLAT_KERNEL_SS, frame_rsp=0)
+    if cb and cb[0]:
+        ok = bounce(v, cb[0], mask_events=bool(cb[1] & CALLBACKF_mask_events), **regs)
+    else:
+        flags, _cs, handler = v.trap_table[13]
+        if not handler:
+            v.crash("SYSENTER without a sysenter callback or #GP handler")
+            return
+        ok = bounce(v, handler, 0, mask_events=bool(flags & TI_FLAG_MASK_EVENTS), **regs)
+    if ok and v.event_deliverable():
+        deliver_event(v)
 
 
 def _syscall_bounce(v: "VCPU", ctype: int, frame_cs: int) -> None:

@@ -235,6 +235,8 @@ class VCPU:
             attach(self.pv)
         engine.on_exception = self._on_exception
         engine.on_invalid_opcode = self._on_invalid_opcode
+        if hasattr(engine, "on_sysenter"):
+            engine.on_sysenter = self._on_sysenter
         engine.on_port_io = self._on_port_io
         engine.port_in_fixed = lambda: emulate.port_in_fixed(self)
         engine.rdtsc = domain.hypervisor.system_time_ns
@@ -397,6 +399,14 @@ class VCPU:
     def _on_invalid_opcode(self) -> None:
         if not emulate.ud_fault(self):
             _traps.inject_exception(self, 6, 0, 0)
+
+    def _on_sysenter(self, rip: int) -> None:
+        """A SYSENTER the engine reports without a fault (Unicorn): the #GP(0) at the
+        instruction an Intel CPU gives without SYSENTER_CS, delivered by the run loop
+        (a RIP written in the hook is not honoured); emulate.gp_fault takes it as Xen's
+        sysenter_entry, the one rule for every engine."""
+        self.pending_trap = (13, 0, rip)
+        self.engine.stop()
 
     def _on_port_io(self, port: int, size: int, write: bool, value: int) -> int | None:
         """Port I/O the engine intercepted without a fault (Unicorn at CPL 3). Allowed

@@ -22,10 +22,13 @@ xen/arch/x86/domain.c arch_set_info_guest), for a 64-bit PV guest:
    through set_debugreg.
 With VGCF_online in flags the vCPU is up at once; otherwise VCPUOP_up brings it up.
 
-Engines: the vCPU enters the guest at rip/rsp through the engine's start path, in Xen's
-flat 64-bit ring-3 code and stack segments (whatever code selector the context names: a
-64-bit kernel's own GDT code descriptor is equivalent; the first hypercall return loads the
-flat ones on Xen too). Every GPR of user_regs is loaded, as Xen loads them; with
+Engines: the vCPU enters the guest at rip/rsp with the context's CS and SS (RPL 3), loaded
+as restore_all_guest's IRETQ loads them (start_segments: the checks of traps._iret_segments,
+the load through traps.load_segments and each engine's load_segment): FLAT_USER_CS32 or a
+32-bit code segment of the guest's GDT/LDT enters compatibility mode, as on Xen. Where that
+IRETQ would fault (Xen takes the selectors unchecked and the guest gets the fault at its first
+entry) the context is refused (-EINVAL) before anything is taken: a restore or
+VCPUOP_initialise never builds a vCPU that cannot enter. Every GPR of user_regs is loaded, as Xen loads them; with
 VGCF_i387_valid the FPU gets fpu_ctxt (an FXSAVE image), else its reset state.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .abi import FLAT_KERNEL_SS, HYPERVISOR_VIRT_END, PAGE_SHIFT, PAGE_SIZE, CallbackType, Errno, is_canonical
+from .abi import FLAT_KERNEL_CS, FLAT_KERNEL_SS, HYPERVISOR_VIRT_END, PAGE_SHIFT, PAGE_SIZE, CallbackType, Errno, is_canonical
 from .errors import HypercallError
 from .memory import PageType
 from .migration.context import SIZE as CONTEXT_SIZE, VGCF, VcpuContext
@@ -141,6 +144,7 @@ def set_context(v: "VCPU", c: VcpuContext) -> None:
             taken.append(_take_root(v, c.ctrlreg[1], "user CR3"))
         if c.ldt_ents:
             descriptors.set_ldt(v, c.ldt_base, c.ldt_ents)
+        segs = start_segments(v, c)
     except (HypercallError, MMUError):
         for mfn in taken:
             pt.put_type(mfn)
@@ -175,11 +179,44 @@ def set_context(v: "VCPU", c: VcpuContext) -> None:
     eng.set_cr3(root << PAGE_SHIFT)
     gprs = {n: r.get(n, 0) for n in ("rax", "rcx", "rdx", "rbx", "rsi", "rdi", "rbp", "r8",
                                      "r9", "r10", "r11", "r12", "r13", "r14", "r15")}
-    eng.start_in_stub(hv.xen.STUB_VA, hv.xen.STUB_STACK_TOP, gprs, r.get("rip", 0),
-                      r.get("rsp", 0), (rflags & RFLAGS_KEPT) | RFLAGS_IF | RFLAGS_MBS)
+    enter(v, segs, gprs, r.get("rip", 0), r.get("rsp", 0),
+          (rflags & RFLAGS_KEPT) | RFLAGS_IF | RFLAGS_MBS)
     eng.load_fpu(c.fpu if c.flags & VGCF.i387_valid else None)   # fpu_ctxt leads
     eng.write({"fs_base": c.fs_base,
                "gs_base": c.gs_base_kernel if in_kernel else c.gs_base_user})
     eng.flush_tlb()
     timers.write_pvclock(v)
     v.initialised = True
+
+
+def start_segments(v: "VCPU", c: VcpuContext) -> tuple[int, int, int, int]:
+    """The context's CS and SS (RPL 3, fixup_guest_code/stack_selector) as the IRETQ into
+    the guest checks them (traps._iret_segments, the one rule HYPERVISOR_iret uses), with
+    their descriptors from the vCPU's GDT/LDT (set before this); HypercallError(-EINVAL)
+    naming the fault for a pair the CPU would refuse, or a compatibility-mode RIP beyond
+    the code segment's limit."""
+    from . import traps
+    r = c.regs
+    cs, ss, rip = _rpl3(r.get("cs", 0)), _rpl3(r.get("ss", 0)), r.get("rip", 0)
+    target = traps._iret_segments(v, cs, ss, rip)
+    if len(target) == 2:
+        vector, error = target
+        raise HypercallError(Errno.EINVAL, f"user_regs cs {cs:#x} ss {ss:#x} rip {rip:#x}: "
+                             f"the IRETQ into the guest would raise "
+                             f"{traps.TRAP_NAMES.get(vector, vector)}({error:#x})")
+    return target          # type: ignore[return-value]
+
+
+def enter(v: "VCPU", segs: tuple[int, int, int, int], gprs: dict[str, int], rip: int,
+          rsp: int, rflags: int) -> None:
+    """Arrange the vCPU's first entry at rip/rsp in the segments start_segments gave. Xen's
+    flat 64-bit pair enters through the engine's start path as it always has; any other
+    (compatibility mode, a segment of the guest's own tables) enters directly and is loaded
+    through traps.load_segments, as HYPERVISOR_iret loads it."""
+    from . import traps
+    hv = v.domain.hypervisor
+    flat = (segs[0], segs[2]) == (FLAT_KERNEL_CS, FLAT_KERNEL_SS)
+    v.engine.start_in_stub(hv.xen.STUB_VA, hv.xen.STUB_STACK_TOP, gprs, rip, rsp, rflags,
+                           direct=not flat)
+    if not flat:
+        traps.load_segments(v, *segs, current=(-1, -1))     # nothing loaded yet

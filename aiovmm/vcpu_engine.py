@@ -103,6 +103,7 @@ _TCG_BUFFER = 31 << 20
 _UC_CTL_TLB_FLUSH_WRITE = 11 | (1 << 30)       # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
 _INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 _INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
+_SYSENTER_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p)
 _IN_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p)
 _OUT_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p)
@@ -604,6 +605,12 @@ class VCPUEngine:
         self._add_hook(UC_HOOK_INTR, ctypes.cast(self._cb_intr, ctypes.c_void_p), None)
         self._cb_invalid = _INVALID_CB(self._hook_invalid)
         self._add_hook(UC_HOOK_INSN_INVALID, ctypes.cast(self._cb_invalid, ctypes.c_void_p), None)
+        # Unicorn's SYSENTER only runs its hooks and steps over the instruction (no ring
+        # change, whatever the SYSENTER MSRs say): reported here, RIP on the instruction.
+        self.on_sysenter: Callable[[int], None] = lambda rip: None
+        self._cb_sysenter = _SYSENTER_CB(self._hook_sysenter)
+        self._add_hook(UC_HOOK_INSN, ctypes.cast(self._cb_sysenter, ctypes.c_void_p), None,
+                       X.UC_X86_INS_SYSENTER)
         # Port I/O, CPUID and RDTSC(P) are not trapped by Unicorn at CPL 3 (NOTES.md): hook
         # them and ask the shared emulator/policy (emulate.py, cpuid.py), as a fault would.
         self.on_port_io: Callable[[int, int, bool, int], int | None] = lambda p, s, w, v: None
@@ -804,8 +811,11 @@ class VCPUEngine:
         return self._tcg.drop_code() + self._tcg.drop_zero_buckets() * 4096
 
     def start_in_stub(self, stub_va: int, stub_stack_va: int, regs: dict[str, int],
-                      rip: int, rsp: int, rflags: int) -> None:
+                      rip: int, rsp: int, rflags: int, direct: bool = False) -> None:
         """Arrange for the first slice to enter the guest at CPL3 through a real iretq.
+        `direct`: no stub; the registers are set here and the caller loads CS and SS
+        (load_segment: the CPL is SS's DPL), for segments other than Xen's flat 64-bit
+        pair the stub pushes (vcpu_context.enter).
 
         The ring-0 stub (built by the hypervisor at stub_va, mmu.XenArea.STUB_CODE) builds
         the frame from CR2 (RSP), RFLAGS, DR3 (RIP), then loads rax, rcx and rdx from DR0-2
@@ -815,6 +825,10 @@ class VCPUEngine:
         """
         init = {n: 0 for n in GPRS if n not in ("rip", "rsp", "rflags")}
         init.update(regs)
+        if direct:
+            init.update(rip=rip, rsp=rsp, rflags=rflags)
+            self.write(init)
+            return
         carried = {"dr0": init.pop("rax"), "dr1": init.pop("rcx"), "dr2": init.pop("rdx"),
                    "dr3": rip, "cr2": rsp}
         init.update(rax=0, rcx=0, rdx=0, rip=stub_va, rsp=stub_stack_va, rflags=rflags)
@@ -1068,6 +1082,12 @@ class VCPUEngine:
         except BaseException as e:
             self._fail(e)
             return False
+
+    def _hook_sysenter(self, uc, user_data) -> None:
+        try:
+            self.on_sysenter(self.uc.reg_read(X.UC_X86_REG_RIP))
+        except BaseException as e:
+            self._fail(e)
 
     def _hook_in(self, uc, port, size, user_data) -> int:
         # No _hypervisor_runs(): answering an IN (the port policy) only reads; what it

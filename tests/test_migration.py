@@ -386,3 +386,38 @@ async def test_multi_vcpu_save_restore_both_carry_on(hv, tmp_path, mode):
     await dom2.wait_for_line(rf"uptime: ticks={t2 + 10} ", 20)
     assert smp_uptime(dom2)[2] > ap2 and smp_uptime(dom2)[3] == 0
     dom2.shutdown()
+
+
+async def test_compat_mode_vcpu_save_restore_stays_in_compat_mode(hv, tmp_path):
+    """vCPU 1 started in compatibility mode (suspend.c smp=3: VCPUOP_initialise with
+    user_regs.cs FLAT_USER_CS32, a 32-bit process's code segment) counts in a loop whose
+    48 ff c0 is `dec %eax; inc %eax` there and `inc %rax` in 64-bit mode; the difference
+    goes to its bad count. Xen (arch_set_info_guest) keeps user_regs.cs/ss with RPL 3 and
+    restore_all_guest's IRETQ loads them: the vCPU enters, is saved and restored in
+    compatibility mode (its BASIC record's cs 0xe023), bad stays 0 throughout. A record
+    whose CS the IRETQ would refuse (a data segment, or beyond the GDT) is refused
+    with nothing left behind."""
+    dom = await hv.create(guest("suspend"), memory_mib=MEM_MIB, cmdline="pages=8 every=10 smp=3",
+                          vcpus=2)
+    await dom.wait_for_line(r"uptime: ticks=20 .* ap=[1-9]", 30)
+    path = str(tmp_path / "compat.save")
+    await dom.save(path)
+    await asyncio.wait([dom.task])
+    ticks, _sum, ap, bad = smp_uptime(dom)
+    assert ap > 0 and bad == 0, "vCPU 1 did not start in compatibility mode"
+    with open(path, "rb") as f:
+        data = f.read()
+    basic1 = [off for off, t, _n in _records(data) if t == S.Rec.x86_pv_vcpu_basic][1]
+    from aiovmm.migration.context import VcpuContext
+    c1 = VcpuContext.unpack(data[basic1 + 16:basic1 + 16 + 5168])
+    assert (c1.regs["cs"], c1.regs["ss"]) == (0xE023, 0xE02B), (hex(c1.regs["cs"]), hex(c1.regs["ss"]))
+    bad_path = str(tmp_path / "bad.save")
+    for cs in (0xE02B, 0x1233):                   # a data segment; index 0x246, beyond the GDT
+        await _refused(hv, bad_path, _patch(data, basic1 + 16 + 656, struct.pack("<H", cs)),
+                       "vcpu 1: context refused.*IRETQ")
+    dom2 = await hv.restore(path)
+    await dom2.wait_for_line(r"suspend: resumed rc=0", 10)
+    await dom2.wait_for_line(rf"uptime: ticks={ticks + 20} ", 20)
+    _t2, _s2, ap2, bad2 = smp_uptime(dom2)
+    assert bad2 == 0 and ap2 > ap, (ap, ap2, bad2)
+    dom2.shutdown()

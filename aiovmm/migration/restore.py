@@ -584,8 +584,13 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
     gprs = {n: r.get(n, 0) for n in ("rbx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
                                      "r12", "r13", "r14", "r15")}
     rflags = (r.get("rflags", 0) & 0x3C0DD5) | 0x202      # arithmetic flags, AC, ID; IF on
-    eng.start_in_stub(hv.xen.STUB_VA, hv.xen.STUB_STACK_TOP, gprs, r.get("rip", 0),
-                      r.get("rsp", 0), rflags)
+    from .. import vcpu_context
+    from ..errors import HypercallError
+    try:
+        segs = vcpu_context.start_segments(v, c)
+    except HypercallError as e:
+        raise S.StreamError(f"vcpu 0: context refused: {e}") from None
+    vcpu_context.enter(v, segs, gprs, r.get("rip", 0), r.get("rsp", 0), rflags)
     eng.write({"fs_base": c.fs_base, "gs_base": c.gs_base_kernel})
     eng.load_fpu(c.fpu if c.flags & VGCF.i387_valid else None)
     v.cr4 = cpuid.fixup_guest_cr4(c.ctrlreg[4], v)      # as arch_set_info_guest takes it

@@ -124,6 +124,12 @@ u8 *user_install(const u8 *prog, unsigned long len)
     return code;
 }
 
+long register_callback(unsigned type, unsigned long address)
+{
+    struct { u16 type, flags; u32 pad; u64 address; } cb = { (u16)type, 0, 0, address };
+    return HYPERVISOR_callback_op(0, &cb);     /* CALLBACKOP_register */
+}
+
 unsigned free_l2_slot(void)
 {
     unsigned long l2 = kernel_l2_mfn();

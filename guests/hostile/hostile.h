@@ -59,6 +59,8 @@ u8 *user_code_frame(void);
 /* user_setup(), then `prog` over the user program's frame; `result found` (powers off if
  * not found). Returns the frame. */
 u8 *user_install(const u8 *prog, unsigned long len);
+/* CALLBACKOP_register of callback `type` (CALLBACKTYPE_*) at `address`, no flags. */
+long register_callback(unsigned type, unsigned long address);
 
 /* ---- page-table walk (current kernel root = start_info->pt_base) ---- */
 struct walk {

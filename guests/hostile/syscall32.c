@@ -44,21 +44,15 @@ static int on_user_ud(struct regs *r)
     return 1;
 }
 
-static long register_syscall32(unsigned long address)
-{
-    struct { u16 type, flags; u32 pad; u64 address; } cb = { 7, 0, 0, address };
-    return HYPERVISOR_callback_op(0, &cb);     /* CALLBACKOP_register, CALLBACKTYPE_syscall32 */
-}
-
 void app_main(void)
 {
     traps_init();
     set_trap_handler(6, on_user_ud);
     user_install(prog, sizeof prog);
-    result("cb32", register_syscall32((unsigned long)syscall_callback));
+    result("cb32", register_callback(7, (unsigned long)syscall_callback));
     printk("about to syscall32\n");
     result("status_cb", user_run());
-    result("cb32_off", register_syscall32(0));
+    result("cb32_off", register_callback(7, 0));
     result("status_ud", user_run());
     result("ud_vec", ud_vec);
     result("ud_rip_ok", ud_rip == USER_CODE_VA + SYSCALL_OFF);

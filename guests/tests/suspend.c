@@ -26,6 +26,10 @@
  * `smp=2`: the same count, but vCPU 1 starts in user mode (VCPUOP_initialise
  * without VGCF_in_kernel, a user page-table root of its own) and never leaves
  * it: its count and bad count live in a user page vCPU 0 reads.
+ * `smp=3`: as smp=2, but vCPU 1 starts in compatibility mode (user_regs.cs
+ * FLAT_USER_CS32, as a 32-bit process runs) and stays there: its loop runs 48 ff c0,
+ * `dec %eax; inc %eax` there but `inc %rax` in 64-bit mode, and adds the difference to
+ * its bad count (a save or restore that loses the mode shows as bad > 0).
  *
  * `ymm=1`: where the (enlightened) CPUID offers XSAVE with AVX, the kernel enables it as
  * Linux does (CR4.OSXSAVE, XSETBV with leaf 0xd's components) and keeps a pattern in ymm7,
@@ -121,14 +125,31 @@ __asm__(".section .rodata.ap_user, \"a\"\n"
         "    jmp 1b\n"
         "ap_user_end:\n"
         ".text\n");
+/* smp=3: the 32-bit loop (every instruction means the same in both modes but 48 ff c0). */
+extern char ap_user32_start[], ap_user32_end[];
+__asm__(".section .rodata.ap_user, \"a\"\n"
+        "ap_user32_start:\n"
+        ".code32\n"
+        "    mov $0x401000, %ebx\n"          /* AP_DATA_VA: count, bad */
+        "1:  xor %eax, %eax\n"
+        "    .byte 0x48, 0xff, 0xc0\n"       /* compat: dec/inc %eax; 64-bit: inc %rax */
+        "    add %eax, 8(%ebx)\n"
+        "    incl (%ebx)\n"
+        "    jmp 1b\n"
+        ".code64\n"
+        "ap_user32_end:\n"
+        ".text\n");
 static volatile u64 *ap_user_data;       /* kernel view of the user data page */
 
 /* Page tables for vCPU 1's user mode: code (read-only) and data, pinned L4. */
-static unsigned long user_root(void)
+static unsigned long user_root(int compat)
 {
     void *l4 = alloc_page(), *l3 = alloc_page(), *l2 = alloc_page(), *l1 = alloc_page();
     void *code = alloc_page(), *data = alloc_page();
-    memcpy(code, ap_user_start, ap_user_end - ap_user_start);
+    if (compat)
+        memcpy(code, ap_user32_start, ap_user32_end - ap_user32_start);
+    else
+        memcpy(code, ap_user_start, ap_user_end - ap_user_start);
     ap_user_data = data;
     void *tables[] = { l4, l3, l2, l1 };
     for (unsigned i = 0; i < 4; i++)
@@ -168,9 +189,9 @@ static void start_ap(int user)
         c.flags = VGCF_online;
         c.user_regs.rip = AP_USER_VA;
         c.user_regs.rsp = AP_DATA_VA + PAGE_SIZE;
-        c.user_regs.cs = FLAT_USER_CS;
+        c.user_regs.cs = user == 2 ? FLAT_USER_CS32 : FLAT_USER_CS;
         c.user_regs.ss = FLAT_USER_SS;
-        c.ctrlreg[1] = user_root() << PAGE_SHIFT;
+        c.ctrlreg[1] = user_root(user == 2) << PAGE_SHIFT;
     }
     long rc = HYPERVISOR_vcpu_op(VCPUOP_initialise, 1, &c);
     if (rc) panic("VCPUOP_initialise(1): %ld", rc);
@@ -300,7 +321,7 @@ void app_main(void)
     bind_timer();
     irq_enable();
     if (smp)
-        start_ap(smp == 2);
+        start_ap(smp - 1);
     u64 next = every;
     for (;;) {
         suspend_check(monotonic_ns() + 5000000UL);
@@ -320,8 +341,8 @@ void app_main(void)
                 printk("uptime: ticks=%lu sum=0x%lx ymm=%d\n", next, checksum(), ymm_intact());
             else if (smp)
                 printk("uptime: ticks=%lu sum=0x%lx ap=%lu bad=%lu\n", next, checksum(),
-                       smp == 2 ? ap_user_data[0] : ap_count,
-                       smp == 2 ? ap_user_data[1] : ap_bad);
+                       smp >= 2 ? ap_user_data[0] : ap_count,
+                       smp >= 2 ? ap_user_data[1] : ap_bad);
             else
                 printk("uptime: ticks=%lu sum=0x%lx\n", next, checksum());
             next += every;
