@@ -509,6 +509,24 @@ async def test_iret_in_syscall_takes_selectors_from_star(engine, cs, loaded):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+async def test_iret_in_syscall_to_cs32_truncates_rip(engine):
+    """VGCF_in_syscall to FLAT_RING3_CS32 with a canonical RIP above 4 GiB: Xen leaves
+    through SYSRETL, which loads EIP = ECX (zero-extended), not an IRETQ that would check
+    the limit. So the guest resumes in compatibility mode at the low 32 bits; RCX keeps
+    the whole RIP (restore_all_guest loaded it). No engine is entered in compatibility
+    mode with a RIP above 32 bits (the IRETQ path's rule: test_iret_bad_cs_is_the_guests_gp)."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        for high in ((1 << 32) + USER_CODE_VA, 0xFFFF_FFFF_0000_0000 + USER_CODE_VA):
+            _iret_frame(v, 0xE023, flags=0x100, rip=high)
+            try:
+                assert not v.kernel_mode
+                assert v.engine.read(("rip", "cs", "ss", "rcx")) == [
+                    USER_CODE_VA, 0xE023, 0xE02B, high]
+            finally:
+                _back_all(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 async def test_compat_syscall_goes_to_syscall32(engine):
     """SYSCALL in compatibility mode (Xen's cstar_enter -> switch_to_kernel): the
     CALLBACKTYPE_syscall32 callback, frame [rcx r11 rip cs rflags rsp ss] with
