@@ -1009,7 +1009,7 @@ class KVMEngine:
         self._cpl3_segs = {"cs": _CS64, "ss": _SS3}
         # The descriptor a selector names in the guest's GDT/LDT now, or None (set by the
         # vCPU: descriptors.current_descriptor).
-        self.segment_descriptor: Callable[[int], int | None] = lambda sel: None
+        self.segment_descriptor: Callable[[str, int], int | None] = lambda name, sel: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
         self.on_invalid_opcode: Callable[[], None] = lambda: None
         self.on_port_io: Callable[[], None] = lambda: None
@@ -1759,7 +1759,7 @@ class KVMEngine:
                     continue                    # the C call wrote Xen's own
                 # One the guest loaded itself (a far jump/return to its own GDT/LDT): the
                 # descriptor it names, as the CPU loaded it (the vCPU reads its tables).
-                desc = self.segment_descriptor(sel)
+                desc = self.segment_descriptor(name, sel)
                 if desc is None:
                     continue
                 img = self._cpl3_segs[name] = _seg_image(sel, desc)

@@ -638,3 +638,33 @@ async def test_native_far_return_to_guest_cs32_survives_exits(engine):
             if saved is not None:
                 _user_code(hv, v, saved)
             _back_all(v)
+
+
+@pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
+@pytest.mark.parametrize("new", [0x0000_0000_0000_FFFF,   # not present, DPL 0, system type 0
+                                 0x0000_0E00_0000_FFFF,   # not present, DPL 0, type 0xe
+                                 0x00CF_F200_0000_FFFF])  # present data segment, DPL 3
+async def test_kvm_cpl3_return_never_takes_a_descriptor_changed_since_the_load(new):
+    """A vCPU whose CS is one of its own GDT selectors that the engine did not load itself
+    (the C fast iret, the guest's own far transfer: KVMEngine keeps no hidden part for it)
+    gets CS back after each exit through a ring-0 stub from the descriptor read again
+    (`_back_to_cpl3`). The guest may have rewritten that entry since (update_descriptor: a
+    not-present descriptor is stored as given, DPL 0 and a system type included): the CPU
+    keeps the hidden part it loaded and never loads one its checks refuse. The re-read
+    descriptor is taken only if the IRETQ's checks accept it (descriptors.iret_code_segment);
+    never a CS with DPL below 3, not present, or not code."""
+    from aiovmm.kvm_engine import _SEG
+    async with hand_driven_vcpu(REGS, "kvm") as (hv, dom, v):
+        mfn = _guest_gdt(hv, dom, v)
+        try:
+            eng = v.engine
+            eng.set("cs", 0x33)              # the selector only, as a load the engine did not make
+            descriptors.do_update_descriptor(v, (mfn << 12) + 8 * 6, new)
+            assert hv.mem.read_u64((mfn << 12) + 8 * 6) == new     # stored as given
+            eng._back_to_cpl3(0x33, 0xE02B)
+            img = bytes(eng._sregs[_SEG["cs"]:_SEG["cs"] + 24])
+            typ, present, dpl, s = img[14], img[15], img[16], img[18]
+            assert (present, dpl, s) == (1, 3, 1) and typ & 8, (
+                f"CS hidden part: type {typ:#x} present {present} dpl {dpl} s {s}")
+        finally:
+            _back_all(v)
