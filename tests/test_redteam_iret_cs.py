@@ -668,3 +668,58 @@ async def test_kvm_cpl3_return_never_takes_a_descriptor_changed_since_the_load(n
                 f"CS hidden part: type {typ:#x} present {present} dpl {dpl} s {s}")
         finally:
             _back_all(v)
+
+
+@pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
+@pytest.mark.parametrize("new", [0x0000_0000_0000_FFFF,   # not present, DPL 0, system type 0
+                                 0x00CF_F200_0000_FFFF])  # present data segment, DPL 3
+async def test_kvm_c_iret_then_a_rewritten_entry_never_becomes_the_running_cs(new):
+    """The same through the guest's own path: the C fast iret (csrc/kvm.c fast_iret) puts a
+    user process at 0x33 of the guest's GDT; the entry is rewritten (update_descriptor, as
+    another vCPU sharing the frame may do while the process runs); the process's `in`
+    (virtual IOPL 3) is emulated and returns to it through `_back_to_cpl3`. Measured
+    without the fix: the process ran on with CS type 0/P 0/DPL 0 (the next entry ended in a
+    ring-0 stub) or with a data segment as CS. With it: Xen's flat 64-bit CS image."""
+    from aiovmm.abi import IRET_CONTEXT
+    from aiovmm.kvm_engine import _SEG, _CS64
+    from test_kvm import _hand_driven_vcpu
+    from test_kvm_iret_gdt import LOOK, _desc
+    from test_redteam_kvm_fast import _Driver
+    async with _hand_driven_vcpu(LOOK + ("rdi", "rsi")) as (hv, dom, v):
+        d = _Driver(hv, v)
+        eng, mem = d.eng, hv.mem
+        gdt = mem.alloc(dom.domid)[0]
+        code_ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
+        saved_code = bytes(mem.map[code_ma:code_ma + 4])
+        saved_info = bytes(mem.map[d.pending:d.pending + 2])
+        at = d.data_va + 0x800
+
+        def iret(fast: bool) -> int:
+            mem.map[d.pending] = 0
+            v.copy_to_guest(at, IRET_CONTEXT.pack(7, 8, 9, 0, USER_CODE_VA, 0x33, 0x202,
+                                                   USER_STACK_TOP - 64, 0xE02B))
+            return d.hypercall(23, fast, rsp=at)
+
+        try:
+            mem.map[code_ma:code_ma + 4] = b"\xe4\x80\xeb\xfe"     # in $0x80,%al; jmp .
+            descriptors.set_gdt(v, [gdt], 16)
+            mem.write_u64((gdt << 12) + 0x30, _desc())
+            assert iret(False) == 3                   # the first to user mode: Python's
+            traps.do_iret(v)
+            d.run()
+            _back(v)
+            v.iopl = 3
+            done = eng._ctx.fast_calls[2]
+            iret(True)                                # C's iret, then the `in`'s #GP exit
+            assert eng._ctx.fast_calls[2] == done + 1           # at the `in`'s exit stub
+            descriptors.do_update_descriptor(v, (gdt << 12) + 0x30, new)
+            assert eng._handle_exit()                 # the `in` emulated: back to the process
+            assert not v.kernel_mode and eng.get("rip") == USER_CODE_VA + 2
+            assert bytes(eng._sregs[_SEG["cs"]:_SEG["cs"] + 24])[14:] == _CS64[14:]
+        finally:
+            v.iopl = 0
+            _back(v)
+            descriptors.set_gdt(v, [], 0)
+            mem.free([gdt])
+            mem.map[code_ma:code_ma + 4] = saved_code
+            mem.map[d.pending:d.pending + 2] = saved_info
