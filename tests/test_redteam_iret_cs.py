@@ -723,3 +723,59 @@ async def test_kvm_c_iret_then_a_rewritten_entry_never_becomes_the_running_cs(ne
             mem.free([gdt])
             mem.map[code_ma:code_ma + 4] = saved_code
             mem.map[d.pending:d.pending + 2] = saved_info
+
+
+@pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
+async def test_kvm_c_iret_load_is_the_hidden_part_kept_across_exits():
+    """A selector the engine loaded before (Python's iret to 0x33 as a 32-bit code
+    segment) and the guest's later C fast iret to the same selector after it made 0x33 a
+    64-bit code segment: the process runs 64-bit, and after an exit that returns to it
+    (its `in`, emulated with virtual IOPL 3) it still does. Without C's image handed to the
+    engine (kvm.c cpl3_cs), `_back_to_cpl3` gave back the older load's hidden part: the
+    process was switched to compatibility mode by an exit."""
+    from aiovmm.abi import IRET_CONTEXT
+    from aiovmm.kvm_engine import _SEG
+    from test_kvm import _hand_driven_vcpu
+    from test_kvm_iret_gdt import LOOK, _desc
+    from test_redteam_kvm_fast import _Driver
+    async with _hand_driven_vcpu(LOOK + ("rdi", "rsi")) as (hv, dom, v):
+        d = _Driver(hv, v)
+        eng, mem = d.eng, hv.mem
+        gdt = mem.alloc(dom.domid)[0]
+        code_ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
+        saved_code = bytes(mem.map[code_ma:code_ma + 4])
+        saved_info = bytes(mem.map[d.pending:d.pending + 2])
+        at = d.data_va + 0x800
+
+        def iret(fast: bool) -> int:
+            mem.map[d.pending] = 0
+            v.copy_to_guest(at, IRET_CONTEXT.pack(7, 8, 9, 0, USER_CODE_VA, 0x33, 0x202,
+                                                   USER_STACK_TOP - 64, 0xE02B))
+            return d.hypercall(23, fast, rsp=at)
+
+        try:
+            mem.map[code_ma:code_ma + 4] = b"\xe4\x80\xeb\xfe"     # in $0x80,%al; jmp .
+            descriptors.set_gdt(v, [gdt], 16)
+            mem.write_u64((gdt << 12) + 0x30, _desc(l=0, d=1))    # 32-bit code
+            assert iret(False) == 3
+            traps.do_iret(v)                          # Python's load: compatibility mode
+            d.run()
+            # Back in the kernel without a segment load of Python's (as C's bounce of a
+            # user syscall does: the engine's CS cache still names 0x33).
+            v.switch_to_kernel()
+            descriptors.do_update_descriptor(v, (gdt << 12) + 0x30, _desc())   # 64-bit code
+            v.iopl = 3
+            done = eng._ctx.fast_calls[2]
+            iret(True)                                # C's iret, then the `in`'s #GP exit
+            assert eng._ctx.fast_calls[2] == done + 1
+            assert eng._handle_exit()                 # the `in` emulated: back to the process
+            assert not v.kernel_mode and eng.get("rip") == USER_CODE_VA + 2
+            img = bytes(eng._sregs[_SEG["cs"]:_SEG["cs"] + 24])
+            assert (img[12:14], img[17], img[19]) == (b"\x33\x00", 0, 1), "not 64-bit mode"
+        finally:
+            v.iopl = 0
+            _back(v)
+            descriptors.set_gdt(v, [], 0)
+            mem.free([gdt])
+            mem.map[code_ma:code_ma + 4] = saved_code
+            mem.map[d.pending:d.pending + 2] = saved_info
