@@ -670,6 +670,57 @@ async def test_kvm_cpl3_return_never_takes_a_descriptor_changed_since_the_load(n
             _back_all(v)
 
 
+class _Process:
+    """A user process at 0x33 of the guest's own GDT (one frame) on a hand-driven KVM vCPU,
+    its code `in $0x80,%al; jmp .`, entered by HYPERVISOR_iret on the C or Python path
+    (tests/test_redteam_kvm_fast.py _Driver); `close` puts everything back."""
+
+    def __init__(self, hv, dom, v) -> None:
+        from test_redteam_kvm_fast import _Driver
+        self.d = d = _Driver(hv, v)
+        self.v, self.eng, self.mem = v, d.eng, hv.mem
+        self.gdt = self.mem.alloc(dom.domid)[0]
+        self.code_ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
+        self.saved_code = bytes(self.mem.map[self.code_ma:self.code_ma + 4])
+        self.saved_info = bytes(self.mem.map[d.pending:d.pending + 2])
+        self.mem.map[self.code_ma:self.code_ma + 4] = b"\xe4\x80\xeb\xfe"
+        descriptors.set_gdt(v, [self.gdt], 16)
+
+    def entry(self, desc: int) -> None:
+        descriptors.do_update_descriptor(self.v, (self.gdt << 12) + 0x30, desc)
+
+    def iret(self, fast: bool) -> int:
+        from aiovmm.abi import IRET_CONTEXT
+        at = self.d.data_va + 0x800
+        self.mem.map[self.d.pending] = 0
+        self.v.copy_to_guest(at, IRET_CONTEXT.pack(7, 8, 9, 0, USER_CODE_VA, 0x33, 0x202,
+                                                    USER_STACK_TOP - 64, 0xE02B))
+        return self.d.hypercall(23, fast, rsp=at)
+
+    def c_iret_then_in(self, between=None) -> bytes:
+        """C's iret to the process, `between()`, then its `in` (virtual IOPL 3) emulated,
+        which returns to it through `_back_to_cpl3`: the CS image it runs on with."""
+        from aiovmm.kvm_engine import _SEG
+        eng = self.eng
+        self.v.iopl = 3
+        done = eng._ctx.fast_calls[2]
+        self.iret(True)                           # C's iret, then the `in`'s #GP exit
+        assert eng._ctx.fast_calls[2] == done + 1
+        if between is not None:
+            between()
+        assert eng._handle_exit()                 # the `in` emulated: back to the process
+        assert not self.v.kernel_mode and eng.get("rip") == USER_CODE_VA + 2
+        return bytes(eng._sregs[_SEG["cs"]:_SEG["cs"] + 24])
+
+    def close(self) -> None:
+        self.v.iopl = 0
+        _back(self.v)
+        descriptors.set_gdt(self.v, [], 0)
+        self.mem.free([self.gdt])
+        self.mem.map[self.code_ma:self.code_ma + 4] = self.saved_code
+        self.mem.map[self.d.pending:self.d.pending + 2] = self.saved_info
+
+
 @pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
 @pytest.mark.parametrize("new", [0x0000_0000_0000_FFFF,   # not present, DPL 0, system type 0
                                  0x00CF_F200_0000_FFFF])  # present data segment, DPL 3
@@ -680,49 +731,21 @@ async def test_kvm_c_iret_then_a_rewritten_entry_never_becomes_the_running_cs(ne
     (virtual IOPL 3) is emulated and returns to it through `_back_to_cpl3`. Measured
     without the fix: the process ran on with CS type 0/P 0/DPL 0 (the next entry ended in a
     ring-0 stub) or with a data segment as CS. With it: Xen's flat 64-bit CS image."""
-    from aiovmm.abi import IRET_CONTEXT
-    from aiovmm.kvm_engine import _SEG, _CS64
+    from aiovmm.kvm_engine import _CS64
     from test_kvm import _hand_driven_vcpu
     from test_kvm_iret_gdt import LOOK, _desc
-    from test_redteam_kvm_fast import _Driver
     async with _hand_driven_vcpu(LOOK + ("rdi", "rsi")) as (hv, dom, v):
-        d = _Driver(hv, v)
-        eng, mem = d.eng, hv.mem
-        gdt = mem.alloc(dom.domid)[0]
-        code_ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
-        saved_code = bytes(mem.map[code_ma:code_ma + 4])
-        saved_info = bytes(mem.map[d.pending:d.pending + 2])
-        at = d.data_va + 0x800
-
-        def iret(fast: bool) -> int:
-            mem.map[d.pending] = 0
-            v.copy_to_guest(at, IRET_CONTEXT.pack(7, 8, 9, 0, USER_CODE_VA, 0x33, 0x202,
-                                                   USER_STACK_TOP - 64, 0xE02B))
-            return d.hypercall(23, fast, rsp=at)
-
+        p = _Process(hv, dom, v)
         try:
-            mem.map[code_ma:code_ma + 4] = b"\xe4\x80\xeb\xfe"     # in $0x80,%al; jmp .
-            descriptors.set_gdt(v, [gdt], 16)
-            mem.write_u64((gdt << 12) + 0x30, _desc())
-            assert iret(False) == 3                   # the first to user mode: Python's
+            p.entry(_desc())
+            assert p.iret(False) == 3                 # the first to user mode: Python's
             traps.do_iret(v)
-            d.run()
+            p.d.run()
             _back(v)
-            v.iopl = 3
-            done = eng._ctx.fast_calls[2]
-            iret(True)                                # C's iret, then the `in`'s #GP exit
-            assert eng._ctx.fast_calls[2] == done + 1           # at the `in`'s exit stub
-            descriptors.do_update_descriptor(v, (gdt << 12) + 0x30, new)
-            assert eng._handle_exit()                 # the `in` emulated: back to the process
-            assert not v.kernel_mode and eng.get("rip") == USER_CODE_VA + 2
-            assert bytes(eng._sregs[_SEG["cs"]:_SEG["cs"] + 24])[14:] == _CS64[14:]
+            img = p.c_iret_then_in(lambda: p.entry(new))
+            assert img[14:] == _CS64[14:]
         finally:
-            v.iopl = 0
-            _back(v)
-            descriptors.set_gdt(v, [], 0)
-            mem.free([gdt])
-            mem.map[code_ma:code_ma + 4] = saved_code
-            mem.map[d.pending:d.pending + 2] = saved_info
+            p.close()
 
 
 @pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
@@ -733,49 +756,20 @@ async def test_kvm_c_iret_load_is_the_hidden_part_kept_across_exits():
     (its `in`, emulated with virtual IOPL 3) it still does. Without C's image handed to the
     engine (kvm.c cpl3_cs), `_back_to_cpl3` gave back the older load's hidden part: the
     process was switched to compatibility mode by an exit."""
-    from aiovmm.abi import IRET_CONTEXT
-    from aiovmm.kvm_engine import _SEG
     from test_kvm import _hand_driven_vcpu
     from test_kvm_iret_gdt import LOOK, _desc
-    from test_redteam_kvm_fast import _Driver
     async with _hand_driven_vcpu(LOOK + ("rdi", "rsi")) as (hv, dom, v):
-        d = _Driver(hv, v)
-        eng, mem = d.eng, hv.mem
-        gdt = mem.alloc(dom.domid)[0]
-        code_ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
-        saved_code = bytes(mem.map[code_ma:code_ma + 4])
-        saved_info = bytes(mem.map[d.pending:d.pending + 2])
-        at = d.data_va + 0x800
-
-        def iret(fast: bool) -> int:
-            mem.map[d.pending] = 0
-            v.copy_to_guest(at, IRET_CONTEXT.pack(7, 8, 9, 0, USER_CODE_VA, 0x33, 0x202,
-                                                   USER_STACK_TOP - 64, 0xE02B))
-            return d.hypercall(23, fast, rsp=at)
-
+        p = _Process(hv, dom, v)
         try:
-            mem.map[code_ma:code_ma + 4] = b"\xe4\x80\xeb\xfe"     # in $0x80,%al; jmp .
-            descriptors.set_gdt(v, [gdt], 16)
-            mem.write_u64((gdt << 12) + 0x30, _desc(l=0, d=1))    # 32-bit code
-            assert iret(False) == 3
+            p.entry(_desc(l=0, d=1))                  # 32-bit code
+            assert p.iret(False) == 3
             traps.do_iret(v)                          # Python's load: compatibility mode
-            d.run()
+            p.d.run()
             # Back in the kernel without a segment load of Python's (as C's bounce of a
             # user syscall does: the engine's CS cache still names 0x33).
             v.switch_to_kernel()
-            descriptors.do_update_descriptor(v, (gdt << 12) + 0x30, _desc())   # 64-bit code
-            v.iopl = 3
-            done = eng._ctx.fast_calls[2]
-            iret(True)                                # C's iret, then the `in`'s #GP exit
-            assert eng._ctx.fast_calls[2] == done + 1
-            assert eng._handle_exit()                 # the `in` emulated: back to the process
-            assert not v.kernel_mode and eng.get("rip") == USER_CODE_VA + 2
-            img = bytes(eng._sregs[_SEG["cs"]:_SEG["cs"] + 24])
+            p.entry(_desc())                          # 64-bit code
+            img = p.c_iret_then_in()
             assert (img[12:14], img[17], img[19]) == (b"\x33\x00", 0, 1), "not 64-bit mode"
         finally:
-            v.iopl = 0
-            _back(v)
-            descriptors.set_gdt(v, [], 0)
-            mem.free([gdt])
-            mem.map[code_ma:code_ma + 4] = saved_code
-            mem.map[d.pending:d.pending + 2] = saved_info
+            p.close()
