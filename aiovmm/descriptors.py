@@ -276,12 +276,17 @@ def _descriptor_address(v: "VCPU", sel: int) -> int | None:
 SEG_L, SEG_DB = 1 << 21, 1 << 22
 
 
-def current_descriptor(v: "VCPU", sel: int) -> int | None:
-    """The descriptor `sel` names in this vCPU's GDT/LDT as the CPU would read it now, or
-    None where that read faults (the KVM engine's return to a segment the guest loaded
-    itself, whose hidden part its exits lose)."""
-    addr = _descriptor_address(v, sel)
-    return None if addr is None else v.domain.mem.read_u64(addr)
+def current_descriptor(v: "VCPU", name: str, sel: int) -> int | None:
+    """The descriptor `sel` names in this vCPU's GDT/LDT now, for CS or SS (`name`), or None
+    where it is not one the CPU would load there (the KVM engine's return to a segment the
+    guest loaded itself, whose hidden part its exits lose). The entry may have been rewritten
+    since that load (update_descriptor stores a not-present one as given: DPL 0, any type),
+    so it passes the IRETQ's checks again (iret_code_segment, iret_stack_segment): never a
+    CS or SS with DPL below 3, not present, or of the wrong kind."""
+    desc = (iret_code_segment if name == "cs" else iret_stack_segment)(v, sel)
+    return None if isinstance(desc, tuple) else desc
+
+
 SEG_WRITABLE = SEG_READABLE          # bit 9: readable (code), writable (data)
 
 

@@ -575,7 +575,9 @@ class _RunCtx(ctypes.Structure):
                 ("fast_page", ctypes.c_uint64), ("fast_queries", ctypes.c_uint64 * len(_FAST_QUERIES)),
                 ("r0_stack_va", ctypes.c_uint64), ("r0_stack_maddr", ctypes.c_uint64),
                 ("fast_cli_sti", ctypes.c_uint64),
-                ("fast_upcalls", ctypes.c_uint64)]
+                ("fast_upcalls", ctypes.c_uint64),
+                ("cpl3_cs", ctypes.c_uint8 * 24), ("cpl3_cs_set", ctypes.c_uint32),
+                ("pad3", ctypes.c_uint32)]
 
 
 class _VMPool:
@@ -1009,7 +1011,7 @@ class KVMEngine:
         self._cpl3_segs = {"cs": _CS64, "ss": _SS3}
         # The descriptor a selector names in the guest's GDT/LDT now, or None (set by the
         # vCPU: descriptors.current_descriptor).
-        self.segment_descriptor: Callable[[int], int | None] = lambda sel: None
+        self.segment_descriptor: Callable[[str, int], int | None] = lambda name, sel: None
         self.on_exception: Callable[[int, int, int], None] = lambda v, e, c: None
         self.on_invalid_opcode: Callable[[], None] = lambda: None
         self.on_port_io: Callable[[], None] = lambda: None
@@ -1143,6 +1145,8 @@ class KVMEngine:
         from the 8-byte descriptor `desc` (checked by the caller), kept for the returns to
         CPL 3 after exits through the ring-0 stubs."""
         img = self._cpl3_segs[name] = _seg_image(selector, desc)
+        if name == "cs":
+            self._ctx.cpl3_cs_set = 0           # this load is newer than C's fast_iret's
         o = _SEG[name]
         if self._sregs[o:o + 24] != img:
             self._sregs[o:o + 24] = img
@@ -1751,6 +1755,12 @@ class KVMEngine:
         the last far transfer loaded (load_segment) gets that load's hidden part back."""
         self._lib.aiovmm_kvm_back_to_cpl3(
             self._ctx_ptr, (cs_selector & ~3) == (FLAT_RING3_CS32 & ~3))
+        ctx = self._ctx
+        if ctx.cpl3_cs_set:
+            # C's fast_iret loaded a guest GDT code segment since: its image is the one the
+            # CPU keeps (not the descriptor read again, nor an older load's).
+            self._cpl3_segs["cs"] = bytes(ctx.cpl3_cs)
+            ctx.cpl3_cs_set = 0
         for name, sel, flat in (("cs", cs_selector, (FLAT_RING3_CS64, FLAT_RING3_CS32)),
                                 ("ss", ss_selector, (FLAT_RING3_SS,))):
             sel &= 0xFFFF
@@ -1760,7 +1770,7 @@ class KVMEngine:
                     continue                    # the C call wrote Xen's own
                 # One the guest loaded itself (a far jump/return to its own GDT/LDT): the
                 # descriptor it names, as the CPU loaded it (the vCPU reads its tables).
-                desc = self.segment_descriptor(sel)
+                desc = self.segment_descriptor(name, sel)
                 if desc is None:
                     continue
                 img = self._cpl3_segs[name] = _seg_image(sel, desc)

@@ -386,8 +386,13 @@ def do_iret(v: "VCPU", *_) -> None:
     # (its RIP, RSP, RFLAGS, mode) with the frame's selectors in the bounce frame.
     sel, ss_sel = (cs & 0xFFFF) | 3, (ss & 0xFFFF) | 3
     sysret = bool(flags & VGCF_in_syscall) and is_canonical(rip)
+    new_rip = rip
     if sysret:
         sel = FLAT_RING3_CS32 if sel == FLAT_RING3_CS32 else FLAT_KERNEL_CS
+        if sel == FLAT_RING3_CS32:
+            # SYSRETL loads EIP = ECX, zero-extended: compatibility mode never gets a RIP
+            # above 32 bits (RCX keeps the whole one, as restore_all_guest loaded it).
+            new_rip = rip & 0xFFFFFFFF
         ss_sel = FLAT_KERNEL_SS
         target: tuple[int, int] | tuple[int, int, int, int] = (
             sel, XEN_GDT[sel], ss_sel, XEN_GDT[ss_sel])
@@ -403,7 +408,7 @@ def do_iret(v: "VCPU", *_) -> None:
         # fast_iret) leaves every iret that would change it to this one.
         v.iopl = (rflags & RF_IOPL) >> 12
     new_flags = (rflags & ARCH_FLAGS & ~(RF_IOPL | RF_VM)) | RF_IF | 2
-    regs = {"rip": rip, "rsp": ursp, "rflags": new_flags, "rax": rax}
+    regs = {"rip": new_rip, "rsp": ursp, "rflags": new_flags, "rax": rax}
     if flags & VGCF_in_syscall:
         # Xen leaves through SYSRET (restore_all_guest with TRAP_syscall): RCX gets the
         # return RIP and R11 the new RFLAGS, whatever the frame's rcx/r11 say.

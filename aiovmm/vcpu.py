@@ -227,7 +227,8 @@ class VCPU:
         engine.on_hypercall = self._on_syscall
         engine.on_syscall32 = self._on_syscall32
         if hasattr(engine, "segment_descriptor"):
-            engine.segment_descriptor = lambda sel: descriptors.current_descriptor(self, sel)
+            engine.segment_descriptor = (
+                lambda name, sel: descriptors.current_descriptor(self, name, sel))
         engine.on_hypercall_done = self._after_fast_hypercall
         engine.fast_hypercalls_ok = lambda: self.domain.shutdown_reason is None
         attach = getattr(engine, "attach_pv", None)

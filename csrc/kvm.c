@@ -173,6 +173,11 @@ struct aiovmm_kvm_ctx {
     uint64_t r0_stack_va, r0_stack_maddr;   /* the ring-0 stack page the CPU's frames go to */
     uint64_t fast_cli_sti;         /* #GP(0) at cli/sti completed here (fast_cli_sti) */
     uint64_t fast_upcalls;         /* event upcalls bounced here after a hypercall (fast_upcall) */
+    /* The CS image fast_iret last loaded from the guest's GDT and cpl3_cs_set = 1: the
+     * engine's hidden part for that selector at its returns to CPL 3 (aiovmm/kvm_engine.py
+     * _back_to_cpl3 takes it and clears the flag; KVMEngine.load_segment clears it). */
+    uint8_t cpl3_cs[24];
+    uint32_t cpl3_cs_set, pad3;
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -515,6 +520,8 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
         if (!(*hi_type & 1))
             *hi_type |= 1;          /* the type's accessed bit: bit 40 of the descriptor */
         seg_image(img, (uint16_t)sel, desc);
+        memcpy(c->cpl3_cs, img, 24);
+        c->cpl3_cs_set = 1;
     } else {
         memcpy(img, c->cs64, 24);
     }

@@ -509,6 +509,24 @@ async def test_iret_in_syscall_takes_selectors_from_star(engine, cs, loaded):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+async def test_iret_in_syscall_to_cs32_truncates_rip(engine):
+    """VGCF_in_syscall to FLAT_RING3_CS32 with a canonical RIP above 4 GiB: Xen leaves
+    through SYSRETL, which loads EIP = ECX (zero-extended), not an IRETQ that would check
+    the limit. So the guest resumes in compatibility mode at the low 32 bits; RCX keeps
+    the whole RIP (restore_all_guest loaded it). No engine is entered in compatibility
+    mode with a RIP above 32 bits (the IRETQ path's rule: test_iret_bad_cs_is_the_guests_gp)."""
+    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
+        for high in ((1 << 32) + USER_CODE_VA, 0xFFFF_FFFF_0000_0000 + USER_CODE_VA):
+            _iret_frame(v, 0xE023, flags=0x100, rip=high)
+            try:
+                assert not v.kernel_mode
+                assert v.engine.read(("rip", "cs", "ss", "rcx")) == [
+                    USER_CODE_VA, 0xE023, 0xE02B, high]
+            finally:
+                _back_all(v)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 async def test_compat_syscall_goes_to_syscall32(engine):
     """SYSCALL in compatibility mode (Xen's cstar_enter -> switch_to_kernel): the
     CALLBACKTYPE_syscall32 callback, frame [rcx r11 rip cs rflags rsp ss] with
@@ -620,3 +638,138 @@ async def test_native_far_return_to_guest_cs32_survives_exits(engine):
             if saved is not None:
                 _user_code(hv, v, saved)
             _back_all(v)
+
+
+@pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
+@pytest.mark.parametrize("new", [0x0000_0000_0000_FFFF,   # not present, DPL 0, system type 0
+                                 0x0000_0E00_0000_FFFF,   # not present, DPL 0, type 0xe
+                                 0x00CF_F200_0000_FFFF])  # present data segment, DPL 3
+async def test_kvm_cpl3_return_never_takes_a_descriptor_changed_since_the_load(new):
+    """A vCPU whose CS is one of its own GDT selectors that the engine did not load itself
+    (the C fast iret, the guest's own far transfer: KVMEngine keeps no hidden part for it)
+    gets CS back after each exit through a ring-0 stub from the descriptor read again
+    (`_back_to_cpl3`). The guest may have rewritten that entry since (update_descriptor: a
+    not-present descriptor is stored as given, DPL 0 and a system type included): the CPU
+    keeps the hidden part it loaded and never loads one its checks refuse. The re-read
+    descriptor is taken only if the IRETQ's checks accept it (descriptors.iret_code_segment);
+    never a CS with DPL below 3, not present, or not code."""
+    from aiovmm.kvm_engine import _SEG
+    async with hand_driven_vcpu(REGS, "kvm") as (hv, dom, v):
+        mfn = _guest_gdt(hv, dom, v)
+        try:
+            eng = v.engine
+            eng.set("cs", 0x33)              # the selector only, as a load the engine did not make
+            descriptors.do_update_descriptor(v, (mfn << 12) + 8 * 6, new)
+            assert hv.mem.read_u64((mfn << 12) + 8 * 6) == new     # stored as given
+            eng._back_to_cpl3(0x33, 0xE02B)
+            img = bytes(eng._sregs[_SEG["cs"]:_SEG["cs"] + 24])
+            typ, present, dpl, s = img[14], img[15], img[16], img[18]
+            assert (present, dpl, s) == (1, 3, 1) and typ & 8, (
+                f"CS hidden part: type {typ:#x} present {present} dpl {dpl} s {s}")
+        finally:
+            _back_all(v)
+
+
+class _Process:
+    """A user process at 0x33 of the guest's own GDT (one frame) on a hand-driven KVM vCPU,
+    its code `in $0x80,%al; jmp .`, entered by HYPERVISOR_iret on the C or Python path
+    (tests/test_redteam_kvm_fast.py _Driver); `close` puts everything back."""
+
+    def __init__(self, hv, dom, v) -> None:
+        from test_redteam_kvm_fast import _Driver
+        self.d = d = _Driver(hv, v)
+        self.v, self.eng, self.mem = v, d.eng, hv.mem
+        self.gdt = self.mem.alloc(dom.domid)[0]
+        self.code_ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
+        self.saved_code = bytes(self.mem.map[self.code_ma:self.code_ma + 4])
+        self.saved_info = bytes(self.mem.map[d.pending:d.pending + 2])
+        self.mem.map[self.code_ma:self.code_ma + 4] = b"\xe4\x80\xeb\xfe"
+        descriptors.set_gdt(v, [self.gdt], 16)
+
+    def entry(self, desc: int) -> None:
+        descriptors.do_update_descriptor(self.v, (self.gdt << 12) + 0x30, desc)
+
+    def iret(self, fast: bool) -> int:
+        from aiovmm.abi import IRET_CONTEXT
+        at = self.d.data_va + 0x800
+        self.mem.map[self.d.pending] = 0
+        self.v.copy_to_guest(at, IRET_CONTEXT.pack(7, 8, 9, 0, USER_CODE_VA, 0x33, 0x202,
+                                                    USER_STACK_TOP - 64, 0xE02B))
+        return self.d.hypercall(23, fast, rsp=at)
+
+    def c_iret_then_in(self, between=None) -> bytes:
+        """C's iret to the process, `between()`, then its `in` (virtual IOPL 3) emulated,
+        which returns to it through `_back_to_cpl3`: the CS image it runs on with."""
+        from aiovmm.kvm_engine import _SEG
+        eng = self.eng
+        self.v.iopl = 3
+        done = eng._ctx.fast_calls[2]
+        self.iret(True)                           # C's iret, then the `in`'s #GP exit
+        assert eng._ctx.fast_calls[2] == done + 1
+        if between is not None:
+            between()
+        assert eng._handle_exit()                 # the `in` emulated: back to the process
+        assert not self.v.kernel_mode and eng.get("rip") == USER_CODE_VA + 2
+        return bytes(eng._sregs[_SEG["cs"]:_SEG["cs"] + 24])
+
+    def close(self) -> None:
+        self.v.iopl = 0
+        _back(self.v)
+        descriptors.set_gdt(self.v, [], 0)
+        self.mem.free([self.gdt])
+        self.mem.map[self.code_ma:self.code_ma + 4] = self.saved_code
+        self.mem.map[self.d.pending:self.d.pending + 2] = self.saved_info
+
+
+@pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
+@pytest.mark.parametrize("new", [0x0000_0000_0000_FFFF,   # not present, DPL 0, system type 0
+                                 0x00CF_F200_0000_FFFF])  # present data segment, DPL 3
+async def test_kvm_c_iret_then_a_rewritten_entry_never_becomes_the_running_cs(new):
+    """The same through the guest's own path: the C fast iret (csrc/kvm.c fast_iret) puts a
+    user process at 0x33 of the guest's GDT; the entry is rewritten (update_descriptor, as
+    another vCPU sharing the frame may do while the process runs); the process's `in`
+    (virtual IOPL 3) is emulated and returns to it through `_back_to_cpl3`. Measured
+    without the fix: the process ran on with CS type 0/P 0/DPL 0 (the next entry ended in a
+    ring-0 stub) or with a data segment as CS. With it: Xen's flat 64-bit CS image."""
+    from aiovmm.kvm_engine import _CS64
+    from test_kvm import _hand_driven_vcpu
+    from test_kvm_iret_gdt import LOOK, _desc
+    async with _hand_driven_vcpu(LOOK + ("rdi", "rsi")) as (hv, dom, v):
+        p = _Process(hv, dom, v)
+        try:
+            p.entry(_desc())
+            assert p.iret(False) == 3                 # the first to user mode: Python's
+            traps.do_iret(v)
+            p.d.run()
+            _back(v)
+            img = p.c_iret_then_in(lambda: p.entry(new))
+            assert img[14:] == _CS64[14:]
+        finally:
+            p.close()
+
+
+@pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
+async def test_kvm_c_iret_load_is_the_hidden_part_kept_across_exits():
+    """A selector the engine loaded before (Python's iret to 0x33 as a 32-bit code
+    segment) and the guest's later C fast iret to the same selector after it made 0x33 a
+    64-bit code segment: the process runs 64-bit, and after an exit that returns to it
+    (its `in`, emulated with virtual IOPL 3) it still does. Without C's image handed to the
+    engine (kvm.c cpl3_cs), `_back_to_cpl3` gave back the older load's hidden part: the
+    process was switched to compatibility mode by an exit."""
+    from test_kvm import _hand_driven_vcpu
+    from test_kvm_iret_gdt import LOOK, _desc
+    async with _hand_driven_vcpu(LOOK + ("rdi", "rsi")) as (hv, dom, v):
+        p = _Process(hv, dom, v)
+        try:
+            p.entry(_desc(l=0, d=1))                  # 32-bit code
+            assert p.iret(False) == 3
+            traps.do_iret(v)                          # Python's load: compatibility mode
+            p.d.run()
+            # Back in the kernel without a segment load of Python's (as C's bounce of a
+            # user syscall does: the engine's CS cache still names 0x33).
+            v.switch_to_kernel()
+            p.entry(_desc())                          # 64-bit code
+            img = p.c_iret_then_in()
+            assert (img[12:14], img[17], img[19]) == (b"\x33\x00", 0, 1), "not 64-bit mode"
+        finally:
+            p.close()
