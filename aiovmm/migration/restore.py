@@ -794,6 +794,10 @@ async def read_stream(hv: "Hypervisor", src: S.Source, *, name: str | None = Non
         devices.release(hv, dom)
         devices.close(dom)
         toolstack.release(hv, dom)
+        # The validations taken as pages arrived (_hold_l1) and ahead of the pinning are the
+        # restore's own references: dropped here, or the teardown finds them held by no one
+        # (it devalidates those tables by force, "still referenced after teardown").
+        _release_held(dom, st)
         dom.destroy()
         raise
     if start:
