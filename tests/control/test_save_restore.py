@@ -69,3 +69,27 @@ def test_save_restore_refusals(daemon):
     assert r.returncode == 1 and "refused" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert daemon.api("GET", "/api/v1/info")["free_frames"] == before
     assert daemon.api("GET", "/api/v1/domains") == []
+
+
+def test_restore_of_a_file_saved_by_another_daemon(daemon):
+    """A save file is the guest, whoever wrote it: a second daemon (another host seeing the
+    same path, as a shared save directory) restores what the first one saved, and the guest
+    carries on there with its uptime and memory."""
+    d = daemon.api("POST", "/api/v1/domains", {"kernel": guest("suspend"), "memory": 4,
+                                               "name": "sr2", "cmdline": "pages=16 every=10"})
+    t_saved, s_saved = uptime(daemon.wait_console(str(d["id"]), r"^uptime: ticks=20 ", 30))
+    path = os.path.join(daemon.save_dir, "sr2.save")
+    r = daemon.cli("save", "sr2", path)
+    assert r.returncode == 0, r.stderr
+    other = Daemon(machine_memory=64, extra=["--save-dir", daemon.save_dir])
+    try:
+        r = other.cli("restore", path)
+        assert r.returncode == 0, r.stderr
+        new = re.search(r"as d(\d+) \(sr2\)", r.stderr).group(1)
+        t0, s0 = wait_resumed(other, new)
+        assert t0 > t_saved and s0 == s_saved
+        other.wait_console(new, rf"^uptime: ticks={t0 + 10} ", 20)
+        other.ok("destroy", "sr2")
+    finally:
+        other.stop()
+    assert daemon.api("GET", "/api/v1/domains") == []
