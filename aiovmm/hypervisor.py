@@ -13,7 +13,7 @@ import stat
 import time
 from typing import TYPE_CHECKING, Callable
 
-from . import builder, descriptors, events, timers, toolstack
+from . import builder, descriptors, timers, toolstack
 from .xenstore.server import XenstoreServer
 from .clock import SystemClock
 from .abi import DOMID_XEN, FLAT_KERNEL_SS, PAGE_SHIFT, ElfNote, ShutdownReason
@@ -361,7 +361,6 @@ class Hypervisor:
         v = VCPU(dom, 0, eng)
         eng.kernel_mode = lambda: v.kernel_mode
         dom.vcpus.append(v)
-        events.sync_engine_sends(dom)          # ports bound before it (console, xenstore)
         # CR3 reference on the root, as Xen's new_guest_cr3 takes one.
         self.pagetables.get_type(dom.boot_l4, PageType.l4, dom.domid)
         v.kernel_root = dom.boot_l4
