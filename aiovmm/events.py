@@ -43,44 +43,6 @@ class Port:
 
 
 _CLOSED = Port()      # shared, never mutated: the state of every port not in a table
-ENGINE_SEND_PORTS = 4     # csrc/kvm.c SEND_PORTS: PVState.send_ports
-
-
-def apply_engine_sends(v) -> None:
-    """The EVTCHNOP_sends an engine completed itself (the KVM engine's C loop, csrc/kvm.c
-    fast_send: PVState.sent, a bit per send_ports slot), each through this module's own
-    handler (EventChannels.send: the host backend's waiter woken). Called when Python takes
-    the engine's completed hypercalls (hypercall.py completed_elsewhere: at every slice end
-    that had any, before the loop runs a callback) and before the domain's ports change
-    (sync_engine_sends), so a send is applied on the port as the guest sent it."""
-    pv = v.pv
-    sent = pv.sent
-    if not sent:
-        return
-    pv.sent = 0
-    ch = v.domain.evtchn
-    for i in range(ENGINE_SEND_PORTS):
-        if sent >> i & 1:
-            try:
-                ch.send(pv.send_ports[i])
-            except EventError:            # never: the slot names an interdomain port
-                log.exception("d%d: engine send on port %d", v.domain.domid, pv.send_ports[i])
-
-
-def sync_engine_sends(dom) -> None:
-    """Mirror into every vCPU's PVState.send_ports the domain's ports C may send on
-    (csrc/kvm.c fast_send): interdomain to the host (domid 0), whose send is only a wake-up
-    of a backend of this process; the lowest ENGINE_SEND_PORTS of them (others stay
-    Python's). Sends C recorded on the old list are applied first. Called after every change
-    of an interdomain port (EventChannels.bind_interdomain and close, on either end)."""
-    vcpus = [v for v in getattr(dom, "vcpus", ()) if v is not None]
-    for v in vcpus:
-        apply_engine_sends(v)
-    ports = [p for p, pt in sorted(dom.evtchn.ports.items())
-             if pt.state == EvtchnStat.interdomain and pt.remote_dom == 0][:ENGINE_SEND_PORTS]
-    ports += [0] * (ENGINE_SEND_PORTS - len(ports))
-    for v in vcpus:
-        v.pv.send_ports[:] = ports
 
 
 class EventChannels:
@@ -189,16 +151,8 @@ class EventChannels:
         self.ports[port] = Port(EvtchnStat.interdomain, 0, -1, remote_dom, remote_port)
         rp.state = EvtchnStat.interdomain
         rp.remote_dom, rp.remote_port = self.dom.domid, port
-        self._engine_sends(remote_dom)
         self.set_pending(port)          # cover notifications sent before the bind
         return port
-
-    def _engine_sends(self, peer: int) -> None:
-        """An interdomain port of this table and of `peer`'s changes: sync_engine_sends for
-        both (the sends C recorded applied first, on the ports as they were)."""
-        for d in (self.dom, self.dom.hypervisor.domain(peer)):
-            if d is not None and hasattr(d, "vcpus"):
-                sync_engine_sends(d)
 
     def bind_virq(self, virq: int, vcpu: int) -> int:
         if not 0 <= virq < NR_VIRQS:
@@ -226,7 +180,6 @@ class EventChannels:
         if p.state == EvtchnStat.virq:
             self.virq_ports.pop((p.virq, p.vcpu), None)
         elif p.state == EvtchnStat.interdomain:
-            self._engine_sends(p.remote_dom)      # before the port leaves the list
             rd = self.dom.hypervisor.domain(p.remote_dom)
             if rd is not None:
                 rp = rd.evtchn.ports.get(p.remote_port, _CLOSED)
@@ -235,8 +188,6 @@ class EventChannels:
                     rp.remote_dom, rp.remote_port = self.dom.domid, 0
         self._clear_bit(SharedInfo.evtchn_pending, port)
         self.ports.pop(port, None)
-        if p.state == EvtchnStat.interdomain:
-            self._engine_sends(p.remote_dom)
 
     def send(self, port: int) -> None:
         p = self._port(port)

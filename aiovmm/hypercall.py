@@ -24,7 +24,7 @@ from .abi import (
 )
 from .errors import DomainCrash, HypercallError
 from .mmu import GuestFault, MMUError
-from .events import EventError, apply_engine_sends
+from .events import EventError
 
 if TYPE_CHECKING:
     from .vcpu import VCPU
@@ -321,6 +321,5 @@ def completed_elsewhere(v: "VCPU", counts: dict[int, int], events: bool) -> None
     for nr, n in counts.items():
         dc[nr] = dc.get(nr, 0) + n
     timers.apply_engine_singleshot(v)
-    apply_engine_sends(v)
     if events and not v.engine.stop_requested and v.event_deliverable():
         traps.deliver_event(v)

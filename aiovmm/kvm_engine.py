@@ -554,8 +554,6 @@ _FAST_CALLS = (Hypercall.stack_switch, Hypercall.set_segment_base, Hypercall.ire
 # The queries it answers (fast_query), in its fast_queries order: xen_version(XENVER_version),
 # vcpu_op naming no vCPU.
 _FAST_QUERIES = (Hypercall.xen_version, Hypercall.vcpu_op)
-# The sends it completes (fast_send: EVTCHNOP_send to a host backend, events.sync_engine_sends).
-_FAST_SENDS = (Hypercall.event_channel_op,)
 
 
 class _RunCtx(ctypes.Structure):
@@ -577,8 +575,7 @@ class _RunCtx(ctypes.Structure):
                 ("fast_page", ctypes.c_uint64), ("fast_queries", ctypes.c_uint64 * len(_FAST_QUERIES)),
                 ("r0_stack_va", ctypes.c_uint64), ("r0_stack_maddr", ctypes.c_uint64),
                 ("fast_cli_sti", ctypes.c_uint64),
-                ("fast_upcalls", ctypes.c_uint64),
-                ("fast_sends", ctypes.c_uint64 * len(_FAST_SENDS))]
+                ("fast_upcalls", ctypes.c_uint64)]
 
 
 class _VMPool:
@@ -995,7 +992,7 @@ class KVMEngine:
         self._ctx.page_rip_after = _IO_RIP_AFTER    # else the hypercall page is Python's only
         self._ctx.r0_stack_va, self._ctx.r0_stack_maddr = self.r0.stack_va, self.r0.stack_maddr
         self._pv = None                 # the vCPU's PVState (attach_pv), kept alive here
-        self._fast_seen = [0] * (len(_FAST_CALLS) + len(_FAST_QUERIES) + len(_FAST_SENDS))
+        self._fast_seen = [0] * (len(_FAST_CALLS) + len(_FAST_QUERIES))
         # The invalidation stub's entry registers (_invalidate): all zero but RSI (its list),
         # RSP (the ring-0 stack), RIP and RFLAGS (IF, TF clear).
         stub = [0] * 18
@@ -1069,7 +1066,7 @@ class KVMEngine:
                 "vcpu_op singleshot": ctx.fast_calls[3],
                 "xen_version": ctx.fast_queries[0], "vcpu_op no vCPU": ctx.fast_queries[1],
                 "cli/sti": ctx.fast_cli_sti,
-                "event upcall": ctx.fast_upcalls, "evtchn send": ctx.fast_sends[0],
+                "event upcall": ctx.fast_upcalls,
                 "port in": ctx.fast_hits}
 
     def attach_pv(self, pv: ctypes.Structure) -> None:
@@ -1576,9 +1573,8 @@ class KVMEngine:
         domain's statistics); `events`: the last one left an event deliverable."""
         ctx, seen = self._ctx, self._fast_seen
         counts: dict[int, int] = {}
-        for i, (nr, done) in enumerate(zip(_FAST_CALLS + _FAST_QUERIES + _FAST_SENDS,
-                                           tuple(ctx.fast_calls) + tuple(ctx.fast_queries)
-                                           + tuple(ctx.fast_sends))):
+        for i, (nr, done) in enumerate(zip(_FAST_CALLS + _FAST_QUERIES,
+                                           tuple(ctx.fast_calls) + tuple(ctx.fast_queries))):
             n = done - seen[i]
             if n:
                 counts[int(nr)] = counts.get(int(nr), 0) + n

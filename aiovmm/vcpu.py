@@ -64,8 +64,7 @@ class PVState(ctypes.Structure):
                 ("xenver_version", ctypes.c_uint64), ("no_vcpu", ctypes.c_uint64),
                 ("max_vcpus", ctypes.c_uint32), ("pad2", ctypes.c_uint32),
                 ("gdt_frame0", ctypes.c_uint64), ("gdt_frames_nr", ctypes.c_uint64),
-                ("event_cb", ctypes.c_uint64),
-                ("send_ports", ctypes.c_uint32 * 4), ("sent", ctypes.c_uint32), ("pad3", ctypes.c_uint32)]
+                ("event_cb", ctypes.c_uint64)]
 
 
 def _pv_field(name: str, doc: str, conv=int) -> property:

@@ -22,7 +22,7 @@ from .abi import (
 from .errors import HypercallError
 from .memory import PageType
 from .mmu import GuestFault, MMUError
-from . import events, timers
+from . import timers
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -157,7 +157,6 @@ def create_secondary(dom: "Domain", vcpu_id: int, engine=None) -> "VCPU":
     v.periodic_ns = timers.DEFAULT_PERIOD_NS
     timers.write_pvclock(v)
     dom.vcpus.append(v)
-    events.sync_engine_sends(dom)          # its PVState.send_ports, as the others'
     return v
 
 

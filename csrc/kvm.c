@@ -173,12 +173,10 @@ struct aiovmm_kvm_ctx {
     uint64_t r0_stack_va, r0_stack_maddr;   /* the ring-0 stack page the CPU's frames go to */
     uint64_t fast_cli_sti;         /* #GP(0) at cli/sti completed here (fast_cli_sti) */
     uint64_t fast_upcalls;         /* event upcalls bounced here after a hypercall (fast_upcall) */
-    uint64_t fast_sends;           /* EVTCHNOP_send to a host backend completed here (fast_send) */
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
  * PVState, same layout; the VCPU's attributes of these names are views of it). */
-#define SEND_PORTS 4
 struct aiovmm_pv {
     uint8_t kernel_mode, iopl, pad[6];   /* iopl: the virtual IOPL 0..3 */
     uint64_t kernel_ss, kernel_sp; /* HYPERVISOR_stack_switch */
@@ -212,12 +210,6 @@ struct aiovmm_pv {
     uint64_t gdt_frame0;           /* the guest's first GDT frame (VCPU.gdt_frames) ... */
     uint64_t gdt_frames_nr;        /* ... and how many it gave (0: none) */
     uint64_t event_cb;             /* CALLBACKTYPE_event: address (0: none) */
-    /* EVTCHNOP_send (fast_send): the domain's ports interdomain to the host (domid 0, this
-     * process's backends), mirrored by aiovmm/events.py sync_engine_sends (0: empty slot),
-     * and a bit per slot sent since Python last applied them (events.apply_engine_sends). */
-    uint32_t send_ports[SEND_PORTS];
-    uint32_t sent;
-    uint32_t pad3;
 };
 
 #define KREG_RAX 0
@@ -240,8 +232,6 @@ struct aiovmm_pv {
 #define HC_IRET 23
 #define HC_VCPU_OP 24
 #define HC_XEN_VERSION 17
-#define HC_EVENT_CHANNEL_OP 32
-#define EVTCHNOP_SEND 4               /* xen/include/public/event_channel.h */
 #define XENVER_VERSION 0              /* xen/include/public/version.h */
 #define VCPUOP_SET_SINGLESHOT 8       /* xen/include/public/vcpu.h */
 #define VCPUOP_STOP_SINGLESHOT 9
@@ -605,20 +595,6 @@ static int fast_user_syscall(struct aiovmm_kvm_ctx *c, uint64_t *r)
     return 1;
 }
 
-/* A hypercall's argument struct of `size` bytes at guest kernel address `va`: its first `n`
- * bytes copied once to `out` (the guest may change them after), 1; 0 (Python's, which reads
- * it or answers -EFAULT) if the struct crosses a page or the kernel's tables do not map it. */
-static int read_kernel_arg(struct aiovmm_kvm_ctx *c, uint64_t va, uint64_t size, void *out, size_t n)
-{
-    if ((va & 0xFFF) > 4096 - size)
-        return 0;
-    uint64_t ma = guest_maddr(c, c->pv->kernel_root << 12, va, 0);
-    if (!ma)
-        return 0;
-    memcpy(out, (const void *)(uintptr_t)(c->mem_base + ma), n);
-    return 1;
-}
-
 /* VCPUOP_set_singleshot_timer / VCPUOP_stop_singleshot_timer on this vCPU itself (Linux
  * re-arms its tick with them), recorded for Python in pv->sshot_op (struct aiovmm_pv). Xen's
  * common_vcpu_op: only the calling vCPU's timer (-EINVAL for another's, -ENOENT for no such
@@ -640,9 +616,14 @@ static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
     }
     if (cmd != VCPUOP_SET_SINGLESHOT)
         return 0;
-    uint64_t timeout;
-    if (!read_kernel_arg(c, r[KREG_RDX], 16, &timeout, 8))
+    uint64_t arg = r[KREG_RDX];
+    if ((arg & 0xFFF) > 4096 - 16)
         return 0;
+    uint64_t ma = guest_maddr(c, pv->kernel_root << 12, arg, 0);
+    if (!ma)
+        return 0;
+    uint64_t timeout;
+    memcpy(&timeout, (const void *)(uintptr_t)(c->mem_base + ma), 8);   /* read once */
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     int64_t now = ts.tv_sec * 1000000000LL + ts.tv_nsec - pv->clock_origin_ns;
@@ -676,35 +657,6 @@ static int fast_query(struct aiovmm_kvm_ctx *c, const uint64_t *r, uint64_t *ret
         return 1;
     }
     return -1;
-}
-
-/* event_channel_op(EVTCHNOP_send, &port) on a port the domain has bound interdomain to the
- * host (pv->send_ports: Python's mirror of its port table): Xen's evtchn_send sets the
- * remote end pending, which for the host is only a wake-up of the backend's waiter on the
- * event loop (events.HostEvents.set_pending), nothing the guest can see, and returns 0. C
- * records the slot in pv->sent; Python applies it with its own handler (EventChannels.send)
- * when it takes the completed calls: at every slice end, before the loop runs a callback,
- * so the backend learns of the kick when it would have with Python's handler (which only
- * sets the waiter's event during the slice), and before any port changes (sync_engine_sends
- * flushes first). Exactly cmd 4 (Python's dispatch compares the whole register), the port
- * read once through the kernel's tables, not across a page; any other port, command or
- * argument: Python's. Returns 1 if done. */
-static int fast_send(struct aiovmm_kvm_ctx *c, const uint64_t *r)
-{
-    struct aiovmm_pv *pv = c->pv;
-    if (r[KREG_RDI] != EVTCHNOP_SEND)
-        return 0;
-    uint32_t port;
-    if (!read_kernel_arg(c, r[KREG_RSI], 4, &port, 4))
-        return 0;
-    for (int i = 0; i < SEND_PORTS; i++) {
-        if (port && pv->send_ports[i] == port) {
-            pv->sent |= 1u << i;
-            c->fast_sends++;
-            return 1;
-        }
-    }
-    return 0;
 }
 
 /* After a hypercall completed here, an event is deliverable: Xen's test_all_events bounces the
@@ -819,9 +771,6 @@ static int fast_hypercall(struct aiovmm_kvm_ctx *c, uint64_t *r)
         if (!fast_vcpu_op(c, r))
             return 0;
         c->fast_calls[3]++;
-    } else if (nr == HC_EVENT_CHANNEL_OP) {
-        if (!fast_send(c, r))
-            return 0;
     } else {
         return 0;
     }
