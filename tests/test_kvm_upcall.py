@@ -124,6 +124,27 @@ async def test_upcall_after_a_c_hypercall_in_kernel_mode_same_as_python():
             u.restore()
 
 
+async def test_upcall_after_a_c_query_same_as_python():
+    """Linux's xen_force_evtchn_callback: xen_version(0, NULL) with an event pending, answered
+    in C (fast_query), then the upcall bounced in C too, so neither reaches Python; the frame
+    saves RAX = the version, as Python's dispatch then deliver_event leaves it. A vcpu_op for
+    a vCPU id no domain has (also fast_query's) the same."""
+    from aiovmm import vcpu_op
+    regs = LOOK + ("rdi", "rsi")
+    async with _hand_driven_vcpu(regs) as (hv, dom, v):
+        u = _Upcall(hv, dom, v)
+        data = u.d.data_va
+        try:
+            queries = u.eng._ctx.fast_queries
+            done = (queries[0], queries[1])
+            by_c = u.compare(17, rdi=0, rsi=0, rsp=data + 0x800)
+            assert by_c[1][2] == v.pv.xenver_version, by_c                 # RAX
+            u.compare(24, rdi=2, rsi=vcpu_op.MAX_VCPUS, rsp=data + 0x800)
+            assert (queries[0], queries[1]) == (done[0] + 1, done[1] + 1)
+        finally:
+            u.restore()
+
+
 async def test_upcall_after_a_c_iret_to_user_mode_same_as_python():
     """An iret to user mode that unmasks events with one pending (Linux's return from a
     system call): C completes the iret, then bounces the upcall from user mode, to kernel
