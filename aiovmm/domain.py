@@ -14,7 +14,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from .memory import PageType
 from .abi import PAGE_SHIFT, ShutdownReason, VcpuInfo, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
 from .events import EventChannels
 from .scheduler import DomainSched

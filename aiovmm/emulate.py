@@ -30,7 +30,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from . import cpuid as policy
-from .abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, MmuExt, is_canonical
+from .abi import HYPERVISOR_VIRT_END, MmuExt, is_canonical
 from .cpuid import Msr
 from .mmu import GuestFault, MMUError
 
@@ -694,7 +694,7 @@ def _run(v: "VCPU", insn_at: int, skip: int = 0) -> bool:
     except GuestFault as f:
         traps.inject_exception(v, 14, (2 if f.write else 0) | 4 * (not v.kernel_mode), f.va)
         return True
-    v.emulated += 1
+    v.emulated_here += 1
     return True
 
 

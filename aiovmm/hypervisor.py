@@ -22,7 +22,6 @@ from .events import HostEvents
 from .errors import BuildError
 from .memory import MachineMemory, OutOfMemory
 from .mmu import PageTables, XenArea
-from . import descriptors
 from .scheduler import Scheduler
 from .vcpu import VCPU
 from .vcpu_engine import VCPUEngine

@@ -118,6 +118,13 @@ class VCPU:
             emulate.port_policy_changed(self.domain)
 
     @property
+    def emulated(self) -> int:
+        """Privileged instructions emulated: by emulate.py (emulated_here) and by the engine
+        itself (the KVM engine's C loop completes cli/sti: csrc/kvm.c fast_cli_sti)."""
+        in_c = getattr(self.engine, "exits_in_c", None)
+        return self.emulated_here + (in_c.get("cli/sti", 0) if in_c else 0)
+
+    @property
     def iobmp(self) -> tuple[int, int]:
         """(guest VA, nr_ports) of PHYSDEVOP_set_iobitmap: an input of the port policy."""
         return self._iobmp
@@ -216,7 +223,7 @@ class VCPU:
         # may hold them; a save carries it in X86_PV_VCPU_XSAVE). 0: never used XSAVE.
         self.xcr0_accum = 0
         self.vmce: dict = {}                       # virtual machine-check MSR values
-        self.emulated = 0                          # privileged instructions emulated
+        self.emulated_here = 0                     # of `emulated`: by emulate.py
         # Descriptor tables (descriptors.py): window in Xen's area, GDT frames, LDT.
         self.desc_window: int | None = None
         self.gdt_frames = ()

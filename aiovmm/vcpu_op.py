@@ -16,8 +16,8 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import (
-    HYPERVISOR_VIRT_END, PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS, CallbackType, Errno,
-    ShutdownReason, VcpuInfo, VcpuOp, VCPU_SET_SINGLESHOT_TIMER, is_canonical,
+    HYPERVISOR_VIRT_END, PAGE_SIZE, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS, CallbackType, Errno,
+    ShutdownReason, VcpuInfo, VcpuOp, VCPU_SET_SINGLESHOT_TIMER,
 )
 from .errors import HypercallError
 from .memory import PageType

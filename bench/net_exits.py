@@ -14,7 +14,6 @@ table per run and the medians per mode; the load average with each.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import cProfile
 import os

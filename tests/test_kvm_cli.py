@@ -49,10 +49,13 @@ async def test_cli_sti_in_c_match_python():
                                        (0, 1 << VMASST_ARCHITECTURAL_IOPL, b"\xfb")):
                 v.iopl, dom.vm_assist = iopl, saved_assist | assist
                 v.copy_to_guest(code_va, code + b"\xeb\xfe")     # cli/sti; jmp .
-                n0 = ctx.fast_cli_sti
+                n0, e0 = ctx.fast_cli_sti, v.emulated
                 rc_c, regs_c = _run(v, code_va, True, True)
+                e1 = v.emulated
                 rc_py, regs_py = _run(v, code_va, False, True)
                 assert (rc_c, ctx.fast_cli_sti - n0) == (EINTR, 1), (iopl, assist, code)
+                # Both count as emulated instructions (VCPU.emulated), C's as Python's.
+                assert (e1 - e0, v.emulated - e1) == (1, 1), (iopl, assist, code)
                 assert rc_py == 0
                 assert regs_c[0] == regs_py[0] == code_va + 1
                 assert regs_c == regs_py, (iopl, assist, code)

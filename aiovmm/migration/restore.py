@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from ..abi import (FLAT_KERNEL_SS, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4_FIRST,
+from ..abi import (PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4_FIRST,
                    XEN_L4_LAST, XEN_LEGACY_MAX_VCPUS, VCPU_INFO_SIZE, _PAGE_PRESENT,
-                   CallbackType, CALLBACKF_mask_events, StartInfo, ShutdownReason)
+                   CallbackType, CALLBACKF_mask_events, StartInfo)
 from ..errors import BuildError
 from ..memory import NotWritable, OutOfMemory, PageType
 from ..mmu import MMUError, xen_slot
