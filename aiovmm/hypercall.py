@@ -210,6 +210,8 @@ def do_multicall(v: "VCPU", calls: int, nr: int, *_) -> int | None:
             v.copy_to_guest(va + 8, (ret & MASK64).to_bytes(8, "little"))
     finally:
         v.in_multicall = False
+    if v.nmi_pending:                    # an entry's send_nmi to this vCPU: at the return
+        traps.deliver_nmi_from_hypercall(v)
     return 0
 
 
@@ -243,6 +245,7 @@ TABLE: dict[int, Handler] = {
     Hypercall.mmuext_op: mmu_ops.do_mmuext_op,
     Hypercall.sched_op: scheduler.do_sched_op,
     Hypercall.callback_op: traps.do_callback_op,
+    Hypercall.nmi_op: traps.do_nmi_op,
     Hypercall.event_channel_op: events.do_event_channel_op,
     # privileged-operation family (emulate.py, physdev.py)
     Hypercall.set_gdt: descriptors.do_set_gdt,

@@ -466,9 +466,7 @@ def do_sched_op(v: "VCPU", cmd: int, arg: int, a3: int = 0, *_) -> int:
             now = v.domain.hypervisor.system_time_ns()
             v.poll_timeout_handle = asyncio.get_running_loop().call_later(
                 max(0, timeout - now) / 1e9, v.end_poll)
-        v.blocked = True
-        v._wake.clear()
-        v.engine.stop()
+        v.block()                # Xen's do_poll: vcpu_block, its runstate `blocked`
         return 0
     if cmd == SchedOp.remote_shutdown:
         raise HypercallError(Errno.EPERM)

@@ -146,6 +146,39 @@ def deliver_event(v: "VCPU") -> None:
     bounce(v, cb[0], mask_events=True)
 
 
+NMI_VECTOR = 2
+
+
+def deliver_nmi(v: "VCPU") -> None:
+    """Xen's process_nmi (x86_64/entry.S, on every return to the guest before the event
+    check): a pending NMI is left pending while NMIs are masked (async_exception_mask's
+    VCPU_TRAP_NMI: from a delivery until the guest's next HYPERVISOR_iret). Else it is no
+    longer pending, and it is bounced to trap_ctxt[2] (set_trap_table's vector 2 or
+    CALLBACKTYPE_nmi, set_guest_nmi_trapbounce) with NMIs masked, events masked per the
+    entry's TI flag; without a handler it is dropped. The caller runs the event check
+    after it, as test_all_events does. Every return path calls this one function (the
+    slice's start, the hypercalls that can leave one deliverable: send_nmi to the calling
+    vCPU, iret)."""
+    if not v.nmi_pending or v.nmi_masked:
+        return
+    v.nmi_pending = False
+    flags, _cs, handler = v.trap_table[NMI_VECTOR]
+    if not handler:
+        return
+    v.nmi_masked = True
+    log.debug("%r: NMI to %#x", v, handler)
+    bounce(v, handler, mask_events=bool(flags & TI_FLAG_MASK_EVENTS))
+
+
+def deliver_nmi_from_hypercall(v: "VCPU") -> None:
+    """deliver_nmi at a hypercall's return; a delivery ends the slice, so that the next one
+    starts with NMIs masked known to the engine (the KVM engine's C loop completes
+    HYPERVISOR_iret only while none is masked: VCPU.nmi_masked, fast_hypercalls_ok)."""
+    if v.nmi_pending and not v.nmi_masked:
+        deliver_nmi(v)
+        v.engine.stop()
+
+
 def exception(v: "VCPU", vector: int, error: int, cr2: int) -> None:
     """A CPU exception or software interrupt reported by the engine: a #GP(0) is first offered
     to the privileged-operation emulator (emulate.py), as Xen's do_general_protection does."""
@@ -335,9 +368,23 @@ def do_set_trap_table(v: "VCPU", table: int, *_) -> int:
 def _register(v: "VCPU", ctype: int, address: int, flags: int) -> None:
     if not is_canonical(address):
         raise HypercallError(Errno.EINVAL)
-    if ctype in (CallbackType.event, CallbackType.nmi):
+    if ctype == CallbackType.nmi:
+        _set_nmi_entry(v, (TI_FLAG_MASK_EVENTS, FLAT_KERNEL_CS, address))
+        return
+    if ctype == CallbackType.event:
         flags |= CALLBACKF_mask_events
     v.set_callback(ctype, (address, flags))
+
+
+def _set_nmi_entry(v: "VCPU", entry: tuple[int, int, int]) -> None:
+    """Xen's register_guest_nmi_callback / unregister_guest_nmi_callback (pv/callback.c):
+    the NMI handler is the trap table's vector 2 (trap_ctxt[2]), which set_trap_table
+    writes too; a registered one has events masked (TI_SET_IF) and FLAT_KERNEL_CS.
+    (Xen re-asserts a lost NMI for vCPU 0 only from a hardware NMI reason, which no
+    domain of aiovmm has.)"""
+    table = list(v.trap_table)
+    table[NMI_VECTOR] = entry
+    v.trap_table = table
 
 
 def do_set_callbacks(v: "VCPU", event: int, failsafe: int, syscall: int, *_) -> int:
@@ -361,9 +408,29 @@ def do_callback_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
         return 0
     if cmd == CallbackOp.unregister:
         ctype = int.from_bytes(v.copy_from_guest(arg, 2), "little")
-        if ctype != CallbackType.nmi:
+        if ctype == CallbackType.nmi:
+            _set_nmi_entry(v, (0, 0, 0))
+            return 0
+        if ctype in (CallbackType.event, CallbackType.failsafe, CallbackType.syscall,
+                     CallbackType.syscall32, CallbackType.sysenter):
             raise HypercallError(Errno.EINVAL)
-        v.set_callback(ctype, None)
+        raise HypercallError(Errno.ENOSYS)
+    raise HypercallError(Errno.ENOSYS)
+
+
+XENNMI_register_callback, XENNMI_unregister_callback = 0, 1
+
+
+def do_nmi_op(v: "VCPU", cmd: int, arg: int, *_) -> int:
+    """nmi_op (#28, pv/callback.c do_nmi_op): the same NMI handler as CALLBACKTYPE_nmi;
+    struct xennmi_callback {handler_address, pad}."""
+    cmd &= 0xFFFFFFFF
+    if cmd == XENNMI_register_callback:
+        address = int.from_bytes(v.copy_from_guest(arg, 16)[:8], "little")
+        _register(v, CallbackType.nmi, address, 0)
+        return 0
+    if cmd == XENNMI_unregister_callback:
+        _set_nmi_entry(v, (0, 0, 0))
         return 0
     raise HypercallError(Errno.ENOSYS)
 
@@ -427,6 +494,11 @@ def do_iret(v: "VCPU", *_) -> None:
         inject_exception(v, vector, error, 0, frame_cs=sel, frame_ss=ss_sel)
     else:
         load_segments(v, *target)
+    # async_exception_cleanup: the NMI mask set at the last delivery goes; a pending NMI is
+    # delivered at this return (test_all_events).
+    if v.nmi_masked:
+        v.nmi_masked = False
+        deliver_nmi_from_hypercall(v)
     return None
 
 

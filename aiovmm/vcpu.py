@@ -210,6 +210,10 @@ class VCPU:
         self.in_ptwr_step = False
         self.pending_ptwr = None
         self.pending_trap: tuple[int, int, int] | None = None
+        # Xen's arch.nmi_pending and async_exception_mask's NMI bit (traps.deliver_nmi):
+        # set by VCPUOP_send_nmi; masked from a delivery to the next HYPERVISOR_iret.
+        self.nmi_pending = False
+        self.nmi_masked = False
         self.in_multicall = False
         # Privileged state Xen keeps per PV vCPU (emulate.py, cpuid.py).
         self.iopl = 0
@@ -237,7 +241,8 @@ class VCPU:
             engine.segment_descriptor = (
                 lambda name, sel: descriptors.current_descriptor(self, name, sel))
         engine.on_hypercall_done = self._after_fast_hypercall
-        engine.fast_hypercalls_ok = lambda: self.domain.shutdown_reason is None
+        # No C fast paths while an NMI is masked: its HYPERVISOR_iret must reach traps.do_iret.
+        engine.fast_hypercalls_ok = lambda: self.domain.shutdown_reason is None and not self.nmi_masked
         attach = getattr(engine, "attach_pv", None)
         if attach is not None:
             attach(self.pv)
@@ -481,6 +486,10 @@ class VCPU:
                         self.pending_trap = None
                         self.engine.set("rip", rip)
                         traps.exception(self, vector, error, 0)
+                        if dom.dying:
+                            break
+                    if self.nmi_pending:
+                        traps.deliver_nmi(self)
                         if dom.dying:
                             break
                     if self.event_deliverable():

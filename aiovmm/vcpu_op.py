@@ -16,7 +16,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import (
-    HYPERVISOR_VIRT_END, PAGE_SIZE, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS, CallbackType, Errno,
+    HYPERVISOR_VIRT_END, PAGE_SIZE, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS, Errno,
     ShutdownReason, VcpuInfo, VcpuOp, VCPU_SET_SINGLESHOT_TIMER,
 )
 from .errors import HypercallError
@@ -255,29 +255,22 @@ def do_vcpu_op(v: "VCPU", cmd: int, vcpuid: int, arg: int, *_) -> int:
     if cmd == VcpuOp.get_physid:
         raise HypercallError(Errno.EINVAL, "not a hardware-domain pinned vCPU")
     if cmd == VcpuOp.send_nmi:
-        return _send_nmi(target, arg)
+        return _send_nmi(v, target, arg)
     raise HypercallError(Errno.ENOSYS)
 
 
-def _nmi_handler(v: "VCPU") -> int:
-    """Where an NMI would be bounced to (0: nowhere). Xen keeps one entry, trap_ctxt[2],
-    written both by set_trap_table and by CALLBACKOP_register(CALLBACKTYPE_nmi); aiovmm keeps
-    the two apart, so either counts."""
-    cb = v.callbacks.get(CallbackType.nmi)
-    return (cb[0] if cb else 0) or v.trap_table[2][2]
-
-
-def _send_nmi(target: "VCPU", arg: int) -> int:
+def _send_nmi(caller: "VCPU", target: "VCPU", arg: int) -> int:
     """VCPUOP_send_nmi (Xen: arch/x86/domain.c do_vcpu_op): a non-NULL argument is -EINVAL;
-    else the target's nmi_pending is set and 0 returned. Xen acts on it when the target next
-    returns to the guest (x86_64/entry.S process_nmi): the flag is cleared and the NMI bounced
-    to trap_ctxt[2], or dropped when that is null. aiovmm does not deliver NMIs, so it answers
-    exactly only where Xen's NMI is dropped: an online target with no NMI handler (it returns
-    to the guest before it can register one). A target with a handler, or one that is down
-    (it may come up with one in its initial context), gets -ENOSYS, as before."""
+    else the target's NMI becomes pending (once: a second one before delivery is the same
+    NMI) and the target is kicked (vcpu_kick: a block or poll ends). It is delivered, or
+    dropped without a handler, at the target's next return to the guest
+    (traps.deliver_nmi): for the calling vCPU itself, this hypercall's return."""
     if arg:
         raise HypercallError(Errno.EINVAL, "VCPUOP_send_nmi takes no argument")
-    if target.online and not _nmi_handler(target):
-        return 0
-    raise HypercallError(Errno.ENOSYS, "NMI delivery is not implemented")
-
+    if not target.nmi_pending:
+        target.nmi_pending = True
+        target.kick()
+    if target is caller and not caller.in_multicall:     # a multicall: at its return
+        from . import traps
+        traps.deliver_nmi_from_hypercall(caller)
+    return 0

@@ -122,6 +122,7 @@ hypercall_page:
 
     TRAP_NOERR trap_divide_error, 0
     TRAP_NOERR trap_debug, 1
+    TRAP_NOERR trap_nmi, 2                  /* trap_ctxt[2] / CALLBACKTYPE_nmi */
     TRAP_NOERR trap_int3, 3
     TRAP_NOERR trap_overflow, 4
     TRAP_NOERR trap_bounds, 5

@@ -49,5 +49,6 @@ int probe_insn_len(u64 rip);
 
 /* Entry points in head.S. */
 extern char hypervisor_callback[], failsafe_callback[], syscall_callback[];
+extern char trap_nmi[];          /* NMI entry (vector 2): set_trap_handler(2, ...) */
 
 #endif
