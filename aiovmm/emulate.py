@@ -94,6 +94,19 @@ def fetch(v: "VCPU", rip: int) -> bytes:
     return out
 
 
+def legacy_prefixes(code: bytes) -> int | None:
+    """How many legacy prefixes start `code`. The CPU ignores them on the instructions that
+    take none (int3, int1, into, int n, sysenter: the engines' reports of those skip them
+    here), but LOCK makes each of those #UD, and an instruction past MAX_INSN_LEN faults:
+    None for both (the fault the engine reported stands)."""
+    n = 0
+    while n < len(code) and code[n] in _LEGACY_PREFIXES:
+        if code[n] == 0xF0:
+            return None
+        n += 1
+    return n if n < MAX_INSN_LEN else None
+
+
 def decode(code: bytes, rip: int) -> Insn:
     """Decode the prefixes, opcode and ModRM of the instructions this module emulates."""
     i = Insn()
@@ -710,8 +723,10 @@ def gp_fault(v: "VCPU", error: int) -> bool:
 def _sysenter(v: "VCPU", code: bytes) -> bool:
     """SYSENTER (0f 34) at RIP, which the policy's SEP offers and which neither engine's CPU
     runs in long mode (AMD and kvm-pvm raise #UD, or #GP(0) in compatibility mode): taken
-    as Xen's sysenter_entry takes it (traps.sysenter), whichever fault reported it."""
-    if code[:2] != b"\x0f\x34":
+    as Xen's sysenter_entry takes it (traps.sysenter), whichever fault reported it. Legacy
+    prefixes do not change it (as on the Intel CPU Xen's SYSENTER path assumes; LOCK: #UD)."""
+    n = legacy_prefixes(code)
+    if n is None or code[n:n + 2] != b"\x0f\x34":
         return False
     from . import traps
     traps.sysenter(v)

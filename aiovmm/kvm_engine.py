@@ -139,7 +139,7 @@ EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 MSR_IA32_TSC = 0x10
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 RF_TF, RF_IF, RF_DF, RF_NT, RF_AC = 0x100, 0x200, 0x400, 0x4000, 0x40000
-RF_IOPL, RF_VM = 0x3000, 0x20000
+RF_IOPL, RF_VM, RF_OF = 0x3000, 0x20000, 0x800
 
 # The engine's ring-0 pages, in Xen's supervisor-only L4 slot 261 (mmu.XenArea), after the
 # pages XenArea itself uses (L1 index 32 on): IDT, stubs, TSS, ring-0 stack.
@@ -1870,12 +1870,7 @@ class KVMEngine:
                 self._call(self.on_syscall32)
                 return
             if len(code) == 2 and code[0] == 0xCD and vector == 6:
-                n = code[1]
-                if n < 32 and n not in (3, 4):       # a DPL-0 gate: #GP as the CPU gives it
-                    self._call(self.on_exception, 13, (n << 3) | 2, 0)
-                else:
-                    r[16] = rip + 2
-                    self._call(self.on_exception, n, 0, 0)
+                self._int_n(rip, code[1], 2)
                 return
             if vector == 13 and code == b"\x0f\x01":
                 # vmcall outside VMX operation is #UD on a real CPU and on Xen; kvm-pvm
@@ -1958,19 +1953,52 @@ class KVMEngine:
         return total & 0xFFFFFFFFFFFFFFFF
 
     def _one_byte_trap(self, rip: int) -> bool:
-        """kvm-pvm reports `int3` (cc) and `icebp` (f1) in compatibility mode as #UD at the
-        instruction (measured; in 64-bit mode they arrive as vectors 3 and 1): a CPU, and
-        Xen, trap with #BP / #DB after it, the guest's trap 3 / 1 (gdb's breakpoints in a
-        32-bit process). True if it was one of them, reported so."""
+        """kvm-pvm reports in compatibility mode as #UD at the instruction (measured): `int3`
+        (cc) and `icebp` (f1), `into` (ce) with OF set, and each of them or `int $n` (cd n)
+        after legacy prefixes (in 64-bit mode int3, icebp and int $n arrive as their vectors
+        past the instruction, prefixes and all; `into` is #UD there, as on a CPU). A CPU,
+        and Xen (its IDT gates 1, 3, 4 are DPL 3; do_int3, do_trap), trap past the whole
+        instruction, the prefixes ignored (LOCK: #UD, emulate.legacy_prefixes): the guest's
+        trap 3 / 1 / 4 (gdb's breakpoints in a 32-bit process), `int $n` as _int_n; `into`
+        with OF clear does nothing. True if it was one of them, reported so."""
+        from .emulate import legacy_prefixes
         try:
-            b = self._read_code(rip, 1)
+            code = self._read_code(rip, 15)
         except LookupError:
+            try:
+                code = self._read_code(rip, PAGE_SIZE - (rip & 0xFFF))   # up to an unmapped page
+            except LookupError:
+                return False
+        n = legacy_prefixes(code)
+        if n is None or n >= len(code):
             return False
-        if b not in (b"\xcc", b"\xf1"):
+        op = code[n]
+        r = self.regs
+        if op == 0xCD and n and n + 1 < len(code):
+            self._int_n(rip, code[n + 1], n + 2)
+            return True
+        if op == 0xCE and not self._sregs[_SEG["cs"] + 19]:      # compatibility mode
+            r[16] = rip + n + 1
+            self._dirty.value |= SYNC_REGS
+            if r[17] & RF_OF:
+                self._call(self.on_exception, 4, 0, 0)
+            return True
+        if op not in (0xCC, 0xF1):
             return False
-        self.regs[16] = rip + 1
-        self._call(self.on_exception, 3 if b == b"\xcc" else 1, 0, 0)
+        r[16] = rip + n + 1
+        self._call(self.on_exception, 3 if op == 0xCC else 1, 0, 0)
         return True
+
+    def _int_n(self, rip: int, n: int, length: int) -> None:
+        """`int $n` of `length` bytes at `rip` that kvm-pvm reported as #UD at the
+        instruction: as the CPU with Xen's IDT gives it (DPL-3 gates only for 3 and 4 among
+        the exceptions), #GP((n << 3) | 2) at the instruction for a vector below 32, else
+        vector n past it (traps.inject_exception checks the guest's gate)."""
+        if n < 32 and n not in (3, 4):
+            self._call(self.on_exception, 13, (n << 3) | 2, 0)
+        else:
+            self.regs[16] = rip + length
+            self._call(self.on_exception, n, 0, 0)
 
     def _int_before(self, rip: int) -> int | None:
         """n if the two bytes before `rip` are `int $n` (cd n), else None."""

@@ -1,7 +1,10 @@
 """Red team (guest-only): `int3` and `icebp` of a 32-bit user process (compatibility mode)
 on the KVM engine. kvm-pvm reports both as #UD at the instruction; a CPU and Xen trap with
 #BP / #DB after it (the guest's trap 3 / 1: gdb's breakpoints in 32-bit processes got
-SIGILL). Both modes must give what 64-bit mode gives (kvm_engine._one_byte_trap)."""
+SIGILL). Both modes must give what 64-bit mode gives (kvm_engine._one_byte_trap). With legacy
+prefixes (which the CPU ignores on them) kvm-pvm reports those and `int $n` as #UD in
+compatibility mode too, and `into` (ce) with OF set: Xen traps past the whole instruction
+(its IDT gates 1, 3, 4 are DPL 3): #BP, #DB, #OF; `into` with OF clear does nothing."""
 from __future__ import annotations
 
 import pytest
@@ -11,12 +14,15 @@ from test_redteam_iret_cs import KVM_ONLY, REGS, USER_CODE_VA, _back, _iret, _ru
 
 
 @KVM_ONLY
-@pytest.mark.parametrize("insn,vector", [(b"\xcc", 3), (b"\xf1", 1)], ids=["int3", "icebp"])
+@pytest.mark.parametrize("insn,vector", [
+    (b"\xcc", 3), (b"\xf1", 1), (b"\x66\xcc", 3), (b"\xf3\x2e\xcc", 3), (b"\x66\xf1", 1),
+    (b"\x66\xcd\x03", 3), (b"\x67\xcd\x04", 4), (b"\x66\xcd\x80", 0x80)],
+    ids=["int3", "icebp", "66-int3", "f3-2e-int3", "66-icebp", "66-int-3", "67-int-4", "66-int-80"])
 async def test_one_byte_traps_in_compatibility_mode_are_the_guests_trap(insn, vector):
     async with hand_driven_vcpu(REGS, "kvm") as (hv, dom, v):
         ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
-        saved = bytes(hv.mem.map[ma:ma + 4])
-        hv.mem.map[ma:ma + 4] = insn + b"\xeb\xfe\x90"
+        saved = bytes(hv.mem.map[ma:ma + 8])
+        hv.mem.map[ma:ma + 8] = (insn + b"\xeb\xfe" + b"\x90" * 8)[:8]
         seen, on_exception = [], v.engine.on_exception
 
         def noted(vec, err, cr2):
@@ -32,10 +38,47 @@ async def test_one_byte_traps_in_compatibility_mode_are_the_guests_trap(insn, ve
                 assert dom.shutdown_reason is None and v.kernel_mode
                 landed.append(v.engine.get("rip"))
                 _back(v)
-            assert seen == [(vector, 0, USER_CODE_VA + 1)] * 2, seen
+            assert seen == [(vector, 0, USER_CODE_VA + len(insn))] * 2, seen
             assert landed[0] == landed[1]                # the same trap handler
         finally:
-            hv.mem.map[ma:ma + 4] = saved
+            hv.mem.map[ma:ma + 8] = saved
             if not v.kernel_mode:
                 v.switch_to_kernel()
             v.engine.write({"cs": 0xE033})
+
+
+@KVM_ONLY
+@pytest.mark.parametrize("insn", [b"\xce", b"\x66\xce"], ids=["into", "66-into"])
+async def test_into_in_compatibility_mode_is_of_with_overflow_else_nothing(insn):
+    async with hand_driven_vcpu(REGS, "kvm") as (hv, dom, v):
+        ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
+        saved = bytes(hv.mem.map[ma:ma + 8])
+        hv.mem.map[ma:ma + 8] = (insn + b"\xeb\xfe" + b"\x90" * 8)[:8]
+        seen, on_exception, on_ud = [], v.engine.on_exception, v.engine.on_invalid_opcode
+
+        def noted(vec, err, cr2):
+            seen.append((vec, err, v.engine.get("rip")))
+            return on_exception(vec, err, cr2)
+        v.engine.on_exception = noted
+        v.engine.on_invalid_opcode = lambda: seen.append(("ud", v.engine.get("rip")))
+        try:
+            for of in (1, 0):
+                _iret(v, 0xE023)
+                v.engine.write({"rflags": 0x202 | of << 11})
+                _run_kvm_exit(v, False)
+                if of:
+                    assert seen == [(4, 0, USER_CODE_VA + len(insn))], seen
+                    assert dom.shutdown_reason is None and v.kernel_mode
+                else:
+                    # A no-op: on to the `jmp .` behind it, in user mode, nothing reported.
+                    assert seen == [] and not v.kernel_mode, seen
+                    assert v.engine.get("rip") == USER_CODE_VA + len(insn)
+                    v.switch_to_kernel()
+                _back(v)
+                seen.clear()
+        finally:
+            hv.mem.map[ma:ma + 8] = saved
+            if not v.kernel_mode:
+                v.switch_to_kernel()
+            v.engine.write({"cs": 0xE033})
+            v.engine.on_exception, v.engine.on_invalid_opcode = on_exception, on_ud

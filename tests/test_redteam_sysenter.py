@@ -27,3 +27,14 @@ def test_sysenter_goes_to_the_sysenter_callback_from_both_modes(res):
 def test_sysenter_without_callback_is_gp0_with_xens_frame(res):
     assert (res["cb_off"], res["status_gp"], res["gp_vec"], res["gp_err"], res["gp_rip"],
             res["gp_cs"], res["gp_rsp"], res["alive"]) == ("0", "7", "13", "0", "0", "3", "0", "1"), res
+
+
+def test_prefixed_sysenter_is_sysenter_and_lock_is_ud(res):
+    """Legacy prefixes before SYSENTER change nothing on the CPU Xen assumes (66, f3: the
+    callback, as plain); LOCK makes it #UD at the instruction (its first prefix, +31). Found:
+    kvm-pvm's #GP(0) / #UD at a prefixed one became the guest's #GP / #UD
+    (emulate._sysenter matched only 0f 34 at RIP)."""
+    got = {k: res.get(k) for k in ("pfx_66_64", "pfx_66_32", "pfx_f3_64", "pfx_f3_32",
+                                   "lock_64", "lock_32", "ud_rip_64", "ud_rip_32")}
+    assert got == {"pfx_66_64": "42", "pfx_66_32": "43", "pfx_f3_64": "42", "pfx_f3_32": "43",
+                   "lock_64": "9", "lock_32": "9", "ud_rip_64": "31", "ud_rip_32": "31"}, res

@@ -7,11 +7,14 @@
  * hypercall, never the syscall callbacks, never #UD.
  * Output: result cb 0, result status_64 42, result status_32 43, result cb_off 0,
  * result status_gp 7, result gp_vec 13, result gp_err 0, result gp_rip 0, result gp_cs 3,
- * result gp_rsp 0, result alive 1. */
+ * result gp_rsp 0, result alive 1. Prefixed (66, f3: ignored by the CPU) the same; with
+ * LOCK (f0) #UD at the instruction: result pfx_66_64 42, pfx_66_32 43, pfx_f3_64 42,
+ * pfx_f3_32 43, lock_64 9, lock_32 9, ud_rip_64 31, ud_rip_32 31. */
 #include "hostile.h"
 #include "user.h"
 
-#define EXIT64_OFF 35
+#define EXIT64_OFF 36
+#define PREFIX_OFF 31
 
 static const u8 prog[] = {
     0xBB, 0x00, 0x00, 0x00, 0x00,       /* mov $mode,%ebx (patched: 0 64-bit, 1 compat) */
@@ -23,9 +26,10 @@ static const u8 prog[] = {
     0xB8, 0x3C, 0x00, 0x00, 0x00,       /* mov $60,%eax (exit)        (+21) */
     0x89, 0xDF,                         /* mov %ebx,%edi */
     0x83, 0xC7, 0x2A,                   /* add $42,%edi: 42 64-bit, 43 compat */
-    0x0F, 0x34,                         /* sysenter (+31) */
+    0x90,                               /* nop, or a prefix (+31, patched) */
+    0x0F, 0x34,                         /* sysenter */
     0xEB, 0xFE,                         /* jmp . */
-    0xB8, 0x3C, 0x00, 0x00, 0x00,       /* 64-bit: mov $60,%eax (+35) */
+    0xB8, 0x3C, 0x00, 0x00, 0x00,       /* 64-bit: mov $60,%eax (+36) */
     0xBF, 0x07, 0x00, 0x00, 0x00,       /* mov $7,%edi */
     0x0F, 0x05,                         /* syscall */
     0xEB, 0xFE,                         /* jmp . */
@@ -35,6 +39,20 @@ extern char syscall_callback[];
 
 static volatile long gp_vec = -1, gp_err = -1;
 static volatile u64 gp_rip = 1, gp_cs, gp_rsp = 1;
+
+static volatile u64 ud_rip = 1;
+static u8 exit_code = 7;
+
+static int on_user_ud(struct regs *r)
+{
+    if (!regs_from_user(r))
+        return 0;
+    ud_rip = r->rip - USER_CODE_VA;
+    r->rip = USER_CODE_VA + EXIT64_OFF;       /* to the 64-bit exit, status 9 */
+    r->cs = 0xE033;
+    r->rsp = USER_STACK_TOP;
+    return 1;
+}
 
 static int on_user_gp(struct regs *r)
 {
@@ -55,12 +73,30 @@ void app_main(void)
 {
     traps_init();
     set_trap_handler(13, on_user_gp);
+    set_trap_handler(6, on_user_ud);
     u8 *code = user_install(prog, sizeof prog);
     result("cb", register_callback(5, (unsigned long)syscall_callback));
     code[1] = 0;                               /* ebx 0: 64-bit */
     result("status_64", user_run());
     code[1] = 1;                               /* ebx 1: compatibility mode */
     result("status_32", user_run());
+    static const struct { u8 prefix; const char *n64, *n32; } pfx[] = {
+        { 0x66, "pfx_66_64", "pfx_66_32" }, { 0xF3, "pfx_f3_64", "pfx_f3_32" },
+        { 0xF0, "lock_64", "lock_32" } };
+    for (unsigned i = 0; i < 3; i++) {
+        code[PREFIX_OFF] = pfx[i].prefix;
+        code[EXIT64_OFF + 6] = pfx[i].prefix == 0xF0 ? 9 : 7;   /* mov $9/$7,%edi */
+        code[1] = 0;
+        result(pfx[i].n64, user_run());
+        if (pfx[i].prefix == 0xF0)
+            result("ud_rip_64", (long)ud_rip);
+        code[1] = 1;
+        result(pfx[i].n32, user_run());
+        if (pfx[i].prefix == 0xF0)
+            result("ud_rip_32", (long)ud_rip);
+    }
+    code[PREFIX_OFF] = 0x90;
+    code[EXIT64_OFF + 6] = exit_code;
     result("cb_off", register_callback(5, 0));
     code[1] = 0;
     result("status_gp", user_run());
