@@ -363,22 +363,37 @@ def load_user_gs(v: "VCPU", sel: int) -> tuple[int, int]:
     sel &= 0xFFFF
     if sel <= 3:
         return sel, 0
-    sel |= 3
+    sel, desc = data_segment(v, sel | 3) or (0, 0)
+    return sel, ((desc >> 16) & 0xFFFFFF) | ((desc >> 56) << 24)
+
+
+def data_segment(v: "VCPU", sel: int) -> tuple[int, int] | None:
+    """Xen's load of a data segment register (DS, ES, FS, GS) with `sel` at CPL 0, then
+    its return to the guest's ring 3: (the selector the guest then has, its descriptor as
+    loaded, 0 for a null one), or None where the load faults: beyond the GDT/LDT limit, a system segment,
+    execute-only code, data or non-conforming code with DPL below RPL, not present. A null
+    selector (0-3) loads as given; one with DPL below 3 loads, and the IRET to ring 3
+    nulls it. A load sets the descriptor's accessed bit, as the CPU does."""
+    sel &= 0xFFFF
+    if sel <= 3:
+        return sel, 0
     addr = _descriptor_address(v, sel)
     if addr is None:
-        return 0, 0
-    mem = v.domain.mem
-    desc = mem.read_u64(addr)
+        return None
+    desc = v.domain.mem.read_u64(addr)
     hi = desc >> 32
     if not hi & SEG_S or hi & (SEG_CODE | SEG_READABLE) == SEG_CODE:
-        return 0, 0
-    # Data and non-conforming code: max(CPL 0, RPL 3) must not exceed the DPL.
-    if not (hi & SEG_CODE and hi & SEG_CONFORMING) and (hi & SEG_DPL) >> 13 < 3:
-        return 0, 0
+        return None
+    conforming = hi & SEG_CODE and hi & SEG_CONFORMING
+    # Data and non-conforming code: max(CPL 0, RPL) must not exceed the DPL.
+    if not conforming and (hi & SEG_DPL) >> 13 < sel & 3:
+        return None
     if not hi & SEG_P:
-        return 0, 0
+        return None
     set_accessed(v, sel)
-    return sel, ((desc >> 16) & 0xFFFFFF) | ((desc >> 56) << 24)
+    if not conforming and (hi & SEG_DPL) >> 13 < 3:
+        return 0, 0
+    return sel, desc | SEG_ACCESSED << 32
 
 
 # ---------------------------------------------------------------------------- hypercalls

@@ -1143,7 +1143,11 @@ class KVMEngine:
     def load_segment(self, name: str, selector: int, desc: int) -> None:
         """Load CS or SS as a far transfer does: the selector and the whole hidden part
         from the 8-byte descriptor `desc` (checked by the caller), kept for the returns to
-        CPL 3 after exits through the ring-0 stubs."""
+        CPL 3 after exits through the ring-0 stubs. DS/ES: the selector (kvm-pvm runs the
+        guest on the host's descriptor tables: the hidden part is not the guest's)."""
+        if name in ("ds", "es"):
+            self._set(name, selector)
+            return
         img = self._cpl3_segs[name] = _seg_image(selector, desc)
         if name == "cs":
             self._ctx.cpl3_cs_set = 0           # this load is newer than C's fast_iret's

@@ -39,7 +39,8 @@ MAX_NESTED_FAULTS = 16
 def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_events: bool,
            rip: int | None = None, rcx: int | None = None, r11: int | None = None,
            clear_df: bool = False, frame_cs: int | None = None,
-           frame_ss: int | None = None, frame_rsp: int | None = None) -> bool:
+           frame_ss: int | None = None, frame_rsp: int | None = None,
+           extra: tuple[int, ...] = ()) -> bool:
     """Build a bounce frame and continue at `handler`. Returns False if the domain crashed.
     The frame's CS and SS are Xen's regs->cs/ss: the selectors the interrupted code ran
     with (CS with RPL cleared from kernel mode), unless given: `frame_cs`/`frame_ss` (after
@@ -47,7 +48,8 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     with FLAT_KERNEL_CS/SS (create_bounce_frame), loaded as segments (a guest returning from
     compatibility mode or with its own SS gets them back). `frame_rsp`: Xen's regs->rsp
     when it is not the guest's (sysenter_entry's 0): the frame's and, from kernel mode, the
-    stack the frame goes on."""
+    stack the frame goes on. `extra`: words between r11 and rip (the failsafe callback's
+    ds, es, fs, gs)."""
     eng = v.engine
     cur_rip, rsp, rflags, cur_rcx, cur_r11, cur_cs, cur_ss = eng.read(
         ("rip", "rsp", "rflags", "rcx", "r11", "cs", "ss"))
@@ -73,6 +75,7 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     frame = [cur_rcx if rcx is None else rcx, cur_r11 if r11 is None else r11]
     if error_code is not None:
         frame.append(error_code & 0xFFFFFFFF)
+    frame += extra
     frame += [rip, (cs & 0xFFFF) | (old_mask << 32), saved_flags, rsp, ss & 0xFFFF]
     if bounce_stack_in_xen_range(s):
         v.crash(f"bounce frame below {s:#x} lies in Xen's range")
@@ -136,6 +139,17 @@ def _write_frame(v: "VCPU", new_rsp: int, frame: list[int]) -> None:
     addrs = [mmu.translate(root, (new_rsp + 8 * i) & _U64, True) for i in range(len(frame))]
     for ma, x in zip(addrs, frame):
         v.domain.mem.write_u64(ma, x)
+
+
+def failsafe(v: "VCPU", selectors: tuple[int, int, int, int]) -> None:
+    """Xen's load_segments (arch/x86/domain.c) when a data segment selector of the vCPU's
+    context did not load (NUL loaded instead: vcpu_context.load_data_segments): the
+    failsafe callback, events masked per VGCF_failsafe_disables_events, its frame [rcx r11
+    ds es fs gs rip cs rflags rsp ss] holding the selectors asked for."""
+    address, flags = v.callbacks.get(CallbackType.failsafe, (0, 0))
+    log.info("%r: context selectors %s do not load: failsafe callback %#x", v,
+             [hex(s) for s in selectors], address)
+    bounce(v, address, mask_events=bool(flags & CALLBACKF_mask_events), extra=selectors)
 
 
 def deliver_event(v: "VCPU") -> None:

@@ -214,6 +214,9 @@ class VCPU:
         # set by VCPUOP_send_nmi; masked from a delivery to the next HYPERVISOR_iret.
         self.nmi_pending = False
         self.nmi_masked = False
+        # A context's data selectors that did not load (vcpu_context.load_data_segments):
+        # the failsafe callback at the next slice's start (traps.failsafe).
+        self.pending_failsafe: tuple[int, int, int, int] | None = None
         self.in_multicall = False
         # Privileged state Xen keeps per PV vCPU (emulate.py, cpuid.py).
         self.iopl = 0
@@ -481,6 +484,11 @@ class VCPU:
                         self.flush_code_pending = False
                         self.code_flushed_at = loop_time()
                         self.engine.flush_code()
+                    if self.pending_failsafe is not None:
+                        sels, self.pending_failsafe = self.pending_failsafe, None
+                        traps.failsafe(self, sels)
+                        if dom.dying:
+                            break
                     if self.pending_trap is not None:
                         vector, error, rip = self.pending_trap
                         self.pending_trap = None

@@ -179,6 +179,7 @@ def set_context(v: "VCPU", c: VcpuContext) -> None:
     eng.set_cr3(root << PAGE_SHIFT)
     gprs = {n: r.get(n, 0) for n in ("rax", "rcx", "rdx", "rbx", "rsi", "rdi", "rbp", "r8",
                                      "r9", "r10", "r11", "r12", "r13", "r14", "r15")}
+    load_data_segments(v, c)
     enter(v, segs, gprs, r.get("rip", 0), r.get("rsp", 0),
           (rflags & RFLAGS_KEPT) | RFLAGS_IF | RFLAGS_MBS)
     eng.load_fpu(c.fpu if c.flags & VGCF.i387_valid else None)   # fpu_ctxt leads
@@ -187,6 +188,26 @@ def set_context(v: "VCPU", c: VcpuContext) -> None:
     eng.flush_tlb()
     timers.write_pvclock(v)
     v.initialised = True
+
+
+def load_data_segments(v: "VCPU", c: VcpuContext) -> None:
+    """The context's DS, ES, FS and GS selectors (user_regs, kept as given: arch_set_info_
+    guest), loaded as Xen's load_segments loads them when the vCPU first runs: each as
+    descriptors.data_segment finds it; one that does not load is NUL, and the vCPU then
+    starts in its failsafe callback (VCPU.pending_failsafe, traps.failsafe; `enter` then
+    takes it in directly, so that the bounce finds the context's registers). Before
+    `enter` and before the FS/GS bases are written: those of the context win over the
+    descriptors' (as Xen writes the bases after the selectors). Shared by
+    VCPUOP_initialise and a restore."""
+    r = c.regs
+    asked = tuple(r.get(n, 0) & 0xFFFF for n in ("ds", "es", "fs", "gs"))
+    found = [descriptors.data_segment(v, s) for s in asked]
+    loads = [got or (0, 0) for got in found]
+    eng = v.engine
+    for name, (sel, desc) in zip(("ds", "es"), loads):
+        eng.load_segment(name, sel, desc)           # with the hidden part (an IRETQ keeps it)
+    eng.write({"fs": loads[2][0], "gs": loads[3][0]})
+    v.pending_failsafe = asked if None in found else None
 
 
 def start_segments(v: "VCPU", c: VcpuContext) -> tuple[int, int, int, int]:
@@ -212,10 +233,11 @@ def enter(v: "VCPU", segs: tuple[int, int, int, int], gprs: dict[str, int], rip:
     """Arrange the vCPU's first entry at rip/rsp in the segments start_segments gave. Xen's
     flat 64-bit pair enters through the engine's start path as it always has; any other
     (compatibility mode, a segment of the guest's own tables) enters directly and is loaded
-    through traps.load_segments, as HYPERVISOR_iret loads it."""
+    through traps.load_segments, as HYPERVISOR_iret loads it; so does a vCPU that starts in
+    its failsafe callback (load_data_segments: the bounce reads the registers it enters with)."""
     from . import traps
     hv = v.domain.hypervisor
-    flat = (segs[0], segs[2]) == (FLAT_KERNEL_CS, FLAT_KERNEL_SS)
+    flat = (segs[0], segs[2]) == (FLAT_KERNEL_CS, FLAT_KERNEL_SS) and v.pending_failsafe is None
     v.engine.start_in_stub(hv.xen.STUB_VA, hv.xen.STUB_STACK_TOP, gprs, rip, rsp, rflags,
                            direct=not flat)
     if not flat:

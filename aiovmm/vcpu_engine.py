@@ -692,8 +692,10 @@ class VCPUEngine:
     def load_segment(self, name: str, selector: int, desc: int) -> None:
         """Load CS or SS as a far transfer does: the selector and the hidden part from the
         8-byte descriptor `desc` (checked by the caller: descriptors.iret_code_segment),
-        so a code segment without L runs in compatibility mode from the next instruction."""
-        self._segs.load(_R_CS if name == "cs" else _R_SS, selector, desc)
+        so a code segment without L runs in compatibility mode from the next instruction;
+        DS or ES the same (Unicorn's register write in 64-bit mode sets their selector
+        only, and an IRETQ to ring 3 then nulls them)."""
+        self._segs.load({"cs": _R_CS, "ss": _R_SS, "ds": _R_DS, "es": _R_ES}[name], selector, desc)
 
     def set(self, name: str, value: int) -> None:
         self.write({name: value})

@@ -384,6 +384,10 @@ async def test_multi_vcpu_save_restore_both_carry_on(hv, tmp_path, mode):
         from aiovmm.migration.context import VGCF, VcpuContext
         c1 = VcpuContext.unpack(f.read(5168))
     assert bool(c1.flags & VGCF.in_kernel) == (mode == "kernel") and bool(c1.ctrlreg[1]) == (mode == "user")
+    # The data selectors of vCPU 1's VCPUOP_initialise context (suspend.c start_ap), which
+    # the vCPU kept (arch_set_info_guest / load_segments), are in its record ...
+    segs = {"ds": 0xE02B, "es": 0xE023, "fs": 0xE033, "gs": 0xE02B}
+    assert {n: c1.regs[n] for n in segs} == segs, c1.regs
     assert ap > 0 and bad == 0
     r = verify_stream(path)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -403,6 +407,8 @@ async def test_multi_vcpu_save_restore_both_carry_on(hv, tmp_path, mode):
     await _refused(hv, bad, _patch(data, basic1 + 8, struct.pack("<I", 3)), "vcpu 3")
     dom2 = await hv.restore(path)
     assert [(v.online, v.initialised) for v in dom2.vcpus] == [(True, True), (True, True), (False, False)]
+    # ... and loaded again by the restore.
+    assert dict(zip(segs, dom2.vcpus[1].engine.read(tuple(segs)))) == segs
     await dom2.wait_for_line(r"suspend: resumed rc=0", 10)
     await dom2.wait_for_line(rf"uptime: ticks={ticks + 20} ", 20)
     t2, sum2, ap2, bad2 = smp_uptime(dom2)

@@ -590,6 +590,7 @@ def _make_vcpu(hv: "Hypervisor", dom: "Domain", c: VcpuContext, root: int, user_
         segs = vcpu_context.start_segments(v, c)
     except HypercallError as e:
         raise S.StreamError(f"vcpu 0: context refused: {e}") from None
+    vcpu_context.load_data_segments(v, c)
     vcpu_context.enter(v, segs, gprs, r.get("rip", 0), r.get("rsp", 0), rflags)
     eng.write({"fs_base": c.fs_base, "gs_base": c.gs_base_kernel})
     eng.load_fpu(c.fpu if c.flags & VGCF.i387_valid else None)

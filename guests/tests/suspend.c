@@ -185,6 +185,12 @@ static void start_ap(int user)
     c.kernel_ss = FLAT_KERNEL_SS;
     c.kernel_sp = (unsigned long)(ap_stack + sizeof(ap_stack));
     c.ctrlreg[3] = virt_to_mfn((void *)start_info->pt_base) << PAGE_SHIFT;
+    /* Data selectors the vCPU keeps (a save and restore must carry them): DS FLAT_USER_DS,
+     * ES FLAT_USER_CS32, FS FLAT_USER_CS64, GS FLAT_USER_DS (all load from ring 3). */
+    c.user_regs.ds = 0xe02b;
+    c.user_regs.es = 0xe023;
+    c.user_regs.fs = 0xe033;
+    c.user_regs.gs = 0xe02b;
     if (user) {
         c.flags = VGCF_online;
         c.user_regs.rip = AP_USER_VA;
