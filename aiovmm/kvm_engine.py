@@ -229,7 +229,9 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_take_kick.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_create.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_delete.argtypes = [ctypes.c_void_p]
-        lib.aiovmm_kvm_diff.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.aiovmm_kvm_guard_frame.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
+                                               ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int,
+                                               ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         lib.aiovmm_kvm_make_vm.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p,
                                            ctypes.c_void_p, ctypes.c_void_p]
         lib.aiovmm_kvm_run_ex.argtypes = [ctypes.c_void_p]
@@ -683,9 +685,7 @@ async def close_vm_pool(mem: "MachineMemory") -> None:
 
 
 _ENTRIES = struct.Struct("<512Q")
-_U64 = struct.Struct("<Q")
 _HCALL_ARGS = struct.Struct("<Q16xQQQ16xQ8xQ")   # kvm_regs: rax, rdx, rsi, rdi, r8, r10
-_AD_BITS = 0x60                        # accessed/dirty: KVM itself sets them in guest entries
 
 
 class _ShadowGuard:
@@ -742,6 +742,8 @@ class _ShadowGuard:
         self._arena = ctypes.create_string_buffer(0)
         self._cap = 0
         self._idx = (ctypes.c_int32 * 512)()
+        self._out = (ctypes.c_uint64 * 1536)()
+        self._step = _native().aiovmm_kvm_guard_frame
         mem.pt_watchers.append(self)
 
     def close(self) -> None:
@@ -846,60 +848,54 @@ class _ShadowGuard:
         return entries, frames
 
     def _diff_written(self, entries: list[int], frames: list[int]) -> None:
+        """Diff every tracked frame written since the last check against its snapshot and
+        make the snapshot current, in C (aiovmm_kvm_guard_frame: one call per frame, which
+        classifies each lost entry as deferred or at once and lists the tables that added
+        entries link in)."""
         written, self.written = self.written, set()
         cleared: dict[int, list[int]] = {}
         if self.ad_cleared:
             for a in self.ad_cleared:
-                cleared.setdefault(a >> PAGE_SHIFT, []).append(a)
+                cleared.setdefault(a >> PAGE_SHIFT, []).append((a & (PAGE_SIZE - 1)) >> 3)
             self.ad_cleared = set()
         walks = []
         mem = self.mem
-        m, fd_address, owner, nr = mem.map, mem.fd_address, mem.owner, mem.nr_frames
+        fd_address, nr = mem.fd_address, mem.nr_frames
         arena = ctypes.addressof(self._arena)
-        diff, idx = _native().aiovmm_kvm_diff, self._idx
-        deferred = self.deferred
+        step, out, cl = self._step, self._out, self._idx
+        owner = self._owner_address()
+        level_of, slot, deferred = self.level, self.slot, self.deferred
         for mfn in written:
-            level = self.level.get(mfn)
+            level = level_of.get(mfn)
             if level is None:
                 continue                      # not tracked: KVM holds nothing of it
             base = mfn << PAGE_SHIFT
-            snap = self.slot[mfn] << PAGE_SHIFT
-            lost, added = [], []
-            for k in range(diff(fd_address + base, arena + snap, idx)):
-                i = idx[k]
-                o = _U64.unpack_from(self._arena, snap + 8 * i)[0]
-                n = _U64.unpack_from(m, base + 8 * i)[0]
-                if o & _PAGE_PRESENT:
-                    if (o ^ n) & ~_AD_BITS:
-                        lost.append((base + 8 * i, o))
-                elif n & _PAGE_PRESENT and not (level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST):
-                    added.append((n & PTE_FRAME_MASK) >> PAGE_SHIFT)
+            ncl = 0
             if mfn in cleared:
-                seen = {a for a, _ in lost}
-                lost += [(a, _U64.unpack_from(self._arena, snap + (a & (PAGE_SIZE - 1)))[0])
-                         for a in cleared[mfn] if a not in seen]
-            now = []
-            if level == 1:
-                own = owner[mfn]
-                for a, o in lost:
-                    t = (o & PTE_FRAME_MASK) >> PAGE_SHIFT
-                    if t < nr and owner[t] == own:
-                        deferred.add(a)       # the domain's own frame: until its flush
-                    else:
-                        now.append(a)         # a grant, Xen's page, ptwr's scratch: at once
+                for ncl, i in enumerate(cleared[mfn], 1):
+                    cl[ncl - 1] = i
+            r = step(fd_address + base, arena + (slot[mfn] << PAGE_SHIFT), level, base, owner, nr,
+                     cl, ncl, XEN_L4_FIRST, XEN_L4_LAST, out)
+            if not r:
+                continue
+            now, later, added = r & 0x3FF, (r >> 10) & 0x3FF, r >> 20
+            if later:
+                deferred.update(out[512:512 + later])
                 if len(deferred) > self.deferred_max:
                     self.deferred_max = len(deferred)
-            else:
-                now = [a for a, _ in lost]
-            if len(now) > self.WHOLE_FRAME_OVER:
+            if now > self.WHOLE_FRAME_OVER:
                 frames.append(mfn)
-            else:
-                entries += now
-            self._snapshot(mfn)
-            if level > 1:
-                walks += [(child, level - 1) for child in added]
+            elif now:
+                entries += out[:now]
+            if added:
+                walks += [(child, level - 1) for child in out[1024:1024 + added]]
         for child, level in walks:
             self._walk(child, level)
+
+    def _owner_address(self) -> int:
+        """The address of machine memory's owner array (array 'H': one domid per frame); the
+        array may be replaced (it is re-read at every check)."""
+        return self.mem.owner.buffer_info()[0]
 
     def _untrack(self, mfn: int) -> None:
         del self.level[mfn]
@@ -1036,6 +1032,7 @@ class KVMEngine:
         # table changes (mem.pt_generation): Linux polls the PIT from one instruction.
         self._xlate: dict[tuple[int, int], int] = {}
         self._xlate_gen = -1
+        self._fast_key = (-1, -1)       # (pt_generation, CR3) of the INs C answers (_remember_in)
         self._pt_gen = -1
         self.invalidations = 0        # ring-0 invalidation runs (targeted, kvm-pvm)
         self.invalidated = 0          # entries and frames they invalidated
@@ -1357,6 +1354,7 @@ class KVMEngine:
         self._step_hit = False
         self.stop_requested = False
         self._ctx.fast_hc = 0                   # every exit of the step is Python's
+        self._ctx.fast_n = 0
         rf = self.regs[17]
         start = self.regs[16]
         self.regs[17] = rf | RF_TF
@@ -1404,9 +1402,11 @@ class KVMEngine:
             self._lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
             self._timer_tid = _gettid()
             self._ctx.timer = self._timer.value
-        self._ctx.grace_ns = 0
-        self._ctx.fast_n = 0        # the host may have changed the port policy's inputs
-        self._ctx.deadline_ns = deadline_ns     # run_ex enters no guest past it
+        ctx = self._ctx
+        ctx.grace_ns = 0
+        if ctx.fast_n:
+            self._keep_port_answers()
+        ctx.deadline_ns = deadline_ns     # run_ex enters no guest past it
         self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline_ns)
 
     def _end(self) -> None:
@@ -2147,6 +2147,19 @@ class KVMEngine:
             return None
         return i + 1, rep
 
+    def _keep_port_answers(self) -> None:
+        """At a slice's start: keep the INs C answers by itself (_remember_in) only if what
+        each answer was checked against is unchanged since, though no exit of this vCPU was
+        handled in between (the slice ended on the timer): the instruction's translation (no
+        page-table write, the same CR3: an event bounced at the slice's end may have switched
+        to the kernel's root) and the port policy's answer without guest memory
+        (emulate.port_in_fixed again: the guest's mode may have changed; its other inputs,
+        the VM assists, IOPL and I/O bitmap, empty the table where they change,
+        forget_port_answers). Linux's quick_pit_calibrate spans hundreds of slices."""
+        if self._fast_key != (self.mem.pt_generation, self._sreg_u64(_SREG_OFF["cr3"])) \
+                or not self.port_in_fixed():
+            self._ctx.fast_n = 0
+
     def forget_port_answers(self) -> None:
         """Empty the table of INs aiovmm_kvm_run_ex answers by itself
         (emulate.port_policy_changed: the port policy's inputs changed)."""
@@ -2155,7 +2168,8 @@ class KVMEngine:
     def _remember_in(self, rip: int, port: int) -> None:
         """The one-byte IN at `rip` was just answered all ones: let aiovmm_kvm_run_ex answer
         it again by itself until the host handles any other exit (which empties the table:
-        the port policy's inputs, the guest's mode, IOPL and page tables, only change then),
+        the port policy's inputs, the guest's mode, IOPL and page tables, only change then,
+        or between slices, where _keep_port_answers checks them),
         if the policy's answer does not depend on guest memory (an I/O bitmap the guest can
         rewrite without an exit) and the instruction's bytes lie in one frame."""
         ctx = self._ctx
@@ -2168,6 +2182,10 @@ class KVMEngine:
             maddr = self._code_maddr(rip)
         except LookupError:
             return
+        key = (self.mem.pt_generation, self._sreg_u64(_SREG_OFF["cr3"]))
+        if ctx.fast_n and key != self._fast_key:
+            ctx.fast_n = 0                  # every entry in the table was made under one key
+        self._fast_key = key
         slot = ctx.fast[ctx.fast_next % _FAST_IN_MAX]
         slot.rip, slot.maddr, slot.port = rip, maddr, port
         ctx.fast_next = (ctx.fast_next + 1) % _FAST_IN_MAX
