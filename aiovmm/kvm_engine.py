@@ -229,9 +229,7 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_take_kick.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_create.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_delete.argtypes = [ctypes.c_void_p]
-        lib.aiovmm_kvm_guard_frame.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
-                                               ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int,
-                                               ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        # aiovmm_kvm_guard_frame: no argtypes (hot): a c_void_p and four ints below 2^31.
         lib.aiovmm_kvm_make_vm.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p,
                                            ctypes.c_void_p, ctypes.c_void_p]
         lib.aiovmm_kvm_run_ex.argtypes = [ctypes.c_void_p]
@@ -242,8 +240,8 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_layout.argtypes = [ctypes.c_int]
         lib.aiovmm_kvm_layout.restype = ctypes.c_size_t
         from .vcpu import PVState
-        if (lib.aiovmm_kvm_layout(0), lib.aiovmm_kvm_layout(1)) != \
-                (ctypes.sizeof(_RunCtx), ctypes.sizeof(PVState)):
+        if (lib.aiovmm_kvm_layout(0), lib.aiovmm_kvm_layout(1), lib.aiovmm_kvm_layout(2)) != \
+                (ctypes.sizeof(_RunCtx), ctypes.sizeof(PVState), ctypes.sizeof(_GuardArgs)):
             raise KVMUnavailable(f"{_NATIVE} is stale (run `make setup`)")
         lib.aiovmm_kvm_pool_new.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p,
                                             ctypes.c_size_t, ctypes.c_int]
@@ -688,6 +686,13 @@ _ENTRIES = struct.Struct("<512Q")
 _HCALL_ARGS = struct.Struct("<Q16xQQQ16xQ8xQ")   # kvm_regs: rax, rdx, rsi, rdi, r8, r10
 
 
+class _GuardArgs(ctypes.Structure):
+    """csrc/kvm.c struct aiovmm_guard: aiovmm_kvm_guard_frame's inputs and outputs."""
+    _fields_ = [("mem_base", ctypes.c_uint64), ("arena", ctypes.c_uint64), ("owner", ctypes.c_uint64),
+                ("nr_frames", ctypes.c_uint64), ("l4_first", ctypes.c_int32), ("l4_last", ctypes.c_int32),
+                ("cleared", ctypes.c_int32 * 512), ("out", ctypes.c_uint64 * 1536)]
+
+
 class _ShadowGuard:
     """Tracks what KVM's shadow pages may hold of the page tables, so that the engine can
     invalidate exactly what the hypervisor changed behind KVM's back (its host-side writes
@@ -741,8 +746,9 @@ class _ShadowGuard:
         self._free: list[int] = []
         self._arena = ctypes.create_string_buffer(0)
         self._cap = 0
-        self._idx = (ctypes.c_int32 * 512)()
-        self._out = (ctypes.c_uint64 * 1536)()
+        self._args = _GuardArgs(mem.fd_address, 0, 0, mem.nr_frames, XEN_L4_FIRST, XEN_L4_LAST)
+        self._args_ptr = ctypes.c_void_p(ctypes.addressof(self._args))
+        self._out, self._cleared = self._args.out, self._args.cleared
         self._step = _native().aiovmm_kvm_guard_frame
         mem.pt_watchers.append(self)
 
@@ -786,6 +792,7 @@ class _ShadowGuard:
         arena = ctypes.create_string_buffer(cap << PAGE_SHIFT)
         ctypes.memmove(arena, self._arena, self._cap << PAGE_SHIFT)
         self._arena = arena
+        self._args.arena = ctypes.addressof(arena)
         self._free.extend(range(cap - 1, self._cap - 1, -1))
         self._cap = cap
 
@@ -859,25 +866,23 @@ class _ShadowGuard:
                 cleared.setdefault(a >> PAGE_SHIFT, []).append((a & (PAGE_SIZE - 1)) >> 3)
             self.ad_cleared = set()
         walks = []
-        mem = self.mem
-        fd_address, nr = mem.fd_address, mem.nr_frames
-        arena = ctypes.addressof(self._arena)
-        step, out, cl = self._step, self._out, self._idx
-        owner = self._owner_address()
+        args, out, cl = self._args, self._out, self._cleared
+        args.owner = self.mem.owner.buffer_info()[0]      # re-read: the array is the memory's
+        step, args_ptr = self._step, self._args_ptr
         level_of, slot, deferred = self.level, self.slot, self.deferred
         for mfn in written:
             level = level_of.get(mfn)
             if level is None:
                 continue                      # not tracked: KVM holds nothing of it
-            base = mfn << PAGE_SHIFT
             ncl = 0
             if mfn in cleared:
                 for ncl, i in enumerate(cleared[mfn], 1):
                     cl[ncl - 1] = i
-            r = step(fd_address + base, arena + (slot[mfn] << PAGE_SHIFT), level, base, owner, nr,
-                     cl, ncl, XEN_L4_FIRST, XEN_L4_LAST, out)
+            r = step(args_ptr, mfn, slot[mfn], level, ncl)
             if not r:
                 continue
+            if r < 0:
+                raise ValueError(f"shadow guard: frame {mfn:#x} out of range")
             now, later, added = r & 0x3FF, (r >> 10) & 0x3FF, r >> 20
             if later:
                 deferred.update(out[512:512 + later])
@@ -891,11 +896,6 @@ class _ShadowGuard:
                 walks += [(child, level - 1) for child in out[1024:1024 + added]]
         for child, level in walks:
             self._walk(child, level)
-
-    def _owner_address(self) -> int:
-        """The address of machine memory's owner array (array 'H': one domid per frame); the
-        array may be replaced (it is re-read at every check)."""
-        return self.mem.owner.buffer_info()[0]
 
     def _untrack(self, mfn: int) -> None:
         del self.level[mfn]
@@ -1605,6 +1605,7 @@ class KVMEngine:
     def _run_slice(self, deadline: int) -> ExitReason:
         handle = self._handle_exit
         run = self._kvm_run
+        run_ex, ctx_ptr, mem = self._run_ex, self._ctx_ptr, self.mem
         settle = 0
         grace = True
         syscalls = self._exit_kinds
@@ -1612,7 +1613,8 @@ class KVMEngine:
         hypercall = self.on_hypercall
         monotonic_ns = time.monotonic_ns
         while True:
-            rc = run()
+            # _kvm_run, with its check inlined (one Python call less per exit).
+            rc = run() if self._check_pending or mem.pt_generation != self._pt_gen else run_ex(ctx_ptr)
             if rc == 3 or (rc == 1 and _IO_RIP_AFTER and kernel_mode()):
                 # The hot paths, as in _handle_exit without decoding kvm_run (aiovmm_kvm_run_ex
                 # recognised the exit): 3, a guest `syscall` through the entry page (RIP/RFLAGS/

@@ -272,11 +272,16 @@ struct aiovmm_pv {
 #define CALLBACKF_MASK_EVENTS 1ULL
 #define BOUNCE_FRAME 56               /* rcx r11 rip cs rflags rsp ss: no error code */
 
-/* The layouts Python mirrors (aiovmm/kvm_engine.py _RunCtx, aiovmm/vcpu.py PVState), checked
- * when the library is loaded: 0 the run context's size, 1 the PV state's. */
+struct aiovmm_guard;
+static size_t guard_size(void);
+
+/* The layouts Python mirrors (aiovmm/kvm_engine.py _RunCtx, aiovmm/vcpu.py PVState,
+ * _GuardArgs), checked when the library is loaded: 0 the run context's size, 1 the PV
+ * state's, 2 the shadow guard's arguments'. */
 size_t aiovmm_kvm_layout(int which)
 {
-    return which == 0 ? sizeof(struct aiovmm_kvm_ctx) : sizeof(struct aiovmm_pv);
+    return which == 0 ? sizeof(struct aiovmm_kvm_ctx) : which == 1 ? sizeof(struct aiovmm_pv)
+        : guard_size();
 }
 
 static int canonical(uint64_t a)
@@ -1001,29 +1006,46 @@ int aiovmm_kvm_complete(int vcpu_fd, uint8_t *run)
     return err == EINTR ? 0 : -err;
 }
 
-/* The shadow guard's per-frame step (aiovmm/kvm_engine.py _ShadowGuard._diff_written), for a
- * tracked page-table frame the hypervisor wrote: every entry is read once from the frame
- * (`cur`), compared with the snapshot and stored into it, so the snapshot is current after
- * the call. An entry that was present and changed in anything but A/D (removed, retargeted,
+/* The shadow guard's per-frame step (aiovmm/kvm_engine.py _ShadowGuard._diff_written, whose
+ * _GuardArgs mirrors this struct), for a tracked page-table frame `mfn` the hypervisor wrote,
+ * whose snapshot is page `slot` of the arena: every entry is read once from the frame,
+ * compared with the snapshot and stored into it, so the snapshot is current after the call.
+ * An entry that was present and changed in anything but A/D (removed, retargeted,
  * permissions changed), or whose index is in `cleared[0..ncleared)` (it lost A or D while
- * present: machine memory's write_pte reported it), is
- * "lost": at level 1 it goes to `out[512..)` (deferred: the old translation named a frame of
- * `own`, the table's own domain) or `out[0..)` (at once: a grant, Xen's page, ptwr's
- * scratch); at higher levels always at once. Lost entries are given as machine addresses
- * (base + 8 * index). An entry that became present at level > 1 (outside Xen's L4 slots
- * l4_first..l4_last at level 4) adds its frame to `out[1024..)`, a table to track.
- * Returns now | deferred << 10 | added << 20 (each at most 512). */
-int aiovmm_kvm_guard_frame(const uint64_t *cur, uint64_t *snap, int level, uint64_t base,
-                           const uint16_t *owner, uint64_t nr_frames, const int32_t *cleared,
-                           int ncleared, int l4_first, int l4_last, uint64_t *out)
+ * present: machine memory's write_pte reported it), is "lost": at level 1 it goes to
+ * `out[512..)` (deferred: the old translation named a frame of the table's own domain) or
+ * `out[0..)` (at once: a grant, Xen's page, ptwr's scratch); at higher levels always at once.
+ * Lost entries are given as machine addresses. An entry that became present at level > 1
+ * (outside Xen's L4 slots l4_first..l4_last at level 4) adds its frame to `out[1024..)`, a
+ * table to track. Returns now | deferred << 10 | added << 20 (each at most 512). */
+struct aiovmm_guard {
+    uint64_t mem_base;             /* host address of machine address 0 */
+    uint64_t arena;                /* host address of the snapshots (4 KiB each) */
+    uint64_t owner;                /* host address of the owner array (uint16_t per frame) */
+    uint64_t nr_frames;
+    int32_t l4_first, l4_last;
+    int32_t cleared[512];
+    uint64_t out[1536];
+};
+
+static size_t guard_size(void) { return sizeof(struct aiovmm_guard); }
+
+int aiovmm_kvm_guard_frame(struct aiovmm_guard *g, uint32_t mfn, uint32_t slot, int level,
+                           int ncleared)
 {
+    const uint64_t *cur = (const uint64_t *)(uintptr_t)(g->mem_base + ((uint64_t)mfn << 12));
+    uint64_t *snap = (uint64_t *)(uintptr_t)(g->arena + ((uint64_t)slot << 12));
+    const uint16_t *owner = (const uint16_t *)(uintptr_t)g->owner;
+    uint64_t base = (uint64_t)mfn << 12, *out = g->out;
     int now = 0, deferred = 0, added = 0;
     uint8_t lost[512];
-    uint16_t own = level == 1 && (base >> 12) < nr_frames ? owner[base >> 12] : 0;
+    if (mfn >= g->nr_frames || ncleared < 0 || ncleared > 512)
+        return -1;
+    uint16_t own = owner[mfn];
     memset(lost, 0, sizeof lost);
     for (int k = 0; k < ncleared; k++)
-        if (cleared[k] >= 0 && cleared[k] < 512)
-            lost[cleared[k]] = 1;
+        if (g->cleared[k] >= 0 && g->cleared[k] < 512)
+            lost[g->cleared[k]] = 1;
     for (int i = 0; i < 512; i++) {
         uint64_t n = ((const volatile uint64_t *)cur)[i], o = snap[i];
         if (n == o && !lost[i])
@@ -1031,13 +1053,13 @@ int aiovmm_kvm_guard_frame(const uint64_t *cur, uint64_t *snap, int level, uint6
         snap[i] = n;
         if (lost[i] || ((o & PTE_PRESENT) && ((o ^ n) & ~AD_BITS))) {
             uint64_t a = base + 8 * (uint64_t)i, t = (o & PTE_FRAME) >> 12;
-            if (level == 1 && t < nr_frames && owner[t] == own)
+            if (level == 1 && t < g->nr_frames && owner[t] == own)
                 out[512 + deferred++] = a;
             else
                 out[now++] = a;
         }
         if (!(o & PTE_PRESENT) && (n & PTE_PRESENT) && level > 1
-            && !(level == 4 && i >= l4_first && i <= l4_last))
+            && !(level == 4 && i >= g->l4_first && i <= g->l4_last))
             out[1024 + added++] = (n & PTE_FRAME) >> 12;
     }
     return now | deferred << 10 | added << 20;
