@@ -1609,13 +1609,14 @@ class KVMEngine:
         settle = 0
         grace = True
         syscalls = self._exit_kinds
+        pv = self._pv                   # the vCPU's PV state: its kernel_mode() reads this field
         kernel_mode = self.kernel_mode
         hypercall = self.on_hypercall
         monotonic_ns = time.monotonic_ns
         while True:
             # _kvm_run, with its check inlined (one Python call less per exit).
             rc = run() if self._check_pending or mem.pt_generation != self._pt_gen else run_ex(ctx_ptr)
-            if rc == 3 or (rc == 1 and _IO_RIP_AFTER and kernel_mode()):
+            if rc == 3 or (rc == 1 and _IO_RIP_AFTER and (pv.kernel_mode if pv is not None else kernel_mode())):
                 # The hot paths, as in _handle_exit without decoding kvm_run (aiovmm_kvm_run_ex
                 # recognised the exit): 3, a guest `syscall` through the entry page (RIP/RFLAGS/
                 # CS/SS already set back): Linux's hypercalls and its user processes' system
