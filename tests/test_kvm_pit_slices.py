@@ -13,6 +13,7 @@ import pytest
 
 from conftest import _kvm_skip_reason
 from hand_vcpu import CODE_VA, hand_driven_vcpu, unmap_data_va
+from test_port_policy import _step_in
 
 pytestmark = pytest.mark.skipif(_kvm_skip_reason() is not None, reason=_kvm_skip_reason() or "")
 
@@ -23,15 +24,6 @@ def _slice_start(eng) -> None:
     """What a slice's start does with the table (the timer armed and disarmed again)."""
     eng._begin(time.monotonic_ns() + 2_000_000)
     eng._end()
-
-
-def _step_in(v) -> tuple[int, object]:
-    """Step `in $0x42, %al` at CODE_VA: (AL afterwards, the exception queued at the IN)."""
-    eng = v.engine
-    eng.write({"rip": CODE_VA, "rax": 0})
-    eng.step_to(CODE_VA + 2)
-    trap, v.pending_trap = v.pending_trap, None
-    return eng.get("rax") & 0xFF, trap and trap[:2]
 
 
 @pytest.mark.parametrize("change", ["nothing", "user mode", "page table"])
