@@ -229,7 +229,7 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_take_kick.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_create.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_timer_delete.argtypes = [ctypes.c_void_p]
-        lib.aiovmm_kvm_diff.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        # aiovmm_kvm_guard_frame: no argtypes (hot): a c_void_p and four ints below 2^31.
         lib.aiovmm_kvm_make_vm.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p,
                                            ctypes.c_void_p, ctypes.c_void_p]
         lib.aiovmm_kvm_run_ex.argtypes = [ctypes.c_void_p]
@@ -240,8 +240,8 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_layout.argtypes = [ctypes.c_int]
         lib.aiovmm_kvm_layout.restype = ctypes.c_size_t
         from .vcpu import PVState
-        if (lib.aiovmm_kvm_layout(0), lib.aiovmm_kvm_layout(1)) != \
-                (ctypes.sizeof(_RunCtx), ctypes.sizeof(PVState)):
+        if (lib.aiovmm_kvm_layout(0), lib.aiovmm_kvm_layout(1), lib.aiovmm_kvm_layout(2)) != \
+                (ctypes.sizeof(_RunCtx), ctypes.sizeof(PVState), ctypes.sizeof(_GuardArgs)):
             raise KVMUnavailable(f"{_NATIVE} is stale (run `make setup`)")
         lib.aiovmm_kvm_pool_new.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p,
                                             ctypes.c_size_t, ctypes.c_int]
@@ -683,9 +683,14 @@ async def close_vm_pool(mem: "MachineMemory") -> None:
 
 
 _ENTRIES = struct.Struct("<512Q")
-_U64 = struct.Struct("<Q")
 _HCALL_ARGS = struct.Struct("<Q16xQQQ16xQ8xQ")   # kvm_regs: rax, rdx, rsi, rdi, r8, r10
-_AD_BITS = 0x60                        # accessed/dirty: KVM itself sets them in guest entries
+
+
+class _GuardArgs(ctypes.Structure):
+    """csrc/kvm.c struct aiovmm_guard: aiovmm_kvm_guard_frame's inputs and outputs."""
+    _fields_ = [("mem_base", ctypes.c_uint64), ("arena", ctypes.c_uint64), ("owner", ctypes.c_uint64),
+                ("nr_frames", ctypes.c_uint64), ("l4_first", ctypes.c_int32), ("l4_last", ctypes.c_int32),
+                ("cleared", ctypes.c_int32 * 512), ("out", ctypes.c_uint64 * 1536)]
 
 
 class _ShadowGuard:
@@ -741,7 +746,10 @@ class _ShadowGuard:
         self._free: list[int] = []
         self._arena = ctypes.create_string_buffer(0)
         self._cap = 0
-        self._idx = (ctypes.c_int32 * 512)()
+        self._args = _GuardArgs(mem.fd_address, 0, 0, mem.nr_frames, XEN_L4_FIRST, XEN_L4_LAST)
+        self._args_ptr = ctypes.c_void_p(ctypes.addressof(self._args))
+        self._out, self._cleared = self._args.out, self._args.cleared
+        self._step = _native().aiovmm_kvm_guard_frame
         mem.pt_watchers.append(self)
 
     def close(self) -> None:
@@ -784,6 +792,7 @@ class _ShadowGuard:
         arena = ctypes.create_string_buffer(cap << PAGE_SHIFT)
         ctypes.memmove(arena, self._arena, self._cap << PAGE_SHIFT)
         self._arena = arena
+        self._args.arena = ctypes.addressof(arena)
         self._free.extend(range(cap - 1, self._cap - 1, -1))
         self._cap = cap
 
@@ -846,58 +855,45 @@ class _ShadowGuard:
         return entries, frames
 
     def _diff_written(self, entries: list[int], frames: list[int]) -> None:
+        """Diff every tracked frame written since the last check against its snapshot and
+        make the snapshot current, in C (aiovmm_kvm_guard_frame: one call per frame, which
+        classifies each lost entry as deferred or at once and lists the tables that added
+        entries link in)."""
         written, self.written = self.written, set()
         cleared: dict[int, list[int]] = {}
         if self.ad_cleared:
             for a in self.ad_cleared:
-                cleared.setdefault(a >> PAGE_SHIFT, []).append(a)
+                cleared.setdefault(a >> PAGE_SHIFT, []).append((a & (PAGE_SIZE - 1)) >> 3)
             self.ad_cleared = set()
         walks = []
-        mem = self.mem
-        m, fd_address, owner, nr = mem.map, mem.fd_address, mem.owner, mem.nr_frames
-        arena = ctypes.addressof(self._arena)
-        diff, idx = _native().aiovmm_kvm_diff, self._idx
-        deferred = self.deferred
+        args, out, cl = self._args, self._out, self._cleared
+        args.owner = self.mem.owner.buffer_info()[0]      # re-read: the array is the memory's
+        step, args_ptr = self._step, self._args_ptr
+        level_of, slot, deferred = self.level, self.slot, self.deferred
         for mfn in written:
-            level = self.level.get(mfn)
+            level = level_of.get(mfn)
             if level is None:
                 continue                      # not tracked: KVM holds nothing of it
-            base = mfn << PAGE_SHIFT
-            snap = self.slot[mfn] << PAGE_SHIFT
-            lost, added = [], []
-            for k in range(diff(fd_address + base, arena + snap, idx)):
-                i = idx[k]
-                o = _U64.unpack_from(self._arena, snap + 8 * i)[0]
-                n = _U64.unpack_from(m, base + 8 * i)[0]
-                if o & _PAGE_PRESENT:
-                    if (o ^ n) & ~_AD_BITS:
-                        lost.append((base + 8 * i, o))
-                elif n & _PAGE_PRESENT and not (level == 4 and XEN_L4_FIRST <= i <= XEN_L4_LAST):
-                    added.append((n & PTE_FRAME_MASK) >> PAGE_SHIFT)
+            ncl = 0
             if mfn in cleared:
-                seen = {a for a, _ in lost}
-                lost += [(a, _U64.unpack_from(self._arena, snap + (a & (PAGE_SIZE - 1)))[0])
-                         for a in cleared[mfn] if a not in seen]
-            now = []
-            if level == 1:
-                own = owner[mfn]
-                for a, o in lost:
-                    t = (o & PTE_FRAME_MASK) >> PAGE_SHIFT
-                    if t < nr and owner[t] == own:
-                        deferred.add(a)       # the domain's own frame: until its flush
-                    else:
-                        now.append(a)         # a grant, Xen's page, ptwr's scratch: at once
+                for ncl, i in enumerate(cleared[mfn], 1):
+                    cl[ncl - 1] = i
+            r = step(args_ptr, mfn, slot[mfn], level, ncl)
+            if not r:
+                continue
+            if r < 0:
+                raise ValueError(f"shadow guard: frame {mfn:#x} out of range")
+            now, later, added = r & 0x3FF, (r >> 10) & 0x3FF, r >> 20
+            if later:
+                deferred.update(out[512:512 + later])
                 if len(deferred) > self.deferred_max:
                     self.deferred_max = len(deferred)
-            else:
-                now = [a for a, _ in lost]
-            if len(now) > self.WHOLE_FRAME_OVER:
+            if now > self.WHOLE_FRAME_OVER:
                 frames.append(mfn)
-            else:
-                entries += now
-            self._snapshot(mfn)
-            if level > 1:
-                walks += [(child, level - 1) for child in added]
+            elif now:
+                entries += out[:now]
+            if added:
+                walks += [(child, level - 1) for child in out[1024:1024 + added]]
         for child, level in walks:
             self._walk(child, level)
 
@@ -1036,6 +1032,7 @@ class KVMEngine:
         # table changes (mem.pt_generation): Linux polls the PIT from one instruction.
         self._xlate: dict[tuple[int, int], int] = {}
         self._xlate_gen = -1
+        self._fast_key = (-1, -1)       # (pt_generation, CR3) of the INs C answers (_remember_in)
         self._pt_gen = -1
         self.invalidations = 0        # ring-0 invalidation runs (targeted, kvm-pvm)
         self.invalidated = 0          # entries and frames they invalidated
@@ -1361,6 +1358,7 @@ class KVMEngine:
         self._step_hit = False
         self.stop_requested = False
         self._ctx.fast_hc = 0                   # every exit of the step is Python's
+        self._ctx.fast_n = 0
         rf = self.regs[17]
         start = self.regs[16]
         self.regs[17] = rf | RF_TF
@@ -1408,9 +1406,11 @@ class KVMEngine:
             self._lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
             self._timer_tid = _gettid()
             self._ctx.timer = self._timer.value
-        self._ctx.grace_ns = 0
-        self._ctx.fast_n = 0        # the host may have changed the port policy's inputs
-        self._ctx.deadline_ns = deadline_ns     # run_ex enters no guest past it
+        ctx = self._ctx
+        ctx.grace_ns = 0
+        if ctx.fast_n:
+            self._keep_port_answers()
+        ctx.deadline_ns = deadline_ns     # run_ex enters no guest past it
         self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline_ns)
 
     def _end(self) -> None:
@@ -1609,15 +1609,18 @@ class KVMEngine:
     def _run_slice(self, deadline: int) -> ExitReason:
         handle = self._handle_exit
         run = self._kvm_run
+        run_ex, ctx_ptr, mem = self._run_ex, self._ctx_ptr, self.mem
         settle = 0
         grace = True
         syscalls = self._exit_kinds
+        pv = self._pv                   # the vCPU's PV state: its kernel_mode() reads this field
         kernel_mode = self.kernel_mode
         hypercall = self.on_hypercall
         monotonic_ns = time.monotonic_ns
         while True:
-            rc = run()
-            if rc == 3 or (rc == 1 and _IO_RIP_AFTER and kernel_mode()):
+            # _kvm_run, with its check inlined (one Python call less per exit).
+            rc = run() if self._check_pending or mem.pt_generation != self._pt_gen else run_ex(ctx_ptr)
+            if rc == 3 or (rc == 1 and _IO_RIP_AFTER and (pv.kernel_mode if pv is not None else kernel_mode())):
                 # The hot paths, as in _handle_exit without decoding kvm_run (aiovmm_kvm_run_ex
                 # recognised the exit): 3, a guest `syscall` through the entry page (RIP/RFLAGS/
                 # CS/SS already set back): Linux's hypercalls and its user processes' system
@@ -2179,6 +2182,19 @@ class KVMEngine:
             return None
         return i + 1, rep
 
+    def _keep_port_answers(self) -> None:
+        """At a slice's start: keep the INs C answers by itself (_remember_in) only if what
+        each answer was checked against is unchanged since, though no exit of this vCPU was
+        handled in between (the slice ended on the timer): the instruction's translation (no
+        page-table write, the same CR3: an event bounced at the slice's end may have switched
+        to the kernel's root) and the port policy's answer without guest memory
+        (emulate.port_in_fixed again: the guest's mode may have changed; its other inputs,
+        the VM assists, IOPL and I/O bitmap, empty the table where they change,
+        forget_port_answers). Linux's quick_pit_calibrate spans hundreds of slices."""
+        if self._fast_key != (self.mem.pt_generation, self._sreg_u64(_SREG_OFF["cr3"])) \
+                or not self.port_in_fixed():
+            self._ctx.fast_n = 0
+
     def forget_port_answers(self) -> None:
         """Empty the table of INs aiovmm_kvm_run_ex answers by itself
         (emulate.port_policy_changed: the port policy's inputs changed)."""
@@ -2187,7 +2203,8 @@ class KVMEngine:
     def _remember_in(self, rip: int, port: int) -> None:
         """The one-byte IN at `rip` was just answered all ones: let aiovmm_kvm_run_ex answer
         it again by itself until the host handles any other exit (which empties the table:
-        the port policy's inputs, the guest's mode, IOPL and page tables, only change then),
+        the port policy's inputs, the guest's mode, IOPL and page tables, only change then,
+        or between slices, where _keep_port_answers checks them),
         if the policy's answer does not depend on guest memory (an I/O bitmap the guest can
         rewrite without an exit) and the instruction's bytes lie in one frame."""
         ctx = self._ctx
@@ -2200,6 +2217,10 @@ class KVMEngine:
             maddr = self._code_maddr(rip)
         except LookupError:
             return
+        key = (self.mem.pt_generation, self._sreg_u64(_SREG_OFF["cr3"]))
+        if ctx.fast_n and key != self._fast_key:
+            ctx.fast_n = 0                  # every entry in the table was made under one key
+        self._fast_key = key
         slot = ctx.fast[ctx.fast_next % _FAST_IN_MAX]
         slot.rip, slot.maddr, slot.port = rip, maddr, port
         ctx.fast_next = (ctx.fast_next + 1) % _FAST_IN_MAX

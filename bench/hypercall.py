@@ -150,50 +150,11 @@ def host_refs(exe: str, c_ns: list[float], py_ns: list[float], reps: int = 3) ->
 def kvm_exit_floor_us(n: int = 5000) -> float:
     """Median of 3 runs of n `out` exits from CPL 3 in a minimal VM (one identity-mapped
     2 MiB user page; register state set through KVM_SET_SREGS/REGS), each exit handled by a
-    bare Python loop around KVM_RUN: the floor any KVM hypercall path pays here."""
-    import fcntl
-    import mmap
-    import struct
-    from aiovmm.kvm_engine import Ioctl, _system_fd
-    kvm = _system_fd()
-    runs = []
-    for _ in range(3):
-        vm = fcntl.ioctl(kvm, Ioctl.CREATE_VM, 0)
-        mem = mmap.mmap(-1, 4 << 20)
-        anchor = ctypes.c_char.from_buffer(mem)
-        fcntl.ioctl(vm, Ioctl.SET_USER_MEMORY_REGION,
-                    struct.pack("<IIQQQ", 0, 0, 0, 4 << 20, ctypes.addressof(anchor)))
-        vcpu = fcntl.ioctl(vm, Ioctl.CREATE_VCPU, 0)
-        run = mmap.mmap(vcpu, fcntl.ioctl(kvm, Ioctl.GET_VCPU_MMAP_SIZE), mmap.MAP_SHARED)
-        struct.pack_into("<Q", mem, 0x1000, 0x2000 | 7)
-        struct.pack_into("<Q", mem, 0x2000, 0x3000 | 7)
-        struct.pack_into("<Q", mem, 0x3000, 0x0 | 0x87)               # 2 MiB page at 0
-        sregs = bytearray(fcntl.ioctl(vcpu, Ioctl.GET_SREGS, bytes(312)))
-        for i, (sel, typ, lng, db) in enumerate([(0x33, 0xB, 1, 0)] + [(0x2B, 3, 0, 1)] * 5):
-            struct.pack_into("<QIHBBBBBBBBBx", sregs, 24 * (0 if i == 0 else (1, 2, 3, 4, 5)[i - 1]),
-                             0, 0xFFFFFFFF, sel, typ, 1, 3, db, 1, lng, 1, 0, 0)
-        struct.pack_into("<QQQQQQ", sregs, 224, 0x80050033, 0, 0x1000, 0x620, 0, 0xD01)
-        fcntl.ioctl(vcpu, Ioctl.SET_SREGS, bytes(sregs))
-        code = b"\x48\xbb" + struct.pack("<Q", n) + b"\xe6\x20\x48\xff\xcb\x75\xf9\xe6\x10"
-        mem[0x10000:0x10000 + len(code)] = code
-        regs = [0] * 18
-        regs[16], regs[17], regs[6] = 0x10000, 0x202, 0x100000
-        fcntl.ioctl(vcpu, Ioctl.SET_REGS, struct.pack("<18Q", *regs))
-        count = 0
-        t0 = time.perf_counter_ns()
-        while True:
-            fcntl.ioctl(vcpu, 0xAE80, 0)
-            if struct.unpack_from("<IIBBH", run, 4)[1] != 2 or struct.unpack_from("<H", run, 34)[0] != 0x20:
-                break
-            count += 1
-        runs.append((time.perf_counter_ns() - t0) / max(count, 1) / 1000)
-        if count != n:
-            fail(f"exit floor loop ended after {count} of {n} exits")
-        run.close()
-        del anchor
-        os.close(vcpu)
-        os.close(vm)
-    return statistics.median(runs)
+    bare Python loop around KVM_RUN: the floor any KVM hypercall path pays here (the VM and
+    loop of bench/kvm_inkernel_exit.py, which also measures KVM completing the exit itself)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from kvm_inkernel_exit import one
+    return statistics.median(one(n, False)[0] for _ in range(3))
 
 
 async def guest_rounds(engine: str, n: int, rounds: int,

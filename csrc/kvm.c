@@ -137,7 +137,8 @@ struct aiovmm_kvm_ctx {
     uint64_t syscall_va;           /* ... at this RIP range (syscall_va .. +2) */
     /* Plain one-byte INs answered here (see aiovmm_kvm_run_ex): filled by the engine after
      * the shared port policy answered the same IN all ones, emptied by it at every other
-     * exit it handles (and here at every other return). */
+     * exit it handles (and here at every other return but a slice's end: the engine checks
+     * the table at the next slice's start, kvm_engine.py _keep_port_answers). */
     uint64_t mem_base;             /* host address of machine address 0 (memory slot 0) */
     uint64_t run_size;             /* bytes of the kvm_run mapping (the IN's data lies in it) */
     uint32_t fast_n, fast_next;
@@ -247,6 +248,7 @@ struct aiovmm_pv {
 #define PTE_PRESENT 1ULL
 #define PTE_USER 4ULL
 #define PTE_FRAME 0x000FFFFFFFFFF000ULL
+#define AD_BITS 0x60ULL                /* accessed/dirty: KVM sets them in guest entries */
 #define XEN_VIRT_START 0xFFFF800000000000ULL   /* Xen's range: never a guest address */
 #define XEN_VIRT_END 0xFFFF880000000000ULL
 #define VGCF_IN_SYSCALL 0x100ULL
@@ -270,11 +272,16 @@ struct aiovmm_pv {
 #define CALLBACKF_MASK_EVENTS 1ULL
 #define BOUNCE_FRAME 56               /* rcx r11 rip cs rflags rsp ss: no error code */
 
-/* The layouts Python mirrors (aiovmm/kvm_engine.py _RunCtx, aiovmm/vcpu.py PVState), checked
- * when the library is loaded: 0 the run context's size, 1 the PV state's. */
+struct aiovmm_guard;
+static size_t guard_size(void);
+
+/* The layouts Python mirrors (aiovmm/kvm_engine.py _RunCtx, aiovmm/vcpu.py PVState,
+ * _GuardArgs), checked when the library is loaded: 0 the run context's size, 1 the PV
+ * state's, 2 the shadow guard's arguments'. */
 size_t aiovmm_kvm_layout(int which)
 {
-    return which == 0 ? sizeof(struct aiovmm_kvm_ctx) : sizeof(struct aiovmm_pv);
+    return which == 0 ? sizeof(struct aiovmm_kvm_ctx) : which == 1 ? sizeof(struct aiovmm_pv)
+        : guard_size();
 }
 
 static int canonical(uint64_t a)
@@ -840,8 +847,9 @@ static int event_deliverable(struct aiovmm_kvm_ctx *c)
 }
 
 /* A one-byte IN the engine has seen answered all ones by the shared port policy, at the same
- * RIP and port, with nothing but such INs in between (so the policy's inputs, which only
- * the host changes at an exit, are the same): answer it again without returning to Python.
+ * RIP and port, with nothing but such INs and slice ends in between (so the policy's inputs,
+ * which only the host changes at an exit, are the same; what may change at a slice's end is
+ * checked by the engine then): answer it again without returning to Python.
  * Linux's quick_pit_calibrate reads port 0x42 100,000 times from two instructions. The
  * instruction is read again from memory each time (the guest may have rewritten it): only
  * `in $port,%al` (E4 port) or `in %dx,%al` (EC, KVM reports DX as the port) qualify, never
@@ -921,8 +929,8 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
         }
         c->exits++;
         if (ioctl(c->vcpu_fd, KVM_RUN_IOCTL, 0) < 0) {
+            /* The answered INs stay: the engine checks them at the next slice's start. */
             int err = errno;
-            c->fast_n = 0;
             if (err == EINTR && grace && grace_tries < GRACE_RETRIES) {
                 uint64_t rip;
                 memcpy(&rip, run + RUN_REGS + KREG_RIP * 8, 8);
@@ -998,16 +1006,63 @@ int aiovmm_kvm_complete(int vcpu_fd, uint8_t *run)
     return err == EINTR ? 0 : -err;
 }
 
-/* The shadow guard's diff (aiovmm/kvm_engine.py _ShadowGuard), run for every page-table frame
- * the hypervisor wrote before the next KVM_RUN: the indices of the 8-byte entries that differ
- * between the frame and its snapshot, and their count (out holds up to 512). */
-int aiovmm_kvm_diff(const uint64_t *a, const uint64_t *b, int32_t *out)
+/* The shadow guard's per-frame step (aiovmm/kvm_engine.py _ShadowGuard._diff_written, whose
+ * _GuardArgs mirrors this struct), for a tracked page-table frame `mfn` the hypervisor wrote,
+ * whose snapshot is page `slot` of the arena: every entry is read once from the frame,
+ * compared with the snapshot and stored into it, so the snapshot is current after the call.
+ * An entry that was present and changed in anything but A/D (removed, retargeted,
+ * permissions changed), or whose index is in `cleared[0..ncleared)` (it lost A or D while
+ * present: machine memory's write_pte reported it), is "lost": at level 1 it goes to
+ * `out[512..)` (deferred: the old translation named a frame of the table's own domain) or
+ * `out[0..)` (at once: a grant, Xen's page, ptwr's scratch); at higher levels always at once.
+ * Lost entries are given as machine addresses. An entry that became present at level > 1
+ * (outside Xen's L4 slots l4_first..l4_last at level 4) adds its frame to `out[1024..)`, a
+ * table to track. Returns now | deferred << 10 | added << 20 (each at most 512). */
+struct aiovmm_guard {
+    uint64_t mem_base;             /* host address of machine address 0 */
+    uint64_t arena;                /* host address of the snapshots (4 KiB each) */
+    uint64_t owner;                /* host address of the owner array (uint16_t per frame) */
+    uint64_t nr_frames;
+    int32_t l4_first, l4_last;
+    int32_t cleared[512];
+    uint64_t out[1536];
+};
+
+static size_t guard_size(void) { return sizeof(struct aiovmm_guard); }
+
+int aiovmm_kvm_guard_frame(struct aiovmm_guard *g, uint32_t mfn, uint32_t slot, int level,
+                           int ncleared)
 {
-    int k = 0;
-    for (int i = 0; i < 512; i++)
-        if (a[i] != b[i])
-            out[k++] = i;
-    return k;
+    const uint64_t *cur = (const uint64_t *)(uintptr_t)(g->mem_base + ((uint64_t)mfn << 12));
+    uint64_t *snap = (uint64_t *)(uintptr_t)(g->arena + ((uint64_t)slot << 12));
+    const uint16_t *owner = (const uint16_t *)(uintptr_t)g->owner;
+    uint64_t base = (uint64_t)mfn << 12, *out = g->out;
+    int now = 0, deferred = 0, added = 0;
+    uint8_t lost[512];
+    if (mfn >= g->nr_frames || ncleared < 0 || ncleared > 512)
+        return -1;
+    uint16_t own = owner[mfn];
+    memset(lost, 0, sizeof lost);
+    for (int k = 0; k < ncleared; k++)
+        if (g->cleared[k] >= 0 && g->cleared[k] < 512)
+            lost[g->cleared[k]] = 1;
+    for (int i = 0; i < 512; i++) {
+        uint64_t n = ((const volatile uint64_t *)cur)[i], o = snap[i];
+        if (n == o && !lost[i])
+            continue;
+        snap[i] = n;
+        if (lost[i] || ((o & PTE_PRESENT) && ((o ^ n) & ~AD_BITS))) {
+            uint64_t a = base + 8 * (uint64_t)i, t = (o & PTE_FRAME) >> 12;
+            if (level == 1 && t < g->nr_frames && owner[t] == own)
+                out[512 + deferred++] = a;
+            else
+                out[now++] = a;
+        }
+        if (!(o & PTE_PRESENT) && (n & PTE_PRESENT) && level > 1
+            && !(level == 4 && i >= g->l4_first && i <= g->l4_last))
+            out[1024 + added++] = (n & PTE_FRAME) >> 12;
+    }
+    return now | deferred << 10 | added << 20;
 }
 
 /* A fresh VM (aiovmm/kvm_engine.py _VMPool): KVM_CREATE_VM, memory slot 0 = [0, size) at the
