@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from .abi import (
     DOMID_XEN, XEN_L4_FIRST, XEN_L4_LAST, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_USER, Hypercall, segment_base_limit,
+    _PAGE_RW, _PAGE_USER, Hypercall, is_canonical, segment_base_limit,
 )
 from .vcpu_engine import ExitReason
 
@@ -1921,8 +1921,13 @@ class KVMEngine:
             addr = self._operand_address(rip + d[0], d[2])
             if addr is None:
                 return None
+            if not self._sregs[_SEG["cs"] + 19]:
+                # Compatibility mode: the CPU's address is 32 bits (EAX...); the upper half of
+                # the 64-bit registers is the guest's and names nothing the CPU read.
+                addr &= 0xFFFFFFFF
             width = 8 if i == 1 and code[0] & 8 else 4
-            sel = int.from_bytes(self._read_code(addr + width, 2), "little")
+            # The far pointer as the CPU read it, at CPL 3: never through a supervisor page.
+            sel = int.from_bytes(self._read_user(addr + width, 2), "little")
             if sel & 4:
                 base, limit = self._sreg_u64(_SEG["ldt"]), struct.unpack_from("<I", self._sregs, _SEG["ldt"] + 8)[0]
             else:
@@ -2237,6 +2242,29 @@ class KVMEngine:
 
     def _code_maddr(self, va: int) -> int:
         return self._page_maddr(va) + (va & 0xFFF)
+
+    def _read_user(self, va: int, n: int) -> bytes:
+        """Bytes at a guest VA as a CPL-3 read finds them through the current page tables:
+        present and user at every level, 4 KiB pages only (guest tables have no others; Xen's
+        area and the engine's supervisor mappings are refused). LookupError otherwise. Not
+        cached: for guest-chosen data addresses (_far_transfer_gate), not code."""
+        mem, out, a, end = self.mem, b"", va, va + n
+        need = _PAGE_PRESENT | _PAGE_USER
+        while a < end:
+            if not is_canonical(a):
+                raise LookupError(hex(a))
+            t = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
+            for shift in (39, 30, 21, 12):
+                e = mem.read_u64(t + 8 * ((a >> shift) & 0x1FF))
+                if e & need != need or (shift != 12 and e & 0x80):
+                    raise LookupError(hex(a))
+                t = e & PTE_FRAME_MASK
+                if t >= mem.size:
+                    raise LookupError(hex(a))
+            take = min(end - a, PAGE_SIZE - (a & 0xFFF))
+            out += bytes(mem.view[t + (a & 0xFFF):t + (a & 0xFFF) + take])
+            a += take
+        return out
 
     def _read_code(self, va: int, n: int) -> bytes:
         """Bytes at a guest VA through the current page tables (read-only walk, one per page)."""
