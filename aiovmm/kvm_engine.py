@@ -2102,8 +2102,9 @@ class KVMEngine:
                     (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little") * count
                 return True
             try:
+                dest = self._ins_destination(rip)
                 m[data_off:data_off + count * size] = b"".join(
-                    self._read_code(r[5] + k * step, size) for k in range(count))
+                    self._read_user(dest(r[5] + k * step), size) for k in range(count))
             except LookupError:
                 pass                        # unmapped: KVM's store faults (#PF), nothing written
             self._complete_io_keeping_regs()
@@ -2135,6 +2136,24 @@ class KVMEngine:
             r[2] = (r[2] + 1) & 0xFFFFFFFFFFFFFFFF
         self._dirty.value |= SYNC_REGS
         return True
+
+    def _ins_destination(self, rip: int) -> Callable[[int], int]:
+        """RDI -> the linear address the INS at `rip` stores to, as the CPU computes it: the
+        address size (64-bit mode 64, compatibility mode 32; a 67 prefix halves it) and, in
+        compatibility mode, ES's base. The upper part of RDI beyond the address size is the
+        guest's and names nothing the CPU writes."""
+        code = self._read_code(rip, 4)
+        compat = not self._sregs[_SEG["cs"] + 19]
+        i, a16 = 0, False
+        while i < 3 and code[i] in (0xF2, 0xF3, 0x66, 0x67):
+            a16 = a16 or code[i] == 0x67
+            i += 1
+        if not compat:
+            mask = 0xFFFFFFFF if a16 else 0xFFFFFFFFFFFFFFFF
+            return lambda rdi: rdi & mask
+        mask = 0xFFFF if a16 else 0xFFFFFFFF
+        base = self._sreg_u64(_SEG["es"])
+        return lambda rdi: (base + (rdi & mask)) & 0xFFFFFFFF
 
     def _outs_at(self, va: int, size: int) -> tuple[int, bool] | None:
         """(length, REP) of an OUTS of `size` bytes starting at `va` (prefixes F2/F3, 66), or

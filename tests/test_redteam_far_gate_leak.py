@@ -120,3 +120,77 @@ async def test_far_gate_check_never_reads_memory_the_guest_cannot():
             _update(v, slot, 0)
             mem.map[(own << 12) + 0x800:(own << 12) + 0x808] = saved_own
         assert hashlib.sha256(bytes(mem.map[victim << 12:(victim + 1) << 12])).hexdigest() == by_hash
+
+
+async def test_refused_ins_never_stores_memory_the_guest_cannot_read():
+    """The same upper half of a register through a refused INS: kvm-pvm exits with RIP on a
+    `rep insb` to a port of the TSS bitmap (PIT: _DIRECT_PORTS) before storing anything, and
+    stores the exit's data area at ES:EDI when the exit completes; for a port the policy
+    refuses, the engine (_string_io) filled that area with what the destination holds, read
+    at the 64-bit RDI: in compatibility mode the bytes of another machine address landed in
+    the guest's own page at EDI. Now read where KVM stores (ES base + EDI in compatibility
+    mode, at CPL 3); the guest gets its #GP(0) and its page holds what it held."""
+    from test_kvm import kvm_run_once
+    from aiovmm.kvm_engine import ring0
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0", name="evil")
+        await dom.wait_for_line(r"^spin 1$", timeout=30)
+        by = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0", name="by")
+        await by.wait_for_line(r"^spin 1$", timeout=30)
+        by.paused = dom.paused = True
+        await asyncio.sleep(0.05)
+        v, mem, rd = dom.vcpus[0], hv.mem, hv.mem.read_u64
+        eng = v.engine
+        own = 0x400                    # read as the L1 of dmap_va + 0x400000 (see above)
+        assert mem.owner[own] == dom.domid and mem.type_count[own] == 0 or \
+            mem.type[own] == PageType.writable
+        victim = max(m for m in range(mem.nr_frames) if mem.owner[m] == by.domid
+                     and mem.type_count[m] == 0)
+        saved_own = bytes(mem.map[(own << 12) + 0x800:(own << 12) + 0x808])
+        mem.write_u64((own << 12) + 8 * 0x100, (victim << 12) | 1)
+        secret = b"BYSTANDR"
+        mem.map[(victim << 12) + 0x100:(victim << 12) + 0x108] = secret
+        by_hash = hashlib.sha256(bytes(mem.map[victim << 12:(victim + 1) << 12])).hexdigest()
+        # The guest's own page at 0x500000, user writable: INS's destination EDI.
+        page = mem.alloc(dom.domid)[0]
+        dom.frames.add(page)
+        target = 0x500100
+        l3 = rd((v.user_root << 12) + 8 * ((target >> 39) & 511)) & F
+        l2 = rd(l3 + 8 * ((target >> 30) & 511)) & F
+        l1 = rd(l2 + 8 * ((target >> 21) & 511)) & F
+        slot = l1 + 8 * ((target >> 12) & 511)
+        assert not rd(slot) & 1
+        _update(v, slot, (page << 12) | 0x67)             # present, RW, user, A, D
+        code_ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
+        # mov $0xe02b,%ax; mov %eax,%es (Xen's flat user data); rep insb (%dx),%es:(%edi)
+        code = b"\x66\xb8\x2b\xe0\x8e\xc0\xf3\x6c\xeb\xfe"
+        saved_code = bytes(mem.map[code_ma:code_ma + len(code)])
+        mem.map[code_ma:code_ma + len(code)] = code
+        pending = v.info_maddr + VcpuInfo.evtchn_upcall_pending
+        try:
+            v.copy_to_guest(DATA_VA, IRET_CONTEXT.pack(0, 0, 0, 0, USER_CODE_VA, 0xE023,
+                                                       0x202, USER_STACK_TOP - 64, 0xE02B))
+            eng.write({"rsp": DATA_VA})
+            traps.do_iret(v)
+            rdi = ring0(hv.xen).dmap_va + target
+            eng.write({"rdi": rdi, "rcx": 8, "rdx": 0x40})
+            assert eng.get("cs") == 0xE023
+            for _ in range(8):
+                mem.map[pending] = 0
+                kvm_run_once(eng, False)
+                eng._handle_exit()
+                if v.pending_trap is not None:
+                    break
+            assert v.pending_trap == (13, 0, USER_CODE_VA + 6), v.pending_trap   # the #GP(0)
+            got = bytes(mem.map[(page << 12) + 0x100:(page << 12) + 0x108])
+            assert got != secret, "the bystander's bytes were stored in the guest's page"
+            assert got == bytes(8)
+        finally:
+            v.pending_trap = None
+            if not v.kernel_mode:
+                v.switch_to_kernel()
+            traps.load_segments(v, 0xE033, XEN_GDT[0xE033], 0xE02B, XEN_GDT[0xE02B])
+            mem.map[code_ma:code_ma + len(code)] = saved_code
+            _update(v, slot, 0)
+            mem.map[(own << 12) + 0x800:(own << 12) + 0x808] = saved_own
+        assert hashlib.sha256(bytes(mem.map[victim << 12:(victim + 1) << 12])).hexdigest() == by_hash
