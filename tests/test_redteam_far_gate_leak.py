@@ -17,8 +17,10 @@ the guest's, as from any instruction the engine cannot place)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import struct
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,8 +44,18 @@ def _update(v, ptr: int, val: int) -> None:       # the guest's own mmu_update
     assert mmu_ops.do_mmu_update(v, DATA_VA + 0x100, 1, 0, 0x7FF0) == 0
 
 
-async def test_far_gate_check_never_reads_memory_the_guest_cannot():
-    from test_kvm import kvm_run_once
+TARGET = 0x500100                               # the guest's low address (its own page)
+
+
+@contextlib.asynccontextmanager
+async def _guest_and_bystander():
+    """The hostile guest, then a bystander, both paused; the guest's vCPU hand-driven. The
+    engine's direct map (2 MiB pages) was walked as if of 4 KiB pages: the first frame of
+    each 2 MiB region read as an L1. Machine frame 0x400 (2 MiB aligned) is a data frame of
+    the guest's own: its entry 0x100 names a frame of the bystander, so dmap_va + TARGET
+    (low 32 bits: TARGET) reads that frame at TARGET's offset. Yields a namespace (hv, dom,
+    v, mem, victim: the bystander's frame, rax: dmap_va + TARGET, page: the guest's frame
+    mapped at TARGET with `map_target(flags)`); the bystander's frame is checked unchanged."""
     from aiovmm.kvm_engine import ring0
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
         dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0", name="evil")
@@ -53,73 +65,89 @@ async def test_far_gate_check_never_reads_memory_the_guest_cannot():
         by.paused = dom.paused = True
         await asyncio.sleep(0.05)
         v, mem, rd = dom.vcpus[0], hv.mem, hv.mem.read_u64
-        eng = v.engine
-        # The engine's direct map (2 MiB pages) walked as if of 4 KiB pages: the first frame
-        # of each 2 MiB region is read as an L1 table. Machine frame 0x400 (2 MiB aligned)
-        # is a data frame of the guest's own: its entry 0x100 names the bystander's frame,
-        # so dmap_va + 0x500000 + off is read from that frame.
         own = 0x400
-        assert mem.owner[own] == dom.domid and mem.type_count[own] == 0 or \
-            mem.type[own] == PageType.writable
+        assert mem.owner[own] == dom.domid and (mem.type_count[own] == 0
+                                                or mem.type[own] == PageType.writable)
         victim = max(m for m in range(mem.nr_frames) if mem.owner[m] == by.domid
                      and mem.type_count[m] == 0)
         saved_own = bytes(mem.map[(own << 12) + 0x800:(own << 12) + 0x808])
         mem.write_u64((own << 12) + 8 * 0x100, (victim << 12) | 1)
-        target = 0x500100
-        secret = 0x0123 << 3 | 3                       # GDT index 0x123: a call gate below
-        mem.map[(victim << 12) + 0x104:(victim << 12) + 0x106] = struct.pack("<H", secret)
-        by_hash = hashlib.sha256(bytes(mem.map[victim << 12:(victim + 1) << 12])).hexdigest()
-        # The guest's GDT: every entry of its first page a call gate (all accepted, DPL 0).
-        gdt = mem.alloc(dom.domid)[0]
-        dom.frames.add(gdt)
-        for i in range(1, 512):
-            mem.write_u64((gdt << 12) + 8 * i, GATE)
-        descriptors.set_gdt(v, [gdt], 512)
-        # Its far pointer at the low address `target`: a frame of its own mapped there, user
-        # readable, with a call-gate selector (the CPU's read: #UD from kvm-pvm).
         page = mem.alloc(dom.domid)[0]
         dom.frames.add(page)
-        mem.write_u64((page << 12) + 0x100, OWN_SEL << 32)
-        l3 = rd((v.user_root << 12) + 8 * ((target >> 39) & 511)) & F
-        l2 = rd(l3 + 8 * ((target >> 30) & 511)) & F
-        assert (target >> 21) == (USER_CODE_VA >> 21), "not in the program's L1"
-        l1 = rd(l2 + 8 * ((target >> 21) & 511)) & F
-        slot = l1 + 8 * ((target >> 12) & 511)
+        l3 = rd((v.user_root << 12) + 8 * ((TARGET >> 39) & 511)) & F
+        l2 = rd(l3 + 8 * ((TARGET >> 30) & 511)) & F
+        assert (TARGET >> 21) == (USER_CODE_VA >> 21), "not in the program's L1"
+        slot = (rd(l2 + 8 * ((TARGET >> 21) & 511)) & F) + 8 * ((TARGET >> 12) & 511)
         assert not rd(slot) & 1
-        _update(v, slot, (page << 12) | 0x25)             # present, user, accessed; read-only
         code_ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
-        saved_code = bytes(mem.map[code_ma:code_ma + 2])
-        mem.map[code_ma:code_ma + 2] = b"\xff\x28"         # ljmp *(%eax)
-        pending = v.info_maddr + VcpuInfo.evtchn_upcall_pending
-        seen = []
-        on_exc = eng.on_exception
-        eng.on_exception = lambda vec, err, cr2: seen.append((vec, err))
-        on_ud = eng.on_invalid_opcode
-        eng.on_invalid_opcode = lambda: seen.append((6, 0))
+        saved_code = bytes(mem.map[code_ma:code_ma + 16])
+        ns = SimpleNamespace(hv=hv, dom=dom, v=v, mem=mem, victim=victim, page=page,
+                             rax=ring0(hv.xen).dmap_va + TARGET, code_ma=code_ma)
+        ns.map_target = lambda flags: _update(v, slot, (page << 12) | flags)
+        assert ns.rax & 0xFFFFFFFF == TARGET
         try:
-            rax = ring0(hv.xen).dmap_va + target             # low 32 bits: `target`
-            assert rax & 0xFFFFFFFF == target
-            v.copy_to_guest(DATA_VA, IRET_CONTEXT.pack(rax, 0, 0, 0, USER_CODE_VA, 0xE023,
-                                                       0x202, USER_STACK_TOP - 64, 0xE02B))
-            eng.write({"rsp": DATA_VA})
-            traps.do_iret(v)
-            assert eng.get("cs") == 0xE023 and eng.get("rax") == rax
-            mem.map[pending] = 0
-            kvm_run_once(eng, False)
-            eng._handle_exit()
-            assert seen, "no exit reported"
-            vec, err = seen[0]
-            assert (vec, err) != (13, secret & ~3), "the engine read the bystander's frame"
-            assert (vec, err) == (13, OWN_SEL), (vec, hex(err))   # the CPU's own selector
+            yield ns
         finally:
-            eng.on_exception, eng.on_invalid_opcode = on_exc, on_ud
+            v.pending_trap = None
             if not v.kernel_mode:
                 v.switch_to_kernel()
             traps.load_segments(v, 0xE033, XEN_GDT[0xE033], 0xE02B, XEN_GDT[0xE02B])
-            mem.map[code_ma:code_ma + 2] = saved_code
+            mem.map[code_ma:code_ma + 16] = saved_code
             _update(v, slot, 0)
             mem.map[(own << 12) + 0x800:(own << 12) + 0x808] = saved_own
-        assert hashlib.sha256(bytes(mem.map[victim << 12:(victim + 1) << 12])).hexdigest() == by_hash
+
+
+def _enter_compat(g, code: bytes, **regs: int) -> None:
+    """The guest's user code `code`, entered in compatibility mode (HYPERVISOR_iret to
+    FLAT_RING3_CS32, RAX = g.rax: its upper half is the guest's) with `regs`."""
+    v = g.v
+    g.mem.map[g.code_ma:g.code_ma + len(code)] = code
+    v.copy_to_guest(DATA_VA, IRET_CONTEXT.pack(g.rax, 0, 0, 0, USER_CODE_VA, 0xE023,
+                                               0x202, USER_STACK_TOP - 64, 0xE02B))
+    v.engine.write({"rsp": DATA_VA})
+    traps.do_iret(v)
+    v.engine.write(regs)
+    assert v.engine.get("cs") == 0xE023 and v.engine.get("rax") == g.rax
+
+
+def _victim_hash(g) -> str:
+    return hashlib.sha256(bytes(g.mem.map[g.victim << 12:(g.victim + 1) << 12])).hexdigest()
+
+
+async def test_far_gate_check_never_reads_memory_the_guest_cannot():
+    from test_kvm import kvm_run_once
+    async with _guest_and_bystander() as g:
+        mem, v, eng = g.mem, g.v, g.v.engine
+        secret = 0x0123 << 3 | 3                       # GDT index 0x123: a call gate below
+        at = (g.victim << 12) + (TARGET & 0xFFF) + 4
+        mem.map[at:at + 2] = struct.pack("<H", secret)
+        before = _victim_hash(g)
+        # The guest's GDT: every entry of its first page a call gate (all accepted, DPL 0).
+        gdt = mem.alloc(g.dom.domid)[0]
+        g.dom.frames.add(gdt)
+        for i in range(1, 512):
+            mem.write_u64((gdt << 12) + 8 * i, GATE)
+        descriptors.set_gdt(v, [gdt], 512)
+        # Its far pointer at TARGET (read-only), with a call-gate selector: the CPU's read
+        # gives kvm-pvm's #UD.
+        mem.write_u64((g.page << 12) + (TARGET & 0xFFF), OWN_SEL << 32)
+        g.map_target(0x25)                           # present, user, accessed
+        seen = []
+        on_exc, on_ud = eng.on_exception, eng.on_invalid_opcode
+        eng.on_exception = lambda vec, err, cr2: seen.append((vec, err))
+        eng.on_invalid_opcode = lambda: seen.append((6, 0))
+        try:
+            _enter_compat(g, b"\xff\x28")                 # ljmp *(%eax)
+            mem.map[v.info_maddr + VcpuInfo.evtchn_upcall_pending] = 0
+            kvm_run_once(eng, False)
+            eng._handle_exit()
+        finally:
+            eng.on_exception, eng.on_invalid_opcode = on_exc, on_ud
+            descriptors.set_gdt(v, [], 0)
+        assert seen, "no exit reported"
+        assert seen[0] != (13, secret & ~3), "the engine read the bystander's frame"
+        assert seen[0] == (13, OWN_SEL), seen        # the CPU's own selector
+        assert _victim_hash(g) == before
 
 
 async def test_refused_ins_never_stores_memory_the_guest_cannot_read():
@@ -131,66 +159,24 @@ async def test_refused_ins_never_stores_memory_the_guest_cannot_read():
     the guest's own page at EDI. Now read where KVM stores (ES base + EDI in compatibility
     mode, at CPL 3); the guest gets its #GP(0) and its page holds what it held."""
     from test_kvm import kvm_run_once
-    from aiovmm.kvm_engine import ring0
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
-        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0", name="evil")
-        await dom.wait_for_line(r"^spin 1$", timeout=30)
-        by = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0", name="by")
-        await by.wait_for_line(r"^spin 1$", timeout=30)
-        by.paused = dom.paused = True
-        await asyncio.sleep(0.05)
-        v, mem, rd = dom.vcpus[0], hv.mem, hv.mem.read_u64
-        eng = v.engine
-        own = 0x400                    # read as the L1 of dmap_va + 0x400000 (see above)
-        assert mem.owner[own] == dom.domid and mem.type_count[own] == 0 or \
-            mem.type[own] == PageType.writable
-        victim = max(m for m in range(mem.nr_frames) if mem.owner[m] == by.domid
-                     and mem.type_count[m] == 0)
-        saved_own = bytes(mem.map[(own << 12) + 0x800:(own << 12) + 0x808])
-        mem.write_u64((own << 12) + 8 * 0x100, (victim << 12) | 1)
+    async with _guest_and_bystander() as g:
+        mem, v, eng = g.mem, g.v, g.v.engine
         secret = b"BYSTANDR"
-        mem.map[(victim << 12) + 0x100:(victim << 12) + 0x108] = secret
-        by_hash = hashlib.sha256(bytes(mem.map[victim << 12:(victim + 1) << 12])).hexdigest()
-        # The guest's own page at 0x500000, user writable: INS's destination EDI.
-        page = mem.alloc(dom.domid)[0]
-        dom.frames.add(page)
-        target = 0x500100
-        l3 = rd((v.user_root << 12) + 8 * ((target >> 39) & 511)) & F
-        l2 = rd(l3 + 8 * ((target >> 30) & 511)) & F
-        l1 = rd(l2 + 8 * ((target >> 21) & 511)) & F
-        slot = l1 + 8 * ((target >> 12) & 511)
-        assert not rd(slot) & 1
-        _update(v, slot, (page << 12) | 0x67)             # present, RW, user, A, D
-        code_ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
+        at = (g.victim << 12) + (TARGET & 0xFFF)
+        mem.map[at:at + 8] = secret
+        before = _victim_hash(g)
+        g.map_target(0x67)                           # INS's destination: user writable
         # mov $0xe02b,%ax; mov %eax,%es (Xen's flat user data); rep insb (%dx),%es:(%edi)
-        code = b"\x66\xb8\x2b\xe0\x8e\xc0\xf3\x6c\xeb\xfe"
-        saved_code = bytes(mem.map[code_ma:code_ma + len(code)])
-        mem.map[code_ma:code_ma + len(code)] = code
-        pending = v.info_maddr + VcpuInfo.evtchn_upcall_pending
-        try:
-            v.copy_to_guest(DATA_VA, IRET_CONTEXT.pack(0, 0, 0, 0, USER_CODE_VA, 0xE023,
-                                                       0x202, USER_STACK_TOP - 64, 0xE02B))
-            eng.write({"rsp": DATA_VA})
-            traps.do_iret(v)
-            rdi = ring0(hv.xen).dmap_va + target
-            eng.write({"rdi": rdi, "rcx": 8, "rdx": 0x40})
-            assert eng.get("cs") == 0xE023
-            for _ in range(8):
-                mem.map[pending] = 0
-                kvm_run_once(eng, False)
-                eng._handle_exit()
-                if v.pending_trap is not None:
-                    break
-            assert v.pending_trap == (13, 0, USER_CODE_VA + 6), v.pending_trap   # the #GP(0)
-            got = bytes(mem.map[(page << 12) + 0x100:(page << 12) + 0x108])
-            assert got != secret, "the bystander's bytes were stored in the guest's page"
-            assert got == bytes(8)
-        finally:
-            v.pending_trap = None
-            if not v.kernel_mode:
-                v.switch_to_kernel()
-            traps.load_segments(v, 0xE033, XEN_GDT[0xE033], 0xE02B, XEN_GDT[0xE02B])
-            mem.map[code_ma:code_ma + len(code)] = saved_code
-            _update(v, slot, 0)
-            mem.map[(own << 12) + 0x800:(own << 12) + 0x808] = saved_own
-        assert hashlib.sha256(bytes(mem.map[victim << 12:(victim + 1) << 12])).hexdigest() == by_hash
+        _enter_compat(g, b"\x66\xb8\x2b\xe0\x8e\xc0\xf3\x6c\xeb\xfe",
+                      rdi=g.rax, rcx=8, rdx=0x40)
+        for _ in range(8):
+            mem.map[v.info_maddr + VcpuInfo.evtchn_upcall_pending] = 0
+            kvm_run_once(eng, False)
+            eng._handle_exit()
+            if v.pending_trap is not None:
+                break
+        assert v.pending_trap == (13, 0, USER_CODE_VA + 6), v.pending_trap   # the #GP(0)
+        got = bytes(mem.map[(g.page << 12) + (TARGET & 0xFFF):][:8])
+        assert got != secret, "the bystander's bytes were stored in the guest's page"
+        assert got == bytes(8)
+        assert _victim_hash(g) == before
