@@ -175,6 +175,7 @@ GUEST_L4_SLOT = 257               # the engine's guest-visible pages (M2P alias,
 # (one exit, no ring-0 stub, no instruction decode) and is answered by the shared port
 # policy (emulate.port_in/port_out via on_port_io), exactly as the #GP path would.
 _DIRECT_PORTS = (0x40, 0x41, 0x42, 0x43, 0x61)
+_LEGACY_PREFIXES = frozenset((0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67))
 _ENGINE_PORTS = (HCALL_PORT, SYSCALL_PORT)   # never the port policy's
 _SYSCALL = "syscall"                          # its exit_kinds key
 _IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
@@ -2142,12 +2143,12 @@ class KVMEngine:
         address size (64-bit mode 64, compatibility mode 32; a 67 prefix halves it) and, in
         compatibility mode, ES's base. The upper part of RDI beyond the address size is the
         guest's and names nothing the CPU writes."""
-        code = self._read_code(rip, 4)
+        try:
+            code = self._read_code(rip, 15)
+        except LookupError:                  # the instruction ends before an unmapped page
+            code = self._read_code(rip, PAGE_SIZE - (rip & 0xFFF))
         compat = not self._sregs[_SEG["cs"] + 19]
-        i, a16 = 0, False
-        while i < 3 and code[i] in (0xF2, 0xF3, 0x66, 0x67):
-            a16 = a16 or code[i] == 0x67
-            i += 1
+        a16 = 0x67 in code[:next((i for i, b in enumerate(code) if b not in _LEGACY_PREFIXES), len(code))]
         if not compat:
             mask = 0xFFFFFFFF if a16 else 0xFFFFFFFFFFFFFFFF
             return lambda rdi: rdi & mask
