@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from .abi import (
     DOMID_XEN, XEN_L4_FIRST, XEN_L4_LAST, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_USER, Hypercall, segment_base_limit,
+    _PAGE_RW, _PAGE_USER, Hypercall, is_canonical, segment_base_limit,
 )
 from .vcpu_engine import ExitReason
 
@@ -175,6 +175,7 @@ GUEST_L4_SLOT = 257               # the engine's guest-visible pages (M2P alias,
 # (one exit, no ring-0 stub, no instruction decode) and is answered by the shared port
 # policy (emulate.port_in/port_out via on_port_io), exactly as the #GP path would.
 _DIRECT_PORTS = (0x40, 0x41, 0x42, 0x43, 0x61)
+_LEGACY_PREFIXES = frozenset((0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67))
 _ENGINE_PORTS = (HCALL_PORT, SYSCALL_PORT)   # never the port policy's
 _SYSCALL = "syscall"                          # its exit_kinds key
 _IOBITMAP_BYTES = 32               # ports 0-255; the TSS limit ends the bitmap after them
@@ -1923,8 +1924,13 @@ class KVMEngine:
             addr = self._operand_address(rip + d[0], d[2])
             if addr is None:
                 return None
+            if not self._sregs[_SEG["cs"] + 19]:
+                # Compatibility mode: the CPU's address is 32 bits (EAX...); the upper half of
+                # the 64-bit registers is the guest's and names nothing the CPU read.
+                addr &= 0xFFFFFFFF
             width = 8 if i == 1 and code[0] & 8 else 4
-            sel = int.from_bytes(self._read_code(addr + width, 2), "little")
+            # The far pointer as the CPU read it, at CPL 3: never through a supervisor page.
+            sel = int.from_bytes(self._read_user(addr + width, 2), "little")
             if sel & 4:
                 base, limit = self._sreg_u64(_SEG["ldt"]), struct.unpack_from("<I", self._sregs, _SEG["ldt"] + 8)[0]
             else:
@@ -2132,8 +2138,9 @@ class KVMEngine:
                     (val & ((1 << (8 * size)) - 1)).to_bytes(size, "little") * count
                 return True
             try:
+                dest = self._ins_destination(rip)
                 m[data_off:data_off + count * size] = b"".join(
-                    self._read_code(r[5] + k * step, size) for k in range(count))
+                    self._read_user(dest(r[5] + k * step), size) for k in range(count))
             except LookupError:
                 pass                        # unmapped: KVM's store faults (#PF), nothing written
             self._complete_io_keeping_regs()
@@ -2165,6 +2172,24 @@ class KVMEngine:
             r[2] = (r[2] + 1) & 0xFFFFFFFFFFFFFFFF
         self._dirty.value |= SYNC_REGS
         return True
+
+    def _ins_destination(self, rip: int) -> Callable[[int], int]:
+        """RDI -> the linear address the INS at `rip` stores to, as the CPU computes it: the
+        address size (64-bit mode 64, compatibility mode 32; a 67 prefix halves it) and, in
+        compatibility mode, ES's base. The upper part of RDI beyond the address size is the
+        guest's and names nothing the CPU writes."""
+        try:
+            code = self._read_code(rip, 15)
+        except LookupError:                  # the instruction ends before an unmapped page
+            code = self._read_code(rip, PAGE_SIZE - (rip & 0xFFF))
+        compat = not self._sregs[_SEG["cs"] + 19]
+        a16 = 0x67 in code[:next((i for i, b in enumerate(code) if b not in _LEGACY_PREFIXES), len(code))]
+        if not compat:
+            mask = 0xFFFFFFFF if a16 else 0xFFFFFFFFFFFFFFFF
+            return lambda rdi: rdi & mask
+        mask = 0xFFFF if a16 else 0xFFFFFFFF
+        base = self._sreg_u64(_SEG["es"])
+        return lambda rdi: (base + (rdi & mask)) & 0xFFFFFFFF
 
     def _outs_at(self, va: int, size: int) -> tuple[int, bool] | None:
         """(length, REP) of an OUTS of `size` bytes starting at `va` (prefixes F2/F3, 66), or
@@ -2290,6 +2315,29 @@ class KVMEngine:
 
     def _code_maddr(self, va: int) -> int:
         return self._page_maddr(va) + (va & 0xFFF)
+
+    def _read_user(self, va: int, n: int) -> bytes:
+        """Bytes at a guest VA as a CPL-3 read finds them through the current page tables:
+        present and user at every level, 4 KiB pages only (guest tables have no others; Xen's
+        area and the engine's supervisor mappings are refused). LookupError otherwise. Not
+        cached: for guest-chosen data addresses (_far_transfer_gate), not code."""
+        mem, out, a, end = self.mem, b"", va, va + n
+        need = _PAGE_PRESENT | _PAGE_USER
+        while a < end:
+            if not is_canonical(a):
+                raise LookupError(hex(a))
+            t = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
+            for shift in (39, 30, 21, 12):
+                e = mem.read_u64(t + 8 * ((a >> shift) & 0x1FF))
+                if e & need != need or (shift != 12 and e & 0x80):
+                    raise LookupError(hex(a))
+                t = e & PTE_FRAME_MASK
+                if t >= mem.size:
+                    raise LookupError(hex(a))
+            take = min(end - a, PAGE_SIZE - (a & 0xFFF))
+            out += bytes(mem.view[t + (a & 0xFFF):t + (a & 0xFFF) + take])
+            a += take
+        return out
 
     def _read_code(self, va: int, n: int) -> bytes:
         """Bytes at a guest VA through the current page tables (read-only walk, one per page)."""

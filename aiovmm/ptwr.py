@@ -45,6 +45,7 @@ class PendingWrite:
     error: int             # the #PF error code, for the bounce if emulation is refused
     mnemonic: str = ""     # the store instruction, decoded
     ops: str = ""
+    code: bytes = b""      # its bytes as decoded: only these are ever stepped (traps.finish_ptwr)
 
 
 def candidate(v: "VCPU", cr2: int, error: int, rip: int) -> PendingWrite | None:
@@ -81,7 +82,7 @@ def candidate(v: "VCPU", cr2: int, error: int, rip: int) -> PendingWrite | None:
     if decoded is None:
         return None
     n, mnemonic, ops = decoded
-    return PendingWrite(rip, n, cr2, l1e_addr, frame, error, mnemonic, ops)
+    return PendingWrite(rip, n, cr2, l1e_addr, frame, error, mnemonic, ops, bytes(code[:n]))
 
 
 _GPR64 = {"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",

@@ -265,6 +265,16 @@ def inject_exception(v: "VCPU", vector: int, error: int, cr2: int, *,
 def finish_ptwr(v: "VCPU") -> None:
     """Complete a trapped page-table store outside emulation; on refusal bounce the #PF."""
     w, v.pending_ptwr = v.pending_ptwr, None
+    try:
+        now_code = v.copy_from_guest(w.rip, w.length)
+    except GuestFault:
+        now_code = b""
+    if now_code != w.code:
+        # The bytes at the store changed since the fault (another vCPU, a backend's write):
+        # never step other bytes than the store decoded there (Xen emulates only that one);
+        # the instruction runs again as it now is, and faults again if it is a store.
+        v.engine.set("rip", w.rip)
+        return
     if len(v.domain.vcpus) > 1:
         # Other vCPUs of the domain may have run since the fault and changed the mapping
         # or the table: decide again on the state as it is now; if it is not the same

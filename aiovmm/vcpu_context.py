@@ -137,6 +137,7 @@ def set_context(v: "VCPU", c: VcpuContext) -> None:
     # The engine's long mode first: the GDT window (set_gdt) points its GDTR after it.
     eng.setup_long_mode(0, hv.xen.GDT_VA, hv.xen.GDT_LIMIT)
     taken: list[int] = []
+    old_root = v.kernel_root
     try:
         descriptors.set_gdt(v, list(c.gdt_frames), c.gdt_ents)
         taken.append(_take_root(v, c.ctrlreg[3], "CR3"))
@@ -144,8 +145,12 @@ def set_context(v: "VCPU", c: VcpuContext) -> None:
             taken.append(_take_root(v, c.ctrlreg[1], "user CR3"))
         if c.ldt_ents:
             descriptors.set_ldt(v, c.ldt_base, c.ldt_ents)
+        # An LDT selector's page is found through the context's own kernel tables (Xen's
+        # pv_map_ldt_shadow_page), never through whatever root the vCPU had before.
+        v.kernel_root = taken[0]
         segs = start_segments(v, c)
     except (HypercallError, MMUError):
+        v.kernel_root = old_root
         for mfn in taken:
             pt.put_type(mfn)
         descriptors.release(v)

@@ -108,6 +108,7 @@ class _Hcall(ctypes.Structure):
 
 
 _TIMER_DEFAULT_NS = 2_000_000    # timer slices: the bound of a run() given no max_ns
+_STEP_LIMIT_NS = 1_000_000_000   # timer slices: the bound of one step_to (one instruction)
 
 # uc_struct fields of Unicorn 2.1.4 (include/uc_priv.h), relative to `stop_request`, the
 # one byte uc_emu_stop sets: a fingerprint of the layout, and `no_exit_request`.
@@ -887,9 +888,23 @@ class VCPUEngine:
         fired = 0
         if nested:
             fired = self._lib.aiovmm_timer_disarm(self._timer)
+        # Timer slices count no blocks: the step's own deadline bounds it (bytes that never
+        # reach `end`, e.g. `jmp .`, must not hold the loop thread; ptwr then bounces the #PF).
+        timed = False
+        slice_deadline = self._deadline_ns
+        if self._timer is not None:
+            self._deadline_ns = time.monotonic_ns() + _STEP_LIMIT_NS
+            try:
+                self._arm(0)
+                timed = True
+            except OSError as e:            # not this thread's timer: as before, unbounded
+                log.warning("%s: step not bounded: %s", self.name, e)
         try:
             err = uclib.uc_emu_start(self.h, start, end, 0, 0)
         finally:
+            if timed:
+                self._lib.aiovmm_timer_disarm(self._timer)
+            self._deadline_ns = slice_deadline
             before = inval()
             self.uc.ctl_remove_cache(start, end + 1)
             self._own_invalidations += inval() - before
