@@ -10,7 +10,6 @@
 #include <xen/vcpu.h>
 
 static u8 ap_stack[16384] __attribute__((aligned(16)));
-static vcpu_guest_context_t ctx;
 static volatile u64 go, done, sends, bad, nmis, depth, nested;
 static u64 secs;
 
@@ -42,30 +41,12 @@ noreturn void ap_main(void)
         sched_yield();
 }
 
-extern char ap_entry[];
-__asm__(".text\n"
-        "ap_entry:\n"
-        "    and $-16, %rsp\n"
-        "    call ap_main\n"
-        "    ud2\n");
-
 void app_main(void)
 {
     traps_init();
     set_trap_handler(2, nmi_handler);
     secs = cmdline_u64(cmdline(), "secs", 2);
-    memset(&ctx, 0, sizeof(ctx));
-    ctx.flags = VGCF_in_kernel;
-    ctx.user_regs.rip = (unsigned long)ap_entry;
-    ctx.user_regs.rsp = (unsigned long)(ap_stack + sizeof(ap_stack));
-    ctx.user_regs.cs = FLAT_KERNEL_CS;
-    ctx.user_regs.ss = FLAT_KERNEL_SS;
-    ctx.user_regs.rflags = 0x1000;
-    ctx.kernel_ss = FLAT_KERNEL_SS;
-    ctx.kernel_sp = (unsigned long)(ap_stack + sizeof(ap_stack));
-    ctx.ctrlreg[3] = virt_to_mfn((void *)start_info->pt_base) << PAGE_SHIFT;
-    HYPERVISOR_shared_info->vcpu_info[1].evtchn_upcall_mask = 1;
-    if (HYPERVISOR_vcpu_op(VCPUOP_initialise, 1, &ctx) || HYPERVISOR_vcpu_op(VCPUOP_up, 1, NULL))
+    if (vcpu_start(1, ap_main, ap_stack, sizeof(ap_stack)))
         panic("vCPU 1");
     struct callback_register cb = { .type = CALLBACKTYPE_nmi, .address = (unsigned long)trap_nmi };
     if (HYPERVISOR_callback_op(CALLBACKOP_register, &cb))
