@@ -132,6 +132,7 @@ _SEG_FMT = struct.Struct("<QIHBBBBBBBBBx")      # base limit selector type prese
 _SREG_OFF = {"gdt": 192, "idt": 208, "cr0": 224, "cr2": 232, "cr3": 240, "cr4": 248, "cr8": 256,
              "efer": 264}
 _SELECTORS = ("cs", "ss", "ds", "es", "fs", "gs")
+PFEC_INSN_FETCH = 0x10                          # #PF error code: instruction fetch
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_SMEP = 1 << 5, 1 << 9, 1 << 10, 1 << 20
@@ -1902,11 +1903,15 @@ class KVMEngine:
         cr2 = self._sreg_u64(_SREG_OFF["cr2"]) if vector == 14 else 0
         if vector == 14 and MACH2PHYS_VIRT_START <= cr2 < MACH2PHYS_VIRT_END:
             if cr2 - MACH2PHYS_VIRT_START < self.r0.m2p_bytes:
-                if not err & 2 and self._emulate_m2p_read(rip, cr2):
+                # An instruction fetch there (RIP in the M2P: a jump, a trap or NMI handler
+                # set to it) is never a load to perform: Xen maps the M2P read-only and NX
+                # (__PAGE_HYPERVISOR_RO), its bytes are the guest's (machphys_update).
+                fetch = bool(err & PFEC_INSN_FETCH) or 0 <= cr2 - rip < 15
+                if not err & 2 and not fetch and self._emulate_m2p_read(rip, cr2):
                     return
                 # Xen's M2P is mapped there read-only: a present-page fault, never the
                 # reserved-bit fault kvm-pvm reports for its own slot.
-                err = (err & ~8) | 1
+                err = (err & ~8) | 1 | (PFEC_INSN_FETCH if fetch else 0)
         self._call(self.on_exception, vector, err, cr2)
 
     def _far_transfer_gate(self, rip: int) -> int | None:

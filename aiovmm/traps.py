@@ -232,15 +232,17 @@ def inject_exception(v: "VCPU", vector: int, error: int, cr2: int, *,
             # refused: fall through and bounce the #PF to the guest
     if vector == 3 and len(dom.vcpus) > 1 and _stale_int3(v, rip):
         return
-    software = vector == 0x80 or vector >= 32 or vector in (3, 4)
     flags, _cs, handler = v.trap_table[vector] if vector < 256 else (0, 0, 0)
-    if software:
-        insn_len = 1 if vector in (3, 4) and _byte_before(v, rip) in (0xCC, 0xCE) else 2
+    if vector >= 32:
+        # `int $n`: Xen's IDT gate is DPL 0, do_general_protection's permit_softint checks
+        # the guest's gate. Not for 3 and 4 (int3, into, int $3, int $4): Xen's IDT gates
+        # there are DPL 3 and do_int3/do_trap inject #BP/#OF whatever the guest's gate
+        # says (no handler: the domain crashes below, as create_bounce_frame's null bounce).
         dpl = flags & 3
         allowed = dpl >= 1 if v.kernel_mode else dpl == 3
         if not allowed or not handler:
             # Software INT to a gate the guest may not use: #GP(vector<<3 | 2) at the INT.
-            eng.write({"rip": rip - insn_len})
+            eng.write({"rip": rip - 2})
             return inject_exception(v, 13, (vector << 3) | 2, 0)
     if vector == 14:
         m = dom.mem

@@ -12,5 +12,8 @@ noreturn void poweroff(void);
 noreturn void crash(void);
 /* Prints "panic: <msg>" then crashes. */
 noreturn void panic(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* VCPUOP_initialise + VCPUOP_up of vCPU `id`: kernel mode, flat segments, this vCPU's page
+ * tables, events masked, running main() on [stack, stack + size). Returns the first error. */
+long vcpu_start(unsigned id, noreturn void (*main)(void), void *stack, unsigned long size);
 
 #endif
