@@ -64,3 +64,37 @@ async def test_write_protected_frame_becoming_a_page_table_is_not_writable():
         ptr, old = unmap_data_va(hv, dom, v, None)         # RW cleared
         assert _access(v, False)[0] == []                  # the guest runs on: not flushed
         check_pinned_l1_not_writable(hv, dom, v, frame, ptr, old)
+
+
+async def test_foreign_entry_removed_without_a_flush_is_forgotten_at_once(monkeypatch):
+    """The guard defers only entries that named the table's own domain's frames: one that
+    named another domain's frame (a grant mapping) is forgotten before the next KVM_RUN on
+    the guard's own account, whether or not the path that removed it flushes. Every such
+    path flushes today (grant unmap, ptwr's scratch), so the unmap's flush is taken out
+    here: the granter then reuses its frame, and the grantee's next read through the VA
+    must fault, not see the granter's new contents through KVM's shadow."""
+    from aiovmm import grants
+    from conftest import kernel
+    async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
+        eng, pt, mem = v.engine, hv.pagetables, hv.mem
+        g = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        g.paused = True
+        frame = next(f for f in sorted(g.frames) if not mem.in_use(f))   # no type, no mapping
+        ptr, old = unmap_data_va(hv, dom, v, 0)
+        eng.flush_tlb()
+        ref = 100
+        g.grants.write_entry(ref, grants.GTF_permit_access | grants.GTF_readonly, dom.domid, frame)
+        handle, _ = grants.map_grant(v, DATA_VA, grants.GNTMAP_host_map | grants.GNTMAP_readonly,
+                                     ref, g.domid)
+        mem.write_u64(frame << 12, 0x6767676767676767)
+        assert _access(v, False) == ([], 0x6767676767676767)          # KVM shadows it now
+        with monkeypatch.context() as m:
+            m.setattr(grants, "_flush", lambda d: None)                 # a path without a flush
+            grants.unmap_grant(dom, handle, DATA_VA)
+        assert mem.read_u64(ptr) == 0 and not mem.in_use(frame)
+        mem.write_u64(frame << 12, 0x5EC2E75EC2E75EC2)                # the granter's again
+        assert _access(v, False) == ([(14, DATA_VA)], 0)
+        g.grants.write_entry(ref, 0, 0, 0)
+        pt.update_entry(dom.domid, ptr, old)
+        eng.flush_tlb()
+        g.destroy_requested = True
