@@ -2258,6 +2258,19 @@ class KVMEngine:
         """End the slice at the next exit (from the loop thread)."""
         self._preempt = True
 
+    def cut_slice(self, ns: int) -> None:
+        """End the running slice `ns` from now if it would run longer (a timer the guest
+        armed from inside it falls due first: timers.py); nothing between slices. From an
+        exit's handler (the slice timer is re-armed; run_ex enters no guest past it)."""
+        c = self._ctx
+        deadline = time.monotonic_ns() + max(ns, 1)
+        if c.deadline_ns and deadline < c.deadline_ns:
+            c.deadline_ns = deadline
+            kicked = self._lib.aiovmm_kvm_take_kick(self._run_ptr)   # slice_begin clears it
+            self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline)
+            if kicked:
+                self._run_map[1] = 1
+
     @property
     def blocks_executed(self) -> int:
         return self.exits
