@@ -105,6 +105,9 @@ async def one(engine: str, mib: int, d: str) -> dict[str, float]:
     return out
 
 
+TICK_S = 0.001                   # Trace.stalls' ticker
+
+
 class Trace:
     """--timeline on the switched LAN: where the ping gap goes, on one clock
     (time.perf_counter is CLOCK_MONOTONIC, the same in both processes of --procs 2).
@@ -254,11 +257,15 @@ class Trace:
         t, c = time.perf_counter(), time.thread_time()
         _r, w = sched()
         while not stop.is_set():
-            await asyncio.sleep(0.0005)
+            # 1 ms: uvloop runs a shorter sleep as none (its timers are whole ms), and that
+            # spin, on a loop boosted to real-time priority for a downtime, held a core the
+            # boosted tap writer then waited for (the source's tail held 100 ms, in 3 of ~40
+            # traced two-process runs: both loops spun and the writer, runnable, never ran).
+            await asyncio.sleep(TICK_S)
             n, nc = time.perf_counter(), time.thread_time()
             _r, nw = sched()
             last[0] = n
-            if n - t > over + 0.0005:
+            if n - t > over + TICK_S:
                 out.append((t, n - t, nc - c, nw - w, seen.get(t, "")))
             t, c, w = n, nc, nw
         th.join()
@@ -334,7 +341,8 @@ async def lan_one(engine: str, mib: int, procs: int = 1) -> dict[str, float]:
             argv += ["--timeline"] if Trace.on else []
             argv += ["--no-realtime"] if not REALTIME else []
             child = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
-                                                         stdout=asyncio.subprocess.PIPE)
+                                                         stdout=asyncio.subprocess.PIPE,
+                                                         limit=1 << 24)    # the dump: one line
 
             async def reap() -> None:
                 if child.returncode is None:
