@@ -1049,6 +1049,7 @@ class KVMEngine:
         self._hypercalls = 0          # the hot kind, counted apart (exit_kinds adds it)
         self._dirty_log = False
         self._tsc_khz = 0
+        self._pvclock: tuple[int, int, int, int] | None = None    # pvclock_params, once sampled
         self._events = bytearray(_EVENTS_SIZE)
         self.settles = 0              # slice ends deferred until a held exception was reported
 
@@ -1319,7 +1320,13 @@ class KVMEngine:
     def pvclock_params(self, system_time_ns: Callable[[], int]) -> tuple[int, int, int, int]:
         """(tsc_timestamp, system_time, tsc_to_system_mul, tsc_shift) for vcpu_time_info:
         the guest reads the host TSC natively, so the parameters are its frequency and one
-        (guest TSC, system time) pair sampled as tightly as possible."""
+        (guest TSC, system time) pair sampled as tightly as possible. Sampled once per
+        engine and given again at every later publication (register_vcpu_info, a vCPU's
+        initialise): a new sample is off the first by up to ~0.8 us (the MSR read between two
+        clock reads; measured -98..+764 ns), so each publication stepped the guest's clock,
+        backwards too, which Linux does not guard against under PVCLOCK_TSC_STABLE_BIT."""
+        if self._pvclock is not None:
+            return self._pvclock
         if not self._tsc_khz:
             self._tsc_khz = fcntl.ioctl(self.vcpu_fd, Ioctl.GET_TSC_KHZ)
         best = None
@@ -1338,7 +1345,8 @@ class KVMEngine:
         while scale < 1 << 31:
             scale *= 2
             shift -= 1
-        return tsc, now, int(scale), shift
+        self._pvclock = tsc, now, int(scale), shift
+        return self._pvclock
 
     # -- running -------------------------------------------------------------------------------
     def decode(self, code: bytes) -> tuple[int, str, str] | None:
@@ -2363,6 +2371,19 @@ class KVMEngine:
     def preempt(self) -> None:
         """End the slice at the next exit (from the loop thread)."""
         self._preempt = True
+
+    def cut_slice(self, ns: int) -> None:
+        """End the running slice `ns` from now if it would run longer (a timer the guest
+        armed from inside it falls due first: timers.py); nothing between slices. From an
+        exit's handler (the slice timer is re-armed; run_ex enters no guest past it)."""
+        c = self._ctx
+        deadline = time.monotonic_ns() + max(ns, 1)
+        if c.deadline_ns and deadline < c.deadline_ns:
+            c.deadline_ns = deadline
+            kicked = self._lib.aiovmm_kvm_take_kick(self._run_ptr)   # slice_begin clears it
+            self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, deadline)
+            if kicked:
+                self._run_map[1] = 1
 
     @property
     def blocks_executed(self) -> int:

@@ -6,7 +6,14 @@ tsc_shift = +1 is exactly 1 ns per tick, tsc_timestamp = system_time = 0. A gues
 `system_time + ((tsc - tsc_timestamp) << 1) * mul >> 32` gets the hypervisor's clock exactly,
 and the fields never need rewriting (they stay valid across slices, blocks and migrations).
 
-Timers are event-loop timers; on expiry they raise VIRQ_TIMER on the vCPU.
+Timers are event-loop timers; on expiry they raise VIRQ_TIMER on the vCPU. A vCPU's slice runs
+on the loop thread, where no loop timer fires until it ends, so a slice is also cut at the
+vCPU's next timer deadline and the timers due then are run before the guest is entered again
+(`run_due`, `slice_until`; a timer armed from inside the slice cuts it: engine.cut_slice), as
+Xen's timer interrupt preempts the guest at the deadline. A tick left to the end of a 2 ms
+slice came up to 2 ms late, and Linux's sched_clock_local() holds local_clock() at the last
+tick + TICK_NSEC (4 ms) until the next tick comes (until its late_initcall marks sched_clock
+stable): printk stamped different boot lines with one timestamp (tests/test_timer_late.py).
 """
 from __future__ import annotations
 
@@ -100,8 +107,10 @@ def _arm_singleshot(v: "VCPU", expires_ns: int) -> None:
     if expires_ns <= now:
         _fire(v)
         return
+    v.singleshot_deadline_ns = expires_ns
     v.singleshot_handle = asyncio.get_running_loop().call_later(
         (expires_ns - now) / 1e9, _singleshot_expired, v)
+    v.engine.cut_slice(expires_ns - now)      # armed from inside the vCPU's running slice
 
 
 def vcpuop_set_singleshot(v: "VCPU", timeout_ns: int) -> None:
@@ -167,7 +176,9 @@ def _periodic_work(v: "VCPU") -> None:
         _fire(v)
         v.periodic_last_ns = now
         nxt = now + v.periodic_ns
+    v.periodic_next_ns = nxt
     v.periodic_handle = asyncio.get_running_loop().call_later((nxt - now) / 1e9, _periodic_expired, v)
+    v.engine.cut_slice(nxt - now)
 
 
 def _periodic_expired(v: "VCPU") -> None:
@@ -181,6 +192,35 @@ def stop_periodic(v: "VCPU") -> None:
         v.periodic_handle.cancel()
         v.periodic_handle = None
     v.periodic_ns = 0
+
+
+MIN_SLICE_NS = 1_000                   # a slice cut at a deadline that has just passed
+
+
+def run_due(v: "VCPU") -> int | None:
+    """Right before the vCPU is entered (vcpu.py), as Xen's timer softirq before its return
+    to the guest: run its timers whose deadline has passed (their loop timers have not fired
+    yet: the slice that reached the deadline held the loop thread). Returns the system time of
+    the next deadline of an armed timer, or None; `slice_until` ends the slice there."""
+    now = v.domain.hypervisor.system_time_ns()
+    if v.singleshot_handle is not None and v.singleshot_deadline_ns <= now:
+        v.singleshot_handle.cancel()
+        _singleshot_expired(v)
+    if v.periodic_handle is not None and v.periodic_next_ns <= now:
+        v.periodic_handle.cancel()
+        _periodic_expired(v)
+    due = [t for h, t in ((v.singleshot_handle, v.singleshot_deadline_ns),
+                          (v.periodic_handle, v.periodic_next_ns)) if h is not None]
+    return min(due) if due else None
+
+
+def slice_until(v: "VCPU", due: int | None, slice_ns: int) -> int:
+    """The wall-time bound of the slice about to run: `slice_ns`, cut at the deadline `due`
+    (run_due's, Xen system time, which is CLOCK_MONOTONIC as the engines' slice deadlines),
+    taken as late as possible so the slice ends at the deadline itself."""
+    if due is None:
+        return slice_ns
+    return max(MIN_SLICE_NS, min(slice_ns, due - v.domain.hypervisor.system_time_ns()))
 
 
 # ---------------------------------------------------------------------------- hypercalls

@@ -203,7 +203,9 @@ class VCPU:
         self.periodic_ns = 0
         self.periodic_last_ns = 0              # system time of the last periodic event (Xen's periodic_last_event)
         self.periodic_handle: asyncio.TimerHandle | None = None
+        self.periodic_next_ns = 0              # system time the armed periodic_handle is due
         self.singleshot_handle: asyncio.TimerHandle | None = None
+        self.singleshot_deadline_ns = 0        # system time the armed singleshot_handle is due
         self.poll_timeout_handle: asyncio.TimerHandle | None = None
         self.hypercalls = 0
         self.ptwr_updates = 0
@@ -450,7 +452,7 @@ class VCPU:
 
     # -- the task ------------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        from . import traps
+        from . import timers, traps
         dom = self.domain
         sched = dom.hypervisor.scheduler
         woke = False
@@ -496,6 +498,7 @@ class VCPU:
                         traps.exception(self, vector, error, 0)
                         if dom.dying:
                             break
+                    due = timers.run_due(self)      # before the NMI and event checks, as Xen's softirq
                     if self.nmi_pending:
                         traps.deliver_nmi(self)
                         if dom.dying:
@@ -505,7 +508,8 @@ class VCPU:
                         if dom.dying:
                             break
                     sched.begin(self)
-                    reason = self.engine.run(sched.budget(self), sched.slice_for(self))
+                    reason = self.engine.run(sched.budget(self),
+                                             timers.slice_until(self, due, sched.slice_for(self)))
                     self.idle_released = False
                     if len(dom.vcpus) > 1:
                         self._share_code_writes()

@@ -988,6 +988,18 @@ class VCPUEngine:
         self.stop_requested = True
         uclib.uc_emu_stop(self.h)
 
+    def cut_slice(self, ns: int) -> None:
+        """End the running slice `ns` from now if it would run longer (a timer the guest
+        armed from inside it falls due first: timers.py); nothing between slices. From a
+        hook on the emulating thread."""
+        deadline = time.monotonic_ns() + max(ns, 1)
+        if self._timer is not None:
+            if self._in_slice and deadline < self._deadline_ns:
+                self._deadline_ns = deadline
+                self._arm(self._lib.aiovmm_timer_disarm(self._timer))   # what had fired stays
+        elif self.slice.deadline_ns and deadline < self.slice.deadline_ns:
+            self.slice.deadline_ns = deadline
+
     def preempt(self) -> None:
         """Ask the running slice to end at the next block boundary (any thread)."""
         if self._timer is not None:

@@ -617,7 +617,8 @@ static int fast_user_syscall(struct aiovmm_kvm_ctx *c, uint64_t *r)
  * ignored (Xen since 4.18 ignores VCPU_SSHOTTMR_future). Only a deadline in the future is
  * done here: one already passed, or >= 2^63 (Xen's s_time_t expiry is then negative), makes
  * Xen send the timer event before the hypercall returns (timers.py vcpuop_set_singleshot),
- * which is Python's. Returns 1 if done. */
+ * which is Python's, and so is one before the running slice's end (Python cuts the slice
+ * at it). Returns 1 if done. */
 static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
 {
     struct aiovmm_pv *pv = c->pv;
@@ -642,6 +643,10 @@ static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     int64_t now = ts.tv_sec * 1000000000LL + ts.tv_nsec - pv->clock_origin_ns;
     if (now < 0 || timeout >= (1ULL << 63) || timeout <= (uint64_t)now)
+        return 0;
+    /* A deadline the running slice would pass is Python's: it cuts the slice there, as
+     * Xen's timer interrupt preempts the guest at it (aiovmm/timers.py run_due). */
+    if (c->deadline_ns && (int64_t)timeout + pv->clock_origin_ns < c->deadline_ns)
         return 0;
     pv->sshot_deadline = timeout;
     pv->sshot_op = SSHOT_SET;

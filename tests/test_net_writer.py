@@ -7,7 +7,12 @@ so that the writer thread really stalls while nobody reads the other end."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import time
+
+import pytest
+import uvloop
 
 from aiovmm import Hypervisor
 from aiovmm.audit import audit
@@ -35,7 +40,7 @@ def _recv_all(sock: socket.socket) -> list[bytes]:
             return out
 
 
-def _run(body) -> None:
+def _run(body, run=asyncio.run) -> None:
     async def main():
         async with Hypervisor(memory_mib=64) as hv:
             v = Vif(hv)
@@ -47,7 +52,7 @@ def _run(body) -> None:
             finally:
                 v.close()
             assert audit(hv) == []
-    asyncio.run(main())
+    run(main())
 
 
 def test_frames_reach_the_tap_in_order_after_an_okay_response():
@@ -109,3 +114,50 @@ def test_a_full_backlog_leaves_requests_on_the_ring_until_the_writer_drains():
             v.nb._writer = None
             w.close()
     _run(body)
+
+
+def test_tx_written_blocks_so_a_writer_on_the_loops_cpu_runs():
+    """A migration's wait for the suspended guest's last frames (Netback.tx_written): the
+    loop at real-time priority on uvloop, as the daemon runs it in a downtime, with the tap
+    writer boosted alike (RealTime.also) and on the loop's CPU, as on a 2-core host whose
+    other core another boosted loop holds (bench/migrate.py --timeline, two processes: the
+    source's tail held 100 ms, once in ~13 runs). The wait must block so the writer runs.
+    It polled with 0.2 ms sleeps, which uvloop runs as none: the loop never left the CPU,
+    the writer never ran, and the wait ran out."""
+    try:
+        saved = os.sched_getscheduler(0), os.sched_getparam(0)
+        os.sched_setscheduler(0, *saved)
+    except OSError as e:
+        pytest.skip(f"no scheduling policy changes here: {e}")
+    took: list[float] = []
+
+    async def body(v):
+        loop = asyncio.get_running_loop()
+        w = TapWriter(v.host.fileno(), "t9", loop, lambda: None, lambda refused: None)
+        v.nb._writer = w
+        cpus = os.sched_getaffinity(0)
+        cpu = {min(cpus)}
+        fifo = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(1)
+        w_saved = os.sched_getscheduler(w.native_id), os.sched_getparam(w.native_id)
+        try:
+            os.sched_setaffinity(w.native_id, cpu)
+            os.sched_setaffinity(0, cpu)
+            os.sched_setscheduler(w.native_id, *fifo)
+            os.sched_setscheduler(0, *fifo)
+            v.push(*[(50 + i, 0, 0, i, 64 + i) for i in range(8)])
+            v.nb._process_tx()                  # handed to the thread; it waits for the CPU
+            t0 = time.perf_counter()
+            ok = await v.nb.tx_written(0.1)
+            took.append(time.perf_counter() - t0)
+        finally:
+            os.sched_setscheduler(0, *saved)
+            os.sched_setscheduler(w.native_id, *w_saved)
+            os.sched_setaffinity(0, cpus)
+            os.sched_setaffinity(w.native_id, cpus)
+        try:
+            assert ok and w.frames == 8 and w.backlog() == 0, (ok, w.frames, took)
+            assert len(_recv_all(v.out)) == 8
+        finally:
+            v.nb._writer = None
+            w.close()
+    _run(body, uvloop.run)

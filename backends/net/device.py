@@ -1082,12 +1082,11 @@ class Netback(YieldDrained):
         w = self._writer
         if w is None:
             return True
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while w.backlog() > 0:
-            if loop.time() >= end:
-                return False
-            await asyncio.sleep(0.0002)
+        try:
+            async with asyncio.timeout(timeout):
+                await w.written()               # blocked, not polling (TapWriter.written)
+        except TimeoutError:
+            return False
         return True
 
     def _tx_room(self) -> None:

@@ -51,6 +51,8 @@ class TapWriter:
         self.written_bytes = 0         # written by the thread only
         self.frames = 0                # written by the thread only
         self._want_room = False        # set by the loop, cleared by whoever calls on_room
+        self._written_waiters: list[asyncio.Future] = []     # written(); loop only
+        self._want_written = False     # set by the loop, cleared by the thread (as _want_room)
         self._thread = threading.Thread(target=self._run, name=f"tapw-{name}", daemon=True)
         self._thread.start()
 
@@ -88,6 +90,32 @@ class TapWriter:
             return False
         return True
 
+    def written(self) -> "asyncio.Future[None]":
+        """A future done once everything queued so far (staged ones included) is written: the
+        thread says so through the loop when its backlog reaches 0. A wait that polls the
+        backlog instead never blocks on uvloop (it rounds a sub-millisecond sleep to none),
+        and on a loop at real-time priority (a migration's downtime) that spin held a core
+        the writer, boosted alike, then waited for: 100 ms, the wait's bound, when the other
+        core was also held by one (bench/migrate.py --timeline, two processes). Loop thread."""
+        fut = self._loop.create_future()
+        self._written_waiters.append(fut)
+        self._check_written()
+        return fut
+
+    def _check_written(self) -> None:
+        """Resolve written()'s futures if nothing is left to write (loop thread); the flag is
+        raised before the look, so a drain in between is not missed (as full())."""
+        if not self._written_waiters:
+            return
+        self._want_written = True
+        if self.backlog() > 0:
+            return
+        self._want_written = False
+        waiters, self._written_waiters = self._written_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
     def _run(self) -> None:
         fd, q = self._fd, self._q
         try:
@@ -113,6 +141,9 @@ class TapWriter:
         if self._want_room and self.backlog() < self.limit // 2:
             self._want_room = False
             self._report(self._on_room)
+        if self._want_written and self.backlog() <= 0:
+            self._want_written = False
+            self._report(self._check_written)
 
     def _report(self, fn: Callable, *args) -> None:
         try:
