@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import core
 from .core import Change, Dom0, Perm, Perms, Tree, XsError
-from .protocol import XsType, pack
+from .protocol import PAYLOAD_MAX, XsType, _bytes, pack
 
 if TYPE_CHECKING:
     from .transaction import Transaction
@@ -66,8 +66,16 @@ class Connection:
         self._sink(pack(type_, req_id, tx_id, payload))
 
     def send_event(self, path: str, token: str) -> None:
+        """One XS_WATCH_EVENT. The token is the watcher's bytes (any, as over the wire), and
+        an event longer than a message (a deep path under a watch registered with a long
+        token) is not sent, as Xen's send_event ("Don't try to send over-long events"): it
+        must not fail the write that fired it, whoever made that write."""
+        payload = _bytes(path) + b"\0" + _bytes(token) + b"\0"
+        if len(payload) > PAYLOAD_MAX:
+            self.stats["events_too_long"] += 1
+            return
         self.stats["watch_events"] += 1
-        self.send(XsType.WATCH_EVENT, 0, 0, f"{path}\0{token}\0".encode())
+        self.send(XsType.WATCH_EVENT, 0, 0, payload)
 
     def new_tx_id(self) -> int:
         while True:
