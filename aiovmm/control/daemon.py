@@ -40,6 +40,9 @@ CONSOLE_QUEUE_MAX = 4096             # output chunks queued for one console clie
 SHUTDOWN_WAIT_S = 60.0
 DETACH_WAIT_S = 3.0
 NAME_MAX = 64
+API_IDLE_S = 30.0                   # a client sends its (next) request within this, or is closed
+TCP_MAX_CONNECTIONS = 64            # TCP API connections at once (TLS handshakes included)
+TCP_HANDSHAKE_S = 10.0              # a TLS handshake on the TCP API
 MAX_DEVICES = 16                    # vifs, and vbds, per domain (hot-plug included)
 
 
@@ -739,6 +742,49 @@ def _bind_unix(path: str) -> socket.socket:
     return s
 
 
+class TcpListener:
+    """The TCP API's accept loop (TLS + token): at most TCP_MAX_CONNECTIONS connections at
+    once, counted from accept() (a TLS handshake in progress holds a descriptor too), each
+    handshake done within TCP_HANDSHAKE_S; a connection beyond the limit is closed at once.
+    Anyone who can reach the port gets this far before the token is checked: without a
+    bound, idle connections (held for aiohttp's hour of keep-alive) took the daemon's
+    descriptors, and with them domain creation and the local socket."""
+
+    def __init__(self, handler: Callable[[], asyncio.Protocol], host: str, port: int,
+                 ctx: ssl.SSLContext) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family, backlog=128)
+        self.sock.setblocking(False)
+        self._handler = handler
+        self._ctx = ctx
+        self._live: list[socket.socket] = []    # accepted; closed by their transport at the end
+        self.refused = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    conn, _ = await loop.sock_accept(self.sock)
+                    self._live = [c for c in self._live if c.fileno() != -1]
+                    if len(self._live) >= TCP_MAX_CONNECTIONS:
+                        self.refused += 1
+                        conn.close()
+                        continue
+                    self._live.append(conn)
+                    tg.create_task(self._connect(loop, conn), name="api-tls-handshake")
+        finally:
+            self.sock.close()
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        try:
+            await loop.connect_accepted_socket(self._handler, conn, ssl=self._ctx,
+                                               ssl_handshake_timeout=TCP_HANDSHAKE_S)
+        except OSError as e:              # handshake failed or timed out (ssl.SSLError too)
+            log.debug("api: TLS connection dropped: %s", e)
+            conn.close()
+
+
 @dataclasses.dataclass
 class ServeOptions:
     socket_path: str = DEFAULT_SOCKET
@@ -831,11 +877,13 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
             for path in ("/vm", "/local/domain/0/backend/vif", "/local/domain/0/backend/vbd"):
                 hv.xenstore.store.mkdir(path)
             app = make_app(ctl, token=tcp[1] if tcp else None)
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                   keepalive_timeout=API_IDLE_S)
             await runner.setup()
+            listener = None
             if tcp:                 # first, so that an answer on the socket means all is up
                 host, _, port = o.listen.rpartition(":")
-                await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), ssl_context=tcp[0]).start()
+                listener = TcpListener(runner.server, host.strip("[]") or "0.0.0.0", int(port), tcp[0])
             await web.SockSite(runner, sock).start()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -849,8 +897,11 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
                 ready.set()
             async with asyncio.TaskGroup() as tg:
                 ctl_task = tg.create_task(ctl.run(), name="controller")
+                tcp_task = tg.create_task(listener.run(), name="api-tcp") if listener else None
                 await stop.wait()
                 log.info("stopping: destroying %d domain(s)", len(ctl.records))
+                if tcp_task is not None:
+                    tcp_task.cancel()
                 await runner.cleanup()
                 runner = None
                 for rec in list(ctl.records.values()):
