@@ -2,8 +2,10 @@
 in aiofiles' worker threads), chunked so a 256 MiB guest never sits in memory twice."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from typing import TYPE_CHECKING
 
 import aiofiles
@@ -48,6 +50,24 @@ class _PlainSource(S.Source):
         return self.f.readinto(view) or 0
 
 
+def _open_part(path: str, flags: int) -> int:
+    """The opener of a save's temporary file (`<file>.part`, which the daemon's save-directory
+    check did not see): never through a symlink, never into a file another user left there
+    or a hard link to another file (checked on the open descriptor, before it is truncated),
+    created 0600 (it is the guest's memory)."""
+    fd = os.open(path, (flags & ~os.O_TRUNC) | os.O_NOFOLLOW, 0o600)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_nlink > 1:
+            raise PermissionError(errno.EPERM, "a file of another user or a hard link is in the way", path)
+        if stat.S_ISREG(st.st_mode):
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
                     progress=None) -> _save.SaveStats:
     """Suspend, write the stream to `path` (through `path`.part, renamed when complete),
@@ -57,7 +77,7 @@ async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
     tmp = f"{path}.part"
     ok = False
     try:
-        async with aiofiles.open(tmp, "wb") as f:
+        async with aiofiles.open(tmp, "wb", opener=_open_part) as f:
             small = bytearray()
 
             async def write(data: bytes | memoryview) -> None:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+import resource
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
 
 import pytest
 
-from .ctlhelp import BUILD, Daemon
+from aiovmm.control.daemon import API_IDLE_S, TCP_MAX_CONNECTIONS
+
+from .ctlhelp import BUILD, Daemon, guest, kernel, uptime
 
 
 def hostile(name: str) -> str:
@@ -47,3 +56,132 @@ def test_long_token_watch_cannot_block_toolstack_writes(daemon, utf8):
     status, body = d.request("POST", f"/api/v1/domains/{name}/shutdown", {"wait": True, "timeout": 30})
     assert status == 200, body
     assert "Traceback" not in d.log()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tls_daemon(tmp_path):
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
+                        "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "token").write_text("aiovmm-test-token-0123456789\n")
+    port = _free_port()
+    d = Daemon(machine_memory=128, extra=["--listen", f"127.0.0.1:{port}", "--tls-cert", str(tmp_path / "cert.pem"),
+                                          "--tls-key", str(tmp_path / "key.pem"), "--token-file", str(tmp_path / "token")])
+    d.port = port
+    d.cert = str(tmp_path / "cert.pem")
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def test_idle_tls_connections_cannot_take_the_daemons_descriptors(tls_daemon):
+    """Anyone reaching the TCP port can complete TLS and then say nothing: the token is only
+    checked on a request. Such connections were kept for aiohttp's keep-alive (an hour)
+    without bound: with the daemon's descriptor limit at 256 (1024 is the usual default:
+    the same with more connections), ~235 of them left it unable to accept on its local
+    socket or open a kernel (measured). Now at most TCP_MAX_CONNECTIONS are accepted at
+    once, and an idle one is closed after API_IDLE_S."""
+    d = tls_daemon
+    pid = d.proc.pid
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (256, 256))
+    before = fds(pid)
+    ctx = ssl.create_default_context(cafile=d.cert)
+    held, refused = [], 0
+    for _ in range(240):
+        try:
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=2)
+            held.append(ctx.wrap_socket(s, server_hostname="127.0.0.1"))
+        except OSError:
+            refused += 1
+            if refused >= 5:
+                break
+    try:
+        assert len(held) <= TCP_MAX_CONNECTIONS, (len(held), refused)
+        assert fds(pid) <= before + TCP_MAX_CONNECTIONS + 8, (before, fds(pid))
+        # The local socket and domain creation still work meanwhile.
+        status, body = d.request("POST", "/api/v1/domains", {"kernel": kernel(), "name": "afterflood",
+                                                             "cmdline": "ticks=100000"}, timeout=20)
+        assert status == 201, body
+        d.wait_console("afterflood", r"^timer: tick 1 at")
+        d.api("DELETE", "/api/v1/domains/afterflood")
+        # An idle connection is closed by the daemon after API_IDLE_S.
+        held[0].settimeout(API_IDLE_S + 15)
+        t0 = time.monotonic()
+        assert held[0].recv(1) == b""
+        assert time.monotonic() - t0 < API_IDLE_S + 10
+    finally:
+        for s in held:
+            s.close()
+    # Served again once they are gone.
+    deadline = time.monotonic() + 10
+    while fds(pid) > before + 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fds(pid) <= before + 4, (before, fds(pid))
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", d.port), timeout=10), server_hostname="127.0.0.1")
+    with s:
+        s.sendall(b"GET /api/v1/info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer aiovmm-test-token-0123456789\r\n"
+                  b"Connection: close\r\n\r\n")
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+
+
+@pytest.fixture(scope="module")
+def save_daemon():
+    save_dir = tempfile.mkdtemp(prefix="avrsave", dir="/tmp")
+    outside = tempfile.mkdtemp(prefix="avrout", dir="/tmp")
+    d = Daemon(extra=["--save-dir", save_dir])
+    d.save_dir, d.outside = save_dir, outside
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(save_dir, ignore_errors=True)
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+@pytest.mark.parametrize("planted", ["symlink", "hardlink", "other_users_file"])
+def test_save_never_writes_outside_the_save_dir_through_its_part_file(save_daemon, planted):
+    """The save file's path is checked against the save directory, but the stream is written
+    to `<file>.part` first, which was opened as it was found: whoever can create a file in
+    the save directory could point it at any file (a symlink: the daemon, as root, wrote the
+    guest's memory over it, and the renamed link was left as the save file), hard-link one
+    (truncated and overwritten), or leave a file of their own there (and read the guest's
+    memory from it). Now the save is refused, the guest carries on, the target is intact."""
+    d = save_daemon
+    name = f"part-{planted}"
+    d.api("POST", "/api/v1/domains", {"kernel": guest("suspend"), "memory": 4, "name": name,
+                                      "cmdline": "pages=16 every=10"})
+    ticks, _ = uptime(d.wait_console(name, r"^uptime: ticks=20 ", 30))
+    victim = os.path.join(d.outside, f"{planted}.victim")
+    with open(victim, "w") as f:
+        f.write("precious\n")
+    path = os.path.join(d.save_dir, f"{name}.save")
+    part = path + ".part"
+    if planted == "symlink":
+        os.symlink(victim, part)
+    elif planted == "hardlink":
+        os.link(victim, part)
+    else:
+        with open(part, "w") as f:
+            f.write("mine\n")
+        os.chown(part, 65534, 65534)
+    status, body = d.request("POST", f"/api/v1/domains/{name}/save", {"file": path})
+    assert status == 400, body
+    with open(victim) as f:
+        assert f.read() == "precious\n"
+    assert not os.path.lexists(path)
+    assert d.api("GET", f"/api/v1/domains/{name}")["status"] in ("running", "blocked")
+    d.wait_console(name, rf"^uptime: ticks={ticks + 20} ", 30)
+    # With nothing in the way the save works, and the file is the owner's only.
+    if os.path.lexists(part):
+        os.unlink(part)
+    d.api("POST", f"/api/v1/domains/{name}/save", {"file": path})
+    assert os.stat(path).st_mode & 0o777 == 0o600
