@@ -185,3 +185,36 @@ def test_save_never_writes_outside_the_save_dir_through_its_part_file(save_daemo
         os.unlink(part)
     d.api("POST", f"/api/v1/domains/{name}/save", {"file": path})
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_create_with_hostile_config_files_is_one_line_errors(daemon, tmp_path):
+    """`aiovmm create` read the file itself with open().read(): a non-UTF-8 byte was a
+    traceback, /dev/zero or a FIFO without a writer never returned. It reads as
+    `aiovmm run -c` does now (config.read_text). A bracket inside a string was counted as
+    an open list ("unterminated list"), and `memory = True` was 1 MiB."""
+    k = kernel()
+    bad = {
+        "nonutf8.cfg": f'kernel = "{k}"\nname = "\xff"\n'.encode("latin-1"),
+        "bool.cfg": f'kernel = "{k}"\nmemory = True\n'.encode(),
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    os.mkfifo(tmp_path / "fifo.cfg")
+    expect = {
+        str(tmp_path / "nonutf8.cfg"): "nonutf8.cfg:2: not UTF-8 text (byte 0xff)",
+        str(tmp_path / "bool.cfg"): "memory must be a positive number of MiB",
+        "/dev/zero": "/dev/zero: not a regular file",
+        str(tmp_path / "fifo.cfg"): "fifo.cfg: not a regular file",
+    }
+    for path, message in expect.items():
+        r = daemon.cli("create", path, timeout=30)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (path, r.stderr)
+        lines = [x for x in r.stderr.splitlines() if not x.startswith("Parsing config from ")]   # as xl
+        assert len(lines) == 1 and lines[0].startswith("aiovmm: ") and message in lines[0], (path, r.stderr)
+    # Brackets inside strings are text, not lists.
+    cfg = tmp_path / "brackets.cfg"
+    cfg.write_text(f'name = "brk"\nkernel = "{k}"\nextra = "ticks=100000 x=[a # not a comment"\n'
+                   f'vif = [\n  "mac=00:16:3e:5a:00:01",  # ]\n]\n')
+    daemon.ok("create", str(cfg))
+    assert daemon.api("GET", "/api/v1/domains/brk?long=true")["config"]["cmdline"] == "ticks=100000 x=[a # not a comment"
+    daemon.api("DELETE", "/api/v1/domains/brk")
