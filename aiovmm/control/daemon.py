@@ -133,8 +133,9 @@ class Controller:
 
     # -- lookup -------------------------------------------------------------------------------
     def lookup(self, ref: str) -> Record:
-        """A domain by id or by name (xl accepts either)."""
-        if ref.isdigit():
+        """A domain by id or by name (xl accepts either). An id is ASCII digits, and not
+        thousands of them (int() refuses over 4300: a 500 for a long URL)."""
+        if ref.isascii() and ref.isdigit() and len(ref) <= 10:
             rec = self.records.get(int(ref))
             if rec is not None:
                 return rec
@@ -361,11 +362,11 @@ class Controller:
         from .. import migration
         await migration.load("live")           # scapy's first import: off the loop
         from ..migration import live
+        host, sep, port = dest.rpartition(":")
+        if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
+            raise ControlError(400, f"{dest!r}: expected HOST:PORT")
         if self.migration_secret is None:
             raise ControlError(409, "migration needs a shared secret (aiovmm serve --migration-secret-file)")
-        host, sep, port = dest.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ControlError(400, f"{dest!r}: expected HOST:PORT")
         rec = self.live(ref)
         domid = rec.dom.domid
         self.progress[domid] = {"operation": "migrate", "phase": "connect", "done": 0,
@@ -486,16 +487,22 @@ class Controller:
         from ..backends.block import Blkback
         return [b for b in dom.backends if isinstance(b, Blkback)]
 
-    def network_attach(self, ref: str, spec: str) -> Any:
+    async def network_attach(self, ref: str, spec: str) -> Any:
         """xl network-attach: publish the device directories and run netback; the guest's
-        frontend sees device/vif/<n> appear (xenbus hot-plug) and connects."""
+        frontend sees device/vif/<n> appear (xenbus hot-plug) and connects. Its namespace
+        and bridge must exist, as at create (Hypervisor.create): a vif for a missing bridge
+        was published and never came up (the backend stopped, the device stayed listed)."""
         from ..backends.net import Netback, VifConfig
+        from ..backends.net.tap import TapError, check_bridge
         rec = self.live(ref)
         dom = rec.dom
         try:
             cfg = VifConfig.parse(spec)
-        except ValueError as e:
+            await asyncio.to_thread(check_bridge, cfg.bridge, cfg.netns)
+        except (ValueError, TapError) as e:
             raise ControlError(400, f"vif {spec!r}: {e}") from None
+        if dom.dying:
+            raise ControlError(409, f"d{dom.domid} ({dom.name}) is shutting down")
         taken = {b.devid for b in self.vifs(dom)}
         if len(taken) >= MAX_DEVICES:
             raise ControlError(409, f"d{dom.domid} already has {MAX_DEVICES} vifs")

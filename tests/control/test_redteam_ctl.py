@@ -218,3 +218,49 @@ def test_create_with_hostile_config_files_is_one_line_errors(daemon, tmp_path):
     daemon.ok("create", str(cfg))
     assert daemon.api("GET", "/api/v1/domains/brk?long=true")["config"]["cmdline"] == "ticks=100000 x=[a # not a comment"
     daemon.api("DELETE", "/api/v1/domains/brk")
+
+
+def _raw(d: Daemon, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    from .ctlhelp import UnixHTTP
+    c = UnixHTTP(d.socket, 30)
+    try:
+        c.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def test_bad_requests_are_4xx_and_leave_nothing_behind(daemon):
+    """Each of these was a 500 ("Server got itself in trouble"), or worse: JSON nested
+    deeper than the parser recurses (RecursionError), a domain id of 5000 digits or a
+    non-ASCII digit ('²'.isdigit(); int() refuses both), a migration port '²'; a vif hot-plugged
+    onto a bridge that does not exist was published (201) and never came up. Afterwards the
+    daemon holds the descriptors, tasks and xenstore nodes it held before."""
+    d = daemon
+    d.api("POST", "/api/v1/domains", {"kernel": kernel(), "name": "bad-req", "cmdline": "ticks=100000"})
+    d.wait_console("bad-req", r"^timer: tick 1 at")
+    pid = d.proc.pid
+    before = d.api("GET", "/api/v1/info")
+    fds_before = fds(pid)
+    cases = [
+        ("POST", "/api/v1/domains", b"[" * 200000, 400),
+        ("POST", "/api/v1/domains", b'{"kernel": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400),
+        ("GET", "/api/v1/domains/" + "9" * 5000, b"", 404),
+        ("GET", "/api/v1/domains/%C2%B2", b"", 404),
+        ("POST", "/api/v1/domains/bad-req/migrate", b'{"destination": "127.0.0.1:%C2%B2"}', 400),
+        ("POST", "/api/v1/domains/bad-req/migrate", ('{"destination": "127.0.0.1:' + "9" * 5000 + '"}').encode(), 400),
+        ("POST", "/api/v1/domains/bad-req/vifs", b'{"spec": "bridge=redctl-none0"}', 400),
+        ("POST", "/api/v1/domains/bad-req/vifs", b'{"spec": "bridge=a b"}', 400),
+    ]
+    for method, path, body, want in cases:
+        for _ in range(3):
+            status, answer = _raw(d, method, path, body.replace(b"%C2%B2", "²".encode()))
+            assert status == want, (method, path[:60], status, answer[:200])
+            assert answer.startswith(b'{"error":'), answer[:200]
+    assert d.api("GET", "/api/v1/domains/bad-req/vifs") == []
+    time.sleep(0.5)
+    after = d.api("GET", "/api/v1/info")
+    assert after["tasks"] == before["tasks"] and after["xenstore_nodes"] == before["xenstore_nodes"]
+    assert fds(pid) == fds_before
+    d.api("DELETE", "/api/v1/domains/bad-req")
