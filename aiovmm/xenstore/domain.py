@@ -14,6 +14,7 @@ max_value_size     2048    bytes in one node's value                            
 max_watches        128     watches on one connection                               E2BIG
 max_transactions   10      open transactions on one connection                     ENOSPC
 max_tx_nodes       4096    paths one transaction reads or changes (aiovmm)        ENOSPC
+max_tx_bytes       256K    bytes of those paths and of values it wrote (aiovmm)   ENOSPC
 max_perms          5       permission entries beyond the owner's on one node       ENOSPC
 =================  ======  =====================================================  =======
 """
@@ -40,6 +41,9 @@ class Quotas:
     max_watches: int = 128
     max_transactions: int = 10
     max_tx_nodes: int = 4096       # what one open transaction may make the daemon track
+    # ... and its bytes (checked before each request): max_transactions of them are 2.5 MiB,
+    # Xen's hard memory quota per domain (quota-memory-per-domain-hard)
+    max_tx_bytes: int = 256 << 10
     max_perms: int = 5
 
 

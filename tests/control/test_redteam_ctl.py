@@ -264,3 +264,25 @@ def test_bad_requests_are_4xx_and_leave_nothing_behind(daemon):
     assert after["tasks"] == before["tasks"] and after["xenstore_nodes"] == before["xenstore_nodes"]
     assert fds(pid) == fds_before
     d.api("DELETE", "/api/v1/domains/bad-req")
+
+
+def test_xenstore_transactions_cannot_hoard_host_memory(daemon):
+    """A guest reads missing nodes with 3000-byte paths inside transactions: each read makes
+    the daemon keep the path until the transaction ends. The path count bound (4096 per
+    transaction) let one guest make the host keep ~12.5 MB per transaction, ~125 MB with
+    its 10 (measured: 2 transactions, daemon RSS 66 -> 91 MiB); Xen keeps 2.5 MB per
+    domain at most. Now each transaction stops at its byte quota (ENOSPC), and can still be
+    ended."""
+    from aiovmm.xenstore.domain import Quotas
+    q = Quotas()
+    d = daemon
+    d.api("POST", "/api/v1/domains", {"kernel": hostile("xs_tx_hoard"), "name": "hoard", "memory": 16,
+                                      "cmdline": "tx=3 reads=400 len=3000 hold=1 linger=60"})
+    text = d.wait_console("hoard", r"^ended$", timeout=180)
+    for i in range(3):
+        assert re.search(rf"^result tx{i} 0$", text, re.M), text
+        reads = int(re.search(rf"^result reads{i} (\d+)$", text, re.M).group(1))
+        assert reads * 3000 <= q.max_tx_bytes + 4096, reads
+        assert re.search(rf"^result stop{i} -28$", text, re.M), text          # ENOSPC
+    assert len(re.findall(r"^result end 0$", text, re.M)) == 3, text
+    d.api("DELETE", "/api/v1/domains/hoard")
