@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..abi import ShutdownReason
 from ..errors import BuildError
 from ..hypervisor import Hypervisor
-from ..xenbus import XenbusState, read_state, read_str, wait_for_state
+from ..xenbus import XenbusState, read_int, read_state, read_str, wait_for_state
 from ..xenstore.core import XsError
 from .client import DEFAULT_SOCKET
 from .metrics import LoopLag, MeteredScheduler
@@ -398,14 +398,13 @@ class Controller:
 
     # -- memory -------------------------------------------------------------------------------------
     def target_kib(self, dom: "Domain") -> int:
-        v = read_str(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/target", "")
-        return int(v) if v and v.isdigit() else dom.max_pages * 4
+        return read_int(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/target", dom.max_pages * 4)
 
     def static_max_kib(self, dom: "Domain") -> int:
         """memory/static-max (xl's maxmem, what `xl list -l` shows as max_memkb): the ceiling
         for mem-set. Not the hypervisor's max_pages, which mem-set lowers to the target."""
-        v = read_str(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/static-max", "")
-        return int(v) if v and v.isdigit() else dom.max_pages * 4
+        return read_int(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/static-max",
+                        dom.max_pages * 4)
 
     def mem_set(self, ref: str, mib: int) -> Record:
         """xl mem-set (libxl_set_memory_target with enforce): the balloon target in xenstore
@@ -663,9 +662,9 @@ class Controller:
         return {"devid": b.devid, "mac": b.mac, "ifname": b.ifname, "bridge": b.cfg.bridge or "",
                 "backend": b.back, "state": int(read_state(st, b.back)),
                 "frontend_state": int(read_state(st, b.front)),
-                "event_channel": int(read_str(st, f"{b.front}/event-channel", "-1") or -1),
-                "tx_ring_ref": int(read_str(st, f"{b.front}/tx-ring-ref", "-1") or -1),
-                "rx_ring_ref": int(read_str(st, f"{b.front}/rx-ring-ref", "-1") or -1),
+                "event_channel": read_int(st, f"{b.front}/event-channel", -1),    # guest-written
+                "tx_ring_ref": read_int(st, f"{b.front}/tx-ring-ref", -1),
+                "rx_ring_ref": read_int(st, f"{b.front}/rx-ring-ref", -1),
                 **{k: getattr(b.stats, k) for k in ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")}}
 
     def describe_vbd(self, b: Any) -> dict:
@@ -673,8 +672,8 @@ class Controller:
         return {"devid": b.devid, "vdev": b.vdev, "target": b.cfg.target, "backend": b.back,
                 "readonly": bool(b.readonly), "state": int(read_state(st, b.back)),
                 "frontend_state": int(read_state(st, b.front)),
-                "event_channel": int(read_str(st, f"{b.front}/event-channel", "-1") or -1),
-                "ring_ref": int(read_str(st, f"{b.front}/ring-ref", "-1") or -1),
+                "event_channel": read_int(st, f"{b.front}/event-channel", -1),    # guest-written
+                "ring_ref": read_int(st, f"{b.front}/ring-ref", -1),
                 **{k: getattr(b.stats, k) for k in ("rd_reqs", "wr_reqs", "rd_sectors", "wr_sectors")}}
 
     def vcpu_list(self, rec: Record) -> list[dict]:

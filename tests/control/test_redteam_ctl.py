@@ -286,3 +286,26 @@ def test_xenstore_transactions_cannot_hoard_host_memory(daemon):
         assert re.search(rf"^result stop{i} -28$", text, re.M), text          # ENOSPC
     assert len(re.findall(r"^result end 0$", text, re.M)) == 3, text
     d.api("DELETE", "/api/v1/domains/hoard")
+
+
+def test_garbage_in_frontend_nodes_cannot_break_list(daemon, tmp_path):
+    """The daemon shows a vbd's and a vif's ring-ref and event-channel from the frontend's
+    xenstore directory, which the guest writes: int() of 'garbage' raised, so any guest
+    with a device made `GET /domains` (aiovmm list, the web page) answer 500 for every
+    domain. Such values are shown as -1 now (xenbus.read_int)."""
+    d = daemon
+    img = tmp_path / "g.img"
+    img.write_bytes(b"\0" * (1 << 20))
+    d.api("POST", "/api/v1/domains", {"kernel": hostile("xs_front_garbage"), "name": "garbage",
+                                      "disk": [f"file:{img},xvda,w"]})
+    text = d.wait_console("garbage", r"^ready$")
+    assert len(re.findall(r"^result device/\S+ 0$", text, re.M)) == 6, text
+    listing = d.api("GET", "/api/v1/domains")
+    (vbd,) = next(x for x in listing if x["name"] == "garbage")["vbds"]
+    assert vbd["ring_ref"] == -1 and vbd["event_channel"] == -1
+    assert d.api("GET", "/api/v1/domains/garbage/vbds")[0]["ring_ref"] == -1
+    r = d.cli("block-list", "garbage")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    status, _ = d.request("GET", "/metrics")
+    assert status == 200
+    d.api("DELETE", "/api/v1/domains/garbage")
