@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..abi import ShutdownReason
+from ..domain import valid_name
 from ..errors import BuildError
 from ..hypervisor import Hypervisor
 from ..xenbus import XenbusState, read_int, read_state, read_str, wait_for_state
@@ -39,7 +40,6 @@ CONSOLE_REPLAY_BYTES = 64 << 10      # history a console client gets on attach
 CONSOLE_QUEUE_MAX = 4096             # output chunks queued for one console client
 SHUTDOWN_WAIT_S = 60.0
 DETACH_WAIT_S = 3.0
-NAME_MAX = 64
 API_IDLE_S = 30.0                   # a client sends its (next) request within this, or is closed
 TCP_MAX_CONNECTIONS = 64            # TCP API connections at once (TLS handshakes included)
 TCP_HANDSHAKE_S = 10.0              # a TLS handshake on the TCP API
@@ -171,8 +171,7 @@ class Controller:
         if spec.memory > free_mib:
             raise ControlError(409, f"not enough free memory for {spec.memory} MiB ({free_mib} MiB free)")
         if spec.name is not None:
-            if not spec.name or len(spec.name) > NAME_MAX or not spec.name.isprintable() \
-                    or spec.name.isdigit() or "/" in spec.name:
+            if not valid_name(spec.name):
                 raise ControlError(400, f"invalid domain name {spec.name!r}")
             if spec.name in self.names:
                 raise ControlError(409, f"a domain named {spec.name!r} already exists")
@@ -323,6 +322,8 @@ class Controller:
     async def restore(self, path: str, name: str | None) -> Record:
         from ..migration.stream import StreamError
         real = self.save_path(path, exists=True)
+        if name is not None and not valid_name(name):
+            raise ControlError(400, f"invalid domain name {name!r}")
         if name is not None and name in self.names:
             raise ControlError(409, f"a domain named {name!r} already exists")
         holder: list[Record] = []

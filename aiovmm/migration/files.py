@@ -2,16 +2,15 @@
 in aiofiles' worker threads), chunked so a 256 MiB guest never sits in memory twice."""
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import stat
 from typing import TYPE_CHECKING
 
 import aiofiles
 import aiofiles.os
 
 from ..abi import ShutdownReason
+from ..hostfile import open_own
 # devices imports scapy and describes the backends (seconds, the first time): here, with
 # the save code, not inside save.config_of after the guest has been suspended (the first
 # save of a daemon kept its guest suspended for 3-4 s under load, a checkpoint included).
@@ -50,24 +49,6 @@ class _PlainSource(S.Source):
         return self.f.readinto(view) or 0
 
 
-def _open_part(path: str, flags: int) -> int:
-    """The opener of a save's temporary file (`<file>.part`, which the daemon's save-directory
-    check did not see): never through a symlink, never into a file another user left there
-    or a hard link to another file (checked on the open descriptor, before it is truncated),
-    created 0600 (it is the guest's memory)."""
-    fd = os.open(path, (flags & ~os.O_TRUNC) | os.O_NOFOLLOW, 0o600)
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_nlink > 1:
-            raise PermissionError(errno.EPERM, "a file of another user or a hard link is in the way", path)
-        if stat.S_ISREG(st.st_mode):
-            os.ftruncate(fd, 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
                     progress=None) -> _save.SaveStats:
     """Suspend, write the stream to `path` (through `path`.part, renamed when complete),
@@ -77,7 +58,9 @@ async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
     tmp = f"{path}.part"
     ok = False
     try:
-        async with aiofiles.open(tmp, "wb", opener=_open_part) as f:
+        # <file>.part was not seen by the save-directory check: never through a symlink,
+        # never into a file another user left there, 0600 (it is the guest's memory).
+        async with aiofiles.open(tmp, "wb", opener=open_own) as f:
             small = bytearray()
 
             async def write(data: bytes | memoryview) -> None:

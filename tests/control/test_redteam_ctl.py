@@ -2,6 +2,7 @@
 and clients against the daemon's API. A real `aiovmm serve`, real guests, real HTTP."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -136,15 +137,16 @@ def test_idle_tls_connections_cannot_take_the_daemons_descriptors(tls_daemon):
 @pytest.fixture(scope="module")
 def save_daemon():
     save_dir = tempfile.mkdtemp(prefix="avrsave", dir="/tmp")
+    log_dir = tempfile.mkdtemp(prefix="avrlog", dir="/tmp")
     outside = tempfile.mkdtemp(prefix="avrout", dir="/tmp")
-    d = Daemon(extra=["--save-dir", save_dir])
-    d.save_dir, d.outside = save_dir, outside
+    d = Daemon(extra=["--save-dir", save_dir, "--log-dir", log_dir])
+    d.save_dir, d.log_dir, d.outside = save_dir, log_dir, outside
     try:
         yield d
     finally:
         d.stop()
-        shutil.rmtree(save_dir, ignore_errors=True)
-        shutil.rmtree(outside, ignore_errors=True)
+        for p in (save_dir, log_dir, outside):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 @pytest.mark.parametrize("planted", ["symlink", "hardlink", "other_users_file"])
@@ -309,3 +311,75 @@ def test_garbage_in_frontend_nodes_cannot_break_list(daemon, tmp_path):
     status, _ = d.request("GET", "/metrics")
     assert status == 200
     d.api("DELETE", "/api/v1/domains/garbage")
+
+
+def _rewrite_header(src: str, dst: str, change) -> None:
+    """A copy of save file `src` whose xl header's configuration is `change(cfg)` (bytes)."""
+    from aiovmm.migration import stream as S
+    data = open(src, "rb").read()
+    assert data.startswith(S.XL_MAGIC)
+    at = len(S.XL_MAGIC)
+    order, mand, opt, optlen = S.XL_HDR.unpack_from(data, at)
+    cfg = json.loads(data[at + S.XL_HDR.size:at + S.XL_HDR.size + optlen].rstrip(b"\0"))
+    body = change(cfg)
+    with open(dst, "wb") as f:
+        f.write(S.XL_MAGIC + S.XL_HDR.pack(order, mand, opt, len(body)) + body
+                + data[at + S.XL_HDR.size + optlen:])
+
+
+def test_hostile_save_file_header(save_daemon):
+    """A save file's header names the domain, and that name is part of its console log's
+    file name: "../../<dir>/x" made the daemon write the guest's console outside the log
+    directory, as root. A header nested deeper than the JSON parser recurses was a 500.
+    Both are refused now (400, nothing left behind); the same file with a good header
+    restores."""
+    d = save_daemon
+    d.api("POST", "/api/v1/domains", {"kernel": guest("suspend"), "memory": 4, "name": "hdr",
+                                      "cmdline": "pages=16 every=10"})
+    d.wait_console("hdr", r"^uptime: ticks=20 ", 30)
+    good = os.path.join(d.save_dir, "hdr.save")
+    d.api("POST", "/api/v1/domains/hdr/save", {"file": good})
+    escape = os.path.relpath(os.path.join(d.outside, "escaped"), d.log_dir)
+    cases = {
+        "traversal": (lambda cfg: json.dumps(dict(cfg, name=escape)).encode() + b"\0", "bad domain name"),
+        "digits": (lambda cfg: json.dumps(dict(cfg, name="12")).encode() + b"\0", "bad domain name"),
+        "nested": (lambda cfg: b"[" * 5000 + b"\0", "nested too deeply"),
+    }
+    free = d.api("GET", "/api/v1/info")["free_frames"]
+    for what, (change, why) in cases.items():
+        bad = os.path.join(d.save_dir, f"{what}.save")
+        _rewrite_header(good, bad, change)
+        status, body = d.request("POST", "/api/v1/restore", {"file": bad})
+        assert status == 400 and "refused" in body["error"] and why in body["error"], (what, status, body)
+    status, body = d.request("POST", "/api/v1/restore", {"file": good, "name": escape})
+    assert status == 400 and "invalid domain name" in body["error"], body
+    time.sleep(0.5)
+    assert not any(x.startswith("escaped") for x in os.listdir(d.outside))
+    assert d.api("GET", "/api/v1/domains") == []
+    assert d.api("GET", "/api/v1/info")["free_frames"] == free
+    d.api("POST", "/api/v1/restore", {"file": good})
+    d.wait_console("hdr", r"^suspend: resumed rc=0$", 30)
+    d.api("DELETE", "/api/v1/domains/hdr")
+
+
+def test_console_log_never_written_through_a_planted_link(save_daemon):
+    """The console log <log-dir>/<name>-d<id>.log holds what the guest prints and was
+    opened as found: whoever can create files in the log directory could point it at any
+    file (a symlink: the guest's lines appended to it as root, e.g. a crontab). Now the
+    log is not written (said once in the hypervisor's log) and the domain runs on."""
+    d = save_daemon
+    victim = os.path.join(d.outside, "crontab")
+    with open(victim, "w") as f:
+        f.write("precious\n")
+    for domid in range(64):                   # the next domid is not known in advance
+        os.symlink(victim, os.path.join(d.log_dir, f"clog-d{domid}.log"))
+    d.api("POST", "/api/v1/domains", {"kernel": kernel(), "name": "clog", "cmdline": "ticks=100000"})
+    d.wait_console("clog", r"^timer: tick 3 at")
+    time.sleep(0.5)
+    with open(victim) as f:
+        assert f.read() == "precious\n"
+    assert d.api("GET", "/api/v1/domains/clog")["status"] in ("running", "blocked")
+    assert any("not logging this domain's console" in line for line in d.api("GET", "/api/v1/dmesg")["lines"])
+    d.api("DELETE", "/api/v1/domains/clog")
+    for domid in range(64):
+        os.unlink(os.path.join(d.log_dir, f"clog-d{domid}.log"))
