@@ -44,6 +44,7 @@ class DomainConfig:
     cap: int | None = None
     maxmem: int | None = None         # xl.cfg maxmem= (MiB): the balloon may grow up to it
     vcpus: int = 1                    # xl.cfg vcpus= (1..vcpu_op.MAX_VCPUS)
+    on_reboot: str = "restart"        # xl.cfg on_reboot= (restart or destroy)
 
 
 def parse(text: str, path: str = "<config>") -> DomainConfig:
@@ -109,6 +110,12 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
     vcpus = values.get("vcpus", 1)
     if not isinstance(vcpus, int) or isinstance(vcpus, bool) or not 1 <= vcpus <= MAX_VCPUS:
         raise ConfigError(f"{path}: vcpus must be 1..{MAX_VCPUS}")
+    # xl's actions: the ones aiovmm carries out, refused otherwise (they used to be accepted
+    # and ignored: on_reboot = "destroy" restarted the domain all the same).
+    for k, allowed in (("on_poweroff", ("destroy",)), ("on_crash", ("destroy",)),
+                       ("on_reboot", ("restart", "destroy"))):
+        if values.get(k, allowed[0]) not in allowed:
+            raise ConfigError(f"{path}: {k} must be " + " or ".join(f'"{a}"' for a in allowed))
     weight, cap = values.get("weight"), values.get("cap")
     from .scheduler import validate_params
     try:
@@ -119,7 +126,8 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
         raise ConfigError(f"{path}: {e}") from None
     return DomainConfig(kernel, name, memory, cmdline, list(values.get("vif", [])),
                         list(values.get("disk", [])), ramdisk, engine, weight, cap,  # type: ignore[arg-type]
-                        maxmem=maxmem, vcpus=vcpus)  # type: ignore[arg-type]
+                        maxmem=maxmem, vcpus=vcpus,  # type: ignore[arg-type]
+                        on_reboot=str(values.get("on_reboot", "restart")))
 
 
 def _cmdline(values: dict[str, object]) -> str:

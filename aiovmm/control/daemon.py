@@ -159,7 +159,7 @@ class Controller:
             raise ControlError(400, str(e)) from None
         return DomainSpec(kernel=cfg.kernel, memory=cfg.memory, name=cfg.name, cmdline=cfg.cmdline,
                           ramdisk=cfg.ramdisk, maxmem=cfg.maxmem, vif=list(cfg.vif), disk=list(cfg.disk), weight=cfg.weight, cap=cfg.cap,
-                          vcpus=cfg.vcpus)
+                          vcpus=cfg.vcpus, on_reboot=cfg.on_reboot)
 
     async def create(self, spec: DomainSpec) -> Record:
         """Build and start a domain, or refuse with nothing left behind."""
