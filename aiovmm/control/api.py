@@ -339,8 +339,7 @@ async def console_input(req: web.Request) -> web.Response:
     ctl = _ctl(req)
     rec = ctl.live(req.match_info["dom"])
     data = _field(await _body(req), "data", str, required=True)
-    ctl.console_input(rec, data.encode())
-    return _json({"queued": len(data.encode())})
+    return _json({"queued": ctl.console_input(rec, data.encode())})
 
 
 async def console_ws(req: web.Request) -> web.StreamResponse:

@@ -38,6 +38,7 @@ log = logging.getLogger("aiovmm.control")
 DMESG_LINES = 2000
 CONSOLE_REPLAY_BYTES = 64 << 10      # history a console client gets on attach
 CONSOLE_QUEUE_MAX = 4096             # output chunks queued for one console client
+CONSOLE_INPUT_MAX = 64 << 10         # host input queued for a guest not reading it (a pty holds ~4 KiB)
 SHUTDOWN_WAIT_S = 60.0
 DETACH_WAIT_S = 3.0
 API_IDLE_S = 30.0                   # a client sends its (next) request within this, or is closed
@@ -609,11 +610,16 @@ class Controller:
                 log.debug("d%d: rm %s: %s", dev.dom.domid, path, e)
 
     # -- console --------------------------------------------------------------------------------------
-    def console_input(self, rec: Record, data: bytes) -> None:
+    def console_input(self, rec: Record, data: bytes) -> int:
+        """Queue input for the guest's console; returns the bytes taken. What a guest does
+        not read waits here up to CONSOLE_INPUT_MAX, the rest is refused (it grew without
+        bound, each flush copying all of it)."""
         dom = rec.dom
-        dom.console_input += data
+        take = data[:max(0, CONSOLE_INPUT_MAX - len(dom.console_input))]
+        dom.console_input += take
         if dom.console_backend is not None:
             dom.console_backend.flush_input()
+        return len(take)
 
     # -- views ------------------------------------------------------------------------------------------
     def cpu_seconds(self, dom: "Domain") -> float:

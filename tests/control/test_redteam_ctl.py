@@ -404,3 +404,19 @@ def test_xl_cfg_actions_are_carried_out_or_refused(daemon, tmp_path):
         cfg.write_text(f'name = "ond"\nkernel = "{kernel()}"\n{key} = "{value}"\n')
         r = d.cli("create", str(cfg))
         assert r.returncode == 1 and f"{key} must be" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_console_input_for_a_guest_that_never_reads_is_bounded(daemon):
+    """Host input waits in the daemon until the guest's ring has room; kernel.elf (no
+    echo=1) never reads it. Each POST of up to 1 MiB was queued whole (the queue grew
+    without bound, every flush copying all of it); now at most CONSOLE_INPUT_MAX waits and
+    the answer says how much was taken."""
+    from aiovmm.control.daemon import CONSOLE_INPUT_MAX
+    d = daemon
+    d.api("POST", "/api/v1/domains", {"kernel": kernel(), "name": "noread", "cmdline": "ticks=100000"})
+    d.wait_console("noread", r"^timer: tick 1 at")
+    taken = [d.api("POST", "/api/v1/domains/noread/console", {"data": "x" * 900_000})["queued"]
+             for _ in range(3)]
+    assert sum(taken) <= CONSOLE_INPUT_MAX + 4096, taken       # the ring's 1 KiB may take some
+    assert taken[-1] == 0, taken
+    d.api("DELETE", "/api/v1/domains/noread")
