@@ -21,19 +21,14 @@ static char home[64], path[96], buf[64], ev_path[256], ev_token[64];
 
 void app_main(void)
 {
-    int rc = xenbus_init();
-    if (rc) panic("xenbus_init %d", rc);
-    long domid;
-    rc = xenbus_read_long(XBT_NIL, "domid", &domid);
-    if (rc) panic("read domid %d", rc);
-    snprintf(home, sizeof(home), "/local/domain/%ld", domid);
+    xenbus_init_home(home, sizeof(home));
     int non_utf8 = cmdline_u64((const char *)start_info->cmd_line, "utf8", 0) != 0;
 
     size_t n = XENSTORE_PAYLOAD_MAX - strlen(home) - 2;
     for (size_t i = 0; i < n; i++)
         token[i] = non_utf8 ? (char)(0x80 + i % 0x7f) : (char)('a' + i % 26);
     token[n] = 0;
-    rc = xenbus_watch(home, token);
+    int rc = xenbus_watch(home, token);
     result("watch", rc);
     rc = xenbus_wait_event(NULL, ev_path, sizeof(ev_path), ev_token, sizeof(ev_token), 0);
     result("initial", rc);

@@ -19,11 +19,7 @@ static char path[3100], buf[16];
 
 void app_main(void)
 {
-    int rc = xenbus_init();
-    if (rc) panic("xenbus_init %d", rc);
-    long domid;
-    rc = xenbus_read_long(XBT_NIL, "domid", &domid);
-    if (rc) panic("read domid %d", rc);
+    int rc;
     const char *cl = (const char *)start_info->cmd_line;
     unsigned ntx = cmdline_u64(cl, "tx", 10), reads = cmdline_u64(cl, "reads", 4096);
     unsigned len = cmdline_u64(cl, "len", 3000);
@@ -31,7 +27,9 @@ void app_main(void)
     if (ntx > MAX_TX) ntx = MAX_TX;
     if (len >= sizeof(path) - 16) len = sizeof(path) - 17;
     xenbus_transaction_t t[MAX_TX];
-    int n = snprintf(path, sizeof(path), "/local/domain/%ld/", domid);
+    xenbus_init_home(path, sizeof(path));
+    unsigned n = strlen(path);
+    path[n++] = '/';
     for (unsigned i = n; i < len; i++) path[i] = 'a' + i % 26;
     for (unsigned i = 0; i < ntx; i++) {
         rc = xenbus_transaction_start(&t[i]);

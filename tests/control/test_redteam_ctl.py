@@ -28,15 +28,6 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-@pytest.fixture(scope="module")
-def daemon():
-    d = Daemon()
-    try:
-        yield d
-    finally:
-        d.stop()
-
-
 @pytest.mark.parametrize("utf8", [0, 1])
 def test_long_token_watch_cannot_block_toolstack_writes(daemon, utf8):
     """A guest watches its home with the longest token a WATCH allows: every event for a
