@@ -778,7 +778,12 @@ class TcpListener:
         try:
             async with asyncio.TaskGroup() as tg:
                 while True:
-                    conn, _ = await loop.sock_accept(self.sock)
+                    try:
+                        conn, _ = await loop.sock_accept(self.sock)
+                    except OSError as e:      # EMFILE and the like: as asyncio's own servers
+                        log.warning("api: accept failed: %s; retrying in 1 s", e)
+                        await asyncio.sleep(1.0)
+                        continue
                     self._live = [c for c in self._live if c.fileno() != -1]
                     if len(self._live) >= TCP_MAX_CONNECTIONS:
                         self.refused += 1

@@ -411,3 +411,38 @@ def test_console_input_for_a_guest_that_never_reads_is_bounded(daemon):
     assert sum(taken) <= CONSOLE_INPUT_MAX + 4096, taken       # the ring's 1 KiB may take some
     assert taken[-1] == 0, taken
     d.api("DELETE", "/api/v1/domains/noread")
+
+
+def test_tcp_accept_failing_does_not_end_the_daemon(tls_daemon):
+    """The TCP accept loop is the daemon's own (TcpListener): an accept that fails (EMFILE:
+    the daemon at its descriptor limit for any reason) is retried, as asyncio's servers do,
+    and never ends the daemon."""
+    d = tls_daemon
+    pid = d.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (fds(pid) + 2, hard))
+    held = []
+    try:
+        for _ in range(8):
+            held.append(socket.create_connection(("127.0.0.1", d.port), timeout=5))
+        time.sleep(1.5)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        for s in held:
+            s.close()
+    assert d.proc.poll() is None, d.log()[-2000:]
+    ctx = ssl.create_default_context(cafile=d.cert)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", d.port), timeout=5),
+                                server_hostname="127.0.0.1")
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    with s:
+        s.sendall(b"GET /api/v1/info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer aiovmm-test-token-0123456789\r\n"
+                  b"Connection: close\r\n\r\n")
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+    assert d.request("GET", "/api/v1/info")[0] == 200
