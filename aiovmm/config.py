@@ -44,6 +44,7 @@ class DomainConfig:
     cap: int | None = None
     maxmem: int | None = None         # xl.cfg maxmem= (MiB): the balloon may grow up to it
     vcpus: int = 1                    # xl.cfg vcpus= (1..vcpu_op.MAX_VCPUS)
+    on_reboot: str = "restart"        # xl.cfg on_reboot= (restart or destroy)
 
 
 def parse(text: str, path: str = "<config>") -> DomainConfig:
@@ -57,7 +58,7 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
         pending = f"{pending} {stripped}".strip() if pending else stripped
         if not pending:
             continue
-        if pending.count("[") > pending.count("]"):
+        if _open_brackets(pending) > 0:
             continue                                     # a list continues on the next line
         key, sep, raw = pending.partition("=")
         key = key.strip()
@@ -83,7 +84,7 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
     if not os.path.isabs(kernel) and path != "<config>":
         kernel = os.path.join(os.path.dirname(os.path.abspath(path)), kernel)
     memory = values.get("memory", 32)
-    if not isinstance(memory, int) or memory < 1:
+    if not isinstance(memory, int) or isinstance(memory, bool) or memory < 1:
         raise ConfigError(f"{path}: memory must be a positive number of MiB")
     maxmem = values.get("maxmem")
     if maxmem is not None and (not isinstance(maxmem, int) or isinstance(maxmem, bool) or maxmem < memory):
@@ -109,6 +110,12 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
     vcpus = values.get("vcpus", 1)
     if not isinstance(vcpus, int) or isinstance(vcpus, bool) or not 1 <= vcpus <= MAX_VCPUS:
         raise ConfigError(f"{path}: vcpus must be 1..{MAX_VCPUS}")
+    # xl's actions: the ones aiovmm carries out, refused otherwise (they used to be accepted
+    # and ignored: on_reboot = "destroy" restarted the domain all the same).
+    for k, allowed in (("on_poweroff", ("destroy",)), ("on_crash", ("destroy",)),
+                       ("on_reboot", ("restart", "destroy"))):
+        if values.get(k, allowed[0]) not in allowed:
+            raise ConfigError(f"{path}: {k} must be " + " or ".join(f'"{a}"' for a in allowed))
     weight, cap = values.get("weight"), values.get("cap")
     from .scheduler import validate_params
     try:
@@ -119,7 +126,8 @@ def parse(text: str, path: str = "<config>") -> DomainConfig:
         raise ConfigError(f"{path}: {e}") from None
     return DomainConfig(kernel, name, memory, cmdline, list(values.get("vif", [])),
                         list(values.get("disk", [])), ramdisk, engine, weight, cap,  # type: ignore[arg-type]
-                        maxmem=maxmem, vcpus=vcpus)  # type: ignore[arg-type]
+                        maxmem=maxmem, vcpus=vcpus,  # type: ignore[arg-type]
+                        on_reboot=str(values.get("on_reboot", "restart")))
 
 
 def _cmdline(values: dict[str, object]) -> str:
@@ -139,9 +147,14 @@ MAX_CONFIG_BYTES = 1 << 20     # xl.cfg files are a few hundred bytes; never rea
 
 
 def load(path: str) -> DomainConfig:
-    """Read and parse a configuration file: a regular file of at most MAX_CONFIG_BYTES of
-    UTF-8 text (a device or FIFO is refused before it is read; a bad byte is reported with
-    its line, never as a traceback)."""
+    """Read and parse a configuration file (read_text's checks)."""
+    return parse(read_text(path), path)
+
+
+def read_text(path: str) -> str:
+    """A configuration file's text, as `aiovmm run -c` and `aiovmm create` both read it: a
+    regular file of at most MAX_CONFIG_BYTES of UTF-8 text (a device or FIFO is refused
+    before it is read; a bad byte is reported with its line, never as a traceback)."""
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
@@ -157,10 +170,11 @@ def load(path: str) -> DomainConfig:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
-    return parse(text, path)
+    return text
 
 
-def _strip_comment(line: str) -> str:
+def _unquoted(line: str):
+    """(index, character) of `line` outside quoted strings."""
     quote = None
     for i, ch in enumerate(line):
         if quote:
@@ -168,6 +182,18 @@ def _strip_comment(line: str) -> str:
                 quote = None
         elif ch in "'\"":
             quote = ch
-        elif ch == "#":
+        else:
+            yield i, ch
+
+
+def _strip_comment(line: str) -> str:
+    for i, ch in _unquoted(line):
+        if ch == "#":
             return line[:i]
     return line
+
+
+def _open_brackets(text: str) -> int:
+    """Lists opened and not yet closed in `text` (brackets inside strings do not count: a
+    command line may well hold one)."""
+    return sum(1 if ch == "[" else -1 for _, ch in _unquoted(text) if ch in "[]")

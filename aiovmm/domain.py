@@ -18,6 +18,7 @@ from .abi import PAGE_SHIFT, ShutdownReason, VcpuInfo, VCPU_INFO_SIZE, XEN_LEGAC
 from .events import EventChannels
 from .scheduler import DomainSched
 from . import console as _console
+from .hostfile import open_own
 
 if TYPE_CHECKING:
     from .ratelimit import Limit
@@ -36,6 +37,17 @@ CONSOLE_KEEP_BYTES = 1 << 20
 CONSOLE_KEEP_LINES = 20_000
 
 
+NAME_MAX = 64
+
+
+def valid_name(name: str) -> bool:
+    """A domain name as create, restore and a stream's header all take it: printable, at
+    most NAME_MAX, not all digits (that is an id to xl) and without "/" (it is part of the
+    console log's file name and of the API's URLs)."""
+    return (0 < len(name) <= NAME_MAX and name.isprintable() and not name.isdigit()
+            and "/" not in name)
+
+
 class ConsoleLog:
     """The per-domain console log file. Appends are buffered on the loop and written by
     this object's task through a worker thread (no blocking file I/O on the loop)."""
@@ -47,6 +59,7 @@ class ConsoleLog:
         self._closing = False
         self._lock = asyncio.Lock()          # writes reach the file in append order
         self._writing: asyncio.Future | None = None   # the write in the worker thread
+        self.failed = False
 
     def close(self) -> None:
         """Ask run() to write what is buffered and return."""
@@ -58,8 +71,17 @@ class ConsoleLog:
         self._wake.set()
 
     def _write(self, data: bytes) -> None:
-        with open(self.path, "ab") as f:
-            f.write(data)
+        """The guest writes this file's content: never through a symlink or into another
+        user's file or a hard link, whoever can write in the log directory. A log that
+        cannot be written is given up (said once), not the domain."""
+        if self.failed:
+            return
+        try:
+            with open(self.path, "ab", opener=lambda p, fl: open_own(p, fl, 0o640)) as f:
+                f.write(data)
+        except OSError as e:
+            self.failed = True
+            log.error("console log %s: %s; not logging this domain's console", self.path, e)
 
     async def flush(self) -> None:
         """Write everything appended so far; returns when it is in the file. Usable whether

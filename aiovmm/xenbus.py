@@ -70,6 +70,17 @@ def read_str(store: Store, path: str, default: str | None = None) -> str | None:
         return default
 
 
+def read_int(store: Store, path: str, default: int) -> int:
+    """The node's value as a decimal number (a u32 or so: at most 20 ASCII digits, a sign
+    allowed), or `default` if it is missing or anything else: a frontend's nodes are
+    guest-written, and int() takes '²' no more than 5000 digits (ValueError)."""
+    v = read_str(store, path)
+    digits = v[1:] if v and v[0] == "-" else v
+    if not digits or len(digits) > 20 or not (digits.isascii() and digits.isdigit()):
+        return default
+    return int(v)
+
+
 def write_keys(store: Store, base: str, keys: dict[str, str], perms: list[str]) -> None:
     store.write(base, "")
     store.set_perms(base, perms)

@@ -41,6 +41,8 @@ async def _body(req: web.Request) -> dict:
         data = await req.json()
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         raise ControlError(400, "request body is not valid JSON") from None
+    except RecursionError:               # [[[[... nested deeper than the parser recurses
+        raise ControlError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ControlError(400, "request body must be a JSON object")
     return data
@@ -263,7 +265,7 @@ async def list_vifs(req: web.Request) -> web.Response:
 async def attach_vif(req: web.Request) -> web.Response:
     ctl = _ctl(req)
     spec = _field(await _body(req), "spec", str, default="")
-    nb = ctl.network_attach(req.match_info["dom"], spec)
+    nb = await ctl.network_attach(req.match_info["dom"], spec)
     return _json(ctl.describe_vif(nb), 201)
 
 
@@ -337,8 +339,7 @@ async def console_input(req: web.Request) -> web.Response:
     ctl = _ctl(req)
     rec = ctl.live(req.match_info["dom"])
     data = _field(await _body(req), "data", str, required=True)
-    ctl.console_input(rec, data.encode())
-    return _json({"queued": len(data.encode())})
+    return _json({"queued": ctl.console_input(rec, data.encode())})
 
 
 async def console_ws(req: web.Request) -> web.StreamResponse:

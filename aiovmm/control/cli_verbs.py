@@ -33,12 +33,12 @@ def _out(line: str = "") -> None:
 # ------------------------------------------------------------------------------ verbs
 def v_create(a: argparse.Namespace) -> int:
     c = _client(a)
+    from ..config import ConfigError, read_text
     path = os.path.abspath(a.config)
     try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise ClientError(f"{a.config}: {e.strerror}") from None
+        text = read_text(a.config)
+    except ConfigError as e:
+        raise ClientError(str(e)) from None
     print(f"Parsing config from {a.config}", file=sys.stderr)
     d = c.post("/api/v1/domains", {"config": text, "config_path": path})
     if a.console:

@@ -22,9 +22,10 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..abi import ShutdownReason
+from ..domain import valid_name
 from ..errors import BuildError
 from ..hypervisor import Hypervisor
-from ..xenbus import XenbusState, read_state, read_str, wait_for_state
+from ..xenbus import XenbusState, read_int, read_state, read_str, wait_for_state
 from ..xenstore.core import XsError
 from .client import DEFAULT_SOCKET
 from .metrics import LoopLag, MeteredScheduler
@@ -37,9 +38,12 @@ log = logging.getLogger("aiovmm.control")
 DMESG_LINES = 2000
 CONSOLE_REPLAY_BYTES = 64 << 10      # history a console client gets on attach
 CONSOLE_QUEUE_MAX = 4096             # output chunks queued for one console client
+CONSOLE_INPUT_MAX = 64 << 10         # host input queued for a guest not reading it (a pty holds ~4 KiB)
 SHUTDOWN_WAIT_S = 60.0
 DETACH_WAIT_S = 3.0
-NAME_MAX = 64
+API_IDLE_S = 30.0                   # a client sends its (next) request within this, or is closed
+TCP_MAX_CONNECTIONS = 64            # TCP API connections at once (TLS handshakes included)
+TCP_HANDSHAKE_S = 10.0              # a TLS handshake on the TCP API
 MAX_DEVICES = 16                    # vifs, and vbds, per domain (hot-plug included)
 
 
@@ -130,8 +134,9 @@ class Controller:
 
     # -- lookup -------------------------------------------------------------------------------
     def lookup(self, ref: str) -> Record:
-        """A domain by id or by name (xl accepts either)."""
-        if ref.isdigit():
+        """A domain by id or by name (xl accepts either). An id is ASCII digits, and not
+        thousands of them (int() refuses over 4300: a 500 for a long URL)."""
+        if ref.isascii() and ref.isdigit() and len(ref) <= 10:
             rec = self.records.get(int(ref))
             if rec is not None:
                 return rec
@@ -155,7 +160,7 @@ class Controller:
             raise ControlError(400, str(e)) from None
         return DomainSpec(kernel=cfg.kernel, memory=cfg.memory, name=cfg.name, cmdline=cfg.cmdline,
                           ramdisk=cfg.ramdisk, maxmem=cfg.maxmem, vif=list(cfg.vif), disk=list(cfg.disk), weight=cfg.weight, cap=cfg.cap,
-                          vcpus=cfg.vcpus)
+                          vcpus=cfg.vcpus, on_reboot=cfg.on_reboot)
 
     async def create(self, spec: DomainSpec) -> Record:
         """Build and start a domain, or refuse with nothing left behind."""
@@ -167,8 +172,7 @@ class Controller:
         if spec.memory > free_mib:
             raise ControlError(409, f"not enough free memory for {spec.memory} MiB ({free_mib} MiB free)")
         if spec.name is not None:
-            if not spec.name or len(spec.name) > NAME_MAX or not spec.name.isprintable() \
-                    or spec.name.isdigit() or "/" in spec.name:
+            if not valid_name(spec.name):
                 raise ControlError(400, f"invalid domain name {spec.name!r}")
             if spec.name in self.names:
                 raise ControlError(409, f"a domain named {spec.name!r} already exists")
@@ -319,6 +323,8 @@ class Controller:
     async def restore(self, path: str, name: str | None) -> Record:
         from ..migration.stream import StreamError
         real = self.save_path(path, exists=True)
+        if name is not None and not valid_name(name):
+            raise ControlError(400, f"invalid domain name {name!r}")
         if name is not None and name in self.names:
             raise ControlError(409, f"a domain named {name!r} already exists")
         holder: list[Record] = []
@@ -358,11 +364,11 @@ class Controller:
         from .. import migration
         await migration.load("live")           # scapy's first import: off the loop
         from ..migration import live
+        host, sep, port = dest.rpartition(":")
+        if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
+            raise ControlError(400, f"{dest!r}: expected HOST:PORT")
         if self.migration_secret is None:
             raise ControlError(409, "migration needs a shared secret (aiovmm serve --migration-secret-file)")
-        host, sep, port = dest.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ControlError(400, f"{dest!r}: expected HOST:PORT")
         rec = self.live(ref)
         domid = rec.dom.domid
         self.progress[domid] = {"operation": "migrate", "phase": "connect", "done": 0,
@@ -394,14 +400,13 @@ class Controller:
 
     # -- memory -------------------------------------------------------------------------------------
     def target_kib(self, dom: "Domain") -> int:
-        v = read_str(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/target", "")
-        return int(v) if v and v.isdigit() else dom.max_pages * 4
+        return read_int(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/target", dom.max_pages * 4)
 
     def static_max_kib(self, dom: "Domain") -> int:
         """memory/static-max (xl's maxmem, what `xl list -l` shows as max_memkb): the ceiling
         for mem-set. Not the hypervisor's max_pages, which mem-set lowers to the target."""
-        v = read_str(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/static-max", "")
-        return int(v) if v and v.isdigit() else dom.max_pages * 4
+        return read_int(self.hv.xenstore.store, f"/local/domain/{dom.domid}/memory/static-max",
+                        dom.max_pages * 4)
 
     def mem_set(self, ref: str, mib: int) -> Record:
         """xl mem-set (libxl_set_memory_target with enforce): the balloon target in xenstore
@@ -483,16 +488,22 @@ class Controller:
         from ..backends.block import Blkback
         return [b for b in dom.backends if isinstance(b, Blkback)]
 
-    def network_attach(self, ref: str, spec: str) -> Any:
+    async def network_attach(self, ref: str, spec: str) -> Any:
         """xl network-attach: publish the device directories and run netback; the guest's
-        frontend sees device/vif/<n> appear (xenbus hot-plug) and connects."""
+        frontend sees device/vif/<n> appear (xenbus hot-plug) and connects. Its namespace
+        and bridge must exist, as at create (Hypervisor.create): a vif for a missing bridge
+        was published and never came up (the backend stopped, the device stayed listed)."""
         from ..backends.net import Netback, VifConfig
+        from ..backends.net.tap import TapError, check_bridge
         rec = self.live(ref)
         dom = rec.dom
         try:
             cfg = VifConfig.parse(spec)
-        except ValueError as e:
+            await asyncio.to_thread(check_bridge, cfg.bridge, cfg.netns)
+        except (ValueError, TapError) as e:
             raise ControlError(400, f"vif {spec!r}: {e}") from None
+        if dom.dying:
+            raise ControlError(409, f"d{dom.domid} ({dom.name}) is shutting down")
         taken = {b.devid for b in self.vifs(dom)}
         if len(taken) >= MAX_DEVICES:
             raise ControlError(409, f"d{dom.domid} already has {MAX_DEVICES} vifs")
@@ -599,11 +610,16 @@ class Controller:
                 log.debug("d%d: rm %s: %s", dev.dom.domid, path, e)
 
     # -- console --------------------------------------------------------------------------------------
-    def console_input(self, rec: Record, data: bytes) -> None:
+    def console_input(self, rec: Record, data: bytes) -> int:
+        """Queue input for the guest's console; returns the bytes taken. What a guest does
+        not read waits here up to CONSOLE_INPUT_MAX, the rest is refused (it grew without
+        bound, each flush copying all of it)."""
         dom = rec.dom
-        dom.console_input += data
+        take = data[:max(0, CONSOLE_INPUT_MAX - len(dom.console_input))]
+        dom.console_input += take
         if dom.console_backend is not None:
             dom.console_backend.flush_input()
+        return len(take)
 
     # -- views ------------------------------------------------------------------------------------------
     def cpu_seconds(self, dom: "Domain") -> float:
@@ -653,9 +669,9 @@ class Controller:
         return {"devid": b.devid, "mac": b.mac, "ifname": b.ifname, "bridge": b.cfg.bridge or "",
                 "backend": b.back, "state": int(read_state(st, b.back)),
                 "frontend_state": int(read_state(st, b.front)),
-                "event_channel": int(read_str(st, f"{b.front}/event-channel", "-1") or -1),
-                "tx_ring_ref": int(read_str(st, f"{b.front}/tx-ring-ref", "-1") or -1),
-                "rx_ring_ref": int(read_str(st, f"{b.front}/rx-ring-ref", "-1") or -1),
+                "event_channel": read_int(st, f"{b.front}/event-channel", -1),    # guest-written
+                "tx_ring_ref": read_int(st, f"{b.front}/tx-ring-ref", -1),
+                "rx_ring_ref": read_int(st, f"{b.front}/rx-ring-ref", -1),
                 **{k: getattr(b.stats, k) for k in ("tx_bytes", "tx_packets", "rx_bytes", "rx_packets")}}
 
     def describe_vbd(self, b: Any) -> dict:
@@ -663,8 +679,8 @@ class Controller:
         return {"devid": b.devid, "vdev": b.vdev, "target": b.cfg.target, "backend": b.back,
                 "readonly": bool(b.readonly), "state": int(read_state(st, b.back)),
                 "frontend_state": int(read_state(st, b.front)),
-                "event_channel": int(read_str(st, f"{b.front}/event-channel", "-1") or -1),
-                "ring_ref": int(read_str(st, f"{b.front}/ring-ref", "-1") or -1),
+                "event_channel": read_int(st, f"{b.front}/event-channel", -1),    # guest-written
+                "ring_ref": read_int(st, f"{b.front}/ring-ref", -1),
                 **{k: getattr(b.stats, k) for k in ("rd_reqs", "wr_reqs", "rd_sectors", "wr_sectors")}}
 
     def vcpu_list(self, rec: Record) -> list[dict]:
@@ -737,6 +753,54 @@ def _bind_unix(path: str) -> socket.socket:
     s.listen(256)
     s.setblocking(False)
     return s
+
+
+class TcpListener:
+    """The TCP API's accept loop (TLS + token): at most TCP_MAX_CONNECTIONS connections at
+    once, counted from accept() (a TLS handshake in progress holds a descriptor too), each
+    handshake done within TCP_HANDSHAKE_S; a connection beyond the limit is closed at once.
+    Anyone who can reach the port gets this far before the token is checked: without a
+    bound, idle connections (held for aiohttp's hour of keep-alive) took the daemon's
+    descriptors, and with them domain creation and the local socket."""
+
+    def __init__(self, handler: Callable[[], asyncio.Protocol], host: str, port: int,
+                 ctx: ssl.SSLContext) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family, backlog=128)
+        self.sock.setblocking(False)
+        self._handler = handler
+        self._ctx = ctx
+        self._live: list[socket.socket] = []    # accepted; closed by their transport at the end
+        self.refused = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    try:
+                        conn, _ = await loop.sock_accept(self.sock)
+                    except OSError as e:      # EMFILE and the like: as asyncio's own servers
+                        log.warning("api: accept failed: %s; retrying in 1 s", e)
+                        await asyncio.sleep(1.0)
+                        continue
+                    self._live = [c for c in self._live if c.fileno() != -1]
+                    if len(self._live) >= TCP_MAX_CONNECTIONS:
+                        self.refused += 1
+                        conn.close()
+                        continue
+                    self._live.append(conn)
+                    tg.create_task(self._connect(loop, conn), name="api-tls-handshake")
+        finally:
+            self.sock.close()
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        try:
+            await loop.connect_accepted_socket(self._handler, conn, ssl=self._ctx,
+                                               ssl_handshake_timeout=TCP_HANDSHAKE_S)
+        except OSError as e:              # handshake failed or timed out (ssl.SSLError too)
+            log.debug("api: TLS connection dropped: %s", e)
+            conn.close()
 
 
 @dataclasses.dataclass
@@ -831,11 +895,13 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
             for path in ("/vm", "/local/domain/0/backend/vif", "/local/domain/0/backend/vbd"):
                 hv.xenstore.store.mkdir(path)
             app = make_app(ctl, token=tcp[1] if tcp else None)
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                   keepalive_timeout=API_IDLE_S)
             await runner.setup()
+            listener = None
             if tcp:                 # first, so that an answer on the socket means all is up
                 host, _, port = o.listen.rpartition(":")
-                await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), ssl_context=tcp[0]).start()
+                listener = TcpListener(runner.server, host.strip("[]") or "0.0.0.0", int(port), tcp[0])
             await web.SockSite(runner, sock).start()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -849,8 +915,11 @@ async def serve(o: ServeOptions, ready: asyncio.Event | None = None) -> None:
                 ready.set()
             async with asyncio.TaskGroup() as tg:
                 ctl_task = tg.create_task(ctl.run(), name="controller")
+                tcp_task = tg.create_task(listener.run(), name="api-tcp") if listener else None
                 await stop.wait()
                 log.info("stopping: destroying %d domain(s)", len(ctl.records))
+                if tcp_task is not None:
+                    tcp_task.cancel()
                 await runner.cleanup()
                 runner = None
                 for rec in list(ctl.records.values()):

@@ -10,6 +10,7 @@ import aiofiles
 import aiofiles.os
 
 from ..abi import ShutdownReason
+from ..hostfile import open_own
 # devices imports scapy and describes the backends (seconds, the first time): here, with
 # the save code, not inside save.config_of after the guest has been suspended (the first
 # save of a daemon kept its guest suspended for 3-4 s under load, a checkpoint included).
@@ -57,7 +58,9 @@ async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
     tmp = f"{path}.part"
     ok = False
     try:
-        async with aiofiles.open(tmp, "wb") as f:
+        # <file>.part was not seen by the save-directory check: never through a symlink,
+        # never into a file another user left there, 0600 (it is the guest's memory).
+        async with aiofiles.open(tmp, "wb", opener=open_own) as f:
             small = bytearray()
 
             async def write(data: bytes | memoryview) -> None:

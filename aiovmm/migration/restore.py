@@ -105,6 +105,7 @@ class _State:
 
 
 def _config(cfg: dict) -> tuple[str, int, str, bool, int]:
+    from ..domain import valid_name
     from ..vcpu_op import MAX_VCPUS
     try:
         name = str(cfg.get("name", "restored"))
@@ -120,8 +121,8 @@ def _config(cfg: dict) -> tuple[str, int, str, bool, int]:
         raise S.StreamError(f"xl header: unknown engine {engine!r}")
     if not 1 <= vcpus <= MAX_VCPUS:
         raise S.StreamError(f"xl header: {vcpus} vCPUs (1..{MAX_VCPUS})")
-    if not name or len(name) > 64 or not name.isprintable():
-        raise S.StreamError("xl header: bad domain name")
+    if not valid_name(name):                 # it becomes part of a file name (log_dir)
+        raise S.StreamError(f"xl header: bad domain name {name[:80]!r}")
     return name, nr, engine, cancel, vcpus
 
 

@@ -271,6 +271,8 @@ class Reader:
             cfg = json.loads(raw.rstrip(b"\0").decode())
         except (UnicodeDecodeError, ValueError) as e:
             raise StreamError(f"xl header: configuration is not JSON: {e}") from None
+        except RecursionError:               # [[[[... deeper than the parser recurses
+            raise StreamError("xl header: configuration is nested too deeply") from None
         if not isinstance(cfg, dict):
             raise StreamError("xl header: configuration is not a JSON object")
         return cfg

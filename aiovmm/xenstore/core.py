@@ -304,15 +304,21 @@ class TxTree(Tree):
 
     `max_tracked` bounds the paths one transaction may record (ENOSPC beyond): what a
     transaction makes the host keep is bounded, even for one that reads without end.
+    `bytes` is what it keeps in paths recorded and values written (protocol.process refuses
+    a request of a transaction past its byte quota: paths are up to 3072 bytes, so the
+    path count alone let a guest make the host keep 12 MB per transaction).
     """
 
-    def __init__(self, base: Tree, max_tracked: int | None = None) -> None:
+    def __init__(self, base: Tree, max_tracked: int | None = None,
+                 max_bytes: int | None = None) -> None:
         super().__init__()
         self.base = base
         self.overlay: dict[str, Node | None] = {}
         self.delta: dict[int, int] = {}
         self.accessed: dict[str, int | None] = {}
         self.max_tracked = max_tracked
+        self.max_bytes = max_bytes
+        self.bytes = 0
 
     @property
     def written(self) -> set[str]:
@@ -326,13 +332,20 @@ class TxTree(Tree):
             if self.max_tracked is not None and len(self.accessed) >= self.max_tracked:
                 raise XsError(_errno.ENOSPC, f"transaction touches over {self.max_tracked} nodes")
             self.accessed[path] = node.gen if node else None
+            self.bytes += len(path)
         return node
+
+    @property
+    def over_quota(self) -> bool:
+        return self.max_bytes is not None and self.bytes >= self.max_bytes
 
     def _count(self, domid: int, by: int) -> None:
         self.delta[domid] = self.delta.get(domid, 0) + by
 
     def put(self, path: str, node: Node) -> Node:
         old = self.get(path)
+        held = self.overlay.get(path)
+        self.bytes += len(node.value) - (len(held.value) if held is not None else 0)
         node = _stamped(node)
         self.overlay[path] = node
         if old is not None:

@@ -14,6 +14,7 @@ max_value_size     2048    bytes in one node's value                            
 max_watches        128     watches on one connection                               E2BIG
 max_transactions   10      open transactions on one connection                     ENOSPC
 max_tx_nodes       4096    paths one transaction reads or changes (aiovmm)        ENOSPC
+max_tx_bytes       256K    bytes of those paths and of values it wrote (aiovmm)   ENOSPC
 max_perms          5       permission entries beyond the owner's on one node       ENOSPC
 =================  ======  =====================================================  =======
 """
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import core
 from .core import Change, Dom0, Perm, Perms, Tree, XsError
-from .protocol import XsType, pack
+from .protocol import PAYLOAD_MAX, XsType, _bytes, pack
 
 if TYPE_CHECKING:
     from .transaction import Transaction
@@ -40,6 +41,9 @@ class Quotas:
     max_watches: int = 128
     max_transactions: int = 10
     max_tx_nodes: int = 4096       # what one open transaction may make the daemon track
+    # ... and its bytes (checked before each request): max_transactions of them are 2.5 MiB,
+    # Xen's hard memory quota per domain (quota-memory-per-domain-hard)
+    max_tx_bytes: int = 256 << 10
     max_perms: int = 5
 
 
@@ -66,8 +70,16 @@ class Connection:
         self._sink(pack(type_, req_id, tx_id, payload))
 
     def send_event(self, path: str, token: str) -> None:
+        """One XS_WATCH_EVENT. The token is the watcher's bytes (any, as over the wire), and
+        an event longer than a message (a deep path under a watch registered with a long
+        token) is not sent, as Xen's send_event ("Don't try to send over-long events"): it
+        must not fail the write that fired it, whoever made that write."""
+        payload = _bytes(path) + b"\0" + _bytes(token) + b"\0"
+        if len(payload) > PAYLOAD_MAX:
+            self.stats["events_too_long"] += 1
+            return
         self.stats["watch_events"] += 1
-        self.send(XsType.WATCH_EVENT, 0, 0, f"{path}\0{token}\0".encode())
+        self.send(XsType.WATCH_EVENT, 0, 0, payload)
 
     def new_tx_id(self) -> int:
         while True:

@@ -6,7 +6,8 @@ violation that closes the connection (MessageReader raises ProtocolViolation).  
 type, req_id and tx_id; errors are XS_ERROR with payload "<ERRNAME>\\0".
 
 `process()` is the one dispatcher: unknown types (ENOSYS), unprivileged callers of privileged
-requests (EACCES) and unknown transaction ids (ENOENT) are rejected before any handler runs,
+requests (EACCES), unknown transaction ids (ENOENT) and requests of a transaction past its
+byte quota (ENOSPC; its end is still taken) are rejected before any handler runs,
 and XsError -> XS_ERROR happens only here.  Handlers parse their payload, call the workers of
 core/transaction/watch/domain through the Store, and return the reply payload.
 """
@@ -238,8 +239,9 @@ def do_transaction_start(store: Store, conn: Connection, tx: Transaction | None,
         raise XsError(errno.EBUSY, "TRANSACTION_START inside a transaction")
     if not conn.privileged and len(conn.transactions) >= store.quotas.max_transactions:
         raise XsError(errno.ENOSPC, "transaction quota")
-    t = transaction.start(store.tree, conn.new_tx_id(),
-                          None if conn.privileged else store.quotas.max_tx_nodes)
+    q = store.quotas
+    t = transaction.start(store.tree, conn.new_tx_id(), *((None, None) if conn.privileged
+                                                          else (q.max_tx_nodes, q.max_tx_bytes)))
     conn.transactions[t.id] = t
     return f"{t.id}\0".encode()
 
@@ -380,6 +382,8 @@ def process(store: Store, conn: Connection, msg: Message) -> None:
             tx = conn.transactions.get(msg.tx_id)
             if tx is None:
                 raise XsError(errno.ENOENT, f"unknown transaction {msg.tx_id}")
+            if tx.tree.over_quota and msg.type != XsType.TRANSACTION_END:
+                raise XsError(errno.ENOSPC, f"transaction {tx.id} holds {tx.tree.bytes} bytes")
         reply = op.handler(store, conn, tx, msg.payload)
         if isinstance(reply, tuple):
             reply, after = reply

@@ -47,7 +47,8 @@ Worked example 3: creation race
 
 Limits: per connection, at most Quotas.max_transactions open transactions for unprivileged
 callers (ENOSPC beyond, Xen's quota-maxtransaction); each tracks at most
-Quotas.max_tx_nodes paths (ENOSPC beyond); node quotas are checked while the transaction runs
+Quotas.max_tx_nodes paths (ENOSPC beyond) and, once past Quotas.max_tx_bytes of paths and
+values, takes no request but its end (ENOSPC); node quotas are checked while the transaction runs
 (live count + its delta) and again at commit.
 """
 from __future__ import annotations
@@ -84,9 +85,10 @@ class Transaction:
                 self.changes[i] = Change(ch.path, ch.perms, {**old, **ch.removed})
 
 
-def start(live: Tree, tx_id: int, max_tracked: int | None = None) -> Transaction:
+def start(live: Tree, tx_id: int, max_tracked: int | None = None,
+          max_bytes: int | None = None) -> Transaction:
     """O(1): no copy of the tree."""
-    return Transaction(tx_id, TxTree(live, max_tracked))
+    return Transaction(tx_id, TxTree(live, max_tracked, max_bytes))
 
 
 def conflicts(live: Tree, tx: Transaction) -> list[str]:

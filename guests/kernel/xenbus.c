@@ -6,6 +6,7 @@
 #include "time.h"
 #include "lib.h"
 #include "mm.h"
+#include "sched.h"
 
 #define ETIMEDOUT 110
 #define EINVAL 22
@@ -471,4 +472,14 @@ int xenbus_wait_for_node(const char *node, u64 timeout_ns)
     xenbus_unwatch(node, token);
     xenbus_flush_events(token);
     return rc;
+}
+
+void xenbus_init_home(char *buf, size_t size)
+{
+    int rc = xenbus_init();
+    if (rc) panic("xenbus_init failed: %d", rc);
+    long domid;
+    rc = xenbus_read_long(XBT_NIL, "domid", &domid);
+    if (rc) panic("xenbus read domid failed: %d", rc);
+    snprintf(buf, size, "/local/domain/%ld", domid);
 }

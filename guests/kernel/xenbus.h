@@ -34,6 +34,8 @@ int xenbus_rm(xenbus_transaction_t t, const char *path);
 int xenbus_directory(xenbus_transaction_t t, const char *path, char *buf, size_t size);
 /* Read a decimal value (e.g. "domid", a state node). */
 int xenbus_read_long(xenbus_transaction_t t, const char *path, long *out);
+/* xenbus_init(), then our home "/local/domain/<domid>" into buf; panics on failure. */
+void xenbus_init_home(char *buf, size_t size);
 int xenbus_printf(xenbus_transaction_t t, const char *path, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
