@@ -10,8 +10,6 @@ time: a TLB entry left on the fast path would run the stale translation.
 """
 from __future__ import annotations
 
-import ctypes
-import mmap
 import struct
 import threading
 import time
@@ -19,7 +17,8 @@ import time
 import pytest
 
 from aiovmm import vcpu_engine          # first: it chooses the library `unicorn` loads
-from aiovmm.vcpu_engine import ExitReason, VCPUEngine
+from aiovmm.vcpu_engine import ExitReason
+from test_vcpu_slices import CODE, make  # noqa: F401  (the fixture, with its engine teardown)
 from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
@@ -92,39 +91,20 @@ def test_rewritten_code_is_seen_again_after_the_page_went_fast():
     assert got == [1, 2, 3]
 
 
-
 # The slice ends of csrc/preempt.c's timer slices with the inline block-start exit check: a
 # stop is raised by a timer signal or another thread (cpu_exit) and made by the emulation
 # thread between two blocks (stop_interrupt). Loops that never leave translated code are the
 # case the check alone must catch: every pass re-enters a chained block through its start.
 # L: inc rax; jmp L (one block chained to itself)
 COUNT_LOOP = bytes.fromhex("48ffc0" "ebfb")
-# L: mov rsi, 0x100000; mov rdi, 0x100008; mov rcx, 131071; rep movsq; inc rax; jmp L
-# (1 MiB copied onto itself 8 bytes on, forever: every rep iteration is a chained block)
-MOVSQ_LOOP = bytes.fromhex("48c7c600001000" "48c7c708001000" "48c7c1ffff0100" "f348a5" "48ffc0" "ebe3")
-CODE = 0x1000
+# L: mov rsi, 0x40000; mov rdi, 0x40008; mov rcx, 32767; rep movsq; inc rax; jmp L
+# (256 KiB copied onto itself 8 bytes on, forever: every rep iteration is a chained block)
+MOVSQ_LOOP = bytes.fromhex("48c7c600000400" "48c7c708000400" "48c7c1ff7f0000" "f348a5" "48ffc0" "ebe3")
+TIMER = pytest.mark.parametrize("make", ["timer"], indirect=True)     # test_vcpu_slices' engines
 
 
-@pytest.fixture
-def engine():
-    made = []
-
-    def make(program: bytes) -> VCPUEngine:
-        size = 4 << 20
-        buf = mmap.mmap(-1, size)
-        buf[CODE:CODE + len(program)] = program
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        eng = VCPUEngine(addr, size, until=CODE + len(program), name="patched-slices", slices="timer")
-        made.append((eng, buf))
-        assert eng.slices == "timer"             # this Unicorn is the probed 2.1.4
-        eng.write({"rip": CODE, "rax": 0})
-        return eng
-    yield make
-    for eng, _buf in made:
-        eng.close()
-
-
-def test_a_deadline_already_past_when_the_slice_starts_ends_it_at_its_first_block(engine):
+@TIMER
+def test_a_deadline_already_past_when_the_slice_starts_ends_it_at_its_first_block(make):
     """The host descheduled the thread between computing a slice's deadline and arming its
     timer: the signal comes while the timer is armed, before Unicorn starts, and Unicorn's
     start clears the CPU's exit_request (resume_all_vcpus) but not the block-start flag. The
@@ -132,7 +112,8 @@ def test_a_deadline_already_past_when_the_slice_starts_ends_it_at_its_first_bloc
     cpu_handle_exception, where preempt.c's stop_interrupt turns it into uc_emu_stop).
     Counted, not timed: not one iteration runs. A preempt after 2 s rescues a slice that
     missed its end, so a regression fails instead of hanging."""
-    eng = engine(COUNT_LOOP)
+    eng = make(COUNT_LOOP)
+    eng.write({"rip": CODE, "rax": 0})
     rescue = threading.Timer(2.0, eng.preempt)
     rescue.start()
     try:
@@ -142,12 +123,14 @@ def test_a_deadline_already_past_when_the_slice_starts_ends_it_at_its_first_bloc
     assert (eng.get("rax"), reason, eng.get("rip")) == (0, ExitReason.BUDGET, CODE)
 
 
-def test_a_preempt_ends_a_rep_movsq_loop(engine):
+@TIMER
+def test_a_preempt_ends_a_rep_movsq_loop(make):
     """Another thread's preempt (cpu_exit) ends a slice spent in `rep movsq` whose stores
     take the patch's fast path: every iteration is a chained block whose inline start check
     sees the request. The slice's own deadline is 60 s: only the preempt can end it early
     (the bound below is a tenth of that, whatever the host's load)."""
-    eng = engine(MOVSQ_LOOP)
+    eng = make(MOVSQ_LOOP)
+    eng.write({"rip": CODE, "rax": 0})
     kick = threading.Timer(0.05, eng.preempt)
     kick.start()
     t = time.monotonic()
