@@ -4,15 +4,16 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-DEBS    := gcc make libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-ping curl \
+DEBS    := gcc make cmake ninja-build patch libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-ping curl \
 	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio iperf3
 NATIVE  := aiovmm/_native/preempt.so aiovmm/_native/kvm.so
+UNICORN := aiovmm/_native/unicorn/libunicorn.so.2
 
 WEBDEBS := chromium chromium-driver openssl
 
 .PHONY: xen-utils setup demo test bench mutants guests linux clean debs web-test-deps
 
-setup: debs $(STAMP) $(NATIVE) guests linux xen-utils
+setup: debs $(STAMP) $(NATIVE) $(UNICORN) guests linux xen-utils
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -38,6 +39,31 @@ $(STAMP): pyproject.toml
 # setup.py builds them (with its flags) for wheels too; --inplace puts them in the tree.
 $(NATIVE) &: csrc/preempt.c csrc/kvm.c setup.py | $(STAMP)
 	$(VPY) setup.py -q build_ext --inplace
+
+# Unicorn 2.1.4 built from its PyPI source release with csrc/unicorn/*.patch (x86 only), in
+# aiovmm/_native/unicorn/, which vcpu_engine.py loads instead of the wheel's library: the
+# patches remove Unicorn's two largest costs in a Linux boot, every guest store through the
+# slow path and a helper call at every translated block (csrc/unicorn/README.md).
+UNICORN_VER := 2.1.4
+UNICORN_SRC := build/unicorn-$(UNICORN_VER)
+# A failed download, patch or build does not stop setup: the engine then loads the wheel's
+# library (slower; tests/test_unicorn_patched.py says so), and the next setup tries again.
+$(UNICORN): csrc/unicorn/*.patch | $(STAMP)
+	@rm -rf $(UNICORN_SRC) build/unicorn-dl && mkdir -p build/unicorn-dl
+	@if $(VPY) -m pip download -q --no-binary :all: --no-deps unicorn==$(UNICORN_VER) -d build/unicorn-dl \
+	  && tar xzf build/unicorn-dl/unicorn-$(UNICORN_VER).tar.gz -C build \
+	  && (for p in csrc/unicorn/*.patch; do patch -s -d $(UNICORN_SRC)/src -p1 < $$p || exit 1; done) \
+	  && cmake -S $(UNICORN_SRC)/src -B $(UNICORN_SRC)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	       -DUNICORN_ARCH=x86 -DUNICORN_BUILD_TESTS=OFF >/dev/null \
+	  && ninja -C $(UNICORN_SRC)/build unicorn >/dev/null \
+	  && mkdir -p $(dir $(UNICORN)) \
+	  && cp $(UNICORN_SRC)/build/libunicorn.so.2 $(UNICORN).tmp && mv $(UNICORN).tmp $(UNICORN); then \
+	  echo "patched Unicorn $(UNICORN_VER) built: $(UNICORN)"; \
+	else \
+	  rm -f $(UNICORN).tmp; \
+	  echo "WARNING: the patched Unicorn was not built: the engine uses the wheel's library (slower)" >&2; \
+	fi
+	@rm -rf $(UNICORN_SRC) build/unicorn-dl
 
 guests:
 	$(MAKE) -C guests

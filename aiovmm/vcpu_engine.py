@@ -1,4 +1,5 @@
-"""The vCPU engine: one x86_64 CPU emulated by Unicorn 2.1.4.
+"""The vCPU engine: one x86_64 CPU emulated by Unicorn 2.1.4 (built with aiovmm's patches by
+`make setup`: csrc/unicorn/README.md; the wheel's library works too, slower).
 
 This is the only module that imports unicorn. Everything above it sees a small interface
 (`VCPUEngine`): registers by name, run a slice with a block budget, flush the TLB, and
@@ -38,6 +39,14 @@ import time
 import typing
 from typing import Callable, Sequence
 
+# Unicorn 2.1.4 with aiovmm's patches (csrc/unicorn/README.md: guest stores off the slow path
+# on pages without translated code, the block-start exit check inline), built by `make setup`
+# into _native/unicorn/: loaded instead of the wheel's library unless LIBUNICORN_PATH names
+# another (bench A/B: the wheel's own directory). Same source and layout, same behaviour.
+_PATCHED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native", "unicorn")
+if os.path.exists(os.path.join(_PATCHED_DIR, "libunicorn.so.2")):
+    os.environ.setdefault("LIBUNICORN_PATH", _PATCHED_DIR)
+
 from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_HOOK_INTR, UC_HOOK_INSN, \
     UC_HOOK_INSN_INVALID, UC_HOOK_BLOCK
 from unicorn import x86_const as X
@@ -51,6 +60,13 @@ if typing.TYPE_CHECKING:
     from .memory import MachineMemory
 
 log = logging.getLogger("aiovmm.vcpu_engine")
+
+# True if the patched library is the one loaded (false: the wheel's, e.g. `unicorn` was
+# imported before this module, or LIBUNICORN_PATH chose another).
+UNICORN_PATCHED = os.path.dirname(os.path.abspath(uclib._name)) == _PATCHED_DIR
+if not UNICORN_PATCHED:
+    log.info("unpatched Unicorn library %s: guest stores and block starts are slower "
+             "(make setup builds the patched one)", uclib._name)
 
 # QEMU's tb_invalidate_phys_range(uc, start, end): drops the translated blocks of RAM bytes
 # [start, end), by RAM offset (which is the machine address here: guest memory is the one

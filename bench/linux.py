@@ -11,6 +11,9 @@ perf_counter:
               "aiovmm-init: start" on the console;
   - init_s:   that line -> the shell prompt "aiovmm:/# " on hvc0.
   prompt_s is the whole: create() called -> prompt.
+  cpu_s:      CPU seconds (user + system, all threads) this process used from create() to the
+              prompt; QEMU's the same from /proc/<pid>/stat at its prompt (qemu_tcg_cpu_s). On a
+              loaded host these compare the two where wall times mostly measure the scheduler.
 Peer in the same run, interleaved: QEMU with TCG (Debian's qemu-system-x86, `-accel tcg`,
 serial console, same kernel and initramfs, "console=ttyS0 quiet"), process spawn -> the same
 prompt on ttyS0. qemu-system-x86 is installed with apt-get if missing.
@@ -28,7 +31,8 @@ kind, shadow invalidations, full zaps).
 same load; each mode's medians get their own line, and the last line's unprefixed figures
 are the first mode's.
 
-Last line: prompt_s=<median> load_s=<..> kernel_s=<..> init_s=<..> qemu_tcg_prompt_s=<median>
+Last line: prompt_s=<median> load_s=<..> kernel_s=<..> init_s=<..> cpu_s=<..>
+qemu_tcg_prompt_s=<median> qemu_tcg_cpu_s=<..> load=<1-min load average at the end>
 [kvm_prompt_s=<median> kvm_load_s kvm_kernel_s kvm_init_s]
 (`-` for a figure the aiovmm guest did not reach).
 """
@@ -78,10 +82,12 @@ class Watch:
     """Console bytes -> the times the markers appeared (the prompt has no newline, so this
     reads the stream, not lines)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu=time.process_time) -> None:
         self.buf = bytearray()
         self.t_init: float | None = None
         self.t_prompt: float | None = None
+        self.cpu = cpu                       # CPU seconds of the booting side, read at the prompt
+        self.c_prompt: float | None = None
         self.changed = asyncio.Event()
         self.last_progress = time.perf_counter()
 
@@ -93,6 +99,7 @@ class Watch:
             self.t_init = now
         if self.t_init is not None and self.t_prompt is None and PROMPT.search(self.buf, self.buf.index(INIT_MARK)):
             self.t_prompt = now
+            self.c_prompt = self.cpu()
         self.changed.set()
 
     def tail(self, n: int = 6) -> list[str]:
@@ -120,6 +127,7 @@ async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
     w = Watch()
     builder.clear_cache()
     t0 = time.perf_counter()
+    c0 = time.process_time()
     try:
         dom = await hv.create(VMLINUZ, memory_mib=MEMORY_MIB, cmdline="console=hvc0 quiet",
                               ramdisk=INITRAMFS, on_console=w.feed)
@@ -138,7 +146,8 @@ async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
             break
     res = {"load_s": t1 - t0}
     if w.t_prompt is not None:
-        res.update(prompt_s=w.t_prompt - t0, kernel_s=w.t_init - t1, init_s=w.t_prompt - w.t_init)
+        res.update(prompt_s=w.t_prompt - t0, kernel_s=w.t_init - t1, init_s=w.t_prompt - w.t_init,
+                   cpu_s=w.c_prompt - c0)
     else:
         res["stage"] = "kernel (before /init)" if w.t_init is None else "/init (before the prompt)"
         if w.t_init is not None:
@@ -160,14 +169,23 @@ async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
     return res
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a running process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def qemu_run(qemu: str, timeout: float) -> dict:
-    w = Watch()
+    pid = [0]
+    w = Watch(cpu=lambda: _proc_cpu_s(pid[0]))
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         qemu, "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", "1", "-nographic", "-no-reboot",
         "-monitor", "none", "-serial", "stdio", "-kernel", VMLINUZ, "-initrd", INITRAMFS,
         "-append", "console=ttyS0 quiet", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT)
+    pid[0] = proc.pid
     try:
         async with asyncio.timeout(timeout):
             while w.t_prompt is None:
@@ -183,7 +201,8 @@ async def qemu_run(qemu: str, timeout: float) -> dict:
         await proc.wait()
     if w.t_prompt is None:
         return {"why": "QEMU did not reach the prompt", "tail": w.tail()}
-    return {"prompt_s": w.t_prompt - t0, "kernel_s": w.t_init - t0, "init_s": w.t_prompt - w.t_init}
+    return {"prompt_s": w.t_prompt - t0, "kernel_s": w.t_init - t0, "init_s": w.t_prompt - w.t_init,
+            "cpu_s": w.c_prompt}
 
 
 def med(runs: list[dict], key: str) -> str:
@@ -197,7 +216,7 @@ async def one_run(hv: Hypervisor, label: str, i: int, timeout: float, runs: list
     runs.append(r)
     if "prompt_s" in r:
         print(f"{label} run {i + 1}: prompt {r['prompt_s']:.2f} s (load {r['load_s']:.2f}, "
-              f"kernel {r['kernel_s']:.2f}, init {r['init_s']:.2f})", flush=True)
+              f"kernel {r['kernel_s']:.2f}, init {r['init_s']:.2f}; CPU {r['cpu_s']:.2f} s)", flush=True)
     else:
         print(f"{label} run {i + 1}: STOPPED in {r['stage']} after load {r.get('load_s', 0):.2f} s: "
               f"{r['why']}", flush=True)
@@ -237,7 +256,7 @@ async def main(args: argparse.Namespace) -> int:
             peer.append(q)
             if "prompt_s" in q:
                 print(f"qemu-tcg run {i + 1}: prompt {q['prompt_s']:.2f} s (/init at {q['kernel_s']:.2f}, "
-                      f"init {q['init_s']:.2f})", flush=True)
+                      f"init {q['init_s']:.2f}; CPU {q['cpu_s']:.2f} s)", flush=True)
             else:
                 print(f"qemu-tcg run {i + 1}: {q['why']}", flush=True)
                 for ln in q["tail"]:
@@ -256,7 +275,8 @@ async def main(args: argparse.Namespace) -> int:
         tail = (f" kvm_prompt_s={med(kvm, 'prompt_s')} kvm_load_s={med(kvm, 'load_s')}"
                 f" kvm_kernel_s={med(kvm, 'kernel_s')} kvm_init_s={med(kvm, 'init_s')}")
     print(f"prompt_s={med(ours, 'prompt_s')} load_s={med(ours, 'load_s')} kernel_s={med(ours, 'kernel_s')} "
-          f"init_s={med(ours, 'init_s')} qemu_tcg_prompt_s={med(peer, 'prompt_s')}{tail}")
+          f"init_s={med(ours, 'init_s')} cpu_s={med(ours, 'cpu_s')} qemu_tcg_prompt_s={med(peer, 'prompt_s')} "
+          f"qemu_tcg_cpu_s={med(peer, 'cpu_s')} load={os.getloadavg()[0]:.1f}{tail}")
     failed = stopped is not None or kvm_stopped is not None
     return 1 if failed or not any("prompt_s" in q for q in peer) else 0
 
