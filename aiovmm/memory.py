@@ -39,6 +39,11 @@ class PageType(enum.IntEnum):
     writable = 7
 
 
+# Plain ints of the types the hot paths compare with (an enum attribute lookup per test
+# costs more than the test).
+_T_NONE, _T_WRITABLE = int(PageType.none), int(PageType.writable)
+
+
 class OutOfMemory(Exception):
     """Machine memory has no free frames for the request."""
 
@@ -264,7 +269,8 @@ class MachineMemory:
     def put_ref(self, mfn: int) -> None:
         """Drop a general reference (a mapping) taken with refs[mfn] += 1."""
         self.refs[mfn] -= 1
-        self.unreferenced(mfn)
+        if mfn in self.released:          # unreferenced's first test (hot: every unmapped PTE)
+            self.unreferenced(mfn)
 
     def forget_released(self, frames: set[int]) -> None:
         """A dying domain's released frames are torn down with the rest of its frames."""
@@ -307,7 +313,7 @@ class MachineMemory:
         one implementation of the writable reference (take_type's rule for that type):
         validating an L1 table takes one per writable entry at once."""
         count, typ = self.type_count, self.type
-        writable = PageType.writable
+        writable = _T_WRITABLE
         for k, mfn in enumerate(frames):
             if count[mfn]:
                 if typ[mfn] != writable:
@@ -324,32 +330,30 @@ class MachineMemory:
         decides a type conflict, for writable access (get_writable) and for page tables and
         descriptor pages (PageTables.get_type). True if the frame has just taken the type
         (its count was 0): a page table must then be validated by the caller."""
-        if ptype == PageType.writable:
+        if ptype == _T_WRITABLE:
             first = not self.type_count[mfn]
             self.get_writable_many((mfn,))
             return first
         if self.type_count[mfn]:
             if self.type[mfn] != ptype:
-                raise (NotWritable(mfn, self.type[mfn]) if ptype == PageType.writable
-                       else TypeConflict(mfn, self.type[mfn], ptype))
+                raise TypeConflict(mfn, self.type[mfn], ptype)
             self.type_count[mfn] += 1
             return False
         self.type[mfn] = ptype
         self.type_count[mfn] = 1
-        if ptype != PageType.writable:
-            self._stale_translations_unsafe()
+        self._stale_translations_unsafe()      # not writable (returned above)
         return True
 
     def put_writable(self, mfn: int) -> None:
         """Drop a writable type reference taken by get_writable. The type is only ever set
         and reset together with its count (get_writable, put_writable, free), so a frame
         typed writable has a count: the type test is the underflow check."""
-        if self.type[mfn] != PageType.writable:
+        if self.type[mfn] != _T_WRITABLE:
             raise AssertionError(f"frame {mfn:#x}: writable reference underflow "
                                  f"({PageType(self.type[mfn]).name}, {self.type_count[mfn]})")
         self.type_count[mfn] -= 1
         if self.type_count[mfn] == 0:
-            self.type[mfn] = PageType.none
+            self.type[mfn] = _T_NONE
             self.unreferenced(mfn)
 
     # -- raw access (machine addresses) ---------------------------------------------------

@@ -25,7 +25,7 @@ from .abi import (
     DOMID_XEN, Errno, HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, XEN_L4_FIRST, XEN_L4_LAST, _PAGE_ACCESSED,
     _PAGE_DIRTY, _PAGE_GLOBAL, _PAGE_GUEST_KERNEL, _PAGE_NX, _PAGE_PRESENT,
     _PAGE_PSE, _PAGE_RW, _PAGE_USER, FIRST_RESERVED_GDT_BYTE, FLAT_RING0_CS64,
-    FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS, is_canonical,
+    FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
 )
 from .memory import MachineMemory, NotWritable, PageType, TypeConflict
 
@@ -217,7 +217,7 @@ class PageTables:
         A type conflict fails with `conflict` (Xen: -EINVAL for tables, pins and base
         pointers; -EBUSY when an L1 entry wants a page table writable)."""
         mem = self.mem
-        if not mem.valid_mfn(mfn) or mem.owner[mfn] != dom:
+        if not 0 <= mfn < mem.nr_frames or mem.owner[mfn] != dom:
             raise MMUError(Errno.EINVAL, f"frame {mfn:#x} is not owned by d{dom}")
         # The frame takes its type BEFORE its entries are validated (Xen: the type is set,
         # not yet PGT_validated): an entry of the table mapping the table itself writable
@@ -226,7 +226,7 @@ class PageTables:
             first = mem.take_type(mfn, ptype)
         except TypeConflict as e:
             raise MMUError(conflict, str(e)) from None
-        if first and ptype in _PT_TYPES:
+        if first and _TYPE_L1 <= ptype <= _TYPE_L4:
             try:
                 self._validate_table(mfn, int(ptype), dom)
             except MMUError:
@@ -244,7 +244,7 @@ class PageTables:
             log.error("type count underflow on frame %#x", mfn)
             return
         t = mem.type[mfn]
-        if n == 1 and self._dying and t in _PT_TYPES:
+        if n == 1 and self._dying and _TYPE_L1 <= t <= _TYPE_L4:
             td = self._dying.get(mem.owner[mfn])
             if td is not None:
                 if mfn in td.unvalidated:     # devalidated already: only the type goes
@@ -255,8 +255,8 @@ class PageTables:
                 return
         mem.type_count[mfn] = n - 1          # any type, writable included (put_writable's rule)
         if n == 1:
-            if t in _PT_TYPES:
-                self._devalidate_table(mfn, int(t))
+            if _TYPE_L1 <= t <= _TYPE_L4:
+                self._devalidate_table(mfn, t)
             self._untype(mfn)
 
     def _untype(self, mfn: int) -> None:
@@ -555,7 +555,7 @@ class PageTables:
             val |= old & _AD
         new = val
         if val & _PAGE_PRESENT:
-            new = self._get_entry(val, level, dom, self_mfn=mfn)
+            new = self._get_entry(val, level, dom, mfn)
         mem.write_pte(ptr, new)
         if old & _PAGE_PRESENT:
             self._put_entry(old, level, mfn, ptr)
@@ -578,18 +578,18 @@ class PageTables:
 
     def translate(self, cr3: int, va: int, write: bool) -> int:
         """Guest VA -> machine address, with the checks the CPU makes for a CPL 3 access."""
-        if not is_canonical(va) or HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
+        top = va >> 47                  # is_canonical(va), inline: the walk is per hypercall
+        if not (top == 0 or top == 0x1FFFF) or HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
             raise GuestFault(va, write)
         # Hot (every guest buffer a hypercall reads): locals, no helper calls per level.
-        mem = self.mem
-        m, unpack = mem.map, _U64_FROM
-        table = cr3 >> PAGE_SHIFT
+        m, unpack, frame = self.mem.map, _U64_FROM, PTE_FRAME_MASK
+        base = cr3 >> PAGE_SHIFT << PAGE_SHIFT             # machine address of the table
         need = _PAGE_PRESENT | _PAGE_USER | (_PAGE_RW if write else 0)
         for shift in (39, 30, 21, 12):
-            e = unpack(m, (table << PAGE_SHIFT) + 8 * ((va >> shift) & 0x1FF))[0]
+            e = unpack(m, base | ((va >> shift) & 0x1FF) << 3)[0]
             if e & need != need:
                 raise GuestFault(va, write)
             # Every entry the walk follows is in a validated table (whose entries _get_entry
-            # admitted as RAM only) or in Xen's own: `table` is RAM, no range check here.
-            table = (e & PTE_FRAME_MASK) >> PAGE_SHIFT
-        return (table << PAGE_SHIFT) | (va & (PAGE_SIZE - 1))
+            # admitted as RAM only) or in Xen's own: `base` is RAM, no range check here.
+            base = e & frame
+        return base | (va & (PAGE_SIZE - 1))

@@ -147,6 +147,28 @@ def test_pin_and_unpin_rules():
     asyncio.run(main())
 
 
+def test_a_table_keeps_its_level():
+    """A frame typed as one page-table level cannot take a reference as another (take_type's
+    type conflict; Xen's get_page_type fails, -EINVAL for pins and base pointers): a pinned
+    L1 pinned again as L2, L3 or L4, or loaded as either root, is refused and keeps its type
+    and count; the vCPU's roots are unchanged."""
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            a = lab.park(hv, kernel(), 8, "a")
+            mem = hv.mem
+            t = a.spare[0]
+            assert a.mmuext(MmuExt.PIN_L1_TABLE, t) == 0
+            kr, ur = a.v.kernel_root, a.v.user_root
+            for cmd in (MmuExt.PIN_L2_TABLE, MmuExt.PIN_L3_TABLE, MmuExt.PIN_L4_TABLE,
+                        MmuExt.NEW_BASEPTR, MmuExt.NEW_USER_BASEPTR):
+                assert a.mmuext(cmd, t) == EINVAL, cmd
+                assert (mem.type[t], mem.type_count[t], mem.pinned[t]) == (PageType.l1, 1, 1)
+                assert (a.v.kernel_root, a.v.user_root) == (kr, ur)
+            assert a.mmuext(MmuExt.UNPIN_TABLE, t) == 0
+            assert audit(hv) == []
+    asyncio.run(main())
+
+
 def test_baseptr_must_be_an_own_l4():
     """NEW_BASEPTR / NEW_USER_BASEPTR naming another domain's frame: -EINVAL (get_type
     refuses the owner), the vCPU's roots unchanged."""
