@@ -145,6 +145,9 @@ args_top = 22
 
 async def main(args) -> None:
     rows: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    modes = [m for m in args.modes.split(",") if m]
+    if any(m not in ("block", "slice") for m in modes):
+        raise SystemExit(f"--modes: block or slice, not {args.modes!r}")
     with tempfile.TemporaryDirectory(prefix="aiovmm-bench-blkx-") as td:
         if not os.path.exists(blkbench.TOOLS_INITRD):
             blkbench.linux_assets()
@@ -169,6 +172,9 @@ async def main(args) -> None:
                 for job, *_ in blkbench.FIO_JOBS:
                     tag = f"{job}.{rep}"
                     await dom.wait_for_line(rf"^FIO-BEGIN {tag}$", timeout=3600)
+                    mode = modes[rep % len(modes)] if modes else ""
+                    if mode:
+                        dom.drain_on_block = mode == "block"
                     if rep == 0 and job == blkbench.FIO_JOBS[0][0]:
                         print("the guest's blkfront (sysfs): " + "; ".join(
                             ln.rstrip()[6:] for ln in dom.console_lines if ln.startswith("SYSFS ")), flush=True)
@@ -201,16 +207,17 @@ async def main(args) -> None:
                     n = max(1.0, d["requests"])
                     res = blkbench.parse_fio(list(dom.console_lines)).get(tag)
                     unit = "MB/s" if job.startswith("seq") else "IOPS"
-                    show(f"[{rep}] {job} {res if res is not None else float('nan'):.1f} {unit}"
+                    show(f"[{rep}] {job}{'/' + mode if mode else ''} {res if res is not None else float('nan'):.1f} {unit}"
                          f" ({d['requests'] / d['t']:.0f} requests/s, {d['sectors'] / n / 2:.0f} KiB each)", d, n)
                     if prof is not None:
                         profile_report(prof, n, d["t"])
-                    rows[job].append({
+                    rows[f"{job}/{mode}" if mode else job].append({
                         "fio": res or 0.0, "req_s": d["requests"] / d["t"], "exits_s": d["exits"] / d["t"],
                         "exits": d["exits"] / n, "notifies": d["notifies"] / n, "drains": d["drains"] / n,
                         "events": d["events"] / n, "cpu_ms": d["cpu_ms"] / n,
                         "xen_version": d.get("hc:xen_version", 0) / n, "iret": d.get("hc:iret", 0) / n,
-                        "stack_switch": d.get("hc:stack_switch", 0) / n, "load": os.getloadavg()[0]})
+                        "stack_switch": d.get("hc:stack_switch", 0) / n, "slices": d["slices"] / n,
+                        "thread_ms": d["thread_cpu_ms"] / n, "load": os.getloadavg()[0]})
             await dom.wait()
             print(f"blkback: {bb.stats}")
     print("medians per job:")
@@ -232,6 +239,9 @@ if __name__ == "__main__":
                     help="requests a job makes before its window opens (and at least 1 s)")
     ap.add_argument("--image-mib", type=int, default=256)
     ap.add_argument("--engine", default="kvm")
+    ap.add_argument("--modes", default="",
+                    help="comma list alternated per round in the same boot: block (backends also "
+                         "drain inside SCHEDOP_block, Domain.drain_on_block) or slice (only at slice ends)")
     ap.add_argument("--extra", default="", help="more kernel command line (e.g. xen_blkfront.max_ring_page_order=2)")
     ap.add_argument("--boot-timeout", type=float, default=900)
     ap.add_argument("--profile", action="store_true",
