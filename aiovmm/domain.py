@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .memory import PageType
 from .abi import PAGE_SHIFT, ShutdownReason, VcpuInfo, VCPU_INFO_SIZE, XEN_LEGACY_MAX_VCPUS
 from .events import EventChannels
-from .ring import DRAIN_ON_BLOCK
 from .scheduler import DomainSched
 from . import console as _console
 
@@ -180,8 +179,6 @@ class Domain:
         self.sched = DomainSched()                     # credit scheduler weight and cap
         # Backends' ring passes run when one of its vCPUs ends a slice (drain_backends).
         self.yield_drains: list[Callable[[], None]] = []
-        # ... and inside SCHEDOP_block before the vCPU sleeps (ring.DRAIN_ON_BLOCK).
-        self.drain_on_block = DRAIN_ON_BLOCK
 
     def __repr__(self) -> str:
         return f"<Domain d{self.domid} {self.name}>"

@@ -19,11 +19,6 @@ SRING_HDR = 64
 # and leave req_event unarmed, so the frontend does not notify (issue 14). AIOVMM_DRAIN_ON_YIELD=0:
 # notifications as before (the A/B of bench/blk.py and bench/net.py).
 DRAIN_ON_YIELD = os.environ.get("AIOVMM_DRAIN_ON_YIELD", "1") != "0"
-# ... and also inside SCHEDOP_block, before the vCPU sleeps (Domain.drain_on_block): what
-# completes at once there (a cached read's answer) leaves an event pending, so the block
-# returns and the upcall is delivered in the same slice, instead of ending the slice and
-# waking the vCPU into a new one. AIOVMM_DRAIN_ON_BLOCK=0: only at the slice's end.
-DRAIN_ON_BLOCK = os.environ.get("AIOVMM_DRAIN_ON_BLOCK", "1") != "0"
 
 
 def hook_yield_drain(drains: list[Callable[[], None]], fn: Callable[[], None], on: bool) -> bool:

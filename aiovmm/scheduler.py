@@ -432,26 +432,12 @@ def _shutdown(v: "VCPU", reason: int, start_info_mfn: int = 0) -> None:
     v.engine.stop()
 
 
-def _drain_before_sleep(v: "VCPU") -> None:
-    """SCHEDOP_block and SCHEDOP_poll, before the vCPU sleeps: the backends' slice-end pass
-    (Domain.drain_backends) now rather than after the slice. An answer ready at once (a
-    cached read through io_uring) makes its event pending here, so the block or poll returns
-    into its upcall in this slice instead of sleeping and being woken into the next (one
-    slice end, wake-up and slice start fewer per wait; issue 14). The pass at the slice's
-    end still runs and finds the rings drained."""
-    dom = v.domain
-    if dom.drain_on_block and dom.yield_drains:
-        dom.drain_backends()
-
-
 def do_sched_op(v: "VCPU", cmd: int, arg: int, a3: int = 0, *_) -> int:
     if cmd == SchedOp.yield_:
         v.engine.stop()                     # end the slice; the task yields to the loop
         return 0
     if cmd == SchedOp.block:
         v.upcall_mask = 0
-        if not v.upcall_pending:
-            _drain_before_sleep(v)
         if not v.upcall_pending:
             v.block()
         return 0
@@ -470,7 +456,6 @@ def do_sched_op(v: "VCPU", cmd: int, arg: int, a3: int = 0, *_) -> int:
         raw = v.copy_from_guest(ports_va, 4 * nr)
         ports = [int.from_bytes(raw[4 * i:4 * i + 4], "little") for i in range(nr)]
         ch = v.domain.evtchn
-        _drain_before_sleep(v)
         for p in ports:
             if not 0 <= p < ch.nr_ports:
                 raise HypercallError(Errno.EINVAL)

@@ -10,8 +10,7 @@ slot is counter % slots runs one round (its guest unpaused; the others' guests a
 only the measured guest runs) and adds one. A process can hold several slots with --variants
 (switches of netback or the engine set before its round, e.g. nodefer: tx-event deferral off;
 noc: the engine's C hypercall paths off; unbatched: the tap writer woken per frame; nodrain:
-netback notified instead of draining at slice ends; noblockdrain: backends drain at the end of
-a slice only, not also inside SCHEDOP_block (Domain.drain_on_block); nogdtc: C's irets to a CS of the guest's GDT
+netback notified instead of draining at slice ends; nogdtc: C's irets to a CS of the guest's GDT
 (Linux's __USER_CS) left to Python, as before they were done in C).
 A round: iperf3 TCP host -> guest and guest -> host for --tcp-seconds, UDP RR W=1 and W=32
 for --duration; per round the load average, exits and process CPU per 64 KiB / round trip.
@@ -99,10 +98,6 @@ def apply_variant(dom, nb, name: str, saved: dict) -> None:
         nb.batch_tx = saved["batch"] and "unbatched" not in name
     if saved["drain"] is not None:
         nb.set_drain_on_yield(saved["drain"] and "nodrain" not in name)
-    if "drainblk" not in saved:
-        saved["drainblk"] = getattr(dom, "drain_on_block", None)
-    if saved["drainblk"] is not None:
-        dom.drain_on_block = saved["drainblk"] and "noblockdrain" not in name
     for v in dom.vcpus:
         if hasattr(v.pv, "gdt_frames_nr"):
             v.pv.gdt_frames_nr = 0 if "nogdtc" in name else len(v.gdt_frames)

@@ -223,48 +223,6 @@ async def test_drain_at_slice_ends_instead_of_notifications(disk_file, monkeypat
     assert not dom.yield_drains                     # unregistered at the disconnect
 
 
-@pytest.mark.parametrize("before_sleep", [True, False])
-async def test_cached_reads_answered_before_the_vcpu_sleeps(disk_file, before_sleep):
-    """Issue 14: the backends' slice-end pass also runs inside SCHEDOP_block / SCHEDOP_poll
-    before the vCPU sleeps (Domain.drain_on_block). A read of cached data completes inside
-    io_uring_enter there, so its event is pending before the guest's poll looks, and the
-    poll returns into the next reap without sleeping; with the pass at the slice's end
-    only, the vCPU sleeps first and the event wakes it. Counted: the vbd's events that
-    found the vCPU asleep. The pattern reads back either way."""
-    if not _uring_available():
-        pytest.skip("io_uring is disabled on this host")
-    img = disk_file(4)
-    n, seed = 8192, 9
-    with open(img, "r+b") as f:                     # written by the host: in its page cache
-        f.write(pattern_range(seed, 0, n))
-    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
-        dom = await hv.create(guest("blk"), memory_mib=16, cmdline=f"mode=ro sectors={n} pattern={seed}",
-                              disks=[f"target={img},vdev=xvda,access=ro"])
-        dom.drain_on_block = before_sleep
-        bb = next(b for b in dom.backends if isinstance(b, Blkback))
-        asleep = []
-        push = bb._push
-
-        def counted_push() -> None:
-            sent, blocked = bb.stats.events_sent, dom.vcpus[0].blocked    # before the event wakes it
-            push()
-            if bb.stats.events_sent > sent:
-                asleep.append(blocked)
-        bb._push = counted_push
-        async with asyncio.timeout(60):
-            reason = await dom.wait()
-    res = results(list(dom.console_lines))
-    assert reason == ShutdownReason.poweroff, dom.console_lines
-    assert res["read_ok"] == str(n) and res["errors"] == "0", dom.console_lines
-    s = bb.stats
-    assert s.rd_sectors == n and s.uring_reqs >= n // 88, s
-    assert len(asleep) >= 5, (asleep, s)
-    if before_sleep:
-        assert sum(asleep) <= len(asleep) // 4, (asleep, s)
-    else:
-        assert sum(asleep) >= len(asleep) * 3 // 4, (asleep, s)
-
-
 async def test_frontend_closes_and_reconnects(disk_file):
     """A frontend that closes (Closing, Closed) and starts over (Initialising, as a reloaded
     driver does) finds the backend back in InitWait (Linux blkback frontend_changed: "prepare
