@@ -243,6 +243,10 @@ fi
 i=0
 while [ ! -b $DEV ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 echo "FIO-DEV $DEV $(cat /sys/block/${DEV#/dev/}/size)"
+# --io-scheduler: the same elevator on both systems' disk (empty: the kernel's default,
+# mq-deadline for a one-queue device such as blkfront's or virtio-blk's with one vCPU).
+[ -z "@IOSCHED@" ] || echo "@IOSCHED@" > /sys/block/${DEV#/dev/}/queue/scheduler
+echo "FIO-SCHED $(cat /sys/block/${DEV#/dev/}/queue/scheduler)"
 for job in @JOBS@; do
     set -- $(echo "$job" | tr : ' ')
     echo "FIO-BEGIN $1"
@@ -277,7 +281,7 @@ def linux_assets() -> str:
     return qemu
 
 
-def bench_initrd(td: str, image_mib: int, runtime: int) -> str:
+def bench_initrd(td: str, image_mib: int, runtime: int, io_scheduler: str = "") -> str:
     """The tools initramfs plus one more archive holding /bench.sh (the kernel unpacks
     concatenated archives in order)."""
     sys.path.insert(0, os.path.join(ROOT, "guests/linux"))
@@ -285,7 +289,8 @@ def bench_initrd(td: str, image_mib: int, runtime: int) -> str:
 
     import build as linux_build                    # its Cpio writer
     script = (FIO_SCRIPT.replace("@JOBS@", " ".join(f"{n}:{rw}:{bs}:{d}" for n, rw, bs, d in FIO_JOBS))
-              .replace("@RUNTIME@", str(runtime)).replace("@SIZE@", str(image_mib)))
+              .replace("@RUNTIME@", str(runtime)).replace("@SIZE@", str(image_mib))
+              .replace("@IOSCHED@", io_scheduler))
     c = linux_build.Cpio()
     c.file("bench.sh", script.encode(), 0o755)
     path = os.path.join(td, "initramfs-bench.cpio.gz")
@@ -416,7 +421,7 @@ async def aiovmm_fio(engine: str, extra: str, image: str, initrd: str, timeout: 
             note = (f"{time.perf_counter() - t0:.0f} s; blkback: indirect {st.indirect_reqs}, "
                     f"persistent hits {st.persistent_hits}, io_uring {st.uring_reqs}, pool jobs {st.jobs}, "
                     f"max_inflight {st.max_inflight}, requests {st.rd_reqs + st.wr_reqs}, "
-                    f"drains {st.batches}, events {st.events_sent}")
+                    f"drains {st.batches}, events {st.events_sent}; {fio_sched(list(dom.console_lines))}")
         return res, note
 
 
@@ -444,7 +449,13 @@ async def qemu_fio(qemu: str, image: str, initrd: str, timeout: float, extra: st
         await proc.wait()
     lines = buf.decode(errors="replace").splitlines()
     res = parse_fio(lines)
-    return res, f"{time.perf_counter() - t0:.0f} s" + ("" if res else f" (console: {lines[-3:]})")
+    return res, (f"{time.perf_counter() - t0:.0f} s; {fio_sched(lines)}"
+                 + ("" if res else f" (console: {lines[-3:]})"))
+
+
+def fio_sched(lines: list[str]) -> str:
+    """The guest's elevator line for the fio disk (FIO-SCHED, the chosen one in brackets)."""
+    return next((ln.strip()[4:].lower() for ln in lines if ln.startswith("FIO-SCHED ")), "sched ?")
 
 
 def linux_part(args: argparse.Namespace) -> dict[str, dict]:
@@ -454,7 +465,7 @@ def linux_part(args: argparse.Namespace) -> dict[str, dict]:
     with tempfile.TemporaryDirectory(prefix="aiovmm-bench-blk-") as td:
         image = os.path.join(td, "linux.img")
         prefill(image, args.image_mib)
-        initrd = bench_initrd(td, args.image_mib, args.runtime)
+        initrd = bench_initrd(td, args.image_mib, args.runtime, args.io_scheduler)
         systems = []
         for eng in engines:
             systems.append((f"aiovmm/{eng}", eng, BLKFRONT_ARGS, "1"))
@@ -546,6 +557,10 @@ def main() -> None:
                     help="MiB of the sized O_DIRECT write+read (the issue's 1 GiB) on the last engine "
                          "and QEMU; at most the image (0 skips it)")
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio job")
+    ap.add_argument("--io-scheduler", default="", choices=("", "none", "mq-deadline"),
+                    help="the guests' elevator for the fio disk, the same on every system (default: "
+                         "the kernel's, mq-deadline here; none saves the kblockd switch per io_submit, "
+                         "bench/blk_exits.py --scheds)")
     ap.add_argument("--boot-timeout", type=float, default=400, help="boot -> fio start, at most (s)")
     ap.add_argument("--kvm-timeout", type=float, default=600,
                     help="the same on the kvm engine (its Linux boot took 94-344 s at load 10-15)")

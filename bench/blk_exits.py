@@ -16,6 +16,11 @@ requests/s over the rounds: the slope is the marginal exits per request, the int
 guest's exits per second that do not scale with its I/O (per-request figures include a
 share of those, larger the slower the run: they vary 2-4x with the host's load alone).
 
+--scheds mq-deadline,none alternates the guest's elevator for xvda per round in the same
+boot (rows per job and elevator); --ctx has the guest list every thread's context switches
+from /proc before and after each job and prints them per request by thread name (fio's own
+threads have exited by then and are not in it; each listing takes the guest seconds).
+
 (This bench once took --modes: blkback's inline drain in the guest's notify, InlineKick
 DRAIN / DRAIN_ARM, and response coalescing C<us> were measured with it against the default
 in the same boot and removed: backends/block/README.md.)
@@ -58,15 +63,24 @@ for f in /sys/block/xvda/queue/max_hw_sectors_kb /sys/block/xvda/queue/max_secto
          /sys/block/xvda/mq/*/nr_tags /sys/module/xen_blkfront/parameters/*; do
     echo "SYSFS $f $(cat $f 2>/dev/null)"
 done
+ctx() {
+    for t in /proc/[0-9]*/task/[0-9]*; do
+        echo "CTX $(basename $t) $(cat $t/comm 2>/dev/null | tr ' ' _) $(grep ctxt_switches $t/status 2>/dev/null | awk '{printf "%s ", $2}')"
+    done
+    echo "$1"
+}
 rep=0
 while [ $rep -lt @REPS@ ]; do
     for job in @JOBS@; do
         set -- $(echo "$job" | tr : ' ')
+@SCHEDLINE@        echo "SCHED $1.$rep $(cat /sys/block/xvda/queue/scheduler)"
+        [ @CTX@ = 1 ] && ctx "CTX-BEGIN $1.$rep"
         echo "FIO-BEGIN $1.$rep"
         fio --name="$1" --filename=$DEV --direct=1 --ioengine=libaio --rw="$2" --bs="$3" \\
             --iodepth="$4" --runtime=@RUNTIME@ --ramp_time=1 --time_based --thread --norandommap \\
             --randrepeat=0 --size=@SIZE@M --output-format=json
         echo "FIO-END $1.$rep"
+        [ @CTX@ = 1 ] && ctx "CTX-END $1.$rep"
     done
     rep=$((rep + 1))
 done
@@ -78,12 +92,18 @@ BACK_KEYS = ("feature-persistent", "feature-max-indirect-segments", "max-ring-pa
              "multi-queue-max-queues", "feature-flush-cache", "feature-discard")
 
 
-def initrd(td: str, reps: int, runtime: int, size_mib: int) -> str:
+def initrd(td: str, reps: int, runtime: int, size_mib: int, ctx: bool = False,
+           scheds: tuple[str, ...] = ()) -> str:
     sys.path.insert(0, os.path.join(blkbench.ROOT, "guests/linux"))
     import build as linux_build                    # its Cpio writer
     script = (SCRIPT.replace("@JOBS@", " ".join(f"{n}:{rw}:{bs}:{d}" for n, rw, bs, d in blkbench.FIO_JOBS))
               .replace("@REPS@", str(reps))
-              .replace("@RUNTIME@", str(runtime)).replace("@SIZE@", str(size_mib)))
+              .replace("@RUNTIME@", str(runtime)).replace("@SIZE@", str(size_mib))
+              .replace("@CTX@", "1" if ctx else "0")
+              .replace("@SCHEDLINE@", "" if not scheds else
+                       f"        set -- {' '.join(scheds)}; shift $((rep % {len(scheds)}))\n"
+                       "        echo \"$1\" > /sys/block/xvda/queue/scheduler\n"
+                       "        set -- $(echo \"$job\" | tr : ' ')\n"))
     c = linux_build.Cpio()
     c.file("bench.sh", script.encode(), 0o755)
     path = os.path.join(td, "initramfs-blk-exits.cpio.gz")
@@ -143,6 +163,31 @@ def profile_report(prof: cProfile.Profile, n: float, wall: float) -> None:
 args_top = 22
 
 
+def _ctx_dump(lines: list[str], tag: str) -> dict[str, tuple[str, int]]:
+    """tid -> (comm, voluntary + involuntary switches) from the guest's dump ending in `tag`."""
+    end = max(i for i, ln in enumerate(lines) if ln.strip() == tag)
+    cur: dict[str, tuple[str, int]] = {}
+    for ln in reversed(lines[:end]):
+        f = ln.split()
+        if not f or f[0] != "CTX":
+            break
+        if len(f) >= 5:
+            cur[f[1]] = (f[2], int(f[3]) + int(f[4]))
+    return cur
+
+
+def ctx_report(lines: list[str], tag: str, n: float) -> None:
+    """The guest's context switches from just before fio started to just after it ended, per
+    thread name (fio's own threads are gone by then: not counted), per request in the window."""
+    a, b = _ctx_dump(lines, f"CTX-BEGIN {tag}"), _ctx_dump(lines, f"CTX-END {tag}")
+    per: dict[str, int] = collections.Counter()
+    for tid, (comm, c) in b.items():
+        per[comm] += c - a.get(tid, (comm, 0))[1]
+    top = [(k, v) for k, v in per.most_common(8) if v > 0]
+    print("    guest switches per request by thread: "
+          + ", ".join(f"{k} {v / n:.2f}" for k, v in top) + f" (all {sum(per.values()) / n:.2f})", flush=True)
+
+
 async def main(args) -> None:
     rows: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="aiovmm-bench-blkx-") as td:
@@ -150,7 +195,8 @@ async def main(args) -> None:
             blkbench.linux_assets()
         image = os.path.join(td, "linux.img")
         blkbench.prefill(image, args.image_mib)
-        rd = initrd(td, args.reps, args.runtime, args.image_mib)
+        scheds = tuple(x for x in args.scheds.split(",") if x)
+        rd = initrd(td, args.reps, args.runtime, args.image_mib, args.ctx, scheds)
         cmdline = (f"console=hvc0 quiet {blkbench.BLKFRONT_ARGS} {args.extra} "
                    f"aiovmm.run=/bin/sh,/bench.sh aiovmm.exit=1").replace("  ", " ")
         async with Hypervisor(memory_mib=blkbench.GUEST_MIB + 128) as hv:
@@ -201,16 +247,24 @@ async def main(args) -> None:
                     n = max(1.0, d["requests"])
                     res = blkbench.parse_fio(list(dom.console_lines)).get(tag)
                     unit = "MB/s" if job.startswith("seq") else "IOPS"
-                    show(f"[{rep}] {job} {res if res is not None else float('nan'):.1f} {unit}"
+                    if scheds:                      # what the guest's sysfs said before the job
+                        print("  " + next((ln.strip() for ln in dom.console_lines
+                                           if ln.startswith(f"SCHED {tag} ")), f"SCHED {tag} ?"), flush=True)
+                    show(f"[{rep}] {job}{'/' + scheds[rep % len(scheds)] if scheds else ''} {res if res is not None else float('nan'):.1f} {unit}"
                          f" ({d['requests'] / d['t']:.0f} requests/s, {d['sectors'] / n / 2:.0f} KiB each)", d, n)
                     if prof is not None:
                         profile_report(prof, n, d["t"])
-                    rows[job].append({
+                    if args.ctx:
+                        await dom.wait_for_line(rf"^CTX-END {tag}$", timeout=600)
+                        ctx_report(list(dom.console_lines), tag, n)
+                    sched = scheds[rep % len(scheds)] if scheds else ""
+                    rows[f"{job}/{sched}" if sched else job].append({
                         "fio": res or 0.0, "req_s": d["requests"] / d["t"], "exits_s": d["exits"] / d["t"],
                         "exits": d["exits"] / n, "notifies": d["notifies"] / n, "drains": d["drains"] / n,
                         "events": d["events"] / n, "cpu_ms": d["cpu_ms"] / n,
                         "xen_version": d.get("hc:xen_version", 0) / n, "iret": d.get("hc:iret", 0) / n,
-                        "stack_switch": d.get("hc:stack_switch", 0) / n, "load": os.getloadavg()[0]})
+                        "stack_switch": d.get("hc:stack_switch", 0) / n, "slices": d["slices"] / n,
+                        "thread_ms": d["thread_cpu_ms"] / n, "load": os.getloadavg()[0]})
             await dom.wait()
             print(f"blkback: {bb.stats}")
     print("medians per job:")
@@ -232,6 +286,12 @@ if __name__ == "__main__":
                     help="requests a job makes before its window opens (and at least 1 s)")
     ap.add_argument("--image-mib", type=int, default=256)
     ap.add_argument("--engine", default="kvm")
+    ap.add_argument("--scheds", default="",
+                    help="the guest's I/O schedulers for xvda alternated per round in the same boot "
+                         "(e.g. mq-deadline,none: Linux's default for a one-queue device, and none)")
+    ap.add_argument("--ctx", action="store_true",
+                    help="after each job the guest lists every thread's context switches: print "
+                         "the threads' voluntary + involuntary switches per request in the job")
     ap.add_argument("--extra", default="", help="more kernel command line (e.g. xen_blkfront.max_ring_page_order=2)")
     ap.add_argument("--boot-timeout", type=float, default=900)
     ap.add_argument("--profile", action="store_true",
