@@ -934,6 +934,11 @@ class KVMEngine:
     an `out` to HCALL_PORT is a hypercall only from guest kernel mode, else port I/O (#GP).
     """
 
+    # Length of the `int $n` whose vector on_exception reports, RIP past it (traps.inject_
+    # exception: a gate the guest may not use is #GP at the instruction): `cd n` but while
+    # _int_n reports one it decoded after legacy prefixes.
+    int_length = 2
+
     kind = "kvm"
 
     def __init__(self, mem: "MachineMemory", xen: "XenArea", *, name: str = "vcpu") -> None:
@@ -2024,7 +2029,11 @@ class KVMEngine:
             self._call(self.on_exception, 13, (n << 3) | 2, 0)
         else:
             self.regs[16] = rip + length
-            self._call(self.on_exception, n, 0, 0)
+            self.int_length = length        # a #GP for a refused gate points at `rip`
+            try:
+                self._call(self.on_exception, n, 0, 0)
+            finally:
+                self.int_length = 2
 
     def _int_before(self, rip: int) -> int | None:
         """n if the two bytes before `rip` are `int $n` (cd n), else None."""
