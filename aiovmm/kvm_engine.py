@@ -934,6 +934,11 @@ class KVMEngine:
     an `out` to HCALL_PORT is a hypercall only from guest kernel mode, else port I/O (#GP).
     """
 
+    # Length of the `int $n` whose vector on_exception reports, RIP past it (traps.inject_
+    # exception: a gate the guest may not use is #GP at the instruction): `cd n` but while
+    # _int_n reports one it decoded after legacy prefixes.
+    int_length = 2
+
     kind = "kvm"
 
     def __init__(self, mem: "MachineMemory", xen: "XenArea", *, name: str = "vcpu") -> None:
@@ -1951,7 +1956,7 @@ class KVMEngine:
             off = sel & ~7
             if off + 7 > limit:
                 return None
-            desc = int.from_bytes(self._read_code(base + off, 8), "little")
+            desc = self._read_descriptor(base + off)
         except LookupError:
             return None
         return sel if (desc >> 40) & 0x1F == 0x0C else None      # system, type 0xC: call gate
@@ -2024,7 +2029,11 @@ class KVMEngine:
             self._call(self.on_exception, 13, (n << 3) | 2, 0)
         else:
             self.regs[16] = rip + length
-            self._call(self.on_exception, n, 0, 0)
+            self.int_length = length        # a #GP for a refused gate points at `rip`
+            try:
+                self._call(self.on_exception, n, 0, 0)
+            finally:
+                self.int_length = 2
 
     def _int_before(self, rip: int) -> int | None:
         """n if the two bytes before `rip` are `int $n` (cd n), else None."""
@@ -2301,26 +2310,18 @@ class KVMEngine:
         return n
 
     def _page_maddr(self, va: int) -> int:
-        """Machine address of the page holding guest VA `va` through the current page tables
-        (a read-only walk, cached per root and page while no page table changes: Linux polls
-        the PIT from one instruction). LookupError if not mapped."""
+        """Machine address of the page holding guest VA `va` as a CPL-3 access finds it
+        (`_walk_va`, user), cached per root and page while no page table changes: Linux polls
+        the PIT from one instruction. LookupError if not mapped so."""
         mem = self.mem
-        table = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
         cache = self._xlate
         if self._xlate_gen != mem.pt_generation:      # a page table changed: walks are stale
             cache.clear()
             self._xlate_gen = mem.pt_generation
-        key = (table, va >> 12)
+        key = (self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK, va >> 12)
         t = cache.get(key)
         if t is None:
-            t = table
-            for shift in (39, 30, 21, 12):
-                e = mem.read_u64(t + 8 * ((va >> shift) & 0x1FF))
-                if not e & _PAGE_PRESENT:
-                    raise LookupError(hex(va))
-                t = e & PTE_FRAME_MASK
-                if t >= mem.size:
-                    raise LookupError(hex(va))
+            t = self._walk_va(va, user=True)
             if len(cache) > 64:
                 cache.clear()
             cache[key] = t
@@ -2329,40 +2330,51 @@ class KVMEngine:
     def _code_maddr(self, va: int) -> int:
         return self._page_maddr(va) + (va & 0xFFF)
 
-    def _read_user(self, va: int, n: int) -> bytes:
-        """Bytes at a guest VA as a CPL-3 read finds them through the current page tables:
-        present and user at every level, 4 KiB pages only (guest tables have no others; Xen's
-        area and the engine's supervisor mappings are refused). LookupError otherwise. Not
-        cached: for guest-chosen data addresses (_far_transfer_gate), not code."""
-        mem, out, a, end = self.mem, b"", va, va + n
-        need = _PAGE_PRESENT | _PAGE_USER
-        while a < end:
-            if not is_canonical(a):
-                raise LookupError(hex(a))
-            t = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
-            for shift in (39, 30, 21, 12):
-                e = mem.read_u64(t + 8 * ((a >> shift) & 0x1FF))
-                if e & need != need or (shift != 12 and e & 0x80):
-                    raise LookupError(hex(a))
-                t = e & PTE_FRAME_MASK
-                if t >= mem.size:
-                    raise LookupError(hex(a))
-            take = min(end - a, PAGE_SIZE - (a & 0xFFF))
-            out += bytes(mem.view[t + (a & 0xFFF):t + (a & 0xFFF) + take])
-            a += take
-        return out
+    def _walk_va(self, va: int, user: bool) -> int:
+        """The one walk of the current page tables every guest-VA read of this engine uses:
+        machine address of the 4 KiB page holding `va`, present at every level and, for a
+        CPL-3 access (`user`), user at every level. Large pages are refused (guest tables have
+        none; the engine's only ones are its supervisor direct map, which no read names), never
+        walked as tables. LookupError otherwise."""
+        if not is_canonical(va):
+            raise LookupError(hex(va))
+        mem = self.mem
+        need = _PAGE_PRESENT | _PAGE_USER if user else _PAGE_PRESENT
+        t = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
+        for shift in (39, 30, 21, 12):
+            e = mem.read_u64(t + 8 * ((va >> shift) & 0x1FF))
+            if e & need != need or (shift != 12 and e & 0x80):
+                raise LookupError(hex(va))
+            t = e & PTE_FRAME_MASK
+            if t >= mem.size:
+                raise LookupError(hex(va))
+        return t
 
-    def _read_code(self, va: int, n: int) -> bytes:
-        """Bytes at a guest VA through the current page tables (read-only walk, one per page)."""
-        view = self.mem.view
-        out = b""
-        a, end = va, va + n
+    def _read_va(self, va: int, n: int, page: Callable[[int], int]) -> bytes:
+        """`n` bytes at guest VA `va`, each page's machine address from `page`."""
+        view, out, a, end = self.mem.view, b"", va, va + n
         while a < end:
-            t = self._page_maddr(a)
+            t = page(a)
             take = min(end - a, PAGE_SIZE - (a & 0xFFF))
             out += bytes(view[t + (a & 0xFFF):t + (a & 0xFFF) + take])
             a += take
         return out
+
+    def _read_user(self, va: int, n: int) -> bytes:
+        """Bytes at a guest VA as a CPL-3 read finds them (`_walk_va`; Xen's area and the
+        engine's supervisor mappings are refused). Not cached: for guest-chosen data addresses
+        (_far_transfer_gate, _string_io), not code."""
+        return self._read_va(va, n, lambda a: self._walk_va(a, user=True))
+
+    def _read_code(self, va: int, n: int) -> bytes:
+        """Bytes at a guest VA as a CPL-3 read finds them, through the cached walk
+        (`_page_maddr`): instruction bytes at or near the RIP the guest ran at."""
+        return self._read_va(va, n, self._page_maddr)
+
+    def _read_descriptor(self, va: int) -> int:
+        """The 8-byte descriptor at `va` in the GDT/LDT window the engine loaded: Xen's
+        area, supervisor-only, read as the CPU's descriptor-table access does."""
+        return int.from_bytes(self._read_va(va, 8, lambda a: self._walk_va(a, user=False)), "little")
 
     def stop(self) -> None:
         """End the current slice after the running handler returns."""

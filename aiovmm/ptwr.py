@@ -7,7 +7,10 @@ is one of the domain's validated L1 tables, the hypervisor emulates the instruct
 1. copy the L1 frame into a scratch frame and point the faulting VA at the scratch copy,
    writable (a hypervisor write of the L1 entry, not visible as a guest mapping);
 2. execute exactly that one instruction (capstone gives its length; the engine runs to the
-   next instruction), so any store form works (mov, xchg, cmpxchg, or, and ...);
+   next instruction), so any store form works (mov, xchg, cmpxchg, or, and ...); a REP
+   string store runs one iteration per fault, as Xen's emulator does (put_rep_prefix: the
+   count drops by one and RIP stays on the instruction while it is not zero), so the guest
+   re-executes it and each entry it stores faults, is validated and applied on its own;
 3. restore the mapping, and apply every 8-byte entry the instruction changed through the
    normal validation (mmu.PageTables.update_entry): a refused entry is never written, and the
    guest gets the original #PF instead.
@@ -24,6 +27,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW
+from .emulate import legacy_prefixes
 from .memory import PageType
 from .mmu import GuestFault, MMUError
 from .mmu_ops import written_all
@@ -129,16 +133,42 @@ def try_fast(v: "VCPU", w: PendingWrite) -> bool | None:
     return True
 
 
+_STRING_STORES = frozenset((0x6C, 0x6D, 0xA4, 0xA5, 0xAA, 0xAB))     # ins, movs, stos
+_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+         "r12", "r13", "r14", "r15", "rflags")
+
+
+def _rep_count_mask(code: bytes) -> int | None:
+    """The count register's mask (the address size: RCX, or ECX with a 67 prefix) if `code`
+    is a REP (F2/F3) string store; else None."""
+    n = legacy_prefixes(code)
+    if n is None or n >= len(code) or not {0xF2, 0xF3} & set(code[:n]):
+        return None
+    i = n + 1 if 0x40 <= code[n] <= 0x4F and n + 1 < len(code) else n
+    if code[i] not in _STRING_STORES:
+        return None
+    return 0xFFFFFFFF if 0x67 in code[:n] else 0xFFFFFFFFFFFFFFFF
+
+
 def complete(v: "VCPU", w: PendingWrite) -> bool:
-    """Emulate the recorded store. True if done; False: the caller bounces the #PF."""
+    """Emulate the recorded store. True if done; False: the caller bounces the #PF, with
+    the registers as they were at the fault (Xen commits none on a refused write)."""
     hv = v.domain.hypervisor
     mem = v.domain.mem
     scratch = hv.ptwr_scratch
+    eng = v.engine
+    regs = dict(zip(_GPRS, eng.read(_GPRS)))
+    mask = _rep_count_mask(w.code)
+    if mask is not None:
+        count = regs["rcx"] & mask
+        if not count:                          # nothing to store: the CPU goes past it
+            eng.write({"rcx": count, "rip": w.rip + w.length})
+            return True
+        eng.set("rcx", 1)                      # one iteration per fault (Xen's put_rep_prefix)
     before = mem.read(w.frame << PAGE_SHIFT, PAGE_SIZE)
     mem.write(scratch << PAGE_SHIFT, before)
     l1e = mem.read_u64(w.l1e_addr)
     mem.write_pte(w.l1e_addr, (l1e & ~PTE_FRAME_MASK) | (scratch << PAGE_SHIFT) | _PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY)
-    eng = v.engine
     eng.flush_tlb()
     v.in_ptwr_step = True
     try:
@@ -148,7 +178,7 @@ def complete(v: "VCPU", w: PendingWrite) -> bool:
         mem.write_pte(w.l1e_addr, l1e)
         eng.flush_tlb()
     if not ok:
-        eng.set("rip", w.rip)
+        eng.write(regs | {"rip": w.rip})
         return False
     # A single instruction stores at most 16 bytes at CR2 (cmpxchg16b): only the entries
     # around it can have changed. Compare those instead of the whole page.
@@ -164,9 +194,11 @@ def complete(v: "VCPU", w: PendingWrite) -> bool:
                 pt.update_entry(v.domain.domid, (w.frame << PAGE_SHIFT) + 8 * i, b)
             except MMUError as e:
                 log.info("d%d: writable page-table store refused at %#x: %s", v.domain.domid, w.rip, e)
-                # Registers may already reflect the instruction; re-run it after the fault.
-                eng.set("rip", w.rip)
+                eng.write(regs | {"rip": w.rip})     # re-run from the fault's state after the #PF
                 return False
+    if mask is not None and count > 1:
+        # (Xen's put_loop_count: a 32-bit count zero-extends RCX.)
+        eng.write({"rcx": count - 1, "rip": w.rip})
     written_all(v)
     v.ptwr_updates += 1
     return True

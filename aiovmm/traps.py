@@ -241,8 +241,9 @@ def inject_exception(v: "VCPU", vector: int, error: int, cr2: int, *,
         dpl = flags & 3
         allowed = dpl >= 1 if v.kernel_mode else dpl == 3
         if not allowed or not handler:
-            # Software INT to a gate the guest may not use: #GP(vector<<3 | 2) at the INT.
-            eng.write({"rip": rip - 2})
+            # Software INT to a gate the guest may not use: #GP(vector<<3 | 2) at the INT,
+            # prefixes and all (the engine's int_length: what it decoded, else `cd n`).
+            eng.write({"rip": rip - eng.int_length})
             return inject_exception(v, 13, (vector << 3) | 2, 0)
     if vector == 14:
         m = dom.mem

@@ -531,6 +531,10 @@ class VCPUEngine:
     flush_code() (after it rewrote guest code: the hypercall-page MSR).
     """
 
+    # Length of the `int $n` whose vector on_exception reports (traps.inject_exception):
+    # Unicorn reports RIP past it and not where it began, taken as `cd n`.
+    int_length = 2
+
     # XSAVE state the guest's CPL-3 code can use whatever its kernel enables (cpuid.Xstate):
     # none here (the model has no AVX, and its CPUID at CPL 3 is the policy's).
     cpl3_xstate = None

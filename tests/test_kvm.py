@@ -167,6 +167,39 @@ async def test_m2p_alias_announced_and_readable():
             assert got == hv.mem.m2p[mfn]
 
 
+async def test_code_reads_walk_as_cpl3_and_never_through_large_pages():
+    """Every guest-VA read of the engine goes through one checked walk (_walk_va): the code
+    reads (_read_code, cached) refuse what a CPL-3 access cannot reach, a supervisor-only
+    page (the vCPU's GDT window in Xen's area) and the engine's supervisor direct map, whose
+    2 MiB pages are never walked as tables (the first frame of a 2 MiB region is no L1); the
+    descriptor read still finds the GDT, the guest's own code reads still work."""
+    import struct
+    async with _hand_driven_vcpu(()) as (hv, dom, v):
+        eng, mem = v.engine, hv.mem
+        assert eng._read_code(eng.m2p_va + 8 * dom.p2m[0], 8) == struct.pack("<Q", mem.m2p[dom.p2m[0]])
+        rip = eng.get("rip")
+        assert len(eng._read_code(rip, 15)) == 15          # the guest's own code
+        gdt = struct.unpack_from("<QH", eng._sregs, kvm_engine._SREG_OFF["gdt"])[0]
+        assert eng._read_descriptor(gdt + 0xE008) >> 47 & 1          # Xen's flat CS: present
+        with pytest.raises(LookupError):
+            eng._read_code(gdt + 0xE008, 8)                          # supervisor-only
+        with pytest.raises(LookupError):
+            eng._read_user(gdt + 0xE008, 8)
+        # A guest frame that starts a 2 MiB region of machine memory, holding what an L1
+        # entry looks like (a guest writes its own data pages at will): an unchecked walk of
+        # the direct map takes it as the L1 of that region and returns the entry's frame.
+        first = next(m for m in dom.p2m if m % 512 == 0 and mem.type[m] in (PageType.none, PageType.writable))
+        i = 7
+        saved = mem.read_u64((first << 12) + 8 * i)
+        mem.write_u64((first << 12) + 8 * i, (dom.p2m[1] << 12) | 0x67)
+        try:
+            for read in (eng._read_code, eng._read_user):
+                with pytest.raises(LookupError):
+                    read(eng.r0.dmap_va + (first << 12) + (i << 12), 8)
+        finally:
+            mem.write_u64((first << 12) + 8 * i, saved)
+
+
 def _hand_driven_vcpu(regs: tuple[str, ...]):
     """hand_vcpu.hand_driven_vcpu on the KVM engine (the tests here and the KVM red-team
     tests drive its vCPU by hand)."""

@@ -82,3 +82,36 @@ async def test_into_in_compatibility_mode_is_of_with_overflow_else_nothing(insn)
                 v.switch_to_kernel()
             v.engine.write({"cs": 0xE033})
             v.engine.on_exception, v.engine.on_invalid_opcode = on_exception, on_ud
+
+
+@KVM_ONLY
+@pytest.mark.parametrize("insn", [b"\x66\xcd\x41", b"\xf3\x2e\xcd\x41"], ids=["66-int-41", "f3-2e-int-41"])
+async def test_prefixed_int_n_refused_by_its_gate_faults_at_the_instruction(insn, monkeypatch):
+    """`int $0x41` (no gate in the guest's trap table) after legacy prefixes, in
+    compatibility mode (kvm-pvm: #UD at the instruction, _int_n): Xen's #GP((0x41 << 3) | 2)
+    frame points at the instruction's first byte, prefixes and all (it was short by them:
+    RIP past the instruction minus 2)."""
+    from aiovmm import traps
+    async with hand_driven_vcpu(REGS, "kvm") as (hv, dom, v):
+        assert not v.trap_table[0x41][2]
+        ma = hv.pagetables.translate(v.user_root << 12, USER_CODE_VA, False)
+        saved = bytes(hv.mem.map[ma:ma + 8])
+        hv.mem.map[ma:ma + 8] = (insn + b"\xeb\xfe" + b"\x90" * 8)[:8]
+        bounced, bounce = [], traps.bounce
+
+        def noted(vv, handler, error=None, **kw):
+            bounced.append((error, vv.engine.get("rip")))
+            return bounce(vv, handler, error, **kw)
+        try:
+            _iret(v, 0xE023)
+            monkeypatch.setattr(traps, "bounce", noted)
+            _run_kvm_exit(v, False)
+            monkeypatch.undo()
+            assert dom.shutdown_reason is None and v.kernel_mode
+            assert bounced == [((0x41 << 3) | 2, USER_CODE_VA)], bounced
+            _back(v)
+        finally:
+            hv.mem.map[ma:ma + 8] = saved
+            if not v.kernel_mode:
+                v.switch_to_kernel()
+            v.engine.write({"cs": 0xE033})
