@@ -87,7 +87,8 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     try:
         _write_frame(v, new_rsp, frame)
     except GuestFault as f:
-        v.crash(f"cannot write bounce frame at {f.va:#x}")
+        why = bounce_context(v, was_kernel, cur_cs, rip, rsp, handler, error_code)
+        v.crash(f"cannot write bounce frame at {f.va:#x} ({why})")
         return False
     if mask_events:
         v.upcall_mask = 1
@@ -97,6 +98,18 @@ def bounce(v: "VCPU", handler: int, error_code: int | None = None, *, mask_event
     eng.write({"rsp": new_rsp, "rip": handler, "rflags": new_flags})
     v.last_frame_rsp = new_rsp
     return True
+
+
+def bounce_context(v: "VCPU", was_kernel: bool, cs: int, rip: int, rsp: int, handler: int,
+                   error_code: int | None) -> str:
+    """What a failed bounce was built from, for the crash message: the mode the vCPU was
+    in, the stack it used (the interrupted RSP from kernel mode, else stack_switch's
+    kernel_sp), the handler, the previous frame and the vCPU's hypercall count."""
+    return (f"from {'kernel' if was_kernel else 'user'} mode cs {cs:#x} rip {rip:#x} rsp {rsp:#x}, "
+            f"kernel_ss:sp {v.kernel_ss:#x}:{v.kernel_sp:#x}, handler {handler:#x}"
+            + ("" if error_code is None else f" error {error_code:#x} cr2 {v.cr2:#x}")
+            + f", upcall_mask {v.upcall_mask}, last frame {v.last_frame_rsp:#x}, "
+            f"hypercalls {v.hypercalls}")
 
 
 def load_segments(v: "VCPU", cs: int, cs_desc: int, ss: int, ss_desc: int,
