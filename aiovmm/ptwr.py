@@ -27,7 +27,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW
-from .emulate import legacy_prefixes
+from .emulate import _LEGACY_PREFIXES, MAX_INSN_LEN
 from .memory import PageType
 from .mmu import GuestFault, MMUError
 from .mmu_ops import written_all
@@ -140,12 +140,17 @@ _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r1
 
 def _rep_count_mask(code: bytes) -> int | None:
     """The count register's mask (the address size: RCX, or ECX with a 67 prefix) if `code`
-    is a REP (F2/F3) string store; else None."""
-    n = legacy_prefixes(code)
-    if n is None or n >= len(code) or not {0xF2, 0xF3} & set(code[:n]):
-        return None
-    i = n + 1 if 0x40 <= code[n] <= 0x4F and n + 1 < len(code) else n
-    if code[i] not in _STRING_STORES:
+    is a REP (F2/F3) string store; else None. In 64-bit mode a REX byte may stand anywhere
+    among the legacy prefixes and repeat (`48 f3 ab`, `f3 48 48 ab`: the CPU ignores all but
+    one REX right before the opcode): the prefixes are every legacy or REX byte before the
+    opcode, as capstone and the CPU read them. LOCK: #UD, never a store."""
+    n = 0
+    while n < len(code) and (code[n] in _LEGACY_PREFIXES or 0x40 <= code[n] <= 0x4F):
+        if code[n] == 0xF0:
+            return None
+        n += 1
+    if n >= min(len(code), MAX_INSN_LEN) or code[n] not in _STRING_STORES \
+            or not {0xF2, 0xF3} & set(code[:n]):
         return None
     return 0xFFFFFFFF if 0x67 in code[:n] else 0xFFFFFFFFFFFFFFFF
 
