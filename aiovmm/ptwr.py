@@ -185,15 +185,21 @@ def complete(v: "VCPU", w: PendingWrite) -> bool:
     if not ok:
         eng.write(regs | {"rip": w.rip})
         return False
-    # A single instruction stores at most 16 bytes at CR2 (cmpxchg16b): only the entries
-    # around it can have changed. Compare those instead of the whole page.
+    # A store of up to 16 bytes at CR2 (cmpxchg16b) changes only the entries around it.
+    # A wider one (fxsave, fnsave, AVX) that changed any other entry is refused whole, as
+    # Xen's ptwr takes no store wider than an entry (ptwr_emulated_update: unhandleable, the
+    # #PF goes to the guest); it was half-applied, the rest of it dropped.
     first = max(0, ((w.va & (PAGE_SIZE - 1)) >> 3) - 1)
     last = min(511, first + 3)
-    base = scratch << PAGE_SHIFT
+    after = mem.read(scratch << PAGE_SHIFT, PAGE_SIZE)
+    if after[:8 * first] != before[:8 * first] or after[8 * (last + 1):] != before[8 * (last + 1):]:
+        log.info("d%d: page-table store at %#x wider than an entry: refused", v.domain.domid, w.rip)
+        eng.write(regs | {"rip": w.rip})
+        return False
     pt = hv.pagetables
     for i in range(first, last + 1):
         a = _U64.unpack_from(before, 8 * i)[0]
-        b = mem.read_u64(base + 8 * i)
+        b = _U64.unpack_from(after, 8 * i)[0]
         if a != b:
             try:
                 pt.update_entry(v.domain.domid, (w.frame << PAGE_SHIFT) + 8 * i, b)
