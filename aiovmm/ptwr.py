@@ -95,16 +95,21 @@ _GPR64 = {"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r
 
 def try_fast(v: "VCPU", w: PendingWrite) -> bool | None:
     """The common forms, emulated without stepping: an aligned 8-byte `mov` of a register or
-    immediate, or `xchg` with a register, into the faulting entry. The target is CR2 (the
-    fault address), so only the source needs decoding. Returns True (applied), False
+    immediate, or `xchg` with a register, into the faulting entry: its decoded address must
+    be CR2 (a store from the page before the L1 faults at the L1's first byte, aligned, with
+    only part of it there: Xen's ptwr takes only stores within the CR2 page, decoded).
+    Returns True (applied), False
     (refused by validation: the caller bounces the #PF) or None (another form: step it)."""
     if w.va & 7:
         return None
     mnemonic, ops = w.mnemonic, w.ops
     if not ops.startswith("qword ptr [") or "], " not in ops:
         return None
-    src = ops.split("], ", 1)[1].strip()
+    dst, src = ops[len("qword ptr ["):].split("], ", 1)
+    src = src.strip()
     eng = v.engine
+    if _address(eng, dst, w.rip + w.length) != w.va:
+        return None          # not (only) at CR2: a store from the page before, ... (step it)
     if mnemonic == "mov":
         if src in _GPR64:
             value = eng.get(src)
@@ -131,6 +136,31 @@ def try_fast(v: "VCPU", w: PendingWrite) -> bool | None:
         written_all(v)
     v.ptwr_updates += 1
     return True
+
+
+def _address(eng, inner: str, rip_next: int) -> int | None:
+    """The linear address of a capstone memory operand's inside (`rdi + 8`, `rip + 0x10`,
+    `rax + rcx*8 - 4`): 64-bit registers, scale, displacement; None for another form."""
+    total = 0
+    for term in inner.replace(" - ", " + -").split(" + "):
+        neg = term.startswith("-")
+        term = term.lstrip("-")
+        reg, _, scale = term.partition("*")
+        if reg == "rip":
+            val = rip_next
+        elif reg in _GPR64:
+            val = eng.get(reg)
+        else:
+            try:
+                val = int(reg, 0)
+            except ValueError:
+                return None
+        if scale:
+            if scale not in ("1", "2", "4", "8"):
+                return None
+            val *= int(scale)
+        total += -val if neg else val
+    return total & 0xFFFFFFFFFFFFFFFF
 
 
 _STRING_STORES = frozenset((0x6C, 0x6D, 0xA4, 0xA5, 0xAA, 0xAB))     # ins, movs, stos
