@@ -9,12 +9,10 @@ from __future__ import annotations
 import pytest
 
 from aiovmm import traps
-from conftest import _kvm_skip_reason
 from hand_vcpu import CODE_VA, DATA_VA, hand_driven_vcpu
-from test_redteam_ptwr_step_loop import _l1_va
+from test_redteam_ptwr_rep import ENGINES
+from test_redteam_ptwr_step_loop import l1_snapshot
 
-ENGINES = ["unicorn", pytest.param("kvm", marks=pytest.mark.skipif(
-    _kvm_skip_reason() is not None, reason=_kvm_skip_reason() or ""))]
 REGS = ("rip", "rcx", "rsi", "rdi", "rsp", "rflags")
 DF = 0x400
 
@@ -23,9 +21,7 @@ DF = 0x400
 async def test_rep_movsq_backwards_is_one_iteration_per_fault(engine):
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
         eng, mem = v.engine, hv.mem
-        l1 = _l1_va(hv, v)
-        ma = hv.pagetables.translate(v.kernel_root << 12, l1, False)
-        before = mem.read(ma, 4096)
+        l1, ma, before = l1_snapshot(hv, v)
         v.copy_to_guest(CODE_VA, b"\xf3\x48\xa5\xeb\xfe")        # rep movsq; jmp .
         top = l1 + 8 * 511
         eng.write({"rip": CODE_VA, "rsi": top, "rdi": top, "rcx": 1 << 40,
@@ -44,9 +40,7 @@ async def test_rep_movsq_backwards_is_one_iteration_per_fault(engine):
 async def test_rep_movsb_builds_no_foreign_entry_byte_by_byte(engine):
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
         eng, mem, pt = v.engine, hv.mem, hv.pagetables
-        l1 = _l1_va(hv, v)
-        ma = hv.pagetables.translate(v.kernel_root << 12, l1, False)
-        before = mem.read(ma, 4096)
+        l1, ma, before = l1_snapshot(hv, v)
         k = 511                                   # the entry rewritten (put back at the end)
         foreign = hv.ptwr_scratch                 # a frame the domain does not own
         assert mem.owner[foreign] != dom.domid

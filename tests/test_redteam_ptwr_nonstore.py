@@ -17,12 +17,10 @@ from __future__ import annotations
 import pytest
 
 from aiovmm import traps
-from conftest import _kvm_skip_reason
 from hand_vcpu import CODE_VA, hand_driven_vcpu
-from test_redteam_ptwr_step_loop import _l1_va
+from test_redteam_ptwr_rep import ENGINES
+from test_redteam_ptwr_step_loop import l1_snapshot
 
-ENGINES = ["unicorn", pytest.param("kvm", marks=pytest.mark.skipif(
-    _kvm_skip_reason() is not None, reason=_kvm_skip_reason() or ""))]
 REGS = ("rip", "rcx", "rsi", "rdi", "rsp", "rflags", "rax", "r11")
 XEN_VERSION = 17
 
@@ -31,9 +29,7 @@ XEN_VERSION = 17
 async def test_a_hypercall_never_runs_inside_the_ptwr_step(engine):
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
         eng, mem = v.engine, hv.mem
-        l1 = _l1_va(hv, v)
-        ma = hv.pagetables.translate(v.kernel_root << 12, l1, False)
-        before = mem.read(ma, 4096)
+        l1, ma, before = l1_snapshot(hv, v)
         v.copy_to_guest(CODE_VA, b"\x0f\x05\xeb\xfe")            # syscall; jmp .
         eng.write({"rip": CODE_VA, "rax": XEN_VERSION, "rdi": 0, "rsi": 0})
         calls = dict(dom.hypercall_counts)

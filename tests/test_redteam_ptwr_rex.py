@@ -16,12 +16,10 @@ from __future__ import annotations
 import pytest
 
 from aiovmm import traps
-from conftest import _kvm_skip_reason
 from hand_vcpu import CODE_VA, hand_driven_vcpu
-from test_redteam_ptwr_step_loop import _l1_va
+from test_redteam_ptwr_rep import ENGINES
+from test_redteam_ptwr_step_loop import l1_snapshot
 
-ENGINES = ["unicorn", pytest.param("kvm", marks=pytest.mark.skipif(
-    _kvm_skip_reason() is not None, reason=_kvm_skip_reason() or ""))]
 REGS = ("rip", "rcx", "rsi", "rdi", "rsp", "rflags", "rax")
 
 FORMS = [
@@ -38,9 +36,7 @@ FORMS = [
 async def test_rep_store_with_extra_rex_is_one_iteration_per_fault(engine, code):
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
         eng, mem = v.engine, hv.mem
-        l1 = _l1_va(hv, v)
-        ma = hv.pagetables.translate(v.kernel_root << 12, l1, False)
-        before = mem.read(ma, 4096)
+        l1, ma, before = l1_snapshot(hv, v)
         v.copy_to_guest(CODE_VA, code + b"\xeb\xfe")
         # movs: each entry copied onto itself; stos: entry 0 stored onto itself (one
         # iteration only, the next would duplicate it).

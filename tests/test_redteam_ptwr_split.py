@@ -16,12 +16,10 @@ from __future__ import annotations
 import pytest
 
 from aiovmm import traps
-from conftest import _kvm_skip_reason
 from hand_vcpu import CODE_VA, hand_driven_vcpu
+from test_redteam_ptwr_rep import ENGINES
 from test_redteam_ptwr_step_loop import _l1_va
 
-ENGINES = ["unicorn", pytest.param("kvm", marks=pytest.mark.skipif(
-    _kvm_skip_reason() is not None, reason=_kvm_skip_reason() or ""))]
 REGS = ("rip", "rcx", "rsi", "rdi", "rsp", "rflags", "rax")
 
 

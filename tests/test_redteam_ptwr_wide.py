@@ -15,12 +15,10 @@ from __future__ import annotations
 import pytest
 
 from aiovmm import traps
-from conftest import _kvm_skip_reason
 from hand_vcpu import CODE_VA, hand_driven_vcpu
-from test_redteam_ptwr_step_loop import _l1_va
+from test_redteam_ptwr_rep import ENGINES
+from test_redteam_ptwr_step_loop import l1_snapshot
 
-ENGINES = ["unicorn", pytest.param("kvm", marks=pytest.mark.skipif(
-    _kvm_skip_reason() is not None, reason=_kvm_skip_reason() or ""))]
 REGS = ("rip", "rcx", "rsi", "rdi", "rsp", "rflags", "rax")
 
 # fninit; fldcw [rip+8] (FCW 0x037e: entry 0 of the image is not present, so the window's
@@ -34,9 +32,7 @@ FXSAVE = CODE_VA + 8
 async def test_fxsave_over_an_l1_is_refused_whole(engine):
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
         eng, mem = v.engine, hv.mem
-        l1 = _l1_va(hv, v)
-        ma = hv.pagetables.translate(v.kernel_root << 12, l1, False)
-        before = mem.read(ma, 4096)
+        l1, ma, before = l1_snapshot(hv, v)
         v.copy_to_guest(CODE_VA, CODE)
         eng.write({"rip": CODE_VA})
         assert eng.step_to(CODE_VA + 2) and eng.step_to(FXSAVE)
