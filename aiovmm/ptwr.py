@@ -27,7 +27,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .abi import PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW
-from .emulate import legacy_prefixes
+from .emulate import _LEGACY_PREFIXES, MAX_INSN_LEN
 from .memory import PageType
 from .mmu import GuestFault, MMUError
 from .mmu_ops import written_all
@@ -95,16 +95,21 @@ _GPR64 = {"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r
 
 def try_fast(v: "VCPU", w: PendingWrite) -> bool | None:
     """The common forms, emulated without stepping: an aligned 8-byte `mov` of a register or
-    immediate, or `xchg` with a register, into the faulting entry. The target is CR2 (the
-    fault address), so only the source needs decoding. Returns True (applied), False
+    immediate, or `xchg` with a register, into the faulting entry: its decoded address must
+    be CR2 (a store from the page before the L1 faults at the L1's first byte, aligned, with
+    only part of it there: Xen's ptwr takes only stores within the CR2 page, decoded).
+    Returns True (applied), False
     (refused by validation: the caller bounces the #PF) or None (another form: step it)."""
     if w.va & 7:
         return None
     mnemonic, ops = w.mnemonic, w.ops
     if not ops.startswith("qword ptr [") or "], " not in ops:
         return None
-    src = ops.split("], ", 1)[1].strip()
+    dst, src = ops[len("qword ptr ["):].split("], ", 1)
+    src = src.strip()
     eng = v.engine
+    if _address(eng, dst, w.rip + w.length) != w.va:
+        return None          # not (only) at CR2: a store from the page before, ... (step it)
     if mnemonic == "mov":
         if src in _GPR64:
             value = eng.get(src)
@@ -133,6 +138,31 @@ def try_fast(v: "VCPU", w: PendingWrite) -> bool | None:
     return True
 
 
+def _address(eng, inner: str, rip_next: int) -> int | None:
+    """The linear address of a capstone memory operand's inside (`rdi + 8`, `rip + 0x10`,
+    `rax + rcx*8 - 4`): 64-bit registers, scale, displacement; None for another form."""
+    total = 0
+    for term in inner.replace(" - ", " + -").split(" + "):
+        neg = term.startswith("-")
+        term = term.lstrip("-")
+        reg, _, scale = term.partition("*")
+        if reg == "rip":
+            val = rip_next
+        elif reg in _GPR64:
+            val = eng.get(reg)
+        else:
+            try:
+                val = int(reg, 0)
+            except ValueError:
+                return None
+        if scale:
+            if scale not in ("1", "2", "4", "8"):
+                return None
+            val *= int(scale)
+        total += -val if neg else val
+    return total & 0xFFFFFFFFFFFFFFFF
+
+
 _STRING_STORES = frozenset((0x6C, 0x6D, 0xA4, 0xA5, 0xAA, 0xAB))     # ins, movs, stos
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
          "r12", "r13", "r14", "r15", "rflags")
@@ -140,12 +170,17 @@ _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r1
 
 def _rep_count_mask(code: bytes) -> int | None:
     """The count register's mask (the address size: RCX, or ECX with a 67 prefix) if `code`
-    is a REP (F2/F3) string store; else None."""
-    n = legacy_prefixes(code)
-    if n is None or n >= len(code) or not {0xF2, 0xF3} & set(code[:n]):
-        return None
-    i = n + 1 if 0x40 <= code[n] <= 0x4F and n + 1 < len(code) else n
-    if code[i] not in _STRING_STORES:
+    is a REP (F2/F3) string store; else None. In 64-bit mode a REX byte may stand anywhere
+    among the legacy prefixes and repeat (`48 f3 ab`, `f3 48 48 ab`: the CPU ignores all but
+    one REX right before the opcode): the prefixes are every legacy or REX byte before the
+    opcode, as capstone and the CPU read them. LOCK: #UD, never a store."""
+    n = 0
+    while n < len(code) and (code[n] in _LEGACY_PREFIXES or 0x40 <= code[n] <= 0x4F):
+        if code[n] == 0xF0:
+            return None
+        n += 1
+    if n >= min(len(code), MAX_INSN_LEN) or code[n] not in _STRING_STORES \
+            or not {0xF2, 0xF3} & set(code[:n]):
         return None
     return 0xFFFFFFFF if 0x67 in code[:n] else 0xFFFFFFFFFFFFFFFF
 
@@ -180,15 +215,21 @@ def complete(v: "VCPU", w: PendingWrite) -> bool:
     if not ok:
         eng.write(regs | {"rip": w.rip})
         return False
-    # A single instruction stores at most 16 bytes at CR2 (cmpxchg16b): only the entries
-    # around it can have changed. Compare those instead of the whole page.
+    # A store of up to 16 bytes at CR2 (cmpxchg16b) changes only the entries around it.
+    # A wider one (fxsave, fnsave, AVX) that changed any other entry is refused whole, as
+    # Xen's ptwr takes no store wider than an entry (ptwr_emulated_update: unhandleable, the
+    # #PF goes to the guest); it was half-applied, the rest of it dropped.
     first = max(0, ((w.va & (PAGE_SIZE - 1)) >> 3) - 1)
     last = min(511, first + 3)
-    base = scratch << PAGE_SHIFT
+    after = mem.read(scratch << PAGE_SHIFT, PAGE_SIZE)
+    if after[:8 * first] != before[:8 * first] or after[8 * (last + 1):] != before[8 * (last + 1):]:
+        log.info("d%d: page-table store at %#x wider than an entry: refused", v.domain.domid, w.rip)
+        eng.write(regs | {"rip": w.rip})
+        return False
     pt = hv.pagetables
     for i in range(first, last + 1):
         a = _U64.unpack_from(before, 8 * i)[0]
-        b = mem.read_u64(base + 8 * i)
+        b = _U64.unpack_from(after, 8 * i)[0]
         if a != b:
             try:
                 pt.update_entry(v.domain.domid, (w.frame << PAGE_SHIFT) + 8 * i, b)

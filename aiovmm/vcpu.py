@@ -391,8 +391,19 @@ class VCPU:
         self._wake.set()
 
     # -- exits from emulation ----------------------------------------------------------------------------------
+    def _in_ptwr_step(self) -> bool:
+        """During ptwr's step of a page-table store (ptwr.complete) nothing but the store
+        runs: Xen's ptwr emulation has no hook for a hypercall, port I/O or an emulated
+        instruction, the emulation fails and the #PF goes to the guest. Any such exit ends
+        the step here, so it fails the same way (the bytes stepped need not be the store
+        that faulted: a vCPU's stale translated code). True if so."""
+        if self.in_ptwr_step:
+            self.engine.stop()
+            return True
+        return False
+
     def _on_syscall(self) -> None:
-        if self.domain.shutdown_reason is not None:
+        if self.domain.shutdown_reason is not None or self._in_ptwr_step():
             self.engine.stop()
         elif self.pv.kernel_mode:          # hot (every hypercall): the field, not the property
             _hypercall.dispatch(self)
@@ -400,7 +411,7 @@ class VCPU:
             _traps.user_syscall(self)
 
     def _on_syscall32(self) -> None:
-        if self.domain.shutdown_reason is not None:
+        if self.domain.shutdown_reason is not None or self._in_ptwr_step():
             self.engine.stop()
         else:
             _traps.syscall32(self)
@@ -415,6 +426,8 @@ class VCPU:
         _traps.exception(self, vector, error, cr2)
 
     def _on_invalid_opcode(self) -> None:
+        if self._in_ptwr_step():
+            return
         if not emulate.ud_fault(self):
             _traps.inject_exception(self, 6, 0, 0)
 
@@ -423,6 +436,8 @@ class VCPU:
         instruction an Intel CPU gives without SYSENTER_CS, delivered by the run loop
         (a RIP written in the hook is not honoured); emulate.gp_fault takes it as Xen's
         sysenter_entry, the one rule for every engine."""
+        if self._in_ptwr_step():
+            return
         self.pending_trap = (13, 0, rip)
         self.engine.stop()
 
@@ -431,6 +446,8 @@ class VCPU:
         accesses are answered by the shared emulator; refused ones become #GP(0) at the
         instruction. A RIP written inside Unicorn's IN/OUT hook is not honoured, so the slice
         ends here and the run loop delivers the fault with RIP back on the instruction."""
+        if self._in_ptwr_step():
+            return None
         if write:
             ok = emulate.port_out(self, port, size, value)
             val: int | None = 0 if ok else None

@@ -44,6 +44,13 @@ def _l1_va(hv, v) -> int:
     raise AssertionError("no L1 table mapped in the boot map")
 
 
+def l1_snapshot(hv, v) -> tuple[int, int, bytes]:
+    """(VA, machine address, contents) of the L1 table `_l1_va` finds."""
+    l1 = _l1_va(hv, v)
+    ma = hv.pagetables.translate(v.kernel_root << 12, l1, False)
+    return l1, ma, hv.mem.read(ma, 4096)
+
+
 def _bounded(eng, call) -> bool:
     """Run `call` on the loop thread; True if it held the thread 10 s (then the emulation
     is stopped from another thread, as nothing in production would)."""
