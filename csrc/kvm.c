@@ -646,8 +646,9 @@ static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
         return 0;
     /* A deadline the running slice would pass is Python's: it cuts the slice there, as
      * Xen's timer interrupt preempts the guest at it (aiovmm/timers.py run_due). */
-    if (c->deadline_ns && (int64_t)timeout + pv->clock_origin_ns < c->deadline_ns)
-        return 0;
+    if (c->deadline_ns && c->deadline_ns > pv->clock_origin_ns
+        && timeout < (uint64_t)(c->deadline_ns - pv->clock_origin_ns))
+        return 0;           /* compared in system time: timeout + origin may pass INT64_MAX */
     pv->sshot_deadline = timeout;
     pv->sshot_op = SSHOT_SET;
     return 1;
