@@ -10,7 +10,8 @@ Timers are event-loop timers; on expiry they raise VIRQ_TIMER on the vCPU. A vCP
 on the loop thread, where no loop timer fires until it ends, so a slice is also cut at the
 vCPU's next timer deadline and the timers due then are run before the guest is entered again
 (`run_due`, `slice_until`; a timer armed from inside the slice cuts it: engine.cut_slice), as
-Xen's timer interrupt preempts the guest at the deadline. A tick left to the end of a 2 ms
+Xen's timer interrupt preempts the guest at the deadline, but never sooner than TIMER_SLOP_NS
+after the timers last ran (Xen's timer_slop: `_preempt_in`). A tick left to the end of a 2 ms
 slice came up to 2 ms late, and Linux's sched_clock_local() holds local_clock() at the last
 tick + TICK_NSEC (4 ms) until the next tick comes (until its late_initcall marks sched_clock
 stable): printk stamped different boot lines with one timestamp (tests/test_timer_late.py).
@@ -110,7 +111,7 @@ def _arm_singleshot(v: "VCPU", expires_ns: int) -> None:
     v.singleshot_deadline_ns = expires_ns
     v.singleshot_handle = asyncio.get_running_loop().call_later(
         (expires_ns - now) / 1e9, _singleshot_expired, v)
-    v.engine.cut_slice(expires_ns - now)      # armed from inside the vCPU's running slice
+    v.engine.cut_slice(_preempt_in(expires_ns, now))   # armed from inside the running slice
 
 
 def vcpuop_set_singleshot(v: "VCPU", timeout_ns: int) -> None:
@@ -178,7 +179,7 @@ def _periodic_work(v: "VCPU") -> None:
         nxt = now + v.periodic_ns
     v.periodic_next_ns = nxt
     v.periodic_handle = asyncio.get_running_loop().call_later((nxt - now) / 1e9, _periodic_expired, v)
-    v.engine.cut_slice(nxt - now)
+    v.engine.cut_slice(_preempt_in(nxt, now))
 
 
 def _periodic_expired(v: "VCPU") -> None:
@@ -194,7 +195,20 @@ def stop_periodic(v: "VCPU") -> None:
     v.periodic_ns = 0
 
 
-MIN_SLICE_NS = 1_000                   # a slice cut at a deadline that has just passed
+TIMER_SLOP_NS = 50_000                 # Xen's timer_slop (common/timer.c, default 50 us)
+
+
+def _preempt_in(deadline_ns: int, now: int) -> int:
+    """How long the guest runs before a timer due at `deadline_ns` preempts it: until the
+    deadline, but at least TIMER_SLOP_NS. Xen's timer_softirq_action programs the timer
+    hardware at MAX(deadline, now + timer_slop) each time it has run the due timers (also
+    right after set_timer moved the earliest deadline: it raises the softirq, which runs
+    before the return to the guest). Without that floor a guest re-arming a short timer from
+    its handler was preempted before the first instruction after the hypercall, since the
+    hypercall and the slice's turnaround here cost more than the timer's period: the timer
+    was due again at every slice start and the guest never left its handler
+    (tests/test_traps.py, the fault_storm guest's 50 us timer, never powering off)."""
+    return max(TIMER_SLOP_NS, deadline_ns - now)
 
 
 def run_due(v: "VCPU") -> int | None:
@@ -217,10 +231,11 @@ def run_due(v: "VCPU") -> int | None:
 def slice_until(v: "VCPU", due: int | None, slice_ns: int) -> int:
     """The wall-time bound of the slice about to run: `slice_ns`, cut at the deadline `due`
     (run_due's, Xen system time, which is CLOCK_MONOTONIC as the engines' slice deadlines),
-    taken as late as possible so the slice ends at the deadline itself."""
+    taken as late as possible so the slice ends at the deadline itself, and never sooner
+    than Xen's timer_slop after the timers ran (`_preempt_in`; a shorter `slice_ns` stays)."""
     if due is None:
         return slice_ns
-    return max(MIN_SLICE_NS, min(slice_ns, due - v.domain.hypervisor.system_time_ns()))
+    return min(slice_ns, _preempt_in(due, v.domain.hypervisor.system_time_ns()))
 
 
 # ---------------------------------------------------------------------------- hypercalls
