@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from aiovmm import Hypervisor
-from aiovmm.migration import devices, live
+from aiovmm.migration import devices, live, priority
 from backends.net.device import RX_BUF, VNET_HDR_LEN
 from conftest import guest
 
@@ -36,6 +36,10 @@ async def _bytes_read_after_done(dst, dom) -> int:
     arrived there: the bytes it read after the stream, GO included (the HELD message)."""
     counting: list[_Counting] = []
     arrived: list = []
+    # The receiver waits REALTIME_LIMIT_S (0.5 s) for the HELD message, then gives the frames
+    # up (logged): on a loaded host the sender may get there later (a CI run under load read
+    # 0 bytes). The bound on what is read is this test's subject, not that wait.
+    old_limit, priority.REALTIME_LIMIT_S = priority.REALTIME_LIMIT_S, 30.0
 
     async def handle(r, w):
         counting.append(_Counting(r))
@@ -51,6 +55,7 @@ async def _bytes_read_after_done(dst, dom) -> int:
         stream = len(live.MAGIC) + live.NONCE + live.MAC + st.bytes_sent + len(live.GO)
         return counting[0].n - stream
     finally:
+        priority.REALTIME_LIMIT_S = old_limit
         server.close()
         await server.wait_closed()
 

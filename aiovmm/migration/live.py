@@ -216,7 +216,7 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
         writer.write(_mac(secret, b"receiver", ns, nr))
         await writer.drain()
     except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
-        log.warning("migration from %s: handshake failed: %s", peer, e or type(e).__name__)
+        log.warning("migration from %s: handshake failed: %s", peer, str(e) or type(e).__name__)
         writer.close()
         return None
     dom = None
@@ -251,7 +251,7 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
     except (S.StreamError, BuildError) as e:
         log.warning("migration from %s refused: %s", peer, e)
     except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
-        log.warning("migration from %s failed: %s", peer, e or type(e).__name__)
+        log.warning("migration from %s failed: %s", peer, str(e) or type(e).__name__)
     finally:
         rt.stop()
         if dom is not None:
@@ -290,7 +290,7 @@ async def _carried_frames(reader: asyncio.StreamReader, dom: "Domain") -> None:
                 held.append((devid, await reader.readexactly(length)))
     except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as e:
         log.warning("d%d: the frames held on the old host are lost: %s", dom.domid,
-                    e or type(e).__name__)
+                    str(e) or type(e).__name__)
         return
     kept = devices.put_rx(dom, held)
     if held:
