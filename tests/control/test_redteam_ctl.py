@@ -255,7 +255,12 @@ def test_bad_requests_are_4xx_and_leave_nothing_behind(daemon):
     time.sleep(0.5)
     after = d.api("GET", "/api/v1/info")
     assert after["tasks"] == before["tasks"] and after["xenstore_nodes"] == before["xenstore_nodes"]
-    assert fds(pid) == fds_before
+    # The API calls' own connections close on the daemon's side a moment after the answer
+    # (one still open after `after` made a CI run count 19 against 18): a leak stays.
+    deadline = time.monotonic() + 5
+    while fds(pid) > fds_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fds(pid) <= fds_before, (fds_before, fds(pid))
     d.api("DELETE", "/api/v1/domains/bad-req")
 
 
