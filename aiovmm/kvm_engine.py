@@ -62,6 +62,7 @@ from .abi import (
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_USER, Hypercall, is_canonical, segment_base_limit,
 )
+from .memory import PageType
 from .vcpu_engine import ExitReason
 
 if TYPE_CHECKING:
@@ -829,20 +830,32 @@ class _ShadowGuard:
 
     def changes(self) -> tuple[list[int], list[int]]:
         """Consume the reported writes and drops: make the snapshots current, track the tables
-        that added or retargeted entries reach, and return (machine addresses of entries KVM must forget,
-        frames whose every shadow page KVM must drop). An L1 entry whose old translation
-        named a frame of the table's own domain is deferred (`deferred`) until the next
-        `flush_deferred`; everything else is returned at once."""
+        that added or retargeted entries reach, and return (machine addresses of entries KVM
+        must forget, frames whose every shadow page KVM must drop). An L1 entry whose old
+        translation named a frame of the table's own domain is deferred (`deferred`) until
+        the next `flush_deferred`; everything else is returned at once.
+
+        A dropped frame has all its shadows dropped and is untracked; one that is a page table
+        again by now (devalidated and validated anew since the last check: an entry cleared
+        and set back to it in one batch, which no diff shows) is walked again from its
+        contents and level, as it may still be linked by entries that look unchanged."""
         frames: list[int] = []
+        again: list[tuple[int, int]] = []
         if self.dropped:
             dropped, self.dropped = self.dropped, set()
+            ptype, l1, l4 = self.mem.type, int(PageType.l1), int(PageType.l4)
             for mfn in dropped:
-                if mfn in self.level:
+                level = self.level.get(mfn)
+                if level is not None:
                     frames.append(mfn)
                     self._untrack(mfn)
+                    if l1 <= ptype[mfn] <= l4:
+                        again.append((mfn, level))
         entries: list[int] = []
         if self.written:
             self._diff_written(entries, frames)
+        for mfn, level in again:              # after the diffs: tracked snapshots are current
+            self._walk(mfn, level)
         if self.flush_deferred:
             self.flush_deferred = False
             if self.deferred:

@@ -41,30 +41,40 @@ def _store(v, va: int, value: int) -> list:
     return faults
 
 
-async def test_retargeted_l2_entry_tracks_the_new_l1():
+def _l2_slot(v, mem) -> int:
+    """Machine address of REGION's entry in the kernel's L2 (free: the boot map ends there)."""
+    t = v.kernel_root
+    for shift in (39, 30):
+        t = mem.read_u64((t << 12) + 8 * ((REGION >> shift) & 0x1FF)) >> 12 & 0xFFFFFFFFFF
+    assert mem.type[t] == PageType.l2
+    e = (t << 12) + 8 * ((REGION >> 21) & 0x1FF)
+    assert mem.read_u64(e) == 0
+    return e
+
+
+async def _attack(link) -> None:
+    """REGION -> L1 A -> X, stored to (KVM shadows A); then `link(pt, dom, e, a)` gives KVM
+    an L1 (returned) mapping REGION to Y, stored to; then the chain: Y unmapped, the TLB
+    flushed, Y pinned as an empty L1, a store of an entry naming a bystander's frame through
+    REGION, Y linked in, a store through REGION. On Xen both stores are #PF."""
     async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
         by, before = await start_bystander(hv)
         eng, pt, mem = v.engine, hv.pagetables, hv.mem
         victim = sorted(by.p2m)[len(by.p2m) // 2]
-        t = v.kernel_root
-        for shift in (39, 30):                                          # REGION's L2
-            t = mem.read_u64((t << 12) + 8 * ((REGION >> shift) & 0x1FF)) >> 12 & 0xFFFFFFFFFF
-        assert mem.type[t] == PageType.l2
-        e = (t << 12) + 8 * ((REGION >> 21) & 0x1FF)
-        assert mem.read_u64(e) == 0                                     # a free slot
+        e = _l2_slot(v, mem)
         a, b, x, y = frames = mem.alloc(dom.domid, 4)                   # L1s A, B; data X, Y
         dom.frames.update(frames)
-        mem.write_u64(a << 12, (x << 12) | ENTRY)
-        mem.write_u64(b << 12, (y << 12) | ENTRY)
         faults = []
         try:
+            mem.write_u64(a << 12, (x << 12) | ENTRY)
+            mem.write_u64(b << 12, (y << 12) | ENTRY)
             pt.update_entry(dom.domid, e, (a << 12) | ENTRY)            # REGION -> L1 A -> X
             mmu_ops.written_all(v)
             assert _store(v, REGION, 1) == [] and mem.read_u64(x << 12) == 1
-            assert pt.update_entry(dom.domid, e, (b << 12) | ENTRY)     # retargeted: L1 B -> Y
+            l1 = link(pt, mem, dom.domid, e, a, b, y)
             mmu_ops.written_all(v)
-            assert _store(v, REGION, 2) == [] and mem.read_u64(y << 12) == 2   # KVM shadows B
-            assert pt.update_entry(dom.domid, b << 12, 0)               # Y unmapped ...
+            assert _store(v, REGION, 2) == [] and mem.read_u64(y << 12) == 2   # KVM shadows it
+            assert pt.update_entry(dom.domid, l1 << 12, 0)              # Y unmapped ...
             mmu_ops.written_all(v)
             eng.flush_tlb()                                             # ... and the TLB flushed
             mem.zero(y)
@@ -89,3 +99,28 @@ async def test_retargeted_l2_entry_tracks_the_new_l1():
         assert landed == 0, f"a store landed in a pinned L1: {landed:#x}"
         assert faults == [(14, REGION), (14, REGION)]
         assert alive and any("hello" in line.lower() for line in hello)
+
+
+def _retarget(pt, mem, dom, e, a, b, y) -> int:
+    """REGION's L2 entry retargeted from A to B (-> Y) in one write."""
+    assert pt.update_entry(dom, e, (b << 12) | ENTRY)
+    return b
+
+
+def _unlink_relink(pt, mem, dom, e, a, b, y) -> int:
+    """One mmu_update batch: REGION's L2 entry cleared (A, no longer referenced, loses its
+    type: devalidated) and set again to A, now mapping Y (validated anew): the entry ends as
+    it was at the last check, A is a table again."""
+    assert pt.update_entry(dom, e, 0)
+    assert mem.type[a] == PageType.none
+    mem.write_u64(a << 12, (y << 12) | ENTRY)
+    pt.update_entry(dom, e, (a << 12) | ENTRY)
+    return a
+
+
+async def test_retargeted_l2_entry_tracks_the_new_l1():
+    await _attack(_retarget)
+
+
+async def test_l1_devalidated_and_relinked_in_one_batch_stays_tracked():
+    await _attack(_unlink_relink)
