@@ -1,10 +1,12 @@
 """Red-team: the KVM shadow guard (kvm_engine._ShadowGuard, csrc/kvm.c aiovmm_kvm_guard_frame)
-must track every table KVM can reach. An upper-level entry that mmu_update retargets from one
-present table to another (Xen's mod_l2_entry takes the new L1 and puts the old one in one
-write) links in a table as surely as an entry that becomes present; if the guard does not
-track it, its later changes (written by the host through the memfd, never seen by KVM) are
-never invalidated, not even at the guest's TLB flush: the guest keeps a writable translation
-of a frame it no longer maps, makes that frame an L1 (validated empty), writes an entry naming
+must track every table KVM can reach. A table is linked in not only by an entry that becomes
+present: also by an upper-level entry that mmu_update retargets from one present table to
+another (Xen's mod_l2_entry takes the new L1 and puts the old one in one write), and by an
+entry cleared and set back to the same table in one batch (the table devalidated and
+validated anew, the entry unchanged at the next check). If the guard does not track such a
+table, its later changes (written by the host through the memfd, never seen by KVM) are never
+invalidated, not even at the guest's TLB flush: the guest keeps a writable translation of a
+frame it no longer maps, makes that frame an L1 (validated empty), writes an entry naming
 another domain's frame into it through the stale translation and links it in.
 
 Xen: the unmap plus MMUEXT_TLB_FLUSH_LOCAL leave no translation of the frame; the store after
