@@ -62,6 +62,7 @@ from .abi import (
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_USER, Hypercall, is_canonical, segment_base_limit,
 )
+from .memory import PageType
 from .vcpu_engine import ExitReason
 
 if TYPE_CHECKING:
@@ -705,8 +706,11 @@ class _ShadowGuard:
     non-present guest entry: it walks the guest tables again on the fault), and for the
     `deferred` entries, whose old translation KVM may still hold as a TLB may on Xen.
     - KVM can only shadow frames reachable from the roots it was given: every root is walked
-      before the KVM_RUN that uses it, and so is every table an added entry links in (the
-      engine checks before each KVM_RUN that follows a page-table write).
+      before the KVM_RUN that uses it, and so is every table an entry links in, one that
+      became present or one retargeted from another table (mmu_update's present-to-present
+      write: untracked, the new table's later changes were never invalidated, not even at
+      the guest's flush; tests/test_redteam_kvm_guard_retarget.py). The engine checks
+      before each KVM_RUN that follows a page-table write.
     - A tracked frame is a validated page table, which only MachineMemory.write_pte changes;
       the frames it wrote are diffed against their snapshots: every entry removed,
       retargeted or with changed permissions must be invalidated, or the whole frame if
@@ -716,8 +720,8 @@ class _ShadowGuard:
       the next write leave it clean.
     - A frame that stops being a page table (mmu devalidates it; it may be written as data
       from then on) has every shadow page of it dropped and is untracked, before the guest
-      runs again. It can only become reachable again through a root load or an added
-      entry, both of which track it anew from its contents then.
+      runs again. It can only become reachable again through a root load or an entry
+      linking it in, both of which track it anew from its contents then.
     - Deferred (Xen's TLB semantics): an L1 entry removed or reduced by mmu_update,
       update_va_mapping or a ptwr store, whose old translation named a frame of the
       table's own domain, stays in KVM until the guest flushes its TLB (flush_tlb, a CR3
@@ -826,20 +830,32 @@ class _ShadowGuard:
 
     def changes(self) -> tuple[list[int], list[int]]:
         """Consume the reported writes and drops: make the snapshots current, track the tables
-        that added entries reach, and return (machine addresses of entries KVM must forget,
-        frames whose every shadow page KVM must drop). An L1 entry whose old translation
-        named a frame of the table's own domain is deferred (`deferred`) until the next
-        `flush_deferred`; everything else is returned at once."""
+        that added or retargeted entries reach, and return (machine addresses of entries KVM
+        must forget, frames whose every shadow page KVM must drop). An L1 entry whose old
+        translation named a frame of the table's own domain is deferred (`deferred`) until
+        the next `flush_deferred`; everything else is returned at once.
+
+        A dropped frame has all its shadows dropped and is untracked; one that is a page table
+        again by now (devalidated and validated anew since the last check: an entry cleared
+        and set back to it in one batch, which no diff shows) is walked again from its
+        contents and level, as it may still be linked by entries that look unchanged."""
         frames: list[int] = []
+        again: list[tuple[int, int]] = []
         if self.dropped:
             dropped, self.dropped = self.dropped, set()
+            ptype, l1, l4 = self.mem.type, int(PageType.l1), int(PageType.l4)
             for mfn in dropped:
-                if mfn in self.level:
+                level = self.level.get(mfn)
+                if level is not None:
                     frames.append(mfn)
                     self._untrack(mfn)
+                    if l1 <= ptype[mfn] <= l4:
+                        again.append((mfn, level))
         entries: list[int] = []
         if self.written:
             self._diff_written(entries, frames)
+        for mfn, level in again:              # after the diffs: tracked snapshots are current
+            self._walk(mfn, level)
         if self.flush_deferred:
             self.flush_deferred = False
             if self.deferred:

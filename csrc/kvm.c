@@ -1021,9 +1021,10 @@ int aiovmm_kvm_complete(int vcpu_fd, uint8_t *run)
  * present: machine memory's write_pte reported it), is "lost": at level 1 it goes to
  * `out[512..)` (deferred: the old translation named a frame of the table's own domain) or
  * `out[0..)` (at once: a grant, Xen's page, ptwr's scratch); at higher levels always at once.
- * Lost entries are given as machine addresses. An entry that became present at level > 1
- * (outside Xen's L4 slots l4_first..l4_last at level 4) adds its frame to `out[1024..)`, a
- * table to track. Returns now | deferred << 10 | added << 20 (each at most 512). */
+ * Lost entries are given as machine addresses. An entry at level > 1 that became present
+ * or now names another frame (outside Xen's L4 slots l4_first..l4_last at level 4) adds its
+ * frame to `out[1024..)`, a table to track: KVM walks it at the guest's next access either
+ * way, and an untracked table's later changes would never be invalidated. Returns now | deferred << 10 | added << 20 (each at most 512). */
 struct aiovmm_guard {
     uint64_t mem_base;             /* host address of machine address 0 */
     uint64_t arena;                /* host address of the snapshots (4 KiB each) */
@@ -1064,7 +1065,9 @@ int aiovmm_kvm_guard_frame(struct aiovmm_guard *g, uint32_t mfn, uint32_t slot, 
             else
                 out[now++] = a;
         }
-        if (!(o & PTE_PRESENT) && (n & PTE_PRESENT) && level > 1
+        /* A table linked in: by an entry that became present, or one retargeted from
+         * another table (mmu_update's present-to-present write; the old one is lost above). */
+        if ((n & PTE_PRESENT) && (!(o & PTE_PRESENT) || ((o ^ n) & PTE_FRAME)) && level > 1
             && !(level == 4 && i >= g->l4_first && i <= g->l4_last))
             out[1024 + added++] = (n & PTE_FRAME) >> 12;
     }
