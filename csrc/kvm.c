@@ -179,6 +179,9 @@ struct aiovmm_kvm_ctx {
      * _back_to_cpl3 takes it and clears the flag; KVMEngine.load_segment clears it). */
     uint8_t cpl3_cs[24];
     uint32_t cpl3_cs_set, pad3;
+    /* Exit census (bench/net_exits.py), NULL: off. Each KVM_RUN's outcome adds one to
+     * census[census_key()]: AIOVMM_CENSUS_N counters, keys in aiovmm/kvm_engine.py Census. */
+    uint64_t *census;
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -278,9 +281,20 @@ static size_t guard_size(void);
 /* The layouts Python mirrors (aiovmm/kvm_engine.py _RunCtx, aiovmm/vcpu.py PVState,
  * _GuardArgs), checked when the library is loaded: 0 the run context's size, 1 the PV
  * state's, 2 the shadow guard's arguments'. */
+/* Exit census keys (census_note below). */
+#define CK_REASON 0
+#define CK_KICK 32
+#define CK_PORT 33
+#define CK_SYSCALL32 34
+#define CK_VIA_PAGE 35     /* not an exit of its own: of the CK_HC ones, those through the page */
+#define CK_HC 64
+#define CK_USER (CK_HC + 64 * 64)
+#define CK_VEC (CK_USER + 512)
+#define AIOVMM_CENSUS_N (CK_VEC + 256)
+
 size_t aiovmm_kvm_layout(int which)
 {
-    return which == 0 ? sizeof(struct aiovmm_kvm_ctx) : which == 1 ? sizeof(struct aiovmm_pv)
+    return which == 3 ? AIOVMM_CENSUS_N : which == 0 ? sizeof(struct aiovmm_kvm_ctx) : which == 1 ? sizeof(struct aiovmm_pv)
         : guard_size();
 }
 
@@ -879,6 +893,80 @@ static int fast_in(struct aiovmm_kvm_ctx *c, uint8_t *run, uint16_t port, uint64
     return 0;
 }
 
+/* The exit census (struct aiovmm_kvm_ctx census; aiovmm/kvm_engine.py Census decodes the
+ * keys): one counter per exit, by what the exit was, counted before it is handled.
+ *   CK_REASON + r   an exit other than KVM_EXIT_IO (r < 32)
+ *   CK_KICK         KVM_RUN ended by the slice's timer (-EINTR)
+ *   CK_HC + 64*nr + sub   a hypercall from guest kernel mode (the hypercall page or a
+ *                   `syscall`), nr < 64; sub the command (RDI, 0..62; 63 above) for the
+ *                   hypercalls whose first argument is one (CK_CMD_FIRST), else 0
+ *   CK_USER + n     a guest user process's system call, n = RAX (511: 511 and above)
+ *   CK_VEC + v      an exception or INT n through the IDT stubs (vector v)
+ *   CK_PORT         any other port I/O exit (the guest's own)
+ *   CK_SYSCALL32    a compat SYSCALL
+ * and, besides the exit's own key, CK_VIA_PAGE for a hypercall made through the engine's
+ * hypercall page (`out`) rather than with `syscall` (the census's one non-exit counter). */
+/* xen_version, memory_op, console_io, grant_table_op, vcpu_op, set_segment_base,
+ * fpu_taskswitch, sched_op, callback_op, event_channel_op, physdev_op, hvm_op, sysctl,
+ * domctl, xsm_op, nmi_op, vm_assist, mmuext_op is by pointer (0). */
+#define CK_CMD_FIRST ((1ULL << 17) | (1ULL << 12) | (1ULL << 18) | (1ULL << 20) | (1ULL << 24) \
+                      | (1ULL << 25) | (1ULL << 5) | (1ULL << 29) | (1ULL << 30) | (1ULL << 32) \
+                      | (1ULL << 33) | (1ULL << 34) | (1ULL << 35) | (1ULL << 36) | (1ULL << 27) \
+                      | (1ULL << 28) | (1ULL << 21))
+
+static void census_hc(uint64_t *census, const uint64_t *r)
+{
+    uint64_t nr = r[KREG_RAX], sub = 0;
+    if (nr >= 64)
+        nr = 63;
+    else if (CK_CMD_FIRST >> nr & 1)
+        sub = r[KREG_RDI] < 63 ? r[KREG_RDI] : 63;
+    census[CK_HC + 64 * nr + sub]++;
+}
+
+static void census_note(struct aiovmm_kvm_ctx *c, int rc)
+{
+    uint64_t *census = c->census;
+    uint8_t *run = c->run;
+    if (rc < 0) {
+        if (rc == -EINTR)
+            census[CK_KICK]++;
+        return;
+    }
+    uint32_t reason;
+    memcpy(&reason, run + 8, 4);
+    if (reason != 2) {
+        census[CK_REASON + (reason < 32 ? reason : 31)]++;
+        return;
+    }
+    uint16_t port;
+    uint64_t rip;
+    memcpy(&port, run + 34, 2);
+    memcpy(&rip, run + 304 + 16 * 8, 8);
+    const uint64_t *r = regs_of(run);
+    if (rip >= c->stubs_lo && rip <= c->stubs_hi) {
+        census[CK_VEC + (port & 0xFF)]++;
+        return;
+    }
+    if (port == c->hcall_port && run[32] == 1) {
+        census_hc(census, r);
+        census[CK_VIA_PAGE]++;
+        return;
+    }
+    if (port == c->syscall_port && run[32] == 1) {
+        if (rip >= c->syscall_va && rip <= c->syscall_va + 2) {
+            if (c->pv && c->pv->kernel_mode)
+                census_hc(census, r);
+            else
+                census[CK_USER + (r[KREG_RAX] < 511 ? r[KREG_RAX] : 511)]++;
+        } else {
+            census[CK_SYSCALL32]++;
+        }
+        return;
+    }
+    census[CK_PORT]++;
+}
+
 /* One KVM_RUN, and the hot exits recognised here rather than in Python: returns 1 for an
  * `out %al` of one byte to the hypercall port from outside the vector stubs (a hypercall
  * through the engine's hypercall page, if the guest is in kernel mode: the caller checks),
@@ -937,6 +1025,8 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
         if (ioctl(c->vcpu_fd, KVM_RUN_IOCTL, 0) < 0) {
             /* The answered INs stay: the engine checks them at the next slice's start. */
             int err = errno;
+            if (c->census)
+                census_note(c, -err);
             if (err == EINTR && grace && grace_tries < GRACE_RETRIES) {
                 uint64_t rip;
                 memcpy(&rip, run + RUN_REGS + KREG_RIP * 8, 8);
@@ -949,6 +1039,8 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
             return -err;
         }
         grace = 0;                                     /* the guest ran to an exit */
+        if (c->census)
+            census_note(c, 0);
         uint32_t reason, count;
         uint16_t port;
         uint64_t rip;
