@@ -581,7 +581,8 @@ class _RunCtx(ctypes.Structure):
                 ("fast_cli_sti", ctypes.c_uint64),
                 ("fast_upcalls", ctypes.c_uint64),
                 ("cpl3_cs", ctypes.c_uint8 * 24), ("cpl3_cs_set", ctypes.c_uint32),
-                ("pad3", ctypes.c_uint32), ("census", ctypes.c_void_p)]
+                ("pad3", ctypes.c_uint32), ("census", ctypes.c_void_p),
+                ("cpl3_ss", ctypes.c_uint8 * 24), ("cpl3_ss_set", ctypes.c_uint32), ("pad4", ctypes.c_uint32)]
 
 
 # csrc/kvm.c's exit census keys (census_note): what one KVM_RUN ended with.
@@ -1225,6 +1226,8 @@ class KVMEngine:
         img = self._cpl3_segs[name] = _seg_image(selector, desc)
         if name == "cs":
             self._ctx.cpl3_cs_set = 0           # this load is newer than C's fast_iret's
+        else:
+            self._ctx.cpl3_ss_set = 0
         o = _SEG[name]
         if self._sregs[o:o + 24] != img:
             self._sregs[o:o + 24] = img
@@ -1852,6 +1855,9 @@ class KVMEngine:
             # CPU keeps (not the descriptor read again, nor an older load's).
             self._cpl3_segs["cs"] = bytes(ctx.cpl3_cs)
             ctx.cpl3_cs_set = 0
+        if ctx.cpl3_ss_set:                     # the same for a guest GDT stack segment
+            self._cpl3_segs["ss"] = bytes(ctx.cpl3_ss)
+            ctx.cpl3_ss_set = 0
         for name, sel, flat in (("cs", cs_selector, (FLAT_RING3_CS64, FLAT_RING3_CS32)),
                                 ("ss", ss_selector, (FLAT_RING3_SS,))):
             sel &= 0xFFFF

@@ -121,6 +121,8 @@ def snapshot(dom, nb, census: bool = False) -> dict[str, float]:
         s["upcalls"] = eng._ctx.fast_upcalls + _py_upcalls[0]
         s["ptwr"] = dom.vcpus[0].ptwr_updates
         s["in_c"] = sum(n for k, n in eng.exits_in_c.items() if k != "event upcall")
+        for k, n in eng.exits_in_c.items():
+            s[f"inc:{k}"] = n
         for k, n in eng.kvm_stats().items():
             s[f"kvm:{k}"] = n
     for k, n in eng.exit_kinds.items():
@@ -167,6 +169,8 @@ def show(title: str, d: dict[str, float], per: float, unit: str) -> None:
             print(f"      {cls:<22}{n / per:9.2f}  {100 * n / tot:5.1f} %")
         for k in sorted((k for k in d if k.startswith("cx:")), key=lambda k: -d[k])[:18]:
             print(f"        {k[3:].split('|')[1]:<34}{d[k] / per:9.2f}")
+        print("    completed in C: " + " ".join(f"{k[4:]}={n / per:.2f}" for k, n in sorted(d.items())
+                                                 if k.startswith("inc:") and n / per >= 0.01))
         kvm = {k: n for k, n in d.items() if k.startswith("kvm:") and n / per >= 0.05}
         print("    KVM's own counts (in-kernel exits included): "
               + " ".join(f"{k[4:]}={n / per:.1f}" for k, n in sorted(kvm.items(), key=lambda kv: -kv[1])))

@@ -182,6 +182,10 @@ struct aiovmm_kvm_ctx {
     /* Exit census (bench/net_exits.py), NULL: off. Each KVM_RUN's outcome adds one to
      * census[census_key()]: AIOVMM_CENSUS_N counters, keys in aiovmm/kvm_engine.py Census. */
     uint64_t *census;
+    /* As cpl3_cs, for SS: the image fast_iret last loaded from the guest's GDT and
+     * cpl3_ss_set = 1 (aiovmm/kvm_engine.py _back_to_cpl3 takes it; load_segment clears it). */
+    uint8_t cpl3_ss[24];
+    uint32_t cpl3_ss_set, pad4;
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -476,6 +480,47 @@ static void seg_image(uint8_t img[24], uint16_t sel, uint64_t desc)
     img[21] = (hi >> 20) & 1;           /* avl */
 }
 
+#define SEG_WRITABLE (1u << 9)
+
+/* The SS an iret frame names, as the IRETQ loads it after CS (aiovmm/descriptors.py
+ * iret_stack_segment is the rule), for the case done here: (frame.ss | 3) naming, in the
+ * guest's first GDT page, a present writable data segment of DPL 3, as Linux's __USER_DS
+ * (0x2b) does; else 0, Python's: a null or LDT selector, one beyond the first page, one the
+ * IRETQ refuses, no GDT. Read once; `*ma_out` and `*desc_out` as iret_cs64's. */
+static uint64_t iret_ss(struct aiovmm_kvm_ctx *c, uint64_t ss, uint64_t *ma_out, uint64_t *desc_out)
+{
+    struct aiovmm_pv *pv = c->pv;
+    uint64_t sel = (ss & 0xFFFF) | 3, off = sel & ~7ULL;
+    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+        return 0;
+    uint64_t ma = (pv->gdt_frame0 << 12) + off;
+    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
+        return 0;
+    uint64_t desc;
+    memcpy(&desc, (const void *)(uintptr_t)(c->mem_base + ma), 8);
+    uint32_t hi = (uint32_t)(desc >> 32);
+    if (!(hi & SEG_S) || (hi & SEG_CODE) || !(hi & SEG_WRITABLE) || (hi & SEG_DPL) != SEG_DPL
+        || !(hi & SEG_P))
+        return 0;
+    *ma_out = ma;
+    *desc_out = desc;
+    return sel;
+}
+
+/* A segment load from the guest's GDT at `ma` (iret_cs64, iret_ss): its accessed bit set in
+ * the descriptor as the CPU's load does (descriptors.set_accessed), and the image the
+ * load leaves. */
+static void load_guest_seg(struct aiovmm_kvm_ctx *c, uint8_t img[24], uint64_t sel, uint64_t ma,
+                           uint64_t desc)
+{
+    desc |= (uint64_t)SEG_ACCESSED << 32;
+    volatile uint8_t *hi_type = (volatile uint8_t *)(uintptr_t)(c->mem_base + ma + 5);
+    if (!(*hi_type & 1))
+        *hi_type |= 1;          /* the type's accessed bit: bit 40 of the descriptor */
+    seg_image(img, (uint16_t)sel, desc);
+}
+
+
 /* HYPERVISOR_iret (aiovmm/traps.py do_iret, the same effect; Xen: xen/arch/x86/pv/iret.c):
  * the context (rax r11 rcx flags rip cs rflags rsp ss) on the guest stack at the SYSCALL,
  * copied once and used only from the copy (the guest, or a backend thread, may rewrite the
@@ -514,7 +559,13 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
      * (traps.do_iret). */
     uint16_t cur_ss;
     memcpy(&cur_ss, c->run + RUN_SREGS + SREG_SS * 24 + 12, 2);
-    if (cur_ss != USER_SS || (!sysret && ((ctx[8] & 0xFFFF) | 3) != USER_SS))
+    if (cur_ss != USER_SS)
+        return 0;
+    /* A frame SS other than FLAT_RING3_SS: one of the guest's own GDT (Linux returns to its
+     * processes with __USER_DS), loaded here when iret_ss finds it usable. */
+    uint64_t ss_ma = 0, ss_desc = 0, ss_sel = USER_SS;
+    if (!sysret && ((ctx[8] & 0xFFFF) | 3) != USER_SS
+        && !(ss_sel = iret_ss(c, ctx[8], &ss_ma, &ss_desc)))
         return 0;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
@@ -536,11 +587,7 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
      * CPU's load does (descriptors.set_accessed). CS is the first segment of kvm_sregs. */
     uint8_t img[24], *scs = c->run + RUN_SREGS;
     if (desc_ma) {
-        desc |= (uint64_t)SEG_ACCESSED << 32;
-        volatile uint8_t *hi_type = (volatile uint8_t *)(uintptr_t)(c->mem_base + desc_ma + 5);
-        if (!(*hi_type & 1))
-            *hi_type |= 1;          /* the type's accessed bit: bit 40 of the descriptor */
-        seg_image(img, (uint16_t)sel, desc);
+        load_guest_seg(c, img, sel, desc_ma, desc);
         memcpy(c->cpl3_cs, img, 24);
         c->cpl3_cs_set = 1;
     } else {
@@ -549,6 +596,16 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     if (memcmp(scs, img, 24) != 0) {
         memcpy(scs, img, 24);
         mark_dirty(c->run, SYNC_SREGS);
+    }
+    if (ss_ma) {                /* after CS, as the IRETQ and traps._iret_segments */
+        uint8_t *sss = c->run + RUN_SREGS + SREG_SS * 24;
+        load_guest_seg(c, img, ss_sel, ss_ma, ss_desc);
+        memcpy(c->cpl3_ss, img, 24);
+        c->cpl3_ss_set = 1;
+        if (memcmp(sss, img, 24) != 0) {
+            memcpy(sss, img, 24);
+            mark_dirty(c->run, SYNC_SREGS);
+        }
     }
     r[KREG_RIP] = rip;
     r[KREG_RSP] = ursp;
