@@ -422,6 +422,23 @@ static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
 #define SEG_L (1u << 21)
 #define SEG_DB (1u << 22)
 
+/* The descriptor a selector names in the guest's first GDT page (VCPU.gdt_frames[0]), read
+ * once, and its machine address: 0 for a null or LDT selector, one beyond the first page, no
+ * GDT, a frame outside memory (those are Python's: descriptors._descriptor_address). */
+static int guest_gdt_desc(struct aiovmm_kvm_ctx *c, uint64_t sel, uint64_t *ma_out, uint64_t *desc_out)
+{
+    const struct aiovmm_pv *pv = c->pv;
+    uint64_t off = sel & ~7ULL;
+    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+        return 0;
+    uint64_t ma = (pv->gdt_frame0 << 12) + off;
+    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
+        return 0;
+    memcpy(desc_out, (const void *)(uintptr_t)(c->mem_base + ma), 8);
+    *ma_out = ma;
+    return 1;
+}
+
 /* The CS an iret frame names, as the IRETQ loads it (aiovmm/descriptors.py
  * iret_code_segment is the rule), for the cases done here: the selector (frame.cs | 3) if it
  * is FLAT_RING3_CS64, or names, in the guest's first GDT page (VCPU.gdt_frames), a present
@@ -433,18 +450,13 @@ static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
 static uint64_t iret_cs64(struct aiovmm_kvm_ctx *c, uint64_t cs, uint64_t *ma_out,
                           uint64_t *desc_out)
 {
-    struct aiovmm_pv *pv = c->pv;
-    uint64_t sel = (cs & 0xFFFF) | 3, off = sel & ~7ULL;
+    uint64_t sel = (cs & 0xFFFF) | 3;
     *ma_out = 0;
     if (sel == USER_CS)
         return sel;
-    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+    uint64_t ma, desc;
+    if (!guest_gdt_desc(c, sel, &ma, &desc))
         return 0;
-    uint64_t ma = (pv->gdt_frame0 << 12) + off;
-    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
-        return 0;
-    uint64_t desc;
-    memcpy(&desc, (const void *)(uintptr_t)(c->mem_base + ma), 8);
     uint32_t hi = (uint32_t)(desc >> 32);
     if (!(hi & SEG_S) || !(hi & SEG_CODE) || !(hi & SEG_P))
         return 0;
@@ -489,15 +501,9 @@ static void seg_image(uint8_t img[24], uint16_t sel, uint64_t desc)
  * IRETQ refuses, no GDT. Read once; `*ma_out` and `*desc_out` as iret_cs64's. */
 static uint64_t iret_ss(struct aiovmm_kvm_ctx *c, uint64_t ss, uint64_t *ma_out, uint64_t *desc_out)
 {
-    struct aiovmm_pv *pv = c->pv;
-    uint64_t sel = (ss & 0xFFFF) | 3, off = sel & ~7ULL;
-    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+    uint64_t sel = (ss & 0xFFFF) | 3, ma, desc;
+    if (!guest_gdt_desc(c, sel, &ma, &desc))
         return 0;
-    uint64_t ma = (pv->gdt_frame0 << 12) + off;
-    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
-        return 0;
-    uint64_t desc;
-    memcpy(&desc, (const void *)(uintptr_t)(c->mem_base + ma), 8);
     uint32_t hi = (uint32_t)(desc >> 32);
     if (!(hi & SEG_S) || (hi & SEG_CODE) || !(hi & SEG_WRITABLE) || (hi & SEG_DPL) != SEG_DPL
         || !(hi & SEG_P))
