@@ -94,6 +94,7 @@ class Ioctl(enum.IntEnum):
     SET_CPUID2 = 0x4008AE90
     GET_TSC_KHZ = 0xAEA3
     GET_VCPU_EVENTS = 0x8040AE9F
+    GET_STATS_FD = 0xAECE
 
 
 class Cap(enum.IntEnum):
@@ -243,8 +244,9 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_layout.argtypes = [ctypes.c_int]
         lib.aiovmm_kvm_layout.restype = ctypes.c_size_t
         from .vcpu import PVState
-        if (lib.aiovmm_kvm_layout(0), lib.aiovmm_kvm_layout(1), lib.aiovmm_kvm_layout(2)) != \
-                (ctypes.sizeof(_RunCtx), ctypes.sizeof(PVState), ctypes.sizeof(_GuardArgs)):
+        if (lib.aiovmm_kvm_layout(0), lib.aiovmm_kvm_layout(1), lib.aiovmm_kvm_layout(2),
+                lib.aiovmm_kvm_layout(3)) != \
+                (ctypes.sizeof(_RunCtx), ctypes.sizeof(PVState), ctypes.sizeof(_GuardArgs), CENSUS_N):
             raise KVMUnavailable(f"{_NATIVE} is stale (run `make setup`)")
         lib.aiovmm_kvm_pool_new.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p,
                                             ctypes.c_size_t, ctypes.c_int]
@@ -580,7 +582,35 @@ class _RunCtx(ctypes.Structure):
                 ("fast_cli_sti", ctypes.c_uint64),
                 ("fast_upcalls", ctypes.c_uint64),
                 ("cpl3_cs", ctypes.c_uint8 * 24), ("cpl3_cs_set", ctypes.c_uint32),
-                ("pad3", ctypes.c_uint32)]
+                ("pad3", ctypes.c_uint32), ("census", ctypes.c_void_p),
+                ("cpl3_ss", ctypes.c_uint8 * 24), ("cpl3_ss_set", ctypes.c_uint32), ("pad4", ctypes.c_uint32)]
+
+
+# csrc/kvm.c's exit census keys (census_note): what one KVM_RUN ended with.
+_CK_KICK, _CK_PORT, _CK_SYSCALL32, _CK_VIA_PAGE, _CK_HC = 32, 33, 34, 35, 64
+_CK_USER = _CK_HC + 64 * 64
+_CK_VEC = _CK_USER + 512
+CENSUS_N = _CK_VEC + 256
+
+
+def census_key(k: int) -> tuple[int | str, ...]:
+    """A census counter's index as what it counts: ("hypercall", nr, sub) with sub the
+    command (first argument, 63: 63 or more) of hypercalls that take one first, else 0;
+    ("user syscall", RAX) (511: 511 or more); ("vector", v); ("slice end",) (the timer's
+    kick); ("port io",); ("syscall32",); ("kvm exit", reason) for exits other than I/O; and
+    CENSUS_VIA_PAGE, not an exit: how many of the hypercalls came through the engine's
+    hypercall page rather than a `syscall`."""
+    if k >= _CK_VEC:
+        return ("vector", k - _CK_VEC)
+    if k >= _CK_USER:
+        return ("user syscall", k - _CK_USER)
+    if k >= _CK_HC:
+        return ("hypercall", (k - _CK_HC) // 64, (k - _CK_HC) % 64)
+    return {_CK_KICK: ("slice end",), _CK_PORT: ("port io",), _CK_SYSCALL32: ("syscall32",),
+            _CK_VIA_PAGE: CENSUS_VIA_PAGE}.get(k, ("kvm exit", k))
+
+
+CENSUS_VIA_PAGE = ("of the hypercalls: through the hypercall page",)
 
 
 class _VMPool:
@@ -1073,6 +1103,8 @@ class KVMEngine:
         self._pvclock: tuple[int, int, int, int] | None = None    # pvclock_params, once sampled
         self._events = bytearray(_EVENTS_SIZE)
         self.settles = 0              # slice ends deferred until a held exception was reported
+        self._census: ctypes.Array[ctypes.c_uint64] | None = None    # census(), once asked
+        self._stats_fd: int | None = None       # kvm_stats(), opened once asked
 
     @property
     def exits(self) -> int:
@@ -1114,6 +1146,44 @@ class KVMEngine:
             out["port io"] += self._ctx.fast_hits
         if ctx.fast_cli_sti:
             out["vector 13"] += ctx.fast_cli_sti            # #GP: csrc/kvm.c fast_cli_sti
+        return out
+
+    def census(self) -> collections.Counter[tuple[int | str, ...]]:
+        """Every exit since the census was first asked for, by what it was (census_key),
+        counted by the C run loop before the exit is handled (bench/net_exits.py). The
+        first call turns the census on and returns it empty."""
+        arr = self._census
+        if arr is None:
+            arr = self._census = (ctypes.c_uint64 * CENSUS_N)()
+            self._ctx.census = ctypes.addressof(arr)
+        return collections.Counter({census_key(i): n for i, n in enumerate(arr) if n})
+
+    def kvm_stats(self) -> dict[str, int]:
+        """KVM's own statistics of this vCPU (KVM_GET_STATS_FD, Documentation/virt/kvm/api.rst
+        "binary statistics"): its exits handled inside the kernel as well as those that
+        reached this engine ("exits", "pf_fixed", "io_exits", ...), first value of each.
+        Empty where KVM has no such interface."""
+        fd = self._stats_fd
+        if fd is None:
+            try:
+                fd = self._stats_fd = fcntl.ioctl(self.vcpu_fd, Ioctl.GET_STATS_FD, 0)
+            except OSError:
+                self._stats_fd = -1
+                return {}
+        if fd < 0:
+            return {}
+        hdr = os.pread(fd, 24, 0)
+        _flags, name_size, n, _id, desc_off, data_off = struct.unpack("<6I", hdr)
+        step = 16 + name_size
+        descs = os.pread(fd, n * step, desc_off)
+        data = os.pread(fd, 1 << 16, data_off)
+        out: dict[str, int] = {}
+        for i in range(n):
+            d = descs[i * step:(i + 1) * step]
+            _fl, _exp, _size, off = struct.unpack_from("<IhHI", d)
+            name = d[16:].split(b"\0", 1)[0].decode()
+            if off + 8 <= len(data):
+                out[name] = struct.unpack_from("<Q", data, off)[0]
         return out
 
     def _set_slot(self, slot: int, gpa: int, size: int, addr: int, flags: int = 0) -> None:
@@ -1172,6 +1242,8 @@ class KVMEngine:
         img = self._cpl3_segs[name] = _seg_image(selector, desc)
         if name == "cs":
             self._ctx.cpl3_cs_set = 0           # this load is newer than C's fast_iret's
+        else:
+            self._ctx.cpl3_ss_set = 0
         o = _SEG[name]
         if self._sregs[o:o + 24] != img:
             self._sregs[o:o + 24] = img
@@ -1799,6 +1871,9 @@ class KVMEngine:
             # CPU keeps (not the descriptor read again, nor an older load's).
             self._cpl3_segs["cs"] = bytes(ctx.cpl3_cs)
             ctx.cpl3_cs_set = 0
+        if ctx.cpl3_ss_set:                     # the same for a guest GDT stack segment
+            self._cpl3_segs["ss"] = bytes(ctx.cpl3_ss)
+            ctx.cpl3_ss_set = 0
         for name, sel, flat in (("cs", cs_selector, (FLAT_RING3_CS64, FLAT_RING3_CS32)),
                                 ("ss", ss_selector, (FLAT_RING3_SS,))):
             sel &= 0xFFFF
@@ -2461,6 +2536,9 @@ class KVMEngine:
         if hasattr(self, "_run_map"):
             self._run_map.close()
             del self._run_map
+        if (getattr(self, "_stats_fd", None) or -1) >= 0:
+            os.close(self._stats_fd)
+            self._stats_fd = -1
         if self.vm_fd >= 0:
             self._pool.retire(self.vm_fd, self.vcpu_fd)     # KVM's VM teardown, in the worker
         self.vcpu_fd = self.vm_fd = -1

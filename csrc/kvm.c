@@ -179,6 +179,13 @@ struct aiovmm_kvm_ctx {
      * _back_to_cpl3 takes it and clears the flag; KVMEngine.load_segment clears it). */
     uint8_t cpl3_cs[24];
     uint32_t cpl3_cs_set, pad3;
+    /* Exit census (bench/net_exits.py), NULL: off. Each KVM_RUN's outcome adds one to
+     * census[census_key()]: AIOVMM_CENSUS_N counters, keys in aiovmm/kvm_engine.py Census. */
+    uint64_t *census;
+    /* As cpl3_cs, for SS: the image fast_iret last loaded from the guest's GDT and
+     * cpl3_ss_set = 1 (aiovmm/kvm_engine.py _back_to_cpl3 takes it; load_segment clears it). */
+    uint8_t cpl3_ss[24];
+    uint32_t cpl3_ss_set, pad4;
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -278,9 +285,20 @@ static size_t guard_size(void);
 /* The layouts Python mirrors (aiovmm/kvm_engine.py _RunCtx, aiovmm/vcpu.py PVState,
  * _GuardArgs), checked when the library is loaded: 0 the run context's size, 1 the PV
  * state's, 2 the shadow guard's arguments'. */
+/* Exit census keys (census_note below). */
+#define CK_REASON 0
+#define CK_KICK 32
+#define CK_PORT 33
+#define CK_SYSCALL32 34
+#define CK_VIA_PAGE 35     /* not an exit of its own: of the CK_HC ones, those through the page */
+#define CK_HC 64
+#define CK_USER (CK_HC + 64 * 64)
+#define CK_VEC (CK_USER + 512)
+#define AIOVMM_CENSUS_N (CK_VEC + 256)
+
 size_t aiovmm_kvm_layout(int which)
 {
-    return which == 0 ? sizeof(struct aiovmm_kvm_ctx) : which == 1 ? sizeof(struct aiovmm_pv)
+    return which == 3 ? AIOVMM_CENSUS_N : which == 0 ? sizeof(struct aiovmm_kvm_ctx) : which == 1 ? sizeof(struct aiovmm_pv)
         : guard_size();
 }
 
@@ -404,6 +422,23 @@ static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
 #define SEG_L (1u << 21)
 #define SEG_DB (1u << 22)
 
+/* The descriptor a selector names in the guest's first GDT page (VCPU.gdt_frames[0]), read
+ * once, and its machine address: 0 for a null or LDT selector, one beyond the first page, no
+ * GDT, a frame outside memory (those are Python's: descriptors._descriptor_address). */
+static int guest_gdt_desc(struct aiovmm_kvm_ctx *c, uint64_t sel, uint64_t *ma_out, uint64_t *desc_out)
+{
+    const struct aiovmm_pv *pv = c->pv;
+    uint64_t off = sel & ~7ULL;
+    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+        return 0;
+    uint64_t ma = (pv->gdt_frame0 << 12) + off;
+    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
+        return 0;
+    memcpy(desc_out, (const void *)(uintptr_t)(c->mem_base + ma), 8);
+    *ma_out = ma;
+    return 1;
+}
+
 /* The CS an iret frame names, as the IRETQ loads it (aiovmm/descriptors.py
  * iret_code_segment is the rule), for the cases done here: the selector (frame.cs | 3) if it
  * is FLAT_RING3_CS64, or names, in the guest's first GDT page (VCPU.gdt_frames), a present
@@ -415,18 +450,13 @@ static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
 static uint64_t iret_cs64(struct aiovmm_kvm_ctx *c, uint64_t cs, uint64_t *ma_out,
                           uint64_t *desc_out)
 {
-    struct aiovmm_pv *pv = c->pv;
-    uint64_t sel = (cs & 0xFFFF) | 3, off = sel & ~7ULL;
+    uint64_t sel = (cs & 0xFFFF) | 3;
     *ma_out = 0;
     if (sel == USER_CS)
         return sel;
-    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+    uint64_t ma, desc;
+    if (!guest_gdt_desc(c, sel, &ma, &desc))
         return 0;
-    uint64_t ma = (pv->gdt_frame0 << 12) + off;
-    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
-        return 0;
-    uint64_t desc;
-    memcpy(&desc, (const void *)(uintptr_t)(c->mem_base + ma), 8);
     uint32_t hi = (uint32_t)(desc >> 32);
     if (!(hi & SEG_S) || !(hi & SEG_CODE) || !(hi & SEG_P))
         return 0;
@@ -461,6 +491,41 @@ static void seg_image(uint8_t img[24], uint16_t sel, uint64_t desc)
     img[20] = (hi >> 23) & 1;           /* g */
     img[21] = (hi >> 20) & 1;           /* avl */
 }
+
+#define SEG_WRITABLE (1u << 9)
+
+/* The SS an iret frame names, as the IRETQ loads it after CS (aiovmm/descriptors.py
+ * iret_stack_segment is the rule), for the case done here: (frame.ss | 3) naming, in the
+ * guest's first GDT page, a present writable data segment of DPL 3, as Linux's __USER_DS
+ * (0x2b) does; else 0, Python's: a null or LDT selector, one beyond the first page, one the
+ * IRETQ refuses, no GDT. Read once; `*ma_out` and `*desc_out` as iret_cs64's. */
+static uint64_t iret_ss(struct aiovmm_kvm_ctx *c, uint64_t ss, uint64_t *ma_out, uint64_t *desc_out)
+{
+    uint64_t sel = (ss & 0xFFFF) | 3, ma, desc;
+    if (!guest_gdt_desc(c, sel, &ma, &desc))
+        return 0;
+    uint32_t hi = (uint32_t)(desc >> 32);
+    if (!(hi & SEG_S) || (hi & SEG_CODE) || !(hi & SEG_WRITABLE) || (hi & SEG_DPL) != SEG_DPL
+        || !(hi & SEG_P))
+        return 0;
+    *ma_out = ma;
+    *desc_out = desc;
+    return sel;
+}
+
+/* A segment load from the guest's GDT at `ma` (iret_cs64, iret_ss): its accessed bit set in
+ * the descriptor as the CPU's load does (descriptors.set_accessed), and the image the
+ * load leaves. */
+static void load_guest_seg(struct aiovmm_kvm_ctx *c, uint8_t img[24], uint64_t sel, uint64_t ma,
+                           uint64_t desc)
+{
+    desc |= (uint64_t)SEG_ACCESSED << 32;
+    volatile uint8_t *hi_type = (volatile uint8_t *)(uintptr_t)(c->mem_base + ma + 5);
+    if (!(*hi_type & 1))
+        *hi_type |= 1;          /* the type's accessed bit: bit 40 of the descriptor */
+    seg_image(img, (uint16_t)sel, desc);
+}
+
 
 /* HYPERVISOR_iret (aiovmm/traps.py do_iret, the same effect; Xen: xen/arch/x86/pv/iret.c):
  * the context (rax r11 rcx flags rip cs rflags rsp ss) on the guest stack at the SYSCALL,
@@ -500,7 +565,13 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
      * (traps.do_iret). */
     uint16_t cur_ss;
     memcpy(&cur_ss, c->run + RUN_SREGS + SREG_SS * 24 + 12, 2);
-    if (cur_ss != USER_SS || (!sysret && ((ctx[8] & 0xFFFF) | 3) != USER_SS))
+    if (cur_ss != USER_SS)
+        return 0;
+    /* A frame SS other than FLAT_RING3_SS: one of the guest's own GDT (Linux returns to its
+     * processes with __USER_DS), loaded here when iret_ss finds it usable. */
+    uint64_t ss_ma = 0, ss_desc = 0, ss_sel = USER_SS;
+    if (!sysret && ((ctx[8] & 0xFFFF) | 3) != USER_SS
+        && !(ss_sel = iret_ss(c, ctx[8], &ss_ma, &ss_desc)))
         return 0;
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
@@ -522,11 +593,7 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
      * CPU's load does (descriptors.set_accessed). CS is the first segment of kvm_sregs. */
     uint8_t img[24], *scs = c->run + RUN_SREGS;
     if (desc_ma) {
-        desc |= (uint64_t)SEG_ACCESSED << 32;
-        volatile uint8_t *hi_type = (volatile uint8_t *)(uintptr_t)(c->mem_base + desc_ma + 5);
-        if (!(*hi_type & 1))
-            *hi_type |= 1;          /* the type's accessed bit: bit 40 of the descriptor */
-        seg_image(img, (uint16_t)sel, desc);
+        load_guest_seg(c, img, sel, desc_ma, desc);
         memcpy(c->cpl3_cs, img, 24);
         c->cpl3_cs_set = 1;
     } else {
@@ -535,6 +602,16 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     if (memcmp(scs, img, 24) != 0) {
         memcpy(scs, img, 24);
         mark_dirty(c->run, SYNC_SREGS);
+    }
+    if (ss_ma) {                /* after CS, as the IRETQ and traps._iret_segments */
+        uint8_t *sss = c->run + RUN_SREGS + SREG_SS * 24;
+        load_guest_seg(c, img, ss_sel, ss_ma, ss_desc);
+        memcpy(c->cpl3_ss, img, 24);
+        c->cpl3_ss_set = 1;
+        if (memcmp(sss, img, 24) != 0) {
+            memcpy(sss, img, 24);
+            mark_dirty(c->run, SYNC_SREGS);
+        }
     }
     r[KREG_RIP] = rip;
     r[KREG_RSP] = ursp;
@@ -879,6 +956,80 @@ static int fast_in(struct aiovmm_kvm_ctx *c, uint8_t *run, uint16_t port, uint64
     return 0;
 }
 
+/* The exit census (struct aiovmm_kvm_ctx census; aiovmm/kvm_engine.py Census decodes the
+ * keys): one counter per exit, by what the exit was, counted before it is handled.
+ *   CK_REASON + r   an exit other than KVM_EXIT_IO (r < 32)
+ *   CK_KICK         KVM_RUN ended by the slice's timer (-EINTR)
+ *   CK_HC + 64*nr + sub   a hypercall from guest kernel mode (the hypercall page or a
+ *                   `syscall`), nr < 64; sub the command (RDI, 0..62; 63 above) for the
+ *                   hypercalls whose first argument is one (CK_CMD_FIRST), else 0
+ *   CK_USER + n     a guest user process's system call, n = RAX (511: 511 and above)
+ *   CK_VEC + v      an exception or INT n through the IDT stubs (vector v)
+ *   CK_PORT         any other port I/O exit (the guest's own)
+ *   CK_SYSCALL32    a compat SYSCALL
+ * and, besides the exit's own key, CK_VIA_PAGE for a hypercall made through the engine's
+ * hypercall page (`out`) rather than with `syscall` (the census's one non-exit counter). */
+/* xen_version, memory_op, console_io, grant_table_op, vcpu_op, set_segment_base,
+ * fpu_taskswitch, sched_op, callback_op, event_channel_op, physdev_op, hvm_op, sysctl,
+ * domctl, xsm_op, nmi_op, vm_assist, mmuext_op is by pointer (0). */
+#define CK_CMD_FIRST ((1ULL << 17) | (1ULL << 12) | (1ULL << 18) | (1ULL << 20) | (1ULL << 24) \
+                      | (1ULL << 25) | (1ULL << 5) | (1ULL << 29) | (1ULL << 30) | (1ULL << 32) \
+                      | (1ULL << 33) | (1ULL << 34) | (1ULL << 35) | (1ULL << 36) | (1ULL << 27) \
+                      | (1ULL << 28) | (1ULL << 21))
+
+static void census_hc(uint64_t *census, const uint64_t *r)
+{
+    uint64_t nr = r[KREG_RAX], sub = 0;
+    if (nr >= 64)
+        nr = 63;
+    else if (CK_CMD_FIRST >> nr & 1)
+        sub = r[KREG_RDI] < 63 ? r[KREG_RDI] : 63;
+    census[CK_HC + 64 * nr + sub]++;
+}
+
+static void census_note(struct aiovmm_kvm_ctx *c, int rc)
+{
+    uint64_t *census = c->census;
+    uint8_t *run = c->run;
+    if (rc < 0) {
+        if (rc == -EINTR)
+            census[CK_KICK]++;
+        return;
+    }
+    uint32_t reason;
+    memcpy(&reason, run + 8, 4);
+    if (reason != 2) {
+        census[CK_REASON + (reason < 32 ? reason : 31)]++;
+        return;
+    }
+    uint16_t port;
+    uint64_t rip;
+    memcpy(&port, run + 34, 2);
+    memcpy(&rip, run + 304 + 16 * 8, 8);
+    const uint64_t *r = regs_of(run);
+    if (rip >= c->stubs_lo && rip <= c->stubs_hi) {
+        census[CK_VEC + (port & 0xFF)]++;
+        return;
+    }
+    if (port == c->hcall_port && run[32] == 1) {
+        census_hc(census, r);
+        census[CK_VIA_PAGE]++;
+        return;
+    }
+    if (port == c->syscall_port && run[32] == 1) {
+        if (rip >= c->syscall_va && rip <= c->syscall_va + 2) {
+            if (c->pv && c->pv->kernel_mode)
+                census_hc(census, r);
+            else
+                census[CK_USER + (r[KREG_RAX] < 511 ? r[KREG_RAX] : 511)]++;
+        } else {
+            census[CK_SYSCALL32]++;
+        }
+        return;
+    }
+    census[CK_PORT]++;
+}
+
 /* One KVM_RUN, and the hot exits recognised here rather than in Python: returns 1 for an
  * `out %al` of one byte to the hypercall port from outside the vector stubs (a hypercall
  * through the engine's hypercall page, if the guest is in kernel mode: the caller checks),
@@ -937,6 +1088,8 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
         if (ioctl(c->vcpu_fd, KVM_RUN_IOCTL, 0) < 0) {
             /* The answered INs stay: the engine checks them at the next slice's start. */
             int err = errno;
+            if (c->census)
+                census_note(c, -err);
             if (err == EINTR && grace && grace_tries < GRACE_RETRIES) {
                 uint64_t rip;
                 memcpy(&rip, run + RUN_REGS + KREG_RIP * 8, 8);
@@ -949,6 +1102,8 @@ int aiovmm_kvm_run_ex(struct aiovmm_kvm_ctx *c)
             return -err;
         }
         grace = 0;                                     /* the guest ran to an exit */
+        if (c->census)
+            census_note(c, 0);
         uint32_t reason, count;
         uint16_t port;
         uint64_t rip;

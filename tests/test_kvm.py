@@ -687,3 +687,34 @@ async def test_iret_completed_in_c_matches_the_python_iret():
             no_cb.__exit__(None, None, None)
             hv.mem.map[info:info + 2] = saved_info
             v.iopl = 0
+
+
+@pytest.mark.parametrize("page", ["out", "syscall"])
+async def test_exit_census_counts_every_exit_once_by_what_it_was(monkeypatch, page):
+    """KVMEngine.census (bench/net_exits.py): every KVM_RUN the engine makes from the moment
+    it is asked is counted once, by kind, C's fast paths included: the project's kernel's
+    user program makes exactly one write (RAX 1) and one exit (60) system call, which the
+    census names by number; its hypercalls by number (the iret back to user mode among
+    them), through either hypercall page (Linux issues `syscall` itself), the page's counted
+    apart; the sum is the engine's exit count."""
+    from aiovmm import builder, hypervisor
+    from aiovmm.abi import Hypercall
+    from aiovmm.kvm_engine import CENSUS_VIA_PAGE
+    if page == "syscall":
+        monkeypatch.setattr(hypervisor, "_hypercall_page", lambda kind: builder.hypercall_page())
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine="kvm") as hv:
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1")
+        eng = dom.vcpus[0].engine
+        assert eng.census() == {}
+        exits0 = eng.exits
+        assert await asyncio.wait_for(dom.wait(), 60) == ShutdownReason.poweroff, dom.describe_end()
+        assert "user: round trip ok" in dom.console_lines
+        c = eng.census()
+        via_page = c.pop(CENSUS_VIA_PAGE, 0)
+        assert c[("user syscall", 1)] == 1 and c[("user syscall", 60)] == 1, c
+        assert not [k for k in c if k[0] == "user syscall" and k[1] not in (1, 60)], c
+        assert c[("hypercall", int(Hypercall.iret), 0)] >= 1, c
+        assert c[("hypercall", int(Hypercall.sched_op), 2)] == 1, c       # SCHEDOP_shutdown
+        hcs = sum(n for k, n in c.items() if k[0] == "hypercall")
+        assert via_page == (hcs if page == "out" else 0), (via_page, hcs)
+        assert sum(c.values()) == eng.exits - exits0, (sum(c.values()), eng.exits - exits0)

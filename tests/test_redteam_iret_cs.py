@@ -689,12 +689,12 @@ class _Process:
     def entry(self, desc: int) -> None:
         descriptors.do_update_descriptor(self.v, (self.gdt << 12) + 0x30, desc)
 
-    def iret(self, fast: bool) -> int:
+    def iret(self, fast: bool, ss: int = 0xE02B) -> int:
         from aiovmm.abi import IRET_CONTEXT
         at = self.d.data_va + 0x800
         self.mem.map[self.d.pending] = 0
         self.v.copy_to_guest(at, IRET_CONTEXT.pack(7, 8, 9, 0, USER_CODE_VA, 0x33, 0x202,
-                                                    USER_STACK_TOP - 64, 0xE02B))
+                                                    USER_STACK_TOP - 64, ss))
         return self.d.hypercall(23, fast, rsp=at)
 
     def c_iret_then_in(self, between=None) -> bytes:
@@ -771,5 +771,44 @@ async def test_kvm_c_iret_load_is_the_hidden_part_kept_across_exits():
             p.entry(_desc())                          # 64-bit code
             img = p.c_iret_then_in()
             assert (img[12:14], img[17], img[19]) == (b"\x33\x00", 0, 1), "not 64-bit mode"
+        finally:
+            p.close()
+
+
+@pytest.mark.skipif(_kvm_skip_reason() is not None, reason=str(_kvm_skip_reason()))
+async def test_kvm_c_iret_to_the_guests_user_ds_loads_it_as_python_does():
+    """Linux returns to its processes with HYPERVISOR_iret frames naming its own GDT's
+    __USER_CS (0x33) and __USER_DS (0x2b). C's fast iret (csrc/kvm.c iret_ss) completes
+    it and loads SS as Python's traps.do_iret does (descriptors.iret_stack_segment, the
+    accessed bit set): the process runs on, through an exit back to it (its `in`,
+    emulated), with the same CS and SS images as after Python's iret. Measured without it: every such iret went to
+    Python (bench/net_exits.py --census: 2.2 per UDP round trip, ~23 per MiB of TCP)."""
+    from aiovmm.kvm_engine import _SEG
+    from test_kvm import _hand_driven_vcpu
+    from test_kvm_iret_gdt import LOOK, _desc
+    user_ds = 0x00CF_F200_0000_FFFF                   # present writable data, DPL 3, not accessed
+    async with _hand_driven_vcpu(LOOK + ("rdi", "rsi")) as (hv, dom, v):
+        p = _Process(hv, dom, v)
+        eng = p.eng
+        ds_ma = (p.gdt << 12) + 0x28
+        try:
+            p.entry(_desc())
+            descriptors.do_update_descriptor(v, ds_ma, user_ds)
+            assert p.iret(False, ss=0x2B) == 3            # Python's
+            traps.do_iret(v)
+            py = bytes(eng._sregs[:24]), bytes(eng._sregs[_SEG["ss"]:_SEG["ss"] + 24])
+            assert eng.read(("cs", "ss")) == [0x33, 0x2B]
+            p.d.run()
+            _back(v)
+            descriptors.do_update_descriptor(v, ds_ma, user_ds)     # accessed bit clear again
+            v.iopl = 3
+            done = eng._ctx.fast_calls[2]
+            p.iret(True, ss=0x2B)                         # C's, then the `in`'s #GP exit
+            assert eng._ctx.fast_calls[2] == done + 1, "C left the iret to Python"
+            assert hv.mem.read_u64(ds_ma) == user_ds | 1 << 40        # accessed
+            assert eng._handle_exit()                     # the `in` emulated: back to the process
+            assert not v.kernel_mode and eng.get("rip") == USER_CODE_VA + 2
+            c = bytes(eng._sregs[:24]), bytes(eng._sregs[_SEG["ss"]:_SEG["ss"] + 24])
+            assert c == py
         finally:
             p.close()
