@@ -713,8 +713,8 @@ class _ShadowGuard:
       the guest's flush; tests/test_redteam_kvm_guard_retarget.py). The engine checks
       before each KVM_RUN that follows a page-table write.
     - A tracked frame is a validated page table, tracked at most at its type's level (a
-      validated entry names no table of a lower level; `_reach`, which `_walk` asks for
-      every frame), which only MachineMemory.write_pte changes;
+      validated entry links no table of a lower type than its level; `_reach`, which
+      `_walk` asks for every frame), which only MachineMemory.write_pte changes;
       the frames it wrote are diffed against their snapshots: every entry removed,
       retargeted or with changed permissions must be invalidated, or the whole frame if
       many changed. A/D bits aside: KVM sets them in guest memory itself, so a snapshot
@@ -832,8 +832,8 @@ class _ShadowGuard:
         `level`, or 0: it is no page table (then no validated entry above level 1 names it,
         and it must not be tracked: a tracked frame is never walked again, and the snapshot
         of a data page, diffed once it became a table, hides the changes to its entries).
-        A validated table's entries name tables of the next level, or of the same level
-        (linear, self), never of a lower one: the level is at most the type's. A path's
+        A validated level-k entry names a table of type k-1, or k (linear, self), never one
+        of a lower type than the level it links at: the level is at most the type's. A path's
         level can exceed it only for a table whose level was taken from before it was
         devalidated and validated anew at a lower one (an L2 made an L1 in one batch:
         walked as an L2, its data frames were tracked as L1s;
