@@ -716,6 +716,7 @@ async def close_vm_pool(mem: "MachineMemory") -> None:
 
 
 _ENTRIES = struct.Struct("<512Q")
+_PT_L1, _PT_L4 = int(PageType.l1), int(PageType.l4)      # page-table types are levels 1..4
 _HCALL_ARGS = struct.Struct("<Q16xQQQ16xQ8xQ")   # kvm_regs: rax, rdx, rsi, rdi, r8, r10
 
 
@@ -741,7 +742,9 @@ class _ShadowGuard:
       write: untracked, the new table's later changes were never invalidated, not even at
       the guest's flush; tests/test_redteam_kvm_guard_retarget.py). The engine checks
       before each KVM_RUN that follows a page-table write.
-    - A tracked frame is a validated page table, which only MachineMemory.write_pte changes;
+    - A tracked frame is a validated page table, tracked at most at its type's level (a
+      validated entry links no table of a lower type than its level; `_reach`, which
+      `_walk` asks for every frame), which only MachineMemory.write_pte changes;
       the frames it wrote are diffed against their snapshots: every entry removed,
       retargeted or with changed permissions must be invalidated, or the whole frame if
       many changed. A/D bits aside: KVM sets them in guest memory itself, so a snapshot
@@ -836,12 +839,14 @@ class _ShadowGuard:
         """Track every table reachable from `top` (the tracked ones are current here: called
         after the pending writes were diffed, or after a reset). A frame seen again at a
         higher level than before (a linear-table entry reached it first) is descended from
-        that level too."""
-        nr, level_of = self.mem.nr_frames, self.level
+        that level too. The one place that decides what is tracked and at which level:
+        only a validated page table, at most at its type's level (`_reach`)."""
+        level_of, reach = self.level, self._reach
         todo = [(top, top_level)]
         while todo:
             mfn, level = todo.pop()
-            if not 0 <= mfn < nr:
+            level = reach(mfn, level)
+            if not level:
                 continue
             seen = level_of.get(mfn)
             if seen is None:
@@ -851,6 +856,22 @@ class _ShadowGuard:
             level_of[mfn] = level
             if level > 1:
                 todo += self._children(_ENTRIES.unpack_from(self._arena, self.slot[mfn] << PAGE_SHIFT), level)
+
+    def _reach(self, mfn: int, level: int) -> int:
+        """The level at which KVM can walk frame `mfn` when a path reaches it as a table of
+        `level`, or 0: it is no page table (then no validated entry above level 1 names it,
+        and it must not be tracked: a tracked frame is never walked again, and the snapshot
+        of a data page, diffed once it became a table, hides the changes to its entries).
+        A validated level-k entry names a table of type k-1, or k (linear, self), never one
+        of a lower type than the level it links at: the level is at most the type's. A path's
+        level can exceed it only for a table whose level was taken from before it was
+        devalidated and validated anew at a lower one (an L2 made an L1 in one batch:
+        walked as an L2, its data frames were tracked as L1s;
+        tests/test_redteam_kvm_guard_retarget.py)."""
+        if not 0 <= mfn < self.mem.nr_frames:
+            return 0
+        t = self.mem.type[mfn]
+        return min(level, t) if _PT_L1 <= t <= _PT_L4 else 0
 
     @staticmethod
     def _children(entries: Sequence[int], level: int) -> list[tuple[int, int]]:
@@ -868,19 +889,18 @@ class _ShadowGuard:
         A dropped frame has all its shadows dropped and is untracked; one that is a page table
         again by now (devalidated and validated anew since the last check: an entry cleared
         and set back to it in one batch, which no diff shows) is walked again from its
-        contents and level, as it may still be linked by entries that look unchanged."""
+        contents, at its level or its new type's if lower (`_walk`), as it may still be
+        linked by entries that look unchanged."""
         frames: list[int] = []
         again: list[tuple[int, int]] = []
         if self.dropped:
             dropped, self.dropped = self.dropped, set()
-            ptype, l1, l4 = self.mem.type, int(PageType.l1), int(PageType.l4)
             for mfn in dropped:
                 level = self.level.get(mfn)
                 if level is not None:
                     frames.append(mfn)
                     self._untrack(mfn)
-                    if l1 <= ptype[mfn] <= l4:
-                        again.append((mfn, level))
+                    again.append((mfn, level))       # _walk: only if a table again
         entries: list[int] = []
         if self.written:
             self._diff_written(entries, frames)

@@ -55,10 +55,11 @@ def _l2_slot(v, mem) -> int:
 
 
 async def _attack(link) -> None:
-    """REGION -> L1 A -> X, stored to (KVM shadows A); then `link(pt, dom, e, a)` gives KVM
-    an L1 (returned) mapping REGION to Y, stored to; then the chain: Y unmapped, the TLB
-    flushed, Y pinned as an empty L1, a store of an entry naming a bystander's frame through
-    REGION, Y linked in, a store through REGION. On Xen both stores are #PF."""
+    """REGION -> L1 A -> X, stored to (KVM shadows A); then `link(v, pt, mem, dom, e, a,
+    b, y)` gives KVM an L1 (returned) mapping REGION to Y, stored to; then the chain: Y
+    unmapped, the TLB flushed, Y pinned as an empty L1, a store of an entry naming a
+    bystander's frame through REGION, Y linked in, a store through REGION. On Xen both
+    stores are #PF."""
     async with _hand_driven_vcpu(("rip", "rax")) as (hv, dom, v):
         by, before = await start_bystander(hv)
         eng, pt, mem = v.engine, hv.pagetables, hv.mem
@@ -73,7 +74,7 @@ async def _attack(link) -> None:
             pt.update_entry(dom.domid, e, (a << 12) | ENTRY)            # REGION -> L1 A -> X
             mmu_ops.written_all(v)
             assert _store(v, REGION, 1) == [] and mem.read_u64(x << 12) == 1
-            l1 = link(pt, mem, dom.domid, e, a, b, y)
+            l1 = link(v, pt, mem, dom.domid, e, a, b, y)
             mmu_ops.written_all(v)
             assert _store(v, REGION, 2) == [] and mem.read_u64(y << 12) == 2   # KVM shadows it
             assert pt.update_entry(dom.domid, l1 << 12, 0)              # Y unmapped ...
@@ -103,13 +104,13 @@ async def _attack(link) -> None:
         assert alive and any("hello" in line.lower() for line in hello)
 
 
-def _retarget(pt, mem, dom, e, a, b, y) -> int:
+def _retarget(v, pt, mem, dom, e, a, b, y) -> int:
     """REGION's L2 entry retargeted from A to B (-> Y) in one write."""
     assert pt.update_entry(dom, e, (b << 12) | ENTRY)
     return b
 
 
-def _unlink_relink(pt, mem, dom, e, a, b, y) -> int:
+def _unlink_relink(v, pt, mem, dom, e, a, b, y) -> int:
     """One mmu_update batch: REGION's L2 entry cleared (A, no longer referenced, loses its
     type: devalidated) and set again to A, now mapping Y (validated anew): the entry ends as
     it was at the last check, A is a table again."""
@@ -126,3 +127,44 @@ async def test_retargeted_l2_entry_tracks_the_new_l1():
 
 async def test_l1_devalidated_and_relinked_in_one_batch_stays_tracked():
     await _attack(_unlink_relink)
+
+
+def _tracked_as_data(v, pt, mem, dom, e, a, b, y) -> int:
+    """An L2 T linked at a free slot of the kernel's L3 (tracked at level 2, checked), then
+    in one batch: T unlinked (devalidated) and validated anew as an L1 mapping B, a data
+    frame of zeros. At the check T is a page table again and was walked again at its old
+    level 2: B, a data page, was tracked as an L1 with its contents (zeros) as the
+    snapshot. Then B, holding an entry for Y, pinned and linked in at REGION's L2 entry in
+    place of A: already tracked, it is not walked again, and its snapshot still says the
+    entry is zero when mmu_update clears it (no change seen: not invalidated)."""
+    t = mem.alloc(dom, 1)[0]
+    v.domain.frames.add(t)
+    l3 = v.kernel_root
+    l3 = mem.read_u64((l3 << 12) + 8 * ((REGION >> 39) & 0x1FF)) >> 12 & 0xFFFFFFFFFF
+    assert mem.type[l3] == PageType.l3
+    l3e = next((l3 << 12) + 8 * i for i in range(509, 0, -1) if mem.read_u64((l3 << 12) + 8 * i) == 0)
+    mem.zero(b)
+    assert pt.update_entry(dom, l3e, (t << 12) | ENTRY) is not None      # T: an empty L2
+    mmu_ops.written_all(v)
+    assert _store(v, REGION, 3) == []                                    # checked: T tracked
+    pt.update_entry(dom, l3e, 0)                                         # one batch: T untyped ...
+    assert mem.type[t] == PageType.none
+    mem.write_u64(t << 12, (b << 12) | 0x65)                             # ... and an L1 -> B (RO)
+    pt.get_type(t, PageType.l1, dom)
+    mmu_ops.written_all(v)
+    assert _store(v, REGION, 4) == []                                    # checked
+    pt.put_type(t)                                                       # T gone; B is data
+    mmu_ops.written_all(v)
+    assert mem.type[b] == PageType.none
+    mem.write_u64(b << 12, (y << 12) | ENTRY)
+    pt.update_entry(dom, e, (b << 12) | ENTRY)                           # B: an L1 in A's place
+    return b
+
+
+async def test_table_revalidated_at_a_lower_level_tracks_no_data_frame():
+    """A table devalidated and validated anew at another level in one batch (an L2 made an
+    L1) is walked again at the level its type has now, not at the one it was tracked at:
+    walked as an L2, the L1's data frames were tracked as tables, with snapshots of their
+    data; one made a page table later is already tracked and never walked again, and its
+    entries' changes are diffed against that data (critical: the bystander's frame written)."""
+    await _attack(_tracked_as_data)
