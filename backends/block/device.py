@@ -1208,9 +1208,18 @@ class Blkback(YieldDrained):
         r = self.ring
         st = self.stats
         done, self._done = self._done, []
+        dom = self.dom
         for p in done:
             io = p.io
             st.io_ns += io.ns
+            if io.op == "read":
+                # The pool or io_uring stored into the guest's frames behind every vCPU's
+                # back: their translations of those bytes go before the guest can see the
+                # response (grants.frame_written, as every host write into guest frames),
+                # or code read from disk into a page that ran code before runs the old
+                # bytes on an emulated vCPU. A failed read may have stored part of it.
+                for m, off, n in io.segments:
+                    grants.frame_written(dom, (m.mfn << 12) + off, n)
             if io.error:
                 st.io_errors += 1
                 st.errors += 1
