@@ -91,7 +91,8 @@ MODULES: dict[str, Module] = {
                              r"|.*quota.*|.*check.*)$",
                        zero_names=("FLAG_PRIV",)),
     # The backends' request validation (what a frontend writes into its ring and grants).
-    "net": Module(("backends/net/device.py",), ("tests/test_net.py", "tests/test_redteam_net_rx_stall.py"),
+    "net": Module(("backends/net/device.py",), ("tests/test_net.py", "tests/test_redteam_net_rx_stall.py",
+                                                 "tests/test_redteam_net_gso.py"),
                   funcs=r"(_process_tx|_process_rx|_on_tap_readable|_tx_|_rx_|_serve|.*valid.*"
                         r"|.*check.*|.*req.*|.*slot.*|.*extra.*|.*ring.*|_connect)"),
     # What netback learns for the migration announce (only what the guest claims as its own).

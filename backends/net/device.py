@@ -58,6 +58,13 @@ NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETIF_RSP_NULL = -2, -1, 0, 
 XEN_NETIF_EXTRA_FLAG_MORE = 1
 XEN_NETIF_EXTRA_TYPE_GSO = 1
 XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6 = 1, 2
+# The smallest GSO size taken on tx: Linux's TCP never sends an MSS below 48 (the clamp in
+# tcp_mtu_to_mss, tcp_min_snd_mss since 5.2). Linux netback refuses only 0; but the host
+# kernel segments a GSO frame in software for every port without TSO on its way (a tap whose
+# frontend takes no GSO, a NIC, the route out), and 64 KiB at gso_size 1 is 64,000 segments:
+# bench/net_gso_size.py measured 180-290 ms of host CPU per such frame (5,000-12,000x a
+# 1448 one; 0.6 ms, 26x, at 48), inside the tap write.
+GSO_MIN_SIZE = 48
 MAX_PACKET = 0xFFFF
 MAX_SLOTS = 18                 # XEN_NETIF_NR_SLOTS_MIN: the most slots a packet may use here
 MAX_FRAME = 1514 + 4
@@ -1218,8 +1225,10 @@ class Netback(YieldDrained):
             etype, _eflags, size, gtype = _EXTRA_GSO.unpack_from(ex)
             # Only a GSO extra is known here (no multicast control or hash is advertised);
             # its type must be one we advertised and its size non-zero (Linux netback's
-            # xenvif_set_skb_gso: anything else is a bad packet).
-            if etype != XEN_NETIF_EXTRA_TYPE_GSO or size == 0 or gtype not in _GSO_TO_VNET:
+            # xenvif_set_skb_gso: anything else is a bad packet), here at least TCP's
+            # smallest MSS (GSO_MIN_SIZE: the host's software segmentation is not the
+            # guest's to multiply).
+            if etype != XEN_NETIF_EXTRA_TYPE_GSO or size < GSO_MIN_SIZE or gtype not in _GSO_TO_VNET:
                 return NETIF_RSP_ERROR
             gso = (gtype, size)
         total = first[4]                   # a u16: never above MAX_PACKET (64 KiB - 1)
