@@ -23,12 +23,12 @@ import struct
 
 import pytest
 
-from aiovmm import Hypervisor, ShutdownReason
+from aiovmm import Hypervisor
 from aiovmm.backends.block import Blkback, DiskConfig
 from aiovmm.backends.block.device import _REQ, _RSP, _SEG, BLKIF_OP_READ, BLKIF_RSP_OKAY, Ring
 from aiovmm.backends.block.uring import Uring
-from aiovmm.grants import host_copy_to
-from conftest import BUILD, ENGINES, HV_MEMORY_MIB, results
+from conftest import BUILD, ENGINES, HV_MEMORY_MIB
+from test_code_writes import host_wrote
 
 pytestmark = ENGINES
 ELF = str(BUILD / "hostile" / "code_write.elf")
@@ -70,11 +70,5 @@ async def test_blkback_read_into_code_runs_the_new_bytes(engine, path, tmp_path)
             if bb.uring is not None:
                 bb.uring.close()
             bb.backing.close()
-        host_copy_to(d, flag_ref, 0, (1).to_bytes(8, "little"))
-        async with asyncio.timeout(30):
-            reason = await d.wait()
-        res = results(list(d.console_lines))
-    assert reason == ShutdownReason.poweroff, d.console_lines
-    assert res["first"] == "1" and res["host_flag"] == "1", res
+        res = await host_wrote(d, flag_ref)
     assert res["after_host"] == "1337", res              # the sector read from disk ran
-    assert res["after_store"] == "4", res
