@@ -100,7 +100,8 @@ MODULES: dict[str, Module] = {
                        ("tests/test_redteam_announce.py", "tests/test_announce.py"),
                        funcs=r"^(Netback\.)?(learn_ipv4|learn_ipv6|_learn|adopt)$"),
     "block": Module(("backends/block/device.py",), ("tests/test_block.py", "tests/test_redteam_blk.py",
-                                                   "tests/test_redteam_blk_code.py"),
+                                                   "tests/test_redteam_blk_code.py",
+                                                   "tests/test_redteam_blk_pass.py"),
                     funcs=r"(_prepare|_drain|_answer|_completed|.*valid.*|.*check.*|.*req.*"
                           r"|.*seg.*|.*sector.*|.*ring.*|_connect|_serve|_process.*)"),
     # The one writable-access function (Xen's PGT_writable_page typing) and frame freeing.
