@@ -1217,22 +1217,28 @@ class Blkback(YieldDrained):
         self._kick.set()
 
     def _answer(self) -> None:
-        """Write the responses of everything completed, in completion order; one event."""
+        """Write the responses of what has completed, in completion order, at most
+        DRAIN_SEGMENTS segments' worth per call (the rest at the next pass: rule 4, each
+        segment's mapping is released here); one event."""
         r = self.ring
         st = self.stats
-        done, self._done = self._done, []
-        dom = self.dom
-        for p in done:
+        done = self._done
+        budget = DRAIN_SEGMENTS
+        k = 0
+        # The pool or io_uring stored a READ's data into the guest's frames behind every
+        # vCPU's back: their translations of those pages go before the guest can see the
+        # response (grants.frame_written, as every host write into guest frames), or code
+        # read from disk into a page that ran code before runs the old bytes on an emulated
+        # vCPU. A failed read may have stored part of it. Once per page per call.
+        written: set[int] = set()
+        while k < len(done) and budget > 0:
+            p = done[k]
+            k += 1
             io = p.io
+            budget -= 1 + len(io.segments)
             st.io_ns += io.ns
             if io.op == "read":
-                # The pool or io_uring stored into the guest's frames behind every vCPU's
-                # back: their translations of those bytes go before the guest can see the
-                # response (grants.frame_written, as every host write into guest frames),
-                # or code read from disk into a page that ran code before runs the old
-                # bytes on an emulated vCPU. A failed read may have stored part of it.
-                for m, off, n in io.segments:
-                    grants.frame_written(dom, (m.mfn << 12) + off, n)
+                written.update([m.mfn for m, _off, _n in io.segments])
             if io.error:
                 st.io_errors += 1
                 st.errors += 1
@@ -1253,6 +1259,11 @@ class Blkback(YieldDrained):
                     st.discard_sectors += p.sectors
             r.respond(p.rid, p.op, status)
             self._release(p)
+        self._done = done[k:]
+        if self._done:
+            self._kick.set()
+        for mfn in written:
+            grants.frame_written(self.dom, mfn << 12, PAGE)
         self._push()
 
     def _push(self) -> None:
