@@ -58,10 +58,23 @@ NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETIF_RSP_NULL = -2, -1, 0, 
 XEN_NETIF_EXTRA_FLAG_MORE = 1
 XEN_NETIF_EXTRA_TYPE_GSO = 1
 XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6 = 1, 2
+# The smallest GSO size taken on tx: Linux's TCP never sends an MSS below 48 (the clamp in
+# tcp_mtu_to_mss, tcp_min_snd_mss since 5.2). Linux netback refuses only 0; but the host
+# kernel segments a GSO frame in software for every port without TSO on its way (a tap whose
+# frontend takes no GSO, a NIC, the route out), and 64 KiB at gso_size 1 is 64,000 segments:
+# bench/net_gso_size.py measured 180-290 ms of host CPU per such frame (5,000-12,000x a
+# 1448 one; 0.6 ms, 26x, at 48), inside the tap write.
+GSO_MIN_SIZE = 48
 MAX_PACKET = 0xFFFF
 MAX_SLOTS = 18                 # XEN_NETIF_NR_SLOTS_MIN: the most slots a packet may use here
 MAX_FRAME = 1514 + 4
 RX_BATCH = 64
+# A frame that has waited this long for rx requests (a frontend that posts none, or too few)
+# ends the waiting: from then on, until the frontend takes a frame again, what the tap holds
+# for it is read and dropped rather than left queued in the host kernel (up to the tap's
+# qlen of 64 KiB GSO frames, ~65 MB, for as long as the guest likes). Linux netback's
+# rx_drain_timeout_msecs (10 s): packets for a guest ring that stays full are dropped.
+RX_DRAIN_S = 10.0
 _TXREQ = struct.Struct("<IHHHH")       # gref offset flags id size
 _TXRSP = struct.Struct("<Hh")          # id status
 _RXREQ = struct.Struct("<H2xI")        # id gref
@@ -330,6 +343,8 @@ class Netback(YieldDrained):
         self._rx_view = memoryview(self._rx_buf)
         self._rx_len = 0                                # its length with the header, 0: none
         self._rx_throttled = False
+        self._rx_drain_timer: asyncio.TimerHandle | None = None   # RX_DRAIN_S since a frame waits
+        self._rx_draining = False                       # the frontend let a frame wait that long
         self._last_rx_frames = 0                        # frames the last rx pass delivered
         self._tap_poll = select.poll()                  # LONE: is a frame queued in the tap?
         # What the frontend said it takes (read at connect): multi-slot rx packets, GSO
@@ -776,6 +791,7 @@ class Netback(YieldDrained):
             self._handle = None
         self._cancel_tx_timer()
         self._rx_len = 0                        # a frame read for the old rings is dropped
+        self._rx_stall_end()
         self._rx_recent.clear()
         self._rx_recent_bytes = 0
         self.connected.clear()
@@ -1209,8 +1225,10 @@ class Netback(YieldDrained):
             etype, _eflags, size, gtype = _EXTRA_GSO.unpack_from(ex)
             # Only a GSO extra is known here (no multicast control or hash is advertised);
             # its type must be one we advertised and its size non-zero (Linux netback's
-            # xenvif_set_skb_gso: anything else is a bad packet).
-            if etype != XEN_NETIF_EXTRA_TYPE_GSO or size == 0 or gtype not in _GSO_TO_VNET:
+            # xenvif_set_skb_gso: anything else is a bad packet), here at least TCP's
+            # smallest MSS (GSO_MIN_SIZE: the host's software segmentation is not the
+            # guest's to multiply).
+            if etype != XEN_NETIF_EXTRA_TYPE_GSO or size < GSO_MIN_SIZE or gtype not in _GSO_TO_VNET:
                 return NETIF_RSP_ERROR
             gso = (gtype, size)
         total = first[4]                   # a u16: never above MAX_PACKET (64 KiB - 1)
@@ -1323,10 +1341,16 @@ class Netback(YieldDrained):
                 self.stats.rx_dropped += 1
                 continue
             if avail < need:
+                if self._rx_draining:            # no room for RX_DRAIN_S: dropped, not queued
+                    self._rx_len = 0
+                    self.stats.rx_dropped += 1
+                    continue
                 self.stats.rx_waits += 1
                 self._rx_wait(need)
                 break
             self._rx_deliver()
+            if self._rx_drain_timer is not None or self._rx_draining:
+                self._rx_stall_end()
             frames += 1
             delivered = True
         else:
@@ -1357,8 +1381,28 @@ class Netback(YieldDrained):
         prod = r.req_prod
         if self._armed():
             r.put(4, prod + 1)
+        if self._rx_drain_timer is None:
+            self._rx_drain_timer = asyncio.get_running_loop().call_later(RX_DRAIN_S, self._rx_drain_due)
         if r.req_prod != prod:
             self._schedule()
+
+    def _rx_drain_due(self) -> None:
+        """A frame has waited RX_DRAIN_S for rx requests: frames for this frontend are
+        dropped while it has no room for them (`_process_rx`), the tap's queue with them,
+        until it takes one again. Not while a migration holds the frames in the tap."""
+        self._rx_drain_timer = None
+        if self.rx is None or not self._rx_len or self.held:
+            return
+        self._rx_draining = True
+        log.info("d%d: vif %d: no rx requests for %.0f s: frames for it are dropped until it posts some",
+                 self.dom.domid, self.devid, RX_DRAIN_S)
+        self._schedule()
+
+    def _rx_stall_end(self) -> None:
+        if self._rx_drain_timer is not None:
+            self._rx_drain_timer.cancel()
+            self._rx_drain_timer = None
+        self._rx_draining = False
 
     def _rx_deliver(self) -> None:
         r = self.rx
