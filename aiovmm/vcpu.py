@@ -207,6 +207,7 @@ class VCPU:
         self.singleshot_handle: asyncio.TimerHandle | None = None
         self.singleshot_deadline_ns = 0        # system time the armed singleshot_handle is due
         self.poll_timeout_handle: asyncio.TimerHandle | None = None
+        self.poll_deadline_ns = 0              # system time the armed poll_timeout_handle is due
         self.hypercalls = 0
         self.ptwr_updates = 0
         self.in_ptwr_step = False
@@ -376,7 +377,7 @@ class VCPU:
                 self.end_poll()
             else:
                 self.blocked = False
-                self._wake.set()
+                self.wake()
 
     def poll_kick(self, port: int) -> None:
         if self.blocked and self.polling is not None and port in self.polling:
@@ -388,7 +389,7 @@ class VCPU:
             self.poll_timeout_handle.cancel()
             self.poll_timeout_handle = None
         self.blocked = False
-        self._wake.set()
+        self.wake()
 
     # -- exits from emulation ----------------------------------------------------------------------------------
     def _in_ptwr_step(self) -> bool:
@@ -600,8 +601,11 @@ class VCPU:
         await self._wake.wait()
 
     def wake(self) -> None:
-        """Let the run loop re-check its state (pause, shutdown)."""
+        """Let the run loop re-check its state (an unblock, pause, shutdown, online): the
+        scheduler hears of it at once (Scheduler.unblocked: a lengthened slice of another
+        vCPU is cut back), as Xen's vcpu_wake tickles the pCPU."""
         self._wake.set()
+        self.domain.hypervisor.scheduler.unblocked(self)
 
     def stop_timers(self) -> None:
         for h in (self.periodic_handle, self.singleshot_handle, self.poll_timeout_handle):
