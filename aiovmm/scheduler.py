@@ -171,6 +171,12 @@ class Scheduler:
             return max(MIN_SLICE_NS, min(self.slice_ns, ds.cap_left_ns))
         return self.state(v).long_ns or self.slice_ns
 
+    def slice_left(self, v: "VCPU") -> int:
+        """What is left of v's running slice (begin() to its bound, slice_for), in ns: the
+        wall-time bound of its next engine run (vcpu.py runs the engine again inside one
+        slice after a timer of its own ended a run)."""
+        return self.slice_for(v) - (time.perf_counter_ns() - self.state(v)._t0)
+
     def _lengthen(self, v: "VCPU") -> int:
         """The bound of v's slice when nothing else waits for the CPU, else 0 (slice_ns).
 
@@ -301,7 +307,8 @@ class Scheduler:
             s.wait_ns += time.perf_counter_ns() - s.enq_ns
 
     def begin(self, v: "VCPU") -> None:
-        """Right before the engine runs v's slice."""
+        """v's slice starts (vcpu.py: right after acquire, before its due timers and event
+        bounces, which are charged to it as Xen charges from the context switch in)."""
         s = self.state(v)
         s.long_ns = self._lengthen(v)
         if s.long_ns:
