@@ -11,14 +11,12 @@ boots (a bench-only switch). Interleaved A/B per round, medians, load printed.
 - timer_storm 20 us ahead beside a hog vs a hog beside a hog (as bench/timer_storm_share.py):
   the bystander hog's charged CPU as a share of the loop thread's CPU, and the storm's.
 
-    .venv/bin/python bench/timer_in_slice.py [--rounds N] [--engines unicorn,kvm]
+    .venv/bin/python bench/timer_in_slice.py [--runs N] [--engines unicorn,kvm]
 Last line: <engine>_faults_a=<> <engine>_faults_b=<> <engine>_by_share_a=<> ... load=<>
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import re
 import statistics
 import sys
@@ -28,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aiovmm.hypervisor import Hypervisor  # noqa: E402
 from aiovmm.vcpu import VCPU  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tslice import cli, per_engine  # noqa: E402
 
 BUILD = Path(__file__).resolve().parents[1] / "guests" / "build"
 HOG = str(BUILD / "tests" / "hog.elf")
@@ -72,37 +72,29 @@ async def share(engine: str, storm: bool) -> tuple[float, float]:
         return (used_ns(hv, by) - b0) / cpu, (used_ns(hv, n) - n0) / cpu
 
 
+async def engine_ab(e: str, rounds: int) -> dict[str, float]:
+    got: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for b in (False, True) if r % 2 == 0 else (True, False):
+            variant(b)
+            k = "b" if b else "a"
+            got.setdefault(f"faults_{k}", []).append(await faults(e))
+            by, st = await share(e, True)
+            got.setdefault(f"by_share_{k}", []).append(by)
+            got.setdefault(f"storm_share_{k}", []).append(st)
+            by2, n2 = await share(e, False)
+            got.setdefault(f"by_share_hog_{k}", []).append(by2)
+            print(f"{e} round {r} {k.upper()}: faults/s {got[f'faults_{k}'][-1]:.0f}, beside the "
+                  f"storm: bystander {by:.3f} storm {st:.3f} of the loop; beside a hog: "
+                  f"{by2:.3f} and {n2:.3f}", flush=True)
+    variant(True)
+    print(f"{e} medians: " + " ".join(f"{k}={statistics.median(v):.3f}" for k, v in got.items()))
+    return {f"{e}_{k}": statistics.median(v) for k, v in got.items()}
+
+
 async def main(rounds: int, engines: list[str]) -> None:
-    from aiovmm.kvm_engine import unavailable_reason
-    out: dict[str, float] = {}
-    for e in engines:
-        if e == "kvm" and unavailable_reason():
-            print(f"KVM engine skipped: {unavailable_reason()}")
-            continue
-        got: dict[str, list[float]] = {}
-        for r in range(rounds):
-            for b in (False, True) if r % 2 == 0 else (True, False):
-                variant(b)
-                k = "b" if b else "a"
-                got.setdefault(f"faults_{k}", []).append(await faults(e))
-                by, st = await share(e, True)
-                got.setdefault(f"by_share_{k}", []).append(by)
-                got.setdefault(f"storm_share_{k}", []).append(st)
-                by2, n2 = await share(e, False)
-                got.setdefault(f"by_share_hog_{k}", []).append(by2)
-                print(f"{e} round {r} {k.upper()}: faults/s {got[f'faults_{k}'][-1]:.0f}, beside the "
-                      f"storm: bystander {by:.3f} storm {st:.3f} of the loop; beside a hog: "
-                      f"{by2:.3f} and {n2:.3f}", flush=True)
-        variant(True)
-        for k, v in got.items():
-            out[f"{e}_{k}"] = statistics.median(v)
-        print(f"{e} medians: " + " ".join(f"{k}={statistics.median(v):.3f}" for k, v in got.items()))
-    print(" ".join(f"{k}={v:.3f}" for k, v in out.items()) + f" load={os.getloadavg()[0]:.2f}")
+    await per_engine(engines, lambda e: engine_ab(e, rounds))
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--engines", default="unicorn,kvm")
-    a = ap.parse_args()
-    asyncio.run(main(a.rounds, a.engines.split(",")))
+    cli(__doc__, 4, "unicorn,kvm", main)

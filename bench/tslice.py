@@ -95,22 +95,33 @@ async def engine_ab(engine: str, reps: int, exe: str) -> dict[str, float]:
     return out
 
 
-async def main(reps: int, engines: list[str]) -> None:
+async def per_engine(engines: list[str], ab) -> None:
+    """Run `ab(engine)` (an A/B of one engine: a dict of figures) for each engine usable
+    here, then the last line: every figure and the load (also bench/timer_in_slice.py)."""
     from aiovmm.kvm_engine import unavailable_reason
     out: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = C.native_binary(tmp)
-        for e in engines:
-            if e == "kvm" and unavailable_reason():
-                print(f"KVM engine skipped: {unavailable_reason()}")
-                continue
-            out.update(await engine_ab(e, reps, exe))
+    for e in engines:
+        if e == "kvm" and unavailable_reason():
+            print(f"KVM engine skipped: {unavailable_reason()}")
+            continue
+        out.update(await ab(e))
     print(" ".join(f"{k}={v:.3f}" for k, v in out.items()) + f" load={os.getloadavg()[0]:.2f}")
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=31)
-    ap.add_argument("--engines", default="kvm,unicorn")
+def cli(doc: str, default_runs: int, default_engines: str, main) -> None:
+    """The A/B benches' command line: --runs, --engines; uvloop.run(main(runs, engines))."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=default_runs)
+    ap.add_argument("--engines", default=default_engines)
     a = ap.parse_args()
-    uvloop.run(main(a.reps, a.engines.split(",")))
+    uvloop.run(main(a.runs, a.engines.split(",")))
+
+
+async def main(reps: int, engines: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = C.native_binary(tmp)
+        await per_engine(engines, lambda e: engine_ab(e, reps, exe))
+
+
+if __name__ == "__main__":
+    cli(__doc__, 31, "kvm,unicorn", main)
