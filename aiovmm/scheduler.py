@@ -55,6 +55,7 @@ MAX_WEIGHT = 65535
 SETTLE_ITERATIONS = 4         # loop turns a CPU-bound vCPU grants I/O before its slice
 IO_ACTIVE_NS = 100_000_000    # ... while some vCPU woke from block this recently
 CREDIT_BOUND_NS = ACCT_NS     # |credit| is clamped here (Xen: credits_per_tslice)
+TSLICE_NS = 30_000_000        # Xen's sched_credit_tslice_ms: a slice nothing else waits for
 
 
 class Pri(enum.IntEnum):
@@ -98,6 +99,8 @@ class VcpuSched:
     wait_ns: int = 0                      # runnable, waiting in the run queue
     host_steal_ns: int = 0                # slice wall time the host gave to other threads
     slices: int = 0
+    long_slices: int = 0                  # of `slices`: lengthened, nothing else waited (begin)
+    long_ns: int = 0                      # the running slice's lengthened bound, 0 = none
     _t0: int = 0
     _c0: int = 0
 
@@ -105,9 +108,11 @@ class VcpuSched:
 class Scheduler:
     """Xen's credit scheduler over the one CPU the event loop is (module docstring)."""
 
-    def __init__(self, budget_blocks: int = BUDGET_BLOCKS, slice_ns: int = SLICE_NS) -> None:
+    def __init__(self, budget_blocks: int = BUDGET_BLOCKS, slice_ns: int = SLICE_NS,
+                 tslice_ns: int = TSLICE_NS) -> None:
         self.budget_blocks = budget_blocks
         self.slice_ns = slice_ns
+        self.tslice_ns = tslice_ns            # a lone vCPU's slice (_lengthen); <= slice_ns: never
         self.current: "VCPU | None" = None
         self.queues: dict[Pri, collections.deque] = {p: collections.deque() for p in
                                                     sorted(Pri, reverse=True)}
@@ -152,15 +157,73 @@ class Scheduler:
 
     # -- the protocol the vCPU tasks follow -------------------------------------------------------
     def budget(self, v: "VCPU") -> int:
+        s = self.state(v)
+        if s.long_ns:
+            return self.budget_blocks * (s.long_ns // self.slice_ns)
         return self.budget_blocks
 
     def slice_for(self, v: "VCPU") -> int:
         """Wall-time bound of v's next slice: a capped domain gets no more than its cap's
-        remaining budget this period, so the cap is not overshot by a whole slice."""
+        remaining budget this period, so the cap is not overshot by a whole slice; a slice
+        nothing else waits for is lengthened (begin, _lengthen)."""
         ds = self.dom_state(v.domain)
         if ds.cap:
             return max(MIN_SLICE_NS, min(self.slice_ns, ds.cap_left_ns))
-        return self.slice_ns
+        return self.state(v).long_ns or self.slice_ns
+
+    def slice_left(self, v: "VCPU") -> int:
+        """What is left of v's running slice (begin() to its bound, slice_for), in ns: the
+        wall-time bound of its next engine run (vcpu.py runs the engine again inside one
+        slice after a timer of its own ended a run)."""
+        return self.slice_for(v) - (time.perf_counter_ns() - self.state(v)._t0)
+
+    def _lengthen(self, v: "VCPU") -> int:
+        """The bound of v's slice when nothing else waits for the CPU, else 0 (slice_ns).
+
+        Xen's credit scheduler runs a vCPU for its whole time slice (sched_credit_tslice_ms,
+        30 ms) when no other vCPU is runnable on its pCPU, and preempts it early only when
+        one wakes (csched_unit_wake's tickle). Here a slice end costs a KVM exit and a loop
+        turn (~100 us), and slice_ns (2 ms) is the latency bound of everything else on the
+        loop, so a slice is lengthened (to tslice_ns) only while nothing else is known to
+        wait: no other vCPU runnable (queued, or woken and not yet queued) or parked (a
+        cap's), none woke from block within IO_ACTIVE_NS (I/O-driven guests, whose
+        backends run on the loop between slices), and the slice ends before another vCPU's
+        timer (singleshot, periodic, poll timeout) falls due, so that vCPU wakes on time.
+        One that wakes during the slice cuts it back to slice_ns (unblocked). Not seen from
+        here: fd readiness and other loop timers (a backend's timer, the control plane),
+        which wait up to tslice_ns while a lone vCPU computes (tests/test_sched_tslice.py;
+        bench/tslice.py measures what it saves)."""
+        if self.tslice_ns <= self.slice_ns or self.dom_state(v.domain).cap or self.parked \
+                or self._io_active() or any(self.queues.values()):
+            return 0
+        from .timers import next_wakeup_ns
+        hv = v.domain.hypervisor
+        now = hv.system_time_ns()
+        until = self.tslice_ns
+        for dom in hv.domains.values():
+            for o in dom.vcpus:
+                if o is v:
+                    continue
+                if self._wants_cpu(o, self.state(o)):
+                    return 0            # runnable, on its way to a queue (a task not yet run)
+                due = next_wakeup_ns(o)
+                if due is not None:
+                    until = min(until, due - now)
+        return until if until > self.slice_ns else 0
+
+    def unblocked(self, v: "VCPU") -> None:
+        """v stops blocking (an event, the end of a poll, unpause, online): as Xen's
+        vcpu_wake tickles the pCPU, a running slice that was lengthened only because nothing
+        else waited is cut back to slice_ns from its start, and no slice is lengthened while
+        vCPUs wake (IO_ACTIVE_NS). Called from inside a slice's handler or between slices."""
+        self._last_wake_ns = time.perf_counter_ns()
+        cur = self.current
+        if cur is None or cur is v:
+            return
+        s = self.state(cur)
+        if s.long_ns and s._t0:
+            s.long_ns = 0
+            cur.engine.cut_slice(max(1, self.slice_ns - (time.perf_counter_ns() - s._t0)))
 
     def woke(self, v: "VCPU") -> None:
         """v became runnable after blocking: Xen boosts it if it is UNDER (csched_unit_wake),
@@ -244,8 +307,12 @@ class Scheduler:
             s.wait_ns += time.perf_counter_ns() - s.enq_ns
 
     def begin(self, v: "VCPU") -> None:
-        """Right before the engine runs v's slice."""
+        """v's slice starts (vcpu.py: right after acquire, before its due timers and event
+        bounces, which are charged to it as Xen charges from the context switch in)."""
         s = self.state(v)
+        s.long_ns = self._lengthen(v)
+        if s.long_ns:
+            s.long_slices += 1
         s._t0 = time.perf_counter_ns()
         s._c0 = time.thread_time_ns()
 
@@ -253,6 +320,7 @@ class Scheduler:
         """Right after v's slice (or after acquire when v no longer wants to run): charge
         the slice and hand the CPU to the next vCPU."""
         s = self.state(v)
+        s.long_ns = 0
         if s._t0:
             wall = time.perf_counter_ns() - s._t0
             cpu = time.thread_time_ns() - s._c0
@@ -464,6 +532,7 @@ def do_sched_op(v: "VCPU", cmd: int, arg: int, a3: int = 0, *_) -> int:
         v.polling = frozenset(ports)
         if timeout:
             now = v.domain.hypervisor.system_time_ns()
+            v.poll_deadline_ns = timeout
             v.poll_timeout_handle = asyncio.get_running_loop().call_later(
                 max(0, timeout - now) / 1e9, v.end_poll)
         v.block()                # Xen's do_poll: vcpu_block, its runstate `blocked`

@@ -228,6 +228,16 @@ def run_due(v: "VCPU") -> int | None:
     return min(due) if due else None
 
 
+def next_wakeup_ns(v: "VCPU") -> int | None:
+    """System time of the earliest armed timer that raises an event for v or ends its
+    SCHEDOP_poll (singleshot, periodic, poll timeout), or None: how long another vCPU's
+    slice may run before v is due (scheduler._lengthen)."""
+    due = [t for h, t in ((v.singleshot_handle, v.singleshot_deadline_ns),
+                          (v.periodic_handle, v.periodic_next_ns),
+                          (v.poll_timeout_handle, v.poll_deadline_ns)) if h is not None]
+    return min(due) if due else None
+
+
 def slice_until(v: "VCPU", due: int | None, slice_ns: int) -> int:
     """The wall-time bound of the slice about to run: `slice_ns`, cut at the deadline `due`
     (run_due's, Xen system time, which is CLOCK_MONOTONIC as the engines' slice deadlines),

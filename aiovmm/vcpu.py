@@ -207,6 +207,7 @@ class VCPU:
         self.singleshot_handle: asyncio.TimerHandle | None = None
         self.singleshot_deadline_ns = 0        # system time the armed singleshot_handle is due
         self.poll_timeout_handle: asyncio.TimerHandle | None = None
+        self.poll_deadline_ns = 0              # system time the armed poll_timeout_handle is due
         self.hypercalls = 0
         self.ptwr_updates = 0
         self.in_ptwr_step = False
@@ -376,7 +377,7 @@ class VCPU:
                 self.end_poll()
             else:
                 self.blocked = False
-                self._wake.set()
+                self.wake()
 
     def poll_kick(self, port: int) -> None:
         if self.blocked and self.polling is not None and port in self.polling:
@@ -388,7 +389,7 @@ class VCPU:
             self.poll_timeout_handle.cancel()
             self.poll_timeout_handle = None
         self.blocked = False
-        self._wake.set()
+        self.wake()
 
     # -- exits from emulation ----------------------------------------------------------------------------------
     def _in_ptwr_step(self) -> bool:
@@ -490,46 +491,16 @@ class VCPU:
                 try:
                     if self.blocked or not self.online or dom.paused or dom.dying:
                         continue
-                    if self.runstate != vcpu_op.RunState.running:
-                        vcpu_op.set_runstate(self, vcpu_op.RunState.running)
-                    if self.pending_ptwr is not None:
-                        traps.finish_ptwr(self)
-                        if dom.dying:
-                            break
-                    if self.code_sync_due is not None and loop_time() >= self.code_sync_due:
-                        self.code_sync_due = None
-                        self.flush_code_pending = True
-                    if self.flush_code_pending:
-                        self.flush_code_pending = False
-                        self.code_flushed_at = loop_time()
-                        self.engine.flush_code()
-                    if self.pending_failsafe is not None:
-                        sels, self.pending_failsafe = self.pending_failsafe, None
-                        traps.failsafe(self, sels)
-                        if dom.dying:
-                            break
-                    if self.pending_trap is not None:
-                        vector, error, rip = self.pending_trap
-                        self.pending_trap = None
-                        self.engine.set("rip", rip)
-                        traps.exception(self, vector, error, 0)
-                        if dom.dying:
-                            break
-                    due = timers.run_due(self)      # before the NMI and event checks, as Xen's softirq
-                    if self.nmi_pending:
-                        traps.deliver_nmi(self)
-                        if dom.dying:
-                            break
-                    if self.event_deliverable():
-                        traps.deliver_event(self)
-                        if dom.dying:
-                            break
+                    # The slice is the vCPU's from here: what the hypervisor does for it
+                    # before the guest is entered (its due timers, event and trap bounces) is
+                    # charged to it, as Xen's burn_credits charges from the context switch.
                     sched.begin(self)
-                    reason = self.engine.run(sched.budget(self),
-                                             timers.slice_until(self, due, sched.slice_for(self)))
-                    self.idle_released = False
-                    if len(dom.vcpus) > 1:
-                        self._share_code_writes()
+                    while True:
+                        reason = self._enter(sched, timers, traps)
+                        if reason is not ExitReason.BUDGET or not self._slice_goes_on(sched):
+                            break
+                        if dom.yield_drains:
+                            dom.drain_backends()
                 finally:
                     sched.release(self)
                 if reason is ExitReason.ERROR:
@@ -544,6 +515,65 @@ class VCPU:
             self.stop_timers()
             descriptors.release(self)
             vcpu_op.release(self)
+
+    def _enter(self, sched, timers, traps) -> ExitReason | None:
+        """Prepare and run one engine run of the current slice: what is pending for the vCPU
+        (page-table write step, code sync, failsafe, trap), its due timers (Xen's timer
+        softirq before the return to the guest), NMI and event bounces, then the guest until
+        the slice's bound or the vCPU's next timer. None: the domain died meanwhile."""
+        dom = self.domain
+        if self.runstate != vcpu_op.RunState.running:
+            vcpu_op.set_runstate(self, vcpu_op.RunState.running)
+        if self.pending_ptwr is not None:
+            traps.finish_ptwr(self)
+            if dom.dying:
+                return None
+        if self.code_sync_due is not None and loop_time() >= self.code_sync_due:
+            self.code_sync_due = None
+            self.flush_code_pending = True
+        if self.flush_code_pending:
+            self.flush_code_pending = False
+            self.code_flushed_at = loop_time()
+            self.engine.flush_code()
+        if self.pending_failsafe is not None:
+            sels, self.pending_failsafe = self.pending_failsafe, None
+            traps.failsafe(self, sels)
+            if dom.dying:
+                return None
+        if self.pending_trap is not None:
+            vector, error, rip = self.pending_trap
+            self.pending_trap = None
+            self.engine.set("rip", rip)
+            traps.exception(self, vector, error, 0)
+            if dom.dying:
+                return None
+        due = timers.run_due(self)      # before the NMI and event checks, as Xen's softirq
+        if self.nmi_pending:
+            traps.deliver_nmi(self)
+            if dom.dying:
+                return None
+        if self.event_deliverable():
+            traps.deliver_event(self)
+            if dom.dying:
+                return None
+        left = max(timers.TIMER_SLOP_NS, sched.slice_left(self))   # the guest runs, however long the above took
+        reason = self.engine.run(sched.budget(self), timers.slice_until(self, due, left))
+        self.idle_released = False
+        if len(dom.vcpus) > 1:
+            self._share_code_writes()
+        return reason
+
+    def _slice_goes_on(self, sched) -> bool:
+        """The engine run ended on time (ExitReason.BUDGET): True if that was the vCPU's own
+        timer and not the slice's bound, so the slice goes on with the timer's event (Xen's
+        timer interrupt raises the event on the running vCPU and returns to it; only the
+        scheduler's own timer deschedules it). Not when the vCPU stopped wanting the CPU or
+        less than TIMER_SLOP_NS of the slice is left."""
+        from .timers import TIMER_SLOP_NS
+        d = self.domain
+        if self.blocked or not self.online or d.paused or d.dying:
+            return False
+        return sched.slice_left(self) >= TIMER_SLOP_NS
 
     def _share_code_writes(self) -> None:
         """This vCPU's stores invalidated some of its translated code (its engine counts
@@ -600,8 +630,12 @@ class VCPU:
         await self._wake.wait()
 
     def wake(self) -> None:
-        """Let the run loop re-check its state (pause, shutdown)."""
+        """Let the run loop re-check its state (an unblock, pause, shutdown, online): the
+        scheduler hears of it at once (Scheduler.unblocked: a lengthened slice of another
+        vCPU is cut back), as Xen's vcpu_wake tickles the pCPU."""
         self._wake.set()
+        if self.domain.shutdown_reason is None:      # not a vCPU on its way out
+            self.domain.hypervisor.scheduler.unblocked(self)
 
     def stop_timers(self) -> None:
         for h in (self.periodic_handle, self.singleshot_handle, self.poll_timeout_handle):

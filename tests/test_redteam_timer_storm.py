@@ -7,12 +7,13 @@ deadline already passed (VCPUOP_set_singleshot_timer ignores VCPU_SSHOTTMR_futur
 4.18; set_timer_op's 2^50 ns rule).
 
 Beside a CPU hog, each storm keeps the hog's charged share equal to its own (cut slices are
-charged: sched.begin/release wrap engine.run; the hog keeps at least a quarter of the loop
-thread's CPU, 0.38-0.47 measured), and the loop keeps running callbacks (a 5 ms
-sleep returns throughout). Both engines. Open (not a test): what the loop spends between a
-storm's slices is charged to no one (bench/timer_storm_share.py, load ~7, Unicorn, 20 us
-ahead: the bystander's charged share of the loop thread 0.38 vs 0.47 beside a plain hog;
-0.42 with sched.begin moved before run_due/event delivery)."""
+charged: sched.begin/release wrap the slice, its timers and event bounces included; the hog
+keeps at least a quarter of the loop thread's CPU), and the loop keeps running callbacks (a
+5 ms sleep returns throughout). Both engines. The storm's events come inside its slices
+(vcpu.py _slice_goes_on: no loop turn per event between slices, which was charged to no
+one): bench/timer_in_slice.py, Unicorn, 20 us ahead, load 14-17: the bystander's charged
+share of the loop thread 0.442 before, 0.469 after, 0.474 beside a plain hog
+(tests/test_sched_tslice.py counts the storm's slices)."""
 from __future__ import annotations
 
 import asyncio
