@@ -30,37 +30,80 @@ EXIT_CODES = {
 EXIT_USAGE = 64
 
 
+def console_mode(choice: str, stdin_fd: int | None, stdout_fd: int | None) -> str:
+    """--console-output resolved: "auto" is "terminal" when the user is at a terminal
+    (stdin and stdout both ttys), else "text" (a file, a pipe, a log)."""
+    if choice != "auto":
+        return choice
+    def tty(fd: int | None) -> bool:
+        return fd is not None and os.isatty(fd)
+    return "terminal" if tty(stdin_fd) and tty(stdout_fd) else "text"
+
+
+def _fileno(f) -> int | None:
+    try:
+        return f.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 async def _run(args: argparse.Namespace) -> int:
+    from .console import HostTerminal, TerminalFilter
     from .hypervisor import Hypervisor
 
     out = sys.stdout.buffer
+    stdin_fd = _fileno(sys.stdin)
+    mode = console_mode(args.console_output, stdin_fd, _fileno(sys.stdout))
+    filt = TerminalFilter().feed if mode == "terminal" else None
+    last = [b"\n"]
 
     def console(data: bytes) -> None:
-        out.write(data)
-        out.flush()
+        if filt is not None:
+            data = filt(data)
+        if data:
+            out.write(data)
+            out.flush()
+            last[0] = data[-1:]
 
+    # Terminal and raw modes: the user's terminal in raw mode, keys to the guest as typed,
+    # Ctrl-] leaves (xl console, QEMU's stdio); restored on every way out (the signals
+    # below end the guest and come back here).
+    terminal = None
+    if mode != "text" and stdin_fd is not None and os.isatty(stdin_fd):
+        terminal = HostTerminal(stdin_fd)
     async with Hypervisor(memory_mib=args.machine_memory, log_dir=args.log_dir,
                           xenstore_path=args.xenstore_socket, engine=args.engine) as hv:
         dom = await hv.create(args.kernel, memory_mib=args.memory, cmdline=args.cmdline,
                               name=args.name, ramdisk=args.ramdisk, on_console=console, vifs=args.vif, disks=args.disk,
-                              max_memory_mib=getattr(args, "maxmem", None), vcpus=args.vcpus)
+                              max_memory_mib=getattr(args, "maxmem", None), vcpus=args.vcpus,
+                              console_raw=mode != "text")
         if getattr(args, "weight", None) is not None or getattr(args, "cap", None) is not None:
             dom.set_sched(weight=args.weight, cap=args.cap)
         loop = asyncio.get_running_loop()
         interrupted = []
 
-        def stop(signame: str) -> None:
-            interrupted.append(signame)
+        def stop(why: str) -> None:
+            if not interrupted:
+                interrupted.append(why)
             dom.shutdown(ShutdownReason.poweroff)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop, sig.name)
-        stdin_fd = _watch_stdin(loop, dom)
         try:
-            reason = await dom.wait()
+            if terminal is not None:
+                terminal.__enter__()
+            watched = _watch_stdin(loop, dom, detach=(lambda: stop("Ctrl-]")) if terminal else None)
+            try:
+                reason = await dom.wait()
+            finally:
+                if watched is not None:
+                    loop.remove_reader(watched)
+                    os.set_blocking(watched, True)
         finally:
-            if stdin_fd is not None:
-                loop.remove_reader(stdin_fd)
+            if terminal is not None:
+                terminal.restore()
+                if last[0] != b"\n":
+                    sys.stderr.write("\n")       # the guest's cursor may be mid-line
         if interrupted:
             print(f"aiovmm: d{dom.domid} ({dom.name}) destroyed on {interrupted[0]}", file=sys.stderr)
             return 130
@@ -87,10 +130,12 @@ def _mib(text: str) -> int:
     return v
 
 
-def _watch_stdin(loop: asyncio.AbstractEventLoop, dom) -> int | None:
+def _watch_stdin(loop: asyncio.AbstractEventLoop, dom, detach=None) -> int | None:
     """Feed host stdin to the guest's console ring. Input goes to the domain's input queue,
     which the console backend moves into the ring as space allows (also input that arrives
-    before the backend has connected, and more than the 1 KiB ring holds)."""
+    before the backend has connected, and more than the 1 KiB ring holds). `detach`: called
+    on Ctrl-] (what was typed before it still goes to the guest)."""
+    from .console import DETACH_KEY
     try:
         fd = sys.stdin.fileno()
         os.set_blocking(fd, False)
@@ -101,9 +146,16 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, dom) -> int | None:
         data = read_host_input(loop, fd)
         if not data:
             return
-        dom.console_input += data
-        if dom.console_backend is not None:
-            dom.console_backend.flush_input()
+        cut = data.find(DETACH_KEY) if detach is not None else -1
+        if cut >= 0:
+            data = data[:cut]
+            loop.remove_reader(fd)
+        if data:
+            dom.console_input += data
+            if dom.console_backend is not None:
+                dom.console_backend.flush_input()
+        if cut >= 0:
+            detach()
 
     try:
         loop.add_reader(fd, readable)
@@ -151,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve xenstore to host tools here (XENSTORED_PATH=PATH xenstore-ls)")
     r.add_argument("--engine", choices=("unicorn", "kvm", "auto"), default=None,
                    help="vCPU engine: emulated (unicorn), KVM, or auto (default; see docs/design.md)")
+    r.add_argument("--console-output", choices=("auto", "terminal", "raw", "text"), default="auto",
+                   help="guest output: 'terminal' passes the guest's terminal controls (cursor, colours, "
+                        "line editing) but drops those that act beyond the screen (titles, clipboard, "
+                        "queries: OSC/DCS/APC strings), with the terminal in raw mode and Ctrl-] to "
+                        "leave; 'raw' passes every byte (as xl console does); 'text' replaces every "
+                        "control byte but newline and tab; 'auto' (default): terminal when stdin and "
+                        "stdout are a terminal, else text")
     r.add_argument("--machine-memory", type=_mib, default=2048, metavar="MIB",
                    help="host memory reserved for all guests (lazily backed; default 2048)")
     from .control.cli_verbs import register as register_verbs
