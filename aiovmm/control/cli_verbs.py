@@ -19,7 +19,6 @@ EXIT_ERR = 1
 
 class ServeOptionsDefaults:
     SAVE_DIR = "/var/lib/aiovmm/save"      # daemon.DEFAULT_SAVE_DIR (not imported: CLI start-up)
-CTRL_RBRACKET = 0x1D       # Ctrl-]: leave the console (xl's escape)
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -42,7 +41,7 @@ def v_create(a: argparse.Namespace) -> int:
     print(f"Parsing config from {a.config}", file=sys.stderr)
     d = c.post("/api/v1/domains", {"config": text, "config_path": path})
     if a.console:
-        return _console(c, str(d["id"]))
+        return _console(c, str(d["id"]), a.console_output)
     return 0
 
 
@@ -265,36 +264,39 @@ def v_top(a: argparse.Namespace) -> int:
 def v_console(a: argparse.Namespace) -> int:
     c = _client(a)
     d = c.get(dom_path(a.domain))          # a clear error for an unknown domain first
-    return _console(c, str(d["id"]))
+    return _console(c, str(d["id"]), a.console_output)
 
 
-def _console(c: Client, ref: str) -> int:
+def _console(c: Client, ref: str, output: str = "auto") -> int:
     try:
-        return asyncio.run(_console_async(c, ref))
+        return asyncio.run(_console_async(c, ref, output))
     except KeyboardInterrupt:
         return 0
 
 
-async def _console_async(c: Client, ref: str) -> int:
-    """Guest output to stdout, stdin to the guest; Ctrl-] leaves (the terminal is put in raw
-    mode when stdin is a terminal, and restored)."""
+async def _console_async(c: Client, ref: str, output: str) -> int:
+    """Guest output to stdout, stdin to the guest; Ctrl-] leaves. Output as `aiovmm run`
+    gives it (--console-output): at a terminal the guest's terminal controls pass and the
+    control strings do not (console.TerminalFilter), with the terminal in raw mode
+    (console.HostTerminal) and restored; to a file or a pipe, text."""
     import aiohttp
+    from ..cli import console_mode
+    from ..console import DETACH_KEY, HostTerminal, TerminalFilter, text
     loop = asyncio.get_running_loop()
     fd = sys.stdin.fileno()
     out = sys.stdout.buffer
-    tty_state = None
-    if os.isatty(fd):
-        import termios
-        import tty
-        tty_state = termios.tcgetattr(fd)
-        tty.setraw(fd)
+    mode = console_mode(output, fd, sys.stdout.fileno())
+    shown = {"terminal": TerminalFilter().feed, "raw": bytes, "text": text}[mode]
+    terminal = HostTerminal(fd) if mode != "text" and os.isatty(fd) else None
     session, base = c.ws_session()
     leave = asyncio.Event()
     outq: asyncio.Queue[bytes] = asyncio.Queue()      # stdin bytes for the guest
+    if terminal is not None:
+        terminal.__enter__()
     try:
         async with session:
             try:
-                ws = await session.ws_connect(base + dom_path(ref, "console", "ws"))
+                ws = await session.ws_connect(base + dom_path(ref, "console", "ws") + "?raw=true")
             except aiohttp.ClientError as e:
                 raise ClientError(f"console: {e}") from None
             async with ws:
@@ -302,8 +304,8 @@ async def _console_async(c: Client, ref: str) -> int:
                     data = read_host_input(loop, fd)
                     if not data:
                         return
-                    if CTRL_RBRACKET in data:
-                        data = data[:data.index(CTRL_RBRACKET)]
+                    if DETACH_KEY in data:
+                        data = data[:data.index(DETACH_KEY)]
                         loop.remove_reader(fd)
                         leave.set()
                     if data:
@@ -314,7 +316,7 @@ async def _console_async(c: Client, ref: str) -> int:
                     async def receive() -> None:
                         async for msg in ws:
                             if msg.type == aiohttp.WSMsgType.BINARY:
-                                out.write(msg.data)
+                                out.write(shown(msg.data))
                                 out.flush()
                             elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                                 break
@@ -335,9 +337,8 @@ async def _console_async(c: Client, ref: str) -> int:
                     loop.remove_reader(fd)
                     os.set_blocking(fd, True)
     finally:
-        if tty_state is not None:
-            import termios
-            termios.tcsetattr(fd, termios.TCSADRAIN, tty_state)
+        if terminal is not None:
+            terminal.restore()
     return 0
 
 
@@ -454,6 +455,11 @@ def register(sub: Any) -> None:
         p.set_defaults(verb_func=func)
         return p
 
+    def console_output(p: argparse.ArgumentParser) -> None:
+        from ..cli import CONSOLE_OUTPUT_HELP
+        p.add_argument("--console-output", choices=("auto", "terminal", "raw", "text"), default="auto",
+                       help=CONSOLE_OUTPUT_HELP)
+
     def domain(p: argparse.ArgumentParser) -> None:
         p.add_argument("domain", metavar="DOMAIN", help="domain id or name")
 
@@ -474,6 +480,7 @@ def register(sub: Any) -> None:
     p = add("create", v_create, "create a domain from an xl.cfg file")
     p.add_argument("config", metavar="CFG")
     p.add_argument("-c", dest="console", action="store_true", help="attach to the console")
+    console_output(p)
     p = add("save", v_save, "suspend a domain and write it to a file (xl save)")
     p.add_argument("-c", dest="checkpoint", action="store_true", help="leave the domain running")
     domain(p)
@@ -490,6 +497,7 @@ def register(sub: Any) -> None:
     p.add_argument("-l", "--long", action="store_true", help="detailed (JSON) output")
     p.add_argument("domains", nargs="*", metavar="DOMAIN")
     p = add("console", v_console, "attach to a domain's console (Ctrl-] leaves)")
+    console_output(p)
     domain(p)
     p = add("shutdown", v_shutdown, "ask a domain to shut down")
     p.add_argument("-w", "--wait", action="store_true", help="wait for the domain to be gone")
