@@ -28,6 +28,14 @@ EXIT_CODES = {
     ShutdownReason.soft_reset: 5,
 }
 EXIT_USAGE = 64
+OUTPUT_CLOSED = "output closed"
+CONSOLE_OUTPUT_HELP = (
+    "guest output: 'terminal' passes the guest's terminal controls (cursor, colours, line "
+    "editing) but drops those that act beyond the screen (titles, clipboard, queries: "
+    "OSC/DCS/APC strings), with the terminal in raw mode (Ctrl-C goes to the guest) and "
+    "Ctrl-] to leave; 'raw' passes every byte (as xl console does); 'text' replaces every "
+    "control byte but newline and tab; 'auto' (default): terminal when stdin and stdout are "
+    "a terminal, else text")
 
 
 def console_mode(choice: str, stdin_fd: int | None, stdout_fd: int | None) -> str:
@@ -56,13 +64,21 @@ async def _run(args: argparse.Namespace) -> int:
     mode = console_mode(args.console_output, stdin_fd, _fileno(sys.stdout))
     filt = TerminalFilter().feed if mode == "terminal" else None
     last = [b"\n"]
+    interrupted: list[str] = []
+    stop_cb: list = []
 
     def console(data: bytes) -> None:
         if filt is not None:
             data = filt(data)
-        if data:
-            out.write(data)
-            out.flush()
+        if data and OUTPUT_CLOSED not in interrupted:
+            try:
+                out.write(data)
+                out.flush()
+            except OSError:          # a closed pipe (`| head`), a terminal hung up: the end
+                interrupted.insert(0, OUTPUT_CLOSED)
+                if stop_cb:
+                    asyncio.get_running_loop().call_soon(stop_cb[0], OUTPUT_CLOSED)
+                return
             last[0] = data[-1:]
 
     # Terminal and raw modes: the user's terminal in raw mode, keys to the guest as typed,
@@ -80,12 +96,14 @@ async def _run(args: argparse.Namespace) -> int:
         if getattr(args, "weight", None) is not None or getattr(args, "cap", None) is not None:
             dom.set_sched(weight=args.weight, cap=args.cap)
         loop = asyncio.get_running_loop()
-        interrupted = []
 
         def stop(why: str) -> None:
             if not interrupted:
                 interrupted.append(why)
             dom.shutdown(ShutdownReason.poweroff)
+        stop_cb.append(stop)
+        if interrupted:                        # output closed during the build
+            loop.call_soon(stop, interrupted[0])
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop, sig.name)
@@ -104,6 +122,13 @@ async def _run(args: argparse.Namespace) -> int:
                 terminal.restore()
                 if last[0] != b"\n":
                     sys.stderr.write("\n")       # the guest's cursor may be mid-line
+        if interrupted and interrupted[0] == OUTPUT_CLOSED:
+            # As a writer killed by SIGPIPE, silently: stdout goes nowhere from here, so
+            # Python's own last flush meets no closed pipe either.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 128 + signal.SIGPIPE
         if interrupted:
             print(f"aiovmm: d{dom.domid} ({dom.name}) destroyed on {interrupted[0]}", file=sys.stderr)
             return 130
@@ -179,6 +204,16 @@ def _forget_loop_signals() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script. Ctrl-C at any point, also while Python is still importing or a
+    guest is being built (before `run` takes SIGINT over), ends with one line and 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("aiovmm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="aiovmm", description="Xen PV hypervisor on asyncio")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -204,12 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--engine", choices=("unicorn", "kvm", "auto"), default=None,
                    help="vCPU engine: emulated (unicorn), KVM, or auto (default; see docs/design.md)")
     r.add_argument("--console-output", choices=("auto", "terminal", "raw", "text"), default="auto",
-                   help="guest output: 'terminal' passes the guest's terminal controls (cursor, colours, "
-                        "line editing) but drops those that act beyond the screen (titles, clipboard, "
-                        "queries: OSC/DCS/APC strings), with the terminal in raw mode and Ctrl-] to "
-                        "leave; 'raw' passes every byte (as xl console does); 'text' replaces every "
-                        "control byte but newline and tab; 'auto' (default): terminal when stdin and "
-                        "stdout are a terminal, else text")
+                   help=CONSOLE_OUTPUT_HELP)
     r.add_argument("--machine-memory", type=_mib, default=2048, metavar="MIB",
                    help="host memory reserved for all guests (lazily backed; default 2048)")
     from .control.cli_verbs import register as register_verbs
@@ -263,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         except BuildError as e:
             print(f"aiovmm: {e}", file=sys.stderr)
             return EXIT_USAGE
-        except KeyboardInterrupt:
-            return 130
         except Exception as e:
             if args.verbose:
                 raise

@@ -1,0 +1,57 @@
+"""How `aiovmm run` ends when the user ends it: one line (or none, as a writer whose pipe
+closed), a meaningful status, never a traceback or a "crashed" guest."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import ROOT, _cli_command, kernel
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def test_closed_output_pipe_ends_quietly():
+    """`aiovmm run ... | head -1`: the reader goes, the guest is destroyed and aiovmm exits
+    as a writer killed by SIGPIPE would (141), silently (before: the guest 'crashed' with a
+    BrokenPipeError in a hypervisor error, exit 1)."""
+    p = subprocess.Popen(_cli_command() + ["run", kernel(), "--memory", "8", "--cmdline", "ticks=100"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=ROOT, env=_env())
+    try:
+        assert p.stdout.readline() == b"aiovmm guest kernel 0.1 booting\n"
+        p.stdout.close()
+        err = p.stderr.read()
+        assert p.wait(60) == 128 + signal.SIGPIPE, err
+        assert err == b"", err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+CTRL_C_IN_CREATE = """
+import signal, sys
+import aiovmm.hypervisor as h
+from aiovmm.cli import main
+create = h.Hypervisor.create
+async def create_interrupted(self, *a, **k):
+    signal.raise_signal(signal.SIGINT)          # the user's Ctrl-C, while the guest is built
+    return await create(self, *a, **k)
+h.Hypervisor.create = create_interrupted
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_the_guest_is_built():
+    """Ctrl-C before `run` has taken SIGINT over (the guest is still being built): one line,
+    exit 130, nothing left (before: exit 130 and not a word)."""
+    r = subprocess.run([sys.executable, "-c", CTRL_C_IN_CREATE, "run", kernel(), "--memory", "8"],
+                       capture_output=True, timeout=60, cwd=ROOT, env=_env())
+    assert (r.returncode, r.stderr) == (130, b"aiovmm: interrupted\n"), r.stderr
+    assert r.stdout == b""
