@@ -4,7 +4,9 @@
 
 boots a Xen PV kernel, streams its console to stdout, and exits with a status derived from
 the guest's shutdown reason (EXIT_CODES); a crash also prints a one-line reason on stderr.
-Errors are one line on stderr, never a traceback (use -v for details).
+Errors are one line on stderr, never a traceback (use -v for details). At a terminal the
+console is the guest's serial line (console.TerminalFilter, console.HostTerminal; Ctrl-]
+leaves); to files and pipes it is text (--console-output).
 """
 from __future__ import annotations
 
@@ -216,8 +218,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="aiovmm", description="Xen PV hypervisor on asyncio")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    r = sub.add_parser("run", help="boot a Xen PV kernel and stream its console")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND",
+                           title="commands (aiovmm COMMAND --help)")
+    r = sub.add_parser("run", help="boot a Xen PV kernel and stream its console",
+                       description="Boot a Xen PV kernel in this process and attach to its console "
+                                   "(at a terminal: Ctrl-] leaves, destroying the guest).",
+                       epilog="exit status: the guest's shutdown reason (poweroff 0, crash 1, reboot 2, "
+                              "suspend 3, watchdog 4, soft_reset 5); 64 bad input; 130 ended by Ctrl-], "
+                              "SIGINT, SIGTERM or SIGHUP; 141 output pipe closed")
     r.add_argument("kernel", nargs="?", help="guest kernel: ELF or bzImage (Xen PV, x86_64)")
     r.add_argument("-c", "--config", metavar="FILE",
                    help="domain configuration in xl.cfg syntax (kernel, ramdisk, memory, name, extra, root, "
@@ -233,7 +241,7 @@ def _main(argv: list[str] | None = None) -> int:
                    help="network interface, xl syntax: mac=00:16:3e:01:02:03,bridge=br0 (repeatable)")
     r.add_argument("--disk", action="append", default=[], metavar="SPEC",
                    help="block device, xl syntax: target=/path/to/img,vdev=xvda,access=rw (repeatable)")
-    r.add_argument("--log-dir", default=None, help="also write the console to <dir>/<name>-d<id>.log")
+    r.add_argument("--log-dir", default=None, metavar="DIR", help="also write the console to <dir>/<name>-d<id>.log")
     r.add_argument("--xenstore-socket", default=None, metavar="PATH",
                    help="serve xenstore to host tools here (XENSTORED_PATH=PATH xenstore-ls)")
     r.add_argument("--engine", choices=("unicorn", "kvm", "auto"), default=None,
