@@ -55,3 +55,18 @@ def test_ctrl_c_while_the_guest_is_built():
                        capture_output=True, timeout=60, cwd=ROOT, env=_env())
     assert (r.returncode, r.stderr) == (130, b"aiovmm: interrupted\n"), r.stderr
     assert r.stdout == b""
+
+
+def test_demo_prints_guest_text_verbatim():
+    """`make demo` prints each guest's console lines with rich: guest text is text, never
+    markup (before: a guest line with '[/]' ended the demo with rich's MarkupError)."""
+    import importlib.util
+    import io
+
+    from rich.console import Console
+    spec = importlib.util.spec_from_file_location("aiovmm_demo", ROOT / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    demo.con = Console(file=io.StringIO(), width=200, color_system=None)
+    demo.printer("web1")(b"a [/] b [bold]c\n")
+    assert demo.con.file.getvalue() == "   web1 | a [/] b [bold]c\n"
