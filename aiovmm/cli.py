@@ -279,6 +279,12 @@ def _main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         args.cmdline = args.cmdline if args.cmdline is not None else cfg.cmdline
         args.name = args.name or cfg.name
+        from .domain import NAME_MAX, valid_name
+        if args.name is not None and not valid_name(args.name):
+            # As the daemon refuses it (the name is part of the console log's file name).
+            print(f"aiovmm: invalid domain name {args.name!r} (printable, 1-{NAME_MAX} characters, "
+                  f"not all digits, no '/')", file=sys.stderr)
+            return EXIT_USAGE
         args.ramdisk = args.ramdisk or cfg.ramdisk
         args.vif = cfg.vif + args.vif
         args.disk = cfg.disk + args.disk

@@ -70,3 +70,16 @@ def test_demo_prints_guest_text_verbatim():
     demo.con = Console(file=io.StringIO(), width=200, color_system=None)
     demo.printer("web1")(b"a [/] b [bold]c\n")
     assert demo.con.file.getvalue() == "   web1 | a [/] b [bold]c\n"
+
+
+def test_invalid_name_refused_like_the_daemon():
+    """`run --name a/b` (the console log's file name would be a/b-d1.log): refused with one
+    line and 64, as `aiovmm create` is (before: accepted, and --log-dir silently wrote no
+    log)."""
+    from conftest import guest, run_cli
+    for name in ("a/b", "123", "x" * 65):
+        r = run_cli("run", guest("hello"), "--memory", "8", "--name", name)
+        assert r.returncode == 64, (name, r.returncode, r.stderr)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("aiovmm: invalid domain name "), r.stderr
+        assert r.stdout == ""
