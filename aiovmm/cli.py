@@ -58,12 +58,13 @@ def _fileno(f) -> int | None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from .console import HostTerminal, TerminalFilter
+    from .console import HostTerminal, TerminalFilter, write_all
     from .hypervisor import Hypervisor
 
-    out = sys.stdout.buffer
+    sys.stdout.flush()
+    out_fd = sys.stdout.fileno()
     stdin_fd = _fileno(sys.stdin)
-    mode = console_mode(args.console_output, stdin_fd, _fileno(sys.stdout))
+    mode = console_mode(args.console_output, stdin_fd, out_fd)
     filt = TerminalFilter().feed if mode == "terminal" else None
     last = [b"\n"]
     interrupted: list[str] = []
@@ -74,8 +75,7 @@ async def _run(args: argparse.Namespace) -> int:
             data = filt(data)
         if data and OUTPUT_CLOSED not in interrupted:
             try:
-                out.write(data)
-                out.flush()
+                write_all(out_fd, data)
             except OSError:          # a closed pipe (`| head`), a terminal hung up: the end
                 interrupted.insert(0, OUTPUT_CLOSED)
                 if stop_cb:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 import time
 from typing import Callable
 
@@ -41,6 +42,22 @@ def read_host_input(loop: asyncio.AbstractEventLoop, fd: int) -> bytes | None:
     if not data:
         loop.remove_reader(fd)
     return data
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the user's stdout `fd`, as a blocking write would, also when the
+    descriptor is non-blocking: a terminal's stdin and stdout are usually one open file, and
+    stdin is made non-blocking for the loop's reader, so a terminal that is slow to take a
+    boot log answers EAGAIN (waited out here, never taken for a closed output). Other
+    errors (EPIPE, EIO after a hang-up) are raised."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
 
 
 def printable(data: bytes) -> bytes:

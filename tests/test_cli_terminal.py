@@ -218,3 +218,24 @@ def test_busybox_line_editing(pty_run):
     t.send(b"\x1d")
     assert t.finish() == 130, t.out[-500:]
     assert t.restored()
+
+
+def test_terminal_slow_to_read(pty_run):
+    """The terminal's stdin and stdout are one open file, made non-blocking for the loop's
+    reader: a terminal that stops reading for a while (a slow link, a paused pager) makes
+    writes answer EAGAIN. The output waits for it; nothing is lost and the guest lives
+    (before: the guest was destroyed as if the output had been closed)."""
+    import threading
+    t = pty_run("run", kernel(), "--memory", "8", "--cmdline", "ticks=1 echo=1 echo_timeout=60")
+    assert t.read_until(b"echo: ready", 60), t.out
+    lines = [b"line%03d-" % i + b"x" * 150 for i in range(150)]       # ~23 KB of echoes
+    writer = threading.Thread(target=lambda: [t.send(l + b"\r") for l in lines])
+    writer.start()
+    time.sleep(3)                                      # not reading: the pty fills up
+    assert t.read_until(b"echo: " + lines[-1], 60), t.out[-300:]
+    writer.join(30)
+    for l in lines:
+        assert b"echo: " + l + b"\r\n" in t.out, l[:10]
+    t.send(b"quit\r")
+    assert t.finish() == 0, t.out[-300:]
+    assert t.restored()

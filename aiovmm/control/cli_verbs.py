@@ -281,11 +281,12 @@ async def _console_async(c: Client, ref: str, output: str) -> int:
     (console.HostTerminal) and restored; to a file or a pipe, text."""
     import aiohttp
     from ..cli import console_mode
-    from ..console import DETACH_KEY, HostTerminal, TerminalFilter, text
+    from ..console import DETACH_KEY, HostTerminal, TerminalFilter, text, write_all
     loop = asyncio.get_running_loop()
     fd = sys.stdin.fileno()
-    out = sys.stdout.buffer
-    mode = console_mode(output, fd, sys.stdout.fileno())
+    sys.stdout.flush()
+    out_fd = sys.stdout.fileno()
+    mode = console_mode(output, fd, out_fd)
     shown = {"terminal": TerminalFilter().feed, "raw": bytes, "text": text}[mode]
     terminal = HostTerminal(fd) if mode != "text" and os.isatty(fd) else None
     session, base = c.ws_session()
@@ -316,8 +317,7 @@ async def _console_async(c: Client, ref: str, output: str) -> int:
                     async def receive() -> None:
                         async for msg in ws:
                             if msg.type == aiohttp.WSMsgType.BINARY:
-                                out.write(shown(msg.data))
-                                out.flush()
+                                write_all(out_fd, shown(msg.data))
                             elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                                 break
                         leave.set()
