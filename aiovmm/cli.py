@@ -123,7 +123,7 @@ async def _run(args: argparse.Namespace) -> int:
             if terminal is not None:
                 terminal.restore()
                 if last[0] != b"\n":
-                    sys.stderr.write("\n")       # the guest's cursor may be mid-line
+                    _say("")                      # the guest's cursor may be mid-line
         if interrupted and interrupted[0] == OUTPUT_CLOSED:
             # As a writer killed by SIGPIPE, silently: stdout goes nowhere from here, so
             # Python's own last flush meets no closed pipe either.
@@ -132,13 +132,23 @@ async def _run(args: argparse.Namespace) -> int:
             os.close(devnull)
             return 128 + signal.SIGPIPE
         if interrupted:
-            print(f"aiovmm: d{dom.domid} ({dom.name}) destroyed on {interrupted[0]}", file=sys.stderr)
+            _say(f"aiovmm: d{dom.domid} ({dom.name}) destroyed on {interrupted[0]}")
             return 130
         if reason == ShutdownReason.crash:
-            print(f"aiovmm: d{dom.domid} ({dom.name}) {dom.describe_end()}", file=sys.stderr)
+            _say(f"aiovmm: d{dom.domid} ({dom.name}) {dom.describe_end()}")
         elif reason != ShutdownReason.poweroff:
-            print(f"aiovmm: d{dom.domid} ({dom.name}) shut down: {reason.name}", file=sys.stderr)
+            _say(f"aiovmm: d{dom.domid} ({dom.name}) shut down: {reason.name}")
         return EXIT_CODES[reason]
+
+
+def _say(line: str) -> None:
+    """The run's last word on stderr; after a hang-up the terminal is gone (EIO) and the
+    exit status is all that is left to say it."""
+    try:
+        print(line, file=sys.stderr)
+        sys.stderr.flush()
+    except OSError:
+        pass
 
 
 class _Parser(argparse.ArgumentParser):

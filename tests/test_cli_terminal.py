@@ -146,7 +146,8 @@ class Pty:
             self.proc.kill()
             self.proc.wait()
         self.sel.close()
-        os.close(self.master)
+        if self.master is not None:
+            os.close(self.master)
         os.close(self.slave)
 
 
@@ -239,3 +240,19 @@ def test_terminal_slow_to_read(pty_run):
     t.send(b"quit\r")
     assert t.finish() == 0, t.out[-300:]
     assert t.restored()
+
+
+def test_terminal_hang_up(pty_run):
+    """The terminal goes away (its emulator closed, an ssh link dropped): the guest is
+    destroyed and aiovmm exits 130, its last line lost with the terminal (before: that line's
+    EIO became a traceback and exit 1)."""
+    t = pty_run("run", kernel(), "--memory", "8", "--cmdline", "ticks=1 echo=1 echo_timeout=60")
+    assert t.read_until(b"echo: ready", 60), t.out
+    t.sel.unregister(t.master)
+    os.close(t.master)
+    t.master = None
+    try:
+        rc = t.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("aiovmm kept running after its terminal hung up")
+    assert rc == 130
