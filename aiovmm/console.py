@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import select
 import time
 from typing import Callable
 
@@ -42,10 +44,165 @@ def read_host_input(loop: asyncio.AbstractEventLoop, fd: int) -> bytes | None:
     return data
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the user's stdout `fd`, as a blocking write would, also when the
+    descriptor is non-blocking: a terminal's stdin and stdout are usually one open file, and
+    stdin is made non-blocking for the loop's reader, so a terminal that is slow to take a
+    boot log answers EAGAIN (waited out here, never taken for a closed output). Other
+    errors (EPIPE, EIO after a hang-up) are raised."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
 def printable(data: bytes) -> bytes:
     """Control bytes other than \\n and \\t replaced by '?', as Xen filters the output of
     unprivileged domains (is_console_printable). One C-level pass."""
     return data.translate(_FILTER)
+
+
+def text(data: bytes) -> bytes:
+    """Guest output as text for a file, a pipe or a record: the guest terminal's CR LF line
+    ends as LF, then every other control byte replaced (`printable`). Nothing in the result
+    can drive a terminal."""
+    return printable(data.replace(b"\r\n", b"\n"))
+
+
+# TerminalFilter states
+_NORMAL, _ESC, _STRING, _STRING_ESC, _C2, _STRING_C2 = range(6)
+STRING_MAX = 4096        # a control string longer than this is dropped up to here, then ended
+
+
+class TerminalFilter:
+    """Guest output for the user's own terminal (`aiovmm run`/`aiovmm console` attached to
+    one): the guest's bytes as they are, so its programs drive the terminal as on a serial
+    line (xl console, QEMU's -nographic): cursor movement and colours (ESC and CSI
+    sequences), CR, BS, BEL, and CSI reports such as the cursor position busybox's line
+    editing asks for (ESC [ 6 n), all pass. Removed: the terminal's control *strings*,
+    OSC, DCS, SOS, PM and APC (ESC ] ... ST, ESC P ..., ESC X ..., ESC ^ ..., ESC _ ..., and
+    their C1 forms as UTF-8, U+0090/U+0098/U+009D/U+009E/U+009F), with their contents: those
+    set window titles, write the clipboard (OSC 52), define keys or query and answer
+    terminal state (DECRQSS), the known ways for a program's output to act on the host
+    beyond its own screen. Other C1 controls as UTF-8 (U+0080-U+009F) are removed too;
+    plain bytes 0x80-0xff pass (UTF-8 text). A string ends at ST (ESC \\ or U+009C), BEL,
+    CAN or SUB as in xterm, or after STRING_MAX bytes.
+
+    State is kept across calls, so a sequence split between two writes is handled the
+    same; each call copies its bytes a bounded number of times (find and slice)."""
+
+    def __init__(self) -> None:
+        self._state = _NORMAL
+        self._string_len = 0
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        i, n = 0, len(data)
+        st = self._state
+        while i < n:
+            if st == _NORMAL:
+                j = data.find(b"\x1b", i)
+                k = data.find(b"\xc2", i, j if j >= 0 else n)
+                stop = k if k >= 0 else j
+                if stop < 0:
+                    out += data[i:]
+                    break
+                out += data[i:stop]
+                i = stop + 1
+                st = _C2 if stop == k else _ESC
+            elif st == _ESC:
+                b = data[i]
+                if b in b"]PX^_":
+                    st, self._string_len = _STRING, 0
+                    i += 1
+                else:
+                    out += b"\x1b"          # the byte after it is read as normal output
+                    st = _NORMAL
+            elif st == _C2:
+                b = data[i]
+                if 0x80 <= b <= 0x9f:        # a C1 control as UTF-8
+                    i += 1
+                    if b in (0x90, 0x98, 0x9d, 0x9e, 0x9f):
+                        st, self._string_len = _STRING, 0
+                    else:
+                        st = _NORMAL
+                else:
+                    out += b"\xc2"
+                    st = _NORMAL
+            elif st == _STRING:
+                m = _STRING_END.search(data, i)
+                j = m.start() if m else n
+                self._string_len += j - i
+                i = j
+                if self._string_len > STRING_MAX:
+                    st = _NORMAL              # what follows is output again
+                elif m:
+                    i += 1
+                    b = data[j]
+                    st = _STRING_ESC if b == 0x1b else _STRING_C2 if b == 0xc2 else _NORMAL
+            elif st == _STRING_C2:
+                if data[i] == 0x9c:           # U+009C: ST
+                    i += 1
+                    st = _NORMAL
+                else:                         # U+00xx text inside the string
+                    st = _STRING
+            else:                             # _STRING_ESC
+                if data[i] == 0x5c:           # ESC \\ : ST
+                    i += 1
+                    st = _NORMAL
+                else:                         # ESC ends the string and starts a sequence
+                    st = _ESC
+        self._state = st
+        return bytes(out)
+
+
+_STRING_END = re.compile(rb"[\x07\x18\x1a\x1b\xc2]")
+
+DETACH_KEY = 0x1D        # Ctrl-]: leave the console (xl console's escape, and telnet's)
+
+
+class HostTerminal:
+    """The user's terminal (a tty on `fd`) in raw mode while a guest's console is attached,
+    with QEMU's settings for a stdio serial line (chardev/char-stdio.c): no echo, no line
+    editing, no signal keys (Ctrl-C, Ctrl-Z and Ctrl-\\ go to the guest as bytes), no input
+    translation (Enter is CR, as a serial terminal sends it), 8-bit input; output
+    post-processing kept, so a guest's bare LF still starts a new line. `restore()` puts
+    back the settings found, once; safe to call again and on any path out."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._saved: list | None = None
+
+    def __enter__(self) -> "HostTerminal":
+        import termios
+        saved = termios.tcgetattr(self.fd)
+        iflag, oflag, cflag, lflag, ispeed, ospeed, cc = saved
+        iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+                   | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+        oflag |= termios.OPOST
+        lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+        cflag = (cflag & ~(termios.CSIZE | termios.PARENB)) | termios.CS8
+        cc = list(cc)
+        cc[termios.VMIN], cc[termios.VTIME] = 1, 0
+        termios.tcsetattr(self.fd, termios.TCSANOW, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
+        self._saved = saved
+        return self
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            import termios
+            saved, self._saved = self._saved, None
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
+            except termios.error:        # the terminal went away (hang-up): nothing to restore
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
 class OutputRate:

@@ -128,7 +128,8 @@ class Domain:
         return ctypes.addressof(self._vm_assist)
 
     def __init__(self, hv: "Hypervisor", domid: int, name: str, nr_pages: int,
-                 on_console: Callable[[bytes], None] | None = None, log_dir: str | None = None) -> None:
+                 on_console: Callable[[bytes], None] | None = None, log_dir: str | None = None,
+                 console_raw: bool = False) -> None:
         self.hypervisor = hv
         self.engine_kind = "unicorn"     # set by Hypervisor.create: the domain's vCPU engine
         self.mem = hv.mem
@@ -185,6 +186,7 @@ class Domain:
         self._console_dropping = False
         self._console_warned_ns = -(1 << 62)
         self._console_cb = on_console
+        self.console_raw = console_raw   # on_console gets unfiltered bytes (console_write)
         self._line_waiters: list[tuple[re.Pattern, asyncio.Future]] = []
         self.first_output_ns: int | None = None
         self.log_path = os.path.join(log_dir, f"{name}-d{domid}.log") if log_dir else None
@@ -249,7 +251,10 @@ class Domain:
         (console_rate) are discarded and counted; control bytes other than \\n and \\t are
         replaced, as Xen filters output of unprivileged domains; the unfinished line is at
         most LINE_MAX bytes; history is bounded in lines and bytes. `final`: the last ring's
-        worth of a stopped guest, charged but never discarded.
+        worth of a stopped guest, charged but never discarded. The guest terminal's CR LF
+        line ends become LF (console_io and ring alike). With `console_raw` the console
+        stream's callback gets the guest's bytes unfiltered instead (budget applied), for a
+        user's terminal that filters them itself (console.TerminalFilter).
 
         `hypercall` (console_io output): as on Xen, where a domU's console_io goes to the
         hypervisor's own console (`xl dmesg`, lines prefixed "(dN)") and never to the
@@ -279,7 +284,8 @@ class Domain:
                                    f"discarded ({rate.dropped} bytes so far)]".encode())
         if not data:
             return
-        data = _console.printable(data)
+        raw = data
+        data = _console.text(data)
         self.console += data
         if len(self.console) > 2 * CONSOLE_KEEP_BYTES:       # a guest may print forever
             del self.console[:len(self.console) - CONSOLE_KEEP_BYTES]
@@ -290,7 +296,7 @@ class Domain:
             if self.console_log is not None:
                 self.console_log.append(data)
             if self._console_cb:
-                self._console_cb(data)
+                self._console_cb(raw if self.console_raw else data)
         for raw in self._console_linebuf.feed(data):
             self._console_line_out(raw)
         self._line_waiters = [(p, f) for p, f in self._line_waiters if not f.done()]

@@ -211,7 +211,7 @@ class Hypervisor:
                      vifs: "list[VifConfig | str] | None" = None,
                      disks: "list[DiskConfig | str] | None" = None,
                      engine: str | None = None, max_memory_mib: int | None = None,
-                     vcpus: int = 1) -> Domain:
+                     vcpus: int = 1, console_raw: bool = False) -> Domain:
         """Build a domain from a Xen PV kernel and start it. Raises BuildError.
 
         `vifs`: network interfaces, each a VifConfig or xl syntax 'mac=...,bridge=...'.
@@ -221,7 +221,9 @@ class Hypervisor:
         `max_memory_mib`: xl's maxmem: the domain's maximum reservation (its balloon may grow
         to it); `memory_mib` is what is populated at boot (start_info nr_pages).
         `vcpus`: 1..vcpu_op.MAX_VCPUS; vCPU 0 starts, the others wait down until the guest
-        initialises and raises them (VCPUOP_initialise, VCPUOP_up), as on Xen."""
+        initialises and raises them (VCPUOP_initialise, VCPUOP_up), as on Xen.
+        `console_raw`: `on_console` gets the guest's console bytes unfiltered (for a terminal
+        that filters them itself, console.TerminalFilter); by default text (console.text)."""
         from .kvm_engine import choose_engine
         engine_kind = choose_engine(engine) if engine else self.engine
         from .backends.net import VifConfig
@@ -266,7 +268,8 @@ class Hypervisor:
         domid = self._next_domid
         nr_pages = memory_mib << 20 >> PAGE_SHIFT
         try:
-            dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console, log_dir=self.log_dir)
+            dom = Domain(self, domid, name or f"dom{domid}", nr_pages, on_console, log_dir=self.log_dir,
+                         console_raw=console_raw)
         except OutOfMemory as e:
             await asyncio.wait({load})
             load.result()                       # a kernel the load refused is reported first

@@ -110,7 +110,7 @@ class ConsoleBackend:
             return 0
         _U32.pack_into(v, OUT_CONS, cons)
         self.bytes_out += len(out)
-        self.dom.console_write(bytes(out).replace(b"\r\n", b"\n"), final=final)
+        self.dom.console_write(bytes(out), final=final)
         self.port.notify()
         return len(out)
 

@@ -16,6 +16,7 @@ import time
 
 import uvloop
 from rich.console import Console
+from rich.markup import escape
 
 from aiovmm import Hypervisor, ShutdownReason
 from aiovmm.testing import VirtualLan
@@ -36,15 +37,15 @@ def printer(name: str):
         buf += data
         *lines, buf = buf.split(b"\n")
         for line in lines:
-            con.print(f"[{COLORS.get(name, 'white')}]{name:>7}[/] | {line.decode(errors='replace')}")
+            con.print(f"[{COLORS.get(name, 'white')}]{name:>7}[/] | {escape(line.decode(errors='replace'))}")
     return on_console
 
 
 async def host(lan: VirtualLan, *argv: str) -> bool:
-    con.print(f"[bold]   host[/] $ {' '.join(argv)}")
+    con.print(f"[bold]   host[/] $ {escape(' '.join(argv))}")
     rc, out = await lan.run(*argv)
     for line in out.rstrip().splitlines():
-        con.print(f"[bold]   host[/] | {line}")
+        con.print(f"[bold]   host[/] | {escape(line)}")
     return rc == 0
 
 

@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
+from ..console import text as console_text_of
 from ..vcpu_op import MAX_VCPUS
 from .daemon import CONSOLE_REPLAY_BYTES, ControlError, Controller, DomainSpec
 from . import metrics, openapi
@@ -344,9 +345,13 @@ async def console_input(req: web.Request) -> web.Response:
 
 async def console_ws(req: web.Request) -> web.StreamResponse:
     """The interactive console: output bytes as binary messages (first the recent history),
-    input from binary/text messages. Closes when the domain is gone."""
+    input from binary/text messages. Closes when the domain is gone. Output is text
+    (console.text: control bytes replaced), or with ?raw=true the guest's bytes as it wrote
+    them, for a client that filters them for its terminal (`aiovmm console`:
+    console.TerminalFilter); the history is text either way."""
     ctl = _ctl(req)
     rec = ctl.lookup(req.match_info["dom"])
+    raw = _query_bool(req, "raw")
     ws = web.WebSocketResponse(heartbeat=30, max_msg_size=1 << 16)
     await ws.prepare(req)
     q: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -365,7 +370,7 @@ async def console_ws(req: web.Request) -> web.StreamResponse:
                     q.put_nowait(None)
                     break
                 data += more
-            await ws.send_bytes(data)
+            await ws.send_bytes(data if raw else console_text_of(data))
         await ws.close()
 
     async def pump_in() -> None:

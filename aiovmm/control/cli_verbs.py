@@ -19,7 +19,6 @@ EXIT_ERR = 1
 
 class ServeOptionsDefaults:
     SAVE_DIR = "/var/lib/aiovmm/save"      # daemon.DEFAULT_SAVE_DIR (not imported: CLI start-up)
-CTRL_RBRACKET = 0x1D       # Ctrl-]: leave the console (xl's escape)
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -42,7 +41,7 @@ def v_create(a: argparse.Namespace) -> int:
     print(f"Parsing config from {a.config}", file=sys.stderr)
     d = c.post("/api/v1/domains", {"config": text, "config_path": path})
     if a.console:
-        return _console(c, str(d["id"]))
+        return _console(c, str(d["id"]), a.console_output)
     return 0
 
 
@@ -265,36 +264,40 @@ def v_top(a: argparse.Namespace) -> int:
 def v_console(a: argparse.Namespace) -> int:
     c = _client(a)
     d = c.get(dom_path(a.domain))          # a clear error for an unknown domain first
-    return _console(c, str(d["id"]))
+    return _console(c, str(d["id"]), a.console_output)
 
 
-def _console(c: Client, ref: str) -> int:
+def _console(c: Client, ref: str, output: str = "auto") -> int:
     try:
-        return asyncio.run(_console_async(c, ref))
+        return asyncio.run(_console_async(c, ref, output))
     except KeyboardInterrupt:
         return 0
 
 
-async def _console_async(c: Client, ref: str) -> int:
-    """Guest output to stdout, stdin to the guest; Ctrl-] leaves (the terminal is put in raw
-    mode when stdin is a terminal, and restored)."""
+async def _console_async(c: Client, ref: str, output: str) -> int:
+    """Guest output to stdout, stdin to the guest; Ctrl-] leaves. Output as `aiovmm run`
+    gives it (--console-output): at a terminal the guest's terminal controls pass and the
+    control strings do not (console.TerminalFilter), with the terminal in raw mode
+    (console.HostTerminal) and restored; to a file or a pipe, text."""
     import aiohttp
+    from ..cli import console_mode
+    from ..console import DETACH_KEY, HostTerminal, TerminalFilter, text, write_all
     loop = asyncio.get_running_loop()
     fd = sys.stdin.fileno()
-    out = sys.stdout.buffer
-    tty_state = None
-    if os.isatty(fd):
-        import termios
-        import tty
-        tty_state = termios.tcgetattr(fd)
-        tty.setraw(fd)
+    sys.stdout.flush()
+    out_fd = sys.stdout.fileno()
+    mode = console_mode(output, fd, out_fd)
+    shown = {"terminal": TerminalFilter().feed, "raw": bytes, "text": text}[mode]
+    terminal = HostTerminal(fd) if mode != "text" and os.isatty(fd) else None
     session, base = c.ws_session()
     leave = asyncio.Event()
     outq: asyncio.Queue[bytes] = asyncio.Queue()      # stdin bytes for the guest
+    if terminal is not None:
+        terminal.__enter__()
     try:
         async with session:
             try:
-                ws = await session.ws_connect(base + dom_path(ref, "console", "ws"))
+                ws = await session.ws_connect(base + dom_path(ref, "console", "ws") + "?raw=true")
             except aiohttp.ClientError as e:
                 raise ClientError(f"console: {e}") from None
             async with ws:
@@ -302,8 +305,8 @@ async def _console_async(c: Client, ref: str) -> int:
                     data = read_host_input(loop, fd)
                     if not data:
                         return
-                    if CTRL_RBRACKET in data:
-                        data = data[:data.index(CTRL_RBRACKET)]
+                    if DETACH_KEY in data:
+                        data = data[:data.index(DETACH_KEY)]
                         loop.remove_reader(fd)
                         leave.set()
                     if data:
@@ -314,8 +317,7 @@ async def _console_async(c: Client, ref: str) -> int:
                     async def receive() -> None:
                         async for msg in ws:
                             if msg.type == aiohttp.WSMsgType.BINARY:
-                                out.write(msg.data)
-                                out.flush()
+                                write_all(out_fd, shown(msg.data))
                             elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                                 break
                         leave.set()
@@ -335,9 +337,8 @@ async def _console_async(c: Client, ref: str) -> int:
                     loop.remove_reader(fd)
                     os.set_blocking(fd, True)
     finally:
-        if tty_state is not None:
-            import termios
-            termios.tcsetattr(fd, termios.TCSADRAIN, tty_state)
+        if terminal is not None:
+            terminal.restore()
     return 0
 
 
@@ -454,17 +455,25 @@ def register(sub: Any) -> None:
         p.set_defaults(verb_func=func)
         return p
 
+    def console_output(p: argparse.ArgumentParser) -> None:
+        from ..cli import CONSOLE_OUTPUT_HELP
+        p.add_argument("--console-output", choices=("auto", "terminal", "raw", "text"), default="auto",
+                       help=CONSOLE_OUTPUT_HELP)
+
     def domain(p: argparse.ArgumentParser) -> None:
         p.add_argument("domain", metavar="DOMAIN", help="domain id or name")
 
     p = add("serve", v_serve, "run the hypervisor as a daemon with the control API")
-    p.add_argument("--machine-memory", type=int, default=2048, metavar="MIB")
+    p.add_argument("--machine-memory", type=int, default=2048, metavar="MIB",
+                   help="host memory reserved for all guests (lazily backed; default %(default)s)")
     p.add_argument("--listen", default=None, metavar="HOST:PORT", help="also TCP (needs TLS and a token)")
-    p.add_argument("--tls-cert", default=None)
-    p.add_argument("--tls-key", default=None)
-    p.add_argument("--token-file", default=None, help="bearer token for TCP clients")
-    p.add_argument("--xenstore-socket", default=None, metavar="PATH")
-    p.add_argument("--log-dir", default=None)
+    p.add_argument("--tls-cert", default=None, metavar="FILE", help="TLS certificate (PEM) for --listen")
+    p.add_argument("--tls-key", default=None, metavar="FILE", help="its private key (PEM)")
+    p.add_argument("--token-file", default=None, metavar="FILE", help="bearer token for TCP clients")
+    p.add_argument("--xenstore-socket", default=None, metavar="PATH",
+                   help="serve xenstore to host tools here (XENSTORED_PATH=PATH xenstore-ls)")
+    p.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="also write each guest's console to DIR/<name>-d<id>.log")
     p.add_argument("--migration-listen", default=None, metavar="HOST:PORT",
                    help="accept live migrations (senders prove --migration-secret-file)")
     p.add_argument("--migration-secret-file", default=None, metavar="FILE",
@@ -472,24 +481,27 @@ def register(sub: Any) -> None:
     p.add_argument("--save-dir", default=ServeOptionsDefaults.SAVE_DIR, metavar="DIR",
                    help="save/restore files only under this directory (default %(default)s)")
     p = add("create", v_create, "create a domain from an xl.cfg file")
-    p.add_argument("config", metavar="CFG")
+    p.add_argument("config", metavar="CFG", help="domain configuration in xl.cfg syntax (examples/*.cfg)")
     p.add_argument("-c", dest="console", action="store_true", help="attach to the console")
+    console_output(p)
     p = add("save", v_save, "suspend a domain and write it to a file (xl save)")
     p.add_argument("-c", dest="checkpoint", action="store_true", help="leave the domain running")
     domain(p)
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="save file (under the daemon's --save-dir)")
     p = add("migrate", v_migrate, "live-migrate a domain to another daemon (xl migrate)")
     domain(p)
-    p.add_argument("destination", metavar="HOST:PORT")
-    p.add_argument("--downtime-ms", type=float, default=30.0)
-    p.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s for pre-copy (0: unlimited)")
+    p.add_argument("destination", metavar="HOST:PORT", help="the receiving daemon's --migration-listen")
+    p.add_argument("--downtime-ms", type=float, default=30.0, metavar="MS",
+                   help="downtime target: pre-copy stops when the dirty pages left would go in this time (default %(default)s)")
+    p.add_argument("--bandwidth", type=float, default=0.0, metavar="BYTES_PER_S", help="bytes/s for pre-copy (0: unlimited)")
     p = add("restore", v_restore, "a domain from a save file (xl restore)")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--name", default=None)
+    p.add_argument("file", metavar="FILE", help="save file (under the daemon's --save-dir)")
+    p.add_argument("--name", default=None, help="the restored domain's name (default: the saved one)")
     p = add("list", v_list, "list domains")
     p.add_argument("-l", "--long", action="store_true", help="detailed (JSON) output")
-    p.add_argument("domains", nargs="*", metavar="DOMAIN")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN", help="domain ids or names (default: all)")
     p = add("console", v_console, "attach to a domain's console (Ctrl-] leaves)")
+    console_output(p)
     domain(p)
     p = add("shutdown", v_shutdown, "ask a domain to shut down")
     p.add_argument("-w", "--wait", action="store_true", help="wait for the domain to be gone")

@@ -90,7 +90,8 @@ class Record:
 def _console_sink(holder: list[Record]) -> Callable[[bytes], None]:
     """A domain's console callback for the daemon: output goes to every console client of
     the record in `holder` (appended once the domain exists; output before that has no
-    client yet). A client that does not read (or reads slower than the guest prints) loses
+    client yet), unfiltered (the domain's console_raw): each client's WebSocket filters it
+    for its use (api.console_ws). A client that does not read (or reads slower than the guest prints) loses
     output rather than growing the daemon's memory."""
     def console(data: bytes) -> None:
         if holder:
@@ -182,7 +183,7 @@ class Controller:
         try:
             dom = await self.hv.create(spec.kernel, memory_mib=spec.memory, cmdline=spec.cmdline,
                                        name=spec.name, ramdisk=spec.ramdisk, max_memory_mib=spec.maxmem, on_console=console, vifs=spec.vif,
-                                       disks=spec.disk, vcpus=spec.vcpus)
+                                       disks=spec.disk, vcpus=spec.vcpus, console_raw=True)
         except BuildError as e:
             if spec.name is not None:
                 self.names.discard(spec.name)
@@ -354,6 +355,7 @@ class Controller:
                     if q.qsize() < CONSOLE_QUEUE_MAX:
                         q.put_nowait(data)
             dom._console_cb = console
+        dom.console_raw = True                 # console clients filter for their own output
         holder.append(rec)
         self.records[dom.domid] = rec
         self._tg.create_task(self._watch(rec), name=f"d{dom.domid}-watch")

@@ -154,7 +154,9 @@ QUERY = {
     "listDomains": [("long", "include each domain's configuration (xl list -l)")],
     "getDomain": [("long", "include the configuration")],
     "dmesg": [("clear", "clear the log after reading (xl dmesg -c)")],
-    "consoleWebSocket": [("access_token", "the bearer token, for browsers (TCP listener only)")],
+    "consoleWebSocket": [("access_token", "the bearer token, for browsers (TCP listener only)"),
+                         ("raw", "output as the guest wrote it, terminal controls included (default: "
+                                 "text, control bytes replaced)")],
 }
 
 PARAM_DOC = {"dom": "domain id or name", "dev": "device id, vdev (vbd) or MAC (vif)"}
