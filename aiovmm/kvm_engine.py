@@ -556,6 +556,7 @@ _FAST_CALLS = (Hypercall.stack_switch, Hypercall.set_segment_base, Hypercall.ire
 # The queries it answers (fast_query), in its fast_queries order: xen_version(XENVER_version),
 # vcpu_op naming no vCPU.
 _FAST_QUERIES = (Hypercall.xen_version, Hypercall.vcpu_op)
+_SYSNR_MAX = 512                # csrc/kvm.c AIOVMM_SYSNR_MAX: user syscalls C bounced, by number
 
 
 class _RunCtx(ctypes.Structure):
@@ -579,7 +580,9 @@ class _RunCtx(ctypes.Structure):
                 ("fast_cli_sti", ctypes.c_uint64),
                 ("fast_upcalls", ctypes.c_uint64),
                 ("cpl3_cs", ctypes.c_uint8 * 24), ("cpl3_cs_set", ctypes.c_uint32),
-                ("pad3", ctypes.c_uint32)]
+                ("pad3", ctypes.c_uint32),
+                ("cpl3_ss", ctypes.c_uint8 * 24), ("cpl3_ss_set", ctypes.c_uint32),
+                ("iret_gdt_ss", ctypes.c_uint32), ("user_sysnr", ctypes.c_uint32 * _SYSNR_MAX)]
 
 
 class _VMPool:
@@ -994,6 +997,9 @@ class KVMEngine:
         self._ctx.mem_base, self._ctx.run_size = mem.fd_address, _vcpu_mmap_size()
         self._ctx.mem_size = mem.size
         self._ctx.cs64[:], self._ctx.cs32[:], self._ctx.ss3[:] = _CS64, _CS32, _SS3
+        # An iret to user mode with the guest's own GDT data segment as SS (Linux's
+        # __USER_DS) completed in C; AIOVMM_KVM_IRET_GDT_SS=0 leaves it to Python (A/B).
+        self._ctx.iret_gdt_ss = 0 if os.environ.get("AIOVMM_KVM_IRET_GDT_SS") == "0" else 1
         self._ctx.page_rip_after = _IO_RIP_AFTER    # else the hypercall page is Python's only
         self._ctx.r0_stack_va, self._ctx.r0_stack_maddr = self.r0.stack_va, self.r0.stack_maddr
         self._pv = None                 # the vCPU's PVState (attach_pv), kept alive here
@@ -1076,6 +1082,12 @@ class KVMEngine:
                 "event upcall": ctx.fast_upcalls,
                 "port in": ctx.fast_hits}
 
+    @property
+    def user_syscalls_in_c(self) -> dict[int, int]:
+        """User-mode system calls the C run loop bounced (exits_in_c's "user syscall"), by
+        the guest's number (511: 511 and above): a census for benches (bench/blk_exits.py)."""
+        return {nr: n for nr, n in enumerate(self._ctx.user_sysnr) if n}
+
     def attach_pv(self, pv: ctypes.Structure) -> None:
         """Share the vCPU's PV state (vcpu.PVState) with the C run loop, which completes
         stack_switch, set_segment_base and iret in it (csrc/kvm.c fast_hypercall) and bounces
@@ -1156,6 +1168,8 @@ class KVMEngine:
         img = self._cpl3_segs[name] = _seg_image(selector, desc)
         if name == "cs":
             self._ctx.cpl3_cs_set = 0           # this load is newer than C's fast_iret's
+        else:
+            self._ctx.cpl3_ss_set = 0
         o = _SEG[name]
         if self._sregs[o:o + 24] != img:
             self._sregs[o:o + 24] = img
@@ -1783,6 +1797,9 @@ class KVMEngine:
             # CPU keeps (not the descriptor read again, nor an older load's).
             self._cpl3_segs["cs"] = bytes(ctx.cpl3_cs)
             ctx.cpl3_cs_set = 0
+        if ctx.cpl3_ss_set:                     # and a guest GDT data segment as SS
+            self._cpl3_segs["ss"] = bytes(ctx.cpl3_ss)
+            ctx.cpl3_ss_set = 0
         for name, sel, flat in (("cs", cs_selector, (FLAT_RING3_CS64, FLAT_RING3_CS32)),
                                 ("ss", ss_selector, (FLAT_RING3_SS,))):
             sel &= 0xFFFF

@@ -122,6 +122,7 @@ int aiovmm_kvm_run(int vcpu_fd)
 }
 
 #define AIOVMM_FAST_IN_MAX 4
+#define AIOVMM_SYSNR_MAX 512
 
 /* The engine's per-vCPU run context (aiovmm/kvm_engine.py _RunCtx, same layout). */
 struct aiovmm_kvm_ctx {
@@ -179,6 +180,14 @@ struct aiovmm_kvm_ctx {
      * _back_to_cpl3 takes it and clears the flag; KVMEngine.load_segment clears it). */
     uint8_t cpl3_cs[24];
     uint32_t cpl3_cs_set, pad3;
+    /* The same for SS: the image fast_iret last loaded from a guest GDT data segment
+     * (iret_ss_gdt; _back_to_cpl3 takes it, KVMEngine.load_segment clears the flag). */
+    uint8_t cpl3_ss[24];
+    uint32_t cpl3_ss_set;
+    uint32_t iret_gdt_ss;          /* 0: every SS but FLAT_RING3_SS is Python's (A/B benches) */
+    /* User-mode syscalls bounced here (fast_bounces) by the guest's system call number
+     * (RAX; 511: 511 and above): a census for benches (bench/blk_exits.py), nothing reads it. */
+    uint32_t user_sysnr[AIOVMM_SYSNR_MAX];
 };
 
 /* Xen's per-vCPU PV state that a hypercall completed here reads or writes (aiovmm/vcpu.py
@@ -439,6 +448,35 @@ static uint64_t iret_cs64(struct aiovmm_kvm_ctx *c, uint64_t cs, uint64_t *ma_ou
     return sel;
 }
 
+#define SEG_WRITABLE (1u << 9)
+
+/* The SS an iret frame to RPL 3 names, when it is not FLAT_RING3_SS, as the IRETQ loads it
+ * (aiovmm/descriptors.py iret_stack_segment is the rule), for the case done here: in the
+ * guest's first GDT page, a present writable data segment of DPL 3, as Linux's __USER_DS
+ * (0x2b) is. Returns the selector (frame.ss | 3) with `*ma_out` the descriptor's machine
+ * address and `*desc_out` the descriptor (read once), else 0, Python's: a null or LDT
+ * selector, one beyond the first page, no GDT, or a descriptor whose load faults. */
+static uint64_t iret_ss_gdt(struct aiovmm_kvm_ctx *c, uint64_t ss, uint64_t *ma_out,
+                            uint64_t *desc_out)
+{
+    struct aiovmm_pv *pv = c->pv;
+    uint64_t sel = (ss & 0xFFFF) | 3, off = sel & ~7ULL;
+    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+        return 0;
+    uint64_t ma = (pv->gdt_frame0 << 12) + off;
+    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
+        return 0;
+    uint64_t desc;
+    memcpy(&desc, (const void *)(uintptr_t)(c->mem_base + ma), 8);
+    uint32_t hi = (uint32_t)(desc >> 32);
+    if (!(hi & SEG_S) || (hi & SEG_CODE) || !(hi & SEG_WRITABLE) || (hi & SEG_DPL) != SEG_DPL
+        || !(hi & SEG_P))
+        return 0;
+    *ma_out = ma;
+    *desc_out = desc;
+    return sel;
+}
+
 /* The kvm_segment a load of `sel` with the 8-byte descriptor `desc` leaves (aiovmm/
  * kvm_engine.py _seg_image, the same fields: base and limit as abi.segment_base_limit). */
 static void seg_image(uint8_t img[24], uint16_t sel, uint64_t desc)
@@ -496,12 +534,19 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     if (!sel)
         return 0;
     /* The same for SS (regs->ss = frame.ss | 3, checked by the IRETQ; SYSRET loads
-     * FLAT_RING3_SS): FLAT_RING3_SS already loaded and the one to load, or Python's
-     * (traps.do_iret). */
+     * FLAT_RING3_SS): FLAT_RING3_SS already loaded and the one to load, or a guest GDT data
+     * segment to load (iret_ss_gdt: Linux returns to user mode with its __USER_DS), or
+     * Python's (traps.do_iret). */
     uint16_t cur_ss;
     memcpy(&cur_ss, c->run + RUN_SREGS + SREG_SS * 24 + 12, 2);
-    if (cur_ss != USER_SS || (!sysret && ((ctx[8] & 0xFFFF) | 3) != USER_SS))
+    uint64_t ss_ma = 0, ss_desc = 0, ss_sel = 0;
+    if (!sysret && ((ctx[8] & 0xFFFF) | 3) != USER_SS) {
+        ss_sel = c->iret_gdt_ss ? iret_ss_gdt(c, ctx[8], &ss_ma, &ss_desc) : 0;
+        if (!ss_sel)
+            return 0;
+    } else if (cur_ss != USER_SS) {
         return 0;
+    }
     if (to_user && !(canonical(rip) && root_ready(pv->user_root, c->ready_uroot)))
         return 0;
     /* With VMASST architectural_iopl the iret sets the virtual IOPL (Xen's do_iret): a frame
@@ -535,6 +580,20 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     if (memcmp(scs, img, 24) != 0) {
         memcpy(scs, img, 24);
         mark_dirty(c->run, SYNC_SREGS);
+    }
+    if (ss_ma) {                    /* after CS, as traps._iret_segments sets accessed bits */
+        ss_desc |= (uint64_t)SEG_ACCESSED << 32;
+        volatile uint8_t *hi_type = (volatile uint8_t *)(uintptr_t)(c->mem_base + ss_ma + 5);
+        if (!(*hi_type & 1))
+            *hi_type |= 1;
+        uint8_t simg[24], *sss = c->run + RUN_SREGS + SREG_SS * 24;
+        seg_image(simg, (uint16_t)ss_sel, ss_desc);
+        memcpy(c->cpl3_ss, simg, 24);
+        c->cpl3_ss_set = 1;
+        if (memcmp(sss, simg, 24) != 0) {
+            memcpy(sss, simg, 24);
+            mark_dirty(c->run, SYNC_SREGS);
+        }
     }
     r[KREG_RIP] = rip;
     r[KREG_RSP] = ursp;
@@ -606,6 +665,7 @@ static int fast_user_syscall(struct aiovmm_kvm_ctx *c, uint64_t *r)
     pv->last_frame_rsp = new_rsp;
     mark_dirty(c->run, SYNC_REGS);
     c->fast_bounces++;
+    c->user_sysnr[r[KREG_RAX] < AIOVMM_SYSNR_MAX ? r[KREG_RAX] : AIOVMM_SYSNR_MAX - 1]++;
     return 1;
 }
 
@@ -723,8 +783,9 @@ static int fast_upcall(struct aiovmm_kvm_ctx *c)
      * context, and regs->ss); a CS other than the flat 64-bit one is replaced by it below,
      * as bounce does (create_bounce_frame: the handler runs with FLAT_KERNEL_CS, 64-bit
      * mode). An SS other than FLAT_KERNEL_SS (the guest's own, loaded by an iret) would be
-     * Python's, which records it and loads the flat one; after a hypercall it never is
-     * (the SYSCALL entry restores FLAT_KERNEL_SS, fast_iret takes only that one). */
+     * Python's, which records it and loads the flat one; after a hypercall it is only
+     * after an iret to user mode that loaded the guest's own (fast_iret, iret_ss_gdt):
+     * the SYSCALL entry restores FLAT_KERNEL_SS. */
     uint16_t sel, ss;
     memcpy(&sel, c->run + RUN_SREGS + 12, 2);
     memcpy(&ss, c->run + RUN_SREGS + SREG_SS * 24 + 12, 2);
