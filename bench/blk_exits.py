@@ -16,6 +16,13 @@ requests/s over the rounds: the slope is the marginal exits per request, the int
 guest's exits per second that do not scale with its I/O (per-request figures include a
 share of those, larger the slower the run: they vary 2-4x with the host's load alone).
 
+The census (Census, installed once fio's disk is up): hypercall sub-operations (sub:), user
+system calls by number (usys C: the bounces csrc/kvm.c did, usys py: Python's), upcalls,
+why an iret went to Python (iret py: the first of fast_iret's tests that fails), blkback's
+thread CPU per request in its entries (blk _pass / _after_reap / _answer us; uring enter us
+is io_uring_enter with the reap it runs inline) and io_uring's submit-to-completion time.
+--ab-iret-ss alternates C's iret to a guest GDT SS (AIOVMM_KVM_IRET_GDT_SS) per round.
+
 --scheds mq-deadline,none alternates the guest's elevator for xvda per round in the same
 boot (rows per job and elevator); --ctx has the guest list every thread's context switches
 from /proc before and after each job and prints them per request by thread name (fio's own

@@ -413,6 +413,23 @@ static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
 #define SEG_L (1u << 21)
 #define SEG_DB (1u << 22)
 
+/* The descriptor a GDT selector (RPL 3) names in the guest's first GDT page (VCPU.gdt_frames),
+ * read once into `*desc`: its machine address, or 0 (Python's) for a null or LDT selector,
+ * one beyond the first page, no GDT, or a frame outside memory. Descriptor frames are typed
+ * (the guest cannot write them but through Python's update_descriptor). */
+static uint64_t gdt_page0_desc(struct aiovmm_kvm_ctx *c, uint64_t sel, uint64_t *desc)
+{
+    struct aiovmm_pv *pv = c->pv;
+    uint64_t off = sel & ~7ULL;
+    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+        return 0;
+    uint64_t ma = (pv->gdt_frame0 << 12) + off;
+    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
+        return 0;
+    memcpy(desc, (const void *)(uintptr_t)(c->mem_base + ma), 8);
+    return ma;
+}
+
 /* The CS an iret frame names, as the IRETQ loads it (aiovmm/descriptors.py
  * iret_code_segment is the rule), for the cases done here: the selector (frame.cs | 3) if it
  * is FLAT_RING3_CS64, or names, in the guest's first GDT page (VCPU.gdt_frames), a present
@@ -424,18 +441,13 @@ static void toggle_mode(struct aiovmm_kvm_ctx *c, int to_kernel)
 static uint64_t iret_cs64(struct aiovmm_kvm_ctx *c, uint64_t cs, uint64_t *ma_out,
                           uint64_t *desc_out)
 {
-    struct aiovmm_pv *pv = c->pv;
-    uint64_t sel = (cs & 0xFFFF) | 3, off = sel & ~7ULL;
+    uint64_t sel = (cs & 0xFFFF) | 3, desc;
     *ma_out = 0;
     if (sel == USER_CS)
         return sel;
-    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+    uint64_t ma = gdt_page0_desc(c, sel, &desc);
+    if (!ma)
         return 0;
-    uint64_t ma = (pv->gdt_frame0 << 12) + off;
-    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
-        return 0;
-    uint64_t desc;
-    memcpy(&desc, (const void *)(uintptr_t)(c->mem_base + ma), 8);
     uint32_t hi = (uint32_t)(desc >> 32);
     if (!(hi & SEG_S) || !(hi & SEG_CODE) || !(hi & SEG_P))
         return 0;
@@ -459,15 +471,10 @@ static uint64_t iret_cs64(struct aiovmm_kvm_ctx *c, uint64_t cs, uint64_t *ma_ou
 static uint64_t iret_ss_gdt(struct aiovmm_kvm_ctx *c, uint64_t ss, uint64_t *ma_out,
                             uint64_t *desc_out)
 {
-    struct aiovmm_pv *pv = c->pv;
-    uint64_t sel = (ss & 0xFFFF) | 3, off = sel & ~7ULL;
-    if ((sel & 4) || off == 0 || off + 8 > 4096 || !pv->gdt_frames_nr)
+    uint64_t sel = (ss & 0xFFFF) | 3, desc;
+    uint64_t ma = gdt_page0_desc(c, sel, &desc);
+    if (!ma)
         return 0;
-    uint64_t ma = (pv->gdt_frame0 << 12) + off;
-    if (pv->gdt_frame0 >= (c->mem_size >> 12) || ma + 8 > c->mem_size)
-        return 0;
-    uint64_t desc;
-    memcpy(&desc, (const void *)(uintptr_t)(c->mem_base + ma), 8);
     uint32_t hi = (uint32_t)(desc >> 32);
     if (!(hi & SEG_S) || (hi & SEG_CODE) || !(hi & SEG_WRITABLE) || (hi & SEG_DPL) != SEG_DPL
         || !(hi & SEG_P))
