@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import blk as blkbench                                    # noqa: E402  (bench/blk.py)
 
 from aiovmm import Hypervisor                               # noqa: E402
-from aiovmm import abi, hypercall as hcmod, traps           # noqa: E402
+from aiovmm import abi, emulate, hypercall as hcmod, traps  # noqa: E402
 from aiovmm.backends.block import device as blkdev          # noqa: E402
 from aiovmm.xenbus import read_str                          # noqa: E402
 
@@ -126,7 +126,7 @@ class Census:
                 why = f"current ss {eng.get('ss'):#x}"
             elif not sysret and (ss & 0xFFFF) | 3 != 0xE02B:
                 why = f"frame ss {ss:#x}"
-            elif (rflags >> 12) & 3 != pv.iopl and v.domain.vm_assist & 8:
+            elif (rflags >> 12) & 3 != pv.iopl and emulate.architectural_iopl(v):
                 why = "iopl"
             else:
                 why = f"other (sysret {sysret})"
