@@ -467,31 +467,51 @@ def linux_part(args: argparse.Namespace) -> dict[str, dict]:
         prefill(image, args.image_mib)
         initrd = bench_initrd(td, args.image_mib, args.runtime, args.io_scheduler)
         systems = []
+        ab = dict(kv.split("=", 1) for kv in args.ab_env.split(",") if kv)
         for eng in engines:
-            systems.append((f"aiovmm/{eng}", eng, BLKFRONT_ARGS, "1"))
+            systems.append((f"aiovmm/{eng}", eng, BLKFRONT_ARGS, "1", {}))
+            if ab:
+                # The A/B variant: the same system with these environment variables (not a
+                # candidate for the engine's best figures below).
+                systems.append((f"ab:aiovmm/{eng}/{args.ab_env}", eng, BLKFRONT_ARGS, "1", ab))
             if args.nopersist:
                 systems.append((f"aiovmm/{eng}/nopersist", eng,
-                                f"{BLKFRONT_ARGS} xen_blkfront.feature_persistent=0", "1"))
+                                f"{BLKFRONT_ARGS} xen_blkfront.feature_persistent=0", "1", {}))
             if args.pool and eng == "unicorn":
-                systems.append((f"aiovmm/{eng}/pool", eng, BLKFRONT_ARGS, "0"))
+                systems.append((f"aiovmm/{eng}/pool", eng, BLKFRONT_ARGS, "0", {}))
         failed: set[str] = set()
         # The sized 1 GiB jobs run on the last engine (kvm where it exists: the faster one)
         # and QEMU; on the emulated engine they would take many minutes.
         gib = f"bench.gib={min(args.gib, args.image_mib)}" if args.gib else ""
-        for name, eng, extra, uring in systems:
-            if gib and eng == engines[-1] and name == f"aiovmm/{eng}":
-                extra = f"{extra} {gib}"
-            if eng in failed:
-                print(f"{name:26s} skipped: the engine did not run fio above", flush=True)
-                continue
-            os.environ["AIOVMM_BLK_URING"] = uring
-            res, note = asyncio.run(aiovmm_fio(eng, extra, image, initrd,
-                                               args.kvm_timeout if eng == "kvm" else args.boot_timeout))
-            os.environ.pop("AIOVMM_BLK_URING", None)
-            if not res:
-                failed.add(eng)
-            results[name] = res
-            print(f"{name:26s} " + fio_line(res) + f"   [{note}]", flush=True)
+        runs: dict[str, list[dict]] = {}
+        for rnd in range(args.rounds):
+            for name, eng, extra, uring, env in systems:
+                if gib and eng == engines[-1] and name == f"aiovmm/{eng}" and rnd == 0:
+                    extra = f"{extra} {gib}"
+                if eng in failed:
+                    print(f"{name:26s} skipped: the engine did not run fio above", flush=True)
+                    continue
+                os.environ["AIOVMM_BLK_URING"] = uring
+                os.environ.update(env)
+                try:
+                    res, note = asyncio.run(aiovmm_fio(eng, extra, image, initrd,
+                                                       args.kvm_timeout if eng == "kvm" else args.boot_timeout))
+                finally:
+                    os.environ.pop("AIOVMM_BLK_URING", None)
+                    for k in env:
+                        os.environ.pop(k, None)
+                if not res and rnd == 0:
+                    failed.add(eng)
+                if res:
+                    runs.setdefault(name, []).append(res)
+                print(f"{name:26s} " + fio_line(res) + f"   [{note}; round {rnd + 1}, load "
+                      f"{os.getloadavg()[0]:.1f}]", flush=True)
+        for name, rs in runs.items():
+            # Each figure's median over the rounds (--rounds; one round: that round's).
+            results[name] = {k: statistics.median(r[k] for r in rs if k in r)
+                             for k in set().union(*rs) if isinstance(rs[0].get(k), (int, float))}
+            if len(rs) > 1:
+                print(f"{name:26s} " + fio_line(results[name]) + f"   [median of {len(rs)} rounds]", flush=True)
         res, note = asyncio.run(qemu_fio(qemu, image, initrd, args.boot_timeout, gib))
         results["qemu-tcg"] = res
         print(f"{'qemu-tcg':26s} " + fio_line(res) + f"   [{note}]", flush=True)
@@ -571,6 +591,11 @@ def main() -> None:
                     help="skip the runs with feature_persistent=0")
     ap.add_argument("--no-pool", dest="pool", action="store_false",
                     help="skip the run with io_uring off (every request through the thread pool)")
+    ap.add_argument("--ab-env", default="",
+                    help="also run each engine's default system with these environment variables "
+                         "(VAR=VALUE,...; e.g. AIOVMM_KVM_IRET_GDT_SS=0), right after it in each round")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the aiovmm systems this many times, interleaved; figures are medians")
     ap.add_argument("--old-stores", default="file", help="part 2 stores: file,loop,lv ('' skips it)")
     ap.add_argument("--seq-mib", type=int, default=32, help="part 2: MiB per sequential run")
     ap.add_argument("--rand-ops", type=int, default=2000, help="part 2: 4 KiB requests per random run")
@@ -602,6 +627,12 @@ def main() -> None:
         if ratios:
             per_engine[eng] = ratios
             print(f"aiovmm {eng} / qemu-tcg: " + " ".join(f"{k}_ratio={v:.2f}" for k, v in ratios.items()))
+    for name, r in res.items():
+        if name.startswith("ab:"):
+            base = res.get(name[3:].rsplit("/", 1)[0], {})
+            print(f"A/B {name[3:]}: default / variant " + " ".join(
+                f"{job} {base[job]:.1f}/{r[job]:.1f}={base[job] / r[job]:.2f}" for _k, job in keys
+                if base.get(job) and r.get(job)))
     # The faster engine: the larger product of its ratios (every figure counts alike).
     fast = max(per_engine, key=lambda e: (len(per_engine[e]), _product(per_engine[e].values())), default=None)
     if fast is not None:

@@ -16,6 +16,12 @@ requests/s over the rounds: the slope is the marginal exits per request, the int
 guest's exits per second that do not scale with its I/O (per-request figures include a
 share of those, larger the slower the run: they vary 2-4x with the host's load alone).
 
+The census (Census, installed once fio's disk is up): hypercall sub-operations (sub:), user
+system calls by number (usys all: every one, KVMEngine.census; usys py: Python's), upcalls,
+why an iret went to Python (iret py: the first of fast_iret's tests that fails), blkback's
+thread CPU per request in its entries (blk _pass / _after_reap / _answer us; uring enter us
+is io_uring_enter with the reap it runs inline) and io_uring's submit-to-completion time.
+
 --scheds mq-deadline,none alternates the guest's elevator for xvda per round in the same
 boot (rows per job and elevator); --ctx has the guest list every thread's context switches
 from /proc before and after each job and prints them per request by thread name (fio's own
@@ -46,12 +52,155 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import blk as blkbench                                    # noqa: E402  (bench/blk.py)
 
 from aiovmm import Hypervisor                               # noqa: E402
+from aiovmm import abi, emulate, hypercall as hcmod, traps  # noqa: E402
 from aiovmm.backends.block import device as blkdev          # noqa: E402
 from aiovmm.xenbus import read_str                          # noqa: E402
 
 HC_NAMES = {1: "mmu_update", 3: "stack_switch", 13: "multicall", 14: "update_va_mapping",
             15: "set_timer_op", 17: "xen_version", 20: "grant_table_op", 23: "iret", 24: "vcpu_op",
             25: "set_segment_base", 26: "mmuext_op", 29: "sched_op", 32: "event_channel_op"}
+
+# Sub-operations worth naming in the census (the rest print as numbers).
+SUB_NAMES = {32: {int(x): x.name for x in abi.EvtchnOp}, 24: {int(x): x.name for x in abi.VcpuOp},
+             29: {int(x): x.name for x in abi.SchedOp}}
+SYS_NAMES = {0: "read", 1: "write", 3: "close", 7: "poll", 9: "mmap", 11: "munmap", 13: "rt_sigaction",
+             14: "rt_sigprocmask", 15: "rt_sigreturn", 24: "sched_yield", 35: "nanosleep", 39: "getpid",
+             56: "clone", 60: "exit", 61: "wait4", 96: "gettimeofday", 202: "futex", 206: "io_setup",
+             208: "io_getevents", 209: "io_submit", 228: "clock_gettime", 230: "clock_nanosleep",
+             231: "exit_group", 232: "epoll_wait", 270: "pselect6", 271: "ppoll", 281: "epoll_pwait",
+             333: "io_pgetevents", 17: "pread64", 18: "pwrite64", 5: "fstat", 8: "lseek"}
+
+
+class Census:
+    """What the KVM engine's counters do not split, counted by wrapping the dispatch targets
+    (the hypercall TABLE's handlers, traps.user_syscall, traps.deliver_event) and blkback's
+    entry points on the loop: hypercall sub-operations (Python's; C's are "in C:"), user
+    system calls by number (C's bounces from csrc/kvm.c's histogram, Python's here), event
+    upcalls, and blkback's own thread CPU per entry and io_uring submit-to-completion time."""
+
+    def __init__(self) -> None:
+        self.c: collections.Counter[str] = collections.Counter()
+        self.lat: list[float] = []
+
+    def install(self, bb: blkdev.Blkback) -> None:
+        c = self.c
+        for nr in (20, 24, 29, 32, 12, 33):
+            fn = hcmod.TABLE.get(nr)
+            if fn is None:
+                continue
+            names = SUB_NAMES.get(nr, {})
+            hname = HC_NAMES.get(nr, str(nr))
+
+            def wrap(v, a1, a2, a3, a4, a5, fn=fn, names=names, hname=hname):
+                c[f"sub:{hname}.{names.get(a1 & 0xFFFF, a1 & 0xFFFF)}"] += 1
+                return fn(v, a1, a2, a3, a4, a5)
+            hcmod.TABLE[nr] = wrap
+        do_iret = hcmod.TABLE[23]
+
+        def iret(v, *a):
+            # Why C's fast_iret left this one to Python (csrc/kvm.c): the first test that fails.
+            eng, pv = v.engine, v.pv
+            ctx = getattr(eng, "_ctx", None)
+            rsp = eng.get("rsp")
+            try:
+                _ax, _r11, _cx, flags, rip, cs, rflags, _sp, ss = v.read_struct(rsp, traps.IRET_CONTEXT)
+            except Exception:
+                flags = rip = cs = rflags = ss = 0
+            sysret = bool(flags & 0x100) and (rip < 1 << 47 or rip >= 0xFFFF800000000000)
+            if ctx is None:
+                why = "no C"
+            elif not ctx.fast_hc:
+                why = "fast_hc off"
+            elif pv.kernel_root != ctx.ready_kroot:
+                why = "kernel root not ready"
+            elif cs & 3 == 3 and pv.user_root != ctx.ready_uroot:
+                why = "user root not ready"
+            elif (rsp & 0xFFF) > 4096 - 72:
+                why = "context crosses a page"
+            elif not sysret and (cs & 0xFFFF) | 3 != 0xE033 and not _cs64_ok(v, cs):
+                why = f"cs {cs:#x}: {_cs64_ok(v, cs, True)}"
+            elif sysret and (cs & 0xFFFF) | 3 == 0xE023:
+                why = "sysret to 32-bit"
+            elif eng.get("ss") & 0xFFFF != 0xE02B:
+                why = f"current ss {eng.get('ss'):#x}"
+            elif not sysret and (ss & 0xFFFF) | 3 != 0xE02B:
+                why = f"frame ss {ss:#x}"
+            elif (rflags >> 12) & 3 != pv.iopl and emulate.architectural_iopl(v):
+                why = "iopl"
+            else:
+                why = f"other (sysret {sysret})"
+            c[f"iret py {'user' if cs & 3 == 3 else 'kernel'}: {why}"] += 1
+            return do_iret(v, *a)
+        hcmod.TABLE[23] = iret
+        us = traps.user_syscall
+
+        def user_syscall(v):
+            nr = v.engine.regs[0]
+            c[f"usys py:{SYS_NAMES.get(nr, nr)}"] += 1
+            return us(v)
+        traps.user_syscall = user_syscall
+        de = traps.deliver_event
+
+        def deliver_event(v):
+            c["upcall py"] += 1
+            return de(v)
+        traps.deliver_event = deliver_event
+        tt = time.thread_time_ns
+        for name in ("_pass", "_after_reap", "_answer"):
+            orig = getattr(bb, name)
+
+            def timed(orig=orig, name=name):
+                t = tt()
+                try:
+                    return orig()
+                finally:
+                    c[f"blk {name} us"] += (tt() - t) / 1e3
+                    c[f"blk {name} calls"] += 1
+            setattr(bb, name, timed)
+        u = bb.uring
+        if u is not None:
+            u.after_reap = bb._after_reap
+        if u is not None:
+            sub = u.submit
+            pc = time.perf_counter
+
+            def submit(write, fd, offset, iov, on_done=None, offload=False):
+                t = pc()
+
+                def done(f, on_done=on_done):
+                    self.lat.append(pc() - t)
+                    if on_done is not None:
+                        on_done(f)
+                return sub(write, fd, offset, iov, done, offload)
+            u.submit = submit
+            fl = u.flush
+
+            def flush():
+                t = tt()
+                try:
+                    return fl()
+                finally:
+                    c["uring enter us"] += (tt() - t) / 1e3
+                    c["uring enters"] += 1
+            u.flush = flush
+
+
+CENSUS = Census()
+
+
+def _cs64_ok(v, cs: int, why: bool = False):
+    """csrc/kvm.c iret_cs64's test of a frame's CS against the guest's first GDT page."""
+    import struct
+    sel = (cs & 0xFFFF) | 3
+    off = sel & ~7
+    pv = v.pv
+    if (sel & 4) or off == 0 or off + 8 > 4096 or not pv.gdt_frames_nr:
+        return f"sel/off/frames_nr {pv.gdt_frames_nr}" if why else False
+    desc = struct.unpack_from("<Q", v.engine.mem.map, (pv.gdt_frame0 << 12) + off)[0]
+    hi = desc >> 32
+    ok = (hi & 0x1000) and (hi & 0x800) and (hi & 0x8000) and ((hi & 0x400) or (hi & 0x6000) == 0x6000) \
+        and (hi & 0x200000) and not (hi & 0x400000)
+    return (f"desc {desc:#018x} frame0 {pv.gdt_frame0:#x}" if why else bool(ok))
 
 SCRIPT = """#!/bin/sh
 DEV=/dev/xvda
@@ -135,15 +284,24 @@ def snapshot(dom, bb: blkdev.Blkback) -> dict[str, float]:
     s["guest_cpu_ms"] = blkbench.guest_ms()                    # of it, the guest itself (in KVM_RUN)
     for k, n in getattr(eng, "exits_in_c", {}).items():
         s[f"in C:{k}"] = n
+    for key, n in (eng.census().items() if hasattr(eng, "census") else ()):
+        if key[0] == "user syscall":         # every exit, C's and Python's (KVMEngine.census)
+            s[f"usys all:{SYS_NAMES.get(key[1], key[1])}"] = n
+    s.update(CENSUS.c)
+    s["uring lat n"] = len(CENSUS.lat)
+    s["uring lat sum us"] = sum(CENSUS.lat) * 1e6
     return s
 
 
 def show(title: str, d: dict[str, float], n: float) -> None:
     print(f"  {title}: per request (n={n:.0f}), load {os.getloadavg()[0]:.1f}", flush=True)
+    if d.get("uring lat n"):
+        print(f"    io_uring submit->completion seen: mean {d['uring lat sum us'] / d['uring lat n']:.0f} us "
+              f"over {d['uring lat n']:.0f}", flush=True)
     for k in sorted(d, key=lambda k: -d[k]):
-        if k in ("t", "requests", "sectors") or not d[k]:
+        if k in ("t", "requests", "sectors", "uring lat n", "uring lat sum us") or not d[k]:
             continue
-        if k.startswith("hc:") and d[k] / n < 0.05:
+        if (k.startswith("hc:") and d[k] / n < 0.05) or d[k] / n < 0.005:
             continue
         print(f"    {k:<28}{d[k] / n:10.2f}")
 
@@ -205,6 +363,7 @@ async def main(args) -> None:
                                   disks=[f"target={image},vdev=xvda,access=rw"], engine=args.engine)
             bb = next(b for b in dom.backends if isinstance(b, blkdev.Blkback))
             await dom.wait_for_line(r"^FIO-DEV ", timeout=args.boot_timeout)
+            CENSUS.install(bb)
             print(f"{args.engine}: fio device after {time.perf_counter() - t0:.0f} s", flush=True)
             st = hv.xenstore.store
             print("negotiated (xenstore): front "
@@ -214,6 +373,7 @@ async def main(args) -> None:
             for rep in range(args.reps):
                 for job, *_ in blkbench.FIO_JOBS:
                     tag = f"{job}.{rep}"
+                    mode = ""
                     await dom.wait_for_line(rf"^FIO-BEGIN {tag}$", timeout=3600)
                     if rep == 0 and job == blkbench.FIO_JOBS[0][0]:
                         print("the guest's blkfront (sysfs): " + "; ".join(
@@ -250,20 +410,24 @@ async def main(args) -> None:
                     if scheds:                      # what the guest's sysfs said before the job
                         print("  " + next((ln.strip() for ln in dom.console_lines
                                            if ln.startswith(f"SCHED {tag} ")), f"SCHED {tag} ?"), flush=True)
-                    show(f"[{rep}] {job}{'/' + scheds[rep % len(scheds)] if scheds else ''} {res if res is not None else float('nan'):.1f} {unit}"
+                    show(f"[{rep}] {job}{'/' + scheds[rep % len(scheds)] if scheds else ''}{'/' + mode if mode else ''} {res if res is not None else float('nan'):.1f} {unit}"
                          f" ({d['requests'] / d['t']:.0f} requests/s, {d['sectors'] / n / 2:.0f} KiB each)", d, n)
                     if prof is not None:
                         profile_report(prof, n, d["t"])
                     if args.ctx:
                         await dom.wait_for_line(rf"^CTX-END {tag}$", timeout=600)
                         ctx_report(list(dom.console_lines), tag, n)
-                    sched = scheds[rep % len(scheds)] if scheds else ""
+                    sched = scheds[rep % len(scheds)] if scheds else mode
                     rows[f"{job}/{sched}" if sched else job].append({
                         "fio": res or 0.0, "req_s": d["requests"] / d["t"], "exits_s": d["exits"] / d["t"],
                         "exits": d["exits"] / n, "notifies": d["notifies"] / n, "drains": d["drains"] / n,
                         "events": d["events"] / n, "cpu_ms": d["cpu_ms"] / n,
                         "xen_version": d.get("hc:xen_version", 0) / n, "iret": d.get("hc:iret", 0) / n,
                         "stack_switch": d.get("hc:stack_switch", 0) / n, "slices": d["slices"] / n,
+                        "iret_user_C": d.get("in C:iret to user", 0) / n,
+                        "iret_py": sum(v for k, v in d.items() if k.startswith("iret py")) / n,
+                        "blk_us": d.get("blk _pass us", 0) / n + d.get("blk _after_reap us", 0) / n,
+                        "guest_ms": d["guest_cpu_ms"] / n,
                         "thread_ms": d["thread_cpu_ms"] / n, "load": os.getloadavg()[0]})
             await dom.wait()
             print(f"blkback: {bb.stats}")
