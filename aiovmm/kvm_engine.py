@@ -1358,6 +1358,10 @@ class KVMEngine:
         from .vcpu_engine import VCPUEngine
         return VCPUEngine.decode(self, code)        # the one capstone decoder (no engine state)
 
+    def compat_mode(self) -> bool:
+        """CS is a 32-bit code segment (its L bit clear): compatibility mode."""
+        return not self._sregs[_SEG["cs"] + 19]
+
     def step_to(self, end: int) -> bool:
         """Execute exactly one instruction (RFLAGS.TF: #DB after it, reported by the IDT stub)
         and return True if RIP reached `end` with no other exception or stop.

@@ -272,7 +272,6 @@ class EngineUnavailable(RuntimeError):
 
 
 _native_lib: ctypes.CDLL | None = None
-_capstone = None
 
 
 def _native() -> ctypes.CDLL:
@@ -934,14 +933,14 @@ class VCPUEngine:
 
     def decode(self, code: bytes) -> tuple[int, str, str] | None:
         """(length, mnemonic, operands) of the first x86_64 instruction in `code` (Intel
-        syntax, capstone), or None if it does not decode."""
-        global _capstone
-        if _capstone is None:
-            import capstone
-            _capstone = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        for _addr, size, mnemonic, ops in _capstone.disasm_lite(code, 0, 1):
-            return size, mnemonic, ops
-        return None
+        syntax, emulate.disasm), or None if it does not decode."""
+        from .emulate import disasm
+        i = disasm(code)
+        return None if i is None else (i.size, i.mnemonic, i.op_str)
+
+    def compat_mode(self) -> bool:
+        """CS is a 32-bit code segment: the vCPU runs in compatibility mode."""
+        return self._segs.compat_mode()
 
     def run(self, budget: int, max_ns: int = 0) -> ExitReason:
         """Run until the block budget or `max_ns` of wall time is used (checked every 64
