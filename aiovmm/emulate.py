@@ -94,24 +94,22 @@ def fetch(v: "VCPU", rip: int) -> bytes:
     return out
 
 
-_capstone: dict[tuple[bool, bool], object] = {}
+_capstone: dict[bool, object] = {}
 
 
-def disasm(code: bytes, compat: bool = False, detail: bool = False):
-    """The one decoder of whole instructions (capstone), for both engines: the first
-    instruction of `code` as the CPU reads it in 64-bit mode or, `compat`, in compatibility
-    mode (a 32-bit code segment: 40-4F are inc/dec, never REX; operand and address size 32,
-    a 67 prefix makes addresses 16-bit; moffs is 4 bytes). capstone's CsInsn (operands
-    with `detail`), or None if the bytes do not decode."""
-    key = (compat, detail)
-    cs = _capstone.get(key)
+def disasm(code: bytes, compat: bool = False) -> tuple[int, str, str] | None:
+    """The one decoder of whole instructions (capstone), for both engines: (length,
+    mnemonic, operands in Intel syntax) of the first instruction of `code` as the CPU reads
+    it in 64-bit mode or, `compat`, in compatibility mode (a 32-bit code segment: 40-4F are
+    inc/dec, never REX; operand and address size 32, a 67 prefix makes addresses 16-bit;
+    moffs is 4 bytes); None if the bytes do not decode."""
+    cs = _capstone.get(compat)
     if cs is None:
         import capstone
-        cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32 if compat else capstone.CS_MODE_64)
-        cs.detail = detail
-        _capstone[key] = cs
-    for insn in cs.disasm(code, 0, 1):
-        return insn
+        cs = _capstone[compat] = capstone.Cs(capstone.CS_ARCH_X86,
+                                             capstone.CS_MODE_32 if compat else capstone.CS_MODE_64)
+    for _addr, size, mnemonic, ops in cs.disasm_lite(code, 0, 1):
+        return size, mnemonic, ops
     return None
 
 

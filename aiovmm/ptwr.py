@@ -94,21 +94,21 @@ def candidate(v: "VCPU", cr2: int, error: int, rip: int) -> PendingWrite | None:
         except GuestFault:
             return None
     compat = v.engine.compat_mode()
-    insn = disasm(code, compat, detail=True)
-    if insn is None:
+    decoded = disasm(code, compat)
+    if decoded is None:
         return None
-    n = insn.size
-    return PendingWrite(rip, n, cr2, l1e_addr, frame, error, insn.mnemonic, insn.op_str,
-                        bytes(code[:n]), compat, _store(v.engine, insn, compat, rip + n))
+    n, mnemonic, ops = decoded
+    return PendingWrite(rip, n, cr2, l1e_addr, frame, error, mnemonic, ops, bytes(code[:n]),
+                        compat, _store(v.engine, code[:n], mnemonic, ops, compat, rip + n))
 
 
 _GPR64 = {"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
           "r12", "r13", "r14", "r15"}
 
 
-# Where a decoded store writes (_store). The store's operand is capstone's first operand,
-# but for these: stack stores (push, pushf, call, enter: [RSP - width]) and stores wider
-# than capstone's operand size says (state saves: every one of them beyond 8 bytes).
+# Where a decoded store writes (_store). The store's operand is the first one (Intel order),
+# its size the `ptr` word, but for these: stack stores (push, pushf, call, enter: [RSP -
+# width]) and state saves, which name no size (every one of them beyond 8 bytes).
 _PUSHES = frozenset(("push", "pushf", "pushfd", "pushfq", "call", "enter"))
 _WIDE = frozenset(("fxsave", "fxsave64", "xsave", "xsave64", "xsaveopt", "xsaveopt64", "xsavec",
                    "xsavec64", "xsaves", "xsaves64", "fnsave", "fsave", "fnstenv", "fstenv",
@@ -124,54 +124,56 @@ for _i, _r in enumerate(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")
     _REG_PARTS[f"r{_i + 8}w"] = (f"r{_i + 8}", 16)
 
 
-def _reg_value(eng, name: str) -> int | None:
-    part = _REG_PARTS.get(name)
-    if part is None:
-        return None
-    return eng.get(part[0]) & ((1 << part[1]) - 1)
+def _reg_value(eng, name: str) -> int:
+    reg, bits = _REG_PARTS[name]
+    return eng.get(reg) & ((1 << bits) - 1)
 
 
-def _store(eng, insn, compat: bool, rip_next: int) -> tuple[int, int] | None:
-    """(linear address, bytes) of the store of the decoded instruction `insn` (emulate.disasm
-    with detail) as Xen's emulator hands it to ptwr_emulated_write/_cmpxchg, from the
-    registers at the fault; None if it has no store this can tell (such an instruction is
-    stepped and its changed entries are taken within the window around CR2, complete).
+_SIZES = {"byte": 1, "word": 2, "dword": 4, "fword": 6, "qword": 8, "tbyte": 10, "xword": 10,
+          "xmmword": 16, "ymmword": 32, "zmmword": 64}
+
+
+def _store(eng, code: bytes, mnemonic: str, ops: str, compat: bool,
+           rip_next: int) -> tuple[int, int] | None:
+    """(linear address, bytes) of the store of the decoded instruction (emulate.disasm's
+    mnemonic and operands) as Xen's emulator hands it to ptwr_emulated_write/_cmpxchg, from
+    the registers at the fault; None if it has no store this can tell (such an instruction
+    is stepped and its changed entries are taken within the window around CR2, complete).
     Segment bases: FS's and GS's; the others are flat (Xen's PV segments: a guest's own LDT
     segment with a base is not followed, and then CR2 decides: xen_refuses)."""
-    from capstone import x86
-    m = insn.mnemonic.split()[-1]                  # "lock cmpxchg", "rep stosq"
-    opsize16 = insn.prefix[2] == 0x66
+    m = mnemonic.split()[-1]                       # "lock cmpxchg", "rep stosq"
+    wrap = 0xFFFFFFFF if compat else 0xFFFFFFFFFFFFFFFF
     if m in _PUSHES:
-        width = 2 if opsize16 and m != "call" else 4 if compat else 8
-        rsp = eng.get("rsp") & (0xFFFFFFFF if compat else 0xFFFFFFFFFFFFFFFF)
-        return (rsp - width) & (0xFFFFFFFF if compat else 0xFFFFFFFFFFFFFFFF), width
-    ops = insn.operands
-    if not ops or ops[0].type != x86.X86_OP_MEM:
+        n = 0
+        while n < len(code) and (code[n] in _LEGACY_PREFIXES or (not compat and 0x40 <= code[n] <= 0x4F)):
+            n += 1
+        width = 2 if 0x66 in code[:n] and m != "call" else 4 if compat else 8
+        return ((eng.get("rsp") & wrap) - width) & wrap, width
+    dst, _, src = ops.partition(", ")
+    kind, _, rest = dst.partition(" ptr ")
+    if not rest:
+        kind, rest = "", dst
+    seg, _, inner = rest.rpartition("[")
+    if not inner.endswith("]") or seg not in ("", "es:", "cs:", "ss:", "ds:", "fs:", "gs:"):
         return None
-    mem = ops[0].mem
-    addr = mem.disp
-    for reg, scale in ((mem.base, 1), (mem.index, mem.scale)):
-        if reg:
-            name = insn.reg_name(reg)
-            val = rip_next if name in ("rip", "eip") else _reg_value(eng, name)
-            if val is None:
-                return None
-            addr += val * scale
-    size = 512 if m in _WIDE else ops[0].size
-    if m in _BIT_STORES and len(ops) > 1 and ops[1].type == x86.X86_OP_REG and size in (2, 4, 8):
+    size = 512 if m in _WIDE else _SIZES.get(kind)
+    if size is None:
+        return None
+    ea = _address(eng, inner[:-1], rip_next)
+    if ea is None:
+        return None
+    addr, bits = ea
+    if m in _BIT_STORES and size in (2, 4, 8) and src in _REG_PARTS:
         # bts/btr/btc with a register bit offset: the signed offset selects the operand
         # (SDM "BT": effective address + size * floor(offset / bits)).
-        off = _reg_value(eng, insn.reg_name(ops[1].reg))
-        if off is None:
-            return None
-        bits = 8 * size
-        off -= (off >> (bits - 1)) << bits
-        addr += (off >> bits.bit_length() - 1) * size
-    addr &= (1 << 8 * insn.addr_size) - 1
-    seg = insn.reg_name(mem.segment) if mem.segment else None
-    if seg in ("fs", "gs"):
-        addr += eng.get(seg + "_base")
-    return addr & (0xFFFFFFFF if compat else 0xFFFFFFFFFFFFFFFF), size
+        off = _reg_value(eng, src)
+        width = 8 * size
+        off -= (off >> (width - 1)) << width
+        addr += (off >> width.bit_length() - 1) * size
+    addr &= (1 << (bits or (32 if compat else 64))) - 1
+    if seg in ("fs:", "gs:"):
+        addr += eng.get(seg[0] + "s_base")
+    return addr & wrap, size
 
 
 def xen_refuses(w: PendingWrite) -> str | None:
@@ -221,7 +223,8 @@ def try_fast(v: "VCPU", w: PendingWrite) -> bool | None:
     dst, src = ops[len("qword ptr ["):].split("], ", 1)
     src = src.strip()
     eng = v.engine
-    if _address(eng, dst, w.rip + w.length) != w.va:
+    ea = _address(eng, dst, w.rip + w.length)
+    if ea is None or ea[0] & 0xFFFFFFFFFFFFFFFF != w.va or ea[1] not in (0, 64):
         return None          # not (only) at CR2: a store from the page before, ... (step it)
     if mnemonic == "mov":
         if src in _GPR64:
@@ -251,18 +254,21 @@ def try_fast(v: "VCPU", w: PendingWrite) -> bool | None:
     return True
 
 
-def _address(eng, inner: str, rip_next: int) -> int | None:
-    """The linear address of a capstone memory operand's inside (`rdi + 8`, `rip + 0x10`,
-    `rax + rcx*8 - 4`): 64-bit registers, scale, displacement; None for another form."""
-    total = 0
+def _address(eng, inner: str, rip_next: int) -> tuple[int, int] | None:
+    """(offset, address size in bits, 0 if no register says) of a capstone memory
+    operand's inside (`rdi + 8`, `rip + 0x10`, `rax + rcx*8 - 4`, `edi`, `bx + si`):
+    registers, scale, displacement, unwrapped; None for another form."""
+    total = bits = 0
     for term in inner.replace(" - ", " + -").split(" + "):
         neg = term.startswith("-")
         term = term.lstrip("-")
         reg, _, scale = term.partition("*")
-        if reg == "rip":
+        if reg in ("rip", "eip"):
             val = rip_next
-        elif reg in _GPR64:
-            val = eng.get(reg)
+            bits = 64 if reg == "rip" else 32
+        elif reg in _REG_PARTS:
+            val = _reg_value(eng, reg)
+            bits = _REG_PARTS[reg][1]
         else:
             try:
                 val = int(reg, 0)
@@ -273,7 +279,7 @@ def _address(eng, inner: str, rip_next: int) -> int | None:
                 return None
             val *= int(scale)
         total += -val if neg else val
-    return total & 0xFFFFFFFFFFFFFFFF
+    return total, bits
 
 
 _STRING_STORES = frozenset((0x6C, 0x6D, 0xA4, 0xA5, 0xAA, 0xAB))     # ins, movs, stos

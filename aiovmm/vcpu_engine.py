@@ -935,8 +935,7 @@ class VCPUEngine:
         """(length, mnemonic, operands) of the first x86_64 instruction in `code` (Intel
         syntax, emulate.disasm), or None if it does not decode."""
         from .emulate import disasm
-        i = disasm(code)
-        return None if i is None else (i.size, i.mnemonic, i.op_str)
+        return disasm(code)
 
     def compat_mode(self) -> bool:
         """CS is a 32-bit code segment: the vCPU runs in compatibility mode."""
