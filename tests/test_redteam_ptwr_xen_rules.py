@@ -140,10 +140,13 @@ async def test_pushfq_into_an_l1_stores_the_guests_flags(engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-async def test_a_compat_mode_store_is_decoded_as_compat_code(engine):
+@pytest.mark.parametrize("form", ["moffs", "rep-stosd"])
+async def test_a_compat_mode_store_is_decoded_as_compat_code(engine, form):
     """The kernel in compatibility mode (a kernel-mode iret to FLAT_RING3_CS32, RPL 0)
-    stores EAX with `a3 moffs32` (5 bytes; 64-bit mode reads a 9-byte `movabs`) into its L1
-    that maps USER_CODE_VA, aliased read-only below 4 GiB: applied, RIP past those 5 bytes."""
+    stores EAX into its L1 that maps USER_CODE_VA, aliased read-only below 4 GiB:
+    - `a3 moffs32` (5 bytes; 64-bit mode reads a 9-byte `movabs`): applied, RIP past it;
+    - `rep stosd` with RCX 2 + 2^32: the count is ECX there (2 stores, one per fault), not
+      RCX (64-bit mode's)."""
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
         eng, mem, pt = v.engine, hv.mem, hv.pagetables
         # The user half in the kernel's root too (its L4 slot 0 names the user root's L3,
@@ -163,7 +166,8 @@ async def test_a_compat_mode_store_is_decoded_as_compat_code(engine):
         mmu_ops.written_all(v)
         saved = bytes(mem.map[code_ma:code_ma + 8])
         target = alias + 8 * k
-        mem.map[code_ma:code_ma + 8] = b"\xa3" + target.to_bytes(4, "little") + b"\xeb\xfe\x90"
+        code = b"\xa3" + target.to_bytes(4, "little") if form == "moffs" else b"\xf3\xab"
+        mem.map[code_ma:code_ma + 8] = (code + b"\xeb\xfe" + bytes(8))[:8]
         try:
             v.copy_to_guest(DATA_VA, IRET_CONTEXT.pack(0, 0, 0, 0, USER_CODE_VA, 0xE020, 0x202,
                                                        DATA_VA + 0x800, 0xE02B))
@@ -171,10 +175,13 @@ async def test_a_compat_mode_store_is_decoded_as_compat_code(engine):
             traps.do_iret(v)
             assert v.kernel_mode and eng.get("cs") == 0xE023 and eng.get("rip") == USER_CODE_VA
             assert eng.compat_mode()
-            eng.write({"rax": 0x1234_5678_0000_0002})
+            eng.write({"rax": 0x1234_5678_0000_0002, "rdi": target, "rcx": (1 << 32) + 2})
             _fault(v, target)
-            assert eng.get("rip") == USER_CODE_VA + 5, hex(eng.get("rip"))
-            assert mem.read_u64(table + 8 * k) == 2
+            if form == "rep-stosd":
+                assert eng.get("rip") == USER_CODE_VA and eng.get("rcx") & 0xFFFFFFFF == 1
+                _fault(v, target + 4)
+            assert eng.get("rip") == USER_CODE_VA + len(code), hex(eng.get("rip"))
+            assert mem.read_u64(table + 8 * k) == (2 if form == "moffs" else 2 << 32 | 2)
         finally:
             mem.map[code_ma:code_ma + 8] = saved
             if mem.read_u64(table + 8 * k):
