@@ -22,11 +22,10 @@ import pytest
 
 from aiovmm import mmu_ops, traps
 from aiovmm.abi import IRET_CONTEXT
-from aiovmm.memory import PageType
-from aiovmm.mmu import GuestFault
 from hand_vcpu import CODE_VA, DATA_VA, hand_driven_vcpu
 from test_redteam_iret_cs import USER_CODE_VA, _back
 from test_redteam_ptwr_rep import ENGINES
+from test_redteam_ptwr_step_loop import boot_map_l1s
 
 REGS = ("rip", "rcx", "rsi", "rdi", "rsp", "rflags", "rax", "rdx", "rbx", "gs_base", "cr3")
 TF, RF = 0x100, 0x10000
@@ -35,16 +34,8 @@ TF, RF = 0x100, 0x10000
 def _l1_with_room(hv, v) -> tuple[int, int, bytes, int]:
     """(VA, machine address, contents, k) of an L1 of the kernel mapped read-only in its boot
     map, whose entries k (even) and k + 1 are both empty."""
-    pt, mem = hv.pagetables, hv.mem
-    for i in range(4096):
-        va = 0xFFFFFFFF80000000 + i * 4096
-        try:
-            ma = pt.translate(v.kernel_root << 12, va, False)
-        except GuestFault:
-            continue
-        if mem.type[ma >> 12] != PageType.l1 or not mem.type_count[ma >> 12]:
-            continue
-        table = mem.read(ma, 4096)
+    for va, ma in boot_map_l1s(hv, v):
+        table = hv.mem.read(ma, 4096)
         for k in range(2, 510, 2):
             if table[8 * k:8 * k + 16] == bytes(16):
                 return va, ma, table, k
@@ -102,38 +93,32 @@ async def test_a_store_xen_refuses_is_the_guests_pf(engine, code, off, rax):
         assert dom.shutdown_reason is None
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-async def test_an_aligned_part_of_an_entry_is_merged(engine):
-    """`mov [rdi], eax` at entry k + 4 (aligned): Xen merges it with the entry's low half."""
-    async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
-        eng, mem = v.engine, hv.mem
-        l1, ma, before, k = _l1_with_room(hv, v)
-        v.copy_to_guest(CODE_VA, b"\x89\x07\xeb\xfe")
-        eng.write({"rip": CODE_VA, "rdi": l1 + 8 * k + 4, "rax": 2})
-        try:
-            _fault(v, l1 + 8 * k + 4)
-            assert eng.get("rip") == CODE_VA + 2
-            assert mem.read_u64(ma + 8 * k) == 2 << 32
-        finally:
-            hv.pagetables.update_entry(dom.domid, ma + 8 * k, 0)
-        assert dom.shutdown_reason is None
+# (code, the register that addresses the store, its value from entry k's first byte, the
+# store's offset from it) -- a store Xen takes.
+APPLIED = {
+    "dword-upper-half": ("8907", "rdi", 4, 4),      # mov [rdi], eax: merged with the low half
+    "pushfq": ("9c", "rsp", 8, 0),                  # the guest's flags, TF as it has it
+}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-async def test_pushfq_into_an_l1_stores_the_guests_flags(engine):
+@pytest.mark.parametrize("form", list(APPLIED))
+async def test_a_store_xen_takes_is_applied(engine, form):
+    code, reg, at, off = APPLIED[form]
     async with hand_driven_vcpu(REGS, engine) as (hv, dom, v):
         eng, mem = v.engine, hv.mem
         l1, ma, before, k = _l1_with_room(hv, v)
-        v.copy_to_guest(CODE_VA, b"\x9c\xeb\xfe")                  # pushfq; jmp .
-        eng.write({"rip": CODE_VA, "rsp": l1 + 8 * (k + 1)})
+        insn = bytes.fromhex(code)
+        v.copy_to_guest(CODE_VA, insn + b"\xeb\xfe")
+        eng.write({"rip": CODE_VA, reg: l1 + 8 * k + at, "rax": 2})
         flags = eng.get("rflags")
         assert not flags & TF
         try:
-            _fault(v, l1 + 8 * k)
-            assert eng.read(("rip", "rsp")) == [CODE_VA + 1, l1 + 8 * k]
+            _fault(v, l1 + 8 * k + off)
+            assert eng.get("rip") == CODE_VA + len(insn)
             got = mem.read_u64(ma + 8 * k)
             assert not got & TF, f"TF pushed: {got:#x}"
-            assert got == flags & ~RF, (hex(got), hex(flags))
+            assert got == (2 << 32 if reg == "rdi" else flags & ~RF), (hex(got), hex(flags))
         finally:
             hv.pagetables.update_entry(dom.domid, ma + 8 * k, 0)
         assert dom.shutdown_reason is None
