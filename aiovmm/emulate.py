@@ -113,13 +113,14 @@ def disasm(code: bytes, compat: bool = False) -> tuple[int, str, str] | None:
     return None
 
 
-def legacy_prefixes(code: bytes) -> int | None:
-    """How many legacy prefixes start `code`. The CPU ignores them on the instructions that
-    take none (int3, int1, into, int n, sysenter: the engines' reports of those skip them
-    here), but LOCK makes each of those #UD, and an instruction past MAX_INSN_LEN faults:
-    None for both (the fault the engine reported stands)."""
+def legacy_prefixes(code: bytes, rex: bool = False) -> int | None:
+    """How many legacy prefixes (and, `rex`: 64-bit mode, REX bytes among them) start
+    `code`. The CPU ignores them on the instructions that take none (int3, int1, into,
+    int n, sysenter: the engines' reports of those skip them here), but LOCK makes each of
+    those #UD, and an instruction past MAX_INSN_LEN faults: None for both (the fault the
+    engine reported stands)."""
     n = 0
-    while n < len(code) and code[n] in _LEGACY_PREFIXES:
+    while n < len(code) and (code[n] in _LEGACY_PREFIXES or (rex and 0x40 <= code[n] <= 0x4F)):
         if code[n] == 0xF0:
             return None
         n += 1

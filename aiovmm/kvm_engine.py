@@ -2004,7 +2004,7 @@ class KVMEngine:
                 code = self._read_code(rip, PAGE_SIZE - (rip & 0xFFF))   # up to an unmapped page
             except LookupError:
                 return False
-        n = legacy_prefixes(code)
+        n = legacy_prefixes(code, rex=not self.compat_mode())
         if n is None or n >= len(code):
             return False
         op = code[n]

@@ -531,7 +531,8 @@ class VCPUEngine:
     """
 
     # Length of the `int $n` whose vector on_exception reports (traps.inject_exception):
-    # Unicorn reports RIP past it and not where it began, taken as `cd n`.
+    # Unicorn reports RIP past it; the patched library (csrc/unicorn/aiovmm-int-length.patch)
+    # tells its length for a vector of 32 or more (_hook_intr), else it is taken as `cd n`.
     int_length = 2
 
     # XSAVE state the guest's CPL-3 code can use whatever its kernel enables (cpuid.Xstate):
@@ -1100,6 +1101,15 @@ class VCPUEngine:
                     self._df_retry_rip = rip
                     return
             self._df_retry_rip = -1
+            if vector >= 32:
+                # Only `int $n` (no error code): the patched library puts its length there,
+                # prefixes and all (aiovmm-int-length.patch); the wheel's leaves 0.
+                self.int_length = err if 2 <= err <= 15 else 2
+                try:
+                    self.on_exception(vector, 0, 0)
+                finally:
+                    self.int_length = 2
+                return
             cr2 = self.uc.reg_read(X.UC_X86_REG_CR2) if vector == 14 else 0
             self.on_exception(vector, err, cr2)
         except BaseException as e:
