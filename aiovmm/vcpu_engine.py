@@ -311,6 +311,9 @@ class _RegBatch:
         uclib.uc_reg_write_batch(self.h, self.ids, self.ptrs, self.n)
 
 
+_SOFT_INT = 1 << 30        # in the error code: a software interrupt, its length below (the patch)
+
+
 class _ExcFix:
     """Work-around for unicorn #1883 (see shared/research/unicorn/excfix.py for the method).
 
@@ -532,7 +535,7 @@ class VCPUEngine:
 
     # Length of the `int $n` whose vector on_exception reports (traps.inject_exception):
     # Unicorn reports RIP past it; the patched library (csrc/unicorn/aiovmm-int-length.patch)
-    # tells its length for a vector of 32 or more (_hook_intr), else it is taken as `cd n`.
+    # tells its length (_soft_int); the stock one does not: taken as `cd n`.
     int_length = 2
 
     # XSAVE state the guest's CPL-3 code can use whatever its kernel enables (cpuid.Xstate):
@@ -1090,6 +1093,9 @@ class VCPUEngine:
         self._hypervisor_runs()
         try:
             err = self._excfix.read_error_and_reset()
+            if err & _SOFT_INT:
+                self._soft_int(vector, err & 0xF)
+                return
             if vector == 8:
                 # A PV guest never takes a real #DF (exceptions are not delivered through an
                 # IDT): this is a fault converted to #DF because an unreported internal #PF
@@ -1101,19 +1107,27 @@ class VCPUEngine:
                     self._df_retry_rip = rip
                     return
             self._df_retry_rip = -1
-            if vector >= 32:
-                # Only `int $n` (no error code): the patched library puts its length there,
-                # prefixes and all (aiovmm-int-length.patch); the wheel's leaves 0.
-                self.int_length = err if 2 <= err <= 15 else 2
-                try:
-                    self.on_exception(vector, 0, 0)
-                finally:
-                    self.int_length = 2
-                return
             cr2 = self.uc.reg_read(X.UC_X86_REG_CR2) if vector == 14 else 0
             self.on_exception(vector, err, cr2)
         except BaseException as e:
             self._fail(e)
+
+    def _soft_int(self, vector: int, length: int) -> None:
+        """A software interrupt (`int $n`, `int3`, `into`) of `length` bytes, prefixes and
+        all, that the patched library marked (aiovmm-int-length.patch), RIP past it. Xen's
+        IDT gates are DPL 0 but for 1, 3 and 4: `int $n` to another exception vector is
+        #GP((n << 3) | 2) at its first byte, whatever the guest's gate says (the KVM
+        engine's rule too); a vector of 32 or more goes to traps.inject_exception, which
+        checks the guest's gate and puts a refused one's #GP at the INT (int_length)."""
+        if vector < 32 and vector not in (1, 3, 4):
+            self.set("rip", self.get("rip") - length)
+            self.on_exception(13, (vector << 3) | 2, 0)
+            return
+        self.int_length = length
+        try:
+            self.on_exception(vector, 0, 0)
+        finally:
+            self.int_length = 2
 
     def _hook_invalid(self, uc, user_data) -> bool:
         self._hypervisor_runs()
