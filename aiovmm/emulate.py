@@ -94,13 +94,33 @@ def fetch(v: "VCPU", rip: int) -> bytes:
     return out
 
 
-def legacy_prefixes(code: bytes) -> int | None:
-    """How many legacy prefixes start `code`. The CPU ignores them on the instructions that
-    take none (int3, int1, into, int n, sysenter: the engines' reports of those skip them
-    here), but LOCK makes each of those #UD, and an instruction past MAX_INSN_LEN faults:
-    None for both (the fault the engine reported stands)."""
+_capstone: dict[bool, object] = {}
+
+
+def disasm(code: bytes, compat: bool = False) -> tuple[int, str, str] | None:
+    """The one decoder of whole instructions (capstone), for both engines: (length,
+    mnemonic, operands in Intel syntax) of the first instruction of `code` as the CPU reads
+    it in 64-bit mode or, `compat`, in compatibility mode (a 32-bit code segment: 40-4F are
+    inc/dec, never REX; operand and address size 32, a 67 prefix makes addresses 16-bit;
+    moffs is 4 bytes); None if the bytes do not decode."""
+    cs = _capstone.get(compat)
+    if cs is None:
+        import capstone
+        cs = _capstone[compat] = capstone.Cs(capstone.CS_ARCH_X86,
+                                             capstone.CS_MODE_32 if compat else capstone.CS_MODE_64)
+    for _addr, size, mnemonic, ops in cs.disasm_lite(code, 0, 1):
+        return size, mnemonic, ops
+    return None
+
+
+def legacy_prefixes(code: bytes, rex: bool = False) -> int | None:
+    """How many legacy prefixes (and, `rex`: 64-bit mode, REX bytes among them) start
+    `code`. The CPU ignores them on the instructions that take none (int3, int1, into,
+    int n, sysenter: the engines' reports of those skip them here), but LOCK makes each of
+    those #UD, and an instruction past MAX_INSN_LEN faults: None for both (the fault the
+    engine reported stands)."""
     n = 0
-    while n < len(code) and code[n] in _LEGACY_PREFIXES:
+    while n < len(code) and (code[n] in _LEGACY_PREFIXES or (rex and 0x40 <= code[n] <= 0x4F)):
         if code[n] == 0xF0:
             return None
         n += 1

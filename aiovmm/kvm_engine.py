@@ -1466,6 +1466,10 @@ class KVMEngine:
         from .vcpu_engine import VCPUEngine
         return VCPUEngine.decode(self, code)        # the one capstone decoder (no engine state)
 
+    def compat_mode(self) -> bool:
+        """CS is a 32-bit code segment (its L bit clear): compatibility mode."""
+        return not self._sregs[_SEG["cs"] + 19]
+
     def step_to(self, end: int) -> bool:
         """Execute exactly one instruction (RFLAGS.TF: #DB after it, reported by the IDT stub)
         and return True if RIP reached `end` with no other exception or stop.
@@ -2111,7 +2115,7 @@ class KVMEngine:
                 code = self._read_code(rip, PAGE_SIZE - (rip & 0xFFF))   # up to an unmapped page
             except LookupError:
                 return False
-        n = legacy_prefixes(code)
+        n = legacy_prefixes(code, rex=not self.compat_mode())
         if n is None or n >= len(code):
             return False
         op = code[n]

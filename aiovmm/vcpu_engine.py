@@ -272,7 +272,6 @@ class EngineUnavailable(RuntimeError):
 
 
 _native_lib: ctypes.CDLL | None = None
-_capstone = None
 
 
 def _native() -> ctypes.CDLL:
@@ -310,6 +309,9 @@ class _RegBatch:
         for i, v in enumerate(values):
             self.vals[i] = v & 0xFFFFFFFFFFFFFFFF
         uclib.uc_reg_write_batch(self.h, self.ids, self.ptrs, self.n)
+
+
+_SOFT_INT = 1 << 30        # in the error code: a software interrupt, its length below (the patch)
 
 
 class _ExcFix:
@@ -532,7 +534,8 @@ class VCPUEngine:
     """
 
     # Length of the `int $n` whose vector on_exception reports (traps.inject_exception):
-    # Unicorn reports RIP past it and not where it began, taken as `cd n`.
+    # Unicorn reports RIP past it; the patched library (csrc/unicorn/aiovmm-int-length.patch)
+    # tells its length (_soft_int); the stock one does not: taken as `cd n`.
     int_length = 2
 
     # XSAVE state the guest's CPL-3 code can use whatever its kernel enables (cpuid.Xstate):
@@ -934,14 +937,13 @@ class VCPUEngine:
 
     def decode(self, code: bytes) -> tuple[int, str, str] | None:
         """(length, mnemonic, operands) of the first x86_64 instruction in `code` (Intel
-        syntax, capstone), or None if it does not decode."""
-        global _capstone
-        if _capstone is None:
-            import capstone
-            _capstone = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        for _addr, size, mnemonic, ops in _capstone.disasm_lite(code, 0, 1):
-            return size, mnemonic, ops
-        return None
+        syntax, emulate.disasm), or None if it does not decode."""
+        from .emulate import disasm
+        return disasm(code)
+
+    def compat_mode(self) -> bool:
+        """CS is a 32-bit code segment: the vCPU runs in compatibility mode."""
+        return self._segs.compat_mode()
 
     def run(self, budget: int, max_ns: int = 0) -> ExitReason:
         """Run until the block budget or `max_ns` of wall time is used (checked every 64
@@ -1091,6 +1093,9 @@ class VCPUEngine:
         self._hypervisor_runs()
         try:
             err = self._excfix.read_error_and_reset()
+            if err & _SOFT_INT:
+                self._soft_int(vector, err & 0xF)
+                return
             if vector == 8:
                 # A PV guest never takes a real #DF (exceptions are not delivered through an
                 # IDT): this is a fault converted to #DF because an unreported internal #PF
@@ -1106,6 +1111,23 @@ class VCPUEngine:
             self.on_exception(vector, err, cr2)
         except BaseException as e:
             self._fail(e)
+
+    def _soft_int(self, vector: int, length: int) -> None:
+        """A software interrupt (`int $n`, `int3`, `into`) of `length` bytes, prefixes and
+        all, that the patched library marked (aiovmm-int-length.patch), RIP past it. Xen's
+        IDT gates are DPL 0 but for 1, 3 and 4: `int $n` to another exception vector is
+        #GP((n << 3) | 2) at its first byte, whatever the guest's gate says (the KVM
+        engine's rule too); a vector of 32 or more goes to traps.inject_exception, which
+        checks the guest's gate and puts a refused one's #GP at the INT (int_length)."""
+        if vector < 32 and vector not in (1, 3, 4):
+            self.set("rip", self.get("rip") - length)
+            self.on_exception(13, (vector << 3) | 2, 0)
+            return
+        self.int_length = length
+        try:
+            self.on_exception(vector, 0, 0)
+        finally:
+            self.int_length = 2
 
     def _hook_invalid(self, uc, user_data) -> bool:
         self._hypervisor_runs()

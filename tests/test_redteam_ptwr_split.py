@@ -7,8 +7,9 @@ entry 0: the guest's store puts only RAX's upper half into entry 0's lower half 
 lower half on the page before). With RAX = entry 0 (its upper half has the present bit clear), the guest unmaps entry 0;
 the fast path left it mapped and reported the store done. Xen decodes the address and takes
 only a store within the CR2 page (ptwr_emulated_update). The fast path now applies only a
-store whose decoded address is CR2; the others are stepped (the CPU's own bytes land where
-they belong, each changed entry validated).
+store whose decoded address is CR2; this one, begun on the page before, is refused as Xen
+refuses it (ptwr.xen_refuses: the original #PF, nothing written;
+test_redteam_ptwr_xen_rules.py).
 
 Hand-driven as test_redteam_ptwr_rep."""
 from __future__ import annotations

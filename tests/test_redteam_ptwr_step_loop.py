@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -30,8 +31,9 @@ from conftest import HV_MEMORY_MIB, kernel
 CODE_VA = 0xFFFFFFFF80400000 - 4096              # hand_vcpu: a padding page of the boot map
 
 
-def _l1_va(hv, v) -> int:
-    """A VA of the kernel's boot map whose page is one of its own L1 tables (read-only)."""
+def boot_map_l1s(hv, v) -> Iterator[tuple[int, int]]:
+    """(VA, machine address) of each page of the kernel's boot map that is one of its own
+    L1 tables (read-only)."""
     pt, mem = hv.pagetables, hv.mem
     for i in range(4096):
         va = 0xFFFFFFFF80000000 + i * 4096
@@ -40,7 +42,13 @@ def _l1_va(hv, v) -> int:
         except GuestFault:
             continue
         if mem.type[ma >> 12] == PageType.l1 and mem.type_count[ma >> 12]:
-            return va
+            yield va, ma
+
+
+def _l1_va(hv, v) -> int:
+    """A VA of the kernel's boot map whose page is one of its own L1 tables (read-only)."""
+    for va, _ma in boot_map_l1s(hv, v):
+        return va
     raise AssertionError("no L1 table mapped in the boot map")
 
 
