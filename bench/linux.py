@@ -159,6 +159,7 @@ async def aiovmm_run(hv: Hypervisor, timeout: float, vcpus: int = 1, then=None) 
         res["why"] = (dom.describe_end() + _insn_at_rip(dom.describe_end()) if dom.done.done()
                       else f"no console progress for {timeout:.0f} s (still running)")
         res["tail"] = w.tail()
+        res["console"] = bytes(w.buf).decode("utf-8", "replace")     # the whole of it
     eng = dom.vcpus[0].engine
     if getattr(eng, "kind", "") == "kvm":
         kinds = ", ".join(f"{k} {n}" for k, n in eng.exit_kinds.most_common(5))

@@ -13,7 +13,8 @@ at its RIP and the last console lines.
 /proc read through, a CPU loop; tests/test_linux.py's Shell) and `--checkpoints N` saves the
 running guest N times as a checkpoint (Linux's suspend, SUSPEND_CANCEL, it carries on) with a
 command typed after each; `--vcpus 2` boots the guest with two vCPUs. A run that fails after
-the prompt says the step, the domain's end (or "running") and the console's last lines.
+the prompt says the step, the domain's end (or "running") and the console's last lines; every failed run's whole
+console goes to a file in --log-dir (its path is printed).
 
 Last line: boots=<n> ok=<n> failed=<n> prompt_s=<median> load=<1-min load average at the end>
 """
@@ -72,10 +73,11 @@ async def after_prompt(hv, dom, checkpoints: int, res: dict) -> None:
         res["stage"] = f"after the prompt: {step}"
         res["why"] = f"{type(e).__name__}: {e}; domain {dom.describe_end()}"
         res["tail"] = [ln for ln in dom.console_lines if ln.strip()][-25:]
+        res["console"] = "\n".join(dom.console_lines)
 
 
 def child(engine: str, runs: int, timeout: float, tag: int, workload: bool, vcpus: int,
-          checkpoints: int) -> None:
+          checkpoints: int, log_dir: str) -> None:
     from aiovmm import Hypervisor
 
     async def main() -> None:
@@ -84,6 +86,12 @@ def child(engine: str, runs: int, timeout: float, tag: int, workload: bool, vcpu
                 then = (lambda dom, res: after_prompt(hv, dom, checkpoints, res)) if workload else None
                 r = await linux.aiovmm_run(hv, timeout, vcpus=vcpus, then=then)
             r.update(worker=tag, run=i, load=os.getloadavg()[0])
+            if "console" in r:              # a failure: its whole console to a file
+                path = os.path.join(log_dir, f"linux_repeat-{os.getpid()}-{tag}-{i}.log")
+                with open(path, "w") as f:
+                    f.write(f"{r.get('stage')}: {r.get('why')}\n{r.get('engine_stats', '')}\n\n")
+                    f.write(r.pop("console"))
+                r["log"] = path
             print(json.dumps(r), flush=True)
     asyncio.run(main())
 
@@ -99,17 +107,20 @@ def main() -> int:
     ap.add_argument("--vcpus", type=int, default=1)
     ap.add_argument("--checkpoints", type=int, default=0,
                     help="checkpoint saves after the workload (needs --workload)")
+    ap.add_argument("--log-dir", default=tempfile.gettempdir(),
+                    help="where a failed run's whole console is written")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
         child(args.engine, args.runs, args.timeout, args.child, args.workload, args.vcpus,
-              args.checkpoints)
+              args.checkpoints, args.log_dir)
         return 0
     if not (os.path.exists(linux.VMLINUZ) and os.path.exists(linux.INITRAMFS)):
         subprocess.run([sys.executable, os.path.join(linux.ROOT, "guests/linux/build.py")], check=True)
     procs = [subprocess.Popen([sys.executable, __file__, "--engine", args.engine, "--runs",
                                str(args.runs), "--timeout", str(args.timeout), "--child", str(k),
-                               "--vcpus", str(args.vcpus), "--checkpoints", str(args.checkpoints)]
+                               "--vcpus", str(args.vcpus), "--checkpoints", str(args.checkpoints),
+                               "--log-dir", args.log_dir]
                               + (["--workload"] if args.workload else []),
                               stdout=subprocess.PIPE, text=True) for k in range(args.parallel)]
     results = []
@@ -125,6 +136,8 @@ def main() -> int:
                 print(head + f"FAILED at {r['stage']}: {r['why']}", flush=True)
                 for ln in r.get("tail", []):
                     print(f"    | {ln}", flush=True)
+                if "log" in r:
+                    print(f"    whole console: {r['log']}", flush=True)
         p.wait()
     ok = [r["prompt_s"] for r in results if "prompt_s" in r and "stage" not in r]
     print(f"boots={len(results)} ok={len(ok)} failed={len(results) - len(ok)} "
