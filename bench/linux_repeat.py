@@ -33,6 +33,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linux  # noqa: E402  (bench/linux.py: the guest and its boot)
 
+STEP_SLOW, STEP_TIMEOUT = 300, 1200     # s: a workload step is slow, then hung
+
 # The workload typed at the prompt: each command and what its output must contain.
 WORKLOAD = [
     ("uname -r; cat /proc/cpuinfo /proc/meminfo /proc/interrupts /proc/stat >/dev/null && echo procs-ok",
@@ -51,13 +53,23 @@ async def after_prompt(hv, dom, checkpoints: int, res: dict) -> None:
     """The workload and the checkpoint loop on a guest at its prompt; failures in res."""
     sys.path.insert(0, os.path.join(linux.ROOT, "tests"))
     from test_linux import Shell
+    from aiovmm.testing import vcpu_state
     shell = Shell(dom)
     t0 = time.perf_counter()
     step = "workload"
+    steps = res["steps_s"] = []
     try:
         for cmd, want in WORKLOAD:
             step = f"workload `{cmd[:40]}`"
-            rc, out = await shell.run(cmd, 300)
+            t = time.perf_counter()
+            # A step that takes long is told apart from a hang: the vCPUs' state after
+            # STEP_SLOW s, then up to STEP_TIMEOUT s in all (the shell gets ^C then).
+            run = asyncio.ensure_future(shell.run(cmd, STEP_TIMEOUT))
+            done, _ = await asyncio.wait({run}, timeout=STEP_SLOW)
+            if not done:
+                res["slow"] = f"{step} after {STEP_SLOW} s: {vcpu_state(dom)}"
+            rc, out = await run
+            steps.append(round(time.perf_counter() - t, 1))
             if rc != 0 or not any(want in ln for ln in out):
                 raise RuntimeError(f"rc {rc}, output {out[-4:]}")
         with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +83,8 @@ async def after_prompt(hv, dom, checkpoints: int, res: dict) -> None:
         res["work_s"] = time.perf_counter() - t0
     except Exception as e:          # noqa: BLE001  (a crash hunt: every failure is reported)
         res["stage"] = f"after the prompt: {step}"
-        res["why"] = f"{type(e).__name__}: {e}; domain {dom.describe_end()}"
+        res["why"] = (f"{type(e).__name__}: {e}; domain {dom.describe_end()}; after "
+                      f"{time.perf_counter() - t0:.0f} s; {vcpu_state(dom)}")
         res["tail"] = [ln for ln in dom.console_lines if ln.strip()][-25:]
         res["console"] = "\n".join(dom.console_lines)
 
@@ -130,7 +143,9 @@ def main() -> int:
             results.append(r)
             head = f"worker {r['worker']} run {r['run']} load {r['load']:.1f}: "
             if "prompt_s" in r and "stage" not in r:
-                work = f", workload {r['work_s']:.1f} s" if "work_s" in r else ""
+                work = f", workload {r['work_s']:.1f} s (steps {r['steps_s']})" if "work_s" in r else ""
+                if "slow" in r:
+                    work += f"; SLOW {r['slow']}"
                 print(head + f"prompt in {r['prompt_s']:.1f} s{work}", flush=True)
             else:
                 print(head + f"FAILED at {r['stage']}: {r['why']}", flush=True)
