@@ -123,14 +123,16 @@ def _insn_at_rip(end: str) -> str:
     return ""
 
 
-async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
+async def aiovmm_run(hv: Hypervisor, timeout: float, vcpus: int = 1, then=None) -> dict:
+    """One boot to the prompt; `then(dom, res)`, if given, is awaited at the prompt (it adds
+    its own figures, or a failure's stage/why/tail, to res)."""
     w = Watch()
     builder.clear_cache()
     t0 = time.perf_counter()
     c0 = time.process_time()
     try:
         dom = await hv.create(VMLINUZ, memory_mib=MEMORY_MIB, cmdline="console=hvc0 quiet",
-                              ramdisk=INITRAMFS, on_console=w.feed)
+                              ramdisk=INITRAMFS, on_console=w.feed, vcpus=vcpus)
     except BuildError as e:
         return {"stage": "load", "why": f"refused: {e}", "tail": []}
     t1 = time.perf_counter()
@@ -148,6 +150,8 @@ async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
     if w.t_prompt is not None:
         res.update(prompt_s=w.t_prompt - t0, kernel_s=w.t_init - t1, init_s=w.t_prompt - w.t_init,
                    cpu_s=w.c_prompt - c0)
+        if then is not None:
+            await then(dom, res)
     else:
         res["stage"] = "kernel (before /init)" if w.t_init is None else "/init (before the prompt)"
         if w.t_init is not None:
@@ -155,6 +159,7 @@ async def aiovmm_run(hv: Hypervisor, timeout: float) -> dict:
         res["why"] = (dom.describe_end() + _insn_at_rip(dom.describe_end()) if dom.done.done()
                       else f"no console progress for {timeout:.0f} s (still running)")
         res["tail"] = w.tail()
+        res["console"] = bytes(w.buf).decode("utf-8", "replace")     # the whole of it
     eng = dom.vcpus[0].engine
     if getattr(eng, "kind", "") == "kvm":
         kinds = ", ".join(f"{k} {n}" for k, n in eng.exit_kinds.most_common(5))
