@@ -32,6 +32,7 @@ MAXMEM = 192                    # the balloon's ceiling (xl maxmem=): Linux star
 BALLOON_TO = 128
 GUEST_IP, HOST_IP = "198.18.9.2", "198.18.9.1"
 XVDB = (202 << 8) | 16
+KMSG = re.compile(r"\[\s*\d+\.\d+\] ")       # a printk line on hvc0: "[   91.375219] ..."
 
 
 class LinuxShell:
@@ -51,7 +52,9 @@ class LinuxShell:
         lines = [l.rstrip("\r") for l in text.splitlines()]
         i = max(k for k, l in enumerate(lines) if l == start)
         j = max(k for k, l in enumerate(lines) if l.startswith(end + " "))
-        return int(lines[j].split()[1]), lines[i + 1:j]
+        # The kernel's own console messages (blkfront's "xvdb: flush diskcache ..." when a disk
+        # is attached) land between the command's lines when they come at the same moment.
+        return int(lines[j].split()[1]), [l for l in lines[i + 1:j] if not KMSG.match(l)]
 
     def ok(self, cmd: str, timeout: float = CMD_TIMEOUT) -> list[str]:
         rc, out = self.run(cmd, timeout)

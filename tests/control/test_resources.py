@@ -30,7 +30,9 @@ def test_cfg_cap_then_sched_credit_changes_it_at_run_time(daemon):
         # stricter: its slices (with what the host took meanwhile) fill 20 % of the wall.
         assert capped <= 30 and ran >= 20, (ran, capped)
         v = daemon.api("GET", "/api/v1/domains/hogc/vcpus")["vcpus"][0]
-        assert v["wait_s"] > 0 and v["slices"] > 0 and v["priority"] in ("BOOST", "UNDER", "OVER")
+        # wait_s: time queued behind other vCPUs; a lone capped vCPU is parked, not queued,
+        # and with Xen's 30 ms time slice (scheduler.TSLICE_NS) it may never wait at all.
+        assert v["wait_s"] >= 0 and v["slices"] > 0 and v["priority"] in ("BOOST", "UNDER", "OVER")
         daemon.ok("sched-credit", "-d", "hogc", "-c", "0")
         free, _ = cpu_share(daemon, "hogc")
         assert free > capped + 15, (capped, free)
