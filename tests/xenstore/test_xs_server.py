@@ -322,6 +322,10 @@ async def test_live_socket_is_refused_stale_replaced_only_own_unlinked(sock_dir)
                 pass
         assert str(h.value) == f"xenstore socket {path}: another process is listening on it"
         assert "\n" not in str(h.value)
+        from aiovmm.control.daemon import _bind_unix      # the API socket: the same check
+        with pytest.raises(OSError) as e:
+            _bind_unix(str(path))
+        assert e.value.errno == errno.EADDRINUSE
         assert os.lstat(path).st_ino == ino
         c = await Client.open(path)
         await c.write("/still", "first")
