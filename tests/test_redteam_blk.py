@@ -60,6 +60,28 @@ async def attach(hv: Hypervisor, a: lab.Parked, img: str, persistent: bool) -> B
     return bb
 
 
+async def attacker_with_bystander(hv: Hypervisor, img: str, name: str) -> tuple[lab.Parked, lab.Parked, Blkback]:
+    """A guest whose vbd is attached with persistent grants, and a bystander beside it."""
+    a = lab.park(hv, kernel(), 8, name)
+    b = lab.park(hv, kernel(), 8, "bystander")
+    return a, b, await attach(hv, a, img, persistent=True)
+
+
+async def detach_all_released(hv: Hypervisor, a: lab.Parked, bb: Blkback, refs: list[int], frames: list[int]) -> None:
+    """Disconnect: no mapping left, no grant still marked in use, the frames unreferenced;
+    then the guest goes and nothing of it stays."""
+    clean(hv)
+    await bb._disconnect()
+    bb.backing.close()
+    assert not a.dom.host_mappings
+    for ref in refs:
+        assert a.grant_flags(ref) & (GTF_reading | GTF_writing) == 0, ref
+    assert all(hv.mem.refs[f] == 0 for f in frames)
+    clean(hv)
+    lab.destroy(a)
+    clean(hv)
+
+
 def req(op: int, rid: int, sector: int, segs: list[tuple[int, int, int]]) -> bytes:
     raw = _REQ.pack(op, len(segs), 0, rid, sector) + b"".join(_SEG.pack(g, f, l) for g, f, l in segs)
     return raw.ljust(112, b"\0")
@@ -147,10 +169,8 @@ def test_persistent_grants_bounded_per_ring_and_purged_lru(tmp_path):
     img = make_disk(tmp_path)
 
     async def body(hv: Hypervisor) -> None:
-        a = lab.park(hv, kernel(), 8, "hoarder")
-        b = lab.park(hv, kernel(), 8, "bystander")
+        a, b, bb = await attacker_with_bystander(hv, img, "hoarder")
         mem = hv.mem
-        bb = await attach(hv, a, img, persistent=True)
         desc = a.spare[0]
         a.write_grant(20, GTF_permit_access | GTF_readonly, 0, desc)
         data = a.spare[1:17]
@@ -214,16 +234,7 @@ def test_persistent_grants_bounded_per_ring_and_purged_lru(tmp_path):
         bb._now = 140.0
         bb._purge_persistent()
         assert not bb._pgnts and len(a.dom.host_mappings) == 1
-        clean(hv)
-        await bb._disconnect()
-        bb.backing.close()
-        assert not a.dom.host_mappings
-        for g in [20, RING_REF] + grefs:
-            assert a.grant_flags(g) & (GTF_reading | GTF_writing) == 0, g
-        assert all(mem.refs[f] == 0 for f in data)
-        clean(hv)
-        lab.destroy(a)
-        clean(hv)
+        await detach_all_released(hv, a, bb, [20, RING_REF] + grefs, data)
 
     asyncio.run(with_hv(body))
 
@@ -237,10 +248,8 @@ def test_persistent_bound_and_bad_grants_in_indirect_requests(tmp_path, monkeypa
     img = make_disk(tmp_path)
 
     async def body(hv: Hypervisor) -> None:
-        a = lab.park(hv, kernel(), 8, "indirect")
-        b = lab.park(hv, kernel(), 8, "bystander")
+        a, b, bb = await attacker_with_bystander(hv, img, "indirect")
         mem = hv.mem
-        bb = await attach(hv, a, img, persistent=True)
         bb.max_persistent = 3
         desc_frame = a.spare[0]
         data = a.spare[1:9]
@@ -282,16 +291,7 @@ def test_persistent_bound_and_bad_grants_in_indirect_requests(tmp_path, monkeypa
         assert page(hv, t) == t_before
         assert {f: page(hv, f) for f in b.dom.frames} == before_b
         assert len(a.dom.host_mappings) == 1 + 3
-        clean(hv)
-        await bb._disconnect()
-        bb.backing.close()
-        assert not a.dom.host_mappings
-        for ref in [20, RING_REF] + [30 + i for i in range(8)]:
-            assert a.grant_flags(ref) & (GTF_reading | GTF_writing) == 0, ref
-        assert all(mem.refs[f] == 0 for f in data)
-        clean(hv)
-        lab.destroy(a)
-        clean(hv)
+        await detach_all_released(hv, a, bb, [20, RING_REF] + [30 + i for i in range(8)], data)
 
     asyncio.run(with_hv(body))
 
