@@ -790,7 +790,9 @@ class Blkback(YieldDrained):
         if proto != PROTOCOL:
             raise BlkDisconnect(f"unsupported protocol {proto!r}")
         self.persistent = read_str(st, f"{self.front}/feature-persistent", "0") == "1"
-        self.max_persistent = MAX_PERSISTENT_GRANTS       # per ring, as Linux (one ring here)
+        # Per ring, as Linux (one ring here); AIOVMM_BLK_MAX_PGRANTS as Linux's module
+        # parameter max_persistent_grants (host-wide, read at each connect).
+        self.max_persistent = max(0, int(os.environ.get("AIOVMM_BLK_MAX_PGRANTS", "") or MAX_PERSISTENT_GRANTS))
         try:
             for ref in refs:
                 self._ring_maps.append(grants.host_map(self.dom, ref))
