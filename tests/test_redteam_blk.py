@@ -60,6 +60,28 @@ async def attach(hv: Hypervisor, a: lab.Parked, img: str, persistent: bool) -> B
     return bb
 
 
+async def attacker_with_bystander(hv: Hypervisor, img: str, name: str) -> tuple[lab.Parked, lab.Parked, Blkback]:
+    """A guest whose vbd is attached with persistent grants, and a bystander beside it."""
+    a = lab.park(hv, kernel(), 8, name)
+    b = lab.park(hv, kernel(), 8, "bystander")
+    return a, b, await attach(hv, a, img, persistent=True)
+
+
+async def detach_all_released(hv: Hypervisor, a: lab.Parked, bb: Blkback, refs: list[int], frames: list[int]) -> None:
+    """Disconnect: no mapping left, no grant still marked in use, the frames unreferenced;
+    then the guest goes and nothing of it stays."""
+    clean(hv)
+    await bb._disconnect()
+    bb.backing.close()
+    assert not a.dom.host_mappings
+    for ref in refs:
+        assert a.grant_flags(ref) & (GTF_reading | GTF_writing) == 0, ref
+    assert all(hv.mem.refs[f] == 0 for f in frames)
+    clean(hv)
+    lab.destroy(a)
+    clean(hv)
+
+
 def req(op: int, rid: int, sector: int, segs: list[tuple[int, int, int]]) -> bytes:
     raw = _REQ.pack(op, len(segs), 0, rid, sector) + b"".join(_SEG.pack(g, f, l) for g, f, l in segs)
     return raw.ljust(112, b"\0")
@@ -136,6 +158,87 @@ def test_persistent_grant_repointed_revoked_ballooned(tmp_path):
     asyncio.run(with_hv(body))
 
 
+def test_persistent_grants_bounded_per_ring_and_purged_lru(tmp_path):
+    """A guest names 1,280 distinct grants in five 256-segment indirect READs: the backend
+    keeps Linux blkback's 1,056 per ring (not the guest's whole grant table), maps the rest
+    per request and unmaps them with it; the answers are the same. The purge (Linux's
+    purge_persistent_gnt) then drops the least recently used 5% of the bound, never a grant a
+    request in flight uses, and every grant unused for 60 s. A purged grant the guest then
+    re-points at another domain's frame is validated again: an error response."""
+    from aiovmm.backends.block import device as blkdev
+    img = make_disk(tmp_path)
+
+    async def body(hv: Hypervisor) -> None:
+        a, b, bb = await attacker_with_bystander(hv, img, "hoarder")
+        mem = hv.mem
+        desc = a.spare[0]
+        a.write_grant(20, GTF_permit_access | GTF_readonly, 0, desc)
+        data = a.spare[1:17]
+        first = 100
+        grefs = list(range(first, first + 5 * 256))
+        for i, g in enumerate(grefs):
+            a.write_grant(g, GTF_permit_access, 0, data[i % 16])
+        transient = []
+        for k in range(5):
+            mem.frame(desc)[:8 * 256] = b"".join(_SEG.pack(g, 0, 0) for g in grefs[256 * k:256 * (k + 1)])
+            p = bb._prepare(indirect(BLKIF_OP_READ, k, 0, 256, [20]))
+            assert p is not None
+            transient.append(len(p.maps))
+            bb.backing.run_batch([p.io])
+            assert p.io.error == 0 or p.io.error is None
+            bb._release(p)
+        assert bb.max_persistent == blkdev.MAX_PERSISTENT_GRANTS == 1056
+        assert len(bb._pgnts) == bb.stats.persistent_grants == 1056
+        assert transient == [0, 0, 0, 0, 1280 - 1056]
+        assert len(a.dom.host_mappings) == 1 + 1056          # ring + the kept ones
+        for g in grefs[1056:]:
+            assert a.grant_flags(g) & (GTF_reading | GTF_writing) == 0, g
+        clean(hv)
+
+        # The bound was hit: the purge drops the excess plus 5% of the bound, oldest first
+        # (grefs[0:256] were used at t=0, the rest later), but not what a request in flight
+        # holds: grefs[0] and grefs[1] stay while a request on them is live.
+        for k, g in enumerate(grefs[:1056]):
+            bb._pused[g] = k // 256 * 1.0
+        bb._now = 10.0
+        mem.frame(desc)[:16] = _SEG.pack(grefs[0], 0, 0) + _SEG.pack(grefs[1], 0, 0)
+        live = bb._prepare(indirect(BLKIF_OP_READ, 9, 0, 2, [20]))
+        bb._live[id(live)] = live
+        bb._pused[grefs[0]] = bb._pused[grefs[1]] = 0.0
+        bb._poverflow = True
+        bb._purge_persistent()
+        gone = [g for g in grefs[:1056] if g not in bb._pgnts]
+        assert gone == grefs[2:52] and len(bb._pgnts) == 1006 == bb.stats.persistent_grants
+        assert bb.stats.persistent_purged == 50
+        for g in gone:
+            assert a.grant_flags(g) & (GTF_reading | GTF_writing) == 0, g
+        # Under the bound, nothing overflowed and nothing is 60 s old: nothing goes.
+        bb._purge_persistent()
+        assert len(bb._pgnts) == 1006
+
+        # A purged grant the guest re-points at another domain's frame: validated again.
+        a.write_grant(grefs[2], GTF_permit_access, 0, b.spare[0])
+        assert bb._prepare(req(BLKIF_OP_READ, 10, 0, [(grefs[2], 0, 7)])) is None
+        assert grefs[2] not in bb._pgnts
+        # Re-pointed at its own frame again: mapped again and kept (there is room).
+        a.write_grant(grefs[2], GTF_permit_access, 0, data[0])
+        p = bb._prepare(req(BLKIF_OP_READ, 11, 0, [(grefs[2], 0, 7)]))
+        assert p is not None and not p.maps and grefs[2] in bb._pgnts
+        bb._release(p)
+
+        # 60 s later, every grant unused since goes, except the live request's two.
+        bb._now = 75.0
+        bb._purge_persistent()
+        assert sorted(bb._pgnts) == sorted([grefs[0], grefs[1]])
+        bb._release(live)
+        bb._now = 140.0
+        bb._purge_persistent()
+        assert not bb._pgnts and len(a.dom.host_mappings) == 1
+        await detach_all_released(hv, a, bb, [20, RING_REF] + grefs, data)
+
+    asyncio.run(with_hv(body))
+
+
 def test_persistent_bound_and_bad_grants_in_indirect_requests(tmp_path, monkeypatch):
     """One indirect READ of 8 segments on 8 distinct grants with the bound at 3: three
     are kept, five mapped for the request only and released with it. Then indirect pages
@@ -145,10 +248,8 @@ def test_persistent_bound_and_bad_grants_in_indirect_requests(tmp_path, monkeypa
     img = make_disk(tmp_path)
 
     async def body(hv: Hypervisor) -> None:
-        a = lab.park(hv, kernel(), 8, "indirect")
-        b = lab.park(hv, kernel(), 8, "bystander")
+        a, b, bb = await attacker_with_bystander(hv, img, "indirect")
         mem = hv.mem
-        bb = await attach(hv, a, img, persistent=True)
         bb.max_persistent = 3
         desc_frame = a.spare[0]
         data = a.spare[1:9]
@@ -190,16 +291,7 @@ def test_persistent_bound_and_bad_grants_in_indirect_requests(tmp_path, monkeypa
         assert page(hv, t) == t_before
         assert {f: page(hv, f) for f in b.dom.frames} == before_b
         assert len(a.dom.host_mappings) == 1 + 3
-        clean(hv)
-        await bb._disconnect()
-        bb.backing.close()
-        assert not a.dom.host_mappings
-        for ref in [20, RING_REF] + [30 + i for i in range(8)]:
-            assert a.grant_flags(ref) & (GTF_reading | GTF_writing) == 0, ref
-        assert all(mem.refs[f] == 0 for f in data)
-        clean(hv)
-        lab.destroy(a)
-        clean(hv)
+        await detach_all_released(hv, a, bb, [20, RING_REF] + [30 + i for i in range(8)], data)
 
     asyncio.run(with_hv(body))
 

@@ -17,13 +17,13 @@ import platform
 import signal
 import socket
 import ssl
-import stat
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..abi import ShutdownReason
 from ..domain import valid_name
 from ..errors import BuildError
+from ..hostfile import unlink_stale_socket
 from ..hypervisor import Hypervisor
 from ..xenbus import XenbusState, read_int, read_state, read_str, wait_for_state
 from ..xenstore.core import XsError
@@ -733,18 +733,7 @@ def _bind_unix(path: str) -> socket.socket:
     we create if missing. A stale socket from a dead daemon is replaced; a live one is not."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, mode=0o700, exist_ok=True)
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise OSError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-        else:
-            raise OSError(f"{path}: another daemon is listening")
-        finally:
-            probe.close()
+    unlink_stale_socket(path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:

@@ -22,6 +22,7 @@ import socket
 from pathlib import Path
 from typing import Callable, Protocol
 
+from ..hostfile import unlink_stale_socket
 from .domain import Connection, Quotas
 from .protocol import MessageReader, ProtocolViolation
 from .ring import (ERROR_COMM, ERROR_NONE, ERROR_PROTO, MAX_PENDING_OUTPUT, RingError, RingTransport,
@@ -72,6 +73,7 @@ class XenstoreServer:
         self.store.on_release = self._close_connections
         self._tg: asyncio.TaskGroup | None = None
         self._listeners: list[tuple[socket.socket, Path, asyncio.Task[None]]] = []
+        self._inodes: dict[Path, tuple[int, int]] = {}    # path -> (st_dev, st_ino) we bound
         self._transports: dict[Connection, Transport] = {}
         self._closed = False
         self.stats = {"connections": 0, "protocol_errors": 0, "internal_errors": 0}
@@ -98,8 +100,11 @@ class XenstoreServer:
         for sock, path, task in self._listeners:
             task.cancel()
             sock.close()
+            # Only the socket this server bound: another process may have replaced it since.
             try:
-                os.unlink(path)
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == self._inodes.get(path):
+                    os.unlink(path)
             except FileNotFoundError:
                 pass
         for transport in list(self._transports.values()):
@@ -116,16 +121,17 @@ class XenstoreServer:
         """
         assert self._tg is not None, "use `async with XenstoreServer(...)`"
         path = Path(path)
-        if path.is_socket():
-            path.unlink()
+        unlink_stale_socket(str(path))          # a live listener's socket is never taken over
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(path))
+            st = os.lstat(path)
             sock.listen(64)
             sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
+        self._inodes[path] = (st.st_dev, st.st_ino)
         task = self._tg.create_task(self._accept_loop(sock, path, domid, privileged),
                                     name=f"xenstore accept {path.name}")
         self._listeners.append((sock, path, task))

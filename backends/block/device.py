@@ -81,13 +81,18 @@ DRAIN_SEGMENTS = 1024
 SEGS_PER_INDIRECT_PAGE = PAGE // 8
 # max-ring-page-order: up to 16 ring pages (512 entries), Linux's XENBUS_MAX_RING_GRANT_ORDER.
 MAX_RING_PAGE_ORDER = 4
-# feature-persistent: at most this many grants per ring page stay mapped; beyond it a segment
-# is mapped for its request only. Linux blkback's default (max_persistent_grants) is 1056, sized
-# for 11-segment requests: with the 256-segment indirect requests a blkfront negotiates for
-# 1 MiB I/O (xen_blkfront.max_indirect_segments=256), its pool is 32 slots x (256 segments + 1
-# descriptor page) per ring page, and a bound below that maps most segments per request
-# (~13 us of Python each). The guest's grant table (grants.DEFAULT_MAX_FRAMES) caps it too.
-MAX_PERSISTENT_GRANTS = RING_SIZE * (MAX_INDIRECT_SEGMENTS + 1)
+# feature-persistent: at most this many grants per ring stay mapped (each a HostMapping, ~0.5 KB
+# of host memory), Linux blkback's xen_blkif_max_pgrants default (max_persistent_grants=1056
+# per ring, whatever the ring's size): without a bound one vbd would keep the guest's whole
+# grant table mapped. Beyond it a segment is mapped for its request only and unmapped after,
+# as Linux does; every LRU_INTERVAL the pool is purged (_purge_persistent, Linux's
+# purge_persistent_gnt): grants unused for PERSISTENT_UNUSED_S, and, once the bound was hit,
+# the least recently used ones down to the bound less LRU_PERCENT_CLEAN percent. The frontend
+# sees nothing but speed.
+MAX_PERSISTENT_GRANTS = 1056
+LRU_INTERVAL = 0.1                 # s, Linux's LRU_INTERVAL (100 ms)
+LRU_PERCENT_CLEAN = 5
+PERSISTENT_UNUSED_S = 60.0         # Linux's persistent_grant_unused_seconds default
 
 BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE = 0, 1, 2, 3
 BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT = 5, 6
@@ -544,10 +549,18 @@ class Blkback(YieldDrained):
         # any host mapping, so the frame stays the guest's and cannot become a page table while
         # mapped, whatever the guest later writes into its grant entry.
         self.persistent = False
-        self.max_persistent = MAX_PERSISTENT_GRANTS       # x ring pages (set at connect)
+        self.max_persistent = MAX_PERSISTENT_GRANTS       # per ring (set at connect)
         self._pgnts: dict[int, grants.HostMapping] = {}
         # gref -> host address of its page, for every key of _pgnts (set and cleared with it).
         self._paddr: dict[int, int] = {}
+        # gref -> loop time of its last use, for every key of _pgnts (the purge's LRU order).
+        self._pused: dict[int, float] = {}
+        self._poverflow = False                    # a grant was refused a slot since the purge
+        self._now = 0.0                            # loop time of the current drain
+        self._next_lru = 0.0
+        # Every validated request not yet released (id -> it): the persistent grants its
+        # segments use are active and cannot be purged (their pages are under I/O).
+        self._live: dict[int, _Pending] = {}
         # Reads and writes through io_uring when the kernel allows it (per connection).
         self.use_uring = True
         self.uring: Uring | None = None
@@ -777,8 +790,9 @@ class Blkback(YieldDrained):
         if proto != PROTOCOL:
             raise BlkDisconnect(f"unsupported protocol {proto!r}")
         self.persistent = read_str(st, f"{self.front}/feature-persistent", "0") == "1"
-        # Linux blkfront's pool grows with the ring (entries x segments): so does the bound.
-        self.max_persistent = MAX_PERSISTENT_GRANTS * len(refs)
+        # Per ring, as Linux (one ring here); AIOVMM_BLK_MAX_PGRANTS as Linux's module
+        # parameter max_persistent_grants (host-wide, read at each connect).
+        self.max_persistent = max(0, int(os.environ.get("AIOVMM_BLK_MAX_PGRANTS", "") or MAX_PERSISTENT_GRANTS))
         try:
             for ref in refs:
                 self._ring_maps.append(grants.host_map(self.dom, ref))
@@ -830,6 +844,9 @@ class Blkback(YieldDrained):
         # go, the guest's grant entries lose GTF_reading/GTF_writing).
         pg, self._pgnts = self._pgnts, {}
         self._paddr = {}
+        self._pused = {}
+        self._poverflow = False
+        self._live = {}
         self._release_all_maps(list(pg.values()))
         self.stats.persistent_grants = 0
         if self.port is not None:
@@ -927,6 +944,11 @@ class Blkback(YieldDrained):
         if n == 0:
             return
         self.stats.batches += 1
+        if self.persistent:
+            self._now = now = asyncio.get_running_loop().time()
+            if now >= self._next_lru:
+                self._next_lru = now + LRU_INTERVAL
+                self._purge_persistent()
         batch: list[_Pending] = []
         self._throttled = False
         limited = self.limiter.active
@@ -946,6 +968,7 @@ class Blkback(YieldDrained):
             p = self._prepare(raw)
             if p is None:
                 continue
+            self._live[id(p)] = p
             if limited:
                 self.limiter.charge(p.io.length if p.io.op in ("read", "write") else 0)
             if p.op in _ORDERING:
@@ -1075,6 +1098,7 @@ class Blkback(YieldDrained):
                 flat[0::2] = addrs
                 held = self._pgnts
                 pieces = list(zip(map(held.__getitem__, grefs), itertools.repeat(0), itertools.repeat(PAGE)))
+                self._pused.update(zip(grefs, itertools.repeat(self._now)))
                 st.persistent_hits += n
                 io = bio.IORequest("write" if write else "read", sector * SECTOR, (), total * SECTOR,
                                    sync=sync, addrs=array.array("Q", flat), segments=pieces)
@@ -1100,6 +1124,7 @@ class Blkback(YieldDrained):
                     if transient:
                         maps.append(m)
                 else:
+                    self._pused[gref] = self._now
                     hits += 1
                 off = first * SECTOR
                 size = (last + 1) * SECTOR - off
@@ -1131,8 +1156,11 @@ class Blkback(YieldDrained):
             m = self._pgnts.get(gref)
             if m is not None:
                 self.stats.persistent_hits += 1
+                self._pused[gref] = self._now
                 return m, False
-            if len(self._pgnts) < self.max_persistent:
+            if len(self._pgnts) >= self.max_persistent:
+                self._poverflow = True           # the purge makes room (Linux: overflow_max_grants)
+            else:
                 try:
                     m = grants.host_map(self.dom, gref, readonly=False)
                 except grants.GrantError:
@@ -1140,6 +1168,7 @@ class Blkback(YieldDrained):
                 else:
                     self._pgnts[gref] = m
                     self._paddr[gref] = self.dom.mem.fd_address + (m.mfn << 12)
+                    self._pused[gref] = self._now
                     self.stats.persistent_grants = len(self._pgnts)
                     return m, False
         return grants.host_map(self.dom, gref, readonly=readonly), True
@@ -1271,7 +1300,39 @@ class Blkback(YieldDrained):
             self.port.notify()
             self.stats.events_sent += 1
 
+    def _purge_persistent(self) -> None:
+        """Linux blkback's purge_persistent_gnt: unmap the persistent grants no request in
+        flight uses that were unused for PERSISTENT_UNUSED_S and, when the pool is over its
+        bound or was full when a grant needed a slot, at least the bound's LRU_PERCENT_CLEAN
+        percent plus the excess, least recently used first. The frontend is not told: a
+        purged grant is mapped again (and validated again) the next time a request names it."""
+        pg = self._pgnts
+        count, bound = len(pg), self.max_persistent
+        if count < bound or (count == bound and not self._poverflow):
+            num_clean = 0
+        else:
+            num_clean = min(count, count - bound + bound // 100 * LRU_PERCENT_CLEAN)
+        self._poverflow = False
+        old = self._now - PERSISTENT_UNUSED_S
+        used = self._pused
+        if not num_clean and (not used or min(used.values()) > old):
+            return
+        active = {id(m) for p in self._live.values() for m, _o, _n in p.io.segments}
+        victims = []
+        for gref in sorted(used, key=used.__getitem__):
+            if id(pg[gref]) in active:
+                continue
+            if len(victims) >= num_clean and used[gref] > old:
+                break
+            victims.append(gref)
+        for gref in victims:
+            del self._paddr[gref], used[gref]
+        self._release_all_maps([pg.pop(gref) for gref in victims])
+        self.stats.persistent_grants = len(pg)
+        self.stats.persistent_purged += len(victims)
+
     def _release(self, p: _Pending) -> None:
+        self._live.pop(id(p), None)
         p.io.bufs = ()
         p.io.segments = ()
         self._release_all_maps(p.maps)

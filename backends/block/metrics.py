@@ -28,6 +28,7 @@ class BlkStats:
     bad_indices: int = 0          # ring-index violations (the device was disconnected)
     persistent_grants: int = 0    # grants mapped persistently now (feature-persistent)
     persistent_hits: int = 0      # segments served by an already mapped persistent grant
+    persistent_purged: int = 0    # persistent grants unmapped by the LRU purge (bound, unused 60 s)
     indirect_reqs: int = 0        # BLKIF_OP_INDIRECT requests accepted
     uring_reqs: int = 0           # reads/writes submitted through io_uring (not the pool)
     io_ns: int = 0                # time spent in preadv/pwritev/fdatasync (all workers)

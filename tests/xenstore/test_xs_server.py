@@ -296,6 +296,69 @@ async def test_server_shutdown_closes_clients(sock_dir):
     assert not (sock_dir / "s.sock").exists()
 
 
+async def test_live_socket_is_refused_stale_replaced_only_own_unlinked(sock_dir):
+    """A second server (a second `aiovmm run --xenstore-socket PATH`) on the socket of a live
+    one is refused with one line and takes nothing over: the first still answers at its own
+    inode. A stale socket file (its listener gone) is replaced. A server deletes at exit
+    only the socket it bound: not one another process put at the path since."""
+    import errno
+    import os
+    import socket
+
+    from aiovmm.hypervisor import HostConfigError, Hypervisor
+    from aiovmm.xenstore import XenstoreServer
+
+    from .conftest import Client
+    path = sock_dir / "live.sock"
+    async with XenstoreServer(path):
+        ino = os.lstat(path).st_ino
+        second = XenstoreServer(path)
+        with pytest.raises(OSError) as e:
+            async with second:
+                pass
+        assert e.value.errno == errno.EADDRINUSE
+        with pytest.raises(HostConfigError) as h:
+            async with Hypervisor(memory_mib=16, xenstore_path=str(path)):
+                pass
+        assert str(h.value) == f"xenstore socket {path}: another process is listening on it"
+        assert "\n" not in str(h.value)
+        from aiovmm.control.daemon import _bind_unix      # the API socket: the same check
+        with pytest.raises(OSError) as e:
+            _bind_unix(str(path))
+        assert e.value.errno == errno.EADDRINUSE
+        assert os.lstat(path).st_ino == ino
+        c = await Client.open(path)
+        await c.write("/still", "first")
+        assert await c.read("/still") == b"first"
+        await c.aclose()
+    assert not path.exists()
+
+    # A stale socket: bound, then its listener went away without unlinking it.
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()
+    async with XenstoreServer(path) as xs:
+        c = await Client.open(path)
+        await c.write("/x", "y")
+        await c.aclose()
+        # Someone else's socket now stands at the path: this server's exit leaves it.
+        os.unlink(path)
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.bind(str(path))
+        other_ino = os.lstat(path).st_ino
+        await xs.aclose()
+    assert os.lstat(path).st_ino == other_ino
+    other.close()
+    os.unlink(path)
+
+    # Not a socket: refused, left alone.
+    path.write_text("mine")
+    with pytest.raises(OSError) as e:
+        async with XenstoreServer(path):
+            pass
+    assert e.value.errno == errno.ENOTSOCK and path.read_text() == "mine"
+
+
 async def test_client_that_never_reads_is_disconnected_not_buffered(xs, client, monkeypatch):
     """A socket client that sets a watch and never reads while events keep coming is cut
     off once MAX_PENDING_OUTPUT bytes wait for it (lowered here to keep the test short);
