@@ -90,7 +90,9 @@ class TerminalFilter:
     terminal state (DECRQSS), the known ways for a program's output to act on the host
     beyond its own screen. Other C1 controls as UTF-8 (U+0080-U+009F) are removed too;
     plain bytes 0x80-0xff pass (UTF-8 text). A string ends at ST (ESC \\ or U+009C), BEL,
-    CAN or SUB as in xterm, or after STRING_MAX bytes.
+    CAN or SUB as in xterm, or after STRING_MAX bytes. Inside ESC a terminal executes C0
+    controls and ignores DEL without leaving ESC, so those pass and ESC stays pending; ESC is
+    written only with the byte after it, never alone before a removed C1 control.
 
     State is kept across calls, so a sequence split between two writes is handled the
     same; each call copies its bytes a bounded number of times (find and slice)."""
@@ -119,8 +121,16 @@ class TerminalFilter:
                 if b in b"]PX^_":
                     st, self._string_len = _STRING, 0
                     i += 1
-                else:
-                    out += b"\x1b"          # the byte after it is read as normal output
+                elif b == 0x1b:              # ESC ESC: the terminal restarts at the second
+                    i += 1
+                elif (b < 0x20 and b not in (0x18, 0x1a)) or b == 0x7f:
+                    out.append(b)            # executed (DEL ignored) inside ESC by a terminal,
+                    i += 1                   # which stays in ESC: so do we
+                elif b >= 0x80:              # ESC then UTF-8: the lone ESC dropped (never
+                    st = _NORMAL             # glued to what follows a removed C1 control)
+                else:                        # ESC and its next byte, together
+                    out += bytes((0x1b, b))
+                    i += 1
                     st = _NORMAL
             elif st == _C2:
                 b = data[i]

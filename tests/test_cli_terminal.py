@@ -57,6 +57,26 @@ def test_terminal_filter_c1_and_bound():
     assert _filter(b"\x1b]0;t\x1b[1mX") == b"\x1b[1mX"
 
 
+def _terminal_sees_string(out: bytes) -> bool:
+    """A terminal's view (VT500 parser, xterm, Linux's vt): C0 controls other than CAN/SUB
+    are executed inside an escape sequence without ending it, DEL is ignored there; so a
+    string starts where ESC and ]PX^_ meet once those are taken out."""
+    seen = bytes(c for c in out if not ((c < 0x20 and c not in (0x18, 0x1a, 0x1b)) or c == 0x7f))
+    return any(b"\x1b" + bytes((c,)) in seen for c in b"]PX^_")
+
+
+@pytest.mark.parametrize("seq", [b"\x1b\n]52;c;cHduZWQ=\x07", b"\x1b\x00]0;t\x07",
+                                 b"\x1b\x7fP$qm\x1b\\", b"\x1b\r\x08_apc\x07",
+                                 "\x1b\u0085]52;c;eA==\x07".encode(),
+                                 "\x1b\x1b\u0085]0;t\x07".encode(),
+                                 "\x1b\u009dx\x07]0;t\x07".encode()])
+def test_terminal_filter_no_string_through_esc_state(seq):
+    # a control executed inside ESC, or a removed C1 control, must not join ESC to ]PX^_
+    assert not _terminal_sees_string(_filter(b"a" + seq + b"b"))
+    for i in range(1, len(seq)):
+        assert not _terminal_sees_string(_filter(b"a" + seq[:i], seq[i:] + b"b")), i
+
+
 def test_text_output():
     assert text(b"a\r\nb\x1b[6n\x07\tc\n") == b"a\nb?[6n?\tc\n"
 
