@@ -243,7 +243,7 @@ def inject_exception(v: "VCPU", vector: int, error: int, cr2: int, *,
                 eng.stop()
                 return
             # refused: fall through and bounce the #PF to the guest
-    if vector == 3 and len(dom.vcpus) > 1 and _stale_int3(v, rip):
+    if vector == 3 and len(dom.vcpus) > 1 and v.runs_translated_code() and _stale_int3(v, rip):
         return
     flags, _cs, handler = v.trap_table[vector] if vector < 256 else (0, 0, 0)
     if vector >= 32:
@@ -316,7 +316,10 @@ def _stale_int3(v: "VCPU", rip: int) -> bool:
     out again while other CPUs run it. If memory no longer holds an int3 (CC, or CD 03)
     before RIP, the hardware would not have trapped: nothing is delivered, RIP goes back
     to the patched instruction and the vCPU's translated code is dropped before its next
-    slice (not inside the hook)."""
+    slice (not inside the hook). Only on an engine that runs translated code
+    (VCPU.runs_translated_code): on KVM the int3 is the CPU's own trap, delivered as Xen's
+    do_int3 delivers a hardware #BP, memory never read again (the CPU may have run it
+    through a translation the guest has not flushed yet; tests/test_redteam_kvm_int3.py)."""
     b1 = _byte_before(v, rip)
     if b1 == 0xCC or (b1 == 0x03 and _byte_before(v, rip - 1) == 0xCD):
         return False

@@ -575,16 +575,22 @@ class VCPU:
             return False
         return sched.slice_left(self) >= TIMER_SLOP_NS
 
+    def runs_translated_code(self) -> bool:
+        """True if the vCPU's engine runs its own translations of guest code (Unicorn, which
+        counts the translations a store dropped: code_invalidations) rather than the bytes
+        in memory (KVM): only then can it run code that memory no longer holds, which the
+        SMP rules here (_share_code_writes, ipi_code_sync) and traps._stale_int3 are for."""
+        return getattr(self.engine, "code_invalidations", None) is not None
+
     def _share_code_writes(self) -> None:
         """This vCPU's stores invalidated some of its translated code (its engine counts
         them): the other vCPUs' engines keep their own translations of the same bytes, so
         they drop theirs before their next slice. Covers code that the writing vCPU also
         ran (kernel text patching: alternatives, jump labels, text_poke); code only other
         vCPUs translated is not seen (docs/design.md, SMP)."""
-        count = getattr(self.engine, "code_invalidations", None)
-        if count is None:
+        if not self.runs_translated_code():
             return
-        n = count()
+        n = self.engine.code_invalidations()
         if n != self.code_writes_seen:
             self.code_writes_seen = n
             for other in self.domain.vcpus:
@@ -601,7 +607,7 @@ class VCPU:
         slice: at most once per CODE_SYNC_S (retranslation costs ms), an IPI inside that
         window deferring the drop to the window's end. Old code thus lives at most
         CODE_SYNC_S past an IPI. Engines that run the bytes in memory (KVM) need nothing."""
-        if getattr(self.engine, "code_invalidations", None) is None:
+        if not self.runs_translated_code():
             return
         due = max(loop_time(), self.code_flushed_at + CODE_SYNC_S)
         if self.code_sync_due is None or due < self.code_sync_due:

@@ -20,13 +20,15 @@ _RW = 0x2
 
 @contextlib.asynccontextmanager
 async def hand_driven_vcpu(regs: tuple[str, ...], engine: str,
-                           timeout: float = 30) -> AsyncIterator[tuple]:
+                           timeout: float = 30, vcpus: int = 1) -> AsyncIterator[tuple]:
     """The project's kernel on `engine`, paused while its vCPU task is parked between slices
     so that a test can drive the vCPU by hand: yields (hv, dom, vcpu 0). Afterwards (when the
     test passed) the registers `regs` are put back and the guest must run on to its third
-    line, so a test that left the vCPU broken fails here."""
+    line, so a test that left the vCPU broken fails here. `vcpus`: the domain's count (the
+    kernel brings up only vCPU 0; the others exist, as for an SMP domain's rules)."""
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
-        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0")
+        dom = await hv.create(kernel(), memory_mib=8, cmdline="ticks=1 spin=0",
+                                vcpus=vcpus)
         await dom.wait_for_line(r"^spin 1$", timeout=timeout)
         dom.paused = True
         await asyncio.sleep(0.05)
