@@ -97,31 +97,46 @@ WALK_RSVD_UPPER = WALK_RSVD | _PAGE_PSE                      # L4, L3, L2 entrie
 NO_MADDR = -1
 
 
+def _walk_masks(pfec: int) -> tuple[int, int, int]:
+    """(need, upper, leaf) for an access of kind `pfec`: an entry `e` passes at the L4-L2 if
+    e & upper == need and at the L1 if e & leaf == need (the bits `need` set, every other
+    bit of the mask clear: reserved bits, PSE above the L1, NX for a fetch)."""
+    need = _PAGE_PRESENT | (_PAGE_USER if pfec & PFEC_USER else 0) | (_PAGE_RW if pfec & PFEC_WRITE else 0)
+    nx = _PAGE_NX if pfec & PFEC_FETCH else 0
+    return need, need | WALK_RSVD_UPPER | nx, need | WALK_RSVD | nx
+
+
+_WALK_MASKS = [_walk_masks(pfec) for pfec in range(32)]
+
+
 def walk(mem: MachineMemory, cr3: int, va: int, pfec: int) -> int:
     """Machine address of guest VA `va` through the 4-level tables at `cr3` for an access of
     kind `pfec` (PFEC_USER | PFEC_WRITE | PFEC_FETCH), by the rule above; NO_MADDR if the
     walk finds no translation or the access is not permitted. Each entry is read once."""
     top = va >> 47
-    if not (top == 0 or top == 0x1FFFF):
+    if top and top != 0x1FFFF:
         return NO_MADDR
-    # Hot (every guest buffer a hypercall reads): locals, no helper calls per level.
-    m, unpack, frame, size = mem.map, _U64_FROM, PTE_FRAME_MASK, mem.size
-    need = _PAGE_PRESENT | (_PAGE_USER if pfec & PFEC_USER else 0) | (_PAGE_RW if pfec & PFEC_WRITE else 0)
-    nx = _PAGE_NX if pfec & PFEC_FETCH else 0
-    upper, leaf = WALK_RSVD_UPPER | nx, WALK_RSVD | nx
-    base = cr3 & frame                                      # machine address of the table
-    if base >= size:
-        return NO_MADDR
-    for shift in (39, 30, 21):
-        e = unpack(m, base | ((va >> shift) & 0x1FF) << 3)[0]
-        base = e & frame
-        if e & need != need or e & upper or base >= size:
+    # Hot (every guest buffer a hypercall reads): locals, unrolled, no helper calls. A table
+    # outside machine memory fails the read (struct.error); the page is checked at the end.
+    m, unpack, frame = mem.map, _U64_FROM, PTE_FRAME_MASK
+    need, upper, leaf = _WALK_MASKS[pfec & 0x1F]
+    try:
+        e = unpack(m, (cr3 & frame) | (va >> 36 & 0xFF8))[0]               # L4
+        if e & upper != need:
             return NO_MADDR
-    e = unpack(m, base | ((va >> 12) & 0x1FF) << 3)[0]
-    base = e & frame
-    if e & need != need or e & leaf or base >= size:
+        e = unpack(m, (e & frame) | (va >> 27 & 0xFF8))[0]                 # L3
+        if e & upper != need:
+            return NO_MADDR
+        e = unpack(m, (e & frame) | (va >> 18 & 0xFF8))[0]                 # L2
+        if e & upper != need:
+            return NO_MADDR
+        e = unpack(m, (e & frame) | (va >> 9 & 0xFF8))[0]                  # L1
+    except struct.error:
         return NO_MADDR
-    return base | (va & (PAGE_SIZE - 1))
+    base = e & frame
+    if e & leaf != need or base >= mem.size:
+        return NO_MADDR
+    return base | (va & 0xFFF)
 
 
 # ------------------------------------------------------------------------------------------------
