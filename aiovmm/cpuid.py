@@ -55,7 +55,10 @@ _MODEL_BRAND = (
 )
 _MODEL_X5 = (0x01FF01FF, 0x01FF01FF, 0x40020140, 0x40020140)
 _MODEL_X6 = (0x00000000, 0x42004200, 0x02008140, 0x00000000)
-_MODEL_X8 = (0x00003028, 0x00000000, 0x00000000, 0x00000000)
+# Physical address bits a guest is told (leaf 0x80000008 EAX[7:0]): entry bits from here up to
+# bit 51 are reserved (mmu.walk, Xen's guest_rsvd_bits).
+PADDR_BITS = 40
+_MODEL_X8 = (0x00003000 | PADDR_BITS, 0x00000000, 0x00000000, 0x00000000)
 
 
 class Feat1C(enum.IntEnum):

@@ -60,9 +60,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from .abi import (
     DOMID_XEN, XEN_L4_FIRST, XEN_L4_LAST, MACH2PHYS_VIRT_END, MACH2PHYS_VIRT_START, FLAT_RING0_CS64, FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
     PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_USER, Hypercall, is_canonical, segment_base_limit,
+    _PAGE_RW, _PAGE_USER, Hypercall, segment_base_limit,
 )
 from .memory import PageType
+from .mmu import PFEC_USER, walk as mmu_walk
 from .vcpu_engine import ExitReason
 
 if TYPE_CHECKING:
@@ -241,6 +242,8 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_back_to_cpl3.restype = None
         lib.aiovmm_kvm_syscall_entry.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_syscall_entry.restype = None
+        lib.aiovmm_kvm_guest_maddr.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+        lib.aiovmm_kvm_guest_maddr.restype = ctypes.c_uint64
         lib.aiovmm_kvm_layout.argtypes = [ctypes.c_int]
         lib.aiovmm_kvm_layout.restype = ctypes.c_size_t
         from .vcpu import PVState
@@ -2468,23 +2471,13 @@ class KVMEngine:
 
     def _walk_va(self, va: int, user: bool) -> int:
         """The one walk of the current page tables every guest-VA read of this engine uses:
-        machine address of the 4 KiB page holding `va`, present at every level and, for a
-        CPL-3 access (`user`), user at every level. Large pages are refused (guest tables have
-        none; the engine's only ones are its supervisor direct map, which no read names), never
-        walked as tables. LookupError otherwise."""
-        if not is_canonical(va):
+        machine address of the 4 KiB page holding `va` for a read (a CPL-3 one if `user`),
+        by mmu.walk's rule (present, user, no reserved bit, no large page at any level: the
+        engine's supervisor direct map is never walked as tables). LookupError otherwise."""
+        ma = mmu_walk(self.mem, self._sreg_u64(_SREG_OFF["cr3"]), va, PFEC_USER if user else 0)
+        if ma < 0:
             raise LookupError(hex(va))
-        mem = self.mem
-        need = _PAGE_PRESENT | _PAGE_USER if user else _PAGE_PRESENT
-        t = self._sreg_u64(_SREG_OFF["cr3"]) & PTE_FRAME_MASK
-        for shift in (39, 30, 21, 12):
-            e = mem.read_u64(t + 8 * ((va >> shift) & 0x1FF))
-            if e & need != need or (shift != 12 and e & 0x80):
-                raise LookupError(hex(va))
-            t = e & PTE_FRAME_MASK
-            if t >= mem.size:
-                raise LookupError(hex(va))
-        return t
+        return ma & ~0xFFF
 
     def _read_va(self, va: int, n: int, page: Callable[[int], int]) -> bytes:
         """`n` bytes at guest VA `va`, each page's machine address from `page`."""

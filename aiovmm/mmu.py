@@ -27,6 +27,7 @@ from .abi import (
     _PAGE_PSE, _PAGE_RW, _PAGE_USER, FIRST_RESERVED_GDT_BYTE, FLAT_RING0_CS64,
     FLAT_RING0_DS, FLAT_RING3_CS32, FLAT_RING3_CS64, FLAT_RING3_SS,
 )
+from .cpuid import PADDR_BITS
 from .memory import MachineMemory, NotWritable, PageType, TypeConflict
 
 log = logging.getLogger("aiovmm.mmu")
@@ -66,6 +67,76 @@ class GuestFault(Exception):
 
 def l4_slot(va: int) -> int:
     return (va >> 39) & 0x1FF
+
+
+# ------------------------------------------------------------------------------------------------
+# The page walk: the one rule by which a guest VA becomes a machine address. Every walk of a
+# guest's tables in Python calls `walk` (PageTables.translate for guest buffers, the KVM
+# engine's _walk_va for the instruction and descriptor bytes it reads); csrc/kvm.c
+# guest_maddr, which must walk in C for the engine's fast paths, is tested against it
+# exhaustively (tests/test_ptwalk_property.py).
+#
+# Xen's guest_walk_tables (xen/arch/x86/mm/guest_walk.c) for a 4-level PV vCPU, which runs with
+# EFER.NX and CR0.WP set and without SMEP/SMAP/PKU (guest_pt.h):
+# - at each level the entry must be present and have no reserved bit: the address bits from
+#   the advertised PADDR_BITS to bit 51 (guest_rsvd_bits), and PSE above the L1. PSE is
+#   reserved in an L4 (GUEST_L4_PAGETABLE_RSVD) and, PV paging not being HAP, in an L3
+#   (guest_can_use_l3_superpages); an L2 superpage is never in a PV guest's tables
+#   (validation refuses them, _get_entry: Xen's L2_DISALLOW_MASK), so one is refused rather
+#   than walked (the KVM engine's own supervisor direct map uses 2 MiB pages: never walked).
+#   The bit is the PAT bit in an L1, not reserved there.
+# - a table or page outside machine memory ends the walk (map_domain_gfn fails);
+# - access rights accumulate over the levels: USER and RW must be set at every level for a
+#   user access (PFEC_USER) and for a write (PFEC_WRITE; CR0.WP: supervisor writes too);
+#   NX at any level refuses an instruction fetch (PFEC_FETCH).
+# - a non-canonical VA is no walk at all (#GP).
+# Accessed/dirty bits are not set here (the engines' CPU sets them on its own accesses).
+PFEC_WRITE, PFEC_USER, PFEC_FETCH = 0x2, 0x4, 0x10        # Xen's PFEC_* walk kinds
+WALK_RSVD = ((1 << 52) - 1) & ~((1 << PADDR_BITS) - 1)      # bits PADDR_BITS..51
+WALK_RSVD_UPPER = WALK_RSVD | _PAGE_PSE                      # L4, L3, L2 entries
+NO_MADDR = -1
+
+
+def _walk_masks(pfec: int) -> tuple[int, int, int]:
+    """(need, upper, leaf) for an access of kind `pfec`: an entry `e` passes at the L4-L2 if
+    e & upper == need and at the L1 if e & leaf == need (the bits `need` set, every other
+    bit of the mask clear: reserved bits, PSE above the L1, NX for a fetch)."""
+    need = _PAGE_PRESENT | (_PAGE_USER if pfec & PFEC_USER else 0) | (_PAGE_RW if pfec & PFEC_WRITE else 0)
+    nx = _PAGE_NX if pfec & PFEC_FETCH else 0
+    return need, need | WALK_RSVD_UPPER | nx, need | WALK_RSVD | nx
+
+
+_WALK_MASKS = [_walk_masks(pfec) for pfec in range(32)]
+
+
+def walk(mem: MachineMemory, cr3: int, va: int, pfec: int) -> int:
+    """Machine address of guest VA `va` through the 4-level tables at `cr3` for an access of
+    kind `pfec` (PFEC_USER | PFEC_WRITE | PFEC_FETCH), by the rule above; NO_MADDR if the
+    walk finds no translation or the access is not permitted. Each entry is read once."""
+    top = va >> 47
+    if top and top != 0x1FFFF:
+        return NO_MADDR
+    # Hot (every guest buffer a hypercall reads): locals, unrolled, no helper calls. A table
+    # outside machine memory fails the read (struct.error); the page is checked at the end.
+    m, unpack, frame = mem.map, _U64_FROM, PTE_FRAME_MASK
+    need, upper, leaf = _WALK_MASKS[pfec & 0x1F]
+    try:
+        e = unpack(m, (cr3 & frame) | (va >> 36 & 0xFF8))[0]               # L4
+        if e & upper != need:
+            return NO_MADDR
+        e = unpack(m, (e & frame) | (va >> 27 & 0xFF8))[0]                 # L3
+        if e & upper != need:
+            return NO_MADDR
+        e = unpack(m, (e & frame) | (va >> 18 & 0xFF8))[0]                 # L2
+        if e & upper != need:
+            return NO_MADDR
+        e = unpack(m, (e & frame) | (va >> 9 & 0xFF8))[0]                  # L1
+    except struct.error:
+        return NO_MADDR
+    base = e & frame
+    if e & leaf != need or base >= mem.size:
+        return NO_MADDR
+    return base | (va & 0xFFF)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -577,19 +648,12 @@ class PageTables:
         return (table << PAGE_SHIFT) + 8 * ((va >> 12) & 0x1FF)
 
     def translate(self, cr3: int, va: int, write: bool) -> int:
-        """Guest VA -> machine address, with the checks the CPU makes for a CPL 3 access."""
-        top = va >> 47                  # is_canonical(va), inline: the walk is per hypercall
-        if not (top == 0 or top == 0x1FFFF) or HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
+        """Guest VA -> machine address for a CPL-3 read (or `write`) of a guest buffer, as
+        Xen's copy_from_guest/copy_to_guest reach it: access_ok (`guest_access_ok`: never
+        Xen's range), then `walk`. GuestFault (-EFAULT) otherwise."""
+        if HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
             raise GuestFault(va, write)
-        # Hot (every guest buffer a hypercall reads): locals, no helper calls per level.
-        m, unpack, frame = self.mem.map, _U64_FROM, PTE_FRAME_MASK
-        base = cr3 >> PAGE_SHIFT << PAGE_SHIFT             # machine address of the table
-        need = _PAGE_PRESENT | _PAGE_USER | (_PAGE_RW if write else 0)
-        for shift in (39, 30, 21, 12):
-            e = unpack(m, base | ((va >> shift) & 0x1FF) << 3)[0]
-            if e & need != need:
-                raise GuestFault(va, write)
-            # Every entry the walk follows is in a validated table (whose entries _get_entry
-            # admitted as RAM only) or in Xen's own: `base` is RAM, no range check here.
-            base = e & frame
-        return base | (va & (PAGE_SIZE - 1))
+        ma = walk(self.mem, cr3, va, PFEC_USER | PFEC_WRITE if write else PFEC_USER)
+        if ma < 0:
+            raise GuestFault(va, write)
+        return ma

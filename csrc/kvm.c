@@ -341,31 +341,43 @@ void aiovmm_kvm_syscall_entry(struct aiovmm_kvm_ctx *c)
 }
 
 
-/* The machine address of guest VA `va` for a read (or, `write`, a write) at CPL 3 through the
- * page tables at `cr3` (the guest's validated tables, as Python's copy_from_guest and
- * copy_to_guest use them), with the checks of the Python walk (aiovmm/mmu.py translate):
- * canonical, outside Xen's range, present and user (and writable) at every level. Returns 0
- * (not ours to judge: the caller leaves it to Python, whose walk then gives the fault) when
- * any check fails or an entry leads outside machine memory. */
+/* Bits a page-table entry may not set (aiovmm/mmu.py WALK_RSVD, WALK_RSVD_UPPER: Xen's
+ * guest_rsvd_bits for the advertised 40 address bits, cpuid.py PADDR_BITS), and PSE above
+ * the L1 (reserved in L4 and L3; no PV guest table holds an L2 superpage). */
+#define PTE_RSVD 0x000FFF0000000000ULL
+#define PTE_PSE 0x80ULL
+#define NO_MADDR UINT64_MAX
+
+/* The machine address of guest VA `va` for a CPL-3 read (or, `write`, a write) through the
+ * page tables at `cr3`, as Python's PageTables.translate finds it for copy_from_guest and
+ * copy_to_guest: never Xen's range (access_ok), then aiovmm/mmu.py `walk`'s rule, which this
+ * is tested against exhaustively (tests/test_ptwalk_property.py): canonical; at every level
+ * present, user (and writable), no reserved bit, no PSE above the L1; every table and the
+ * page inside machine memory. NO_MADDR otherwise (the caller leaves the call to Python, whose
+ * walk then gives the fault). Each entry is read once. */
 static uint64_t guest_maddr(struct aiovmm_kvm_ctx *c, uint64_t cr3, uint64_t va, int write)
 {
     if (!canonical(va) || (va >= XEN_VIRT_START && va < XEN_VIRT_END))
-        return 0;
+        return NO_MADDR;
     uint64_t need = PTE_PRESENT | PTE_USER | (write ? PTE_RW : 0);
     uint64_t table = cr3 & PTE_FRAME;
+    if (table >= c->mem_size)
+        return NO_MADDR;
     for (int shift = 39; shift >= 12; shift -= 9) {
-        uint64_t at = table + 8 * ((va >> shift) & 0x1FF);
-        if (at + 8 > c->mem_size)
-            return 0;
         uint64_t e;
-        memcpy(&e, (const void *)(uintptr_t)(c->mem_base + at), 8);   /* read once */
-        if ((e & need) != need)
-            return 0;
+        memcpy(&e, (const void *)(uintptr_t)(c->mem_base + table + 8 * ((va >> shift) & 0x1FF)), 8);
+        uint64_t rsvd = shift == 12 ? PTE_RSVD : PTE_RSVD | PTE_PSE;
         table = e & PTE_FRAME;
+        if ((e & need) != need || (e & rsvd) || table >= c->mem_size)
+            return NO_MADDR;
     }
-    if (table + 4096 > c->mem_size)
-        return 0;
     return table | (va & 0xFFF);
+}
+
+/* guest_maddr for tests/test_ptwalk_property.py, which compares it with mmu.walk. */
+uint64_t aiovmm_kvm_guest_maddr(struct aiovmm_kvm_ctx *c, uint64_t cr3, uint64_t va, int write)
+{
+    return guest_maddr(c, cr3, va, write);
 }
 
 /* The root `mfn` of this vCPU (its current kernel or user L4) may be loaded as CR3 here: the
@@ -542,7 +554,7 @@ static int fast_iret(struct aiovmm_kvm_ctx *c, uint64_t *r)
     if ((rsp & 0xFFF) > 4096 - sizeof ctx)
         return 0;
     uint64_t ma = guest_maddr(c, pv->kernel_root << 12, rsp, 0);
-    if (!ma)
+    if (ma == NO_MADDR)
         return 0;
     memcpy(ctx, (const void *)(uintptr_t)(c->mem_base + ma), sizeof ctx);
     uint64_t rax = ctx[0], r11 = ctx[1], rcx = ctx[2], flags = ctx[3], rip = ctx[4];
@@ -658,7 +670,7 @@ static int fast_user_syscall(struct aiovmm_kvm_ctx *c, uint64_t *r)
         || (new_rsp & 0xFFF) > 4096 - BOUNCE_FRAME)
         return 0;
     uint64_t ma = guest_maddr(c, pv->kernel_root << 12, new_rsp, 1);
-    if (!ma)
+    if (ma == NO_MADDR)
         return 0;
     uint64_t info = pv->info_maddr;
     if (info + 2 > c->mem_size)
@@ -712,7 +724,7 @@ static int fast_vcpu_op(struct aiovmm_kvm_ctx *c, uint64_t *r)
     if ((arg & 0xFFF) > 4096 - 16)
         return 0;
     uint64_t ma = guest_maddr(c, pv->kernel_root << 12, arg, 0);
-    if (!ma)
+    if (ma == NO_MADDR)
         return 0;
     uint64_t timeout;
     memcpy(&timeout, (const void *)(uintptr_t)(c->mem_base + ma), 8);   /* read once */
@@ -794,7 +806,7 @@ static int fast_upcall(struct aiovmm_kvm_ctx *c)
     if ((new_rsp & 0xFFF) > 4096 - BOUNCE_FRAME)
         return 0;
     uint64_t ma = guest_maddr(c, pv->kernel_root << 12, new_rsp, 1);   /* canonical too */
-    if (!ma)
+    if (ma == NO_MADDR)
         return 0;
     /* The CS and SS the vCPU ran in (traps.bounce: regs->cs, RPL cleared in kernel
      * context, and regs->ss); a CS other than the flat 64-bit one is replaced by it below,
@@ -904,7 +916,7 @@ static int fast_cli_sti(struct aiovmm_kvm_ctx *c, uint64_t *r)
     if (f[0] != 0 || ((f[2] & 0xFFFF) | 3) != USER_CS)
         return 0;
     uint64_t ma = guest_maddr(c, pv->kernel_root << 12, f[1], 0);
-    if (!ma)
+    if (ma == NO_MADDR)
         return 0;
     uint8_t op = *(const volatile uint8_t *)(uintptr_t)(c->mem_base + ma);
     if (op != 0xFA && op != 0xFB)
