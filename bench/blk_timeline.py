@@ -323,7 +323,7 @@ async def main(args) -> None:
                     rows[f"{job}/{variant}"].append(s)
                     if prof is not None:
                         blk_exits.profile_report(prof, n, tb - ta)
-                    print(f"  [{rep}] {job}/{variant}: {res} MB/s, load {s['load']:.1f}: "
+                    print(f"  [{rep}] {job}/{variant}: {res} {'MB/s' if job.startswith('seq') else 'IOPS'}, load {s['load']:.1f}: "
                           + ", ".join(f"{k} {v:.1f}" for k, v in s.items() if k not in ("fio", "load")),
                           flush=True)
             await dom.wait()
@@ -347,6 +347,7 @@ if __name__ == "__main__":
     ap.add_argument("--perf", default="", help="perf record -g the process in each variant's first "
                     "window into PREFIX.<job>.<variant>")
     ap.add_argument("--boot-timeout", type=float, default=900)
+    ap.add_argument("--jobs", default="seqread,seqwrite", help="bench/blk.py's fio jobs to run (by name)")
     a = ap.parse_args()
-    blkbench.FIO_JOBS = [j for j in blkbench.FIO_JOBS if j[0].startswith("seq")]
+    blkbench.FIO_JOBS = [j for j in blkbench.FIO_JOBS if j[0] in a.jobs.split(",")]
     uvloop.run(main(a))
