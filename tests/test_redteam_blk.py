@@ -160,7 +160,8 @@ def test_persistent_grant_repointed_revoked_ballooned(tmp_path):
 
 def test_persistent_grants_bounded_per_ring_and_purged_lru(tmp_path):
     """A guest names 1,280 distinct grants in five 256-segment indirect READs: the backend
-    keeps Linux blkback's 1,056 per ring (not the guest's whole grant table), maps the rest
+    keeps the bound per ring (Linux blkback's 1,056 here, as AIOVMM_BLK_MAX_PGRANTS=1056 sets
+    it; not the guest's whole grant table), maps the rest
     per request and unmaps them with it; the answers are the same. The purge (Linux's
     purge_persistent_gnt) then drops the least recently used 5% of the bound, never a grant a
     request in flight uses, and every grant unused for 60 s. A purged grant the guest then
@@ -170,6 +171,8 @@ def test_persistent_grants_bounded_per_ring_and_purged_lru(tmp_path):
 
     async def body(hv: Hypervisor) -> None:
         a, b, bb = await attacker_with_bystander(hv, img, "hoarder")
+        assert bb.max_persistent == blkdev.MAX_PERSISTENT_GRANTS == 4112
+        bb.max_persistent = 1056
         mem = hv.mem
         desc = a.spare[0]
         a.write_grant(20, GTF_permit_access | GTF_readonly, 0, desc)
@@ -187,7 +190,6 @@ def test_persistent_grants_bounded_per_ring_and_purged_lru(tmp_path):
             bb.backing.run_batch([p.io])
             assert p.io.error == 0 or p.io.error is None
             bb._release(p)
-        assert bb.max_persistent == blkdev.MAX_PERSISTENT_GRANTS == 1056
         assert len(bb._pgnts) == bb.stats.persistent_grants == 1056
         assert transient == [0, 0, 0, 0, 1280 - 1056]
         assert len(a.dom.host_mappings) == 1 + 1056          # ring + the kept ones
