@@ -24,7 +24,7 @@ import dataclasses
 import enum
 import logging
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from .abi import DOMID_SELF, DOMID_XEN, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, Errno, _PAGE_ACCESSED, \
     _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, _PAGE_NX, HYPERVISOR_VIRT_END
@@ -462,47 +462,114 @@ def frame_written(dom: "Domain", addr: int, length: int) -> None:
     its vCPUs drop their translations of those bytes, so code the guest ran from the frame
     before runs as the new bytes next time, as on Xen (an emulated vCPU otherwise keeps
     running the old ones: it sees only its own stores). Every host write into a guest frame
-    through a grant or by frame number (host_copy_to, grant_copy) calls this; engines that
-    run the bytes in memory (KVM) have nothing to drop."""
+    through a grant or by frame number (host_copy_to, grant_copy) calls this (or
+    frames_written); engines that run the bytes in memory (KVM) have nothing to drop."""
+    frames_written(dom, ((addr, length),))
+
+
+def frames_written(dom: "Domain", written: "Sequence[tuple[int, int]]") -> None:
+    """frame_written for each (addr, length) of a batch, the engines looked up once."""
     for v in dom.vcpus:
         drop = getattr(v.engine, "code_written", None)
         if drop is not None:
-            drop(addr, addr + length)
+            for addr, length in written:
+                drop(addr, addr + length)
 
 
 def host_copy_from(dom: "Domain", ref: int, offset: int, length: int) -> bytes:
     """A host backend reads `length` bytes at `offset` of grant `ref` (like GNTTABOP_copy
     from a gref: the entry must permit domid 0; the range must stay inside the page)."""
-    if offset < 0 or length < 0 or offset + length > PAGE_SIZE:
-        raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {length} crosses the page")
+    out = bytearray()
+    host_copy_from_many(dom, ((ref, offset, length),), out)
+    return bytes(out)
+
+
+def host_copy_from_many(dom: "Domain", segs: "Sequence[tuple[int, int, int]]", out: bytearray) -> None:
+    """A host backend reads a batch of (ref, offset, length) pieces of `dom`'s grants and
+    appends them to `out` in order (netback's tx: one packet's slots). All or nothing: every
+    piece's range is checked and its grant pinned (GrantTable.acquire, the one check of an
+    entry, with the frame re-check of a grant copy) before a byte is copied; the first
+    refusal unpins what the batch had pinned and raises its GrantError with `out`
+    unchanged. Then each piece is copied once, straight from the frame its pin recorded
+    (what the guest writes into its entries meanwhile is not read again), into `out`, and
+    the pins are dropped."""
     g = dom.grants
-    act = g.acquire(ref, HOST_DOMID, False, recheck_frame=True)
-    a = (act.frame << PAGE_SHIFT) + offset
-    data = bytes(dom.mem.view[a:a + length])
-    g.release(act, False)
-    return data
+    acquire = g.acquire
+    acts = []
+    try:
+        for ref, offset, length in segs:
+            if offset < 0 or length < 0 or offset + length > PAGE_SIZE:
+                raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {length} crosses the page")
+            acts.append(acquire(ref, HOST_DOMID, False, True))    # recheck_frame
+    except GrantError:
+        for act in acts:
+            g.release(act, False)
+        raise
+    view = dom.mem.view
+    for act, (_ref, offset, length) in zip(acts, segs):
+        a = (act.frame << PAGE_SHIFT) + offset
+        out += view[a:a + length]
+    for act in acts:
+        g.release(act, False)
 
 
 def host_copy_to(dom: "Domain", ref: int, offset: int, data: bytes | memoryview) -> None:
     """A host backend writes `data` into grant `ref` at `offset` (the entry must permit
     domid 0 writing; the frame takes a writable type for the copy, as GNTTABOP_copy)."""
-    n = len(data)
-    if offset < 0 or offset + n > PAGE_SIZE:
-        raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {n} crosses the page")
+    err = host_copy_to_many(dom, ((ref, offset, data),))[0]
+    if err is not None:
+        raise err
+
+
+def host_copy_to_many(dom: "Domain", segs: "Sequence[tuple[int, int, bytes | memoryview]]") -> "list[GrantError | None]":
+    """A host backend writes a batch of (ref, offset, data) pieces into `dom`'s grants
+    (netback's rx: one frame's slots), each piece as one GNTTABOP_copy op of a batch is in
+    Xen: answered on its own (None, or the GrantError refusing it), a refused piece writes
+    nothing and the others are written. Every piece is checked and claimed first -- its
+    range, its grant pinned for writing by GrantTable.acquire (the one check of an entry,
+    with the frame re-check of a grant copy), a writable type reference on the frame its pin
+    recorded (a page table or other typed frame refuses: general_error) -- then the claimed
+    pieces are copied into those frames, each once, their vCPUs told (frame_written) and the
+    references dropped."""
     g = dom.grants
-    act = g.acquire(ref, HOST_DOMID, True, recheck_frame=True)
     mem = dom.mem
-    mfn = act.frame
+    acquire = g.acquire
+    errs: "list[GrantError | None]" = [None] * len(segs)
+    claimed = []
+    for k, (ref, offset, data) in enumerate(segs):
+        n = len(data)
+        try:
+            if offset < 0 or offset + n > PAGE_SIZE:
+                raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {n} crosses the page")
+            act = acquire(ref, HOST_DOMID, True, True)            # recheck_frame
+        except GrantError as e:
+            errs[k] = e
+            continue
+        claimed.append((k, act, offset, data))
     try:
-        mem.get_writable(mfn)
-    except NotWritable as e:
+        mem.get_writable_many([c[1].frame for c in claimed])
+    except NotWritable:                    # not all: piece by piece, the refused answered
+        kept = []
+        for c in claimed:
+            try:
+                mem.get_writable(c[1].frame)
+                kept.append(c)
+            except NotWritable as e:
+                g.release(c[1], True)
+                errs[c[0]] = GrantError(GntSt.general_error, str(e))
+        claimed = kept
+    view = mem.view
+    written = []
+    for _k, act, offset, data in claimed:
+        a = (act.frame << PAGE_SHIFT) + offset
+        n = len(data)
+        view[a:a + n] = data
+        written.append((a, n))
+    frames_written(dom, written)
+    for _k, act, _o, _d in claimed:
+        mem.put_writable(act.frame)
         g.release(act, True)
-        raise GrantError(GntSt.general_error, str(e)) from None
-    a = (mfn << PAGE_SHIFT) + offset
-    mem.view[a:a + n] = data
-    frame_written(dom, a, n)
-    mem.put_writable(mfn)
-    g.release(act, True)
+    return errs
 
 
 class _CopyBuf:
