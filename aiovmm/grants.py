@@ -535,17 +535,17 @@ def host_copy_to_many(dom: "Domain", segs: "Sequence[tuple[int, int, bytes | mem
     mem = dom.mem
     acquire = g.acquire
     errs: "list[GrantError | None]" = [None] * len(segs)
-    claimed = []
+    claimed = []                           # (piece, pin, machine address, data)
     for k, (ref, offset, data) in enumerate(segs):
-        n = len(data)
+        if offset < 0 or offset + len(data) > PAGE_SIZE:
+            errs[k] = GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {len(data)} crosses the page")
+            continue
         try:
-            if offset < 0 or offset + n > PAGE_SIZE:
-                raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {n} crosses the page")
             act = acquire(ref, HOST_DOMID, True, True)            # recheck_frame
         except GrantError as e:
             errs[k] = e
             continue
-        claimed.append((k, act, offset, data))
+        claimed.append((k, act, (act.frame << PAGE_SHIFT) + offset, data))
     try:
         mem.get_writable_many([c[1].frame for c in claimed])
     except NotWritable:                    # not all: piece by piece, the refused answered
@@ -559,14 +559,10 @@ def host_copy_to_many(dom: "Domain", segs: "Sequence[tuple[int, int, bytes | mem
                 errs[c[0]] = GrantError(GntSt.general_error, str(e))
         claimed = kept
     view = mem.view
-    written = []
-    for _k, act, offset, data in claimed:
-        a = (act.frame << PAGE_SHIFT) + offset
-        n = len(data)
-        view[a:a + n] = data
-        written.append((a, n))
-    frames_written(dom, written)
-    for _k, act, _o, _d in claimed:
+    for _k, _act, a, data in claimed:
+        view[a:a + len(data)] = data
+    frames_written(dom, [(a, len(data)) for _k, _act, a, data in claimed])
+    for _k, act, _a, _d in claimed:
         mem.put_writable(act.frame)
         g.release(act, True)
     return errs
