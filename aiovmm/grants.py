@@ -523,48 +523,43 @@ def host_copy_to(dom: "Domain", ref: int, offset: int, data: bytes | memoryview)
 
 def host_copy_to_many(dom: "Domain", segs: "Sequence[tuple[int, int, bytes | memoryview]]") -> "list[GrantError | None]":
     """A host backend writes a batch of (ref, offset, data) pieces into `dom`'s grants
-    (netback's rx: one frame's slots), each piece as one GNTTABOP_copy op of a batch is in
-    Xen: answered on its own (None, or the GrantError refusing it), a refused piece writes
-    nothing and the others are written. Every piece is checked and claimed first -- its
-    range, its grant pinned for writing by GrantTable.acquire (the one check of an entry,
-    with the frame re-check of a grant copy), a writable type reference on the frame its pin
-    recorded (a page table or other typed frame refuses: general_error) -- then the claimed
-    pieces are copied into those frames, each once, their vCPUs told (frame_written) and the
-    references dropped."""
+    (netback's rx: one frame's slots), each piece as Xen's GNTTABOP_copy takes the ops of a
+    batch, one by one and answered on its own (None, or the GrantError refusing it): its
+    range checked, its grant pinned for writing by GrantTable.acquire (the one check of an
+    entry, with the frame re-check of a grant copy) and the frame its pin recorded given a
+    writable type reference (a page table or other typed frame refuses: general_error),
+    then the bytes copied into that frame once and the references dropped. A refused piece
+    writes nothing; the others are written. The vCPUs are told of the writes at the end
+    (frames_written)."""
     g = dom.grants
     mem = dom.mem
-    acquire = g.acquire
+    acquire, release = g.acquire, g.release
+    view = mem.view
     errs: "list[GrantError | None]" = [None] * len(segs)
-    claimed = []                           # (piece, pin, machine address, data)
+    written = []
     for k, (ref, offset, data) in enumerate(segs):
-        if offset < 0 or offset + len(data) > PAGE_SIZE:
-            errs[k] = GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {len(data)} crosses the page")
+        n = len(data)
+        if offset < 0 or offset + n > PAGE_SIZE:
+            errs[k] = GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {n} crosses the page")
             continue
         try:
             act = acquire(ref, HOST_DOMID, True, True)            # recheck_frame
         except GrantError as e:
             errs[k] = e
             continue
-        claimed.append((k, act, (act.frame << PAGE_SHIFT) + offset, data))
-    try:
-        mem.get_writable_many([c[1].frame for c in claimed])
-    except NotWritable:                    # not all: piece by piece, the refused answered
-        kept = []
-        for c in claimed:
-            try:
-                mem.get_writable(c[1].frame)
-                kept.append(c)
-            except NotWritable as e:
-                g.release(c[1], True)
-                errs[c[0]] = GrantError(GntSt.general_error, str(e))
-        claimed = kept
-    view = mem.view
-    for _k, _act, a, data in claimed:
-        view[a:a + len(data)] = data
-    frames_written(dom, [(a, len(data)) for _k, _act, a, data in claimed])
-    for _k, act, _a, _d in claimed:
-        mem.put_writable(act.frame)
-        g.release(act, True)
+        mfn = act.frame
+        try:
+            mem.get_writable(mfn)
+        except NotWritable as e:
+            release(act, True)
+            errs[k] = GrantError(GntSt.general_error, str(e))
+            continue
+        a = (mfn << PAGE_SHIFT) + offset
+        view[a:a + n] = data
+        written.append((a, n))
+        mem.put_writable(mfn)
+        release(act, True)
+    frames_written(dom, written)
     return errs
 
 

@@ -1,6 +1,7 @@
 """netback's grant copies per 64 KiB frame, host CPU only (issue 14, network): the batched
-API (grants.host_copy_to_many / host_copy_from_many: one packet's slots checked and pinned,
-then copied) against the same pieces copied one host_copy_to / host_copy_from call each,
+API (grants.host_copy_to_many / host_copy_from_many: one packet's slots in one call) against
+the same pieces copied one host_copy_to / host_copy_from call each (in this tree those are
+the batch of one piece: the before is the per-slot half run against an older tree),
 interleaved in one run (medians of --reps rounds of --frames frames; the load average with
 them).
 

@@ -1,6 +1,6 @@
 """A host backend's batched grant copies (grants.host_copy_from_many / host_copy_to_many:
 netback's one call per packet, issue 14): every piece goes through the one check of an
-entry (GrantTable.acquire) before a byte moves, and a bad piece in the middle of a batch
+entry (GrantTable.acquire) before its bytes move, and a bad piece in the middle of a batch
 gets exactly what Xen's rules allow -- a read batch (one tx packet) is refused whole with
 nothing copied; a write batch is answered piece by piece like GNTTABOP_copy's ops, the
 refused piece's page untouched, the others written. No pin or type reference is left behind.
