@@ -24,7 +24,7 @@ import dataclasses
 import enum
 import logging
 import struct
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .abi import DOMID_SELF, DOMID_XEN, PAGE_SHIFT, PAGE_SIZE, PTE_FRAME_MASK, Errno, _PAGE_ACCESSED, \
     _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, _PAGE_NX, HYPERVISOR_VIRT_END
@@ -462,10 +462,22 @@ def frame_written(dom: "Domain", addr: int, length: int) -> None:
     its vCPUs drop their translations of those bytes, so code the guest ran from the frame
     before runs as the new bytes next time, as on Xen (an emulated vCPU otherwise keeps
     running the old ones: it sees only its own stores). Every host write into a guest frame
-    through a grant or by frame number (host_copy_to, grant_copy) calls this; engines that
-    run the bytes in memory (KVM) have nothing to drop."""
-    for drop in _code_droppers(dom):
-        drop(addr, addr + length)
+    through a grant or by frame number (host_copy_to, grant_copy) calls this (or
+    ranges_written / frames_written); engines that run the bytes in memory (KVM) have
+    nothing to drop."""
+    ranges_written(dom, ((addr, length),))
+
+
+def ranges_written(dom: "Domain", written: "Iterable[tuple[int, int]]") -> None:
+    """frame_written for each (addr, length) of a batch (one packet's grant copies), the
+    engines looked up once; `written` is consumed only if some vCPU's engine keeps
+    translations."""
+    drops = _code_droppers(dom)
+    if not drops:
+        return
+    for addr, length in written:
+        for drop in drops:
+            drop(addr, addr + length)
 
 
 def frames_written(dom: "Domain", mfns: Iterable[int]) -> None:
@@ -489,36 +501,88 @@ def _code_droppers(dom: "Domain") -> list:
 def host_copy_from(dom: "Domain", ref: int, offset: int, length: int) -> bytes:
     """A host backend reads `length` bytes at `offset` of grant `ref` (like GNTTABOP_copy
     from a gref: the entry must permit domid 0; the range must stay inside the page)."""
-    if offset < 0 or length < 0 or offset + length > PAGE_SIZE:
-        raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {length} crosses the page")
+    out = bytearray()
+    host_copy_from_many(dom, ((ref, offset, length),), out)
+    return bytes(out)
+
+
+def host_copy_from_many(dom: "Domain", segs: "Sequence[tuple[int, int, int]]", out: bytearray) -> None:
+    """A host backend reads a batch of (ref, offset, length) pieces of `dom`'s grants and
+    appends them to `out` in order (netback's tx: one packet's slots). All or nothing: every
+    piece's range is checked and its grant pinned (GrantTable.acquire, the one check of an
+    entry, with the frame re-check of a grant copy) before a byte is copied; the first
+    refusal unpins what the batch had pinned and raises its GrantError with `out`
+    unchanged. Then each piece is copied once, straight from the frame its pin recorded
+    (what the guest writes into its entries meanwhile is not read again), into `out`, and
+    the pins are dropped."""
     g = dom.grants
-    act = g.acquire(ref, HOST_DOMID, False, recheck_frame=True)
-    a = (act.frame << PAGE_SHIFT) + offset
-    data = bytes(dom.mem.view[a:a + length])
-    g.release(act, False)
-    return data
+    acquire = g.acquire
+    acts = []
+    try:
+        for ref, offset, length in segs:
+            if offset < 0 or length < 0 or offset + length > PAGE_SIZE:
+                raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {length} crosses the page")
+            acts.append(acquire(ref, HOST_DOMID, False, True))    # recheck_frame
+    except GrantError:
+        for act in acts:
+            g.release(act, False)
+        raise
+    view = dom.mem.view
+    for act, (_ref, offset, length) in zip(acts, segs):
+        a = (act.frame << PAGE_SHIFT) + offset
+        out += view[a:a + length]
+    for act in acts:
+        g.release(act, False)
 
 
 def host_copy_to(dom: "Domain", ref: int, offset: int, data: bytes | memoryview) -> None:
     """A host backend writes `data` into grant `ref` at `offset` (the entry must permit
     domid 0 writing; the frame takes a writable type for the copy, as GNTTABOP_copy)."""
-    n = len(data)
-    if offset < 0 or offset + n > PAGE_SIZE:
-        raise GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {n} crosses the page")
+    err = host_copy_to_many(dom, ((ref, offset, data),))[0]
+    if err is not None:
+        raise err
+
+
+def host_copy_to_many(dom: "Domain", segs: "Sequence[tuple[int, int, bytes | memoryview]]") -> "list[GrantError | None]":
+    """A host backend writes a batch of (ref, offset, data) pieces into `dom`'s grants
+    (netback's rx: one frame's slots), each piece as Xen's GNTTABOP_copy takes the ops of a
+    batch, one by one and answered on its own (None, or the GrantError refusing it): its
+    range checked, its grant pinned for writing by GrantTable.acquire (the one check of an
+    entry, with the frame re-check of a grant copy) and the frame its pin recorded given a
+    writable type reference (a page table or other typed frame refuses: general_error),
+    then the bytes copied into that frame once and the references dropped. A refused piece
+    writes nothing; the others are written. The vCPUs are told of the writes at the end
+    (ranges_written)."""
     g = dom.grants
-    act = g.acquire(ref, HOST_DOMID, True, recheck_frame=True)
     mem = dom.mem
-    mfn = act.frame
-    try:
-        mem.get_writable(mfn)
-    except NotWritable as e:
-        g.release(act, True)
-        raise GrantError(GntSt.general_error, str(e)) from None
-    a = (mfn << PAGE_SHIFT) + offset
-    mem.view[a:a + n] = data
-    frame_written(dom, a, n)
-    mem.put_writable(mfn)
-    g.release(act, True)
+    acquire, release = g.acquire, g.release
+    view = mem.view
+    errs: "list[GrantError | None]" = [None] * len(segs)
+    written = []
+    for k, (ref, offset, data) in enumerate(segs):
+        n = len(data)
+        if offset < 0 or offset + n > PAGE_SIZE:
+            errs[k] = GrantError(GntSt.bad_copy_arg, f"offset {offset} + length {n} crosses the page")
+            continue
+        try:
+            act = acquire(ref, HOST_DOMID, True, True)            # recheck_frame
+        except GrantError as e:
+            errs[k] = e
+            continue
+        mfn = act.frame
+        try:
+            mem.get_writable(mfn)
+        except NotWritable as e:
+            release(act, True)
+            errs[k] = GrantError(GntSt.general_error, str(e))
+            continue
+        a = (mfn << PAGE_SHIFT) + offset
+        view[a:a + n] = data
+        written.append((a, n))
+        mem.put_writable(mfn)
+        release(act, True)
+    ranges_written(dom, written)
+    return errs
 
 
 class _CopyBuf:

@@ -13,9 +13,12 @@ noc: the engine's C hypercall paths off; unbatched: the tap writer woken per fra
 netback notified instead of draining at slice ends; nogdtc: C's irets to a CS of the guest's GDT
 (Linux's __USER_CS) left to Python, as before they were done in C).
 A round: iperf3 TCP host -> guest and guest -> host for --tcp-seconds, UDP RR W=1 and W=32
-for --duration; per round the load average, exits and process CPU per 64 KiB / round trip.
+for --duration; per round the load average, exits and process CPU per 64 KiB / round trip,
+and netback's own share of it (nb_us: thread CPU time inside its passes, the tx copy-out,
+the tap reads and the rx copy-in; the writer thread's tap writes not included).
 At the end every process prints its rows and the medians per variant. --profile N: cProfile of
-each variant's first TCP host -> guest and UDP RR W=1 run (top N functions by own time).
+each variant's first TCP host -> guest and UDP RR W=1 run on the loop thread's CPU time (top N
+functions by own time; a wait for the GIL or the host scheduler is not counted).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import pstats
 import resource
 import statistics
 import sys
+import time
 
 import uvloop
 
@@ -74,10 +78,27 @@ def bump_turn(path: str) -> None:
         f.write(str(n + 1))
 
 
+def time_passes(nb) -> list[int]:
+    """Count the thread CPU time of netback's passes (every pass goes through _pass, on the
+    loop or inline in a hypercall) into the returned one-element list, in ns."""
+    spent = [0]
+    inner = nb._pass
+
+    def timed_pass(inline: bool = False) -> None:
+        t0 = time.thread_time_ns()
+        try:
+            inner(inline)
+        finally:
+            spent[0] += time.thread_time_ns() - t0
+    nb._pass = timed_pass
+    return spent
+
+
 def snap(dom, nb) -> dict[str, float]:
     eng = dom.vcpus[0].engine
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return {"exits": getattr(eng, "exits", 0), "cpu_ms": (ru.ru_utime + ru.ru_stime) * 1e3,
+            "nb_us": nb.pass_ns[0] / 1e3,
             "rx_bytes": nb.stats.rx_bytes, "tx_bytes": nb.stats.tx_bytes,
             "events": nb.stats.events_sent,
             "notifies": nb.port.notifications if getattr(nb, "port", None) is not None else 0}
@@ -112,6 +133,7 @@ async def main(args) -> None:
         ip = GUEST_IP
         dom = await boot_kvm_linux(hv, lan, args.tag, args.boot_timeout)
         nb = dom.backends[0]
+        nb.pass_ns = time_passes(nb)
         saved: dict = {}
         # Warm up once (ARP, the iperf3 server) before taking turns.
         await netbench.client(lan, ip, 1, 1.0)
@@ -131,7 +153,7 @@ async def main(args) -> None:
             apply_variant(dom, nb, v, saved)
             dom.unpause()
             row: dict[str, float] = {"load": os.getloadavg()[0]}
-            prof = cProfile.Profile() if args.profile and not rows[v] else None
+            prof = cProfile.Profile(time.thread_time) if args.profile and not rows[v] else None
             for name, rev in (("h2g", False), ("g2h", True)):
                 a = snap(dom, nb)
                 if prof and name == "h2g":
@@ -141,13 +163,14 @@ async def main(args) -> None:
                     prof.disable()
                     print(f"profile {args.tag}/{v} TCP h2g {r['mbps']:.0f} Mbit/s:")
                     pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
-                    prof = cProfile.Profile()
+                    prof = cProfile.Profile(time.thread_time)
                 b = snap(dom, nb)
                 k = max((b["rx_bytes" if name == "h2g" else "tx_bytes"]
                          - a["rx_bytes" if name == "h2g" else "tx_bytes"]) / 65536, 1)
                 row[f"{name}_mbps"] = r["mbps"]
                 row[f"{name}_exits"] = (b["exits"] - a["exits"]) / k
                 row[f"{name}_cpu_ms"] = (b["cpu_ms"] - a["cpu_ms"]) / k
+                row[f"{name}_nb_us"] = (b["nb_us"] - a["nb_us"]) / k
                 row[f"{name}_events"] = (b["events"] - a["events"]) / k
                 row[f"{name}_notifies"] = (b["notifies"] - a["notifies"]) / k
             for w in (1, 32):
@@ -165,6 +188,7 @@ async def main(args) -> None:
                 row[f"rr{w}_exits"] = (b["exits"] - a["exits"]) / n
                 row[f"rr{w}_events"] = (b["events"] - a["events"]) / n
                 row[f"rr{w}_cpu_ms"] = (b["cpu_ms"] - a["cpu_ms"]) / n
+                row[f"rr{w}_nb_us"] = (b["nb_us"] - a["nb_us"]) / n
             dom.pause()
             rows[v].append(row)
             print(f"turn {t} {args.tag}/{v}: " + " ".join(f"{k}={x:.2f}" for k, x in row.items()), flush=True)

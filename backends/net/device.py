@@ -1241,9 +1241,9 @@ class Netback(YieldDrained):
             return NETIF_RSP_ERROR
         dom = self.dom
         buf = bytearray(VNET_HDR_LEN)
-        try:
-            for k, (gref, off, _fl, _id, size) in enumerate(slots):
-                buf += grants.host_copy_from(dom, gref, off, first_len if k == 0 else size)
+        try:                                # all slots checked and pinned, then copied once
+            grants.host_copy_from_many(dom, [(gref, off, first_len if k == 0 else size)
+                                             for k, (gref, off, _fl, _id, size) in enumerate(slots)], buf)
         except grants.GrantError as e:
             log.debug("d%d: vif %d: bad tx request: %s", dom.domid, self.devid, e)
             return NETIF_RSP_ERROR
@@ -1431,29 +1431,42 @@ class Netback(YieldDrained):
         if extra:
             first_flags |= NETRXF_extra_info
             self.stats.rx_gso += 1
-        pos, end, slot, failed = VNET_HDR_LEN, self._rx_len, 0, False
+        # The frame's requests, each read out of the ring once, then its pieces (a page per
+        # data slot; slot 1 is the GSO extra) copied into their grants as one batch, then a
+        # response per request with each piece's own status (as the ops of Linux netback's
+        # grant-copy batch).
+        pos, end = VNET_HDR_LEN, self._rx_len
+        reqs = []
+        pieces = []
         while pos < end or extra:
             rid, gref = _RXREQ.unpack_from(r.v, r.slot_off(r.req_cons))   # copied once
             r.req_cons = (r.req_cons + 1) & 0xFFFFFFFF
+            if len(reqs) == 1 and extra:
+                reqs.append((rid, -1))
+                extra, gso_type = 0, extra
+                continue
+            ln = min(PAGE, end - pos)
+            reqs.append((rid, len(pieces)))
+            pieces.append((gref, 0, mv[pos:pos + ln]))
+            pos += ln
+        errs = grants.host_copy_to_many(dom, pieces)
+        failed = False
+        last = len(pieces) - 1
+        for slot, (rid, k) in enumerate(reqs):
             off = r.next_response_off()
-            if slot == 1 and extra:
-                _EXTRA_GSO_RSP.pack_into(r.v, off, XEN_NETIF_EXTRA_TYPE_GSO, 0, gso_size, extra, 0, 0)
-                extra = 0
+            if k < 0:
+                _EXTRA_GSO_RSP.pack_into(r.v, off, XEN_NETIF_EXTRA_TYPE_GSO, 0, gso_size, gso_type, 0, 0)
             else:
-                ln = min(PAGE, end - pos)
-                try:
-                    grants.host_copy_to(dom, gref, 0, mv[pos:pos + ln])
-                    status = ln
-                except grants.GrantError:
+                if errs[k] is None:
+                    status = len(pieces[k][2])
+                else:
                     status = NETIF_RSP_ERROR
                     failed = True
-                pos += ln
-                fl = NETRXF_more_data if pos < end else 0
+                fl = NETRXF_more_data if k < last else 0
                 if slot == 0:
                     fl |= first_flags
                 _RXRSP.pack_into(r.v, off, rid, 0, fl, status)
             r.respond_done()
-            slot += 1
         self._rx_len = 0
         if failed:
             self.stats.rx_dropped += 1
