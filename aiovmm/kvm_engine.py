@@ -16,7 +16,8 @@ Design (shared/design/ARCHITECTURE.md §2b, measured facts in shared/research/kv
 - Registers live in kvm_run's sync-regs area (KVM_CAP_SYNC_REGS): one KVM_RUN ioctl per exit,
   no KVM_GET/SET_REGS calls.
 - Slices: aiovmm/_native/kvm.so arms a per-thread POSIX timer at the slice deadline whose
-  signal sets kvm_run.immediate_exit, so KVM_RUN always returns in time, on the loop thread.
+  signal sets kvm_run.immediate_exit, so KVM_RUN always returns in time, on the loop thread
+  (opt-in, AIOVMM_KVM_VCPU_THREAD=1: on a vCPU thread of the engine's own, _VcpuThread).
 - Page-table changes made by the hypervisor (mmu_update, ptwr, grants, new roots) are writes
   to guest memory through the host mapping, which KVM's shadow MMU (kvm-pvm has no EPT)
   never sees: its write protection traps only guest writes. Measured: neither a CR3 reload
@@ -276,6 +277,10 @@ def _native() -> ctypes.CDLL:
             getattr(lib, f"aiovmm_kvm_thread_{fn}").argtypes = [ctypes.c_void_p, ctypes.c_int]
         for fn in ("result", "quiesce"):
             getattr(lib, f"aiovmm_kvm_thread_{fn}").argtypes = [ctypes.c_void_p]
+        lib.aiovmm_kvm_mb.argtypes = []
+        lib.aiovmm_kvm_mb.restype = None
+        lib.aiovmm_kvm_thread_spin.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.aiovmm_kvm_thread_spin.restype = None
         _lib = lib
     return _lib
 
@@ -1070,13 +1075,23 @@ class _VcpuThread:
     def quiesce(self) -> None:
         self._lib.aiovmm_kvm_thread_quiesce(self.ptr)
 
+    def spin(self, ns: int) -> None:
+        """After each run, poll this long for the next before sleeping (csrc/kvm.c)."""
+        self._lib.aiovmm_kvm_thread_spin(self.ptr, ns)
+
     def close(self) -> None:
+        """Stop the thread. A run in flight ends first (kicked), and its result still goes
+        to the awaiting task: an exit the guest made (a hypercall's RIP is past it) must be
+        handled, or the guest goes on as if it had been."""
+        rc = -errno.EINTR
         if self.ptr:
-            self._lib.aiovmm_kvm_thread_free(self.ptr)      # kicks, joins, deletes the timer
+            self._lib.aiovmm_kvm_thread_quiesce(self.ptr)
+            rc = self._lib.aiovmm_kvm_thread_result(self.ptr)
+            self._lib.aiovmm_kvm_thread_free(self.ptr)      # joins, deletes the timer
             self.ptr = None
         fut, self._fut = self._fut, None
         if fut is not None and not fut.done():
-            fut.set_result(-errno.EINTR)      # the task finds the engine closed (run_async)
+            fut.set_result(rc)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self.efd)
         self._loop = None
@@ -1790,12 +1805,12 @@ class KVMEngine:
         work while the guest runs. Exits are handled here on the loop, as run() does."""
         deadline = self._slice_start(max_ns)
         slice_ = self._run_slice(deadline)
-        t = self._thread
         try:
             slice_.send(None)
             while True:
-                rc = await t.run_ex()
-                if self._thread is not t:       # the thread closed meanwhile
+                t = self._thread        # use_vcpu_thread(False) may come inside the slice
+                rc = await t.run_ex() if t is not None else self._run_ex(self._ctx_ptr)
+                if self.vcpu_fd < 0:            # the engine closed meanwhile
                     slice_.close()
                     return ExitReason.STOPPED
                 slice_.send(rc)
@@ -1820,19 +1835,26 @@ class KVMEngine:
         self._finish_in()
         self._report_fast_calls(False)
 
-    def use_vcpu_thread(self, on: bool) -> None:
-        """Run this vCPU's KVM_RUNs on a vCPU thread (on) or on the calling loop thread, from
-        the next slice; between slices only (nothing in flight). The slice timer moves with
-        them: it signals the thread that makes the KVM_RUNs."""
+    def use_vcpu_thread(self, on: bool, spin_ns: int = 0) -> None:
+        """Run this vCPU's KVM_RUNs on a vCPU thread (on; it polls `spin_ns` for its next
+        run before it sleeps) or on the calling loop thread, from the next run on (a run in
+        flight ends first, its exit handled as usual). The slice timer moves with them: it
+        signals the thread that makes the KVM_RUNs."""
+        if on and self._thread is not None:
+            self._thread.spin(spin_ns)
         if on == (self._thread is not None):
             return
         lib = self._lib
         if on:
+            from . import memory
+            memory.guest_runs_concurrently(lib.aiovmm_kvm_mb)      # for good: cheap enough
             t = self._thread = _VcpuThread(lib, self._ctx_ptr)     # makes ctx.timer
+            t.spin(spin_ns)
             lib.aiovmm_kvm_timer_delete(self._timer)
             self._timer = ctypes.c_void_p(self._ctx.timer)
             self._run_ex = lambda _ctx: t.call(_VT_RUN_EX)
             self._kvm_run_fn = lambda _fd: t.call(_VT_RUN)
+            self._rearm()
             return
         self._thread.close()                                       # deletes its timer
         self._thread = None
@@ -1844,6 +1866,16 @@ class KVMEngine:
         self._ctx.timer = self._timer.value
         self._run_ex = lib.aiovmm_kvm_run_ex
         self._kvm_run_fn = lib.aiovmm_kvm_run
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """Inside a slice (a switch between its runs): its deadline on the new timer, a
+        kick already taken kept."""
+        if self._ctx.deadline_ns:
+            kicked = self._lib.aiovmm_kvm_take_kick(self._run_ptr)
+            self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, self._ctx.deadline_ns)
+            if kicked:
+                self._run_map[1] = 1
 
     @property
     def in_flight(self) -> bool:

@@ -2,7 +2,8 @@
  *
  * Why C: a slice must end on time even when the guest never exits (a CPU-bound loop runs
  * natively under KVM). A per-thread POSIX timer sends AIOVMM_KICK_SIGNAL to the event-loop
- * thread; its handler, which must be async-signal-safe and cannot be a Python handler (those
+ * thread (or to the engine's vCPU thread, which then makes every KVM_RUN: see
+ * aiovmm_kvm_thread_new below); its handler, which must be async-signal-safe and cannot be a Python handler (those
  * run later, after KVM_RUN has returned), sets kvm_run.immediate_exit. That covers both
  * races: a signal during KVM_RUN makes it return -EINTR; a signal that lands just before
  * the ioctl makes KVM_RUN return at once instead of running a whole extra slice.
@@ -1444,7 +1445,16 @@ struct aiovmm_kvm_thread {
     int ready;              /* 1 once started: timer made (timer_rc) */
     int timer_rc;
     timer_t timer;
+    int64_t spin_ns;        /* after an operation, poll this long for the next one before
+                               sleeping (aiovmm_kvm_thread_spin; 0: sleep at once) */
 };
+
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 
 static void *vthread_main(void *arg)
 {
@@ -1460,6 +1470,17 @@ static void *vthread_main(void *arg)
     t->ready = 1;
     pthread_cond_broadcast(&t->done);
     for (;;) {
+        int64_t spin = __atomic_load_n(&t->spin_ns, __ATOMIC_RELAXED);
+        if (!t->op && spin > 0) {
+            /* The loop usually posts the next run tens of microseconds after an exit it
+             * handles: polling spares the thread's wake-up (a futex wake and a scheduler
+             * latency) at the price of a busy core meanwhile. */
+            pthread_mutex_unlock(&t->lock);
+            int64_t end = mono_ns() + spin;
+            while (!__atomic_load_n(&t->op, __ATOMIC_ACQUIRE) && mono_ns() < end)
+                __builtin_ia32_pause();
+            pthread_mutex_lock(&t->lock);
+        }
         while (!t->op)
             pthread_cond_wait(&t->wake, &t->lock);
         int op = t->op, rc = 0;
@@ -1603,6 +1624,19 @@ int aiovmm_kvm_thread_quiesce(struct aiovmm_kvm_thread *t)
     }
     pthread_mutex_unlock(&t->lock);
     return was;
+}
+
+/* A full memory barrier (mfence): the xen_mb() of io/ring.h's event-index checks and of
+ * evtchn_set_pending, needed by the loop's side only while guest code runs concurrently
+ * on a vCPU thread (aiovmm/memory.py mb). */
+void aiovmm_kvm_mb(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+void aiovmm_kvm_thread_spin(struct aiovmm_kvm_thread *t, int64_t ns)
+{
+    __atomic_store_n(&t->spin_ns, ns, __ATOMIC_RELAXED);
 }
 
 /* Stop the thread (after kicking what runs there), delete its timer, free it. */
