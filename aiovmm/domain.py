@@ -357,6 +357,8 @@ class Domain:
         and leave events pending, delivered after unpause as on Xen."""
         if not self.dying:
             self.paused = True
+            for v in self.vcpus:
+                v.engine.quiesce()          # a vCPU running on its engine's own thread
             log.info("d%d (%s): paused", self.domid, self.name)
 
     def unpause(self) -> None:
@@ -491,6 +493,8 @@ class Domain:
         then the frames nobody else holds are freed in chunks (zeroed by MADV_REMOVE)."""
         if self.destroyed:
             return
+        for v in self.vcpus:
+            v.engine.quiesce()          # none runs on an engine thread while it goes
         self.destroyed = True
         from . import descriptors, grants, physdev, vcpu_op
         grants.release_all(self)

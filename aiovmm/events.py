@@ -15,6 +15,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
+from .memory import mb
 from .abi import (
     DOMID_SELF, EVTCHN_2L_NR_CHANNELS, NR_VIRQS, PER_VCPU_VIRQS, Errno, EvtchnStat, SharedInfo,
     VcpuInfo, VCPU_INFO_SIZE,
@@ -102,6 +103,7 @@ class EventChannels:
         """Raise an event on `port` (Xen's evtchn_2l_set_pending)."""
         a, b = self._bit(SharedInfo.evtchn_pending, port)
         already = self._test_and_set(a, b)
+        mb()            # Xen's test_and_set_bit is locked: the guest's scan sees the bit
         p = self.ports.get(port, _CLOSED)
         vcpu = self.dom.vcpu(p.vcpu)
         if vcpu is not None:

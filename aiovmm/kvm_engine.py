@@ -16,7 +16,8 @@ Design (shared/design/ARCHITECTURE.md §2b, measured facts in shared/research/kv
 - Registers live in kvm_run's sync-regs area (KVM_CAP_SYNC_REGS): one KVM_RUN ioctl per exit,
   no KVM_GET/SET_REGS calls.
 - Slices: aiovmm/_native/kvm.so arms a per-thread POSIX timer at the slice deadline whose
-  signal sets kvm_run.immediate_exit, so KVM_RUN always returns in time, on the loop thread.
+  signal sets kvm_run.immediate_exit, so KVM_RUN always returns in time, on the loop thread
+  (opt-in, AIOVMM_KVM_VCPU_THREAD=1: on a vCPU thread of the engine's own, _VcpuThread).
 - Page-table changes made by the hypervisor (mmu_update, ptwr, grants, new roots) are writes
   to guest memory through the host mapping, which KVM's shadow MMU (kvm-pvm has no EPT)
   never sees: its write protection traps only guest writes. Measured: neither a CR3 reload
@@ -196,6 +197,13 @@ _SETTLE_TRIES = 16
 # the next event bounced at the very RIP it was interrupted at, slice after slice (Linux's
 # soft lockups with an unchanged RIP, 2 vCPUs at load 15+).
 _GRACE_NS = 100_000
+# AIOVMM_KVM_VCPU_THREAD=1 (read as each engine is made): every KVM_RUN of an engine (with
+# the exits csrc/kvm.c completes itself) runs on a thread of its own, and the vCPU's task
+# awaits the exits that need Python while the loop runs backends (_VcpuThread;
+# docs/design.md "vCPU slices on a vCPU thread"). Off by default: the measured trade and
+# what stays open are written there.
+VCPU_THREAD_ENV = "AIOVMM_KVM_VCPU_THREAD"
+_VT_RUN_EX, _VT_RUN, _VT_COMPLETE = 1, 2, 3     # csrc/kvm.c VT_*
 KICK_SIGNAL = signal.SIGRTMIN + 7  # the slice timer's signal (csrc/kvm.c AIOVMM_KICK_SIGNAL)
 _STEP_NS = 50_000_000             # a single step's first deadline (step_to) ...
 _STEP_MAX_NS = 2_000_000_000      # ... and how long kicks may keep it from running
@@ -263,6 +271,19 @@ def _native() -> ctypes.CDLL:
         lib.aiovmm_kvm_pool_state.restype = None
         lib.aiovmm_kvm_pool_free.argtypes = [ctypes.c_void_p]
         lib.aiovmm_kvm_pool_free.restype = None
+        lib.aiovmm_kvm_thread_new.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.aiovmm_kvm_thread_new.restype = ctypes.c_void_p
+        for fn in ("kick", "free"):
+            getattr(lib, f"aiovmm_kvm_thread_{fn}").argtypes = [ctypes.c_void_p]
+            getattr(lib, f"aiovmm_kvm_thread_{fn}").restype = None
+        for fn in ("post", "call"):
+            getattr(lib, f"aiovmm_kvm_thread_{fn}").argtypes = [ctypes.c_void_p, ctypes.c_int]
+        for fn in ("result", "quiesce"):
+            getattr(lib, f"aiovmm_kvm_thread_{fn}").argtypes = [ctypes.c_void_p]
+        lib.aiovmm_kvm_mb.argtypes = []
+        lib.aiovmm_kvm_mb.restype = None
+        lib.aiovmm_kvm_thread_spin.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.aiovmm_kvm_thread_spin.restype = None
         _lib = lib
     return _lib
 
@@ -995,6 +1016,92 @@ _CS32 = _seg(FLAT_RING3_CS32, 3, code=True, db=True)
 _SS3 = _seg(FLAT_RING3_SS, 3, code=False, db=True)
 
 
+
+class _VcpuThread:
+    """The vCPU thread of one engine (csrc/kvm.c aiovmm_kvm_thread_*): a plain pthread
+    that makes every KVM_RUN of the vCPU, signalled by the engine's slice timer (made
+    there). `run_ex` awaits one aiovmm_kvm_run_ex there, told by an eventfd the loop
+    watches; `call` runs an operation there and blocks the loop until it ended (the
+    invalidation stub, an IN's completion, single steps: short, and KVM_RUN must never
+    move between threads, which costs KVM a synchronize_rcu each time). `kick` ends the
+    KVM_RUN in flight (an event or a stop for the running vCPU, Xen's vcpu_kick IPI);
+    `quiesce` kicks it and waits until the guest is out (pause, close)."""
+
+    def __init__(self, lib: ctypes.CDLL, ctx_ptr: int) -> None:
+        self._lib = lib
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.ptr = lib.aiovmm_kvm_thread_new(ctx_ptr, self.efd)
+        if not self.ptr:
+            os.close(self.efd)
+            raise KVMUnavailable("cannot start the vCPU thread")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fut: asyncio.Future[int] | None = None
+        self.in_flight = False           # a run_ex posted whose result the task has not taken
+
+    def _ended(self) -> None:
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            return
+        fut, self._fut = self._fut, None
+        if fut is not None and not fut.done():
+            fut.set_result(self._lib.aiovmm_kvm_thread_result(self.ptr))
+
+    async def run_ex(self) -> int:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self.efd)
+            loop.add_reader(self.efd, self._ended)
+            self._loop = loop
+        if not self.ptr:
+            return -errno.EBADF
+        fut = self._fut = loop.create_future()
+        rc = self._lib.aiovmm_kvm_thread_post(self.ptr, _VT_RUN_EX)
+        if rc < 0:
+            self._fut = None
+            return rc
+        self.in_flight = True
+        try:
+            return await fut
+        finally:
+            if self.in_flight and not fut.done() and self.ptr:  # cancelled: the guest stops first
+                self._lib.aiovmm_kvm_thread_quiesce(self.ptr)
+            self.in_flight = False
+
+    def call(self, op: int) -> int:
+        return self._lib.aiovmm_kvm_thread_call(self.ptr, op)
+
+    def kick(self) -> None:
+        self._lib.aiovmm_kvm_thread_kick(self.ptr)
+
+    def quiesce(self) -> None:
+        self._lib.aiovmm_kvm_thread_quiesce(self.ptr)
+
+    def spin(self, ns: int) -> None:
+        """After each run, poll this long for the next before sleeping (csrc/kvm.c)."""
+        self._lib.aiovmm_kvm_thread_spin(self.ptr, ns)
+
+    def close(self) -> None:
+        """Stop the thread. A run in flight ends first (kicked), and its result still goes
+        to the awaiting task: an exit the guest made (a hypercall's RIP is past it) must be
+        handled, or the guest goes on as if it had been."""
+        rc = -errno.EINTR
+        if self.ptr:
+            self._lib.aiovmm_kvm_thread_quiesce(self.ptr)
+            rc = self._lib.aiovmm_kvm_thread_result(self.ptr)
+            self._lib.aiovmm_kvm_thread_free(self.ptr)      # joins, deletes the timer
+            self.ptr = None
+        fut, self._fut = self._fut, None
+        if fut is not None and not fut.done():
+            fut.set_result(rc)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.efd)
+        self._loop = None
+        if self.efd >= 0:
+            os.close(self.efd)
+            self.efd = -1
+
 class KVMEngine:
     """One x86_64 vCPU on KVM over the shared machine memory (interface of VCPUEngine).
 
@@ -1075,6 +1182,13 @@ class KVMEngine:
         self._stub_regs = struct.pack("<18Q", *stub)
         self._ctx_ptr = ctypes.addressof(self._ctx)
         self._run_ex = lib.aiovmm_kvm_run_ex
+        self._thread: _VcpuThread | None = None
+        if os.environ.get(VCPU_THREAD_ENV, "") == "1":
+            try:
+                self.use_vcpu_thread(True)
+            except KVMUnavailable:
+                self.close()
+                raise
 
         self.on_hypercall: Callable[[], None] = lambda: None
         self.on_syscall32: Callable[[], None] = lambda: None
@@ -1531,7 +1645,7 @@ class KVMEngine:
         return self._step_hit and not self.stop_requested and self.regs[16] == end
 
     def _begin(self, deadline_ns: int) -> None:
-        if _gettid() != self._timer_tid:                # the loop moved to another thread
+        if self._thread is None and _gettid() != self._timer_tid:   # the loop moved threads
             self._lib.aiovmm_kvm_timer_delete(self._timer)
             self._lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
             self._timer_tid = _gettid()
@@ -1549,6 +1663,11 @@ class KVMEngine:
         self._lib.aiovmm_kvm_slice_end(self._run_ptr, self._timer)
 
     def _kvm_run(self) -> int:
+        self._shadow_check()
+        return self._run_ex(self._ctx_ptr)
+
+    def _shadow_check(self) -> None:
+        """What must precede a guest entry after the hypervisor changed page tables."""
         gen = self.mem.pt_generation
         if self._check_pending or gen != self._pt_gen:
             # After a page-table write, a TLB flush or a CR3 load (only the host loads CR3:
@@ -1560,7 +1679,6 @@ class KVMEngine:
             if root not in self._guard.roots:
                 self._guard.add_root(root)
             self._ready_roots()
-        return self._run_ex(self._ctx_ptr)
 
     def _ready_roots(self) -> None:
         """Tell C which of the vCPU's two roots it may load as CR3 when it toggles between
@@ -1668,17 +1786,118 @@ class KVMEngine:
     def run(self, budget: int, max_ns: int = 0) -> ExitReason:
         """Run until `max_ns` of wall time (2 ms if 0) has passed, a handler stops, or a
         preempt. `budget` (Unicorn blocks) has no meaning here."""
+        deadline = self._slice_start(max_ns)
+        slice_ = self._run_slice(deadline)
+        run_ex, ctx_ptr = self._run_ex, self._ctx_ptr
+        try:
+            slice_.send(None)
+            while True:
+                slice_.send(run_ex(ctx_ptr))
+        except StopIteration as e:
+            return e.value
+        finally:
+            self._slice_done()
+
+    @property
+    def threaded(self) -> bool:
+        """True if KVM_RUN runs on the vCPU thread (VCPU_THREAD): use run_async."""
+        return self._thread is not None
+
+    async def run_async(self, budget: int, max_ns: int = 0) -> ExitReason:
+        """run(), each aiovmm_kvm_run_ex on the vCPU thread, awaited: the loop runs other
+        work while the guest runs. Exits are handled here on the loop, as run() does."""
+        deadline = self._slice_start(max_ns)
+        slice_ = self._run_slice(deadline)
+        try:
+            slice_.send(None)
+            while True:
+                t = self._thread        # use_vcpu_thread(False) may come inside the slice
+                rc = await t.run_ex() if t is not None else self._run_ex(self._ctx_ptr)
+                if self.vcpu_fd < 0:            # the engine closed meanwhile
+                    slice_.close()
+                    return ExitReason.STOPPED
+                slice_.send(rc)
+        except StopIteration as e:
+            return e.value
+        finally:
+            if self.vcpu_fd >= 0:
+                self._slice_done()
+            else:                               # the engine closed (the domain destroyed)
+                self._report_fast_calls(False)
+
+    def _slice_start(self, max_ns: int) -> int:
         deadline = time.monotonic_ns() + (max_ns or 2_000_000)
         self.stop_requested = False
         self._ctx.fast_hc = 1 if self._pv is not None and self.fast_hypercalls_ok() else 0
         self._begin(deadline)
-        try:
-            return self._run_slice(deadline)
-        finally:
-            self._ctx.fast_hc = 0
-            self._end()
-            self._finish_in()
-            self._report_fast_calls(False)
+        return deadline
+
+    def _slice_done(self) -> None:
+        self._ctx.fast_hc = 0
+        self._end()
+        self._finish_in()
+        self._report_fast_calls(False)
+
+    def use_vcpu_thread(self, on: bool, spin_ns: int = 0) -> None:
+        """Run this vCPU's KVM_RUNs on a vCPU thread (on; it polls `spin_ns` for its next
+        run before it sleeps) or on the calling loop thread, from the next run on (a run in
+        flight ends first, its exit handled as usual). The slice timer moves with them: it
+        signals the thread that makes the KVM_RUNs."""
+        if on and self._thread is not None:
+            self._thread.spin(spin_ns)
+        if on == (self._thread is not None):
+            return
+        lib = self._lib
+        if on:
+            from . import memory
+            memory.guest_runs_concurrently(lib.aiovmm_kvm_mb)      # for good: cheap enough
+            t = self._thread = _VcpuThread(lib, self._ctx_ptr)     # makes ctx.timer
+            t.spin(spin_ns)
+            lib.aiovmm_kvm_timer_delete(self._timer)
+            self._timer = ctypes.c_void_p(self._ctx.timer)
+            self._run_ex = lambda _ctx: t.call(_VT_RUN_EX)
+            self._kvm_run_fn = lambda _fd: t.call(_VT_RUN)
+            self._rearm()
+            return
+        self._thread.close()                                       # deletes its timer
+        self._thread = None
+        self._timer = ctypes.c_void_p()
+        rc = lib.aiovmm_kvm_timer_create(ctypes.byref(self._timer))
+        if rc < 0:
+            raise KVMUnavailable(f"timer_create: {os.strerror(-rc)}")
+        self._timer_tid = _gettid()
+        self._ctx.timer = self._timer.value
+        self._run_ex = lib.aiovmm_kvm_run_ex
+        self._kvm_run_fn = lib.aiovmm_kvm_run
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """Inside a slice (a switch between its runs): its deadline on the new timer, a
+        kick already taken kept."""
+        if self._ctx.deadline_ns:
+            kicked = self._lib.aiovmm_kvm_take_kick(self._run_ptr)
+            self._lib.aiovmm_kvm_slice_begin(self._run_ptr, self._timer, self._ctx.deadline_ns)
+            if kicked:
+                self._run_map[1] = 1
+
+    @property
+    def in_flight(self) -> bool:
+        """True while the task awaits a run on the vCPU thread: the guest may be running."""
+        return self._thread is not None and self._thread.in_flight
+
+    def interrupt(self) -> None:
+        """End the KVM_RUN in flight on the vCPU thread now (an event became pending for
+        this vCPU, or it must stop): Xen's vcpu_kick. Nothing on the loop thread, where no
+        KVM_RUN is in flight while the loop runs anything else."""
+        if self._thread is not None and self._thread.in_flight:
+            self._thread.kick()
+
+    def quiesce(self) -> None:
+        """Return only when the guest is not running (pause, close): the KVM_RUN in flight
+        on the vCPU thread is kicked and waited for; its exit stays for the vCPU's task."""
+        if self._thread is not None and self._thread.in_flight:
+            self.stop_requested = True
+            self._thread.quiesce()
 
     def _finish_in(self) -> bool:
         """Complete, in the guest's own context, an IN (plain or INS) whose exit the host
@@ -1704,7 +1923,10 @@ class KVMEngine:
     def _kvm_complete(self) -> None:
         """KVM_RUN with immediate exit (completes the pending I/O), then the exit marked as
         consumed (kvm_run keeps its exit_reason across such a call)."""
-        self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
+        if self._thread is not None:
+            self._thread.call(_VT_COMPLETE)
+        else:
+            self._lib.aiovmm_kvm_complete(self.vcpu_fd, self._run_ptr)
         struct.pack_into("<I", self._run_map, _RUN_EXIT_REASON, Exit.INTR)
 
     def _report_fast_calls(self, events: bool) -> None:
@@ -1757,10 +1979,12 @@ class KVMEngine:
         except LookupError:
             return False
 
-    def _run_slice(self, deadline: int) -> ExitReason:
+    def _run_slice(self, deadline: int):
+        """The slice's exits, as a generator: it yields where the guest is to be entered
+        (aiovmm_kvm_run_ex) and is sent that run's result; run() makes the call on the loop
+        thread, run_async awaits it on the vCPU thread. Returns the ExitReason."""
         handle = self._handle_exit
-        run = self._kvm_run
-        run_ex, ctx_ptr, mem = self._run_ex, self._ctx_ptr, self.mem
+        mem = self.mem
         settle = 0
         grace = True
         syscalls = self._exit_kinds
@@ -1769,8 +1993,9 @@ class KVMEngine:
         hypercall = self.on_hypercall
         monotonic_ns = time.monotonic_ns
         while True:
-            # _kvm_run, with its check inlined (one Python call less per exit).
-            rc = run() if self._check_pending or mem.pt_generation != self._pt_gen else run_ex(ctx_ptr)
+            if self._check_pending or mem.pt_generation != self._pt_gen:
+                self._shadow_check()
+            rc = yield
             if rc == 3 or (rc == 1 and _IO_RIP_AFTER and (pv.kernel_mode if pv is not None else kernel_mode())):
                 # The hot paths, as in _handle_exit without decoding kvm_run (aiovmm_kvm_run_ex
                 # recognised the exit): 3, a guest `syscall` through the entry page (RIP/RFLAGS/
@@ -2506,12 +2731,15 @@ class KVMEngine:
         return int.from_bytes(self._read_va(va, 8, lambda a: self._walk_va(a, user=False)), "little")
 
     def stop(self) -> None:
-        """End the current slice after the running handler returns."""
+        """End the current slice after the running handler returns (or now, on the vCPU
+        thread)."""
         self.stop_requested = True
+        self.interrupt()
 
     def preempt(self) -> None:
         """End the slice at the next exit (from the loop thread)."""
         self._preempt = True
+        self.interrupt()
 
     def cut_slice(self, ns: int) -> None:
         """End the running slice `ns` from now if it would run longer (a timer the guest
@@ -2560,6 +2788,10 @@ class KVMEngine:
         return out
 
     def close(self) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self._thread.close()                  # the guest is out before anything goes
+            self._thread = None
+            self._timer = ctypes.c_void_p()       # the thread deleted it
         if getattr(self, "_guard", None) is not None:
             self._guard.close()
         if getattr(self, "_lib", None) is not None and self._timer:

@@ -26,6 +26,27 @@ from .abi import (
 _U64 = struct.Struct("<Q")
 _ACCESSED_DIRTY = _PAGE_ACCESSED | _PAGE_DIRTY
 
+# A full memory barrier, once guest code may run while the loop runs (a KVM engine's vCPU
+# thread, kvm_engine.VCPU_THREAD_ENV); None while every guest runs on the loop thread,
+# where the guest never runs between two of the loop's accesses.
+_mb = None
+
+
+def guest_runs_concurrently(barrier) -> None:
+    """From now on guest code may run while the loop runs: mb() issues `barrier`."""
+    global _mb
+    _mb = barrier
+
+
+def mb() -> None:
+    """Xen's xen_mb() where the hypervisor's side of a shared-memory protocol stores and
+    then loads what the guest stores and then loads (io/ring.h's event-index checks,
+    evtchn_set_pending): x86 may let the load pass the store, and both sides would miss
+    each other's update (a ring whose frontend waits for an event the backend found
+    unwanted). Nothing while the guest never runs concurrently with the loop."""
+    if _mb is not None:
+        _mb()
+
 
 class PageType(enum.IntEnum):
     """Xen's PGT_* frame types (page-table levels are 1..4 on purpose)."""

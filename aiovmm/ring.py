@@ -14,6 +14,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from .memory import mb
+
 SRING_HDR = 64
 # Backends take a domain's requests when one of its vCPUs ends a slice (Domain.drain_backends)
 # and leave req_event unarmed, so the frontend does not notify (issue 14). AIOVMM_DRAIN_ON_YIELD=0:
@@ -122,6 +124,7 @@ class BackRing:
         """Publish responses; True if the frontend asked to be notified (event index)."""
         old = self.get(8)
         self.put(8, self.rsp_prod_pvt)
+        mb()                                       # RING_PUSH_RESPONSES_AND_CHECK_NOTIFY's
         return self.responses_need_event(old)
 
     def responses_need_event(self, old: int) -> bool:
@@ -135,6 +138,7 @@ class BackRing:
     def final_check(self) -> bool:
         """Ask to be notified of the next request; True if one already arrived."""
         self.put(4, self.req_cons + 1)
+        mb()                                       # RING_FINAL_CHECK_FOR_REQUESTS's
         return ((self.get(0) - self.req_cons) & MASK32) != 0
 
     def more_requests(self, arm: bool) -> bool:

@@ -123,6 +123,10 @@ def vcpuop_set_singleshot(v: "VCPU", timeout_ns: int) -> None:
 
 
 def _singleshot_expired(v: "VCPU") -> None:
+    if v.engine.in_flight and v.pv.sshot_op != EngineTimerOp.none:
+        # The vCPU, running on its engine's thread meanwhile (kvm_engine VCPU_THREAD), moved or
+        # stopped this timer in C: Python applies that at the run's end (the handle goes then).
+        return
     v.singleshot_handle = None
     _fire(v)
 

@@ -36,6 +36,7 @@ log = logging.getLogger("aiovmm.vcpu")
 
 _SYSCALL_CALLBACK = int(CallbackType.syscall)
 _EVENT_CALLBACK = int(CallbackType.event)
+_THREADED = object()        # _enter's answer when the engine run is to be awaited
 IDLE_RELEASE_S = 2.0   # asleep this long: the engine's translator memory goes back (_sleep)
 
 
@@ -193,6 +194,7 @@ class VCPU:
         self.flush_code_pending = False  # drop translated code before the next slice (traps.py)
         self.blocked = False
         self.idle_released = False     # translator memory released while asleep (_sleep)
+        self._until = 0                 # the awaited engine run's bound (_enter_threaded)
         self.code_writes_seen = 0      # engine.code_invalidations() last seen (_share_code_writes)
         self.code_flushed_at = -CODE_SYNC_S   # loop time of the last drop of translated code
         self.code_sync_due: float | None = None   # an IPI's drop, deferred (ipi_code_sync)
@@ -378,6 +380,8 @@ class VCPU:
             else:
                 self.blocked = False
                 self.wake()
+        else:
+            self.engine.interrupt()     # running on its vCPU thread: it sees the event now
 
     def poll_kick(self, port: int) -> None:
         if self.blocked and self.polling is not None and port in self.polling:
@@ -497,6 +501,8 @@ class VCPU:
                     sched.begin(self)
                     while True:
                         reason = self._enter(sched, timers, traps)
+                        if reason is _THREADED:
+                            reason = await self._enter_threaded(sched, timers)
                         if reason is not ExitReason.BUDGET or not self._slice_goes_on(sched):
                             break
                         if dom.yield_drains:
@@ -557,9 +563,21 @@ class VCPU:
             if dom.dying:
                 return None
         left = max(timers.TIMER_SLOP_NS, sched.slice_left(self))   # the guest runs, however long the above took
+        if self.engine.threaded:
+            self._until = timers.slice_until(self, due, left)
+            return _THREADED
         reason = self.engine.run(sched.budget(self), timers.slice_until(self, due, left))
         self.idle_released = False
         if len(dom.vcpus) > 1:
+            self._share_code_writes()
+        return reason
+
+    async def _enter_threaded(self, sched, timers) -> ExitReason:
+        """_enter's engine run on an engine whose guest runs on a thread of its own (the KVM
+        engine's vCPU thread): awaited, so the loop runs backends meanwhile."""
+        reason = await self.engine.run_async(sched.budget(self), self._until)
+        self.idle_released = False
+        if len(self.domain.vcpus) > 1:
             self._share_code_writes()
         return reason
 

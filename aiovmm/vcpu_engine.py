@@ -1022,6 +1022,15 @@ class VCPUEngine:
         elif self.slice.deadline_ns and deadline < self.slice.deadline_ns:
             self.slice.deadline_ns = deadline
 
+    threaded = False            # slices run on the loop thread (engine.run) ...
+    in_flight = False           # ... so no guest code runs while the loop runs anything else
+
+    def interrupt(self) -> None:
+        """End a run in flight on another thread: none here (the KVM engine's vCPU thread)."""
+
+    def quiesce(self) -> None:
+        """Return when no guest code runs: always, here (runs hold the loop thread)."""
+
     def preempt(self) -> None:
         """Ask the running slice to end at the next block boundary (any thread)."""
         if self._timer is not None:

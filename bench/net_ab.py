@@ -11,7 +11,9 @@ only the measured guest runs) and adds one. A process can hold several slots wit
 (switches of netback or the engine set before its round, e.g. nodefer: tx-event deferral off;
 noc: the engine's C hypercall paths off; unbatched: the tap writer woken per frame; nodrain:
 netback notified instead of draining at slice ends; nogdtc: C's irets to a CS of the guest's GDT
-(Linux's __USER_CS) left to Python, as before they were done in C).
+(Linux's __USER_CS) left to Python, as before they were done in C; vthread: the KVM_RUNs on a
+vCPU thread, kvm_engine.py VCPU_THREAD_ENV; vthreadspin: that thread polls 50 us for its next
+run before it sleeps; base then runs them on the loop thread).
 A round: iperf3 TCP host -> guest and guest -> host for --tcp-seconds, UDP RR W=1 and W=32
 for --duration; per round the load average, exits and process CPU per 64 KiB / round trip,
 and netback's own share of it (nb_us: thread CPU time inside its passes, the tx copy-out,
@@ -120,6 +122,8 @@ def apply_variant(dom, nb, name: str, saved: dict) -> None:
     if saved["drain"] is not None:
         nb.set_drain_on_yield(saved["drain"] and "nodrain" not in name)
     for v in dom.vcpus:
+        if hasattr(v.engine, "use_vcpu_thread"):
+            v.engine.use_vcpu_thread("vthread" in name, 50_000 if "spin" in name else 0)
         if hasattr(v.pv, "gdt_frames_nr"):
             v.pv.gdt_frames_nr = 0 if "nogdtc" in name else len(v.gdt_frames)
 

@@ -2,7 +2,8 @@
  *
  * Why C: a slice must end on time even when the guest never exits (a CPU-bound loop runs
  * natively under KVM). A per-thread POSIX timer sends AIOVMM_KICK_SIGNAL to the event-loop
- * thread; its handler, which must be async-signal-safe and cannot be a Python handler (those
+ * thread (or to the engine's vCPU thread, which then makes every KVM_RUN: see
+ * aiovmm_kvm_thread_new below); its handler, which must be async-signal-safe and cannot be a Python handler (those
  * run later, after KVM_RUN has returned), sets kvm_run.immediate_exit. That covers both
  * races: a signal during KVM_RUN makes it return -EINTR; a signal that lands just before
  * the ioctl makes KVM_RUN return at once instead of running a whole extra slice.
@@ -1426,4 +1427,242 @@ void aiovmm_kvm_pool_free(struct aiovmm_kvm_pool *p)
     pthread_cond_destroy(&p->wake);
     free(p->cpuid);
     free(p);
+}
+
+/* The vCPU thread (AIOVMM_KVM_VCPU_THREAD=1, aiovmm/kvm_engine.py _VcpuThread): a plain
+ * pthread per engine that makes every KVM_RUN of its vCPU, so that the event loop runs
+ * backends meanwhile. It never takes the GIL and touches nothing but the run context, the
+ * kvm_run page and guest memory (what aiovmm_kvm_run_ex touches on the loop thread today);
+ * docs/design.md "vCPU slices on a vCPU thread" lists what that shares with the loop.
+ * Every KVM_RUN of the vCPU runs here (KVM's KVM_RUN calls synchronize_rcu whenever the
+ * calling thread changes), the slice timer signals this thread (it is created here), and
+ * the kick handler's target, cur_immediate_exit, is this thread's kvm_run for its life.
+ * One operation at a time: the loop posts it (thread_post) and either waits for it
+ * (thread_call) or is told through `efd` (an eventfd the loop reads). */
+#define VT_RUN_EX 1
+#define VT_RUN 2
+#define VT_COMPLETE 3
+#define VT_STOP 4
+
+struct aiovmm_kvm_thread {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+    pthread_t thread;
+    struct aiovmm_kvm_ctx *ctx;
+    int efd;
+    int op;                 /* posted, not yet taken */
+    int busy;               /* posted or running */
+    int notify;             /* write efd when it ends */
+    int rc;
+    int ready;              /* 1 once started: timer made (timer_rc) */
+    int timer_rc;
+    timer_t timer;
+    int64_t spin_ns;        /* after an operation, poll this long for the next one before
+                               sleeping (aiovmm_kvm_thread_spin; 0: sleep at once) */
+};
+
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void *vthread_main(void *arg)
+{
+    struct aiovmm_kvm_thread *t = arg;
+    sigset_t set;
+    sigfillset(&set);
+    sigdelset(&set, AIOVMM_KICK_SIGNAL);
+    pthread_sigmask(SIG_SETMASK, &set, NULL);  /* the process's signals are the loop's */
+    cur_immediate_exit = t->ctx->run + 1;
+    int trc = aiovmm_kvm_timer_create(&t->timer);
+    pthread_mutex_lock(&t->lock);
+    t->timer_rc = trc;
+    t->ready = 1;
+    pthread_cond_broadcast(&t->done);
+    for (;;) {
+        int64_t spin = __atomic_load_n(&t->spin_ns, __ATOMIC_RELAXED);
+        if (!t->op && spin > 0) {
+            /* The loop usually posts the next run tens of microseconds after an exit it
+             * handles: polling spares the thread's wake-up (a futex wake and a scheduler
+             * latency) at the price of a busy core meanwhile. */
+            pthread_mutex_unlock(&t->lock);
+            int64_t end = mono_ns() + spin;
+            while (!__atomic_load_n(&t->op, __ATOMIC_ACQUIRE) && mono_ns() < end)
+                __builtin_ia32_pause();
+            pthread_mutex_lock(&t->lock);
+        }
+        while (!t->op)
+            pthread_cond_wait(&t->wake, &t->lock);
+        int op = t->op, rc = 0;
+        t->op = 0;
+        if (op == VT_STOP)
+            break;
+        pthread_mutex_unlock(&t->lock);
+        if (op == VT_RUN_EX)
+            rc = aiovmm_kvm_run_ex(t->ctx);
+        else if (op == VT_RUN)
+            rc = aiovmm_kvm_run(t->ctx->vcpu_fd);
+        else if (op == VT_COMPLETE)
+            rc = aiovmm_kvm_complete(t->ctx->vcpu_fd, t->ctx->run);
+        pthread_mutex_lock(&t->lock);
+        t->rc = rc;
+        t->busy = 0;
+        int notify = t->notify;
+        t->notify = 0;
+        pthread_cond_broadcast(&t->done);
+        if (notify) {
+            uint64_t one = 1;
+            ssize_t w = write(t->efd, &one, 8);
+            (void)w;
+        }
+    }
+    t->busy = 0;
+    pthread_mutex_unlock(&t->lock);
+    if (!trc)
+        timer_delete(t->timer);
+    return NULL;
+}
+
+/* Start the thread for `ctx`, telling ends through eventfd `efd`; its slice timer (which
+ * signals it) is stored in ctx->timer. NULL on failure. */
+struct aiovmm_kvm_thread *aiovmm_kvm_thread_new(struct aiovmm_kvm_ctx *ctx, int efd)
+{
+    struct aiovmm_kvm_thread *t = calloc(1, sizeof *t);
+    if (!t)
+        return NULL;
+    t->ctx = ctx;
+    t->efd = efd;
+    pthread_mutex_init(&t->lock, NULL);
+    pthread_cond_init(&t->wake, NULL);
+    pthread_cond_init(&t->done, NULL);
+    if (pthread_create(&t->thread, NULL, vthread_main, t) != 0) {
+        free(t);
+        return NULL;
+    }
+    pthread_mutex_lock(&t->lock);
+    while (!t->ready)
+        pthread_cond_wait(&t->done, &t->lock);
+    int trc = t->timer_rc;
+    pthread_mutex_unlock(&t->lock);
+    if (trc) {
+        pthread_mutex_lock(&t->lock);
+        t->op = VT_STOP;
+        pthread_cond_signal(&t->wake);
+        pthread_mutex_unlock(&t->lock);
+        pthread_join(t->thread, NULL);
+        free(t);
+        return NULL;
+    }
+    ctx->timer = t->timer;
+    return t;
+}
+
+/* Kick the vCPU (the slice timer's kick, sooner): immediate_exit set, so that the next
+ * KVM_RUN returns -EINTR at its entry (also when the run just ended and its exit is still on
+ * its way to the loop: else an event raised meanwhile waited for the slice's end), and the
+ * thread signalled if a run is in progress, which makes KVM_RUN return -EINTR now. */
+void aiovmm_kvm_thread_kick(struct aiovmm_kvm_thread *t)
+{
+    pthread_mutex_lock(&t->lock);
+    __atomic_store_n(t->ctx->run + 1, 1, __ATOMIC_SEQ_CST);
+    if (t->busy)
+        pthread_kill(t->thread, AIOVMM_KICK_SIGNAL);
+    pthread_mutex_unlock(&t->lock);
+}
+
+static void vthread_wait_idle(struct aiovmm_kvm_thread *t)
+{
+    while (t->busy)
+        pthread_cond_wait(&t->done, &t->lock);
+}
+
+/* Post `op`; its end is told through efd. -EBUSY if one is in flight. */
+int aiovmm_kvm_thread_post(struct aiovmm_kvm_thread *t, int op)
+{
+    pthread_mutex_lock(&t->lock);
+    if (t->busy) {
+        pthread_mutex_unlock(&t->lock);
+        return -EBUSY;
+    }
+    t->op = op;
+    t->busy = 1;
+    t->notify = 1;
+    pthread_cond_signal(&t->wake);
+    pthread_mutex_unlock(&t->lock);
+    return 0;
+}
+
+/* The result of the last operation (after its efd notice, or thread_call). */
+int aiovmm_kvm_thread_result(struct aiovmm_kvm_thread *t)
+{
+    pthread_mutex_lock(&t->lock);
+    int rc = t->rc;
+    pthread_mutex_unlock(&t->lock);
+    return rc;
+}
+
+/* Run `op` there and wait for it (an operation in flight is kicked and waited for first;
+ * its result is then lost, and its efd notice stays to be read). */
+int aiovmm_kvm_thread_call(struct aiovmm_kvm_thread *t, int op)
+{
+    pthread_mutex_lock(&t->lock);
+    if (t->busy) {
+        __atomic_store_n(t->ctx->run + 1, 1, __ATOMIC_SEQ_CST);
+        pthread_kill(t->thread, AIOVMM_KICK_SIGNAL);
+        vthread_wait_idle(t);
+    }
+    t->op = op;
+    t->busy = 1;
+    t->notify = 0;
+    pthread_cond_signal(&t->wake);
+    vthread_wait_idle(t);
+    int rc = t->rc;
+    pthread_mutex_unlock(&t->lock);
+    return rc;
+}
+
+/* Kick the operation in flight and wait until it ended (1 if there was one). Its efd
+ * notice and result stay for the loop. */
+int aiovmm_kvm_thread_quiesce(struct aiovmm_kvm_thread *t)
+{
+    pthread_mutex_lock(&t->lock);
+    int was = t->busy;
+    if (was) {
+        __atomic_store_n(t->ctx->run + 1, 1, __ATOMIC_SEQ_CST);
+        pthread_kill(t->thread, AIOVMM_KICK_SIGNAL);
+        vthread_wait_idle(t);
+    }
+    pthread_mutex_unlock(&t->lock);
+    return was;
+}
+
+/* A full memory barrier (mfence): the xen_mb() of io/ring.h's event-index checks and of
+ * evtchn_set_pending, needed by the loop's side only while guest code runs concurrently
+ * on a vCPU thread (aiovmm/memory.py mb). */
+void aiovmm_kvm_mb(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+void aiovmm_kvm_thread_spin(struct aiovmm_kvm_thread *t, int64_t ns)
+{
+    __atomic_store_n(&t->spin_ns, ns, __ATOMIC_RELAXED);
+}
+
+/* Stop the thread (after kicking what runs there), delete its timer, free it. */
+void aiovmm_kvm_thread_free(struct aiovmm_kvm_thread *t)
+{
+    aiovmm_kvm_thread_quiesce(t);
+    pthread_mutex_lock(&t->lock);
+    t->op = VT_STOP;
+    t->busy = 1;
+    pthread_cond_signal(&t->wake);
+    pthread_mutex_unlock(&t->lock);
+    pthread_join(t->thread, NULL);
+    pthread_mutex_destroy(&t->lock);
+    pthread_cond_destroy(&t->wake);
+    pthread_cond_destroy(&t->done);
+    free(t);
 }

@@ -36,6 +36,7 @@ import time
 from typing import TYPE_CHECKING
 
 from aiovmm import grants
+from aiovmm.memory import mb
 from aiovmm.ratelimit import Limit, Limiter, Throttle, parse_vif_rate
 from aiovmm.ring import DRAIN_ON_YIELD, BackRing, YieldDrained, hook_yield_drain
 from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
@@ -1381,6 +1382,7 @@ class Netback(YieldDrained):
         prod = r.req_prod
         if self._armed():
             r.put(4, prod + 1)
+            mb()                                   # RING_FINAL_CHECK_FOR_REQUESTS's
         if self._rx_drain_timer is None:
             self._rx_drain_timer = asyncio.get_running_loop().call_later(RX_DRAIN_S, self._rx_drain_due)
         if r.req_prod != prod:
