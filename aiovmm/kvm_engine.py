@@ -1184,6 +1184,11 @@ class KVMEngine:
         self._run_ex = lib.aiovmm_kvm_run_ex
         self._thread: _VcpuThread | None = None
         if os.environ.get(VCPU_THREAD_ENV, "") == "1":
+            # An experiment, not a supported mode: the loop's read-modify-writes of guest
+            # memory (event bits, grant pins) are not yet atomic against a guest running on
+            # another core (docs/design.md "vCPU slices on a vCPU thread", what stays open).
+            log.warning("%s=1: experimental vCPU thread, isolation not yet reviewed; "
+                        "do not use with untrusted guests", VCPU_THREAD_ENV)
             try:
                 self.use_vcpu_thread(True)
             except KVMUnavailable:
