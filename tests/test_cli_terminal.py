@@ -103,12 +103,13 @@ def test_pipe_output_modes():
 class Pty:
     """aiovmm on a pseudo-terminal of its own (controlling terminal, new session)."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env_add: dict[str, str] | None = None) -> None:
         self.master, self.slave = os.openpty()
         termios.tcsetattr(self.slave, termios.TCSANOW, self._cooked())
         self.before = termios.tcgetattr(self.slave)
         env = dict(os.environ)
         env.pop("PYTHONWARNINGS", None)
+        env.update(env_add or {})
         self.proc = subprocess.Popen(_cli_command() + args, stdin=self.slave, stdout=self.slave,
                                      stderr=self.slave, cwd=ROOT, env=env, start_new_session=True,
                                      preexec_fn=lambda: __import__("fcntl").ioctl(0, termios.TIOCSCTTY, 0))
@@ -175,8 +176,8 @@ class Pty:
 def pty_run():
     made: list[Pty] = []
 
-    def start(*args: str) -> Pty:
-        made.append(Pty(list(args)))
+    def start(*args: str, env_add: dict[str, str] | None = None) -> Pty:
+        made.append(Pty(list(args), env_add))
         return made[-1]
     yield start
     for p in made:
@@ -276,3 +277,53 @@ def test_terminal_hang_up(pty_run):
     except subprocess.TimeoutExpired:
         pytest.fail("aiovmm kept running after its terminal hung up")
     assert rc == 130
+
+
+# A Ctrl-C while `aiovmm` is still importing: sitecustomize (run by Python's start-up, before
+# the console script) raises SIGINT the moment the named module is first imported.
+_SIGINT_AT_IMPORT = """
+import _signal, sys
+class _At:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            _signal.raise_signal(_signal.SIGINT)
+        return None
+sys.meta_path.insert(0, _At())
+"""
+
+
+@pytest.mark.parametrize("module", ["asyncio", "aiovmm.abi", "aiovmm.console", "aiovmm.hypervisor"])
+def test_ctrl_c_while_importing(pty_run, tmp_path, module):
+    """Ctrl-C while the command imports (the console script's `from aiovmm.cli import main`,
+    before main() runs; aiovmm.hypervisor: inside main): one line, exit 130, the terminal
+    as it was (before: a KeyboardInterrupt traceback from the import and SIGINT's status)."""
+    (tmp_path / "sitecustomize.py").write_text(_SIGINT_AT_IMPORT.format(module=module))
+    t = pty_run("run", kernel(), "--memory", "8", "--cmdline", "ticks=1 echo=1 echo_timeout=60",
+                env_add={"PYTHONPATH": str(tmp_path)})
+    assert t.finish() == 130, t.out
+    assert t.out == b"aiovmm: interrupted\r\n", t.out
+    assert t.restored()
+
+
+@pytest.mark.parametrize("delay_ms", [0, 10, 50, 100, 200])
+def test_ctrl_c_early(pty_run, delay_ms):
+    """The user's Ctrl-C (SIGINT from the terminal's driver to the foreground group) soon
+    after the start. Before Python's own handler is in place the default action ends the
+    process (killed by SIGINT: the shell's 130, nothing printed); from the first line of
+    aiovmm's code on, one line and exit 130, never a traceback of aiovmm's. What is left is
+    Python's own start-up (site and the editable install's finder: CPython prints its own
+    'Fatal Python error: init_import_site' there), before any of aiovmm runs."""
+    t = pty_run("run", kernel(), "--memory", "8", "--cmdline", "ticks=1 echo=1 echo_timeout=60")
+    time.sleep(delay_ms / 1000)
+    os.killpg(t.proc.pid, signal.SIGINT)
+    rc = t.finish()
+    if rc == -signal.SIGINT and b"Traceback" not in t.out:
+        assert t.out == b"", t.out
+    elif b"init_import_site" in t.out:
+        assert b"aiovmm/" not in t.out and b"bin/aiovmm" not in t.out, t.out
+    else:
+        assert (rc, t.out[-40:]) == (130, b"aiovmm: interrupted\r\n") or \
+            (rc == 130 and t.out.endswith(b"destroyed on SIGINT\r\n")), (rc, t.out)
+        assert b"Traceback" not in t.out, t.out
+    assert t.restored()
