@@ -57,6 +57,63 @@ def test_terminal_filter_c1_and_bound():
     assert _filter(b"\x1b]0;t\x1b[1mX") == b"\x1b[1mX"
 
 
+def _lone_c1(out: bytes) -> bytes:
+    """The bytes 0x80-0x9f of `out` outside well-formed UTF-8: C1 controls to an 8-bit
+    terminal (0x9b CSI, 0x9d OSC, 0x90 DCS, ...)."""
+    return bytes(ord(c) - 0xDC00 for c in out.decode("utf-8", "surrogateescape")
+                 if 0xDC80 <= ord(c) <= 0xDC9F)
+
+
+@pytest.mark.parametrize("seq", [b"\x9b", b"\x9d", b"\x90", b"\x9f", b"\x85",
+                                 b"\xe2\x9b", b"\xe2\x82", b"\xc0\x9b", b"\xc1\x9d", b"\xe0\x9b\x80",
+                                 b"\xed\xa0\x9b", b"\xf4\x90\x9b\x80", b"\xf0\x9f\x98", b"\xff\x9b",
+                                 b"\x9b\x9d\x90\x9c", b"\xa9\x9b"])
+def test_terminal_filter_drops_lone_c1_bytes(seq):
+    """A byte 0x80-0x9f that is no part of a well-formed UTF-8 sequence never reaches the
+    terminal (an 8-bit one starts CSI/OSC/DCS on it), split or not; what follows it does."""
+    data = b"a" + seq + b"]0;t\x07[31mb"
+    assert _lone_c1(_filter(data)) == b"", _filter(data)
+    assert _filter(data).endswith(b"]0;t\x07[31mb")
+    for i in range(1, len(data)):
+        assert _lone_c1(_filter(data[:i], data[i:])) == b"", i
+    assert _lone_c1(_filter(*[data[i:i + 1] for i in range(len(data))])) == b""
+
+
+def test_terminal_filter_utf8_intact_across_writes():
+    """Well-formed UTF-8 whose continuation bytes are 0x80-0x9f (U+20AC, U+2713, U+1F600,
+    U+00E9...) passes byte for byte, however the writes split it."""
+    data = "x€✓😀日本é°\u07ff\uffff\U0010ffffy".encode()
+    assert _filter(data) == data
+    for i in range(1, len(data)):
+        assert _filter(data[:i], data[i:]) == data, i
+    assert _filter(*[data[i:i + 1] for i in range(len(data))]) == data
+
+
+def test_terminal_filter_random_bytes_never_pass_a_lone_c1():
+    """Random guest output, random writes: no lone C1 byte out, and text (well-formed UTF-8
+    without controls) out as it went in."""
+    import random
+    rnd = random.Random(19)
+    pieces = [b"\x9b", b"\x9d", b"\x80", b"\xe2", b"\xc2", b"\xf0\x9f", b"\x1b", b"\x1b[", b"\x07",
+              "€".encode(), "😀".encode(), "é".encode(), b"ab", b"\xa0", b"\xff"]
+    for _ in range(3000):
+        data = b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(1, 12)))
+        cuts = sorted(rnd.sample(range(1, len(data)), min(len(data) - 1, rnd.randrange(0, 4)))) \
+            if len(data) > 1 else []
+        chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+        f = TerminalFilter()
+        out = b"".join(f.feed(c) for c in chunks) + f.feed(b"z")
+        assert _lone_c1(out) == b"", (data, chunks, out)
+    text = "".join(rnd.choice("a€😀é✓日\u0100") for _ in range(2000)).encode()
+    f = TerminalFilter()
+    out, i = b"", 0
+    while i < len(text):
+        n = rnd.randrange(1, 9)
+        out += f.feed(text[i:i + n])
+        i += n
+    assert out == text
+
+
 def _terminal_sees_string(out: bytes) -> bool:
     """A terminal's view (VT500 parser, xterm, Linux's vt): C0 controls other than CAN/SUB
     are executed inside an escape sequence without ending it, DEL is ignored there; so a
