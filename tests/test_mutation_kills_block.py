@@ -319,6 +319,7 @@ def test_a_discard_is_charged_its_range_to_the_byte_limit(tmp_path):
     discard was charged nothing, and a guest discarding its whole disk in a loop ran
     unlimited)."""
     from aiovmm.ratelimit import make_limit
+    from test_net_writer import _wait
     path = tmp_path / "big.img"
     with open(path, "wb") as fh:
         fh.truncate(4 << 20)
@@ -331,7 +332,7 @@ def test_a_discard_is_charged_its_range_to_the_byte_limit(tmp_path):
             try:
                 f.push(f.rw(BLKIF_OP_FLUSH_DISKCACHE, 1, 0, []))
                 bb._pass()                             # the flush: no bytes
-                await _until(lambda: not bb._blocked and bb._held is None and not bb._inflight)
+                await _wait(lambda: not bb._blocked and bb._held is None and not bb._inflight)
                 bb._pass()
                 assert f.response(0) == (1, BLKIF_OP_FLUSH_DISKCACHE, 0)
                 assert not bb.throttle.blocked(bb.limiter)
@@ -339,18 +340,10 @@ def test_a_discard_is_charged_its_range_to_the_byte_limit(tmp_path):
                 f.push(f.rw(BLKIF_OP_WRITE, 3, 0, [(f.grant(21, 0), 0, 7)]))
                 bb._pass()                             # the discard, alone (an ordering point)
                 assert bb.ring.req_cons == 2
-                await _until(lambda: not bb._blocked and bb._held is None and not bb._inflight)
+                await _wait(lambda: not bb._blocked and bb._held is None and not bb._inflight)
                 bb._pass()                             # its completion's pass
                 assert f.response(1) == (2, BLKIF_OP_DISCARD, 0) and bb.stats.discards == 1
                 assert bb._throttled and bb.ring.req_cons == 2 and bb.ring.unconsumed() == 1
             finally:
                 bb.throttle.cancel()
     run(main())
-
-
-async def _until(cond, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "timed out"
-        await asyncio.sleep(0.005)
