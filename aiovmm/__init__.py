@@ -4,7 +4,30 @@ Public API: Hypervisor, Domain, BuildError, ShutdownReason.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import _signal
+import sys as _sys
+
+# `aiovmm` the command (the console script): a Ctrl-C from here until cli.main() runs (the
+# imports, a few hundred ms on a loaded host) is noted, not raised as KeyboardInterrupt
+# outside main() (a Python traceback instead of one line and exit 130); main() puts the
+# default handler back and ends with its line. `_signal`: the C module, already loaded
+# (`signal` imports enum, itself tens of ms). A program importing aiovmm keeps its handler.
+early_sigint: list[int] = []
+
+
+def _note_sigint(signum: int, _frame) -> None:
+    early_sigint.append(signum)
+
+
+def note_early_sigint() -> None:
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, _note_sigint)
+
+
+if _sys.argv and _sys.argv[0].rpartition("/")[2] == "aiovmm":
+    note_early_sigint()
+
+from typing import TYPE_CHECKING  # noqa: E402
 
 __all__ = ["Hypervisor", "Domain", "BuildError", "ShutdownReason"]
 __version__ = "0.1.0"

@@ -10,16 +10,22 @@ leaves); to files and pipes it is text (--console-output).
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
 import os
 import signal
 import sys
 
-from .abi import ShutdownReason
-from .console import read_host_input
-from .errors import BuildError
+from . import early_sigint, note_early_sigint, _note_sigint
+
+if __name__ == "__main__":              # `python -m aiovmm.cli`: as the console script
+    note_early_sigint()                 # (aiovmm/__init__.py) from here on
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+
+from .abi import ShutdownReason  # noqa: E402
+from .console import read_host_input  # noqa: E402
+from .errors import BuildError  # noqa: E402
 
 EXIT_CODES = {
     ShutdownReason.poweroff: 0,
@@ -219,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     """The console script. Ctrl-C at any point, also while Python is still importing or a
     guest is being built (before `run` takes SIGINT over), ends with one line and 130."""
     try:
+        if signal.getsignal(signal.SIGINT) is _note_sigint:     # a Ctrl-C while importing
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if early_sigint:                      # (looked at after the handler is back: none lost)
+            raise KeyboardInterrupt
         return _main(argv)
     except KeyboardInterrupt:
         print("aiovmm: interrupted", file=sys.stderr)

@@ -16,6 +16,7 @@ backends/console.py) end in `Domain.console_write`, which uses the two pieces he
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import re
 import select
@@ -74,7 +75,7 @@ def text(data: bytes) -> bytes:
 
 
 # TerminalFilter states
-_NORMAL, _ESC, _STRING, _STRING_ESC, _C2, _STRING_C2 = range(6)
+_NORMAL, _ESC, _STRING, _STRING_ESC, _STRING_C2 = range(5)
 STRING_MAX = 4096        # a control string longer than this is dropped up to here, then ended
 
 
@@ -88,34 +89,73 @@ class TerminalFilter:
     their C1 forms as UTF-8, U+0090/U+0098/U+009D/U+009E/U+009F), with their contents: those
     set window titles, write the clipboard (OSC 52), define keys or query and answer
     terminal state (DECRQSS), the known ways for a program's output to act on the host
-    beyond its own screen. Other C1 controls as UTF-8 (U+0080-U+009F) are removed too;
-    plain bytes 0x80-0xff pass (UTF-8 text). A string ends at ST (ESC \\ or U+009C), BEL,
-    CAN or SUB as in xterm, or after STRING_MAX bytes. Inside ESC a terminal executes C0
+    beyond its own screen. Other C1 controls as UTF-8 (U+0080-U+009F) are removed too.
+    Bytes 0x80-0xff pass where they make well-formed UTF-8; a byte 0x80-0x9f outside one
+    (a lone 0x9b, 0x9d, ...) is removed, since an 8-bit terminal takes it as a C1 control
+    (CSI, OSC: the string's start without ESC); 0xa0-0xff outside one pass (printable
+    there, a replacement character on a UTF-8 terminal). A string ends at ST (ESC \\ or
+    U+009C), BEL, CAN or SUB as in xterm, or after STRING_MAX bytes. Inside ESC a terminal executes C0
     controls and ignores DEL without leaving ESC, so those pass and ESC stays pending; ESC is
     written only with the byte after it, never alone before a removed C1 control.
 
     State is kept across calls, so a sequence split between two writes is handled the
-    same; each call copies its bytes a bounded number of times (find and slice)."""
+    same (an incomplete UTF-8 sequence at a write's end waits for the next write); each
+    call copies its bytes a bounded number of times (match and slice)."""
 
     def __init__(self) -> None:
         self._state = _NORMAL
         self._string_len = 0
+        self._pending = b""           # the start of a UTF-8 sequence that a write split
 
     def feed(self, data: bytes) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending + data, b""
         out = bytearray()
+        view = memoryview(data)
         i, n = 0, len(data)
+        j = k = -1                     # the next ESC, and C2 before it (NORMAL)
         st = self._state
         while i < n:
             if st == _NORMAL:
-                j = data.find(b"\x1b", i)
-                k = data.find(b"\xc2", i, j if j >= 0 else n)
-                stop = k if k >= 0 else j
-                if stop < 0:
-                    out += data[i:]
+                if j < i:
+                    j = data.find(b"\x1b", i)
+                    j = n if j < 0 else j
+                if k < i:
+                    k = data.find(b"\xc2", i, j)  # C2: the lead of U+0080-U+00BF, C1 among them
+                    k = j if k < 0 else k
+                if k > i:                          # text up to there: passes where well-formed
+                    seg, final = view[i:k], k < n  # UTF-8 (final: a sequence cut by the end
+                    try:                           # of the write waits for the next one)
+                        used = _utf8_decode(seg, "strict", final)[1]
+                        out += view[i:i + used]
+                    except UnicodeDecodeError:
+                        # Bytes outside a well-formed sequence: a lone C1 byte would be a
+                        # control on an 8-bit terminal (0x9b CSI, 0x9d OSC: a string without
+                        # ESC) and is dropped; 0xa0-0xff are printable there and pass.
+                        txt, used = _utf8_decode(seg, "surrogateescape", final)
+                        out += txt.translate(_LONE_C1).encode("utf-8", "surrogateescape")
+                    i += used
+                    if i < k:                      # (final False: i.e. k == n)
+                        self._pending = bytes(view[i:n])
+                        break
+                if i == n:
                     break
-                out += data[i:stop]
-                i = stop + 1
-                st = _C2 if stop == k else _ESC
+                if i == j:                         # ESC
+                    i += 1
+                    st = _ESC
+                elif i + 1 == n:                   # C2 at the end: with the next write
+                    self._pending = b"\xc2"
+                    break
+                elif data[i + 1] <= 0x9f and data[i + 1] >= 0x80:     # a C1 control as UTF-8
+                    if data[i + 1] in (0x90, 0x98, 0x9d, 0x9e, 0x9f):
+                        st, self._string_len = _STRING, 0
+                    i += 2
+                elif 0xa0 <= data[i + 1] <= 0xbf:  # U+00A0-U+00BF
+                    out += data[i:i + 2]
+                    i += 2
+                else:                              # C2 leading nothing: printable on its own
+                    out.append(0xc2)
+                    i += 1
             elif st == _ESC:
                 b = data[i]
                 if b in b"]PX^_":
@@ -132,27 +172,16 @@ class TerminalFilter:
                     out += bytes((0x1b, b))
                     i += 1
                     st = _NORMAL
-            elif st == _C2:
-                b = data[i]
-                if 0x80 <= b <= 0x9f:        # a C1 control as UTF-8
-                    i += 1
-                    if b in (0x90, 0x98, 0x9d, 0x9e, 0x9f):
-                        st, self._string_len = _STRING, 0
-                    else:
-                        st = _NORMAL
-                else:
-                    out += b"\xc2"
-                    st = _NORMAL
             elif st == _STRING:
                 m = _STRING_END.search(data, i)
-                j = m.start() if m else n
-                self._string_len += j - i
-                i = j
+                e = m.start() if m else n
+                self._string_len += e - i
+                i = e
                 if self._string_len > STRING_MAX:
                     st = _NORMAL              # what follows is output again
                 elif m:
                     i += 1
-                    b = data[j]
+                    b = data[e]
                     st = _STRING_ESC if b == 0x1b else _STRING_C2 if b == 0xc2 else _NORMAL
             elif st == _STRING_C2:
                 if data[i] == 0x9c:           # U+009C: ST
@@ -171,6 +200,9 @@ class TerminalFilter:
 
 
 _STRING_END = re.compile(rb"[\x07\x18\x1a\x1b\xc2]")
+_utf8_decode = codecs.utf_8_decode
+_LONE_C1 = dict.fromkeys(range(0xDC80, 0xDCA0))     # bytes 0x80-0x9f as surrogateescape'd
+
 
 DETACH_KEY = 0x1D        # Ctrl-]: leave the console (xl console's escape, and telnet's)
 

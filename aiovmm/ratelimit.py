@@ -18,7 +18,9 @@ Linux netback's tx_add_credit allows (max_burst = max(131072, credit_bytes)): a 
 interval would otherwise lose credit to any loop latency longer than it.
 
 vbd limits (no xl equivalent; our disk spec keys): `iops=<ops/s>`, `bps=<bytes/s>` (same
-suffixes as RATE without `/s`), `burst_ms=<ms>` (bucket depth in time, default 50).
+suffixes as RATE without `/s`), `burst_ms=<ms>` (bucket depth in time, default 50). Every
+request is one op; bytes are a read's or write's length and a discard's range, a flush
+none (QEMU's throttle filter; blkback's _charged_bytes).
 """
 from __future__ import annotations
 

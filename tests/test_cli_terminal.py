@@ -57,6 +57,63 @@ def test_terminal_filter_c1_and_bound():
     assert _filter(b"\x1b]0;t\x1b[1mX") == b"\x1b[1mX"
 
 
+def _lone_c1(out: bytes) -> bytes:
+    """The bytes 0x80-0x9f of `out` outside well-formed UTF-8: C1 controls to an 8-bit
+    terminal (0x9b CSI, 0x9d OSC, 0x90 DCS, ...)."""
+    return bytes(ord(c) - 0xDC00 for c in out.decode("utf-8", "surrogateescape")
+                 if 0xDC80 <= ord(c) <= 0xDC9F)
+
+
+@pytest.mark.parametrize("seq", [b"\x9b", b"\x9d", b"\x90", b"\x9f", b"\x85",
+                                 b"\xe2\x9b", b"\xe2\x82", b"\xc0\x9b", b"\xc1\x9d", b"\xe0\x9b\x80",
+                                 b"\xed\xa0\x9b", b"\xf4\x90\x9b\x80", b"\xf0\x9f\x98", b"\xff\x9b",
+                                 b"\x9b\x9d\x90\x9c", b"\xa9\x9b"])
+def test_terminal_filter_drops_lone_c1_bytes(seq):
+    """A byte 0x80-0x9f that is no part of a well-formed UTF-8 sequence never reaches the
+    terminal (an 8-bit one starts CSI/OSC/DCS on it), split or not; what follows it does."""
+    data = b"a" + seq + b"]0;t\x07[31mb"
+    assert _lone_c1(_filter(data)) == b"", _filter(data)
+    assert _filter(data).endswith(b"]0;t\x07[31mb")
+    for i in range(1, len(data)):
+        assert _lone_c1(_filter(data[:i], data[i:])) == b"", i
+    assert _lone_c1(_filter(*[data[i:i + 1] for i in range(len(data))])) == b""
+
+
+def test_terminal_filter_utf8_intact_across_writes():
+    """Well-formed UTF-8 whose continuation bytes are 0x80-0x9f (U+20AC, U+2713, U+1F600,
+    U+00E9...) passes byte for byte, however the writes split it."""
+    data = "x€✓😀日本é°\u07ff\uffff\U0010ffffy".encode()
+    assert _filter(data) == data
+    for i in range(1, len(data)):
+        assert _filter(data[:i], data[i:]) == data, i
+    assert _filter(*[data[i:i + 1] for i in range(len(data))]) == data
+
+
+def test_terminal_filter_random_bytes_never_pass_a_lone_c1():
+    """Random guest output, random writes: no lone C1 byte out, and text (well-formed UTF-8
+    without controls) out as it went in."""
+    import random
+    rnd = random.Random(19)
+    pieces = [b"\x9b", b"\x9d", b"\x80", b"\xe2", b"\xc2", b"\xf0\x9f", b"\x1b", b"\x1b[", b"\x07",
+              "€".encode(), "😀".encode(), "é".encode(), b"ab", b"\xa0", b"\xff"]
+    for _ in range(3000):
+        data = b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(1, 12)))
+        cuts = sorted(rnd.sample(range(1, len(data)), min(len(data) - 1, rnd.randrange(0, 4)))) \
+            if len(data) > 1 else []
+        chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+        f = TerminalFilter()
+        out = b"".join(f.feed(c) for c in chunks) + f.feed(b"z")
+        assert _lone_c1(out) == b"", (data, chunks, out)
+    text = "".join(rnd.choice("a€😀é✓日\u0100") for _ in range(2000)).encode()
+    f = TerminalFilter()
+    out, i = b"", 0
+    while i < len(text):
+        n = rnd.randrange(1, 9)
+        out += f.feed(text[i:i + n])
+        i += n
+    assert out == text
+
+
 def _terminal_sees_string(out: bytes) -> bool:
     """A terminal's view (VT500 parser, xterm, Linux's vt): C0 controls other than CAN/SUB
     are executed inside an escape sequence without ending it, DEL is ignored there; so a
@@ -103,12 +160,13 @@ def test_pipe_output_modes():
 class Pty:
     """aiovmm on a pseudo-terminal of its own (controlling terminal, new session)."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env_add: dict[str, str] | None = None) -> None:
         self.master, self.slave = os.openpty()
         termios.tcsetattr(self.slave, termios.TCSANOW, self._cooked())
         self.before = termios.tcgetattr(self.slave)
         env = dict(os.environ)
         env.pop("PYTHONWARNINGS", None)
+        env.update(env_add or {})
         self.proc = subprocess.Popen(_cli_command() + args, stdin=self.slave, stdout=self.slave,
                                      stderr=self.slave, cwd=ROOT, env=env, start_new_session=True,
                                      preexec_fn=lambda: __import__("fcntl").ioctl(0, termios.TIOCSCTTY, 0))
@@ -175,8 +233,8 @@ class Pty:
 def pty_run():
     made: list[Pty] = []
 
-    def start(*args: str) -> Pty:
-        made.append(Pty(list(args)))
+    def start(*args: str, env_add: dict[str, str] | None = None) -> Pty:
+        made.append(Pty(list(args), env_add))
         return made[-1]
     yield start
     for p in made:
@@ -276,3 +334,53 @@ def test_terminal_hang_up(pty_run):
     except subprocess.TimeoutExpired:
         pytest.fail("aiovmm kept running after its terminal hung up")
     assert rc == 130
+
+
+# A Ctrl-C while `aiovmm` is still importing: sitecustomize (run by Python's start-up, before
+# the console script) raises SIGINT the moment the named module is first imported.
+_SIGINT_AT_IMPORT = """
+import _signal, sys
+class _At:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            _signal.raise_signal(_signal.SIGINT)
+        return None
+sys.meta_path.insert(0, _At())
+"""
+
+
+@pytest.mark.parametrize("module", ["asyncio", "aiovmm.abi", "aiovmm.console", "aiovmm.hypervisor"])
+def test_ctrl_c_while_importing(pty_run, tmp_path, module):
+    """Ctrl-C while the command imports (the console script's `from aiovmm.cli import main`,
+    before main() runs; aiovmm.hypervisor: inside main): one line, exit 130, the terminal
+    as it was (before: a KeyboardInterrupt traceback from the import and SIGINT's status)."""
+    (tmp_path / "sitecustomize.py").write_text(_SIGINT_AT_IMPORT.format(module=module))
+    t = pty_run("run", kernel(), "--memory", "8", "--cmdline", "ticks=1 echo=1 echo_timeout=60",
+                env_add={"PYTHONPATH": str(tmp_path)})
+    assert t.finish() == 130, t.out
+    assert t.out == b"aiovmm: interrupted\r\n", t.out
+    assert t.restored()
+
+
+@pytest.mark.parametrize("delay_ms", [0, 10, 50, 100, 200])
+def test_ctrl_c_early(pty_run, delay_ms):
+    """The user's Ctrl-C (SIGINT from the terminal's driver to the foreground group) soon
+    after the start. Before Python's own handler is in place the default action ends the
+    process (killed by SIGINT: the shell's 130, nothing printed); from the first line of
+    aiovmm's code on, one line and exit 130, never a traceback of aiovmm's. What is left is
+    Python's own start-up (site and the editable install's finder: CPython prints its own
+    'Fatal Python error: init_import_site' there), before any of aiovmm runs."""
+    t = pty_run("run", kernel(), "--memory", "8", "--cmdline", "ticks=1 echo=1 echo_timeout=60")
+    time.sleep(delay_ms / 1000)
+    os.killpg(t.proc.pid, signal.SIGINT)
+    rc = t.finish()
+    if rc == -signal.SIGINT and b"Traceback" not in t.out:
+        assert t.out == b"", t.out
+    elif b"init_import_site" in t.out:
+        assert b"aiovmm/" not in t.out and b"bin/aiovmm" not in t.out, t.out
+    else:
+        assert (rc, t.out[-40:]) == (130, b"aiovmm: interrupted\r\n") or \
+            (rc == 130 and t.out.endswith(b"destroyed on SIGINT\r\n")), (rc, t.out)
+        assert b"Traceback" not in t.out, t.out
+    assert t.restored()

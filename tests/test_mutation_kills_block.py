@@ -310,3 +310,40 @@ def test_short_uring_read_is_redone(img):
             bb.uring.close()
             assert audit(hv) == []
     run(main())
+
+
+def test_a_discard_is_charged_its_range_to_the_byte_limit(tmp_path):
+    """bps=: a DISCARD costs the bytes of its range, as a write (QEMU's throttle filter,
+    block/throttle.c); a FLUSH costs none. A discard of 1 MiB on a 64 KiB/s vbd leaves the
+    limit in debt, so the write behind it waits on the ring for the timer (before: a
+    discard was charged nothing, and a guest discarding its whole disk in a loop ran
+    unlimited)."""
+    from aiovmm.ratelimit import make_limit
+    from test_net_writer import _wait
+    path = tmp_path / "big.img"
+    with open(path, "wb") as fh:
+        fh.truncate(4 << 20)
+
+    async def main():
+        async with Hypervisor(memory_mib=64) as hv:
+            f = Front(hv, str(path))
+            bb = f.bb
+            bb.limiter.set(make_limit(64 << 10, None, 20_000))
+            try:
+                f.push(f.rw(BLKIF_OP_FLUSH_DISKCACHE, 1, 0, []))
+                bb._pass()                             # the flush: no bytes
+                await _wait(lambda: not bb._blocked and bb._held is None and not bb._inflight)
+                bb._pass()
+                assert f.response(0) == (1, BLKIF_OP_FLUSH_DISKCACHE, 0)
+                assert not bb.throttle.blocked(bb.limiter)
+                f.push(_discard(2, 0, (1 << 20) // 512))
+                f.push(f.rw(BLKIF_OP_WRITE, 3, 0, [(f.grant(21, 0), 0, 7)]))
+                bb._pass()                             # the discard, alone (an ordering point)
+                assert bb.ring.req_cons == 2
+                await _wait(lambda: not bb._blocked and bb._held is None and not bb._inflight)
+                bb._pass()                             # its completion's pass
+                assert f.response(1) == (2, BLKIF_OP_DISCARD, 0) and bb.stats.discards == 1
+                assert bb._throttled and bb.ring.req_cons == 2 and bb.ring.unconsumed() == 1
+            finally:
+                bb.throttle.cancel()
+    run(main())

@@ -170,5 +170,5 @@ def test_a_pass_hands_its_frames_to_the_writer_together_in_ring_order():
             assert w.frames == 5 and w.backlog() == 0
         finally:
             nb._writer = None
-            w.close()
+            await w.aclose()
     _run(body)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -73,7 +74,7 @@ def test_frames_reach_the_tap_in_order_after_an_okay_response():
             assert w.frames == 8 and w.backlog() == 0
         finally:
             v.nb._writer = None
-            w.close()
+            await w.aclose()
     _run(body)
 
 
@@ -112,7 +113,7 @@ def test_a_full_backlog_leaves_requests_on_the_ring_until_the_writer_drains():
             assert v.nb.stats.tx_packets == n and v.nb.stats.tx_dropped == 0
         finally:
             v.nb._writer = None
-            w.close()
+            await w.aclose()
     _run(body)
 
 
@@ -159,5 +160,63 @@ def test_tx_written_blocks_so_a_writer_on_the_loops_cpu_runs():
             assert len(_recv_all(v.out)) == 8
         finally:
             v.nb._writer = None
-            w.close()
+            await w.aclose()
     _run(body, uvloop.run)
+
+
+def test_a_vif_stopping_with_a_stalled_writer_waits_without_holding_the_loop():
+    """The vif's serving task is cancelled (the domain going away) while its writer thread is
+    stalled with frames queued that were answered OKAY. The close waits for the thread with
+    the loop running: here the loop itself is the tap's reader, so the frames drain only if
+    it runs. When the task has ended every frame is on the tap, in ring order, and the
+    thread and its duplicate fd are gone. Before: TapWriter.close joined the thread on the
+    loop (2 s bound), the reader never ran, the task ended with the thread still stuck."""
+    async def body(v):
+        loop = asyncio.get_running_loop()
+        dom = v.d.dom
+        v.nb.port = v.hv.host.endpoint_bind(dom.domid, dom.evtchn.alloc_unbound(0))
+        threads0 = sum(1 for t in threading.enumerate() if t.name.startswith("tapw-"))
+        n = 100                                   # 400 KB: far more than the socket buffers
+        reqs = [(50 + i % 20, i % 64, 0, i, SIZE - i % 90) for i in range(n)]
+        want = [v.hv.mem.read((v.d.spare[2 + i % 20] << 12) + off, size)
+                for i, (_g, off, _f, _id, size) in enumerate(reqs)]
+        v.push(*reqs)
+        v.nb.held = True                          # rx (not under test) never reads the blocking pair
+        serve = asyncio.create_task(v.nb._serve())
+        try:
+            await _wait(lambda: v.nb._writer is not None and v.nb._writer.backlog() > 0
+                        and v.nb.tx.req_cons == n)
+            w = v.nb._writer
+            await asyncio.sleep(0.05)
+            assert w.backlog() > 0                # stuck: nobody reads the tap
+            got: list[bytes] = []
+            during: list[int] = []                # tap reads while the vif was stopping
+            at_end: list[bool] = []               # was the thread alive when the stop ended?
+
+            def drain() -> None:                  # the tap's reader, on the loop
+                if serve.done():
+                    at_end.append(w._thread.is_alive())
+                    return
+                frames = _recv_all(v.out)
+                got.extend(frames)
+                during.append(len(frames))
+                loop.call_later(0.002, drain)
+            serve.cancel()
+            loop.call_soon(drain)
+            try:
+                await serve
+            except asyncio.CancelledError:
+                pass
+            await asyncio.sleep(0.01)             # drain's last call
+            assert during and at_end == [False], (during, at_end)
+            got.extend(_recv_all(v.out))
+            assert [f[VNET_HDR_LEN:] for f in got] == want, (len(got), n)
+            assert w.backlog() == 0 and w.frames == n
+            assert not w._thread.is_alive()
+            assert sum(1 for t in threading.enumerate() if t.name.startswith("tapw-")) == threads0
+            assert [s for _i, s in v.responses(n)] == [NETIF_RSP_OKAY] * n
+        finally:
+            if not serve.done():
+                serve.cancel()
+            v.nb.port.close()
+    _run(body)

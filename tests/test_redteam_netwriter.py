@@ -52,7 +52,7 @@ def test_frames_are_what_was_granted_at_the_response():
             assert [f[VNET_HDR_LEN:] for f in got] == want
         finally:
             v.nb._writer = None
-            w.close()
+            await w.aclose()
     _run(body)
 
 
@@ -82,7 +82,7 @@ def test_a_flood_keeps_the_backlog_bounded():
             stop = threading.Event()
             drain = threading.Thread(target=_drain, args=(v.out, stop))
             drain.start()
-            w.close()
+            await w.aclose()
             stop.set()
             drain.join()
     _run(body)
@@ -113,7 +113,7 @@ def test_teardown_with_frames_queued_on_a_nonblocking_tap():
             v.nb._process_tx()
             t0 = time.monotonic()
             v.nb._writer = None
-            w.close()
+            await w.aclose()
             took = time.monotonic() - t0
             assert took < 0.5, took
             assert _tapw_threads() == threads0 and _fds() == fds0
@@ -148,7 +148,7 @@ def test_closing_the_tap_fd_under_a_stalled_writer_never_reaches_a_reused_number
             got: list[bytes] = []
             await _wait(lambda: got.extend(_recv_all(v.out)) or len(got) == n)
             v.nb._writer = None
-            w.close()
+            await w.aclose()
             for s in (a, b):
                 s.setblocking(False)
                 assert _recv_all(s) == []

@@ -112,6 +112,18 @@ _REQ = struct.Struct("<BBH4xQQ")             # operation nr_segments handle _ id
 _INDIRECT = struct.Struct("<BBH4xQQH2x8I")
 _DISCARD = struct.Struct("<BBH4xQQQ")        # operation flag handle _ id sector_number nr_sectors
 _ORDERING = (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_DISCARD)
+
+
+def _charged_bytes(io: "bio.IORequest") -> int:
+    """What a request costs the vbd's byte limit (bps=), as QEMU's throttle filter counts
+    (block/throttle.c): a read or a write its length, a DISCARD its range (charged as a
+    write: the host's store does that work, a thin LV or a file's extents), a FLUSH
+    no bytes (passed through uncharged there). Every request, a FLUSH too, is one op
+    (iops=; QEMU does not count a flush, but here each is an fsync of the host's store,
+    which a guest could otherwise repeat without bound)."""
+    return io.length if io.op in ("read", "write", "discard") else 0
+
+
 _SEG = struct.Struct("<IBB2x")               # gref first_sect last_sect _
 _RSP = struct.Struct("<QBxh")                # id operation _ status (16-byte slot)
 # first_sect / last_sect bytes of MAX_INDIRECT_SEGMENTS descriptors that each cover a whole page.
@@ -976,7 +988,7 @@ class Blkback(YieldDrained):
                 continue
             self._live[id(p)] = p
             if limited:
-                self.limiter.charge(p.io.length if p.io.op in ("read", "write") else 0)
+                self.limiter.charge(_charged_bytes(p.io))
             if p.op in _ORDERING:
                 self._submit(batch)
                 batch = []

@@ -688,7 +688,10 @@ class Netback(YieldDrained):
             watch.close()
             if self._bridge_watch is not None:
                 self._bridge_watch.close()
+            spare = self._spare
             fd = self._release_tap()
+            if spare is not None:
+                await spare[1].aclose()         # its fd too is closed before the tap's
             if fd is not None:
                 await asyncio.to_thread(os.close, fd)
 
@@ -1051,7 +1054,7 @@ class Netback(YieldDrained):
         self._tx_backlogged = False
         spare, self._spare = self._spare, None
         if spare is not None and spare[0] != self.fd:
-            spare[1].close()                      # made for a tap since replaced
+            spare[1].close()                      # made for a tap since replaced (idle: ends at once)
             spare = None
         self._writer = spare[1] if spare is not None else \
             TapWriter(self.fd, self.ifname, loop, self._tx_room, self._tx_write_failed)
@@ -1059,12 +1062,14 @@ class Netback(YieldDrained):
             self._poll()
             await self._stop
         finally:
-            self._set_reader(False)
+            if not self._stop.done():
+                self._stop.cancel()             # no pass from here on (_poll): none writes
+            self._set_reader(False)             # past the frames the writer still has queued
             if self._handle is not None:
                 self._handle.cancel()
                 self._handle = None
             w, self._writer = self._writer, None
-            w.close()
+            await w.aclose()                    # every frame queued is written; the loop runs on
 
     def start_writer(self) -> None:
         """Make the tap's writer thread now (the tap must be open), for the connection to
