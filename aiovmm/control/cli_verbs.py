@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from ..console import read_host_input
+from ..console import watch_host_input
 from .client import Client, ClientError, dom_path
 
 EXIT_ERR = 1
@@ -301,18 +301,16 @@ async def _console_async(c: Client, ref: str, output: str) -> int:
             except aiohttp.ClientError as e:
                 raise ClientError(f"console: {e}") from None
             async with ws:
-                def readable() -> None:
-                    data = read_host_input(loop, fd)
-                    if not data:
-                        return
-                    if DETACH_KEY in data:
-                        data = data[:data.index(DETACH_KEY)]
-                        loop.remove_reader(fd)
+                def feed(data: bytes) -> bool:
+                    cut = data.find(DETACH_KEY)
+                    if cut >= 0:
+                        data = data[:cut]
                         leave.set()
                     if data:
                         outq.put_nowait(data)
+                    return cut < 0
                 os.set_blocking(fd, False)
-                loop.add_reader(fd, readable)
+                watch_host_input(loop, fd, feed)
                 try:
                     async def receive() -> None:
                         async for msg in ws:
