@@ -412,8 +412,15 @@ def v_restore(a: argparse.Namespace) -> int:
 def v_migrate(a: argparse.Namespace) -> int:
     c = _client(a)
     body = {"destination": a.destination, "downtime_ms": a.downtime_ms, "bandwidth": a.bandwidth}
-    r = _with_progress(f"migrating {a.domain} to {a.destination}", c, a.domain,
-                       lambda: c.post(dom_path(a.domain, "migrate"), body))
+    try:
+        r = _with_progress(f"migrating {a.domain} to {a.destination}", c, a.domain,
+                           lambda: c.post(dom_path(a.domain, "migrate"), body))
+    except KeyboardInterrupt:
+        # The daemon sees the connection close: in pre-copy it cancels (the guest runs on
+        # here); a guest already suspended for the last copy goes on to the destination.
+        print(f"aiovmm: interrupted: the migration of {a.domain} is cancelled unless its last "
+              "copy had begun (aiovmm list here shows where it runs)", file=sys.stderr)
+        return 130
     print(f"Migrated d{r['id']} ({r['name']}) to {r['destination']} as d{r['remote_id']}: "
           f"{r['rounds']} rounds, {r['pages_sent']} pages ({r['pages_ratio']:.2f} per guest page), "
           f"downtime {r['downtime_ms']:.1f} ms, total {r['total_s']:.2f} s", file=sys.stderr)

@@ -419,10 +419,13 @@ async def _receiver_closed(reader: asyncio.StreamReader) -> None:
 async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
                   downtime_ms: float = 30.0, max_rounds: int = 10,
                   bandwidth: float = 0.0, progress: Progress | None = None,
-                  realtime: bool = True) -> MigrateStats:
+                  realtime: bool = True, abort: asyncio.Event | None = None) -> MigrateStats:
     """Move a running domain to the receiver at host:port. `bandwidth` (bytes/s, 0 =
     unlimited) caps the pre-copy rate. `realtime`: the stop-and-copy runs at real-time
-    priority (RealTime). Raises MigrationError; the source then runs on."""
+    priority (RealTime). `abort` set during the pre-copy (the user's Ctrl-C, as xl's migrate
+    dies with its process) ends it at the next write with MigrationError; once the guest is
+    asked to suspend, the migration goes on to its end. Raises MigrationError; the source
+    then runs on."""
     stats = MigrateStats()
     t_start = time.perf_counter()
     try:
@@ -466,6 +469,8 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         t_rate = [time.perf_counter(), 0]
 
         async def write(data: bytes | memoryview) -> None:
+            if abort is not None and abort.is_set() and "suspend_asked" not in stats.marks:
+                raise MigrationError(f"migration to {host}:{port} cancelled during pre-copy")
             writer.write(data)
             stats.bytes_sent += len(data)
             await _drain(writer)
