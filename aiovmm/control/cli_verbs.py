@@ -376,10 +376,15 @@ def _with_progress(what: str, c: Client, ref: str, call: Callable[[], Any]) -> A
         while t.is_alive():
             try:
                 p = poll.get(dom_path(ref, "progress"))
-                info = f"{p['phase']} {p['done']}/{p['total']} pages"
-                if p.get("operation") == "migrate":
-                    info += f", round {p.get('rounds', 0)}, {p.get('dirty', 0)} dirty"
-                bar.update(task, total=max(p["total"], 1), completed=min(p["done"], p["total"]), info=info)
+                done, total = p["done"], p["total"]
+                info = f"{p['phase']} {done}/{total} pages"
+                if p.get("operation") == "migrate" and p["phase"] != "connect":
+                    # the bar: this round's pages (a round re-sends what the guest dirtied)
+                    done, total = p.get("round_done", 0), p.get("round_total", 0)
+                    n = p.get("rounds", 0) + (p["phase"] == "precopy")
+                    what_round = "last copy" if p["phase"] == "final" else f"round {n}"
+                    info = f"{what_round}: {done}/{total} pages, {p['done']} sent"
+                bar.update(task, total=max(total, 1), completed=min(done, total), info=info)
             except ClientError:
                 pass
             t.join(0.1)

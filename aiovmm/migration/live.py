@@ -109,9 +109,12 @@ class MigrateStats:
     # receiver keeps its own in Receiver.marks; on one host the two clocks are the same).
     marks: dict[str, float] = field(default_factory=dict)
     forwarded: int = 0                  # frames held at the source, sent on after DONE
+    round_pages: int = 0                # pages of the pre-copy round in progress (or the last)
+    round_sent: int = 0                 # ... of which sent
 
 
 Progress = Callable[[str, MigrateStats], None]
+PROGRESS_PAGES = 256                    # pre-copy pages between two progress reports (1 MiB)
 
 
 class _SocketSource(S.Source):
@@ -487,14 +490,18 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             has_data = _save.data_map(dom)
             t0 = time.perf_counter()
             b0 = stats.bytes_sent
-            await _save.pages(dom, todo, write, has_data, skip_tables=True, shadow=shadow)
+            stats.round_pages, stats.round_sent = len(todo), 0
+            for i in range(0, len(todo), PROGRESS_PAGES):   # progress within a round too
+                chunk = todo[i:i + PROGRESS_PAGES]
+                await _save.pages(dom, chunk, write, has_data, skip_tables=True, shadow=shadow)
+                stats.pages_sent += len(chunk)
+                stats.round_sent += len(chunk)
+                if progress is not None:
+                    progress("precopy", stats)
             await write(S.record(S.Rec.precopy_round_end))   # the receiver waits boosted
             stats.rounds += 1
-            stats.pages_sent += len(todo)
             stats.dirty_per_round.append(len(todo))
             rate = (stats.bytes_sent - b0) / max(time.perf_counter() - t0, 1e-6)
-            if progress is not None:
-                progress("precopy", stats)
             await asyncio.sleep(0)
             changed = await shadow.changed_yielding(dom, _save.data_map(dom))
             fits = len(changed) * PAGE_SIZE / max(rate, 1.0) * 1e3 <= downtime_ms
@@ -543,6 +550,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         await _save.pages(dom, last, write, has_data, shadow=shadow) if last else None
         mark("last_pages")
         stats.pages_sent += len(last)
+        stats.round_pages = stats.round_sent = len(last)
         stats.dirty_per_round.append(len(last))
         # The receiver announces the guest when it has the tail: the guest's last frames
         # must be on the wire from here before that (Netback.tx_written).

@@ -76,17 +76,27 @@ def test_migrate_between_daemons(daemons):
 def test_interrupted_migrate_cancels_the_precopy(daemons):
     """Ctrl-C on `aiovmm migrate` during the pre-copy (xl migrate dies with its process): the
     daemon sees its client go and cancels; the guest runs on at the source, nothing arrives
-    at the destination. It was "aiovmm: interrupted", exit 130, and the migration went on."""
+    at the destination. It was "aiovmm: interrupted", exit 130, and the migration went on.
+    Before it, the progress shows the first round going (it was "connect 0/N" until the
+    first round had ended: the bulk of a migration)."""
     a, b, c, port = daemons
-    d = a.api("POST", "/api/v1/domains", {"kernel": guest("suspend"), "memory": 8, "name": "mig2",
+    d = a.api("POST", "/api/v1/domains", {"kernel": guest("suspend"), "memory": 32, "name": "mig2",
                                           "cmdline": "pages=256 every=10"})
     a.wait_console(str(d["id"]), r"^uptime: ticks=20 ", 30)
     # 64 KiB/s: the pre-copy of the guest's ~1.3 MiB of data takes ~20 s
     with a.cli_process("migrate", "mig2", f"127.0.0.1:{port}", "--bandwidth", "65536") as p:
         deadline = time.monotonic() + 20
-        while a.request("GET", "/api/v1/domains/mig2/progress")[1].get("phase") != "precopy" \
-                and time.monotonic() < deadline:
+        seen: list = []
+        while time.monotonic() < deadline:
+            status, prog = a.request("GET", "/api/v1/domains/mig2/progress")
+            seen.append(prog)
+            if status == 200 and prog["phase"] == "precopy" and prog["rounds"] == 0 \
+                    and 0 < prog["round_done"] < prog["round_total"]:
+                break
             time.sleep(0.1)
+        else:
+            raise AssertionError(f"no progress within the first round: {seen[-3:]}")
+        assert prog["done"] == prog["round_done"] and prog["round_total"] == 32 * 256
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
