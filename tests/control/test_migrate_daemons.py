@@ -110,3 +110,33 @@ def test_interrupted_migrate_cancels_the_precopy(daemons):
     t, _ = uptime(a.console_text(str(d["id"])))
     a.wait_console(str(d["id"]), rf"^uptime: ticks={t + 20} ", 30)   # still running here
     a.ok("destroy", "mig2")
+
+
+def test_refused_migration_says_why(daemons):
+    """A receiver that refuses the stream (here: too little machine memory for the guest)
+    tells the sender why, in READY's place; the user saw "[Errno 104] Connection reset by
+    peer" and had to find the reason in the receiver's log. The guest runs on here."""
+    a, b, c, port = daemons
+    secret = os.path.join(os.path.dirname(a.dir), "s19refuse-secret")
+    with open(secret, "w") as f:
+        f.write("shared-secret-0123456789\n")
+    small_port = _free_port()
+    small = Daemon(machine_memory=16, extra=["--migration-secret-file", secret,
+                                             "--migration-listen", f"127.0.0.1:{small_port}"])
+    a2 = Daemon(extra=["--migration-secret-file", secret])
+    try:
+        d = a2.api("POST", "/api/v1/domains", {"kernel": guest("suspend"), "memory": 32, "name": "big",
+                                               "cmdline": "pages=32 every=10"})
+        a2.wait_console(str(d["id"]), r"^uptime: ticks=20 ", 30)
+        r = a2.cli("migrate", "big", f"127.0.0.1:{small_port}")
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "the receiver refused the migration: " in r.stderr, r.stderr
+        assert small.api("GET", "/api/v1/domains") == []
+        t, _ = uptime(a2.console_text(str(d["id"])))
+        a2.wait_console(str(d["id"]), rf"^uptime: ticks={t + 20} ", 30)   # runs on here
+        a2.ok("destroy", "big")
+    finally:
+        small.stop()
+        a2.stop()
+        os.unlink(secret)
