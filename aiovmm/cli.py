@@ -24,7 +24,7 @@ import asyncio  # noqa: E402
 import logging  # noqa: E402
 
 from .abi import ShutdownReason  # noqa: E402
-from .console import read_host_input  # noqa: E402
+from .console import watch_host_input  # noqa: E402
 from .errors import BuildError  # noqa: E402
 
 EXIT_CODES = {
@@ -185,23 +185,20 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, dom, detach=None) -> int | Non
     except (AttributeError, OSError, ValueError):
         return None
 
-    def readable() -> None:
-        data = read_host_input(loop, fd)
-        if not data:
-            return
+    def feed(data: bytes) -> bool:
         cut = data.find(DETACH_KEY) if detach is not None else -1
         if cut >= 0:
             data = data[:cut]
-            loop.remove_reader(fd)
         if data:
             dom.console_input += data
             if dom.console_backend is not None:
                 dom.console_backend.flush_input()
         if cut >= 0:
             detach()
+        return cut < 0
 
     try:
-        loop.add_reader(fd, readable)
+        watch_host_input(loop, fd, feed)
     except (OSError, ValueError, NotImplementedError):
         return None
     return fd

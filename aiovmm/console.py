@@ -45,6 +45,37 @@ def read_host_input(loop: asyncio.AbstractEventLoop, fd: int) -> bytes | None:
     return data
 
 
+def watch_host_input(loop: asyncio.AbstractEventLoop, fd: int, feed: Callable[[bytes], bool]) -> None:
+    """Give host input on `fd` (a non-blocking stdin) to `feed`, chunk by chunk, until its end
+    or until `feed` answers False (Ctrl-]), as `aiovmm run` and `aiovmm console` both take it.
+    A terminal or a pipe is watched with `loop.add_reader`; a regular file or /dev/null
+    (`aiovmm console DOM < commands.txt`), which epoll refuses (EPERM) and which is always
+    readable, is read to its end one chunk per turn of the loop. Raises OSError/ValueError
+    for a descriptor that cannot be watched at all."""
+    def readable() -> None:
+        data = read_host_input(loop, fd)
+        if data and not feed(data):
+            loop.remove_reader(fd)
+    try:
+        loop.add_reader(fd, readable)
+        return
+    except PermissionError:
+        pass
+
+    def pump() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            return
+        if data == b"":
+            return
+        if data is None or feed(data):
+            loop.call_soon(pump)
+    loop.call_soon(pump)
+
+
 def write_all(fd: int, data: bytes) -> None:
     """Write all of `data` to the user's stdout `fd`, as a blocking write would, also when the
     descriptor is non-blocking: a terminal's stdin and stdout are usually one open file, and

@@ -309,7 +309,23 @@ async def migrate_domain(req: web.Request) -> web.Response:
     bandwidth = _field(data, "bandwidth", (int, float), default=0)
     if not 0 < downtime <= 10_000 or bandwidth < 0:
         raise ControlError(400, "downtime_ms must be 0..10000 and bandwidth >= 0")
-    return _json(await _ctl(req).migrate(req.match_info["dom"], dest, float(downtime), float(bandwidth)))
+    # The client gone (`aiovmm migrate` interrupted) cancels a migration still in pre-copy
+    # (live.migrate's `abort`), as xl's migrate ends with its process.
+    abort = asyncio.Event()
+    watch = asyncio.ensure_future(_client_gone(req))
+    watch.add_done_callback(lambda t: t.cancelled() or abort.set())
+    try:
+        return _json(await _ctl(req).migrate(req.match_info["dom"], dest, float(downtime),
+                                             float(bandwidth), abort=abort))
+    finally:
+        watch.cancel()
+
+
+async def _client_gone(req: web.Request, every_s: float = 0.2) -> None:
+    """Return when the request's client has closed its connection (aiohttp no longer
+    cancels the handler then: its transport goes, polled here)."""
+    while req.transport is not None and not req.transport.is_closing():
+        await asyncio.sleep(every_s)
 
 
 async def get_progress(req: web.Request) -> web.Response:

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from ..console import read_host_input
+from ..console import watch_host_input
 from .client import Client, ClientError, dom_path
 
 EXIT_ERR = 1
@@ -301,18 +301,16 @@ async def _console_async(c: Client, ref: str, output: str) -> int:
             except aiohttp.ClientError as e:
                 raise ClientError(f"console: {e}") from None
             async with ws:
-                def readable() -> None:
-                    data = read_host_input(loop, fd)
-                    if not data:
-                        return
-                    if DETACH_KEY in data:
-                        data = data[:data.index(DETACH_KEY)]
-                        loop.remove_reader(fd)
+                def feed(data: bytes) -> bool:
+                    cut = data.find(DETACH_KEY)
+                    if cut >= 0:
+                        data = data[:cut]
                         leave.set()
                     if data:
                         outq.put_nowait(data)
+                    return cut < 0
                 os.set_blocking(fd, False)
-                loop.add_reader(fd, readable)
+                watch_host_input(loop, fd, feed)
                 try:
                     async def receive() -> None:
                         async for msg in ws:
@@ -378,10 +376,15 @@ def _with_progress(what: str, c: Client, ref: str, call: Callable[[], Any]) -> A
         while t.is_alive():
             try:
                 p = poll.get(dom_path(ref, "progress"))
-                info = f"{p['phase']} {p['done']}/{p['total']} pages"
-                if p.get("operation") == "migrate":
-                    info += f", round {p.get('rounds', 0)}, {p.get('dirty', 0)} dirty"
-                bar.update(task, total=max(p["total"], 1), completed=min(p["done"], p["total"]), info=info)
+                done, total = p["done"], p["total"]
+                info = f"{p['phase']} {done}/{total} pages"
+                if p.get("operation") == "migrate" and p["phase"] != "connect":
+                    # the bar: this round's pages (a round re-sends what the guest dirtied)
+                    done, total = p.get("round_done", 0), p.get("round_total", 0)
+                    n = p.get("rounds", 0) + (p["phase"] == "precopy")
+                    what_round = "last copy" if p["phase"] == "final" else f"round {n}"
+                    info = f"{what_round}: {done}/{total} pages, {p['done']} sent"
+                bar.update(task, total=max(total, 1), completed=min(done, total), info=info)
             except ClientError:
                 pass
             t.join(0.1)
@@ -414,8 +417,15 @@ def v_restore(a: argparse.Namespace) -> int:
 def v_migrate(a: argparse.Namespace) -> int:
     c = _client(a)
     body = {"destination": a.destination, "downtime_ms": a.downtime_ms, "bandwidth": a.bandwidth}
-    r = _with_progress(f"migrating {a.domain} to {a.destination}", c, a.domain,
-                       lambda: c.post(dom_path(a.domain, "migrate"), body))
+    try:
+        r = _with_progress(f"migrating {a.domain} to {a.destination}", c, a.domain,
+                           lambda: c.post(dom_path(a.domain, "migrate"), body))
+    except KeyboardInterrupt:
+        # The daemon sees the connection close: in pre-copy it cancels (the guest runs on
+        # here); a guest already suspended for the last copy goes on to the destination.
+        print(f"aiovmm: interrupted: the migration of {a.domain} is cancelled unless its last "
+              "copy had begun (aiovmm list here shows where it runs)", file=sys.stderr)
+        return 130
     print(f"Migrated d{r['id']} ({r['name']}) to {r['destination']} as d{r['remote_id']}: "
           f"{r['rounds']} rounds, {r['pages_sent']} pages ({r['pages_ratio']:.2f} per guest page), "
           f"downtime {r['downtime_ms']:.1f} ms, total {r['total_s']:.2f} s", file=sys.stderr)

@@ -362,7 +362,8 @@ class Controller:
         log.info("d%d (%s): %s", dom.domid, dom.name, origin)
         return rec
 
-    async def migrate(self, ref: str, dest: str, downtime_ms: float, bandwidth: float) -> dict:
+    async def migrate(self, ref: str, dest: str, downtime_ms: float, bandwidth: float,
+                      abort: asyncio.Event | None = None) -> dict:
         from .. import migration
         await migration.load("live")           # scapy's first import: off the loop
         from ..migration import live
@@ -374,14 +375,17 @@ class Controller:
         rec = self.live(ref)
         domid = rec.dom.domid
         self.progress[domid] = {"operation": "migrate", "phase": "connect", "done": 0,
-                                "total": rec.dom.nr_pages, "rounds": 0, "dirty": 0}
+                                "total": rec.dom.nr_pages, "rounds": 0, "dirty": 0,
+                                "round_done": 0, "round_total": 0}
 
         def progress(phase: str, st) -> None:
             self.progress[domid].update(phase=phase, done=st.pages_sent, rounds=st.rounds,
-                                        dirty=st.dirty_per_round[-1] if st.dirty_per_round else 0)
+                                        dirty=st.dirty_per_round[-1] if st.dirty_per_round else 0,
+                                        round_done=st.round_sent, round_total=st.round_pages)
         try:
             st = await live.migrate(rec.dom, host.strip("[]"), int(port), self.migration_secret,
-                                    downtime_ms=downtime_ms, bandwidth=bandwidth, progress=progress)
+                                    downtime_ms=downtime_ms, bandwidth=bandwidth, progress=progress,
+                                    abort=abort)
         except live.MigrationError as e:
             raise ControlError(409, str(e)) from None
         finally:

@@ -28,6 +28,8 @@ the guest unmaps it to suspend) waits for the last round.
 Hand-over, so that a guest never runs on both hosts: the receiver builds the domain without
 starting it and answers READY; the sender answers GO and stops treating the source as
 live; the receiver starts the domain and answers DONE; the sender destroys the source.
+A receiver that refuses the stream (after the handshake) answers REFUSED and why in
+READY's place, at any point of the stream, and the sender fails with that reason.
 Any failure before GO (connection dropped, refused stream, timeout) resumes the source as a
 cancelled suspend (or it never stopped running). A failure after GO leaves the source
 suspended and paused (logged): the operator decides, as with xl's "--migratedaway".
@@ -70,6 +72,12 @@ MAGIC = b"aiovmm-migrate-2"
 NONCE = 32
 MAC = 32
 READY, GO, DONE = b"READY\0\0\0", b"GO\0\0\0\0\0\0", b"DONE"
+# Instead of READY: the receiver refused the stream; a u16 length and the reason (UTF-8)
+# follow, and the receiver reads on (discarding) until the sender closes, so that the
+# reason is not lost to a reset.
+REFUSED = b"REFUSED\0"
+REASON_MAX = 512
+REFUSED_LINGER_S = 5.0
 HELD = struct.Struct("<4sI")              # b"HELD", frame count; then per frame:
 HELD_FRAME = struct.Struct("<II")         # devid, length, the frame (virtio_net_hdr first)
 AUTH_TIMEOUT = 10.0
@@ -109,9 +117,12 @@ class MigrateStats:
     # receiver keeps its own in Receiver.marks; on one host the two clocks are the same).
     marks: dict[str, float] = field(default_factory=dict)
     forwarded: int = 0                  # frames held at the source, sent on after DONE
+    round_pages: int = 0                # pages of the pre-copy round in progress (or the last)
+    round_sent: int = 0                 # ... of which sent
 
 
 Progress = Callable[[str, MigrateStats], None]
+PROGRESS_PAGES = 256                    # pre-copy pages between two progress reports (1 MiB)
 
 
 class _SocketSource(S.Source):
@@ -250,6 +261,8 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
         return started
     except (S.StreamError, BuildError) as e:
         log.warning("migration from %s refused: %s", peer, e)
+        if "rx_finished" not in mk:           # the sender waits for READY: tell it why not
+            await _refuse(reader, writer, str(e))
     except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
         log.warning("migration from %s failed: %s", peer, str(e) or type(e).__name__)
     finally:
@@ -258,6 +271,31 @@ async def receive(hv: "Hypervisor", reader: asyncio.StreamReader, writer: asynci
             _restore.discard(hv, dom)
         writer.close()
     return None
+
+
+async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
+    """Tell a sender why its stream was refused (REFUSED, in READY's place), then read and
+    drop what it still sends until it closes (at most REFUSED_LINGER_S): a close with its
+    data unread would reset the connection, and the sender would see the reset, not why."""
+    why = reason.encode(errors="replace")[:REASON_MAX]
+    try:
+        writer.write(REFUSED + struct.pack("<H", len(why)) + why)
+        async with asyncio.timeout(REFUSED_LINGER_S):
+            await writer.drain()
+            while await reader.read(1 << 16):
+                pass
+    except (OSError, TimeoutError):
+        pass
+
+
+async def _answer(reader: asyncio.StreamReader) -> bytes:
+    """The receiver's answer to the stream: READY, or MigrationError with its reason."""
+    first = await reader.readexactly(len(READY))
+    if first == REFUSED:
+        n = struct.unpack("<H", await reader.readexactly(2))[0]
+        raise MigrationError(f"the receiver refused the migration: "
+                             f"{(await reader.readexactly(min(n, REASON_MAX))).decode(errors='replace')}")
+    return first
 
 
 FIRST_FRAME_WAIT_S = 0.1
@@ -419,10 +457,13 @@ async def _receiver_closed(reader: asyncio.StreamReader) -> None:
 async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
                   downtime_ms: float = 30.0, max_rounds: int = 10,
                   bandwidth: float = 0.0, progress: Progress | None = None,
-                  realtime: bool = True) -> MigrateStats:
+                  realtime: bool = True, abort: asyncio.Event | None = None) -> MigrateStats:
     """Move a running domain to the receiver at host:port. `bandwidth` (bytes/s, 0 =
     unlimited) caps the pre-copy rate. `realtime`: the stop-and-copy runs at real-time
-    priority (RealTime). Raises MigrationError; the source then runs on."""
+    priority (RealTime). `abort` set during the pre-copy (the user's Ctrl-C, as xl's migrate
+    dies with its process) ends it at the next write with MigrationError; once the guest is
+    asked to suspend, the migration goes on to its end. Raises MigrationError; the source
+    then runs on."""
     stats = MigrateStats()
     t_start = time.perf_counter()
     try:
@@ -436,6 +477,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
     _bound_in_flight(writer)
     susp = None
     written: asyncio.Future | None = None
+    answer: asyncio.Future | None = None
     go_sent = False
     shadow = Shadow(dom.nr_pages)             # what the receiver has (dirty.py)
     rt = RealTime(realtime)
@@ -464,8 +506,16 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             raise AuthError(f"{host}:{port} did not prove the shared secret")
 
         t_rate = [time.perf_counter(), 0]
+        # The receiver answers once (READY, or REFUSED with why, which can come during the
+        # pre-copy: the header's devices): watched from here on.
+        answer = asyncio.ensure_future(_answer(reader))
 
         async def write(data: bytes | memoryview) -> None:
+            if abort is not None and abort.is_set() and "suspend_asked" not in stats.marks:
+                raise MigrationError(f"migration to {host}:{port} cancelled during pre-copy")
+            if answer.done():
+                answer.result()               # REFUSED: raises MigrationError with the reason
+                raise MigrationError("the receiver answered before the end of the stream")
             writer.write(data)
             stats.bytes_sent += len(data)
             await _drain(writer)
@@ -482,14 +532,18 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
             has_data = _save.data_map(dom)
             t0 = time.perf_counter()
             b0 = stats.bytes_sent
-            await _save.pages(dom, todo, write, has_data, skip_tables=True, shadow=shadow)
+            stats.round_pages, stats.round_sent = len(todo), 0
+            for i in range(0, len(todo), PROGRESS_PAGES):   # progress within a round too
+                chunk = todo[i:i + PROGRESS_PAGES]
+                await _save.pages(dom, chunk, write, has_data, skip_tables=True, shadow=shadow)
+                stats.pages_sent += len(chunk)
+                stats.round_sent += len(chunk)
+                if progress is not None:
+                    progress("precopy", stats)
             await write(S.record(S.Rec.precopy_round_end))   # the receiver waits boosted
             stats.rounds += 1
-            stats.pages_sent += len(todo)
             stats.dirty_per_round.append(len(todo))
             rate = (stats.bytes_sent - b0) / max(time.perf_counter() - t0, 1e-6)
-            if progress is not None:
-                progress("precopy", stats)
             await asyncio.sleep(0)
             changed = await shadow.changed_yielding(dom, _save.data_map(dom))
             fits = len(changed) * PAGE_SIZE / max(rate, 1.0) * 1e3 <= downtime_ms
@@ -538,6 +592,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         await _save.pages(dom, last, write, has_data, shadow=shadow) if last else None
         mark("last_pages")
         stats.pages_sent += len(last)
+        stats.round_pages = stats.round_sent = len(last)
         stats.dirty_per_round.append(len(last))
         # The receiver announces the guest when it has the tail: the guest's last frames
         # must be on the wire from here before that (Netback.tx_written).
@@ -547,7 +602,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         if progress is not None:
             progress("final", stats)
         async with asyncio.timeout(IDLE_TIMEOUT):
-            ready = await reader.readexactly(len(READY))
+            ready = await asyncio.shield(answer)
         if ready != READY:
             raise MigrationError("the receiver did not confirm the stream")
         mark("ready")
@@ -580,6 +635,9 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         stats.forwarded += devices.forward(dom)   # what reached the taps since DONE
     except (OSError, asyncio.IncompleteReadError, TimeoutError, SuspendError, _save.SaveError,
             MigrationError) as e:
+        if answer is not None and answer.done() and not answer.cancelled() \
+                and isinstance(answer.exception(), MigrationError):
+            e = answer.exception()            # the receiver said why it closed
         why = str(e) or type(e).__name__
         # The connection and what the peer has not taken go now: a close would keep both
         # (the socket, up to IN_FLIGHT queued bytes) for as long as a peer that never
@@ -595,7 +653,7 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         log.warning("d%d: migration to %s:%d failed, the domain runs on here: %s", dom.domid,
                     host, port, why)
         if isinstance(e, MigrationError):
-            raise
+            raise e from None
         raise MigrationError(f"migration to {host}:{port} failed: {why}") from None
     except asyncio.CancelledError:
         # Cancelled (the caller's task, a daemon going down): before GO the guest is still
@@ -614,6 +672,9 @@ async def migrate(dom: "Domain", host: str, port: int, secret: bytes, *,
         if written is not None and not written.done():
             written.cancel()
             await asyncio.gather(written, return_exceptions=True)
+        if answer is not None:
+            answer.cancel()
+            await asyncio.gather(answer, return_exceptions=True)
         rt.stop()
         writer.close()
         shadow.close()

@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -110,6 +111,36 @@ def test_console_send_line_read_echo(daemon):
     assert "echo: hello from the console verb\n" in text   # the live echo
     assert "echo1" in list_rows(daemon)              # leaving the console leaves the guest running
     daemon.ok("destroy", "echo1")
+
+
+def test_console_stdin_from_a_file_or_dev_null(daemon):
+    """`aiovmm console DOM < commands.txt` (a script) and `< /dev/null` (a log watcher): epoll
+    refuses a regular file and /dev/null (EPERM), which was a traceback; the file's bytes go
+    to the guest up to its Ctrl-], and with /dev/null the output streams until a signal."""
+    cfg = daemon.write_cfg("echof", kernel=kernel(), memory=8, extra="ticks=1 echo=1 echo_timeout=0")
+    daemon.ok("create", cfg)
+    daemon.wait_console("echof", r"^echo: ready$")
+    script = Path(daemon.dir) / "commands.txt"
+    script.write_bytes(b"hello from a file\n\x1d")
+    env = dict(os.environ, AIOVMM_SOCKET=daemon.socket)
+    with open(script, "rb") as stdin:
+        r = subprocess.run(_cli_command() + ["console", "echof"], stdin=stdin, capture_output=True,
+                           env=env, timeout=60)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    daemon.wait_console("echof", r"^echo: hello from a file$")
+    p = subprocess.Popen(_cli_command() + ["console", "echof"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        time.sleep(3)
+        assert p.poll() is None, p.communicate()[1]  # still streaming
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert b"Traceback" not in err, err
+    assert b"echo: hello from a file" in out          # the history was shown
+    daemon.ok("destroy", "echof")
 
 
 def test_pause_unpause_stops_and_resumes_ticks(daemon):
