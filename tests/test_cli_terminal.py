@@ -377,8 +377,12 @@ def test_ctrl_c_early(pty_run, delay_ms):
     rc = t.finish()
     if rc == -signal.SIGINT and b"Traceback" not in t.out:
         assert t.out == b"", t.out
-    elif b"init_import_site" in t.out:
-        assert b"aiovmm/" not in t.out and b"bin/aiovmm" not in t.out, t.out
+    elif rc in (1, -signal.SIGINT) and b"aiovmm: interrupted" not in t.out:
+        # Python's own start-up (a 'Fatal Python error: init_import_site' or
+        # 'init_sys_streams') or the console script's `from aiovmm.cli import main` still
+        # finding the package: CPython's report, and not one frame of aiovmm's code.
+        assert b"KeyboardInterrupt" in t.out or b"Fatal Python error" in t.out, t.out
+        assert b"/aiovmm/" not in t.out, t.out
     else:
         assert (rc, t.out[-40:]) == (130, b"aiovmm: interrupted\r\n") or \
             (rc == 130 and t.out.endswith(b"destroyed on SIGINT\r\n")), (rc, t.out)
