@@ -826,20 +826,28 @@ class Blkback(YieldDrained):
         hook_yield_drain(self.dom.yield_drains, self._yield_fn, False)
         self.throttle.cancel()
         self._throttled = False
-        if self._futures:
+        # An ordering point still waiting for the requests before it never starts now (as
+        # Linux's, which waits inside the ring's thread, stopped before the disconnect waits
+        # for `inflight`): _completed would start it under the mappings released below.
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._release(held)
+        # Until nothing is in flight, including what a completion started meanwhile (an
+        # io_uring short transfer redone in the pool): Linux's wait for inflight == 0.
+        while self._futures:
             pending = set(self._futures)
             try:
                 await asyncio.shield(asyncio.wait(pending))
             except asyncio.CancelledError:
                 # Cancelled again while draining: wait anyway, the pages must not go away
                 # under a worker thread; then let the cancellation through.
-                await asyncio.wait(pending)
+                while self._futures:
+                    await asyncio.wait(set(self._futures))
                 raise
         self._release_all(self._done)
         self._done.clear()
-        if self._held is not None:
-            self._release_all([self._held])
-            self._held = None
+        self._inflight = 0
+        self._blocked = False
         # Nothing uses a persistent mapping any more: unmap them all (the frames' references
         # go, the guest's grant entries lose GTF_reading/GTF_writing).
         pg, self._pgnts = self._pgnts, {}
