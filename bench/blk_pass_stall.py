@@ -15,7 +15,9 @@ case measured in the same run (red team s19). Wall and thread time per call, med
 --served: blkback's own _serve on a 16-page ring a frontend keeps full, and a bystander's
 1 ms timer on the same loop (how late it fires: what another guest's events wait), for
 no frontend, one on held persistent grants, one beyond the bound, one without
-feature-persistent; --reps interleaved rounds of --seconds each.
+feature-persistent; --reps interleaved rounds of --seconds each. --ab-cost: the last two
+again with TRANSIENT_SEGMENT_COST 1 (every segment counted alike, as before it), in the
+same rounds.
 """
 from __future__ import annotations
 
@@ -116,25 +118,6 @@ async def measure(reps: int) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--served", action="store_true", help="the bystander's timer lateness under _serve")
-    ap.add_argument("--seconds", type=float, default=2.0)
-    args = ap.parse_args()
-    if args.served:
-        return main_served(args.reps, args.seconds)
-    out = asyncio.run(measure(args.reps))
-    print(f"load average {os.getloadavg()[0]:.1f}")
-    ref = statistics.median(w for w, _ in out["ref"])
-    for k, v in out.items():
-        w = statistics.median(x for x, _ in v)
-        t = statistics.median(y for _, y in v)
-        print(f"{k:6s} wall {w:8.2f} ms  thread {t:8.2f} ms  ({w / ref:5.1f}x ref)")
-
-
-
-
 # ------------------------------------------------------------------ the loop, served for real
 async def lag_probe(stop: asyncio.Event, lags: list[float]) -> None:
     """A bystander's view of the loop: how late a 1 ms timer fires (what a guest's event,
@@ -146,13 +129,13 @@ async def lag_probe(stop: asyncio.Event, lags: list[float]) -> None:
         lags.append((loop.time() - t - 0.001) * 1e3)
 
 
-async def served(case: str, seconds: float) -> list[float]:
+async def served(case: str, seconds: float, cost: int | None = None) -> list[float]:
     """Blkback's own _serve on a 16-page ring (512 entries) that a frontend keeps full of
     256-segment indirect READs: 'held' on grants kept persistent, 'beyond' on 2x more
     distinct grants than the bound (each pass maps and unmaps, the purge runs every 100 ms
     over a full ring in flight); 'transient': an honest frontend without feature-persistent
     (every segment mapped per request, as 'beyond'); 'idle': no frontend. Returns the
-    bystander's lags (ms)."""
+    bystander's lags (ms). `cost`: TRANSIENT_SEGMENT_COST for this run (the A/B)."""
     from aiovmm import Hypervisor, lab
     from aiovmm.backends.block import Blkback, DiskConfig
     from aiovmm.backends.block import device as dev
@@ -174,6 +157,8 @@ async def served(case: str, seconds: float) -> list[float]:
                 await probe
                 lab.destroy(a)
                 return lags
+            if cost is not None:
+                dev.TRANSIENT_SEGMENT_COST = cost
             bb = Blkback(a.dom, 0, DiskConfig.parse(f"target={img},vdev=xvda"))
             bb.backing = await bb.open_backing()
             pages = a.spare[-16:]
@@ -232,13 +217,13 @@ async def served(case: str, seconds: float) -> list[float]:
             await asyncio.gather(probe, front)
             bb.stats.rd_reqs -= reqs0
             if serve.done():
-                print(f"  {case}: _serve ended: {serve.exception()!r}")
+                print(f"  {case} cost {dev.TRANSIENT_SEGMENT_COST}: _serve ended: {serve.exception()!r}")
             serve.cancel()
             try:
                 await serve
             except asyncio.CancelledError:
                 pass
-            print(f"  {case}: {bb.stats.rd_reqs / seconds:.0f} READs/s, {bb.stats.bad_requests} refused, {bb.stats.persistent_purged} purged, "
+            print(f"  {case} cost {dev.TRANSIENT_SEGMENT_COST}: {bb.stats.rd_reqs / seconds:.0f} READs/s, {bb.stats.bad_requests} refused, {bb.stats.persistent_purged} purged, "
                   f"{bb.stats.persistent_grants} kept")
             await bb._disconnect()
             bb.backing.close()
@@ -252,15 +237,40 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def main_served(rounds: int, seconds: float) -> None:
-    res: dict[str, list[float]] = {"idle": [], "held": [], "beyond": [], "transient": []}
+def main_served(rounds: int, seconds: float, ab: bool) -> None:
+    from aiovmm.backends.block import device as dev
+    cases = [("idle", None), ("held", None), ("beyond", None), ("transient", None)]
+    if ab:                       # the same cases with every segment counted as a held one
+        cases += [("beyond", 1), ("transient", 1)]
+    res: dict[tuple, list[float]] = {c: [] for c in cases}
+    default = dev.TRANSIENT_SEGMENT_COST
     for _ in range(rounds):                               # interleaved
-        for case in res:
-            res[case] += asyncio.run(served(case, seconds))
+        for case, cost in cases:
+            res[(case, cost)] += asyncio.run(served(case, seconds, cost if cost is not None else default))
+    dev.TRANSIENT_SEGMENT_COST = default
     print(f"load average {os.getloadavg()[0]:.1f}")
-    for case, lags in res.items():
-        print(f"{case:6s} bystander timer lateness: median {statistics.median(lags):6.2f} ms  "
+    for (case, cost), lags in res.items():
+        label = case if cost is None else f"{case}@{cost}"
+        print(f"{label:12s} bystander timer lateness: median {statistics.median(lags):6.2f} ms  "
               f"p99 {pct(lags, 0.99):6.2f} ms  max {max(lags):6.2f} ms  ({len(lags)} samples)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--served", action="store_true", help="the bystander's timer lateness under _serve")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--ab-cost", action="store_true", help="--served: also with TRANSIENT_SEGMENT_COST 1")
+    args = ap.parse_args()
+    if args.served:
+        return main_served(args.reps, args.seconds, args.ab_cost)
+    out = asyncio.run(measure(args.reps))
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    ref = statistics.median(w for w, _ in out["ref"])
+    for k, v in out.items():
+        w = statistics.median(x for x, _ in v)
+        t = statistics.median(y for _, y in v)
+        print(f"{k:6s} wall {w:8.2f} ms  thread {t:8.2f} ms  ({w / ref:5.1f}x ref)")
 
 
 if __name__ == "__main__":
