@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import struct
@@ -41,80 +42,87 @@ def timed(fn) -> tuple[float, float]:
     return (time.perf_counter_ns() - w) / 1e6, (time.thread_time_ns() - t) / 1e6
 
 
-async def measure(reps: int) -> dict[str, list[tuple[float, float]]]:
+@contextlib.asynccontextmanager
+async def attacker(disk_bytes: int):
+    """A hypervisor, a parked 32 MiB domain (the frontend) and a sparse disk image."""
     from aiovmm import Hypervisor, lab
-    from aiovmm.backends.block import device as dev
-    from aiovmm.grants import GTF_permit_access, GTF_readonly
     from conftest import kernel
-    from test_redteam_blk import attach, indirect
-    out: dict[str, list[tuple[float, float]]] = {"ref": [], "churn": [], "purge": []}
     with tempfile.TemporaryDirectory(prefix="aiovmm-blkstall-") as td:
         img = os.path.join(td, "d.img")
         with open(img, "wb") as f:
-            f.truncate(64 << 20)
+            f.truncate(disk_bytes)
         async with Hypervisor(memory_mib=128) as hv:
-            a = lab.park(hv, kernel(), 32, "attacker")
-            bb = await attach(hv, a, img, persistent=True)
-            ring = hv.mem.frame(a.spare[-1])
-            data = a.spare[0:64]
-            nind = 8
-            ind = a.spare[64:64 + nind]
-            held = list(range(100, 100 + dev.MAX_PERSISTENT_GRANTS))
-            beyond = list(range(1200, 1200 + 768))         # the table's 2,048 entries allow 768 more
-            for k, g in enumerate(held + beyond):
-                a.write_grant(g, GTF_permit_access, 0, data[k % len(data)])
-            for i, f in enumerate(ind):
-                a.write_grant(20 + i, GTF_permit_access | GTF_readonly, 0, f)
+            yield hv, lab.park(hv, kernel(), 32, "attacker"), img
 
-            def descs(i: int, grefs: list[int]) -> None:
-                hv.mem.frame(ind[i])[:8 * len(grefs)] = b"".join(struct.pack("<IBB2x", g, 0, 7) for g in grefs)
 
-            # Fill the pool to its bound (first use maps and keeps).
+async def measure(reps: int) -> dict[str, list[tuple[float, float]]]:
+    from aiovmm import lab
+    from aiovmm.backends.block import device as dev
+    from aiovmm.grants import GTF_permit_access, GTF_readonly
+    from test_redteam_blk import attach, indirect
+    out: dict[str, list[tuple[float, float]]] = {"ref": [], "churn": [], "purge": []}
+    async with attacker(64 << 20) as (hv, a, img):
+        bb = await attach(hv, a, img, persistent=True)
+        ring = hv.mem.frame(a.spare[-1])
+        data = a.spare[0:64]
+        nind = 8
+        ind = a.spare[64:64 + nind]
+        held = list(range(100, 100 + dev.MAX_PERSISTENT_GRANTS))
+        beyond = list(range(1200, 1200 + 768))         # the table's 2,048 entries allow 768 more
+        for k, g in enumerate(held + beyond):
+            a.write_grant(g, GTF_permit_access, 0, data[k % len(data)])
+        for i, f in enumerate(ind):
+            a.write_grant(20 + i, GTF_permit_access | GTF_readonly, 0, f)
+
+        def descs(i: int, grefs: list[int]) -> None:
+            hv.mem.frame(ind[i])[:8 * len(grefs)] = b"".join(struct.pack("<IBB2x", g, 0, 7) for g in grefs)
+
+        # Fill the pool to its bound (first use maps and keeps).
+        for k in range(0, len(held), 256):
+            descs(0, held[k:k + 256])
+            p = bb._prepare(indirect(dev.BLKIF_OP_READ, k, 0, len(held[k:k + 256]), [20]))
+            bb._release(p)
+        assert len(bb._pgnts) == dev.MAX_PERSISTENT_GRANTS
+        per = 3                              # 768 segments per pass, both cases
+
+        def publish(grefs: list[int]) -> None:
+            prod = bb.ring.req_cons
+            for r in range(per):
+                descs(r, grefs[256 * r:256 * (r + 1)])
+                slot = 64 + ((prod + r) % bb.ring.nr_ents) * dev.SLOT
+                ring[slot:slot + dev.SLOT] = indirect(dev.BLKIF_OP_READ, r, 0, 256, [20 + r])[:dev.SLOT]
+            struct.pack_into("<I", ring, 0, (prod + per) & 0xFFFFFFFF)
+
+        def drain_then_answer(grefs: list[int]) -> None:
+            publish(grefs)
+            bb._submit = lambda batch: bb._done.extend(batch)     # no I/O: the loop's part only
+            bb._drain()
+            bb._answer()
+
+        for _ in range(reps):
+            bb._next_lru = float("inf")                           # purges measured apart
+            out["ref"].append(timed(lambda: drain_then_answer(held[:768])))
+            out["churn"].append(timed(lambda: drain_then_answer(beyond)))
+            # A full ring in flight on held grants, the pool over its bound.
+            live = []
+            for r in range(512):
+                descs(0, held[(r * 256) % 768:(r * 256) % 768 + 256])
+                p = bb._prepare(indirect(dev.BLKIF_OP_READ, r, 0, 256, [20]))
+                bb._live[id(p)] = p
+                live.append(p)
+            bb._poverflow = True
+            bb._now = 1.0
+            out["purge"].append(timed(bb._purge_persistent))
+            for p in live:
+                bb._release(p)
+            # Refill what the purge dropped, for the next round.
             for k in range(0, len(held), 256):
                 descs(0, held[k:k + 256])
                 p = bb._prepare(indirect(dev.BLKIF_OP_READ, k, 0, len(held[k:k + 256]), [20]))
                 bb._release(p)
-            assert len(bb._pgnts) == dev.MAX_PERSISTENT_GRANTS
-            per = 3                              # 768 segments per pass, both cases
-
-            def publish(grefs: list[int]) -> None:
-                prod = bb.ring.req_cons
-                for r in range(per):
-                    descs(r, grefs[256 * r:256 * (r + 1)])
-                    slot = 64 + ((prod + r) % bb.ring.nr_ents) * dev.SLOT
-                    ring[slot:slot + dev.SLOT] = indirect(dev.BLKIF_OP_READ, r, 0, 256, [20 + r])[:dev.SLOT]
-                struct.pack_into("<I", ring, 0, (prod + per) & 0xFFFFFFFF)
-
-            def drain_then_answer(grefs: list[int]) -> None:
-                publish(grefs)
-                bb._submit = lambda batch: bb._done.extend(batch)     # no I/O: the loop's part only
-                bb._drain()
-                bb._answer()
-
-            for _ in range(reps):
-                bb._next_lru = float("inf")                           # purges measured apart
-                out["ref"].append(timed(lambda: drain_then_answer(held[:768])))
-                out["churn"].append(timed(lambda: drain_then_answer(beyond)))
-                # A full ring in flight on held grants, the pool over its bound.
-                live = []
-                for r in range(512):
-                    descs(0, held[(r * 256) % 768:(r * 256) % 768 + 256])
-                    p = bb._prepare(indirect(dev.BLKIF_OP_READ, r, 0, 256, [20]))
-                    bb._live[id(p)] = p
-                    live.append(p)
-                bb._poverflow = True
-                bb._now = 1.0
-                out["purge"].append(timed(bb._purge_persistent))
-                for p in live:
-                    bb._release(p)
-                # Refill what the purge dropped, for the next round.
-                for k in range(0, len(held), 256):
-                    descs(0, held[k:k + 256])
-                    p = bb._prepare(indirect(dev.BLKIF_OP_READ, k, 0, len(held[k:k + 256]), [20]))
-                    bb._release(p)
-            await bb._disconnect()
-            bb.backing.close()
-            lab.destroy(a)
+        await bb._disconnect()
+        bb.backing.close()
+        lab.destroy(a)
     return out
 
 
@@ -136,100 +144,94 @@ async def served(case: str, seconds: float, cost: int | None = None) -> list[flo
     over a full ring in flight); 'transient': an honest frontend without feature-persistent
     (every segment mapped per request, as 'beyond'); 'idle': no frontend. Returns the
     bystander's lags (ms). `cost`: TRANSIENT_SEGMENT_COST for this run (the A/B)."""
-    from aiovmm import Hypervisor, lab
+    from aiovmm import lab
     from aiovmm.backends.block import Blkback, DiskConfig
     from aiovmm.backends.block import device as dev
     from aiovmm.grants import GTF_permit_access, GTF_readonly
-    from conftest import kernel
     from test_redteam_blk import indirect
-    with tempfile.TemporaryDirectory(prefix="aiovmm-blkstall-") as td:
-        img = os.path.join(td, "d.img")
-        with open(img, "wb") as f:
-            f.truncate(1 << 30)
-        async with Hypervisor(memory_mib=128) as hv:
-            a = lab.park(hv, kernel(), 32, "attacker")
-            lags: list[float] = []
-            stop = asyncio.Event()
-            if case == "idle":
-                probe = asyncio.create_task(lag_probe(stop, lags))
-                await asyncio.sleep(seconds)
-                stop.set()
-                await probe
-                lab.destroy(a)
-                return lags
-            if cost is not None:
-                dev.TRANSIENT_SEGMENT_COST = cost
-            bb = Blkback(a.dom, 0, DiskConfig.parse(f"target={img},vdev=xvda"))
-            bb.backing = await bb.open_backing()
-            pages = a.spare[-16:]
-            st = hv.xenstore.store
-            for i, f in enumerate(pages):
-                a.write_grant(1 + i, GTF_permit_access, 0, f)
-                hv.mem.frame(f)[:] = bytes(4096)
-            port = a.dom.evtchn.alloc_unbound(0)
-            keys = {"ring-page-order": "4", "event-channel": str(port), "protocol": "x86_64-abi",
-                    "feature-persistent": "0" if case == "transient" else "1", **{f"ring-ref{i}": str(1 + i) for i in range(16)}}
-            for k, v in keys.items():
-                st.write(f"{bb.front}/{k}", v)
-            bb._connect()
-            data = a.spare[0:64]
-            grefs = list(range(100, 100 + (dev.MAX_PERSISTENT_GRANTS - 8 if case == "held" else 1900)))   # 8: the indirect pages
-            for k, g in enumerate(grefs):
-                a.write_grant(g, GTF_permit_access, 0, data[k % len(data)])
-            ind = a.spare[64:64 + 8]
-            for i, f in enumerate(ind):
-                a.write_grant(20 + i, GTF_permit_access | GTF_readonly, 0, f)
-                chunk = [grefs[(256 * i + j) % len(grefs)] for j in range(256)]
-                hv.mem.frame(f)[:2048] = b"".join(struct.pack("<IBB2x", g, 0, 7) for g in chunk)
-            ring = bb.ring
-            raws = [indirect(dev.BLKIF_OP_READ, s, (s % 64) * 2048, 256, [20 + s % 8])[:dev.SLOT]
-                    for s in range(ring.nr_ents)]
-
-            def publish(idx: int) -> None:
-                off = ring.slot_off(idx)
-                pg, o = divmod(off, 4096)
-                raw = raws[idx % ring.nr_ents]
-                first = min(dev.SLOT, 4096 - o)
-                ring.pages[pg][o:o + first] = raw[:first]
-                if first < dev.SLOT:
-                    ring.pages[pg + 1][:dev.SLOT - first] = raw[first:]
-
-            async def frontend() -> None:
-                """Keep the ring full: every answered slot is published again (a new request
-                written over the response, as a frontend does), checked every 1 ms."""
-                prod = 0
-                while not stop.is_set():
-                    want = (ring.get(8) + ring.nr_ents) & 0xFFFFFFFF
-                    while prod != want:
-                        publish(prod)
-                        prod = (prod + 1) & 0xFFFFFFFF
-                    ring.put(0, prod)
-                    bb._kick.set()
-                    await asyncio.sleep(0.001)
-
-            serve = asyncio.create_task(bb._serve())
-            front = asyncio.create_task(frontend())
-            await asyncio.sleep(0.5)                      # warm: the pool filled, the ring full
+    async with attacker(1 << 30) as (hv, a, img):
+        lags: list[float] = []
+        stop = asyncio.Event()
+        if case == "idle":
             probe = asyncio.create_task(lag_probe(stop, lags))
-            reqs0 = bb.stats.rd_reqs
             await asyncio.sleep(seconds)
             stop.set()
-            await asyncio.gather(probe, front)
-            bb.stats.rd_reqs -= reqs0
-            if serve.done():
-                print(f"  {case} cost {dev.TRANSIENT_SEGMENT_COST}: _serve ended: {serve.exception()!r}")
-            serve.cancel()
-            try:
-                await serve
-            except asyncio.CancelledError:
-                pass
-            print(f"  {case} cost {dev.TRANSIENT_SEGMENT_COST}: {bb.stats.rd_reqs / seconds:.0f} READs/s, {bb.stats.bad_requests} refused, {bb.stats.persistent_purged} purged, "
-                  f"{bb.stats.persistent_grants} kept")
-            await bb._disconnect()
-            bb.backing.close()
-            a.dom.evtchn.close(port)
+            await probe
             lab.destroy(a)
             return lags
+        if cost is not None:
+            dev.TRANSIENT_SEGMENT_COST = cost
+        bb = Blkback(a.dom, 0, DiskConfig.parse(f"target={img},vdev=xvda"))
+        bb.backing = await bb.open_backing()
+        pages = a.spare[-16:]
+        st = hv.xenstore.store
+        for i, f in enumerate(pages):
+            a.write_grant(1 + i, GTF_permit_access, 0, f)
+            hv.mem.frame(f)[:] = bytes(4096)
+        port = a.dom.evtchn.alloc_unbound(0)
+        keys = {"ring-page-order": "4", "event-channel": str(port), "protocol": "x86_64-abi",
+                "feature-persistent": "0" if case == "transient" else "1", **{f"ring-ref{i}": str(1 + i) for i in range(16)}}
+        for k, v in keys.items():
+            st.write(f"{bb.front}/{k}", v)
+        bb._connect()
+        data = a.spare[0:64]
+        grefs = list(range(100, 100 + (dev.MAX_PERSISTENT_GRANTS - 8 if case == "held" else 1900)))   # 8: the indirect pages
+        for k, g in enumerate(grefs):
+            a.write_grant(g, GTF_permit_access, 0, data[k % len(data)])
+        ind = a.spare[64:64 + 8]
+        for i, f in enumerate(ind):
+            a.write_grant(20 + i, GTF_permit_access | GTF_readonly, 0, f)
+            chunk = [grefs[(256 * i + j) % len(grefs)] for j in range(256)]
+            hv.mem.frame(f)[:2048] = b"".join(struct.pack("<IBB2x", g, 0, 7) for g in chunk)
+        ring = bb.ring
+        raws = [indirect(dev.BLKIF_OP_READ, s, (s % 64) * 2048, 256, [20 + s % 8])[:dev.SLOT]
+                for s in range(ring.nr_ents)]
+
+        def publish(idx: int) -> None:
+            off = ring.slot_off(idx)
+            pg, o = divmod(off, 4096)
+            raw = raws[idx % ring.nr_ents]
+            first = min(dev.SLOT, 4096 - o)
+            ring.pages[pg][o:o + first] = raw[:first]
+            if first < dev.SLOT:
+                ring.pages[pg + 1][:dev.SLOT - first] = raw[first:]
+
+        async def frontend() -> None:
+            """Keep the ring full: every answered slot is published again (a new request
+            written over the response, as a frontend does), checked every 1 ms."""
+            prod = 0
+            while not stop.is_set():
+                want = (ring.get(8) + ring.nr_ents) & 0xFFFFFFFF
+                while prod != want:
+                    publish(prod)
+                    prod = (prod + 1) & 0xFFFFFFFF
+                ring.put(0, prod)
+                bb._kick.set()
+                await asyncio.sleep(0.001)
+
+        serve = asyncio.create_task(bb._serve())
+        front = asyncio.create_task(frontend())
+        await asyncio.sleep(0.5)                      # warm: the pool filled, the ring full
+        probe = asyncio.create_task(lag_probe(stop, lags))
+        reqs0 = bb.stats.rd_reqs
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.gather(probe, front)
+        bb.stats.rd_reqs -= reqs0
+        if serve.done():
+            print(f"  {case} cost {dev.TRANSIENT_SEGMENT_COST}: _serve ended: {serve.exception()!r}")
+        serve.cancel()
+        try:
+            await serve
+        except asyncio.CancelledError:
+            pass
+        print(f"  {case} cost {dev.TRANSIENT_SEGMENT_COST}: {bb.stats.rd_reqs / seconds:.0f} READs/s, {bb.stats.bad_requests} refused, {bb.stats.persistent_purged} purged, "
+              f"{bb.stats.persistent_grants} kept")
+        await bb._disconnect()
+        bb.backing.close()
+        a.dom.evtchn.close(port)
+        lab.destroy(a)
+        return lags
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -27,7 +27,7 @@ from aiovmm.backends.block import Blkback, DiskConfig
 from aiovmm.backends.block.device import (BLKIF_OP_READ, BLKIF_OP_WRITE_BARRIER, SLOT, _RSP)
 from aiovmm.grants import GTF_permit_access, GTF_reading, GTF_writing
 from conftest import kernel
-from test_redteam_blk import RING_REF, clean, make_disk, req, with_hv
+from test_redteam_blk import RING_REF, clean, detach, make_disk, req, with_hv
 
 
 def connect(hv: Hypervisor, a: lab.Parked, bb: Blkback) -> int:
@@ -98,11 +98,8 @@ def test_a_held_barrier_never_starts_after_the_disconnect(tmp_path):
             bb._answer()
             ids = [_RSP.unpack_from(ring, 64 + k * SLOT)[0] for k in range(struct.unpack_from("<I", ring, 8)[0])]
             assert ids == [11, 12, 13], ids
-            await bb._disconnect()
+            await detach(hv, a, bb)
             a.dom.evtchn.close(port)
-            bb.backing.close()
-            assert not a.dom.host_mappings
-            clean(hv)
         lab.destroy(a)
         clean(hv)
 

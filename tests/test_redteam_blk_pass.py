@@ -23,7 +23,7 @@ from aiovmm.backends.block.device import (BLKIF_OP_READ, BLKIF_RSP_OKAY, DRAIN_S
                                           SLOT, _RSP)
 from aiovmm.grants import GTF_permit_access, GTF_readonly
 from conftest import kernel
-from test_redteam_blk import attach, clean, indirect, with_hv
+from test_redteam_blk import attach, clean, detach, indirect, with_hv
 
 
 def test_a_pass_takes_a_bounded_number_of_segments(tmp_path):
@@ -69,9 +69,7 @@ def test_a_pass_takes_a_bounded_number_of_segments(tmp_path):
         got = sorted(_RSP.unpack_from(ring, 64 + k * SLOT)[::2] for k in range(n))
         assert got == [(k, BLKIF_RSP_OKAY) for k in range(n)]
         assert bb.stats.rd_reqs == n and bb.stats.bad_requests == 0
-        await bb._disconnect()
-        bb.backing.close()
-        clean(hv)
+        await detach(hv, a, bb)
         lab.destroy(a)
         clean(hv)
 
@@ -133,9 +131,7 @@ def test_a_transient_segment_counts_at_its_cost(tmp_path):
             assert max(answered) == per_pass, (persistent, answered)
             assert bb.stats.bad_requests == 0 and bb.stats.rd_reqs == n
             assert TRANSIENT_SEGMENT_COST * MAX_INDIRECT_SEGMENTS > DRAIN_SEGMENTS
-            await bb._disconnect()
-            bb.backing.close()
-            clean(hv)
+            await detach(hv, a, bb)
         lab.destroy(a)
         clean(hv)
 
