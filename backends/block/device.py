@@ -851,6 +851,7 @@ class Blkback(YieldDrained):
                 while self._futures:
                     await asyncio.wait(set(self._futures))
                 raise
+        self._reads_landed(self._done)           # in the guest's pages, answered or not
         self._release_all(self._done)
         self._done.clear()
         self._inflight = 0
@@ -1268,23 +1269,12 @@ class Blkback(YieldDrained):
         event."""
         r = self.ring
         st = self.stats
-        done = self._done
-        budget = DRAIN_SEGMENTS
-        k = 0
-        # The pool or io_uring stored a READ's data into the guest's frames behind every
-        # vCPU's back: their translations of those pages go before the guest can see the
-        # response (grants.frame_written, as every host write into guest frames), or code
-        # read from disk into a page that ran code before runs the old bytes on an emulated
-        # vCPU. A failed read may have stored part of it. Once per page per call.
-        written: set[int] = set()
-        while k < len(done) and budget > 0:
-            p = done[k]
-            k += 1
+        k = self._answerable(self._done)
+        batch, self._done = self._done[:k], self._done[k:]
+        self._reads_landed(batch)
+        for p in batch:
             io = p.io
-            budget -= 1 + len(io.segments) + (TRANSIENT_SEGMENT_COST - 1) * len(p.maps)
             st.io_ns += io.ns
-            if io.op == "read":
-                written.update([m.mfn for m, _off, _n in io.segments])
             if io.error:
                 st.io_errors += 1
                 st.errors += 1
@@ -1305,12 +1295,31 @@ class Blkback(YieldDrained):
                     st.discard_sectors += p.sectors
             r.respond(p.rid, p.op, status)
             self._release(p)
-        self._done = done[k:]
         if self._done:
             self._kick.set()
+        self._push()
+
+    @staticmethod
+    def _answerable(done: list[_Pending]) -> int:
+        """How many of `done` one _answer call takes (its DRAIN_SEGMENTS budget)."""
+        budget = DRAIN_SEGMENTS
+        k = 0
+        while k < len(done) and budget > 0:
+            p = done[k]
+            budget -= 1 + len(p.io.segments) + (TRANSIENT_SEGMENT_COST - 1) * len(p.maps)
+            k += 1
+        return k
+
+    def _reads_landed(self, ps: list[_Pending]) -> None:
+        """The pool or io_uring stored these READs' data into the guest's frames behind
+        every vCPU's back: their translations of those pages go before the guest can see a
+        response or run on after a disconnect (grants.frame_written, as every host write
+        into guest frames), or code read from disk into a page that ran code before runs
+        the old bytes on an emulated vCPU. A failed read may have stored part of it. Once
+        per page per call."""
+        written = {m.mfn for p in ps if p.io.op == "read" for m, _off, _n in p.io.segments}
         for mfn in written:
             grants.frame_written(self.dom, mfn << 12, PAGE)
-        self._push()
 
     def _push(self) -> None:
         if self.ring.push_responses():
