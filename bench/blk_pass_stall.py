@@ -219,13 +219,13 @@ async def served(case: str, seconds: float, cost: int | None = None) -> list[flo
         await asyncio.gather(probe, front)
         bb.stats.rd_reqs -= reqs0
         if serve.done():
-            print(f"  {case} cost {dev.TRANSIENT_SEGMENT_COST}: _serve ended: {serve.exception()!r}")
+            print(f"  {case} cost {bb.transient_cost}: _serve ended: {serve.exception()!r}")
         serve.cancel()
         try:
             await serve
         except asyncio.CancelledError:
             pass
-        print(f"  {case} cost {dev.TRANSIENT_SEGMENT_COST}: {bb.stats.rd_reqs / seconds:.0f} READs/s, {bb.stats.bad_requests} refused, {bb.stats.persistent_purged} purged, "
+        print(f"  {case} cost {bb.transient_cost}: {bb.stats.rd_reqs / seconds:.0f} READs/s, {bb.stats.bad_requests} refused, {bb.stats.persistent_purged} purged, "
               f"{bb.stats.persistent_grants} kept")
         await bb._disconnect()
         bb.backing.close()

@@ -84,6 +84,7 @@ DRAIN_SEGMENTS = 1024
 # against ~0.7 us for a held one on the whole-page path (bench/blk_pass_stall.py). Counted
 # at cost, a pass holds the loop about as long whichever grants the frontend uses (a
 # bystander's timer lateness, --served: 54 ms median with every segment transient at 1).
+# AIOVMM_BLK_TRANSIENT_COST (read at each connect) for an A/B (bench/blk.py --ab-env).
 TRANSIENT_SEGMENT_COST = 8
 SEGS_PER_INDIRECT_PAGE = PAGE // 8
 # max-ring-page-order: up to 16 ring pages (512 entries), Linux's XENBUS_MAX_RING_GRANT_ORDER.
@@ -557,6 +558,7 @@ class Blkback(YieldDrained):
         # mapped, whatever the guest later writes into its grant entry.
         self.persistent = False
         self.max_persistent = MAX_PERSISTENT_GRANTS       # per ring (set at connect)
+        self.transient_cost = TRANSIENT_SEGMENT_COST      # (set at connect)
         self._pgnts: dict[int, grants.HostMapping] = {}
         # gref -> host address of its page, for every key of _pgnts (set and cleared with it).
         self._paddr: dict[int, int] = {}
@@ -800,6 +802,7 @@ class Blkback(YieldDrained):
         # Per ring, as Linux (one ring here); AIOVMM_BLK_MAX_PGRANTS as Linux's module
         # parameter max_persistent_grants (host-wide, read at each connect).
         self.max_persistent = max(0, int(os.environ.get("AIOVMM_BLK_MAX_PGRANTS", "") or MAX_PERSISTENT_GRANTS))
+        self.transient_cost = max(1, int(os.environ.get("AIOVMM_BLK_TRANSIENT_COST", "") or TRANSIENT_SEGMENT_COST))
         try:
             for ref in refs:
                 self._ring_maps.append(grants.host_map(self.dom, ref))
@@ -984,7 +987,7 @@ class Blkback(YieldDrained):
             p = self._prepare(raw)
             if p is None:
                 continue
-            budget -= (TRANSIENT_SEGMENT_COST - 1) * len(p.maps)
+            budget -= (self.transient_cost - 1) * len(p.maps)
             self._live[id(p)] = p
             if limited:
                 self.limiter.charge(p.io.length if p.io.op in ("read", "write") else 0)
@@ -1299,14 +1302,14 @@ class Blkback(YieldDrained):
             self._kick.set()
         self._push()
 
-    @staticmethod
-    def _answerable(done: list[_Pending]) -> int:
+    def _answerable(self, done: list[_Pending]) -> int:
         """How many of `done` one _answer call takes (its DRAIN_SEGMENTS budget)."""
         budget = DRAIN_SEGMENTS
         k = 0
+        extra = self.transient_cost - 1
         while k < len(done) and budget > 0:
             p = done[k]
-            budget -= 1 + len(p.io.segments) + (TRANSIENT_SEGMENT_COST - 1) * len(p.maps)
+            budget -= 1 + len(p.io.segments) + extra * len(p.maps)
             k += 1
         return k
 
