@@ -477,6 +477,9 @@ def linux_part(args: argparse.Namespace) -> dict[str, dict]:
             if args.nopersist:
                 systems.append((f"aiovmm/{eng}/nopersist", eng,
                                 f"{BLKFRONT_ARGS} xen_blkfront.feature_persistent=0", "1", {}))
+                if ab:
+                    systems.append((f"ab:aiovmm/{eng}/nopersist/{args.ab_env}", eng,
+                                    f"{BLKFRONT_ARGS} xen_blkfront.feature_persistent=0", "1", ab))
             if args.pool and eng == "unicorn":
                 systems.append((f"aiovmm/{eng}/pool", eng, BLKFRONT_ARGS, "0", {}))
         failed: set[str] = set()
@@ -592,8 +595,9 @@ def main() -> None:
     ap.add_argument("--no-pool", dest="pool", action="store_false",
                     help="skip the run with io_uring off (every request through the thread pool)")
     ap.add_argument("--ab-env", default="",
-                    help="also run each engine's default system with these environment variables "
-                         "(VAR=VALUE,...; e.g. AIOVMM_KVM_IRET_GDT_SS=0), right after it in each round")
+                    help="also run each engine's default system (and its nopersist one) with these "
+                         "environment variables (VAR=VALUE,...; e.g. AIOVMM_KVM_IRET_GDT_SS=0), right "
+                         "after it in each round")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the aiovmm systems this many times, interleaved; figures are medians")
     ap.add_argument("--old-stores", default="file", help="part 2 stores: file,loop,lv ('' skips it)")

@@ -92,8 +92,9 @@ MODULES: dict[str, Module] = {
                        zero_names=("FLAG_PRIV",)),
     # The backends' request validation (what a frontend writes into its ring and grants).
     "net": Module(("backends/net/device.py",), ("tests/test_net.py", "tests/test_redteam_net_rx_stall.py",
-                                                 "tests/test_redteam_net_gso.py"),
-                  funcs=r"(_process_tx|_process_rx|_on_tap_readable|_tx_|_rx_|_serve|.*valid.*"
+                                                 "tests/test_redteam_net_gso.py",
+                                                 "tests/test_redteam_net_early_event.py"),
+                  funcs=r"(_process_tx|_process_rx|_on_tap_readable|_tx_|_rx_|_serve|_poll|.*valid.*"
                         r"|.*check.*|.*req.*|.*slot.*|.*extra.*|.*ring.*|_connect)"),
     # What netback learns for the migration announce (only what the guest claims as its own).
     "announce": Module(("backends/net/device.py",),
@@ -101,8 +102,9 @@ MODULES: dict[str, Module] = {
                        funcs=r"^(Netback\.)?(learn_ipv4|learn_ipv6|_learn|adopt)$"),
     "block": Module(("backends/block/device.py",), ("tests/test_block.py", "tests/test_redteam_blk.py",
                                                    "tests/test_redteam_blk_code.py",
-                                                   "tests/test_redteam_blk_pass.py"),
-                    funcs=r"(_prepare|_drain|_answer|_completed|.*valid.*|.*check.*|.*req.*"
+                                                   "tests/test_redteam_blk_pass.py",
+                                                   "tests/test_redteam_blk_held.py"),
+                    funcs=r"(_prepare|_drain|_answer|_completed|_disconnect|.*valid.*|.*check.*|.*req.*"
                           r"|.*seg.*|.*sector.*|.*ring.*|_connect|_serve|_process.*)"),
     # The one writable-access function (Xen's PGT_writable_page typing) and frame freeing.
     "memory": Module(("aiovmm/memory.py",),

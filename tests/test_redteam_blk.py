@@ -82,6 +82,14 @@ async def detach_all_released(hv: Hypervisor, a: lab.Parked, bb: Blkback, refs: 
     clean(hv)
 
 
+async def detach(hv: Hypervisor, a: lab.Parked, bb: Blkback) -> None:
+    """Disconnect and close the disk: no mapping of the guest's left, auditor clean."""
+    await bb._disconnect()
+    bb.backing.close()
+    assert not a.dom.host_mappings
+    clean(hv)
+
+
 def req(op: int, rid: int, sector: int, segs: list[tuple[int, int, int]]) -> bytes:
     raw = _REQ.pack(op, len(segs), 0, rid, sector) + b"".join(_SEG.pack(g, f, l) for g, f, l in segs)
     return raw.ljust(112, b"\0")
@@ -352,10 +360,7 @@ def test_whole_page_fast_path_only_for_held_grants(tmp_path):
         assert bb.stats.errors == errors + 1 and bb.stats.bad_grants == bad + 1
         assert 50 not in bb._pgnts and len(a.dom.host_mappings) == 1 + 3
         assert page(hv, t) == t_before and [page(hv, f) for f in data] == held_before
-        await bb._disconnect()
-        bb.backing.close()
-        assert not a.dom.host_mappings
-        clean(hv)
+        await detach(hv, a, bb)
         lab.destroy(a)
         clean(hv)
 

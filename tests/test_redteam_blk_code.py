@@ -35,8 +35,11 @@ ELF = str(BUILD / "hostile" / "code_write.elf")
 CODE = bytes([0xB8, 0x39, 0x05, 0, 0, 0xC3])          # mov eax, 1337; ret
 
 
-@pytest.mark.parametrize("path", ["pool", "uring"])
+@pytest.mark.parametrize("path", ["pool", "uring", "disconnect"])
 async def test_blkback_read_into_code_runs_the_new_bytes(engine, path, tmp_path):
+    """`disconnect` (red team s19): the READ completes but the vbd disconnects before it is
+    answered (`_disconnect` releases it unanswered); the bytes are in the guest's page all
+    the same, as on Xen, so that vCPU runs them too."""
     img = tmp_path / "code.img"
     img.write_bytes(CODE.ljust(4096, b"\xcc"))
     async with Hypervisor(memory_mib=HV_MEMORY_MIB, engine=engine) as hv:
@@ -63,9 +66,13 @@ async def test_blkback_read_into_code_runs_the_new_bytes(engine, path, tmp_path)
                 while not bb._done:
                     await bb._kick.wait()
                     bb._kick.clear()
-            bb._answer()
-            assert _RSP.unpack_from(page, 64) == (7, BLKIF_OP_READ, BLKIF_RSP_OKAY)
-            assert bb.stats.rd_reqs == 1 and bb.stats.uring_reqs == (path == "uring")
+            if path == "disconnect":
+                await bb._disconnect()
+                assert _RSP.unpack_from(page, 64)[0] != 7          # never answered
+            else:
+                bb._answer()
+                assert _RSP.unpack_from(page, 64) == (7, BLKIF_OP_READ, BLKIF_RSP_OKAY)
+                assert bb.stats.rd_reqs == 1 and bb.stats.uring_reqs == (path == "uring")
         finally:
             if bb.uring is not None:
                 bb.uring.close()

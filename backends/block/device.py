@@ -78,6 +78,14 @@ MAX_INDIRECT_PAGES = 8        # BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST
 # The rest waits on the ring for the next pass, after the loop's other work. 1024: a Linux
 # blkfront's default full ring (32 requests of 32 segments) in one pass; 4 MiB of whole pages.
 DRAIN_SEGMENTS = 1024
+# What a segment mapped for its request only (no persistent grant: a frontend without
+# feature-persistent, or grants beyond the bound) costs a pass's budget, in held segments: its
+# grant is validated and mapped in _drain and unmapped in _answer, ~6.2 us of loop thread
+# against ~0.7 us for a held one on the whole-page path (bench/blk_pass_stall.py). Counted
+# at cost, a pass holds the loop about as long whichever grants the frontend uses (a
+# bystander's timer lateness, --served: 54 ms median with every segment transient at 1).
+# AIOVMM_BLK_TRANSIENT_COST (read at each connect) for an A/B (bench/blk.py --ab-env).
+TRANSIENT_SEGMENT_COST = 8
 SEGS_PER_INDIRECT_PAGE = PAGE // 8
 # max-ring-page-order: up to 16 ring pages (512 entries), Linux's XENBUS_MAX_RING_GRANT_ORDER.
 MAX_RING_PAGE_ORDER = 4
@@ -568,6 +576,7 @@ class Blkback(YieldDrained):
         # mapped, whatever the guest later writes into its grant entry.
         self.persistent = False
         self.max_persistent = MAX_PERSISTENT_GRANTS       # per ring (set at connect)
+        self.transient_cost = TRANSIENT_SEGMENT_COST      # (set at connect)
         self._pgnts: dict[int, grants.HostMapping] = {}
         # gref -> host address of its page, for every key of _pgnts (set and cleared with it).
         self._paddr: dict[int, int] = {}
@@ -811,6 +820,7 @@ class Blkback(YieldDrained):
         # Per ring, as Linux (one ring here); AIOVMM_BLK_MAX_PGRANTS as Linux's module
         # parameter max_persistent_grants (host-wide, read at each connect).
         self.max_persistent = max(0, int(os.environ.get("AIOVMM_BLK_MAX_PGRANTS", "") or MAX_PERSISTENT_GRANTS))
+        self.transient_cost = max(1, int(os.environ.get("AIOVMM_BLK_TRANSIENT_COST", "") or TRANSIENT_SEGMENT_COST))
         try:
             for ref in refs:
                 self._ring_maps.append(grants.host_map(self.dom, ref))
@@ -844,20 +854,29 @@ class Blkback(YieldDrained):
         hook_yield_drain(self.dom.yield_drains, self._yield_fn, False)
         self.throttle.cancel()
         self._throttled = False
-        if self._futures:
+        # An ordering point still waiting for the requests before it never starts now (as
+        # Linux's, which waits inside the ring's thread, stopped before the disconnect waits
+        # for `inflight`): _completed would start it under the mappings released below.
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._release(held)
+        # Until nothing is in flight, including what a completion started meanwhile (an
+        # io_uring short transfer redone in the pool): Linux's wait for inflight == 0.
+        while self._futures:
             pending = set(self._futures)
             try:
                 await asyncio.shield(asyncio.wait(pending))
             except asyncio.CancelledError:
                 # Cancelled again while draining: wait anyway, the pages must not go away
                 # under a worker thread; then let the cancellation through.
-                await asyncio.wait(pending)
+                while self._futures:
+                    await asyncio.wait(set(self._futures))
                 raise
+        self._reads_landed(self._done)           # in the guest's pages, answered or not
         self._release_all(self._done)
         self._done.clear()
-        if self._held is not None:
-            self._release_all([self._held])
-            self._held = None
+        self._inflight = 0
+        self._blocked = False
         # Nothing uses a persistent mapping any more: unmap them all (the frames' references
         # go, the guest's grant entries lose GTF_reading/GTF_writing).
         pg, self._pgnts = self._pgnts, {}
@@ -986,6 +1005,7 @@ class Blkback(YieldDrained):
             p = self._prepare(raw)
             if p is None:
                 continue
+            budget -= (self.transient_cost - 1) * len(p.maps)
             self._live[id(p)] = p
             if limited:
                 self.limiter.charge(_charged_bytes(p.io))
@@ -1265,28 +1285,17 @@ class Blkback(YieldDrained):
 
     def _answer(self) -> None:
         """Write the responses of what has completed, in completion order, at most
-        DRAIN_SEGMENTS segments' worth per call (the rest at the next pass: rule 4, each
-        segment's mapping is released here); one event."""
+        DRAIN_SEGMENTS segments' worth per call, a transient one at TRANSIENT_SEGMENT_COST
+        (the rest at the next pass: rule 4, each segment's mapping is released here); one
+        event."""
         r = self.ring
         st = self.stats
-        done = self._done
-        budget = DRAIN_SEGMENTS
-        k = 0
-        # The pool or io_uring stored a READ's data into the guest's frames behind every
-        # vCPU's back: their translations of those pages go before the guest can see the
-        # response (grants.frames_written, as every host write into guest frames), or code
-        # read from disk into a page that ran code before runs the old bytes on an emulated
-        # vCPU. A failed read may have stored part of it. Once per page per call, and
-        # nothing per page where no engine translates (KVM).
-        written: list = []
-        while k < len(done) and budget > 0:
-            p = done[k]
-            k += 1
+        k = self._answerable(self._done)
+        batch, self._done = self._done[:k], self._done[k:]
+        self._reads_landed(batch)
+        for p in batch:
             io = p.io
-            budget -= 1 + len(io.segments)
             st.io_ns += io.ns
-            if io.op == "read":
-                written.append(io.segments)
             if io.error:
                 st.io_errors += 1
                 st.errors += 1
@@ -1307,12 +1316,31 @@ class Blkback(YieldDrained):
                     st.discard_sectors += p.sectors
             r.respond(p.rid, p.op, status)
             self._release(p)
-        self._done = done[k:]
         if self._done:
             self._kick.set()
-        if written:
-            grants.frames_written(self.dom, (m.mfn for segs in written for m, _off, _n in segs))
         self._push()
+
+    def _answerable(self, done: list[_Pending]) -> int:
+        """How many of `done` one _answer call takes (its DRAIN_SEGMENTS budget)."""
+        budget = DRAIN_SEGMENTS
+        k = 0
+        extra = self.transient_cost - 1
+        while k < len(done) and budget > 0:
+            p = done[k]
+            budget -= 1 + len(p.io.segments) + extra * len(p.maps)
+            k += 1
+        return k
+
+    def _reads_landed(self, ps: list[_Pending]) -> None:
+        """The pool or io_uring stored these READs' data into the guest's frames behind
+        every vCPU's back: their translations of those pages go before the guest can see a
+        response or run on after a disconnect (grants.frame_written, as every host write
+        into guest frames), or code read from disk into a page that ran code before runs
+        the old bytes on an emulated vCPU. A failed read may have stored part of it. Once
+        per page per call, and nothing per page where no engine translates (KVM:
+        grants.frames_written consumes the frames only if some engine keeps translations)."""
+        grants.frames_written(self.dom, (m.mfn for p in ps if p.io.op == "read"
+                                         for m, _off, _n in p.io.segments))
 
     def _push(self) -> None:
         if self.ring.push_responses():

@@ -915,8 +915,8 @@ class Netback(YieldDrained):
 
     def _poll(self, inline: bool = False) -> None:
         self._handle = None
-        if self.tx is None or self._stop.done():
-            return
+        if self.tx is None or self._stop is None or self._stop.done():
+            return                           # not serving: _serve's first pass takes it
         try:
             self._pass(inline)
         except VifDisconnect as e:
