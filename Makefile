@@ -5,7 +5,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBS    := gcc make cmake ninja-build patch libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-ping curl \
-	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio iperf3
+	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio iperf3 e2fsprogs
 NATIVE  := aiovmm/_native/preempt.so aiovmm/_native/kvm.so
 UNICORN := aiovmm/_native/unicorn/libunicorn.so.2
 
