@@ -133,8 +133,7 @@ async def test_grub_writes_through_its_blkfront(hv, pvgrub, tmp_path):
 async def test_grub_boots_linux_from_the_disk(hv, pvgrub, tmp_path):
     """GRUB loads Debian's kernel and our initramfs from the partition, builds the domain
     in place (grub-core/loader/i386/xen.c) and jumps; Linux's blkfront then reconnects to
-    the vbd GRUB closed, sees the partition, and its shell reads the disk; Linux powers
-    off without waiting on the vbd's close."""
+    the vbd GRUB closed, sees the partition, and its shell reads the disk."""
     if not KERNEL.exists() or not INITRD.exists():
         pytest.skip("Debian kernel and initramfs not built (make setup)")
     cfg = linux_grub_cfg(f"console=hvc0 pvgrub={TOKEN}")
@@ -156,10 +155,3 @@ async def test_grub_boots_linux_from_the_disk(hv, pvgrub, tmp_path):
     assert rc == 0 and out[-2:] == [str(disk.stat().st_size // SECTOR), str(PART_START)], out
     rc, out = await shell.run("dd if=/dev/xvda1 bs=1024 skip=1 count=1 2>/dev/null | sha256sum")
     assert rc == 0 and out[-1].split()[0] == superblock, out
-    # Linux's poweroff closes the vbd (xenbus_frontend_dev_shutdown: Closing, then a wait of
-    # up to 5 s for the backend's Closing): blkback answers as Linux blkback does.
-    dom.console_backend.queue_input(b"poweroff\n")
-    async with asyncio.timeout(GRUB_TIMEOUT):
-        reason = await dom.wait()
-    assert reason == ShutdownReason.poweroff, dom.describe_end()
-    assert not [l for l in dom.console_lines if "timeout closing device" in l], dom.console_lines[-8:]

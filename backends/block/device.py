@@ -734,7 +734,7 @@ class Blkback(YieldDrained):
                 await self._disconnect()
                 if isinstance(outcome, FrontendGone):
                     log.info("d%d: vbd %s: frontend closed", self.dom.domid, self.vdev)
-                    self._set_state(XenbusState.Closed)    # after the frontend's Closed (_watch_front)
+                    self._set_state(XenbusState.Closed)
                     if not is_online(st, self.back):
                         return                   # being detached: no reconnect (Linux blkback)
                     # Wait for the frontend to start over before offering the device again.
@@ -876,19 +876,11 @@ class Blkback(YieldDrained):
             await asyncio.sleep(0.001)
 
     async def _watch_front(self, watch: Watch) -> None:
-        """As Linux blkback's frontend_changed: the frontend's Closing is answered Closing and
-        the ring stays served; its Closed (or its directory gone) ends the connection, and
-        only then does the backend go Closed. Linux's frontend at system shutdown
-        (xenbus_frontend_dev_shutdown) writes Closing and waits for the backend's Closing:
-        a backend already Closed by the time its watch fires is never seen Closing, and
-        each vbd costs the guest's poweroff a 5 s timeout."""
         while True:
             await watch.next()
-            state = read_state(self.store, self.front)
-            if state == XenbusState.Closing:
-                if read_state(self.store, self.back) != XenbusState.Closing:
-                    self._set_state(XenbusState.Closing)
-            elif state in (XenbusState.Closed, XenbusState.Unknown):
+            if read_state(self.store, self.front) in (XenbusState.Closing, XenbusState.Closed,
+                                                     XenbusState.Unknown):
+                self._set_state(XenbusState.Closing)
                 raise FrontendGone("frontend closed")
 
     # -- the data path -----------------------------------------------------------------------
