@@ -5,15 +5,15 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBS    := gcc make cmake ninja-build patch libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-ping curl \
-	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio iperf3
+	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio iperf3 e2fsprogs
 NATIVE  := aiovmm/_native/preempt.so aiovmm/_native/kvm.so
 UNICORN := aiovmm/_native/unicorn/libunicorn.so.2
 
 WEBDEBS := chromium chromium-driver openssl
 
-.PHONY: xen-utils setup demo test bench mutants guests linux clean debs web-test-deps
+.PHONY: xen-utils pvgrub setup demo test bench mutants guests linux clean debs web-test-deps
 
-setup: debs $(STAMP) $(NATIVE) $(UNICORN) guests linux xen-utils
+setup: debs $(STAMP) $(NATIVE) $(UNICORN) guests linux xen-utils pvgrub
 
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -82,6 +82,18 @@ $(XENUTILS):
 	cd guests/build/xen-utils.dl && apt-get download -q xen-utils-4.17 2>&1 | grep -v unsandboxed || true
 	dpkg-deb -x guests/build/xen-utils.dl/xen-utils-4.17_*.deb guests/build/xen-utils
 	rm -rf guests/build/xen-utils.dl
+
+# PV-GRUB2 (docs/guests.md): Debian's prebuilt grub-x86_64-xen.bin from grub-xen-host, unpacked,
+# never installed (installing it would pull in grub's host tools and update the host's boot).
+# The image carries its modules and a memdisk config that searches every disk for
+# /boot/grub/grub.cfg; grub-xen-bin (the loose modules) is not needed to boot it.
+PVGRUB := guests/build/pvgrub/usr/lib/grub-xen/grub-x86_64-xen.bin
+pvgrub: $(PVGRUB)
+$(PVGRUB):
+	rm -rf guests/build/pvgrub.dl && mkdir -p guests/build/pvgrub.dl
+	cd guests/build/pvgrub.dl && apt-get download -q grub-xen-host 2>&1 | grep -v unsandboxed || true
+	dpkg-deb -x guests/build/pvgrub.dl/grub-xen-host_*.deb guests/build/pvgrub
+	rm -rf guests/build/pvgrub.dl
 
 demo: setup
 	$(VPY) examples/demo.py
