@@ -12,24 +12,14 @@ import asyncio
 
 import pytest
 
-from aiovmm import Hypervisor, grants, lab
+from aiovmm import Hypervisor, grants
 from aiovmm.abi import PAGE_SHIFT, PAGE_SIZE
 from aiovmm.audit import audit
 from aiovmm.grants import GTF_permit_access, GTF_reading, GTF_writing, GntSt, GrantError
 from aiovmm.memory import PageType
-from conftest import kernel
+from test_grant_batch import REF, _setup   # grants REF..REF+2 to domid 0, pages "A" "B" "C"
 
 MIB = 64
-REF = 10
-
-
-def _setup(hv):
-    b = lab.park(hv, kernel(), 8, "frontend")
-    frames = b.spare[:3]
-    for k, f in enumerate(frames):
-        hv.mem.write(f << PAGE_SHIFT, bytes([0x41 + k]) * PAGE_SIZE)
-        b.write_grant(REF + k, GTF_permit_access, 0, f)
-    return b, frames
 
 
 def _clean(hv, b, refs=(REF, REF + 1, REF + 2)):
