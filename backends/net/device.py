@@ -308,6 +308,25 @@ class NetStats:
     yield_passes: int = 0         # passes run at the domain's slice ends (Domain.yield_drains)
 
 
+async def _close_off_loop(fd: int) -> None:
+    """Close `fd` in a worker thread (a tap's close waits an RCU grace period, 15-20 ms),
+    exactly once even if the wait is cancelled: the job takes the fd from a box, and the
+    loop closes it itself only if the job never took it (a queued job the cancel dropped)."""
+    box = [fd]
+
+    def close_once() -> None:
+        try:
+            f = box.pop()
+        except IndexError:
+            return
+        os.close(f)
+    try:
+        await asyncio.to_thread(close_once)
+    except asyncio.CancelledError:
+        close_once()
+        raise
+
+
 class Netback(YieldDrained):
     def __init__(self, dom: "Domain", devid: int, cfg: VifConfig, ifname_prefix: str = "vif") -> None:
         self.dom = dom
@@ -690,10 +709,14 @@ class Netback(YieldDrained):
                 self._bridge_watch.close()
             spare = self._spare
             fd = self._release_tap()
-            if spare is not None:
-                await spare[1].aclose()         # its fd too is closed before the tap's
-            if fd is not None:
-                await asyncio.to_thread(os.close, fd)
+            try:
+                if spare is not None:
+                    await spare[1].aclose()     # its fd too is closed before the tap's
+            finally:
+                # The tap's fd is no one else's now: closed whatever cancels this task
+                # meanwhile (a second cancel here left it, and the tap's netdev, open).
+                if fd is not None:
+                    await _close_off_loop(fd)
 
     def _bridge_down(self) -> None:
         log.warning("d%d: vif %d down: bridge %s%s is gone; %s is re-attached when it is back",
