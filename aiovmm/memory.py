@@ -38,6 +38,18 @@ def guest_runs_concurrently(barrier) -> None:
     _mb = barrier
 
 
+_ATOMIC_SO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native", "atomic.so")
+_atomic = ctypes.CDLL(_ATOMIC_SO)
+for _fn, _t in (("aiovmm_atomic_or8", ctypes.c_uint8), ("aiovmm_atomic_and8", ctypes.c_uint8),
+                ("aiovmm_atomic_and16", ctypes.c_uint16)):
+    getattr(_atomic, _fn).argtypes = [ctypes.c_void_p, _t]
+    getattr(_atomic, _fn).restype = _t
+_atomic.aiovmm_atomic_cmpxchg32.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
+_atomic.aiovmm_atomic_cmpxchg32.restype = ctypes.c_uint32
+_or8, _and8 = _atomic.aiovmm_atomic_or8, _atomic.aiovmm_atomic_and8
+_and16, _cmpxchg32 = _atomic.aiovmm_atomic_and16, _atomic.aiovmm_atomic_cmpxchg32
+
+
 def mb() -> None:
     """Xen's xen_mb() where the hypervisor's side of a shared-memory protocol stores and
     then loads what the guest stores and then loads (io/ring.h's event-index checks,
@@ -390,6 +402,34 @@ class MachineMemory:
 
     def write(self, maddr: int, data: bytes) -> None:
         self.view[maddr:maddr + len(data)] = data
+
+    # -- locked read-modify-writes of words the guest also updates (csrc/atomic.c) ---------------
+    # One code path whether or not a guest runs concurrently: a plain read-modify-write loses
+    # the guest's own locked update of a neighbouring bit made between the read and the write.
+    def atomic_or8(self, maddr: int, bits: int) -> int:
+        """Locked `or` of `bits` into the byte at `maddr`; returns the byte before."""
+        if not 0 <= maddr < self.size:
+            raise IndexError(maddr)
+        return _or8(self.fd_address + maddr, bits)
+
+    def atomic_and8(self, maddr: int, bits: int) -> int:
+        """Locked `and` of the byte at `maddr` with `bits`; returns the byte before."""
+        if not 0 <= maddr < self.size:
+            raise IndexError(maddr)
+        return _and8(self.fd_address + maddr, bits)
+
+    def atomic_and16(self, maddr: int, bits: int) -> int:
+        """Locked `and` of the little-endian u16 at `maddr` (2-aligned); returns the value before."""
+        if maddr & 1 or not 0 <= maddr < self.size - 1:
+            raise IndexError(maddr)
+        return _and16(self.fd_address + maddr, bits)
+
+    def cmpxchg32(self, maddr: int, old: int, new: int) -> int:
+        """Locked compare-exchange of the u32 at `maddr` (4-aligned): stores `new` iff it holds
+        `old`; returns the value found (== `old` iff stored)."""
+        if maddr & 3 or not 0 <= maddr < self.size - 3:
+            raise IndexError(maddr)
+        return _cmpxchg32(self.fd_address + maddr, old, new)
 
     def read_u64(self, maddr: int) -> int:
         return _U64.unpack_from(self.map, maddr)[0]
