@@ -219,7 +219,7 @@ class GrantTable:
             if write and not act.writers:
                 self._set_status(addr, ref, grantee, True, True)
                 if recheck_frame and _U32.unpack_from(mem.map, addr + 4)[0] != act.frame:
-                    mem.atomic_and16(addr, ~GTF_writing & 0xFFFF)
+                    self._clear_flags(addr, GTF_writing)
                     raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref}: frame changed while in use")
         else:
             self._set_status(addr, ref, grantee, write, False)
@@ -228,7 +228,7 @@ class GrantTable:
             # is the guest's own business (it cannot revoke a pinned entry).
             frame = _U32.unpack_from(mem.map, addr + 4)[0]
             if frame >= mem.nr_frames or mem.owner[frame] != dom.domid:
-                mem.atomic_and16(addr, ~(GTF_reading | GTF_writing) & 0xFFFF)
+                self._clear_flags(addr, GTF_reading | GTF_writing)
                 raise GrantError(GntSt.bad_page, f"granted frame {frame:#x} is not d{dom.domid}'s")
             act = self.active[ref] = ActiveGrant(dom.domid, ref, grantee, frame)
         if write:
@@ -279,8 +279,12 @@ class GrantTable:
                 del self.active[act.ref]
         if self.dead:                      # its entry frames are freed: the record only
             return
-        addr = (self.frames[act.ref >> 9] << PAGE_SHIFT) + ((act.ref & 511) << 3)
-        self.dom.mem.atomic_and16(addr, ~clear & 0xFFFF)     # Xen's gnttab_clear_flags
+        self._clear_flags((self.frames[act.ref >> 9] << PAGE_SHIFT) + ((act.ref & 511) << 3), clear)
+
+    def _clear_flags(self, addr: int, clear: int) -> None:
+        """Xen's gnttab_clear_flags: a locked `and`, so the guest's concurrent update of the
+        entry's other flags is kept."""
+        self.dom.mem.atomic_and16(addr, ~clear & 0xFFFF)
 
     # -- grantee side ------------------------------------------------------------------------------
     def new_handle(self, m: Mapping) -> int:
