@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBS    := gcc make cmake ninja-build patch libxen-dev xenstore-utils lvm2 binutils iproute2 iputils-ping curl \
 	   liblzo2-dev lz4 lzop zstd xz-utils bzip2 cpio iperf3 e2fsprogs
-NATIVE  := aiovmm/_native/preempt.so aiovmm/_native/kvm.so
+NATIVE  := aiovmm/_native/preempt.so aiovmm/_native/kvm.so aiovmm/_native/atomic.so
 UNICORN := aiovmm/_native/unicorn/libunicorn.so.2
 
 WEBDEBS := chromium chromium-driver openssl
@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # setup.py builds them (with its flags) for wheels too; --inplace puts them in the tree.
-$(NATIVE) &: csrc/preempt.c csrc/kvm.c setup.py | $(STAMP)
+$(NATIVE) &: csrc/preempt.c csrc/kvm.c csrc/atomic.c setup.py | $(STAMP)
 	$(VPY) setup.py -q build_ext --inplace
 
 # Unicorn 2.1.4 built from its PyPI source release with csrc/unicorn/*.patch (x86 only), in

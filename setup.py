@@ -1,7 +1,8 @@
-"""Builds aiovmm's two C libraries into every wheel, sdist install and editable install.
+"""Builds aiovmm's three C libraries into every wheel, sdist install and editable install.
 
-aiovmm/_native/preempt.so (the Unicorn engine's slice/preempt hook, vcpu_engine.py) and
-aiovmm/_native/kvm.so (the KVM engine's helper, kvm_engine.py) are plain shared libraries
+aiovmm/_native/preempt.so (the Unicorn engine's slice/preempt hook, vcpu_engine.py),
+aiovmm/_native/kvm.so (the KVM engine's helper, kvm_engine.py) and aiovmm/_native/atomic.so
+(locked read-modify-writes on guest-shared memory, memory.py) are plain shared libraries
 loaded with ctypes by path, not CPython extension modules: they keep the bare `<name>.so`
 file name the loaders look for and are compiled with exactly these flags (the Makefile's
 rules call this file, so the flags live here only). Before this step they were built only
@@ -25,6 +26,7 @@ CFLAGS = ["-O2", "-shared", "-fPIC", "-Wall"]
 NATIVE = [
     Extension("aiovmm._native.preempt", ["csrc/preempt.c"], libraries=["pthread"]),
     Extension("aiovmm._native.kvm", ["csrc/kvm.c"], libraries=["rt"]),
+    Extension("aiovmm._native.atomic", ["csrc/atomic.c"]),
 ]
 
 

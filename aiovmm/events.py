@@ -15,7 +15,6 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from .memory import mb
 from .abi import (
     DOMID_SELF, EVTCHN_2L_NR_CHANNELS, NR_VIRQS, PER_VCPU_VIRQS, Errno, EvtchnStat, SharedInfo,
     VcpuInfo, VCPU_INFO_SIZE,
@@ -63,12 +62,9 @@ class EventChannels:
         return self.dom.shared_info_maddr
 
     def _test_and_set(self, byte_addr: int, bit: int) -> bool:
-        m = self.dom.mem.map
-        b = m[byte_addr]
-        if b & bit:
-            return True
-        m[byte_addr] = b | bit
-        return False
+        """Xen's guest_test_and_set_bit: a locked `or` (also a full barrier), so the guest's
+        own locked clear of a neighbouring bit in the same byte is never lost."""
+        return bool(self.dom.mem.atomic_or8(byte_addr, bit) & bit)
 
     def _bit(self, off: int, port: int) -> tuple[int, int]:
         return self._si + off + (port >> 3), 1 << (port & 7)
@@ -81,10 +77,10 @@ class EventChannels:
         a, b = self._bit(SharedInfo.evtchn_mask, port)
         return bool(self.dom.mem.map[a] & b)
 
-    def _clear_bit(self, off: int, port: int) -> None:
+    def _clear_bit(self, off: int, port: int) -> bool:
+        """Xen's guest_test_and_clear_bit (locked `and`); returns whether the bit was set."""
         a, b = self._bit(off, port)
-        m = self.dom.mem.map
-        m[a] = m[a] & ~b & 0xFF
+        return bool(self.dom.mem.atomic_and8(a, ~b & 0xFF) & b)
 
     def _mark_vcpu_pending(self, vcpu_id: int, word: int) -> None:
         v = self.dom.vcpu(vcpu_id)              # its vcpu_info may have moved (register_vcpu_info)
@@ -92,9 +88,7 @@ class EventChannels:
         sel_addr = vi + VcpuInfo.evtchn_pending_sel
         if self._test_and_set(sel_addr + (word >> 3), 1 << (word & 7)):
             return
-        m = self.dom.mem.map
-        if not m[vi + VcpuInfo.evtchn_upcall_pending] & 1:
-            m[vi + VcpuInfo.evtchn_upcall_pending] = 1
+        self.dom.mem.atomic_or8(vi + VcpuInfo.evtchn_upcall_pending, 1)
         vcpu = self.dom.vcpu(vcpu_id)
         if vcpu is not None:
             vcpu.kick()
@@ -102,8 +96,7 @@ class EventChannels:
     def set_pending(self, port: int) -> None:
         """Raise an event on `port` (Xen's evtchn_2l_set_pending)."""
         a, b = self._bit(SharedInfo.evtchn_pending, port)
-        already = self._test_and_set(a, b)
-        mb()            # Xen's test_and_set_bit is locked: the guest's scan sees the bit
+        already = self._test_and_set(a, b)     # locked: a full barrier, the guest's scan sees it
         p = self.ports.get(port, _CLOSED)
         vcpu = self.dom.vcpu(p.vcpu)
         if vcpu is not None:
@@ -210,11 +203,7 @@ class EventChannels:
     def unmask(self, port: int) -> None:
         p = self._port(port)
         # Port 0 is valid here (Xen's evtchn_unmask treats it as any port_is_valid port).
-        a, b = self._bit(SharedInfo.evtchn_mask, port)
-        m = self.dom.mem.map
-        was = m[a] & b
-        m[a] = m[a] & ~b & 0xFF
-        if was and self.is_pending(port):
+        if self._clear_bit(SharedInfo.evtchn_mask, port) and self.is_pending(port):
             self._mark_vcpu_pending(p.vcpu, port >> 6)
 
     def bind_vcpu(self, port: int, vcpu: int) -> None:

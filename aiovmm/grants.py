@@ -94,6 +94,7 @@ COPY = struct.Struct("<QHH4xQHH4xHHh2x")         # src.u src.dom src.off _ dst.u
 GET_VERSION = struct.Struct("<HHI")
 _ENTRY = struct.Struct("<HHI")
 _U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
 
 
 class GrantError(Exception):
@@ -195,12 +196,12 @@ class GrantTable:
     def acquire(self, ref: int, grantee: int, write: bool, recheck_frame: bool = False) -> ActiveGrant:
         """Pin entry `ref` for `grantee` (for writing if `write`) and return its active record.
 
-        First pin: the entry is read once (flags, domid, frame together), must be
-        GTF_permit_access for exactly `grantee` (general_error), not GTF_readonly for a write
-        (general_error), and name a frame the granter owns (bad_page); GTF_reading (and
-        GTF_writing) are set and the frame is recorded. Later pins by the same grantee use
-        the record; only the first write pin re-reads the flags (GTF_readonly), as Xen's
-        _set_status does. `recheck_frame` (grant copy): that re-read also compares the frame
+        First pin: _set_status checks and sets GTF_reading (and GTF_writing) atomically
+        (not GTF_permit_access for exactly `grantee`, or GTF_readonly for a write:
+        general_error); then the frame is read once and must be one the granter owns
+        (bad_page, the flags cleared again) and is recorded. Later pins by the same grantee
+        use the record; only the first write pin goes through _set_status again
+        (GTF_readonly), as Xen's does. `recheck_frame` (grant copy): that re-read also compares the frame
         with the record (Xen's acquire_grant_for_copy), a mismatch is general_error.
 
         On every backend data path (one call per packet or segment), hence written flat."""
@@ -216,33 +217,51 @@ class GrantTable:
             if act.grantee != grantee:
                 raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is in use by d{act.grantee}")
             if write and not act.writers:
-                flags, _domid, frame = _ENTRY.unpack_from(mem.map, addr)
-                if flags & GTF_readonly:
-                    raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is read-only")
-                if recheck_frame and frame != act.frame:
+                self._set_status(addr, ref, grantee, True, True)
+                if recheck_frame and _U32.unpack_from(mem.map, addr + 4)[0] != act.frame:
+                    self._clear_flags(addr, GTF_writing)
                     raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref}: frame changed while in use")
-                new = flags | GTF_reading | GTF_writing
-                if new != flags:
-                    _U16.pack_into(mem.map, addr, new)
         else:
-            flags, domid, frame = _ENTRY.unpack_from(mem.map, addr)
-            if flags & GTF_type_mask != GTF_permit_access or domid != grantee:
-                # Xen: an in-range entry that grants nothing to this grantee is general_error;
-                # bad_gntref is only for references past the end of the table.
-                raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is not granted to d{grantee}")
-            if write and flags & GTF_readonly:
-                raise GrantError(GntSt.general_error, f"d{dom.domid} ref {ref} is read-only")
+            self._set_status(addr, ref, grantee, write, False)
+            # The frame is read once, after the pin, as Xen's map_grant_ref does: an entry
+            # rewritten before the pin failed the compare-exchange, one rewritten after it
+            # is the guest's own business (it cannot revoke a pinned entry).
+            frame = _U32.unpack_from(mem.map, addr + 4)[0]
             if frame >= mem.nr_frames or mem.owner[frame] != dom.domid:
+                self._clear_flags(addr, GTF_reading | GTF_writing)
                 raise GrantError(GntSt.bad_page, f"granted frame {frame:#x} is not d{dom.domid}'s")
             act = self.active[ref] = ActiveGrant(dom.domid, ref, grantee, frame)
-            new = flags | (GTF_reading | GTF_writing if write else GTF_reading)
-            if new != flags:
-                _U16.pack_into(mem.map, addr, new)
         if write:
             act.writers += 1
         else:
             act.readers += 1
         return act
+
+    def _set_status(self, addr: int, ref: int, grantee: int, write: bool, pinned: bool) -> None:
+        """Set GTF_reading (and GTF_writing) in entry `ref` at `addr` by compare-exchange on
+        its flags+domid word (Xen's _set_status_v1): an entry not yet `pinned` must be
+        GTF_permit_access for exactly `grantee`, a write pin must not find GTF_readonly, and
+        both are checked on the very value the exchange replaces, so a guest rewriting or
+        revoking the entry between the check and the flag write makes the exchange fail and
+        is checked again. Five failed exchanges: the entry is unstable (general_error)."""
+        mem = self.dom.mem
+        cur = _U32.unpack_from(mem.map, addr)[0]
+        for _ in range(5):
+            flags = cur & 0xFFFF
+            if not pinned and (flags & GTF_type_mask != GTF_permit_access or cur >> 16 != grantee):
+                # Xen: an in-range entry that grants nothing to this grantee is general_error;
+                # bad_gntref is only for references past the end of the table.
+                raise GrantError(GntSt.general_error, f"d{self.dom.domid} ref {ref} is not granted to d{grantee}")
+            new = flags | GTF_reading
+            if write:
+                if flags & GTF_readonly:
+                    raise GrantError(GntSt.general_error, f"d{self.dom.domid} ref {ref} is read-only")
+                new |= GTF_writing
+            prev = mem.cmpxchg32(addr, cur, (cur & 0xFFFF0000) | new)
+            if prev == cur:
+                return
+            cur = prev
+        raise GrantError(GntSt.general_error, f"d{self.dom.domid} ref {ref}: shared grant entry is unstable")
 
     def release(self, act: ActiveGrant, write: bool) -> None:
         """Unpin: the last write pin clears GTF_writing, the last pin GTF_reading and ends
@@ -260,11 +279,12 @@ class GrantTable:
                 del self.active[act.ref]
         if self.dead:                      # its entry frames are freed: the record only
             return
-        addr = (self.frames[act.ref >> 9] << PAGE_SHIFT) + ((act.ref & 511) << 3)
-        m = self.dom.mem.map
-        f = _U16.unpack_from(m, addr)[0]
-        if f & clear:
-            _U16.pack_into(m, addr, f & ~clear)
+        self._clear_flags((self.frames[act.ref >> 9] << PAGE_SHIFT) + ((act.ref & 511) << 3), clear)
+
+    def _clear_flags(self, addr: int, clear: int) -> None:
+        """Xen's gnttab_clear_flags: a locked `and`, so the guest's concurrent update of the
+        entry's other flags is kept."""
+        self.dom.mem.atomic_and16(addr, ~clear & 0xFFFF)
 
     # -- grantee side ------------------------------------------------------------------------------
     def new_handle(self, m: Mapping) -> int:

@@ -491,9 +491,15 @@ class Campaign:
 
 async def start_bystander(hv: Hypervisor):
     """The bystander guest booted and ready on `hv`: (its domain, _p2m_hash of its frames),
-    to compare after an attack."""
+    to compare after an attack. Hashed once it has blocked for good after `ready` (timer
+    stopped, no channel bound): on an engine whose vCPU runs beside the loop (the KVM
+    vCPU thread) it still runs its last steps while the test goes on, and its own stack
+    writes would change the hash; from then on only an attack changes its frames."""
     by = await hv.create(hostile("bystander"), memory_mib=8, name="bystander")
     await by.wait_for_line(r"^bystander: ready checksum=0x[0-9a-f]+$", timeout=30)
+    async with asyncio.timeout(30):
+        while not all(v.blocked for v in by.vcpus):
+            await asyncio.sleep(0.001)
     return by, _p2m_hash(hv, by)
 
 

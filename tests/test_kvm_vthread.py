@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from aiovmm import Hypervisor
+from aiovmm import Hypervisor, grants
 
 from conftest import HV_MEMORY_MIB, _kvm_skip_reason, guest
 
@@ -109,4 +109,70 @@ async def test_mode_switches_inside_slices_lose_nothing(vthread):
         assert await _loop_turns_in_flight(eng) > 0
         assert hv.scheduler.state(v).slices > ev0
         assert not dom.dying, dom.describe_end()
+        dom.shutdown()
+
+
+async def test_host_event_bits_never_undo_the_guests_locked_updates(vthread):
+    """Event-channel pending bits are set by the loop with a locked `or` (Xen's
+    guest_test_and_set_bit): with the guest on another core toggling its own bit of the
+    same byte with locked instructions (guests/tests/bithammer.c), no set or clear of the
+    guest's is ever undone. A plain byte read-modify-write loses them by the thousand."""
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+        dom = await hv.create(guest("bithammer"), memory_mib=4, name="bithammer", engine="kvm",
+                              cmdline="secs=3")
+        await dom.wait_for_line(r"^bithammer: ready$", timeout=60)
+        assert dom.vcpus[0].engine.threaded
+        ch = dom.evtchn
+        done = dom.wait_for_line(r"^bithammer: done .*", timeout=60)
+        task = asyncio.ensure_future(done)
+        sets = 0
+        try:
+            while not task.done():
+                for _ in range(200):
+                    for port in range(81, 88):        # masked by the guest: pending bits only
+                        ch.set_pending(port)
+                sets += 1400
+                await asyncio.sleep(0)
+            line = task.result()
+        finally:
+            task.cancel()
+        counts = dict(kv.split("=") for kv in str(line).split()[2:])
+        # The race ran: the guest saw the host's bits, both sides were busy together.
+        assert int(counts["host_bits"]) > 0 and sets > 10000, (counts, sets)
+        assert counts["lost_clear"] == "0" and counts["lost_set"] == "0", counts
+        dom.shutdown()
+
+
+async def test_a_revoked_grant_is_never_pinned_back(vthread):
+    """A first pin sets GTF_reading by compare-exchange on the entry's flags+domid (Xen's
+    _set_status_v1): with the guest on another core revoking and re-granting the entry
+    (guests/tests/granthammer.c: gnttab_end_access's cmpxchg to 0), a revoke that
+    succeeded is never overwritten by the host's pin. A check-then-store pin brings
+    revoked entries back (17 in one 3 s run; none here)."""
+    async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+        dom = await hv.create(guest("granthammer"), memory_mib=4, name="granthammer",
+                              engine="kvm", cmdline="secs=3")
+        line = await dom.wait_for_line(r"^granthammer: ready ref=\d+$", timeout=60)
+        ref = int(line.rsplit("=", 1)[1])
+        assert dom.vcpus[0].engine.threaded
+        gt = dom.grants
+        task = asyncio.ensure_future(dom.wait_for_line(r"^granthammer: done .*", timeout=60))
+        pins = 0
+        try:
+            while not task.done():
+                for _ in range(20):                   # short turns: the loop stays responsive
+                    try:
+                        act = gt.acquire(ref, 0, False)
+                    except grants.GrantError:
+                        continue
+                    pins += 1
+                    gt.release(act, False)
+                await asyncio.sleep(0)
+            line = task.result()
+        finally:
+            task.cancel()
+        counts = dict(kv.split("=") for kv in str(line).split()[2:])
+        # The race ran: the host pinned it and the guest found it pinned, and revoked it.
+        assert pins > 1000 and int(counts["busy"]) > 0 and int(counts["revoked"]) > 1000, (counts, pins)
+        assert counts["resurrected"] == "0", counts
         dom.shutdown()

@@ -1,5 +1,5 @@
 """What `pip install aiovmm` (a wheel, not the editable install the suite runs from) ships:
-every Python package of the tree, and the two C libraries (aiovmm/_native/*.so) compiled by the
+every Python package of the tree, and the three C libraries (aiovmm/_native/*.so) compiled by the
 build itself, not only by `make setup`. A wheel built with the old list lacked aiovmm.xenstore and
 backends' block and net packages, so `import aiovmm` failed outside a source checkout."""
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_every_package_is_listed_for_the_wheel():
     assert listed - tree == set(), f"listed but not in the tree: {sorted(listed - tree)}"
 
 
-NATIVE = ("aiovmm/_native/preempt.so", "aiovmm/_native/kvm.so")
+NATIVE = ("aiovmm/_native/preempt.so", "aiovmm/_native/kvm.so", "aiovmm/_native/atomic.so")
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "gcc")) is None, reason="no C compiler (gcc)")
@@ -70,9 +70,10 @@ def test_wheel_from_a_clean_tree_ships_and_loads_the_c_libraries(tmp_path):
         zf.extractall(unpacked)
     assert ctypes.CDLL(str(unpacked / NATIVE[0])).aiovmm_insn_hook
     assert ctypes.CDLL(str(unpacked / NATIVE[1])).aiovmm_kvm_run
-    probe = ("import aiovmm.vcpu_engine as v, aiovmm.kvm_engine as k\n"
+    assert ctypes.CDLL(str(unpacked / NATIVE[2])).aiovmm_atomic_cmpxchg32
+    probe = ("import aiovmm.vcpu_engine as v, aiovmm.kvm_engine as k, aiovmm.memory as m\n"
              "v._native(); k._native()\n"
-             "print(v._NATIVE); print(k._NATIVE)")
+             "print(v._NATIVE); print(k._NATIVE); print(m._ATOMIC_SO)")
     env = {**os.environ, "PYTHONPATH": str(unpacked)}
     out = subprocess.run([sys.executable, "-c", probe], cwd="/", env=env, check=True,
                          capture_output=True, text=True, timeout=60).stdout.split()

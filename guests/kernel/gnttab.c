@@ -66,6 +66,11 @@ u16 gnttab_flags(grant_ref_t ref)
     return ACCESS_ONCE(gnttab_table[ref].flags);
 }
 
+grant_entry_v1_t *gnttab_entry(grant_ref_t ref)
+{
+    return &gnttab_table[ref];
+}
+
 int gnttab_end_access(grant_ref_t ref)
 {
     if (ref < GNTTAB_NR_RESERVED_ENTRIES || ref >= GNTTAB_NR_ENTRIES)

@@ -21,6 +21,8 @@ long gnttab_grant_access(domid_t domid, unsigned long mfn, int readonly);
 int gnttab_end_access(grant_ref_t ref);
 /* Current flags of one of our entries. */
 u16 gnttab_flags(grant_ref_t ref);
+/* The entry itself (tests that race the host on its flags). */
+grant_entry_v1_t *gnttab_entry(grant_ref_t ref);
 
 /* Suspend: unmap the table's frames (they are Xen's: a saved image must not
  * map them). Resume: map them again; in a new domain (resumed after a save
