@@ -187,6 +187,12 @@ _ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40
 _EVENTS_SIZE = 64                  # struct kvm_vcpu_events; exception.injected at 0, .pending at 3
 _SETTLE_NS = 1_000_000             # deadline re-armed to let a held exception reach its stub
 _SETTLE_TRIES = 16
+# A settle for a maybe-held #BP (_past_software_trap) is tried again only if the vCPU's
+# thread got less CPU than this since the last settle's entry: a held trap is delivered at
+# the entry, before any instruction, so a re-entry that ran the guest this long and ended on
+# the kick again held none (code whose instructions all end in 0xCC otherwise settled 16
+# times per slice, each slice ~138 ms: tests/test_redteam_kvm_settle.py).
+_SETTLE_RAN_NS = 200_000
 # After an exit handled past the slice's deadline, the guest still runs this long (or to its
 # next exit) before the slice ends: the state the handler left (an iret to the interrupted
 # code, a hypercall's return) must run before the next slice delivers the next event. Without
@@ -1742,8 +1748,11 @@ class KVMEngine:
         delivers it at the bounced RIP; the guest's frame says RIP past the int3 (Debian's
         2-vCPU Linux: "invalid opcode" at the second byte of a NOP text_poke_bp patched).
         The slice then settles as for a held exception (_run_slice): the vCPU is entered
-        again with its state untouched; a guest merely resuming there runs on, bounded by
-        _SETTLE_TRIES (tests/test_redteam_kvm_int3.py)."""
+        again with its state untouched; a guest merely resuming there runs on, and is not
+        settled again once a re-entry ran it (_SETTLE_RAN_NS: bytes cannot be decoded
+        backwards, and code made of instructions ending in 0xCC looks the same at every
+        kick), at most _SETTLE_TRIES times (tests/test_redteam_kvm_int3.py,
+        tests/test_redteam_kvm_settle.py)."""
         if self._get("cs") & 3 != 3:
             return False
         rip = self.regs[16]
@@ -1759,6 +1768,7 @@ class KVMEngine:
         run = self._kvm_run
         run_ex, ctx_ptr, mem = self._run_ex, self._ctx_ptr, self.mem
         settle = 0
+        settle_cpu = -1                 # thread CPU time at the last settle's entry
         grace = True
         syscalls = self._exit_kinds
         pv = self._pv                   # the vCPU's PV state: its kernel_mode() reads this field
@@ -1789,7 +1799,9 @@ class KVMEngine:
                 # deliverable: the hypercall's tail (the upcall) runs here.
                 self._report_fast_calls(True)
             elif rc == -errno.EINTR:
-                if self.delivery_pending() or (settle < _SETTLE_TRIES and self._past_software_trap()):
+                if self.delivery_pending() or (
+                        settle < _SETTLE_TRIES and self._past_software_trap()
+                        and (settle_cpu < 0 or time.thread_time_ns() - settle_cpu < _SETTLE_RAN_NS)):
                     # Xen bounces an exception the moment the guest raises it, before it
                     # schedules or delivers an event (x86_64/entry.S: create_bounce_frame
                     # for the trap_bounce, then test_all_events). The slice's end waits
@@ -1801,6 +1813,7 @@ class KVMEngine:
                         self.last_error = "an exception's delivery did not complete"
                         return ExitReason.ERROR
                     self.settles += 1
+                    settle_cpu = time.thread_time_ns()
                     self._begin(time.monotonic_ns() + settle * _SETTLE_NS)
                     continue
                 self.kicks += 1

@@ -33,6 +33,9 @@ import collections
 import dataclasses
 import enum
 import logging
+import os
+import select
+import socket
 import time
 from typing import TYPE_CHECKING, Iterable
 
@@ -122,6 +125,9 @@ class Scheduler:
         self._period_start = 0
         self._last_wake_ns = -IO_ACTIVE_NS
         self.periods = 0
+        self._loop_poll: select.poll | None = None   # the loop's own epoll fd (_watch_loop)
+        self._watched_loop = None
+        self.loop_cuts = 0                    # lengthened slices cut: the loop had work (loop_waits)
 
     # -- parameters -----------------------------------------------------------------------------
     @staticmethod
@@ -172,10 +178,65 @@ class Scheduler:
         return self.state(v).long_ns or self.slice_ns
 
     def slice_left(self, v: "VCPU") -> int:
-        """What is left of v's running slice (begin() to its bound, slice_for), in ns: the
-        wall-time bound of its next engine run (vcpu.py runs the engine again inside one
-        slice after a timer of its own ended a run)."""
+        """What is left of v's running slice (begin() to its bound, slice_for), in ns."""
         return self.slice_for(v) - (time.perf_counter_ns() - self.state(v)._t0)
+
+    def run_left(self, v: "VCPU") -> int:
+        """The wall-time bound of v's next engine run inside its slice (vcpu.py runs the
+        engine again inside one slice after a timer of its own ended a run): what is left of
+        the slice, and in a lengthened slice no further than the next SLICE_NS boundary from
+        its start, where goes_on() looks at the loop's fds."""
+        s = self.state(v)
+        el = time.perf_counter_ns() - s._t0
+        left = self.slice_for(v) - el
+        if s.long_ns:
+            left = min(left, self.slice_ns - el % self.slice_ns)
+        return left
+
+    def goes_on(self, v: "VCPU", min_ns: int) -> bool:
+        """Between two engine runs of v's slice: True if at least min_ns of it is left. A
+        lengthened slice is first cut back to SLICE_NS from its start (as unblocked() does)
+        if the loop has work waiting (loop_waits): the slice holds the loop thread, and
+        what the scheduler does not see (a frame on a blocked guest's tap, a worker
+        thread's block completion, a control-plane request) would otherwise wait up to
+        TSLICE_NS, where Xen preempts the guest for the woken vCPU at once."""
+        s = self.state(v)
+        if s.long_ns and self.loop_waits():
+            s.long_ns = 0
+            self.loop_cuts += 1
+        return self.slice_left(v) >= min_ns
+
+    def loop_waits(self) -> bool:
+        """True if the event loop has I/O ready: its epoll fd is readable (an fd it watches
+        is ready, or its self-pipe/eventfd was written by call_soon_threadsafe). One
+        poll(2) with no timeout; False if the loop's epoll fd was not found (_watch_loop)."""
+        return bool(self._loop_poll is not None and self._loop_poll.poll(0))
+
+    async def _watch_loop(self) -> None:
+        """Find the running loop's epoll fd once per loop (asyncio's selector loop and
+        uvloop alike: neither exposes it, so a socket is registered with the loop, and the
+        eventpoll fd of this process whose /proc fdinfo lists it is the loop's)."""
+        loop = asyncio.get_running_loop()
+        if self._watched_loop is loop:
+            return
+        self._watched_loop, self._loop_poll = loop, None
+        a, b = socket.socketpair()
+        try:
+            loop.add_reader(a.fileno(), lambda: None)
+            try:
+                await asyncio.sleep(0)                  # uvloop adds it at its next poll
+                fd = _epoll_watching(a.fileno())
+            finally:
+                loop.remove_reader(a.fileno())
+        finally:
+            a.close()
+            b.close()
+        if fd is None:
+            log.warning("the event loop's epoll fd was not found: lengthened slices do not "
+                        "see its I/O")
+            return
+        self._loop_poll = select.poll()
+        self._loop_poll.register(fd, select.POLLIN)
 
     def _lengthen(self, v: "VCPU") -> int:
         """The bound of v's slice when nothing else waits for the CPU, else 0 (slice_ns).
@@ -194,7 +255,7 @@ class Scheduler:
         which wait up to tslice_ns while a lone vCPU computes (tests/test_sched_tslice.py;
         bench/tslice.py measures what it saves)."""
         if self.tslice_ns <= self.slice_ns or self.dom_state(v.domain).cap or self.parked \
-                or self._io_active() or any(self.queues.values()):
+                or self._io_active() or any(self.queues.values()) or self.loop_waits():
             return 0
         from .timers import next_wakeup_ns
         hv = v.domain.hypervisor
@@ -246,11 +307,13 @@ class Scheduler:
         I/O here, the loop is busy running it)."""
         s = self.state(v)
         self._ensure_ticking()
+        if self._watched_loop is not asyncio.get_running_loop():
+            await self._watch_loop()
         if s.parked:
             await self._wait_unparked(v, s)
         if self.current is not v:             # release() may have kept the CPU for it
             await self._take(v, s, front=False)
-        if s.pri == Pri.BOOST or not self._io_active():
+        if s.pri == Pri.BOOST or not (self._io_active() or self.loop_waits()):
             return
         try:
             for _ in range(SETTLE_ITERATIONS):
@@ -484,6 +547,20 @@ class Scheduler:
 
     def domain_cpu_ns(self, vcpus: Iterable["VCPU"]) -> int:
         return sum(self.state(v).cpu_ns for v in vcpus)
+
+
+def _epoll_watching(fd: int) -> int | None:
+    """The eventpoll fd of this process that watches `fd` (/proc/self/fdinfo's tfd lines)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/self/fdinfo/{name}") as f:
+                if any(l.startswith("tfd:") and int(l.split()[1]) == fd for l in f):
+                    return int(name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 # ------------------------------------------------------------------------------- sched_op

@@ -1,0 +1,106 @@
+"""Red team: a lone CPU-bound guest's lengthened slice (scheduler.Scheduler._lengthen,
+TSLICE_NS = 30 ms) against work of the event loop the scheduler did not see coming: a
+backend's fd turning readable (a frame on a blocked bystander's tap, a control-plane or
+xenstore connection) or a worker thread's completion (loop.call_soon_threadsafe: blkback's
+I/O). The slice runs on the loop thread, so all of it waited for the slice's end: up to
+30 ms, where an ordinary slice bounds it at SLICE_NS (2 ms) and Xen preempts the guest for
+the woken dom0/bystander vCPU at once (csched_unit_wake's tickle of a BOOST vCPU).
+
+Each test makes the loop's work pending right at the start of one of the hog's lengthened
+slices (inside Scheduler.begin) and reads the bounds the scheduler then gave the engine:
+no engine run of that slice may be allowed to run past SLICE_NS from the slice's start
+(+ Xen's timer slop), and the loop's callback runs before the hog's next slice. Nothing is
+timed: the deadlines are the ones the scheduler set. bench/tslice_bystander.py measures
+what it means for a bystander guest's UDP round trip.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from aiovmm.scheduler import SLICE_NS
+from aiovmm.timers import TIMER_SLOP_NS
+
+from conftest import guest
+
+ALL_ENGINES = True
+HOG = guest("hog")
+
+
+async def _loop_work_at_a_long_slice(hv, make_pending) -> dict:
+    """Boot the hog; at the start of one of its lengthened slices call make_pending(done)
+    (which makes loop work pending whose callback calls done()); return what that slice's
+    engine runs were allowed (deadline - slice start, ns) and whether the callback ran
+    before the hog's next slice."""
+    hog = await hv.create(HOG, memory_mib=4, name="hog")
+    await hog.wait_for_line(r"^hog: ready$", timeout=60)
+    v = hog.vcpus[0]
+    sched, eng = hv.scheduler, v.engine
+    s = sched.state(v)
+    st = {"armed": False, "slice": None, "bounds": [], "ran": False, "ran_before_next": None}
+    begin, run = sched.begin, eng.run
+
+    def done() -> None:
+        st["ran"] = True
+
+    def spy_begin(w) -> None:
+        begin(w)
+        if w is not v:
+            return
+        if st["slice"] is not None and st["ran_before_next"] is None:
+            st["ran_before_next"] = st["ran"]            # the next slice of the hog starts
+        if not st["armed"] and s.long_ns > 2 * SLICE_NS:
+            st["armed"] = True
+            st["slice"] = s.slices
+            make_pending(done)
+
+    def spy_run(budget, ns):
+        if st["armed"] and st["slice"] == s.slices:       # s.slices counts at release
+            st["bounds"].append(time.perf_counter_ns() + ns - s._t0)
+        return run(budget, ns)
+
+    sched.begin, eng.run = spy_begin, spy_run
+    try:
+        async with asyncio.timeout(120):
+            while st["ran_before_next"] is None:
+                await asyncio.sleep(0.05)
+    finally:
+        del sched.begin
+        del eng.run
+    return st
+
+
+def _check(st: dict) -> None:
+    assert st["bounds"], st
+    late = [b for b in st["bounds"] if b > SLICE_NS + TIMER_SLOP_NS]
+    assert not late, ("the guest was allowed to run past SLICE_NS with loop work pending", st)
+    assert st["ran_before_next"], st
+
+
+async def test_a_readable_fd_cuts_a_lengthened_slice(hv):
+    """A frame on a blocked bystander's tap, a control-plane request: an fd the loop watches
+    turns readable while a lone hog computes."""
+    r, w = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    try:
+        def make_pending(done):
+            def on_readable():
+                r.recv(16)
+                done()
+            loop.add_reader(r.fileno(), on_readable)
+            w.send(b"x")
+        st = await _loop_work_at_a_long_slice(hv, make_pending)
+    finally:
+        loop.remove_reader(r.fileno())
+        r.close()
+        w.close()
+    _check(st)
+
+
+async def test_a_worker_threads_completion_cuts_a_lengthened_slice(hv):
+    """blkback's reads and writes complete on worker threads and come back to the loop
+    with call_soon_threadsafe, which writes the loop's self-pipe (called here from the
+    loop thread: the same write)."""
+    loop = asyncio.get_running_loop()
+    _check(await _loop_work_at_a_long_slice(hv, lambda done: loop.call_soon_threadsafe(done)))
