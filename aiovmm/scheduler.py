@@ -250,10 +250,13 @@ class Scheduler:
         cap's), none woke from block within IO_ACTIVE_NS (I/O-driven guests, whose
         backends run on the loop between slices), and the slice ends before another vCPU's
         timer (singleshot, periodic, poll timeout) falls due, so that vCPU wakes on time.
-        One that wakes during the slice cuts it back to slice_ns (unblocked). Not seen from
-        here: fd readiness and other loop timers (a backend's timer, the control plane),
-        which wait up to tslice_ns while a lone vCPU computes (tests/test_sched_tslice.py;
-        bench/tslice.py measures what it saves)."""
+        One that wakes during the slice cuts it back to slice_ns (unblocked), and so does
+        I/O the loop has ready (an fd it watches, a worker thread's call_soon_threadsafe),
+        looked at every slice_ns of the slice (run_left, goes_on) and here. Not seen: other
+        loop timers (a backend's timer, the control plane's timeouts), which wait up to
+        tslice_ns while a lone vCPU computes (tests/test_sched_tslice.py,
+        tests/test_redteam_tslice_loop.py; bench/tslice.py measures what it saves,
+        bench/tslice_bystander.py a bystander's round trip)."""
         if self.tslice_ns <= self.slice_ns or self.dom_state(v.domain).cap or self.parked \
                 or self._io_active() or any(self.queues.values()) or self.loop_waits():
             return 0
