@@ -1057,6 +1057,7 @@ class KVMEngine:
             self.close()
             raise KVMUnavailable(f"timer_create: {os.strerror(-rc)}")
         self._timer_tid = _gettid()
+        self._run_thread = 0                # threading ident of the thread running slices (interrupt)
         self._lib = lib
         self._kvm_run_fn = lib.aiovmm_kvm_run
         self._ctx = _RunCtx(self.vcpu_fd, HCALL_PORT, self._run_ptr, self.r0.stubs_va,
@@ -1674,6 +1675,7 @@ class KVMEngine:
         deadline = time.monotonic_ns() + (max_ns or 2_000_000)
         self.stop_requested = False
         self._ctx.fast_hc = 1 if self._pv is not None and self.fast_hypercalls_ok() else 0
+        self._run_thread = threading.get_ident()
         self._begin(deadline)
         try:
             return self._run_slice(deadline)
@@ -2532,6 +2534,15 @@ class KVMEngine:
     def preempt(self) -> None:
         """End the slice at the next exit (from the loop thread)."""
         self._preempt = True
+
+    def interrupt(self) -> None:
+        """End the running engine run soon, from any thread (the scheduler's I/O watcher):
+        the slice timer's signal to the thread running it, whose handler sets
+        kvm_run.immediate_exit only inside a slice (KVM_RUN returns -EINTR, as at the
+        deadline). Nothing between slices."""
+        tid = self._run_thread
+        if tid:
+            signal.pthread_kill(tid, KICK_SIGNAL)
 
     def cut_slice(self, ns: int) -> None:
         """End the running slice `ns` from now if it would run longer (a timer the guest

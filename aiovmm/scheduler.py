@@ -36,6 +36,7 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Iterable
 
@@ -127,6 +128,7 @@ class Scheduler:
         self.periods = 0
         self._loop_poll: select.poll | None = None   # the loop's own epoll fd (_watch_loop)
         self._watched_loop = None
+        self._io_watch: _IoWatch | None = None
         self.loop_cuts = 0                    # lengthened slices cut: the loop had work (loop_waits)
 
     # -- parameters -----------------------------------------------------------------------------
@@ -178,32 +180,23 @@ class Scheduler:
         return self.state(v).long_ns or self.slice_ns
 
     def slice_left(self, v: "VCPU") -> int:
-        """What is left of v's running slice (begin() to its bound, slice_for), in ns."""
+        """What is left of v's running slice (begin() to its bound, slice_for), in ns: the
+        wall-time bound of its next engine run (vcpu.py runs the engine again inside one
+        slice after a timer of its own ended a run)."""
         return self.slice_for(v) - (time.perf_counter_ns() - self.state(v)._t0)
 
-    def run_left(self, v: "VCPU") -> int:
-        """The wall-time bound of v's next engine run inside its slice (vcpu.py runs the
-        engine again inside one slice after a timer of its own ended a run): what is left of
-        the slice, and in a lengthened slice no further than the next SLICE_NS boundary from
-        its start, where goes_on() looks at the loop's fds."""
-        s = self.state(v)
-        el = time.perf_counter_ns() - s._t0
-        left = self.slice_for(v) - el
-        if s.long_ns:
-            left = min(left, self.slice_ns - el % self.slice_ns)
-        return left
-
     def goes_on(self, v: "VCPU", min_ns: int) -> bool:
-        """Between two engine runs of v's slice: True if at least min_ns of it is left. A
-        lengthened slice is first cut back to SLICE_NS from its start (as unblocked() does)
-        if the loop has work waiting (loop_waits): the slice holds the loop thread, and
-        what the scheduler does not see (a frame on a blocked guest's tap, a worker
-        thread's block completion, a control-plane request) would otherwise wait up to
-        TSLICE_NS, where Xen preempts the guest for the woken vCPU at once."""
+        """Between two engine runs of v's slice: True if at least min_ns of it is left, and
+        for a lengthened slice, if the loop has no I/O ready (loop_waits): the slice holds
+        the loop thread, and what the scheduler does not see (a frame on a blocked guest's
+        tap, a worker thread's block completion, a control-plane request) would otherwise
+        wait up to TSLICE_NS, where Xen preempts the guest for the woken vCPU at once
+        (csched_unit_wake boosts it, __runq_tickle). The I/O watcher (_IoWatch) ends the
+        engine run when the loop's epoll fd turns readable inside a lengthened slice."""
         s = self.state(v)
         if s.long_ns and self.loop_waits():
-            s.long_ns = 0
             self.loop_cuts += 1
+            return False
         return self.slice_left(v) >= min_ns
 
     def loop_waits(self) -> bool:
@@ -211,6 +204,13 @@ class Scheduler:
         is ready, or its self-pipe/eventfd was written by call_soon_threadsafe). One
         poll(2) with no timeout; False if the loop's epoll fd was not found (_watch_loop)."""
         return bool(self._loop_poll is not None and self._loop_poll.poll(0))
+
+    def close(self) -> None:
+        """Stop the I/O watcher thread (Hypervisor.__aexit__)."""
+        if self._io_watch is not None:
+            self._io_watch.close()
+            self._io_watch = None
+        self._loop_poll, self._watched_loop = None, None
 
     async def _watch_loop(self) -> None:
         """Find the running loop's epoll fd once per loop (asyncio's selector loop and
@@ -237,6 +237,9 @@ class Scheduler:
             return
         self._loop_poll = select.poll()
         self._loop_poll.register(fd, select.POLLIN)
+        if self._io_watch is not None:
+            self._io_watch.close()
+        self._io_watch = _IoWatch(fd)
 
     def _lengthen(self, v: "VCPU") -> int:
         """The bound of v's slice when nothing else waits for the CPU, else 0 (slice_ns).
@@ -250,9 +253,9 @@ class Scheduler:
         cap's), none woke from block within IO_ACTIVE_NS (I/O-driven guests, whose
         backends run on the loop between slices), and the slice ends before another vCPU's
         timer (singleshot, periodic, poll timeout) falls due, so that vCPU wakes on time.
-        One that wakes during the slice cuts it back to slice_ns (unblocked), and so does
-        I/O the loop has ready (an fd it watches, a worker thread's call_soon_threadsafe),
-        looked at every slice_ns of the slice (run_left, goes_on) and here. Not seen: other
+        One that wakes during the slice cuts it back to slice_ns (unblocked); I/O the loop
+        has ready (an fd it watches, a worker thread's call_soon_threadsafe) ends it
+        (_IoWatch, goes_on), and none is lengthened while some is ready. Not seen: other
         loop timers (a backend's timer, the control plane's timeouts), which wait up to
         tslice_ns while a lone vCPU computes (tests/test_sched_tslice.py,
         tests/test_redteam_tslice_loop.py; bench/tslice.py measures what it saves,
@@ -379,6 +382,8 @@ class Scheduler:
         s.long_ns = self._lengthen(v)
         if s.long_ns:
             s.long_slices += 1
+            if self._io_watch is not None:
+                self._io_watch.arm(v.engine)
         s._t0 = time.perf_counter_ns()
         s._c0 = time.thread_time_ns()
 
@@ -386,6 +391,8 @@ class Scheduler:
         """Right after v's slice (or after acquire when v no longer wants to run): charge
         the slice and hand the CPU to the next vCPU."""
         s = self.state(v)
+        if s.long_ns and self._io_watch is not None:
+            self._io_watch.disarm()
         s.long_ns = 0
         if s._t0:
             wall = time.perf_counter_ns() - s._t0
@@ -550,6 +557,84 @@ class Scheduler:
 
     def domain_cpu_ns(self, vcpus: Iterable["VCPU"]) -> int:
         return sum(self.state(v).cpu_ns for v in vcpus)
+
+
+class _IoWatch:
+    """A thread that ends a lengthened slice's engine run when the loop's epoll fd turns
+    readable (Scheduler.goes_on then ends the slice): while a slice is armed (begin), it
+    waits in poll(2) on that fd and its own pipe; otherwise on the pipe only. Nothing runs
+    per slice but arm()/disarm() (a lock, one pipe write), and no kick is sent while no
+    I/O comes (tests/test_redteam_tslice_loop.py; bench/tslice.py C: a kick every SLICE_NS
+    of a lengthened slice instead cost the CPU-bound guest 21 %)."""
+
+    def __init__(self, epfd: int) -> None:
+        self._epfd = epfd
+        self._lock = threading.Lock()
+        self._engine = None                   # the armed slice's engine (engine.interrupt)
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closed = False
+        self.kicks = 0
+        self._thread = threading.Thread(target=self._run, name="aiovmm-iowatch", daemon=True)
+        self._thread.start()
+
+    def arm(self, engine) -> None:
+        with self._lock:
+            self._engine = engine
+        self._wake()
+
+    def disarm(self) -> None:
+        """After this returns no interrupt is sent for the slice that was armed."""
+        with self._lock:
+            self._engine = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._engine = None
+            self._closed = True
+        self._wake()
+        self._thread.join()
+        os.close(self._r)
+        os.close(self._w)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._w, b"w")
+        except BlockingIOError:               # a wake-up already waits in the pipe
+            pass
+
+    def _run(self) -> None:
+        # SCHED_FIFO's lowest priority, as the stop-and-copy's (migration/priority.py): a
+        # normal thread woke 5-20 ms late on this 2-core host at load 8, most of a long
+        # slice. It cannot spin: each armed slice gets at most one interrupt, then it waits
+        # on its pipe alone until the next arm.
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(1))
+        except OSError as e:
+            log.debug("I/O watcher at normal priority: %s", e)
+        idle, armed = select.poll(), select.poll()
+        idle.register(self._r, select.POLLIN)
+        armed.register(self._r, select.POLLIN)
+        armed.register(self._epfd, select.POLLIN)
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                watching = self._engine is not None
+            evs = dict((armed if watching else idle).poll())
+            if evs.get(self._r):
+                try:
+                    os.read(self._r, 4096)
+                except BlockingIOError:
+                    pass
+            ev = evs.get(self._epfd, 0)
+            if ev & (select.POLLNVAL | select.POLLERR):
+                return                        # the loop's epoll fd is gone
+            if ev & select.POLLIN:
+                with self._lock:
+                    if self._engine is not None:
+                        self._engine.interrupt()
+                        self._engine = None
+                        self.kicks += 1
 
 
 def _epoll_watching(fd: int) -> int | None:

@@ -556,7 +556,7 @@ class VCPU:
             traps.deliver_event(self)
             if dom.dying:
                 return None
-        left = max(timers.TIMER_SLOP_NS, sched.run_left(self))   # the guest runs, however long the above took
+        left = max(timers.TIMER_SLOP_NS, sched.slice_left(self))   # the guest runs, however long the above took
         reason = self.engine.run(sched.budget(self), timers.slice_until(self, due, left))
         self.idle_released = False
         if len(dom.vcpus) > 1:
@@ -568,8 +568,8 @@ class VCPU:
         timer and not the slice's bound, so the slice goes on with the timer's event (Xen's
         timer interrupt raises the event on the running vCPU and returns to it; only the
         scheduler's own timer deschedules it). Not when the vCPU stopped wanting the CPU or
-        less than TIMER_SLOP_NS of the slice is left, nor past SLICE_NS of a lengthened
-        slice when the loop has work waiting (Scheduler.goes_on)."""
+        less than TIMER_SLOP_NS of the slice is left, nor a lengthened slice when the loop
+        has I/O ready (Scheduler.goes_on)."""
         from .timers import TIMER_SLOP_NS
         d = self.domain
         if self.blocked or not self.online or d.paused or d.dying:

@@ -1029,6 +1029,11 @@ class VCPUEngine:
         else:
             self.slice.preempt = 1
 
+    def interrupt(self) -> None:
+        """End the running engine run soon, from any thread (the scheduler's I/O watcher);
+        nothing between slices. Here: preempt."""
+        self.preempt()
+
     @property
     def blocks_executed(self) -> int:
         """Translated blocks run (the block hook counts them; 0 with timer slices)."""

@@ -3,8 +3,8 @@
 cpu.elf computes ~5 ms natively (guests/bench/workload.c) and never blocks; it keeps Xen's
 default 10 ms periodic timer. A: every slice ends after SLICE_NS (2 ms), as before; B: a slice
 nothing else waits for runs up to TSLICE_NS (30 ms, Xen's credit time slice), cut at the
-vCPU's own timer, and looking at the loop's I/O every 2 ms (Scheduler.goes_on: a kick, no
-loop turn); C: B as before s19, without that. A, B and C alternate boot by boot (order
+vCPU's own timer, and ended when the loop has I/O ready (Scheduler.goes_on, _IoWatch: no
+kick unless I/O comes); C: B as before s19, without that. A, B and C alternate boot by boot (order
 reversed every rep) beside a native
 run of the same work() (cpu-native), in one process, so host noise hits all three alike.
 
@@ -76,13 +76,14 @@ async def engine_ab(engine: str, reps: int, exe: str) -> dict[str, float]:
             for k in ("a", "b", "c") if i % 2 == 0 else ("c", "b", "a"):
                 sched = hv.scheduler
                 sched.tslice_ns = SLICE_NS if k == "a" else TSLICE_NS
+                watch = sched._io_watch
                 if k == "c":                # before s19: the loop's I/O not looked at
-                    sched.run_left, sched.loop_waits = sched.slice_left, lambda: False
+                    sched.loop_waits, sched._io_watch = (lambda: False), None
                 try:
                     res[k].append(await one(hv))
                 finally:
-                    sched.__dict__.pop("run_left", None)
                     sched.__dict__.pop("loop_waits", None)
+                    sched._io_watch = watch
     n, nq = statistics.median(native), q1(native)
     print(f"{engine}: native work() median {n / 1e6:.3f} ms, lower quartile {nq / 1e6:.3f} ms")
     out = {}

@@ -6,10 +6,12 @@ scheduler.IO_ACTIVE_NS, so the hog's slices are lengthened again between two req
 with any sparse traffic: a ping, a DNS answer, a health check) and times each round trip.
 Per round, interleaved in one process (order rotated each round), per engine:
   idle: the bystander alone (the reference figure of this run);
-  hog-off: beside the hog, the loop's fds not looked at inside a lengthened slice (as before:
-           Scheduler.loop_waits answers False);
-  hog-on: beside the hog, as shipped (a lengthened slice is cut back to SLICE_NS from its
-          start when the loop has I/O ready);
+  hog-2ms: beside a CPU-bound hog whose slices are never lengthened (SLICE_NS, 2 ms): what
+           the design promised before lengthened slices;
+  hog-off: beside the hog, the loop's I/O not looked at inside a lengthened slice (as
+           before: Scheduler.loop_waits answers False, no I/O watcher);
+  hog-on: beside the hog, as shipped (a lengthened slice ends when the loop has I/O ready:
+          Scheduler.goes_on, _IoWatch);
   storm-off, storm-on: the same beside timer_storm re-arming set_timer_op 1 ns ahead from
           its handler (its events come inside its own lengthened slices, at Xen's 50 us
           timer slop).
@@ -27,6 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aiovmm import Hypervisor  # noqa: E402
+from aiovmm.scheduler import SLICE_NS, TSLICE_NS  # noqa: E402
 from aiovmm.testing import VirtualLan  # noqa: E402
 from cpu import torn_down  # noqa: E402
 from tslice import cli, per_engine  # noqa: E402
@@ -55,33 +58,41 @@ print(" ".join(map(str, rtts)))
 """
 
 STORM = os.path.join(ROOT, "guests", "build", "hostile", "timer_storm.elf")
-VARIANTS = ("idle", "hog-off", "hog-on", "storm-off", "storm-on")
+VARIANTS = ("idle", "hog-2ms", "hog-off", "hog-on", "storm-off", "storm-on")
 ATTACKERS = {"hog": (HOG, "", r"^hog: ready$"),
              "storm": (STORM, "via=2 kind=0 delta=1", r"^timer_storm: ready")}
 
 
 async def one(hv, lan, variant: str, n: int, gap: float) -> tuple[list[int], dict]:
     sched = hv.scheduler
+    watch = None                      # the I/O watcher while an -off variant runs without it
     hog = None
     if variant != "idle":
         path, cmdline, ready = ATTACKERS[variant.split("-")[0]]
         hog = await hv.create(path, memory_mib=4, name="attacker", cmdline=cmdline)
         await hog.wait_for_line(ready, timeout=60)
         if variant.endswith("-off"):
+            watch, sched._io_watch = sched._io_watch, None
             sched.loop_waits = lambda: False
+        if variant.endswith("-2ms"):
+            sched.tslice_ns = SLICE_NS
     try:
         st = sched.state(hog.vcpus[0]) if hog else None
         s0 = (st.slices, st.long_slices) if st else (0, 0)
-        c0 = sched.loop_cuts
+        c0 = sched.loop_cuts + (sched._io_watch.kicks if sched._io_watch else 0)
         rc, out = await lan.run(sys.executable, "-c", CLIENT, "198.18.0.2", str(n), str(gap),
                                 timeout=n * (gap + 1) + 30)
         if rc != 0:
             raise SystemExit(f"client: {out}")
         counts = {"slices": st.slices - s0[0] if st else 0,
-                  "long": st.long_slices - s0[1] if st else 0, "cuts": sched.loop_cuts - c0}
+                  "long": st.long_slices - s0[1] if st else 0,
+                  "cuts": sched.loop_cuts + (sched._io_watch.kicks if sched._io_watch else 0) - c0}
         return [int(x) for x in out.split()], counts
     finally:
         sched.__dict__.pop("loop_waits", None)
+        if watch is not None:
+            sched._io_watch = watch
+        sched.tslice_ns = TSLICE_NS
         if hog is not None:
             hog.shutdown()
             await torn_down(hv, hog)
@@ -115,7 +126,7 @@ async def engine_ab(engine: str, rounds: int, n: int, gap: float) -> dict[str, f
         print(f"  {k:8s} round trip median {med:.3f} ms p75 {pct(ok, 0.75) / 1e6:.3f} ms p90 {p90:.3f} ms "
               f"max {max(ok) / 1e6:.3f} ms, over 10 ms {sum(x > 10_000_000 for x in ok)}/{len(ok)} "
               f"lost {len(rtt[k]) - len(ok)}; attacker slices {tot['slices']} (lengthened {tot['long']}, "
-              f"cut for loop I/O {tot['cuts']})")
+              f"ended for loop I/O, watcher kicks + goes_on {tot['cuts']})")
         out[f"{engine}_{k}_med_ms"], out[f"{engine}_{k}_p90_ms"] = med, p90
     return out
 

@@ -7,11 +7,11 @@ I/O). The slice runs on the loop thread, so all of it waited for the slice's end
 the woken dom0/bystander vCPU at once (csched_unit_wake's tickle of a BOOST vCPU).
 
 Each test makes the loop's work pending right at the start of one of the hog's lengthened
-slices (inside Scheduler.begin) and reads the bounds the scheduler then gave the engine:
-no engine run of that slice may be allowed to run past SLICE_NS from the slice's start
-(+ Xen's timer slop), and the loop's callback runs before the hog's next slice. Nothing is
-timed: the deadlines are the ones the scheduler set. bench/tslice_bystander.py measures
-what it means for a bystander guest's UDP round trip.
+slices (inside Scheduler.begin, bound 20 ms or more): that slice must end before its bound
+(the scheduler's I/O watcher interrupts the engine run, Scheduler.goes_on ends the slice),
+and the loop's callback must run before the hog's next slice. No duration is asserted: a
+slice of a CPU-bound hog with nothing to end it runs to its bound or later, never earlier.
+bench/tslice_bystander.py measures what it means for a bystander guest's UDP round trip.
 """
 from __future__ import annotations
 
@@ -20,26 +20,26 @@ import socket
 import time
 
 from aiovmm.scheduler import SLICE_NS
-from aiovmm.timers import TIMER_SLOP_NS
 
 from conftest import guest
 
 ALL_ENGINES = True
 HOG = guest("hog")
+MIN_BOUND = 10 * SLICE_NS      # a lengthened slice long enough to tell "ended early"
 
 
 async def _loop_work_at_a_long_slice(hv, make_pending) -> dict:
     """Boot the hog; at the start of one of its lengthened slices call make_pending(done)
-    (which makes loop work pending whose callback calls done()); return what that slice's
-    engine runs were allowed (deadline - slice start, ns) and whether the callback ran
-    before the hog's next slice."""
+    (which makes loop work pending whose callback calls done()); return that slice's bound
+    (the lengthened slice_for, ns from its start), how long it ran until release, and
+    whether the callback ran before the hog's next slice."""
     hog = await hv.create(HOG, memory_mib=4, name="hog")
     await hog.wait_for_line(r"^hog: ready$", timeout=60)
     v = hog.vcpus[0]
-    sched, eng = hv.scheduler, v.engine
+    sched = hv.scheduler
     s = sched.state(v)
-    st = {"armed": False, "slice": None, "bounds": [], "ran": False, "ran_before_next": None}
-    begin, run = sched.begin, eng.run
+    st = {"armed": False, "bound": 0, "ran_ns": None, "ran": False, "ran_before_next": None}
+    begin, release = sched.begin, sched.release
 
     def done() -> None:
         st["ran"] = True
@@ -48,33 +48,33 @@ async def _loop_work_at_a_long_slice(hv, make_pending) -> dict:
         begin(w)
         if w is not v:
             return
-        if st["slice"] is not None and st["ran_before_next"] is None:
+        if st["ran_ns"] is not None and st["ran_before_next"] is None:
             st["ran_before_next"] = st["ran"]            # the next slice of the hog starts
-        if not st["armed"] and s.long_ns > 2 * SLICE_NS:
-            st["armed"] = True
-            st["slice"] = s.slices
+        if not st["armed"] and s.long_ns >= MIN_BOUND:
+            st["armed"], st["bound"] = True, s.long_ns
             make_pending(done)
 
-    def spy_run(budget, ns):
-        if st["armed"] and st["slice"] == s.slices:       # s.slices counts at release
-            st["bounds"].append(time.perf_counter_ns() + ns - s._t0)
-        return run(budget, ns)
+    def spy_release(w) -> None:
+        if w is v and st["armed"] and st["ran_ns"] is None:
+            st["ran_ns"] = time.perf_counter_ns() - s._t0
+        release(w)
 
-    sched.begin, eng.run = spy_begin, spy_run
+    sched.begin, sched.release = spy_begin, spy_release
     try:
         async with asyncio.timeout(120):
             while st["ran_before_next"] is None:
                 await asyncio.sleep(0.05)
     finally:
         del sched.begin
-        del eng.run
+        del sched.release
     return st
 
 
 def _check(st: dict) -> None:
-    assert st["bounds"], st
-    late = [b for b in st["bounds"] if b > SLICE_NS + TIMER_SLOP_NS]
-    assert not late, ("the guest was allowed to run past SLICE_NS with loop work pending", st)
+    # Without the watcher the slice runs to its bound (a CPU-bound hog neither blocks nor
+    # yields, and a host preemption only makes a slice longer); with it, the slice ends at
+    # the first engine-run end after the I/O, well inside a bound of 20 ms or more.
+    assert st["ran_ns"] < st["bound"], ("the lengthened slice ran to its bound with I/O ready", st)
     assert st["ran_before_next"], st
 
 
