@@ -17,11 +17,9 @@ on faulting instructions.
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from hand_vcpu import CODE_VA, hand_driven_vcpu
+from hand_vcpu import CODE_VA, hand_driven_vcpu, kick_loop
 from test_redteam_ptwr_rep import ENGINES
 
 KVM = [p for p in ENGINES if getattr(p, "values", (p,))[0] == "kvm"]
@@ -55,7 +53,7 @@ async def _kick_over_fault(engine, code: bytes, regs: dict, want: tuple) -> None
     async with hand_driven_vcpu(REGS, engine, vcpus=2) as (hv, dom, v):
         eng = v.engine
         v.copy_to_guest(CODE_VA, code)
-        seen, wrong, past = 0, [], []
+        seen, wrong = 0, []
         on_exc = eng.on_exception
 
         def reported(vec, err, cr2):
@@ -67,15 +65,7 @@ async def _kick_over_fault(engine, code: bytes, regs: dict, want: tuple) -> None
             eng.write({"rip": CODE_VA, **regs})
         eng.on_exception = reported
         try:
-            eng.write({"rip": CODE_VA, **regs})
-            t0 = time.monotonic()
-            ends = 0
-            while time.monotonic() - t0 < 4 and ends < 20000:
-                eng.run(1, 30_000)
-                ends += 1
-                if eng.get("rip") != CODE_VA:
-                    past.append(hex(eng.get("rip")))
-                    eng.write({"rip": CODE_VA, **regs})
+            ends, past = kick_loop(eng, {"rip": CODE_VA, **regs}, 4, 20000)
         finally:
             eng.on_exception = on_exc
         assert seen >= 1000, (seen, ends)
