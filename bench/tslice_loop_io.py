@@ -5,7 +5,9 @@ the write. The mechanism alone, without netback, a guest's reply or the client's
 (bench/tslice_bystander.py has those). Variants, interleaved in one process (order rotated
 each round): idle (no guest: the reference figure), hog-2ms (slices never lengthened),
 hog-off (lengthened, the loop's I/O not looked at: before s19), hog-on (as shipped:
-scheduler._IoWatch and Scheduler.goes_on end a lengthened slice when I/O is ready).
+scheduler._IoWatch and Scheduler.goes_on end a lengthened slice when I/O is ready);
+storm-off/-on: the same beside timer_storm re-arming set_timer_op 1 ns ahead from its
+handler, alone on the CPU (lengthened slices full of its own timer events, 50 us slop).
 
 Last line: <engine>_<variant>_med_ms=<> <engine>_<variant>_p90_ms=<> ... load=<1 min>
 """
@@ -27,9 +29,11 @@ from aiovmm.scheduler import SLICE_NS, TSLICE_NS  # noqa: E402
 from cpu import torn_down  # noqa: E402
 from tslice import cli, per_engine  # noqa: E402
 
-HOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                   "guests", "build", "tests", "hog.elf")
-VARIANTS = ("idle", "hog-2ms", "hog-off", "hog-on")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATTACKERS = {"hog": (os.path.join(ROOT, "guests", "build", "tests", "hog.elf"), "", r"^hog: ready$"),
+             "storm": (os.path.join(ROOT, "guests", "build", "hostile", "timer_storm.elf"),
+                       "via=2 kind=0 delta=1", r"^timer_storm: ready")}
+VARIANTS = ("idle", "hog-2ms", "hog-off", "hog-on", "storm-off", "storm-on")
 SAMPLES = 60
 
 
@@ -57,12 +61,13 @@ async def one(hv, variant: str) -> list[int]:
                 time.sleep(0.001)
     try:
         if variant != "idle":
-            hog = await hv.create(HOG, memory_mib=4, name="hog")
-            await hog.wait_for_line(r"^hog: ready$", timeout=60)
-            if variant == "hog-off":
+            path, cmdline, ready = ATTACKERS[variant.split("-")[0]]
+            hog = await hv.create(path, memory_mib=4, name="attacker", cmdline=cmdline)
+            await hog.wait_for_line(ready, timeout=60)
+            if variant.endswith("-off"):
                 watch, sched._io_watch = sched._io_watch, None
                 sched.loop_waits = lambda: False
-            if variant == "hog-2ms":
+            if variant.endswith("-2ms"):
                 sched.tslice_ns = SLICE_NS
         loop.add_reader(r.fileno(), on_readable)
         t = threading.Thread(target=sender)
