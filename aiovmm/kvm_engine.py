@@ -1058,6 +1058,7 @@ class KVMEngine:
             raise KVMUnavailable(f"timer_create: {os.strerror(-rc)}")
         self._timer_tid = _gettid()
         self._run_thread = 0                # threading ident of the thread running slices (interrupt)
+        self.interrupted = False            # interrupt() since the scheduler cleared it
         self._lib = lib
         self._kvm_run_fn = lib.aiovmm_kvm_run
         self._ctx = _RunCtx(self.vcpu_fd, HCALL_PORT, self._run_ptr, self.r0.stubs_va,
@@ -1677,6 +1678,8 @@ class KVMEngine:
         self._ctx.fast_hc = 1 if self._pv is not None and self.fast_hypercalls_ok() else 0
         self._run_thread = threading.get_ident()
         self._begin(deadline)
+        if self.interrupted:
+            self._run_map[1] = 1                # kvm_run.immediate_exit: -EINTR at once
         try:
             return self._run_slice(deadline)
         finally:
@@ -2538,8 +2541,10 @@ class KVMEngine:
     def interrupt(self) -> None:
         """End the running engine run soon, from any thread (the scheduler's I/O watcher):
         the slice timer's signal to the thread running it, whose handler sets
-        kvm_run.immediate_exit only inside a slice (KVM_RUN returns -EINTR, as at the
-        deadline). Nothing between slices."""
+        kvm_run.immediate_exit only inside a run (KVM_RUN returns -EINTR, as at the
+        deadline), and `interrupted`, which ends every later run at once until the
+        scheduler clears it (a kick between two runs is cleared by the next run's start)."""
+        self.interrupted = True
         tid = self._run_thread
         if tid:
             signal.pthread_kill(tid, KICK_SIGNAL)

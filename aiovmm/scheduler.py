@@ -564,10 +564,8 @@ class _IoWatch:
     readable (Scheduler.goes_on then ends the slice): while a slice is armed (begin), it
     waits in poll(2) on that fd and its own pipe; otherwise on the pipe only. Nothing runs
     per slice but arm()/disarm() (a lock, one pipe write), and no kick is sent while no
-    I/O comes (then one every RETRY_MS until the slice ends: disarm) (tests/test_redteam_tslice_loop.py; bench/tslice.py C: a kick every SLICE_NS
+    I/O comes (then one per slice, sticky: engine.interrupted) (tests/test_redteam_tslice_loop.py; bench/tslice.py C: a kick every SLICE_NS
     of a lengthened slice instead cost the CPU-bound guest 21 %)."""
-
-    RETRY_MS = 1
 
     def __init__(self, epfd: int) -> None:
         self._epfd = epfd
@@ -581,16 +579,22 @@ class _IoWatch:
 
     def arm(self, engine) -> None:
         with self._lock:
+            engine.interrupted = False
             self._engine = engine
         self._wake()
 
     def disarm(self) -> None:
-        """After this returns no interrupt is sent for the slice that was armed."""
+        """After this returns no interrupt is sent for the slice that was armed, and its
+        engine's `interrupted` is cleared for the next slice."""
         with self._lock:
+            if self._engine is not None:
+                self._engine.interrupted = False
             self._engine = None
 
     def close(self) -> None:
         with self._lock:
+            if self._engine is not None:
+                self._engine.interrupted = False
             self._engine = None
             self._closed = True
         self._wake()
@@ -607,8 +611,8 @@ class _IoWatch:
     def _run(self) -> None:
         # SCHED_FIFO's lowest priority, as the stop-and-copy's (migration/priority.py): a
         # normal thread woke 5-20 ms late on this 2-core host at load 8, most of a long
-        # slice. It cannot spin: it interrupts an armed slice at most once per RETRY_MS,
-        # and waits on its pipe alone while none is armed.
+        # slice. It cannot spin: it interrupts an armed slice once, and waits on its pipe
+        # alone while none is armed.
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(1))
         except OSError as e:
@@ -634,12 +638,11 @@ class _IoWatch:
             if ev & select.POLLIN:
                 with self._lock:
                     if self._engine is not None:
+                        # Sticky for the slice (engine.interrupted): a kick landing between
+                        # two engine runs (the vCPU's own timer events) ends the next run.
                         self._engine.interrupt()
+                        self._engine = None
                         self.kicks += 1
-                # Again every RETRY_MS while the slice is still armed: an interrupt that
-                # lands between two engine runs of the slice (its own timer's events) is
-                # not seen by the next run, which clears the kick it starts with.
-                idle.poll(self.RETRY_MS)
 
 
 def _epoll_watching(fd: int) -> int | None:
