@@ -570,7 +570,8 @@ class _IoWatch:
     def __init__(self, epfd: int) -> None:
         self._epfd = epfd
         self._lock = threading.Lock()
-        self._engine = None                   # the armed slice's engine (engine.interrupt)
+        self._engine = None                   # the armed slice's engine until interrupted
+        self._armed = None                    # the armed slice's engine until disarm
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closed = False
         self.kicks = 0
@@ -580,22 +581,22 @@ class _IoWatch:
     def arm(self, engine) -> None:
         with self._lock:
             engine.interrupted = False
-            self._engine = engine
+            self._engine = self._armed = engine
         self._wake()
 
     def disarm(self) -> None:
         """After this returns no interrupt is sent for the slice that was armed, and its
-        engine's `interrupted` is cleared for the next slice."""
+        engine's `interrupted` is cleared: the next slice, lengthened or not, runs."""
         with self._lock:
-            if self._engine is not None:
-                self._engine.interrupted = False
-            self._engine = None
+            if self._armed is not None:
+                self._armed.interrupted = False
+            self._engine = self._armed = None
 
     def close(self) -> None:
         with self._lock:
-            if self._engine is not None:
-                self._engine.interrupted = False
-            self._engine = None
+            if self._armed is not None:
+                self._armed.interrupted = False
+            self._engine = self._armed = None
             self._closed = True
         self._wake()
         self._thread.join()

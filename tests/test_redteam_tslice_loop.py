@@ -45,11 +45,13 @@ async def _loop_work_at_a_long_slice(hv, make_pending) -> dict:
         st["ran"] = True
 
     def spy_begin(w) -> None:
+        stale = w.engine.interrupted                     # before begin() may arm anew
         begin(w)
         if w is not v:
             return
         if st["ran_ns"] is not None and st["ran_before_next"] is None:
             st["ran_before_next"] = st["ran"]            # the next slice of the hog starts
+            st["next_interrupted"] = stale
         if not st["armed"] and s.long_ns >= MIN_BOUND:
             st["armed"], st["bound"] = True, s.long_ns
             make_pending(done)
@@ -76,6 +78,7 @@ def _check(st: dict) -> None:
     # the first engine-run end after the I/O, well inside a bound of 20 ms or more.
     assert st["ran_ns"] < st["bound"], ("the lengthened slice ran to its bound with I/O ready", st)
     assert st["ran_before_next"], st
+    assert not st["next_interrupted"], ("the interrupt outlived its slice", st)
 
 
 async def test_a_readable_fd_cuts_a_lengthened_slice(hv):
