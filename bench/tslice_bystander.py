@@ -29,14 +29,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aiovmm import Hypervisor  # noqa: E402
-from aiovmm.scheduler import SLICE_NS, TSLICE_NS  # noqa: E402
 from aiovmm.testing import VirtualLan  # noqa: E402
-from cpu import torn_down  # noqa: E402
 from tslice import cli, per_engine  # noqa: E402
+from tslice_loop_io import VARIANTS, attacker  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NET = os.path.join(ROOT, "guests", "build", "tests", "net.elf")
-HOG = os.path.join(ROOT, "guests", "build", "tests", "hog.elf")
 
 CLIENT = r"""
 import socket, sys, time
@@ -57,26 +55,11 @@ for i in range(n):
 print(" ".join(map(str, rtts)))
 """
 
-STORM = os.path.join(ROOT, "guests", "build", "hostile", "timer_storm.elf")
-VARIANTS = ("idle", "hog-2ms", "hog-off", "hog-on", "storm-off", "storm-on")
-ATTACKERS = {"hog": (HOG, "", r"^hog: ready$"),
-             "storm": (STORM, "via=2 kind=0 delta=1", r"^timer_storm: ready")}
 
 
 async def one(hv, lan, variant: str, n: int, gap: float) -> tuple[list[int], dict]:
     sched = hv.scheduler
-    watch = None                      # the I/O watcher while an -off variant runs without it
-    hog = None
-    if variant != "idle":
-        path, cmdline, ready = ATTACKERS[variant.split("-")[0]]
-        hog = await hv.create(path, memory_mib=4, name="attacker", cmdline=cmdline)
-        await hog.wait_for_line(ready, timeout=60)
-        if variant.endswith("-off"):
-            watch, sched._io_watch = sched._io_watch, None
-            sched.loop_waits = lambda: False
-        if variant.endswith("-2ms"):
-            sched.tslice_ns = SLICE_NS
-    try:
+    async with attacker(hv, variant) as hog:
         st = sched.state(hog.vcpus[0]) if hog else None
         s0 = (st.slices, st.long_slices) if st else (0, 0)
         c0 = sched.loop_cuts + (sched._io_watch.kicks if sched._io_watch else 0)
@@ -88,14 +71,6 @@ async def one(hv, lan, variant: str, n: int, gap: float) -> tuple[list[int], dic
                   "long": st.long_slices - s0[1] if st else 0,
                   "cuts": sched.loop_cuts + (sched._io_watch.kicks if sched._io_watch else 0) - c0}
         return [int(x) for x in out.split()], counts
-    finally:
-        sched.__dict__.pop("loop_waits", None)
-        if watch is not None:
-            sched._io_watch = watch
-        sched.tslice_ns = TSLICE_NS
-        if hog is not None:
-            hog.shutdown()
-            await torn_down(hv, hog)
 
 
 def pct(xs: list[int], q: float) -> float:

@@ -14,6 +14,7 @@ Last line: <engine>_<variant>_med_ms=<> <engine>_<variant>_p90_ms=<> ... load=<1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -37,10 +38,35 @@ VARIANTS = ("idle", "hog-2ms", "hog-off", "hog-on", "storm-off", "storm-on")
 SAMPLES = 60
 
 
+@contextlib.asynccontextmanager
+async def attacker(hv, variant: str):
+    """The variant's attacker guest (None for idle) with the scheduler set as the variant
+    says (-2ms: never lengthened; -off: the loop's I/O not looked at), put back after."""
+    sched = hv.scheduler
+    watch, dom = None, None
+    try:
+        if variant != "idle":
+            path, cmdline, ready = ATTACKERS[variant.split("-")[0]]
+            dom = await hv.create(path, memory_mib=4, name="attacker", cmdline=cmdline)
+            await dom.wait_for_line(ready, timeout=60)
+            if variant.endswith("-off"):
+                watch, sched._io_watch = sched._io_watch, None
+                sched.loop_waits = lambda: False
+            if variant.endswith("-2ms"):
+                sched.tslice_ns = SLICE_NS
+        yield dom
+    finally:
+        sched.__dict__.pop("loop_waits", None)
+        if watch is not None:
+            sched._io_watch = watch
+        sched.tslice_ns = TSLICE_NS
+        if dom is not None:
+            dom.shutdown()
+            await torn_down(hv, dom)
+
+
 async def one(hv, variant: str) -> list[int]:
-    sched, loop = hv.scheduler, asyncio.get_running_loop()
-    watch = None                      # the I/O watcher while an -off variant runs without it
-    hog = None
+    loop = asyncio.get_running_loop()
     r, w = socket.socketpair()
     sent: list[int] = []
     got: list[int] = []
@@ -60,35 +86,20 @@ async def one(hv, variant: str) -> list[int]:
             while len(got) < len(sent) and not done.is_set():
                 time.sleep(0.001)
     try:
-        if variant != "idle":
-            path, cmdline, ready = ATTACKERS[variant.split("-")[0]]
-            hog = await hv.create(path, memory_mib=4, name="attacker", cmdline=cmdline)
-            await hog.wait_for_line(ready, timeout=60)
-            if variant.endswith("-off"):
-                watch, sched._io_watch = sched._io_watch, None
-                sched.loop_waits = lambda: False
-            if variant.endswith("-2ms"):
-                sched.tslice_ns = SLICE_NS
-        loop.add_reader(r.fileno(), on_readable)
-        t = threading.Thread(target=sender)
-        t.start()
-        try:
-            await asyncio.wait_for(done.wait(), SAMPLES * 2)
-        finally:
-            done.set()
-            await asyncio.to_thread(t.join)
-            loop.remove_reader(r.fileno())
+        async with attacker(hv, variant):
+            loop.add_reader(r.fileno(), on_readable)
+            t = threading.Thread(target=sender)
+            t.start()
+            try:
+                await asyncio.wait_for(done.wait(), SAMPLES * 2)
+            finally:
+                done.set()
+                await asyncio.to_thread(t.join)
+                loop.remove_reader(r.fileno())
         return got
     finally:
-        sched.__dict__.pop("loop_waits", None)
-        if watch is not None:
-            sched._io_watch = watch
-        sched.tslice_ns = TSLICE_NS
         r.close()
         w.close()
-        if hog is not None:
-            hog.shutdown()
-            await torn_down(hv, hog)
 
 
 async def engine_ab(engine: str, rounds: int) -> dict[str, float]:
