@@ -391,8 +391,8 @@ class Scheduler:
         """Right after v's slice (or after acquire when v no longer wants to run): charge
         the slice and hand the CPU to the next vCPU."""
         s = self.state(v)
-        if s.long_ns and self._io_watch is not None:
-            self._io_watch.disarm()
+        if self._io_watch is not None:
+            self._io_watch.disarm()           # also when unblocked() cut the slice back
         s.long_ns = 0
         if s._t0:
             wall = time.perf_counter_ns() - s._t0
@@ -580,6 +580,8 @@ class _IoWatch:
 
     def arm(self, engine) -> None:
         with self._lock:
+            if self._armed is not None:
+                self._armed.interrupted = False
             engine.interrupted = False
             self._engine = self._armed = engine
         self._wake()
