@@ -185,6 +185,7 @@ class Hypervisor:
                 except Exception:         # deliberate per-domain crash boundary
                     log.exception("d%d: destroy failed", dom.domid)
             self.domains.clear()
+            self.scheduler.close()
             await self.xenstore.aclose()
             from .kvm_engine import close_vm_pool
             await close_vm_pool(self.mem)

@@ -189,6 +189,12 @@ _ERR_FRAME = 48                    # bytes the CPU pushes with an error code (40
 _EVENTS_SIZE = 64                  # struct kvm_vcpu_events; exception.injected at 0, .pending at 3
 _SETTLE_NS = 1_000_000             # deadline re-armed to let a held exception reach its stub
 _SETTLE_TRIES = 16
+# A settle for a maybe-held #BP (_past_software_trap) is tried again only if the vCPU's
+# thread got less CPU than this since the last settle's entry: a held trap is delivered at
+# the entry, before any instruction, so a re-entry that ran the guest this long and ended on
+# the kick again held none (code whose instructions all end in 0xCC otherwise settled 16
+# times per slice, each slice ~138 ms: tests/test_redteam_kvm_settle.py).
+_SETTLE_RAN_NS = 200_000
 # After an exit handled past the slice's deadline, the guest still runs this long (or to its
 # next exit) before the slice ends: the state the handler left (an iret to the interrupted
 # code, a hypercall's return) must run before the next slice delivers the next event. Without
@@ -1161,6 +1167,8 @@ class KVMEngine:
             self.close()
             raise KVMUnavailable(f"timer_create: {os.strerror(-rc)}")
         self._timer_tid = _gettid()
+        self._run_thread = 0                # threading ident of the thread running slices (interrupt)
+        self.interrupted = False            # interrupt() since the scheduler cleared it
         self._lib = lib
         self._kvm_run_fn = lib.aiovmm_kvm_run
         self._ctx = _RunCtx(self.vcpu_fd, HCALL_PORT, self._run_ptr, self.r0.stubs_va,
@@ -1834,7 +1842,10 @@ class KVMEngine:
         deadline = time.monotonic_ns() + (max_ns or 2_000_000)
         self.stop_requested = False
         self._ctx.fast_hc = 1 if self._pv is not None and self.fast_hypercalls_ok() else 0
+        self._run_thread = threading.get_ident()
         self._begin(deadline)
+        if self.interrupted:
+            self._run_map[1] = 1                # kvm_run.immediate_exit: -EINTR at once
         return deadline
 
     def _slice_done(self) -> None:
@@ -1890,7 +1901,7 @@ class KVMEngine:
         """True while the task awaits a run on the vCPU thread: the guest may be running."""
         return self._thread is not None and self._thread.in_flight
 
-    def interrupt(self) -> None:
+    def kick_thread(self) -> None:
         """End the KVM_RUN in flight on the vCPU thread now (an event became pending for
         this vCPU, or it must stop): Xen's vcpu_kick. Nothing on the loop thread, where no
         KVM_RUN is in flight while the loop runs anything else."""
@@ -1972,8 +1983,11 @@ class KVMEngine:
         delivers it at the bounced RIP; the guest's frame says RIP past the int3 (Debian's
         2-vCPU Linux: "invalid opcode" at the second byte of a NOP text_poke_bp patched).
         The slice then settles as for a held exception (_run_slice): the vCPU is entered
-        again with its state untouched; a guest merely resuming there runs on, bounded by
-        _SETTLE_TRIES (tests/test_redteam_kvm_int3.py)."""
+        again with its state untouched; a guest merely resuming there runs on, and is not
+        settled again once a re-entry ran it (_SETTLE_RAN_NS: bytes cannot be decoded
+        backwards, and code made of instructions ending in 0xCC looks the same at every
+        kick), at most _SETTLE_TRIES times (tests/test_redteam_kvm_int3.py,
+        tests/test_redteam_kvm_settle.py)."""
         if self._get("cs") & 3 != 3:
             return False
         rip = self.regs[16]
@@ -1991,6 +2005,7 @@ class KVMEngine:
         handle = self._handle_exit
         mem = self.mem
         settle = 0
+        settle_cpu = -1                 # thread CPU time at the last settle's entry
         grace = True
         syscalls = self._exit_kinds
         pv = self._pv                   # the vCPU's PV state: its kernel_mode() reads this field
@@ -2022,7 +2037,9 @@ class KVMEngine:
                 # deliverable: the hypercall's tail (the upcall) runs here.
                 self._report_fast_calls(True)
             elif rc == -errno.EINTR:
-                if self.delivery_pending() or (settle < _SETTLE_TRIES and self._past_software_trap()):
+                if self.delivery_pending() or (
+                        settle < _SETTLE_TRIES and self._past_software_trap()
+                        and (settle_cpu < 0 or time.thread_time_ns() - settle_cpu < _SETTLE_RAN_NS)):
                     # Xen bounces an exception the moment the guest raises it, before it
                     # schedules or delivers an event (x86_64/entry.S: create_bounce_frame
                     # for the trap_bounce, then test_all_events). The slice's end waits
@@ -2034,6 +2051,7 @@ class KVMEngine:
                         self.last_error = "an exception's delivery did not complete"
                         return ExitReason.ERROR
                     self.settles += 1
+                    settle_cpu = time.thread_time_ns()
                     self._begin(time.monotonic_ns() + settle * _SETTLE_NS)
                     continue
                 self.kicks += 1
@@ -2739,12 +2757,23 @@ class KVMEngine:
         """End the current slice after the running handler returns (or now, on the vCPU
         thread)."""
         self.stop_requested = True
-        self.interrupt()
+        self.kick_thread()
 
     def preempt(self) -> None:
         """End the slice at the next exit (from the loop thread)."""
         self._preempt = True
-        self.interrupt()
+        self.kick_thread()
+
+    def interrupt(self) -> None:
+        """End the running engine run soon, from any thread (the scheduler's I/O watcher):
+        the slice timer's signal to the thread running it, whose handler sets
+        kvm_run.immediate_exit only inside a run (KVM_RUN returns -EINTR, as at the
+        deadline), and `interrupted`, which ends every later run at once until the
+        scheduler clears it (a kick between two runs is cleared by the next run's start)."""
+        self.interrupted = True
+        tid = self._run_thread
+        if tid:
+            signal.pthread_kill(tid, KICK_SIGNAL)
 
     def cut_slice(self, ns: int) -> None:
         """End the running slice `ns` from now if it would run longer (a timer the guest

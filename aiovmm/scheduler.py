@@ -33,6 +33,10 @@ import collections
 import dataclasses
 import enum
 import logging
+import os
+import select
+import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Iterable
 
@@ -122,6 +126,10 @@ class Scheduler:
         self._period_start = 0
         self._last_wake_ns = -IO_ACTIVE_NS
         self.periods = 0
+        self._loop_poll: select.poll | None = None   # the loop's own epoll fd (_watch_loop)
+        self._watched_loop = None
+        self._io_watch: _IoWatch | None = None
+        self.loop_cuts = 0                    # lengthened slices cut: the loop had work (loop_waits)
 
     # -- parameters -----------------------------------------------------------------------------
     @staticmethod
@@ -177,6 +185,62 @@ class Scheduler:
         slice after a timer of its own ended a run)."""
         return self.slice_for(v) - (time.perf_counter_ns() - self.state(v)._t0)
 
+    def goes_on(self, v: "VCPU", min_ns: int) -> bool:
+        """Between two engine runs of v's slice: True if at least min_ns of it is left, and
+        for a lengthened slice, if the loop has no I/O ready (loop_waits): the slice holds
+        the loop thread, and what the scheduler does not see (a frame on a blocked guest's
+        tap, a worker thread's block completion, a control-plane request) would otherwise
+        wait up to TSLICE_NS, where Xen preempts the guest for the woken vCPU at once
+        (csched_unit_wake boosts it, __runq_tickle). The I/O watcher (_IoWatch) ends the
+        engine run when the loop's epoll fd turns readable inside a lengthened slice."""
+        s = self.state(v)
+        if s.long_ns and self.loop_waits():
+            self.loop_cuts += 1
+            return False
+        return self.slice_left(v) >= min_ns
+
+    def loop_waits(self) -> bool:
+        """True if the event loop has I/O ready: its epoll fd is readable (an fd it watches
+        is ready, or its self-pipe/eventfd was written by call_soon_threadsafe). One
+        poll(2) with no timeout; False if the loop's epoll fd was not found (_watch_loop)."""
+        return bool(self._loop_poll is not None and self._loop_poll.poll(0))
+
+    def close(self) -> None:
+        """Stop the I/O watcher thread (Hypervisor.__aexit__)."""
+        if self._io_watch is not None:
+            self._io_watch.close()
+            self._io_watch = None
+        self._loop_poll, self._watched_loop = None, None
+
+    async def _watch_loop(self) -> None:
+        """Find the running loop's epoll fd once per loop (asyncio's selector loop and
+        uvloop alike: neither exposes it, so a socket is registered with the loop, and the
+        eventpoll fd of this process whose /proc fdinfo lists it is the loop's)."""
+        loop = asyncio.get_running_loop()
+        if self._watched_loop is loop:
+            return
+        self._watched_loop, self._loop_poll = loop, None
+        a, b = socket.socketpair()
+        try:
+            loop.add_reader(a.fileno(), lambda: None)
+            try:
+                await asyncio.sleep(0)                  # uvloop adds it at its next poll
+                fd = _epoll_watching(a.fileno())
+            finally:
+                loop.remove_reader(a.fileno())
+        finally:
+            a.close()
+            b.close()
+        if fd is None:
+            log.warning("the event loop's epoll fd was not found: lengthened slices do not "
+                        "see its I/O")
+            return
+        self._loop_poll = select.poll()
+        self._loop_poll.register(fd, select.POLLIN)
+        if self._io_watch is not None:
+            self._io_watch.close()
+        self._io_watch = _IoWatch(fd)
+
     def _lengthen(self, v: "VCPU") -> int:
         """The bound of v's slice when nothing else waits for the CPU, else 0 (slice_ns).
 
@@ -189,12 +253,15 @@ class Scheduler:
         cap's), none woke from block within IO_ACTIVE_NS (I/O-driven guests, whose
         backends run on the loop between slices), and the slice ends before another vCPU's
         timer (singleshot, periodic, poll timeout) falls due, so that vCPU wakes on time.
-        One that wakes during the slice cuts it back to slice_ns (unblocked). Not seen from
-        here: fd readiness and other loop timers (a backend's timer, the control plane),
-        which wait up to tslice_ns while a lone vCPU computes (tests/test_sched_tslice.py;
-        bench/tslice.py measures what it saves)."""
+        One that wakes during the slice cuts it back to slice_ns (unblocked); I/O the loop
+        has ready (an fd it watches, a worker thread's call_soon_threadsafe) ends it
+        (_IoWatch, goes_on), and none is lengthened while some is ready. Not seen: other
+        loop timers (a backend's timer, the control plane's timeouts), which wait up to
+        tslice_ns while a lone vCPU computes (tests/test_sched_tslice.py,
+        tests/test_redteam_tslice_loop.py; bench/tslice.py measures what it saves,
+        bench/tslice_bystander.py a bystander's round trip)."""
         if self.tslice_ns <= self.slice_ns or self.dom_state(v.domain).cap or self.parked \
-                or self._io_active() or any(self.queues.values()):
+                or self._io_active() or any(self.queues.values()) or self.loop_waits():
             return 0
         from .timers import next_wakeup_ns
         hv = v.domain.hypervisor
@@ -246,11 +313,13 @@ class Scheduler:
         I/O here, the loop is busy running it)."""
         s = self.state(v)
         self._ensure_ticking()
+        if self._watched_loop is not asyncio.get_running_loop():
+            await self._watch_loop()
         if s.parked:
             await self._wait_unparked(v, s)
         if self.current is not v:             # release() may have kept the CPU for it
             await self._take(v, s, front=False)
-        if s.pri == Pri.BOOST or not self._io_active():
+        if s.pri == Pri.BOOST or not (self._io_active() or self.loop_waits()):
             return
         try:
             for _ in range(SETTLE_ITERATIONS):
@@ -313,6 +382,9 @@ class Scheduler:
         s.long_ns = self._lengthen(v)
         if s.long_ns:
             s.long_slices += 1
+            if self._io_watch is not None and not v.engine.threaded:
+                # (a vCPU thread's runs do not hold the loop: nothing to watch for)
+                self._io_watch.arm(v.engine)
         s._t0 = time.perf_counter_ns()
         s._c0 = time.thread_time_ns()
 
@@ -320,6 +392,8 @@ class Scheduler:
         """Right after v's slice (or after acquire when v no longer wants to run): charge
         the slice and hand the CPU to the next vCPU."""
         s = self.state(v)
+        if self._io_watch is not None:
+            self._io_watch.disarm()           # also when unblocked() cut the slice back
         s.long_ns = 0
         if s._t0:
             wall = time.perf_counter_ns() - s._t0
@@ -484,6 +558,109 @@ class Scheduler:
 
     def domain_cpu_ns(self, vcpus: Iterable["VCPU"]) -> int:
         return sum(self.state(v).cpu_ns for v in vcpus)
+
+
+class _IoWatch:
+    """A thread that ends a lengthened slice's engine run when the loop's epoll fd turns
+    readable (Scheduler.goes_on then ends the slice): while a slice is armed (begin), it
+    waits in poll(2) on that fd and its own pipe; otherwise on the pipe only. Nothing runs
+    per slice but arm()/disarm() (a lock, one pipe write), and no kick is sent while no
+    I/O comes (then one per slice, sticky: engine.interrupted) (tests/test_redteam_tslice_loop.py; bench/tslice.py C: a kick every SLICE_NS
+    of a lengthened slice instead cost the CPU-bound guest 21 %)."""
+
+    def __init__(self, epfd: int) -> None:
+        self._epfd = epfd
+        self._lock = threading.Lock()
+        self._engine = None                   # the armed slice's engine until interrupted
+        self._armed = None                    # the armed slice's engine until disarm
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closed = False
+        self.kicks = 0
+        self._thread = threading.Thread(target=self._run, name="aiovmm-iowatch", daemon=True)
+        self._thread.start()
+
+    def arm(self, engine) -> None:
+        with self._lock:
+            if self._armed is not None:
+                self._armed.interrupted = False
+            engine.interrupted = False
+            self._engine = self._armed = engine
+        self._wake()
+
+    def disarm(self) -> None:
+        """After this returns no interrupt is sent for the slice that was armed, and its
+        engine's `interrupted` is cleared: the next slice, lengthened or not, runs."""
+        with self._lock:
+            if self._armed is not None:
+                self._armed.interrupted = False
+            self._engine = self._armed = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._armed is not None:
+                self._armed.interrupted = False
+            self._engine = self._armed = None
+            self._closed = True
+        self._wake()
+        self._thread.join()
+        os.close(self._r)
+        os.close(self._w)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._w, b"w")
+        except BlockingIOError:               # a wake-up already waits in the pipe
+            pass
+
+    def _run(self) -> None:
+        # SCHED_FIFO's lowest priority, as the stop-and-copy's (migration/priority.py): a
+        # normal thread woke 5-20 ms late on this 2-core host at load 8, most of a long
+        # slice. It cannot spin: it interrupts an armed slice once, and waits on its pipe
+        # alone while none is armed.
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(1))
+        except OSError as e:
+            log.debug("I/O watcher at normal priority: %s", e)
+        idle, armed = select.poll(), select.poll()
+        idle.register(self._r, select.POLLIN)
+        armed.register(self._r, select.POLLIN)
+        armed.register(self._epfd, select.POLLIN)
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                watching = self._engine is not None
+            evs = dict((armed if watching else idle).poll())
+            if evs.get(self._r):
+                try:
+                    os.read(self._r, 4096)
+                except BlockingIOError:
+                    pass
+            ev = evs.get(self._epfd, 0)
+            if ev & (select.POLLNVAL | select.POLLERR):
+                return                        # the loop's epoll fd is gone
+            if ev & select.POLLIN:
+                with self._lock:
+                    if self._engine is not None:
+                        # Sticky for the slice (engine.interrupted): a kick landing between
+                        # two engine runs (the vCPU's own timer events) ends the next run.
+                        self._engine.interrupt()
+                        self._engine = None
+                        self.kicks += 1
+
+
+def _epoll_watching(fd: int) -> int | None:
+    """The eventpoll fd of this process that watches `fd` (/proc/self/fdinfo's tfd lines)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/self/fdinfo/{name}") as f:
+                if any(l.startswith("tfd:") and int(l.split()[1]) == fd for l in f):
+                    return int(name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 # ------------------------------------------------------------------------------- sched_op

@@ -381,7 +381,7 @@ class VCPU:
                 self.blocked = False
                 self.wake()
         else:
-            self.engine.interrupt()     # running on its vCPU thread: it sees the event now
+            self.engine.kick_thread()   # running on its vCPU thread: it sees the event now
 
     def poll_kick(self, port: int) -> None:
         if self.blocked and self.polling is not None and port in self.polling:
@@ -586,12 +586,13 @@ class VCPU:
         timer and not the slice's bound, so the slice goes on with the timer's event (Xen's
         timer interrupt raises the event on the running vCPU and returns to it; only the
         scheduler's own timer deschedules it). Not when the vCPU stopped wanting the CPU or
-        less than TIMER_SLOP_NS of the slice is left."""
+        less than TIMER_SLOP_NS of the slice is left, nor a lengthened slice when the loop
+        has I/O ready (Scheduler.goes_on)."""
         from .timers import TIMER_SLOP_NS
         d = self.domain
         if self.blocked or not self.online or d.paused or d.dying:
             return False
-        return sched.slice_left(self) >= TIMER_SLOP_NS
+        return sched.goes_on(self, TIMER_SLOP_NS)
 
     def runs_translated_code(self) -> bool:
         """True if the vCPU's engine runs its own translations of guest code (Unicorn, which

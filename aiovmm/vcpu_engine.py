@@ -990,8 +990,10 @@ class VCPUEngine:
         """One uc_emu_start of a slice; with the timer, armed for the slice's deadline
         (its reason lands in slice.reason as the hook's would)."""
         if self._timer is None:
+            if self.interrupted:
+                self.slice.preempt = 1
             return uclib.uc_emu_start(self.h, rip, until, 0, 0)
-        self._arm(0)
+        self._arm(2 if self.interrupted else 0)
         self._in_slice = True
         try:
             return uclib.uc_emu_start(self.h, rip, until, 0, 0)
@@ -1025,7 +1027,7 @@ class VCPUEngine:
     threaded = False            # slices run on the loop thread (engine.run) ...
     in_flight = False           # ... so no guest code runs while the loop runs anything else
 
-    def interrupt(self) -> None:
+    def kick_thread(self) -> None:
         """End a run in flight on another thread: none here (the KVM engine's vCPU thread)."""
 
     def quiesce(self) -> None:
@@ -1037,6 +1039,15 @@ class VCPUEngine:
             self._lib.aiovmm_timer_kick(self._timer)
         else:
             self.slice.preempt = 1
+
+    interrupted = False                  # interrupt() since the scheduler cleared it
+
+    def interrupt(self) -> None:
+        """End the running engine run soon, from any thread (the scheduler's I/O watcher):
+        preempt, and `interrupted`, which ends every later run at once until the scheduler
+        clears it (a preempt between two runs does not reach the next one)."""
+        self.interrupted = True
+        self.preempt()
 
     @property
     def blocks_executed(self) -> int:

@@ -3,7 +3,9 @@
 cpu.elf computes ~5 ms natively (guests/bench/workload.c) and never blocks; it keeps Xen's
 default 10 ms periodic timer. A: every slice ends after SLICE_NS (2 ms), as before; B: a slice
 nothing else waits for runs up to TSLICE_NS (30 ms, Xen's credit time slice), cut at the
-vCPU's own timer. A and B alternate boot by boot (order swapped every rep) beside a native
+vCPU's own timer, and ended when the loop has I/O ready (Scheduler.goes_on, _IoWatch: no
+kick unless I/O comes); C: B as before s19, without that. A, B and C alternate boot by boot (order
+reversed every rep) beside a native
 run of the same work() (cpu-native), in one process, so host noise hits all three alike.
 
 Per variant: the guest's own pvclock time around work() (median and lower quartile, and
@@ -65,20 +67,29 @@ def q1(xs: list) -> float:
 
 
 async def engine_ab(engine: str, reps: int, exe: str) -> dict[str, float]:
-    res: dict[str, list[dict]] = {"a": [], "b": []}
+    res: dict[str, list[dict]] = {"a": [], "b": [], "c": []}
     native: list[int] = []
     async with Hypervisor(memory_mib=1024, engine=engine) as hv:
         await C.boot(hv, C.GUEST)                          # warm-up, not counted
         for i in range(reps):
             native.append(C.run_native(exe)[1])
-            for k in ("a", "b") if i % 2 == 0 else ("b", "a"):
-                hv.scheduler.tslice_ns = TSLICE_NS if k == "b" else SLICE_NS
-                res[k].append(await one(hv))
+            for k in ("a", "b", "c") if i % 2 == 0 else ("c", "b", "a"):
+                sched = hv.scheduler
+                sched.tslice_ns = SLICE_NS if k == "a" else TSLICE_NS
+                watch = sched._io_watch
+                if k == "c":                # before s19: the loop's I/O not looked at
+                    sched.loop_waits, sched._io_watch = (lambda: False), None
+                try:
+                    res[k].append(await one(hv))
+                finally:
+                    sched.__dict__.pop("loop_waits", None)
+                    sched._io_watch = watch
     n, nq = statistics.median(native), q1(native)
     print(f"{engine}: native work() median {n / 1e6:.3f} ms, lower quartile {nq / 1e6:.3f} ms")
     out = {}
     for k, label in (("a", f"A: {SLICE_NS / 1e6:g} ms slices"),
-                     ("b", f"B: lengthened to {TSLICE_NS / 1e6:g} ms when alone")):
+                     ("b", f"B: lengthened to {TSLICE_NS / 1e6:g} ms when alone"),
+                     ("c", "C: B without looking at the loop's I/O")):
         rs = res[k]
         med = lambda key: statistics.median(r[key] for r in rs)   # noqa: E731
         g, gq = med("ns"), q1([r["ns"] for r in rs])
@@ -92,6 +103,9 @@ async def engine_ab(engine: str, reps: int, exe: str) -> dict[str, float]:
     pairs = [b["ns"] / a["ns"] for a, b in zip(res["a"], res["b"])]
     print(f"  B/A per pair (guest ns): median {statistics.median(pairs):.3f}")
     out[f"{engine}_b_over_a"] = statistics.median(pairs)
+    pairs = [b["ns"] / c["ns"] for c, b in zip(res["c"], res["b"])]
+    print(f"  B/C per pair (guest ns): median {statistics.median(pairs):.3f}")
+    out[f"{engine}_b_over_c"] = statistics.median(pairs)
     return out
 
 

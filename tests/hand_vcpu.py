@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 from aiovmm import Hypervisor, mmu_ops
@@ -39,6 +40,23 @@ async def hand_driven_vcpu(regs: tuple[str, ...], engine: str,
         dom.paused = False
         v.wake()
         await dom.wait_for_line(r"^spin 3$", timeout=timeout)
+
+
+def kick_loop(eng, regs: dict, seconds: float, max_ends: int) -> tuple[int, list[str]]:
+    """Slices of 30 us from CODE_VA with `regs` (RIP included) until `seconds` or `max_ends`
+    slice ends: (slice ends, the RIPs of those that ended anywhere but CODE_VA, whence the
+    next one starts again with `regs`). For code that traps or faults at CODE_VA forever,
+    its exception handler putting `regs` back: a slice-end kick must never lose a trap."""
+    eng.write(regs)
+    t0 = time.monotonic()
+    ends, past = 0, []
+    while time.monotonic() - t0 < seconds and ends < max_ends:
+        eng.run(1, 30_000)
+        ends += 1
+        if eng.get("rip") != CODE_VA:
+            past.append(hex(eng.get("rip")))
+            eng.write(regs)
+    return ends, past
 
 
 def step_access(v, store: bool) -> tuple[list, int]:

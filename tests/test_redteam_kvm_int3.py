@@ -16,12 +16,10 @@ as the hypervisor reads it no longer has the int3 the CPU ran. The domain has tw
 (the second never brought up), the condition of the Unicorn rule."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from aiovmm import mmu_ops
-from hand_vcpu import CODE_VA, DATA_VA, hand_driven_vcpu
+from hand_vcpu import CODE_VA, DATA_VA, hand_driven_vcpu, kick_loop
 from test_redteam_ptwr_rep import ENGINES
 
 KVM = [p for p in ENGINES if getattr(p, "values", (p,))[0] == "kvm"]
@@ -77,7 +75,7 @@ async def test_a_kick_after_the_int3_never_loses_it(engine):
     async with hand_driven_vcpu(REGS, engine, vcpus=2) as (hv, dom, v):
         eng = v.engine
         v.copy_to_guest(CODE_VA, b"\xcc\xeb\xfd")              # int3; jmp CODE_VA
-        hits, past = [], []
+        hits = []
         on_exc = eng.on_exception
 
         def reported(vec, err, cr2):
@@ -85,15 +83,7 @@ async def test_a_kick_after_the_int3_never_loses_it(engine):
             eng.write({"rip": CODE_VA})
         eng.on_exception = reported
         try:
-            eng.write({"rip": CODE_VA})
-            t0 = time.monotonic()
-            ends = 0
-            while time.monotonic() - t0 < 3 and ends < 40000:
-                eng.run(1, 30_000)
-                ends += 1
-                if eng.get("rip") != CODE_VA:
-                    past.append(hex(eng.get("rip")))
-                    eng.write({"rip": CODE_VA})
+            ends, past = kick_loop(eng, {"rip": CODE_VA}, 3, 40000)
         finally:
             eng.on_exception = on_exc
         assert hits and all(h == (3, CODE_VA + 1) for h in hits), hits[:5]
