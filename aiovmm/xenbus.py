@@ -92,8 +92,7 @@ def write_keys(store: Store, base: str, keys: dict[str, str], perms: list[str]) 
 def is_online(store: Store, back: str) -> bool:
     """Linux's xenbus_dev_is_online: the toolstack writes <backend>/online = 0 before it
     detaches a device. A backend whose frontend has closed then ends instead of waiting for
-    a reconnect; that is also what ends it when the toolstack's cancel raced the frontend's
-    close (Python 3.11's TaskGroup reports the child's error and drops the cancel)."""
+    a reconnect (a cancel that raced the frontend's close is not lost: serve_until)."""
     return read_str(store, f"{back}/online", "1") != "0"
 
 
