@@ -92,9 +92,35 @@ def write_keys(store: Store, base: str, keys: dict[str, str], perms: list[str]) 
 def is_online(store: Store, back: str) -> bool:
     """Linux's xenbus_dev_is_online: the toolstack writes <backend>/online = 0 before it
     detaches a device. A backend whose frontend has closed then ends instead of waiting for
-    a reconnect; that is also what ends it when the toolstack's cancel raced the frontend's
-    close (Python 3.11's TaskGroup reports the child's error and drops the cancel)."""
+    a reconnect (a cancel that raced the frontend's close is not lost: serve_until)."""
     return read_str(store, f"{back}/online", "1") != "0"
+
+
+async def serve_until(stop: type[Exception], *coros) -> list[Exception]:
+    """Run a backend's connected phase (`coros` in one TaskGroup) until one of them raises
+    `stop`; returns the `stop` errors raised. A cancellation from outside always propagates,
+    which Python 3.11's TaskGroup alone does not guarantee:
+    - its __aexit__, when a child failed while the parent task was being cancelled from
+      outside, raises the children's errors and drops the CancelledError ("other errors
+      have priority", taskgroups.py); an `except*` for those errors then swallowed the
+      cancellation, and the backend waited for a frontend that would never come back (the
+      hypervisor's exit hung at a Linux poweroff: the frontend's Closed and the domain's end
+      in one loop turn). The request is still counted in Task.cancelling(): re-raised here.
+    - that count is only exact if the parent waits in the group's body: a child failing
+      while the parent already waits in __aexit__ leaves the group's own cancel request
+      counted (its uncancel() ran on entry, before the request). Hence the wait below."""
+    task = asyncio.current_task()
+    assert task is not None
+    before = task.cancelling()
+    errors: list[Exception] = []
+    try:
+        async with asyncio.TaskGroup() as tg:
+            await asyncio.wait([tg.create_task(c) for c in coros])
+    except* stop as eg:
+        errors = list(eg.exceptions)
+    if task.cancelling() > before:
+        raise asyncio.CancelledError
+    return errors
 
 
 async def wait_for_state(store: Store, path: str, states: set[XenbusState]) -> XenbusState:

@@ -240,6 +240,69 @@ async def test_frontend_closes_and_reconnects(disk_file):
     assert read_host(img, 0, n * 512) == pattern_range(seed, 0, n)
 
 
+# Each point of a vbd's life at which the domain's end can find it, as (whose state, state,
+# how many times seen): the backend's InitWait and Connected, the frontend's Closing and the
+# backend's answer, the frontend's Closed (the race: it and the cancel in one loop turn), the
+# backend's Closed, the frontend starting over (Initialising) and the backend's InitWait again.
+_END_POINTS = [("back", XenbusState.Initialising, 1), ("back", XenbusState.InitWait, 1),
+               ("back", XenbusState.Connected, 1), ("front", XenbusState.Closing, 1),
+               ("back", XenbusState.Closing, 1), ("front", XenbusState.Closed, 1),
+               ("back", XenbusState.Closed, 1), ("front", XenbusState.Initialising, 2),
+               ("back", XenbusState.InitWait, 2)]
+
+
+@pytest.mark.parametrize("side,state,nth", _END_POINTS,
+                         ids=[f"{s}-{st.name}-{n}" for s, st, n in _END_POINTS])
+async def test_domain_end_at_each_vbd_state(disk_file, side, state, nth):
+    """The domain's end cancels its vbd (as _run_domain does once the vCPUs stop) in the
+    very loop turn a vbd state is written, at each state of a close and reconnect: the
+    vbd's task ends (Closed, disk closed), then the hypervisor exits promptly. At the frontend's Closed, the
+    vbd's watch raises FrontendGone in the same turn: Python 3.11's TaskGroup reported that
+    and dropped the cancellation, and the vbd waited for a reconnect for ever (the exit hung
+    at Linux's poweroff once blkback answered Closing; xenbus.serve_until)."""
+    from aiovmm.xenbus import Watch
+    img = disk_file(1)
+    seen: list[XenbusState] = []
+    async with asyncio.timeout(60):
+        async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:
+            dom = await hv.create(guest("blk"), memory_mib=16,
+                                  cmdline="mode=rw sectors=64 pattern=9 reconnect=1",
+                                  disks=[f"target={img},vdev=xvda,access=rw"])
+            bb = next(b for b in dom.backends if isinstance(b, Blkback))
+            name = f"d{dom.domid}-Blkback-{bb.devid}"
+            while not (task := next((t for t in dom.backend_tasks if t.get_name() == name), None)):
+                await asyncio.sleep(0)               # the domain's task starts its backends
+            path = bb.back if side == "back" else bb.front
+            st = hv.xenstore.store
+            watch = Watch(st, f"{path}/state")
+            try:
+                count = 0
+                while True:
+                    if dom.done.done():
+                        pytest.fail(f"the guest ended before {side} {state.name} #{nth}: {seen}")
+                    s = read_state(st, path)
+                    if not seen or seen[-1] != s:
+                        seen.append(s)
+                        count += s == state
+                    if count >= nth:
+                        break
+                    await asyncio.wait_for(watch.next(), 30)
+            finally:
+                watch.close()
+            # In this same turn (no await since the write), the cancel _run_domain sends the
+            # backends once the vCPUs stopped; the guest runs on, so a vbd that lost it
+            # would go on to serve the reconnect.
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=10)
+            assert done, f"vbd task still running after its cancel at {side} {state.name}: {seen}"
+            assert task.cancelled() or task.exception() is None
+            # Closed, or never started (cancelled before its first step: nothing opened).
+            assert read_state(st, bb.back) in (XenbusState.Closed, state), seen
+            assert bb.backing is None
+            dom.shutdown(ShutdownReason.poweroff)
+        assert not dom.backend_tasks or all(t.done() for t in dom.backend_tasks)
+
+
 async def test_vbd_keys(disk_file):
     img = disk_file(1)
     async with Hypervisor(memory_mib=HV_MEMORY_MIB) as hv:

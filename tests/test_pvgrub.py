@@ -24,6 +24,7 @@ import hashlib
 import re
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -133,7 +134,8 @@ async def test_grub_writes_through_its_blkfront(hv, pvgrub, tmp_path):
 async def test_grub_boots_linux_from_the_disk(hv, pvgrub, tmp_path):
     """GRUB loads Debian's kernel and our initramfs from the partition, builds the domain
     in place (grub-core/loader/i386/xen.c) and jumps; Linux's blkfront then reconnects to
-    the vbd GRUB closed, sees the partition, and its shell reads the disk."""
+    the vbd GRUB closed, sees the partition, and its shell reads the disk; Linux powers
+    off without waiting on the vbd's close."""
     if not KERNEL.exists() or not INITRD.exists():
         pytest.skip("Debian kernel and initramfs not built (make setup)")
     cfg = linux_grub_cfg(f"console=hvc0 pvgrub={TOKEN}")
@@ -155,3 +157,15 @@ async def test_grub_boots_linux_from_the_disk(hv, pvgrub, tmp_path):
     assert rc == 0 and out[-2:] == [str(disk.stat().st_size // SECTOR), str(PART_START)], out
     rc, out = await shell.run("dd if=/dev/xvda1 bs=1024 skip=1 count=1 2>/dev/null | sha256sum")
     assert rc == 0 and out[-1].split()[0] == superblock, out
+    # Linux's poweroff closes the vbd (xenbus_frontend_dev_shutdown: Closing, then a wait of
+    # up to 5 s for the backend's Closing): blkback answers as Linux blkback does, and the
+    # frontend's Closed arriving with the domain's end does not hang the vbd's task.
+    dom.console_backend.queue_input(b"poweroff\n")
+    t0 = time.monotonic()
+    async with asyncio.timeout(GRUB_TIMEOUT):
+        reason = await dom.wait()
+    took = time.monotonic() - t0
+    assert reason == ShutdownReason.poweroff, dom.describe_end()
+    assert not [l for l in dom.console_lines if "timeout closing device" in l], dom.console_lines[-8:]
+    print(f"poweroff took {took:.2f} s")
+    assert took < 5, (took, dom.console_lines[-8:])   # 5 s: its wait for each vbd

@@ -48,7 +48,7 @@ from aiovmm.ratelimit import Limit, Limiter, Throttle, make_limit, parse_size_ra
 from aiovmm.ring import DRAIN_ON_YIELD, BackRing, YieldDrained, hook_yield_drain
 from aiovmm.errors import BuildError
 from aiovmm.events import EventError
-from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
+from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, serve_until, write_keys
 from aiovmm.xenstore.core import XsError
 
 from . import io as bio
@@ -790,13 +790,8 @@ class Blkback(YieldDrained):
 
     async def _connected_phase(self, watch: Watch) -> BlkDisconnect:
         """Serve the ring until the frontend closes or misbehaves; returns why it ended."""
-        why: list[BaseException] = []
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._serve())
-                tg.create_task(self._watch_front(watch))
-        except* BlkDisconnect as eg:
-            why = sorted(eg.exceptions, key=lambda e: isinstance(e, FrontendGone))
+        why = await serve_until(BlkDisconnect, self._serve(), self._watch_front(watch))
+        why.sort(key=lambda e: isinstance(e, FrontendGone))
         return why[0] if why else BlkDisconnect("stopped")
 
     def _connect(self) -> None:
@@ -913,11 +908,18 @@ class Blkback(YieldDrained):
             await asyncio.sleep(0.001)
 
     async def _watch_front(self, watch: Watch) -> None:
+        """As Linux blkback's frontend_changed: the frontend's Closing is answered Closing
+        and the ring stays served; its Closed (or Unknown: its directory gone) ends the
+        connection, and only then does the backend go Closed (`run`). Linux's frontend at
+        shutdown (xenbus_frontend_dev_shutdown) writes Closing and waits up to 5 s to see
+        the backend Closing: a backend already Closed is never seen Closing."""
         while True:
             await watch.next()
-            if read_state(self.store, self.front) in (XenbusState.Closing, XenbusState.Closed,
-                                                     XenbusState.Unknown):
-                self._set_state(XenbusState.Closing)
+            state = read_state(self.store, self.front)
+            if state == XenbusState.Closing:
+                if read_state(self.store, self.back) != XenbusState.Closing:
+                    self._set_state(XenbusState.Closing)
+            elif state in (XenbusState.Closed, XenbusState.Unknown):
                 raise FrontendGone("frontend closed")
 
     # -- the data path -----------------------------------------------------------------------

@@ -39,7 +39,7 @@ from aiovmm import grants
 from aiovmm.memory import mb
 from aiovmm.ratelimit import Limit, Limiter, Throttle, parse_vif_rate
 from aiovmm.ring import DRAIN_ON_YIELD, BackRing, YieldDrained, hook_yield_drain
-from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, write_keys
+from aiovmm.xenbus import Watch, is_online, XenbusState, read_state, read_str, serve_until, write_keys
 from aiovmm.xenstore.core import XsError
 
 from . import tap as taplib
@@ -681,15 +681,11 @@ class Netback(YieldDrained):
                 self.connected.set()
                 log.info("d%d: vif %d connected: %s mac %s%s", self.dom.domid, self.devid, self.ifname,
                          self.mac, f" on bridge {self.cfg.bridge}" if self.cfg.bridge else "")
-                gone: VifDisconnect | None = None
-                try:
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._serve())
-                        tg.create_task(self._watch_front(watch))
-                        if self._bridge_watch is not None:
-                            tg.create_task(self._bridge_watch.run())
-                except* VifDisconnect as eg:
-                    gone = eg.exceptions[0]
+                phase = [self._serve(), self._watch_front(watch)]
+                if self._bridge_watch is not None:
+                    phase.append(self._bridge_watch.run())
+                why = await serve_until(VifDisconnect, *phase)
+                gone: VifDisconnect | None = why[0] if why else None
                 self._disconnect()
                 if not isinstance(gone, FrontendClosed):
                     log.info("d%d: vif %d disconnected: %s", self.dom.domid, self.devid, gone)
