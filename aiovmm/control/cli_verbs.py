@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable
 
 from ..console import watch_host_input
-from .client import Client, ClientError, dom_path
+from .client import Client, ClientError, dom_path, split_host_port
 
 EXIT_ERR = 1
 
@@ -414,6 +414,15 @@ def v_restore(a: argparse.Namespace) -> int:
     return 0
 
 
+def _destination(text: str) -> str:
+    """argparse's check of migrate's HOST:PORT (a usage error, 64, as the daemon's 400)."""
+    try:
+        split_host_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def v_migrate(a: argparse.Namespace) -> int:
     c = _client(a)
     body = {"destination": a.destination, "downtime_ms": a.downtime_ms, "bandwidth": a.bandwidth}
@@ -500,7 +509,8 @@ def register(sub: Any) -> None:
     p.add_argument("file", metavar="FILE", help="save file (under the daemon's --save-dir)")
     p = add("migrate", v_migrate, "live-migrate a domain to another daemon (xl migrate)")
     domain(p)
-    p.add_argument("destination", metavar="HOST:PORT", help="the receiving daemon's --migration-listen")
+    p.add_argument("destination", metavar="HOST:PORT", type=_destination,
+                   help="the receiving daemon's --migration-listen")
     p.add_argument("--downtime-ms", type=float, default=30.0, metavar="MS",
                    help="downtime target: pre-copy stops when the dirty pages left would go in this time (default %(default)s)")
     p.add_argument("--bandwidth", type=float, default=0.0, metavar="BYTES_PER_S", help="bytes/s for pre-copy (0: unlimited)")
