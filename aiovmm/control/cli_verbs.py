@@ -396,8 +396,15 @@ def _with_progress(what: str, c: Client, ref: str, call: Callable[[], Any]) -> A
 def v_save(a: argparse.Namespace) -> int:
     c = _client(a)
     path = os.path.abspath(a.file)
-    r = _with_progress(f"saving {a.domain}", c, a.domain,
-                       lambda: c.post(dom_path(a.domain, "save"), {"file": path, "checkpoint": a.checkpoint}))
+    try:
+        r = _with_progress(f"saving {a.domain}", c, a.domain,
+                           lambda: c.post(dom_path(a.domain, "save"), {"file": path, "checkpoint": a.checkpoint}))
+    except KeyboardInterrupt:
+        # The daemon sees the connection close and calls the save off at its next write:
+        # the partial file goes and the guest runs on (a save already complete stands).
+        print(f"aiovmm: interrupted: the save of {a.domain} is called off unless it had "
+              "completed (aiovmm list shows whether it runs)", file=sys.stderr)
+        return 130
     print(f"Saved d{r['id']} ({r['name']}) to {a.file}: {r['pages']} pages, "
           f"{r['bytes'] / (1 << 20):.1f} MiB in {r['seconds'] * 1e3:.0f} ms"
           + (" (still running)" if a.checkpoint else ""), file=sys.stderr)

@@ -296,7 +296,8 @@ class Controller:
             raise ControlError(400, f"{path}: the directory does not exist")
         return real
 
-    async def save(self, ref: str, path: str, checkpoint: bool) -> dict:
+    async def save(self, ref: str, path: str, checkpoint: bool,
+                   abort: asyncio.Event | None = None) -> dict:
         from ..migration.save import SaveError
         from ..migration.suspend import SuspendError
         rec = self.live(ref)
@@ -308,7 +309,7 @@ class Controller:
         def progress(done: int, total: int) -> None:
             self.progress[dom.domid].update(phase="pages", done=done, total=total)
         try:
-            st = await dom.save(real, checkpoint=checkpoint, progress=progress)
+            st = await dom.save(real, checkpoint=checkpoint, progress=progress, abort=abort)
         except (SaveError, SuspendError) as e:
             raise ControlError(409, str(e)) from None
         except OSError as e:
