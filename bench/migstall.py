@@ -11,6 +11,16 @@ KVM 131 ms; Unicorn 170, 315, 271 ms; no tap dropped a frame (tx_dropped 0 on bo
 all through the stream on Unicorn (also far from the migration: TLPs/RTOs of a bursty
 receiver, not tap drops). bench/migstall_daemons.py (two `aiovmm serve` in one netns):
 gaps 256-397 ms at the hand-over and 335-377 ms when the pre-copy starts.
+Where the losses are (also printed: netback's NetStats, the guest's TcpExt and eth0 drops):
+netback dropped nothing (rx_dropped/tx_dropped 0 on both sides); every sender
+retransmission was spurious (guest TCPDSACKOldSent == DelayedACKLost: 7/7, 48/48, 38/38:
+the original arrived; the receiver, `nc >/dev/null` on an emulated CPU, sits at a zero
+window ~50 times a second, TCPToZeroWindowAdv 347-518 in 10 s). The frames lost at the
+migration are the guest's own: its eth0 tx_dropped went 0 -> 2 (and 3 in another run)
+across it: xen-netfront drops what its stack sends while the carrier is off, from
+netfront_resume until the new backend connects (xennet_start_xmit; the same on Xen). If
+one of them is the window update ending a zero window, the sender waits for its persist
+timer (200, 400, 800 ms ... backoff): the likely source of the walkthrough's 1.5-1.9 s.
 """
 from __future__ import annotations
 
@@ -81,6 +91,8 @@ async def one(engine: str) -> None:
                 print(f"boot {time.monotonic() - t:.0f} s", flush=True)
                 sh = Shell(dom)
                 rc, out = await sh.run(f"(nc -l -p {PORT} >/dev/null 2>&1 &)", 60)
+                rc, out = await sh.run("echo eth0 tx_dropped $(cat /sys/class/net/eth0/statistics/tx_dropped)", 60)
+                print("before:", [l for l in out if l.startswith("eth0 ")], flush=True)
                 await asyncio.sleep(1)
                 proc = await asyncio.create_subprocess_exec(
                     "ip", "netns", "exec", lan.host_ns, sys.executable, "-c", SENDER, GUEST_IP,
@@ -88,6 +100,7 @@ async def one(engine: str) -> None:
                 t_send = time.monotonic()
                 await asyncio.sleep(3)
                 print(f"migrate at {time.monotonic() - t_send:.2f}", flush=True)
+                print("source netback before:", dom.backends[0].stats, flush=True)
                 src_if = dom.backends[0].ifname
                 last = {}
 
@@ -107,14 +120,34 @@ async def one(engine: str) -> None:
                                 pass
                         await asyncio.sleep(0.05)
                 ts = asyncio.ensure_future(tapstats())
+                lags = []
+
+                async def lag():
+                    while True:
+                        t1 = time.monotonic()
+                        await asyncio.sleep(0.005)
+                        lags.append((time.monotonic() - t1 - 0.005, t1 - t_send))
+                lg = asyncio.ensure_future(lag())
                 st = await live.migrate(dom, "127.0.0.1", rx.port, SECRET)
+                print(f"migrate returned at {time.monotonic() - t_send:.2f}", flush=True)
                 print(f"migrated: rounds {st.rounds} downtime {st.downtime_ms:.1f} ms "
                       f"forwarded {st.forwarded} marks {sorted((k, round((v - st.marks['suspended']) * 1000, 1)) for k, v in st.marks.items() if isinstance(v, float))}",
                       flush=True)
                 await asyncio.sleep(1)
                 ts.cancel()
+                lg.cancel()
+                lags.sort(reverse=True)
+                print("loop lag:", " ".join(f"{l * 1000:.0f}ms@{t:.2f}" for l, t in lags[:6]), flush=True)
                 print("tap (tx_dropped, tx_packets):", last, flush=True)
                 await proc.wait()
+                for d in arrived:
+                    print("destination netback:", d.backends[0].stats, flush=True)
+                    rc, out = await Shell(d).run("cat /proc/net/netstat /proc/net/snmp; echo eth0 tx_dropped $(cat /sys/class/net/eth0/statistics/tx_dropped) rx_dropped $(cat /sys/class/net/eth0/statistics/rx_dropped)", 60)
+                    print([l for l in out if l.startswith("eth0 ")], flush=True)
+                    rows = [l.split() for l in out if l.startswith(("TcpExt:", "Tcp:", "Udp:"))]
+                    for i in range(0, len(rows) - 1, 2):
+                        nz = {k: v for k, v in zip(rows[i][1:], rows[i + 1][1:]) if v not in ("0",)}
+                        print("guest", rows[i][0], nz, flush=True)
                 for d in arrived:
                     d.destroy()
             finally:
