@@ -428,14 +428,16 @@ class Domain:
             return f"crashed: {self.crash_reason}" if self.crash_reason else "crashed (guest request)"
         return self.shutdown_reason.name
 
-    async def save(self, path: str, *, checkpoint: bool = False, progress=None):
+    async def save(self, path: str, *, checkpoint: bool = False, progress=None,
+                   abort: asyncio.Event | None = None):
         """Suspend the guest (Xen's cooperative protocol) and write it to `path` as xl's
         save file (migration stream v2). The domain is destroyed afterwards, as by
-        `xl save`, unless `checkpoint` (then it resumes: a cancelled suspend)."""
+        `xl save`, unless `checkpoint` (then it resumes: a cancelled suspend). `abort`
+        set before the file is complete fails the save; the guest resumes (save_file)."""
         from . import migration
         await migration.load("files")         # scapy's first import: off the loop
         from .migration.files import save_file
-        return await save_file(self, path, checkpoint=checkpoint, progress=progress)
+        return await save_file(self, path, checkpoint=checkpoint, progress=progress, abort=abort)
 
     async def wait(self) -> ShutdownReason:
         """The domain's end; by then all its console output is in console/console_lines

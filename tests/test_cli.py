@@ -197,3 +197,11 @@ async def test_fifty_runs_with_a_netns_vif_all_exit_with_the_guests_code():
             assert (r.returncode, r.stderr) == (0, ""), (i, r.returncode, r.stderr)
             assert r.stdout.splitlines()[-1] == "poweroff", (i, r.stdout)
         assert link_names(lan.lan_ns) == before           # every tap went with its run
+
+
+@pytest.mark.parametrize("dest", ["nohost", "host:", ":8002", "host:0", "host:65536", "host:８０"])
+def test_migrate_bad_destination_exit_64(dest):
+    """A destination that is not HOST:PORT is a usage error (64, one line), as the daemon's
+    own check (client.split_host_port) would refuse it; no daemon is asked."""
+    r = run_cli("migrate", "--socket", "/nonexistent/aiovmm.sock", "d1", dest)
+    one_error_line(r, "HOST:PORT")

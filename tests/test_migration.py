@@ -96,6 +96,25 @@ async def test_checkpoint_resumes_with_cancel(hv, tmp_path):
     dom.shutdown()
 
 
+async def test_interrupted_save_resumes_the_guest(hv, tmp_path):
+    """`abort` set while the pages are written (the daemon's client gone: Ctrl-C on
+    `aiovmm save`): the save fails at its next write, no file (nor .part) is left and the
+    guest resumes (a cancelled suspend) with its memory; without the check the save ran to
+    its end and destroyed the guest."""
+    from aiovmm.migration.save import SaveError
+    dom = await running_guest(hv)
+    abort = asyncio.Event()
+    path = tmp_path / "cut.save"
+    with pytest.raises(SaveError, match="interrupted"):
+        await dom.save(str(path), progress=lambda done, total: abort.set(), abort=abort)
+    assert not path.exists() and not (tmp_path / "cut.save.part").exists()
+    await dom.wait_for_line(r"suspend: resumed rc=1", 10)
+    t, s = uptime(dom)
+    await dom.wait_for_line(rf"uptime: ticks={t + 20} ", 10)
+    assert not dom.dying and uptime(dom)[1] == s
+    dom.shutdown()
+
+
 async def test_suspend_timeout_when_guest_ignores(hv):
     """A kernel that does not watch control/shutdown: the request times out, is withdrawn,
     and the guest runs on."""

@@ -4,6 +4,7 @@ the Controller sees it. Routes are listed once, in ROUTES, which openapi.py docu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -299,7 +300,8 @@ async def save_domain(req: web.Request) -> web.Response:
     data = await _body(req)
     path = _field(data, "file", str, required=True)
     checkpoint = _field(data, "checkpoint", bool, default=False)
-    return _json(await _ctl(req).save(req.match_info["dom"], path, checkpoint))
+    async with _abort_when_client_gone(req) as abort:
+        return _json(await _ctl(req).save(req.match_info["dom"], path, checkpoint, abort=abort))
 
 
 async def migrate_domain(req: web.Request) -> web.Response:
@@ -311,12 +313,20 @@ async def migrate_domain(req: web.Request) -> web.Response:
         raise ControlError(400, "downtime_ms must be 0..10000 and bandwidth >= 0")
     # The client gone (`aiovmm migrate` interrupted) cancels a migration still in pre-copy
     # (live.migrate's `abort`), as xl's migrate ends with its process.
+    async with _abort_when_client_gone(req) as abort:
+        return _json(await _ctl(req).migrate(req.match_info["dom"], dest, float(downtime),
+                                             float(bandwidth), abort=abort))
+
+
+@contextlib.asynccontextmanager
+async def _abort_when_client_gone(req: web.Request):
+    """An event set when the request's client goes (`aiovmm save`/`migrate` interrupted):
+    the operation calls itself off at its next safe point."""
     abort = asyncio.Event()
     watch = asyncio.ensure_future(_client_gone(req))
     watch.add_done_callback(lambda t: t.cancelled() or abort.set())
     try:
-        return _json(await _ctl(req).migrate(req.match_info["dom"], dest, float(downtime),
-                                             float(bandwidth), abort=abort))
+        yield abort
     finally:
         watch.cancel()
 

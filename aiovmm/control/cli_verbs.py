@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable
 
 from ..console import watch_host_input
-from .client import Client, ClientError, dom_path
+from .client import Client, ClientError, dom_path, split_host_port
 
 EXIT_ERR = 1
 
@@ -396,8 +396,15 @@ def _with_progress(what: str, c: Client, ref: str, call: Callable[[], Any]) -> A
 def v_save(a: argparse.Namespace) -> int:
     c = _client(a)
     path = os.path.abspath(a.file)
-    r = _with_progress(f"saving {a.domain}", c, a.domain,
-                       lambda: c.post(dom_path(a.domain, "save"), {"file": path, "checkpoint": a.checkpoint}))
+    try:
+        r = _with_progress(f"saving {a.domain}", c, a.domain,
+                           lambda: c.post(dom_path(a.domain, "save"), {"file": path, "checkpoint": a.checkpoint}))
+    except KeyboardInterrupt:
+        # The daemon sees the connection close and calls the save off at its next write:
+        # the partial file goes and the guest runs on (a save already complete stands).
+        print(f"aiovmm: interrupted: the save of {a.domain} is called off unless it had "
+              "completed (aiovmm list shows whether it runs)", file=sys.stderr)
+        return 130
     print(f"Saved d{r['id']} ({r['name']}) to {a.file}: {r['pages']} pages, "
           f"{r['bytes'] / (1 << 20):.1f} MiB in {r['seconds'] * 1e3:.0f} ms"
           + (" (still running)" if a.checkpoint else ""), file=sys.stderr)
@@ -412,6 +419,15 @@ def v_restore(a: argparse.Namespace) -> int:
     d = _with_spinner(f"restoring {a.file}", lambda: c.post("/api/v1/restore", body))
     print(f"Restored {a.file} as d{d['id']} ({d['name']})", file=sys.stderr)
     return 0
+
+
+def _destination(text: str) -> str:
+    """argparse's check of migrate's HOST:PORT (a usage error, 64, as the daemon's 400)."""
+    try:
+        split_host_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def v_migrate(a: argparse.Namespace) -> int:
@@ -500,7 +516,8 @@ def register(sub: Any) -> None:
     p.add_argument("file", metavar="FILE", help="save file (under the daemon's --save-dir)")
     p = add("migrate", v_migrate, "live-migrate a domain to another daemon (xl migrate)")
     domain(p)
-    p.add_argument("destination", metavar="HOST:PORT", help="the receiving daemon's --migration-listen")
+    p.add_argument("destination", metavar="HOST:PORT", type=_destination,
+                   help="the receiving daemon's --migration-listen")
     p.add_argument("--downtime-ms", type=float, default=30.0, metavar="MS",
                    help="downtime target: pre-copy stops when the dirty pages left would go in this time (default %(default)s)")
     p.add_argument("--bandwidth", type=float, default=0.0, metavar="BYTES_PER_S", help="bytes/s for pre-copy (0: unlimited)")

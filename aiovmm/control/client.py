@@ -14,6 +14,17 @@ from urllib.parse import quote, urlsplit
 DEFAULT_SOCKET = "/run/aiovmm/aiovmm.sock"
 
 
+def split_host_port(dest: str) -> tuple[str, int]:
+    """A migration destination, HOST:PORT (an IPv6 host in brackets): (host, port). The
+    daemon's check and the CLI's (a bad one is a usage error there, before any request).
+    Raises ValueError."""
+    host, sep, port = dest.rpartition(":")
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) \
+            or not 0 < int(port) < 65536:
+        raise ValueError(f"{dest!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 class ClientError(Exception):
     """The daemon refused (its one-line message) or cannot be reached."""
 

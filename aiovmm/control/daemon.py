@@ -27,7 +27,7 @@ from ..hostfile import unlink_stale_socket
 from ..hypervisor import Hypervisor
 from ..xenbus import XenbusState, read_int, read_state, read_str, wait_for_state
 from ..xenstore.core import XsError
-from .client import DEFAULT_SOCKET
+from .client import DEFAULT_SOCKET, split_host_port
 from .metrics import LoopLag, MeteredScheduler
 
 if TYPE_CHECKING:
@@ -296,7 +296,8 @@ class Controller:
             raise ControlError(400, f"{path}: the directory does not exist")
         return real
 
-    async def save(self, ref: str, path: str, checkpoint: bool) -> dict:
+    async def save(self, ref: str, path: str, checkpoint: bool,
+                   abort: asyncio.Event | None = None) -> dict:
         from ..migration.save import SaveError
         from ..migration.suspend import SuspendError
         rec = self.live(ref)
@@ -308,7 +309,7 @@ class Controller:
         def progress(done: int, total: int) -> None:
             self.progress[dom.domid].update(phase="pages", done=done, total=total)
         try:
-            st = await dom.save(real, checkpoint=checkpoint, progress=progress)
+            st = await dom.save(real, checkpoint=checkpoint, progress=progress, abort=abort)
         except (SaveError, SuspendError) as e:
             raise ControlError(409, str(e)) from None
         except OSError as e:
@@ -367,9 +368,10 @@ class Controller:
         from .. import migration
         await migration.load("live")           # scapy's first import: off the loop
         from ..migration import live
-        host, sep, port = dest.rpartition(":")
-        if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
-            raise ControlError(400, f"{dest!r}: expected HOST:PORT")
+        try:
+            host, port = split_host_port(dest)
+        except ValueError as e:
+            raise ControlError(400, str(e)) from None
         if self.migration_secret is None:
             raise ControlError(409, "migration needs a shared secret (aiovmm serve --migration-secret-file)")
         rec = self.live(ref)
@@ -383,7 +385,7 @@ class Controller:
                                         dirty=st.dirty_per_round[-1] if st.dirty_per_round else 0,
                                         round_done=st.round_sent, round_total=st.round_pages)
         try:
-            st = await live.migrate(rec.dom, host.strip("[]"), int(port), self.migration_secret,
+            st = await live.migrate(rec.dom, host, port, self.migration_secret,
                                     downtime_ms=downtime_ms, bandwidth=bandwidth, progress=progress,
                                     abort=abort)
         except live.MigrationError as e:

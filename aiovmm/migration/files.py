@@ -2,6 +2,8 @@
 in aiofiles' worker threads), chunked so a 256 MiB guest never sits in memory twice."""
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -50,10 +52,14 @@ class _PlainSource(S.Source):
 
 
 async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
-                    progress=None) -> _save.SaveStats:
+                    progress=None, abort: asyncio.Event | None = None) -> _save.SaveStats:
     """Suspend, write the stream to `path` (through `path`.part, renamed when complete),
-    then destroy the domain (or resume it: `checkpoint`, or any failure)."""
+    then destroy the domain (or resume it: `checkpoint`, or any failure). `abort` set (the
+    user's Ctrl-C on `aiovmm save`, as xl's save ends with its process) fails the save
+    at its next write: the partial file goes and the guest resumes."""
     _save.check_saveable(dom)
+    if abort is not None and abort.is_set():
+        raise _save.SaveError("save interrupted")
     susp = await suspend(dom)
     tmp = f"{path}.part"
     ok = False
@@ -70,6 +76,8 @@ async def save_file(dom: "Domain", path: str, *, checkpoint: bool = False,
                 # that time frees the domain's frames to other domains (Xen's toolstack
                 # holds foreign mappings instead). About 0.5 ms a 4 MiB run
                 # (tests/test_redteam_save_destroy.py). Small records are gathered.
+                if abort is not None and abort.is_set():
+                    raise _save.SaveError("save interrupted: the guest runs on")
                 data = bytes(data)
                 if len(data) < WRITE_CHUNK // 16:
                     small.extend(data)
