@@ -923,7 +923,20 @@ class VCPUEngine:
             except OSError as e:            # not this thread's timer: as before, unbounded
                 log.warning("%s: step not bounded: %s", self.name, e)
         try:
-            err = uclib.uc_emu_start(self.h, start, end, 0, 0)
+            while True:
+                err = uclib.uc_emu_start(self.h, start, end, 0, 0)
+                if not timed or err or self.stop_requested:
+                    break
+                # A kick from another thread (the scheduler's I/O watcher, interrupt() ->
+                # preempt: the timer's `want` 2) ends the step at its first block boundary,
+                # before the store ran: ptwr would refuse it and bounce the #PF into the
+                # guest (Linux's fork: "Oops in copy_page_range"). The kick is the slice's:
+                # the step runs again (within its own deadline) and the slice ends after.
+                if self._lib.aiovmm_timer_disarm(self._timer) != 2 or self.get("rip") != start \
+                        or time.monotonic_ns() >= self._deadline_ns:
+                    break
+                fired = fired or 2
+                self._arm(0)
         finally:
             if timed:
                 self._lib.aiovmm_timer_disarm(self._timer)
